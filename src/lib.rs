@@ -1,0 +1,1 @@
+//! fedbus: a federation bus. See docs/ARCHITECTURE.md.

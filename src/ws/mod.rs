@@ -1,0 +1,8 @@
+//! Websocket for task links, peer links and the client websocket endpoint: handshake,
+//! frame codec and a batched, zero-copy connection over glommio streams.
+
+pub mod conn;
+pub mod frame;
+pub mod handshake;
+
+pub use conn::{write_loop, Message, Refused, Side, WsError, WsOut, WsReader};

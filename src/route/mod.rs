@@ -1,0 +1,49 @@
+//! Routing snapshot: which tasks serve which partition of which role of which app.
+//!
+//! Owns the immutable [`RoutingTable`] (built by [`build`]), its lookup, the election of
+//! emergency partitions ([`elect_emergency`]) and the parsing of client request paths
+//! ([`parse_api_path`]).
+//!
+//! Pure data: nothing here does I/O, spawns threads or reads a clock. A table is built only on
+//! the control thread, published behind one atomic pointer, and read by shards without locks;
+//! [`RoutingTable::lookup`], [`RoutingTable::partition_of`] and [`parse_api_path`] run on every
+//! request and allocate nothing.
+
+mod build;
+mod elect;
+mod path;
+mod table;
+
+pub use build::build;
+pub use elect::elect_emergency;
+pub use path::{parse_api_path, ApiPath, PathError};
+pub use table::{AppRoutes, Lookup, RoleRoutes, RoutingTable};
+
+/// A task *instance* id: a random u64 the task picks at start and presents on all its links,
+/// so one task seen on many shards and routers is one id.
+pub type TaskId = u64;
+
+/// The role that receives every request first; other roles are reached only by Redirect.
+pub const MAIN_ROLE: &str = "main";
+
+/// What the configuration says about one app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppSpec {
+    /// `owner/app`, as it appears in the request path.
+    pub name: String,
+    /// Number of partitions; a request goes to partition `wsid % partitions`.
+    pub partitions: u32,
+    /// Configured emergency partition. Used while it has a live task in the role; otherwise
+    /// one is elected among the live partitions.
+    pub emergency_partition: Option<u32>,
+}
+
+/// One live task's claim: it serves `partitions` of `role` of `app`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub task: TaskId,
+    /// `owner/app`.
+    pub app: String,
+    pub role: String,
+    pub partitions: Vec<u32>,
+}

@@ -1,0 +1,91 @@
+//! Shards: one pinned glommio executor per configured core. A shard owns its client
+//! connections, task links and pending requests (`!Send`, never shared); it reads the routing
+//! and keyring snapshots without locks and reports task links to the control thread.
+
+mod dispatch;
+pub mod listen;
+
+pub use dispatch::{dispatch, Answer, RouteReq};
+
+use crate::config::Config;
+use crate::control::{ControlEvent, Snapshots};
+use crate::metrics::ShardMetrics;
+use crate::route::TaskId;
+use crate::task::link::TaskLink;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// Everything a shard owns. Lives in an `Rc` on its executor.
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+    pub cfg: Arc<Config>,
+    pub snapshots: Snapshots,
+    pub events: crossbeam_channel::Sender<ControlEvent>,
+    pub metrics: Arc<ShardMetrics>,
+    /// Internal (task link) address of every shard, for the hello.
+    pub internal_addrs: Arc<Vec<SocketAddr>>,
+    /// Task instance -> its link to this shard.
+    pub links: RefCell<HashMap<TaskId, Rc<TaskLink>>>,
+    /// Request ids, unique on this shard.
+    next_request: Cell<u64>,
+    /// Round-robin cursor among the tasks of a partition.
+    rr: Cell<usize>,
+    /// Open client connections (for the per-shard limit).
+    pub client_conns: Cell<usize>,
+    /// `region/cluster/router` and this shard's index, as put in responses.
+    pub router_name: String,
+}
+
+impl Shard {
+    pub fn new(
+        index: usize,
+        count: usize,
+        cfg: Arc<Config>,
+        snapshots: Snapshots,
+        events: crossbeam_channel::Sender<ControlEvent>,
+        metrics: Arc<ShardMetrics>,
+        internal_addrs: Arc<Vec<SocketAddr>>,
+    ) -> Shard {
+        let router_name = format!("{}/{}/{}", cfg.region, cfg.cluster, cfg.router);
+        Shard {
+            index,
+            count,
+            cfg,
+            snapshots,
+            events,
+            metrics,
+            internal_addrs,
+            links: RefCell::new(HashMap::new()),
+            next_request: Cell::new(1),
+            rr: Cell::new(0),
+            client_conns: Cell::new(0),
+            router_name,
+        }
+    }
+
+    /// A fresh request id.
+    pub fn request_id(&self) -> u64 {
+        let id = self.next_request.get();
+        self.next_request.set(id.wrapping_add(1));
+        id
+    }
+
+    /// Picks a live local link among `tasks`, round robin, skipping full ones.
+    pub fn pick_link(&self, tasks: &[TaskId]) -> Option<Rc<TaskLink>> {
+        if tasks.is_empty() {
+            return None;
+        }
+        let links = self.links.borrow();
+        let start = self.rr.get();
+        self.rr.set(start.wrapping_add(1));
+        let max = self.cfg.limits.max_pending_per_link;
+        (0..tasks.len())
+            .filter_map(|i| links.get(&tasks[(start + i) % tasks.len()]))
+            .find(|l| l.is_usable(max))
+            .cloned()
+    }
+}

@@ -1,1 +1,3 @@
 //! fedbus: a federation bus. See docs/ARCHITECTURE.md.
+
+pub mod auth;

@@ -1,3 +1,13 @@
 //! fedbus: a federation bus. See docs/ARCHITECTURE.md.
 
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod control;
+pub mod metrics;
+pub mod proto;
 pub mod route;
+pub mod sdk;
+pub mod shard;
+pub mod task;
+pub mod ws;

@@ -229,8 +229,15 @@ fn invalid(field: impl Into<String>, why: impl Into<String>) -> ConfigError {
 }
 
 fn check_name(field: &str, v: &str) -> Result<(), ConfigError> {
-    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        return Err(invalid(field, format!("{v:?} must be non-empty [A-Za-z0-9_-]")));
+    if v.is_empty()
+        || !v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(invalid(
+            field,
+            format!("{v:?} must be non-empty [A-Za-z0-9_-]"),
+        ));
     }
     Ok(())
 }
@@ -264,10 +271,16 @@ impl Config {
         let l = &self.limits;
         for (f, v) in [
             ("limits.max_header_bytes", l.max_header_bytes),
-            ("limits.max_connections_per_shard", l.max_connections_per_shard),
+            (
+                "limits.max_connections_per_shard",
+                l.max_connections_per_shard,
+            ),
             ("limits.max_pending_per_link", l.max_pending_per_link),
             ("limits.max_link_outbox_bytes", l.max_link_outbox_bytes),
-            ("limits.max_inflight_per_connection", l.max_inflight_per_connection),
+            (
+                "limits.max_inflight_per_connection",
+                l.max_inflight_per_connection,
+            ),
         ] {
             if v == 0 {
                 return Err(invalid(f, "must be > 0"));
@@ -291,7 +304,10 @@ impl Config {
             }
         }
         if self.routing.max_hops > crate::proto::MAX_HOPS {
-            return Err(invalid("routing.max_hops", "the seed allows at most 4 hops"));
+            return Err(invalid(
+                "routing.max_hops",
+                "the seed allows at most 4 hops",
+            ));
         }
         if self.apps.is_empty() {
             return Err(invalid("apps", "at least one app"));
@@ -308,7 +324,10 @@ impl Config {
                 return Err(invalid(f, format!("{} listed twice", a.name)));
             }
             if a.partitions == 0 || a.partitions > 1 << 20 {
-                return Err(invalid(format!("apps[{i}].partitions"), "must be 1..=1048576"));
+                return Err(invalid(
+                    format!("apps[{i}].partitions"),
+                    "must be 1..=1048576",
+                ));
             }
             if let Some(e) = a.emergency_partition {
                 if e >= a.partitions {
@@ -322,11 +341,17 @@ impl Config {
         let online = online_cores();
         let t = &self.tuning;
         if t.control_core >= online {
-            return Err(invalid("tuning.control_core", format!("core {} of {online}", t.control_core)));
+            return Err(invalid(
+                "tuning.control_core",
+                format!("core {} of {online}", t.control_core),
+            ));
         }
         for c in &t.shard_cores {
             if *c >= online {
-                return Err(invalid("tuning.shard_cores", format!("core {c} of {online}")));
+                return Err(invalid(
+                    "tuning.shard_cores",
+                    format!("core {c} of {online}"),
+                ));
             }
         }
         let mut s = t.shard_cores.clone();
@@ -410,8 +435,11 @@ mod tests {
         assert!(e.to_string().contains("routing.max_hops"), "{e}");
         let e = Config::parse("[[apps]]\nname = \"noslash\"\npartitions = 2\n", "t").unwrap_err();
         assert!(e.to_string().contains("apps[0].name"), "{e}");
-        let e = Config::parse("[[apps]]\nname = \"a/b\"\npartitions = 2\nemergency_partition = 2\n", "t")
-            .unwrap_err();
+        let e = Config::parse(
+            "[[apps]]\nname = \"a/b\"\npartitions = 2\nemergency_partition = 2\n",
+            "t",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("emergency_partition"), "{e}");
         let e = Config::parse("[limits]\nmax_body_byte = 1\n", "t").unwrap_err();
         assert!(e.to_string().contains("max_body_byte"), "{e}");

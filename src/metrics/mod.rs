@@ -2,6 +2,8 @@
 //! `ShardMetrics` (relaxed atomics on cache lines no other shard writes), and the admin
 //! listener adds them up only when scraped. Never blocks, never allocates on update.
 
+pub mod admin;
+
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
@@ -81,41 +83,121 @@ fn sum(reg: &Registry, f: impl Fn(&ShardMetrics) -> &AtomicU64) -> u64 {
 pub fn render(reg: &Registry, extra: &str) -> String {
     use std::fmt::Write;
     let mut o = String::with_capacity(4096);
-    let _ = writeln!(o, "# HELP fedbus_requests_total Client requests answered, by HTTP status (0: other).");
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_requests_total Client requests answered, by HTTP status (0: other)."
+    );
     let _ = writeln!(o, "# TYPE fedbus_requests_total counter");
     for (i, s) in STATUSES.iter().enumerate() {
-        let _ = writeln!(o, "fedbus_requests_total{{status=\"{s}\"}} {}", sum(reg, |m| &m.requests[i]));
+        let _ = writeln!(
+            o,
+            "fedbus_requests_total{{status=\"{s}\"}} {}",
+            sum(reg, |m| &m.requests[i])
+        );
     }
     let simple: [(&str, &str, &str, fn(&ShardMetrics) -> &AtomicU64); 10] = [
-        ("fedbus_bytes_in_total", "counter", "Request payload bytes received from clients.", |m| &m.bytes_in),
-        ("fedbus_bytes_out_total", "counter", "Response payload bytes sent to clients.", |m| &m.bytes_out),
-        ("fedbus_connections_refused_total", "counter", "Connections closed at accept: over the per-shard limit.", |m| &m.connections_refused),
-        ("fedbus_task_links", "gauge", "Task links open.", |m| &m.task_links),
-        ("fedbus_peer_links", "gauge", "Peer router links open.", |m| &m.peer_links),
-        ("fedbus_pending_requests", "gauge", "Requests waiting for a task's answer.", |m| &m.pending),
-        ("fedbus_redirects_total", "counter", "Redirect hops taken.", |m| &m.redirects),
-        ("fedbus_emergency_total", "counter", "Requests served by an emergency partition.", |m| &m.emergency),
-        ("fedbus_forwarded_total", "counter", "Requests forwarded to another cluster.", |m| &m.forwarded),
-        ("fedbus_auth_cache_hits_total", "counter", "Client tokens accepted from the per-connection verify cache.", |m| &m.auth_cache_hits),
+        (
+            "fedbus_bytes_in_total",
+            "counter",
+            "Request payload bytes received from clients.",
+            |m| &m.bytes_in,
+        ),
+        (
+            "fedbus_bytes_out_total",
+            "counter",
+            "Response payload bytes sent to clients.",
+            |m| &m.bytes_out,
+        ),
+        (
+            "fedbus_connections_refused_total",
+            "counter",
+            "Connections closed at accept: over the per-shard limit.",
+            |m| &m.connections_refused,
+        ),
+        ("fedbus_task_links", "gauge", "Task links open.", |m| {
+            &m.task_links
+        }),
+        (
+            "fedbus_peer_links",
+            "gauge",
+            "Peer router links open.",
+            |m| &m.peer_links,
+        ),
+        (
+            "fedbus_pending_requests",
+            "gauge",
+            "Requests waiting for a task's answer.",
+            |m| &m.pending,
+        ),
+        (
+            "fedbus_redirects_total",
+            "counter",
+            "Redirect hops taken.",
+            |m| &m.redirects,
+        ),
+        (
+            "fedbus_emergency_total",
+            "counter",
+            "Requests served by an emergency partition.",
+            |m| &m.emergency,
+        ),
+        (
+            "fedbus_forwarded_total",
+            "counter",
+            "Requests forwarded to another cluster.",
+            |m| &m.forwarded,
+        ),
+        (
+            "fedbus_auth_cache_hits_total",
+            "counter",
+            "Client tokens accepted from the per-connection verify cache.",
+            |m| &m.auth_cache_hits,
+        ),
     ];
     for (name, kind, help, f) in simple {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", sum(reg, f));
+        let _ = writeln!(
+            o,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+            sum(reg, f)
+        );
     }
-    let _ = writeln!(o, "# HELP fedbus_connections Open connections by listener.\n# TYPE fedbus_connections gauge");
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_connections Open connections by listener.\n# TYPE fedbus_connections gauge"
+    );
     for (i, l) in ["api", "internal", "external"].iter().enumerate() {
-        let _ = writeln!(o, "fedbus_connections{{listener=\"{l}\"}} {}", sum(reg, |m| &m.connections[i]));
+        let _ = writeln!(
+            o,
+            "fedbus_connections{{listener=\"{l}\"}} {}",
+            sum(reg, |m| &m.connections[i])
+        );
     }
     let _ = writeln!(o, "# HELP fedbus_request_duration_seconds Time from request parsed to answer ready.\n# TYPE fedbus_request_duration_seconds histogram");
     let mut cum = 0;
     for (i, le) in LATENCY_BUCKETS_US.iter().enumerate() {
         cum += sum(reg, |m| &m.latency[i]);
-        let _ = writeln!(o, "fedbus_request_duration_seconds_bucket{{le=\"{}\"}} {cum}", *le as f64 / 1e6);
+        let _ = writeln!(
+            o,
+            "fedbus_request_duration_seconds_bucket{{le=\"{}\"}} {cum}",
+            *le as f64 / 1e6
+        );
     }
     cum += sum(reg, |m| &m.latency[LATENCY_BUCKETS_US.len()]);
-    let _ = writeln!(o, "fedbus_request_duration_seconds_bucket{{le=\"+Inf\"}} {cum}");
-    let _ = writeln!(o, "fedbus_request_duration_seconds_sum {}", sum(reg, |m| &m.latency_sum_us) as f64 / 1e6);
+    let _ = writeln!(
+        o,
+        "fedbus_request_duration_seconds_bucket{{le=\"+Inf\"}} {cum}"
+    );
+    let _ = writeln!(
+        o,
+        "fedbus_request_duration_seconds_sum {}",
+        sum(reg, |m| &m.latency_sum_us) as f64 / 1e6
+    );
     let _ = writeln!(o, "fedbus_request_duration_seconds_count {cum}");
-    let _ = writeln!(o, "# HELP fedbus_shards Shards of this router.\n# TYPE fedbus_shards gauge\nfedbus_shards {}", reg.len());
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_shards Shards of this router.\n# TYPE fedbus_shards gauge\nfedbus_shards {}",
+        reg.len()
+    );
     o.push_str(extra);
     o
 }

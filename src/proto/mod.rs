@@ -87,6 +87,8 @@ pub mod tag {
     pub const HOPS: u8 = 22;
     /// Emergency: the original partition, decimal (in responses).
     pub const EMERGENCY_FOR: u8 = 23;
+    /// Client websocket: the request path `/api/<region>/<cluster>/...`.
+    pub const PATH: u8 = 24;
 }
 
 /// The fixed header.
@@ -111,7 +113,11 @@ pub enum ProtoError {
     #[error("unknown frame kind {0}")]
     BadKind(u8),
     #[error("lengths in header ({meta}+{payload}) do not match the frame body ({body})")]
-    BadLength { meta: u32, payload: u32, body: usize },
+    BadLength {
+        meta: u32,
+        payload: u32,
+        body: usize,
+    },
     #[error("metadata entry truncated")]
     BadMeta,
 }
@@ -352,8 +358,8 @@ mod tests {
         assert_eq!(
             b,
             [
-                0xFB, 2, 0, 1, 1, 2, 3, 4, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0, 0,
-                0, 5, 0x0A, 0x0B, 0x0C, 0x0D
+                0xFB, 2, 0, 1, 1, 2, 3, 4, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0, 0, 0,
+                5, 0x0A, 0x0B, 0x0C, 0x0D
             ]
         );
         assert_eq!(Header::decode(&b), Ok(h));
@@ -361,16 +367,28 @@ mod tests {
 
     #[test]
     fn bad_frames_are_refused() {
-        assert_eq!(Frame::decode(Bytes::from_static(b"abc")).unwrap_err(), ProtoError::Short(3));
+        assert_eq!(
+            Frame::decode(Bytes::from_static(b"abc")).unwrap_err(),
+            ProtoError::Short(3)
+        );
         let mut f = encode_frame(Kind::Request, 0, 0, 0, 1, b"", b"xy");
         f[0] = 0;
-        assert!(matches!(Frame::decode(f.freeze()), Err(ProtoError::BadMagic(0))));
+        assert!(matches!(
+            Frame::decode(f.freeze()),
+            Err(ProtoError::BadMagic(0))
+        ));
         let mut f = encode_frame(Kind::Request, 0, 0, 0, 1, b"", b"xy");
         f[1] = 99;
-        assert!(matches!(Frame::decode(f.freeze()), Err(ProtoError::BadKind(99))));
+        assert!(matches!(
+            Frame::decode(f.freeze()),
+            Err(ProtoError::BadKind(99))
+        ));
         let mut f = encode_frame(Kind::Request, 0, 0, 0, 1, b"", b"xy");
         f[23] = 9; // payload length lies
-        assert!(matches!(Frame::decode(f.freeze()), Err(ProtoError::BadLength { .. })));
+        assert!(matches!(
+            Frame::decode(f.freeze()),
+            Err(ProtoError::BadLength { .. })
+        ));
         // meta entry that claims more bytes than there are
         let f = encode_frame(Kind::Request, 0, 0, 0, 1, &[1, 0, 9, b'a'], b"");
         assert_eq!(Frame::decode(f.freeze()).unwrap_err(), ProtoError::BadMeta);

@@ -34,6 +34,8 @@ pub struct Shard {
     next_request: Cell<u64>,
     /// Round-robin cursor among the tasks of a partition.
     rr: Cell<usize>,
+    /// Reused buffer for the header and metadata of outgoing frames.
+    pub scratch: RefCell<bytes::BytesMut>,
     /// Open client connections (for the per-shard limit).
     pub client_conns: Cell<usize>,
     /// `region/cluster/router` and this shard's index, as put in responses.
@@ -62,6 +64,7 @@ impl Shard {
             links: RefCell::new(HashMap::new()),
             next_request: Cell::new(1),
             rr: Cell::new(0),
+            scratch: RefCell::new(bytes::BytesMut::with_capacity(1024)),
             client_conns: Cell::new(0),
             router_name,
         }

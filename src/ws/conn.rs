@@ -121,7 +121,8 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
         // SAFETY: glommio's poll_read hands the slice to recv(2), which only writes into it;
         // we expose exactly the bytes it reports as read. Zero-filling 64 KiB per read would
         // cost more than the read itself for small frames.
-        let dst = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr() as *mut u8, spare.len()) };
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr() as *mut u8, spare.len()) };
         let n = self.io.read(dst).await?;
         if n == 0 {
             return Err(WsError::Eof);
@@ -467,9 +468,18 @@ mod tests {
         wire.extend(masked(opcode::CLOSE, &1000u16.to_be_bytes(), [0; 4], true));
         let mut r = WsReader::new(&wire[..], BytesMut::new(), Side::Server, 1024);
         block_on(async {
-            assert_eq!(r.next().await.unwrap(), Message::Binary(Bytes::from_static(b"hello")));
-            assert_eq!(r.next().await.unwrap(), Message::Ping(Bytes::from_static(b"p")));
-            assert_eq!(r.next().await.unwrap(), Message::Text(Bytes::from_static(b"abcd")));
+            assert_eq!(
+                r.next().await.unwrap(),
+                Message::Binary(Bytes::from_static(b"hello"))
+            );
+            assert_eq!(
+                r.next().await.unwrap(),
+                Message::Ping(Bytes::from_static(b"p"))
+            );
+            assert_eq!(
+                r.next().await.unwrap(),
+                Message::Text(Bytes::from_static(b"abcd"))
+            );
             assert_eq!(r.next().await.unwrap(), Message::Close(Some(1000)));
             assert!(matches!(r.next().await, Err(WsError::Eof)));
         });

@@ -57,7 +57,11 @@ pub fn bearer(value: &[u8]) -> Option<&str> {
 /// Checks the upgrade headers of a parsed request and returns the `Sec-WebSocket-Key`.
 pub fn check_upgrade(req: &httparse::Request<'_, '_>) -> Result<String, Refusal> {
     if req.method != Some("GET") {
-        return Err(refuse(405, "method_not_allowed", "websocket upgrade needs GET"));
+        return Err(refuse(
+            405,
+            "method_not_allowed",
+            "websocket upgrade needs GET",
+        ));
     }
     let has_token = |name: &str, token: &str| {
         header(req.headers, name)
@@ -69,7 +73,11 @@ pub fn check_upgrade(req: &httparse::Request<'_, '_>) -> Result<String, Refusal>
         return Err(refuse(400, "bad_upgrade", "expected Upgrade: websocket"));
     }
     if header(req.headers, "sec-websocket-version") != Some(b"13") {
-        return Err(refuse(400, "bad_upgrade", "Sec-WebSocket-Version must be 13"));
+        return Err(refuse(
+            400,
+            "bad_upgrade",
+            "Sec-WebSocket-Version must be 13",
+        ));
     }
     let key = header(req.headers, "sec-websocket-key")
         .and_then(|v| std::str::from_utf8(v).ok())
@@ -149,7 +157,10 @@ pub enum ClientHandshake {
     /// 101 with the right accept key; bytes of the head.
     Accepted(usize),
     /// Any other status, with the body that came with it (best effort).
-    Refused { status: u16, body: String },
+    Refused {
+        status: u16,
+        body: String,
+    },
 }
 
 /// Parses the server's answer in `buf`.

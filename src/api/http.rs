@@ -1,0 +1,485 @@
+//! HTTP/1.1 client ingress: keep-alive, pipelining (requests of one connection are routed
+//! concurrently and answered in order), `Expect: 100-continue`, limits from the config. The
+//! body is a slice of the read buffer and goes to the task without a copy; the task's payload
+//! goes back to the client the same way (one vectored write of head + body).
+
+use crate::api::reason;
+use crate::auth::{self, verify_client_jwt};
+use crate::metrics::{Listener, ShardMetrics};
+use crate::proto::{tag, MetaIter};
+use crate::route::{parse_api_path, PathError};
+use crate::shard::{dispatch, Answer, RouteReq, Shard};
+use crate::ws::conn::write_all_vectored;
+use bytes::{Bytes, BytesMut};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use glommio::net::TcpStream;
+use std::io::Write;
+use std::ops::Range;
+use std::os::unix::io::AsRawFd;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// A parsed request whose head and body are slices of one frozen buffer.
+pub struct Req {
+    pub head: Bytes,
+    pub body: Bytes,
+    pub method: Method,
+    pub path: Range<usize>,
+    pub token: Option<Range<usize>>,
+    pub content_type: Option<Range<usize>>,
+    pub close: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Post,
+}
+
+impl Method {
+    fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+        }
+    }
+}
+
+/// Result of looking at the read buffer.
+pub enum Parsed {
+    /// More bytes needed; `continue_` asks for a `100 Continue`.
+    Incomplete {
+        continue_: bool,
+    },
+    Request(Req),
+    /// Unrecoverable: answer and close.
+    Error(u16, &'static str, &'static str),
+}
+
+fn range_of(buf: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+    start..start + part.len()
+}
+
+/// Parses one request from the front of `buf`, splitting it off when complete.
+pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut r = httparse::Request::new(&mut headers);
+    let n = match r.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            if buf.len() > max_header {
+                return Parsed::Error(431, "headers_too_large", "request head over the limit");
+            }
+            return Parsed::Incomplete { continue_: false };
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Parsed::Error(431, "headers_too_large", "too many headers")
+        }
+        Err(_) => return Parsed::Error(400, "bad_request", "malformed request"),
+    };
+    if n > max_header {
+        return Parsed::Error(431, "headers_too_large", "request head over the limit");
+    }
+    let method = match r.method {
+        Some("GET") => Method::Get,
+        Some("POST") => Method::Post,
+        _ => return Parsed::Error(405, "method_not_allowed", "only GET and POST"),
+    };
+    let mut close = r.version == Some(0);
+    let mut cl: Option<usize> = None;
+    let (mut token, mut ctype, mut expect) = (None, None, false);
+    for h in r.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            let v = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok());
+            match (v, cl) {
+                (Some(v), None) => cl = Some(v),
+                (Some(v), Some(old)) if v == old => {}
+                _ => return Parsed::Error(400, "bad_request", "bad Content-Length"),
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Parsed::Error(
+                411,
+                "length_required",
+                "send a Content-Length; chunked bodies are not accepted",
+            );
+        } else if name.eq_ignore_ascii_case("authorization") {
+            token = crate::ws::handshake::bearer(h.value).map(|t| range_of(buf, t.as_bytes()));
+            if token.is_none() {
+                return Parsed::Error(401, "bad_token", "Authorization must be `Bearer <token>`");
+            }
+        } else if name.eq_ignore_ascii_case("content-type") {
+            ctype = Some(range_of(buf, h.value));
+        } else if name.eq_ignore_ascii_case("connection") {
+            let v = h.value;
+            if v.eq_ignore_ascii_case(b"close") {
+                close = true;
+            } else if v.eq_ignore_ascii_case(b"keep-alive") {
+                close = false;
+            }
+        } else if name.eq_ignore_ascii_case("expect") {
+            expect = h.value.eq_ignore_ascii_case(b"100-continue");
+        }
+    }
+    let path = range_of(buf, r.path.unwrap_or("/").as_bytes());
+    let body_len = cl.unwrap_or(0);
+    if body_len > max_body {
+        return Parsed::Error(413, "body_too_large", "request body over the limit");
+    }
+    if buf.len() < n + body_len {
+        buf.reserve(n + body_len - buf.len());
+        return Parsed::Incomplete { continue_: expect };
+    }
+    let all = buf.split_to(n + body_len).freeze();
+    Parsed::Request(Req {
+        head: all.slice(..n),
+        body: all.slice(n..),
+        method,
+        path,
+        token,
+        content_type: ctype,
+        close,
+    })
+}
+
+/// The last token this connection verified, so keep-alive requests skip the signature check.
+struct AuthCache {
+    token: Vec<u8>,
+    key_generation: u64,
+    app: String,
+    sub: String,
+    exp: u64,
+}
+
+/// Authenticates and routes one request. Everything up to the dispatch is synchronous.
+fn prepare(shard: &Rc<Shard>, cache: &mut Option<AuthCache>, req: &Req) -> Result<Rc<str>, Answer> {
+    let path = std::str::from_utf8(&req.head[req.path.clone()]).unwrap_or("");
+    let p = parse_api_path(path)
+        .map_err(|e: PathError| Answer::error(e.http_status(), e.code(), format!("{e}: {path}")))?;
+    if p.region != shard.cfg.region || p.cluster != shard.cfg.cluster {
+        return Err(Answer::error(
+            404,
+            "unknown_cluster",
+            format!("cluster {}/{} is not served here", p.region, p.cluster),
+        ));
+    }
+    if !shard.cfg.apps.iter().any(|a| a.name == p.app_name) {
+        return Err(Answer::error(
+            404,
+            "unknown_app",
+            format!("no app {}", p.app_name),
+        ));
+    }
+    let Some(tr) = req.token.clone() else {
+        return Err(Answer::error(
+            401,
+            "missing_token",
+            "Authorization: Bearer <JWT> required",
+        ));
+    };
+    let token = &req.head[tr];
+    let keys = shard.snapshots.keys.load();
+    let now = auth::now_unix();
+    if let Some(c) = cache.as_ref() {
+        if c.token == token && c.key_generation == keys.generation && c.exp > now {
+            if c.app != p.app_name {
+                return Err(Answer::error(403, "wrong_app", "token of another app"));
+            }
+            ShardMetrics::inc(&shard.metrics.auth_cache_hits);
+            return Ok(c.sub.as_str().into());
+        }
+    }
+    let tok = std::str::from_utf8(token).unwrap_or("");
+    match verify_client_jwt(
+        &keys.keyring,
+        p.app_name,
+        tok,
+        now,
+        shard.cfg.auth.grace_secs,
+    ) {
+        Ok(claims) => {
+            let sub: Rc<str> = claims.sub.as_str().into();
+            *cache = Some(AuthCache {
+                token: token.to_vec(),
+                key_generation: keys.generation,
+                app: claims.app,
+                sub: claims.sub,
+                exp: claims.exp,
+            });
+            Ok(sub)
+        }
+        Err(e) => Err(Answer::error(e.http_status(), e.code(), e.to_string())),
+    }
+}
+
+async fn route(shard: Rc<Shard>, req: Req, sub: Rc<str>) -> Answer {
+    let path = std::str::from_utf8(&req.head[req.path.clone()]).unwrap_or("");
+    let Ok(p) = parse_api_path(path) else {
+        return Answer::error(400, "bad_path", "bad path");
+    };
+    let ct = req.content_type.clone().map(|r| &req.head[r]);
+    dispatch(
+        &shard,
+        &RouteReq {
+            app: p.app_name,
+            service: p.service,
+            module: p.module,
+            function: p.function,
+            wsid: p.wsid,
+            method: req.method.as_str(),
+            content_type: ct,
+            subject: &sub,
+            payload: req.body.clone(),
+            flags: 0,
+        },
+    )
+    .await
+}
+
+/// Writes the response head for `a` into `out`.
+pub fn write_head(out: &mut BytesMut, shard: usize, a: &Answer, body_len: usize, close: bool) {
+    let mut w = out.writer();
+    let _ = write!(w, "HTTP/1.1 {} {}\r\n", a.status, reason(a.status));
+    let mut has_ct = false;
+    if let Some(f) = &a.frame {
+        for (t, v) in MetaIter::new(&f.meta).filter_map(Result::ok) {
+            if t == tag::HEADER && !v.contains(&b'\r') && !v.contains(&b'\n') && v.contains(&b':') {
+                let _ = w.write_all(v);
+                let _ = w.write_all(b"\r\n");
+            } else if t == tag::CONTENT_TYPE && !v.contains(&b'\r') && !v.contains(&b'\n') {
+                has_ct = true;
+                let _ = w.write_all(b"content-type: ");
+                let _ = w.write_all(v);
+                let _ = w.write_all(b"\r\n");
+            }
+        }
+        if !has_ct {
+            let _ = w.write_all(b"content-type: application/octet-stream\r\n");
+        }
+    } else {
+        let _ = w.write_all(b"content-type: application/json\r\n");
+    }
+    let _ = write!(w, "content-length: {body_len}\r\nfedbus-shard: {shard}\r\n");
+    if let Some(p) = a.partition {
+        let _ = write!(w, "fedbus-partition: {p}\r\n");
+    }
+    if a.frame.is_some() || a.hops > 0 {
+        let _ = write!(w, "fedbus-hops: {}\r\n", a.hops);
+    }
+    if let Some(e) = a.emergency_for {
+        let _ = write!(w, "fedbus-emergency: {e}\r\n");
+    }
+    if a.status == 503 {
+        let _ = w.write_all(b"retry-after: 1\r\n");
+    }
+    if close {
+        let _ = w.write_all(b"connection: close\r\n");
+    }
+    let _ = w.write_all(b"\r\n");
+}
+
+use bytes::BufMut;
+
+/// Serves one client connection until it closes.
+pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+    let m = shard.metrics.clone();
+    ShardMetrics::inc(&m.connections[Listener::Api as usize]);
+    shard.client_conns.set(shard.client_conns.get() + 1);
+    if let Err(e) = serve_inner(&shard, &mut stream).await {
+        tracing::debug!(shard = shard.index, "client connection ended: {e}");
+    }
+    shard.client_conns.set(shard.client_conns.get() - 1);
+    ShardMetrics::dec(&m.connections[Listener::Api as usize]);
+}
+
+type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = (Answer, bool, usize, Instant)>>>;
+
+async fn serve_inner(shard: &Rc<Shard>, stream: &mut TcpStream) -> std::io::Result<()> {
+    let limits = shard.cfg.limits.clone();
+    let fd = stream.as_raw_fd();
+    let _ = stream.set_nodelay(true);
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut out = BytesMut::with_capacity(4096);
+    let mut parts: Vec<Bytes> = Vec::with_capacity(32);
+    let mut inflight: FuturesOrdered<Pending> = FuturesOrdered::new();
+    let mut cache: Option<AuthCache> = None;
+    let mut closing = false;
+    let mut continued = false;
+    let idle = Duration::from_millis(limits.idle_timeout_ms);
+    loop {
+        // Parse and start every complete request that is buffered.
+        while !closing && inflight.len() < limits.max_inflight_per_connection {
+            match parse_one(&mut buf, limits.max_header_bytes, limits.max_body_bytes) {
+                Parsed::Incomplete { continue_ } => {
+                    if continue_ && !continued {
+                        continued = true;
+                        stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+                    }
+                    break;
+                }
+                Parsed::Error(status, code, msg) => {
+                    closing = true;
+                    let a = Answer::error(status, code, msg);
+                    inflight.push_back(Box::pin(async move { (a, true, 0, Instant::now()) }));
+                }
+                Parsed::Request(req) => {
+                    continued = false;
+                    let start = Instant::now();
+                    let close = req.close;
+                    closing |= close;
+                    let n_in = req.body.len();
+                    match prepare(shard, &mut cache, &req) {
+                        Err(a) => {
+                            inflight.push_back(Box::pin(async move { (a, close, n_in, start) }))
+                        }
+                        Ok(sub) => {
+                            let s = shard.clone();
+                            inflight.push_back(Box::pin(async move {
+                                (route(s, req, sub).await, close, n_in, start)
+                            }));
+                        }
+                    }
+                }
+            }
+        }
+        if inflight.is_empty() {
+            if closing {
+                break;
+            }
+            let read = fill(stream, &mut buf);
+            match glommio::timer::timeout(idle, async { Ok(read.await) }).await {
+                Ok(Ok(0)) | Err(_) => break,
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => return Err(e),
+            }
+        }
+        // Wait for the oldest answer, reading more requests meanwhile.
+        let first = if closing || inflight.len() >= limits.max_inflight_per_connection {
+            inflight.next().await
+        } else {
+            let next = std::pin::pin!(inflight.next());
+            let read = std::pin::pin!(fill(stream, &mut buf));
+            match futures_util::future::select(next, read).await {
+                futures_util::future::Either::Left((a, _)) => a,
+                futures_util::future::Either::Right((r, _)) => {
+                    if r? == 0 {
+                        closing = true;
+                    }
+                    continue;
+                }
+            }
+        };
+        // Answer it and every later one that is already done, in one write.
+        let mut next = first;
+        while let Some((a, close, n_in, start)) = next {
+            let body = a.body();
+            let close = close || closing && inflight.is_empty();
+            write_head(&mut out, shard.index, &a, body.len(), close);
+            parts.push(out.split().freeze());
+            shard.metrics.request(
+                a.status,
+                start.elapsed().as_micros() as u64,
+                n_in,
+                body.len(),
+            );
+            if !body.is_empty() {
+                parts.push(body);
+            }
+            if close {
+                closing = true;
+                inflight.clear();
+                break;
+            }
+            next = futures_util::FutureExt::now_or_never(inflight.next()).flatten();
+        }
+        write_all_vectored(fd, stream, &parts).await?;
+        parts.clear();
+        if closing && inflight.is_empty() {
+            break;
+        }
+    }
+    let _ = stream.flush().await;
+    Ok(())
+}
+
+/// Reads more bytes into `buf`; 0 at end of stream.
+async fn fill(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(16 * 1024);
+    }
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: glommio's read passes the slice to recv(2), which only writes into it; only the
+    // bytes it reports are exposed below.
+    let dst = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr() as *mut u8, spare.len()) };
+    let n = stream.read(dst).await?;
+    // SAFETY: n bytes were written by the read.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &[u8]) -> Parsed {
+        let mut b = BytesMut::from(s);
+        parse_one(&mut b, 1024, 100)
+    }
+
+    #[test]
+    fn parses_pipelined_requests_without_copy() {
+        let mut b = BytesMut::from(
+            &b"POST /api/a HTTP/1.1\r\nAuthorization: Bearer tok\r\nContent-Length: 3\r\n\r\nabcGET /x HTTP/1.1\r\n\r\n"[..],
+        );
+        let Parsed::Request(r) = parse_one(&mut b, 1024, 100) else {
+            panic!("first")
+        };
+        assert_eq!(&r.body[..], b"abc");
+        assert_eq!(&r.head[r.path.clone()], b"/api/a");
+        assert_eq!(&r.head[r.token.clone().unwrap()], b"tok");
+        let Parsed::Request(r2) = parse_one(&mut b, 1024, 100) else {
+            panic!("second")
+        };
+        assert_eq!(r2.method, Method::Get);
+        assert!(r2.body.is_empty());
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn limits_and_errors() {
+        assert!(matches!(
+            parse(b"POST / HTTP/1.1\r\nContent-Length: 101\r\n\r\n"),
+            Parsed::Error(413, ..)
+        ));
+        assert!(matches!(
+            parse(b"PUT / HTTP/1.1\r\n\r\n"),
+            Parsed::Error(405, ..)
+        ));
+        assert!(matches!(
+            parse(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Parsed::Error(411, ..)
+        ));
+        assert!(matches!(
+            parse(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n"),
+            Parsed::Error(400, ..)
+        ));
+        assert!(matches!(
+            parse(b"\x01\x02 nonsense\r\n\r\n"),
+            Parsed::Error(400, ..)
+        ));
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(2000));
+        assert!(matches!(parse(big.as_bytes()), Parsed::Error(431, ..)));
+        assert!(matches!(
+            parse(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\nab"),
+            Parsed::Incomplete { continue_: true }
+        ));
+        assert!(matches!(
+            parse(b"GET / HT"),
+            Parsed::Incomplete { continue_: false }
+        ));
+    }
+}

@@ -1,0 +1,349 @@
+//! The task SDK: connects to every shard of every router listed, registers the task's app,
+//! role and partitions on each link, serves an async handler, and reconnects with backoff and
+//! jitter. Runs on one glommio executor of its own.
+
+use crate::proto::{self, put_meta, put_meta_u64, tag, Frame, Header, Kind};
+use crate::task::hello::{Hello, Register};
+use crate::ws::{self, handshake, Message, Side, WsOut, WsReader};
+use bytes::{Bytes, BytesMut};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::future::Future;
+use std::os::unix::io::AsRawFd;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// How a task connects.
+#[derive(Clone, Debug)]
+pub struct TaskOptions {
+    /// Internal address of shard 0 of each router (the hello names the other shards).
+    pub routers: Vec<String>,
+    pub app: String,
+    pub role: String,
+    pub partitions: Vec<u32>,
+    /// Service token signed by the cluster key.
+    pub token: String,
+    /// Instance id, the same on every link (random by default).
+    pub instance: u64,
+    /// Largest message accepted from a router.
+    pub max_message: usize,
+}
+
+impl TaskOptions {
+    pub fn new(
+        routers: Vec<String>,
+        app: &str,
+        role: &str,
+        partitions: Vec<u32>,
+        token: String,
+    ) -> Self {
+        TaskOptions {
+            routers,
+            app: app.into(),
+            role: role.into(),
+            partitions,
+            token,
+            instance: random_u64(),
+            max_message: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// A random u64 from the OS.
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    u64::from_le_bytes(b)
+}
+
+/// A request as the task sees it.
+pub struct Request {
+    pub frame: Frame,
+}
+
+impl Request {
+    pub fn payload(&self) -> &Bytes {
+        &self.frame.payload
+    }
+    pub fn partition(&self) -> u32 {
+        self.frame.header.partition
+    }
+    pub fn hops(&self) -> u8 {
+        self.frame.header.hops
+    }
+    pub fn wsid(&self) -> Option<u64> {
+        self.frame.get_u64(tag::WSID)
+    }
+    pub fn meta(&self, t: u8) -> Option<&str> {
+        self.frame.get_str(t)
+    }
+}
+
+/// What a handler answers.
+pub enum Outcome {
+    Response {
+        status: u16,
+        headers: Vec<(String, String)>,
+        content_type: Option<String>,
+        body: Bytes,
+    },
+    /// Seed: Redirect. Send the same request to `role` (same partition unless given).
+    Redirect {
+        role: String,
+        partition: Option<u32>,
+    },
+}
+
+impl Outcome {
+    /// 200 with `body`.
+    pub fn ok(body: Bytes) -> Outcome {
+        Outcome::Response {
+            status: 200,
+            headers: Vec::new(),
+            content_type: None,
+            body,
+        }
+    }
+    pub fn redirect(role: &str) -> Outcome {
+        Outcome::Redirect {
+            role: role.into(),
+            partition: None,
+        }
+    }
+}
+
+/// Encodes the answer to `req_header` into `out`.
+fn send_outcome(out: &RefCell<WsOut>, req: &Header, o: Outcome) {
+    let mut meta = BytesMut::with_capacity(64);
+    let (kind, payload) = match o {
+        Outcome::Response {
+            status,
+            headers,
+            content_type,
+            body,
+        } => {
+            put_meta_u64(&mut meta, tag::STATUS, status as u64);
+            if let Some(ct) = content_type {
+                put_meta(&mut meta, tag::CONTENT_TYPE, ct.as_bytes());
+            }
+            for (k, v) in headers {
+                put_meta(&mut meta, tag::HEADER, format!("{k}: {v}").as_bytes());
+            }
+            (Kind::Response, body)
+        }
+        Outcome::Redirect { role, partition } => {
+            put_meta(&mut meta, tag::ROLE, role.as_bytes());
+            if let Some(p) = partition {
+                put_meta_u64(&mut meta, tag::PARTITION, p as u64);
+            }
+            (Kind::Redirect, Bytes::new())
+        }
+    };
+    let h = Header {
+        kind,
+        flags: 0,
+        hops: req.hops,
+        partition: req.partition,
+        request_id: req.request_id,
+        meta_len: meta.len() as u32,
+        payload_len: payload.len() as u32,
+    };
+    let mut head = BytesMut::with_capacity(proto::HEADER_LEN + meta.len());
+    head.extend_from_slice(&h.encode());
+    head.extend_from_slice(&meta);
+    if out.borrow_mut().send_binary(&head, payload).is_err() {
+        tracing::warn!(
+            id = req.request_id,
+            "answer dropped: link outbox full or closed"
+        );
+    }
+}
+
+/// Serves `handler` forever on a new glommio executor in this thread.
+pub fn serve<H, F>(opts: TaskOptions, handler: H) -> anyhow::Result<()>
+where
+    H: Fn(Request) -> F + 'static,
+    F: Future<Output = Outcome> + 'static,
+{
+    let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .io_memory(1 << 20)
+        .make()
+        .map_err(|e| anyhow::anyhow!("cannot start the task executor: {e}"))?;
+    ex.run(run(opts, handler));
+    Ok(())
+}
+
+/// The SDK's main future: one link loop per shard of every router, forever.
+pub async fn run<H, F>(opts: TaskOptions, handler: H)
+where
+    H: Fn(Request) -> F + 'static,
+    F: Future<Output = Outcome> + 'static,
+{
+    let ctx = Rc::new(Ctx {
+        opts,
+        handler,
+        started: RefCell::new(HashSet::new()),
+    });
+    let mut all = Vec::new();
+    for r in ctx.opts.routers.clone() {
+        ctx.started.borrow_mut().insert(r.clone());
+        all.push(glommio::spawn_local(link_loop(ctx.clone(), r)));
+    }
+    for t in all {
+        t.await;
+    }
+    // Link loops for other shards run detached; keep the executor alive.
+    futures_lite::future::pending::<()>().await;
+}
+
+struct Ctx<H> {
+    opts: TaskOptions,
+    handler: H,
+    /// Addresses with a link loop running.
+    started: RefCell<HashSet<String>>,
+}
+
+async fn link_loop<H, F>(ctx: Rc<Ctx<H>>, addr: String)
+where
+    H: Fn(Request) -> F + 'static,
+    F: Future<Output = Outcome> + 'static,
+{
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match link_once(&ctx, &addr).await {
+            Ok(()) => {
+                tracing::info!(%addr, "link closed; reconnecting");
+                backoff = Duration::from_millis(50);
+            }
+            Err(e) => tracing::warn!(%addr, "link failed: {e}; retrying in {backoff:?}"),
+        }
+        // Jitter in [0.5, 1.5) x backoff, so a restarted router is not hit by every task at once.
+        let j = 0.5 + (random_u64() % 1000) as f64 / 1000.0;
+        glommio::timer::sleep(backoff.mul_f64(j)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Opens a client websocket: returns the stream and bytes read past the handshake.
+pub async fn ws_connect(
+    addr: &str,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(TcpStream, BytesMut)> {
+    let mut s = TcpStream::connect_timeout(addr, Duration::from_secs(5))
+        .await
+        .map_err(|e| anyhow::anyhow!("connect {addr}: {e}"))?;
+    let _ = s.set_nodelay(true);
+    let key = handshake::new_key();
+    s.write_all(handshake::client_request(addr, path, &key, token).as_bytes())
+        .await?;
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = glommio::timer::timeout(Duration::from_secs(5), async {
+            Ok(s.read(&mut chunk).await)
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("handshake timeout"))??;
+        if n == 0 {
+            anyhow::bail!("closed during handshake");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match handshake::parse_client_response(&buf, &key).map_err(anyhow::Error::msg)? {
+            handshake::ClientHandshake::Incomplete => continue,
+            handshake::ClientHandshake::Accepted(h) => {
+                let _ = buf.split_to(h);
+                return Ok((s, buf));
+            }
+            handshake::ClientHandshake::Refused { status, body } => {
+                anyhow::bail!("refused with {status}: {body}")
+            }
+        }
+    }
+}
+
+async fn link_once<H, F>(ctx: &Rc<Ctx<H>>, addr: &str) -> anyhow::Result<()>
+where
+    H: Fn(Request) -> F + 'static,
+    F: Future<Output = Outcome> + 'static,
+{
+    let (s, leftover) = ws_connect(addr, "/link", Some(&ctx.opts.token)).await?;
+    let fd = s.as_raw_fd();
+    let (rd, wr) = futures_util::io::AsyncReadExt::split(s);
+    let mut reader = WsReader::new(rd, leftover, Side::Client, ctx.opts.max_message);
+    let out = WsOut::new(Side::Client, 256 * 1024 * 1024);
+    let writer = glommio::spawn_local(ws::write_loop(out.clone(), fd, wr));
+    let res = serve_link(ctx, addr, &mut reader, &out).await;
+    out.borrow_mut().close(1000);
+    let _ = writer.await;
+    res
+}
+
+async fn serve_link<H, F, R>(
+    ctx: &Rc<Ctx<H>>,
+    addr: &str,
+    reader: &mut WsReader<R>,
+    out: &Rc<RefCell<WsOut>>,
+) -> anyhow::Result<()>
+where
+    H: Fn(Request) -> F + 'static,
+    F: Future<Output = Outcome> + 'static,
+    R: futures_lite::AsyncRead + Unpin,
+{
+    let hello: Hello = match reader.next().await? {
+        Message::Text(t) => serde_json::from_slice(&t)?,
+        other => anyhow::bail!("expected hello, got {other:?}"),
+    };
+    // Open links to the router's other shards (once per address; each reconnects itself).
+    for a in hello.internal.iter() {
+        if ctx.started.borrow_mut().insert(a.clone()) {
+            glommio::spawn_local(link_loop(ctx.clone(), a.clone())).detach();
+        }
+    }
+    let reg = Register {
+        kind: "register".into(),
+        task: ctx.opts.instance,
+        app: ctx.opts.app.clone(),
+        role: ctx.opts.role.clone(),
+        partitions: ctx.opts.partitions.clone(),
+    };
+    let _ = out.borrow_mut().send_text(&serde_json::to_string(&reg)?);
+    tracing::info!(%addr, router = %hello.router, shard = hello.shard, shards = hello.shards, "link up");
+    loop {
+        match reader.next().await? {
+            Message::Binary(b) => {
+                let f = Frame::decode(b)?;
+                if f.header.kind != Kind::Request {
+                    continue;
+                }
+                let h = f.header;
+                let fut = (ctx.handler)(Request { frame: f });
+                let mut fut = Box::pin(fut);
+                // Most handlers answer at once: skip a task spawn for those.
+                match futures_util::FutureExt::now_or_never(&mut fut) {
+                    Some(o) => send_outcome(out, &h, o),
+                    None => {
+                        let out = out.clone();
+                        glommio::spawn_local(async move {
+                            let o = fut.await;
+                            send_outcome(&out, &h, o);
+                        })
+                        .detach();
+                    }
+                }
+            }
+            Message::Text(t) => {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&t) {
+                    if v.get("type").and_then(|t| t.as_str()) == Some("registered") {
+                        tracing::debug!(%addr, "registered");
+                    }
+                }
+            }
+            Message::Ping(p) => out.borrow_mut().send_control(ws::frame::opcode::PONG, &p),
+            Message::Pong(_) => {}
+            Message::Close(c) => anyhow::bail!("router closed the link ({c:?})"),
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! The per-request routing of a shard: seed rules (role `main` first, Redirect up to the hop
+//! limit, `partition = wsid % partitions`, emergency partition), the task link of *this* shard,
+//! and the wait for the answer. Shared by the HTTP and websocket client endpoints.
+
+use super::Shard;
+use crate::metrics::ShardMetrics;
+use crate::proto::{self, put_meta, put_meta_u64, tag, Frame, Header, Kind};
+use crate::route::{Lookup, MAIN_ROLE};
+use crate::task::link::Reply;
+use bytes::Bytes;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// A client request, already authenticated, as the router sees it.
+pub struct RouteReq<'a> {
+    pub app: &'a str,
+    pub service: &'a str,
+    pub module: &'a str,
+    pub function: &'a str,
+    pub wsid: u64,
+    pub method: &'a str,
+    pub content_type: Option<&'a [u8]>,
+    pub subject: &'a str,
+    pub payload: Bytes,
+    pub flags: u8,
+}
+
+/// The outcome for the client.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    /// Router-made error: (code, message). None when a task answered.
+    pub error: Option<(&'static str, String)>,
+    /// The task's response frame (status, headers, payload).
+    pub frame: Option<Frame>,
+    pub partition: Option<u32>,
+    pub emergency_for: Option<u32>,
+    pub hops: u8,
+}
+
+impl Answer {
+    pub fn error(status: u16, code: &'static str, message: impl Into<String>) -> Answer {
+        Answer {
+            status,
+            error: Some((code, message.into())),
+            frame: None,
+            partition: None,
+            emergency_for: None,
+            hops: 0,
+        }
+    }
+
+    /// The body the client gets: the task's payload, or the JSON error.
+    pub fn body(&self) -> Bytes {
+        match (&self.frame, &self.error) {
+            (Some(f), _) => f.payload.clone(),
+            (None, Some((code, msg))) => {
+                Bytes::from(crate::api::error_body(self.status, code, msg))
+            }
+            _ => Bytes::new(),
+        }
+    }
+}
+
+/// Routes one request and waits for its answer.
+pub async fn dispatch(shard: &Rc<Shard>, req: &RouteReq<'_>) -> Answer {
+    let table = shard.snapshots.routes.load_full();
+    let Some(partition) = table.partition_of(req.app, req.wsid) else {
+        return Answer::error(404, "unknown_app", format!("no app {}", req.app));
+    };
+    let max_hops = shard.cfg.routing.max_hops;
+    let deadline = Instant::now() + Duration::from_millis(shard.cfg.limits.request_timeout_ms);
+    let mut role: std::borrow::Cow<'_, str> = MAIN_ROLE.into();
+    let mut want = partition;
+    let mut hops: u8 = 0;
+    let mut payload = req.payload.clone();
+    loop {
+        let (served, tasks, emergency_for) = match table.lookup(req.app, &role, want) {
+            Lookup::Served {
+                partition,
+                tasks,
+                emergency_for,
+            } => (partition, tasks, emergency_for),
+            Lookup::UnknownApp => {
+                return Answer::error(404, "unknown_app", format!("no app {}", req.app))
+            }
+            Lookup::UnknownRole | Lookup::NoLiveTask { .. } => {
+                return no_live_task(req.app, &role, want)
+            }
+        };
+        // The snapshot may lag behind this shard's own view of its links by a moment; fall
+        // back to the role's emergency partition when no local link serves the partition.
+        let (link, served, emergency_for) = match shard.pick_link(tasks) {
+            Some(l) => (l, served, emergency_for),
+            None => {
+                let em = table
+                    .apps
+                    .get(req.app)
+                    .and_then(|a| a.roles.get(role.as_ref()))
+                    .and_then(|r| r.emergency.map(|e| (e, r.tasks(e))));
+                match em.and_then(|(e, t)| shard.pick_link(t).map(|l| (l, e))) {
+                    Some((l, e)) if e != want => (l, e, Some(want)),
+                    _ => return no_live_task(req.app, &role, want),
+                }
+            }
+        };
+        let id = shard.request_id();
+        let rx = {
+            let mut scratch = shard.scratch.borrow_mut();
+            scratch.clear();
+            scratch.resize(proto::HEADER_LEN, 0);
+            put_meta(&mut scratch, tag::APP, req.app.as_bytes());
+            put_meta(&mut scratch, tag::ROLE, role.as_bytes());
+            put_meta(&mut scratch, tag::SERVICE, req.service.as_bytes());
+            put_meta(&mut scratch, tag::MODULE, req.module.as_bytes());
+            put_meta(&mut scratch, tag::FUNCTION, req.function.as_bytes());
+            put_meta_u64(&mut scratch, tag::WSID, req.wsid);
+            put_meta(&mut scratch, tag::METHOD, req.method.as_bytes());
+            put_meta(&mut scratch, tag::SUBJECT, req.subject.as_bytes());
+            if let Some(ct) = req.content_type {
+                put_meta(&mut scratch, tag::CONTENT_TYPE, ct);
+            }
+            let h = Header {
+                kind: Kind::Request,
+                flags: req.flags
+                    | if emergency_for.is_some() {
+                        proto::flags::EMERGENCY
+                    } else {
+                        0
+                    },
+                hops,
+                partition: served,
+                request_id: id,
+                meta_len: (scratch.len() - proto::HEADER_LEN) as u32,
+                payload_len: payload.len() as u32,
+            };
+            scratch[..proto::HEADER_LEN].copy_from_slice(&h.encode());
+            match link.send_request(id, &scratch, payload) {
+                Ok(rx) => rx,
+                Err(_) => {
+                    return Answer::error(503, "task_busy", "task link is over its queue limit")
+                }
+            }
+        };
+        ShardMetrics::inc(&shard.metrics.pending);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let reply = glommio::timer::timeout(left, async { Ok(rx.await) }).await;
+        ShardMetrics::dec(&shard.metrics.pending);
+        if emergency_for.is_some() {
+            ShardMetrics::inc(&shard.metrics.emergency);
+        }
+        match reply {
+            Ok(Ok(Reply::Response(f))) => {
+                let status = f
+                    .get_u64(tag::STATUS)
+                    .and_then(|s| u16::try_from(s).ok())
+                    .filter(|s| (100..600).contains(s))
+                    .unwrap_or(200);
+                return Answer {
+                    status,
+                    error: None,
+                    frame: Some(f),
+                    partition: Some(served),
+                    emergency_for,
+                    hops,
+                };
+            }
+            Ok(Ok(Reply::Redirect {
+                role: r,
+                partition: p,
+            })) => {
+                ShardMetrics::inc(&shard.metrics.redirects);
+                if hops >= max_hops {
+                    return Answer {
+                        hops: hops + 1,
+                        ..Answer::error(
+                            508,
+                            "redirect_limit",
+                            format!("more than {max_hops} redirects"),
+                        )
+                    };
+                }
+                if r.is_empty() {
+                    return Answer::error(502, "bad_redirect", "task redirected to an empty role");
+                }
+                hops += 1;
+                role = r.into();
+                if let Some(p) = p {
+                    want = p;
+                }
+                payload = req.payload.clone();
+            }
+            Ok(Ok(Reply::Lost)) | Ok(Err(_)) => {
+                return Answer::error(
+                    502,
+                    "task_lost",
+                    "the task's link closed before it answered",
+                )
+            }
+            Err(_) => {
+                link.cancel(id);
+                return Answer::error(504, "task_timeout", "the task did not answer in time");
+            }
+        }
+    }
+}
+
+fn no_live_task(app: &str, role: &str, partition: u32) -> Answer {
+    Answer {
+        partition: Some(partition),
+        ..Answer::error(
+            503,
+            "no_live_task",
+            format!("no live task serves {app} role {role} partition {partition}"),
+        )
+    }
+}

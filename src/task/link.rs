@@ -1,0 +1,347 @@
+//! The router's side of one task link: owned by one shard, with its own pending table. A lost
+//! link leaves the routing table at once and answers every request pending on it at once.
+
+use super::hello::{Hello, Register, Registered};
+use crate::auth::{self, verify_service_token};
+use crate::control::ControlEvent;
+use crate::metrics::{Listener, ShardMetrics};
+use crate::proto::{Frame, Kind};
+use crate::route::Registration;
+use crate::shard::Shard;
+use crate::ws::{self, handshake, Message, Side, WsOut, WsReader};
+use bytes::{Bytes, BytesMut};
+use futures_channel::oneshot;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::os::unix::io::AsRawFd;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// What a pending request receives.
+#[derive(Debug)]
+pub enum Reply {
+    Response(Frame),
+    Redirect {
+        role: String,
+        partition: Option<u32>,
+    },
+    /// The link died before the answer came.
+    Lost,
+}
+
+/// One task's link to this shard.
+pub struct TaskLink {
+    pub task: u64,
+    pub app: String,
+    pub role: String,
+    pub out: Rc<RefCell<WsOut>>,
+    pending: RefCell<HashMap<u64, oneshot::Sender<Reply>>>,
+    alive: Cell<bool>,
+}
+
+impl TaskLink {
+    /// Alive and below the pending limit.
+    pub fn is_usable(&self, max_pending: usize) -> bool {
+        self.alive.get() && self.pending.borrow().len() < max_pending
+    }
+
+    /// Queues a request frame (`head` = fedbus header + metadata) and registers it as pending.
+    /// A refused send hands the payload back.
+    pub fn send_request(
+        &self,
+        id: u64,
+        head: &[u8],
+        payload: Bytes,
+    ) -> Result<oneshot::Receiver<Reply>, Bytes> {
+        if !self.alive.get() {
+            return Err(payload);
+        }
+        self.out
+            .borrow_mut()
+            .send_binary(head, payload)
+            .map_err(|r| r.0)?;
+        let (tx, rx) = oneshot::channel();
+        self.pending.borrow_mut().insert(id, tx);
+        Ok(rx)
+    }
+
+    /// Forgets a pending request (timed out or abandoned).
+    pub fn cancel(&self, id: u64) {
+        self.pending.borrow_mut().remove(&id);
+    }
+
+    fn complete(&self, id: u64, reply: Reply) {
+        if let Some(tx) = self.pending.borrow_mut().remove(&id) {
+            let _ = tx.send(reply);
+        }
+    }
+
+    fn fail_all(&self) {
+        self.alive.set(false);
+        for (_, tx) in self.pending.borrow_mut().drain() {
+            let _ = tx.send(Reply::Lost);
+        }
+    }
+}
+
+fn http_error(status: u16, code: &str, msg: &str) -> String {
+    handshake::error_response(status, code, msg)
+}
+
+/// Serves one connection on the internal listener until it closes.
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+    let m = shard.metrics.clone();
+    ShardMetrics::inc(&m.connections[Listener::Internal as usize]);
+    let peer = stream.peer_addr().ok();
+    if let Err(e) = serve_inner(&shard, stream).await {
+        tracing::info!(shard = shard.index, ?peer, "task link closed: {e}");
+    }
+    ShardMetrics::dec(&m.connections[Listener::Internal as usize]);
+}
+
+/// Reads the upgrade request head within the handshake timeout.
+pub async fn read_upgrade(
+    stream: &mut TcpStream,
+    timeout: Duration,
+) -> Result<(handshake::UpgradeRequest, BytesMut), String> {
+    let mut buf = BytesMut::with_capacity(4096);
+    let read = async {
+        loop {
+            match handshake::parse_upgrade(&buf) {
+                Ok(Some(up)) => return Ok(up),
+                Ok(None) => {}
+                Err(r) => {
+                    let _ = stream
+                        .write_all(http_error(r.status, r.code, r.message).as_bytes())
+                        .await;
+                    return Err(format!("bad upgrade: {}", r.message));
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("closed during handshake".to_string());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    let up = glommio::timer::timeout(timeout, async { Ok(read.await) })
+        .await
+        .map_err(|_| "handshake timeout".to_string())??;
+    let _ = buf.split_to(up.head_len);
+    Ok((up, buf))
+}
+
+async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), String> {
+    let limits = &shard.cfg.limits;
+    let hs_timeout = Duration::from_millis(limits.handshake_timeout_ms);
+    let (up, leftover) = read_upgrade(&mut stream, hs_timeout).await?;
+
+    // The service token is checked before the upgrade completes.
+    let claims = {
+        let keys = shard.snapshots.keys.load();
+        let Some(tok) = up.bearer.as_deref() else {
+            let _ = stream
+                .write_all(http_error(401, "missing_token", "service token required").as_bytes())
+                .await;
+            return Err("no service token".into());
+        };
+        match verify_service_token(
+            &keys.keyring.cluster,
+            tok,
+            auth::now_unix(),
+            shard.cfg.auth.grace_secs,
+        ) {
+            Ok(c) if c.cluster == shard.cfg.cluster_id() => c,
+            Ok(c) => {
+                let _ = stream
+                    .write_all(
+                        http_error(401, "wrong_cluster", "service token of another cluster")
+                            .as_bytes(),
+                    )
+                    .await;
+                return Err(format!("service token for cluster {}", c.cluster));
+            }
+            Err(e) => {
+                let _ = stream
+                    .write_all(http_error(e.http_status(), e.code(), &e.to_string()).as_bytes())
+                    .await;
+                return Err(format!("service token refused: {e}"));
+            }
+        }
+    };
+    stream
+        .write_all(handshake::accept_response(&up.key).as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let max_msg = limits.max_body_bytes + 64 * 1024;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)))
+        .map_err(|e| e.to_string())?;
+
+    let fd = stream.as_raw_fd();
+    let (rd, wr) = futures_util::io::AsyncReadExt::split(stream);
+    let mut reader = WsReader::new(rd, leftover, Side::Server, max_msg);
+    let out = WsOut::new(Side::Server, limits.max_link_outbox_bytes);
+    let writer = glommio::spawn_local(ws::write_loop(out.clone(), fd, wr));
+
+    let hello = Hello {
+        kind: "hello".into(),
+        router: shard.router_name.clone(),
+        cluster: shard.cfg.cluster_id(),
+        shard: shard.index,
+        shards: shard.count,
+        internal: shard.internal_addrs.iter().map(|a| a.to_string()).collect(),
+    };
+    let _ = out
+        .borrow_mut()
+        .send_text(&serde_json::to_string(&hello).unwrap_or_default());
+
+    let reg = match glommio::timer::timeout(hs_timeout, async { Ok(reader.next().await) }).await {
+        Ok(Ok(Message::Text(t))) => serde_json::from_slice::<Register>(&t).ok(),
+        _ => None,
+    };
+    let reg = match reg {
+        Some(r) if r.kind == "register" => r,
+        _ => {
+            out.borrow_mut().close(1002);
+            let _ = writer.await;
+            return Err("no registration".into());
+        }
+    };
+    let app_partitions = shard
+        .cfg
+        .apps
+        .iter()
+        .find(|a| a.name == reg.app)
+        .map(|a| a.partitions);
+    let refusal = if reg.app != claims.app {
+        Some("registration for an app the service token does not name")
+    } else if app_partitions.is_none() {
+        Some("unknown app")
+    } else if reg.role.is_empty() || reg.role.len() > 64 {
+        Some("bad role")
+    } else if reg.partitions.iter().any(|p| Some(*p) >= app_partitions) {
+        Some("partition out of range")
+    } else {
+        None
+    };
+    if let Some(why) = refusal {
+        out.borrow_mut().close(1008);
+        let _ = writer.await;
+        return Err(format!("registration refused: {why}"));
+    }
+
+    let link = Rc::new(TaskLink {
+        task: reg.task,
+        app: reg.app.clone(),
+        role: reg.role.clone(),
+        out: out.clone(),
+        pending: RefCell::new(HashMap::new()),
+        alive: Cell::new(true),
+    });
+    if let Some(old) = shard.links.borrow_mut().insert(reg.task, link.clone()) {
+        old.fail_all();
+        old.out.borrow_mut().close(1008);
+    }
+    let _ = out.borrow_mut().send_text(
+        &serde_json::to_string(&Registered {
+            kind: "registered".into(),
+            shard: shard.index,
+        })
+        .unwrap_or_default(),
+    );
+    let _ = shard.events.send(ControlEvent::Register {
+        shard: shard.index,
+        reg: Registration {
+            task: reg.task,
+            app: reg.app.clone(),
+            role: reg.role.clone(),
+            partitions: reg.partitions.clone(),
+        },
+    });
+    ShardMetrics::inc(&shard.metrics.task_links);
+    tracing::info!(shard = shard.index, task = reg.task, app = %reg.app, role = %reg.role, partitions = reg.partitions.len(), sub = %claims.sub, "task link registered");
+
+    // Keepalive: a ping every interval; the read timeout (3 intervals) ends a silent link.
+    let pinger = {
+        let out = out.clone();
+        let every = Duration::from_millis(limits.ping_interval_ms);
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(every).await;
+                let mut o = out.borrow_mut();
+                if o.is_closing() {
+                    break;
+                }
+                o.send_control(ws::frame::opcode::PING, b"");
+            }
+        })
+    };
+
+    let end = read_loop(&link, &mut reader).await;
+
+    // Leave the routing table at once, then answer everything pending with 502.
+    link.fail_all();
+    {
+        let mut links = shard.links.borrow_mut();
+        if links.get(&reg.task).is_some_and(|l| Rc::ptr_eq(l, &link)) {
+            links.remove(&reg.task);
+        }
+    }
+    let _ = shard.events.send(ControlEvent::Unregister {
+        shard: shard.index,
+        task: reg.task,
+    });
+    ShardMetrics::dec(&shard.metrics.task_links);
+    match &end {
+        Err(e) => match e.close_code() {
+            Some(code) => out.borrow_mut().close(code),
+            None => out.borrow_mut().abort(),
+        },
+        Ok(()) => out.borrow_mut().close(1000),
+    }
+    drop(pinger.cancel());
+    let _ = writer.await;
+    end.map_err(|e| e.to_string())
+}
+
+async fn read_loop<R: futures_lite::AsyncRead + Unpin>(
+    link: &TaskLink,
+    reader: &mut WsReader<R>,
+) -> Result<(), ws::WsError> {
+    loop {
+        match reader.next().await? {
+            Message::Binary(b) => match Frame::decode(b) {
+                Ok(f) => on_frame(link, f),
+                Err(e) => {
+                    tracing::warn!(task = link.task, "bad frame from task: {e}");
+                    return Err(ws::WsError::Protocol("bad fedbus frame"));
+                }
+            },
+            Message::Ping(p) => link
+                .out
+                .borrow_mut()
+                .send_control(ws::frame::opcode::PONG, &p),
+            Message::Pong(_) | Message::Text(_) => {}
+            Message::Close(_) => return Ok(()),
+        }
+    }
+}
+
+fn on_frame(link: &TaskLink, f: Frame) {
+    let id = f.header.request_id;
+    match f.header.kind {
+        Kind::Response => link.complete(id, Reply::Response(f)),
+        Kind::Redirect => {
+            let role = f.get_str(crate::proto::tag::ROLE).unwrap_or("").to_string();
+            let partition = f
+                .get_u64(crate::proto::tag::PARTITION)
+                .and_then(|p| u32::try_from(p).ok());
+            link.complete(id, Reply::Redirect { role, partition });
+        }
+        other => tracing::debug!(task = link.task, ?other, "unexpected frame kind from task"),
+    }
+}

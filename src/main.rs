@@ -299,7 +299,9 @@ fn run_task(common: TaskCommon, redirect_to: Option<String>, delay_ms: u64) -> R
                 Some(r) => fedbus::sdk::Outcome::redirect(&r),
                 None => fedbus::sdk::Outcome::Response {
                     status: 200,
-                    headers: Vec::new(),
+                    // Which router shard's link carried the request: lets tests prove that
+                    // requests never cross shards.
+                    headers: vec![("echo-link-shard".into(), req.link_shard.to_string())],
                     content_type: req
                         .meta(fedbus::proto::tag::CONTENT_TYPE)
                         .map(str::to_string),

@@ -61,6 +61,8 @@ pub fn random_u64() -> u64 {
 /// A request as the task sees it.
 pub struct Request {
     pub frame: Frame,
+    /// Shard of the router whose link carried this request (from the hello).
+    pub link_shard: usize,
 }
 
 impl Request {
@@ -319,7 +321,10 @@ where
                     continue;
                 }
                 let h = f.header;
-                let fut = (ctx.handler)(Request { frame: f });
+                let fut = (ctx.handler)(Request {
+                    frame: f,
+                    link_shard: hello.shard,
+                });
                 let mut fut = Box::pin(fut);
                 // Most handlers answer at once: skip a task spawn for those.
                 match futures_util::FutureExt::now_or_never(&mut fut) {

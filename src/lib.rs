@@ -10,4 +10,5 @@ pub mod route;
 pub mod sdk;
 pub mod shard;
 pub mod task;
+pub mod tune;
 pub mod ws;

@@ -35,6 +35,12 @@ enum Cmd {
     /// Manage the keyring.
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// Check the host: io_uring, locked memory, cores, socket and file limits.
+    Tune {
+        /// Config whose cores and io_memory to check (embedded defaults without it).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -205,6 +211,14 @@ fn run_router(path: Option<PathBuf>) -> Result<()> {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
+    // io_uring and locked memory first: glommio would panic or fail late without them.
+    for c in fedbus::tune::checks(&cfg) {
+        if !c.ok && c.fatal {
+            bail!("{}: {}. Fix: {}", c.name, c.detail, c.fix);
+        } else if !c.ok {
+            tracing::warn!(check = c.name, fix = %c.fix, "{}", c.detail);
+        }
+    }
     let dir = cfg.keyring_dir();
     if cfg.dev {
         ensure_keyring(&dir, &cfg.app_names())?;
@@ -324,6 +338,13 @@ fn main() {
 fn real_main(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Run { config } => run_router(config),
+        Cmd::Tune { config } => {
+            let cfg = match &config {
+                Some(p) => Config::load(p)?,
+                None => Config::default(),
+            };
+            std::process::exit(if fedbus::tune::report(&cfg) { 0 } else { 1 });
+        }
         Cmd::Task(TaskCmd::Echo {
             common,
             redirect_to,

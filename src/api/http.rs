@@ -156,6 +156,8 @@ struct AuthCache {
 }
 
 /// Authenticates and routes one request. Everything up to the dispatch is synchronous.
+// The error is the client's answer itself, built on a cold path and moved once.
+#[allow(clippy::result_large_err)]
 fn prepare(shard: &Rc<Shard>, cache: &mut Option<AuthCache>, req: &Req) -> Result<Rc<str>, Answer> {
     let path = std::str::from_utf8(&req.head[req.path.clone()]).unwrap_or("");
     let p = parse_api_path(path)

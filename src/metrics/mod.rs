@@ -75,6 +75,9 @@ impl ShardMetrics {
 /// All shards' metrics, shared with the admin listener.
 pub type Registry = Arc<Vec<Arc<ShardMetrics>>>;
 
+/// Picks one counter out of a shard's metrics.
+type Field = fn(&ShardMetrics) -> &AtomicU64;
+
 fn sum(reg: &Registry, f: impl Fn(&ShardMetrics) -> &AtomicU64) -> u64 {
     reg.iter().map(|m| f(m).load(Relaxed)).sum()
 }
@@ -95,7 +98,7 @@ pub fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, fn(&ShardMetrics) -> &AtomicU64); 10] = [
+    let simple: [(&str, &str, &str, Field); 10] = [
         (
             "fedbus_bytes_in_total",
             "counter",

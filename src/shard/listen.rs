@@ -80,15 +80,13 @@ fn bind_internal(addr: SocketAddr, n: usize) -> anyhow::Result<(Vec<SocketAddr>,
     Ok((addrs, fds))
 }
 
-async fn accept_loop(
-    shard: Rc<Shard>,
-    l: TcpListener,
-    serve: fn(
-        Rc<Shard>,
-        glommio::net::TcpStream,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>,
-    limit: bool,
-) {
+/// Serves one accepted connection.
+type ServeFn = fn(
+    Rc<Shard>,
+    glommio::net::TcpStream,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
+async fn accept_loop(shard: Rc<Shard>, l: TcpListener, serve: ServeFn, limit: bool) {
     loop {
         match l.accept().await {
             Ok(s) => {

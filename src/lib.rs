@@ -5,6 +5,7 @@ pub mod auth;
 pub mod config;
 pub mod control;
 pub mod metrics;
+pub mod peer;
 pub mod proto;
 pub mod route;
 pub mod sdk;

@@ -246,6 +246,17 @@ fn run_router(path: Option<PathBuf>) -> Result<()> {
     for (k, a) in r.internal.iter().enumerate() {
         println!("  internal  {a}  shard {k} on core {}", r.shard_cores[k]);
     }
+    if let Some(a) = r.external {
+        println!("  external  {a}  (peer links; every shard)");
+        for c in cfg.peer_clusters() {
+            println!(
+                "  peer      {}/{} via {}",
+                c.region,
+                c.cluster,
+                c.routers.join(", ")
+            );
+        }
+    }
     if let Some(a) = r.admin {
         println!("  admin     http://{a}/metrics");
     }

@@ -87,6 +87,9 @@ pub mod tag {
     pub const HOPS: u8 = 22;
     /// Emergency: the original partition, decimal (in responses).
     pub const EMERGENCY_FOR: u8 = 23;
+    /// Client websocket requests: the request path, as it would be in an HTTP request line
+    /// (`/api/<region>/<cluster>/<owner>/<app>/<service>/<wsid>/<module>/<function>`).
+    pub const PATH: u8 = 24;
 }
 
 /// The fixed header.

@@ -353,9 +353,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     write_outputs(&args, &rep)?;
     drop(guard);
     if rep.stats.ok == 0 {
+        let by_status: Vec<String> = rep
+            .stats
+            .errors
+            .iter()
+            .map(|(k, v)| format!("{}: {v}", codec::status_name(*k)))
+            .collect();
         match out.failures.first() {
             Some(f) => bail!("no request succeeded: {f}"),
-            None => bail!("no request succeeded"),
+            None if by_status.is_empty() => bail!("no request was answered"),
+            None => bail!("no request succeeded ({})", by_status.join(", ")),
         }
     }
     Ok(())

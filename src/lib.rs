@@ -4,6 +4,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod control;
+pub mod loadgen;
 pub mod metrics;
 pub mod peer;
 pub mod proto;

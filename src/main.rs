@@ -35,6 +35,8 @@ enum Cmd {
     /// Manage the keyring.
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// The bundled load generator (spawns a router and echo tasks without --target).
+    Bench(Box<fedbus::loadgen::BenchArgs>),
     /// Check the host: io_uring, locked memory, cores, socket and file limits.
     Tune {
         /// Config whose cores and io_memory to check (embedded defaults without it).
@@ -432,6 +434,7 @@ fn main() {
 fn real_main(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Run { config } => run_router(config),
+        Cmd::Bench(args) => fedbus::loadgen::run(*args),
         Cmd::Tune { config } => {
             let cfg = match &config {
                 Some(p) => Config::load(p)?,

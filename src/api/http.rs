@@ -302,8 +302,10 @@ pub fn write_head(out: &mut BytesMut, shard: &Shard, a: &Answer, body_len: usize
     let _ = write!(w, "HTTP/1.1 {} {}\r\n", a.status, reason(a.status));
     let mut has_ct = false;
     if let Some(f) = &a.frame {
+        // An answer relayed by a peer router carries that router's fedbus-* headers.
+        let from_router = f.get(tag::SERVED_BY).is_some();
         for (t, v) in MetaIter::new(&f.meta).filter_map(Result::ok) {
-            if t == tag::HEADER && !v.contains(&b'\r') && !v.contains(&b'\n') && v.contains(&b':') {
+            if t == tag::HEADER && super::allowed_header(v, from_router) {
                 let _ = w.write_all(v);
                 let _ = w.write_all(b"\r\n");
             } else if t == tag::SERVED_BY && !v.contains(&b'\r') && !v.contains(&b'\n') {

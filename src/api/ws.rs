@@ -231,8 +231,14 @@ pub fn send_answer(
         line("fedbus-emergency", e as u64);
     }
     if let Some(f) = &a.frame {
+        let from_router = f.get(tag::SERVED_BY).is_some();
         for (t, v) in MetaIter::new(&f.meta).filter_map(Result::ok) {
-            if t == tag::HEADER || t == tag::CONTENT_TYPE || t == tag::SERVED_BY {
+            let keep = match t {
+                tag::HEADER => super::allowed_header(v, from_router),
+                tag::CONTENT_TYPE | tag::SERVED_BY => !v.contains(&b'\r') && !v.contains(&b'\n'),
+                _ => false,
+            };
+            if keep {
                 put_meta(&mut m, t, v);
             }
         }

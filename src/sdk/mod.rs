@@ -237,7 +237,6 @@ where
     });
     let mut all = Vec::new();
     for r in ctx.opts.routers.clone() {
-        ctx.started.borrow_mut().insert(r.clone());
         all.push(glommio::spawn_local(link_loop(ctx.clone(), r)));
     }
     for t in all {
@@ -250,7 +249,7 @@ where
 struct Ctx<H> {
     opts: TaskOptions,
     handler: H,
-    /// Addresses with a link loop running.
+    /// `router#shard` keys of the links with a loop running.
     started: RefCell<HashSet<String>>,
 }
 
@@ -345,9 +344,18 @@ where
         Message::Text(t) => serde_json::from_slice(&t)?,
         other => anyhow::bail!("expected hello, got {other:?}"),
     };
-    // Open links to the router's other shards (once per address; each reconnects itself).
-    for a in hello.internal.iter() {
-        if ctx.started.borrow_mut().insert(a.clone()) {
+    // Open links to the router's other shards, once per (router, shard): the address we
+    // dialled may be spelled differently from the hello's (a DNS name, `localhost`).
+    ctx.started
+        .borrow_mut()
+        .insert(format!("{}#{}", hello.router, hello.shard));
+    for (k, a) in hello.internal.iter().enumerate() {
+        if k != hello.shard
+            && ctx
+                .started
+                .borrow_mut()
+                .insert(format!("{}#{k}", hello.router))
+        {
             glommio::spawn_local(link_loop(ctx.clone(), a.clone())).detach();
         }
     }

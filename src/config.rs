@@ -128,6 +128,14 @@ pub struct App {
     /// Fixed emergency partition; when absent the control thread elects one.
     #[serde(default)]
     pub emergency_partition: Option<u32>,
+    /// Services reachable without a client JWT: the app's Auth Service must be, since a client
+    /// asks it for its first token. Default `["auth"]`.
+    #[serde(default = "default_anonymous_services")]
+    pub anonymous_services: Vec<String>,
+}
+
+fn default_anonymous_services() -> Vec<String> {
+    vec!["auth".into()]
 }
 
 impl Default for Config {
@@ -147,6 +155,7 @@ impl Default for Config {
                 name: "demo/echo".into(),
                 partitions: 16,
                 emergency_partition: None,
+                anonymous_services: default_anonymous_services(),
             }],
         }
     }

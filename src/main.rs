@@ -81,6 +81,15 @@ enum TaskCmd {
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
     },
+    /// Example Auth Service (role `auth`): answers a login `{"sub":"alice"}` with a client JWT
+    /// signed by the newest app secret the routers pushed to it.
+    Auth {
+        #[command(flatten)]
+        common: TaskCommon,
+        /// Lifetime of the tokens it issues.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -309,6 +318,12 @@ fn run_task(common: TaskCommon, redirect_to: Option<String>, delay_ms: u64) -> R
             if delay_ms > 0 {
                 glommio::timer::sleep(std::time::Duration::from_millis(delay_ms)).await;
             }
+            // The app's Auth Service is reached as service `auth` through role main.
+            let redirect = redirect.or_else(|| {
+                (req.meta(fedbus::proto::tag::SERVICE) == Some("auth")
+                    && req.meta(fedbus::proto::tag::ROLE) != Some("auth"))
+                .then(|| "auth".to_string())
+            });
             match redirect {
                 Some(r) => fedbus::sdk::Outcome::redirect(&r),
                 None => fedbus::sdk::Outcome::Response {
@@ -321,6 +336,74 @@ fn run_task(common: TaskCommon, redirect_to: Option<String>, delay_ms: u64) -> R
                         .map(str::to_string),
                     body: req.payload().clone(),
                 },
+            }
+        }
+    })
+}
+
+fn run_auth_task(mut common: TaskCommon, ttl: String) -> Result<()> {
+    let ttl = ttl_secs(&ttl)?;
+    if common.role == "main" {
+        common.role = "auth".into();
+    }
+    let partitions = parse_partitions(&common.partitions)?;
+    let instance = fedbus::sdk::random_u64();
+    let token = match common.token.clone() {
+        Some(t) => t,
+        None => {
+            let dir = keyring_dir(&common.keyring);
+            ensure_keyring(&dir, &[common.app.as_str()])?;
+            service_token(
+                &dir,
+                &format!("auth-{instance:016x}"),
+                &common.app,
+                &common.cluster,
+                30 * 86400,
+            )?
+        }
+    };
+    let mut opts = fedbus::sdk::TaskOptions::new(
+        common.routers.clone(),
+        &common.app,
+        &common.role,
+        partitions,
+        token,
+    );
+    opts.instance = instance;
+    eprintln!(
+        "fedbus task auth: Auth Service of {} (role {})",
+        common.app, common.role
+    );
+    let app = common.app.clone();
+    fedbus::sdk::serve(opts, move |req| {
+        let app = app.clone();
+        async move {
+            let json = |status: u16, v: serde_json::Value| fedbus::sdk::Outcome::Response {
+                status,
+                headers: Vec::new(),
+                content_type: Some("application/json".into()),
+                body: bytes::Bytes::from(v.to_string()),
+            };
+            // A demo: any `sub` logs in. A real Auth Service checks credentials here.
+            let sub = serde_json::from_slice::<serde_json::Value>(req.payload())
+                .ok()
+                .and_then(|v| v.get("sub").and_then(|s| s.as_str()).map(str::to_string))
+                .filter(|s| !s.is_empty() && s.len() <= 256);
+            let Some(sub) = sub else {
+                return json(
+                    400,
+                    serde_json::json!({"error": "bad_login", "message": "body must be {\"sub\": \"<user>\"}"}),
+                );
+            };
+            match fedbus::sdk::sign_client_jwt(&app, &sub, ttl) {
+                Some(t) => json(
+                    200,
+                    serde_json::json!({"token": t, "kid": fedbus::sdk::secret_version(&app)}),
+                ),
+                None => json(
+                    503,
+                    serde_json::json!({"error": "no_secret", "message": "no app secret pushed yet"}),
+                ),
             }
         }
     })
@@ -350,6 +433,7 @@ fn real_main(cli: Cli) -> Result<()> {
             redirect_to,
             delay_ms,
         }) => run_task(common, redirect_to, delay_ms),
+        Cmd::Task(TaskCmd::Auth { common, ttl }) => run_auth_task(common, ttl),
         Cmd::Token(TokenCmd::Service {
             task_id,
             app,

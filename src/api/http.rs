@@ -155,6 +155,22 @@ struct AuthCache {
     exp: u64,
 }
 
+/// The cluster must be ours and the app known: 404 otherwise (checked before the token, so an
+/// unknown app is 404 whatever the token).
+pub fn check_target(shard: &Shard, region: &str, cluster: &str, app: &str) -> Option<Answer> {
+    if region != shard.cfg.region || cluster != shard.cfg.cluster {
+        return Some(Answer::error(
+            404,
+            "unknown_cluster",
+            format!("cluster {region}/{cluster} is not served here"),
+        ));
+    }
+    if !shard.cfg.apps.iter().any(|a| a.name == app) {
+        return Some(Answer::error(404, "unknown_app", format!("no app {app}")));
+    }
+    None
+}
+
 /// Authenticates and routes one request. Everything up to the dispatch is synchronous.
 // The error is the client's answer itself, built on a cold path and moved once.
 #[allow(clippy::result_large_err)]
@@ -162,21 +178,17 @@ fn prepare(shard: &Rc<Shard>, cache: &mut Option<AuthCache>, req: &Req) -> Resul
     let path = std::str::from_utf8(&req.head[req.path.clone()]).unwrap_or("");
     let p = parse_api_path(path)
         .map_err(|e: PathError| Answer::error(e.http_status(), e.code(), format!("{e}: {path}")))?;
-    if p.region != shard.cfg.region || p.cluster != shard.cfg.cluster {
-        return Err(Answer::error(
-            404,
-            "unknown_cluster",
-            format!("cluster {}/{} is not served here", p.region, p.cluster),
-        ));
-    }
-    if !shard.cfg.apps.iter().any(|a| a.name == p.app_name) {
-        return Err(Answer::error(
-            404,
-            "unknown_app",
-            format!("no app {}", p.app_name),
-        ));
+    if let Some(a) = check_target(shard, p.region, p.cluster, p.app_name) {
+        return Err(a);
     }
     let Some(tr) = req.token.clone() else {
+        let anonymous =
+            shard.cfg.apps.iter().any(|a| {
+                a.name == p.app_name && a.anonymous_services.iter().any(|s| s == p.service)
+            });
+        if anonymous {
+            return Ok("".into());
+        }
         return Err(Answer::error(
             401,
             "missing_token",
@@ -291,8 +303,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let m = shard.metrics.clone();
     ShardMetrics::inc(&m.connections[Listener::Api as usize]);
     shard.client_conns.set(shard.client_conns.get() + 1);
-    if let Err(e) = serve_inner(&shard, &mut stream).await {
-        tracing::debug!(shard = shard.index, "client connection ended: {e}");
+    match serve_inner(&shard, &mut stream).await {
+        Err(e) => tracing::debug!(shard = shard.index, "client connection ended: {e}"),
+        Ok(Some((head, leftover))) => super::ws::serve(shard.clone(), stream, head, leftover).await,
+        Ok(None) => {}
     }
     shard.client_conns.set(shard.client_conns.get() - 1);
     ShardMetrics::dec(&m.connections[Listener::Api as usize]);
@@ -300,7 +314,13 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
 
 type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = (Answer, bool, usize, Instant)>>>;
 
-async fn serve_inner(shard: &Rc<Shard>, stream: &mut TcpStream) -> std::io::Result<()> {
+/// Bytes of a websocket upgrade request head and what followed it.
+type Upgrade = (Bytes, BytesMut);
+
+async fn serve_inner(
+    shard: &Rc<Shard>,
+    stream: &mut TcpStream,
+) -> std::io::Result<Option<Upgrade>> {
     let limits = shard.cfg.limits.clone();
     let fd = stream.as_raw_fd();
     let _ = stream.set_nodelay(true);
@@ -326,6 +346,18 @@ async fn serve_inner(shard: &Rc<Shard>, stream: &mut TcpStream) -> std::io::Resu
                 Parsed::Error(status, code, msg) => {
                     closing = true;
                     let a = Answer::error(status, code, msg);
+                    inflight.push_back(Box::pin(async move { (a, true, 0, Instant::now()) }));
+                }
+                Parsed::Request(req) if is_ws_upgrade(&req) => {
+                    if inflight.is_empty() {
+                        return Ok(Some((req.head, buf)));
+                    }
+                    closing = true;
+                    let a = Answer::error(
+                        400,
+                        "bad_upgrade",
+                        "websocket upgrade after pipelined requests",
+                    );
                     inflight.push_back(Box::pin(async move { (a, true, 0, Instant::now()) }));
                 }
                 Parsed::Request(req) => {
@@ -405,7 +437,12 @@ async fn serve_inner(shard: &Rc<Shard>, stream: &mut TcpStream) -> std::io::Resu
         }
     }
     let _ = stream.flush().await;
-    Ok(())
+    Ok(None)
+}
+
+fn is_ws_upgrade(req: &Req) -> bool {
+    let path = &req.head[req.path.clone()];
+    req.method == Method::Get && (path == b"/api/ws" || path.starts_with(b"/api/ws?"))
 }
 
 /// Reads more bytes into `buf`; 0 at end of stream.

@@ -3,6 +3,7 @@
 //! `{"status":N,"error":"<code>","message":"..."}`.
 
 pub mod http;
+pub mod ws;
 
 /// The JSON error body.
 pub fn error_body(status: u16, code: &str, message: &str) -> String {

@@ -103,6 +103,23 @@ pub fn verify_client_jwt(
     Ok(data.claims)
 }
 
+/// The `app` claim of a token, read WITHOUT verifying it: only to pick the app whose secret
+/// then verifies the token (the client websocket endpoint learns the app from the token, not
+/// from a path). Never trust the result before `verify_client_jwt` succeeds.
+pub fn claimed_app(token: &str) -> Option<String> {
+    use base64::Engine;
+    if token.len() > MAX_CLIENT_JWT_LEN {
+        return None;
+    }
+    let payload = token.split('.').nth(1)?;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&raw).ok()?;
+    v.get("app")?.as_str().map(str::to_string)
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,9 @@ pub mod service_token;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use client_jwt::{sign_client_jwt, verify_client_jwt, ClientClaims, MAX_CLIENT_JWT_LEN};
+pub use client_jwt::{
+    claimed_app, sign_client_jwt, verify_client_jwt, ClientClaims, MAX_CLIENT_JWT_LEN,
+};
 pub use keyring::{
     check_version, usable_version, AppSecretVersion, ClusterKeyVersion, KeyVersion, Keyring,
     VersionState,

@@ -51,6 +51,53 @@ impl TaskOptions {
     }
 }
 
+thread_local! {
+    /// App secrets pushed by routers to this (auth) task: app -> newest (version, secret).
+    static SECRETS: RefCell<std::collections::HashMap<String, (u32, Vec<u8>)>> = RefCell::new(Default::default());
+}
+
+fn store_secret(f: &Frame) {
+    let (Some(app), Some(v)) = (f.get_str(tag::APP), f.get_u64(tag::VERSION)) else {
+        return;
+    };
+    let Ok(v) = u32::try_from(v) else { return };
+    SECRETS.with(|s| {
+        let mut s = s.borrow_mut();
+        // Several routers push the same secret; keep the newest version.
+        if s.get(app).is_none_or(|(old, _)| *old < v) {
+            tracing::info!(app, version = v, "app secret received");
+            s.insert(app.to_string(), (v, f.payload.to_vec()));
+        }
+    });
+}
+
+/// Newest app secret version pushed to this task, if any.
+pub fn secret_version(app: &str) -> Option<u32> {
+    SECRETS.with(|s| s.borrow().get(app).map(|(v, _)| *v))
+}
+
+/// Signs a client JWT for `sub` with the newest secret the routers pushed (Auth Service tasks
+/// only: a task registered in role `auth`). None until a secret arrived.
+pub fn sign_client_jwt(app: &str, sub: &str, ttl_secs: u64) -> Option<String> {
+    let (version, secret) = SECRETS.with(|s| s.borrow().get(app).cloned())?;
+    let now = crate::auth::now_unix();
+    crate::auth::sign_client_jwt(
+        &crate::auth::AppSecretVersion {
+            version,
+            secret,
+            created: now,
+        },
+        &crate::auth::ClientClaims {
+            sub: sub.into(),
+            app: app.into(),
+            iat: now,
+            exp: now + ttl_secs,
+            nbf: None,
+        },
+    )
+    .ok()
+}
+
 /// A random u64 from the OS.
 pub fn random_u64() -> u64 {
     let mut b = [0u8; 8];
@@ -317,6 +364,10 @@ where
         match reader.next().await? {
             Message::Binary(b) => {
                 let f = Frame::decode(b)?;
+                if f.header.kind == Kind::SecretPush {
+                    store_secret(&f);
+                    continue;
+                }
                 if f.header.kind != Kind::Request {
                     continue;
                 }

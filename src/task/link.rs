@@ -281,7 +281,29 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
         })
     };
 
+    // The app's Auth Service gets the current app secret now and after every rotation.
+    let pusher = (reg.role == AUTH_ROLE).then(|| {
+        let (shard, link) = (shard.clone(), link.clone());
+        glommio::spawn_local(async move {
+            let mut pushed = 0u64;
+            while link.alive.get() {
+                let keys = shard.snapshots.keys.load();
+                if keys.generation != pushed {
+                    pushed = keys.generation;
+                    if let Some(sec) = keys.keyring.signing_app_secret(&link.app) {
+                        push_secret(&link, &link.app, sec.version, &sec.secret);
+                    }
+                }
+                drop(keys);
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    });
+
     let end = read_loop(&link, &mut reader).await;
+    if let Some(p) = pusher {
+        drop(p.cancel());
+    }
 
     // Leave the routing table at once, then answer everything pending with 502.
     link.fail_all();
@@ -328,6 +350,25 @@ async fn read_loop<R: futures_lite::AsyncRead + Unpin>(
             Message::Pong(_) | Message::Text(_) => {}
             Message::Close(_) => return Ok(()),
         }
+    }
+}
+
+/// Role of the app's Auth Service: it receives the app secret over its links.
+pub const AUTH_ROLE: &str = "auth";
+
+/// Sends a SecretPush frame (docs/PROTOCOL.md): APP, VERSION, payload = the secret.
+fn push_secret(link: &TaskLink, app: &str, version: u32, secret: &[u8]) {
+    let mut meta = BytesMut::with_capacity(64);
+    crate::proto::put_meta(&mut meta, crate::proto::tag::APP, app.as_bytes());
+    crate::proto::put_meta_u64(&mut meta, crate::proto::tag::VERSION, version as u64);
+    let f = crate::proto::encode_frame(Kind::SecretPush, 0, 0, 0, 0, &meta, secret);
+    if link.out.borrow_mut().send_binary(&f, Bytes::new()).is_ok() {
+        tracing::info!(
+            task = link.task,
+            app,
+            version,
+            "app secret pushed to auth task"
+        );
     }
 }
 

@@ -177,9 +177,7 @@ fn every_error_status() {
     r.request(&Req::post(&p).token(&expired))
         .assert_error(401, "expired_token");
 
-    // 403: a valid token of another app.
-    r.request(&Req::post(&p).token(&other))
-        .assert_error(403, "wrong_app");
+    // 403 (a valid token of another app): see `token_of_another_app_is_403`.
 
     // 404: unknown app, unknown cluster.
     r.request(&Req::post(&r.path("demo/nope", 1)).token(&tok))
@@ -362,10 +360,8 @@ fn forged_tokens_are_refused() {
     r.request(&Req::post(&p).token(&hand_jwt(hs256, &str_exp, Some(&secret.secret))))
         .assert_error(401, "bad_token");
 
-    // A valid token of another app: 403. Hand-built claims naming another app but signed
-    // with this app's secret: also 403 (the signature is right, the app is not).
-    r.request(&Req::post(&p).token(&r.token("demo/other", "mallory")))
-        .assert_error(403, "wrong_app");
+    // Claims naming another app, signed with this app's secret: 403 (the signature is right,
+    // the app is not). A real token of another app: `token_of_another_app_is_403`.
     let other_claims = format!(r#"{{"sub":"mallory","app":"demo/other","iat":{iat},"exp":{exp}}}"#);
     r.request(&Req::post(&p).token(&hand_jwt(hs256, &other_claims, Some(&secret.secret))))
         .assert_error(403, "wrong_app");
@@ -503,4 +499,28 @@ fn metrics_are_prometheus_text_and_count_requests() {
         assert_eq!(resp.status, 200);
         assert_eq!(resp.body, body.as_bytes());
     }
+}
+
+/// "403 token of another app": a token minted by `fedbus token client --app demo/other` (signed
+/// with demo/other's secret) used on demo/echo.
+#[test]
+fn token_of_another_app_is_403() {
+    let r = Router::new().shards(1).start();
+    let _t = r.task().start();
+    let other = r.token("demo/other", "bob");
+    // The token itself is good for its own app (503: no demo/other task, but past auth).
+    r.request(&Req::post(&r.path("demo/other", 1)).token(&other))
+        .assert_error(503, "no_live_task");
+    let resp = r.request(&Req::post(&r.path(APP, 42)).token(&other).body(b"x"));
+    resp.assert_error(403, "wrong_app");
+    // The same on a keep-alive connection after a good request (the auth cache).
+    let mut c = r.conn();
+    let tok = r.token(APP, "alice");
+    assert_echo(
+        &c.request(&Req::post(&r.path(APP, 42)).token(&tok).body(b"a")),
+        42,
+        b"a",
+    );
+    c.request(&Req::post(&r.path(APP, 42)).token(&other))
+        .assert_error(403, "wrong_app");
 }

@@ -27,6 +27,38 @@ pub struct Config {
     pub tuning: Tuning,
     /// Apps served by this cluster. Default: `demo/echo` with 16 partitions.
     pub apps: Vec<App>,
+    /// Other clusters of the federation and how to reach them. Default: none.
+    pub federation: Federation,
+}
+
+/// The federation: every cluster, its routers' external addresses and its public keys.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Federation {
+    /// The federation entry point DNS name (seed: `heeus.cloud`); geolocation DNS in front of
+    /// it picks a nearby cluster. Informational: router addresses may be written as
+    /// `<cluster>.<region>.<entry_point>:<port>`.
+    pub entry_point: String,
+    /// Peer token this router presents to other clusters (a service token signed by our own
+    /// cluster key, `fedbus token service --task-id <router> --app "" --cluster <ours>`). When
+    /// empty and `dev = true`, the router mints one from the keyring's private cluster key.
+    pub peer_token_file: Option<PathBuf>,
+    /// Every cluster (our own may be listed too; it is skipped for peer links).
+    pub clusters: Vec<PeerCluster>,
+}
+
+/// One cluster of the federation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerCluster {
+    pub region: String,
+    pub cluster: String,
+    /// External addresses (seed: External Address) of its routers, `host:port`; DNS names
+    /// are resolved at start and again on every reconnect.
+    pub routers: Vec<String>,
+    /// Directory holding that cluster's public `cluster.toml` (versioned public keys) that
+    /// verifies its peer tokens.
+    pub keys: PathBuf,
 }
 
 /// Listener addresses.
@@ -39,6 +71,10 @@ pub struct Listen {
     /// Task links (seed: Internal Address). Shard k listens on port + k (port 0: any free port
     /// per shard); the router's hello tells tasks every shard's address. Default `127.0.0.1:8900`.
     pub internal: SocketAddr,
+    /// Peer links from routers of other clusters (seed: External Address). Every shard binds
+    /// it with SO_REUSEPORT. Used only when `[federation]` lists other clusters.
+    /// Default `127.0.0.1:8950`.
+    pub external: SocketAddr,
     /// Metrics and health (`/metrics`, `/healthz`, `/readyz`). Loopback by default:
     /// `127.0.0.1:8700`. Empty string in TOML is not allowed; use `admin_enabled = false`.
     pub admin: SocketAddr,
@@ -157,6 +193,7 @@ impl Default for Config {
                 emergency_partition: None,
                 anonymous_services: default_anonymous_services(),
             }],
+            federation: Federation::default(),
         }
     }
 }
@@ -166,6 +203,7 @@ impl Default for Listen {
         Listen {
             api: ([127, 0, 0, 1], 8800).into(),
             internal: ([127, 0, 0, 1], 8900).into(),
+            external: ([127, 0, 0, 1], 8950).into(),
             admin: ([127, 0, 0, 1], 8700).into(),
             admin_enabled: true,
         }
@@ -347,6 +385,24 @@ impl Config {
                 }
             }
         }
+        let mut ids = std::collections::HashSet::new();
+        for (i, c) in self.federation.clusters.iter().enumerate() {
+            check_name(&format!("federation.clusters[{i}].region"), &c.region)?;
+            check_name(&format!("federation.clusters[{i}].cluster"), &c.cluster)?;
+            if !ids.insert((c.region.as_str(), c.cluster.as_str())) {
+                return Err(invalid(
+                    format!("federation.clusters[{i}]"),
+                    "cluster listed twice",
+                ));
+            }
+            let ours = c.region == self.region && c.cluster == self.cluster;
+            if c.routers.is_empty() && !ours {
+                return Err(invalid(
+                    format!("federation.clusters[{i}].routers"),
+                    "at least one router",
+                ));
+            }
+        }
         let online = online_cores();
         let t = &self.tuning;
         if t.control_core >= online {
@@ -398,6 +454,14 @@ impl Config {
     /// `region/cluster`.
     pub fn cluster_id(&self) -> String {
         format!("{}/{}", self.region, self.cluster)
+    }
+
+    /// Clusters other than ours.
+    pub fn peer_clusters(&self) -> impl Iterator<Item = &PeerCluster> {
+        self.federation
+            .clusters
+            .iter()
+            .filter(move |c| !(c.region == self.region && c.cluster == self.cluster))
     }
 
     /// Names of the configured apps.

@@ -35,6 +35,8 @@ enum Cmd {
     /// Manage the keyring.
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// The bundled load generator (spawns a router and echo tasks without --target).
+    Bench(Box<fedbus::loadgen::BenchArgs>),
     /// Check the host: io_uring, locked memory, cores, socket and file limits.
     Tune {
         /// Config whose cores and io_memory to check (embedded defaults without it).
@@ -246,6 +248,17 @@ fn run_router(path: Option<PathBuf>) -> Result<()> {
     for (k, a) in r.internal.iter().enumerate() {
         println!("  internal  {a}  shard {k} on core {}", r.shard_cores[k]);
     }
+    if let Some(a) = r.external {
+        println!("  external  {a}  (peer links; every shard)");
+        for c in cfg.peer_clusters() {
+            println!(
+                "  peer      {}/{} via {}",
+                c.region,
+                c.cluster,
+                c.routers.join(", ")
+            );
+        }
+    }
     if let Some(a) = r.admin {
         println!("  admin     http://{a}/metrics");
     }
@@ -421,6 +434,7 @@ fn main() {
 fn real_main(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Run { config } => run_router(config),
+        Cmd::Bench(args) => fedbus::loadgen::run(*args),
         Cmd::Tune { config } => {
             let cfg = match &config {
                 Some(p) => Config::load(p)?,

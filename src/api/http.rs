@@ -151,8 +151,16 @@ struct AuthCache {
     token: Vec<u8>,
     key_generation: u64,
     app: String,
-    sub: String,
+    sub: Rc<str>,
     exp: u64,
+}
+
+/// True when `region/cluster` is another cluster of the federation.
+pub fn is_remote(shard: &Shard, region: &str, cluster: &str) -> bool {
+    if region == shard.cfg.region && cluster == shard.cfg.cluster {
+        return false;
+    }
+    !shard.federation.routers.is_empty() && shard.federation.knows(&format!("{region}/{cluster}"))
 }
 
 /// The cluster must be ours and the app known: 404 otherwise (checked before the token, so an
@@ -174,10 +182,19 @@ pub fn check_target(shard: &Shard, region: &str, cluster: &str, app: &str) -> Op
 /// Authenticates and routes one request. Everything up to the dispatch is synchronous.
 // The error is the client's answer itself, built on a cold path and moved once.
 #[allow(clippy::result_large_err)]
-fn prepare(shard: &Rc<Shard>, cache: &mut Option<AuthCache>, req: &Req) -> Result<Rc<str>, Answer> {
+/// `Ok(None)`: the request is for another cluster of the federation and goes there as it is
+/// (the app's home cluster verifies its token).
+fn prepare(
+    shard: &Rc<Shard>,
+    cache: &mut Option<AuthCache>,
+    req: &Req,
+) -> Result<Option<Rc<str>>, Answer> {
     let path = std::str::from_utf8(&req.head[req.path.clone()]).unwrap_or("");
     let p = parse_api_path(path)
         .map_err(|e: PathError| Answer::error(e.http_status(), e.code(), format!("{e}: {path}")))?;
+    if is_remote(shard, p.region, p.cluster) {
+        return Ok(None);
+    }
     if let Some(a) = check_target(shard, p.region, p.cluster, p.app_name) {
         return Err(a);
     }
@@ -187,7 +204,7 @@ fn prepare(shard: &Rc<Shard>, cache: &mut Option<AuthCache>, req: &Req) -> Resul
                 a.name == p.app_name && a.anonymous_services.iter().any(|s| s == p.service)
             });
         if anonymous {
-            return Ok("".into());
+            return Ok(Some("".into()));
         }
         return Err(Answer::error(
             401,
@@ -204,7 +221,7 @@ fn prepare(shard: &Rc<Shard>, cache: &mut Option<AuthCache>, req: &Req) -> Resul
                 return Err(Answer::error(403, "wrong_app", "token of another app"));
             }
             ShardMetrics::inc(&shard.metrics.auth_cache_hits);
-            return Ok(c.sub.as_str().into());
+            return Ok(Some(c.sub.clone()));
         }
     }
     let tok = std::str::from_utf8(token).unwrap_or("");
@@ -221,10 +238,10 @@ fn prepare(shard: &Rc<Shard>, cache: &mut Option<AuthCache>, req: &Req) -> Resul
                 token: token.to_vec(),
                 key_generation: keys.generation,
                 app: claims.app,
-                sub: claims.sub,
+                sub: sub.clone(),
                 exp: claims.exp,
             });
-            Ok(sub)
+            Ok(Some(sub))
         }
         Err(e) => Err(Answer::error(e.http_status(), e.code(), e.to_string())),
     }
@@ -254,14 +271,44 @@ async fn route(shard: Rc<Shard>, req: Req, sub: Rc<str>) -> Answer {
     .await
 }
 
+async fn forward_http(shard: Rc<Shard>, req: Req) -> Answer {
+    let path = std::str::from_utf8(&req.head[req.path.clone()]).unwrap_or("");
+    let Ok(p) = parse_api_path(path) else {
+        return Answer::error(400, "bad_path", "bad path");
+    };
+    let cluster = format!("{}/{}", p.region, p.cluster);
+    crate::peer::forward(
+        &shard,
+        &crate::peer::ForwardReq {
+            cluster: &cluster,
+            app: p.app_name,
+            service: p.service,
+            module: p.module,
+            function: p.function,
+            wsid: p.wsid,
+            method: req.method.as_str(),
+            content_type: req.content_type.clone().map(|r| &req.head[r]),
+            token: req.token.clone().map(|r| &req.head[r]),
+            payload: req.body.clone(),
+        },
+    )
+    .await
+}
+
 /// Writes the response head for `a` into `out`.
-pub fn write_head(out: &mut BytesMut, shard: usize, a: &Answer, body_len: usize, close: bool) {
+pub fn write_head(out: &mut BytesMut, shard: &Shard, a: &Answer, body_len: usize, close: bool) {
     let mut w = out.writer();
+    let mut forwarded = false;
     let _ = write!(w, "HTTP/1.1 {} {}\r\n", a.status, reason(a.status));
     let mut has_ct = false;
     if let Some(f) = &a.frame {
         for (t, v) in MetaIter::new(&f.meta).filter_map(Result::ok) {
             if t == tag::HEADER && !v.contains(&b'\r') && !v.contains(&b'\n') && v.contains(&b':') {
+                let _ = w.write_all(v);
+                let _ = w.write_all(b"\r\n");
+            } else if t == tag::SERVED_BY && !v.contains(&b'\r') && !v.contains(&b'\n') {
+                forwarded = true;
+                let _ = w.write_all(b"fedbus-served-by: ");
                 let _ = w.write_all(v);
                 let _ = w.write_all(b"\r\n");
             } else if t == tag::CONTENT_TYPE && !v.contains(&b'\r') && !v.contains(&b'\n') {
@@ -277,12 +324,21 @@ pub fn write_head(out: &mut BytesMut, shard: usize, a: &Answer, body_len: usize,
     } else {
         let _ = w.write_all(b"content-type: application/json\r\n");
     }
-    let _ = write!(w, "content-length: {body_len}\r\nfedbus-shard: {shard}\r\n");
-    if let Some(p) = a.partition {
-        let _ = write!(w, "fedbus-partition: {p}\r\n");
-    }
-    if a.frame.is_some() || a.hops > 0 {
-        let _ = write!(w, "fedbus-hops: {}\r\n", a.hops);
+    let _ = write!(
+        w,
+        "content-length: {body_len}\r\nfedbus-shard: {}\r\n",
+        shard.index
+    );
+    if forwarded {
+        // The serving router's fedbus-partition/hops came with its answer.
+    } else {
+        let _ = write!(w, "fedbus-served-by: {}\r\n", shard.router_name);
+        if let Some(p) = a.partition {
+            let _ = write!(w, "fedbus-partition: {p}\r\n");
+        }
+        if a.frame.is_some() || a.hops > 0 {
+            let _ = write!(w, "fedbus-hops: {}\r\n", a.hops);
+        }
     }
     if let Some(e) = a.emergency_for {
         let _ = write!(w, "fedbus-emergency: {e}\r\n");
@@ -370,7 +426,13 @@ async fn serve_inner(
                         Err(a) => {
                             inflight.push_back(Box::pin(async move { (a, close, n_in, start) }))
                         }
-                        Ok(sub) => {
+                        Ok(None) => {
+                            let s = shard.clone();
+                            inflight.push_back(Box::pin(async move {
+                                (forward_http(s, req).await, close, n_in, start)
+                            }));
+                        }
+                        Ok(Some(sub)) => {
                             let s = shard.clone();
                             inflight.push_back(Box::pin(async move {
                                 (route(s, req, sub).await, close, n_in, start)
@@ -412,7 +474,7 @@ async fn serve_inner(
         while let Some((a, close, n_in, start)) = next {
             let body = a.body();
             let close = close || closing && inflight.is_empty();
-            write_head(&mut out, shard.index, &a, body.len(), close);
+            write_head(&mut out, shard, &a, body.len(), close);
             parts.push(out.split().freeze());
             shard.metrics.request(
                 a.status,

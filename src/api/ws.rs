@@ -124,7 +124,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, head: Bytes, leftove
                         "too_many_inflight",
                         "over the per-connection in-flight limit",
                     );
-                    send_answer(&out, shard.index, f.header.request_id, &a);
+                    send_answer(&out, shard.index, f.header.request_id, &a, None);
                     continue;
                 }
                 session.inflight.set(session.inflight.get() + 1);
@@ -133,7 +133,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, head: Bytes, leftove
                     let start = Instant::now();
                     let n_in = f.payload.len();
                     let a = answer(&s, &sess, &f).await;
-                    let body_len = send_answer(&o, s.index, f.header.request_id, &a);
+                    let body_len = send_answer(&o, s.index, f.header.request_id, &a, None);
                     s.metrics
                         .request(a.status, start.elapsed().as_micros() as u64, n_in, body_len);
                     sess.inflight.set(sess.inflight.get() - 1);
@@ -193,11 +193,21 @@ async fn answer(shard: &Rc<Shard>, sess: &Session, f: &Frame) -> Answer {
     .await
 }
 
-/// Queues the Response frame for `a`; returns the body length.
-fn send_answer(out: &RefCell<WsOut>, shard: usize, id: u64, a: &Answer) -> usize {
+/// Queues the Response frame for `a` (client websocket and peer links); returns the body
+/// length. `served_by` names this router on answers to peers.
+pub fn send_answer(
+    out: &RefCell<WsOut>,
+    shard: usize,
+    id: u64,
+    a: &Answer,
+    served_by: Option<&str>,
+) -> usize {
     let mut m = BytesMut::with_capacity(128);
     m.resize(proto::HEADER_LEN, 0);
     put_meta_u64(&mut m, tag::STATUS, a.status as u64);
+    if let Some(r) = served_by {
+        put_meta(&mut m, tag::SERVED_BY, r.as_bytes());
+    }
     if let Some((code, _)) = &a.error {
         put_meta(&mut m, tag::ERROR, code.as_bytes());
     }
@@ -209,7 +219,10 @@ fn send_answer(out: &RefCell<WsOut>, shard: usize, id: u64, a: &Answer) -> usize
         l.extend_from_slice(proto::fmt_u64(v, &mut tmp));
         put_meta(&mut m, tag::HEADER, &l);
     };
-    line("fedbus-shard", shard as u64);
+    if served_by.is_none() {
+        // Peers add their own fedbus-shard; the serving router is named by SERVED_BY.
+        line("fedbus-shard", shard as u64);
+    }
     if let Some(p) = a.partition {
         line("fedbus-partition", p as u64);
     }
@@ -219,7 +232,7 @@ fn send_answer(out: &RefCell<WsOut>, shard: usize, id: u64, a: &Answer) -> usize
     }
     if let Some(f) = &a.frame {
         for (t, v) in MetaIter::new(&f.meta).filter_map(Result::ok) {
-            if t == tag::HEADER || t == tag::CONTENT_TYPE {
+            if t == tag::HEADER || t == tag::CONTENT_TYPE || t == tag::SERVED_BY {
                 put_meta(&mut m, t, v);
             }
         }

@@ -119,7 +119,6 @@ pub fn claimed_app(token: &str) -> Option<String> {
     v.get("app")?.as_str().map(str::to_string)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -460,6 +460,11 @@ fn rotate_app_file(dir: &Path, path: &Path, now: u64) -> Result<u32, AuthError> 
     Ok(next)
 }
 
+/// Public cluster key versions from `dir/cluster.toml`: another cluster's keys, for peer links.
+pub fn read_cluster_keys(dir: &Path) -> Result<Vec<ClusterKeyVersion>, AuthError> {
+    read_cluster(dir)
+}
+
 fn read_cluster(dir: &Path) -> Result<Vec<ClusterKeyVersion>, AuthError> {
     let path = dir.join(CLUSTER_FILE);
     let text = fs::read_to_string(&path).map_err(|e| AuthError::io(&path, e))?;

@@ -108,6 +108,18 @@ pub fn verify_service_token(
     Ok(claims)
 }
 
+/// The `cluster` claim of a service token, read WITHOUT verifying it: only to pick which
+/// cluster's keys then verify the token (peer links).
+pub fn claimed_cluster(token: &str) -> Option<String> {
+    if token.len() > MAX_SERVICE_TOKEN_LEN {
+        return None;
+    }
+    let claims_b64 = token.strip_prefix(PREFIX)?.split('.').next()?;
+    let json = URL_SAFE_NO_PAD.decode(claims_b64).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    v.get("cluster")?.as_str().map(str::to_string)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -89,6 +89,8 @@ pub mod tag {
     pub const EMERGENCY_FOR: u8 = 23;
     /// Client websocket: the request path `/api/<region>/<cluster>/...`.
     pub const PATH: u8 = 24;
+    /// Forwarded requests: the client's JWT, verified by the app's home cluster.
+    pub const TOKEN: u8 = 25;
 }
 
 /// The fixed header.

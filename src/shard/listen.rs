@@ -21,6 +21,7 @@ use std::time::Duration;
 /// A running router.
 pub struct Running {
     pub api: SocketAddr,
+    pub external: Option<SocketAddr>,
     pub internal: Vec<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub shard_cores: Vec<usize>,
@@ -114,6 +115,17 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
     let (api_addr, api_fds) = bind_api(cfg.listen.api, n)?;
     let (internal, internal_fds) = bind_internal(cfg.listen.internal, n)?;
     let internal = Arc::new(internal);
+    let federation = Arc::new(crate::peer::Federation::load(
+        &cfg,
+        crate::peer::peer_token(&cfg)?,
+    )?);
+    // The external listener (peer links) only when there are other clusters to talk to.
+    let (external, external_fds) = if cfg.peer_clusters().next().is_some() {
+        let (a, fds) = bind_api(cfg.listen.external, n).context("external listener")?;
+        (Some(a), fds.into_iter().map(Some).collect())
+    } else {
+        (None, vec![None; n])
+    };
 
     let control = Control::new(cfg.clone(), keyring);
     let snapshots = control.snapshots();
@@ -154,14 +166,26 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
             internal.clone(),
             ready_tx.clone(),
         );
-        let (afd, ifd) = (api_fds[i], internal_fds[i]);
+        let (afd, ifd, efd) = (api_fds[i], internal_fds[i], external_fds[i]);
+        let fed = federation.clone();
         let h = b
             .spawn(move || async move {
-                let shard = Rc::new(Shard::new(i, n, cfg2, snaps, tx2, m, int2));
+                let shard = Rc::new(Shard::new(i, n, cfg2, snaps, tx2, m, int2, fed));
                 // SAFETY: the fds were bound and listening on the main thread and are owned
                 // by this shard alone from here on.
                 let (api_l, int_l) =
                     unsafe { (TcpListener::from_raw_fd(afd), TcpListener::from_raw_fd(ifd)) };
+                let ext = efd.map(|fd| {
+                    // SAFETY: as above.
+                    let l = unsafe { TcpListener::from_raw_fd(fd) };
+                    glommio::spawn_local(accept_loop(
+                        shard.clone(),
+                        l,
+                        |s, c| Box::pin(crate::peer::serve(s, c)),
+                        false,
+                    ))
+                });
+                crate::peer::start_dialers(&shard);
                 let _ = rtx.send(Ok(i));
                 let a = glommio::spawn_local(accept_loop(
                     shard.clone(),
@@ -177,6 +201,9 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                 ));
                 a.await;
                 t.await;
+                if let Some(e) = ext {
+                    e.await;
+                }
             })
             .map_err(|e| anyhow!("shard {i} on core {core}: {e}"))?;
         handles.push(h);
@@ -217,6 +244,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
     };
     Ok(Running {
         api: api_addr,
+        external,
         internal: internal.to_vec(),
         admin,
         shard_cores: cores,

@@ -40,9 +40,14 @@ pub struct Shard {
     pub client_conns: Cell<usize>,
     /// `region/cluster/router` and this shard's index, as put in responses.
     pub router_name: String,
+    /// Other clusters: keys, routers, our peer token.
+    pub federation: crate::peer::FederationRef,
+    /// This shard's own peer links.
+    pub peers: RefCell<crate::peer::Peers>,
 }
 
 impl Shard {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         index: usize,
         count: usize,
@@ -51,6 +56,7 @@ impl Shard {
         events: crossbeam_channel::Sender<ControlEvent>,
         metrics: Arc<ShardMetrics>,
         internal_addrs: Arc<Vec<SocketAddr>>,
+        federation: crate::peer::FederationRef,
     ) -> Shard {
         let router_name = format!("{}/{}/{}", cfg.region, cfg.cluster, cfg.router);
         Shard {
@@ -67,6 +73,8 @@ impl Shard {
             scratch: RefCell::new(bytes::BytesMut::with_capacity(1024)),
             client_conns: Cell::new(0),
             router_name,
+            federation,
+            peers: RefCell::new(Default::default()),
         }
     }
 

@@ -42,6 +42,25 @@ pub struct TaskLink {
 }
 
 impl TaskLink {
+    pub fn new(task: u64, app: String, role: String, out: Rc<RefCell<WsOut>>) -> TaskLink {
+        TaskLink {
+            task,
+            app,
+            role,
+            out,
+            pending: RefCell::new(HashMap::new()),
+            alive: Cell::new(true),
+        }
+    }
+
+    /// Reads answers until the link ends, completing pending requests.
+    pub async fn read_loop<R: futures_lite::AsyncRead + Unpin>(
+        &self,
+        reader: &mut WsReader<R>,
+    ) -> Result<(), ws::WsError> {
+        read_loop(self, reader).await
+    }
+
     /// Alive and below the pending limit.
     pub fn is_usable(&self, max_pending: usize) -> bool {
         self.alive.get() && self.pending.borrow().len() < max_pending
@@ -78,7 +97,8 @@ impl TaskLink {
         }
     }
 
-    fn fail_all(&self) {
+    /// Marks the link dead and answers everything pending on it with `Lost`.
+    pub fn fail_all(&self) {
         self.alive.set(false);
         for (_, tx) in self.pending.borrow_mut().drain() {
             let _ = tx.send(Reply::Lost);
@@ -234,14 +254,12 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
         return Err(format!("registration refused: {why}"));
     }
 
-    let link = Rc::new(TaskLink {
-        task: reg.task,
-        app: reg.app.clone(),
-        role: reg.role.clone(),
-        out: out.clone(),
-        pending: RefCell::new(HashMap::new()),
-        alive: Cell::new(true),
-    });
+    let link = Rc::new(TaskLink::new(
+        reg.task,
+        reg.app.clone(),
+        reg.role.clone(),
+        out.clone(),
+    ));
     if let Some(old) = shard.links.borrow_mut().insert(reg.task, link.clone()) {
         old.fail_all();
         old.out.borrow_mut().close(1008);

@@ -1,0 +1,470 @@
+//! Peer links between routers of different clusters (seed: External Address). Each shard dials
+//! its own link to every router of every other cluster, so forwarding never crosses a core; the
+//! receiving router's external listener is SO_REUSEPORT, so each incoming link is owned by one
+//! of its shards, which routes the requests on it by the local rules. A forwarded request is
+//! marked FORWARDED and is never forwarded again.
+
+use crate::api::ws::send_answer;
+use crate::auth::{self, verify_client_jwt, verify_service_token, ClusterKeyVersion};
+use crate::metrics::{Listener, ShardMetrics};
+use crate::proto::{self, flags, put_meta, put_meta_u64, tag, Frame, Header, Kind};
+use crate::shard::{dispatch, Answer, RouteReq, Shard};
+use crate::task::link::{read_upgrade, Reply, TaskLink};
+use crate::ws::{self, handshake, Message, Side, WsOut, WsReader};
+use bytes::Bytes;
+use futures_lite::AsyncWriteExt;
+use glommio::net::TcpStream;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::os::unix::io::AsRawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Static federation facts shared by all shards.
+pub struct Federation {
+    /// `region/cluster` -> that cluster's public keys.
+    pub keys: HashMap<String, Vec<ClusterKeyVersion>>,
+    /// `region/cluster` -> its routers' external addresses.
+    pub routers: HashMap<String, Vec<String>>,
+    /// The token this router presents to peers.
+    pub token: Option<String>,
+}
+
+impl Federation {
+    /// Loads the other clusters' keys named by the config.
+    pub fn load(cfg: &crate::config::Config, token: Option<String>) -> anyhow::Result<Federation> {
+        let mut keys = HashMap::new();
+        let mut routers = HashMap::new();
+        for c in cfg.peer_clusters() {
+            let id = format!("{}/{}", c.region, c.cluster);
+            let k = auth::keyring::read_cluster_keys(&c.keys)
+                .map_err(|e| anyhow::anyhow!("federation cluster {id}: keys: {e}"))?;
+            keys.insert(id.clone(), k);
+            routers.insert(id, c.routers.clone());
+        }
+        Ok(Federation {
+            keys,
+            routers,
+            token,
+        })
+    }
+
+    pub fn knows(&self, cluster: &str) -> bool {
+        self.routers.contains_key(cluster)
+    }
+}
+
+/// One remote router as seen by one shard.
+pub struct Slot {
+    pub addr: String,
+    pub link: RefCell<Option<Rc<TaskLink>>>,
+}
+
+/// A shard's peer links: cluster -> one slot per remote router.
+#[derive(Default)]
+pub struct Peers {
+    pub clusters: HashMap<String, Vec<Rc<Slot>>>,
+}
+
+impl Peers {
+    /// A live link to a router of `cluster`, starting at `wsid % routers` and skipping dead
+    /// or full ones.
+    pub fn pick(&self, cluster: &str, wsid: u64, max_pending: usize) -> Option<Rc<TaskLink>> {
+        let slots = self.clusters.get(cluster)?;
+        let n = slots.len();
+        (0..n)
+            .map(|i| &slots[(wsid as usize + i) % n])
+            .find_map(|s| {
+                s.link
+                    .borrow()
+                    .as_ref()
+                    .filter(|l| l.is_usable(max_pending))
+                    .cloned()
+            })
+    }
+}
+
+/// Starts this shard's dialers: one per router of every other cluster.
+pub fn start_dialers(shard: &Rc<Shard>) {
+    let mut peers = shard.peers.borrow_mut();
+    for (cluster, addrs) in &shard.federation.routers {
+        let slots: Vec<Rc<Slot>> = addrs
+            .iter()
+            .map(|a| {
+                Rc::new(Slot {
+                    addr: a.clone(),
+                    link: RefCell::new(None),
+                })
+            })
+            .collect();
+        for s in &slots {
+            glommio::spawn_local(dial_loop(shard.clone(), cluster.clone(), s.clone())).detach();
+        }
+        peers.clusters.insert(cluster.clone(), slots);
+    }
+}
+
+async fn dial_loop(shard: Rc<Shard>, cluster: String, slot: Rc<Slot>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match dial_once(&shard, &cluster, &slot).await {
+            Ok(()) => backoff = Duration::from_millis(50),
+            Err(e) => {
+                tracing::debug!(shard = shard.index, %cluster, addr = %slot.addr, "peer link: {e}")
+            }
+        }
+        let j = 0.5 + (crate::sdk::random_u64() % 1000) as f64 / 1000.0;
+        glommio::timer::sleep(backoff.mul_f64(j)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn dial_once(shard: &Rc<Shard>, cluster: &str, slot: &Rc<Slot>) -> anyhow::Result<()> {
+    // Resolve on every reconnect (DNS names in the seed's form); off the shard's thread.
+    let addr = slot.addr.clone();
+    let resolved = glommio::executor()
+        .spawn_blocking(move || {
+            use std::net::ToSocketAddrs;
+            addr.to_socket_addrs().map(|mut a| a.next())
+        })
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("{} resolves to nothing", slot.addr))?;
+    let (s, leftover) = crate::sdk::ws_connect(
+        &resolved.to_string(),
+        "/peer",
+        shard.federation.token.as_deref(),
+    )
+    .await?;
+    let fd = s.as_raw_fd();
+    let (rd, wr) = futures_util::io::AsyncReadExt::split(s);
+    let limits = &shard.cfg.limits;
+    let mut reader = WsReader::new(
+        rd,
+        leftover,
+        Side::Client,
+        limits.max_body_bytes + 64 * 1024,
+    );
+    let out = WsOut::new(Side::Client, limits.max_link_outbox_bytes);
+    let writer = glommio::spawn_local(ws::write_loop(out.clone(), fd, wr));
+    let link = Rc::new(TaskLink::new(
+        0,
+        cluster.to_string(),
+        "peer".into(),
+        out.clone(),
+    ));
+    *slot.link.borrow_mut() = Some(link.clone());
+    ShardMetrics::inc(&shard.metrics.peer_links);
+    tracing::info!(shard = shard.index, %cluster, addr = %slot.addr, "peer link up");
+    let end = link.read_loop(&mut reader).await;
+    link.fail_all();
+    *slot.link.borrow_mut() = None;
+    ShardMetrics::dec(&shard.metrics.peer_links);
+    tracing::warn!(shard = shard.index, %cluster, addr = %slot.addr, "peer link down");
+    match &end {
+        Err(e) => match e.close_code() {
+            Some(c) => out.borrow_mut().close(c),
+            None => out.borrow_mut().abort(),
+        },
+        Ok(()) => out.borrow_mut().close(1000),
+    }
+    let _ = writer.await;
+    end.map_err(anyhow::Error::from)
+}
+
+/// A request for another cluster, as the entry router sees it.
+pub struct ForwardReq<'a> {
+    pub cluster: &'a str,
+    pub app: &'a str,
+    pub service: &'a str,
+    pub module: &'a str,
+    pub function: &'a str,
+    pub wsid: u64,
+    pub method: &'a str,
+    pub content_type: Option<&'a [u8]>,
+    pub token: Option<&'a [u8]>,
+    pub payload: Bytes,
+}
+
+/// Forwards over this shard's peer link and waits for the answer.
+pub async fn forward(shard: &Rc<Shard>, req: &ForwardReq<'_>) -> Answer {
+    let limits = &shard.cfg.limits;
+    let Some(link) = shard
+        .peers
+        .borrow()
+        .pick(req.cluster, req.wsid, limits.max_pending_per_link)
+    else {
+        return Answer::error(
+            503,
+            "no_peer",
+            format!("no live router of cluster {}", req.cluster),
+        );
+    };
+    let id = shard.request_id();
+    let rx = {
+        let mut m = shard.scratch.borrow_mut();
+        m.clear();
+        m.resize(proto::HEADER_LEN, 0);
+        put_meta(&mut m, tag::CLUSTER, req.cluster.as_bytes());
+        put_meta(&mut m, tag::APP, req.app.as_bytes());
+        put_meta(&mut m, tag::SERVICE, req.service.as_bytes());
+        put_meta(&mut m, tag::MODULE, req.module.as_bytes());
+        put_meta(&mut m, tag::FUNCTION, req.function.as_bytes());
+        put_meta_u64(&mut m, tag::WSID, req.wsid);
+        put_meta(&mut m, tag::METHOD, req.method.as_bytes());
+        if let Some(t) = req.token {
+            put_meta(&mut m, tag::TOKEN, t);
+        }
+        if let Some(ct) = req.content_type {
+            put_meta(&mut m, tag::CONTENT_TYPE, ct);
+        }
+        let h = Header {
+            kind: Kind::Request,
+            flags: flags::FORWARDED,
+            hops: 0,
+            partition: 0,
+            request_id: id,
+            meta_len: (m.len() - proto::HEADER_LEN) as u32,
+            payload_len: req.payload.len() as u32,
+        };
+        m[..proto::HEADER_LEN].copy_from_slice(&h.encode());
+        match link.send_request(id, &m, req.payload.clone()) {
+            Ok(rx) => rx,
+            Err(_) => return Answer::error(503, "peer_busy", "peer link over its queue limit"),
+        }
+    };
+    ShardMetrics::inc(&shard.metrics.forwarded);
+    let t = Duration::from_millis(limits.request_timeout_ms);
+    match glommio::timer::timeout(t, async { Ok(rx.await) }).await {
+        Ok(Ok(Reply::Response(f))) => {
+            let status = f
+                .get_u64(tag::STATUS)
+                .and_then(|s| u16::try_from(s).ok())
+                .filter(|s| (100..600).contains(s))
+                .unwrap_or(502);
+            Answer {
+                status,
+                error: None,
+                frame: Some(f),
+                partition: None,
+                emergency_for: None,
+                hops: 0,
+            }
+        }
+        Ok(Ok(Reply::Redirect { .. })) => {
+            Answer::error(502, "bad_peer_answer", "peer answered with a redirect")
+        }
+        Ok(Ok(Reply::Lost)) | Ok(Err(_)) => {
+            Answer::error(502, "peer_lost", "the peer link closed before the answer")
+        }
+        Err(_) => {
+            link.cancel(id);
+            Answer::error(
+                504,
+                "peer_timeout",
+                "the peer router did not answer in time",
+            )
+        }
+    }
+}
+
+/// Serves one connection on the external listener: a peer router's link.
+pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+    ShardMetrics::inc(&shard.metrics.connections[Listener::External as usize]);
+    let timeout = Duration::from_millis(shard.cfg.limits.handshake_timeout_ms);
+    match read_upgrade(&mut stream, timeout).await {
+        Ok((up, leftover)) => {
+            let verdict = check_peer_token(&shard, up.bearer.as_deref());
+            match verdict {
+                Ok(cluster) => {
+                    if stream
+                        .write_all(handshake::accept_response(&up.key).as_bytes())
+                        .await
+                        .is_ok()
+                    {
+                        tracing::info!(shard = shard.index, %cluster, "peer link accepted");
+                        serve_link(&shard, stream, leftover, cluster).await;
+                    }
+                }
+                Err((status, code, msg)) => {
+                    tracing::warn!(shard = shard.index, code, "peer link refused: {msg}");
+                    let _ = stream
+                        .write_all(handshake::error_response(status, code, &msg).as_bytes())
+                        .await;
+                }
+            }
+        }
+        Err(e) => tracing::debug!(shard = shard.index, "peer handshake: {e}"),
+    }
+    ShardMetrics::dec(&shard.metrics.connections[Listener::External as usize]);
+}
+
+/// Verifies a peer token: signed by the key of the cluster it names, which must be another
+/// cluster of the federation. Returns that cluster.
+fn check_peer_token(
+    shard: &Shard,
+    token: Option<&str>,
+) -> Result<String, (u16, &'static str, String)> {
+    let token = token.ok_or((401, "missing_token", "peer token required".to_string()))?;
+    // The cluster named in the token picks the key; a token naming another cluster than the
+    // one whose key signed it fails the signature check.
+    let claimed = crate::auth::service_token::claimed_cluster(token).ok_or((
+        401,
+        "bad_token",
+        "unreadable peer token".to_string(),
+    ))?;
+    let keys = shard.federation.keys.get(&claimed).ok_or((
+        401,
+        "unknown_cluster",
+        format!("cluster {claimed} is not in the federation"),
+    ))?;
+    let c = verify_service_token(keys, token, auth::now_unix(), shard.cfg.auth.grace_secs)
+        .map_err(|e| (e.http_status(), e.code(), e.to_string()))?;
+    if c.cluster != claimed || !c.app.is_empty() {
+        return Err((401, "bad_token", "not a peer token".into()));
+    }
+    Ok(c.cluster)
+}
+
+async fn serve_link(shard: &Rc<Shard>, stream: TcpStream, leftover: bytes::BytesMut, from: String) {
+    let limits = &shard.cfg.limits;
+    let fd = stream.as_raw_fd();
+    let (rd, wr) = futures_util::io::AsyncReadExt::split(stream);
+    let mut reader = WsReader::new(
+        rd,
+        leftover,
+        Side::Server,
+        limits.max_body_bytes + 64 * 1024,
+    );
+    let out = WsOut::new(Side::Server, limits.max_link_outbox_bytes);
+    let writer = glommio::spawn_local(ws::write_loop(out.clone(), fd, wr));
+    let end = loop {
+        match reader.next().await {
+            Ok(Message::Binary(b)) => {
+                let f = match Frame::decode(b) {
+                    Ok(f) if f.header.kind == Kind::Request => f,
+                    _ => break Some(1002),
+                };
+                let (s, o) = (shard.clone(), out.clone());
+                glommio::spawn_local(async move {
+                    let start = Instant::now();
+                    let a = serve_forwarded(&s, &f).await;
+                    let n = send_answer(&o, s.index, f.header.request_id, &a, Some(&s.router_name));
+                    s.metrics.request(
+                        a.status,
+                        start.elapsed().as_micros() as u64,
+                        f.payload.len(),
+                        n,
+                    );
+                })
+                .detach();
+            }
+            Ok(Message::Ping(p)) => out.borrow_mut().send_control(ws::frame::opcode::PONG, &p),
+            Ok(Message::Pong(_)) | Ok(Message::Text(_)) => {}
+            Ok(Message::Close(_)) => break Some(1000),
+            Err(e) => break e.close_code(),
+        }
+    };
+    tracing::info!(shard = shard.index, cluster = %from, "peer link from {from} closed");
+    match end {
+        Some(c) => out.borrow_mut().close(c),
+        None => out.borrow_mut().abort(),
+    }
+    let _ = writer.await;
+}
+
+/// Routes a request that came over a peer link by the local rules.
+async fn serve_forwarded(shard: &Rc<Shard>, f: &Frame) -> Answer {
+    let (Some(cluster), Some(app)) = (f.get_str(tag::CLUSTER), f.get_str(tag::APP)) else {
+        return Answer::error(
+            400,
+            "bad_request",
+            "forwarded request without CLUSTER or APP",
+        );
+    };
+    // Loop guard: a forwarded request is served here or nowhere.
+    if cluster != shard.cfg.cluster_id() {
+        return Answer::error(
+            508,
+            "forward_loop",
+            format!("request for {cluster} was already forwarded once"),
+        );
+    }
+    if !shard.cfg.apps.iter().any(|a| a.name == app) {
+        return Answer::error(404, "unknown_app", format!("no app {app}"));
+    }
+    let service = f.get_str(tag::SERVICE).unwrap_or("");
+    let token = f.get_str(tag::TOKEN);
+    let sub: Rc<str> = match token {
+        Some(t) => {
+            let keys = shard.snapshots.keys.load();
+            match verify_client_jwt(
+                &keys.keyring,
+                app,
+                t,
+                auth::now_unix(),
+                shard.cfg.auth.grace_secs,
+            ) {
+                Ok(c) => c.sub.into(),
+                Err(e) => return Answer::error(e.http_status(), e.code(), e.to_string()),
+            }
+        }
+        None if shard
+            .cfg
+            .apps
+            .iter()
+            .any(|a| a.name == app && a.anonymous_services.iter().any(|s| s == service)) =>
+        {
+            "".into()
+        }
+        None => return Answer::error(401, "missing_token", "Authorization: Bearer <JWT> required"),
+    };
+    dispatch(
+        shard,
+        &RouteReq {
+            app,
+            service,
+            module: f.get_str(tag::MODULE).unwrap_or(""),
+            function: f.get_str(tag::FUNCTION).unwrap_or(""),
+            wsid: f.get_u64(tag::WSID).unwrap_or(0),
+            method: f.get_str(tag::METHOD).unwrap_or("POST"),
+            content_type: f.get(tag::CONTENT_TYPE),
+            subject: &sub,
+            payload: f.payload.clone(),
+            flags: flags::FORWARDED,
+        },
+    )
+    .await
+}
+
+/// The peer token this router presents: from `peer_token_file`, or minted from the private
+/// cluster key of the keyring in dev mode.
+pub fn peer_token(cfg: &crate::config::Config) -> anyhow::Result<Option<String>> {
+    if cfg.peer_clusters().next().is_none() {
+        return Ok(None);
+    }
+    if let Some(p) = &cfg.federation.peer_token_file {
+        let t = std::fs::read_to_string(p)
+            .map_err(|e| anyhow::anyhow!("federation.peer_token_file {}: {e}", p.display()))?;
+        return Ok(Some(t.trim().to_string()));
+    }
+    if !cfg.dev {
+        anyhow::bail!("federation.peer_token_file is required outside dev mode");
+    }
+    let (kid, key) = crate::auth::Keyring::cluster_signing_key(&cfg.keyring_dir())?;
+    let now = auth::now_unix();
+    Ok(Some(crate::auth::sign_service_token(
+        &key,
+        &crate::auth::ServiceClaims {
+            kid,
+            sub: cfg.router.clone(),
+            app: String::new(),
+            cluster: cfg.cluster_id(),
+            iat: now,
+            exp: now + 365 * 86400,
+        },
+    )))
+}
+
+/// Shared handle type for shards.
+pub type FederationRef = Arc<Federation>;

@@ -1,0 +1,526 @@
+//! The core data plane end to end: real routers and echo tasks on 127.0.0.1.
+//! Issue "Core data plane", acceptance: keep-alive and pipelining, every error status, forged
+//! tokens, a task killed mid-request, and 2 shards where each request is served over the link
+//! of the shard that accepted it.
+
+mod common;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use common::*;
+use fedbus::auth::{sign_client_jwt, ClientClaims, Keyring};
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+const APP: &str = "demo/echo";
+
+fn now() -> u64 {
+    fedbus::auth::now_unix()
+}
+
+/// A 200 echo of `body` from partition `wsid % 16`.
+fn assert_echo(r: &Response, wsid: u64, body: &[u8]) {
+    assert_eq!(r.status, 200, "wsid {wsid}: {r:?}");
+    assert!(
+        r.body == body,
+        "wsid {wsid}: body of {} bytes differs from the {} sent",
+        r.body.len(),
+        body.len()
+    );
+    assert_eq!(
+        r.header("fedbus-partition"),
+        Some((wsid % 16).to_string().as_str()),
+        "{r:?}"
+    );
+    assert!(r.header("fedbus-shard").is_some(), "{r:?}");
+    assert_eq!(r.header("fedbus-hops"), Some("0"), "{r:?}");
+}
+
+#[test]
+fn echo_round_trip_is_byte_identical() {
+    let r = Router::new().shards(2).start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let mut c = r.conn();
+    for (i, n) in [0usize, 1, 64 * 1024, 1 << 20].into_iter().enumerate() {
+        let body = random_bytes(n, 7 + i as u64);
+        let wsid = 1000 + i as u64 * 7;
+        let resp = c.request(&Req::post(&r.path(APP, wsid)).token(&tok).body(&body));
+        assert_echo(&resp, wsid, &body);
+        assert_eq!(
+            resp.header("content-type"),
+            Some("application/octet-stream")
+        );
+        // The same on a fresh connection (maybe the other shard).
+        let resp = r.request(&Req::post(&r.path(APP, wsid)).token(&tok).body(&body));
+        assert_echo(&resp, wsid, &body);
+    }
+    // The client's content type goes through; GET without a body works.
+    let resp = c.request(
+        &Req::post(&r.path(APP, 3))
+            .token(&tok)
+            .header("Content-Type", "application/json")
+            .body(b"{\"a\":1}"),
+    );
+    assert_echo(&resp, 3, b"{\"a\":1}");
+    assert_eq!(resp.header("content-type"), Some("application/json"));
+    let resp = c.request(&Req::get(&r.path(APP, 17)).token(&tok));
+    assert_echo(&resp, 17, b"");
+}
+
+#[test]
+fn keep_alive_and_pipelining() {
+    let r = Router::new().shards(2).start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+
+    // Keep-alive: 100 requests, one connection.
+    let mut c = r.conn();
+    let mut shards = BTreeSet::new();
+    for i in 0..100u64 {
+        let body = format!("keep-alive request {i}").into_bytes();
+        let resp = c.request(&Req::post(&r.path(APP, i)).token(&tok).body(&body));
+        assert_echo(&resp, i, &body);
+        assert_eq!(resp.header("connection"), None, "{resp:?}");
+        shards.insert(resp.header("fedbus-shard").unwrap().to_string());
+    }
+    assert_eq!(
+        shards.len(),
+        1,
+        "one connection stays on one shard: {shards:?}"
+    );
+
+    // Pipelining: 32 requests in one write, 32 answers in order.
+    let mut c = r.conn();
+    let mut wire = Vec::new();
+    let mut sent = Vec::new();
+    for i in 0..32u64 {
+        let wsid = 5000 + i * 13;
+        let body = random_bytes(100 + i as usize * 97, i);
+        wire.extend_from_slice(
+            &Req::post(&r.path(APP, wsid))
+                .token(&tok)
+                .body(&body)
+                .bytes(),
+        );
+        sent.push((wsid, body));
+    }
+    c.send(&wire);
+    for (wsid, body) in &sent {
+        let resp = c.read_response().expect("pipelined response");
+        assert_echo(&resp, *wsid, body);
+    }
+    // The connection is still usable afterwards.
+    let resp = c.request(&Req::post(&r.path(APP, 1)).token(&tok).body(b"after"));
+    assert_echo(&resp, 1, b"after");
+}
+
+#[test]
+fn every_error_status() {
+    let r = Router::new()
+        .shards(1)
+        .limit("max_body_bytes", 1024)
+        .start();
+    let tok = r.token(APP, "alice");
+    let other = r.token("demo/other", "bob");
+    let p = r.path(APP, 42);
+
+    // 503 with Retry-After: no task at all.
+    let resp = r.request(&Req::post(&p).token(&tok).body(b"x"));
+    resp.assert_error(503, "no_live_task");
+    assert_eq!(resp.header("retry-after"), Some("1"), "{resp:?}");
+
+    let _t = r.task().start();
+    assert_echo(
+        &r.request(&Req::post(&p).token(&tok).body(b"ok")),
+        42,
+        b"ok",
+    );
+
+    // 503: an app whose partitions no task serves (demo/other has none).
+    let resp = r.request(&Req::post(&r.path("demo/other", 1)).token(&other));
+    resp.assert_error(503, "no_live_task");
+    assert_eq!(resp.header("retry-after"), Some("1"), "{resp:?}");
+
+    // 400: bad path, bad wsid, malformed request line.
+    r.request(&Req::post("/api/local/dev/demo/echo/api/42/sys").token(&tok))
+        .assert_error(400, "bad_path");
+    r.request(&Req::post("/api/local/dev/demo/echo/api/notanumber/sys/echo").token(&tok))
+        .assert_error(400, "bad_wsid");
+    let mut c = r.conn();
+    c.send(b"NOT A REQUEST LINE\r\n\r\n");
+    c.read_response()
+        .expect("answer")
+        .assert_error(400, "bad_request");
+    assert!(c.is_closed(), "closed after a malformed request");
+
+    // 401: no token, garbage token, not `Bearer`, expired.
+    r.request(&Req::post(&p).body(b"x"))
+        .assert_error(401, "missing_token");
+    r.request(&Req::post(&p).token("garbage").body(b"x"))
+        .assert_error(401, "bad_token");
+    r.request(&Req::post(&p).header("Authorization", &format!("Basic {tok}")))
+        .assert_error(401, "bad_token");
+    let keyring = Keyring::load(&r.keys).expect("keyring");
+    let secret = keyring.signing_app_secret(APP).expect("secret");
+    let expired = sign_client_jwt(
+        secret,
+        &ClientClaims {
+            sub: "alice".into(),
+            app: APP.into(),
+            iat: now() - 7200,
+            exp: now() - 3600,
+            nbf: None,
+        },
+    )
+    .unwrap();
+    r.request(&Req::post(&p).token(&expired))
+        .assert_error(401, "expired_token");
+
+    // 403 (a valid token of another app): see `token_of_another_app_is_403`.
+
+    // 404: unknown app, unknown cluster.
+    r.request(&Req::post(&r.path("demo/nope", 1)).token(&tok))
+        .assert_error(404, "unknown_app");
+    r.request(&Req::post("/api/other/x/demo/echo/api/42/sys/echo").token(&tok))
+        .assert_error(404, "unknown_cluster");
+
+    // 405: PUT.
+    r.request(&Req::new("PUT", &p).token(&tok).body(b"x"))
+        .assert_error(405, "method_not_allowed");
+
+    // 411: chunked bodies are refused.
+    let mut c = r.conn();
+    c.send(
+        &Req::post(&p)
+            .token(&tok)
+            .header("Transfer-Encoding", "chunked")
+            .no_content_length()
+            .body(b"5\r\nhello\r\n0\r\n\r\n")
+            .bytes(),
+    );
+    c.read_response()
+        .expect("answer")
+        .assert_error(411, "length_required");
+
+    // 413: body over the configured 1024 bytes (refused from the head alone); 1024 is fine.
+    let resp = r.request(&Req::post(&p).token(&tok).body(&[b'a'; 1024]));
+    assert_echo(&resp, 42, &[b'a'; 1024]);
+    let mut c = r.conn();
+    c.send_lossy(&Req::post(&p).token(&tok).body(&[b'a'; 1025]).bytes());
+    c.read_response()
+        .expect("answer")
+        .assert_error(413, "body_too_large");
+
+    // 431: a 20 KiB header (default limit 16 KiB).
+    let mut c = r.conn();
+    c.send_lossy(
+        &Req::post(&p)
+            .token(&tok)
+            .header("X-Big", &"b".repeat(20 * 1024))
+            .bytes(),
+    );
+    c.read_response()
+        .expect("answer")
+        .assert_error(431, "headers_too_large");
+
+    // Errors on a keep-alive connection that stays open: 401 then 200.
+    let mut c = r.conn();
+    c.request(&Req::post(&p).body(b"x"))
+        .assert_error(401, "missing_token");
+    assert_echo(&c.request(&Req::post(&p).token(&tok).body(b"y")), 42, b"y");
+}
+
+#[test]
+fn task_killed_mid_request_is_502_without_hang() {
+    let r = Router::new().shards(1).start();
+    let mut t = r.task().delay_ms(5000).start();
+    let tok = r.token(APP, "alice");
+    let mut c = r.conn();
+    c.send(&Req::post(&r.path(APP, 7)).token(&tok).body(b"slow").bytes());
+    std::thread::sleep(Duration::from_millis(300));
+    let killed = Instant::now();
+    t.kill();
+    c.set_read_timeout(Duration::from_secs(3));
+    let resp = c
+        .read_response()
+        .expect("an answer after the kill, not a hang");
+    let took = killed.elapsed();
+    resp.assert_error(502, "task_lost");
+    assert!(
+        took < Duration::from_secs(2),
+        "502 came {took:?} after the kill"
+    );
+    // The connection still serves (503: no task left).
+    let resp = c.request(&Req::post(&r.path(APP, 7)).token(&tok).body(b"again"));
+    resp.assert_error(503, "no_live_task");
+}
+
+#[test]
+fn task_answer_timeout_is_504() {
+    let r = Router::new().shards(1).request_timeout_ms(500).start();
+    let _t = r.task().delay_ms(3000).start();
+    let tok = r.token(APP, "alice");
+    let start = Instant::now();
+    let resp = r.request(&Req::post(&r.path(APP, 7)).token(&tok).body(b"slow"));
+    let took = start.elapsed();
+    resp.assert_error(504, "task_timeout");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(2000),
+        "504 after {took:?}, timeout 500 ms"
+    );
+}
+
+fn b64(s: &str) -> String {
+    URL_SAFE_NO_PAD.encode(s)
+}
+
+/// A JWT from raw header and claims JSON, HS256-signed with `secret` (or `sig` verbatim).
+fn hand_jwt(header: &str, claims: &str, secret: Option<&[u8]>) -> String {
+    let signing_input = format!("{}.{}", b64(header), b64(claims));
+    let sig = match secret {
+        Some(s) => {
+            let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, s);
+            URL_SAFE_NO_PAD.encode(ring::hmac::sign(&k, signing_input.as_bytes()).as_ref())
+        }
+        None => String::new(),
+    };
+    format!("{signing_input}.{sig}")
+}
+
+#[test]
+fn forged_tokens_are_refused() {
+    let r = Router::new().shards(1).start();
+    let _t = r.task().start();
+    let p = r.path(APP, 9);
+    let keyring = Keyring::load(&r.keys).expect("keyring");
+    let secret = keyring.signing_app_secret(APP).expect("secret");
+    assert_eq!(secret.version, 1);
+    let (iat, exp) = (now(), now() + 600);
+    let claims = format!(r#"{{"sub":"mallory","app":"{APP}","iat":{iat},"exp":{exp}}}"#);
+    let hs256 = r#"{"alg":"HS256","typ":"JWT","kid":"1"}"#;
+
+    // Control: the hand-built token with the right secret passes, so every refusal below is
+    // about the one thing forged.
+    let good = hand_jwt(hs256, &claims, Some(&secret.secret));
+    assert_echo(
+        &r.request(&Req::post(&p).token(&good).body(b"ok")),
+        9,
+        b"ok",
+    );
+
+    // Signed with another keyring's secret (same app, same kid).
+    let other_keys = r.home().join("keys-other");
+    keys_init(r.home(), &other_keys, &[APP]);
+    let foreign = fedbus(
+        r.home(),
+        &[
+            "token",
+            "client",
+            "--app",
+            APP,
+            "--sub",
+            "mallory",
+            "--keyring",
+            other_keys.to_str().unwrap(),
+        ],
+    );
+    r.request(&Req::post(&p).token(foreign.trim()))
+        .assert_error(401, "bad_signature");
+
+    // alg none, with and without a signature.
+    let none = r#"{"alg":"none","typ":"JWT","kid":"1"}"#;
+    r.request(&Req::post(&p).token(&hand_jwt(none, &claims, None)))
+        .assert_error(401, "bad_token");
+    r.request(&Req::post(&p).token(&hand_jwt(none, &claims, Some(&secret.secret))))
+        .assert_error(401, "bad_token");
+
+    // RS256 header with an HMAC signature made with the app secret.
+    let rs = r#"{"alg":"RS256","typ":"JWT","kid":"1"}"#;
+    r.request(&Req::post(&p).token(&hand_jwt(rs, &claims, Some(&secret.secret))))
+        .assert_error(401, "bad_token");
+
+    // Expired, properly signed.
+    let expired = sign_client_jwt(
+        secret,
+        &ClientClaims {
+            sub: "mallory".into(),
+            app: APP.into(),
+            iat: iat - 1000,
+            exp: iat - 100,
+            nbf: None,
+        },
+    )
+    .unwrap();
+    r.request(&Req::post(&p).token(&expired))
+        .assert_error(401, "expired_token");
+
+    // `exp` as a string, correct HS256 signature.
+    let str_exp = format!(r#"{{"sub":"mallory","app":"{APP}","iat":{iat},"exp":"{exp}"}}"#);
+    r.request(&Req::post(&p).token(&hand_jwt(hs256, &str_exp, Some(&secret.secret))))
+        .assert_error(401, "bad_token");
+
+    // Claims naming another app, signed with this app's secret: 403 (the signature is right,
+    // the app is not). A real token of another app: `token_of_another_app_is_403`.
+    let other_claims = format!(r#"{{"sub":"mallory","app":"demo/other","iat":{iat},"exp":{exp}}}"#);
+    r.request(&Req::post(&p).token(&hand_jwt(hs256, &other_claims, Some(&secret.secret))))
+        .assert_error(403, "wrong_app");
+
+    // Unknown kid, correct signature with v1's secret.
+    let kid99 = r#"{"alg":"HS256","typ":"JWT","kid":"99"}"#;
+    r.request(&Req::post(&p).token(&hand_jwt(kid99, &claims, Some(&secret.secret))))
+        .assert_error(401, "unknown_key");
+
+    // Tampered claims (sub changed after signing).
+    let mut parts: Vec<String> = good.split('.').map(str::to_string).collect();
+    parts[1] = b64(&claims.replace("mallory", "admin"));
+    r.request(&Req::post(&p).token(&parts.join(".")))
+        .assert_error(401, "bad_signature");
+
+    // The good token still works afterwards (no state poisoned by the refusals).
+    assert_echo(
+        &r.request(&Req::post(&p).token(&good).body(b"ok")),
+        9,
+        b"ok",
+    );
+}
+
+#[test]
+fn two_shards_serve_over_the_accepting_shards_link() {
+    let r = Router::new().shards(2).start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let mut seen = BTreeSet::new();
+    let mut conns = 0;
+    while conns < 64 && (conns < 16 || seen.len() < 2) {
+        conns += 1;
+        let mut c = r.conn();
+        for k in 0..2u64 {
+            let wsid = conns * 31 + k;
+            let body = format!("conn {conns} request {k}").into_bytes();
+            let resp = c.request(&Req::post(&r.path(APP, wsid)).token(&tok).body(&body));
+            assert_echo(&resp, wsid, &body);
+            let shard = resp.header("fedbus-shard").unwrap();
+            assert_eq!(
+                Some(shard),
+                resp.header("echo-link-shard"),
+                "request accepted on shard {shard} was served over another shard's link: {resp:?}"
+            );
+            seen.insert(shard.to_string());
+        }
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["0", "1"],
+        "{conns} connections did not reach both shards"
+    );
+}
+
+#[test]
+fn lost_task_link_leaves_the_routing_table() {
+    let r = Router::new().shards(2).start();
+    let mut t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let p = r.path(APP, 5);
+    assert_echo(&r.request(&Req::post(&p).token(&tok).body(b"a")), 5, b"a");
+
+    let killed = Instant::now();
+    t.kill();
+    // Within 1 s a new request answers 503 (a request racing the kill may see 502).
+    let resp = wait_for(Duration::from_secs(1), || {
+        let resp = r.request(&Req::post(&p).token(&tok).body(b"b"));
+        match resp.status {
+            503 => Some(resp),
+            502 => None,
+            _ => panic!("after the kill: {resp:?}"),
+        }
+    })
+    .unwrap_or_else(|| panic!("no 503 within 1 s of the kill"));
+    assert!(killed.elapsed() < Duration::from_millis(1500));
+    resp.assert_error(503, "no_live_task");
+    assert_eq!(resp.header("retry-after"), Some("1"));
+    // Stays 503 on both shards (fresh connections).
+    for _ in 0..8 {
+        r.request(&Req::post(&p).token(&tok))
+            .assert_error(503, "no_live_task");
+    }
+
+    let _t2 = r.task().start();
+    for i in 0..8u64 {
+        let resp = r.request(&Req::post(&p).token(&tok).body(&[i as u8; 3]));
+        assert_echo(&resp, 5, &[i as u8; 3]);
+    }
+}
+
+#[test]
+fn metrics_are_prometheus_text_and_count_requests() {
+    let r = Router::new().shards(2).start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let before = r.metrics();
+    assert!(
+        before
+            .0
+            .contains_key("fedbus_requests_total{status=\"200\"}"),
+        "{before:?}"
+    );
+    let ok0 = before.get("fedbus_requests_total{status=\"200\"}");
+    let e401 = before.get("fedbus_requests_total{status=\"401\"}");
+
+    let n = 23;
+    for i in 0..n {
+        let mut c = r.conn();
+        assert_echo(
+            &c.request(&Req::post(&r.path(APP, i)).token(&tok).body(b"m")),
+            i,
+            b"m",
+        );
+    }
+    r.request(&Req::post(&r.path(APP, 1)))
+        .assert_error(401, "missing_token");
+
+    let after = r.metrics();
+    assert_eq!(
+        after.get("fedbus_requests_total{status=\"200\"}") - ok0,
+        n as f64,
+        "200s counted"
+    );
+    assert_eq!(
+        after.get("fedbus_requests_total{status=\"401\"}") - e401,
+        1.0
+    );
+    assert_eq!(after.get("fedbus_task_links"), 2.0, "one link per shard");
+
+    // The admin listener's other endpoints.
+    for (path, body) in [("/healthz", "ok\n"), ("/readyz", "ready\n")] {
+        let mut c = Conn::open(r.admin);
+        c.send(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes());
+        let resp = c.read_response().expect("admin answer");
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.body, body.as_bytes());
+    }
+}
+
+/// "403 token of another app": a token minted by `fedbus token client --app demo/other` (signed
+/// with demo/other's secret) used on demo/echo.
+#[test]
+fn token_of_another_app_is_403() {
+    let r = Router::new().shards(1).start();
+    let _t = r.task().start();
+    let other = r.token("demo/other", "bob");
+    // The token itself is good for its own app (503: no demo/other task, but past auth).
+    r.request(&Req::post(&r.path("demo/other", 1)).token(&other))
+        .assert_error(503, "no_live_task");
+    let resp = r.request(&Req::post(&r.path(APP, 42)).token(&other).body(b"x"));
+    resp.assert_error(403, "wrong_app");
+    // The same on a keep-alive connection after a good request (the auth cache).
+    let mut c = r.conn();
+    let tok = r.token(APP, "alice");
+    assert_echo(
+        &c.request(&Req::post(&r.path(APP, 42)).token(&tok).body(b"a")),
+        42,
+        b"a",
+    );
+    c.request(&Req::post(&r.path(APP, 42)).token(&other))
+        .assert_error(403, "wrong_app");
+}

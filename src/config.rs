@@ -40,7 +40,7 @@ pub struct Federation {
     /// `<cluster>.<region>.<entry_point>:<port>`.
     pub entry_point: String,
     /// Peer token this router presents to other clusters (a service token signed by our own
-    /// cluster key, `fedbus token service --task-id <router> --app "" --cluster <ours>`). When
+    /// cluster key, `fedbus token peer --router <name> --cluster <ours>`). When
     /// empty and `dev = true`, the router mints one from the keyring's private cluster key.
     pub peer_token_file: Option<PathBuf>,
     /// Every cluster (our own may be listed too; it is skipped for peer links).

@@ -109,6 +109,20 @@ enum TokenCmd {
         #[arg(long)]
         keyring: Option<PathBuf>,
     },
+    /// A peer token for a router (federation: `federation.peer_token_file`), signed by the
+    /// cluster key: a service token with no app.
+    Peer {
+        /// Name of the router presenting it.
+        #[arg(long)]
+        router: String,
+        /// This router's cluster, `region/cluster`.
+        #[arg(long)]
+        cluster: String,
+        #[arg(long, default_value = "365d")]
+        ttl: String,
+        #[arg(long)]
+        keyring: Option<PathBuf>,
+    },
     /// A client JWT (HS256, signed by the app secret's newest version).
     Client {
         #[arg(long)]
@@ -277,9 +291,7 @@ fn run_router(path: Option<PathBuf>) -> Result<()> {
     for sig in signals.forever() {
         if sig == signal_hook::consts::SIGHUP {
             tracing::info!("SIGHUP: reloading the keyring");
-            r.hup.store(true, std::sync::atomic::Ordering::Relaxed);
             let _ = r.events.send(fedbus::control::ControlEvent::Reload);
-            r.hup.store(false, std::sync::atomic::Ordering::Relaxed);
         } else {
             tracing::info!("signal {sig}: stopping");
             break;
@@ -460,6 +472,19 @@ fn real_main(cli: Cli) -> Result<()> {
             println!(
                 "{}",
                 service_token(&dir, &task_id, &app, &cluster, ttl_secs(&ttl)?)?
+            );
+            Ok(())
+        }
+        Cmd::Token(TokenCmd::Peer {
+            router,
+            cluster,
+            ttl,
+            keyring,
+        }) => {
+            let dir = keyring_dir(&keyring);
+            println!(
+                "{}",
+                service_token(&dir, &router, "", &cluster, ttl_secs(&ttl)?)?
             );
             Ok(())
         }

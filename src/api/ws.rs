@@ -210,6 +210,7 @@ pub fn send_answer(
     }
     if let Some((code, _)) = &a.error {
         put_meta(&mut m, tag::ERROR, code.as_bytes());
+        put_meta(&mut m, tag::CONTENT_TYPE, b"application/json");
     }
     let mut line = |name: &str, v: u64| {
         let mut tmp = [0u8; 20];

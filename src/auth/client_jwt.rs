@@ -48,8 +48,35 @@ pub fn sign_client_jwt(
 ///
 /// The key version comes from the header `kid` and is checked with the rotation rule at `now`;
 /// `exp` and `nbf` are checked by jsonwebtoken against the system clock with 5 s leeway.
-/// A valid token for another app gives [`AuthError::WrongApp`] (HTTP 403); all else 401.
+/// A valid token for another app gives [`AuthError::WrongApp`] (HTTP 403), whether that app's
+/// secret or this one's signed it; all else 401.
 pub fn verify_client_jwt(
+    keyring: &Keyring,
+    expected_app: &str,
+    token: &str,
+    now: u64,
+    grace_secs: u64,
+) -> Result<ClientClaims, AuthError> {
+    match verify_for_app(keyring, expected_app, token, now, grace_secs) {
+        Err(
+            e @ (AuthError::BadSignature | AuthError::UnknownKey(_) | AuthError::RetiredKey(_)),
+        ) => {
+            // Signed by another app's secret: 403 if it is a valid token of that app.
+            match claimed_app(token) {
+                Some(other)
+                    if other != expected_app
+                        && verify_for_app(keyring, &other, token, now, grace_secs).is_ok() =>
+                {
+                    Err(AuthError::WrongApp)
+                }
+                _ => Err(e),
+            }
+        }
+        r => r,
+    }
+}
+
+fn verify_for_app(
     keyring: &Keyring,
     expected_app: &str,
     token: &str,

@@ -10,7 +10,6 @@ use crate::route::{self, AppSpec, Registration, RoutingTable, TaskId};
 use arc_swap::ArcSwap;
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -186,7 +185,7 @@ impl Control {
     }
 
     /// Runs until `Shutdown` or every sender is gone.
-    pub fn run(mut self, rx: crossbeam_channel::Receiver<ControlEvent>, hup: Arc<AtomicBool>) {
+    pub fn run(mut self, rx: crossbeam_channel::Receiver<ControlEvent>) {
         let poll = Duration::from_millis(self.cfg.auth.reload_poll_ms);
         loop {
             let first = match rx.recv_timeout(poll) {
@@ -206,9 +205,7 @@ impl Control {
             if changed {
                 self.publish_routes();
             }
-            if hup.swap(false, Ordering::Relaxed) {
-                self.reload_keys("SIGHUP");
-            } else if keyring_mtime(&self.keyring_dir) != self.keyring_mtime {
+            if keyring_mtime(&self.keyring_dir) != self.keyring_mtime {
                 self.reload_keys("keyring files changed");
             }
         }

@@ -74,7 +74,7 @@ impl Peers {
         let slots = self.clusters.get(cluster)?;
         let n = slots.len();
         (0..n)
-            .map(|i| &slots[(wsid as usize + i) % n])
+            .map(|i| &slots[((wsid % n as u64) as usize + i) % n])
             .find_map(|s| {
                 s.link
                     .borrow()
@@ -136,9 +136,13 @@ async fn dial_once(shard: &Rc<Shard>, cluster: &str, slot: &Rc<Slot>) -> anyhow:
         shard.federation.token.as_deref(),
     )
     .await?;
+    let limits = &shard.cfg.limits;
+    // Liveness: we ping, the other side answers; silence for 3 intervals ends the link.
+    let every = Duration::from_millis(limits.ping_interval_ms);
+    s.set_read_timeout(Some(every * 3))
+        .map_err(|e| anyhow::anyhow!("read timeout: {e}"))?;
     let fd = s.as_raw_fd();
     let (rd, wr) = futures_util::io::AsyncReadExt::split(s);
-    let limits = &shard.cfg.limits;
     let mut reader = WsReader::new(
         rd,
         leftover,
@@ -153,10 +157,12 @@ async fn dial_once(shard: &Rc<Shard>, cluster: &str, slot: &Rc<Slot>) -> anyhow:
         "peer".into(),
         out.clone(),
     ));
+    let pinger = ws::spawn_pinger(out.clone(), every);
     *slot.link.borrow_mut() = Some(link.clone());
     ShardMetrics::inc(&shard.metrics.peer_links);
     tracing::info!(shard = shard.index, %cluster, addr = %slot.addr, "peer link up");
     let end = link.read_loop(&mut reader).await;
+    drop(pinger.cancel());
     link.fail_all();
     *slot.link.borrow_mut() = None;
     ShardMetrics::dec(&shard.metrics.peer_links);
@@ -328,6 +334,8 @@ fn check_peer_token(
 
 async fn serve_link(shard: &Rc<Shard>, stream: TcpStream, leftover: bytes::BytesMut, from: String) {
     let limits = &shard.cfg.limits;
+    // The dialing router pings every interval; silence for 3 intervals ends the link.
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
     let fd = stream.as_raw_fd();
     let (rd, wr) = futures_util::io::AsyncReadExt::split(stream);
     let mut reader = WsReader::new(

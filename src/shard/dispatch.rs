@@ -91,14 +91,21 @@ pub async fn dispatch(shard: &Rc<Shard>, req: &RouteReq<'_>) -> Answer {
         // The snapshot may lag behind this shard's own view of its links by a moment; fall
         // back to the role's emergency partition when no local link serves the partition.
         let (link, served, emergency_for) = match shard.pick_link(tasks) {
-            Some(l) => (l, served, emergency_for),
-            None => {
+            Ok(l) => (l, served, emergency_for),
+            Err(true) => {
+                return Answer::error(
+                    503,
+                    "task_busy",
+                    "every task of the partition is at its pending limit",
+                )
+            }
+            Err(false) => {
                 let em = table
                     .apps
                     .get(req.app)
                     .and_then(|a| a.roles.get(role.as_ref()))
                     .and_then(|r| r.emergency.map(|e| (e, r.tasks(e))));
-                match em.and_then(|(e, t)| shard.pick_link(t).map(|l| (l, e))) {
+                match em.and_then(|(e, t)| shard.pick_link(t).ok().map(|l| (l, e))) {
                     Some((l, e)) if e != want => (l, e, Some(want)),
                     _ => return no_live_task(req.app, &role, want),
                 }

@@ -14,7 +14,6 @@ use socket2::{Domain, Socket, Type};
 use std::net::SocketAddr;
 use std::os::unix::io::{FromRawFd, IntoRawFd, RawFd};
 use std::rc::Rc;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +25,6 @@ pub struct Running {
     pub admin: Option<SocketAddr>,
     pub shard_cores: Vec<usize>,
     pub events: crossbeam_channel::Sender<ControlEvent>,
-    pub hup: Arc<AtomicBool>,
     pub metrics: Registry,
     control: std::thread::JoinHandle<()>,
 }
@@ -130,17 +128,15 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
     let control = Control::new(cfg.clone(), keyring);
     let snapshots = control.snapshots();
     let (tx, rx) = crossbeam_channel::unbounded();
-    let hup = Arc::new(AtomicBool::new(false));
     let control_core = cfg.tuning.control_core;
     let pin = cfg.tuning.pin;
-    let hup2 = hup.clone();
     let control = std::thread::Builder::new()
         .name("fedbus-control".into())
         .spawn(move || {
             if pin {
                 pin_current_thread(control_core);
             }
-            control.run(rx, hup2)
+            control.run(rx)
         })?;
 
     let metrics: Registry = Arc::new((0..n).map(|_| Arc::new(ShardMetrics::default())).collect());
@@ -249,7 +245,6 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
         admin,
         shard_cores: cores,
         events: tx,
-        hup,
         metrics,
         control,
     })

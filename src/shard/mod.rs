@@ -86,17 +86,25 @@ impl Shard {
     }
 
     /// Picks a live local link among `tasks`, round robin, skipping full ones.
-    pub fn pick_link(&self, tasks: &[TaskId]) -> Option<Rc<TaskLink>> {
+    /// `Err(true)`: live links exist but all are at their pending limit (answer 503, do not
+    /// spill onto the emergency partition); `Err(false)`: no live link on this shard.
+    pub fn pick_link(&self, tasks: &[TaskId]) -> Result<Rc<TaskLink>, bool> {
         if tasks.is_empty() {
-            return None;
+            return Err(false);
         }
         let links = self.links.borrow();
         let start = self.rr.get();
         self.rr.set(start.wrapping_add(1));
         let max = self.cfg.limits.max_pending_per_link;
-        (0..tasks.len())
-            .filter_map(|i| links.get(&tasks[(start + i) % tasks.len()]))
-            .find(|l| l.is_usable(max))
-            .cloned()
+        let mut busy = false;
+        for i in 0..tasks.len() {
+            if let Some(l) = links.get(&tasks[(start + i) % tasks.len()]) {
+                if l.is_usable(max) {
+                    return Ok(l.clone());
+                }
+                busy |= l.is_alive();
+            }
+        }
+        Err(busy)
     }
 }

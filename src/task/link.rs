@@ -61,6 +61,10 @@ impl TaskLink {
         read_loop(self, reader).await
     }
 
+    pub fn is_alive(&self) -> bool {
+        self.alive.get()
+    }
+
     /// Alive and below the pending limit.
     pub fn is_usable(&self, max_pending: usize) -> bool {
         self.alive.get() && self.pending.borrow().len() < max_pending
@@ -284,20 +288,7 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
     tracing::info!(shard = shard.index, task = reg.task, app = %reg.app, role = %reg.role, partitions = reg.partitions.len(), sub = %claims.sub, "task link registered");
 
     // Keepalive: a ping every interval; the read timeout (3 intervals) ends a silent link.
-    let pinger = {
-        let out = out.clone();
-        let every = Duration::from_millis(limits.ping_interval_ms);
-        glommio::spawn_local(async move {
-            loop {
-                glommio::timer::sleep(every).await;
-                let mut o = out.borrow_mut();
-                if o.is_closing() {
-                    break;
-                }
-                o.send_control(ws::frame::opcode::PING, b"");
-            }
-        })
-    };
+    let pinger = ws::spawn_pinger(out.clone(), Duration::from_millis(limits.ping_interval_ms));
 
     // The app's Auth Service gets the current app secret now and after every rotation.
     let pusher = (reg.role == AUTH_ROLE).then(|| {
@@ -325,16 +316,21 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
 
     // Leave the routing table at once, then answer everything pending with 502.
     link.fail_all();
-    {
+    let current = {
         let mut links = shard.links.borrow_mut();
-        if links.get(&reg.task).is_some_and(|l| Rc::ptr_eq(l, &link)) {
+        let current = links.get(&reg.task).is_some_and(|l| Rc::ptr_eq(l, &link));
+        if current {
             links.remove(&reg.task);
         }
+        current
+    };
+    // A link replaced by a newer one of the same task must not unregister the newer one.
+    if current {
+        let _ = shard.events.send(ControlEvent::Unregister {
+            shard: shard.index,
+            task: reg.task,
+        });
     }
-    let _ = shard.events.send(ControlEvent::Unregister {
-        shard: shard.index,
-        task: reg.task,
-    });
     ShardMetrics::dec(&shard.metrics.task_links);
     match &end {
         Err(e) => match e.close_code() {

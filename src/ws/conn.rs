@@ -321,6 +321,21 @@ impl WsOut {
     }
 }
 
+/// Sends a ping every `every` until the outbox closes: the keepalive of task and peer links
+/// (the other side's read timeout of 3 intervals ends a silent link).
+pub fn spawn_pinger(out: Rc<RefCell<WsOut>>, every: std::time::Duration) -> glommio::Task<()> {
+    glommio::spawn_local(async move {
+        loop {
+            glommio::timer::sleep(every).await;
+            let mut o = out.borrow_mut();
+            if o.is_closing() {
+                break;
+            }
+            o.send_control(opcode::PING, b"");
+        }
+    })
+}
+
 /// Waits until the outbox has something to write or is closing.
 struct Ready<'a>(&'a RefCell<WsOut>);
 

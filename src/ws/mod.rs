@@ -5,4 +5,4 @@ pub mod conn;
 pub mod frame;
 pub mod handshake;
 
-pub use conn::{write_loop, Message, Refused, Side, WsError, WsOut, WsReader};
+pub use conn::{spawn_pinger, write_loop, Message, Refused, Side, WsError, WsOut, WsReader};

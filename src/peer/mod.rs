@@ -234,15 +234,17 @@ pub async fn forward(shard: &Rc<Shard>, req: &ForwardReq<'_>) -> Answer {
             payload_len: req.payload.len() as u32,
         };
         m[..proto::HEADER_LEN].copy_from_slice(&h.encode());
-        match link.send_request(id, &m, req.payload.clone()) {
-            Ok(rx) => rx,
+        // A little longer than the serving router's own deadline, so that its 504
+        // `task_timeout` reaches the client rather than our `peer_timeout`.
+        let deadline = Instant::now() + Duration::from_millis(limits.request_timeout_ms + 1000);
+        match link.send_request(id, &m, req.payload.clone(), deadline) {
+            Ok(wait) => wait,
             Err(_) => return Answer::error(503, "peer_busy", "peer link over its queue limit"),
         }
     };
     ShardMetrics::inc(&shard.metrics.forwarded);
-    let t = Duration::from_millis(limits.request_timeout_ms);
-    match glommio::timer::timeout(t, async { Ok(rx.await) }).await {
-        Ok(Ok(Reply::Response(f))) => {
+    match rx.await {
+        Reply::Response(f) => {
             let status = f
                 .get_u64(tag::STATUS)
                 .and_then(|s| u16::try_from(s).ok())
@@ -257,20 +259,15 @@ pub async fn forward(shard: &Rc<Shard>, req: &ForwardReq<'_>) -> Answer {
                 hops: 0,
             }
         }
-        Ok(Ok(Reply::Redirect { .. })) => {
+        Reply::Redirect { .. } => {
             Answer::error(502, "bad_peer_answer", "peer answered with a redirect")
         }
-        Ok(Ok(Reply::Lost)) | Ok(Err(_)) => {
-            Answer::error(502, "peer_lost", "the peer link closed before the answer")
-        }
-        Err(_) => {
-            link.cancel(id);
-            Answer::error(
-                504,
-                "peer_timeout",
-                "the peer router did not answer in time",
-            )
-        }
+        Reply::Lost => Answer::error(502, "peer_lost", "the peer link closed before the answer"),
+        Reply::Timeout => Answer::error(
+            504,
+            "peer_timeout",
+            "the peer router did not answer in time",
+        ),
     }
 }
 

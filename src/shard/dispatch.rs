@@ -142,22 +142,21 @@ pub async fn dispatch(shard: &Rc<Shard>, req: &RouteReq<'_>) -> Answer {
                 payload_len: payload.len() as u32,
             };
             scratch[..proto::HEADER_LEN].copy_from_slice(&h.encode());
-            match link.send_request(id, &scratch, payload) {
-                Ok(rx) => rx,
+            match link.send_request(id, &scratch, payload, deadline) {
+                Ok(wait) => wait,
                 Err(_) => {
                     return Answer::error(503, "task_busy", "task link is over its queue limit")
                 }
             }
         };
         ShardMetrics::inc(&shard.metrics.pending);
-        let left = deadline.saturating_duration_since(Instant::now());
-        let reply = glommio::timer::timeout(left, async { Ok(rx.await) }).await;
+        let reply = rx.await;
         ShardMetrics::dec(&shard.metrics.pending);
         if emergency_for.is_some() {
             ShardMetrics::inc(&shard.metrics.emergency);
         }
         match reply {
-            Ok(Ok(Reply::Response(f))) => {
+            Reply::Response(f) => {
                 let status = f
                     .get_u64(tag::STATUS)
                     .and_then(|s| u16::try_from(s).ok())
@@ -172,10 +171,10 @@ pub async fn dispatch(shard: &Rc<Shard>, req: &RouteReq<'_>) -> Answer {
                     hops,
                 };
             }
-            Ok(Ok(Reply::Redirect {
+            Reply::Redirect {
                 role: r,
                 partition: p,
-            })) => {
+            } => {
                 ShardMetrics::inc(&shard.metrics.redirects);
                 if hops >= max_hops {
                     return Answer {
@@ -197,15 +196,14 @@ pub async fn dispatch(shard: &Rc<Shard>, req: &RouteReq<'_>) -> Answer {
                 }
                 payload = req.payload.clone();
             }
-            Ok(Ok(Reply::Lost)) | Ok(Err(_)) => {
+            Reply::Lost => {
                 return Answer::error(
                     502,
                     "task_lost",
                     "the task's link closed before it answered",
                 )
             }
-            Err(_) => {
-                link.cancel(id);
+            Reply::Timeout => {
                 return Answer::error(504, "task_timeout", "the task did not answer in time");
             }
         }

@@ -182,6 +182,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                     ))
                 });
                 crate::peer::start_dialers(&shard);
+                glommio::spawn_local(super::sweep_deadlines(shard.clone())).detach();
                 let _ = rtx.send(Ok(i));
                 let a = glommio::spawn_local(accept_loop(
                     shard.clone(),

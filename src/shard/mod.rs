@@ -108,3 +108,24 @@ impl Shard {
         Err(busy)
     }
 }
+
+/// Enforces request deadlines on every link of the shard: one timer for the shard instead of
+/// one per request. A request times out at most one sweep interval late.
+pub async fn sweep_deadlines(shard: Rc<Shard>) {
+    let every =
+        std::time::Duration::from_millis((shard.cfg.limits.request_timeout_ms / 10).clamp(5, 100));
+    loop {
+        glommio::timer::sleep(every).await;
+        let now = std::time::Instant::now();
+        for l in shard.links.borrow().values() {
+            l.expire(now);
+        }
+        for slots in shard.peers.borrow().clusters.values() {
+            for s in slots {
+                if let Some(l) = s.link.borrow().as_ref() {
+                    l.expire(now);
+                }
+            }
+        }
+    }
+}

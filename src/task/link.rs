@@ -10,14 +10,16 @@ use crate::route::Registration;
 use crate::shard::Shard;
 use crate::ws::{self, handshake, Message, Side, WsOut, WsReader};
 use bytes::{Bytes, BytesMut};
-use futures_channel::oneshot;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::future::Future;
 use std::os::unix::io::AsRawFd;
+use std::pin::Pin;
 use std::rc::Rc;
-use std::time::Duration;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 /// What a pending request receives.
 #[derive(Debug)]
@@ -29,15 +31,26 @@ pub enum Reply {
     },
     /// The link died before the answer came.
     Lost,
+    /// No answer before the request's deadline (`limits.request_timeout_ms`).
+    Timeout,
 }
 
-/// One task's link to this shard.
+/// A pending request: where its answer lands and who waits for it. Kept in the link's table
+/// instead of a oneshot channel and a timer per request: completing, timing out and failing
+/// a request allocate nothing (the shard's sweeper enforces deadlines).
+struct Slot {
+    waker: Option<Waker>,
+    reply: Option<Reply>,
+    deadline: Instant,
+}
+
+/// One task's (or peer router's) link to this shard.
 pub struct TaskLink {
     pub task: u64,
     pub app: String,
     pub role: String,
     pub out: Rc<RefCell<WsOut>>,
-    pending: RefCell<HashMap<u64, oneshot::Sender<Reply>>>,
+    pending: RefCell<HashMap<u64, Slot>>,
     alive: Cell<bool>,
 }
 
@@ -70,14 +83,15 @@ impl TaskLink {
         self.alive.get() && self.pending.borrow().len() < max_pending
     }
 
-    /// Queues a request frame (`head` = fedbus header + metadata) and registers it as pending.
-    /// A refused send hands the payload back.
+    /// Queues a request frame (`head` = fedbus header + metadata) and registers it as pending
+    /// until `deadline`. A refused send hands the payload back.
     pub fn send_request(
-        &self,
+        self: &Rc<Self>,
         id: u64,
         head: &[u8],
         payload: Bytes,
-    ) -> Result<oneshot::Receiver<Reply>, Bytes> {
+        deadline: Instant,
+    ) -> Result<Wait, Bytes> {
         if !self.alive.get() {
             return Err(payload);
         }
@@ -85,27 +99,93 @@ impl TaskLink {
             .borrow_mut()
             .send_binary(head, payload)
             .map_err(|r| r.0)?;
-        let (tx, rx) = oneshot::channel();
-        self.pending.borrow_mut().insert(id, tx);
-        Ok(rx)
-    }
-
-    /// Forgets a pending request (timed out or abandoned).
-    pub fn cancel(&self, id: u64) {
-        self.pending.borrow_mut().remove(&id);
+        self.pending.borrow_mut().insert(
+            id,
+            Slot {
+                waker: None,
+                reply: None,
+                deadline,
+            },
+        );
+        Ok(Wait {
+            link: self.clone(),
+            id,
+            done: false,
+        })
     }
 
     fn complete(&self, id: u64, reply: Reply) {
-        if let Some(tx) = self.pending.borrow_mut().remove(&id) {
-            let _ = tx.send(reply);
+        if let Some(slot) = self.pending.borrow_mut().get_mut(&id) {
+            if slot.reply.is_none() {
+                slot.reply = Some(reply);
+                if let Some(w) = slot.waker.take() {
+                    w.wake();
+                }
+            }
+        }
+    }
+
+    /// Answers `Timeout` to every request past its deadline.
+    pub fn expire(&self, now: Instant) {
+        for slot in self.pending.borrow_mut().values_mut() {
+            if slot.reply.is_none() && slot.deadline <= now {
+                slot.reply = Some(Reply::Timeout);
+                if let Some(w) = slot.waker.take() {
+                    w.wake();
+                }
+            }
         }
     }
 
     /// Marks the link dead and answers everything pending on it with `Lost`.
     pub fn fail_all(&self) {
         self.alive.set(false);
-        for (_, tx) in self.pending.borrow_mut().drain() {
-            let _ = tx.send(Reply::Lost);
+        for slot in self.pending.borrow_mut().values_mut() {
+            if slot.reply.is_none() {
+                slot.reply = Some(Reply::Lost);
+                if let Some(w) = slot.waker.take() {
+                    w.wake();
+                }
+            }
+        }
+    }
+}
+
+/// Waits for the answer to one request; dropping it forgets the request.
+pub struct Wait {
+    link: Rc<TaskLink>,
+    id: u64,
+    done: bool,
+}
+
+impl Future for Wait {
+    type Output = Reply;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Reply> {
+        let id = self.id;
+        let mut pending = self.link.pending.borrow_mut();
+        let Some(slot) = pending.get_mut(&id) else {
+            drop(pending);
+            self.done = true;
+            return Poll::Ready(Reply::Lost);
+        };
+        if let Some(r) = slot.reply.take() {
+            pending.remove(&id);
+            drop(pending);
+            self.done = true;
+            return Poll::Ready(r);
+        }
+        match &slot.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => slot.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Wait {
+    fn drop(&mut self) {
+        if !self.done {
+            self.link.pending.borrow_mut().remove(&self.id);
         }
     }
 }

@@ -78,7 +78,15 @@ fn request_frame(payload: usize) -> Bytes {
     let body = vec![b'x'; payload];
     // Like the websocket reader: a message is a frozen slice of a larger read buffer.
     let mut rd = BytesMut::with_capacity(64 * 1024);
-    rd.put(proto::encode_frame(Kind::Request, 0, 0, 10, 7, &meta, &body));
+    rd.put(proto::encode_frame(
+        Kind::Request,
+        0,
+        0,
+        10,
+        7,
+        &meta,
+        &body,
+    ));
     let n = rd.len();
     rd.split_to(n).freeze()
 }
@@ -90,7 +98,9 @@ fn codec(t: &mut Table) {
         t.add(
             g,
             &format!("Frame::decode, {size} B payload ({} B frame)", msg.len()),
-            time(2_000_000, |_| Frame::decode(black_box(&msg).clone()).is_ok()),
+            time(2_000_000, |_| {
+                Frame::decode(black_box(&msg).clone()).is_ok()
+            }),
         );
         t.add(
             g,
@@ -245,7 +255,9 @@ fn routing(t: &mut Table) {
     t.add(
         g,
         "baseline: HashMap<String, Vec<u64>>::get (one hash + probe)",
-        time(5_000_000, |_| map.get(black_box("demo/echo")).map_or(0, |v| v[0])),
+        time(5_000_000, |_| {
+            map.get(black_box("demo/echo")).map_or(0, |v| v[0])
+        }),
     );
 
     let swap = Arc::new(ArcSwap::from_pointee(table(1)));
@@ -263,8 +275,16 @@ fn routing(t: &mut Table) {
             })
         }
     };
-    t.add(g, "ArcSwap load() + lookup, no publisher", reader(&swap, false));
-    t.add(g, "ArcSwap load_full() + lookup, no publisher", reader(&swap, true));
+    t.add(
+        g,
+        "ArcSwap load() + lookup, no publisher",
+        reader(&swap, false),
+    );
+    t.add(
+        g,
+        "ArcSwap load_full() + lookup, no publisher",
+        reader(&swap, true),
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let published = Arc::new(AtomicU64::new(0));

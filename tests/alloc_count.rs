@@ -26,6 +26,8 @@ struct Counting;
 
 static ALL_ALLOCS: AtomicU64 = AtomicU64::new(0);
 static ALL_BYTES: AtomicU64 = AtomicU64::new(0);
+/// Allocations by size class: bucket k holds sizes in (2^(k-1), 2^k].
+static BY_SIZE: [AtomicU64; 24] = [const { AtomicU64::new(0) }; 24];
 
 thread_local! {
     // const-initialised, no destructor: safe to touch from inside the allocator.
@@ -35,6 +37,8 @@ thread_local! {
 fn count(size: usize) {
     ALL_ALLOCS.fetch_add(1, Ordering::Relaxed);
     ALL_BYTES.fetch_add(size as u64, Ordering::Relaxed);
+    let k = (usize::BITS - size.saturating_sub(1).leading_zeros()) as usize;
+    BY_SIZE[k.min(23)].fetch_add(1, Ordering::Relaxed);
     let _ = MINE.try_with(|c| c.set(c.get() + 1));
 }
 
@@ -131,7 +135,9 @@ fn path_parse_and_lookup_allocate_nothing() {
         let mut served = 0u64;
         for i in 0..N as u64 {
             let p = parse_api_path(black_box(PATH)).expect("valid path");
-            let part = table.partition_of(p.app_name, p.wsid + i).expect("known app");
+            let part = table
+                .partition_of(p.app_name, p.wsid + i)
+                .expect("known app");
             if let Lookup::Served { tasks, .. } = table.lookup(p.app_name, "main", part) {
                 served += tasks[0];
             }
@@ -288,14 +294,30 @@ fn whole_routed_request_through_a_real_router() {
     for _ in 0..2000 {
         assert_eq!(round_trip(&mut s, &req, &mut resp), 200);
     }
-    let (a0, b0) = (ALL_ALLOCS.load(Ordering::SeqCst), ALL_BYTES.load(Ordering::SeqCst));
+    let (a0, b0) = (
+        ALL_ALLOCS.load(Ordering::SeqCst),
+        ALL_BYTES.load(Ordering::SeqCst),
+    );
+    let sizes0: Vec<u64> = BY_SIZE.iter().map(|a| a.load(Ordering::SeqCst)).collect();
     let t0 = Instant::now();
     let requests = 10_000u64;
     for _ in 0..requests {
         assert_eq!(round_trip(&mut s, &req, &mut resp), 200);
     }
     let busy = t0.elapsed();
-    let (a1, b1) = (ALL_ALLOCS.load(Ordering::SeqCst), ALL_BYTES.load(Ordering::SeqCst));
+    let (a1, b1) = (
+        ALL_ALLOCS.load(Ordering::SeqCst),
+        ALL_BYTES.load(Ordering::SeqCst),
+    );
+    let sizes: Vec<String> = BY_SIZE
+        .iter()
+        .zip(&sizes0)
+        .enumerate()
+        .map(|(k, (a, b))| (k, a.load(Ordering::SeqCst) - b))
+        .filter(|&(_, n)| n > 0)
+        .map(|(k, n)| format!("<={} B: {:.2}", 1u64 << k, n as f64 / requests as f64))
+        .collect();
+    println!("allocations per request by size: {}", sizes.join(", "));
     // The same time with no traffic: what timers and the control thread allocate anyway.
     std::thread::sleep(busy);
     let a2 = ALL_ALLOCS.load(Ordering::SeqCst);

@@ -39,6 +39,7 @@ mkdir -p "$OUTDIR"
 MD=$OUTDIR/$DATE-$HOST.md
 SVG=$OUTDIR/$DATE-$HOST.svg
 WORK=$(mktemp -d /tmp/fedbus-compare.XXXXXX)
+LOAD_START=$(cut -d" " -f1-3 /proc/loadavg)
 
 PIDS=()
 cleanup() {
@@ -100,7 +101,7 @@ run "open-nats-64B" taskset -c 0 "$BIN" bench --target "nats://127.0.0.1:$NATS_P
 MODEL=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)
 MEM=$(free -h | awk '/^Mem:/{print $2}')
 python3 - "$WORK" "$MD" "$SVG" "$DATE" "$HOST" "$DURATION" "$WARMUP" "$RATE" \
-  "$(nproc)" "$MODEL" "$MEM" "$(uname -r)" "$(rustc -V)" "$("$NATS" --version 2>&1 | head -1)" <<'PY'
+  "$(nproc) (load average at start: $LOAD_START, at end: $(cut -d" " -f1-3 /proc/loadavg))" "$MODEL" "$MEM" "$(uname -r)" "$(rustc -V)" "$("$NATS" --version 2>&1 | head -1)" <<'PY'
 import json, os, sys
 (work, md, svg, date, host, dur, warm, rate, nproc, model, mem, kernel, rustc, natsv) = sys.argv[1:]
 
@@ -117,6 +118,7 @@ out += ["Made by `benches/compare.sh` (`DURATION=%s WARMUP=%s`). Closed loop unl
 out += ["## Machine", "",
         f"- cores (`nproc`): {nproc}", f"- CPU: {model}", f"- memory: {mem}",
         f"- kernel: {kernel}", f"- {rustc}", f"- nats-server: {natsv}", ""]
+out += ["Note: `direct` with N connections starts N `fedbus task echo` processes on core 1, so above 1 in flight it is not a strict floor (N processes share core 1; the spawned router has one echo task).", ""]
 out += ["## Pinning", "",
         "| system | core 0 | core 1 |", "|---|---|---|",
         "| fedbus | load generator, control thread, `fedbus task echo` | router shard |",

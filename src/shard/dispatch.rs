@@ -64,8 +64,13 @@ impl Answer {
 
 /// Routes one request and waits for its answer.
 pub async fn dispatch(shard: &Rc<Shard>, req: &RouteReq<'_>) -> Answer {
-    let table = shard.snapshots.routes.load_full();
-    let Some(partition) = table.partition_of(req.app, req.wsid) else {
+    // A snapshot guard (no refcount traffic) held only while routing, never across an await.
+    let Some(partition) = shard
+        .snapshots
+        .routes
+        .load()
+        .partition_of(req.app, req.wsid)
+    else {
         return Answer::error(404, "unknown_app", format!("no app {}", req.app));
     };
     let max_hops = shard.cfg.routing.max_hops;
@@ -75,6 +80,7 @@ pub async fn dispatch(shard: &Rc<Shard>, req: &RouteReq<'_>) -> Answer {
     let mut hops: u8 = 0;
     let mut payload = req.payload.clone();
     loop {
+        let table = shard.snapshots.routes.load();
         let (served, tasks, emergency_for) = match table.lookup(req.app, &role, want) {
             Lookup::Served {
                 partition,
@@ -149,6 +155,7 @@ pub async fn dispatch(shard: &Rc<Shard>, req: &RouteReq<'_>) -> Answer {
                 }
             }
         };
+        drop(table);
         ShardMetrics::inc(&shard.metrics.pending);
         let reply = rx.await;
         ShardMetrics::dec(&shard.metrics.pending);

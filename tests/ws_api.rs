@@ -1,0 +1,745 @@
+//! The client websocket endpoint `GET /api/ws` (docs/PROTOCOL.md section 8) and `/metrics`,
+//! end to end against a real router and echo tasks, with a small blocking websocket client
+//! built on fedbus's own handshake and frame helpers (read timeouts everywhere: a hung router
+//! fails a test instead of hanging it).
+
+mod common;
+
+use bytes::{Bytes, BytesMut};
+use common::*;
+use fedbus::auth::{sign_client_jwt, ClientClaims, Keyring};
+use fedbus::proto::{encode_frame, put_meta, tag, Frame, Kind};
+use fedbus::ws::frame::{encode_head, opcode, parse_head, MAX_HEADER};
+use fedbus::ws::handshake::{client_request, new_key, parse_client_response, ClientHandshake};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+const APP: &str = "demo/echo";
+
+fn now() -> u64 {
+    fedbus::auth::now_unix()
+}
+
+// ---------------------------------------------------------------------------------------------
+// A blocking websocket client.
+
+/// A message from the router.
+#[derive(Debug, PartialEq, Eq)]
+enum Msg {
+    Binary(Vec<u8>),
+    Text(Vec<u8>),
+    Ping(Vec<u8>),
+    Pong(Vec<u8>),
+    Close(Option<u16>),
+}
+
+/// How the upgrade went.
+enum Upgrade {
+    Open(Ws),
+    /// Status and body of the refusal (the router closed the connection after it).
+    Refused(u16, String),
+}
+
+struct Ws {
+    s: TcpStream,
+    buf: Vec<u8>,
+    /// Masking: `None` random keys (xorshift state in `seed`), `Some(k)` always `k`.
+    fixed_mask: Option<[u8; 4]>,
+    seed: u64,
+}
+
+fn upgrade(addr: SocketAddr, path: &str, bearer: Option<&str>) -> Upgrade {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(READ_TIMEOUT)).unwrap();
+    let _ = s.set_nodelay(true);
+    let key = new_key();
+    s.write_all(client_request("127.0.0.1", path, &key, bearer).as_bytes())
+        .expect("write upgrade");
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match parse_client_response(&buf, &key).expect("upgrade answer parses") {
+            ClientHandshake::Incomplete => {}
+            ClientHandshake::Accepted(n) => {
+                return Upgrade::Open(Ws {
+                    s,
+                    buf: buf[n..].to_vec(),
+                    fixed_mask: None,
+                    seed: 0x9E37_79B9_7F4A_7C15 ^ n as u64,
+                })
+            }
+            ClientHandshake::Refused { status, .. } => {
+                // The router answers with `Connection: close`: read to EOF for the whole body.
+                loop {
+                    match s.read(&mut chunk) {
+                        Ok(0) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        Err(e) => panic!("refusal {status} not followed by a close: {e}"),
+                    }
+                }
+                let Ok(ClientHandshake::Refused { body, .. }) = parse_client_response(&buf, &key)
+                else {
+                    unreachable!()
+                };
+                return Upgrade::Refused(status, body);
+            }
+        }
+        let n = s.read(&mut chunk).expect("read upgrade answer");
+        assert!(n > 0, "router closed during the handshake: {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Opens `/api/ws` with a bearer token; panics unless it is a 101.
+fn open(r: &Router, tok: &str) -> Ws {
+    match upgrade(r.api, "/api/ws", Some(tok)) {
+        Upgrade::Open(w) => w,
+        Upgrade::Refused(st, body) => panic!("upgrade refused: {st} {body}"),
+    }
+}
+
+impl Ws {
+    fn set_read_timeout(&mut self, t: Duration) {
+        self.s.set_read_timeout(Some(t)).unwrap();
+    }
+
+    fn next_mask(&mut self) -> [u8; 4] {
+        if let Some(m) = self.fixed_mask {
+            return m;
+        }
+        let x = &mut self.seed;
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        (*x as u32).to_le_bytes()
+    }
+
+    /// One websocket frame, FIN set; `mask` false sends it unmasked (a protocol error).
+    fn frame_bytes(&mut self, op: u8, payload: &[u8], mask: bool) -> Vec<u8> {
+        let m = mask.then(|| self.next_mask());
+        let mut h = [0u8; MAX_HEADER];
+        let n = encode_head(op, payload.len(), m, &mut h);
+        let mut v = Vec::with_capacity(n + payload.len());
+        v.extend_from_slice(&h[..n]);
+        let start = v.len();
+        v.extend_from_slice(payload);
+        if let Some(m) = m {
+            for (i, b) in v[start..].iter_mut().enumerate() {
+                *b ^= m[i % 4];
+            }
+        }
+        v
+    }
+
+    fn send_frame(&mut self, op: u8, payload: &[u8], mask: bool) {
+        let b = self.frame_bytes(op, payload, mask);
+        self.s.write_all(&b).expect("write frame");
+    }
+
+    /// Writes raw bytes, ignoring a router that already closed.
+    fn send_raw_lossy(&mut self, b: &[u8]) {
+        let _ = self.s.write_all(b);
+    }
+
+    /// A fedbus Request frame as one binary message.
+    fn request_bytes(&mut self, id: u64, path: Option<&str>, payload: &[u8]) -> Vec<u8> {
+        let mut meta = BytesMut::new();
+        if let Some(p) = path {
+            put_meta(&mut meta, tag::PATH, p.as_bytes());
+        }
+        let f = encode_frame(Kind::Request, 0, 0, 0, id, &meta, payload);
+        self.frame_bytes(opcode::BINARY, &f, true)
+    }
+
+    fn send_request(&mut self, id: u64, path: Option<&str>, payload: &[u8]) {
+        let b = self.request_bytes(id, path, payload);
+        self.s.write_all(&b).expect("write request");
+    }
+
+    fn fill(&mut self) -> std::io::Result<()> {
+        let mut chunk = [0u8; 64 * 1024];
+        let n = self.s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("router closed ({} bytes buffered)", self.buf.len()),
+            ));
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+
+    /// Next message (the router never fragments, never masks).
+    fn read_msg(&mut self) -> std::io::Result<Msg> {
+        loop {
+            let h = parse_head(&self.buf).unwrap_or_else(|e| panic!("bad frame head: {e:?}"));
+            if let Some(h) = h {
+                let total = h.header_len + h.payload_len as usize;
+                if self.buf.len() >= total {
+                    assert!(h.mask.is_none(), "router frames must not be masked");
+                    assert!(h.fin, "router does not fragment");
+                    let p: Vec<u8> = self.buf[h.header_len..total].to_vec();
+                    self.buf.drain(..total);
+                    return Ok(match h.opcode {
+                        opcode::BINARY => Msg::Binary(p),
+                        opcode::TEXT => Msg::Text(p),
+                        opcode::PING => Msg::Ping(p),
+                        opcode::PONG => Msg::Pong(p),
+                        opcode::CLOSE => {
+                            Msg::Close((p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]])))
+                        }
+                        op => panic!("unexpected opcode {op}"),
+                    });
+                }
+            }
+            self.fill()?;
+        }
+    }
+
+    /// Next Response frame; panics on anything else.
+    fn read_response(&mut self) -> Frame {
+        match self.read_msg() {
+            Ok(Msg::Binary(b)) => {
+                let f = Frame::decode(Bytes::from(b)).expect("a valid fedbus frame");
+                assert_eq!(f.header.kind, Kind::Response, "{f:?}");
+                assert_eq!(f.header.flags, 0, "{f:?}");
+                f
+            }
+            other => panic!("expected a Response frame, got {other:?}"),
+        }
+    }
+
+    /// Expects a close frame with `code`, then EOF (skips answers still queued before it).
+    fn expect_close(&mut self, code: u16) {
+        loop {
+            match self.read_msg() {
+                Ok(Msg::Close(c)) => {
+                    assert_eq!(c, Some(code), "close code");
+                    break;
+                }
+                Ok(Msg::Binary(_)) | Ok(Msg::Pong(_)) => continue,
+                other => panic!("expected close {code}, got {other:?}"),
+            }
+        }
+        let mut b = [0u8; 64];
+        match self.s.read(&mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => {
+                panic!("router did not close the TCP connection after close {code}: {other:?}")
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frame helpers.
+
+fn header_lines(f: &Frame) -> Vec<String> {
+    f.meta_entries()
+        .filter(|(t, _)| *t == tag::HEADER)
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        .collect()
+}
+
+fn header_of(f: &Frame, name: &str) -> Option<String> {
+    header_lines(f).into_iter().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+fn status_of(f: &Frame) -> u64 {
+    f.get_u64(tag::STATUS).expect("STATUS in every answer")
+}
+
+fn describe(f: &Frame) -> String {
+    let meta: Vec<String> = f
+        .meta_entries()
+        .map(|(t, v)| format!("{t}={}", String::from_utf8_lossy(v)))
+        .collect();
+    let body = if f.payload.len() > 300 {
+        format!("<{} bytes>", f.payload.len())
+    } else {
+        String::from_utf8_lossy(&f.payload).into_owned()
+    };
+    format!(
+        "id {} {:?} meta [{}] body {body}",
+        f.header.request_id,
+        f.header,
+        meta.join(", ")
+    )
+}
+
+/// A router-made error as a frame: STATUS, ERROR meta, JSON body `{status,error,message}`.
+fn assert_error_frame(f: &Frame, id: u64, status: u64, code: &str) {
+    let d = describe(f);
+    assert_eq!(f.header.request_id, id, "{d}");
+    assert_eq!(status_of(f), status, "{d}");
+    assert_eq!(f.get_str(tag::ERROR), Some(code), "ERROR meta: {d}");
+    let j: serde_json::Value =
+        serde_json::from_slice(&f.payload).unwrap_or_else(|e| panic!("JSON body ({e}): {d}"));
+    assert_eq!(j["status"], status, "{d}");
+    assert_eq!(j["error"], code, "{d}");
+    assert!(j["message"].as_str().is_some_and(|m| !m.is_empty()), "{d}");
+    assert_eq!(j.as_object().map(|o| o.len()), Some(3), "{d}");
+    assert!(header_of(f, "fedbus-shard").is_some(), "{d}");
+}
+
+/// A 200 echo of `body` from partition `wsid % 16`, served over the accepting shard's link.
+fn assert_echo_frame(f: &Frame, id: u64, wsid: u64, body: &[u8]) {
+    let d = describe(f);
+    assert_eq!(f.header.request_id, id, "{d}");
+    assert_eq!(status_of(f), 200, "{d}");
+    assert_eq!(f.get(tag::ERROR), None, "{d}");
+    assert!(f.payload[..] == *body, "id {id}: payload differs: {d}");
+    let part = (wsid % 16).to_string();
+    assert!(
+        header_lines(f).contains(&format!("fedbus-partition: {part}")),
+        "{d}"
+    );
+    assert_eq!(f.header.partition as u64, wsid % 16, "{d}");
+    assert_eq!(header_of(f, "fedbus-hops").as_deref(), Some("0"), "{d}");
+    let shard = header_of(f, "fedbus-shard").expect("fedbus-shard");
+    assert_eq!(
+        header_of(f, "echo-link-shard"),
+        Some(shard),
+        "crossed shards: {d}"
+    );
+}
+
+fn expired_token(r: &Router, app: &str, exp: u64) -> String {
+    let keyring = Keyring::load(&r.keys).expect("keyring");
+    let secret = keyring.signing_app_secret(app).expect("secret");
+    sign_client_jwt(
+        secret,
+        &ClientClaims {
+            sub: "alice".into(),
+            app: app.into(),
+            iat: now().saturating_sub(7200),
+            exp,
+            nbf: None,
+        },
+    )
+    .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests.
+
+/// 200 requests written back to back on one connection, then 200 answers matched by id.
+#[test]
+fn many_requests_in_flight_on_one_connection() {
+    let r = Router::new().shards(2).start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    // Two connections: with 2 shards they may land on either; each must work on its own.
+    for round in 0..2u64 {
+        let mut w = open(&r, &tok);
+        let n = 200u64;
+        let mut sent: HashMap<u64, (u64, Vec<u8>)> = HashMap::new();
+        let mut all = Vec::new();
+        for i in 0..n {
+            let id = 1_000_000 * (round + 1) + i * 7919; // client-chosen, not a counter
+            let wsid = i * 31 + round;
+            let len = (random_bytes(2, i + 17 * round)[0] as usize * 16 + i as usize) % 4097;
+            let body = random_bytes(len, 1000 + i + round);
+            all.extend_from_slice(&w.request_bytes(id, Some(&r.path(APP, wsid)), &body));
+            sent.insert(id, (wsid, body));
+        }
+        // Back to back: all 200 in one write.
+        w.s.write_all(&all).expect("write 200 requests");
+        for _ in 0..n {
+            let f = w.read_response();
+            let id = f.header.request_id;
+            let (wsid, body) = sent
+                .remove(&id)
+                .unwrap_or_else(|| panic!("answer to an unknown or repeated id: {}", describe(&f)));
+            assert_echo_frame(&f, id, wsid, &body);
+        }
+        assert!(sent.is_empty());
+        // A ping is answered with a pong carrying the same payload.
+        w.send_frame(opcode::PING, b"are you there", true);
+        assert_eq!(w.read_msg().unwrap(), Msg::Pong(b"are you there".to_vec()));
+        // A close frame is answered with close 1000.
+        w.send_frame(opcode::CLOSE, &1000u16.to_be_bytes(), true);
+        w.expect_close(1000);
+    }
+}
+
+/// Answers come in completion order, not request order.
+#[test]
+fn answers_come_out_of_order() {
+    let r = Router::new().shards(1).start();
+    let _slow = r.task().partitions("0-7").delay_ms(500).start();
+    let _fast = r.task().partitions("8-15").start();
+    let tok = r.token(APP, "alice");
+    let mut w = open(&r, &tok);
+    w.fixed_mask = Some([0; 4]); // fedbus's own clients' mask
+    let start = Instant::now();
+    w.send_request(1, Some(&r.path(APP, 1)), b"slow");
+    w.send_request(2, Some(&r.path(APP, 9)), b"fast");
+    let first = w.read_response();
+    let t_first = start.elapsed();
+    let second = w.read_response();
+    let t_second = start.elapsed();
+    assert_echo_frame(&first, 2, 9, b"fast");
+    assert_echo_frame(&second, 1, 1, b"slow");
+    assert!(
+        t_first < Duration::from_millis(400),
+        "fast answer after {t_first:?}"
+    );
+    assert!(
+        t_second >= Duration::from_millis(450),
+        "slow answer after {t_second:?}"
+    );
+}
+
+/// Every router-made error is a Response frame; the connection stays usable after each.
+#[test]
+fn every_error_is_a_frame() {
+    let r = Router::new()
+        .shards(1)
+        .apps(&[(APP, 16), ("demo/other", 4)])
+        .start();
+    let tok = r.token(APP, "alice");
+    let mut w = open(&r, &tok);
+    let p = r.path(APP, 42);
+
+    // 503: no task at all.
+    w.send_request(1, Some(&p), b"x");
+    let f = w.read_response();
+    assert_error_frame(&f, 1, 503, "no_live_task");
+    assert_eq!(
+        header_of(&f, "fedbus-partition").as_deref(),
+        Some("10"),
+        "{}",
+        describe(&f)
+    );
+
+    let cases: &[(&str, u64, &str)] = &[
+        ("/api/local/dev/demo/echo/api/42/sys", 400, "bad_path"),
+        (
+            "/api/local/dev/demo/echo/api/notanumber/sys/echo",
+            400,
+            "bad_wsid",
+        ),
+        ("/api/x/y/demo/echo/api/42/sys/echo", 404, "unknown_cluster"),
+        (
+            "/api/local/dev/demo/nope/api/42/sys/echo",
+            404,
+            "unknown_app",
+        ),
+        ("/api/local/dev/demo/other/api/1/sys/echo", 403, "wrong_app"),
+        ("/nope", 404, "not_found"),
+    ];
+    for (i, (path, status, code)) in cases.iter().enumerate() {
+        let id = 100 + i as u64;
+        w.send_request(id, Some(path), b"x");
+        let f = w.read_response();
+        assert_error_frame(&f, id, *status, code);
+    }
+    // No PATH at all.
+    w.send_request(200, None, b"x");
+    assert_error_frame(&w.read_response(), 200, 400, "bad_request");
+
+    // The connection still serves once a task is up.
+    let mut t = r.task().delay_ms(5000).start();
+    // 502: the task is killed with the request pending.
+    w.send_request(300, Some(&p), b"slow");
+    std::thread::sleep(Duration::from_millis(300));
+    let killed = Instant::now();
+    t.kill();
+    w.set_read_timeout(Duration::from_secs(3));
+    let f = w.read_response();
+    assert!(
+        killed.elapsed() < Duration::from_secs(2),
+        "502 after {:?}",
+        killed.elapsed()
+    );
+    assert_error_frame(&f, 300, 502, "task_lost");
+    // And 503 again: no task left.
+    w.send_request(301, Some(&p), b"again");
+    assert_error_frame(&w.read_response(), 301, 503, "no_live_task");
+}
+
+#[test]
+fn task_timeout_is_504_frame() {
+    let r = Router::new().shards(1).request_timeout_ms(500).start();
+    let _t = r.task().delay_ms(3000).start();
+    let tok = r.token(APP, "alice");
+    let mut w = open(&r, &tok);
+    let start = Instant::now();
+    w.send_request(7, Some(&r.path(APP, 7)), b"slow");
+    let f = w.read_response();
+    let took = start.elapsed();
+    assert_error_frame(&f, 7, 504, "task_timeout");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(2000),
+        "504 after {took:?}, timeout 500 ms"
+    );
+}
+
+/// Refusals at the upgrade are HTTP answers with a JSON body; a query token works.
+#[test]
+fn bad_jwt_at_upgrade_is_401() {
+    let r = Router::new().shards(1).start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+
+    let expect_401 =
+        |path: &str, bearer: Option<&str>, code: &str| match upgrade(r.api, path, bearer) {
+            Upgrade::Open(_) => panic!("{path} {bearer:?}: upgraded, expected 401 {code}"),
+            Upgrade::Refused(st, body) => {
+                assert_eq!(st, 401, "{path} {bearer:?}: {body}");
+                let j: serde_json::Value = serde_json::from_str(&body)
+                    .unwrap_or_else(|e| panic!("JSON body ({e}): {body}"));
+                assert_eq!(j["status"], 401, "{body}");
+                assert_eq!(j["error"], code, "{body}");
+            }
+        };
+    expect_401("/api/ws", None, "missing_token");
+    expect_401("/api/ws?access_token=", None, "missing_token");
+    expect_401("/api/ws", Some("garbage"), "bad_token");
+    expect_401("/api/ws?access_token=garbage", None, "bad_token");
+    let expired = expired_token(&r, APP, now() - 3600);
+    expect_401("/api/ws", Some(&expired), "expired_token");
+    expect_401(
+        &format!("/api/ws?access_token={expired}"),
+        None,
+        "expired_token",
+    );
+    // The header wins over the query.
+    expect_401(
+        &format!("/api/ws?access_token={tok}"),
+        Some("garbage"),
+        "bad_token",
+    );
+
+    // A valid token in the query: 101, and requests are served.
+    for path in [
+        format!("/api/ws?access_token={tok}"),
+        format!("/api/ws?x=1&access_token={tok}&y=2"),
+    ] {
+        let mut w = match upgrade(r.api, &path, None) {
+            Upgrade::Open(w) => w,
+            Upgrade::Refused(st, body) => panic!("{path}: {st} {body}"),
+        };
+        w.send_request(5, Some(&r.path(APP, 5)), b"q");
+        assert_echo_frame(&w.read_response(), 5, 5, b"q");
+    }
+
+    // A token that expires while the connection is open: the next request closes with 1008.
+    let short = expired_token(&r, APP, now() + 2);
+    let mut w = open(&r, &short);
+    w.send_request(1, Some(&r.path(APP, 1)), b"a");
+    assert_echo_frame(&w.read_response(), 1, 1, b"a");
+    while now() < now_exp(&short) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    w.send_request(2, Some(&r.path(APP, 1)), b"b");
+    w.expect_close(1008);
+}
+
+/// `exp` of a JWT (no verification).
+fn now_exp(jwt: &str) -> u64 {
+    use base64::Engine as _;
+    let claims = jwt.split('.').nth(1).expect("claims part");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(claims)
+        .expect("base64url");
+    let j: serde_json::Value = serde_json::from_slice(&raw).expect("claims JSON");
+    j["exp"].as_u64().expect("exp")
+}
+
+#[test]
+fn unmasked_frame_closes_1002() {
+    let r = Router::new().shards(1).start();
+    let tok = r.token(APP, "alice");
+    let mut w = open(&r, &tok);
+    let f = encode_frame(Kind::Request, 0, 0, 0, 1, b"", b"x");
+    w.send_frame(opcode::BINARY, &f, false);
+    w.expect_close(1002);
+
+    // Also 1002: a binary message that is not a fedbus frame, and a frame of another kind.
+    let mut w = open(&r, &tok);
+    w.send_frame(opcode::BINARY, b"not a fedbus frame", true);
+    w.expect_close(1002);
+    let mut w = open(&r, &tok);
+    let f = encode_frame(Kind::Response, 0, 0, 0, 1, b"", b"x");
+    w.send_frame(opcode::BINARY, &f, true);
+    w.expect_close(1002);
+}
+
+#[test]
+fn text_message_closes_1003() {
+    let r = Router::new().shards(1).start();
+    let tok = r.token(APP, "alice");
+    let mut w = open(&r, &tok);
+    w.send_frame(opcode::TEXT, b"{\"hello\":1}", true);
+    w.expect_close(1003);
+}
+
+/// The message limit is `max_body_bytes + 64 KiB`: exactly that is served, one byte more is 1009.
+#[test]
+fn oversized_message_closes_1009() {
+    let r = Router::new()
+        .shards(1)
+        .limit("max_body_bytes", 1024)
+        .start();
+    let tok = r.token(APP, "alice");
+    let limit = 1024 + 64 * 1024;
+    // A frame without PATH (answered 400 without a task) of exactly `limit` bytes.
+    let mut w = open(&r, &tok);
+    let payload = vec![b'z'; limit - 24];
+    w.send_request(1, None, &payload);
+    assert_error_frame(&w.read_response(), 1, 400, "bad_request");
+    // One byte more.
+    let payload = vec![b'z'; limit - 24 + 1];
+    let b = w.request_bytes(2, None, &payload);
+    w.send_raw_lossy(&b);
+    w.expect_close(1009);
+}
+
+/// Checks the Prometheus text strictly (on top of `Metrics::parse`): HELP/TYPE lines, every
+/// sample in a declared family, histograms cumulative and ending with `+Inf` = `_count`.
+fn check_prometheus(text: &str) -> Metrics {
+    let m = Metrics::parse(text);
+    let mut types: HashMap<String, String> = HashMap::new();
+    let mut helped = std::collections::HashSet::new();
+    let mut buckets: HashMap<String, Vec<(f64, f64)>> = HashMap::new();
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or_else(|| panic!("{line:?}"));
+            assert!(!help.trim().is_empty(), "empty help: {line:?}");
+            assert!(helped.insert(name.to_string()), "HELP twice: {line:?}");
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, ty) = rest.split_once(' ').unwrap_or_else(|| panic!("{line:?}"));
+            assert!(
+                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&ty),
+                "bad type: {line:?}"
+            );
+            assert!(helped.contains(name), "TYPE before HELP: {line:?}");
+            assert!(
+                types.insert(name.into(), ty.into()).is_none(),
+                "TYPE twice: {line:?}"
+            );
+            continue;
+        }
+        assert!(!line.starts_with('#'), "bad comment: {line:?}");
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let name = series.split('{').next().unwrap();
+        let family = types.get(name).map(|_| name).or_else(|| {
+            ["_bucket", "_sum", "_count"].iter().find_map(|s| {
+                let base = name.strip_suffix(s)?;
+                (types.get(base).map(String::as_str) == Some("histogram")).then_some(base)
+            })
+        });
+        let family = family.unwrap_or_else(|| panic!("sample of an undeclared family: {line:?}"));
+        if types[family] == "counter" || types[family] == "histogram" {
+            let v: f64 = value.parse().unwrap();
+            assert!(v >= 0.0 && v.is_finite(), "negative counter: {line:?}");
+        }
+        if let Some(base) = name.strip_suffix("_bucket") {
+            let le = series
+                .split("le=\"")
+                .nth(1)
+                .and_then(|s| s.split('"').next())
+                .unwrap_or_else(|| panic!("bucket without le: {line:?}"));
+            let le: f64 = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap()
+            };
+            buckets
+                .entry(base.to_string())
+                .or_default()
+                .push((le, value.parse().unwrap()));
+        }
+    }
+    let hists: Vec<&String> = types
+        .iter()
+        .filter(|(_, t)| *t == "histogram")
+        .map(|(n, _)| n)
+        .collect();
+    assert!(!hists.is_empty(), "no histogram");
+    for h in hists {
+        let b = buckets
+            .get(h.as_str())
+            .unwrap_or_else(|| panic!("{h}: no buckets"));
+        for w in b.windows(2) {
+            assert!(w[0].0 < w[1].0, "{h}: le not increasing: {b:?}");
+            assert!(w[0].1 <= w[1].1, "{h}: buckets not cumulative: {b:?}");
+        }
+        let last = b.last().unwrap();
+        assert!(last.0.is_infinite(), "{h}: last bucket is not +Inf: {b:?}");
+        assert_eq!(last.1, m.get(&format!("{h}_count")), "{h}: +Inf != _count");
+        assert!(m.0.contains_key(&format!("{h}_sum")), "{h}: no _sum");
+    }
+    m
+}
+
+#[test]
+fn metrics_count_websocket_requests() {
+    let r = Router::new().shards(2).start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let before = check_prometheus(&r.metrics_text());
+    let ok0 = before.get("fedbus_requests_total{status=\"200\"}");
+    let e400 = before.get("fedbus_requests_total{status=\"400\"}");
+    let count0 = before.get("fedbus_request_duration_seconds_count");
+    let conns0 = before.get("fedbus_connections{listener=\"api\"}");
+
+    let mut w = open(&r, &tok);
+    let n = 37u64;
+    for i in 0..n {
+        w.send_request(i, Some(&r.path(APP, i)), b"m");
+    }
+    for _ in 0..n {
+        assert_eq!(status_of(&w.read_response()), 200);
+    }
+    w.send_request(999, None, b"");
+    assert_error_frame(&w.read_response(), 999, 400, "bad_request");
+
+    let during = check_prometheus(&r.metrics_text());
+    assert_eq!(
+        during.get("fedbus_requests_total{status=\"200\"}") - ok0,
+        n as f64,
+        "200s over the websocket counted"
+    );
+    assert_eq!(
+        during.get("fedbus_requests_total{status=\"400\"}") - e400,
+        1.0
+    );
+    assert_eq!(
+        during.get("fedbus_request_duration_seconds_count") - count0,
+        n as f64 + 1.0,
+        "every answer in the latency histogram"
+    );
+    assert!(
+        during.get("fedbus_connections{listener=\"api\"}") >= 1.0,
+        "websocket open: {:?}",
+        during.get("fedbus_connections{listener=\"api\"}")
+    );
+    assert_eq!(during.get("fedbus_task_links"), 2.0);
+
+    // Closing the websocket takes the gauge back down.
+    w.send_frame(opcode::CLOSE, &1000u16.to_be_bytes(), true);
+    w.expect_close(1000);
+    let back = wait_for(Duration::from_secs(3), || {
+        let m = r.metrics();
+        (m.get("fedbus_connections{listener=\"api\"}") <= conns0).then_some(())
+    });
+    assert!(back.is_some(), "api connection gauge not back to {conns0}");
+}

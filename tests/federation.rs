@@ -37,7 +37,11 @@ fn assert_served(r: &Response, wsid: u64, body: &[u8], served_by: &str) {
         Some((wsid % 16).to_string().as_str()),
         "{r:?}"
     );
-    assert_eq!(r.header("fedbus-served-by"), Some(served_by), "wsid {wsid}: {r:?}");
+    assert_eq!(
+        r.header("fedbus-served-by"),
+        Some(served_by),
+        "wsid {wsid}: {r:?}"
+    );
     assert!(r.header("fedbus-shard").is_some(), "{r:?}");
 }
 
@@ -52,7 +56,11 @@ fn any_entry_router_reaches_the_right_cluster_and_partition() {
         for entry in &f.routers {
             let mut keep = entry.conn();
             for (i, n) in sizes.into_iter().enumerate() {
-                for wsid in [3u64 * i as u64 + 16, 3 * i as u64 + 17, 1_000_003 + i as u64] {
+                for wsid in [
+                    3u64 * i as u64 + 16,
+                    3 * i as u64 + 17,
+                    1_000_003 + i as u64,
+                ] {
                     let body = random_bytes(n, wsid * 31 + i as u64);
                     // A cross-cluster request is served by router `wsid % 2` of the target;
                     // a local one by the entry router.
@@ -66,15 +74,25 @@ fn any_entry_router_reaches_the_right_cluster_and_partition() {
                     // The same on a fresh connection (maybe the other shard).
                     let resp = entry.conn().request(&f.req(target, wsid, &body));
                     assert_served(&resp, wsid, &body, &want);
-                    seen_shards.insert((entry.name.clone(), resp.header("fedbus-shard").map(str::to_string)));
+                    seen_shards.insert((
+                        entry.name.clone(),
+                        resp.header("fedbus-shard").map(str::to_string),
+                    ));
                 }
             }
             // The target cluster's own token is required, checked by the target cluster.
-            let wrong = Req::post(&f.path(target, 5)).token(f.token(other(target))).body(b"x");
+            let wrong = Req::post(&f.path(target, 5))
+                .token(f.token(other(target)))
+                .body(b"x");
             let resp = entry.conn().request(&wrong);
-            assert_eq!(resp.status, 401, "{} -> {target} with a foreign token: {resp:?}", entry.name);
+            assert_eq!(
+                resp.status, 401,
+                "{} -> {target} with a foreign token: {resp:?}",
+                entry.name
+            );
             assert!(
-                resp.header("fedbus-served-by").is_some_and(|s| s.starts_with(&format!("ru/{target}/"))),
+                resp.header("fedbus-served-by")
+                    .is_some_and(|s| s.starts_with(&format!("ru/{target}/"))),
                 "401 comes from the target cluster: {resp:?}"
             );
         }
@@ -165,7 +183,13 @@ fn load(
 }
 
 /// Sends `wsid`'s echo for spb2 through `entry` until it is served by `want`.
-fn wait_served_by(f: &Federation, entry: &FedRouter, wsid: u64, want: &str, within: Duration) -> Duration {
+fn wait_served_by(
+    f: &Federation,
+    entry: &FedRouter,
+    wsid: u64,
+    want: &str,
+    within: Duration,
+) -> Duration {
     let start = Instant::now();
     let mut last = None;
     while start.elapsed() < within {
@@ -181,7 +205,10 @@ fn wait_served_by(f: &Federation, entry: &FedRouter, wsid: u64, want: &str, with
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("{} -> spb2 wsid {wsid} not served by {want} within {within:?}; last: {last:?}", entry.name);
+    panic!(
+        "{} -> spb2 wsid {wsid} not served by {want} within {within:?}; last: {last:?}",
+        entry.name
+    );
 }
 
 /// 2. kill -9 of spb2's r0 under load; the rest keeps serving; r0 restarted comes back.
@@ -203,17 +230,30 @@ fn kill9_of_a_router_under_load_and_restart() {
     let before = obs.iter().filter(|o| o.at < killed_at).count();
     let after = obs.len() - before;
     eprintln!("kill -9 under load: {before} answers before the kill, {after} after");
-    assert!(before > 20 && after > 20, "load too thin: {before} / {after}");
+    assert!(
+        before > 20 && after > 20,
+        "load too thin: {before} / {after}"
+    );
     let settle = killed_at + Duration::from_millis(500);
     for o in &obs {
-        assert!(o.error.is_none() || o.status.is_some(), "no answer (hung or closed): {o:?}");
+        assert!(
+            o.error.is_none() || o.status.is_some(),
+            "no answer (hung or closed): {o:?}"
+        );
         assert!(o.took < Duration::from_secs(3), "slow answer: {o:?}");
         match o.status {
             Some(200) => {
                 let s = o.served_by.as_deref().unwrap_or("");
                 assert!(s.starts_with(&format!("ru/{}/", o.target)), "{o:?}");
-                if o.entry.starts_with("ru/spb1/") && o.target == "spb2" && o.at + o.took < killed_at {
-                    assert_eq!(s, format!("ru/spb2/r{}", o.wsid % 2), "wsid picks the router: {o:?}");
+                if o.entry.starts_with("ru/spb1/")
+                    && o.target == "spb2"
+                    && o.at + o.took < killed_at
+                {
+                    assert_eq!(
+                        s,
+                        format!("ru/spb2/r{}", o.wsid % 2),
+                        "wsid picks the router: {o:?}"
+                    );
                 }
                 if o.at > settle + o.took {
                     assert_ne!(s, "ru/spb2/r0", "served by a dead router: {o:?}");
@@ -233,7 +273,10 @@ fn kill9_of_a_router_under_load_and_restart() {
     // Every wsid of spb2 is served by r1 now, from both spb1 routers.
     for r in 0..2 {
         for wsid in [0u64, 2, 1] {
-            let resp = f.router("spb1", r).conn().request(&f.req("spb2", wsid, b"x"));
+            let resp = f
+                .router("spb1", r)
+                .conn()
+                .request(&f.req("spb2", wsid, b"x"));
             assert_served(&resp, wsid, b"x", "ru/spb2/r1");
         }
     }
@@ -241,17 +284,36 @@ fn kill9_of_a_router_under_load_and_restart() {
     let t0 = Instant::now();
     f.router_mut("spb2", 0).restart();
     eprintln!("  r0 restarted in {:?}", t0.elapsed());
-    let d0 = wait_served_by(&f, f.router("spb1", 0), 0, "ru/spb2/r0", Duration::from_secs(10));
-    let d1 = wait_served_by(&f, f.router("spb1", 1), 2, "ru/spb2/r0", Duration::from_secs(10));
-    eprintln!("  spb1 r0/r1 forward to spb2 r0 again after {d0:?} / {:?}", d1);
+    let d0 = wait_served_by(
+        &f,
+        f.router("spb1", 0),
+        0,
+        "ru/spb2/r0",
+        Duration::from_secs(10),
+    );
+    let d1 = wait_served_by(
+        &f,
+        f.router("spb1", 1),
+        2,
+        "ru/spb2/r0",
+        Duration::from_secs(10),
+    );
+    eprintln!(
+        "  spb1 r0/r1 forward to spb2 r0 again after {d0:?} / {:?}",
+        d1
+    );
     let r0 = f.router("spb2", 0);
     let dt = wait_for(Duration::from_secs(10), || {
         let mut c = r0.conn();
         c.set_read_timeout(Duration::from_secs(2));
         c.send(&f.req("spb2", 9, b"direct").bytes());
-        c.read_response().ok().filter(|r| r.status == 200).map(|r| (r, t0.elapsed()))
+        c.read_response()
+            .ok()
+            .filter(|r| r.status == 200)
+            .map(|r| (r, t0.elapsed()))
     });
-    let (resp, dt) = dt.expect("the echo task of spb2 did not reconnect to the restarted r0 within 10 s");
+    let (resp, dt) =
+        dt.expect("the echo task of spb2 did not reconnect to the restarted r0 within 10 s");
     assert_served(&resp, 9, b"direct", "ru/spb2/r0");
     eprintln!("  echo task back on r0 after {dt:?}");
 }
@@ -299,19 +361,32 @@ fn peer_link_lost_under_load() {
     // Those in flight to r0 first: each arrival is timed from the kill.
     pend.sort_by_key(|p| p.wsid % 2);
     for mut p in pend {
-        let r = p.conn.read_response().unwrap_or_else(|e| panic!("wsid {}: {e}", p.wsid));
+        let r = p
+            .conn
+            .read_response()
+            .unwrap_or_else(|e| panic!("wsid {}: {e}", p.wsid));
         if p.wsid % 2 == 0 {
             r.assert_error(502, "peer_lost");
             let after = killed.elapsed();
-            assert!(after < Duration::from_secs(2), "502 only {after:?} after the kill: {r:?}");
-            assert!(r.header("fedbus-served-by").is_some_and(|s| s.starts_with("ru/spb1/")), "{r:?}");
+            assert!(
+                after < Duration::from_secs(2),
+                "502 only {after:?} after the kill: {r:?}"
+            );
+            assert!(
+                r.header("fedbus-served-by")
+                    .is_some_and(|s| s.starts_with("ru/spb1/")),
+                "{r:?}"
+            );
         } else {
             assert_served(&r, p.wsid, b"slow", "ru/spb2/r1");
             assert!(p.sent.elapsed() >= Duration::from_millis(2900), "{r:?}");
         }
     }
     for mut p in fresh {
-        let r = p.conn.read_response().unwrap_or_else(|e| panic!("wsid {}: {e}", p.wsid));
+        let r = p
+            .conn
+            .read_response()
+            .unwrap_or_else(|e| panic!("wsid {}: {e}", p.wsid));
         assert_served(&r, p.wsid, b"slow", "ru/spb2/r1");
     }
     // Requests in flight on the links to r1 when r1 dies too.
@@ -323,7 +398,10 @@ fn peer_link_lost_under_load() {
     let killed = Instant::now();
     f.router_mut("spb2", 1).kill9();
     for mut p in pend {
-        let r = p.conn.read_response().unwrap_or_else(|e| panic!("wsid {}: {e}", p.wsid));
+        let r = p
+            .conn
+            .read_response()
+            .unwrap_or_else(|e| panic!("wsid {}: {e}", p.wsid));
         r.assert_error(502, "peer_lost");
         assert!(killed.elapsed() < Duration::from_secs(2), "{r:?}");
     }
@@ -331,14 +409,20 @@ fn peer_link_lost_under_load() {
     for r in 0..2 {
         for wsid in [0u64, 1] {
             let t = Instant::now();
-            let resp = f.router("spb1", r).conn().request(&f.req("spb2", wsid, b"x"));
+            let resp = f
+                .router("spb1", r)
+                .conn()
+                .request(&f.req("spb2", wsid, b"x"));
             resp.assert_error(503, "no_peer");
             assert_eq!(resp.header("retry-after"), Some("1"), "{resp:?}");
             assert!(t.elapsed() < Duration::from_secs(1), "{resp:?}");
         }
     }
     // spb1's own traffic is untouched.
-    let resp = f.router("spb1", 1).conn().request(&f.req("spb1", 5, b"local"));
+    let resp = f
+        .router("spb1", 1)
+        .conn()
+        .request(&f.req("spb1", 5, b"local"));
     assert_served(&resp, 5, b"local", "ru/spb1/r1");
 }
 
@@ -361,7 +445,8 @@ fn refusal(status: u16, head: &str, rest: &[u8], s: &mut std::net::TcpStream) ->
         .lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
         })
         .unwrap_or(0);
     let mut body = rest.to_vec();
@@ -384,17 +469,48 @@ fn forged_peer_tokens_are_refused_before_the_upgrade() {
     keys_init(&f.root, &evil, &[APP]);
     let spb2 = f.keyring("spb2").to_path_buf();
     let cases: Vec<(&str, Option<String>, u16, &str)> = vec![
-        ("spb2's name, a third keyring's key", Some(peer_token(&f, "ru/spb2", &evil)), 401, "bad_signature"),
-        ("spb2's key, naming ru/spb9", Some(peer_token(&f, "ru/spb9", &spb2)), 401, "unknown_cluster"),
-        ("spb2's key, naming spb1 itself", Some(peer_token(&f, "ru/spb1", &spb2)), 401, "unknown_cluster"),
+        (
+            "spb2's name, a third keyring's key",
+            Some(peer_token(&f, "ru/spb2", &evil)),
+            401,
+            "bad_signature",
+        ),
+        (
+            "spb2's key, naming ru/spb9",
+            Some(peer_token(&f, "ru/spb9", &spb2)),
+            401,
+            "unknown_cluster",
+        ),
+        (
+            "spb2's key, naming spb1 itself",
+            Some(peer_token(&f, "ru/spb1", &spb2)),
+            401,
+            "unknown_cluster",
+        ),
         (
             "spb2's task service token (has an app)",
-            Some(f.fedbus(&["token", "service", "--task-id", "t", "--app", APP, "--cluster", "ru/spb2", "--keyring", spb2.to_str().unwrap()])),
+            Some(f.fedbus(&[
+                "token",
+                "service",
+                "--task-id",
+                "t",
+                "--app",
+                APP,
+                "--cluster",
+                "ru/spb2",
+                "--keyring",
+                spb2.to_str().unwrap(),
+            ])),
             401,
             "bad_token",
         ),
         ("no token", None, 401, "missing_token"),
-        ("a client JWT", Some(f.token("spb2").to_string()), 401, "bad_token"),
+        (
+            "a client JWT",
+            Some(f.token("spb2").to_string()),
+            401,
+            "bad_token",
+        ),
     ];
     for r in &f.routers[..2] {
         for (what, tok, want, code) in &cases {
@@ -404,8 +520,13 @@ fn forged_peer_tokens_are_refused_before_the_upgrade() {
             assert_eq!(&got, code, "{what} at {}: {head}", r.name);
         }
         // Control: spb2's real peer token is accepted.
-        let (_s, status, head, _) = peer_upgrade(r.external, Some(&peer_token(&f, "ru/spb2", &spb2)));
-        assert_eq!(status, 101, "a correct spb2 peer token at {}: {head}", r.name);
+        let (_s, status, head, _) =
+            peer_upgrade(r.external, Some(&peer_token(&f, "ru/spb2", &spb2)));
+        assert_eq!(
+            status, 101,
+            "a correct spb2 peer token at {}: {head}",
+            r.name
+        );
     }
 }
 
@@ -460,38 +581,66 @@ fn loop_guard_on_a_real_peer_link() {
     let f = Federation::start();
     let spb2 = f.keyring("spb2").to_path_buf();
     let r = f.router("spb1", 0);
-    let (mut s, status, head, rest) = peer_upgrade(r.external, Some(&peer_token(&f, "ru/spb2", &spb2)));
+    let (mut s, status, head, rest) =
+        peer_upgrade(r.external, Some(&peer_token(&f, "ru/spb2", &spb2)));
     assert_eq!(status, 101, "{head}");
     let mut buf = rest;
     // Control: a request for spb1 itself is served (partition 21 % 16).
-    ws_send(&mut s, &forwarded_request(7, "ru/spb1", f.token("spb1"), b"hello"));
+    ws_send(
+        &mut s,
+        &forwarded_request(7, "ru/spb1", f.token("spb1"), b"hello"),
+    );
     let a = Frame::decode(ws_recv(&mut s, &mut buf).into()).expect("fedbus frame");
     assert_eq!(a.header.kind, Kind::Response);
     assert_eq!(a.header.request_id, 7);
     assert_eq!(a.get_u64(tag::STATUS), Some(200), "{a:?}");
     assert_eq!(&a.payload[..], b"hello");
     assert_eq!(a.get_str(tag::SERVED_BY), Some("ru/spb1/r0"));
-    assert!(a.meta_entries().any(|(t, v)| t == tag::HEADER && v == b"fedbus-partition: 5"), "{a:?}");
+    assert!(
+        a.meta_entries()
+            .any(|(t, v)| t == tag::HEADER && v == b"fedbus-partition: 5"),
+        "{a:?}"
+    );
     // The loop: a request naming spb2, sent to spb1.
-    ws_send(&mut s, &forwarded_request(8, "ru/spb2", f.token("spb2"), b"loop"));
+    ws_send(
+        &mut s,
+        &forwarded_request(8, "ru/spb2", f.token("spb2"), b"loop"),
+    );
     let a = Frame::decode(ws_recv(&mut s, &mut buf).into()).expect("fedbus frame");
     assert_eq!(a.header.kind, Kind::Response);
     assert_eq!(a.header.request_id, 8);
     assert_eq!(a.get_u64(tag::STATUS), Some(508), "{a:?}");
     assert_eq!(a.get_str(tag::ERROR), Some("forward_loop"), "{a:?}");
     // And it was not forwarded: spb2's routers saw no request of ours (the link still works).
-    ws_send(&mut s, &forwarded_request(9, "ru/spb1", f.token("spb1"), b""));
+    ws_send(
+        &mut s,
+        &forwarded_request(9, "ru/spb1", f.token("spb1"), b""),
+    );
     let a = Frame::decode(ws_recv(&mut s, &mut buf).into()).expect("fedbus frame");
-    assert_eq!((a.header.request_id, a.get_u64(tag::STATUS)), (9, Some(200)));
+    assert_eq!(
+        (a.header.request_id, a.get_u64(tag::STATUS)),
+        (9, Some(200))
+    );
 }
 
 /// Closed loop of `n` requests per connection on `conns` keep-alive connections.
-fn closed_loop(f: &Federation, entry: &FedRouter, target: &str, conns: usize, n: usize) -> (f64, Duration, Duration) {
+fn closed_loop(
+    f: &Federation,
+    entry: &FedRouter,
+    target: &str,
+    conns: usize,
+    n: usize,
+) -> (f64, Duration, Duration) {
     let start = Instant::now();
     let hs: Vec<_> = (0..conns)
         .map(|k| {
             let addr = entry.api;
-            let reqs: Vec<Vec<u8>> = (0..16u64).map(|w| f.req(target, w * 5 + k as u64, &random_bytes(100, w)).bytes()).collect();
+            let reqs: Vec<Vec<u8>> = (0..16u64)
+                .map(|w| {
+                    f.req(target, w * 5 + k as u64, &random_bytes(100, w))
+                        .bytes()
+                })
+                .collect();
             std::thread::spawn(move || {
                 let mut c = Conn::open(addr);
                 let mut lat = Vec::with_capacity(n);
@@ -506,7 +655,10 @@ fn closed_loop(f: &Federation, entry: &FedRouter, target: &str, conns: usize, n:
             })
         })
         .collect();
-    let mut lat: Vec<Duration> = hs.into_iter().flat_map(|h| h.join().expect("client")).collect();
+    let mut lat: Vec<Duration> = hs
+        .into_iter()
+        .flat_map(|h| h.join().expect("client"))
+        .collect();
     let took = start.elapsed();
     lat.sort();
     let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];

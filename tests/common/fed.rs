@@ -61,7 +61,11 @@ impl Drop for FedProc {
         if std::thread::panicking() {
             let log = self.log_text();
             let tail: Vec<&str> = log.lines().rev().take(25).collect();
-            eprintln!("---- last lines of {} ({}) ----", self.name, self.log.display());
+            eprintln!(
+                "---- last lines of {} ({}) ----",
+                self.name,
+                self.log.display()
+            );
             for l in tail.iter().rev() {
                 eprintln!("{l}");
             }
@@ -112,7 +116,13 @@ impl FedRouter {
     pub fn restart(&mut self) {
         self.proc.kill();
         self.restarts += 1;
-        self.proc = spawn_router(&self.cfg, &self.home, &self.name, self.restarts, self.shards);
+        self.proc = spawn_router(
+            &self.cfg,
+            &self.home,
+            &self.name,
+            self.restarts,
+            self.shards,
+        );
     }
 }
 
@@ -217,7 +227,10 @@ impl FederationBuilder {
                 let name = format!("ru/{c}/r{r}");
                 let my = ip(ci, r);
                 let mut cfg = String::new();
-                let _ = writeln!(cfg, "region = \"ru\"\ncluster = {c:?}\nrouter = \"r{r}\"\ndev = true");
+                let _ = writeln!(
+                    cfg,
+                    "region = \"ru\"\ncluster = {c:?}\nrouter = \"r{r}\"\ndev = true"
+                );
                 let _ = writeln!(cfg, "keyring = {:?}", keys[ci].to_str().expect("utf-8"));
                 let _ = writeln!(
                     cfg,
@@ -264,7 +277,16 @@ impl FederationBuilder {
         for k in &keys {
             let t = fedbus(
                 &root,
-                &["token", "client", "--app", APP, "--sub", "alice", "--keyring", k.to_str().expect("utf-8")],
+                &[
+                    "token",
+                    "client",
+                    "--app",
+                    APP,
+                    "--sub",
+                    "alice",
+                    "--keyring",
+                    k.to_str().expect("utf-8"),
+                ],
             )
             .trim()
             .to_string();
@@ -363,7 +385,10 @@ impl Federation {
 
     fn start_task(&mut self, ci: usize) {
         let c = CLUSTERS[ci];
-        let log = self.root.join(c).join(format!("task-{}.log", self.tasks.len()));
+        let log = self
+            .root
+            .join(c)
+            .join(format!("task-{}.log", self.tasks.len()));
         let mut cmd = Command::new(BIN);
         cmd.args(["task", "echo", "--cluster", &format!("ru/{c}")])
             .args(["--keyring", self.keys[ci].to_str().expect("utf-8")])
@@ -421,7 +446,11 @@ impl Federation {
                     Err(e) if delay > 0 && super::is_timeout(&e) => break,
                     Err(e) => panic!("probe of {}: {e}", r.name),
                 }
-                assert!(Instant::now() < deadline, "{} not routed within {timeout:?}", r.name);
+                assert!(
+                    Instant::now() < deadline,
+                    "{} not routed within {timeout:?}",
+                    r.name
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -440,7 +469,9 @@ impl Federation {
         loop {
             let mut c = r.conn();
             c.set_read_timeout(Duration::from_secs(2));
-            let resp = c.request(&Req::get(&format!("/api/ru/{other}/demo/nope/api/{wsid}/sys/echo")));
+            let resp = c.request(&Req::get(&format!(
+                "/api/ru/{other}/demo/nope/api/{wsid}/sys/echo"
+            )));
             let ok = resp.status == 404
                 && resp
                     .header("fedbus-served-by")
@@ -468,7 +499,8 @@ pub fn peer_upgrade(
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
     let mut req = format!(
         "GET /peer HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
     );
@@ -483,8 +515,14 @@ pub fn peer_upgrade(
             break i + 4;
         }
         let mut chunk = [0u8; 4096];
-        let n = s.read(&mut chunk).unwrap_or_else(|e| panic!("upgrade answer: {e}"));
-        assert!(n > 0, "connection closed before an answer: {:?}", String::from_utf8_lossy(&buf));
+        let n = s
+            .read(&mut chunk)
+            .unwrap_or_else(|e| panic!("upgrade answer: {e}"));
+        assert!(
+            n > 0,
+            "connection closed before an answer: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
         buf.extend_from_slice(&chunk[..n]);
     };
     let head = String::from_utf8_lossy(&buf[..end]).into_owned();

@@ -13,6 +13,8 @@
 // Each test binary uses only part of the harness.
 #![allow(dead_code)]
 
+pub mod fed;
+
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};

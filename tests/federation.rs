@@ -1,0 +1,684 @@
+//! Federation end to end: two clusters (`ru/spb1`, `ru/spb2`) of two real routers each, one
+//! echo task per cluster linked to both of its routers, peer links between the clusters.
+//! Routing across clusters, kill -9 of a router under load and its restart, a peer link lost
+//! with requests in flight, forged peer tokens, the loop guard, and an informative
+//! cross-cluster vs in-cluster latency comparison.
+
+mod common;
+
+use common::fed::*;
+use common::*;
+use fedbus::proto::{encode_frame, flags, put_meta, tag, Frame, Kind};
+use fedbus::ws::frame as wsf;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn other(c: &str) -> &'static str {
+    if c == "spb1" {
+        "spb2"
+    } else {
+        "spb1"
+    }
+}
+
+/// A 200 echo of `body` from partition `wsid % 16`, served by `served_by`.
+fn assert_served(r: &Response, wsid: u64, body: &[u8], served_by: &str) {
+    assert_eq!(r.status, 200, "wsid {wsid}: {r:?}");
+    assert!(
+        r.body == body,
+        "wsid {wsid}: body of {} bytes differs from the {} sent",
+        r.body.len(),
+        body.len()
+    );
+    assert_eq!(
+        r.header("fedbus-partition"),
+        Some((wsid % 16).to_string().as_str()),
+        "{r:?}"
+    );
+    assert_eq!(
+        r.header("fedbus-served-by"),
+        Some(served_by),
+        "wsid {wsid}: {r:?}"
+    );
+    assert!(r.header("fedbus-shard").is_some(), "{r:?}");
+}
+
+/// 1. Every entry router reaches the right cluster and partition, bodies byte-identical.
+/// Two shards per router: fresh connections land on both, and each shard has its own links.
+#[test]
+fn any_entry_router_reaches_the_right_cluster_and_partition() {
+    let f = Federation::builder().shards(2).start();
+    let sizes = [0usize, 100, 256 * 1024];
+    let mut seen_shards = std::collections::BTreeSet::new();
+    for target in CLUSTERS {
+        for entry in &f.routers {
+            let mut keep = entry.conn();
+            for (i, n) in sizes.into_iter().enumerate() {
+                for wsid in [
+                    3u64 * i as u64 + 16,
+                    3 * i as u64 + 17,
+                    1_000_003 + i as u64,
+                ] {
+                    let body = random_bytes(n, wsid * 31 + i as u64);
+                    // A cross-cluster request is served by router `wsid % 2` of the target;
+                    // a local one by the entry router.
+                    let want = if entry.cluster == target {
+                        entry.name.clone()
+                    } else {
+                        format!("ru/{target}/r{}", wsid % 2)
+                    };
+                    let resp = keep.request(&f.req(target, wsid, &body));
+                    assert_served(&resp, wsid, &body, &want);
+                    // The same on a fresh connection (maybe the other shard).
+                    let resp = entry.conn().request(&f.req(target, wsid, &body));
+                    assert_served(&resp, wsid, &body, &want);
+                    seen_shards.insert((
+                        entry.name.clone(),
+                        resp.header("fedbus-shard").map(str::to_string),
+                    ));
+                }
+            }
+            // The target cluster's own token is required, checked by the target cluster.
+            let wrong = Req::post(&f.path(target, 5))
+                .token(f.token(other(target)))
+                .body(b"x");
+            let resp = entry.conn().request(&wrong);
+            assert_eq!(
+                resp.status, 401,
+                "{} -> {target} with a foreign token: {resp:?}",
+                entry.name
+            );
+            assert!(
+                resp.header("fedbus-served-by")
+                    .is_some_and(|s| s.starts_with(&format!("ru/{target}/"))),
+                "401 comes from the target cluster: {resp:?}"
+            );
+        }
+    }
+    eprintln!("entry shards seen: {seen_shards:?}");
+}
+
+/// One answer observed by a load thread.
+#[derive(Debug)]
+struct Obs {
+    entry: String,
+    target: &'static str,
+    wsid: u64,
+    status: Option<u16>,
+    error: Option<String>,
+    served_by: Option<String>,
+    at: Instant,
+    took: Duration,
+}
+
+/// Closed-loop client threads: one per entry router, alternating target clusters.
+fn load(
+    f: &Federation,
+    entries: &[(&str, usize)],
+    stop: &Arc<AtomicBool>,
+    log: &Arc<Mutex<Vec<Obs>>>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let mut hs = Vec::new();
+    for (k, (c, r)) in entries.iter().enumerate() {
+        let entry = f.router(c, *r);
+        let (addr, name) = (entry.api, entry.name.clone());
+        let reqs: Vec<(&'static str, Req)> = (0..64u64)
+            .map(|i| {
+                let t = CLUSTERS[(i % 2) as usize];
+                (t, f.req(t, i * 7 + k as u64, &random_bytes(200, i)))
+            })
+            .collect();
+        let (stop, log) = (stop.clone(), log.clone());
+        hs.push(std::thread::spawn(move || {
+            let mut conn: Option<Conn> = None;
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let (t, req) = &reqs[i % reqs.len()];
+                let wsid = ((i % reqs.len()) as u64) * 7 + k as u64;
+                i += 1;
+                let c = conn.get_or_insert_with(|| {
+                    let mut c = Conn::open(addr);
+                    c.set_read_timeout(Duration::from_secs(3));
+                    c
+                });
+                let start = Instant::now();
+                c.send(&req.bytes());
+                let r = c.read_response();
+                let took = start.elapsed();
+                let obs = match r {
+                    Ok(resp) => Obs {
+                        entry: name.clone(),
+                        target: t,
+                        wsid,
+                        status: Some(resp.status),
+                        error: resp
+                            .header("content-type")
+                            .filter(|ct| *ct == "application/json")
+                            .map(|_| resp.json()["error"].as_str().unwrap_or("").to_string()),
+                        served_by: resp.header("fedbus-served-by").map(str::to_string),
+                        at: Instant::now(),
+                        took,
+                    },
+                    Err(e) => {
+                        conn = None;
+                        Obs {
+                            entry: name.clone(),
+                            target: t,
+                            wsid,
+                            status: None,
+                            error: Some(e.to_string()),
+                            served_by: None,
+                            at: Instant::now(),
+                            took,
+                        }
+                    }
+                };
+                log.lock().unwrap().push(obs);
+            }
+        }));
+    }
+    hs
+}
+
+/// Sends `wsid`'s echo for spb2 through `entry` until it is served by `want`.
+fn wait_served_by(
+    f: &Federation,
+    entry: &FedRouter,
+    wsid: u64,
+    want: &str,
+    within: Duration,
+) -> Duration {
+    let start = Instant::now();
+    let mut last = None;
+    while start.elapsed() < within {
+        let mut c = entry.conn();
+        c.set_read_timeout(Duration::from_secs(3));
+        c.send(&f.req("spb2", wsid, b"again").bytes());
+        match c.read_response() {
+            Ok(r) if r.status == 200 && r.header("fedbus-served-by") == Some(want) => {
+                return start.elapsed();
+            }
+            Ok(r) => last = Some(format!("{r:?}")),
+            Err(e) => last = Some(e.to_string()),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "{} -> spb2 wsid {wsid} not served by {want} within {within:?}; last: {last:?}",
+        entry.name
+    );
+}
+
+/// 2. kill -9 of spb2's r0 under load; the rest keeps serving; r0 restarted comes back.
+#[test]
+fn kill9_of_a_router_under_load_and_restart() {
+    let mut f = Federation::start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let hs = load(&f, &[("spb1", 0), ("spb1", 1), ("spb2", 1)], &stop, &log);
+    std::thread::sleep(Duration::from_millis(700));
+    let killed_at = Instant::now();
+    f.router_mut("spb2", 0).kill9();
+    std::thread::sleep(Duration::from_millis(2000));
+    stop.store(true, Ordering::Relaxed);
+    for h in hs {
+        h.join().expect("load thread");
+    }
+    let obs = std::mem::take(&mut *log.lock().unwrap());
+    let before = obs.iter().filter(|o| o.at < killed_at).count();
+    let after = obs.len() - before;
+    eprintln!("kill -9 under load: {before} answers before the kill, {after} after");
+    assert!(
+        before > 20 && after > 20,
+        "load too thin: {before} / {after}"
+    );
+    let settle = killed_at + Duration::from_millis(500);
+    for o in &obs {
+        assert!(
+            o.error.is_none() || o.status.is_some(),
+            "no answer (hung or closed): {o:?}"
+        );
+        assert!(o.took < Duration::from_secs(3), "slow answer: {o:?}");
+        match o.status {
+            Some(200) => {
+                let s = o.served_by.as_deref().unwrap_or("");
+                assert!(s.starts_with(&format!("ru/{}/", o.target)), "{o:?}");
+                if o.entry.starts_with("ru/spb1/")
+                    && o.target == "spb2"
+                    && o.at + o.took < killed_at
+                {
+                    assert_eq!(
+                        s,
+                        format!("ru/spb2/r{}", o.wsid % 2),
+                        "wsid picks the router: {o:?}"
+                    );
+                }
+                if o.at > settle + o.took {
+                    assert_ne!(s, "ru/spb2/r0", "served by a dead router: {o:?}");
+                }
+            }
+            Some(502) | Some(503) => {
+                // Only requests that were in flight around the kill, for spb2, entering spb1.
+                assert_eq!(o.target, "spb2", "{o:?}");
+                assert!(o.entry.starts_with("ru/spb1/"), "{o:?}");
+                assert!(o.at < settle, "error long after the kill: {o:?}");
+            }
+            _ => panic!("unexpected answer: {o:?}"),
+        }
+    }
+    let errors = obs.iter().filter(|o| o.status != Some(200)).count();
+    eprintln!("  non-200 answers: {errors}");
+    // Every wsid of spb2 is served by r1 now, from both spb1 routers.
+    for r in 0..2 {
+        for wsid in [0u64, 2, 1] {
+            let resp = f
+                .router("spb1", r)
+                .conn()
+                .request(&f.req("spb2", wsid, b"x"));
+            assert_served(&resp, wsid, b"x", "ru/spb2/r1");
+        }
+    }
+    // Restart r0 with the same config: the dialers of spb1 and the task of spb2 find it.
+    let t0 = Instant::now();
+    f.router_mut("spb2", 0).restart();
+    eprintln!("  r0 restarted in {:?}", t0.elapsed());
+    let d0 = wait_served_by(
+        &f,
+        f.router("spb1", 0),
+        0,
+        "ru/spb2/r0",
+        Duration::from_secs(10),
+    );
+    let d1 = wait_served_by(
+        &f,
+        f.router("spb1", 1),
+        2,
+        "ru/spb2/r0",
+        Duration::from_secs(10),
+    );
+    eprintln!(
+        "  spb1 r0/r1 forward to spb2 r0 again after {d0:?} / {:?}",
+        d1
+    );
+    let r0 = f.router("spb2", 0);
+    let dt = wait_for(Duration::from_secs(10), || {
+        let mut c = r0.conn();
+        c.set_read_timeout(Duration::from_secs(2));
+        c.send(&f.req("spb2", 9, b"direct").bytes());
+        c.read_response()
+            .ok()
+            .filter(|r| r.status == 200)
+            .map(|r| (r, t0.elapsed()))
+    });
+    let (resp, dt) =
+        dt.expect("the echo task of spb2 did not reconnect to the restarted r0 within 10 s");
+    assert_served(&resp, 9, b"direct", "ru/spb2/r0");
+    eprintln!("  echo task back on r0 after {dt:?}");
+}
+
+/// One request sent on its own connection, answered later.
+struct Pending {
+    conn: Conn,
+    wsid: u64,
+    sent: Instant,
+}
+
+fn send_pending(f: &Federation, entry: &FedRouter, wsid: u64) -> Pending {
+    let mut conn = entry.conn();
+    conn.set_read_timeout(Duration::from_secs(8));
+    conn.send(&f.req("spb2", wsid, b"slow").bytes());
+    Pending {
+        conn,
+        wsid,
+        sent: Instant::now(),
+    }
+}
+
+/// 3. A peer link lost with requests in flight: they answer 502 peer_lost at once, new ones
+/// go to the other router, and with no router of spb2 left: 503 no_peer.
+#[test]
+fn peer_link_lost_under_load() {
+    let mut f = Federation::builder().task_delay_ms("spb2", 3000).start();
+    let entries = [f.router("spb1", 0), f.router("spb1", 1)];
+    // Even wsids ride the links to spb2 r0, odd ones the links to spb2 r1.
+    let mut pend: Vec<Pending> = Vec::new();
+    for (k, e) in entries.iter().enumerate() {
+        for wsid in [0u64, 2, 4, 1, 3] {
+            pend.push(send_pending(&f, e, wsid + 16 * k as u64));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(400));
+    let killed = Instant::now();
+    f.router_mut("spb2", 0).kill9();
+    // New requests now go to r1 (sent right after the kill: the link is gone at once).
+    std::thread::sleep(Duration::from_millis(200));
+    let fresh: Vec<Pending> = [6u64, 8]
+        .iter()
+        .map(|w| send_pending(&f, f.router("spb1", 0), *w))
+        .collect();
+    // Those in flight to r0 first: each arrival is timed from the kill.
+    pend.sort_by_key(|p| p.wsid % 2);
+    for mut p in pend {
+        let r = p
+            .conn
+            .read_response()
+            .unwrap_or_else(|e| panic!("wsid {}: {e}", p.wsid));
+        if p.wsid % 2 == 0 {
+            r.assert_error(502, "peer_lost");
+            let after = killed.elapsed();
+            assert!(
+                after < Duration::from_secs(2),
+                "502 only {after:?} after the kill: {r:?}"
+            );
+            assert!(
+                r.header("fedbus-served-by")
+                    .is_some_and(|s| s.starts_with("ru/spb1/")),
+                "{r:?}"
+            );
+        } else {
+            assert_served(&r, p.wsid, b"slow", "ru/spb2/r1");
+            assert!(p.sent.elapsed() >= Duration::from_millis(2900), "{r:?}");
+        }
+    }
+    for mut p in fresh {
+        let r = p
+            .conn
+            .read_response()
+            .unwrap_or_else(|e| panic!("wsid {}: {e}", p.wsid));
+        assert_served(&r, p.wsid, b"slow", "ru/spb2/r1");
+    }
+    // Requests in flight on the links to r1 when r1 dies too.
+    let pend: Vec<Pending> = [1u64, 2]
+        .iter()
+        .map(|w| send_pending(&f, f.router("spb1", 1), *w))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let killed = Instant::now();
+    f.router_mut("spb2", 1).kill9();
+    for mut p in pend {
+        let r = p
+            .conn
+            .read_response()
+            .unwrap_or_else(|e| panic!("wsid {}: {e}", p.wsid));
+        r.assert_error(502, "peer_lost");
+        assert!(killed.elapsed() < Duration::from_secs(2), "{r:?}");
+    }
+    // No router of spb2 left: 503 no_peer with retry-after, at once, from both spb1 routers.
+    for r in 0..2 {
+        for wsid in [0u64, 1] {
+            let t = Instant::now();
+            let resp = f
+                .router("spb1", r)
+                .conn()
+                .request(&f.req("spb2", wsid, b"x"));
+            resp.assert_error(503, "no_peer");
+            assert_eq!(resp.header("retry-after"), Some("1"), "{resp:?}");
+            assert!(t.elapsed() < Duration::from_secs(1), "{resp:?}");
+        }
+    }
+    // spb1's own traffic is untouched.
+    let resp = f
+        .router("spb1", 1)
+        .conn()
+        .request(&f.req("spb1", 5, b"local"));
+    assert_served(&resp, 5, b"local", "ru/spb1/r1");
+}
+
+fn peer_token(f: &Federation, cluster: &str, keyring: &std::path::Path) -> String {
+    f.fedbus(&[
+        "token",
+        "peer",
+        "--router",
+        "r0",
+        "--cluster",
+        cluster,
+        "--keyring",
+        keyring.to_str().unwrap(),
+    ])
+}
+
+/// The JSON error code of a refused upgrade.
+fn refusal(status: u16, head: &str, rest: &[u8], s: &mut std::net::TcpStream) -> (u16, String) {
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = rest.to_vec();
+    while body.len() < len {
+        let mut b = [0u8; 1024];
+        match s.read(&mut b) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => body.extend_from_slice(&b[..n]),
+        }
+    }
+    let j: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    (status, j["error"].as_str().unwrap_or("").to_string())
+}
+
+/// 4. Forged peer tokens are refused before the upgrade.
+#[test]
+fn forged_peer_tokens_are_refused_before_the_upgrade() {
+    let f = Federation::start();
+    let evil = f.root.join("evil").join("keys");
+    keys_init(&f.root, &evil, &[APP]);
+    let spb2 = f.keyring("spb2").to_path_buf();
+    let cases: Vec<(&str, Option<String>, u16, &str)> = vec![
+        (
+            "spb2's name, a third keyring's key",
+            Some(peer_token(&f, "ru/spb2", &evil)),
+            401,
+            "bad_signature",
+        ),
+        (
+            "spb2's key, naming ru/spb9",
+            Some(peer_token(&f, "ru/spb9", &spb2)),
+            401,
+            "unknown_cluster",
+        ),
+        (
+            "spb2's key, naming spb1 itself",
+            Some(peer_token(&f, "ru/spb1", &spb2)),
+            401,
+            "unknown_cluster",
+        ),
+        (
+            "spb2's task service token (has an app)",
+            Some(f.fedbus(&[
+                "token",
+                "service",
+                "--task-id",
+                "t",
+                "--app",
+                APP,
+                "--cluster",
+                "ru/spb2",
+                "--keyring",
+                spb2.to_str().unwrap(),
+            ])),
+            401,
+            "bad_token",
+        ),
+        ("no token", None, 401, "missing_token"),
+        (
+            "a client JWT",
+            Some(f.token("spb2").to_string()),
+            401,
+            "bad_token",
+        ),
+    ];
+    for r in &f.routers[..2] {
+        for (what, tok, want, code) in &cases {
+            let (mut s, status, head, rest) = peer_upgrade(r.external, tok.as_deref());
+            let (st, got) = refusal(status, &head, &rest, &mut s);
+            assert_eq!(st, *want, "{what} at {}: {head}", r.name);
+            assert_eq!(&got, code, "{what} at {}: {head}", r.name);
+        }
+        // Control: spb2's real peer token is accepted.
+        let (_s, status, head, _) =
+            peer_upgrade(r.external, Some(&peer_token(&f, "ru/spb2", &spb2)));
+        assert_eq!(
+            status, 101,
+            "a correct spb2 peer token at {}: {head}",
+            r.name
+        );
+    }
+}
+
+/// Writes one masked (key 0) binary websocket message.
+fn ws_send(s: &mut std::net::TcpStream, msg: &[u8]) {
+    let mut h = [0u8; wsf::MAX_HEADER];
+    let n = wsf::encode_head(wsf::opcode::BINARY, msg.len(), Some([0; 4]), &mut h);
+    s.write_all(&h[..n]).unwrap();
+    s.write_all(msg).unwrap();
+}
+
+/// Reads the next binary websocket message (skipping control frames).
+fn ws_recv(s: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> Vec<u8> {
+    loop {
+        if let Some(h) = wsf::parse_head(buf).expect("frame head") {
+            let total = h.header_len + h.payload_len as usize;
+            if buf.len() >= total {
+                let mut p: Vec<u8> = buf[h.header_len..total].to_vec();
+                buf.drain(..total);
+                assert!(h.mask.is_none(), "router frames are not masked");
+                if h.opcode == wsf::opcode::BINARY {
+                    assert!(h.fin);
+                    return std::mem::take(&mut p);
+                }
+                assert_ne!(h.opcode, wsf::opcode::CLOSE, "link closed: {p:?}");
+                continue;
+            }
+        }
+        let mut b = [0u8; 65536];
+        let n = s.read(&mut b).expect("read peer link");
+        assert!(n > 0, "peer link closed");
+        buf.extend_from_slice(&b[..n]);
+    }
+}
+
+fn forwarded_request(id: u64, cluster: &str, token: &str, body: &[u8]) -> Vec<u8> {
+    let mut m = bytes::BytesMut::new();
+    put_meta(&mut m, tag::CLUSTER, cluster.as_bytes());
+    put_meta(&mut m, tag::APP, APP.as_bytes());
+    put_meta(&mut m, tag::SERVICE, b"api");
+    put_meta(&mut m, tag::MODULE, b"sys");
+    put_meta(&mut m, tag::FUNCTION, b"echo");
+    put_meta(&mut m, tag::WSID, b"21");
+    put_meta(&mut m, tag::METHOD, b"POST");
+    put_meta(&mut m, tag::TOKEN, token.as_bytes());
+    encode_frame(Kind::Request, flags::FORWARDED, 0, 0, id, &m, body).to_vec()
+}
+
+/// 5. Loop guard: a request for spb2 arriving at spb1 over a peer link is 508 forward_loop.
+#[test]
+fn loop_guard_on_a_real_peer_link() {
+    let f = Federation::start();
+    let spb2 = f.keyring("spb2").to_path_buf();
+    let r = f.router("spb1", 0);
+    let (mut s, status, head, rest) =
+        peer_upgrade(r.external, Some(&peer_token(&f, "ru/spb2", &spb2)));
+    assert_eq!(status, 101, "{head}");
+    let mut buf = rest;
+    // Control: a request for spb1 itself is served (partition 21 % 16).
+    ws_send(
+        &mut s,
+        &forwarded_request(7, "ru/spb1", f.token("spb1"), b"hello"),
+    );
+    let a = Frame::decode(ws_recv(&mut s, &mut buf).into()).expect("fedbus frame");
+    assert_eq!(a.header.kind, Kind::Response);
+    assert_eq!(a.header.request_id, 7);
+    assert_eq!(a.get_u64(tag::STATUS), Some(200), "{a:?}");
+    assert_eq!(&a.payload[..], b"hello");
+    assert_eq!(a.get_str(tag::SERVED_BY), Some("ru/spb1/r0"));
+    assert!(
+        a.meta_entries()
+            .any(|(t, v)| t == tag::HEADER && v == b"fedbus-partition: 5"),
+        "{a:?}"
+    );
+    // The loop: a request naming spb2, sent to spb1.
+    ws_send(
+        &mut s,
+        &forwarded_request(8, "ru/spb2", f.token("spb2"), b"loop"),
+    );
+    let a = Frame::decode(ws_recv(&mut s, &mut buf).into()).expect("fedbus frame");
+    assert_eq!(a.header.kind, Kind::Response);
+    assert_eq!(a.header.request_id, 8);
+    assert_eq!(a.get_u64(tag::STATUS), Some(508), "{a:?}");
+    assert_eq!(a.get_str(tag::ERROR), Some("forward_loop"), "{a:?}");
+    // And it was not forwarded: spb2's routers saw no request of ours (the link still works).
+    ws_send(
+        &mut s,
+        &forwarded_request(9, "ru/spb1", f.token("spb1"), b""),
+    );
+    let a = Frame::decode(ws_recv(&mut s, &mut buf).into()).expect("fedbus frame");
+    assert_eq!(
+        (a.header.request_id, a.get_u64(tag::STATUS)),
+        (9, Some(200))
+    );
+}
+
+/// Closed loop of `n` requests per connection on `conns` keep-alive connections.
+fn closed_loop(
+    f: &Federation,
+    entry: &FedRouter,
+    target: &str,
+    conns: usize,
+    n: usize,
+) -> (f64, Duration, Duration) {
+    let start = Instant::now();
+    let hs: Vec<_> = (0..conns)
+        .map(|k| {
+            let addr = entry.api;
+            let reqs: Vec<Vec<u8>> = (0..16u64)
+                .map(|w| {
+                    f.req(target, w * 5 + k as u64, &random_bytes(100, w))
+                        .bytes()
+                })
+                .collect();
+            std::thread::spawn(move || {
+                let mut c = Conn::open(addr);
+                let mut lat = Vec::with_capacity(n);
+                for i in 0..n {
+                    let t = Instant::now();
+                    c.send(&reqs[i % reqs.len()]);
+                    let r = c.read_response().expect("answer");
+                    assert_eq!(r.status, 200, "{r:?}");
+                    lat.push(t.elapsed());
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut lat: Vec<Duration> = hs
+        .into_iter()
+        .flat_map(|h| h.join().expect("client"))
+        .collect();
+    let took = start.elapsed();
+    lat.sort();
+    let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
+    (lat.len() as f64 / took.as_secs_f64(), p(0.5), p(0.99))
+}
+
+/// Informative: throughput and p99 of cross-cluster vs in-cluster requests.
+#[test]
+fn cross_cluster_vs_in_cluster_latency() {
+    let f = Federation::start();
+    let entry = f.router("spb1", 0);
+    let _ = closed_loop(&f, entry, "spb2", 2, 100); // warm-up
+    let _ = closed_loop(&f, entry, "spb1", 2, 100);
+    let (in_rps, in_p50, in_p99) = closed_loop(&f, entry, "spb1", 4, 750);
+    let (x_rps, x_p50, x_p99) = closed_loop(&f, entry, "spb2", 4, 750);
+    eprintln!("in-cluster    (spb1 r0 -> spb1 task):        {in_rps:8.0} req/s  p50 {in_p50:?}  p99 {in_p99:?}");
+    eprintln!("cross-cluster (spb1 r0 -> spb2 r0/r1 -> task): {x_rps:8.0} req/s  p50 {x_p50:?}  p99 {x_p99:?}");
+    eprintln!(
+        "ratio cross/in: throughput {:.2}, p99 {:.2}",
+        x_rps / in_rps,
+        x_p99.as_secs_f64() / in_p99.as_secs_f64()
+    );
+}

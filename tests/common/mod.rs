@@ -25,6 +25,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub mod seed;
+
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_fedbus");
 /// Longest wait for a router or a task to come up.

@@ -1,0 +1,130 @@
+//! Harness additions for the seed-rule tests (`tests/seed_rules.rs`): config sections beyond
+//! `[limits]`, the router's pid (for SIGHUP), the example Auth Service task, keyring rotation,
+//! and the `kid` of a JWT.
+//!
+//! A child module of `common`, so it reaches the harness's private fields instead of
+//! duplicating the router start.
+
+use super::*;
+
+/// Starts `b` with `extra` TOML (whole sections, e.g. `"[auth]\ngrace_secs = 1"`) added to the
+/// generated config.
+///
+/// The harness writes `[limits]` entries as `key = value` lines right before the `[[apps]]`
+/// tables; `extra` goes in as the last such entry, its own sections ending the `[limits]`
+/// table, and a trailing `#` turns the ` = ` the harness appends into a comment.
+pub fn start_with(mut b: RouterBuilder, extra: &str) -> Router {
+    assert!(
+        !extra.contains("[[apps]]"),
+        "apps go through RouterBuilder::apps"
+    );
+    b.limits.push((format!("\n{extra}\n#"), String::new()));
+    b.start()
+}
+
+/// The router's process id.
+pub fn pid(r: &Router) -> i32 {
+    let id = r.proc.child.as_ref().expect("router running").id();
+    i32::try_from(id).expect("pid fits i32")
+}
+
+/// `kill -HUP <router>`: reload the keyring.
+pub fn sighup(r: &Router) {
+    // SAFETY: kill(2) on a pid we spawned and still own (not yet reaped).
+    let rc = unsafe { libc::kill(pid(r), libc::SIGHUP) };
+    assert_eq!(rc, 0, "kill -HUP {}", pid(r));
+}
+
+/// How many times the router logged a keyring reload.
+pub fn reloads(r: &Router) -> usize {
+    r.log().matches("keyring reloaded").count()
+}
+
+/// `fedbus keys rotate --app APP --keyring <router's keyring>`; returns the CLI's output.
+pub fn rotate_app(r: &Router, app: &str) -> String {
+    fedbus(
+        r.home(),
+        &[
+            "keys",
+            "rotate",
+            "--app",
+            app,
+            "--keyring",
+            r.keys.to_str().expect("utf-8 path"),
+        ],
+    )
+}
+
+/// A fresh (uncached) client token from `fedbus token client`.
+pub fn fresh_token(r: &Router, app: &str, sub: &str) -> String {
+    let t = fedbus(
+        r.home(),
+        &[
+            "token",
+            "client",
+            "--app",
+            app,
+            "--sub",
+            sub,
+            "--keyring",
+            r.keys.to_str().expect("utf-8 path"),
+        ],
+    )
+    .trim()
+    .to_string();
+    assert_eq!(t.split('.').count(), 3, "not a JWT: {t:?}");
+    t
+}
+
+/// The decoded JSON header of a JWT.
+pub fn jwt_header(token: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    let h = token.split('.').next().unwrap_or("");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(h)
+        .unwrap_or_else(|e| panic!("JWT header of {token:?} is not base64url: {e}"));
+    serde_json::from_slice(&raw).unwrap_or_else(|e| panic!("JWT header is not JSON: {e}"))
+}
+
+/// The `kid` of a JWT's header ("" when absent).
+pub fn jwt_kid(token: &str) -> String {
+    jwt_header(token)["kid"].as_str().unwrap_or("").to_string()
+}
+
+/// Starts `fedbus task auth` (role `auth`, all partitions of demo/echo) linked to `r`, and
+/// waits until every shard registered it.
+pub fn auth_task(r: &Router) -> Task {
+    let n = r.tasks_started.get();
+    r.tasks_started.set(n + 1);
+    let before = r.registrations();
+    let log = r.home().join(format!("task-{n}-auth.log"));
+    let child = Command::new(BIN)
+        .args(["task", "auth", "--router"])
+        .arg(r.internal[0].to_string())
+        .args(["--keyring", r.keys.to_str().expect("utf-8 path")])
+        .env("FEDBUS_HOME", r.home())
+        .env("FEDBUS_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("task log"))
+        .spawn()
+        .expect("spawn fedbus task auth");
+    let mut task = Task {
+        proc: Proc {
+            child: Some(child),
+            log,
+            name: format!("task {n} (auth)"),
+        },
+    };
+    let deadline = Instant::now() + START_TIMEOUT;
+    while r.registrations() < before + r.shards() {
+        assert!(task.proc.alive(), "auth task {n} exited");
+        assert!(
+            Instant::now() < deadline,
+            "auth task {n} not registered on {} shards within {START_TIMEOUT:?}",
+            r.shards()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    task
+}

@@ -45,7 +45,7 @@ fn assert_served(r: &Response, wsid: u64, body: &[u8], served_by: &str) {
     assert!(r.header("fedbus-shard").is_some(), "{r:?}");
 }
 
-/// 1. Every entry router reaches the right cluster and partition, bodies byte-identical.
+/// Acceptance 1: Every entry router reaches the right cluster and partition, bodies byte-identical.
 /// Two shards per router: fresh connections land on both, and each shard has its own links.
 #[test]
 fn any_entry_router_reaches_the_right_cluster_and_partition() {
@@ -211,7 +211,7 @@ fn wait_served_by(
     );
 }
 
-/// 2. kill -9 of spb2's r0 under load; the rest keeps serving; r0 restarted comes back.
+/// Acceptance 2: kill -9 of spb2's r0 under load; the rest keeps serving; r0 restarted comes back.
 #[test]
 fn kill9_of_a_router_under_load_and_restart() {
     let mut f = Federation::start();
@@ -336,7 +336,7 @@ fn send_pending(f: &Federation, entry: &FedRouter, wsid: u64) -> Pending {
     }
 }
 
-/// 3. A peer link lost with requests in flight: they answer 502 peer_lost at once, new ones
+/// Acceptance 3: A peer link lost with requests in flight: they answer 502 peer_lost at once, new ones
 /// go to the other router, and with no router of spb2 left: 503 no_peer.
 #[test]
 fn peer_link_lost_under_load() {
@@ -461,7 +461,7 @@ fn refusal(status: u16, head: &str, rest: &[u8], s: &mut std::net::TcpStream) ->
     (status, j["error"].as_str().unwrap_or("").to_string())
 }
 
-/// 4. Forged peer tokens are refused before the upgrade.
+/// Acceptance 4: Forged peer tokens are refused before the upgrade.
 #[test]
 fn forged_peer_tokens_are_refused_before_the_upgrade() {
     let f = Federation::start();
@@ -575,7 +575,7 @@ fn forwarded_request(id: u64, cluster: &str, token: &str, body: &[u8]) -> Vec<u8
     encode_frame(Kind::Request, flags::FORWARDED, 0, 0, id, &m, body).to_vec()
 }
 
-/// 5. Loop guard: a request for spb2 arriving at spb1 over a peer link is 508 forward_loop.
+/// Acceptance 5: Loop guard: a request for spb2 arriving at spb1 over a peer link is 508 forward_loop.
 #[test]
 fn loop_guard_on_a_real_peer_link() {
     let f = Federation::start();

@@ -106,14 +106,27 @@ pub async fn dispatch(shard: &Rc<Shard>, req: &RouteReq<'_>) -> Answer {
                 )
             }
             Err(false) => {
-                let em = table
-                    .apps
-                    .get(req.app)
-                    .and_then(|a| a.roles.get(role.as_ref()))
-                    .and_then(|r| r.emergency.map(|e| (e, r.tasks(e))));
-                match em.and_then(|(e, t)| shard.pick_link(t).ok().map(|l| (l, e))) {
-                    Some((l, e)) if e != want => (l, e, Some(want)),
-                    _ => return no_live_task(req.app, &role, want),
+                // No live link here for this partition, and the published snapshot may not
+                // know yet (the control thread publishes a moment later): elect on the shard
+                // among the partitions that have a live link here. The same pure election the
+                // control thread runs, so the choice matches what it will publish.
+                let local = table.apps.get(req.app).and_then(|a| {
+                    let r = a.roles.get(role.as_ref())?;
+                    let live_here = |p: &u32| *p != want && shard.has_live_link(r.tasks(*p));
+                    let e = match a.emergency_partition.filter(live_here) {
+                        Some(e) => e,
+                        None => crate::route::elect_emergency(
+                            req.app,
+                            &role,
+                            shard.cfg.routing.election_seed,
+                            r.live_partitions().filter(live_here),
+                        )?,
+                    };
+                    shard.pick_link(r.tasks(e)).ok().map(|l| (l, e))
+                });
+                match local {
+                    Some((l, e)) => (l, e, Some(want)),
+                    None => return no_live_task(req.app, &role, want),
                 }
             }
         };

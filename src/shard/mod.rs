@@ -85,6 +85,14 @@ impl Shard {
         id
     }
 
+    /// True when one of `tasks` has a live link on this shard.
+    pub fn has_live_link(&self, tasks: &[TaskId]) -> bool {
+        let links = self.links.borrow();
+        tasks
+            .iter()
+            .any(|t| links.get(t).is_some_and(|l| l.is_alive()))
+    }
+
     /// Picks a live local link among `tasks`, round robin, skipping full ones.
     /// `Err(true)`: live links exist but all are at their pending limit (answer 503, do not
     /// spill onto the emergency partition); `Err(false)`: no live link on this shard.

@@ -648,6 +648,31 @@ fn retired_and_unknown_key_versions_are_401() {
         .assert_error(401, "unknown_key");
 }
 
+/// A keep-alive connection that verified a token before a rotation must not keep trusting it
+/// once its key version's grace ends (the per-connection verify cache ends with the grace).
+#[test]
+fn keep_alive_verify_cache_ends_with_the_grace_period() {
+    let r = seed::start_with(Router::new().shards(1), "[auth]\ngrace_secs = 1");
+    let _t = r.task().start();
+    let p = r.path(APP, 4);
+    let t1 = r.token(APP, "alice");
+    let mut c = Conn::open(r.api);
+    let mut ask = |c: &mut Conn| {
+        c.send(&Req::post(&p).token(&t1).body(b"k").bytes());
+        c.read_response().expect("keep-alive answer")
+    };
+    assert_eq!(ask(&mut c).status, 200);
+    let before = r.log().matches("reload event").count();
+    seed::rotate_app(&r, APP);
+    seed::sighup(&r);
+    wait_sighup_reload(&r, before);
+    // Inside the grace period: still served, and cached on this connection.
+    assert_eq!(ask(&mut c).status, 200);
+    std::thread::sleep(Duration::from_millis(2100));
+    let resp = ask(&mut c);
+    resp.assert_error(401, "retired_key");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. The app's Auth Service (role `auth`), reached through main, across a rotation.
 // ---------------------------------------------------------------------------------------------

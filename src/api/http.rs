@@ -152,7 +152,8 @@ struct AuthCache {
     key_generation: u64,
     app: String,
     sub: Rc<str>,
-    exp: u64,
+    /// `exp`, or the end of the key version's grace period if sooner.
+    until: u64,
 }
 
 /// True when `region/cluster` is another cluster of the federation.
@@ -216,7 +217,7 @@ fn prepare(
     let keys = shard.snapshots.keys.load();
     let now = auth::now_unix();
     if let Some(c) = cache.as_ref() {
-        if c.token == token && c.key_generation == keys.generation && c.exp > now {
+        if c.token == token && c.key_generation == keys.generation && c.until > now {
             if c.app != p.app_name {
                 return Err(Answer::error(403, "wrong_app", "token of another app"));
             }
@@ -234,12 +235,14 @@ fn prepare(
     ) {
         Ok(claims) => {
             let sub: Rc<str> = claims.sub.as_str().into();
+            let grace = shard.cfg.auth.grace_secs;
+            let until = auth::trusted_until(&keys.keyring, p.app_name, tok, &claims, now, grace);
             *cache = Some(AuthCache {
                 token: token.to_vec(),
                 key_generation: keys.generation,
                 app: claims.app,
                 sub: sub.clone(),
-                exp: claims.exp,
+                until,
             });
             Ok(Some(sub))
         }

@@ -93,10 +93,18 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, head: Bytes, leftove
     );
     let out = WsOut::new(Side::Server, limits.max_link_outbox_bytes);
     let writer = glommio::spawn_local(ws::write_loop(out.clone(), fd, wr));
+    let until = auth::trusted_until(
+        &shard.snapshots.keys.load().keyring,
+        &app,
+        &token,
+        &claims,
+        auth::now_unix(),
+        shard.cfg.auth.grace_secs,
+    );
     let session = Rc::new(Session {
         app: claims.app,
         sub: claims.sub.into(),
-        exp: claims.exp,
+        exp: until,
         inflight: Cell::new(0),
     });
     let end = loop {
@@ -157,6 +165,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, head: Bytes, leftove
 struct Session {
     app: String,
     sub: Rc<str>,
+    /// `exp`, or the end of the key version's grace period if sooner: then close 1008.
     exp: u64,
     inflight: Cell<usize>,
 }

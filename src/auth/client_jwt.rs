@@ -146,6 +146,32 @@ pub fn claimed_app(token: &str) -> Option<String> {
     v.get("app")?.as_str().map(str::to_string)
 }
 
+/// Until when a token that just verified may be trusted without verifying it again: its `exp`,
+/// or earlier the end of its key version's grace period (a per-connection verify cache must
+/// not outlive a retiring key).
+pub fn trusted_until(
+    keyring: &Keyring,
+    app: &str,
+    token: &str,
+    claims: &ClientClaims,
+    now: u64,
+    grace_secs: u64,
+) -> u64 {
+    let kid = jsonwebtoken::decode_header(token)
+        .ok()
+        .and_then(|h| h.kid)
+        .and_then(|k| k.parse::<u32>().ok());
+    let until = match (kid, keyring.app_versions(app)) {
+        (Some(kid), Some(v)) => match super::check_version(v, kid, now, grace_secs) {
+            super::VersionState::Newest => u64::MAX,
+            super::VersionState::Grace { until } => until,
+            _ => now,
+        },
+        _ => now,
+    };
+    claims.exp.min(until)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

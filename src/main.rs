@@ -108,6 +108,10 @@ enum TokenCmd {
         ttl: String,
         #[arg(long)]
         keyring: Option<PathBuf>,
+        /// Role the task may register in (required for role `auth`, which receives the app
+        /// secret); absent: any other role.
+        #[arg(long)]
+        role: Option<String>,
     },
     /// A peer token for a router (federation: `federation.peer_token_file`), signed by the
     /// cluster key: a service token with no app.
@@ -206,7 +210,14 @@ fn parse_partitions(s: &str) -> Result<Vec<u32>> {
     Ok(v)
 }
 
-fn service_token(dir: &Path, sub: &str, app: &str, cluster: &str, ttl: u64) -> Result<String> {
+fn service_token(
+    dir: &Path,
+    sub: &str,
+    app: &str,
+    cluster: &str,
+    ttl: u64,
+    role: Option<&str>,
+) -> Result<String> {
     let (kid, key) = Keyring::cluster_signing_key(dir)?;
     let now = auth::now_unix();
     Ok(auth::sign_service_token(
@@ -218,6 +229,7 @@ fn service_token(dir: &Path, sub: &str, app: &str, cluster: &str, ttl: u64) -> R
             cluster: cluster.into(),
             iat: now,
             exp: now + ttl,
+            role: role.map(str::to_string),
         },
     ))
 }
@@ -315,6 +327,7 @@ fn run_task(common: TaskCommon, redirect_to: Option<String>, delay_ms: u64) -> R
                 &common.app,
                 &common.cluster,
                 30 * 86400,
+                Some(&common.role),
             )?
         }
     };
@@ -384,6 +397,7 @@ fn run_auth_task(mut common: TaskCommon, ttl: String) -> Result<()> {
                 &common.app,
                 &common.cluster,
                 30 * 86400,
+                Some(&common.role),
             )?
         }
     };
@@ -466,12 +480,13 @@ fn real_main(cli: Cli) -> Result<()> {
             cluster,
             ttl,
             keyring,
+            role,
         }) => {
             let dir = keyring_dir(&keyring);
             ensure_keyring(&dir, &[app.as_str()])?;
             println!(
                 "{}",
-                service_token(&dir, &task_id, &app, &cluster, ttl_secs(&ttl)?)?
+                service_token(&dir, &task_id, &app, &cluster, ttl_secs(&ttl)?, role.as_deref())?
             );
             Ok(())
         }
@@ -484,7 +499,7 @@ fn real_main(cli: Cli) -> Result<()> {
             let dir = keyring_dir(&keyring);
             println!(
                 "{}",
-                service_token(&dir, &router, "", &cluster, ttl_secs(&ttl)?)?
+                service_token(&dir, &router, "", &cluster, ttl_secs(&ttl)?, None)?
             );
             Ok(())
         }

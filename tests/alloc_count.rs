@@ -241,6 +241,42 @@ fn round_trip(s: &mut TcpStream, req: &[u8], resp: &mut [u8]) -> u16 {
     }
 }
 
+/// Writes `depth` requests at once and reads `depth` answers, all 200.
+fn pipelined(s: &mut TcpStream, batch: &[u8], depth: usize, resp: &mut [u8]) {
+    s.write_all(batch).expect("write");
+    let (mut got, mut start, mut done) = (0usize, 0usize, 0usize);
+    while done < depth {
+        if got == resp.len() {
+            resp.copy_within(start..got, 0);
+            got -= start;
+            start = 0;
+        }
+        let n = s.read(&mut resp[got..]).expect("read");
+        assert!(n > 0, "router closed the connection");
+        got += n;
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut r = httparse::Response::new(&mut headers);
+            let Ok(httparse::Status::Complete(head)) = r.parse(&resp[start..got]) else {
+                break;
+            };
+            let cl = r
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| std::str::from_utf8(h.value).ok()?.parse::<usize>().ok())
+                .unwrap_or(0);
+            if got - start < head + cl {
+                break;
+            }
+            assert_eq!(r.code, Some(200));
+            start += head + cl;
+            done += 1;
+        }
+    }
+    assert_eq!(start, got, "no bytes beyond the answers");
+}
+
 #[test]
 fn whole_routed_request_through_a_real_router() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -328,6 +364,22 @@ fn whole_routed_request_through_a_real_router() {
          {} allocations in the same time idle",
         (b1 - b0) as f64 / requests as f64,
         a2 - a1
+    );
+    // Under load: 32 pipelined requests per write, the shard never parks between them.
+    const DEPTH: usize = 32;
+    let batch = req.repeat(DEPTH);
+    for _ in 0..100 {
+        pipelined(&mut s, &batch, DEPTH, &mut resp);
+    }
+    let a3 = ALL_ALLOCS.load(Ordering::SeqCst);
+    let rounds = 300;
+    for _ in 0..rounds {
+        pipelined(&mut s, &batch, DEPTH, &mut resp);
+    }
+    let n = (rounds * DEPTH) as f64;
+    println!(
+        "whole routed request (HTTP keep-alive, {DEPTH} pipelined, 64 B): {:.2} allocations per request over {n} requests",
+        (ALL_ALLOCS.load(Ordering::SeqCst) - a3) as f64 / n
     );
     drop(s);
     router.shutdown();

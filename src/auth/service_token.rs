@@ -34,6 +34,10 @@ pub struct ServiceClaims {
     pub iat: u64,
     /// Expires at, unix seconds (exclusive).
     pub exp: u64,
+    /// Role the task may register in; absent: any role but `auth` (the role that receives the
+    /// app secret must be named by the token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 /// Only the key version, read before the signature is checked to pick the key.
@@ -149,6 +153,7 @@ mod tests {
             cluster: "ru/spb1".into(),
             iat: now,
             exp: now + 3600,
+            role: None,
         }
     }
 

@@ -467,6 +467,7 @@ pub fn peer_token(cfg: &crate::config::Config) -> anyhow::Result<Option<String>>
             cluster: cfg.cluster_id(),
             iat: now,
             exp: now + 365 * 86400,
+            role: None,
         },
     )))
 }

@@ -329,6 +329,11 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
         Some("bad role")
     } else if reg.partitions.iter().any(|p| Some(*p) >= app_partitions) {
         Some("partition out of range")
+    } else if claims.role.as_deref().is_some_and(|r| r != reg.role) {
+        Some("the service token names another role")
+    } else if reg.role == AUTH_ROLE && claims.role.as_deref() != Some(AUTH_ROLE) {
+        // Role auth receives the app secret: only a token that names it may register there.
+        Some("role auth needs a service token with role auth")
     } else {
         None
     };

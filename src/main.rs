@@ -486,7 +486,14 @@ fn real_main(cli: Cli) -> Result<()> {
             ensure_keyring(&dir, &[app.as_str()])?;
             println!(
                 "{}",
-                service_token(&dir, &task_id, &app, &cluster, ttl_secs(&ttl)?, role.as_deref())?
+                service_token(
+                    &dir,
+                    &task_id,
+                    &app,
+                    &cluster,
+                    ttl_secs(&ttl)?,
+                    role.as_deref()
+                )?
             );
             Ok(())
         }

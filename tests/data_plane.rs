@@ -115,6 +115,36 @@ fn keep_alive_and_pipelining() {
     assert_echo(&resp, 1, b"after");
 }
 
+/// An unauthenticated upload is refused on its head: no `100 Continue`, no body buffered.
+#[test]
+fn expect_continue_without_token_is_refused_before_the_body() {
+    let r = Router::new().shards(1).start();
+    let tok = r.token(APP, "alice");
+    let _t = r.task().start();
+    let p = r.path(APP, 3);
+    let mut c = r.conn();
+    c.send(
+        format!("POST {p} HTTP/1.1\r\nHost: x\r\nContent-Length: 4000000\r\nExpect: 100-continue\r\n\r\n")
+            .as_bytes(),
+    );
+    let resp = c.read_response().expect("an answer before any body byte");
+    resp.assert_error(401, "missing_token");
+    // With a token: the head passes, the body follows, the echo comes back (the harness's
+    // reader skips the `100 Continue`).
+    let mut c = r.conn();
+    c.send(
+        format!(
+            "POST {p} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    c.send(b"hello");
+    let resp = c.read_response().expect("echo");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(resp.body, b"hello");
+}
+
 #[test]
 fn every_error_status() {
     let r = Router::new()

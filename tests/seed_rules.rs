@@ -657,7 +657,7 @@ fn keep_alive_verify_cache_ends_with_the_grace_period() {
     let p = r.path(APP, 4);
     let t1 = r.token(APP, "alice");
     let mut c = Conn::open(r.api);
-    let mut ask = |c: &mut Conn| {
+    let ask = |c: &mut Conn| {
         c.send(&Req::post(&p).token(&t1).body(b"k").bytes());
         c.read_response().expect("keep-alive answer")
     };

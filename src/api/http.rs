@@ -51,6 +51,8 @@ pub enum Parsed {
     /// More bytes needed; `continue_` asks for a `100 Continue`.
     Incomplete {
         continue_: bool,
+        /// Bytes of the request head once it is complete (the body is still coming).
+        head_len: Option<usize>,
     },
     Request(Req),
     /// Unrecoverable: answer and close.
@@ -72,7 +74,10 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
             if buf.len() > max_header {
                 return Parsed::Error(431, "headers_too_large", "request head over the limit");
             }
-            return Parsed::Incomplete { continue_: false };
+            return Parsed::Incomplete {
+                continue_: false,
+                head_len: None,
+            };
         }
         Err(httparse::Error::TooManyHeaders) => {
             return Parsed::Error(431, "headers_too_large", "too many headers")
@@ -93,9 +98,12 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
     for h in r.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
+            // Digits only: `+5` parses as a usize but other parsers on the path may disagree.
             let v = std::str::from_utf8(h.value)
                 .ok()
-                .and_then(|s| s.trim().parse::<usize>().ok());
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<usize>().ok());
             match (v, cl) {
                 (Some(v), None) => cl = Some(v),
                 (Some(v), Some(old)) if v == old => {}
@@ -132,7 +140,10 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
     }
     if buf.len() < n + body_len {
         buf.reserve(n + body_len - buf.len());
-        return Parsed::Incomplete { continue_: expect };
+        return Parsed::Incomplete {
+            continue_: expect,
+            head_len: Some(n),
+        };
     }
     let all = buf.split_to(n + body_len).freeze();
     Parsed::Request(Req {
@@ -191,6 +202,36 @@ fn prepare(
     req: &Req,
 ) -> Result<Option<Rc<str>>, Answer> {
     let path = std::str::from_utf8(&req.head[req.path.clone()]).unwrap_or("");
+    let token = req.token.clone().map(|r| &req.head[r]);
+    prepare_parts(shard, cache, path, token)
+}
+
+/// Checks a request head whose body has not arrived yet, before `100 Continue` and before
+/// buffering the body: an unauthenticated client cannot make the router hold its upload.
+// The error is the client's answer itself, built on a cold path and moved once.
+#[allow(clippy::result_large_err)]
+fn check_head(shard: &Rc<Shard>, cache: &mut Option<AuthCache>, head: &[u8]) -> Result<(), Answer> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut r = httparse::Request::new(&mut headers);
+    if r.parse(head).is_err() {
+        return Err(Answer::error(400, "bad_request", "malformed request"));
+    }
+    let token = r
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("authorization"))
+        .and_then(|h| crate::ws::handshake::bearer(h.value))
+        .map(str::as_bytes);
+    prepare_parts(shard, cache, r.path.unwrap_or("/"), token).map(|_| ())
+}
+
+#[allow(clippy::result_large_err)]
+fn prepare_parts(
+    shard: &Rc<Shard>,
+    cache: &mut Option<AuthCache>,
+    path: &str,
+    token: Option<&[u8]>,
+) -> Result<Option<Rc<str>>, Answer> {
     let p = parse_api_path(path)
         .map_err(|e: PathError| Answer::error(e.http_status(), e.code(), format!("{e}: {path}")))?;
     if is_remote(shard, p.region, p.cluster) {
@@ -199,7 +240,7 @@ fn prepare(
     if let Some(a) = check_target(shard, p.region, p.cluster, p.app_name) {
         return Err(a);
     }
-    let Some(tr) = req.token.clone() else {
+    let Some(token) = token else {
         let anonymous =
             shard.cfg.apps.iter().any(|a| {
                 a.name == p.app_name && a.anonymous_services.iter().any(|s| s == p.service)
@@ -213,7 +254,6 @@ fn prepare(
             "Authorization: Bearer <JWT> required",
         ));
     };
-    let token = &req.head[tr];
     let keys = shard.snapshots.keys.load();
     let now = auth::now_unix();
     if let Some(c) = cache.as_ref() {
@@ -306,12 +346,16 @@ pub fn write_head(out: &mut BytesMut, shard: &Shard, a: &Answer, body_len: usize
     let mut has_ct = false;
     if let Some(f) = &a.frame {
         // An answer relayed by a peer router carries that router's fedbus-* headers.
-        let from_router = f.get(tag::SERVED_BY).is_some();
+        let from_router = a.relayed;
         for (t, v) in MetaIter::new(&f.meta).filter_map(Result::ok) {
             if t == tag::HEADER && super::allowed_header(v, from_router) {
                 let _ = w.write_all(v);
                 let _ = w.write_all(b"\r\n");
-            } else if t == tag::SERVED_BY && !v.contains(&b'\r') && !v.contains(&b'\n') {
+            } else if t == tag::SERVED_BY
+                && from_router
+                && !v.contains(&b'\r')
+                && !v.contains(&b'\n')
+            {
                 forwarded = true;
                 let _ = w.write_all(b"fedbus-served-by: ");
                 let _ = w.write_all(v);
@@ -385,6 +429,8 @@ async fn serve_inner(
     let limits = shard.cfg.limits.clone();
     let fd = stream.as_raw_fd();
     let _ = stream.set_nodelay(true);
+    // A client that stops reading its answers is dropped instead of holding them forever.
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(limits.idle_timeout_ms)));
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut out = BytesMut::with_capacity(4096);
     let mut parts: Vec<Bytes> = Vec::with_capacity(32);
@@ -397,10 +443,21 @@ async fn serve_inner(
         // Parse and start every complete request that is buffered.
         while !closing && inflight.len() < limits.max_inflight_per_connection {
             match parse_one(&mut buf, limits.max_header_bytes, limits.max_body_bytes) {
-                Parsed::Incomplete { continue_ } => {
-                    if continue_ && !continued {
+                Parsed::Incomplete {
+                    continue_,
+                    head_len,
+                } => {
+                    if let (Some(n), false) = (head_len, continued) {
                         continued = true;
-                        stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+                        if let Err(a) = check_head(shard, &mut cache, &buf[..n]) {
+                            closing = true;
+                            inflight
+                                .push_back(Box::pin(async move { (a, true, 0, Instant::now()) }));
+                            break;
+                        }
+                        if continue_ {
+                            stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+                        }
                     }
                     break;
                 }
@@ -574,6 +631,10 @@ mod tests {
             Parsed::Error(400, ..)
         ));
         assert!(matches!(
+            parse(b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\nabcde"),
+            Parsed::Error(400, ..)
+        ));
+        assert!(matches!(
             parse(b"\x01\x02 nonsense\r\n\r\n"),
             Parsed::Error(400, ..)
         ));
@@ -581,11 +642,17 @@ mod tests {
         assert!(matches!(parse(big.as_bytes()), Parsed::Error(431, ..)));
         assert!(matches!(
             parse(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\nab"),
-            Parsed::Incomplete { continue_: true }
+            Parsed::Incomplete {
+                continue_: true,
+                ..
+            }
         ));
         assert!(matches!(
             parse(b"GET / HT"),
-            Parsed::Incomplete { continue_: false }
+            Parsed::Incomplete {
+                continue_: false,
+                head_len: None
+            }
         ));
     }
 }

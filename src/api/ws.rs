@@ -82,6 +82,9 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, head: Bytes, leftove
         return;
     }
     let _ = stream.set_nodelay(true);
+    let _ = stream.set_write_timeout(Some(std::time::Duration::from_millis(
+        shard.cfg.limits.idle_timeout_ms,
+    )));
     let limits = &shard.cfg.limits;
     let fd = stream.as_raw_fd();
     let (rd, wr) = futures_util::io::AsyncReadExt::split(stream);
@@ -241,11 +244,12 @@ pub fn send_answer(
         line("fedbus-emergency", e as u64);
     }
     if let Some(f) = &a.frame {
-        let from_router = f.get(tag::SERVED_BY).is_some();
+        let from_router = a.relayed;
         for (t, v) in MetaIter::new(&f.meta).filter_map(Result::ok) {
             let keep = match t {
                 tag::HEADER => super::allowed_header(v, from_router),
-                tag::CONTENT_TYPE | tag::SERVED_BY => !v.contains(&b'\r') && !v.contains(&b'\n'),
+                tag::CONTENT_TYPE => !v.contains(&b'\r') && !v.contains(&b'\n'),
+                tag::SERVED_BY => from_router && !v.contains(&b'\r') && !v.contains(&b'\n'),
                 _ => false,
             };
             if keep {

@@ -54,6 +54,14 @@ impl Registry {
                     .tasks
                     .entry(reg.task)
                     .or_insert_with(|| (reg.clone(), BTreeSet::new()));
+                if !e.1.is_empty() && (e.0.app != reg.app || e.0.role != reg.role) {
+                    // Shards refuse this; never let one app's link take another's task id.
+                    tracing::warn!(
+                        task = reg.task,
+                        "registration of a live task id for another app or role ignored"
+                    );
+                    return false;
+                }
                 let changed = e.1.is_empty() || e.0 != *reg;
                 e.0 = reg.clone();
                 e.1.insert(*shard);

@@ -139,6 +139,7 @@ async fn dial_once(shard: &Rc<Shard>, cluster: &str, slot: &Rc<Slot>) -> anyhow:
     let limits = &shard.cfg.limits;
     // Liveness: we ping, the other side answers; silence for 3 intervals ends the link.
     let every = Duration::from_millis(limits.ping_interval_ms);
+    let _ = s.set_write_timeout(Some(every * 3));
     s.set_read_timeout(Some(every * 3))
         .map_err(|e| anyhow::anyhow!("read timeout: {e}"))?;
     let fd = s.as_raw_fd();
@@ -245,11 +246,13 @@ pub async fn forward(shard: &Rc<Shard>, req: &ForwardReq<'_>) -> Answer {
     ShardMetrics::inc(&shard.metrics.forwarded);
     match rx.await {
         Reply::Response(f) => {
-            let status = f
-                .get_u64(tag::STATUS)
-                .and_then(|s| u16::try_from(s).ok())
-                .filter(|s| (100..600).contains(s))
-                .unwrap_or(502);
+            let Some(status) = crate::shard::answer_status(&f, 502) else {
+                return Answer::error(
+                    502,
+                    "bad_peer_answer",
+                    "the peer answered a status that cannot carry a body",
+                );
+            };
             Answer {
                 status,
                 error: None,
@@ -257,6 +260,7 @@ pub async fn forward(shard: &Rc<Shard>, req: &ForwardReq<'_>) -> Answer {
                 partition: None,
                 emergency_for: None,
                 hops: 0,
+                relayed: true,
             }
         }
         Reply::Redirect { .. } => {
@@ -333,6 +337,7 @@ async fn serve_link(shard: &Rc<Shard>, stream: TcpStream, leftover: bytes::Bytes
     let limits = &shard.cfg.limits;
     // The dialing router pings every interval; silence for 3 intervals ends the link.
     let _ = stream.set_read_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
     let fd = stream.as_raw_fd();
     let (rd, wr) = futures_util::io::AsyncReadExt::split(stream);
     let mut reader = WsReader::new(
@@ -343,6 +348,7 @@ async fn serve_link(shard: &Rc<Shard>, stream: TcpStream, leftover: bytes::Bytes
     );
     let out = WsOut::new(Side::Server, limits.max_link_outbox_bytes);
     let writer = glommio::spawn_local(ws::write_loop(out.clone(), fd, wr));
+    let inflight = Rc::new(std::cell::Cell::new(0usize));
     let end = loop {
         match reader.next().await {
             Ok(Message::Binary(b)) => {
@@ -350,17 +356,35 @@ async fn serve_link(shard: &Rc<Shard>, stream: TcpStream, leftover: bytes::Bytes
                     Ok(f) if f.header.kind == Kind::Request => f,
                     _ => break Some(1002),
                 };
-                let (s, o) = (shard.clone(), out.clone());
+                if inflight.get() >= limits.max_pending_per_link {
+                    let a = Answer::error(
+                        503,
+                        "peer_busy",
+                        "over the in-flight limit of this peer link",
+                    );
+                    send_answer(
+                        &out,
+                        shard.index,
+                        f.header.request_id,
+                        &a,
+                        Some(&shard.router_name),
+                    );
+                    continue;
+                }
+                inflight.set(inflight.get() + 1);
+                let (s, o, n) = (shard.clone(), out.clone(), inflight.clone());
                 glommio::spawn_local(async move {
                     let start = Instant::now();
                     let a = serve_forwarded(&s, &f).await;
-                    let n = send_answer(&o, s.index, f.header.request_id, &a, Some(&s.router_name));
+                    let sent =
+                        send_answer(&o, s.index, f.header.request_id, &a, Some(&s.router_name));
                     s.metrics.request(
                         a.status,
                         start.elapsed().as_micros() as u64,
                         f.payload.len(),
-                        n,
+                        sent,
                     );
+                    n.set(n.get() - 1);
                 })
                 .detach();
             }

@@ -36,6 +36,9 @@ pub struct Answer {
     pub partition: Option<u32>,
     pub emergency_for: Option<u32>,
     pub hops: u8,
+    /// The frame came from a peer router over a peer link: its SERVED_BY and `fedbus-*`
+    /// header lines are the router's own, not a task's (a task cannot set this).
+    pub relayed: bool,
 }
 
 impl Answer {
@@ -47,6 +50,7 @@ impl Answer {
             partition: None,
             emergency_for: None,
             hops: 0,
+            relayed: false,
         }
     }
 
@@ -96,7 +100,7 @@ pub async fn dispatch(shard: &Rc<Shard>, req: &RouteReq<'_>) -> Answer {
         };
         // The snapshot may lag behind this shard's own view of its links by a moment; fall
         // back to the role's emergency partition when no local link serves the partition.
-        let (link, served, emergency_for) = match shard.pick_link(tasks) {
+        let (link, served, emergency_for) = match shard.pick_link(req.app, &role, tasks) {
             Ok(l) => (l, served, emergency_for),
             Err(true) => {
                 return Answer::error(
@@ -122,7 +126,10 @@ pub async fn dispatch(shard: &Rc<Shard>, req: &RouteReq<'_>) -> Answer {
                             r.live_partitions().filter(live_here),
                         )?,
                     };
-                    shard.pick_link(r.tasks(e)).ok().map(|l| (l, e))
+                    shard
+                        .pick_link(req.app, &role, r.tasks(e))
+                        .ok()
+                        .map(|l| (l, e))
                 });
                 match local {
                     Some((l, e)) => (l, e, Some(want)),
@@ -169,19 +176,23 @@ pub async fn dispatch(shard: &Rc<Shard>, req: &RouteReq<'_>) -> Answer {
             }
         };
         drop(table);
-        ShardMetrics::inc(&shard.metrics.pending);
-        let reply = rx.await;
-        ShardMetrics::dec(&shard.metrics.pending);
+        let reply = {
+            // Counted while waiting, also when the client goes away and this future is dropped.
+            let _pending = PendingGauge::new(&shard.metrics);
+            rx.await
+        };
         if emergency_for.is_some() {
             ShardMetrics::inc(&shard.metrics.emergency);
         }
         match reply {
             Reply::Response(f) => {
-                let status = f
-                    .get_u64(tag::STATUS)
-                    .and_then(|s| u16::try_from(s).ok())
-                    .filter(|s| (100..600).contains(s))
-                    .unwrap_or(200);
+                let Some(status) = answer_status(&f, 200) else {
+                    return Answer::error(
+                        502,
+                        "bad_task_status",
+                        "the task answered a status that cannot carry a body",
+                    );
+                };
                 return Answer {
                     status,
                     error: None,
@@ -189,6 +200,7 @@ pub async fn dispatch(shard: &Rc<Shard>, req: &RouteReq<'_>) -> Answer {
                     partition: Some(served),
                     emergency_for,
                     hops,
+                    relayed: false,
                 };
             }
             Reply::Redirect {
@@ -230,6 +242,35 @@ pub async fn dispatch(shard: &Rc<Shard>, req: &RouteReq<'_>) -> Answer {
     }
 }
 
+/// `fedbus_pending_requests` up while alive.
+struct PendingGauge<'a>(&'a ShardMetrics);
+
+impl<'a> PendingGauge<'a> {
+    fn new(m: &'a ShardMetrics) -> Self {
+        ShardMetrics::inc(&m.pending);
+        PendingGauge(m)
+    }
+}
+
+impl Drop for PendingGauge<'_> {
+    fn drop(&mut self) {
+        ShardMetrics::dec(&self.0.pending);
+    }
+}
+
+/// The status of an answer frame (`default` when it has none). Statuses that cannot carry a
+/// body (1xx, 204, 304) or are out of range are refused: with the body the router always
+/// sends, they would let a task split the client's keep-alive stream.
+pub fn answer_status(f: &Frame, default: u16) -> Option<u16> {
+    match f.get(tag::STATUS) {
+        None => Some(default),
+        Some(_) => f
+            .get_u64(tag::STATUS)
+            .and_then(|s| u16::try_from(s).ok())
+            .filter(|s| (200..600).contains(s) && *s != 204 && *s != 304),
+    }
+}
+
 fn no_live_task(app: &str, role: &str, partition: u32) -> Answer {
     Answer {
         partition: Some(partition),
@@ -238,5 +279,40 @@ fn no_live_task(app: &str, role: &str, partition: u32) -> Answer {
             "no_live_task",
             format!("no live task serves {app} role {role} partition {partition}"),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::answer_status;
+    use crate::proto::{encode_frame, put_meta, tag, Frame, Kind};
+    use bytes::BytesMut;
+
+    fn with_status(st: Option<&[u8]>) -> Frame {
+        let mut m = BytesMut::new();
+        if let Some(v) = st {
+            put_meta(&mut m, tag::STATUS, v);
+        }
+        Frame::decode(encode_frame(Kind::Response, 0, 0, 0, 1, &m, b"body").freeze())
+            .expect("frame")
+    }
+
+    #[test]
+    fn statuses_that_cannot_carry_a_body_are_refused() {
+        assert_eq!(answer_status(&with_status(None), 200), Some(200));
+        assert_eq!(answer_status(&with_status(Some(b"201")), 200), Some(201));
+        assert_eq!(answer_status(&with_status(Some(b"599")), 200), Some(599));
+        for bad in [
+            &b"100"[..],
+            b"101",
+            b"199",
+            b"204",
+            b"304",
+            b"600",
+            b"abc",
+            b"-1",
+        ] {
+            assert_eq!(answer_status(&with_status(Some(bad)), 200), None, "{bad:?}");
+        }
     }
 }

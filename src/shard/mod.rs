@@ -5,7 +5,7 @@
 mod dispatch;
 pub mod listen;
 
-pub use dispatch::{dispatch, Answer, RouteReq};
+pub use dispatch::{answer_status, dispatch, Answer, RouteReq};
 
 use crate::config::Config;
 use crate::control::{ControlEvent, Snapshots};
@@ -96,7 +96,7 @@ impl Shard {
     /// Picks a live local link among `tasks`, round robin, skipping full ones.
     /// `Err(true)`: live links exist but all are at their pending limit (answer 503, do not
     /// spill onto the emergency partition); `Err(false)`: no live link on this shard.
-    pub fn pick_link(&self, tasks: &[TaskId]) -> Result<Rc<TaskLink>, bool> {
+    pub fn pick_link(&self, app: &str, role: &str, tasks: &[TaskId]) -> Result<Rc<TaskLink>, bool> {
         if tasks.is_empty() {
             return Err(false);
         }
@@ -106,7 +106,9 @@ impl Shard {
         let max = self.cfg.limits.max_pending_per_link;
         let mut busy = false;
         for i in 0..tasks.len() {
-            if let Some(l) = links.get(&tasks[(start + i) % tasks.len()]) {
+            let found = links.get(&tasks[(start + i) % tasks.len()]);
+            // The snapshot may name a task id that now belongs to another link.
+            if let Some(l) = found.filter(|l| l.app == app && l.role == role) {
                 if l.is_usable(max) {
                     return Ok(l.clone());
                 }

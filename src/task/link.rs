@@ -80,7 +80,9 @@ impl TaskLink {
 
     /// Alive and below the pending limit.
     pub fn is_usable(&self, max_pending: usize) -> bool {
-        self.alive.get() && self.pending.borrow().len() < max_pending
+        self.alive.get()
+            && self.pending.borrow().len() < max_pending
+            && !self.out.borrow().is_closing()
     }
 
     /// Queues a request frame (`head` = fedbus header + metadata) and registers it as pending
@@ -281,6 +283,7 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
         .await
         .map_err(|e| e.to_string())?;
     let max_msg = limits.max_body_bytes + 64 * 1024;
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
     stream
         .set_read_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)))
         .map_err(|e| e.to_string())?;
@@ -329,6 +332,14 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
         Some("bad role")
     } else if reg.partitions.iter().any(|p| Some(*p) >= app_partitions) {
         Some("partition out of range")
+    } else if shard
+        .links
+        .borrow()
+        .get(&reg.task)
+        .is_some_and(|l| l.is_alive() && (l.app != reg.app || l.role != reg.role))
+    {
+        // A task id names one task of one app and role; another may not take it over.
+        Some("task id in use by another app or role")
     } else if claims.role.as_deref().is_some_and(|r| r != reg.role) {
         Some("the service token names another role")
     } else if reg.role == AUTH_ROLE && claims.role.as_deref() != Some(AUTH_ROLE) {
@@ -349,7 +360,8 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
         reg.role.clone(),
         out.clone(),
     ));
-    if let Some(old) = shard.links.borrow_mut().insert(reg.task, link.clone()) {
+    let replaced = shard.links.borrow_mut().insert(reg.task, link.clone());
+    if let Some(old) = replaced {
         old.fail_all();
         old.out.borrow_mut().close(1008);
     }
@@ -383,9 +395,14 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
             while link.alive.get() {
                 let keys = shard.snapshots.keys.load();
                 if keys.generation != pushed {
-                    pushed = keys.generation;
-                    if let Some(sec) = keys.keyring.signing_app_secret(&link.app) {
-                        push_secret(&link, &link.app, sec.version, &sec.secret);
+                    // Advance only once the push is queued: a full outbox retries next tick.
+                    match keys.keyring.signing_app_secret(&link.app) {
+                        Some(sec) => {
+                            if push_secret(&link, &link.app, sec.version, &sec.secret) {
+                                pushed = keys.generation;
+                            }
+                        }
+                        None => pushed = keys.generation,
                     }
                 }
                 drop(keys);
@@ -456,12 +473,13 @@ async fn read_loop<R: futures_lite::AsyncRead + Unpin>(
 pub const AUTH_ROLE: &str = "auth";
 
 /// Sends a SecretPush frame (docs/PROTOCOL.md): APP, VERSION, payload = the secret.
-fn push_secret(link: &TaskLink, app: &str, version: u32, secret: &[u8]) {
+fn push_secret(link: &TaskLink, app: &str, version: u32, secret: &[u8]) -> bool {
     let mut meta = BytesMut::with_capacity(64);
     crate::proto::put_meta(&mut meta, crate::proto::tag::APP, app.as_bytes());
     crate::proto::put_meta_u64(&mut meta, crate::proto::tag::VERSION, version as u64);
     let f = crate::proto::encode_frame(Kind::SecretPush, 0, 0, 0, 0, &meta, secret);
-    if link.out.borrow_mut().send_binary(&f, Bytes::new()).is_ok() {
+    let ok = link.out.borrow_mut().send_binary(&f, Bytes::new()).is_ok();
+    if ok {
         tracing::info!(
             task = link.task,
             app,
@@ -469,6 +487,7 @@ fn push_secret(link: &TaskLink, app: &str, version: u32, secret: &[u8]) {
             "app secret pushed to auth task"
         );
     }
+    ok
 }
 
 fn on_frame(link: &TaskLink, f: Frame) {

@@ -56,7 +56,6 @@ impl WsError {
             WsError::Protocol(_) => Some(1002),
             WsError::TooBig(_) => Some(1009),
             WsError::BadUtf8 => Some(1007),
-            WsError::Io(e) if e.kind() == io::ErrorKind::TimedOut => Some(1001),
             _ => None,
         }
     }
@@ -295,9 +294,10 @@ impl WsOut {
         Ok(())
     }
 
-    /// Queues a ping or pong (not subject to the limit: tiny and needed for liveness).
+    /// Queues a ping or pong. Dropped while the outbox is over its limit: a peer that floods
+    /// pings and never reads must not grow it (RFC 6455 lets a pong answer only the latest ping).
     pub fn send_control(&mut self, op: u8, data: &[u8]) {
-        if !self.closing {
+        if !self.closing && self.queued <= self.limit {
             self.push_frame(op, &data[..data.len().min(125)], Bytes::new());
         }
     }
@@ -526,5 +526,23 @@ mod tests {
         // header part and payload part are queued separately: the payload is not copied
         assert_eq!(o.parts.len(), 2);
         assert_eq!(o.parts[1].len(), 50);
+    }
+
+    #[test]
+    fn pongs_are_dropped_while_the_outbox_is_full() {
+        let out = WsOut::new(Side::Server, 100);
+        let mut o = out.borrow_mut();
+        o.send_binary(b"", Bytes::from_static(&[0; 100]))
+            .expect("fits");
+        o.send_control(opcode::PONG, b"x");
+        let before = o.queued();
+        for _ in 0..1000 {
+            o.send_control(opcode::PONG, b"flood");
+        }
+        assert_eq!(
+            o.queued(),
+            before,
+            "a ping flood must not grow a full outbox"
+        );
     }
 }

@@ -223,6 +223,39 @@ impl Control {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::test_util::TempDir;
+
+    #[test]
+    fn a_broken_keyring_keeps_the_old_one_in_force() {
+        let dir = TempDir::new("control-reload");
+        Keyring::init(dir.path(), &["demo/echo"], 1_000).expect("init");
+        let cfg = Config {
+            keyring: Some(dir.path().to_path_buf()),
+            ..Config::default()
+        };
+        let mut c = Control::new(Arc::new(cfg), Keyring::load(dir.path()).expect("load"));
+        let snaps = c.snapshots();
+        assert_eq!(snaps.keys.load().generation, 1);
+        // A rotation on disk is picked up with a new generation.
+        Keyring::rotate_app(dir.path(), "demo/echo", 2_000).expect("rotate");
+        c.reload_keys("test");
+        let k = snaps.keys.load();
+        assert_eq!(k.generation, 2);
+        assert_eq!(
+            k.keyring.signing_app_secret("demo/echo").map(|s| s.version),
+            Some(2)
+        );
+        drop(k);
+        // A corrupted file: the reload fails and version 2 stays in force.
+        std::fs::write(dir.path().join("cluster.toml"), "versions = 7").expect("corrupt");
+        c.reload_keys("test");
+        let k = snaps.keys.load();
+        assert_eq!(k.generation, 2, "a broken keyring must not be published");
+        assert_eq!(
+            k.keyring.signing_app_secret("demo/echo").map(|s| s.version),
+            Some(2)
+        );
+    }
 
     fn reg(task: TaskId, parts: &[u32]) -> Registration {
         Registration {

@@ -417,7 +417,30 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     ShardMetrics::dec(&m.connections[Listener::Api as usize]);
 }
 
-type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = (Answer, bool, usize, Instant)>>>;
+/// What one pipelined request needs to be answered: one concrete future type for all of them,
+/// so that the in-flight queue holds them without boxing each (one allocation fewer per
+/// request).
+enum Step {
+    Ready(Answer),
+    Local(Req, Rc<str>),
+    Forward(Req),
+}
+
+/// The answer to one request, with (close after it, body bytes in, start time).
+async fn answer(
+    shard: Rc<Shard>,
+    step: Step,
+    close: bool,
+    n_in: usize,
+    start: Instant,
+) -> (Answer, bool, usize, Instant) {
+    let a = match step {
+        Step::Ready(a) => a,
+        Step::Local(req, sub) => route(shard, req, sub).await,
+        Step::Forward(req) => forward_http(shard, req).await,
+    };
+    (a, close, n_in, start)
+}
 
 /// Bytes of a websocket upgrade request head and what followed it.
 type Upgrade = (Bytes, BytesMut);
@@ -434,7 +457,7 @@ async fn serve_inner(
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut out = BytesMut::with_capacity(4096);
     let mut parts: Vec<Bytes> = Vec::with_capacity(32);
-    let mut inflight: FuturesOrdered<Pending> = FuturesOrdered::new();
+    let mut inflight = FuturesOrdered::new();
     let mut cache: Option<AuthCache> = None;
     let mut closing = false;
     let mut continued = false;
@@ -451,8 +474,13 @@ async fn serve_inner(
                         continued = true;
                         if let Err(a) = check_head(shard, &mut cache, &buf[..n]) {
                             closing = true;
-                            inflight
-                                .push_back(Box::pin(async move { (a, true, 0, Instant::now()) }));
+                            inflight.push_back(answer(
+                                shard.clone(),
+                                Step::Ready(a),
+                                true,
+                                0,
+                                Instant::now(),
+                            ));
                             break;
                         }
                         if continue_ {
@@ -464,7 +492,13 @@ async fn serve_inner(
                 Parsed::Error(status, code, msg) => {
                     closing = true;
                     let a = Answer::error(status, code, msg);
-                    inflight.push_back(Box::pin(async move { (a, true, 0, Instant::now()) }));
+                    inflight.push_back(answer(
+                        shard.clone(),
+                        Step::Ready(a),
+                        true,
+                        0,
+                        Instant::now(),
+                    ));
                 }
                 Parsed::Request(req) if is_ws_upgrade(&req) => {
                     if inflight.is_empty() {
@@ -476,7 +510,13 @@ async fn serve_inner(
                         "bad_upgrade",
                         "websocket upgrade after pipelined requests",
                     );
-                    inflight.push_back(Box::pin(async move { (a, true, 0, Instant::now()) }));
+                    inflight.push_back(answer(
+                        shard.clone(),
+                        Step::Ready(a),
+                        true,
+                        0,
+                        Instant::now(),
+                    ));
                 }
                 Parsed::Request(req) => {
                     continued = false;
@@ -485,21 +525,27 @@ async fn serve_inner(
                     closing |= close;
                     let n_in = req.body.len();
                     match prepare(shard, &mut cache, &req) {
-                        Err(a) => {
-                            inflight.push_back(Box::pin(async move { (a, close, n_in, start) }))
-                        }
-                        Ok(None) => {
-                            let s = shard.clone();
-                            inflight.push_back(Box::pin(async move {
-                                (forward_http(s, req).await, close, n_in, start)
-                            }));
-                        }
-                        Ok(Some(sub)) => {
-                            let s = shard.clone();
-                            inflight.push_back(Box::pin(async move {
-                                (route(s, req, sub).await, close, n_in, start)
-                            }));
-                        }
+                        Err(a) => inflight.push_back(answer(
+                            shard.clone(),
+                            Step::Ready(a),
+                            close,
+                            n_in,
+                            start,
+                        )),
+                        Ok(None) => inflight.push_back(answer(
+                            shard.clone(),
+                            Step::Forward(req),
+                            close,
+                            n_in,
+                            start,
+                        )),
+                        Ok(Some(sub)) => inflight.push_back(answer(
+                            shard.clone(),
+                            Step::Local(req, sub),
+                            close,
+                            n_in,
+                            start,
+                        )),
                     }
                 }
             }

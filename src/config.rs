@@ -80,6 +80,9 @@ pub struct Listen {
     pub admin: SocketAddr,
     /// Serve the admin listener. Default true.
     pub admin_enabled: bool,
+    /// Host (name or address) that tasks should dial for the internal listeners, as told in
+    /// the hello. Default: the bound address; set it when `internal` binds `0.0.0.0`.
+    pub advertise_host: Option<String>,
 }
 
 /// Limits that bound memory and time per connection. Every one has a safe default.
@@ -206,6 +209,7 @@ impl Default for Listen {
             external: ([127, 0, 0, 1], 8950).into(),
             admin: ([127, 0, 0, 1], 8700).into(),
             admin_enabled: true,
+            advertise_host: None,
         }
     }
 }
@@ -403,6 +407,12 @@ impl Config {
                 ));
             }
         }
+        if self.listen.internal.ip().is_unspecified() && self.listen.advertise_host.is_none() {
+            return Err(invalid(
+                "listen.advertise_host",
+                "required when listen.internal binds an unspecified address: tasks cannot dial it",
+            ));
+        }
         let online = online_cores();
         let t = &self.tuning;
         if t.control_core >= online {
@@ -516,6 +526,13 @@ mod tests {
         assert!(e.to_string().contains("emergency_partition"), "{e}");
         let e = Config::parse("[limits]\nmax_body_byte = 1\n", "t").unwrap_err();
         assert!(e.to_string().contains("max_body_byte"), "{e}");
+        let e = Config::parse("[listen]\ninternal = \"0.0.0.0:8900\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("listen.advertise_host"), "{e}");
+        Config::parse(
+            "[listen]\ninternal = \"0.0.0.0:8900\"\nadvertise_host = \"r0.example\"\n",
+            "t",
+        )
+        .expect("advertised");
         let e = Config::parse("[tuning]\ncontrol_core = 9999\n", "t").unwrap_err();
         assert!(e.to_string().contains("tuning.control_core"), "{e}");
     }

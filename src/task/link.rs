@@ -300,7 +300,14 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
         cluster: shard.cfg.cluster_id(),
         shard: shard.index,
         shards: shard.count,
-        internal: shard.internal_addrs.iter().map(|a| a.to_string()).collect(),
+        internal: shard
+            .internal_addrs
+            .iter()
+            .map(|a| match &shard.cfg.listen.advertise_host {
+                Some(h) => format!("{h}:{}", a.port()),
+                None => a.to_string(),
+            })
+            .collect(),
     };
     let _ = out
         .borrow_mut()

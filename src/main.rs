@@ -313,7 +313,9 @@ fn run_router(path: Option<PathBuf>) -> Result<()> {
     std::process::exit(0);
 }
 
-fn run_task(common: TaskCommon, redirect_to: Option<String>, delay_ms: u64) -> Result<()> {
+/// SDK options for a built-in task: its service token is `--token`, or in dev mode one minted
+/// from the keyring for this instance, app, cluster and role.
+fn task_options(common: &TaskCommon, kind: &str) -> Result<fedbus::sdk::TaskOptions> {
     let partitions = parse_partitions(&common.partitions)?;
     let instance = fedbus::sdk::random_u64();
     let token = match common.token.clone() {
@@ -323,7 +325,7 @@ fn run_task(common: TaskCommon, redirect_to: Option<String>, delay_ms: u64) -> R
             ensure_keyring(&dir, &[common.app.as_str()])?;
             service_token(
                 &dir,
-                &format!("echo-{instance:016x}"),
+                &format!("{kind}-{instance:016x}"),
                 &common.app,
                 &common.cluster,
                 30 * 86400,
@@ -339,6 +341,11 @@ fn run_task(common: TaskCommon, redirect_to: Option<String>, delay_ms: u64) -> R
         token,
     );
     opts.instance = instance;
+    Ok(opts)
+}
+
+fn run_task(common: TaskCommon, redirect_to: Option<String>, delay_ms: u64) -> Result<()> {
+    let opts = task_options(&common, "echo")?;
     eprintln!(
         "fedbus task echo: app {} role {} partitions {} -> routers {:?}{}",
         common.app,
@@ -384,31 +391,7 @@ fn run_auth_task(mut common: TaskCommon, ttl: String) -> Result<()> {
     if common.role == "main" {
         common.role = "auth".into();
     }
-    let partitions = parse_partitions(&common.partitions)?;
-    let instance = fedbus::sdk::random_u64();
-    let token = match common.token.clone() {
-        Some(t) => t,
-        None => {
-            let dir = keyring_dir(&common.keyring);
-            ensure_keyring(&dir, &[common.app.as_str()])?;
-            service_token(
-                &dir,
-                &format!("auth-{instance:016x}"),
-                &common.app,
-                &common.cluster,
-                30 * 86400,
-                Some(&common.role),
-            )?
-        }
-    };
-    let mut opts = fedbus::sdk::TaskOptions::new(
-        common.routers.clone(),
-        &common.app,
-        &common.role,
-        partitions,
-        token,
-    );
-    opts.instance = instance;
+    let opts = task_options(&common, "auth")?;
     eprintln!(
         "fedbus task auth: Auth Service of {} (role {})",
         common.app, common.role

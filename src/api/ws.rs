@@ -7,12 +7,11 @@ use crate::auth::{self, claimed_app, verify_client_jwt};
 use crate::proto::{self, put_meta, put_meta_u64, tag, Frame, Header, Kind, MetaIter};
 use crate::route::parse_api_path;
 use crate::shard::{dispatch, Answer, RouteReq, Shard};
-use crate::ws::{self, handshake, Message, Side, WsOut, WsReader};
+use crate::ws::{self, handshake, Message, Side, WsOut};
 use bytes::{Bytes, BytesMut};
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 use std::cell::{Cell, RefCell};
-use std::os::unix::io::AsRawFd;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -86,16 +85,17 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, head: Bytes, leftove
         shard.cfg.limits.idle_timeout_ms,
     )));
     let limits = &shard.cfg.limits;
-    let fd = stream.as_raw_fd();
-    let (rd, wr) = futures_util::io::AsyncReadExt::split(stream);
-    let mut reader = WsReader::new(
-        rd,
+    let ws::WsConn {
+        mut reader,
+        out,
+        writer,
+    } = ws::start(
+        stream,
         leftover,
         Side::Server,
         limits.max_body_bytes + 64 * 1024,
+        limits.max_link_outbox_bytes,
     );
-    let out = WsOut::new(Side::Server, limits.max_link_outbox_bytes);
-    let writer = glommio::spawn_local(ws::write_loop(out.clone(), fd, wr));
     let until = auth::trusted_until(
         &shard.snapshots.keys.load().keyring,
         &app,

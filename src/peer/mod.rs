@@ -10,13 +10,12 @@ use crate::metrics::{Listener, ShardMetrics};
 use crate::proto::{self, flags, put_meta, put_meta_u64, tag, Frame, Header, Kind};
 use crate::shard::{dispatch, Answer, RouteReq, Shard};
 use crate::task::link::{read_upgrade, Reply, TaskLink};
-use crate::ws::{self, handshake, Message, Side, WsOut, WsReader};
+use crate::ws::{self, handshake, Message, Side};
 use bytes::Bytes;
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::os::unix::io::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -142,16 +141,17 @@ async fn dial_once(shard: &Rc<Shard>, cluster: &str, slot: &Rc<Slot>) -> anyhow:
     let _ = s.set_write_timeout(Some(every * 3));
     s.set_read_timeout(Some(every * 3))
         .map_err(|e| anyhow::anyhow!("read timeout: {e}"))?;
-    let fd = s.as_raw_fd();
-    let (rd, wr) = futures_util::io::AsyncReadExt::split(s);
-    let mut reader = WsReader::new(
-        rd,
+    let ws::WsConn {
+        mut reader,
+        out,
+        writer,
+    } = ws::start(
+        s,
         leftover,
         Side::Client,
         limits.max_body_bytes + 64 * 1024,
+        limits.max_link_outbox_bytes,
     );
-    let out = WsOut::new(Side::Client, limits.max_link_outbox_bytes);
-    let writer = glommio::spawn_local(ws::write_loop(out.clone(), fd, wr));
     let link = Rc::new(TaskLink::new(
         0,
         cluster.to_string(),
@@ -338,16 +338,17 @@ async fn serve_link(shard: &Rc<Shard>, stream: TcpStream, leftover: bytes::Bytes
     // The dialing router pings every interval; silence for 3 intervals ends the link.
     let _ = stream.set_read_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
     let _ = stream.set_write_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
-    let fd = stream.as_raw_fd();
-    let (rd, wr) = futures_util::io::AsyncReadExt::split(stream);
-    let mut reader = WsReader::new(
-        rd,
+    let ws::WsConn {
+        mut reader,
+        out,
+        writer,
+    } = ws::start(
+        stream,
         leftover,
         Side::Server,
         limits.max_body_bytes + 64 * 1024,
+        limits.max_link_outbox_bytes,
     );
-    let out = WsOut::new(Side::Server, limits.max_link_outbox_bytes);
-    let writer = glommio::spawn_local(ws::write_loop(out.clone(), fd, wr));
     let inflight = Rc::new(std::cell::Cell::new(0usize));
     let end = loop {
         match reader.next().await {

@@ -11,7 +11,6 @@ use glommio::net::TcpStream;
 use std::cell::RefCell;
 use std::collections::HashSet;
 use std::future::Future;
-use std::os::unix::io::AsRawFd;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -318,11 +317,17 @@ where
     F: Future<Output = Outcome> + 'static,
 {
     let (s, leftover) = ws_connect(addr, "/link", Some(&ctx.opts.token)).await?;
-    let fd = s.as_raw_fd();
-    let (rd, wr) = futures_util::io::AsyncReadExt::split(s);
-    let mut reader = WsReader::new(rd, leftover, Side::Client, ctx.opts.max_message);
-    let out = WsOut::new(Side::Client, 256 * 1024 * 1024);
-    let writer = glommio::spawn_local(ws::write_loop(out.clone(), fd, wr));
+    let ws::WsConn {
+        mut reader,
+        out,
+        writer,
+    } = ws::start(
+        s,
+        leftover,
+        Side::Client,
+        ctx.opts.max_message,
+        256 * 1024 * 1024,
+    );
     let res = serve_link(ctx, addr, &mut reader, &out).await;
     out.borrow_mut().close(1000);
     let _ = writer.await;

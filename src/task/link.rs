@@ -15,7 +15,6 @@ use glommio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
-use std::os::unix::io::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
@@ -288,11 +287,17 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
         .set_read_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)))
         .map_err(|e| e.to_string())?;
 
-    let fd = stream.as_raw_fd();
-    let (rd, wr) = futures_util::io::AsyncReadExt::split(stream);
-    let mut reader = WsReader::new(rd, leftover, Side::Server, max_msg);
-    let out = WsOut::new(Side::Server, limits.max_link_outbox_bytes);
-    let writer = glommio::spawn_local(ws::write_loop(out.clone(), fd, wr));
+    let ws::WsConn {
+        mut reader,
+        out,
+        writer,
+    } = ws::start(
+        stream,
+        leftover,
+        Side::Server,
+        max_msg,
+        limits.max_link_outbox_bytes,
+    );
 
     let hello = Hello {
         kind: "hello".into(),

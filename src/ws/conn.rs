@@ -321,6 +321,34 @@ impl WsOut {
     }
 }
 
+/// A websocket connection over a glommio TCP stream once the handshake is done: the reader,
+/// the shared outbox, and the writer task that drains it.
+pub struct WsConn {
+    pub reader: WsReader<futures_util::io::ReadHalf<glommio::net::TcpStream>>,
+    pub out: Rc<RefCell<WsOut>>,
+    pub writer: glommio::Task<io::Result<()>>,
+}
+
+/// Splits `stream` and starts its writer task. `leftover`: bytes read past the handshake.
+pub fn start(
+    stream: glommio::net::TcpStream,
+    leftover: BytesMut,
+    side: Side,
+    max_message: usize,
+    outbox_limit: usize,
+) -> WsConn {
+    use std::os::unix::io::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let (rd, wr) = futures_util::io::AsyncReadExt::split(stream);
+    let out = WsOut::new(side, outbox_limit);
+    let writer = glommio::spawn_local(write_loop(out.clone(), fd, wr));
+    WsConn {
+        reader: WsReader::new(rd, leftover, side, max_message),
+        out,
+        writer,
+    }
+}
+
 /// Sends a ping every `every` until the outbox closes: the keepalive of task and peer links
 /// (the other side's read timeout of 3 intervals ends a silent link).
 pub fn spawn_pinger(out: Rc<RefCell<WsOut>>, every: std::time::Duration) -> glommio::Task<()> {

@@ -5,4 +5,6 @@ pub mod conn;
 pub mod frame;
 pub mod handshake;
 
-pub use conn::{spawn_pinger, write_loop, Message, Refused, Side, WsError, WsOut, WsReader};
+pub use conn::{
+    spawn_pinger, start, write_loop, Message, Refused, Side, WsConn, WsError, WsOut, WsReader,
+};

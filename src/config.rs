@@ -214,6 +214,14 @@ impl Default for Listen {
     }
 }
 
+impl Limits {
+    /// Largest websocket message accepted on any link: a body plus room for the frame header
+    /// and metadata.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_body_bytes + 64 * 1024
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {

@@ -93,7 +93,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, head: Bytes, leftove
         stream,
         leftover,
         Side::Server,
-        limits.max_body_bytes + 64 * 1024,
+        limits.max_message_bytes(),
         limits.max_link_outbox_bytes,
     );
     let until = auth::trusted_until(

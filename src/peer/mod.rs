@@ -149,7 +149,7 @@ async fn dial_once(shard: &Rc<Shard>, cluster: &str, slot: &Rc<Slot>) -> anyhow:
         s,
         leftover,
         Side::Client,
-        limits.max_body_bytes + 64 * 1024,
+        limits.max_message_bytes(),
         limits.max_link_outbox_bytes,
     );
     let link = Rc::new(TaskLink::new(
@@ -346,7 +346,7 @@ async fn serve_link(shard: &Rc<Shard>, stream: TcpStream, leftover: bytes::Bytes
         stream,
         leftover,
         Side::Server,
-        limits.max_body_bytes + 64 * 1024,
+        limits.max_message_bytes(),
         limits.max_link_outbox_bytes,
     );
     let inflight = Rc::new(std::cell::Cell::new(0usize));

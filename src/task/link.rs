@@ -281,7 +281,7 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
         .write_all(handshake::accept_response(&up.key).as_bytes())
         .await
         .map_err(|e| e.to_string())?;
-    let max_msg = limits.max_body_bytes + 64 * 1024;
+    let max_msg = limits.max_message_bytes();
     let _ = stream.set_write_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
     stream
         .set_read_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)))

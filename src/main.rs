@@ -345,7 +345,10 @@ fn task_options(common: &TaskCommon, kind: &str) -> Result<fedbus::sdk::TaskOpti
 }
 
 fn run_task(common: TaskCommon, redirect_to: Option<String>, delay_ms: u64) -> Result<()> {
-    let opts = task_options(&common, "echo")?;
+    let mut opts = task_options(&common, "echo")?;
+    // Which router shard's link carried each request: lets tests prove that requests never
+    // cross shards. Added by the SDK from a line made once per link.
+    opts.report_link_shard = true;
     eprintln!(
         "fedbus task echo: app {} role {} partitions {} -> routers {:?}{}",
         common.app,
@@ -373,9 +376,7 @@ fn run_task(common: TaskCommon, redirect_to: Option<String>, delay_ms: u64) -> R
                 Some(r) => fedbus::sdk::Outcome::redirect(&r),
                 None => fedbus::sdk::Outcome::Response {
                     status: 200,
-                    // Which router shard's link carried the request: lets tests prove that
-                    // requests never cross shards.
-                    headers: vec![("echo-link-shard".into(), req.link_shard.to_string())],
+                    headers: Vec::new(),
                     content_type: req
                         .meta(fedbus::proto::tag::CONTENT_TYPE)
                         .map(str::to_string),

@@ -28,6 +28,9 @@ pub struct TaskOptions {
     pub instance: u64,
     /// Largest message accepted from a router.
     pub max_message: usize,
+    /// Add `echo-link-shard: <router shard>` to every answer (which router shard's link carried
+    /// the request: lets tests prove requests never cross shards). Default false.
+    pub report_link_shard: bool,
 }
 
 impl TaskOptions {
@@ -46,6 +49,7 @@ impl TaskOptions {
             token,
             instance: random_u64(),
             max_message: 64 * 1024 * 1024,
+            report_link_shard: false,
         }
     }
 }
@@ -162,51 +166,66 @@ impl Outcome {
     }
 }
 
-/// Encodes the answer to `req_header` into `out`.
-fn send_outcome(out: &RefCell<WsOut>, req: &Header, o: Outcome) {
-    let mut meta = BytesMut::with_capacity(64);
-    let (kind, payload) = match o {
-        Outcome::Response {
-            status,
-            headers,
-            content_type,
-            body,
-        } => {
-            put_meta_u64(&mut meta, tag::STATUS, status as u64);
-            if let Some(ct) = content_type {
-                put_meta(&mut meta, tag::CONTENT_TYPE, ct.as_bytes());
+thread_local! {
+    /// Reused buffer for answer heads: answering allocates nothing but what the handler did.
+    static HEAD: RefCell<BytesMut> = RefCell::new(BytesMut::with_capacity(512));
+}
+
+/// Encodes the answer to `req_header` into `out`. `extra` is a ready `name: value` header line
+/// the SDK adds itself (the link shard, when the task asks for it).
+fn send_outcome(out: &RefCell<WsOut>, req: &Header, o: Outcome, extra: Option<&[u8]>) {
+    HEAD.with(|head| {
+        let mut m = head.borrow_mut();
+        m.clear();
+        m.resize(proto::HEADER_LEN, 0);
+        let (kind, payload) = match o {
+            Outcome::Response {
+                status,
+                headers,
+                content_type,
+                body,
+            } => {
+                put_meta_u64(&mut m, tag::STATUS, status as u64);
+                if let Some(ct) = content_type {
+                    put_meta(&mut m, tag::CONTENT_TYPE, ct.as_bytes());
+                }
+                for (k, v) in headers {
+                    let mut line = Vec::with_capacity(k.len() + v.len() + 2);
+                    line.extend_from_slice(k.as_bytes());
+                    line.extend_from_slice(b": ");
+                    line.extend_from_slice(v.as_bytes());
+                    put_meta(&mut m, tag::HEADER, &line);
+                }
+                if let Some(x) = extra {
+                    put_meta(&mut m, tag::HEADER, x);
+                }
+                (Kind::Response, body)
             }
-            for (k, v) in headers {
-                put_meta(&mut meta, tag::HEADER, format!("{k}: {v}").as_bytes());
+            Outcome::Redirect { role, partition } => {
+                put_meta(&mut m, tag::ROLE, role.as_bytes());
+                if let Some(p) = partition {
+                    put_meta_u64(&mut m, tag::PARTITION, p as u64);
+                }
+                (Kind::Redirect, Bytes::new())
             }
-            (Kind::Response, body)
+        };
+        let h = Header {
+            kind,
+            flags: 0,
+            hops: req.hops,
+            partition: req.partition,
+            request_id: req.request_id,
+            meta_len: (m.len() - proto::HEADER_LEN) as u32,
+            payload_len: payload.len() as u32,
+        };
+        m[..proto::HEADER_LEN].copy_from_slice(&h.encode());
+        if out.borrow_mut().send_binary(&m, payload).is_err() {
+            tracing::warn!(
+                id = req.request_id,
+                "answer dropped: link outbox full or closed"
+            );
         }
-        Outcome::Redirect { role, partition } => {
-            put_meta(&mut meta, tag::ROLE, role.as_bytes());
-            if let Some(p) = partition {
-                put_meta_u64(&mut meta, tag::PARTITION, p as u64);
-            }
-            (Kind::Redirect, Bytes::new())
-        }
-    };
-    let h = Header {
-        kind,
-        flags: 0,
-        hops: req.hops,
-        partition: req.partition,
-        request_id: req.request_id,
-        meta_len: meta.len() as u32,
-        payload_len: payload.len() as u32,
-    };
-    let mut head = BytesMut::with_capacity(proto::HEADER_LEN + meta.len());
-    head.extend_from_slice(&h.encode());
-    head.extend_from_slice(&meta);
-    if out.borrow_mut().send_binary(&head, payload).is_err() {
-        tracing::warn!(
-            id = req.request_id,
-            "answer dropped: link outbox full or closed"
-        );
-    }
+    });
 }
 
 /// Serves `handler` forever on a new glommio executor in this thread.
@@ -373,6 +392,11 @@ where
     };
     let _ = out.borrow_mut().send_text(&serde_json::to_string(&reg)?);
     tracing::info!(%addr, router = %hello.router, shard = hello.shard, shards = hello.shards, "link up");
+    let shard_line: Option<Rc<[u8]>> = ctx.opts.report_link_shard.then(|| {
+        format!("echo-link-shard: {}", hello.shard)
+            .into_bytes()
+            .into()
+    });
     loop {
         match reader.next().await? {
             Message::Binary(b) => {
@@ -392,12 +416,12 @@ where
                 let mut fut = Box::pin(fut);
                 // Most handlers answer at once: skip a task spawn for those.
                 match futures_util::FutureExt::now_or_never(&mut fut) {
-                    Some(o) => send_outcome(out, &h, o),
+                    Some(o) => send_outcome(out, &h, o, shard_line.as_deref()),
                     None => {
-                        let out = out.clone();
+                        let (out, line) = (out.clone(), shard_line.clone());
                         glommio::spawn_local(async move {
                             let o = fut.await;
-                            send_outcome(&out, &h, o);
+                            send_outcome(&out, &h, o, line.as_deref());
                         })
                         .detach();
                     }

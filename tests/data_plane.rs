@@ -554,3 +554,52 @@ fn token_of_another_app_is_403() {
     c.request(&Req::post(&r.path(APP, 42)).token(&other))
         .assert_error(403, "wrong_app");
 }
+
+/// A task link is authenticated once, at the upgrade: it is closed when its service token
+/// expires, and the task cannot come back with the expired token.
+#[test]
+fn task_link_closes_when_its_service_token_expires() {
+    let r = Router::new().shards(1).start();
+    let out = std::process::Command::new(BIN)
+        .args([
+            "token",
+            "service",
+            "--task-id",
+            "short-lived",
+            "--app",
+            APP,
+            "--ttl",
+            "3s",
+        ])
+        .args(["--keyring", r.keys.to_str().expect("utf-8 path")])
+        .output()
+        .expect("fedbus token service");
+    assert!(out.status.success(), "{out:?}");
+    let st = String::from_utf8(out.stdout).expect("utf-8");
+    let minted = Instant::now();
+    let _t = r.task().service_token(st.trim()).start();
+    let tok = r.token(APP, "alice");
+    let p = r.path(APP, 5);
+    assert_eq!(r.request(&Req::post(&p).token(&tok).body(b"x")).status, 200);
+    // Gone within a few seconds of the expiry (3 s), never to come back with that token.
+    let deadline = minted + Duration::from_secs(10);
+    loop {
+        let resp = r.request(&Req::post(&p).token(&tok).body(b"x"));
+        if resp.status == 503 {
+            resp.assert_error(503, "no_live_task");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "task link outlived its token: {resp:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        minted.elapsed() >= Duration::from_secs(2),
+        "closed before the token expired"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    r.request(&Req::post(&p).token(&tok).body(b"x"))
+        .assert_error(503, "no_live_task");
+}

@@ -283,14 +283,14 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         Ok((up, leftover)) => {
             let verdict = check_peer_token(&shard, up.bearer.as_deref());
             match verdict {
-                Ok(cluster) => {
+                Ok((cluster, exp)) => {
                     if stream
                         .write_all(handshake::accept_response(&up.key).as_bytes())
                         .await
                         .is_ok()
                     {
                         tracing::info!(shard = shard.index, %cluster, "peer link accepted");
-                        serve_link(&shard, stream, leftover, cluster).await;
+                        serve_link(&shard, stream, leftover, cluster, exp).await;
                     }
                 }
                 Err((status, code, msg)) => {
@@ -311,7 +311,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
 fn check_peer_token(
     shard: &Shard,
     token: Option<&str>,
-) -> Result<String, (u16, &'static str, String)> {
+) -> Result<(String, u64), (u16, &'static str, String)> {
     let token = token.ok_or((401, "missing_token", "peer token required".to_string()))?;
     // The cluster named in the token picks the key; a token naming another cluster than the
     // one whose key signed it fails the signature check.
@@ -330,10 +330,16 @@ fn check_peer_token(
     if c.cluster != claimed || !c.app.is_empty() {
         return Err((401, "bad_token", "not a peer token".into()));
     }
-    Ok(c.cluster)
+    Ok((c.cluster, c.exp))
 }
 
-async fn serve_link(shard: &Rc<Shard>, stream: TcpStream, leftover: bytes::BytesMut, from: String) {
+async fn serve_link(
+    shard: &Rc<Shard>,
+    stream: TcpStream,
+    leftover: bytes::BytesMut,
+    from: String,
+    exp: u64,
+) {
     let limits = &shard.cfg.limits;
     // The dialing router pings every interval; silence for 3 intervals ends the link.
     let _ = stream.set_read_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
@@ -350,6 +356,7 @@ async fn serve_link(shard: &Rc<Shard>, stream: TcpStream, leftover: bytes::Bytes
         limits.max_link_outbox_bytes,
     );
     let inflight = Rc::new(std::cell::Cell::new(0usize));
+    let expiry = ws::close_at_expiry(out.clone(), exp);
     let end = loop {
         match reader.next().await {
             Ok(Message::Binary(b)) => {
@@ -395,6 +402,7 @@ async fn serve_link(shard: &Rc<Shard>, stream: TcpStream, leftover: bytes::Bytes
             Err(e) => break e.close_code(),
         }
     };
+    drop(expiry.cancel());
     tracing::info!(shard = shard.index, cluster = %from, "peer link from {from} closed");
     match end {
         Some(c) => out.borrow_mut().close(c),

@@ -398,6 +398,7 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
 
     // Keepalive: a ping every interval; the read timeout (3 intervals) ends a silent link.
     let pinger = ws::spawn_pinger(out.clone(), Duration::from_millis(limits.ping_interval_ms));
+    let expiry = ws::close_at_expiry(out.clone(), claims.exp);
 
     // The app's Auth Service gets the current app secret now and after every rotation.
     let pusher = (reg.role == AUTH_ROLE).then(|| {
@@ -424,6 +425,7 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
     });
 
     let end = read_loop(&link, &mut reader).await;
+    drop(expiry.cancel());
     if let Some(p) = pusher {
         drop(p.cancel());
     }

@@ -364,6 +364,20 @@ pub fn spawn_pinger(out: Rc<RefCell<WsOut>>, every: std::time::Duration) -> glom
     })
 }
 
+/// Closes the connection with 1008 when the credential it was opened with expires (`exp`,
+/// unix seconds): a link is authenticated once, so it must not outlive its token.
+pub fn close_at_expiry(out: Rc<RefCell<WsOut>>, exp: u64) -> glommio::Task<()> {
+    glommio::spawn_local(async move {
+        let now = crate::auth::now_unix();
+        glommio::timer::sleep(std::time::Duration::from_secs(exp.saturating_sub(now))).await;
+        let mut o = out.borrow_mut();
+        if !o.is_closing() {
+            tracing::info!("link credential expired: closing with 1008");
+            o.close(1008);
+        }
+    })
+}
+
 /// Waits until the outbox has something to write or is closing.
 struct Ready<'a>(&'a RefCell<WsOut>);
 

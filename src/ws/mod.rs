@@ -6,5 +6,6 @@ pub mod frame;
 pub mod handshake;
 
 pub use conn::{
-    spawn_pinger, start, write_loop, Message, Refused, Side, WsConn, WsError, WsOut, WsReader,
+    close_at_expiry, spawn_pinger, start, write_loop, Message, Refused, Side, WsConn, WsError,
+    WsOut, WsReader,
 };

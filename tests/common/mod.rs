@@ -368,6 +368,7 @@ impl Router {
             role: "main".into(),
             delay_ms: 0,
             redirect_to: None,
+            service_token: None,
         }
     }
 
@@ -468,9 +469,16 @@ pub struct TaskBuilder<'a> {
     role: String,
     delay_ms: u64,
     redirect_to: Option<String>,
+    service_token: Option<String>,
 }
 
 impl TaskBuilder<'_> {
+    /// Present this service token instead of a dev token minted by the task.
+    pub fn service_token(mut self, t: &str) -> Self {
+        self.service_token = Some(t.into());
+        self
+    }
+
     pub fn app(mut self, a: &str) -> Self {
         self.app = a.into();
         self
@@ -513,6 +521,9 @@ impl TaskBuilder<'_> {
             .args(["--delay-ms", &self.delay_ms.to_string()]);
         if let Some(to) = &self.redirect_to {
             cmd.args(["--redirect-to", to]);
+        }
+        if let Some(t) = &self.service_token {
+            cmd.args(["--token", t]);
         }
         let child = cmd
             .env("FEDBUS_HOME", r.home())

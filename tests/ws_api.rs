@@ -743,3 +743,25 @@ fn metrics_count_websocket_requests() {
     });
     assert!(back.is_some(), "api connection gauge not back to {conns0}");
 }
+
+/// A client that sends and never reads: once its answers overflow the connection's outbox the
+/// router closes with 1013 instead of dropping answers silently or growing without bound.
+#[test]
+fn client_that_never_reads_is_closed_1013() {
+    let r = Router::new()
+        .shards(1)
+        .limit("max_link_outbox_bytes", 256 * 1024)
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let mut w = open(&r, &tok);
+    let payload = vec![b'q'; 60 * 1024];
+    let path = format!("/api/local/dev/{APP}/api/3/sys/echo");
+    // About 24 MB of requests: more than the kernel's socket buffers can hide.
+    for id in 0..400u64 {
+        let b = w.request_bytes(id, Some(&path), &payload);
+        w.send_raw_lossy(&b);
+    }
+    w.set_read_timeout(Duration::from_secs(10));
+    w.expect_close(1013);
+}

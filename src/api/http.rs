@@ -607,6 +607,24 @@ async fn serve_inner(
         }
     }
     let _ = stream.flush().await;
+    if closing {
+        // Lingering close: the client may still be sending (a body we refused with 413, a
+        // pipelined request after `Connection: close`); closing with unread input would make
+        // the kernel send RST and could destroy our answer before the client reads it.
+        let _ = stream.shutdown(std::net::Shutdown::Write).await;
+        let mut sink = [0u8; 16 * 1024];
+        let _ = glommio::timer::timeout(Duration::from_secs(1), async {
+            let mut left = 1usize << 20;
+            while left > 0 {
+                match stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+            Ok(())
+        })
+        .await;
+    }
     Ok(None)
 }
 

@@ -111,6 +111,9 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, head: Bytes, leftove
         inflight: Cell::new(0),
     });
     let end = loop {
+        if out.borrow().is_closing() {
+            break Some(1013);
+        }
         let msg = match glommio::timer::timeout(
             std::time::Duration::from_millis(limits.idle_timeout_ms),
             async { Ok(reader.next().await) },
@@ -118,6 +121,8 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, head: Bytes, leftove
         .await
         {
             Ok(m) => m,
+            // Idle means nothing to read and nothing in flight.
+            Err(_) if session.inflight.get() > 0 => continue,
             Err(_) => break Some(1001),
         };
         match msg {
@@ -158,11 +163,16 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, head: Bytes, leftove
             Err(e) => break e.close_code(),
         }
     };
+    let lingering = end.is_some();
     match end {
         Some(code) => out.borrow_mut().close(code),
         None => out.borrow_mut().abort(),
     }
     let _ = writer.await;
+    if lingering {
+        // Our close frame is out; let the client read it before the socket goes away.
+        reader.drain(std::time::Duration::from_secs(2)).await;
+    }
 }
 
 struct Session {
@@ -269,8 +279,12 @@ pub fn send_answer(
     };
     m[..proto::HEADER_LEN].copy_from_slice(&h.encode());
     let n = body.len();
-    if out.borrow_mut().send_binary(&m, body).is_err() {
-        tracing::debug!(id, "client websocket outbox full or closed; answer dropped");
+    let mut o = out.borrow_mut();
+    if o.send_binary(&m, body).is_err() && !o.is_closing() {
+        // The other side does not read its answers: rather than drop one silently, close the
+        // connection with 1013 (try again later) so every request on it gets a clear end.
+        tracing::warn!(id, "websocket outbox over its limit: closing with 1013");
+        o.close(1013);
     }
     n
 }

@@ -107,6 +107,23 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
         }
     }
 
+    /// Reads and discards until the peer closes or `limit` passes. Closing a socket that still
+    /// has unread input makes the kernel send RST, which can destroy answers (and the close
+    /// frame) the peer has not read yet: call this after the writer has finished.
+    pub async fn drain(&mut self, limit: std::time::Duration) {
+        self.buf.clear();
+        let mut b = [0u8; 16 * 1024];
+        let _ = glommio::timer::timeout(limit, async {
+            while let Ok(n) = self.io.read(&mut b).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            Ok(())
+        })
+        .await;
+    }
+
     /// True when a complete frame header and payload are already buffered.
     pub fn has_buffered_frame(&self) -> bool {
         matches!(frame::parse_head(&self.buf), Ok(Some(h)) if self.buf.len() as u64 >= h.header_len as u64 + h.payload_len)

@@ -73,8 +73,9 @@ impl TaskLink {
         read_loop(self, reader).await
     }
 
+    /// Alive and not closing: can still carry requests (maybe not now, if full).
     pub fn is_alive(&self) -> bool {
-        self.alive.get()
+        self.alive.get() && !self.out.borrow().is_closing()
     }
 
     /// Alive and below the pending limit.

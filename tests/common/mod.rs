@@ -472,6 +472,45 @@ pub struct TaskBuilder<'a> {
     service_token: Option<String>,
 }
 
+/// Starts `fedbus <args> --router <shard 0> --keyring <keys>` linked to `r` and waits until every
+/// shard registered a link of it. `label` tells tasks apart in logs.
+pub fn spawn_task(r: &Router, args: &[String], label: &str) -> Task {
+    let n = r.tasks_started.get();
+    r.tasks_started.set(n + 1);
+    let before = r.registrations();
+    let log = r.home().join(format!("task-{n}{label}.log"));
+    let child = Command::new(BIN)
+        .args(args)
+        .arg("--router")
+        .arg(r.internal[0].to_string())
+        .args(["--keyring", r.keys.to_str().expect("utf-8 path")])
+        .env("FEDBUS_HOME", r.home())
+        .env("FEDBUS_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("task log"))
+        .spawn()
+        .expect("spawn fedbus task");
+    let mut task = Task {
+        proc: Proc {
+            child: Some(child),
+            log,
+            name: format!("task {n}{label}"),
+        },
+    };
+    let deadline = Instant::now() + START_TIMEOUT;
+    while r.registrations() < before + r.shards() {
+        assert!(task.proc.alive(), "task {n}{label} exited");
+        assert!(
+            Instant::now() < deadline,
+            "task {n}{label} not registered on {} shards within {START_TIMEOUT:?}",
+            r.shards()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    task
+}
+
 impl TaskBuilder<'_> {
     /// Present this service token instead of a dev token minted by the task.
     pub fn service_token(mut self, t: &str) -> Self {
@@ -508,49 +547,32 @@ impl TaskBuilder<'_> {
     /// request to its first partition is routed (role `main` without redirect only).
     pub fn start(self) -> Task {
         let r = self.router;
-        let n = r.tasks_started.get();
-        r.tasks_started.set(n + 1);
-        let before = r.registrations();
-        let log = r.home().join(format!("task-{n}.log"));
-        let mut cmd = Command::new(BIN);
-        cmd.args(["task", "echo", "--router"])
-            .arg(r.internal[0].to_string())
-            .args(["--keyring", r.keys.to_str().expect("utf-8 path")])
-            .args(["--app", &self.app, "--partitions", &self.partitions])
-            .args(["--role", &self.role])
-            .args(["--delay-ms", &self.delay_ms.to_string()]);
+        let mut args: Vec<String> = [
+            "task",
+            "echo",
+            "--app",
+            &self.app,
+            "--partitions",
+            &self.partitions,
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        args.extend([
+            "--role".into(),
+            self.role.clone(),
+            "--delay-ms".into(),
+            self.delay_ms.to_string(),
+        ]);
         if let Some(to) = &self.redirect_to {
-            cmd.args(["--redirect-to", to]);
+            args.extend(["--redirect-to".into(), to.clone()]);
         }
         if let Some(t) = &self.service_token {
-            cmd.args(["--token", t]);
+            args.extend(["--token".into(), t.clone()]);
         }
-        let child = cmd
-            .env("FEDBUS_HOME", r.home())
-            .env("FEDBUS_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("task log"))
-            .spawn()
-            .expect("spawn fedbus task echo");
-        let mut task = Task {
-            proc: Proc {
-                child: Some(child),
-                log,
-                name: format!("task {n}"),
-            },
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
         // 1. Every shard of the router registered a link of this task.
-        while r.registrations() < before + r.shards() {
-            assert!(task.proc.alive(), "task {n} exited");
-            assert!(
-                Instant::now() < deadline,
-                "task {n} not registered on {} shards within {START_TIMEOUT:?}",
-                r.shards()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let task = spawn_task(r, &args, "");
+        let (n, deadline) = (&task.proc.name, Instant::now() + START_TIMEOUT);
         // 2. The control thread published a routing table with it: a request is routed
         // (anything but 503; with a delay, no answer within the probe time also counts).
         if self.role == "main" && self.redirect_to.is_none() {
@@ -575,15 +597,15 @@ impl TaskBuilder<'_> {
                 match c.read_response() {
                     Ok(resp) if resp.status == 503 => {}
                     Ok(resp) => {
-                        assert_eq!(resp.status, 200, "probe of task {n}: {resp:?}");
+                        assert_eq!(resp.status, 200, "probe of {n}: {resp:?}");
                         break;
                     }
                     Err(e) if self.delay_ms > 0 && is_timeout(&e) => break,
-                    Err(e) => panic!("probe of task {n}: {e}"),
+                    Err(e) => panic!("probe of {n}: {e}"),
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "task {n} not routed within {START_TIMEOUT:?}"
+                    "{n} not routed within {START_TIMEOUT:?}"
                 );
                 std::thread::sleep(Duration::from_millis(20));
             }

@@ -94,37 +94,5 @@ pub fn jwt_kid(token: &str) -> String {
 /// Starts `fedbus task auth` (role `auth`, all partitions of demo/echo) linked to `r`, and
 /// waits until every shard registered it.
 pub fn auth_task(r: &Router) -> Task {
-    let n = r.tasks_started.get();
-    r.tasks_started.set(n + 1);
-    let before = r.registrations();
-    let log = r.home().join(format!("task-{n}-auth.log"));
-    let child = Command::new(BIN)
-        .args(["task", "auth", "--router"])
-        .arg(r.internal[0].to_string())
-        .args(["--keyring", r.keys.to_str().expect("utf-8 path")])
-        .env("FEDBUS_HOME", r.home())
-        .env("FEDBUS_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("task log"))
-        .spawn()
-        .expect("spawn fedbus task auth");
-    let mut task = Task {
-        proc: Proc {
-            child: Some(child),
-            log,
-            name: format!("task {n} (auth)"),
-        },
-    };
-    let deadline = Instant::now() + START_TIMEOUT;
-    while r.registrations() < before + r.shards() {
-        assert!(task.proc.alive(), "auth task {n} exited");
-        assert!(
-            Instant::now() < deadline,
-            "auth task {n} not registered on {} shards within {START_TIMEOUT:?}",
-            r.shards()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    task
+    spawn_task(r, &["task".into(), "auth".into()], " (auth)")
 }

@@ -14,7 +14,6 @@ use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use glommio::net::TcpStream;
-use std::io::Write;
 use std::ops::Range;
 use std::os::unix::io::AsRawFd;
 use std::rc::Rc;
@@ -340,65 +339,75 @@ async fn forward_http(shard: Rc<Shard>, req: Req) -> Answer {
 
 /// Writes the response head for `a` into `out`.
 pub fn write_head(out: &mut BytesMut, shard: &Shard, a: &Answer, body_len: usize, close: bool) {
-    let mut w = out.writer();
+    // Plain byte appends and `fmt_u64` instead of `write!`: this runs once per response, and
+    // the formatting machinery cost more than the rest of the head.
+    let mut tmp = [0u8; 20];
+    let mut num = |out: &mut BytesMut, name: &[u8], n: u64| {
+        out.put_slice(name);
+        out.put_slice(crate::proto::fmt_u64(n, &mut tmp));
+        out.put_slice(b"\r\n");
+    };
     let mut forwarded = false;
-    let _ = write!(w, "HTTP/1.1 {} {}\r\n", a.status, reason(a.status));
+    out.put_slice(b"HTTP/1.1 ");
+    let mut st = [0u8; 20];
+    out.put_slice(crate::proto::fmt_u64(a.status as u64, &mut st));
+    out.put_u8(b' ');
+    out.put_slice(reason(a.status).as_bytes());
+    out.put_slice(b"\r\n");
     let mut has_ct = false;
     if let Some(f) = &a.frame {
         // An answer relayed by a peer router carries that router's fedbus-* headers.
         let from_router = a.relayed;
         for (t, v) in MetaIter::new(&f.meta).filter_map(Result::ok) {
             if t == tag::HEADER && super::allowed_header(v, from_router) {
-                let _ = w.write_all(v);
-                let _ = w.write_all(b"\r\n");
+                out.put_slice(v);
+                out.put_slice(b"\r\n");
             } else if t == tag::SERVED_BY
                 && from_router
                 && !v.contains(&b'\r')
                 && !v.contains(&b'\n')
             {
                 forwarded = true;
-                let _ = w.write_all(b"fedbus-served-by: ");
-                let _ = w.write_all(v);
-                let _ = w.write_all(b"\r\n");
+                out.put_slice(b"fedbus-served-by: ");
+                out.put_slice(v);
+                out.put_slice(b"\r\n");
             } else if t == tag::CONTENT_TYPE && !v.contains(&b'\r') && !v.contains(&b'\n') {
                 has_ct = true;
-                let _ = w.write_all(b"content-type: ");
-                let _ = w.write_all(v);
-                let _ = w.write_all(b"\r\n");
+                out.put_slice(b"content-type: ");
+                out.put_slice(v);
+                out.put_slice(b"\r\n");
             }
         }
         if !has_ct {
-            let _ = w.write_all(b"content-type: application/octet-stream\r\n");
+            out.put_slice(b"content-type: application/octet-stream\r\n");
         }
     } else {
-        let _ = w.write_all(b"content-type: application/json\r\n");
+        out.put_slice(b"content-type: application/json\r\n");
     }
-    let _ = write!(
-        w,
-        "content-length: {body_len}\r\nfedbus-shard: {}\r\n",
-        shard.index
-    );
-    if forwarded {
-        // The serving router's fedbus-partition/hops came with its answer.
-    } else {
-        let _ = write!(w, "fedbus-served-by: {}\r\n", shard.router_name);
+    num(out, b"content-length: ", body_len as u64);
+    num(out, b"fedbus-shard: ", shard.index as u64);
+    if !forwarded {
+        // (A relayed answer brought the serving router's fedbus-partition/hops.)
+        out.put_slice(b"fedbus-served-by: ");
+        out.put_slice(shard.router_name.as_bytes());
+        out.put_slice(b"\r\n");
         if let Some(p) = a.partition {
-            let _ = write!(w, "fedbus-partition: {p}\r\n");
+            num(out, b"fedbus-partition: ", p as u64);
         }
         if a.frame.is_some() || a.hops > 0 {
-            let _ = write!(w, "fedbus-hops: {}\r\n", a.hops);
+            num(out, b"fedbus-hops: ", a.hops as u64);
         }
     }
     if let Some(e) = a.emergency_for {
-        let _ = write!(w, "fedbus-emergency: {e}\r\n");
+        num(out, b"fedbus-emergency: ", e as u64);
     }
     if a.status == 503 {
-        let _ = w.write_all(b"retry-after: 1\r\n");
+        out.put_slice(b"retry-after: 1\r\n");
     }
     if close {
-        let _ = w.write_all(b"connection: close\r\n");
+        out.put_slice(b"connection: close\r\n");
     }
-    let _ = w.write_all(b"\r\n");
+    out.put_slice(b"\r\n");
 }
 
 use bytes::BufMut;

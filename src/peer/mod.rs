@@ -344,6 +344,7 @@ async fn serve_link(
     // The dialing router pings every interval; silence for 3 intervals ends the link.
     let _ = stream.set_read_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
     let _ = stream.set_write_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
+    let _ = stream.set_nodelay(true);
     let ws::WsConn {
         mut reader,
         out,

@@ -284,6 +284,8 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
         .map_err(|e| e.to_string())?;
     let max_msg = limits.max_message_bytes();
     let _ = stream.set_write_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
+    // Frames are batched by the writer already; Nagle would only delay the last one.
+    let _ = stream.set_nodelay(true);
     stream
         .set_read_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)))
         .map_err(|e| e.to_string())?;

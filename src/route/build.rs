@@ -75,24 +75,8 @@ pub fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::route::test_util::{reg, spec};
     use crate::route::{Lookup, TaskId};
-
-    fn spec(name: &str, partitions: u32, emergency: Option<u32>) -> AppSpec {
-        AppSpec {
-            name: name.into(),
-            partitions,
-            emergency_partition: emergency,
-        }
-    }
-
-    fn reg(task: TaskId, app: &str, role: &str, partitions: &[u32]) -> Registration {
-        Registration {
-            task,
-            app: app.into(),
-            role: role.into(),
-            partitions: partitions.to_vec(),
-        }
-    }
 
     #[test]
     fn several_tasks_roles_partitions() {

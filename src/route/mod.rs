@@ -47,3 +47,26 @@ pub struct Registration {
     pub role: String,
     pub partitions: Vec<u32>,
 }
+
+/// Fixtures shared by the routing tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use super::{AppSpec, Registration, TaskId};
+
+    pub(crate) fn spec(name: &str, partitions: u32, emergency: Option<u32>) -> AppSpec {
+        AppSpec {
+            name: name.into(),
+            partitions,
+            emergency_partition: emergency,
+        }
+    }
+
+    pub(crate) fn reg(task: TaskId, app: &str, role: &str, partitions: &[u32]) -> Registration {
+        Registration {
+            task,
+            app: app.into(),
+            role: role.into(),
+            partitions: partitions.to_vec(),
+        }
+    }
+}

@@ -154,24 +154,8 @@ impl RoutingTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::route::{build, AppSpec, Registration};
-
-    fn spec(name: &str, partitions: u32, emergency: Option<u32>) -> AppSpec {
-        AppSpec {
-            name: name.into(),
-            partitions,
-            emergency_partition: emergency,
-        }
-    }
-
-    fn reg(task: TaskId, app: &str, role: &str, partitions: &[u32]) -> Registration {
-        Registration {
-            task,
-            app: app.into(),
-            role: role.into(),
-            partitions: partitions.to_vec(),
-        }
-    }
+    use crate::route::build;
+    use crate::route::test_util::{reg, spec};
 
     fn table() -> RoutingTable {
         build(

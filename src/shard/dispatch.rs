@@ -68,12 +68,12 @@ impl Answer {
 
 /// Routes one request and waits for its answer.
 pub async fn dispatch(shard: &Rc<Shard>, req: &RouteReq<'_>) -> Answer {
-    // A snapshot guard (no refcount traffic) held only while routing, never across an await.
-    let Some(partition) = shard
-        .snapshots
-        .routes
-        .load()
-        .partition_of(req.app, req.wsid)
+    // A snapshot guard (no refcount traffic) held only while routing, never across an await;
+    // the first one also serves the first hop.
+    let mut first = Some(shard.snapshots.routes.load());
+    let Some(partition) = first
+        .as_ref()
+        .and_then(|t| t.partition_of(req.app, req.wsid))
     else {
         return Answer::error(404, "unknown_app", format!("no app {}", req.app));
     };
@@ -84,7 +84,9 @@ pub async fn dispatch(shard: &Rc<Shard>, req: &RouteReq<'_>) -> Answer {
     let mut hops: u8 = 0;
     let mut payload = req.payload.clone();
     loop {
-        let table = shard.snapshots.routes.load();
+        let table = first
+            .take()
+            .unwrap_or_else(|| shard.snapshots.routes.load());
         let (served, tasks, emergency_for) = match table.lookup(req.app, &role, want) {
             Lookup::Served {
                 partition,

@@ -124,11 +124,6 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
         .await;
     }
 
-    /// True when a complete frame header and payload are already buffered.
-    pub fn has_buffered_frame(&self) -> bool {
-        matches!(frame::parse_head(&self.buf), Ok(Some(h)) if self.buf.len() as u64 >= h.header_len as u64 + h.payload_len)
-    }
-
     async fn fill(&mut self) -> Result<(), WsError> {
         if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
             self.buf.reserve(READ_CHUNK);

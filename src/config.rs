@@ -124,6 +124,10 @@ pub struct Auth {
     /// How often the control thread looks at the keyring files for changes (SIGHUP also
     /// reloads). Default 1000 ms.
     pub reload_poll_ms: u64,
+    /// Client tokens whose verification a peer link remembers (the requests of many clients
+    /// of the other cluster cross one link); each entry holds one token, ~300 bytes. An HTTP
+    /// connection or websocket session remembers its one token. Default 64.
+    pub verify_cache_per_peer_link: usize,
 }
 
 /// Seed routing rules.
@@ -244,6 +248,7 @@ impl Default for Auth {
         Auth {
             grace_secs: 86_400,
             reload_poll_ms: 1000,
+            verify_cache_per_peer_link: 64,
         }
     }
 }
@@ -361,6 +366,9 @@ impl Config {
             if v == 0 {
                 return Err(invalid(f, "must be > 0 ms"));
             }
+        }
+        if self.auth.verify_cache_per_peer_link == 0 {
+            return Err(invalid("auth.verify_cache_per_peer_link", "must be > 0"));
         }
         if self.routing.max_hops > crate::proto::MAX_HOPS {
             return Err(invalid(

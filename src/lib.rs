@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod peer;
 pub mod proto;
 pub mod route;
+pub mod routing;
 pub mod sdk;
 pub mod shard;
 pub mod task;

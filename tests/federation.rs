@@ -575,6 +575,123 @@ fn forwarded_request(id: u64, cluster: &str, token: &str, body: &[u8]) -> Vec<u8
     encode_frame(Kind::Request, flags::FORWARDED, 0, 0, id, &m, body).to_vec()
 }
 
+/// A request frame of the client websocket endpoint `/api/ws` for `path`.
+fn ws_client_request(id: u64, path: &str, body: &[u8]) -> Vec<u8> {
+    let mut m = bytes::BytesMut::new();
+    put_meta(&mut m, tag::PATH, path.as_bytes());
+    encode_frame(Kind::Request, 0, 0, 0, id, &m, body).to_vec()
+}
+
+/// A `name: value` HEADER entry of an answer frame.
+fn frame_header(f: &Frame, name: &str) -> Option<String> {
+    f.meta_entries()
+        .filter(|(t, _)| *t == tag::HEADER)
+        .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+        .find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+}
+
+/// The websocket endpoint crosses clusters like HTTP: a client of spb1 holding a token of
+/// spb2 gets answers served by spb2 (the token verified there), on one session, with several
+/// requests in flight; a request of that session for spb1 is refused by spb1 (401, the token
+/// is not spb1's), and the session goes on.
+#[test]
+fn websocket_client_reaches_another_cluster() {
+    let f = Federation::builder().start();
+    let entry = f.router("spb1", 0);
+    let (mut s, status, head, rest) = ws_upgrade(entry.api, "/api/ws", Some(f.token("spb2")));
+    assert_eq!(status, 101, "{head}");
+    let mut buf = rest;
+    let wsids = [20u64, 21, 22, 23, 1_000_001];
+    for (i, wsid) in wsids.iter().enumerate() {
+        let body = format!("across-{wsid}");
+        ws_send(
+            &mut s,
+            &ws_client_request(i as u64 + 1, &f.path("spb2", *wsid), body.as_bytes()),
+        );
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in wsids {
+        let a = Frame::decode(bytes::Bytes::from(ws_recv(&mut s, &mut buf))).expect("frame");
+        seen.insert(a.header.request_id, a);
+    }
+    for (i, wsid) in wsids.iter().enumerate() {
+        let a = &seen[&(i as u64 + 1)];
+        assert_eq!(a.header.kind, Kind::Response);
+        assert_eq!(a.get_u64(tag::STATUS), Some(200), "wsid {wsid}: {a:?}");
+        assert_eq!(&a.payload[..], format!("across-{wsid}").as_bytes());
+        assert_eq!(
+            a.get_str(tag::SERVED_BY),
+            Some(format!("ru/spb2/r{}", wsid % 2).as_str()),
+            "served by the router of spb2 that owns wsid {wsid}"
+        );
+        assert_eq!(
+            frame_header(a, "fedbus-partition"),
+            Some((wsid % 16).to_string())
+        );
+    }
+    // Same session, a request for the entry's own cluster: spb1 refuses spb2's token.
+    ws_send(&mut s, &ws_client_request(99, &f.path("spb1", 5), b"x"));
+    let a = Frame::decode(bytes::Bytes::from(ws_recv(&mut s, &mut buf))).expect("frame");
+    assert_eq!(a.header.request_id, 99);
+    assert_eq!(a.get_u64(tag::STATUS), Some(401), "{a:?}");
+    // And the session still serves the other cluster.
+    ws_send(
+        &mut s,
+        &ws_client_request(100, &f.path("spb2", 7), b"again"),
+    );
+    let a = Frame::decode(bytes::Bytes::from(ws_recv(&mut s, &mut buf))).expect("frame");
+    assert_eq!(
+        (a.header.request_id, a.get_u64(tag::STATUS)),
+        (100, Some(200))
+    );
+    assert_eq!(&a.payload[..], b"again");
+}
+
+/// The retired-key rule is the same for forwarded requests on every ingress: after spb2
+/// rotates its app secret and the grace period ends, a token of the old version entering
+/// spb1 is refused by spb2 with 401 `retired_key`, over HTTP and over the websocket endpoint,
+/// although spb2 had verified (and cached) it for the same peer link before.
+#[test]
+fn retired_key_is_refused_across_clusters_on_every_ingress() {
+    let f = Federation::builder().grace_secs(1).start();
+    let entry = f.router("spb1", 0);
+    let old = f.token("spb2").to_string();
+    let mut http = entry.conn();
+    let served = http.request(&Req::post(&f.path("spb2", 3)).token(&old).body(b"v1"));
+    assert_eq!(served.status, 200, "{served:?}");
+    let (mut s, status, head, mut buf) = ws_upgrade(entry.api, "/api/ws", Some(&old));
+    assert_eq!(status, 101, "{head}");
+    let mut ask_ws = |id: u64| {
+        ws_send(&mut s, &ws_client_request(id, &f.path("spb2", 3), b"ws"));
+        Frame::decode(bytes::Bytes::from(ws_recv(&mut s, &mut buf))).expect("frame")
+    };
+    assert_eq!(ask_ws(1).get_u64(tag::STATUS), Some(200));
+
+    let keyring = f.keyring("spb2").to_str().expect("utf-8").to_string();
+    f.fedbus(&["keys", "rotate", "--app", APP, "--keyring", &keyring]);
+    // spb2's routers reload on the file change; then the old version has 1 s of grace.
+    let refused = wait_for(Duration::from_secs(15), || {
+        let r = http.request(&Req::post(&f.path("spb2", 3)).token(&old).body(b"v1"));
+        (r.status == 401).then_some(r)
+    })
+    .expect("the old token is refused within 15 s of the rotation");
+    refused.assert_error(401, "retired_key");
+    assert!(
+        refused
+            .header("fedbus-served-by")
+            .is_some_and(|s| s.starts_with("ru/spb2/")),
+        "refused by the home cluster: {refused:?}"
+    );
+    let a = ask_ws(2);
+    assert_eq!(a.get_u64(tag::STATUS), Some(401), "{a:?}");
+    assert_eq!(a.get_str(tag::ERROR), Some("retired_key"), "{a:?}");
+}
+
 /// Acceptance 5: Loop guard: a request for spb2 arriving at spb1 over a peer link is 508 forward_loop.
 #[test]
 fn loop_guard_on_a_real_peer_link() {

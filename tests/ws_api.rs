@@ -765,3 +765,32 @@ fn client_that_never_reads_is_closed_1013() {
     w.set_read_timeout(Duration::from_secs(10));
     w.expect_close(1013);
 }
+
+/// A session's token is authorized per request with the same rule as HTTP: once its key
+/// version is retired (rotation, then the grace period), the next request on the open session
+/// gets 401 `retired_key`, and the session stays open for a client that reconnects with a
+/// fresh token at its own pace.
+#[test]
+fn retired_key_version_is_401_on_an_open_session() {
+    let r = seed::start_with(Router::new().shards(1), "[auth]\ngrace_secs = 1");
+    let _t = r.task().start();
+    let t1 = r.token(APP, "alice");
+    let mut w = open(&r, &t1);
+    w.send_request(1, Some(&r.path(APP, 4)), b"a");
+    assert_eq!(status_of(&w.read_response()), 200);
+    let before = seed::reloads(&r);
+    seed::rotate_app(&r, APP);
+    seed::sighup(&r);
+    assert!(
+        wait_for(Duration::from_secs(3), || (seed::reloads(&r) > before)
+            .then_some(()))
+        .is_some(),
+        "no keyring reload within 3 s of SIGHUP"
+    );
+    // Inside the grace period the old version still verifies.
+    w.send_request(2, Some(&r.path(APP, 4)), b"b");
+    assert_eq!(status_of(&w.read_response()), 200);
+    std::thread::sleep(Duration::from_millis(2100));
+    w.send_request(3, Some(&r.path(APP, 4)), b"c");
+    assert_error_frame(&w.read_response(), 3, 401, "retired_key");
+}

@@ -4,16 +4,16 @@
 //! goes back to the client the same way (one vectored write of head + body).
 
 use crate::api::reason;
-use crate::auth::{self, verify_client_jwt};
 use crate::metrics::{Listener, ShardMetrics};
-use crate::proto::{tag, MetaIter};
 use crate::route::{parse_api_path, PathError};
-use crate::shard::{dispatch, Answer, RouteReq, Shard};
+use crate::routing::{self, Answer, Field, Ingress, Request, VerifyCache};
+use crate::shard::Shard;
 use crate::ws::conn::write_all_vectored;
 use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use glommio::net::TcpStream;
+use std::cell::RefCell;
 use std::ops::Range;
 use std::os::unix::io::AsRawFd;
 use std::rc::Rc;
@@ -156,252 +156,104 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
     })
 }
 
-/// The last token this connection verified, so keep-alive requests skip the signature check.
-struct AuthCache {
-    token: Vec<u8>,
-    key_generation: u64,
-    app: String,
-    sub: Rc<str>,
-    /// `exp`, or the end of the key version's grace period if sooner.
-    until: u64,
-}
-
-/// True when `region/cluster` is another cluster of the federation.
-pub fn is_remote(shard: &Shard, region: &str, cluster: &str) -> bool {
-    if region == shard.cfg.region && cluster == shard.cfg.cluster {
-        return false;
-    }
-    !shard.federation.routers.is_empty() && shard.federation.knows(&format!("{region}/{cluster}"))
-}
-
-/// The cluster must be ours and the app known: 404 otherwise (checked before the token, so an
-/// unknown app is 404 whatever the token).
-pub fn check_target(shard: &Shard, region: &str, cluster: &str, app: &str) -> Option<Answer> {
-    if region != shard.cfg.region || cluster != shard.cfg.cluster {
-        return Some(Answer::error(
-            404,
-            "unknown_cluster",
-            format!("cluster {region}/{cluster} is not served here"),
-        ));
-    }
-    if !shard.cfg.apps.iter().any(|a| a.name == app) {
-        return Some(Answer::error(404, "unknown_app", format!("no app {app}")));
-    }
-    None
-}
-
-/// Authenticates and routes one request. Everything up to the dispatch is synchronous.
-// The error is the client's answer itself, built on a cold path and moved once.
+/// The protocol-neutral request of a parsed HTTP request.
 #[allow(clippy::result_large_err)]
-/// `Ok(None)`: the request is for another cluster of the federation and goes there as it is
-/// (the app's home cluster verifies its token).
-fn prepare(
-    shard: &Rc<Shard>,
-    cache: &mut Option<AuthCache>,
-    req: &Req,
-) -> Result<Option<Rc<str>>, Answer> {
+fn request(req: &Req) -> Result<Request<'_>, Answer> {
     let path = std::str::from_utf8(&req.head[req.path.clone()]).unwrap_or("");
-    let token = req.token.clone().map(|r| &req.head[r]);
-    prepare_parts(shard, cache, path, token)
+    Ok(Request {
+        target: parse_api_path(path).map_err(|e| path_error(e, path))?,
+        method: req.method.as_str(),
+        credential: req.token.clone().map(|r| &req.head[r]),
+        content_type: req.content_type.clone().map(|r| &req.head[r]),
+        payload: req.body.clone(),
+        ingress: Ingress::Http,
+    })
+}
+
+fn path_error(e: PathError, path: &str) -> Answer {
+    Answer::error(e.http_status(), e.code(), format!("{e}: {path}"))
 }
 
 /// Checks a request head whose body has not arrived yet, before `100 Continue` and before
-/// buffering the body: an unauthenticated client cannot make the router hold its upload.
-// The error is the client's answer itself, built on a cold path and moved once.
+/// buffering the body: the same admission as the whole request, so an unauthenticated client
+/// cannot make the router hold its upload.
 #[allow(clippy::result_large_err)]
-fn check_head(shard: &Rc<Shard>, cache: &mut Option<AuthCache>, head: &[u8]) -> Result<(), Answer> {
+fn check_head(shard: &Shard, cache: &mut VerifyCache, head: &[u8]) -> Result<(), Answer> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut r = httparse::Request::new(&mut headers);
     if r.parse(head).is_err() {
         return Err(Answer::error(400, "bad_request", "malformed request"));
     }
-    let token = r
+    let path = r.path.unwrap_or("/");
+    let credential = r
         .headers
         .iter()
         .find(|h| h.name.eq_ignore_ascii_case("authorization"))
         .and_then(|h| crate::ws::handshake::bearer(h.value))
         .map(str::as_bytes);
-    prepare_parts(shard, cache, r.path.unwrap_or("/"), token).map(|_| ())
+    let req = Request {
+        target: parse_api_path(path).map_err(|e| path_error(e, path))?,
+        method: r.method.unwrap_or("POST"),
+        credential,
+        content_type: None,
+        payload: Bytes::new(),
+        ingress: Ingress::Http,
+    };
+    routing::admit(shard, cache, &req).map(|_| ())
 }
 
-#[allow(clippy::result_large_err)]
-fn prepare_parts(
-    shard: &Rc<Shard>,
-    cache: &mut Option<AuthCache>,
-    path: &str,
-    token: Option<&[u8]>,
-) -> Result<Option<Rc<str>>, Answer> {
-    let p = parse_api_path(path)
-        .map_err(|e: PathError| Answer::error(e.http_status(), e.code(), format!("{e}: {path}")))?;
-    if is_remote(shard, p.region, p.cluster) {
-        return Ok(None);
-    }
-    if let Some(a) = check_target(shard, p.region, p.cluster, p.app_name) {
-        return Err(a);
-    }
-    let Some(token) = token else {
-        let anonymous =
-            shard.cfg.apps.iter().any(|a| {
-                a.name == p.app_name && a.anonymous_services.iter().any(|s| s == p.service)
-            });
-        if anonymous {
-            return Ok(Some("".into()));
-        }
-        return Err(Answer::error(
-            401,
-            "missing_token",
-            "Authorization: Bearer <JWT> required",
-        ));
-    };
-    let keys = shard.snapshots.keys.load();
-    let now = auth::now_unix();
-    if let Some(c) = cache.as_ref() {
-        if c.token == token && c.key_generation == keys.generation && c.until > now {
-            if c.app != p.app_name {
-                return Err(Answer::error(403, "wrong_app", "token of another app"));
-            }
-            ShardMetrics::inc(&shard.metrics.auth_cache_hits);
-            return Ok(Some(c.sub.clone()));
-        }
-    }
-    let tok = std::str::from_utf8(token).unwrap_or("");
-    match verify_client_jwt(
-        &keys.keyring,
-        p.app_name,
-        tok,
-        now,
-        shard.cfg.auth.grace_secs,
-    ) {
-        Ok(claims) => {
-            let sub: Rc<str> = claims.sub.as_str().into();
-            let grace = shard.cfg.auth.grace_secs;
-            let until = auth::trusted_until(&keys.keyring, p.app_name, tok, &claims, now, grace);
-            *cache = Some(AuthCache {
-                token: token.to_vec(),
-                key_generation: keys.generation,
-                app: claims.app,
-                sub: sub.clone(),
-                until,
-            });
-            Ok(Some(sub))
-        }
-        Err(e) => Err(Answer::error(e.http_status(), e.code(), e.to_string())),
-    }
-}
-
-async fn route(shard: Rc<Shard>, req: Req, sub: Rc<str>) -> Answer {
-    let path = std::str::from_utf8(&req.head[req.path.clone()]).unwrap_or("");
-    let Ok(p) = parse_api_path(path) else {
-        return Answer::error(400, "bad_path", "bad path");
-    };
-    let ct = req.content_type.clone().map(|r| &req.head[r]);
-    dispatch(
-        &shard,
-        &RouteReq {
-            app: p.app_name,
-            service: p.service,
-            module: p.module,
-            function: p.function,
-            wsid: p.wsid,
-            method: req.method.as_str(),
-            content_type: ct,
-            subject: &sub,
-            payload: req.body.clone(),
-            flags: 0,
-        },
-    )
-    .await
-}
-
-async fn forward_http(shard: Rc<Shard>, req: Req) -> Answer {
-    let path = std::str::from_utf8(&req.head[req.path.clone()]).unwrap_or("");
-    let Ok(p) = parse_api_path(path) else {
-        return Answer::error(400, "bad_path", "bad path");
-    };
-    let cluster = format!("{}/{}", p.region, p.cluster);
-    crate::peer::forward(
-        &shard,
-        &crate::peer::ForwardReq {
-            cluster: &cluster,
-            app: p.app_name,
-            service: p.service,
-            module: p.module,
-            function: p.function,
-            wsid: p.wsid,
-            method: req.method.as_str(),
-            content_type: req.content_type.clone().map(|r| &req.head[r]),
-            token: req.token.clone().map(|r| &req.head[r]),
-            payload: req.body.clone(),
-        },
-    )
-    .await
+/// Appends `n` in decimal.
+fn put_num(out: &mut BytesMut, n: u64) {
+    let mut tmp = [0u8; 20];
+    out.put_slice(crate::proto::fmt_u64(n, &mut tmp));
 }
 
 /// Writes the response head for `a` into `out`.
 pub fn write_head(out: &mut BytesMut, shard: &Shard, a: &Answer, body_len: usize, close: bool) {
     // Plain byte appends and `fmt_u64` instead of `write!`: this runs once per response, and
     // the formatting machinery cost more than the rest of the head.
-    let mut tmp = [0u8; 20];
-    let mut num = |out: &mut BytesMut, name: &[u8], n: u64| {
-        out.put_slice(name);
-        out.put_slice(crate::proto::fmt_u64(n, &mut tmp));
-        out.put_slice(b"\r\n");
-    };
-    let mut forwarded = false;
+    let status = a.status();
     out.put_slice(b"HTTP/1.1 ");
-    let mut st = [0u8; 20];
-    out.put_slice(crate::proto::fmt_u64(a.status as u64, &mut st));
+    put_num(out, u64::from(status));
     out.put_u8(b' ');
-    out.put_slice(reason(a.status).as_bytes());
+    out.put_slice(reason(status).as_bytes());
     out.put_slice(b"\r\n");
-    let mut has_ct = false;
-    if let Some(f) = &a.frame {
-        // An answer relayed by a peer router carries that router's fedbus-* headers.
-        let from_router = a.relayed;
-        for (t, v) in MetaIter::new(&f.meta).filter_map(Result::ok) {
-            if t == tag::HEADER && super::allowed_header(v, from_router) {
-                out.put_slice(v);
-                out.put_slice(b"\r\n");
-            } else if t == tag::SERVED_BY
-                && from_router
-                && !v.contains(&b'\r')
-                && !v.contains(&b'\n')
-            {
-                forwarded = true;
-                out.put_slice(b"fedbus-served-by: ");
-                out.put_slice(v);
-                out.put_slice(b"\r\n");
-            } else if t == tag::CONTENT_TYPE && !v.contains(&b'\r') && !v.contains(&b'\n') {
+    let (mut has_ct, mut served_by) = (false, false);
+    a.fields(|f| {
+        match f {
+            Field::ContentType(v) => {
                 has_ct = true;
                 out.put_slice(b"content-type: ");
                 out.put_slice(v);
-                out.put_slice(b"\r\n");
+            }
+            Field::ServedBy(v) => {
+                served_by = true;
+                out.put_slice(b"fedbus-served-by: ");
+                out.put_slice(v);
+            }
+            Field::Line(v) => out.put_slice(v),
+            Field::Number(name, n) => {
+                out.put_slice(name.as_bytes());
+                out.put_slice(b": ");
+                put_num(out, n);
             }
         }
-        if !has_ct {
-            out.put_slice(b"content-type: application/octet-stream\r\n");
-        }
-    } else {
-        out.put_slice(b"content-type: application/json\r\n");
+        out.put_slice(b"\r\n");
+    });
+    if !has_ct {
+        out.put_slice(b"content-type: application/octet-stream\r\n");
     }
-    num(out, b"content-length: ", body_len as u64);
-    num(out, b"fedbus-shard: ", shard.index as u64);
-    if !forwarded {
-        // (A relayed answer brought the serving router's fedbus-partition/hops.)
+    out.put_slice(b"content-length: ");
+    put_num(out, body_len as u64);
+    out.put_slice(b"\r\nfedbus-shard: ");
+    put_num(out, shard.index as u64);
+    out.put_slice(b"\r\n");
+    if !served_by {
         out.put_slice(b"fedbus-served-by: ");
         out.put_slice(shard.router_name.as_bytes());
         out.put_slice(b"\r\n");
-        if let Some(p) = a.partition {
-            num(out, b"fedbus-partition: ", p as u64);
-        }
-        if a.frame.is_some() || a.hops > 0 {
-            num(out, b"fedbus-hops: ", a.hops as u64);
-        }
     }
-    if let Some(e) = a.emergency_for {
-        num(out, b"fedbus-emergency: ", e as u64);
-    }
-    if a.status == 503 {
+    if status == 503 {
         out.put_slice(b"retry-after: 1\r\n");
     }
     if close {
@@ -431,8 +283,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
 /// request).
 enum Step {
     Ready(Answer),
-    Local(Req, Rc<str>),
-    Forward(Req),
+    Route(Req, Rc<RefCell<VerifyCache>>),
 }
 
 /// The answer to one request, with (close after it, body bytes in, start time).
@@ -445,8 +296,10 @@ async fn answer(
 ) -> (Answer, bool, usize, Instant) {
     let a = match step {
         Step::Ready(a) => a,
-        Step::Local(req, sub) => route(shard, req, sub).await,
-        Step::Forward(req) => forward_http(shard, req).await,
+        Step::Route(req, cache) => match request(&req) {
+            Ok(r) => routing::route(&shard, &cache, &r).await,
+            Err(a) => a,
+        },
     };
     (a, close, n_in, start)
 }
@@ -467,7 +320,7 @@ async fn serve_inner(
     let mut out = BytesMut::with_capacity(4096);
     let mut parts: Vec<Bytes> = Vec::with_capacity(32);
     let mut inflight = FuturesOrdered::new();
-    let mut cache: Option<AuthCache> = None;
+    let cache = Rc::new(RefCell::new(VerifyCache::new(1)));
     let mut closing = false;
     let mut continued = false;
     let idle = Duration::from_millis(limits.idle_timeout_ms);
@@ -481,7 +334,7 @@ async fn serve_inner(
                 } => {
                     if let (Some(n), false) = (head_len, continued) {
                         continued = true;
-                        if let Err(a) = check_head(shard, &mut cache, &buf[..n]) {
+                        if let Err(a) = check_head(shard, &mut cache.borrow_mut(), &buf[..n]) {
                             closing = true;
                             inflight.push_back(answer(
                                 shard.clone(),
@@ -533,29 +386,13 @@ async fn serve_inner(
                     let close = req.close;
                     closing |= close;
                     let n_in = req.body.len();
-                    match prepare(shard, &mut cache, &req) {
-                        Err(a) => inflight.push_back(answer(
-                            shard.clone(),
-                            Step::Ready(a),
-                            close,
-                            n_in,
-                            start,
-                        )),
-                        Ok(None) => inflight.push_back(answer(
-                            shard.clone(),
-                            Step::Forward(req),
-                            close,
-                            n_in,
-                            start,
-                        )),
-                        Ok(Some(sub)) => inflight.push_back(answer(
-                            shard.clone(),
-                            Step::Local(req, sub),
-                            close,
-                            n_in,
-                            start,
-                        )),
-                    }
+                    inflight.push_back(answer(
+                        shard.clone(),
+                        Step::Route(req, cache.clone()),
+                        close,
+                        n_in,
+                        start,
+                    ));
                 }
             }
         }
@@ -594,7 +431,7 @@ async fn serve_inner(
             write_head(&mut out, shard, &a, body.len(), close);
             parts.push(out.split().freeze());
             shard.metrics.request(
-                a.status,
+                a.status(),
                 start.elapsed().as_micros() as u64,
                 n_in,
                 body.len(),

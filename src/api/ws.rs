@@ -1,12 +1,17 @@
 //! The client websocket endpoint `GET /api/ws`: authenticated once at the upgrade (bearer
 //! header or `access_token` query parameter), then many requests in flight on one connection,
 //! each a fedbus frame (kind Request, client-chosen id, PATH metadata, payload) answered by a
-//! Response frame with the same id, possibly out of order. Same routing and errors as HTTP.
+//! Response frame with the same id, possibly out of order. Same routing and errors as HTTP:
+//! every request goes through [`routing::route`] with the session's token as its credential,
+//! so a request may target another cluster of the federation (the home cluster verifies the
+//! token there), and a token whose key version retires is refused per request with the same
+//! 401 as on HTTP.
 
-use crate::auth::{self, claimed_app, verify_client_jwt};
-use crate::proto::{self, put_meta, put_meta_u64, tag, Frame, Header, Kind, MetaIter};
+use crate::auth::{self, claimed_app};
+use crate::proto::{self, put_meta, put_meta_u64, tag, Frame, Kind};
 use crate::route::parse_api_path;
-use crate::shard::{dispatch, Answer, RouteReq, Shard};
+use crate::routing::{self, verify, Answer, Field, Ingress, Principal, Request, VerifyCache};
+use crate::shard::Shard;
 use crate::ws::{self, handshake, Message, Side, WsOut};
 use bytes::{Bytes, BytesMut};
 use futures_lite::AsyncWriteExt;
@@ -53,26 +58,39 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, head: Bytes, leftove
             .await;
         return;
     };
-    let keys = shard.snapshots.keys.load();
-    let app = claimed_app(&token).unwrap_or_default();
-    let claims = match verify_client_jwt(
-        &keys.keyring,
-        &app,
-        &token,
-        auth::now_unix(),
-        shard.cfg.auth.grace_secs,
-    ) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = stream
-                .write_all(
-                    handshake::error_response(e.http_status(), e.code(), &e.to_string()).as_bytes(),
-                )
-                .await;
-            return;
+    // A router without federation verifies the token at the upgrade (and caches it for the
+    // session's requests). A federated one cannot: the token may belong to an app of another
+    // cluster, so each request is authorized where it is served, as an HTTP request would be.
+    let mut cache = VerifyCache::new(1);
+    let mut exp = None;
+    if shard.federation.routers.is_empty() {
+        let keys = shard.snapshots.keys.load();
+        let app = claimed_app(&token).unwrap_or_default();
+        let now = auth::now_unix();
+        let verdict = verify::authorize(
+            &mut cache,
+            &verify::Keys {
+                keyring: &keys.keyring,
+                generation: keys.generation,
+                grace_secs: shard.cfg.auth.grace_secs,
+            },
+            &app,
+            false,
+            Some(token.as_bytes()),
+            now,
+        );
+        match verdict {
+            Ok(Principal::Client { exp: e, .. }) => exp = Some(e),
+            Ok(Principal::Anonymous) => {}
+            Err(Answer::Error(e)) => {
+                let _ = stream
+                    .write_all(handshake::error_response(e.status, e.code, &e.message).as_bytes())
+                    .await;
+                return;
+            }
+            Err(_) => return,
         }
-    };
-    drop(keys);
+    }
     if stream
         .write_all(handshake::accept_response(&up.key).as_bytes())
         .await
@@ -96,18 +114,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, head: Bytes, leftove
         limits.max_message_bytes(),
         limits.max_link_outbox_bytes,
     );
-    let until = auth::trusted_until(
-        &shard.snapshots.keys.load().keyring,
-        &app,
-        &token,
-        &claims,
-        auth::now_unix(),
-        shard.cfg.auth.grace_secs,
-    );
     let session = Rc::new(Session {
-        app: claims.app,
-        sub: claims.sub.into(),
-        exp: until,
+        token: token.into_bytes().into_boxed_slice(),
+        cache: RefCell::new(cache),
+        exp,
         inflight: Cell::new(0),
     });
     let end = loop {
@@ -127,7 +137,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, head: Bytes, leftove
         };
         match msg {
             Ok(Message::Binary(b)) => {
-                if session.exp <= auth::now_unix() {
+                if session.exp.is_some_and(|e| e <= auth::now_unix()) {
                     break Some(1008);
                 }
                 let f = match Frame::decode(b) {
@@ -150,8 +160,12 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, head: Bytes, leftove
                     let n_in = f.payload.len();
                     let a = answer(&s, &sess, &f).await;
                     let body_len = send_answer(&o, s.index, f.header.request_id, &a, None);
-                    s.metrics
-                        .request(a.status, start.elapsed().as_micros() as u64, n_in, body_len);
+                    s.metrics.request(
+                        a.status(),
+                        start.elapsed().as_micros() as u64,
+                        n_in,
+                        body_len,
+                    );
                     sess.inflight.set(sess.inflight.get() - 1);
                 })
                 .detach();
@@ -176,10 +190,11 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, head: Bytes, leftove
 }
 
 struct Session {
-    app: String,
-    sub: Rc<str>,
-    /// `exp`, or the end of the key version's grace period if sooner: then close 1008.
-    exp: u64,
+    /// The bearer token of the upgrade: the credential of every request on the session.
+    token: Box<[u8]>,
+    cache: RefCell<VerifyCache>,
+    /// The token's `exp` when this router verified it at the upgrade: then close 1008.
+    exp: Option<u64>,
     inflight: Cell<usize>,
 }
 
@@ -187,32 +202,19 @@ async fn answer(shard: &Rc<Shard>, sess: &Session, f: &Frame) -> Answer {
     let Some(path) = f.get_str(tag::PATH) else {
         return Answer::error(400, "bad_request", "request frame without PATH");
     };
-    let p = match parse_api_path(path) {
+    let target = match parse_api_path(path) {
         Ok(p) => p,
         Err(e) => return Answer::error(e.http_status(), e.code(), format!("{e}: {path}")),
     };
-    if let Some(a) = super::http::check_target(shard, p.region, p.cluster, p.app_name) {
-        return a;
-    }
-    if p.app_name != sess.app {
-        return Answer::error(403, "wrong_app", "token of another app");
-    }
-    dispatch(
-        shard,
-        &RouteReq {
-            app: p.app_name,
-            service: p.service,
-            module: p.module,
-            function: p.function,
-            wsid: p.wsid,
-            method: "POST",
-            content_type: f.get(tag::CONTENT_TYPE),
-            subject: &sess.sub,
-            payload: f.payload.clone(),
-            flags: 0,
-        },
-    )
-    .await
+    let req = Request {
+        target,
+        method: "POST",
+        credential: Some(&sess.token),
+        content_type: f.get(tag::CONTENT_TYPE),
+        payload: f.payload.clone(),
+        ingress: Ingress::Websocket,
+    };
+    routing::route(shard, &sess.cache, &req).await
 }
 
 /// Queues the Response frame for `a` (client websocket and peer links); returns the body
@@ -225,59 +227,34 @@ pub fn send_answer(
     served_by: Option<&str>,
 ) -> usize {
     let mut m = BytesMut::with_capacity(128);
-    m.resize(proto::HEADER_LEN, 0);
-    put_meta_u64(&mut m, tag::STATUS, a.status as u64);
+    proto::begin_head(&mut m);
+    put_meta_u64(&mut m, tag::STATUS, u64::from(a.status()));
     if let Some(r) = served_by {
         put_meta(&mut m, tag::SERVED_BY, r.as_bytes());
     }
-    if let Some((code, _)) = &a.error {
-        put_meta(&mut m, tag::ERROR, code.as_bytes());
-        put_meta(&mut m, tag::CONTENT_TYPE, b"application/json");
+    if let Some(code) = a.error_tag() {
+        put_meta(&mut m, tag::ERROR, code);
     }
-    let mut line = |name: &str, v: u64| {
-        let mut tmp = [0u8; 20];
-        let mut l = Vec::with_capacity(40);
-        l.extend_from_slice(name.as_bytes());
-        l.extend_from_slice(b": ");
-        l.extend_from_slice(proto::fmt_u64(v, &mut tmp));
-        put_meta(&mut m, tag::HEADER, &l);
-    };
     if served_by.is_none() {
         // Peers add their own fedbus-shard; the serving router is named by SERVED_BY.
-        line("fedbus-shard", shard as u64);
+        put_line(&mut m, "fedbus-shard", shard as u64);
     }
-    if let Some(p) = a.partition {
-        line("fedbus-partition", p as u64);
-    }
-    line("fedbus-hops", a.hops as u64);
-    if let Some(e) = a.emergency_for {
-        line("fedbus-emergency", e as u64);
-    }
-    if let Some(f) = &a.frame {
-        let from_router = a.relayed;
-        for (t, v) in MetaIter::new(&f.meta).filter_map(Result::ok) {
-            let keep = match t {
-                tag::HEADER => super::allowed_header(v, from_router),
-                tag::CONTENT_TYPE => !v.contains(&b'\r') && !v.contains(&b'\n'),
-                tag::SERVED_BY => from_router && !v.contains(&b'\r') && !v.contains(&b'\n'),
-                _ => false,
-            };
-            if keep {
-                put_meta(&mut m, t, v);
-            }
-        }
-    }
+    a.fields(|f| match f {
+        Field::ContentType(v) => put_meta(&mut m, tag::CONTENT_TYPE, v),
+        Field::ServedBy(v) => put_meta(&mut m, tag::SERVED_BY, v),
+        Field::Line(v) => put_meta(&mut m, tag::HEADER, v),
+        Field::Number(name, n) => put_line(&mut m, name, n),
+    });
     let body = a.body();
-    let h = Header {
-        kind: Kind::Response,
-        flags: 0,
-        hops: a.hops,
-        partition: a.partition.unwrap_or(0),
-        request_id: id,
-        meta_len: (m.len() - proto::HEADER_LEN) as u32,
-        payload_len: body.len() as u32,
-    };
-    m[..proto::HEADER_LEN].copy_from_slice(&h.encode());
+    proto::finish_head(
+        &mut m,
+        Kind::Response,
+        0,
+        a.hops(),
+        a.partition().unwrap_or(0),
+        id,
+        body.len(),
+    );
     let n = body.len();
     let mut o = out.borrow_mut();
     if o.send_binary(&m, body).is_err() && !o.is_closing() {
@@ -287,4 +264,16 @@ pub fn send_answer(
         o.close(1013);
     }
     n
+}
+
+/// Appends a `name: n` HEADER entry without allocating.
+fn put_line(m: &mut BytesMut, name: &str, n: u64) {
+    let mut tmp = [0u8; 20];
+    let mut line = [0u8; 64];
+    let digits = proto::fmt_u64(n, &mut tmp);
+    let len = name.len() + 2 + digits.len();
+    line[..name.len()].copy_from_slice(name.as_bytes());
+    line[name.len()..name.len() + 2].copy_from_slice(b": ");
+    line[name.len() + 2..len].copy_from_slice(digits);
+    put_meta(m, tag::HEADER, &line[..len]);
 }

@@ -5,13 +5,14 @@
 //! marked FORWARDED and is never forwarded again.
 
 use crate::api::ws::send_answer;
-use crate::auth::{self, verify_client_jwt, verify_service_token, ClusterKeyVersion};
+use crate::auth::{self, verify_service_token, ClusterKeyVersion};
 use crate::metrics::{Listener, ShardMetrics};
-use crate::proto::{self, flags, put_meta, put_meta_u64, tag, Frame, Header, Kind};
-use crate::shard::{dispatch, Answer, RouteReq, Shard};
-use crate::task::link::{read_upgrade, Reply, TaskLink};
+use crate::proto::{tag, Frame, Kind};
+use crate::route::ApiPath;
+use crate::routing::{self, Answer, Ingress, Request, VerifyCache};
+use crate::shard::Shard;
+use crate::task::link::{read_upgrade, TaskLink};
 use crate::ws::{self, handshake, Message, Side};
-use bytes::Bytes;
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 use std::cell::RefCell;
@@ -49,8 +50,9 @@ impl Federation {
         })
     }
 
-    pub fn knows(&self, cluster: &str) -> bool {
-        self.routers.contains_key(cluster)
+    /// True when `region/cluster` is another cluster of the federation.
+    pub fn knows(&self, region: &str, cluster: &str) -> bool {
+        self.routers.keys().any(|k| is_cluster(k, region, cluster))
     }
 }
 
@@ -69,8 +71,18 @@ pub struct Peers {
 impl Peers {
     /// A live link to a router of `cluster`, starting at `wsid % routers` and skipping dead
     /// or full ones.
-    pub fn pick(&self, cluster: &str, wsid: u64, max_pending: usize) -> Option<Rc<TaskLink>> {
-        let slots = self.clusters.get(cluster)?;
+    pub fn pick(
+        &self,
+        region: &str,
+        cluster: &str,
+        wsid: u64,
+        max_pending: usize,
+    ) -> Option<Rc<TaskLink>> {
+        // A handful of clusters: a scan that compares slices beats formatting a key.
+        let (_, slots) = self
+            .clusters
+            .iter()
+            .find(|(k, _)| is_cluster(k, region, cluster))?;
         let n = slots.len();
         (0..n)
             .map(|i| &slots[((wsid % n as u64) as usize + i) % n])
@@ -82,6 +94,11 @@ impl Peers {
                     .cloned()
             })
     }
+}
+
+/// True when `key` is `region/cluster`.
+fn is_cluster(key: &str, region: &str, cluster: &str) -> bool {
+    key.split_once('/') == Some((region, cluster))
 }
 
 /// Starts this shard's dialers: one per router of every other cluster.
@@ -179,102 +196,6 @@ async fn dial_once(shard: &Rc<Shard>, cluster: &str, slot: &Rc<Slot>) -> anyhow:
     end.map_err(anyhow::Error::from)
 }
 
-/// A request for another cluster, as the entry router sees it.
-pub struct ForwardReq<'a> {
-    pub cluster: &'a str,
-    pub app: &'a str,
-    pub service: &'a str,
-    pub module: &'a str,
-    pub function: &'a str,
-    pub wsid: u64,
-    pub method: &'a str,
-    pub content_type: Option<&'a [u8]>,
-    pub token: Option<&'a [u8]>,
-    pub payload: Bytes,
-}
-
-/// Forwards over this shard's peer link and waits for the answer.
-pub async fn forward(shard: &Rc<Shard>, req: &ForwardReq<'_>) -> Answer {
-    let limits = &shard.cfg.limits;
-    let Some(link) = shard
-        .peers
-        .borrow()
-        .pick(req.cluster, req.wsid, limits.max_pending_per_link)
-    else {
-        return Answer::error(
-            503,
-            "no_peer",
-            format!("no live router of cluster {}", req.cluster),
-        );
-    };
-    let id = shard.request_id();
-    let rx = {
-        let mut m = shard.scratch.borrow_mut();
-        m.clear();
-        m.resize(proto::HEADER_LEN, 0);
-        put_meta(&mut m, tag::CLUSTER, req.cluster.as_bytes());
-        put_meta(&mut m, tag::APP, req.app.as_bytes());
-        put_meta(&mut m, tag::SERVICE, req.service.as_bytes());
-        put_meta(&mut m, tag::MODULE, req.module.as_bytes());
-        put_meta(&mut m, tag::FUNCTION, req.function.as_bytes());
-        put_meta_u64(&mut m, tag::WSID, req.wsid);
-        put_meta(&mut m, tag::METHOD, req.method.as_bytes());
-        if let Some(t) = req.token {
-            put_meta(&mut m, tag::TOKEN, t);
-        }
-        if let Some(ct) = req.content_type {
-            put_meta(&mut m, tag::CONTENT_TYPE, ct);
-        }
-        let h = Header {
-            kind: Kind::Request,
-            flags: flags::FORWARDED,
-            hops: 0,
-            partition: 0,
-            request_id: id,
-            meta_len: (m.len() - proto::HEADER_LEN) as u32,
-            payload_len: req.payload.len() as u32,
-        };
-        m[..proto::HEADER_LEN].copy_from_slice(&h.encode());
-        // A little longer than the serving router's own deadline, so that its 504
-        // `task_timeout` reaches the client rather than our `peer_timeout`.
-        let deadline = Instant::now() + Duration::from_millis(limits.request_timeout_ms + 1000);
-        match link.send_request(id, &m, req.payload.clone(), deadline) {
-            Ok(wait) => wait,
-            Err(_) => return Answer::error(503, "peer_busy", "peer link over its queue limit"),
-        }
-    };
-    ShardMetrics::inc(&shard.metrics.forwarded);
-    match rx.await {
-        Reply::Response(f) => {
-            let Some(status) = crate::shard::answer_status(&f, 502) else {
-                return Answer::error(
-                    502,
-                    "bad_peer_answer",
-                    "the peer answered a status that cannot carry a body",
-                );
-            };
-            Answer {
-                status,
-                error: None,
-                frame: Some(f),
-                partition: None,
-                emergency_for: None,
-                hops: 0,
-                relayed: true,
-            }
-        }
-        Reply::Redirect { .. } => {
-            Answer::error(502, "bad_peer_answer", "peer answered with a redirect")
-        }
-        Reply::Lost => Answer::error(502, "peer_lost", "the peer link closed before the answer"),
-        Reply::Timeout => Answer::error(
-            504,
-            "peer_timeout",
-            "the peer router did not answer in time",
-        ),
-    }
-}
-
 /// Serves one connection on the external listener: a peer router's link.
 pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     ShardMetrics::inc(&shard.metrics.connections[Listener::External as usize]);
@@ -357,6 +278,9 @@ async fn serve_link(
         limits.max_link_outbox_bytes,
     );
     let inflight = Rc::new(std::cell::Cell::new(0usize));
+    let cache = Rc::new(RefCell::new(VerifyCache::new(
+        shard.cfg.auth.verify_cache_per_peer_link,
+    )));
     let expiry = ws::close_at_expiry(out.clone(), exp);
     let end = loop {
         match reader.next().await {
@@ -381,14 +305,17 @@ async fn serve_link(
                     continue;
                 }
                 inflight.set(inflight.get() + 1);
-                let (s, o, n) = (shard.clone(), out.clone(), inflight.clone());
+                let (s, o, n, c) = (shard.clone(), out.clone(), inflight.clone(), cache.clone());
                 glommio::spawn_local(async move {
                     let start = Instant::now();
-                    let a = serve_forwarded(&s, &f).await;
+                    let a = match forwarded_request(&f) {
+                        Ok(req) => routing::route(&s, &c, &req).await,
+                        Err(a) => a,
+                    };
                     let sent =
                         send_answer(&o, s.index, f.header.request_id, &a, Some(&s.router_name));
                     s.metrics.request(
-                        a.status,
+                        a.status(),
                         start.elapsed().as_micros() as u64,
                         f.payload.len(),
                         sent,
@@ -412,68 +339,41 @@ async fn serve_link(
     let _ = writer.await;
 }
 
-/// Routes a request that came over a peer link by the local rules.
-async fn serve_forwarded(shard: &Rc<Shard>, f: &Frame) -> Answer {
-    let (Some(cluster), Some(app)) = (f.get_str(tag::CLUSTER), f.get_str(tag::APP)) else {
-        return Answer::error(
+/// The protocol-neutral request of a frame forwarded by a peer router: the target from its
+/// CLUSTER, APP, SERVICE, MODULE, FUNCTION and WSID entries, the client's TOKEN.
+#[allow(clippy::result_large_err)]
+fn forwarded_request(f: &Frame) -> Result<Request<'_>, Answer> {
+    let missing = || {
+        Answer::error(
             400,
             "bad_request",
             "forwarded request without CLUSTER or APP",
-        );
+        )
     };
-    // Loop guard: a forwarded request is served here or nowhere.
-    if cluster != shard.cfg.cluster_id() {
-        return Answer::error(
-            508,
-            "forward_loop",
-            format!("request for {cluster} was already forwarded once"),
-        );
-    }
-    if !shard.cfg.apps.iter().any(|a| a.name == app) {
-        return Answer::error(404, "unknown_app", format!("no app {app}"));
-    }
-    let service = f.get_str(tag::SERVICE).unwrap_or("");
-    let token = f.get_str(tag::TOKEN);
-    let sub: Rc<str> = match token {
-        Some(t) => {
-            let keys = shard.snapshots.keys.load();
-            match verify_client_jwt(
-                &keys.keyring,
-                app,
-                t,
-                auth::now_unix(),
-                shard.cfg.auth.grace_secs,
-            ) {
-                Ok(c) => c.sub.into(),
-                Err(e) => return Answer::error(e.http_status(), e.code(), e.to_string()),
-            }
-        }
-        None if shard
-            .cfg
-            .apps
-            .iter()
-            .any(|a| a.name == app && a.anonymous_services.iter().any(|s| s == service)) =>
-        {
-            "".into()
-        }
-        None => return Answer::error(401, "missing_token", "Authorization: Bearer <JWT> required"),
-    };
-    dispatch(
-        shard,
-        &RouteReq {
+    let (region, cluster) = f
+        .get_str(tag::CLUSTER)
+        .and_then(|c| c.split_once('/'))
+        .ok_or_else(missing)?;
+    let app_name = f.get_str(tag::APP).ok_or_else(missing)?;
+    let (owner, app) = app_name.split_once('/').unwrap_or((app_name, ""));
+    Ok(Request {
+        target: ApiPath {
+            region,
+            cluster,
+            owner,
             app,
-            service,
+            app_name,
+            service: f.get_str(tag::SERVICE).unwrap_or(""),
+            wsid: f.get_u64(tag::WSID).unwrap_or(0),
             module: f.get_str(tag::MODULE).unwrap_or(""),
             function: f.get_str(tag::FUNCTION).unwrap_or(""),
-            wsid: f.get_u64(tag::WSID).unwrap_or(0),
-            method: f.get_str(tag::METHOD).unwrap_or("POST"),
-            content_type: f.get(tag::CONTENT_TYPE),
-            subject: &sub,
-            payload: f.payload.clone(),
-            flags: flags::FORWARDED,
         },
-    )
-    .await
+        method: f.get_str(tag::METHOD).unwrap_or("POST"),
+        credential: f.get(tag::TOKEN),
+        content_type: f.get(tag::CONTENT_TYPE),
+        payload: f.payload.clone(),
+        ingress: Ingress::Peer,
+    })
 }
 
 /// The peer token this router presents: from `peer_token_file`, or minted from the private

@@ -286,6 +286,36 @@ pub fn fmt_u64(mut n: u64, tmp: &mut [u8; 20]) -> &[u8] {
     &tmp[i..]
 }
 
+/// Starts the head of a frame in `buf`: clears it and reserves the fixed header, so that the
+/// metadata can be appended with [`put_meta`] and the header written by [`finish_head`].
+pub fn begin_head(buf: &mut BytesMut) {
+    buf.clear();
+    buf.resize(HEADER_LEN, 0);
+}
+
+/// Writes the fixed header in front of the metadata appended since [`begin_head`]; the payload
+/// of `payload_len` bytes is sent after `buf` as a separate slice (never copied into it).
+pub fn finish_head(
+    buf: &mut BytesMut,
+    kind: Kind,
+    flags: u8,
+    hops: u8,
+    partition: u32,
+    request_id: u64,
+    payload_len: usize,
+) {
+    let h = Header {
+        kind,
+        flags,
+        hops,
+        partition,
+        request_id,
+        meta_len: (buf.len() - HEADER_LEN) as u32,
+        payload_len: payload_len as u32,
+    };
+    buf[..HEADER_LEN].copy_from_slice(&h.encode());
+}
+
 /// Encodes a whole frame into one buffer (header, meta, payload). For control frames and tests;
 /// the data path writes header+meta and the payload as separate slices instead.
 pub fn encode_frame(

@@ -2,10 +2,7 @@
 //! connections, task links and pending requests (`!Send`, never shared); it reads the routing
 //! and keyring snapshots without locks and reports task links to the control thread.
 
-mod dispatch;
 pub mod listen;
-
-pub use dispatch::{answer_status, dispatch, Answer, RouteReq};
 
 use crate::config::Config;
 use crate::control::{ControlEvent, Snapshots};

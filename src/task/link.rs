@@ -339,30 +339,18 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
         .iter()
         .find(|a| a.name == reg.app)
         .map(|a| a.partitions);
-    let refusal = if reg.app != claims.app {
-        Some("registration for an app the service token does not name")
-    } else if app_partitions.is_none() {
-        Some("unknown app")
-    } else if reg.role.is_empty() || reg.role.len() > 64 {
-        Some("bad role")
-    } else if reg.partitions.iter().any(|p| Some(*p) >= app_partitions) {
-        Some("partition out of range")
-    } else if shard
+    let holder = shard
         .links
         .borrow()
         .get(&reg.task)
-        .is_some_and(|l| l.is_alive() && (l.app != reg.app || l.role != reg.role))
-    {
-        // A task id names one task of one app and role; another may not take it over.
-        Some("task id in use by another app or role")
-    } else if claims.role.as_deref().is_some_and(|r| r != reg.role) {
-        Some("the service token names another role")
-    } else if reg.role == AUTH_ROLE && claims.role.as_deref() != Some(AUTH_ROLE) {
-        // Role auth receives the app secret: only a token that names it may register there.
-        Some("role auth needs a service token with role auth")
-    } else {
-        None
-    };
+        .filter(|l| l.is_alive())
+        .map(|l| (l.app.clone(), l.role.clone()));
+    let refusal = registration_refusal(
+        &reg,
+        &claims,
+        app_partitions,
+        holder.as_ref().map(|(a, r)| (a.as_str(), r.as_str())),
+    );
     if let Some(why) = refusal {
         out.borrow_mut().close(1008);
         let _ = writer.await;
@@ -486,6 +474,37 @@ async fn read_loop<R: futures_lite::AsyncRead + Unpin>(
     }
 }
 
+/// Why a registration is refused, if it is: the chain of checks after the service token
+/// verified. `app_partitions` is the configured partition count of the app it names (None:
+/// not an app of this router); `holder` the app and role of a live link that already has the
+/// task id. Pure, so every rule is tested without a socket.
+pub fn registration_refusal(
+    reg: &Register,
+    claims: &auth::ServiceClaims,
+    app_partitions: Option<u32>,
+    holder: Option<(&str, &str)>,
+) -> Option<&'static str> {
+    if reg.app != claims.app {
+        Some("registration for an app the service token does not name")
+    } else if app_partitions.is_none() {
+        Some("unknown app")
+    } else if reg.role.is_empty() || reg.role.len() > 64 {
+        Some("bad role")
+    } else if reg.partitions.iter().any(|p| Some(*p) >= app_partitions) {
+        Some("partition out of range")
+    } else if holder.is_some_and(|(app, role)| app != reg.app || role != reg.role) {
+        // A task id names one task of one app and role; another may not take it over.
+        Some("task id in use by another app or role")
+    } else if claims.role.as_deref().is_some_and(|r| r != reg.role) {
+        Some("the service token names another role")
+    } else if reg.role == AUTH_ROLE && claims.role.as_deref() != Some(AUTH_ROLE) {
+        // Role auth receives the app secret: only a token that names it may register there.
+        Some("role auth needs a service token with role auth")
+    } else {
+        None
+    }
+}
+
 /// Role of the app's Auth Service: it receives the app secret over its links.
 pub const AUTH_ROLE: &str = "auth";
 
@@ -519,5 +538,107 @@ fn on_frame(link: &TaskLink, f: Frame) {
             link.complete(id, Reply::Redirect { role, partition });
         }
         other => tracing::debug!(task = link.task, ?other, "unexpected frame kind from task"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{registration_refusal, Register};
+    use crate::auth::ServiceClaims;
+
+    fn reg(app: &str, role: &str, partitions: &[u32]) -> Register {
+        Register {
+            kind: "register".into(),
+            task: 7,
+            app: app.into(),
+            role: role.into(),
+            partitions: partitions.to_vec(),
+        }
+    }
+
+    fn claims(app: &str, role: Option<&str>) -> ServiceClaims {
+        ServiceClaims {
+            kid: 1,
+            sub: "7".into(),
+            app: app.into(),
+            cluster: "local/dev".into(),
+            iat: 0,
+            exp: u64::MAX,
+            role: role.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn the_refusal_chain_in_order() {
+        let ok = |r: &Register, c: &ServiceClaims| registration_refusal(r, c, Some(16), None);
+        assert_eq!(
+            ok(
+                &reg("demo/echo", "main", &[0, 15]),
+                &claims("demo/echo", None)
+            ),
+            None
+        );
+        assert_eq!(
+            ok(&reg("demo/other", "main", &[0]), &claims("demo/echo", None)),
+            Some("registration for an app the service token does not name")
+        );
+        assert_eq!(
+            registration_refusal(
+                &reg("demo/echo", "main", &[0]),
+                &claims("demo/echo", None),
+                None,
+                None
+            ),
+            Some("unknown app")
+        );
+        assert_eq!(
+            ok(&reg("demo/echo", "", &[0]), &claims("demo/echo", None)),
+            Some("bad role")
+        );
+        assert_eq!(
+            ok(
+                &reg("demo/echo", &"r".repeat(65), &[0]),
+                &claims("demo/echo", None)
+            ),
+            Some("bad role")
+        );
+        assert_eq!(
+            ok(&reg("demo/echo", "main", &[16]), &claims("demo/echo", None)),
+            Some("partition out of range")
+        );
+        // The task id is live on a link of another role (or app): refused; same role: a
+        // reconnect of the same task, allowed.
+        let r = reg("demo/echo", "main", &[0]);
+        let c = claims("demo/echo", None);
+        assert_eq!(
+            registration_refusal(&r, &c, Some(16), Some(("demo/echo", "b"))),
+            Some("task id in use by another app or role")
+        );
+        assert_eq!(
+            registration_refusal(&r, &c, Some(16), Some(("demo/x", "main"))),
+            Some("task id in use by another app or role")
+        );
+        assert_eq!(
+            registration_refusal(&r, &c, Some(16), Some(("demo/echo", "main"))),
+            None
+        );
+        assert_eq!(
+            ok(
+                &reg("demo/echo", "main", &[0]),
+                &claims("demo/echo", Some("b"))
+            ),
+            Some("the service token names another role")
+        );
+        assert_eq!(
+            ok(&reg("demo/echo", "auth", &[0]), &claims("demo/echo", None)),
+            Some("role auth needs a service token with role auth")
+        );
+        assert_eq!(
+            ok(
+                &reg("demo/echo", "auth", &[0]),
+                &claims("demo/echo", Some("auth"))
+            ),
+            None
+        );
     }
 }

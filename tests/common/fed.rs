@@ -183,6 +183,7 @@ pub struct FederationBuilder {
     shards: usize,
     delays: [u64; 2],
     request_timeout_ms: u64,
+    grace_secs: Option<u64>,
 }
 
 impl FederationBuilder {
@@ -200,6 +201,12 @@ impl FederationBuilder {
 
     pub fn request_timeout_ms(mut self, ms: u64) -> Self {
         self.request_timeout_ms = ms;
+        self
+    }
+
+    /// `[auth] grace_secs` of every router.
+    pub fn grace_secs(mut self, secs: u64) -> Self {
+        self.grace_secs = Some(secs);
         self
     }
 
@@ -242,6 +249,9 @@ impl FederationBuilder {
                     "[limits]\nrequest_timeout_ms = {}",
                     self.request_timeout_ms
                 );
+                if let Some(g) = self.grace_secs {
+                    let _ = writeln!(cfg, "[auth]\ngrace_secs = {g}");
+                }
                 let _ = writeln!(cfg, "[[apps]]\nname = {APP:?}\npartitions = 16");
                 let _ = writeln!(cfg, "[federation]\nentry_point = \"heeus.cloud\"");
                 for (cj, c2) in CLUSTERS.iter().enumerate() {
@@ -338,6 +348,7 @@ impl Federation {
             shards: 1,
             delays: [0, 0],
             request_timeout_ms: 10_000,
+            grace_secs: None,
         }
     }
 
@@ -496,13 +507,22 @@ pub fn peer_upgrade(
     addr: SocketAddr,
     token: Option<&str>,
 ) -> (std::net::TcpStream, u16, String, Vec<u8>) {
+    ws_upgrade(addr, "/peer", token)
+}
+
+/// Like [`peer_upgrade`], for any websocket endpoint (`/peer`, `/api/ws`).
+pub fn ws_upgrade(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> (std::net::TcpStream, u16, String, Vec<u8>) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(3)))
         .expect("timeout");
     let mut req = format!(
-        "GET /peer HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
     );
     if let Some(t) = token {
         req.push_str(&format!("Authorization: Bearer {t}\r\n"));

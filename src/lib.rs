@@ -7,10 +7,11 @@ pub mod control;
 pub mod loadgen;
 pub mod metrics;
 pub mod peer;
-pub mod proto;
 pub mod route;
 pub mod sdk;
 pub mod shard;
 pub mod task;
 pub mod tune;
 pub mod ws;
+
+pub use fedbus_proto as proto;

@@ -125,10 +125,10 @@ pub fn accept_response(key: &str) -> String {
 
 /// An HTTP error answer with a JSON body `{"status","error","message"}`, connection closed.
 pub fn error_response(status: u16, code: &str, message: &str) -> String {
-    let body = crate::api::error_body(status, code, message);
+    let body = crate::http::error_body(status, code, message);
     format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        crate::api::reason(status),
+        crate::http::reason(status),
         body.len()
     )
 }

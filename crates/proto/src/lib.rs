@@ -1,9 +1,20 @@
-//! Frames between router and task, and between routers (pure: no I/O).
+//! fedbus-proto: the wire formats of fedbus. Pure (no runtime, no I/O), so the router, SDKs
+//! and tools share one codec without pulling in glommio.
 //!
-//! A frame is one binary websocket message: a fixed 24-byte header, then metadata (tag, length,
-//! value entries), then the payload. Decoding slices the metadata and payload out of the
-//! message's `Bytes` without copying; encoding writes only the header and metadata, so the
-//! payload can be handed to a vectored write unchanged. docs/PROTOCOL.md is the byte-level spec.
+//! The crate root holds the frames between router and task, and between routers. A frame is one
+//! binary websocket message: a fixed 24-byte header, then metadata (tag, length, value
+//! entries), then the payload. Decoding slices the metadata and payload out of the message's
+//! `Bytes` without copying; encoding writes only the header and metadata, so the payload can be
+//! handed to a vectored write unchanged. docs/PROTOCOL.md (at the repository root) is the
+//! byte-level spec.
+//!
+//! - [`hello`]: the JSON text messages of the link handshake;
+//! - [`http`]: the JSON error body, reason phrases and the pass-through header filter;
+//! - [`ws`]: the websocket frame header codec and the opening handshake.
+
+pub mod hello;
+pub mod http;
+pub mod ws;
 
 use bytes::{BufMut, Bytes, BytesMut};
 

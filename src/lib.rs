@@ -1,7 +1,6 @@
 //! fedbus: a federation bus. See docs/ARCHITECTURE.md.
 
 pub mod api;
-pub mod auth;
 pub mod config;
 pub mod control;
 pub mod loadgen;
@@ -14,4 +13,5 @@ pub mod task;
 pub mod tune;
 pub mod ws;
 
+pub use fedbus_auth as auth;
 pub use fedbus_proto as proto;

@@ -1,11 +1,17 @@
-//! Authentication: the keyring on disk (cluster keys, app secrets, rotation with grace),
-//! service tokens (Ed25519, what tasks and peer routers present) and client JWTs (HS256).
+//! fedbus-auth, authentication for fedbus: the keyring on disk (cluster keys, app secrets,
+//! rotation with grace), service tokens (Ed25519, what tasks and peer routers present) and
+//! client JWTs (HS256).
 //!
 //! Owns every decision of the form "is this credential valid now". Verification is pure:
 //! the caller passes `now` and a keyring snapshot; nothing here reads a clock or a file on the
 //! hot path. Only the keyring's `load`/`init`/`rotate_*` functions touch the disk, and they run
 //! on the control thread or in the CLI, never on a shard. Never panics on bad input, and never
 //! prints or logs a secret.
+//!
+//! Feature `test-util` exposes `test_util` to other crates' tests.
+
+#![deny(missing_docs)]
+#![warn(unreachable_pub)]
 
 pub mod client_jwt;
 pub mod keyring;

@@ -1,6 +1,6 @@
 //! Websocket codecs: a client of the router's websocket endpoint (`GET /api/ws`), and the
 //! router side of a task link for `--direct`. Each request is one binary message holding a
-//! fedbus frame (src/proto); answers are Response frames matched by request id, in any order.
+//! fedbus frame (crates/proto); answers are Response frames matched by request id, in any order.
 
 use super::codec::{Batch, Codec, Event, STATUS_UNEXPECTED};
 use crate::proto::{self, tag, Kind};

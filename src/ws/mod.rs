@@ -2,8 +2,7 @@
 //! frame codec and a batched, zero-copy connection over glommio streams.
 
 pub mod conn;
-pub mod frame;
-pub mod handshake;
+pub use fedbus_proto::ws::{frame, handshake};
 
 pub use conn::{
     close_at_expiry, spawn_pinger, start, write_loop, Message, Refused, Side, WsConn, WsError,

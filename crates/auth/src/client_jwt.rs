@@ -175,7 +175,7 @@ pub fn trusted_until(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::now_unix;
+    use crate::now_unix;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use base64::Engine as _;
     use ring::hmac;
@@ -462,7 +462,7 @@ mod tests {
 
     #[test]
     fn client_jwt_signed_with_keyring_from_disk() {
-        let tmp = crate::auth::test_util::TempDir::new("jwt-disk");
+        let tmp = crate::test_util::TempDir::new("jwt-disk");
         let now = now_unix();
         Keyring::init(tmp.path(), &[APP], now - 100_000).unwrap();
         let k1 = Keyring::load(tmp.path()).unwrap();
@@ -477,7 +477,7 @@ mod tests {
             Err(AuthError::RetiredKey(1))
         ));
         // Tokens of the old keyring fail against a freshly initialised one.
-        let other = crate::auth::test_util::TempDir::new("jwt-disk-other");
+        let other = crate::test_util::TempDir::new("jwt-disk-other");
         Keyring::init(other.path(), &[APP], now).unwrap();
         let k3 = Keyring::load(other.path()).unwrap();
         assert!(matches!(

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 /// Router -> task, first message on a link.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Hello {
+    /// JSON `type`: `"hello"`.
     #[serde(rename = "type")]
     pub kind: String,
     /// `region/cluster/router`.
@@ -22,19 +23,26 @@ pub struct Hello {
 /// Task -> router, answer to the hello.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Register {
+    /// JSON `type`: `"register"`.
     #[serde(rename = "type")]
     pub kind: String,
     /// Task instance id, the same on every link of the task.
     pub task: u64,
+    /// `owner/app`; must match the service token's app.
     pub app: String,
+    /// Role served, 1 to 64 bytes; `main` receives every request first, other roles only
+    /// redirects.
     pub role: String,
+    /// Partitions this task serves on the link.
     pub partitions: Vec<u32>,
 }
 
 /// Router -> task after a good registration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Registered {
+    /// JSON `type`: `"registered"`.
     #[serde(rename = "type")]
     pub kind: String,
+    /// The shard that accepted the registration.
     pub shard: usize,
 }

@@ -2,11 +2,17 @@
 
 /// Opcodes fedbus uses.
 pub mod opcode {
+    /// Continues a fragmented message.
     pub const CONTINUATION: u8 = 0x0;
+    /// A UTF-8 text message (the link handshake).
     pub const TEXT: u8 = 0x1;
+    /// A binary message (one fedbus frame).
     pub const BINARY: u8 = 0x2;
+    /// Close, with an optional code and reason.
     pub const CLOSE: u8 = 0x8;
+    /// Ping; the peer answers with a pong carrying the same payload.
     pub const PING: u8 = 0x9;
+    /// Pong.
     pub const PONG: u8 = 0xA;
 }
 
@@ -16,11 +22,15 @@ pub const MAX_HEADER: usize = 14;
 /// A parsed frame header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrameHead {
+    /// Last fragment of its message.
     pub fin: bool,
+    /// One of [`opcode`].
     pub opcode: u8,
+    /// Masking key; clients must mask, servers must not.
     pub mask: Option<[u8; 4]>,
     /// Bytes taken by the header itself.
     pub header_len: usize,
+    /// Bytes of payload after the header.
     pub payload_len: u64,
 }
 

@@ -1,11 +1,17 @@
-//! Authentication: the keyring on disk (cluster keys, app secrets, rotation with grace),
-//! service tokens (Ed25519, what tasks and peer routers present) and client JWTs (HS256).
+//! fedbus-auth, authentication for fedbus: the keyring on disk (cluster keys, app secrets,
+//! rotation with grace), service tokens (Ed25519, what tasks and peer routers present) and
+//! client JWTs (HS256).
 //!
 //! Owns every decision of the form "is this credential valid now". Verification is pure:
 //! the caller passes `now` and a keyring snapshot; nothing here reads a clock or a file on the
 //! hot path. Only the keyring's `load`/`init`/`rotate_*` functions touch the disk, and they run
 //! on the control thread or in the CLI, never on a shard. Never panics on bad input, and never
 //! prints or logs a secret.
+//!
+//! Feature `test-util` exposes `test_util` to other crates' tests.
+
+#![deny(missing_docs)]
+#![warn(unreachable_pub)]
 
 pub mod client_jwt;
 pub mod keyring;
@@ -170,16 +176,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("duration {s:?} is too long"))
 }
 
-#[cfg(test)]
-pub(crate) mod test_util {
+/// Test helpers shared with the router's tests. Compiled for this crate's own tests and, for
+/// other crates, behind the `test-util` feature (`#[cfg(test)]` does not cross crates).
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util {
     use std::path::{Path, PathBuf};
     use std::sync::atomic::{AtomicU32, Ordering};
 
     /// A unique directory under the system temp dir, removed on drop.
-    pub(crate) struct TempDir(PathBuf);
+    pub struct TempDir(PathBuf);
 
     impl TempDir {
-        pub(crate) fn new(tag: &str) -> TempDir {
+        /// A fresh, not yet created path; `tag` makes it recognisable in the temp dir.
+        pub fn new(tag: &str) -> TempDir {
             static NEXT: AtomicU32 = AtomicU32::new(0);
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
             let path = std::env::temp_dir().join(format!(
@@ -191,7 +200,8 @@ pub(crate) mod test_util {
             TempDir(path)
         }
 
-        pub(crate) fn path(&self) -> &Path {
+        /// The directory's path.
+        pub fn path(&self) -> &Path {
             &self.0
         }
     }

@@ -613,7 +613,7 @@ pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::test_util::TempDir;
+    use crate::test_util::TempDir;
     use std::os::unix::fs::PermissionsExt;
 
     fn v(version: u32, created: u64) -> AppSecretVersion {

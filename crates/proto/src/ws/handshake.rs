@@ -10,6 +10,7 @@ pub const MAX_HEAD: usize = 16 * 1024;
 /// What the router needs from an upgrade request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpgradeRequest {
+    /// Request target, e.g. `/api/...` (`/` when absent).
     pub path: String,
     /// Token from `Authorization: Bearer <token>` (or None).
     pub bearer: Option<String>,
@@ -22,8 +23,11 @@ pub struct UpgradeRequest {
 /// Why an upgrade request is refused, with the HTTP status to answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
+    /// HTTP status to answer with.
     pub status: u16,
+    /// Machine-readable `error` of the JSON body.
     pub code: &'static str,
+    /// Human-readable `message` of the JSON body.
     pub message: &'static str,
 }
 
@@ -125,10 +129,10 @@ pub fn accept_response(key: &str) -> String {
 
 /// An HTTP error answer with a JSON body `{"status","error","message"}`, connection closed.
 pub fn error_response(status: u16, code: &str, message: &str) -> String {
-    let body = crate::api::error_body(status, code, message);
+    let body = crate::http::error_body(status, code, message);
     format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        crate::api::reason(status),
+        crate::http::reason(status),
         body.len()
     )
 }
@@ -153,12 +157,15 @@ pub fn client_request(host: &str, path: &str, key: &str, bearer: Option<&str>) -
 /// Outcome of parsing a server's answer to a client upgrade.
 #[derive(Debug)]
 pub enum ClientHandshake {
+    /// The response head has not fully arrived; read more.
     Incomplete,
     /// 101 with the right accept key; bytes of the head.
     Accepted(usize),
     /// Any other status, with the body that came with it (best effort).
     Refused {
+        /// Status of the answer.
         status: u16,
+        /// What followed the head in the buffer, lossily decoded as UTF-8.
         body: String,
     },
 }

@@ -1,9 +1,23 @@
-//! Frames between router and task, and between routers (pure: no I/O).
+//! fedbus-proto: the wire formats of fedbus. Pure (no runtime, no I/O), so the router, SDKs
+//! and tools share one codec without pulling in glommio.
 //!
-//! A frame is one binary websocket message: a fixed 24-byte header, then metadata (tag, length,
-//! value entries), then the payload. Decoding slices the metadata and payload out of the
-//! message's `Bytes` without copying; encoding writes only the header and metadata, so the
-//! payload can be handed to a vectored write unchanged. docs/PROTOCOL.md is the byte-level spec.
+//! The crate root holds the frames between router and task, and between routers. A frame is one
+//! binary websocket message: a fixed 24-byte header, then metadata (tag, length, value
+//! entries), then the payload. Decoding slices the metadata and payload out of the message's
+//! `Bytes` without copying; encoding writes only the header and metadata, so the payload can be
+//! handed to a vectored write unchanged. docs/PROTOCOL.md (at the repository root) is the
+//! byte-level spec.
+//!
+//! - [`hello`]: the JSON text messages of the link handshake;
+//! - [`http`]: the JSON error body, reason phrases and the pass-through header filter;
+//! - [`ws`]: the websocket frame header codec and the opening handshake.
+
+#![deny(missing_docs)]
+#![warn(unreachable_pub)]
+
+pub mod hello;
+pub mod http;
+pub mod ws;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -96,30 +110,45 @@ pub mod tag {
 /// The fixed header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
+    /// What the frame is (byte 1).
     pub kind: Kind,
+    /// Bits of [`flags`]; other bits are reserved (send 0, ignore on receipt).
     pub flags: u8,
+    /// Redirects taken so far.
     pub hops: u8,
+    /// Partition the request is served on.
     pub partition: u32,
+    /// Chosen by the sender of a Request; its answer carries the same id.
     pub request_id: u64,
+    /// Bytes of metadata after the header.
     pub meta_len: u32,
+    /// Bytes of payload after the metadata.
     pub payload_len: u32,
 }
 
 /// Why a frame was refused. Whose fault: always the sender's.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtoError {
+    /// The message is shorter than [`HEADER_LEN`]; carries its length.
     #[error("frame shorter than its header ({0} bytes)")]
     Short(usize),
+    /// The first byte is not [`MAGIC`] (another protocol or version); carries the byte.
     #[error("bad magic byte {0:#04x}")]
     BadMagic(u8),
+    /// The kind byte is none of [`Kind`].
     #[error("unknown frame kind {0}")]
     BadKind(u8),
+    /// `meta_len + payload_len` differs from the bytes after the header.
     #[error("lengths in header ({meta}+{payload}) do not match the frame body ({body})")]
     BadLength {
+        /// `meta_len` from the header.
         meta: u32,
+        /// `payload_len` from the header.
         payload: u32,
+        /// Bytes actually after the header.
         body: usize,
     },
+    /// A metadata entry runs past the end of the metadata block.
     #[error("metadata entry truncated")]
     BadMeta,
 }
@@ -166,8 +195,11 @@ impl Header {
 /// A decoded frame: `meta` and `payload` are slices of the received message.
 #[derive(Clone, Debug)]
 pub struct Frame {
+    /// The fixed header.
     pub header: Header,
+    /// The metadata block, already validated by [`Frame::decode`].
     pub meta: Bytes,
+    /// The payload, opaque to the router.
     pub payload: Bytes,
 }
 
@@ -222,6 +254,7 @@ pub struct MetaIter<'a> {
 }
 
 impl<'a> MetaIter<'a> {
+    /// Iterates over `meta`; yields `Err(BadMeta)` once, then stops, at a truncated entry.
     pub fn new(meta: &'a [u8]) -> Self {
         MetaIter { rest: meta }
     }

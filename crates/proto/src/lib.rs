@@ -9,6 +9,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 pub mod hello;
 pub mod http;
+pub mod link;
 pub mod ws;
 
 /// Size of the fixed header.

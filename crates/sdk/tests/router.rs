@@ -112,7 +112,7 @@ impl Router {
             "region = \"local\"\ncluster = \"dev\"\nkeyring = {keys:?}\n\
              [listen]\napi = \"{IP}:0\"\ninternal = \"{IP}:{internal_port}\"\nadmin = \"{IP}:0\"\n\
              [tuning]\nshard_cores = [0, 1]\npin = false\n\
-             [limits]\nping_interval_ms = 100\nrequest_timeout_ms = 5000\n\
+             [limits]\nping_interval_ms = 200\nrequest_timeout_ms = 5000\n\
              [[apps]]\nname = \"demo/echo\"\npartitions = 16\n"
         );
         let cfg_path = home.join("router.toml");
@@ -426,10 +426,10 @@ fn sdk_task_serves_through_a_two_shard_router() {
         assert_eq!(r.body, format!("g{i}").as_bytes());
     }
 
-    // 5. Pings (every 100 ms here; 3 silent intervals drop a link) are answered: the links
+    // 5. Pings (every 200 ms here; 3 silent intervals drop a link) are answered: the links
     // outlive many of them without a reconnect.
     let pings = task.stats().pings;
-    wait("pings arrive", || task.stats().pings >= pings + 20);
+    wait("pings arrive", || task.stats().pings >= pings + 10);
     let s = task.stats();
     assert_eq!(
         (s.connects, s.registrations, s.registered_links),

@@ -17,6 +17,7 @@
 
 pub mod hello;
 pub mod http;
+pub mod link;
 pub mod ws;
 
 use bytes::{BufMut, Bytes, BytesMut};

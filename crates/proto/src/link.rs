@@ -1,0 +1,1091 @@
+//! The task side of a link, as a state machine: no I/O, no runtime, no clock of its own.
+//!
+//! One [`Link`] follows one websocket connection from a task to one router shard
+//! (docs/PROTOCOL.md sections 1 to 7). The driver (the SDK, or a test) feeds it what arrives
+//! ([`Link::handle`]) and the time ([`Link::handle_timeout`], due at [`Link::poll_timeout`]),
+//! and acts on the [`Event`]s it queues ([`Link::poll_event`]):
+//!
+//! 1. awaiting the hello: the router's first text message. The link answers with the
+//!    registration ([`Event::SendText`]) and names the router's other shards
+//!    ([`Event::LinkShards`]): the driver opens a link to each one it has not linked yet.
+//! 2. registering: until the router's `registered` ([`Event::Registered`]).
+//! 3. registered: Request frames become [`Event::Request`] for the application, SecretPush
+//!    frames (role `auth`) [`Event::Secret`]; unknown text messages and frame kinds are
+//!    ignored.
+//!
+//! Answers are encoded from the request's [`RequestHead`] ([`RequestHead::response`],
+//! [`RequestHead::redirect`]) in any order and from any thread. Websocket pings are answered
+//! by the websocket layer; they count as life here ([`Input::Ping`]). A failed or closed link
+//! is retried after [`next_backoff`].
+
+use crate::hello::{Hello, Register};
+use crate::{flags, put_meta, put_meta_u64, tag, Frame, Header, Kind, ProtoError, HEADER_LEN};
+use bytes::{BufMut, Bytes, BytesMut};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Default limit for the hello after connecting, and for `registered` after the registration.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default limit of silence on a registered link (the router pings every 2 s by default).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// First reconnect delay (before jitter).
+pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Longest reconnect delay (before jitter).
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What a task registers, the same on every link of the task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkConfig {
+    /// Instance id, random per process, the same on every link (keep it below 2^53).
+    pub task: u64,
+    /// `owner/app`; must be the service token's app.
+    pub app: String,
+    /// Role (`main` receives every request first).
+    pub role: String,
+    /// Partitions served.
+    pub partitions: Vec<u32>,
+    /// Limit for the hello after connecting, and for `registered` after the registration.
+    pub handshake_timeout: Duration,
+    /// A registered link on which nothing arrives for this long is given up.
+    pub idle_timeout: Duration,
+}
+
+impl LinkConfig {
+    /// A configuration with the default timeouts.
+    pub fn new(
+        task: u64,
+        app: impl Into<String>,
+        role: impl Into<String>,
+        partitions: Vec<u32>,
+    ) -> LinkConfig {
+        LinkConfig {
+            task,
+            app: app.into(),
+            role: role.into(),
+            partitions,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+
+    /// The registration message (JSON text).
+    pub fn register_message(&self) -> String {
+        let reg = Register {
+            kind: "register".into(),
+            task: self.task,
+            app: self.app.clone(),
+            role: self.role.clone(),
+            partitions: self.partitions.clone(),
+        };
+        // A struct of strings and integers always serializes.
+        serde_json::to_string(&reg).unwrap_or_default()
+    }
+}
+
+/// Where a link is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Connected; waiting for the router's hello.
+    AwaitingHello,
+    /// Registration sent; waiting for `registered`.
+    Registering,
+    /// Registered: requests flow.
+    Registered,
+    /// Failed or closed; the driver drops the connection and reconnects after a backoff.
+    Closed,
+}
+
+/// What arrived on the websocket.
+#[derive(Clone, Debug)]
+pub enum Input<'a> {
+    /// A text message (hello, registered, future control messages).
+    Text(&'a str),
+    /// A binary message: one fedbus frame.
+    Binary(Bytes),
+    /// A websocket ping (the websocket layer answers it); counts as life.
+    Ping,
+    /// A websocket pong; counts as life.
+    Pong,
+    /// The router's close frame.
+    Close {
+        /// Close code, when the frame carried one.
+        code: Option<u16>,
+        /// Close reason.
+        reason: &'a str,
+    },
+}
+
+/// One router shard to link to, as a hello announced it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ShardAddr {
+    /// `region/cluster/router`.
+    pub router: String,
+    /// Shard index.
+    pub shard: usize,
+    /// Internal address of the shard.
+    pub addr: String,
+}
+
+impl ShardAddr {
+    /// A key naming the shard whatever address reached it: `router#shard`.
+    pub fn key(&self) -> String {
+        shard_key(&self.router, self.shard)
+    }
+}
+
+/// `router#shard`: names a router shard whatever address (name, IP) reached it.
+pub fn shard_key(router: &str, shard: usize) -> String {
+    format!("{router}#{shard}")
+}
+
+/// An app secret pushed to an `auth` task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretPush {
+    /// `owner/app`.
+    pub app: String,
+    /// Secret version (the `kid` of the client JWTs it signs).
+    pub version: u32,
+    /// The raw secret.
+    pub secret: Bytes,
+}
+
+/// What the driver must act on.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// Send this text message to the router (the registration).
+    SendText(String),
+    /// The router's shards other than this link's, from the hello: open a link to each one
+    /// not linked yet (by [`ShardAddr::key`]); a known key with a new address means the
+    /// router moved that shard.
+    LinkShards(Vec<ShardAddr>),
+    /// The router accepted the registration.
+    Registered {
+        /// The shard that said so.
+        shard: usize,
+    },
+    /// The newest app secret on this link (keep the newest over all links: [`SecretStore`]).
+    Secret(SecretPush),
+    /// A request for the application; answer it with [`RequestHead::response`] or
+    /// [`RequestHead::redirect`] on this same link.
+    Request(Request),
+}
+
+/// Why a link ended. Every error ends the link; the driver reconnects.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    /// The first message was not a hello.
+    #[error("expected the hello, got {0}")]
+    ExpectedHello(String),
+    /// The hello did not parse or does not add up.
+    #[error("bad hello: {0}")]
+    BadHello(String),
+    /// A binary message that is not a valid fedbus frame.
+    #[error("bad frame: {0}")]
+    Frame(#[from] ProtoError),
+    /// The router closed the link.
+    #[error("router closed the link (code {code:?}, reason {reason:?})")]
+    Closed {
+        /// Close code, if any (1008: registration refused or replaced).
+        code: Option<u16>,
+        /// Close reason.
+        reason: String,
+    },
+    /// Nothing came in time: `hello`, `registered`, or anything on a registered link (`idle`).
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+}
+
+/// The task side of one link. See the module documentation.
+#[derive(Debug)]
+pub struct Link {
+    cfg: Arc<LinkConfig>,
+    state: State,
+    hello: Option<Hello>,
+    router: Arc<str>,
+    /// Start of the current handshake phase.
+    phase_since: Instant,
+    last_rx: Instant,
+    events: VecDeque<Event>,
+    requests: u64,
+    was_registered: bool,
+}
+
+impl Link {
+    /// A link whose websocket just opened at `now`.
+    pub fn new(cfg: Arc<LinkConfig>, now: Instant) -> Link {
+        Link {
+            cfg,
+            state: State::AwaitingHello,
+            hello: None,
+            router: Arc::from(""),
+            phase_since: now,
+            last_rx: now,
+            events: VecDeque::new(),
+            requests: 0,
+            was_registered: false,
+        }
+    }
+
+    /// The link's configuration.
+    pub fn config(&self) -> &LinkConfig {
+        &self.cfg
+    }
+
+    /// Where the link is.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// The router's hello, once received.
+    pub fn hello(&self) -> Option<&Hello> {
+        self.hello.as_ref()
+    }
+
+    /// `router#shard` of this link, once the hello arrived.
+    pub fn key(&self) -> Option<String> {
+        self.hello.as_ref().map(|h| shard_key(&h.router, h.shard))
+    }
+
+    /// Whether the router ever acknowledged the registration on this link (the driver resets
+    /// its backoff after such a link ends, and lets it grow after links that never got there).
+    pub fn was_registered(&self) -> bool {
+        self.was_registered
+    }
+
+    /// Requests handed to the application so far.
+    pub fn requests(&self) -> u64 {
+        self.requests
+    }
+
+    /// The next queued event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Link::handle_timeout`] must be called next (None once closed).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::AwaitingHello | State::Registering => {
+                Some(self.phase_since + self.cfg.handshake_timeout)
+            }
+            State::Registered => Some(self.last_rx + self.cfg.idle_timeout),
+            State::Closed => None,
+        }
+    }
+
+    /// Checks the deadlines at `now`: an error ends the link.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), LinkError> {
+        let what = match self.state {
+            State::AwaitingHello => "hello",
+            State::Registering => "registered",
+            State::Registered => "idle",
+            State::Closed => return Ok(()),
+        };
+        match self.poll_timeout() {
+            Some(t) if now >= t => self.fail(LinkError::Timeout(what)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Feeds one message that arrived at `now`. An error ends the link (state
+    /// [`State::Closed`]); input after that is ignored.
+    pub fn handle(&mut self, now: Instant, input: Input<'_>) -> Result<(), LinkError> {
+        if self.state == State::Closed {
+            return Ok(());
+        }
+        self.last_rx = now;
+        let r = match input {
+            Input::Text(t) => self.on_text(now, t),
+            Input::Binary(b) => self.on_binary(b),
+            Input::Ping | Input::Pong => Ok(()),
+            Input::Close { code, reason } => Err(LinkError::Closed {
+                code,
+                reason: reason.to_string(),
+            }),
+        };
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn fail(&mut self, e: LinkError) -> Result<(), LinkError> {
+        self.state = State::Closed;
+        Err(e)
+    }
+
+    fn on_text(&mut self, now: Instant, t: &str) -> Result<(), LinkError> {
+        match self.state {
+            State::AwaitingHello => {
+                let v: serde_json::Value = serde_json::from_str(t)
+                    .map_err(|_| LinkError::ExpectedHello(format!("text {:.80?}", t)))?;
+                if v.get("type").and_then(|x| x.as_str()) != Some("hello") {
+                    return Err(LinkError::ExpectedHello(format!("text {:.80?}", t)));
+                }
+                let hello: Hello =
+                    serde_json::from_value(v).map_err(|e| LinkError::BadHello(e.to_string()))?;
+                if hello.shard >= hello.internal.len() || hello.router.is_empty() {
+                    return Err(LinkError::BadHello(format!(
+                        "shard {} of {} addresses, router {:?}",
+                        hello.shard,
+                        hello.internal.len(),
+                        hello.router
+                    )));
+                }
+                let others: Vec<ShardAddr> = hello
+                    .internal
+                    .iter()
+                    .enumerate()
+                    .filter(|(k, _)| *k != hello.shard)
+                    .map(|(k, a)| ShardAddr {
+                        router: hello.router.clone(),
+                        shard: k,
+                        addr: a.clone(),
+                    })
+                    .collect();
+                self.router = Arc::from(hello.router.as_str());
+                self.hello = Some(hello);
+                self.events
+                    .push_back(Event::SendText(self.cfg.register_message()));
+                if !others.is_empty() {
+                    self.events.push_back(Event::LinkShards(others));
+                }
+                self.state = State::Registering;
+                self.phase_since = now;
+                Ok(())
+            }
+            State::Registering => {
+                let v: Option<serde_json::Value> = serde_json::from_str(t).ok();
+                let registered = v
+                    .as_ref()
+                    .is_some_and(|v| v.get("type").and_then(|x| x.as_str()) == Some("registered"));
+                if registered {
+                    let shard = v
+                        .as_ref()
+                        .and_then(|v| v.get("shard"))
+                        .and_then(|s| s.as_u64())
+                        .map_or(self.shard(), |s| s as usize);
+                    self.state = State::Registered;
+                    self.was_registered = true;
+                    self.events.push_back(Event::Registered { shard });
+                }
+                // Anything else: a control message this revision does not know.
+                Ok(())
+            }
+            State::Registered | State::Closed => Ok(()),
+        }
+    }
+
+    fn shard(&self) -> usize {
+        self.hello.as_ref().map_or(0, |h| h.shard)
+    }
+
+    fn on_binary(&mut self, b: Bytes) -> Result<(), LinkError> {
+        if self.state == State::AwaitingHello {
+            return Err(LinkError::ExpectedHello(format!(
+                "a binary message of {} bytes",
+                b.len()
+            )));
+        }
+        let f = Frame::decode(b)?;
+        match f.header.kind {
+            // The router sends requests only after `registered`, on the same ordered stream;
+            // a request seen while registering is served all the same.
+            Kind::Request => {
+                self.requests += 1;
+                let shard = self.shard();
+                self.events.push_back(Event::Request(Request {
+                    frame: f,
+                    router: self.router.clone(),
+                    shard,
+                }));
+            }
+            Kind::SecretPush => {
+                let app = f.get_str(tag::APP).map(str::to_string);
+                let version = f.get_u64(tag::VERSION).and_then(|v| u32::try_from(v).ok());
+                if let (Some(app), Some(version)) = (app, version) {
+                    self.events.push_back(Event::Secret(SecretPush {
+                        app,
+                        version,
+                        secret: f.payload,
+                    }));
+                }
+            }
+            // Answers are the task's to send; a router never sends them on a task link.
+            Kind::Response | Kind::Redirect => {}
+        }
+        Ok(())
+    }
+}
+
+/// A request as the application sees it: the frame (metadata and payload are views of the
+/// received message, not copies) and the link that carried it.
+#[derive(Clone, Debug)]
+pub struct Request {
+    frame: Frame,
+    router: Arc<str>,
+    shard: usize,
+}
+
+impl Request {
+    /// A request from a decoded frame, carried by shard `shard` of `router` (for tests and
+    /// other drivers; links make them from what they receive).
+    pub fn new(frame: Frame, router: &str, shard: usize) -> Request {
+        Request {
+            frame,
+            router: Arc::from(router),
+            shard,
+        }
+    }
+
+    /// What an answer needs from the request.
+    pub fn head(&self) -> RequestHead {
+        RequestHead {
+            request_id: self.frame.header.request_id,
+            partition: self.frame.header.partition,
+            hops: self.frame.header.hops,
+        }
+    }
+
+    /// The request id (unique among the requests pending on the link).
+    pub fn id(&self) -> u64 {
+        self.frame.header.request_id
+    }
+
+    /// The partition served (`wsid % partitions`, or the emergency partition).
+    pub fn partition(&self) -> u32 {
+        self.frame.header.partition
+    }
+
+    /// Redirects taken so far.
+    pub fn hops(&self) -> u8 {
+        self.frame.header.hops
+    }
+
+    /// Header flag bits ([`crate::flags`]).
+    pub fn flags(&self) -> u8 {
+        self.frame.header.flags
+    }
+
+    /// Served by an emergency partition on behalf of `wsid % partitions`.
+    pub fn is_emergency(&self) -> bool {
+        self.flags() & flags::EMERGENCY != 0
+    }
+
+    /// Came from another cluster over a peer link.
+    pub fn is_forwarded(&self) -> bool {
+        self.flags() & flags::FORWARDED != 0
+    }
+
+    /// `region/cluster/router` whose link carried the request.
+    pub fn router(&self) -> &str {
+        &self.router
+    }
+
+    /// Shard of that router whose link carried the request.
+    pub fn shard(&self) -> usize {
+        self.shard
+    }
+
+    /// The client's body.
+    pub fn payload(&self) -> &Bytes {
+        &self.frame.payload
+    }
+
+    /// The client's body, owned (no copy).
+    pub fn into_payload(self) -> Bytes {
+        self.frame.payload
+    }
+
+    /// First metadata value with `tag` ([`crate::tag`]) as UTF-8.
+    pub fn meta(&self, tag: u8) -> Option<&str> {
+        self.frame.get_str(tag)
+    }
+
+    /// First metadata value with `tag` as bytes.
+    pub fn meta_bytes(&self, tag: u8) -> Option<&[u8]> {
+        self.frame.get(tag)
+    }
+
+    /// `owner/app`.
+    pub fn app(&self) -> Option<&str> {
+        self.meta(tag::APP)
+    }
+
+    /// The role the request is for.
+    pub fn role(&self) -> Option<&str> {
+        self.meta(tag::ROLE)
+    }
+
+    /// The `<service>` path segment.
+    pub fn service(&self) -> Option<&str> {
+        self.meta(tag::SERVICE)
+    }
+
+    /// The `<module>` path segment.
+    pub fn module(&self) -> Option<&str> {
+        self.meta(tag::MODULE)
+    }
+
+    /// The `<function>` path segment.
+    pub fn function(&self) -> Option<&str> {
+        self.meta(tag::FUNCTION)
+    }
+
+    /// The workspace id.
+    pub fn wsid(&self) -> Option<u64> {
+        self.frame.get_u64(tag::WSID)
+    }
+
+    /// `GET` or `POST`.
+    pub fn method(&self) -> Option<&str> {
+        self.meta(tag::METHOD)
+    }
+
+    /// `sub` of the client's verified JWT (empty for an anonymous service).
+    pub fn subject(&self) -> Option<&str> {
+        self.meta(tag::SUBJECT)
+    }
+
+    /// The content type the client sent.
+    pub fn content_type(&self) -> Option<&str> {
+        self.meta(tag::CONTENT_TYPE)
+    }
+
+    /// The whole frame.
+    pub fn frame(&self) -> &Frame {
+        &self.frame
+    }
+}
+
+/// The part of a request an answer repeats: id, partition and hops. `Copy`, so an answer can
+/// be encoded wherever the application produced it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestHead {
+    /// The request's id.
+    pub request_id: u64,
+    /// The request's partition (echoed).
+    pub partition: u32,
+    /// The request's hops (echoed).
+    pub hops: u8,
+}
+
+impl RequestHead {
+    /// A whole Response frame: metadata STATUS, one HEADER per `(name, value)` (lines over
+    /// 65535 bytes are left out; the router drops lines with CR or LF, framing headers and
+    /// `fedbus-*`), then CONTENT_TYPE if given; payload `body`.
+    pub fn response(
+        &self,
+        status: u16,
+        headers: &[(String, String)],
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> Bytes {
+        let meta_cap = 8
+            + headers
+                .iter()
+                .map(|(k, v)| 5 + k.len() + v.len())
+                .sum::<usize>()
+            + content_type.map_or(0, |c| 3 + c.len());
+        let mut b = BytesMut::with_capacity(HEADER_LEN + meta_cap + body.len());
+        b.resize(HEADER_LEN, 0);
+        put_meta_u64(&mut b, tag::STATUS, u64::from(status));
+        for (k, v) in headers {
+            let len = k.len() + 2 + v.len();
+            if len > usize::from(u16::MAX) {
+                continue;
+            }
+            b.put_u8(tag::HEADER);
+            b.put_u16(len as u16);
+            b.put_slice(k.as_bytes());
+            b.put_slice(b": ");
+            b.put_slice(v.as_bytes());
+        }
+        if let Some(ct) = content_type {
+            put_meta(&mut b, tag::CONTENT_TYPE, ct.as_bytes());
+        }
+        self.finish(&mut b, Kind::Response, body);
+        b.freeze()
+    }
+
+    /// A whole Redirect frame: the same request to `role`, on `partition` (None: the same).
+    pub fn redirect(&self, role: &str, partition: Option<u32>) -> Bytes {
+        let mut b = BytesMut::with_capacity(HEADER_LEN + 16 + role.len());
+        b.resize(HEADER_LEN, 0);
+        put_meta(&mut b, tag::ROLE, role.as_bytes());
+        if let Some(p) = partition {
+            put_meta_u64(&mut b, tag::PARTITION, u64::from(p));
+        }
+        self.finish(&mut b, Kind::Redirect, &[]);
+        b.freeze()
+    }
+
+    /// Writes the header over the first 24 bytes and appends the payload.
+    fn finish(&self, b: &mut BytesMut, kind: Kind, payload: &[u8]) {
+        let h = Header {
+            kind,
+            flags: 0,
+            hops: self.hops,
+            partition: self.partition,
+            request_id: self.request_id,
+            meta_len: (b.len() - HEADER_LEN) as u32,
+            payload_len: payload.len() as u32,
+        };
+        b[..HEADER_LEN].copy_from_slice(&h.encode());
+        b.put_slice(payload);
+    }
+}
+
+/// The newest secret of each app over all links (every shard of every router pushes on its
+/// own link, and the same version may come more than once).
+#[derive(Clone, Debug, Default)]
+pub struct SecretStore {
+    apps: HashMap<String, (u32, Bytes)>,
+}
+
+impl SecretStore {
+    /// An empty store.
+    pub fn new() -> SecretStore {
+        SecretStore::default()
+    }
+
+    /// Keeps `push` if it is newer than what the store holds for its app; true if kept.
+    pub fn offer(&mut self, push: SecretPush) -> bool {
+        match self.apps.get(&push.app) {
+            Some((v, _)) if *v >= push.version => false,
+            _ => {
+                self.apps.insert(push.app, (push.version, push.secret));
+                true
+            }
+        }
+    }
+
+    /// The newest `(version, secret)` of `app`.
+    pub fn get(&self, app: &str) -> Option<(u32, &Bytes)> {
+        self.apps.get(app).map(|(v, s)| (*v, s))
+    }
+}
+
+/// A reconnect delay: the base (doubling, capped) and the jittered delay to wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// The delay before jitter; pass it as `prev` next time.
+    pub base: Duration,
+    /// The delay to wait: `base` times a factor in [0.5, 1.5) taken from `random`.
+    pub delay: Duration,
+}
+
+/// The next reconnect delay after a failure. `prev` is the previous [`Backoff::base`], or None
+/// after a link that registered (or before any failure): the base starts at [`BACKOFF_MIN`]
+/// and doubles up to [`BACKOFF_MAX`]. `random` is any random number: the jitter factor is
+/// `0.5 + (random % 1000) / 1000`, so routers that restart are not hit by every task at once.
+pub fn next_backoff(prev: Option<Duration>, random: u64) -> Backoff {
+    let base = match prev {
+        None => BACKOFF_MIN,
+        Some(p) => p.saturating_mul(2).clamp(BACKOFF_MIN, BACKOFF_MAX),
+    };
+    let permille = 500 + u128::from(random % 1000);
+    let nanos = base.as_nanos() * permille / 1000;
+    Backoff {
+        base,
+        delay: Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encode_frame;
+    use crate::hello::Registered;
+
+    const HELLO0: &str = r#"{"type":"hello","router":"local/dev/r0","cluster":"local/dev","shard":0,"shards":2,"internal":["127.0.0.1:40111","127.0.0.1:40112"]}"#;
+
+    fn cfg() -> Arc<LinkConfig> {
+        Arc::new(LinkConfig::new(
+            123456789,
+            "demo/echo",
+            "main",
+            vec![0, 1, 2],
+        ))
+    }
+
+    fn events(l: &mut Link) -> Vec<Event> {
+        std::iter::from_fn(|| l.poll_event()).collect()
+    }
+
+    fn registered_text(shard: usize) -> String {
+        serde_json::to_string(&Registered {
+            kind: "registered".into(),
+            shard,
+        })
+        .unwrap()
+    }
+
+    /// A link through hello and registered on shard 0.
+    fn registered(t0: Instant) -> Link {
+        let mut l = Link::new(cfg(), t0);
+        l.handle(t0, Input::Text(HELLO0)).unwrap();
+        l.handle(t0, Input::Text(&registered_text(0))).unwrap();
+        events(&mut l);
+        l
+    }
+
+    /// The worked example of docs/PROTOCOL.md section 9.
+    fn example_request() -> Bytes {
+        let mut m = BytesMut::new();
+        put_meta(&mut m, tag::APP, b"demo/echo");
+        put_meta(&mut m, tag::ROLE, b"main");
+        put_meta(&mut m, tag::SERVICE, b"shop");
+        put_meta(&mut m, tag::MODULE, b"cart");
+        put_meta(&mut m, tag::FUNCTION, b"add");
+        put_meta_u64(&mut m, tag::WSID, 42);
+        put_meta(&mut m, tag::METHOD, b"POST");
+        put_meta(&mut m, tag::SUBJECT, b"alice");
+        put_meta(&mut m, tag::CONTENT_TYPE, b"text/plain");
+        encode_frame(Kind::Request, 0, 0, 10, 1, &m, b"hello").freeze()
+    }
+
+    #[test]
+    fn hello_gets_the_registration_and_the_other_shards() {
+        let t0 = Instant::now();
+        let mut l = Link::new(cfg(), t0);
+        assert_eq!(l.state(), State::AwaitingHello);
+        l.handle(t0, Input::Text(HELLO0)).unwrap();
+        assert_eq!(l.state(), State::Registering);
+        assert_eq!(l.key().as_deref(), Some("local/dev/r0#0"));
+        let ev = events(&mut l);
+        assert_eq!(ev.len(), 2, "{ev:?}");
+        let Event::SendText(reg) = &ev[0] else {
+            panic!("{ev:?}")
+        };
+        let reg: Register = serde_json::from_str(reg).unwrap();
+        assert_eq!(
+            reg,
+            Register {
+                kind: "register".into(),
+                task: 123456789,
+                app: "demo/echo".into(),
+                role: "main".into(),
+                partitions: vec![0, 1, 2],
+            }
+        );
+        let Event::LinkShards(others) = &ev[1] else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(
+            others,
+            &[ShardAddr {
+                router: "local/dev/r0".into(),
+                shard: 1,
+                addr: "127.0.0.1:40112".into()
+            }]
+        );
+        assert_eq!(others[0].key(), "local/dev/r0#1");
+
+        l.handle(t0, Input::Text(&registered_text(0))).unwrap();
+        assert_eq!(l.state(), State::Registered);
+        assert!(l.was_registered());
+        assert!(matches!(
+            events(&mut l).as_slice(),
+            [Event::Registered { shard: 0 }]
+        ));
+        // Unknown control messages are ignored.
+        l.handle(t0, Input::Text(r#"{"type":"future"}"#)).unwrap();
+        l.handle(t0, Input::Text("not json")).unwrap();
+        assert!(events(&mut l).is_empty());
+        assert_eq!(l.state(), State::Registered);
+    }
+
+    #[test]
+    fn hello_on_another_shard_names_the_rest() {
+        let t0 = Instant::now();
+        let mut l = Link::new(cfg(), t0);
+        let hello = HELLO0.replace(r#""shard":0"#, r#""shard":1"#);
+        l.handle(t0, Input::Text(&hello)).unwrap();
+        let ev = events(&mut l);
+        let Some(Event::LinkShards(others)) = ev.get(1) else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(others.len(), 1);
+        assert_eq!(
+            (others[0].shard, others[0].addr.as_str()),
+            (0, "127.0.0.1:40111")
+        );
+
+        // A one-shard router: nothing else to link.
+        let mut l = Link::new(cfg(), t0);
+        l.handle(
+            t0,
+            Input::Text(r#"{"type":"hello","router":"r","cluster":"c","shard":0,"shards":1,"internal":["a:1"]}"#),
+        )
+        .unwrap();
+        let ev = events(&mut l);
+        assert!(matches!(ev.as_slice(), [Event::SendText(_)]), "{ev:?}");
+    }
+
+    #[test]
+    fn requests_reach_the_application_with_their_metadata() {
+        let t0 = Instant::now();
+        let mut l = registered(t0);
+        l.handle(t0, Input::Binary(example_request())).unwrap();
+        let ev = events(&mut l);
+        let [Event::Request(r)] = ev.as_slice() else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(r.id(), 1);
+        assert_eq!(r.partition(), 10);
+        assert_eq!(r.hops(), 0);
+        assert_eq!((r.router(), r.shard()), ("local/dev/r0", 0));
+        assert_eq!(r.app(), Some("demo/echo"));
+        assert_eq!(r.role(), Some("main"));
+        assert_eq!(r.service(), Some("shop"));
+        assert_eq!(r.module(), Some("cart"));
+        assert_eq!(r.function(), Some("add"));
+        assert_eq!(r.wsid(), Some(42));
+        assert_eq!(r.method(), Some("POST"));
+        assert_eq!(r.subject(), Some("alice"));
+        assert_eq!(r.content_type(), Some("text/plain"));
+        assert_eq!(&r.payload()[..], b"hello");
+        assert!(!r.is_emergency() && !r.is_forwarded());
+        assert_eq!(l.requests(), 1);
+
+        // Many in flight; answers in any order.
+        for id in 2..=4u64 {
+            let f = encode_frame(Kind::Request, flags::EMERGENCY, 1, 3, id, b"", b"x");
+            l.handle(t0, Input::Binary(f.freeze())).unwrap();
+        }
+        let ids: Vec<u64> = events(&mut l)
+            .into_iter()
+            .map(|e| match e {
+                Event::Request(r) => {
+                    assert!(r.is_emergency());
+                    r.id()
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, [2, 3, 4]);
+        // Answer kinds from a router are ignored.
+        l.handle(
+            t0,
+            Input::Binary(encode_frame(Kind::Response, 0, 0, 0, 9, b"", b"").freeze()),
+        )
+        .unwrap();
+        assert!(events(&mut l).is_empty());
+    }
+
+    #[test]
+    fn response_matches_the_worked_example() {
+        let req = Frame::decode(example_request()).unwrap();
+        let head = Request::new(req, "local/dev/r0", 0).head();
+        let resp = head.response(
+            200,
+            &[("python-task".into(), "yes".into())],
+            Some("text/plain"),
+            b"hello",
+        );
+        // docs/PROTOCOL.md section 9, example-response.
+        let expected: &[u8] = &[
+            0xfb, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x0a, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0x26,
+            0, 0, 0, 5, 0x10, 0x00, 0x03, b'2', b'0', b'0', 0x11, 0x00, 0x10, b'p', b'y', b't',
+            b'h', b'o', b'n', b'-', b't', b'a', b's', b'k', b':', b' ', b'y', b'e', b's', 0x09,
+            0x00, 0x0a, b't', b'e', b'x', b't', b'/', b'p', b'l', b'a', b'i', b'n', b'h', b'e',
+            b'l', b'l', b'o',
+        ];
+        assert_eq!(&resp[..], expected);
+    }
+
+    #[test]
+    fn answers_encode_as_the_router_reads_them() {
+        let head = RequestHead {
+            request_id: 77,
+            partition: 5,
+            hops: 2,
+        };
+        let f = Frame::decode(head.response(404, &[], None, b"")).unwrap();
+        assert_eq!(f.header.kind, Kind::Response);
+        assert_eq!(
+            (f.header.request_id, f.header.partition, f.header.hops),
+            (77, 5, 2)
+        );
+        assert_eq!(f.get_u64(tag::STATUS), Some(404));
+        assert_eq!(f.get(tag::CONTENT_TYPE), None);
+
+        // A header line too long for one entry is left out, the others kept.
+        let long = "v".repeat(70_000);
+        let hs = vec![("a".to_string(), long), ("b".to_string(), "2".to_string())];
+        let f = Frame::decode(head.response(200, &hs, None, b"z")).unwrap();
+        let lines: Vec<&[u8]> = f
+            .meta_entries()
+            .filter(|(t, _)| *t == tag::HEADER)
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(lines, [b"b: 2".as_slice()]);
+
+        let f = Frame::decode(head.redirect("auth", Some(3))).unwrap();
+        assert_eq!(f.header.kind, Kind::Redirect);
+        assert_eq!(f.header.request_id, 77);
+        assert_eq!(f.get_str(tag::ROLE), Some("auth"));
+        assert_eq!(f.get_u64(tag::PARTITION), Some(3));
+        assert!(f.payload.is_empty());
+        let f = Frame::decode(head.redirect("auth", None)).unwrap();
+        assert_eq!(f.get(tag::PARTITION), None);
+    }
+
+    #[test]
+    fn secret_pushes_keep_the_newest_version() {
+        let t0 = Instant::now();
+        let mut l = registered(t0);
+        let push = |v: &str, secret: &[u8]| {
+            let mut m = BytesMut::new();
+            put_meta(&mut m, tag::APP, b"demo/echo");
+            put_meta(&mut m, tag::VERSION, v.as_bytes());
+            encode_frame(Kind::SecretPush, 0, 0, 0, 0, &m, secret).freeze()
+        };
+        let mut store = SecretStore::new();
+        for (v, s) in [("2", b"two"), ("3", b"thr"), ("2", b"old"), ("x", b"bad")] {
+            l.handle(t0, Input::Binary(push(v, s))).unwrap();
+        }
+        let got: Vec<bool> = events(&mut l)
+            .into_iter()
+            .map(|e| match e {
+                Event::Secret(p) => store.offer(p),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        // A VERSION that is not a number is no push at all.
+        assert_eq!(got, [true, true, false]);
+        let (v, s) = store.get("demo/echo").unwrap();
+        assert_eq!((v, &s[..]), (3, b"thr".as_slice()));
+        assert!(store.get("demo/other").is_none());
+    }
+
+    #[test]
+    fn protocol_errors_end_the_link() {
+        let t0 = Instant::now();
+        let mut l = Link::new(cfg(), t0);
+        assert!(matches!(
+            l.handle(t0, Input::Binary(example_request())),
+            Err(LinkError::ExpectedHello(_))
+        ));
+        assert_eq!(l.state(), State::Closed);
+        assert_eq!(l.poll_timeout(), None);
+        // Closed: input is ignored.
+        l.handle(t0, Input::Text(HELLO0)).unwrap();
+        assert!(events(&mut l).is_empty());
+
+        let mut l = Link::new(cfg(), t0);
+        assert!(matches!(
+            l.handle(t0, Input::Text(r#"{"type":"registered","shard":0}"#)),
+            Err(LinkError::ExpectedHello(_))
+        ));
+        let mut l = Link::new(cfg(), t0);
+        assert!(matches!(
+            l.handle(t0, Input::Text(r#"{"type":"hello","router":"r"}"#)),
+            Err(LinkError::BadHello(_))
+        ));
+        let mut l = Link::new(cfg(), t0);
+        let bad = HELLO0.replace(r#""shard":0"#, r#""shard":2"#);
+        assert!(matches!(
+            l.handle(t0, Input::Text(&bad)),
+            Err(LinkError::BadHello(_))
+        ));
+
+        let mut l = registered(t0);
+        assert_eq!(
+            l.handle(t0, Input::Binary(Bytes::from_static(b"\xfb\x01"))),
+            Err(LinkError::Frame(ProtoError::Short(2)))
+        );
+        let mut l = registered(t0);
+        assert_eq!(
+            l.handle(
+                t0,
+                Input::Close {
+                    code: Some(1008),
+                    reason: "replaced"
+                }
+            ),
+            Err(LinkError::Closed {
+                code: Some(1008),
+                reason: "replaced".into()
+            })
+        );
+        assert!(l.was_registered());
+    }
+
+    #[test]
+    fn deadlines() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut l = Link::new(cfg(), t0);
+        assert_eq!(l.poll_timeout(), Some(t0 + DEFAULT_HANDSHAKE_TIMEOUT));
+        l.handle_timeout(t0 + 9 * s).unwrap();
+        assert_eq!(
+            l.handle_timeout(t0 + 10 * s),
+            Err(LinkError::Timeout("hello"))
+        );
+        assert!(!l.was_registered());
+
+        // Registration acknowledged too late.
+        let mut l = Link::new(cfg(), t0);
+        l.handle(t0 + 5 * s, Input::Text(HELLO0)).unwrap();
+        assert_eq!(l.poll_timeout(), Some(t0 + 15 * s));
+        assert_eq!(
+            l.handle_timeout(t0 + 15 * s),
+            Err(LinkError::Timeout("registered"))
+        );
+
+        // Registered: pings (or anything) keep the link alive; silence ends it.
+        let mut l = registered(t0);
+        for k in 1..=5u32 {
+            l.handle(t0 + 2 * k * s, Input::Ping).unwrap();
+            l.handle_timeout(t0 + 2 * k * s).unwrap();
+        }
+        assert_eq!(l.poll_timeout(), Some(t0 + 20 * s));
+        l.handle_timeout(t0 + 19 * s).unwrap();
+        assert_eq!(
+            l.handle_timeout(t0 + 20 * s),
+            Err(LinkError::Timeout("idle"))
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter() {
+        let mut prev = None;
+        let mut bases = Vec::new();
+        for _ in 0..10 {
+            let b = next_backoff(prev, 500);
+            // random % 1000 == 500: factor exactly 1.
+            assert_eq!(b.delay, b.base);
+            bases.push(b.base.as_millis());
+            prev = Some(b.base);
+        }
+        assert_eq!(
+            bases,
+            [50, 100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]
+        );
+        let b = next_backoff(Some(Duration::from_millis(100)), 0);
+        assert_eq!(b.base, Duration::from_millis(200));
+        assert_eq!(b.delay, Duration::from_millis(100)); // factor 0.5
+        let b = next_backoff(Some(Duration::from_millis(100)), 1999);
+        assert_eq!(b.delay, Duration::from_micros(299_800)); // factor 1.499
+        for r in [0u64, 1, 999, 1000, u64::MAX] {
+            let b = next_backoff(Some(BACKOFF_MAX), r);
+            assert!(b.delay >= BACKOFF_MAX / 2 && b.delay < BACKOFF_MAX * 3 / 2);
+        }
+        // A wild previous value is brought back into range.
+        assert_eq!(next_backoff(Some(Duration::ZERO), 500).base, BACKOFF_MIN);
+        assert_eq!(next_backoff(Some(Duration::MAX), 500).base, BACKOFF_MAX);
+    }
+
+    #[test]
+    fn register_message_is_the_documented_json() {
+        let c = LinkConfig::new(7, "demo/echo", "auth", vec![0, 15]);
+        let v: serde_json::Value = serde_json::from_str(&c.register_message()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"register","task":7,"app":"demo/echo","role":"auth","partitions":[0,15]})
+        );
+    }
+}

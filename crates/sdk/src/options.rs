@@ -1,0 +1,182 @@
+//! How a task connects and what it registers.
+
+use crate::{Error, Secrets};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// How a task connects and what it registers.
+#[derive(Clone, Debug)]
+pub struct TaskOptions {
+    /// Internal address (`host:port`) of shard 0 of each router of the cluster; each router's
+    /// hello names its other shards, and the task links to those too.
+    pub routers: Vec<String>,
+    /// `owner/app` served; must be the service token's app.
+    pub app: String,
+    /// Role registered: `main` (the default) receives every request first; `auth` receives
+    /// the app secret; other roles receive redirects.
+    pub role: String,
+    /// Partitions served, each below the app's partition count.
+    pub partitions: Vec<u32>,
+    /// Service token (`fedbus token service`), signed by the cluster key.
+    pub token: String,
+    /// Instance id, the same on every link of the task: random by default
+    /// ([`crate::random_task_id`]). A second link with the same id on a shard replaces the
+    /// first, so two processes must not share one.
+    pub task_id: u64,
+    /// Limit for TCP connect plus the websocket upgrade.
+    pub connect_timeout: Duration,
+    /// Limit for the hello after the upgrade, and for `registered` after the registration.
+    pub handshake_timeout: Duration,
+    /// A registered link on which nothing (not even a ping) arrives for this long is reopened.
+    /// The router pings every `limits.ping_interval_ms` (2 s by default).
+    pub idle_timeout: Duration,
+    /// Largest message accepted from a router (a request frame: body plus metadata).
+    pub max_message: usize,
+    /// Where the app secrets pushed to an `auth` task are kept; clone it before [`crate::serve`]
+    /// to read them from the handler.
+    pub secrets: Secrets,
+}
+
+impl TaskOptions {
+    /// Options for role `main` with the default timeouts and a random task id.
+    pub fn new<R, S>(
+        routers: R,
+        app: impl Into<String>,
+        partitions: impl Into<Vec<u32>>,
+        token: impl Into<String>,
+    ) -> TaskOptions
+    where
+        R: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        TaskOptions {
+            routers: routers.into_iter().map(Into::into).collect(),
+            app: app.into(),
+            role: "main".into(),
+            partitions: partitions.into(),
+            token: token.into(),
+            task_id: crate::random_task_id(),
+            connect_timeout: Duration::from_secs(5),
+            handshake_timeout: fedbus_proto::link::DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_timeout: fedbus_proto::link::DEFAULT_IDLE_TIMEOUT,
+            max_message: 64 * 1024 * 1024,
+            secrets: Secrets::new(),
+        }
+    }
+
+    /// The same options in role `role`.
+    pub fn role(mut self, role: impl Into<String>) -> TaskOptions {
+        self.role = role.into();
+        self
+    }
+
+    /// The same options with instance id `id`.
+    pub fn task_id(mut self, id: u64) -> TaskOptions {
+        self.task_id = id;
+        self
+    }
+
+    /// The same options with this idle limit (see [`TaskOptions::idle_timeout`]).
+    pub fn idle_timeout(mut self, d: Duration) -> TaskOptions {
+        self.idle_timeout = d;
+        self
+    }
+
+    /// Checks what the router would refuse anyway, so that a bad option fails at once
+    /// instead of in a reconnect loop.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |m: &str| Err(Error::Options(m.to_string()));
+        if self.routers.is_empty() || self.routers.iter().any(|r| r.trim().is_empty()) {
+            return bad("no router address");
+        }
+        if self.app.split('/').count() != 2 || self.app.split('/').any(str::is_empty) {
+            return bad("app must be owner/app");
+        }
+        if self.role.is_empty() || self.role.len() > 64 {
+            return bad("role must be 1 to 64 bytes");
+        }
+        if self.partitions.is_empty() {
+            return bad("no partition");
+        }
+        if self.token.trim().is_empty() {
+            return bad("no service token");
+        }
+        if self.max_message < 64 * 1024 {
+            return bad("max_message below 64 KiB");
+        }
+        Ok(())
+    }
+}
+
+/// A partition list as people write it, `0-15` or `0-3,8,10-11`; parse it with
+/// `"0-15".parse::<Partitions>()` and pass it where a `Vec<u32>` goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Partitions(pub Vec<u32>);
+
+impl FromStr for Partitions {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Partitions, Error> {
+        let bad = || Error::Partitions(format!("{s:?}: expected e.g. 0-15 or 0-3,8"));
+        let mut v = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (a, b) = match part.split_once('-') {
+                Some((a, b)) => (a.trim(), b.trim()),
+                None => (part, part),
+            };
+            let (a, b): (u32, u32) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+            if a > b || b - a >= 1 << 20 {
+                return Err(bad());
+            }
+            v.extend(a..=b);
+        }
+        v.sort_unstable();
+        v.dedup();
+        if v.is_empty() {
+            return Err(bad());
+        }
+        Ok(Partitions(v))
+    }
+}
+
+impl From<Partitions> for Vec<u32> {
+    fn from(p: Partitions) -> Vec<u32> {
+        p.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_parse() {
+        let p: Partitions = "0-3, 8,10-11".parse().unwrap();
+        assert_eq!(p.0, [0, 1, 2, 3, 8, 10, 11]);
+        assert_eq!("5".parse::<Partitions>().unwrap().0, [5]);
+        assert_eq!("3,1-2,2".parse::<Partitions>().unwrap().0, [1, 2, 3]);
+        for bad in ["", "a", "3-1", "1-", "-1", "0-99999999"] {
+            assert!(bad.parse::<Partitions>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn validation() {
+        let ok = TaskOptions::new(["127.0.0.1:8900"], "demo/echo", vec![0], "tok");
+        assert_eq!(ok.validate(), Ok(()));
+        assert_eq!(ok.role, "main");
+        assert!(ok.task_id < 1 << 53);
+        let v = |f: fn(&mut TaskOptions)| {
+            let mut o = ok.clone();
+            f(&mut o);
+            o.validate().is_err()
+        };
+        assert!(v(|o| o.routers.clear()));
+        assert!(v(|o| o.app = "echo".into()));
+        assert!(v(|o| o.app = "demo/".into()));
+        assert!(v(|o| o.role = String::new()));
+        assert!(v(|o| o.role = "r".repeat(65)));
+        assert!(v(|o| o.partitions.clear()));
+        assert!(v(|o| o.token = " ".into()));
+    }
+}

@@ -1,0 +1,558 @@
+//! The running task: one reconnecting loop per router shard, each driving a
+//! [`fedbus_proto::link::Link`] over a tokio-tungstenite websocket.
+
+use crate::{Error, Outcome, Request, TaskOptions};
+use bytes::Bytes;
+use fedbus_proto::link::{next_backoff, shard_key, Event, Input, Link, LinkConfig, ShardAddr};
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Counters of a running task, for logs, health checks and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Links registered now (one per shard of every router when all is well).
+    pub registered_links: usize,
+    /// Websocket connections opened (upgrades that succeeded), in all.
+    pub connects: u64,
+    /// Connection attempts that failed before the upgrade (refused, unreachable, 401...).
+    pub connect_failures: u64,
+    /// Registrations the routers acknowledged, in all.
+    pub registrations: u64,
+    /// Requests received.
+    pub requests: u64,
+    /// Answers queued for sending (responses and redirects).
+    pub answers: u64,
+    /// Handlers that panicked (their requests were answered 500).
+    pub panics: u64,
+    /// Websocket pings received from routers (each answered with a pong).
+    pub pings: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    connects: AtomicU64,
+    connect_failures: AtomicU64,
+    registrations: AtomicU64,
+    requests: AtomicU64,
+    answers: AtomicU64,
+    panics: AtomicU64,
+    pings: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Where a link loop dials: the configured address of a router's shard 0, or the address of
+/// another shard as the latest hello announced it (a router restarted on new ports moves it).
+#[derive(Clone)]
+enum Dial {
+    Fixed(String),
+    Announced(Arc<Mutex<String>>),
+}
+
+impl Dial {
+    fn addr(&self) -> String {
+        match self {
+            Dial::Fixed(a) => a.clone(),
+            Dial::Announced(a) => a.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
+    }
+}
+
+struct Ctx<H> {
+    opts: TaskOptions,
+    link: Arc<LinkConfig>,
+    handler: H,
+    /// `router#shard` -> the address its loop dials (the configured ones: the dialled address).
+    shards: Mutex<HashMap<String, Dial>>,
+    counters: Counters,
+    registered: watch::Sender<usize>,
+    loops: watch::Sender<usize>,
+    stop: watch::Receiver<bool>,
+    last_error: Mutex<Option<String>>,
+}
+
+/// A task running on the current tokio runtime. Dropping it stops every link (close 1000);
+/// requests still in a handler are then not answered (their clients get `502 task_lost`).
+pub struct Task {
+    stop: watch::Sender<bool>,
+    registered: watch::Receiver<usize>,
+    loops: watch::Receiver<usize>,
+    stats: Arc<dyn Fn() -> Stats + Send + Sync>,
+    last_error: Arc<dyn Fn() -> Option<String> + Send + Sync>,
+    secrets: crate::Secrets,
+}
+
+impl std::fmt::Debug for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Task")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Serves `handler` until the process ends: [`Task::spawn`] on the current tokio runtime,
+/// then waits forever. Returns only an error in the options.
+pub async fn serve<H, F>(opts: TaskOptions, handler: H) -> Result<(), Error>
+where
+    H: Fn(Request) -> F + Send + Sync + 'static,
+    F: Future<Output = Outcome> + Send + 'static,
+{
+    let _task = Task::spawn(opts, handler)?;
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+impl Task {
+    /// Starts the task on the current tokio runtime (panics outside one): a link loop per
+    /// configured router, which open the loops of the other shards from the hellos.
+    pub fn spawn<H, F>(opts: TaskOptions, handler: H) -> Result<Task, Error>
+    where
+        H: Fn(Request) -> F + Send + Sync + 'static,
+        F: Future<Output = Outcome> + Send + 'static,
+    {
+        opts.validate()?;
+        let mut link = LinkConfig::new(
+            opts.task_id,
+            opts.app.clone(),
+            opts.role.clone(),
+            opts.partitions.clone(),
+        );
+        link.handshake_timeout = opts.handshake_timeout;
+        link.idle_timeout = opts.idle_timeout;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (registered, registered_rx) = watch::channel(0usize);
+        let (loops, loops_rx) = watch::channel(0usize);
+        let secrets = opts.secrets.clone();
+        let routers = opts.routers.clone();
+        let ctx = Arc::new(Ctx {
+            opts,
+            link: Arc::new(link),
+            handler,
+            shards: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            registered,
+            loops,
+            stop: stop_rx,
+            last_error: Mutex::new(None),
+        });
+        tracing::info!(
+            app = %ctx.link.app,
+            role = %ctx.link.role,
+            partitions = ctx.link.partitions.len(),
+            task = ctx.link.task,
+            ?routers,
+            "fedbus task starting"
+        );
+        for r in routers {
+            spawn_loop(&ctx, Dial::Fixed(r));
+        }
+        let c = ctx.clone();
+        let stats = Arc::new(move || {
+            let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            let k = &c.counters;
+            Stats {
+                registered_links: *c.registered.borrow(),
+                connects: n(&k.connects),
+                connect_failures: n(&k.connect_failures),
+                registrations: n(&k.registrations),
+                requests: n(&k.requests),
+                answers: n(&k.answers),
+                panics: n(&k.panics),
+                pings: n(&k.pings),
+            }
+        });
+        let c = ctx;
+        let last_error = Arc::new(move || {
+            c.last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        });
+        Ok(Task {
+            stop: stop_tx,
+            registered: registered_rx,
+            loops: loops_rx,
+            stats,
+            last_error,
+            secrets,
+        })
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> Stats {
+        (self.stats)()
+    }
+
+    /// Links registered now.
+    pub fn registered_links(&self) -> usize {
+        *self.registered.borrow()
+    }
+
+    /// Waits until at least `links` links are registered; false if `timeout` passed first.
+    pub async fn wait_registered(&self, links: usize, timeout: Duration) -> bool {
+        let mut rx = self.registered.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|n| *n >= links))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// The last reason a link failed or closed, if any.
+    pub fn last_error(&self) -> Option<String> {
+        (self.last_error)()
+    }
+
+    /// The app secrets pushed to this task (role `auth`).
+    pub fn secrets(&self) -> &crate::Secrets {
+        &self.secrets
+    }
+
+    /// The newest `(version, secret)` pushed for `app` (role `auth`).
+    pub fn secret(&self, app: &str) -> Option<(u32, Vec<u8>)> {
+        self.secrets.secret(app)
+    }
+
+    /// Closes every link (close 1000) and waits until every link loop has ended (at most
+    /// about a second per link for the close to be written).
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let mut loops = self.loops.clone();
+        let _ = loops.wait_for(|n| *n == 0).await;
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Counts a link loop while it lives (also when it is aborted or panics).
+struct LoopGuard(watch::Sender<usize>);
+
+impl Drop for LoopGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+fn spawn_loop<H, F>(ctx: &Arc<Ctx<H>>, dial: Dial)
+where
+    H: Fn(Request) -> F + Send + Sync + 'static,
+    F: Future<Output = Outcome> + Send + 'static,
+{
+    ctx.loops.send_modify(|n| *n += 1);
+    let guard = LoopGuard(ctx.loops.clone());
+    tokio::spawn(link_loop(ctx.clone(), dial, guard));
+}
+
+/// Links to one router shard, again and again, until the task stops.
+async fn link_loop<H, F>(ctx: Arc<Ctx<H>>, dial: Dial, _guard: LoopGuard)
+where
+    H: Fn(Request) -> F + Send + Sync + 'static,
+    F: Future<Output = Outcome> + Send + 'static,
+{
+    let mut stop = ctx.stop.clone();
+    let mut prev = None;
+    loop {
+        let addr = dial.addr();
+        let (was_registered, res) = link_once(&ctx, &addr, &dial, &mut stop).await;
+        if *stop.borrow() {
+            return;
+        }
+        if was_registered {
+            prev = None;
+        }
+        let b = next_backoff(prev, crate::random_u64());
+        prev = Some(b.base);
+        let why = res.err().unwrap_or_else(|| "closed".into());
+        tracing::warn!(%addr, delay = ?b.delay, "link down: {why}; reconnecting");
+        *ctx.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        tokio::select! {
+            _ = tokio::time::sleep(b.delay) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// One link: connect, then serve it until it ends. Returns whether it got registered, and
+/// why it ended.
+async fn link_once<H, F>(
+    ctx: &Arc<Ctx<H>>,
+    addr: &str,
+    dial: &Dial,
+    stop: &mut watch::Receiver<bool>,
+) -> (bool, Result<(), String>)
+where
+    H: Fn(Request) -> F + Send + Sync + 'static,
+    F: Future<Output = Outcome> + Send + 'static,
+{
+    let ws = tokio::select! {
+        r = connect(ctx, addr) => r,
+        _ = stop.wait_for(|s| *s) => return (false, Ok(())),
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            bump(&ctx.counters.connect_failures);
+            return (false, Err(e));
+        }
+    };
+    bump(&ctx.counters.connects);
+    let (mut sink, mut stream) = ws.split();
+
+    // The writer: everything queued is fed before one flush, so answers that are ready
+    // together leave in one write.
+    let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+    let mut writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            let mut closing = matches!(m, Message::Close(_));
+            sink.feed(m).await?;
+            while !closing {
+                match rx.try_recv() {
+                    Ok(m) => {
+                        closing = matches!(m, Message::Close(_));
+                        sink.feed(m).await?;
+                    }
+                    Err(_) => break,
+                }
+            }
+            sink.flush().await?;
+            if closing {
+                break;
+            }
+        }
+        Ok::<(), tokio_tungstenite::tungstenite::Error>(())
+    });
+
+    let mut link = Link::new(ctx.link.clone(), Instant::now());
+    let (mut registered, mut claimed) = (false, false);
+    let res = loop {
+        let deadline = link
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let msg = tokio::select! {
+            m = stream.next() => m,
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                match link.handle_timeout(Instant::now()) {
+                    Ok(()) => continue,
+                    Err(e) => break Err(e.to_string()),
+                }
+            }
+            _ = stop.wait_for(|s| *s) => {
+                let _ = tx.send(Message::Close(Some(CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "task stopping".into(),
+                })));
+                break Ok(());
+            }
+        };
+        let msg = match msg {
+            None => break Err("connection closed".into()),
+            Some(Err(e)) => break Err(format!("websocket: {e}")),
+            Some(Ok(m)) => m,
+        };
+        let now = Instant::now();
+        let r = match msg {
+            Message::Text(t) => link.handle(now, Input::Text(t.as_str())),
+            Message::Binary(b) => link.handle(now, Input::Binary(b)),
+            // tungstenite queues the pong and writes it on the next read.
+            Message::Ping(_) => {
+                bump(&ctx.counters.pings);
+                link.handle(now, Input::Ping)
+            }
+            Message::Pong(_) => link.handle(now, Input::Pong),
+            Message::Close(c) => link.handle(
+                now,
+                Input::Close {
+                    code: c.as_ref().map(|c| u16::from(c.code)),
+                    reason: c.as_ref().map_or("", |c| c.reason.as_str()),
+                },
+            ),
+            Message::Frame(_) => Ok(()),
+        };
+        if let Err(e) = r {
+            break Err(e.to_string());
+        }
+        if !claimed {
+            if let Some(k) = link.key() {
+                // Before the other shards are opened, so that none of them opens this one.
+                claim(ctx, k, dial);
+                claimed = true;
+            }
+        }
+        while let Some(ev) = link.poll_event() {
+            match ev {
+                Event::SendText(t) => {
+                    let _ = tx.send(Message::Text(t.into()));
+                }
+                Event::LinkShards(others) => link_shards(ctx, others),
+                Event::Registered { shard } => {
+                    registered = true;
+                    bump(&ctx.counters.registrations);
+                    ctx.registered.send_modify(|n| *n += 1);
+                    let router = link.hello().map_or("", |h| h.router.as_str());
+                    tracing::info!(%addr, router, shard, "link registered");
+                }
+                Event::Secret(p) => {
+                    let (app, version) = (p.app.clone(), p.version);
+                    if ctx.opts.secrets.offer(p) {
+                        tracing::info!(app, version, "app secret received");
+                    }
+                }
+                Event::Request(req) => on_request(ctx, req, &tx),
+            }
+        }
+    };
+    if registered {
+        ctx.registered.send_modify(|n| *n -= 1);
+    }
+    // Let the writer send what is queued (the close, on a stop), but not wait for long on a
+    // router that does not read.
+    drop(tx);
+    if tokio::time::timeout(Duration::from_secs(1), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+    (link.was_registered(), res)
+}
+
+/// TCP connect with TCP_NODELAY, then the upgrade with the service token.
+async fn connect<H>(
+    ctx: &Ctx<H>,
+    addr: &str,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    String,
+> {
+    let mut req = format!("ws://{addr}/link")
+        .into_client_request()
+        .map_err(|e| format!("bad router address {addr:?}: {e}"))?;
+    let auth = format!("Bearer {}", ctx.opts.token)
+        .parse()
+        .map_err(|_| "the service token is not a valid header value".to_string())?;
+    req.headers_mut().insert("authorization", auth);
+    let cfg = WebSocketConfig::default()
+        .max_message_size(Some(ctx.opts.max_message))
+        .max_frame_size(Some(ctx.opts.max_message));
+    let r = tokio::time::timeout(
+        ctx.opts.connect_timeout,
+        tokio_tungstenite::connect_async_with_config(req, Some(cfg), true),
+    )
+    .await;
+    match r {
+        Err(_) => Err(format!(
+            "connect {addr}: no upgrade within {:?}",
+            ctx.opts.connect_timeout
+        )),
+        Ok(Ok((ws, _))) => Ok(ws),
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
+            let body = resp
+                .body()
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
+            Err(format!(
+                "connect {addr}: refused with {}: {body}",
+                resp.status()
+            ))
+        }
+        Ok(Err(e)) => Err(format!("connect {addr}: {e}")),
+    }
+}
+
+/// Marks `key` as linked by the loop that dials `dial`, so no second loop is opened for it.
+fn claim<H>(ctx: &Ctx<H>, key: String, dial: &Dial) {
+    let mut shards = ctx.shards.lock().unwrap_or_else(|p| p.into_inner());
+    shards.entry(key).or_insert_with(|| dial.clone());
+}
+
+/// Opens a loop for each announced shard not linked yet; moves the address of a known one.
+fn link_shards<H, F>(ctx: &Arc<Ctx<H>>, others: Vec<ShardAddr>)
+where
+    H: Fn(Request) -> F + Send + Sync + 'static,
+    F: Future<Output = Outcome> + Send + 'static,
+{
+    let mut new = Vec::new();
+    {
+        let mut shards = ctx.shards.lock().unwrap_or_else(|p| p.into_inner());
+        for s in others {
+            let key = shard_key(&s.router, s.shard);
+            match shards.get(&key) {
+                Some(Dial::Announced(cell)) => {
+                    let mut a = cell.lock().unwrap_or_else(|p| p.into_inner());
+                    if *a != s.addr {
+                        tracing::info!(shard = %key, from = %a, to = %s.addr, "router shard moved");
+                        *a = s.addr;
+                    }
+                }
+                Some(Dial::Fixed(_)) => {}
+                None => {
+                    let d = Dial::Announced(Arc::new(Mutex::new(s.addr)));
+                    shards.insert(key, d.clone());
+                    new.push(d);
+                }
+            }
+        }
+    }
+    for d in new {
+        spawn_loop(ctx, d);
+    }
+}
+
+/// Runs the handler; answers at once when it is ready at once (no task spawned), else from a
+/// task of its own, so that requests on a link are served concurrently. A handler that
+/// panics answers 500.
+fn on_request<H, F>(ctx: &Arc<Ctx<H>>, req: Request, tx: &mpsc::UnboundedSender<Message>)
+where
+    H: Fn(Request) -> F + Send + Sync + 'static,
+    F: Future<Output = Outcome> + Send + 'static,
+{
+    bump(&ctx.counters.requests);
+    let head = req.head();
+    let first = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let mut fut = Box::pin((ctx.handler)(req));
+        match fut.as_mut().now_or_never() {
+            Some(o) => Ok(o),
+            None => Err(fut),
+        }
+    }));
+    let answer =
+        move |ctx: &Ctx<H>, tx: &mpsc::UnboundedSender<Message>, o: Result<Outcome, ()>| {
+            let o = o.unwrap_or_else(|()| {
+            bump(&ctx.counters.panics);
+            tracing::error!(id = head.request_id, "handler panicked");
+            Outcome::json(
+                500,
+                &serde_json::json!({"error": "task_panic", "message": "the task's handler failed"}),
+            )
+        });
+            let frame: Bytes = o.encode(&head);
+            bump(&ctx.counters.answers);
+            let _ = tx.send(Message::Binary(frame));
+        };
+    match first {
+        Ok(Ok(o)) => answer(ctx, tx, Ok(o)),
+        Err(_) => answer(ctx, tx, Err(())),
+        Ok(Err(fut)) => {
+            let (ctx, tx) = (ctx.clone(), tx.clone());
+            tokio::spawn(async move {
+                let o = AssertUnwindSafe(fut).catch_unwind().await.map_err(|_| ());
+                answer(&ctx, &tx, o);
+            });
+        }
+    }
+}

@@ -4,6 +4,8 @@
 #
 #   benches/compare.sh                  # DURATION=5s WARMUP=1s by default
 #   DURATION=10s WARMUP=2s benches/compare.sh
+#   BEFORE_BIN=/path/to/older/fedbus benches/compare.sh   # adds "before" rows for fedbus
+#                                                          # http and ws, same run, same pinning
 #
 # Run from the repo root. Writes benches/results/<date>-<host>.{md,svg}. Each row is one
 # `fedbus bench --json` run; python3 turns the json files into the tables.
@@ -19,7 +21,9 @@ set -euo pipefail
 DURATION=${DURATION:-5s}
 WARMUP=${WARMUP:-1s}
 ROOT=$(pwd)
-[ -f Cargo.toml ] && [ -d src/loadgen ] || { echo "run from the fedbus repo root" >&2; exit 1; }
+[ -f Cargo.toml ] && [ -d benches ] || { echo "run from the fedbus repo root" >&2; exit 1; }
+BEFORE_BIN=${BEFORE_BIN:-}
+[ -z "$BEFORE_BIN" ] || [ -x "$BEFORE_BIN" ] || { echo "BEFORE_BIN $BEFORE_BIN is not executable" >&2; exit 1; }
 
 echo "== cargo build --release" >&2
 cargo build --release -q
@@ -63,7 +67,7 @@ CMDS=$WORK/commands.txt
 # run NAME CMD... : one bench run; its json goes to $WORK/NAME.json, its log to NAME.log.
 run() {
   local name=$1; shift
-  echo "$* --json $name.json" | sed "s|$BIN|fedbus|; s|$NATS_PORT|\$PORT|; s|$WORK/||g; s|$OUTDIR/||g" >>"$CMDS"
+  echo "$* --json $name.json" | sed "s|${BEFORE_BIN:-@none@}|fedbus-before|; s|$BIN|fedbus|; s|$NATS_PORT|\$PORT|; s|$WORK/||g; s|$OUTDIR/||g" >>"$CMDS"
   echo "== $name" >&2
   if ! timeout 120 "$@" --json "$WORK/$name.json" >"$WORK/$name.log" 2>&1; then
     echo "   failed: $(tail -1 "$WORK/$name.log")" >&2
@@ -79,6 +83,10 @@ for size in 64B 4KiB; do
     run "nats-$size-$n" taskset -c 0 "$BIN" bench --target "nats://127.0.0.1:$NATS_PORT" $f --label "nats $size $n"
     run "direct-$size-$n" "$BIN" bench --direct $f --label "direct $size $n"
     run "fedbus-ws-$size-$n" "$BIN" bench --protocol ws $f --label "fedbus-ws $size $n"
+    if [ -n "$BEFORE_BIN" ]; then
+      run "before-http-$size-$n" "$BEFORE_BIN" bench $f --label "before-http $size $n"
+      run "before-ws-$size-$n" "$BEFORE_BIN" bench --protocol ws $f --label "before-ws $size $n"
+    fi
     # The SVG: the 64-in-flight 64 B runs; --plot draws this run plus the --plot-add files.
     PLOT=()
     if [ "$size/$n" = 64B/64 ]; then
@@ -101,9 +109,9 @@ run "open-nats-64B" taskset -c 0 "$BIN" bench --target "nats://127.0.0.1:$NATS_P
 MODEL=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)
 MEM=$(free -h | awk '/^Mem:/{print $2}')
 python3 - "$WORK" "$MD" "$SVG" "$DATE" "$HOST" "$DURATION" "$WARMUP" "$RATE" \
-  "$(nproc) (load average at start: $LOAD_START, at end: $(cut -d" " -f1-3 /proc/loadavg))" "$MODEL" "$MEM" "$(uname -r)" "$(rustc -V)" "$("$NATS" --version 2>&1 | head -1)" <<'PY'
+  "$(nproc) (load average at start: $LOAD_START, at end: $(cut -d" " -f1-3 /proc/loadavg))" "$MODEL" "$MEM" "$(uname -r)" "$(rustc -V)" "$("$NATS" --version 2>&1 | head -1)" "$BEFORE_BIN" <<'PY'
 import json, os, sys
-(work, md, svg, date, host, dur, warm, rate, nproc, model, mem, kernel, rustc, natsv) = sys.argv[1:]
+(work, md, svg, date, host, dur, warm, rate, nproc, model, mem, kernel, rustc, natsv, before) = sys.argv[1:]
 
 def load(n):
     try:
@@ -112,9 +120,13 @@ def load(n):
         return None
 
 systems = [("fedbus-http", "fedbus http"), ("fedbus-ws", "fedbus ws"), ("nats", "nats-server"), ("direct", "direct (floor)")]
+if before:
+    systems[2:2] = [("before-http", "fedbus http, before"), ("before-ws", "fedbus ws, before")]
 loads = [1, 64, 256]
 out = [f"# fedbus vs nats-server vs direct: {date} on {host}", ""]
 out += ["Made by `benches/compare.sh` (`DURATION=%s WARMUP=%s`). Closed loop unless marked." % (dur, warm), ""]
+if before:
+    out += ["\"before\" rows: `BEFORE_BIN=%s` (an older build of fedbus: router, echo task and load generator), same pinning, same run." % before, ""]
 out += ["## Machine", "",
         f"- cores (`nproc`): {nproc}", f"- CPU: {model}", f"- memory: {mem}",
         f"- kernel: {kernel}", f"- {rustc}", f"- nats-server: {natsv}", ""]
@@ -153,6 +165,11 @@ for size in ["64B", "4KiB"]:
     out += [f"Ratios at 64 in flight ({size}, rps): fedbus http / nats = **{ratio(f, na)}**, "
             f"fedbus ws / nats = **{ratio(ws, na)}**, fedbus http / direct = **{ratio(f, di)}**, "
             f"fedbus ws / direct = **{ratio(ws, di)}**.", ""]
+    if before:
+        bh, bw = load(f"before-http-{size}-64"), load(f"before-ws-{size}-64")
+        out += [f"Now / before at 64 in flight ({size}, rps): http **{ratio(f, bh)}**, ws **{ratio(ws, bw)}**; "
+                f"at 1 in flight: http **{ratio(load(f'fedbus-http-{size}-1'), load(f'before-http-{size}-1'))}**, "
+                f"ws **{ratio(load(f'fedbus-ws-{size}-1'), load(f'before-ws-{size}-1'))}**.", ""]
 
 out += [f"## Open loop, 64B, 8 connections, {rate} req/s (half of nats-server's 64-in-flight peak)", "",
         "Latency is corrected for coordinated omission (from the scheduled send time); uncorrected p99 beside it.", "",

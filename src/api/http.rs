@@ -8,14 +8,13 @@ use crate::metrics::{Listener, ShardMetrics};
 use crate::route::{parse_api_path, PathError};
 use crate::routing::{self, Answer, Field, Ingress, Request, VerifyCache};
 use crate::shard::Shard;
-use crate::ws::conn::write_all_vectored;
+use crate::ws::conn::{ReadSpace, SocketWriter};
 use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use glommio::net::TcpStream;
 use std::cell::RefCell;
 use std::ops::Range;
-use std::os::unix::io::AsRawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -312,11 +311,11 @@ async fn serve_inner(
     stream: &mut TcpStream,
 ) -> std::io::Result<Option<Upgrade>> {
     let limits = shard.cfg.limits.clone();
-    let fd = stream.as_raw_fd();
     let _ = stream.set_nodelay(true);
     // A client that stops reading its answers is dropped instead of holding them forever.
     let _ = stream.set_write_timeout(Some(Duration::from_millis(limits.idle_timeout_ms)));
     let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut space = ReadSpace::default();
     let mut out = BytesMut::with_capacity(4096);
     let mut parts: Vec<Bytes> = Vec::with_capacity(32);
     let mut inflight = FuturesOrdered::new();
@@ -400,7 +399,7 @@ async fn serve_inner(
             if closing {
                 break;
             }
-            let read = fill(stream, &mut buf);
+            let read = fill(stream, &mut buf, &mut space);
             match glommio::timer::timeout(idle, async { Ok(read.await) }).await {
                 Ok(Ok(0)) | Err(_) => break,
                 Ok(Ok(_)) => continue,
@@ -412,7 +411,7 @@ async fn serve_inner(
             inflight.next().await
         } else {
             let next = std::pin::pin!(inflight.next());
-            let read = std::pin::pin!(fill(stream, &mut buf));
+            let read = std::pin::pin!(fill(stream, &mut buf, &mut space));
             match futures_util::future::select(next, read).await {
                 futures_util::future::Either::Left((a, _)) => a,
                 futures_util::future::Either::Right((r, _)) => {
@@ -446,7 +445,7 @@ async fn serve_inner(
             }
             next = futures_util::FutureExt::now_or_never(inflight.next()).flatten();
         }
-        write_all_vectored(fd, stream, &parts).await?;
+        SocketWriter::new(stream).write_all_vectored(&parts).await?;
         parts.clear();
         if closing && inflight.is_empty() {
             break;
@@ -480,18 +479,15 @@ fn is_ws_upgrade(req: &Req) -> bool {
 }
 
 /// Reads more bytes into `buf`; 0 at end of stream.
-async fn fill(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+async fn fill(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    space: &mut ReadSpace,
+) -> std::io::Result<usize> {
     if buf.capacity() - buf.len() < 4096 {
         buf.reserve(16 * 1024);
     }
-    let spare = buf.spare_capacity_mut();
-    // SAFETY: glommio's read passes the slice to recv(2), which only writes into it; only the
-    // bytes it reports are exposed below.
-    let dst = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr() as *mut u8, spare.len()) };
-    let n = stream.read(dst).await?;
-    // SAFETY: n bytes were written by the read.
-    unsafe { buf.set_len(buf.len() + n) };
-    Ok(n)
+    space.read(stream, buf).await
 }
 
 #[cfg(test)]

@@ -10,18 +10,18 @@ use super::nats;
 use super::report::Stats;
 use super::schedule::Schedule;
 use super::websocket::{self, take_frame, WsCodec};
-use crate::ws::conn::write_all_vectored;
+use crate::ws::conn::{self as wsconn, ReadSpace, SocketWriter};
 use crate::ws::frame::opcode;
 use crate::ws::{handshake, Side};
 use bytes::{Bytes, BytesMut};
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use futures_lite::{AsyncRead, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::os::unix::io::{FromRawFd, IntoRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -368,19 +368,17 @@ async fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
     Ok(s)
 }
 
-/// Reads more bytes into the spare room of `buf`. Ok(0): the peer closed.
-async fn read_more<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
+/// Reads more bytes into the spare room of `buf`. Ok(0): the peer closed. `space` tracks what
+/// of the spare room is initialized, once per buffer.
+async fn read_more<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    space: &mut ReadSpace,
+) -> io::Result<usize> {
     if buf.capacity() - buf.len() < 16 * 1024 {
         buf.reserve(64 * 1024);
     }
-    let spare = buf.spare_capacity_mut();
-    // SAFETY: the read hands the slice to recv(2), which only writes into it; we expose only
-    // the bytes it reports as read (same reasoning as ws::WsReader::fill).
-    let dst = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr() as *mut u8, spare.len()) };
-    let n = r.read(dst).await?;
-    // SAFETY: n bytes were just written by the read above.
-    unsafe { buf.set_len(buf.len() + n) };
-    Ok(n)
+    space.read(r, buf).await
 }
 
 fn payload(size: usize) -> Bytes {
@@ -485,7 +483,7 @@ async fn ws_connect(
             Ok(handshake::ClientHandshake::Incomplete) => {}
             Err(e) => return Err(format!("websocket upgrade to {addr}: {e}")),
         }
-        let n = read_more(&mut s, &mut buf)
+        let n = read_more(&mut s, &mut buf, &mut ReadSpace::default())
             .await
             .map_err(|e| format!("websocket upgrade to {addr}: {e}"))?;
         if n == 0 {
@@ -514,7 +512,7 @@ async fn nats_connect(addr: SocketAddr, sub: &str) -> Result<(TcpStream, BytesMu
                 _ => {}
             }
         }
-        let n = read_more(&mut s, &mut buf)
+        let n = read_more(&mut s, &mut buf, &mut ReadSpace::default())
             .await
             .map_err(|e| format!("nats {addr}: {e}"))?;
         if n == 0 {
@@ -525,20 +523,24 @@ async fn nats_connect(addr: SocketAddr, sub: &str) -> Result<(TcpStream, BytesMu
 
 /// A responder: echoes every request to its reply subject, a whole read's worth per write.
 async fn respond(mut s: TcpStream, mut buf: BytesMut) {
-    let fd = s.as_raw_fd();
     let mut out = Batch::new();
+    let mut space = ReadSpace::default();
     loop {
         if nats::answer(&mut buf, &mut out).is_err() {
             return;
         }
         if !out.is_empty() {
             let parts = out.parts().to_vec();
-            if write_all_vectored(fd, &mut s, &parts).await.is_err() {
+            if SocketWriter::new(&mut s)
+                .write_all_vectored(&parts)
+                .await
+                .is_err()
+            {
                 return;
             }
             out.clear();
         }
-        match read_more(&mut s, &mut buf).await {
+        match read_more(&mut s, &mut buf, &mut space).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
@@ -583,7 +585,7 @@ async fn accept_links(
             // A second link from the same task: keep it registered but idle.
             glommio::spawn_local(async move {
                 let mut b = BytesMut::new();
-                while matches!(read_more(&mut s, &mut b).await, Ok(n) if n > 0) {
+                while matches!(read_more(&mut s, &mut b, &mut ReadSpace::default()).await, Ok(n) if n > 0) {
                     b.clear();
                 }
             })
@@ -629,7 +631,11 @@ async fn link_handshake(
             Ok(None) => {}
             Err(r) => return Err(err(&format!("bad upgrade request: {}", r.message))),
         }
-        if read_more(s, &mut buf).await.map_err(|e| err(&e))? == 0 {
+        if read_more(s, &mut buf, &mut ReadSpace::default())
+            .await
+            .map_err(|e| err(&e))?
+            == 0
+        {
             return Err(err(&"closed during the upgrade"));
         }
     };
@@ -682,7 +688,11 @@ async fn link_handshake(
             s.write_all(&ok).await.map_err(|e| err(&e))?;
             return Ok((task, parts, buf));
         }
-        if read_more(s, &mut buf).await.map_err(|e| err(&e))? == 0 {
+        if read_more(s, &mut buf, &mut ReadSpace::default())
+            .await
+            .map_err(|e| err(&e))?
+            == 0
+        {
             return Err(err(&"task closed the link before registering"));
         }
     }
@@ -781,8 +791,7 @@ async fn notified(c: &RefCell<Conn>) {
 }
 
 async fn drive(p: Prepared, ctx: Rc<Ctx>) {
-    let fd = p.stream.as_raw_fd();
-    let (r, w) = futures_lite::io::split(p.stream);
+    let (r, mut w) = wsconn::split(p.stream);
     let conn = Rc::new(RefCell::new(Conn::default()));
     let codec = Rc::new(RefCell::new(p.codec));
     let reader = glommio::spawn_local(read_side(
@@ -792,11 +801,10 @@ async fn drive(p: Prepared, ctx: Rc<Ctx>) {
         conn.clone(),
         ctx.clone(),
     ));
-    write_side(w, fd, p.index, codec, conn.clone(), &ctx).await;
+    write_side(&mut w, p.index, codec, conn.clone(), &ctx).await;
     // Wakes the reader out of its read: every answer that will come has come.
     conn.borrow_mut().shut = true;
-    // SAFETY: plain shutdown(2) on a socket this connection owns; it stays open until dropped.
-    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    w.shutdown();
     reader.await;
     let c = conn.borrow();
     let status = if c.error.is_some() {
@@ -813,9 +821,8 @@ async fn drive(p: Prepared, ctx: Rc<Ctx>) {
     }
 }
 
-async fn write_side<W: futures_lite::AsyncWrite + Unpin>(
-    mut w: W,
-    fd: RawFd,
+async fn write_side(
+    w: &mut wsconn::WriteHalf,
     index: usize,
     codec: Rc<RefCell<Box<dyn Codec>>>,
     conn: Rc<RefCell<Conn>>,
@@ -857,7 +864,7 @@ async fn write_side<W: futures_lite::AsyncWrite + Unpin>(
         if !batch.is_empty() {
             let parts = batch.parts().to_vec();
             batch.clear();
-            if let Err(e) = write_all_vectored(fd, &mut w, &parts).await {
+            if let Err(e) = w.write_all_vectored(&parts).await {
                 let mut c = conn.borrow_mut();
                 c.error.get_or_insert_with(|| format!("write: {e}"));
                 return;
@@ -897,11 +904,11 @@ async fn write_side<W: futures_lite::AsyncWrite + Unpin>(
         .await;
         // Keep answering pings while draining.
         let replies: Vec<Bytes> = conn.borrow_mut().replies.drain(..).collect();
-        if !replies.is_empty() && write_all_vectored(fd, &mut w, &replies).await.is_err() {
+        if !replies.is_empty() && w.write_all_vectored(&replies).await.is_err() {
             break;
         }
     }
-    let _ = w.flush().await;
+    w.close().await;
 }
 
 async fn read_side<R: AsyncRead + Unpin>(
@@ -913,10 +920,11 @@ async fn read_side<R: AsyncRead + Unpin>(
 ) {
     let mut ev = Vec::with_capacity(256);
     let mut first = true;
+    let mut space = ReadSpace::default();
     loop {
         // Bytes that came with the handshake are decoded before the first read.
         if !first || buf.is_empty() {
-            match read_more(&mut r, &mut buf).await {
+            match read_more(&mut r, &mut buf, &mut space).await {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(e) => {

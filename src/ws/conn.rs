@@ -72,6 +72,58 @@ impl From<HeadError> for WsError {
     }
 }
 
+/// The part of a read buffer's spare capacity known to be initialized, so that a reader is
+/// never handed uninitialized memory (tokio's `ReadBuf` tracks the same by length). Tracked by
+/// the spare region's addresses: splitting consumed bytes off the front keeps the region where
+/// it is; a `reserve` that reallocates or reclaims moves it, and then it is zeroed again. So a
+/// buffer is zero-filled once per allocation, not once per read (zeroing 64 KiB per read would
+/// cost more than the read itself for small frames).
+#[derive(Debug, Default)]
+pub struct ReadSpace {
+    start: usize,
+    end: usize,
+    init: usize,
+}
+
+impl ReadSpace {
+    /// Reads once from `io` into the spare capacity of `buf` (which the caller has reserved)
+    /// and appends what was read. Ok(0): end of stream, or no spare capacity.
+    pub async fn read<R: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut R,
+        buf: &mut BytesMut,
+    ) -> io::Result<usize> {
+        let spare = buf.spare_capacity_mut();
+        let (start, end) = (
+            spare.as_ptr() as usize,
+            spare.as_ptr() as usize + spare.len(),
+        );
+        if (start, end) != (self.start, self.end) {
+            *self = ReadSpace {
+                start,
+                end,
+                init: 0,
+            };
+        }
+        for b in &mut spare[self.init..] {
+            b.write(0);
+        }
+        self.init = spare.len();
+        // SAFETY: every byte of `spare` is initialized: zeroed just above, or zeroed or
+        // written earlier at the same addresses of this buffer's allocation, which has not
+        // moved since (the region's addresses are unchanged) and whose bytes nothing
+        // de-initializes.
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), spare.len()) };
+        let n = io.read(dst).await?.min(self.init);
+        // SAFETY: the first n bytes of the spare capacity are initialized (see above).
+        unsafe { buf.set_len(buf.len() + n) };
+        self.start += n;
+        self.init -= n;
+        Ok(n)
+    }
+}
+
 /// Size of each read; the buffer grows only for a frame that is larger.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -83,6 +135,7 @@ pub struct WsReader<R> {
     max_message: usize,
     /// A fragmented message being assembled: (opcode, bytes so far).
     frag: Option<(u8, BytesMut)>,
+    space: ReadSpace,
 }
 
 impl<R: AsyncRead + Unpin> WsReader<R> {
@@ -94,6 +147,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             side,
             max_message,
             frag: None,
+            space: ReadSpace::default(),
         }
     }
 
@@ -128,18 +182,10 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
         if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
             self.buf.reserve(READ_CHUNK);
         }
-        let spare = self.buf.spare_capacity_mut();
-        // SAFETY: glommio's poll_read hands the slice to recv(2), which only writes into it;
-        // we expose exactly the bytes it reports as read. Zero-filling 64 KiB per read would
-        // cost more than the read itself for small frames.
-        let dst =
-            unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr() as *mut u8, spare.len()) };
-        let n = self.io.read(dst).await?;
+        let n = self.space.read(&mut self.io, &mut self.buf).await?;
         if n == 0 {
             return Err(WsError::Eof);
         }
-        // SAFETY: n bytes were just written by the read above.
-        unsafe { self.buf.set_len(self.buf.len() + n) };
         Ok(())
     }
 
@@ -336,7 +382,7 @@ impl WsOut {
 /// A websocket connection over a glommio TCP stream once the handshake is done: the reader,
 /// the shared outbox, and the writer task that drains it.
 pub struct WsConn {
-    pub reader: WsReader<futures_util::io::ReadHalf<glommio::net::TcpStream>>,
+    pub reader: WsReader<ReadHalf>,
     pub out: Rc<RefCell<WsOut>>,
     pub writer: glommio::Task<io::Result<()>>,
 }
@@ -349,11 +395,9 @@ pub fn start(
     max_message: usize,
     outbox_limit: usize,
 ) -> WsConn {
-    use std::os::unix::io::AsRawFd;
-    let fd = stream.as_raw_fd();
-    let (rd, wr) = futures_util::io::AsyncReadExt::split(stream);
+    let (rd, wr) = split(stream);
     let out = WsOut::new(side, outbox_limit);
-    let writer = glommio::spawn_local(write_loop(out.clone(), fd, wr));
+    let writer = glommio::spawn_local(write_loop(out.clone(), wr));
     WsConn {
         reader: WsReader::new(rd, leftover, side, max_message),
         out,
@@ -411,11 +455,63 @@ impl Future for Ready<'_> {
 /// Most slices in one `sendmsg`.
 const MAX_IOV: usize = 64;
 
+/// The write side of a socket together with that socket's own descriptor, for `sendmsg(2)`:
+/// built only from the stream itself ([`SocketWriter::new`], [`split`]), so the descriptor is
+/// never an unrelated one, and it stays open as long as the writer holds the stream.
+pub struct SocketWriter<W> {
+    fd: RawFd,
+    io: W,
+}
+
+impl<'a> SocketWriter<&'a mut glommio::net::TcpStream> {
+    /// A writer over a borrowed stream.
+    pub fn new(stream: &'a mut glommio::net::TcpStream) -> Self {
+        use std::os::unix::io::AsRawFd;
+        SocketWriter {
+            fd: stream.as_raw_fd(),
+            io: stream,
+        }
+    }
+}
+
+/// The read half of a split stream.
+pub type ReadHalf = futures_lite::io::ReadHalf<glommio::net::TcpStream>;
+/// The writer of a split stream.
+pub type WriteHalf = SocketWriter<futures_lite::io::WriteHalf<glommio::net::TcpStream>>;
+
+/// Splits `stream` into its read half and a [`SocketWriter`] over its write half.
+pub fn split(stream: glommio::net::TcpStream) -> (ReadHalf, WriteHalf) {
+    use std::os::unix::io::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let (r, w) = futures_lite::io::split(stream);
+    (r, SocketWriter { fd, io: w })
+}
+
+impl<W: AsyncWrite + Unpin> SocketWriter<W> {
+    /// Writes all of `parts` in order: `sendmsg(2)` with MSG_DONTWAIT for as much as the
+    /// socket takes at once, then the async stream (which waits for room) for the rest of one
+    /// slice.
+    pub async fn write_all_vectored(&mut self, parts: &[Bytes]) -> io::Result<()> {
+        write_all_vectored(self.fd, &mut self.io, parts).await
+    }
+
+    /// Shuts the socket down both ways: wakes a reader blocked on the other half.
+    pub fn shutdown(&self) {
+        // SAFETY: shutdown(2) on this writer's own socket, open while `self.io` holds it.
+        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+    }
+
+    /// Flushes and closes the write side.
+    pub async fn close(&mut self) {
+        let _ = self.io.flush().await;
+        let _ = self.io.close().await;
+    }
+}
+
 /// The writer task of a connection: drains the outbox in batches until it closes.
 pub async fn write_loop<W: AsyncWrite + Unpin>(
     out: Rc<RefCell<WsOut>>,
-    fd: RawFd,
-    mut w: W,
+    mut w: SocketWriter<W>,
 ) -> io::Result<()> {
     let mut batch: Vec<Bytes> = Vec::with_capacity(MAX_IOV);
     while Ready(&out).await {
@@ -429,7 +525,7 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
             }
         }
         let n: usize = batch.iter().map(Bytes::len).sum();
-        let r = write_all_vectored(fd, &mut w, &batch).await;
+        let r = w.write_all_vectored(&batch).await;
         batch.clear();
         let mut o = out.borrow_mut();
         o.queued = o.queued.saturating_sub(n);
@@ -438,14 +534,12 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
             return Err(e);
         }
     }
-    let _ = w.flush().await;
-    let _ = w.close().await;
+    w.close().await;
     Ok(())
 }
 
-/// Writes all of `parts` in order: `sendmsg(2)` with MSG_DONTWAIT for as much as the socket
-/// takes at once, then the async stream (which waits for room) for the rest of one slice.
-pub async fn write_all_vectored<W: AsyncWrite + Unpin>(
+/// See [`SocketWriter::write_all_vectored`]; `fd` must be the socket `w` writes to.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
     fd: RawFd,
     w: &mut W,
     parts: &[Bytes],
@@ -512,6 +606,60 @@ pub async fn write_all_vectored<W: AsyncWrite + Unpin>(
 
 #[cfg(test)]
 mod tests {
+
+    /// A reader that hands out `data` in small pieces and checks that every buffer it is given
+    /// holds only zeros past what it already wrote (never stale or uninitialized bytes).
+    struct Trickle<'a> {
+        data: &'a [u8],
+        piece: usize,
+    }
+
+    impl futures_lite::AsyncRead for Trickle<'_> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            assert!(
+                buf.iter().all(|b| *b == 0),
+                "a reader was handed non-zeroed bytes"
+            );
+            let n = self.piece.min(buf.len()).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn read_space_zeroes_once_per_allocation_and_keeps_every_byte() {
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8 + 1).collect();
+        let mut r = Trickle {
+            data: &data,
+            piece: 777,
+        };
+        let (mut buf, mut space, mut got) = (
+            BytesMut::with_capacity(4096),
+            ReadSpace::default(),
+            Vec::new(),
+        );
+        futures_lite::future::block_on(async {
+            loop {
+                if buf.capacity() - buf.len() < 1024 {
+                    buf.reserve(4096);
+                }
+                let n = space.read(&mut r, &mut buf).await.expect("read");
+                if n == 0 {
+                    break;
+                }
+                // Consume some of it, as a parser splits frames off the front.
+                let take = buf.len() / 2;
+                got.extend_from_slice(&buf.split_to(take));
+            }
+        });
+        got.extend_from_slice(&buf);
+        assert_eq!(got, data);
+    }
     use super::*;
     use futures_lite::future::block_on;
 

@@ -151,7 +151,7 @@ pub struct Tuning {
     /// Core of the control thread. Default 0.
     pub control_core: usize,
     /// Busy-poll this long before an idle shard parks, trading CPU for wake-up latency
-    /// (FACTS.md: p50 64 us -> 43 us at 100 us). Default 0 (off).
+    /// (measured on a 2-core VM: 1 connection, 1 in flight, p50 64 us -> 43 us at 100 us). Default 0 (off).
     pub spin_before_park_us: u64,
     /// glommio io_memory per shard in bytes (file I/O buffers; sockets do not use it). Must fit
     /// `ulimit -l` unless running as root. Default 1 MiB.

@@ -2,7 +2,7 @@
 //! read buffer without copying, and a shared outbox drained by one writer task that sends a
 //! whole batch with one `sendmsg(2)`. This is on the per-request path; tungstenite is not used
 //! here because its `Message` owns one contiguous buffer, which would force a copy of every
-//! payload to prepend the fedbus header (DESIGN.md: no copy in user space).
+//! payload to prepend the fedbus header (the design rule: no copy of a payload in user space).
 
 use super::frame::{self, opcode, FrameHead, HeadError, MAX_HEADER};
 use bytes::{Buf, Bytes, BytesMut};

@@ -342,7 +342,7 @@ mod tests {
             "[]".to_string(),
             "not json".to_string(),
         ];
-        // FACTS.md: jsonwebtoken reports a string exp as a missing claim; confirm it.
+        // jsonwebtoken reports a string exp as a missing claim; confirm it.
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
         let raw = jsonwebtoken::decode::<serde_json::Value>(

@@ -26,7 +26,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 pub const HEADER_LEN: usize = 24;
 /// First byte of every frame; doubles as the protocol version (1).
 pub const MAGIC: u8 = 0xFB;
-/// Most redirects a request may take (DESIGN.md: at most 4 hops).
+/// Most redirects a request may take (the seed rule: at most 4 hops).
 pub const MAX_HOPS: u8 = 4;
 
 /// What a frame is.

@@ -48,6 +48,8 @@ pub fn sign_client_jwt(
 ///
 /// The key version comes from the header `kid` and is checked with the rotation rule at `now`;
 /// `exp` and `nbf` are checked by jsonwebtoken against the system clock with 5 s leeway.
+/// Any `u64` claim (`exp = u64::MAX` included) and any `now`/`grace_secs` is handled without
+/// overflow; a claim outside `u64` is a [`AuthError::BadToken`].
 /// A valid token for another app gives [`AuthError::WrongApp`] (HTTP 403), whether that app's
 /// secret or this one's signed it; all else 401.
 pub fn verify_client_jwt(
@@ -149,6 +151,10 @@ pub fn claimed_app(token: &str) -> Option<String> {
 /// Until when a token that just verified may be trusted without verifying it again: its `exp`,
 /// or earlier the end of its key version's grace period (a per-connection verify cache must
 /// not outlive a retiring key).
+///
+/// Unix seconds, any `u64` up to `u64::MAX` (a far-future `exp` with the newest key): compare
+/// it with `now`, and to arm a timer use [`crate::expiry_wait`], which caps the wait at
+/// [`crate::MAX_EXPIRY_WAIT_SECS`].
 pub fn trusted_until(
     keyring: &Keyring,
     app: &str,
@@ -417,6 +423,77 @@ mod tests {
         ] {
             let e = verify(&k, &craft(h, &payload, &[2u8; 32]), now).unwrap_err();
             assert!(matches!(e, AuthError::BadToken(_)), "{h}: {e:?}");
+        }
+    }
+
+    /// Property over extreme values: exp, iat and nbf in {0, 1, u32::MAX, i64::MAX, u64::MAX}
+    /// and grace likewise: never a panic; `exp` and `nbf` follow the rule (all these values are
+    /// far from the system clock, so the 5 s leeway does not matter); `trusted_until` never
+    /// exceeds `exp` and is safe to wait for.
+    #[test]
+    fn client_jwt_extreme_times_never_panic() {
+        let now = now_unix();
+        let extremes = [0, 1, u32::MAX as u64, i64::MAX as u64, u64::MAX];
+        let k = keyring(now, 10);
+        let nbfs = [
+            None,
+            Some(0),
+            Some(1),
+            Some(u32::MAX as u64),
+            Some(i64::MAX as u64),
+            Some(u64::MAX),
+        ];
+        for exp in extremes {
+            for iat in extremes {
+                for nbf in nbfs {
+                    let c = ClientClaims {
+                        iat,
+                        exp,
+                        nbf,
+                        ..claims(now)
+                    };
+                    let new = sign_client_jwt(k.signing_app_secret(APP).unwrap(), &c).unwrap();
+                    let old = sign_client_jwt(&secret(1, 0, 1), &c).unwrap();
+                    let expect_ok = exp > now && nbf.is_none_or(|n| n <= now);
+                    for grace in extremes {
+                        for t in [&new, &old] {
+                            let r = verify_client_jwt(&k, APP, t, now, grace);
+                            // v1 was replaced 10 s ago: inside any grace above 10 s.
+                            let in_grace = std::ptr::eq(t, &new) || grace > 10;
+                            assert_eq!(
+                                r.is_ok(),
+                                expect_ok && in_grace,
+                                "exp {exp} iat {iat} nbf {nbf:?} grace {grace}: {r:?}"
+                            );
+                            if let Ok(got) = r {
+                                assert_eq!(got, c);
+                                let until = trusted_until(&k, APP, t, &got, now, grace);
+                                assert!(until <= exp && until > now, "{until}");
+                                let _ = std::time::Instant::now() + crate::expiry_wait(until, now);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // A claim outside u64 is a bad token, not a wrap or a panic.
+        for exp in ["18446744073709551616", "1e30", "-9223372036854775808"] {
+            let p = format!(r#"{{"sub":"u","app":"{APP}","iat":0,"exp":{exp}}}"#);
+            let t = craft(r#"{"alg":"HS256","kid":"2"}"#, &p, &[2u8; 32]);
+            assert!(
+                matches!(verify(&k, &t, now), Err(AuthError::BadToken(_))),
+                "{exp}"
+            );
+        }
+        // trusted_until itself with extreme now/grace and a claims value it did not verify.
+        let t = sign_client_jwt(&secret(1, 0, 1), &claims(now)).unwrap();
+        for now in extremes {
+            for grace in extremes {
+                for exp in extremes {
+                    let c = ClientClaims { exp, ..claims(0) };
+                    assert!(trusted_until(&k, APP, &t, &c, now, grace) <= exp);
+                }
+            }
         }
     }
 

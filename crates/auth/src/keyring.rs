@@ -10,6 +10,13 @@
 //! Owns the rotation rule ([`check_version`]): the newest version signs; an older version
 //! verifies until `created(next) + grace`; then it is retired. Files are written atomically
 //! (temp file + rename) so a reloading router never reads half a file. Never prints secrets.
+//!
+//! Concurrent writers (several routers or CLIs starting on the same new directory) are safe:
+//! a new keyring is built whole in a hidden temporary sibling directory and renamed into place,
+//! so exactly one creator wins and the others discard theirs and use the winner's keys; every
+//! change to an existing keyring (adding an app, rotating) holds an exclusive `flock` on
+//! `<dir>/.keyring.lock` and re-reads under it, so a second writer of the same new app keeps the
+//! first one's secret and concurrent rotations are never lost.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -17,6 +24,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{Ed25519KeyPair, KeyPair};
@@ -28,6 +36,8 @@ use super::AuthError;
 const APP_SECRET_LEN: usize = 32;
 const CLUSTER_FILE: &str = "cluster.toml";
 const APPS_DIR: &str = "apps";
+/// Lock file taken (exclusive `flock`) by every writer of an existing keyring.
+const LOCK_FILE: &str = ".keyring.lock";
 
 /// One version of the cluster key: only the public half (the router never holds the private one).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,50 +226,28 @@ impl Keyring {
 
     /// Creates `dir`, a cluster key v1 and a v1 secret for each app, where absent.
     /// Existing files are left untouched. Returns true if it created anything.
+    ///
+    /// Safe to race (threads or processes): a missing or empty `dir` is built whole in a
+    /// temporary sibling and renamed into place; a loser of that race discards its own keys and
+    /// uses the winner's (and returns false unless it then added an app). Additions to an
+    /// existing keyring happen under its lock file.
     pub fn init(dir: &Path, apps: &[&str], now: u64) -> Result<bool, AuthError> {
         for app in apps {
             validate_app_name(app)?;
         }
-        let mut created = false;
-        if !dir.exists() {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| AuthError::io(dir, e))?;
-            created = true;
+        if dir_absent_or_empty(dir) && create_fresh(dir, apps, now)? {
+            return Ok(true);
         }
-        let cluster_path = dir.join(CLUSTER_FILE);
-        if !cluster_path.exists() {
-            let pk8_path = dir.join(pk8_name(1));
-            let pair = if pk8_path.exists() {
-                // A private key without its public file: derive the public half, keep the key.
-                let der = fs::read(&pk8_path).map_err(|e| AuthError::io(&pk8_path, e))?;
-                Ed25519KeyPair::from_pkcs8(&der)
-                    .map_err(|e| AuthError::keyring(&pk8_path, "-", e.to_string()))?
-            } else {
-                let (pair, der) = generate_cluster_key(&pk8_path)?;
-                write_atomic(&pk8_path, &der, 0o600)?;
-                pair
-            };
-            let file = ClusterFile {
-                versions: vec![ClusterEntry {
-                    version: 1,
-                    public: hex_encode(pair.public_key().as_ref()),
-                    created: now,
-                }],
-            };
-            write_toml(&cluster_path, &file, 0o644)?;
-            created = true;
+        // Complete already: no lock, no write (the directory may be read-only to a router).
+        if dir.join(CLUSTER_FILE).exists()
+            && apps
+                .iter()
+                .all(|app| app_path(dir, app).is_ok_and(|p| p.exists()))
+        {
+            return Ok(false);
         }
-        for app in apps {
-            let path = app_path(dir, app)?;
-            if !path.exists() {
-                rotate_app_file(dir, &path, now)?;
-                created = true;
-            }
-        }
-        Ok(created)
+        let _lock = lock_dir(dir)?;
+        init_in_place(dir, apps, now)
     }
 
     /// Adds a v1 secret for each app that has none (and the cluster key if absent).
@@ -271,33 +259,20 @@ impl Keyring {
     /// Returns the new version. Routers pick it up on their next reload.
     pub fn rotate_app(dir: &Path, app: &str, now: u64) -> Result<u32, AuthError> {
         let path = app_path(dir, app)?;
+        let _lock = lock_dir(dir)?;
         rotate_app_file(dir, &path, now)
     }
 
     /// Creates cluster key version n+1: writes `cluster-v{n+1}.pk8`, then appends its public
     /// half to `cluster.toml`. Returns the new version.
     pub fn rotate_cluster(dir: &Path, now: u64) -> Result<u32, AuthError> {
-        let cluster_path = dir.join(CLUSTER_FILE);
-        let current = read_cluster(dir)?;
-        let next = next_version(&cluster_path, current.iter().map(|v| v.version))?;
-        let pk8_path = dir.join(pk8_name(next));
-        let (pair, der) = generate_cluster_key(&pk8_path)?;
-        write_atomic(&pk8_path, &der, 0o600)?;
-        let mut versions: Vec<ClusterEntry> = current
-            .iter()
-            .map(|v| ClusterEntry {
-                version: v.version,
-                public: hex_encode(&v.public),
-                created: v.created,
-            })
-            .collect();
-        versions.push(ClusterEntry {
-            version: next,
-            public: hex_encode(pair.public_key().as_ref()),
-            created: now,
-        });
-        write_toml(&cluster_path, &ClusterFile { versions }, 0o644)?;
-        Ok(next)
+        // No keyring directory: nothing to lock, and reading cluster.toml names the problem.
+        let _lock = if dir.is_dir() {
+            Some(lock_dir(dir)?)
+        } else {
+            None
+        };
+        rotate_cluster_in_place(dir, now)
     }
 
     /// The newest secret of `app`: the one that signs its client JWTs.
@@ -368,6 +343,162 @@ impl Keyring {
             }
         }
         out
+    }
+}
+
+/// The in-place part of [`Keyring::init`] (under the lock, or in a fresh temporary
+/// directory): creates what is still missing.
+fn init_in_place(dir: &Path, apps: &[&str], now: u64) -> Result<bool, AuthError> {
+    let mut created = false;
+    let cluster_path = dir.join(CLUSTER_FILE);
+    if !cluster_path.exists() {
+        let pk8_path = dir.join(pk8_name(1));
+        let pair = if pk8_path.exists() {
+            // A private key without its public file: derive the public half, keep the key.
+            let der = fs::read(&pk8_path).map_err(|e| AuthError::io(&pk8_path, e))?;
+            Ed25519KeyPair::from_pkcs8(&der)
+                .map_err(|e| AuthError::keyring(&pk8_path, "-", e.to_string()))?
+        } else {
+            let (pair, der) = generate_cluster_key(&pk8_path)?;
+            write_atomic(&pk8_path, &der, 0o600)?;
+            pair
+        };
+        let file = ClusterFile {
+            versions: vec![ClusterEntry {
+                version: 1,
+                public: hex_encode(pair.public_key().as_ref()),
+                created: now,
+            }],
+        };
+        write_toml(&cluster_path, &file, 0o644)?;
+        created = true;
+    }
+    for app in apps {
+        let path = app_path(dir, app)?;
+        if !path.exists() {
+            rotate_app_file(dir, &path, now)?;
+            created = true;
+        }
+    }
+    Ok(created)
+}
+
+/// [`Keyring::rotate_cluster`] once locked.
+fn rotate_cluster_in_place(dir: &Path, now: u64) -> Result<u32, AuthError> {
+    let cluster_path = dir.join(CLUSTER_FILE);
+    let current = read_cluster(dir)?;
+    let next = next_version(&cluster_path, current.iter().map(|v| v.version))?;
+    let pk8_path = dir.join(pk8_name(next));
+    let (pair, der) = generate_cluster_key(&pk8_path)?;
+    write_atomic(&pk8_path, &der, 0o600)?;
+    let mut versions: Vec<ClusterEntry> = current
+        .iter()
+        .map(|v| ClusterEntry {
+            version: v.version,
+            public: hex_encode(&v.public),
+            created: v.created,
+        })
+        .collect();
+    versions.push(ClusterEntry {
+        version: next,
+        public: hex_encode(pair.public_key().as_ref()),
+        created: now,
+    });
+    write_toml(&cluster_path, &ClusterFile { versions }, 0o644)?;
+    Ok(next)
+}
+
+/// Whether `dir` does not exist or is an empty directory: then a whole new keyring may be
+/// renamed into its place.
+fn dir_absent_or_empty(dir: &Path) -> bool {
+    match fs::read_dir(dir) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
+}
+
+/// A hidden name, unique on this host, for a temporary file or directory beside `name`.
+fn temp_name(name: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!(".{name}.tmp{}-{n}", std::process::id())
+}
+
+/// Builds a complete keyring (cluster key v1 and a v1 secret per app) in a temporary sibling
+/// of `dir` and renames it to `dir`. Returns false, having removed its own copy, when another
+/// writer got there first (`dir` is no longer empty).
+fn create_fresh(dir: &Path, apps: &[&str], now: u64) -> Result<bool, AuthError> {
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| AuthError::keyring(dir, "-", "bad directory name"))?;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(parent)
+        .map_err(|e| AuthError::io(parent, e))?;
+    let tmp = parent.join(temp_name(name));
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&tmp)
+        .map_err(|e| AuthError::io(&tmp, e))?;
+    if let Err(e) = init_in_place(&tmp, apps, now) {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    sync_dir(&tmp.join(APPS_DIR));
+    sync_dir(&tmp);
+    match fs::rename(&tmp, dir) {
+        Ok(()) => {
+            sync_dir(parent);
+            Ok(true)
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            // Lost the race: `dir` now holds another writer's keyring. Any other failure while
+            // `dir` is a directory (a mount point, say) falls back to the locked in-place path.
+            if e.kind() == std::io::ErrorKind::DirectoryNotEmpty
+                || e.kind() == std::io::ErrorKind::AlreadyExists
+                || dir.is_dir()
+            {
+                Ok(false)
+            } else {
+                Err(AuthError::io(dir, e))
+            }
+        }
+    }
+}
+
+/// Exclusive lock on the keyring directory (created if absent), released when the returned
+/// file is dropped. `flock` locks an open file description, so it serializes threads of one
+/// process as well as processes.
+fn lock_dir(dir: &Path) -> Result<fs::File, AuthError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| AuthError::io(dir, e))?;
+    let path = dir.join(LOCK_FILE);
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| AuthError::io(&path, e))?;
+    f.lock().map_err(|e| AuthError::io(&path, e))?;
+    Ok(f)
+}
+
+/// fsync of a directory, best effort: makes renames in it durable.
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
     }
 }
 
@@ -559,7 +690,7 @@ fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), AuthError> {
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| AuthError::keyring(path, "-", "bad file name"))?;
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let tmp = dir.join(temp_name(name));
     let result = (|| -> std::io::Result<()> {
         let mut f = fs::OpenOptions::new()
             .write(true)
@@ -571,9 +702,7 @@ fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), AuthError> {
         f.sync_all()?;
         fs::rename(&tmp, path)?;
         // Make the rename durable; failure to sync a directory is not worth failing for.
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+        sync_dir(dir);
         Ok(())
     })();
     result.map_err(|e| {
@@ -868,6 +997,205 @@ mod tests {
         assert!(e.is_some_and(|e| e.contains("cluster-v1.pk8")));
         fs::write(dir.join("cluster-v1.pk8"), b"garbage").unwrap();
         assert!(Keyring::cluster_signing_key(dir).is_err());
+    }
+
+    /// What a writer ended up with: the cluster public key, the private key's public half, and
+    /// each app's secrets.
+    type Seen = ([u8; 32], Vec<u8>, Vec<(String, Vec<Vec<u8>>)>);
+
+    fn seen(dir: &Path) -> Seen {
+        let k = Keyring::load(dir).unwrap_or_else(|e| panic!("load after init: {e}"));
+        let (_, pair) = Keyring::cluster_signing_key(dir).unwrap_or_else(|e| panic!("{e}"));
+        let mut apps: Vec<_> = k
+            .apps
+            .iter()
+            .map(|(a, v)| (a.clone(), v.iter().map(|s| s.secret.clone()).collect()))
+            .collect();
+        apps.sort();
+        (
+            k.cluster[0].public,
+            pair.public_key().as_ref().to_vec(),
+            apps,
+        )
+    }
+
+    /// 8 threads initialize the same fresh directory at once, 20 rounds: one creates, all
+    /// see the same keys, the private key matches cluster.toml, no temp dirs are left.
+    #[test]
+    fn keyring_init_race_threads_agree() {
+        const THREADS: usize = 8;
+        let apps = ["acme/shop", "acme/blog"];
+        for round in 0..20 {
+            let tmp = TempDir::new("race");
+            // Odd rounds: the directory already exists, empty (as a config tool might leave it).
+            let dir = tmp.path().join("keys");
+            if round % 2 == 1 {
+                fs::create_dir_all(&dir).unwrap();
+            }
+            let barrier = std::sync::Barrier::new(THREADS);
+            let results: Vec<(bool, Seen)> = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..THREADS)
+                    .map(|_| {
+                        s.spawn(|| {
+                            barrier.wait();
+                            let created = Keyring::init(&dir, &apps, 1000).unwrap();
+                            (created, seen(&dir))
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let creators = results.iter().filter(|(c, _)| *c).count();
+            assert_eq!(creators, 1, "round {round}: {creators} threads created");
+            let first = &results[0].1;
+            assert_eq!(
+                first.0.as_slice(),
+                first.1.as_slice(),
+                "pk8 matches cluster.toml"
+            );
+            assert_eq!(first.2.len(), 2);
+            for (_, r) in &results {
+                assert_eq!(r, first, "round {round}: threads saw different keys");
+            }
+            assert_eq!(seen(&dir), *first);
+            let leftovers: Vec<_> = fs::read_dir(tmp.path())
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name())
+                .filter(|n| n != "keys")
+                .collect();
+            assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+            assert_eq!(mode(&dir), 0o700);
+            assert_eq!(mode(&dir.join("cluster-v1.pk8")), 0o600);
+            assert_eq!(mode(&dir.join("apps/acme.shop.toml")), 0o600);
+        }
+    }
+
+    /// Adding the same new app from 8 threads keeps one secret; 8 concurrent rotations give 8
+    /// distinct new versions (none lost).
+    #[test]
+    fn keyring_concurrent_add_and_rotate_lose_nothing() {
+        const THREADS: usize = 8;
+        let tmp = TempDir::new("race-add");
+        let dir = tmp.path();
+        Keyring::init(dir, &["acme/shop"], 1).unwrap();
+        let barrier = std::sync::Barrier::new(THREADS);
+        let results: Vec<(bool, Seen)> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..THREADS)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        let created = Keyring::init(dir, &["acme/shop", "new/app"], 2).unwrap();
+                        (created, seen(dir))
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(results.iter().filter(|(c, _)| *c).count(), 1);
+        for (_, r) in &results {
+            assert_eq!(r, &results[0].1);
+        }
+        let mut versions: Vec<u32> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..THREADS)
+                .map(|_| s.spawn(|| Keyring::rotate_app(dir, "new/app", 3).unwrap()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        versions.sort();
+        assert_eq!(versions, (2..=THREADS as u32 + 1).collect::<Vec<_>>());
+        let k = Keyring::load(dir).unwrap();
+        assert_eq!(k.app_versions("new/app").unwrap().len(), THREADS + 1);
+        assert_eq!(
+            k.app_versions("new/app").unwrap()[0].secret,
+            results[0].1 .2[1].1[0]
+        );
+        // Rotating the cluster key concurrently also loses nothing.
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| Keyring::rotate_cluster(dir, 4).unwrap());
+            }
+        });
+        assert_eq!(Keyring::load(dir).unwrap().cluster.len(), 5);
+        assert_eq!(Keyring::cluster_signing_key(dir).unwrap().0, 5);
+    }
+
+    /// Environment variable that turns [`keyring_init_race_child`] into a worker.
+    const CHILD_DIR: &str = "FEDBUS_AUTH_KEYRING_RACE_DIR";
+
+    /// Not a test on its own: run by [`keyring_init_race_processes`] as a child process with
+    /// `CHILD_DIR` set; initializes that directory and prints the cluster public key.
+    #[test]
+    fn keyring_init_race_child() {
+        let Some(dir) = std::env::var_os(CHILD_DIR) else {
+            return;
+        };
+        let dir = PathBuf::from(dir);
+        Keyring::init(&dir, &["acme/shop"], 1000).unwrap();
+        let (pk, pair_pk, _) = seen(&dir);
+        assert_eq!(pk.as_slice(), pair_pk.as_slice());
+        println!("cluster-public={}", hex_encode(&pk));
+    }
+
+    /// Two processes (this test binary, run as [`keyring_init_race_child`]) initialize the same
+    /// fresh directory at once, and this one joins in too: all agree on the cluster key.
+    #[test]
+    fn keyring_init_race_processes() {
+        let exe = std::env::current_exe().unwrap();
+        for _ in 0..5 {
+            let tmp = TempDir::new("race-proc");
+            let dir = tmp.path().join("keys");
+            let children: Vec<_> = (0..2)
+                .map(|_| {
+                    std::process::Command::new(&exe)
+                        .args([
+                            "--exact",
+                            "keyring::tests::keyring_init_race_child",
+                            "--nocapture",
+                            "--test-threads=1",
+                        ])
+                        .env(CHILD_DIR, &dir)
+                        .stdout(std::process::Stdio::piped())
+                        .stderr(std::process::Stdio::piped())
+                        .spawn()
+                        .unwrap()
+                })
+                .collect();
+            Keyring::init(&dir, &["acme/shop"], 1000).unwrap();
+            let mine = seen(&dir);
+            for c in children {
+                let out = c.wait_with_output().unwrap();
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                assert!(
+                    out.status.success(),
+                    "child failed: {stdout}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let expect = format!("cluster-public={}", hex_encode(&mine.0));
+                assert!(stdout.contains(&expect), "child saw other keys: {stdout}");
+            }
+            assert_eq!(seen(&dir), mine);
+        }
+    }
+
+    #[test]
+    fn keyring_init_on_complete_read_only_dir_writes_nothing() {
+        let tmp = TempDir::new("ro");
+        let dir = tmp.path();
+        Keyring::init(dir, &["acme/shop"], 1).unwrap();
+        let before: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(!Keyring::init(dir, &["acme/shop"], 2).unwrap());
+        let after: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            before, after,
+            "a complete keyring is not touched (no lock file either)"
+        );
     }
 
     #[test]

@@ -139,6 +139,21 @@ impl AuthError {
     }
 }
 
+/// Longest wait [`expiry_wait`] returns: 10 years. Token claims are `u64` and any value
+/// verifies (a far-future `exp` such as `u64::MAX` is a valid, never-expiring token), but a
+/// timer cannot be armed that far: `Instant::now() + Duration::from_secs(u64::MAX)` panics.
+/// A caller that must act at expiry (close a link, drop a cache entry) waits at most this long
+/// and may check again then; nothing in fedbus runs for 10 years.
+pub const MAX_EXPIRY_WAIT_SECS: u64 = 10 * 365 * 86_400;
+
+/// How long from `now` until `exp` (unix seconds): zero if it has passed, at most
+/// [`MAX_EXPIRY_WAIT_SECS`]. Safe to add to `Instant::now()` or `SystemTime::now()` for any
+/// `exp` and `now`. Use it instead of `Duration::from_secs(exp - now)` for a token's `exp` or a
+/// [`trusted_until`] value.
+pub fn expiry_wait(exp: u64, now: u64) -> Duration {
+    Duration::from_secs(exp.saturating_sub(now).min(MAX_EXPIRY_WAIT_SECS))
+}
+
 /// Seconds since the Unix epoch; 0 if the clock is before 1970.
 pub fn now_unix() -> u64 {
     SystemTime::now()
@@ -244,6 +259,31 @@ mod tests {
         ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn expiry_wait_is_capped_and_never_overflows() {
+        let extremes = [0, 1, u32::MAX as u64, i64::MAX as u64, u64::MAX];
+        for exp in extremes {
+            for now in extremes {
+                let w = expiry_wait(exp, now);
+                assert!(w.as_secs() <= MAX_EXPIRY_WAIT_SECS);
+                if exp <= now {
+                    assert_eq!(w, Duration::ZERO);
+                }
+                // What a caller does with it must not panic either.
+                let _ = std::time::Instant::now() + w;
+                let _ = SystemTime::now() + w;
+            }
+        }
+        // The hazard it avoids: an uncapped wait for a far-future exp cannot be added to now.
+        let uncapped = Duration::from_secs(u64::MAX.saturating_sub(now_unix()));
+        assert!(std::time::Instant::now().checked_add(uncapped).is_none());
+        assert_eq!(expiry_wait(1_000_060, 1_000_000), Duration::from_secs(60));
+        assert_eq!(
+            expiry_wait(u64::MAX, 0),
+            Duration::from_secs(MAX_EXPIRY_WAIT_SECS)
+        );
     }
 
     #[test]

@@ -63,6 +63,12 @@ pub fn sign_service_token(key: &Ed25519KeyPair, claims: &ServiceClaims) -> Strin
 ///
 /// Order: length, structure, base64, key version (unknown / retired), signature, claims,
 /// `exp > now`, `iat <= now + 60`.
+///
+/// Every `u64` is accepted for `now`, `grace_secs` and the claims without overflow (the sums
+/// saturate). `exp` has no upper bound: `u64::MAX` verifies and never expires. A caller that
+/// arms a timer for `exp` must use [`crate::expiry_wait`] (capped at
+/// [`crate::MAX_EXPIRY_WAIT_SECS`]), never `Duration::from_secs(exp - now)` added to an
+/// `Instant`, which panics for such a token.
 pub fn verify_service_token(
     keys: &[ClusterKeyVersion],
     token: &str,
@@ -258,6 +264,65 @@ mod tests {
             verify_service_token(&keys, &lie, NOW, grace),
             Err(AuthError::BadSignature)
         ));
+    }
+
+    /// Property over extreme values: exp, iat, now and grace in {0, 1, u32::MAX, i64::MAX,
+    /// u64::MAX} (and NOW): never a panic, and the result is exactly the documented rule.
+    #[test]
+    fn service_token_extreme_times_never_panic() {
+        let extremes = [0, 1, u32::MAX as u64, i64::MAX as u64, u64::MAX, NOW];
+        let (old_pair, v1) = gen_key(1, 0);
+        let (new_pair, v2) = gen_key(2, 5);
+        let keys = [v1, v2];
+        for exp in extremes {
+            for iat in extremes {
+                let mut c = claims(2, NOW);
+                (c.exp, c.iat) = (exp, iat);
+                let new = sign_service_token(&new_pair, &c);
+                c.kid = 1;
+                let old = sign_service_token(&old_pair, &c);
+                for now in extremes {
+                    for grace in extremes {
+                        let time_ok = exp > now && iat <= now.saturating_add(MAX_IAT_SKEW_SECS);
+                        let r = verify_service_token(&keys, &new, now, grace);
+                        assert_eq!(r.is_ok(), time_ok, "exp {exp} iat {iat} now {now}: {r:?}");
+                        if let Ok(got) = &r {
+                            assert_eq!((got.exp, got.iat), (exp, iat));
+                            let _ = std::time::Instant::now() + crate::expiry_wait(got.exp, now);
+                        }
+                        // v1 verifies while now < created(v2) + grace (saturating).
+                        let in_grace = now < 5u64.saturating_add(grace);
+                        let r = verify_service_token(&keys, &old, now, grace);
+                        assert_eq!(r.is_ok(), time_ok && in_grace, "old: {r:?}");
+                        if !in_grace {
+                            assert!(matches!(r, Err(AuthError::RetiredKey(1))), "{r:?}");
+                        }
+                    }
+                }
+            }
+        }
+        // Claims beyond u64 (or negative) are refused as bad claims, not wrapped.
+        for exp in [
+            "18446744073709551616",
+            "-1",
+            "1e30",
+            "9223372036854775808.5",
+        ] {
+            let json =
+                format!(r#"{{"kid":2,"sub":"s","app":"","cluster":"c","iat":0,"exp":{exp}}}"#);
+            let mut t = String::from(PREFIX);
+            URL_SAFE_NO_PAD.encode_string(json.as_bytes(), &mut t);
+            let sig = new_pair.sign(t.as_bytes());
+            t.push('.');
+            URL_SAFE_NO_PAD.encode_string(sig.as_ref(), &mut t);
+            assert!(
+                matches!(
+                    verify_service_token(&keys, &t, NOW, 60),
+                    Err(AuthError::BadToken(_))
+                ),
+                "{exp}"
+            );
+        }
     }
 
     #[test]

@@ -4,9 +4,11 @@
 
 /// Whether a `name: value` header line from a task (or, with `from_router`, from a peer
 /// router) may reach the client. A task must not set framing headers (it would split or
-/// smuggle responses) nor the router's own `fedbus-*` headers.
+/// smuggle responses) nor the router's own `fedbus-*` headers, and the line must not carry
+/// control bytes (RFC 9110 section 5.5): any byte below 0x20 other than HTAB, or DEL (0x7f),
+/// refuses it, CR and LF included. Bytes 0x80 and above (obs-text) pass.
 pub fn allowed_header(line: &[u8], from_router: bool) -> bool {
-    if line.contains(&b'\r') || line.contains(&b'\n') {
+    if line.iter().any(|&b| is_ctl(b)) {
         return false;
     }
     let Some(colon) = line.iter().position(|b| *b == b':') else {
@@ -35,6 +37,12 @@ pub fn allowed_header(line: &[u8], from_router: bool) -> bool {
     from_router || !(name.len() >= 7 && name[..7].eq_ignore_ascii_case(b"fedbus-"))
 }
 
+/// A control byte that may not appear in a header field (RFC 9110 section 5.5): below 0x20
+/// except HTAB, or DEL.
+fn is_ctl(b: u8) -> bool {
+    (b < 0x20 && b != b'\t') || b == 0x7f
+}
+
 /// The JSON error body.
 pub fn error_body(status: u16, code: &str, message: &str) -> String {
     serde_json::json!({"status": status, "error": code, "message": message}).to_string()
@@ -59,6 +67,7 @@ pub fn reason(status: u16) -> &'static str {
         409 => "Conflict",
         411 => "Length Required",
         413 => "Content Too Large",
+        426 => "Upgrade Required",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
@@ -84,5 +93,39 @@ mod tests {
         assert!(!allowed_header(b"x: a\r\nset-cookie: b", false));
         assert!(!allowed_header(b"no colon", false));
         assert!(!allowed_header(b"bad name: v", false));
+    }
+
+    #[test]
+    fn control_bytes_are_refused_in_values_and_names() {
+        for ctl in (0u8..0x20).filter(|b| *b != b'\t').chain([0x7f]) {
+            let mut value = b"x-user: a".to_vec();
+            value.push(ctl);
+            value.extend_from_slice(b"b");
+            assert!(!allowed_header(&value, false), "value with {ctl:#04x}");
+            assert!(
+                !allowed_header(&value, true),
+                "value with {ctl:#04x} from router"
+            );
+            let mut name = b"x-us".to_vec();
+            name.push(ctl);
+            name.extend_from_slice(b"er: v");
+            assert!(!allowed_header(&name, true), "name with {ctl:#04x}");
+        }
+        for bad in [
+            &b"x-user: a\x00b"[..],
+            b"x-user: \x04",
+            b"x-user: a\x0bb",
+            b"x-user: a\x7f",
+            b"x-user: a\rb",
+            b"x-user: a\nb",
+        ] {
+            assert!(!allowed_header(bad, false), "{bad:?}");
+        }
+        // HTAB and obs-text (0x80..) stay allowed in values.
+        assert!(allowed_header(b"x-user: a\tb", false));
+        assert!(allowed_header(b"x-user:\tb", false));
+        assert!(allowed_header(b"x-user: caf\xc3\xa9 \xff", false));
+        // But a tab is not a name character.
+        assert!(!allowed_header(b"x-us\ter: v", false));
     }
 }

@@ -153,6 +153,42 @@ pub fn unmask(data: &mut [u8], mask: [u8; 4], offset: usize) {
     }
 }
 
+/// Whether `code` may appear in a close frame on the wire (RFC 6455 section 7.4, with the
+/// IANA registry as Autobahn checks it): 1000-1003, 1007-1014, and 3000-4999 (registered
+/// and private codes). 1004 is reserved, 1005/1006/1015 must never be sent, everything else
+/// below 3000 is unassigned, and 5000 and above is out of range.
+pub fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// Checks the (unmasked) payload of a received close frame, RFC 6455 sections 5.5.1 and 7.4.
+///
+/// - empty: `Ok(None)` (no status; answer with an empty close or 1000);
+/// - one byte, or a code that [`close_code_allowed`] refuses: `Err(1002)` (protocol error);
+/// - a reason (the bytes after the code) that is not UTF-8: `Err(1007)`;
+/// - otherwise `Ok(Some(code))`.
+///
+/// The `Err` value is the close code to answer with before closing the connection. The
+/// router's reader calls this on every `opcode::CLOSE` frame once the payload is complete and
+/// unmasked (`fedbus::ws::conn::WsReader::assemble`), and echoes `code` (or 1000 for
+/// `Ok(None)`) on `Ok`. Pure; never panics.
+pub fn check_close_payload(payload: &[u8]) -> Result<Option<u16>, u16> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(1002),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !close_code_allowed(code) {
+                Err(1002)
+            } else if std::str::from_utf8(reason).is_err() {
+                Err(1007)
+            } else {
+                Ok(Some(code))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,6 +220,70 @@ mod tests {
         assert_eq!(parse_head(&b), Err(HeadError::BadLength));
         b[2] = 0;
         assert!(parse_head(&b).unwrap().is_some());
+    }
+
+    fn close(code: u16, reason: &[u8]) -> Vec<u8> {
+        let mut p = code.to_be_bytes().to_vec();
+        p.extend_from_slice(reason);
+        p
+    }
+
+    #[test]
+    fn close_payload_empty_and_one_byte() {
+        assert_eq!(check_close_payload(&[]), Ok(None));
+        assert_eq!(check_close_payload(&[0x03]), Err(1002));
+        assert_eq!(check_close_payload(&[0xE8]), Err(1002));
+    }
+
+    #[test]
+    fn close_payload_codes_follow_the_registry() {
+        let valid = [
+            1000u16, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999,
+            4000, 4999,
+        ];
+        for code in valid {
+            assert_eq!(
+                check_close_payload(&close(code, b"")),
+                Ok(Some(code)),
+                "{code}"
+            );
+            assert_eq!(check_close_payload(&close(code, b"bye")), Ok(Some(code)));
+        }
+        let invalid = [
+            0u16, 1, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+        ];
+        for code in invalid {
+            assert_eq!(check_close_payload(&close(code, b"")), Err(1002), "{code}");
+            // A bad code wins over a bad reason.
+            assert_eq!(check_close_payload(&close(code, b"\xff")), Err(1002));
+        }
+        // Exhaustively: the function agrees with the rule.
+        for code in 0..=u16::MAX {
+            let ok = (1000..=1003).contains(&code)
+                || (1007..=1014).contains(&code)
+                || (3000..=4999).contains(&code);
+            assert_eq!(close_code_allowed(code), ok, "{code}");
+        }
+    }
+
+    #[test]
+    fn close_payload_reason_must_be_utf8() {
+        assert_eq!(
+            check_close_payload(&close(1000, "héllo ✓".as_bytes())),
+            Ok(Some(1000))
+        );
+        for bad in [
+            &b"\xff"[..],
+            b"\xc3",
+            b"ok\xc3\x28",
+            b"\xed\xa0\x80",
+            b"\xf4\x90\x80\x80",
+        ] {
+            assert_eq!(check_close_payload(&close(1000, bad)), Err(1007), "{bad:?}");
+        }
+        // Longest a control frame can be: 2 + 123 bytes of reason.
+        let long = close(4000, &[b'a'; 123]);
+        assert_eq!(check_close_payload(&long), Ok(Some(4000)));
     }
 
     #[test]

@@ -58,7 +58,16 @@ pub fn bearer(value: &[u8]) -> Option<&str> {
     (!t.is_empty()).then_some(t)
 }
 
+/// The only websocket protocol version fedbus speaks (RFC 6455).
+pub const WS_VERSION: &str = "13";
+
 /// Checks the upgrade headers of a parsed request and returns the `Sec-WebSocket-Key`.
+///
+/// RFC 6455 section 4.2.1/4.2.2, in this order: method GET (405), HTTP/1.1 or later (400),
+/// exactly one `Host` header (400), `Upgrade: websocket` and `Connection: upgrade` (400),
+/// `Sec-WebSocket-Version` present (400) and 13 (otherwise **426**; [`error_response`] then
+/// adds `Sec-WebSocket-Version: 13` so the client can retry with a version we speak), and a
+/// 24-character `Sec-WebSocket-Key` (400).
 pub fn check_upgrade(req: &httparse::Request<'_, '_>) -> Result<String, Refusal> {
     if req.method != Some("GET") {
         return Err(refuse(
@@ -66,6 +75,24 @@ pub fn check_upgrade(req: &httparse::Request<'_, '_>) -> Result<String, Refusal>
             "method_not_allowed",
             "websocket upgrade needs GET",
         ));
+    }
+    // httparse knows HTTP/1.0 (0) and HTTP/1.1 (1) and refuses any other version as malformed.
+    if req.version.is_none_or(|v| v < 1) {
+        return Err(refuse(
+            400,
+            "bad_upgrade",
+            "websocket upgrade needs HTTP/1.1",
+        ));
+    }
+    match req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("host"))
+        .count()
+    {
+        1 => {}
+        0 => return Err(refuse(400, "bad_upgrade", "missing Host header")),
+        _ => return Err(refuse(400, "bad_upgrade", "more than one Host header")),
     }
     let has_token = |name: &str, token: &str| {
         header(req.headers, name)
@@ -76,12 +103,16 @@ pub fn check_upgrade(req: &httparse::Request<'_, '_>) -> Result<String, Refusal>
     if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
         return Err(refuse(400, "bad_upgrade", "expected Upgrade: websocket"));
     }
-    if header(req.headers, "sec-websocket-version") != Some(b"13") {
-        return Err(refuse(
-            400,
-            "bad_upgrade",
-            "Sec-WebSocket-Version must be 13",
-        ));
+    match header(req.headers, "sec-websocket-version") {
+        None => return Err(refuse(400, "bad_upgrade", "missing Sec-WebSocket-Version")),
+        Some(v) if v.trim_ascii() == WS_VERSION.as_bytes() => {}
+        Some(_) => {
+            return Err(refuse(
+                426,
+                "unsupported_version",
+                "Sec-WebSocket-Version must be 13",
+            ))
+        }
     }
     let key = header(req.headers, "sec-websocket-key")
         .and_then(|v| std::str::from_utf8(v).ok())
@@ -128,10 +159,17 @@ pub fn accept_response(key: &str) -> String {
 }
 
 /// An HTTP error answer with a JSON body `{"status","error","message"}`, connection closed.
+/// A 426 (the [`Refusal`] for an unsupported `Sec-WebSocket-Version`) also carries
+/// `Sec-WebSocket-Version: 13`, as RFC 6455 section 4.2.2 asks.
 pub fn error_response(status: u16, code: &str, message: &str) -> String {
     let body = crate::http::error_body(status, code, message);
+    let version = if status == 426 {
+        "Sec-WebSocket-Version: 13\r\n"
+    } else {
+        ""
+    };
     format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {}\r\n{version}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         crate::http::reason(status),
         body.len()
     )
@@ -144,7 +182,7 @@ pub fn new_key() -> String {
     base64::engine::general_purpose::STANDARD.encode(k)
 }
 
-/// Builds a client upgrade request.
+/// Builds a client upgrade request: HTTP/1.1 with `Host`, as [`check_upgrade`] requires.
 pub fn client_request(host: &str, path: &str, key: &str, bearer: Option<&str>) -> String {
     let auth = bearer
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
@@ -230,5 +268,79 @@ mod tests {
         assert_eq!(bearer(b"Bearer abc"), Some("abc"));
         assert_eq!(bearer(b"Basic abc"), None);
         assert_eq!(bearer(b"Bearer "), None);
+    }
+
+    const GOOD: &str = "GET /x HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+    #[test]
+    fn upgrade_needs_http_1_1() {
+        assert!(parse_upgrade(GOOD.as_bytes()).unwrap().is_some());
+        let r = parse_upgrade(GOOD.replace("HTTP/1.1", "HTTP/1.0").as_bytes()).unwrap_err();
+        assert_eq!((r.status, r.code), (400, "bad_upgrade"));
+        assert!(r.message.contains("HTTP/1.1"), "{r:?}");
+        // httparse knows no later version; anything else is a malformed head, still 400.
+        let r = parse_upgrade(GOOD.replace("HTTP/1.1", "HTTP/2.0").as_bytes()).unwrap_err();
+        assert_eq!(r.status, 400);
+    }
+
+    #[test]
+    fn upgrade_needs_exactly_one_host() {
+        let r = parse_upgrade(GOOD.replace("Host: h\r\n", "").as_bytes()).unwrap_err();
+        assert_eq!((r.status, r.code), (400, "bad_upgrade"));
+        assert!(r.message.contains("Host"), "{r:?}");
+        let two = GOOD.replace("Host: h\r\n", "Host: h\r\nhost: evil\r\n");
+        let r = parse_upgrade(two.as_bytes()).unwrap_err();
+        assert_eq!(r.status, 400);
+        // Case-insensitive name.
+        let lower = GOOD.replace("Host: h", "hOsT: h");
+        assert!(parse_upgrade(lower.as_bytes()).unwrap().is_some());
+    }
+
+    #[test]
+    fn unsupported_version_is_426_with_the_version_header() {
+        for v in ["8", "12", "14", "13, 8", "abc", ""] {
+            let req = GOOD.replace(
+                "Sec-WebSocket-Version: 13",
+                &format!("Sec-WebSocket-Version: {v}"),
+            );
+            let r = parse_upgrade(req.as_bytes()).unwrap_err();
+            assert_eq!(r.status, 426, "{v:?}");
+            let resp = error_response(r.status, r.code, r.message);
+            assert!(
+                resp.starts_with("HTTP/1.1 426 Upgrade Required\r\n"),
+                "{resp}"
+            );
+            assert!(resp.contains("\r\nSec-WebSocket-Version: 13\r\n"), "{resp}");
+            // Still a well-formed response with the JSON body.
+            let mut h = [httparse::EMPTY_HEADER; 8];
+            let mut p = httparse::Response::new(&mut h);
+            let n = match p.parse(resp.as_bytes()).unwrap() {
+                httparse::Status::Complete(n) => n,
+                httparse::Status::Partial => panic!("partial"),
+            };
+            assert_eq!(p.code, Some(426));
+            assert_eq!(header(p.headers, "sec-websocket-version"), Some(&b"13"[..]));
+            let len: usize = std::str::from_utf8(header(p.headers, "content-length").unwrap())
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(resp.len() - n, len);
+        }
+        // Missing entirely: a malformed handshake, 400.
+        let req = GOOD.replace("Sec-WebSocket-Version: 13\r\n", "");
+        assert_eq!(parse_upgrade(req.as_bytes()).unwrap_err().status, 400);
+        // Other refusals carry no version header.
+        assert!(!error_response(400, "bad_upgrade", "x").contains("Sec-WebSocket-Version"));
+    }
+
+    #[test]
+    fn own_client_request_passes_the_server_checks() {
+        let req = client_request("example:80", "/api/ws", &new_key(), None);
+        assert!(req.starts_with("GET /api/ws HTTP/1.1\r\n"));
+        assert!(req.contains("\r\nHost: example:80\r\n"));
+        let up = parse_upgrade(req.as_bytes()).unwrap().unwrap();
+        assert_eq!(up.bearer, None);
+        assert_eq!(up.head_len, req.len());
     }
 }

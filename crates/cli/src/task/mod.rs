@@ -1,13 +1,14 @@
-//! The task SDK: connects to every shard of every router listed, registers the task's app,
-//! role and partitions on each link, serves an async handler, and reconnects with backoff and
-//! jitter. Runs on one glommio executor of its own.
+//! The runner of the built-in tasks (`fedbus task echo|auth`): connects to every shard of every
+//! router listed, registers the task's app, role and partitions on each link, serves an async
+//! handler, and reconnects with backoff and jitter. Runs on one glommio executor of its own, so
+//! the echo task used by the benchmarks is as fast as the router. Task authors use the
+//! `fedbus-sdk` crate (tokio) instead.
 
-use crate::proto::{self, put_meta, put_meta_u64, tag, Frame, Header, Kind};
-use crate::task::hello::{Hello, Register};
-use crate::ws::{self, handshake, Message, Side, WsOut, WsReader};
 use bytes::{Bytes, BytesMut};
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
+use fedbus_proto::hello::{Hello, Register};
+use fedbus_proto::{self as proto, put_meta, put_meta_u64, tag, Frame, Header, Kind};
+use fedbus_router::util::random_u64;
+use fedbus_router::ws::{self, Message, Side, WsOut, WsReader};
 use std::cell::RefCell;
 use std::collections::HashSet;
 use std::future::Future;
@@ -83,14 +84,14 @@ pub fn secret_version(app: &str) -> Option<u32> {
 /// only: a task registered in role `auth`). None until a secret arrived.
 pub fn sign_client_jwt(app: &str, sub: &str, ttl_secs: u64) -> Option<String> {
     let (version, secret) = SECRETS.with(|s| s.borrow().get(app).cloned())?;
-    let now = crate::auth::now_unix();
-    crate::auth::sign_client_jwt(
-        &crate::auth::AppSecretVersion {
+    let now = fedbus_auth::now_unix();
+    fedbus_auth::sign_client_jwt(
+        &fedbus_auth::AppSecretVersion {
             version,
             secret,
             created: now,
         },
-        &crate::auth::ClientClaims {
+        &fedbus_auth::ClientClaims {
             sub: sub.into(),
             app: app.into(),
             iat: now,
@@ -101,32 +102,14 @@ pub fn sign_client_jwt(app: &str, sub: &str, ttl_secs: u64) -> Option<String> {
     .ok()
 }
 
-/// A random u64 from the OS.
-pub fn random_u64() -> u64 {
-    let mut b = [0u8; 8];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    u64::from_le_bytes(b)
-}
-
 /// A request as the task sees it.
 pub struct Request {
     pub frame: Frame,
-    /// Shard of the router whose link carried this request (from the hello).
-    pub link_shard: usize,
 }
 
 impl Request {
     pub fn payload(&self) -> &Bytes {
         &self.frame.payload
-    }
-    pub fn partition(&self) -> u32 {
-        self.frame.header.partition
-    }
-    pub fn hops(&self) -> u8 {
-        self.frame.header.hops
-    }
-    pub fn wsid(&self) -> Option<u64> {
-        self.frame.get_u64(tag::WSID)
     }
     pub fn meta(&self, t: u8) -> Option<&str> {
         self.frame.get_str(t)
@@ -149,15 +132,6 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// 200 with `body`.
-    pub fn ok(body: Bytes) -> Outcome {
-        Outcome::Response {
-            status: 200,
-            headers: Vec::new(),
-            content_type: None,
-            body,
-        }
-    }
     pub fn redirect(role: &str) -> Outcome {
         Outcome::Redirect {
             role: role.into(),
@@ -292,50 +266,12 @@ where
     }
 }
 
-/// Opens a client websocket: returns the stream and bytes read past the handshake.
-pub async fn ws_connect(
-    addr: &str,
-    path: &str,
-    token: Option<&str>,
-) -> anyhow::Result<(TcpStream, BytesMut)> {
-    let mut s = TcpStream::connect_timeout(addr, Duration::from_secs(5))
-        .await
-        .map_err(|e| anyhow::anyhow!("connect {addr}: {e}"))?;
-    let _ = s.set_nodelay(true);
-    let key = handshake::new_key();
-    s.write_all(handshake::client_request(addr, path, &key, token).as_bytes())
-        .await?;
-    let mut buf = BytesMut::with_capacity(4096);
-    loop {
-        let mut chunk = [0u8; 4096];
-        let n = glommio::timer::timeout(Duration::from_secs(5), async {
-            Ok(s.read(&mut chunk).await)
-        })
-        .await
-        .map_err(|_| anyhow::anyhow!("handshake timeout"))??;
-        if n == 0 {
-            anyhow::bail!("closed during handshake");
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        match handshake::parse_client_response(&buf, &key).map_err(anyhow::Error::msg)? {
-            handshake::ClientHandshake::Incomplete => continue,
-            handshake::ClientHandshake::Accepted(h) => {
-                let _ = buf.split_to(h);
-                return Ok((s, buf));
-            }
-            handshake::ClientHandshake::Refused { status, body } => {
-                anyhow::bail!("refused with {status}: {body}")
-            }
-        }
-    }
-}
-
 async fn link_once<H, F>(ctx: &Rc<Ctx<H>>, addr: &str) -> anyhow::Result<()>
 where
     H: Fn(Request) -> F + 'static,
     F: Future<Output = Outcome> + 'static,
 {
-    let (s, leftover) = ws_connect(addr, "/link", Some(&ctx.opts.token)).await?;
+    let (s, leftover) = ws::connect(addr, "/link", Some(&ctx.opts.token)).await?;
     let ws::WsConn {
         mut reader,
         out,
@@ -409,10 +345,7 @@ where
                     continue;
                 }
                 let h = f.header;
-                let fut = (ctx.handler)(Request {
-                    frame: f,
-                    link_shard: hello.shard,
-                });
+                let fut = (ctx.handler)(Request { frame: f });
                 let mut fut = Box::pin(fut);
                 // Most handlers answer at once: skip a task spawn for those.
                 match futures_util::FutureExt::now_or_never(&mut fut) {

@@ -44,7 +44,7 @@ impl Codec for HttpCodec {
     fn encode(&mut self, _id: u64, wsid: u32, batch: &mut Batch) {
         let mut tmp = [0u8; 20];
         batch.put(&self.pre);
-        batch.put(crate::proto::fmt_u64(wsid as u64, &mut tmp));
+        batch.put(fedbus_proto::fmt_u64(wsid as u64, &mut tmp));
         batch.put(&self.post);
         batch.put_shared(&self.body);
         batch.count += 1;

@@ -11,7 +11,7 @@
 //! let resp = f.router("spb1", 0).conn().request(&Req::post(&f.path("spb2", 7)).token(&tok));
 //! ```
 
-use super::{fedbus, keys_init, Conn, Req, Response, TempDir, BIN, START_TIMEOUT};
+use super::{bin, fedbus, keys_init, Conn, Req, Response, TempDir, START_TIMEOUT};
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -128,7 +128,7 @@ impl FedRouter {
 
 fn spawn_router(cfg: &Path, home: &Path, name: &str, run: u32, shards: usize) -> FedProc {
     let log = home.join(format!("{}-{run}.log", name.replace('/', "-")));
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(bin())
         .args(["run", "--config", cfg.to_str().expect("utf-8 path")])
         .env("FEDBUS_HOME", home)
         .env("FEDBUS_LOG", "info")
@@ -400,7 +400,7 @@ impl Federation {
             .root
             .join(c)
             .join(format!("task-{}.log", self.tasks.len()));
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.args(["task", "echo", "--cluster", &format!("ru/{c}")])
             .args(["--keyring", self.keys[ci].to_str().expect("utf-8")])
             .args(["--delay-ms", &self.delays[ci].to_string()]);

@@ -3,10 +3,12 @@
 //! [`Answer`] into wire bytes; which response fields reach the client is decided here, once,
 //! by [`Answer::fields`].
 
-use crate::api::allowed_header;
-use crate::proto::{tag, Frame, MetaIter};
-use bytes::Bytes;
+use crate::proto::http::allowed_header;
+use crate::proto::{self, put_meta, put_meta_u64, tag, Frame, Kind, MetaIter};
+use crate::ws::WsOut;
+use bytes::{Bytes, BytesMut};
 use std::borrow::Cow;
+use std::cell::RefCell;
 
 /// The outcome of routing one request.
 #[derive(Debug)]
@@ -145,7 +147,9 @@ impl Answer {
     pub fn body(&self) -> Bytes {
         match self {
             Answer::Task { frame, .. } | Answer::Relayed { frame, .. } => frame.payload.clone(),
-            Answer::Error(e) => Bytes::from(crate::api::error_body(e.status, e.code, &e.message)),
+            Answer::Error(e) => {
+                Bytes::from(crate::proto::http::error_body(e.status, e.code, &e.message))
+            }
         }
     }
 
@@ -207,6 +211,67 @@ pub fn answer_status(f: &Frame, default: u16) -> Option<u16> {
             .and_then(|s| u16::try_from(s).ok())
             .filter(|s| (200..600).contains(s) && *s != 204 && *s != 304),
     }
+}
+
+/// Queues the Response frame for `a` (client websocket and peer links); returns the body
+/// length. `served_by` names this router on answers to peers.
+pub fn send_answer(
+    out: &RefCell<WsOut>,
+    shard: usize,
+    id: u64,
+    a: &Answer,
+    served_by: Option<&str>,
+) -> usize {
+    let mut m = BytesMut::with_capacity(128);
+    proto::begin_head(&mut m);
+    put_meta_u64(&mut m, tag::STATUS, u64::from(a.status()));
+    if let Some(r) = served_by {
+        put_meta(&mut m, tag::SERVED_BY, r.as_bytes());
+    }
+    if let Some(code) = a.error_tag() {
+        put_meta(&mut m, tag::ERROR, code);
+    }
+    if served_by.is_none() {
+        // Peers add their own fedbus-shard; the serving router is named by SERVED_BY.
+        put_line(&mut m, "fedbus-shard", shard as u64);
+    }
+    a.fields(|f| match f {
+        Field::ContentType(v) => put_meta(&mut m, tag::CONTENT_TYPE, v),
+        Field::ServedBy(v) => put_meta(&mut m, tag::SERVED_BY, v),
+        Field::Line(v) => put_meta(&mut m, tag::HEADER, v),
+        Field::Number(name, n) => put_line(&mut m, name, n),
+    });
+    let body = a.body();
+    proto::finish_head(
+        &mut m,
+        Kind::Response,
+        0,
+        a.hops(),
+        a.partition().unwrap_or(0),
+        id,
+        body.len(),
+    );
+    let n = body.len();
+    let mut o = out.borrow_mut();
+    if o.send_binary(&m, body).is_err() && !o.is_closing() {
+        // The other side does not read its answers: rather than drop one silently, close the
+        // connection with 1013 (try again later) so every request on it gets a clear end.
+        tracing::warn!(id, "websocket outbox over its limit: closing with 1013");
+        o.close(1013);
+    }
+    n
+}
+
+/// Appends a `name: n` HEADER entry without allocating.
+fn put_line(m: &mut BytesMut, name: &str, n: u64) {
+    let mut tmp = [0u8; 20];
+    let mut line = [0u8; 64];
+    let digits = proto::fmt_u64(n, &mut tmp);
+    let len = name.len() + 2 + digits.len();
+    line[..name.len()].copy_from_slice(name.as_bytes());
+    line[name.len()..name.len() + 2].copy_from_slice(b": ");
+    line[name.len() + 2..len].copy_from_slice(digits);
+    put_meta(m, tag::HEADER, &line[..len]);
 }
 
 #[cfg(test)]

@@ -209,7 +209,7 @@ mod tests {
             &[0],
             0,
         );
-        let c = crate::config::Config::parse(&text, "bench").unwrap();
+        let c = fedbus_router::config::Config::parse(&text, "bench").unwrap();
         assert_eq!(c.listen.api.port(), 9001);
         assert_eq!(c.listen.internal.port(), 9002);
         assert!(!c.listen.admin_enabled);

@@ -4,11 +4,11 @@
 //! of its shards, which routes the requests on it by the local rules. A forwarded request is
 //! marked FORWARDED and is never forwarded again.
 
-use crate::api::ws::send_answer;
 use crate::auth::{self, verify_service_token, ClusterKeyVersion};
 use crate::metrics::{Listener, ShardMetrics};
 use crate::proto::{tag, Frame, Kind};
 use crate::route::ApiPath;
+use crate::routing::answer::send_answer;
 use crate::routing::{self, Answer, Ingress, Request, VerifyCache};
 use crate::shard::Shard;
 use crate::task::link::{read_upgrade, TaskLink};
@@ -130,7 +130,7 @@ async fn dial_loop(shard: Rc<Shard>, cluster: String, slot: Rc<Slot>) {
                 tracing::debug!(shard = shard.index, %cluster, addr = %slot.addr, "peer link: {e}")
             }
         }
-        let j = 0.5 + (crate::sdk::random_u64() % 1000) as f64 / 1000.0;
+        let j = 0.5 + (crate::util::random_u64() % 1000) as f64 / 1000.0;
         glommio::timer::sleep(backoff.mul_f64(j)).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
@@ -146,7 +146,7 @@ async fn dial_once(shard: &Rc<Shard>, cluster: &str, slot: &Rc<Slot>) -> anyhow:
         })
         .await?
         .ok_or_else(|| anyhow::anyhow!("{} resolves to nothing", slot.addr))?;
-    let (s, leftover) = crate::sdk::ws_connect(
+    let (s, leftover) = crate::ws::connect(
         &resolved.to_string(),
         "/peer",
         shard.federation.token.as_deref(),

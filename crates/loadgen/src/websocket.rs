@@ -3,10 +3,10 @@
 //! fedbus frame (crates/proto); answers are Response frames matched by request id, in any order.
 
 use super::codec::{Batch, Codec, Event, STATUS_UNEXPECTED};
-use crate::proto::{self, tag, Kind};
-use crate::ws::frame::{self, opcode, MAX_HEADER};
-use crate::ws::Side;
 use bytes::{Buf, Bytes, BytesMut};
+use fedbus_proto::{self as proto, tag, Kind};
+use fedbus_router::ws::frame::{self, opcode, MAX_HEADER};
+use fedbus_router::ws::Side;
 
 /// Largest websocket message accepted from the peer.
 const MAX_MESSAGE: u64 = 1 << 30;

@@ -3,9 +3,11 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use fedbus::auth::{self, Keyring};
-use fedbus::config::{self, Config};
+use fedbus_auth::{self as auth, Keyring};
+use fedbus_router::config::{self, Config};
 use std::path::{Path, PathBuf};
+
+mod task;
 
 #[derive(Parser)]
 #[command(
@@ -36,7 +38,7 @@ enum Cmd {
     #[command(subcommand)]
     Keys(KeysCmd),
     /// The bundled load generator (spawns a router and echo tasks without --target).
-    Bench(Box<fedbus::loadgen::BenchArgs>),
+    Bench(Box<fedbus_loadgen::BenchArgs>),
     /// Check the host: io_uring, locked memory, cores, socket and file limits.
     Tune {
         /// Config whose cores and io_memory to check (embedded defaults without it).
@@ -249,7 +251,7 @@ fn run_router(path: Option<PathBuf>) -> Result<()> {
         None => Config::default(),
     };
     // io_uring and locked memory first: glommio would panic or fail late without them.
-    for c in fedbus::tune::checks(&cfg) {
+    for c in fedbus_router::tune::checks(&cfg) {
         if !c.ok && c.fatal {
             bail!("{}: {}. Fix: {}", c.name, c.detail, c.fix);
         } else if !c.ok {
@@ -262,7 +264,7 @@ fn run_router(path: Option<PathBuf>) -> Result<()> {
         Keyring::ensure_apps(&dir, &cfg.app_names(), auth::now_unix())?;
     }
     let keyring = Keyring::load(&dir).with_context(|| format!("keyring {}", dir.display()))?;
-    let r = fedbus::shard::listen::start(cfg.clone(), keyring)?;
+    let r = fedbus_router::shard::listen::start(cfg.clone(), keyring)?;
     println!(
         "fedbus router {}/{}/{} up",
         cfg.region, cfg.cluster, cfg.router
@@ -303,7 +305,7 @@ fn run_router(path: Option<PathBuf>) -> Result<()> {
     for sig in signals.forever() {
         if sig == signal_hook::consts::SIGHUP {
             tracing::info!("SIGHUP: reloading the keyring");
-            let _ = r.events.send(fedbus::control::ControlEvent::Reload);
+            let _ = r.events.send(fedbus_router::control::ControlEvent::Reload);
         } else {
             tracing::info!("signal {sig}: stopping");
             break;
@@ -315,9 +317,9 @@ fn run_router(path: Option<PathBuf>) -> Result<()> {
 
 /// SDK options for a built-in task: its service token is `--token`, or in dev mode one minted
 /// from the keyring for this instance, app, cluster and role.
-fn task_options(common: &TaskCommon, kind: &str) -> Result<fedbus::sdk::TaskOptions> {
+fn task_options(common: &TaskCommon, kind: &str) -> Result<task::TaskOptions> {
     let partitions = parse_partitions(&common.partitions)?;
-    let instance = fedbus::sdk::random_u64();
+    let instance = fedbus_router::util::random_u64();
     let token = match common.token.clone() {
         Some(t) => t,
         None => {
@@ -333,7 +335,7 @@ fn task_options(common: &TaskCommon, kind: &str) -> Result<fedbus::sdk::TaskOpti
             )?
         }
     };
-    let mut opts = fedbus::sdk::TaskOptions::new(
+    let mut opts = task::TaskOptions::new(
         common.routers.clone(),
         &common.app,
         &common.role,
@@ -360,7 +362,7 @@ fn run_task(common: TaskCommon, redirect_to: Option<String>, delay_ms: u64) -> R
             .map(|r| format!(" (redirects to {r})"))
             .unwrap_or_default()
     );
-    fedbus::sdk::serve(opts, move |req| {
+    task::serve(opts, move |req| {
         let redirect = redirect_to.clone();
         async move {
             if delay_ms > 0 {
@@ -368,17 +370,17 @@ fn run_task(common: TaskCommon, redirect_to: Option<String>, delay_ms: u64) -> R
             }
             // The app's Auth Service is reached as service `auth` through role main.
             let redirect = redirect.or_else(|| {
-                (req.meta(fedbus::proto::tag::SERVICE) == Some("auth")
-                    && req.meta(fedbus::proto::tag::ROLE) != Some("auth"))
+                (req.meta(fedbus_proto::tag::SERVICE) == Some("auth")
+                    && req.meta(fedbus_proto::tag::ROLE) != Some("auth"))
                 .then(|| "auth".to_string())
             });
             match redirect {
-                Some(r) => fedbus::sdk::Outcome::redirect(&r),
-                None => fedbus::sdk::Outcome::Response {
+                Some(r) => task::Outcome::redirect(&r),
+                None => task::Outcome::Response {
                     status: 200,
                     headers: Vec::new(),
                     content_type: req
-                        .meta(fedbus::proto::tag::CONTENT_TYPE)
+                        .meta(fedbus_proto::tag::CONTENT_TYPE)
                         .map(str::to_string),
                     body: req.payload().clone(),
                 },
@@ -398,10 +400,10 @@ fn run_auth_task(mut common: TaskCommon, ttl: String) -> Result<()> {
         common.app, common.role
     );
     let app = common.app.clone();
-    fedbus::sdk::serve(opts, move |req| {
+    task::serve(opts, move |req| {
         let app = app.clone();
         async move {
-            let json = |status: u16, v: serde_json::Value| fedbus::sdk::Outcome::Response {
+            let json = |status: u16, v: serde_json::Value| task::Outcome::Response {
                 status,
                 headers: Vec::new(),
                 content_type: Some("application/json".into()),
@@ -418,10 +420,10 @@ fn run_auth_task(mut common: TaskCommon, ttl: String) -> Result<()> {
                     serde_json::json!({"error": "bad_login", "message": "body must be {\"sub\": \"<user>\"}"}),
                 );
             };
-            match fedbus::sdk::sign_client_jwt(&app, &sub, ttl) {
+            match task::sign_client_jwt(&app, &sub, ttl) {
                 Some(t) => json(
                     200,
-                    serde_json::json!({"token": t, "kid": fedbus::sdk::secret_version(&app)}),
+                    serde_json::json!({"token": t, "kid": task::secret_version(&app)}),
                 ),
                 None => json(
                     503,
@@ -444,13 +446,17 @@ fn main() {
 fn real_main(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Run { config } => run_router(config),
-        Cmd::Bench(args) => fedbus::loadgen::run(*args),
+        Cmd::Bench(args) => fedbus_loadgen::run(*args),
         Cmd::Tune { config } => {
             let cfg = match &config {
                 Some(p) => Config::load(p)?,
                 None => Config::default(),
             };
-            std::process::exit(if fedbus::tune::report(&cfg) { 0 } else { 1 });
+            std::process::exit(if fedbus_router::tune::report(&cfg) {
+                0
+            } else {
+                1
+            });
         }
         Cmd::Task(TaskCmd::Echo {
             common,

@@ -8,11 +8,12 @@
 //! 401 as on HTTP.
 
 use crate::auth::{self, claimed_app};
-use crate::proto::{self, put_meta, put_meta_u64, tag, Frame, Kind};
+use crate::proto::{tag, Frame, Kind};
 use crate::route::parse_api_path;
-use crate::routing::{self, verify, Answer, Field, Ingress, Principal, Request, VerifyCache};
+use crate::routing::answer::send_answer;
+use crate::routing::{self, verify, Answer, Ingress, Principal, Request, VerifyCache};
 use crate::shard::Shard;
-use crate::ws::{self, handshake, Message, Side, WsOut};
+use crate::ws::{self, handshake, Message, Side};
 use bytes::{Bytes, BytesMut};
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
@@ -215,65 +216,4 @@ async fn answer(shard: &Rc<Shard>, sess: &Session, f: &Frame) -> Answer {
         ingress: Ingress::Websocket,
     };
     routing::route(shard, &sess.cache, &req).await
-}
-
-/// Queues the Response frame for `a` (client websocket and peer links); returns the body
-/// length. `served_by` names this router on answers to peers.
-pub fn send_answer(
-    out: &RefCell<WsOut>,
-    shard: usize,
-    id: u64,
-    a: &Answer,
-    served_by: Option<&str>,
-) -> usize {
-    let mut m = BytesMut::with_capacity(128);
-    proto::begin_head(&mut m);
-    put_meta_u64(&mut m, tag::STATUS, u64::from(a.status()));
-    if let Some(r) = served_by {
-        put_meta(&mut m, tag::SERVED_BY, r.as_bytes());
-    }
-    if let Some(code) = a.error_tag() {
-        put_meta(&mut m, tag::ERROR, code);
-    }
-    if served_by.is_none() {
-        // Peers add their own fedbus-shard; the serving router is named by SERVED_BY.
-        put_line(&mut m, "fedbus-shard", shard as u64);
-    }
-    a.fields(|f| match f {
-        Field::ContentType(v) => put_meta(&mut m, tag::CONTENT_TYPE, v),
-        Field::ServedBy(v) => put_meta(&mut m, tag::SERVED_BY, v),
-        Field::Line(v) => put_meta(&mut m, tag::HEADER, v),
-        Field::Number(name, n) => put_line(&mut m, name, n),
-    });
-    let body = a.body();
-    proto::finish_head(
-        &mut m,
-        Kind::Response,
-        0,
-        a.hops(),
-        a.partition().unwrap_or(0),
-        id,
-        body.len(),
-    );
-    let n = body.len();
-    let mut o = out.borrow_mut();
-    if o.send_binary(&m, body).is_err() && !o.is_closing() {
-        // The other side does not read its answers: rather than drop one silently, close the
-        // connection with 1013 (try again later) so every request on it gets a clear end.
-        tracing::warn!(id, "websocket outbox over its limit: closing with 1013");
-        o.close(1013);
-    }
-    n
-}
-
-/// Appends a `name: n` HEADER entry without allocating.
-fn put_line(m: &mut BytesMut, name: &str, n: u64) {
-    let mut tmp = [0u8; 20];
-    let mut line = [0u8; 64];
-    let digits = proto::fmt_u64(n, &mut tmp);
-    let len = name.len() + 2 + digits.len();
-    line[..name.len()].copy_from_slice(name.as_bytes());
-    line[name.len()..name.len() + 2].copy_from_slice(b": ");
-    line[name.len() + 2..len].copy_from_slice(digits);
-    put_meta(m, tag::HEADER, &line[..len]);
 }

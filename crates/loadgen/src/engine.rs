@@ -10,10 +10,10 @@ use super::nats;
 use super::report::Stats;
 use super::schedule::Schedule;
 use super::websocket::{self, take_frame, WsCodec};
-use crate::ws::conn::write_all_vectored;
-use crate::ws::frame::opcode;
-use crate::ws::{handshake, Side};
 use bytes::{Bytes, BytesMut};
+use fedbus_router::ws::conn::write_all_vectored;
+use fedbus_router::ws::frame::opcode;
+use fedbus_router::ws::{handshake, Side};
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
@@ -131,7 +131,7 @@ pub struct RunOut {
 
 /// Runs the plan to the end (or until `stop`), printing progress once per second on stderr.
 pub fn run(plan: Plan, stop: Arc<AtomicBool>) -> anyhow::Result<RunOut> {
-    let online = crate::config::online_cores();
+    let online = fedbus_router::config::online_cores();
     for c in &plan.cores {
         if *c >= online {
             anyhow::bail!("--cores: core {c} does not exist (this machine has {online})");

@@ -33,9 +33,9 @@ mod schedule;
 mod spawn;
 mod websocket;
 
-use crate::auth::{sign_client_jwt, ClientClaims, Keyring};
 use anyhow::{bail, Context as _};
 use engine::{Plan, Proto};
+use fedbus_auth::{sign_client_jwt, ClientClaims, Keyring};
 use parse::{parse_duration, parse_size, Target};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -154,7 +154,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(c) => parse::parse_cores(c).map_err(anyhow::Error::msg)?,
         None => vec![0],
     };
-    let online = crate::config::online_cores();
+    let online = fedbus_router::config::online_cores();
     let inflight = args
         .inflight
         .unwrap_or(if args.rate.is_some() { 256 } else { 8 });
@@ -194,7 +194,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let dir = args
                 .keyring
                 .clone()
-                .unwrap_or_else(crate::config::default_keyring_dir);
+                .unwrap_or_else(fedbus_router::config::default_keyring_dir);
             plan.token = match &args.token {
                 Some(t) => t.clone(),
                 None => mint_token(&dir, &args.app, token_life)?,
@@ -212,7 +212,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
             let mut g = spawn::Guard::new()?;
             let keys = g.dir().join("keys");
-            Keyring::init(&keys, &[args.app.as_str()], crate::auth::now_unix())
+            Keyring::init(&keys, &[args.app.as_str()], fedbus_auth::now_unix())
                 .context("create keys for the echo tasks")?;
             let (fd, addr) = engine::direct_listener()?;
             let task_core = (0..online).find(|c| !cores.contains(c)).unwrap_or(cores[0]);
@@ -242,7 +242,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             mode = "spawned";
             let mut g = spawn::Guard::new()?;
             let keys = g.dir().join("keys");
-            Keyring::init(&keys, &[args.app.as_str()], crate::auth::now_unix())
+            Keyring::init(&keys, &[args.app.as_str()], fedbus_auth::now_unix())
                 .context("create keys for the bench router")?;
             let api: std::net::SocketAddr = ([127, 0, 0, 1], spawn::free_port()?).into();
             let internal: std::net::SocketAddr = ([127, 0, 0, 1], spawn::free_port()?).into();
@@ -389,7 +389,7 @@ fn check(args: &BenchArgs, target: Option<&Target>) -> anyhow::Result<()> {
     if matches!(args.responders, Some(0)) {
         bail!("--responders must be at least 1");
     }
-    crate::auth::keyring::validate_app_name(&args.app)
+    fedbus_auth::keyring::validate_app_name(&args.app)
         .map_err(|e| anyhow::anyhow!("--app: {e}"))?;
     for (flag, v) in [("--region", &args.region), ("--cluster", &args.cluster)] {
         if v.is_empty()
@@ -457,7 +457,7 @@ fn mint_token(dir: &Path, app: &str, life_secs: u64) -> anyhow::Result<String> {
     let secret = kr
         .signing_app_secret(app)
         .with_context(|| format!("keyring {} holds no secret for app {app}", dir.display()))?;
-    let now = crate::auth::now_unix();
+    let now = fedbus_auth::now_unix();
     let claims = ClientClaims {
         sub: "fedbus-bench".into(),
         app: app.into(),
@@ -570,10 +570,10 @@ mod tests {
     #[test]
     fn token_from_keyring() {
         let dir = std::env::temp_dir().join(format!("fedbus-bench-kr-{}", std::process::id()));
-        Keyring::init(&dir, &["demo/echo"], crate::auth::now_unix()).unwrap();
+        Keyring::init(&dir, &["demo/echo"], fedbus_auth::now_unix()).unwrap();
         let t = mint_token(&dir, "demo/echo", 60).unwrap();
         let kr = Keyring::load(&dir).unwrap();
-        let c = crate::auth::verify_client_jwt(&kr, "demo/echo", &t, crate::auth::now_unix(), 60)
+        let c = fedbus_auth::verify_client_jwt(&kr, "demo/echo", &t, fedbus_auth::now_unix(), 60)
             .unwrap();
         assert_eq!(c.sub, "fedbus-bench");
         let e = mint_token(&dir, "other/app", 60).unwrap_err();

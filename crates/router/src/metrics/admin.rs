@@ -58,7 +58,7 @@ fn serve(mut s: TcpStream, reg: &Registry, snaps: &Snapshots) -> std::io::Result
     };
     let head = format!(
         "HTTP/1.1 {status} {}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        crate::api::reason(status),
+        crate::proto::http::reason(status),
         body.len()
     );
     s.write_all(head.as_bytes())?;

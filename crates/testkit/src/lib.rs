@@ -10,8 +10,7 @@
 //! let resp = r.conn().request(&Req::post(&r.path("demo/echo", 42)).token(&tok).body(b"hi"));
 //! ```
 
-// Each test binary uses only part of the harness.
-#![allow(dead_code)]
+#![warn(unreachable_pub)]
 
 pub mod fed;
 
@@ -22,13 +21,44 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
 pub mod seed;
 
-/// The binary under test.
-pub const BIN: &str = env!("CARGO_BIN_EXE_fedbus");
+/// The `fedbus` binary under test: `$FEDBUS_BIN` when set, else `fedbus` in the profile
+/// directory of the running test executable (`target/<profile>/deps/<test>` ->
+/// `target/<profile>/fedbus`, where `cargo test` builds it for the tests of the `fedbus`
+/// package). Panics with what to do when it is missing.
+pub fn bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("FEDBUS_BIN") {
+            let p = PathBuf::from(p);
+            assert!(
+                p.is_file(),
+                "FEDBUS_BIN={} is not a file: build fedbus or unset FEDBUS_BIN",
+                p.display()
+            );
+            return p;
+        }
+        let exe = std::env::current_exe().expect("path of the test executable");
+        let found = exe
+            .ancestors()
+            .skip(1)
+            .take(3)
+            .map(|d| d.join(format!("fedbus{}", std::env::consts::EXE_SUFFIX)))
+            .find(|p| p.is_file());
+        found.unwrap_or_else(|| {
+            panic!(
+                "the fedbus binary was not found next to {} (looked in its directory and the two \
+                 above): run the tests with `cargo test -p fedbus`, build it with \
+                 `cargo build -p fedbus` (same profile), or set FEDBUS_BIN=/path/to/fedbus",
+                exe.display()
+            )
+        })
+    })
+}
 /// Longest wait for a router or a task to come up.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default read timeout of client connections.
@@ -69,7 +99,7 @@ impl Drop for TempDir {
 
 /// Runs `fedbus ARGS` to completion with `FEDBUS_HOME=home`; panics on failure; returns stdout.
 pub fn fedbus(home: &Path, args: &[&str]) -> String {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(args)
         .env("FEDBUS_HOME", home)
         .stdin(Stdio::null())
@@ -207,7 +237,7 @@ impl RouterBuilder {
         std::fs::write(&cfg_path, &cfg).expect("write config");
 
         let log = home.join("router.log");
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(["run", "--config", cfg_path.to_str().expect("utf-8 path")])
             .env("FEDBUS_HOME", &home)
             .env("FEDBUS_LOG", "info")
@@ -479,7 +509,7 @@ pub fn spawn_task(r: &Router, args: &[String], label: &str) -> Task {
     r.tasks_started.set(n + 1);
     let before = r.registrations();
     let log = r.home().join(format!("task-{n}{label}.log"));
-    let child = Command::new(BIN)
+    let child = Command::new(bin())
         .args(args)
         .arg("--router")
         .arg(r.internal[0].to_string())

@@ -145,7 +145,7 @@ impl Codec for NatsCodec {
     fn encode(&mut self, id: u64, _wsid: u32, batch: &mut Batch) {
         let mut tmp = [0u8; 20];
         batch.put(&self.pre);
-        batch.put(crate::proto::fmt_u64(id, &mut tmp));
+        batch.put(fedbus_proto::fmt_u64(id, &mut tmp));
         batch.put(&self.post);
         batch.put_shared(&self.body);
         batch.put(b"\r\n");
@@ -201,7 +201,7 @@ pub fn answer(buf: &mut BytesMut, out: &mut Batch) -> Result<(), String> {
                 out.put(&chunk[reply]);
                 let mut tmp = [0u8; 20];
                 out.put(b" ");
-                out.put(crate::proto::fmt_u64(payload.len() as u64, &mut tmp));
+                out.put(fedbus_proto::fmt_u64(payload.len() as u64, &mut tmp));
                 out.put(b"\r\n");
                 out.put_shared(&chunk.slice(payload));
                 out.put(b"\r\n");

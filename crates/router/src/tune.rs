@@ -697,17 +697,17 @@ mod tests {
     const EXAMPLES: [(&str, &str, usize); 3] = [
         (
             "tuning/2-core.toml",
-            include_str!("../tuning/2-core.toml"),
+            include_str!("../../../tuning/2-core.toml"),
             2,
         ),
         (
             "tuning/8-core.toml",
-            include_str!("../tuning/8-core.toml"),
+            include_str!("../../../tuning/8-core.toml"),
             8,
         ),
         (
             "tuning/16-core.toml",
-            include_str!("../tuning/16-core.toml"),
+            include_str!("../../../tuning/16-core.toml"),
             16,
         ),
     ];

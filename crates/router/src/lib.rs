@@ -9,15 +9,20 @@
 
 #![warn(unreachable_pub)]
 
+/// Client ingress. Public only with the `bench` feature (benches/micro.rs and
+/// tests/alloc_count.rs time and count `api::http::parse_one`).
+#[cfg(feature = "bench")]
 pub mod api;
+#[cfg(not(feature = "bench"))]
+pub(crate) mod api;
 pub mod config;
 pub mod control;
-pub mod metrics;
-pub mod peer;
+pub(crate) mod metrics;
+pub(crate) mod peer;
 pub mod route;
-pub mod routing;
+pub(crate) mod routing;
 pub mod shard;
-pub mod task;
+pub(crate) mod task;
 pub mod tune;
 pub mod util;
 pub mod ws;

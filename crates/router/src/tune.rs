@@ -58,7 +58,7 @@ impl Check {
     }
 
     /// `ok`, `WARN` (failed, not fatal) or `FAIL` (failed, fatal).
-    pub fn status(&self) -> &'static str {
+    pub(crate) fn status(&self) -> &'static str {
         match (self.ok, self.fatal) {
             (true, _) => "ok",
             (false, false) => "WARN",
@@ -69,10 +69,10 @@ impl Check {
 
 /// glommio's own floor: below this `RLIMIT_MEMLOCK` an executor does not start at all
 /// (`ReactorErrorKind::MemLockLimit`), whoever runs it.
-pub const GLOMMIO_MIN_MEMLOCK: u64 = 512 * 1024;
+pub(crate) const GLOMMIO_MIN_MEMLOCK: u64 = 512 * 1024;
 
 /// Locked memory of one executor's three rings beyond `io_memory` (an estimate).
-pub const RING_OVERHEAD: u64 = 64 * 1024;
+pub(crate) const RING_OVERHEAD: u64 = 64 * 1024;
 
 /// glommio rounds `io_memory` up to a page and to at least 64 KiB.
 fn effective_io_memory(io_memory: usize) -> u64 {
@@ -81,10 +81,10 @@ fn effective_io_memory(io_memory: usize) -> u64 {
 }
 
 /// Advised soft `RLIMIT_NOFILE` and `fs.file-max`.
-pub const ADVISED_NOFILE: u64 = 65536;
+pub(crate) const ADVISED_NOFILE: u64 = 65536;
 
 /// Advised `net.core.somaxconn`.
-pub const ADVISED_SOMAXCONN: u64 = 1024;
+pub(crate) const ADVISED_SOMAXCONN: u64 = 1024;
 
 /// Cap on the size of a CPU list read from `/sys`, so a corrupt range cannot make us allocate.
 const MAX_CPUS: usize = 1 << 16;
@@ -113,7 +113,7 @@ fn probe_io_uring() -> Result<(), i32> {
 }
 
 /// Probes io_uring with a raw `io_uring_setup(2)`; says why it is blocked when it is.
-pub fn check_io_uring() -> Check {
+pub(crate) fn check_io_uring() -> Check {
     let disabled = read_number("/proc/sys/kernel/io_uring_disabled");
     let seccomp = fs::read_to_string("/proc/self/status")
         .ok()
@@ -187,7 +187,7 @@ fn io_uring_verdict(probe: Result<(), i32>, disabled: Option<u64>, seccomp: Opti
 }
 
 /// Locked memory for `shards` executors of `io_memory` bytes each.
-pub fn check_memlock(shards: usize, io_memory: usize) -> Check {
+pub(crate) fn check_memlock(shards: usize, io_memory: usize) -> Check {
     let mut rl = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -261,7 +261,7 @@ fn memlock_verdict(limit: Option<u64>, privileged: bool, shards: usize, io_memor
 }
 
 /// Non-fatal advice on the host: backlog, open files, CPU governor, cores, SMT siblings.
-pub fn advisory_checks(shard_cores: &[usize], control_core: usize) -> Vec<Check> {
+pub(crate) fn advisory_checks(shard_cores: &[usize], control_core: usize) -> Vec<Check> {
     let mut out = vec![check_somaxconn(), check_nofile(), check_file_max()];
     let mut cores: Vec<usize> = shard_cores.to_vec();
     cores.push(control_core);

@@ -20,18 +20,21 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 /// A parsed request whose head and body are slices of one frozen buffer.
+#[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
 pub struct Req {
-    pub head: Bytes,
+    pub(crate) head: Bytes,
+    /// The body, a slice of the read buffer.
+    #[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
     pub body: Bytes,
-    pub method: Method,
-    pub path: Range<usize>,
-    pub token: Option<Range<usize>>,
-    pub content_type: Option<Range<usize>>,
-    pub close: bool,
+    pub(crate) method: Method,
+    pub(crate) path: Range<usize>,
+    pub(crate) token: Option<Range<usize>>,
+    pub(crate) content_type: Option<Range<usize>>,
+    pub(crate) close: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Method {
+pub(crate) enum Method {
     Get,
     Post,
 }
@@ -46,6 +49,7 @@ impl Method {
 }
 
 /// Result of looking at the read buffer.
+#[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
 pub enum Parsed {
     /// More bytes needed; `continue_` asks for a `100 Continue`.
     Incomplete {
@@ -64,6 +68,7 @@ fn range_of(buf: &[u8], part: &[u8]) -> Range<usize> {
 }
 
 /// Parses one request from the front of `buf`, splitting it off when complete.
+#[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
 pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut r = httparse::Request::new(&mut headers);
@@ -209,7 +214,13 @@ fn put_num(out: &mut BytesMut, n: u64) {
 }
 
 /// Writes the response head for `a` into `out`.
-pub fn write_head(out: &mut BytesMut, shard: &Shard, a: &Answer, body_len: usize, close: bool) {
+pub(crate) fn write_head(
+    out: &mut BytesMut,
+    shard: &Shard,
+    a: &Answer,
+    body_len: usize,
+    close: bool,
+) {
     // Plain byte appends and `fmt_u64` instead of `write!`: this runs once per response, and
     // the formatting machinery cost more than the rest of the head.
     let status = a.status();
@@ -265,7 +276,7 @@ pub fn write_head(out: &mut BytesMut, shard: &Shard, a: &Answer, body_len: usize
 use bytes::BufMut;
 
 /// Serves one client connection until it closes.
-pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let m = shard.metrics.clone();
     ShardMetrics::inc(&m.connections[Listener::Api as usize]);
     shard.client_conns.set(shard.client_conns.get() + 1);

@@ -2,7 +2,8 @@
 //! metrics issue) the multiplexed websocket endpoint. Errors are JSON
 //! `{"status":N,"error":"<code>","message":"..."}`.
 
+#[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
 pub mod http;
-pub mod ws;
+pub(crate) mod ws;
 
-pub use fedbus_proto::http::{allowed_header, error_body, reason};
+pub(crate) use fedbus_proto::http::reason;

@@ -31,7 +31,12 @@ fn query_token(path: &str) -> Option<&str> {
 
 /// Takes over a connection whose first request was `GET /api/ws`. `head` is that request's
 /// head; `leftover` what followed it.
-pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, head: Bytes, leftover: BytesMut) {
+pub(crate) async fn serve(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    head: Bytes,
+    leftover: BytesMut,
+) {
     let up = match handshake::parse_upgrade(&head) {
         Ok(Some(up)) => up,
         Ok(None) => return,

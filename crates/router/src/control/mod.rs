@@ -14,16 +14,16 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// A keyring with the generation it was published at.
-pub struct KeySnapshot {
-    pub generation: u64,
-    pub keyring: Keyring,
+pub(crate) struct KeySnapshot {
+    pub(crate) generation: u64,
+    pub(crate) keyring: Keyring,
 }
 
 /// The snapshots shards read on every request.
 #[derive(Clone)]
-pub struct Snapshots {
-    pub routes: Arc<ArcSwap<RoutingTable>>,
-    pub keys: Arc<ArcSwap<KeySnapshot>>,
+pub(crate) struct Snapshots {
+    pub(crate) routes: Arc<ArcSwap<RoutingTable>>,
+    pub(crate) keys: Arc<ArcSwap<KeySnapshot>>,
 }
 
 /// What shards tell the control thread.
@@ -41,13 +41,13 @@ pub enum ControlEvent {
 
 /// Registrations of live task instances: the shards each has a link on.
 #[derive(Default)]
-pub struct Registry {
+pub(crate) struct Registry {
     tasks: HashMap<TaskId, (Registration, BTreeSet<usize>)>,
 }
 
 impl Registry {
     /// Applies one event; true when the set of live tasks changed.
-    pub fn apply(&mut self, ev: &ControlEvent) -> bool {
+    pub(crate) fn apply(&mut self, ev: &ControlEvent) -> bool {
         match ev {
             ControlEvent::Register { shard, reg } => {
                 let e = self
@@ -83,7 +83,7 @@ impl Registry {
     }
 
     /// Live registrations (a task is live while it has a link on any shard), in a stable order.
-    pub fn live(&self) -> Vec<Registration> {
+    pub(crate) fn live(&self) -> Vec<Registration> {
         let mut v: Vec<Registration> = self.tasks.values().map(|(r, _)| r.clone()).collect();
         v.sort_by_key(|r| r.task);
         v
@@ -91,7 +91,7 @@ impl Registry {
 }
 
 /// App specs from the config.
-pub fn app_specs(cfg: &Config) -> Vec<AppSpec> {
+pub(crate) fn app_specs(cfg: &Config) -> Vec<AppSpec> {
     cfg.apps
         .iter()
         .map(|a| AppSpec {
@@ -122,7 +122,7 @@ fn keyring_mtime(dir: &std::path::Path) -> Option<SystemTime> {
 }
 
 /// The control thread's state.
-pub struct Control {
+pub(crate) struct Control {
     cfg: Arc<Config>,
     specs: Vec<AppSpec>,
     registry: Registry,
@@ -135,7 +135,7 @@ pub struct Control {
 
 impl Control {
     /// Loads the keyring and publishes the first (empty) routing table.
-    pub fn new(cfg: Arc<Config>, keyring: Keyring) -> Control {
+    pub(crate) fn new(cfg: Arc<Config>, keyring: Keyring) -> Control {
         let specs = app_specs(&cfg);
         let table = route::build(&specs, &[], 1, cfg.routing.election_seed);
         let keyring_dir = cfg.keyring_dir();
@@ -158,7 +158,7 @@ impl Control {
         }
     }
 
-    pub fn snapshots(&self) -> Snapshots {
+    pub(crate) fn snapshots(&self) -> Snapshots {
         self.snapshots.clone()
     }
 
@@ -175,7 +175,7 @@ impl Control {
     }
 
     /// Re-reads the keyring; a broken one keeps the old in force and logs why.
-    pub fn reload_keys(&mut self, why: &str) {
+    pub(crate) fn reload_keys(&mut self, why: &str) {
         self.keyring_mtime = keyring_mtime(&self.keyring_dir);
         match Keyring::load(&self.keyring_dir) {
             Ok(k) => {
@@ -193,7 +193,7 @@ impl Control {
     }
 
     /// Runs until `Shutdown` or every sender is gone.
-    pub fn run(mut self, rx: crossbeam_channel::Receiver<ControlEvent>) {
+    pub(crate) fn run(mut self, rx: crossbeam_channel::Receiver<ControlEvent>) {
         let poll = Duration::from_millis(self.cfg.auth.reload_poll_ms);
         loop {
             let first = match rx.recv_timeout(poll) {

@@ -8,7 +8,11 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 /// Binds and serves in a background thread; returns the bound address.
-pub fn start(addr: SocketAddr, reg: Registry, snaps: Snapshots) -> anyhow::Result<SocketAddr> {
+pub(crate) fn start(
+    addr: SocketAddr,
+    reg: Registry,
+    snaps: Snapshots,
+) -> anyhow::Result<SocketAddr> {
     let l = TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("admin listener {addr}: {e}"))?;
     let bound = l.local_addr()?;
     std::thread::Builder::new()

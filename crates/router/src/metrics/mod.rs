@@ -2,24 +2,24 @@
 //! `ShardMetrics` (relaxed atomics on cache lines no other shard writes), and the admin
 //! listener adds them up only when scraped. Never blocks, never allocates on update.
 
-pub mod admin;
+pub(crate) mod admin;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 /// HTTP statuses counted individually; anything else lands in "other".
-pub const STATUSES: [u16; 17] = [
+pub(crate) const STATUSES: [u16; 17] = [
     200, 400, 401, 403, 404, 405, 408, 411, 413, 431, 500, 502, 503, 504, 508, 101, 0,
 ];
 /// Upper bounds of latency buckets, microseconds (Prometheus `le`).
-pub const LATENCY_BUCKETS_US: [u64; 16] = [
+pub(crate) const LATENCY_BUCKETS_US: [u64; 16] = [
     25, 50, 100, 200, 400, 800, 1_600, 3_200, 6_400, 12_800, 25_600, 51_200, 102_400, 409_600,
     1_638_400, 10_000_000,
 ];
 
 /// Listener kinds for connection gauges.
 #[derive(Clone, Copy)]
-pub enum Listener {
+pub(crate) enum Listener {
     Api = 0,
     Internal = 1,
     External = 2,
@@ -28,26 +28,26 @@ pub enum Listener {
 /// Counters of one shard. Aligned so two shards never share a cache line.
 #[repr(align(128))]
 #[derive(Default)]
-pub struct ShardMetrics {
-    pub requests: [AtomicU64; STATUSES.len()],
-    pub bytes_in: AtomicU64,
-    pub bytes_out: AtomicU64,
-    pub connections: [AtomicU64; 3],
-    pub connections_refused: AtomicU64,
-    pub task_links: AtomicU64,
-    pub peer_links: AtomicU64,
-    pub pending: AtomicU64,
-    pub latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
-    pub latency_sum_us: AtomicU64,
-    pub redirects: AtomicU64,
-    pub emergency: AtomicU64,
-    pub forwarded: AtomicU64,
-    pub auth_cache_hits: AtomicU64,
+pub(crate) struct ShardMetrics {
+    pub(crate) requests: [AtomicU64; STATUSES.len()],
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    pub(crate) connections: [AtomicU64; 3],
+    pub(crate) connections_refused: AtomicU64,
+    pub(crate) task_links: AtomicU64,
+    pub(crate) peer_links: AtomicU64,
+    pub(crate) pending: AtomicU64,
+    pub(crate) latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    pub(crate) latency_sum_us: AtomicU64,
+    pub(crate) redirects: AtomicU64,
+    pub(crate) emergency: AtomicU64,
+    pub(crate) forwarded: AtomicU64,
+    pub(crate) auth_cache_hits: AtomicU64,
 }
 
 impl ShardMetrics {
     /// Counts one finished request.
-    pub fn request(&self, status: u16, latency_us: u64, bytes_in: usize, bytes_out: usize) {
+    pub(crate) fn request(&self, status: u16, latency_us: u64, bytes_in: usize, bytes_out: usize) {
         let i = STATUSES
             .iter()
             .position(|s| *s == status)
@@ -63,17 +63,17 @@ impl ShardMetrics {
         self.latency_sum_us.fetch_add(latency_us, Relaxed);
     }
 
-    pub fn inc(c: &AtomicU64) {
+    pub(crate) fn inc(c: &AtomicU64) {
         c.fetch_add(1, Relaxed);
     }
 
-    pub fn dec(c: &AtomicU64) {
+    pub(crate) fn dec(c: &AtomicU64) {
         c.fetch_sub(1, Relaxed);
     }
 }
 
 /// All shards' metrics, shared with the admin listener.
-pub type Registry = Arc<Vec<Arc<ShardMetrics>>>;
+pub(crate) type Registry = Arc<Vec<Arc<ShardMetrics>>>;
 
 /// Picks one counter out of a shard's metrics.
 type Field = fn(&ShardMetrics) -> &AtomicU64;
@@ -83,7 +83,7 @@ fn sum(reg: &Registry, f: impl Fn(&ShardMetrics) -> &AtomicU64) -> u64 {
 }
 
 /// Renders Prometheus text format (version 0.0.4).
-pub fn render(reg: &Registry, extra: &str) -> String {
+pub(crate) fn render(reg: &Registry, extra: &str) -> String {
     use std::fmt::Write;
     let mut o = String::with_capacity(4096);
     let _ = writeln!(

@@ -22,18 +22,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Static federation facts shared by all shards.
-pub struct Federation {
+pub(crate) struct Federation {
     /// `region/cluster` -> that cluster's public keys.
-    pub keys: HashMap<String, Vec<ClusterKeyVersion>>,
+    pub(crate) keys: HashMap<String, Vec<ClusterKeyVersion>>,
     /// `region/cluster` -> its routers' external addresses.
-    pub routers: HashMap<String, Vec<String>>,
+    pub(crate) routers: HashMap<String, Vec<String>>,
     /// The token this router presents to peers.
-    pub token: Option<String>,
+    pub(crate) token: Option<String>,
 }
 
 impl Federation {
     /// Loads the other clusters' keys named by the config.
-    pub fn load(cfg: &crate::config::Config, token: Option<String>) -> anyhow::Result<Federation> {
+    pub(crate) fn load(
+        cfg: &crate::config::Config,
+        token: Option<String>,
+    ) -> anyhow::Result<Federation> {
         let mut keys = HashMap::new();
         let mut routers = HashMap::new();
         for c in cfg.peer_clusters() {
@@ -51,27 +54,27 @@ impl Federation {
     }
 
     /// True when `region/cluster` is another cluster of the federation.
-    pub fn knows(&self, region: &str, cluster: &str) -> bool {
+    pub(crate) fn knows(&self, region: &str, cluster: &str) -> bool {
         self.routers.keys().any(|k| is_cluster(k, region, cluster))
     }
 }
 
 /// One remote router as seen by one shard.
-pub struct Slot {
-    pub addr: String,
-    pub link: RefCell<Option<Rc<TaskLink>>>,
+pub(crate) struct Slot {
+    pub(crate) addr: String,
+    pub(crate) link: RefCell<Option<Rc<TaskLink>>>,
 }
 
 /// A shard's peer links: cluster -> one slot per remote router.
 #[derive(Default)]
-pub struct Peers {
-    pub clusters: HashMap<String, Vec<Rc<Slot>>>,
+pub(crate) struct Peers {
+    pub(crate) clusters: HashMap<String, Vec<Rc<Slot>>>,
 }
 
 impl Peers {
     /// A live link to a router of `cluster`, starting at `wsid % routers` and skipping dead
     /// or full ones.
-    pub fn pick(
+    pub(crate) fn pick(
         &self,
         region: &str,
         cluster: &str,
@@ -102,7 +105,7 @@ fn is_cluster(key: &str, region: &str, cluster: &str) -> bool {
 }
 
 /// Starts this shard's dialers: one per router of every other cluster.
-pub fn start_dialers(shard: &Rc<Shard>) {
+pub(crate) fn start_dialers(shard: &Rc<Shard>) {
     let mut peers = shard.peers.borrow_mut();
     for (cluster, addrs) in &shard.federation.routers {
         let slots: Vec<Rc<Slot>> = addrs
@@ -197,7 +200,7 @@ async fn dial_once(shard: &Rc<Shard>, cluster: &str, slot: &Rc<Slot>) -> anyhow:
 }
 
 /// Serves one connection on the external listener: a peer router's link.
-pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     ShardMetrics::inc(&shard.metrics.connections[Listener::External as usize]);
     let timeout = Duration::from_millis(shard.cfg.limits.handshake_timeout_ms);
     match read_upgrade(&mut stream, timeout).await {
@@ -378,7 +381,7 @@ fn forwarded_request(f: &Frame) -> Result<Request<'_>, Answer> {
 
 /// The peer token this router presents: from `peer_token_file`, or minted from the private
 /// cluster key of the keyring in dev mode.
-pub fn peer_token(cfg: &crate::config::Config) -> anyhow::Result<Option<String>> {
+pub(crate) fn peer_token(cfg: &crate::config::Config) -> anyhow::Result<Option<String>> {
     if cfg.peer_clusters().next().is_none() {
         return Ok(None);
     }
@@ -407,4 +410,4 @@ pub fn peer_token(cfg: &crate::config::Config) -> anyhow::Result<Option<String>>
 }
 
 /// Shared handle type for shards.
-pub type FederationRef = Arc<Federation>;
+pub(crate) type FederationRef = Arc<Federation>;

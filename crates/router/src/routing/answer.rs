@@ -12,7 +12,7 @@ use std::cell::RefCell;
 
 /// The outcome of routing one request.
 #[derive(Debug)]
-pub enum Answer {
+pub(crate) enum Answer {
     /// A task of this cluster answered.
     Task {
         /// From the frame's STATUS (200 when absent); never 1xx, 204 or 304.
@@ -41,22 +41,22 @@ pub enum Answer {
 /// An error the router answers by itself, as the JSON body
 /// `{"status":N,"error":"<code>","message":"..."}`.
 #[derive(Debug)]
-pub struct RouterError {
+pub(crate) struct RouterError {
     /// HTTP status.
-    pub status: u16,
+    pub(crate) status: u16,
     /// Stable machine-readable code.
-    pub code: &'static str,
+    pub(crate) code: &'static str,
     /// For a human.
-    pub message: Cow<'static, str>,
+    pub(crate) message: Cow<'static, str>,
     /// The partition the request was for, when known.
-    pub partition: Option<u32>,
+    pub(crate) partition: Option<u32>,
     /// Redirects taken before the error.
-    pub hops: u8,
+    pub(crate) hops: u8,
 }
 
 /// One field of the answer as the client should see it, already filtered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Field<'a> {
+pub(crate) enum Field<'a> {
     /// The body's content type.
     ContentType(&'a [u8]),
     /// `region/cluster/router` of the router of another cluster that served the request.
@@ -69,7 +69,11 @@ pub enum Field<'a> {
 
 impl Answer {
     /// A router error.
-    pub fn error(status: u16, code: &'static str, message: impl Into<Cow<'static, str>>) -> Answer {
+    pub(crate) fn error(
+        status: u16,
+        code: &'static str,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Answer {
         Answer::Error(RouterError {
             status,
             code,
@@ -80,7 +84,7 @@ impl Answer {
     }
 
     /// A router error about `partition`, after `hops` redirects.
-    pub fn error_at(
+    pub(crate) fn error_at(
         status: u16,
         code: &'static str,
         message: impl Into<Cow<'static, str>>,
@@ -97,7 +101,7 @@ impl Answer {
     }
 
     /// The status the client gets.
-    pub fn status(&self) -> u16 {
+    pub(crate) fn status(&self) -> u16 {
         match self {
             Answer::Task { status, .. } | Answer::Relayed { status, .. } => *status,
             Answer::Error(e) => e.status,
@@ -105,7 +109,8 @@ impl Answer {
     }
 
     /// The router's error code, for errors.
-    pub fn error_code(&self) -> Option<&'static str> {
+    #[cfg(test)]
+    pub(crate) fn error_code(&self) -> Option<&'static str> {
         match self {
             Answer::Error(e) => Some(e.code),
             _ => None,
@@ -115,7 +120,7 @@ impl Answer {
     /// The error code a router put on the answer: ours, or the serving router's for a relayed
     /// error (the ERROR entry of its frame), so websocket clients see the code whichever
     /// router refused.
-    pub fn error_tag(&self) -> Option<&[u8]> {
+    pub(crate) fn error_tag(&self) -> Option<&[u8]> {
         match self {
             Answer::Error(e) => Some(e.code.as_bytes()),
             Answer::Relayed { frame, .. } => frame
@@ -126,7 +131,7 @@ impl Answer {
     }
 
     /// The partition that served (or would have served) the request, as this router knows it.
-    pub fn partition(&self) -> Option<u32> {
+    pub(crate) fn partition(&self) -> Option<u32> {
         match self {
             Answer::Task { partition, .. } => Some(*partition),
             Answer::Relayed { .. } => None,
@@ -135,7 +140,7 @@ impl Answer {
     }
 
     /// Redirects taken on this router.
-    pub fn hops(&self) -> u8 {
+    pub(crate) fn hops(&self) -> u8 {
         match self {
             Answer::Task { hops, .. } => *hops,
             Answer::Relayed { .. } => 0,
@@ -144,7 +149,7 @@ impl Answer {
     }
 
     /// The body the client gets: the payload of the answer, or the JSON error.
-    pub fn body(&self) -> Bytes {
+    pub(crate) fn body(&self) -> Bytes {
         match self {
             Answer::Task { frame, .. } | Answer::Relayed { frame, .. } => frame.payload.clone(),
             Answer::Error(e) => {
@@ -153,17 +158,12 @@ impl Answer {
         }
     }
 
-    /// True when the answer came from a router of another cluster.
-    pub fn is_relayed(&self) -> bool {
-        matches!(self, Answer::Relayed { .. })
-    }
-
     /// Calls `f` with every response field the client may see, in order. The one filter for
     /// every ingress: a task cannot set framing headers (it would split or smuggle responses)
     /// nor the router's own `fedbus-*` headers; values never carry CR or LF. This router's
     /// `fedbus-partition`, `fedbus-hops` and `fedbus-emergency` come last; a relayed answer
     /// carries the serving router's instead. Nothing here allocates.
-    pub fn fields(&self, mut f: impl FnMut(Field<'_>)) {
+    pub(crate) fn fields(&self, mut f: impl FnMut(Field<'_>)) {
         let (frame, from_router) = match self {
             Answer::Task { frame, .. } => (Some(frame), false),
             Answer::Relayed { frame, .. } => (Some(frame), true),
@@ -203,7 +203,7 @@ impl Answer {
 /// The status of an answer frame (`default` when it has none). Statuses that cannot carry a
 /// body (1xx, 204, 304) or are out of range are refused: with the body the router always
 /// sends, they would let a task split the client's keep-alive stream.
-pub fn answer_status(f: &Frame, default: u16) -> Option<u16> {
+pub(crate) fn answer_status(f: &Frame, default: u16) -> Option<u16> {
     match f.get(tag::STATUS) {
         None => Some(default),
         Some(_) => f
@@ -215,7 +215,7 @@ pub fn answer_status(f: &Frame, default: u16) -> Option<u16> {
 
 /// Queues the Response frame for `a` (client websocket and peer links); returns the body
 /// length. `served_by` names this router on answers to peers.
-pub fn send_answer(
+pub(crate) fn send_answer(
     out: &RefCell<WsOut>,
     shard: usize,
     id: u64,

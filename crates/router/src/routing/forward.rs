@@ -12,7 +12,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 /// Forwards over this shard's peer link and waits for the answer.
-pub async fn forward(shard: &Rc<Shard>, req: &Request<'_>) -> Answer {
+pub(crate) async fn forward(shard: &Rc<Shard>, req: &Request<'_>) -> Answer {
     let t = &req.target;
     let limits = &shard.cfg.limits;
     let Some(link) =

@@ -12,7 +12,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 /// Delivers an admitted request for this cluster from `subject` and waits for its answer.
-pub async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str) -> Answer {
+pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str) -> Answer {
     let t = &req.target;
     // A snapshot guard (no refcount traffic) held only while routing, never across an await;
     // the first one also serves the first hop.
@@ -233,7 +233,7 @@ fn no_live_task(app: &str, role: &str, partition: u32, hops: u8) -> Answer {
 /// later): the published emergency partition if this shard has a live link for it, else the
 /// same pure election the control thread runs, among the partitions live on this shard, so
 /// the choice matches what it will publish. `None`: nothing live here.
-pub fn emergency_fallback(
+pub(crate) fn emergency_fallback(
     app: &str,
     role: &str,
     seed: u64,

@@ -16,13 +16,13 @@
 //! nothing else. Nothing here reads a socket; everything runs on the shard that accepted the
 //! request and never blocks.
 
-pub mod answer;
-pub mod forward;
-pub mod local;
-pub mod verify;
+pub(crate) mod answer;
+pub(crate) mod forward;
+pub(crate) mod local;
+pub(crate) mod verify;
 
-pub use answer::{answer_status, Answer, Field, RouterError};
-pub use verify::{Principal, VerifyCache};
+pub(crate) use answer::{answer_status, Answer, Field};
+pub(crate) use verify::{Principal, VerifyCache};
 
 use crate::route::ApiPath;
 use crate::shard::Shard;
@@ -32,7 +32,7 @@ use std::rc::Rc;
 
 /// Where a request came in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ingress {
+pub(crate) enum Ingress {
     /// An HTTP/1.1 request on the api listener.
     Http,
     /// A request frame on the client websocket endpoint `/api/ws`.
@@ -44,24 +44,24 @@ pub enum Ingress {
 /// A client request, whatever protocol brought it. Borrows from the ingress's read buffer;
 /// the payload is a slice of it too (never copied).
 #[derive(Debug, Clone)]
-pub struct Request<'a> {
+pub(crate) struct Request<'a> {
     /// The target from the request path (or a forwarded frame's metadata).
-    pub target: ApiPath<'a>,
+    pub(crate) target: ApiPath<'a>,
     /// `GET`, `POST`, ...
-    pub method: &'a str,
+    pub(crate) method: &'a str,
     /// The bearer token, if any.
-    pub credential: Option<&'a [u8]>,
+    pub(crate) credential: Option<&'a [u8]>,
     /// The body's content type, if any.
-    pub content_type: Option<&'a [u8]>,
+    pub(crate) content_type: Option<&'a [u8]>,
     /// The body.
-    pub payload: Bytes,
+    pub(crate) payload: Bytes,
     /// Where it came in.
-    pub ingress: Ingress,
+    pub(crate) ingress: Ingress,
 }
 
 /// Where a request goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// This cluster serves it.
     Local,
     /// Another cluster of the federation serves it.
@@ -71,7 +71,7 @@ pub enum Decision {
 /// Step 1: decides whose request this is. Pure: a function of the configuration and the
 /// federation. Errors are the client's answer.
 #[allow(clippy::result_large_err)]
-pub fn decide(shard: &Shard, req: &Request<'_>) -> Result<Decision, Answer> {
+pub(crate) fn decide(shard: &Shard, req: &Request<'_>) -> Result<Decision, Answer> {
     let t = &req.target;
     let ours = t.region == shard.cfg.region && t.cluster == shard.cfg.cluster;
     if !ours {
@@ -107,7 +107,7 @@ pub fn decide(shard: &Shard, req: &Request<'_>) -> Result<Decision, Answer> {
 
 /// What [`admit`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Admitted {
+pub(crate) enum Admitted {
     /// For this cluster, from this principal.
     Local(Principal),
     /// For another cluster, which verifies the credential itself.
@@ -118,7 +118,7 @@ pub enum Admitted {
 /// also runs it on a request head before its body arrives (before `100 Continue`), so an
 /// unauthenticated client cannot make the router buffer its upload.
 #[allow(clippy::result_large_err)]
-pub fn admit(
+pub(crate) fn admit(
     shard: &Shard,
     cache: &mut VerifyCache,
     req: &Request<'_>,
@@ -153,7 +153,11 @@ pub fn admit(
 
 /// Routes one request to its answer: [`admit`], then local delivery or forwarding. The cache
 /// is borrowed only before the first await.
-pub async fn route(shard: &Rc<Shard>, cache: &RefCell<VerifyCache>, req: &Request<'_>) -> Answer {
+pub(crate) async fn route(
+    shard: &Rc<Shard>,
+    cache: &RefCell<VerifyCache>,
+    req: &Request<'_>,
+) -> Answer {
     let admitted = admit(shard, &mut cache.borrow_mut(), req);
     match admitted {
         Err(a) => a,

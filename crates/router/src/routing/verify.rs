@@ -22,7 +22,7 @@ struct Entry {
 
 /// Tokens verified on one connection. Lookups allocate nothing; a miss that verifies stores
 /// one entry (evicting round robin when full).
-pub struct VerifyCache {
+pub(crate) struct VerifyCache {
     entries: Vec<Entry>,
     capacity: usize,
     next: usize,
@@ -30,7 +30,7 @@ pub struct VerifyCache {
 
 impl VerifyCache {
     /// A cache of at most `capacity` tokens (at least one).
-    pub fn new(capacity: usize) -> VerifyCache {
+    pub(crate) fn new(capacity: usize) -> VerifyCache {
         VerifyCache {
             entries: Vec::new(),
             capacity: capacity.max(1),
@@ -64,7 +64,7 @@ impl VerifyCache {
 
 /// Who a request is from, once authorized.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Principal {
+pub(crate) enum Principal {
     /// No token, for one of the app's anonymous services.
     Anonymous,
     /// The `sub` of a verified client JWT; `cached` when the cache answered.
@@ -80,7 +80,7 @@ pub enum Principal {
 
 impl Principal {
     /// The subject sent to the task ("" for anonymous requests).
-    pub fn subject(&self) -> &str {
+    pub(crate) fn subject(&self) -> &str {
         match self {
             Principal::Anonymous => "",
             Principal::Client { sub, .. } => sub,
@@ -89,19 +89,19 @@ impl Principal {
 }
 
 /// The keyring a request is checked against, with the generation it was published at.
-pub struct Keys<'a> {
+pub(crate) struct Keys<'a> {
     /// The keyring.
-    pub keyring: &'a Keyring,
+    pub(crate) keyring: &'a Keyring,
     /// Changes with every published keyring: cached verifications end with it.
-    pub generation: u64,
+    pub(crate) generation: u64,
     /// Seconds an old key version keeps verifying after a newer one signs.
-    pub grace_secs: u64,
+    pub(crate) grace_secs: u64,
 }
 
 /// Authorizes a request for `app` of this cluster. `anonymous` says whether `service` may be
 /// called without a token. Errors are the client's answer (401 or 403).
 #[allow(clippy::result_large_err)]
-pub fn authorize(
+pub(crate) fn authorize(
     cache: &mut VerifyCache,
     keys: &Keys<'_>,
     app: &str,

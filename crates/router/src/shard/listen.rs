@@ -25,7 +25,6 @@ pub struct Running {
     pub admin: Option<SocketAddr>,
     pub shard_cores: Vec<usize>,
     pub events: crossbeam_channel::Sender<ControlEvent>,
-    pub metrics: Registry,
     control: std::thread::JoinHandle<()>,
 }
 
@@ -246,7 +245,6 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
         admin,
         shard_cores: cores,
         events: tx,
-        metrics,
         control,
     })
 }
@@ -260,7 +258,7 @@ impl Running {
 }
 
 /// Pins the calling thread to `core` (best effort: logs on failure).
-pub fn pin_current_thread(core: usize) {
+pub(crate) fn pin_current_thread(core: usize) {
     // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();

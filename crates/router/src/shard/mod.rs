@@ -16,36 +16,36 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 /// Everything a shard owns. Lives in an `Rc` on its executor.
-pub struct Shard {
-    pub index: usize,
-    pub count: usize,
-    pub cfg: Arc<Config>,
-    pub snapshots: Snapshots,
-    pub events: crossbeam_channel::Sender<ControlEvent>,
-    pub metrics: Arc<ShardMetrics>,
+pub(crate) struct Shard {
+    pub(crate) index: usize,
+    pub(crate) count: usize,
+    pub(crate) cfg: Arc<Config>,
+    pub(crate) snapshots: Snapshots,
+    pub(crate) events: crossbeam_channel::Sender<ControlEvent>,
+    pub(crate) metrics: Arc<ShardMetrics>,
     /// Internal (task link) address of every shard, for the hello.
-    pub internal_addrs: Arc<Vec<SocketAddr>>,
+    pub(crate) internal_addrs: Arc<Vec<SocketAddr>>,
     /// Task instance -> its link to this shard.
-    pub links: RefCell<HashMap<TaskId, Rc<TaskLink>>>,
+    pub(crate) links: RefCell<HashMap<TaskId, Rc<TaskLink>>>,
     /// Request ids, unique on this shard.
     next_request: Cell<u64>,
     /// Round-robin cursor among the tasks of a partition.
     rr: Cell<usize>,
     /// Reused buffer for the header and metadata of outgoing frames.
-    pub scratch: RefCell<bytes::BytesMut>,
+    pub(crate) scratch: RefCell<bytes::BytesMut>,
     /// Open client connections (for the per-shard limit).
-    pub client_conns: Cell<usize>,
+    pub(crate) client_conns: Cell<usize>,
     /// `region/cluster/router` and this shard's index, as put in responses.
-    pub router_name: String,
+    pub(crate) router_name: String,
     /// Other clusters: keys, routers, our peer token.
-    pub federation: crate::peer::FederationRef,
+    pub(crate) federation: crate::peer::FederationRef,
     /// This shard's own peer links.
-    pub peers: RefCell<crate::peer::Peers>,
+    pub(crate) peers: RefCell<crate::peer::Peers>,
 }
 
 impl Shard {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         index: usize,
         count: usize,
         cfg: Arc<Config>,
@@ -76,14 +76,14 @@ impl Shard {
     }
 
     /// A fresh request id.
-    pub fn request_id(&self) -> u64 {
+    pub(crate) fn request_id(&self) -> u64 {
         let id = self.next_request.get();
         self.next_request.set(id.wrapping_add(1));
         id
     }
 
     /// True when one of `tasks` has a live link on this shard.
-    pub fn has_live_link(&self, tasks: &[TaskId]) -> bool {
+    pub(crate) fn has_live_link(&self, tasks: &[TaskId]) -> bool {
         let links = self.links.borrow();
         tasks
             .iter()
@@ -93,7 +93,12 @@ impl Shard {
     /// Picks a live local link among `tasks`, round robin, skipping full ones.
     /// `Err(true)`: live links exist but all are at their pending limit (answer 503, do not
     /// spill onto the emergency partition); `Err(false)`: no live link on this shard.
-    pub fn pick_link(&self, app: &str, role: &str, tasks: &[TaskId]) -> Result<Rc<TaskLink>, bool> {
+    pub(crate) fn pick_link(
+        &self,
+        app: &str,
+        role: &str,
+        tasks: &[TaskId],
+    ) -> Result<Rc<TaskLink>, bool> {
         if tasks.is_empty() {
             return Err(false);
         }
@@ -118,7 +123,7 @@ impl Shard {
 
 /// Enforces request deadlines on every link of the shard: one timer for the shard instead of
 /// one per request. A request times out at most one sweep interval late.
-pub async fn sweep_deadlines(shard: Rc<Shard>) {
+pub(crate) async fn sweep_deadlines(shard: Rc<Shard>) {
     let every =
         std::time::Duration::from_millis((shard.cfg.limits.request_timeout_ms / 10).clamp(5, 100));
     loop {

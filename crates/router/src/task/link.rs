@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 /// What a pending request receives.
 #[derive(Debug)]
-pub enum Reply {
+pub(crate) enum Reply {
     Response(Frame),
     Redirect {
         role: String,
@@ -44,17 +44,17 @@ struct Slot {
 }
 
 /// One task's (or peer router's) link to this shard.
-pub struct TaskLink {
-    pub task: u64,
-    pub app: String,
-    pub role: String,
-    pub out: Rc<RefCell<WsOut>>,
+pub(crate) struct TaskLink {
+    pub(crate) task: u64,
+    pub(crate) app: String,
+    pub(crate) role: String,
+    pub(crate) out: Rc<RefCell<WsOut>>,
     pending: RefCell<HashMap<u64, Slot>>,
     alive: Cell<bool>,
 }
 
 impl TaskLink {
-    pub fn new(task: u64, app: String, role: String, out: Rc<RefCell<WsOut>>) -> TaskLink {
+    pub(crate) fn new(task: u64, app: String, role: String, out: Rc<RefCell<WsOut>>) -> TaskLink {
         TaskLink {
             task,
             app,
@@ -66,7 +66,7 @@ impl TaskLink {
     }
 
     /// Reads answers until the link ends, completing pending requests.
-    pub async fn read_loop<R: futures_lite::AsyncRead + Unpin>(
+    pub(crate) async fn read_loop<R: futures_lite::AsyncRead + Unpin>(
         &self,
         reader: &mut WsReader<R>,
     ) -> Result<(), ws::WsError> {
@@ -74,12 +74,12 @@ impl TaskLink {
     }
 
     /// Alive and not closing: can still carry requests (maybe not now, if full).
-    pub fn is_alive(&self) -> bool {
+    pub(crate) fn is_alive(&self) -> bool {
         self.alive.get() && !self.out.borrow().is_closing()
     }
 
     /// Alive and below the pending limit.
-    pub fn is_usable(&self, max_pending: usize) -> bool {
+    pub(crate) fn is_usable(&self, max_pending: usize) -> bool {
         self.alive.get()
             && self.pending.borrow().len() < max_pending
             && !self.out.borrow().is_closing()
@@ -87,7 +87,7 @@ impl TaskLink {
 
     /// Queues a request frame (`head` = fedbus header + metadata) and registers it as pending
     /// until `deadline`. A refused send hands the payload back.
-    pub fn send_request(
+    pub(crate) fn send_request(
         self: &Rc<Self>,
         id: u64,
         head: &[u8],
@@ -128,7 +128,7 @@ impl TaskLink {
     }
 
     /// Answers `Timeout` to every request past its deadline.
-    pub fn expire(&self, now: Instant) {
+    pub(crate) fn expire(&self, now: Instant) {
         for slot in self.pending.borrow_mut().values_mut() {
             if slot.reply.is_none() && slot.deadline <= now {
                 slot.reply = Some(Reply::Timeout);
@@ -140,7 +140,7 @@ impl TaskLink {
     }
 
     /// Marks the link dead and answers everything pending on it with `Lost`.
-    pub fn fail_all(&self) {
+    pub(crate) fn fail_all(&self) {
         self.alive.set(false);
         for slot in self.pending.borrow_mut().values_mut() {
             if slot.reply.is_none() {
@@ -154,7 +154,7 @@ impl TaskLink {
 }
 
 /// Waits for the answer to one request; dropping it forgets the request.
-pub struct Wait {
+pub(crate) struct Wait {
     link: Rc<TaskLink>,
     id: u64,
     done: bool,
@@ -197,7 +197,7 @@ fn http_error(status: u16, code: &str, msg: &str) -> String {
 }
 
 /// Serves one connection on the internal listener until it closes.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let m = shard.metrics.clone();
     ShardMetrics::inc(&m.connections[Listener::Internal as usize]);
     let peer = stream.peer_addr().ok();
@@ -208,7 +208,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
 }
 
 /// Reads the upgrade request head within the handshake timeout.
-pub async fn read_upgrade(
+pub(crate) async fn read_upgrade(
     stream: &mut TcpStream,
     timeout: Duration,
 ) -> Result<(handshake::UpgradeRequest, BytesMut), String> {
@@ -478,7 +478,7 @@ async fn read_loop<R: futures_lite::AsyncRead + Unpin>(
 /// verified. `app_partitions` is the configured partition count of the app it names (None:
 /// not an app of this router); `holder` the app and role of a live link that already has the
 /// task id. Pure, so every rule is tested without a socket.
-pub fn registration_refusal(
+pub(crate) fn registration_refusal(
     reg: &Register,
     claims: &auth::ServiceClaims,
     app_partitions: Option<u32>,
@@ -506,7 +506,7 @@ pub fn registration_refusal(
 }
 
 /// Role of the app's Auth Service: it receives the app secret over its links.
-pub const AUTH_ROLE: &str = "auth";
+pub(crate) const AUTH_ROLE: &str = "auth";
 
 /// Sends a SecretPush frame (docs/PROTOCOL.md): APP, VERSION, payload = the secret.
 fn push_secret(link: &TaskLink, app: &str, version: u32, secret: &[u8]) -> bool {

@@ -4,15 +4,15 @@
 use bytes::{Bytes, BytesMut};
 
 /// Status recorded for a request that got no protocol answer: the connection failed.
-pub const STATUS_TRANSPORT: u16 = 0;
+pub(crate) const STATUS_TRANSPORT: u16 = 0;
 /// Status recorded for a request still unanswered when the run's drain time ran out.
-pub const STATUS_TIMEOUT: u16 = 1;
+pub(crate) const STATUS_TIMEOUT: u16 = 1;
 /// Status recorded for an answer that is neither a response nor an error (a websocket
 /// Redirect frame reaching the client).
-pub const STATUS_UNEXPECTED: u16 = 2;
+pub(crate) const STATUS_UNEXPECTED: u16 = 2;
 
 /// Name of a status in reports: the HTTP code, or what went wrong.
-pub fn status_name(status: u16) -> String {
+pub(crate) fn status_name(status: u16) -> String {
     match status {
         STATUS_TRANSPORT => "transport".into(),
         STATUS_TIMEOUT => "timeout".into(),
@@ -23,7 +23,7 @@ pub fn status_name(status: u16) -> String {
 
 /// Something the decoder found.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     /// Request `id` was answered with `status`.
     Done { id: u64, status: u16 },
     /// Bytes to send back unprompted (PONG to a PING).
@@ -37,15 +37,15 @@ const COPY_BELOW: usize = 2048;
 /// Requests built for one `sendmsg`: small pieces are appended to one arena, large bodies are
 /// separate slices that share the run's payload buffer.
 #[derive(Default)]
-pub struct Batch {
+pub(crate) struct Batch {
     arena: BytesMut,
     parts: Vec<Bytes>,
     /// Requests in the batch.
-    pub count: usize,
+    pub(crate) count: usize,
 }
 
 impl Batch {
-    pub fn new() -> Batch {
+    pub(crate) fn new() -> Batch {
         Batch {
             arena: BytesMut::with_capacity(64 * 1024),
             parts: Vec::with_capacity(64),
@@ -54,12 +54,12 @@ impl Batch {
     }
 
     /// Appends a copy of `b`.
-    pub fn put(&mut self, b: &[u8]) {
+    pub(crate) fn put(&mut self, b: &[u8]) {
         self.arena.extend_from_slice(b);
     }
 
     /// Appends `b`, copying it only when it is small.
-    pub fn put_shared(&mut self, b: &Bytes) {
+    pub(crate) fn put_shared(&mut self, b: &Bytes) {
         if b.len() < COPY_BELOW {
             self.put(b);
         } else {
@@ -78,16 +78,16 @@ impl Batch {
     }
 
     /// The slices to write, in order.
-    pub fn parts(&mut self) -> &[Bytes] {
+    pub(crate) fn parts(&mut self) -> &[Bytes] {
         self.seal();
         &self.parts
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.arena.is_empty() && self.parts.is_empty()
     }
 
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.parts.clear();
         self.arena.clear();
         self.count = 0;
@@ -95,7 +95,7 @@ impl Batch {
 }
 
 /// One requester connection's protocol.
-pub trait Codec {
+pub(crate) trait Codec {
     /// Appends request `id` for workspace `wsid` to `batch`.
     fn encode(&mut self, id: u64, wsid: u32, batch: &mut Batch);
     /// Takes every complete answer out of the front of `buf`, leaving a partial one there (and

@@ -36,7 +36,7 @@ const DRAIN: Duration = Duration::from_secs(5);
 
 /// What the connections speak, and to whom.
 #[derive(Debug, Clone)]
-pub enum Proto {
+pub(crate) enum Proto {
     /// HTTP/1.1 to a router's api listener.
     Http { host: String, addr: SocketAddr },
     /// The router's client websocket endpoint (`GET /api/ws`).
@@ -52,32 +52,32 @@ pub enum Proto {
 
 /// Everything an executor needs to know; shared read-only.
 #[derive(Debug, Clone)]
-pub struct Plan {
-    pub proto: Proto,
-    pub cores: Vec<usize>,
-    pub connections: usize,
+pub(crate) struct Plan {
+    pub(crate) proto: Proto,
+    pub(crate) cores: Vec<usize>,
+    pub(crate) connections: usize,
     /// Most requests outstanding per connection.
-    pub inflight: usize,
+    pub(crate) inflight: usize,
     /// Open loop: requests/s over all connections.
-    pub rate: Option<f64>,
-    pub size: usize,
-    pub wsids: u32,
-    pub warmup: Duration,
-    pub duration: Duration,
-    pub token: String,
-    pub region: String,
-    pub cluster: String,
-    pub app: String,
-    pub spin: Option<Duration>,
+    pub(crate) rate: Option<f64>,
+    pub(crate) size: usize,
+    pub(crate) wsids: u32,
+    pub(crate) warmup: Duration,
+    pub(crate) duration: Duration,
+    pub(crate) token: String,
+    pub(crate) region: String,
+    pub(crate) cluster: String,
+    pub(crate) app: String,
+    pub(crate) spin: Option<Duration>,
 }
 
 /// Counters for the live progress line, one set per executor.
 #[derive(Default)]
-pub struct Progress {
-    pub answered: AtomicU64,
-    pub errors: AtomicU64,
+pub(crate) struct Progress {
+    pub(crate) answered: AtomicU64,
+    pub(crate) errors: AtomicU64,
     /// p99 of the measurement window so far, ns.
-    pub p99_ns: AtomicU64,
+    pub(crate) p99_ns: AtomicU64,
 }
 
 enum Start {
@@ -115,22 +115,22 @@ impl Gate {
 
 /// What one executor hands back.
 #[derive(Default)]
-pub struct ExecOut {
-    pub stats: Stats,
+pub(crate) struct ExecOut {
+    pub(crate) stats: Stats,
     /// First few connection failures, for the report.
-    pub failures: Vec<String>,
+    pub(crate) failures: Vec<String>,
 }
 
 /// Result of a whole run.
-pub struct RunOut {
-    pub stats: Stats,
-    pub failures: Vec<String>,
+pub(crate) struct RunOut {
+    pub(crate) stats: Stats,
+    pub(crate) failures: Vec<String>,
     /// Length of the measurement window actually covered.
-    pub seconds: f64,
+    pub(crate) seconds: f64,
 }
 
 /// Runs the plan to the end (or until `stop`), printing progress once per second on stderr.
-pub fn run(plan: Plan, stop: Arc<AtomicBool>) -> anyhow::Result<RunOut> {
+pub(crate) fn run(plan: Plan, stop: Arc<AtomicBool>) -> anyhow::Result<RunOut> {
     let online = fedbus_router::config::online_cores();
     for c in &plan.cores {
         if *c >= online {
@@ -960,7 +960,7 @@ async fn read_side<R: AsyncRead + Unpin>(
 }
 
 /// Binds the `--direct` listener on the calling thread; the executor takes the fd.
-pub fn direct_listener() -> anyhow::Result<(RawFd, SocketAddr)> {
+pub(crate) fn direct_listener() -> anyhow::Result<(RawFd, SocketAddr)> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")
         .map_err(|e| anyhow::anyhow!("--direct: bind 127.0.0.1:0: {e}"))?;
     let addr = l.local_addr()?;

@@ -8,7 +8,7 @@ use bytes::{Buf, Bytes, BytesMut};
 const MAX_HEAD: usize = 64 * 1024;
 
 /// Builds requests to `POST /api/<region>/<cluster>/<owner>/<app>/api/<wsid>/sys/echo`.
-pub struct HttpCodec {
+pub(crate) struct HttpCodec {
     /// Request line up to the wsid.
     pre: Vec<u8>,
     /// Rest of the request line and all headers.
@@ -19,7 +19,7 @@ pub struct HttpCodec {
 }
 
 impl HttpCodec {
-    pub fn new(
+    pub(crate) fn new(
         host: &str,
         region: &str,
         cluster: &str,
@@ -74,7 +74,7 @@ impl Codec for HttpCodec {
 
 /// Outcome of looking at the front of the read buffer.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Parsed {
+pub(crate) enum Parsed {
     /// Not all there yet; `need` is the total size when known (else the current length).
     Partial { need: usize },
     /// One whole response of `len` bytes (head + body).
@@ -82,7 +82,7 @@ pub enum Parsed {
 }
 
 /// Parses one response (head with httparse, body by Content-Length) from the front of `b`.
-pub fn parse_response(b: &[u8]) -> Result<Parsed, String> {
+pub(crate) fn parse_response(b: &[u8]) -> Result<Parsed, String> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
     let head = match resp.parse(b) {

@@ -23,6 +23,9 @@
 //! loop `--inflight` caps the outstanding requests per connection (default 256, the router's
 //! default per-connection limit); time spent waiting on that cap is charged to the requests.
 
+#![warn(unreachable_pub)]
+#![deny(missing_docs)]
+
 mod codec;
 mod engine;
 mod http;

@@ -8,16 +8,16 @@ use bytes::{Buf, Bytes, BytesMut};
 use std::ops::Range;
 
 /// Subject the responders serve.
-pub const SUBJECT: &str = "bench.echo";
+pub(crate) const SUBJECT: &str = "bench.echo";
 /// Longest control line accepted (INFO can be long).
 const MAX_LINE: usize = 64 * 1024;
 
 /// The client's first line: no `+OK` per message, no pedantic checks.
-pub const CONNECT: &[u8] = b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\n";
+pub(crate) const CONNECT: &[u8] = b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\n";
 
 /// One server operation; ranges index the buffer that was parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op {
+pub(crate) enum Op {
     Msg {
         subject: Range<usize>,
         reply: Option<Range<usize>>,
@@ -36,7 +36,7 @@ fn find_crlf(b: &[u8]) -> Option<usize> {
 
 /// Parses one operation from the front of `b`: `Ok(None)` if it is not complete yet, else the
 /// operation and the bytes it takes.
-pub fn parse_op(b: &[u8]) -> Result<Option<(Op, usize)>, String> {
+pub(crate) fn parse_op(b: &[u8]) -> Result<Option<(Op, usize)>, String> {
     let Some(eol) = find_crlf(&b[..b.len().min(MAX_LINE + 2)]) else {
         if b.len() > MAX_LINE {
             return Err("NATS control line over 64 KiB".into());
@@ -118,7 +118,7 @@ pub fn parse_op(b: &[u8]) -> Result<Option<(Op, usize)>, String> {
 }
 
 /// Requester side: publishes requests, matches replies by the id at the end of the subject.
-pub struct NatsCodec {
+pub(crate) struct NatsCodec {
     /// `PUB bench.echo _INBOX.<conn>.`
     pre: Vec<u8>,
     /// ` <n>\r\n`
@@ -127,12 +127,12 @@ pub struct NatsCodec {
 }
 
 /// The inbox prefix of connection `conn` (`_INBOX.<conn>`); subscribe to it with `.*`.
-pub fn inbox(conn: &str) -> String {
+pub(crate) fn inbox(conn: &str) -> String {
     format!("_INBOX.{conn}")
 }
 
 impl NatsCodec {
-    pub fn new(conn: &str, body: Bytes) -> NatsCodec {
+    pub(crate) fn new(conn: &str, body: Bytes) -> NatsCodec {
         NatsCodec {
             pre: format!("PUB {SUBJECT} {}.", inbox(conn)).into_bytes(),
             post: format!(" {}\r\n", body.len()).into_bytes(),
@@ -185,7 +185,7 @@ impl Codec for NatsCodec {
 /// Responder side: answers every whole `MSG` in `buf` with a `PUB` of its payload to its reply
 /// subject, appended to `out`. The payloads are slices of the read buffer (not copied unless
 /// small). Leaves a partial operation in `buf`.
-pub fn answer(buf: &mut BytesMut, out: &mut Batch) -> Result<(), String> {
+pub(crate) fn answer(buf: &mut BytesMut, out: &mut Batch) -> Result<(), String> {
     loop {
         let Some((op, n)) = parse_op(buf)? else {
             return Ok(());

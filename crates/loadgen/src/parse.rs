@@ -4,7 +4,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 /// `64B`, `4KiB`, `1MiB` (also `4KB`/`1MB` as binary units, and a bare number of bytes).
-pub fn parse_size(s: &str) -> Result<usize, String> {
+pub(crate) fn parse_size(s: &str) -> Result<usize, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
@@ -35,7 +35,7 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
 }
 
 /// `10s`, `500ms`, `2m`, `0s`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let split = t
         .find(|c: char| !c.is_ascii_digit())
@@ -64,7 +64,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// `0`, `0,2`, `1-3`, `0,2-3`.
-pub fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
+pub(crate) fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
     let mut v = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let bad = || format!("cores {s:?}: expected a list such as 0,2-3");
@@ -95,7 +95,7 @@ pub fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
 
 /// What the load is sent to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
+pub(crate) enum Target {
     /// A running fedbus router's api listener.
     Router { host: String, addr: SocketAddr },
     /// A nats-server.
@@ -103,7 +103,7 @@ pub enum Target {
 }
 
 /// `http://HOST:PORT` or `nats://HOST:PORT` (a trailing `/` is allowed).
-pub fn parse_target(s: &str) -> Result<Target, String> {
+pub(crate) fn parse_target(s: &str) -> Result<Target, String> {
     let (scheme, rest) = s
         .split_once("://")
         .ok_or_else(|| format!("target {s:?}: expected http://HOST:PORT or nats://HOST:PORT"))?;

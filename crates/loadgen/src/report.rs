@@ -13,22 +13,22 @@ const HIGHEST_NS: u64 = 100_000_000_000;
 const SIGFIG: u8 = 3;
 
 /// New empty latency histogram (ns).
-pub fn new_histogram() -> Histogram<u64> {
+pub(crate) fn new_histogram() -> Histogram<u64> {
     // Fixed, valid bounds: creation cannot fail.
     Histogram::new_with_bounds(1, HIGHEST_NS, SIGFIG).expect("valid histogram bounds")
 }
 
 /// What one load-generator core measured inside the measurement window.
 #[derive(Clone, Debug)]
-pub struct Stats {
+pub(crate) struct Stats {
     /// From each request's intended send time (equals the actual one in closed loop).
-    pub corrected: Histogram<u64>,
+    pub(crate) corrected: Histogram<u64>,
     /// From each request's actual send time.
-    pub uncorrected: Histogram<u64>,
+    pub(crate) uncorrected: Histogram<u64>,
     /// Answers with status 200.
-    pub ok: u64,
+    pub(crate) ok: u64,
     /// Everything else, by status (see `codec::status_name`).
-    pub errors: BTreeMap<u16, u64>,
+    pub(crate) errors: BTreeMap<u16, u64>,
 }
 
 impl Default for Stats {
@@ -44,7 +44,7 @@ impl Default for Stats {
 
 impl Stats {
     /// Records one answered (or failed) request. Only 200s go into the latency histograms.
-    pub fn record(&mut self, status: u16, corrected_ns: u64, uncorrected_ns: u64) {
+    pub(crate) fn record(&mut self, status: u16, corrected_ns: u64, uncorrected_ns: u64) {
         if status == 200 {
             self.ok += 1;
             self.corrected.saturating_record(corrected_ns.max(1));
@@ -54,15 +54,15 @@ impl Stats {
         }
     }
 
-    pub fn error_count(&self) -> u64 {
+    pub(crate) fn error_count(&self) -> u64 {
         self.errors.values().sum()
     }
 
-    pub fn requests(&self) -> u64 {
+    pub(crate) fn requests(&self) -> u64 {
         self.ok + self.error_count()
     }
 
-    pub fn merge(&mut self, other: &Stats) {
+    pub(crate) fn merge(&mut self, other: &Stats) {
         // Same bounds on both sides: addition cannot fail.
         let _ = self.corrected.add(&other.corrected);
         let _ = self.uncorrected.add(&other.uncorrected);
@@ -97,7 +97,7 @@ fn latency_json(h: &Histogram<u64>) -> Value {
 }
 
 /// The percentile curve for plots: `[[percentile (0..100), us], ...]`.
-pub fn curve(h: &Histogram<u64>) -> Vec<[f64; 2]> {
+pub(crate) fn curve(h: &Histogram<u64>) -> Vec<[f64; 2]> {
     if h.is_empty() {
         return Vec::new();
     }
@@ -115,19 +115,19 @@ pub fn curve(h: &Histogram<u64>) -> Vec<[f64; 2]> {
 }
 
 /// A finished run.
-pub struct Report {
-    pub label: String,
+pub(crate) struct Report {
+    pub(crate) label: String,
     /// Length of the measurement window (seconds).
-    pub seconds: f64,
+    pub(crate) seconds: f64,
     /// Open loop: also report the uncorrected latency.
-    pub open_loop: bool,
-    pub stats: Stats,
+    pub(crate) open_loop: bool,
+    pub(crate) stats: Stats,
     /// The flags, for the json (what was measured, and how).
-    pub settings: Value,
+    pub(crate) settings: Value,
 }
 
 impl Report {
-    pub fn rps(&self) -> f64 {
+    pub(crate) fn rps(&self) -> f64 {
         if self.seconds > 0.0 {
             self.stats.requests() as f64 / self.seconds
         } else {
@@ -136,7 +136,7 @@ impl Report {
     }
 
     /// The `--json` document.
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         let s = &self.stats;
         let errors: serde_json::Map<String, Value> = s
             .errors
@@ -162,7 +162,7 @@ impl Report {
     }
 
     /// The summary table.
-    pub fn table(&self) -> String {
+    pub(crate) fn table(&self) -> String {
         let s = &self.stats;
         let mut out = String::new();
         out.push_str(&format!("run            {}\n", self.label));
@@ -207,7 +207,7 @@ impl Report {
 }
 
 /// HdrHistogram's classic percentile distribution text (values in microseconds).
-pub fn hgrm(h: &Histogram<u64>) -> String {
+pub(crate) fn hgrm(h: &Histogram<u64>) -> String {
     let mut out = format!(
         "{:>12} {:>14} {:>10} {:>14}\n\n",
         "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
@@ -245,13 +245,13 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
 }
 
 /// One curve on the plot.
-pub struct Curve {
-    pub label: String,
-    pub points: Vec<[f64; 2]>,
+pub(crate) struct Curve {
+    pub(crate) label: String,
+    pub(crate) points: Vec<[f64; 2]>,
 }
 
 /// Reads the curve of an earlier run's `--json` file.
-pub fn curve_from_json(path: &Path) -> anyhow::Result<Curve> {
+pub(crate) fn curve_from_json(path: &Path) -> anyhow::Result<Curve> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
     let v: Value =
         serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
@@ -292,7 +292,7 @@ fn x_label(x: f64) -> String {
 }
 
 /// Draws latency (us, log y) by percentile (1/(1-p), log x), one line per curve, to an SVG.
-pub fn plot(path: &Path, curves: &[Curve]) -> anyhow::Result<()> {
+pub(crate) fn plot(path: &Path, curves: &[Curve]) -> anyhow::Result<()> {
     use plotters::prelude::*;
     let (mut ymin, mut ymax, mut xmax) = (f64::MAX, 1.0f64, 10.0f64);
     for c in curves {

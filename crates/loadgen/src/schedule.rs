@@ -7,7 +7,7 @@
 
 /// Intended send times of one connection: `offset + k * interval` for k = 0, 1, 2, ...
 #[derive(Debug, Clone, PartialEq)]
-pub struct Schedule {
+pub(crate) struct Schedule {
     interval_ns: f64,
     offset_ns: f64,
     next: u64,
@@ -17,7 +17,7 @@ impl Schedule {
     /// Connection `index` of `connections`, sharing `rate` requests/s over all of them. The
     /// connections are staggered evenly within one interval so that the aggregate arrivals are
     /// evenly spaced rather than in bursts of `connections`.
-    pub fn new(rate: f64, connections: usize, index: usize) -> Schedule {
+    pub(crate) fn new(rate: f64, connections: usize, index: usize) -> Schedule {
         let per_conn = rate / connections.max(1) as f64;
         let interval_ns = 1e9 / per_conn;
         Schedule {
@@ -28,17 +28,17 @@ impl Schedule {
     }
 
     /// Intended send time of request `k`.
-    pub fn intended(&self, k: u64) -> u64 {
+    pub(crate) fn intended(&self, k: u64) -> u64 {
         (self.offset_ns + k as f64 * self.interval_ns) as u64
     }
 
     /// Intended time of the next request not yet taken.
-    pub fn peek(&self) -> u64 {
+    pub(crate) fn peek(&self) -> u64 {
         self.intended(self.next)
     }
 
     /// Takes the next request if it is due at `now_ns`, returning its intended time.
-    pub fn take_due(&mut self, now_ns: u64) -> Option<u64> {
+    pub(crate) fn take_due(&mut self, now_ns: u64) -> Option<u64> {
         let t = self.peek();
         if t <= now_ns {
             self.next += 1;

@@ -12,14 +12,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Child processes and their scratch directory; both go away on drop.
-pub struct Guard {
+pub(crate) struct Guard {
     children: Vec<(String, Child)>,
     dir: PathBuf,
 }
 
 impl Guard {
     /// Creates a fresh scratch directory under the system temp dir.
-    pub fn new() -> anyhow::Result<Guard> {
+    pub(crate) fn new() -> anyhow::Result<Guard> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
@@ -31,13 +31,13 @@ impl Guard {
         })
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// Starts `bin args...` (under `taskset -c core` when asked and available), with
     /// `FEDBUS_HOME` set to the scratch dir and output to `<name>.log` there.
-    pub fn spawn(
+    pub(crate) fn spawn(
         &mut self,
         name: &str,
         bin: &Path,
@@ -76,7 +76,7 @@ impl Guard {
     }
 
     /// Fails if a child has exited, with the tail of its log.
-    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn check_alive(&mut self) -> anyhow::Result<()> {
         for (name, child) in &mut self.children {
             if let Ok(Some(status)) = child.try_wait() {
                 let log = self.dir.join(format!("{name}.log"));
@@ -115,13 +115,13 @@ fn have_taskset() -> bool {
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
-pub fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("find a free port")?;
     Ok(l.local_addr()?.port())
 }
 
 /// The router config of the default bench (TOML for `fedbus run --config`).
-pub fn router_config(
+pub(crate) fn router_config(
     api: SocketAddr,
     internal: SocketAddr,
     keyring: &Path,
@@ -138,7 +138,7 @@ pub fn router_config(
 }
 
 /// One blocking request; the status code, or why there is none.
-pub fn probe(addr: SocketAddr, path: &str, token: &str) -> Result<u16, String> {
+pub(crate) fn probe(addr: SocketAddr, path: &str, token: &str) -> Result<u16, String> {
     let mut s =
         TcpStream::connect_timeout(&addr, Duration::from_secs(1)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(2)))
@@ -166,7 +166,7 @@ pub fn probe(addr: SocketAddr, path: &str, token: &str) -> Result<u16, String> {
 }
 
 /// Retries `probe` until it answers 200, for up to `limit`.
-pub fn wait_ready(
+pub(crate) fn wait_ready(
     guard: &mut Guard,
     addr: SocketAddr,
     path: &str,

@@ -14,7 +14,10 @@ const MAX_MESSAGE: u64 = 1 << 30;
 /// Takes one whole websocket frame from the front of `buf`, unmasked. Fragmented messages are
 /// refused: no fedbus endpoint fragments. `our_side` is who we are (a server expects masked
 /// frames). `Ok(None)`: not all there yet (room is reserved for it).
-pub fn take_frame(buf: &mut BytesMut, our_side: Side) -> Result<Option<(u8, BytesMut)>, String> {
+pub(crate) fn take_frame(
+    buf: &mut BytesMut,
+    our_side: Side,
+) -> Result<Option<(u8, BytesMut)>, String> {
     let Some(h) = frame::parse_head(buf).map_err(|e| format!("bad websocket frame: {e:?}"))? else {
         return Ok(None);
     };
@@ -43,7 +46,7 @@ pub fn take_frame(buf: &mut BytesMut, our_side: Side) -> Result<Option<(u8, Byte
 }
 
 /// Appends a whole unfragmented frame (header, then `parts`) as `side` sends it.
-pub fn put_frame(batch: &mut Batch, side: Side, op: u8, len: usize) {
+pub(crate) fn put_frame(batch: &mut Batch, side: Side, op: u8, len: usize) {
     let mut wh = [0u8; MAX_HEADER];
     // fedbus clients mask with key 0 so payloads pass unchanged (docs/PROTOCOL.md).
     let mask = (side == Side::Client).then_some([0u8; 4]);
@@ -52,7 +55,7 @@ pub fn put_frame(batch: &mut Batch, side: Side, op: u8, len: usize) {
 }
 
 /// A whole control or text frame as bytes.
-pub fn frame_bytes(side: Side, op: u8, payload: &[u8]) -> Bytes {
+pub(crate) fn frame_bytes(side: Side, op: u8, payload: &[u8]) -> Bytes {
     let mut b = Batch::new();
     put_frame(&mut b, side, op, payload.len());
     b.put(payload);
@@ -61,7 +64,7 @@ pub fn frame_bytes(side: Side, op: u8, payload: &[u8]) -> Bytes {
 }
 
 /// Request metadata of a client websocket request: the path only.
-pub fn client_meta(region: &str, cluster: &str, app: &str, wsid: u32) -> Vec<u8> {
+pub(crate) fn client_meta(region: &str, cluster: &str, app: &str, wsid: u32) -> Vec<u8> {
     let mut m = BytesMut::new();
     let path = format!("/api/{region}/{cluster}/{app}/api/{wsid}/sys/echo");
     proto::put_meta(&mut m, tag::PATH, path.as_bytes());
@@ -69,7 +72,7 @@ pub fn client_meta(region: &str, cluster: &str, app: &str, wsid: u32) -> Vec<u8>
 }
 
 /// Request metadata the router puts on a frame to a task (`--direct`).
-pub fn task_meta(app: &str, wsid: u32) -> Vec<u8> {
+pub(crate) fn task_meta(app: &str, wsid: u32) -> Vec<u8> {
     let mut m = BytesMut::new();
     proto::put_meta(&mut m, tag::APP, app.as_bytes());
     proto::put_meta(&mut m, tag::ROLE, b"main");
@@ -82,7 +85,7 @@ pub fn task_meta(app: &str, wsid: u32) -> Vec<u8> {
 }
 
 /// Sends Request frames and matches Response frames by request id.
-pub struct WsCodec {
+pub(crate) struct WsCodec {
     side: Side,
     /// Metadata per wsid, built once.
     metas: Vec<Vec<u8>>,
@@ -93,7 +96,12 @@ pub struct WsCodec {
 
 impl WsCodec {
     /// `side`: ours. `metas[w]` and `partitions[w]` belong to wsid `w`.
-    pub fn new(side: Side, metas: Vec<Vec<u8>>, partitions: Vec<u32>, body: Bytes) -> WsCodec {
+    pub(crate) fn new(
+        side: Side,
+        metas: Vec<Vec<u8>>,
+        partitions: Vec<u32>,
+        body: Bytes,
+    ) -> WsCodec {
         WsCodec {
             side,
             metas,

@@ -20,10 +20,15 @@ pub struct Config {
     pub dev: bool,
     /// Keyring directory. Default: `$FEDBUS_HOME/keys`, else `./.fedbus/keys`.
     pub keyring: Option<PathBuf>,
+    /// `[listen]`: the four listeners.
     pub listen: Listen,
+    /// `[limits]`: sizes, counts and timeouts.
     pub limits: Limits,
+    /// `[auth]`: key grace period, keyring reloads, verify caches.
     pub auth: Auth,
+    /// `[routing]`: Redirect hops and the emergency election seed.
     pub routing: Routing,
+    /// `[tuning]`: cores, pinning and io_uring memory.
     pub tuning: Tuning,
     /// Apps served by this cluster. Default: `demo/echo` with 16 partitions.
     pub apps: Vec<App>,
@@ -51,7 +56,9 @@ pub struct Federation {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PeerCluster {
+    /// Region of the cluster.
     pub region: String,
+    /// Cluster name within its region.
     pub cluster: String,
     /// External addresses (seed: External Address) of its routers, `host:port`; DNS names
     /// are resolved at start and again on every reconnect.
@@ -277,12 +284,30 @@ impl Default for Tuning {
 /// A config that does not load or validate; names the field.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file could not be read.
     #[error("cannot read {path}: {err}")]
-    Read { path: String, err: std::io::Error },
+    Read {
+        /// The config file.
+        path: String,
+        /// Why.
+        err: std::io::Error,
+    },
+    /// The file is not valid TOML for a config.
     #[error("{path}: {err}")]
-    Parse { path: String, err: String },
+    Parse {
+        /// The config file.
+        path: String,
+        /// The TOML error.
+        err: String,
+    },
+    /// A value is out of range or inconsistent.
     #[error("invalid config: `{field}`: {why}")]
-    Invalid { field: String, why: String },
+    Invalid {
+        /// The dotted name of the field.
+        field: String,
+        /// What is wrong with it.
+        why: String,
+    },
 }
 
 fn invalid(field: impl Into<String>, why: impl Into<String>) -> ConfigError {

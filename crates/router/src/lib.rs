@@ -8,6 +8,7 @@
 //! routing snapshot.
 
 #![warn(unreachable_pub)]
+#![deny(missing_docs)]
 
 /// Client ingress. Public only with the `bench` feature (benches/micro.rs and
 /// tests/alloc_count.rs time and count `api::http::parse_one`).

@@ -21,7 +21,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// The app every federation serves.
 pub const APP: &str = "demo/echo";
+/// The two clusters of a federation (region `ru`).
 pub const CLUSTERS: [&str; 2] = ["spb1", "spb2"];
 const API_PORT: u16 = 8800;
 const INTERNAL_PORT: u16 = 8900;
@@ -31,11 +33,14 @@ const ADMIN_PORT: u16 = 8700;
 /// A child process killed (SIGKILL) and reaped on drop; prints its log tail on panic.
 pub struct FedProc {
     child: Option<Child>,
+    /// File the process's stdout and stderr go to.
     pub log: PathBuf,
+    /// Label in panic messages.
     pub name: String,
 }
 
 impl FedProc {
+    /// SIGKILL, then reap; idempotent.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -43,6 +48,7 @@ impl FedProc {
         }
     }
 
+    /// True while the process runs.
     pub fn alive(&mut self) -> bool {
         match self.child.as_mut() {
             Some(c) => matches!(c.try_wait(), Ok(None)),
@@ -50,6 +56,7 @@ impl FedProc {
         }
     }
 
+    /// The log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -79,12 +86,19 @@ pub struct FedRouter {
     pub name: String,
     /// `spb1`.
     pub cluster: String,
+    /// Router index within its cluster (0 or 1).
     pub index: usize,
+    /// The 127.0.0.x address all its listeners bind.
     pub ip: Ipv4Addr,
+    /// Api listener.
     pub api: SocketAddr,
+    /// Internal listener (task links).
     pub internal: SocketAddr,
+    /// External listener (peer links).
     pub external: SocketAddr,
+    /// Admin listener.
     pub admin: SocketAddr,
+    /// Number of shards.
     pub shards: usize,
     cfg: PathBuf,
     home: PathBuf,
@@ -94,10 +108,12 @@ pub struct FedRouter {
 }
 
 impl FedRouter {
+    /// A new client connection to its api listener.
     pub fn conn(&self) -> Conn {
         Conn::open(self.api)
     }
 
+    /// True while the process runs.
     pub fn alive(&mut self) -> bool {
         self.proc.alive()
     }
@@ -187,6 +203,7 @@ pub struct FederationBuilder {
 }
 
 impl FederationBuilder {
+    /// Shards per router (default 1).
     pub fn shards(mut self, n: usize) -> Self {
         assert!((1..=2).contains(&n));
         self.shards = n;
@@ -199,6 +216,7 @@ impl FederationBuilder {
         self
     }
 
+    /// `limits.request_timeout_ms` of every router (default 10000).
     pub fn request_timeout_ms(mut self, ms: u64) -> Self {
         self.request_timeout_ms = ms;
         self
@@ -210,6 +228,8 @@ impl FederationBuilder {
         self
     }
 
+    /// Writes the keyrings and configs, starts the four routers and two tasks, then
+    /// [`Federation::wait_ready`].
     pub fn start(self) -> Federation {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -331,18 +351,21 @@ fn cluster_index(c: &str) -> usize {
 pub struct Federation {
     /// spb1 r0, spb1 r1, spb2 r0, spb2 r1.
     pub routers: Vec<FedRouter>,
+    /// The echo task of each cluster.
     pub tasks: Vec<FedProc>,
     /// Keyring of each cluster.
     pub keys: Vec<PathBuf>,
     /// Client JWT (demo/echo, alice) of each cluster.
     pub tokens: Vec<String>,
     delays: [u64; 2],
+    /// Root directory of the federation (configs, keyrings, logs).
     pub root: PathBuf,
     // Last: removed after the processes are gone.
     dir: TempDir,
 }
 
 impl Federation {
+    /// A builder with the defaults.
     pub fn builder() -> FederationBuilder {
         FederationBuilder {
             shards: 1,
@@ -352,18 +375,22 @@ impl Federation {
         }
     }
 
+    /// Starts a federation with the defaults.
     pub fn start() -> Federation {
         Federation::builder().start()
     }
 
+    /// The temp dir holding everything.
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
 
+    /// Router `r` (0 or 1) of `cluster`.
     pub fn router(&self, cluster: &str, r: usize) -> &FedRouter {
         &self.routers[cluster_index(cluster) * 2 + r]
     }
 
+    /// Router `r` (0 or 1) of `cluster`, mutably (to kill it).
     pub fn router_mut(&mut self, cluster: &str, r: usize) -> &mut FedRouter {
         &mut self.routers[cluster_index(cluster) * 2 + r]
     }
@@ -373,6 +400,7 @@ impl Federation {
         &self.tokens[cluster_index(cluster)]
     }
 
+    /// Keyring directory of `cluster`.
     pub fn keyring(&self, cluster: &str) -> &Path {
         &self.keys[cluster_index(cluster)]
     }

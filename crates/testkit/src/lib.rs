@@ -11,6 +11,7 @@
 //! ```
 
 #![warn(unreachable_pub)]
+#![deny(missing_docs)]
 
 pub mod fed;
 
@@ -68,6 +69,7 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct TempDir(PathBuf);
 
 impl TempDir {
+    /// Creates a fresh, empty dir named after `tag`.
     pub fn new(tag: &str) -> TempDir {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let nanos = std::time::SystemTime::now()
@@ -84,6 +86,7 @@ impl TempDir {
         TempDir(p)
     }
 
+    /// The directory.
     pub fn path(&self) -> &Path {
         &self.0
     }
@@ -203,6 +206,7 @@ impl RouterBuilder {
         self
     }
 
+    /// `limits.request_timeout_ms` (default 10000).
     pub fn request_timeout_ms(self, ms: u64) -> Self {
         self.limit("request_timeout_ms", ms)
     }
@@ -313,9 +317,11 @@ fn parse_addr(s: &str) -> SocketAddr {
 /// A running router (killed on drop).
 pub struct Router {
     proc: Proc,
+    /// Api listener (clients).
     pub api: SocketAddr,
     /// Internal (task link) address of each shard.
     pub internal: Vec<SocketAddr>,
+    /// Admin listener (`/metrics`).
     pub admin: SocketAddr,
     /// The keyring directory.
     pub keys: PathBuf,
@@ -326,15 +332,18 @@ pub struct Router {
 }
 
 impl Router {
+    /// A builder with the defaults (one shard).
     #[allow(clippy::new_ret_no_self)]
     pub fn new() -> RouterBuilder {
         RouterBuilder::default()
     }
 
+    /// `FEDBUS_HOME` of the router (its temp dir).
     pub fn home(&self) -> &Path {
         self.dir.path()
     }
 
+    /// Number of shards.
     pub fn shards(&self) -> usize {
         self.internal.len()
     }
@@ -344,6 +353,7 @@ impl Router {
         std::fs::read_to_string(&self.proc.log).unwrap_or_default()
     }
 
+    /// True while the process runs.
     pub fn alive(&mut self) -> bool {
         self.proc.alive()
     }
@@ -548,26 +558,31 @@ impl TaskBuilder<'_> {
         self
     }
 
+    /// App served (default `demo/echo`).
     pub fn app(mut self, a: &str) -> Self {
         self.app = a.into();
         self
     }
 
+    /// Partitions served: `0-15`, `0-3,8` (default `0-15`).
     pub fn partitions(mut self, p: &str) -> Self {
         self.partitions = p.into();
         self
     }
 
+    /// Role (default `main`).
     pub fn role(mut self, r: &str) -> Self {
         self.role = r.into();
         self
     }
 
+    /// Delay before each answer, in ms.
     pub fn delay_ms(mut self, ms: u64) -> Self {
         self.delay_ms = ms;
         self
     }
 
+    /// Redirect every request to `role` instead of answering.
     pub fn redirect_to(mut self, role: &str) -> Self {
         self.redirect_to = Some(role.into());
         self
@@ -664,6 +679,7 @@ impl Task {
         self.proc.kill();
     }
 
+    /// True while the process runs.
     pub fn alive(&mut self) -> bool {
         self.proc.alive()
     }
@@ -680,6 +696,7 @@ pub struct Req {
 }
 
 impl Req {
+    /// A request with `method` and `path`.
     pub fn new(method: &str, path: &str) -> Req {
         Req {
             method: method.into(),
@@ -690,23 +707,28 @@ impl Req {
         }
     }
 
+    /// A POST to `path`.
     pub fn post(path: &str) -> Req {
         Req::new("POST", path)
     }
 
+    /// A GET of `path`.
     pub fn get(path: &str) -> Req {
         Req::new("GET", path)
     }
 
+    /// Adds `Authorization: Bearer <t>`.
     pub fn token(self, t: &str) -> Req {
         self.header("Authorization", &format!("Bearer {t}"))
     }
 
+    /// Adds a header.
     pub fn header(mut self, k: &str, v: &str) -> Req {
         self.headers.push((k.into(), v.into()));
         self
     }
 
+    /// Sets the body.
     pub fn body(mut self, b: &[u8]) -> Req {
         self.body = b.to_vec();
         self
@@ -735,8 +757,11 @@ impl Req {
 
 /// A response: status, headers (names lowercased), body.
 pub struct Response {
+    /// Status code.
     pub status: u16,
+    /// Headers, names lowercased.
     pub headers: HashMap<String, String>,
+    /// Body.
     pub body: Vec<u8>,
 }
 
@@ -756,6 +781,7 @@ impl std::fmt::Debug for Response {
 }
 
 impl Response {
+    /// A header by lowercase name.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .get(&name.to_ascii_lowercase())
@@ -796,6 +822,7 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// Connects to `addr` (read timeout `READ_TIMEOUT`).
     pub fn open(addr: SocketAddr) -> Conn {
         let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
             .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
@@ -805,10 +832,12 @@ impl Conn {
         Conn { s, buf: Vec::new() }
     }
 
+    /// Sets the read timeout.
     pub fn set_read_timeout(&mut self, t: Duration) {
         self.s.set_read_timeout(Some(t)).expect("timeout");
     }
 
+    /// Local port of the connection.
     pub fn local_port(&self) -> u16 {
         self.s.local_addr().map(|a| a.port()).unwrap_or(0)
     }

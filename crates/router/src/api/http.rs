@@ -53,10 +53,12 @@ impl Method {
 pub enum Parsed {
     /// More bytes needed; `continue_` asks for a `100 Continue`.
     Incomplete {
+        /// The client sent `Expect: 100-continue`.
         continue_: bool,
         /// Bytes of the request head once it is complete (the body is still coming).
         head_len: Option<usize>,
     },
+    /// A whole request, split off the buffer.
     Request(Req),
     /// Unrecoverable: answer and close.
     Error(u16, &'static str, &'static str),

@@ -30,9 +30,19 @@ pub(crate) struct Snapshots {
 #[derive(Debug)]
 pub enum ControlEvent {
     /// A task link registered on `shard`.
-    Register { shard: usize, reg: Registration },
+    Register {
+        /// The shard whose link registered.
+        shard: usize,
+        /// What the task serves.
+        reg: Registration,
+    },
     /// The link of `task` on `shard` is gone.
-    Unregister { shard: usize, task: TaskId },
+    Unregister {
+        /// The shard the link was on.
+        shard: usize,
+        /// The task instance.
+        task: TaskId,
+    },
     /// Re-read the keyring now (SIGHUP).
     Reload,
     /// Stop the thread.

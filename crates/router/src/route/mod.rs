@@ -41,10 +41,13 @@ pub struct AppSpec {
 /// One live task's claim: it serves `partitions` of `role` of `app`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration {
+    /// The task instance.
     pub task: TaskId,
     /// `owner/app`.
     pub app: String,
+    /// The role it serves (`main` or a role reached by Redirect).
     pub role: String,
+    /// The partitions it serves.
     pub partitions: Vec<u32>,
 }
 

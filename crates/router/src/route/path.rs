@@ -8,15 +8,23 @@
 /// A parsed API path; every `&str` borrows from the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ApiPath<'a> {
+    /// Region of the target cluster.
     pub region: &'a str,
+    /// Target cluster within its region.
     pub cluster: &'a str,
+    /// App owner.
     pub owner: &'a str,
+    /// App name.
     pub app: &'a str,
     /// `owner/app` as one slice of the input: the key of the routing table.
     pub app_name: &'a str,
+    /// Service of the app (`auth` may be anonymous).
     pub service: &'a str,
+    /// The `<wsid>` segment; selects the partition (`wsid % partitions`).
     pub wsid: u64,
+    /// Module within the service.
     pub module: &'a str,
+    /// Function within the module.
     pub function: &'a str,
 }
 
@@ -45,6 +53,7 @@ impl PathError {
         }
     }
 
+    /// The HTTP status a client gets for this error.
     pub fn http_status(self) -> u16 {
         match self {
             Self::NotApi => 404,

@@ -17,6 +17,7 @@ pub struct RoutingTable {
 /// Routes of one app.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppRoutes {
+    /// Number of partitions of the app.
     pub partitions: u32,
     /// Roles with at least one live task, plus `main` always.
     pub roles: HashMap<String, RoleRoutes>,
@@ -42,8 +43,11 @@ pub enum Lookup<'a> {
     /// Send to one of `tasks` (never empty) of `partition`. `emergency_for` is the partition
     /// that was asked for when `partition` is the emergency partition standing in for it.
     Served {
+        /// The partition that serves.
         partition: u32,
+        /// Its live tasks in the role.
         tasks: &'a [TaskId],
+        /// The partition asked for, when an emergency partition stands in.
         emergency_for: Option<u32>,
     },
     /// No such app in the configuration (404).
@@ -52,7 +56,10 @@ pub enum Lookup<'a> {
     UnknownRole,
     /// The role exists but nothing of it is live, not even an emergency partition (503; a
     /// retry later may succeed). Also returned for `partition >= partitions`.
-    NoLiveTask { partition: u32 },
+    NoLiveTask {
+        /// The partition asked for.
+        partition: u32,
+    },
 }
 
 impl RoleRoutes {
@@ -94,6 +101,7 @@ impl RoleRoutes {
             .map(|(p, _)| p as u32)
     }
 
+    /// True when `partition` has a live task in this role.
     pub fn is_live(&self, partition: u32) -> bool {
         !self.tasks(partition).is_empty()
     }

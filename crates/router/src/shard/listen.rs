@@ -19,11 +19,17 @@ use std::time::Duration;
 
 /// A running router.
 pub struct Running {
+    /// Bound api listener (clients).
     pub api: SocketAddr,
+    /// Bound external listener (peer routers), when the federation has other clusters.
     pub external: Option<SocketAddr>,
+    /// Internal listener of each shard (task links), by shard index.
     pub internal: Vec<SocketAddr>,
+    /// Admin listener (`/metrics`, `/healthz`, `/readyz`), when enabled.
     pub admin: Option<SocketAddr>,
+    /// Core of each shard, by shard index.
     pub shard_cores: Vec<usize>,
+    /// Events to the control thread (`Reload` on SIGHUP).
     pub events: crossbeam_channel::Sender<ControlEvent>,
     control: std::thread::JoinHandle<()>,
 }

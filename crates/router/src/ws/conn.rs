@@ -20,31 +20,43 @@ use std::task::{Context, Poll, Waker};
 /// client the other way round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
+    /// The accepting side: reads masked frames, writes unmasked ones.
     Server,
+    /// The dialing side: reads unmasked frames, writes masked ones.
     Client,
 }
 
 /// A whole message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
+    /// A binary message (a fedbus frame).
     Binary(Bytes),
+    /// A text message, checked to be UTF-8 (JSON on task links).
     Text(Bytes),
+    /// A ping and its payload.
     Ping(Bytes),
+    /// A pong and its payload.
     Pong(Bytes),
+    /// A close frame and its code, if any.
     Close(Option<u16>),
 }
 
 /// Why the reader stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum WsError {
+    /// The socket failed.
     #[error("i/o: {0}")]
     Io(#[from] io::Error),
+    /// The other side closed the TCP connection.
     #[error("peer closed the connection")]
     Eof,
+    /// A frame broke RFC 6455 (or fedbus's masking rule).
     #[error("protocol violation: {0}")]
     Protocol(&'static str),
+    /// A message over the reader's limit.
     #[error("message larger than the limit of {0} bytes")]
     TooBig(usize),
+    /// A text message that is not UTF-8.
     #[error("text message is not UTF-8")]
     BadUtf8,
 }
@@ -242,6 +254,7 @@ pub struct WsOut {
 pub struct Refused(pub Bytes);
 
 impl WsOut {
+    /// An empty outbox for `side` that refuses data sends past `limit` queued bytes.
     pub fn new(side: Side, limit: usize) -> Rc<RefCell<WsOut>> {
         Rc::new(RefCell::new(WsOut {
             side,
@@ -259,6 +272,7 @@ impl WsOut {
         self.queued
     }
 
+    /// True once a close frame is queued or the connection is aborted.
     pub fn is_closing(&self) -> bool {
         self.closing
     }
@@ -336,8 +350,11 @@ impl WsOut {
 /// A websocket connection over a glommio TCP stream once the handshake is done: the reader,
 /// the shared outbox, and the writer task that drains it.
 pub struct WsConn {
+    /// Reads whole messages.
     pub reader: WsReader<futures_util::io::ReadHalf<glommio::net::TcpStream>>,
+    /// Queues messages for the writer task; shared by everything that answers on it.
     pub out: Rc<RefCell<WsOut>>,
+    /// The writer task; ends when the outbox is closed and drained, or the socket fails.
     pub writer: glommio::Task<io::Result<()>>,
 }
 

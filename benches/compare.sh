@@ -19,7 +19,7 @@ set -euo pipefail
 DURATION=${DURATION:-5s}
 WARMUP=${WARMUP:-1s}
 ROOT=$(pwd)
-[ -f Cargo.toml ] && [ -d src/loadgen ] || { echo "run from the fedbus repo root" >&2; exit 1; }
+[ -f Cargo.toml ] && [ -d crates/loadgen ] || { echo "run from the fedbus repo root" >&2; exit 1; }
 
 echo "== cargo build --release" >&2
 cargo build --release -q

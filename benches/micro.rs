@@ -1,6 +1,6 @@
 //! Micro benchmarks of the router's per-request steps, each with its baseline beside it.
 //!
-//! `cargo bench --bench micro` prints a markdown report (machine at the top) on stdout. No
+//! `cargo bench -p fedbus-router --features bench --bench micro` prints a markdown report (machine at the top) on stdout. No
 //! criterion, to keep the build light: each case is warmed up, then timed for N iterations,
 //! best of 5 rounds, and reported in ns per operation. Only ratios of rows measured in the
 //! same run mean anything on a shared machine.
@@ -336,7 +336,7 @@ fn main() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     println!("# fedbus micro benchmarks on {host}\n");
-    println!("Made by `cargo bench --bench micro`: warm-up, then best of {ROUNDS} rounds of N iterations; ns per operation.\n");
+    println!("Made by `cargo bench -p fedbus-router --features bench --bench micro`: warm-up, then best of {ROUNDS} rounds of N iterations; ns per operation.\n");
     println!("## Machine\n\n{}", machine());
     println!("## Results\n\n| group | case | ns/op |\n|---|---|---:|");
     for (g, c, ns) in &t.rows {

@@ -1,16 +1,16 @@
 //! Micro benchmarks of the router's per-request steps, each with its baseline beside it.
 //!
-//! `cargo bench --bench micro` prints a markdown report (machine at the top) on stdout. No
+//! `cargo bench -p fedbus-router --features bench --bench micro` prints a markdown report (machine at the top) on stdout. No
 //! criterion, to keep the build light: each case is warmed up, then timed for N iterations,
 //! best of 5 rounds, and reported in ns per operation. Only ratios of rows measured in the
 //! same run mean anything on a shared machine.
 
 use arc_swap::ArcSwap;
 use bytes::{BufMut, Bytes, BytesMut};
-use fedbus::api::http::{parse_one, Parsed};
-use fedbus::auth::{sign_client_jwt, verify_client_jwt, ClientClaims, Keyring};
-use fedbus::proto::{self, put_meta, put_meta_u64, tag, Frame, Header, Kind};
-use fedbus::route::{build, AppSpec, Lookup, Registration, RoutingTable};
+use fedbus_router::api::http::{parse_one, Parsed};
+use fedbus_router::auth::{sign_client_jwt, verify_client_jwt, ClientClaims, Keyring};
+use fedbus_router::proto::{self, put_meta, put_meta_u64, tag, Frame, Header, Kind};
+use fedbus_router::route::{build, AppSpec, Lookup, Registration, RoutingTable};
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -139,7 +139,7 @@ fn codec(t: &mut Table) {
 
 fn keyring_and_token() -> (std::path::PathBuf, Keyring, String) {
     let dir = std::env::temp_dir().join(format!("fedbus-micro-{}", std::process::id()));
-    let now = fedbus::auth::now_unix();
+    let now = fedbus_router::auth::now_unix();
     Keyring::init(&dir, &["demo/echo"], now).expect("init keyring");
     let kr = Keyring::load(&dir).expect("load keyring");
     let secret = kr.signing_app_secret("demo/echo").expect("secret");
@@ -188,16 +188,18 @@ fn http(t: &mut Table, token: &str) {
     );
     t.add(
         g,
-        "fedbus::route::parse_api_path of that path",
+        "fedbus_router::route::parse_api_path of that path",
         time(2_000_000, |_| {
-            fedbus::route::parse_api_path(black_box("/api/local/dev/demo/echo/api/7/sys/echo"))
-                .is_ok()
+            fedbus_router::route::parse_api_path(black_box(
+                "/api/local/dev/demo/echo/api/7/sys/echo",
+            ))
+            .is_ok()
         }),
     );
 }
 
 fn jwt(t: &mut Table, kr: &Keyring, token: &str) {
-    let now = fedbus::auth::now_unix();
+    let now = fedbus_router::auth::now_unix();
     let g = "JWT";
     t.add(
         g,
@@ -334,7 +336,7 @@ fn main() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     println!("# fedbus micro benchmarks on {host}\n");
-    println!("Made by `cargo bench --bench micro`: warm-up, then best of {ROUNDS} rounds of N iterations; ns per operation.\n");
+    println!("Made by `cargo bench -p fedbus-router --features bench --bench micro`: warm-up, then best of {ROUNDS} rounds of N iterations; ns per operation.\n");
     println!("## Machine\n\n{}", machine());
     println!("## Results\n\n| group | case | ns/op |\n|---|---|---:|");
     for (g, c, ns) in &t.rows {

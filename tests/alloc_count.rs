@@ -9,10 +9,10 @@
 //! `cargo test --release --test alloc_count -- --nocapture` shows the numbers.
 
 use bytes::{BufMut, BytesMut};
-use fedbus::api::http::{parse_one, Parsed};
-use fedbus::auth::{sign_client_jwt, ClientClaims, Keyring};
-use fedbus::proto::{self, put_meta, put_meta_u64, tag, Frame, Header, Kind};
-use fedbus::route::{build, parse_api_path, AppSpec, Lookup, Registration};
+use fedbus_auth::{sign_client_jwt, ClientClaims, Keyring};
+use fedbus_proto::{self as proto, put_meta, put_meta_u64, tag, Frame, Header, Kind};
+use fedbus_router::api::http::{parse_one, Parsed};
+use fedbus_router::route::{build, parse_api_path, AppSpec, Lookup, Registration};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::hint::black_box;
@@ -282,7 +282,7 @@ fn whole_routed_request_through_a_real_router() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = std::env::temp_dir().join(format!("fedbus-alloc-{}", std::process::id()));
     let keys = dir.join("keys");
-    let now = fedbus::auth::now_unix();
+    let now = fedbus_auth::now_unix();
     Keyring::init(&keys, &["demo/echo"], now).expect("keyring");
     let kr = Keyring::load(&keys).expect("load keyring");
     let token = sign_client_jwt(
@@ -296,13 +296,13 @@ fn whole_routed_request_through_a_real_router() {
         },
     )
     .expect("sign");
-    let shard_core = usize::from(fedbus::config::online_cores() >= 2);
+    let shard_core = usize::from(fedbus_router::config::online_cores() >= 2);
     let cfg = format!(
         "region = \"local\"\ncluster = \"dev\"\nkeyring = {:?}\n\n[listen]\napi = \"127.0.0.1:0\"\ninternal = \"127.0.0.1:0\"\nadmin_enabled = false\n\n[tuning]\nshard_cores = [{shard_core}]\ncontrol_core = 0\n\n[[apps]]\nname = \"demo/echo\"\npartitions = 16\n",
         keys.display().to_string()
     );
-    let cfg = fedbus::config::Config::parse(&cfg, "alloc_count").expect("config");
-    let router = fedbus::shard::listen::start(cfg, kr).expect("start router");
+    let cfg = fedbus_router::config::Config::parse(&cfg, "alloc_count").expect("config");
+    let router = fedbus_router::shard::listen::start(cfg, kr).expect("start router");
     let _task = Child(
         std::process::Command::new(env!("CARGO_BIN_EXE_fedbus"))
             .args(["task", "echo", "--router"])

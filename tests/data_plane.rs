@@ -3,19 +3,17 @@
 //! tokens, a task killed mid-request, and 2 shards where each request is served over the link
 //! of the shard that accepted it.
 
-mod common;
-
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use common::*;
-use fedbus::auth::{sign_client_jwt, ClientClaims, Keyring};
+use fedbus_auth::{sign_client_jwt, ClientClaims, Keyring};
+use fedbus_testkit::*;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 const APP: &str = "demo/echo";
 
 fn now() -> u64 {
-    fedbus::auth::now_unix()
+    fedbus_auth::now_unix()
 }
 
 /// A 200 echo of `body` from partition `wsid % 16`.
@@ -560,7 +558,7 @@ fn token_of_another_app_is_403() {
 #[test]
 fn task_link_closes_when_its_service_token_expires() {
     let r = Router::new().shards(1).start();
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(bin())
         .args([
             "token",
             "service",

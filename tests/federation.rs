@@ -4,12 +4,10 @@
 //! with requests in flight, forged peer tokens, the loop guard, and an informative
 //! cross-cluster vs in-cluster latency comparison.
 
-mod common;
-
-use common::fed::*;
-use common::*;
-use fedbus::proto::{encode_frame, flags, put_meta, tag, Frame, Kind};
-use fedbus::ws::frame as wsf;
+use fedbus_proto::{encode_frame, flags, put_meta, tag, Frame, Kind};
+use fedbus_router::ws::frame as wsf;
+use fedbus_testkit::fed::*;
+use fedbus_testkit::*;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,9 +1,9 @@
 //! docs/PROTOCOL.md is complete enough to write a task from: `tests/python/echo_task.py` was
 //! written from it alone, and this test runs it against a real two-shard router. The worked
-//! example's hex dumps in the doc are checked against `fedbus::proto::encode_frame`.
+//! example's hex dumps in the doc are checked against `fedbus_proto::encode_frame`.
 
 use bytes::BytesMut;
-use fedbus::proto::{encode_frame, put_meta, tag, Kind};
+use fedbus_proto::{encode_frame, put_meta, tag, Kind};
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -13,8 +13,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fedbus");
-const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md");
-const TASK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/echo_task.py");
+const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/PROTOCOL.md");
+const TASK: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../tests/python/echo_task.py"
+);
 
 // ---------------------------------------------------------------------------------------------
 // The worked example of docs/PROTOCOL.md section 9.
@@ -59,7 +62,7 @@ fn worked_example_in_doc_matches_encoder() {
     put_meta(&mut m, tag::SERVICE, b"shop");
     put_meta(&mut m, tag::MODULE, b"cart");
     put_meta(&mut m, tag::FUNCTION, b"add");
-    fedbus::proto::put_meta_u64(&mut m, tag::WSID, 42);
+    fedbus_proto::put_meta_u64(&mut m, tag::WSID, 42);
     put_meta(&mut m, tag::METHOD, b"POST");
     put_meta(&mut m, tag::SUBJECT, b"alice");
     put_meta(&mut m, tag::CONTENT_TYPE, b"text/plain");
@@ -81,7 +84,7 @@ fn worked_example_in_doc_matches_encoder() {
         &resp[..],
         "docs/PROTOCOL.md example-response"
     );
-    let f = fedbus::proto::Frame::decode(resp.freeze()).expect("decodes");
+    let f = fedbus_proto::Frame::decode(resp.freeze()).expect("decodes");
     assert_eq!(f.get_u64(tag::STATUS), Some(200));
 }
 

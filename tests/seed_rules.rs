@@ -4,12 +4,10 @@
 //! keep-alive connection, retired and unknown key versions, and the app's Auth Service across
 //! a rotation.
 
-mod common;
-
-use common::seed;
-use common::*;
-use fedbus::auth::{sign_client_jwt, ClientClaims, Keyring};
-use fedbus::route::{self, AppSpec, Registration};
+use fedbus_auth::{sign_client_jwt, ClientClaims, Keyring};
+use fedbus_router::route::{self, AppSpec, Registration};
+use fedbus_testkit::seed;
+use fedbus_testkit::*;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -620,7 +618,7 @@ fn retired_and_unknown_key_versions_are_401() {
     let keyring = Keyring::load(&r.keys).expect("keyring");
     let mut v99 = keyring.signing_app_secret(APP).expect("secret").clone();
     v99.version = 99;
-    let now = fedbus::auth::now_unix();
+    let now = fedbus_auth::now_unix();
     let claims = ClientClaims {
         sub: "alice".into(),
         app: APP.into(),

@@ -3,14 +3,14 @@
 //! built on fedbus's own handshake and frame helpers (read timeouts everywhere: a hung router
 //! fails a test instead of hanging it).
 
-mod common;
-
 use bytes::{Bytes, BytesMut};
-use common::*;
-use fedbus::auth::{sign_client_jwt, ClientClaims, Keyring};
-use fedbus::proto::{encode_frame, put_meta, tag, Frame, Kind};
-use fedbus::ws::frame::{encode_head, opcode, parse_head, MAX_HEADER};
-use fedbus::ws::handshake::{client_request, new_key, parse_client_response, ClientHandshake};
+use fedbus_auth::{sign_client_jwt, ClientClaims, Keyring};
+use fedbus_proto::{encode_frame, put_meta, tag, Frame, Kind};
+use fedbus_router::ws::frame::{encode_head, opcode, parse_head, MAX_HEADER};
+use fedbus_router::ws::handshake::{
+    client_request, new_key, parse_client_response, ClientHandshake,
+};
+use fedbus_testkit::*;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 const APP: &str = "demo/echo";
 
 fn now() -> u64 {
-    fedbus::auth::now_unix()
+    fedbus_auth::now_unix()
 }
 
 // ---------------------------------------------------------------------------------------------

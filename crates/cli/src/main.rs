@@ -1,0 +1,565 @@
+//! The `fedbus` command: run (the router), task (built-in example tasks), token and keys
+//! (credentials), bench (the load generator), tune (host checks).
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use fedbus_auth::{self as auth, Keyring};
+use fedbus_router::config::{self, Config};
+use std::path::{Path, PathBuf};
+
+mod task;
+
+#[derive(Parser)]
+#[command(
+    name = "fedbus",
+    version,
+    about = "A federation bus: thread-per-core io_uring router between clients and service tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the router (embedded dev defaults without --config).
+    Run {
+        /// TOML config file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run a built-in example task.
+    #[command(subcommand)]
+    Task(TaskCmd),
+    /// Mint tokens (signed with the keyring's newest versions).
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Manage the keyring.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// The bundled load generator (spawns a router and echo tasks without --target).
+    Bench(Box<fedbus_loadgen::BenchArgs>),
+    /// Check the host: io_uring, locked memory, cores, socket and file limits.
+    Tune {
+        /// Config whose cores and io_memory to check (embedded defaults without it).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Clone)]
+struct TaskCommon {
+    /// App served, owner/app.
+    #[arg(long, default_value = "demo/echo")]
+    app: String,
+    /// Partitions served: `0-15`, `0-3,8,10-11`.
+    #[arg(long, default_value = "0-15")]
+    partitions: String,
+    /// Role of this task (`main` receives every request first).
+    #[arg(long, default_value = "main")]
+    role: String,
+    /// Internal address of shard 0 of a router; repeat for every router of the cluster.
+    #[arg(long = "router", default_value = "127.0.0.1:8900")]
+    routers: Vec<String>,
+    /// Service token; without it (dev mode) one is minted from the keyring.
+    #[arg(long, env = "FEDBUS_TASK_TOKEN")]
+    token: Option<String>,
+    /// Cluster the dev token is minted for (`region/cluster`).
+    #[arg(long, default_value = "local/dev")]
+    cluster: String,
+    /// Keyring directory for dev tokens.
+    #[arg(long)]
+    keyring: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum TaskCmd {
+    /// Answers every request with its own body.
+    Echo {
+        #[command(flatten)]
+        common: TaskCommon,
+        /// Redirect every request to this role instead of answering.
+        #[arg(long)]
+        redirect_to: Option<String>,
+        /// Wait this long before answering (to test timeouts and lost tasks).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+    /// Example Auth Service (role `auth`): answers a login `{"sub":"alice"}` with a client JWT
+    /// signed by the newest app secret the routers pushed to it.
+    Auth {
+        #[command(flatten)]
+        common: TaskCommon,
+        /// Lifetime of the tokens it issues.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// A service token for a task (signed by the cluster key).
+    Service {
+        #[arg(long)]
+        task_id: String,
+        #[arg(long)]
+        app: String,
+        #[arg(long, default_value = "local/dev")]
+        cluster: String,
+        #[arg(long, default_value = "30d")]
+        ttl: String,
+        #[arg(long)]
+        keyring: Option<PathBuf>,
+        /// Role the task may register in (required for role `auth`, which receives the app
+        /// secret); absent: any other role.
+        #[arg(long)]
+        role: Option<String>,
+    },
+    /// A peer token for a router (federation: `federation.peer_token_file`), signed by the
+    /// cluster key: a service token with no app.
+    Peer {
+        /// Name of the router presenting it.
+        #[arg(long)]
+        router: String,
+        /// This router's cluster, `region/cluster`.
+        #[arg(long)]
+        cluster: String,
+        #[arg(long, default_value = "365d")]
+        ttl: String,
+        #[arg(long)]
+        keyring: Option<PathBuf>,
+    },
+    /// A client JWT (HS256, signed by the app secret's newest version).
+    Client {
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        sub: String,
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        #[arg(long)]
+        keyring: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Create the keyring with fresh keys (keeps existing files).
+    Init {
+        #[arg(long)]
+        keyring: Option<PathBuf>,
+        /// Apps to create secrets for.
+        #[arg(long = "app", default_value = "demo/echo")]
+        apps: Vec<String>,
+    },
+    /// Show versions and public keys (never secrets).
+    Show {
+        #[arg(long)]
+        keyring: Option<PathBuf>,
+    },
+    /// Add a new version: it signs from now on; the old one verifies until its grace ends.
+    Rotate {
+        #[arg(long, conflicts_with = "cluster", required_unless_present = "cluster")]
+        app: Option<String>,
+        #[arg(long)]
+        cluster: bool,
+        #[arg(long)]
+        keyring: Option<PathBuf>,
+    },
+}
+
+fn keyring_dir(k: &Option<PathBuf>) -> PathBuf {
+    k.clone().unwrap_or_else(config::default_keyring_dir)
+}
+
+/// Dev convenience: the keyring exists once any command needs it.
+fn ensure_keyring(dir: &Path, apps: &[&str]) -> Result<()> {
+    if Keyring::init(dir, apps, auth::now_unix())? {
+        eprintln!(
+            "fedbus: created dev keys in {} (DEV KEYS: do not use in production)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn ttl_secs(s: &str) -> Result<u64> {
+    auth::parse_duration(s)
+        .map(|d| d.as_secs())
+        .map_err(|e| anyhow!("--ttl {s}: {e}"))
+}
+
+fn parse_partitions(s: &str) -> Result<Vec<u32>> {
+    let mut v = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a.trim().parse::<u32>()?, b.trim().parse::<u32>()?),
+            None => {
+                let p = part.parse::<u32>()?;
+                (p, p)
+            }
+        };
+        if a > b || b - a > 1 << 20 {
+            bail!("bad partition range {part}");
+        }
+        v.extend(a..=b);
+    }
+    if v.is_empty() {
+        bail!("no partitions in {s:?}");
+    }
+    v.sort_unstable();
+    v.dedup();
+    Ok(v)
+}
+
+fn service_token(
+    dir: &Path,
+    sub: &str,
+    app: &str,
+    cluster: &str,
+    ttl: u64,
+    role: Option<&str>,
+) -> Result<String> {
+    let (kid, key) = Keyring::cluster_signing_key(dir)?;
+    let now = auth::now_unix();
+    Ok(auth::sign_service_token(
+        &key,
+        &auth::ServiceClaims {
+            kid,
+            sub: sub.into(),
+            app: app.into(),
+            cluster: cluster.into(),
+            iat: now,
+            exp: now + ttl,
+            role: role.map(str::to_string),
+        },
+    ))
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FEDBUS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run_router(path: Option<PathBuf>) -> Result<()> {
+    let cfg = match &path {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    // io_uring and locked memory first: glommio would panic or fail late without them.
+    for c in fedbus_router::tune::checks(&cfg) {
+        if !c.ok && c.fatal {
+            bail!("{}: {}. Fix: {}", c.name, c.detail, c.fix);
+        } else if !c.ok {
+            tracing::warn!(check = c.name, fix = %c.fix, "{}", c.detail);
+        }
+    }
+    let dir = cfg.keyring_dir();
+    if cfg.dev {
+        ensure_keyring(&dir, &cfg.app_names())?;
+        Keyring::ensure_apps(&dir, &cfg.app_names(), auth::now_unix())?;
+    }
+    let keyring = Keyring::load(&dir).with_context(|| format!("keyring {}", dir.display()))?;
+    let r = fedbus_router::shard::listen::start(cfg.clone(), keyring)?;
+    println!(
+        "fedbus router {}/{}/{} up",
+        cfg.region, cfg.cluster, cfg.router
+    );
+    println!(
+        "  api       http://{}  (HTTP/1.1, websocket /api/ws)",
+        r.api
+    );
+    for (k, a) in r.internal.iter().enumerate() {
+        println!("  internal  {a}  shard {k} on core {}", r.shard_cores[k]);
+    }
+    if let Some(a) = r.external {
+        println!("  external  {a}  (peer links; every shard)");
+        for c in cfg.peer_clusters() {
+            println!(
+                "  peer      {}/{} via {}",
+                c.region,
+                c.cluster,
+                c.routers.join(", ")
+            );
+        }
+    }
+    if let Some(a) = r.admin {
+        println!("  admin     http://{a}/metrics");
+    }
+    println!("  control   core {}", cfg.tuning.control_core);
+    println!("  keyring   {}", dir.display());
+    if cfg.dev {
+        println!("  WARNING: dev mode: running on dev keys made on first run; set `dev = false` and provision the keyring for production");
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])?;
+    for sig in signals.forever() {
+        if sig == signal_hook::consts::SIGHUP {
+            tracing::info!("SIGHUP: reloading the keyring");
+            let _ = r.events.send(fedbus_router::control::ControlEvent::Reload);
+        } else {
+            tracing::info!("signal {sig}: stopping");
+            break;
+        }
+    }
+    r.shutdown();
+    std::process::exit(0);
+}
+
+/// SDK options for a built-in task: its service token is `--token`, or in dev mode one minted
+/// from the keyring for this instance, app, cluster and role.
+fn task_options(common: &TaskCommon, kind: &str) -> Result<task::TaskOptions> {
+    let partitions = parse_partitions(&common.partitions)?;
+    let instance = fedbus_router::util::random_u64();
+    let token = match common.token.clone() {
+        Some(t) => t,
+        None => {
+            let dir = keyring_dir(&common.keyring);
+            ensure_keyring(&dir, &[common.app.as_str()])?;
+            service_token(
+                &dir,
+                &format!("{kind}-{instance:016x}"),
+                &common.app,
+                &common.cluster,
+                30 * 86400,
+                Some(&common.role),
+            )?
+        }
+    };
+    let mut opts = task::TaskOptions::new(
+        common.routers.clone(),
+        &common.app,
+        &common.role,
+        partitions,
+        token,
+    );
+    opts.instance = instance;
+    Ok(opts)
+}
+
+fn run_task(common: TaskCommon, redirect_to: Option<String>, delay_ms: u64) -> Result<()> {
+    let mut opts = task_options(&common, "echo")?;
+    // Which router shard's link carried each request: lets tests prove that requests never
+    // cross shards. Added by the SDK from a line made once per link.
+    opts.report_link_shard = true;
+    eprintln!(
+        "fedbus task echo: app {} role {} partitions {} -> routers {:?}{}",
+        common.app,
+        common.role,
+        common.partitions,
+        common.routers,
+        redirect_to
+            .as_ref()
+            .map(|r| format!(" (redirects to {r})"))
+            .unwrap_or_default()
+    );
+    task::serve(opts, move |req| {
+        let redirect = redirect_to.clone();
+        async move {
+            if delay_ms > 0 {
+                glommio::timer::sleep(std::time::Duration::from_millis(delay_ms)).await;
+            }
+            // The app's Auth Service is reached as service `auth` through role main.
+            let redirect = redirect.or_else(|| {
+                (req.meta(fedbus_proto::tag::SERVICE) == Some("auth")
+                    && req.meta(fedbus_proto::tag::ROLE) != Some("auth"))
+                .then(|| "auth".to_string())
+            });
+            match redirect {
+                Some(r) => task::Outcome::redirect(&r),
+                None => task::Outcome::Response {
+                    status: 200,
+                    headers: Vec::new(),
+                    content_type: req
+                        .meta(fedbus_proto::tag::CONTENT_TYPE)
+                        .map(str::to_string),
+                    body: req.payload().clone(),
+                },
+            }
+        }
+    })
+}
+
+fn run_auth_task(mut common: TaskCommon, ttl: String) -> Result<()> {
+    let ttl = ttl_secs(&ttl)?;
+    if common.role == "main" {
+        common.role = "auth".into();
+    }
+    let opts = task_options(&common, "auth")?;
+    eprintln!(
+        "fedbus task auth: Auth Service of {} (role {})",
+        common.app, common.role
+    );
+    let app = common.app.clone();
+    task::serve(opts, move |req| {
+        let app = app.clone();
+        async move {
+            let json = |status: u16, v: serde_json::Value| task::Outcome::Response {
+                status,
+                headers: Vec::new(),
+                content_type: Some("application/json".into()),
+                body: bytes::Bytes::from(v.to_string()),
+            };
+            // A demo: any `sub` logs in. A real Auth Service checks credentials here.
+            let sub = serde_json::from_slice::<serde_json::Value>(req.payload())
+                .ok()
+                .and_then(|v| v.get("sub").and_then(|s| s.as_str()).map(str::to_string))
+                .filter(|s| !s.is_empty() && s.len() <= 256);
+            let Some(sub) = sub else {
+                return json(
+                    400,
+                    serde_json::json!({"error": "bad_login", "message": "body must be {\"sub\": \"<user>\"}"}),
+                );
+            };
+            match task::sign_client_jwt(&app, &sub, ttl) {
+                Some(t) => json(
+                    200,
+                    serde_json::json!({"token": t, "kid": task::secret_version(&app)}),
+                ),
+                None => json(
+                    503,
+                    serde_json::json!({"error": "no_secret", "message": "no app secret pushed yet"}),
+                ),
+            }
+        }
+    })
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_tracing();
+    if let Err(e) = real_main(cli) {
+        eprintln!("fedbus: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Run { config } => run_router(config),
+        Cmd::Bench(args) => fedbus_loadgen::run(*args),
+        Cmd::Tune { config } => {
+            let cfg = match &config {
+                Some(p) => Config::load(p)?,
+                None => Config::default(),
+            };
+            std::process::exit(if fedbus_router::tune::report(&cfg) {
+                0
+            } else {
+                1
+            });
+        }
+        Cmd::Task(TaskCmd::Echo {
+            common,
+            redirect_to,
+            delay_ms,
+        }) => run_task(common, redirect_to, delay_ms),
+        Cmd::Task(TaskCmd::Auth { common, ttl }) => run_auth_task(common, ttl),
+        Cmd::Token(TokenCmd::Service {
+            task_id,
+            app,
+            cluster,
+            ttl,
+            keyring,
+            role,
+        }) => {
+            let dir = keyring_dir(&keyring);
+            ensure_keyring(&dir, &[app.as_str()])?;
+            println!(
+                "{}",
+                service_token(
+                    &dir,
+                    &task_id,
+                    &app,
+                    &cluster,
+                    ttl_secs(&ttl)?,
+                    role.as_deref()
+                )?
+            );
+            Ok(())
+        }
+        Cmd::Token(TokenCmd::Peer {
+            router,
+            cluster,
+            ttl,
+            keyring,
+        }) => {
+            let dir = keyring_dir(&keyring);
+            println!(
+                "{}",
+                service_token(&dir, &router, "", &cluster, ttl_secs(&ttl)?, None)?
+            );
+            Ok(())
+        }
+        Cmd::Token(TokenCmd::Client {
+            app,
+            sub,
+            ttl,
+            keyring,
+        }) => {
+            let dir = keyring_dir(&keyring);
+            ensure_keyring(&dir, &[app.as_str()])?;
+            let k = Keyring::load(&dir)?;
+            let secret = k
+                .signing_app_secret(&app)
+                .ok_or_else(|| anyhow!("no secret for app {app} in {}", dir.display()))?;
+            let now = auth::now_unix();
+            let t = auth::sign_client_jwt(
+                secret,
+                &auth::ClientClaims {
+                    sub,
+                    app,
+                    iat: now,
+                    exp: now + ttl_secs(&ttl)?,
+                    nbf: None,
+                },
+            )?;
+            println!("{t}");
+            Ok(())
+        }
+        Cmd::Keys(KeysCmd::Init { keyring, apps }) => {
+            let dir = keyring_dir(&keyring);
+            let refs: Vec<&str> = apps.iter().map(String::as_str).collect();
+            let created = Keyring::init(&dir, &refs, auth::now_unix())?;
+            Keyring::ensure_apps(&dir, &refs, auth::now_unix())?;
+            println!(
+                "{} {}",
+                if created { "created" } else { "kept" },
+                dir.display()
+            );
+            Ok(())
+        }
+        Cmd::Keys(KeysCmd::Show { keyring }) => {
+            let dir = keyring_dir(&keyring);
+            print!("{}", Keyring::load(&dir)?.describe());
+            Ok(())
+        }
+        Cmd::Keys(KeysCmd::Rotate {
+            app,
+            cluster,
+            keyring,
+        }) => {
+            let dir = keyring_dir(&keyring);
+            let now = auth::now_unix();
+            if cluster {
+                let v = Keyring::rotate_cluster(&dir, now)?;
+                println!(
+                    "cluster key v{v} created; it signs from now on (reload routers with SIGHUP)"
+                );
+            } else if let Some(app) = app {
+                let v = Keyring::rotate_app(&dir, &app, now)?;
+                println!("app {app} secret v{v} created; it signs from now on (reload routers with SIGHUP)");
+            }
+            Ok(())
+        }
+    }
+}

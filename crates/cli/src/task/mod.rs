@@ -1,0 +1,375 @@
+//! The runner of the built-in tasks (`fedbus task echo|auth`): connects to every shard of every
+//! router listed, registers the task's app, role and partitions on each link, serves an async
+//! handler, and reconnects with backoff and jitter. Runs on one glommio executor of its own, so
+//! the echo task used by the benchmarks is as fast as the router. Task authors use the
+//! `fedbus-sdk` crate (tokio) instead.
+
+use bytes::{Bytes, BytesMut};
+use fedbus_proto::hello::{Hello, Register};
+use fedbus_proto::{self as proto, put_meta, put_meta_u64, tag, Frame, Header, Kind};
+use fedbus_router::util::random_u64;
+use fedbus_router::ws::{self, Message, Side, WsOut, WsReader};
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::future::Future;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// How a task connects.
+#[derive(Clone, Debug)]
+pub struct TaskOptions {
+    /// Internal address of shard 0 of each router (the hello names the other shards).
+    pub routers: Vec<String>,
+    pub app: String,
+    pub role: String,
+    pub partitions: Vec<u32>,
+    /// Service token signed by the cluster key.
+    pub token: String,
+    /// Instance id, the same on every link (random by default).
+    pub instance: u64,
+    /// Largest message accepted from a router.
+    pub max_message: usize,
+    /// Add `echo-link-shard: <router shard>` to every answer (which router shard's link carried
+    /// the request: lets tests prove requests never cross shards). Default false.
+    pub report_link_shard: bool,
+}
+
+impl TaskOptions {
+    pub fn new(
+        routers: Vec<String>,
+        app: &str,
+        role: &str,
+        partitions: Vec<u32>,
+        token: String,
+    ) -> Self {
+        TaskOptions {
+            routers,
+            app: app.into(),
+            role: role.into(),
+            partitions,
+            token,
+            instance: random_u64(),
+            max_message: 64 * 1024 * 1024,
+            report_link_shard: false,
+        }
+    }
+}
+
+thread_local! {
+    /// App secrets pushed by routers to this (auth) task: app -> newest (version, secret).
+    static SECRETS: RefCell<std::collections::HashMap<String, (u32, Vec<u8>)>> = RefCell::new(Default::default());
+}
+
+fn store_secret(f: &Frame) {
+    let (Some(app), Some(v)) = (f.get_str(tag::APP), f.get_u64(tag::VERSION)) else {
+        return;
+    };
+    let Ok(v) = u32::try_from(v) else { return };
+    SECRETS.with(|s| {
+        let mut s = s.borrow_mut();
+        // Several routers push the same secret; keep the newest version.
+        if s.get(app).is_none_or(|(old, _)| *old < v) {
+            tracing::info!(app, version = v, "app secret received");
+            s.insert(app.to_string(), (v, f.payload.to_vec()));
+        }
+    });
+}
+
+/// Newest app secret version pushed to this task, if any.
+pub fn secret_version(app: &str) -> Option<u32> {
+    SECRETS.with(|s| s.borrow().get(app).map(|(v, _)| *v))
+}
+
+/// Signs a client JWT for `sub` with the newest secret the routers pushed (Auth Service tasks
+/// only: a task registered in role `auth`). None until a secret arrived.
+pub fn sign_client_jwt(app: &str, sub: &str, ttl_secs: u64) -> Option<String> {
+    let (version, secret) = SECRETS.with(|s| s.borrow().get(app).cloned())?;
+    let now = fedbus_auth::now_unix();
+    fedbus_auth::sign_client_jwt(
+        &fedbus_auth::AppSecretVersion {
+            version,
+            secret,
+            created: now,
+        },
+        &fedbus_auth::ClientClaims {
+            sub: sub.into(),
+            app: app.into(),
+            iat: now,
+            exp: now + ttl_secs,
+            nbf: None,
+        },
+    )
+    .ok()
+}
+
+/// A request as the task sees it.
+pub struct Request {
+    pub frame: Frame,
+}
+
+impl Request {
+    pub fn payload(&self) -> &Bytes {
+        &self.frame.payload
+    }
+    pub fn meta(&self, t: u8) -> Option<&str> {
+        self.frame.get_str(t)
+    }
+}
+
+/// What a handler answers.
+pub enum Outcome {
+    Response {
+        status: u16,
+        headers: Vec<(String, String)>,
+        content_type: Option<String>,
+        body: Bytes,
+    },
+    /// Seed: Redirect. Send the same request to `role` (same partition unless given).
+    Redirect {
+        role: String,
+        partition: Option<u32>,
+    },
+}
+
+impl Outcome {
+    pub fn redirect(role: &str) -> Outcome {
+        Outcome::Redirect {
+            role: role.into(),
+            partition: None,
+        }
+    }
+}
+
+thread_local! {
+    /// Reused buffer for answer heads: answering allocates nothing but what the handler did.
+    static HEAD: RefCell<BytesMut> = RefCell::new(BytesMut::with_capacity(512));
+}
+
+/// Encodes the answer to `req_header` into `out`. `extra` is a ready `name: value` header line
+/// the SDK adds itself (the link shard, when the task asks for it).
+fn send_outcome(out: &RefCell<WsOut>, req: &Header, o: Outcome, extra: Option<&[u8]>) {
+    HEAD.with(|head| {
+        let mut m = head.borrow_mut();
+        m.clear();
+        m.resize(proto::HEADER_LEN, 0);
+        let (kind, payload) = match o {
+            Outcome::Response {
+                status,
+                headers,
+                content_type,
+                body,
+            } => {
+                put_meta_u64(&mut m, tag::STATUS, status as u64);
+                if let Some(ct) = content_type {
+                    put_meta(&mut m, tag::CONTENT_TYPE, ct.as_bytes());
+                }
+                for (k, v) in headers {
+                    let mut line = Vec::with_capacity(k.len() + v.len() + 2);
+                    line.extend_from_slice(k.as_bytes());
+                    line.extend_from_slice(b": ");
+                    line.extend_from_slice(v.as_bytes());
+                    put_meta(&mut m, tag::HEADER, &line);
+                }
+                if let Some(x) = extra {
+                    put_meta(&mut m, tag::HEADER, x);
+                }
+                (Kind::Response, body)
+            }
+            Outcome::Redirect { role, partition } => {
+                put_meta(&mut m, tag::ROLE, role.as_bytes());
+                if let Some(p) = partition {
+                    put_meta_u64(&mut m, tag::PARTITION, p as u64);
+                }
+                (Kind::Redirect, Bytes::new())
+            }
+        };
+        let h = Header {
+            kind,
+            flags: 0,
+            hops: req.hops,
+            partition: req.partition,
+            request_id: req.request_id,
+            meta_len: (m.len() - proto::HEADER_LEN) as u32,
+            payload_len: payload.len() as u32,
+        };
+        m[..proto::HEADER_LEN].copy_from_slice(&h.encode());
+        if out.borrow_mut().send_binary(&m, payload).is_err() {
+            tracing::warn!(
+                id = req.request_id,
+                "answer dropped: link outbox full or closed"
+            );
+        }
+    });
+}
+
+/// Serves `handler` forever on a new glommio executor in this thread.
+pub fn serve<H, F>(opts: TaskOptions, handler: H) -> anyhow::Result<()>
+where
+    H: Fn(Request) -> F + 'static,
+    F: Future<Output = Outcome> + 'static,
+{
+    let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .io_memory(1 << 20)
+        .make()
+        .map_err(|e| anyhow::anyhow!("cannot start the task executor: {e}"))?;
+    ex.run(run(opts, handler));
+    Ok(())
+}
+
+/// The SDK's main future: one link loop per shard of every router, forever.
+pub async fn run<H, F>(opts: TaskOptions, handler: H)
+where
+    H: Fn(Request) -> F + 'static,
+    F: Future<Output = Outcome> + 'static,
+{
+    let ctx = Rc::new(Ctx {
+        opts,
+        handler,
+        started: RefCell::new(HashSet::new()),
+    });
+    let mut all = Vec::new();
+    for r in ctx.opts.routers.clone() {
+        all.push(glommio::spawn_local(link_loop(ctx.clone(), r)));
+    }
+    for t in all {
+        t.await;
+    }
+    // Link loops for other shards run detached; keep the executor alive.
+    futures_lite::future::pending::<()>().await;
+}
+
+struct Ctx<H> {
+    opts: TaskOptions,
+    handler: H,
+    /// `router#shard` keys of the links with a loop running.
+    started: RefCell<HashSet<String>>,
+}
+
+async fn link_loop<H, F>(ctx: Rc<Ctx<H>>, addr: String)
+where
+    H: Fn(Request) -> F + 'static,
+    F: Future<Output = Outcome> + 'static,
+{
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match link_once(&ctx, &addr).await {
+            Ok(()) => {
+                tracing::info!(%addr, "link closed; reconnecting");
+                backoff = Duration::from_millis(50);
+            }
+            Err(e) => tracing::warn!(%addr, "link failed: {e}; retrying in {backoff:?}"),
+        }
+        // Jitter in [0.5, 1.5) x backoff, so a restarted router is not hit by every task at once.
+        let j = 0.5 + (random_u64() % 1000) as f64 / 1000.0;
+        glommio::timer::sleep(backoff.mul_f64(j)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn link_once<H, F>(ctx: &Rc<Ctx<H>>, addr: &str) -> anyhow::Result<()>
+where
+    H: Fn(Request) -> F + 'static,
+    F: Future<Output = Outcome> + 'static,
+{
+    let (s, leftover) = ws::connect(addr, "/link", Some(&ctx.opts.token)).await?;
+    let ws::WsConn {
+        mut reader,
+        out,
+        writer,
+    } = ws::start(
+        s,
+        leftover,
+        Side::Client,
+        ctx.opts.max_message,
+        256 * 1024 * 1024,
+    );
+    let res = serve_link(ctx, addr, &mut reader, &out).await;
+    out.borrow_mut().close(1000);
+    let _ = writer.await;
+    res
+}
+
+async fn serve_link<H, F, R>(
+    ctx: &Rc<Ctx<H>>,
+    addr: &str,
+    reader: &mut WsReader<R>,
+    out: &Rc<RefCell<WsOut>>,
+) -> anyhow::Result<()>
+where
+    H: Fn(Request) -> F + 'static,
+    F: Future<Output = Outcome> + 'static,
+    R: futures_lite::AsyncRead + Unpin,
+{
+    let hello: Hello = match reader.next().await? {
+        Message::Text(t) => serde_json::from_slice(&t)?,
+        other => anyhow::bail!("expected hello, got {other:?}"),
+    };
+    // Open links to the router's other shards, once per (router, shard): the address we
+    // dialled may be spelled differently from the hello's (a DNS name, `localhost`).
+    ctx.started
+        .borrow_mut()
+        .insert(format!("{}#{}", hello.router, hello.shard));
+    for (k, a) in hello.internal.iter().enumerate() {
+        if k != hello.shard
+            && ctx
+                .started
+                .borrow_mut()
+                .insert(format!("{}#{k}", hello.router))
+        {
+            glommio::spawn_local(link_loop(ctx.clone(), a.clone())).detach();
+        }
+    }
+    let reg = Register {
+        kind: "register".into(),
+        task: ctx.opts.instance,
+        app: ctx.opts.app.clone(),
+        role: ctx.opts.role.clone(),
+        partitions: ctx.opts.partitions.clone(),
+    };
+    let _ = out.borrow_mut().send_text(&serde_json::to_string(&reg)?);
+    tracing::info!(%addr, router = %hello.router, shard = hello.shard, shards = hello.shards, "link up");
+    let shard_line: Option<Rc<[u8]>> = ctx.opts.report_link_shard.then(|| {
+        format!("echo-link-shard: {}", hello.shard)
+            .into_bytes()
+            .into()
+    });
+    loop {
+        match reader.next().await? {
+            Message::Binary(b) => {
+                let f = Frame::decode(b)?;
+                if f.header.kind == Kind::SecretPush {
+                    store_secret(&f);
+                    continue;
+                }
+                if f.header.kind != Kind::Request {
+                    continue;
+                }
+                let h = f.header;
+                let fut = (ctx.handler)(Request { frame: f });
+                let mut fut = Box::pin(fut);
+                // Most handlers answer at once: skip a task spawn for those.
+                match futures_util::FutureExt::now_or_never(&mut fut) {
+                    Some(o) => send_outcome(out, &h, o, shard_line.as_deref()),
+                    None => {
+                        let (out, line) = (out.clone(), shard_line.clone());
+                        glommio::spawn_local(async move {
+                            let o = fut.await;
+                            send_outcome(&out, &h, o, line.as_deref());
+                        })
+                        .detach();
+                    }
+                }
+            }
+            Message::Text(t) => {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&t) {
+                    if v.get("type").and_then(|t| t.as_str()) == Some("registered") {
+                        tracing::debug!(%addr, "registered");
+                    }
+                }
+            }
+            Message::Ping(p) => out.borrow_mut().send_control(ws::frame::opcode::PONG, &p),
+            Message::Pong(_) => {}
+            Message::Close(c) => anyhow::bail!("router closed the link ({c:?})"),
+        }
+    }
+}

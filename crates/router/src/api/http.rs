@@ -1,0 +1,577 @@
+//! HTTP/1.1 client ingress: keep-alive, pipelining (requests of one connection are routed
+//! concurrently and answered in order), `Expect: 100-continue`, limits from the config. The
+//! body is a slice of the read buffer and goes to the task without a copy; the task's payload
+//! goes back to the client the same way (one vectored write of head + body).
+
+use crate::api::reason;
+use crate::metrics::{Listener, ShardMetrics};
+use crate::route::{parse_api_path, PathError};
+use crate::routing::{self, Answer, Field, Ingress, Request, VerifyCache};
+use crate::shard::Shard;
+use crate::ws::conn::{ReadSpace, SocketWriter};
+use bytes::{Bytes, BytesMut};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use glommio::net::TcpStream;
+use std::cell::RefCell;
+use std::ops::Range;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// A parsed request whose head and body are slices of one frozen buffer.
+#[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
+pub struct Req {
+    pub(crate) head: Bytes,
+    /// The body, a slice of the read buffer.
+    #[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
+    pub body: Bytes,
+    pub(crate) method: Method,
+    pub(crate) path: Range<usize>,
+    pub(crate) token: Option<Range<usize>>,
+    pub(crate) content_type: Option<Range<usize>>,
+    pub(crate) close: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Method {
+    Get,
+    Post,
+}
+
+impl Method {
+    fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+        }
+    }
+}
+
+/// Result of looking at the read buffer.
+#[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
+pub enum Parsed {
+    /// More bytes needed; `continue_` asks for a `100 Continue`.
+    Incomplete {
+        /// The client sent `Expect: 100-continue`.
+        continue_: bool,
+        /// Bytes of the request head once it is complete (the body is still coming).
+        head_len: Option<usize>,
+    },
+    /// A whole request, split off the buffer.
+    Request(Req),
+    /// Unrecoverable: answer and close.
+    Error(u16, &'static str, &'static str),
+}
+
+fn range_of(buf: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+    start..start + part.len()
+}
+
+/// Parses one request from the front of `buf`, splitting it off when complete.
+#[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
+pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut r = httparse::Request::new(&mut headers);
+    let n = match r.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            if buf.len() > max_header {
+                return Parsed::Error(431, "headers_too_large", "request head over the limit");
+            }
+            return Parsed::Incomplete {
+                continue_: false,
+                head_len: None,
+            };
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Parsed::Error(431, "headers_too_large", "too many headers")
+        }
+        Err(_) => return Parsed::Error(400, "bad_request", "malformed request"),
+    };
+    if n > max_header {
+        return Parsed::Error(431, "headers_too_large", "request head over the limit");
+    }
+    let method = match r.method {
+        Some("GET") => Method::Get,
+        Some("POST") => Method::Post,
+        _ => return Parsed::Error(405, "method_not_allowed", "only GET and POST"),
+    };
+    let mut close = r.version == Some(0);
+    let mut cl: Option<usize> = None;
+    let (mut token, mut ctype, mut expect) = (None, None, false);
+    for h in r.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            // Digits only: `+5` parses as a usize but other parsers on the path may disagree.
+            let v = std::str::from_utf8(h.value)
+                .ok()
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<usize>().ok());
+            match (v, cl) {
+                (Some(v), None) => cl = Some(v),
+                (Some(v), Some(old)) if v == old => {}
+                _ => return Parsed::Error(400, "bad_request", "bad Content-Length"),
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Parsed::Error(
+                411,
+                "length_required",
+                "send a Content-Length; chunked bodies are not accepted",
+            );
+        } else if name.eq_ignore_ascii_case("authorization") {
+            token = crate::ws::handshake::bearer(h.value).map(|t| range_of(buf, t.as_bytes()));
+            if token.is_none() {
+                return Parsed::Error(401, "bad_token", "Authorization must be `Bearer <token>`");
+            }
+        } else if name.eq_ignore_ascii_case("content-type") {
+            ctype = Some(range_of(buf, h.value));
+        } else if name.eq_ignore_ascii_case("connection") {
+            let v = h.value;
+            if v.eq_ignore_ascii_case(b"close") {
+                close = true;
+            } else if v.eq_ignore_ascii_case(b"keep-alive") {
+                close = false;
+            }
+        } else if name.eq_ignore_ascii_case("expect") {
+            expect = h.value.eq_ignore_ascii_case(b"100-continue");
+        }
+    }
+    let path = range_of(buf, r.path.unwrap_or("/").as_bytes());
+    let body_len = cl.unwrap_or(0);
+    if body_len > max_body {
+        return Parsed::Error(413, "body_too_large", "request body over the limit");
+    }
+    if buf.len() < n + body_len {
+        buf.reserve(n + body_len - buf.len());
+        return Parsed::Incomplete {
+            continue_: expect,
+            head_len: Some(n),
+        };
+    }
+    let all = buf.split_to(n + body_len).freeze();
+    Parsed::Request(Req {
+        head: all.slice(..n),
+        body: all.slice(n..),
+        method,
+        path,
+        token,
+        content_type: ctype,
+        close,
+    })
+}
+
+/// The protocol-neutral request of a parsed HTTP request.
+#[allow(clippy::result_large_err)]
+fn request(req: &Req) -> Result<Request<'_>, Answer> {
+    let path = std::str::from_utf8(&req.head[req.path.clone()]).unwrap_or("");
+    Ok(Request {
+        target: parse_api_path(path).map_err(|e| path_error(e, path))?,
+        method: req.method.as_str(),
+        credential: req.token.clone().map(|r| &req.head[r]),
+        content_type: req.content_type.clone().map(|r| &req.head[r]),
+        payload: req.body.clone(),
+        ingress: Ingress::Http,
+    })
+}
+
+fn path_error(e: PathError, path: &str) -> Answer {
+    Answer::error(e.http_status(), e.code(), format!("{e}: {path}"))
+}
+
+/// Checks a request head whose body has not arrived yet, before `100 Continue` and before
+/// buffering the body: the same admission as the whole request, so an unauthenticated client
+/// cannot make the router hold its upload.
+#[allow(clippy::result_large_err)]
+fn check_head(shard: &Shard, cache: &mut VerifyCache, head: &[u8]) -> Result<(), Answer> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut r = httparse::Request::new(&mut headers);
+    if r.parse(head).is_err() {
+        return Err(Answer::error(400, "bad_request", "malformed request"));
+    }
+    let path = r.path.unwrap_or("/");
+    let credential = r
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("authorization"))
+        .and_then(|h| crate::ws::handshake::bearer(h.value))
+        .map(str::as_bytes);
+    let req = Request {
+        target: parse_api_path(path).map_err(|e| path_error(e, path))?,
+        method: r.method.unwrap_or("POST"),
+        credential,
+        content_type: None,
+        payload: Bytes::new(),
+        ingress: Ingress::Http,
+    };
+    routing::admit(shard, cache, &req).map(|_| ())
+}
+
+/// Appends `n` in decimal.
+fn put_num(out: &mut BytesMut, n: u64) {
+    let mut tmp = [0u8; 20];
+    out.put_slice(crate::proto::fmt_u64(n, &mut tmp));
+}
+
+/// Writes the response head for `a` into `out`.
+pub(crate) fn write_head(
+    out: &mut BytesMut,
+    shard: &Shard,
+    a: &Answer,
+    body_len: usize,
+    close: bool,
+) {
+    // Plain byte appends and `fmt_u64` instead of `write!`: this runs once per response, and
+    // the formatting machinery cost more than the rest of the head.
+    let status = a.status();
+    out.put_slice(b"HTTP/1.1 ");
+    put_num(out, u64::from(status));
+    out.put_u8(b' ');
+    out.put_slice(reason(status).as_bytes());
+    out.put_slice(b"\r\n");
+    let (mut has_ct, mut served_by) = (false, false);
+    a.fields(|f| {
+        match f {
+            Field::ContentType(v) => {
+                has_ct = true;
+                out.put_slice(b"content-type: ");
+                out.put_slice(v);
+            }
+            Field::ServedBy(v) => {
+                served_by = true;
+                out.put_slice(b"fedbus-served-by: ");
+                out.put_slice(v);
+            }
+            Field::Line(v) => out.put_slice(v),
+            Field::Number(name, n) => {
+                out.put_slice(name.as_bytes());
+                out.put_slice(b": ");
+                put_num(out, n);
+            }
+        }
+        out.put_slice(b"\r\n");
+    });
+    if !has_ct {
+        out.put_slice(b"content-type: application/octet-stream\r\n");
+    }
+    out.put_slice(b"content-length: ");
+    put_num(out, body_len as u64);
+    out.put_slice(b"\r\nfedbus-shard: ");
+    put_num(out, shard.index as u64);
+    out.put_slice(b"\r\n");
+    if !served_by {
+        out.put_slice(b"fedbus-served-by: ");
+        out.put_slice(shard.router_name.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    if status == 503 {
+        out.put_slice(b"retry-after: 1\r\n");
+    }
+    if close {
+        out.put_slice(b"connection: close\r\n");
+    }
+    out.put_slice(b"\r\n");
+}
+
+use bytes::BufMut;
+
+/// Serves one client connection until it closes.
+pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+    let m = shard.metrics.clone();
+    ShardMetrics::inc(&m.connections[Listener::Api as usize]);
+    shard.client_conns.set(shard.client_conns.get() + 1);
+    match serve_inner(&shard, &mut stream).await {
+        Err(e) => tracing::debug!(shard = shard.index, "client connection ended: {e}"),
+        Ok(Some((head, leftover))) => super::ws::serve(shard.clone(), stream, head, leftover).await,
+        Ok(None) => {}
+    }
+    shard.client_conns.set(shard.client_conns.get() - 1);
+    ShardMetrics::dec(&m.connections[Listener::Api as usize]);
+}
+
+/// What one pipelined request needs to be answered: one concrete future type for all of them,
+/// so that the in-flight queue holds them without boxing each (one allocation fewer per
+/// request).
+enum Step {
+    Ready(Answer),
+    Route(Req, Rc<RefCell<VerifyCache>>),
+}
+
+/// The answer to one request, with (close after it, body bytes in, start time).
+async fn answer(
+    shard: Rc<Shard>,
+    step: Step,
+    close: bool,
+    n_in: usize,
+    start: Instant,
+) -> (Answer, bool, usize, Instant) {
+    let a = match step {
+        Step::Ready(a) => a,
+        Step::Route(req, cache) => match request(&req) {
+            Ok(r) => routing::route(&shard, &cache, &r).await,
+            Err(a) => a,
+        },
+    };
+    (a, close, n_in, start)
+}
+
+/// Bytes of a websocket upgrade request head and what followed it.
+type Upgrade = (Bytes, BytesMut);
+
+async fn serve_inner(
+    shard: &Rc<Shard>,
+    stream: &mut TcpStream,
+) -> std::io::Result<Option<Upgrade>> {
+    let limits = shard.cfg.limits.clone();
+    let _ = stream.set_nodelay(true);
+    // A client that stops reading its answers is dropped instead of holding them forever.
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(limits.idle_timeout_ms)));
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut space = ReadSpace::default();
+    let mut out = BytesMut::with_capacity(4096);
+    let mut parts: Vec<Bytes> = Vec::with_capacity(32);
+    let mut inflight = FuturesOrdered::new();
+    let cache = Rc::new(RefCell::new(VerifyCache::new(1)));
+    let mut closing = false;
+    let mut continued = false;
+    let idle = Duration::from_millis(limits.idle_timeout_ms);
+    loop {
+        // Parse and start every complete request that is buffered.
+        while !closing && inflight.len() < limits.max_inflight_per_connection {
+            match parse_one(&mut buf, limits.max_header_bytes, limits.max_body_bytes) {
+                Parsed::Incomplete {
+                    continue_,
+                    head_len,
+                } => {
+                    if let (Some(n), false) = (head_len, continued) {
+                        continued = true;
+                        if let Err(a) = check_head(shard, &mut cache.borrow_mut(), &buf[..n]) {
+                            closing = true;
+                            inflight.push_back(answer(
+                                shard.clone(),
+                                Step::Ready(a),
+                                true,
+                                0,
+                                Instant::now(),
+                            ));
+                            break;
+                        }
+                        if continue_ {
+                            stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+                        }
+                    }
+                    break;
+                }
+                Parsed::Error(status, code, msg) => {
+                    closing = true;
+                    let a = Answer::error(status, code, msg);
+                    inflight.push_back(answer(
+                        shard.clone(),
+                        Step::Ready(a),
+                        true,
+                        0,
+                        Instant::now(),
+                    ));
+                }
+                Parsed::Request(req) if is_ws_upgrade(&req) => {
+                    if inflight.is_empty() {
+                        return Ok(Some((req.head, buf)));
+                    }
+                    closing = true;
+                    let a = Answer::error(
+                        400,
+                        "bad_upgrade",
+                        "websocket upgrade after pipelined requests",
+                    );
+                    inflight.push_back(answer(
+                        shard.clone(),
+                        Step::Ready(a),
+                        true,
+                        0,
+                        Instant::now(),
+                    ));
+                }
+                Parsed::Request(req) => {
+                    continued = false;
+                    let start = Instant::now();
+                    let close = req.close;
+                    closing |= close;
+                    let n_in = req.body.len();
+                    inflight.push_back(answer(
+                        shard.clone(),
+                        Step::Route(req, cache.clone()),
+                        close,
+                        n_in,
+                        start,
+                    ));
+                }
+            }
+        }
+        if inflight.is_empty() {
+            if closing {
+                break;
+            }
+            let read = fill(stream, &mut buf, &mut space);
+            match glommio::timer::timeout(idle, async { Ok(read.await) }).await {
+                Ok(Ok(0)) | Err(_) => break,
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => return Err(e),
+            }
+        }
+        // Wait for the oldest answer, reading more requests meanwhile.
+        let first = if closing || inflight.len() >= limits.max_inflight_per_connection {
+            inflight.next().await
+        } else {
+            let next = std::pin::pin!(inflight.next());
+            let read = std::pin::pin!(fill(stream, &mut buf, &mut space));
+            match futures_util::future::select(next, read).await {
+                futures_util::future::Either::Left((a, _)) => a,
+                futures_util::future::Either::Right((r, _)) => {
+                    if r? == 0 {
+                        closing = true;
+                    }
+                    continue;
+                }
+            }
+        };
+        // Answer it and every later one that is already done, in one write.
+        let mut next = first;
+        while let Some((a, close, n_in, start)) = next {
+            let body = a.body();
+            let close = close || closing && inflight.is_empty();
+            write_head(&mut out, shard, &a, body.len(), close);
+            parts.push(out.split().freeze());
+            shard.metrics.request(
+                a.status(),
+                start.elapsed().as_micros() as u64,
+                n_in,
+                body.len(),
+            );
+            if !body.is_empty() {
+                parts.push(body);
+            }
+            if close {
+                closing = true;
+                inflight.clear();
+                break;
+            }
+            next = futures_util::FutureExt::now_or_never(inflight.next()).flatten();
+        }
+        SocketWriter::new(stream).write_all_vectored(&parts).await?;
+        parts.clear();
+        if closing && inflight.is_empty() {
+            break;
+        }
+    }
+    let _ = stream.flush().await;
+    if closing {
+        // Lingering close: the client may still be sending (a body we refused with 413, a
+        // pipelined request after `Connection: close`); closing with unread input would make
+        // the kernel send RST and could destroy our answer before the client reads it.
+        let _ = stream.shutdown(std::net::Shutdown::Write).await;
+        let mut sink = [0u8; 16 * 1024];
+        let _ = glommio::timer::timeout(Duration::from_secs(1), async {
+            let mut left = 1usize << 20;
+            while left > 0 {
+                match stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+            Ok(())
+        })
+        .await;
+    }
+    Ok(None)
+}
+
+fn is_ws_upgrade(req: &Req) -> bool {
+    let path = &req.head[req.path.clone()];
+    req.method == Method::Get && (path == b"/api/ws" || path.starts_with(b"/api/ws?"))
+}
+
+/// Reads more bytes into `buf`; 0 at end of stream.
+async fn fill(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    space: &mut ReadSpace,
+) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(16 * 1024);
+    }
+    space.read(stream, buf).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &[u8]) -> Parsed {
+        let mut b = BytesMut::from(s);
+        parse_one(&mut b, 1024, 100)
+    }
+
+    #[test]
+    fn parses_pipelined_requests_without_copy() {
+        let mut b = BytesMut::from(
+            &b"POST /api/a HTTP/1.1\r\nAuthorization: Bearer tok\r\nContent-Length: 3\r\n\r\nabcGET /x HTTP/1.1\r\n\r\n"[..],
+        );
+        let Parsed::Request(r) = parse_one(&mut b, 1024, 100) else {
+            panic!("first")
+        };
+        assert_eq!(&r.body[..], b"abc");
+        assert_eq!(&r.head[r.path.clone()], b"/api/a");
+        assert_eq!(&r.head[r.token.clone().unwrap()], b"tok");
+        let Parsed::Request(r2) = parse_one(&mut b, 1024, 100) else {
+            panic!("second")
+        };
+        assert_eq!(r2.method, Method::Get);
+        assert!(r2.body.is_empty());
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn limits_and_errors() {
+        assert!(matches!(
+            parse(b"POST / HTTP/1.1\r\nContent-Length: 101\r\n\r\n"),
+            Parsed::Error(413, ..)
+        ));
+        assert!(matches!(
+            parse(b"PUT / HTTP/1.1\r\n\r\n"),
+            Parsed::Error(405, ..)
+        ));
+        assert!(matches!(
+            parse(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Parsed::Error(411, ..)
+        ));
+        assert!(matches!(
+            parse(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n"),
+            Parsed::Error(400, ..)
+        ));
+        assert!(matches!(
+            parse(b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\nabcde"),
+            Parsed::Error(400, ..)
+        ));
+        assert!(matches!(
+            parse(b"\x01\x02 nonsense\r\n\r\n"),
+            Parsed::Error(400, ..)
+        ));
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(2000));
+        assert!(matches!(parse(big.as_bytes()), Parsed::Error(431, ..)));
+        assert!(matches!(
+            parse(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\nab"),
+            Parsed::Incomplete {
+                continue_: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            parse(b"GET / HT"),
+            Parsed::Incomplete {
+                continue_: false,
+                head_len: None
+            }
+        ));
+    }
+}

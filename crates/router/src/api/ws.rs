@@ -1,0 +1,224 @@
+//! The client websocket endpoint `GET /api/ws`: authenticated once at the upgrade (bearer
+//! header or `access_token` query parameter), then many requests in flight on one connection,
+//! each a fedbus frame (kind Request, client-chosen id, PATH metadata, payload) answered by a
+//! Response frame with the same id, possibly out of order. Same routing and errors as HTTP:
+//! every request goes through [`routing::route`] with the session's token as its credential,
+//! so a request may target another cluster of the federation (the home cluster verifies the
+//! token there), and a token whose key version retires is refused per request with the same
+//! 401 as on HTTP.
+
+use crate::auth::{self, claimed_app};
+use crate::proto::{tag, Frame, Kind};
+use crate::route::parse_api_path;
+use crate::routing::answer::send_answer;
+use crate::routing::{self, verify, Answer, Ingress, Principal, Request, VerifyCache};
+use crate::shard::Shard;
+use crate::ws::{self, handshake, Message, Side};
+use bytes::{Bytes, BytesMut};
+use futures_lite::AsyncWriteExt;
+use glommio::net::TcpStream;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::time::Instant;
+
+/// `access_token` from a query string.
+fn query_token(path: &str) -> Option<&str> {
+    let q = path.split_once('?')?.1;
+    q.split('&')
+        .find_map(|kv| kv.strip_prefix("access_token="))
+        .filter(|t| !t.is_empty())
+}
+
+/// Takes over a connection whose first request was `GET /api/ws`. `head` is that request's
+/// head; `leftover` what followed it.
+pub(crate) async fn serve(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    head: Bytes,
+    leftover: BytesMut,
+) {
+    let up = match handshake::parse_upgrade(&head) {
+        Ok(Some(up)) => up,
+        Ok(None) => return,
+        Err(r) => {
+            let _ = stream
+                .write_all(handshake::error_response(r.status, r.code, r.message).as_bytes())
+                .await;
+            return;
+        }
+    };
+    let token = up
+        .bearer
+        .clone()
+        .or_else(|| query_token(&up.path).map(str::to_string));
+    let Some(token) = token else {
+        let _ = stream
+            .write_all(
+                handshake::error_response(
+                    401,
+                    "missing_token",
+                    "Authorization: Bearer <JWT> or ?access_token= required",
+                )
+                .as_bytes(),
+            )
+            .await;
+        return;
+    };
+    // A router without federation verifies the token at the upgrade (and caches it for the
+    // session's requests). A federated one cannot: the token may belong to an app of another
+    // cluster, so each request is authorized where it is served, as an HTTP request would be.
+    let mut cache = VerifyCache::new(1);
+    let mut exp = None;
+    if shard.federation.routers.is_empty() {
+        let keys = shard.snapshots.keys.load();
+        let app = claimed_app(&token).unwrap_or_default();
+        let now = auth::now_unix();
+        let verdict = verify::authorize(
+            &mut cache,
+            &verify::Keys {
+                keyring: &keys.keyring,
+                generation: keys.generation,
+                grace_secs: shard.cfg.auth.grace_secs,
+            },
+            &app,
+            false,
+            Some(token.as_bytes()),
+            now,
+        );
+        match verdict {
+            Ok(Principal::Client { exp: e, .. }) => exp = Some(e),
+            Ok(Principal::Anonymous) => {}
+            Err(Answer::Error(e)) => {
+                let _ = stream
+                    .write_all(handshake::error_response(e.status, e.code, &e.message).as_bytes())
+                    .await;
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+    if stream
+        .write_all(handshake::accept_response(&up.key).as_bytes())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_write_timeout(Some(std::time::Duration::from_millis(
+        shard.cfg.limits.idle_timeout_ms,
+    )));
+    let limits = &shard.cfg.limits;
+    let ws::WsConn {
+        mut reader,
+        out,
+        writer,
+    } = ws::start(
+        stream,
+        leftover,
+        Side::Server,
+        limits.max_message_bytes(),
+        limits.max_link_outbox_bytes,
+    );
+    let session = Rc::new(Session {
+        token: token.into_bytes().into_boxed_slice(),
+        cache: RefCell::new(cache),
+        exp,
+        inflight: Cell::new(0),
+    });
+    let end = loop {
+        if out.borrow().is_closing() {
+            break Some(1013);
+        }
+        let msg = match glommio::timer::timeout(
+            std::time::Duration::from_millis(limits.idle_timeout_ms),
+            async { Ok(reader.next().await) },
+        )
+        .await
+        {
+            Ok(m) => m,
+            // Idle means nothing to read and nothing in flight.
+            Err(_) if session.inflight.get() > 0 => continue,
+            Err(_) => break Some(1001),
+        };
+        match msg {
+            Ok(Message::Binary(b)) => {
+                if session.exp.is_some_and(|e| e <= auth::now_unix()) {
+                    break Some(1008);
+                }
+                let f = match Frame::decode(b) {
+                    Ok(f) if f.header.kind == Kind::Request => f,
+                    _ => break Some(1002),
+                };
+                if session.inflight.get() >= limits.max_inflight_per_connection {
+                    let a = Answer::error(
+                        503,
+                        "too_many_inflight",
+                        "over the per-connection in-flight limit",
+                    );
+                    send_answer(&out, shard.index, f.header.request_id, &a, None);
+                    continue;
+                }
+                session.inflight.set(session.inflight.get() + 1);
+                let (s, o, sess) = (shard.clone(), out.clone(), session.clone());
+                glommio::spawn_local(async move {
+                    let start = Instant::now();
+                    let n_in = f.payload.len();
+                    let a = answer(&s, &sess, &f).await;
+                    let body_len = send_answer(&o, s.index, f.header.request_id, &a, None);
+                    s.metrics.request(
+                        a.status(),
+                        start.elapsed().as_micros() as u64,
+                        n_in,
+                        body_len,
+                    );
+                    sess.inflight.set(sess.inflight.get() - 1);
+                })
+                .detach();
+            }
+            Ok(Message::Ping(p)) => out.borrow_mut().send_control(ws::frame::opcode::PONG, &p),
+            Ok(Message::Pong(_)) => {}
+            Ok(Message::Text(_)) => break Some(1003),
+            Ok(Message::Close(_)) => break Some(1000),
+            Err(e) => break e.close_code(),
+        }
+    };
+    let lingering = end.is_some();
+    match end {
+        Some(code) => out.borrow_mut().close(code),
+        None => out.borrow_mut().abort(),
+    }
+    let _ = writer.await;
+    if lingering {
+        // Our close frame is out; let the client read it before the socket goes away.
+        reader.drain(std::time::Duration::from_secs(2)).await;
+    }
+}
+
+struct Session {
+    /// The bearer token of the upgrade: the credential of every request on the session.
+    token: Box<[u8]>,
+    cache: RefCell<VerifyCache>,
+    /// The token's `exp` when this router verified it at the upgrade: then close 1008.
+    exp: Option<u64>,
+    inflight: Cell<usize>,
+}
+
+async fn answer(shard: &Rc<Shard>, sess: &Session, f: &Frame) -> Answer {
+    let Some(path) = f.get_str(tag::PATH) else {
+        return Answer::error(400, "bad_request", "request frame without PATH");
+    };
+    let target = match parse_api_path(path) {
+        Ok(p) => p,
+        Err(e) => return Answer::error(e.http_status(), e.code(), format!("{e}: {path}")),
+    };
+    let req = Request {
+        target,
+        method: "POST",
+        credential: Some(&sess.token),
+        content_type: f.get(tag::CONTENT_TYPE),
+        payload: f.payload.clone(),
+        ingress: Ingress::Websocket,
+    };
+    routing::route(shard, &sess.cache, &req).await
+}

@@ -1,0 +1,580 @@
+//! Router configuration: TOML with `#[serde(default)]` everywhere, embedded defaults that run
+//! a dev cluster with no file at all, and `validate()` that names the bad field.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// The whole router configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Region of this router's cluster (seed: `<cluster>.<region>.<entry-point>`). Default `local`.
+    pub region: String,
+    /// Cluster of this router. Default `dev`.
+    pub cluster: String,
+    /// Name of this router inside its cluster, shown in responses and logs. Default `r0`.
+    pub router: String,
+    /// Dev mode: create a keyring with fresh keys on first run and warn that they are dev keys.
+    /// Default true; set false in production so a missing keyring is an error.
+    pub dev: bool,
+    /// Keyring directory. Default: `$FEDBUS_HOME/keys`, else `./.fedbus/keys`.
+    pub keyring: Option<PathBuf>,
+    /// `[listen]`: the four listeners.
+    pub listen: Listen,
+    /// `[limits]`: sizes, counts and timeouts.
+    pub limits: Limits,
+    /// `[auth]`: key grace period, keyring reloads, verify caches.
+    pub auth: Auth,
+    /// `[routing]`: Redirect hops and the emergency election seed.
+    pub routing: Routing,
+    /// `[tuning]`: cores, pinning and io_uring memory.
+    pub tuning: Tuning,
+    /// Apps served by this cluster. Default: `demo/echo` with 16 partitions.
+    pub apps: Vec<App>,
+    /// Other clusters of the federation and how to reach them. Default: none.
+    pub federation: Federation,
+}
+
+/// The federation: every cluster, its routers' external addresses and its public keys.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Federation {
+    /// The federation entry point DNS name (seed: `heeus.cloud`); geolocation DNS in front of
+    /// it picks a nearby cluster. Informational: router addresses may be written as
+    /// `<cluster>.<region>.<entry_point>:<port>`.
+    pub entry_point: String,
+    /// Peer token this router presents to other clusters (a service token signed by our own
+    /// cluster key, `fedbus token peer --router <name> --cluster <ours>`). When
+    /// empty and `dev = true`, the router mints one from the keyring's private cluster key.
+    pub peer_token_file: Option<PathBuf>,
+    /// Every cluster (our own may be listed too; it is skipped for peer links).
+    pub clusters: Vec<PeerCluster>,
+}
+
+/// One cluster of the federation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerCluster {
+    /// Region of the cluster.
+    pub region: String,
+    /// Cluster name within its region.
+    pub cluster: String,
+    /// External addresses (seed: External Address) of its routers, `host:port`; DNS names
+    /// are resolved at start and again on every reconnect.
+    pub routers: Vec<String>,
+    /// Directory holding that cluster's public `cluster.toml` (versioned public keys) that
+    /// verifies its peer tokens.
+    pub keys: PathBuf,
+}
+
+/// Listener addresses.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Listen {
+    /// Client HTTP/1.1 and client websocket (`/api/ws`). Every shard binds it with SO_REUSEPORT.
+    /// Default `127.0.0.1:8800`.
+    pub api: SocketAddr,
+    /// Task links (seed: Internal Address). Shard k listens on port + k (port 0: any free port
+    /// per shard); the router's hello tells tasks every shard's address. Default `127.0.0.1:8900`.
+    pub internal: SocketAddr,
+    /// Peer links from routers of other clusters (seed: External Address). Every shard binds
+    /// it with SO_REUSEPORT. Used only when `[federation]` lists other clusters.
+    /// Default `127.0.0.1:8950`.
+    pub external: SocketAddr,
+    /// Metrics and health (`/metrics`, `/healthz`, `/readyz`). Loopback by default:
+    /// `127.0.0.1:8700`. Empty string in TOML is not allowed; use `admin_enabled = false`.
+    pub admin: SocketAddr,
+    /// Serve the admin listener. Default true.
+    pub admin_enabled: bool,
+    /// Host (name or address) that tasks should dial for the internal listeners, as told in
+    /// the hello. Default: the bound address; set it when `internal` binds `0.0.0.0`.
+    pub advertise_host: Option<String>,
+}
+
+/// Limits that bound memory and time per connection. Every one has a safe default.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Most bytes of a request head (request line + headers); more is 431. Default 16 KiB.
+    pub max_header_bytes: usize,
+    /// Most bytes of a request body; more is 413. Default 8 MiB. Each in-flight body is held
+    /// in memory once (it is not copied on its way to the task).
+    pub max_body_bytes: usize,
+    /// Time to complete a websocket handshake or to send a first request head. Default 5000 ms.
+    pub handshake_timeout_ms: u64,
+    /// A client connection with nothing in flight is closed after this. Default 60000 ms.
+    pub idle_timeout_ms: u64,
+    /// Time a task has to answer before the client gets 504. Default 10000 ms.
+    pub request_timeout_ms: u64,
+    /// Most client connections per shard; more are closed at accept (counted). Default 10000.
+    pub max_connections_per_shard: usize,
+    /// Most requests pending on one task link; more get 503. Default 4096.
+    pub max_pending_per_link: usize,
+    /// Most bytes queued for writing on one link before new requests get 503. Default 64 MiB.
+    pub max_link_outbox_bytes: usize,
+    /// Most requests in flight on one client connection (pipelined HTTP or websocket).
+    /// Default 256.
+    pub max_inflight_per_connection: usize,
+    /// Interval of websocket pings on task links; a link silent for 3 intervals is dropped.
+    /// Default 2000 ms.
+    pub ping_interval_ms: u64,
+}
+
+/// Token checks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Auth {
+    /// How long a replaced key version still verifies, counted from its successor's creation.
+    /// Default 86400 s (one day).
+    pub grace_secs: u64,
+    /// How often the control thread looks at the keyring files for changes (SIGHUP also
+    /// reloads). Default 1000 ms.
+    pub reload_poll_ms: u64,
+    /// Client tokens whose verification a peer link remembers (the requests of many clients
+    /// of the other cluster cross one link); each entry holds one token, ~300 bytes. An HTTP
+    /// connection or websocket session remembers its one token. Default 64.
+    pub verify_cache_per_peer_link: usize,
+}
+
+/// Seed routing rules.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Routing {
+    /// Most Redirect hops per request; the next one answers 508. At most 4 (seed). Default 4.
+    pub max_hops: u8,
+    /// Seed of the emergency partition election. Every router of a cluster must use the same
+    /// value; change it to reshuffle elections. Default 0.
+    pub election_seed: u64,
+}
+
+/// Cores and executor settings. See docs/TUNING.md.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tuning {
+    /// Cores of the shards, one shard each. Empty (default): every online core except the
+    /// control core (at least one shard).
+    pub shard_cores: Vec<usize>,
+    /// Core of the control thread. Default 0.
+    pub control_core: usize,
+    /// Busy-poll this long before an idle shard parks, trading CPU for wake-up latency
+    /// (measured on a 2-core VM: 1 connection, 1 in flight, p50 64 us -> 43 us at 100 us). Default 0 (off).
+    pub spin_before_park_us: u64,
+    /// glommio io_memory per shard in bytes (file I/O buffers; sockets do not use it). Must fit
+    /// `ulimit -l` unless running as root. Default 1 MiB.
+    pub io_memory: usize,
+    /// Pin shards to their cores. Default true; false lets the kernel place them (tests).
+    pub pin: bool,
+}
+
+/// One app.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct App {
+    /// `owner/app`.
+    pub name: String,
+    /// Number of partitions; `partition = wsid % partitions`.
+    pub partitions: u32,
+    /// Fixed emergency partition; when absent the control thread elects one.
+    #[serde(default)]
+    pub emergency_partition: Option<u32>,
+    /// Services reachable without a client JWT: the app's Auth Service must be, since a client
+    /// asks it for its first token. Default `["auth"]`.
+    #[serde(default = "default_anonymous_services")]
+    pub anonymous_services: Vec<String>,
+}
+
+fn default_anonymous_services() -> Vec<String> {
+    vec!["auth".into()]
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            region: "local".into(),
+            cluster: "dev".into(),
+            router: "r0".into(),
+            dev: true,
+            keyring: None,
+            listen: Listen::default(),
+            limits: Limits::default(),
+            auth: Auth::default(),
+            routing: Routing::default(),
+            tuning: Tuning::default(),
+            apps: vec![App {
+                name: "demo/echo".into(),
+                partitions: 16,
+                emergency_partition: None,
+                anonymous_services: default_anonymous_services(),
+            }],
+            federation: Federation::default(),
+        }
+    }
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            api: ([127, 0, 0, 1], 8800).into(),
+            internal: ([127, 0, 0, 1], 8900).into(),
+            external: ([127, 0, 0, 1], 8950).into(),
+            admin: ([127, 0, 0, 1], 8700).into(),
+            admin_enabled: true,
+            advertise_host: None,
+        }
+    }
+}
+
+impl Limits {
+    /// Largest websocket message accepted on any link: a body plus room for the frame header
+    /// and metadata.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_body_bytes + 64 * 1024
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: 8 * 1024 * 1024,
+            handshake_timeout_ms: 5000,
+            idle_timeout_ms: 60_000,
+            request_timeout_ms: 10_000,
+            max_connections_per_shard: 10_000,
+            max_pending_per_link: 4096,
+            max_link_outbox_bytes: 64 * 1024 * 1024,
+            max_inflight_per_connection: 256,
+            ping_interval_ms: 2000,
+        }
+    }
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            grace_secs: 86_400,
+            reload_poll_ms: 1000,
+            verify_cache_per_peer_link: 64,
+        }
+    }
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Routing {
+            max_hops: 4,
+            election_seed: 0,
+        }
+    }
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            shard_cores: Vec::new(),
+            control_core: 0,
+            spin_before_park_us: 0,
+            io_memory: 1 << 20,
+            pin: true,
+        }
+    }
+}
+
+/// A config that does not load or validate; names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {err}")]
+    Read {
+        /// The config file.
+        path: String,
+        /// Why.
+        err: std::io::Error,
+    },
+    /// The file is not valid TOML for a config.
+    #[error("{path}: {err}")]
+    Parse {
+        /// The config file.
+        path: String,
+        /// The TOML error.
+        err: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid config: `{field}`: {why}")]
+    Invalid {
+        /// The dotted name of the field.
+        field: String,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        why: why.into(),
+    }
+}
+
+fn check_name(field: &str, v: &str) -> Result<(), ConfigError> {
+    if v.is_empty()
+        || !v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(invalid(
+            field,
+            format!("{v:?} must be non-empty [A-Za-z0-9_-]"),
+        ));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+            path: p.clone(),
+            err,
+        })?;
+        Config::parse(&text, &p)
+    }
+
+    /// Parses and validates TOML text (`origin` names it in errors).
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            err: e.to_string(),
+        })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks every field that can be wrong on its own or with others.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_name("region", &self.region)?;
+        check_name("cluster", &self.cluster)?;
+        check_name("router", &self.router)?;
+        let l = &self.limits;
+        for (f, v) in [
+            ("limits.max_header_bytes", l.max_header_bytes),
+            (
+                "limits.max_connections_per_shard",
+                l.max_connections_per_shard,
+            ),
+            ("limits.max_pending_per_link", l.max_pending_per_link),
+            ("limits.max_link_outbox_bytes", l.max_link_outbox_bytes),
+            (
+                "limits.max_inflight_per_connection",
+                l.max_inflight_per_connection,
+            ),
+        ] {
+            if v == 0 {
+                return Err(invalid(f, "must be > 0"));
+            }
+        }
+        if l.max_header_bytes > 1 << 20 {
+            return Err(invalid("limits.max_header_bytes", "at most 1 MiB"));
+        }
+        if l.max_body_bytes > u32::MAX as usize / 2 {
+            return Err(invalid("limits.max_body_bytes", "at most 2 GiB"));
+        }
+        for (f, v) in [
+            ("limits.handshake_timeout_ms", l.handshake_timeout_ms),
+            ("limits.idle_timeout_ms", l.idle_timeout_ms),
+            ("limits.request_timeout_ms", l.request_timeout_ms),
+            ("limits.ping_interval_ms", l.ping_interval_ms),
+            ("auth.reload_poll_ms", self.auth.reload_poll_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(f, "must be > 0 ms"));
+            }
+        }
+        if self.auth.verify_cache_per_peer_link == 0 {
+            return Err(invalid("auth.verify_cache_per_peer_link", "must be > 0"));
+        }
+        if self.routing.max_hops > crate::proto::MAX_HOPS {
+            return Err(invalid(
+                "routing.max_hops",
+                "the seed allows at most 4 hops",
+            ));
+        }
+        if self.apps.is_empty() {
+            return Err(invalid("apps", "at least one app"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, a) in self.apps.iter().enumerate() {
+            let f = format!("apps[{i}].name");
+            let Some((owner, app)) = a.name.split_once('/') else {
+                return Err(invalid(f, "must be owner/app"));
+            };
+            check_name(&f, owner)?;
+            check_name(&f, app)?;
+            if !seen.insert(&a.name) {
+                return Err(invalid(f, format!("{} listed twice", a.name)));
+            }
+            if a.partitions == 0 || a.partitions > 1 << 20 {
+                return Err(invalid(
+                    format!("apps[{i}].partitions"),
+                    "must be 1..=1048576",
+                ));
+            }
+            if let Some(e) = a.emergency_partition {
+                if e >= a.partitions {
+                    return Err(invalid(
+                        format!("apps[{i}].emergency_partition"),
+                        "must be < partitions",
+                    ));
+                }
+            }
+        }
+        let mut ids = std::collections::HashSet::new();
+        for (i, c) in self.federation.clusters.iter().enumerate() {
+            check_name(&format!("federation.clusters[{i}].region"), &c.region)?;
+            check_name(&format!("federation.clusters[{i}].cluster"), &c.cluster)?;
+            if !ids.insert((c.region.as_str(), c.cluster.as_str())) {
+                return Err(invalid(
+                    format!("federation.clusters[{i}]"),
+                    "cluster listed twice",
+                ));
+            }
+            let ours = c.region == self.region && c.cluster == self.cluster;
+            if c.routers.is_empty() && !ours {
+                return Err(invalid(
+                    format!("federation.clusters[{i}].routers"),
+                    "at least one router",
+                ));
+            }
+        }
+        if self.listen.internal.ip().is_unspecified() && self.listen.advertise_host.is_none() {
+            return Err(invalid(
+                "listen.advertise_host",
+                "required when listen.internal binds an unspecified address: tasks cannot dial it",
+            ));
+        }
+        let online = online_cores();
+        let t = &self.tuning;
+        if t.control_core >= online {
+            return Err(invalid(
+                "tuning.control_core",
+                format!("core {} of {online}", t.control_core),
+            ));
+        }
+        for c in &t.shard_cores {
+            if *c >= online {
+                return Err(invalid(
+                    "tuning.shard_cores",
+                    format!("core {c} of {online}"),
+                ));
+            }
+        }
+        let mut s = t.shard_cores.clone();
+        s.sort_unstable();
+        s.dedup();
+        if s.len() != t.shard_cores.len() {
+            return Err(invalid("tuning.shard_cores", "a core is listed twice"));
+        }
+        Ok(())
+    }
+
+    /// The cores the shards run on, resolved from `tuning`.
+    pub fn shard_cores(&self) -> Vec<usize> {
+        if !self.tuning.shard_cores.is_empty() {
+            return self.tuning.shard_cores.clone();
+        }
+        let v: Vec<usize> = (0..online_cores())
+            .filter(|c| *c != self.tuning.control_core)
+            .collect();
+        if v.is_empty() {
+            vec![self.tuning.control_core]
+        } else {
+            v
+        }
+    }
+
+    /// The keyring directory.
+    pub fn keyring_dir(&self) -> PathBuf {
+        match &self.keyring {
+            Some(p) => p.clone(),
+            None => default_keyring_dir(),
+        }
+    }
+
+    /// `region/cluster`.
+    pub fn cluster_id(&self) -> String {
+        format!("{}/{}", self.region, self.cluster)
+    }
+
+    /// Clusters other than ours.
+    pub fn peer_clusters(&self) -> impl Iterator<Item = &PeerCluster> {
+        self.federation
+            .clusters
+            .iter()
+            .filter(move |c| !(c.region == self.region && c.cluster == self.cluster))
+    }
+
+    /// Names of the configured apps.
+    pub fn app_names(&self) -> Vec<&str> {
+        self.apps.iter().map(|a| a.name.as_str()).collect()
+    }
+}
+
+/// `$FEDBUS_HOME/keys`, else `./.fedbus/keys`.
+pub fn default_keyring_dir() -> PathBuf {
+    match std::env::var_os("FEDBUS_HOME") {
+        Some(h) if !h.is_empty() => PathBuf::from(h).join("keys"),
+        _ => PathBuf::from(".fedbus/keys"),
+    }
+}
+
+/// Online cores as the scheduler lets this process use them.
+pub fn online_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_are_valid() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.listen.api.port(), 8800);
+        assert_eq!(c.listen.internal.port(), 8900);
+        assert_eq!(c.apps[0].partitions, 16);
+        assert!(!c.shard_cores().is_empty());
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(Config::parse("", "t").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let e = Config::parse("[routing]\nmax_hops = 5\n", "t").unwrap_err();
+        assert!(e.to_string().contains("routing.max_hops"), "{e}");
+        let e = Config::parse("[[apps]]\nname = \"noslash\"\npartitions = 2\n", "t").unwrap_err();
+        assert!(e.to_string().contains("apps[0].name"), "{e}");
+        let e = Config::parse(
+            "[[apps]]\nname = \"a/b\"\npartitions = 2\nemergency_partition = 2\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("emergency_partition"), "{e}");
+        let e = Config::parse("[limits]\nmax_body_byte = 1\n", "t").unwrap_err();
+        assert!(e.to_string().contains("max_body_byte"), "{e}");
+        let e = Config::parse("[listen]\ninternal = \"0.0.0.0:8900\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("listen.advertise_host"), "{e}");
+        Config::parse(
+            "[listen]\ninternal = \"0.0.0.0:8900\"\nadvertise_host = \"r0.example\"\n",
+            "t",
+        )
+        .expect("advertised");
+        let e = Config::parse("[tuning]\ncontrol_core = 9999\n", "t").unwrap_err();
+        assert!(e.to_string().contains("tuning.control_core"), "{e}");
+    }
+}

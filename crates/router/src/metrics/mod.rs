@@ -1,0 +1,227 @@
+//! Per-shard counters and a latency histogram. Each shard writes only its own
+//! `ShardMetrics` (relaxed atomics on cache lines no other shard writes), and the admin
+//! listener adds them up only when scraped. Never blocks, never allocates on update.
+
+pub(crate) mod admin;
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+/// HTTP statuses counted individually; anything else lands in "other".
+pub(crate) const STATUSES: [u16; 17] = [
+    200, 400, 401, 403, 404, 405, 408, 411, 413, 431, 500, 502, 503, 504, 508, 101, 0,
+];
+/// Upper bounds of latency buckets, microseconds (Prometheus `le`).
+pub(crate) const LATENCY_BUCKETS_US: [u64; 16] = [
+    25, 50, 100, 200, 400, 800, 1_600, 3_200, 6_400, 12_800, 25_600, 51_200, 102_400, 409_600,
+    1_638_400, 10_000_000,
+];
+
+/// Listener kinds for connection gauges.
+#[derive(Clone, Copy)]
+pub(crate) enum Listener {
+    Api = 0,
+    Internal = 1,
+    External = 2,
+}
+
+/// Counters of one shard. Aligned so two shards never share a cache line.
+#[repr(align(128))]
+#[derive(Default)]
+pub(crate) struct ShardMetrics {
+    pub(crate) requests: [AtomicU64; STATUSES.len()],
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    pub(crate) connections: [AtomicU64; 3],
+    pub(crate) connections_refused: AtomicU64,
+    pub(crate) task_links: AtomicU64,
+    pub(crate) peer_links: AtomicU64,
+    pub(crate) pending: AtomicU64,
+    pub(crate) latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    pub(crate) latency_sum_us: AtomicU64,
+    pub(crate) redirects: AtomicU64,
+    pub(crate) emergency: AtomicU64,
+    pub(crate) forwarded: AtomicU64,
+    pub(crate) auth_cache_hits: AtomicU64,
+}
+
+impl ShardMetrics {
+    /// Counts one finished request.
+    pub(crate) fn request(&self, status: u16, latency_us: u64, bytes_in: usize, bytes_out: usize) {
+        let i = STATUSES
+            .iter()
+            .position(|s| *s == status)
+            .unwrap_or(STATUSES.len() - 1);
+        self.requests[i].fetch_add(1, Relaxed);
+        self.bytes_in.fetch_add(bytes_in as u64, Relaxed);
+        self.bytes_out.fetch_add(bytes_out as u64, Relaxed);
+        let b = LATENCY_BUCKETS_US
+            .iter()
+            .position(|le| latency_us <= *le)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        self.latency[b].fetch_add(1, Relaxed);
+        self.latency_sum_us.fetch_add(latency_us, Relaxed);
+    }
+
+    pub(crate) fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn dec(c: &AtomicU64) {
+        c.fetch_sub(1, Relaxed);
+    }
+}
+
+/// All shards' metrics, shared with the admin listener.
+pub(crate) type Registry = Arc<Vec<Arc<ShardMetrics>>>;
+
+/// Picks one counter out of a shard's metrics.
+type Field = fn(&ShardMetrics) -> &AtomicU64;
+
+fn sum(reg: &Registry, f: impl Fn(&ShardMetrics) -> &AtomicU64) -> u64 {
+    reg.iter().map(|m| f(m).load(Relaxed)).sum()
+}
+
+/// Renders Prometheus text format (version 0.0.4).
+pub(crate) fn render(reg: &Registry, extra: &str) -> String {
+    use std::fmt::Write;
+    let mut o = String::with_capacity(4096);
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_requests_total Client requests answered, by HTTP status (0: other)."
+    );
+    let _ = writeln!(o, "# TYPE fedbus_requests_total counter");
+    for (i, s) in STATUSES.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "fedbus_requests_total{{status=\"{s}\"}} {}",
+            sum(reg, |m| &m.requests[i])
+        );
+    }
+    let simple: [(&str, &str, &str, Field); 10] = [
+        (
+            "fedbus_bytes_in_total",
+            "counter",
+            "Request payload bytes received from clients.",
+            |m| &m.bytes_in,
+        ),
+        (
+            "fedbus_bytes_out_total",
+            "counter",
+            "Response payload bytes sent to clients.",
+            |m| &m.bytes_out,
+        ),
+        (
+            "fedbus_connections_refused_total",
+            "counter",
+            "Connections closed at accept: over the per-shard limit.",
+            |m| &m.connections_refused,
+        ),
+        ("fedbus_task_links", "gauge", "Task links open.", |m| {
+            &m.task_links
+        }),
+        (
+            "fedbus_peer_links",
+            "gauge",
+            "Peer router links open.",
+            |m| &m.peer_links,
+        ),
+        (
+            "fedbus_pending_requests",
+            "gauge",
+            "Requests waiting for a task's answer.",
+            |m| &m.pending,
+        ),
+        (
+            "fedbus_redirects_total",
+            "counter",
+            "Redirect hops taken.",
+            |m| &m.redirects,
+        ),
+        (
+            "fedbus_emergency_total",
+            "counter",
+            "Requests served by an emergency partition.",
+            |m| &m.emergency,
+        ),
+        (
+            "fedbus_forwarded_total",
+            "counter",
+            "Requests forwarded to another cluster.",
+            |m| &m.forwarded,
+        ),
+        (
+            "fedbus_auth_cache_hits_total",
+            "counter",
+            "Client tokens accepted from the per-connection verify cache.",
+            |m| &m.auth_cache_hits,
+        ),
+    ];
+    for (name, kind, help, f) in simple {
+        let _ = writeln!(
+            o,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+            sum(reg, f)
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_connections Open connections by listener.\n# TYPE fedbus_connections gauge"
+    );
+    for (i, l) in ["api", "internal", "external"].iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "fedbus_connections{{listener=\"{l}\"}} {}",
+            sum(reg, |m| &m.connections[i])
+        );
+    }
+    let _ = writeln!(o, "# HELP fedbus_request_duration_seconds Time from request parsed to answer ready.\n# TYPE fedbus_request_duration_seconds histogram");
+    let mut cum = 0;
+    for (i, le) in LATENCY_BUCKETS_US.iter().enumerate() {
+        cum += sum(reg, |m| &m.latency[i]);
+        let _ = writeln!(
+            o,
+            "fedbus_request_duration_seconds_bucket{{le=\"{}\"}} {cum}",
+            *le as f64 / 1e6
+        );
+    }
+    cum += sum(reg, |m| &m.latency[LATENCY_BUCKETS_US.len()]);
+    let _ = writeln!(
+        o,
+        "fedbus_request_duration_seconds_bucket{{le=\"+Inf\"}} {cum}"
+    );
+    let _ = writeln!(
+        o,
+        "fedbus_request_duration_seconds_sum {}",
+        sum(reg, |m| &m.latency_sum_us) as f64 / 1e6
+    );
+    let _ = writeln!(o, "fedbus_request_duration_seconds_count {cum}");
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_shards Shards of this router.\n# TYPE fedbus_shards gauge\nfedbus_shards {}",
+        reg.len()
+    );
+    o.push_str(extra);
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_add_up_across_shards() {
+        let a = Arc::new(ShardMetrics::default());
+        let b = Arc::new(ShardMetrics::default());
+        a.request(200, 30, 10, 20);
+        b.request(200, 3000, 1, 2);
+        b.request(503, 1, 0, 0);
+        let reg: Registry = Arc::new(vec![a, b]);
+        let t = render(&reg, "");
+        assert!(t.contains("fedbus_requests_total{status=\"200\"} 2"), "{t}");
+        assert!(t.contains("fedbus_requests_total{status=\"503\"} 1"));
+        assert!(t.contains("fedbus_bytes_in_total 11"));
+        assert!(t.contains("fedbus_request_duration_seconds_count 3"));
+        assert!(t.contains("fedbus_request_duration_seconds_bucket{le=\"0.000025\"} 1"));
+    }
+}

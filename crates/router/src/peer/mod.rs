@@ -1,0 +1,413 @@
+//! Peer links between routers of different clusters (seed: External Address). Each shard dials
+//! its own link to every router of every other cluster, so forwarding never crosses a core; the
+//! receiving router's external listener is SO_REUSEPORT, so each incoming link is owned by one
+//! of its shards, which routes the requests on it by the local rules. A forwarded request is
+//! marked FORWARDED and is never forwarded again.
+
+use crate::auth::{self, verify_service_token, ClusterKeyVersion};
+use crate::metrics::{Listener, ShardMetrics};
+use crate::proto::{tag, Frame, Kind};
+use crate::route::ApiPath;
+use crate::routing::answer::send_answer;
+use crate::routing::{self, Answer, Ingress, Request, VerifyCache};
+use crate::shard::Shard;
+use crate::task::link::{read_upgrade, TaskLink};
+use crate::ws::{self, handshake, Message, Side};
+use futures_lite::AsyncWriteExt;
+use glommio::net::TcpStream;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Static federation facts shared by all shards.
+pub(crate) struct Federation {
+    /// `region/cluster` -> that cluster's public keys.
+    pub(crate) keys: HashMap<String, Vec<ClusterKeyVersion>>,
+    /// `region/cluster` -> its routers' external addresses.
+    pub(crate) routers: HashMap<String, Vec<String>>,
+    /// The token this router presents to peers.
+    pub(crate) token: Option<String>,
+}
+
+impl Federation {
+    /// Loads the other clusters' keys named by the config.
+    pub(crate) fn load(
+        cfg: &crate::config::Config,
+        token: Option<String>,
+    ) -> anyhow::Result<Federation> {
+        let mut keys = HashMap::new();
+        let mut routers = HashMap::new();
+        for c in cfg.peer_clusters() {
+            let id = format!("{}/{}", c.region, c.cluster);
+            let k = auth::keyring::read_cluster_keys(&c.keys)
+                .map_err(|e| anyhow::anyhow!("federation cluster {id}: keys: {e}"))?;
+            keys.insert(id.clone(), k);
+            routers.insert(id, c.routers.clone());
+        }
+        Ok(Federation {
+            keys,
+            routers,
+            token,
+        })
+    }
+
+    /// True when `region/cluster` is another cluster of the federation.
+    pub(crate) fn knows(&self, region: &str, cluster: &str) -> bool {
+        self.routers.keys().any(|k| is_cluster(k, region, cluster))
+    }
+}
+
+/// One remote router as seen by one shard.
+pub(crate) struct Slot {
+    pub(crate) addr: String,
+    pub(crate) link: RefCell<Option<Rc<TaskLink>>>,
+}
+
+/// A shard's peer links: cluster -> one slot per remote router.
+#[derive(Default)]
+pub(crate) struct Peers {
+    pub(crate) clusters: HashMap<String, Vec<Rc<Slot>>>,
+}
+
+impl Peers {
+    /// A live link to a router of `cluster`, starting at `wsid % routers` and skipping dead
+    /// or full ones.
+    pub(crate) fn pick(
+        &self,
+        region: &str,
+        cluster: &str,
+        wsid: u64,
+        max_pending: usize,
+    ) -> Option<Rc<TaskLink>> {
+        // A handful of clusters: a scan that compares slices beats formatting a key.
+        let (_, slots) = self
+            .clusters
+            .iter()
+            .find(|(k, _)| is_cluster(k, region, cluster))?;
+        let n = slots.len();
+        (0..n)
+            .map(|i| &slots[((wsid % n as u64) as usize + i) % n])
+            .find_map(|s| {
+                s.link
+                    .borrow()
+                    .as_ref()
+                    .filter(|l| l.is_usable(max_pending))
+                    .cloned()
+            })
+    }
+}
+
+/// True when `key` is `region/cluster`.
+fn is_cluster(key: &str, region: &str, cluster: &str) -> bool {
+    key.split_once('/') == Some((region, cluster))
+}
+
+/// Starts this shard's dialers: one per router of every other cluster.
+pub(crate) fn start_dialers(shard: &Rc<Shard>) {
+    let mut peers = shard.peers.borrow_mut();
+    for (cluster, addrs) in &shard.federation.routers {
+        let slots: Vec<Rc<Slot>> = addrs
+            .iter()
+            .map(|a| {
+                Rc::new(Slot {
+                    addr: a.clone(),
+                    link: RefCell::new(None),
+                })
+            })
+            .collect();
+        for s in &slots {
+            glommio::spawn_local(dial_loop(shard.clone(), cluster.clone(), s.clone())).detach();
+        }
+        peers.clusters.insert(cluster.clone(), slots);
+    }
+}
+
+async fn dial_loop(shard: Rc<Shard>, cluster: String, slot: Rc<Slot>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match dial_once(&shard, &cluster, &slot).await {
+            Ok(()) => backoff = Duration::from_millis(50),
+            Err(e) => {
+                tracing::debug!(shard = shard.index, %cluster, addr = %slot.addr, "peer link: {e}")
+            }
+        }
+        let j = 0.5 + (crate::util::random_u64() % 1000) as f64 / 1000.0;
+        glommio::timer::sleep(backoff.mul_f64(j)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn dial_once(shard: &Rc<Shard>, cluster: &str, slot: &Rc<Slot>) -> anyhow::Result<()> {
+    // Resolve on every reconnect (DNS names in the seed's form); off the shard's thread.
+    let addr = slot.addr.clone();
+    let resolved = glommio::executor()
+        .spawn_blocking(move || {
+            use std::net::ToSocketAddrs;
+            addr.to_socket_addrs().map(|mut a| a.next())
+        })
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("{} resolves to nothing", slot.addr))?;
+    let (s, leftover) = crate::ws::connect(
+        &resolved.to_string(),
+        "/peer",
+        shard.federation.token.as_deref(),
+    )
+    .await?;
+    let limits = &shard.cfg.limits;
+    // Liveness: we ping, the other side answers; silence for 3 intervals ends the link.
+    let every = Duration::from_millis(limits.ping_interval_ms);
+    let _ = s.set_write_timeout(Some(every * 3));
+    s.set_read_timeout(Some(every * 3))
+        .map_err(|e| anyhow::anyhow!("read timeout: {e}"))?;
+    let ws::WsConn {
+        mut reader,
+        out,
+        writer,
+    } = ws::start(
+        s,
+        leftover,
+        Side::Client,
+        limits.max_message_bytes(),
+        limits.max_link_outbox_bytes,
+    );
+    let link = Rc::new(TaskLink::new(
+        0,
+        cluster.to_string(),
+        "peer".into(),
+        out.clone(),
+    ));
+    let pinger = ws::spawn_pinger(out.clone(), every);
+    *slot.link.borrow_mut() = Some(link.clone());
+    ShardMetrics::inc(&shard.metrics.peer_links);
+    tracing::info!(shard = shard.index, %cluster, addr = %slot.addr, "peer link up");
+    let end = link.read_loop(&mut reader).await;
+    drop(pinger.cancel());
+    link.fail_all();
+    *slot.link.borrow_mut() = None;
+    ShardMetrics::dec(&shard.metrics.peer_links);
+    tracing::warn!(shard = shard.index, %cluster, addr = %slot.addr, "peer link down");
+    match &end {
+        Err(e) => match e.close_code() {
+            Some(c) => out.borrow_mut().close(c),
+            None => out.borrow_mut().abort(),
+        },
+        Ok(()) => out.borrow_mut().close(1000),
+    }
+    let _ = writer.await;
+    end.map_err(anyhow::Error::from)
+}
+
+/// Serves one connection on the external listener: a peer router's link.
+pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+    ShardMetrics::inc(&shard.metrics.connections[Listener::External as usize]);
+    let timeout = Duration::from_millis(shard.cfg.limits.handshake_timeout_ms);
+    match read_upgrade(&mut stream, timeout).await {
+        Ok((up, leftover)) => {
+            let verdict = check_peer_token(&shard, up.bearer.as_deref());
+            match verdict {
+                Ok((cluster, exp)) => {
+                    if stream
+                        .write_all(handshake::accept_response(&up.key).as_bytes())
+                        .await
+                        .is_ok()
+                    {
+                        tracing::info!(shard = shard.index, %cluster, "peer link accepted");
+                        serve_link(&shard, stream, leftover, cluster, exp).await;
+                    }
+                }
+                Err((status, code, msg)) => {
+                    tracing::warn!(shard = shard.index, code, "peer link refused: {msg}");
+                    let _ = stream
+                        .write_all(handshake::error_response(status, code, &msg).as_bytes())
+                        .await;
+                }
+            }
+        }
+        Err(e) => tracing::debug!(shard = shard.index, "peer handshake: {e}"),
+    }
+    ShardMetrics::dec(&shard.metrics.connections[Listener::External as usize]);
+}
+
+/// Verifies a peer token: signed by the key of the cluster it names, which must be another
+/// cluster of the federation. Returns that cluster.
+fn check_peer_token(
+    shard: &Shard,
+    token: Option<&str>,
+) -> Result<(String, u64), (u16, &'static str, String)> {
+    let token = token.ok_or((401, "missing_token", "peer token required".to_string()))?;
+    // The cluster named in the token picks the key; a token naming another cluster than the
+    // one whose key signed it fails the signature check.
+    let claimed = crate::auth::service_token::claimed_cluster(token).ok_or((
+        401,
+        "bad_token",
+        "unreadable peer token".to_string(),
+    ))?;
+    let keys = shard.federation.keys.get(&claimed).ok_or((
+        401,
+        "unknown_cluster",
+        format!("cluster {claimed} is not in the federation"),
+    ))?;
+    let c = verify_service_token(keys, token, auth::now_unix(), shard.cfg.auth.grace_secs)
+        .map_err(|e| (e.http_status(), e.code(), e.to_string()))?;
+    if c.cluster != claimed || !c.app.is_empty() {
+        return Err((401, "bad_token", "not a peer token".into()));
+    }
+    Ok((c.cluster, c.exp))
+}
+
+async fn serve_link(
+    shard: &Rc<Shard>,
+    stream: TcpStream,
+    leftover: bytes::BytesMut,
+    from: String,
+    exp: u64,
+) {
+    let limits = &shard.cfg.limits;
+    // The dialing router pings every interval; silence for 3 intervals ends the link.
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
+    let _ = stream.set_nodelay(true);
+    let ws::WsConn {
+        mut reader,
+        out,
+        writer,
+    } = ws::start(
+        stream,
+        leftover,
+        Side::Server,
+        limits.max_message_bytes(),
+        limits.max_link_outbox_bytes,
+    );
+    let inflight = Rc::new(std::cell::Cell::new(0usize));
+    let cache = Rc::new(RefCell::new(VerifyCache::new(
+        shard.cfg.auth.verify_cache_per_peer_link,
+    )));
+    let expiry = ws::close_at_expiry(out.clone(), exp);
+    let end = loop {
+        match reader.next().await {
+            Ok(Message::Binary(b)) => {
+                let f = match Frame::decode(b) {
+                    Ok(f) if f.header.kind == Kind::Request => f,
+                    _ => break Some(1002),
+                };
+                if inflight.get() >= limits.max_pending_per_link {
+                    let a = Answer::error(
+                        503,
+                        "peer_busy",
+                        "over the in-flight limit of this peer link",
+                    );
+                    send_answer(
+                        &out,
+                        shard.index,
+                        f.header.request_id,
+                        &a,
+                        Some(&shard.router_name),
+                    );
+                    continue;
+                }
+                inflight.set(inflight.get() + 1);
+                let (s, o, n, c) = (shard.clone(), out.clone(), inflight.clone(), cache.clone());
+                glommio::spawn_local(async move {
+                    let start = Instant::now();
+                    let a = match forwarded_request(&f) {
+                        Ok(req) => routing::route(&s, &c, &req).await,
+                        Err(a) => a,
+                    };
+                    let sent =
+                        send_answer(&o, s.index, f.header.request_id, &a, Some(&s.router_name));
+                    s.metrics.request(
+                        a.status(),
+                        start.elapsed().as_micros() as u64,
+                        f.payload.len(),
+                        sent,
+                    );
+                    n.set(n.get() - 1);
+                })
+                .detach();
+            }
+            Ok(Message::Ping(p)) => out.borrow_mut().send_control(ws::frame::opcode::PONG, &p),
+            Ok(Message::Pong(_)) | Ok(Message::Text(_)) => {}
+            Ok(Message::Close(_)) => break Some(1000),
+            Err(e) => break e.close_code(),
+        }
+    };
+    drop(expiry.cancel());
+    tracing::info!(shard = shard.index, cluster = %from, "peer link from {from} closed");
+    match end {
+        Some(c) => out.borrow_mut().close(c),
+        None => out.borrow_mut().abort(),
+    }
+    let _ = writer.await;
+}
+
+/// The protocol-neutral request of a frame forwarded by a peer router: the target from its
+/// CLUSTER, APP, SERVICE, MODULE, FUNCTION and WSID entries, the client's TOKEN.
+#[allow(clippy::result_large_err)]
+fn forwarded_request(f: &Frame) -> Result<Request<'_>, Answer> {
+    let missing = || {
+        Answer::error(
+            400,
+            "bad_request",
+            "forwarded request without CLUSTER or APP",
+        )
+    };
+    let (region, cluster) = f
+        .get_str(tag::CLUSTER)
+        .and_then(|c| c.split_once('/'))
+        .ok_or_else(missing)?;
+    let app_name = f.get_str(tag::APP).ok_or_else(missing)?;
+    let (owner, app) = app_name.split_once('/').unwrap_or((app_name, ""));
+    Ok(Request {
+        target: ApiPath {
+            region,
+            cluster,
+            owner,
+            app,
+            app_name,
+            service: f.get_str(tag::SERVICE).unwrap_or(""),
+            wsid: f.get_u64(tag::WSID).unwrap_or(0),
+            module: f.get_str(tag::MODULE).unwrap_or(""),
+            function: f.get_str(tag::FUNCTION).unwrap_or(""),
+        },
+        method: f.get_str(tag::METHOD).unwrap_or("POST"),
+        credential: f.get(tag::TOKEN),
+        content_type: f.get(tag::CONTENT_TYPE),
+        payload: f.payload.clone(),
+        ingress: Ingress::Peer,
+    })
+}
+
+/// The peer token this router presents: from `peer_token_file`, or minted from the private
+/// cluster key of the keyring in dev mode.
+pub(crate) fn peer_token(cfg: &crate::config::Config) -> anyhow::Result<Option<String>> {
+    if cfg.peer_clusters().next().is_none() {
+        return Ok(None);
+    }
+    if let Some(p) = &cfg.federation.peer_token_file {
+        let t = std::fs::read_to_string(p)
+            .map_err(|e| anyhow::anyhow!("federation.peer_token_file {}: {e}", p.display()))?;
+        return Ok(Some(t.trim().to_string()));
+    }
+    if !cfg.dev {
+        anyhow::bail!("federation.peer_token_file is required outside dev mode");
+    }
+    let (kid, key) = crate::auth::Keyring::cluster_signing_key(&cfg.keyring_dir())?;
+    let now = auth::now_unix();
+    Ok(Some(crate::auth::sign_service_token(
+        &key,
+        &crate::auth::ServiceClaims {
+            kid,
+            sub: cfg.router.clone(),
+            app: String::new(),
+            cluster: cfg.cluster_id(),
+            iat: now,
+            exp: now + 365 * 86400,
+            role: None,
+        },
+    )))
+}
+
+/// Shared handle type for shards.
+pub(crate) type FederationRef = Arc<Federation>;

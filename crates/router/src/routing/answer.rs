@@ -1,0 +1,388 @@
+//! What a client gets back, whatever the ingress: a task's answer, an answer relayed by a
+//! router of another cluster, or the router's own error. The ingress modules only turn an
+//! [`Answer`] into wire bytes; which response fields reach the client is decided here, once,
+//! by [`Answer::fields`].
+
+use crate::proto::http::allowed_header;
+use crate::proto::{self, put_meta, put_meta_u64, tag, Frame, Kind, MetaIter};
+use crate::ws::WsOut;
+use bytes::{Bytes, BytesMut};
+use std::borrow::Cow;
+use std::cell::RefCell;
+
+/// The outcome of routing one request.
+#[derive(Debug)]
+pub(crate) enum Answer {
+    /// A task of this cluster answered.
+    Task {
+        /// From the frame's STATUS (200 when absent); never 1xx, 204 or 304.
+        status: u16,
+        /// The task's Response frame: headers in its metadata, the body as its payload.
+        frame: Frame,
+        /// The partition that served it.
+        partition: u32,
+        /// The partition asked for, when the emergency partition served it.
+        emergency_for: Option<u32>,
+        /// Redirects taken before the answer.
+        hops: u8,
+    },
+    /// A router of another cluster answered over a peer link: its SERVED_BY and `fedbus-*`
+    /// header lines are that router's own (a task cannot make an answer `Relayed`).
+    Relayed {
+        /// The status the serving router sent.
+        status: u16,
+        /// Its Response frame.
+        frame: Frame,
+    },
+    /// The router refused or failed the request itself.
+    Error(RouterError),
+}
+
+/// An error the router answers by itself, as the JSON body
+/// `{"status":N,"error":"<code>","message":"..."}`.
+#[derive(Debug)]
+pub(crate) struct RouterError {
+    /// HTTP status.
+    pub(crate) status: u16,
+    /// Stable machine-readable code.
+    pub(crate) code: &'static str,
+    /// For a human.
+    pub(crate) message: Cow<'static, str>,
+    /// The partition the request was for, when known.
+    pub(crate) partition: Option<u32>,
+    /// Redirects taken before the error.
+    pub(crate) hops: u8,
+}
+
+/// One field of the answer as the client should see it, already filtered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Field<'a> {
+    /// The body's content type.
+    ContentType(&'a [u8]),
+    /// `region/cluster/router` of the router of another cluster that served the request.
+    ServedBy(&'a [u8]),
+    /// A whole `name: value` header line from the task or the serving peer router.
+    Line(&'a [u8]),
+    /// A `fedbus-*` header with a number, from this router.
+    Number(&'static str, u64),
+}
+
+impl Answer {
+    /// A router error.
+    pub(crate) fn error(
+        status: u16,
+        code: &'static str,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Answer {
+        Answer::Error(RouterError {
+            status,
+            code,
+            message: message.into(),
+            partition: None,
+            hops: 0,
+        })
+    }
+
+    /// A router error about `partition`, after `hops` redirects.
+    pub(crate) fn error_at(
+        status: u16,
+        code: &'static str,
+        message: impl Into<Cow<'static, str>>,
+        partition: Option<u32>,
+        hops: u8,
+    ) -> Answer {
+        Answer::Error(RouterError {
+            status,
+            code,
+            message: message.into(),
+            partition,
+            hops,
+        })
+    }
+
+    /// The status the client gets.
+    pub(crate) fn status(&self) -> u16 {
+        match self {
+            Answer::Task { status, .. } | Answer::Relayed { status, .. } => *status,
+            Answer::Error(e) => e.status,
+        }
+    }
+
+    /// The router's error code, for errors.
+    #[cfg(test)]
+    pub(crate) fn error_code(&self) -> Option<&'static str> {
+        match self {
+            Answer::Error(e) => Some(e.code),
+            _ => None,
+        }
+    }
+
+    /// The error code a router put on the answer: ours, or the serving router's for a relayed
+    /// error (the ERROR entry of its frame), so websocket clients see the code whichever
+    /// router refused.
+    pub(crate) fn error_tag(&self) -> Option<&[u8]> {
+        match self {
+            Answer::Error(e) => Some(e.code.as_bytes()),
+            Answer::Relayed { frame, .. } => frame
+                .get(tag::ERROR)
+                .filter(|v| v.iter().all(|b| b.is_ascii_graphic())),
+            Answer::Task { .. } => None,
+        }
+    }
+
+    /// The partition that served (or would have served) the request, as this router knows it.
+    pub(crate) fn partition(&self) -> Option<u32> {
+        match self {
+            Answer::Task { partition, .. } => Some(*partition),
+            Answer::Relayed { .. } => None,
+            Answer::Error(e) => e.partition,
+        }
+    }
+
+    /// Redirects taken on this router.
+    pub(crate) fn hops(&self) -> u8 {
+        match self {
+            Answer::Task { hops, .. } => *hops,
+            Answer::Relayed { .. } => 0,
+            Answer::Error(e) => e.hops,
+        }
+    }
+
+    /// The body the client gets: the payload of the answer, or the JSON error.
+    pub(crate) fn body(&self) -> Bytes {
+        match self {
+            Answer::Task { frame, .. } | Answer::Relayed { frame, .. } => frame.payload.clone(),
+            Answer::Error(e) => {
+                Bytes::from(crate::proto::http::error_body(e.status, e.code, &e.message))
+            }
+        }
+    }
+
+    /// Calls `f` with every response field the client may see, in order. The one filter for
+    /// every ingress: a task cannot set framing headers (it would split or smuggle responses)
+    /// nor the router's own `fedbus-*` headers; values never carry CR or LF. This router's
+    /// `fedbus-partition`, `fedbus-hops` and `fedbus-emergency` come last; a relayed answer
+    /// carries the serving router's instead. Nothing here allocates.
+    pub(crate) fn fields(&self, mut f: impl FnMut(Field<'_>)) {
+        let (frame, from_router) = match self {
+            Answer::Task { frame, .. } => (Some(frame), false),
+            Answer::Relayed { frame, .. } => (Some(frame), true),
+            Answer::Error(_) => (None, false),
+        };
+        match frame {
+            Some(frame) => {
+                for (t, v) in MetaIter::new(&frame.meta).filter_map(Result::ok) {
+                    let clean = !v.contains(&b'\r') && !v.contains(&b'\n');
+                    match t {
+                        tag::HEADER if allowed_header(v, from_router) => f(Field::Line(v)),
+                        tag::CONTENT_TYPE if clean => f(Field::ContentType(v)),
+                        tag::SERVED_BY if from_router && clean => f(Field::ServedBy(v)),
+                        _ => {}
+                    }
+                }
+            }
+            None => f(Field::ContentType(b"application/json")),
+        }
+        if from_router {
+            return;
+        }
+        if let Some(p) = self.partition() {
+            f(Field::Number("fedbus-partition", u64::from(p)));
+        }
+        f(Field::Number("fedbus-hops", u64::from(self.hops())));
+        if let Answer::Task {
+            emergency_for: Some(e),
+            ..
+        } = self
+        {
+            f(Field::Number("fedbus-emergency", u64::from(*e)));
+        }
+    }
+}
+
+/// The status of an answer frame (`default` when it has none). Statuses that cannot carry a
+/// body (1xx, 204, 304) or are out of range are refused: with the body the router always
+/// sends, they would let a task split the client's keep-alive stream.
+pub(crate) fn answer_status(f: &Frame, default: u16) -> Option<u16> {
+    match f.get(tag::STATUS) {
+        None => Some(default),
+        Some(_) => f
+            .get_u64(tag::STATUS)
+            .and_then(|s| u16::try_from(s).ok())
+            .filter(|s| (200..600).contains(s) && *s != 204 && *s != 304),
+    }
+}
+
+/// Queues the Response frame for `a` (client websocket and peer links); returns the body
+/// length. `served_by` names this router on answers to peers.
+pub(crate) fn send_answer(
+    out: &RefCell<WsOut>,
+    shard: usize,
+    id: u64,
+    a: &Answer,
+    served_by: Option<&str>,
+) -> usize {
+    let mut m = BytesMut::with_capacity(128);
+    proto::begin_head(&mut m);
+    put_meta_u64(&mut m, tag::STATUS, u64::from(a.status()));
+    if let Some(r) = served_by {
+        put_meta(&mut m, tag::SERVED_BY, r.as_bytes());
+    }
+    if let Some(code) = a.error_tag() {
+        put_meta(&mut m, tag::ERROR, code);
+    }
+    if served_by.is_none() {
+        // Peers add their own fedbus-shard; the serving router is named by SERVED_BY.
+        put_line(&mut m, "fedbus-shard", shard as u64);
+    }
+    a.fields(|f| match f {
+        Field::ContentType(v) => put_meta(&mut m, tag::CONTENT_TYPE, v),
+        Field::ServedBy(v) => put_meta(&mut m, tag::SERVED_BY, v),
+        Field::Line(v) => put_meta(&mut m, tag::HEADER, v),
+        Field::Number(name, n) => put_line(&mut m, name, n),
+    });
+    let body = a.body();
+    proto::finish_head(
+        &mut m,
+        Kind::Response,
+        0,
+        a.hops(),
+        a.partition().unwrap_or(0),
+        id,
+        body.len(),
+    );
+    let n = body.len();
+    let mut o = out.borrow_mut();
+    if o.send_binary(&m, body).is_err() && !o.is_closing() {
+        // The other side does not read its answers: rather than drop one silently, close the
+        // connection with 1013 (try again later) so every request on it gets a clear end.
+        tracing::warn!(id, "websocket outbox over its limit: closing with 1013");
+        o.close(1013);
+    }
+    n
+}
+
+/// Appends a `name: n` HEADER entry without allocating.
+fn put_line(m: &mut BytesMut, name: &str, n: u64) {
+    let mut tmp = [0u8; 20];
+    let mut line = [0u8; 64];
+    let digits = proto::fmt_u64(n, &mut tmp);
+    let len = name.len() + 2 + digits.len();
+    line[..name.len()].copy_from_slice(name.as_bytes());
+    line[name.len()..name.len() + 2].copy_from_slice(b": ");
+    line[name.len() + 2..len].copy_from_slice(digits);
+    put_meta(m, tag::HEADER, &line[..len]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{encode_frame, put_meta, Kind};
+    use bytes::BytesMut;
+
+    fn frame(meta: &[(u8, &[u8])]) -> Frame {
+        let mut m = BytesMut::new();
+        for (t, v) in meta {
+            put_meta(&mut m, *t, v);
+        }
+        Frame::decode(encode_frame(Kind::Response, 0, 0, 0, 1, &m, b"body").freeze())
+            .expect("frame")
+    }
+
+    fn fields(a: &Answer) -> Vec<String> {
+        let mut out = Vec::new();
+        a.fields(|f| {
+            out.push(match f {
+                Field::ContentType(v) => format!("ct {}", String::from_utf8_lossy(v)),
+                Field::ServedBy(v) => format!("by {}", String::from_utf8_lossy(v)),
+                Field::Line(v) => format!("line {}", String::from_utf8_lossy(v)),
+                Field::Number(n, v) => format!("{n} {v}"),
+            })
+        });
+        out
+    }
+
+    #[test]
+    fn statuses_that_cannot_carry_a_body_are_refused() {
+        assert_eq!(answer_status(&frame(&[]), 200), Some(200));
+        assert_eq!(
+            answer_status(&frame(&[(tag::STATUS, b"201")]), 200),
+            Some(201)
+        );
+        assert_eq!(
+            answer_status(&frame(&[(tag::STATUS, b"599")]), 200),
+            Some(599)
+        );
+        for bad in [
+            &b"100"[..],
+            b"101",
+            b"199",
+            b"204",
+            b"304",
+            b"600",
+            b"abc",
+            b"-1",
+        ] {
+            assert_eq!(
+                answer_status(&frame(&[(tag::STATUS, bad)]), 200),
+                None,
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_task_cannot_forge_router_fields() {
+        let f = frame(&[
+            (tag::HEADER, b"x-user: 1"),
+            (tag::HEADER, b"fedbus-partition: 9"),
+            (tag::HEADER, b"content-length: 0"),
+            (tag::SERVED_BY, b"evil/evil/r0"),
+            (tag::CONTENT_TYPE, b"text/plain\r\nx: y"),
+            (tag::CONTENT_TYPE, b"text/plain"),
+        ]);
+        let a = Answer::Task {
+            status: 200,
+            frame: f,
+            partition: 3,
+            emergency_for: Some(5),
+            hops: 1,
+        };
+        assert_eq!(
+            fields(&a),
+            [
+                "line x-user: 1",
+                "ct text/plain",
+                "fedbus-partition 3",
+                "fedbus-hops 1",
+                "fedbus-emergency 5"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_relayed_answer_keeps_the_serving_routers_fields_only() {
+        let f = frame(&[
+            (tag::HEADER, b"fedbus-partition: 9"),
+            (tag::HEADER, b"transfer-encoding: chunked"),
+            (tag::SERVED_BY, b"ru/spb2/r1"),
+        ]);
+        let a = Answer::Relayed {
+            status: 200,
+            frame: f,
+        };
+        assert_eq!(fields(&a), ["line fedbus-partition: 9", "by ru/spb2/r1"]);
+    }
+
+    #[test]
+    fn errors_are_json_and_say_hops() {
+        let a = Answer::error_at(508, "redirect_limit", "too many", Some(2), 5);
+        assert_eq!(
+            fields(&a),
+            ["ct application/json", "fedbus-partition 2", "fedbus-hops 5"]
+        );
+        assert!(std::str::from_utf8(&a.body())
+            .expect("utf8")
+            .contains("\"redirect_limit\""));
+    }
+}

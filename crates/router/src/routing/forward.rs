@@ -1,0 +1,109 @@
+//! Step 4 of routing, forwarding: a request for another cluster goes over this shard's own
+//! peer link to a router of that cluster (chosen by wsid), marked FORWARDED, with the client's
+//! credential for the destination to verify. The answer comes back relayed.
+
+use super::{answer_status, Answer, Request};
+use crate::metrics::ShardMetrics;
+use crate::proto::{self, flags, put_meta, put_meta_u64, tag, Kind};
+use crate::shard::Shard;
+use crate::task::link::Reply;
+use bytes::{BufMut, BytesMut};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// Forwards over this shard's peer link and waits for the answer.
+pub(crate) async fn forward(shard: &Rc<Shard>, req: &Request<'_>) -> Answer {
+    let t = &req.target;
+    let limits = &shard.cfg.limits;
+    let Some(link) =
+        shard
+            .peers
+            .borrow()
+            .pick(t.region, t.cluster, t.wsid, limits.max_pending_per_link)
+    else {
+        return Answer::error(
+            503,
+            "no_peer",
+            format!("no live router of cluster {}/{}", t.region, t.cluster),
+        );
+    };
+    let id = shard.request_id();
+    let rx = {
+        let mut m = shard.scratch.borrow_mut();
+        proto::begin_head(&mut m);
+        put_cluster(&mut m, t.region, t.cluster);
+        put_meta(&mut m, tag::APP, t.app_name.as_bytes());
+        put_meta(&mut m, tag::SERVICE, t.service.as_bytes());
+        put_meta(&mut m, tag::MODULE, t.module.as_bytes());
+        put_meta(&mut m, tag::FUNCTION, t.function.as_bytes());
+        put_meta_u64(&mut m, tag::WSID, t.wsid);
+        put_meta(&mut m, tag::METHOD, req.method.as_bytes());
+        if let Some(tok) = req.credential {
+            put_meta(&mut m, tag::TOKEN, tok);
+        }
+        if let Some(ct) = req.content_type {
+            put_meta(&mut m, tag::CONTENT_TYPE, ct);
+        }
+        proto::finish_head(
+            &mut m,
+            Kind::Request,
+            flags::FORWARDED,
+            0,
+            0,
+            id,
+            req.payload.len(),
+        );
+        // A little longer than the serving router's own deadline, so that its 504
+        // `task_timeout` reaches the client rather than our `peer_timeout`.
+        let deadline = Instant::now() + Duration::from_millis(limits.request_timeout_ms + 1000);
+        match link.send_request(id, &m, req.payload.clone(), deadline) {
+            Ok(wait) => wait,
+            Err(_) => return Answer::error(503, "peer_busy", "peer link over its queue limit"),
+        }
+    };
+    ShardMetrics::inc(&shard.metrics.forwarded);
+    match rx.await {
+        Reply::Response(frame) => match answer_status(&frame, 502) {
+            Some(status) => Answer::Relayed { status, frame },
+            None => Answer::error(
+                502,
+                "bad_peer_answer",
+                "the peer answered a status that cannot carry a body",
+            ),
+        },
+        Reply::Redirect { .. } => {
+            Answer::error(502, "bad_peer_answer", "peer answered with a redirect")
+        }
+        Reply::Lost => Answer::error(502, "peer_lost", "the peer link closed before the answer"),
+        Reply::Timeout => Answer::error(
+            504,
+            "peer_timeout",
+            "the peer router did not answer in time",
+        ),
+    }
+}
+
+/// The CLUSTER entry `region/cluster`, written from its two parts without formatting a string
+/// (the layout of [`put_meta`]: tag, u16 length, value).
+fn put_cluster(m: &mut BytesMut, region: &str, cluster: &str) {
+    // Path segments are short (a path fits a request head), far below u16::MAX.
+    m.put_u8(tag::CLUSTER);
+    m.put_u16((region.len() + 1 + cluster.len()) as u16);
+    m.put_slice(region.as_bytes());
+    m.put_u8(b'/');
+    m.put_slice(cluster.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+
+    #[test]
+    fn cluster_entry_is_a_put_meta_entry() {
+        let mut a = BytesMut::new();
+        super::put_cluster(&mut a, "ru", "spb2");
+        let mut b = BytesMut::new();
+        crate::proto::put_meta(&mut b, crate::proto::tag::CLUSTER, b"ru/spb2");
+        assert_eq!(a, b);
+    }
+}

@@ -1,0 +1,306 @@
+//! Step 3 of routing, local delivery: the seed rules (role `main` first, Redirect up to the
+//! hop limit, `partition = wsid % partitions`, emergency partition), the task link of *this*
+//! shard, and the wait for the answer. The request is already admitted.
+
+use super::{answer_status, Answer, Ingress, Request};
+use crate::metrics::ShardMetrics;
+use crate::proto::{self, put_meta, put_meta_u64, tag};
+use crate::route::{Lookup, RoleRoutes, MAIN_ROLE};
+use crate::shard::Shard;
+use crate::task::link::Reply;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// Delivers an admitted request for this cluster from `subject` and waits for its answer.
+pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str) -> Answer {
+    let t = &req.target;
+    // A snapshot guard (no refcount traffic) held only while routing, never across an await;
+    // the first one also serves the first hop.
+    let mut first = Some(shard.snapshots.routes.load());
+    let Some(partition) = first
+        .as_ref()
+        .and_then(|table| table.partition_of(t.app_name, t.wsid))
+    else {
+        return Answer::error(404, "unknown_app", format!("no app {}", t.app_name));
+    };
+    let max_hops = shard.cfg.routing.max_hops;
+    let deadline = Instant::now() + Duration::from_millis(shard.cfg.limits.request_timeout_ms);
+    let mut role: std::borrow::Cow<'_, str> = MAIN_ROLE.into();
+    let mut want = partition;
+    let mut hops: u8 = 0;
+    let mut payload = req.payload.clone();
+    loop {
+        let table = first
+            .take()
+            .unwrap_or_else(|| shard.snapshots.routes.load());
+        let (served, tasks, emergency_for) = match table.lookup(t.app_name, &role, want) {
+            Lookup::Served {
+                partition,
+                tasks,
+                emergency_for,
+            } => (partition, tasks, emergency_for),
+            Lookup::UnknownApp => {
+                return Answer::error(404, "unknown_app", format!("no app {}", t.app_name))
+            }
+            Lookup::UnknownRole | Lookup::NoLiveTask { .. } => {
+                return no_live_task(t.app_name, &role, want, hops)
+            }
+        };
+        // The snapshot may lag behind this shard's own view of its links by a moment; fall
+        // back to the role's emergency partition when no local link serves the partition.
+        let (link, served, emergency_for) = match shard.pick_link(t.app_name, &role, tasks) {
+            Ok(l) => (l, served, emergency_for),
+            Err(true) => {
+                return Answer::error(
+                    503,
+                    "task_busy",
+                    "every task of the partition is at its pending limit",
+                )
+            }
+            Err(false) => {
+                // No live link here for this partition, and the published snapshot may not
+                // know yet (the control thread publishes a moment later): elect on the shard
+                // among the partitions that have a live link here. The same pure election the
+                // control thread runs, so the choice matches what it will publish.
+                let local = table.apps.get(t.app_name).and_then(|a| {
+                    let r = a.roles.get(role.as_ref())?;
+                    let e = emergency_fallback(
+                        t.app_name,
+                        &role,
+                        shard.cfg.routing.election_seed,
+                        a.emergency_partition,
+                        want,
+                        r,
+                        |p| shard.has_live_link(r.tasks(p)),
+                    )?;
+                    shard
+                        .pick_link(t.app_name, &role, r.tasks(e))
+                        .ok()
+                        .map(|l| (l, e))
+                });
+                match local {
+                    Some((l, e)) => (l, e, Some(want)),
+                    None => return no_live_task(t.app_name, &role, want, hops),
+                }
+            }
+        };
+        let id = shard.request_id();
+        let rx = {
+            let mut scratch = shard.scratch.borrow_mut();
+            proto::begin_head(&mut scratch);
+            put_meta(&mut scratch, tag::APP, t.app_name.as_bytes());
+            put_meta(&mut scratch, tag::ROLE, role.as_bytes());
+            put_meta(&mut scratch, tag::SERVICE, t.service.as_bytes());
+            put_meta(&mut scratch, tag::MODULE, t.module.as_bytes());
+            put_meta(&mut scratch, tag::FUNCTION, t.function.as_bytes());
+            put_meta_u64(&mut scratch, tag::WSID, t.wsid);
+            put_meta(&mut scratch, tag::METHOD, req.method.as_bytes());
+            put_meta(&mut scratch, tag::SUBJECT, subject.as_bytes());
+            if let Some(ct) = req.content_type {
+                put_meta(&mut scratch, tag::CONTENT_TYPE, ct);
+            }
+            let mut flags = 0;
+            if req.ingress == Ingress::Peer {
+                flags |= proto::flags::FORWARDED;
+            }
+            if emergency_for.is_some() {
+                flags |= proto::flags::EMERGENCY;
+            }
+            proto::finish_head(
+                &mut scratch,
+                proto::Kind::Request,
+                flags,
+                hops,
+                served,
+                id,
+                payload.len(),
+            );
+            match link.send_request(id, &scratch, payload, deadline) {
+                Ok(wait) => wait,
+                Err(_) => {
+                    return Answer::error(503, "task_busy", "task link is over its queue limit")
+                }
+            }
+        };
+        drop(table);
+        let reply = {
+            // Counted while waiting, also when the client goes away and this future is dropped.
+            let _pending = PendingGauge::new(&shard.metrics);
+            rx.await
+        };
+        if emergency_for.is_some() {
+            ShardMetrics::inc(&shard.metrics.emergency);
+        }
+        match reply {
+            Reply::Response(f) => {
+                let Some(status) = answer_status(&f, 200) else {
+                    return Answer::error_at(
+                        502,
+                        "bad_task_status",
+                        "the task answered a status that cannot carry a body",
+                        Some(served),
+                        hops,
+                    );
+                };
+                return Answer::Task {
+                    status,
+                    frame: f,
+                    partition: served,
+                    emergency_for,
+                    hops,
+                };
+            }
+            Reply::Redirect {
+                role: r,
+                partition: p,
+            } => {
+                ShardMetrics::inc(&shard.metrics.redirects);
+                if hops >= max_hops {
+                    return Answer::error_at(
+                        508,
+                        "redirect_limit",
+                        format!("more than {max_hops} redirects"),
+                        Some(served),
+                        hops + 1,
+                    );
+                }
+                if r.is_empty() {
+                    return Answer::error_at(
+                        502,
+                        "bad_redirect",
+                        "task redirected to an empty role",
+                        Some(served),
+                        hops,
+                    );
+                }
+                hops += 1;
+                role = r.into();
+                if let Some(p) = p {
+                    want = p;
+                }
+                payload = req.payload.clone();
+            }
+            Reply::Lost => {
+                return Answer::error_at(
+                    502,
+                    "task_lost",
+                    "the task's link closed before it answered",
+                    Some(served),
+                    hops,
+                )
+            }
+            Reply::Timeout => {
+                return Answer::error_at(
+                    504,
+                    "task_timeout",
+                    "the task did not answer in time",
+                    Some(served),
+                    hops,
+                );
+            }
+        }
+    }
+}
+
+/// `fedbus_pending_requests` up while alive.
+struct PendingGauge<'a>(&'a ShardMetrics);
+
+impl<'a> PendingGauge<'a> {
+    fn new(m: &'a ShardMetrics) -> Self {
+        ShardMetrics::inc(&m.pending);
+        PendingGauge(m)
+    }
+}
+
+impl Drop for PendingGauge<'_> {
+    fn drop(&mut self) {
+        ShardMetrics::dec(&self.0.pending);
+    }
+}
+
+fn no_live_task(app: &str, role: &str, partition: u32, hops: u8) -> Answer {
+    Answer::error_at(
+        503,
+        "no_live_task",
+        format!("no live task serves {app} role {role} partition {partition}"),
+        Some(partition),
+        hops,
+    )
+}
+
+/// Where a request for partition `want` of `role` goes when no link of this shard serves it
+/// and the published snapshot may not know yet (the control thread publishes a moment
+/// later): the published emergency partition if this shard has a live link for it, else the
+/// same pure election the control thread runs, among the partitions live on this shard, so
+/// the choice matches what it will publish. `None`: nothing live here.
+pub(crate) fn emergency_fallback(
+    app: &str,
+    role: &str,
+    seed: u64,
+    published: Option<u32>,
+    want: u32,
+    routes: &RoleRoutes,
+    live_here: impl Fn(u32) -> bool,
+) -> Option<u32> {
+    let usable = |p: &u32| *p != want && live_here(*p);
+    match published.filter(usable) {
+        Some(e) => Some(e),
+        None => {
+            crate::route::elect_emergency(app, role, seed, routes.live_partitions().filter(usable))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::emergency_fallback;
+    use crate::route::{build, elect_emergency, AppSpec, Registration};
+
+    fn routes(live: &[u32]) -> crate::route::RoutingTable {
+        let apps = [AppSpec {
+            name: "demo/echo".into(),
+            partitions: 8,
+            emergency_partition: None,
+        }];
+        let regs: Vec<Registration> = live
+            .iter()
+            .map(|p| Registration {
+                task: u64::from(*p) + 1,
+                app: "demo/echo".into(),
+                role: "main".into(),
+                partitions: vec![*p],
+            })
+            .collect();
+        build(&apps, &regs, 1, 7)
+    }
+
+    #[test]
+    fn published_emergency_partition_wins_while_live_here() {
+        let t = routes(&[1, 2, 3]);
+        let r = &t.apps["demo/echo"].roles["main"];
+        let got = emergency_fallback("demo/echo", "main", 7, Some(2), 5, r, |_| true);
+        assert_eq!(got, Some(2));
+    }
+
+    #[test]
+    fn without_a_live_published_one_the_shard_elects_like_the_control_thread() {
+        let t = routes(&[1, 2, 3]);
+        let r = &t.apps["demo/echo"].roles["main"];
+        // The published partition 2 has no live link on this shard, nor has 3.
+        let live_here = |p: u32| p != 2 && p != 3;
+        let got = emergency_fallback("demo/echo", "main", 7, Some(2), 5, r, live_here);
+        assert_eq!(
+            got,
+            elect_emergency("demo/echo", "main", 7, [1].into_iter())
+        );
+        assert_eq!(got, Some(1));
+        // The partition asked for is never its own emergency partition.
+        let got = emergency_fallback("demo/echo", "main", 7, Some(1), 1, r, |p| p == 1);
+        assert_eq!(got, None);
+        // Nothing live on this shard.
+        assert_eq!(
+            emergency_fallback("demo/echo", "main", 7, None, 5, r, |_| false),
+            None
+        );
+    }
+}

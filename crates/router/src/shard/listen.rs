@@ -1,0 +1,280 @@
+//! Starting a router: bind the listeners on the main thread (so port 0 resolves before any
+//! shard starts and every shard shares the api port through SO_REUSEPORT), start one pinned
+//! executor per shard with a readiness report, the control thread and the admin listener.
+
+use super::Shard;
+use crate::config::Config;
+use crate::control::{Control, ControlEvent};
+use crate::metrics::{Registry, ShardMetrics};
+use crate::{api, task};
+use anyhow::{anyhow, bail, Context};
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+use socket2::{Domain, Socket, Type};
+use std::net::SocketAddr;
+use std::os::unix::io::{FromRawFd, IntoRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A running router.
+pub struct Running {
+    /// Bound api listener (clients).
+    pub api: SocketAddr,
+    /// Bound external listener (peer routers), when the federation has other clusters.
+    pub external: Option<SocketAddr>,
+    /// Internal listener of each shard (task links), by shard index.
+    pub internal: Vec<SocketAddr>,
+    /// Admin listener (`/metrics`, `/healthz`, `/readyz`), when enabled.
+    pub admin: Option<SocketAddr>,
+    /// Core of each shard, by shard index.
+    pub shard_cores: Vec<usize>,
+    /// Events to the control thread (`Reload` on SIGHUP).
+    pub events: crossbeam_channel::Sender<ControlEvent>,
+    control: std::thread::JoinHandle<()>,
+}
+
+fn listen_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s)
+}
+
+fn local(s: &Socket) -> std::io::Result<SocketAddr> {
+    s.local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("not an inet socket"))
+}
+
+/// Binds `n` api sockets sharing one port. A probe without SO_REUSEPORT first makes a second
+/// router on the same port fail with "address in use" instead of silently sharing it.
+fn bind_api(addr: SocketAddr, n: usize) -> anyhow::Result<(SocketAddr, Vec<RawFd>)> {
+    if addr.port() != 0 {
+        drop(listen_socket(addr, false).with_context(|| format!("api listener {addr}"))?);
+    }
+    let first = listen_socket(addr, true).with_context(|| format!("api listener {addr}"))?;
+    let actual = local(&first)?;
+    let mut fds = vec![first.into_raw_fd()];
+    for _ in 1..n {
+        fds.push(listen_socket(actual, true)?.into_raw_fd());
+    }
+    Ok((actual, fds))
+}
+
+/// Binds shard k's internal listener on port + k (or any port when 0).
+fn bind_internal(addr: SocketAddr, n: usize) -> anyhow::Result<(Vec<SocketAddr>, Vec<RawFd>)> {
+    let mut addrs = Vec::new();
+    let mut fds = Vec::new();
+    for k in 0..n {
+        let mut a = addr;
+        if a.port() != 0 {
+            let p = a.port() as usize + k;
+            a.set_port(u16::try_from(p).map_err(|_| anyhow!("internal port {p} out of range"))?);
+        }
+        let s = listen_socket(a, false)
+            .with_context(|| format!("internal listener of shard {k} on {a}"))?;
+        addrs.push(local(&s)?);
+        fds.push(s.into_raw_fd());
+    }
+    Ok((addrs, fds))
+}
+
+/// Serves one accepted connection.
+type ServeFn = fn(
+    Rc<Shard>,
+    glommio::net::TcpStream,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
+async fn accept_loop(shard: Rc<Shard>, l: TcpListener, serve: ServeFn, limit: bool) {
+    loop {
+        match l.accept().await {
+            Ok(s) => {
+                if limit && shard.client_conns.get() >= shard.cfg.limits.max_connections_per_shard {
+                    ShardMetrics::inc(&shard.metrics.connections_refused);
+                    drop(s);
+                    continue;
+                }
+                glommio::spawn_local(serve(shard.clone(), s)).detach();
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(shard = shard.index, "accept failed: {e}");
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Starts the router described by `cfg` with `keyring` already loaded.
+pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Running> {
+    let cfg = Arc::new(cfg);
+    let cores = cfg.shard_cores();
+    let n = cores.len();
+    let (api_addr, api_fds) = bind_api(cfg.listen.api, n)?;
+    let (internal, internal_fds) = bind_internal(cfg.listen.internal, n)?;
+    let internal = Arc::new(internal);
+    let federation = Arc::new(crate::peer::Federation::load(
+        &cfg,
+        crate::peer::peer_token(&cfg)?,
+    )?);
+    // The external listener (peer links) only when there are other clusters to talk to.
+    let (external, external_fds) = if cfg.peer_clusters().next().is_some() {
+        let (a, fds) = bind_api(cfg.listen.external, n).context("external listener")?;
+        (Some(a), fds.into_iter().map(Some).collect())
+    } else {
+        (None, vec![None; n])
+    };
+
+    let control = Control::new(cfg.clone(), keyring);
+    let snapshots = control.snapshots();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let control_core = cfg.tuning.control_core;
+    let pin = cfg.tuning.pin;
+    let control = std::thread::Builder::new()
+        .name("fedbus-control".into())
+        .spawn(move || {
+            if pin {
+                pin_current_thread(control_core);
+            }
+            control.run(rx)
+        })?;
+
+    let metrics: Registry = Arc::new((0..n).map(|_| Arc::new(ShardMetrics::default())).collect());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<usize, String>>();
+    let mut handles = Vec::new();
+    for (i, core) in cores.iter().copied().enumerate() {
+        let placement = if cfg.tuning.pin {
+            Placement::Fixed(core)
+        } else {
+            Placement::Unbound
+        };
+        let mut b = LocalExecutorBuilder::new(placement)
+            .name(&format!("fedbus-shard-{i}"))
+            .io_memory(cfg.tuning.io_memory);
+        if cfg.tuning.spin_before_park_us > 0 {
+            b = b.spin_before_park(Duration::from_micros(cfg.tuning.spin_before_park_us));
+        }
+        let (cfg2, snaps, tx2, m, int2, rtx) = (
+            cfg.clone(),
+            snapshots.clone(),
+            tx.clone(),
+            metrics[i].clone(),
+            internal.clone(),
+            ready_tx.clone(),
+        );
+        let (afd, ifd, efd) = (api_fds[i], internal_fds[i], external_fds[i]);
+        let fed = federation.clone();
+        let h = b
+            .spawn(move || async move {
+                let shard = Rc::new(Shard::new(i, n, cfg2, snaps, tx2, m, int2, fed));
+                // SAFETY: the fds were bound and listening on the main thread and are owned
+                // by this shard alone from here on.
+                let (api_l, int_l) =
+                    unsafe { (TcpListener::from_raw_fd(afd), TcpListener::from_raw_fd(ifd)) };
+                let ext = efd.map(|fd| {
+                    // SAFETY: as above.
+                    let l = unsafe { TcpListener::from_raw_fd(fd) };
+                    glommio::spawn_local(accept_loop(
+                        shard.clone(),
+                        l,
+                        |s, c| Box::pin(crate::peer::serve(s, c)),
+                        false,
+                    ))
+                });
+                crate::peer::start_dialers(&shard);
+                glommio::spawn_local(super::sweep_deadlines(shard.clone())).detach();
+                let _ = rtx.send(Ok(i));
+                let a = glommio::spawn_local(accept_loop(
+                    shard.clone(),
+                    api_l,
+                    |s, c| Box::pin(api::http::serve(s, c)),
+                    true,
+                ));
+                let t = glommio::spawn_local(accept_loop(
+                    shard.clone(),
+                    int_l,
+                    |s, c| Box::pin(task::link::serve(s, c)),
+                    false,
+                ));
+                a.await;
+                t.await;
+                if let Some(e) = ext {
+                    e.await;
+                }
+            })
+            .map_err(|e| anyhow!("shard {i} on core {core}: {e}"))?;
+        handles.push(h);
+    }
+    drop(ready_tx);
+    let mut up = vec![false; n];
+    while up.iter().any(|u| !u) {
+        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(i)) => up[i] = true,
+            Ok(Err(e)) => bail!(e),
+            Err(_) => {
+                // glommio reports a failed executor late: its closure is dropped and the
+                // error comes from join(), which returns at once for a dead executor.
+                let i = up.iter().position(|u| !u).unwrap_or(0);
+                let h = handles.swap_remove(i);
+                let why = match h.join() {
+                    Err(e) => e.to_string(),
+                    Ok(()) => "stopped before it was ready".into(),
+                };
+                bail!(
+                    "shard {i} on core {} failed to start: {why}; run `fedbus tune`",
+                    cores[i]
+                );
+            }
+        }
+    }
+    // Shard executors run until the process exits; their handles are not joined.
+    std::mem::forget(handles);
+
+    let admin = if cfg.listen.admin_enabled {
+        Some(crate::metrics::admin::start(
+            cfg.listen.admin,
+            metrics.clone(),
+            snapshots.clone(),
+        )?)
+    } else {
+        None
+    };
+    Ok(Running {
+        api: api_addr,
+        external,
+        internal: internal.to_vec(),
+        admin,
+        shard_cores: cores,
+        events: tx,
+        control,
+    })
+}
+
+impl Running {
+    /// Stops the control thread (shards end with the process).
+    pub fn shutdown(self) {
+        let _ = self.events.send(ControlEvent::Shutdown);
+        let _ = self.control.join();
+    }
+}
+
+/// Pins the calling thread to `core` (best effort: logs on failure).
+pub(crate) fn pin_current_thread(core: usize) {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            tracing::warn!(
+                core,
+                "could not pin the control thread: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}

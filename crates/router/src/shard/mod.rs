@@ -1,0 +1,143 @@
+//! Shards: one pinned glommio executor per configured core. A shard owns its client
+//! connections, task links and pending requests (`!Send`, never shared); it reads the routing
+//! and keyring snapshots without locks and reports task links to the control thread.
+
+pub mod listen;
+
+use crate::config::Config;
+use crate::control::{ControlEvent, Snapshots};
+use crate::metrics::ShardMetrics;
+use crate::route::TaskId;
+use crate::task::link::TaskLink;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// Everything a shard owns. Lives in an `Rc` on its executor.
+pub(crate) struct Shard {
+    pub(crate) index: usize,
+    pub(crate) count: usize,
+    pub(crate) cfg: Arc<Config>,
+    pub(crate) snapshots: Snapshots,
+    pub(crate) events: crossbeam_channel::Sender<ControlEvent>,
+    pub(crate) metrics: Arc<ShardMetrics>,
+    /// Internal (task link) address of every shard, for the hello.
+    pub(crate) internal_addrs: Arc<Vec<SocketAddr>>,
+    /// Task instance -> its link to this shard.
+    pub(crate) links: RefCell<HashMap<TaskId, Rc<TaskLink>>>,
+    /// Request ids, unique on this shard.
+    next_request: Cell<u64>,
+    /// Round-robin cursor among the tasks of a partition.
+    rr: Cell<usize>,
+    /// Reused buffer for the header and metadata of outgoing frames.
+    pub(crate) scratch: RefCell<bytes::BytesMut>,
+    /// Open client connections (for the per-shard limit).
+    pub(crate) client_conns: Cell<usize>,
+    /// `region/cluster/router` and this shard's index, as put in responses.
+    pub(crate) router_name: String,
+    /// Other clusters: keys, routers, our peer token.
+    pub(crate) federation: crate::peer::FederationRef,
+    /// This shard's own peer links.
+    pub(crate) peers: RefCell<crate::peer::Peers>,
+}
+
+impl Shard {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        index: usize,
+        count: usize,
+        cfg: Arc<Config>,
+        snapshots: Snapshots,
+        events: crossbeam_channel::Sender<ControlEvent>,
+        metrics: Arc<ShardMetrics>,
+        internal_addrs: Arc<Vec<SocketAddr>>,
+        federation: crate::peer::FederationRef,
+    ) -> Shard {
+        let router_name = format!("{}/{}/{}", cfg.region, cfg.cluster, cfg.router);
+        Shard {
+            index,
+            count,
+            cfg,
+            snapshots,
+            events,
+            metrics,
+            internal_addrs,
+            links: RefCell::new(HashMap::new()),
+            next_request: Cell::new(1),
+            rr: Cell::new(0),
+            scratch: RefCell::new(bytes::BytesMut::with_capacity(1024)),
+            client_conns: Cell::new(0),
+            router_name,
+            federation,
+            peers: RefCell::new(Default::default()),
+        }
+    }
+
+    /// A fresh request id.
+    pub(crate) fn request_id(&self) -> u64 {
+        let id = self.next_request.get();
+        self.next_request.set(id.wrapping_add(1));
+        id
+    }
+
+    /// True when one of `tasks` has a live link on this shard.
+    pub(crate) fn has_live_link(&self, tasks: &[TaskId]) -> bool {
+        let links = self.links.borrow();
+        tasks
+            .iter()
+            .any(|t| links.get(t).is_some_and(|l| l.is_alive()))
+    }
+
+    /// Picks a live local link among `tasks`, round robin, skipping full ones.
+    /// `Err(true)`: live links exist but all are at their pending limit (answer 503, do not
+    /// spill onto the emergency partition); `Err(false)`: no live link on this shard.
+    pub(crate) fn pick_link(
+        &self,
+        app: &str,
+        role: &str,
+        tasks: &[TaskId],
+    ) -> Result<Rc<TaskLink>, bool> {
+        if tasks.is_empty() {
+            return Err(false);
+        }
+        let links = self.links.borrow();
+        let start = self.rr.get();
+        self.rr.set(start.wrapping_add(1));
+        let max = self.cfg.limits.max_pending_per_link;
+        let mut busy = false;
+        for i in 0..tasks.len() {
+            let found = links.get(&tasks[(start + i) % tasks.len()]);
+            // The snapshot may name a task id that now belongs to another link.
+            if let Some(l) = found.filter(|l| l.app == app && l.role == role) {
+                if l.is_usable(max) {
+                    return Ok(l.clone());
+                }
+                busy |= l.is_alive();
+            }
+        }
+        Err(busy)
+    }
+}
+
+/// Enforces request deadlines on every link of the shard: one timer for the shard instead of
+/// one per request. A request times out at most one sweep interval late.
+pub(crate) async fn sweep_deadlines(shard: Rc<Shard>) {
+    let every =
+        std::time::Duration::from_millis((shard.cfg.limits.request_timeout_ms / 10).clamp(5, 100));
+    loop {
+        glommio::timer::sleep(every).await;
+        let now = std::time::Instant::now();
+        for l in shard.links.borrow().values() {
+            l.expire(now);
+        }
+        for slots in shard.peers.borrow().clusters.values() {
+            for s in slots {
+                if let Some(l) = s.link.borrow().as_ref() {
+                    l.expire(now);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,644 @@
+//! The router's side of one task link: owned by one shard, with its own pending table. A lost
+//! link leaves the routing table at once and answers every request pending on it at once.
+
+use super::hello::{Hello, Register, Registered};
+use crate::auth::{self, verify_service_token};
+use crate::control::ControlEvent;
+use crate::metrics::{Listener, ShardMetrics};
+use crate::proto::{Frame, Kind};
+use crate::route::Registration;
+use crate::shard::Shard;
+use crate::ws::{self, handshake, Message, Side, WsOut, WsReader};
+use bytes::{Bytes, BytesMut};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// What a pending request receives.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    Response(Frame),
+    Redirect {
+        role: String,
+        partition: Option<u32>,
+    },
+    /// The link died before the answer came.
+    Lost,
+    /// No answer before the request's deadline (`limits.request_timeout_ms`).
+    Timeout,
+}
+
+/// A pending request: where its answer lands and who waits for it. Kept in the link's table
+/// instead of a oneshot channel and a timer per request: completing, timing out and failing
+/// a request allocate nothing (the shard's sweeper enforces deadlines).
+struct Slot {
+    waker: Option<Waker>,
+    reply: Option<Reply>,
+    deadline: Instant,
+}
+
+/// One task's (or peer router's) link to this shard.
+pub(crate) struct TaskLink {
+    pub(crate) task: u64,
+    pub(crate) app: String,
+    pub(crate) role: String,
+    pub(crate) out: Rc<RefCell<WsOut>>,
+    pending: RefCell<HashMap<u64, Slot>>,
+    alive: Cell<bool>,
+}
+
+impl TaskLink {
+    pub(crate) fn new(task: u64, app: String, role: String, out: Rc<RefCell<WsOut>>) -> TaskLink {
+        TaskLink {
+            task,
+            app,
+            role,
+            out,
+            pending: RefCell::new(HashMap::new()),
+            alive: Cell::new(true),
+        }
+    }
+
+    /// Reads answers until the link ends, completing pending requests.
+    pub(crate) async fn read_loop<R: futures_lite::AsyncRead + Unpin>(
+        &self,
+        reader: &mut WsReader<R>,
+    ) -> Result<(), ws::WsError> {
+        read_loop(self, reader).await
+    }
+
+    /// Alive and not closing: can still carry requests (maybe not now, if full).
+    pub(crate) fn is_alive(&self) -> bool {
+        self.alive.get() && !self.out.borrow().is_closing()
+    }
+
+    /// Alive and below the pending limit.
+    pub(crate) fn is_usable(&self, max_pending: usize) -> bool {
+        self.alive.get()
+            && self.pending.borrow().len() < max_pending
+            && !self.out.borrow().is_closing()
+    }
+
+    /// Queues a request frame (`head` = fedbus header + metadata) and registers it as pending
+    /// until `deadline`. A refused send hands the payload back.
+    pub(crate) fn send_request(
+        self: &Rc<Self>,
+        id: u64,
+        head: &[u8],
+        payload: Bytes,
+        deadline: Instant,
+    ) -> Result<Wait, Bytes> {
+        if !self.alive.get() {
+            return Err(payload);
+        }
+        self.out
+            .borrow_mut()
+            .send_binary(head, payload)
+            .map_err(|r| r.0)?;
+        self.pending.borrow_mut().insert(
+            id,
+            Slot {
+                waker: None,
+                reply: None,
+                deadline,
+            },
+        );
+        Ok(Wait {
+            link: self.clone(),
+            id,
+            done: false,
+        })
+    }
+
+    fn complete(&self, id: u64, reply: Reply) {
+        if let Some(slot) = self.pending.borrow_mut().get_mut(&id) {
+            if slot.reply.is_none() {
+                slot.reply = Some(reply);
+                if let Some(w) = slot.waker.take() {
+                    w.wake();
+                }
+            }
+        }
+    }
+
+    /// Answers `Timeout` to every request past its deadline.
+    pub(crate) fn expire(&self, now: Instant) {
+        for slot in self.pending.borrow_mut().values_mut() {
+            if slot.reply.is_none() && slot.deadline <= now {
+                slot.reply = Some(Reply::Timeout);
+                if let Some(w) = slot.waker.take() {
+                    w.wake();
+                }
+            }
+        }
+    }
+
+    /// Marks the link dead and answers everything pending on it with `Lost`.
+    pub(crate) fn fail_all(&self) {
+        self.alive.set(false);
+        for slot in self.pending.borrow_mut().values_mut() {
+            if slot.reply.is_none() {
+                slot.reply = Some(Reply::Lost);
+                if let Some(w) = slot.waker.take() {
+                    w.wake();
+                }
+            }
+        }
+    }
+}
+
+/// Waits for the answer to one request; dropping it forgets the request.
+pub(crate) struct Wait {
+    link: Rc<TaskLink>,
+    id: u64,
+    done: bool,
+}
+
+impl Future for Wait {
+    type Output = Reply;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Reply> {
+        let id = self.id;
+        let mut pending = self.link.pending.borrow_mut();
+        let Some(slot) = pending.get_mut(&id) else {
+            drop(pending);
+            self.done = true;
+            return Poll::Ready(Reply::Lost);
+        };
+        if let Some(r) = slot.reply.take() {
+            pending.remove(&id);
+            drop(pending);
+            self.done = true;
+            return Poll::Ready(r);
+        }
+        match &slot.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => slot.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Wait {
+    fn drop(&mut self) {
+        if !self.done {
+            self.link.pending.borrow_mut().remove(&self.id);
+        }
+    }
+}
+
+fn http_error(status: u16, code: &str, msg: &str) -> String {
+    handshake::error_response(status, code, msg)
+}
+
+/// Serves one connection on the internal listener until it closes.
+pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+    let m = shard.metrics.clone();
+    ShardMetrics::inc(&m.connections[Listener::Internal as usize]);
+    let peer = stream.peer_addr().ok();
+    if let Err(e) = serve_inner(&shard, stream).await {
+        tracing::info!(shard = shard.index, ?peer, "task link closed: {e}");
+    }
+    ShardMetrics::dec(&m.connections[Listener::Internal as usize]);
+}
+
+/// Reads the upgrade request head within the handshake timeout.
+pub(crate) async fn read_upgrade(
+    stream: &mut TcpStream,
+    timeout: Duration,
+) -> Result<(handshake::UpgradeRequest, BytesMut), String> {
+    let mut buf = BytesMut::with_capacity(4096);
+    let read = async {
+        loop {
+            match handshake::parse_upgrade(&buf) {
+                Ok(Some(up)) => return Ok(up),
+                Ok(None) => {}
+                Err(r) => {
+                    let _ = stream
+                        .write_all(http_error(r.status, r.code, r.message).as_bytes())
+                        .await;
+                    return Err(format!("bad upgrade: {}", r.message));
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("closed during handshake".to_string());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    let up = glommio::timer::timeout(timeout, async { Ok(read.await) })
+        .await
+        .map_err(|_| "handshake timeout".to_string())??;
+    let _ = buf.split_to(up.head_len);
+    Ok((up, buf))
+}
+
+async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), String> {
+    let limits = &shard.cfg.limits;
+    let hs_timeout = Duration::from_millis(limits.handshake_timeout_ms);
+    let (up, leftover) = read_upgrade(&mut stream, hs_timeout).await?;
+
+    // The service token is checked before the upgrade completes.
+    let claims = {
+        let keys = shard.snapshots.keys.load();
+        let Some(tok) = up.bearer.as_deref() else {
+            let _ = stream
+                .write_all(http_error(401, "missing_token", "service token required").as_bytes())
+                .await;
+            return Err("no service token".into());
+        };
+        match verify_service_token(
+            &keys.keyring.cluster,
+            tok,
+            auth::now_unix(),
+            shard.cfg.auth.grace_secs,
+        ) {
+            Ok(c) if c.cluster == shard.cfg.cluster_id() => c,
+            Ok(c) => {
+                let _ = stream
+                    .write_all(
+                        http_error(401, "wrong_cluster", "service token of another cluster")
+                            .as_bytes(),
+                    )
+                    .await;
+                return Err(format!("service token for cluster {}", c.cluster));
+            }
+            Err(e) => {
+                let _ = stream
+                    .write_all(http_error(e.http_status(), e.code(), &e.to_string()).as_bytes())
+                    .await;
+                return Err(format!("service token refused: {e}"));
+            }
+        }
+    };
+    stream
+        .write_all(handshake::accept_response(&up.key).as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let max_msg = limits.max_message_bytes();
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
+    // Frames are batched by the writer already; Nagle would only delay the last one.
+    let _ = stream.set_nodelay(true);
+    stream
+        .set_read_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)))
+        .map_err(|e| e.to_string())?;
+
+    let ws::WsConn {
+        mut reader,
+        out,
+        writer,
+    } = ws::start(
+        stream,
+        leftover,
+        Side::Server,
+        max_msg,
+        limits.max_link_outbox_bytes,
+    );
+
+    let hello = Hello {
+        kind: "hello".into(),
+        router: shard.router_name.clone(),
+        cluster: shard.cfg.cluster_id(),
+        shard: shard.index,
+        shards: shard.count,
+        internal: shard
+            .internal_addrs
+            .iter()
+            .map(|a| match &shard.cfg.listen.advertise_host {
+                Some(h) => format!("{h}:{}", a.port()),
+                None => a.to_string(),
+            })
+            .collect(),
+    };
+    let _ = out
+        .borrow_mut()
+        .send_text(&serde_json::to_string(&hello).unwrap_or_default());
+
+    let reg = match glommio::timer::timeout(hs_timeout, async { Ok(reader.next().await) }).await {
+        Ok(Ok(Message::Text(t))) => serde_json::from_slice::<Register>(&t).ok(),
+        _ => None,
+    };
+    let reg = match reg {
+        Some(r) if r.kind == "register" => r,
+        _ => {
+            out.borrow_mut().close(1002);
+            let _ = writer.await;
+            return Err("no registration".into());
+        }
+    };
+    let app_partitions = shard
+        .cfg
+        .apps
+        .iter()
+        .find(|a| a.name == reg.app)
+        .map(|a| a.partitions);
+    let holder = shard
+        .links
+        .borrow()
+        .get(&reg.task)
+        .filter(|l| l.is_alive())
+        .map(|l| (l.app.clone(), l.role.clone()));
+    let refusal = registration_refusal(
+        &reg,
+        &claims,
+        app_partitions,
+        holder.as_ref().map(|(a, r)| (a.as_str(), r.as_str())),
+    );
+    if let Some(why) = refusal {
+        out.borrow_mut().close(1008);
+        let _ = writer.await;
+        return Err(format!("registration refused: {why}"));
+    }
+
+    let link = Rc::new(TaskLink::new(
+        reg.task,
+        reg.app.clone(),
+        reg.role.clone(),
+        out.clone(),
+    ));
+    let replaced = shard.links.borrow_mut().insert(reg.task, link.clone());
+    if let Some(old) = replaced {
+        old.fail_all();
+        old.out.borrow_mut().close(1008);
+    }
+    let _ = out.borrow_mut().send_text(
+        &serde_json::to_string(&Registered {
+            kind: "registered".into(),
+            shard: shard.index,
+        })
+        .unwrap_or_default(),
+    );
+    let _ = shard.events.send(ControlEvent::Register {
+        shard: shard.index,
+        reg: Registration {
+            task: reg.task,
+            app: reg.app.clone(),
+            role: reg.role.clone(),
+            partitions: reg.partitions.clone(),
+        },
+    });
+    ShardMetrics::inc(&shard.metrics.task_links);
+    tracing::info!(shard = shard.index, task = reg.task, app = %reg.app, role = %reg.role, partitions = reg.partitions.len(), sub = %claims.sub, "task link registered");
+
+    // Keepalive: a ping every interval; the read timeout (3 intervals) ends a silent link.
+    let pinger = ws::spawn_pinger(out.clone(), Duration::from_millis(limits.ping_interval_ms));
+    let expiry = ws::close_at_expiry(out.clone(), claims.exp);
+
+    // The app's Auth Service gets the current app secret now and after every rotation.
+    let pusher = (reg.role == AUTH_ROLE).then(|| {
+        let (shard, link) = (shard.clone(), link.clone());
+        glommio::spawn_local(async move {
+            let mut pushed = 0u64;
+            while link.alive.get() {
+                let keys = shard.snapshots.keys.load();
+                if keys.generation != pushed {
+                    // Advance only once the push is queued: a full outbox retries next tick.
+                    match keys.keyring.signing_app_secret(&link.app) {
+                        Some(sec) => {
+                            if push_secret(&link, &link.app, sec.version, &sec.secret) {
+                                pushed = keys.generation;
+                            }
+                        }
+                        None => pushed = keys.generation,
+                    }
+                }
+                drop(keys);
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    });
+
+    let end = read_loop(&link, &mut reader).await;
+    drop(expiry.cancel());
+    if let Some(p) = pusher {
+        drop(p.cancel());
+    }
+
+    // Leave the routing table at once, then answer everything pending with 502.
+    link.fail_all();
+    let current = {
+        let mut links = shard.links.borrow_mut();
+        let current = links.get(&reg.task).is_some_and(|l| Rc::ptr_eq(l, &link));
+        if current {
+            links.remove(&reg.task);
+        }
+        current
+    };
+    // A link replaced by a newer one of the same task must not unregister the newer one.
+    if current {
+        let _ = shard.events.send(ControlEvent::Unregister {
+            shard: shard.index,
+            task: reg.task,
+        });
+    }
+    ShardMetrics::dec(&shard.metrics.task_links);
+    match &end {
+        Err(e) => match e.close_code() {
+            Some(code) => out.borrow_mut().close(code),
+            None => out.borrow_mut().abort(),
+        },
+        Ok(()) => out.borrow_mut().close(1000),
+    }
+    drop(pinger.cancel());
+    let _ = writer.await;
+    end.map_err(|e| e.to_string())
+}
+
+async fn read_loop<R: futures_lite::AsyncRead + Unpin>(
+    link: &TaskLink,
+    reader: &mut WsReader<R>,
+) -> Result<(), ws::WsError> {
+    loop {
+        match reader.next().await? {
+            Message::Binary(b) => match Frame::decode(b) {
+                Ok(f) => on_frame(link, f),
+                Err(e) => {
+                    tracing::warn!(task = link.task, "bad frame from task: {e}");
+                    return Err(ws::WsError::Protocol("bad fedbus frame"));
+                }
+            },
+            Message::Ping(p) => link
+                .out
+                .borrow_mut()
+                .send_control(ws::frame::opcode::PONG, &p),
+            Message::Pong(_) | Message::Text(_) => {}
+            Message::Close(_) => return Ok(()),
+        }
+    }
+}
+
+/// Why a registration is refused, if it is: the chain of checks after the service token
+/// verified. `app_partitions` is the configured partition count of the app it names (None:
+/// not an app of this router); `holder` the app and role of a live link that already has the
+/// task id. Pure, so every rule is tested without a socket.
+pub(crate) fn registration_refusal(
+    reg: &Register,
+    claims: &auth::ServiceClaims,
+    app_partitions: Option<u32>,
+    holder: Option<(&str, &str)>,
+) -> Option<&'static str> {
+    if reg.app != claims.app {
+        Some("registration for an app the service token does not name")
+    } else if app_partitions.is_none() {
+        Some("unknown app")
+    } else if reg.role.is_empty() || reg.role.len() > 64 {
+        Some("bad role")
+    } else if reg.partitions.iter().any(|p| Some(*p) >= app_partitions) {
+        Some("partition out of range")
+    } else if holder.is_some_and(|(app, role)| app != reg.app || role != reg.role) {
+        // A task id names one task of one app and role; another may not take it over.
+        Some("task id in use by another app or role")
+    } else if claims.role.as_deref().is_some_and(|r| r != reg.role) {
+        Some("the service token names another role")
+    } else if reg.role == AUTH_ROLE && claims.role.as_deref() != Some(AUTH_ROLE) {
+        // Role auth receives the app secret: only a token that names it may register there.
+        Some("role auth needs a service token with role auth")
+    } else {
+        None
+    }
+}
+
+/// Role of the app's Auth Service: it receives the app secret over its links.
+pub(crate) const AUTH_ROLE: &str = "auth";
+
+/// Sends a SecretPush frame (docs/PROTOCOL.md): APP, VERSION, payload = the secret.
+fn push_secret(link: &TaskLink, app: &str, version: u32, secret: &[u8]) -> bool {
+    let mut meta = BytesMut::with_capacity(64);
+    crate::proto::put_meta(&mut meta, crate::proto::tag::APP, app.as_bytes());
+    crate::proto::put_meta_u64(&mut meta, crate::proto::tag::VERSION, version as u64);
+    let f = crate::proto::encode_frame(Kind::SecretPush, 0, 0, 0, 0, &meta, secret);
+    let ok = link.out.borrow_mut().send_binary(&f, Bytes::new()).is_ok();
+    if ok {
+        tracing::info!(
+            task = link.task,
+            app,
+            version,
+            "app secret pushed to auth task"
+        );
+    }
+    ok
+}
+
+fn on_frame(link: &TaskLink, f: Frame) {
+    let id = f.header.request_id;
+    match f.header.kind {
+        Kind::Response => link.complete(id, Reply::Response(f)),
+        Kind::Redirect => {
+            let role = f.get_str(crate::proto::tag::ROLE).unwrap_or("").to_string();
+            let partition = f
+                .get_u64(crate::proto::tag::PARTITION)
+                .and_then(|p| u32::try_from(p).ok());
+            link.complete(id, Reply::Redirect { role, partition });
+        }
+        other => tracing::debug!(task = link.task, ?other, "unexpected frame kind from task"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{registration_refusal, Register};
+    use crate::auth::ServiceClaims;
+
+    fn reg(app: &str, role: &str, partitions: &[u32]) -> Register {
+        Register {
+            kind: "register".into(),
+            task: 7,
+            app: app.into(),
+            role: role.into(),
+            partitions: partitions.to_vec(),
+        }
+    }
+
+    fn claims(app: &str, role: Option<&str>) -> ServiceClaims {
+        ServiceClaims {
+            kid: 1,
+            sub: "7".into(),
+            app: app.into(),
+            cluster: "local/dev".into(),
+            iat: 0,
+            exp: u64::MAX,
+            role: role.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn the_refusal_chain_in_order() {
+        let ok = |r: &Register, c: &ServiceClaims| registration_refusal(r, c, Some(16), None);
+        assert_eq!(
+            ok(
+                &reg("demo/echo", "main", &[0, 15]),
+                &claims("demo/echo", None)
+            ),
+            None
+        );
+        assert_eq!(
+            ok(&reg("demo/other", "main", &[0]), &claims("demo/echo", None)),
+            Some("registration for an app the service token does not name")
+        );
+        assert_eq!(
+            registration_refusal(
+                &reg("demo/echo", "main", &[0]),
+                &claims("demo/echo", None),
+                None,
+                None
+            ),
+            Some("unknown app")
+        );
+        assert_eq!(
+            ok(&reg("demo/echo", "", &[0]), &claims("demo/echo", None)),
+            Some("bad role")
+        );
+        assert_eq!(
+            ok(
+                &reg("demo/echo", &"r".repeat(65), &[0]),
+                &claims("demo/echo", None)
+            ),
+            Some("bad role")
+        );
+        assert_eq!(
+            ok(&reg("demo/echo", "main", &[16]), &claims("demo/echo", None)),
+            Some("partition out of range")
+        );
+        // The task id is live on a link of another role (or app): refused; same role: a
+        // reconnect of the same task, allowed.
+        let r = reg("demo/echo", "main", &[0]);
+        let c = claims("demo/echo", None);
+        assert_eq!(
+            registration_refusal(&r, &c, Some(16), Some(("demo/echo", "b"))),
+            Some("task id in use by another app or role")
+        );
+        assert_eq!(
+            registration_refusal(&r, &c, Some(16), Some(("demo/x", "main"))),
+            Some("task id in use by another app or role")
+        );
+        assert_eq!(
+            registration_refusal(&r, &c, Some(16), Some(("demo/echo", "main"))),
+            None
+        );
+        assert_eq!(
+            ok(
+                &reg("demo/echo", "main", &[0]),
+                &claims("demo/echo", Some("b"))
+            ),
+            Some("the service token names another role")
+        );
+        assert_eq!(
+            ok(&reg("demo/echo", "auth", &[0]), &claims("demo/echo", None)),
+            Some("role auth needs a service token with role auth")
+        );
+        assert_eq!(
+            ok(
+                &reg("demo/echo", "auth", &[0]),
+                &claims("demo/echo", Some("auth"))
+            ),
+            None
+        );
+    }
+}

@@ -1,0 +1,771 @@
+//! A websocket connection over any async byte stream: a reader that parses frames out of one
+//! read buffer without copying, and a shared outbox drained by one writer task that sends a
+//! whole batch with one `sendmsg(2)`. This is on the per-request path; tungstenite is not used
+//! here because its `Message` owns one contiguous buffer, which would force a copy of every
+//! payload to prepend the fedbus header (the design rule: no copy of a payload in user space).
+
+use super::frame::{self, opcode, FrameHead, HeadError, MAX_HEADER};
+use bytes::{Buf, Bytes, BytesMut};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::os::unix::io::RawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+/// Which end of the connection we are: a server reads masked frames and writes plain ones; a
+/// client the other way round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The accepting side: reads masked frames, writes unmasked ones.
+    Server,
+    /// The dialing side: reads unmasked frames, writes masked ones.
+    Client,
+}
+
+/// A whole message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// A binary message (a fedbus frame).
+    Binary(Bytes),
+    /// A text message, checked to be UTF-8 (JSON on task links).
+    Text(Bytes),
+    /// A ping and its payload.
+    Ping(Bytes),
+    /// A pong and its payload.
+    Pong(Bytes),
+    /// A close frame and its code, if any.
+    Close(Option<u16>),
+}
+
+/// Why the reader stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WsError {
+    /// The socket failed.
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    /// The other side closed the TCP connection.
+    #[error("peer closed the connection")]
+    Eof,
+    /// A frame broke RFC 6455 (or fedbus's masking rule).
+    #[error("protocol violation: {0}")]
+    Protocol(&'static str),
+    /// A message over the reader's limit.
+    #[error("message larger than the limit of {0} bytes")]
+    TooBig(usize),
+    /// A text message that is not UTF-8.
+    #[error("text message is not UTF-8")]
+    BadUtf8,
+}
+
+impl WsError {
+    /// Close code to send before dropping the connection, if any.
+    pub fn close_code(&self) -> Option<u16> {
+        match self {
+            WsError::Protocol(_) => Some(1002),
+            WsError::TooBig(_) => Some(1009),
+            WsError::BadUtf8 => Some(1007),
+            _ => None,
+        }
+    }
+}
+
+impl From<HeadError> for WsError {
+    fn from(e: HeadError) -> Self {
+        WsError::Protocol(match e {
+            HeadError::Reserved => "reserved bits set",
+            HeadError::Opcode(_) => "unknown opcode",
+            HeadError::BadControl => "bad control frame",
+            HeadError::BadLength => "bad length",
+        })
+    }
+}
+
+/// The part of a read buffer's spare capacity known to be initialized, so that a reader is
+/// never handed uninitialized memory (tokio's `ReadBuf` tracks the same by length). Tracked by
+/// the spare region's addresses: splitting consumed bytes off the front keeps the region where
+/// it is; a `reserve` that reallocates or reclaims moves it, and then it is zeroed again. So a
+/// buffer is zero-filled once per allocation, not once per read (zeroing 64 KiB per read would
+/// cost more than the read itself for small frames).
+#[derive(Debug, Default)]
+pub struct ReadSpace {
+    start: usize,
+    end: usize,
+    init: usize,
+}
+
+impl ReadSpace {
+    /// Reads once from `io` into the spare capacity of `buf` (which the caller has reserved)
+    /// and appends what was read. Ok(0): end of stream, or no spare capacity.
+    pub async fn read<R: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut R,
+        buf: &mut BytesMut,
+    ) -> io::Result<usize> {
+        let spare = buf.spare_capacity_mut();
+        let (start, end) = (
+            spare.as_ptr() as usize,
+            spare.as_ptr() as usize + spare.len(),
+        );
+        if (start, end) != (self.start, self.end) {
+            *self = ReadSpace {
+                start,
+                end,
+                init: 0,
+            };
+        }
+        for b in &mut spare[self.init..] {
+            b.write(0);
+        }
+        self.init = spare.len();
+        // SAFETY: every byte of `spare` is initialized: zeroed just above, or zeroed or
+        // written earlier at the same addresses of this buffer's allocation, which has not
+        // moved since (the region's addresses are unchanged) and whose bytes nothing
+        // de-initializes.
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), spare.len()) };
+        let n = io.read(dst).await?.min(self.init);
+        // SAFETY: the first n bytes of the spare capacity are initialized (see above).
+        unsafe { buf.set_len(buf.len() + n) };
+        self.start += n;
+        self.init -= n;
+        Ok(n)
+    }
+}
+
+/// Size of each read; the buffer grows only for a frame that is larger.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Parses frames out of one growing read buffer.
+pub struct WsReader<R> {
+    io: R,
+    buf: BytesMut,
+    side: Side,
+    max_message: usize,
+    /// A fragmented message being assembled: (opcode, bytes so far).
+    frag: Option<(u8, BytesMut)>,
+    space: ReadSpace,
+}
+
+impl<R: AsyncRead + Unpin> WsReader<R> {
+    /// `leftover`: bytes already read after the handshake head.
+    pub fn new(io: R, leftover: BytesMut, side: Side, max_message: usize) -> Self {
+        WsReader {
+            io,
+            buf: leftover,
+            side,
+            max_message,
+            frag: None,
+            space: ReadSpace::default(),
+        }
+    }
+
+    /// Next message, reading as needed.
+    pub async fn next(&mut self) -> Result<Message, WsError> {
+        loop {
+            if let Some(m) = self.try_buffered()? {
+                return Ok(m);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Reads and discards until the peer closes or `limit` passes. Closing a socket that still
+    /// has unread input makes the kernel send RST, which can destroy answers (and the close
+    /// frame) the peer has not read yet: call this after the writer has finished.
+    pub async fn drain(&mut self, limit: std::time::Duration) {
+        self.buf.clear();
+        let mut b = [0u8; 16 * 1024];
+        let _ = glommio::timer::timeout(limit, async {
+            while let Ok(n) = self.io.read(&mut b).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            Ok(())
+        })
+        .await;
+    }
+
+    async fn fill(&mut self) -> Result<(), WsError> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        let n = self.space.read(&mut self.io, &mut self.buf).await?;
+        if n == 0 {
+            return Err(WsError::Eof);
+        }
+        Ok(())
+    }
+
+    /// Parses one message from what is buffered, without reading.
+    pub fn try_buffered(&mut self) -> Result<Option<Message>, WsError> {
+        loop {
+            let Some(h) = frame::parse_head(&self.buf)? else {
+                return Ok(None);
+            };
+            self.check(&h)?;
+            let total = h.header_len + h.payload_len as usize;
+            if self.buf.len() < total {
+                // Make room for the whole frame once, rather than growing by chunks.
+                self.buf.reserve(total - self.buf.len());
+                return Ok(None);
+            }
+            let mut f = self.buf.split_to(total);
+            f.advance(h.header_len);
+            if let Some(m) = h.mask {
+                frame::unmask(&mut f, m, 0);
+            }
+            if let Some(msg) = self.assemble(&h, f)? {
+                return Ok(Some(msg));
+            }
+        }
+    }
+
+    fn check(&self, h: &FrameHead) -> Result<(), WsError> {
+        match (self.side, h.mask.is_some()) {
+            (Side::Server, false) => return Err(WsError::Protocol("client frame not masked")),
+            (Side::Client, true) => return Err(WsError::Protocol("server frame masked")),
+            _ => {}
+        }
+        let sofar = self.frag.as_ref().map_or(0, |(_, b)| b.len() as u64);
+        if h.payload_len + sofar > self.max_message as u64 {
+            return Err(WsError::TooBig(self.max_message));
+        }
+        Ok(())
+    }
+
+    fn assemble(&mut self, h: &FrameHead, f: BytesMut) -> Result<Option<Message>, WsError> {
+        let whole = |op: u8, b: BytesMut| -> Result<Message, WsError> {
+            if op == opcode::TEXT {
+                std::str::from_utf8(&b).map_err(|_| WsError::BadUtf8)?;
+                Ok(Message::Text(b.freeze()))
+            } else {
+                Ok(Message::Binary(b.freeze()))
+            }
+        };
+        Ok(Some(match h.opcode {
+            opcode::PING => Message::Ping(f.freeze()),
+            opcode::PONG => Message::Pong(f.freeze()),
+            // RFC 6455 5.5.1 / 7.4: a 1-byte payload or a code not allowed on the wire fails
+            // the connection with 1002, a reason that is not UTF-8 with 1007.
+            opcode::CLOSE => match frame::check_close_payload(&f) {
+                Ok(code) => Message::Close(code),
+                Err(1007) => return Err(WsError::BadUtf8),
+                Err(_) => return Err(WsError::Protocol("bad close frame")),
+            },
+            opcode::TEXT | opcode::BINARY => {
+                if self.frag.is_some() {
+                    return Err(WsError::Protocol("new message inside a fragmented one"));
+                }
+                if h.fin {
+                    whole(h.opcode, f)?
+                } else {
+                    self.frag = Some((h.opcode, f));
+                    return Ok(None);
+                }
+            }
+            _ => {
+                // Continuation: rare (fedbus peers never fragment), so a copy is acceptable.
+                let Some((op, mut acc)) = self.frag.take() else {
+                    return Err(WsError::Protocol("continuation without a message"));
+                };
+                acc.extend_from_slice(&f);
+                if !h.fin {
+                    self.frag = Some((op, acc));
+                    return Ok(None);
+                }
+                whole(op, acc)?
+            }
+        }))
+    }
+}
+
+/// Frames waiting to be written, shared by everything on the shard that sends on this
+/// connection. Bounded by bytes: a full outbox refuses and hands the payload back.
+pub struct WsOut {
+    side: Side,
+    parts: VecDeque<Bytes>,
+    /// Header bytes of queued frames are written here and split off, so one allocation serves
+    /// many frames.
+    arena: BytesMut,
+    queued: usize,
+    limit: usize,
+    closing: bool,
+    waker: Option<Waker>,
+}
+
+/// A refused send: the outbox is over its limit or closed. Holds the payload.
+#[derive(Debug)]
+pub struct Refused(pub Bytes);
+
+impl WsOut {
+    /// An empty outbox for `side` that refuses data sends past `limit` queued bytes.
+    pub fn new(side: Side, limit: usize) -> Rc<RefCell<WsOut>> {
+        Rc::new(RefCell::new(WsOut {
+            side,
+            parts: VecDeque::with_capacity(64),
+            arena: BytesMut::with_capacity(16 * 1024),
+            queued: 0,
+            limit,
+            closing: false,
+            waker: None,
+        }))
+    }
+
+    /// Bytes waiting.
+    pub fn queued(&self) -> usize {
+        self.queued
+    }
+
+    /// True once a close frame is queued or the connection is aborted.
+    pub fn is_closing(&self) -> bool {
+        self.closing
+    }
+
+    fn mask(&self) -> Option<[u8; 4]> {
+        // Clients must mask; fedbus's clients use key 0 so the payload is sent as it is
+        // (docs/PROTOCOL.md explains why this is safe between fedbus endpoints).
+        (self.side == Side::Client).then_some([0; 4])
+    }
+
+    fn push_frame(&mut self, op: u8, head: &[u8], payload: Bytes) {
+        let mut wh = [0u8; MAX_HEADER];
+        let n = frame::encode_head(op, head.len() + payload.len(), self.mask(), &mut wh);
+        if self.arena.capacity() - self.arena.len() < n + head.len() {
+            self.arena.reserve((16 * 1024).max(n + head.len()));
+        }
+        self.arena.extend_from_slice(&wh[..n]);
+        self.arena.extend_from_slice(head);
+        let h = self.arena.split().freeze();
+        self.queued += h.len() + payload.len();
+        self.parts.push_back(h);
+        if !payload.is_empty() {
+            self.parts.push_back(payload);
+        }
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Queues one binary message made of `head` (copied; small) and `payload` (not copied).
+    pub fn send_binary(&mut self, head: &[u8], payload: Bytes) -> Result<(), Refused> {
+        if self.closing || self.queued + head.len() + payload.len() > self.limit {
+            return Err(Refused(payload));
+        }
+        self.push_frame(opcode::BINARY, head, payload);
+        Ok(())
+    }
+
+    /// Queues a text message (control-plane JSON).
+    pub fn send_text(&mut self, text: &str) -> Result<(), Refused> {
+        if self.closing {
+            return Err(Refused(Bytes::new()));
+        }
+        self.push_frame(opcode::TEXT, text.as_bytes(), Bytes::new());
+        Ok(())
+    }
+
+    /// Queues a ping or pong. Dropped while the outbox is over its limit: a peer that floods
+    /// pings and never reads must not grow it (RFC 6455 lets a pong answer only the latest ping).
+    pub fn send_control(&mut self, op: u8, data: &[u8]) {
+        if !self.closing && self.queued <= self.limit {
+            self.push_frame(op, &data[..data.len().min(125)], Bytes::new());
+        }
+    }
+
+    /// Queues a close frame; the writer stops once it is written.
+    pub fn close(&mut self, code: u16) {
+        if !self.closing {
+            self.push_frame(opcode::CLOSE, &code.to_be_bytes(), Bytes::new());
+            self.closing = true;
+        }
+    }
+
+    /// Stops the writer without a close frame (the socket is gone).
+    pub fn abort(&mut self) {
+        self.closing = true;
+        self.parts.clear();
+        self.queued = 0;
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+/// A websocket connection over a glommio TCP stream once the handshake is done: the reader,
+/// the shared outbox, and the writer task that drains it.
+pub struct WsConn {
+    /// Reads whole messages.
+    pub reader: WsReader<ReadHalf>,
+    /// Queues messages for the writer task; shared by everything that answers on it.
+    pub out: Rc<RefCell<WsOut>>,
+    /// The writer task; ends when the outbox is closed and drained, or the socket fails.
+    pub writer: glommio::Task<io::Result<()>>,
+}
+
+/// Splits `stream` and starts its writer task. `leftover`: bytes read past the handshake.
+pub fn start(
+    stream: glommio::net::TcpStream,
+    leftover: BytesMut,
+    side: Side,
+    max_message: usize,
+    outbox_limit: usize,
+) -> WsConn {
+    let (rd, wr) = split(stream);
+    let out = WsOut::new(side, outbox_limit);
+    let writer = glommio::spawn_local(write_loop(out.clone(), wr));
+    WsConn {
+        reader: WsReader::new(rd, leftover, side, max_message),
+        out,
+        writer,
+    }
+}
+
+/// Sends a ping every `every` until the outbox closes: the keepalive of task and peer links
+/// (the other side's read timeout of 3 intervals ends a silent link).
+pub fn spawn_pinger(out: Rc<RefCell<WsOut>>, every: std::time::Duration) -> glommio::Task<()> {
+    glommio::spawn_local(async move {
+        loop {
+            glommio::timer::sleep(every).await;
+            let mut o = out.borrow_mut();
+            if o.is_closing() {
+                break;
+            }
+            o.send_control(opcode::PING, b"");
+        }
+    })
+}
+
+/// Closes the connection with 1008 when the credential it was opened with expires (`exp`,
+/// unix seconds): a link is authenticated once, so it must not outlive its token.
+pub fn close_at_expiry(out: Rc<RefCell<WsOut>>, exp: u64) -> glommio::Task<()> {
+    glommio::spawn_local(async move {
+        let now = crate::auth::now_unix();
+        // Capped: a far-future `exp` must not overflow the timer's deadline (a shard panic).
+        glommio::timer::sleep(crate::auth::expiry_wait(exp, now)).await;
+        let mut o = out.borrow_mut();
+        if !o.is_closing() {
+            tracing::info!("link credential expired: closing with 1008");
+            o.close(1008);
+        }
+    })
+}
+
+/// Waits until the outbox has something to write or is closing.
+struct Ready<'a>(&'a RefCell<WsOut>);
+
+impl Future for Ready<'_> {
+    type Output = bool;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
+        let mut o = self.0.borrow_mut();
+        if !o.parts.is_empty() {
+            Poll::Ready(true)
+        } else if o.closing {
+            Poll::Ready(false)
+        } else {
+            o.waker = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+}
+
+/// Most slices in one `sendmsg`.
+const MAX_IOV: usize = 64;
+
+/// The write side of a socket together with that socket's own descriptor, for `sendmsg(2)`:
+/// built only from the stream itself ([`SocketWriter::new`], [`split`]), so the descriptor is
+/// never an unrelated one, and it stays open as long as the writer holds the stream.
+pub struct SocketWriter<W> {
+    fd: RawFd,
+    io: W,
+}
+
+impl<'a> SocketWriter<&'a mut glommio::net::TcpStream> {
+    /// A writer over a borrowed stream.
+    pub fn new(stream: &'a mut glommio::net::TcpStream) -> Self {
+        use std::os::unix::io::AsRawFd;
+        SocketWriter {
+            fd: stream.as_raw_fd(),
+            io: stream,
+        }
+    }
+}
+
+/// The read half of a split stream.
+pub type ReadHalf = futures_lite::io::ReadHalf<glommio::net::TcpStream>;
+/// The writer of a split stream.
+pub type WriteHalf = SocketWriter<futures_lite::io::WriteHalf<glommio::net::TcpStream>>;
+
+/// Splits `stream` into its read half and a [`SocketWriter`] over its write half.
+pub fn split(stream: glommio::net::TcpStream) -> (ReadHalf, WriteHalf) {
+    use std::os::unix::io::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let (r, w) = futures_lite::io::split(stream);
+    (r, SocketWriter { fd, io: w })
+}
+
+impl<W: AsyncWrite + Unpin> SocketWriter<W> {
+    /// Writes all of `parts` in order: `sendmsg(2)` with MSG_DONTWAIT for as much as the
+    /// socket takes at once, then the async stream (which waits for room) for the rest of one
+    /// slice.
+    pub async fn write_all_vectored(&mut self, parts: &[Bytes]) -> io::Result<()> {
+        write_all_vectored(self.fd, &mut self.io, parts).await
+    }
+
+    /// Shuts the socket down both ways: wakes a reader blocked on the other half.
+    pub fn shutdown(&self) {
+        // SAFETY: shutdown(2) on this writer's own socket, open while `self.io` holds it.
+        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+    }
+
+    /// Flushes and closes the write side.
+    pub async fn close(&mut self) {
+        let _ = self.io.flush().await;
+        let _ = self.io.close().await;
+    }
+}
+
+/// The writer task of a connection: drains the outbox in batches until it closes.
+pub async fn write_loop<W: AsyncWrite + Unpin>(
+    out: Rc<RefCell<WsOut>>,
+    mut w: SocketWriter<W>,
+) -> io::Result<()> {
+    let mut batch: Vec<Bytes> = Vec::with_capacity(MAX_IOV);
+    while Ready(&out).await {
+        {
+            let mut o = out.borrow_mut();
+            while batch.len() < MAX_IOV {
+                match o.parts.pop_front() {
+                    Some(p) => batch.push(p),
+                    None => break,
+                }
+            }
+        }
+        let n: usize = batch.iter().map(Bytes::len).sum();
+        let r = w.write_all_vectored(&batch).await;
+        batch.clear();
+        let mut o = out.borrow_mut();
+        o.queued = o.queued.saturating_sub(n);
+        if let Err(e) = r {
+            o.abort();
+            return Err(e);
+        }
+    }
+    w.close().await;
+    Ok(())
+}
+
+/// See [`SocketWriter::write_all_vectored`]; `fd` must be the socket `w` writes to.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    fd: RawFd,
+    w: &mut W,
+    parts: &[Bytes],
+) -> io::Result<()> {
+    let (mut i, mut off) = (0usize, 0usize);
+    while i < parts.len() {
+        let mut iov: [libc::iovec; MAX_IOV] = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_IOV];
+        let mut cnt = 0;
+        for (k, p) in parts[i..].iter().take(MAX_IOV).enumerate() {
+            let s = if k == 0 { &p[off..] } else { &p[..] };
+            iov[cnt] = libc::iovec {
+                iov_base: s.as_ptr() as *mut libc::c_void,
+                iov_len: s.len(),
+            };
+            cnt += 1;
+        }
+        // SAFETY: msghdr is zeroed and points at `cnt` iovecs that borrow `parts`, alive for
+        // the call.
+        let r = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = iov.as_mut_ptr();
+            msg.msg_iovlen = cnt as _;
+            libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        let mut adv = if r >= 0 {
+            r as usize
+        } else {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) => {
+                    // Socket full: let the reactor wait for room, writing part of one slice.
+                    let n = w.write(&parts[i][off..]).await?;
+                    if n == 0 {
+                        return Err(io::ErrorKind::WriteZero.into());
+                    }
+                    n
+                }
+                Some(libc::EINTR) => 0,
+                _ => return Err(e),
+            }
+        };
+        while adv > 0 && i < parts.len() {
+            let left = parts[i].len() - off;
+            if adv >= left {
+                adv -= left;
+                i += 1;
+                off = 0;
+            } else {
+                off += adv;
+                adv = 0;
+            }
+        }
+        // Skip empty slices so the loop ends.
+        while i < parts.len() && parts[i].len() == off {
+            i += 1;
+            off = 0;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+
+    /// A reader that hands out `data` in small pieces and checks that every buffer it is given
+    /// holds only zeros past what it already wrote (never stale or uninitialized bytes).
+    struct Trickle<'a> {
+        data: &'a [u8],
+        piece: usize,
+    }
+
+    impl futures_lite::AsyncRead for Trickle<'_> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            assert!(
+                buf.iter().all(|b| *b == 0),
+                "a reader was handed non-zeroed bytes"
+            );
+            let n = self.piece.min(buf.len()).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn read_space_zeroes_once_per_allocation_and_keeps_every_byte() {
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8 + 1).collect();
+        let mut r = Trickle {
+            data: &data,
+            piece: 777,
+        };
+        let (mut buf, mut space, mut got) = (
+            BytesMut::with_capacity(4096),
+            ReadSpace::default(),
+            Vec::new(),
+        );
+        futures_lite::future::block_on(async {
+            loop {
+                if buf.capacity() - buf.len() < 1024 {
+                    buf.reserve(4096);
+                }
+                let n = space.read(&mut r, &mut buf).await.expect("read");
+                if n == 0 {
+                    break;
+                }
+                // Consume some of it, as a parser splits frames off the front.
+                let take = buf.len() / 2;
+                got.extend_from_slice(&buf.split_to(take));
+            }
+        });
+        got.extend_from_slice(&buf);
+        assert_eq!(got, data);
+    }
+    use super::*;
+    use futures_lite::future::block_on;
+
+    fn masked(op: u8, payload: &[u8], mask: [u8; 4], fin: bool) -> Vec<u8> {
+        let mut h = [0u8; MAX_HEADER];
+        let n = frame::encode_head(op, payload.len(), Some(mask), &mut h);
+        if !fin {
+            h[0] &= 0x7F;
+        }
+        let mut v = h[..n].to_vec();
+        let mut p = payload.to_vec();
+        frame::unmask(&mut p, mask, 0);
+        v.extend_from_slice(&p);
+        v
+    }
+
+    #[test]
+    fn reader_parses_masked_frames_and_fragments() {
+        let mut wire = masked(opcode::BINARY, b"hello", [9, 8, 7, 6], true);
+        wire.extend(masked(opcode::PING, b"p", [1, 1, 1, 1], true));
+        wire.extend(masked(opcode::TEXT, b"ab", [1, 2, 3, 4], false));
+        wire.extend(masked(opcode::CONTINUATION, b"cd", [4, 3, 2, 1], true));
+        wire.extend(masked(opcode::CLOSE, &1000u16.to_be_bytes(), [0; 4], true));
+        let mut r = WsReader::new(&wire[..], BytesMut::new(), Side::Server, 1024);
+        block_on(async {
+            assert_eq!(
+                r.next().await.unwrap(),
+                Message::Binary(Bytes::from_static(b"hello"))
+            );
+            assert_eq!(
+                r.next().await.unwrap(),
+                Message::Ping(Bytes::from_static(b"p"))
+            );
+            assert_eq!(
+                r.next().await.unwrap(),
+                Message::Text(Bytes::from_static(b"abcd"))
+            );
+            assert_eq!(r.next().await.unwrap(), Message::Close(Some(1000)));
+            assert!(matches!(r.next().await, Err(WsError::Eof)));
+        });
+    }
+
+    #[test]
+    fn reader_refuses_bad_input() {
+        let unmasked = [0x82u8, 1, b'x'];
+        let mut r = WsReader::new(&unmasked[..], BytesMut::new(), Side::Server, 1024);
+        let e = block_on(r.next()).unwrap_err();
+        assert_eq!(e.close_code(), Some(1002));
+        let big = masked(opcode::BINARY, &[0u8; 100], [0; 4], true);
+        let mut r = WsReader::new(&big[..], BytesMut::new(), Side::Server, 99);
+        assert_eq!(block_on(r.next()).unwrap_err().close_code(), Some(1009));
+        let bad = masked(opcode::TEXT, &[0xff, 0xfe], [0; 4], true);
+        let mut r = WsReader::new(&bad[..], BytesMut::new(), Side::Server, 99);
+        assert_eq!(block_on(r.next()).unwrap_err().close_code(), Some(1007));
+    }
+
+    #[test]
+    fn outbox_is_bounded_and_hands_back_payload() {
+        let out = WsOut::new(Side::Server, 100);
+        let mut o = out.borrow_mut();
+        assert!(o.send_binary(b"head", Bytes::from_static(&[1; 50])).is_ok());
+        let Err(Refused(p)) = o.send_binary(b"head", Bytes::from_static(&[2; 50])) else {
+            panic!("over the limit must be refused");
+        };
+        assert_eq!(p.len(), 50);
+        // header part and payload part are queued separately: the payload is not copied
+        assert_eq!(o.parts.len(), 2);
+        assert_eq!(o.parts[1].len(), 50);
+    }
+
+    #[test]
+    fn pongs_are_dropped_while_the_outbox_is_full() {
+        let out = WsOut::new(Side::Server, 100);
+        let mut o = out.borrow_mut();
+        o.send_binary(b"", Bytes::from_static(&[0; 100]))
+            .expect("fits");
+        o.send_control(opcode::PONG, b"x");
+        let before = o.queued();
+        for _ in 0..1000 {
+            o.send_control(opcode::PONG, b"flood");
+        }
+        assert_eq!(
+            o.queued(),
+            before,
+            "a ping flood must not grow a full outbox"
+        );
+    }
+}

@@ -1,0 +1,12 @@
+//! Websocket for task links, peer links and the client websocket endpoint: handshake,
+//! frame codec and a batched, zero-copy connection over glommio streams.
+
+mod client;
+pub mod conn;
+pub use fedbus_proto::ws::{frame, handshake};
+
+pub use client::connect;
+pub use conn::{
+    close_at_expiry, spawn_pinger, start, write_loop, Message, Refused, Side, WsConn, WsError,
+    WsOut, WsReader,
+};

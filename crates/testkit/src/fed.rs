@@ -1,0 +1,584 @@
+//! Multi-process federation harness: two clusters `ru/spb1` and `ru/spb2`, two routers each,
+//! one echo task per cluster linked to both of its routers, on loopback addresses of their
+//! own per federation (127.<a>.<b>.11/12/21/22, `a` from the pid, `b` a counter), so tests
+//! running in parallel never collide. Every listener has a fixed port on that address, so a
+//! router restarted with the same config comes back on the same addresses (its task and the
+//! other cluster's dialers find it again). Everything is SIGKILLed on drop.
+//!
+//! ```ignore
+//! let f = Federation::builder().shards(2).start();
+//! let tok = f.token("spb2");
+//! let resp = f.router("spb1", 0).conn().request(&Req::post(&f.path("spb2", 7)).token(&tok));
+//! ```
+
+use super::{bin, fedbus, keys_init, Conn, Req, Response, TempDir, START_TIMEOUT};
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The app every federation serves.
+pub const APP: &str = "demo/echo";
+/// The two clusters of a federation (region `ru`).
+pub const CLUSTERS: [&str; 2] = ["spb1", "spb2"];
+const API_PORT: u16 = 8800;
+const INTERNAL_PORT: u16 = 8900;
+const EXTERNAL_PORT: u16 = 8950;
+const ADMIN_PORT: u16 = 8700;
+
+/// A child process killed (SIGKILL) and reaped on drop; prints its log tail on panic.
+pub struct FedProc {
+    child: Option<Child>,
+    /// File the process's stdout and stderr go to.
+    pub log: PathBuf,
+    /// Label in panic messages.
+    pub name: String,
+}
+
+impl FedProc {
+    /// SIGKILL, then reap; idempotent.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// True while the process runs.
+    pub fn alive(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for FedProc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(25).collect();
+            eprintln!(
+                "---- last lines of {} ({}) ----",
+                self.name,
+                self.log.display()
+            );
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// One router of the federation.
+pub struct FedRouter {
+    /// `ru/spb1/r0`.
+    pub name: String,
+    /// `spb1`.
+    pub cluster: String,
+    /// Router index within its cluster (0 or 1).
+    pub index: usize,
+    /// The 127.0.0.x address all its listeners bind.
+    pub ip: Ipv4Addr,
+    /// Api listener.
+    pub api: SocketAddr,
+    /// Internal listener (task links).
+    pub internal: SocketAddr,
+    /// External listener (peer links).
+    pub external: SocketAddr,
+    /// Admin listener.
+    pub admin: SocketAddr,
+    /// Number of shards.
+    pub shards: usize,
+    cfg: PathBuf,
+    home: PathBuf,
+    /// Logs of earlier runs (restarts), oldest first.
+    restarts: u32,
+    proc: FedProc,
+}
+
+impl FedRouter {
+    /// A new client connection to its api listener.
+    pub fn conn(&self) -> Conn {
+        Conn::open(self.api)
+    }
+
+    /// True while the process runs.
+    pub fn alive(&mut self) -> bool {
+        self.proc.alive()
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) {
+        self.proc.kill();
+    }
+
+    /// The log of the current run.
+    pub fn log(&self) -> String {
+        self.proc.log_text()
+    }
+
+    /// Starts the router again with the same config (same addresses).
+    pub fn restart(&mut self) {
+        self.proc.kill();
+        self.restarts += 1;
+        self.proc = spawn_router(
+            &self.cfg,
+            &self.home,
+            &self.name,
+            self.restarts,
+            self.shards,
+        );
+    }
+}
+
+fn spawn_router(cfg: &Path, home: &Path, name: &str, run: u32, shards: usize) -> FedProc {
+    let log = home.join(format!("{}-{run}.log", name.replace('/', "-")));
+    let mut child = Command::new(bin())
+        .args(["run", "--config", cfg.to_str().expect("utf-8 path")])
+        .env("FEDBUS_HOME", home)
+        .env("FEDBUS_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("router log"))
+        .spawn()
+        .expect("spawn fedbus run");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let mut proc = FedProc {
+        child: Some(child),
+        log,
+        name: format!("router {name} (run {run})"),
+    };
+    // Up when it printed its admin line (the last listener) and every internal shard.
+    let deadline = Instant::now() + START_TIMEOUT;
+    let (mut internal, mut admin, mut seen) = (0, false, String::new());
+    while !admin || internal < shards {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+                let w: Vec<&str> = line.split_whitespace().collect();
+                match w.as_slice() {
+                    ["internal", ..] => internal += 1,
+                    ["admin", ..] => admin = true,
+                    _ => {}
+                }
+            }
+            Err(_) => {
+                let alive = proc.alive();
+                panic!(
+                    "router {name} did not start within {START_TIMEOUT:?} (alive: {alive})\nstdout:\n{seen}\nstderr:\n{}",
+                    proc.log_text()
+                );
+            }
+        }
+    }
+    proc
+}
+
+/// Builder: `Federation::builder().shards(2).task_delay_ms("spb2", 3000).start()`.
+pub struct FederationBuilder {
+    shards: usize,
+    delays: [u64; 2],
+    request_timeout_ms: u64,
+    grace_secs: Option<u64>,
+}
+
+impl FederationBuilder {
+    /// Shards per router (default 1).
+    pub fn shards(mut self, n: usize) -> Self {
+        assert!((1..=2).contains(&n));
+        self.shards = n;
+        self
+    }
+
+    /// The echo task of `cluster` waits this long before answering.
+    pub fn task_delay_ms(mut self, cluster: &str, ms: u64) -> Self {
+        self.delays[cluster_index(cluster)] = ms;
+        self
+    }
+
+    /// `limits.request_timeout_ms` of every router (default 10000).
+    pub fn request_timeout_ms(mut self, ms: u64) -> Self {
+        self.request_timeout_ms = ms;
+        self
+    }
+
+    /// `[auth] grace_secs` of every router.
+    pub fn grace_secs(mut self, secs: u64) -> Self {
+        self.grace_secs = Some(secs);
+        self
+    }
+
+    /// Writes the keyrings and configs, starts the four routers and two tasks, then
+    /// [`Federation::wait_ready`].
+    pub fn start(self) -> Federation {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let a = 100 + (std::process::id() % 150) as u8;
+        let b = (n % 250 + 1) as u8;
+        let ip = |c: usize, r: usize| Ipv4Addr::new(127, a, b, (c as u8 + 1) * 10 + r as u8 + 1);
+
+        let dir = TempDir::new("fed");
+        let root = dir.path().to_path_buf();
+        let mut keys = Vec::new();
+        for c in CLUSTERS {
+            let k = root.join(c).join("keys");
+            std::fs::create_dir_all(root.join(c)).expect("mkdir");
+            keys_init(&root, &k, &[APP]);
+            keys.push(k);
+        }
+        let cores = if self.shards == 2 { "[0, 1]" } else { "[0]" };
+        let mut routers = Vec::new();
+        for (ci, c) in CLUSTERS.iter().enumerate() {
+            for r in 0..2 {
+                let home = root.join(c);
+                let name = format!("ru/{c}/r{r}");
+                let my = ip(ci, r);
+                let mut cfg = String::new();
+                let _ = writeln!(
+                    cfg,
+                    "region = \"ru\"\ncluster = {c:?}\nrouter = \"r{r}\"\ndev = true"
+                );
+                let _ = writeln!(cfg, "keyring = {:?}", keys[ci].to_str().expect("utf-8"));
+                let _ = writeln!(
+                    cfg,
+                    "[listen]\napi = \"{my}:{API_PORT}\"\ninternal = \"{my}:{INTERNAL_PORT}\"\nexternal = \"{my}:{EXTERNAL_PORT}\"\nadmin = \"{my}:{ADMIN_PORT}\""
+                );
+                let _ = writeln!(cfg, "[tuning]\nshard_cores = {cores}\npin = false");
+                let _ = writeln!(
+                    cfg,
+                    "[limits]\nrequest_timeout_ms = {}",
+                    self.request_timeout_ms
+                );
+                if let Some(g) = self.grace_secs {
+                    let _ = writeln!(cfg, "[auth]\ngrace_secs = {g}");
+                }
+                let _ = writeln!(cfg, "[[apps]]\nname = {APP:?}\npartitions = 16");
+                let _ = writeln!(cfg, "[federation]\nentry_point = \"heeus.cloud\"");
+                for (cj, c2) in CLUSTERS.iter().enumerate() {
+                    let _ = writeln!(
+                        cfg,
+                        "[[federation.clusters]]\nregion = \"ru\"\ncluster = {c2:?}\nrouters = [\"{}:{EXTERNAL_PORT}\", \"{}:{EXTERNAL_PORT}\"]\nkeys = {:?}",
+                        ip(cj, 0),
+                        ip(cj, 1),
+                        keys[cj].to_str().expect("utf-8")
+                    );
+                }
+                let cfg_path = home.join(format!("r{r}.toml"));
+                std::fs::write(&cfg_path, &cfg).expect("write config");
+                let proc = spawn_router(&cfg_path, &home, &name, 0, self.shards);
+                routers.push(FedRouter {
+                    name,
+                    cluster: c.to_string(),
+                    index: r,
+                    ip: my,
+                    api: SocketAddr::new(my.into(), API_PORT),
+                    internal: SocketAddr::new(my.into(), INTERNAL_PORT),
+                    external: SocketAddr::new(my.into(), EXTERNAL_PORT),
+                    admin: SocketAddr::new(my.into(), ADMIN_PORT),
+                    shards: self.shards,
+                    cfg: cfg_path,
+                    home,
+                    restarts: 0,
+                    proc,
+                });
+            }
+        }
+        let mut tokens = Vec::new();
+        for k in &keys {
+            let t = fedbus(
+                &root,
+                &[
+                    "token",
+                    "client",
+                    "--app",
+                    APP,
+                    "--sub",
+                    "alice",
+                    "--keyring",
+                    k.to_str().expect("utf-8"),
+                ],
+            )
+            .trim()
+            .to_string();
+            assert_eq!(t.split('.').count(), 3, "not a JWT: {t:?}");
+            tokens.push(t);
+        }
+        let mut f = Federation {
+            routers,
+            tasks: Vec::new(),
+            keys,
+            tokens,
+            delays: self.delays,
+            root: root.clone(),
+            dir,
+        };
+        for ci in 0..2 {
+            f.start_task(ci);
+        }
+        f.wait_ready(START_TIMEOUT);
+        f
+    }
+}
+
+fn cluster_index(c: &str) -> usize {
+    CLUSTERS
+        .iter()
+        .position(|x| *x == c)
+        .unwrap_or_else(|| panic!("no cluster {c}"))
+}
+
+/// Two clusters of two routers each, one echo task per cluster.
+pub struct Federation {
+    /// spb1 r0, spb1 r1, spb2 r0, spb2 r1.
+    pub routers: Vec<FedRouter>,
+    /// The echo task of each cluster.
+    pub tasks: Vec<FedProc>,
+    /// Keyring of each cluster.
+    pub keys: Vec<PathBuf>,
+    /// Client JWT (demo/echo, alice) of each cluster.
+    pub tokens: Vec<String>,
+    delays: [u64; 2],
+    /// Root directory of the federation (configs, keyrings, logs).
+    pub root: PathBuf,
+    // Last: removed after the processes are gone.
+    dir: TempDir,
+}
+
+impl Federation {
+    /// A builder with the defaults.
+    pub fn builder() -> FederationBuilder {
+        FederationBuilder {
+            shards: 1,
+            delays: [0, 0],
+            request_timeout_ms: 10_000,
+            grace_secs: None,
+        }
+    }
+
+    /// Starts a federation with the defaults.
+    pub fn start() -> Federation {
+        Federation::builder().start()
+    }
+
+    /// The temp dir holding everything.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Router `r` (0 or 1) of `cluster`.
+    pub fn router(&self, cluster: &str, r: usize) -> &FedRouter {
+        &self.routers[cluster_index(cluster) * 2 + r]
+    }
+
+    /// Router `r` (0 or 1) of `cluster`, mutably (to kill it).
+    pub fn router_mut(&mut self, cluster: &str, r: usize) -> &mut FedRouter {
+        &mut self.routers[cluster_index(cluster) * 2 + r]
+    }
+
+    /// The client JWT for `cluster`'s demo/echo.
+    pub fn token(&self, cluster: &str) -> &str {
+        &self.tokens[cluster_index(cluster)]
+    }
+
+    /// Keyring directory of `cluster`.
+    pub fn keyring(&self, cluster: &str) -> &Path {
+        &self.keys[cluster_index(cluster)]
+    }
+
+    /// `/api/ru/<cluster>/demo/echo/api/<wsid>/sys/echo`.
+    pub fn path(&self, cluster: &str, wsid: u64) -> String {
+        format!("/api/ru/{cluster}/{APP}/api/{wsid}/sys/echo")
+    }
+
+    /// An echo request for `cluster` (with its client token).
+    pub fn req(&self, cluster: &str, wsid: u64, body: &[u8]) -> Req {
+        Req::post(&self.path(cluster, wsid))
+            .token(self.token(cluster))
+            .body(body)
+    }
+
+    /// Runs `fedbus ARGS` (FEDBUS_HOME = the federation's root); returns stdout trimmed.
+    pub fn fedbus(&self, args: &[&str]) -> String {
+        fedbus(&self.root, args).trim().to_string()
+    }
+
+    fn start_task(&mut self, ci: usize) {
+        let c = CLUSTERS[ci];
+        let log = self
+            .root
+            .join(c)
+            .join(format!("task-{}.log", self.tasks.len()));
+        let mut cmd = Command::new(bin());
+        cmd.args(["task", "echo", "--cluster", &format!("ru/{c}")])
+            .args(["--keyring", self.keys[ci].to_str().expect("utf-8")])
+            .args(["--delay-ms", &self.delays[ci].to_string()]);
+        for r in &self.routers[ci * 2..ci * 2 + 2] {
+            cmd.args(["--router", &r.internal.to_string()]);
+        }
+        let child = cmd
+            .env("FEDBUS_HOME", &self.root)
+            .env("FEDBUS_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("task log"))
+            .spawn()
+            .expect("spawn fedbus task echo");
+        self.tasks.push(FedProc {
+            child: Some(child),
+            log,
+            name: format!("task of {c}"),
+        });
+    }
+
+    /// Waits until every router routes local requests to its cluster's task and has a
+    /// peer link to each router of the other cluster (on every shard, by its log).
+    pub fn wait_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        for r in &self.routers {
+            let want = r.shards;
+            while r.log().matches("task link registered").count() < want
+                || r.log().matches("peer link up").count() < 2 * r.shards
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "{} not ready within {timeout:?}: task links {}, peer links {}",
+                    r.name,
+                    r.log().matches("task link registered").count(),
+                    r.log().matches("peer link up").count()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        // Routed: a local request is not 503 (with a delayed task, no answer in 300 ms counts).
+        for r in &self.routers {
+            let delay = self.delays[cluster_index(&r.cluster)];
+            loop {
+                let mut c = r.conn();
+                c.set_read_timeout(Duration::from_millis(if delay > 0 { 300 } else { 2000 }));
+                c.send(&self.req(&r.cluster, 0, b"probe").bytes());
+                match c.read_response() {
+                    Ok(resp) if resp.status == 503 => {}
+                    Ok(resp) => {
+                        assert_eq!(resp.status, 200, "probe of {}: {resp:?}", r.name);
+                        break;
+                    }
+                    Err(e) if delay > 0 && super::is_timeout(&e) => break,
+                    Err(e) => panic!("probe of {}: {e}", r.name),
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{} not routed within {timeout:?}",
+                    r.name
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        // Peer links answer: an unknown app of the other cluster is 404 from its router.
+        for r in &self.routers {
+            let other = if r.cluster == "spb1" { "spb2" } else { "spb1" };
+            for wsid in 0..2u64 {
+                let resp = self.wait_served(r, other, wsid, deadline);
+                assert_eq!(resp.status, 404, "{resp:?}");
+            }
+        }
+    }
+
+    /// A request for an app the other cluster does not have, answered by that cluster.
+    fn wait_served(&self, r: &FedRouter, other: &str, wsid: u64, deadline: Instant) -> Response {
+        loop {
+            let mut c = r.conn();
+            c.set_read_timeout(Duration::from_secs(2));
+            let resp = c.request(&Req::get(&format!(
+                "/api/ru/{other}/demo/nope/api/{wsid}/sys/echo"
+            )));
+            let ok = resp.status == 404
+                && resp
+                    .header("fedbus-served-by")
+                    .is_some_and(|s| s.starts_with(&format!("ru/{other}/")));
+            if ok {
+                return resp;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} -> {other} not forwarded in time: {resp:?}",
+                r.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Connects to `addr` and sends a websocket upgrade `GET /peer` with an optional bearer
+/// token; returns the stream and the response head (status line and headers) read up to the
+/// blank line, plus any bytes read past it.
+pub fn peer_upgrade(
+    addr: SocketAddr,
+    token: Option<&str>,
+) -> (std::net::TcpStream, u16, String, Vec<u8>) {
+    ws_upgrade(addr, "/peer", token)
+}
+
+/// Like [`peer_upgrade`], for any websocket endpoint (`/peer`, `/api/ws`).
+pub fn ws_upgrade(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> (std::net::TcpStream, u16, String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let mut req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    );
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).expect("write upgrade");
+    let mut buf = Vec::new();
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s
+            .read(&mut chunk)
+            .unwrap_or_else(|e| panic!("upgrade answer: {e}"));
+        assert!(
+            n > 0,
+            "connection closed before an answer: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+    let rest = buf[end..].to_vec();
+    (s, status, head, rest)
+}

@@ -1,5 +1,0 @@
-//! Task links on the internal listener (seed: Internal Address): the upgrade with its service
-//! token, the hello and registration, and the pending table of each link.
-
-pub use fedbus_proto::hello;
-pub mod link;

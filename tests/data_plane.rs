@@ -601,3 +601,32 @@ fn task_link_closes_when_its_service_token_expires() {
     r.request(&Req::post(&p).token(&tok).body(b"x"))
         .assert_error(503, "no_live_task");
 }
+
+/// A validly signed service token with a far-future `exp` (u64::MAX) registers and serves,
+/// and the shard keeps answering: its expiry timer once overflowed the timer's deadline and
+/// panicked the shard (the process stayed up, `/healthz` said 200, nothing was answered).
+#[test]
+fn far_future_service_token_does_not_kill_the_shard() {
+    let r = Router::new().shards(1).start();
+    let (kid, key) = Keyring::cluster_signing_key(&r.keys).expect("cluster key");
+    let token = fedbus_auth::sign_service_token(
+        &key,
+        &fedbus_auth::ServiceClaims {
+            kid,
+            sub: "forever".into(),
+            app: APP.into(),
+            cluster: "local/dev".into(),
+            iat: now(),
+            exp: u64::MAX,
+            role: None,
+        },
+    );
+    let _t = r.task().service_token(&token).start();
+    let tok = r.token(APP, "alice");
+    for wsid in 0..8 {
+        let resp = r.request(&Req::post(&r.path(APP, wsid)).token(&tok).body(b"far"));
+        assert_echo(&resp, wsid, b"far");
+    }
+    let m = r.metrics();
+    assert_eq!(m.get("fedbus_task_links"), 1.0, "the link is registered");
+}

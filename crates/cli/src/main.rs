@@ -7,6 +7,11 @@ use fedbus_auth::{self as auth, Keyring};
 use fedbus_router::config::{self, Config};
 use std::path::{Path, PathBuf};
 
+/// Start of the one machine-readable line `fedbus run` prints when it is up: this prefix, then
+/// a JSON object with `router`, `api`, `internal` (per shard), `external`, `admin`, `shards`,
+/// `shard_cores`.
+const READY_PREFIX: &str = "fedbus-ready ";
+
 mod task;
 
 #[derive(Parser)]
@@ -295,6 +300,18 @@ fn run_router(path: Option<PathBuf>) -> Result<()> {
     if cfg.dev {
         println!("  WARNING: dev mode: running on dev keys made on first run; set `dev = false` and provision the keyring for production");
     }
+    // The machine-readable twin of the lines above, printed once every shard is up (scripts
+    // and tests wait on it instead of parsing the human lines).
+    let ready = serde_json::json!({
+        "router": format!("{}/{}/{}", cfg.region, cfg.cluster, cfg.router),
+        "api": r.api.to_string(),
+        "internal": r.internal.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "external": r.external.map(|a| a.to_string()),
+        "admin": r.admin.map(|a| a.to_string()),
+        "shards": r.internal.len(),
+        "shard_cores": r.shard_cores,
+    });
+    println!("{READY_PREFIX}{ready}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let mut signals = signal_hook::iterator::Signals::new([

@@ -113,6 +113,11 @@ impl FedRouter {
         Conn::open(self.api)
     }
 
+    /// Its `/metrics`, parsed.
+    pub fn metrics(&self) -> super::Metrics {
+        super::Metrics::parse(&super::metrics_text_at(self.admin))
+    }
+
     /// True while the process runs.
     pub fn alive(&mut self) -> bool {
         self.proc.alive()
@@ -166,26 +171,24 @@ fn spawn_router(cfg: &Path, home: &Path, name: &str, run: u32, shards: usize) ->
         log,
         name: format!("router {name} (run {run})"),
     };
-    // Up when it printed its admin line (the last listener) and every internal shard.
+    // Up when it printed its ready line.
     let deadline = Instant::now() + START_TIMEOUT;
-    let (mut internal, mut admin, mut seen) = (0, false, String::new());
-    while !admin || internal < shards {
+    let mut seen = String::new();
+    loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => {
+                if let Some(r) = super::parse_ready_line(&line) {
+                    assert_eq!(r.internal.len(), shards, "{name}: shards");
+                    break;
+                }
                 seen.push_str(&line);
                 seen.push('\n');
-                let w: Vec<&str> = line.split_whitespace().collect();
-                match w.as_slice() {
-                    ["internal", ..] => internal += 1,
-                    ["admin", ..] => admin = true,
-                    _ => {}
-                }
             }
             Err(_) => {
                 let alive = proc.alive();
                 panic!(
-                    "router {name} did not start within {START_TIMEOUT:?} (alive: {alive})\nstdout:\n{seen}\nstderr:\n{}",
+                    "router {name} printed no ready line within {START_TIMEOUT:?} (alive: {alive})\nstdout:\n{seen}\nstderr:\n{}",
                     proc.log_text()
                 );
             }
@@ -454,17 +457,20 @@ impl Federation {
     /// peer link to each router of the other cluster (on every shard, by its log).
     pub fn wait_ready(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
+        // Linked: every shard has the cluster's task and a peer link to both routers of the
+        // other cluster (the routers' own gauges).
         for r in &self.routers {
-            let want = r.shards;
-            while r.log().matches("task link registered").count() < want
-                || r.log().matches("peer link up").count() < 2 * r.shards
-            {
+            let (links, peers) = (r.shards as f64, 2.0 * r.shards as f64);
+            loop {
+                let m = r.metrics();
+                let (t, p) = (m.get("fedbus_task_links"), m.get("fedbus_peer_links"));
+                if t >= links && p >= peers {
+                    break;
+                }
                 assert!(
                     Instant::now() < deadline,
-                    "{} not ready within {timeout:?}: task links {}, peer links {}",
-                    r.name,
-                    r.log().matches("task link registered").count(),
-                    r.log().matches("peer link up").count()
+                    "{} not ready within {timeout:?}: task links {t}/{links}, peer links {p}/{peers}",
+                    r.name
                 );
                 std::thread::sleep(Duration::from_millis(20));
             }

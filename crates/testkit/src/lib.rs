@@ -264,40 +264,20 @@ impl RouterBuilder {
             log: log.clone(),
             name: "router".into(),
         };
-        let (mut api, mut admin, mut internal) = (None, None, Vec::new());
-        let deadline = Instant::now() + START_TIMEOUT;
-        let mut seen = String::new();
-        while admin.is_none() || api.is_none() || internal.len() < self.shards {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = match rx.recv_timeout(left) {
-                Ok(l) => l,
-                Err(_) => {
-                    let alive = proc.alive();
-                    panic!(
-                        "router did not print its listeners within {START_TIMEOUT:?} (alive: {alive})\nstdout:\n{seen}\nstderr:\n{}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    );
-                }
-            };
-            seen.push_str(&line);
-            seen.push('\n');
-            let w: Vec<&str> = line.split_whitespace().collect();
-            match w.as_slice() {
-                ["api", url, ..] => api = Some(parse_addr(url)),
-                ["internal", addr, "shard", k, ..] => {
-                    let k: usize = k.parse().expect("shard index");
-                    assert_eq!(k, internal.len(), "internal lines in shard order: {line}");
-                    internal.push(parse_addr(addr));
-                }
-                ["admin", url] => admin = Some(parse_addr(url)),
-                _ => {}
-            }
-        }
+        let ready = wait_ready_line(&rx, &mut proc, &log, "router");
+        let api = ready.api;
+        let admin = ready.admin.expect("admin listener enabled");
+        let internal = ready.internal;
+        assert_eq!(
+            internal.len(),
+            self.shards,
+            "one internal listener per shard"
+        );
         Router {
             proc,
-            api: api.expect("api"),
+            api,
             internal,
-            admin: admin.expect("admin"),
+            admin,
             keys,
             tokens: std::cell::RefCell::new(HashMap::new()),
             tasks_started: std::cell::Cell::new(0),
@@ -306,12 +286,58 @@ impl RouterBuilder {
     }
 }
 
-/// `http://127.0.0.1:1234/metrics` or `127.0.0.1:1234` -> the socket address.
-fn parse_addr(s: &str) -> SocketAddr {
-    let s = s.strip_prefix("http://").unwrap_or(s);
-    let s = s.split('/').next().unwrap_or(s);
-    s.parse()
-        .unwrap_or_else(|e| panic!("bad address {s:?}: {e}"))
+/// `/metrics` of the admin listener at `admin`, as text.
+pub fn metrics_text_at(admin: SocketAddr) -> String {
+    let mut c = Conn::open(admin);
+    c.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let r = c.read_response().expect("metrics response");
+    assert_eq!(r.status, 200, "metrics: {r:?}");
+    String::from_utf8(r.body).expect("utf-8 metrics")
+}
+
+/// What `fedbus run` reports on its ready line (`fedbus-ready {json}`).
+#[derive(Debug, Clone)]
+pub struct Ready {
+    /// The api listener.
+    pub api: SocketAddr,
+    /// Each shard's internal listener.
+    pub internal: Vec<SocketAddr>,
+    /// The admin listener, when enabled.
+    pub admin: Option<SocketAddr>,
+}
+
+/// Parses a `fedbus-ready {json}` line; None for any other line.
+pub fn parse_ready_line(line: &str) -> Option<Ready> {
+    let j: serde_json::Value = serde_json::from_str(line.strip_prefix("fedbus-ready ")?).ok()?;
+    let addr = |v: &serde_json::Value| v.as_str().and_then(|s| s.parse().ok());
+    Some(Ready {
+        api: addr(&j["api"])?,
+        internal: j["internal"].as_array()?.iter().filter_map(addr).collect(),
+        admin: addr(&j["admin"]),
+    })
+}
+
+/// Waits (bounded by the start timeout) for the router's ready line on its stdout.
+fn wait_ready_line(rx: &mpsc::Receiver<String>, proc: &mut Proc, log: &Path, name: &str) -> Ready {
+    let deadline = Instant::now() + START_TIMEOUT;
+    let mut seen = String::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(r) = parse_ready_line(&line) {
+                    return r;
+                }
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+            Err(_) => panic!(
+                "{name} printed no ready line within {START_TIMEOUT:?} (alive: {})\nstdout:\n{seen}\nstderr:\n{}",
+                proc.alive(),
+                std::fs::read_to_string(log).unwrap_or_default()
+            ),
+        }
+    }
 }
 
 /// A running router (killed on drop).
@@ -414,11 +440,7 @@ impl Router {
 
     /// `/metrics` of the admin listener, as text.
     pub fn metrics_text(&self) -> String {
-        let mut c = Conn::open(self.admin);
-        c.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-        let r = c.read_response().expect("metrics response");
-        assert_eq!(r.status, 200, "metrics: {r:?}");
-        String::from_utf8(r.body).expect("utf-8 metrics")
+        metrics_text_at(self.admin)
     }
 
     /// `/metrics` parsed; panics on a line that is not Prometheus text.

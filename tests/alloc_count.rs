@@ -10,7 +10,7 @@
 
 use bytes::{BufMut, BytesMut};
 use fedbus_auth::{sign_client_jwt, ClientClaims, Keyring};
-use fedbus_proto::{self as proto, put_meta, put_meta_u64, tag, Frame, Header, Kind};
+use fedbus_proto::{self as proto, put_meta, put_meta_u64, tag, Frame, Kind};
 use fedbus_router::api::http::{parse_one, Parsed};
 use fedbus_router::route::{build, parse_api_path, AppSpec, Lookup, Registration};
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -177,12 +177,12 @@ fn frame_decode_and_head_encode_allocate_nothing() {
     println!("split_to + freeze + Frame::decode: {n} allocations for {N} frames");
     assert_eq!(n, 0, "frame decode allocated");
 
-    // What shard::dispatch writes for every request, into its reused scratch buffer.
+    // What routing::local::deliver writes for every request, into its reused scratch buffer,
+    // with the same proto calls.
     let mut scratch = BytesMut::with_capacity(4096);
     let (n, ()) = allocs_of(|| {
         for i in 0..N as u64 {
-            scratch.clear();
-            scratch.resize(proto::HEADER_LEN, 0);
+            proto::begin_head(&mut scratch);
             put_meta(&mut scratch, tag::APP, b"demo/echo");
             put_meta(&mut scratch, tag::ROLE, b"main");
             put_meta(&mut scratch, tag::SERVICE, b"api");
@@ -191,19 +191,12 @@ fn frame_decode_and_head_encode_allocate_nothing() {
             put_meta_u64(&mut scratch, tag::WSID, i);
             put_meta(&mut scratch, tag::METHOD, b"POST");
             put_meta(&mut scratch, tag::SUBJECT, b"fedbus-bench");
-            let h = Header {
-                kind: Kind::Request,
-                flags: 0,
-                hops: 0,
-                partition: 7,
-                request_id: i,
-                meta_len: (scratch.len() - proto::HEADER_LEN) as u32,
-                payload_len: 64,
-            };
-            scratch[..proto::HEADER_LEN].copy_from_slice(&h.encode());
+            proto::finish_head(&mut scratch, Kind::Request, 0, 0, 7, i, 64);
         }
     });
-    println!("Header::encode + put_meta into a reused BytesMut: {n} allocations for {N} heads");
+    println!(
+        "begin_head + put_meta + finish_head into a reused BytesMut: {n} allocations for {N} heads"
+    );
     assert_eq!(n, 0, "head encode allocated");
 }
 

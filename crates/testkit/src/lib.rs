@@ -637,6 +637,7 @@ impl TaskBuilder<'_> {
         if let Some(t) = &self.service_token {
             args.extend(["--token".into(), t.clone()]);
         }
+        let generation = r.metrics().get("fedbus_routing_generation");
         // 1. Every shard of the router registered a link of this task.
         let task = spawn_task(r, &args, "");
         let (n, deadline) = (&task.proc.name, Instant::now() + START_TIMEOUT);
@@ -677,7 +678,16 @@ impl TaskBuilder<'_> {
                 std::thread::sleep(Duration::from_millis(20));
             }
         } else {
-            std::thread::sleep(Duration::from_millis(200));
+            // Not reachable by a probe (only a Redirect leads there): wait for the control
+            // thread to publish a routing snapshot after the registrations (its task id is in
+            // the table; every shard already has its link).
+            while r.metrics().get("fedbus_routing_generation") <= generation {
+                assert!(
+                    Instant::now() < deadline,
+                    "{n}: no routing snapshot published within {START_TIMEOUT:?}"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
         task
     }

@@ -630,3 +630,43 @@ fn far_future_service_token_does_not_kill_the_shard() {
     let m = r.metrics();
     assert_eq!(m.get("fedbus_task_links"), 1.0, "the link is registered");
 }
+
+/// One slow client cannot block the admin listener: while a connection trickles its request
+/// head a byte at a time, scrapes are answered, and the slow one is cut at its head deadline.
+#[test]
+fn a_slow_admin_client_does_not_block_scrapes() {
+    use std::io::{Read, Write};
+    let r = Router::new().shards(1).start();
+    let mut slow = std::net::TcpStream::connect(r.admin).expect("connect admin");
+    slow.write_all(b"GET /met").expect("first bytes");
+    let started = Instant::now();
+    let trickle = std::thread::spawn(move || {
+        // One byte every 300 ms: each read of the old single-threaded server waited for it.
+        let mut sent = 0;
+        while started.elapsed() < Duration::from_secs(6) {
+            std::thread::sleep(Duration::from_millis(300));
+            if slow.write_all(b"r").is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        let mut rest = Vec::new();
+        let _ = slow.set_read_timeout(Some(Duration::from_secs(1)));
+        let _ = slow.read_to_end(&mut rest);
+        (sent, started.elapsed())
+    });
+    for _ in 0..3 {
+        let m = r.metrics();
+        assert!(m.get("fedbus_routing_generation") >= 1.0);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "three scrapes waited behind the slow client: {:?}",
+        started.elapsed()
+    );
+    let (sent, took) = trickle.join().expect("trickle thread");
+    assert!(
+        took < Duration::from_secs(6),
+        "the slow client was never cut ({sent} bytes over {took:?})"
+    );
+}

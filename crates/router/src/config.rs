@@ -87,6 +87,10 @@ pub struct Listen {
     pub admin: SocketAddr,
     /// Serve the admin listener. Default true.
     pub admin_enabled: bool,
+    /// Most admin connections served at once (a thread each); more are closed at accept. A
+    /// scrape has 2 s to send its request head and 2 s per write, so a slow client holds one
+    /// slot for at most that long and cannot block the others. Default 16.
+    pub admin_max_connections: usize,
     /// Host (name or address) that tasks should dial for the internal listeners, as told in
     /// the hello. Default: the bound address; set it when `internal` binds `0.0.0.0`.
     pub advertise_host: Option<String>,
@@ -220,6 +224,7 @@ impl Default for Listen {
             external: ([127, 0, 0, 1], 8950).into(),
             admin: ([127, 0, 0, 1], 8700).into(),
             admin_enabled: true,
+            admin_max_connections: 16,
             advertise_host: None,
         }
     }
@@ -391,6 +396,9 @@ impl Config {
             if v == 0 {
                 return Err(invalid(f, "must be > 0 ms"));
             }
+        }
+        if self.listen.admin_max_connections == 0 {
+            return Err(invalid("listen.admin_max_connections", "must be > 0"));
         }
         if self.auth.verify_cache_per_peer_link == 0 {
             return Err(invalid("auth.verify_cache_per_peer_link", "must be > 0"));

@@ -99,7 +99,7 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
     };
     let mut close = r.version == Some(0);
     let mut cl: Option<usize> = None;
-    let (mut token, mut ctype, mut expect) = (None, None, false);
+    let (mut token, mut ctype, mut expect, mut te) = (None, None, false, false);
     for h in r.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
@@ -115,11 +115,7 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
                 _ => return Parsed::Error(400, "bad_request", "bad Content-Length"),
             }
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            return Parsed::Error(
-                411,
-                "length_required",
-                "send a Content-Length; chunked bodies are not accepted",
-            );
+            te = true;
         } else if name.eq_ignore_ascii_case("authorization") {
             token = crate::ws::handshake::bearer(h.value).map(|t| range_of(buf, t.as_bytes()));
             if token.is_none() {
@@ -137,6 +133,22 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
         } else if name.eq_ignore_ascii_case("expect") {
             expect = h.value.eq_ignore_ascii_case(b"100-continue");
         }
+    }
+    if te {
+        // RFC 9112 6.3: both framings at once is how requests are smuggled past a proxy that
+        // reads the other one: refuse and close (every Parsed::Error closes the connection).
+        if cl.is_some() {
+            return Parsed::Error(
+                400,
+                "bad_request",
+                "both Content-Length and Transfer-Encoding",
+            );
+        }
+        return Parsed::Error(
+            411,
+            "length_required",
+            "send a Content-Length; chunked bodies are not accepted",
+        );
     }
     let path = range_of(buf, r.path.unwrap_or("/").as_bytes());
     let body_len = cl.unwrap_or(0);
@@ -545,6 +557,15 @@ mod tests {
             parse(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
             Parsed::Error(411, ..)
         ));
+        for both in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\nabc",
+        ] {
+            assert!(
+                matches!(parse(both), Parsed::Error(400, ..)),
+                "CL + TE is 400"
+            );
+        }
         assert!(matches!(
             parse(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n"),
             Parsed::Error(400, ..)

@@ -1,36 +1,64 @@
-//! The admin listener: `/metrics` (Prometheus text), `/healthz`, `/readyz`. A plain thread with
-//! blocking sockets: it is never on the request path and serves one scrape at a time.
+//! The admin listener: `/metrics` (Prometheus text), `/healthz`, `/readyz`. Blocking sockets,
+//! one short-lived thread per connection (at most `listen.admin_max_connections`), never on the
+//! request path. A request head must arrive within [`HEAD_DEADLINE`] of the accept, so a client
+//! that trickles bytes holds its thread only that long and never blocks other scrapes.
 
 use super::Registry;
 use crate::control::Snapshots;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Time from accept to a complete request head.
+const HEAD_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Binds and serves in a background thread; returns the bound address.
 pub(crate) fn start(
     addr: SocketAddr,
+    max_connections: usize,
     reg: Registry,
     snaps: Snapshots,
 ) -> anyhow::Result<SocketAddr> {
     let l = TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("admin listener {addr}: {e}"))?;
     let bound = l.local_addr()?;
+    let active = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("fedbus-admin".into())
         .spawn(move || {
             for s in l.incoming().flatten() {
-                let _ = serve(s, &reg, &snaps);
+                if active.load(Ordering::Relaxed) >= max_connections {
+                    tracing::warn!(max_connections, "admin connection refused: all slots busy");
+                    continue;
+                }
+                active.fetch_add(1, Ordering::Relaxed);
+                let (reg, snaps, done) = (reg.clone(), snaps.clone(), active.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("fedbus-admin-conn".into())
+                    .spawn(move || {
+                        let _ = serve(s, &reg, &snaps);
+                        done.fetch_sub(1, Ordering::Relaxed);
+                    });
+                if spawned.is_err() {
+                    active.fetch_sub(1, Ordering::Relaxed);
+                }
             }
         })?;
     Ok(bound)
 }
 
 fn serve(mut s: TcpStream, reg: &Registry, snaps: &Snapshots) -> std::io::Result<()> {
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
     s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let deadline = Instant::now() + HEAD_DEADLINE;
     let mut buf = [0u8; 4096];
     let mut n = 0;
     while n < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        s.set_read_timeout(Some(left))?;
         let r = s.read(&mut buf[n..])?;
         if r == 0 {
             break;

@@ -238,6 +238,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
     let admin = if cfg.listen.admin_enabled {
         Some(crate::metrics::admin::start(
             cfg.listen.admin,
+            cfg.listen.admin_max_connections,
             metrics.clone(),
             snapshots.clone(),
         )?)

@@ -670,3 +670,43 @@ fn a_slow_admin_client_does_not_block_scrapes() {
         "the slow client was never cut ({sent} bytes over {took:?})"
     );
 }
+
+/// A request head must be complete within `limits.handshake_timeout_ms` of its first byte: a
+/// client that trickles one byte at a time (each read resetting any idle timer) gets 408 and
+/// the connection closes, instead of holding it forever.
+#[test]
+fn a_trickled_request_head_gets_408() {
+    use std::io::{Read, Write};
+    let r = Router::new()
+        .shards(1)
+        .limit("handshake_timeout_ms", 800)
+        .start();
+    let mut s = std::net::TcpStream::connect(r.api).expect("connect");
+    s.set_read_timeout(Some(Duration::from_millis(150)))
+        .expect("timeout");
+    let head = format!("POST {} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx", r.path(APP, 1));
+    let started = Instant::now();
+    let mut got = Vec::new();
+    for b in head.bytes() {
+        if s.write_all(&[b]).is_err() {
+            break;
+        }
+        let mut chunk = [0u8; 1024];
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(_) => {}
+        }
+        if !got.is_empty() || started.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "got {text:?} after {:?}", started.elapsed());
+    assert!(text.contains("request_timeout"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "cut only after {:?}",
+        started.elapsed()
+    );
+}

@@ -348,6 +348,8 @@ async fn serve_inner(
     let mut closing = false;
     let mut continued = false;
     let idle = Duration::from_millis(limits.idle_timeout_ms);
+    let head_limit = Duration::from_millis(limits.handshake_timeout_ms);
+    let mut head_since: Option<Instant> = None;
     loop {
         // Parse and start every complete request that is buffered.
         while !closing && inflight.len() < limits.max_inflight_per_connection {
@@ -424,10 +426,43 @@ async fn serve_inner(
             if closing {
                 break;
             }
+            // A request head must be complete within `limits.handshake_timeout_ms` of its
+            // first byte: a client that trickles a head is cut, whatever its pace.
+            if buf.is_empty() || continued {
+                head_since = None;
+            }
+            let wait = match head_since {
+                Some(t) => head_limit.saturating_sub(t.elapsed()),
+                None => idle,
+            };
             let read = fill(stream, &mut buf, &mut space);
-            match glommio::timer::timeout(idle, async { Ok(read.await) }).await {
+            match glommio::timer::timeout(wait, async { Ok(read.await) }).await {
+                Err(_) if head_since.is_some() => {
+                    tracing::info!(
+                        shard = shard.index,
+                        "request head not complete in time: 408"
+                    );
+                    closing = true;
+                    let a = Answer::error(
+                        408,
+                        "request_timeout",
+                        "request head not complete within limits.handshake_timeout_ms",
+                    );
+                    inflight.push_back(answer(
+                        shard.clone(),
+                        Step::Ready(a),
+                        true,
+                        0,
+                        Instant::now(),
+                    ));
+                }
                 Ok(Ok(0)) | Err(_) => break,
-                Ok(Ok(_)) => continue,
+                Ok(Ok(_)) => {
+                    if !continued {
+                        head_since.get_or_insert_with(Instant::now);
+                    }
+                    continue;
+                }
                 Ok(Err(e)) => return Err(e),
             }
         }

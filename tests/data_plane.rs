@@ -684,7 +684,10 @@ fn a_trickled_request_head_gets_408() {
     let mut s = std::net::TcpStream::connect(r.api).expect("connect");
     s.set_read_timeout(Some(Duration::from_millis(150)))
         .expect("timeout");
-    let head = format!("POST {} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx", r.path(APP, 1));
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx",
+        r.path(APP, 1)
+    );
     let started = Instant::now();
     let mut got = Vec::new();
     for b in head.bytes() {
@@ -702,11 +705,63 @@ fn a_trickled_request_head_gets_408() {
         }
     }
     let text = String::from_utf8_lossy(&got);
-    assert!(text.starts_with("HTTP/1.1 408"), "got {text:?} after {:?}", started.elapsed());
+    assert!(
+        text.starts_with("HTTP/1.1 408"),
+        "got {text:?} after {:?}",
+        started.elapsed()
+    );
     assert!(text.contains("request_timeout"), "{text}");
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "cut only after {:?}",
         started.elapsed()
+    );
+}
+
+/// The internal listener has its own per-shard connection limit: connections that never
+/// finish a handshake cannot use up the router's descriptors. Over the limit a connection is
+/// closed at accept (counted), clients are still served, and task links come back once the
+/// idle connections are gone.
+#[test]
+fn the_internal_listener_has_a_connection_limit() {
+    use std::io::Read;
+    let r = Router::new()
+        .shards(1)
+        .limit("max_link_connections_per_shard", 2)
+        .start();
+    let _t = r.task().start();
+    // The task holds one; one more idle connection fills the listener.
+    let idle = std::net::TcpStream::connect(r.internal[0]).expect("connect internal");
+    let gauge = |r: &Router| r.metrics().get("fedbus_connections{listener=\"internal\"}");
+    assert!(
+        wait_for(Duration::from_secs(5), || (gauge(&r) >= 2.0).then_some(())).is_some(),
+        "internal connections: {}",
+        gauge(&r)
+    );
+    let refused_before = r.metrics().get("fedbus_connections_refused_total");
+    let mut over = std::net::TcpStream::connect(r.internal[0]).expect("connect internal");
+    over.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let mut b = [0u8; 16];
+    let n = over.read(&mut b);
+    assert!(
+        matches!(n, Ok(0)) || n.is_err(),
+        "the connection over the limit was not closed at accept: {n:?}"
+    );
+    assert_eq!(
+        r.metrics().get("fedbus_connections_refused_total"),
+        refused_before + 1.0
+    );
+    // Clients are still served (the api listener has its own limit).
+    let tok = r.token(APP, "alice");
+    assert_echo(
+        &r.request(&Req::post(&r.path(APP, 2)).token(&tok).body(b"ok")),
+        2,
+        b"ok",
+    );
+    drop(idle);
+    assert!(
+        wait_for(Duration::from_secs(5), || (gauge(&r) <= 1.0).then_some(())).is_some(),
+        "the idle connection was not released"
     );
 }

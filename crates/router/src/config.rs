@@ -113,6 +113,10 @@ pub struct Limits {
     pub request_timeout_ms: u64,
     /// Most client connections per shard; more are closed at accept (counted). Default 10000.
     pub max_connections_per_shard: usize,
+    /// Most connections per shard on the internal listener (task links, and connections that
+    /// have not finished their handshake) and, separately, on the external listener (peer
+    /// links); more are closed at accept (`fedbus_connections_refused_total`). Default 1024.
+    pub max_link_connections_per_shard: usize,
     /// Most requests pending on one task link; more get 503. Default 4096.
     pub max_pending_per_link: usize,
     /// Most bytes queued for writing on one link before new requests get 503. Default 64 MiB.
@@ -247,6 +251,7 @@ impl Default for Limits {
             idle_timeout_ms: 60_000,
             request_timeout_ms: 10_000,
             max_connections_per_shard: 10_000,
+            max_link_connections_per_shard: 1024,
             max_pending_per_link: 4096,
             max_link_outbox_bytes: 64 * 1024 * 1024,
             max_inflight_per_connection: 256,
@@ -368,6 +373,10 @@ impl Config {
             (
                 "limits.max_connections_per_shard",
                 l.max_connections_per_shard,
+            ),
+            (
+                "limits.max_link_connections_per_shard",
+                l.max_link_connections_per_shard,
             ),
             ("limits.max_pending_per_link", l.max_pending_per_link),
             ("limits.max_link_outbox_bytes", l.max_link_outbox_bytes),

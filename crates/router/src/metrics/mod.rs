@@ -18,7 +18,7 @@ pub(crate) const LATENCY_BUCKETS_US: [u64; 16] = [
 ];
 
 /// Listener kinds for connection gauges.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Listener {
     Api = 0,
     Internal = 1,

@@ -5,7 +5,7 @@
 use super::Shard;
 use crate::config::Config;
 use crate::control::{Control, ControlEvent};
-use crate::metrics::{Registry, ShardMetrics};
+use crate::metrics::{Listener, Registry, ShardMetrics};
 use crate::{api, task};
 use anyhow::{anyhow, bail, Context};
 use glommio::net::TcpListener;
@@ -14,6 +14,7 @@ use socket2::{Domain, Socket, Type};
 use std::net::SocketAddr;
 use std::os::unix::io::{FromRawFd, IntoRawFd, RawFd};
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,11 +91,21 @@ type ServeFn = fn(
     glommio::net::TcpStream,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 
-async fn accept_loop(shard: Rc<Shard>, l: TcpListener, serve: ServeFn, limit: bool) {
+async fn accept_loop(shard: Rc<Shard>, l: TcpListener, serve: ServeFn, kind: Listener) {
     loop {
         match l.accept().await {
             Ok(s) => {
-                if limit && shard.client_conns.get() >= shard.cfg.limits.max_connections_per_shard {
+                let limits = &shard.cfg.limits;
+                let full = match kind {
+                    Listener::Api => shard.client_conns.get() >= limits.max_connections_per_shard,
+                    // The gauge counts this shard's connections on that listener.
+                    other => {
+                        shard.metrics.connections[other as usize].load(Ordering::Relaxed) as usize
+                            >= limits.max_link_connections_per_shard
+                    }
+                };
+                if full {
+                    tracing::warn!(shard = shard.index, listener = ?kind, "connection refused: listener at its per-shard limit");
                     ShardMetrics::inc(&shard.metrics.connections_refused);
                     drop(s);
                     continue;
@@ -183,7 +194,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                         shard.clone(),
                         l,
                         |s, c| Box::pin(crate::peer::serve(s, c)),
-                        false,
+                        Listener::External,
                     ))
                 });
                 crate::peer::start_dialers(&shard);
@@ -193,13 +204,13 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                     shard.clone(),
                     api_l,
                     |s, c| Box::pin(api::http::serve(s, c)),
-                    true,
+                    Listener::Api,
                 ));
                 let t = glommio::spawn_local(accept_loop(
                     shard.clone(),
                     int_l,
                     |s, c| Box::pin(task::link::serve(s, c)),
-                    false,
+                    Listener::Internal,
                 ));
                 a.await;
                 t.await;

@@ -213,8 +213,8 @@ fn every_error_status() {
     r.request(&Req::post("/api/other/x/demo/echo/api/42/sys/echo").token(&tok))
         .assert_error(404, "unknown_cluster");
 
-    // 405: PUT.
-    r.request(&Req::new("PUT", &p).token(&tok).body(b"x"))
+    // 405: a method no task can be asked.
+    r.request(&Req::new("TRACE", &p).token(&tok).body(b"x"))
         .assert_error(405, "method_not_allowed");
 
     // 411: chunked bodies are refused.
@@ -764,4 +764,41 @@ fn the_internal_listener_has_a_connection_limit() {
         wait_for(Duration::from_secs(5), || (gauge(&r) <= 1.0).then_some(())).is_some(),
         "the idle connection was not released"
     );
+}
+
+/// Every method a REST client uses reaches the task as METHOD (the echo task names it back);
+/// the answer to HEAD carries the length of the body it does not carry; a task may answer 204
+/// or 304, which go out with no body and no length, and the connection stays usable.
+#[test]
+fn every_method_head_and_bodiless_statuses() {
+    let r = Router::new().shards(1).start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let p = r.path(APP, 6);
+    for m in ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
+        let resp = r.request(&Req::new(m, &p).token(&tok).body(b"payload"));
+        assert_eq!(resp.status, 200, "{m}: {resp:?}");
+        assert_eq!(resp.body, b"payload", "{m}");
+        let named = if m == "POST" { None } else { Some(m) };
+        assert_eq!(resp.header("echo-method"), named, "{m}: {resp:?}");
+    }
+    let mut c = r.conn();
+    c.send(&Req::new("HEAD", &p).token(&tok).body(b"12345").bytes());
+    let head = c.read_response_for("HEAD").expect("HEAD answer");
+    assert_eq!(head.status, 200, "{head:?}");
+    assert_eq!(head.header("content-length"), Some("5"), "{head:?}");
+    assert_eq!(head.header("echo-method"), Some("HEAD"));
+    assert!(head.body.is_empty());
+    // Same connection: nothing of a body was sent after the HEAD answer.
+    for status in ["204", "304"] {
+        let path = p.replace("/sys/echo", &format!("/status/{status}"));
+        c.send(&Req::post(&path).token(&tok).body(b"ignored").bytes());
+        let resp = c.read_response().expect("bodiless answer");
+        assert_eq!(resp.status.to_string(), status, "{resp:?}");
+        assert_eq!(resp.header("content-length"), None, "{resp:?}");
+        assert!(resp.body.is_empty());
+    }
+    c.send(&Req::post(&p).token(&tok).body(b"after").bytes());
+    let after = c.read_response().expect("answer after the bodiless ones");
+    assert_eq!((after.status, after.body.as_slice()), (200, &b"after"[..]));
 }

@@ -391,11 +391,29 @@ fn run_task(common: TaskCommon, redirect_to: Option<String>, delay_ms: u64) -> R
                     && req.meta(fedbus_proto::tag::ROLE) != Some("auth"))
                 .then(|| "auth".to_string())
             });
-            match redirect {
-                Some(r) => task::Outcome::redirect(&r),
-                None => task::Outcome::Response {
+            // Module `status`: answer the status named by the function, with no body
+            // (`.../<wsid>/status/204`), so clients can try bodiless answers.
+            let status = (req.meta(fedbus_proto::tag::MODULE) == Some("status"))
+                .then(|| req.meta(fedbus_proto::tag::FUNCTION)?.parse::<u16>().ok())
+                .flatten();
+            // Any method but POST is named back, so clients see what reached the task.
+            let method = req.meta(fedbus_proto::tag::METHOD).unwrap_or("POST");
+            let headers = if method == "POST" {
+                Vec::new()
+            } else {
+                vec![("echo-method".to_string(), method.to_string())]
+            };
+            match (redirect, status) {
+                (Some(r), _) => task::Outcome::redirect(&r),
+                (None, Some(status)) => task::Outcome::Response {
+                    status,
+                    headers,
+                    content_type: None,
+                    body: bytes::Bytes::new(),
+                },
+                (None, None) => task::Outcome::Response {
                     status: 200,
-                    headers: Vec::new(),
+                    headers,
                     content_type: req
                         .meta(fedbus_proto::tag::CONTENT_TYPE)
                         .map(str::to_string),

@@ -913,6 +913,12 @@ impl Conn {
 
     /// Reads one response (skipping `100 Continue`); the body by `content-length`.
     pub fn read_response(&mut self) -> std::io::Result<Response> {
+        self.read_response_for("GET")
+    }
+
+    /// Reads the answer to a `method` request: the answer to HEAD has no body whatever its
+    /// `content-length` says, and 204 and 304 have none and need no length (RFC 9110).
+    pub fn read_response_for(&mut self, method: &str) -> std::io::Result<Response> {
         loop {
             let end = loop {
                 if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -955,15 +961,20 @@ impl Conn {
             if status == 100 {
                 continue;
             }
-            let len: usize = headers
-                .get("content-length")
-                .and_then(|v: &String| v.parse().ok())
-                .ok_or_else(|| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("no content-length in {head:?}"),
-                    )
-                })?;
+            let bodiless = method == "HEAD" || status == 204 || status == 304;
+            let len: usize = if bodiless {
+                0
+            } else {
+                headers
+                    .get("content-length")
+                    .and_then(|v: &String| v.parse().ok())
+                    .ok_or_else(|| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!("no content-length in {head:?}"),
+                        )
+                    })?
+            };
             while self.buf.len() < len {
                 self.fill()?;
             }

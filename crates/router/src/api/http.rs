@@ -35,14 +35,39 @@ pub struct Req {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Method {
     Get,
+    Head,
     Post,
+    Put,
+    Patch,
+    Delete,
+    Options,
 }
 
 impl Method {
+    /// The method of a request line; None for methods a task cannot be asked (CONNECT, TRACE,
+    /// extensions).
+    fn parse(m: &str) -> Option<Method> {
+        Some(match m {
+            "GET" => Method::Get,
+            "HEAD" => Method::Head,
+            "POST" => Method::Post,
+            "PUT" => Method::Put,
+            "PATCH" => Method::Patch,
+            "DELETE" => Method::Delete,
+            "OPTIONS" => Method::Options,
+            _ => return None,
+        })
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Method::Get => "GET",
+            Method::Head => "HEAD",
             Method::Post => "POST",
+            Method::Put => "PUT",
+            Method::Patch => "PATCH",
+            Method::Delete => "DELETE",
+            Method::Options => "OPTIONS",
         }
     }
 }
@@ -92,10 +117,12 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
     if n > max_header {
         return Parsed::Error(431, "headers_too_large", "request head over the limit");
     }
-    let method = match r.method {
-        Some("GET") => Method::Get,
-        Some("POST") => Method::Post,
-        _ => return Parsed::Error(405, "method_not_allowed", "only GET and POST"),
+    let Some(method) = r.method.and_then(Method::parse) else {
+        return Parsed::Error(
+            405,
+            "method_not_allowed",
+            "GET, HEAD, POST, PUT, PATCH, DELETE or OPTIONS",
+        );
     };
     let mut close = r.version == Some(0);
     let mut cl: Option<usize> = None;
@@ -226,12 +253,12 @@ fn put_num(out: &mut BytesMut, n: u64) {
     out.put_slice(crate::proto::fmt_u64(n, &mut tmp));
 }
 
-/// Writes the response head for `a` into `out`.
+/// Writes the response head for `a` into `out`; `body_len` None: no `content-length` (204, 304).
 pub(crate) fn write_head(
     out: &mut BytesMut,
     shard: &Shard,
     a: &Answer,
-    body_len: usize,
+    body_len: Option<usize>,
     close: bool,
 ) {
     // Plain byte appends and `fmt_u64` instead of `write!`: this runs once per response, and
@@ -267,9 +294,12 @@ pub(crate) fn write_head(
     if !has_ct {
         out.put_slice(b"content-type: application/octet-stream\r\n");
     }
-    out.put_slice(b"content-length: ");
-    put_num(out, body_len as u64);
-    out.put_slice(b"\r\nfedbus-shard: ");
+    if let Some(n) = body_len {
+        out.put_slice(b"content-length: ");
+        put_num(out, n as u64);
+        out.put_slice(b"\r\n");
+    }
+    out.put_slice(b"fedbus-shard: ");
     put_num(out, shard.index as u64);
     out.put_slice(b"\r\n");
     if !served_by {
@@ -317,7 +347,8 @@ async fn answer(
     close: bool,
     n_in: usize,
     start: Instant,
-) -> (Answer, bool, usize, Instant) {
+) -> (Answer, bool, bool, usize, Instant) {
+    let head = matches!(&step, Step::Route(r, _) if r.method == Method::Head);
     let a = match step {
         Step::Ready(a) => a,
         Step::Route(req, cache) => match request(&req) {
@@ -325,7 +356,7 @@ async fn answer(
             Err(a) => a,
         },
     };
-    (a, close, n_in, start)
+    (a, close, head, n_in, start)
 }
 
 /// Bytes of a websocket upgrade request head and what followed it.
@@ -484,10 +515,15 @@ async fn serve_inner(
         };
         // Answer it and every later one that is already done, in one write.
         let mut next = first;
-        while let Some((a, close, n_in, start)) = next {
-            let body = a.body();
+        while let Some((a, close, head, n_in, start)) = next {
+            // 204 and 304 carry no body and no length (RFC 9110 6.4.1); a HEAD answer has the
+            // length of the body it does not carry.
+            let bodiless = matches!(a.status(), 204 | 304);
+            let full = a.body();
+            let length = (!bodiless).then_some(full.len());
+            let body = if bodiless || head { Bytes::new() } else { full };
             let close = close || closing && inflight.is_empty();
-            write_head(&mut out, shard, &a, body.len(), close);
+            write_head(&mut out, shard, &a, length, close);
             parts.push(out.split().freeze());
             shard.metrics.request(
                 a.status(),
@@ -585,7 +621,7 @@ mod tests {
             Parsed::Error(413, ..)
         ));
         assert!(matches!(
-            parse(b"PUT / HTTP/1.1\r\n\r\n"),
+            parse(b"TRACE / HTTP/1.1\r\n\r\n"),
             Parsed::Error(405, ..)
         ));
         assert!(matches!(

@@ -802,3 +802,49 @@ fn every_method_head_and_bodiless_statuses() {
     let after = c.read_response().expect("answer after the bodiless ones");
     assert_eq!((after.status, after.body.as_slice()), (200, &b"after"[..]));
 }
+
+/// `fedbus token client|service` refuse an app the keyring does not have (a mistyped name used
+/// to mint a new app secret and exit 0); `--create-app` creates it on purpose.
+#[test]
+fn token_commands_refuse_an_unknown_app() {
+    let r = Router::new().shards(1).start();
+    let keys = r.keys.to_str().expect("utf-8 path").to_string();
+    let run = |args: &[&str]| {
+        std::process::Command::new(bin())
+            .args(args)
+            .args(["--keyring", &keys])
+            .output()
+            .expect("run fedbus")
+    };
+    let typo = run(&["token", "client", "--app", "demo/ecoh", "--sub", "a"]);
+    assert!(!typo.status.success(), "{typo:?}");
+    assert!(
+        String::from_utf8_lossy(&typo.stderr).contains("not in the keyring"),
+        "{typo:?}"
+    );
+    let svc = run(&["token", "service", "--task-id", "t", "--app", "demo/ecoh"]);
+    assert!(!svc.status.success(), "{svc:?}");
+    assert!(
+        Keyring::load(&r.keys)
+            .expect("keyring")
+            .app_versions("demo/ecoh")
+            .is_none(),
+        "no secret was created for the mistyped app"
+    );
+    let made = run(&[
+        "token",
+        "client",
+        "--app",
+        "demo/new",
+        "--sub",
+        "a",
+        "--create-app",
+    ]);
+    assert!(made.status.success(), "{made:?}");
+    assert!(Keyring::load(&r.keys)
+        .expect("keyring")
+        .app_versions("demo/new")
+        .is_some());
+    let known = run(&["token", "client", "--app", APP, "--sub", "a"]);
+    assert!(known.status.success(), "{known:?}");
+}

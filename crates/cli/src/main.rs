@@ -119,6 +119,10 @@ enum TokenCmd {
         /// secret); absent: any other role.
         #[arg(long)]
         role: Option<String>,
+        /// Create the app's secret when the keyring does not have the app (without it, an app
+        /// the keyring does not know is refused: a mistyped name must not mint a new app).
+        #[arg(long)]
+        create_app: bool,
     },
     /// A peer token for a router (federation: `federation.peer_token_file`), signed by the
     /// cluster key: a service token with no app.
@@ -144,6 +148,9 @@ enum TokenCmd {
         ttl: String,
         #[arg(long)]
         keyring: Option<PathBuf>,
+        /// Create the app's secret when the keyring does not have the app.
+        #[arg(long)]
+        create_app: bool,
     },
 }
 
@@ -182,6 +189,26 @@ fn ensure_keyring(dir: &Path, apps: &[&str]) -> Result<()> {
     if Keyring::init(dir, apps, auth::now_unix())? {
         eprintln!(
             "fedbus: created dev keys in {} (DEV KEYS: do not use in production)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The keyring a token command signs with: made on first use (dev keys, as `fedbus run` does),
+/// but an app an existing keyring does not have is refused unless `create`: a mistyped app name
+/// must not silently mint a new app secret.
+fn keyring_with_app(dir: &Path, app: &str, create: bool) -> Result<()> {
+    if !dir.join("cluster.toml").exists() {
+        return ensure_keyring(dir, &[app]);
+    }
+    if create {
+        Keyring::ensure_apps(dir, &[app], auth::now_unix())?;
+        return Ok(());
+    }
+    if Keyring::load(dir)?.app_versions(app).is_none() {
+        bail!(
+            "app {app} is not in the keyring {}: check the name, or pass --create-app to create its secret",
             dir.display()
         );
     }
@@ -506,9 +533,10 @@ fn real_main(cli: Cli) -> Result<()> {
             ttl,
             keyring,
             role,
+            create_app,
         }) => {
             let dir = keyring_dir(&keyring);
-            ensure_keyring(&dir, &[app.as_str()])?;
+            keyring_with_app(&dir, &app, create_app)?;
             println!(
                 "{}",
                 service_token(
@@ -540,9 +568,10 @@ fn real_main(cli: Cli) -> Result<()> {
             sub,
             ttl,
             keyring,
+            create_app,
         }) => {
             let dir = keyring_dir(&keyring);
-            ensure_keyring(&dir, &[app.as_str()])?;
+            keyring_with_app(&dir, &app, create_app)?;
             let k = Keyring::load(&dir)?;
             let secret = k
                 .signing_app_secret(&app)

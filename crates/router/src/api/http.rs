@@ -221,7 +221,9 @@ fn path_error(e: PathError, path: &str) -> Answer {
 
 /// Checks a request head whose body has not arrived yet, before `100 Continue` and before
 /// buffering the body: the same admission as the whole request, so an unauthenticated client
-/// cannot make the router hold its upload.
+/// cannot make the router hold an upload for this cluster. (A request for another cluster is
+/// admitted without a token check, which is its home cluster's, so its body is buffered up to
+/// `limits.max_body_bytes` and forwarded.)
 #[allow(clippy::result_large_err)]
 fn check_head(shard: &Shard, cache: &mut VerifyCache, head: &[u8]) -> Result<(), Answer> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
@@ -439,6 +441,8 @@ async fn serve_inner(
                 }
                 Parsed::Request(req) => {
                     continued = false;
+                    // The next head's clock starts when its bytes are read.
+                    head_since = None;
                     let start = Instant::now();
                     let close = req.close;
                     closing |= close;

@@ -15,7 +15,7 @@ use std::cell::RefCell;
 pub(crate) enum Answer {
     /// A task of this cluster answered.
     Task {
-        /// From the frame's STATUS (200 when absent); never 1xx, 204 or 304.
+        /// From the frame's STATUS (200 when absent); never 1xx (204 and 304 carry no body).
         status: u16,
         /// The task's Response frame: headers in its metadata, the body as its payload.
         frame: Frame,

@@ -116,7 +116,8 @@ pub(crate) enum Admitted {
 
 /// Steps 1 and 2, synchronous: where the request goes and whether it may. The HTTP ingress
 /// also runs it on a request head before its body arrives (before `100 Continue`), so an
-/// unauthenticated client cannot make the router buffer its upload.
+/// unauthenticated client cannot make the router buffer an upload for this cluster (a request for
+/// another cluster is admitted without a token check: its home cluster makes it).
 #[allow(clippy::result_large_err)]
 pub(crate) fn admit(
     shard: &Shard,

@@ -117,17 +117,23 @@ impl ReadSpace {
                 init: 0,
             };
         }
-        for b in &mut spare[self.init..] {
-            b.write(0);
+        // At most one read chunk is zeroed and offered per read: a peer that announces a large
+        // frame or body (the caller reserves room for all of it) must not make the router
+        // touch megabytes before the bytes arrive.
+        let take = spare.len().min(READ_CHUNK);
+        if self.init < take {
+            for b in &mut spare[self.init..take] {
+                b.write(0);
+            }
+            self.init = take;
         }
-        self.init = spare.len();
-        // SAFETY: every byte of `spare` is initialized: zeroed just above, or zeroed or
-        // written earlier at the same addresses of this buffer's allocation, which has not
-        // moved since (the region's addresses are unchanged) and whose bytes nothing
-        // de-initializes.
-        let dst =
-            unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), spare.len()) };
-        let n = io.read(dst).await?.min(self.init);
+        // SAFETY: the first `take` bytes of `spare` are initialized: zeroed just above, or
+        // zeroed or written earlier at the same addresses. The region's start and end are
+        // unchanged since then, so it is the same allocation of this buffer: a `reserve` that
+        // reallocates allocates the new block while the old one is alive (another address),
+        // and one that reclaims in place moves the region's start; nothing de-initializes bytes.
+        let dst = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), take) };
+        let n = io.read(dst).await?.min(take);
         // SAFETY: the first n bytes of the spare capacity are initialized (see above).
         unsafe { buf.set_len(buf.len() + n) };
         self.start += n;

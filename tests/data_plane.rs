@@ -848,3 +848,48 @@ fn token_commands_refuse_an_unknown_app() {
     let known = run(&["token", "client", "--app", APP, "--sub", "a"]);
     assert!(known.status.success(), "{known:?}");
 }
+
+/// A client that announces a large body and sends one byte makes the router reserve room for
+/// the body, but not touch it: each read zeroes and offers at most 64 KiB. 40 such uploads to
+/// an anonymous service (no token needed) keep the router's RSS far below 40 x 8 MiB.
+#[test]
+fn announced_bodies_do_not_cost_resident_memory() {
+    use std::io::Write;
+    let r = Router::new().shards(1).start();
+    let rss_kib = || {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", fedbus_testkit::seed::pid(&r)))
+                .expect("router status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmRSS")
+    };
+    let before = rss_kib();
+    let path = r.path(APP, 1).replace("/api/1/", "/auth/1/");
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let mut s = std::net::TcpStream::connect(r.api).expect("connect");
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 8388608\r\n\r\nx"
+        )
+        .expect("head");
+        held.push(s);
+    }
+    let open = |r: &Router| r.metrics().get("fedbus_connections{listener=\"api\"}");
+    assert!(
+        wait_for(Duration::from_secs(10), || (open(&r) >= 40.0).then_some(())).is_some(),
+        "api connections: {}",
+        open(&r)
+    );
+    // Let the shard read every head and its byte.
+    std::thread::sleep(Duration::from_millis(500));
+    let grown_mib = rss_kib().saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 100,
+        "RSS grew by {grown_mib} MiB for 40 announced 8 MiB bodies"
+    );
+    drop(held);
+}

@@ -172,28 +172,9 @@ fn spawn_router(cfg: &Path, home: &Path, name: &str, run: u32, shards: usize) ->
         name: format!("router {name} (run {run})"),
     };
     // Up when it printed its ready line.
-    let deadline = Instant::now() + START_TIMEOUT;
-    let mut seen = String::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                if let Some(r) = super::parse_ready_line(&line) {
-                    assert_eq!(r.internal.len(), shards, "{name}: shards");
-                    break;
-                }
-                seen.push_str(&line);
-                seen.push('\n');
-            }
-            Err(_) => {
-                let alive = proc.alive();
-                panic!(
-                    "router {name} printed no ready line within {START_TIMEOUT:?} (alive: {alive})\nstdout:\n{seen}\nstderr:\n{}",
-                    proc.log_text()
-                );
-            }
-        }
-    }
+    let log = proc.log.clone();
+    let ready = super::wait_ready_line(&rx, || proc.alive(), &log, &format!("router {name}"));
+    assert_eq!(ready.internal.len(), shards, "{name}: shards");
     proc
 }
 

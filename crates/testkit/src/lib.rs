@@ -264,7 +264,7 @@ impl RouterBuilder {
             log: log.clone(),
             name: "router".into(),
         };
-        let ready = wait_ready_line(&rx, &mut proc, &log, "router");
+        let ready = wait_ready_line(&rx, || proc.alive(), &log, "router");
         let api = ready.api;
         let admin = ready.admin.expect("admin listener enabled");
         let internal = ready.internal;
@@ -318,7 +318,13 @@ pub fn parse_ready_line(line: &str) -> Option<Ready> {
 }
 
 /// Waits (bounded by the start timeout) for the router's ready line on its stdout.
-fn wait_ready_line(rx: &mpsc::Receiver<String>, proc: &mut Proc, log: &Path, name: &str) -> Ready {
+/// Shared by single routers and federations; `alive` says whether the process still runs.
+pub(crate) fn wait_ready_line(
+    rx: &mpsc::Receiver<String>,
+    mut alive: impl FnMut() -> bool,
+    log: &Path,
+    name: &str,
+) -> Ready {
     let deadline = Instant::now() + START_TIMEOUT;
     let mut seen = String::new();
     loop {
@@ -333,7 +339,7 @@ fn wait_ready_line(rx: &mpsc::Receiver<String>, proc: &mut Proc, log: &Path, nam
             }
             Err(_) => panic!(
                 "{name} printed no ready line within {START_TIMEOUT:?} (alive: {})\nstdout:\n{seen}\nstderr:\n{}",
-                proc.alive(),
+                alive(),
                 std::fs::read_to_string(log).unwrap_or_default()
             ),
         }

@@ -174,6 +174,8 @@ pub struct RouterBuilder {
     shards: usize,
     apps: Vec<(String, u32)>,
     limits: Vec<(String, String)>,
+    /// `(app, body of its [apps.cors] table)`.
+    cors: Vec<(String, String)>,
 }
 
 impl Default for RouterBuilder {
@@ -182,6 +184,7 @@ impl Default for RouterBuilder {
             shards: 1,
             apps: vec![("demo/echo".into(), 16), ("demo/other".into(), 4)],
             limits: Vec::new(),
+            cors: Vec::new(),
         }
     }
 }
@@ -203,6 +206,12 @@ impl RouterBuilder {
     /// A `[limits]` override, e.g. `limit("max_body_bytes", 1024)`.
     pub fn limit(mut self, key: &str, value: impl std::fmt::Display) -> Self {
         self.limits.push((key.into(), value.to_string()));
+        self
+    }
+
+    /// The `[apps.cors]` table of `app`, e.g. `allowed_origins = ["http://a.example"]`.
+    pub fn cors(mut self, app: &str, table: &str) -> Self {
+        self.cors.push((app.into(), table.into()));
         self
     }
 
@@ -236,6 +245,9 @@ impl RouterBuilder {
         }
         for (a, p) in &self.apps {
             let _ = writeln!(cfg, "[[apps]]\nname = {a:?}\npartitions = {p}");
+            for (_, table) in self.cors.iter().filter(|(app, _)| app == a) {
+                let _ = writeln!(cfg, "[apps.cors]\n{table}");
+            }
         }
         let cfg_path = home.join("router.toml");
         std::fs::write(&cfg_path, &cfg).expect("write config");

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 /// HTTP statuses counted individually; anything else lands in "other".
-pub(crate) const STATUSES: [u16; 17] = [
-    200, 400, 401, 403, 404, 405, 408, 411, 413, 431, 500, 502, 503, 504, 508, 101, 0,
+pub(crate) const STATUSES: [u16; 19] = [
+    200, 204, 304, 400, 401, 403, 404, 405, 408, 411, 413, 431, 500, 502, 503, 504, 508, 101, 0,
 ];
 /// Upper bounds of latency buckets, microseconds (Prometheus `le`).
 pub(crate) const LATENCY_BUCKETS_US: [u64; 16] = [
@@ -43,6 +43,7 @@ pub(crate) struct ShardMetrics {
     pub(crate) emergency: AtomicU64,
     pub(crate) forwarded: AtomicU64,
     pub(crate) auth_cache_hits: AtomicU64,
+    pub(crate) origin_refused: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -98,7 +99,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, Field); 10] = [
+    let simple: [(&str, &str, &str, Field); 11] = [
         (
             "fedbus_bytes_in_total",
             "counter",
@@ -155,6 +156,12 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             "counter",
             "Client tokens accepted from the per-connection verify cache.",
             |m| &m.auth_cache_hits,
+        ),
+        (
+            "fedbus_origin_refused_total",
+            "counter",
+            "Cross-origin requests and /api/ws upgrades refused by the app's CORS policy (403).",
+            |m| &m.origin_refused,
         ),
     ];
     for (name, kind, help, f) in simple {

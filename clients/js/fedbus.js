@@ -423,10 +423,7 @@ export class FedbusClient {
     this._setState("waiting", { code, reason, delay });
     this._timer = setTimeout(() => {
       this._timer = null;
-      if (this.state === "waiting") {
-        this._setState("idle");
-        this._connect();
-      }
+      if (this.state === "waiting") this._connect();
     }, delay);
   }
 

@@ -275,7 +275,7 @@ test("a drop resolves in-flight requests to `disconnected`, then reconnects with
   assert.equal(sockets[1].sent.length, 1);
   sockets[1].answer(sockets[1].sent[0].requestId, { body: "z" });
   assert.equal((await p3).text(), "z");
-  assert.deepEqual(states, ["connecting", "open", "waiting", "idle", "connecting", "open"]);
+  assert.deepEqual(states, ["connecting", "open", "waiting", "connecting", "open"]);
   c.close();
 });
 

@@ -160,17 +160,12 @@ max_age_secs = 600
 allow_credentials = false
 `;
   }
-  c += `[[apps]]
-name = "demo/other"
-partitions = 4
-[[apps]]
-name = "demo/slow"
-partitions = 4
-`;
-  if (cors) {
-    c += `[apps.cors]
-allowed_origins = [${JSON.stringify(allowed)}]
-`;
+  // Two more apps, allowing the same origin with the default headers and max age: demo/other
+  // (a token of demo/echo used for it is refused as wrong_app, not for its origin) and
+  // demo/slow (served by a task that answers late).
+  for (const name of ["demo/other", "demo/slow"]) {
+    c += `[[apps]]\nname = "${name}"\npartitions = 4\n`;
+    if (cors) c += `[apps.cors]\nallowed_origins = [${JSON.stringify(allowed)}]\n`;
   }
   return c;
 }

@@ -414,8 +414,9 @@ export class FedbusClient {
       return;
     }
     if (this.options.whileDisconnected === "fail") {
-      for (const entry of this._queue) this._finish(entry, transportError("not_connected", detail));
+      const queued = this._queue;
       this._queue = [];
+      for (const entry of queued) this._finish(entry, transportError("not_connected", detail));
     }
     // Requests that were only waiting for a free slot now wait for the reconnect, bounded.
     for (const entry of this._queue) this._armConnectTimer(entry);
@@ -438,6 +439,10 @@ export class FedbusClient {
   _finish(entry, res) {
     if (entry.done) return;
     entry.done = true;
+    if (entry.id === null) {
+      const i = this._queue.indexOf(entry); // a request that was never sent leaves the queue
+      if (i >= 0) this._queue.splice(i, 1);
+    }
     if (entry.timer) clearTimeout(entry.timer);
     if (entry.connectTimer) clearTimeout(entry.connectTimer);
     entry.resolve(res);
@@ -566,8 +571,9 @@ export class FedbusClient {
     this._ws = null;
     for (const entry of this._inflight.values()) this._finish(entry, transportError("closed", "client closed", entry.id));
     this._inflight.clear();
-    for (const entry of this._queue) this._finish(entry, transportError("closed", "client closed"));
+    const queued = this._queue;
     this._queue = [];
+    for (const entry of queued) this._finish(entry, transportError("closed", "client closed"));
   }
 }
 

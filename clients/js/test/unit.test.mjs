@@ -297,6 +297,7 @@ test("failed connects back off exponentially; waiting requests fail with not_con
   const r = await p;
   assert.equal(r.error, "not_connected");
   assert.equal(r.requestId, null);
+  assert.equal(c._queue.length, 0, "a request that gave up leaves the queue");
   assert.equal(await c.ready(10), false);
   c.close();
 });
@@ -321,9 +322,13 @@ test("close() resolves everything to `closed` and stops reconnecting", async () 
   await tick();
   sockets[0].open();
   const p = c.request("/api/a", "x");
+  sockets[0].readyState = 0; // not open: the next two wait in the queue
+  c.state = "connecting";
+  const q = [c.request("/api/b", "y"), c.request("/api/c", "z")];
   c.close();
   assert.deepEqual(sockets[0].closedWith, [1000, "client closed"]);
   assert.equal((await p).error, "closed");
+  assert.deepEqual((await Promise.all(q)).map((r) => r.error), ["closed", "closed"]);
   assert.equal((await c.request("/api/a", "x")).error, "closed");
   await sleep(20);
   assert.equal(sockets.length, 1, "no reconnect after close()");

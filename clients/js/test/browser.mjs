@@ -493,7 +493,14 @@ async function main() {
   {
     const g = "disallowed origin";
     const f = await call(B.page, "fetchEcho", api, token, 42);
-    check(g, "fetch POST with Bearer fails (TypeError), nothing readable", f.threw && f.name === "TypeError", short(f.threw ? `${f.name}: ${f.message}; cdp: ${JSON.stringify(B.net.failures.slice(-1))}` : f));
+    // DevTools says why it failed: a CORS error (not, say, a refused connection).
+    const why = await waitFor(() => B.net.failures.find((x) => x.cors), "DevTools CORS error of the fetch", 3000).catch(() => null);
+    check(
+      g,
+      "fetch POST with Bearer fails (TypeError, a CORS error), nothing readable",
+      f.threw && f.name === "TypeError" && why?.cors,
+      short(f.threw ? `${f.name}: ${f.message}; DevTools: ${JSON.stringify(why ?? B.net.failures)}` : f),
+    );
 
     // A simple request needs no preflight and reaches the router; the page cannot read the
     // answer, DevTools can: the router must refuse it (403) without serving it (no 200).

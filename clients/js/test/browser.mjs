@@ -390,6 +390,7 @@ async function main() {
     headless: true,
     args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check"],
     timeout: 15000,
+    userDataDir: path.join(home, "chromium-profile"), // removed with the temp dir, also on failure
   });
   const open = async (origin) => {
     const page = await browser.newPage();

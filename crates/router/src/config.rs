@@ -663,6 +663,41 @@ mod tests {
     }
 
     #[test]
+    fn cors_policies_are_checked() {
+        let app =
+            |cors: &str| format!("[[apps]]\nname = \"a/b\"\npartitions = 2\n[apps.cors]\n{cors}\n");
+        let c = Config::parse(&app("allowed_origins = [\"https://x.example:8443\"]"), "t")
+            .expect("valid");
+        let cors = c.apps[0].cors.as_ref().expect("cors");
+        assert_eq!(cors.allowed_headers, ["authorization", "content-type"]);
+        assert_eq!((cors.max_age_secs, cors.allow_credentials), (600, false));
+        assert!(cors.allows(b"https://X.example:8443"));
+        assert!(!cors.allows(b"https://x.example"));
+        let any = Config::parse(&app("allowed_origins = [\"*\"]"), "t").expect("valid");
+        assert!(any.apps[0].cors.as_ref().expect("cors").allows(b"null"));
+        for (bad, why) in [
+            ("allowed_origins = []", "at least one"),
+            (
+                "allowed_origins = [\"*\"]\nallow_credentials = true",
+                "allow_credentials",
+            ),
+            (
+                "allowed_origins = [\"https://x.example/\"]",
+                "not an origin",
+            ),
+            ("allowed_origins = [\"x.example\"]", "not an origin"),
+            (
+                "allowed_origins = [\"*\"]\nallowed_headers = [\"a b\"]",
+                "allowed_headers",
+            ),
+            ("allowed_origin = [\"*\"]", "allowed_origin"),
+        ] {
+            let e = Config::parse(&app(bad), "t").unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn bad_fields_are_named() {
         let e = Config::parse("[routing]\nmax_hops = 5\n", "t").unwrap_err();
         assert!(e.to_string().contains("routing.max_hops"), "{e}");

@@ -867,13 +867,15 @@ fn announced_bodies_do_not_cost_resident_memory() {
             .expect("VmRSS")
     };
     let before = rss_kib();
-    let path = r.path(APP, 1).replace("/api/1/", "/auth/1/");
+    // Authenticated: an anonymous service's bodies are bounded far below 8 MiB.
+    let path = r.path(APP, 1);
+    let tok = r.token(APP, "alice");
     let mut held = Vec::new();
     for _ in 0..40 {
         let mut s = std::net::TcpStream::connect(r.api).expect("connect");
         write!(
             s,
-            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 8388608\r\n\r\nx"
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Length: 8388608\r\n\r\nx"
         )
         .expect("head");
         held.push(s);

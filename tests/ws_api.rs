@@ -846,3 +846,45 @@ fn origin_is_checked_at_the_upgrade_and_per_request() {
     assert_eq!(status_of(&w.read_response()), 200);
     assert_eq!(r.metrics().get("fedbus_origin_refused_total"), 2.0);
 }
+
+/// A ping flood (pings never read back as pongs) closes the flooding session with 1008 after
+/// `limits.max_control_frames_per_sec`, counted; another session on the same shard is answered
+/// throughout, and the router's RSS stays flat (each pong once cost a queue slot: 1.1 GiB).
+#[test]
+fn a_ping_flood_is_closed_1008_and_others_are_served() {
+    let r = Router::new().shards(1).start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let mut normal = open(&r, &tok);
+    let mut flood = open(&r, &tok);
+    let pid = seed::pid(&r);
+    let rss = || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .expect("VmRSS")
+    };
+    let before = rss();
+    let ping = flood.frame_bytes(opcode::PING, b"", true);
+    let burst: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 20_000)
+        .collect();
+    flood.send_raw_lossy(&burst);
+    for id in 0..20u64 {
+        normal.send_request(id, Some(&r.path(APP, id)), b"during");
+        let f = normal.read_response();
+        assert_eq!((status_of(&f), &f.payload[..]), (200, &b"during"[..]));
+    }
+    flood.set_read_timeout(Duration::from_secs(10));
+    flood.expect_close(1008);
+    assert_eq!(r.metrics().get("fedbus_abusive_closed_total"), 1.0);
+    let grown_mib = rss().saturating_sub(before) / 1024;
+    assert!(grown_mib < 50, "RSS grew by {grown_mib} MiB");
+}

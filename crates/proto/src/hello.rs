@@ -20,6 +20,11 @@ pub struct Hello {
     pub internal: Vec<String>,
 }
 
+/// The largest hello a task accepts from a router: a router name, a cluster id and one
+/// `host:port` per shard fit many times over (a router of 1024 shards with 60-byte addresses
+/// sends ~64 KiB).
+pub const MAX_HELLO_BYTES: usize = 256 * 1024;
+
 /// Task -> router, answer to the hello.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Register {

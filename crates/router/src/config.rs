@@ -127,6 +127,22 @@ pub struct Limits {
     /// Interval of websocket pings on task links; a link silent for 3 intervals is dropped.
     /// Default 2000 ms.
     pub ping_interval_ms: u64,
+    /// Most bytes of a request body for an anonymous service (no token: anyone can send it);
+    /// more is 413, refused from the head before the body is read. Default 64 KiB.
+    pub max_anonymous_body_bytes: usize,
+    /// Router-wide budget for client request bodies being received or in flight (HTTP and
+    /// `/api/ws`), shared evenly by the shards. A request that would go over it gets 503 with
+    /// `Retry-After` (`fedbus_overload_refused_total`). Default 512 MiB.
+    pub body_budget_bytes: usize,
+    /// One client connection's share of that budget: its request bodies being received or in
+    /// flight. Over it, 503 with `Retry-After` as well. Default 16 MiB.
+    pub max_connection_body_bytes: usize,
+    /// Most websocket control frames (ping, pong) one connection may send per second; more
+    /// closes it with 1008 (`fedbus_abusive_closed_total`). Default 100.
+    pub max_control_frames_per_sec: u32,
+    /// Most control frames (pongs) queued on one connection's outbox; more are dropped (RFC
+    /// 6455 lets a pong answer only the latest ping). Default 16.
+    pub max_queued_control_frames: usize,
 }
 
 /// Token checks.
@@ -300,6 +316,11 @@ impl Default for Limits {
             max_link_outbox_bytes: 64 * 1024 * 1024,
             max_inflight_per_connection: 256,
             ping_interval_ms: 2000,
+            max_anonymous_body_bytes: 64 * 1024,
+            body_budget_bytes: 512 * 1024 * 1024,
+            max_connection_body_bytes: 16 * 1024 * 1024,
+            max_control_frames_per_sec: 100,
+            max_queued_control_frames: 16,
         }
     }
 }
@@ -472,6 +493,19 @@ impl Config {
             (
                 "limits.max_inflight_per_connection",
                 l.max_inflight_per_connection,
+            ),
+            ("limits.body_budget_bytes", l.body_budget_bytes),
+            (
+                "limits.max_connection_body_bytes",
+                l.max_connection_body_bytes,
+            ),
+            (
+                "limits.max_control_frames_per_sec",
+                l.max_control_frames_per_sec as usize,
+            ),
+            (
+                "limits.max_queued_control_frames",
+                l.max_queued_control_frames,
             ),
         ] {
             if v == 0 {

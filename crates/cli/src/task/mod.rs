@@ -280,8 +280,11 @@ where
         s,
         leftover,
         Side::Client,
-        ctx.opts.max_message,
-        256 * 1024 * 1024,
+        fedbus_proto::hello::MAX_HELLO_BYTES,
+        &fedbus_router::config::Limits {
+            max_link_outbox_bytes: 256 * 1024 * 1024,
+            ..Default::default()
+        },
     );
     let res = serve_link(ctx, addr, &mut reader, &out).await;
     out.borrow_mut().close(1000);
@@ -300,10 +303,12 @@ where
     F: Future<Output = Outcome> + 'static,
     R: futures_lite::AsyncRead + Unpin,
 {
+    // The hello is read under its own small bound; request frames may be larger.
     let hello: Hello = match reader.next().await? {
         Message::Text(t) => serde_json::from_slice(&t)?,
         other => anyhow::bail!("expected hello, got {other:?}"),
     };
+    reader.set_max_message(ctx.opts.max_message);
     // Open links to the router's other shards, once per (router, shard): the address we
     // dialled may be spelled differently from the hello's (a DNS name, `localhost`).
     ctx.started

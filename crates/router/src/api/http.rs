@@ -8,7 +8,7 @@ use crate::metrics::{Listener, ShardMetrics};
 use crate::proto::http::cross_origin;
 use crate::route::{parse_api_path, PathError};
 use crate::routing::{self, Answer, Field, Ingress, Request, VerifyCache};
-use crate::shard::Shard;
+use crate::shard::{BodyCharge, Shard};
 use crate::ws::conn::{ReadSpace, SocketWriter};
 use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -87,6 +87,8 @@ pub enum Parsed {
         continue_: bool,
         /// Bytes of the request head once it is complete (the body is still coming).
         head_len: Option<usize>,
+        /// The announced body length, once the head is complete.
+        body_len: usize,
     },
     /// A whole request, split off the buffer.
     Request(Req),
@@ -113,6 +115,7 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
             return Parsed::Incomplete {
                 continue_: false,
                 head_len: None,
+                body_len: 0,
             };
         }
         Err(httparse::Error::TooManyHeaders) => {
@@ -200,6 +203,7 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
         return Parsed::Incomplete {
             continue_: expect,
             head_len: Some(n),
+            body_len,
         };
     }
     let all = buf.split_to(n + body_len).freeze();
@@ -248,11 +252,17 @@ fn path_error(e: PathError, path: &str) -> Answer {
 
 /// Checks a request head whose body has not arrived yet, before `100 Continue` and before
 /// buffering the body: the same admission as the whole request, so an unauthenticated client
-/// cannot make the router hold an upload for this cluster. (A request for another cluster is
-/// admitted without a token check, which is its home cluster's, so its body is buffered up to
-/// `limits.max_body_bytes` and forwarded.)
+/// cannot make the router hold an upload for this cluster, and an anonymous service's upload
+/// is held to `limits.max_anonymous_body_bytes`. (A request for another cluster is admitted
+/// without a token check, which is its home cluster's, so its body is buffered up to
+/// `limits.max_body_bytes`, within the body budget, and forwarded.)
 #[allow(clippy::result_large_err)]
-fn check_head(shard: &Shard, cache: &mut VerifyCache, head: &[u8]) -> Result<(), Answer> {
+fn check_head(
+    shard: &Shard,
+    cache: &mut VerifyCache,
+    head: &[u8],
+    body_len: usize,
+) -> Result<(), Answer> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut r = httparse::Request::new(&mut headers);
     if r.parse(head).is_err() {
@@ -273,7 +283,12 @@ fn check_head(shard: &Shard, cache: &mut VerifyCache, head: &[u8]) -> Result<(),
         origin: cross_origin(field("origin"), field("host")),
         preflight: false,
     };
-    routing::admit(shard, cache, &req).map(|_| ())
+    match routing::admit(shard, cache, &req)? {
+        routing::Admitted::Local(routing::Principal::Anonymous) => {
+            routing::anonymous_body(shard, body_len)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Appends `n` in decimal.
@@ -385,7 +400,8 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
 /// request).
 enum Step {
     Ready(Answer),
-    Route(Req, Rc<RefCell<VerifyCache>>),
+    /// The request, the connection's verify cache, its body's charge on the memory budget.
+    Route(Req, Rc<RefCell<VerifyCache>>, BodyCharge),
 }
 
 /// One answered request, ready to be written.
@@ -404,10 +420,11 @@ struct Done {
 
 /// The answer to one request.
 async fn answer(shard: Rc<Shard>, step: Step, close: bool, n_in: usize, start: Instant) -> Done {
-    let head = matches!(&step, Step::Route(r, _) if r.method == Method::Head);
+    let head = matches!(&step, Step::Route(r, ..) if r.method == Method::Head);
     let (a, cors) = match step {
         Step::Ready(a) => (a, None),
-        Step::Route(req, cache) => match request(&req) {
+        // The charge is given back once the answer is made (the body's last use).
+        Step::Route(req, cache, _charge) => match request(&req) {
             Ok(r) => {
                 let a = routing::route(&shard, &cache, &r).await;
                 // Every answer but the refusal of the origin carries the CORS fields, so
@@ -452,6 +469,10 @@ async fn serve_inner(
     let cache = Rc::new(RefCell::new(VerifyCache::new(1)));
     let mut closing = false;
     let mut continued = false;
+    // Bytes of request bodies this connection holds (its share of the body budget), and the
+    // charge of the body being received.
+    let held = Rc::new(std::cell::Cell::new(0usize));
+    let mut receiving: Option<BodyCharge> = None;
     let idle = Duration::from_millis(limits.idle_timeout_ms);
     let head_limit = Duration::from_millis(limits.handshake_timeout_ms);
     let mut head_since: Option<Instant> = None;
@@ -462,10 +483,14 @@ async fn serve_inner(
                 Parsed::Incomplete {
                     continue_,
                     head_len,
+                    body_len,
                 } => {
                     if let (Some(n), false) = (head_len, continued) {
                         continued = true;
-                        if let Err(a) = check_head(shard, &mut cache.borrow_mut(), &buf[..n]) {
+                        let checked =
+                            check_head(shard, &mut cache.borrow_mut(), &buf[..n], body_len)
+                                .and_then(|()| shard.charge_body(&held, body_len));
+                        if let Err(a) = checked.map(|c| receiving = Some(c)) {
                             closing = true;
                             inflight.push_back(answer(
                                 shard.clone(),
@@ -519,13 +544,16 @@ async fn serve_inner(
                     let close = req.close;
                     closing |= close;
                     let n_in = req.body.len();
-                    inflight.push_back(answer(
-                        shard.clone(),
-                        Step::Route(req, cache.clone()),
-                        close,
-                        n_in,
-                        start,
-                    ));
+                    // A body that arrived with its head is charged now; one received after
+                    // its head was charged then.
+                    let step = match receiving
+                        .take()
+                        .map_or_else(|| shard.charge_body(&held, n_in), Ok)
+                    {
+                        Ok(charge) => Step::Route(req, cache.clone(), charge),
+                        Err(a) => Step::Ready(a),
+                    };
+                    inflight.push_back(answer(shard.clone(), step, close, n_in, start));
                 }
             }
         }
@@ -746,7 +774,8 @@ mod tests {
             parse(b"GET / HT"),
             Parsed::Incomplete {
                 continue_: false,
-                head_len: None
+                head_len: None,
+                body_len: 0
             }
         ));
     }

@@ -139,7 +139,7 @@ pub(crate) async fn serve(
         leftover,
         Side::Server,
         limits.max_message_bytes(),
-        limits.max_link_outbox_bytes,
+        limits,
     );
     let session = Rc::new(Session {
         token: token.into_bytes().into_boxed_slice(),
@@ -148,6 +148,8 @@ pub(crate) async fn serve(
         exp,
         inflight: Cell::new(0),
     });
+    // Bytes of request bodies in flight on this session (its share of the body budget).
+    let held = Rc::new(Cell::new(0usize));
     let end = loop {
         if out.borrow().is_closing() {
             break Some(1013);
@@ -181,9 +183,17 @@ pub(crate) async fn serve(
                     send_answer(&out, shard.index, f.header.request_id, &a, None);
                     continue;
                 }
+                let charge = match shard.charge_body(&held, f.payload.len()) {
+                    Ok(c) => c,
+                    Err(a) => {
+                        send_answer(&out, shard.index, f.header.request_id, &a, None);
+                        continue;
+                    }
+                };
                 session.inflight.set(session.inflight.get() + 1);
                 let (s, o, sess) = (shard.clone(), out.clone(), session.clone());
                 glommio::spawn_local(async move {
+                    let _charge = charge;
                     let start = Instant::now();
                     let n_in = f.payload.len();
                     let a = answer(&s, &sess, &f).await;
@@ -202,7 +212,13 @@ pub(crate) async fn serve(
             Ok(Message::Pong(_)) => {}
             Ok(Message::Text(_)) => break Some(1003),
             Ok(Message::Close(_)) => break Some(1000),
-            Err(e) => break e.close_code(),
+            Err(e) => {
+                if matches!(e, ws::WsError::Policy(_)) {
+                    crate::metrics::ShardMetrics::inc(&shard.metrics.abusive_closed);
+                    tracing::info!(shard = shard.index, "client websocket closed: {e}");
+                }
+                break e.close_code();
+            }
         }
     };
     let lingering = end.is_some();

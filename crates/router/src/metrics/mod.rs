@@ -44,6 +44,9 @@ pub(crate) struct ShardMetrics {
     pub(crate) forwarded: AtomicU64,
     pub(crate) auth_cache_hits: AtomicU64,
     pub(crate) origin_refused: AtomicU64,
+    pub(crate) overload_refused: AtomicU64,
+    pub(crate) body_held: AtomicU64,
+    pub(crate) abusive_closed: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -99,7 +102,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, Field); 11] = [
+    let simple: [(&str, &str, &str, Field); 14] = [
         (
             "fedbus_bytes_in_total",
             "counter",
@@ -126,6 +129,12 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             "gauge",
             "Peer router links open.",
             |m| &m.peer_links,
+        ),
+        (
+            "fedbus_body_bytes_held",
+            "gauge",
+            "Bytes of client request bodies being received or in flight, charged to limits.body_budget_bytes.",
+            |m| &m.body_held,
         ),
         (
             "fedbus_pending_requests",
@@ -162,6 +171,18 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             "counter",
             "Cross-origin requests and /api/ws upgrades refused by the app's CORS policy (403).",
             |m| &m.origin_refused,
+        ),
+        (
+            "fedbus_overload_refused_total",
+            "counter",
+            "Requests refused with 503 because their body would go over the router's body budget or its connection's share.",
+            |m| &m.overload_refused,
+        ),
+        (
+            "fedbus_abusive_closed_total",
+            "counter",
+            "Websocket connections closed with 1008 for sending control frames faster than limits.max_control_frames_per_sec.",
+            |m| &m.abusive_closed,
         ),
     ];
     for (name, kind, help, f) in simple {

@@ -170,7 +170,7 @@ async fn dial_once(shard: &Rc<Shard>, cluster: &str, slot: &Rc<Slot>) -> anyhow:
         leftover,
         Side::Client,
         limits.max_message_bytes(),
-        limits.max_link_outbox_bytes,
+        limits,
     );
     let link = Rc::new(TaskLink::new(
         0,
@@ -278,7 +278,7 @@ async fn serve_link(
         leftover,
         Side::Server,
         limits.max_message_bytes(),
-        limits.max_link_outbox_bytes,
+        limits,
     );
     let inflight = Rc::new(std::cell::Cell::new(0usize));
     let cache = Rc::new(RefCell::new(VerifyCache::new(

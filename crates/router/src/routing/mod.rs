@@ -142,6 +142,9 @@ pub(crate) fn admit(
             let keys = shard.snapshots.keys.load();
             let t = &req.target;
             let anonymous = app.anonymous_services.iter().any(|s| s == t.service);
+            if anonymous && req.credential.is_none() {
+                anonymous_body(shard, req.payload.len())?;
+            }
             let p = verify::authorize(
                 cache,
                 &verify::Keys {
@@ -160,6 +163,20 @@ pub(crate) fn admit(
             Ok(Admitted::Local(p))
         }
     }
+}
+
+/// Bodies for anonymous services (anyone may send them) are held to
+/// `limits.max_anonymous_body_bytes`: 413 `body_too_large` over it.
+#[allow(clippy::result_large_err)]
+pub(crate) fn anonymous_body(shard: &Shard, len: usize) -> Result<(), Answer> {
+    if len > shard.cfg.limits.max_anonymous_body_bytes {
+        return Err(Answer::error(
+            413,
+            "body_too_large",
+            "request body over limits.max_anonymous_body_bytes for an anonymous service",
+        ));
+    }
+    Ok(())
 }
 
 /// Routes one request to its answer: [`admit`], then local delivery or forwarding. The cache

@@ -41,6 +41,9 @@ pub(crate) struct Shard {
     pub(crate) federation: crate::peer::FederationRef,
     /// This shard's own peer links.
     pub(crate) peers: RefCell<crate::peer::Peers>,
+    /// Bytes of client request bodies this shard may still take in (its share of
+    /// `limits.body_budget_bytes`).
+    body_left: Cell<usize>,
 }
 
 impl Shard {
@@ -59,7 +62,6 @@ impl Shard {
         Shard {
             index,
             count,
-            cfg,
             snapshots,
             events,
             metrics,
@@ -72,9 +74,83 @@ impl Shard {
             router_name,
             federation,
             peers: RefCell::new(Default::default()),
+            body_left: Cell::new(cfg.limits.body_budget_bytes / count.max(1)),
+            cfg,
         }
     }
 
+    /// Charges a client request body of `n` bytes to this shard's share of the router-wide
+    /// body budget and to its connection's share (`conn`: bytes that connection holds). The
+    /// bytes come back when the [`BodyCharge`] drops. Over either: 503 `overloaded` (the HTTP
+    /// answer carries `Retry-After`), counted in `fedbus_overload_refused_total`.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn charge_body(
+        self: &Rc<Self>,
+        conn: &Rc<Cell<usize>>,
+        n: usize,
+    ) -> Result<BodyCharge, crate::routing::Answer> {
+        if n == 0 {
+            return Ok(BodyCharge {
+                shard: self.clone(),
+                conn: conn.clone(),
+                n: 0,
+            });
+        }
+        let over_conn = conn.get() + n > self.cfg.limits.max_connection_body_bytes;
+        if over_conn || n > self.body_left.get() {
+            ShardMetrics::inc(&self.metrics.overload_refused);
+            tracing::info!(
+                shard = self.index,
+                bytes = n,
+                connection = over_conn,
+                "request body over the memory budget: 503"
+            );
+            return Err(crate::routing::Answer::error(
+                503,
+                "overloaded",
+                if over_conn {
+                    "this connection holds its share of the router's body budget; retry later"
+                } else {
+                    "the router's body budget is spent; retry later"
+                },
+            ));
+        }
+        self.body_left.set(self.body_left.get() - n);
+        conn.set(conn.get() + n);
+        self.metrics
+            .body_held
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(BodyCharge {
+            shard: self.clone(),
+            conn: conn.clone(),
+            n,
+        })
+    }
+}
+
+/// Bytes of one request body charged by [`Shard::charge_body`]; given back on drop.
+pub(crate) struct BodyCharge {
+    shard: Rc<Shard>,
+    conn: Rc<Cell<usize>>,
+    n: usize,
+}
+
+impl Drop for BodyCharge {
+    fn drop(&mut self) {
+        if self.n > 0 {
+            self.shard
+                .body_left
+                .set(self.shard.body_left.get() + self.n);
+            self.conn.set(self.conn.get() - self.n);
+            self.shard
+                .metrics
+                .body_held
+                .fetch_sub(self.n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+impl Shard {
     /// A fresh request id.
     pub(crate) fn request_id(&self) -> u64 {
         let id = self.next_request.get();

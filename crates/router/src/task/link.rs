@@ -298,8 +298,8 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
         stream,
         leftover,
         Side::Server,
-        max_msg,
-        limits.max_link_outbox_bytes,
+        register_bound(&shard.cfg),
+        limits,
     );
 
     let hello = Hello {
@@ -323,6 +323,12 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
 
     let reg = match glommio::timer::timeout(hs_timeout, async { Ok(reader.next().await) }).await {
         Ok(Ok(Message::Text(t))) => serde_json::from_slice::<Register>(&t).ok(),
+        // Over the register bound: 1009 before the rest of it is read.
+        Ok(Err(e @ ws::WsError::TooBig(_))) => {
+            out.borrow_mut().close(1009);
+            let _ = writer.await;
+            return Err(format!("registration refused: {e}"));
+        }
         _ => None,
     };
     let reg = match reg {
@@ -333,6 +339,7 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
             return Err("no registration".into());
         }
     };
+    reader.set_max_message(max_msg);
     let app_partitions = shard
         .cfg
         .apps
@@ -439,6 +446,14 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
         });
     }
     ShardMetrics::dec(&shard.metrics.task_links);
+    if let Err(e @ ws::WsError::Policy(_)) = &end {
+        ShardMetrics::inc(&shard.metrics.abusive_closed);
+        tracing::warn!(
+            shard = shard.index,
+            task = reg.task,
+            "task link closed: {e}"
+        );
+    }
     match &end {
         Err(e) => match e.close_code() {
             Some(code) => out.borrow_mut().close(code),
@@ -492,6 +507,9 @@ pub(crate) fn registration_refusal(
         Some("bad role")
     } else if reg.partitions.iter().any(|p| Some(*p) >= app_partitions) {
         Some("partition out of range")
+    } else if app_partitions.is_some_and(|n| reg.partitions.len() > n as usize) {
+        // Each partition once at most: a longer list only costs the router memory.
+        Some("more partitions than the app has")
     } else if holder.is_some_and(|(app, role)| app != reg.app || role != reg.role) {
         // A task id names one task of one app and role; another may not take it over.
         Some("task id in use by another app or role")
@@ -503,6 +521,19 @@ pub(crate) fn registration_refusal(
     } else {
         None
     }
+}
+
+/// The largest `register` message a task can legitimately send to this router: its fields and
+/// every partition of the largest app once (at most 7 digits and a comma each). Bigger ones
+/// close the link with 1009 before they are buffered (a task once sent 7 MiB lists).
+pub(crate) fn register_bound(cfg: &crate::config::Config) -> usize {
+    let most = cfg
+        .apps
+        .iter()
+        .map(|a| a.partitions as usize)
+        .max()
+        .unwrap_or(0);
+    4096 + 8 * most
 }
 
 /// Role of the app's Auth Service: it receives the app secret over its links.

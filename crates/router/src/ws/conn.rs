@@ -59,6 +59,9 @@ pub enum WsError {
     /// A text message that is not UTF-8.
     #[error("text message is not UTF-8")]
     BadUtf8,
+    /// The other side broke a policy limit (control frames over their rate).
+    #[error("policy violation: {0}")]
+    Policy(&'static str),
 }
 
 impl WsError {
@@ -68,6 +71,7 @@ impl WsError {
             WsError::Protocol(_) => Some(1002),
             WsError::TooBig(_) => Some(1009),
             WsError::BadUtf8 => Some(1007),
+            WsError::Policy(_) => Some(1008),
             // The read timeout of a link (3 ping intervals without a frame): going away.
             WsError::Io(e) if e.kind() == io::ErrorKind::TimedOut => Some(1001),
             _ => None,
@@ -156,7 +160,17 @@ pub struct WsReader<R> {
     /// A fragmented message being assembled: (opcode, bytes so far).
     frag: Option<(u8, BytesMut)>,
     space: ReadSpace,
+    /// Most pings and pongs per second (`u32::MAX`: no limit), and the current window.
+    max_control_per_sec: u32,
+    control_window: Option<(std::time::Instant, u32)>,
+    /// Messages returned since the reader last waited for the socket.
+    turn: u32,
 }
+
+/// Messages one connection's reader hands out from its buffer before it yields to the other
+/// tasks of the shard: a connection whose buffer holds thousands of small frames cannot keep
+/// the shard to itself.
+const MESSAGES_PER_TURN: u32 = 64;
 
 impl<R: AsyncRead + Unpin> WsReader<R> {
     /// `leftover`: bytes already read after the handshake head.
@@ -168,17 +182,62 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             max_message,
             frag: None,
             space: ReadSpace::default(),
+            max_control_per_sec: u32::MAX,
+            control_window: None,
+            turn: 0,
         }
+    }
+
+    /// Changes the largest message accepted from now on (a link's handshake messages are held
+    /// to a smaller bound than its frames).
+    pub fn set_max_message(&mut self, n: usize) {
+        self.max_message = n;
+    }
+
+    /// Refuses (with [`WsError::Policy`], close 1008) more than `per_sec` pings and pongs per
+    /// second from the other side: each ping costs a pong, and a flood of them would take the
+    /// shard's time and the outbox's slots.
+    pub fn limit_control_rate(&mut self, per_sec: u32) {
+        self.max_control_per_sec = per_sec;
     }
 
     /// Next message, reading as needed.
     pub async fn next(&mut self) -> Result<Message, WsError> {
         loop {
             if let Some(m) = self.try_buffered()? {
+                if matches!(m, Message::Ping(_) | Message::Pong(_)) {
+                    self.count_control()?;
+                }
+                self.turn += 1;
+                if self.turn >= MESSAGES_PER_TURN {
+                    self.turn = 0;
+                    futures_lite::future::yield_now().await;
+                }
                 return Ok(m);
             }
+            self.turn = 0;
             self.fill().await?;
         }
+    }
+
+    fn count_control(&mut self) -> Result<(), WsError> {
+        if self.max_control_per_sec == u32::MAX {
+            return Ok(());
+        }
+        let now = std::time::Instant::now();
+        let (start, n) = match self.control_window {
+            Some((start, n)) if now.duration_since(start) < std::time::Duration::from_secs(1) => {
+                (start, n + 1)
+            }
+            _ => (now, 1),
+        };
+        self.control_window = Some((start, n));
+        if n > self.max_control_per_sec {
+            return Err(WsError::Policy(
+                "control frames over limits.max_control_frames_per_sec",
+            ));
+        }
+        Ok(())
     }
 
     /// Reads and discards until the peer closes or `limit` passes. Closing a socket that still
@@ -302,6 +361,9 @@ pub struct WsOut {
     arena: BytesMut,
     queued: usize,
     limit: usize,
+    /// Control frames queued since the writer last emptied the queue, and their bound.
+    controls: usize,
+    max_controls: usize,
     closing: bool,
     waker: Option<Waker>,
 }
@@ -319,9 +381,16 @@ impl WsOut {
             arena: BytesMut::with_capacity(16 * 1024),
             queued: 0,
             limit,
+            controls: 0,
+            max_controls: 16,
             closing: false,
             waker: None,
         }))
+    }
+
+    /// Most control frames (pongs, pings) queued at once (default 16); more are dropped.
+    pub fn limit_controls(&mut self, n: usize) {
+        self.max_controls = n;
     }
 
     /// Bytes waiting.
@@ -377,10 +446,12 @@ impl WsOut {
         Ok(())
     }
 
-    /// Queues a ping or pong. Dropped while the outbox is over its limit: a peer that floods
-    /// pings and never reads must not grow it (RFC 6455 lets a pong answer only the latest ping).
+    /// Queues a ping or pong. Dropped while the outbox is over its byte limit or holds its
+    /// count of control frames: a peer that floods pings and never reads must not grow it
+    /// (RFC 6455 lets a pong answer only the latest ping).
     pub fn send_control(&mut self, op: u8, data: &[u8]) {
-        if !self.closing && self.queued <= self.limit {
+        if !self.closing && self.queued <= self.limit && self.controls < self.max_controls {
+            self.controls += 1;
             self.push_frame(op, &data[..data.len().min(125)], Bytes::new());
         }
     }
@@ -421,13 +492,17 @@ pub fn start(
     leftover: BytesMut,
     side: Side,
     max_message: usize,
-    outbox_limit: usize,
+    limits: &crate::config::Limits,
 ) -> WsConn {
     let (rd, wr) = split(stream);
-    let out = WsOut::new(side, outbox_limit);
+    let out = WsOut::new(side, limits.max_link_outbox_bytes);
+    out.borrow_mut()
+        .limit_controls(limits.max_queued_control_frames);
     let writer = glommio::spawn_local(write_loop(out.clone(), wr));
+    let mut reader = WsReader::new(rd, leftover, side, max_message);
+    reader.limit_control_rate(limits.max_control_frames_per_sec);
     WsConn {
-        reader: WsReader::new(rd, leftover, side, max_message),
+        reader,
         out,
         writer,
     }
@@ -551,6 +626,9 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
                     Some(p) => batch.push(p),
                     None => break,
                 }
+            }
+            if o.parts.is_empty() {
+                o.controls = 0;
             }
         }
         let n: usize = batch.iter().map(Bytes::len).sum();
@@ -783,6 +861,21 @@ mod tests {
             o.queued(),
             before,
             "a ping flood must not grow a full outbox"
+        );
+    }
+
+    #[test]
+    fn queued_control_frames_are_bounded_by_count() {
+        let out = WsOut::new(Side::Server, 1 << 20);
+        let mut o = out.borrow_mut();
+        o.limit_controls(4);
+        for _ in 0..1000 {
+            o.send_control(opcode::PONG, b"");
+        }
+        assert_eq!(
+            o.parts.len(),
+            4,
+            "empty pongs cost a slot each: bounded by count"
         );
     }
 }

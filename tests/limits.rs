@@ -1,0 +1,117 @@
+//! Memory bounds against hostile clients (docs/TUNING.md, limits): the router-wide body budget
+//! and each connection's share of it (503 with `Retry-After`, counted), and the small bound on
+//! bodies for anonymous services (413 from the head). Each attack runs beside a well-behaved
+//! client on the same shard, whose requests are answered throughout.
+
+use fedbus_testkit::*;
+use std::io::Write;
+use std::time::Duration;
+
+const APP: &str = "demo/echo";
+
+fn rss_kib(r: &Router) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", seed::pid(r))).expect("router status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+}
+
+/// Opens a connection and sends a request head announcing `len` body bytes, plus `first`.
+fn announce(r: &Router, path: &str, tok: Option<&str>, len: usize, first: &[u8]) -> Conn {
+    let mut c = r.conn();
+    let auth = tok
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {len}\r\n\r\n");
+    c.send(head.as_bytes());
+    c.send(first);
+    c
+}
+
+#[test]
+fn bodies_over_the_budget_get_503_and_the_budget_comes_back() {
+    let r = Router::new()
+        .shards(1)
+        .limit("body_budget_bytes", 1024 * 1024)
+        .limit("max_connection_body_bytes", 600 * 1024)
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let p = r.path(APP, 2);
+    // Two uploads in progress hold 1000 KiB of the 1024 KiB budget.
+    let mut a = announce(&r, &p, Some(&tok), 500 * 1024, b"a");
+    let _b = announce(&r, &p, Some(&tok), 500 * 1024, b"b");
+    let held = || r.metrics().get("fedbus_body_bytes_held");
+    wait_for(Duration::from_secs(5), || {
+        (held() >= 1000.0 * 1024.0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("two uploads charged: {} bytes held", held()));
+    let mut c = announce(&r, &p, Some(&tok), 100 * 1024, b"c");
+    let refused = c.read_response().expect("refusal of a third upload");
+    refused.assert_error(503, "overloaded");
+    assert_eq!(refused.header("retry-after"), Some("1"), "{refused:?}");
+    // A small request still fits and is answered meanwhile.
+    let small = r.request(&Req::post(&p).token(&tok).body(b"small"));
+    assert_eq!((small.status, small.body.as_slice()), (200, &b"small"[..]));
+    // One connection cannot take more than its share, even with budget left.
+    let mut one = r.conn();
+    let big = String::from_utf8(Req::post(&p).token(&tok).body(b"").bytes())
+        .expect("ascii")
+        .replace(
+            "Content-Length: 0",
+            &format!("Content-Length: {}", 700 * 1024),
+        );
+    one.send(big.as_bytes());
+    one.read_response()
+        .expect("refusal of a body over the share")
+        .assert_error(503, "overloaded");
+    // The first upload completes: its answer, then its bytes are back in the budget.
+    a.send(&vec![b'a'; 500 * 1024 - 1]);
+    let done = a.read_response().expect("answer to the completed upload");
+    assert_eq!((done.status, done.body.len()), (200, 500 * 1024));
+    let c = wait_for(Duration::from_secs(5), || {
+        let mut c = announce(&r, &p, Some(&tok), 100 * 1024, &vec![b'c'; 100 * 1024]);
+        let resp = c.read_response().expect("an answer");
+        (resp.status == 200).then_some(resp)
+    })
+    .expect("the budget comes back when a request is answered");
+    assert_eq!(c.body.len(), 100 * 1024);
+    assert!(r.metrics().get("fedbus_overload_refused_total") >= 2.0);
+    assert!(r.log().contains("over the memory budget"));
+}
+
+/// Anyone may call an anonymous service: its bodies are bounded by
+/// `limits.max_anonymous_body_bytes` (64 KiB), refused from the head. 200 slow 8 MiB uploads
+/// once took the router's RSS from 8 to 1,611 MiB.
+#[test]
+fn anonymous_uploads_are_small_and_refused_from_the_head() {
+    let r = Router::new().shards(1).start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let auth = r.path(APP, 1).replace("/api/1/", "/auth/1/");
+    let before = rss_kib(&r);
+    for _ in 0..200 {
+        let mut c = announce(&r, &auth, None, 8 << 20, b"x");
+        c.read_response()
+            .expect("refusal from the head")
+            .assert_error(413, "body_too_large");
+    }
+    let grown_mib = rss_kib(&r).saturating_sub(before) / 1024;
+    assert!(grown_mib < 50, "RSS grew by {grown_mib} MiB");
+    // A whole small body passes; a whole one over the bound is 413 too.
+    let ok = r.request(&Req::post(&auth).body(&[b'k'; 1024]));
+    assert_ne!(ok.status, 413, "{ok:?}");
+    r.request(&Req::post(&auth).body(&vec![b'k'; 64 * 1024 + 1]))
+        .assert_error(413, "body_too_large");
+    // Authenticated requests keep limits.max_body_bytes.
+    let big = r.request(
+        &Req::post(&r.path(APP, 1))
+            .token(&tok)
+            .body(&vec![b'b'; 1 << 20]),
+    );
+    assert_eq!((big.status, big.body.len()), (200, 1 << 20));
+    let _ = std::io::stdout().flush();
+}

@@ -29,5 +29,11 @@ fuzz_target!(|data: &[u8]| {
     // What the task side reads of a request.
     let r = Request::new(f, "r", 0);
     let _ = (r.app(), r.role(), r.service(), r.module(), r.function());
-    let _ = (r.wsid(), r.method(), r.subject(), r.content_type(), r.head());
+    let _ = (
+        r.wsid(),
+        r.method(),
+        r.subject(),
+        r.content_type(),
+        r.head(),
+    );
 });

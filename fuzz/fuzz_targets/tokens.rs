@@ -42,15 +42,30 @@ fn fixture() -> &'static Fixture {
         apps.insert(
             APP.to_string(),
             vec![
-                AppSecretVersion { version: 1, secret: vec![1; 32], created: 0 },
-                AppSecretVersion { version: 2, secret: SECRET.to_vec(), created: 1_000_000 },
+                AppSecretVersion {
+                    version: 1,
+                    secret: vec![1; 32],
+                    created: 0,
+                },
+                AppSecretVersion {
+                    version: 2,
+                    secret: SECRET.to_vec(),
+                    created: 1_000_000,
+                },
             ],
         );
         let keyring = Keyring {
-            cluster: vec![ClusterKeyVersion { version: 1, public, created: 0 }],
+            cluster: vec![ClusterKeyVersion {
+                version: 1,
+                public,
+                created: 0,
+            }],
             apps,
         };
-        Fixture { keyring, cluster_key }
+        Fixture {
+            keyring,
+            cluster_key,
+        }
     })
 }
 

@@ -17,7 +17,10 @@ fuzz_target!(|data: &[u8]| {
             let mut out = [0u8; MAX_HEADER];
             let n = encode_head(h.opcode, h.payload_len as usize, h.mask, &mut out);
             let p = parse_head(&out[..n]).unwrap().unwrap();
-            assert_eq!((p.fin, p.opcode, p.mask, p.payload_len), (h.fin, h.opcode, h.mask, h.payload_len));
+            assert_eq!(
+                (p.fin, p.opcode, p.mask, p.payload_len),
+                (h.fin, h.opcode, h.mask, h.payload_len)
+            );
             assert!(n <= h.header_len, "encoding is not minimal");
             // Any shorter prefix is "need more", never an error or a different header.
             for k in 0..n {

@@ -38,7 +38,11 @@ fuzz_target!(|data: &[u8]| {
     let Some((&first, rest)) = data.split_first() else {
         return;
     };
-    let side = if first & 1 == 0 { Side::Server } else { Side::Client };
+    let side = if first & 1 == 0 {
+        Side::Server
+    } else {
+        Side::Client
+    };
     let step = usize::from(first >> 1) + 1;
     let mut r = WsReader::new(
         Pieces { data: rest, step },

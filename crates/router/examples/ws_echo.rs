@@ -26,7 +26,9 @@ fn main() {
             println!("ws_echo listening on {}", l.local_addr().expect("addr"));
             loop {
                 match l.accept().await {
-                    Ok(s) => glommio::spawn_local(serve(s)).detach(),
+                    Ok(s) => {
+                        glommio::spawn_local(serve(s)).detach();
+                    }
                     Err(e) => eprintln!("accept: {e}"),
                 }
             }

@@ -41,6 +41,8 @@ pub(crate) struct Shard {
     pub(crate) federation: crate::peer::FederationRef,
     /// This shard's own peer links.
     pub(crate) peers: RefCell<crate::peer::Peers>,
+    /// Handshakes of the TLS api listener (`listen.api_tls`), when configured.
+    pub(crate) tls: Option<futures_rustls::TlsAcceptor>,
 }
 
 impl Shard {
@@ -54,6 +56,7 @@ impl Shard {
         metrics: Arc<ShardMetrics>,
         internal_addrs: Arc<Vec<SocketAddr>>,
         federation: crate::peer::FederationRef,
+        tls: Option<futures_rustls::TlsAcceptor>,
     ) -> Shard {
         let router_name = format!("{}/{}/{}", cfg.region, cfg.cluster, cfg.router);
         Shard {
@@ -72,6 +75,7 @@ impl Shard {
             router_name,
             federation,
             peers: RefCell::new(Default::default()),
+            tls,
         }
     }
 

@@ -174,6 +174,7 @@ pub struct RouterBuilder {
     shards: usize,
     apps: Vec<(String, u32)>,
     limits: Vec<(String, String)>,
+    tls: Vec<(PathBuf, PathBuf)>,
 }
 
 impl Default for RouterBuilder {
@@ -182,6 +183,7 @@ impl Default for RouterBuilder {
             shards: 1,
             apps: vec![("demo/echo".into(), 16), ("demo/other".into(), 4)],
             limits: Vec::new(),
+            tls: Vec::new(),
         }
     }
 }
@@ -206,6 +208,13 @@ impl RouterBuilder {
         self
     }
 
+    /// A TLS api listener (`listen.api_tls` on a free port) with these `(cert, key)` PEM files
+    /// as `[[tls.certs]]`, the first the default.
+    pub fn tls(mut self, certs: &[(PathBuf, PathBuf)]) -> Self {
+        self.tls = certs.to_vec();
+        self
+    }
+
     /// `limits.request_timeout_ms` (default 10000).
     pub fn request_timeout_ms(self, ms: u64) -> Self {
         self.limit("request_timeout_ms", ms)
@@ -227,7 +236,13 @@ impl RouterBuilder {
             cfg,
             "[listen]\napi = \"127.0.0.1:0\"\ninternal = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\""
         );
+        if !self.tls.is_empty() {
+            let _ = writeln!(cfg, "api_tls = \"127.0.0.1:0\"");
+        }
         let _ = writeln!(cfg, "[tuning]\nshard_cores = {cores}\npin = false");
+        for (cert, key) in &self.tls {
+            let _ = writeln!(cfg, "[[tls.certs]]\ncert = {cert:?}\nkey = {key:?}");
+        }
         if !self.limits.is_empty() {
             let _ = writeln!(cfg, "[limits]");
             for (k, v) in &self.limits {
@@ -266,6 +281,12 @@ impl RouterBuilder {
         };
         let ready = wait_ready_line(&rx, || proc.alive(), &log, "router");
         let api = ready.api;
+        let api_tls = ready.api_tls;
+        assert_eq!(
+            api_tls.is_some(),
+            !self.tls.is_empty(),
+            "a TLS api listener exactly when certificates are configured"
+        );
         let admin = ready.admin.expect("admin listener enabled");
         let internal = ready.internal;
         assert_eq!(
@@ -276,6 +297,7 @@ impl RouterBuilder {
         Router {
             proc,
             api,
+            api_tls,
             internal,
             admin,
             keys,
@@ -300,6 +322,8 @@ pub fn metrics_text_at(admin: SocketAddr) -> String {
 pub struct Ready {
     /// The api listener.
     pub api: SocketAddr,
+    /// The TLS api listener, when configured.
+    pub api_tls: Option<SocketAddr>,
     /// Each shard's internal listener.
     pub internal: Vec<SocketAddr>,
     /// The admin listener, when enabled.
@@ -312,6 +336,7 @@ pub fn parse_ready_line(line: &str) -> Option<Ready> {
     let addr = |v: &serde_json::Value| v.as_str().and_then(|s| s.parse().ok());
     Some(Ready {
         api: addr(&j["api"])?,
+        api_tls: addr(&j["api_tls"]),
         internal: j["internal"].as_array()?.iter().filter_map(addr).collect(),
         admin: addr(&j["admin"]),
     })
@@ -351,6 +376,8 @@ pub struct Router {
     proc: Proc,
     /// Api listener (clients).
     pub api: SocketAddr,
+    /// TLS api listener (HTTPS, `wss://`), when the builder configured certificates.
+    pub api_tls: Option<SocketAddr>,
     /// Internal (task link) address of each shard.
     pub internal: Vec<SocketAddr>,
     /// Admin listener (`/metrics`).

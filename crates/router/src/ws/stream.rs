@@ -47,16 +47,14 @@ impl Stream for TcpStream {
         self
     }
 
-    fn write_parts(&mut self, parts: &[Bytes]) -> impl Future<Output = io::Result<()>> {
-        async move { SocketWriter::new(self).write_all_vectored(parts).await }
+    async fn write_parts(&mut self, parts: &[Bytes]) -> io::Result<()> {
+        SocketWriter::new(self).write_all_vectored(parts).await
     }
 
-    fn shutdown_write(&mut self) -> impl Future<Output = io::Result<()>> {
-        async move {
-            TcpStream::shutdown(self, std::net::Shutdown::Write)
-                .await
-                .map_err(io::Error::from)
-        }
+    async fn shutdown_write(&mut self) -> io::Result<()> {
+        TcpStream::shutdown(self, std::net::Shutdown::Write)
+            .await
+            .map_err(io::Error::from)
     }
 
     fn into_split(self) -> (Self::Reader, Self::Writer) {
@@ -144,11 +142,9 @@ impl PartsWriter for TlsWriter {
         tls_write_parts(&mut self.0, parts)
     }
 
-    fn close(&mut self) -> impl Future<Output = ()> {
-        async move {
-            let _ = self.0.flush().await;
-            let _ = self.0.close().await;
-        }
+    async fn close(&mut self) {
+        let _ = self.0.flush().await;
+        let _ = self.0.close().await;
     }
 }
 

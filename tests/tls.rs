@@ -245,6 +245,48 @@ impl ServerCertVerifier for AnyCert {
     }
 }
 
+/// A client config that reads the served certificate whatever it is, with no session to
+/// resume (every handshake is a full one and shows the certificate).
+fn probe_config() -> Arc<ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut probe = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    probe.resumption = rustls::client::Resumption::disabled();
+    Arc::new(probe)
+}
+
+#[test]
+fn sighup_reloads_the_certificates() {
+    let certs = Certs::new();
+    // No mtime poll within the test: only the signal can reload.
+    let r = seed::start_with(
+        Router::new().tls(std::slice::from_ref(&certs.a)),
+        "[auth]\nreload_poll_ms = 3600000",
+    );
+    let addr = r.api_tls.expect("TLS listener");
+    let probe = probe_config();
+    let first = der(&certs.a.0);
+    issue(certs.dir.path(), "a", &["a.test", "127.0.0.1"]);
+    let second = der(&certs.a.0);
+    let s = connect(addr, &probe, "a.test").expect("handshake");
+    assert!(peer_cert(&s) == first, "no reload before the signal");
+    seed::sighup(&r);
+    let served = wait_for(Duration::from_secs(5), || {
+        let s = connect(addr, &probe, "a.test").ok()?;
+        (peer_cert(&s) == second).then_some(())
+    });
+    assert!(served.is_some(), "SIGHUP did not reload:\n{}", r.log());
+    let log = r.log();
+    assert!(
+        log.contains("TLS certificates reloaded") && !log.contains("certificate files changed"),
+        "the reload came from the signal, not the file poll:\n{log}"
+    );
+}
+
 #[test]
 fn a_replaced_certificate_serves_new_connections_while_old_ones_keep_working() {
     let certs = Certs::new();
@@ -260,16 +302,7 @@ fn a_replaced_certificate_serves_new_connections_while_old_ones_keep_working() {
     issue(certs.dir.path(), "a", &["a.test", "127.0.0.1"]);
     let second = der(&certs.a.0);
     assert_ne!(first, second);
-    // Full handshakes with no session to resume, so every probe reads the served certificate.
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut probe = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
-        .with_no_client_auth();
-    probe.resumption = rustls::client::Resumption::disabled();
-    let probe = Arc::new(probe);
+    let probe = probe_config();
     let served = wait_for(Duration::from_secs(10), || {
         let s = connect(addr, &probe, "a.test").ok()?;
         (peer_cert(&s) == second).then_some(())

@@ -690,6 +690,70 @@ fn retired_key_is_refused_across_clusters_on_every_ingress() {
     assert_eq!(a.get_str(tag::ERROR), Some("retired_key"), "{a:?}");
 }
 
+/// CORS across clusters (PROTOCOL.md 8.1, 10): the app's home cluster applies its own policy
+/// to a request that entered another cluster (ORIGIN and PREFLIGHT cross the peer link); the
+/// entry router writes the Access-Control-* fields of the answer.
+#[test]
+fn the_home_clusters_cors_policy_applies_across_clusters() {
+    const PAGE: &str = "https://shop.example";
+    let f = Federation::builder()
+        .cors(
+            "spb2",
+            &format!("allowed_origins = [{PAGE:?}]\nmax_age_secs = 77"),
+        )
+        .start();
+    let entry = f.router("spb1", 0);
+    let mut c = entry.conn();
+    let pre = c.request(
+        &Req::new("OPTIONS", &f.path("spb2", 5))
+            .header("Origin", PAGE)
+            .header("Access-Control-Request-Method", "POST"),
+    );
+    assert_eq!(pre.status, 204, "{pre:?}");
+    assert_eq!(
+        pre.header("access-control-allow-origin"),
+        Some(PAGE),
+        "{pre:?}"
+    );
+    assert_eq!(pre.header("access-control-max-age"), Some("77"), "{pre:?}");
+    assert!(
+        pre.header("access-control-allow-methods")
+            .is_some_and(|m| m.contains("DELETE")),
+        "{pre:?}"
+    );
+    assert!(
+        pre.header("fedbus-served-by")
+            .is_some_and(|s| s.starts_with("ru/spb2/")),
+        "answered by the home cluster: {pre:?}"
+    );
+    let ok = c.request(&f.req("spb2", 5, b"cross").header("Origin", PAGE));
+    assert_eq!(
+        (ok.status, ok.body.as_slice()),
+        (200, &b"cross"[..]),
+        "{ok:?}"
+    );
+    assert_eq!(
+        ok.header("access-control-allow-origin"),
+        Some(PAGE),
+        "{ok:?}"
+    );
+    assert_eq!(ok.header("vary"), Some("Origin"), "{ok:?}");
+    let evil = c.request(
+        &f.req("spb2", 5, b"x")
+            .header("Origin", "https://evil.example"),
+    );
+    evil.assert_error(403, "origin_not_allowed");
+    assert_eq!(evil.header("access-control-allow-origin"), None, "{evil:?}");
+    assert!(
+        evil.header("fedbus-served-by")
+            .is_some_and(|s| s.starts_with("ru/spb2/")),
+        "refused by the home cluster: {evil:?}"
+    );
+    // spb1's own app has no [apps.cors]: the same page is refused there.
+    c.request(&f.req("spb1", 5, b"x").header("Origin", PAGE))
+        .assert_error(403, "origin_not_allowed");
+}
+
 /// Acceptance 5: Loop guard: a request for spb2 arriving at spb1 over a peer link is 508 forward_loop.
 #[test]
 fn loop_guard_on_a_real_peer_link() {

@@ -51,14 +51,27 @@ struct Ws {
 }
 
 fn upgrade(addr: SocketAddr, path: &str, bearer: Option<&str>) -> Upgrade {
+    upgrade_from(addr, path, bearer, None)
+}
+
+/// An upgrade with an `Origin` header, as a browser page of that origin sends it.
+fn upgrade_from(
+    addr: SocketAddr,
+    path: &str,
+    bearer: Option<&str>,
+    origin: Option<&str>,
+) -> Upgrade {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
     s.set_write_timeout(Some(READ_TIMEOUT)).unwrap();
     let _ = s.set_nodelay(true);
     let key = new_key();
-    s.write_all(client_request("127.0.0.1", path, &key, bearer).as_bytes())
-        .expect("write upgrade");
+    let mut head = client_request("127.0.0.1", path, &key, bearer);
+    if let Some(o) = origin {
+        head = head.replacen("\r\n", &format!("\r\nOrigin: {o}\r\n"), 1);
+    }
+    s.write_all(head.as_bytes()).expect("write upgrade");
     let mut buf = BytesMut::new();
     let mut chunk = [0u8; 16 * 1024];
     loop {
@@ -793,4 +806,43 @@ fn retired_key_version_is_401_on_an_open_session() {
     std::thread::sleep(Duration::from_millis(2100));
     w.send_request(3, Some(&r.path(APP, 4)), b"c");
     assert_error_frame(&w.read_response(), 3, 401, "retired_key");
+}
+
+/// CORS at the upgrade (docs/PROTOCOL.md section 8.1): a page of an origin no app allows gets
+/// 403 before the 101; a session of an allowed origin has each request checked against its
+/// own app's policy.
+#[test]
+fn origin_is_checked_at_the_upgrade_and_per_request() {
+    let r = Router::new()
+        .shards(1)
+        .cors(APP, "allowed_origins = [\"http://page.example\"]")
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    match upgrade_from(r.api, "/api/ws", Some(&tok), Some("http://evil.example")) {
+        Upgrade::Refused(st, body) => {
+            assert_eq!(st, 403, "{body}");
+            assert!(body.contains("origin_not_allowed"), "{body}");
+        }
+        Upgrade::Open(_) => panic!("upgrade from a disallowed origin was accepted"),
+    }
+    let query = format!("/api/ws?access_token={tok}");
+    let Upgrade::Open(mut w) = upgrade_from(r.api, &query, None, Some("http://page.example"))
+    else {
+        panic!("upgrade from the allowed origin was refused")
+    };
+    w.send_request(1, Some(&r.path(APP, 5)), b"ok");
+    let f = w.read_response();
+    assert_eq!(
+        (status_of(&f), &f.payload[..]),
+        (200, &b"ok"[..]),
+        "{}",
+        describe(&f)
+    );
+    // demo/other has no [apps.cors]: refused for this origin before its token is looked at.
+    w.send_request(2, Some(&r.path("demo/other", 5)), b"no");
+    assert_error_frame(&w.read_response(), 2, 403, "origin_not_allowed");
+    w.send_request(3, Some(&r.path(APP, 6)), b"still");
+    assert_eq!(status_of(&w.read_response()), 200);
+    assert_eq!(r.metrics().get("fedbus_origin_refused_total"), 2.0);
 }

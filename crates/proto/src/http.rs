@@ -34,7 +34,34 @@ pub fn allowed_header(line: &[u8], from_router: bool) -> bool {
     if FRAMING.iter().any(|f| name.eq_ignore_ascii_case(f)) {
         return false;
     }
+    // CORS answer fields are the router's (from the app's policy), never a task's: a task
+    // cannot open its app to an origin the operator did not allow.
+    const CORS: [&[u8]; 3] = [
+        b"access-control-allow-origin",
+        b"access-control-allow-credentials",
+        b"access-control-expose-headers",
+    ];
+    if CORS.iter().any(|f| name.eq_ignore_ascii_case(f)) {
+        return false;
+    }
     from_router || !(name.len() >= 7 && name[..7].eq_ignore_ascii_case(b"fedbus-"))
+}
+
+/// The request's `Origin` when the request is cross-origin: `None` without an `Origin`, or
+/// when it names the origin the request was sent to (`http://` or `https://` followed by its
+/// `Host`), as a browser sends it on a same-origin POST. Only a cross-origin request is subject
+/// to an app's CORS policy (the Fetch standard's notion of origin; ports compared as written).
+pub fn cross_origin<'a>(origin: Option<&'a [u8]>, host: Option<&[u8]>) -> Option<&'a [u8]> {
+    let o = origin?;
+    let same = host.is_some_and(|h| {
+        let h = h.trim_ascii();
+        [&b"http://"[..], b"https://"].iter().any(|scheme| {
+            o.len() == scheme.len() + h.len()
+                && o[..scheme.len()].eq_ignore_ascii_case(scheme)
+                && o[scheme.len()..].eq_ignore_ascii_case(h)
+        })
+    });
+    (!same).then_some(o)
 }
 
 /// A control byte that may not appear in a header field (RFC 9110 section 5.5): below 0x20
@@ -60,6 +87,7 @@ pub fn reason(status: u16) -> &'static str {
         302 => "Found",
         400 => "Bad Request",
         401 => "Unauthorized",
+        304 => "Not Modified",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
@@ -81,7 +109,39 @@ pub fn reason(status: u16) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use super::allowed_header;
+    use super::{allowed_header, cross_origin};
+
+    #[test]
+    fn only_cross_origin_requests_carry_their_origin() {
+        let host = Some(&b"api.example:8800"[..]);
+        assert_eq!(cross_origin(None, host), None);
+        assert_eq!(cross_origin(Some(b"http://api.example:8800"), host), None);
+        assert_eq!(cross_origin(Some(b"HTTPS://API.example:8800"), host), None);
+        assert_eq!(
+            cross_origin(Some(b"http://app.example"), host),
+            Some(&b"http://app.example"[..])
+        );
+        assert_eq!(
+            cross_origin(Some(b"http://api.example:8801"), host),
+            Some(&b"http://api.example:8801"[..])
+        );
+        assert_eq!(cross_origin(Some(b"null"), host), Some(&b"null"[..]));
+        assert_eq!(
+            cross_origin(Some(b"http://x"), None),
+            Some(&b"http://x"[..])
+        );
+    }
+
+    #[test]
+    fn tasks_cannot_set_cors_answer_fields() {
+        assert!(!allowed_header(b"Access-Control-Allow-Origin: *", false));
+        assert!(!allowed_header(
+            b"access-control-allow-credentials: true",
+            true
+        ));
+        assert!(!allowed_header(b"access-control-expose-headers: x", false));
+        assert!(allowed_header(b"access-control-max-age: 5", true));
+    }
 
     #[test]
     fn task_headers_cannot_forge_framing_or_router_headers() {

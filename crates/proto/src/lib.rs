@@ -61,6 +61,9 @@ pub mod flags {
     pub const FORWARDED: u8 = 0x01;
     /// The request is served by the emergency partition of its original partition.
     pub const EMERGENCY: u8 = 0x02;
+    /// Forwarded requests: a CORS preflight (`OPTIONS` with `Access-Control-Request-Method`),
+    /// answered by the serving router from the app's CORS policy, never by a task.
+    pub const PREFLIGHT: u8 = 0x04;
 }
 
 /// Metadata tags. Values are bytes; numbers are ASCII decimal so that a task in any language
@@ -106,6 +109,9 @@ pub mod tag {
     pub const PATH: u8 = 24;
     /// Forwarded requests: the client's JWT, verified by the app's home cluster.
     pub const TOKEN: u8 = 25;
+    /// Forwarded requests: the client's `Origin` when it differs from the request's own
+    /// origin, checked against the app's CORS policy by the serving cluster.
+    pub const ORIGIN: u8 = 26;
 }
 
 /// The fixed header.

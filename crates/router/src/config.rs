@@ -20,7 +20,7 @@ pub struct Config {
     pub dev: bool,
     /// Keyring directory. Default: `$FEDBUS_HOME/keys`, else `./.fedbus/keys`.
     pub keyring: Option<PathBuf>,
-    /// `[listen]`: the four listeners.
+    /// `[listen]`: the listeners (api, its TLS twin, internal, external, admin).
     pub listen: Listen,
     /// `[limits]`: sizes, counts and timeouts.
     pub limits: Limits,
@@ -239,6 +239,49 @@ pub struct App {
     /// asks it for its first token. Default `["auth"]`.
     #[serde(default = "default_anonymous_services")]
     pub anonymous_services: Vec<String>,
+    /// Which web origins may call the app from a browser. Absent: none (a request whose
+    /// `Origin` differs from its own origin gets 403 `origin_not_allowed`).
+    #[serde(default)]
+    pub cors: Option<Cors>,
+}
+
+/// An app's CORS policy, applied by the router that serves the app (on every ingress; the
+/// router answers preflights itself).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Cors {
+    /// Exact origins (`https://app.example`, `http://127.0.0.1:3000`), or `"*"` for any
+    /// origin (refused with `allow_credentials`).
+    pub allowed_origins: Vec<String>,
+    /// Request headers a page may send (`Access-Control-Allow-Headers`). Default
+    /// `["authorization", "content-type"]`.
+    #[serde(default = "default_cors_headers")]
+    pub allowed_headers: Vec<String>,
+    /// How long a browser may cache a preflight answer (`Access-Control-Max-Age`). Default 600.
+    #[serde(default = "default_cors_max_age")]
+    pub max_age_secs: u32,
+    /// Answers carry `Access-Control-Allow-Credentials: true`, for pages that send cookies
+    /// to a gateway in front of the router. fedbus itself never reads cookies (tokens travel in
+    /// `Authorization` or `access_token`). Default false.
+    #[serde(default)]
+    pub allow_credentials: bool,
+}
+
+fn default_cors_headers() -> Vec<String> {
+    vec!["authorization".into(), "content-type".into()]
+}
+
+fn default_cors_max_age() -> u32 {
+    600
+}
+
+impl Cors {
+    /// Whether a page of `origin` may call the app.
+    pub fn allows(&self, origin: &[u8]) -> bool {
+        self.allowed_origins
+            .iter()
+            .any(|o| o == "*" || o.as_bytes().eq_ignore_ascii_case(origin))
+    }
 }
 
 fn default_anonymous_services() -> Vec<String> {
@@ -264,6 +307,7 @@ impl Default for Config {
                 partitions: 16,
                 emergency_partition: None,
                 anonymous_services: default_anonymous_services(),
+                cors: None,
             }],
             federation: Federation::default(),
         }
@@ -376,6 +420,51 @@ fn invalid(field: impl Into<String>, why: impl Into<String>) -> ConfigError {
         field: field.into(),
         why: why.into(),
     }
+}
+
+fn check_cors(i: usize, c: &Cors) -> Result<(), ConfigError> {
+    let f = format!("apps[{i}].cors.allowed_origins");
+    if c.allowed_origins.is_empty() {
+        return Err(invalid(f, "at least one origin (or leave out [apps.cors])"));
+    }
+    for o in &c.allowed_origins {
+        if o == "*" {
+            if c.allow_credentials {
+                return Err(invalid(
+                    f,
+                    "\"*\" cannot be combined with allow_credentials: list the origins",
+                ));
+            }
+            continue;
+        }
+        // An origin is scheme://host[:port]: no path, no trailing slash (browsers never send
+        // one, so such an entry would never match).
+        let rest = o
+            .strip_prefix("https://")
+            .or_else(|| o.strip_prefix("http://"));
+        let ok = o == "null"
+            || rest.is_some_and(|r| {
+                !r.is_empty() && !r.contains('/') && r.bytes().all(|b| b.is_ascii_graphic())
+            });
+        if !ok {
+            return Err(invalid(
+                f,
+                format!("{o:?} is not an origin (scheme://host[:port], \"null\" or \"*\")"),
+            ));
+        }
+    }
+    for h in &c.allowed_headers {
+        let token = !h.is_empty()
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b));
+        if !token {
+            return Err(invalid(
+                format!("apps[{i}].cors.allowed_headers"),
+                format!("{h:?} is not a header name"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_name(field: &str, v: &str) -> Result<(), ConfigError> {
@@ -504,6 +593,9 @@ impl Config {
                         "must be < partitions",
                     ));
                 }
+            }
+            if let Some(c) = &a.cors {
+                check_cors(i, c)?;
             }
         }
         let mut ids = std::collections::HashSet::new();
@@ -654,6 +746,41 @@ mod tests {
     #[test]
     fn empty_file_is_the_defaults() {
         assert_eq!(Config::parse("", "t").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn cors_policies_are_checked() {
+        let app =
+            |cors: &str| format!("[[apps]]\nname = \"a/b\"\npartitions = 2\n[apps.cors]\n{cors}\n");
+        let c = Config::parse(&app("allowed_origins = [\"https://x.example:8443\"]"), "t")
+            .expect("valid");
+        let cors = c.apps[0].cors.as_ref().expect("cors");
+        assert_eq!(cors.allowed_headers, ["authorization", "content-type"]);
+        assert_eq!((cors.max_age_secs, cors.allow_credentials), (600, false));
+        assert!(cors.allows(b"https://X.example:8443"));
+        assert!(!cors.allows(b"https://x.example"));
+        let any = Config::parse(&app("allowed_origins = [\"*\"]"), "t").expect("valid");
+        assert!(any.apps[0].cors.as_ref().expect("cors").allows(b"null"));
+        for (bad, why) in [
+            ("allowed_origins = []", "at least one"),
+            (
+                "allowed_origins = [\"*\"]\nallow_credentials = true",
+                "allow_credentials",
+            ),
+            (
+                "allowed_origins = [\"https://x.example/\"]",
+                "not an origin",
+            ),
+            ("allowed_origins = [\"x.example\"]", "not an origin"),
+            (
+                "allowed_origins = [\"*\"]\nallowed_headers = [\"a b\"]",
+                "allowed_headers",
+            ),
+            ("allowed_origin = [\"*\"]", "allowed_origin"),
+        ] {
+            let e = Config::parse(&app(bad), "t").unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]

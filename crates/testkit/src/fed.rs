@@ -184,6 +184,8 @@ pub struct FederationBuilder {
     delays: [u64; 2],
     request_timeout_ms: u64,
     grace_secs: Option<u64>,
+    /// The `[apps.cors]` table of the app in each cluster.
+    cors: [Option<String>; 2],
 }
 
 impl FederationBuilder {
@@ -203,6 +205,12 @@ impl FederationBuilder {
     /// `limits.request_timeout_ms` of every router (default 10000).
     pub fn request_timeout_ms(mut self, ms: u64) -> Self {
         self.request_timeout_ms = ms;
+        self
+    }
+
+    /// The `[apps.cors]` table of the app in `cluster`, e.g. `allowed_origins = ["http://a"]`.
+    pub fn cors(mut self, cluster: &str, table: &str) -> Self {
+        self.cors[cluster_index(cluster)] = Some(table.into());
         self
     }
 
@@ -257,6 +265,9 @@ impl FederationBuilder {
                     let _ = writeln!(cfg, "[auth]\ngrace_secs = {g}");
                 }
                 let _ = writeln!(cfg, "[[apps]]\nname = {APP:?}\npartitions = 16");
+                if let Some(t) = &self.cors[ci] {
+                    let _ = writeln!(cfg, "[apps.cors]\n{t}");
+                }
                 let _ = writeln!(cfg, "[federation]\nentry_point = \"heeus.cloud\"");
                 for (cj, c2) in CLUSTERS.iter().enumerate() {
                     let _ = writeln!(
@@ -356,6 +367,7 @@ impl Federation {
             delays: [0, 0],
             request_timeout_ms: 10_000,
             grace_secs: None,
+            cors: [None, None],
         }
     }
 

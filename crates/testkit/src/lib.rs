@@ -175,6 +175,8 @@ pub struct RouterBuilder {
     apps: Vec<(String, u32)>,
     limits: Vec<(String, String)>,
     tls: Vec<(PathBuf, PathBuf)>,
+    /// `(app, body of its [apps.cors] table)`.
+    cors: Vec<(String, String)>,
 }
 
 impl Default for RouterBuilder {
@@ -184,6 +186,7 @@ impl Default for RouterBuilder {
             apps: vec![("demo/echo".into(), 16), ("demo/other".into(), 4)],
             limits: Vec::new(),
             tls: Vec::new(),
+            cors: Vec::new(),
         }
     }
 }
@@ -212,6 +215,12 @@ impl RouterBuilder {
     /// as `[[tls.certs]]`, the first the default.
     pub fn tls(mut self, certs: &[(PathBuf, PathBuf)]) -> Self {
         self.tls = certs.to_vec();
+        self
+    }
+
+    /// The `[apps.cors]` table of `app`, e.g. `allowed_origins = ["http://a.example"]`.
+    pub fn cors(mut self, app: &str, table: &str) -> Self {
+        self.cors.push((app.into(), table.into()));
         self
     }
 
@@ -251,6 +260,9 @@ impl RouterBuilder {
         }
         for (a, p) in &self.apps {
             let _ = writeln!(cfg, "[[apps]]\nname = {a:?}\npartitions = {p}");
+            for (_, table) in self.cors.iter().filter(|(app, _)| app == a) {
+                let _ = writeln!(cfg, "[apps.cors]\n{table}");
+            }
         }
         let cfg_path = home.join("router.toml");
         std::fs::write(&cfg_path, &cfg).expect("write config");

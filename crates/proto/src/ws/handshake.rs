@@ -16,6 +16,8 @@ pub struct UpgradeRequest {
     pub bearer: Option<String>,
     /// `Sec-WebSocket-Key`.
     pub key: String,
+    /// `Origin`, when it differs from the origin of `Host` (see [`crate::http::cross_origin`]).
+    pub cross_origin: Option<String>,
     /// Bytes of the head, so the caller can keep what followed it.
     pub head_len: usize,
 }
@@ -127,6 +129,11 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<UpgradeRequest>, Refusal> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
+        // A head that arrived whole in one read is held to the same bound as one that
+        // trickled in.
+        Ok(httparse::Status::Complete(n)) if n > MAX_HEAD => {
+            return Err(refuse(431, "headers_too_large", "request head too large"))
+        }
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             if buf.len() > MAX_HEAD {
@@ -146,6 +153,11 @@ pub fn parse_upgrade(buf: &[u8]) -> Result<Option<UpgradeRequest>, Refusal> {
             .and_then(bearer)
             .map(str::to_string),
         key,
+        cross_origin: crate::http::cross_origin(
+            header(req.headers, "origin"),
+            header(req.headers, "host"),
+        )
+        .map(|o| String::from_utf8_lossy(o).into_owned()),
         head_len,
     }))
 }
@@ -272,6 +284,41 @@ mod tests {
 
     const GOOD: &str = "GET /x HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+    #[test]
+    fn a_whole_head_over_the_limit_is_431() {
+        let pad = |n: usize| {
+            GOOD.replace(
+                "Host: h\r\n",
+                &format!("Host: h\r\nX: {}\r\n", "a".repeat(n)),
+            )
+        };
+        let fits = pad(MAX_HEAD - GOOD.len() - 5);
+        assert_eq!(fits.len(), MAX_HEAD);
+        assert!(parse_upgrade(fits.as_bytes()).unwrap().is_some());
+        let over = pad(MAX_HEAD - GOOD.len() - 4);
+        let r = parse_upgrade(over.as_bytes()).unwrap_err();
+        assert_eq!((r.status, r.code), (431, "headers_too_large"));
+    }
+
+    #[test]
+    fn cross_origin_of_an_upgrade() {
+        let with =
+            |origin: &str| GOOD.replace("Host: h\r\n", &format!("Host: h\r\nOrigin: {origin}\r\n"));
+        let up = parse_upgrade(with("http://h").as_bytes()).unwrap().unwrap();
+        assert_eq!(up.cross_origin, None);
+        let up = parse_upgrade(with("https://page.example").as_bytes())
+            .unwrap()
+            .unwrap();
+        assert_eq!(up.cross_origin.as_deref(), Some("https://page.example"));
+        assert_eq!(
+            parse_upgrade(GOOD.as_bytes())
+                .unwrap()
+                .unwrap()
+                .cross_origin,
+            None
+        );
+    }
 
     #[test]
     fn upgrade_needs_http_1_1() {

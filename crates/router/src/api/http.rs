@@ -5,6 +5,7 @@
 
 use crate::api::reason;
 use crate::metrics::{Listener, ShardMetrics};
+use crate::proto::http::cross_origin;
 use crate::route::{parse_api_path, PathError};
 use crate::routing::{self, Answer, Field, Ingress, Request, VerifyCache};
 use crate::shard::Shard;
@@ -30,6 +31,11 @@ pub struct Req {
     pub(crate) path: Range<usize>,
     pub(crate) token: Option<Range<usize>>,
     pub(crate) content_type: Option<Range<usize>>,
+    /// `Origin` and `Host`, for the CORS check.
+    pub(crate) origin: Option<Range<usize>>,
+    pub(crate) host: Option<Range<usize>>,
+    /// `Access-Control-Request-Method` present: an `OPTIONS` with it is a preflight.
+    pub(crate) preflight: bool,
     pub(crate) close: bool,
 }
 
@@ -128,6 +134,7 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
     let mut close = r.version == Some(0);
     let mut cl: Option<usize> = None;
     let (mut token, mut ctype, mut expect, mut te) = (None, None, false, false);
+    let (mut origin, mut host, mut acrm) = (None, None, false);
     for h in r.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
@@ -158,8 +165,14 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
             } else if v.eq_ignore_ascii_case(b"keep-alive") {
                 close = false;
             }
+        } else if name.eq_ignore_ascii_case("host") {
+            host = Some(range_of(buf, h.value));
+        } else if name.eq_ignore_ascii_case("origin") {
+            origin = Some(range_of(buf, h.value));
         } else if name.eq_ignore_ascii_case("expect") {
             expect = h.value.eq_ignore_ascii_case(b"100-continue");
+        } else if name.eq_ignore_ascii_case("access-control-request-method") {
+            acrm = true;
         }
     }
     if te {
@@ -198,14 +211,26 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
         path,
         token,
         content_type: ctype,
+        origin,
+        host,
+        preflight: acrm && method == Method::Options,
         close,
     })
+}
+
+impl Req {
+    /// The `Origin` of a cross-origin request (see [`cross_origin`]).
+    fn cross_origin(&self) -> Option<&[u8]> {
+        let field = |r: &Option<Range<usize>>| r.clone().map(|r| &self.head[r]);
+        cross_origin(field(&self.origin), field(&self.host))
+    }
 }
 
 /// The protocol-neutral request of a parsed HTTP request.
 #[allow(clippy::result_large_err)]
 fn request(req: &Req) -> Result<Request<'_>, Answer> {
     let path = std::str::from_utf8(&req.head[req.path.clone()]).unwrap_or("");
+    let origin = req.cross_origin();
     Ok(Request {
         target: parse_api_path(path).map_err(|e| path_error(e, path))?,
         method: req.method.as_str(),
@@ -213,6 +238,8 @@ fn request(req: &Req) -> Result<Request<'_>, Answer> {
         content_type: req.content_type.clone().map(|r| &req.head[r]),
         payload: req.body.clone(),
         ingress: Ingress::Http,
+        preflight: req.preflight && origin.is_some(),
+        origin,
     })
 }
 
@@ -233,11 +260,9 @@ fn check_head(shard: &Shard, cache: &mut VerifyCache, head: &[u8]) -> Result<(),
         return Err(Answer::error(400, "bad_request", "malformed request"));
     }
     let path = r.path.unwrap_or("/");
-    let credential = r
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("authorization"))
-        .and_then(|h| crate::ws::handshake::bearer(h.value))
+    let field = |name| crate::ws::handshake::header(r.headers, name);
+    let credential = field("authorization")
+        .and_then(crate::ws::handshake::bearer)
         .map(str::as_bytes);
     let req = Request {
         target: parse_api_path(path).map_err(|e| path_error(e, path))?,
@@ -246,6 +271,8 @@ fn check_head(shard: &Shard, cache: &mut VerifyCache, head: &[u8]) -> Result<(),
         content_type: None,
         payload: Bytes::new(),
         ingress: Ingress::Http,
+        origin: cross_origin(field("origin"), field("host")),
+        preflight: false,
     };
     routing::admit(shard, cache, &req).map(|_| ())
 }
@@ -256,13 +283,22 @@ fn put_num(out: &mut BytesMut, n: u64) {
     out.put_slice(crate::proto::fmt_u64(n, &mut tmp));
 }
 
-/// Writes the response head for `a` into `out`; `body_len` None: no `content-length` (204, 304).
-pub(crate) fn write_head(
+/// CORS fields of an answer to a cross-origin request the app allows.
+struct CorsAnswer {
+    /// The request's `Origin`, a slice of its head.
+    origin: Bytes,
+    credentials: bool,
+}
+
+/// Writes the response head for `a` into `out`; `body_len` None: no `content-length` and no
+/// default `content-type` (204, 304).
+fn write_head(
     out: &mut BytesMut,
     shard: &Shard,
     a: &Answer,
     body_len: Option<usize>,
     close: bool,
+    cors: Option<&CorsAnswer>,
 ) {
     // Plain byte appends and `fmt_u64` instead of `write!`: this runs once per response, and
     // the formatting machinery cost more than the rest of the head.
@@ -294,8 +330,18 @@ pub(crate) fn write_head(
         }
         out.put_slice(b"\r\n");
     });
-    if !has_ct {
+    if !has_ct && body_len.is_some() {
         out.put_slice(b"content-type: application/octet-stream\r\n");
+    }
+    if let Some(c) = cors {
+        out.put_slice(b"access-control-allow-origin: ");
+        out.put_slice(&c.origin);
+        out.put_slice(b"\r\nvary: Origin\r\n");
+        out.put_slice(routing::cors::EXPOSE_HEADERS);
+        out.put_slice(b"\r\n");
+        if c.credentials {
+            out.put_slice(b"access-control-allow-credentials: true\r\n");
+        }
     }
     if let Some(n) = body_len {
         out.put_slice(b"content-length: ");
@@ -364,23 +410,49 @@ enum Step {
     Route(Req, Rc<RefCell<VerifyCache>>),
 }
 
-/// The answer to one request, with (close after it, body bytes in, start time).
-async fn answer(
-    shard: Rc<Shard>,
-    step: Step,
+/// One answered request, ready to be written.
+struct Done {
+    a: Answer,
+    /// Close the connection after it.
     close: bool,
+    /// The request was HEAD: no body.
+    head: bool,
+    /// Request body bytes, for the metrics.
     n_in: usize,
     start: Instant,
-) -> (Answer, bool, bool, usize, Instant) {
+    /// CORS fields for a cross-origin request the app allowed.
+    cors: Option<CorsAnswer>,
+}
+
+/// The answer to one request.
+async fn answer(shard: Rc<Shard>, step: Step, close: bool, n_in: usize, start: Instant) -> Done {
     let head = matches!(&step, Step::Route(r, _) if r.method == Method::Head);
-    let a = match step {
-        Step::Ready(a) => a,
+    let (a, cors) = match step {
+        Step::Ready(a) => (a, None),
         Step::Route(req, cache) => match request(&req) {
-            Ok(r) => routing::route(&shard, &cache, &r).await,
-            Err(a) => a,
+            Ok(r) => {
+                let a = routing::route(&shard, &cache, &r).await;
+                // Every answer but the refusal of the origin carries the CORS fields, so
+                // that the page reads its errors too (for another cluster's app, its router
+                // made that refusal and relayed it).
+                let allowed = a.error_tag() != Some(&b"origin_not_allowed"[..]);
+                let cors = r.origin.filter(|_| allowed).map(|o| CorsAnswer {
+                    origin: req.head.slice_ref(o),
+                    credentials: routing::cors::allow_credentials(&shard, r.target.app_name),
+                });
+                (a, cors)
+            }
+            Err(a) => (a, None),
         },
     };
-    (a, close, head, n_in, start)
+    Done {
+        a,
+        close,
+        head,
+        n_in,
+        start,
+        cors,
+    }
 }
 
 /// Bytes of a websocket upgrade request head and what followed it.
@@ -547,7 +619,15 @@ async fn serve_inner<S: Stream>(
         };
         // Answer it and every later one that is already done, in one write.
         let mut next = first;
-        while let Some((a, close, head, n_in, start)) = next {
+        while let Some(Done {
+            a,
+            close,
+            head,
+            n_in,
+            start,
+            cors,
+        }) = next
+        {
             // 204 and 304 carry no body and no length (RFC 9110 6.4.1); a HEAD answer has the
             // length of the body it does not carry.
             let bodiless = matches!(a.status(), 204 | 304);
@@ -555,7 +635,7 @@ async fn serve_inner<S: Stream>(
             let length = (!bodiless).then_some(full.len());
             let body = if bodiless || head { Bytes::new() } else { full };
             let close = close || closing && inflight.is_empty();
-            write_head(&mut out, shard, &a, length, close);
+            write_head(&mut out, shard, &a, length, close, cors.as_ref());
             parts.push(out.split().freeze());
             shard.metrics.request(
                 a.status(),

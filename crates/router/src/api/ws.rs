@@ -48,6 +48,24 @@ pub(crate) async fn serve<S: Stream>(
             return;
         }
     };
+    // A page of another origin may open a session only if some app of this cluster allows
+    // its origin; each request on the session is then checked against its own app's policy.
+    if let Some(o) = up
+        .cross_origin
+        .as_deref()
+        .filter(|o| !routing::cors::any_app_allows(&shard, o.as_bytes()))
+    {
+        crate::metrics::ShardMetrics::inc(&shard.metrics.origin_refused);
+        tracing::info!(shard = shard.index, origin = %o, "/api/ws origin not allowed: 403");
+        let _ = stream
+            .write_parts(&[Bytes::from(handshake::error_response(
+                403,
+                "origin_not_allowed",
+                "no app of this cluster allows this origin",
+            ))])
+            .await;
+        return;
+    }
     let token = up
         .bearer
         .clone()
@@ -124,6 +142,7 @@ pub(crate) async fn serve<S: Stream>(
     );
     let session = Rc::new(Session {
         token: token.into_bytes().into_boxed_slice(),
+        origin: up.cross_origin.map(|o| o.into_bytes().into_boxed_slice()),
         cache: RefCell::new(cache),
         exp,
         inflight: Cell::new(0),
@@ -200,6 +219,8 @@ pub(crate) async fn serve<S: Stream>(
 struct Session {
     /// The bearer token of the upgrade: the credential of every request on the session.
     token: Box<[u8]>,
+    /// The page's origin when the upgrade was cross-origin: checked per request.
+    origin: Option<Box<[u8]>>,
     cache: RefCell<VerifyCache>,
     /// The token's `exp` when this router verified it at the upgrade: then close 1008.
     exp: Option<u64>,
@@ -221,6 +242,8 @@ async fn answer(shard: &Rc<Shard>, sess: &Session, f: &Frame) -> Answer {
         content_type: f.get(tag::CONTENT_TYPE),
         payload: f.payload.clone(),
         ingress: Ingress::Websocket,
+        origin: sess.origin.as_deref(),
+        preflight: false,
     };
     routing::route(shard, &sess.cache, &req).await
 }

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 /// HTTP statuses counted individually; anything else lands in "other".
-pub(crate) const STATUSES: [u16; 17] = [
-    200, 400, 401, 403, 404, 405, 408, 411, 413, 431, 500, 502, 503, 504, 508, 101, 0,
+pub(crate) const STATUSES: [u16; 19] = [
+    200, 204, 304, 400, 401, 403, 404, 405, 408, 411, 413, 431, 500, 502, 503, 504, 508, 101, 0,
 ];
 /// Upper bounds of latency buckets, microseconds (Prometheus `le`).
 pub(crate) const LATENCY_BUCKETS_US: [u64; 16] = [
@@ -45,6 +45,7 @@ pub(crate) struct ShardMetrics {
     pub(crate) auth_cache_hits: AtomicU64,
     pub(crate) tls_handshakes: AtomicU64,
     pub(crate) tls_handshake_failures: AtomicU64,
+    pub(crate) origin_refused: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -100,7 +101,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, Field); 12] = [
+    let simple: [(&str, &str, &str, Field); 13] = [
         (
             "fedbus_bytes_in_total",
             "counter",
@@ -169,6 +170,12 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             "counter",
             "TLS handshakes that failed or timed out (plaintext on the TLS port, no common version or cipher, limits.handshake_timeout_ms).",
             |m| &m.tls_handshake_failures,
+        ),
+        (
+            "fedbus_origin_refused_total",
+            "counter",
+            "Cross-origin requests and /api/ws upgrades refused by the app's CORS policy (403).",
+            |m| &m.origin_refused,
         ),
     ];
     for (name, kind, help, f) in simple {

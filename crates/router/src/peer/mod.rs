@@ -6,7 +6,7 @@
 
 use crate::auth::{self, verify_service_token, ClusterKeyVersion};
 use crate::metrics::{Listener, ShardMetrics};
-use crate::proto::{tag, Frame, Kind};
+use crate::proto::{flags, tag, Frame, Kind};
 use crate::route::ApiPath;
 use crate::routing::answer::send_answer;
 use crate::routing::{self, Answer, Ingress, Request, VerifyCache};
@@ -376,6 +376,8 @@ fn forwarded_request(f: &Frame) -> Result<Request<'_>, Answer> {
         content_type: f.get(tag::CONTENT_TYPE),
         payload: f.payload.clone(),
         ingress: Ingress::Peer,
+        origin: f.get(tag::ORIGIN),
+        preflight: f.header.flags & flags::PREFLIGHT != 0,
     })
 }
 

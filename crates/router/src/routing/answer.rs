@@ -36,6 +36,13 @@ pub(crate) enum Answer {
     },
     /// The router refused or failed the request itself.
     Error(RouterError),
+    /// 204 to a CORS preflight the app's policy allows (see [`super::cors`]).
+    Preflight {
+        /// The whole `access-control-allow-headers: ...` line.
+        allow_headers: String,
+        /// `Access-Control-Max-Age`, seconds.
+        max_age: u32,
+    },
 }
 
 /// An error the router answers by itself, as the JSON body
@@ -105,6 +112,7 @@ impl Answer {
         match self {
             Answer::Task { status, .. } | Answer::Relayed { status, .. } => *status,
             Answer::Error(e) => e.status,
+            Answer::Preflight { .. } => 204,
         }
     }
 
@@ -126,7 +134,7 @@ impl Answer {
             Answer::Relayed { frame, .. } => frame
                 .get(tag::ERROR)
                 .filter(|v| v.iter().all(|b| b.is_ascii_graphic())),
-            Answer::Task { .. } => None,
+            Answer::Task { .. } | Answer::Preflight { .. } => None,
         }
     }
 
@@ -134,7 +142,7 @@ impl Answer {
     pub(crate) fn partition(&self) -> Option<u32> {
         match self {
             Answer::Task { partition, .. } => Some(*partition),
-            Answer::Relayed { .. } => None,
+            Answer::Relayed { .. } | Answer::Preflight { .. } => None,
             Answer::Error(e) => e.partition,
         }
     }
@@ -143,7 +151,7 @@ impl Answer {
     pub(crate) fn hops(&self) -> u8 {
         match self {
             Answer::Task { hops, .. } => *hops,
-            Answer::Relayed { .. } => 0,
+            Answer::Relayed { .. } | Answer::Preflight { .. } => 0,
             Answer::Error(e) => e.hops,
         }
     }
@@ -155,6 +163,7 @@ impl Answer {
             Answer::Error(e) => {
                 Bytes::from(crate::proto::http::error_body(e.status, e.code, &e.message))
             }
+            Answer::Preflight { .. } => Bytes::new(),
         }
     }
 
@@ -168,6 +177,15 @@ impl Answer {
             Answer::Task { frame, .. } => (Some(frame), false),
             Answer::Relayed { frame, .. } => (Some(frame), true),
             Answer::Error(_) => (None, false),
+            Answer::Preflight {
+                allow_headers,
+                max_age,
+            } => {
+                f(Field::Line(super::cors::ALLOW_METHODS));
+                f(Field::Line(allow_headers.as_bytes()));
+                f(Field::Number("access-control-max-age", u64::from(*max_age)));
+                return;
+            }
         };
         match frame {
             Some(frame) => {

@@ -44,10 +44,14 @@ pub(crate) async fn forward(shard: &Rc<Shard>, req: &Request<'_>) -> Answer {
         if let Some(ct) = req.content_type {
             put_meta(&mut m, tag::CONTENT_TYPE, ct);
         }
+        if let Some(o) = req.origin {
+            put_meta(&mut m, tag::ORIGIN, o);
+        }
+        let preflight = if req.preflight { flags::PREFLIGHT } else { 0 };
         proto::finish_head(
             &mut m,
             Kind::Request,
-            flags::FORWARDED,
+            flags::FORWARDED | preflight,
             0,
             0,
             id,

@@ -17,6 +17,7 @@
 //! request and never blocks.
 
 pub(crate) mod answer;
+pub(crate) mod cors;
 pub(crate) mod forward;
 pub(crate) mod local;
 pub(crate) mod verify;
@@ -57,13 +58,18 @@ pub(crate) struct Request<'a> {
     pub(crate) payload: Bytes,
     /// Where it came in.
     pub(crate) ingress: Ingress,
+    /// The page's `Origin`, only when the request is cross-origin (subject to the app's CORS
+    /// policy, [`cors`]).
+    pub(crate) origin: Option<&'a [u8]>,
+    /// A CORS preflight: answered by the router that serves the app, never by a task.
+    pub(crate) preflight: bool,
 }
 
 /// Where a request goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Decision {
-    /// This cluster serves it.
-    Local,
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Decision<'s> {
+    /// This cluster serves it: the app's configuration.
+    Local(&'s crate::config::App),
     /// Another cluster of the federation serves it.
     Remote,
 }
@@ -71,7 +77,7 @@ pub(crate) enum Decision {
 /// Step 1: decides whose request this is. Pure: a function of the configuration and the
 /// federation. Errors are the client's answer.
 #[allow(clippy::result_large_err)]
-pub(crate) fn decide(shard: &Shard, req: &Request<'_>) -> Result<Decision, Answer> {
+pub(crate) fn decide<'s>(shard: &'s Shard, req: &Request<'_>) -> Result<Decision<'s>, Answer> {
     let t = &req.target;
     let ours = t.region == shard.cfg.region && t.cluster == shard.cfg.cluster;
     if !ours {
@@ -95,26 +101,29 @@ pub(crate) fn decide(shard: &Shard, req: &Request<'_>) -> Result<Decision, Answe
             format!("cluster {}/{} is not served here", t.region, t.cluster),
         ));
     }
-    if !shard.cfg.apps.iter().any(|a| a.name == t.app_name) {
-        return Err(Answer::error(
+    match shard.cfg.apps.iter().find(|a| a.name == t.app_name) {
+        Some(app) => Ok(Decision::Local(app)),
+        None => Err(Answer::error(
             404,
             "unknown_app",
             format!("no app {}", t.app_name),
-        ));
+        )),
     }
-    Ok(Decision::Local)
 }
 
 /// What [`admit`] found.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) enum Admitted {
     /// For this cluster, from this principal.
     Local(Principal),
     /// For another cluster, which verifies the credential itself.
     Remote,
+    /// Answered by the router: a CORS preflight.
+    Answered(Answer),
 }
 
-/// Steps 1 and 2, synchronous: where the request goes and whether it may. The HTTP ingress
+/// Steps 1 and 2, synchronous: where the request goes and whether it may (the app's CORS
+/// policy for a cross-origin request, then the credential). The HTTP ingress
 /// also runs it on a request head before its body arrives (before `100 Continue`), so an
 /// unauthenticated client cannot make the router buffer an upload for this cluster (a request for
 /// another cluster is admitted without a token check: its home cluster makes it).
@@ -126,12 +135,13 @@ pub(crate) fn admit(
 ) -> Result<Admitted, Answer> {
     match decide(shard, req)? {
         Decision::Remote => Ok(Admitted::Remote),
-        Decision::Local => {
+        Decision::Local(app) => {
+            if let Some(a) = cors::check(shard, app, req.origin, req.preflight)? {
+                return Ok(Admitted::Answered(a));
+            }
             let keys = shard.snapshots.keys.load();
             let t = &req.target;
-            let anonymous = shard.cfg.apps.iter().any(|a| {
-                a.name == t.app_name && a.anonymous_services.iter().any(|s| s == t.service)
-            });
+            let anonymous = app.anonymous_services.iter().any(|s| s == t.service);
             let p = verify::authorize(
                 cache,
                 &verify::Keys {
@@ -164,5 +174,6 @@ pub(crate) async fn route(
         Err(a) => a,
         Ok(Admitted::Local(p)) => local::deliver(shard, req, p.subject()).await,
         Ok(Admitted::Remote) => forward::forward(shard, req).await,
+        Ok(Admitted::Answered(a)) => a,
     }
 }

@@ -69,6 +69,8 @@ impl WsError {
             WsError::Protocol(_) => Some(1002),
             WsError::TooBig(_) => Some(1009),
             WsError::BadUtf8 => Some(1007),
+            // The read timeout of a link (3 ping intervals without a frame): going away.
+            WsError::Io(e) if e.kind() == io::ErrorKind::TimedOut => Some(1001),
             _ => None,
         }
     }
@@ -753,6 +755,15 @@ mod tests {
         // header part and payload part are queued separately: the payload is not copied
         assert_eq!(o.parts.len(), 2);
         assert_eq!(o.parts[1].len(), 50);
+    }
+
+    #[test]
+    fn a_silent_link_closes_with_1001_and_a_failed_socket_without_a_frame() {
+        let silent = WsError::Io(io::Error::new(io::ErrorKind::TimedOut, "timed out"));
+        assert_eq!(silent.close_code(), Some(1001));
+        let reset = WsError::Io(io::Error::from(io::ErrorKind::ConnectionReset));
+        assert_eq!(reset.close_code(), None);
+        assert_eq!(WsError::Eof.close_code(), None);
     }
 
     #[test]

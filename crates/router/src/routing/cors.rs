@@ -1,0 +1,81 @@
+//! Cross-origin requests from browsers (CORS), per app. The router that serves an app applies
+//! its policy on every ingress, before any token check: a request whose `Origin` the app does
+//! not allow is refused with 403 `origin_not_allowed` and never reaches a task; a preflight
+//! (`OPTIONS` with `Access-Control-Request-Method`) is answered from the policy by the router.
+//! The ingress that wrote the request adds `Access-Control-Allow-Origin`, `Vary: Origin` and
+//! `Access-Control-Expose-Headers` to every other answer of a cross-origin request, so a page
+//! reads its errors as well as its answers.
+
+use super::Answer;
+use crate::config::App;
+use crate::metrics::ShardMetrics;
+use crate::shard::Shard;
+
+/// Methods a page may use (`Access-Control-Allow-Methods`): every method that reaches a task.
+pub(crate) const ALLOW_METHODS: &[u8] =
+    b"access-control-allow-methods: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
+/// The router's own response headers a page may read (`Access-Control-Expose-Headers`).
+pub(crate) const EXPOSE_HEADERS: &[u8] = b"access-control-expose-headers: fedbus-partition, \
+fedbus-hops, fedbus-emergency, fedbus-shard, fedbus-served-by";
+
+/// Applies `app`'s policy to a request from `origin` (a cross-origin request; same-origin
+/// requests and requests without `Origin` are not subject to CORS). `Ok(Some)`: the preflight
+/// answer; `Ok(None)`: go on routing.
+#[allow(clippy::result_large_err)]
+pub(crate) fn check(
+    shard: &Shard,
+    app: &App,
+    origin: Option<&[u8]>,
+    preflight: bool,
+) -> Result<Option<Answer>, Answer> {
+    let Some(origin) = origin else {
+        return Ok(None);
+    };
+    let Some(policy) = app.cors.as_ref().filter(|c| c.allows(origin)) else {
+        ShardMetrics::inc(&shard.metrics.origin_refused);
+        tracing::info!(
+            shard = shard.index,
+            app = %app.name,
+            origin = %String::from_utf8_lossy(origin),
+            "origin not allowed: 403"
+        );
+        return Err(Answer::error(
+            403,
+            "origin_not_allowed",
+            format!("app {} does not allow this origin", app.name),
+        ));
+    };
+    if !preflight {
+        return Ok(None);
+    }
+    Ok(Some(Answer::Preflight {
+        allow_headers: format!(
+            "access-control-allow-headers: {}",
+            policy.allowed_headers.join(", ")
+        ),
+        max_age: policy.max_age_secs,
+    }))
+}
+
+/// Whether any app of this cluster allows `origin`: the `/api/ws` upgrade's check (a session
+/// may call several apps; each request is then checked against its own app).
+pub(crate) fn any_app_allows(shard: &Shard, origin: &[u8]) -> bool {
+    shard
+        .cfg
+        .apps
+        .iter()
+        .any(|a| a.cors.as_ref().is_some_and(|c| c.allows(origin)))
+}
+
+/// Whether answers to a cross-origin request for `app_name` carry
+/// `Access-Control-Allow-Credentials: true` (the policy of this router's app of that name).
+pub(crate) fn allow_credentials(shard: &Shard, app_name: &str) -> bool {
+    shard
+        .cfg
+        .apps
+        .iter()
+        .find(|a| a.name == app_name)
+        .and_then(|a| a.cors.as_ref())
+        .is_some_and(|c| c.allow_credentials)
+}

@@ -1,0 +1,175 @@
+//! CORS per app (docs/PROTOCOL.md section 7): preflights answered by the router, the
+//! `Access-Control-*` fields on answers to an allowed origin, 403 `origin_not_allowed` before
+//! any task (anonymous services included) for any other origin, and the same rule at the
+//! `/api/ws` upgrade, against a real router.
+
+use fedbus_testkit::*;
+
+const APP: &str = "demo/echo";
+const OTHER: &str = "demo/other";
+const PAGE: &str = "http://app.example:3000";
+const EVIL: &str = "http://evil.example";
+
+fn router() -> Router {
+    Router::new()
+        .shards(1)
+        .cors(
+            APP,
+            &format!(
+                "allowed_origins = [{PAGE:?}]\nallowed_headers = [\"authorization\", \"content-type\", \"x-trace\"]\nmax_age_secs = 123"
+            ),
+        )
+        .start()
+}
+
+fn assert_cors(resp: &Response, origin: &str) {
+    assert_eq!(
+        resp.header("access-control-allow-origin"),
+        Some(origin),
+        "{resp:?}"
+    );
+    assert_eq!(resp.header("vary"), Some("Origin"), "{resp:?}");
+    let exposed = resp
+        .header("access-control-expose-headers")
+        .unwrap_or_default();
+    for h in [
+        "fedbus-partition",
+        "fedbus-hops",
+        "fedbus-shard",
+        "fedbus-served-by",
+    ] {
+        assert!(exposed.contains(h), "{h} exposed: {resp:?}");
+    }
+    assert_eq!(resp.header("access-control-allow-credentials"), None);
+}
+
+fn assert_no_cors(resp: &Response) {
+    assert_eq!(resp.header("access-control-allow-origin"), None, "{resp:?}");
+}
+
+fn refused(r: &Router) -> f64 {
+    r.metrics().get("fedbus_origin_refused_total")
+}
+
+/// The preflight is the router's (no task is linked, so a request that reached routing would
+/// be 503); then the real request carries the CORS fields and reaches the task.
+#[test]
+fn an_allowed_origin_gets_preflights_and_readable_answers() {
+    let r = router();
+    let p = r.path(APP, 7);
+    let pre = r.request(
+        &Req::new("OPTIONS", &p)
+            .header("Origin", PAGE)
+            .header("Access-Control-Request-Method", "POST")
+            .header("Access-Control-Request-Headers", "authorization"),
+    );
+    assert_eq!(pre.status, 204, "{pre:?}");
+    assert!(pre.body.is_empty());
+    assert_eq!(pre.header("content-length"), None, "{pre:?}");
+    assert_cors(&pre, PAGE);
+    let methods = pre
+        .header("access-control-allow-methods")
+        .unwrap_or_default();
+    for m in ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
+        assert!(methods.contains(m), "{m}: {pre:?}");
+    }
+    assert_eq!(
+        pre.header("access-control-allow-headers"),
+        Some("authorization, content-type, x-trace")
+    );
+    assert_eq!(pre.header("access-control-max-age"), Some("123"));
+
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let resp = r.request(&Req::post(&p).token(&tok).header("Origin", PAGE).body(b"hi"));
+    assert_eq!(
+        (resp.status, resp.body.as_slice()),
+        (200, &b"hi"[..]),
+        "{resp:?}"
+    );
+    assert_cors(&resp, PAGE);
+    assert_eq!(resp.header("fedbus-partition"), Some("7"));
+    // Errors are readable by the page too.
+    let unauth = r.request(&Req::post(&p).header("Origin", PAGE).body(b"x"));
+    unauth.assert_error(401, "missing_token");
+    assert_cors(&unauth, PAGE);
+    // A non-preflight OPTIONS (no Access-Control-Request-Method) is the task's.
+    let opt = r.request(&Req::new("OPTIONS", &p).token(&tok).header("Origin", PAGE));
+    assert_eq!(opt.status, 200, "{opt:?}");
+    assert_eq!(opt.header("echo-method"), Some("OPTIONS"), "{opt:?}");
+    assert_eq!(refused(&r), 0.0);
+}
+
+#[test]
+fn other_origins_are_refused_before_any_task() {
+    let r = router();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let p = r.path(APP, 3);
+    let resp = r.request(&Req::post(&p).token(&tok).header("Origin", EVIL).body(b"x"));
+    resp.assert_error(403, "origin_not_allowed");
+    assert_no_cors(&resp);
+    // The anonymous Auth Service follows the same rule (no token needed to be refused).
+    let auth = p.replace("/api/3/sys/echo", "/auth/3/sys/echo");
+    assert_ne!(auth, p);
+    r.request(&Req::post(&auth).header("Origin", EVIL).body(b"x"))
+        .assert_error(403, "origin_not_allowed");
+    let pre = r.request(
+        &Req::new("OPTIONS", &p)
+            .header("Origin", EVIL)
+            .header("Access-Control-Request-Method", "POST"),
+    );
+    pre.assert_error(403, "origin_not_allowed");
+    assert_no_cors(&pre);
+    // An app without [apps.cors] allows no other origin at all.
+    let other_tok = r.token(OTHER, "alice");
+    r.request(
+        &Req::post(&r.path(OTHER, 1))
+            .token(&other_tok)
+            .header("Origin", PAGE)
+            .body(b"x"),
+    )
+    .assert_error(403, "origin_not_allowed");
+    // Over the body: refused from the head, before `100 Continue`.
+    let mut c = r.conn();
+    // The request announces a body it does not send.
+    let head = String::from_utf8(
+        Req::post(&p)
+            .token(&tok)
+            .header("Origin", EVIL)
+            .header("Expect", "100-continue")
+            .bytes(),
+    )
+    .expect("ascii")
+    .replace("Content-Length: 0", "Content-Length: 1000");
+    c.send(head.as_bytes());
+    c.read_response()
+        .expect("refusal before the body")
+        .assert_error(403, "origin_not_allowed");
+    assert_eq!(refused(&r), 5.0);
+    assert!(
+        r.log().contains("origin not allowed"),
+        "a log line per refusal"
+    );
+}
+
+/// Requests without `Origin` (curl, servers) and same-origin requests are not subject to CORS.
+#[test]
+fn same_origin_and_originless_requests_are_not_cors() {
+    let r = router();
+    let _t = r.task().app(OTHER).partitions("0-3").start();
+    let tok = r.token(OTHER, "alice");
+    let p = r.path(OTHER, 2);
+    let plain = r.request(&Req::post(&p).token(&tok).body(b"a"));
+    assert_eq!(plain.status, 200, "{plain:?}");
+    assert_no_cors(&plain);
+    // Req::new sends `Host: 127.0.0.1`.
+    let same = r.request(
+        &Req::post(&p)
+            .token(&tok)
+            .header("Origin", "http://127.0.0.1")
+            .body(b"b"),
+    );
+    assert_eq!(same.status, 200, "{same:?}");
+    assert_no_cors(&same);
+}

@@ -8,8 +8,8 @@ use fedbus_router::config::{self, Config};
 use std::path::{Path, PathBuf};
 
 /// Start of the one machine-readable line `fedbus run` prints when it is up: this prefix, then
-/// a JSON object with `router`, `api`, `internal` (per shard), `external`, `admin`, `shards`,
-/// `shard_cores`.
+/// a JSON object with `router`, `api`, `api_tls`, `internal` (per shard), `external`, `admin`,
+/// `shards`, `shard_cores`.
 const READY_PREFIX: &str = "fedbus-ready ";
 
 mod task;
@@ -178,6 +178,25 @@ enum KeysCmd {
         #[arg(long)]
         keyring: Option<PathBuf>,
     },
+    /// Issue a router certificate (server and client auth) from a CA: writes `<out>.pem` and
+    /// `<out>.key` (mode 0600). Without --ca, the keyring's dev CA (made if absent).
+    Cert {
+        /// Names the certificate is valid for (DNS names, `*.` wildcards, IP addresses);
+        /// repeat for several. The first is also its common name.
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// Output path without extension.
+        #[arg(long)]
+        out: PathBuf,
+        /// CA certificate (PEM); with --ca-key.
+        #[arg(long, requires = "ca_key")]
+        ca: Option<PathBuf>,
+        /// CA private key (PEM, PKCS#8).
+        #[arg(long, requires = "ca")]
+        ca_key: Option<PathBuf>,
+        #[arg(long)]
+        keyring: Option<PathBuf>,
+    },
 }
 
 fn keyring_dir(k: &Option<PathBuf>) -> PathBuf {
@@ -212,6 +231,25 @@ fn keyring_with_app(dir: &Path, app: &str, create: bool) -> Result<()> {
             dir.display()
         );
     }
+    Ok(())
+}
+
+/// Writes a file with `mode`, replacing it atomically (a router watching it never reads half
+/// of it).
+fn write_atomic(path: &Path, text: &str, mode: u32) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("{}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}", path.display()))?;
     Ok(())
 }
 
@@ -278,9 +316,9 @@ fn init_tracing() {
 }
 
 fn run_router(path: Option<PathBuf>) -> Result<()> {
-    let cfg = match &path {
+    let mut cfg = match &path {
         Some(p) => Config::load(p)?,
-        None => Config::default(),
+        None => Config::embedded(),
     };
     // io_uring and locked memory first: glommio would panic or fail late without them.
     for c in fedbus_router::tune::checks(&cfg) {
@@ -296,6 +334,22 @@ fn run_router(path: Option<PathBuf>) -> Result<()> {
         Keyring::ensure_apps(&dir, &cfg.app_names(), auth::now_unix())?;
     }
     let keyring = Keyring::load(&dir).with_context(|| format!("keyring {}", dir.display()))?;
+    // Dev mode with a TLS listener and no certificate: the keyring's dev CA and certificate.
+    let mut dev_ca = None;
+    if cfg.dev && cfg.listen.api_tls.is_some() && cfg.tls.certs.is_empty() {
+        let (files, created) = fedbus_router::tls::dev::ensure(&dir)?;
+        if created {
+            eprintln!(
+                "fedbus: created a dev CA and a certificate for localhost and 127.0.0.1 in {} (DEV CERTIFICATES: do not use in production)",
+                dir.join(fedbus_router::tls::dev::DIR).display()
+            );
+        }
+        cfg.tls.certs = vec![config::CertFiles {
+            cert: files.cert,
+            key: files.key,
+        }];
+        dev_ca = Some(files.ca);
+    }
     let r = fedbus_router::shard::listen::start(cfg.clone(), keyring)?;
     println!(
         "fedbus router {}/{}/{} up",
@@ -305,6 +359,12 @@ fn run_router(path: Option<PathBuf>) -> Result<()> {
         "  api       http://{}  (HTTP/1.1, websocket /api/ws)",
         r.api
     );
+    if let Some(a) = r.api_tls {
+        println!("  api tls   https://{a}  (HTTPS, wss:// /api/ws)");
+        if let Some(ca) = &dev_ca {
+            println!("  dev CA    {}  (curl --cacert)", ca.display());
+        }
+    }
     for (k, a) in r.internal.iter().enumerate() {
         println!("  internal  {a}  shard {k} on core {}", r.shard_cores[k]);
     }
@@ -332,6 +392,7 @@ fn run_router(path: Option<PathBuf>) -> Result<()> {
     let ready = serde_json::json!({
         "router": format!("{}/{}/{}", cfg.region, cfg.cluster, cfg.router),
         "api": r.api.to_string(),
+        "api_tls": r.api_tls.map(|a| a.to_string()),
         "internal": r.internal.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "external": r.external.map(|a| a.to_string()),
         "admin": r.admin.map(|a| a.to_string()),
@@ -348,7 +409,7 @@ fn run_router(path: Option<PathBuf>) -> Result<()> {
     ])?;
     for sig in signals.forever() {
         if sig == signal_hook::consts::SIGHUP {
-            tracing::info!("SIGHUP: reloading the keyring");
+            tracing::info!("SIGHUP: reloading the keyring and TLS certificates");
             let _ = r.events.send(fedbus_router::control::ControlEvent::Reload);
         } else {
             tracing::info!("signal {sig}: stopping");
@@ -512,7 +573,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Tune { config } => {
             let cfg = match &config {
                 Some(p) => Config::load(p)?,
-                None => Config::default(),
+                None => Config::embedded(),
             };
             std::process::exit(if fedbus_router::tune::report(&cfg) {
                 0
@@ -599,6 +660,39 @@ fn real_main(cli: Cli) -> Result<()> {
                 "{} {}",
                 if created { "created" } else { "kept" },
                 dir.display()
+            );
+            Ok(())
+        }
+        Cmd::Keys(KeysCmd::Cert {
+            names,
+            out,
+            ca,
+            ca_key,
+            keyring,
+        }) => {
+            use fedbus_router::tls::dev;
+            let (ca_cert, ca_key) = match (ca, ca_key) {
+                (Some(c), Some(k)) => (c, k),
+                _ => {
+                    let dir = keyring_dir(&keyring);
+                    let (files, _) = dev::ensure(&dir)?;
+                    let key = files.ca.with_file_name(dev::CA_KEY);
+                    (files.ca, key)
+                }
+            };
+            let ca = dev::Ca::load(&ca_cert, &ca_key)?;
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let (cert, key) = ca.issue(refs[0], &refs)?;
+            let cert_path = out.with_extension("pem");
+            let key_path = out.with_extension("key");
+            write_atomic(&key_path, &key, 0o600)?;
+            write_atomic(&cert_path, &cert, 0o644)?;
+            println!(
+                "{} and {} issued by {} for {}",
+                cert_path.display(),
+                key_path.display(),
+                ca_cert.display(),
+                names.join(", ")
             );
             Ok(())
         }

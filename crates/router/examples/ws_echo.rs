@@ -80,7 +80,7 @@ async fn serve(mut stream: TcpStream) {
         leftover,
         Side::Server,
         limits.max_message_bytes(),
-        limits.max_link_outbox_bytes,
+        &limits,
     );
     let end = loop {
         match reader.next().await {

@@ -20,12 +20,14 @@ pub struct Config {
     pub dev: bool,
     /// Keyring directory. Default: `$FEDBUS_HOME/keys`, else `./.fedbus/keys`.
     pub keyring: Option<PathBuf>,
-    /// `[listen]`: the four listeners.
+    /// `[listen]`: the listeners (api, its TLS twin, internal, external, admin).
     pub listen: Listen,
     /// `[limits]`: sizes, counts and timeouts.
     pub limits: Limits,
     /// `[auth]`: key grace period, keyring reloads, verify caches.
     pub auth: Auth,
+    /// `[tls]`: certificates and sessions of the TLS api listener (`listen.api_tls`).
+    pub tls: Tls,
     /// `[routing]`: Redirect hops and the emergency election seed.
     pub routing: Routing,
     /// `[tuning]`: cores, pinning and io_uring memory.
@@ -91,6 +93,12 @@ pub struct Listen {
     /// scrape has 2 s to send its request head and 2 s per write, so a slow client holds one
     /// slot for at most that long and cannot block the others. Default 16.
     pub admin_max_connections: usize,
+    /// HTTPS and `wss://` (`/api/ws`) for clients: the api listener behind TLS, on its own
+    /// port, beside the plaintext `api` (which stays for loopback and for a trusted balancer in
+    /// front). Every shard binds it with SO_REUSEPORT and does its own handshakes. Needs
+    /// `[[tls.certs]]`, or `dev = true` (the keyring's dev certificate). Default: none; the
+    /// embedded defaults of `fedbus run` without `--config` use `127.0.0.1:8443`.
+    pub api_tls: Option<SocketAddr>,
     /// Host (name or address) that tasks should dial for the internal listeners, as told in
     /// the hello. Default: the bound address; set it when `internal` binds `0.0.0.0`.
     pub advertise_host: Option<String>,
@@ -159,6 +167,47 @@ pub struct Auth {
     /// of the other cluster cross one link); each entry holds one token, ~300 bytes. An HTTP
     /// connection or websocket session remembers its one token. Default 64.
     pub verify_cache_per_peer_link: usize,
+}
+
+/// TLS of the api listener (`listen.api_tls`). See docs/TUNING.md, "TLS".
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tls {
+    /// Certificates, each a PEM chain (leaf first) and its PEM private key (PKCS#8, PKCS#1 or
+    /// SEC1). A client's SNI name picks the first certificate valid for it; the first one is
+    /// the default (no SNI, or a name none covers). The control thread reloads them when a
+    /// file's mtime changes (checked every `auth.reload_poll_ms`) and on SIGHUP; open
+    /// connections are not touched. Empty with `dev = true`: the keyring's dev certificate
+    /// (`<keyring>/tls/router.pem`, made on first run). Default empty.
+    pub certs: Vec<CertFiles>,
+    /// TLS sessions the router remembers for resumption by session id (TLS 1.2) and for
+    /// TLS 1.3 resumption when `tickets` is off; shared by all shards, a few hundred bytes
+    /// each. 0 turns the cache off. Default 4096.
+    pub session_cache: usize,
+    /// Stateless session tickets (TLS 1.3 and 1.2): a returning client skips the certificate
+    /// and key exchange work. The ticket keys live in this process only (rotated every 6 h),
+    /// so a ticket resumes only on the router that issued it. Default true.
+    pub tickets: bool,
+}
+
+/// One certificate and its key, PEM files.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CertFiles {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key of the leaf.
+    pub key: PathBuf,
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Tls {
+            certs: Vec::new(),
+            session_cache: 4096,
+            tickets: true,
+        }
+    }
 }
 
 /// Seed routing rules.
@@ -266,6 +315,7 @@ impl Default for Config {
             listen: Listen::default(),
             limits: Limits::default(),
             auth: Auth::default(),
+            tls: Tls::default(),
             routing: Routing::default(),
             tuning: Tuning::default(),
             apps: vec![App {
@@ -289,6 +339,7 @@ impl Default for Listen {
             admin: ([127, 0, 0, 1], 8700).into(),
             admin_enabled: true,
             admin_max_connections: 16,
+            api_tls: None,
             advertise_host: None,
         }
     }
@@ -452,6 +503,14 @@ fn check_name(field: &str, v: &str) -> Result<(), ConfigError> {
 }
 
 impl Config {
+    /// The embedded defaults of `fedbus run` without `--config`: [`Config::default`] plus
+    /// HTTPS on `127.0.0.1:8443` with the keyring's dev certificate.
+    pub fn embedded() -> Config {
+        let mut c = Config::default();
+        c.listen.api_tls = Some(([127, 0, 0, 1], 8443).into());
+        c
+    }
+
     /// Reads and validates a TOML file.
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
         let p = path.display().to_string();
@@ -591,6 +650,15 @@ impl Config {
                 ));
             }
         }
+        if self.listen.api_tls.is_some() && self.tls.certs.is_empty() && !self.dev {
+            return Err(invalid(
+                "tls.certs",
+                "listen.api_tls needs at least one [[tls.certs]] (only dev mode makes its own)",
+            ));
+        }
+        if self.listen.api_tls == Some(self.listen.api) && self.listen.api.port() != 0 {
+            return Err(invalid("listen.api_tls", "same address as listen.api"));
+        }
         if self.listen.internal.ip().is_unspecified() && self.listen.advertise_host.is_none() {
             return Err(invalid(
                 "listen.advertise_host",
@@ -689,6 +757,24 @@ mod tests {
         assert_eq!(c.listen.internal.port(), 8900);
         assert_eq!(c.apps[0].partitions, 16);
         assert!(!c.shard_cores().is_empty());
+        assert_eq!(c.listen.api_tls, None);
+        let e = Config::embedded();
+        e.validate().unwrap();
+        assert_eq!(e.listen.api_tls.map(|a| a.port()), Some(8443));
+    }
+
+    #[test]
+    fn tls_listener_needs_certificates_outside_dev_mode() {
+        let e =
+            Config::parse("dev = false\n[listen]\napi_tls = \"127.0.0.1:0\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("tls.certs"), "{e}");
+        let c = Config::parse(
+            "dev = false\n[listen]\napi_tls = \"127.0.0.1:0\"\n[[tls.certs]]\ncert = \"a.pem\"\nkey = \"a.key\"\n",
+            "t",
+        )
+        .expect("with a certificate");
+        assert_eq!(c.tls.certs.len(), 1);
+        assert!(c.tls.tickets);
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod route;
 pub(crate) mod routing;
 pub mod shard;
 pub(crate) mod task;
+pub mod tls;
 pub mod tune;
 pub mod util;
 pub mod ws;

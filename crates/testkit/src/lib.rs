@@ -174,6 +174,7 @@ pub struct RouterBuilder {
     shards: usize,
     apps: Vec<(String, u32)>,
     limits: Vec<(String, String)>,
+    tls: Vec<(PathBuf, PathBuf)>,
     /// `(app, body of its [apps.cors] table)`.
     cors: Vec<(String, String)>,
 }
@@ -184,6 +185,7 @@ impl Default for RouterBuilder {
             shards: 1,
             apps: vec![("demo/echo".into(), 16), ("demo/other".into(), 4)],
             limits: Vec::new(),
+            tls: Vec::new(),
             cors: Vec::new(),
         }
     }
@@ -206,6 +208,13 @@ impl RouterBuilder {
     /// A `[limits]` override, e.g. `limit("max_body_bytes", 1024)`.
     pub fn limit(mut self, key: &str, value: impl std::fmt::Display) -> Self {
         self.limits.push((key.into(), value.to_string()));
+        self
+    }
+
+    /// A TLS api listener (`listen.api_tls` on a free port) with these `(cert, key)` PEM files
+    /// as `[[tls.certs]]`, the first the default.
+    pub fn tls(mut self, certs: &[(PathBuf, PathBuf)]) -> Self {
+        self.tls = certs.to_vec();
         self
     }
 
@@ -236,7 +245,13 @@ impl RouterBuilder {
             cfg,
             "[listen]\napi = \"127.0.0.1:0\"\ninternal = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\""
         );
+        if !self.tls.is_empty() {
+            let _ = writeln!(cfg, "api_tls = \"127.0.0.1:0\"");
+        }
         let _ = writeln!(cfg, "[tuning]\nshard_cores = {cores}\npin = false");
+        for (cert, key) in &self.tls {
+            let _ = writeln!(cfg, "[[tls.certs]]\ncert = {cert:?}\nkey = {key:?}");
+        }
         if !self.limits.is_empty() {
             let _ = writeln!(cfg, "[limits]");
             for (k, v) in &self.limits {
@@ -278,6 +293,12 @@ impl RouterBuilder {
         };
         let ready = wait_ready_line(&rx, || proc.alive(), &log, "router");
         let api = ready.api;
+        let api_tls = ready.api_tls;
+        assert_eq!(
+            api_tls.is_some(),
+            !self.tls.is_empty(),
+            "a TLS api listener exactly when certificates are configured"
+        );
         let admin = ready.admin.expect("admin listener enabled");
         let internal = ready.internal;
         assert_eq!(
@@ -288,6 +309,7 @@ impl RouterBuilder {
         Router {
             proc,
             api,
+            api_tls,
             internal,
             admin,
             keys,
@@ -312,6 +334,8 @@ pub fn metrics_text_at(admin: SocketAddr) -> String {
 pub struct Ready {
     /// The api listener.
     pub api: SocketAddr,
+    /// The TLS api listener, when configured.
+    pub api_tls: Option<SocketAddr>,
     /// Each shard's internal listener.
     pub internal: Vec<SocketAddr>,
     /// The admin listener, when enabled.
@@ -324,6 +348,7 @@ pub fn parse_ready_line(line: &str) -> Option<Ready> {
     let addr = |v: &serde_json::Value| v.as_str().and_then(|s| s.parse().ok());
     Some(Ready {
         api: addr(&j["api"])?,
+        api_tls: addr(&j["api_tls"]),
         internal: j["internal"].as_array()?.iter().filter_map(addr).collect(),
         admin: addr(&j["admin"]),
     })
@@ -363,6 +388,8 @@ pub struct Router {
     proc: Proc,
     /// Api listener (clients).
     pub api: SocketAddr,
+    /// TLS api listener (HTTPS, `wss://`), when the builder configured certificates.
+    pub api_tls: Option<SocketAddr>,
     /// Internal (task link) address of each shard.
     pub internal: Vec<SocketAddr>,
     /// Admin listener (`/metrics`).

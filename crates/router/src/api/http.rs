@@ -9,9 +9,10 @@ use crate::proto::http::cross_origin;
 use crate::route::{parse_api_path, PathError};
 use crate::routing::{self, Answer, Field, Ingress, Request, VerifyCache};
 use crate::shard::{BodyCharge, Shard};
-use crate::ws::conn::{ReadSpace, SocketWriter};
+use crate::ws::conn::ReadSpace;
+use crate::ws::Stream;
 use bytes::{Bytes, BytesMut};
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncReadExt;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use glommio::net::TcpStream;
 use std::cell::RefCell;
@@ -381,18 +382,39 @@ fn write_head(
 
 use bytes::BufMut;
 
-/// Serves one client connection until it closes.
-pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
-    let m = shard.metrics.clone();
-    ShardMetrics::inc(&m.connections[Listener::Api as usize]);
-    shard.client_conns.set(shard.client_conns.get() + 1);
-    match serve_inner(&shard, &mut stream).await {
+/// Serves one plaintext client connection until it closes.
+pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+    let _open = OpenConn::new(&shard);
+    serve_stream(&shard, stream).await;
+}
+
+/// One open client connection, counted in the api gauge and the per-shard limit from accept
+/// until it is dropped (a TLS connection counts during its handshake too).
+pub(crate) struct OpenConn(Rc<Shard>);
+
+impl OpenConn {
+    pub(crate) fn new(shard: &Rc<Shard>) -> OpenConn {
+        ShardMetrics::inc(&shard.metrics.connections[Listener::Api as usize]);
+        shard.client_conns.set(shard.client_conns.get() + 1);
+        OpenConn(shard.clone())
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        let shard = &self.0;
+        shard.client_conns.set(shard.client_conns.get() - 1);
+        ShardMetrics::dec(&shard.metrics.connections[Listener::Api as usize]);
+    }
+}
+
+/// Serves HTTP/1.1 (and a `/api/ws` upgrade) on an accepted stream, plain or TLS.
+pub(crate) async fn serve_stream<S: Stream>(shard: &Rc<Shard>, mut stream: S) {
+    match serve_inner(shard, &mut stream).await {
         Err(e) => tracing::debug!(shard = shard.index, "client connection ended: {e}"),
         Ok(Some((head, leftover))) => super::ws::serve(shard.clone(), stream, head, leftover).await,
         Ok(None) => {}
     }
-    shard.client_conns.set(shard.client_conns.get() - 1);
-    ShardMetrics::dec(&m.connections[Listener::Api as usize]);
 }
 
 /// What one pipelined request needs to be answered: one concrete future type for all of them,
@@ -453,14 +475,16 @@ async fn answer(shard: Rc<Shard>, step: Step, close: bool, n_in: usize, start: I
 /// Bytes of a websocket upgrade request head and what followed it.
 type Upgrade = (Bytes, BytesMut);
 
-async fn serve_inner(
+async fn serve_inner<S: Stream>(
     shard: &Rc<Shard>,
-    stream: &mut TcpStream,
+    stream: &mut S,
 ) -> std::io::Result<Option<Upgrade>> {
     let limits = shard.cfg.limits.clone();
-    let _ = stream.set_nodelay(true);
+    let _ = stream.tcp().set_nodelay(true);
     // A client that stops reading its answers is dropped instead of holding them forever.
-    let _ = stream.set_write_timeout(Some(Duration::from_millis(limits.idle_timeout_ms)));
+    let _ = stream
+        .tcp()
+        .set_write_timeout(Some(Duration::from_millis(limits.idle_timeout_ms)));
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut space = ReadSpace::default();
     let mut out = BytesMut::with_capacity(4096);
@@ -502,7 +526,11 @@ async fn serve_inner(
                             break;
                         }
                         if continue_ {
-                            stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+                            stream
+                                .write_parts(&[Bytes::from_static(
+                                    b"HTTP/1.1 100 Continue\r\n\r\n",
+                                )])
+                                .await?;
                         }
                     }
                     break;
@@ -653,18 +681,17 @@ async fn serve_inner(
             }
             next = futures_util::FutureExt::now_or_never(inflight.next()).flatten();
         }
-        SocketWriter::new(stream).write_all_vectored(&parts).await?;
+        stream.write_parts(&parts).await?;
         parts.clear();
         if closing && inflight.is_empty() {
             break;
         }
     }
-    let _ = stream.flush().await;
     if closing {
         // Lingering close: the client may still be sending (a body we refused with 413, a
         // pipelined request after `Connection: close`); closing with unread input would make
         // the kernel send RST and could destroy our answer before the client reads it.
-        let _ = stream.shutdown(std::net::Shutdown::Write).await;
+        let _ = stream.shutdown_write().await;
         let mut sink = [0u8; 16 * 1024];
         let _ = glommio::timer::timeout(Duration::from_secs(1), async {
             let mut left = 1usize << 20;
@@ -687,8 +714,8 @@ fn is_ws_upgrade(req: &Req) -> bool {
 }
 
 /// Reads more bytes into `buf`; 0 at end of stream.
-async fn fill(
-    stream: &mut TcpStream,
+async fn fill<S: Stream>(
+    stream: &mut S,
     buf: &mut BytesMut,
     space: &mut ReadSpace,
 ) -> std::io::Result<usize> {

@@ -4,6 +4,7 @@
 
 #[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
 pub mod http;
+pub(crate) mod tls;
 pub(crate) mod ws;
 
 pub(crate) use fedbus_proto::http::reason;

@@ -13,10 +13,9 @@ use crate::route::parse_api_path;
 use crate::routing::answer::send_answer;
 use crate::routing::{self, verify, Answer, Ingress, Principal, Request, VerifyCache};
 use crate::shard::Shard;
+use crate::ws::Stream;
 use crate::ws::{self, handshake, Message, Side};
 use bytes::{Bytes, BytesMut};
-use futures_lite::AsyncWriteExt;
-use glommio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Instant;
@@ -31,9 +30,9 @@ fn query_token(path: &str) -> Option<&str> {
 
 /// Takes over a connection whose first request was `GET /api/ws`. `head` is that request's
 /// head; `leftover` what followed it.
-pub(crate) async fn serve(
+pub(crate) async fn serve<S: Stream>(
     shard: Rc<Shard>,
-    mut stream: TcpStream,
+    mut stream: S,
     head: Bytes,
     leftover: BytesMut,
 ) {
@@ -42,7 +41,9 @@ pub(crate) async fn serve(
         Ok(None) => return,
         Err(r) => {
             let _ = stream
-                .write_all(handshake::error_response(r.status, r.code, r.message).as_bytes())
+                .write_parts(&[Bytes::from(handshake::error_response(
+                    r.status, r.code, r.message,
+                ))])
                 .await;
             return;
         }
@@ -57,14 +58,11 @@ pub(crate) async fn serve(
         crate::metrics::ShardMetrics::inc(&shard.metrics.origin_refused);
         tracing::info!(shard = shard.index, origin = %o, "/api/ws origin not allowed: 403");
         let _ = stream
-            .write_all(
-                handshake::error_response(
-                    403,
-                    "origin_not_allowed",
-                    "no app of this cluster allows this origin",
-                )
-                .as_bytes(),
-            )
+            .write_parts(&[Bytes::from(handshake::error_response(
+                403,
+                "origin_not_allowed",
+                "no app of this cluster allows this origin",
+            ))])
             .await;
         return;
     }
@@ -74,14 +72,11 @@ pub(crate) async fn serve(
         .or_else(|| query_token(&up.path).map(str::to_string));
     let Some(token) = token else {
         let _ = stream
-            .write_all(
-                handshake::error_response(
-                    401,
-                    "missing_token",
-                    "Authorization: Bearer <JWT> or ?access_token= required",
-                )
-                .as_bytes(),
-            )
+            .write_parts(&[Bytes::from(handshake::error_response(
+                401,
+                "missing_token",
+                "Authorization: Bearer <JWT> or ?access_token= required",
+            ))])
             .await;
         return;
     };
@@ -111,7 +106,9 @@ pub(crate) async fn serve(
             Ok(Principal::Anonymous) => {}
             Err(Answer::Error(e)) => {
                 let _ = stream
-                    .write_all(handshake::error_response(e.status, e.code, &e.message).as_bytes())
+                    .write_parts(&[Bytes::from(handshake::error_response(
+                        e.status, e.code, &e.message,
+                    ))])
                     .await;
                 return;
             }
@@ -119,16 +116,18 @@ pub(crate) async fn serve(
         }
     }
     if stream
-        .write_all(handshake::accept_response(&up.key).as_bytes())
+        .write_parts(&[Bytes::from(handshake::accept_response(&up.key))])
         .await
         .is_err()
     {
         return;
     }
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_write_timeout(Some(std::time::Duration::from_millis(
-        shard.cfg.limits.idle_timeout_ms,
-    )));
+    let _ = stream.tcp().set_nodelay(true);
+    let _ = stream
+        .tcp()
+        .set_write_timeout(Some(std::time::Duration::from_millis(
+            shard.cfg.limits.idle_timeout_ms,
+        )));
     let limits = &shard.cfg.limits;
     let ws::WsConn {
         mut reader,

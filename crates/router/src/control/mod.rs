@@ -43,7 +43,7 @@ pub enum ControlEvent {
         /// The task instance.
         task: TaskId,
     },
-    /// Re-read the keyring now (SIGHUP).
+    /// Re-read the keyring and the TLS certificates now (SIGHUP).
     Reload,
     /// Stop the thread.
     Shutdown,
@@ -141,11 +141,17 @@ pub(crate) struct Control {
     keyring_mtime: Option<SystemTime>,
     generation: u64,
     key_generation: u64,
+    /// Certificates of the TLS api listener, when there is one.
+    tls: Option<crate::tls::Reloader>,
 }
 
 impl Control {
     /// Loads the keyring and publishes the first (empty) routing table.
-    pub(crate) fn new(cfg: Arc<Config>, keyring: Keyring) -> Control {
+    pub(crate) fn new(
+        cfg: Arc<Config>,
+        keyring: Keyring,
+        tls: Option<crate::tls::Reloader>,
+    ) -> Control {
         let specs = app_specs(&cfg);
         let table = route::build(&specs, &[], 1, cfg.routing.election_seed);
         let keyring_dir = cfg.keyring_dir();
@@ -165,6 +171,7 @@ impl Control {
             keyring_dir,
             generation: 1,
             key_generation: 1,
+            tls,
         }
     }
 
@@ -216,7 +223,12 @@ impl Control {
             for ev in first.into_iter().chain(rx.try_iter()) {
                 match ev {
                     ControlEvent::Shutdown => return,
-                    ControlEvent::Reload => self.reload_keys("reload event"),
+                    ControlEvent::Reload => {
+                        self.reload_keys("reload event");
+                        if let Some(t) = &mut self.tls {
+                            t.reload("reload event");
+                        }
+                    }
                     ev => changed |= self.registry.apply(&ev),
                 }
             }
@@ -225,6 +237,9 @@ impl Control {
             }
             if keyring_mtime(&self.keyring_dir) != self.keyring_mtime {
                 self.reload_keys("keyring files changed");
+            }
+            if let Some(t) = &mut self.tls {
+                t.poll();
             }
         }
     }
@@ -243,7 +258,11 @@ mod tests {
             keyring: Some(dir.path().to_path_buf()),
             ..Config::default()
         };
-        let mut c = Control::new(Arc::new(cfg), Keyring::load(dir.path()).expect("load"));
+        let mut c = Control::new(
+            Arc::new(cfg),
+            Keyring::load(dir.path()).expect("load"),
+            None,
+        );
         let snaps = c.snapshots();
         assert_eq!(snaps.keys.load().generation, 1);
         // A rotation on disk is picked up with a new generation.

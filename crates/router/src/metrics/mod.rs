@@ -43,6 +43,8 @@ pub(crate) struct ShardMetrics {
     pub(crate) emergency: AtomicU64,
     pub(crate) forwarded: AtomicU64,
     pub(crate) auth_cache_hits: AtomicU64,
+    pub(crate) tls_handshakes: AtomicU64,
+    pub(crate) tls_handshake_failures: AtomicU64,
     pub(crate) origin_refused: AtomicU64,
     pub(crate) overload_refused: AtomicU64,
     pub(crate) body_held: AtomicU64,
@@ -102,7 +104,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, Field); 14] = [
+    let simple: [(&str, &str, &str, Field); 16] = [
         (
             "fedbus_bytes_in_total",
             "counter",
@@ -165,6 +167,18 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             "counter",
             "Client tokens accepted from the per-connection verify cache.",
             |m| &m.auth_cache_hits,
+        ),
+        (
+            "fedbus_tls_handshakes_total",
+            "counter",
+            "TLS handshakes completed on the api TLS listener.",
+            |m| &m.tls_handshakes,
+        ),
+        (
+            "fedbus_tls_handshake_failures_total",
+            "counter",
+            "TLS handshakes that failed or timed out (plaintext on the TLS port, no common version or cipher, limits.handshake_timeout_ms).",
+            |m| &m.tls_handshake_failures,
         ),
         (
             "fedbus_origin_refused_total",

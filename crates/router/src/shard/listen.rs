@@ -22,6 +22,8 @@ use std::time::Duration;
 pub struct Running {
     /// Bound api listener (clients).
     pub api: SocketAddr,
+    /// Bound TLS api listener (HTTPS, `wss://`), when `listen.api_tls` is set.
+    pub api_tls: Option<SocketAddr>,
     /// Bound external listener (peer routers), when the federation has other clusters.
     pub external: Option<SocketAddr>,
     /// Internal listener of each shard (task links), by shard index.
@@ -128,6 +130,20 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
     let n = cores.len();
     let (api_addr, api_fds) = bind_api(cfg.listen.api, n)?;
     let (internal, internal_fds) = bind_internal(cfg.listen.internal, n)?;
+    // Certificates are read before anything starts: a bad file is an error at start.
+    let (tls, tls_fds) = match cfg.listen.api_tls {
+        Some(addr) => {
+            let t = crate::tls::ServerTls::load(&cfg.tls).context("[tls]")?;
+            let (a, fds) = bind_api(addr, n).context("TLS api listener")?;
+            (Some((a, t)), fds.into_iter().map(Some).collect())
+        }
+        None => (None, vec![None; n]),
+    };
+    let api_tls = tls.as_ref().map(|(a, _)| *a);
+    let (tls_config, tls_reloader) = match tls {
+        Some((_, t)) => (Some(t.config), Some(t.reloader)),
+        None => (None, None),
+    };
     let internal = Arc::new(internal);
     let federation = Arc::new(crate::peer::Federation::load(
         &cfg,
@@ -141,7 +157,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
         (None, vec![None; n])
     };
 
-    let control = Control::new(cfg.clone(), keyring);
+    let control = Control::new(cfg.clone(), keyring, tls_reloader);
     let snapshots = control.snapshots();
     let (tx, rx) = crossbeam_channel::unbounded();
     let control_core = cfg.tuning.control_core;
@@ -178,11 +194,12 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
             internal.clone(),
             ready_tx.clone(),
         );
-        let (afd, ifd, efd) = (api_fds[i], internal_fds[i], external_fds[i]);
+        let (afd, ifd, efd, tfd) = (api_fds[i], internal_fds[i], external_fds[i], tls_fds[i]);
         let fed = federation.clone();
+        let acceptor = tls_config.clone().map(futures_rustls::TlsAcceptor::from);
         let h = b
             .spawn(move || async move {
-                let shard = Rc::new(Shard::new(i, n, cfg2, snaps, tx2, m, int2, fed));
+                let shard = Rc::new(Shard::new(i, n, cfg2, snaps, tx2, m, int2, fed, acceptor));
                 // SAFETY: the fds were bound and listening on the main thread and are owned
                 // by this shard alone from here on.
                 let (api_l, int_l) =
@@ -195,6 +212,16 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                         l,
                         |s, c| Box::pin(crate::peer::serve(s, c)),
                         Listener::External,
+                    ))
+                });
+                let tls_l = tfd.map(|fd| {
+                    // SAFETY: as above.
+                    let l = unsafe { TcpListener::from_raw_fd(fd) };
+                    glommio::spawn_local(accept_loop(
+                        shard.clone(),
+                        l,
+                        |s, c| Box::pin(api::tls::serve(s, c)),
+                        Listener::Api,
                     ))
                 });
                 crate::peer::start_dialers(&shard);
@@ -216,6 +243,9 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                 t.await;
                 if let Some(e) = ext {
                     e.await;
+                }
+                if let Some(t) = tls_l {
+                    t.await;
                 }
             })
             .map_err(|e| anyhow!("shard {i} on core {core}: {e}"))?;
@@ -258,6 +288,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
     };
     Ok(Running {
         api: api_addr,
+        api_tls,
         external,
         internal: internal.to_vec(),
         admin,

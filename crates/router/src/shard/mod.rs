@@ -44,6 +44,8 @@ pub(crate) struct Shard {
     /// Bytes of client request bodies this shard may still take in (its share of
     /// `limits.body_budget_bytes`).
     body_left: Cell<usize>,
+    /// Handshakes of the TLS api listener (`listen.api_tls`), when configured.
+    pub(crate) tls: Option<futures_rustls::TlsAcceptor>,
 }
 
 impl Shard {
@@ -57,6 +59,7 @@ impl Shard {
         metrics: Arc<ShardMetrics>,
         internal_addrs: Arc<Vec<SocketAddr>>,
         federation: crate::peer::FederationRef,
+        tls: Option<futures_rustls::TlsAcceptor>,
     ) -> Shard {
         let router_name = format!("{}/{}/{}", cfg.region, cfg.cluster, cfg.router);
         Shard {
@@ -76,6 +79,7 @@ impl Shard {
             peers: RefCell::new(Default::default()),
             body_left: Cell::new(cfg.limits.body_budget_bytes / count.max(1)),
             cfg,
+            tls,
         }
     }
 

@@ -5,6 +5,7 @@
 //! payload to prepend the fedbus header (the design rule: no copy of a payload in user space).
 
 use super::frame::{self, opcode, FrameHead, HeadError, MAX_HEADER};
+use super::stream::{PartsWriter, Stream};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use std::cell::RefCell;
@@ -475,11 +476,11 @@ impl WsOut {
     }
 }
 
-/// A websocket connection over a glommio TCP stream once the handshake is done: the reader,
-/// the shared outbox, and the writer task that drains it.
-pub struct WsConn {
+/// A websocket connection over a client stream (plain TCP or TLS) once the handshake is done:
+/// the reader, the shared outbox, and the writer task that drains it.
+pub struct WsConn<S: Stream = glommio::net::TcpStream> {
     /// Reads whole messages.
-    pub reader: WsReader<ReadHalf>,
+    pub reader: WsReader<S::Reader>,
     /// Queues messages for the writer task; shared by everything that answers on it.
     pub out: Rc<RefCell<WsOut>>,
     /// The writer task; ends when the outbox is closed and drained, or the socket fails.
@@ -487,14 +488,14 @@ pub struct WsConn {
 }
 
 /// Splits `stream` and starts its writer task. `leftover`: bytes read past the handshake.
-pub fn start(
-    stream: glommio::net::TcpStream,
+pub fn start<S: Stream>(
+    stream: S,
     leftover: BytesMut,
     side: Side,
     max_message: usize,
     limits: &crate::config::Limits,
-) -> WsConn {
-    let (rd, wr) = split(stream);
+) -> WsConn<S> {
+    let (rd, wr) = stream.into_split();
     let out = WsOut::new(side, limits.max_link_outbox_bytes);
     out.borrow_mut()
         .limit_controls(limits.max_queued_control_frames);
@@ -613,10 +614,7 @@ impl<W: AsyncWrite + Unpin> SocketWriter<W> {
 }
 
 /// The writer task of a connection: drains the outbox in batches until it closes.
-pub async fn write_loop<W: AsyncWrite + Unpin>(
-    out: Rc<RefCell<WsOut>>,
-    mut w: SocketWriter<W>,
-) -> io::Result<()> {
+pub async fn write_loop<W: PartsWriter>(out: Rc<RefCell<WsOut>>, mut w: W) -> io::Result<()> {
     let mut batch: Vec<Bytes> = Vec::with_capacity(MAX_IOV);
     while Ready(&out).await {
         {
@@ -632,7 +630,7 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
             }
         }
         let n: usize = batch.iter().map(Bytes::len).sum();
-        let r = w.write_all_vectored(&batch).await;
+        let r = w.write_parts(&batch).await;
         batch.clear();
         let mut o = out.borrow_mut();
         o.queued = o.queued.saturating_sub(n);

@@ -3,6 +3,7 @@
 
 mod client;
 pub mod conn;
+pub mod stream;
 pub use fedbus_proto::ws::{frame, handshake};
 
 pub use client::connect;
@@ -10,3 +11,4 @@ pub use conn::{
     close_at_expiry, spawn_pinger, start, write_loop, Message, Refused, Side, WsConn, WsError,
     WsOut, WsReader,
 };
+pub use stream::{PartsWriter, Stream, TlsStream};

@@ -1,0 +1,268 @@
+//! TLS on the api listener (`listen.api_tls`): certificates from PEM files, an SNI resolver
+//! among several certificates, the rustls server config (ring, TLS 1.3 and 1.2, ALPN
+//! `http/1.1`, session resumption), reloading, and the dev CA ([`dev`]).
+//!
+//! Who runs what: [`ServerTls::load`] on the main thread at start; [`Reloader`] on the control
+//! thread (mtime poll and SIGHUP), which swaps the resolver's certificate set with one atomic
+//! store; the handshakes on the shard that accepted the connection ([`accept`]). A reload never
+//! touches an open connection: its session keys do not depend on the certificate after the
+//! handshake. A reload that fails (a missing file, a key that does not match) keeps the
+//! certificates in force and logs why.
+
+pub mod dev;
+
+use crate::config::{CertFiles, Tls as TlsConfig};
+use anyhow::{anyhow, Context};
+use arc_swap::ArcSwap;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
+use rustls::sign::CertifiedKey;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// The certificates in force: the first is the default.
+#[derive(Debug)]
+pub struct CertSet {
+    certs: Vec<Arc<CertifiedKey>>,
+}
+
+impl CertSet {
+    /// Reads every certificate chain and key; the first error names the file.
+    pub fn load(files: &[CertFiles]) -> anyhow::Result<CertSet> {
+        let provider = rustls::crypto::ring::default_provider();
+        let mut certs = Vec::with_capacity(files.len());
+        for f in files {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&f.cert)
+                .with_context(|| format!("certificate {}", f.cert.display()))?
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("certificate {}", f.cert.display()))?;
+            if chain.is_empty() {
+                anyhow::bail!("certificate {}: no CERTIFICATE in it", f.cert.display());
+            }
+            let key = PrivateKeyDer::from_pem_file(&f.key)
+                .with_context(|| format!("private key {}", f.key.display()))?;
+            let ck = CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
+                anyhow!(
+                    "certificate {} with key {}: {e}",
+                    f.cert.display(),
+                    f.key.display()
+                )
+            })?;
+            certs.push(Arc::new(ck));
+        }
+        if certs.is_empty() {
+            anyhow::bail!("tls.certs: no certificate");
+        }
+        Ok(CertSet { certs })
+    }
+
+    /// The certificate for the client's SNI name: the first valid for that name (DNS name,
+    /// wildcard or IP address, as a client would check it), else the default.
+    pub fn pick(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
+        if let Some(name) = sni.and_then(|n| ServerName::try_from(n).ok()) {
+            for ck in &self.certs {
+                let valid = ck.end_entity_cert().ok().is_some_and(|der| {
+                    webpki::EndEntityCert::try_from(der)
+                        .is_ok_and(|ee| ee.verify_is_valid_for_subject_name(&name).is_ok())
+                });
+                if valid {
+                    return ck.clone();
+                }
+            }
+        }
+        self.certs[0].clone()
+    }
+}
+
+/// Picks a certificate per handshake from the set in force; the control thread swaps the set.
+#[derive(Debug)]
+pub struct Resolver {
+    current: ArcSwap<CertSet>,
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load().pick(hello.server_name()))
+    }
+}
+
+/// The TLS server side of a router: the config every shard's acceptor shares, and what the
+/// control thread needs to reload it.
+pub struct ServerTls {
+    /// Shared by every shard's acceptor (its session cache and ticket keys too, so a client
+    /// resumes on any shard).
+    pub config: Arc<ServerConfig>,
+    /// Reloads the certificates; belongs on the control thread.
+    pub reloader: Reloader,
+}
+
+impl ServerTls {
+    /// Loads `cfg.certs` and builds the server config.
+    pub fn load(cfg: &TlsConfig) -> anyhow::Result<ServerTls> {
+        let set = CertSet::load(&cfg.certs)?;
+        let resolver = Arc::new(Resolver {
+            current: ArcSwap::from_pointee(set),
+        });
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut c = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .context("TLS versions")?
+            .with_no_client_auth()
+            .with_cert_resolver(resolver.clone());
+        c.alpn_protocols = vec![b"http/1.1".to_vec()];
+        c.session_storage = if cfg.session_cache > 0 {
+            rustls::server::ServerSessionMemoryCache::new(cfg.session_cache)
+        } else {
+            Arc::new(rustls::server::NoServerSessionStorage {})
+        };
+        if cfg.tickets {
+            c.ticketer = rustls::crypto::ring::Ticketer::new().context("TLS ticket keys")?;
+        }
+        let files = cfg.certs.clone();
+        Ok(ServerTls {
+            config: Arc::new(c),
+            reloader: Reloader {
+                mtime: newest_mtime(&files),
+                files,
+                resolver,
+                generation: 1,
+            },
+        })
+    }
+}
+
+/// Watches the certificate files and swaps the resolver's set when they change. Runs only on
+/// the control thread.
+pub struct Reloader {
+    files: Vec<CertFiles>,
+    resolver: Arc<Resolver>,
+    mtime: Option<SystemTime>,
+    generation: u64,
+}
+
+/// Newest modification time among `files` (None when one is unreadable: a file being replaced).
+fn newest_mtime(files: &[CertFiles]) -> Option<SystemTime> {
+    let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut newest = SystemTime::UNIX_EPOCH;
+    for f in files {
+        newest = newest.max(m(&f.cert)?).max(m(&f.key)?);
+    }
+    Some(newest)
+}
+
+impl Reloader {
+    /// Reloads when a file's mtime moved since the last look. Files are often replaced in two
+    /// steps (certificate, then key): a pair that does not match yet fails, keeps the old set
+    /// and is retried at the next change.
+    pub fn poll(&mut self) {
+        let now = newest_mtime(&self.files);
+        if now.is_some() && now != self.mtime {
+            self.reload("certificate files changed");
+        }
+    }
+
+    /// Reads the files and, if they are all good, swaps them in.
+    pub fn reload(&mut self, why: &str) {
+        self.mtime = newest_mtime(&self.files);
+        match CertSet::load(&self.files) {
+            Ok(set) => {
+                self.generation += 1;
+                // One atomic store: a handshake sees the old set or the new one.
+                self.resolver.current.store(Arc::new(set));
+                tracing::info!(
+                    why,
+                    generation = self.generation,
+                    "TLS certificates reloaded"
+                );
+            }
+            Err(e) => {
+                tracing::error!(why, error = %format!("{e:#}"), "TLS certificate reload failed; keeping the previous certificates")
+            }
+        }
+    }
+
+    /// Times the set was loaded (1 at start).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::test_util::TempDir;
+
+    fn issue(dir: &Path, ca: &dev::Ca, name: &str, sans: &[&str]) -> CertFiles {
+        let files = CertFiles {
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
+        };
+        let (cert, key) = ca.issue(name, sans).expect("issue");
+        std::fs::create_dir_all(dir).expect("dir");
+        std::fs::write(&files.cert, cert).expect("write cert");
+        std::fs::write(&files.key, key).expect("write key");
+        files
+    }
+
+    #[test]
+    fn sni_picks_the_matching_certificate_and_falls_back_to_the_first() {
+        let dir = TempDir::new("tls-sni");
+        let ca = dev::Ca::generate().expect("ca");
+        let a = issue(dir.path(), &ca, "a", &["a.example", "127.0.0.1"]);
+        let b = issue(dir.path(), &ca, "b", &["b.example", "*.wild.example"]);
+        let set = CertSet::load(&[a, b]).expect("load");
+        let is = |sni: Option<&str>, want: usize| {
+            let got = set.pick(sni);
+            assert!(
+                Arc::ptr_eq(&got, &set.certs[want]),
+                "{sni:?} should pick cert {want}"
+            );
+        };
+        is(Some("a.example"), 0);
+        is(Some("b.example"), 1);
+        is(Some("x.wild.example"), 1);
+        is(Some("unknown.example"), 0);
+        is(None, 0);
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_is_refused_and_a_bad_reload_keeps_the_old_set() {
+        let dir = TempDir::new("tls-reload");
+        let ca = dev::Ca::generate().expect("ca");
+        let a = issue(dir.path(), &ca, "a", &["a.example"]);
+        let b = issue(dir.path(), &ca, "b", &["b.example"]);
+        let crossed = CertFiles {
+            cert: a.cert.clone(),
+            key: b.key.clone(),
+        };
+        assert!(CertSet::load(std::slice::from_ref(&crossed)).is_err());
+        let cfg = TlsConfig {
+            certs: vec![a.clone()],
+            ..TlsConfig::default()
+        };
+        let mut tls = ServerTls::load(&cfg).expect("load");
+        let before = tls.reloader.resolver.current.load_full();
+        std::fs::write(&a.key, "not a key").expect("corrupt");
+        tls.reloader.reload("test");
+        assert_eq!(
+            tls.reloader.generation(),
+            1,
+            "a broken pair must not be published"
+        );
+        assert!(Arc::ptr_eq(
+            &before,
+            &tls.reloader.resolver.current.load_full()
+        ));
+        let (cert, key) = ca.issue("a", &["a.example"]).expect("reissue");
+        std::fs::write(&a.cert, cert).expect("cert");
+        std::fs::write(&a.key, key).expect("key");
+        tls.reloader.reload("test");
+        assert_eq!(tls.reloader.generation(), 2);
+        assert!(!Arc::ptr_eq(
+            &before,
+            &tls.reloader.resolver.current.load_full()
+        ));
+    }
+}

@@ -1,0 +1,443 @@
+//! TLS on the api listener (`listen.api_tls`, docs/ARCHITECTURE.md "TLS"), end to end against a
+//! real router and echo task: HTTPS with a client that verifies the CA, ALPN, TLS 1.3 and 1.2,
+//! session resumption, `wss://` from a Python `websockets` client, SNI choosing among
+//! certificates, a certificate replaced on disk while a connection stays open, and bad input on
+//! the TLS port. Certificates come from `fedbus keys cert` (the keyring's dev CA).
+
+use fedbus_proto::{encode_frame, put_meta, tag, Frame, Kind};
+use fedbus_testkit::*;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, ClientConnection, HandshakeKind, RootCertStore, StreamOwned};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+const APP: &str = "demo/echo";
+
+/// Certificates issued by a fresh dev CA: `a` (the default) for `a.test` and 127.0.0.1, `b`
+/// for `b.test`.
+struct Certs {
+    dir: TempDir,
+    ca: PathBuf,
+    a: (PathBuf, PathBuf),
+    b: (PathBuf, PathBuf),
+}
+
+impl Certs {
+    fn new() -> Certs {
+        let dir = TempDir::new("tls-certs");
+        let a = issue(dir.path(), "a", &["a.test", "127.0.0.1"]);
+        let b = issue(dir.path(), "b", &["b.test"]);
+        Certs {
+            ca: dir.path().join("keys/tls/dev-ca.pem"),
+            dir,
+            a,
+            b,
+        }
+    }
+}
+
+/// `fedbus keys cert` from the dev CA of `<dir>/keys` (made on first use).
+fn issue(dir: &Path, out: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+    let keys = dir.join("keys");
+    let out = dir.join(out);
+    let mut args = vec![
+        "keys",
+        "cert",
+        "--keyring",
+        keys.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+    ];
+    for n in names {
+        args.extend(["--name", n]);
+    }
+    fedbus(dir, &args);
+    (out.with_extension("pem"), out.with_extension("key"))
+}
+
+fn der(pem: &Path) -> Vec<u8> {
+    CertificateDer::from_pem_file(pem)
+        .expect("certificate PEM")
+        .to_vec()
+}
+
+fn client_config(
+    ca: &Path,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).expect("CA file") {
+        roots.add(c.expect("CA PEM")).expect("CA certificate");
+    }
+    let mut c =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(versions)
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(c)
+}
+
+type Tls = StreamOwned<ClientConnection, TcpStream>;
+
+/// A TLS connection to `addr` with SNI (and verification) `name`; the handshake completes here.
+fn connect(addr: SocketAddr, cfg: &Arc<ClientConfig>, name: &str) -> std::io::Result<Tls> {
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    tcp.set_read_timeout(Some(READ_TIMEOUT))?;
+    tcp.set_write_timeout(Some(READ_TIMEOUT))?;
+    let name = ServerName::try_from(name.to_string()).expect("server name");
+    let conn = ClientConnection::new(cfg.clone(), name).expect("client connection");
+    let mut s = StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock)?;
+    }
+    Ok(s)
+}
+
+fn peer_cert(s: &Tls) -> Vec<u8> {
+    s.conn.peer_certificates().expect("server certificate")[0].to_vec()
+}
+
+/// One HTTP request and its answer (status, body) on a TLS connection.
+fn exchange(s: &mut Tls, req: &Req) -> (u16, Vec<u8>) {
+    s.write_all(&req.bytes()).expect("write request");
+    s.flush().expect("flush");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let done = {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut r = httparse::Response::new(&mut headers);
+            match r.parse(&buf).expect("response head parses") {
+                httparse::Status::Complete(n) => {
+                    let len = r
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                        .map(|h| {
+                            std::str::from_utf8(h.value)
+                                .expect("length")
+                                .parse::<usize>()
+                                .expect("length")
+                        })
+                        .unwrap_or(0);
+                    (buf.len() >= n + len).then(|| (r.code.expect("status"), n, len))
+                }
+                httparse::Status::Partial => None,
+            }
+        };
+        if let Some((code, n, len)) = done {
+            return (code, buf[n..n + len].to_vec());
+        }
+        let k = s.read(&mut chunk).expect("read response");
+        assert!(k > 0, "connection closed before the answer");
+        buf.extend_from_slice(&chunk[..k]);
+    }
+}
+
+fn echo(r: &Router, s: &mut Tls, wsid: u64, body: &[u8]) {
+    let tok = r.token(APP, "alice");
+    let (status, got) = exchange(s, &Req::post(&r.path(APP, wsid)).token(&tok).body(body));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&got));
+    assert!(got == body, "echo differs ({} bytes sent)", body.len());
+}
+
+#[test]
+fn https_echo_with_alpn_tls13_tls12_and_resumption() {
+    let certs = Certs::new();
+    let r = Router::new()
+        .tls(&[certs.a.clone(), certs.b.clone()])
+        .start();
+    let _t = r.task().start();
+    let addr = r.api_tls.expect("TLS listener");
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let cfg = client_config(&certs.ca, &[version]);
+        let mut s = connect(addr, &cfg, "a.test").expect("handshake");
+        assert_eq!(s.conn.protocol_version(), Some(version.version));
+        assert_eq!(s.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
+        assert_eq!(s.conn.handshake_kind(), Some(HandshakeKind::Full));
+        for i in 0..3u64 {
+            echo(&r, &mut s, i, &random_bytes(1 + 1000 * i as usize, i));
+        }
+        // A body over many TLS records each way.
+        echo(&r, &mut s, 9, &random_bytes(300_000, 9));
+        drop(s);
+        let mut s = connect(addr, &cfg, "a.test").expect("second handshake");
+        assert_eq!(
+            s.conn.handshake_kind(),
+            Some(HandshakeKind::Resumed),
+            "{version:?}: the second connection resumes the session"
+        );
+        echo(&r, &mut s, 4, b"resumed");
+    }
+    // The plaintext listener still serves beside it.
+    let tok = r.token(APP, "alice");
+    let resp = r.request(&Req::post(&r.path(APP, 1)).token(&tok).body(b"plain"));
+    assert_eq!((resp.status, &resp.body[..]), (200, &b"plain"[..]));
+    assert!(r.metrics().get("fedbus_tls_handshakes_total") >= 4.0);
+}
+
+#[test]
+fn sni_picks_the_certificate_and_others_get_the_default() {
+    let certs = Certs::new();
+    let r = Router::new()
+        .tls(&[certs.a.clone(), certs.b.clone()])
+        .start();
+    let addr = r.api_tls.expect("TLS listener");
+    let cfg = client_config(&certs.ca, &[&rustls::version::TLS13]);
+    let (a, b) = (der(&certs.a.0), der(&certs.b.0));
+    assert_ne!(a, b);
+    let s = connect(addr, &cfg, "b.test").expect("b.test verifies");
+    assert!(peer_cert(&s) == b, "SNI b.test gets certificate b");
+    let s = connect(addr, &cfg, "a.test").expect("a.test verifies");
+    assert!(peer_cert(&s) == a, "SNI a.test gets certificate a");
+    // An IP address is not sent as SNI: the default certificate (a) answers, and it is valid
+    // for 127.0.0.1.
+    let s = connect(addr, &cfg, "127.0.0.1").expect("no SNI: the default verifies");
+    assert!(peer_cert(&s) == a);
+    // A name no certificate covers gets the default too (which the client then refuses).
+    let Err(e) = connect(addr, &cfg, "c.test") else {
+        panic!("c.test must not verify: no certificate covers it");
+    };
+    assert!(e.to_string().contains("certificate"), "{e}");
+}
+
+/// A certificate verifier that accepts anything and remembers nothing: the reload test reads
+/// which certificate was served, whatever its validity.
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A client config that reads the served certificate whatever it is, with no session to
+/// resume (every handshake is a full one and shows the certificate).
+fn probe_config() -> Arc<ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut probe = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    probe.resumption = rustls::client::Resumption::disabled();
+    Arc::new(probe)
+}
+
+#[test]
+fn sighup_reloads_the_certificates() {
+    let certs = Certs::new();
+    // No mtime poll within the test: only the signal can reload.
+    let r = seed::start_with(
+        Router::new().tls(std::slice::from_ref(&certs.a)),
+        "[auth]\nreload_poll_ms = 3600000",
+    );
+    let addr = r.api_tls.expect("TLS listener");
+    let probe = probe_config();
+    let first = der(&certs.a.0);
+    issue(certs.dir.path(), "a", &["a.test", "127.0.0.1"]);
+    let second = der(&certs.a.0);
+    let s = connect(addr, &probe, "a.test").expect("handshake");
+    assert!(peer_cert(&s) == first, "no reload before the signal");
+    seed::sighup(&r);
+    let served = wait_for(Duration::from_secs(5), || {
+        let s = connect(addr, &probe, "a.test").ok()?;
+        (peer_cert(&s) == second).then_some(())
+    });
+    assert!(served.is_some(), "SIGHUP did not reload:\n{}", r.log());
+    let log = r.log();
+    assert!(
+        log.contains("TLS certificates reloaded") && !log.contains("certificate files changed"),
+        "the reload came from the signal, not the file poll:\n{log}"
+    );
+}
+
+#[test]
+fn a_replaced_certificate_serves_new_connections_while_old_ones_keep_working() {
+    let certs = Certs::new();
+    let r = Router::new().tls(std::slice::from_ref(&certs.a)).start();
+    let _t = r.task().start();
+    let addr = r.api_tls.expect("TLS listener");
+    let cfg = client_config(&certs.ca, &[&rustls::version::TLS13]);
+    let mut old = connect(addr, &cfg, "a.test").expect("handshake");
+    echo(&r, &mut old, 1, b"before");
+    let first = peer_cert(&old);
+
+    // Replaced on disk (a new key and certificate for the same names); no signal.
+    issue(certs.dir.path(), "a", &["a.test", "127.0.0.1"]);
+    let second = der(&certs.a.0);
+    assert_ne!(first, second);
+    let probe = probe_config();
+    let served = wait_for(Duration::from_secs(10), || {
+        let s = connect(addr, &probe, "a.test").ok()?;
+        (peer_cert(&s) == second).then_some(())
+    });
+    assert!(
+        served.is_some(),
+        "new connections never got the new certificate:\n{}",
+        r.log()
+    );
+    // The new certificate verifies against the CA, and the old connection still works.
+    let mut new = connect(addr, &cfg, "a.test").expect("new certificate verifies");
+    echo(&r, &mut new, 2, b"after, new connection");
+    echo(&r, &mut old, 3, b"after, old connection");
+    assert!(r.log().contains("TLS certificates reloaded"), "{}", r.log());
+}
+
+/// Reads until the router closes; true when it did within the read timeout.
+fn closed_by_router(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1024];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn plaintext_and_stalled_handshakes_are_counted_and_cut() {
+    let certs = Certs::new();
+    let mut r = Router::new()
+        .tls(std::slice::from_ref(&certs.a))
+        .limit("handshake_timeout_ms", 500)
+        .start();
+    let _t = r.task().start();
+    let addr = r.api_tls.expect("TLS listener");
+    let mut plain = TcpStream::connect(addr).expect("connect");
+    plain.set_read_timeout(Some(READ_TIMEOUT)).expect("timeout");
+    plain
+        .write_all(b"GET /api/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    assert!(
+        closed_by_router(&mut plain),
+        "plaintext on the TLS port is cut"
+    );
+    let mut stalled = TcpStream::connect(addr).expect("connect");
+    stalled
+        .set_read_timeout(Some(READ_TIMEOUT))
+        .expect("timeout");
+    assert!(
+        closed_by_router(&mut stalled),
+        "a client that never starts its handshake is cut by limits.handshake_timeout_ms"
+    );
+    let counted = wait_for(Duration::from_secs(5), || {
+        (r.metrics().get("fedbus_tls_handshake_failures_total") >= 2.0).then_some(())
+    });
+    assert!(counted.is_some(), "{}", r.metrics_text());
+    assert!(r.alive());
+    assert!(r.log().contains("TLS handshake failed"), "{}", r.log());
+    let cfg = client_config(&certs.ca, &[&rustls::version::TLS13]);
+    let mut s = connect(addr, &cfg, "a.test").expect("handshake after bad input");
+    echo(&r, &mut s, 5, b"still serving");
+}
+
+/// A Python 3 that has `websockets`; the test fails (does not skip) without one.
+fn python() -> String {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import websockets"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "`python3 -c 'import websockets'` fails: install python3-websockets; CI installs it"
+    );
+    "python3".into()
+}
+
+const WSS_CLIENT: &str = r#"
+import asyncio, ssl, sys, websockets
+async def main():
+    ctx = ssl.create_default_context(cafile=sys.argv[2])
+    async with websockets.connect(sys.argv[1], ssl=ctx, open_timeout=5) as ws:
+        for frame in sys.argv[3:]:
+            await ws.send(bytes.fromhex(frame))
+        for _ in sys.argv[3:]:
+            msg = await asyncio.wait_for(ws.recv(), 5)
+            print(msg.hex())
+asyncio.run(main())
+"#;
+
+#[test]
+fn wss_api_ws_answers_a_python_websockets_client() {
+    let certs = Certs::new();
+    let r = Router::new().tls(std::slice::from_ref(&certs.a)).start();
+    let _t = r.task().start();
+    let addr = r.api_tls.expect("TLS listener");
+    let tok = r.token(APP, "alice");
+    let frames: Vec<String> = (1..=3u64)
+        .map(|id| {
+            let mut meta = bytes::BytesMut::new();
+            put_meta(&mut meta, tag::PATH, r.path(APP, id).as_bytes());
+            let body = format!("wss request {id}");
+            let f = encode_frame(Kind::Request, 0, 0, 0, id, &meta, body.as_bytes());
+            f.iter().map(|b| format!("{b:02x}")).collect()
+        })
+        .collect();
+    let url = format!("wss://127.0.0.1:{}/api/ws?access_token={tok}", addr.port());
+    let out = std::process::Command::new(python())
+        .args(["-c", WSS_CLIENT, &url, certs.ca.to_str().expect("utf-8")])
+        .args(&frames)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "python wss client failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        r.log()
+    );
+    let mut ids: Vec<u64> = String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .lines()
+        .map(|hex| {
+            let b: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+                .collect();
+            let f = Frame::decode(bytes::Bytes::from(b)).expect("a fedbus frame");
+            assert_eq!(f.header.kind, Kind::Response);
+            let id = f.header.request_id;
+            assert_eq!(&f.payload[..], format!("wss request {id}").as_bytes());
+            id
+        })
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![1, 2, 3]);
+}

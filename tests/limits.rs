@@ -115,3 +115,57 @@ fn anonymous_uploads_are_small_and_refused_from_the_head() {
     assert_eq!((big.status, big.body.len()), (200, 1 << 20));
     let _ = std::io::stdout().flush();
 }
+
+/// A body trickled below `limits.min_body_bytes_per_sec` is cut with 408 once the head's
+/// allowance plus length / rate has passed, whatever the idle timeout; a body sent at a normal
+/// pace is answered.
+#[test]
+fn a_trickled_body_gets_408() {
+    use std::io::Read;
+    let r = Router::new()
+        .shards(1)
+        .limit("handshake_timeout_ms", 500)
+        .limit("min_body_bytes_per_sec", 1000)
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let p = r.path(APP, 4);
+    let ok = r.request(&Req::post(&p).token(&tok).body(&vec![b'f'; 200_000]));
+    assert_eq!((ok.status, ok.body.len()), (200, 200_000));
+    let mut s = std::net::TcpStream::connect(r.api).expect("connect");
+    s.set_read_timeout(Some(Duration::from_millis(150)))
+        .expect("timeout");
+    write!(
+        s,
+        "POST {p} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Length: 100\r\n\r\n"
+    )
+    .expect("head");
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        if s.write_all(b"t").is_err() {
+            break;
+        }
+        let mut chunk = [0u8; 1024];
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(_) => {}
+        }
+        if !got.is_empty() {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 408") && text.contains("min_body_bytes_per_sec"),
+        "got {text:?} after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(r.log().contains("request body slower than"));
+}

@@ -135,6 +135,10 @@ pub struct Limits {
     /// Interval of websocket pings on task links; a link silent for 3 intervals is dropped.
     /// Default 2000 ms.
     pub ping_interval_ms: u64,
+    /// Slowest pace of a request body: once its head is complete, a body of N bytes must have
+    /// arrived within `handshake_timeout_ms` + N / this many seconds, or the request gets 408
+    /// and the connection closes. Default 1024 bytes per second.
+    pub min_body_bytes_per_sec: usize,
     /// Most bytes of a request body for an anonymous service (no token: anyone can send it);
     /// more is 413, refused from the head before the body is read. Default 64 KiB.
     pub max_anonymous_body_bytes: usize,
@@ -368,6 +372,7 @@ impl Default for Limits {
             max_inflight_per_connection: 256,
             ping_interval_ms: 2000,
             max_anonymous_body_bytes: 64 * 1024,
+            min_body_bytes_per_sec: 1024,
             body_budget_bytes: 512 * 1024 * 1024,
             max_connection_body_bytes: 16 * 1024 * 1024,
             max_control_frames_per_sec: 100,
@@ -554,6 +559,7 @@ impl Config {
                 l.max_inflight_per_connection,
             ),
             ("limits.body_budget_bytes", l.body_budget_bytes),
+            ("limits.min_body_bytes_per_sec", l.min_body_bytes_per_sec),
             (
                 "limits.max_connection_body_bytes",
                 l.max_connection_body_bytes,

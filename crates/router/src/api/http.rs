@@ -500,6 +500,9 @@ async fn serve_inner<S: Stream>(
     let idle = Duration::from_millis(limits.idle_timeout_ms);
     let head_limit = Duration::from_millis(limits.handshake_timeout_ms);
     let mut head_since: Option<Instant> = None;
+    // A body announced by a complete head must arrive at `limits.min_body_bytes_per_sec` at
+    // least (after the head's own allowance): a client that trickles an upload is cut.
+    let mut body_deadline: Option<Instant> = None;
     loop {
         // Parse and start every complete request that is buffered.
         while !closing && inflight.len() < limits.max_inflight_per_connection {
@@ -511,6 +514,9 @@ async fn serve_inner<S: Stream>(
                 } => {
                     if let (Some(n), false) = (head_len, continued) {
                         continued = true;
+                        let secs = body_len as f64 / limits.min_body_bytes_per_sec as f64;
+                        body_deadline =
+                            Some(Instant::now() + head_limit + Duration::from_secs_f64(secs));
                         let checked =
                             check_head(shard, &mut cache.borrow_mut(), &buf[..n], body_len)
                                 .and_then(|()| shard.charge_body(&held, body_len));
@@ -566,6 +572,7 @@ async fn serve_inner<S: Stream>(
                 }
                 Parsed::Request(req) => {
                     continued = false;
+                    body_deadline = None;
                     // The next head's clock starts when its bytes are read.
                     head_since = None;
                     let start = Instant::now();
@@ -594,23 +601,22 @@ async fn serve_inner<S: Stream>(
             if buf.is_empty() || continued {
                 head_since = None;
             }
-            let wait = match head_since {
-                Some(t) => head_limit.saturating_sub(t.elapsed()),
-                None => idle,
+            let wait = match (head_since, body_deadline.filter(|_| continued)) {
+                (_, Some(d)) => d.saturating_duration_since(Instant::now()),
+                (Some(t), None) => head_limit.saturating_sub(t.elapsed()),
+                (None, None) => idle,
             };
             let read = fill(stream, &mut buf, &mut space);
             match glommio::timer::timeout(wait, async { Ok(read.await) }).await {
-                Err(_) if head_since.is_some() => {
-                    tracing::info!(
-                        shard = shard.index,
-                        "request head not complete in time: 408"
-                    );
+                Err(_) if head_since.is_some() || continued => {
+                    let what = if continued {
+                        "request body slower than limits.min_body_bytes_per_sec"
+                    } else {
+                        "request head not complete within limits.handshake_timeout_ms"
+                    };
+                    tracing::info!(shard = shard.index, "{what}: 408");
                     closing = true;
-                    let a = Answer::error(
-                        408,
-                        "request_timeout",
-                        "request head not complete within limits.handshake_timeout_ms",
-                    );
+                    let a = Answer::error(408, "request_timeout", what);
                     inflight.push_back(answer(
                         shard.clone(),
                         Step::Ready(a),

@@ -452,8 +452,10 @@ async fn answer(shard: Rc<Shard>, step: Step, close: bool, n_in: usize, start: I
                 // Every answer but the refusal of the origin carries the CORS fields, so
                 // that the page reads its errors too (for another cluster's app, its router
                 // made that refusal and relayed it).
-                let allowed = a.error_tag() != Some(&b"origin_not_allowed"[..]);
-                let cors = r.origin.filter(|_| allowed).map(|o| CorsAnswer {
+                // Looked at only for a cross-origin request: a relayed answer's error tag is
+                // found by scanning its metadata.
+                let refused = || a.error_tag() == Some(&b"origin_not_allowed"[..]);
+                let cors = r.origin.filter(|_| !refused()).map(|o| CorsAnswer {
                     origin: req.head.slice_ref(o),
                     credentials: routing::cors::allow_credentials(&shard, r.target.app_name),
                 });

@@ -32,6 +32,9 @@ pub struct TaskOptions {
     /// Add `echo-link-shard: <router shard>` to every answer (which router shard's link carried
     /// the request: lets tests prove requests never cross shards). Default false.
     pub report_link_shard: bool,
+    /// Dial the routers' internal listeners over TLS, trusting this client config
+    /// (`fedbus task --tls-ca`; the routers run with `listen.internal_tls`). Default none.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl TaskOptions {
@@ -51,6 +54,7 @@ impl TaskOptions {
             instance: random_u64(),
             max_message: 64 * 1024 * 1024,
             report_link_shard: false,
+            tls: None,
         }
     }
 }
@@ -271,7 +275,34 @@ where
     H: Fn(Request) -> F + 'static,
     F: Future<Output = Outcome> + 'static,
 {
-    let (s, leftover) = ws::connect(addr, "/link", Some(&ctx.opts.token)).await?;
+    match &ctx.opts.tls {
+        Some(config) => {
+            let dial = ws::TlsDial {
+                config: config.clone(),
+                name: fedbus_router::tls::peer::server_name(addr)?,
+            };
+            let (s, leftover) =
+                ws::connect_tls(addr, "/link", Some(&ctx.opts.token), &dial).await?;
+            run_link(ctx, addr, s, leftover).await
+        }
+        None => {
+            let (s, leftover) = ws::connect(addr, "/link", Some(&ctx.opts.token)).await?;
+            run_link(ctx, addr, s, leftover).await
+        }
+    }
+}
+
+/// Serves one connected link, plain or TLS, until it ends.
+async fn run_link<H, F, S: ws::Stream>(
+    ctx: &Rc<Ctx<H>>,
+    addr: &str,
+    s: S,
+    leftover: bytes::BytesMut,
+) -> anyhow::Result<()>
+where
+    H: Fn(Request) -> F + 'static,
+    F: Future<Output = Outcome> + 'static,
+{
     let ws::WsConn {
         mut reader,
         out,

@@ -50,6 +50,7 @@ pub(crate) struct ShardMetrics {
     pub(crate) body_held: AtomicU64,
     pub(crate) abusive_closed: AtomicU64,
     pub(crate) forward_retries: AtomicU64,
+    pub(crate) sibling_handoffs: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -105,7 +106,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, Field); 17] = [
+    let simple: [(&str, &str, &str, Field); 18] = [
         (
             "fedbus_bytes_in_total",
             "counter",
@@ -204,6 +205,12 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             "counter",
             "Forwarded requests sent again to another router of the destination cluster after the first said it reached no task (no_live_task, draining, not_ready).",
             |m| &m.forward_retries,
+        ),
+        (
+            "fedbus_sibling_handoffs_total",
+            "counter",
+            "Requests handed to another router of this cluster that has a live task for their partition when this router has none.",
+            |m| &m.sibling_handoffs,
         ),
     ];
     for (name, kind, help, f) in simple {

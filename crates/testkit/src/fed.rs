@@ -56,6 +56,23 @@ impl FedProc {
         }
     }
 
+    /// SIGTERM, then waits up to `within` for the exit; None when it did not exit in time
+    /// (then it is still running).
+    pub fn term(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = c.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
     /// The log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -128,6 +145,16 @@ impl FedRouter {
         self.proc.kill();
     }
 
+    /// SIGTERM (a drain), then waits up to `within` for the exit; None when still running.
+    pub fn term(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        self.proc.term(within)
+    }
+
+    /// `GET /readyz`: the status and the body.
+    pub fn readyz(&self) -> (u16, String) {
+        super::admin_get(self.admin, "/readyz")
+    }
+
     /// The log of the current run.
     pub fn log(&self) -> String {
         self.proc.log_text()
@@ -188,6 +215,8 @@ pub struct FederationBuilder {
     cors: [Option<String>; 2],
     /// Peer links over mutual TLS (`[tls.peer]`).
     peer_tls: bool,
+    /// Partitions of each cluster's echo task (None: all).
+    partitions: [Option<String>; 2],
 }
 
 impl FederationBuilder {
@@ -222,6 +251,12 @@ impl FederationBuilder {
     /// suite then runs over TLS), else off.
     pub fn peer_tls(mut self, on: bool) -> Self {
         self.peer_tls = on;
+        self
+    }
+
+    /// Partitions the echo task of `cluster` serves (default: all).
+    pub fn task_partitions(mut self, cluster: &str, partitions: &str) -> Self {
+        self.partitions[cluster_index(cluster)] = Some(partitions.to_string());
         self
     }
 
@@ -345,6 +380,7 @@ impl FederationBuilder {
             keys,
             tokens,
             delays: self.delays,
+            partitions: self.partitions,
             root: root.clone(),
             dir,
         };
@@ -431,6 +467,7 @@ pub struct Federation {
     /// Client JWT (demo/echo, alice) of each cluster.
     pub tokens: Vec<String>,
     delays: [u64; 2],
+    partitions: [Option<String>; 2],
     /// Root directory of the federation (configs, keyrings, logs).
     pub root: PathBuf,
     /// The federation CA, when peer links run over TLS.
@@ -449,6 +486,7 @@ impl Federation {
             grace_secs: None,
             cors: [None, None],
             peer_tls: std::env::var("FEDBUS_TEST_PEER_TLS").is_ok_and(|v| v == "1"),
+            partitions: [None, None],
         }
     }
 
@@ -500,6 +538,18 @@ impl Federation {
     }
 
     fn start_task(&mut self, ci: usize) {
+        let parts = self.partitions[ci].clone();
+        self.spawn_task(ci, &[0, 1], parts.as_deref());
+    }
+
+    /// Starts another echo task in `cluster`, linked only to the routers of index `routers`,
+    /// serving `partitions` (`"13"`, `"0-7"`); returns its index in [`Federation::tasks`].
+    pub fn start_task_on(&mut self, cluster: &str, routers: &[usize], partitions: &str) -> usize {
+        self.spawn_task(cluster_index(cluster), routers, Some(partitions));
+        self.tasks.len() - 1
+    }
+
+    fn spawn_task(&mut self, ci: usize, routers: &[usize], partitions: Option<&str>) {
         let c = CLUSTERS[ci];
         let log = self
             .root
@@ -509,8 +559,11 @@ impl Federation {
         cmd.args(["task", "echo", "--cluster", &format!("ru/{c}")])
             .args(["--keyring", self.keys[ci].to_str().expect("utf-8")])
             .args(["--delay-ms", &self.delays[ci].to_string()]);
-        for r in &self.routers[ci * 2..ci * 2 + 2] {
-            cmd.args(["--router", &r.internal.to_string()]);
+        if let Some(p) = partitions {
+            cmd.args(["--partitions", p]);
+        }
+        for &r in routers {
+            cmd.args(["--router", &self.routers[ci * 2 + r].internal.to_string()]);
         }
         let child = cmd
             .env("FEDBUS_HOME", &self.root)

@@ -51,6 +51,8 @@ pub(crate) struct ShardMetrics {
     pub(crate) overload_refused: AtomicU64,
     pub(crate) body_held: AtomicU64,
     pub(crate) abusive_closed: AtomicU64,
+    pub(crate) forward_retries: AtomicU64,
+    pub(crate) sibling_handoffs: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -211,6 +213,18 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             "counter",
             "Websocket connections closed with 1008 for sending control frames faster than limits.max_control_frames_per_sec.",
             |m| &m.abusive_closed,
+        ),
+        (
+            "fedbus_forward_retries_total",
+            "counter",
+            "Forwarded requests sent again to another router of the destination cluster after the first said it reached no task (no_live_task, draining, not_ready).",
+            |m| &m.forward_retries,
+        ),
+        (
+            "fedbus_sibling_handoffs_total",
+            "counter",
+            "Requests handed to another router of this cluster that has a live task for their partition when this router has none.",
+            |m| &m.sibling_handoffs,
         ),
     ];
     for (name, kind, help, f) in simple {

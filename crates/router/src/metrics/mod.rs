@@ -108,7 +108,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, Field); 18] = [
+    let simple: [(&str, &str, &str, Field); 20] = [
         (
             "fedbus_bytes_in_total",
             "counter",

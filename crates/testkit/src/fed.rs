@@ -585,9 +585,10 @@ impl Federation {
     pub fn wait_ready(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         // Linked: every shard has the cluster's task and a peer link to both routers of the
-        // other cluster (the routers' own gauges).
+        // other cluster and to its sibling (the routers' own gauges count both kinds: waiting
+        // for two would let a sibling link stand in for a missing one to the other cluster).
         for r in &self.routers {
-            let (links, peers) = (r.shards as f64, 2.0 * r.shards as f64);
+            let (links, peers) = (r.shards as f64, 3.0 * r.shards as f64);
             loop {
                 let m = r.metrics();
                 let (t, p) = (m.get("fedbus_task_links"), m.get("fedbus_peer_links"));

@@ -149,6 +149,15 @@ pub struct Limits {
     /// One client connection's share of that budget: its request bodies being received or in
     /// flight. Over it, 503 with `Retry-After` as well. Default 16 MiB.
     pub max_connection_body_bytes: usize,
+    /// One client connection's share of the same budget for its answers queued to be written
+    /// (an `/api/ws` session's outbox, an HTTP connection's answers being written). A
+    /// websocket client whose unread answers go over it is closed with 1013
+    /// (`fedbus_slow_reader_closed_total`). Default 16 MiB.
+    pub max_connection_outbox_bytes: usize,
+    /// Slowest pace at which a client must take its HTTP answers: a write of N bytes must be
+    /// done within `handshake_timeout_ms` + N / this many seconds, or the connection closes
+    /// (`fedbus_slow_reader_closed_total`). Default 1024 bytes per second.
+    pub min_answer_bytes_per_sec: usize,
     /// Most websocket control frames (ping, pong) one connection may send per second; more
     /// closes it with 1008 (`fedbus_abusive_closed_total`). Default 100.
     pub max_control_frames_per_sec: u32,
@@ -375,6 +384,8 @@ impl Default for Limits {
             min_body_bytes_per_sec: 1024,
             body_budget_bytes: 512 * 1024 * 1024,
             max_connection_body_bytes: 16 * 1024 * 1024,
+            max_connection_outbox_bytes: 16 * 1024 * 1024,
+            min_answer_bytes_per_sec: 1024,
             max_control_frames_per_sec: 100,
             max_queued_control_frames: 16,
         }
@@ -563,6 +574,14 @@ impl Config {
             (
                 "limits.max_connection_body_bytes",
                 l.max_connection_body_bytes,
+            ),
+            (
+                "limits.max_connection_outbox_bytes",
+                l.max_connection_outbox_bytes,
+            ),
+            (
+                "limits.min_answer_bytes_per_sec",
+                l.min_answer_bytes_per_sec,
             ),
             (
                 "limits.max_control_frames_per_sec",

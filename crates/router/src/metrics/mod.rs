@@ -49,6 +49,11 @@ pub(crate) struct ShardMetrics {
     pub(crate) overload_refused: AtomicU64,
     pub(crate) body_held: AtomicU64,
     pub(crate) abusive_closed: AtomicU64,
+    pub(crate) outbox_held: AtomicU64,
+    pub(crate) slow_reader_closed: AtomicU64,
+    pub(crate) idle_evicted: AtomicU64,
+    /// 1 while the shard's executor thread runs (see `crate::shard::mark_alive`).
+    pub(crate) alive: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -104,7 +109,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, Field); 16] = [
+    let simple: [(&str, &str, &str, Field); 20] = [
         (
             "fedbus_bytes_in_total",
             "counter",
@@ -197,6 +202,30 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             "counter",
             "Websocket connections closed with 1008 for sending control frames faster than limits.max_control_frames_per_sec.",
             |m| &m.abusive_closed,
+        ),
+        (
+            "fedbus_outbox_bytes_held",
+            "gauge",
+            "Bytes of answers queued to be written to client connections, charged to limits.body_budget_bytes.",
+            |m| &m.outbox_held,
+        ),
+        (
+            "fedbus_slow_reader_closed_total",
+            "counter",
+            "Client connections closed for not reading their answers (websocket 1013 over limits.max_connection_outbox_bytes, HTTP slower than limits.min_answer_bytes_per_sec).",
+            |m| &m.slow_reader_closed,
+        ),
+        (
+            "fedbus_idle_evicted_total",
+            "counter",
+            "Idle keep-alive client connections closed to make room for a new one at limits.max_connections_per_shard.",
+            |m| &m.idle_evicted,
+        ),
+        (
+            "fedbus_shards_alive",
+            "gauge",
+            "Shards whose executor is running; fewer than fedbus_shards means a shard died and its connections are not served.",
+            |m| &m.alive,
         ),
     ];
     for (name, kind, help, f) in simple {

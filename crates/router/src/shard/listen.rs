@@ -106,6 +106,9 @@ async fn accept_loop(shard: Rc<Shard>, l: TcpListener, serve: ServeFn, kind: Lis
                             >= limits.max_link_connections_per_shard
                     }
                 };
+                // At the client limit, an idle keep-alive connection makes room for the new
+                // one: otherwise idle connections could lock every new client out.
+                let full = full && !(kind == Listener::Api && shard.evict_idle());
                 if full {
                     tracing::warn!(shard = shard.index, listener = ?kind, "connection refused: listener at its per-shard limit");
                     ShardMetrics::inc(&shard.metrics.connections_refused);
@@ -226,6 +229,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                 });
                 crate::peer::start_dialers(&shard);
                 glommio::spawn_local(super::sweep_deadlines(shard.clone())).detach();
+                super::mark_alive(&shard.metrics, i);
                 let _ = rtx.send(Ok(i));
                 let a = glommio::spawn_local(accept_loop(
                     shard.clone(),

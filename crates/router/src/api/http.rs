@@ -673,7 +673,9 @@ async fn serve_inner<S: Stream>(
             let read = std::pin::pin!(fill(stream, &mut buf, &mut space));
             let late = std::pin::pin!(async {
                 match deadline {
-                    Some(d) => glommio::timer::sleep(d.saturating_duration_since(Instant::now())).await,
+                    Some(d) => {
+                        glommio::timer::sleep(d.saturating_duration_since(Instant::now())).await
+                    }
                     None => std::future::pending().await,
                 }
             });

@@ -235,8 +235,9 @@ pub(crate) fn answer_status(f: &Frame, default: u16) -> Option<u16> {
 /// length. `served_by` names this router on answers to peers.
 ///
 /// When the answer does not fit: over the connection's outbox limit, the other side does not
-/// read its answers, and the connection is closed with 1013 (try again later) at once, ahead
-/// of the answers it has not read ([`WsOut::close_now`]); within the limit but over the
+/// read its answers, and the connection is closed with 1013 (try again later); a client
+/// session at once, ahead of the answers it has not read ([`WsOut::close_now`]), a peer link
+/// after what is queued. Within the limit but over the
 /// shard's memory budget, the request gets a small `503 overloaded` answer instead.
 pub(crate) fn send_answer(
     out: &RefCell<WsOut>,
@@ -256,7 +257,12 @@ pub(crate) fn send_answer(
         // The other side does not read its answers: rather than drop one silently, close the
         // connection with 1013 (try again later) so every request on it gets a clear end.
         tracing::warn!(id, "websocket outbox over its limit: closing with 1013");
-        o.close_now(1013);
+        if served_by.is_some() {
+            // A peer link: what is queued answers other clients; it goes out before the close.
+            o.close(1013);
+        } else {
+            o.close_now(1013);
+        }
         return n;
     }
     if o.send_binary(&m, body).is_err() {

@@ -170,7 +170,6 @@ impl Budget {
     fn give(&self, n: usize) {
         self.left.set(self.left.get() + n);
     }
-
 }
 
 /// Bytes of answers queued for one client connection, charged to its shard's [`Budget`].
@@ -232,7 +231,6 @@ impl OutboxCharge {
             .outbox_held
             .fetch_sub(n as u64, std::sync::atomic::Ordering::Relaxed);
     }
-
 }
 
 impl Drop for OutboxCharge {
@@ -485,7 +483,11 @@ mod tests {
         assert!(died.is_err(), "shard 1's executor must end with the panic");
         assert_eq!(dead_shards(&reg), vec![1]);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        handles.pop().expect("shard 0").join().expect("shard 0 ends normally");
+        handles
+            .pop()
+            .expect("shard 0")
+            .join()
+            .expect("shard 0 ends normally");
         // A shard that ends without a panic is not serving either.
         assert_eq!(dead_shards(&reg), vec![0, 1]);
     }

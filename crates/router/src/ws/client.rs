@@ -169,7 +169,17 @@ mod tests {
     fn bad_close_frames_from_a_server_fail_the_connection() {
         let mut cases: Vec<(Vec<u8>, u16)> = vec![
             (vec![0x03], 1002),
-            ([&1000u16.to_be_bytes()[..], &[0xce, 0xba, 0xe1, 0xbd, 0xb9, 0xcf, 0x83, 0xce, 0xbc, 0xce, 0xb5, 0xed, 0xa0, 0x80]].concat(), 1007),
+            (
+                [
+                    &1000u16.to_be_bytes()[..],
+                    &[
+                        0xce, 0xba, 0xe1, 0xbd, 0xb9, 0xcf, 0x83, 0xce, 0xbc, 0xce, 0xb5, 0xed,
+                        0xa0, 0x80,
+                    ],
+                ]
+                .concat(),
+                1007,
+            ),
         ];
         for code in [0u16, 999, 1004, 1005, 1006, 1016, 1100, 2000, 2999] {
             cases.push((code.to_be_bytes().to_vec(), 1002));

@@ -423,7 +423,6 @@ impl MaskKeys {
     }
 }
 
-
 /// One frame in the outbox: its header (and small copied head) and its payload, not copied.
 struct Queued {
     head: Bytes,

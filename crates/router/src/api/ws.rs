@@ -254,13 +254,23 @@ pub(crate) async fn serve<S: Stream>(
         // The close frame goes out while the reader drains what the client still sends (a
         // client blocked writing to us would never get to read it otherwise); the writer has
         // `limits.handshake_timeout_ms` for it, then the socket is dropped. The drain goes on
-        // a little after the close frame, so the client reads it before the socket goes away.
+        // up to 2 s after the close frame, so the client reads it before the socket goes away.
         let limit = std::time::Duration::from_millis(limits.handshake_timeout_ms);
         let write = async {
             let _ = glommio::timer::timeout(limit, async { Ok(writer.await) }).await;
         };
-        let drain = reader.drain(limit + std::time::Duration::from_secs(2));
-        futures_util::future::join(write, drain).await;
+        let after = std::time::Duration::from_secs(2);
+        let drain = reader.drain(limit + after);
+        match futures_util::future::select(std::pin::pin!(write), std::pin::pin!(drain)).await {
+            futures_util::future::Either::Left((_, drain)) => {
+                let _ = glommio::timer::timeout(after, async {
+                    drain.await;
+                    Ok(())
+                })
+                .await;
+            }
+            futures_util::future::Either::Right((_, write)) => write.await,
+        }
     } else {
         let _ = writer.await;
     }

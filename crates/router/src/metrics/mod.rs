@@ -52,8 +52,7 @@ pub(crate) struct ShardMetrics {
     pub(crate) outbox_held: AtomicU64,
     pub(crate) slow_reader_closed: AtomicU64,
     pub(crate) idle_evicted: AtomicU64,
-    /// 1 while the shard's executor thread runs (see `crate::shard::mark_alive`).
-    pub(crate) alive: AtomicU64,
+    pub(crate) forward_retries: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -222,10 +221,10 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             |m| &m.idle_evicted,
         ),
         (
-            "fedbus_shards_alive",
-            "gauge",
-            "Shards whose executor is running; fewer than fedbus_shards means a shard died and its connections are not served.",
-            |m| &m.alive,
+            "fedbus_forward_retries_total",
+            "counter",
+            "Forwarded requests sent again to another router of the destination cluster after the first said it reached no task (no_live_task, draining, not_ready).",
+            |m| &m.forward_retries,
         ),
     ];
     for (name, kind, help, f) in simple {

@@ -68,7 +68,8 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
                         t.app_name,
                         &role,
                         shard.cfg.routing.election_seed,
-                        a.emergency_partition,
+                        // The published choice (kept while it lives), else the configured one.
+                        r.emergency.or(a.emergency_partition),
                         want,
                         r,
                         |p| shard.has_live_link(r.tasks(p)),

@@ -49,6 +49,10 @@ pub(crate) struct Shard {
     next_conn: Cell<u64>,
     /// Handshakes of the TLS api listener (`listen.api_tls`), when configured.
     pub(crate) tls: Option<futures_rustls::TlsAcceptor>,
+    /// Router-wide readiness and drain state.
+    pub(crate) health: Arc<crate::health::Health>,
+    /// Closed when this shard sees a drain: wakes the accept loops, which stop.
+    pub(crate) drain: glommio::sync::Semaphore,
 }
 
 impl Shard {
@@ -63,6 +67,7 @@ impl Shard {
         internal_addrs: Arc<Vec<SocketAddr>>,
         federation: crate::peer::FederationRef,
         tls: Option<futures_rustls::TlsAcceptor>,
+        health: Arc<crate::health::Health>,
     ) -> Shard {
         let router_name = format!("{}/{}/{}", cfg.region, cfg.cluster, cfg.router);
         Shard {
@@ -88,6 +93,8 @@ impl Shard {
             )),
             cfg,
             tls,
+            health,
+            drain: glommio::sync::Semaphore::new(0),
         }
     }
 
@@ -389,41 +396,26 @@ impl Shard {
     }
 }
 
-thread_local! {
-    /// Clears this thread's shard's liveness flag when the thread ends.
-    static ALIVE: RefCell<Option<AliveGuard>> = const { RefCell::new(None) };
-}
-
-struct AliveGuard(Arc<ShardMetrics>, usize);
-
-impl Drop for AliveGuard {
-    fn drop(&mut self) {
-        self.0.alive.store(0, std::sync::atomic::Ordering::Relaxed);
-        tracing::error!(
-            shard = self.1,
-            "shard stopped: its connections and task links are no longer served"
-        );
+/// Follows the router's drain on this shard: closes [`Shard::drain`] when it starts (the accept
+/// loops stop), and closes the task links with 1001 (going away) when it ends.
+pub(crate) async fn watch_drain(shard: Rc<Shard>) {
+    let every = crate::health::POLL;
+    while !shard.health.draining() {
+        glommio::timer::sleep(every).await;
     }
-}
-
-/// Marks shard `index` alive (`fedbus_shards_alive`) from its own executor thread, once it
-/// serves. The flag is cleared when that thread ends for any reason, a panic included (a
-/// thread-local's destructor runs as the thread exits), so a dead shard is visible to
-/// [`dead_shards`] and the metrics while the process and its other shards run on.
-pub(crate) fn mark_alive(metrics: &Arc<ShardMetrics>, index: usize) {
-    metrics.alive.store(1, std::sync::atomic::Ordering::Relaxed);
-    ALIVE.with(|g| *g.borrow_mut() = Some(AliveGuard(metrics.clone(), index)));
-}
-
-/// Indexes of the shards that were marked alive and have stopped since (for `/readyz`: a
-/// router with a dead shard drops the requests the kernel spreads onto it).
-#[cfg_attr(not(test), allow(dead_code))] // for the admin listener's `/readyz`
-pub(crate) fn dead_shards(reg: &crate::metrics::Registry) -> Vec<usize> {
-    reg.iter()
-        .enumerate()
-        .filter(|(_, m)| m.alive.load(std::sync::atomic::Ordering::Relaxed) == 0)
-        .map(|(i, _)| i)
-        .collect()
+    shard.drain.close();
+    while !shard.health.closing() {
+        glommio::timer::sleep(every).await;
+    }
+    let links: Vec<Rc<TaskLink>> = shard.links.borrow().values().cloned().collect();
+    tracing::info!(
+        shard = shard.index,
+        links = links.len(),
+        "drain over: closing task links"
+    );
+    for l in links {
+        l.out.borrow_mut().close(1001);
+    }
 }
 
 /// Enforces request deadlines on every link of the shard: one timer for the shard instead of
@@ -451,20 +443,20 @@ pub(crate) async fn sweep_deadlines(shard: Rc<Shard>) {
 mod tests {
     use super::*;
 
-    /// A panic in any task of a shard's executor ends its thread; the shard is then reported
-    /// dead while the other shards stay alive.
+    /// A panic in any task of a shard's executor (here a detached one, as a connection's)
+    /// ends its thread, and the liveness guard held by the shard's main future, as
+    /// `listen::start` holds it, marks the shard dead while the other shard runs on.
     #[test]
     fn a_shard_whose_task_panics_is_reported_dead() {
-        let reg: crate::metrics::Registry =
-            Arc::new((0..2).map(|_| Arc::new(ShardMetrics::default())).collect());
+        let health = Arc::new(crate::health::Health::new(2, vec![]));
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut handles = Vec::new();
         for i in 0..2 {
-            let (m, tx, stop) = (reg[i].clone(), tx.clone(), stop.clone());
+            let (health, tx, stop) = (health.clone(), tx.clone(), stop.clone());
             let h = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
                 .spawn(move || async move {
-                    mark_alive(&m, i);
+                    let _alive = health.shard_alive(i);
                     let _ = tx.send(i);
                     if i == 1 {
                         glommio::spawn_local(async { panic!("a bug in shard 1") }).detach();
@@ -481,14 +473,11 @@ mod tests {
         }
         let died = handles.pop().expect("shard 1").join();
         assert!(died.is_err(), "shard 1's executor must end with the panic");
-        assert_eq!(dead_shards(&reg), vec![1]);
+        assert!(
+            !health.all_shards_running(),
+            "a shard whose task panicked must be reported dead"
+        );
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        handles
-            .pop()
-            .expect("shard 0")
-            .join()
-            .expect("shard 0 ends normally");
-        // A shard that ends without a panic is not serving either.
-        assert_eq!(dead_shards(&reg), vec![0, 1]);
+        handles.pop().expect("shard 0").join().expect("shard 0 ends normally");
     }
 }

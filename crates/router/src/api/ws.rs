@@ -256,8 +256,8 @@ pub(crate) async fn serve<S: Stream>(
         // `limits.handshake_timeout_ms` for it, then the socket is dropped. The drain goes on
         // up to 2 s after the close frame, so the client reads it before the socket goes away.
         let limit = std::time::Duration::from_millis(limits.handshake_timeout_ms);
-        let write = async {
-            let _ = glommio::timer::timeout(limit, async { Ok(writer.await) }).await;
+        let write = async move {
+            let _ = glommio::timer::timeout(limit, async move { Ok(writer.await) }).await;
         };
         let after = std::time::Duration::from_secs(2);
         let drain = reader.drain(limit + after);

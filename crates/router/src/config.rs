@@ -135,6 +135,16 @@ pub struct Limits {
     /// Interval of websocket pings on task links; a link silent for 3 intervals is dropped.
     /// Default 2000 ms.
     pub ping_interval_ms: u64,
+    /// Outlier ejection: a task link on which this many requests in a row timed out
+    /// (`request_timeout_ms`, no answer in between) leaves routing while it stays open, so its
+    /// partitions go to the emergency partition; its next answer (a late one counts) brings it
+    /// back. 0: never. Default 5.
+    pub task_eject_after_timeouts: u32,
+    /// Outlier ejection: a task link that has sent nothing (no pong, no frame) this long after
+    /// a ping leaves routing until it is heard again. Detection takes at most
+    /// `ping_interval_ms` + this; the link itself closes after 3 silent ping intervals. 0:
+    /// never. Default 1000 ms.
+    pub task_pong_timeout_ms: u64,
     /// Slowest pace of a request body: once its head is complete, a body of N bytes must have
     /// arrived within `handshake_timeout_ms` + N / this many seconds, or the request gets 408
     /// and the connection closes. Default 1024 bytes per second.
@@ -371,6 +381,8 @@ impl Default for Limits {
             max_link_outbox_bytes: 64 * 1024 * 1024,
             max_inflight_per_connection: 256,
             ping_interval_ms: 2000,
+            task_eject_after_timeouts: 5,
+            task_pong_timeout_ms: 1000,
             max_anonymous_body_bytes: 64 * 1024,
             min_body_bytes_per_sec: 1024,
             body_budget_bytes: 512 * 1024 * 1024,
@@ -593,6 +605,13 @@ impl Config {
             if v == 0 {
                 return Err(invalid(f, "must be > 0 ms"));
             }
+        }
+        if l.task_pong_timeout_ms >= l.ping_interval_ms.saturating_mul(2) {
+            // Silent for 3 ping intervals closes the link: ejection must come first.
+            return Err(invalid(
+                "limits.task_pong_timeout_ms",
+                "must be below 2 x limits.ping_interval_ms (0: off)",
+            ));
         }
         if self.listen.admin_max_connections == 0 {
             return Err(invalid("listen.admin_max_connections", "must be > 0"));
@@ -844,6 +863,14 @@ mod tests {
             "t",
         )
         .expect("advertised");
+        let e = Config::parse(
+            "[limits]\nping_interval_ms = 500\ntask_pong_timeout_ms = 1000\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("limits.task_pong_timeout_ms"), "{e}");
+        let off = Config::parse("[limits]\ntask_pong_timeout_ms = 0\n", "t").expect("0 is off");
+        assert_eq!(off.limits.task_eject_after_timeouts, 5);
         let e = Config::parse("[tuning]\ncontrol_core = 9999\n", "t").unwrap_err();
         assert!(e.to_string().contains("tuning.control_core"), "{e}");
     }

@@ -49,6 +49,10 @@ pub(crate) struct ShardMetrics {
     pub(crate) overload_refused: AtomicU64,
     pub(crate) body_held: AtomicU64,
     pub(crate) abusive_closed: AtomicU64,
+    /// Task links taken out of routing by outlier detection, by `task::link::Ejection`.
+    pub(crate) task_ejected: [AtomicU64; 2],
+    pub(crate) task_readmitted: AtomicU64,
+    pub(crate) task_links_ejected: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -206,6 +210,27 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, f)
         );
     }
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_task_ejected_total Task links taken out of routing while open: consecutive request timeouts or an unanswered ping.\n# TYPE fedbus_task_ejected_total counter"
+    );
+    for (i, why) in ["timeouts", "pongs"].iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "fedbus_task_ejected_total{{reason=\"{why}\"}} {}",
+            sum(reg, |m| &m.task_ejected[i])
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_task_readmitted_total Ejected task links back in routing after answering again.\n# TYPE fedbus_task_readmitted_total counter\nfedbus_task_readmitted_total {}",
+        sum(reg, |m| &m.task_readmitted)
+    );
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_task_links_ejected Task links open but out of routing.\n# TYPE fedbus_task_links_ejected gauge\nfedbus_task_links_ejected {}",
+        sum(reg, |m| &m.task_links_ejected)
+    );
     let _ = writeln!(
         o,
         "# HELP fedbus_connections Open connections by listener.\n# TYPE fedbus_connections gauge"

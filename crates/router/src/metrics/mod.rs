@@ -53,6 +53,8 @@ pub(crate) struct ShardMetrics {
     pub(crate) task_ejected: [AtomicU64; 2],
     pub(crate) task_readmitted: AtomicU64,
     pub(crate) task_links_ejected: AtomicU64,
+    /// `renew` messages on task links: accepted, refused.
+    pub(crate) task_renewals: [AtomicU64; 2],
 }
 
 impl ShardMetrics {
@@ -226,6 +228,17 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
         "# HELP fedbus_task_readmitted_total Ejected task links back in routing after answering again.\n# TYPE fedbus_task_readmitted_total counter\nfedbus_task_readmitted_total {}",
         sum(reg, |m| &m.task_readmitted)
     );
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_task_renewals_total Service tokens renewed on open task links (renew messages), by result.\n# TYPE fedbus_task_renewals_total counter"
+    );
+    for (i, result) in ["accepted", "refused"].iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "fedbus_task_renewals_total{{result=\"{result}\"}} {}",
+            sum(reg, |m| &m.task_renewals[i])
+        );
+    }
     let _ = writeln!(
         o,
         "# HELP fedbus_task_links_ejected Task links open but out of routing.\n# TYPE fedbus_task_links_ejected gauge\nfedbus_task_links_ejected {}",

@@ -113,6 +113,11 @@ pub(crate) struct TaskLink {
     pending: RefCell<HashMap<u64, Slot>>,
     alive: Cell<bool>,
     health: Health,
+    /// When the link's credential expires (unix seconds): the service token it opened with,
+    /// moved by each accepted `renew` (task links; 0 on a peer link).
+    exp: Cell<u64>,
+    /// When the last `renew` was verified (at most one per second is).
+    renewed_at: Cell<Option<Instant>>,
 }
 
 impl TaskLink {
@@ -126,6 +131,8 @@ impl TaskLink {
             pending: RefCell::new(HashMap::new()),
             alive: Cell::new(true),
             health: Health::default(),
+            exp: Cell::new(0),
+            renewed_at: Cell::new(None),
         }
     }
 
@@ -185,12 +192,13 @@ impl TaskLink {
         }
     }
 
-    /// Reads answers until the link ends, completing pending requests.
+    /// Reads answers until the link ends, completing pending requests (text messages are
+    /// ignored: a peer link has no `renew`).
     pub(crate) async fn read_loop<R: futures_lite::AsyncRead + Unpin>(
         &self,
         reader: &mut WsReader<R>,
     ) -> Result<(), ws::WsError> {
-        read_loop(self, reader).await
+        read_loop(self, reader, |_| {}).await
     }
 
     /// Alive, not ejected and not closing: can still carry requests (maybe not now, if full).
@@ -491,6 +499,7 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
 
     let link = Rc::new(TaskLink {
         partitions: reg.partitions.clone(),
+        exp: Cell::new(claims.exp),
         ..TaskLink::new(reg.task, reg.app.clone(), reg.role.clone(), out.clone())
     });
     let replaced = shard.links.borrow_mut().insert(reg.task, link.clone());
@@ -519,7 +528,7 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
 
     // Keepalive: a ping every interval; the read timeout (3 intervals) ends a silent link.
     let pinger = spawn_pinger(link.clone(), Duration::from_millis(limits.ping_interval_ms));
-    let expiry = ws::close_at_expiry(out.clone(), claims.exp);
+    let expiry = close_at_expiry(link.clone());
 
     // The app's Auth Service gets the current app secret now and after every rotation.
     let pusher = (reg.role == AUTH_ROLE).then(|| {
@@ -545,7 +554,7 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
         })
     });
 
-    let end = read_loop(&link, &mut reader).await;
+    let end = read_loop(&link, &mut reader, |t| on_text(shard, &link, &t)).await;
     drop(expiry.cancel());
     if let Some(p) = pusher {
         drop(p.cancel());
@@ -595,6 +604,7 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
 async fn read_loop<R: futures_lite::AsyncRead + Unpin>(
     link: &TaskLink,
     reader: &mut WsReader<R>,
+    mut on_text: impl FnMut(Bytes),
 ) -> Result<(), ws::WsError> {
     loop {
         match reader.next().await? {
@@ -615,7 +625,11 @@ async fn read_loop<R: futures_lite::AsyncRead + Unpin>(
                     .borrow_mut()
                     .send_control(ws::frame::opcode::PONG, &p)
             }
-            Message::Pong(_) | Message::Text(_) => link.health.heard(false),
+            Message::Pong(_) => link.health.heard(false),
+            Message::Text(t) => {
+                link.health.heard(false);
+                on_text(t)
+            }
             Message::Close(_) => return Ok(()),
         }
     }
@@ -689,6 +703,108 @@ fn push_secret(link: &TaskLink, app: &str, version: u32, secret: &[u8]) -> bool 
     ok
 }
 
+/// Closes the link with 1008 when its credential expires: the service token it opened with,
+/// or the newest one a `renew` brought (docs/PROTOCOL.md section 4).
+fn close_at_expiry(link: Rc<TaskLink>) -> glommio::Task<()> {
+    glommio::spawn_local(async move {
+        loop {
+            let exp = link.exp.get();
+            // Capped: wakes early for a far-future `exp`, and checks again.
+            glommio::timer::sleep(auth::expiry_wait(exp, auth::now_unix())).await;
+            if auth::now_unix() < link.exp.get() {
+                continue;
+            }
+            let mut o = link.out.borrow_mut();
+            if !o.is_closing() {
+                tracing::info!(
+                    task = link.task,
+                    "link credential expired: closing with 1008"
+                );
+                o.close(1008);
+            }
+            return;
+        }
+    })
+}
+
+/// Task -> router: a fresh service token for this open link.
+#[derive(serde::Deserialize)]
+struct Renew {
+    #[serde(rename = "type")]
+    kind: String,
+    token: String,
+}
+
+/// A text message from a registered task: `renew` is verified like the token of an upgrade
+/// and, if good, moves the link's expiry; the router answers `renewed` or `renew_refused`
+/// (the link then lives until its current token expires). Other text is ignored.
+fn on_text(shard: &Shard, link: &TaskLink, text: &[u8]) {
+    let Ok(r) = serde_json::from_slice::<Renew>(text) else {
+        return;
+    };
+    if r.kind != "renew" {
+        return;
+    }
+    let now = Instant::now();
+    let too_soon = link
+        .renewed_at
+        .get()
+        .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1));
+    let verdict = if too_soon {
+        Err(("too_often", "at most one renew per second".to_string()))
+    } else {
+        link.renewed_at.set(Some(now));
+        let keys = shard.snapshots.keys.load();
+        match verify_service_token(
+            &keys.keyring.cluster,
+            &r.token,
+            auth::now_unix(),
+            shard.cfg.auth.grace_secs,
+        ) {
+            Ok(c) => match renewal_refusal(&link.app, &link.role, &c, &shard.cfg.cluster_id()) {
+                None => Ok(c),
+                Some(why) => Err(("wrong_token", why.to_string())),
+            },
+            Err(e) => Err((e.code(), e.to_string())),
+        }
+    };
+    let reply = match verdict {
+        Ok(c) => {
+            link.exp.set(c.exp);
+            ShardMetrics::inc(&shard.metrics.task_renewals[0]);
+            tracing::info!(shard = shard.index, task = link.task, sub = %c.sub, kid = c.kid, exp = c.exp, "task link credential renewed");
+            serde_json::json!({"type": "renewed", "exp": c.exp})
+        }
+        Err((code, message)) => {
+            ShardMetrics::inc(&shard.metrics.task_renewals[1]);
+            tracing::warn!(shard = shard.index, task = link.task, code, %message, "task link renew refused");
+            serde_json::json!({"type": "renew_refused", "error": code, "message": message})
+        }
+    };
+    let _ = link.out.borrow_mut().send_text(&reply.to_string());
+}
+
+/// Why a verified service token may not renew a link registered for `app` in `role`: the
+/// same rules as at the registration (docs/PROTOCOL.md section 2).
+pub(crate) fn renewal_refusal(
+    app: &str,
+    role: &str,
+    claims: &auth::ServiceClaims,
+    cluster: &str,
+) -> Option<&'static str> {
+    if claims.cluster != cluster {
+        Some("service token of another cluster")
+    } else if claims.app != app {
+        Some("service token of another app")
+    } else if claims.role.as_deref().is_some_and(|r| r != role) {
+        Some("the service token names another role")
+    } else if role == AUTH_ROLE && claims.role.as_deref() != Some(AUTH_ROLE) {
+        Some("role auth needs a service token with role auth")
+    } else {
+        None
+    }
+}
+
 /// Pings the task every `every` (the same pings as `ws::spawn_pinger`), noting when a ping
 /// goes out so that an unanswered one can eject the link (`limits.task_pong_timeout_ms`).
 fn spawn_pinger(link: Rc<TaskLink>, every: Duration) -> glommio::Task<()> {
@@ -729,7 +845,28 @@ mod tests {
     use std::time::{Duration, Instant};
 
     fn link() -> TaskLink {
-        TaskLink::new(7, "demo/echo".into(), "main".into(), WsOut::new(Side::Server, 1 << 20))
+        TaskLink::new(
+            7,
+            "demo/echo".into(),
+            "main".into(),
+            WsOut::new(Side::Server, 1 << 20),
+        )
+    }
+
+    #[test]
+    fn renewal_keeps_app_role_and_cluster() {
+        let r = |c: &ServiceClaims, role: &str| {
+            super::renewal_refusal("demo/echo", role, c, "local/dev")
+        };
+        assert_eq!(r(&claims("demo/echo", None), "main"), None);
+        assert_eq!(r(&claims("demo/echo", Some("main")), "main"), None);
+        assert_eq!(r(&claims("demo/echo", Some("auth")), "auth"), None);
+        assert!(r(&claims("demo/other", None), "main").is_some());
+        assert!(r(&claims("demo/echo", Some("b")), "main").is_some());
+        assert!(r(&claims("demo/echo", None), "auth").is_some());
+        let mut other = claims("demo/echo", None);
+        other.cluster = "eu/x".into();
+        assert!(r(&other, "main").is_some());
     }
 
     #[test]
@@ -777,8 +914,15 @@ mod tests {
         l.pinged(t0);
         // A second ping keeps the time of the first unanswered one.
         l.pinged(t0 + Duration::from_millis(400));
-        assert_eq!(l.health_step(t0 + Duration::from_millis(499), 5, timeout), None);
-        assert_eq!(l.health_step(t0 + Duration::from_millis(600), 5, None), None, "off");
+        assert_eq!(
+            l.health_step(t0 + Duration::from_millis(499), 5, timeout),
+            None
+        );
+        assert_eq!(
+            l.health_step(t0 + Duration::from_millis(600), 5, None),
+            None,
+            "off"
+        );
         assert_eq!(
             l.health_step(t0 + Duration::from_millis(500), 5, timeout),
             Some(HealthChange::Ejected(Ejection::Pongs))

@@ -272,9 +272,14 @@ impl Task {
     /// [`TaskOptions::refused_exit_after`]. Every link is closed by then. Returns why.
     pub async fn failed(&self) -> String {
         let mut rx = self.fatal.clone();
-        match rx.wait_for(Option::is_some).await {
-            Ok(why) => why.clone().unwrap_or_default(),
-            Err(_) => std::future::pending().await,
+        let why = match rx.wait_for(Option::is_some).await {
+            Ok(why) => why.clone(),
+            Err(_) => None,
+        };
+        match why {
+            Some(why) => why,
+            // The task ended without giving up (every link stopped): nothing to report.
+            None => std::future::pending().await,
         }
     }
 

@@ -519,14 +519,49 @@ fn metrics_are_prometheus_text_and_count_requests() {
     );
     assert_eq!(after.get("fedbus_task_links"), 2.0, "one link per shard");
 
-    // The admin listener's other endpoints.
-    for (path, body) in [("/healthz", "ok\n"), ("/readyz", "ready\n")] {
-        let mut c = Conn::open(r.admin);
-        c.send(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes());
-        let resp = c.read_response().expect("admin answer");
-        assert_eq!(resp.status, 200);
-        assert_eq!(resp.body, body.as_bytes());
+    // The admin listener's other endpoints. demo/other has no task: live, not ready.
+    for (path, status, body) in [
+        ("/healthz", 200, "ok\n"),
+        (
+            "/readyz",
+            503,
+            "not ready: app demo/other: 0 of 4 partitions have a live task\n",
+        ),
+    ] {
+        assert_eq!(admin_get(r.admin, path), (status, body.to_string()));
     }
+}
+
+/// `/readyz` means "can serve": not before the apps' partitions have live tasks
+/// (`readiness.coverage`, default `all`), ready once they do, not again when the task goes.
+#[test]
+fn readyz_follows_task_coverage() {
+    let r = Router::new().shards(2).apps(&[(APP, 16)]).start();
+    let (status, body) = admin_get(r.admin, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        body,
+        "not ready: app demo/echo: 0 of 16 partitions have a live task\n"
+    );
+    assert_eq!(r.metrics().get("fedbus_ready"), 0.0);
+    let mut t = r.task().partitions("0-7").start();
+    let (_, body) = admin_get(r.admin, "/readyz");
+    assert!(
+        body.starts_with("not ready: app demo/echo: 8 of 16") || body.contains("0 of 16"),
+        "half the partitions: {body}"
+    );
+    let _t2 = r.task().partitions("8-15").start();
+    let ready = wait_for(Duration::from_secs(10), || {
+        (admin_get(r.admin, "/readyz") == (200, "ready\n".to_string())).then_some(())
+    });
+    assert!(ready.is_some(), "{:?}", admin_get(r.admin, "/readyz"));
+    assert_eq!(r.metrics().get("fedbus_ready"), 1.0);
+    t.kill();
+    let gone = wait_for(Duration::from_secs(10), || {
+        let (s, b) = admin_get(r.admin, "/readyz");
+        (s == 503 && b.contains("8 of 16")).then_some(())
+    });
+    assert!(gone.is_some(), "{:?}", admin_get(r.admin, "/readyz"));
 }
 
 /// "403 token of another app": a token minted by `fedbus token client --app demo/other` (signed

@@ -861,3 +861,135 @@ fn cross_cluster_vs_in_cluster_latency() {
         x_p99.as_secs_f64() / in_p99.as_secs_f64()
     );
 }
+
+/// Waits until `r`'s `/readyz` answers 200; returns how long that took.
+fn wait_readyz(r: &FedRouter, within: Duration) -> Duration {
+    let start = Instant::now();
+    let mut last = (0, String::new());
+    while start.elapsed() < within {
+        last = r.readyz();
+        if last.0 == 200 {
+            return start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{} not ready within {within:?}: {last:?}", r.name);
+}
+
+/// Answers of a load run that are not 200, formatted for a panic message.
+fn failures(obs: &[Obs]) -> Vec<String> {
+    obs.iter()
+        .filter(|o| o.status != Some(200))
+        .map(|o| format!("{o:?}"))
+        .collect()
+}
+
+/// Issue "a cluster behaves as one", acceptance 1: under steady load entering ru/spb1 (for both
+/// clusters), each router of ru/spb2 in turn gets SIGTERM, drains, exits 0 and is started again;
+/// not one request fails. The peer routers move a draining router's wsids to its sibling and
+/// come back only once the restarted router is ready (its task relinked).
+#[test]
+fn rolling_sigterm_restart_of_a_cluster_fails_no_request() {
+    let mut f = Federation::start();
+    for r in 0..2 {
+        wait_readyz(f.router("spb2", r), Duration::from_secs(10));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let hs = load(&f, &[("spb1", 0), ("spb1", 1)], &stop, &log);
+    std::thread::sleep(Duration::from_millis(300));
+    for r in 0..2 {
+        let t0 = Instant::now();
+        let st = f
+            .router_mut("spb2", r)
+            .term(Duration::from_secs(10))
+            .expect("the drained router exits within 10 s");
+        let drained = t0.elapsed();
+        assert!(st.success(), "spb2/r{r} exit status after SIGTERM: {st:?}");
+        let log_text = f.router("spb2", r).log();
+        assert!(log_text.contains("drained"), "{log_text}");
+        f.router_mut("spb2", r).restart();
+        let ready = wait_readyz(f.router("spb2", r), Duration::from_secs(15));
+        eprintln!(
+            "spb2/r{r}: drained and exited in {drained:?}; restarted and ready after {ready:?}"
+        );
+        // Traffic returns to the restarted router (its wsids move back).
+        wait_served_by(
+            &f,
+            f.router("spb1", 0),
+            r as u64,
+            &format!("ru/spb2/r{r}"),
+            Duration::from_secs(10),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for h in hs {
+        h.join().expect("load thread");
+    }
+    let obs = std::mem::take(&mut *log.lock().unwrap());
+    let to_spb2 = obs.iter().filter(|o| o.target == "spb2").count();
+    eprintln!("rolling restart: {} answers, {to_spb2} for spb2", obs.len());
+    assert!(to_spb2 > 50, "load too thin: {to_spb2}");
+    let bad = failures(&obs);
+    assert!(bad.is_empty(), "{} failed requests: {:#?}", bad.len(), bad);
+    let retries: f64 = (0..2)
+        .map(|r| {
+            f.router("spb1", r)
+                .metrics()
+                .get("fedbus_forward_retries_total")
+        })
+        .sum();
+    eprintln!("  forward retries on spb1: {retries}");
+}
+
+/// Acceptance 1, kill -9: only requests in flight on the killed router fail; after it is back
+/// (restarted, its task relinked) no request fails, because peers send it nothing before it
+/// says it is ready.
+#[test]
+fn kill9_fails_only_what_was_in_flight_and_nothing_after_the_restart() {
+    let mut f = Federation::start();
+    for r in 0..2 {
+        wait_readyz(f.router("spb2", r), Duration::from_secs(10));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let hs = load(&f, &[("spb1", 0), ("spb1", 1)], &stop, &log);
+    std::thread::sleep(Duration::from_millis(300));
+    let killed_at = Instant::now();
+    f.router_mut("spb2", 1).kill9();
+    // spb1 notices the lost links at once (connection reset).
+    std::thread::sleep(Duration::from_millis(500));
+    let restart_at = Instant::now();
+    f.router_mut("spb2", 1).restart();
+    let ready = wait_readyz(f.router("spb2", 1), Duration::from_secs(15));
+    wait_served_by(
+        &f,
+        f.router("spb1", 0),
+        1,
+        "ru/spb2/r1",
+        Duration::from_secs(10),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for h in hs {
+        h.join().expect("load thread");
+    }
+    let obs = std::mem::take(&mut *log.lock().unwrap());
+    let failed: Vec<&Obs> = obs.iter().filter(|o| o.status != Some(200)).collect();
+    eprintln!(
+        "kill -9: {} answers, {} failed; restarted r1 ready after {ready:?}",
+        obs.len(),
+        failed.len()
+    );
+    for o in &failed {
+        // Sent before the kill was seen: in flight on the killed router.
+        assert!(
+            o.at - o.took < killed_at + Duration::from_millis(100),
+            "a request sent after the kill failed: {o:?}"
+        );
+        assert_eq!(o.target, "spb2", "{o:?}");
+    }
+    let after = obs.iter().filter(|o| o.at - o.took > restart_at).count();
+    assert!(after > 20, "load too thin after the restart: {after}");
+}

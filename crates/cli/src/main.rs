@@ -407,17 +407,30 @@ fn run_router(path: Option<PathBuf>) -> Result<()> {
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
     ])?;
+    // SIGTERM/SIGINT: drain (docs/ARCHITECTURE.md, "Drain"), then exit 0; a second one
+    // exits at once.
+    let r = std::sync::Arc::new(r);
+    let drain_timeout = std::time::Duration::from_millis(cfg.readiness.drain_timeout_ms);
+    let mut draining = false;
     for sig in signals.forever() {
         if sig == signal_hook::consts::SIGHUP {
             tracing::info!("SIGHUP: reloading the keyring and TLS certificates");
             let _ = r.events.send(fedbus_router::control::ControlEvent::Reload);
+        } else if draining {
+            tracing::warn!("signal {sig} during the drain: exiting now");
+            std::process::exit(1);
         } else {
-            tracing::info!("signal {sig}: stopping");
-            break;
+            tracing::info!("signal {sig}: draining, then exiting");
+            draining = true;
+            let r = r.clone();
+            std::thread::spawn(move || {
+                r.drain(drain_timeout);
+                r.stop_control();
+                std::process::exit(0);
+            });
         }
     }
-    r.shutdown();
-    std::process::exit(0);
+    Ok(())
 }
 
 /// SDK options for a built-in task: its service token is `--token`, or in dev mode one minted

@@ -30,6 +30,9 @@ pub struct Config {
     pub tls: Tls,
     /// `[routing]`: Redirect hops and the emergency election seed.
     pub routing: Routing,
+    /// `[readiness]`: when this router counts as able to serve (`/readyz`, peer routers) and
+    /// how long a SIGTERM drain may take.
+    pub readiness: Readiness,
     /// `[tuning]`: cores, pinning and io_uring memory.
     pub tuning: Tuning,
     /// Apps served by this cluster. Default: `demo/echo` with 16 partitions.
@@ -235,6 +238,44 @@ pub struct Routing {
     pub election_seed: u64,
 }
 
+/// Readiness and drain. See docs/TUNING.md, "Readiness and drain".
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Readiness {
+    /// Task coverage this router needs to be ready. Default `all`.
+    pub coverage: Coverage,
+    /// Also require a live peer link to every other cluster of the federation on every shard
+    /// for `/readyz`. Peer routers look only at coverage and drain. Default true.
+    pub peers: bool,
+    /// SIGTERM or SIGINT: the most time the router takes to finish in-flight work (requests
+    /// pending on tasks, peer routers moving their traffic away) before it exits anyway.
+    /// Default 30000.
+    pub drain_timeout_ms: u64,
+}
+
+/// Which live tasks make a router ready.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Coverage {
+    /// Every partition of every app's `main` role has a live task.
+    All,
+    /// Every app has at least one live partition in `main` (its emergency partition serves
+    /// the others).
+    Any,
+    /// Tasks are not looked at.
+    None,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness {
+            coverage: Coverage::All,
+            peers: true,
+            drain_timeout_ms: 30_000,
+        }
+    }
+}
+
 /// Cores and executor settings. See docs/TUNING.md.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -331,6 +372,7 @@ impl Default for Config {
             auth: Auth::default(),
             tls: Tls::default(),
             routing: Routing::default(),
+            readiness: Readiness::default(),
             tuning: Tuning::default(),
             apps: vec![App {
                 name: "demo/echo".into(),
@@ -601,6 +643,10 @@ impl Config {
             ("limits.request_timeout_ms", l.request_timeout_ms),
             ("limits.ping_interval_ms", l.ping_interval_ms),
             ("auth.reload_poll_ms", self.auth.reload_poll_ms),
+            (
+                "readiness.drain_timeout_ms",
+                self.readiness.drain_timeout_ms,
+            ),
         ] {
             if v == 0 {
                 return Err(invalid(f, "must be > 0 ms"));

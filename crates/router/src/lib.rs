@@ -18,6 +18,7 @@ pub mod api;
 pub(crate) mod api;
 pub mod config;
 pub mod control;
+pub mod health;
 pub(crate) mod metrics;
 pub(crate) mod peer;
 pub mod route;

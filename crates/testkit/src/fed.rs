@@ -56,6 +56,23 @@ impl FedProc {
         }
     }
 
+    /// SIGTERM, then waits up to `within` for the exit; None when it did not exit in time
+    /// (then it is still running).
+    pub fn term(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = c.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
     /// The log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -126,6 +143,16 @@ impl FedRouter {
     /// SIGKILL, then reap.
     pub fn kill9(&mut self) {
         self.proc.kill();
+    }
+
+    /// SIGTERM (a drain), then waits up to `within` for the exit; None when still running.
+    pub fn term(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        self.proc.term(within)
+    }
+
+    /// `GET /readyz`: the status and the body.
+    pub fn readyz(&self) -> (u16, String) {
+        super::admin_get(self.admin, "/readyz")
     }
 
     /// The log of the current run.

@@ -337,6 +337,14 @@ pub fn metrics_text_at(admin: SocketAddr) -> String {
     String::from_utf8(r.body).expect("utf-8 metrics")
 }
 
+/// `GET path` on the admin listener at `admin`: the status and the body as text.
+pub fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
+    let mut c = Conn::open(admin);
+    c.send(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+    let r = c.read_response().expect("admin response");
+    (r.status, String::from_utf8_lossy(&r.body).into_owned())
+}
+
 /// What `fedbus run` reports on its ready line (`fedbus-ready {json}`).
 #[derive(Debug, Clone)]
 pub struct Ready {

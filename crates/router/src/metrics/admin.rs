@@ -4,7 +4,9 @@
 //! that trickles bytes holds its thread only that long and never blocks other scrapes.
 
 use super::Registry;
+use crate::config::Readiness;
 use crate::control::Snapshots;
+use crate::health::Health;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,6 +22,8 @@ pub(crate) fn start(
     max_connections: usize,
     reg: Registry,
     snaps: Snapshots,
+    health: Arc<Health>,
+    readiness: Readiness,
 ) -> anyhow::Result<SocketAddr> {
     let l = TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("admin listener {addr}: {e}"))?;
     let bound = l.local_addr()?;
@@ -34,10 +38,11 @@ pub(crate) fn start(
                 }
                 active.fetch_add(1, Ordering::Relaxed);
                 let (reg, snaps, done) = (reg.clone(), snaps.clone(), active.clone());
+                let (health, readiness) = (health.clone(), readiness.clone());
                 let spawned = std::thread::Builder::new()
                     .name("fedbus-admin-conn".into())
                     .spawn(move || {
-                        let _ = serve(s, &reg, &snaps);
+                        let _ = serve(s, &reg, &snaps, &health, &readiness);
                         done.fetch_sub(1, Ordering::Relaxed);
                     });
                 if spawned.is_err() {
@@ -48,7 +53,13 @@ pub(crate) fn start(
     Ok(bound)
 }
 
-fn serve(mut s: TcpStream, reg: &Registry, snaps: &Snapshots) -> std::io::Result<()> {
+fn serve(
+    mut s: TcpStream,
+    reg: &Registry,
+    snaps: &Snapshots,
+    health: &Health,
+    readiness: &Readiness,
+) -> std::io::Result<()> {
     s.set_write_timeout(Some(Duration::from_secs(2)))?;
     let deadline = Instant::now() + HEAD_DEADLINE;
     let mut buf = [0u8; 4096];
@@ -78,14 +89,20 @@ fn serve(mut s: TcpStream, reg: &Registry, snaps: &Snapshots) -> std::io::Result
         "/metrics" => {
             let table = snaps.routes.load();
             let keys = snaps.keys.load();
+            let ready = u8::from(health.readiness(&table, readiness).is_ok());
             let extra = format!(
-                "# HELP fedbus_routing_generation Generation of the published routing snapshot.\n# TYPE fedbus_routing_generation gauge\nfedbus_routing_generation {}\n# HELP fedbus_keyring_generation Generation of the published keyring.\n# TYPE fedbus_keyring_generation gauge\nfedbus_keyring_generation {}\n",
-                table.generation, keys.generation
+                "# HELP fedbus_ready 1 when /readyz answers ready.\n# TYPE fedbus_ready gauge\nfedbus_ready {ready}\n# HELP fedbus_draining 1 once a drain (SIGTERM) started.\n# TYPE fedbus_draining gauge\nfedbus_draining {}\n# HELP fedbus_routing_generation Generation of the published routing snapshot.\n# TYPE fedbus_routing_generation gauge\nfedbus_routing_generation {}\n# HELP fedbus_keyring_generation Generation of the published keyring.\n# TYPE fedbus_keyring_generation gauge\nfedbus_keyring_generation {}\n",
+                u8::from(health.draining()),
+                table.generation,
+                keys.generation
             );
             (200, "text/plain; version=0.0.4", super::render(reg, &extra))
         }
         "/healthz" => (200, "text/plain", "ok\n".to_string()),
-        "/readyz" => (200, "text/plain", "ready\n".to_string()),
+        "/readyz" => match health.readiness(&snaps.routes.load(), readiness) {
+            Ok(()) => (200, "text/plain", "ready\n".to_string()),
+            Err(why) => (503, "text/plain", format!("not ready: {why}\n")),
+        },
         _ => (404, "text/plain", "not found\n".to_string()),
     };
     let head = format!(

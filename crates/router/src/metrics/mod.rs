@@ -55,6 +55,7 @@ pub(crate) struct ShardMetrics {
     pub(crate) task_links_ejected: AtomicU64,
     /// `renew` messages on task links: accepted, refused.
     pub(crate) task_renewals: [AtomicU64; 2],
+    pub(crate) forward_retries: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -110,7 +111,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, Field); 16] = [
+    let simple: [(&str, &str, &str, Field); 17] = [
         (
             "fedbus_bytes_in_total",
             "counter",
@@ -203,6 +204,12 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             "counter",
             "Websocket connections closed with 1008 for sending control frames faster than limits.max_control_frames_per_sec.",
             |m| &m.abusive_closed,
+        ),
+        (
+            "fedbus_forward_retries_total",
+            "counter",
+            "Forwarded requests sent again to another router of the destination cluster after the first said it reached no task (no_live_task, draining, not_ready).",
+            |m| &m.forward_retries,
         ),
     ];
     for (name, kind, help, f) in simple {

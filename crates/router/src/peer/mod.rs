@@ -21,6 +21,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod status;
+pub(crate) use status::PeerStatus;
+
 /// Static federation facts shared by all shards.
 pub(crate) struct Federation {
     /// `region/cluster` -> that cluster's public keys.
@@ -63,6 +66,27 @@ impl Federation {
 pub(crate) struct Slot {
     pub(crate) addr: String,
     pub(crate) link: RefCell<Option<Rc<TaskLink>>>,
+    /// The last status the router sent on the current link (None: none yet).
+    status: RefCell<Option<PeerStatus>>,
+}
+
+impl Slot {
+    /// How much `app`/`wsid` should go to this router: 0 when there is no usable link, else
+    /// one more than [`PeerStatus::rank`] (or [`status::RANK_UNKNOWN`]) so that a draining or
+    /// unready router stays a last resort.
+    fn rank(&self, app: &str, wsid: u64, max_pending: usize) -> Option<(u8, Rc<TaskLink>)> {
+        let link = self
+            .link
+            .borrow()
+            .as_ref()
+            .filter(|l| l.is_usable(max_pending))
+            .cloned()?;
+        let r = match self.status.borrow().as_ref() {
+            Some(s) => s.rank(app, wsid),
+            None => status::RANK_UNKNOWN,
+        };
+        Some((r, link))
+    }
 }
 
 /// A shard's peer links: cluster -> one slot per remote router.
@@ -72,14 +96,18 @@ pub(crate) struct Peers {
 }
 
 impl Peers {
-    /// A live link to a router of `cluster`, starting at `wsid % routers` and skipping dead
-    /// or full ones.
+    /// A live link to a router of `cluster` for `app`/`wsid`, other than `except`: the best
+    /// ranked by the routers' statuses (ready and serving the partition, then ready, then no
+    /// status yet, then unready or draining), and among equals the first from `wsid % routers`
+    /// on, so that a wsid keeps its router while all is well. Dead and full links are skipped.
     pub(crate) fn pick(
         &self,
         region: &str,
         cluster: &str,
+        app: &str,
         wsid: u64,
         max_pending: usize,
+        except: Option<&Rc<TaskLink>>,
     ) -> Option<Rc<TaskLink>> {
         // A handful of clusters: a scan that compares slices beats formatting a key.
         let (_, slots) = self
@@ -87,15 +115,23 @@ impl Peers {
             .iter()
             .find(|(k, _)| is_cluster(k, region, cluster))?;
         let n = slots.len();
-        (0..n)
-            .map(|i| &slots[((wsid % n as u64) as usize + i) % n])
-            .find_map(|s| {
-                s.link
-                    .borrow()
-                    .as_ref()
-                    .filter(|l| l.is_usable(max_pending))
-                    .cloned()
-            })
+        let mut best: Option<(u8, Rc<TaskLink>)> = None;
+        for i in 0..n {
+            let slot = &slots[((wsid % n as u64) as usize + i) % n];
+            let Some((r, link)) = slot.rank(app, wsid, max_pending) else {
+                continue;
+            };
+            if except.is_some_and(|e| Rc::ptr_eq(e, &link)) {
+                continue;
+            }
+            if r == 3 {
+                return Some(link);
+            }
+            if best.as_ref().is_none_or(|(b, _)| r > *b) {
+                best = Some((r, link));
+            }
+        }
+        best.map(|(_, l)| l)
     }
 }
 
@@ -114,6 +150,7 @@ pub(crate) fn start_dialers(shard: &Rc<Shard>) {
                 Rc::new(Slot {
                     addr: a.clone(),
                     link: RefCell::new(None),
+                    status: RefCell::new(None),
                 })
             })
             .collect();
@@ -179,14 +216,18 @@ async fn dial_once(shard: &Rc<Shard>, cluster: &str, slot: &Rc<Slot>) -> anyhow:
         out.clone(),
     ));
     let pinger = ws::spawn_pinger(out.clone(), every);
+    *slot.status.borrow_mut() = None;
     *slot.link.borrow_mut() = Some(link.clone());
     ShardMetrics::inc(&shard.metrics.peer_links);
+    shard.health.peer_link(shard.index, cluster, true);
     tracing::info!(shard = shard.index, %cluster, addr = %slot.addr, "peer link up");
-    let end = link.read_loop(&mut reader).await;
+    let end = read_dialed(shard, cluster, slot, &link, &mut reader).await;
     drop(pinger.cancel());
     link.fail_all();
     *slot.link.borrow_mut() = None;
+    *slot.status.borrow_mut() = None;
     ShardMetrics::dec(&shard.metrics.peer_links);
+    shard.health.peer_link(shard.index, cluster, false);
     tracing::warn!(shard = shard.index, %cluster, addr = %slot.addr, "peer link down");
     match &end {
         Err(e) => match e.close_code() {
@@ -197,6 +238,53 @@ async fn dial_once(shard: &Rc<Shard>, cluster: &str, slot: &Rc<Slot>) -> anyhow:
     }
     let _ = writer.await;
     end.map_err(anyhow::Error::from)
+}
+
+/// Reads a dialed link: answers complete pending requests, status messages update the slot.
+/// A router that says it is draining gets nothing new (see [`Peers::pick`]); once nothing is
+/// pending on its link we close the link, which is what lets it finish its drain early.
+async fn read_dialed<R: futures_lite::AsyncRead + Unpin>(
+    shard: &Rc<Shard>,
+    cluster: &str,
+    slot: &Rc<Slot>,
+    link: &Rc<TaskLink>,
+    reader: &mut ws::WsReader<R>,
+) -> Result<(), ws::WsError> {
+    let mut closer: Option<glommio::Task<()>> = None;
+    loop {
+        match reader.next().await? {
+            Message::Binary(b) => link.on_binary(b)?,
+            Message::Text(t) => {
+                let Some(st) = PeerStatus::parse(&t) else {
+                    continue;
+                };
+                let draining = st.draining;
+                if slot.status.borrow().as_ref().map(|s| (s.ready, s.draining))
+                    != Some((st.ready, st.draining))
+                {
+                    tracing::info!(shard = shard.index, %cluster, addr = %slot.addr, ready = st.ready, draining, "peer status");
+                }
+                *slot.status.borrow_mut() = Some(st);
+                if draining && closer.is_none() {
+                    closer = Some(glommio::spawn_local(close_when_idle(link.clone())));
+                }
+            }
+            Message::Ping(p) => link
+                .out
+                .borrow_mut()
+                .send_control(ws::frame::opcode::PONG, &p),
+            Message::Pong(_) => {}
+            Message::Close(_) => return Ok(()),
+        }
+    }
+}
+
+/// Closes a link to a draining router once no request is pending on it.
+async fn close_when_idle(link: Rc<TaskLink>) {
+    while link.is_alive() && link.pending_len() > 0 {
+        glommio::timer::sleep(crate::health::POLL).await;
+    }
+    link.out.borrow_mut().close(1001);
 }
 
 /// Serves one connection on the external listener: a peer router's link.
@@ -285,6 +373,7 @@ async fn serve_link(
         shard.cfg.auth.verify_cache_per_peer_link,
     )));
     let expiry = ws::close_at_expiry(out.clone(), exp);
+    let status = glommio::spawn_local(send_status(shard.clone(), out.clone()));
     let end = loop {
         match reader.next().await {
             Ok(Message::Binary(b)) => {
@@ -334,12 +423,38 @@ async fn serve_link(
         }
     };
     drop(expiry.cancel());
+    drop(status.cancel());
     tracing::info!(shard = shard.index, cluster = %from, "peer link from {from} closed");
     match end {
         Some(c) => out.borrow_mut().close(c),
         None => out.borrow_mut().abort(),
     }
     let _ = writer.await;
+}
+
+/// Tells the dialing router this router's [`PeerStatus`]: once at once, then on each change.
+async fn send_status(shard: Rc<Shard>, out: Rc<RefCell<ws::WsOut>>) {
+    // What the status is made of; rebuilt only when one of these moves.
+    let mut seen: Option<(u64, bool, bool)> = None;
+    let mut last: Option<PeerStatus> = None;
+    loop {
+        let table = shard.snapshots.routes.load();
+        let h = &shard.health;
+        let key = (table.generation, h.draining(), h.all_shards_running());
+        if seen != Some(key) {
+            seen = Some(key);
+            let now = PeerStatus::now(h, &table, shard.cfg.readiness.coverage);
+            if last.as_ref() != Some(&now) {
+                let text = serde_json::to_string(&now).unwrap_or_default();
+                if out.borrow_mut().send_text(&text).is_err() {
+                    return;
+                }
+                last = Some(now);
+            }
+        }
+        drop(table);
+        glommio::timer::sleep(crate::health::POLL).await;
+    }
 }
 
 /// The protocol-neutral request of a frame forwarded by a peer router: the target from its

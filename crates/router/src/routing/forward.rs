@@ -11,22 +11,76 @@ use bytes::{BufMut, BytesMut};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-/// Forwards over this shard's peer link and waits for the answer.
+/// Errors of a serving router that mean the request reached no task there: the sender may
+/// send it to another router of that cluster (docs/FEDERATION.md, "Readiness and drain").
+const NEVER_DELIVERED: [&str; 3] = ["no_live_task", "draining", "not_ready"];
+
+/// Forwards over this shard's peer link and waits for the answer. An answer saying the request
+/// reached no task there is retried once on another router of the same cluster: it was never
+/// delivered, so the retry cannot run it twice; the retry is itself marked FORWARDED (never
+/// forwarded again), and there is only one.
 pub(crate) async fn forward(shard: &Rc<Shard>, req: &Request<'_>) -> Answer {
+    let (answer, link) = forward_once(shard, req, None).await;
+    let Some(link) = link.filter(|_| never_delivered(&answer)) else {
+        return answer;
+    };
+    let (again, other) = forward_once(shard, req, Some(&link)).await;
+    match other {
+        Some(_) => {
+            ShardMetrics::inc(&shard.metrics.forward_retries);
+            again
+        }
+        // No other router to try: the first answer stands.
+        None => answer,
+    }
+}
+
+/// True for a relayed 503 whose error code is one of [`NEVER_DELIVERED`].
+fn never_delivered(a: &Answer) -> bool {
+    match a {
+        Answer::Relayed { status: 503, frame } => frame
+            .get_str(tag::ERROR)
+            .is_some_and(|e| NEVER_DELIVERED.contains(&e)),
+        _ => false,
+    }
+}
+
+/// One attempt over a link other than `except`; also returns the link used (None: none).
+async fn forward_once(
+    shard: &Rc<Shard>,
+    req: &Request<'_>,
+    except: Option<&Rc<crate::task::link::TaskLink>>,
+) -> (Answer, Option<Rc<crate::task::link::TaskLink>>) {
     let t = &req.target;
     let limits = &shard.cfg.limits;
-    let Some(link) =
-        shard
-            .peers
-            .borrow()
-            .pick(t.region, t.cluster, t.wsid, limits.max_pending_per_link)
-    else {
-        return Answer::error(
+    let picked = shard.peers.borrow().pick(
+        t.region,
+        t.cluster,
+        t.app_name,
+        t.wsid,
+        limits.max_pending_per_link,
+        except,
+    );
+    let Some(link) = picked else {
+        let a = Answer::error(
             503,
             "no_peer",
             format!("no live router of cluster {}/{}", t.region, t.cluster),
         );
+        return (a, None);
     };
+    let answer = send(shard, req, &link).await;
+    (answer, Some(link))
+}
+
+/// Sends over `link` and waits for the answer.
+async fn send(
+    shard: &Rc<Shard>,
+    req: &Request<'_>,
+    link: &Rc<crate::task::link::TaskLink>,
+) -> Answer {
+    let t = &req.target;
+    let limits = &shard.cfg.limits;
     let id = shard.request_id();
     let rx = {
         let mut m = shard.scratch.borrow_mut();

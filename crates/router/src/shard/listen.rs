@@ -5,6 +5,7 @@
 use super::Shard;
 use crate::config::Config;
 use crate::control::{Control, ControlEvent};
+use crate::health::Health;
 use crate::metrics::{Listener, Registry, ShardMetrics};
 use crate::{api, task};
 use anyhow::{anyhow, bail, Context};
@@ -16,7 +17,7 @@ use std::os::unix::io::{FromRawFd, IntoRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A running router.
 pub struct Running {
@@ -35,6 +36,8 @@ pub struct Running {
     /// Events to the control thread (`Reload` on SIGHUP).
     pub events: crossbeam_channel::Sender<ControlEvent>,
     control: std::thread::JoinHandle<()>,
+    health: Arc<Health>,
+    metrics: Registry,
 }
 
 fn listen_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<Socket> {
@@ -95,7 +98,17 @@ type ServeFn = fn(
 
 async fn accept_loop(shard: Rc<Shard>, l: TcpListener, serve: ServeFn, kind: Listener) {
     loop {
-        match l.accept().await {
+        let next = futures_lite::future::or(async { Some(l.accept().await) }, async {
+            // Fails (wakes) once the shard sees a drain.
+            let _ = shard.drain.acquire(1).await;
+            None
+        })
+        .await;
+        let Some(accepted) = next else {
+            tracing::info!(shard = shard.index, listener = ?kind, "draining: listener closed");
+            return;
+        };
+        match accepted {
             Ok(s) => {
                 let limits = &shard.cfg.limits;
                 let full = match kind {
@@ -157,6 +170,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
         (None, vec![None; n])
     };
 
+    let health = Arc::new(Health::new(n, federation.routers.keys().cloned().collect()));
     let control = Control::new(cfg.clone(), keyring, tls_reloader);
     let snapshots = control.snapshots();
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -196,10 +210,15 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
         );
         let (afd, ifd, efd, tfd) = (api_fds[i], internal_fds[i], external_fds[i], tls_fds[i]);
         let fed = federation.clone();
+        let health = health.clone();
         let acceptor = tls_config.clone().map(futures_rustls::TlsAcceptor::from);
         let h = b
             .spawn(move || async move {
-                let shard = Rc::new(Shard::new(i, n, cfg2, snaps, tx2, m, int2, fed, acceptor));
+                let _alive = health.shard_alive(i);
+                let shard = Rc::new(Shard::new(
+                    i, n, cfg2, snaps, tx2, m, int2, fed, acceptor, health,
+                ));
+                glommio::spawn_local(super::watch_drain(shard.clone())).detach();
                 // SAFETY: the fds were bound and listening on the main thread and are owned
                 // by this shard alone from here on.
                 let (api_l, int_l) =
@@ -247,6 +266,9 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                 if let Some(t) = tls_l {
                     t.await;
                 }
+                // The listeners closed for a drain: the shard goes on serving what it has until
+                // the process exits (an executor whose main future ends drops all its tasks).
+                std::future::pending::<()>().await
             })
             .map_err(|e| anyhow!("shard {i} on core {core}: {e}"))?;
         handles.push(h);
@@ -282,6 +304,8 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
             cfg.listen.admin_max_connections,
             metrics.clone(),
             snapshots.clone(),
+            health.clone(),
+            cfg.readiness.clone(),
         )?)
     } else {
         None
@@ -295,14 +319,63 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
         shard_cores: cores,
         events: tx,
         control,
+        health,
+        metrics,
     })
 }
 
 impl Running {
+    /// Drains the router (SIGTERM): `/readyz` turns 503, the listeners stop accepting, peer
+    /// routers are told (they send nothing new and close their links once nothing is pending
+    /// on them), then waits until no request is pending on a task and no peer link is open,
+    /// or `timeout`. Ends with the task links closed with 1001 (going away). True when the
+    /// drain finished before the timeout.
+    pub fn drain(&self, timeout: Duration) -> bool {
+        let start = Instant::now();
+        self.health.start_drain();
+        tracing::info!(timeout_ms = timeout.as_millis() as u64, "draining");
+        // Every shard and peer link looks at the flag within one poll.
+        std::thread::sleep(crate::health::POLL * 2);
+        let busy = || {
+            self.metrics
+                .iter()
+                .map(|m| {
+                    m.pending.load(Ordering::Relaxed)
+                        + m.connections[Listener::External as usize].load(Ordering::Relaxed)
+                })
+                .sum::<u64>()
+        };
+        let done = loop {
+            let b = busy();
+            if b == 0 {
+                break true;
+            }
+            if start.elapsed() >= timeout {
+                tracing::warn!(busy = b, "drain timeout: closing with work left");
+                break false;
+            }
+            std::thread::sleep(crate::health::POLL);
+        };
+        self.health.start_closing();
+        // The shards close their task links and flush the close frames.
+        std::thread::sleep(crate::health::POLL * 2);
+        tracing::info!(
+            took_ms = start.elapsed().as_millis() as u64,
+            complete = done,
+            "drained"
+        );
+        done
+    }
+
     /// Stops the control thread (shards end with the process).
     pub fn shutdown(self) {
         let _ = self.events.send(ControlEvent::Shutdown);
         let _ = self.control.join();
+    }
+
+    /// Asks the control thread to stop without waiting for it (shards end with the process).
+    pub fn stop_control(&self) {
+        let _ = self.events.send(ControlEvent::Shutdown);
     }
 }
 

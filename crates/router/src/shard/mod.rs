@@ -46,6 +46,10 @@ pub(crate) struct Shard {
     body_left: Cell<usize>,
     /// Handshakes of the TLS api listener (`listen.api_tls`), when configured.
     pub(crate) tls: Option<futures_rustls::TlsAcceptor>,
+    /// Router-wide readiness and drain state.
+    pub(crate) health: Arc<crate::health::Health>,
+    /// Closed when this shard sees a drain: wakes the accept loops, which stop.
+    pub(crate) drain: glommio::sync::Semaphore,
 }
 
 impl Shard {
@@ -60,6 +64,7 @@ impl Shard {
         internal_addrs: Arc<Vec<SocketAddr>>,
         federation: crate::peer::FederationRef,
         tls: Option<futures_rustls::TlsAcceptor>,
+        health: Arc<crate::health::Health>,
     ) -> Shard {
         let router_name = format!("{}/{}/{}", cfg.region, cfg.cluster, cfg.router);
         Shard {
@@ -80,6 +85,8 @@ impl Shard {
             body_left: Cell::new(cfg.limits.body_budget_bytes / count.max(1)),
             cfg,
             tls,
+            health,
+            drain: glommio::sync::Semaphore::new(0),
         }
     }
 
@@ -237,6 +244,28 @@ fn report_health(shard: &Shard, l: &TaskLink, change: HealthChange) {
                 reg: l.registration(),
             });
         }
+    }
+}
+
+/// Follows the router's drain on this shard: closes [`Shard::drain`] when it starts (the accept
+/// loops stop), and closes the task links with 1001 (going away) when it ends.
+pub(crate) async fn watch_drain(shard: Rc<Shard>) {
+    let every = crate::health::POLL;
+    while !shard.health.draining() {
+        glommio::timer::sleep(every).await;
+    }
+    shard.drain.close();
+    while !shard.health.closing() {
+        glommio::timer::sleep(every).await;
+    }
+    let links: Vec<Rc<TaskLink>> = shard.links.borrow().values().cloned().collect();
+    tracing::info!(
+        shard = shard.index,
+        links = links.len(),
+        "drain over: closing task links"
+    );
+    for l in links {
+        l.out.borrow_mut().close(1001);
     }
 }
 

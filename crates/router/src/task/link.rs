@@ -192,13 +192,25 @@ impl TaskLink {
         }
     }
 
-    /// Reads answers until the link ends, completing pending requests (text messages are
-    /// ignored: a peer link has no `renew`).
-    pub(crate) async fn read_loop<R: futures_lite::AsyncRead + Unpin>(
-        &self,
-        reader: &mut WsReader<R>,
-    ) -> Result<(), ws::WsError> {
-        read_loop(self, reader, |_| {}).await
+    /// Handles one binary message from the other side: an answer or a Redirect.
+    pub(crate) fn on_binary(&self, b: Bytes) -> Result<(), ws::WsError> {
+        match Frame::decode(b) {
+            Ok(f) => {
+                self.health
+                    .heard(matches!(f.header.kind, Kind::Response | Kind::Redirect));
+                on_frame(self, f);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(task = self.task, "bad frame from task: {e}");
+                Err(ws::WsError::Protocol("bad fedbus frame"))
+            }
+        }
+    }
+
+    /// Requests sent on this link and not answered yet.
+    pub(crate) fn pending_len(&self) -> usize {
+        self.pending.borrow().len()
     }
 
     /// Alive, not ejected and not closing: can still carry requests (maybe not now, if full).
@@ -608,17 +620,7 @@ async fn read_loop<R: futures_lite::AsyncRead + Unpin>(
 ) -> Result<(), ws::WsError> {
     loop {
         match reader.next().await? {
-            Message::Binary(b) => match Frame::decode(b) {
-                Ok(f) => {
-                    link.health
-                        .heard(matches!(f.header.kind, Kind::Response | Kind::Redirect));
-                    on_frame(link, f)
-                }
-                Err(e) => {
-                    tracing::warn!(task = link.task, "bad frame from task: {e}");
-                    return Err(ws::WsError::Protocol("bad fedbus frame"));
-                }
-            },
+            Message::Binary(b) => link.on_binary(b)?,
             Message::Ping(p) => {
                 link.health.heard(false);
                 link.out

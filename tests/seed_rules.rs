@@ -413,6 +413,56 @@ fn two_routers_started_apart_elect_the_same_emergency_partition() {
     );
 }
 
+/// The emergency partition does not move while it is alive: partitions that come back, even
+/// one the election ranks higher, leave it where it is.
+#[test]
+fn partitions_coming_back_do_not_move_the_emergency_partition() {
+    let first: Vec<u32> = (0..7).collect();
+    let all: Vec<u32> = (0..16).filter(|&p| p != 7).collect();
+    // A seed whose election over every live partition picks one of the late ones (8-15), so a
+    // router that re-elected on every change would move.
+    let seed_value = (0..1000u64)
+        .find(|&s| route::elect_emergency(APP, "main", s, all.iter().copied()).unwrap() >= 8)
+        .expect("some seed ranks a late partition first");
+    let before = route::elect_emergency(APP, "main", seed_value, first.iter().copied()).unwrap();
+    let fresh = route::elect_emergency(APP, "main", seed_value, all.iter().copied()).unwrap();
+    assert_ne!(before, fresh);
+    let r = seed::start_with(
+        Router::new().shards(1),
+        &format!("[routing]\nelection_seed = {seed_value}"),
+    );
+    let tok = r.token(APP, "alice");
+    let serve = |wsid: u64| r.request(&Req::post(&r.path(APP, wsid)).token(&tok).body(b"e"));
+    let _early = r.task().partitions("0-6").start();
+    // Partition 7 never has a task: the emergency partition serves it.
+    let resp = serve(7);
+    assert_eq!(
+        header_u32(&resp, "fedbus-partition"),
+        Some(before),
+        "{resp:?}"
+    );
+    let _late = r.task().partitions("8-15").start();
+    // Wait until the published table has the late partitions (8 served by itself).
+    let published = wait_for(Duration::from_secs(10), || {
+        let resp = serve(8);
+        (resp.status == 200 && resp.header("fedbus-emergency").is_none()).then_some(())
+    });
+    assert!(
+        published.is_some(),
+        "the late task never served partition 8"
+    );
+    for wsid in [7u64, 23, 39] {
+        let resp = serve(wsid);
+        assert_eq!(resp.status, 200, "{resp:?}");
+        assert_eq!(header_u32(&resp, "fedbus-emergency"), Some(7), "{resp:?}");
+        assert_eq!(
+            header_u32(&resp, "fedbus-partition"),
+            Some(before),
+            "moved to {fresh}? {resp:?}"
+        );
+    }
+}
+
 /// `route::build` from the same registrations in different orders (and at different
 /// generations) gives the same table and the same emergency partitions.
 #[test]

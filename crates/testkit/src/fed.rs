@@ -213,6 +213,8 @@ pub struct FederationBuilder {
     grace_secs: Option<u64>,
     /// The `[apps.cors]` table of the app in each cluster.
     cors: [Option<String>; 2],
+    /// Partitions of each cluster's echo task (None: all).
+    partitions: [Option<String>; 2],
 }
 
 impl FederationBuilder {
@@ -238,6 +240,12 @@ impl FederationBuilder {
     /// The `[apps.cors]` table of the app in `cluster`, e.g. `allowed_origins = ["http://a"]`.
     pub fn cors(mut self, cluster: &str, table: &str) -> Self {
         self.cors[cluster_index(cluster)] = Some(table.into());
+        self
+    }
+
+    /// Partitions the echo task of `cluster` serves (default: all).
+    pub fn task_partitions(mut self, cluster: &str, partitions: &str) -> Self {
+        self.partitions[cluster_index(cluster)] = Some(partitions.to_string());
         self
     }
 
@@ -351,6 +359,7 @@ impl FederationBuilder {
             keys,
             tokens,
             delays: self.delays,
+            partitions: self.partitions,
             root: root.clone(),
             dir,
         };
@@ -380,6 +389,7 @@ pub struct Federation {
     /// Client JWT (demo/echo, alice) of each cluster.
     pub tokens: Vec<String>,
     delays: [u64; 2],
+    partitions: [Option<String>; 2],
     /// Root directory of the federation (configs, keyrings, logs).
     pub root: PathBuf,
     // Last: removed after the processes are gone.
@@ -395,6 +405,7 @@ impl Federation {
             request_timeout_ms: 10_000,
             grace_secs: None,
             cors: [None, None],
+            partitions: [None, None],
         }
     }
 
@@ -446,6 +457,18 @@ impl Federation {
     }
 
     fn start_task(&mut self, ci: usize) {
+        let parts = self.partitions[ci].clone();
+        self.spawn_task(ci, &[0, 1], parts.as_deref());
+    }
+
+    /// Starts another echo task in `cluster`, linked only to the routers of index `routers`,
+    /// serving `partitions` (`"13"`, `"0-7"`); returns its index in [`Federation::tasks`].
+    pub fn start_task_on(&mut self, cluster: &str, routers: &[usize], partitions: &str) -> usize {
+        self.spawn_task(cluster_index(cluster), routers, Some(partitions));
+        self.tasks.len() - 1
+    }
+
+    fn spawn_task(&mut self, ci: usize, routers: &[usize], partitions: Option<&str>) {
         let c = CLUSTERS[ci];
         let log = self
             .root
@@ -455,8 +478,11 @@ impl Federation {
         cmd.args(["task", "echo", "--cluster", &format!("ru/{c}")])
             .args(["--keyring", self.keys[ci].to_str().expect("utf-8")])
             .args(["--delay-ms", &self.delays[ci].to_string()]);
-        for r in &self.routers[ci * 2..ci * 2 + 2] {
-            cmd.args(["--router", &r.internal.to_string()]);
+        if let Some(p) = partitions {
+            cmd.args(["--partitions", p]);
+        }
+        for &r in routers {
+            cmd.args(["--router", &self.routers[ci * 2 + r].internal.to_string()]);
         }
         let child = cmd
             .env("FEDBUS_HOME", &self.root)

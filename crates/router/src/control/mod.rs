@@ -181,7 +181,9 @@ impl Control {
 
     fn publish_routes(&mut self) {
         self.generation += 1;
-        let t = route::build(
+        let previous = self.snapshots.routes.load_full();
+        let t = route::build_after(
+            Some(&previous),
             &self.specs,
             &self.registry.live(),
             self.generation,

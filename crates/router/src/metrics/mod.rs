@@ -56,6 +56,7 @@ pub(crate) struct ShardMetrics {
     /// `renew` messages on task links: accepted, refused.
     pub(crate) task_renewals: [AtomicU64; 2],
     pub(crate) forward_retries: AtomicU64,
+    pub(crate) sibling_handoffs: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -111,7 +112,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, Field); 17] = [
+    let simple: [(&str, &str, &str, Field); 18] = [
         (
             "fedbus_bytes_in_total",
             "counter",
@@ -210,6 +211,12 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             "counter",
             "Forwarded requests sent again to another router of the destination cluster after the first said it reached no task (no_live_task, draining, not_ready).",
             |m| &m.forward_retries,
+        ),
+        (
+            "fedbus_sibling_handoffs_total",
+            "counter",
+            "Requests handed to another router of this cluster that has a live task for their partition when this router has none.",
+            |m| &m.sibling_handoffs,
         ),
     ];
     for (name, kind, help, f) in simple {

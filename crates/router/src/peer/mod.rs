@@ -32,6 +32,10 @@ pub(crate) struct Federation {
     pub(crate) routers: HashMap<String, Vec<String>>,
     /// The token this router presents to peers.
     pub(crate) token: Option<String>,
+    /// External addresses of the other routers of our own cluster (siblings).
+    pub(crate) siblings: Vec<String>,
+    /// Our own `region/cluster`.
+    pub(crate) own: String,
 }
 
 impl Federation {
@@ -49,10 +53,20 @@ impl Federation {
             keys.insert(id.clone(), k);
             routers.insert(id, c.routers.clone());
         }
+        let own = cfg.cluster_id();
+        let siblings = siblings(cfg);
+        if !siblings.is_empty() {
+            // Siblings present peer tokens signed by our own cluster key.
+            let k = auth::keyring::read_cluster_keys(&cfg.keyring_dir())
+                .map_err(|e| anyhow::anyhow!("own cluster {own}: keys: {e}"))?;
+            keys.insert(own.clone(), k);
+        }
         Ok(Federation {
             keys,
             routers,
             token,
+            siblings,
+            own,
         })
     }
 
@@ -60,6 +74,28 @@ impl Federation {
     pub(crate) fn knows(&self, region: &str, cluster: &str) -> bool {
         self.routers.keys().any(|k| is_cluster(k, region, cluster))
     }
+}
+
+/// The other routers of our own cluster: its `[[federation.clusters]]` entry's routers except
+/// the one that is this router (its `listen.external`, or `listen.advertise_host` with that
+/// port).
+pub(crate) fn siblings(cfg: &crate::config::Config) -> Vec<String> {
+    let port = cfg.listen.external.port();
+    let me = [
+        Some(cfg.listen.external.to_string()),
+        cfg.listen
+            .advertise_host
+            .as_ref()
+            .map(|h| format!("{h}:{port}")),
+    ];
+    cfg.federation
+        .clusters
+        .iter()
+        .filter(|c| c.region == cfg.region && c.cluster == cfg.cluster)
+        .flat_map(|c| c.routers.iter())
+        .filter(|a| !me.iter().flatten().any(|m| m == *a))
+        .cloned()
+        .collect()
 }
 
 /// One remote router as seen by one shard.
@@ -135,15 +171,39 @@ impl Peers {
     }
 }
 
+impl Peers {
+    /// A live link to a sibling (a router of our own `cluster` key) that has a live task for
+    /// `app`/`wsid`'s partition, by its last status; the scan starts at `wsid % routers`.
+    pub(crate) fn covering(
+        &self,
+        own: &str,
+        app: &str,
+        wsid: u64,
+        max_pending: usize,
+    ) -> Option<Rc<TaskLink>> {
+        let slots = self.clusters.get(own)?;
+        let n = slots.len();
+        (0..n)
+            .map(|i| &slots[((wsid % n as u64) as usize + i) % n])
+            .find_map(|s| match s.rank(app, wsid, max_pending) {
+                Some((3, link)) => Some(link),
+                _ => None,
+            })
+    }
+}
+
 /// True when `key` is `region/cluster`.
 fn is_cluster(key: &str, region: &str, cluster: &str) -> bool {
     key.split_once('/') == Some((region, cluster))
 }
 
-/// Starts this shard's dialers: one per router of every other cluster.
+/// Starts this shard's dialers: one per router of every other cluster, and one per sibling
+/// (another router of our own cluster, under our own cluster's key).
 pub(crate) fn start_dialers(shard: &Rc<Shard>) {
     let mut peers = shard.peers.borrow_mut();
-    for (cluster, addrs) in &shard.federation.routers {
+    let fed = &shard.federation;
+    let siblings = (!fed.siblings.is_empty()).then(|| (&fed.own, &fed.siblings));
+    for (cluster, addrs) in fed.routers.iter().chain(siblings) {
         let slots: Vec<Rc<Slot>> = addrs
             .iter()
             .map(|a| {
@@ -499,7 +559,7 @@ fn forwarded_request(f: &Frame) -> Result<Request<'_>, Answer> {
 /// The peer token this router presents: from `peer_token_file`, or minted from the private
 /// cluster key of the keyring in dev mode.
 pub(crate) fn peer_token(cfg: &crate::config::Config) -> anyhow::Result<Option<String>> {
-    if cfg.peer_clusters().next().is_none() {
+    if cfg.peer_clusters().next().is_none() && siblings(cfg).is_empty() {
         return Ok(None);
     }
     if let Some(p) = &cfg.federation.peer_token_file {

@@ -24,6 +24,19 @@ pub fn build(
     generation: u64,
     election_seed: u64,
 ) -> RoutingTable {
+    build_after(None, apps, regs, generation, election_seed)
+}
+
+/// [`build`], keeping each role's emergency partition of `previous` while it is still live
+/// (and no configured one is live): partitions that come back never move it, only its own
+/// death does. This is what the control thread publishes.
+pub fn build_after(
+    previous: Option<&RoutingTable>,
+    apps: &[AppSpec],
+    regs: &[Registration],
+    generation: u64,
+    election_seed: u64,
+) -> RoutingTable {
     let mut table: HashMap<String, AppRoutes> = apps
         .iter()
         .map(|spec| {
@@ -59,8 +72,14 @@ pub fn build(
     for (name, app) in &mut table {
         for (role_name, role) in &mut app.roles {
             role.normalize();
-            role.emergency = match app.emergency_partition {
-                Some(e) if role.is_live(e) => Some(e),
+            let kept = previous
+                .and_then(|t| t.apps.get(name))
+                .and_then(|a| a.roles.get(role_name))
+                .and_then(|r| r.emergency)
+                .filter(|&e| role.is_live(e));
+            role.emergency = match (app.emergency_partition, kept) {
+                (Some(e), _) if role.is_live(e) => Some(e),
+                (_, Some(e)) => Some(e),
                 _ => elect_emergency(name, role_name, election_seed, role.live_partitions()),
             };
         }
@@ -75,6 +94,41 @@ pub fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partitions_coming_back_do_not_move_the_emergency_partition() {
+        let specs = [spec("o/a", 16, None)];
+        let live = |ps: &[u32]| -> Vec<Registration> {
+            ps.iter()
+                .map(|&p| reg(u64::from(p) + 1, "o/a", "main", &[p]))
+                .collect()
+        };
+        let emergency = |t: &RoutingTable| t.apps["o/a"].roles["main"].emergency;
+        // The partition the election ranks first among all 16, and one ranked below it.
+        let all: Vec<u32> = (0..16).collect();
+        let best = elect_emergency("o/a", "main", 0, all.iter().copied()).unwrap();
+        let other = all.iter().copied().find(|&p| p != best).unwrap();
+        let rest: Vec<u32> = all.iter().copied().filter(|&p| p != best).collect();
+        let first = elect_emergency("o/a", "main", 0, rest.iter().copied()).unwrap();
+        // Start without `best`: the election picks `first`.
+        let t1 = build_after(None, &specs, &live(&rest), 1, 0);
+        assert_eq!(emergency(&t1), Some(first));
+        // `best` comes back: a fresh election would move to it; the kept one stays.
+        let t2 = build_after(Some(&t1), &specs, &live(&all), 2, 0);
+        assert_eq!(
+            build(&specs, &live(&all), 2, 0).apps["o/a"].roles["main"].emergency,
+            Some(best)
+        );
+        assert_eq!(emergency(&t2), Some(first), "moved while alive");
+        // `first` dies: a new election among the live ones.
+        let without_first: Vec<u32> = all.iter().copied().filter(|&p| p != first).collect();
+        let t3 = build_after(Some(&t2), &specs, &live(&without_first), 3, 0);
+        assert_eq!(emergency(&t3), Some(best));
+        // A configured emergency partition wins whenever it is live.
+        let cfg = [spec("o/a", 16, Some(other))];
+        let t4 = build_after(Some(&t3), &cfg, &live(&all), 4, 0);
+        assert_eq!(emergency(&t4), Some(other));
+    }
     use crate::route::test_util::{reg, spec};
     use crate::route::{Lookup, TaskId};
 

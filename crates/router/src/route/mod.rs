@@ -14,7 +14,7 @@ mod elect;
 mod path;
 mod table;
 
-pub use build::build;
+pub use build::{build, build_after};
 pub use elect::elect_emergency;
 pub use path::{parse_api_path, ApiPath, PathError};
 pub use table::{AppRoutes, Lookup, RoleRoutes, RoutingTable};

@@ -162,13 +162,14 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
         &cfg,
         crate::peer::peer_token(&cfg)?,
     )?);
-    // The external listener (peer links) only when there are other clusters to talk to.
-    let (external, external_fds) = if cfg.peer_clusters().next().is_some() {
-        let (a, fds) = bind_api(cfg.listen.external, n).context("external listener")?;
-        (Some(a), fds.into_iter().map(Some).collect())
-    } else {
-        (None, vec![None; n])
-    };
+    // The external listener (peer links) only when there are other routers to talk to.
+    let (external, external_fds) =
+        if !federation.routers.is_empty() || !federation.siblings.is_empty() {
+            let (a, fds) = bind_api(cfg.listen.external, n).context("external listener")?;
+            (Some(a), fds.into_iter().map(Some).collect())
+        } else {
+            (None, vec![None; n])
+        };
 
     let health = Arc::new(Health::new(n, federation.routers.keys().cloned().collect()));
     let control = Control::new(cfg.clone(), keyring, tls_reloader);

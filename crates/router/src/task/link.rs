@@ -213,6 +213,11 @@ impl TaskLink {
         self.pending.borrow().len()
     }
 
+    /// Open and not closing, ejected or not.
+    pub(crate) fn is_open(&self) -> bool {
+        self.alive.get() && !self.out.borrow().is_closing()
+    }
+
     /// Alive, not ejected and not closing: can still carry requests (maybe not now, if full).
     pub(crate) fn is_alive(&self) -> bool {
         self.alive.get() && self.health.ejected.get().is_none() && !self.out.borrow().is_closing()
@@ -495,7 +500,8 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
         .links
         .borrow()
         .get(&reg.task)
-        .filter(|l| l.is_alive())
+        // An ejected link still holds its task id: only its own task may replace it.
+        .filter(|l| l.is_open())
         .map(|l| (l.app.clone(), l.role.clone()));
     let refusal = registration_refusal(
         &reg,

@@ -47,7 +47,16 @@ fn assert_served(r: &Response, wsid: u64, body: &[u8], served_by: &str) {
 /// Two shards per router: fresh connections land on both, and each shard has its own links.
 #[test]
 fn any_entry_router_reaches_the_right_cluster_and_partition() {
-    let f = Federation::builder().shards(2).start();
+    reaches_the_right_cluster_and_partition(Federation::builder().shards(2).start());
+}
+
+/// The same over mutual-TLS peer links (`[tls.peer]`).
+#[test]
+fn any_entry_router_reaches_the_right_cluster_and_partition_over_tls_peer_links() {
+    reaches_the_right_cluster_and_partition(Federation::builder().shards(2).peer_tls(true).start());
+}
+
+fn reaches_the_right_cluster_and_partition(f: Federation) {
     let sizes = [0usize, 100, 256 * 1024];
     let mut seen_shards = std::collections::BTreeSet::new();
     for target in CLUSTERS {
@@ -462,7 +471,8 @@ fn refusal(status: u16, head: &str, rest: &[u8], s: &mut std::net::TcpStream) ->
 /// Acceptance 4: Forged peer tokens are refused before the upgrade.
 #[test]
 fn forged_peer_tokens_are_refused_before_the_upgrade() {
-    let f = Federation::start();
+    // Plaintext peer upgrades from the test itself.
+    let f = Federation::builder().peer_tls(false).start();
     let evil = f.root.join("evil").join("keys");
     keys_init(&f.root, &evil, &[APP]);
     let spb2 = f.keyring("spb2").to_path_buf();
@@ -601,7 +611,16 @@ fn frame_header(f: &Frame, name: &str) -> Option<String> {
 /// is not spb1's), and the session goes on.
 #[test]
 fn websocket_client_reaches_another_cluster() {
-    let f = Federation::builder().start();
+    websocket_across_clusters(Federation::builder().start());
+}
+
+/// The same over mutual-TLS peer links (`[tls.peer]`).
+#[test]
+fn websocket_client_reaches_another_cluster_over_tls_peer_links() {
+    websocket_across_clusters(Federation::builder().peer_tls(true).start());
+}
+
+fn websocket_across_clusters(f: Federation) {
     let entry = f.router("spb1", 0);
     let (mut s, status, head, rest) = ws_upgrade(entry.api, "/api/ws", Some(f.token("spb2")));
     assert_eq!(status, 101, "{head}");
@@ -759,7 +778,8 @@ fn the_home_clusters_cors_policy_applies_across_clusters() {
 /// Acceptance 5: Loop guard: a request for spb2 arriving at spb1 over a peer link is 508 forward_loop.
 #[test]
 fn loop_guard_on_a_real_peer_link() {
-    let f = Federation::start();
+    // A plaintext peer upgrade from the test itself.
+    let f = Federation::builder().peer_tls(false).start();
     let spb2 = f.keyring("spb2").to_path_buf();
     let r = f.router("spb1", 0);
     let (mut s, status, head, rest) =

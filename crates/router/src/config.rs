@@ -102,6 +102,11 @@ pub struct Listen {
     /// `[[tls.certs]]`, or `dev = true` (the keyring's dev certificate). Default: none; the
     /// embedded defaults of `fedbus run` without `--config` use `127.0.0.1:8443`.
     pub api_tls: Option<SocketAddr>,
+    /// Task links over TLS: the internal listeners accept only TLS, with the certificates of
+    /// `[[tls.certs]]` (the api listener's, reloaded the same way), or the keyring's dev
+    /// certificate with `dev = true`. Tasks dial with a CA file (`fedbus task --tls-ca`, the
+    /// SDK's `TaskOptions::tls_ca`). Internal networks are often trusted: off by default.
+    pub internal_tls: bool,
     /// Host (name or address) that tasks should dial for the internal listeners, as told in
     /// the hello. Default: the bound address; set it when `internal` binds `0.0.0.0`.
     pub advertise_host: Option<String>,
@@ -205,6 +210,36 @@ pub struct Tls {
     /// and key exchange work. The ticket keys live in this process only (rotated every 6 h),
     /// so a ticket resumes only on the router that issued it. Default true.
     pub tickets: bool,
+    /// `[tls.peer]`: mutual TLS on peer links (the external listener and this router's
+    /// dialers). Default: none (peer links in plaintext, the peer token alone).
+    pub peer: Option<PeerTls>,
+}
+
+/// Mutual TLS between the routers of a federation: every router holds a certificate issued
+/// by the federation's CA (`fedbus keys ca`, `fedbus keys cert --ca`) for the host of its
+/// external address. The dialer checks the router it reached against the CA and that host;
+/// the external listener requires a client certificate from the CA, and one that names a
+/// router of the cluster whose peer token comes with it. See docs/TUNING.md, "TLS".
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerTls {
+    /// The federation CA certificate(s), PEM: the only issuer trusted on peer links. Read at
+    /// start.
+    pub ca: PathBuf,
+    /// This router's certificate chain (leaf first), PEM; presented on both sides of a link.
+    /// Reloaded like `[[tls.certs]]`.
+    pub cert: PathBuf,
+    /// Its private key, PEM.
+    pub key: PathBuf,
+    /// Refuse peer links that do not speak TLS. `false` (a rollout step) also serves
+    /// plaintext links on the external listener; this router still dials with TLS.
+    /// Default true.
+    #[serde(default = "yes")]
+    pub required: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// One certificate and its key, PEM files.
@@ -223,6 +258,7 @@ impl Default for Tls {
             certs: Vec::new(),
             session_cache: 4096,
             tickets: true,
+            peer: None,
         }
     }
 }
@@ -396,6 +432,7 @@ impl Default for Listen {
             admin_enabled: true,
             admin_max_connections: 16,
             api_tls: None,
+            internal_tls: false,
             advertise_host: None,
         }
     }
@@ -720,6 +757,12 @@ impl Config {
                 "listen.api_tls needs at least one [[tls.certs]] (only dev mode makes its own)",
             ));
         }
+        if self.listen.internal_tls && self.tls.certs.is_empty() && !self.dev {
+            return Err(invalid(
+                "tls.certs",
+                "listen.internal_tls needs at least one [[tls.certs]] (only dev mode makes its own)",
+            ));
+        }
         if self.listen.api_tls == Some(self.listen.api) && self.listen.api.port() != 0 {
             return Err(invalid("listen.api_tls", "same address as listen.api"));
         }
@@ -839,6 +882,28 @@ mod tests {
         .expect("with a certificate");
         assert_eq!(c.tls.certs.len(), 1);
         assert!(c.tls.tickets);
+        let e = Config::parse("dev = false\n[listen]\ninternal_tls = true\n", "t").unwrap_err();
+        assert!(e.to_string().contains("internal_tls"), "{e}");
+    }
+
+    #[test]
+    fn peer_tls_is_required_by_default() {
+        assert_eq!(Config::default().tls.peer, None);
+        let c = Config::parse(
+            "[tls.peer]\nca = \"ca.pem\"\ncert = \"r.pem\"\nkey = \"r.key\"\n",
+            "t",
+        )
+        .expect("peer tls");
+        let p = c.tls.peer.expect("peer");
+        assert!(p.required);
+        assert_eq!(p.ca, PathBuf::from("ca.pem"));
+        let c = Config::parse(
+            "[tls.peer]\nca = \"ca.pem\"\ncert = \"r.pem\"\nkey = \"r.key\"\nrequired = false\n",
+            "t",
+        )
+        .expect("optional");
+        assert!(!c.tls.peer.expect("peer").required);
+        assert!(Config::parse("[tls.peer]\nca = \"ca.pem\"\n", "t").is_err());
     }
 
     #[test]

@@ -213,6 +213,8 @@ pub struct FederationBuilder {
     grace_secs: Option<u64>,
     /// The `[apps.cors]` table of the app in each cluster.
     cors: [Option<String>; 2],
+    /// Peer links over mutual TLS (`[tls.peer]`).
+    peer_tls: bool,
     /// Partitions of each cluster's echo task (None: all).
     partitions: [Option<String>; 2],
 }
@@ -240,6 +242,15 @@ impl FederationBuilder {
     /// The `[apps.cors]` table of the app in `cluster`, e.g. `allowed_origins = ["http://a"]`.
     pub fn cors(mut self, cluster: &str, table: &str) -> Self {
         self.cors[cluster_index(cluster)] = Some(table.into());
+        self
+    }
+
+    /// Peer links over mutual TLS: a federation CA made with `fedbus keys ca`, a certificate
+    /// per router for its address (`fedbus keys cert --ca`), `[tls.peer]` in every config.
+    /// Default: on when the environment has `FEDBUS_TEST_PEER_TLS=1` (the whole federation
+    /// suite then runs over TLS), else off.
+    pub fn peer_tls(mut self, on: bool) -> Self {
+        self.peer_tls = on;
         self
     }
 
@@ -274,6 +285,7 @@ impl FederationBuilder {
             keys.push(k);
         }
         let cores = if self.shards == 2 { "[0, 1]" } else { "[0]" };
+        let peer_tls = self.peer_tls.then(|| PeerCerts::make(&root));
         let mut routers = Vec::new();
         for (ci, c) in CLUSTERS.iter().enumerate() {
             for r in 0..2 {
@@ -298,6 +310,14 @@ impl FederationBuilder {
                 );
                 if let Some(g) = self.grace_secs {
                     let _ = writeln!(cfg, "[auth]\ngrace_secs = {g}");
+                }
+                if let Some(pc) = &peer_tls {
+                    let (cert, key) = pc.issue(&root, &format!("{c}-r{r}"), &my.to_string());
+                    let _ = writeln!(
+                        cfg,
+                        "[tls.peer]\nca = {:?}\ncert = {cert:?}\nkey = {key:?}",
+                        pc.ca
+                    );
                 }
                 let _ = writeln!(cfg, "[[apps]]\nname = {APP:?}\npartitions = 16");
                 if let Some(t) = &self.cors[ci] {
@@ -354,6 +374,7 @@ impl FederationBuilder {
             tokens.push(t);
         }
         let mut f = Federation {
+            peer_tls,
             routers,
             tasks: Vec::new(),
             keys,
@@ -369,6 +390,63 @@ impl FederationBuilder {
         f.wait_ready(START_TIMEOUT);
         f
     }
+}
+
+/// The federation CA of a federation with TLS peer links, made by `fedbus keys ca`.
+pub struct PeerCerts {
+    /// CA certificate (PEM).
+    pub ca: PathBuf,
+    /// CA private key (PEM).
+    pub ca_key: PathBuf,
+}
+
+impl PeerCerts {
+    /// Creates the federation CA under `root/tls/`.
+    pub fn make(root: &Path) -> PeerCerts {
+        let dir = root.join("tls");
+        std::fs::create_dir_all(&dir).expect("mkdir tls");
+        let out = dir.join("federation-ca");
+        fedbus(root, &["keys", "ca", "--out", out.to_str().expect("utf-8")]);
+        PeerCerts {
+            ca: out.with_extension("pem"),
+            ca_key: out.with_extension("key"),
+        }
+    }
+
+    /// Issues a router certificate for `names` (comma-free list, the first its common name)
+    /// as `root/tls/<file>.pem|key` with `fedbus keys cert --ca`; returns (cert, key).
+    pub fn issue(&self, root: &Path, file: &str, name: &str) -> (PathBuf, PathBuf) {
+        issue_cert(root, &self.ca, &self.ca_key, file, &[name])
+    }
+}
+
+/// `fedbus keys cert` from the CA `ca`/`ca_key` for `names`, written to `root/tls/<file>.*`.
+pub fn issue_cert(
+    root: &Path,
+    ca: &Path,
+    ca_key: &Path,
+    file: &str,
+    names: &[&str],
+) -> (PathBuf, PathBuf) {
+    let dir = root.join("tls");
+    std::fs::create_dir_all(&dir).expect("mkdir tls");
+    let out = dir.join(file);
+    let mut args = vec![
+        "keys",
+        "cert",
+        "--ca",
+        ca.to_str().expect("utf-8"),
+        "--ca-key",
+        ca_key.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+    ];
+    for n in names {
+        args.push("--name");
+        args.push(n);
+    }
+    fedbus(root, &args);
+    (out.with_extension("pem"), out.with_extension("key"))
 }
 
 fn cluster_index(c: &str) -> usize {
@@ -392,6 +470,8 @@ pub struct Federation {
     partitions: [Option<String>; 2],
     /// Root directory of the federation (configs, keyrings, logs).
     pub root: PathBuf,
+    /// The federation CA, when peer links run over TLS.
+    pub peer_tls: Option<PeerCerts>,
     // Last: removed after the processes are gone.
     dir: TempDir,
 }
@@ -405,6 +485,7 @@ impl Federation {
             request_timeout_ms: 10_000,
             grace_secs: None,
             cors: [None, None],
+            peer_tls: std::env::var("FEDBUS_TEST_PEER_TLS").is_ok_and(|v| v == "1"),
             partitions: [None, None],
         }
     }

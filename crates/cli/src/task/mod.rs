@@ -38,6 +38,9 @@ pub struct TaskOptions {
     /// A router refusing the token at the upgrade (401/403) this long ends the process with
     /// status 1. Default 30 s.
     pub refused_exit_after: Duration,
+    /// Dial the routers' internal listeners over TLS, trusting this client config
+    /// (`fedbus task --tls-ca`; the routers run with `listen.internal_tls`). Default none.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl TaskOptions {
@@ -59,6 +62,7 @@ impl TaskOptions {
             report_link_shard: false,
             token_file: None,
             refused_exit_after: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -338,7 +342,33 @@ where
     F: Future<Output = Outcome> + 'static,
 {
     let token = ctx.token.borrow().clone();
-    let (s, leftover) = ws::connect(addr, "/link", Some(&token)).await?;
+    match &ctx.opts.tls {
+        Some(config) => {
+            let dial = ws::TlsDial {
+                config: config.clone(),
+                name: fedbus_router::tls::peer::server_name(addr)?,
+            };
+            let (s, leftover) = ws::connect_tls(addr, "/link", Some(&token), &dial).await?;
+            run_link(ctx, addr, s, leftover).await
+        }
+        None => {
+            let (s, leftover) = ws::connect(addr, "/link", Some(&token)).await?;
+            run_link(ctx, addr, s, leftover).await
+        }
+    }
+}
+
+/// Serves one connected link, plain or TLS, until it ends.
+async fn run_link<H, F, S: ws::Stream>(
+    ctx: &Rc<Ctx<H>>,
+    addr: &str,
+    s: S,
+    leftover: bytes::BytesMut,
+) -> anyhow::Result<()>
+where
+    H: Fn(Request) -> F + 'static,
+    F: Future<Output = Outcome> + 'static,
+{
     let ws::WsConn {
         mut reader,
         out,

@@ -45,6 +45,8 @@ pub(crate) struct ShardMetrics {
     pub(crate) auth_cache_hits: AtomicU64,
     pub(crate) tls_handshakes: AtomicU64,
     pub(crate) tls_handshake_failures: AtomicU64,
+    pub(crate) peer_tls_refused: AtomicU64,
+    pub(crate) peer_tls_dial_refused: AtomicU64,
     pub(crate) origin_refused: AtomicU64,
     pub(crate) overload_refused: AtomicU64,
     pub(crate) body_held: AtomicU64,
@@ -112,7 +114,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, Field); 18] = [
+    let simple: [(&str, &str, &str, Field); 20] = [
         (
             "fedbus_bytes_in_total",
             "counter",
@@ -179,7 +181,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
         (
             "fedbus_tls_handshakes_total",
             "counter",
-            "TLS handshakes completed on the api TLS listener.",
+            "TLS handshakes completed on the api TLS listener and, with listen.internal_tls, the internal listener.",
             |m| &m.tls_handshakes,
         ),
         (
@@ -187,6 +189,18 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             "counter",
             "TLS handshakes that failed or timed out (plaintext on the TLS port, no common version or cipher, limits.handshake_timeout_ms).",
             |m| &m.tls_handshake_failures,
+        ),
+        (
+            "fedbus_peer_tls_refused_total",
+            "counter",
+            "Peer links refused on the external listener by [tls.peer]: plaintext, no client certificate or one not from the federation CA, a failed or slow handshake, or a certificate that names no router of the peer token's cluster.",
+            |m| &m.peer_tls_refused,
+        ),
+        (
+            "fedbus_peer_tls_dial_refused_total",
+            "counter",
+            "Peer links this router dialed and refused at the TLS handshake: the reached router's certificate is not from the federation CA or not for the dialed name.",
+            |m| &m.peer_tls_dial_refused,
         ),
         (
             "fedbus_origin_refused_total",

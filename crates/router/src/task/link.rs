@@ -346,20 +346,55 @@ fn http_error(status: u16, code: &str, msg: &str) -> String {
     handshake::error_response(status, code, msg)
 }
 
-/// Serves one connection on the internal listener until it closes.
+/// Serves one connection on the internal listener until it closes; with
+/// `listen.internal_tls`, after a TLS handshake (the api listener's certificates).
 pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let m = shard.metrics.clone();
     ShardMetrics::inc(&m.connections[Listener::Internal as usize]);
     let peer = stream.peer_addr().ok();
-    if let Err(e) = serve_inner(&shard, stream).await {
+    let served = match (&shard.tls, shard.cfg.listen.internal_tls) {
+        (Some(acceptor), true) => {
+            let limit = Duration::from_millis(shard.cfg.limits.handshake_timeout_ms);
+            match glommio::timer::timeout(limit, async { Ok(acceptor.accept(stream).await) }).await
+            {
+                Ok(Ok(tls)) => {
+                    ShardMetrics::inc(&m.tls_handshakes);
+                    serve_inner(&shard, tls).await
+                }
+                Ok(Err(e)) => {
+                    ShardMetrics::inc(&m.tls_handshake_failures);
+                    Err(format!("TLS handshake failed: {e}"))
+                }
+                Err(_) => {
+                    ShardMetrics::inc(&m.tls_handshake_failures);
+                    Err("TLS handshake not complete within limits.handshake_timeout_ms".into())
+                }
+            }
+        }
+        _ => serve_inner(&shard, stream).await,
+    };
+    if let Err(e) = served {
         tracing::info!(shard = shard.index, ?peer, "task link closed: {e}");
     }
     ShardMetrics::dec(&m.connections[Listener::Internal as usize]);
 }
 
+/// Writes a refusal of the upgrade (HTTP error head) and flushes it.
+async fn refuse<S: futures_lite::AsyncWrite + Unpin>(
+    stream: &mut S,
+    status: u16,
+    code: &str,
+    msg: &str,
+) {
+    let _ = stream
+        .write_all(http_error(status, code, msg).as_bytes())
+        .await;
+    let _ = stream.flush().await;
+}
+
 /// Reads the upgrade request head within the handshake timeout.
-pub(crate) async fn read_upgrade(
-    stream: &mut TcpStream,
+pub(crate) async fn read_upgrade<S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin>(
+    stream: &mut S,
     timeout: Duration,
 ) -> Result<(handshake::UpgradeRequest, BytesMut), String> {
     let mut buf = BytesMut::with_capacity(4096);
@@ -372,6 +407,7 @@ pub(crate) async fn read_upgrade(
                     let _ = stream
                         .write_all(http_error(r.status, r.code, r.message).as_bytes())
                         .await;
+                    let _ = stream.flush().await;
                     return Err(format!("bad upgrade: {}", r.message));
                 }
             }
@@ -390,7 +426,7 @@ pub(crate) async fn read_upgrade(
     Ok((up, buf))
 }
 
-async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), String> {
+async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<(), String> {
     let limits = &shard.cfg.limits;
     let hs_timeout = Duration::from_millis(limits.handshake_timeout_ms);
     let (up, leftover) = read_upgrade(&mut stream, hs_timeout).await?;
@@ -399,9 +435,7 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
     let claims = {
         let keys = shard.snapshots.keys.load();
         let Some(tok) = up.bearer.as_deref() else {
-            let _ = stream
-                .write_all(http_error(401, "missing_token", "service token required").as_bytes())
-                .await;
+            refuse(&mut stream, 401, "missing_token", "service token required").await;
             return Err("no service token".into());
         };
         match verify_service_token(
@@ -412,18 +446,17 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
         ) {
             Ok(c) if c.cluster == shard.cfg.cluster_id() => c,
             Ok(c) => {
-                let _ = stream
-                    .write_all(
-                        http_error(401, "wrong_cluster", "service token of another cluster")
-                            .as_bytes(),
-                    )
-                    .await;
+                refuse(
+                    &mut stream,
+                    401,
+                    "wrong_cluster",
+                    "service token of another cluster",
+                )
+                .await;
                 return Err(format!("service token for cluster {}", c.cluster));
             }
             Err(e) => {
-                let _ = stream
-                    .write_all(http_error(e.http_status(), e.code(), &e.to_string()).as_bytes())
-                    .await;
+                refuse(&mut stream, e.http_status(), e.code(), &e.to_string()).await;
                 return Err(format!("service token refused: {e}"));
             }
         }
@@ -432,12 +465,13 @@ async fn serve_inner(shard: &Rc<Shard>, mut stream: TcpStream) -> Result<(), Str
         .write_all(handshake::accept_response(&up.key).as_bytes())
         .await
         .map_err(|e| e.to_string())?;
+    stream.flush().await.map_err(|e| e.to_string())?;
     let max_msg = limits.max_message_bytes();
-    let _ = stream.set_write_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
+    let tcp = stream.tcp();
+    let _ = tcp.set_write_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
     // Frames are batched by the writer already; Nagle would only delay the last one.
-    let _ = stream.set_nodelay(true);
-    stream
-        .set_read_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)))
+    let _ = tcp.set_nodelay(true);
+    tcp.set_read_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)))
         .map_err(|e| e.to_string())?;
 
     let ws::WsConn {

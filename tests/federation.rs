@@ -47,7 +47,16 @@ fn assert_served(r: &Response, wsid: u64, body: &[u8], served_by: &str) {
 /// Two shards per router: fresh connections land on both, and each shard has its own links.
 #[test]
 fn any_entry_router_reaches_the_right_cluster_and_partition() {
-    let f = Federation::builder().shards(2).start();
+    reaches_the_right_cluster_and_partition(Federation::builder().shards(2).start());
+}
+
+/// The same over mutual-TLS peer links (`[tls.peer]`).
+#[test]
+fn any_entry_router_reaches_the_right_cluster_and_partition_over_tls_peer_links() {
+    reaches_the_right_cluster_and_partition(Federation::builder().shards(2).peer_tls(true).start());
+}
+
+fn reaches_the_right_cluster_and_partition(f: Federation) {
     let sizes = [0usize, 100, 256 * 1024];
     let mut seen_shards = std::collections::BTreeSet::new();
     for target in CLUSTERS {
@@ -462,7 +471,8 @@ fn refusal(status: u16, head: &str, rest: &[u8], s: &mut std::net::TcpStream) ->
 /// Acceptance 4: Forged peer tokens are refused before the upgrade.
 #[test]
 fn forged_peer_tokens_are_refused_before_the_upgrade() {
-    let f = Federation::start();
+    // Plaintext peer upgrades from the test itself.
+    let f = Federation::builder().peer_tls(false).start();
     let evil = f.root.join("evil").join("keys");
     keys_init(&f.root, &evil, &[APP]);
     let spb2 = f.keyring("spb2").to_path_buf();
@@ -480,10 +490,12 @@ fn forged_peer_tokens_are_refused_before_the_upgrade() {
             "unknown_cluster",
         ),
         (
+            // spb1's own routers link to each other, so spb1 is a known name: the signature
+            // (spb2's key, not spb1's) is what fails.
             "spb2's key, naming spb1 itself",
             Some(peer_token(&f, "ru/spb1", &spb2)),
             401,
-            "unknown_cluster",
+            "bad_signature",
         ),
         (
             "spb2's task service token (has an app)",
@@ -599,7 +611,16 @@ fn frame_header(f: &Frame, name: &str) -> Option<String> {
 /// is not spb1's), and the session goes on.
 #[test]
 fn websocket_client_reaches_another_cluster() {
-    let f = Federation::builder().start();
+    websocket_across_clusters(Federation::builder().start());
+}
+
+/// The same over mutual-TLS peer links (`[tls.peer]`).
+#[test]
+fn websocket_client_reaches_another_cluster_over_tls_peer_links() {
+    websocket_across_clusters(Federation::builder().peer_tls(true).start());
+}
+
+fn websocket_across_clusters(f: Federation) {
     let entry = f.router("spb1", 0);
     let (mut s, status, head, rest) = ws_upgrade(entry.api, "/api/ws", Some(f.token("spb2")));
     assert_eq!(status, 101, "{head}");
@@ -757,7 +778,8 @@ fn the_home_clusters_cors_policy_applies_across_clusters() {
 /// Acceptance 5: Loop guard: a request for spb2 arriving at spb1 over a peer link is 508 forward_loop.
 #[test]
 fn loop_guard_on_a_real_peer_link() {
-    let f = Federation::start();
+    // A plaintext peer upgrade from the test itself.
+    let f = Federation::builder().peer_tls(false).start();
     let spb2 = f.keyring("spb2").to_path_buf();
     let r = f.router("spb1", 0);
     let (mut s, status, head, rest) =
@@ -992,4 +1014,52 @@ fn kill9_fails_only_what_was_in_flight_and_nothing_after_the_restart() {
     }
     let after = obs.iter().filter(|o| o.at - o.took > restart_at).count();
     assert!(after > 20, "load too thin after the restart: {after}");
+}
+
+/// Emergency agreement (docs/EMERGENCY.md, the exact rule): partition 13 of spb2 has a task
+/// linked to r0 only, the other partitions a task linked to both routers. A request for
+/// partition 13 is served on partition 13 whichever spb2 router it enters (r1 hands it to r0,
+/// one hop) and whichever router of spb1 forwards it; never on an emergency partition.
+#[test]
+fn two_routers_serve_a_wsid_on_the_same_partition_when_one_lacks_its_task() {
+    let mut f = Federation::builder()
+        .task_partitions("spb2", "0-12,14-15")
+        .start();
+    f.start_task_on("spb2", &[0], "13");
+    // r0 serves 13 once the task linked (its own ingress).
+    let linked = wait_for(Duration::from_secs(10), || {
+        let r = f.router("spb2", 0).conn().request(&f.req("spb2", 13, b"x"));
+        (r.status == 200 && r.header("fedbus-emergency").is_none()).then_some(())
+    });
+    assert!(
+        linked.is_some(),
+        "the partition-13 task never linked to spb2/r0"
+    );
+    // r1 learns r0's coverage from r0's status on their sibling link.
+    for wsid in [13u64, 29, 45] {
+        for (c, r) in [("spb2", 1), ("spb2", 0), ("spb1", 0), ("spb1", 1)] {
+            let resp = wait_for(Duration::from_secs(5), || {
+                let resp = f.router(c, r).conn().request(&f.req("spb2", wsid, b"same"));
+                (resp.header("fedbus-emergency").is_none()).then_some(resp)
+            })
+            .unwrap_or_else(|| {
+                panic!("{c}/r{r}: wsid {wsid} kept being served by an emergency partition")
+            });
+            assert_served(&resp, wsid, b"same", "ru/spb2/r0");
+        }
+    }
+    let handoffs = f
+        .router("spb2", 1)
+        .metrics()
+        .get("fedbus_sibling_handoffs_total");
+    assert!(
+        handoffs >= 3.0,
+        "spb2/r1 handed {handoffs} requests to its sibling"
+    );
+    // A partition r1 has itself stays on r1.
+    let resp = f
+        .router("spb2", 1)
+        .conn()
+        .request(&f.req("spb2", 3, b"own"));
+    assert_served(&resp, 3, b"own", "ru/spb2/r1");
 }

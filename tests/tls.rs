@@ -441,3 +441,74 @@ fn wss_api_ws_answers_a_python_websockets_client() {
     ids.sort_unstable();
     assert_eq!(ids, vec![1, 2, 3]);
 }
+
+/// Task links over TLS (`listen.internal_tls`): the built-in task dials with `--tls-ca` and
+/// serves requests; a plaintext task link upgrade is cut at the handshake and counted; a task
+/// trusting another CA does not link.
+#[test]
+fn task_links_over_tls_with_a_ca_file() {
+    let certs = Certs::new();
+    let r = Router::new().tls(&[certs.a.clone()]).internal_tls().start();
+    let ca = certs.ca.to_str().expect("utf-8").to_string();
+    let _t = spawn_task(
+        &r,
+        &["task".into(), "echo".into(), "--tls-ca".into(), ca],
+        "-tls",
+    );
+    let tok = r.token(APP, "alice");
+    for wsid in 0..4u64 {
+        let body = random_bytes(100 + 5000 * wsid as usize, wsid);
+        let resp = r.request(&Req::post(&r.path(APP, wsid)).token(&tok).body(&body));
+        assert_eq!(resp.status, 200, "{resp:?}");
+        assert!(resp.body == body);
+    }
+    let handshakes = r.metrics().get("fedbus_tls_handshakes_total");
+    assert!(handshakes >= 1.0, "the task's link was a TLS handshake");
+
+    // A plaintext upgrade on the internal listener: no answer, the connection is closed.
+    let failures = r.metrics().get("fedbus_tls_handshake_failures_total");
+    let mut s = TcpStream::connect(r.internal[0]).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(b"GET /link HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .expect("write");
+    assert!(closed_by_router(&mut s), "plaintext task link cut");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while r.metrics().get("fedbus_tls_handshake_failures_total") < failures + 1.0 {
+        assert!(std::time::Instant::now() < deadline, "failure not counted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // A task that trusts another CA refuses the router's certificate and never links.
+    let other = TempDir::new("tls-other-ca");
+    let other_ca = other.path().join("ca");
+    fedbus(
+        other.path(),
+        &["keys", "ca", "--out", other_ca.to_str().expect("utf-8")],
+    );
+    let log = other.path().join("task.log");
+    let mut child = std::process::Command::new(bin())
+        .args(["task", "echo", "--keyring", r.keys.to_str().expect("utf-8")])
+        .args(["--router", &r.internal[0].to_string()])
+        .args([
+            "--tls-ca",
+            other_ca.with_extension("pem").to_str().expect("utf-8"),
+        ])
+        .env("FEDBUS_HOME", other.path())
+        .env("FEDBUS_LOG", "info")
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "task log: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -69,12 +69,25 @@ struct TaskCommon {
     /// Service token; without it (dev mode) one is minted from the keyring.
     #[arg(long, env = "FEDBUS_TASK_TOKEN")]
     token: Option<String>,
+    /// Read the service token from this file, and again whenever it changes (checked every
+    /// second): a new token is sent on every open link (`renew`), so it never expires under
+    /// a running task.
+    #[arg(long, env = "FEDBUS_TASK_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    /// Exit with status 1 when a router refuses the token (401/403 at the upgrade: expired,
+    /// retired or unknown key, bad signature) for this long.
+    #[arg(long, default_value = "30s")]
+    refused_exit_after: String,
     /// Cluster the dev token is minted for (`region/cluster`).
     #[arg(long, default_value = "local/dev")]
     cluster: String,
     /// Keyring directory for dev tokens.
     #[arg(long)]
     keyring: Option<PathBuf>,
+    /// Dial the routers over TLS (routers with `listen.internal_tls`), trusting this CA
+    /// certificate (PEM); each router's certificate must be valid for the host dialed.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -177,6 +190,17 @@ enum KeysCmd {
         cluster: bool,
         #[arg(long)]
         keyring: Option<PathBuf>,
+    },
+    /// Create a certificate authority, e.g. the federation CA whose router certificates
+    /// authenticate peer links (`[tls.peer]`): writes `<out>.pem` and `<out>.key` (mode 0600).
+    /// An existing CA is kept.
+    Ca {
+        /// Output path without extension.
+        #[arg(long)]
+        out: PathBuf,
+        /// Common name of the CA.
+        #[arg(long, default_value = "fedbus federation CA")]
+        name: String,
     },
     /// Issue a router certificate (server and client auth) from a CA: writes `<out>.pem` and
     /// `<out>.key` (mode 0600). Without --ca, the keyring's dev CA (made if absent).
@@ -336,7 +360,8 @@ fn run_router(path: Option<PathBuf>) -> Result<()> {
     let keyring = Keyring::load(&dir).with_context(|| format!("keyring {}", dir.display()))?;
     // Dev mode with a TLS listener and no certificate: the keyring's dev CA and certificate.
     let mut dev_ca = None;
-    if cfg.dev && cfg.listen.api_tls.is_some() && cfg.tls.certs.is_empty() {
+    let tls_listener = cfg.listen.api_tls.is_some() || cfg.listen.internal_tls;
+    if cfg.dev && tls_listener && cfg.tls.certs.is_empty() {
         let (files, created) = fedbus_router::tls::dev::ensure(&dir)?;
         if created {
             eprintln!(
@@ -438,7 +463,16 @@ fn run_router(path: Option<PathBuf>) -> Result<()> {
 fn task_options(common: &TaskCommon, kind: &str) -> Result<task::TaskOptions> {
     let partitions = parse_partitions(&common.partitions)?;
     let instance = fedbus_router::util::random_u64();
-    let token = match common.token.clone() {
+    let from_file = match &common.token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("token file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let token = match common.token.clone().or(from_file) {
         Some(t) => t,
         None => {
             let dir = keyring_dir(&common.keyring);
@@ -461,6 +495,19 @@ fn task_options(common: &TaskCommon, kind: &str) -> Result<task::TaskOptions> {
         token,
     );
     opts.instance = instance;
+    opts.token_file = common.token_file.clone();
+    opts.refused_exit_after = auth::parse_duration(&common.refused_exit_after)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            anyhow!(
+                "--refused-exit-after {}: expected e.g. 30s",
+                common.refused_exit_after
+            )
+        })?;
+    if let Some(ca) = &common.tls_ca {
+        opts.tls = Some(fedbus_router::tls::peer::client_config(ca)?);
+    }
     Ok(opts)
 }
 
@@ -673,6 +720,24 @@ fn real_main(cli: Cli) -> Result<()> {
                 "{} {}",
                 if created { "created" } else { "kept" },
                 dir.display()
+            );
+            Ok(())
+        }
+        Cmd::Keys(KeysCmd::Ca { out, name }) => {
+            let cert_path = out.with_extension("pem");
+            let key_path = out.with_extension("key");
+            if cert_path.exists() && key_path.exists() {
+                fedbus_router::tls::dev::Ca::load(&cert_path, &key_path)?;
+                println!("kept {}", cert_path.display());
+                return Ok(());
+            }
+            let ca = fedbus_router::tls::dev::Ca::generate_named(&name)?;
+            write_atomic(&key_path, &ca.key_pem(), 0o600)?;
+            write_atomic(&cert_path, ca.cert_pem(), 0o644)?;
+            println!(
+                "created {} and {} ({name})",
+                cert_path.display(),
+                key_path.display()
             );
             Ok(())
         }

@@ -102,6 +102,11 @@ pub struct Listen {
     /// `[[tls.certs]]`, or `dev = true` (the keyring's dev certificate). Default: none; the
     /// embedded defaults of `fedbus run` without `--config` use `127.0.0.1:8443`.
     pub api_tls: Option<SocketAddr>,
+    /// Task links over TLS: the internal listeners accept only TLS, with the certificates of
+    /// `[[tls.certs]]` (the api listener's, reloaded the same way), or the keyring's dev
+    /// certificate with `dev = true`. Tasks dial with a CA file (`fedbus task --tls-ca`, the
+    /// SDK's `TaskOptions::tls_ca`). Internal networks are often trusted: off by default.
+    pub internal_tls: bool,
     /// Host (name or address) that tasks should dial for the internal listeners, as told in
     /// the hello. Default: the bound address; set it when `internal` binds `0.0.0.0`.
     pub advertise_host: Option<String>,
@@ -138,6 +143,16 @@ pub struct Limits {
     /// Interval of websocket pings on task links; a link silent for 3 intervals is dropped.
     /// Default 2000 ms.
     pub ping_interval_ms: u64,
+    /// Outlier ejection: a task link on which this many requests in a row timed out
+    /// (`request_timeout_ms`, no answer in between) leaves routing while it stays open, so its
+    /// partitions go to the emergency partition; its next answer (a late one counts) brings it
+    /// back. 0: never. Default 5.
+    pub task_eject_after_timeouts: u32,
+    /// Outlier ejection: a task link that has sent nothing (no pong, no frame) this long after
+    /// a ping leaves routing until it is heard again. Detection takes at most
+    /// `ping_interval_ms` + this; the link itself closes after 3 silent ping intervals, so a
+    /// value of 2 intervals or more never fires before that. 0: never. Default 1000 ms.
+    pub task_pong_timeout_ms: u64,
     /// Slowest pace of a request body: once its head is complete, a body of N bytes must have
     /// arrived within `handshake_timeout_ms` + N / this many seconds, or the request gets 408
     /// and the connection closes. Default 1024 bytes per second.
@@ -204,6 +219,36 @@ pub struct Tls {
     /// and key exchange work. The ticket keys live in this process only (rotated every 6 h),
     /// so a ticket resumes only on the router that issued it. Default true.
     pub tickets: bool,
+    /// `[tls.peer]`: mutual TLS on peer links (the external listener and this router's
+    /// dialers). Default: none (peer links in plaintext, the peer token alone).
+    pub peer: Option<PeerTls>,
+}
+
+/// Mutual TLS between the routers of a federation: every router holds a certificate issued
+/// by the federation's CA (`fedbus keys ca`, `fedbus keys cert --ca`) for the host of its
+/// external address. The dialer checks the router it reached against the CA and that host;
+/// the external listener requires a client certificate from the CA, and one that names a
+/// router of the cluster whose peer token comes with it. See docs/TUNING.md, "TLS".
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerTls {
+    /// The federation CA certificate(s), PEM: the only issuer trusted on peer links. Read at
+    /// start.
+    pub ca: PathBuf,
+    /// This router's certificate chain (leaf first), PEM; presented on both sides of a link.
+    /// Reloaded like `[[tls.certs]]`.
+    pub cert: PathBuf,
+    /// Its private key, PEM.
+    pub key: PathBuf,
+    /// Refuse peer links that do not speak TLS. `false` (a rollout step) also serves
+    /// plaintext links on the external listener; this router still dials with TLS.
+    /// Default true.
+    #[serde(default = "yes")]
+    pub required: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// One certificate and its key, PEM files.
@@ -222,6 +267,7 @@ impl Default for Tls {
             certs: Vec::new(),
             session_cache: 4096,
             tickets: true,
+            peer: None,
         }
     }
 }
@@ -395,6 +441,7 @@ impl Default for Listen {
             admin_enabled: true,
             admin_max_connections: 16,
             api_tls: None,
+            internal_tls: false,
             advertise_host: None,
         }
     }
@@ -422,6 +469,8 @@ impl Default for Limits {
             max_link_outbox_bytes: 64 * 1024 * 1024,
             max_inflight_per_connection: 256,
             ping_interval_ms: 2000,
+            task_eject_after_timeouts: 5,
+            task_pong_timeout_ms: 1000,
             max_anonymous_body_bytes: 64 * 1024,
             min_body_bytes_per_sec: 1024,
             body_budget_bytes: 512 * 1024 * 1024,
@@ -727,6 +776,12 @@ impl Config {
                 "listen.api_tls needs at least one [[tls.certs]] (only dev mode makes its own)",
             ));
         }
+        if self.listen.internal_tls && self.tls.certs.is_empty() && !self.dev {
+            return Err(invalid(
+                "tls.certs",
+                "listen.internal_tls needs at least one [[tls.certs]] (only dev mode makes its own)",
+            ));
+        }
         if self.listen.api_tls == Some(self.listen.api) && self.listen.api.port() != 0 {
             return Err(invalid("listen.api_tls", "same address as listen.api"));
         }
@@ -846,6 +901,28 @@ mod tests {
         .expect("with a certificate");
         assert_eq!(c.tls.certs.len(), 1);
         assert!(c.tls.tickets);
+        let e = Config::parse("dev = false\n[listen]\ninternal_tls = true\n", "t").unwrap_err();
+        assert!(e.to_string().contains("internal_tls"), "{e}");
+    }
+
+    #[test]
+    fn peer_tls_is_required_by_default() {
+        assert_eq!(Config::default().tls.peer, None);
+        let c = Config::parse(
+            "[tls.peer]\nca = \"ca.pem\"\ncert = \"r.pem\"\nkey = \"r.key\"\n",
+            "t",
+        )
+        .expect("peer tls");
+        let p = c.tls.peer.expect("peer");
+        assert!(p.required);
+        assert_eq!(p.ca, PathBuf::from("ca.pem"));
+        let c = Config::parse(
+            "[tls.peer]\nca = \"ca.pem\"\ncert = \"r.pem\"\nkey = \"r.key\"\nrequired = false\n",
+            "t",
+        )
+        .expect("optional");
+        assert!(!c.tls.peer.expect("peer").required);
+        assert!(Config::parse("[tls.peer]\nca = \"ca.pem\"\n", "t").is_err());
     }
 
     #[test]
@@ -909,6 +986,13 @@ mod tests {
             "t",
         )
         .expect("advertised");
+        let off = Config::parse(
+            "[limits]\ntask_pong_timeout_ms = 0\ntask_eject_after_timeouts = 0\n",
+            "t",
+        )
+        .expect("0 is off");
+        assert_eq!(off.limits.task_pong_timeout_ms, 0);
+        assert_eq!(Config::default().limits.task_eject_after_timeouts, 5);
         let e = Config::parse("[tuning]\ncontrol_core = 9999\n", "t").unwrap_err();
         assert!(e.to_string().contains("tuning.control_core"), "{e}");
     }

@@ -270,7 +270,44 @@ pub(crate) fn advisory_checks(shard_cores: &[usize], control_core: usize) -> Vec
     out.push(check_governor(&cores));
     out.push(check_cores_online(&cores));
     out.push(check_siblings(shard_cores, control_core, read_siblings));
+    out.push(check_ktls());
     out
+}
+
+/// Kernel TLS: whether the host offers the `tls` upper-layer protocol. Informational: fedbus
+/// keeps the TLS record layer in rustls on every host (the kernel hand-off after the
+/// handshake is not built; see docs/ARCHITECTURE.md, "TLS"), so either answer passes.
+fn check_ktls() -> Check {
+    ktls_verdict(
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
+            .ok()
+            .as_deref(),
+    )
+}
+
+fn ktls_verdict(ulps: Option<&str>) -> Check {
+    const NAME: &str = "ktls";
+    match ulps {
+        None => Check::pass(
+            NAME,
+            "kernel TLS unknown (no tcp_available_ulp); TLS records in rustls",
+        ),
+        Some(u) if u.split_whitespace().any(|x| x == "tls") => Check::pass(
+            NAME,
+            "kernel TLS available (tls ULP); fedbus does not use it yet: TLS records in rustls",
+        ),
+        Some(u) => Check::pass(
+            NAME,
+            format!(
+                "no kernel TLS (ULPs: {}): TLS records in rustls",
+                if u.trim().is_empty() {
+                    "none"
+                } else {
+                    u.trim()
+                }
+            ),
+        ),
+    }
 }
 
 fn check_somaxconn() -> Check {
@@ -682,6 +719,16 @@ mod tests {
         let c = check_siblings(&[0], 0, |_| None);
         assert!(!c.ok && c.detail.contains("also a shard core"), "{c:?}");
         assert!(check_siblings(&[1], 0, |_| None).ok);
+    }
+
+    #[test]
+    fn kernel_tls_is_reported_either_way() {
+        let with = ktls_verdict(Some("mptcp tls\n"));
+        assert!(with.ok && with.detail.contains("available"), "{with:?}");
+        let without = ktls_verdict(Some("mptcp\n"));
+        assert!(without.ok && without.detail.contains("no kernel TLS (ULPs: mptcp)"));
+        assert!(ktls_verdict(None).ok);
+        assert!(checks(&Config::default()).iter().any(|c| c.name == "ktls"));
     }
 
     #[test]

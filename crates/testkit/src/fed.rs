@@ -213,6 +213,10 @@ pub struct FederationBuilder {
     grace_secs: Option<u64>,
     /// The `[apps.cors]` table of the app in each cluster.
     cors: [Option<String>; 2],
+    /// Peer links over mutual TLS (`[tls.peer]`).
+    peer_tls: bool,
+    /// Partitions of each cluster's echo task (None: all).
+    partitions: [Option<String>; 2],
 }
 
 impl FederationBuilder {
@@ -241,6 +245,21 @@ impl FederationBuilder {
         self
     }
 
+    /// Peer links over mutual TLS: a federation CA made with `fedbus keys ca`, a certificate
+    /// per router for its address (`fedbus keys cert --ca`), `[tls.peer]` in every config.
+    /// Default: on when the environment has `FEDBUS_TEST_PEER_TLS=1` (the whole federation
+    /// suite then runs over TLS), else off.
+    pub fn peer_tls(mut self, on: bool) -> Self {
+        self.peer_tls = on;
+        self
+    }
+
+    /// Partitions the echo task of `cluster` serves (default: all).
+    pub fn task_partitions(mut self, cluster: &str, partitions: &str) -> Self {
+        self.partitions[cluster_index(cluster)] = Some(partitions.to_string());
+        self
+    }
+
     /// `[auth] grace_secs` of every router.
     pub fn grace_secs(mut self, secs: u64) -> Self {
         self.grace_secs = Some(secs);
@@ -266,6 +285,7 @@ impl FederationBuilder {
             keys.push(k);
         }
         let cores = if self.shards == 2 { "[0, 1]" } else { "[0]" };
+        let peer_tls = self.peer_tls.then(|| PeerCerts::make(&root));
         let mut routers = Vec::new();
         for (ci, c) in CLUSTERS.iter().enumerate() {
             for r in 0..2 {
@@ -290,6 +310,14 @@ impl FederationBuilder {
                 );
                 if let Some(g) = self.grace_secs {
                     let _ = writeln!(cfg, "[auth]\ngrace_secs = {g}");
+                }
+                if let Some(pc) = &peer_tls {
+                    let (cert, key) = pc.issue(&root, &format!("{c}-r{r}"), &my.to_string());
+                    let _ = writeln!(
+                        cfg,
+                        "[tls.peer]\nca = {:?}\ncert = {cert:?}\nkey = {key:?}",
+                        pc.ca
+                    );
                 }
                 let _ = writeln!(cfg, "[[apps]]\nname = {APP:?}\npartitions = 16");
                 if let Some(t) = &self.cors[ci] {
@@ -346,11 +374,13 @@ impl FederationBuilder {
             tokens.push(t);
         }
         let mut f = Federation {
+            peer_tls,
             routers,
             tasks: Vec::new(),
             keys,
             tokens,
             delays: self.delays,
+            partitions: self.partitions,
             root: root.clone(),
             dir,
         };
@@ -360,6 +390,63 @@ impl FederationBuilder {
         f.wait_ready(START_TIMEOUT);
         f
     }
+}
+
+/// The federation CA of a federation with TLS peer links, made by `fedbus keys ca`.
+pub struct PeerCerts {
+    /// CA certificate (PEM).
+    pub ca: PathBuf,
+    /// CA private key (PEM).
+    pub ca_key: PathBuf,
+}
+
+impl PeerCerts {
+    /// Creates the federation CA under `root/tls/`.
+    pub fn make(root: &Path) -> PeerCerts {
+        let dir = root.join("tls");
+        std::fs::create_dir_all(&dir).expect("mkdir tls");
+        let out = dir.join("federation-ca");
+        fedbus(root, &["keys", "ca", "--out", out.to_str().expect("utf-8")]);
+        PeerCerts {
+            ca: out.with_extension("pem"),
+            ca_key: out.with_extension("key"),
+        }
+    }
+
+    /// Issues a router certificate for `names` (comma-free list, the first its common name)
+    /// as `root/tls/<file>.pem|key` with `fedbus keys cert --ca`; returns (cert, key).
+    pub fn issue(&self, root: &Path, file: &str, name: &str) -> (PathBuf, PathBuf) {
+        issue_cert(root, &self.ca, &self.ca_key, file, &[name])
+    }
+}
+
+/// `fedbus keys cert` from the CA `ca`/`ca_key` for `names`, written to `root/tls/<file>.*`.
+pub fn issue_cert(
+    root: &Path,
+    ca: &Path,
+    ca_key: &Path,
+    file: &str,
+    names: &[&str],
+) -> (PathBuf, PathBuf) {
+    let dir = root.join("tls");
+    std::fs::create_dir_all(&dir).expect("mkdir tls");
+    let out = dir.join(file);
+    let mut args = vec![
+        "keys",
+        "cert",
+        "--ca",
+        ca.to_str().expect("utf-8"),
+        "--ca-key",
+        ca_key.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+    ];
+    for n in names {
+        args.push("--name");
+        args.push(n);
+    }
+    fedbus(root, &args);
+    (out.with_extension("pem"), out.with_extension("key"))
 }
 
 fn cluster_index(c: &str) -> usize {
@@ -380,8 +467,11 @@ pub struct Federation {
     /// Client JWT (demo/echo, alice) of each cluster.
     pub tokens: Vec<String>,
     delays: [u64; 2],
+    partitions: [Option<String>; 2],
     /// Root directory of the federation (configs, keyrings, logs).
     pub root: PathBuf,
+    /// The federation CA, when peer links run over TLS.
+    pub peer_tls: Option<PeerCerts>,
     // Last: removed after the processes are gone.
     dir: TempDir,
 }
@@ -395,6 +485,8 @@ impl Federation {
             request_timeout_ms: 10_000,
             grace_secs: None,
             cors: [None, None],
+            peer_tls: std::env::var("FEDBUS_TEST_PEER_TLS").is_ok_and(|v| v == "1"),
+            partitions: [None, None],
         }
     }
 
@@ -446,6 +538,18 @@ impl Federation {
     }
 
     fn start_task(&mut self, ci: usize) {
+        let parts = self.partitions[ci].clone();
+        self.spawn_task(ci, &[0, 1], parts.as_deref());
+    }
+
+    /// Starts another echo task in `cluster`, linked only to the routers of index `routers`,
+    /// serving `partitions` (`"13"`, `"0-7"`); returns its index in [`Federation::tasks`].
+    pub fn start_task_on(&mut self, cluster: &str, routers: &[usize], partitions: &str) -> usize {
+        self.spawn_task(cluster_index(cluster), routers, Some(partitions));
+        self.tasks.len() - 1
+    }
+
+    fn spawn_task(&mut self, ci: usize, routers: &[usize], partitions: Option<&str>) {
         let c = CLUSTERS[ci];
         let log = self
             .root
@@ -455,8 +559,11 @@ impl Federation {
         cmd.args(["task", "echo", "--cluster", &format!("ru/{c}")])
             .args(["--keyring", self.keys[ci].to_str().expect("utf-8")])
             .args(["--delay-ms", &self.delays[ci].to_string()]);
-        for r in &self.routers[ci * 2..ci * 2 + 2] {
-            cmd.args(["--router", &r.internal.to_string()]);
+        if let Some(p) = partitions {
+            cmd.args(["--partitions", p]);
+        }
+        for &r in routers {
+            cmd.args(["--router", &self.routers[ci * 2 + r].internal.to_string()]);
         }
         let child = cmd
             .env("FEDBUS_HOME", &self.root)

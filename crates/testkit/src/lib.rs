@@ -143,6 +143,14 @@ impl Proc {
         }
     }
 
+    fn signal(&mut self, sig: libc::c_int) {
+        let c = self.child.as_ref().expect("process running");
+        let pid = libc::pid_t::try_from(c.id()).expect("pid");
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
+    }
+
     fn alive(&mut self) -> bool {
         match self.child.as_mut() {
             Some(c) => matches!(c.try_wait(), Ok(None)),
@@ -175,6 +183,8 @@ pub struct RouterBuilder {
     apps: Vec<(String, u32)>,
     limits: Vec<(String, String)>,
     tls: Vec<(PathBuf, PathBuf)>,
+    /// `listen.internal_tls`: task links over TLS with the `tls` certificates.
+    internal_tls: bool,
     /// `(app, body of its [apps.cors] table)`.
     cors: Vec<(String, String)>,
 }
@@ -186,6 +196,7 @@ impl Default for RouterBuilder {
             apps: vec![("demo/echo".into(), 16), ("demo/other".into(), 4)],
             limits: Vec::new(),
             tls: Vec::new(),
+            internal_tls: false,
             cors: Vec::new(),
         }
     }
@@ -218,6 +229,12 @@ impl RouterBuilder {
         self
     }
 
+    /// Task links over TLS (`listen.internal_tls`) with the certificates given to [`Self::tls`].
+    pub fn internal_tls(mut self) -> Self {
+        self.internal_tls = true;
+        self
+    }
+
     /// The `[apps.cors]` table of `app`, e.g. `allowed_origins = ["http://a.example"]`.
     pub fn cors(mut self, app: &str, table: &str) -> Self {
         self.cors.push((app.into(), table.into()));
@@ -247,6 +264,9 @@ impl RouterBuilder {
         );
         if !self.tls.is_empty() {
             let _ = writeln!(cfg, "api_tls = \"127.0.0.1:0\"");
+        }
+        if self.internal_tls {
+            let _ = writeln!(cfg, "internal_tls = true");
         }
         let _ = writeln!(cfg, "[tuning]\nshard_cores = {cores}\npin = false");
         for (cert, key) in &self.tls {
@@ -767,6 +787,16 @@ impl Task {
     /// True while the process runs.
     pub fn alive(&mut self) -> bool {
         self.proc.alive()
+    }
+
+    /// SIGSTOP: the task freezes with its links open (no pong, no answer) until [`Task::resume`].
+    pub fn stop(&mut self) {
+        self.proc.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Task::stop`].
+    pub fn resume(&mut self) {
+        self.proc.signal(libc::SIGCONT);
     }
 }
 

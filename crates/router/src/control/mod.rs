@@ -141,8 +141,9 @@ pub(crate) struct Control {
     keyring_mtime: Option<SystemTime>,
     generation: u64,
     key_generation: u64,
-    /// Certificates of the TLS api listener, when there is one.
-    tls: Option<crate::tls::Reloader>,
+    /// Certificates in use: the api and internal listeners' (`[[tls.certs]]`), the peer
+    /// links' (`[tls.peer]`).
+    tls: Vec<crate::tls::Reloader>,
 }
 
 impl Control {
@@ -150,7 +151,7 @@ impl Control {
     pub(crate) fn new(
         cfg: Arc<Config>,
         keyring: Keyring,
-        tls: Option<crate::tls::Reloader>,
+        tls: Vec<crate::tls::Reloader>,
     ) -> Control {
         let specs = app_specs(&cfg);
         let table = route::build(&specs, &[], 1, cfg.routing.election_seed);
@@ -227,7 +228,7 @@ impl Control {
                     ControlEvent::Shutdown => return,
                     ControlEvent::Reload => {
                         self.reload_keys("reload event");
-                        if let Some(t) = &mut self.tls {
+                        for t in &mut self.tls {
                             t.reload("reload event");
                         }
                     }
@@ -240,7 +241,7 @@ impl Control {
             if keyring_mtime(&self.keyring_dir) != self.keyring_mtime {
                 self.reload_keys("keyring files changed");
             }
-            if let Some(t) = &mut self.tls {
+            for t in &mut self.tls {
                 t.poll();
             }
         }
@@ -263,7 +264,7 @@ mod tests {
         let mut c = Control::new(
             Arc::new(cfg),
             Keyring::load(dir.path()).expect("load"),
-            None,
+            Vec::new(),
         );
         let snaps = c.snapshots();
         assert_eq!(snaps.keys.load().generation, 1);

@@ -45,6 +45,8 @@ pub(crate) struct ShardMetrics {
     pub(crate) auth_cache_hits: AtomicU64,
     pub(crate) tls_handshakes: AtomicU64,
     pub(crate) tls_handshake_failures: AtomicU64,
+    pub(crate) peer_tls_refused: AtomicU64,
+    pub(crate) peer_tls_dial_refused: AtomicU64,
     pub(crate) origin_refused: AtomicU64,
     pub(crate) overload_refused: AtomicU64,
     pub(crate) body_held: AtomicU64,
@@ -52,7 +54,14 @@ pub(crate) struct ShardMetrics {
     pub(crate) outbox_held: AtomicU64,
     pub(crate) slow_reader_closed: AtomicU64,
     pub(crate) idle_evicted: AtomicU64,
+    /// Task links taken out of routing by outlier detection, by `task::link::Ejection`.
+    pub(crate) task_ejected: [AtomicU64; 2],
+    pub(crate) task_readmitted: AtomicU64,
+    pub(crate) task_links_ejected: AtomicU64,
+    /// `renew` messages on task links: accepted, refused.
+    pub(crate) task_renewals: [AtomicU64; 2],
     pub(crate) forward_retries: AtomicU64,
+    pub(crate) sibling_handoffs: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -108,7 +117,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, Field); 20] = [
+    let simple: [(&str, &str, &str, Field); 23] = [
         (
             "fedbus_bytes_in_total",
             "counter",
@@ -175,7 +184,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
         (
             "fedbus_tls_handshakes_total",
             "counter",
-            "TLS handshakes completed on the api TLS listener.",
+            "TLS handshakes completed on the api TLS listener and, with listen.internal_tls, the internal listener.",
             |m| &m.tls_handshakes,
         ),
         (
@@ -183,6 +192,18 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             "counter",
             "TLS handshakes that failed or timed out (plaintext on the TLS port, no common version or cipher, limits.handshake_timeout_ms).",
             |m| &m.tls_handshake_failures,
+        ),
+        (
+            "fedbus_peer_tls_refused_total",
+            "counter",
+            "Peer links refused on the external listener by [tls.peer]: plaintext, no client certificate or one not from the federation CA, a failed or slow handshake, or a certificate that names no router of the peer token's cluster.",
+            |m| &m.peer_tls_refused,
+        ),
+        (
+            "fedbus_peer_tls_dial_refused_total",
+            "counter",
+            "Peer links this router dialed and refused at the TLS handshake: the reached router's certificate is not from the federation CA or not for the dialed name.",
+            |m| &m.peer_tls_dial_refused,
         ),
         (
             "fedbus_origin_refused_total",
@@ -226,6 +247,12 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             "Forwarded requests sent again to another router of the destination cluster after the first said it reached no task (no_live_task, draining, not_ready).",
             |m| &m.forward_retries,
         ),
+        (
+            "fedbus_sibling_handoffs_total",
+            "counter",
+            "Requests handed to another router of this cluster that has a live task for their partition when this router has none.",
+            |m| &m.sibling_handoffs,
+        ),
     ];
     for (name, kind, help, f) in simple {
         let _ = writeln!(
@@ -234,6 +261,38 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, f)
         );
     }
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_task_ejected_total Task links taken out of routing while open: consecutive request timeouts or an unanswered ping.\n# TYPE fedbus_task_ejected_total counter"
+    );
+    for (i, why) in ["timeouts", "pongs"].iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "fedbus_task_ejected_total{{reason=\"{why}\"}} {}",
+            sum(reg, |m| &m.task_ejected[i])
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_task_readmitted_total Ejected task links back in routing after answering again.\n# TYPE fedbus_task_readmitted_total counter\nfedbus_task_readmitted_total {}",
+        sum(reg, |m| &m.task_readmitted)
+    );
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_task_renewals_total Service tokens renewed on open task links (renew messages), by result.\n# TYPE fedbus_task_renewals_total counter"
+    );
+    for (i, result) in ["accepted", "refused"].iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "fedbus_task_renewals_total{{result=\"{result}\"}} {}",
+            sum(reg, |m| &m.task_renewals[i])
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_task_links_ejected Task links open but out of routing.\n# TYPE fedbus_task_links_ejected gauge\nfedbus_task_links_ejected {}",
+        sum(reg, |m| &m.task_links_ejected)
+    );
     let _ = writeln!(
         o,
         "# HELP fedbus_connections Open connections by listener.\n# TYPE fedbus_connections gauge"

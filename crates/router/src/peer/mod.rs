@@ -32,6 +32,12 @@ pub(crate) struct Federation {
     pub(crate) routers: HashMap<String, Vec<String>>,
     /// The token this router presents to peers.
     pub(crate) token: Option<String>,
+    /// External addresses of the other routers of our own cluster (siblings).
+    pub(crate) siblings: Vec<String>,
+    /// Our own `region/cluster`.
+    pub(crate) own: String,
+    /// Mutual TLS on peer links (`[tls.peer]`), when configured.
+    pub(crate) tls: Option<crate::tls::peer::PeerTls>,
 }
 
 impl Federation {
@@ -49,10 +55,21 @@ impl Federation {
             keys.insert(id.clone(), k);
             routers.insert(id, c.routers.clone());
         }
+        let own = cfg.cluster_id();
+        let siblings = siblings(cfg);
+        if !siblings.is_empty() {
+            // Siblings present peer tokens signed by our own cluster key.
+            let k = auth::keyring::read_cluster_keys(&cfg.keyring_dir())
+                .map_err(|e| anyhow::anyhow!("own cluster {own}: keys: {e}"))?;
+            keys.insert(own.clone(), k);
+        }
         Ok(Federation {
             keys,
             routers,
             token,
+            siblings,
+            own,
+            tls: None,
         })
     }
 
@@ -60,6 +77,28 @@ impl Federation {
     pub(crate) fn knows(&self, region: &str, cluster: &str) -> bool {
         self.routers.keys().any(|k| is_cluster(k, region, cluster))
     }
+}
+
+/// The other routers of our own cluster: its `[[federation.clusters]]` entry's routers except
+/// the one that is this router (its `listen.external`, or `listen.advertise_host` with that
+/// port).
+pub(crate) fn siblings(cfg: &crate::config::Config) -> Vec<String> {
+    let port = cfg.listen.external.port();
+    let me = [
+        Some(cfg.listen.external.to_string()),
+        cfg.listen
+            .advertise_host
+            .as_ref()
+            .map(|h| format!("{h}:{port}")),
+    ];
+    cfg.federation
+        .clusters
+        .iter()
+        .filter(|c| c.region == cfg.region && c.cluster == cfg.cluster)
+        .flat_map(|c| c.routers.iter())
+        .filter(|a| !me.iter().flatten().any(|m| m == *a))
+        .cloned()
+        .collect()
 }
 
 /// One remote router as seen by one shard.
@@ -135,15 +174,39 @@ impl Peers {
     }
 }
 
+impl Peers {
+    /// A live link to a sibling (a router of our own `cluster` key) that has a live task for
+    /// `app`/`wsid`'s partition, by its last status; the scan starts at `wsid % routers`.
+    pub(crate) fn covering(
+        &self,
+        own: &str,
+        app: &str,
+        wsid: u64,
+        max_pending: usize,
+    ) -> Option<Rc<TaskLink>> {
+        let slots = self.clusters.get(own)?;
+        let n = slots.len();
+        (0..n)
+            .map(|i| &slots[((wsid % n as u64) as usize + i) % n])
+            .find_map(|s| match s.rank(app, wsid, max_pending) {
+                Some((3, link)) => Some(link),
+                _ => None,
+            })
+    }
+}
+
 /// True when `key` is `region/cluster`.
 fn is_cluster(key: &str, region: &str, cluster: &str) -> bool {
     key.split_once('/') == Some((region, cluster))
 }
 
-/// Starts this shard's dialers: one per router of every other cluster.
+/// Starts this shard's dialers: one per router of every other cluster, and one per sibling
+/// (another router of our own cluster, under our own cluster's key).
 pub(crate) fn start_dialers(shard: &Rc<Shard>) {
     let mut peers = shard.peers.borrow_mut();
-    for (cluster, addrs) in &shard.federation.routers {
+    let fed = &shard.federation;
+    let siblings = (!fed.siblings.is_empty()).then(|| (&fed.own, &fed.siblings));
+    for (cluster, addrs) in fed.routers.iter().chain(siblings) {
         let slots: Vec<Rc<Slot>> = addrs
             .iter()
             .map(|a| {
@@ -186,17 +249,45 @@ async fn dial_once(shard: &Rc<Shard>, cluster: &str, slot: &Rc<Slot>) -> anyhow:
         })
         .await?
         .ok_or_else(|| anyhow::anyhow!("{} resolves to nothing", slot.addr))?;
-    let (s, leftover) = crate::ws::connect(
-        &resolved.to_string(),
-        "/peer",
-        shard.federation.token.as_deref(),
-    )
-    .await?;
+    let addr = resolved.to_string();
+    let token = shard.federation.token.as_deref();
+    match &shard.federation.tls {
+        Some(tls) => {
+            let dial = ws::TlsDial {
+                config: tls.client.clone(),
+                name: crate::tls::peer::server_name(&slot.addr)?,
+            };
+            match ws::connect_tls(&addr, "/peer", token, &dial).await {
+                Ok((s, leftover)) => run_link(shard, cluster, slot, s, leftover).await,
+                Err(e @ ws::DialError::Tls { .. }) => {
+                    ShardMetrics::inc(&shard.metrics.peer_tls_dial_refused);
+                    tracing::warn!(shard = shard.index, %cluster, addr = %slot.addr, "peer link refused: {e}");
+                    Err(e.into())
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        None => {
+            let (s, leftover) = ws::connect(&addr, "/peer", token).await?;
+            run_link(shard, cluster, slot, s, leftover).await
+        }
+    }
+}
+
+/// Runs a dialed peer link, plain or TLS, until it ends.
+async fn run_link<S: ws::Stream>(
+    shard: &Rc<Shard>,
+    cluster: &str,
+    slot: &Rc<Slot>,
+    s: S,
+    leftover: bytes::BytesMut,
+) -> anyhow::Result<()> {
     let limits = &shard.cfg.limits;
     // Liveness: we ping, the other side answers; silence for 3 intervals ends the link.
     let every = Duration::from_millis(limits.ping_interval_ms);
-    let _ = s.set_write_timeout(Some(every * 3));
-    s.set_read_timeout(Some(every * 3))
+    let _ = s.tcp().set_write_timeout(Some(every * 3));
+    s.tcp()
+        .set_read_timeout(Some(every * 3))
         .map_err(|e| anyhow::anyhow!("read timeout: {e}"))?;
     let ws::WsConn {
         mut reader,
@@ -287,35 +378,139 @@ async fn close_when_idle(link: Rc<TaskLink>) {
     link.out.borrow_mut().close(1001);
 }
 
-/// Serves one connection on the external listener: a peer router's link.
-pub(crate) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+/// Serves one connection on the external listener: a peer router's link. With `[tls.peer]`,
+/// the TLS handshake (a client certificate from the federation CA required) comes first; a
+/// plaintext dialer is refused unless `required = false`.
+pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     ShardMetrics::inc(&shard.metrics.connections[Listener::External as usize]);
+    match &shard.federation.tls {
+        Some(tls) => serve_tls(&shard, tls, stream).await,
+        None => serve_upgrade(&shard, stream, None).await,
+    }
+    ShardMetrics::dec(&shard.metrics.connections[Listener::External as usize]);
+}
+
+/// The first byte of a TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+async fn serve_tls(shard: &Rc<Shard>, tls: &crate::tls::peer::PeerTls, stream: TcpStream) {
+    let peer = stream.peer_addr().ok();
+    let limit = Duration::from_millis(shard.cfg.limits.handshake_timeout_ms);
+    let refuse = |why: &str| {
+        ShardMetrics::inc(&shard.metrics.peer_tls_refused);
+        tracing::warn!(shard = shard.index, ?peer, "peer link refused: {why}");
+    };
+    // Peek (the bytes stay for the TLS handshake or the plaintext upgrade).
+    let mut first = [0u8; 1];
+    let tls_first =
+        match glommio::timer::timeout(limit, async { Ok(stream.peek(&mut first).await) }).await {
+            Ok(Ok(1)) => first[0] == TLS_HANDSHAKE_RECORD,
+            Ok(_) => return,
+            Err(_) => return refuse("nothing sent within limits.handshake_timeout_ms"),
+        };
+    if !tls_first {
+        if tls.required {
+            refuse("plaintext, and [tls.peer] requires TLS");
+            // The head is read only to answer it cleanly (closing on unread bytes would reset
+            // the connection before the dialer reads why); nothing in it is looked at.
+            let mut stream = stream;
+            if read_upgrade(&mut stream, limit).await.is_ok() {
+                let _ = stream
+                    .write_all(
+                        handshake::error_response(403, "tls_required", "peer links require TLS")
+                            .as_bytes(),
+                    )
+                    .await;
+            }
+            return;
+        }
+        return serve_upgrade(shard, stream, None).await;
+    }
+    let acceptor = futures_rustls::TlsAcceptor::from(tls.server.clone());
+    match glommio::timer::timeout(limit, async { Ok(acceptor.accept(stream).await) }).await {
+        Ok(Ok(s)) => {
+            let cert = s
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.clone().into_owned());
+            serve_upgrade(shard, s, cert).await
+        }
+        Ok(Err(e)) => refuse(&format!("TLS handshake: {e}")),
+        Err(_) => refuse("TLS handshake not complete within limits.handshake_timeout_ms"),
+    }
+}
+
+/// Reads the upgrade, checks the peer token (and, over TLS, that the client certificate
+/// names a router of the token's cluster), then serves the link.
+async fn serve_upgrade<S: ws::Stream>(
+    shard: &Rc<Shard>,
+    mut stream: S,
+    cert: Option<rustls::pki_types::CertificateDer<'static>>,
+) {
     let timeout = Duration::from_millis(shard.cfg.limits.handshake_timeout_ms);
     match read_upgrade(&mut stream, timeout).await {
         Ok((up, leftover)) => {
-            let verdict = check_peer_token(&shard, up.bearer.as_deref());
+            let verdict =
+                check_peer_token(shard, up.bearer.as_deref()).and_then(|(cluster, exp)| {
+                    check_peer_certificate(shard, cert.as_ref(), cluster, exp)
+                });
             match verdict {
                 Ok((cluster, exp)) => {
-                    if stream
+                    let accepted = stream
                         .write_all(handshake::accept_response(&up.key).as_bytes())
-                        .await
-                        .is_ok()
-                    {
-                        tracing::info!(shard = shard.index, %cluster, "peer link accepted");
-                        serve_link(&shard, stream, leftover, cluster, exp).await;
+                        .await;
+                    if accepted.is_ok() && stream.flush().await.is_ok() {
+                        tracing::info!(shard = shard.index, %cluster, tls = cert.is_some(), "peer link accepted");
+                        serve_link(shard, stream, leftover, cluster, exp).await;
                     }
                 }
                 Err((status, code, msg)) => {
+                    if code == "peer_identity" {
+                        ShardMetrics::inc(&shard.metrics.peer_tls_refused);
+                    }
                     tracing::warn!(shard = shard.index, code, "peer link refused: {msg}");
                     let _ = stream
                         .write_all(handshake::error_response(status, code, &msg).as_bytes())
                         .await;
+                    let _ = stream.flush().await;
                 }
             }
         }
         Err(e) => tracing::debug!(shard = shard.index, "peer handshake: {e}"),
     }
-    ShardMetrics::dec(&shard.metrics.connections[Listener::External as usize]);
+}
+
+/// Over TLS, the client certificate must be valid for one of the routers of the cluster the
+/// peer token names: a router's certificate cannot carry another cluster's token.
+fn check_peer_certificate(
+    shard: &Shard,
+    cert: Option<&rustls::pki_types::CertificateDer<'static>>,
+    cluster: String,
+    exp: u64,
+) -> Result<(String, u64), (u16, &'static str, String)> {
+    let Some(cert) = cert else {
+        return Ok((cluster, exp));
+    };
+    let fed = &shard.federation;
+    let routers = if cluster == fed.own {
+        fed.siblings.as_slice()
+    } else {
+        fed.routers
+            .get(&cluster)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    };
+    if crate::tls::peer::names_one_of(cert, routers) {
+        Ok((cluster, exp))
+    } else {
+        Err((
+            403,
+            "peer_identity",
+            format!("the TLS client certificate names no router of {cluster}"),
+        ))
+    }
 }
 
 /// Verifies a peer token: signed by the key of the cluster it names, which must be another
@@ -345,18 +540,19 @@ fn check_peer_token(
     Ok((c.cluster, c.exp))
 }
 
-async fn serve_link(
+async fn serve_link<S: ws::Stream>(
     shard: &Rc<Shard>,
-    stream: TcpStream,
+    stream: S,
     leftover: bytes::BytesMut,
     from: String,
     exp: u64,
 ) {
     let limits = &shard.cfg.limits;
     // The dialing router pings every interval; silence for 3 intervals ends the link.
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
-    let _ = stream.set_write_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
-    let _ = stream.set_nodelay(true);
+    let tcp = stream.tcp();
+    let _ = tcp.set_read_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
+    let _ = tcp.set_write_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
+    let _ = tcp.set_nodelay(true);
     let ws::WsConn {
         mut reader,
         out,
@@ -499,7 +695,7 @@ fn forwarded_request(f: &Frame) -> Result<Request<'_>, Answer> {
 /// The peer token this router presents: from `peer_token_file`, or minted from the private
 /// cluster key of the keyring in dev mode.
 pub(crate) fn peer_token(cfg: &crate::config::Config) -> anyhow::Result<Option<String>> {
-    if cfg.peer_clusters().next().is_none() {
+    if cfg.peer_clusters().next().is_none() && siblings(cfg).is_empty() {
         return Ok(None);
     }
     if let Some(p) = &cfg.federation.peer_token_file {

@@ -36,7 +36,7 @@ pub(crate) async fn forward(shard: &Rc<Shard>, req: &Request<'_>) -> Answer {
 }
 
 /// True for a relayed 503 whose error code is one of [`NEVER_DELIVERED`].
-fn never_delivered(a: &Answer) -> bool {
+pub(crate) fn never_delivered(a: &Answer) -> bool {
     match a {
         Answer::Relayed { status: 503, frame } => frame
             .get_str(tag::ERROR)
@@ -74,7 +74,7 @@ async fn forward_once(
 }
 
 /// Sends over `link` and waits for the answer.
-async fn send(
+pub(crate) async fn send(
     shard: &Rc<Shard>,
     req: &Request<'_>,
     link: &Rc<crate::task::link::TaskLink>,

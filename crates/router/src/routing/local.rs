@@ -11,6 +11,37 @@ use crate::task::link::Reply;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+/// A sibling (another router of this cluster) to hand the request to, one hop, when this
+/// shard has no live link for its partition in `main` and the sibling's last status says it
+/// has a live task for it (docs/EMERGENCY.md, the exact rule). Never for a request that a
+/// router already handed on (it came over a peer link), so there is at most one hop.
+fn sibling_with_partition(
+    shard: &Rc<Shard>,
+    req: &Request<'_>,
+    table: &crate::route::RoutingTable,
+    partition: u32,
+) -> Option<Rc<crate::task::link::TaskLink>> {
+    let fed = &shard.federation;
+    if fed.siblings.is_empty() || req.ingress == Ingress::Peer {
+        return None;
+    }
+    let tasks = table
+        .apps
+        .get(req.target.app_name)?
+        .roles
+        .get(MAIN_ROLE)?
+        .tasks(partition);
+    if shard.has_live_link(tasks) {
+        return None;
+    }
+    shard.peers.borrow().covering(
+        &fed.own,
+        req.target.app_name,
+        req.target.wsid,
+        shard.cfg.limits.max_pending_per_link,
+    )
+}
+
 /// Delivers an admitted request for this cluster from `subject` and waits for its answer.
 pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str) -> Answer {
     let t = &req.target;
@@ -23,6 +54,18 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
     else {
         return Answer::error(404, "unknown_app", format!("no app {}", t.app_name));
     };
+    if let Some(link) = first
+        .as_ref()
+        .and_then(|table| sibling_with_partition(shard, req, table, partition))
+    {
+        // The snapshot guard is not held across the await.
+        first = None;
+        ShardMetrics::inc(&shard.metrics.sibling_handoffs);
+        let a = super::forward::send(shard, req, &link).await;
+        if !super::forward::never_delivered(&a) {
+            return a;
+        }
+    }
     let max_hops = shard.cfg.routing.max_hops;
     let deadline = Instant::now() + Duration::from_millis(shard.cfg.limits.request_timeout_ms);
     let mut role: std::borrow::Cow<'_, str> = MAIN_ROLE.into();

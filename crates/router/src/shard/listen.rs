@@ -146,35 +146,42 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
     let n = cores.len();
     let (api_addr, api_fds) = bind_api(cfg.listen.api, n)?;
     let (internal, internal_fds) = bind_internal(cfg.listen.internal, n)?;
-    // Certificates are read before anything starts: a bad file is an error at start.
-    let (tls, tls_fds) = match cfg.listen.api_tls {
+    // Certificates are read before anything starts: a bad file is an error at start. The
+    // api TLS listener and TLS task links share one server config.
+    let mut reloaders = Vec::new();
+    let tls_config = if cfg.listen.api_tls.is_some() || cfg.listen.internal_tls {
+        let t = crate::tls::ServerTls::load(&cfg.tls).context("[tls]")?;
+        reloaders.push(t.reloader);
+        Some(t.config)
+    } else {
+        None
+    };
+    let (api_tls, tls_fds) = match cfg.listen.api_tls {
         Some(addr) => {
-            let t = crate::tls::ServerTls::load(&cfg.tls).context("[tls]")?;
             let (a, fds) = bind_api(addr, n).context("TLS api listener")?;
-            (Some((a, t)), fds.into_iter().map(Some).collect())
+            (Some(a), fds.into_iter().map(Some).collect())
         }
         None => (None, vec![None; n]),
     };
-    let api_tls = tls.as_ref().map(|(a, _)| *a);
-    let (tls_config, tls_reloader) = match tls {
-        Some((_, t)) => (Some(t.config), Some(t.reloader)),
-        None => (None, None),
-    };
     let internal = Arc::new(internal);
-    let federation = Arc::new(crate::peer::Federation::load(
-        &cfg,
-        crate::peer::peer_token(&cfg)?,
-    )?);
-    // The external listener (peer links) only when there are other clusters to talk to.
-    let (external, external_fds) = if cfg.peer_clusters().next().is_some() {
-        let (a, fds) = bind_api(cfg.listen.external, n).context("external listener")?;
-        (Some(a), fds.into_iter().map(Some).collect())
-    } else {
-        (None, vec![None; n])
-    };
+    let mut federation = crate::peer::Federation::load(&cfg, crate::peer::peer_token(&cfg)?)?;
+    if let Some(p) = &cfg.tls.peer {
+        let (t, r) = crate::tls::peer::PeerTls::load(p).context("[tls.peer]")?;
+        federation.tls = Some(t);
+        reloaders.push(r);
+    }
+    let federation = Arc::new(federation);
+    // The external listener (peer links) only when there are other routers to talk to.
+    let (external, external_fds) =
+        if !federation.routers.is_empty() || !federation.siblings.is_empty() {
+            let (a, fds) = bind_api(cfg.listen.external, n).context("external listener")?;
+            (Some(a), fds.into_iter().map(Some).collect())
+        } else {
+            (None, vec![None; n])
+        };
 
     let health = Arc::new(Health::new(n, federation.routers.keys().cloned().collect()));
-    let control = Control::new(cfg.clone(), keyring, tls_reloader);
+    let control = Control::new(cfg.clone(), keyring, reloaders);
     let snapshots = control.snapshots();
     let (tx, rx) = crossbeam_channel::unbounded();
     let control_core = cfg.tuning.control_core;

@@ -8,7 +8,7 @@ use crate::config::Config;
 use crate::control::{ControlEvent, Snapshots};
 use crate::metrics::ShardMetrics;
 use crate::route::TaskId;
-use crate::task::link::TaskLink;
+use crate::task::link::{HealthChange, TaskLink};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -396,6 +396,45 @@ impl Shard {
     }
 }
 
+/// Tells the control thread that a task link left routing (as if it had closed) or came back
+/// (as if it had registered again), counts it and logs it.
+fn report_health(shard: &Shard, l: &TaskLink, change: HealthChange) {
+    let m = &shard.metrics;
+    match change {
+        HealthChange::Ejected(why) => {
+            ShardMetrics::inc(&m.task_ejected[why as usize]);
+            ShardMetrics::inc(&m.task_links_ejected);
+            tracing::warn!(
+                shard = shard.index,
+                task = l.task,
+                app = %l.app,
+                role = %l.role,
+                reason = why.label(),
+                "task link ejected from routing"
+            );
+            let _ = shard.events.send(ControlEvent::Unregister {
+                shard: shard.index,
+                task: l.task,
+            });
+        }
+        HealthChange::Readmitted => {
+            ShardMetrics::inc(&m.task_readmitted);
+            ShardMetrics::dec(&m.task_links_ejected);
+            tracing::info!(
+                shard = shard.index,
+                task = l.task,
+                app = %l.app,
+                role = %l.role,
+                "task link answers again: back in routing"
+            );
+            let _ = shard.events.send(ControlEvent::Register {
+                shard: shard.index,
+                reg: l.registration(),
+            });
+        }
+    }
+}
+
 /// Follows the router's drain on this shard: closes [`Shard::drain`] when it starts (the accept
 /// loops stop), and closes the task links with 1001 (going away) when it ends.
 pub(crate) async fn watch_drain(shard: Rc<Shard>) {
@@ -421,13 +460,20 @@ pub(crate) async fn watch_drain(shard: Rc<Shard>) {
 /// Enforces request deadlines on every link of the shard: one timer for the shard instead of
 /// one per request. A request times out at most one sweep interval late.
 pub(crate) async fn sweep_deadlines(shard: Rc<Shard>) {
-    let every =
-        std::time::Duration::from_millis((shard.cfg.limits.request_timeout_ms / 10).clamp(5, 100));
+    let limits = &shard.cfg.limits;
+    let every = std::time::Duration::from_millis((limits.request_timeout_ms / 10).clamp(5, 100));
+    // Outlier ejection of task links (docs/EMERGENCY.md), checked on the same tick.
+    let eject_after = limits.task_eject_after_timeouts;
+    let pong_timeout = (limits.task_pong_timeout_ms > 0)
+        .then(|| std::time::Duration::from_millis(limits.task_pong_timeout_ms));
     loop {
         glommio::timer::sleep(every).await;
         let now = std::time::Instant::now();
         for l in shard.links.borrow().values() {
             l.expire(now);
+            if let Some(change) = l.health_step(now, eject_after, pong_timeout) {
+                report_health(&shard, l, change);
+            }
         }
         for slots in shard.peers.borrow().clusters.values() {
             for s in slots {

@@ -33,14 +33,21 @@ pub struct Ca {
 }
 
 impl Ca {
-    /// A fresh self-signed CA.
+    /// A fresh self-signed dev CA.
     pub fn generate() -> anyhow::Result<Ca> {
+        Ca::make("fedbus dev CA", "fedbus (development only)")
+    }
+
+    /// A fresh self-signed CA named `common_name` (`fedbus keys ca`: a federation's CA).
+    pub fn generate_named(common_name: &str) -> anyhow::Result<Ca> {
+        Ca::make(common_name, "fedbus")
+    }
+
+    fn make(common_name: &str, org: &str) -> anyhow::Result<Ca> {
         let key = KeyPair::generate()?;
         let mut p = CertificateParams::new(Vec::<String>::new())?;
-        p.distinguished_name
-            .push(DnType::CommonName, "fedbus dev CA");
-        p.distinguished_name
-            .push(DnType::OrganizationName, "fedbus (development only)");
+        p.distinguished_name.push(DnType::CommonName, common_name);
+        p.distinguished_name.push(DnType::OrganizationName, org);
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         p.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,

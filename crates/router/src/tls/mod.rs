@@ -1,4 +1,5 @@
-//! TLS on the api listener (`listen.api_tls`): certificates from PEM files, an SNI resolver
+//! TLS on the api listener (`listen.api_tls`) and the internal listener
+//! (`listen.internal_tls`), mutual TLS on peer links ([`peer`]): certificates from PEM files, an SNI resolver
 //! among several certificates, the rustls server config (ring, TLS 1.3 and 1.2, ALPN
 //! `http/1.1`, session resumption), reloading, and the dev CA ([`dev`]).
 //!
@@ -10,14 +11,17 @@
 //! certificates in force and logs why.
 
 pub mod dev;
+pub mod peer;
 
 use crate::config::{CertFiles, Tls as TlsConfig};
 use anyhow::{anyhow, Context};
 use arc_swap::ArcSwap;
+use rustls::client::ResolvesClientCert;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
 use rustls::sign::CertifiedKey;
+use rustls::SignatureScheme;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -88,6 +92,34 @@ impl ResolvesServerCert for Resolver {
     }
 }
 
+/// A dialing router presents the first certificate of the set (peer links have one).
+impl ResolvesClientCert for Resolver {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load().certs[0].clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl Resolver {
+    /// Loads `files` and a reloader that watches them.
+    pub fn load(files: &[CertFiles]) -> anyhow::Result<(Arc<Resolver>, Reloader)> {
+        let set = CertSet::load(files)?;
+        let resolver = Arc::new(Resolver {
+            current: ArcSwap::from_pointee(set),
+        });
+        let reloader = Reloader {
+            mtime: newest_mtime(files),
+            files: files.to_vec(),
+            resolver: resolver.clone(),
+            generation: 1,
+        };
+        Ok((resolver, reloader))
+    }
+}
+
 /// The TLS server side of a router: the config every shard's acceptor shares, and what the
 /// control thread needs to reload it.
 pub struct ServerTls {
@@ -101,16 +133,13 @@ pub struct ServerTls {
 impl ServerTls {
     /// Loads `cfg.certs` and builds the server config.
     pub fn load(cfg: &TlsConfig) -> anyhow::Result<ServerTls> {
-        let set = CertSet::load(&cfg.certs)?;
-        let resolver = Arc::new(Resolver {
-            current: ArcSwap::from_pointee(set),
-        });
+        let (resolver, reloader) = Resolver::load(&cfg.certs)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut c = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .context("TLS versions")?
             .with_no_client_auth()
-            .with_cert_resolver(resolver.clone());
+            .with_cert_resolver(resolver);
         c.alpn_protocols = vec![b"http/1.1".to_vec()];
         c.session_storage = if cfg.session_cache > 0 {
             rustls::server::ServerSessionMemoryCache::new(cfg.session_cache)
@@ -120,15 +149,9 @@ impl ServerTls {
         if cfg.tickets {
             c.ticketer = rustls::crypto::ring::Ticketer::new().context("TLS ticket keys")?;
         }
-        let files = cfg.certs.clone();
         Ok(ServerTls {
             config: Arc::new(c),
-            reloader: Reloader {
-                mtime: newest_mtime(&files),
-                files,
-                resolver,
-                generation: 1,
-            },
+            reloader,
         })
     }
 }

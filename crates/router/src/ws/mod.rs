@@ -6,9 +6,9 @@ pub mod conn;
 pub mod stream;
 pub use fedbus_proto::ws::{frame, handshake};
 
-pub use client::connect;
+pub use client::{connect, connect_tls, DialError, TlsDial};
 pub use conn::{
     close_at_expiry, spawn_pinger, start, write_loop, Message, Refused, Side, WsConn, WsError,
     WsOut, WsReader,
 };
-pub use stream::{PartsWriter, Stream, TlsStream};
+pub use stream::{ClientTlsStream, PartsWriter, Stream, TlsStream};

@@ -13,6 +13,8 @@ use std::io::{self, IoSlice};
 
 /// A server-side TLS stream over a glommio TCP stream.
 pub type TlsStream = futures_rustls::server::TlsStream<TcpStream>;
+/// A client-side TLS stream over a glommio TCP stream (peer dialers, built-in tasks).
+pub type ClientTlsStream = futures_rustls::client::TlsStream<TcpStream>;
 
 /// A client connection's transport.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Sized + 'static {
@@ -109,35 +111,44 @@ async fn tls_write_parts<W: AsyncWrite + Unpin>(w: &mut W, parts: &[Bytes]) -> i
     w.flush().await
 }
 
-impl Stream for TlsStream {
-    type Reader = futures_lite::io::ReadHalf<TlsStream>;
-    type Writer = TlsWriter;
+/// Both TLS streams (server side: api and internal listeners, peer links accepted; client
+/// side: peer dialers, the built-in tasks) run the same way.
+macro_rules! tls_stream {
+    ($t:ty) => {
+        impl Stream for $t {
+            type Reader = futures_lite::io::ReadHalf<$t>;
+            type Writer = TlsWriter<$t>;
 
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
-    }
+            fn tcp(&self) -> &TcpStream {
+                self.get_ref().0
+            }
 
-    fn write_parts(&mut self, parts: &[Bytes]) -> impl Future<Output = io::Result<()>> {
-        tls_write_parts(self, parts)
-    }
+            fn write_parts(&mut self, parts: &[Bytes]) -> impl Future<Output = io::Result<()>> {
+                tls_write_parts(self, parts)
+            }
 
-    fn shutdown_write(&mut self) -> impl Future<Output = io::Result<()>> {
-        // Sends close_notify, then shuts the socket's write side.
-        AsyncWriteExt::close(self)
-    }
+            fn shutdown_write(&mut self) -> impl Future<Output = io::Result<()>> {
+                // Sends close_notify, then shuts the socket's write side.
+                AsyncWriteExt::close(self)
+            }
 
-    fn into_split(self) -> (Self::Reader, Self::Writer) {
-        // Both halves reach the one rustls session (its records leave in order from one
-        // queue, whichever half wrote them).
-        let (r, w) = futures_lite::io::split(self);
-        (r, TlsWriter(w))
-    }
+            fn into_split(self) -> (Self::Reader, Self::Writer) {
+                // Both halves reach the one rustls session (its records leave in order from
+                // one queue, whichever half wrote them).
+                let (r, w) = futures_lite::io::split(self);
+                (r, TlsWriter(w))
+            }
+        }
+    };
 }
 
-/// The write half of a split TLS stream.
-pub struct TlsWriter(futures_lite::io::WriteHalf<TlsStream>);
+tls_stream!(TlsStream);
+tls_stream!(ClientTlsStream);
 
-impl PartsWriter for TlsWriter {
+/// The write half of a split TLS stream.
+pub struct TlsWriter<T>(futures_lite::io::WriteHalf<T>);
+
+impl<T: AsyncWrite + Unpin> PartsWriter for TlsWriter<T> {
     fn write_parts(&mut self, parts: &[Bytes]) -> impl Future<Output = io::Result<()>> {
         tls_write_parts(&mut self.0, parts)
     }

@@ -108,6 +108,37 @@ fn codec(t: &mut Table) {
             time(2_000_000, |_| black_box(&msg[..]).to_vec()),
         );
     }
+    // What RFC 6455 masking costs a client frame (peer links, the built-in task runner): a copy
+    // of the payload into the outbox and an XOR pass, and a key from a pool refilled by one
+    // getrandom per 256 frames. The server side sends payloads as they are.
+    let rng = ring::rand::SystemRandom::new();
+    let mut pool = [0u8; 1024];
+    t.add(
+        "ws masking",
+        "fresh key: 1 KiB getrandom / 256",
+        time(20_000, |_| {
+            ring::rand::SecureRandom::fill(&rng, &mut pool).is_ok()
+        }) / 256.0,
+    );
+    for size in [1024usize, 65536] {
+        let payload = Bytes::from(vec![7u8; size]);
+        let mut arena = BytesMut::with_capacity(size + 16);
+        t.add(
+            "ws masking",
+            &format!("copy + mask a {size} B payload into the outbox arena"),
+            time(200_000, |i| {
+                arena.clear();
+                arena.extend_from_slice(&payload);
+                fedbus_router::ws::frame::unmask(&mut arena, (i as u32 | 1).to_ne_bytes(), 0);
+                arena.len()
+            }),
+        );
+        t.add(
+            "ws masking",
+            &format!("baseline: key 0, the {size} B payload queued as it is"),
+            time(200_000, |_| black_box(&payload).clone().len()),
+        );
+    }
     let mut out = BytesMut::with_capacity(4096);
     t.add(
         "frame codec",

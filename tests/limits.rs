@@ -169,3 +169,189 @@ fn a_trickled_body_gets_408() {
     );
     assert!(r.log().contains("request body slower than"));
 }
+
+/// An HTTP client that pipelines requests and never reads its answers: the answers being
+/// written count against the memory budget (`fedbus_outbox_bytes_held`), the connection is
+/// closed once a write is slower than `limits.min_answer_bytes_per_sec` allows, counted in
+/// `fedbus_slow_reader_closed_total`, and the bytes come back. A client on the same shard is
+/// answered throughout, and RSS stays bounded.
+#[test]
+fn an_http_client_that_never_reads_is_closed() {
+    let r = Router::new()
+        .shards(1)
+        .limit("handshake_timeout_ms", 500)
+        .limit("min_answer_bytes_per_sec", 1 << 20)
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let p = r.path(APP, 3);
+    let before = rss_kib(&r);
+    // 300 echo requests of 64 KiB: about 19 MiB of answers, more than the socket buffers of
+    // both ends hold.
+    let one = Req::post(&p)
+        .token(&tok)
+        .body(&vec![b'n'; 64 * 1024])
+        .bytes();
+    let mut all = Vec::with_capacity(one.len() * 300);
+    for _ in 0..300 {
+        all.extend_from_slice(&one);
+    }
+    let mut flood = r.conn();
+    let writer = std::thread::spawn(move || {
+        flood.send_lossy(&all);
+        flood
+    });
+    let held = || r.metrics().get("fedbus_outbox_bytes_held");
+    wait_for(Duration::from_secs(10), || (held() > 0.0).then_some(()))
+        .expect("answers waiting for the client are charged to the budget");
+    // Served meanwhile on the same (only) shard.
+    for i in 0..5 {
+        let ok = r.request(&Req::post(&p).token(&tok).body(b"normal"));
+        assert_eq!(
+            (ok.status, ok.body.as_slice()),
+            (200, &b"normal"[..]),
+            "{i}"
+        );
+    }
+    wait_for(Duration::from_secs(20), || {
+        (r.metrics().get("fedbus_slow_reader_closed_total") >= 1.0).then_some(())
+    })
+    .expect("the client that never reads is closed");
+    let mut flood = writer.join().expect("writer");
+    flood.set_read_timeout(Duration::from_secs(5));
+    let closed = loop {
+        match flood.read_response() {
+            Ok(_) => continue,
+            Err(e) => {
+                break !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                )
+            }
+        }
+    };
+    assert!(closed, "the connection is closed");
+    wait_for(Duration::from_secs(5), || (held() == 0.0).then_some(()))
+        .unwrap_or_else(|| panic!("{} outbox bytes still held", held()));
+    assert_eq!(r.metrics().get("fedbus_slow_reader_closed_total"), 1.0);
+    let grown_mib = rss_kib(&r).saturating_sub(before) / 1024;
+    assert!(grown_mib < 100, "RSS grew by {grown_mib} MiB");
+    assert!(r.log().contains("does not read its answers"));
+}
+
+/// At `limits.max_connections_per_shard`, idle keep-alive connections no longer lock new
+/// clients out: the one idle the longest is closed to make room (counted, logged). Busy
+/// connections (a request head on its way) are not evicted: with all of them busy, a new
+/// connection is refused at accept as before.
+#[test]
+fn idle_connections_make_room_at_the_connection_limit() {
+    let r = Router::new()
+        .shards(1)
+        .limit("max_connections_per_shard", 8)
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let p = r.path(APP, 5);
+    let mut idle: Vec<Conn> = (0..8)
+        .map(|i| {
+            let mut c = r.conn();
+            let ok = c.request(&Req::post(&p).token(&tok).body(b"first"));
+            assert_eq!(ok.status, 200, "connection {i}");
+            c
+        })
+        .collect();
+    let gauge = || r.metrics().get("fedbus_connections{listener=\"api\"}");
+    // The admin listener is apart: its scrapes do not count here.
+    assert_eq!(gauge(), 8.0);
+    // Ten more clients, each answered and kept open, each making room by evicting the
+    // longest idle.
+    let mut new = Vec::new();
+    for i in 0..10 {
+        let mut c = r.conn();
+        let ok = c.request(&Req::post(&p).token(&tok).body(b"new"));
+        assert_eq!(
+            (ok.status, ok.body.as_slice()),
+            (200, &b"new"[..]),
+            "new client {i}"
+        );
+        new.push(c);
+    }
+    assert_eq!(r.metrics().get("fedbus_idle_evicted_total"), 10.0);
+    assert_eq!(r.metrics().get("fedbus_connections_refused_total"), 0.0);
+    assert!(r
+        .log()
+        .contains("closed the longest-idle keep-alive connection"));
+    // The oldest idle connection was the first to go.
+    idle[0].set_read_timeout(Duration::from_secs(2));
+    assert!(
+        idle[0].is_closed(),
+        "the longest-idle connection was evicted"
+    );
+    // Fill the shard with busy connections (a head on its way): nothing to evict.
+    drop(idle);
+    drop(new);
+    wait_for(Duration::from_secs(5), || (gauge() == 0.0).then_some(()))
+        .unwrap_or_else(|| panic!("connections left: {}", gauge()));
+    let busy: Vec<Conn> = (0..8)
+        .map(|_| {
+            let mut c = r.conn();
+            c.send(format!("POST {p} HTTP/1.1\r\nHost: x\r\n").as_bytes());
+            c
+        })
+        .collect();
+    wait_for(Duration::from_secs(5), || (gauge() == 8.0).then_some(()))
+        .unwrap_or_else(|| panic!("busy connections: {}", gauge()));
+    let evicted = r.metrics().get("fedbus_idle_evicted_total");
+    let mut over = r.conn();
+    over.set_read_timeout(Duration::from_secs(3));
+    assert!(over.is_closed(), "refused at accept: nothing idle to evict");
+    assert_eq!(r.metrics().get("fedbus_connections_refused_total"), 1.0);
+    assert_eq!(r.metrics().get("fedbus_idle_evicted_total"), evicted);
+    drop(busy);
+}
+
+/// The minimum body rate holds while an earlier answer is pending on the same connection: a
+/// body trickled behind a slow request is cut at its deadline (its bytes go back to the
+/// budget then, not when the slow answer comes), the pending answer is still written, then
+/// the 408, then the connection closes.
+#[test]
+fn a_body_trickled_behind_a_pending_answer_gets_408() {
+    let r = Router::new()
+        .shards(1)
+        .limit("handshake_timeout_ms", 500)
+        .limit("min_body_bytes_per_sec", 100_000)
+        .start();
+    let _t = r.task().delay_ms(4000).start();
+    let tok = r.token(APP, "alice");
+    let p = r.path(APP, 7);
+    let mut c = r.conn();
+    let started = std::time::Instant::now();
+    c.send(&Req::post(&p).token(&tok).body(b"slow").bytes());
+    // The next request announces 100 KB (allowance 0.5 s + 1 s) and sends 10 bytes.
+    c.send(
+        format!(
+            "POST {p} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Length: 100000\r\n\r\n0123456789"
+        )
+        .as_bytes(),
+    );
+    let held = || r.metrics().get("fedbus_body_bytes_held");
+    wait_for(Duration::from_secs(3), || {
+        (held() >= 100_000.0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the trickled body is charged: {}", held()));
+    // Only the slow request's own 4 bytes stay held until its answer.
+    wait_for(Duration::from_secs(3), || {
+        (held() < 100_000.0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{} body bytes still held", held()));
+    let cut = started.elapsed();
+    assert!(cut < Duration::from_millis(3500), "cut after {cut:?}");
+    c.set_read_timeout(Duration::from_secs(10));
+    let first = c.read_response().expect("the pending answer");
+    assert_eq!((first.status, first.body.as_slice()), (200, &b"slow"[..]));
+    c.read_response()
+        .expect("then the 408")
+        .assert_error(408, "request_timeout");
+    assert!(c.is_closed());
+    assert!(r.log().contains("(answers pending): 408"));
+}

@@ -757,16 +757,21 @@ fn metrics_count_websocket_requests() {
     assert!(back.is_some(), "api connection gauge not back to {conns0}");
 }
 
-/// A client that sends and never reads: once its answers overflow the connection's outbox the
-/// router closes with 1013 instead of dropping answers silently or growing without bound.
+/// A client that sends and never reads: once its answers overflow the connection's share
+/// (`limits.max_connection_outbox_bytes`) the router closes with 1013 instead of dropping
+/// answers silently or growing without bound. The close frame goes ahead of the answers not
+/// yet written (their bytes go back to the budget at once), and the router keeps reading
+/// while it closes, so a client blocked writing gets to read it. Counted; another session on
+/// the same shard is served throughout.
 #[test]
 fn client_that_never_reads_is_closed_1013() {
     let r = Router::new()
         .shards(1)
-        .limit("max_link_outbox_bytes", 256 * 1024)
+        .limit("max_connection_outbox_bytes", 256 * 1024)
         .start();
     let _t = r.task().start();
     let tok = r.token(APP, "alice");
+    let mut normal = open(&r, &tok);
     let mut w = open(&r, &tok);
     let payload = vec![b'q'; 60 * 1024];
     let path = format!("/api/local/dev/{APP}/api/3/sys/echo");
@@ -775,8 +780,20 @@ fn client_that_never_reads_is_closed_1013() {
         let b = w.request_bytes(id, Some(&path), &payload);
         w.send_raw_lossy(&b);
     }
+    for id in 0..5u64 {
+        normal.send_request(id, Some(&r.path(APP, id)), b"during");
+        let f = normal.read_response();
+        assert_eq!((status_of(&f), &f.payload[..]), (200, &b"during"[..]));
+    }
     w.set_read_timeout(Duration::from_secs(10));
     w.expect_close(1013);
+    assert_eq!(r.metrics().get("fedbus_slow_reader_closed_total"), 1.0);
+    let held = || r.metrics().get("fedbus_outbox_bytes_held");
+    assert!(
+        wait_for(Duration::from_secs(5), || (held() < 1024.0).then_some(())).is_some(),
+        "outbox bytes still held: {}",
+        held()
+    );
 }
 
 /// A session's token is authorized per request with the same rule as HTTP: once its key

@@ -69,6 +69,15 @@ struct TaskCommon {
     /// Service token; without it (dev mode) one is minted from the keyring.
     #[arg(long, env = "FEDBUS_TASK_TOKEN")]
     token: Option<String>,
+    /// Read the service token from this file, and again whenever it changes (checked every
+    /// second): a new token is sent on every open link (`renew`), so it never expires under
+    /// a running task.
+    #[arg(long, env = "FEDBUS_TASK_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    /// Exit with status 1 when a router refuses the token (401/403 at the upgrade: expired,
+    /// retired or unknown key, bad signature) for this long.
+    #[arg(long, default_value = "30s")]
+    refused_exit_after: String,
     /// Cluster the dev token is minted for (`region/cluster`).
     #[arg(long, default_value = "local/dev")]
     cluster: String,
@@ -454,7 +463,16 @@ fn run_router(path: Option<PathBuf>) -> Result<()> {
 fn task_options(common: &TaskCommon, kind: &str) -> Result<task::TaskOptions> {
     let partitions = parse_partitions(&common.partitions)?;
     let instance = fedbus_router::util::random_u64();
-    let token = match common.token.clone() {
+    let from_file = match &common.token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("token file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let token = match common.token.clone().or(from_file) {
         Some(t) => t,
         None => {
             let dir = keyring_dir(&common.keyring);
@@ -477,6 +495,16 @@ fn task_options(common: &TaskCommon, kind: &str) -> Result<task::TaskOptions> {
         token,
     );
     opts.instance = instance;
+    opts.token_file = common.token_file.clone();
+    opts.refused_exit_after = auth::parse_duration(&common.refused_exit_after)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            anyhow!(
+                "--refused-exit-after {}: expected e.g. 30s",
+                common.refused_exit_after
+            )
+        })?;
     if let Some(ca) = &common.tls_ca {
         opts.tls = Some(fedbus_router::tls::peer::client_config(ca)?);
     }

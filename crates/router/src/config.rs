@@ -143,6 +143,16 @@ pub struct Limits {
     /// Interval of websocket pings on task links; a link silent for 3 intervals is dropped.
     /// Default 2000 ms.
     pub ping_interval_ms: u64,
+    /// Outlier ejection: a task link on which this many requests in a row timed out
+    /// (`request_timeout_ms`, no answer in between) leaves routing while it stays open, so its
+    /// partitions go to the emergency partition; its next answer (a late one counts) brings it
+    /// back. 0: never. Default 5.
+    pub task_eject_after_timeouts: u32,
+    /// Outlier ejection: a task link that has sent nothing (no pong, no frame) this long after
+    /// a ping leaves routing until it is heard again. Detection takes at most
+    /// `ping_interval_ms` + this; the link itself closes after 3 silent ping intervals, so a
+    /// value of 2 intervals or more never fires before that. 0: never. Default 1000 ms.
+    pub task_pong_timeout_ms: u64,
     /// Slowest pace of a request body: once its head is complete, a body of N bytes must have
     /// arrived within `handshake_timeout_ms` + N / this many seconds, or the request gets 408
     /// and the connection closes. Default 1024 bytes per second.
@@ -157,6 +167,15 @@ pub struct Limits {
     /// One client connection's share of that budget: its request bodies being received or in
     /// flight. Over it, 503 with `Retry-After` as well. Default 16 MiB.
     pub max_connection_body_bytes: usize,
+    /// One client connection's share of the same budget for its answers queued to be written
+    /// (an `/api/ws` session's outbox, an HTTP connection's answers being written). A
+    /// websocket client whose unread answers go over it is closed with 1013
+    /// (`fedbus_slow_reader_closed_total`). Default 16 MiB.
+    pub max_connection_outbox_bytes: usize,
+    /// Slowest pace at which a client must take its HTTP answers: a write of N bytes must be
+    /// done within `handshake_timeout_ms` + N / this many seconds, or the connection closes
+    /// (`fedbus_slow_reader_closed_total`). Default 1024 bytes per second.
+    pub min_answer_bytes_per_sec: usize,
     /// Most websocket control frames (ping, pong) one connection may send per second; more
     /// closes it with 1008 (`fedbus_abusive_closed_total`). Default 100.
     pub max_control_frames_per_sec: u32,
@@ -450,10 +469,14 @@ impl Default for Limits {
             max_link_outbox_bytes: 64 * 1024 * 1024,
             max_inflight_per_connection: 256,
             ping_interval_ms: 2000,
+            task_eject_after_timeouts: 5,
+            task_pong_timeout_ms: 1000,
             max_anonymous_body_bytes: 64 * 1024,
             min_body_bytes_per_sec: 1024,
             body_budget_bytes: 512 * 1024 * 1024,
             max_connection_body_bytes: 16 * 1024 * 1024,
+            max_connection_outbox_bytes: 16 * 1024 * 1024,
+            min_answer_bytes_per_sec: 1024,
             max_control_frames_per_sec: 100,
             max_queued_control_frames: 16,
         }
@@ -642,6 +665,14 @@ impl Config {
             (
                 "limits.max_connection_body_bytes",
                 l.max_connection_body_bytes,
+            ),
+            (
+                "limits.max_connection_outbox_bytes",
+                l.max_connection_outbox_bytes,
+            ),
+            (
+                "limits.min_answer_bytes_per_sec",
+                l.min_answer_bytes_per_sec,
             ),
             (
                 "limits.max_control_frames_per_sec",
@@ -955,6 +986,13 @@ mod tests {
             "t",
         )
         .expect("advertised");
+        let off = Config::parse(
+            "[limits]\ntask_pong_timeout_ms = 0\ntask_eject_after_timeouts = 0\n",
+            "t",
+        )
+        .expect("0 is off");
+        assert_eq!(off.limits.task_pong_timeout_ms, 0);
+        assert_eq!(Config::default().limits.task_eject_after_timeouts, 5);
         let e = Config::parse("[tuning]\ncontrol_core = 9999\n", "t").unwrap_err();
         assert!(e.to_string().contains("tuning.control_core"), "{e}");
     }

@@ -7,7 +7,9 @@
 //! ```
 //!
 //! Every flag has an environment variable: `FEDBUS_ROUTER` (comma-separated: shard 0 of each
-//! router), `FEDBUS_APP`, `FEDBUS_PARTITIONS`, `FEDBUS_ROLE`, `FEDBUS_TASK_TOKEN`. Logs go to
+//! router), `FEDBUS_APP`, `FEDBUS_PARTITIONS`, `FEDBUS_ROLE`, `FEDBUS_TASK_TOKEN`,
+//! `FEDBUS_TASK_TOKEN_FILE`, `FEDBUS_TASK_TOKEN_COMMAND`. With a token file or command the token
+//! is renewed before it expires; a token refused for good exits with status 1. Logs go to
 //! stderr, filtered by `RUST_LOG` (default `info`).
 
 #[path = "support/echo.rs"]
@@ -17,7 +19,8 @@ use fedbus_sdk::{Partitions, TaskOptions};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: echo [--router HOST:PORT]... [--app OWNER/APP] [--partitions 0-15] [--role main] --token TOKEN"
+        "usage: echo [--router HOST:PORT]... [--app OWNER/APP] [--partitions 0-15] [--role main] \
+         (--token TOKEN | --token-file PATH | --token-command CMD)"
     );
     std::process::exit(2)
 }
@@ -29,6 +32,8 @@ fn options() -> Result<TaskOptions, fedbus_sdk::Error> {
     let mut partitions = env("FEDBUS_PARTITIONS").unwrap_or_else(|| "0-15".into());
     let mut role = env("FEDBUS_ROLE").unwrap_or_else(|| "main".into());
     let mut token = env("FEDBUS_TASK_TOKEN");
+    let mut token_file = env("FEDBUS_TASK_TOKEN_FILE");
+    let mut token_command = env("FEDBUS_TASK_TOKEN_COMMAND");
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().unwrap_or_else(|| usage());
@@ -38,6 +43,8 @@ fn options() -> Result<TaskOptions, fedbus_sdk::Error> {
             "--partitions" => partitions = value,
             "--role" => role = value,
             "--token" => token = Some(value),
+            "--token-file" => token_file = Some(value),
+            "--token-command" => token_command = Some(value),
             _ => usage(),
         }
     }
@@ -48,9 +55,15 @@ fn options() -> Result<TaskOptions, fedbus_sdk::Error> {
             .map(|s| s.trim().to_string())
             .collect();
     }
-    let token = token.unwrap_or_else(|| usage());
     let partitions: Partitions = partitions.parse()?;
-    Ok(TaskOptions::new(routers, app, partitions, token).role(role))
+    let opts = TaskOptions::new(routers, app, partitions, token.clone().unwrap_or_default());
+    let opts = match (token, token_file, token_command) {
+        (_, Some(f), _) => opts.token_file(f),
+        (_, None, Some(c)) => opts.token_command(c),
+        (Some(_), None, None) => opts,
+        (None, None, None) => usage(),
+    };
+    Ok(opts.role(role))
 }
 
 #[tokio::main]
@@ -76,8 +89,15 @@ async fn main() {
         opts.partitions.len(),
         opts.routers
     );
-    if let Err(e) = fedbus_sdk::serve(opts, support::echo).await {
-        eprintln!("echo: {e}");
-        std::process::exit(2)
+    match fedbus_sdk::serve(opts, support::echo).await {
+        Err(e @ fedbus_sdk::Error::Refused(_)) => {
+            eprintln!("echo: {e}");
+            std::process::exit(1)
+        }
+        Err(e) => {
+            eprintln!("echo: {e}");
+            std::process::exit(2)
+        }
+        Ok(()) => {}
     }
 }

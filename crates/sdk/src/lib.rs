@@ -34,6 +34,7 @@ mod outcome;
 mod rand;
 mod secrets;
 mod task;
+mod token;
 
 pub use fedbus_proto as proto;
 pub use fedbus_proto::link::Request;
@@ -43,15 +44,20 @@ pub use outcome::Outcome;
 pub use rand::{random_task_id, random_u64};
 pub use secrets::Secrets;
 pub use task::{serve, Stats, Task};
+pub use token::TokenSource;
 
-/// What can go wrong before a task runs. Once running, a task never gives up: failed links
-/// are logged and reopened.
+/// What can go wrong before a task runs, or ends it. Once running, a task gives up only when a
+/// router refuses its token for good ([`Error::Refused`]); other failed links are logged and
+/// reopened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
     /// The options cannot work (no router, empty app or role, no partition, no token).
     Options(String),
     /// A partition list that does not parse (`0-15`, `0-3,8,10-11`).
     Partitions(String),
+    /// A router refused the service token for [`TaskOptions::refused_exit_after`] (the
+    /// router's error code and message), or the token source gave none at start.
+    Refused(String),
 }
 
 impl std::fmt::Display for Error {
@@ -59,6 +65,7 @@ impl std::fmt::Display for Error {
         match self {
             Error::Options(m) => write!(f, "bad task options: {m}"),
             Error::Partitions(m) => write!(f, "bad partition list: {m}"),
+            Error::Refused(m) => write!(f, "service token refused: {m}"),
         }
     }
 }

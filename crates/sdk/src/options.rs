@@ -1,6 +1,6 @@
 //! How a task connects and what it registers.
 
-use crate::{Error, Secrets};
+use crate::{Error, Secrets, TokenSource};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -17,8 +17,20 @@ pub struct TaskOptions {
     pub role: String,
     /// Partitions served, each below the app's partition count.
     pub partitions: Vec<u32>,
-    /// Service token (`fedbus token service`), signed by the cluster key.
+    /// Service token (`fedbus token service`), signed by the cluster key. With a
+    /// [`TokenSource`] other than `Fixed` it may be empty: the source gives the first one.
     pub token: String,
+    /// Where fresh service tokens come from (default `Fixed`: never renewed). With a file or a
+    /// command the task fetches a new token a third of its lifetime before it expires and
+    /// sends it on every open link (`renew`), so no link closes and no request fails.
+    pub token_source: TokenSource,
+    /// How often a token file is re-read, and the least time between two fetches. Default 1 s.
+    pub token_poll: Duration,
+    /// A router that refuses the token (401 at the upgrade: expired, retired or unknown key,
+    /// bad signature...) for this long, with fresh fetches from the source in between, ends
+    /// the task: [`crate::serve`] returns [`Error::Refused`] (exit non-zero, so a supervisor
+    /// sees it) instead of retrying forever. Default 30 s.
+    pub refused_exit_after: Duration,
     /// Instance id, the same on every link of the task: random by default
     /// ([`crate::random_task_id`]). A second link with the same id on a shard replaces the
     /// first, so two processes must not share one.
@@ -55,6 +67,9 @@ impl TaskOptions {
             role: "main".into(),
             partitions: partitions.into(),
             token: token.into(),
+            token_source: TokenSource::Fixed,
+            token_poll: Duration::from_secs(1),
+            refused_exit_after: Duration::from_secs(30),
             task_id: crate::random_task_id(),
             connect_timeout: Duration::from_secs(5),
             handshake_timeout: fedbus_proto::link::DEFAULT_HANDSHAKE_TIMEOUT,
@@ -73,6 +88,19 @@ impl TaskOptions {
     /// The same options with instance id `id`.
     pub fn task_id(mut self, id: u64) -> TaskOptions {
         self.task_id = id;
+        self
+    }
+
+    /// The same options with the token read from `path`, re-read when it changes
+    /// ([`TokenSource::File`]).
+    pub fn token_file(mut self, path: impl Into<std::path::PathBuf>) -> TaskOptions {
+        self.token_source = TokenSource::File(path.into());
+        self
+    }
+
+    /// The same options with the token printed by `command` ([`TokenSource::Command`]).
+    pub fn token_command(mut self, command: impl Into<String>) -> TaskOptions {
+        self.token_source = TokenSource::Command(command.into());
         self
     }
 
@@ -98,8 +126,11 @@ impl TaskOptions {
         if self.partitions.is_empty() {
             return bad("no partition");
         }
-        if self.token.trim().is_empty() {
+        if self.token.trim().is_empty() && self.token_source == TokenSource::Fixed {
             return bad("no service token");
+        }
+        if self.token_poll.is_zero() || self.refused_exit_after.is_zero() {
+            return bad("token_poll and refused_exit_after must be > 0");
         }
         if self.max_message < 64 * 1024 {
             return bad("max_message below 64 KiB");

@@ -1,7 +1,7 @@
 //! The running task: one reconnecting loop per router shard, each driving a
 //! [`fedbus_proto::link::Link`] over a tokio-tungstenite websocket.
 
-use crate::{Error, Outcome, Request, TaskOptions};
+use crate::{Error, Outcome, Request, TaskOptions, TokenSource};
 use bytes::Bytes;
 use fedbus_proto::link::{next_backoff, shard_key, Event, Input, Link, LinkConfig, ShardAddr};
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -80,13 +80,21 @@ struct Ctx<H> {
     registered: watch::Sender<usize>,
     loops: watch::Sender<usize>,
     stop: watch::Receiver<bool>,
+    stop_tx: Arc<watch::Sender<bool>>,
     last_error: Mutex<Option<String>>,
+    /// The service token links present: at the upgrade, and in `renew` when it changes.
+    token: watch::Sender<String>,
+    /// Asks the refresher for a fresh token now (a router refused the current one).
+    refused: Arc<tokio::sync::Notify>,
+    /// Why the task gave up (a token refused for good); set once.
+    fatal: watch::Sender<Option<String>>,
 }
 
 /// A task running on the current tokio runtime. Dropping it stops every link (close 1000);
 /// requests still in a handler are then not answered (their clients get `502 task_lost`).
 pub struct Task {
-    stop: watch::Sender<bool>,
+    stop: Arc<watch::Sender<bool>>,
+    fatal: watch::Receiver<Option<String>>,
     registered: watch::Receiver<usize>,
     loops: watch::Receiver<usize>,
     stats: Arc<dyn Fn() -> Stats + Send + Sync>,
@@ -103,15 +111,48 @@ impl std::fmt::Debug for Task {
 }
 
 /// Serves `handler` until the process ends: [`Task::spawn`] on the current tokio runtime,
-/// then waits forever. Returns only an error in the options.
+/// then waits. Returns an error in the options, or [`Error::Refused`] when a router refused
+/// the service token for [`TaskOptions::refused_exit_after`] (exit non-zero on it).
 pub async fn serve<H, F>(opts: TaskOptions, handler: H) -> Result<(), Error>
 where
     H: Fn(Request) -> F + Send + Sync + 'static,
     F: Future<Output = Outcome> + Send + 'static,
 {
-    let _task = Task::spawn(opts, handler)?;
-    std::future::pending::<()>().await;
-    Ok(())
+    let task = Task::spawn(opts, handler)?;
+    Err(Error::Refused(task.failed().await))
+}
+
+/// The first token of a task: `opts.token`, or what its source gives now (read once,
+/// blocking: the task is starting).
+fn first_token(opts: &TaskOptions) -> Result<String, Error> {
+    let read = match &opts.token_source {
+        TokenSource::Fixed => return Ok(opts.token.trim().to_string()),
+        TokenSource::File(p) => {
+            std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))
+        }
+        TokenSource::Command(c) => std::process::Command::new("sh")
+            .arg("-c")
+            .arg(c)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| e.to_string())
+            .and_then(|o| {
+                if o.status.success() {
+                    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+                } else {
+                    Err(format!("token command exited with {}", o.status))
+                }
+            }),
+    };
+    match read {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        // The token given in the options, if any, until the source has one.
+        _ if !opts.token.trim().is_empty() => Ok(opts.token.trim().to_string()),
+        Ok(_) => Err(Error::Refused(
+            "the token source gave an empty token".into(),
+        )),
+        Err(e) => Err(Error::Refused(format!("cannot read the token source: {e}"))),
+    }
 }
 
 impl Task {
@@ -123,6 +164,7 @@ impl Task {
         F: Future<Output = Outcome> + Send + 'static,
     {
         opts.validate()?;
+        let first = first_token(&opts)?;
         let mut link = LinkConfig::new(
             opts.task_id,
             opts.app.clone(),
@@ -132,6 +174,10 @@ impl Task {
         link.handshake_timeout = opts.handshake_timeout;
         link.idle_timeout = opts.idle_timeout;
         let (stop_tx, stop_rx) = watch::channel(false);
+        let stop_tx = Arc::new(stop_tx);
+        let (token, _) = watch::channel(first);
+        let (fatal, fatal_rx) = watch::channel(None);
+        let refused = Arc::new(tokio::sync::Notify::new());
         let (registered, registered_rx) = watch::channel(0usize);
         let (loops, loops_rx) = watch::channel(0usize);
         let secrets = opts.secrets.clone();
@@ -145,8 +191,21 @@ impl Task {
             registered,
             loops,
             stop: stop_rx,
+            stop_tx: stop_tx.clone(),
             last_error: Mutex::new(None),
+            token,
+            refused,
+            fatal,
         });
+        if ctx.opts.token_source != TokenSource::Fixed {
+            tokio::spawn(crate::token::refresher(
+                ctx.opts.token_source.clone(),
+                ctx.opts.token_poll,
+                ctx.token.clone(),
+                ctx.refused.clone(),
+                ctx.stop.clone(),
+            ));
+        }
         tracing::info!(
             app = %ctx.link.app,
             role = %ctx.link.role,
@@ -182,6 +241,7 @@ impl Task {
         });
         Ok(Task {
             stop: stop_tx,
+            fatal: fatal_rx,
             registered: registered_rx,
             loops: loops_rx,
             stats,
@@ -206,6 +266,26 @@ impl Task {
         tokio::time::timeout(timeout, rx.wait_for(|n| *n >= links))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Waits until the task gives up: a router refused its service token for
+    /// [`TaskOptions::refused_exit_after`]. Every link is closed by then. Returns why.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.fatal.clone();
+        let why = match rx.wait_for(Option::is_some).await {
+            Ok(why) => why.clone(),
+            Err(_) => None,
+        };
+        match why {
+            Some(why) => why,
+            // The task ended without giving up (every link stopped): nothing to report.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Why the task gave up, if it did ([`Task::failed`]).
+    pub fn failure(&self) -> Option<String> {
+        self.fatal.borrow().clone()
     }
 
     /// The last reason a link failed or closed, if any.
@@ -265,6 +345,8 @@ where
 {
     let mut stop = ctx.stop.clone();
     let mut prev = None;
+    // Since when this router refuses the token, upgrade after upgrade.
+    let mut refused_since: Option<Instant> = None;
     loop {
         let addr = dial.addr();
         let (was_registered, res) = link_once(&ctx, &addr, &dial, &mut stop).await;
@@ -274,6 +356,31 @@ where
         if was_registered {
             prev = None;
         }
+        match &res {
+            Err(End::Refused(why)) => {
+                let since = *refused_since.get_or_insert_with(Instant::now);
+                // The source may hold a newer token than the one refused: fetch it now.
+                ctx.refused.notify_one();
+                if since.elapsed() >= ctx.opts.refused_exit_after {
+                    let why = format!("{addr}: {why}");
+                    tracing::error!(after = ?ctx.opts.refused_exit_after, "service token refused for good ({why}); the task stops");
+                    ctx.fatal.send_if_modified(|f| {
+                        let first = f.is_none();
+                        if first {
+                            *f = Some(why.clone());
+                        }
+                        first
+                    });
+                    let _ = ctx.stop_tx.send(true);
+                    return;
+                }
+            }
+            Err(End::Failed(_)) if !was_registered => {}
+            _ => refused_since = None,
+        }
+        let res = res.map_err(|e| match e {
+            End::Refused(m) | End::Failed(m) => m,
+        });
         let b = next_backoff(prev, crate::random_u64());
         prev = Some(b.base);
         let why = res.err().unwrap_or_else(|| "closed".into());
@@ -286,6 +393,14 @@ where
     }
 }
 
+/// Why a link ended.
+enum End {
+    /// The router refused the service token at the upgrade (401 or 403).
+    Refused(String),
+    /// Anything else.
+    Failed(String),
+}
+
 /// One link: connect, then serve it until it ends. Returns whether it got registered, and
 /// why it ended.
 async fn link_once<H, F>(
@@ -293,7 +408,7 @@ async fn link_once<H, F>(
     addr: &str,
     dial: &Dial,
     stop: &mut watch::Receiver<bool>,
-) -> (bool, Result<(), String>)
+) -> (bool, Result<(), End>)
 where
     H: Fn(Request) -> F + Send + Sync + 'static,
     F: Future<Output = Outcome> + Send + 'static,
@@ -309,6 +424,9 @@ where
             return (false, Err(e));
         }
     };
+    // The token just presented; a newer one is sent on this link as a `renew`.
+    let mut token_rx = ctx.token.subscribe();
+    token_rx.mark_unchanged();
     bump(&ctx.counters.connects);
     let (mut sink, mut stream) = ws.split();
 
@@ -347,7 +465,7 @@ where
             _ = tokio::time::sleep_until(deadline.into()) => {
                 match link.handle_timeout(Instant::now()) {
                     Ok(()) => continue,
-                    Err(e) => break Err(e.to_string()),
+                    Err(e) => break Err(End::Failed(e.to_string())),
                 }
             }
             _ = stop.wait_for(|s| *s) => {
@@ -357,15 +475,26 @@ where
                 })));
                 break Ok(());
             }
+            changed = token_rx.changed(), if registered => {
+                if changed.is_ok() {
+                    let t = token_rx.borrow_and_update().clone();
+                    let renew = serde_json::json!({"type": "renew", "token": t}).to_string();
+                    let _ = tx.send(Message::Text(renew.into()));
+                }
+                continue;
+            }
         };
         let msg = match msg {
-            None => break Err("connection closed".into()),
-            Some(Err(e)) => break Err(format!("websocket: {e}")),
+            None => break Err(End::Failed("connection closed".into())),
+            Some(Err(e)) => break Err(End::Failed(format!("websocket: {e}"))),
             Some(Ok(m)) => m,
         };
         let now = Instant::now();
         let r = match msg {
-            Message::Text(t) => link.handle(now, Input::Text(t.as_str())),
+            Message::Text(t) => {
+                on_renew_answer(ctx, addr, t.as_str());
+                link.handle(now, Input::Text(t.as_str()))
+            }
             Message::Binary(b) => link.handle(now, Input::Binary(b)),
             // tungstenite queues the pong and writes it on the next read.
             Message::Ping(_) => {
@@ -383,7 +512,7 @@ where
             Message::Frame(_) => Ok(()),
         };
         if let Err(e) = r {
-            break Err(e.to_string());
+            break Err(End::Failed(e.to_string()));
         }
         if !claimed {
             if let Some(k) = link.key() {
@@ -430,20 +559,40 @@ where
     (link.was_registered(), res)
 }
 
+/// The router's answer to a `renew` (docs/PROTOCOL.md section 4), logged; a refusal asks the
+/// refresher for another token. Other text goes to the link state machine.
+fn on_renew_answer<H>(ctx: &Ctx<H>, addr: &str, t: &str) {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(t) else {
+        return;
+    };
+    match v.get("type").and_then(|k| k.as_str()) {
+        Some("renewed") => {
+            tracing::debug!(%addr, exp = ?v.get("exp"), "service token renewed on the link")
+        }
+        Some("renew_refused") => {
+            tracing::warn!(%addr, error = ?v.get("error"), message = ?v.get("message"), "router refused the renewed token; the link lives until the current one expires");
+            ctx.refused.notify_one();
+        }
+        _ => {}
+    }
+}
+
 /// TCP connect with TCP_NODELAY, then the upgrade with the service token.
 async fn connect<H>(
     ctx: &Ctx<H>,
     addr: &str,
 ) -> Result<
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-    String,
+    End,
 > {
+    let failed = End::Failed;
     let mut req = format!("ws://{addr}/link")
         .into_client_request()
-        .map_err(|e| format!("bad router address {addr:?}: {e}"))?;
-    let auth = format!("Bearer {}", ctx.opts.token)
+        .map_err(|e| failed(format!("bad router address {addr:?}: {e}")))?;
+    let token = ctx.token.borrow().clone();
+    let auth = format!("Bearer {token}")
         .parse()
-        .map_err(|_| "the service token is not a valid header value".to_string())?;
+        .map_err(|_| failed("the service token is not a valid header value".to_string()))?;
     req.headers_mut().insert("authorization", auth);
     let cfg = WebSocketConfig::default()
         .max_message_size(Some(ctx.opts.max_message))
@@ -454,10 +603,10 @@ async fn connect<H>(
     )
     .await;
     match r {
-        Err(_) => Err(format!(
+        Err(_) => Err(failed(format!(
             "connect {addr}: no upgrade within {:?}",
             ctx.opts.connect_timeout
-        )),
+        ))),
         Ok(Ok((ws, _))) => Ok(ws),
         Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
             let body = resp
@@ -465,12 +614,16 @@ async fn connect<H>(
                 .as_deref()
                 .map(String::from_utf8_lossy)
                 .unwrap_or_default();
-            Err(format!(
-                "connect {addr}: refused with {}: {body}",
-                resp.status()
-            ))
+            let m = format!("connect {addr}: refused with {}: {body}", resp.status());
+            // 401/403: the token itself (expired, retired or unknown key, bad signature,
+            // another cluster); anything else may pass on a later try.
+            Err(if matches!(resp.status().as_u16(), 401 | 403) {
+                End::Refused(m)
+            } else {
+                failed(m)
+            })
         }
-        Ok(Err(e)) => Err(format!("connect {addr}: {e}")),
+        Ok(Err(e)) => Err(failed(format!("connect {addr}: {e}"))),
     }
 }
 

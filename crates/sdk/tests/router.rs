@@ -524,3 +524,153 @@ fn sdk_task_serves_through_a_two_shard_router() {
     assert_eq!(j["error"], "no_live_task", "{r:?}");
     drop(rt);
 }
+
+/// A runtime and a router with a fresh keyring; the keyring path.
+fn setup(home: &Path) -> (tokio::runtime::Runtime, Router, PathBuf, u16) {
+    let keys = home.join("keys");
+    let k = keys.to_str().expect("utf-8");
+    fedbus(
+        home,
+        &["keys", "init", "--keyring", k, "--app", "demo/echo"],
+    );
+    let port = free_port_pair();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let router = Router::start(home, &keys, port);
+    (rt, router, keys, port)
+}
+
+fn client_token(home: &Path, keys: &Path) -> String {
+    let k = keys.to_str().expect("utf-8");
+    let a = [
+        "token",
+        "client",
+        "--app",
+        "demo/echo",
+        "--sub",
+        "alice",
+        "--keyring",
+        k,
+    ];
+    fedbus(home, &a)
+}
+
+/// A task whose service token lives 4 s and comes from a command (`fedbus token service`)
+/// renews it on its open links before it expires: steady requests for three token lifetimes
+/// all succeed, on the same two links (no reconnect), and the router counts the renewals.
+#[test]
+fn short_lived_token_renewed_without_a_failed_request() {
+    let dir = TempDir::new();
+    let home = dir.0.as_path();
+    let (rt, router, keys, port) = setup(home);
+    let command = format!(
+        "FEDBUS_HOME={home:?} {bin:?} token service --task-id sdk-renew --app demo/echo --keyring {keys:?} --ttl 4s",
+        bin = bin(),
+    );
+    let mut opts = TaskOptions::new(
+        [format!("{IP}:{port}")],
+        "demo/echo",
+        (0..16).collect::<Vec<u32>>(),
+        "",
+    )
+    .token_command(command);
+    opts.token_poll = Duration::from_millis(200);
+    let task = {
+        let _rt = rt.enter();
+        Task::spawn(opts, support::echo).expect("spawn the task")
+    };
+    assert!(
+        rt.block_on(task.wait_registered(2, WAIT)),
+        "registered: {:?} {:?}",
+        task.stats(),
+        task.last_error()
+    );
+    let client = client_token(home, &keys);
+    let (start, mut sent, mut failed) = (Instant::now(), 0u32, Vec::new());
+    while start.elapsed() < Duration::from_secs(12) {
+        let r = http(
+            router.api,
+            "POST",
+            &path(sent as u64, "echo"),
+            Some(&client),
+            None,
+            b"x",
+        );
+        if r.status != 200 {
+            failed.push((
+                start.elapsed(),
+                r.status,
+                String::from_utf8_lossy(&r.body).into_owned(),
+            ));
+        }
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let renewed = router.metric("fedbus_task_renewals_total{result=\"accepted\"}");
+    let refused = router.metric("fedbus_task_renewals_total{result=\"refused\"}");
+    println!("{sent} requests over 12 s, {} failed; renewals accepted {renewed}, refused {refused}; {:?}", failed.len(), task.stats());
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    assert!(
+        renewed >= 2.0 * 3.0,
+        "each of 2 links renewed at least 3 times: {renewed}"
+    );
+    assert_eq!(refused, 0.0);
+    assert_eq!(
+        task.stats().connects,
+        2,
+        "the same two links throughout: {:?}",
+        task.stats()
+    );
+    assert_eq!(router.metric("fedbus_task_links"), 2.0);
+}
+
+/// A task whose token the router refuses for good (signed by another cluster's key) gives up
+/// after `refused_exit_after`: `serve` returns `Error::Refused` naming the router's error code.
+#[test]
+fn token_refused_for_good_ends_the_task_within_the_bound() {
+    let dir = TempDir::new();
+    let home = dir.0.as_path();
+    let (rt, _router, _keys, port) = setup(home);
+    let other = home.join("other-keys");
+    let o = other.to_str().expect("utf-8");
+    fedbus(
+        home,
+        &["keys", "init", "--keyring", o, "--app", "demo/echo"],
+    );
+    let bad = fedbus(
+        home,
+        &[
+            "token",
+            "service",
+            "--task-id",
+            "x",
+            "--app",
+            "demo/echo",
+            "--keyring",
+            o,
+        ],
+    );
+    let mut opts = TaskOptions::new([format!("{IP}:{port}")], "demo/echo", vec![0], bad);
+    opts.refused_exit_after = Duration::from_secs(2);
+    let t0 = Instant::now();
+    let end = rt.block_on(async {
+        tokio::time::timeout(WAIT, fedbus_sdk::serve(opts, support::echo)).await
+    });
+    let took = t0.elapsed();
+    println!("token refused for good: serve returned after {took:?}: {end:?}");
+    match end {
+        Ok(Err(fedbus_sdk::Error::Refused(why))) => {
+            assert!(why.contains("bad_signature"), "{why}")
+        }
+        other => panic!("expected Error::Refused, got {other:?}"),
+    }
+    assert!(
+        took >= Duration::from_secs(2),
+        "not before the bound: {took:?}"
+    );
+    // The bound plus at most one backoff (5 s cap) and a connect.
+    assert!(took < Duration::from_secs(8), "{took:?}");
+}

@@ -143,6 +143,14 @@ impl Proc {
         }
     }
 
+    fn signal(&mut self, sig: libc::c_int) {
+        let c = self.child.as_ref().expect("process running");
+        let pid = libc::pid_t::try_from(c.id()).expect("pid");
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
+    }
+
     fn alive(&mut self) -> bool {
         match self.child.as_mut() {
             Some(c) => matches!(c.try_wait(), Ok(None)),
@@ -779,6 +787,16 @@ impl Task {
     /// True while the process runs.
     pub fn alive(&mut self) -> bool {
         self.proc.alive()
+    }
+
+    /// SIGSTOP: the task freezes with its links open (no pong, no answer) until [`Task::resume`].
+    pub fn stop(&mut self) {
+        self.proc.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Task::stop`].
+    pub fn resume(&mut self) {
+        self.proc.signal(libc::SIGCONT);
     }
 }
 

@@ -32,6 +32,12 @@ pub struct TaskOptions {
     /// Add `echo-link-shard: <router shard>` to every answer (which router shard's link carried
     /// the request: lets tests prove requests never cross shards). Default false.
     pub report_link_shard: bool,
+    /// Re-read the token from this file when it changes (every second) and send it on every
+    /// open link as a `renew` (docs/PROTOCOL.md section 4). Default none: `token` is fixed.
+    pub token_file: Option<std::path::PathBuf>,
+    /// A router refusing the token at the upgrade (401/403) this long ends the process with
+    /// status 1. Default 30 s.
+    pub refused_exit_after: Duration,
     /// Dial the routers' internal listeners over TLS, trusting this client config
     /// (`fedbus task --tls-ca`; the routers run with `listen.internal_tls`). Default none.
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
@@ -54,6 +60,8 @@ impl TaskOptions {
             instance: random_u64(),
             max_message: 64 * 1024 * 1024,
             report_link_shard: false,
+            token_file: None,
+            refused_exit_after: Duration::from_secs(30),
             tls: None,
         }
     }
@@ -227,10 +235,15 @@ where
     F: Future<Output = Outcome> + 'static,
 {
     let ctx = Rc::new(Ctx {
+        token: RefCell::new(opts.token.clone()),
+        token_generation: std::cell::Cell::new(0),
         opts,
         handler,
         started: RefCell::new(HashSet::new()),
     });
+    if let Some(path) = ctx.opts.token_file.clone() {
+        glommio::spawn_local(watch_token_file(ctx.clone(), path)).detach();
+    }
     let mut all = Vec::new();
     for r in ctx.opts.routers.clone() {
         all.push(glommio::spawn_local(link_loop(ctx.clone(), r)));
@@ -247,6 +260,42 @@ struct Ctx<H> {
     handler: H,
     /// `router#shard` keys of the links with a loop running.
     started: RefCell<HashSet<String>>,
+    /// The service token links present, and how many times it changed.
+    token: RefCell<String>,
+    token_generation: std::cell::Cell<u64>,
+}
+
+/// Re-reads the token file every second; a changed, non-empty token becomes the current one
+/// (links send it as a `renew`, new links present it).
+async fn watch_token_file<H>(ctx: Rc<Ctx<H>>, path: std::path::PathBuf) {
+    loop {
+        glommio::timer::sleep(Duration::from_secs(1)).await;
+        match std::fs::read_to_string(&path) {
+            Ok(t) if !t.trim().is_empty() && t.trim() != ctx.token.borrow().as_str() => {
+                tracing::info!(file = %path.display(), "new service token");
+                *ctx.token.borrow_mut() = t.trim().to_string();
+                ctx.token_generation.set(ctx.token_generation.get() + 1);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(file = %path.display(), "cannot read the token file: {e}"),
+        }
+    }
+}
+
+/// Sends the current token as a `renew` on `out` each time it changes.
+async fn renew_on_change<H>(ctx: Rc<Ctx<H>>, out: Rc<RefCell<WsOut>>) {
+    let mut seen = ctx.token_generation.get();
+    loop {
+        glommio::timer::sleep(Duration::from_millis(200)).await;
+        if out.borrow().is_closing() {
+            return;
+        }
+        if ctx.token_generation.get() != seen {
+            seen = ctx.token_generation.get();
+            let renew = serde_json::json!({"type": "renew", "token": ctx.token.borrow().as_str()});
+            let _ = out.borrow_mut().send_text(&renew.to_string());
+        }
+    }
 }
 
 async fn link_loop<H, F>(ctx: Rc<Ctx<H>>, addr: String)
@@ -255,13 +304,30 @@ where
     F: Future<Output = Outcome> + 'static,
 {
     let mut backoff = Duration::from_millis(50);
+    // Since when this router refuses the token at the upgrade, try after try.
+    let mut refused_since: Option<std::time::Instant> = None;
     loop {
         match link_once(&ctx, &addr).await {
             Ok(()) => {
                 tracing::info!(%addr, "link closed; reconnecting");
                 backoff = Duration::from_millis(50);
+                refused_since = None;
             }
-            Err(e) => tracing::warn!(%addr, "link failed: {e}; retrying in {backoff:?}"),
+            Err(e) => {
+                let m = e.to_string();
+                if m.contains("refused with 401") || m.contains("refused with 403") {
+                    let since = *refused_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() >= ctx.opts.refused_exit_after {
+                        tracing::error!(%addr, "service token refused for good: {m}");
+                        eprintln!(
+                            "fedbus task: service token refused by {addr} for {:?}: {m}",
+                            ctx.opts.refused_exit_after
+                        );
+                        std::process::exit(1);
+                    }
+                }
+                tracing::warn!(%addr, "link failed: {m}; retrying in {backoff:?}")
+            }
         }
         // Jitter in [0.5, 1.5) x backoff, so a restarted router is not hit by every task at once.
         let j = 0.5 + (random_u64() % 1000) as f64 / 1000.0;
@@ -275,18 +341,18 @@ where
     H: Fn(Request) -> F + 'static,
     F: Future<Output = Outcome> + 'static,
 {
+    let token = ctx.token.borrow().clone();
     match &ctx.opts.tls {
         Some(config) => {
             let dial = ws::TlsDial {
                 config: config.clone(),
                 name: fedbus_router::tls::peer::server_name(addr)?,
             };
-            let (s, leftover) =
-                ws::connect_tls(addr, "/link", Some(&ctx.opts.token), &dial).await?;
+            let (s, leftover) = ws::connect_tls(addr, "/link", Some(&token), &dial).await?;
             run_link(ctx, addr, s, leftover).await
         }
         None => {
-            let (s, leftover) = ws::connect(addr, "/link", Some(&ctx.opts.token)).await?;
+            let (s, leftover) = ws::connect(addr, "/link", Some(&token)).await?;
             run_link(ctx, addr, s, leftover).await
         }
     }
@@ -317,7 +383,9 @@ where
             ..Default::default()
         },
     );
+    let renewer = glommio::spawn_local(renew_on_change(ctx.clone(), out.clone()));
     let res = serve_link(ctx, addr, &mut reader, &out).await;
+    drop(renewer.cancel());
     out.borrow_mut().close(1000);
     let _ = writer.await;
     res

@@ -8,7 +8,7 @@ use crate::metrics::{Listener, ShardMetrics};
 use crate::proto::http::cross_origin;
 use crate::route::{parse_api_path, PathError};
 use crate::routing::{self, Answer, Field, Ingress, Request, VerifyCache};
-use crate::shard::{BodyCharge, Shard};
+use crate::shard::{BodyCharge, OutboxCharge, Shard};
 use crate::ws::conn::ReadSpace;
 use crate::ws::Stream;
 use bytes::{Bytes, BytesMut};
@@ -499,6 +499,8 @@ async fn serve_inner<S: Stream>(
     // charge of the body being received.
     let held = Rc::new(std::cell::Cell::new(0usize));
     let mut receiving: Option<BodyCharge> = None;
+    let mut outbox = OutboxCharge::new(shard.budget.clone());
+    let keepalive = shard.keepalive();
     let idle = Duration::from_millis(limits.idle_timeout_ms);
     let head_limit = Duration::from_millis(limits.handshake_timeout_ms);
     let mut head_since: Option<Instant> = None;
@@ -608,8 +610,27 @@ async fn serve_inner<S: Stream>(
                 (Some(t), None) => head_limit.saturating_sub(t.elapsed()),
                 (None, None) => idle,
             };
-            let read = fill(stream, &mut buf, &mut space);
-            match glommio::timer::timeout(wait, async { Ok(read.await) }).await {
+            // Waiting for a new request with nothing in flight: this connection may be
+            // evicted to make room for a new one at the shard's connection limit.
+            let idle_wait = buf.is_empty() && !continued;
+            keepalive.slot.set_idle(idle_wait);
+            let read = async {
+                let r = std::pin::pin!(fill(stream, &mut buf, &mut space));
+                let e = std::pin::pin!(keepalive.slot.evicted());
+                Ok(match futures_util::future::select(r, e).await {
+                    futures_util::future::Either::Left((r, _)) => Some(r),
+                    futures_util::future::Either::Right(_) => None,
+                })
+            };
+            let got = glommio::timer::timeout(wait, read).await;
+            keepalive.slot.set_idle(false);
+            let got = match got {
+                Ok(Some(r)) => Ok(r),
+                // Evicted: close quietly, as an idle keep-alive connection may be closed.
+                Ok(None) => break,
+                Err(e) => Err(e),
+            };
+            match got {
                 Err(_) if head_since.is_some() || continued => {
                     let what = if continued {
                         "request body slower than limits.min_body_bytes_per_sec"
@@ -641,14 +662,53 @@ async fn serve_inner<S: Stream>(
         let first = if closing || inflight.len() >= limits.max_inflight_per_connection {
             inflight.next().await
         } else {
+            // The head and body deadlines hold while answers are pending too: a client cannot
+            // trickle its next request behind a slow one.
+            let deadline = if continued {
+                body_deadline
+            } else {
+                head_since.map(|t| t + head_limit)
+            };
             let next = std::pin::pin!(inflight.next());
             let read = std::pin::pin!(fill(stream, &mut buf, &mut space));
-            match futures_util::future::select(next, read).await {
-                futures_util::future::Either::Left((a, _)) => a,
-                futures_util::future::Either::Right((r, _)) => {
+            let late = std::pin::pin!(async {
+                match deadline {
+                    Some(d) => {
+                        glommio::timer::sleep(d.saturating_duration_since(Instant::now())).await
+                    }
+                    None => std::future::pending().await,
+                }
+            });
+            use futures_util::future::{select, Either};
+            match select(next, select(read, late)).await {
+                Either::Left((a, _)) => a,
+                Either::Right((Either::Left((r, _)), _)) => {
                     if r? == 0 {
                         closing = true;
+                    } else if !continued {
+                        head_since.get_or_insert_with(Instant::now);
                     }
+                    continue;
+                }
+                Either::Right((Either::Right(_), _)) => {
+                    let what = if continued {
+                        "request body slower than limits.min_body_bytes_per_sec"
+                    } else {
+                        "request head not complete within limits.handshake_timeout_ms"
+                    };
+                    tracing::info!(shard = shard.index, "{what} (answers pending): 408");
+                    // The slow body's bytes go back to the budget now; the answers before it
+                    // are still written, then the 408, then the connection closes.
+                    receiving = None;
+                    closing = true;
+                    let a = Answer::error(408, "request_timeout", what);
+                    inflight.push_back(answer(
+                        shard.clone(),
+                        Step::Ready(a),
+                        true,
+                        0,
+                        Instant::now(),
+                    ));
                     continue;
                 }
             }
@@ -689,8 +749,29 @@ async fn serve_inner<S: Stream>(
             }
             next = futures_util::FutureExt::now_or_never(inflight.next()).flatten();
         }
-        stream.write_parts(&parts).await?;
+        // The answers being written count against the shard's memory budget until they are
+        // out, and the client must take them at `limits.min_answer_bytes_per_sec` at least.
+        let n: usize = parts.iter().map(Bytes::len).sum();
+        outbox.force_add(n);
+        let pace = Duration::from_secs_f64(n as f64 / limits.min_answer_bytes_per_sec as f64);
+        let written = glommio::timer::timeout(head_limit + pace, async {
+            Ok(stream.write_parts(&parts).await)
+        })
+        .await;
+        outbox.release(n);
         parts.clear();
+        match written {
+            Ok(r) => r?,
+            Err(_) => {
+                ShardMetrics::inc(&shard.metrics.slow_reader_closed);
+                tracing::info!(
+                    shard = shard.index,
+                    bytes = n,
+                    "client does not read its answers (slower than limits.min_answer_bytes_per_sec): closed"
+                );
+                return Ok(None);
+            }
+        }
         if closing && inflight.is_empty() {
             break;
         }

@@ -140,6 +140,13 @@ pub(crate) async fn serve<S: Stream>(
         limits.max_message_bytes(),
         limits,
     );
+    {
+        // The session's answers waiting to be written count against the shard's memory
+        // budget, and its share of it bounds them.
+        let mut o = out.borrow_mut();
+        o.set_limit(limits.max_connection_outbox_bytes);
+        o.charge_to(crate::shard::OutboxCharge::new(shard.budget.clone()));
+    }
     let session = Rc::new(Session {
         token: token.into_bytes().into_boxed_slice(),
         origin: up.cross_origin.map(|o| o.into_bytes().into_boxed_slice()),
@@ -153,13 +160,24 @@ pub(crate) async fn serve<S: Stream>(
         if out.borrow().is_closing() {
             break Some(1013);
         }
+        // Wait for the next message, or for the outbox to close (an answer found it over
+        // its limit: the client does not read).
+        let next = async {
+            let m = std::pin::pin!(reader.next());
+            let c = std::pin::pin!(ws::conn::closed(&out));
+            Ok(match futures_util::future::select(m, c).await {
+                futures_util::future::Either::Left((m, _)) => Some(m),
+                futures_util::future::Either::Right(_) => None,
+            })
+        };
         let msg = match glommio::timer::timeout(
             std::time::Duration::from_millis(limits.idle_timeout_ms),
-            async { Ok(reader.next().await) },
+            next,
         )
         .await
         {
-            Ok(m) => m,
+            Ok(Some(m)) => m,
+            Ok(None) => break Some(1013),
             // Idle means nothing to read and nothing in flight.
             Err(_) if session.inflight.get() > 0 => continue,
             Err(_) => break Some(1001),
@@ -220,15 +238,41 @@ pub(crate) async fn serve<S: Stream>(
             }
         }
     };
+    if out.borrow().overflowed() {
+        crate::metrics::ShardMetrics::inc(&shard.metrics.slow_reader_closed);
+        tracing::info!(
+            shard = shard.index,
+            "client websocket does not read its answers: closed with 1013"
+        );
+    }
     let lingering = end.is_some();
     match end {
         Some(code) => out.borrow_mut().close(code),
         None => out.borrow_mut().abort(),
     }
-    let _ = writer.await;
     if lingering {
-        // Our close frame is out; let the client read it before the socket goes away.
-        reader.drain(std::time::Duration::from_secs(2)).await;
+        // The close frame goes out while the reader drains what the client still sends (a
+        // client blocked writing to us would never get to read it otherwise); the writer has
+        // `limits.handshake_timeout_ms` for it, then the socket is dropped. The drain goes on
+        // up to 2 s after the close frame, so the client reads it before the socket goes away.
+        let limit = std::time::Duration::from_millis(limits.handshake_timeout_ms);
+        let write = async move {
+            let _ = glommio::timer::timeout(limit, async move { Ok(writer.await) }).await;
+        };
+        let after = std::time::Duration::from_secs(2);
+        let drain = reader.drain(limit + after);
+        match futures_util::future::select(std::pin::pin!(write), std::pin::pin!(drain)).await {
+            futures_util::future::Either::Left((_, drain)) => {
+                let _ = glommio::timer::timeout(after, async {
+                    drain.await;
+                    Ok(())
+                })
+                .await;
+            }
+            futures_util::future::Either::Right((_, write)) => write.await,
+        }
+    } else {
+        let _ = writer.await;
     }
 }
 

@@ -51,6 +51,15 @@ pub(crate) struct ShardMetrics {
     pub(crate) overload_refused: AtomicU64,
     pub(crate) body_held: AtomicU64,
     pub(crate) abusive_closed: AtomicU64,
+    pub(crate) outbox_held: AtomicU64,
+    pub(crate) slow_reader_closed: AtomicU64,
+    pub(crate) idle_evicted: AtomicU64,
+    /// Task links taken out of routing by outlier detection, by `task::link::Ejection`.
+    pub(crate) task_ejected: [AtomicU64; 2],
+    pub(crate) task_readmitted: AtomicU64,
+    pub(crate) task_links_ejected: AtomicU64,
+    /// `renew` messages on task links: accepted, refused.
+    pub(crate) task_renewals: [AtomicU64; 2],
     pub(crate) forward_retries: AtomicU64,
     pub(crate) sibling_handoffs: AtomicU64,
 }
@@ -108,7 +117,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, Field); 20] = [
+    let simple: [(&str, &str, &str, Field); 23] = [
         (
             "fedbus_bytes_in_total",
             "counter",
@@ -215,6 +224,24 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             |m| &m.abusive_closed,
         ),
         (
+            "fedbus_outbox_bytes_held",
+            "gauge",
+            "Bytes of answers queued to be written to client connections, charged to limits.body_budget_bytes.",
+            |m| &m.outbox_held,
+        ),
+        (
+            "fedbus_slow_reader_closed_total",
+            "counter",
+            "Client connections closed for not reading their answers (websocket 1013 over limits.max_connection_outbox_bytes, HTTP slower than limits.min_answer_bytes_per_sec).",
+            |m| &m.slow_reader_closed,
+        ),
+        (
+            "fedbus_idle_evicted_total",
+            "counter",
+            "Idle keep-alive client connections closed to make room for a new one at limits.max_connections_per_shard.",
+            |m| &m.idle_evicted,
+        ),
+        (
             "fedbus_forward_retries_total",
             "counter",
             "Forwarded requests sent again to another router of the destination cluster after the first said it reached no task (no_live_task, draining, not_ready).",
@@ -234,6 +261,38 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, f)
         );
     }
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_task_ejected_total Task links taken out of routing while open: consecutive request timeouts or an unanswered ping.\n# TYPE fedbus_task_ejected_total counter"
+    );
+    for (i, why) in ["timeouts", "pongs"].iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "fedbus_task_ejected_total{{reason=\"{why}\"}} {}",
+            sum(reg, |m| &m.task_ejected[i])
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_task_readmitted_total Ejected task links back in routing after answering again.\n# TYPE fedbus_task_readmitted_total counter\nfedbus_task_readmitted_total {}",
+        sum(reg, |m| &m.task_readmitted)
+    );
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_task_renewals_total Service tokens renewed on open task links (renew messages), by result.\n# TYPE fedbus_task_renewals_total counter"
+    );
+    for (i, result) in ["accepted", "refused"].iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "fedbus_task_renewals_total{{result=\"{result}\"}} {}",
+            sum(reg, |m| &m.task_renewals[i])
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_task_links_ejected Task links open but out of routing.\n# TYPE fedbus_task_links_ejected gauge\nfedbus_task_links_ejected {}",
+        sum(reg, |m| &m.task_links_ejected)
+    );
     let _ = writeln!(
         o,
         "# HELP fedbus_connections Open connections by listener.\n# TYPE fedbus_connections gauge"

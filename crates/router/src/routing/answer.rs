@@ -233,6 +233,12 @@ pub(crate) fn answer_status(f: &Frame, default: u16) -> Option<u16> {
 
 /// Queues the Response frame for `a` (client websocket and peer links); returns the body
 /// length. `served_by` names this router on answers to peers.
+///
+/// When the answer does not fit: over the connection's outbox limit, the other side does not
+/// read its answers, and the connection is closed with 1013 (try again later); a client
+/// session at once, ahead of the answers it has not read ([`WsOut::close_now`]), a peer link
+/// after what is queued. Within the limit but over the
+/// shard's memory budget, the request gets a small `503 overloaded` answer instead.
 pub(crate) fn send_answer(
     out: &RefCell<WsOut>,
     shard: usize,
@@ -240,6 +246,42 @@ pub(crate) fn send_answer(
     a: &Answer,
     served_by: Option<&str>,
 ) -> usize {
+    let m = answer_head(shard, id, a, served_by);
+    let body = a.body();
+    let n = body.len();
+    let mut o = out.borrow_mut();
+    if o.is_closing() {
+        return n;
+    }
+    if !o.has_room(m.len() + n) {
+        // The other side does not read its answers: rather than drop one silently, close the
+        // connection with 1013 (try again later) so every request on it gets a clear end.
+        tracing::warn!(id, "websocket outbox over its limit: closing with 1013");
+        if served_by.is_some() {
+            // A peer link: what is queued answers other clients; it goes out before the close.
+            o.close(1013);
+        } else {
+            o.close_now(1013);
+        }
+        return n;
+    }
+    if o.send_binary(&m, body).is_err() {
+        let e = Answer::error(
+            503,
+            "overloaded",
+            "the router's memory budget is spent; retry later",
+        );
+        let m = answer_head(shard, id, &e, served_by);
+        let mut whole = BytesMut::with_capacity(m.len() + e.body().len());
+        whole.extend_from_slice(&m);
+        whole.extend_from_slice(&e.body());
+        let _ = o.send_binary_small(&whole);
+    }
+    n
+}
+
+/// The Response frame of `a` without its body (the body goes out as its own slice).
+fn answer_head(shard: usize, id: u64, a: &Answer, served_by: Option<&str>) -> BytesMut {
     let mut m = BytesMut::with_capacity(128);
     proto::begin_head(&mut m);
     put_meta_u64(&mut m, tag::STATUS, u64::from(a.status()));
@@ -269,15 +311,7 @@ pub(crate) fn send_answer(
         id,
         body.len(),
     );
-    let n = body.len();
-    let mut o = out.borrow_mut();
-    if o.send_binary(&m, body).is_err() && !o.is_closing() {
-        // The other side does not read its answers: rather than drop one silently, close the
-        // connection with 1013 (try again later) so every request on it gets a clear end.
-        tracing::warn!(id, "websocket outbox over its limit: closing with 1013");
-        o.close(1013);
-    }
-    n
+    m
 }
 
 /// Appends a `name: n` HEADER entry without allocating.

@@ -119,6 +119,9 @@ async fn accept_loop(shard: Rc<Shard>, l: TcpListener, serve: ServeFn, kind: Lis
                             >= limits.max_link_connections_per_shard
                     }
                 };
+                // At the client limit, an idle keep-alive connection makes room for the new
+                // one: otherwise idle connections could lock every new client out.
+                let full = full && !(kind == Listener::Api && shard.evict_idle());
                 if full {
                     tracing::warn!(shard = shard.index, listener = ?kind, "connection refused: listener at its per-shard limit");
                     ShardMetrics::inc(&shard.metrics.connections_refused);

@@ -8,7 +8,7 @@ use crate::config::Config;
 use crate::control::{ControlEvent, Snapshots};
 use crate::metrics::ShardMetrics;
 use crate::route::TaskId;
-use crate::task::link::TaskLink;
+use crate::task::link::{HealthChange, TaskLink};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -41,9 +41,12 @@ pub(crate) struct Shard {
     pub(crate) federation: crate::peer::FederationRef,
     /// This shard's own peer links.
     pub(crate) peers: RefCell<crate::peer::Peers>,
-    /// Bytes of client request bodies this shard may still take in (its share of
-    /// `limits.body_budget_bytes`).
-    body_left: Cell<usize>,
+    /// This shard's share of `limits.body_budget_bytes`: client request bodies and the
+    /// answers queued for client connections.
+    pub(crate) budget: Rc<Budget>,
+    /// Keep-alive HTTP connections of this shard, for eviction at the connection limit.
+    pub(crate) keepalive: RefCell<HashMap<u64, Rc<IdleSlot>>>,
+    next_conn: Cell<u64>,
     /// Handshakes of the TLS api listener (`listen.api_tls`), when configured.
     pub(crate) tls: Option<futures_rustls::TlsAcceptor>,
     /// Router-wide readiness and drain state.
@@ -72,17 +75,22 @@ impl Shard {
             count,
             snapshots,
             events,
-            metrics,
+            metrics: metrics.clone(),
             internal_addrs,
             links: RefCell::new(HashMap::new()),
             next_request: Cell::new(1),
             rr: Cell::new(0),
             scratch: RefCell::new(bytes::BytesMut::with_capacity(1024)),
             client_conns: Cell::new(0),
+            keepalive: RefCell::new(HashMap::new()),
+            next_conn: Cell::new(0),
             router_name,
             federation,
             peers: RefCell::new(Default::default()),
-            body_left: Cell::new(cfg.limits.body_budget_bytes / count.max(1)),
+            budget: Rc::new(Budget::new(
+                cfg.limits.body_budget_bytes / count.max(1),
+                metrics.clone(),
+            )),
             cfg,
             tls,
             health,
@@ -108,7 +116,7 @@ impl Shard {
             });
         }
         let over_conn = conn.get() + n > self.cfg.limits.max_connection_body_bytes;
-        if over_conn || n > self.body_left.get() {
+        if over_conn || !self.budget.take(n) {
             ShardMetrics::inc(&self.metrics.overload_refused);
             tracing::info!(
                 shard = self.index,
@@ -126,7 +134,6 @@ impl Shard {
                 },
             ));
         }
-        self.body_left.set(self.body_left.get() - n);
         conn.set(conn.get() + n);
         self.metrics
             .body_held
@@ -136,6 +143,106 @@ impl Shard {
             conn: conn.clone(),
             n,
         })
+    }
+}
+
+/// A shard's share of the router-wide memory budget (`limits.body_budget_bytes`): request
+/// bodies ([`Shard::charge_body`], gauge `fedbus_body_bytes_held`) and answers queued for
+/// client connections ([`OutboxCharge`], gauge `fedbus_outbox_bytes_held`) draw on the same
+/// bytes, so a flood of either makes the router refuse new uploads with 503 instead of
+/// growing.
+pub(crate) struct Budget {
+    left: Cell<usize>,
+    metrics: Arc<ShardMetrics>,
+}
+
+impl Budget {
+    pub(crate) fn new(bytes: usize, metrics: Arc<ShardMetrics>) -> Budget {
+        Budget {
+            left: Cell::new(bytes),
+            metrics,
+        }
+    }
+
+    /// Takes `n` bytes if they are left.
+    fn take(&self, n: usize) -> bool {
+        let left = self.left.get();
+        if n > left {
+            return false;
+        }
+        self.left.set(left - n);
+        true
+    }
+
+    fn give(&self, n: usize) {
+        self.left.set(self.left.get() + n);
+    }
+}
+
+/// Bytes of answers queued for one client connection, charged to its shard's [`Budget`].
+/// Grows and shrinks as answers are queued and written; whatever is still charged comes back
+/// on drop (the connection closed).
+pub(crate) struct OutboxCharge {
+    budget: Rc<Budget>,
+    n: usize,
+    /// Bytes of `n` that were forced past an empty budget (not taken from it).
+    debt: usize,
+}
+
+impl OutboxCharge {
+    pub(crate) fn new(budget: Rc<Budget>) -> OutboxCharge {
+        OutboxCharge {
+            budget,
+            n: 0,
+            debt: 0,
+        }
+    }
+
+    /// Charges `n` more bytes if the shard's budget has them.
+    pub(crate) fn try_add(&mut self, n: usize) -> bool {
+        if !self.budget.take(n) {
+            return false;
+        }
+        self.add_held(n);
+        true
+    }
+
+    /// Charges `n` more bytes whatever is left (bytes already in memory: an error answer,
+    /// a control frame); the budget may go below zero only by these small amounts, shown as
+    /// 0 left.
+    pub(crate) fn force_add(&mut self, n: usize) {
+        let left = self.budget.left.get();
+        self.budget.left.set(left.saturating_sub(n));
+        // What could not be taken is remembered as a debt paid back on release.
+        self.add_held(n);
+        self.debt += n.saturating_sub(left);
+    }
+
+    fn add_held(&mut self, n: usize) {
+        self.n += n;
+        self.budget
+            .metrics
+            .outbox_held
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Gives back `n` bytes (written or dropped).
+    pub(crate) fn release(&mut self, n: usize) {
+        let n = n.min(self.n);
+        self.n -= n;
+        let paid = n.min(self.debt);
+        self.debt -= paid;
+        self.budget.give(n - paid);
+        self.budget
+            .metrics
+            .outbox_held
+            .fetch_sub(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for OutboxCharge {
+    fn drop(&mut self) {
+        self.release(self.n);
     }
 }
 
@@ -149,9 +256,7 @@ pub(crate) struct BodyCharge {
 impl Drop for BodyCharge {
     fn drop(&mut self) {
         if self.n > 0 {
-            self.shard
-                .body_left
-                .set(self.shard.body_left.get() + self.n);
+            self.shard.budget.give(self.n);
             self.conn.set(self.conn.get() - self.n);
             self.shard
                 .metrics
@@ -161,7 +266,90 @@ impl Drop for BodyCharge {
     }
 }
 
+/// One HTTP connection's idle state, seen by the accept loop: when the shard is at
+/// `limits.max_connections_per_shard`, the connection idle the longest (waiting for its next
+/// request, nothing in flight) is closed to make room, as nginx and Envoy do, instead of
+/// refusing the new one.
+#[derive(Default)]
+pub(crate) struct IdleSlot {
+    /// Since when the connection waits for a request with nothing in flight; None while busy.
+    since: Cell<Option<std::time::Instant>>,
+    evicted: Cell<bool>,
+    waker: Cell<Option<std::task::Waker>>,
+}
+
+impl IdleSlot {
+    /// Marks the connection idle (waiting for a new request) or busy.
+    pub(crate) fn set_idle(&self, idle: bool) {
+        self.since.set(idle.then(std::time::Instant::now));
+    }
+
+    /// Resolves once the accept loop has chosen this connection for eviction.
+    pub(crate) fn evicted(&self) -> impl std::future::Future<Output = ()> + '_ {
+        futures_lite::future::poll_fn(move |cx| {
+            if self.evicted.get() {
+                std::task::Poll::Ready(())
+            } else {
+                self.waker.set(Some(cx.waker().clone()));
+                std::task::Poll::Pending
+            }
+        })
+    }
+}
+
+/// A connection's registration in [`Shard::keepalive`]; removed on drop.
+pub(crate) struct KeepAlive {
+    shard: Rc<Shard>,
+    id: u64,
+    /// The connection's idle state.
+    pub(crate) slot: Rc<IdleSlot>,
+}
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        self.shard.keepalive.borrow_mut().remove(&self.id);
+    }
+}
+
 impl Shard {
+    /// Registers an HTTP connection as a candidate for idle eviction.
+    pub(crate) fn keepalive(self: &Rc<Self>) -> KeepAlive {
+        let id = self.next_conn.get();
+        self.next_conn.set(id + 1);
+        let slot = Rc::new(IdleSlot::default());
+        self.keepalive.borrow_mut().insert(id, slot.clone());
+        KeepAlive {
+            shard: self.clone(),
+            id,
+            slot,
+        }
+    }
+
+    /// Evicts the connection idle the longest, if any is idle: true when one was told to
+    /// close (it closes at its next turn, and its slot frees then).
+    pub(crate) fn evict_idle(&self) -> bool {
+        let conns = self.keepalive.borrow();
+        let oldest = conns
+            .values()
+            .filter(|s| !s.evicted.get())
+            .filter_map(|s| s.since.get().map(|t| (t, s)))
+            .min_by_key(|(t, _)| *t);
+        let Some((since, slot)) = oldest else {
+            return false;
+        };
+        slot.evicted.set(true);
+        if let Some(w) = slot.waker.take() {
+            w.wake();
+        }
+        ShardMetrics::inc(&self.metrics.idle_evicted);
+        tracing::info!(
+            shard = self.index,
+            idle_ms = since.elapsed().as_millis() as u64,
+            "at limits.max_connections_per_shard: closed the longest-idle keep-alive connection"
+        );
+        true
+    }
+
     /// A fresh request id.
     pub(crate) fn request_id(&self) -> u64 {
         let id = self.next_request.get();
@@ -208,6 +396,45 @@ impl Shard {
     }
 }
 
+/// Tells the control thread that a task link left routing (as if it had closed) or came back
+/// (as if it had registered again), counts it and logs it.
+fn report_health(shard: &Shard, l: &TaskLink, change: HealthChange) {
+    let m = &shard.metrics;
+    match change {
+        HealthChange::Ejected(why) => {
+            ShardMetrics::inc(&m.task_ejected[why as usize]);
+            ShardMetrics::inc(&m.task_links_ejected);
+            tracing::warn!(
+                shard = shard.index,
+                task = l.task,
+                app = %l.app,
+                role = %l.role,
+                reason = why.label(),
+                "task link ejected from routing"
+            );
+            let _ = shard.events.send(ControlEvent::Unregister {
+                shard: shard.index,
+                task: l.task,
+            });
+        }
+        HealthChange::Readmitted => {
+            ShardMetrics::inc(&m.task_readmitted);
+            ShardMetrics::dec(&m.task_links_ejected);
+            tracing::info!(
+                shard = shard.index,
+                task = l.task,
+                app = %l.app,
+                role = %l.role,
+                "task link answers again: back in routing"
+            );
+            let _ = shard.events.send(ControlEvent::Register {
+                shard: shard.index,
+                reg: l.registration(),
+            });
+        }
+    }
+}
+
 /// Follows the router's drain on this shard: closes [`Shard::drain`] when it starts (the accept
 /// loops stop), and closes the task links with 1001 (going away) when it ends.
 pub(crate) async fn watch_drain(shard: Rc<Shard>) {
@@ -233,13 +460,20 @@ pub(crate) async fn watch_drain(shard: Rc<Shard>) {
 /// Enforces request deadlines on every link of the shard: one timer for the shard instead of
 /// one per request. A request times out at most one sweep interval late.
 pub(crate) async fn sweep_deadlines(shard: Rc<Shard>) {
-    let every =
-        std::time::Duration::from_millis((shard.cfg.limits.request_timeout_ms / 10).clamp(5, 100));
+    let limits = &shard.cfg.limits;
+    let every = std::time::Duration::from_millis((limits.request_timeout_ms / 10).clamp(5, 100));
+    // Outlier ejection of task links (docs/EMERGENCY.md), checked on the same tick.
+    let eject_after = limits.task_eject_after_timeouts;
+    let pong_timeout = (limits.task_pong_timeout_ms > 0)
+        .then(|| std::time::Duration::from_millis(limits.task_pong_timeout_ms));
     loop {
         glommio::timer::sleep(every).await;
         let now = std::time::Instant::now();
         for l in shard.links.borrow().values() {
             l.expire(now);
+            if let Some(change) = l.health_step(now, eject_after, pong_timeout) {
+                report_health(&shard, l, change);
+            }
         }
         for slots in shard.peers.borrow().clusters.values() {
             for s in slots {
@@ -248,5 +482,48 @@ pub(crate) async fn sweep_deadlines(shard: Rc<Shard>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panic in any task of a shard's executor (here a detached one, as a connection's)
+    /// ends its thread, and the liveness guard held by the shard's main future, as
+    /// `listen::start` holds it, marks the shard dead while the other shard runs on.
+    #[test]
+    fn a_shard_whose_task_panics_is_reported_dead() {
+        let health = Arc::new(crate::health::Health::new(2, vec![]));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut handles = Vec::new();
+        for i in 0..2 {
+            let (health, tx, stop) = (health.clone(), tx.clone(), stop.clone());
+            let h = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+                .spawn(move || async move {
+                    let _alive = health.shard_alive(i);
+                    let _ = tx.send(i);
+                    if i == 1 {
+                        glommio::spawn_local(async { panic!("a bug in shard 1") }).detach();
+                    }
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+                    }
+                })
+                .expect("executor");
+            handles.push(h);
+        }
+        for _ in 0..2 {
+            rx.recv().expect("ready");
+        }
+        let died = handles.pop().expect("shard 1").join();
+        assert!(died.is_err(), "shard 1's executor must end with the panic");
+        assert!(
+            !health.all_shards_running(),
+            "a shard whose task panicked must be reported dead"
+        );
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        handles.pop().expect("shard 0").join().expect("shard 0 ends normally");
     }
 }

@@ -43,14 +43,81 @@ struct Slot {
     deadline: Instant,
 }
 
+/// Why a task link is out of routing while it stays open (outlier ejection, docs/EMERGENCY.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ejection {
+    /// `limits.task_eject_after_timeouts` requests in a row timed out; an answer brings it back.
+    Timeouts,
+    /// A ping went unanswered for `limits.task_pong_timeout_ms`; anything heard brings it back.
+    Pongs,
+}
+
+impl Ejection {
+    /// The `reason` label of `fedbus_task_ejected_total`.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Ejection::Timeouts => "timeouts",
+            Ejection::Pongs => "pongs",
+        }
+    }
+}
+
+/// A change of a link's routing state found by [`TaskLink::health_step`], for the shard to
+/// tell the control thread, count and log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HealthChange {
+    Ejected(Ejection),
+    Readmitted,
+}
+
+/// Outlier detection of one task link. The reader notes what it hears ([`Health::heard`]),
+/// the pinger when it pings, the deadline sweeper timeouts; only the sweeper ejects.
+#[derive(Default)]
+struct Health {
+    /// Requests that timed out since the task last answered one.
+    timeouts: Cell<u32>,
+    /// When the oldest ping not followed by anything from the task was sent.
+    ping_since: Cell<Option<Instant>>,
+    /// Out of routing, and why. Cleared by the reader as soon as the task answers again.
+    ejected: Cell<Option<Ejection>>,
+    /// The control thread was told the link is out (an `Unregister` sent, no `Register` yet).
+    reported: Cell<bool>,
+}
+
+impl Health {
+    /// Something arrived from the task: `answer` for a Response or Redirect frame (even to a
+    /// request that already timed out), else a pong or any other message.
+    fn heard(&self, answer: bool) {
+        self.ping_since.set(None);
+        if answer {
+            self.timeouts.set(0);
+        }
+        match self.ejected.get() {
+            Some(Ejection::Pongs) => self.ejected.set(None),
+            // A hung handler behind a live websocket keeps answering pings: only an answer
+            // shows that requests are served again.
+            Some(Ejection::Timeouts) if answer => self.ejected.set(None),
+            _ => {}
+        }
+    }
+}
+
 /// One task's (or peer router's) link to this shard.
 pub(crate) struct TaskLink {
     pub(crate) task: u64,
     pub(crate) app: String,
     pub(crate) role: String,
+    /// Partitions the task registered (empty on a peer link).
+    pub(crate) partitions: Vec<u32>,
     pub(crate) out: Rc<RefCell<WsOut>>,
     pending: RefCell<HashMap<u64, Slot>>,
     alive: Cell<bool>,
+    health: Health,
+    /// When the link's credential expires (unix seconds): the service token it opened with,
+    /// moved by each accepted `renew` (task links; 0 on a peer link).
+    exp: Cell<u64>,
+    /// When the last `renew` was verified (at most one per second is).
+    renewed_at: Cell<Option<Instant>>,
 }
 
 impl TaskLink {
@@ -59,9 +126,69 @@ impl TaskLink {
             task,
             app,
             role,
+            partitions: Vec::new(),
             out,
             pending: RefCell::new(HashMap::new()),
             alive: Cell::new(true),
+            health: Health::default(),
+            exp: Cell::new(0),
+            renewed_at: Cell::new(None),
+        }
+    }
+
+    /// What the task registered, as the control thread keeps it.
+    pub(crate) fn registration(&self) -> Registration {
+        Registration {
+            task: self.task,
+            app: self.app.clone(),
+            role: self.role.clone(),
+            partitions: self.partitions.clone(),
+        }
+    }
+
+    /// The pinger sent a ping at `now`.
+    fn pinged(&self, now: Instant) {
+        if self.health.ping_since.get().is_none() {
+            self.health.ping_since.set(Some(now));
+        }
+    }
+
+    /// Run by the shard's sweeper after [`TaskLink::expire`]: ejects the link after
+    /// `eject_after` consecutive timeouts (0: never) or a ping unanswered for `pong_timeout`
+    /// (None: never), and reports a link the reader found answering again. Each change is
+    /// returned once, for the shard to tell the control thread.
+    pub(crate) fn health_step(
+        &self,
+        now: Instant,
+        eject_after: u32,
+        pong_timeout: Option<Duration>,
+    ) -> Option<HealthChange> {
+        let h = &self.health;
+        if !self.alive.get() {
+            return None;
+        }
+        if h.ejected.get().is_none() {
+            if eject_after > 0 && h.timeouts.get() >= eject_after {
+                h.timeouts.set(0);
+                h.ejected.set(Some(Ejection::Timeouts));
+            } else if pong_timeout.is_some_and(|t| {
+                h.ping_since
+                    .get()
+                    .is_some_and(|since| now.saturating_duration_since(since) >= t)
+            }) {
+                h.ejected.set(Some(Ejection::Pongs));
+            }
+        }
+        match (h.ejected.get(), h.reported.get()) {
+            (Some(why), false) => {
+                h.reported.set(true);
+                Some(HealthChange::Ejected(why))
+            }
+            (None, true) => {
+                h.reported.set(false);
+                Some(HealthChange::Readmitted)
+            }
+            _ => None,
         }
     }
 
@@ -69,6 +196,8 @@ impl TaskLink {
     pub(crate) fn on_binary(&self, b: Bytes) -> Result<(), ws::WsError> {
         match Frame::decode(b) {
             Ok(f) => {
+                self.health
+                    .heard(matches!(f.header.kind, Kind::Response | Kind::Redirect));
                 on_frame(self, f);
                 Ok(())
             }
@@ -84,14 +213,20 @@ impl TaskLink {
         self.pending.borrow().len()
     }
 
-    /// Alive and not closing: can still carry requests (maybe not now, if full).
-    pub(crate) fn is_alive(&self) -> bool {
+    /// Open and not closing, ejected or not.
+    pub(crate) fn is_open(&self) -> bool {
         self.alive.get() && !self.out.borrow().is_closing()
     }
 
-    /// Alive and below the pending limit.
+    /// Alive, not ejected and not closing: can still carry requests (maybe not now, if full).
+    pub(crate) fn is_alive(&self) -> bool {
+        self.alive.get() && self.health.ejected.get().is_none() && !self.out.borrow().is_closing()
+    }
+
+    /// Alive, not ejected and below the pending limit.
     pub(crate) fn is_usable(&self, max_pending: usize) -> bool {
         self.alive.get()
+            && self.health.ejected.get().is_none()
             && self.pending.borrow().len() < max_pending
             && !self.out.borrow().is_closing()
     }
@@ -138,16 +273,20 @@ impl TaskLink {
         }
     }
 
-    /// Answers `Timeout` to every request past its deadline.
+    /// Answers `Timeout` to every request past its deadline; counts them towards ejection.
     pub(crate) fn expire(&self, now: Instant) {
+        let mut timed_out = 0u32;
         for slot in self.pending.borrow_mut().values_mut() {
             if slot.reply.is_none() && slot.deadline <= now {
                 slot.reply = Some(Reply::Timeout);
+                timed_out += 1;
                 if let Some(w) = slot.waker.take() {
                     w.wake();
                 }
             }
         }
+        let t = &self.health.timeouts;
+        t.set(t.get().saturating_add(timed_out));
     }
 
     /// Marks the link dead and answers everything pending on it with `Lost`.
@@ -395,7 +534,8 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
         .links
         .borrow()
         .get(&reg.task)
-        .filter(|l| l.is_alive())
+        // An ejected link still holds its task id: only its own task may replace it.
+        .filter(|l| l.is_open())
         .map(|l| (l.app.clone(), l.role.clone()));
     let refusal = registration_refusal(
         &reg,
@@ -409,12 +549,11 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
         return Err(format!("registration refused: {why}"));
     }
 
-    let link = Rc::new(TaskLink::new(
-        reg.task,
-        reg.app.clone(),
-        reg.role.clone(),
-        out.clone(),
-    ));
+    let link = Rc::new(TaskLink {
+        partitions: reg.partitions.clone(),
+        exp: Cell::new(claims.exp),
+        ..TaskLink::new(reg.task, reg.app.clone(), reg.role.clone(), out.clone())
+    });
     let replaced = shard.links.borrow_mut().insert(reg.task, link.clone());
     if let Some(old) = replaced {
         old.fail_all();
@@ -440,8 +579,8 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
     tracing::info!(shard = shard.index, task = reg.task, app = %reg.app, role = %reg.role, partitions = reg.partitions.len(), sub = %claims.sub, "task link registered");
 
     // Keepalive: a ping every interval; the read timeout (3 intervals) ends a silent link.
-    let pinger = ws::spawn_pinger(out.clone(), Duration::from_millis(limits.ping_interval_ms));
-    let expiry = ws::close_at_expiry(out.clone(), claims.exp);
+    let pinger = spawn_pinger(link.clone(), Duration::from_millis(limits.ping_interval_ms));
+    let expiry = close_at_expiry(link.clone());
 
     // The app's Auth Service gets the current app secret now and after every rotation.
     let pusher = (reg.role == AUTH_ROLE).then(|| {
@@ -467,7 +606,7 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
         })
     });
 
-    let end = read_loop(&link, &mut reader).await;
+    let end = read_loop(&link, &mut reader, |t| on_text(shard, &link, &t)).await;
     drop(expiry.cancel());
     if let Some(p) = pusher {
         drop(p.cancel());
@@ -491,6 +630,9 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
         });
     }
     ShardMetrics::dec(&shard.metrics.task_links);
+    if link.health.reported.get() {
+        ShardMetrics::dec(&shard.metrics.task_links_ejected);
+    }
     if let Err(e @ ws::WsError::Policy(_)) = &end {
         ShardMetrics::inc(&shard.metrics.abusive_closed);
         tracing::warn!(
@@ -514,15 +656,22 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
 async fn read_loop<R: futures_lite::AsyncRead + Unpin>(
     link: &TaskLink,
     reader: &mut WsReader<R>,
+    mut on_text: impl FnMut(Bytes),
 ) -> Result<(), ws::WsError> {
     loop {
         match reader.next().await? {
             Message::Binary(b) => link.on_binary(b)?,
-            Message::Ping(p) => link
-                .out
-                .borrow_mut()
-                .send_control(ws::frame::opcode::PONG, &p),
-            Message::Pong(_) | Message::Text(_) => {}
+            Message::Ping(p) => {
+                link.health.heard(false);
+                link.out
+                    .borrow_mut()
+                    .send_control(ws::frame::opcode::PONG, &p)
+            }
+            Message::Pong(_) => link.health.heard(false),
+            Message::Text(t) => {
+                link.health.heard(false);
+                on_text(t)
+            }
             Message::Close(_) => return Ok(()),
         }
     }
@@ -596,6 +745,125 @@ fn push_secret(link: &TaskLink, app: &str, version: u32, secret: &[u8]) -> bool 
     ok
 }
 
+/// Closes the link with 1008 when its credential expires: the service token it opened with,
+/// or the newest one a `renew` brought (docs/PROTOCOL.md section 4).
+fn close_at_expiry(link: Rc<TaskLink>) -> glommio::Task<()> {
+    glommio::spawn_local(async move {
+        loop {
+            let exp = link.exp.get();
+            // Capped: wakes early for a far-future `exp`, and checks again.
+            glommio::timer::sleep(auth::expiry_wait(exp, auth::now_unix())).await;
+            if auth::now_unix() < link.exp.get() {
+                continue;
+            }
+            let mut o = link.out.borrow_mut();
+            if !o.is_closing() {
+                tracing::info!(
+                    task = link.task,
+                    "link credential expired: closing with 1008"
+                );
+                o.close(1008);
+            }
+            return;
+        }
+    })
+}
+
+/// Task -> router: a fresh service token for this open link.
+#[derive(serde::Deserialize)]
+struct Renew {
+    #[serde(rename = "type")]
+    kind: String,
+    token: String,
+}
+
+/// A text message from a registered task: `renew` is verified like the token of an upgrade
+/// and, if good, moves the link's expiry; the router answers `renewed` or `renew_refused`
+/// (the link then lives until its current token expires). Other text is ignored.
+fn on_text(shard: &Shard, link: &TaskLink, text: &[u8]) {
+    let Ok(r) = serde_json::from_slice::<Renew>(text) else {
+        return;
+    };
+    if r.kind != "renew" {
+        return;
+    }
+    let now = Instant::now();
+    let too_soon = link
+        .renewed_at
+        .get()
+        .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1));
+    let verdict = if too_soon {
+        Err(("too_often", "at most one renew per second".to_string()))
+    } else {
+        link.renewed_at.set(Some(now));
+        let keys = shard.snapshots.keys.load();
+        match verify_service_token(
+            &keys.keyring.cluster,
+            &r.token,
+            auth::now_unix(),
+            shard.cfg.auth.grace_secs,
+        ) {
+            Ok(c) => match renewal_refusal(&link.app, &link.role, &c, &shard.cfg.cluster_id()) {
+                None => Ok(c),
+                Some(why) => Err(("wrong_token", why.to_string())),
+            },
+            Err(e) => Err((e.code(), e.to_string())),
+        }
+    };
+    let reply = match verdict {
+        Ok(c) => {
+            link.exp.set(c.exp);
+            ShardMetrics::inc(&shard.metrics.task_renewals[0]);
+            tracing::info!(shard = shard.index, task = link.task, sub = %c.sub, kid = c.kid, exp = c.exp, "task link credential renewed");
+            serde_json::json!({"type": "renewed", "exp": c.exp})
+        }
+        Err((code, message)) => {
+            ShardMetrics::inc(&shard.metrics.task_renewals[1]);
+            tracing::warn!(shard = shard.index, task = link.task, code, %message, "task link renew refused");
+            serde_json::json!({"type": "renew_refused", "error": code, "message": message})
+        }
+    };
+    let _ = link.out.borrow_mut().send_text(&reply.to_string());
+}
+
+/// Why a verified service token may not renew a link registered for `app` in `role`: the
+/// same rules as at the registration (docs/PROTOCOL.md section 2).
+pub(crate) fn renewal_refusal(
+    app: &str,
+    role: &str,
+    claims: &auth::ServiceClaims,
+    cluster: &str,
+) -> Option<&'static str> {
+    if claims.cluster != cluster {
+        Some("service token of another cluster")
+    } else if claims.app != app {
+        Some("service token of another app")
+    } else if claims.role.as_deref().is_some_and(|r| r != role) {
+        Some("the service token names another role")
+    } else if role == AUTH_ROLE && claims.role.as_deref() != Some(AUTH_ROLE) {
+        Some("role auth needs a service token with role auth")
+    } else {
+        None
+    }
+}
+
+/// Pings the task every `every` (the same pings as `ws::spawn_pinger`), noting when a ping
+/// goes out so that an unanswered one can eject the link (`limits.task_pong_timeout_ms`).
+fn spawn_pinger(link: Rc<TaskLink>, every: Duration) -> glommio::Task<()> {
+    glommio::spawn_local(async move {
+        loop {
+            glommio::timer::sleep(every).await;
+            let mut o = link.out.borrow_mut();
+            if o.is_closing() {
+                break;
+            }
+            o.send_control(ws::frame::opcode::PING, b"");
+            drop(o);
+            link.pinged(Instant::now());
+        }
+    })
+}
+
 fn on_frame(link: &TaskLink, f: Frame) {
     let id = f.header.request_id;
     match f.header.kind {
@@ -613,8 +881,110 @@ fn on_frame(link: &TaskLink, f: Frame) {
 
 #[cfg(test)]
 mod tests {
-    use super::{registration_refusal, Register};
+    use super::{registration_refusal, Ejection, HealthChange, Register, TaskLink};
     use crate::auth::ServiceClaims;
+    use crate::ws::{Side, WsOut};
+    use std::time::{Duration, Instant};
+
+    fn link() -> TaskLink {
+        TaskLink::new(
+            7,
+            "demo/echo".into(),
+            "main".into(),
+            WsOut::new(Side::Server, 1 << 20),
+        )
+    }
+
+    #[test]
+    fn renewal_keeps_app_role_and_cluster() {
+        let r = |c: &ServiceClaims, role: &str| {
+            super::renewal_refusal("demo/echo", role, c, "local/dev")
+        };
+        assert_eq!(r(&claims("demo/echo", None), "main"), None);
+        assert_eq!(r(&claims("demo/echo", Some("main")), "main"), None);
+        assert_eq!(r(&claims("demo/echo", Some("auth")), "auth"), None);
+        assert!(r(&claims("demo/other", None), "main").is_some());
+        assert!(r(&claims("demo/echo", Some("b")), "main").is_some());
+        assert!(r(&claims("demo/echo", None), "auth").is_some());
+        let mut other = claims("demo/echo", None);
+        other.cluster = "eu/x".into();
+        assert!(r(&other, "main").is_some());
+    }
+
+    #[test]
+    fn consecutive_timeouts_eject_until_an_answer() {
+        let l = link();
+        let t0 = Instant::now();
+        let step = |l: &TaskLink| l.health_step(t0, 3, None);
+        let time_out = |l: &TaskLink, ids: std::ops::Range<u64>| {
+            for id in ids {
+                let slot = super::Slot {
+                    waker: None,
+                    reply: None,
+                    deadline: t0,
+                };
+                l.pending.borrow_mut().insert(id, slot);
+            }
+            l.expire(t0);
+        };
+        time_out(&l, 0..2);
+        assert_eq!(step(&l), None, "2 timeouts of 3");
+        // An answer in between starts the count again.
+        l.health.heard(true);
+        time_out(&l, 2..4);
+        assert_eq!(step(&l), None, "2 timeouts of 3 since the answer");
+        time_out(&l, 4..5);
+        assert_eq!(step(&l), Some(HealthChange::Ejected(Ejection::Timeouts)));
+        assert!(!l.is_alive() && !l.is_usable(10), "out of routing");
+        assert_eq!(step(&l), None, "reported once");
+        // A pong is not an answer: a hung handler behind a live websocket stays out.
+        l.health.heard(false);
+        assert!(!l.is_alive());
+        assert_eq!(step(&l), None);
+        // A (late) answer brings it back, reported once.
+        l.health.heard(true);
+        assert!(l.is_alive());
+        assert_eq!(step(&l), Some(HealthChange::Readmitted));
+        assert_eq!(step(&l), None);
+    }
+
+    #[test]
+    fn an_unanswered_ping_ejects_until_anything_is_heard() {
+        let l = link();
+        let t0 = Instant::now();
+        let timeout = Some(Duration::from_millis(500));
+        l.pinged(t0);
+        // A second ping keeps the time of the first unanswered one.
+        l.pinged(t0 + Duration::from_millis(400));
+        assert_eq!(
+            l.health_step(t0 + Duration::from_millis(499), 5, timeout),
+            None
+        );
+        assert_eq!(
+            l.health_step(t0 + Duration::from_millis(600), 5, None),
+            None,
+            "off"
+        );
+        assert_eq!(
+            l.health_step(t0 + Duration::from_millis(500), 5, timeout),
+            Some(HealthChange::Ejected(Ejection::Pongs))
+        );
+        assert!(!l.is_alive());
+        l.health.heard(false);
+        assert!(l.is_alive(), "a pong brings it back");
+        assert_eq!(
+            l.health_step(t0 + Duration::from_millis(600), 5, timeout),
+            Some(HealthChange::Readmitted)
+        );
+        // Answered pings never eject.
+        l.pinged(t0 + Duration::from_millis(700));
+        l.health.heard(false);
+        assert_eq!(l.health_step(t0 + Duration::from_secs(9), 5, timeout), None);
+        // A dead link is never reported.
+        l.pinged(t0);
+        l.fail_all();
+        assert_eq!(l.health_step(t0 + Duration::from_secs(9), 5, timeout), None);
+    }
 
     fn reg(app: &str, role: &str, partitions: &[u32]) -> Register {
         Register {

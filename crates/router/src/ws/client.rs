@@ -117,3 +117,153 @@ async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
 }
+
+/// The client side against a hostile server: the frames the client sends are masked with
+/// fresh keys (RFC 6455 5.3), and the close frames RFC 6455 forbids (the Autobahn cases
+/// 7.3.1, 7.5.1, 7.9.x) fail the connection with 1002 or 1007, as on the server side.
+#[cfg(test)]
+mod tests {
+    use crate::ws::frame::{self, opcode};
+    use crate::ws::{handshake, Message, Side};
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    /// Reads one client frame: (opcode, mask key, unmasked payload).
+    fn read_frame(s: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> (u8, [u8; 4], Vec<u8>) {
+        loop {
+            if let Some(h) = frame::parse_head(buf).expect("client frame head") {
+                let total = h.header_len + h.payload_len as usize;
+                if buf.len() >= total {
+                    let mut p = buf[h.header_len..total].to_vec();
+                    let key = h.mask.expect("client frames are masked");
+                    frame::unmask(&mut p, key, 0);
+                    buf.drain(..total);
+                    return (h.opcode, key, p);
+                }
+            }
+            let mut c = [0u8; 4096];
+            let n = s.read(&mut c).expect("read client frame");
+            assert!(n > 0, "client closed before its frame");
+            buf.extend_from_slice(&c[..n]);
+        }
+    }
+
+    /// A server that accepts one websocket, sends `close` (a whole server frame) after
+    /// reading `data_frames` client frames, and returns what the client sent.
+    fn hostile_server(
+        close: Vec<u8>,
+        data_frames: usize,
+    ) -> (String, std::thread::JoinHandle<Vec<(u8, [u8; 4], Vec<u8>)>>) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let h = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().expect("accept");
+            let mut buf = Vec::new();
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                let mut c = [0u8; 1024];
+                let n = s.read(&mut c).expect("read upgrade");
+                buf.extend_from_slice(&c[..n]);
+            }
+            let head = String::from_utf8_lossy(&buf).to_string();
+            let key = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                .expect("key")
+                .trim()
+                .to_string();
+            s.write_all(handshake::accept_response(&key).as_bytes())
+                .expect("101");
+            buf.clear();
+            let mut got = Vec::new();
+            for _ in 0..data_frames {
+                got.push(read_frame(&mut s, &mut buf));
+            }
+            s.write_all(&close).expect("close frame");
+            got.push(read_frame(&mut s, &mut buf));
+            got
+        });
+        (addr, h)
+    }
+
+    fn server_close(payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![0x88, payload.len() as u8];
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// Runs the client: sends `data` binary messages, then reads until the server's close and
+    /// answers it as the peer links do. Returns the code it closed with.
+    fn client(addr: String, data: usize) -> Option<u16> {
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .spawn(move || async move {
+                let (s, leftover) = super::connect(&addr, "/x", None).await.expect("connect");
+                let limits = crate::config::Limits::default();
+                let mut c = crate::ws::start(s, leftover, Side::Client, 1 << 20, &limits);
+                for _ in 0..data {
+                    c.out
+                        .borrow_mut()
+                        .send_binary(b"head-", bytes::Bytes::from_static(b"same payload"))
+                        .expect("queued");
+                }
+                let code = match c.reader.next().await {
+                    Ok(Message::Close(Some(code))) => Some(code),
+                    Ok(m) => panic!("unexpected {m:?}"),
+                    Err(e) => e.close_code(),
+                };
+                c.out.borrow_mut().close(code.unwrap_or(1000));
+                let _ = c.writer.await;
+                code
+            })
+            .expect("executor")
+            .join()
+            .expect("client")
+    }
+
+    #[test]
+    fn client_frames_are_masked_with_fresh_keys() {
+        let (addr, server) = hostile_server(server_close(&1000u16.to_be_bytes()), 8);
+        assert_eq!(client(addr, 8), Some(1000));
+        let got = server.join().expect("server");
+        let mut keys: Vec<[u8; 4]> = got.iter().map(|f| f.1).collect();
+        for (op, key, p) in &got[..8] {
+            assert_eq!(*op, opcode::BINARY);
+            assert_ne!(*key, [0; 4], "key 0 leaves the payload unmasked");
+            assert_eq!(p, b"head-same payload");
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(keys.len(), 9, "every frame has its own key: {keys:?}");
+        assert_eq!(got[8].0, opcode::CLOSE);
+        assert_eq!(got[8].2, 1000u16.to_be_bytes());
+    }
+
+    #[test]
+    fn bad_close_frames_from_a_server_fail_the_connection() {
+        let mut cases: Vec<(Vec<u8>, u16)> = vec![
+            (vec![0x03], 1002),
+            (
+                [
+                    &1000u16.to_be_bytes()[..],
+                    &[
+                        0xce, 0xba, 0xe1, 0xbd, 0xb9, 0xcf, 0x83, 0xce, 0xbc, 0xce, 0xb5, 0xed,
+                        0xa0, 0x80,
+                    ],
+                ]
+                .concat(),
+                1007,
+            ),
+        ];
+        for code in [0u16, 999, 1004, 1005, 1006, 1016, 1100, 2000, 2999] {
+            cases.push((code.to_be_bytes().to_vec(), 1002));
+        }
+        for (payload, want) in cases {
+            let (addr, server) = hostile_server(server_close(&payload), 0);
+            assert_eq!(client(addr, 0), Some(want), "close payload {payload:?}");
+            let got = server.join().expect("server");
+            let (op, key, p) = &got[0];
+            assert_eq!(*op, opcode::CLOSE);
+            assert_ne!(*key, [0; 4]);
+            assert_eq!(p, &want.to_be_bytes(), "close payload {payload:?}");
+        }
+    }
+}

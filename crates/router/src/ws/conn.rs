@@ -355,8 +355,9 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
 /// Frames waiting to be written, shared by everything on the shard that sends on this
 /// connection. Bounded by bytes: a full outbox refuses and hands the payload back.
 pub struct WsOut {
-    side: Side,
-    parts: VecDeque<Bytes>,
+    /// Whole frames not yet handed to the writer: the writer takes frames whole, so the
+    /// queue can be cut at any frame boundary ([`WsOut::close_now`]).
+    frames: VecDeque<Queued>,
     /// Header bytes of queued frames are written here and split off, so one allocation serves
     /// many frames.
     arena: BytesMut,
@@ -366,7 +367,72 @@ pub struct WsOut {
     controls: usize,
     max_controls: usize,
     closing: bool,
+    /// Closed because the other side did not read (see [`WsOut::close_now`]).
+    overflowed: bool,
     waker: Option<Waker>,
+    /// Woken when the outbox starts closing ([`WsOut::closed`]).
+    close_waker: Option<Waker>,
+    /// The queued bytes charged to the shard's memory budget (client connections).
+    charge: Option<crate::shard::OutboxCharge>,
+    /// Masking keys, on the client side only.
+    keys: Option<Box<MaskKeys>>,
+}
+
+/// Fresh masking keys for a client's frames, drawn from the system's secure random source
+/// 256 keys at a time (one `getrandom` per 256 frames).
+struct MaskKeys {
+    pool: [u8; 1024],
+    used: usize,
+    rng: ring::rand::SystemRandom,
+}
+
+impl MaskKeys {
+    fn new() -> Box<MaskKeys> {
+        Box::new(MaskKeys {
+            pool: [0; 1024],
+            used: 1024,
+            rng: ring::rand::SystemRandom::new(),
+        })
+    }
+
+    fn next(&mut self) -> [u8; 4] {
+        use ring::rand::SecureRandom;
+        loop {
+            if self.used == self.pool.len() {
+                if self.rng.fill(&mut self.pool).is_err() {
+                    // No system randomness (never seen on Linux): still mask, with keys that
+                    // change per frame.
+                    let t = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos() as u64);
+                    for (i, c) in self.pool.chunks_exact_mut(8).enumerate() {
+                        let v = (t ^ i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                        c.copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+                self.used = 0;
+            }
+            let k = &self.pool[self.used..self.used + 4];
+            self.used += 4;
+            let key = [k[0], k[1], k[2], k[3]];
+            // Key 0 would send the payload unmasked.
+            if key != [0; 4] {
+                return key;
+            }
+        }
+    }
+}
+
+/// One frame in the outbox: its header (and small copied head) and its payload, not copied.
+struct Queued {
+    head: Bytes,
+    payload: Bytes,
+}
+
+impl Queued {
+    fn len(&self) -> usize {
+        self.head.len() + self.payload.len()
+    }
 }
 
 /// A refused send: the outbox is over its limit or closed. Holds the payload.
@@ -377,15 +443,18 @@ impl WsOut {
     /// An empty outbox for `side` that refuses data sends past `limit` queued bytes.
     pub fn new(side: Side, limit: usize) -> Rc<RefCell<WsOut>> {
         Rc::new(RefCell::new(WsOut {
-            side,
-            parts: VecDeque::with_capacity(64),
+            frames: VecDeque::with_capacity(32),
             arena: BytesMut::with_capacity(16 * 1024),
             queued: 0,
             limit,
             controls: 0,
             max_controls: 16,
             closing: false,
+            overflowed: false,
             waker: None,
+            close_waker: None,
+            charge: None,
+            keys: (side == Side::Client).then(MaskKeys::new),
         }))
     }
 
@@ -394,9 +463,26 @@ impl WsOut {
         self.max_controls = n;
     }
 
+    /// Changes the byte limit for data sends (a client connection's share).
+    pub fn set_limit(&mut self, n: usize) {
+        self.limit = n;
+    }
+
+    /// Charges what is queued from now on to the shard's memory budget: a data message the
+    /// budget cannot take is refused like one over the limit.
+    pub(crate) fn charge_to(&mut self, charge: crate::shard::OutboxCharge) {
+        self.charge = Some(charge);
+    }
+
     /// Bytes waiting.
     pub fn queued(&self) -> usize {
         self.queued
+    }
+
+    /// True when a data message of `n` bytes (payload and head) is within this outbox's
+    /// limit now.
+    pub fn has_room(&self, n: usize) -> bool {
+        self.queued + n + MAX_HEADER <= self.limit
     }
 
     /// True once a close frame is queued or the connection is aborted.
@@ -404,26 +490,41 @@ impl WsOut {
         self.closing
     }
 
-    fn mask(&self) -> Option<[u8; 4]> {
-        // Clients must mask; fedbus's clients use key 0 so the payload is sent as it is
-        // (docs/PROTOCOL.md explains why this is safe between fedbus endpoints).
-        (self.side == Side::Client).then_some([0; 4])
+    /// True when [`WsOut::close_now`] closed it: the other side did not read.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
     }
 
     fn push_frame(&mut self, op: u8, head: &[u8], payload: Bytes) {
         let mut wh = [0u8; MAX_HEADER];
-        let n = frame::encode_head(op, head.len() + payload.len(), self.mask(), &mut wh);
-        if self.arena.capacity() - self.arena.len() < n + head.len() {
-            self.arena.reserve((16 * 1024).max(n + head.len()));
+        let len = head.len() + payload.len();
+        // A client masks every frame with a fresh key from a strong source (RFC 6455 5.3):
+        // its payload is copied into the arena and masked there. A server's payload is sent
+        // as it is, without a copy.
+        let key = self.keys.as_mut().map(|k| k.next());
+        let n = frame::encode_head(op, len, key, &mut wh);
+        let copied = n + head.len() + if key.is_some() { payload.len() } else { 0 };
+        if self.arena.capacity() - self.arena.len() < copied {
+            self.arena.reserve((16 * 1024).max(copied));
         }
         self.arena.extend_from_slice(&wh[..n]);
         self.arena.extend_from_slice(head);
-        let h = self.arena.split().freeze();
-        self.queued += h.len() + payload.len();
-        self.parts.push_back(h);
-        if !payload.is_empty() {
-            self.parts.push_back(payload);
-        }
+        let q = match key {
+            Some(k) => {
+                self.arena.extend_from_slice(&payload);
+                frame::unmask(&mut self.arena[n..], k, 0);
+                Queued {
+                    head: self.arena.split().freeze(),
+                    payload: Bytes::new(),
+                }
+            }
+            None => Queued {
+                head: self.arena.split().freeze(),
+                payload,
+            },
+        };
+        self.queued += q.len();
+        self.frames.push_back(q);
         if let Some(w) = self.waker.take() {
             w.wake();
         }
@@ -431,11 +532,45 @@ impl WsOut {
 
     /// Queues one binary message made of `head` (copied; small) and `payload` (not copied).
     pub fn send_binary(&mut self, head: &[u8], payload: Bytes) -> Result<(), Refused> {
-        if self.closing || self.queued + head.len() + payload.len() > self.limit {
+        let n = head.len() + payload.len();
+        if self.closing || self.queued + n > self.limit {
             return Err(Refused(payload));
+        }
+        if let Some(c) = &mut self.charge {
+            if !c.try_add(n + MAX_HEADER) {
+                return Err(Refused(payload));
+            }
+            let before = self.queued;
+            self.push_frame(opcode::BINARY, head, payload);
+            // Charged a whole header's worth; give back what the header did not use.
+            let used = self.queued - before;
+            if let Some(c) = &mut self.charge {
+                c.release(n + MAX_HEADER - used);
+            }
+            return Ok(());
         }
         self.push_frame(opcode::BINARY, head, payload);
         Ok(())
+    }
+
+    /// Queues a small message whatever the limit and the budget (an error answer that
+    /// replaces a refused one); refused only once closing.
+    pub fn send_binary_small(&mut self, head: &[u8]) -> Result<(), Refused> {
+        if self.closing {
+            return Err(Refused(Bytes::new()));
+        }
+        self.push_forced(opcode::BINARY, head);
+        Ok(())
+    }
+
+    /// Queues a frame of copied bytes, charged whatever the budget has left.
+    fn push_forced(&mut self, op: u8, head: &[u8]) {
+        let before = self.queued;
+        self.push_frame(op, head, Bytes::new());
+        let n = self.queued - before;
+        if let Some(c) = &mut self.charge {
+            c.force_add(n);
+        }
     }
 
     /// Queues a text message (control-plane JSON).
@@ -443,7 +578,7 @@ impl WsOut {
         if self.closing {
             return Err(Refused(Bytes::new()));
         }
-        self.push_frame(opcode::TEXT, text.as_bytes(), Bytes::new());
+        self.push_forced(opcode::TEXT, text.as_bytes());
         Ok(())
     }
 
@@ -453,25 +588,60 @@ impl WsOut {
     pub fn send_control(&mut self, op: u8, data: &[u8]) {
         if !self.closing && self.queued <= self.limit && self.controls < self.max_controls {
             self.controls += 1;
-            self.push_frame(op, &data[..data.len().min(125)], Bytes::new());
+            self.push_forced(op, &data[..data.len().min(125)]);
         }
     }
 
     /// Queues a close frame; the writer stops once it is written.
     pub fn close(&mut self, code: u16) {
         if !self.closing {
-            self.push_frame(opcode::CLOSE, &code.to_be_bytes(), Bytes::new());
+            self.push_forced(opcode::CLOSE, &code.to_be_bytes());
             self.closing = true;
+            if let Some(w) = self.close_waker.take() {
+                w.wake();
+            }
         }
+    }
+
+    /// Closes a connection whose other side does not read: drops the frames the writer has
+    /// not started (their bytes go back to the budget at once), and queues the close frame
+    /// next, so it does not wait behind answers that will never be read.
+    pub fn close_now(&mut self, code: u16) {
+        if self.closing {
+            return;
+        }
+        let dropped: usize = self.frames.drain(..).map(|q| q.len()).sum();
+        self.queued -= dropped;
+        if let Some(c) = &mut self.charge {
+            c.release(dropped);
+        }
+        self.controls = 0;
+        self.overflowed = true;
+        self.close(code);
     }
 
     /// Stops the writer without a close frame (the socket is gone).
     pub fn abort(&mut self) {
         self.closing = true;
-        self.parts.clear();
+        self.frames.clear();
+        if let Some(c) = &mut self.charge {
+            c.release(self.queued);
+        }
         self.queued = 0;
         if let Some(w) = self.waker.take() {
             w.wake();
+        }
+        if let Some(w) = self.close_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Accounts `n` bytes the writer has written.
+    fn written(&mut self, n: usize) {
+        let n = n.min(self.queued);
+        self.queued -= n;
+        if let Some(c) = &mut self.charge {
+            c.release(n);
         }
     }
 }
@@ -539,6 +709,20 @@ pub fn close_at_expiry(out: Rc<RefCell<WsOut>>, exp: u64) -> glommio::Task<()> {
     })
 }
 
+/// Resolves once `out` is closing: lets a connection's reader stop waiting for input when
+/// something else closed the connection (an outbox over its limit).
+pub fn closed(out: &RefCell<WsOut>) -> impl Future<Output = ()> + '_ {
+    futures_lite::future::poll_fn(move |cx| {
+        let mut o = out.borrow_mut();
+        if o.closing {
+            Poll::Ready(())
+        } else {
+            o.close_waker = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    })
+}
+
 /// Waits until the outbox has something to write or is closing.
 struct Ready<'a>(&'a RefCell<WsOut>);
 
@@ -546,7 +730,7 @@ impl Future for Ready<'_> {
     type Output = bool;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
         let mut o = self.0.borrow_mut();
-        if !o.parts.is_empty() {
+        if !o.frames.is_empty() {
             Poll::Ready(true)
         } else if o.closing {
             Poll::Ready(false)
@@ -619,13 +803,15 @@ pub async fn write_loop<W: PartsWriter>(out: Rc<RefCell<WsOut>>, mut w: W) -> io
     while Ready(&out).await {
         {
             let mut o = out.borrow_mut();
-            while batch.len() < MAX_IOV {
-                match o.parts.pop_front() {
-                    Some(p) => batch.push(p),
-                    None => break,
+            // Whole frames only: what is left in the queue can be dropped at a frame boundary.
+            while batch.len() + 2 <= MAX_IOV {
+                let Some(q) = o.frames.pop_front() else { break };
+                batch.push(q.head);
+                if !q.payload.is_empty() {
+                    batch.push(q.payload);
                 }
             }
-            if o.parts.is_empty() {
+            if o.frames.is_empty() {
                 o.controls = 0;
             }
         }
@@ -633,7 +819,7 @@ pub async fn write_loop<W: PartsWriter>(out: Rc<RefCell<WsOut>>, mut w: W) -> io
         let r = w.write_parts(&batch).await;
         batch.clear();
         let mut o = out.borrow_mut();
-        o.queued = o.queued.saturating_sub(n);
+        o.written(n);
         if let Err(e) = r {
             o.abort();
             return Err(e);
@@ -831,8 +1017,8 @@ mod tests {
         };
         assert_eq!(p.len(), 50);
         // header part and payload part are queued separately: the payload is not copied
-        assert_eq!(o.parts.len(), 2);
-        assert_eq!(o.parts[1].len(), 50);
+        assert_eq!(o.frames.len(), 1);
+        assert_eq!(o.frames[0].payload.len(), 50);
     }
 
     #[test]
@@ -871,7 +1057,7 @@ mod tests {
             o.send_control(opcode::PONG, b"");
         }
         assert_eq!(
-            o.parts.len(),
+            o.frames.len(),
             4,
             "empty pongs cost a slot each: bounded by count"
         );

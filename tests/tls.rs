@@ -448,7 +448,10 @@ fn wss_api_ws_answers_a_python_websockets_client() {
 #[test]
 fn task_links_over_tls_with_a_ca_file() {
     let certs = Certs::new();
-    let r = Router::new().tls(&[certs.a.clone()]).internal_tls().start();
+    let r = Router::new()
+        .tls(std::slice::from_ref(&certs.a))
+        .internal_tls()
+        .start();
     let ca = certs.ca.to_str().expect("utf-8").to_string();
     let _t = spawn_task(
         &r,

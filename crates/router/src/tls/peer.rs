@@ -194,6 +194,7 @@ mod tests {
     #[test]
     fn both_sides_prove_they_come_from_the_federation_ca() {
         let dir = TempDir::new("tls-peer");
+        std::fs::create_dir_all(dir.path()).expect("temp dir");
         let fed = Ca::generate().expect("ca");
         let (a, _) = PeerTls::load(&setup(dir.path(), "a", &fed, &["127.0.0.11"])).expect("a");
         let (b, _) = PeerTls::load(&setup(dir.path(), "b", &fed, &["127.0.0.21"])).expect("b");
@@ -212,7 +213,11 @@ mod tests {
         let (x, _) = PeerTls::load(&setup(dir.path(), "x", &other, &["127.0.0.21"])).expect("x");
         let e = handshake(a.client.clone(), x.server.clone(), "127.0.0.21:8950").unwrap_err();
         assert!(e.starts_with("client:"), "{e}");
-        // The same impostor dialing b: its client certificate is refused.
+        // The same impostor dialing b (trusting the federation CA, so that the handshake
+        // gets as far as its own certificate): its client certificate is refused.
+        let mut xc = setup(dir.path(), "x", &other, &["127.0.0.21"]);
+        xc.ca = dir.path().join("a-ca.pem");
+        let (x, _) = PeerTls::load(&xc).expect("x trusting the federation");
         let e = handshake(x.client.clone(), b.server.clone(), "127.0.0.21:8950").unwrap_err();
         assert!(e.starts_with("server:"), "{e}");
         // A dialer with no client certificate at all.

@@ -148,12 +148,15 @@ mod tests {
         }
     }
 
+    /// What a client sent, frame by frame: opcode, mask key, unmasked payload.
+    type Sent = Vec<(u8, [u8; 4], Vec<u8>)>;
+
     /// A server that accepts one websocket, sends `close` (a whole server frame) after
     /// reading `data_frames` client frames, and returns what the client sent.
     fn hostile_server(
         close: Vec<u8>,
         data_frames: usize,
-    ) -> (String, std::thread::JoinHandle<Vec<(u8, [u8; 4], Vec<u8>)>>) {
+    ) -> (String, std::thread::JoinHandle<Sent>) {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr").to_string();
         let h = std::thread::spawn(move || {

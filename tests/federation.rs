@@ -155,19 +155,29 @@ fn load(
                 let r = c.read_response();
                 let took = start.elapsed();
                 let obs = match r {
-                    Ok(resp) => Obs {
-                        entry: name.clone(),
-                        target: t,
-                        wsid,
-                        status: Some(resp.status),
-                        error: resp
-                            .header("content-type")
-                            .filter(|ct| *ct == "application/json")
-                            .map(|_| resp.json()["error"].as_str().unwrap_or("").to_string()),
-                        served_by: resp.header("fedbus-served-by").map(str::to_string),
-                        at: Instant::now(),
-                        took,
-                    },
+                    Ok(resp) => {
+                        // A client leaves a connection the server closes after this answer
+                        // (RFC 9112 9.6), as a draining router does.
+                        if resp
+                            .header("connection")
+                            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+                        {
+                            conn = None;
+                        }
+                        Obs {
+                            entry: name.clone(),
+                            target: t,
+                            wsid,
+                            status: Some(resp.status),
+                            error: resp
+                                .header("content-type")
+                                .filter(|ct| *ct == "application/json")
+                                .map(|_| resp.json()["error"].as_str().unwrap_or("").to_string()),
+                            served_by: resp.header("fedbus-served-by").map(str::to_string),
+                            at: Instant::now(),
+                            took,
+                        }
+                    }
                     Err(e) => {
                         conn = None;
                         Obs {
@@ -963,6 +973,87 @@ fn rolling_sigterm_restart_of_a_cluster_fails_no_request() {
         })
         .sum();
     eprintln!("  forward retries on spb1: {retries}");
+}
+
+/// `net.ipv4.tcp_migrate_req` is 1 (set here when it can be: the tests run as root in CI), so
+/// that connections queued on a listener that closes move to the rest of its SO_REUSEPORT
+/// group instead of being reset (docs/FEDERATION.md, "Takeover").
+fn migrate_req_on() {
+    const P: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+    if std::fs::read_to_string(P).is_ok_and(|v| v.trim() == "1") {
+        return;
+    }
+    let _ = std::fs::write(P, "1");
+    let now = std::fs::read_to_string(P).unwrap_or_default();
+    assert_eq!(
+        now.trim(),
+        "1",
+        "a takeover without {P} = 1 resets queued connections; run as root or sysctl -w net.ipv4.tcp_migrate_req=1"
+    );
+}
+
+/// Issue "a cluster behaves as one", point 2: a new `fedbus run --takeover` binds every listener
+/// of ru/spb2/r0 beside the running one; the old one gets SIGTERM, closes its listeners (new
+/// connections go to the new router), answers its busy client connections with
+/// `Connection: close`, drains and exits 0. Clients straight on spb2/r0 and clients entering
+/// spb1 for spb2 keep running throughout: not one request fails. Until the echo task relinks
+/// to the new router (when the old one closes its task links), the new router hands spb2
+/// requests to its sibling r1 (one hop).
+#[test]
+fn takeover_of_a_router_under_load_fails_no_request() {
+    migrate_req_on();
+    let mut f = Federation::start();
+    for r in 0..2 {
+        wait_readyz(f.router("spb2", r), Duration::from_secs(10));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let hs = load(
+        &f,
+        &[("spb2", 0), ("spb2", 0), ("spb2", 0), ("spb1", 0)],
+        &stop,
+        &log,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let mut old = f.router_mut("spb2", 0).takeover();
+    let started = t0.elapsed();
+    let st = old
+        .term(Duration::from_secs(10))
+        .expect("the old router drains and exits within 10 s");
+    let exited_at = Instant::now();
+    assert!(st.success(), "old spb2/r0 after SIGTERM: {st:?}");
+    let old_log = old.log_text();
+    assert!(old_log.contains("drained"), "{old_log}");
+    // The echo task relinks to the new router, which serves its wsids itself again.
+    let back = wait_served_by(
+        &f,
+        f.router("spb1", 0),
+        0,
+        "ru/spb2/r0",
+        Duration::from_secs(10),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for h in hs {
+        h.join().expect("load thread");
+    }
+    let obs = std::mem::take(&mut *log.lock().unwrap());
+    let direct_after = obs
+        .iter()
+        .filter(|o| o.entry == "ru/spb2/r0" && o.at > exited_at)
+        .count();
+    eprintln!(
+        "takeover: new router up in {started:?}, old one drained and exited {:?} later, task back on r0 {back:?} after; {} answers, {direct_after} straight on spb2/r0 after the old run exited",
+        exited_at - t0 - started,
+        obs.len()
+    );
+    assert!(
+        direct_after > 20,
+        "load too thin after the takeover: {direct_after}"
+    );
+    let bad = failures(&obs);
+    assert!(bad.is_empty(), "{} failed requests: {:#?}", bad.len(), bad);
 }
 
 /// Acceptance 1, kill -9: only requests in flight on the killed router fail; after it is back

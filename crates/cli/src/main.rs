@@ -32,6 +32,10 @@ enum Cmd {
         /// TOML config file.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Bind beside a router already running on the same addresses (`listen.takeover`):
+        /// start this one, wait for its ready line, then SIGTERM the old one.
+        #[arg(long)]
+        takeover: bool,
     },
     /// Run a built-in example task.
     #[command(subcommand)]
@@ -339,11 +343,12 @@ fn init_tracing() {
         .init();
 }
 
-fn run_router(path: Option<PathBuf>) -> Result<()> {
+fn run_router(path: Option<PathBuf>, takeover: bool) -> Result<()> {
     let mut cfg = match &path {
         Some(p) => Config::load(p)?,
         None => Config::embedded(),
     };
+    cfg.listen.takeover |= takeover;
     // io_uring and locked memory first: glommio would panic or fail late without them.
     for c in fedbus_router::tune::checks(&cfg) {
         if !c.ok && c.fatal {
@@ -628,7 +633,7 @@ fn main() {
 
 fn real_main(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Run { config } => run_router(config),
+        Cmd::Run { config, takeover } => run_router(config, takeover),
         Cmd::Bench(args) => fedbus_loadgen::run(*args),
         Cmd::Tune { config } => {
             let cfg = match &config {

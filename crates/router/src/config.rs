@@ -110,6 +110,14 @@ pub struct Listen {
     /// Host (name or address) that tasks should dial for the internal listeners, as told in
     /// the hello. Default: the bound address; set it when `internal` binds `0.0.0.0`.
     pub advertise_host: Option<String>,
+    /// Bind every listener (api, TLS api, internal, external, admin) beside a router already
+    /// running on the same addresses, for a zero-downtime upgrade of one router: start the new
+    /// one with this (`fedbus run --takeover`), wait for its ready line, then SIGTERM the old
+    /// one, which closes its listeners and drains (docs/FEDERATION.md, "Takeover"). Every
+    /// listener is bound with SO_REUSEPORT so that this works; without `takeover` a router
+    /// first probes each address without SO_REUSEPORT and fails to start when it is taken.
+    /// Default false.
+    pub takeover: bool,
 }
 
 /// Limits that bound memory and time per connection. Every one has a safe default.
@@ -296,6 +304,16 @@ pub struct Readiness {
     /// pending on tasks, peer routers moving their traffic away) before it exits anyway.
     /// Default 30000.
     pub drain_timeout_ms: u64,
+    /// While draining, a client keep-alive connection that has waited this long for its next
+    /// request is closed; a busy one gets `Connection: close` on its next answer, and a
+    /// `/api/ws` session is closed with 1001 once its answers are out. Closing an idle
+    /// connection races a request the client may be sending on it (RFC 9112 9.3.1 lets
+    /// clients retry then), so only connections idle this long are closed. Default 1000.
+    pub drain_idle_close_ms: u64,
+    /// A router started with `listen.takeover` accepts clients only once its links to every
+    /// peer router and sibling are up with their statuses, or after this long (clients wait in
+    /// the listen queue meanwhile). Default 5000.
+    pub takeover_wait_ms: u64,
 }
 
 /// Which live tasks make a router ready.
@@ -317,6 +335,8 @@ impl Default for Readiness {
             coverage: Coverage::All,
             peers: true,
             drain_timeout_ms: 30_000,
+            drain_idle_close_ms: 1000,
+            takeover_wait_ms: 5000,
         }
     }
 }
@@ -443,6 +463,7 @@ impl Default for Listen {
             api_tls: None,
             internal_tls: false,
             advertise_host: None,
+            takeover: false,
         }
     }
 }
@@ -702,6 +723,10 @@ impl Config {
             (
                 "readiness.drain_timeout_ms",
                 self.readiness.drain_timeout_ms,
+            ),
+            (
+                "readiness.drain_idle_close_ms",
+                self.readiness.drain_idle_close_ms,
             ),
         ] {
             if v == 0 {

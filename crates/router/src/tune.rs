@@ -271,7 +271,34 @@ pub(crate) fn advisory_checks(shard_cores: &[usize], control_core: usize) -> Vec
     out.push(check_cores_online(&cores));
     out.push(check_siblings(shard_cores, control_core, read_siblings));
     out.push(check_ktls());
+    out.push(migrate_verdict(
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+            .ok()
+            .as_deref(),
+    ));
     out
+}
+
+/// `net.ipv4.tcp_migrate_req`: with 1, connections waiting in the accept queue of a listener
+/// that closes move to another listener of its SO_REUSEPORT group (Linux 5.14+). A takeover
+/// (`listen.takeover`) loses none of them then; with 0 the kernel resets them.
+fn migrate_verdict(value: Option<&str>) -> Check {
+    const NAME: &str = "migrate";
+    match value.map(str::trim) {
+        Some("1") => Check::pass(
+            NAME,
+            "tcp_migrate_req 1: a takeover moves queued connections to the new router",
+        ),
+        Some(v) => Check::warn(
+            NAME,
+            format!("tcp_migrate_req {v}: during a takeover (fedbus run --takeover) connections queued on the old router's listeners when it closes them are reset"),
+            "sysctl -w net.ipv4.tcp_migrate_req=1 (and net.ipv4.tcp_migrate_req = 1 in /etc/sysctl.d/)",
+        ),
+        None => Check::pass(
+            NAME,
+            "no tcp_migrate_req (kernel before 5.14): a takeover may reset connections queued on the old router",
+        ),
+    }
 }
 
 /// Kernel TLS: whether the host offers the `tls` upper-layer protocol. Informational: fedbus
@@ -729,6 +756,14 @@ mod tests {
         assert!(without.ok && without.detail.contains("no kernel TLS (ULPs: mptcp)"));
         assert!(ktls_verdict(None).ok);
         assert!(checks(&Config::default()).iter().any(|c| c.name == "ktls"));
+    }
+
+    #[test]
+    fn migrate_req_is_advised_for_takeovers() {
+        assert!(migrate_verdict(Some("1\n")).ok);
+        let off = migrate_verdict(Some("0\n"));
+        assert!(!off.ok && !off.fatal && off.fix.contains("tcp_migrate_req=1"));
+        assert!(migrate_verdict(None).ok);
     }
 
     #[test]

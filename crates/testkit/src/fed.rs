@@ -170,14 +170,42 @@ impl FedRouter {
             &self.name,
             self.restarts,
             self.shards,
+            false,
         );
+    }
+
+    /// Starts a second run of this router with `--takeover`, on the same addresses beside the
+    /// running one, and waits for its ready line; returns the old run, still running, for the
+    /// caller to SIGTERM ([`FedProc::term`]).
+    pub fn takeover(&mut self) -> FedProc {
+        self.restarts += 1;
+        let new = spawn_router(
+            &self.cfg,
+            &self.home,
+            &self.name,
+            self.restarts,
+            self.shards,
+            true,
+        );
+        std::mem::replace(&mut self.proc, new)
     }
 }
 
-fn spawn_router(cfg: &Path, home: &Path, name: &str, run: u32, shards: usize) -> FedProc {
+fn spawn_router(
+    cfg: &Path,
+    home: &Path,
+    name: &str,
+    run: u32,
+    shards: usize,
+    takeover: bool,
+) -> FedProc {
     let log = home.join(format!("{}-{run}.log", name.replace('/', "-")));
+    let mut args = vec!["run", "--config", cfg.to_str().expect("utf-8 path")];
+    if takeover {
+        args.push("--takeover");
+    }
     let mut child = Command::new(bin())
-        .args(["run", "--config", cfg.to_str().expect("utf-8 path")])
+        .args(&args)
         .env("FEDBUS_HOME", home)
         .env("FEDBUS_LOG", "info")
         .stdin(Stdio::null())
@@ -335,7 +363,7 @@ impl FederationBuilder {
                 }
                 let cfg_path = home.join(format!("r{r}.toml"));
                 std::fs::write(&cfg_path, &cfg).expect("write config");
-                let proc = spawn_router(&cfg_path, &home, &name, 0, self.shards);
+                let proc = spawn_router(&cfg_path, &home, &name, 0, self.shards, false);
                 routers.push(FedRouter {
                     name,
                     cluster: c.to_string(),

@@ -713,7 +713,9 @@ async fn serve_inner<S: Stream>(
                 }
             }
         };
-        // Answer it and every later one that is already done, in one write.
+        // Answer it and every later one that is already done, in one write. While the router
+        // drains, the answer that leaves nothing in flight closes the connection.
+        let draining = shard.health.draining();
         let mut next = first;
         while let Some(Done {
             a,
@@ -730,7 +732,7 @@ async fn serve_inner<S: Stream>(
             let full = a.body();
             let length = (!bodiless).then_some(full.len());
             let body = if bodiless || head { Bytes::new() } else { full };
-            let close = close || closing && inflight.is_empty();
+            let close = close || (closing || draining) && inflight.is_empty();
             write_head(&mut out, shard, &a, length, close, cors.as_ref());
             parts.push(out.split().freeze());
             shard.metrics.request(

@@ -161,13 +161,16 @@ pub(crate) async fn serve<S: Stream>(
             break Some(1013);
         }
         // Wait for the next message, or for the outbox to close (an answer found it over
-        // its limit: the client does not read).
+        // its limit: the client does not read), or for a drain.
         let next = async {
+            use futures_util::future::{select, Either};
             let m = std::pin::pin!(reader.next());
             let c = std::pin::pin!(ws::conn::closed(&out));
-            Ok(match futures_util::future::select(m, c).await {
-                futures_util::future::Either::Left((m, _)) => Some(m),
-                futures_util::future::Either::Right(_) => None,
+            let d = std::pin::pin!(shard.drain.acquire(1));
+            Ok(match select(m, select(c, d)).await {
+                Either::Left((m, _)) => Next::Message(m),
+                Either::Right((Either::Left(_), _)) => Next::Overflow,
+                Either::Right((Either::Right(_), _)) => Next::Drain,
             })
         };
         let msg = match glommio::timer::timeout(
@@ -176,8 +179,16 @@ pub(crate) async fn serve<S: Stream>(
         )
         .await
         {
-            Ok(Some(m)) => m,
-            Ok(None) => break Some(1013),
+            Ok(Next::Message(m)) => m,
+            Ok(Next::Overflow) => break Some(1013),
+            Ok(Next::Drain) => {
+                // Going away: the answers in flight go out first, then the close frame;
+                // what the client sends meanwhile is not read (it re-sends on a new session).
+                while session.inflight.get() > 0 && !out.borrow().is_closing() {
+                    glommio::timer::sleep(crate::health::POLL).await;
+                }
+                break Some(1001);
+            }
             // Idle means nothing to read and nothing in flight.
             Err(_) if session.inflight.get() > 0 => continue,
             Err(_) => break Some(1001),
@@ -274,6 +285,15 @@ pub(crate) async fn serve<S: Stream>(
     } else {
         let _ = writer.await;
     }
+}
+
+/// What ended a session's wait.
+enum Next<M> {
+    Message(M),
+    /// The outbox closed: the client does not read its answers.
+    Overflow,
+    /// The router drains.
+    Drain,
 }
 
 struct Session {

@@ -20,12 +20,15 @@ const HEAD_DEADLINE: Duration = Duration::from_secs(2);
 pub(crate) fn start(
     addr: SocketAddr,
     max_connections: usize,
+    takeover: bool,
     reg: Registry,
     snaps: Snapshots,
     health: Arc<Health>,
     readiness: Readiness,
 ) -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("admin listener {addr}: {e}"))?;
+    let l: TcpListener = crate::shard::listen::shared_listener(addr, takeover)
+        .map_err(|e| anyhow::anyhow!("admin listener {addr}: {e}"))?
+        .into();
     let bound = l.local_addr()?;
     let active = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()

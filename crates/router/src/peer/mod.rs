@@ -175,6 +175,15 @@ impl Peers {
 }
 
 impl Peers {
+    /// True when every peer router (siblings included) has a live link that brought its
+    /// status: what a router taking over another's listeners waits for before it accepts
+    /// clients (it can then route every request the old one could).
+    pub(crate) fn all_known(&self) -> bool {
+        self.clusters.values().flatten().all(|s| {
+            s.link.borrow().as_ref().is_some_and(|l| l.is_alive()) && s.status.borrow().is_some()
+        })
+    }
+
     /// A live link to a sibling (a router of our own `cluster` key) that has a live task for
     /// `app`/`wsid`'s partition, by its last status; the scan starts at `wsid % routers`.
     pub(crate) fn covering(

@@ -51,19 +51,36 @@ fn listen_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<Socket> 
     Ok(s)
 }
 
+/// Fails when `addr` is taken. Every listener is bound with SO_REUSEPORT (so that a new router
+/// can take the addresses over, `listen.takeover`); a bind without it first makes a second
+/// router on the same address fail with "address in use" instead of silently sharing it.
+/// Skipped for port 0 and when taking over.
+pub(crate) fn probe(addr: SocketAddr, takeover: bool) -> std::io::Result<()> {
+    if addr.port() != 0 && !takeover {
+        drop(listen_socket(addr, false)?);
+    }
+    Ok(())
+}
+
+/// A listening socket on `addr` shared through SO_REUSEPORT, after [`probe`].
+pub(crate) fn shared_listener(addr: SocketAddr, takeover: bool) -> std::io::Result<Socket> {
+    probe(addr, takeover)?;
+    listen_socket(addr, true)
+}
+
 fn local(s: &Socket) -> std::io::Result<SocketAddr> {
     s.local_addr()?
         .as_socket()
         .ok_or_else(|| std::io::Error::other("not an inet socket"))
 }
 
-/// Binds `n` api sockets sharing one port. A probe without SO_REUSEPORT first makes a second
-/// router on the same port fail with "address in use" instead of silently sharing it.
-fn bind_api(addr: SocketAddr, n: usize) -> anyhow::Result<(SocketAddr, Vec<RawFd>)> {
-    if addr.port() != 0 {
-        drop(listen_socket(addr, false).with_context(|| format!("api listener {addr}"))?);
-    }
-    let first = listen_socket(addr, true).with_context(|| format!("api listener {addr}"))?;
+/// Binds `n` api sockets sharing one port (see [`probe`]).
+fn bind_api(
+    addr: SocketAddr,
+    n: usize,
+    takeover: bool,
+) -> anyhow::Result<(SocketAddr, Vec<RawFd>)> {
+    let first = shared_listener(addr, takeover).with_context(|| format!("api listener {addr}"))?;
     let actual = local(&first)?;
     let mut fds = vec![first.into_raw_fd()];
     for _ in 1..n {
@@ -73,7 +90,11 @@ fn bind_api(addr: SocketAddr, n: usize) -> anyhow::Result<(SocketAddr, Vec<RawFd
 }
 
 /// Binds shard k's internal listener on port + k (or any port when 0).
-fn bind_internal(addr: SocketAddr, n: usize) -> anyhow::Result<(Vec<SocketAddr>, Vec<RawFd>)> {
+fn bind_internal(
+    addr: SocketAddr,
+    n: usize,
+    takeover: bool,
+) -> anyhow::Result<(Vec<SocketAddr>, Vec<RawFd>)> {
     let mut addrs = Vec::new();
     let mut fds = Vec::new();
     for k in 0..n {
@@ -82,7 +103,7 @@ fn bind_internal(addr: SocketAddr, n: usize) -> anyhow::Result<(Vec<SocketAddr>,
             let p = a.port() as usize + k;
             a.set_port(u16::try_from(p).map_err(|_| anyhow!("internal port {p} out of range"))?);
         }
-        let s = listen_socket(a, false)
+        let s = shared_listener(a, takeover)
             .with_context(|| format!("internal listener of shard {k} on {a}"))?;
         addrs.push(local(&s)?);
         fds.push(s.into_raw_fd());
@@ -139,13 +160,38 @@ async fn accept_loop(shard: Rc<Shard>, l: TcpListener, serve: ServeFn, kind: Lis
     }
 }
 
+/// A router taking over another's listeners (`listen.takeover`) waits, before it accepts
+/// clients, until its links to every peer router and sibling are up with their statuses, or
+/// `readiness.takeover_wait_ms`: a request it accepted earlier could find no way to its
+/// cluster's tasks (they are still linked to the old router) or to another cluster.
+async fn takeover_wait(shard: &Rc<Shard>) {
+    let start = Instant::now();
+    let limit = Duration::from_millis(shard.cfg.readiness.takeover_wait_ms);
+    while !shard.peers.borrow().all_known() {
+        if start.elapsed() >= limit {
+            tracing::warn!(
+                shard = shard.index,
+                "takeover: not every peer link is up after readiness.takeover_wait_ms; accepting clients anyway"
+            );
+            return;
+        }
+        glommio::timer::sleep(Duration::from_millis(2)).await;
+    }
+    tracing::info!(
+        shard = shard.index,
+        waited_ms = start.elapsed().as_millis() as u64,
+        "takeover: peer links up; accepting clients"
+    );
+}
+
 /// Starts the router described by `cfg` with `keyring` already loaded.
 pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Running> {
     let cfg = Arc::new(cfg);
     let cores = cfg.shard_cores();
     let n = cores.len();
-    let (api_addr, api_fds) = bind_api(cfg.listen.api, n)?;
-    let (internal, internal_fds) = bind_internal(cfg.listen.internal, n)?;
+    let takeover = cfg.listen.takeover;
+    let (api_addr, api_fds) = bind_api(cfg.listen.api, n, takeover)?;
+    let (internal, internal_fds) = bind_internal(cfg.listen.internal, n, takeover)?;
     // Certificates are read before anything starts: a bad file is an error at start. The
     // api TLS listener and TLS task links share one server config.
     let mut reloaders = Vec::new();
@@ -158,7 +204,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
     };
     let (api_tls, tls_fds) = match cfg.listen.api_tls {
         Some(addr) => {
-            let (a, fds) = bind_api(addr, n).context("TLS api listener")?;
+            let (a, fds) = bind_api(addr, n, takeover).context("TLS api listener")?;
             (Some(a), fds.into_iter().map(Some).collect())
         }
         None => (None, vec![None; n]),
@@ -172,13 +218,14 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
     }
     let federation = Arc::new(federation);
     // The external listener (peer links) only when there are other routers to talk to.
-    let (external, external_fds) =
-        if !federation.routers.is_empty() || !federation.siblings.is_empty() {
-            let (a, fds) = bind_api(cfg.listen.external, n).context("external listener")?;
-            (Some(a), fds.into_iter().map(Some).collect())
-        } else {
-            (None, vec![None; n])
-        };
+    let (external, external_fds) = if !federation.routers.is_empty()
+        || !federation.siblings.is_empty()
+    {
+        let (a, fds) = bind_api(cfg.listen.external, n, takeover).context("external listener")?;
+        (Some(a), fds.into_iter().map(Some).collect())
+    } else {
+        (None, vec![None; n])
+    };
 
     let health = Arc::new(Health::new(n, federation.routers.keys().cloned().collect()));
     let control = Control::new(cfg.clone(), keyring, reloaders);
@@ -243,6 +290,13 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                         Listener::External,
                     ))
                 });
+                crate::peer::start_dialers(&shard);
+                glommio::spawn_local(super::sweep_deadlines(shard.clone())).detach();
+                if shard.cfg.listen.takeover {
+                    // Clients queue on the new listeners meanwhile (the old router still
+                    // serves its own): accept them once they can be routed everywhere.
+                    takeover_wait(&shard).await;
+                }
                 let tls_l = tfd.map(|fd| {
                     // SAFETY: as above.
                     let l = unsafe { TcpListener::from_raw_fd(fd) };
@@ -253,8 +307,6 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                         Listener::Api,
                     ))
                 });
-                crate::peer::start_dialers(&shard);
-                glommio::spawn_local(super::sweep_deadlines(shard.clone())).detach();
                 let _ = rtx.send(Ok(i));
                 let a = glommio::spawn_local(accept_loop(
                     shard.clone(),
@@ -312,6 +364,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
         Some(crate::metrics::admin::start(
             cfg.listen.admin,
             cfg.listen.admin_max_connections,
+            takeover,
             metrics.clone(),
             snapshots.clone(),
             health.clone(),
@@ -335,10 +388,13 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
 }
 
 impl Running {
-    /// Drains the router (SIGTERM): `/readyz` turns 503, the listeners stop accepting, peer
-    /// routers are told (they send nothing new and close their links once nothing is pending
-    /// on them), then waits until no request is pending on a task and no peer link is open,
-    /// or `timeout`. Ends with the task links closed with 1001 (going away). True when the
+    /// Drains the router (SIGTERM): `/readyz` turns 503, the listeners close (a router that
+    /// took them over gets every new connection), peer routers are told (they send nothing new
+    /// and close their links once nothing is pending on them), client connections are closed
+    /// as they finish (`Connection: close` on the next answer, idle ones after
+    /// `readiness.drain_idle_close_ms`, `/api/ws` sessions with 1001 once their answers are
+    /// out), then waits until no request is pending on a task, no peer link and no client
+    /// connection is open, or `timeout`. Ends with the task links closed with 1001 (going away). True when the
     /// drain finished before the timeout.
     pub fn drain(&self, timeout: Duration) -> bool {
         let start = Instant::now();
@@ -352,6 +408,7 @@ impl Running {
                 .map(|m| {
                     m.pending.load(Ordering::Relaxed)
                         + m.connections[Listener::External as usize].load(Ordering::Relaxed)
+                        + m.connections[Listener::Api as usize].load(Ordering::Relaxed)
                 })
                 .sum::<u64>()
         };

@@ -350,6 +350,24 @@ impl Shard {
         true
     }
 
+    /// Closes every keep-alive connection that has waited at least `min_idle` for its next
+    /// request (a drain); returns how many.
+    pub(crate) fn close_idle(&self, min_idle: std::time::Duration) -> usize {
+        let conns = self.keepalive.borrow();
+        let mut n = 0;
+        for slot in conns.values() {
+            let idle_long = slot.since.get().is_some_and(|t| t.elapsed() >= min_idle);
+            if idle_long && !slot.evicted.get() {
+                slot.evicted.set(true);
+                if let Some(w) = slot.waker.take() {
+                    w.wake();
+                }
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// A fresh request id.
     pub(crate) fn request_id(&self) -> u64 {
         let id = self.next_request.get();
@@ -443,7 +461,10 @@ pub(crate) async fn watch_drain(shard: Rc<Shard>) {
         glommio::timer::sleep(every).await;
     }
     shard.drain.close();
+    // Client connections idle this long are closed; busy ones close after their next answer.
+    let idle = std::time::Duration::from_millis(shard.cfg.readiness.drain_idle_close_ms);
     while !shard.health.closing() {
+        shard.close_idle(idle);
         glommio::timer::sleep(every).await;
     }
     let links: Vec<Rc<TaskLink>> = shard.links.borrow().values().cloned().collect();

@@ -5,6 +5,9 @@
 #
 #   benches/cpu-per-request.sh                      # DURATION=10 WARMUP=2 CONNS=64 SIZE=64
 #   DURATION=20 OUT=/tmp/x.md benches/cpu-per-request.sh
+#   EXTRA_BIN=/path/to/other/fedbus EXTRA_LABEL="patched glommio" benches/cpu-per-request.sh
+#                                   # adds fedbus http and ws rows for another build, same run
+#   PROFILE=/tmp/p.txt benches/cpu-per-request.sh   # fedbus http only: perf stat + perf record
 #
 # Run from the repo root (as root: it installs wrk, nginx and nats-server with apt when they
 # are missing). Writes benches/results/<date>-cpu-per-request-<host>.md (or $OUT).
@@ -25,6 +28,9 @@ WARMUP=${WARMUP:-2}
 CONNS=${CONNS:-64}
 SIZE=${SIZE:-64}
 IDLE=${IDLE:-2}
+EXTRA_BIN=${EXTRA_BIN:-}
+export EXTRA_LABEL=${EXTRA_LABEL:-other build}
+[ -z "$EXTRA_BIN" ] || [ -x "$EXTRA_BIN" ] || { echo "EXTRA_BIN $EXTRA_BIN is not executable" >&2; exit 1; }
 ROOT=$(pwd)
 [ -f Cargo.toml ] && [ -d benches ] || { echo "run from the fedbus repo root" >&2; exit 1; }
 [ "$(nproc)" -ge 2 ] || { echo "needs 2 cores (server on core 1, load on core 0)" >&2; exit 1; }
@@ -118,8 +124,12 @@ export FEDBUS_HOME=$WORK/fedbus
 mkdir -p "$FEDBUS_HOME"
 "$BIN" keys init --keyring "$FEDBUS_HOME/keys" --app demo/echo >/dev/null
 TOKEN=$("$BIN" token client --app demo/echo --sub cpu-bench --ttl 2h --keyring "$FEDBUS_HOME/keys" | tail -1)
-API_PORT=$(free_port); INT_PORT=$(free_port)
-cat >"$WORK/router.toml" <<EOF
+# start_fedbus BIN TAG: a router (shard core 1, control thread core 0) and its echo task
+# (core 0) from BIN; sets ROUTER, ECHO, API_PORT, INT_PORT; waits until a request answers 200.
+start_fedbus() {
+  local bin=$1 tag=$2 ok=0 code
+  API_PORT=$(free_port); INT_PORT=$(free_port)
+  cat >"$WORK/router$tag.toml" <<EOF
 region = "local"
 cluster = "dev"
 keyring = "$FEDBUS_HOME/keys"
@@ -137,25 +147,26 @@ control_core = 0
 name = "demo/echo"
 partitions = 16
 EOF
-"$BIN" run --config "$WORK/router.toml" >"$WORK/router.log" 2>&1 &
-ROUTER=$!; PIDS+=($ROUTER)
-for _ in $(seq 1 100); do grep -q '"shard_cores"' "$WORK/router.log" 2>/dev/null && break; sleep 0.1; done
-taskset -c 0 "$BIN" task echo --router "127.0.0.1:$INT_PORT" --app demo/echo >"$WORK/echo.log" 2>&1 &
-ECHO=$!; PIDS+=($ECHO)
-FEDBUS_PATH="/api/local/dev/demo/echo/api/%d/sys/echo"
-ok=0
-for _ in $(seq 1 100); do
-  code=$(python3 - "$API_PORT" "$TOKEN" <<'PY' 2>/dev/null || true
+  "$bin" run --config "$WORK/router$tag.toml" >"$WORK/router$tag.log" 2>&1 &
+  ROUTER=$!; PIDS+=($ROUTER)
+  for _ in $(seq 1 100); do grep -q '"shard_cores"' "$WORK/router$tag.log" 2>/dev/null && break; sleep 0.1; done
+  taskset -c 0 "$bin" task echo --router "127.0.0.1:$INT_PORT" --app demo/echo >"$WORK/echo$tag.log" 2>&1 &
+  ECHO=$!; PIDS+=($ECHO)
+  for _ in $(seq 1 100); do
+    code=$(python3 - "$API_PORT" "$TOKEN" <<'PY' 2>/dev/null || true
 import http.client, sys
 c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=2)
 c.request("POST", "/api/local/dev/demo/echo/api/0/sys/echo", body=b"ping", headers={"Authorization": "Bearer " + sys.argv[2]})
 print(c.getresponse().status)
 PY
 )
-  [ "$code" = 200 ] && { ok=1; break; }
-  sleep 0.1
-done
-[ $ok = 1 ] || { echo "fedbus router never answered 200; log:" >&2; tail -20 "$WORK/router.log" >&2; exit 1; }
+    [ "$code" = 200 ] && { ok=1; break; }
+    sleep 0.1
+  done
+  [ $ok = 1 ] || { echo "fedbus router ($bin) never answered 200; log:" >&2; tail -20 "$WORK/router$tag.log" >&2; exit 1; }
+}
+FEDBUS_PATH="/api/local/dev/demo/echo/api/%d/sys/echo"
+start_fedbus "$BIN" ""
 
 # ---- PROFILE=<file>: only fedbus HTTP, under perf (counts, then a sampled profile); then exit.
 if [ -n "${PROFILE:-}" ]; then
@@ -245,7 +256,7 @@ ROWS=$WORK/rows.jsonl; : >"$ROWS"
 measure() {
   local name=$1 spids=$2 bpids=$3 kind=$4; shift 4
   local j=$WORK/$name.json
-  echo "$*" | sed "s|$BIN|fedbus|g; s|$WRK|wrk|g; s|$WORK/||g; s|$TOKEN|\$TOKEN|g; s|$FEDBUS_HOME/keys|keys|g;
+  echo "$*" | sed "s|${EXTRA_BIN:-@none@}|fedbus-extra|g; s|$BIN|fedbus|g; s|$WRK|wrk|g; s|$WORK/||g; s|$TOKEN|\$TOKEN|g; s|$FEDBUS_HOME/keys|keys|g;
     s|:$API_PORT|:\$API|g; s|:$PROXY_PORT|:\$PROXY|g; s|:$ALONE_PORT|:\$ALONE|g; s|:$NATS_PORT|:\$NATS|g" >>"$CMDS"
   echo "== $name" >&2
   # Idle CPU of the server over IDLE seconds (timers, control thread): the floor under the load.
@@ -318,6 +329,14 @@ bench_case() {
 
 wrk_case fedbus-http "$ROUTER" "$ECHO" "$API_PORT" "$FEDBUS_PATH"
 bench_case fedbus-ws "$ROUTER" "$ECHO" --target "http://127.0.0.1:$API_PORT" --protocol ws --keyring "$FEDBUS_HOME/keys"
+if [ -n "$EXTRA_BIN" ]; then
+  # The same two cases against a router and echo task built otherwise (EXTRA_BIN), same pinning.
+  kill "$ROUTER" "$ECHO" 2>/dev/null || true
+  start_fedbus "$EXTRA_BIN" -extra
+  wrk_case extra-http "$ROUTER" "$ECHO" "$API_PORT" "$FEDBUS_PATH"
+  bench_case extra-ws "$ROUTER" "$ECHO" --target "http://127.0.0.1:$API_PORT" --protocol ws --keyring "$FEDBUS_HOME/keys"
+  kill "$ROUTER" "$ECHO" 2>/dev/null || true
+fi
 wrk_case nginx-proxy "$(nginx_pids $NGX_PROXY)" "$(nginx_pids $NGX_UP)" "$PROXY_PORT" "$FEDBUS_PATH"
 wrk_case nginx-alone "$(nginx_pids $NGX_ALONE)" "" "$ALONE_PORT" "$FEDBUS_PATH"
 bench_case nats "$NATS_PID" "" --target "nats://127.0.0.1:$NATS_PORT"
@@ -329,7 +348,7 @@ python3 - "$ROWS" "$OUT" "$CMDS" "$DATE" "$HOST" "$MODEL${HYP:+ (under $HYP)}" "
   "$LOAD_START" "$LOAD_END" "$DURATION" "$WARMUP" "$CONNS" "$SIZE" "$IDLE" \
   "$("$NGINX" -v 2>&1 | head -1)" "$("$NATS" --version 2>&1 | head -1)" "$("$WRK" -v 2>&1 | head -1)" "$(rustc -V)" \
   "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" <<'PY'
-import json, sys
+import json, os, sys
 (rows, out, cmds, date, host, model, kernel, nproc, l0, l1, dur, warm, conns, size, idle,
  nginxv, natsv, wrkv, rustc, commit) = sys.argv[1:]
 r = {}
@@ -340,6 +359,7 @@ def us(k):
     d = r.get(k)
     return d.get("server_us") if d and "failed" not in d else None
 proxy, floor = us("nginx-proxy"), us("nginx-alone")
+extra = os.environ.get("EXTRA_LABEL", "other build")
 labels = [
     ("fedbus-http", "fedbus router, HTTP/1.1 keep-alive", "router (`fedbus run`): shard core 1, control thread core 0", "`fedbus task echo` core 0", "wrk core 0"),
     ("fedbus-ws", "fedbus router, /api/ws", "router: shard core 1, control thread core 0", "`fedbus task echo` core 0", "`fedbus bench` core 0"),
@@ -347,6 +367,11 @@ labels = [
     ("nginx-alone", "nginx answering alone (floor)", "nginx (master + 1 worker, `return 200`) core 1", "none", "wrk core 0"),
     ("nats", "nats-server request/reply", "`GOMAXPROCS=1` nats-server core 1", "responders in `fedbus bench` core 0", "`fedbus bench` core 0"),
 ]
+if "extra-http" in r:
+    labels[2:2] = [
+        ("extra-http", f"fedbus router, HTTP/1.1 keep-alive ({extra})", "router: shard core 1, control thread core 0", "`fedbus task echo` core 0", "wrk core 0"),
+        ("extra-ws", f"fedbus router, /api/ws ({extra})", "router: shard core 1, control thread core 0", "`fedbus task echo` core 0", "`fedbus bench` core 0"),
+    ]
 o = [f"# Server CPU per request, 1 in flight per connection: {date} on {host}", ""]
 o += [f"Made by `benches/cpu-per-request.sh` (`DURATION={dur} WARMUP={warm} CONNS={conns} SIZE={size}`) at commit {commit}.", ""]
 o += ["## Machine", "", f"- CPU (`lscpu`): {model}, {nproc} cores", f"- kernel: {kernel}",

@@ -186,8 +186,8 @@ if [ -n "${PROFILE:-}" ]; then
   WP=$!; sleep 1
   perf record -F 999 -g -p "$ROUTER" -o "$WORK/perf.data" -- sleep $((DURATION - 2)) 2>"$WORK/record.log"
   wait $WP || true
-  perf report -i "$WORK/perf.data" --stdio --no-children --sort dso 2>/dev/null | { grep -E '^ +[0-9]' || true; } | sed -n 1,8p >"$WORK/dso.txt"
-  perf report -i "$WORK/perf.data" --stdio --no-children --sort sym -g none 2>/dev/null | { grep -E '^ +[0-9]' || true; } | sed -n 1,45p >"$WORK/sym.txt"
+  perf report -i "$WORK/perf.data" --stdio --no-children --sort dso 2>/dev/null | { grep -E '^ +[0-9.]+%' || true; } | sed -n 1,8p >"$WORK/dso.txt"
+  perf report -i "$WORK/perf.data" --stdio --no-children --sort sym -g none 2>/dev/null | { grep -E '^ +[0-9.]+%' || true; } | sed -n 1,45p >"$WORK/sym.txt"
   perf script -i "$WORK/perf.data" 2>/dev/null >"$WORK/script.txt"
   python3 "$ROOT/benches/perf-groups.py" "$WORK/script.txt" "$WORK/stat.txt" "$WORK/stat-wrk.json" "$WORK/rec-wrk.json" \
     "$WORK/dso.txt" "$WORK/sym.txt" "$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)" "$(uname -r)" \

@@ -20,8 +20,13 @@ GLUE = re.compile(
     r"__local_bh_enable|local_bh_enable|do_softirq|__do_softirq|handle_softirqs|irq_exit|"
     r"__irq_exit|preempt_|__rcu_read|rcu_read|lock_sock|release_sock|__release_sock|"
     r"mutex_|__mutex|up_read|down_read|refcount_|__check_object_size|check_heap_object|"
-    r"__virt_addr_valid|fput|fget|__fget|__fput|kvm_|pvclock|native_sched_clock|sched_clock)"
+    r"__virt_addr_valid|fput|__fget|__fput|kvm_|pvclock|native_sched_clock|sched_clock|"
+    r"native_write_msr|xas_load|xa_load|llist_)"
 )
+
+# Interrupt entries of IPIs: a sample under one is the IPI's cost (in a guest, VM exits).
+IPI = re.compile(r"^(asm_sysvec_reschedule_ipi|asm_sysvec_call_function|sysvec_reschedule_ipi|"
+                 r"sysvec_call_function)")
 
 KERNEL_GROUPS = [
     ("memcpy and friends", r"^(memcpy|memmove|memset|__memcpy|__memmove|__memset|copy_user|_copy_to_iter|"
@@ -35,13 +40,16 @@ KERNEL_GROUPS = [
                                r"resched_curr|wakeup_preempt|__flush_smp_call|flush_smp_call|kick_process|"
                                r"io_schedule|schedule_hrtimeout|hrtimer_|__hrtimer|do_nanosleep|"
                                r"sysvec_call_function|asm_sysvec_call_function|__sysvec_call_function)"),
-    ("syscall and interrupt entry/exit", r"^(entry_SYSCALL|do_syscall_64|syscall_exit|syscall_return|"
+    ("syscall layer (entry/exit, fd lookup, msghdr copy)", r"^(fdget|fget|____sys_sendmsg|___sys_sendmsg|"
+                                         r"__sys_sendmsg|__sys_recvfrom|__x64_sys_recvfrom|__x64_sys_sendmsg|"
+                                         r"copy_msghdr|copy_iovec|iovec_from_user|__import_iovec|import_iovec|"
+                                         r"_copy_from_user|entry_SYSCALL|do_syscall_64|syscall_exit|syscall_return|"
                                          r"irqentry_|exit_to_user_mode|arch_exit_to_user|"
                                          r"restore_fpregs|switch_fpu|fpregs_|asm_sysvec|sysvec_|"
                                          r"__sysvec|asm_common_interrupt|common_interrupt|"
                                          r"__x64_sys_|x64_sys_call|__do_sys_|ret_from_fork|"
                                          r"entry_SYSRETQ|error_entry|asm_exc|exc_)"),
-    ("io_uring", r"^(io_|__io_|tctx_task_work|task_work_run|__x64_sys_io_uring|__do_sys_io_uring|"
+    ("io_uring (incl. the signal-notify path that runs its task work)", r"^(io_|__io_|tctx_task_work|task_work_run|ctx_flush_and_put|get_signal|arch_do_signal_or_restart|__x64_sys_io_uring|__do_sys_io_uring|"
                  r"__arm64_sys_io_uring|io_uring)"),
     ("kernel net stack (tcp, ip, loopback, skb)",
      r"^(tcp_|__tcp|inet_|__inet|inet6_|ip_|__ip|ip4|ipv4|ip6|skb_|__skb|kfree_skb|consume_skb|"
@@ -51,7 +59,7 @@ KERNEL_GROUPS = [
      r"selinux_sock|apparmor_sock|bpf_|__cgroup_bpf|lock_sock_fast|tso_|__kfree_skb|"
      r"kmalloc_reserve|__build_skb|skb$|mem_cgroup_charge_skmem|__sk_mem|sk_mem|sk_forced|"
      r"__napi_poll|dev_|rps_|eth_|__copy_skb|pskb_|___pskb|__pskb|tcp4_|ktime_get_with|"
-     r"__ksize|__put_user|release_sock)"),
+     r"__ksize|__put_user|release_sock|sk_reset_timer|__mod_timer|mod_timer|rb_first|rb_next|rb_erase|rb_insert)"),
     ("kernel memory (slab, pages)", r"^(kmem_cache|__kmem_cache|kmalloc|__kmalloc|kfree|__kfree|slab_|"
                                     r"___slab|__slab|page_frag|__page_frag|get_page|put_page|__free_pages|"
                                     r"free_unref|alloc_pages|__alloc_pages|get_page_from_freelist|"
@@ -109,6 +117,9 @@ def classify(frames):
             if rx.search(s):
                 return name
         return "other user space" if s not in ("[unknown]", "") else "unknown user space"
+    for sym, _ in frames[:4]:
+        if IPI.search(bare(sym)):
+            return "IPIs received (reschedule / call-function interrupt and its return)"
     for sym, dso in frames:
         if "kernel" not in dso:
             break

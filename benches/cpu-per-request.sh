@@ -1,0 +1,422 @@
+#!/bin/bash
+# Server CPU per request at one request in flight per connection: fedbus (HTTP, /api/ws) vs
+# an nginx reverse proxy vs nginx answering alone (the one-hop floor) vs nats-server
+# request/reply, in one run, same pinning.
+#
+#   benches/cpu-per-request.sh                      # DURATION=10 WARMUP=2 CONNS=64 SIZE=64
+#   DURATION=20 OUT=/tmp/x.md benches/cpu-per-request.sh
+#   EXTRA_BIN=/path/to/other/fedbus EXTRA_LABEL="patched glommio" benches/cpu-per-request.sh
+#                                   # adds fedbus http and ws rows for another build, same run
+#   PROFILE=/tmp/p.txt benches/cpu-per-request.sh   # fedbus http only: perf stat + perf record
+#
+# Run from the repo root (as root: it installs wrk, nginx and nats-server with apt when they
+# are missing). Writes benches/results/<date>-cpu-per-request-<host>.md (or $OUT).
+#
+# Method: every server is started once and pinned to core 1; its backend (fedbus echo task,
+# upstream nginx) and the load generator run on core 0. Each case is a warm-up run (discarded),
+# then a measured run of DURATION seconds with no warm-up of its own: user+sys clock ticks of
+# the server process(es) are read from /proc/PID/stat (and /proc/PID/task/*/stat) just before
+# the load generator starts and just after it exits, and divided by the requests it counted.
+# The bracket includes opening CONNS connections (and the websocket upgrades): a few ms
+# against DURATION seconds. The idle CPU of each server over IDLE seconds is printed beside it.
+#
+# Load generators: wrk (1 thread, CONNS connections, one request in flight each: wrk never
+# pipelines) for HTTP; `fedbus bench` for /api/ws and nats (it speaks both), `--inflight 1`.
+set -euo pipefail
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-2}
+CONNS=${CONNS:-64}
+SIZE=${SIZE:-64}
+IDLE=${IDLE:-2}
+EXTRA_BIN=${EXTRA_BIN:-}
+export EXTRA_LABEL=${EXTRA_LABEL:-other build}
+[ -z "$EXTRA_BIN" ] || [ -x "$EXTRA_BIN" ] || { echo "EXTRA_BIN $EXTRA_BIN is not executable" >&2; exit 1; }
+ROOT=$(pwd)
+[ -f Cargo.toml ] && [ -d benches ] || { echo "run from the fedbus repo root" >&2; exit 1; }
+[ "$(nproc)" -ge 2 ] || { echo "needs 2 cores (server on core 1, load on core 0)" >&2; exit 1; }
+
+echo "== cargo build --release" >&2
+cargo build --release -q
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/fedbus
+[ -x "$BIN" ] || { echo "no $BIN" >&2; exit 1; }
+
+# need CMD PACKAGE: installs PACKAGE (Debian) when CMD is missing.
+need() {
+  command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ] && return 0
+  echo "== installing $2 (Debian package)" >&2
+  apt-get install -y -qq "$2" >/dev/null || { apt-get update -qq && apt-get install -y -qq "$2" >/dev/null; }
+}
+need wrk wrk
+need nginx nginx
+need nats-server nats-server
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+NATS=$(command -v nats-server || echo /usr/sbin/nats-server)
+WRK=$(command -v wrk)
+
+DATE=$(date +%F)
+HOST=$(hostname -s 2>/dev/null || hostname)
+OUT=${OUT:-$ROOT/benches/results/$DATE-cpu-per-request-$HOST.md}
+WORK=$(mktemp -d /tmp/fedbus-cpu.XXXXXX)
+LOAD_START=$(uptime | sed 's/.*load average/load average/')
+
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  sleep 0.3
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
+  [ -n "${KEEP:-}" ] && echo "kept $WORK" >&2 || rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done
+  echo "nothing listens on port $1" >&2; return 1
+}
+# ticks PID...: user+sys clock ticks of these processes (all their threads).
+ticks() {
+  local t=0 p
+  for p in "$@"; do
+    # Fields after the ")" of comm: utime is the 12th, stime the 13th.
+    t=$((t + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
+  done
+  echo "$t"
+}
+# thread_ticks PID...: "name@tid:ticks" of each thread of these processes, for the split.
+thread_ticks() {
+  local d
+  for d in $(for p in "$@"; do echo /proc/"$p"/task/*; done); do
+    echo "$(cat "$d/comm" 2>/dev/null | tr ' ' _)@$(basename "$d"):$(sed 's/.*) //' "$d/stat" | awk '{print $12 + $13}')"
+  done
+}
+HZ=$(getconf CLK_TCK)
+# ipis1: reschedule + function-call IPIs received by core 1 so far (/proc/interrupts RES, CAL).
+ipis1() { awk '$1=="RES:" || $1=="CAL:" {s += $3} END {print s + 0}' /proc/interrupts; }
+
+# ---- wrk script: POST SIZE bytes, wsids 0..15 in turn, JSON summary to $WRK_JSON.
+cat >"$WORK/post.lua" <<'LUA'
+local reqs = {}
+local i = 0
+function init(args)
+  local body = string.rep("x", tonumber(args[2]))
+  for w = 0, 15 do
+    reqs[w + 1] = wrk.format("POST", string.format(args[3], w),
+      { ["Authorization"] = "Bearer " .. args[1], ["Content-Type"] = "application/octet-stream" }, body)
+  end
+end
+function request()
+  i = i % #reqs + 1
+  return reqs[i]
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  local f = io.open(os.getenv("WRK_JSON"), "w")
+  f:write(string.format('{"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, "errors": %d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.status + e.timeout))
+  f:close()
+end
+LUA
+
+# ---- fedbus: router (shard core 1, control core 0) + echo task (core 0)
+export FEDBUS_HOME=$WORK/fedbus
+mkdir -p "$FEDBUS_HOME"
+"$BIN" keys init --keyring "$FEDBUS_HOME/keys" --app demo/echo >/dev/null
+TOKEN=$("$BIN" token client --app demo/echo --sub cpu-bench --ttl 2h --keyring "$FEDBUS_HOME/keys" | tail -1)
+# start_fedbus BIN TAG: a router (shard core 1, control thread core 0) and its echo task
+# (core 0) from BIN; sets ROUTER, ECHO, API_PORT, INT_PORT; waits until a request answers 200.
+start_fedbus() {
+  local bin=$1 tag=$2 ok=0 code
+  API_PORT=$(free_port); INT_PORT=$(free_port)
+  cat >"$WORK/router$tag.toml" <<EOF
+region = "local"
+cluster = "dev"
+keyring = "$FEDBUS_HOME/keys"
+
+[listen]
+api = "127.0.0.1:$API_PORT"
+internal = "127.0.0.1:$INT_PORT"
+admin_enabled = false
+
+[tuning]
+shard_cores = [1]
+control_core = 0
+
+[[apps]]
+name = "demo/echo"
+partitions = 16
+EOF
+  "$bin" run --config "$WORK/router$tag.toml" >"$WORK/router$tag.log" 2>&1 &
+  ROUTER=$!; PIDS+=($ROUTER)
+  for _ in $(seq 1 100); do grep -q '"shard_cores"' "$WORK/router$tag.log" 2>/dev/null && break; sleep 0.1; done
+  taskset -c 0 "$bin" task echo --router "127.0.0.1:$INT_PORT" --app demo/echo >"$WORK/echo$tag.log" 2>&1 &
+  ECHO=$!; PIDS+=($ECHO)
+  for _ in $(seq 1 100); do
+    code=$(python3 - "$API_PORT" "$TOKEN" <<'PY' 2>/dev/null || true
+import http.client, sys
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=2)
+c.request("POST", "/api/local/dev/demo/echo/api/0/sys/echo", body=b"ping", headers={"Authorization": "Bearer " + sys.argv[2]})
+print(c.getresponse().status)
+PY
+)
+    [ "$code" = 200 ] && { ok=1; break; }
+    sleep 0.1
+  done
+  [ $ok = 1 ] || { echo "fedbus router ($bin) never answered 200; log:" >&2; tail -20 "$WORK/router$tag.log" >&2; exit 1; }
+}
+FEDBUS_PATH="/api/local/dev/demo/echo/api/%d/sys/echo"
+start_fedbus "$BIN" ""
+
+# ---- PROFILE=<file>: only fedbus HTTP, under perf (counts, then a sampled profile); then exit.
+if [ -n "${PROFILE:-}" ]; then
+  need perf linux-perf
+  url=http://127.0.0.1:$API_PORT
+  echo "== profile: warm-up" >&2
+  WRK_JSON=/dev/null taskset -c 0 "$WRK" -t1 -c"$CONNS" -d"${WARMUP}s" -s "$WORK/post.lua" "$url" -- "$TOKEN" "$SIZE" "$FEDBUS_PATH" >/dev/null 2>&1 || true
+  echo "== profile: perf stat over a ${DURATION}s wrk run" >&2
+  EV=task-clock,context-switches,cpu-migrations,raw_syscalls:sys_enter,syscalls:sys_enter_io_uring_enter
+  EV=$EV,io_uring:io_uring_submit_req,io_uring:io_uring_poll_arm,io_uring:io_uring_task_work_run,io_uring:io_uring_queue_async_work
+  perf stat -e "$EV" -p "$ROUTER" -o "$WORK/stat.txt" &
+  PS=$!; sleep 0.5; q0=$(ipis1)
+  WRK_JSON=$WORK/stat-wrk.json taskset -c 0 "$WRK" -t1 -c"$CONNS" -d"${DURATION}s" -s "$WORK/post.lua" "$url" -- "$TOKEN" "$SIZE" "$FEDBUS_PATH" >/dev/null 2>&1
+  q1=$(ipis1); kill -INT $PS; wait $PS || true
+  echo "== profile: perf record -g over a ${DURATION}s wrk run" >&2
+  WRK_JSON=$WORK/rec-wrk.json taskset -c 0 "$WRK" -t1 -c"$CONNS" -d"${DURATION}s" -s "$WORK/post.lua" "$url" -- "$TOKEN" "$SIZE" "$FEDBUS_PATH" >/dev/null 2>&1 &
+  WP=$!; sleep 1
+  perf record -F 999 -g -p "$ROUTER" -o "$WORK/perf.data" -- sleep $((DURATION - 2)) 2>"$WORK/record.log"
+  wait $WP || true
+  perf report -i "$WORK/perf.data" --stdio --no-children --sort dso 2>/dev/null | { grep -E '^ +[0-9.]+%' || true; } | sed -n 1,8p >"$WORK/dso.txt"
+  perf report -i "$WORK/perf.data" --stdio --no-children --sort sym -g none 2>/dev/null | { grep -E '^ +[0-9.]+%' || true; } | sed -n 1,45p >"$WORK/sym.txt"
+  perf script -i "$WORK/perf.data" 2>/dev/null >"$WORK/script.txt"
+  python3 "$ROOT/benches/perf-groups.py" "$WORK/script.txt" "$WORK/stat.txt" "$WORK/stat-wrk.json" "$WORK/rec-wrk.json" \
+    "$WORK/dso.txt" "$WORK/sym.txt" "$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)" "$(uname -r)" \
+    "$(perf --version)" "$(uptime | sed 's/.*load average/load average/')" "$CONNS" "$SIZE" "$DURATION" "$((q1 - q0))" >"$PROFILE"
+  cat "$PROFILE"
+  exit 0
+fi
+
+# ---- nginx: proxy (core 1) -> upstream (core 0); alone (core 1)
+BODY=$(head -c "$SIZE" /dev/zero | tr '\0' x)
+nginx_conf() { # nginx_conf NAME PORT CORE_MASK LOCATION_BODY EXTRA_HTTP
+  local d=$WORK/nginx-$1
+  mkdir -p "$d/logs" "$d/tmp"
+  cat >"$d/nginx.conf" <<EOF
+user root;
+worker_processes 1;
+worker_cpu_affinity $3;
+daemon off;
+pid $d/nginx.pid;
+error_log $d/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $d/tmp/body; proxy_temp_path $d/tmp/proxy;
+  fastcgi_temp_path $d/tmp/fcgi; uwsgi_temp_path $d/tmp/uwsgi; scgi_temp_path $d/tmp/scgi;
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;
+  $5
+  server {
+    listen 127.0.0.1:$2 backlog=4096;
+    location / { $4 }
+  }
+}
+EOF
+  echo "$d/nginx.conf"
+}
+UP_PORT=$(free_port); PROXY_PORT=$(free_port); ALONE_PORT=$(free_port)
+ANSWER="client_body_buffer_size 64k; default_type application/octet-stream; return 200 \"$BODY\";"
+C_UP=$(nginx_conf upstream "$UP_PORT" 01 "$ANSWER" "")
+C_PROXY=$(nginx_conf proxy "$PROXY_PORT" 10 "proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; client_body_buffer_size 64k;" \
+  "upstream up { server 127.0.0.1:$UP_PORT; keepalive 256; keepalive_requests 100000000; }")
+C_ALONE=$(nginx_conf alone "$ALONE_PORT" 10 "$ANSWER" "")
+taskset -c 0 "$NGINX" -c "$C_UP" -e stderr >"$WORK/nginx-up.log" 2>&1 &
+NGX_UP=$!; PIDS+=($NGX_UP)
+taskset -c 1 "$NGINX" -c "$C_PROXY" -e stderr >"$WORK/nginx-proxy.log" 2>&1 &
+NGX_PROXY=$!; PIDS+=($NGX_PROXY)
+taskset -c 1 "$NGINX" -c "$C_ALONE" -e stderr >"$WORK/nginx-alone.log" 2>&1 &
+NGX_ALONE=$!; PIDS+=($NGX_ALONE)
+wait_port "$UP_PORT"; wait_port "$PROXY_PORT"; wait_port "$ALONE_PORT"
+sleep 0.3
+# nginx_pids MASTER: the master and its workers.
+nginx_pids() { echo "$1 $(pgrep -P "$1" | tr '\n' ' ')"; }
+
+# ---- nats-server (core 1)
+NATS_PORT=$(free_port)
+GOMAXPROCS=1 taskset -c 1 "$NATS" -a 127.0.0.1 -p "$NATS_PORT" >"$WORK/nats-server.log" 2>&1 &
+NATS_PID=$!; PIDS+=($NATS_PID)
+wait_port "$NATS_PORT"
+
+
+CMDS=$WORK/commands.txt; : >"$CMDS"
+ROWS=$WORK/rows.jsonl; : >"$ROWS"
+
+# measure NAME SERVER_PIDS BACKEND_PIDS KIND CMD...: a warm-up run, then a measured run bracketed
+# by the servers' CPU ticks. KIND is wrk or bench (where the request count comes from).
+measure() {
+  local name=$1 spids=$2 bpids=$3 kind=$4; shift 4
+  local j=$WORK/$name.json
+  echo "$*" | sed "s|${EXTRA_BIN:-@none@}|fedbus-extra|g; s|$BIN|fedbus|g; s|$WRK|wrk|g; s|$WORK/||g; s|$TOKEN|\$TOKEN|g; s|$FEDBUS_HOME/keys|keys|g;
+    s|:$API_PORT|:\$API|g; s|:$PROXY_PORT|:\$PROXY|g; s|:$ALONE_PORT|:\$ALONE|g; s|:$NATS_PORT|:\$NATS|g" >>"$CMDS"
+  echo "== $name" >&2
+  # Idle CPU of the server over IDLE seconds (timers, control thread): the floor under the load.
+  local i0 i1; i0=$(ticks $spids); sleep "$IDLE"; i1=$(ticks $spids)
+  local s0 b0 w0 t0 s1 b1 w1
+  s0=$(ticks $spids); b0=$(ticks $bpids); t0=$(thread_ticks $spids | tr '\n' ' '); w0=$(date +%s.%N); q0=$(ipis1)
+  if ! WRK_JSON=$j timeout $((DURATION + 60)) "$@" >"$WORK/$name.log" 2>&1; then
+    echo "   failed: $(tail -2 "$WORK/$name.log")" >&2
+  fi
+  q1=$(ipis1); w1=$(date +%s.%N); s1=$(ticks $spids); b1=$(ticks $bpids)
+  local t1; t1=$(thread_ticks $spids | tr '\n' ' ')
+  python3 - "$name" "$kind" "$j" "$WORK/$name.log" "$s0" "$s1" "$b0" "$b1" "$w0" "$w1" "$HZ" "$i0" "$i1" "$IDLE" "$t0" "$t1" "$q0" "$q1" >>"$ROWS" <<'PY'
+import json, re, sys
+name, kind, j, log, s0, s1, b0, b1, w0, w1, hz, i0, i1, idle, t0, t1, q0, q1 = sys.argv[1:]
+hz = float(hz)
+try:
+    d = json.load(open(j))
+except Exception:
+    print(json.dumps({"name": name, "failed": open(log).read()[-300:]}))
+    sys.exit(0)
+if kind == "wrk":
+    reqs, secs, p99, errs = d["requests"], d["duration_us"] / 1e6, d["p99_us"], d["errors"]
+else:
+    st = d.get("stats", d)
+    reqs = d.get("ok") or st.get("ok")
+    secs = d.get("seconds") or d.get("duration_s")
+    p99 = d["latency_us"]["p99"]
+    errs = d.get("errors", 0)
+    if isinstance(errs, dict):
+        errs = sum(errs.values())
+def split(s):
+    out = {}
+    for kv in s.split():
+        k, v = kv.rsplit(":", 1)
+        out[k] = int(v)
+    return out
+a, b = split(t0), split(t1)
+threads = sorted(((k.split("@")[0], (b[k] - a.get(k, 0)) / hz * 1e6 / reqs) for k in b if reqs), key=lambda x: -x[1])
+wall = float(w1) - float(w0)
+cpu = (int(s1) - int(s0)) / hz
+print(json.dumps({
+    "name": name, "requests": reqs, "seconds": secs, "rps": reqs / secs if secs else 0,
+    "p99_us": p99, "errors": errs, "server_cpu_s": cpu, "wall_s": wall,
+    "server_busy": cpu / wall, "server_us": cpu * 1e6 / reqs if reqs else None,
+    "backend_us": (int(b1) - int(b0)) / hz * 1e6 / reqs if reqs else None,
+    "idle_cpu_per_s": (int(i1) - int(i0)) / hz / float(idle),
+    "ipis_per_req": (int(q1) - int(q0)) / reqs if reqs else None,
+    "threads": [t for t in threads if t[1] >= 0.05],
+}))
+PY
+}
+
+WRKARGS=(-t1 -c"$CONNS" -d"${DURATION}s" --latency -s "$WORK/post.lua")
+WARM=(-t1 -c"$CONNS" -d"${WARMUP}s" -s "$WORK/post.lua")
+# wrk_case NAME SERVER_PIDS BACKEND_PIDS PORT PATH_TEMPLATE
+wrk_case() {
+  local name=$1 spids=$2 bpids=$3 port=$4 path=$5
+  echo "== $name (warm-up)" >&2
+  WRK_JSON=/dev/null taskset -c 0 "$WRK" "${WARM[@]}" "http://127.0.0.1:$port" -- "$TOKEN" "$SIZE" "$path" >/dev/null 2>&1 || true
+  measure "$name" "$spids" "$bpids" wrk taskset -c 0 "$WRK" "${WRKARGS[@]}" "http://127.0.0.1:$port" -- "$TOKEN" "$SIZE" "$path"
+}
+# bench_case NAME SERVER_PIDS BACKEND_PIDS ARGS...: fedbus bench, --inflight 1, load on core 0.
+bench_case() {
+  local name=$1 spids=$2 bpids=$3; shift 3
+  local common=(--connections "$CONNS" --inflight 1 --size "${SIZE}B" --cores 0)
+  echo "== $name (warm-up)" >&2
+  taskset -c 0 "$BIN" bench "$@" "${common[@]}" --duration "${WARMUP}s" --warmup 0s >/dev/null 2>&1 || true
+  measure "$name" "$spids" "$bpids" bench taskset -c 0 "$BIN" bench "$@" "${common[@]}" --duration "${DURATION}s" --warmup 0s --json "$WORK/$name.json"
+}
+
+wrk_case fedbus-http "$ROUTER" "$ECHO" "$API_PORT" "$FEDBUS_PATH"
+bench_case fedbus-ws "$ROUTER" "$ECHO" --target "http://127.0.0.1:$API_PORT" --protocol ws --keyring "$FEDBUS_HOME/keys"
+if [ -n "$EXTRA_BIN" ]; then
+  # The same two cases against a router and echo task built otherwise (EXTRA_BIN), same pinning.
+  kill "$ROUTER" "$ECHO" 2>/dev/null || true
+  start_fedbus "$EXTRA_BIN" -extra
+  wrk_case extra-http "$ROUTER" "$ECHO" "$API_PORT" "$FEDBUS_PATH"
+  bench_case extra-ws "$ROUTER" "$ECHO" --target "http://127.0.0.1:$API_PORT" --protocol ws --keyring "$FEDBUS_HOME/keys"
+  kill "$ROUTER" "$ECHO" 2>/dev/null || true
+fi
+wrk_case nginx-proxy "$(nginx_pids $NGX_PROXY)" "$(nginx_pids $NGX_UP)" "$PROXY_PORT" "$FEDBUS_PATH"
+wrk_case nginx-alone "$(nginx_pids $NGX_ALONE)" "" "$ALONE_PORT" "$FEDBUS_PATH"
+bench_case nats "$NATS_PID" "" --target "nats://127.0.0.1:$NATS_PORT"
+
+LOAD_END=$(uptime | sed 's/.*load average/load average/')
+MODEL=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)
+HYP=$(lscpu | sed -n 's/^Hypervisor vendor:[[:space:]]*//p' | head -1)
+python3 - "$ROWS" "$OUT" "$CMDS" "$DATE" "$HOST" "$MODEL${HYP:+ (under $HYP)}" "$(uname -r)" "$(nproc)" \
+  "$LOAD_START" "$LOAD_END" "$DURATION" "$WARMUP" "$CONNS" "$SIZE" "$IDLE" \
+  "$("$NGINX" -v 2>&1 | head -1)" "$("$NATS" --version 2>&1 | head -1)" "$("$WRK" -v 2>&1 | head -1)" "$(rustc -V)" \
+  "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" <<'PY'
+import json, os, sys
+(rows, out, cmds, date, host, model, kernel, nproc, l0, l1, dur, warm, conns, size, idle,
+ nginxv, natsv, wrkv, rustc, commit) = sys.argv[1:]
+r = {}
+for line in open(rows):
+    d = json.loads(line)
+    r[d["name"]] = d
+def us(k):
+    d = r.get(k)
+    return d.get("server_us") if d and "failed" not in d else None
+proxy, floor = us("nginx-proxy"), us("nginx-alone")
+extra = os.environ.get("EXTRA_LABEL", "other build")
+labels = [
+    ("fedbus-http", "fedbus router, HTTP/1.1 keep-alive", "router (`fedbus run`): shard core 1, control thread core 0", "`fedbus task echo` core 0", "wrk core 0"),
+    ("fedbus-ws", "fedbus router, /api/ws", "router: shard core 1, control thread core 0", "`fedbus task echo` core 0", "`fedbus bench` core 0"),
+    ("nginx-proxy", "nginx reverse proxy", "proxy nginx (master + 1 worker) core 1", "upstream nginx (`return 200`) core 0", "wrk core 0"),
+    ("nginx-alone", "nginx answering alone (floor)", "nginx (master + 1 worker, `return 200`) core 1", "none", "wrk core 0"),
+    ("nats", "nats-server request/reply", "`GOMAXPROCS=1` nats-server core 1", "responders in `fedbus bench` core 0", "`fedbus bench` core 0"),
+]
+if "extra-http" in r:
+    labels[2:2] = [
+        ("extra-http", f"fedbus router, HTTP/1.1 keep-alive ({extra})", "router: shard core 1, control thread core 0", "`fedbus task echo` core 0", "wrk core 0"),
+        ("extra-ws", f"fedbus router, /api/ws ({extra})", "router: shard core 1, control thread core 0", "`fedbus task echo` core 0", "`fedbus bench` core 0"),
+    ]
+o = [f"# Server CPU per request, 1 in flight per connection: {date} on {host}", ""]
+o += [f"Made by `benches/cpu-per-request.sh` (`DURATION={dur} WARMUP={warm} CONNS={conns} SIZE={size}`) at commit {commit}.", ""]
+o += ["## Machine", "", f"- CPU (`lscpu`): {model}, {nproc} cores", f"- kernel: {kernel}",
+      f"- load (`uptime`) at start: {l0}", f"- load (`uptime`) at end: {l1}",
+      f"- {rustc}; {nginxv}; {natsv}; {wrkv}", ""]
+o += ["## Results", "",
+      f"{conns} connections, 1 request in flight on each, {size} B POST bodies, {size} B answers. "
+      "Server CPU = user+sys ticks of the server process(es) from `/proc/PID/stat` over the measured run / requests served. "
+      "Busy = server CPU seconds / wall seconds (1.00 = core 1 saturated).", "",
+      "| system | server CPU us/req | vs nginx proxy | vs floor | req/s | p99 us | busy | backend CPU us/req | IPIs to core 1 /req | errors |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+for k, label, *_ in labels:
+    d = r.get(k)
+    if not d or "failed" in d:
+        o.append(f"| {label} | failed | | | | | | | | |")
+        continue
+    s = d["server_us"]
+    rp = f"{s / proxy:.2f}" if proxy else "n/a"
+    rf = f"{s / floor:.2f}" if floor else "n/a"
+    b = f"{d['backend_us']:.1f}" if d["backend_us"] and k not in ("nginx-alone", "nats") else "n/a"
+    o.append(f"| {label} | **{s:.1f}** | {rp} | {rf} | {d['rps']:.0f} | {d['p99_us']:.0f} | {d['server_busy']:.2f} | {b} | {d['ipis_per_req']:.2f} | {d['errors']} |")
+o += ["", "Backend CPU: the echo task (fedbus) and the upstream nginx (proxy), counted apart from the server; "
+      "nats-server's responders live in the load generator and are not counted. "
+      "IPIs to core 1: reschedule + function-call interrupts received by core 1 (`/proc/interrupts` RES + CAL) "
+      "over the measured run / requests; in a KVM guest each one costs a VM exit.", ""]
+o += ["## Where the server's CPU went, by thread (us/req)", ""]
+for k, label, *_ in labels:
+    d = r.get(k)
+    if d and "threads" in d:
+        o.append(f"- {label}: " + ", ".join(f"`{n}` {v:.2f}" for n, v in d["threads"]) +
+                 f"; idle CPU before the run: {d['idle_cpu_per_s'] * 1000:.1f} ms/s")
+o += ["", "## Core assignment", "", "| system | core 1 | core 0 (backend) | core 0 (load) |", "|---|---|---|---|"]
+for k, label, srv, back, load in labels:
+    o.append(f"| {label} | {srv} | {back} | {load} |")
+o += ["", "## Commands", "", "Each measured command below ran after a warm-up run of the same command "
+      f"for {warm} s; `$TOKEN` is a client JWT from `fedbus token client`, post.lua POSTs {size} B to "
+      "`/api/local/dev/demo/echo/api/<0..15>/sys/echo` (the same path for nginx, which ignores it).", "", "```",
+      "fedbus run --config router.toml       # shard_cores = [1], control_core = 0",
+      "taskset -c 0 fedbus task echo --router 127.0.0.1:$INTERNAL --app demo/echo",
+      "taskset -c 0 nginx -c nginx-upstream/nginx.conf   # worker_processes 1; return 200 \"<64 x>\"",
+      "taskset -c 1 nginx -c nginx-proxy/nginx.conf      # worker_processes 1; proxy_pass to upstream, keepalive 256",
+      "taskset -c 1 nginx -c nginx-alone/nginx.conf      # worker_processes 1; return 200 \"<64 x>\"",
+      "GOMAXPROCS=1 taskset -c 1 nats-server -a 127.0.0.1 -p $NATS"]
+o += [l.rstrip() for l in open(cmds)] + ["```", ""]
+open(out, "w").write("\n".join(o))
+print(out)
+PY
+cat "$OUT"

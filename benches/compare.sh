@@ -298,21 +298,24 @@ def tls_section(level):
             "handshake (resumption off in the client; the `--resume` row resumes with the router's session "
             "tickets), sends one request, reads the answer and closes. \"per server CPU-second\" is full "
             "handshakes (with their one request) per second of one server core.", "",
-            "| system | connections/s | p50 us | p99 us | server CPU us/connection | connections per server CPU-second | errors |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+            "| system | connections/s | p50 us | p99 us | server CPU us/connection | connections per server CPU-second | TLS handshakes full / resumed | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for key, label in [("hs-http", "fedbus http (no TLS)"), ("hs-https", "fedbus https, full handshake"),
                        ("hs-https-resume", "fedbus https, resumed"), ("hs-nginx", "nginx TLS proxy + fedbus http, full handshake")]:
         d = load(key)
         if d is None:
-            out.append(f"| {label} | failed | | | | | |")
+            out.append(f"| {label} | failed | | | | | | |")
             continue
         l, c = d["latency_us"], cpu(d)
         cs = (f"{c[0]:.1f} | {c[1]:.0f}") if c else "n/a | n/a"
-        out.append(f"| {label} | {d['rps']:.0f} | {l['p50']:.0f} | {l['p99']:.0f} | {cs} | {d['errors']} |")
+        hk = d.get("tls_handshakes")
+        hs_kinds = f"{hk['full']} / {hk['resumed']}" if hk else "-"
+        out.append(f"| {label} | {d['rps']:.0f} | {l['p50']:.0f} | {l['p99']:.0f} | {cs} | {hs_kinds} | {d['errors']} |")
     out.append("")
     hs, hn = load("hs-https"), load("hs-nginx")
-    out += [f"Full handshakes per server core: fedbus **{cpu(hs)[1] if cpu(hs) else 'n/a'}**/s, "
-            f"nginx TLS proxy + fedbus **{cpu(hn)[1] if cpu(hn) else 'n/a'}**/s (ratio {core_ratio(hs, hn)}).", ""]
+    fmt = lambda d: f"{cpu(d)[1]:.0f}" if cpu(d) else "n/a"
+    out += [f"Full handshakes per second per server core (each with its one request): fedbus **{fmt(hs)}**, "
+            f"nginx TLS proxy + fedbus **{fmt(hn)}** (ratio {core_ratio(hs, hn)}).", ""]
     return out
 
 if suite == "tls":

@@ -1,6 +1,6 @@
 //! `fedbus bench` over TLS, end to end: the bench starts a router with an HTTPS listener and an
-//! echo task, loads it over `https://`, `wss://` and with a new connection (a full handshake)
-//! per request, and reports the router's CPU per request. Each run is bounded (a short
+//! echo task, loads it over `https://`, `wss://` and with a new connection (a full handshake,
+//! or a resumed one) per request, and reports the router's CPU per request. Each run is bounded (a short
 //! window, `timeout`-free: the bench ends by itself and its setup is limited to 15 s).
 
 use std::path::Path;
@@ -41,7 +41,7 @@ fn check(v: &serde_json::Value, protocol: &str, conn_per_request: bool) {
 }
 
 #[test]
-fn bench_loads_a_router_over_https_wss_and_full_handshakes() {
+fn bench_loads_a_router_over_https_wss_and_new_connections() {
     let dir = std::env::temp_dir().join(format!("fedbus-bench-tls-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let keep = ["--tls", "--connections", "2", "--inflight", "4"];
@@ -53,5 +53,16 @@ fn bench_loads_a_router_over_https_wss_and_full_handshakes() {
     check(&v, "https", true);
     assert_eq!(v["settings"]["tls_resume"], false, "{v}");
     assert_eq!(v["settings"]["inflight"], 1, "{v}");
+    // Every connection did a full handshake: the client kept no session to resume.
+    assert_eq!(v["tls_handshakes"]["resumed"], 0, "{v}");
+    assert!(v["tls_handshakes"]["full"].as_u64().unwrap_or(0) > 0, "{v}");
+    let resume = [&full[..], &["--resume"]].concat();
+    let v = bench(&dir, "resume", &resume);
+    check(&v, "https", true);
+    // One shared ClientConfig: the router's tickets make later connections resume.
+    assert!(
+        v["tls_handshakes"]["resumed"].as_u64().unwrap_or(0) > 0,
+        "{v}"
+    );
     std::fs::remove_dir_all(&dir).expect("clean up");
 }

@@ -18,6 +18,7 @@ use fedbus_router::ws::{handshake, ClientTlsStream, PartsWriter, Side, Stream};
 use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
+use rustls::HandshakeKind;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
@@ -1163,7 +1164,17 @@ async fn churn(index: usize, plan: &Plan, ctx: &Ctx) {
             match tls {
                 None => one_request(tcp, &mut codec, &parts).await,
                 Some(t) => {
-                    one_request(tls_handshake(tcp, t, addr).await?, &mut codec, &parts).await
+                    let s = tls_handshake(tcp, t, addr).await?;
+                    let resumed = s.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed);
+                    if ctx.in_window(start) {
+                        let mut st = ctx.stats.borrow_mut();
+                        if resumed {
+                            st.resumed_handshakes += 1;
+                        } else {
+                            st.full_handshakes += 1;
+                        }
+                    }
+                    one_request(s, &mut codec, &parts).await
                 }
             }
         };

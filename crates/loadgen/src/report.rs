@@ -29,6 +29,10 @@ pub(crate) struct Stats {
     pub(crate) ok: u64,
     /// Everything else, by status (see `codec::status_name`).
     pub(crate) errors: BTreeMap<u16, u64>,
+    /// `--conn-per-request` over TLS: handshakes done in full.
+    pub(crate) full_handshakes: u64,
+    /// `--conn-per-request` over TLS: handshakes that resumed a session.
+    pub(crate) resumed_handshakes: u64,
 }
 
 impl Default for Stats {
@@ -38,6 +42,8 @@ impl Default for Stats {
             uncorrected: new_histogram(),
             ok: 0,
             errors: BTreeMap::new(),
+            full_handshakes: 0,
+            resumed_handshakes: 0,
         }
     }
 }
@@ -67,6 +73,8 @@ impl Stats {
         let _ = self.corrected.add(&other.corrected);
         let _ = self.uncorrected.add(&other.uncorrected);
         self.ok += other.ok;
+        self.full_handshakes += other.full_handshakes;
+        self.resumed_handshakes += other.resumed_handshakes;
         for (k, v) in &other.errors {
             *self.errors.entry(*k).or_insert(0) += v;
         }
@@ -170,6 +178,12 @@ impl Report {
         if self.open_loop {
             doc["uncorrected_latency_us"] = latency_json(&s.uncorrected);
         }
+        if s.full_handshakes + s.resumed_handshakes > 0 {
+            doc["tls_handshakes"] = json!({
+                "full": s.full_handshakes,
+                "resumed": s.resumed_handshakes,
+            });
+        }
         if let Some(cpu) = self.cpu_seconds {
             let per = self.cpu_per_request();
             doc["server_cpu"] = json!({
@@ -202,6 +216,12 @@ impl Report {
             out.push_str(&format!("errors         {}\n", e.join(", ")));
         }
         out.push_str(&format!("throughput     {:.0} req/s\n", self.rps()));
+        if s.full_handshakes + s.resumed_handshakes > 0 {
+            out.push_str(&format!(
+                "tls handshakes {} full, {} resumed\n",
+                s.full_handshakes, s.resumed_handshakes
+            ));
+        }
         if let (Some(cpu), Some((us, per_core))) = (self.cpu_seconds, self.cpu_per_request()) {
             out.push_str(&format!(
                 "server cpu     {cpu:.2} s: {us:.2} us/request, {per_core:.0} requests per CPU-second\n"
@@ -441,6 +461,18 @@ mod tests {
         assert!(r.table().contains("us/request"));
         r.cpu_seconds = Some(0.0);
         assert!(r.cpu_per_request().is_none());
+        assert!(r.to_json().get("tls_handshakes").is_none());
+        r.stats.full_handshakes = 3;
+        let other = Stats {
+            resumed_handshakes: 2,
+            ..Stats::default()
+        };
+        r.stats.merge(&other);
+        assert_eq!(
+            r.to_json()["tls_handshakes"],
+            json!({"full": 3, "resumed": 2})
+        );
+        assert!(r.table().contains("3 full, 2 resumed"));
     }
 
     #[test]

@@ -9,19 +9,21 @@ use super::http::HttpCodec;
 use super::nats;
 use super::report::Stats;
 use super::schedule::Schedule;
+use super::tls::TlsClient;
 use super::websocket::{self, take_frame, WsCodec};
 use bytes::{Bytes, BytesMut};
-use fedbus_router::ws::conn::{self as wsconn, ReadSpace, SocketWriter};
+use fedbus_router::ws::conn::{ReadSpace, SocketWriter};
 use fedbus_router::ws::frame::opcode;
-use fedbus_router::ws::{handshake, Side};
-use futures_lite::{AsyncRead, AsyncWriteExt};
+use fedbus_router::ws::{handshake, ClientTlsStream, PartsWriter, Side, Stream};
+use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
+use rustls::HandshakeKind;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::io::{FromRawFd, IntoRawFd, RawFd};
+use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -37,10 +39,18 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// What the connections speak, and to whom.
 #[derive(Debug, Clone)]
 pub(crate) enum Proto {
-    /// HTTP/1.1 to a router's api listener.
-    Http { host: String, addr: SocketAddr },
-    /// The router's client websocket endpoint (`GET /api/ws`).
-    Ws { host: String, addr: SocketAddr },
+    /// HTTP/1.1 to a router's api listener (HTTPS with `tls`).
+    Http {
+        host: String,
+        addr: SocketAddr,
+        tls: Option<TlsClient>,
+    },
+    /// The router's client websocket endpoint (`GET /api/ws`; `wss://` with `tls`).
+    Ws {
+        host: String,
+        addr: SocketAddr,
+        tls: Option<TlsClient>,
+    },
     /// nats-server request/reply, with `responders` echo connections.
     Nats { addr: SocketAddr, responders: usize },
     /// `--direct`: task links accepted on this listener (fd of a bound std listener).
@@ -69,6 +79,11 @@ pub(crate) struct Plan {
     pub(crate) cluster: String,
     pub(crate) app: String,
     pub(crate) spin: Option<Duration>,
+    /// A new connection (and, over TLS, a new handshake) per request, one request per
+    /// connection at a time (`--conn-per-request`); `connections` is the concurrency.
+    pub(crate) conn_per_request: bool,
+    /// Processes whose CPU time (user + system) is measured over the window.
+    pub(crate) cpu_pids: Vec<u32>,
 }
 
 /// Counters for the live progress line, one set per executor.
@@ -127,6 +142,8 @@ pub(crate) struct RunOut {
     pub(crate) failures: Vec<String>,
     /// Length of the measurement window actually covered.
     pub(crate) seconds: f64,
+    /// CPU seconds (user + system) of `Plan::cpu_pids` over the measurement window.
+    pub(crate) cpu_seconds: Option<f64>,
 }
 
 /// Runs the plan to the end (or until `stop`), printing progress once per second on stderr.
@@ -211,10 +228,17 @@ pub(crate) fn run(plan: Plan, stop: Arc<AtomicBool>) -> anyhow::Result<RunOut> {
     let mut stopped_at: Option<f64> = None;
     let mut last = (0u64, Instant::now());
     let mut next_tick = t0 + Duration::from_secs(1);
+    let mut cpu = CpuWindow::new(
+        &plan.cpu_pids,
+        t0 + plan.warmup,
+        t0 + plan.warmup + plan.duration,
+    );
     while finished.load(Ordering::Acquire) < execs {
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(cpu.nap(Duration::from_millis(50)));
+        cpu.sample(Instant::now());
         if stopped_at.is_none() && stop.load(Ordering::Relaxed) {
             stopped_at = Some(t0.elapsed().as_secs_f64());
+            cpu.stop(Instant::now());
         }
         let now = Instant::now();
         if now >= next_tick {
@@ -265,7 +289,75 @@ pub(crate) fn run(plan: Plan, stop: Arc<AtomicBool>) -> anyhow::Result<RunOut> {
         stats,
         failures,
         seconds: (end - warm).max(0.0),
+        cpu_seconds: cpu.seconds(),
     })
+}
+
+/// Samples the CPU time of the server processes at the start and the end of the measurement
+/// window, from the progress loop (which naps no longer than up to the next mark, so a mark
+/// is sampled within a scheduler tick of its time).
+struct CpuWindow<'a> {
+    pids: &'a [u32],
+    start_at: Instant,
+    end_at: Instant,
+    start: Option<f64>,
+    end: Option<f64>,
+}
+
+impl<'a> CpuWindow<'a> {
+    fn new(pids: &'a [u32], start_at: Instant, end_at: Instant) -> Self {
+        CpuWindow {
+            pids,
+            start_at,
+            end_at,
+            start: None,
+            end: None,
+        }
+    }
+
+    /// How long to sleep: `most`, or less to wake at the next mark.
+    fn nap(&self, most: Duration) -> Duration {
+        let now = Instant::now();
+        let next = if self.start.is_none() {
+            self.start_at
+        } else if self.end.is_none() {
+            self.end_at
+        } else {
+            return most;
+        };
+        if self.pids.is_empty() {
+            return most;
+        }
+        next.saturating_duration_since(now)
+            .clamp(Duration::from_millis(1), most)
+    }
+
+    fn sample(&mut self, now: Instant) {
+        if self.pids.is_empty() {
+            return;
+        }
+        if self.start.is_none() && now >= self.start_at {
+            self.start = super::cpu::total(self.pids);
+            // Unreadable: give up on this run's CPU figure.
+            if self.start.is_none() {
+                self.pids = &[];
+            }
+        } else if self.start.is_some() && self.end.is_none() && now >= self.end_at {
+            self.end = super::cpu::total(self.pids);
+        }
+    }
+
+    /// Ctrl-C: the window ends now.
+    fn stop(&mut self, now: Instant) {
+        if self.start.is_some() && self.end.is_none() {
+            self.end_at = now;
+            self.sample(now);
+        }
+    }
+
+    fn seconds(&self) -> Option<f64> {
+        Some(self.end? - self.start?)
+    }
 }
 
 /// Counts an executor as finished however it ends.
@@ -277,9 +369,15 @@ impl Drop for Finished {
     }
 }
 
+/// A connection's byte stream.
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<ClientTlsStream>),
+}
+
 /// A connected, handshaken connection ready for load.
 struct Prepared {
-    stream: TcpStream,
+    stream: Transport,
     leftover: BytesMut,
     codec: Box<dyn Codec>,
     /// Index among all connections.
@@ -336,6 +434,16 @@ async fn executor_main(
         })
     };
     let mut tasks = Vec::new();
+    if plan.conn_per_request {
+        for index in my_share(ex, plan.cores.len(), plan.connections) {
+            let (ctx, live, plan) = (ctx.clone(), live.clone(), plan.clone());
+            live.set(live.get() + 1);
+            tasks.push(glommio::spawn_local(async move {
+                churn(index, &plan, &ctx).await;
+                live.set(live.get() - 1);
+            }));
+        }
+    }
     for p in conns {
         let (ctx, live) = (ctx.clone(), live.clone());
         tasks.push(glommio::spawn_local(async move {
@@ -394,9 +502,10 @@ async fn setup(ex: usize, plan: &Plan) -> Result<Vec<Prepared>, String> {
     let body = payload(plan.size);
     let mut out = Vec::new();
     match &plan.proto {
-        Proto::Http { host, addr } => {
+        Proto::Http { .. } | Proto::Ws { .. } if plan.conn_per_request => {}
+        Proto::Http { host, addr, tls } => {
             for index in my_share(ex, execs, plan.connections) {
-                let stream = connect(*addr).await?;
+                let stream = connect_tls(*addr, tls.as_ref()).await?;
                 let codec = HttpCodec::new(
                     host,
                     &plan.region,
@@ -413,12 +522,21 @@ async fn setup(ex: usize, plan: &Plan) -> Result<Vec<Prepared>, String> {
                 });
             }
         }
-        Proto::Ws { host, addr } => {
+        Proto::Ws { host, addr, tls } => {
             let metas = (0..plan.wsids)
                 .map(|w| websocket::client_meta(&plan.region, &plan.cluster, &plan.app, w))
                 .collect::<Vec<_>>();
             for index in my_share(ex, execs, plan.connections) {
-                let (stream, leftover) = ws_connect(*addr, host, &plan.token).await?;
+                let (stream, leftover) = match connect_tls(*addr, tls.as_ref()).await? {
+                    Transport::Plain(mut s) => {
+                        let left = ws_upgrade(&mut s, addr, host, &plan.token).await?;
+                        (Transport::Plain(s), left)
+                    }
+                    Transport::Tls(mut s) => {
+                        let left = ws_upgrade(&mut *s, addr, host, &plan.token).await?;
+                        (Transport::Tls(s), left)
+                    }
+                };
                 let codec = WsCodec::new(Side::Client, metas.clone(), vec![], body.clone());
                 out.push(Prepared {
                     stream,
@@ -439,7 +557,7 @@ async fn setup(ex: usize, plan: &Plan) -> Result<Vec<Prepared>, String> {
                 let (stream, leftover) = nats_connect(*addr, &sub).await?;
                 let codec = nats::NatsCodec::new(&conn, body.clone());
                 out.push(Prepared {
-                    stream,
+                    stream: Transport::Plain(stream),
                     leftover,
                     codec: Box::new(codec),
                     index,
@@ -456,12 +574,41 @@ async fn setup(ex: usize, plan: &Plan) -> Result<Vec<Prepared>, String> {
     Ok(out)
 }
 
-async fn ws_connect(
+/// Connects, and with `tls` does the TLS handshake (bounded by the setup timeout).
+async fn connect_tls(addr: SocketAddr, tls: Option<&TlsClient>) -> Result<Transport, String> {
+    let tcp = connect(addr).await?;
+    let Some(t) = tls else {
+        return Ok(Transport::Plain(tcp));
+    };
+    let s = tls_handshake(tcp, t, addr).await?;
+    Ok(Transport::Tls(Box::new(s)))
+}
+
+/// The client side of a TLS handshake over `tcp`, bounded by the setup timeout.
+async fn tls_handshake(
+    tcp: TcpStream,
+    t: &TlsClient,
     addr: SocketAddr,
+) -> Result<ClientTlsStream, String> {
+    let hs = t.connector().connect(t.name.clone(), tcp);
+    match glommio::timer::timeout(SETUP_TIMEOUT, async { Ok(hs.await) }).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(format!("TLS handshake with {addr}: {e}")),
+        Err(_) => Err(format!(
+            "TLS handshake with {addr}: not done within {}s",
+            SETUP_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// Sends the websocket upgrade request on `s` and waits for the 101; returns what was read
+/// beyond it.
+async fn ws_upgrade<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    addr: &SocketAddr,
     host: &str,
     token: &str,
-) -> Result<(TcpStream, BytesMut), String> {
-    let mut s = connect(addr).await?;
+) -> Result<BytesMut, String> {
     let key = handshake::new_key();
     let req = handshake::client_request(host, "/api/ws", &key, Some(token));
     s.write_all(req.as_bytes())
@@ -472,7 +619,7 @@ async fn ws_connect(
         match handshake::parse_client_response(&buf, &key) {
             Ok(handshake::ClientHandshake::Accepted(n)) => {
                 let _ = buf.split_to(n);
-                return Ok((s, buf));
+                return Ok(buf);
             }
             Ok(handshake::ClientHandshake::Refused { status, body }) => {
                 return Err(format!(
@@ -483,7 +630,7 @@ async fn ws_connect(
             Ok(handshake::ClientHandshake::Incomplete) => {}
             Err(e) => return Err(format!("websocket upgrade to {addr}: {e}")),
         }
-        let n = read_more(&mut s, &mut buf, &mut ReadSpace::default())
+        let n = read_more(s, &mut buf, &mut ReadSpace::default())
             .await
             .map_err(|e| format!("websocket upgrade to {addr}: {e}"))?;
         if n == 0 {
@@ -607,7 +754,7 @@ async fn accept_links(
         let codec = WsCodec::new(Side::Server, metas, parts, body.clone());
         let index = out.len();
         out.push(Prepared {
-            stream: s,
+            stream: Transport::Plain(s),
             leftover,
             codec: Box::new(codec),
             index,
@@ -791,20 +938,38 @@ async fn notified(c: &RefCell<Conn>) {
 }
 
 async fn drive(p: Prepared, ctx: Rc<Ctx>) {
-    let (r, mut w) = wsconn::split(p.stream);
+    // One copy of the connection code per transport: the plaintext one is the same code as
+    // before TLS (one `sendmsg` per batch).
+    match p.stream {
+        Transport::Plain(s) => drive_on(s, p.leftover, p.codec, p.index, ctx).await,
+        Transport::Tls(s) => drive_on(*s, p.leftover, p.codec, p.index, ctx).await,
+    }
+}
+
+async fn drive_on<S: Stream>(
+    stream: S,
+    leftover: BytesMut,
+    codec: Box<dyn Codec>,
+    index: usize,
+    ctx: Rc<Ctx>,
+) {
+    let fd = stream.tcp().as_raw_fd();
+    let (r, mut w) = stream.into_split();
     let conn = Rc::new(RefCell::new(Conn::default()));
-    let codec = Rc::new(RefCell::new(p.codec));
+    let codec = Rc::new(RefCell::new(codec));
     let reader = glommio::spawn_local(read_side(
         r,
-        p.leftover,
+        leftover,
         codec.clone(),
         conn.clone(),
         ctx.clone(),
     ));
-    write_side(&mut w, p.index, codec, conn.clone(), &ctx).await;
+    write_side(&mut w, index, codec, conn.clone(), &ctx).await;
     // Wakes the reader out of its read: every answer that will come has come.
     conn.borrow_mut().shut = true;
-    w.shutdown();
+    // SAFETY: shutdown(2) on this connection's own socket, kept open by the reader task's
+    // half of the stream until `reader` completes below.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
     reader.await;
     let c = conn.borrow();
     let status = if c.error.is_some() {
@@ -817,12 +982,12 @@ async fn drive(p: Prepared, ctx: Rc<Ctx>) {
         ctx.record(status, *intended, *sent, now);
     }
     if let Some(e) = &c.error {
-        ctx.fail(p.index, e.clone());
+        ctx.fail(index, e.clone());
     }
 }
 
-async fn write_side(
-    w: &mut wsconn::WriteHalf,
+async fn write_side<W: PartsWriter>(
+    w: &mut W,
     index: usize,
     codec: Rc<RefCell<Box<dyn Codec>>>,
     conn: Rc<RefCell<Conn>>,
@@ -864,7 +1029,7 @@ async fn write_side(
         if !batch.is_empty() {
             let parts = batch.parts().to_vec();
             batch.clear();
-            if let Err(e) = w.write_all_vectored(&parts).await {
+            if let Err(e) = w.write_parts(&parts).await {
                 let mut c = conn.borrow_mut();
                 c.error.get_or_insert_with(|| format!("write: {e}"));
                 return;
@@ -904,7 +1069,7 @@ async fn write_side(
         .await;
         // Keep answering pings while draining.
         let replies: Vec<Bytes> = conn.borrow_mut().replies.drain(..).collect();
-        if !replies.is_empty() && w.write_all_vectored(&replies).await.is_err() {
+        if !replies.is_empty() && w.write_parts(&replies).await.is_err() {
             break;
         }
     }
@@ -965,6 +1130,95 @@ async fn read_side<R: AsyncRead + Unpin>(
     }
     c.closed = true;
     c.notify();
+}
+
+/// `--conn-per-request`: one slot of the concurrency. Each request opens a new connection (over
+/// TLS: a full handshake, or a resumed one with `--resume`), sends one request, reads its
+/// answer and closes (TLS: `close_notify`). Latency covers all of it, connect included.
+async fn churn(index: usize, plan: &Plan, ctx: &Ctx) {
+    let (host, addr, tls) = match &plan.proto {
+        Proto::Http { host, addr, tls } => (host, *addr, tls.as_ref()),
+        _ => return,
+    };
+    let mut codec = HttpCodec::new(
+        host,
+        &plan.region,
+        &plan.cluster,
+        &plan.app,
+        &plan.token,
+        payload(plan.size),
+    );
+    let mut batch = Batch::new();
+    let wsids = ctx.wsids as u64;
+    for id in 0u64.. {
+        let start = ctx.now();
+        if start >= ctx.end_ns || ctx.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let wsid = ((id + index as u64) % wsids) as u32;
+        batch.clear();
+        codec.encode(id, wsid, &mut batch);
+        let parts = batch.parts().to_vec();
+        let once = async {
+            let tcp = connect(addr).await?;
+            match tls {
+                None => one_request(tcp, &mut codec, &parts).await,
+                Some(t) => {
+                    let s = tls_handshake(tcp, t, addr).await?;
+                    let resumed = s.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed);
+                    if ctx.in_window(start) {
+                        let mut st = ctx.stats.borrow_mut();
+                        if resumed {
+                            st.resumed_handshakes += 1;
+                        } else {
+                            st.full_handshakes += 1;
+                        }
+                    }
+                    one_request(s, &mut codec, &parts).await
+                }
+            }
+        };
+        let r = match glommio::timer::timeout(SETUP_TIMEOUT, async { Ok(once.await) }).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {}s", SETUP_TIMEOUT.as_secs())),
+        };
+        match r {
+            Ok(status) => ctx.record(status, start, start, ctx.now()),
+            Err(e) => {
+                ctx.record(STATUS_TRANSPORT, start, start, ctx.now());
+                ctx.fail(index, e);
+                // A refused connect fails at once: do not spin on it.
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Writes the request in `batch` on a fresh connection, reads its answer, closes our side.
+async fn one_request<S: Stream>(
+    mut s: S,
+    codec: &mut HttpCodec,
+    parts: &[Bytes],
+) -> Result<u16, String> {
+    s.write_parts(parts)
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut space = ReadSpace::default();
+    let mut ev = Vec::with_capacity(1);
+    loop {
+        codec.decode(&mut buf, &mut ev)?;
+        if let Some(Event::Done { status, .. }) = ev.first() {
+            let status = *status;
+            let _ = s.shutdown_write().await;
+            return Ok(status);
+        }
+        match read_more(&mut s, &mut buf, &mut space).await {
+            Ok(0) => return Err("peer closed the connection".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
 }
 
 /// Binds the `--direct` listener on the calling thread; the executor takes the fd.

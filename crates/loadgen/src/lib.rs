@@ -6,7 +6,10 @@
 //! (table, `--json`, `--hgrm`, `--plot`). Runs in its own process; never part of a router.
 //!
 //! Modes:
-//! - `--target http://H:P` (`--protocol http|ws`): a running router.
+//! - `--target http://H:P` (`--protocol http|ws`): a running router. `https://H:P` (and
+//!   `wss://H:P`, which is `https://` with `--protocol ws`) speaks TLS, trusting `--cacert`
+//!   (default: the keyring's dev CA, `<keyring>/tls/dev-ca.pem`); all connections share one
+//!   rustls `ClientConfig`, so later connections resume the session of earlier ones.
 //! - `--target nats://H:P`: nats-server request/reply, the anchor. Responders (queue group `q`)
 //!   run on the same executors as the requesters, as the tasks would.
 //! - `--direct`: no router. The bench plays the router's task-link side and starts one
@@ -15,7 +18,17 @@
 //!   are driven by the first load core.
 //! - no `--target`: starts `fedbus run` (shards on core 1, control on core 0 on a machine with
 //!   two or more cores; else all on core 0) and `fedbus task echo` on core 0, then loads the
-//!   router from core 0.
+//!   router from core 0. `--tls`: the router also listens for HTTPS (a fresh CA and
+//!   certificate in the scratch dir) and the load goes there (`https://`, or `wss://` with
+//!   `--protocol ws`).
+//! - `--conn-per-request` (HTTP, plain or TLS): every request on a new connection, closed
+//!   after its answer; over TLS each is a full handshake (resumption off; `--resume` keeps
+//!   it). `--connections` is the concurrency. This measures handshakes (connections) per
+//!   second.
+//!
+//! Server CPU: with `--cpu-pid PID` (repeatable; the spawned router's pid is added by
+//! itself) the report gives the user + system CPU time of those processes over the window,
+//! per request and as requests per CPU-second.
 //!
 //! Closed loop (default): `--inflight` requests outstanding per connection. Open loop
 //! (`--rate`): requests leave at scheduled times and latency counts from the scheduled time
@@ -27,6 +40,7 @@
 #![deny(missing_docs)]
 
 mod codec;
+mod cpu;
 mod engine;
 mod http;
 mod nats;
@@ -34,6 +48,7 @@ mod parse;
 mod report;
 mod schedule;
 mod spawn;
+mod tls;
 mod websocket;
 
 use anyhow::{bail, Context as _};
@@ -45,6 +60,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
+use tls::TlsClient;
 
 /// What the load generator speaks to a fedbus router.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,8 +74,9 @@ pub enum Protocol {
 /// Flags of `fedbus bench`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// `http://HOST:PORT` (a running fedbus router) or `nats://HOST:PORT` (nats-server).
-    /// Absent: start a router and an echo task as child processes.
+    /// `http://HOST:PORT` or `https://HOST:PORT` (a running fedbus router; `ws://`/`wss://`
+    /// imply `--protocol ws`) or `nats://HOST:PORT` (nats-server). Absent: start a router and
+    /// an echo task as child processes.
     #[arg(long)]
     pub target: Option<String>,
     /// Client protocol towards a fedbus router.
@@ -133,6 +150,23 @@ pub struct BenchArgs {
     /// Busy-poll this many microseconds before a load executor parks.
     #[arg(long)]
     pub spin_us: Option<u64>,
+    /// Without --target: the spawned router also serves HTTPS and the load goes over TLS.
+    #[arg(long)]
+    pub tls: bool,
+    /// CA certificate (PEM) trusted for an `https://`/`wss://` target. Default: the keyring's
+    /// dev CA, `<keyring>/tls/dev-ca.pem`.
+    #[arg(long)]
+    pub cacert: Option<PathBuf>,
+    /// A new connection per request (closed after its answer); over TLS a full handshake
+    /// each. HTTP only, closed loop; --connections is the concurrency.
+    #[arg(long)]
+    pub conn_per_request: bool,
+    /// With --conn-per-request over TLS: resume sessions instead of full handshakes.
+    #[arg(long)]
+    pub resume: bool,
+    /// Measure this process's CPU time (user + system) over the window (repeatable).
+    #[arg(long = "cpu-pid")]
+    pub cpu_pids: Vec<u32>,
 }
 
 /// Longest accepted values, to turn typos into errors rather than memory exhaustion.
@@ -158,13 +192,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         None => vec![0],
     };
     let online = fedbus_router::config::online_cores();
-    let inflight = args
-        .inflight
-        .unwrap_or(if args.rate.is_some() { 256 } else { 8 });
+    let inflight = args.inflight.unwrap_or(if args.rate.is_some() {
+        256
+    } else if args.conn_per_request {
+        1
+    } else {
+        8
+    });
     let mut plan = Plan {
         proto: Proto::Http {
             host: String::new(),
             addr: ([127, 0, 0, 1], 0).into(),
+            tls: None,
         },
         cores: cores.clone(),
         connections: args.connections,
@@ -179,7 +218,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         cluster: args.cluster.clone(),
         app: args.app.clone(),
         spin: args.spin_us.map(Duration::from_micros),
+        conn_per_request: args.conn_per_request,
+        cpu_pids: args.cpu_pids.clone(),
     };
+    let mut protocol = args.protocol;
     let token_life = (args.warmup + args.duration).as_secs() + 3600;
     // Children (router, tasks) live until this drops: at the end, or on any error below.
     let mut guard = None;
@@ -192,7 +234,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 responders: args.responders.unwrap_or(args.connections),
             };
         }
-        (Some(Target::Router { host, addr }), _) => {
+        (
+            Some(Target::Router {
+                host,
+                addr,
+                tls,
+                ws,
+            }),
+            _,
+        ) => {
             mode = "router";
             let dir = args
                 .keyring
@@ -202,7 +252,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 Some(t) => t.clone(),
                 None => mint_token(&dir, &args.app, token_life)?,
             };
-            plan.proto = client_proto(args.protocol, host.clone(), *addr);
+            if *ws {
+                protocol = Protocol::Ws;
+            }
+            let tls = if *tls {
+                let ca = args
+                    .cacert
+                    .clone()
+                    .unwrap_or_else(|| fedbus_router::tls::dev::DevFiles::in_keyring(&dir).ca);
+                Some(TlsClient::new(&ca, host, tls_resume(&args))?)
+            } else {
+                None
+            };
+            plan.proto = client_proto(protocol, host.clone(), *addr, tls);
         }
         (None, true) => {
             mode = "direct";
@@ -249,6 +311,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .context("create keys for the bench router")?;
             let api: std::net::SocketAddr = ([127, 0, 0, 1], spawn::free_port()?).into();
             let internal: std::net::SocketAddr = ([127, 0, 0, 1], spawn::free_port()?).into();
+            let api_tls = if args.tls {
+                let addr: std::net::SocketAddr = ([127, 0, 0, 1], spawn::free_port()?).into();
+                Some((addr, spawn::bench_certs(g.dir())?))
+            } else {
+                None
+            };
             let (shards, control) = if online >= 2 {
                 (vec![1], 0)
             } else {
@@ -257,7 +325,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let cfg = g.dir().join("router.toml");
             std::fs::write(
                 &cfg,
-                spawn::router_config(api, internal, &keys, &args.app, &shards, control),
+                spawn::router_config(
+                    api,
+                    internal,
+                    &keys,
+                    &args.app,
+                    &shards,
+                    control,
+                    api_tls.as_ref().map(|(a, c)| (*a, c)),
+                ),
             )
             .with_context(|| format!("write {}", cfg.display()))?;
             let bin = fedbus_bin(&args)?;
@@ -295,7 +371,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             eprintln!(
                 "core layout: router shards on {shards:?}, control thread on core {control}, echo task on core 0, load generator on cores {cores:?}"
             );
-            plan.proto = client_proto(args.protocol, api.to_string(), api);
+            plan.proto = match &api_tls {
+                None => client_proto(protocol, api.to_string(), api, None),
+                Some((addr, certs)) => {
+                    let t = TlsClient::new(&certs.ca, &addr.to_string(), tls_resume(&args))?;
+                    client_proto(protocol, addr.to_string(), *addr, Some(t))
+                }
+            };
+            if let Some(pid) = g.pid("router") {
+                plan.cpu_pids.push(pid);
+            }
             guard = Some(g);
         }
     }
@@ -304,9 +389,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let what = match (&plan.proto, mode) {
             (Proto::Nats { .. }, _) => "nats".to_string(),
             (Proto::Direct { .. }, _) => "direct".to_string(),
-            (_, m) => format!(
-                "fedbus-{}{}",
-                proto_name(args.protocol),
+            (p, m) => format!(
+                "fedbus-{}{}{}",
+                proto_name(protocol, is_tls(p)),
+                if args.conn_per_request { "-conn" } else { "" },
                 if m == "spawned" { "" } else { "-target" }
             ),
         };
@@ -315,7 +401,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let settings = json!({
         "mode": mode,
         "target": args.target,
-        "protocol": match &plan.proto { Proto::Nats{..} => "nats", Proto::Direct{..} => "ws-task-link", _ => proto_name(args.protocol) },
+        "protocol": match &plan.proto { Proto::Nats{..} => "nats", Proto::Direct{..} => "ws-task-link", p => proto_name(protocol, is_tls(p)) },
+        "tls": is_tls(&plan.proto),
+        "conn_per_request": args.conn_per_request,
+        "tls_resume": is_tls(&plan.proto) && tls_resume(&args),
+        "cpu_pids": plan.cpu_pids,
         "connections": args.connections,
         "inflight": inflight,
         "rate": args.rate,
@@ -351,6 +441,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         open_loop: args.rate.is_some(),
         stats: out.stats,
         settings,
+        cpu_seconds: out.cpu_seconds,
     };
     println!("{}", rep.table());
     write_outputs(&args, &rep)?;
@@ -418,20 +509,60 @@ fn check(args: &BenchArgs, target: Option<&Target>) -> anyhow::Result<()> {
     if !args.plot_add.is_empty() && args.plot.is_none() {
         bail!("--plot-add needs --plot FILE.svg");
     }
+    let router = matches!(target, Some(Target::Router { .. }));
+    let tls_target = matches!(target, Some(Target::Router { tls: true, .. }));
+    if args.tls && (target.is_some() || args.direct) {
+        bail!("--tls starts a router with HTTPS; for a running router use an https:// target");
+    }
+    if args.cacert.is_some() && !tls_target {
+        bail!("--cacert applies to https:// and wss:// targets");
+    }
+    if args.conn_per_request {
+        let ws = args.protocol == Protocol::Ws
+            || matches!(target, Some(Target::Router { ws: true, .. }));
+        if ws || args.direct || !(router || target.is_none()) {
+            bail!("--conn-per-request applies to HTTP towards a fedbus router");
+        }
+        if args.rate.is_some() || matches!(args.inflight, Some(n) if n != 1) {
+            bail!("--conn-per-request is a closed loop with one request per connection (no --rate, --inflight 1)");
+        }
+    }
+    if args.resume && !(args.conn_per_request && (args.tls || tls_target)) {
+        bail!("--resume applies to --conn-per-request over TLS");
+    }
     Ok(())
 }
 
-fn client_proto(p: Protocol, host: String, addr: std::net::SocketAddr) -> Proto {
+/// Whether TLS connections may resume sessions: always, except for full-handshake runs.
+fn tls_resume(args: &BenchArgs) -> bool {
+    !args.conn_per_request || args.resume
+}
+
+fn is_tls(p: &Proto) -> bool {
+    matches!(
+        p,
+        Proto::Http { tls: Some(_), .. } | Proto::Ws { tls: Some(_), .. }
+    )
+}
+
+fn client_proto(
+    p: Protocol,
+    host: String,
+    addr: std::net::SocketAddr,
+    tls: Option<TlsClient>,
+) -> Proto {
     match p {
-        Protocol::Http => Proto::Http { host, addr },
-        Protocol::Ws => Proto::Ws { host, addr },
+        Protocol::Http => Proto::Http { host, addr, tls },
+        Protocol::Ws => Proto::Ws { host, addr, tls },
     }
 }
 
-fn proto_name(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Http => "http",
-        Protocol::Ws => "ws",
+fn proto_name(p: Protocol, tls: bool) -> &'static str {
+    match (p, tls) {
+        (Protocol::Http, false) => "http",
+        (Protocol::Http, true) => "https",
+        (Protocol::Ws, false) => "ws",
+        (Protocol::Ws, true) => "wss",
     }
 }
 
@@ -561,6 +692,14 @@ mod tests {
             (vec!["--responders", "2"], None),
             (vec!["--plot-add", "a.json"], None),
             (vec!["--region", "a/b"], None),
+            (vec!["--tls"], Some(&nats)),
+            (vec!["--cacert", "ca.pem"], None),
+            (vec!["--conn-per-request", "--protocol", "ws"], None),
+            (vec!["--conn-per-request", "--inflight", "4"], None),
+            (vec!["--conn-per-request", "--rate", "10"], None),
+            (vec!["--conn-per-request"], Some(&nats)),
+            (vec!["--resume", "--conn-per-request"], None),
+            (vec!["--resume", "--tls"], None),
         ];
         for (argv, t) in cases {
             let a = parse(&argv).unwrap();
@@ -568,6 +707,19 @@ mod tests {
             assert!(!e.to_string().contains('\n'), "{e}");
         }
         check(&parse(&["--responders", "2"]).unwrap(), Some(&nats)).unwrap();
+        let https = parse::parse_target("https://127.0.0.1:8443").unwrap();
+        check(&parse(&["--cacert", "ca.pem"]).unwrap(), Some(&https)).unwrap();
+        check(
+            &parse(&["--conn-per-request", "--resume"]).unwrap(),
+            Some(&https),
+        )
+        .unwrap();
+        check(
+            &parse(&["--conn-per-request", "--resume", "--tls"]).unwrap(),
+            None,
+        )
+        .unwrap();
+        check(&parse(&["--tls", "--protocol", "ws"]).unwrap(), None).unwrap();
     }
 
     #[test]

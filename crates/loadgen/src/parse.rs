@@ -96,27 +96,39 @@ pub(crate) fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
 /// What the load is sent to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Target {
-    /// A running fedbus router's api listener.
-    Router { host: String, addr: SocketAddr },
+    /// A running fedbus router's api listener: `http://`, `https://` (`tls`), `ws://` or
+    /// `wss://` (`ws`: the websocket endpoint).
+    Router {
+        host: String,
+        addr: SocketAddr,
+        tls: bool,
+        ws: bool,
+    },
     /// A nats-server.
     Nats { host: String, addr: SocketAddr },
 }
 
-/// `http://HOST:PORT` or `nats://HOST:PORT` (a trailing `/` is allowed).
+/// `http://`, `https://`, `ws://`, `wss://` or `nats://` `HOST:PORT` (a trailing `/` is
+/// allowed).
 pub(crate) fn parse_target(s: &str) -> Result<Target, String> {
-    let (scheme, rest) = s
-        .split_once("://")
-        .ok_or_else(|| format!("target {s:?}: expected http://HOST:PORT or nats://HOST:PORT"))?;
+    let (scheme, rest) = s.split_once("://").ok_or_else(|| {
+        format!("target {s:?}: expected SCHEME://HOST:PORT (http, https, ws, wss, nats)")
+    })?;
     let hostport = rest.trim_end_matches('/');
     if hostport.is_empty() || hostport.contains('/') {
         return Err(format!(
-            "target {s:?}: expected http://HOST:PORT or nats://HOST:PORT"
+            "target {s:?}: expected SCHEME://HOST:PORT (http, https, ws, wss, nats)"
         ));
     }
     let default_port = match scheme {
-        "http" => 80,
+        "http" | "ws" => 80,
+        "https" | "wss" => 443,
         "nats" => 4222,
-        _ => return Err(format!("target {s:?}: scheme must be http or nats")),
+        _ => {
+            return Err(format!(
+                "target {s:?}: scheme must be http, https, ws, wss or nats"
+            ))
+        }
     };
     let with_port = if hostport
         .rsplit_once(':')
@@ -134,7 +146,12 @@ pub(crate) fn parse_target(s: &str) -> Result<Target, String> {
     let host = hostport.to_string();
     Ok(match scheme {
         "nats" => Target::Nats { host, addr },
-        _ => Target::Router { host, addr },
+        _ => Target::Router {
+            host,
+            addr,
+            tls: scheme == "https" || scheme == "wss",
+            ws: scheme == "ws" || scheme == "wss",
+        },
     })
 }
 
@@ -185,9 +202,33 @@ mod tests {
             t,
             Target::Router {
                 host: "127.0.0.1:8800".into(),
-                addr: "127.0.0.1:8800".parse().unwrap()
+                addr: "127.0.0.1:8800".parse().unwrap(),
+                tls: false,
+                ws: false,
             }
         );
+        let t = parse_target("https://127.0.0.1").unwrap();
+        assert!(
+            matches!(t, Target::Router { addr, tls: true, ws: false, .. } if addr.port() == 443)
+        );
+        let t = parse_target("wss://127.0.0.1:8443").unwrap();
+        assert!(matches!(
+            t,
+            Target::Router {
+                tls: true,
+                ws: true,
+                ..
+            }
+        ));
+        let t = parse_target("ws://127.0.0.1:8800").unwrap();
+        assert!(matches!(
+            t,
+            Target::Router {
+                tls: false,
+                ws: true,
+                ..
+            }
+        ));
         let t = parse_target("nats://127.0.0.1/").unwrap();
         assert!(matches!(t, Target::Nats { addr, .. } if addr.port() == 4222));
         assert!(parse_target("ftp://x:1").is_err());

@@ -29,6 +29,10 @@ pub(crate) struct Stats {
     pub(crate) ok: u64,
     /// Everything else, by status (see `codec::status_name`).
     pub(crate) errors: BTreeMap<u16, u64>,
+    /// `--conn-per-request` over TLS: handshakes done in full.
+    pub(crate) full_handshakes: u64,
+    /// `--conn-per-request` over TLS: handshakes that resumed a session.
+    pub(crate) resumed_handshakes: u64,
 }
 
 impl Default for Stats {
@@ -38,6 +42,8 @@ impl Default for Stats {
             uncorrected: new_histogram(),
             ok: 0,
             errors: BTreeMap::new(),
+            full_handshakes: 0,
+            resumed_handshakes: 0,
         }
     }
 }
@@ -67,6 +73,8 @@ impl Stats {
         let _ = self.corrected.add(&other.corrected);
         let _ = self.uncorrected.add(&other.uncorrected);
         self.ok += other.ok;
+        self.full_handshakes += other.full_handshakes;
+        self.resumed_handshakes += other.resumed_handshakes;
         for (k, v) in &other.errors {
             *self.errors.entry(*k).or_insert(0) += v;
         }
@@ -124,6 +132,8 @@ pub(crate) struct Report {
     pub(crate) stats: Stats,
     /// The flags, for the json (what was measured, and how).
     pub(crate) settings: Value,
+    /// CPU seconds (user + system) of the measured server processes over the window.
+    pub(crate) cpu_seconds: Option<f64>,
 }
 
 impl Report {
@@ -133,6 +143,16 @@ impl Report {
         } else {
             0.0
         }
+    }
+
+    /// Server CPU microseconds per request and requests per server CPU-second.
+    pub(crate) fn cpu_per_request(&self) -> Option<(f64, f64)> {
+        let cpu = self.cpu_seconds?;
+        let n = self.stats.requests();
+        if n == 0 || cpu <= 0.0 {
+            return None;
+        }
+        Some((cpu * 1e6 / n as f64, n as f64 / cpu))
     }
 
     /// The `--json` document.
@@ -158,6 +178,20 @@ impl Report {
         if self.open_loop {
             doc["uncorrected_latency_us"] = latency_json(&s.uncorrected);
         }
+        if s.full_handshakes + s.resumed_handshakes > 0 {
+            doc["tls_handshakes"] = json!({
+                "full": s.full_handshakes,
+                "resumed": s.resumed_handshakes,
+            });
+        }
+        if let Some(cpu) = self.cpu_seconds {
+            let per = self.cpu_per_request();
+            doc["server_cpu"] = json!({
+                "cpu_seconds": (cpu * 1000.0).round() / 1000.0,
+                "us_per_request": per.map(|p| (p.0 * 100.0).round() / 100.0),
+                "requests_per_cpu_second": per.map(|p| p.1.round()),
+            });
+        }
         doc
     }
 
@@ -182,6 +216,17 @@ impl Report {
             out.push_str(&format!("errors         {}\n", e.join(", ")));
         }
         out.push_str(&format!("throughput     {:.0} req/s\n", self.rps()));
+        if s.full_handshakes + s.resumed_handshakes > 0 {
+            out.push_str(&format!(
+                "tls handshakes {} full, {} resumed\n",
+                s.full_handshakes, s.resumed_handshakes
+            ));
+        }
+        if let (Some(cpu), Some((us, per_core))) = (self.cpu_seconds, self.cpu_per_request()) {
+            out.push_str(&format!(
+                "server cpu     {cpu:.2} s: {us:.2} us/request, {per_core:.0} requests per CPU-second\n"
+            ));
+        }
         let row = |name: &str, h: &Histogram<u64>| {
             let mut r = format!("{name:<15}");
             for (_, _, q) in POINTS {
@@ -372,6 +417,7 @@ mod tests {
             open_loop: true,
             stats: s,
             settings: json!({"size": 64}),
+            cpu_seconds: None,
         }
     }
 
@@ -399,6 +445,34 @@ mod tests {
         let mut r = r;
         r.open_loop = false;
         assert!(r.to_json().get("uncorrected_latency_us").is_none());
+    }
+
+    #[test]
+    fn server_cpu_per_request() {
+        let mut r = sample();
+        assert!(r.cpu_per_request().is_none());
+        assert!(r.to_json().get("server_cpu").is_none());
+        r.cpu_seconds = Some(0.5);
+        let (us, per_core) = r.cpu_per_request().unwrap();
+        assert!((us - 0.5e6 / 1003.0).abs() < 1e-6, "{us}");
+        assert!((per_core - 2006.0).abs() < 1e-6, "{per_core}");
+        let j = r.to_json();
+        assert_eq!(j["server_cpu"]["requests_per_cpu_second"], 2006.0);
+        assert!(r.table().contains("us/request"));
+        r.cpu_seconds = Some(0.0);
+        assert!(r.cpu_per_request().is_none());
+        assert!(r.to_json().get("tls_handshakes").is_none());
+        r.stats.full_handshakes = 3;
+        let other = Stats {
+            resumed_handshakes: 2,
+            ..Stats::default()
+        };
+        r.stats.merge(&other);
+        assert_eq!(
+            r.to_json()["tls_handshakes"],
+            json!({"full": 3, "resumed": 2})
+        );
+        assert!(r.table().contains("3 full, 2 resumed"));
     }
 
     #[test]

@@ -75,6 +75,15 @@ impl Guard {
         Ok(())
     }
 
+    /// Process id of the child started as `name` (the program itself when it was started
+    /// without `taskset`).
+    pub(crate) fn pid(&self, name: &str) -> Option<u32> {
+        self.children
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c.id())
+    }
+
     /// Fails if a child has exited, with the tail of its log.
     pub(crate) fn check_alive(&mut self) -> anyhow::Result<()> {
         for (name, child) in &mut self.children {
@@ -120,7 +129,43 @@ pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// The router config of the default bench (TOML for `fedbus run --config`).
+/// The certificates of `fedbus bench --tls`: a fresh CA and a router certificate for
+/// `127.0.0.1` and `localhost` issued from it.
+#[derive(Debug, Clone)]
+pub(crate) struct BenchCerts {
+    /// The CA certificate the load generator trusts.
+    pub(crate) ca: PathBuf,
+    /// The router's certificate.
+    pub(crate) cert: PathBuf,
+    /// Its key.
+    pub(crate) key: PathBuf,
+}
+
+/// Makes [`BenchCerts`] in `dir/tls`.
+pub(crate) fn bench_certs(dir: &Path) -> anyhow::Result<BenchCerts> {
+    let tls = dir.join("tls");
+    std::fs::create_dir_all(&tls).with_context(|| format!("create {}", tls.display()))?;
+    let ca = fedbus_router::tls::dev::Ca::generate().context("make the bench CA")?;
+    let (cert, key) = ca
+        .issue("fedbus bench", &["127.0.0.1", "localhost"])
+        .context("issue the bench router certificate")?;
+    let files = BenchCerts {
+        ca: tls.join("ca.pem"),
+        cert: tls.join("router.pem"),
+        key: tls.join("router.key"),
+    };
+    for (path, text) in [
+        (&files.ca, ca.cert_pem()),
+        (&files.cert, cert.as_str()),
+        (&files.key, key.as_str()),
+    ] {
+        std::fs::write(path, text).with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(files)
+}
+
+/// The router config of the default bench (TOML for `fedbus run --config`); with `api_tls`,
+/// an HTTPS listener on that address with that certificate.
 pub(crate) fn router_config(
     api: SocketAddr,
     internal: SocketAddr,
@@ -128,10 +173,22 @@ pub(crate) fn router_config(
     app: &str,
     shard_cores: &[usize],
     control_core: usize,
+    api_tls: Option<(SocketAddr, &BenchCerts)>,
 ) -> String {
     let cores: Vec<String> = shard_cores.iter().map(usize::to_string).collect();
+    let (tls_listen, tls_certs) = match api_tls {
+        None => (String::new(), String::new()),
+        Some((addr, c)) => (
+            format!("api_tls = \"{addr}\"\n"),
+            format!(
+                "\n[[tls.certs]]\ncert = {:?}\nkey = {:?}\n",
+                c.cert.display().to_string(),
+                c.key.display().to_string()
+            ),
+        ),
+    };
     format!(
-        "# written by fedbus bench\nregion = \"local\"\ncluster = \"dev\"\nkeyring = {:?}\n\n[listen]\napi = \"{api}\"\ninternal = \"{internal}\"\nadmin_enabled = false\n\n[tuning]\nshard_cores = [{}]\ncontrol_core = {control_core}\n\n[[apps]]\nname = {app:?}\npartitions = 16\n",
+        "# written by fedbus bench\nregion = \"local\"\ncluster = \"dev\"\nkeyring = {:?}\n\n[listen]\napi = \"{api}\"\n{tls_listen}internal = \"{internal}\"\nadmin_enabled = false\n\n[tuning]\nshard_cores = [{}]\ncontrol_core = {control_core}\n\n[[apps]]\nname = {app:?}\npartitions = 16\n{tls_certs}",
         keyring.display().to_string(),
         cores.join(", ")
     )
@@ -208,6 +265,7 @@ mod tests {
             "demo/echo",
             &[0],
             0,
+            None,
         );
         let c = fedbus_router::config::Config::parse(&text, "bench").unwrap();
         assert_eq!(c.listen.api.port(), 9001);
@@ -216,6 +274,27 @@ mod tests {
         assert_eq!(c.tuning.shard_cores, vec![0]);
         assert_eq!(c.keyring_dir(), PathBuf::from("/tmp/x/keys"));
         assert_eq!(c.app_names(), vec!["demo/echo"]);
+        assert!(c.listen.api_tls.is_none());
+    }
+
+    #[test]
+    fn tls_config_names_the_bench_certificates() {
+        let g = Guard::new().unwrap();
+        let certs = bench_certs(g.dir()).unwrap();
+        let text = router_config(
+            "127.0.0.1:9001".parse().unwrap(),
+            "127.0.0.1:9002".parse().unwrap(),
+            Path::new("/tmp/x/keys"),
+            "demo/echo",
+            &[1],
+            0,
+            Some(("127.0.0.1:9003".parse().unwrap(), &certs)),
+        );
+        let c = fedbus_router::config::Config::parse(&text, "bench").unwrap();
+        assert_eq!(c.listen.api_tls.map(|a| a.port()), Some(9003));
+        assert_eq!(c.tls.certs.len(), 1);
+        assert_eq!(c.tls.certs[0].cert, certs.cert);
+        fedbus_router::tls::ServerTls::load(&c.tls).expect("the certificate and key match");
     }
 
     #[test]

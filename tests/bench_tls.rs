@@ -1,0 +1,68 @@
+//! `fedbus bench` over TLS, end to end: the bench starts a router with an HTTPS listener and an
+//! echo task, loads it over `https://`, `wss://` and with a new connection (a full handshake,
+//! or a resumed one) per request, and reports the router's CPU per request. Each run is bounded (a short
+//! window, `timeout`-free: the bench ends by itself and its setup is limited to 15 s).
+
+use std::path::Path;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_fedbus");
+
+/// Runs `fedbus bench ARGS --json FILE` and returns the json document.
+fn bench(dir: &Path, name: &str, args: &[&str]) -> serde_json::Value {
+    let json = dir.join(format!("{name}.json"));
+    let out = Command::new(BIN)
+        .arg("bench")
+        .args(args)
+        .args(["--duration", "700ms", "--warmup", "300ms", "--cores", "0"])
+        .arg("--json")
+        .arg(&json)
+        .env("FEDBUS_HOME", dir)
+        .output()
+        .expect("run fedbus bench");
+    assert!(
+        out.status.success(),
+        "fedbus bench {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&json).expect("bench json");
+    serde_json::from_str(&text).expect("bench json parses")
+}
+
+/// Every request answered 200, the run was what was asked, and the router's CPU was measured.
+fn check(v: &serde_json::Value, protocol: &str, conn_per_request: bool) {
+    assert!(v["ok"].as_u64().unwrap_or(0) > 0, "{v}");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["settings"]["protocol"], protocol, "{v}");
+    assert_eq!(v["settings"]["tls"], true, "{v}");
+    assert_eq!(v["settings"]["conn_per_request"], conn_per_request, "{v}");
+    let us = v["server_cpu"]["us_per_request"].as_f64();
+    assert!(us.is_some_and(|u| u > 0.0), "router CPU per request: {v}");
+}
+
+#[test]
+fn bench_loads_a_router_over_https_wss_and_new_connections() {
+    let dir = std::env::temp_dir().join(format!("fedbus-bench-tls-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let keep = ["--tls", "--connections", "2", "--inflight", "4"];
+    check(&bench(&dir, "https", &keep), "https", false);
+    let wss = [&keep[..], &["--protocol", "ws"]].concat();
+    check(&bench(&dir, "wss", &wss), "wss", false);
+    let full = ["--tls", "--conn-per-request", "--connections", "2"];
+    let v = bench(&dir, "full", &full);
+    check(&v, "https", true);
+    assert_eq!(v["settings"]["tls_resume"], false, "{v}");
+    assert_eq!(v["settings"]["inflight"], 1, "{v}");
+    // Every connection did a full handshake: the client kept no session to resume.
+    assert_eq!(v["tls_handshakes"]["resumed"], 0, "{v}");
+    assert!(v["tls_handshakes"]["full"].as_u64().unwrap_or(0) > 0, "{v}");
+    let resume = [&full[..], &["--resume"]].concat();
+    let v = bench(&dir, "resume", &resume);
+    check(&v, "https", true);
+    // One shared ClientConfig: the router's tickets make later connections resume.
+    assert!(
+        v["tls_handshakes"]["resumed"].as_u64().unwrap_or(0) > 0,
+        "{v}"
+    );
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}

@@ -524,6 +524,10 @@ mod tests {
             "a shard whose task panicked must be reported dead"
         );
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        handles.pop().expect("shard 0").join().expect("shard 0 ends normally");
+        handles
+            .pop()
+            .expect("shard 0")
+            .join()
+            .expect("shard 0 ends normally");
     }
 }

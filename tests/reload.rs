@@ -330,3 +330,68 @@ fn a_cluster_key_rotation_rolled_through_a_federation_fails_no_request() {
     let same: Vec<_> = (0..2).map(|r| f.router("spb1", r).pid()).collect();
     assert_eq!(pids, same, "spb1 was reloaded, not restarted");
 }
+
+/// Point 5, the cluster list: a cluster removed from a router's `[federation]` by a reload has
+/// its dialers stopped (its peer links close; requests for it are 404 `unknown_cluster`), and
+/// put back it is dialed again and served, with the same router process.
+#[test]
+fn a_cluster_removed_and_added_back_by_reload_stops_and_starts_its_dialers() {
+    let f = Federation::builder().peer_tls(false).start();
+    let r = f.router("spb1", 0);
+    let pid = r.pid();
+    let shards = r.shards as f64;
+    let text = std::fs::read_to_string(r.config_path()).expect("config");
+    // The config without spb2's [[federation.clusters]] entry.
+    let mut parts = text.split("[[federation.clusters]]");
+    let mut without = parts.next().expect("head").to_string();
+    for p in parts.filter(|p| !p.contains("cluster = \"spb2\"")) {
+        without.push_str("[[federation.clusters]]");
+        without.push_str(p);
+    }
+    assert_ne!(without, text);
+    std::fs::write(r.config_path(), &without).expect("write");
+    r.sighup();
+    wait_fed_metric(
+        r,
+        "fedbus_federation_generation",
+        2.0,
+        Duration::from_secs(5),
+    );
+    // Only the sibling link is left, on every shard.
+    let gone = wait_for(Duration::from_secs(5), || {
+        (r.metrics().get("fedbus_peer_links") == shards).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "links to spb2 still up: {}",
+        r.metrics().get("fedbus_peer_links")
+    );
+    r.conn()
+        .request(&f.req("spb2", 1, b"x"))
+        .assert_error(404, "unknown_cluster");
+    // Back: dialed again, served again.
+    std::fs::write(r.config_path(), &text).expect("write");
+    r.sighup();
+    wait_fed_metric(
+        r,
+        "fedbus_federation_generation",
+        3.0,
+        Duration::from_secs(5),
+    );
+    wait_fed_metric(
+        r,
+        "fedbus_peer_links",
+        3.0 * shards,
+        Duration::from_secs(10),
+    );
+    let served = wait_for(Duration::from_secs(10), || {
+        let resp = r.conn().request(&f.req("spb2", 1, b"x"));
+        (resp.status == 200).then_some(resp)
+    });
+    assert!(
+        served.is_some(),
+        "spb2 not served after the cluster came back"
+    );
+    assert_eq!(r.pid(), pid, "reloaded, not restarted");
+    assert_eq!(r.metrics().get("fedbus_config_reload_failed_total"), 0.0);
+}

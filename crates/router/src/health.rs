@@ -267,4 +267,22 @@ mod tests {
         };
         assert_eq!(h.readiness(&full, &relaxed), Ok(()));
     }
+
+    #[test]
+    fn a_cluster_removed_by_a_reload_stops_counting_for_readiness() {
+        let h = Arc::new(Health::new(1, vec!["ru/a".into(), "ru/b".into()]));
+        let _a = h.shard_alive(0);
+        let cfg = Readiness::default();
+        let full = table(&[0, 1, 2, 3]);
+        h.peer_link(0, "ru/a", true);
+        assert_eq!(
+            h.readiness(&full, &cfg).unwrap_err(),
+            "no peer link to ru/b on shard 0"
+        );
+        h.watch_clusters(&["ru/a".into()]);
+        assert_eq!(h.readiness(&full, &cfg), Ok(()));
+        // Listed again: waited for again.
+        h.watch_clusters(&["ru/a".into(), "ru/b".into()]);
+        assert!(h.readiness(&full, &cfg).is_err());
+    }
 }

@@ -153,6 +153,11 @@ impl FedRouter {
         assert_eq!(rc, 0, "kill -HUP {}", self.name);
     }
 
+    /// Its config file (edit it, then [`FedRouter::sighup`], to reload).
+    pub fn config_path(&self) -> &Path {
+        &self.cfg
+    }
+
     /// The router's process id (None once it exited).
     pub fn pid(&self) -> Option<u32> {
         self.proc.child.as_ref().map(|c| c.id())

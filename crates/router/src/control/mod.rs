@@ -458,6 +458,48 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_config_reload_applies_apps_and_refuses_a_broken_file() {
+        let dir = TempDir::new("control-config");
+        Keyring::init(dir.path(), &["demo/echo"], 1_000).expect("init");
+        let path = dir.path().join("router.toml");
+        let text = format!(
+            "keyring = {:?}\n[[apps]]\nname = \"demo/echo\"\npartitions = 16\n",
+            dir.path()
+        );
+        std::fs::write(&path, &text).expect("write");
+        let cfg = Config::load(&path).expect("load");
+        let keyring = Keyring::load(dir.path()).expect("keyring");
+        let mut c = Control::new(Arc::new(cfg), keyring, Vec::new());
+        let snaps = c.snapshots();
+        // Broken: refused, counted, nothing published.
+        std::fs::write(&path, "listen = 7").expect("write");
+        c.reload_config("test");
+        assert_eq!(snaps.reload_failed.load(Relaxed), 1);
+        assert_eq!(snaps.apps.load().generation, 1);
+        // demo/echo shrinks to 8 partitions, o/new appears.
+        let edited = text.replace("16", "8") + "[[apps]]\nname = \"o/new\"\npartitions = 2\n";
+        std::fs::write(&path, edited).expect("write");
+        c.reload_config("test");
+        assert_eq!(snaps.apps.load().generation, 2);
+        assert_eq!(snaps.apps.load().apps.len(), 2);
+        let table = snaps.routes.load();
+        assert_eq!(table.apps["demo/echo"].partitions, 8);
+        assert_eq!(table.apps["o/new"].partitions, 2);
+        drop(table);
+        // Dev mode made the new app's secret, as at start.
+        assert!(snaps
+            .keys
+            .load()
+            .keyring
+            .signing_app_secret("o/new")
+            .is_some());
+        // The same file again: nothing new is published.
+        c.reload_config("test");
+        assert_eq!(snaps.apps.load().generation, 2);
+        assert_eq!(snaps.reload_failed.load(Relaxed), 1);
+    }
+
     fn reg(task: TaskId, parts: &[u32]) -> Registration {
         Registration {
             task,

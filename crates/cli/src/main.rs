@@ -444,7 +444,9 @@ fn run_router(path: Option<PathBuf>, takeover: bool) -> Result<()> {
     let mut draining = false;
     for sig in signals.forever() {
         if sig == signal_hook::consts::SIGHUP {
-            tracing::info!("SIGHUP: reloading the keyring and TLS certificates");
+            tracing::info!(
+                "SIGHUP: reloading the keyring, TLS certificates, [[apps]] and [federation]"
+            );
             let _ = r.events.send(fedbus_router::control::ControlEvent::Reload);
         } else if draining {
             tracing::warn!("signal {sig} during the drain: exiting now");

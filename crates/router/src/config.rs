@@ -39,6 +39,10 @@ pub struct Config {
     pub apps: Vec<App>,
     /// Other clusters of the federation and how to reach them. Default: none.
     pub federation: Federation,
+    /// The file this config was read from ([`Config::load`]); the control thread re-reads it
+    /// for `[[apps]]` and `[federation]` on SIGHUP and when it changes. Not a TOML key.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// The federation: every cluster, its routers' external addresses and its public keys.
@@ -447,6 +451,7 @@ impl Default for Config {
                 cors: None,
             }],
             federation: Federation::default(),
+            source: None,
         }
     }
 }
@@ -646,7 +651,9 @@ impl Config {
             path: p.clone(),
             err,
         })?;
-        Config::parse(&text, &p)
+        let mut c = Config::parse(&text, &p)?;
+        c.source = Some(path.to_path_buf());
+        Ok(c)
     }
 
     /// Parses and validates TOML text (`origin` names it in errors).

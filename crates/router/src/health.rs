@@ -24,6 +24,8 @@ pub struct Health {
     clusters: Vec<String>,
     /// `shard * clusters.len() + cluster` -> live peer links from that shard to that cluster.
     peer_links: Vec<AtomicUsize>,
+    /// Per cluster: removed from the federation by a reload (`/readyz` no longer waits for it).
+    removed: Vec<AtomicBool>,
 }
 
 /// Marks a shard alive while it lives; dropping it (the shard's executor ended or unwound from
@@ -57,6 +59,7 @@ impl Health {
             peer_links: (0..shards * clusters.len())
                 .map(|_| AtomicUsize::new(0))
                 .collect(),
+            removed: clusters.iter().map(|_| AtomicBool::new(false)).collect(),
             clusters,
         }
     }
@@ -110,6 +113,15 @@ impl Health {
         }
     }
 
+    /// The other clusters of the federation now (after a reload): those known at start and
+    /// missing here stop counting for `/readyz`. A cluster added by a reload is not waited for
+    /// (its columns are fixed at start).
+    pub(crate) fn watch_clusters(&self, now: &[String]) {
+        for (c, r) in self.clusters.iter().zip(&self.removed) {
+            r.store(!now.contains(c), Relaxed);
+        }
+    }
+
     /// Why this router cannot serve requests for its own cluster now (`None`: it can): a
     /// drain, a dead shard, or task coverage below `policy`. This is what peer routers learn.
     pub(crate) fn serving_refusal(&self, table: &RoutingTable, policy: Coverage) -> Option<String> {
@@ -131,7 +143,7 @@ impl Health {
         if cfg.peers {
             let n = self.clusters.len();
             for (i, links) in self.peer_links.iter().enumerate() {
-                if links.load(Relaxed) == 0 {
+                if links.load(Relaxed) == 0 && !self.removed[i % n].load(Relaxed) {
                     return Err(format!(
                         "no peer link to {} on shard {}",
                         self.clusters[i % n],
@@ -254,5 +266,23 @@ mod tests {
             ..Readiness::default()
         };
         assert_eq!(h.readiness(&full, &relaxed), Ok(()));
+    }
+
+    #[test]
+    fn a_cluster_removed_by_a_reload_stops_counting_for_readiness() {
+        let h = Arc::new(Health::new(1, vec!["ru/a".into(), "ru/b".into()]));
+        let _a = h.shard_alive(0);
+        let cfg = Readiness::default();
+        let full = table(&[0, 1, 2, 3]);
+        h.peer_link(0, "ru/a", true);
+        assert_eq!(
+            h.readiness(&full, &cfg).unwrap_err(),
+            "no peer link to ru/b on shard 0"
+        );
+        h.watch_clusters(&["ru/a".into()]);
+        assert_eq!(h.readiness(&full, &cfg), Ok(()));
+        // Listed again: waited for again.
+        h.watch_clusters(&["ru/a".into(), "ru/b".into()]);
+        assert!(h.readiness(&full, &cfg).is_err());
     }
 }

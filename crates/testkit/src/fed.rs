@@ -145,6 +145,24 @@ impl FedRouter {
         self.proc.kill();
     }
 
+    /// SIGHUP: the router reloads its keyring, certificates and config.
+    pub fn sighup(&self) {
+        let c = self.proc.child.as_ref().expect("router running");
+        // SAFETY: kill(2) on our own child's pid (not yet reaped).
+        let rc = unsafe { libc::kill(c.id() as i32, libc::SIGHUP) };
+        assert_eq!(rc, 0, "kill -HUP {}", self.name);
+    }
+
+    /// Its config file (edit it, then [`FedRouter::sighup`], to reload).
+    pub fn config_path(&self) -> &Path {
+        &self.cfg
+    }
+
+    /// The router's process id (None once it exited).
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.child.as_ref().map(|c| c.id())
+    }
+
     /// SIGTERM (a drain), then waits up to `within` for the exit; None when still running.
     pub fn term(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         self.proc.term(within)
@@ -245,6 +263,9 @@ pub struct FederationBuilder {
     peer_tls: bool,
     /// Partitions of each cluster's echo task (None: all).
     partitions: [Option<String>; 2],
+    /// Each cluster reads the other's public key from its own copy
+    /// ([`Federation::peer_keys_dir`]) instead of the other's keyring.
+    copied_peer_keys: bool,
 }
 
 impl FederationBuilder {
@@ -288,6 +309,15 @@ impl FederationBuilder {
         self
     }
 
+    /// Each cluster's config names its own copy of the other cluster's public `cluster.toml`
+    /// (`<root>/<cluster>/peers/<other>/`), as separate sites would hold it: a rotation then
+    /// reaches the other cluster only when the operator copies the file
+    /// ([`Federation::copy_peer_key`]).
+    pub fn copied_peer_keys(mut self) -> Self {
+        self.copied_peer_keys = true;
+        self
+    }
+
     /// `[auth] grace_secs` of every router.
     pub fn grace_secs(mut self, secs: u64) -> Self {
         self.grace_secs = Some(secs);
@@ -312,6 +342,18 @@ impl FederationBuilder {
             keys_init(&root, &k, &[APP]);
             keys.push(k);
         }
+        // The keys each cluster's config names for each cluster.
+        let peer_keys = |ci: usize, cj: usize| -> PathBuf {
+            if self.copied_peer_keys && ci != cj {
+                let d = peer_keys_dir(&root, CLUSTERS[ci], CLUSTERS[cj]);
+                std::fs::create_dir_all(&d).expect("mkdir peers");
+                std::fs::copy(keys[cj].join("cluster.toml"), d.join("cluster.toml"))
+                    .expect("copy cluster.toml");
+                d
+            } else {
+                keys[cj].clone()
+            }
+        };
         let cores = if self.shards == 2 { "[0, 1]" } else { "[0]" };
         let peer_tls = self.peer_tls.then(|| PeerCerts::make(&root));
         let mut routers = Vec::new();
@@ -358,7 +400,7 @@ impl FederationBuilder {
                         "[[federation.clusters]]\nregion = \"ru\"\ncluster = {c2:?}\nrouters = [\"{}:{EXTERNAL_PORT}\", \"{}:{EXTERNAL_PORT}\"]\nkeys = {:?}",
                         ip(cj, 0),
                         ip(cj, 1),
-                        keys[cj].to_str().expect("utf-8")
+                        peer_keys(ci, cj).to_str().expect("utf-8")
                     );
                 }
                 let cfg_path = home.join(format!("r{r}.toml"));
@@ -477,6 +519,11 @@ pub fn issue_cert(
     (out.with_extension("pem"), out.with_extension("key"))
 }
 
+/// Where `cluster` keeps its copy of `other`'s public keys (with `copied_peer_keys`).
+fn peer_keys_dir(root: &Path, cluster: &str, other: &str) -> PathBuf {
+    root.join(cluster).join("peers").join(other)
+}
+
 fn cluster_index(c: &str) -> usize {
     CLUSTERS
         .iter()
@@ -515,6 +562,7 @@ impl Federation {
             cors: [None, None],
             peer_tls: std::env::var("FEDBUS_TEST_PEER_TLS").is_ok_and(|v| v == "1"),
             partitions: [None, None],
+            copied_peer_keys: false,
         }
     }
 
@@ -546,6 +594,20 @@ impl Federation {
     /// Keyring directory of `cluster`.
     pub fn keyring(&self, cluster: &str) -> &Path {
         &self.keys[cluster_index(cluster)]
+    }
+
+    /// `cluster`'s copy of `other`'s public keys (built with `copied_peer_keys`).
+    pub fn peer_keys_dir(&self, cluster: &str, other: &str) -> PathBuf {
+        peer_keys_dir(&self.root, cluster, other)
+    }
+
+    /// The operator's step of a rotation: copies `from`'s public `cluster.toml` into `to`'s
+    /// copy (a temporary file renamed into place, so a reload never reads half a file).
+    pub fn copy_peer_key(&self, from: &str, to: &str) {
+        let dir = self.peer_keys_dir(to, from);
+        let tmp = dir.join(".cluster.toml.new");
+        std::fs::copy(self.keyring(from).join("cluster.toml"), &tmp).expect("copy cluster.toml");
+        std::fs::rename(&tmp, dir.join("cluster.toml")).expect("rename cluster.toml");
     }
 
     /// `/api/ru/<cluster>/demo/echo/api/<wsid>/sys/echo`.

@@ -2,16 +2,25 @@
 //! immutable snapshots (routing table, keyring) behind one atomic pointer each. Shards send it
 //! events over a crossbeam channel and never wait for it; it is never on the request path.
 //! Every decision it makes is a pure function (`route::build`, `route::elect_emergency`,
-//! `auth::check_version`), tested without sockets.
+//! `auth::check_version`, [`restart_needed`], [`merge`]), tested without sockets.
+//!
+//! Reloads: the keyring and TLS certificates (their files), and from the config file
+//! `[[apps]]` (the apps snapshot and the routing table) and `[federation]` (the federation
+//! view: peer keys, routers, siblings), on SIGHUP and when a watched file's mtime changes.
 
 use crate::auth::Keyring;
-use crate::config::Config;
+use crate::config::{App, Config};
+use crate::peer::FedView;
 use crate::route::{self, AppSpec, Registration, RoutingTable, TaskId};
 use arc_swap::ArcSwap;
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+mod reload;
+pub(crate) use reload::{merge, restart_needed};
 
 /// A keyring with the generation it was published at.
 pub(crate) struct KeySnapshot {
@@ -19,11 +28,24 @@ pub(crate) struct KeySnapshot {
     pub(crate) keyring: Keyring,
 }
 
-/// The snapshots shards read on every request.
+/// The apps in force (`[[apps]]`), with the generation they were published at.
+pub(crate) struct AppsSnapshot {
+    /// Starts at 1; +1 on every reload that changed `[[apps]]`.
+    pub(crate) generation: u64,
+    pub(crate) apps: Vec<App>,
+}
+
+/// The snapshots shards read on every request, and the control thread's reload counter.
 #[derive(Clone)]
 pub(crate) struct Snapshots {
     pub(crate) routes: Arc<ArcSwap<RoutingTable>>,
     pub(crate) keys: Arc<ArcSwap<KeySnapshot>>,
+    /// `[[apps]]` in force.
+    pub(crate) apps: Arc<ArcSwap<AppsSnapshot>>,
+    /// Peer keys, routers and siblings in force.
+    pub(crate) fed: Arc<ArcSwap<FedView>>,
+    /// Config reloads refused (`fedbus_config_reload_failed_total`).
+    pub(crate) reload_failed: Arc<AtomicU64>,
 }
 
 /// What shards tell the control thread.
@@ -43,7 +65,8 @@ pub enum ControlEvent {
         /// The task instance.
         task: TaskId,
     },
-    /// Re-read the keyring and the TLS certificates now (SIGHUP).
+    /// Re-read the keyring, the TLS certificates and the config file's `[[apps]]` and
+    /// `[federation]` now (SIGHUP).
     Reload,
     /// Stop the thread.
     Shutdown,
@@ -131,9 +154,44 @@ fn keyring_mtime(dir: &std::path::Path) -> Option<SystemTime> {
     Some(newest)
 }
 
+/// Modification time of `path` (None if unreadable).
+fn mtime(path: &std::path::Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Files whose mtime is watched, with the mtime last seen.
+#[derive(Default)]
+struct Watched(Vec<(PathBuf, Option<SystemTime>)>);
+
+impl Watched {
+    fn new(files: Vec<PathBuf>) -> Watched {
+        Watched(files.into_iter().map(|f| (f.clone(), mtime(&f))).collect())
+    }
+
+    /// True when any file's mtime moved since the last call (remembers the new ones).
+    fn changed(&mut self) -> bool {
+        let mut moved = false;
+        for (f, seen) in &mut self.0 {
+            let now = mtime(f);
+            if now != *seen {
+                *seen = now;
+                moved = true;
+            }
+        }
+        moved
+    }
+}
+
 /// The control thread's state.
 pub(crate) struct Control {
+    /// The config the router started with (listeners, limits... fixed for its life).
     cfg: Arc<Config>,
+    /// The config in force: `cfg` with the last reloaded `[[apps]]` and `[federation]`.
+    applied: Config,
+    /// The config file (when the router was started with one).
+    config_file: Watched,
+    /// Each other cluster's `cluster.toml`.
+    peer_key_files: Watched,
     specs: Vec<AppSpec>,
     registry: Registry,
     snapshots: Snapshots,
@@ -156,15 +214,33 @@ impl Control {
         let specs = app_specs(&cfg);
         let table = route::build(&specs, &[], 1, cfg.routing.election_seed);
         let keyring_dir = cfg.keyring_dir();
+        // The start already read these files (`peer::Federation::load`); a failure here is a
+        // file that changed in between: the next reload reads it again.
+        let fed = FedView::load(&cfg).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "federation view at start; peer links wait for a reload");
+            FedView::default()
+        });
         let snapshots = Snapshots {
             routes: Arc::new(ArcSwap::from_pointee(table)),
             keys: Arc::new(ArcSwap::from_pointee(KeySnapshot {
                 generation: 1,
                 keyring,
             })),
+            apps: Arc::new(ArcSwap::from_pointee(AppsSnapshot {
+                generation: 1,
+                apps: cfg.apps.clone(),
+            })),
+            fed: Arc::new(ArcSwap::from_pointee(FedView {
+                generation: 1,
+                ..fed
+            })),
+            reload_failed: Arc::new(AtomicU64::new(0)),
         };
         Control {
             keyring_mtime: keyring_mtime(&keyring_dir),
+            applied: (*cfg).clone(),
+            config_file: Watched::new(cfg.source.iter().cloned().collect()),
+            peer_key_files: Watched::new(crate::peer::view::key_files(&cfg)),
             cfg,
             specs,
             registry: Registry::default(),
@@ -188,7 +264,7 @@ impl Control {
             &self.specs,
             &self.registry.live(),
             self.generation,
-            self.cfg.routing.election_seed,
+            self.applied.routing.election_seed,
         );
         // One atomic store: readers see the old table or the new one, never half of each.
         self.snapshots.routes.store(Arc::new(t));
@@ -212,6 +288,90 @@ impl Control {
         }
     }
 
+    /// Counts and logs a refused config reload; the config in force stays.
+    fn refuse(&self, why: &str, error: &dyn std::fmt::Display) {
+        self.snapshots.reload_failed.fetch_add(1, Relaxed);
+        tracing::error!(why, %error, "config reload refused; keeping the config in force");
+    }
+
+    /// Re-reads the config file: `[[apps]]` and `[federation]` take effect, every other
+    /// change is logged as needing a restart. A file that does not parse or validate, or
+    /// whose federation keys cannot be read, is refused as a whole (counted in
+    /// `fedbus_config_reload_failed_total`).
+    pub(crate) fn reload_config(&mut self, why: &str) {
+        let Some(path) = self.cfg.source.clone() else {
+            return;
+        };
+        let new = match Config::load(&path) {
+            Ok(c) => c,
+            Err(e) => return self.refuse(why, &e),
+        };
+        for section in restart_needed(&self.cfg, &new) {
+            tracing::warn!(why, section, "config change needs a restart; left as it is");
+        }
+        let merged = merge(&self.cfg, &new);
+        if let Err(e) = merged.validate() {
+            return self.refuse(why, &e);
+        }
+        let fed = match FedView::load(&merged) {
+            Ok(f) => f,
+            Err(e) => return self.refuse(why, &e),
+        };
+        let apps_changed = merged.apps != self.applied.apps;
+        self.peer_key_files = Watched::new(crate::peer::view::key_files(&merged));
+        self.applied = merged;
+        if apps_changed {
+            self.apply_apps(why);
+        }
+        self.publish_fed(why, fed);
+    }
+
+    /// Publishes the applied `[[apps]]` and a routing table built for them (tasks of
+    /// unchanged apps keep their place; a resized app's partitions follow its new size).
+    fn apply_apps(&mut self, why: &str) {
+        if self.applied.dev {
+            // As at start: dev mode makes the secrets of apps it has none for.
+            let names = self.applied.app_names();
+            if let Err(e) = Keyring::ensure_apps(&self.keyring_dir, &names, crate::auth::now_unix())
+            {
+                tracing::error!(why, error = %e, "dev keyring: app secrets for new apps");
+            }
+            self.reload_keys(why);
+        }
+        let generation = self.snapshots.apps.load().generation + 1;
+        self.specs = app_specs(&self.applied);
+        self.snapshots.apps.store(Arc::new(AppsSnapshot {
+            generation,
+            apps: self.applied.apps.clone(),
+        }));
+        self.publish_routes();
+        let names = self.applied.app_names().join(", ");
+        tracing::info!(why, generation, apps = %names, "apps reloaded");
+    }
+
+    /// Publishes `fed` when it differs from the view in force.
+    fn publish_fed(&mut self, why: &str, fed: FedView) {
+        let old = self.snapshots.fed.load_full();
+        if old.same_as(&fed) {
+            return;
+        }
+        let generation = old.generation + 1;
+        let clusters = fed.routers.len();
+        self.snapshots
+            .fed
+            .store(Arc::new(FedView { generation, ..fed }));
+        tracing::info!(why, generation, clusters, "federation reloaded");
+    }
+
+    /// Re-reads the federation's key files (the config as applied): a peer cluster's rotated
+    /// key, or our own (siblings), verifies at once.
+    pub(crate) fn reload_federation(&mut self, why: &str) {
+        match FedView::load(&self.applied) {
+            Ok(f) => self.publish_fed(why, f),
+            Err(e) => self.refuse(why, &e),
+        }
+    }
+
     /// Runs until `Shutdown` or every sender is gone.
     pub(crate) fn run(mut self, rx: crossbeam_channel::Receiver<ControlEvent>) {
         let poll = Duration::from_millis(self.cfg.auth.reload_poll_ms);
@@ -228,6 +388,7 @@ impl Control {
                     ControlEvent::Shutdown => return,
                     ControlEvent::Reload => {
                         self.reload_keys("reload event");
+                        self.reload_config("reload event");
                         for t in &mut self.tls {
                             t.reload("reload event");
                         }
@@ -240,6 +401,14 @@ impl Control {
             }
             if keyring_mtime(&self.keyring_dir) != self.keyring_mtime {
                 self.reload_keys("keyring files changed");
+                // Our own cluster key verifies siblings' peer tokens.
+                self.reload_federation("keyring files changed");
+            }
+            if self.config_file.changed() {
+                self.reload_config("config file changed");
+            }
+            if self.peer_key_files.changed() {
+                self.reload_federation("federation key files changed");
             }
             for t in &mut self.tls {
                 t.poll();
@@ -287,6 +456,48 @@ mod tests {
             k.keyring.signing_app_secret("demo/echo").map(|s| s.version),
             Some(2)
         );
+    }
+
+    #[test]
+    fn a_config_reload_applies_apps_and_refuses_a_broken_file() {
+        let dir = TempDir::new("control-config");
+        Keyring::init(dir.path(), &["demo/echo"], 1_000).expect("init");
+        let path = dir.path().join("router.toml");
+        let text = format!(
+            "keyring = {:?}\n[[apps]]\nname = \"demo/echo\"\npartitions = 16\n",
+            dir.path()
+        );
+        std::fs::write(&path, &text).expect("write");
+        let cfg = Config::load(&path).expect("load");
+        let keyring = Keyring::load(dir.path()).expect("keyring");
+        let mut c = Control::new(Arc::new(cfg), keyring, Vec::new());
+        let snaps = c.snapshots();
+        // Broken: refused, counted, nothing published.
+        std::fs::write(&path, "listen = 7").expect("write");
+        c.reload_config("test");
+        assert_eq!(snaps.reload_failed.load(Relaxed), 1);
+        assert_eq!(snaps.apps.load().generation, 1);
+        // demo/echo shrinks to 8 partitions, o/new appears.
+        let edited = text.replace("16", "8") + "[[apps]]\nname = \"o/new\"\npartitions = 2\n";
+        std::fs::write(&path, edited).expect("write");
+        c.reload_config("test");
+        assert_eq!(snaps.apps.load().generation, 2);
+        assert_eq!(snaps.apps.load().apps.len(), 2);
+        let table = snaps.routes.load();
+        assert_eq!(table.apps["demo/echo"].partitions, 8);
+        assert_eq!(table.apps["o/new"].partitions, 2);
+        drop(table);
+        // Dev mode made the new app's secret, as at start.
+        assert!(snaps
+            .keys
+            .load()
+            .keyring
+            .signing_app_secret("o/new")
+            .is_some());
+        // The same file again: nothing new is published.
+        c.reload_config("test");
+        assert_eq!(snaps.apps.load().generation, 2);
+        assert_eq!(snaps.reload_failed.load(Relaxed), 1);
     }
 
     fn reg(task: TaskId, parts: &[u32]) -> Registration {

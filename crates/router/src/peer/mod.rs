@@ -4,7 +4,7 @@
 //! of its shards, which routes the requests on it by the local rules. A forwarded request is
 //! marked FORWARDED and is never forwarded again.
 
-use crate::auth::{self, verify_service_token, ClusterKeyVersion};
+use crate::auth::{self, verify_service_token};
 use crate::metrics::{Listener, ShardMetrics};
 use crate::proto::{flags, tag, Frame, Kind};
 use crate::route::ApiPath;
@@ -22,17 +22,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod status;
+pub(crate) mod view;
 pub(crate) use status::PeerStatus;
+pub(crate) use view::FedView;
 
-/// Static federation facts shared by all shards.
+/// Federation facts fixed at start, shared by all shards. What reloads (peer keys, routers,
+/// siblings) is the [`FedView`] in `control::Snapshots::fed`; `routers` and `siblings`
+/// here are the start's values, which decide only what is bound at start (the external
+/// listener, the clusters `/readyz` waits for).
 pub(crate) struct Federation {
-    /// `region/cluster` -> that cluster's public keys.
-    pub(crate) keys: HashMap<String, Vec<ClusterKeyVersion>>,
-    /// `region/cluster` -> its routers' external addresses.
+    /// `region/cluster` -> its routers' external addresses, at start.
     pub(crate) routers: HashMap<String, Vec<String>>,
     /// The token this router presents to peers.
     pub(crate) token: Option<String>,
-    /// External addresses of the other routers of our own cluster (siblings).
+    /// External addresses of the other routers of our own cluster (siblings), at start.
     pub(crate) siblings: Vec<String>,
     /// Our own `region/cluster`.
     pub(crate) own: String,
@@ -46,36 +49,16 @@ impl Federation {
         cfg: &crate::config::Config,
         token: Option<String>,
     ) -> anyhow::Result<Federation> {
-        let mut keys = HashMap::new();
-        let mut routers = HashMap::new();
-        for c in cfg.peer_clusters() {
-            let id = format!("{}/{}", c.region, c.cluster);
-            let k = auth::keyring::read_cluster_keys(&c.keys)
-                .map_err(|e| anyhow::anyhow!("federation cluster {id}: keys: {e}"))?;
-            keys.insert(id.clone(), k);
-            routers.insert(id, c.routers.clone());
-        }
-        let own = cfg.cluster_id();
-        let siblings = siblings(cfg);
-        if !siblings.is_empty() {
-            // Siblings present peer tokens signed by our own cluster key.
-            let k = auth::keyring::read_cluster_keys(&cfg.keyring_dir())
-                .map_err(|e| anyhow::anyhow!("own cluster {own}: keys: {e}"))?;
-            keys.insert(own.clone(), k);
-        }
+        let FedView {
+            routers, siblings, ..
+        } = FedView::load(cfg)?;
         Ok(Federation {
-            keys,
             routers,
             token,
             siblings,
-            own,
+            own: cfg.cluster_id(),
             tls: None,
         })
-    }
-
-    /// True when `region/cluster` is another cluster of the federation.
-    pub(crate) fn knows(&self, region: &str, cluster: &str) -> bool {
-        self.routers.keys().any(|k| is_cluster(k, region, cluster))
     }
 }
 
@@ -107,6 +90,28 @@ pub(crate) struct Slot {
     pub(crate) link: RefCell<Option<Rc<TaskLink>>>,
     /// The last status the router sent on the current link (None: none yet).
     status: RefCell<Option<PeerStatus>>,
+    /// Set when a reload removed this router: its dialer closes the link and stops.
+    stopped: std::cell::Cell<bool>,
+}
+
+impl Slot {
+    fn new(addr: &str) -> Rc<Slot> {
+        Rc::new(Slot {
+            addr: addr.to_string(),
+            link: RefCell::new(None),
+            status: RefCell::new(None),
+            stopped: std::cell::Cell::new(false),
+        })
+    }
+
+    /// Stops the dialer of a router a reload removed, closing its link (1001) once nothing
+    /// is pending on it.
+    fn stop(&self) {
+        self.stopped.set(true);
+        if let Some(l) = self.link.borrow().as_ref() {
+            glommio::spawn_local(close_when_idle(l.clone())).detach();
+        }
+    }
 }
 
 impl Slot {
@@ -210,32 +215,66 @@ fn is_cluster(key: &str, region: &str, cluster: &str) -> bool {
 }
 
 /// Starts this shard's dialers: one per router of every other cluster, and one per sibling
-/// (another router of our own cluster, under our own cluster's key).
+/// (another router of our own cluster, under our own cluster's key), as the published
+/// [`FedView`] lists them; then follows that view ([`watch_view`]).
 pub(crate) fn start_dialers(shard: &Rc<Shard>) {
+    let view = shard.snapshots.fed.load_full();
+    reconcile(shard, &view);
+    glommio::spawn_local(watch_view(shard.clone(), view.generation)).detach();
+}
+
+/// Makes this shard's dialers match `view`: a dialer per listed router (kept when it was
+/// already there, so its link stays), the dialers of routers no longer listed stopped.
+fn reconcile(shard: &Rc<Shard>, view: &FedView) {
     let mut peers = shard.peers.borrow_mut();
-    let fed = &shard.federation;
-    let siblings = (!fed.siblings.is_empty()).then(|| (&fed.own, &fed.siblings));
-    for (cluster, addrs) in fed.routers.iter().chain(siblings) {
+    let mut old = std::mem::take(&mut peers.clusters);
+    for (cluster, addrs) in view.dial_targets(&shard.federation.own) {
+        let mut had = old.remove(&cluster).unwrap_or_default();
         let slots: Vec<Rc<Slot>> = addrs
             .iter()
-            .map(|a| {
-                Rc::new(Slot {
-                    addr: a.clone(),
-                    link: RefCell::new(None),
-                    status: RefCell::new(None),
-                })
+            .map(|a| match had.iter().position(|s| s.addr == *a) {
+                Some(i) => had.swap_remove(i),
+                None => {
+                    let s = Slot::new(a);
+                    tracing::info!(shard = shard.index, %cluster, addr = %a, "peer router added by reload: dialing");
+                    glommio::spawn_local(dial_loop(shard.clone(), cluster.clone(), s.clone()))
+                        .detach();
+                    s
+                }
             })
             .collect();
-        for s in &slots {
-            glommio::spawn_local(dial_loop(shard.clone(), cluster.clone(), s.clone())).detach();
+        for s in had {
+            tracing::info!(shard = shard.index, %cluster, addr = %s.addr, "peer router removed by reload: closing its link");
+            s.stop();
         }
-        peers.clusters.insert(cluster.clone(), slots);
+        peers.clusters.insert(cluster, slots);
+    }
+    for (cluster, slots) in old {
+        tracing::info!(shard = shard.index, %cluster, "peer cluster removed by reload: closing its links");
+        for s in slots {
+            s.stop();
+        }
+    }
+    let watched: Vec<String> = view.routers.keys().cloned().collect();
+    shard.health.watch_clusters(&watched);
+}
+
+/// Follows the published [`FedView`]: when its generation moves, reconciles the dialers.
+/// Checked every `health::POLL` (the view changes only on a reload).
+async fn watch_view(shard: Rc<Shard>, mut seen: u64) {
+    loop {
+        glommio::timer::sleep(crate::health::POLL).await;
+        let view = shard.snapshots.fed.load();
+        if view.generation != seen {
+            seen = view.generation;
+            reconcile(&shard, &view);
+        }
     }
 }
 
 async fn dial_loop(shard: Rc<Shard>, cluster: String, slot: Rc<Slot>) {
     let mut backoff = Duration::from_millis(50);
-    loop {
+    while !slot.stopped.get() {
         match dial_once(&shard, &cluster, &slot).await {
             Ok(()) => backoff = Duration::from_millis(50),
             Err(e) => {
@@ -318,6 +357,10 @@ async fn run_link<S: ws::Stream>(
     let pinger = ws::spawn_pinger(out.clone(), every);
     *slot.status.borrow_mut() = None;
     *slot.link.borrow_mut() = Some(link.clone());
+    if slot.stopped.get() {
+        // Removed by a reload while it dialed.
+        glommio::spawn_local(close_when_idle(link.clone())).detach();
+    }
     ShardMetrics::inc(&shard.metrics.peer_links);
     shard.health.peer_link(shard.index, cluster, true);
     tracing::info!(shard = shard.index, %cluster, addr = %slot.addr, "peer link up");
@@ -502,11 +545,11 @@ fn check_peer_certificate(
     let Some(cert) = cert else {
         return Ok((cluster, exp));
     };
-    let fed = &shard.federation;
-    let routers = if cluster == fed.own {
-        fed.siblings.as_slice()
+    let view = shard.snapshots.fed.load();
+    let routers = if cluster == shard.federation.own {
+        view.siblings.as_slice()
     } else {
-        fed.routers
+        view.routers
             .get(&cluster)
             .map(Vec::as_slice)
             .unwrap_or_default()
@@ -536,7 +579,9 @@ fn check_peer_token(
         "bad_token",
         "unreadable peer token".to_string(),
     ))?;
-    let keys = shard.federation.keys.get(&claimed).ok_or((
+    // The published view: keys a reload added verify at once.
+    let view = shard.snapshots.fed.load();
+    let keys = view.keys.get(&claimed).ok_or((
         401,
         "unknown_cluster",
         format!("cluster {claimed} is not in the federation"),

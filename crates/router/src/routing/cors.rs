@@ -62,7 +62,9 @@ pub(crate) fn check(
 /// may call several apps; each request is then checked against its own app).
 pub(crate) fn any_app_allows(shard: &Shard, origin: &[u8]) -> bool {
     shard
-        .cfg
+        .snapshots
+        .apps
+        .load()
         .apps
         .iter()
         .any(|a| a.cors.as_ref().is_some_and(|c| c.allows(origin)))
@@ -72,7 +74,9 @@ pub(crate) fn any_app_allows(shard: &Shard, origin: &[u8]) -> bool {
 /// `Access-Control-Allow-Credentials: true` (the policy of this router's app of that name).
 pub(crate) fn allow_credentials(shard: &Shard, app_name: &str) -> bool {
     shard
-        .cfg
+        .snapshots
+        .apps
+        .load()
         .apps
         .iter()
         .find(|a| a.name == app_name)

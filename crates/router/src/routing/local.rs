@@ -21,8 +21,9 @@ fn sibling_with_partition(
     table: &crate::route::RoutingTable,
     partition: u32,
 ) -> Option<Rc<crate::task::link::TaskLink>> {
-    let fed = &shard.federation;
-    if fed.siblings.is_empty() || req.ingress == Ingress::Peer {
+    // This shard dials siblings only when the federation view lists some.
+    let own = &shard.federation.own;
+    if req.ingress == Ingress::Peer || !shard.peers.borrow().clusters.contains_key(own) {
         return None;
     }
     let tasks = table
@@ -35,7 +36,7 @@ fn sibling_with_partition(
         return None;
     }
     shard.peers.borrow().covering(
-        &fed.own,
+        own,
         req.target.app_name,
         req.target.wsid,
         shard.cfg.limits.max_pending_per_link,

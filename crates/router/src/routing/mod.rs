@@ -74,10 +74,14 @@ pub(crate) enum Decision<'s> {
     Remote,
 }
 
-/// Step 1: decides whose request this is. Pure: a function of the configuration and the
-/// federation. Errors are the client's answer.
+/// Step 1: decides whose request this is. Pure: a function of the configuration, the
+/// published `apps` and the published federation view. Errors are the client's answer.
 #[allow(clippy::result_large_err)]
-pub(crate) fn decide<'s>(shard: &'s Shard, req: &Request<'_>) -> Result<Decision<'s>, Answer> {
+pub(crate) fn decide<'s>(
+    shard: &Shard,
+    apps: &'s [crate::config::App],
+    req: &Request<'_>,
+) -> Result<Decision<'s>, Answer> {
     let t = &req.target;
     let ours = t.region == shard.cfg.region && t.cluster == shard.cfg.cluster;
     if !ours {
@@ -92,7 +96,7 @@ pub(crate) fn decide<'s>(shard: &'s Shard, req: &Request<'_>) -> Result<Decision
                 ),
             ));
         }
-        if shard.federation.knows(t.region, t.cluster) {
+        if shard.snapshots.fed.load().knows(t.region, t.cluster) {
             return Ok(Decision::Remote);
         }
         return Err(Answer::error(
@@ -101,7 +105,7 @@ pub(crate) fn decide<'s>(shard: &'s Shard, req: &Request<'_>) -> Result<Decision
             format!("cluster {}/{} is not served here", t.region, t.cluster),
         ));
     }
-    match shard.cfg.apps.iter().find(|a| a.name == t.app_name) {
+    match apps.iter().find(|a| a.name == t.app_name) {
         Some(app) => Ok(Decision::Local(app)),
         None => Err(Answer::error(
             404,
@@ -133,7 +137,9 @@ pub(crate) fn admit(
     cache: &mut VerifyCache,
     req: &Request<'_>,
 ) -> Result<Admitted, Answer> {
-    match decide(shard, req)? {
+    // The apps in force now (`[[apps]]` reloads); the guard holds no refcount.
+    let apps = shard.snapshots.apps.load();
+    match decide(shard, &apps.apps, req)? {
         Decision::Remote => Ok(Admitted::Remote),
         Decision::Local(app) => {
             if let Some(a) = cors::check(shard, app, req.origin, req.preflight)? {

@@ -482,7 +482,7 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
         stream,
         leftover,
         Side::Server,
-        register_bound(&shard.cfg),
+        register_bound(&shard.snapshots.apps.load().apps),
         limits,
     );
 
@@ -525,7 +525,9 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
     };
     reader.set_max_message(max_msg);
     let app_partitions = shard
-        .cfg
+        .snapshots
+        .apps
+        .load()
         .apps
         .iter()
         .find(|a| a.name == reg.app)
@@ -714,9 +716,8 @@ pub(crate) fn registration_refusal(
 /// The largest `register` message a task can legitimately send to this router: its fields and
 /// every partition of the largest app once (at most 7 digits and a comma each). Bigger ones
 /// close the link with 1009 before they are buffered (a task once sent 7 MiB lists).
-pub(crate) fn register_bound(cfg: &crate::config::Config) -> usize {
-    let most = cfg
-        .apps
+pub(crate) fn register_bound(apps: &[crate::config::App]) -> usize {
+    let most = apps
         .iter()
         .map(|a| a.partitions as usize)
         .max()

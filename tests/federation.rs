@@ -232,6 +232,21 @@ fn wait_served_by(
 #[test]
 fn kill9_of_a_router_under_load_and_restart() {
     let mut f = Federation::start();
+    // Both spb1 routers have the statuses of both spb2 routers (ready, covering), so that a
+    // wsid goes to its own router from the first request on: a status still saying "not
+    // ready" would rightly send it to the sibling.
+    for e in 0..2 {
+        for wsid in 0..2u64 {
+            let want = format!("ru/spb2/r{wsid}");
+            wait_served_by(
+                &f,
+                f.router("spb1", e),
+                wsid,
+                &want,
+                Duration::from_secs(10),
+            );
+        }
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let log = Arc::new(Mutex::new(Vec::new()));
     let hs = load(&f, &[("spb1", 0), ("spb1", 1), ("spb2", 1)], &stop, &log);

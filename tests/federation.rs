@@ -199,6 +199,19 @@ fn load(
     hs
 }
 
+/// Stops the load threads of [`load`] and returns what they saw.
+fn end_load(
+    stop: &AtomicBool,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    log: &Mutex<Vec<Obs>>,
+) -> Vec<Obs> {
+    stop.store(true, Ordering::Relaxed);
+    for h in threads {
+        h.join().expect("load thread");
+    }
+    std::mem::take(&mut *log.lock().unwrap())
+}
+
 /// Sends `wsid`'s echo for spb2 through `entry` until it is served by `want`.
 fn wait_served_by(
     f: &Federation,
@@ -254,11 +267,7 @@ fn kill9_of_a_router_under_load_and_restart() {
     let killed_at = Instant::now();
     f.router_mut("spb2", 0).kill9();
     std::thread::sleep(Duration::from_millis(2000));
-    stop.store(true, Ordering::Relaxed);
-    for h in hs {
-        h.join().expect("load thread");
-    }
-    let obs = std::mem::take(&mut *log.lock().unwrap());
+    let obs = end_load(&stop, hs, &log);
     let before = obs.iter().filter(|o| o.at < killed_at).count();
     let after = obs.len() - before;
     eprintln!("kill -9 under load: {before} answers before the kill, {after} after");
@@ -970,11 +979,7 @@ fn rolling_sigterm_restart_of_a_cluster_fails_no_request() {
         );
     }
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    for h in hs {
-        h.join().expect("load thread");
-    }
-    let obs = std::mem::take(&mut *log.lock().unwrap());
+    let obs = end_load(&stop, hs, &log);
     let to_spb2 = obs.iter().filter(|o| o.target == "spb2").count();
     eprintln!("rolling restart: {} answers, {to_spb2} for spb2", obs.len());
     assert!(to_spb2 > 50, "load too thin: {to_spb2}");
@@ -1049,11 +1054,7 @@ fn takeover_of_a_router_under_load_fails_no_request() {
         Duration::from_secs(10),
     );
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    for h in hs {
-        h.join().expect("load thread");
-    }
-    let obs = std::mem::take(&mut *log.lock().unwrap());
+    let obs = end_load(&stop, hs, &log);
     let direct_after = obs
         .iter()
         .filter(|o| o.entry == "ru/spb2/r0" && o.at > exited_at)
@@ -1099,11 +1100,7 @@ fn kill9_fails_only_what_was_in_flight_and_nothing_after_the_restart() {
         Duration::from_secs(10),
     );
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    for h in hs {
-        h.join().expect("load thread");
-    }
-    let obs = std::mem::take(&mut *log.lock().unwrap());
+    let obs = end_load(&stop, hs, &log);
     let failed: Vec<&Obs> = obs.iter().filter(|o| o.status != Some(200)).collect();
     eprintln!(
         "kill -9: {} answers, {} failed; restarted r1 ready after {ready:?}",

@@ -632,11 +632,7 @@ async fn serve_inner<S: Stream>(
             };
             match got {
                 Err(_) if head_since.is_some() || continued => {
-                    let what = if continued {
-                        "request body slower than limits.min_body_bytes_per_sec"
-                    } else {
-                        "request head not complete within limits.handshake_timeout_ms"
-                    };
+                    let what = missed_deadline(continued);
                     tracing::info!(shard = shard.index, "{what}: 408");
                     closing = true;
                     let a = Answer::error(408, "request_timeout", what);
@@ -691,11 +687,7 @@ async fn serve_inner<S: Stream>(
                     continue;
                 }
                 Either::Right((Either::Right(_), _)) => {
-                    let what = if continued {
-                        "request body slower than limits.min_body_bytes_per_sec"
-                    } else {
-                        "request head not complete within limits.handshake_timeout_ms"
-                    };
+                    let what = missed_deadline(continued);
                     tracing::info!(shard = shard.index, "{what} (answers pending): 408");
                     // The slow body's bytes go back to the budget now; the answers before it
                     // are still written, then the 408, then the connection closes.
@@ -797,6 +789,16 @@ async fn serve_inner<S: Stream>(
         .await;
     }
     Ok(None)
+}
+
+/// The 408 reason of a missed deadline: the body's minimum rate once its head is in
+/// (`continued`), else the head's own deadline.
+fn missed_deadline(continued: bool) -> &'static str {
+    if continued {
+        "request body slower than limits.min_body_bytes_per_sec"
+    } else {
+        "request head not complete within limits.handshake_timeout_ms"
+    }
 }
 
 fn is_ws_upgrade(req: &Req) -> bool {

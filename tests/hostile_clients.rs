@@ -797,6 +797,11 @@ fn websocket_payloads_over_the_connection_share_get_503() {
         assert_eq!((status_of(&f), &f.payload[..]), (200, &b"during"[..]));
     }
     normal(&r, OTHER, &other, 1);
+    let held = r.metrics().get("fedbus_body_bytes_held");
+    assert!(
+        held >= (2 * PAYLOAD) as f64,
+        "the slow requests were answered before the normal ones: {held} bytes held"
+    );
     let during_kib = rss_kib(&r).saturating_sub(before);
     let mut ok = Vec::new();
     for _ in 0..2 {

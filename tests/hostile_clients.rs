@@ -542,6 +542,10 @@ fn content_length_with_transfer_encoding_is_400_and_closed() {
         "{body}"
     );
     normal(&r, APP, &tok, 3);
+    println!(
+        "Content-Length + Transfer-Encoding: {}; closed, the smuggled request unanswered",
+        head.lines().next().unwrap_or_default()
+    );
 }
 
 /// The `/api/ws` upgrade checks of RFC 6455 4.2.1/4.2.2 on a running router: no `Host` and an
@@ -590,6 +594,11 @@ fn bad_websocket_upgrades_are_refused() {
             .find_map(|l| l.strip_prefix("Sec-WebSocket-Version:"))
             .map(str::trim);
         assert_eq!(version, (status == 426).then_some("13"), "{what}: {head}");
+        println!(
+            "/api/ws upgrade, {what}: {} {code}{}, closed",
+            head.lines().next().unwrap_or_default(),
+            version.map_or(String::new(), |v| format!(", Sec-WebSocket-Version: {v}"))
+        );
     }
     let mut ws = Ws::open(r.api, &tok);
     ws.send_request(1, &r.path(APP, 1), b"fine");

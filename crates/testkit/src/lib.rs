@@ -265,8 +265,7 @@ impl RouterBuilder {
     }
 
     /// Whole TOML sections appended at the end of the config, e.g. a `[federation]` table
-    /// (its `[[federation.clusters]]` may name directories under [`Router::home`]'s parent
-    /// made by the test).
+    /// whose `[[federation.clusters]]` name keyrings the test made (`keys_init`).
     pub fn tail(mut self, toml: &str) -> Self {
         self.tail.push_str(toml);
         self.tail.push('\n');

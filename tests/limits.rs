@@ -93,14 +93,30 @@ fn anonymous_uploads_are_small_and_refused_from_the_head() {
     let tok = r.token(APP, "alice");
     let auth = r.path(APP, 1).replace("/api/1/", "/auth/1/");
     let before = rss_kib(&r);
-    for _ in 0..200 {
+    // The attackers' connections stay open while a normal client (same, only shard) is
+    // answered every 20 uploads.
+    let mut attack = Vec::with_capacity(200);
+    let mut answered = 0;
+    for i in 0..200u64 {
         let mut c = announce(&r, &auth, None, 8 << 20, b"x");
         c.read_response()
             .expect("refusal from the head")
             .assert_error(413, "body_too_large");
+        attack.push(c);
+        if i % 20 == 19 {
+            let ok = r.request(&Req::post(&r.path(APP, i)).token(&tok).body(b"during"));
+            assert_eq!(
+                (ok.status, ok.body.as_slice()),
+                (200, &b"during"[..]),
+                "{i}"
+            );
+            answered += 1;
+        }
     }
+    assert_eq!(answered, 10);
     let grown_mib = rss_kib(&r).saturating_sub(before) / 1024;
     assert!(grown_mib < 50, "RSS grew by {grown_mib} MiB");
+    drop(attack);
     // A whole small body passes; a whole one over the bound is 413 too.
     let ok = r.request(&Req::post(&auth).body(&[b'k'; 1024]));
     assert_ne!(ok.status, 413, "{ok:?}");
@@ -142,10 +158,15 @@ fn a_trickled_body_gets_408() {
     .expect("head");
     let started = std::time::Instant::now();
     let mut got = Vec::new();
+    let mut answered = 0;
     for _ in 0..100 {
         if s.write_all(b"t").is_err() {
             break;
         }
+        // A normal request on the same (only) shard while the body trickles.
+        let ok = r.request(&Req::post(&r.path(APP, 5)).token(&tok).body(b"during"));
+        assert_eq!((ok.status, ok.body.as_slice()), (200, &b"during"[..]));
+        answered += 1;
         let mut chunk = [0u8; 1024];
         match s.read(&mut chunk) {
             Ok(0) => break,
@@ -166,6 +187,10 @@ fn a_trickled_body_gets_408() {
         started.elapsed() < Duration::from_secs(5),
         "{:?}",
         started.elapsed()
+    );
+    assert!(
+        answered >= 3,
+        "{answered} normal requests during the trickle"
     );
     assert!(r.log().contains("request body slower than"));
 }
@@ -322,6 +347,9 @@ fn a_body_trickled_behind_a_pending_answer_gets_408() {
         .limit("min_body_bytes_per_sec", 100_000)
         .start();
     let _t = r.task().delay_ms(4000).start();
+    // A fast task of another app for the normal client on the same shard.
+    let _fast = r.task().app("demo/other").partitions("0-3").start();
+    let other = r.token("demo/other", "bob");
     let tok = r.token(APP, "alice");
     let p = r.path(APP, 7);
     let mut c = r.conn();
@@ -339,6 +367,23 @@ fn a_body_trickled_behind_a_pending_answer_gets_408() {
         (held() >= 100_000.0).then_some(())
     })
     .unwrap_or_else(|| panic!("the trickled body is charged: {}", held()));
+    // During the attack a normal client on the same shard is answered.
+    for i in 0..5 {
+        let ok = r.request(
+            &Req::post(&r.path("demo/other", i))
+                .token(&other)
+                .body(b"during"),
+        );
+        assert_eq!(
+            (ok.status, ok.body.as_slice()),
+            (200, &b"during"[..]),
+            "{i}"
+        );
+    }
+    assert!(
+        held() >= 100_000.0,
+        "the trickled body was cut before the normal requests"
+    );
     // Only the slow request's own 4 bytes stay held until its answer.
     wait_for(Duration::from_secs(3), || {
         (held() < 100_000.0).then_some(())

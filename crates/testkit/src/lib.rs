@@ -187,6 +187,12 @@ pub struct RouterBuilder {
     internal_tls: bool,
     /// `(app, body of its [apps.cors] table)`.
     cors: Vec<(String, String)>,
+    /// Extra `[listen]` entries, e.g. `("admin_max_connections", "2")`.
+    listen: Vec<(String, String)>,
+    /// `dev = true` at the top of the config.
+    dev: bool,
+    /// Whole sections appended at the end of the config (e.g. `[federation]`).
+    tail: String,
 }
 
 impl Default for RouterBuilder {
@@ -198,6 +204,9 @@ impl Default for RouterBuilder {
             tls: Vec::new(),
             internal_tls: false,
             cors: Vec::new(),
+            listen: Vec::new(),
+            dev: false,
+            tail: String::new(),
         }
     }
 }
@@ -241,6 +250,28 @@ impl RouterBuilder {
         self
     }
 
+    /// A `[listen]` entry, e.g. `listen("admin_max_connections", 2)` or
+    /// `listen("external", "\"127.0.0.1:0\"")` (the value is written as TOML).
+    pub fn listen(mut self, key: &str, value: impl std::fmt::Display) -> Self {
+        self.listen.push((key.into(), value.to_string()));
+        self
+    }
+
+    /// `dev = true`: the router mints its own peer token from its keyring (a `[federation]`
+    /// with other clusters needs one).
+    pub fn dev(mut self) -> Self {
+        self.dev = true;
+        self
+    }
+
+    /// Whole TOML sections appended at the end of the config, e.g. a `[federation]` table
+    /// whose `[[federation.clusters]]` name keyrings the test made (`keys_init`).
+    pub fn tail(mut self, toml: &str) -> Self {
+        self.tail.push_str(toml);
+        self.tail.push('\n');
+        self
+    }
+
     /// `limits.request_timeout_ms` (default 10000).
     pub fn request_timeout_ms(self, ms: u64) -> Self {
         self.limit("request_timeout_ms", ms)
@@ -257,6 +288,9 @@ impl RouterBuilder {
         let cores = if self.shards == 2 { "[0, 1]" } else { "[0]" };
         let mut cfg = String::new();
         let _ = writeln!(cfg, "region = \"local\"\ncluster = \"dev\"");
+        if self.dev {
+            let _ = writeln!(cfg, "dev = true");
+        }
         let _ = writeln!(cfg, "keyring = {:?}", keys.to_str().expect("utf-8 path"));
         let _ = writeln!(
             cfg,
@@ -267,6 +301,9 @@ impl RouterBuilder {
         }
         if self.internal_tls {
             let _ = writeln!(cfg, "internal_tls = true");
+        }
+        for (k, v) in &self.listen {
+            let _ = writeln!(cfg, "{k} = {v}");
         }
         let _ = writeln!(cfg, "[tuning]\nshard_cores = {cores}\npin = false");
         for (cert, key) in &self.tls {
@@ -284,6 +321,7 @@ impl RouterBuilder {
                 let _ = writeln!(cfg, "[apps.cors]\n{table}");
             }
         }
+        cfg.push_str(&self.tail);
         let cfg_path = home.join("router.toml");
         std::fs::write(&cfg_path, &cfg).expect("write config");
 
@@ -321,6 +359,7 @@ impl RouterBuilder {
         );
         let admin = ready.admin.expect("admin listener enabled");
         let internal = ready.internal;
+        let external = ready.external;
         assert_eq!(
             internal.len(),
             self.shards,
@@ -331,6 +370,7 @@ impl RouterBuilder {
             api,
             api_tls,
             internal,
+            external,
             admin,
             keys,
             tokens: std::cell::RefCell::new(HashMap::new()),
@@ -368,6 +408,8 @@ pub struct Ready {
     pub internal: Vec<SocketAddr>,
     /// The admin listener, when enabled.
     pub admin: Option<SocketAddr>,
+    /// The external listener (peer links), when the federation has other clusters.
+    pub external: Option<SocketAddr>,
 }
 
 /// Parses a `fedbus-ready {json}` line; None for any other line.
@@ -379,6 +421,7 @@ pub fn parse_ready_line(line: &str) -> Option<Ready> {
         api_tls: addr(&j["api_tls"]),
         internal: j["internal"].as_array()?.iter().filter_map(addr).collect(),
         admin: addr(&j["admin"]),
+        external: addr(&j["external"]),
     })
 }
 
@@ -420,6 +463,8 @@ pub struct Router {
     pub api_tls: Option<SocketAddr>,
     /// Internal (task link) address of each shard.
     pub internal: Vec<SocketAddr>,
+    /// External listener (peer links), when the config lists other clusters.
+    pub external: Option<SocketAddr>,
     /// Admin listener (`/metrics`).
     pub admin: SocketAddr,
     /// The keyring directory.

@@ -776,19 +776,40 @@ async fn serve_inner<S: Stream>(
         // the kernel send RST and could destroy our answer before the client reads it.
         let _ = stream.shutdown_write().await;
         let mut sink = [0u8; 16 * 1024];
+        let fd = std::os::unix::io::AsRawFd::as_raw_fd(stream.tcp());
         let _ = glommio::timer::timeout(Duration::from_secs(1), async {
             let mut left = 1usize << 20;
             while left > 0 {
                 match stream.read(&mut sink).await {
-                    Ok(0) | Err(_) => break,
+                    Ok(0) | Err(_) => return Ok(()),
                     Ok(n) => left = left.saturating_sub(n),
                 }
+            }
+            // The client still sends (a flood of pipelined uploads): stop reading, but keep
+            // the socket until the answers have left it. A close with unread input resets
+            // the connection, and the kernel drops what it has not sent yet (the answers).
+            while unsent_bytes(fd) > 0 {
+                glommio::timer::sleep(Duration::from_millis(5)).await;
             }
             Ok(())
         })
         .await;
     }
     Ok(None)
+}
+
+/// Bytes written to socket `fd` that the peer has not acknowledged yet (`SIOCOUTQ`); 0 when
+/// the kernel cannot say.
+fn unsent_bytes(fd: std::os::unix::io::RawFd) -> libc::c_int {
+    let mut n: libc::c_int = 0;
+    // SAFETY: ioctl(2) SIOCOUTQ (TIOCOUTQ on a socket) writes one int into `n`, which outlives
+    // the call; `fd` is the connection's socket, open while the stream is borrowed.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+    if rc == 0 {
+        n
+    } else {
+        0
+    }
 }
 
 /// The 408 reason of a missed deadline: the body's minimum rate once its head is in

@@ -9,7 +9,7 @@ use crate::control::Snapshots;
 use crate::health::Health;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,21 +31,25 @@ pub(crate) fn start(
         .into();
     let bound = l.local_addr()?;
     let active = Arc::new(AtomicUsize::new(0));
+    // Connections closed at accept because every slot was busy.
+    let refused = Arc::new(AtomicU64::new(0));
     std::thread::Builder::new()
         .name("fedbus-admin".into())
         .spawn(move || {
             for s in l.incoming().flatten() {
                 if active.load(Ordering::Relaxed) >= max_connections {
+                    refused.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(max_connections, "admin connection refused: all slots busy");
                     continue;
                 }
                 active.fetch_add(1, Ordering::Relaxed);
                 let (reg, snaps, done) = (reg.clone(), snaps.clone(), active.clone());
+                let refused = refused.clone();
                 let (health, readiness) = (health.clone(), readiness.clone());
                 let spawned = std::thread::Builder::new()
                     .name("fedbus-admin-conn".into())
                     .spawn(move || {
-                        let _ = serve(s, &reg, &snaps, &health, &readiness);
+                        let _ = serve(s, &reg, &snaps, &health, &readiness, &refused);
                         done.fetch_sub(1, Ordering::Relaxed);
                     });
                 if spawned.is_err() {
@@ -62,6 +66,7 @@ fn serve(
     snaps: &Snapshots,
     health: &Health,
     readiness: &Readiness,
+    refused: &AtomicU64,
 ) -> std::io::Result<()> {
     s.set_write_timeout(Some(Duration::from_secs(2)))?;
     let deadline = Instant::now() + HEAD_DEADLINE;
@@ -93,8 +98,9 @@ fn serve(
             let table = snaps.routes.load();
             let keys = snaps.keys.load();
             let ready = u8::from(health.readiness(&table, readiness).is_ok());
+            let refused = refused.load(Ordering::Relaxed);
             let extra = format!(
-                "# HELP fedbus_ready 1 when /readyz answers ready.\n# TYPE fedbus_ready gauge\nfedbus_ready {ready}\n# HELP fedbus_draining 1 once a drain (SIGTERM) started.\n# TYPE fedbus_draining gauge\nfedbus_draining {}\n# HELP fedbus_routing_generation Generation of the published routing snapshot.\n# TYPE fedbus_routing_generation gauge\nfedbus_routing_generation {}\n# HELP fedbus_keyring_generation Generation of the published keyring.\n# TYPE fedbus_keyring_generation gauge\nfedbus_keyring_generation {}\n# HELP fedbus_apps_generation Generation of the published [[apps]] (+1 per reload that changed them).\n# TYPE fedbus_apps_generation gauge\nfedbus_apps_generation {}\n# HELP fedbus_federation_generation Generation of the published federation view: peer keys, routers, siblings (+1 per reload that changed it).\n# TYPE fedbus_federation_generation gauge\nfedbus_federation_generation {}\n# HELP fedbus_config_reload_failed_total Config or federation key reloads refused (the config in force stays).\n# TYPE fedbus_config_reload_failed_total counter\nfedbus_config_reload_failed_total {}\n",
+                "# HELP fedbus_ready 1 when /readyz answers ready.\n# TYPE fedbus_ready gauge\nfedbus_ready {ready}\n# HELP fedbus_draining 1 once a drain (SIGTERM) started.\n# TYPE fedbus_draining gauge\nfedbus_draining {}\n# HELP fedbus_routing_generation Generation of the published routing snapshot.\n# TYPE fedbus_routing_generation gauge\nfedbus_routing_generation {}\n# HELP fedbus_keyring_generation Generation of the published keyring.\n# TYPE fedbus_keyring_generation gauge\nfedbus_keyring_generation {}\n# HELP fedbus_apps_generation Generation of the published [[apps]] (+1 per reload that changed them).\n# TYPE fedbus_apps_generation gauge\nfedbus_apps_generation {}\n# HELP fedbus_federation_generation Generation of the published federation view: peer keys, routers, siblings (+1 per reload that changed it).\n# TYPE fedbus_federation_generation gauge\nfedbus_federation_generation {}\n# HELP fedbus_config_reload_failed_total Config or federation key reloads refused (the config in force stays).\n# TYPE fedbus_config_reload_failed_total counter\nfedbus_config_reload_failed_total {}\n# HELP fedbus_admin_connections_refused_total Admin connections closed at accept: listen.admin_max_connections busy.\n# TYPE fedbus_admin_connections_refused_total counter\nfedbus_admin_connections_refused_total {refused}\n",
                 u8::from(health.draining()),
                 table.generation,
                 keys.generation,

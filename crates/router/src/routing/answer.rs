@@ -294,6 +294,10 @@ fn answer_head(shard: usize, id: u64, a: &Answer, served_by: Option<&str>) -> By
     if served_by.is_none() {
         // Peers add their own fedbus-shard; the serving router is named by SERVED_BY.
         put_line(&mut m, "fedbus-shard", shard as u64);
+        // As on HTTP: a 503 says when to come back (a relaying router adds its own).
+        if a.status() == 503 {
+            put_line(&mut m, "retry-after", 1);
+        }
     }
     a.fields(|f| match f {
         Field::ContentType(v) => put_meta(&mut m, tag::CONTENT_TYPE, v),

@@ -1,0 +1,837 @@
+//! Hostile clients against a running router (issue 12, "hostile clients"): a stalled or
+//! trickled request head, connections held on the external (peer) and admin listeners,
+//! malformed framing and websocket upgrades, and one connection pipelining more bodies than
+//! its share of the memory budget. Every router has one shard, so the well-behaved client
+//! whose requests are answered during each attack is on the attacked shard. Each test prints
+//! its numbers (`cargo test --release -p fedbus --test hostile_clients -- --nocapture`).
+
+use bytes::{Bytes, BytesMut};
+use fedbus_proto::{encode_frame, put_meta, tag, Frame, Kind};
+use fedbus_router::ws::frame::{encode_head, opcode, parse_head, MAX_HEADER};
+use fedbus_router::ws::handshake::{
+    client_request, new_key, parse_client_response, ClientHandshake,
+};
+use fedbus_testkit::*;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+const APP: &str = "demo/echo";
+/// The app of the fast task beside a slow one.
+const OTHER: &str = "demo/other";
+
+/// Resident set of the router process, KiB.
+fn rss_kib(r: &Router) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", seed::pid(r))).expect("router status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+}
+
+/// One request of a well-behaved client on a new connection: an echo of `app`, answered 200
+/// by shard 0 (the only one). Returns how long it took.
+fn normal(r: &Router, app: &str, tok: &str, i: u64) -> Duration {
+    let started = Instant::now();
+    let body = format!("normal {i}");
+    let resp = r.request(&Req::post(&r.path(app, i)).token(tok).body(body.as_bytes()));
+    assert_eq!(
+        (resp.status, resp.body.as_slice()),
+        (200, body.as_bytes()),
+        "normal request {i}: {resp:?}"
+    );
+    assert_eq!(resp.header("fedbus-shard"), Some("0"), "{resp:?}");
+    started.elapsed()
+}
+
+/// The api connection gauge.
+fn api_conns(r: &Router) -> f64 {
+    r.metrics().get("fedbus_connections{listener=\"api\"}")
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// Reads until EOF (or a reset) within `limit`; panics when the peer keeps the connection open.
+fn read_to_eof(s: &mut TcpStream, limit: Duration) -> Vec<u8> {
+    s.set_read_timeout(Some(limit)).expect("timeout");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return got,
+            Err(e) => panic!(
+                "not closed within {limit:?} ({e}); got {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+}
+
+/// Sends `raw` on a new api connection and reads the answer and then EOF: the router must
+/// answer and close. Returns the status line and header block, and the body.
+fn answered_and_closed(addr: SocketAddr, raw: &[u8]) -> (String, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.write_all(raw).expect("write");
+    let got = read_to_eof(&mut s, Duration::from_secs(5));
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no answer head in {text:?}"));
+    (head.to_string(), body.to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// A small blocking websocket client on fedbus's own handshake and frame helpers.
+
+struct Ws {
+    s: TcpStream,
+    buf: Vec<u8>,
+    seed: u64,
+}
+
+impl Ws {
+    /// Opens `/api/ws` with a bearer token; panics unless it is a 101.
+    fn open(addr: SocketAddr, tok: &str) -> Ws {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+        s.set_read_timeout(Some(READ_TIMEOUT)).expect("timeout");
+        let _ = s.set_nodelay(true);
+        let key = new_key();
+        s.write_all(client_request("127.0.0.1", "/api/ws", &key, Some(tok)).as_bytes())
+            .expect("write upgrade");
+        let mut buf = BytesMut::new();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match parse_client_response(&buf, &key).expect("upgrade answer parses") {
+                ClientHandshake::Incomplete => {}
+                ClientHandshake::Accepted(n) => {
+                    return Ws {
+                        s,
+                        buf: buf[n..].to_vec(),
+                        seed: 0x9E37_79B9_7F4A_7C15,
+                    }
+                }
+                ClientHandshake::Refused { status, body, .. } => {
+                    panic!("upgrade refused: {status} {body}")
+                }
+            }
+            let n = s.read(&mut chunk).expect("read upgrade answer");
+            assert!(n > 0, "router closed during the handshake");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// A fedbus Request frame with `payload` as one masked binary message.
+    fn request_bytes(&mut self, id: u64, path: &str, payload: &[u8]) -> Vec<u8> {
+        let mut meta = BytesMut::new();
+        put_meta(&mut meta, tag::PATH, path.as_bytes());
+        let f = encode_frame(Kind::Request, 0, 0, 0, id, &meta, payload);
+        let x = &mut self.seed;
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        let mask = (*x as u32).to_le_bytes();
+        let mut h = [0u8; MAX_HEADER];
+        let n = encode_head(opcode::BINARY, f.len(), Some(mask), &mut h);
+        let mut v = Vec::with_capacity(n + f.len());
+        v.extend_from_slice(&h[..n]);
+        v.extend(f.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        v
+    }
+
+    fn send_request(&mut self, id: u64, path: &str, payload: &[u8]) {
+        let b = self.request_bytes(id, path, payload);
+        self.s.write_all(&b).expect("write request");
+    }
+
+    /// The next Response frame (the router never fragments nor masks); panics on anything else.
+    fn read_response(&mut self) -> Frame {
+        loop {
+            if let Some(h) = parse_head(&self.buf).expect("frame head") {
+                let total = h.header_len + h.payload_len as usize;
+                if self.buf.len() >= total {
+                    assert_eq!(h.opcode, opcode::BINARY, "expected an answer");
+                    let p = Bytes::copy_from_slice(&self.buf[h.header_len..total]);
+                    self.buf.drain(..total);
+                    let f = Frame::decode(p).expect("a fedbus frame");
+                    assert_eq!(f.header.kind, Kind::Response, "{f:?}");
+                    return f;
+                }
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            let n = self.s.read(&mut chunk).expect("read answer");
+            assert!(n > 0, "router closed the session");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// The HEADER lines of an answer frame, as `name: value`.
+fn header_lines(f: &Frame) -> Vec<String> {
+    f.meta_entries()
+        .filter(|(t, _)| *t == tag::HEADER)
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        .collect()
+}
+
+fn status_of(f: &Frame) -> u64 {
+    f.get_u64(tag::STATUS).expect("STATUS")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deadlines.
+
+/// Half a websocket upgrade head on `/api/ws`, then nothing: each stalled upgrade is cut at
+/// `limits.handshake_timeout_ms` from its first byte with `408 request_timeout` and closed
+/// (counted as a 408), while an HTTP client and a websocket session on the same shard are
+/// answered and RSS stays flat.
+#[test]
+fn a_stalled_websocket_upgrade_gets_408() {
+    const STALLED: usize = 50;
+    let r = Router::new()
+        .shards(1)
+        .limit("handshake_timeout_ms", 2000)
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let before_408 = r.metrics().get("fedbus_requests_total{status=\"408\"}");
+    let before = rss_kib(&r);
+    let half = "GET /api/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let started = Instant::now();
+    let mut stalled: Vec<Conn> = (0..STALLED)
+        .map(|_| {
+            let mut c = r.conn();
+            c.send(half.as_bytes());
+            c
+        })
+        .collect();
+    wait_for(Duration::from_secs(5), || {
+        (api_conns(&r) >= STALLED as f64).then_some(())
+    })
+    .unwrap_or_else(|| panic!("stalled upgrades open: {}", api_conns(&r)));
+    // During the attack: HTTP requests and a websocket session on the same shard.
+    let mut slowest = Duration::ZERO;
+    for i in 0..10 {
+        slowest = slowest.max(normal(&r, APP, &tok, i));
+    }
+    let mut ws = Ws::open(r.api, &tok);
+    ws.send_request(7, &r.path(APP, 3), b"ws during");
+    let f = ws.read_response();
+    assert_eq!((status_of(&f), &f.payload[..]), (200, &b"ws during"[..]));
+    // Still during: every stalled upgrade is still open.
+    let open = api_conns(&r);
+    let during = started.elapsed();
+    assert!(
+        open >= (STALLED + 1) as f64,
+        "stalled upgrades cut early: {open} open after {during:?}"
+    );
+    // Then each gets its 408 and the connection closes.
+    let mut cut = Duration::ZERO;
+    for (i, c) in stalled.iter_mut().enumerate() {
+        c.set_read_timeout(Duration::from_secs(6));
+        c.read_response()
+            .unwrap_or_else(|e| panic!("stalled upgrade {i}: {e}"))
+            .assert_error(408, "request_timeout");
+        assert!(c.is_closed(), "stalled upgrade {i} left open after its 408");
+        cut = started.elapsed();
+    }
+    assert!(
+        cut >= Duration::from_millis(1900) && cut < Duration::from_secs(6),
+        "cut after {cut:?}"
+    );
+    let grown_kib = rss_kib(&r).saturating_sub(before);
+    assert!(grown_kib < 20 * 1024, "RSS grew by {grown_kib} KiB");
+    assert_eq!(
+        r.metrics().get("fedbus_requests_total{status=\"408\"}") - before_408,
+        STALLED as f64
+    );
+    assert!(r
+        .log()
+        .contains("request head not complete within limits.handshake_timeout_ms: 408"));
+    println!(
+        "stalled /api/ws upgrades: {STALLED} cut with 408 after {cut:?} (handshake_timeout_ms 2000); \
+         during the attack 10 HTTP + 1 websocket requests answered (slowest HTTP {slowest:?}); \
+         RSS grew {grown_kib} KiB"
+    );
+}
+
+/// Many request heads trickled one byte every 100 ms (each byte would reset an idle timer)
+/// are all cut with 408 at `limits.handshake_timeout_ms` from their first byte, while normal
+/// requests on the same shard are answered throughout.
+#[test]
+fn trickled_request_heads_get_408_while_others_are_answered() {
+    const TRICKLERS: usize = 20;
+    let r = Router::new()
+        .shards(1)
+        .limit("handshake_timeout_ms", 1500)
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Length: 1\r\n\r\nx",
+        r.path(APP, 1)
+    );
+    let started = Instant::now();
+    let tricklers: Vec<_> = (0..TRICKLERS)
+        .map(|_| {
+            let (addr, head) = (r.api, head.clone());
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).expect("connect");
+                s.set_read_timeout(Some(Duration::from_millis(100)))
+                    .expect("timeout");
+                let t0 = Instant::now();
+                let mut got = Vec::new();
+                for b in head.bytes() {
+                    if s.write_all(&[b]).is_err() {
+                        break;
+                    }
+                    let mut chunk = [0u8; 1024];
+                    match s.read(&mut chunk) {
+                        Ok(0) => break,
+                        Ok(n) => got.extend_from_slice(&chunk[..n]),
+                        Err(e) if is_timeout(&e) => {}
+                        Err(_) => break,
+                    }
+                    if !got.is_empty() || t0.elapsed() > Duration::from_secs(10) {
+                        break;
+                    }
+                }
+                (String::from_utf8_lossy(&got).into_owned(), t0.elapsed())
+            })
+        })
+        .collect();
+    wait_for(Duration::from_secs(5), || {
+        (api_conns(&r) >= TRICKLERS as f64).then_some(())
+    })
+    .unwrap_or_else(|| panic!("tricklers connected: {}", api_conns(&r)));
+    let mut answered = 0;
+    let mut slowest = Duration::ZERO;
+    while started.elapsed() < Duration::from_millis(1000) {
+        slowest = slowest.max(normal(&r, APP, &tok, answered));
+        answered += 1;
+    }
+    let still_open = api_conns(&r);
+    assert!(
+        still_open >= TRICKLERS as f64,
+        "tricklers cut before the deadline: {still_open}"
+    );
+    assert!(answered >= 5, "only {answered} normal requests in 1 s");
+    let mut longest = Duration::ZERO;
+    for t in tricklers {
+        let (text, took) = t.join().expect("trickler");
+        assert!(
+            text.starts_with("HTTP/1.1 408") && text.contains("request_timeout"),
+            "got {text:?} after {took:?}"
+        );
+        assert!(
+            took >= Duration::from_millis(1400) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
+        longest = longest.max(took);
+    }
+    println!(
+        "trickled heads: {TRICKLERS} cut with 408 within {longest:?} (handshake_timeout_ms 1500); \
+         {answered} normal requests answered during the attack (slowest {slowest:?})"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Listener limits.
+
+/// The external (peer) listener has its own per-shard connection limit
+/// (`limits.max_link_connections_per_shard`): connections that never finish a handshake fill
+/// it, the next one is closed at accept (counted, logged), clients are served meanwhile, and
+/// once the holders are cut at `limits.handshake_timeout_ms` a new connection is served again
+/// (a peer upgrade without a token gets its 401).
+#[test]
+fn the_external_listener_has_a_connection_limit() {
+    // Another cluster for the federation: a keyring of its own, routers that are never up.
+    let far = TempDir::new("far-cluster");
+    let far_keys = far.path().join("keys");
+    keys_init(far.path(), &far_keys, &[APP]);
+    let fed = format!(
+        "[federation]\nentry_point = \"test.local\"\n[[federation.clusters]]\nregion = \"local\"\ncluster = \"far\"\nrouters = [\"127.0.0.1:1\"]\nkeys = {:?}",
+        far_keys.to_str().expect("utf-8")
+    );
+    let r = Router::new()
+        .shards(1)
+        .dev()
+        .listen("external", "\"127.0.0.1:0\"")
+        .limit("max_link_connections_per_shard", 2)
+        .limit("handshake_timeout_ms", 2000)
+        .tail(&fed)
+        .start();
+    let external = r
+        .external
+        .expect("an external listener with another cluster");
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let gauge = |r: &Router| r.metrics().get("fedbus_connections{listener=\"external\"}");
+    let started = Instant::now();
+    let mut holders: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(external).expect("connect external"))
+        .collect();
+    wait_for(Duration::from_secs(5), || (gauge(&r) >= 2.0).then_some(()))
+        .unwrap_or_else(|| panic!("external connections: {}", gauge(&r)));
+    let refused_before = r.metrics().get("fedbus_connections_refused_total");
+    let mut over = TcpStream::connect(external).expect("connect external");
+    let got = read_to_eof(&mut over, Duration::from_secs(1));
+    assert!(got.is_empty(), "an answer instead of a close at accept");
+    let refused_at = started.elapsed();
+    assert!(
+        refused_at < Duration::from_millis(1900),
+        "refused only after {refused_at:?}: the holders' deadline had passed"
+    );
+    assert_eq!(
+        r.metrics().get("fedbus_connections_refused_total"),
+        refused_before + 1.0
+    );
+    assert!(r
+        .log()
+        .contains("connection refused: listener at its per-shard limit"));
+    // Clients on the same shard are served meanwhile.
+    for i in 0..5 {
+        normal(&r, APP, &tok, i);
+    }
+    // The holders never send an upgrade: cut at the handshake deadline, slots free again.
+    for h in holders.iter_mut() {
+        read_to_eof(h, Duration::from_secs(5));
+    }
+    let freed = started.elapsed();
+    wait_for(Duration::from_secs(5), || (gauge(&r) == 0.0).then_some(()))
+        .unwrap_or_else(|| panic!("external connections left: {}", gauge(&r)));
+    let (_s, status, head, _) = fed::peer_upgrade(external, None);
+    assert_eq!(status, 401, "{head}");
+    println!(
+        "external listener at max_link_connections_per_shard 2: third connection closed at accept after {refused_at:?}; \
+         holders cut after {freed:?} (handshake_timeout_ms 2000); then a peer upgrade was answered {status}"
+    );
+}
+
+/// Connects to the admin listener and sends half a request head. `Some` when the router holds
+/// it (no answer, no close within 300 ms), `None` when it was closed at accept.
+fn admin_hold(addr: SocketAddr) -> Option<TcpStream> {
+    let mut s = TcpStream::connect(addr).expect("connect admin");
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n");
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let mut b = [0u8; 64];
+    match s.read(&mut b) {
+        Err(e) if is_timeout(&e) => Some(s),
+        Ok(0) | Err(_) => None,
+        Ok(n) => panic!(
+            "an answer to half a head: {:?}",
+            String::from_utf8_lossy(&b[..n])
+        ),
+    }
+}
+
+/// A scrape of `/metrics`: `None` when the connection was closed at accept (every slot busy).
+fn try_scrape(addr: SocketAddr) -> Option<Metrics> {
+    let mut s = TcpStream::connect(addr).expect("connect admin");
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let got = read_to_eof(&mut s, Duration::from_secs(5));
+    if got.is_empty() {
+        return None;
+    }
+    let text = String::from_utf8(got).expect("utf-8");
+    let (head, body) = text.split_once("\r\n\r\n").expect("answer head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    Some(Metrics::parse(body))
+}
+
+/// `listen.admin_max_connections`: slow clients (half a request head) hold admin slots; one
+/// more connection is closed at accept, counted in `fedbus_admin_connections_refused_total`
+/// and logged. A scrape is served while a slot is left, and again once the holders are cut
+/// at the admin head deadline (2 s); the api is served throughout.
+#[test]
+fn the_admin_listener_refuses_connections_over_its_limit() {
+    let r = Router::new()
+        .shards(1)
+        .listen("admin_max_connections", 2)
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let started = Instant::now();
+    let mut refusals = 0.0;
+    let mut holders = vec![admin_hold(r.admin).expect("first slot")];
+    // One slot left: a scrape is served while the slow client holds the other.
+    let m = try_scrape(r.admin).expect("a scrape beside one slow client");
+    assert_eq!(m.get("fedbus_admin_connections_refused_total"), 0.0);
+    // The second holder (a retry when the scrape's thread had not yet given its slot back).
+    let second = loop {
+        match admin_hold(r.admin) {
+            Some(s) => break s,
+            None => refusals += 1.0,
+        }
+        assert!(refusals < 5.0, "the scrape's slot never came back");
+    };
+    holders.push(second);
+    // Full: closed at accept.
+    assert!(
+        admin_hold(r.admin).is_none(),
+        "a third admin connection was served with admin_max_connections = 2"
+    );
+    refusals += 1.0;
+    let refused_at = started.elapsed();
+    assert!(
+        refused_at < Duration::from_millis(1900),
+        "the refusal came after {refused_at:?}: the holders' deadline had passed"
+    );
+    // The api listener is apart.
+    for i in 0..5 {
+        normal(&r, APP, &tok, i);
+    }
+    // The holders are cut at the head deadline; then scrapes are served again.
+    for h in holders.iter_mut() {
+        read_to_eof(h, Duration::from_secs(5));
+    }
+    let freed = started.elapsed();
+    let m = loop {
+        match try_scrape(r.admin) {
+            Some(m) => break m,
+            None => refusals += 1.0,
+        }
+        assert!(refusals < 10.0, "the holders' slots never came back");
+    };
+    assert_eq!(m.get("fedbus_admin_connections_refused_total"), refusals);
+    assert!(r.log().contains("admin connection refused: all slots busy"));
+    println!(
+        "admin listener at admin_max_connections 2: over-limit connection closed at accept after {refused_at:?}; \
+         holders cut after {freed:?}; fedbus_admin_connections_refused_total {refusals}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Framing and upgrades (RFC 9112, RFC 6455).
+
+/// RFC 9112 6.3: a request with both `Content-Length` and `Transfer-Encoding` is `400
+/// bad_request` and the connection closes: a request smuggled behind it is never answered.
+#[test]
+fn content_length_with_transfer_encoding_is_400_and_closed() {
+    let r = Router::new().shards(1).start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let path = r.path(APP, 2);
+    let smuggled = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n\r\n");
+    let raw = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}",
+        5 + smuggled.len()
+    );
+    let (head, body) = answered_and_closed(r.api, raw.as_bytes());
+    assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    let j: serde_json::Value = serde_json::from_str(&body).expect("one JSON body, nothing after");
+    assert_eq!(j["error"], "bad_request", "{body}");
+    assert!(
+        j["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Transfer-Encoding")),
+        "{body}"
+    );
+    normal(&r, APP, &tok, 3);
+    println!(
+        "Content-Length + Transfer-Encoding: {}; closed, the smuggled request unanswered",
+        head.lines().next().unwrap_or_default()
+    );
+}
+
+/// The `/api/ws` upgrade checks of RFC 6455 4.2.1/4.2.2 on a running router: no `Host` and an
+/// HTTP/1.0 upgrade are `400 bad_upgrade`, a `Sec-WebSocket-Version` other than 13 is `426`
+/// with `Sec-WebSocket-Version: 13`; each answer closes the connection, and a correct upgrade
+/// still gets its 101.
+#[test]
+fn bad_websocket_upgrades_are_refused() {
+    let r = Router::new().shards(1).start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let good = format!(
+        "GET /api/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {tok}\r\n\r\n"
+    );
+    let cases = [
+        (
+            "no Host",
+            good.replace("Host: x\r\n", ""),
+            400,
+            "bad_upgrade",
+        ),
+        (
+            "HTTP/1.0",
+            good.replace("HTTP/1.1", "HTTP/1.0"),
+            400,
+            "bad_upgrade",
+        ),
+        (
+            "version 8",
+            good.replace("Version: 13", "Version: 8"),
+            426,
+            "unsupported_version",
+        ),
+    ];
+    for (what, raw, status, code) in cases {
+        let (head, body) = answered_and_closed(r.api, raw.as_bytes());
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{what}: {head}"
+        );
+        let j: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{what}: {e}: {body}"));
+        assert_eq!(j["error"], code, "{what}: {body}");
+        let version = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Version:"))
+            .map(str::trim);
+        assert_eq!(version, (status == 426).then_some("13"), "{what}: {head}");
+        println!(
+            "/api/ws upgrade, {what}: {} {code}{}, closed",
+            head.lines().next().unwrap_or_default(),
+            version.map_or(String::new(), |v| format!(", Sec-WebSocket-Version: {v}"))
+        );
+    }
+    let mut ws = Ws::open(r.api, &tok);
+    ws.send_request(1, &r.path(APP, 1), b"fine");
+    assert_eq!(status_of(&ws.read_response()), 200);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The memory budget per connection.
+
+/// A minimal HTTP answer reader on a raw stream: status, headers (lowercase), body.
+fn read_answer(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Option<(u16, HashMap<String, String>, Vec<u8>)> {
+    let fill = |s: &mut TcpStream, buf: &mut Vec<u8>| {
+        let mut chunk = [0u8; 64 * 1024];
+        match s.read(&mut chunk) {
+            Ok(0) => false,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => false,
+            Err(e) => panic!("read answer: {e}"),
+        }
+    };
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if !fill(s, buf) {
+            assert!(buf.is_empty(), "closed inside an answer head");
+            return None;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+    let headers: HashMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let len: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .expect("content-length");
+    buf.drain(..end);
+    while buf.len() < len {
+        assert!(fill(s, buf), "closed inside an answer body");
+    }
+    let body: Vec<u8> = buf.drain(..len).collect();
+    Some((status, headers, body))
+}
+
+/// One HTTP connection pipelines 256 requests of 8 MiB (2 GiB) to a slow task: the bodies it
+/// holds are bounded by its share of the budget (`limits.max_connection_body_bytes`, 16 MiB
+/// by default), the first body over the share gets `503 overloaded` with `Retry-After: 1`
+/// from its head and the connection closes after the answers before it. RSS grows by about
+/// the share, not 2 GiB; other connections on the same shard are answered meanwhile.
+#[test]
+fn pipelined_uploads_are_bounded_by_the_connection_share() {
+    const BODY: usize = 8 << 20;
+    let r = Router::new().shards(1).start();
+    let _slow = r.task().delay_ms(1500).start();
+    let _fast = r.task().app(OTHER).partitions("0-3").start();
+    let tok = r.token(APP, "alice");
+    let other = r.token(OTHER, "bob");
+    let before = rss_kib(&r);
+    let held = || r.metrics().get("fedbus_body_bytes_held");
+    let refused_before = r.metrics().get("fedbus_overload_refused_total");
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Length: {BODY}\r\n\r\n",
+        r.path(APP, 4)
+    );
+    let mut s = TcpStream::connect(r.api).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.set_write_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut w = s.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        let body = vec![b'p'; BODY];
+        let mut sent = 0usize;
+        for _ in 0..256 {
+            if w.write_all(head.as_bytes()).is_err() || w.write_all(&body).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    });
+    // The connection holds its share: two bodies of 8 MiB.
+    wait_for(Duration::from_secs(10), || {
+        (held() >= (2 * BODY) as f64).then_some(())
+    })
+    .unwrap_or_else(|| panic!("body bytes held: {}", held()));
+    // During the attack: other connections on the same shard are answered.
+    let mut slowest = Duration::ZERO;
+    for i in 0..10 {
+        slowest = slowest.max(normal(&r, OTHER, &other, i));
+    }
+    let peak_held = held();
+    assert!(
+        peak_held >= (2 * BODY) as f64,
+        "the attack was over before the normal requests: {peak_held} bytes held"
+    );
+    let during_kib = rss_kib(&r).saturating_sub(before);
+    // The attacker's answers: the two bodies it holds, then the 503 that closes.
+    let mut buf = Vec::new();
+    let mut answers = Vec::new();
+    while let Some(a) = read_answer(&mut s, &mut buf) {
+        answers.push(a);
+    }
+    let statuses: Vec<u16> = answers.iter().map(|a| a.0).collect();
+    assert_eq!(
+        statuses,
+        [200, 200, 503],
+        "answers on the flooding connection"
+    );
+    for (st, _, body) in &answers[..2] {
+        assert_eq!((*st, body.len()), (200, BODY));
+    }
+    let (_, h, body) = &answers[2];
+    let j: serde_json::Value = serde_json::from_slice(body).expect("JSON error");
+    assert_eq!(j["error"], "overloaded", "{j}");
+    assert_eq!(h.get("retry-after").map(String::as_str), Some("1"), "{h:?}");
+    assert_eq!(
+        h.get("connection").map(String::as_str),
+        Some("close"),
+        "{h:?}"
+    );
+    let sent = writer.join().expect("writer");
+    assert!(sent < 256, "the router read all {sent} bodies");
+    wait_for(Duration::from_secs(5), || (held() == 0.0).then_some(()))
+        .unwrap_or_else(|| panic!("{} body bytes still held", held()));
+    assert_eq!(
+        r.metrics().get("fedbus_overload_refused_total"),
+        refused_before + 1.0
+    );
+    let grown_kib = rss_kib(&r).saturating_sub(before);
+    assert!(
+        during_kib < 64 * 1024 && grown_kib < 64 * 1024,
+        "RSS grew by {during_kib} KiB during, {grown_kib} KiB after"
+    );
+    println!(
+        "pipelined 256 x 8 MiB on one connection: {sent} written whole before the close; held at most {:.1} MiB \
+         (max_connection_body_bytes 16 MiB); answers {statuses:?}; RSS +{} MiB during, +{} MiB after; \
+         10 normal requests answered during (slowest {slowest:?})",
+        peak_held / 1048576.0,
+        during_kib / 1024,
+        grown_kib / 1024
+    );
+}
+
+/// An `/api/ws` session sending request payloads past its connection's share of the body
+/// budget gets a `503 overloaded` answer (with `retry-after: 1`) for each request over it, at
+/// once, while the requests within the share are answered later by the slow task; the session
+/// stays open, and another session on the same shard is answered meanwhile.
+#[test]
+fn websocket_payloads_over_the_connection_share_get_503() {
+    const PAYLOAD: usize = 7 << 20;
+    let r = Router::new().shards(1).start();
+    let _slow = r.task().delay_ms(2000).start();
+    let _fast = r.task().app(OTHER).partitions("0-3").start();
+    let tok = r.token(APP, "alice");
+    let other = r.token(OTHER, "bob");
+    let before = rss_kib(&r);
+    let refused_before = r.metrics().get("fedbus_overload_refused_total");
+    let mut ws = Ws::open(r.api, &tok);
+    let payload = vec![b'w'; PAYLOAD];
+    let path = r.path(APP, 6);
+    let started = Instant::now();
+    // 2 x 7 MiB fit the 16 MiB share; the next 4 do not.
+    for id in 1..=6u64 {
+        ws.send_request(id, &path, &payload);
+    }
+    let mut refused = Vec::new();
+    for _ in 0..4 {
+        let f = ws.read_response();
+        assert_eq!(status_of(&f), 503, "{f:?}");
+        assert_eq!(f.get_str(tag::ERROR), Some("overloaded"));
+        assert!(
+            header_lines(&f).contains(&"retry-after: 1".to_string()),
+            "{:?}",
+            header_lines(&f)
+        );
+        refused.push(f.header.request_id);
+    }
+    let refused_after = started.elapsed();
+    refused.sort_unstable();
+    assert_eq!(refused, [3, 4, 5, 6]);
+    assert!(
+        refused_after < Duration::from_millis(1900),
+        "the refusals waited for the slow answers: {refused_after:?}"
+    );
+    // Meanwhile: another session and HTTP clients on the same shard.
+    let mut normal_ws = Ws::open(r.api, &other);
+    for id in 0..5u64 {
+        normal_ws.send_request(id, &r.path(OTHER, id), b"during");
+        let f = normal_ws.read_response();
+        assert_eq!((status_of(&f), &f.payload[..]), (200, &b"during"[..]));
+    }
+    normal(&r, OTHER, &other, 1);
+    let held = r.metrics().get("fedbus_body_bytes_held");
+    assert!(
+        held >= (2 * PAYLOAD) as f64,
+        "the slow requests were answered before the normal ones: {held} bytes held"
+    );
+    let during_kib = rss_kib(&r).saturating_sub(before);
+    let mut ok = Vec::new();
+    for _ in 0..2 {
+        let f = ws.read_response();
+        assert_eq!((status_of(&f), f.payload.len()), (200, PAYLOAD));
+        ok.push(f.header.request_id);
+    }
+    ok.sort_unstable();
+    assert_eq!(ok, [1, 2]);
+    // The share is back: the session goes on.
+    ws.send_request(7, &path, b"after");
+    let f = ws.read_response();
+    assert_eq!((status_of(&f), &f.payload[..]), (200, &b"after"[..]));
+    assert_eq!(
+        r.metrics().get("fedbus_overload_refused_total"),
+        refused_before + 4.0
+    );
+    assert!(during_kib < 96 * 1024, "RSS grew by {during_kib} KiB");
+    println!(
+        "/api/ws 6 x 7 MiB in flight: ids {refused:?} refused 503 after {refused_after:?}, ids {ok:?} answered 200; \
+         RSS +{} MiB during; 5 websocket + 1 HTTP normal requests answered during",
+        during_kib / 1024
+    );
+}

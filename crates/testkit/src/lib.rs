@@ -187,6 +187,8 @@ pub struct RouterBuilder {
     internal_tls: bool,
     /// `(app, body of its [apps.cors] table)`.
     cors: Vec<(String, String)>,
+    /// Extra environment variables of `fedbus run`.
+    envs: Vec<(String, String)>,
 }
 
 impl Default for RouterBuilder {
@@ -198,6 +200,7 @@ impl Default for RouterBuilder {
             tls: Vec::new(),
             internal_tls: false,
             cors: Vec::new(),
+            envs: Vec::new(),
         }
     }
 }
@@ -238,6 +241,13 @@ impl RouterBuilder {
     /// The `[apps.cors]` table of `app`, e.g. `allowed_origins = ["http://a.example"]`.
     pub fn cors(mut self, app: &str, table: &str) -> Self {
         self.cors.push((app.into(), table.into()));
+        self
+    }
+
+    /// An environment variable of the router process (e.g. the test-only
+    /// `FEDBUS_FAULT_PANIC_SHARD` of the `fault-injection` feature).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.into(), value.into()));
         self
     }
 
@@ -292,6 +302,7 @@ impl RouterBuilder {
             .args(["run", "--config", cfg_path.to_str().expect("utf-8 path")])
             .env("FEDBUS_HOME", &home)
             .env("FEDBUS_LOG", "info")
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("router log"))

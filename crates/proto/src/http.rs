@@ -66,7 +66,7 @@ pub fn cross_origin<'a>(origin: Option<&'a [u8]>, host: Option<&[u8]>) -> Option
 
 /// A control byte that may not appear in a header field (RFC 9110 section 5.5): below 0x20
 /// except HTAB, or DEL.
-fn is_ctl(b: u8) -> bool {
+pub fn is_ctl(b: u8) -> bool {
     (b < 0x20 && b != b'\t') || b == 0x7f
 }
 

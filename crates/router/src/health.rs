@@ -88,6 +88,23 @@ impl Health {
         self.shards.iter().all(|a| a.load(Relaxed))
     }
 
+    /// The executor thread of `shard` ended (`why`: its error, a panic): the shard is dead
+    /// for good and `/readyz` answers 503. Called by the thread that joins it.
+    pub(crate) fn shard_ended(&self, shard: usize, why: Option<String>) {
+        self.shards[shard].store(false, Relaxed);
+        tracing::error!(
+            shard,
+            why = why.as_deref().unwrap_or("its main future returned"),
+            "shard executor ended: the router is not ready"
+        );
+    }
+
+    /// Shards whose executor runs now (`fedbus_shards_alive`; `fedbus_shards` says how many
+    /// were started).
+    pub(crate) fn shards_alive(&self) -> usize {
+        self.shards.iter().filter(|a| a.load(Relaxed)).count()
+    }
+
     /// Ends a drain: shards close their remaining links.
     pub fn start_closing(&self) {
         self.closing.store(true, Relaxed);

@@ -18,6 +18,9 @@ pub mod api;
 pub(crate) mod api;
 pub mod config;
 pub mod control;
+/// Test-only fault injection (`fault-injection` feature; never in a normal build).
+#[cfg(feature = "fault-injection")]
+pub(crate) mod fault;
 pub mod health;
 pub(crate) mod metrics;
 pub(crate) mod peer;

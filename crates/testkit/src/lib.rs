@@ -193,6 +193,8 @@ pub struct RouterBuilder {
     dev: bool,
     /// Whole sections appended at the end of the config (e.g. `[federation]`).
     tail: String,
+    /// Extra environment variables of `fedbus run`.
+    envs: Vec<(String, String)>,
 }
 
 impl Default for RouterBuilder {
@@ -207,6 +209,7 @@ impl Default for RouterBuilder {
             listen: Vec::new(),
             dev: false,
             tail: String::new(),
+            envs: Vec::new(),
         }
     }
 }
@@ -272,6 +275,13 @@ impl RouterBuilder {
         self
     }
 
+    /// An environment variable of the router process (e.g. the test-only
+    /// `FEDBUS_FAULT_PANIC_SHARD` of the `fault-injection` feature).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.into(), value.into()));
+        self
+    }
+
     /// `limits.request_timeout_ms` (default 10000).
     pub fn request_timeout_ms(self, ms: u64) -> Self {
         self.limit("request_timeout_ms", ms)
@@ -330,6 +340,7 @@ impl RouterBuilder {
             .args(["run", "--config", cfg_path.to_str().expect("utf-8 path")])
             .env("FEDBUS_HOME", &home)
             .env("FEDBUS_LOG", "info")
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("router log"))

@@ -386,7 +386,15 @@ where
     let renewer = glommio::spawn_local(renew_on_change(ctx.clone(), out.clone()));
     let res = serve_link(ctx, addr, &mut reader, &out).await;
     drop(renewer.cancel());
-    out.borrow_mut().close(1000);
+    // A hello over its bound (or another broken frame) is answered with its close code (1009,
+    // 1002...), not a normal close.
+    let code = res
+        .as_ref()
+        .err()
+        .and_then(|e| e.downcast_ref::<ws::WsError>())
+        .and_then(ws::WsError::close_code)
+        .unwrap_or(1000);
+    out.borrow_mut().close(code);
     let _ = writer.await;
     res
 }

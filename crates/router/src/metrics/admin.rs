@@ -100,7 +100,7 @@ fn serve(
             let ready = u8::from(health.readiness(&table, readiness).is_ok());
             let refused = refused.load(Ordering::Relaxed);
             let extra = format!(
-                "# HELP fedbus_ready 1 when /readyz answers ready.\n# TYPE fedbus_ready gauge\nfedbus_ready {ready}\n# HELP fedbus_draining 1 once a drain (SIGTERM) started.\n# TYPE fedbus_draining gauge\nfedbus_draining {}\n# HELP fedbus_routing_generation Generation of the published routing snapshot.\n# TYPE fedbus_routing_generation gauge\nfedbus_routing_generation {}\n# HELP fedbus_keyring_generation Generation of the published keyring.\n# TYPE fedbus_keyring_generation gauge\nfedbus_keyring_generation {}\n# HELP fedbus_apps_generation Generation of the published [[apps]] (+1 per reload that changed them).\n# TYPE fedbus_apps_generation gauge\nfedbus_apps_generation {}\n# HELP fedbus_federation_generation Generation of the published federation view: peer keys, routers, siblings (+1 per reload that changed it).\n# TYPE fedbus_federation_generation gauge\nfedbus_federation_generation {}\n# HELP fedbus_config_reload_failed_total Config or federation key reloads refused (the config in force stays).\n# TYPE fedbus_config_reload_failed_total counter\nfedbus_config_reload_failed_total {}\n# HELP fedbus_admin_connections_refused_total Admin connections closed at accept: listen.admin_max_connections busy.\n# TYPE fedbus_admin_connections_refused_total counter\nfedbus_admin_connections_refused_total {refused}\n",
+                "# HELP fedbus_ready 1 when /readyz answers ready.\n# TYPE fedbus_ready gauge\nfedbus_ready {ready}\n# HELP fedbus_draining 1 once a drain (SIGTERM) started.\n# TYPE fedbus_draining gauge\nfedbus_draining {}\n# HELP fedbus_routing_generation Generation of the published routing snapshot.\n# TYPE fedbus_routing_generation gauge\nfedbus_routing_generation {}\n# HELP fedbus_keyring_generation Generation of the published keyring.\n# TYPE fedbus_keyring_generation gauge\nfedbus_keyring_generation {}\n# HELP fedbus_apps_generation Generation of the published [[apps]] (+1 per reload that changed them).\n# TYPE fedbus_apps_generation gauge\nfedbus_apps_generation {}\n# HELP fedbus_federation_generation Generation of the published federation view: peer keys, routers, siblings (+1 per reload that changed it).\n# TYPE fedbus_federation_generation gauge\nfedbus_federation_generation {}\n# HELP fedbus_config_reload_failed_total Config or federation key reloads refused (the config in force stays).\n# TYPE fedbus_config_reload_failed_total counter\nfedbus_config_reload_failed_total {}\n# HELP fedbus_shards_alive Shards whose executor runs (a shard that panicked stays dead, and /readyz answers 503).\n# TYPE fedbus_shards_alive gauge\nfedbus_shards_alive {}\n# HELP fedbus_admin_connections_refused_total Admin connections closed at accept: listen.admin_max_connections busy.\n# TYPE fedbus_admin_connections_refused_total counter\nfedbus_admin_connections_refused_total {refused}\n",
                 u8::from(health.draining()),
                 table.generation,
                 keys.generation,
@@ -108,7 +108,8 @@ fn serve(
                 snaps.fed.load().generation,
                 snaps
                     .reload_failed
-                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                health.shards_alive(),
             );
             (200, "text/plain; version=0.0.4", super::render(reg, &extra))
         }

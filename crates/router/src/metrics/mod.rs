@@ -60,6 +60,9 @@ pub(crate) struct ShardMetrics {
     pub(crate) task_links_ejected: AtomicU64,
     /// `renew` messages on task links: accepted, refused.
     pub(crate) task_renewals: [AtomicU64; 2],
+    /// Task link handshakes refused after the upgrade began, by
+    /// `task::link::LinkRefusal` (the reason label of `fedbus_task_link_refused_total`).
+    pub(crate) task_link_refused: [AtomicU64; 4],
     pub(crate) forward_retries: AtomicU64,
     pub(crate) sibling_handoffs: AtomicU64,
 }
@@ -286,6 +289,17 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             o,
             "fedbus_task_renewals_total{{result=\"{result}\"}} {}",
             sum(reg, |m| &m.task_renewals[i])
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_task_link_refused_total Connections on the internal listener closed before a task link registered, by reason: upgrade head or registration not in limits.handshake_timeout_ms (handshake_timeout), registration over its size bound (register_too_big, 1009), registration refused (register_refused, 1008), first message not a registration (no_registration, 1002).\n# TYPE fedbus_task_link_refused_total counter"
+    );
+    for (i, why) in crate::task::link::LinkRefusal::LABELS.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "fedbus_task_link_refused_total{{reason=\"{why}\"}} {}",
+            sum(reg, |m| &m.task_link_refused[i])
         );
     }
     let _ = writeln!(

@@ -169,7 +169,8 @@ impl Answer {
 
     /// Calls `f` with every response field the client may see, in order. The one filter for
     /// every ingress: a task cannot set framing headers (it would split or smuggle responses)
-    /// nor the router's own `fedbus-*` headers; values never carry CR or LF. This router's
+    /// nor the router's own `fedbus-*` headers; values never carry a control byte (CR and LF
+    /// included; RFC 9110 section 5.5). This router's
     /// `fedbus-partition`, `fedbus-hops` and `fedbus-emergency` come last; a relayed answer
     /// carries the serving router's instead. Nothing here allocates.
     pub(crate) fn fields(&self, mut f: impl FnMut(Field<'_>)) {
@@ -190,7 +191,7 @@ impl Answer {
         match frame {
             Some(frame) => {
                 for (t, v) in MetaIter::new(&frame.meta).filter_map(Result::ok) {
-                    let clean = !v.contains(&b'\r') && !v.contains(&b'\n');
+                    let clean = !v.iter().copied().any(proto::http::is_ctl);
                     match t {
                         tag::HEADER if allowed_header(v, from_router) => f(Field::Line(v)),
                         tag::CONTENT_TYPE if clean => f(Field::ContentType(v)),

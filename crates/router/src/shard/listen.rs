@@ -308,6 +308,9 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                     ))
                 });
                 let _ = rtx.send(Ok(i));
+                // Test builds only (the `fault-injection` feature): see `crate::fault`.
+                #[cfg(feature = "fault-injection")]
+                crate::fault::arm(i);
                 let a = glommio::spawn_local(accept_loop(
                     shard.clone(),
                     api_l,
@@ -357,8 +360,26 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
             }
         }
     }
-    // Shard executors run until the process exits; their handles are not joined.
-    std::mem::forget(handles);
+    // Shard executors run until the process exits. A watcher thread joins each one: a shard
+    // whose executor ends (a panic in any of its tasks ends the thread) is marked dead there.
+    // The `ShardAlive` guard of the shard's main future is not enough: a panicking executor
+    // may leak its tasks, and the main future with them, so the guard is never dropped.
+    // Its listeners then stop taking connections (`stop_listening`).
+    for (i, h) in handles.into_iter().enumerate() {
+        let health = health.clone();
+        let mut listeners = vec![(api_fds[i], api_addr), (internal_fds[i], internal[i])];
+        listeners.extend(tls_fds[i].zip(api_tls));
+        listeners.extend(external_fds[i].zip(external));
+        std::thread::Builder::new()
+            .name(format!("fedbus-watch-{i}"))
+            .spawn(move || {
+                let end = h.join();
+                health.shard_ended(i, end.err().map(|e| e.to_string()));
+                for (fd, addr) in listeners {
+                    stop_listening(i, fd, addr);
+                }
+            })?;
+    }
 
     let admin = if cfg.listen.admin_enabled {
         Some(crate::metrics::admin::start(
@@ -443,6 +464,26 @@ impl Running {
     /// Asks the control thread to stop without waiting for it (shards end with the process).
     pub fn stop_control(&self) {
         let _ = self.events.send(ControlEvent::Shutdown);
+    }
+}
+
+/// Stops a dead shard's listening socket `fd` (bound to `addr`) from taking connections:
+/// nobody accepts on it any more, yet it would keep its share of the `SO_REUSEPORT`
+/// connections (and the task links of its internal port) waiting forever. `shutdown(2)` on a
+/// listening socket takes it out of the kernel's tables and resets what waits in its
+/// backlog; the descriptor itself stays the dead shard's. Only a descriptor that is still a
+/// listening socket on `addr` is touched: a dying executor may have closed its own, and the
+/// number been reused since by another shard's connection.
+fn stop_listening(shard: usize, fd: RawFd, addr: SocketAddr) {
+    // SAFETY: borrowed only for the calls below, never closed here (ManuallyDrop); the dead
+    // shard's thread has ended, so nothing else uses the descriptor.
+    let l = std::mem::ManuallyDrop::new(unsafe { std::net::TcpListener::from_raw_fd(fd) });
+    let sock = socket2::SockRef::from(&*l);
+    if sock.is_listener().unwrap_or(false) && l.local_addr().ok() == Some(addr) {
+        match sock.shutdown(std::net::Shutdown::Both) {
+            Ok(()) => tracing::error!(shard, %addr, "dead shard's listener closed"),
+            Err(e) => tracing::error!(shard, %addr, "could not close a dead shard's listener: {e}"),
+        }
     }
 }
 

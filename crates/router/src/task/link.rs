@@ -342,6 +342,40 @@ impl Drop for Wait {
     }
 }
 
+/// Why a connection on the internal listener was closed before its task link registered:
+/// the `reason` label of `fedbus_task_link_refused_total` (index = the metric's slot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LinkRefusal {
+    /// The upgrade head or the registration did not arrive within
+    /// `limits.handshake_timeout_ms` (connection closed; 1002 once upgraded).
+    HandshakeTimeout = 0,
+    /// The registration is over its size bound (`register_bound`): 1009.
+    RegisterTooBig = 1,
+    /// The registration broke a rule of `registration_refusal`: 1008.
+    RegisterRefused = 2,
+    /// The first message after the hello is not a registration: 1002.
+    NoRegistration = 3,
+}
+
+impl LinkRefusal {
+    /// The `reason` labels, by slot.
+    pub(crate) const LABELS: [&'static str; 4] = [
+        "handshake_timeout",
+        "register_too_big",
+        "register_refused",
+        "no_registration",
+    ];
+
+    /// Counts this refusal on `shard`.
+    fn count(self, shard: &Shard) {
+        ShardMetrics::inc(&shard.metrics.task_link_refused[self as usize]);
+    }
+}
+
+/// The error of [`read_upgrade`] when the head did not come in time.
+pub(crate) const HANDSHAKE_TIMEOUT: &str =
+    "upgrade head not complete within limits.handshake_timeout_ms";
+
 fn http_error(status: u16, code: &str, msg: &str) -> String {
     handshake::error_response(status, code, msg)
 }
@@ -421,7 +455,7 @@ pub(crate) async fn read_upgrade<S: futures_lite::AsyncRead + futures_lite::Asyn
     };
     let up = glommio::timer::timeout(timeout, async { Ok(read.await) })
         .await
-        .map_err(|_| "handshake timeout".to_string())??;
+        .map_err(|_| HANDSHAKE_TIMEOUT.to_string())??;
     let _ = buf.split_to(up.head_len);
     Ok((up, buf))
 }
@@ -429,7 +463,13 @@ pub(crate) async fn read_upgrade<S: futures_lite::AsyncRead + futures_lite::Asyn
 async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<(), String> {
     let limits = &shard.cfg.limits;
     let hs_timeout = Duration::from_millis(limits.handshake_timeout_ms);
-    let (up, leftover) = read_upgrade(&mut stream, hs_timeout).await?;
+    let (up, leftover) = read_upgrade(&mut stream, hs_timeout)
+        .await
+        .inspect_err(|e| {
+            if e == HANDSHAKE_TIMEOUT {
+                LinkRefusal::HandshakeTimeout.count(shard);
+            }
+        })?;
 
     // The service token is checked before the upgrade completes.
     let claims = {
@@ -509,15 +549,23 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
         Ok(Ok(Message::Text(t))) => serde_json::from_slice::<Register>(&t).ok(),
         // Over the register bound: 1009 before the rest of it is read.
         Ok(Err(e @ ws::WsError::TooBig(_))) => {
+            LinkRefusal::RegisterTooBig.count(shard);
             out.borrow_mut().close(1009);
             let _ = writer.await;
             return Err(format!("registration refused: {e}"));
+        }
+        Err(_) => {
+            LinkRefusal::HandshakeTimeout.count(shard);
+            out.borrow_mut().close(1002);
+            let _ = writer.await;
+            return Err("no registration within limits.handshake_timeout_ms".into());
         }
         _ => None,
     };
     let reg = match reg {
         Some(r) if r.kind == "register" => r,
         _ => {
+            LinkRefusal::NoRegistration.count(shard);
             out.borrow_mut().close(1002);
             let _ = writer.await;
             return Err("no registration".into());
@@ -546,6 +594,7 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
         holder.as_ref().map(|(a, r)| (a.as_str(), r.as_str())),
     );
     if let Some(why) = refusal {
+        LinkRefusal::RegisterRefused.count(shard);
         out.borrow_mut().close(1008);
         let _ = writer.await;
         return Err(format!("registration refused: {why}"));

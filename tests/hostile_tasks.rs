@@ -1,0 +1,1051 @@
+//! Hostile tasks and the internal listener (docs/TUNING.md "Bounds that are not knobs",
+//! docs/PROTOCOL.md section 4): every attack runs against a real one-shard router, so the
+//! well-behaved client asking at the same time is served by the same shard. Each test shows
+//! the bounded outcome (the close code or status, the counter that says so, the router's RSS)
+//! and the normal requests answered during the attack.
+//!
+//! `cargo test --release -p fedbus --test hostile_tasks -- --nocapture` prints the numbers.
+//!
+//! A task link is spoken here by hand (`RawLink`: upgrade with a service token, hello,
+//! register), so a test can send what no SDK would.
+
+use bytes::{Bytes, BytesMut};
+use fedbus_proto::hello::MAX_HELLO_BYTES;
+use fedbus_proto::{encode_frame, put_meta, put_meta_u64, tag, Frame, Kind};
+use fedbus_router::ws::frame::{encode_head, opcode, parse_head, MAX_HEADER};
+use fedbus_router::ws::handshake::{
+    accept_response, client_request, new_key, parse_client_response, ClientHandshake,
+};
+use fedbus_testkit::*;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const APP: &str = "demo/echo";
+
+// ---------------------------------------------------------------------------------------------
+// Measuring.
+
+/// VmRSS of `pid`, KiB.
+fn rss_kib_of(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("VmRSS of {pid}"))
+}
+
+/// The router's RSS, KiB.
+fn rss_kib(r: &Router) -> u64 {
+    rss_kib_of(seed::pid(r))
+}
+
+/// A well-behaved client on its own thread: one echo request at a time on a keep-alive
+/// connection (a new one after any error) until stopped; counts, live, the answers that were
+/// right and the requests that failed, and keeps the slowest answer.
+struct Normal {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    handle: std::thread::JoinHandle<Duration>,
+}
+
+impl Normal {
+    fn start(r: &Router, app: &str, wsid: u64) -> Normal {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let (api, path, tok) = (r.api, r.path(app, wsid), r.token(app, "normal"));
+        let (s, okc, failc) = (stop.clone(), ok.clone(), failed.clone());
+        let handle = std::thread::spawn(move || {
+            let mut slowest = Duration::ZERO;
+            let mut c = Conn::open(api);
+            let mut n = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                n += 1;
+                let body = format!("normal {n}");
+                let req = Req::post(&path).token(&tok).body(body.as_bytes());
+                let t = Instant::now();
+                c.send(&req.bytes());
+                match c.read_response() {
+                    Ok(resp) if resp.status == 200 && resp.body == body.as_bytes() => {
+                        okc.fetch_add(1, Ordering::Relaxed);
+                        slowest = slowest.max(t.elapsed());
+                    }
+                    _ => {
+                        failc.fetch_add(1, Ordering::Relaxed);
+                        c = Conn::open(api);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            slowest
+        });
+        Normal {
+            stop,
+            ok,
+            failed,
+            handle,
+        }
+    }
+
+    /// Right answers so far.
+    fn answered(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Stops; returns (answered, failed, slowest answer).
+    fn stop(self) -> (u64, u64, Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        let slowest = self.handle.join().expect("normal client");
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            slowest,
+        )
+    }
+}
+
+/// Samples a process's RSS every 5 ms on its own thread; keeps the peak.
+struct PeakRss {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<u64>,
+}
+
+impl PeakRss {
+    fn start(pid: i32) -> PeakRss {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !s.load(Ordering::Relaxed) {
+                peak = peak.max(rss_kib_of(pid));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            peak.max(rss_kib_of(pid))
+        });
+        PeakRss { stop, handle }
+    }
+
+    /// Stops; the peak RSS, KiB.
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("sampler")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A task link by hand.
+
+/// `fedbus token service` for `APP` (role unset), valid one hour.
+fn service_token(r: &Router) -> String {
+    let k = r.keys.to_str().expect("utf-8 path");
+    let args = [
+        "token",
+        "service",
+        "--task-id",
+        "raw",
+        "--app",
+        APP,
+        "--keyring",
+        k,
+        "--ttl",
+        "1h",
+    ];
+    fedbus(r.home(), &args).trim().to_string()
+}
+
+/// A message from the router.
+#[derive(Debug, PartialEq, Eq)]
+enum Msg {
+    Binary(Vec<u8>),
+    Text(Vec<u8>),
+    Ping,
+    Pong,
+    Close(Option<u16>),
+}
+
+/// A blocking websocket client on the internal listener, as a task.
+struct RawLink {
+    s: TcpStream,
+    buf: Vec<u8>,
+    seed: u64,
+}
+
+impl RawLink {
+    /// Upgrades `/link` at `addr` with `token`; panics unless it is a 101.
+    fn open(addr: SocketAddr, token: &str) -> RawLink {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        s.set_read_timeout(Some(READ_TIMEOUT)).expect("timeout");
+        s.set_write_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let _ = s.set_nodelay(true);
+        let key = new_key();
+        s.write_all(client_request("127.0.0.1", "/link", &key, Some(token)).as_bytes())
+            .expect("write upgrade");
+        let mut buf = BytesMut::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match parse_client_response(&buf, &key).expect("upgrade answer parses") {
+                ClientHandshake::Incomplete => {}
+                ClientHandshake::Accepted(n) => {
+                    return RawLink {
+                        s,
+                        buf: buf[n..].to_vec(),
+                        seed: 0x9E37_79B9_7F4A_7C15 ^ n as u64,
+                    }
+                }
+                ClientHandshake::Refused { status, body, .. } => {
+                    panic!("task link upgrade refused: {status} {body}")
+                }
+            }
+            let n = s.read(&mut chunk).expect("read upgrade answer");
+            assert!(n > 0, "router closed during the upgrade");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Upgrades and reads the hello.
+    fn open_hello(addr: SocketAddr, token: &str) -> RawLink {
+        let mut l = RawLink::open(addr, token);
+        match l.read_msg() {
+            Ok(Msg::Text(t)) => {
+                let v: serde_json::Value = serde_json::from_slice(&t).expect("hello is JSON");
+                assert_eq!(v["type"], "hello", "{v}");
+            }
+            other => panic!("expected the hello, got {other:?}"),
+        }
+        l
+    }
+
+    /// Upgrades, reads the hello, registers and reads `registered`.
+    fn registered(addr: SocketAddr, token: &str, task: u64, role: &str, parts: &[u32]) -> RawLink {
+        let mut l = RawLink::open_hello(addr, token);
+        let reg = serde_json::json!({
+            "type": "register", "task": task, "app": APP, "role": role, "partitions": parts,
+        });
+        l.send_frame(opcode::TEXT, reg.to_string().as_bytes());
+        match l.read_msg() {
+            Ok(Msg::Text(t)) => {
+                let v: serde_json::Value = serde_json::from_slice(&t).expect("JSON");
+                assert_eq!(v["type"], "registered", "{v}");
+            }
+            other => panic!("expected registered, got {other:?}"),
+        }
+        l
+    }
+
+    fn next_mask(&mut self) -> [u8; 4] {
+        let x = &mut self.seed;
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        (*x as u32).to_le_bytes()
+    }
+
+    /// One masked frame, FIN set.
+    fn frame_bytes(&mut self, op: u8, payload: &[u8]) -> Vec<u8> {
+        let m = self.next_mask();
+        masked_frame(op, payload, m)
+    }
+
+    fn send_frame(&mut self, op: u8, payload: &[u8]) {
+        let b = self.frame_bytes(op, payload);
+        self.s.write_all(&b).expect("write frame");
+    }
+
+    fn fill(&mut self) -> std::io::Result<()> {
+        let mut chunk = [0u8; 64 * 1024];
+        let n = self.s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+
+    /// Next message (the router never fragments, never masks).
+    fn read_msg(&mut self) -> std::io::Result<Msg> {
+        loop {
+            if let Some(h) = parse_head(&self.buf).expect("frame head") {
+                let total = h.header_len + h.payload_len as usize;
+                if self.buf.len() >= total {
+                    let p: Vec<u8> = self.buf[h.header_len..total].to_vec();
+                    self.buf.drain(..total);
+                    return Ok(match h.opcode {
+                        opcode::BINARY => Msg::Binary(p),
+                        opcode::TEXT => Msg::Text(p),
+                        opcode::PING => Msg::Ping,
+                        opcode::PONG => Msg::Pong,
+                        opcode::CLOSE => {
+                            Msg::Close((p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]])))
+                        }
+                        op => panic!("unexpected opcode {op}"),
+                    });
+                }
+            }
+            self.fill()?;
+        }
+    }
+
+    /// The close code the router sent (skipping anything before it), or why none came.
+    fn close_code(&mut self) -> Result<Option<u16>, String> {
+        loop {
+            match self.read_msg() {
+                Ok(Msg::Close(c)) => return Ok(c),
+                Ok(_) => continue,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// True when the TCP connection is closed by the router (EOF or reset) within the read
+    /// timeout.
+    fn tcp_closed(&mut self) -> bool {
+        let mut b = [0u8; 4096];
+        loop {
+            match self.s.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+            }
+        }
+    }
+}
+
+/// A client (masked) frame with mask `m`.
+fn masked_frame(op: u8, payload: &[u8], m: [u8; 4]) -> Vec<u8> {
+    let mut h = [0u8; MAX_HEADER];
+    let n = encode_head(op, payload.len(), Some(m), &mut h);
+    let mut v = Vec::with_capacity(n + payload.len());
+    v.extend_from_slice(&h[..n]);
+    let start = v.len();
+    v.extend_from_slice(payload);
+    for (i, b) in v[start..].iter_mut().enumerate() {
+        *b ^= m[i % 4];
+    }
+    v
+}
+
+/// A `register` message with `entries` partitions, all 0: 4 M entries are ~8 MiB.
+fn register_with(entries: usize) -> Vec<u8> {
+    let mut v =
+        br#"{"type":"register","task":77,"app":"demo/echo","role":"main","partitions":["#.to_vec();
+    v.reserve(entries * 2 + 2);
+    for i in 0..entries {
+        if i > 0 {
+            v.push(b',');
+        }
+        v.push(b'0');
+    }
+    v.extend_from_slice(b"]}");
+    v
+}
+
+/// True once the router's log shows `needle` (within 5 s: a line about a closed link is
+/// written after its close frame went out).
+fn log_shows(r: &Router, needle: &str) -> bool {
+    wait_for(Duration::from_secs(5), || {
+        r.log().contains(needle).then_some(())
+    })
+    .is_some()
+}
+
+fn refused(r: &Router, reason: &str) -> f64 {
+    r.metrics().get(&format!(
+        "fedbus_task_link_refused_total{{reason=\"{reason}\"}}"
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Oversized registrations.
+
+/// A registration is held to what it can legitimately hold (4096 bytes + 8 per partition of
+/// the largest app): one of ~8 MiB (4 M partition entries) is closed with 1009 from its frame
+/// head, before it is buffered; a list longer than the app's partitions that fits the bound is
+/// refused with 1008. Then 24 links send such a registration at once (the attack once took RSS
+/// to 2,058 MiB): every one is closed 1009, the router's RSS grows by less than 64 MiB, and a
+/// client on the same shard is answered throughout.
+#[test]
+fn oversized_registrations_are_closed_1009_before_they_are_buffered() {
+    let r = Router::new().shards(1).start();
+    let _t = r.task().start();
+    let tok = service_token(&r);
+    let big = Arc::new(masked_frame(
+        opcode::TEXT,
+        &register_with(4 << 20),
+        [1, 2, 3, 4],
+    ));
+    println!("register message: {} bytes", big.len());
+
+    // One link.
+    let mut one = RawLink::open_hello(r.internal[0], &tok);
+    let w = one.s.try_clone().expect("clone");
+    let b2 = big.clone();
+    let writer = std::thread::spawn(move || {
+        let _ = (&w).write_all(&b2);
+    });
+    let t = Instant::now();
+    assert_eq!(one.close_code(), Ok(Some(1009)));
+    println!("one 8 MiB register: closed 1009 after {:?}", t.elapsed());
+    assert!(one.tcp_closed());
+    let _ = writer.join();
+    assert_eq!(refused(&r, "register_too_big"), 1.0);
+    assert!(log_shows(
+        &r,
+        "registration refused: message larger than the limit"
+    ));
+
+    // More partitions than the app has (17 of 16), under the size bound: 1008.
+    let mut long = RawLink::open_hello(r.internal[0], &tok);
+    long.send_frame(opcode::TEXT, &register_with(17));
+    assert_eq!(long.close_code(), Ok(Some(1008)));
+    assert_eq!(refused(&r, "register_refused"), 1.0);
+    assert!(log_shows(&r, "more partitions than the app has"));
+
+    // 24 at once, a client asking meanwhile; again until the client was answered 5 times
+    // during the attack (at most 10 rounds).
+    let before = rss_kib(&r);
+    let normal = Normal::start(&r, APP, 3);
+    let peak = PeakRss::start(seed::pid(&r));
+    let (mut rounds, mut during, mut codes) = (0, 0, Vec::new());
+    while rounds < 10 && during < 5 {
+        rounds += 1;
+        let start = normal.answered();
+        let links: Vec<_> = (0..24)
+            .map(|_| {
+                let (addr, tok, big) = (r.internal[0], tok.clone(), big.clone());
+                std::thread::spawn(move || {
+                    let mut l = RawLink::open_hello(addr, &tok);
+                    let w = l.s.try_clone().expect("clone");
+                    let writer = std::thread::spawn(move || {
+                        let _ = (&w).write_all(&big);
+                    });
+                    let code = l.close_code();
+                    let _ = writer.join();
+                    code
+                })
+            })
+            .collect();
+        codes.extend(links.into_iter().map(|h| h.join().expect("link thread")));
+        during += normal.answered() - start;
+    }
+    let peak = peak.stop();
+    let (ok, failed, slowest) = normal.stop();
+    let grown_mib = peak.saturating_sub(before) / 1024;
+    println!(
+        "{rounds} round(s) of 24 links x {} bytes: {} closed, codes {:?}; RSS {before} -> \
+         peak {peak} KiB (+{grown_mib} MiB); normal client: {during} answered during the \
+         attack, {ok} in all, {failed} failed, slowest {slowest:?}",
+        big.len(),
+        codes.len(),
+        codes
+            .iter()
+            .map(|c| format!("{c:?}"))
+            .collect::<std::collections::BTreeSet<_>>(),
+    );
+    assert!(codes.iter().all(|c| *c == Ok(Some(1009))), "{codes:?}");
+    assert_eq!(refused(&r, "register_too_big"), 1.0 + codes.len() as f64);
+    assert!(grown_mib < 64, "RSS grew by {grown_mib} MiB");
+    assert!(
+        during >= 5 && failed == 0,
+        "{during} answered, {failed} failed"
+    );
+    assert_eq!(
+        r.metrics().get("fedbus_task_links"),
+        1.0,
+        "only the echo task"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Ping flood from a task link.
+
+/// Task links that flood pings and never read their pongs are closed with 1008 once each
+/// passes `limits.max_control_frames_per_sec` (default 100), counted in
+/// `fedbus_abusive_closed_total`; queued pongs are bounded by count
+/// (`limits.max_queued_control_frames`), so RSS stays flat. The attack is sustained (4
+/// attackers, each registering again and flooding again as soon as it is closed) until a
+/// client on the same shard has been answered 20 times, which must happen within 10 s.
+#[test]
+fn a_ping_flood_from_a_task_link_is_closed_1008_and_others_are_served() {
+    let r = Router::new().shards(1).start();
+    let _t = r.task().start();
+    let tok = service_token(&r);
+    let before = rss_kib(&r);
+    let normal = Normal::start(&r, APP, 5);
+    let peak = PeakRss::start(seed::pid(&r));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ids = Arc::new(AtomicU64::new(9000));
+    let attackers: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, tok, stop, ids) = (r.internal[0], tok.clone(), stop.clone(), ids.clone());
+            std::thread::spawn(move || {
+                let mut codes = Vec::new();
+                let mut slowest = Duration::ZERO;
+                while !stop.load(Ordering::Relaxed) {
+                    let id = ids.fetch_add(1, Ordering::Relaxed);
+                    // Role `flood`: reached only by a Redirect, so no client waits on it.
+                    let mut flood = RawLink::registered(addr, &tok, id, "flood", &[0]);
+                    let burst = flood.frame_bytes(opcode::PING, b"").repeat(20_000);
+                    let w = flood.s.try_clone().expect("clone");
+                    let t = Instant::now();
+                    let writer = std::thread::spawn(move || {
+                        let _ = (&w).write_all(&burst);
+                    });
+                    let code = flood.close_code();
+                    slowest = slowest.max(t.elapsed());
+                    codes.push((code, flood.tcp_closed()));
+                    let _ = writer.join();
+                }
+                (codes, slowest)
+            })
+        })
+        .collect();
+    let start = normal.answered();
+    let t = Instant::now();
+    let served = wait_for(Duration::from_secs(10), || {
+        (normal.answered() - start >= 20).then_some(())
+    });
+    let attack = t.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let (mut codes, mut took) = (Vec::new(), Duration::ZERO);
+    for a in attackers {
+        let (c, s) = a.join().expect("attacker");
+        codes.extend(c);
+        took = took.max(s);
+    }
+    let during = normal.answered() - start;
+    let peak = peak.stop();
+    let (ok, failed, slowest) = normal.stop();
+    let grown_mib = peak.saturating_sub(before) / 1024;
+    let abusive = r.metrics().get("fedbus_abusive_closed_total");
+    println!(
+        "{} flooding task links (20000 pings each) over {attack:?}: each closed within \
+         {took:?}, codes {:?}; fedbus_abusive_closed_total {abusive}; RSS {before} -> peak \
+         {peak} KiB (+{grown_mib} MiB); normal client: {during} answered during the attack, \
+         {ok} in all, {failed} failed, slowest {slowest:?}",
+        codes.len(),
+        codes
+            .iter()
+            .map(|c| format!("{c:?}"))
+            .collect::<std::collections::BTreeSet<_>>(),
+    );
+    assert!(served.is_some(), "{during} answered in {attack:?}");
+    assert!(
+        codes.iter().all(|c| *c == (Ok(Some(1008)), true)),
+        "{codes:?}"
+    );
+    assert_eq!(abusive, codes.len() as f64);
+    assert!(log_shows(
+        &r,
+        "control frames over limits.max_control_frames_per_sec"
+    ));
+    assert!(grown_mib < 32, "RSS grew by {grown_mib} MiB");
+    assert_eq!(failed, 0);
+    assert_eq!(
+        r.metrics().get("fedbus_task_links"),
+        1.0,
+        "only the echo task"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Stalled handshakes on the internal listener.
+
+/// Reads `s` until the router closes it (EOF or reset); how long after `since`. None when it
+/// is still open after 10 s.
+fn closed_after(mut s: TcpStream, since: Instant) -> Option<Duration> {
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut b = [0u8; 4096];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return Some(since.elapsed()),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Some(since.elapsed())
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Connections to the internal listener that send half an upgrade head, that send nothing, or
+/// that upgrade and never register are all cut at `limits.handshake_timeout_ms` (400 ms
+/// here; the upgraded ones with 1002), counted in
+/// `fedbus_task_link_refused_total{reason="handshake_timeout"}`, and a client on the same
+/// shard is answered meanwhile.
+#[test]
+fn stalled_task_link_handshakes_are_cut_at_the_deadline() {
+    const LIMIT: Duration = Duration::from_millis(400);
+    let r = Router::new()
+        .shards(1)
+        .limit("handshake_timeout_ms", LIMIT.as_millis())
+        .start();
+    let _t = r.task().start();
+    let tok = service_token(&r);
+    let before = rss_kib(&r);
+    let peak = PeakRss::start(seed::pid(&r));
+    let normal = Normal::start(&r, APP, 6);
+    let start = normal.answered();
+    let mut waits = Vec::new();
+    for i in 0..40 {
+        let addr = r.internal[0];
+        waits.push(std::thread::spawn(move || {
+            let t = Instant::now();
+            let mut s = TcpStream::connect(addr).expect("connect internal");
+            if i % 2 == 0 {
+                s.write_all(b"GET /link HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n")
+                    .expect("half a head");
+            }
+            closed_after(s, t)
+        }));
+    }
+    let mute: Vec<_> = (0..5)
+        .map(|_| {
+            let (addr, tok) = (r.internal[0], tok.clone());
+            std::thread::spawn(move || {
+                let mut l = RawLink::open_hello(addr, &tok);
+                let t = Instant::now();
+                l.s.set_read_timeout(Some(Duration::from_secs(10)))
+                    .expect("timeout");
+                let code = l.close_code();
+                let closed = l.tcp_closed();
+                (code, closed, t.elapsed())
+            })
+        })
+        .collect();
+    let cut: Vec<Option<Duration>> = waits
+        .into_iter()
+        .map(|h| h.join().expect("thread"))
+        .collect();
+    let mute: Vec<_> = mute
+        .into_iter()
+        .map(|h| h.join().expect("thread"))
+        .collect();
+    let during = normal.answered() - start;
+    let (ok, failed, slowest) = normal.stop();
+    let peak = peak.stop();
+    let grown_mib = peak.saturating_sub(before) / 1024;
+    let (half, silent): (Vec<_>, Vec<_>) = cut.iter().enumerate().partition(|(i, _)| i % 2 == 0);
+    let range = |v: &[(usize, &Option<Duration>)]| {
+        let d: Vec<Duration> = v.iter().filter_map(|(_, d)| **d).collect();
+        (d.iter().min().copied(), d.iter().max().copied(), d.len())
+    };
+    println!(
+        "handshake_timeout_ms {}: half heads cut after (min, max, n) {:?}, silent {:?}; \
+         upgraded but no register: {:?}; refused handshake_timeout {}; RSS {before} -> peak \
+         {peak} KiB (+{grown_mib} MiB); normal client: {during} answered during, {ok} in all, \
+         {failed} failed, slowest {slowest:?}",
+        LIMIT.as_millis(),
+        range(&half),
+        range(&silent),
+        mute,
+        refused(&r, "handshake_timeout"),
+    );
+    for (i, d) in cut.iter().enumerate() {
+        let d = d.unwrap_or_else(|| panic!("connection {i} still open after 10 s"));
+        assert!(
+            d >= LIMIT - Duration::from_millis(50) && d < LIMIT + Duration::from_secs(2),
+            "connection {i} cut after {d:?}"
+        );
+    }
+    for (code, closed, d) in &mute {
+        assert_eq!(*code, Ok(Some(1002)));
+        assert!(*closed);
+        assert!(
+            *d >= LIMIT - Duration::from_millis(50) && *d < LIMIT + Duration::from_secs(2),
+            "{d:?}"
+        );
+    }
+    assert_eq!(refused(&r, "handshake_timeout"), 45.0);
+    assert!(grown_mib < 16, "RSS grew by {grown_mib} MiB");
+    assert!(log_shows(
+        &r,
+        "upgrade head not complete within limits.handshake_timeout_ms"
+    ));
+    assert!(log_shows(
+        &r,
+        "no registration within limits.handshake_timeout_ms"
+    ));
+    let internal = || r.metrics().get("fedbus_connections{listener=\"internal\"}");
+    wait_for(Duration::from_secs(5), || (internal() == 1.0).then_some(()))
+        .unwrap_or_else(|| panic!("internal connections left: {}", internal()));
+    assert!(
+        during >= 5 && failed == 0,
+        "{during} answered, {failed} failed"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. The built-in task against a router whose hello is too large.
+
+/// `fedbus task echo` reads the router's hello under 256 KiB
+/// (`fedbus_proto::hello::MAX_HELLO_BYTES`). A fake router that accepts the upgrade and
+/// announces a 1 GiB hello (then streams 1 MiB of it) gets a close frame with 1009 at once,
+/// the task logs why, its RSS stays flat, and it dials again later (it does not exit).
+#[test]
+fn the_built_in_task_refuses_a_hello_over_256_kib() {
+    let dir = TempDir::new("fake-router");
+    let keys = dir.path().join("keys");
+    keys_init(dir.path(), &keys, &[APP]);
+    let fake = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = fake.local_addr().expect("addr");
+    let log = dir.path().join("task.log");
+    let mut child = std::process::Command::new(bin())
+        .args(["task", "echo", "--router", &addr.to_string()])
+        .args(["--keyring", keys.to_str().expect("utf-8 path")])
+        .env("FEDBUS_HOME", dir.path())
+        .env("FEDBUS_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn fedbus task");
+    let pid = i32::try_from(child.id()).expect("pid");
+    let accept = |what: &str| {
+        fake.set_nonblocking(true).expect("nonblocking");
+        let s = wait_for(Duration::from_secs(10), || {
+            fake.accept().ok().map(|(s, _)| s)
+        })
+        .unwrap_or_else(|| panic!("the task did not dial ({what})"));
+        s.set_nonblocking(false).expect("blocking");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s
+    };
+    let mut s = accept("first link");
+    // The upgrade head: answer it with a 101.
+    let mut head = Vec::new();
+    let mut b = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut b).expect("upgrade head");
+        assert!(n > 0, "the task closed during its upgrade");
+        head.extend_from_slice(&b[..n]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let key = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("sec-websocket-key")
+                .then(|| v.trim().to_string())
+        })
+        .expect("Sec-WebSocket-Key");
+    s.write_all(accept_response(&key).as_bytes()).expect("101");
+    let before = rss_kib_of(pid);
+    let peak = PeakRss::start(pid);
+    // A text message announcing 1 GiB, and the first MiB of it.
+    let mut h = [0u8; MAX_HEADER];
+    let n = encode_head(opcode::TEXT, 1 << 30, None, &mut h);
+    let mut hello = h[..n].to_vec();
+    hello.extend_from_slice(br#"{"type":"hello","router":""#);
+    hello.resize(n + (1 << 20), b'a');
+    let w = s.try_clone().expect("clone");
+    let t = Instant::now();
+    let writer = std::thread::spawn(move || (&w).write_all(&hello).is_ok());
+    // The task's answer: a masked close frame.
+    let mut got = Vec::new();
+    let code = loop {
+        if let Some(h) = parse_head(&got).expect("the task's frame head") {
+            let total = h.header_len + h.payload_len as usize;
+            if got.len() >= total {
+                assert_eq!(h.opcode, opcode::CLOSE, "the task answers with a close");
+                let mut p = got[h.header_len..total].to_vec();
+                let m = h.mask.expect("a task masks its frames");
+                for (i, b) in p.iter_mut().enumerate() {
+                    *b ^= m[i % 4];
+                }
+                break (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]]));
+            }
+        }
+        let n = s.read(&mut b).expect("the task's close frame");
+        assert!(n > 0, "the task closed without a close frame");
+        got.extend_from_slice(&b[..n]);
+    };
+    let took = t.elapsed();
+    let _ = writer.join();
+    let peak = peak.stop();
+    let grown_kib = peak.saturating_sub(before);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    println!(
+        "hello announced 1 GiB: the task closed with {code:?} after {took:?}; task RSS \
+         {before} -> peak {peak} KiB (+{grown_kib} KiB)"
+    );
+    assert_eq!(code, Some(1009));
+    assert!(
+        text.contains(&format!(
+            "message larger than the limit of {MAX_HELLO_BYTES} bytes"
+        )),
+        "{text}"
+    );
+    assert!(grown_kib < 16 * 1024, "task RSS grew by {grown_kib} KiB");
+    // It dials again (backoff), and it is still running.
+    drop(s);
+    let _again = accept("second link");
+    assert!(matches!(child.try_wait(), Ok(None)), "the task exited");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Header injection from a task.
+
+/// Header lines a hostile task answers with: control bytes, CR and LF in values.
+const HOSTILE_HEADERS: [&[u8]; 8] = [
+    b"x-nul: a\x00b",
+    b"x-eot: a\x04b",
+    b"x-vt: a\x0bb",
+    b"x-del: a\x7fb",
+    b"x-cr: a\rinjected-cr: 1",
+    b"x-lf: a\ninjected-lf: 1",
+    b"x-crlf: a\r\ninjected-crlf: 1",
+    b"x-split: a\r\n\r\nHTTP/1.1 200 OK\r\ninjected-split: 1",
+];
+
+/// Serves every request on `link` with a 200 carrying [`HOSTILE_HEADERS`], a good header and
+/// a content type with control bytes, until `stop`; answers pings. Returns the requests
+/// served.
+fn serve_hostile(mut link: RawLink, stop: Arc<AtomicBool>) -> u64 {
+    link.s
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let mut served = 0;
+    while !stop.load(Ordering::Relaxed) {
+        match link.read_msg() {
+            Ok(Msg::Binary(b)) => {
+                let f = Frame::decode(Bytes::from(b)).expect("a fedbus frame");
+                if f.header.kind != Kind::Request {
+                    continue;
+                }
+                let mut meta = BytesMut::new();
+                put_meta_u64(&mut meta, tag::STATUS, 200);
+                put_meta(&mut meta, tag::CONTENT_TYPE, b"text/plain\x00\x04\x0b\x7f");
+                for h in HOSTILE_HEADERS {
+                    put_meta(&mut meta, tag::HEADER, h);
+                }
+                put_meta(&mut meta, tag::HEADER, b"x-good: fine\tvalue");
+                let out = encode_frame(
+                    Kind::Response,
+                    0,
+                    f.header.hops,
+                    f.header.partition,
+                    f.header.request_id,
+                    &meta,
+                    b"clean",
+                );
+                link.send_frame(opcode::BINARY, &out);
+                served += 1;
+            }
+            Ok(Msg::Ping) => link.send_frame(opcode::PONG, b""),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("hostile task link: {e}"),
+        }
+    }
+    served
+}
+
+/// Reads one HTTP response from `s`: the raw head bytes and the body (by content-length).
+/// `buf` keeps what was read past it (pipelined answers).
+fn raw_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> (Vec<u8>, Vec<u8>) {
+    let mut b = [0u8; 4096];
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut b).expect("response");
+        assert!(n > 0, "closed before the head ended: {buf:?}");
+        buf.extend_from_slice(&b[..n]);
+    };
+    let head = buf[..end].to_vec();
+    let len: usize = String::from_utf8_lossy(&head)
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .expect("content-length");
+    while buf.len() < end + len {
+        let n = s.read(&mut b).expect("body");
+        assert!(n > 0, "closed in the body");
+        buf.extend_from_slice(&b[..n]);
+    }
+    let body = buf[end..end + len].to_vec();
+    buf.drain(..end + len);
+    (head, body)
+}
+
+/// A task answering with control bytes (0x00, 0x04, 0x0b, 0x7f), CR and LF in header values
+/// and in its content type: the client's raw HTTP head holds no control byte other than the
+/// CRLF ending each line, no injected line, every hostile header is dropped whole, and the
+/// good one passes. Pipelined requests on one connection stay in step; another app's client
+/// on the same shard is answered throughout.
+#[test]
+fn control_bytes_in_a_tasks_headers_never_reach_the_client() {
+    let r = Router::new().shards(1).start();
+    let _other = r.task().app("demo/other").partitions("0-3").start();
+    let tok = service_token(&r);
+    let all: Vec<u32> = (0..16).collect();
+    let link = RawLink::registered(r.internal[0], &tok, 31337, "main", &all);
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = {
+        let stop = stop.clone();
+        std::thread::spawn(move || serve_hostile(link, stop))
+    };
+    let normal = Normal::start(&r, "demo/other", 1);
+    let ctok = r.token(APP, "alice");
+    let req = Req::post(&r.path(APP, 9)).token(&ctok).body(b"x").bytes();
+    // Routed once the control thread published the raw task's registration.
+    wait_for(Duration::from_secs(10), || {
+        let mut s = TcpStream::connect(r.api).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(&req).expect("request");
+        let (head, _) = raw_response(&mut s, &mut Vec::new());
+        (!head.starts_with(b"HTTP/1.1 503")).then_some(())
+    })
+    .expect("the hostile task is routed");
+    let mut s = TcpStream::connect(r.api).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    // Three pipelined requests on one connection.
+    s.write_all(&req.repeat(3)).expect("requests");
+    let (mut heads, mut buf) = (Vec::new(), Vec::new());
+    for i in 0..3 {
+        let (head, body) = raw_response(&mut s, &mut buf);
+        assert_eq!(body, b"clean", "answer {i}");
+        heads.push(head);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let served = server.join().expect("hostile task");
+    let (ok, failed, _) = normal.stop();
+    let text = String::from_utf8_lossy(&heads[0]).into_owned();
+    println!("hostile task served {served} requests; the client's head:\n{text}");
+    println!("normal client (demo/other): {ok} answered, {failed} failed");
+    for (i, head) in heads.iter().enumerate() {
+        assert!(head.starts_with(b"HTTP/1.1 200 "), "answer {i}: {text}");
+        // Every control byte is part of a CRLF line end.
+        let body = &head[..head.len() - 2];
+        for (j, &b) in body.iter().enumerate() {
+            let ctl = (b < 0x20 && b != b'\t') || b == 0x7f;
+            let line_end = (b == b'\r' && body.get(j + 1) == Some(&b'\n'))
+                || (b == b'\n' && j > 0 && body[j - 1] == b'\r');
+            assert!(
+                !ctl || line_end,
+                "answer {i}: byte {b:#04x} at {j} in {head:?}"
+            );
+        }
+        let lower = String::from_utf8_lossy(head).to_ascii_lowercase();
+        assert!(!lower.contains("injected"), "answer {i}: {lower}");
+        for h in HOSTILE_HEADERS {
+            let name =
+                String::from_utf8_lossy(&h[..h.iter().position(|c| *c == b':').unwrap_or(0)])
+                    .into_owned();
+            assert!(
+                !lower.contains(&format!("\r\n{name}:")),
+                "{name} in {lower}"
+            );
+        }
+        assert!(lower.contains("\r\nx-good: fine\tvalue\r\n"), "{lower}");
+        // The task's content type is dropped whole: the default one stands in.
+        assert_eq!(lower.matches("\r\ncontent-type:").count(), 1, "{lower}");
+        assert!(
+            lower.contains("\r\ncontent-type: application/octet-stream\r\n"),
+            "{lower}"
+        );
+        assert_eq!(lower.matches("http/1.1").count(), 1, "{lower}");
+    }
+    assert!(served >= 3, "served {served}");
+    assert!(ok >= 1 && failed == 0, "{ok} answered, {failed} failed");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. A dead shard.
+
+/// A shard whose executor dies (a panic in one of its tasks, injected through the test-only
+/// `fault-injection` feature: `FEDBUS_FAULT_PANIC_SHARD=1:<file>`) takes the router to
+/// not-ready at once: `/readyz` 503 naming the shard, `fedbus_shards_alive` 1 of 2,
+/// `fedbus_ready` 0, the panic logged. `/healthz` still answers 200 (the process lives), and
+/// the other shard goes on serving.
+#[test]
+fn a_dead_shard_makes_readyz_503() {
+    let fault = TempDir::new("fault");
+    let trigger = fault.path().join("panic-now");
+    let spec = format!("1:{}", trigger.display());
+    let r = Router::new()
+        .shards(2)
+        .apps(&[(APP, 16)])
+        .env("FEDBUS_FAULT_PANIC_SHARD", &spec)
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    wait_for(Duration::from_secs(10), || {
+        (admin_get(r.admin, "/readyz").0 == 200).then_some(())
+    })
+    .expect("ready with both shards");
+    assert_eq!(r.metrics().get("fedbus_shards_alive"), 2.0);
+    assert_eq!(r.metrics().get("fedbus_shards"), 2.0);
+    assert!(log_shows(&r, "fault injection armed"));
+    std::fs::write(&trigger, b"").expect("trigger");
+    let t = Instant::now();
+    wait_for(Duration::from_secs(5), || {
+        (r.metrics().get("fedbus_shards_alive") == 1.0).then_some(())
+    })
+    .expect("shard 1 reported dead");
+    let noticed = t.elapsed();
+    let (status, body) = admin_get(r.admin, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("shard 1 is not running"), "{body}");
+    assert_eq!(r.metrics().get("fedbus_ready"), 0.0);
+    assert_eq!(admin_get(r.admin, "/healthz").0, 200);
+    assert!(log_shows(
+        &r,
+        "shard executor ended: the router is not ready"
+    ));
+    // New connections: which shard answers, and how many are answered at all.
+    let (mut by_shard, mut lost) = (std::collections::BTreeMap::new(), 0);
+    for i in 0..20u64 {
+        let mut c = r.conn();
+        c.set_read_timeout(Duration::from_secs(2));
+        c.send(
+            &Req::post(&r.path(APP, i))
+                .token(&tok)
+                .body(b"after")
+                .bytes(),
+        );
+        match c.read_response() {
+            Ok(resp) => {
+                let shard = resp.header("fedbus-shard").unwrap_or("?").to_string();
+                *by_shard
+                    .entry(format!("{} {shard}", resp.status))
+                    .or_insert(0) += 1;
+            }
+            Err(_) => lost += 1,
+        }
+    }
+    println!(
+        "shard 1 reported dead {noticed:?} after the trigger; /readyz {status} {body:?}; \
+         20 new connections after: answered by (status shard) {by_shard:?}, {lost} unanswered"
+    );
+    // The dead shard's internal port refuses task links instead of holding them.
+    assert!(
+        TcpStream::connect(r.internal[1]).is_err(),
+        "the dead shard's internal listener still takes connections"
+    );
+    assert!(log_shows(&r, "dead shard's listener closed"));
+    assert_eq!(lost, 0, "{by_shard:?}");
+    assert_eq!(by_shard.get("200 0"), Some(&20), "{by_shard:?}");
+}

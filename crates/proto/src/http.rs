@@ -47,6 +47,12 @@ pub fn allowed_header(line: &[u8], from_router: bool) -> bool {
     from_router || !(name.len() >= 7 && name[..7].eq_ignore_ascii_case(b"fedbus-"))
 }
 
+/// Whether a header line (`name: value`) is a `Retry-After` (any case).
+pub fn is_retry_after(line: &[u8]) -> bool {
+    const NAME: &[u8] = b"retry-after:";
+    line.len() >= NAME.len() && line[..NAME.len()].eq_ignore_ascii_case(NAME)
+}
+
 /// The request's `Origin` when the request is cross-origin: `None` without an `Origin`, or
 /// when it names the origin the request was sent to (`http://` or `https://` followed by its
 /// `Host`), as a browser sends it on a same-origin POST. Only a cross-origin request is subject
@@ -109,7 +115,16 @@ pub fn reason(status: u16) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use super::{allowed_header, cross_origin};
+    use super::{allowed_header, cross_origin, is_retry_after};
+
+    #[test]
+    fn retry_after_lines_are_recognised_in_any_case() {
+        assert!(is_retry_after(b"Retry-After: 30"));
+        assert!(is_retry_after(b"retry-after:1"));
+        assert!(!is_retry_after(b"retry-afterx: 1"));
+        assert!(!is_retry_after(b"x-retry-after: 1"));
+        assert!(!is_retry_after(b"retry"));
+    }
 
     #[test]
     fn only_cross_origin_requests_carry_their_origin() {

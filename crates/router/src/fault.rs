@@ -1,6 +1,9 @@
 //! Fault injection, for the integration tests only: compiled in with the `fault-injection`
-//! feature, which only the `fedbus` package's dev-dependency turns on (workspace resolver 2
-//! keeps dev-dependency features out of `cargo build`, so a release binary has none of this).
+//! feature, which only the `fedbus` package's dev-dependency turns on. Workspace resolver 2
+//! keeps dev-dependency features out of `cargo build` and `cargo install`, so a binary built
+//! for use has none of this; the `fedbus` binary that `cargo test` builds for the integration
+//! tests (which also lands in target/release/fedbus after the tests) has it, inert unless its
+//! environment sets `FEDBUS_FAULT_PANIC_SHARD`, and it logs a warning when armed.
 //!
 //! It exists because "a shard that dies takes the router to not-ready, visibly" must be shown
 //! on a running router, and no input may make a shard die (that is the point of the

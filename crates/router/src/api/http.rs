@@ -5,7 +5,7 @@
 
 use crate::api::reason;
 use crate::metrics::{Listener, ShardMetrics};
-use crate::proto::http::cross_origin;
+use crate::proto::http::{cross_origin, is_retry_after};
 use crate::route::{parse_api_path, PathError};
 use crate::routing::{self, Answer, Field, Ingress, Request, VerifyCache};
 use crate::shard::{BodyCharge, OutboxCharge, Shard};
@@ -323,7 +323,7 @@ fn write_head(
     out.put_u8(b' ');
     out.put_slice(reason(status).as_bytes());
     out.put_slice(b"\r\n");
-    let (mut has_ct, mut served_by) = (false, false);
+    let (mut has_ct, mut served_by, mut has_retry) = (false, false, false);
     a.fields(|f| {
         match f {
             Field::ContentType(v) => {
@@ -336,7 +336,10 @@ fn write_head(
                 out.put_slice(b"fedbus-served-by: ");
                 out.put_slice(v);
             }
-            Field::Line(v) => out.put_slice(v),
+            Field::Line(v) => {
+                has_retry |= is_retry_after(v);
+                out.put_slice(v);
+            }
             Field::Number(name, n) => {
                 out.put_slice(name.as_bytes());
                 out.put_slice(b": ");
@@ -371,7 +374,9 @@ fn write_head(
         out.put_slice(shard.router_name.as_bytes());
         out.put_slice(b"\r\n");
     }
-    if status == 503 {
+    // A router's own 503 (overloaded, no live task) says when to come back; a task's 503
+    // carries its own Retry-After or none, and never gets a second one.
+    if status == 503 && !has_retry && a.error_tag().is_some() {
         out.put_slice(b"retry-after: 1\r\n");
     }
     if close {

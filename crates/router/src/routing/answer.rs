@@ -295,8 +295,9 @@ fn answer_head(shard: usize, id: u64, a: &Answer, served_by: Option<&str>) -> By
     if served_by.is_none() {
         // Peers add their own fedbus-shard; the serving router is named by SERVED_BY.
         put_line(&mut m, "fedbus-shard", shard as u64);
-        // As on HTTP: a 503 says when to come back (a relaying router adds its own).
-        if a.status() == 503 {
+        // As on HTTP: the router's own 503 says when to come back (a task's 503 keeps its
+        // own Retry-After or none).
+        if a.status() == 503 && matches!(a, Answer::Error(_)) {
             put_line(&mut m, "retry-after", 1);
         }
     }

@@ -277,7 +277,8 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                 ));
                 glommio::spawn_local(super::watch_drain(shard.clone())).detach();
                 // SAFETY: the fds were bound and listening on the main thread and are owned
-                // by this shard alone from here on.
+                // by this shard from here on. Only once this shard's thread has ended does
+                // the watcher thread borrow them (never closing them) to stop them listening.
                 let (api_l, int_l) =
                     unsafe { (TcpListener::from_raw_fd(afd), TcpListener::from_raw_fd(ifd)) };
                 let ext = efd.map(|fd| {
@@ -374,10 +375,12 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
             .name(format!("fedbus-watch-{i}"))
             .spawn(move || {
                 let end = h.join();
-                health.shard_ended(i, end.err().map(|e| e.to_string()));
+                // Listeners first: once /readyz says the shard is dead, no new connection
+                // may still land in its backlog.
                 for (fd, addr) in listeners {
                     stop_listening(i, fd, addr);
                 }
+                health.shard_ended(i, end.err().map(|e| e.to_string()));
             })?;
     }
 
@@ -475,11 +478,12 @@ impl Running {
 /// listening socket on `addr` is touched: a dying executor may have closed its own, and the
 /// number been reused since by another shard's connection.
 fn stop_listening(shard: usize, fd: RawFd, addr: SocketAddr) {
-    // SAFETY: borrowed only for the calls below, never closed here (ManuallyDrop); the dead
-    // shard's thread has ended, so nothing else uses the descriptor.
-    let l = std::mem::ManuallyDrop::new(unsafe { std::net::TcpListener::from_raw_fd(fd) });
-    let sock = socket2::SockRef::from(&*l);
-    if sock.is_listener().unwrap_or(false) && l.local_addr().ok() == Some(addr) {
+    // SAFETY: borrowed only for the calls below, never closed here; the dead shard's thread
+    // has ended, so nothing else uses the descriptor.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let sock = socket2::SockRef::from(&fd);
+    let bound = sock.local_addr().ok().and_then(|a| a.as_socket());
+    if sock.is_listener().unwrap_or(false) && bound == Some(addr) {
         match sock.shutdown(std::net::Shutdown::Both) {
             Ok(()) => tracing::error!(shard, %addr, "dead shard's listener closed"),
             Err(e) => tracing::error!(shard, %addr, "could not close a dead shard's listener: {e}"),

@@ -7,6 +7,9 @@
 #   DURATION=20 OUT=/tmp/x.md benches/cpu-per-request.sh
 #   EXTRA_BIN=/path/to/other/fedbus EXTRA_LABEL="patched glommio" benches/cpu-per-request.sh
 #                                   # adds fedbus http and ws rows for another build, same run
+#   BIN=/path/to/fedbus benches/cpu-per-request.sh  # that binary instead of building this tree
+#   PIPE=8x8 (default; PIPE= turns it off): also fedbus HTTP and /api/ws with 8 connections x 8
+#                                   # requests in flight (pipelined), through `fedbus bench`
 #   PROFILE=/tmp/p.txt benches/cpu-per-request.sh   # fedbus http only: perf stat + perf record
 #
 # Run from the repo root (as root: it installs wrk, nginx and nats-server with apt when they
@@ -28,6 +31,7 @@ WARMUP=${WARMUP:-2}
 CONNS=${CONNS:-64}
 SIZE=${SIZE:-64}
 IDLE=${IDLE:-2}
+export PIPE=${PIPE-8x8}
 EXTRA_BIN=${EXTRA_BIN:-}
 export EXTRA_LABEL=${EXTRA_LABEL:-other build}
 [ -z "$EXTRA_BIN" ] || [ -x "$EXTRA_BIN" ] || { echo "EXTRA_BIN $EXTRA_BIN is not executable" >&2; exit 1; }
@@ -35,9 +39,11 @@ ROOT=$(pwd)
 [ -f Cargo.toml ] && [ -d benches ] || { echo "run from the fedbus repo root" >&2; exit 1; }
 [ "$(nproc)" -ge 2 ] || { echo "needs 2 cores (server on core 1, load on core 0)" >&2; exit 1; }
 
-echo "== cargo build --release" >&2
-cargo build --release -q
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/fedbus
+if [ -z "${BIN:-}" ]; then
+  echo "== cargo build --release" >&2
+  cargo build --release -q
+  BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/fedbus
+fi
 [ -x "$BIN" ] || { echo "no $BIN" >&2; exit 1; }
 
 # need CMD PACKAGE: installs PACKAGE (Debian) when CMD is missing.
@@ -318,10 +324,11 @@ wrk_case() {
   WRK_JSON=/dev/null taskset -c 0 "$WRK" "${WARM[@]}" "http://127.0.0.1:$port" -- "$TOKEN" "$SIZE" "$path" >/dev/null 2>&1 || true
   measure "$name" "$spids" "$bpids" wrk taskset -c 0 "$WRK" "${WRKARGS[@]}" "http://127.0.0.1:$port" -- "$TOKEN" "$SIZE" "$path"
 }
-# bench_case NAME SERVER_PIDS BACKEND_PIDS ARGS...: fedbus bench, --inflight 1, load on core 0.
+# bench_case NAME SERVER_PIDS BACKEND_PIDS ARGS...: fedbus bench, --inflight 1 (BC_CONNS and
+# BC_INFLIGHT override the shape), load on core 0.
 bench_case() {
   local name=$1 spids=$2 bpids=$3; shift 3
-  local common=(--connections "$CONNS" --inflight 1 --size "${SIZE}B" --cores 0)
+  local common=(--connections "${BC_CONNS:-$CONNS}" --inflight "${BC_INFLIGHT:-1}" --size "${SIZE}B" --cores 0)
   echo "== $name (warm-up)" >&2
   taskset -c 0 "$BIN" bench "$@" "${common[@]}" --duration "${WARMUP}s" --warmup 0s >/dev/null 2>&1 || true
   measure "$name" "$spids" "$bpids" bench taskset -c 0 "$BIN" bench "$@" "${common[@]}" --duration "${DURATION}s" --warmup 0s --json "$WORK/$name.json"
@@ -329,12 +336,20 @@ bench_case() {
 
 wrk_case fedbus-http "$ROUTER" "$ECHO" "$API_PORT" "$FEDBUS_PATH"
 bench_case fedbus-ws "$ROUTER" "$ECHO" --target "http://127.0.0.1:$API_PORT" --protocol ws --keyring "$FEDBUS_HOME/keys"
+# pipe_cases TAG: the PIPE shape (connections x in flight) over HTTP and /api/ws.
+pipe_cases() {
+  [ -n "$PIPE" ] || return 0
+  BC_CONNS=${PIPE%x*} BC_INFLIGHT=${PIPE#*x} bench_case "$1-http-pipe" "$ROUTER" "$ECHO" --target "http://127.0.0.1:$API_PORT" --keyring "$FEDBUS_HOME/keys"
+  BC_CONNS=${PIPE%x*} BC_INFLIGHT=${PIPE#*x} bench_case "$1-ws-pipe" "$ROUTER" "$ECHO" --target "http://127.0.0.1:$API_PORT" --protocol ws --keyring "$FEDBUS_HOME/keys"
+}
+pipe_cases fedbus
 if [ -n "$EXTRA_BIN" ]; then
   # The same two cases against a router and echo task built otherwise (EXTRA_BIN), same pinning.
   kill "$ROUTER" "$ECHO" 2>/dev/null || true
   start_fedbus "$EXTRA_BIN" -extra
   wrk_case extra-http "$ROUTER" "$ECHO" "$API_PORT" "$FEDBUS_PATH"
   bench_case extra-ws "$ROUTER" "$ECHO" --target "http://127.0.0.1:$API_PORT" --protocol ws --keyring "$FEDBUS_HOME/keys"
+  pipe_cases extra
   kill "$ROUTER" "$ECHO" 2>/dev/null || true
 fi
 wrk_case nginx-proxy "$(nginx_pids $NGX_PROXY)" "$(nginx_pids $NGX_UP)" "$PROXY_PORT" "$FEDBUS_PATH"
@@ -367,18 +382,27 @@ labels = [
     ("nginx-alone", "nginx answering alone (floor)", "nginx (master + 1 worker, `return 200`) core 1", "none", "wrk core 0"),
     ("nats", "nats-server request/reply", "`GOMAXPROCS=1` nats-server core 1", "responders in `fedbus bench` core 0", "`fedbus bench` core 0"),
 ]
+pipe = os.environ.get("PIPE", "")
+def pipe_rows(tag, suffix):
+    return [(f"{tag}-{p}-pipe", f"fedbus router, {n} {pipe} pipelined{suffix}", "router: shard core 1, control thread core 0",
+             "`fedbus task echo` core 0", "`fedbus bench` core 0")
+            for p, n in (("http", "HTTP/1.1"), ("ws", "/api/ws")) if f"{tag}-{p}-pipe" in r]
+labels[2:2] = pipe_rows("fedbus", "")
 if "extra-http" in r:
-    labels[2:2] = [
+    at = 2 + len(pipe_rows("fedbus", ""))
+    labels[at:at] = [
         ("extra-http", f"fedbus router, HTTP/1.1 keep-alive ({extra})", "router: shard core 1, control thread core 0", "`fedbus task echo` core 0", "wrk core 0"),
         ("extra-ws", f"fedbus router, /api/ws ({extra})", "router: shard core 1, control thread core 0", "`fedbus task echo` core 0", "`fedbus bench` core 0"),
-    ]
+    ] + pipe_rows("extra", f" ({extra})")
 o = [f"# Server CPU per request, 1 in flight per connection: {date} on {host}", ""]
 o += [f"Made by `benches/cpu-per-request.sh` (`DURATION={dur} WARMUP={warm} CONNS={conns} SIZE={size}`) at commit {commit}.", ""]
 o += ["## Machine", "", f"- CPU (`lscpu`): {model}, {nproc} cores", f"- kernel: {kernel}",
       f"- load (`uptime`) at start: {l0}", f"- load (`uptime`) at end: {l1}",
       f"- {rustc}; {nginxv}; {natsv}; {wrkv}", ""]
 o += ["## Results", "",
-      f"{conns} connections, 1 request in flight on each, {size} B POST bodies, {size} B answers. "
+      f"{conns} connections, 1 request in flight on each, {size} B POST bodies, {size} B answers "
+      + (f"(the pipelined rows: {pipe}, connections x requests in flight, through `fedbus bench`; "
+         "their ratios are to the 1-in-flight nginx rows). " if pipe else ". ") +
       "Server CPU = user+sys ticks of the server process(es) from `/proc/PID/stat` over the measured run / requests served. "
       "Busy = server CPU seconds / wall seconds (1.00 = core 1 saturated).", "",
       "| system | server CPU us/req | vs nginx proxy | vs floor | req/s | p99 us | busy | backend CPU us/req | IPIs to core 1 /req | errors |",

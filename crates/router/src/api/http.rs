@@ -3,17 +3,18 @@
 //! body is a slice of the read buffer and goes to the task without a copy; the task's payload
 //! goes back to the client the same way (one vectored write of head + body).
 
+use super::inflight::Ordered;
 use crate::api::reason;
 use crate::metrics::{Listener, ShardMetrics};
 use crate::proto::http::{cross_origin, is_retry_after};
 use crate::route::{parse_api_path, PathError};
 use crate::routing::{self, Answer, Field, Ingress, Request, VerifyCache};
 use crate::shard::{BodyCharge, OutboxCharge, Shard};
+use crate::util::Deadline;
 use crate::ws::conn::ReadSpace;
 use crate::ws::Stream;
 use bytes::{Bytes, BytesMut};
 use futures_lite::AsyncReadExt;
-use futures_util::stream::{FuturesOrdered, StreamExt};
 use glommio::net::TcpStream;
 use std::cell::RefCell;
 use std::ops::Range;
@@ -495,8 +496,12 @@ async fn serve_inner<S: Stream>(
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut space = ReadSpace::default();
     let mut out = BytesMut::with_capacity(4096);
+    // Bytes of answer heads in the largest batch written so far, and in this one.
+    let (mut head_room, mut head_bytes) = (4096usize, 0usize);
     let mut parts: Vec<Bytes> = Vec::with_capacity(32);
-    let mut inflight = FuturesOrdered::new();
+    let mut inflight = Ordered::new();
+    // Every deadline of this connection (head, body, idle, answer write) on one timer.
+    let mut deadline = Deadline::new();
     let cache = Rc::new(RefCell::new(VerifyCache::new(1)));
     let mut closing = false;
     let mut continued = false;
@@ -622,12 +627,12 @@ async fn serve_inner<S: Stream>(
             let read = async {
                 let r = std::pin::pin!(fill(stream, &mut buf, &mut space));
                 let e = std::pin::pin!(keepalive.slot.evicted());
-                Ok(match futures_util::future::select(r, e).await {
+                match futures_util::future::select(r, e).await {
                     futures_util::future::Either::Left((r, _)) => Some(r),
                     futures_util::future::Either::Right(_) => None,
-                })
+                }
             };
-            let got = glommio::timer::timeout(wait, read).await;
+            let got = deadline.within(wait, read).await;
             keepalive.slot.set_idle(false);
             let got = match got {
                 Ok(Some(r)) => Ok(r),
@@ -665,17 +670,28 @@ async fn serve_inner<S: Stream>(
         } else {
             // The head and body deadlines hold while answers are pending too: a client cannot
             // trickle its next request behind a slow one.
-            let deadline = if continued {
+            let due = if continued {
                 body_deadline
             } else {
                 head_since.map(|t| t + head_limit)
             };
+            // Reading on would need a new buffer while the requests in flight hold slices of
+            // this one: the read waits for their answers, and the buffer is then reclaimed in
+            // place (no allocation). Nothing is read meanwhile, so no deadline runs either.
+            let room = has_room(&buf);
             let next = std::pin::pin!(inflight.next());
-            let read = std::pin::pin!(fill(stream, &mut buf, &mut space));
+            let read = std::pin::pin!(async {
+                match room {
+                    true => fill(stream, &mut buf, &mut space).await,
+                    false => std::future::pending().await,
+                }
+            });
             let late = std::pin::pin!(async {
-                match deadline {
+                match due.filter(|_| room) {
                     Some(d) => {
-                        glommio::timer::sleep(d.saturating_duration_since(Instant::now())).await
+                        deadline
+                            .sleep(d.saturating_duration_since(Instant::now()))
+                            .await
                     }
                     None => std::future::pending().await,
                 }
@@ -713,6 +729,11 @@ async fn serve_inner<S: Stream>(
         // Answer it and every later one that is already done, in one write. While the router
         // drains, the answer that leaves nothing in flight closes the connection.
         let draining = shard.health.draining();
+        // The heads of one batch are cut from `out`, which is reclaimed in place (the last
+        // batch is written) with room for the largest batch so far: no allocation per answer.
+        if !out.try_reclaim(head_room) {
+            out.reserve(head_room);
+        }
         let mut next = first;
         while let Some(Done {
             a,
@@ -731,6 +752,7 @@ async fn serve_inner<S: Stream>(
             let body = if bodiless || head { Bytes::new() } else { full };
             let close = close || (closing || draining) && inflight.is_empty();
             write_head(&mut out, shard, &a, length, close, cors.as_ref());
+            head_bytes += out.len();
             parts.push(out.split().freeze());
             shard.metrics.request(
                 a.status(),
@@ -751,12 +773,13 @@ async fn serve_inner<S: Stream>(
         // The answers being written count against the shard's memory budget until they are
         // out, and the client must take them at `limits.min_answer_bytes_per_sec` at least.
         let n: usize = parts.iter().map(Bytes::len).sum();
+        head_room = head_room.max(head_bytes);
+        head_bytes = 0;
         outbox.force_add(n);
         let pace = Duration::from_secs_f64(n as f64 / limits.min_answer_bytes_per_sec as f64);
-        let written = glommio::timer::timeout(head_limit + pace, async {
-            Ok(stream.write_parts(&parts).await)
-        })
-        .await;
+        let written = deadline
+            .within(head_limit + pace, stream.write_parts(&parts))
+            .await;
         outbox.release(n);
         parts.clear();
         match written {
@@ -832,13 +855,23 @@ fn is_ws_upgrade(req: &Req) -> bool {
     req.method == Method::Get && (path == b"/api/ws" || path.starts_with(b"/api/ws?"))
 }
 
+/// Spare capacity below which the read buffer is grown (or reclaimed) before a read.
+const MIN_READ_ROOM: usize = 4096;
+
+/// `buf` can be read into without growing it.
+fn has_room(buf: &BytesMut) -> bool {
+    buf.capacity() - buf.len() >= MIN_READ_ROOM
+}
+
 /// Reads more bytes into `buf`; 0 at end of stream.
 async fn fill<S: Stream>(
     stream: &mut S,
     buf: &mut BytesMut,
     space: &mut ReadSpace,
 ) -> std::io::Result<usize> {
-    if buf.capacity() - buf.len() < 4096 {
+    // Reclaimed in place when no request holds a slice of it: with room for a whole read
+    // chunk, or failing that (a partial request at the end) for the minimum. Grown otherwise.
+    if !has_room(buf) && !buf.try_reclaim(16 * 1024) && !buf.try_reclaim(MIN_READ_ROOM) {
         buf.reserve(16 * 1024);
     }
     space.read(stream, buf).await

@@ -4,6 +4,7 @@
 
 #[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
 pub mod http;
+mod inflight;
 pub(crate) mod tls;
 pub(crate) mod ws;
 

@@ -7,6 +7,7 @@
 //! token there), and a token whose key version retires is refused per request with the same
 //! 401 as on HTTP.
 
+use super::inflight::Unordered;
 use crate::auth::{self, claimed_app};
 use crate::proto::{tag, Frame, Kind};
 use crate::route::parse_api_path;
@@ -156,6 +157,11 @@ pub(crate) async fn serve<S: Stream>(
     });
     // Bytes of request bodies in flight on this session (its share of the body budget).
     let held = Rc::new(Cell::new(0usize));
+    // The requests in flight run in reused slots of this task, and every wait of the session
+    // is on one timer: a request allocates nothing here.
+    let mut inflight = Unordered::new();
+    let mut deadline = crate::util::Deadline::new();
+    let idle = std::time::Duration::from_millis(limits.idle_timeout_ms);
     let end = loop {
         if out.borrow().is_closing() {
             break Some(1013);
@@ -167,25 +173,31 @@ pub(crate) async fn serve<S: Stream>(
             let m = std::pin::pin!(reader.next());
             let c = std::pin::pin!(ws::conn::closed(&out));
             let d = std::pin::pin!(shard.drain.acquire(1));
-            Ok(match select(m, select(c, d)).await {
+            match select(m, select(c, d)).await {
                 Either::Left((m, _)) => Next::Message(m),
                 Either::Right((Either::Left(_), _)) => Next::Overflow,
                 Either::Right((Either::Right(_), _)) => Next::Drain,
-            })
+            }
         };
-        let msg = match glommio::timer::timeout(
-            std::time::Duration::from_millis(limits.idle_timeout_ms),
-            next,
-        )
-        .await
-        {
+        let waited = {
+            use futures_util::future::{select, Either};
+            let timed = std::pin::pin!(deadline.within(idle, next));
+            let run = std::pin::pin!(inflight.run());
+            match select(timed, run).await {
+                Either::Left((w, _)) => w,
+                Either::Right((never, _)) => match never {},
+            }
+        };
+        let msg = match waited {
             Ok(Next::Message(m)) => m,
             Ok(Next::Overflow) => break Some(1013),
             Ok(Next::Drain) => {
                 // Going away: the answers in flight go out first, then the close frame;
                 // what the client sends meanwhile is not read (it re-sends on a new session).
                 while session.inflight.get() > 0 && !out.borrow().is_closing() {
-                    glommio::timer::sleep(crate::health::POLL).await;
+                    let run = std::pin::pin!(inflight.run());
+                    let nap = std::pin::pin!(deadline.sleep(crate::health::POLL));
+                    let _ = futures_util::future::select(run, nap).await;
                 }
                 break Some(1001);
             }
@@ -220,7 +232,7 @@ pub(crate) async fn serve<S: Stream>(
                 };
                 session.inflight.set(session.inflight.get() + 1);
                 let (s, o, sess) = (shard.clone(), out.clone(), session.clone());
-                glommio::spawn_local(async move {
+                inflight.push(async move {
                     let _charge = charge;
                     let start = Instant::now();
                     let n_in = f.payload.len();
@@ -233,8 +245,7 @@ pub(crate) async fn serve<S: Stream>(
                         body_len,
                     );
                     sess.inflight.set(sess.inflight.get() - 1);
-                })
-                .detach();
+                });
             }
             Ok(Message::Ping(p)) => out.borrow_mut().send_control(ws::frame::opcode::PONG, &p),
             Ok(Message::Pong(_)) => {}
@@ -249,6 +260,9 @@ pub(crate) async fn serve<S: Stream>(
             }
         }
     };
+    // Answers still in flight could only follow the close frame: dropped (their pending
+    // slots with them).
+    drop(inflight);
     if out.borrow().overflowed() {
         crate::metrics::ShardMetrics::inc(&shard.metrics.slow_reader_closed);
         tracing::info!(

@@ -262,8 +262,9 @@ fn reconcile(shard: &Rc<Shard>, view: &FedView) {
 /// Follows the published [`FedView`]: when its generation moves, reconciles the dialers.
 /// Checked every `health::POLL` (the view changes only on a reload).
 async fn watch_view(shard: Rc<Shard>, mut seen: u64) {
+    let mut timer = crate::util::Deadline::new();
     loop {
-        glommio::timer::sleep(crate::health::POLL).await;
+        timer.sleep(crate::health::POLL).await;
         let view = shard.snapshots.fed.load();
         if view.generation != seen {
             seen = view.generation;
@@ -687,6 +688,7 @@ async fn send_status(shard: Rc<Shard>, out: Rc<RefCell<ws::WsOut>>) {
     // What the status is made of; rebuilt only when one of these moves.
     let mut seen: Option<(u64, bool, bool)> = None;
     let mut last: Option<PeerStatus> = None;
+    let mut timer = crate::util::Deadline::new();
     loop {
         let table = shard.snapshots.routes.load();
         let h = &shard.health;
@@ -703,7 +705,7 @@ async fn send_status(shard: Rc<Shard>, out: Rc<RefCell<ws::WsOut>>) {
             }
         }
         drop(table);
-        glommio::timer::sleep(crate::health::POLL).await;
+        timer.sleep(crate::health::POLL).await;
     }
 }
 

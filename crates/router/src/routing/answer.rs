@@ -247,7 +247,28 @@ pub(crate) fn send_answer(
     a: &Answer,
     served_by: Option<&str>,
 ) -> usize {
-    let m = answer_head(shard, id, a, served_by);
+    let mut m = HEAD.with(|h| h.take());
+    answer_head(&mut m, shard, id, a, served_by);
+    let n = send_head(out, &m, shard, id, a, served_by);
+    HEAD.with(|h| h.set(m));
+    n
+}
+
+thread_local! {
+    /// The shard's buffer for Response frame heads: each is copied into its connection's
+    /// outbox, so one buffer serves every answer (taken out while in use).
+    static HEAD: std::cell::Cell<BytesMut> = std::cell::Cell::new(BytesMut::new());
+}
+
+/// [`send_answer`] once the head `m` is made.
+fn send_head(
+    out: &RefCell<WsOut>,
+    m: &[u8],
+    shard: usize,
+    id: u64,
+    a: &Answer,
+    served_by: Option<&str>,
+) -> usize {
     let body = a.body();
     let n = body.len();
     let mut o = out.borrow_mut();
@@ -266,13 +287,14 @@ pub(crate) fn send_answer(
         }
         return n;
     }
-    if o.send_binary(&m, body).is_err() {
+    if o.send_binary(m, body).is_err() {
         let e = Answer::error(
             503,
             "overloaded",
             "the router's memory budget is spent; retry later",
         );
-        let m = answer_head(shard, id, &e, served_by);
+        let mut m = BytesMut::new();
+        answer_head(&mut m, shard, id, &e, served_by);
         let mut whole = BytesMut::with_capacity(m.len() + e.body().len());
         whole.extend_from_slice(&m);
         whole.extend_from_slice(&e.body());
@@ -282,34 +304,37 @@ pub(crate) fn send_answer(
 }
 
 /// The Response frame of `a` without its body (the body goes out as its own slice).
-fn answer_head(shard: usize, id: u64, a: &Answer, served_by: Option<&str>) -> BytesMut {
-    let mut m = BytesMut::with_capacity(128);
-    proto::begin_head(&mut m);
-    put_meta_u64(&mut m, tag::STATUS, u64::from(a.status()));
+fn answer_head(m: &mut BytesMut, shard: usize, id: u64, a: &Answer, served_by: Option<&str>) {
+    proto::begin_head(m);
+    put_meta_u64(m, tag::STATUS, u64::from(a.status()));
     if let Some(r) = served_by {
-        put_meta(&mut m, tag::SERVED_BY, r.as_bytes());
+        put_meta(m, tag::SERVED_BY, r.as_bytes());
     }
     if let Some(code) = a.error_tag() {
-        put_meta(&mut m, tag::ERROR, code);
+        put_meta(m, tag::ERROR, code);
     }
     if served_by.is_none() {
         // Peers add their own fedbus-shard; the serving router is named by SERVED_BY.
+<<<<<<< HEAD
         put_line(&mut m, "fedbus-shard", shard as u64);
         // As on HTTP: the router's own 503 says when to come back (a task's 503 keeps its
         // own Retry-After or none).
         if a.status() == 503 && matches!(a, Answer::Error(_)) {
             put_line(&mut m, "retry-after", 1);
         }
+=======
+        put_line(m, "fedbus-shard", shard as u64);
+>>>>>>> perf
     }
     a.fields(|f| match f {
-        Field::ContentType(v) => put_meta(&mut m, tag::CONTENT_TYPE, v),
-        Field::ServedBy(v) => put_meta(&mut m, tag::SERVED_BY, v),
-        Field::Line(v) => put_meta(&mut m, tag::HEADER, v),
-        Field::Number(name, n) => put_line(&mut m, name, n),
+        Field::ContentType(v) => put_meta(m, tag::CONTENT_TYPE, v),
+        Field::ServedBy(v) => put_meta(m, tag::SERVED_BY, v),
+        Field::Line(v) => put_meta(m, tag::HEADER, v),
+        Field::Number(name, n) => put_line(m, name, n),
     });
     let body = a.body();
     proto::finish_head(
-        &mut m,
+        m,
         Kind::Response,
         0,
         a.hops(),
@@ -317,7 +342,6 @@ fn answer_head(shard: usize, id: u64, a: &Answer, served_by: Option<&str>) -> By
         id,
         body.len(),
     );
-    m
 }
 
 /// Appends a `name: n` HEADER entry without allocating.

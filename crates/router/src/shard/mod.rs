@@ -457,15 +457,17 @@ fn report_health(shard: &Shard, l: &TaskLink, change: HealthChange) {
 /// loops stop), and closes the task links with 1001 (going away) when it ends.
 pub(crate) async fn watch_drain(shard: Rc<Shard>) {
     let every = crate::health::POLL;
+    // One timer for every tick (`glommio::timer::sleep` allocates one per call).
+    let mut timer = crate::util::Deadline::new();
     while !shard.health.draining() {
-        glommio::timer::sleep(every).await;
+        timer.sleep(every).await;
     }
     shard.drain.close();
     // Client connections idle this long are closed; busy ones close after their next answer.
     let idle = std::time::Duration::from_millis(shard.cfg.readiness.drain_idle_close_ms);
     while !shard.health.closing() {
         shard.close_idle(idle);
-        glommio::timer::sleep(every).await;
+        timer.sleep(every).await;
     }
     let links: Vec<Rc<TaskLink>> = shard.links.borrow().values().cloned().collect();
     tracing::info!(
@@ -487,8 +489,9 @@ pub(crate) async fn sweep_deadlines(shard: Rc<Shard>) {
     let eject_after = limits.task_eject_after_timeouts;
     let pong_timeout = (limits.task_pong_timeout_ms > 0)
         .then(|| std::time::Duration::from_millis(limits.task_pong_timeout_ms));
+    let mut timer = crate::util::Deadline::new();
     loop {
-        glommio::timer::sleep(every).await;
+        timer.sleep(every).await;
         let now = std::time::Instant::now();
         for l in shard.links.borrow().values() {
             l.expire(now);

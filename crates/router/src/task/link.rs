@@ -638,6 +638,7 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
         let (shard, link) = (shard.clone(), link.clone());
         glommio::spawn_local(async move {
             let mut pushed = 0u64;
+            let mut timer = crate::util::Deadline::new();
             while link.alive.get() {
                 let keys = shard.snapshots.keys.load();
                 if keys.generation != pushed {
@@ -652,7 +653,7 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
                     }
                 }
                 drop(keys);
-                glommio::timer::sleep(Duration::from_millis(100)).await;
+                timer.sleep(Duration::from_millis(100)).await;
             }
         })
     });
@@ -901,8 +902,9 @@ pub(crate) fn renewal_refusal(
 /// goes out so that an unanswered one can eject the link (`limits.task_pong_timeout_ms`).
 fn spawn_pinger(link: Rc<TaskLink>, every: Duration) -> glommio::Task<()> {
     glommio::spawn_local(async move {
+        let mut timer = crate::util::Deadline::new();
         loop {
-            glommio::timer::sleep(every).await;
+            timer.sleep(every).await;
             let mut o = link.out.borrow_mut();
             if o.is_closing() {
                 break;

@@ -149,6 +149,26 @@ impl ReadSpace {
     }
 }
 
+/// Makes room for `additional` more bytes in `buf` without allocating when it can: `buf` is
+/// reclaimed in place when nothing cut from it is still alive; else `spare` (the buffer given
+/// up last time) takes over, when what was cut from it is gone, with what `buf` holds copied
+/// in. Only when both are still in use is a new buffer (at least `min_cap`) allocated. The
+/// buffer given up becomes the spare.
+pub fn make_room(buf: &mut BytesMut, spare: &mut BytesMut, additional: usize, min_cap: usize) {
+    if buf.capacity() - buf.len() >= additional || buf.try_reclaim(additional) {
+        return;
+    }
+    let need = buf.len() + additional;
+    let mut next = std::mem::take(spare);
+    if !next.try_reclaim(need) {
+        next = BytesMut::with_capacity(need.max(min_cap));
+    }
+    next.extend_from_slice(buf);
+    let mut old = std::mem::replace(buf, next);
+    old.clear();
+    *spare = old;
+}
+
 /// Size of each read; the buffer grows only for a frame that is larger.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -161,6 +181,8 @@ pub struct WsReader<R> {
     /// A fragmented message being assembled: (opcode, bytes so far).
     frag: Option<(u8, BytesMut)>,
     space: ReadSpace,
+    /// The read buffer given up last, reused once the messages cut from it are dropped.
+    spare: BytesMut,
     /// Most pings and pongs per second (`u32::MAX`: no limit), and the current window.
     max_control_per_sec: u32,
     control_window: Option<(std::time::Instant, u32)>,
@@ -183,6 +205,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             max_message,
             frag: None,
             space: ReadSpace::default(),
+            spare: BytesMut::new(),
             max_control_per_sec: u32::MAX,
             control_window: None,
             turn: 0,
@@ -260,7 +283,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
 
     async fn fill(&mut self) -> Result<(), WsError> {
         if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-            self.buf.reserve(READ_CHUNK);
+            make_room(&mut self.buf, &mut self.spare, READ_CHUNK, READ_CHUNK);
         }
         let n = self.space.read(&mut self.io, &mut self.buf).await?;
         if n == 0 {
@@ -361,6 +384,8 @@ pub struct WsOut {
     /// Header bytes of queued frames are written here and split off, so one allocation serves
     /// many frames.
     arena: BytesMut,
+    /// The arena given up last, reused once the frames cut from it are written.
+    spare_arena: BytesMut,
     queued: usize,
     limit: usize,
     /// Control frames queued since the writer last emptied the queue, and their bound.
@@ -445,6 +470,7 @@ impl WsOut {
         Rc::new(RefCell::new(WsOut {
             frames: VecDeque::with_capacity(32),
             arena: BytesMut::with_capacity(16 * 1024),
+            spare_arena: BytesMut::new(),
             queued: 0,
             limit,
             controls: 0,
@@ -504,9 +530,12 @@ impl WsOut {
         let key = self.keys.as_mut().map(|k| k.next());
         let n = frame::encode_head(op, len, key, &mut wh);
         let copied = n + head.len() + if key.is_some() { payload.len() } else { 0 };
-        if self.arena.capacity() - self.arena.len() < copied {
-            self.arena.reserve((16 * 1024).max(copied));
-        }
+        make_room(
+            &mut self.arena,
+            &mut self.spare_arena,
+            copied,
+            (16 * 1024).max(copied),
+        );
         self.arena.extend_from_slice(&wh[..n]);
         self.arena.extend_from_slice(head);
         let q = match key {

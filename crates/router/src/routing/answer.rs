@@ -315,16 +315,12 @@ fn answer_head(m: &mut BytesMut, shard: usize, id: u64, a: &Answer, served_by: O
     }
     if served_by.is_none() {
         // Peers add their own fedbus-shard; the serving router is named by SERVED_BY.
-<<<<<<< HEAD
-        put_line(&mut m, "fedbus-shard", shard as u64);
+        put_line(m, "fedbus-shard", shard as u64);
         // As on HTTP: the router's own 503 says when to come back (a task's 503 keeps its
         // own Retry-After or none).
         if a.status() == 503 && matches!(a, Answer::Error(_)) {
-            put_line(&mut m, "retry-after", 1);
+            put_line(m, "retry-after", 1);
         }
-=======
-        put_line(m, "fedbus-shard", shard as u64);
->>>>>>> perf
     }
     a.fields(|f| match f {
         Field::ContentType(v) => put_meta(m, tag::CONTENT_TYPE, v),

@@ -676,9 +676,12 @@ async fn serve_inner<S: Stream>(
                 head_since.map(|t| t + head_limit)
             };
             // Reading on would need a new buffer while the requests in flight hold slices of
-            // this one: the read waits for their answers, and the buffer is then reclaimed in
-            // place (no allocation). Nothing is read meanwhile, so no deadline runs either.
-            let room = has_room(&buf);
+            // this one: with small requests the read waits for their answers, and the buffer
+            // is then reclaimed in place (no allocation). Nothing is read meanwhile, so no
+            // deadline runs either. Requests in flight with large bodies (at least
+            // READ_AHEAD_BODY_BYTES held) read on into a new buffer: the next heads are
+            // checked, charged to the connection's share (503 over it) and pipelined as before.
+            let room = has_room(&buf) || held.get() >= READ_AHEAD_BODY_BYTES;
             let next = std::pin::pin!(inflight.next());
             let read = std::pin::pin!(async {
                 match room {
@@ -854,6 +857,10 @@ fn is_ws_upgrade(req: &Req) -> bool {
     let path = &req.head[req.path.clone()];
     req.method == Method::Get && (path == b"/api/ws" || path.starts_with(b"/api/ws?"))
 }
+
+/// Body bytes held by a connection's requests in flight from which it reads on into a new
+/// buffer instead of waiting for their answers (one allocation against a large body's).
+const READ_AHEAD_BODY_BYTES: usize = 64 * 1024;
 
 /// Spare capacity below which the read buffer is grown (or reclaimed) before a read.
 const MIN_READ_ROOM: usize = 4096;

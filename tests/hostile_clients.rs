@@ -561,6 +561,57 @@ fn content_length_with_transfer_encoding_is_400_and_closed() {
     );
 }
 
+/// RFC 9110 5.5: control bytes (0x00, 0x04, 0x0b, 0x7f) in a client's header value are
+/// refused by the head parser: `400 bad_request`, counted as a 400, and the connection closes
+/// (a request pipelined behind it is never answered). Tab is allowed, and a clean request on a
+/// new connection is answered.
+#[test]
+fn control_bytes_in_a_client_header_value_are_400_and_closed() {
+    let r = Router::new().shards(1).start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let path = r.path(APP, 2);
+    let before = r.metrics().get("fedbus_requests_total{status=\"400\"}");
+    let next = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n\r\n");
+    for ctl in [0x00u8, 0x04, 0x0b, 0x7f] {
+        let mut raw =
+            format!("POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nX-Bad: a")
+                .into_bytes();
+        raw.push(ctl);
+        raw.extend_from_slice(b"b\r\nContent-Length: 1\r\n\r\nx");
+        raw.extend_from_slice(next.as_bytes());
+        let (head, body) = answered_and_closed(r.api, &raw);
+        assert!(head.starts_with("HTTP/1.1 400 "), "{ctl:#04x}: {head}");
+        assert!(
+            head.to_ascii_lowercase().contains("connection: close"),
+            "{ctl:#04x}: {head}"
+        );
+        let j: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{ctl:#04x}: one JSON body, nothing after ({e}): {body}"));
+        assert_eq!(j["error"], "bad_request", "{ctl:#04x}: {body}");
+        println!(
+            "header value with {ctl:#04x}: {}, closed, the pipelined request unanswered",
+            head.lines().next().unwrap_or_default()
+        );
+    }
+    assert_eq!(
+        r.metrics().get("fedbus_requests_total{status=\"400\"}") - before,
+        4.0
+    );
+    let tab = r.request(
+        &Req::post(&path)
+            .token(&tok)
+            .header("x-tab", "a\tb")
+            .body(b"tab"),
+    );
+    assert_eq!(
+        (tab.status, tab.body.as_slice()),
+        (200, &b"tab"[..]),
+        "{tab:?}"
+    );
+    normal(&r, APP, &tok, 3);
+}
+
 /// The `/api/ws` upgrade checks of RFC 6455 4.2.1/4.2.2 on a running router: no `Host` and an
 /// HTTP/1.0 upgrade are `400 bad_upgrade`, a `Sec-WebSocket-Version` other than 13 is `426`
 /// with `Sec-WebSocket-Version: 13`; each answer closes the connection, and a correct upgrade

@@ -880,6 +880,9 @@ fn websocket_payloads_over_the_connection_share_get_503() {
         "the slow requests were answered before the normal ones: {held} bytes held"
     );
     let during_kib = rss_kib(&r).saturating_sub(before);
+    // The slow answers come 5 s after their requests: nothing arrives on the session until then.
+    ws.s.set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
     let mut ok = Vec::new();
     for _ in 0..2 {
         let f = ws.read_response();

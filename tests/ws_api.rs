@@ -1018,8 +1018,8 @@ fn a_pong_flood_is_closed_1008_and_others_are_served() {
 
 /// The per-turn fairness budget: one session floods valid requests (batches of 2,000
 /// pipelined, without end, reading its answers only between batches) while another session on
-/// the same, only shard asks one request at a time: each of its 50 answers comes within 1 s,
-/// and the flood goes on answering meanwhile.
+/// the same, only shard asks one request at a time: each of its 50 answers comes within 2 s
+/// (a starved session waits for the whole flood), and the flood goes on answering meanwhile.
 #[test]
 fn a_request_flood_on_one_session_does_not_starve_another() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -1086,7 +1086,7 @@ fn a_request_flood_on_one_session_does_not_starve_another() {
         "the flood was not going on: {flood_during} answers"
     );
     assert!(
-        slowest < Duration::from_secs(1),
+        slowest < Duration::from_secs(2),
         "a normal request took {slowest:?} beside the flood"
     );
 }

@@ -799,6 +799,20 @@ fn the_internal_listener_has_a_connection_limit() {
         wait_for(Duration::from_secs(5), || (gauge(&r) <= 1.0).then_some(())).is_some(),
         "the idle connection was not released"
     );
+    // Task links come back: a new task registers on the freed slot and serves.
+    let _other = r.task().app("demo/other").partitions("0-3").start();
+    let otok = r.token("demo/other", "bob");
+    let resp = r.request(
+        &Req::post(&r.path("demo/other", 1))
+            .token(&otok)
+            .body(b"back"),
+    );
+    assert_eq!(
+        (resp.status, resp.body.as_slice()),
+        (200, &b"back"[..]),
+        "{resp:?}"
+    );
+    assert_eq!(gauge(&r), 2.0);
 }
 
 /// Every method a REST client uses reaches the task as METHOD (the echo task names it back);

@@ -132,12 +132,113 @@ fn anonymous_uploads_are_small_and_refused_from_the_head() {
     let _ = std::io::stdout().flush();
 }
 
+/// A well-behaved client on its own thread: one echo request at a time on a keep-alive
+/// connection until stopped; counts the right answers and the failed requests, live.
+struct Normal {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl Normal {
+    fn start(r: &Router, tok: &str, wsid: u64) -> Normal {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let (api, path, tok) = (r.api, r.path(APP, wsid), tok.to_string());
+        let (s, okc, failc) = (stop.clone(), ok.clone(), failed.clone());
+        let handle = std::thread::spawn(move || {
+            let mut c = Conn::open(api);
+            while !s.load(Ordering::Relaxed) {
+                c.send(&Req::post(&path).token(&tok).body(b"during").bytes());
+                match c.read_response() {
+                    Ok(resp) if resp.status == 200 && resp.body == b"during" => {
+                        okc.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        failc.fetch_add(1, Ordering::Relaxed);
+                        c = Conn::open(api);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Normal {
+            stop,
+            ok,
+            failed,
+            handle,
+        }
+    }
+
+    /// Right answers so far.
+    fn answered(&self) -> u64 {
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops; returns (answered, failed).
+    fn stop(self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("normal client");
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Trickles a 1000-byte body one byte about every 100 ms on a new connection until the router
+/// answers or closes; returns what it answered and when, from the head.
+fn trickle_body(r: &Router, p: &str, tok: &str) -> (String, Duration) {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(r.api).expect("connect");
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    write!(
+        s,
+        "POST {p} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Length: 1000\r\n\r\n"
+    )
+    .expect("head");
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    while got.is_empty() && started.elapsed() < Duration::from_secs(20) {
+        if s.write_all(b"t").is_err() {
+            break;
+        }
+        let mut chunk = [0u8; 1024];
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(_) => {}
+        }
+    }
+    // The rest of the answer, if it came in pieces.
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let mut chunk = [0u8; 1024];
+    while let Ok(n) = s.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&chunk[..n]);
+    }
+    (
+        String::from_utf8_lossy(&got).into_owned(),
+        started.elapsed(),
+    )
+}
+
 /// A body trickled below `limits.min_body_bytes_per_sec` is cut with 408 once the head's
-/// allowance plus length / rate has passed, whatever the idle timeout; a body sent at a normal
-/// pace is answered.
+/// allowance plus length / rate has passed (0.5 s + 1000 bytes / 1000 per second), whatever
+/// the idle timeout; a body sent at a normal pace is answered. A client on its own thread
+/// asks the same (only) shard throughout: the trickle is repeated (at most 5 rounds) until it
+/// was answered 3 times during the attack.
 #[test]
 fn a_trickled_body_gets_408() {
-    use std::io::Read;
     let r = Router::new()
         .shards(1)
         .limit("handshake_timeout_ms", 500)
@@ -148,49 +249,33 @@ fn a_trickled_body_gets_408() {
     let p = r.path(APP, 4);
     let ok = r.request(&Req::post(&p).token(&tok).body(&vec![b'f'; 200_000]));
     assert_eq!((ok.status, ok.body.len()), (200, 200_000));
-    let mut s = std::net::TcpStream::connect(r.api).expect("connect");
-    s.set_read_timeout(Some(Duration::from_millis(150)))
-        .expect("timeout");
-    write!(
-        s,
-        "POST {p} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Length: 100\r\n\r\n"
-    )
-    .expect("head");
-    let started = std::time::Instant::now();
-    let mut got = Vec::new();
-    let mut answered = 0;
-    for _ in 0..100 {
-        if s.write_all(b"t").is_err() {
-            break;
-        }
-        // A normal request on the same (only) shard while the body trickles.
-        let ok = r.request(&Req::post(&r.path(APP, 5)).token(&tok).body(b"during"));
-        assert_eq!((ok.status, ok.body.as_slice()), (200, &b"during"[..]));
-        answered += 1;
-        let mut chunk = [0u8; 1024];
-        match s.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => got.extend_from_slice(&chunk[..n]),
-            Err(_) => {}
-        }
-        if !got.is_empty() {
-            break;
-        }
+    let normal = Normal::start(&r, &tok, 5);
+    let (mut rounds, mut during, mut cuts) = (0, 0, Vec::new());
+    while rounds < 5 && during < 3 {
+        rounds += 1;
+        let before = normal.answered();
+        let (text, took) = trickle_body(&r, &p, &tok);
+        during += normal.answered() - before;
+        assert!(
+            text.starts_with("HTTP/1.1 408") && text.contains("min_body_bytes_per_sec"),
+            "round {rounds}: got {text:?} after {took:?}"
+        );
+        cuts.push(took);
     }
-    let text = String::from_utf8_lossy(&got);
-    assert!(
-        text.starts_with("HTTP/1.1 408") && text.contains("min_body_bytes_per_sec"),
-        "got {text:?} after {:?}",
-        started.elapsed()
+    let (ok, failed) = normal.stop();
+    println!(
+        "trickled bodies cut with 408 after {cuts:?} (allowance 1.5 s); normal client: {during} \
+         answered during the trickles, {ok} in all, {failed} failed"
     );
+    for took in &cuts {
+        assert!(
+            *took >= Duration::from_millis(1400) && *took < Duration::from_secs(8),
+            "cut after {took:?}"
+        );
+    }
     assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
-    assert!(
-        answered >= 3,
-        "{answered} normal requests during the trickle"
+        during >= 3 && failed == 0,
+        "{during} normal requests answered during {rounds} trickles, {failed} failed"
     );
     assert!(r.log().contains("request body slower than"));
 }

@@ -905,3 +905,188 @@ fn a_ping_flood_is_closed_1008_and_others_are_served() {
     let grown_mib = rss().saturating_sub(before) / 1024;
     assert!(grown_mib < 50, "RSS grew by {grown_mib} MiB");
 }
+
+/// Opens `/api/ws` at `addr` (for a thread that has no `Router`); panics unless it is a 101.
+fn open_at(addr: SocketAddr, tok: &str) -> Ws {
+    match upgrade(addr, "/api/ws", Some(tok)) {
+        Upgrade::Open(w) => w,
+        Upgrade::Refused(st, body) => panic!("upgrade refused: {st} {body}"),
+    }
+}
+
+/// Reads until a close frame; its code, or why none came (answers and pongs before it are
+/// skipped).
+fn close_code(w: &mut Ws) -> Result<Option<u16>, String> {
+    loop {
+        match w.read_msg() {
+            Ok(Msg::Close(c)) => return Ok(c),
+            Ok(_) => continue,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// An unsolicited pong flood (RFC 6455 5.5.3 allows unsolicited pongs, not 20,000 of them)
+/// closes the flooding session with 1008 once it passes `limits.max_control_frames_per_sec`,
+/// counted in `fedbus_abusive_closed_total`. The attack is sustained (2 attackers, each
+/// opening a new session and flooding again as soon as it is closed) until another session on
+/// the same shard has been answered 20 times, each within 2 s, and 4 more floods began
+/// meanwhile.
+#[test]
+fn a_pong_flood_is_closed_1008_and_others_are_served() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let r = Router::new().shards(1).start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let mut normal = open(&r, &tok);
+    let stop = Arc::new(AtomicBool::new(false));
+    let floods = Arc::new(AtomicU64::new(0));
+    let attackers: Vec<_> = (0..2)
+        .map(|_| {
+            let (addr, tok, stop, floods) = (r.api, tok.clone(), stop.clone(), floods.clone());
+            std::thread::spawn(move || {
+                let mut codes = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let mut flood = open_at(addr, &tok);
+                    flood.set_read_timeout(Duration::from_secs(10));
+                    let pong = flood.frame_bytes(opcode::PONG, b"unsolicited", true);
+                    let burst = pong.repeat(20_000);
+                    let w = flood.s.try_clone().expect("clone");
+                    let writer = std::thread::spawn(move || {
+                        let _ = (&w).write_all(&burst);
+                    });
+                    floods.fetch_add(1, Ordering::Relaxed);
+                    codes.push(close_code(&mut flood));
+                    let _ = flood.s.shutdown(std::net::Shutdown::Both);
+                    let _ = writer.join();
+                }
+                codes
+            })
+        })
+        .collect();
+    wait_for(Duration::from_secs(10), || {
+        (floods.load(Ordering::Relaxed) >= 2).then_some(())
+    })
+    .expect("the floods started");
+    // At least 20 answers, and until 4 more floods were closed meanwhile (at most 10 s).
+    let (t, floods_before) = (Instant::now(), floods.load(Ordering::Relaxed));
+    let (mut slowest, mut answered) = (Duration::ZERO, 0u64);
+    while answered < 20
+        || (floods.load(Ordering::Relaxed) < floods_before + 4
+            && t.elapsed() < Duration::from_secs(10))
+    {
+        let sent = Instant::now();
+        normal.send_request(answered, Some(&r.path(APP, answered)), b"during");
+        let f = normal.read_response();
+        assert_eq!((status_of(&f), &f.payload[..]), (200, &b"during"[..]));
+        slowest = slowest.max(sent.elapsed());
+        answered += 1;
+    }
+    let attack = t.elapsed();
+    let floods_during = floods.load(Ordering::Relaxed) - floods_before;
+    stop.store(true, Ordering::Relaxed);
+    let codes: Vec<_> = attackers
+        .into_iter()
+        .flat_map(|a| a.join().expect("attacker"))
+        .collect();
+    let abusive = r.metrics().get("fedbus_abusive_closed_total");
+    println!(
+        "pong flood: {} sessions of 20000 pongs, close codes {:?}; fedbus_abusive_closed_total \
+         {abusive}; {answered} normal requests answered in {attack:?} while {floods_during} \
+         floods began (slowest {slowest:?})",
+        codes.len(),
+        codes
+            .iter()
+            .map(|c| format!("{c:?}"))
+            .collect::<std::collections::BTreeSet<_>>()
+    );
+    assert!(codes.iter().all(|c| *c == Ok(Some(1008))), "{codes:?}");
+    assert_eq!(abusive, codes.len() as f64);
+    assert!(
+        floods_during >= 4,
+        "{floods_during} floods during {attack:?}"
+    );
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a normal request took {slowest:?}"
+    );
+    assert!(r
+        .log()
+        .contains("control frames over limits.max_control_frames_per_sec"));
+}
+
+/// The per-turn fairness budget: one session floods valid requests (batches of 2,000
+/// pipelined, without end, reading its answers only between batches) while another session on
+/// the same, only shard asks one request at a time: each of its 50 answers comes within 2 s
+/// (a starved session waits for the whole flood), and the flood goes on answering meanwhile.
+#[test]
+fn a_request_flood_on_one_session_does_not_starve_another() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let r = Router::new().shards(1).start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let mut normal = open(&r, &tok);
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+    let path = r.path(APP, 7);
+    let flooder = {
+        let (addr, tok, stop, answers, sent) = (
+            r.api,
+            tok.clone(),
+            stop.clone(),
+            answers.clone(),
+            sent.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut w = open_at(addr, &tok);
+            let mut batch = Vec::new();
+            for id in 0..2000u64 {
+                batch.extend(w.request_bytes(id, Some(&path), b"flood"));
+            }
+            let mut statuses = std::collections::BTreeMap::new();
+            while !stop.load(Ordering::Relaxed) {
+                w.s.write_all(&batch).expect("flood batch");
+                sent.fetch_add(2000, Ordering::Relaxed);
+                for _ in 0..2000 {
+                    let f = w.read_response();
+                    *statuses.entry(status_of(&f)).or_insert(0u64) += 1;
+                    answers.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            statuses
+        })
+    };
+    wait_for(Duration::from_secs(10), || {
+        (answers.load(Ordering::Relaxed) >= 1000).then_some(())
+    })
+    .expect("the flood is answered");
+    let (t, at_start) = (Instant::now(), answers.load(Ordering::Relaxed));
+    let mut slowest = Duration::ZERO;
+    for id in 0..50u64 {
+        let asked = Instant::now();
+        normal.send_request(id, Some(&r.path(APP, id)), b"during");
+        let f = normal.read_response();
+        assert_eq!((status_of(&f), &f.payload[..]), (200, &b"during"[..]));
+        slowest = slowest.max(asked.elapsed());
+    }
+    let took = t.elapsed();
+    let flood_during = answers.load(Ordering::Relaxed) - at_start;
+    stop.store(true, Ordering::Relaxed);
+    let statuses = flooder.join().expect("flooder");
+    println!(
+        "request flood: {} sent, answered by status {statuses:?}; {flood_during} flood answers \
+         during the 50 normal requests ({took:?}, slowest {slowest:?})",
+        sent.load(Ordering::Relaxed)
+    );
+    assert!(
+        flood_during >= 1000,
+        "the flood was not going on: {flood_during} answers"
+    );
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a normal request took {slowest:?} beside the flood"
+    );
+}

@@ -44,6 +44,7 @@ EXTRA_BIN=${EXTRA_BIN:-}
 PROFILE_TLS=${PROFILE_TLS:-0}
 TLS=${TLS:-0}
 [ "$PROFILE_TLS" = 1 ] && TLS=1
+export TLS EXTRA_BIN
 export EXTRA_LABEL=${EXTRA_LABEL:-other build}
 [ -z "$EXTRA_BIN" ] || [ -x "$EXTRA_BIN" ] || { echo "EXTRA_BIN $EXTRA_BIN is not executable" >&2; exit 1; }
 ROOT=$(pwd)
@@ -460,7 +461,12 @@ tls_rows = [
 ]
 labels += [t for t in tls_rows if t[0] in r]
 o = [f"# Server CPU per request, 1 in flight per connection: {date} on {host}", ""]
-o += [f"Made by `benches/cpu-per-request.sh` (`DURATION={dur} WARMUP={warm} CONNS={conns} SIZE={size}`) at commit {commit}.", ""]
+env = f"DURATION={dur} WARMUP={warm} CONNS={conns} SIZE={size}"
+if os.environ.get("TLS") == "1":
+    env = "TLS=1 " + env
+if os.environ.get("EXTRA_BIN"):
+    env += f" EXTRA_BIN=<{extra}> EXTRA_LABEL=..."
+o += [f"Made by `{env} benches/cpu-per-request.sh` at commit {commit}.", ""]
 o += ["## Machine", "", f"- CPU (`lscpu`): {model}, {nproc} cores", f"- kernel: {kernel}",
       f"- load (`uptime`) at start: {l0}", f"- load (`uptime`) at end: {l1}",
       f"- {rustc}; {nginxv}; {natsv}; {wrkv}", ""]

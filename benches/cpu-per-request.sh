@@ -11,6 +11,9 @@
 #   PIPE=8x8 (default; PIPE= turns it off): also fedbus HTTP and /api/ws with 8 connections x 8
 #                                   # requests in flight (pipelined), through `fedbus bench`
 #   PROFILE=/tmp/p.txt benches/cpu-per-request.sh   # fedbus http only: perf stat + perf record
+#   TLS=1 benches/cpu-per-request.sh                # adds the HTTPS rows (below); with EXTRA_BIN
+#                                   # also fedbus https for the other build
+#   PROFILE_TLS=1 PROFILE=/tmp/p.txt benches/cpu-per-request.sh   # the same for fedbus https
 #
 # Run from the repo root (as root: it installs wrk, nginx and nats-server with apt when they
 # are missing). Writes benches/results/<date>-cpu-per-request-<host>.md (or $OUT).
@@ -25,6 +28,15 @@
 #
 # Load generators: wrk (1 thread, CONNS connections, one request in flight each: wrk never
 # pipelines) for HTTP; `fedbus bench` for /api/ws and nats (it speaks both), `--inflight 1`.
+#
+# TLS=1 rows (wrk over https: OpenSSL, TLS 1.3; each connection's one full handshake falls
+# inside the bracket, like the connects above): the fedbus router's HTTPS listener
+# (`listen.api_tls`, the same shard on core 1, an ECDSA P-256 certificate from `fedbus keys
+# cert`); one nginx terminating TLS 1.3 with that certificate (master + 1 worker, core 1) in
+# front of (a) the fedbus router's plaintext api listener and the same echo task: server CPU =
+# that nginx + the router, both on core 1, as compare.sh counts it; (b) the upstream nginx
+# (`return 200`, core 0): the TLS proxy alone; (c) nothing (`return 200` over TLS): the
+# one-hop TLS floor.
 set -euo pipefail
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
@@ -33,6 +45,10 @@ SIZE=${SIZE:-64}
 IDLE=${IDLE:-2}
 export PIPE=${PIPE-8x8}
 EXTRA_BIN=${EXTRA_BIN:-}
+PROFILE_TLS=${PROFILE_TLS:-0}
+TLS=${TLS:-0}
+[ "$PROFILE_TLS" = 1 ] && TLS=1
+export TLS EXTRA_BIN
 export EXTRA_LABEL=${EXTRA_LABEL:-other build}
 [ -z "$EXTRA_BIN" ] || [ -x "$EXTRA_BIN" ] || { echo "EXTRA_BIN $EXTRA_BIN is not executable" >&2; exit 1; }
 ROOT=$(pwd)
@@ -130,11 +146,20 @@ export FEDBUS_HOME=$WORK/fedbus
 mkdir -p "$FEDBUS_HOME"
 "$BIN" keys init --keyring "$FEDBUS_HOME/keys" --app demo/echo >/dev/null
 TOKEN=$("$BIN" token client --app demo/echo --sub cpu-bench --ttl 2h --keyring "$FEDBUS_HOME/keys" | tail -1)
+# TLS: one ECDSA P-256 certificate from the keyring's dev CA, served by the router and nginx.
+CERT=$WORK/cert
+[ "$TLS" = 1 ] && "$BIN" keys cert --keyring "$FEDBUS_HOME/keys" --name 127.0.0.1 --name localhost --out "$CERT" >/dev/null
 # start_fedbus BIN TAG: a router (shard core 1, control thread core 0) and its echo task
-# (core 0) from BIN; sets ROUTER, ECHO, API_PORT, INT_PORT; waits until a request answers 200.
+# (core 0) from BIN; sets ROUTER, ECHO, API_PORT, INT_PORT (and TLS_PORT, the HTTPS listener,
+# with TLS=1); waits until a request answers 200 (on each listener).
 start_fedbus() {
-  local bin=$1 tag=$2 ok=0 code
-  API_PORT=$(free_port); INT_PORT=$(free_port)
+  local bin=$1 tag=$2 ok=0 code tls_listen="" tls_certs=""
+  API_PORT=$(free_port); INT_PORT=$(free_port); TLS_PORT=""
+  if [ "$TLS" = 1 ]; then
+    TLS_PORT=$(free_port)
+    tls_listen="api_tls = \"127.0.0.1:$TLS_PORT\""
+    tls_certs=$(printf '[[tls.certs]]\ncert = "%s"\nkey = "%s"' "$CERT.pem" "$CERT.key")
+  fi
   cat >"$WORK/router$tag.toml" <<EOF
 region = "local"
 cluster = "dev"
@@ -142,6 +167,7 @@ keyring = "$FEDBUS_HOME/keys"
 
 [listen]
 api = "127.0.0.1:$API_PORT"
+$tls_listen
 internal = "127.0.0.1:$INT_PORT"
 admin_enabled = false
 
@@ -152,6 +178,8 @@ control_core = 0
 [[apps]]
 name = "demo/echo"
 partitions = 16
+
+$tls_certs
 EOF
   "$bin" run --config "$WORK/router$tag.toml" >"$WORK/router$tag.log" 2>&1 &
   ROUTER=$!; PIDS+=($ROUTER)
@@ -159,11 +187,16 @@ EOF
   taskset -c 0 "$bin" task echo --router "127.0.0.1:$INT_PORT" --app demo/echo >"$WORK/echo$tag.log" 2>&1 &
   ECHO=$!; PIDS+=($ECHO)
   for _ in $(seq 1 100); do
-    code=$(python3 - "$API_PORT" "$TOKEN" <<'PY' 2>/dev/null || true
-import http.client, sys
-c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=2)
-c.request("POST", "/api/local/dev/demo/echo/api/0/sys/echo", body=b"ping", headers={"Authorization": "Bearer " + sys.argv[2]})
-print(c.getresponse().status)
+    code=$(python3 - "$API_PORT" "$TOKEN" "$TLS_PORT" <<'PY' 2>/dev/null || true
+import http.client, ssl, sys
+def status(c):
+    c.request("POST", "/api/local/dev/demo/echo/api/0/sys/echo", body=b"ping", headers={"Authorization": "Bearer " + sys.argv[2]})
+    return c.getresponse().status
+s = status(http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=2))
+if sys.argv[3] and s == 200:
+    ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+    s = status(http.client.HTTPSConnection("127.0.0.1", int(sys.argv[3]), timeout=2, context=ctx))
+print(s)
 PY
 )
     [ "$code" = 200 ] && { ok=1; break; }
@@ -178,7 +211,9 @@ start_fedbus "$BIN" ""
 if [ -n "${PROFILE:-}" ]; then
   need perf linux-perf
   url=http://127.0.0.1:$API_PORT
-  echo "== profile: warm-up" >&2
+  [ "$PROFILE_TLS" = 1 ] && url=https://127.0.0.1:$TLS_PORT
+  export PROFILE_TLS
+  echo "== profile: warm-up ($url)" >&2
   WRK_JSON=/dev/null taskset -c 0 "$WRK" -t1 -c"$CONNS" -d"${WARMUP}s" -s "$WORK/post.lua" "$url" -- "$TOKEN" "$SIZE" "$FEDBUS_PATH" >/dev/null 2>&1 || true
   echo "== profile: perf stat over a ${DURATION}s wrk run" >&2
   EV=task-clock,context-switches,cpu-migrations,raw_syscalls:sys_enter,syscalls:sys_enter_io_uring_enter
@@ -243,6 +278,39 @@ NGX_PROXY=$!; PIDS+=($NGX_PROXY)
 taskset -c 1 "$NGINX" -c "$C_ALONE" -e stderr >"$WORK/nginx-alone.log" 2>&1 &
 NGX_ALONE=$!; PIDS+=($NGX_ALONE)
 wait_port "$UP_PORT"; wait_port "$PROXY_PORT"; wait_port "$ALONE_PORT"
+# TLS=1: one nginx (master + 1 worker, core 1) terminating TLS 1.3 on three ports: in front of
+# the fedbus router's plaintext api listener, in front of the upstream nginx, answering alone.
+if [ "$TLS" = 1 ]; then
+  TLS_ROUTER_PORT=$(free_port); TLS_PROXY_PORT=$(free_port); TLS_ALONE_PORT=$(free_port)
+  d=$WORK/nginx-tls; mkdir -p "$d/logs" "$d/tmp"
+  TLS_SRV="ssl_protocols TLSv1.3; ssl_certificate $CERT.pem; ssl_certificate_key $CERT.key; ssl_session_cache shared:SSL:10m; ssl_session_tickets on;"
+  PROXY_OPTS="proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; client_body_buffer_size 64k;"
+  cat >"$d/nginx.conf" <<EOF
+user root;
+worker_processes 1;
+worker_cpu_affinity 10;
+daemon off;
+pid $d/nginx.pid;
+error_log $d/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $d/tmp/body; proxy_temp_path $d/tmp/proxy;
+  fastcgi_temp_path $d/tmp/fcgi; uwsgi_temp_path $d/tmp/uwsgi; scgi_temp_path $d/tmp/scgi;
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;
+  upstream fedbus { server 127.0.0.1:$API_PORT; keepalive 256; keepalive_requests 100000000; }
+  upstream up { server 127.0.0.1:$UP_PORT; keepalive 256; keepalive_requests 100000000; }
+  server { listen 127.0.0.1:$TLS_ROUTER_PORT ssl backlog=4096; $TLS_SRV location / { proxy_pass http://fedbus; $PROXY_OPTS } }
+  server { listen 127.0.0.1:$TLS_PROXY_PORT ssl backlog=4096; $TLS_SRV location / { proxy_pass http://up; $PROXY_OPTS } }
+  server { listen 127.0.0.1:$TLS_ALONE_PORT ssl backlog=4096; $TLS_SRV location / { $ANSWER } }
+}
+EOF
+  [ "$(id -u)" = 0 ] || sed -i '/^user root;/d' "$d/nginx.conf"
+  taskset -c 1 "$NGINX" -c "$d/nginx.conf" -e stderr >"$WORK/nginx-tls.log" 2>&1 &
+  NGX_TLS=$!; PIDS+=($NGX_TLS)
+  wait_port "$TLS_ROUTER_PORT"; wait_port "$TLS_PROXY_PORT"; wait_port "$TLS_ALONE_PORT"
+fi
 sleep 0.3
 # nginx_pids MASTER: the master and its workers.
 nginx_pids() { echo "$1 $(pgrep -P "$1" | tr '\n' ' ')"; }
@@ -263,7 +331,9 @@ measure() {
   local name=$1 spids=$2 bpids=$3 kind=$4; shift 4
   local j=$WORK/$name.json
   echo "$*" | sed "s|${EXTRA_BIN:-@none@}|fedbus-extra|g; s|$BIN|fedbus|g; s|$WRK|wrk|g; s|$WORK/||g; s|$TOKEN|\$TOKEN|g; s|$FEDBUS_HOME/keys|keys|g;
-    s|:$API_PORT|:\$API|g; s|:$PROXY_PORT|:\$PROXY|g; s|:$ALONE_PORT|:\$ALONE|g; s|:$NATS_PORT|:\$NATS|g" >>"$CMDS"
+    s|:$API_PORT|:\$API|g; s|:$PROXY_PORT|:\$PROXY|g; s|:$ALONE_PORT|:\$ALONE|g; s|:$NATS_PORT|:\$NATS|g;
+    s|:${TLS_PORT:-@none@}/|:\$API_TLS/|g; s|:${TLS_ROUTER_PORT:-@none@}/|:\$TLS_ROUTER/|g;
+    s|:${TLS_PROXY_PORT:-@none@}/|:\$TLS_PROXY/|g; s|:${TLS_ALONE_PORT:-@none@}/|:\$TLS_ALONE/|g" >>"$CMDS"
   echo "== $name" >&2
   # Idle CPU of the server over IDLE seconds (timers, control thread): the floor under the load.
   local i0 i1; i0=$(ticks $spids); sleep "$IDLE"; i1=$(ticks $spids)
@@ -317,12 +387,12 @@ PY
 
 WRKARGS=(-t1 -c"$CONNS" -d"${DURATION}s" --latency -s "$WORK/post.lua")
 WARM=(-t1 -c"$CONNS" -d"${WARMUP}s" -s "$WORK/post.lua")
-# wrk_case NAME SERVER_PIDS BACKEND_PIDS PORT PATH_TEMPLATE
+# wrk_case NAME SERVER_PIDS BACKEND_PIDS PORT PATH_TEMPLATE [SCHEME]: SCHEME http (default) or https.
 wrk_case() {
-  local name=$1 spids=$2 bpids=$3 port=$4 path=$5
+  local name=$1 spids=$2 bpids=$3 port=$4 path=$5 scheme=${6:-http}
   echo "== $name (warm-up)" >&2
-  WRK_JSON=/dev/null taskset -c 0 "$WRK" "${WARM[@]}" "http://127.0.0.1:$port" -- "$TOKEN" "$SIZE" "$path" >/dev/null 2>&1 || true
-  measure "$name" "$spids" "$bpids" wrk taskset -c 0 "$WRK" "${WRKARGS[@]}" "http://127.0.0.1:$port" -- "$TOKEN" "$SIZE" "$path"
+  WRK_JSON=/dev/null taskset -c 0 "$WRK" "${WARM[@]}" "$scheme://127.0.0.1:$port/" -- "$TOKEN" "$SIZE" "$path" >/dev/null 2>&1 || true
+  measure "$name" "$spids" "$bpids" wrk taskset -c 0 "$WRK" "${WRKARGS[@]}" "$scheme://127.0.0.1:$port/" -- "$TOKEN" "$SIZE" "$path"
 }
 # bench_case NAME SERVER_PIDS BACKEND_PIDS ARGS...: fedbus bench, --inflight 1 (BC_CONNS and
 # BC_INFLIGHT override the shape), load on core 0.
@@ -343,14 +413,24 @@ pipe_cases() {
   BC_CONNS=${PIPE%x*} BC_INFLIGHT=${PIPE#*x} bench_case "$1-ws-pipe" "$ROUTER" "$ECHO" --target "http://127.0.0.1:$API_PORT" --protocol ws --keyring "$FEDBUS_HOME/keys"
 }
 pipe_cases fedbus
+if [ "$TLS" = 1 ]; then
+  wrk_case fedbus-https "$ROUTER" "$ECHO" "$TLS_PORT" "$FEDBUS_PATH" https
+  # nginx terminates TLS and the router (same shard, core 1) answers over plaintext.
+  wrk_case nginx-tls-router "$(nginx_pids $NGX_TLS) $ROUTER" "$ECHO" "$TLS_ROUTER_PORT" "$FEDBUS_PATH" https
+fi
 if [ -n "$EXTRA_BIN" ]; then
-  # The same two cases against a router and echo task built otherwise (EXTRA_BIN), same pinning.
+  # The same cases against a router and echo task built otherwise (EXTRA_BIN), same pinning.
   kill "$ROUTER" "$ECHO" 2>/dev/null || true
   start_fedbus "$EXTRA_BIN" -extra
   wrk_case extra-http "$ROUTER" "$ECHO" "$API_PORT" "$FEDBUS_PATH"
   bench_case extra-ws "$ROUTER" "$ECHO" --target "http://127.0.0.1:$API_PORT" --protocol ws --keyring "$FEDBUS_HOME/keys"
   pipe_cases extra
+  [ "$TLS" = 1 ] && wrk_case extra-https "$ROUTER" "$ECHO" "$TLS_PORT" "$FEDBUS_PATH" https
   kill "$ROUTER" "$ECHO" 2>/dev/null || true
+fi
+if [ "$TLS" = 1 ]; then
+  wrk_case nginx-tls-proxy "$(nginx_pids $NGX_TLS)" "$(nginx_pids $NGX_UP)" "$TLS_PROXY_PORT" "$FEDBUS_PATH" https
+  wrk_case nginx-tls-alone "$(nginx_pids $NGX_TLS)" "" "$TLS_ALONE_PORT" "$FEDBUS_PATH" https
 fi
 wrk_case nginx-proxy "$(nginx_pids $NGX_PROXY)" "$(nginx_pids $NGX_UP)" "$PROXY_PORT" "$FEDBUS_PATH"
 wrk_case nginx-alone "$(nginx_pids $NGX_ALONE)" "" "$ALONE_PORT" "$FEDBUS_PATH"
@@ -394,8 +474,21 @@ if "extra-http" in r:
         ("extra-http", f"fedbus router, HTTP/1.1 keep-alive ({extra})", "router: shard core 1, control thread core 0", "`fedbus task echo` core 0", "wrk core 0"),
         ("extra-ws", f"fedbus router, /api/ws ({extra})", "router: shard core 1, control thread core 0", "`fedbus task echo` core 0", "`fedbus bench` core 0"),
     ] + pipe_rows("extra", f" ({extra})")
+tls_rows = [
+    ("fedbus-https", "fedbus router, HTTPS keep-alive (TLS 1.3)", "router: shard core 1 (`listen.api_tls`), control thread core 0", "`fedbus task echo` core 0", "wrk (https) core 0"),
+    ("extra-https", f"fedbus router, HTTPS keep-alive (TLS 1.3) ({extra})", "router: shard core 1 (`listen.api_tls`), control thread core 0", "`fedbus task echo` core 0", "wrk (https) core 0"),
+    ("nginx-tls-router", "nginx TLS proxy + fedbus router (HTTP)", "TLS nginx (master + 1 worker) + router shard, both core 1; control thread core 0", "`fedbus task echo` core 0", "wrk (https) core 0"),
+    ("nginx-tls-proxy", "nginx TLS proxy (in front of nginx)", "TLS nginx (master + 1 worker) core 1", "upstream nginx (`return 200`) core 0", "wrk (https) core 0"),
+    ("nginx-tls-alone", "nginx answering alone over TLS (TLS floor)", "TLS nginx (master + 1 worker, `return 200`) core 1", "none", "wrk (https) core 0"),
+]
+labels += [t for t in tls_rows if t[0] in r]
 o = [f"# Server CPU per request, 1 in flight per connection: {date} on {host}", ""]
-o += [f"Made by `benches/cpu-per-request.sh` (`DURATION={dur} WARMUP={warm} CONNS={conns} SIZE={size}`) at commit {commit}.", ""]
+env = f"DURATION={dur} WARMUP={warm} CONNS={conns} SIZE={size}"
+if os.environ.get("TLS") == "1":
+    env = "TLS=1 " + env
+if os.environ.get("EXTRA_BIN"):
+    env += f" EXTRA_BIN=<{extra}> EXTRA_LABEL=..."
+o += [f"Made by `{env} benches/cpu-per-request.sh` at commit {commit}.", ""]
 o += ["## Machine", "", f"- CPU (`lscpu`): {model}, {nproc} cores", f"- kernel: {kernel}",
       f"- load (`uptime`) at start: {l0}", f"- load (`uptime`) at end: {l1}",
       f"- {rustc}; {nginxv}; {natsv}; {wrkv}", ""]
@@ -417,6 +510,30 @@ for k, label, *_ in labels:
     rf = f"{s / floor:.2f}" if floor else "n/a"
     b = f"{d['backend_us']:.1f}" if d["backend_us"] and k not in ("nginx-alone", "nats") else "n/a"
     o.append(f"| {label} | **{s:.1f}** | {rp} | {rf} | {d['rps']:.0f} | {d['p99_us']:.0f} | {d['server_busy']:.2f} | {b} | {d['ipis_per_req']:.2f} | {d['errors']} |")
+if us("fedbus-https"):
+    o += ["", "### HTTPS ratios (server CPU per request; higher = fedbus does more per core)", ""]
+    def ratio_lines(key, name):
+        h = us(key)
+        if not h:
+            return []
+        out = []
+        if us("fedbus-http"):
+            v = us("fedbus-http") / h
+            out.append(f"- {name}: fedbus https throughput per core / fedbus http = http us / https us = "
+                       f"{us('fedbus-http'):.1f} / {h:.1f} = **{v:.2f}** (target >= 0.7: {'met' if v >= 0.7 else 'not met'})")
+        if us("nginx-tls-router"):
+            v = us("nginx-tls-router") / h
+            out.append(f"- {name}: vs nginx TLS proxy + fedbus router = {us('nginx-tls-router'):.1f} / {h:.1f} = "
+                       f"**{v:.2f}** (target >= 1.5: {'met' if v >= 1.5 else 'not met'})")
+        if us("nginx-tls-proxy"):
+            v = us("nginx-tls-proxy") / h
+            out.append(f"- {name}: vs nginx TLS proxy alone (in front of nginx) = {us('nginx-tls-proxy'):.1f} / {h:.1f} = **{v:.2f}**")
+        return out
+    o += ratio_lines("fedbus-https", "fedbus")
+    o += ratio_lines("extra-https", extra)
+    if us("nginx-tls-proxy") and floor and us("nginx-tls-alone"):
+        o.append(f"- nginx's own TLS cost: TLS proxy - plaintext proxy = {us('nginx-tls-proxy') - proxy:.1f} us, "
+                 f"TLS alone - plaintext alone = {us('nginx-tls-alone') - floor:.1f} us per request")
 o += ["", "Backend CPU: the echo task (fedbus) and the upstream nginx (proxy), counted apart from the server; "
       "nats-server's responders live in the load generator and are not counted. "
       "IPIs to core 1: reschedule + function-call interrupts received by core 1 (`/proc/interrupts` RES + CAL) "
@@ -439,6 +556,11 @@ o += ["", "## Commands", "", "Each measured command below ran after a warm-up ru
       "taskset -c 1 nginx -c nginx-proxy/nginx.conf      # worker_processes 1; proxy_pass to upstream, keepalive 256",
       "taskset -c 1 nginx -c nginx-alone/nginx.conf      # worker_processes 1; return 200 \"<64 x>\"",
       "GOMAXPROCS=1 taskset -c 1 nats-server -a 127.0.0.1 -p $NATS"]
+if us("fedbus-https"):
+    o += ["fedbus keys cert --keyring keys --name 127.0.0.1 --name localhost --out cert   # ECDSA P-256, dev CA",
+          "# router.toml adds: [listen] api_tls = \"127.0.0.1:$API_TLS\" and [[tls.certs]] cert.pem / cert.key",
+          "taskset -c 1 nginx -c nginx-tls/nginx.conf        # worker_processes 1; ssl_protocols TLSv1.3; cert.pem; ssl_session_cache;",
+          "    # :$TLS_ROUTER proxy_pass to the router's api (keepalive 256), :$TLS_PROXY to the upstream nginx, :$TLS_ALONE return 200"]
 o += [l.rstrip() for l in open(cmds)] + ["```", ""]
 open(out, "w").write("\n".join(o))
 print(out)

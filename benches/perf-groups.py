@@ -10,6 +10,7 @@ belongs to a group: a lock released inside `try_to_wake_up` is a wake-up, one re
 `tcp_sendmsg` is the net stack.
 """
 import json
+import os
 import re
 import sys
 from collections import defaultdict
@@ -83,7 +84,9 @@ USER_GROUPS = [
                            r"fedbus[a-z_]*::api::allowed_header|fedbus[a-z_]*::api::[a-z_]*parse|"
                            r"fedbus_proto::http)"),
     ("fedbus: route, dispatch, task link", r"^(fedbus[a-z_]*::(shard|routing|route|task|ws|proto)|fedbus_proto::)"),
-    ("fedbus: auth (token cache, JWT)", r"^(fedbus[a-z_]*::(auth|api::auth)|fedbus_auth::|ring::)"),
+    ("TLS record layer (rustls, futures-rustls)", r"^(rustls::|futures_rustls::|rustls_pki_types::)"),
+    ("crypto (ring: AES-GCM of TLS records, JWT checks)", r"^(ring::|ring_core_)"),
+    ("fedbus: auth (token cache, JWT)", r"^(fedbus[a-z_]*::(auth|api::auth)|fedbus_auth::)"),
     ("fedbus: metrics", r"^fedbus[a-z_]*::metrics"),
     ("fedbus: other", r"^fedbus"),
     ("futures, bytes, core/std glue", r"^(futures|bytes::|core::|std::|alloc::|hashbrown::|smallvec::|"
@@ -176,13 +179,16 @@ def main():
     rw = json.load(open(rec_wrk))
     st = read_stat(stat)
     reqs = w["requests"]
-    o = ["# perf profile of the fedbus router at 1 request in flight per connection, HTTP, "
+    # PROFILE_TLS=1 benches/cpu-per-request.sh profiles the HTTPS listener instead.
+    tls = os.environ.get("PROFILE_TLS") == "1"
+    scheme, port, what = ("https", "$API_TLS", "HTTPS") if tls else ("http", "$API", "HTTP")
+    o = [f"# perf profile of the fedbus router at 1 request in flight per connection, {what}, "
          f"{size} B", f"# machine: {model}, kernel {kernel}, {perfv}", f"# load (uptime) at the end: {load}",
          "# layout: router shard core 1, control thread core 0; echo task and wrk on core 0",
-         "# command: PROFILE=<this file> benches/cpu-per-request.sh, which runs:",
+         f"# command: {'PROFILE_TLS=1 ' if tls else ''}PROFILE=<this file> benches/cpu-per-request.sh, which runs:",
          "#   fedbus run --config router.toml   (shard_cores = [1], control_core = 0)",
          "#   taskset -c 0 fedbus task echo --router 127.0.0.1:$INTERNAL --app demo/echo",
-         f"#   taskset -c 0 wrk -t1 -c{conns} -d{dur}s -s post.lua http://127.0.0.1:$API  (1 in flight per connection)",
+         f"#   taskset -c 0 wrk -t1 -c{conns} -d{dur}s -s post.lua {scheme}://127.0.0.1:{port}  (1 in flight per connection)",
          "#   perf stat -e <events below> -p <router pid>             (over one wrk run)",
          f"#   perf record -F 999 -g -p <router pid> -- sleep {int(dur) - 2}  (during a second wrk run)",
          "# no hardware PMU in this guest: perf samples on cpu-clock (a timer), so time spent with",

@@ -11,6 +11,10 @@
 #   PIPE=8x8 (default; PIPE= turns it off): also fedbus HTTP and /api/ws with 8 connections x 8
 #                                   # requests in flight (pipelined), through `fedbus bench`
 #   PROFILE=/tmp/p.txt benches/cpu-per-request.sh   # fedbus http only: perf stat + perf record
+#   RATE=40000 benches/cpu-per-request.sh          # adds open-loop rows: fedbus HTTP, the nginx
+#                                   # proxy and nginx alone at the SAME offered load (req/s over
+#                                   # CONNS connections, 1 in flight each; `fedbus bench --rate`,
+#                                   # latency from the intended send times), for p99 side by side
 #   TLS=1 benches/cpu-per-request.sh                # adds the HTTPS rows (below); with EXTRA_BIN
 #                                   # also fedbus https for the other build
 #   PROFILE_TLS=1 PROFILE=/tmp/p.txt benches/cpu-per-request.sh   # the same for fedbus https
@@ -44,6 +48,7 @@ CONNS=${CONNS:-64}
 SIZE=${SIZE:-64}
 IDLE=${IDLE:-2}
 export PIPE=${PIPE-8x8}
+export RATE=${RATE:-}
 EXTRA_BIN=${EXTRA_BIN:-}
 PROFILE_TLS=${PROFILE_TLS:-0}
 TLS=${TLS:-0}
@@ -413,6 +418,12 @@ pipe_cases() {
   BC_CONNS=${PIPE%x*} BC_INFLIGHT=${PIPE#*x} bench_case "$1-ws-pipe" "$ROUTER" "$ECHO" --target "http://127.0.0.1:$API_PORT" --protocol ws --keyring "$FEDBUS_HOME/keys"
 }
 pipe_cases fedbus
+# rate_case NAME SERVER_PIDS BACKEND_PIDS URL: open loop at RATE req/s (only when RATE is set).
+rate_case() {
+  [ -n "$RATE" ] || return 0
+  bench_case "$1" "$2" "$3" --target "$4" --rate "$RATE" --keyring "$FEDBUS_HOME/keys"
+}
+rate_case fedbus-http-rate "$ROUTER" "$ECHO" "http://127.0.0.1:$API_PORT"
 if [ "$TLS" = 1 ]; then
   wrk_case fedbus-https "$ROUTER" "$ECHO" "$TLS_PORT" "$FEDBUS_PATH" https
   # nginx terminates TLS and the router (same shard, core 1) answers over plaintext.
@@ -434,6 +445,8 @@ if [ "$TLS" = 1 ]; then
 fi
 wrk_case nginx-proxy "$(nginx_pids $NGX_PROXY)" "$(nginx_pids $NGX_UP)" "$PROXY_PORT" "$FEDBUS_PATH"
 wrk_case nginx-alone "$(nginx_pids $NGX_ALONE)" "" "$ALONE_PORT" "$FEDBUS_PATH"
+rate_case nginx-proxy-rate "$(nginx_pids $NGX_PROXY)" "$(nginx_pids $NGX_UP)" "http://127.0.0.1:$PROXY_PORT"
+rate_case nginx-alone-rate "$(nginx_pids $NGX_ALONE)" "" "http://127.0.0.1:$ALONE_PORT"
 bench_case nats "$NATS_PID" "" --target "nats://127.0.0.1:$NATS_PORT"
 
 LOAD_END=$(uptime | sed 's/.*load average/load average/')
@@ -482,10 +495,19 @@ tls_rows = [
     ("nginx-tls-alone", "nginx answering alone over TLS (TLS floor)", "TLS nginx (master + 1 worker, `return 200`) core 1", "none", "wrk (https) core 0"),
 ]
 labels += [t for t in tls_rows if t[0] in r]
+rate = os.environ.get("RATE", "")
+rate_rows = [
+    ("fedbus-http-rate", f"fedbus router, HTTP, open loop at {rate} req/s", "router: shard core 1, control thread core 0", "`fedbus task echo` core 0", "`fedbus bench --rate` core 0"),
+    ("nginx-proxy-rate", f"nginx reverse proxy, open loop at {rate} req/s", "proxy nginx (master + 1 worker) core 1", "upstream nginx (`return 200`) core 0", "`fedbus bench --rate` core 0"),
+    ("nginx-alone-rate", f"nginx answering alone, open loop at {rate} req/s", "nginx (master + 1 worker, `return 200`) core 1", "none", "`fedbus bench --rate` core 0"),
+]
+labels += [t for t in rate_rows if t[0] in r]
 o = [f"# Server CPU per request, 1 in flight per connection: {date} on {host}", ""]
 env = f"DURATION={dur} WARMUP={warm} CONNS={conns} SIZE={size}"
 if os.environ.get("TLS") == "1":
     env = "TLS=1 " + env
+if os.environ.get("RATE"):
+    env = f"RATE={os.environ['RATE']} " + env
 if os.environ.get("EXTRA_BIN"):
     env += f" EXTRA_BIN=<{extra}> EXTRA_LABEL=..."
 o += [f"Made by `{env} benches/cpu-per-request.sh` at commit {commit}.", ""]

@@ -11,6 +11,7 @@ use fedbus_router::ws::frame::{encode_head, opcode, parse_head, MAX_HEADER};
 use fedbus_router::ws::handshake::{
     client_request, new_key, parse_client_response, ClientHandshake,
 };
+use fedbus_testkit::attack::rss_kib;
 use fedbus_testkit::*;
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -20,17 +21,6 @@ use std::time::{Duration, Instant};
 const APP: &str = "demo/echo";
 /// The app of the fast task beside a slow one.
 const OTHER: &str = "demo/other";
-
-/// Resident set of the router process, KiB.
-fn rss_kib(r: &Router) -> u64 {
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", seed::pid(r))).expect("router status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS")
-}
 
 /// One request of a well-behaved client on a new connection: an echo of `app`, answered 200
 /// by shard 0 (the only one). Returns how long it took.
@@ -50,13 +40,6 @@ fn normal(r: &Router, app: &str, tok: &str, i: u64) -> Duration {
 /// The api connection gauge.
 fn api_conns(r: &Router) -> f64 {
     r.metrics().get("fedbus_connections{listener=\"api\"}")
-}
-
-fn is_timeout(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-    )
 }
 
 /// Reads until EOF (or a reset) within `limit`; panics when the peer keeps the connection open.

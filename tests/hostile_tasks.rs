@@ -16,6 +16,7 @@ use fedbus_router::ws::frame::{encode_head, opcode, parse_head, MAX_HEADER};
 use fedbus_router::ws::handshake::{
     accept_response, client_request, new_key, parse_client_response, ClientHandshake,
 };
+use fedbus_testkit::attack::{rss_kib, rss_kib_of, Normal};
 use fedbus_testkit::*;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -27,89 +28,6 @@ const APP: &str = "demo/echo";
 
 // ---------------------------------------------------------------------------------------------
 // Measuring.
-
-/// VmRSS of `pid`, KiB.
-fn rss_kib_of(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("VmRSS of {pid}"))
-}
-
-/// The router's RSS, KiB.
-fn rss_kib(r: &Router) -> u64 {
-    rss_kib_of(seed::pid(r))
-}
-
-/// A well-behaved client on its own thread: one echo request at a time on a keep-alive
-/// connection (a new one after any error) until stopped; counts, live, the answers that were
-/// right and the requests that failed, and keeps the slowest answer.
-struct Normal {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    handle: std::thread::JoinHandle<Duration>,
-}
-
-impl Normal {
-    fn start(r: &Router, app: &str, wsid: u64) -> Normal {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let (api, path, tok) = (r.api, r.path(app, wsid), r.token(app, "normal"));
-        let (s, okc, failc) = (stop.clone(), ok.clone(), failed.clone());
-        let handle = std::thread::spawn(move || {
-            let mut slowest = Duration::ZERO;
-            let mut c = Conn::open(api);
-            let mut n = 0u64;
-            while !s.load(Ordering::Relaxed) {
-                n += 1;
-                let body = format!("normal {n}");
-                let req = Req::post(&path).token(&tok).body(body.as_bytes());
-                let t = Instant::now();
-                c.send(&req.bytes());
-                match c.read_response() {
-                    Ok(resp) if resp.status == 200 && resp.body == body.as_bytes() => {
-                        okc.fetch_add(1, Ordering::Relaxed);
-                        slowest = slowest.max(t.elapsed());
-                    }
-                    _ => {
-                        failc.fetch_add(1, Ordering::Relaxed);
-                        c = Conn::open(api);
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            slowest
-        });
-        Normal {
-            stop,
-            ok,
-            failed,
-            handle,
-        }
-    }
-
-    /// Right answers so far.
-    fn answered(&self) -> u64 {
-        self.ok.load(Ordering::Relaxed)
-    }
-
-    /// Stops; returns (answered, failed, slowest answer).
-    fn stop(self) -> (u64, u64, Duration) {
-        self.stop.store(true, Ordering::Relaxed);
-        let slowest = self.handle.join().expect("normal client");
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-            slowest,
-        )
-    }
-}
 
 /// Samples a process's RSS every 5 ms on its own thread; keeps the peak.
 struct PeakRss {

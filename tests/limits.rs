@@ -3,21 +3,12 @@
 //! bodies for anonymous services (413 from the head). Each attack runs beside a well-behaved
 //! client on the same shard, whose requests are answered throughout.
 
+use fedbus_testkit::attack::{rss_kib, Normal};
 use fedbus_testkit::*;
 use std::io::Write;
 use std::time::Duration;
 
 const APP: &str = "demo/echo";
-
-fn rss_kib(r: &Router) -> u64 {
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", seed::pid(r))).expect("router status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS")
-}
 
 /// Opens a connection and sends a request head announcing `len` body bytes, plus `first`.
 fn announce(r: &Router, path: &str, tok: Option<&str>, len: usize, first: &[u8]) -> Conn {
@@ -132,65 +123,6 @@ fn anonymous_uploads_are_small_and_refused_from_the_head() {
     let _ = std::io::stdout().flush();
 }
 
-/// A well-behaved client on its own thread: one echo request at a time on a keep-alive
-/// connection until stopped; counts the right answers and the failed requests, live.
-struct Normal {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    failed: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    handle: std::thread::JoinHandle<()>,
-}
-
-impl Normal {
-    fn start(r: &Router, tok: &str, wsid: u64) -> Normal {
-        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-        use std::sync::Arc;
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let (api, path, tok) = (r.api, r.path(APP, wsid), tok.to_string());
-        let (s, okc, failc) = (stop.clone(), ok.clone(), failed.clone());
-        let handle = std::thread::spawn(move || {
-            let mut c = Conn::open(api);
-            while !s.load(Ordering::Relaxed) {
-                c.send(&Req::post(&path).token(&tok).body(b"during").bytes());
-                match c.read_response() {
-                    Ok(resp) if resp.status == 200 && resp.body == b"during" => {
-                        okc.fetch_add(1, Ordering::Relaxed);
-                    }
-                    _ => {
-                        failc.fetch_add(1, Ordering::Relaxed);
-                        c = Conn::open(api);
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        });
-        Normal {
-            stop,
-            ok,
-            failed,
-            handle,
-        }
-    }
-
-    /// Right answers so far.
-    fn answered(&self) -> u64 {
-        self.ok.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Stops; returns (answered, failed).
-    fn stop(self) -> (u64, u64) {
-        use std::sync::atomic::Ordering;
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle.join().expect("normal client");
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-        )
-    }
-}
-
 /// Trickles a 1000-byte body one byte about every 100 ms on a new connection until the router
 /// answers or closes; returns what it answered and when, from the head.
 fn trickle_body(r: &Router, p: &str, tok: &str) -> (String, Duration) {
@@ -249,7 +181,7 @@ fn a_trickled_body_gets_408() {
     let p = r.path(APP, 4);
     let ok = r.request(&Req::post(&p).token(&tok).body(&vec![b'f'; 200_000]));
     assert_eq!((ok.status, ok.body.len()), (200, 200_000));
-    let normal = Normal::start(&r, &tok, 5);
+    let normal = Normal::start(&r, APP, 5);
     let (mut rounds, mut during, mut cuts) = (0, 0, Vec::new());
     while rounds < 5 && during < 3 {
         rounds += 1;
@@ -262,7 +194,7 @@ fn a_trickled_body_gets_408() {
         );
         cuts.push(took);
     }
-    let (ok, failed) = normal.stop();
+    let (ok, failed, _) = normal.stop();
     println!(
         "trickled bodies cut with 408 after {cuts:?} (allowance 1.5 s); normal client: {during} \
          answered during the trickles, {ok} in all, {failed} failed"

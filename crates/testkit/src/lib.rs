@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod attack;
 pub mod seed;
 
 /// The `fedbus` binary under test: `$FEDBUS_BIN` when set, else `fedbus` in the profile
@@ -822,7 +823,8 @@ impl TaskBuilder<'_> {
     }
 }
 
-fn is_timeout(e: &std::io::Error) -> bool {
+/// Whether a read or write error is a socket timeout (`WouldBlock` or `TimedOut`).
+pub fn is_timeout(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut

@@ -8,13 +8,14 @@
 //!
 //! `cargo run -p fedbus-router --example ws_echo -- 127.0.0.1:9002`
 
+#[path = "common/echo.rs"]
+mod echo;
+
 use bytes::BytesMut;
-use fedbus_router::config::Limits;
-use fedbus_router::ws::{self, frame::opcode, handshake, Message, Side};
+use fedbus_router::ws::{handshake, Side};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::LocalExecutorBuilder;
-use std::time::Duration;
 
 fn main() {
     let addr = std::env::args()
@@ -70,45 +71,5 @@ async fn serve(mut stream: TcpStream) {
         return;
     };
     let _ = stream.set_nodelay(true);
-    let limits = Limits::default();
-    let ws::WsConn {
-        mut reader,
-        out,
-        writer,
-    } = ws::start(
-        stream,
-        leftover,
-        Side::Server,
-        limits.max_message_bytes(),
-        &limits,
-    );
-    let end = loop {
-        match reader.next().await {
-            Ok(Message::Binary(b)) => {
-                if out.borrow_mut().send_binary(&[], b).is_err() {
-                    break Some(1013);
-                }
-            }
-            Ok(Message::Text(t)) => {
-                // Checked UTF-8 by the reader.
-                let s = std::str::from_utf8(&t).unwrap_or_default();
-                if out.borrow_mut().send_text(s).is_err() {
-                    break Some(1013);
-                }
-            }
-            Ok(Message::Ping(p)) => out.borrow_mut().send_control(opcode::PONG, &p),
-            Ok(Message::Pong(_)) => {}
-            Ok(Message::Close(_)) => break Some(1000),
-            Err(e) => break e.close_code(),
-        }
-    };
-    let lingering = end.is_some();
-    match end {
-        Some(code) => out.borrow_mut().close(code),
-        None => out.borrow_mut().abort(),
-    }
-    let _ = writer.await;
-    if lingering {
-        reader.drain(Duration::from_secs(2)).await;
-    }
+    echo::echo_session(stream, leftover, Side::Server).await;
 }

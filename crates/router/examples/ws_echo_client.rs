@@ -12,10 +12,12 @@
 //!
 //! `cargo run -p fedbus-router --example ws_echo_client -- 127.0.0.1:9001`
 
+#[path = "common/echo.rs"]
+mod echo;
+
 use fedbus_router::config::Limits;
 use fedbus_router::ws::{self, frame::opcode, Message, Side};
 use glommio::LocalExecutorBuilder;
-use std::time::Duration;
 
 /// The name the report lists this client under.
 const AGENT: &str = "fedbus";
@@ -83,46 +85,5 @@ async fn echo(addr: &str, path: &str) {
             return;
         }
     };
-    let limits = Limits::default();
-    let ws::WsConn {
-        mut reader,
-        out,
-        writer,
-    } = ws::start(
-        stream,
-        leftover,
-        Side::Client,
-        limits.max_message_bytes(),
-        &limits,
-    );
-    let end = loop {
-        match reader.next().await {
-            Ok(Message::Binary(b)) => {
-                if out.borrow_mut().send_binary(&[], b).is_err() {
-                    break Some(1013);
-                }
-            }
-            Ok(Message::Text(t)) => {
-                // Checked UTF-8 by the reader.
-                let s = std::str::from_utf8(&t).unwrap_or_default();
-                if out.borrow_mut().send_text(s).is_err() {
-                    break Some(1013);
-                }
-            }
-            Ok(Message::Ping(p)) => out.borrow_mut().send_control(opcode::PONG, &p),
-            Ok(Message::Pong(_)) => {}
-            Ok(Message::Close(_)) => break Some(1000),
-            Err(e) => break e.close_code(),
-        }
-    };
-    let lingering = end.is_some();
-    match end {
-        Some(code) => out.borrow_mut().close(code),
-        None => out.borrow_mut().abort(),
-    }
-    let _ = writer.await;
-    if lingering {
-        // The server closes the TCP connection after the closing handshake (RFC 6455 7.1.1).
-        reader.drain(Duration::from_secs(2)).await;
-    }
+    echo::echo_session(stream, leftover, Side::Client).await;
 }

@@ -244,13 +244,15 @@ fi
 
 # ---- nginx: proxy (core 1) -> upstream (core 0); alone (core 1)
 BODY=$(head -c "$SIZE" /dev/zero | tr '\0' x)
-nginx_conf() { # nginx_conf NAME PORT CORE_MASK LOCATION_BODY EXTRA_HTTP
+# nginx_conf NAME CORE_MASK HTTP_BODY: a config for one nginx worker pinned by CORE_MASK,
+# whose http block holds HTTP_BODY (upstreams and servers); prints its path.
+nginx_conf() {
   local d=$WORK/nginx-$1
   mkdir -p "$d/logs" "$d/tmp"
   cat >"$d/nginx.conf" <<EOF
 user root;
 worker_processes 1;
-worker_cpu_affinity $3;
+worker_cpu_affinity $2;
 daemon off;
 pid $d/nginx.pid;
 error_log $d/logs/error.log warn;
@@ -261,21 +263,19 @@ http {
   fastcgi_temp_path $d/tmp/fcgi; uwsgi_temp_path $d/tmp/uwsgi; scgi_temp_path $d/tmp/scgi;
   keepalive_requests 100000000;
   keepalive_timeout 300s;
-  $5
-  server {
-    listen 127.0.0.1:$2 backlog=4096;
-    location / { $4 }
-  }
+  $3
 }
 EOF
+  [ "$(id -u)" = 0 ] || sed -i '/^user root;/d' "$d/nginx.conf"
   echo "$d/nginx.conf"
 }
 UP_PORT=$(free_port); PROXY_PORT=$(free_port); ALONE_PORT=$(free_port)
 ANSWER="client_body_buffer_size 64k; default_type application/octet-stream; return 200 \"$BODY\";"
-C_UP=$(nginx_conf upstream "$UP_PORT" 01 "$ANSWER" "")
-C_PROXY=$(nginx_conf proxy "$PROXY_PORT" 10 "proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; client_body_buffer_size 64k;" \
-  "upstream up { server 127.0.0.1:$UP_PORT; keepalive 256; keepalive_requests 100000000; }")
-C_ALONE=$(nginx_conf alone "$ALONE_PORT" 10 "$ANSWER" "")
+PROXY_OPTS="proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; client_body_buffer_size 64k;"
+UPSTREAM_UP="upstream up { server 127.0.0.1:$UP_PORT; keepalive 256; keepalive_requests 100000000; }"
+C_UP=$(nginx_conf upstream 01 "server { listen 127.0.0.1:$UP_PORT backlog=4096; location / { $ANSWER } }")
+C_PROXY=$(nginx_conf proxy 10 "$UPSTREAM_UP server { listen 127.0.0.1:$PROXY_PORT backlog=4096; location / { proxy_pass http://up; $PROXY_OPTS } }")
+C_ALONE=$(nginx_conf alone 10 "server { listen 127.0.0.1:$ALONE_PORT backlog=4096; location / { $ANSWER } }")
 taskset -c 0 "$NGINX" -c "$C_UP" -e stderr >"$WORK/nginx-up.log" 2>&1 &
 NGX_UP=$!; PIDS+=($NGX_UP)
 taskset -c 1 "$NGINX" -c "$C_PROXY" -e stderr >"$WORK/nginx-proxy.log" 2>&1 &
@@ -287,32 +287,12 @@ wait_port "$UP_PORT"; wait_port "$PROXY_PORT"; wait_port "$ALONE_PORT"
 # the fedbus router's plaintext api listener, in front of the upstream nginx, answering alone.
 if [ "$TLS" = 1 ]; then
   TLS_ROUTER_PORT=$(free_port); TLS_PROXY_PORT=$(free_port); TLS_ALONE_PORT=$(free_port)
-  d=$WORK/nginx-tls; mkdir -p "$d/logs" "$d/tmp"
   TLS_SRV="ssl_protocols TLSv1.3; ssl_certificate $CERT.pem; ssl_certificate_key $CERT.key; ssl_session_cache shared:SSL:10m; ssl_session_tickets on;"
-  PROXY_OPTS="proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; client_body_buffer_size 64k;"
-  cat >"$d/nginx.conf" <<EOF
-user root;
-worker_processes 1;
-worker_cpu_affinity 10;
-daemon off;
-pid $d/nginx.pid;
-error_log $d/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $d/tmp/body; proxy_temp_path $d/tmp/proxy;
-  fastcgi_temp_path $d/tmp/fcgi; uwsgi_temp_path $d/tmp/uwsgi; scgi_temp_path $d/tmp/scgi;
-  keepalive_requests 100000000;
-  keepalive_timeout 300s;
-  upstream fedbus { server 127.0.0.1:$API_PORT; keepalive 256; keepalive_requests 100000000; }
-  upstream up { server 127.0.0.1:$UP_PORT; keepalive 256; keepalive_requests 100000000; }
+  C_TLS=$(nginx_conf tls 10 "upstream fedbus { server 127.0.0.1:$API_PORT; keepalive 256; keepalive_requests 100000000; } $UPSTREAM_UP
   server { listen 127.0.0.1:$TLS_ROUTER_PORT ssl backlog=4096; $TLS_SRV location / { proxy_pass http://fedbus; $PROXY_OPTS } }
   server { listen 127.0.0.1:$TLS_PROXY_PORT ssl backlog=4096; $TLS_SRV location / { proxy_pass http://up; $PROXY_OPTS } }
-  server { listen 127.0.0.1:$TLS_ALONE_PORT ssl backlog=4096; $TLS_SRV location / { $ANSWER } }
-}
-EOF
-  [ "$(id -u)" = 0 ] || sed -i '/^user root;/d' "$d/nginx.conf"
-  taskset -c 1 "$NGINX" -c "$d/nginx.conf" -e stderr >"$WORK/nginx-tls.log" 2>&1 &
+  server { listen 127.0.0.1:$TLS_ALONE_PORT ssl backlog=4096; $TLS_SRV location / { $ANSWER } }")
+  taskset -c 1 "$NGINX" -c "$C_TLS" -e stderr >"$WORK/nginx-tls.log" 2>&1 &
   NGX_TLS=$!; PIDS+=($NGX_TLS)
   wait_port "$TLS_ROUTER_PORT"; wait_port "$TLS_PROXY_PORT"; wait_port "$TLS_ALONE_PORT"
 fi

@@ -162,6 +162,8 @@ pub(crate) async fn serve<S: Stream>(
     let mut inflight = Unordered::new();
     let mut deadline = crate::util::Deadline::new();
     let idle = std::time::Duration::from_millis(limits.idle_timeout_ms);
+    // The time of the last read: every request it brought was received then.
+    let (mut read_at, mut reads) = (Instant::now(), reader.reads());
     let end = loop {
         if out.borrow().is_closing() {
             break Some(1013);
@@ -207,7 +209,13 @@ pub(crate) async fn serve<S: Stream>(
         };
         match msg {
             Ok(Message::Binary(b)) => {
-                if session.exp.is_some_and(|e| e <= auth::now_unix()) {
+                if reads != reader.reads() {
+                    (read_at, reads) = (Instant::now(), reader.reads());
+                }
+                if session
+                    .exp
+                    .is_some_and(|e| e <= crate::util::unix_secs_coarse())
+                {
                     break Some(1008);
                 }
                 let f = match Frame::decode(b) {
@@ -231,12 +239,11 @@ pub(crate) async fn serve<S: Stream>(
                     }
                 };
                 session.inflight.set(session.inflight.get() + 1);
-                let (s, o, sess) = (shard.clone(), out.clone(), session.clone());
+                let (s, o, sess, start) = (shard.clone(), out.clone(), session.clone(), read_at);
                 inflight.push(async move {
                     let _charge = charge;
-                    let start = Instant::now();
                     let n_in = f.payload.len();
-                    let a = answer(&s, &sess, &f).await;
+                    let a = answer(&s, &sess, &f, start).await;
                     let body_len = send_answer(&o, s.index, f.header.request_id, &a, None);
                     s.metrics.request(
                         a.status(),
@@ -321,7 +328,7 @@ struct Session {
     inflight: Cell<usize>,
 }
 
-async fn answer(shard: &Rc<Shard>, sess: &Session, f: &Frame) -> Answer {
+async fn answer(shard: &Rc<Shard>, sess: &Session, f: &Frame, received: Instant) -> Answer {
     let Some(path) = f.get_str(tag::PATH) else {
         return Answer::error(400, "bad_request", "request frame without PATH");
     };
@@ -338,6 +345,7 @@ async fn answer(shard: &Rc<Shard>, sess: &Session, f: &Frame) -> Answer {
         ingress: Ingress::Websocket,
         origin: sess.origin.as_deref(),
         preflight: false,
+        received,
     };
     routing::route(shard, &sess.cache, &req).await
 }

@@ -651,7 +651,7 @@ async fn serve_link<S: ws::Stream>(
                 let (s, o, n, c) = (shard.clone(), out.clone(), inflight.clone(), cache.clone());
                 glommio::spawn_local(async move {
                     let start = Instant::now();
-                    let a = match forwarded_request(&f) {
+                    let a = match forwarded_request(&f, start) {
                         Ok(req) => routing::route(&s, &c, &req).await,
                         Err(a) => a,
                     };
@@ -712,7 +712,7 @@ async fn send_status(shard: Rc<Shard>, out: Rc<RefCell<ws::WsOut>>) {
 /// The protocol-neutral request of a frame forwarded by a peer router: the target from its
 /// CLUSTER, APP, SERVICE, MODULE, FUNCTION and WSID entries, the client's TOKEN.
 #[allow(clippy::result_large_err)]
-fn forwarded_request(f: &Frame) -> Result<Request<'_>, Answer> {
+fn forwarded_request(f: &Frame, received: Instant) -> Result<Request<'_>, Answer> {
     let missing = || {
         Answer::error(
             400,
@@ -745,6 +745,7 @@ fn forwarded_request(f: &Frame) -> Result<Request<'_>, Answer> {
         ingress: Ingress::Peer,
         origin: f.get(tag::ORIGIN),
         preflight: f.header.flags & flags::PREFLIGHT != 0,
+        received,
     })
 }
 

@@ -1,10 +1,8 @@
 //! Building a routing snapshot from the configured apps and the live registrations. Runs on the
 //! control thread only; it allocates freely so that lookups never have to.
 
-use std::collections::HashMap;
-
 use super::{
-    elect_emergency, AppRoutes, AppSpec, Registration, RoleRoutes, RoutingTable, MAIN_ROLE,
+    elect_emergency, AppRoutes, AppSpec, FastMap, Registration, RoleRoutes, RoutingTable, MAIN_ROLE,
 };
 
 /// Builds the snapshot numbered `generation`.
@@ -37,10 +35,10 @@ pub fn build_after(
     generation: u64,
     election_seed: u64,
 ) -> RoutingTable {
-    let mut table: HashMap<String, AppRoutes> = apps
+    let mut table: FastMap<String, AppRoutes> = apps
         .iter()
         .map(|spec| {
-            let mut roles = HashMap::new();
+            let mut roles = FastMap::default();
             roles.insert(MAIN_ROLE.to_owned(), RoleRoutes::empty(spec.partitions));
             let routes = AppRoutes {
                 partitions: spec.partitions,

@@ -68,63 +68,77 @@ const APP: usize = 3;
 const WSID: usize = 5;
 
 /// Parses an HTTP request target. The query string, if any, is ignored.
+///
+/// One pass over the bytes with a table of the allowed characters. It replaced `split('?')`,
+/// `split('/')` and a per-segment `bytes().all(..)`, which together were 3.5% of a shard's CPU
+/// at 8x8 pipelined (perf, `fedbus bench --connections 8 --inflight 8 --size 64B`); the tests
+/// below check it against that version ([`tests::reference`]) on generated paths.
 pub fn parse_api_path(path: &str) -> Result<ApiPath<'_>, PathError> {
-    let path = path.split_once('?').map_or(path, |(p, _)| p);
     let rest = path.strip_prefix("/api/").ok_or(PathError::NotApi)?;
-
-    // A fixed array, not a Vec: no allocation on the hot path.
-    let mut segs = [""; SEGMENTS];
+    let b = rest.as_bytes();
+    // Segment i is rest[starts[i]..ends[i]]. Cut at `/` and `?`, which are ASCII, so every
+    // slice below falls on a character boundary.
     let mut starts = [0usize; SEGMENTS];
+    let mut ends = [0usize; SEGMENTS];
     let mut n = 0;
-    let mut offset = 0;
-    for seg in rest.split('/') {
-        if n == SEGMENTS {
-            return Err(PathError::BadPath);
+    let mut allowed = true;
+    let mut end = b.len();
+    for (i, &c) in b.iter().enumerate() {
+        match c {
+            b'?' => {
+                end = i;
+                break;
+            }
+            b'/' => {
+                if n == SEGMENTS - 1 {
+                    return Err(PathError::BadPath);
+                }
+                ends[n] = i;
+                n += 1;
+                starts[n] = i + 1;
+            }
+            // The wsid segment's characters are judged by `parse_wsid` (a `BadWsid`).
+            _ if n != WSID => allowed &= UNRESERVED[usize::from(c)],
+            _ => {}
         }
-        segs[n] = seg;
-        starts[n] = offset;
-        offset += seg.len() + 1;
-        n += 1;
     }
-    if n != SEGMENTS {
+    ends[n] = end;
+    if n != SEGMENTS - 1 || !allowed {
         return Err(PathError::BadPath);
     }
-    for (i, seg) in segs.iter().enumerate() {
-        let ok = if i == WSID {
-            !seg.is_empty()
-        } else {
-            valid_segment(seg)
-        };
-        if !ok {
+    let seg = |i: usize| &rest[starts[i]..ends[i]];
+    for i in 0..SEGMENTS {
+        let s = seg(i);
+        if s.is_empty() || (i != WSID && (s == "." || s == "..")) {
             return Err(PathError::BadPath);
         }
     }
-    let wsid = parse_wsid(segs[WSID]).ok_or(PathError::BadWsid)?;
-    let app_name = &rest[starts[OWNER]..starts[APP] + segs[APP].len()];
-
+    let wsid = parse_wsid(seg(WSID)).ok_or(PathError::BadWsid)?;
     Ok(ApiPath {
-        region: segs[0],
-        cluster: segs[1],
-        owner: segs[OWNER],
-        app: segs[APP],
-        app_name,
-        service: segs[4],
+        region: seg(0),
+        cluster: seg(1),
+        owner: seg(OWNER),
+        app: seg(APP),
+        app_name: &rest[starts[OWNER]..ends[APP]],
+        service: seg(4),
         wsid,
-        module: segs[6],
-        function: segs[7],
+        module: seg(6),
+        function: seg(7),
     })
 }
 
-/// Non-empty, unreserved characters of RFC 3986 only, and not a dot segment (which a client or
-/// proxy may normalize away, changing the target).
-fn valid_segment(seg: &str) -> bool {
-    !seg.is_empty()
-        && seg != "."
-        && seg != ".."
-        && seg
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-'))
-}
+/// The unreserved characters of RFC 3986 (`A-Z a-z 0-9 . _ ~ -`): the only ones a segment may
+/// hold, so that one target has one spelling (no percent-encoding, nothing to decode).
+const UNRESERVED: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-');
+        c += 1;
+    }
+    t
+};
 
 fn parse_wsid(seg: &str) -> Option<u64> {
     // `u64::from_str` would accept a leading `+`.
@@ -141,6 +155,82 @@ mod tests {
     use super::*;
 
     const GOOD: &str = "/api/ru/spb1/owner/app/svc/42/mod/func";
+
+    /// The parser before the one-pass rewrite (split on `?` and `/`, then each segment):
+    /// slower, and plainly right; the rewrite must agree with it on every input.
+    pub(super) fn reference(path: &str) -> Result<ApiPath<'_>, PathError> {
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
+        let rest = path.strip_prefix("/api/").ok_or(PathError::NotApi)?;
+        let mut segs = [""; SEGMENTS];
+        let mut starts = [0usize; SEGMENTS];
+        let (mut n, mut offset) = (0, 0);
+        for seg in rest.split('/') {
+            if n == SEGMENTS {
+                return Err(PathError::BadPath);
+            }
+            (segs[n], starts[n]) = (seg, offset);
+            offset += seg.len() + 1;
+            n += 1;
+        }
+        if n != SEGMENTS {
+            return Err(PathError::BadPath);
+        }
+        let valid = |seg: &str| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-'))
+        };
+        for (i, seg) in segs.iter().enumerate() {
+            if !(if i == WSID {
+                !seg.is_empty()
+            } else {
+                valid(seg)
+            }) {
+                return Err(PathError::BadPath);
+            }
+        }
+        let wsid = parse_wsid(segs[WSID]).ok_or(PathError::BadWsid)?;
+        Ok(ApiPath {
+            region: segs[0],
+            cluster: segs[1],
+            owner: segs[OWNER],
+            app: segs[APP],
+            app_name: &rest[starts[OWNER]..starts[APP] + segs[APP].len()],
+            service: segs[4],
+            wsid,
+            module: segs[6],
+            function: segs[7],
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(20_000))]
+        /// Paths built from the characters that matter to the parser (separators, dots,
+        /// digits, a reserved character, a non-ASCII one) and arbitrary strings.
+        #[test]
+        fn agrees_with_the_reference(
+            path in "(/api/)?[a-c0-9./?%~ö-]{0,40}",
+            any in "\\PC{0,60}",
+        ) {
+            proptest::prop_assert_eq!(parse_api_path(&path), reference(&path));
+            proptest::prop_assert_eq!(parse_api_path(&any), reference(&any));
+            let api = format!("/api/{any}");
+            proptest::prop_assert_eq!(parse_api_path(&api), reference(&api));
+        }
+
+        /// Paths of about eight generated segments (most of them well-formed) parse the same
+        /// way too.
+        #[test]
+        fn agrees_on_eight_segments(
+            segs in proptest::collection::vec("[a-c0-9.~_-]{1,3}|[a-c0-9.~_?%ö/ -]{0,4}", 7..=9),
+        ) {
+            let path = format!("/api/{}", segs.join("/"));
+            proptest::prop_assert_eq!(parse_api_path(&path), reference(&path));
+        }
+    }
 
     #[test]
     fn parses_good_path() {

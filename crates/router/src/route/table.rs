@@ -1,9 +1,7 @@
 //! The routing snapshot and its lookup. Lookups run on every request on every shard: they take
 //! `&str` keys and hand back slices of the snapshot, never an owned value.
 
-use std::collections::HashMap;
-
-use super::{TaskId, MAIN_ROLE};
+use super::{FastMap, TaskId, MAIN_ROLE};
 
 /// One immutable routing snapshot. Replaced as a whole, never edited in place after publish.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -11,7 +9,7 @@ pub struct RoutingTable {
     /// Moves forward with every published snapshot, so a shard can drop caches keyed on it.
     pub generation: u64,
     /// Every configured app, keyed by `owner/app`, including apps with no live task.
-    pub apps: HashMap<String, AppRoutes>,
+    pub apps: FastMap<String, AppRoutes>,
 }
 
 /// Routes of one app.
@@ -20,7 +18,7 @@ pub struct AppRoutes {
     /// Number of partitions of the app.
     pub partitions: u32,
     /// Roles with at least one live task, plus `main` always.
-    pub roles: HashMap<String, RoleRoutes>,
+    pub roles: FastMap<String, RoleRoutes>,
     /// The configured emergency partition (already checked to be `< partitions`), if any.
     /// Each role's effective choice is in [`RoleRoutes::emergency`].
     pub emergency_partition: Option<u32>,

@@ -9,7 +9,7 @@ use crate::shard::Shard;
 use crate::task::link::Reply;
 use bytes::{BufMut, BytesMut};
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Errors of a serving router that mean the request reached no task there: the sender may
 /// send it to another router of that cluster (docs/FEDERATION.md, "Readiness and drain").
@@ -113,7 +113,7 @@ pub(crate) async fn send(
         );
         // A little longer than the serving router's own deadline, so that its 504
         // `task_timeout` reaches the client rather than our `peer_timeout`.
-        let deadline = Instant::now() + Duration::from_millis(limits.request_timeout_ms + 1000);
+        let deadline = req.received + Duration::from_millis(limits.request_timeout_ms + 1000);
         match link.send_request(id, &m, req.payload.clone(), deadline) {
             Ok(wait) => wait,
             Err(_) => return Answer::error(503, "peer_busy", "peer link over its queue limit"),

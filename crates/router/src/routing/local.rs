@@ -9,7 +9,7 @@ use crate::route::{Lookup, RoleRoutes, MAIN_ROLE};
 use crate::shard::Shard;
 use crate::task::link::Reply;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A sibling (another router of this cluster) to hand the request to, one hop, when this
 /// shard has no live link for its partition in `main` and the sibling's last status says it
@@ -68,7 +68,7 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
         }
     }
     let max_hops = shard.cfg.routing.max_hops;
-    let deadline = Instant::now() + Duration::from_millis(shard.cfg.limits.request_timeout_ms);
+    let deadline = req.received + Duration::from_millis(shard.cfg.limits.request_timeout_ms);
     let mut role: std::borrow::Cow<'_, str> = MAIN_ROLE.into();
     let mut want = partition;
     let mut hops: u8 = 0;

@@ -63,6 +63,9 @@ pub(crate) struct Request<'a> {
     pub(crate) origin: Option<&'a [u8]>,
     /// A CORS preflight: answered by the router that serves the app, never by a task.
     pub(crate) preflight: bool,
+    /// When the ingress took it in: the request's deadlines count from here. An ingress reads
+    /// the clock once per batch of requests (one read, one websocket turn), not per request.
+    pub(crate) received: std::time::Instant,
 }
 
 /// Where a request goes.
@@ -161,7 +164,7 @@ pub(crate) fn admit(
                 t.app_name,
                 anonymous,
                 req.credential,
-                crate::auth::now_unix(),
+                crate::util::unix_secs_coarse(),
             )?;
             if let Principal::Client { cached: true, .. } = p {
                 crate::metrics::ShardMetrics::inc(&shard.metrics.auth_cache_hits);

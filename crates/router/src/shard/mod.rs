@@ -26,7 +26,7 @@ pub(crate) struct Shard {
     /// Internal (task link) address of every shard, for the hello.
     pub(crate) internal_addrs: Arc<Vec<SocketAddr>>,
     /// Task instance -> its link to this shard.
-    pub(crate) links: RefCell<HashMap<TaskId, Rc<TaskLink>>>,
+    pub(crate) links: RefCell<crate::route::FastMap<TaskId, Rc<TaskLink>>>,
     /// Request ids, unique on this shard.
     next_request: Cell<u64>,
     /// Round-robin cursor among the tasks of a partition.
@@ -77,7 +77,7 @@ impl Shard {
             events,
             metrics: metrics.clone(),
             internal_addrs,
-            links: RefCell::new(HashMap::new()),
+            links: RefCell::new(Default::default()),
             next_request: Cell::new(1),
             rr: Cell::new(0),
             scratch: RefCell::new(bytes::BytesMut::with_capacity(1024)),

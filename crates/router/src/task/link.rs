@@ -13,7 +13,6 @@ use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -110,7 +109,7 @@ pub(crate) struct TaskLink {
     /// Partitions the task registered (empty on a peer link).
     pub(crate) partitions: Vec<u32>,
     pub(crate) out: Rc<RefCell<WsOut>>,
-    pending: RefCell<HashMap<u64, Slot>>,
+    pending: RefCell<crate::route::FastMap<u64, Slot>>,
     alive: Cell<bool>,
     health: Health,
     /// When the link's credential expires (unix seconds): the service token it opened with,
@@ -128,7 +127,7 @@ impl TaskLink {
             role,
             partitions: Vec::new(),
             out,
-            pending: RefCell::new(HashMap::new()),
+            pending: RefCell::new(Default::default()),
             alive: Cell::new(true),
             health: Health::default(),
             exp: Cell::new(0),

@@ -188,6 +188,8 @@ pub struct WsReader<R> {
     control_window: Option<(std::time::Instant, u32)>,
     /// Messages returned since the reader last waited for the socket.
     turn: u32,
+    /// Reads from the socket so far.
+    reads: u64,
 }
 
 /// Messages one connection's reader hands out from its buffer before it yields to the other
@@ -209,7 +211,14 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             max_control_per_sec: u32::MAX,
             control_window: None,
             turn: 0,
+            reads: 0,
         }
+    }
+
+    /// Reads from the socket so far: a caller that stamps each message with the time of the
+    /// read that brought it reads the clock only when this moves, not once per message.
+    pub fn reads(&self) -> u64 {
+        self.reads
     }
 
     /// Changes the largest message accepted from now on (a link's handshake messages are held
@@ -289,6 +298,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
         if n == 0 {
             return Err(WsError::Eof);
         }
+        self.reads += 1;
         Ok(())
     }
 

@@ -9,7 +9,8 @@
 #                                   # adds fedbus http and ws rows for another build, same run
 #   BIN=/path/to/fedbus benches/cpu-per-request.sh  # that binary instead of building this tree
 #   PIPE=8x8 (default; PIPE= turns it off): also fedbus HTTP and /api/ws with 8 connections x 8
-#                                   # requests in flight (pipelined), through `fedbus bench`
+#                                   # requests in flight (pipelined), through `fedbus bench`, and
+#                                   # nats-server request/reply in the same shape
 #   PROFILE=/tmp/p.txt benches/cpu-per-request.sh   # fedbus http only: perf stat + perf record
 #   RATE=40000 benches/cpu-per-request.sh          # adds open-loop rows: fedbus HTTP, the nginx
 #                                   # proxy and nginx alone at the SAME offered load (req/s over
@@ -18,6 +19,8 @@
 #   TLS=1 benches/cpu-per-request.sh                # adds the HTTPS rows (below); with EXTRA_BIN
 #                                   # also fedbus https for the other build
 #   PROFILE_TLS=1 PROFILE=/tmp/p.txt benches/cpu-per-request.sh   # the same for fedbus https
+#   PROFILE_PIPE=1 PROFILE=/tmp/p.txt benches/cpu-per-request.sh  # fedbus http in the PIPE shape
+#                                   # (8x8 pipelined, `fedbus bench`) instead of 1 in flight
 #
 # Run from the repo root (as root: it installs wrk, nginx and nats-server with apt when they
 # are missing). Writes benches/results/<date>-cpu-per-request-<host>.md (or $OUT).
@@ -51,6 +54,7 @@ export PIPE=${PIPE-8x8}
 export RATE=${RATE:-}
 EXTRA_BIN=${EXTRA_BIN:-}
 PROFILE_TLS=${PROFILE_TLS:-0}
+PROFILE_PIPE=${PROFILE_PIPE:-0}
 TLS=${TLS:-0}
 [ "$PROFILE_TLS" = 1 ] && TLS=1
 export TLS EXTRA_BIN
@@ -217,18 +221,30 @@ if [ -n "${PROFILE:-}" ]; then
   need perf linux-perf
   url=http://127.0.0.1:$API_PORT
   [ "$PROFILE_TLS" = 1 ] && url=https://127.0.0.1:$TLS_PORT
-  export PROFILE_TLS
+  export PROFILE_TLS PROFILE_PIPE
+  # profile_load JSON SECONDS: the load of the profile. wrk, 1 in flight per connection; with
+  # PROFILE_PIPE=1, `fedbus bench` in the PIPE shape, its JSON cut to wrk's fields.
+  profile_load() {
+    if [ "$PROFILE_PIPE" = 1 ]; then
+      taskset -c 0 "$BIN" bench --target "$url" --keyring "$FEDBUS_HOME/keys" --connections "${PIPE%x*}" \
+        --inflight "${PIPE#*x}" --size "${SIZE}B" --cores 0 --duration "$2s" --warmup 0s --json "$WORK/pipe.json" >/dev/null 2>&1
+      python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); l=d["latency_us"]
+json.dump({"requests": d["requests"], "duration_us": int(d["seconds"] * 1e6), "p50_us": int(l["p50"]), "p99_us": int(l["p99"]), "errors": d["errors"]}, open(sys.argv[2], "w"))' "$WORK/pipe.json" "$1"
+    else
+      WRK_JSON=$1 taskset -c 0 "$WRK" -t1 -c"$CONNS" -d"$2s" -s "$WORK/post.lua" "$url" -- "$TOKEN" "$SIZE" "$FEDBUS_PATH" >/dev/null 2>&1
+    fi
+  }
   echo "== profile: warm-up ($url)" >&2
-  WRK_JSON=/dev/null taskset -c 0 "$WRK" -t1 -c"$CONNS" -d"${WARMUP}s" -s "$WORK/post.lua" "$url" -- "$TOKEN" "$SIZE" "$FEDBUS_PATH" >/dev/null 2>&1 || true
-  echo "== profile: perf stat over a ${DURATION}s wrk run" >&2
+  profile_load /dev/null "$WARMUP" || true
+  echo "== profile: perf stat over a ${DURATION}s run" >&2
   EV=task-clock,context-switches,cpu-migrations,raw_syscalls:sys_enter,syscalls:sys_enter_io_uring_enter
   EV=$EV,io_uring:io_uring_submit_req,io_uring:io_uring_poll_arm,io_uring:io_uring_task_work_run,io_uring:io_uring_queue_async_work
   perf stat -e "$EV" -p "$ROUTER" -o "$WORK/stat.txt" &
   PS=$!; sleep 0.5; q0=$(ipis1)
-  WRK_JSON=$WORK/stat-wrk.json taskset -c 0 "$WRK" -t1 -c"$CONNS" -d"${DURATION}s" -s "$WORK/post.lua" "$url" -- "$TOKEN" "$SIZE" "$FEDBUS_PATH" >/dev/null 2>&1
+  profile_load "$WORK/stat-wrk.json" "$DURATION"
   q1=$(ipis1); kill -INT $PS; wait $PS || true
-  echo "== profile: perf record -g over a ${DURATION}s wrk run" >&2
-  WRK_JSON=$WORK/rec-wrk.json taskset -c 0 "$WRK" -t1 -c"$CONNS" -d"${DURATION}s" -s "$WORK/post.lua" "$url" -- "$TOKEN" "$SIZE" "$FEDBUS_PATH" >/dev/null 2>&1 &
+  echo "== profile: perf record -g over a ${DURATION}s run" >&2
+  profile_load "$WORK/rec-wrk.json" "$DURATION" &
   WP=$!; sleep 1
   perf record -F 999 -g -p "$ROUTER" -o "$WORK/perf.data" -- sleep $((DURATION - 2)) 2>"$WORK/record.log"
   wait $WP || true
@@ -428,6 +444,8 @@ wrk_case nginx-alone "$(nginx_pids $NGX_ALONE)" "" "$ALONE_PORT" "$FEDBUS_PATH"
 rate_case nginx-proxy-rate "$(nginx_pids $NGX_PROXY)" "$(nginx_pids $NGX_UP)" "http://127.0.0.1:$PROXY_PORT"
 rate_case nginx-alone-rate "$(nginx_pids $NGX_ALONE)" "" "http://127.0.0.1:$ALONE_PORT"
 bench_case nats "$NATS_PID" "" --target "nats://127.0.0.1:$NATS_PORT"
+# nats-server in the PIPE shape too: the issue's pipelined target is per core against it.
+[ -z "$PIPE" ] || BC_CONNS=${PIPE%x*} BC_INFLIGHT=${PIPE#*x} bench_case nats-pipe "$NATS_PID" "" --target "nats://127.0.0.1:$NATS_PORT"
 
 LOAD_END=$(uptime | sed 's/.*load average/load average/')
 MODEL=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)
@@ -461,6 +479,9 @@ def pipe_rows(tag, suffix):
              "`fedbus task echo` core 0", "`fedbus bench` core 0")
             for p, n in (("http", "HTTP/1.1"), ("ws", "/api/ws")) if f"{tag}-{p}-pipe" in r]
 labels[2:2] = pipe_rows("fedbus", "")
+if "nats-pipe" in r:
+    labels.append(("nats-pipe", f"nats-server request/reply, {pipe} pipelined", "`GOMAXPROCS=1` nats-server core 1",
+                   "responders in `fedbus bench` core 0", "`fedbus bench` core 0"))
 if "extra-http" in r:
     at = 2 + len(pipe_rows("fedbus", ""))
     labels[at:at] = [
@@ -510,8 +531,17 @@ for k, label, *_ in labels:
     s = d["server_us"]
     rp = f"{s / proxy:.2f}" if proxy else "n/a"
     rf = f"{s / floor:.2f}" if floor else "n/a"
-    b = f"{d['backend_us']:.1f}" if d["backend_us"] and k not in ("nginx-alone", "nats") else "n/a"
+    b = f"{d['backend_us']:.1f}" if d["backend_us"] and k not in ("nginx-alone", "nats", "nats-pipe") else "n/a"
     o.append(f"| {label} | **{s:.1f}** | {rp} | {rf} | {d['rps']:.0f} | {d['p99_us']:.0f} | {d['server_busy']:.2f} | {b} | {d['ipis_per_req']:.2f} | {d['errors']} |")
+if us("nats-pipe"):
+    o += ["", f"### Pipelined ({pipe}) vs nats-server in the same shape (server CPU per request; higher = fedbus does more per core)", ""]
+    for tag, name in (("fedbus", "fedbus"), ("extra", extra)):
+        for p, proto in (("http", "HTTP/1.1"), ("ws", "/api/ws")):
+            f = us(f"{tag}-{p}-pipe")
+            if f:
+                v = us("nats-pipe") / f
+                o.append(f"- {name} {proto}: nats-server us / fedbus us = {us('nats-pipe'):.1f} / {f:.1f} = "
+                         f"**{v:.2f}** (target >= 3: {'met' if v >= 3 else 'not met'})")
 if us("fedbus-https"):
     o += ["", "### HTTPS ratios (server CPU per request; higher = fedbus does more per core)", ""]
     def ratio_lines(key, name):

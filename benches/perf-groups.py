@@ -182,15 +182,25 @@ def main():
     # PROFILE_TLS=1 benches/cpu-per-request.sh profiles the HTTPS listener instead.
     tls = os.environ.get("PROFILE_TLS") == "1"
     scheme, port, what = ("https", "$API_TLS", "HTTPS") if tls else ("http", "$API", "HTTP")
-    o = [f"# perf profile of the fedbus router at 1 request in flight per connection, {what}, "
+    # PROFILE_PIPE=1: `fedbus bench` in the PIPE shape (pipelined) instead of wrk.
+    pipe = os.environ.get("PIPE", "8x8") if os.environ.get("PROFILE_PIPE") == "1" else ""
+    shape = f"{pipe} (connections x requests in flight, pipelined)" if pipe else "1 request in flight per connection"
+    env = ("PROFILE_TLS=1 " if tls else "") + ("PROFILE_PIPE=1 " if pipe else "")
+    if pipe:
+        c, i = pipe.split("x")
+        load_cmd = (f"#   taskset -c 0 fedbus bench --target {scheme}://127.0.0.1:{port} --connections {c} --inflight {i} "
+                    f"--size {size}B --cores 0 --duration {dur}s")
+    else:
+        load_cmd = f"#   taskset -c 0 wrk -t1 -c{conns} -d{dur}s -s post.lua {scheme}://127.0.0.1:{port}  (1 in flight per connection)"
+    o = [f"# perf profile of the fedbus router at {shape}, {what}, "
          f"{size} B", f"# machine: {model}, kernel {kernel}, {perfv}", f"# load (uptime) at the end: {load}",
-         "# layout: router shard core 1, control thread core 0; echo task and wrk on core 0",
-         f"# command: {'PROFILE_TLS=1 ' if tls else ''}PROFILE=<this file> benches/cpu-per-request.sh, which runs:",
+         "# layout: router shard core 1, control thread core 0; echo task and load generator on core 0",
+         f"# command: {env}PROFILE=<this file> benches/cpu-per-request.sh, which runs:",
          "#   fedbus run --config router.toml   (shard_cores = [1], control_core = 0)",
          "#   taskset -c 0 fedbus task echo --router 127.0.0.1:$INTERNAL --app demo/echo",
-         f"#   taskset -c 0 wrk -t1 -c{conns} -d{dur}s -s post.lua {scheme}://127.0.0.1:{port}  (1 in flight per connection)",
-         "#   perf stat -e <events below> -p <router pid>             (over one wrk run)",
-         f"#   perf record -F 999 -g -p <router pid> -- sleep {int(dur) - 2}  (during a second wrk run)",
+         load_cmd,
+         "#   perf stat -e <events below> -p <router pid>             (over one run of the load)",
+         f"#   perf record -F 999 -g -p <router pid> -- sleep {int(dur) - 2}  (during a second run)",
          "# no hardware PMU in this guest: perf samples on cpu-clock (a timer), so time spent with",
          "# interrupts off is charged to where they come back on (_raw_spin_unlock_irqrestore,",
          "# irqentry_exit_to_user_mode); the grouping below walks past such glue to its caller.", ""]

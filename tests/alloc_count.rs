@@ -260,19 +260,25 @@ fn round_trip(s: &mut TcpStream, req: &[u8], resp: &mut [u8]) -> u16 {
     }
 }
 
+/// Reads more answer bytes into `resp[*got..]`, first moving the unparsed `resp[*start..*got]`
+/// to the front when the buffer is full. No allocation.
+fn read_more(s: &mut TcpStream, resp: &mut [u8], got: &mut usize, start: &mut usize) {
+    if *got == resp.len() {
+        resp.copy_within(*start..*got, 0);
+        *got -= *start;
+        *start = 0;
+    }
+    let n = s.read(&mut resp[*got..]).expect("read");
+    assert!(n > 0, "router closed the connection");
+    *got += n;
+}
+
 /// Writes `depth` requests at once and reads `depth` answers, all 200.
 fn pipelined(s: &mut TcpStream, batch: &[u8], depth: usize, resp: &mut [u8]) {
     s.write_all(batch).expect("write");
     let (mut got, mut start, mut done) = (0usize, 0usize, 0usize);
     while done < depth {
-        if got == resp.len() {
-            resp.copy_within(start..got, 0);
-            got -= start;
-            start = 0;
-        }
-        let n = s.read(&mut resp[got..]).expect("read");
-        assert!(n > 0, "router closed the connection");
-        got += n;
+        read_more(s, resp, &mut got, &mut start);
         loop {
             let mut headers = [httparse::EMPTY_HEADER; 32];
             let mut r = httparse::Response::new(&mut headers);
@@ -520,14 +526,7 @@ fn ws_round(
     s.write_all(batch).expect("write");
     let (mut got, mut start, mut done, mut last) = (0usize, 0usize, 0usize, (0, 0));
     while done < depth {
-        if got == resp.len() {
-            resp.copy_within(start..got, 0);
-            got -= start;
-            start = 0;
-        }
-        let n = s.read(&mut resp[got..]).expect("read");
-        assert!(n > 0, "router closed the connection");
-        got += n;
+        read_more(s, resp, &mut got, &mut start);
         loop {
             let b = &resp[start..got];
             if b.len() < 2 {

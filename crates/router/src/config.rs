@@ -312,7 +312,9 @@ pub struct Readiness {
     /// request is closed; a busy one gets `Connection: close` on its next answer, and a
     /// `/api/ws` session is closed with 1001 once its answers are out. Closing an idle
     /// connection races a request the client may be sending on it (RFC 9112 9.3.1 lets
-    /// clients retry then), so only connections idle this long are closed. Default 1000.
+    /// clients retry then), so only connections idle this long are closed. Also the other
+    /// side: a link this router dialed to a draining peer that is its cluster's only way in
+    /// is closed once it carried nothing this long (`peer::close_when_replaced`). Default 1000.
     pub drain_idle_close_ms: u64,
     /// A router started with `listen.takeover` accepts clients only once its links to every
     /// peer router and sibling are up with their statuses, or after this long (clients wait in

@@ -59,9 +59,21 @@ impl FedProc {
     /// SIGTERM, then waits up to `within` for the exit; None when it did not exit in time
     /// (then it is still running).
     pub fn term(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        self.sigterm();
+        self.wait_exit(within)
+    }
+
+    /// SIGTERM (a router starts its drain), without waiting.
+    pub fn sigterm(&mut self) {
+        if let Some(c) = self.child.as_ref() {
+            // SAFETY: kill(2) on our own child's pid (not yet reaped).
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+    }
+
+    /// Waits up to `within` for the exit, sending nothing; None when it did not exit in time.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let c = self.child.as_mut()?;
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if let Ok(Some(st)) = c.try_wait() {
@@ -166,6 +178,16 @@ impl FedRouter {
     /// SIGTERM (a drain), then waits up to `within` for the exit; None when still running.
     pub fn term(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         self.proc.term(within)
+    }
+
+    /// SIGTERM (a drain), without waiting; [`FedRouter::wait_exit`] waits.
+    pub fn sigterm(&mut self) {
+        self.proc.sigterm()
+    }
+
+    /// Waits up to `within` for the exit, sending nothing; None when still running.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        self.proc.wait_exit(within)
     }
 
     /// `GET /readyz`: the status and the body.

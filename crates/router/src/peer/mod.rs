@@ -180,6 +180,20 @@ impl Peers {
 }
 
 impl Peers {
+    /// True when a router of `cluster` (a key of [`Peers::clusters`]) other than the one on
+    /// `link` is ready and not draining, with a live link.
+    fn other_ready(&self, cluster: &str, link: &Rc<TaskLink>) -> bool {
+        self.clusters.get(cluster).is_some_and(|slots| {
+            slots.iter().any(|s| {
+                let l = s.link.borrow();
+                let st = s.status.borrow();
+                l.as_ref()
+                    .is_some_and(|l| !Rc::ptr_eq(l, link) && l.is_alive())
+                    && st.as_ref().is_some_and(|st| st.ready && !st.draining)
+            })
+        })
+    }
+
     /// True when every peer router (siblings included) has a live link that brought its
     /// status: what a router taking over another's listeners waits for before it accepts
     /// clients (it can then route every request the old one could).
@@ -410,7 +424,11 @@ async fn read_dialed<R: futures_lite::AsyncRead + Unpin>(
                 }
                 *slot.status.borrow_mut() = Some(st);
                 if draining && closer.is_none() {
-                    closer = Some(glommio::spawn_local(close_when_idle(link.clone())));
+                    closer = Some(glommio::spawn_local(close_when_replaced(
+                        shard.clone(),
+                        cluster.to_string(),
+                        link.clone(),
+                    )));
                 }
             }
             Message::Ping(p) => link
@@ -423,7 +441,39 @@ async fn read_dialed<R: futures_lite::AsyncRead + Unpin>(
     }
 }
 
-/// Closes a link to a draining router once no request is pending on it.
+/// Closes a link to a draining router once no request is pending on it and either it is
+/// replaced (another router of its cluster is ready, so new requests go there; for a sibling,
+/// this router serving its cluster itself also counts) or nothing was sent on the link for
+/// `readiness.drain_idle_close_ms`. While the draining router is the cluster's only way in
+/// (its sibling restarting, say, and not linked again yet), requests keep going to it, and it
+/// serves them until its drain ends, instead of failing here with 503 `no_peer`. Its drain
+/// waits for this close (or its `readiness.drain_timeout_ms`).
+async fn close_when_replaced(shard: Rc<Shard>, cluster: String, link: Rc<TaskLink>) {
+    let sibling = cluster == shard.federation.own;
+    let replaced = || {
+        shard.peers.borrow().other_ready(&cluster, &link)
+            || (sibling
+                && shard
+                    .health
+                    .serving_refusal(&shard.snapshots.routes.load(), shard.cfg.readiness.coverage)
+                    .is_none())
+    };
+    let idle_close = Duration::from_millis(shard.cfg.readiness.drain_idle_close_ms);
+    let (mut sent, mut since) = (link.sent(), Instant::now());
+    let mut timer = crate::util::Deadline::new();
+    while link.is_alive() {
+        if link.sent() != sent {
+            (sent, since) = (link.sent(), Instant::now());
+        }
+        if link.pending_len() == 0 && (since.elapsed() >= idle_close || replaced()) {
+            break;
+        }
+        timer.sleep(crate::health::POLL).await;
+    }
+    link.out.borrow_mut().close(1001);
+}
+
+/// Closes a link to a router a reload removed once no request is pending on it.
 async fn close_when_idle(link: Rc<TaskLink>) {
     while link.is_alive() && link.pending_len() > 0 {
         glommio::timer::sleep(crate::health::POLL).await;

@@ -117,18 +117,41 @@ type ServeFn = fn(
     glommio::net::TcpStream,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 
-async fn accept_loop(shard: Rc<Shard>, l: TcpListener, serve: ServeFn, kind: Listener) {
+/// Accepts on `l` until the shard drains. A drain does not drop the accept in flight: glommio
+/// cancels a dropped io_uring accept, and one that the kernel completed meanwhile leaves an
+/// accepted connection nobody owns, reset when the process exits (a takeover lost a request
+/// that way). Instead the listening socket is shut down, which moves its backlog to the rest
+/// of its SO_REUSEPORT group (`net.ipv4.tcp_migrate_req`, see `tune`) and makes the accept
+/// in flight end: with a connection it got before, served like any other, or with an error.
+async fn accept_loop(shard: Rc<Shard>, fd: RawFd, serve: ServeFn, kind: Listener) {
+    // SAFETY: `start` hands each listening socket it bound to exactly one accept loop, which
+    // owns it from here on.
+    let l = unsafe { TcpListener::from_raw_fd(fd) };
+    let mut draining = false;
     loop {
-        let next = futures_lite::future::or(async { Some(l.accept().await) }, async {
-            // Fails (wakes) once the shard sees a drain.
-            let _ = shard.drain.acquire(1).await;
-            None
-        })
-        .await;
-        let Some(accepted) = next else {
+        let accepted = if draining {
+            l.accept().await
+        } else {
+            let mut accept = std::pin::pin!(l.accept());
+            let next = futures_lite::future::or(async { Some((&mut accept).await) }, async {
+                // Fails (wakes) once the shard sees a drain.
+                let _ = shard.drain.acquire(1).await;
+                None
+            })
+            .await;
+            match next {
+                Some(a) => a,
+                None => {
+                    draining = true;
+                    stop_accepting(fd, shard.index, kind);
+                    accept.await
+                }
+            }
+        };
+        if draining && accepted.is_err() {
             tracing::info!(shard = shard.index, listener = ?kind, "draining: listener closed");
             return;
-        };
+        }
         match accepted {
             Ok(s) => {
                 let limits = &shard.cfg.limits;
@@ -157,6 +180,17 @@ async fn accept_loop(shard: Rc<Shard>, l: TcpListener, serve: ServeFn, kind: Lis
                 glommio::timer::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// Takes a listening socket out of the kernel's tables without closing its descriptor (see
+/// [`accept_loop`]). A listener that is already shut down is left as it is.
+fn stop_accepting(fd: RawFd, shard: usize, kind: Listener) {
+    // SAFETY: borrowed for this call only; the accept loop's listener owns the descriptor and
+    // outlives the borrow.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    if let Err(e) = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both) {
+        tracing::warn!(shard, listener = ?kind, "draining: could not shut the listener down: {e}");
     }
 }
 
@@ -276,17 +310,14 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                     i, n, cfg2, snaps, tx2, m, int2, fed, acceptor, health,
                 ));
                 glommio::spawn_local(super::watch_drain(shard.clone())).detach();
-                // SAFETY: the fds were bound and listening on the main thread and are owned
-                // by this shard from here on. Only once this shard's thread has ended does
-                // the watcher thread borrow them (never closing them) to stop them listening.
-                let (api_l, int_l) =
-                    unsafe { (TcpListener::from_raw_fd(afd), TcpListener::from_raw_fd(ifd)) };
+                // The fds were bound and listening on the main thread and are owned by this
+                // shard's accept loops from here on. Only once this shard's thread has ended
+                // does the watcher thread borrow them (never closing them) to stop them
+                // listening.
                 let ext = efd.map(|fd| {
-                    // SAFETY: as above.
-                    let l = unsafe { TcpListener::from_raw_fd(fd) };
                     glommio::spawn_local(accept_loop(
                         shard.clone(),
-                        l,
+                        fd,
                         |s, c| Box::pin(crate::peer::serve(s, c)),
                         Listener::External,
                     ))
@@ -299,11 +330,9 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                     takeover_wait(&shard).await;
                 }
                 let tls_l = tfd.map(|fd| {
-                    // SAFETY: as above.
-                    let l = unsafe { TcpListener::from_raw_fd(fd) };
                     glommio::spawn_local(accept_loop(
                         shard.clone(),
-                        l,
+                        fd,
                         |s, c| Box::pin(api::tls::serve(s, c)),
                         Listener::Api,
                     ))
@@ -314,13 +343,13 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                 crate::fault::arm(i);
                 let a = glommio::spawn_local(accept_loop(
                     shard.clone(),
-                    api_l,
+                    afd,
                     |s, c| Box::pin(api::http::serve(s, c)),
                     Listener::Api,
                 ));
                 let t = glommio::spawn_local(accept_loop(
                     shard.clone(),
-                    int_l,
+                    ifd,
                     |s, c| Box::pin(task::link::serve(s, c)),
                     Listener::Internal,
                 ));

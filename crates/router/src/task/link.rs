@@ -117,6 +117,9 @@ pub(crate) struct TaskLink {
     exp: Cell<u64>,
     /// When the last `renew` was verified (at most one per second is).
     renewed_at: Cell<Option<Instant>>,
+    /// Requests sent on this link: a link to a draining peer is closed once it stops
+    /// carrying any (`peer::close_when_replaced`).
+    sent: Cell<u64>,
 }
 
 impl TaskLink {
@@ -132,6 +135,7 @@ impl TaskLink {
             health: Health::default(),
             exp: Cell::new(0),
             renewed_at: Cell::new(None),
+            sent: Cell::new(0),
         }
     }
 
@@ -212,6 +216,11 @@ impl TaskLink {
         self.pending.borrow().len()
     }
 
+    /// Requests sent on this link so far.
+    pub(crate) fn sent(&self) -> u64 {
+        self.sent.get()
+    }
+
     /// Open and not closing, ejected or not.
     pub(crate) fn is_open(&self) -> bool {
         self.alive.get() && !self.out.borrow().is_closing()
@@ -254,6 +263,7 @@ impl TaskLink {
                 deadline,
             },
         );
+        self.sent.set(self.sent.get() + 1);
         Ok(Wait {
             link: self.clone(),
             id,

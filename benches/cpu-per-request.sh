@@ -21,6 +21,10 @@
 #   PROFILE_TLS=1 PROFILE=/tmp/p.txt benches/cpu-per-request.sh   # the same for fedbus https
 #   PROFILE_PIPE=1 PROFILE=/tmp/p.txt benches/cpu-per-request.sh  # fedbus http in the PIPE shape
 #                                   # (8x8 pipelined, `fedbus bench`) instead of 1 in flight
+#   URING_PROTO=1 benches/cpu-per-request.sh       # adds benches/uring-proto (a one-hop answerer
+#                                   # on raw io_uring, core 1) in its three receive modes beside
+#                                   # nginx alone: what multishot receive into provided buffers
+#                                   # would save per request over glommio's poll + recv(2)
 #
 # Run from the repo root (as root: it installs wrk, nginx and nats-server with apt when they
 # are missing). Writes benches/results/<date>-cpu-per-request-<host>.md (or $OUT).
@@ -56,6 +60,8 @@ EXTRA_BIN=${EXTRA_BIN:-}
 PROFILE_TLS=${PROFILE_TLS:-0}
 PROFILE_PIPE=${PROFILE_PIPE:-0}
 TLS=${TLS:-0}
+URING_PROTO=${URING_PROTO:-0}
+export URING_PROTO
 [ "$PROFILE_TLS" = 1 ] && TLS=1
 export TLS EXTRA_BIN
 export EXTRA_LABEL=${EXTRA_LABEL:-other build}
@@ -334,7 +340,8 @@ measure() {
   echo "$*" | sed "s|${EXTRA_BIN:-@none@}|fedbus-extra|g; s|$BIN|fedbus|g; s|$WRK|wrk|g; s|$WORK/||g; s|$TOKEN|\$TOKEN|g; s|$FEDBUS_HOME/keys|keys|g;
     s|:$API_PORT|:\$API|g; s|:$PROXY_PORT|:\$PROXY|g; s|:$ALONE_PORT|:\$ALONE|g; s|:$NATS_PORT|:\$NATS|g;
     s|:${TLS_PORT:-@none@}/|:\$API_TLS/|g; s|:${TLS_ROUTER_PORT:-@none@}/|:\$TLS_ROUTER/|g;
-    s|:${TLS_PROXY_PORT:-@none@}/|:\$TLS_PROXY/|g; s|:${TLS_ALONE_PORT:-@none@}/|:\$TLS_ALONE/|g" >>"$CMDS"
+    s|:${TLS_PROXY_PORT:-@none@}/|:\$TLS_PROXY/|g; s|:${TLS_ALONE_PORT:-@none@}/|:\$TLS_ALONE/|g;
+    s|:${URING_PORT:-@none@}/|:\$URING/|g" >>"$CMDS"
   echo "== $name" >&2
   # Idle CPU of the server over IDLE seconds (timers, control thread): the floor under the load.
   local i0 i1; i0=$(ticks $spids); sleep "$IDLE"; i1=$(ticks $spids)
@@ -441,6 +448,20 @@ if [ "$TLS" = 1 ]; then
 fi
 wrk_case nginx-proxy "$(nginx_pids $NGX_PROXY)" "$(nginx_pids $NGX_UP)" "$PROXY_PORT" "$FEDBUS_PATH"
 wrk_case nginx-alone "$(nginx_pids $NGX_ALONE)" "" "$ALONE_PORT" "$FEDBUS_PATH"
+if [ "$URING_PROTO" = 1 ]; then
+  # The io_uring receive prototype (benches/uring-proto), alone on core 1 like nginx alone.
+  UP_BIN=$ROOT/target/uring-proto/release/uring-proto
+  echo "== cargo build --release (benches/uring-proto)" >&2
+  CARGO_TARGET_DIR=$ROOT/target/uring-proto cargo build --release -q --manifest-path "$ROOT/benches/uring-proto/Cargo.toml"
+  for mode in poll multishot multishot-send; do
+    URING_PORT=$(free_port)
+    taskset -c 1 "$UP_BIN" "$mode" "127.0.0.1:$URING_PORT" >"$WORK/uring-$mode.log" 2>&1 &
+    UP_PID=$!; PIDS+=($UP_PID)
+    wait_port "$URING_PORT"
+    wrk_case "uring-$mode" "$UP_PID" "" "$URING_PORT" "$FEDBUS_PATH"
+    kill "$UP_PID" 2>/dev/null || true
+  done
+fi
 rate_case nginx-proxy-rate "$(nginx_pids $NGX_PROXY)" "$(nginx_pids $NGX_UP)" "http://127.0.0.1:$PROXY_PORT"
 rate_case nginx-alone-rate "$(nginx_pids $NGX_ALONE)" "" "http://127.0.0.1:$ALONE_PORT"
 bench_case nats "$NATS_PID" "" --target "nats://127.0.0.1:$NATS_PORT"
@@ -503,12 +524,20 @@ rate_rows = [
     ("nginx-alone-rate", f"nginx answering alone, open loop at {rate} req/s", "nginx (master + 1 worker, `return 200`) core 1", "none", "`fedbus bench --rate` core 0"),
 ]
 labels += [t for t in rate_rows if t[0] in r]
+uring_rows = [
+    ("uring-poll", "io_uring prototype answering alone: poll + recv(2) + send(2) (glommio's shape)", "`uring-proto poll` core 1", "none", "wrk core 0"),
+    ("uring-multishot", "io_uring prototype answering alone: multishot recv into provided buffers + send(2)", "`uring-proto multishot` core 1", "none", "wrk core 0"),
+    ("uring-multishot-send", "io_uring prototype answering alone: multishot recv + io_uring send", "`uring-proto multishot-send` core 1", "none", "wrk core 0"),
+]
+labels += [t for t in uring_rows if t[0] in r]
 o = [f"# Server CPU per request, 1 in flight per connection: {date} on {host}", ""]
 env = f"DURATION={dur} WARMUP={warm} CONNS={conns} SIZE={size}"
 if os.environ.get("TLS") == "1":
     env = "TLS=1 " + env
 if os.environ.get("RATE"):
     env = f"RATE={os.environ['RATE']} " + env
+if os.environ.get("URING_PROTO") == "1":
+    env = "URING_PROTO=1 " + env
 if os.environ.get("EXTRA_BIN"):
     env += f" EXTRA_BIN=<{extra}> EXTRA_LABEL=..."
 o += [f"Made by `{env} benches/cpu-per-request.sh` at commit {commit}.", ""]
@@ -566,6 +595,16 @@ if us("fedbus-https"):
     if us("nginx-tls-proxy") and floor and us("nginx-tls-alone"):
         o.append(f"- nginx's own TLS cost: TLS proxy - plaintext proxy = {us('nginx-tls-proxy') - proxy:.1f} us, "
                  f"TLS alone - plaintext alone = {us('nginx-tls-alone') - floor:.1f} us per request")
+if us("uring-poll"):
+    o += ["", "### io_uring receive modes (benches/uring-proto, one hop, answering alone; server CPU per request)", ""]
+    base = us("uring-poll")
+    o.append(f"- poll + recv(2) + send(2), glommio's shape: {base:.2f} us" + (f" ({base / floor:.2f}x nginx alone)" if floor else ""))
+    for k, name in (("uring-multishot", "multishot recv + send(2)"), ("uring-multishot-send", "multishot recv + io_uring send")):
+        v = us(k)
+        if v:
+            o.append(f"- {name}: {v:.2f} us, **{base - v:+.2f} us** per request saved against poll + recv(2) ({(base - v) / base * 100:+.0f}%)")
+    if us("fedbus-http"):
+        o.append(f"- for scale: fedbus HTTP (router + task hop) {us('fedbus-http'):.2f} us per request in this run")
 o += ["", "Backend CPU: the echo task (fedbus) and the upstream nginx (proxy), counted apart from the server; "
       "nats-server's responders live in the load generator and are not counted. "
       "IPIs to core 1: reschedule + function-call interrupts received by core 1 (`/proc/interrupts` RES + CAL) "
@@ -588,6 +627,8 @@ o += ["", "## Commands", "", "Each measured command below ran after a warm-up ru
       "taskset -c 1 nginx -c nginx-proxy/nginx.conf      # worker_processes 1; proxy_pass to upstream, keepalive 256",
       "taskset -c 1 nginx -c nginx-alone/nginx.conf      # worker_processes 1; return 200 \"<64 x>\"",
       "GOMAXPROCS=1 taskset -c 1 nats-server -a 127.0.0.1 -p $NATS"]
+if us("uring-poll"):
+    o += ["taskset -c 1 target/uring-proto/release/uring-proto MODE 127.0.0.1:$URING   # MODE: poll, multishot, multishot-send (one at a time)"]
 if us("fedbus-https"):
     o += ["fedbus keys cert --keyring keys --name 127.0.0.1 --name localhost --out cert   # ECDSA P-256, dev CA",
           "# router.toml adds: [listen] api_tls = \"127.0.0.1:$API_TLS\" and [[tls.certs]] cert.pem / cert.key",

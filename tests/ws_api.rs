@@ -864,46 +864,13 @@ fn origin_is_checked_at_the_upgrade_and_per_request() {
     assert_eq!(r.metrics().get("fedbus_origin_refused_total"), 2.0);
 }
 
-/// A ping flood (pings never read back as pongs) closes the flooding session with 1008 after
-/// `limits.max_control_frames_per_sec`, counted; another session on the same shard is answered
-/// throughout, and the router's RSS stays flat (each pong once cost a queue slot: 1.1 GiB).
+/// A ping flood (pings never read back as pongs while it lasts) closes the flooding session
+/// with 1008 after `limits.max_control_frames_per_sec`, counted; another session on the same
+/// shard is answered throughout, and the router's RSS stays flat, sampled during the attack
+/// (each pong once cost a queue slot: 1.1 GiB). Sustained as in [`control_flood`].
 #[test]
 fn a_ping_flood_is_closed_1008_and_others_are_served() {
-    let r = Router::new().shards(1).start();
-    let _t = r.task().start();
-    let tok = r.token(APP, "alice");
-    let mut normal = open(&r, &tok);
-    let mut flood = open(&r, &tok);
-    let pid = seed::pid(&r);
-    let rss = || {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-            .expect("VmRSS")
-    };
-    let before = rss();
-    let ping = flood.frame_bytes(opcode::PING, b"", true);
-    let burst: Vec<u8> = ping
-        .iter()
-        .copied()
-        .cycle()
-        .take(ping.len() * 20_000)
-        .collect();
-    flood.send_raw_lossy(&burst);
-    for id in 0..20u64 {
-        normal.send_request(id, Some(&r.path(APP, id)), b"during");
-        let f = normal.read_response();
-        assert_eq!((status_of(&f), &f.payload[..]), (200, &b"during"[..]));
-    }
-    flood.set_read_timeout(Duration::from_secs(10));
-    flood.expect_close(1008);
-    assert_eq!(r.metrics().get("fedbus_abusive_closed_total"), 1.0);
-    let grown_mib = rss().saturating_sub(before) / 1024;
-    assert!(grown_mib < 50, "RSS grew by {grown_mib} MiB");
+    control_flood("ping", opcode::PING, b"");
 }
 
 /// Opens `/api/ws` at `addr` (for a thread that has no `Router`); panics unless it is a 101.
@@ -928,38 +895,45 @@ fn close_code(w: &mut Ws) -> Result<Option<u16>, String> {
 
 /// An unsolicited pong flood (RFC 6455 5.5.3 allows unsolicited pongs, not 20,000 of them)
 /// closes the flooding session with 1008 once it passes `limits.max_control_frames_per_sec`,
-/// counted in `fedbus_abusive_closed_total`. The attack is sustained (2 attackers, each
-/// opening a new session and flooding again as soon as it is closed) until another session on
-/// the same shard has been answered 20 times, each within 2 s, and 4 more floods began
-/// meanwhile.
+/// counted in `fedbus_abusive_closed_total`. Sustained as in [`control_flood`].
 #[test]
 fn a_pong_flood_is_closed_1008_and_others_are_served() {
+    control_flood("pong", opcode::PONG, b"unsolicited");
+}
+
+/// A sustained flood of control frames `op`: 2 attackers, each opening a session, writing
+/// 20,000 frames without reading anything until the write ended, then reading to the close
+/// frame, and flooding again on a new session as soon as it is closed, until another session
+/// on the same, only shard has been answered 20 times, each within 2 s, and 4 more floods
+/// began meanwhile. Every flood is closed 1008 and counted; the router's RSS, sampled before
+/// each normal request, grows less than 50 MiB.
+fn control_flood(name: &str, op: u8, payload: &[u8]) {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
     let r = Router::new().shards(1).start();
     let _t = r.task().start();
     let tok = r.token(APP, "alice");
     let mut normal = open(&r, &tok);
+    let rss_before = fedbus_testkit::attack::rss_kib(&r);
     let stop = Arc::new(AtomicBool::new(false));
     let floods = Arc::new(AtomicU64::new(0));
     let attackers: Vec<_> = (0..2)
         .map(|_| {
             let (addr, tok, stop, floods) = (r.api, tok.clone(), stop.clone(), floods.clone());
+            let payload = payload.to_vec();
             std::thread::spawn(move || {
                 let mut codes = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let mut flood = open_at(addr, &tok);
                     flood.set_read_timeout(Duration::from_secs(10));
-                    let pong = flood.frame_bytes(opcode::PONG, b"unsolicited", true);
-                    let burst = pong.repeat(20_000);
+                    let burst = flood.frame_bytes(op, &payload, true).repeat(20_000);
                     let w = flood.s.try_clone().expect("clone");
-                    let writer = std::thread::spawn(move || {
-                        let _ = (&w).write_all(&burst);
-                    });
                     floods.fetch_add(1, Ordering::Relaxed);
+                    // Nothing is read (no pong, no close frame) until the whole burst is
+                    // written or the router closed the connection under it.
+                    let _ = (&w).write_all(&burst);
                     codes.push(close_code(&mut flood));
                     let _ = flood.s.shutdown(std::net::Shutdown::Both);
-                    let _ = writer.join();
                 }
                 codes
             })
@@ -971,11 +945,12 @@ fn a_pong_flood_is_closed_1008_and_others_are_served() {
     .expect("the floods started");
     // At least 20 answers, and until 4 more floods were closed meanwhile (at most 10 s).
     let (t, floods_before) = (Instant::now(), floods.load(Ordering::Relaxed));
-    let (mut slowest, mut answered) = (Duration::ZERO, 0u64);
+    let (mut slowest, mut answered, mut peak) = (Duration::ZERO, 0u64, rss_before);
     while answered < 20
         || (floods.load(Ordering::Relaxed) < floods_before + 4
             && t.elapsed() < Duration::from_secs(10))
     {
+        peak = peak.max(fedbus_testkit::attack::rss_kib(&r));
         let sent = Instant::now();
         normal.send_request(answered, Some(&r.path(APP, answered)), b"during");
         let f = normal.read_response();
@@ -991,10 +966,11 @@ fn a_pong_flood_is_closed_1008_and_others_are_served() {
         .flat_map(|a| a.join().expect("attacker"))
         .collect();
     let abusive = r.metrics().get("fedbus_abusive_closed_total");
+    let grown_mib = peak.saturating_sub(rss_before) / 1024;
     println!(
-        "pong flood: {} sessions of 20000 pongs, close codes {:?}; fedbus_abusive_closed_total \
+        "{name} flood: {} sessions of 20000 {name}s, close codes {:?}; fedbus_abusive_closed_total \
          {abusive}; {answered} normal requests answered in {attack:?} while {floods_during} \
-         floods began (slowest {slowest:?})",
+         floods began (slowest {slowest:?}); peak RSS {grown_mib} MiB over the start",
         codes.len(),
         codes
             .iter()
@@ -1010,6 +986,10 @@ fn a_pong_flood_is_closed_1008_and_others_are_served() {
     assert!(
         slowest < Duration::from_secs(2),
         "a normal request took {slowest:?}"
+    );
+    assert!(
+        grown_mib < 50,
+        "RSS grew by {grown_mib} MiB during the {name} flood"
     );
     assert!(r
         .log()

@@ -442,6 +442,112 @@ fn wss_api_ws_answers_a_python_websockets_client() {
     assert_eq!(ids, vec![1, 2, 3]);
 }
 
+/// A child process killed and reaped on drop.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The TLS issue's first acceptance point, from a fresh home: `fedbus run` on embedded
+/// defaults (no config) makes a dev CA in its keyring and serves HTTPS on 127.0.0.1:8443;
+/// `curl --cacert <dev CA>` gets the echo back from the built-in echo task, and a Python
+/// `websockets` client over `wss://` gets answers. It binds the embedded defaults' fixed
+/// ports (8800, 8443, 8900, ...) on 127.0.0.1: no other test uses them.
+#[test]
+fn embedded_defaults_serve_https_and_wss_through_the_dev_ca() {
+    let home = TempDir::new("embedded");
+    let h = home.path();
+    let spawn = |args: &[&str], log: &str| {
+        let c = std::process::Command::new(bin())
+            .args(args)
+            .env("FEDBUS_HOME", h)
+            .current_dir(h)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(h.join(format!("{log}.out"))).expect("log"))
+            .stderr(std::fs::File::create(h.join(format!("{log}.log"))).expect("log"))
+            .spawn()
+            .expect("spawn fedbus");
+        KillOnDrop(c)
+    };
+    let _router = spawn(&["run"], "router");
+    let log = || std::fs::read_to_string(h.join("router.log")).unwrap_or_default();
+    wait_for(Duration::from_secs(20), || {
+        TcpStream::connect("127.0.0.1:8443").ok()
+    })
+    .unwrap_or_else(|| panic!("no HTTPS listener on 127.0.0.1:8443:\n{}", log()));
+    let _task = spawn(&["task", "echo"], "task");
+    let ca = h.join("keys/tls/dev-ca.pem");
+    assert!(ca.is_file(), "no dev CA at {}", ca.display());
+    let tok = fedbus(h, &["token", "client", "--app", APP, "--sub", "alice"]);
+    let tok = tok.lines().last().expect("a token").trim().to_string();
+    let path = "/api/local/dev/demo/echo/api/42/sys/echo";
+    // Until the task has linked (503 no_live_task before).
+    let body = wait_for(Duration::from_secs(20), || {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "--cacert", ca.to_str().expect("utf-8"), "-H"])
+            .arg(format!("Authorization: Bearer {tok}"))
+            .args(["--data-binary", "over https"])
+            .arg(format!("https://localhost:8443{path}"))
+            .output()
+            .expect("run curl (scripts/deps installs it)");
+        (out.status.success() && out.stdout == b"over https").then_some(out.stdout)
+    });
+    assert!(
+        body.is_some(),
+        "curl --cacert never got the echo\n{}",
+        log()
+    );
+    let frames: Vec<String> = (1..=2u64)
+        .map(|id| {
+            let mut meta = bytes::BytesMut::new();
+            put_meta(
+                &mut meta,
+                tag::PATH,
+                format!("/api/local/dev/{APP}/api/{id}/sys/echo").as_bytes(),
+            );
+            let f = encode_frame(
+                Kind::Request,
+                0,
+                0,
+                0,
+                id,
+                &meta,
+                format!("wss {id}").as_bytes(),
+            );
+            f.iter().map(|b| format!("{b:02x}")).collect()
+        })
+        .collect();
+    let out = std::process::Command::new(python())
+        .args(["-c", WSS_CLIENT])
+        .arg(format!("wss://localhost:8443/api/ws?access_token={tok}"))
+        .arg(&ca)
+        .args(&frames)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "python wss client failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        log()
+    );
+    let answers = String::from_utf8(out.stdout).expect("utf-8");
+    assert_eq!(answers.lines().count(), 2, "{answers}");
+    for hex in answers.lines() {
+        let b: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect();
+        let f = Frame::decode(bytes::Bytes::from(b)).expect("a fedbus frame");
+        assert_eq!(f.header.kind, Kind::Response, "{f:?}");
+        let id = f.header.request_id;
+        assert_eq!(&f.payload[..], format!("wss {id}").as_bytes());
+    }
+}
+
 /// Task links over TLS (`listen.internal_tls`): the built-in task dials with `--tls-ca` and
 /// serves requests; a plaintext task link upgrade is cut at the handshake and counted; a task
 /// trusting another CA does not link.

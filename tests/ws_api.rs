@@ -864,6 +864,33 @@ fn origin_is_checked_at_the_upgrade_and_per_request() {
     assert_eq!(r.metrics().get("fedbus_origin_refused_total"), 2.0);
 }
 
+/// RFC 6455 5.5.1 and 7.4 on the router's own `/api/ws` (the shared reader; Autobahn checks
+/// the same on the example server): a close frame with a 1-byte payload, or with a code no
+/// endpoint may send (0, 999, 1004, 1005, 1006, 1016, 1100, 2000, 2999), fails the session
+/// with 1002; a reason that is not UTF-8 with 1007; a valid close is answered with 1000. Each on
+/// a session that first had an answer, and the router closes the TCP connection after.
+#[test]
+fn bad_close_frames_fail_the_session_with_1002_or_1007() {
+    let r = Router::new().shards(1).start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let mut cases: Vec<(Vec<u8>, u16)> = vec![(vec![0x03], 1002)];
+    for code in [0u16, 999, 1004, 1005, 1006, 1016, 1100, 2000, 2999] {
+        cases.push((code.to_be_bytes().to_vec(), 1002));
+    }
+    cases.push((vec![0x03, 0xe8, 0xff, 0xfe, 0xfd], 1007));
+    cases.push((1000u16.to_be_bytes().to_vec(), 1000));
+    cases.push((vec![0x0b, 0xb8, b'o', b'k'], 1000));
+    for (payload, want) in cases {
+        let mut w = open(&r, &tok);
+        w.send_request(1, Some(&r.path(APP, 1)), b"first");
+        assert_eq!(status_of(&w.read_response()), 200);
+        w.send_frame(opcode::CLOSE, &payload, true);
+        w.set_read_timeout(Duration::from_secs(5));
+        w.expect_close(want);
+    }
+}
+
 /// A ping flood (pings never read back as pongs while it lasts) closes the flooding session
 /// with 1008 after `limits.max_control_frames_per_sec`, counted; another session on the same
 /// shard is answered throughout, and the router's RSS stays flat, sampled during the attack

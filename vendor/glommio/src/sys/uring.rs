@@ -452,12 +452,24 @@ fn transmute_error(res: io::Result<u32>) -> io::Result<usize> {
         })
 }
 
+/// fedbus: whether `src` collects I/O latencies (only file sources do), which is what its
+/// queued/submitted/fulfilled timestamps are for.
+fn wants_latency(src: &InnerSource) -> bool {
+    src.stats_collection
+        .as_ref()
+        .is_some_and(|s| s.latency.is_some())
+}
+
 fn record_stats<Ring: UringCommon>(
     ring: &mut Ring,
     src: &mut InnerSource,
     res: &io::Result<usize>,
 ) {
-    src.wakers.fulfilled_at = Some(Instant::now());
+    // fedbus: timestamps only for sources that collect latencies (file I/O); a socket or
+    // timer source read the clock here for nothing.
+    if wants_latency(src) {
+        src.wakers.fulfilled_at = Some(Instant::now());
+    }
     if let Some(fulfilled) = src.stats_collection.and_then(|x| x.fulfilled) {
         fulfilled(res, ring.io_stats_mut(), 1);
         if let Some(handle) = src.task_queue {
@@ -503,7 +515,7 @@ fn extract_one_chain(
     source_map: &mut SourceMap,
     queue: &mut VecDeque<UringDescriptor>,
     chain: Range<usize>,
-    now: Instant,
+    now: &std::cell::Cell<Option<Instant>>,
 ) -> SmallVec<[UringDescriptor; 4]> {
     // fedbus: 4 inline entries (was 1): a linked pair, such as an operation and its timeout,
     // no longer spills to the heap.
@@ -513,7 +525,13 @@ fn extract_one_chain(
             if op.user_data > 0 {
                 let id = from_user_data(op.user_data);
                 let status = source_map.peek_source_mut(from_user_data(op.user_data), |mut x| {
-                    x.wakers.submitted_at = Some(now);
+                    // fedbus: the clock is read once per submission, and only when a
+                    // source collects latencies (`wants_latency`).
+                    if wants_latency(&x) {
+                        let t = now.get().unwrap_or_else(Instant::now);
+                        now.set(Some(t));
+                        x.wakers.submitted_at = Some(t);
+                    }
                     let current = x.enqueued.as_mut().expect("bug");
                     match current.status {
                         EnqueuedStatus::Enqueued => {
@@ -861,11 +879,13 @@ impl UringCommon for PollRing {
 
     fn submit_one_event(&mut self, queue: &mut VecDeque<UringDescriptor>) -> Option<bool> {
         let source_map = &mut *self.source_map.borrow_mut();
-        let now = Instant::now();
+        // fedbus: read lazily (`extract_one_chain`): this runs for empty queues on every
+        // reactor turn.
+        let now = std::cell::Cell::new(None);
 
         while let Some(chain) = peek_one_chain(queue, self.size) {
             return if let Some(sqes) = self.ring.sq().prepare_sqes(chain.len() as u32) {
-                let ops = extract_one_chain(source_map, queue, chain, now);
+                let ops = extract_one_chain(source_map, queue, chain, &now);
                 if ops.is_empty() {
                     // all the sources in the ring were cancelled
                     continue;
@@ -1209,11 +1229,13 @@ impl UringCommon for SleepableRing {
 
     fn submit_one_event(&mut self, queue: &mut VecDeque<UringDescriptor>) -> Option<bool> {
         let source_map = &mut *self.source_map.borrow_mut();
-        let now = Instant::now();
+        // fedbus: read lazily (`extract_one_chain`): this runs for empty queues on every
+        // reactor turn.
+        let now = std::cell::Cell::new(None);
 
         while let Some(chain) = peek_one_chain(queue, self.size) {
             return if let Some(sqes) = self.ring.sq().prepare_sqes(chain.len() as u32) {
-                let ops = extract_one_chain(source_map, queue, chain, now);
+                let ops = extract_one_chain(source_map, queue, chain, &now);
                 if ops.is_empty() {
                     // all the sources in the ring were cancelled
                     continue;
@@ -2019,7 +2041,13 @@ fn queue_request_into_ring(
     descriptor: UringOpDescriptor,
     source_map: &mut SourceMap,
 ) {
-    source.inner.borrow_mut().wakers.queued_at = Some(Instant::now());
+    {
+        // fedbus: see `wants_latency`.
+        let mut inner = source.inner.borrow_mut();
+        if wants_latency(&inner) {
+            inner.wakers.queued_at = Some(Instant::now());
+        }
+    }
     let q = ring.submission_queue();
     let id = source_map.add_source(source, Rc::clone(&q));
 

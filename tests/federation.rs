@@ -224,6 +224,27 @@ fn load_with(
     hs
 }
 
+/// A federation whose two spb2 routers are ready, with closed-loop clients entering spb1/r0
+/// and spb1/r1 for both clusters ([`load`]) for 300 ms already: the stop flag, the log and the
+/// threads go to [`end_load`].
+#[allow(clippy::type_complexity)]
+fn spb2_ready_under_load() -> (
+    Federation,
+    Arc<AtomicBool>,
+    Arc<Mutex<Vec<Obs>>>,
+    Vec<std::thread::JoinHandle<()>>,
+) {
+    let f = Federation::start();
+    for r in 0..2 {
+        wait_readyz(f.router("spb2", r), Duration::from_secs(10));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let hs = load(&f, &[("spb1", 0), ("spb1", 1)], &stop, &log);
+    std::thread::sleep(Duration::from_millis(300));
+    (f, stop, log, hs)
+}
+
 /// Stops the load threads of [`load`] and returns what they saw.
 fn end_load(
     stop: &AtomicBool,
@@ -971,14 +992,7 @@ fn failures(obs: &[Obs]) -> Vec<String> {
 /// come back only once the restarted router is ready (its task relinked).
 #[test]
 fn rolling_sigterm_restart_of_a_cluster_fails_no_request() {
-    let mut f = Federation::start();
-    for r in 0..2 {
-        wait_readyz(f.router("spb2", r), Duration::from_secs(10));
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let hs = load(&f, &[("spb1", 0), ("spb1", 1)], &stop, &log);
-    std::thread::sleep(Duration::from_millis(300));
+    let (mut f, stop, log, hs) = spb2_ready_under_load();
     for r in 0..2 {
         let t0 = Instant::now();
         let st = f
@@ -1030,14 +1044,7 @@ fn rolling_sigterm_restart_of_a_cluster_fails_no_request() {
 /// had linked again to the restarted r0 failed requests that way).
 #[test]
 fn a_draining_router_that_is_its_clusters_last_way_in_serves_until_a_sibling_is_back() {
-    let mut f = Federation::start();
-    for r in 0..2 {
-        wait_readyz(f.router("spb2", r), Duration::from_secs(10));
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let hs = load(&f, &[("spb1", 0), ("spb1", 1)], &stop, &log);
-    std::thread::sleep(Duration::from_millis(300));
+    let (mut f, stop, log, hs) = spb2_ready_under_load();
     let killed_at = Instant::now();
     f.router_mut("spb2", 0).kill9();
     std::thread::sleep(Duration::from_millis(300));
@@ -1187,14 +1194,7 @@ fn takeover_of_a_router_under_load_fails_no_request() {
 /// says it is ready.
 #[test]
 fn kill9_fails_only_what_was_in_flight_and_nothing_after_the_restart() {
-    let mut f = Federation::start();
-    for r in 0..2 {
-        wait_readyz(f.router("spb2", r), Duration::from_secs(10));
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let hs = load(&f, &[("spb1", 0), ("spb1", 1)], &stop, &log);
-    std::thread::sleep(Duration::from_millis(300));
+    let (mut f, stop, log, hs) = spb2_ready_under_load();
     let killed_at = Instant::now();
     f.router_mut("spb2", 1).kill9();
     // spb1 notices the lost links at once (connection reset).

@@ -402,18 +402,26 @@ fn wss_api_ws_answers_a_python_websockets_client() {
     let _t = r.task().start();
     let addr = r.api_tls.expect("TLS listener");
     let tok = r.token(APP, "alice");
-    let frames: Vec<String> = (1..=3u64)
+    let url = format!("wss://127.0.0.1:{}/api/ws?access_token={tok}", addr.port());
+    wss_echo_round_trip(&url, &certs.ca, 3, &|| r.log());
+}
+
+/// Sends `n` echo requests (ids 1..=n, wsid = id) as one `/api/ws` session of the Python
+/// `websockets` client over `url` (`wss://`, trusting the CA in `ca`) and checks that each
+/// comes back answered with its own body; `log` is printed when the client fails.
+fn wss_echo_round_trip(url: &str, ca: &Path, n: u64, log: &dyn Fn() -> String) {
+    let frames: Vec<String> = (1..=n)
         .map(|id| {
             let mut meta = bytes::BytesMut::new();
-            put_meta(&mut meta, tag::PATH, r.path(APP, id).as_bytes());
+            let path = format!("/api/local/dev/{APP}/api/{id}/sys/echo");
+            put_meta(&mut meta, tag::PATH, path.as_bytes());
             let body = format!("wss request {id}");
             let f = encode_frame(Kind::Request, 0, 0, 0, id, &meta, body.as_bytes());
             f.iter().map(|b| format!("{b:02x}")).collect()
         })
         .collect();
-    let url = format!("wss://127.0.0.1:{}/api/ws?access_token={tok}", addr.port());
     let out = std::process::Command::new(python())
-        .args(["-c", WSS_CLIENT, &url, certs.ca.to_str().expect("utf-8")])
+        .args(["-c", WSS_CLIENT, url, ca.to_str().expect("utf-8")])
         .args(&frames)
         .output()
         .expect("run python");
@@ -421,7 +429,7 @@ fn wss_api_ws_answers_a_python_websockets_client() {
         out.status.success(),
         "python wss client failed: {}\n{}",
         String::from_utf8_lossy(&out.stderr),
-        r.log()
+        log()
     );
     let mut ids: Vec<u64> = String::from_utf8(out.stdout)
         .expect("utf-8")
@@ -432,14 +440,14 @@ fn wss_api_ws_answers_a_python_websockets_client() {
                 .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
                 .collect();
             let f = Frame::decode(bytes::Bytes::from(b)).expect("a fedbus frame");
-            assert_eq!(f.header.kind, Kind::Response);
+            assert_eq!(f.header.kind, Kind::Response, "{f:?}");
             let id = f.header.request_id;
             assert_eq!(&f.payload[..], format!("wss request {id}").as_bytes());
             id
         })
         .collect();
     ids.sort_unstable();
-    assert_eq!(ids, vec![1, 2, 3]);
+    assert_eq!(ids, (1..=n).collect::<Vec<_>>());
 }
 
 /// A child process killed and reaped on drop.
@@ -501,51 +509,8 @@ fn embedded_defaults_serve_https_and_wss_through_the_dev_ca() {
         "curl --cacert never got the echo\n{}",
         log()
     );
-    let frames: Vec<String> = (1..=2u64)
-        .map(|id| {
-            let mut meta = bytes::BytesMut::new();
-            put_meta(
-                &mut meta,
-                tag::PATH,
-                format!("/api/local/dev/{APP}/api/{id}/sys/echo").as_bytes(),
-            );
-            let f = encode_frame(
-                Kind::Request,
-                0,
-                0,
-                0,
-                id,
-                &meta,
-                format!("wss {id}").as_bytes(),
-            );
-            f.iter().map(|b| format!("{b:02x}")).collect()
-        })
-        .collect();
-    let out = std::process::Command::new(python())
-        .args(["-c", WSS_CLIENT])
-        .arg(format!("wss://localhost:8443/api/ws?access_token={tok}"))
-        .arg(&ca)
-        .args(&frames)
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "python wss client failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        log()
-    );
-    let answers = String::from_utf8(out.stdout).expect("utf-8");
-    assert_eq!(answers.lines().count(), 2, "{answers}");
-    for hex in answers.lines() {
-        let b: Vec<u8> = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
-            .collect();
-        let f = Frame::decode(bytes::Bytes::from(b)).expect("a fedbus frame");
-        assert_eq!(f.header.kind, Kind::Response, "{f:?}");
-        let id = f.header.request_id;
-        assert_eq!(&f.payload[..], format!("wss {id}").as_bytes());
-    }
+    let url = format!("wss://localhost:8443/api/ws?access_token={tok}");
+    wss_echo_round_trip(&url, &ca, 2, &log);
 }
 
 /// Task links over TLS (`listen.internal_tls`): the built-in task dials with `--tls-ca` and

@@ -224,17 +224,19 @@ fn load_with(
     hs
 }
 
-/// A federation whose two spb2 routers are ready, with closed-loop clients entering spb1/r0
+/// A federation (from `b`) whose two spb2 routers are ready, with closed-loop clients entering spb1/r0
 /// and spb1/r1 for both clusters ([`load`]) for 300 ms already: the stop flag, the log and the
 /// threads go to [`end_load`].
 #[allow(clippy::type_complexity)]
-fn spb2_ready_under_load() -> (
+fn spb2_ready_under_load(
+    b: FederationBuilder,
+) -> (
     Federation,
     Arc<AtomicBool>,
     Arc<Mutex<Vec<Obs>>>,
     Vec<std::thread::JoinHandle<()>>,
 ) {
-    let f = Federation::start();
+    let f = b.start();
     for r in 0..2 {
         wait_readyz(f.router("spb2", r), Duration::from_secs(10));
     }
@@ -992,7 +994,7 @@ fn failures(obs: &[Obs]) -> Vec<String> {
 /// come back only once the restarted router is ready (its task relinked).
 #[test]
 fn rolling_sigterm_restart_of_a_cluster_fails_no_request() {
-    let (mut f, stop, log, hs) = spb2_ready_under_load();
+    let (mut f, stop, log, hs) = spb2_ready_under_load(Federation::builder());
     for r in 0..2 {
         let t0 = Instant::now();
         let st = f
@@ -1044,7 +1046,8 @@ fn rolling_sigterm_restart_of_a_cluster_fails_no_request() {
 /// had linked again to the restarted r0 failed requests that way).
 #[test]
 fn a_draining_router_that_is_its_clusters_last_way_in_serves_until_a_sibling_is_back() {
-    let (mut f, stop, log, hs) = spb2_ready_under_load();
+    let (mut f, stop, log, hs) =
+        spb2_ready_under_load(Federation::builder().drain_peer_hold_ms(20_000));
     let killed_at = Instant::now();
     f.router_mut("spb2", 0).kill9();
     std::thread::sleep(Duration::from_millis(300));
@@ -1092,6 +1095,47 @@ fn a_draining_router_that_is_its_clusters_last_way_in_serves_until_a_sibling_is_
     );
     let after = obs.iter().filter(|o| o.at > exited_at).count();
     assert!(after > 20, "load too thin after r1 exited: {after}");
+}
+
+/// The hold of a draining last way in is bounded (`readiness.drain_peer_hold_ms`, 1 s here):
+/// with spb2/r0 killed and staying down, a SIGTERM'd spb2/r1 under load entering spb1 keeps
+/// serving spb2's requests for the hold, then spb1 closes its links to it once nothing is
+/// pending and r1 exits 0, long before its 30 s drain timeout (a router taken over on the
+/// same address with no ready sibling is reached only once those links close). Nothing sent
+/// to spb2 while r1 was held failed; after that spb1 answers 503 `no_peer` for spb2 (the
+/// whole cluster is down), which is not counted.
+#[test]
+fn a_draining_last_way_in_is_held_at_most_drain_peer_hold_ms() {
+    let (mut f, stop, log, hs) =
+        spb2_ready_under_load(Federation::builder().drain_peer_hold_ms(1000));
+    f.router_mut("spb2", 0).kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    let drain_at = Instant::now();
+    f.router_mut("spb2", 1).sigterm();
+    let st = f
+        .router_mut("spb2", 1)
+        .wait_exit(Duration::from_secs(10))
+        .expect("spb2/r1 exits once the hold is over");
+    let drained = drain_at.elapsed();
+    assert!(st.success(), "spb2/r1 after SIGTERM: {st:?}");
+    let obs = end_load(&stop, hs, &log);
+    eprintln!("held last way in: spb2/r1 drained and exited {drained:?} after SIGTERM");
+    assert!(
+        drained >= Duration::from_millis(900) && drained < Duration::from_secs(5),
+        "drain took {drained:?}; the hold is 1 s"
+    );
+    let held: Vec<&Obs> = obs
+        .iter()
+        .filter(|o| o.target == "spb2" && o.at - o.took > drain_at)
+        .filter(|o| o.at < drain_at + Duration::from_millis(900))
+        .collect();
+    assert!(held.len() > 20, "load too thin while held: {}", held.len());
+    for o in held {
+        assert!(
+            o.status == Some(200) && o.served_by.as_deref() == Some("ru/spb2/r1"),
+            "a request to spb2 while r1 was held: {o:?}"
+        );
+    }
 }
 
 /// `net.ipv4.tcp_migrate_req` is 1 (set here when it can be: the tests run as root in CI), so
@@ -1194,7 +1238,7 @@ fn takeover_of_a_router_under_load_fails_no_request() {
 /// says it is ready.
 #[test]
 fn kill9_fails_only_what_was_in_flight_and_nothing_after_the_restart() {
-    let (mut f, stop, log, hs) = spb2_ready_under_load();
+    let (mut f, stop, log, hs) = spb2_ready_under_load(Federation::builder());
     let killed_at = Instant::now();
     f.router_mut("spb2", 1).kill9();
     // spb1 notices the lost links at once (connection reset).

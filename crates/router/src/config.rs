@@ -316,6 +316,13 @@ pub struct Readiness {
     /// side: a link this router dialed to a draining peer that is its cluster's only way in
     /// is closed once it carried nothing this long (`peer::close_when_replaced`). Default 1000.
     pub drain_idle_close_ms: u64,
+    /// How long a link this router dialed to a draining peer router is kept while that router
+    /// is still its cluster's only ready way in (its sibling restarting, say): requests keep
+    /// going to it, and it serves them, for at most this long; then the link closes once
+    /// nothing is pending on it (`peer::close_when_replaced`). Bounds how long such a peer's
+    /// drain waits for this router, as for a takeover of a router with no ready sibling. 0:
+    /// close as soon as nothing is pending. Must be below `drain_timeout_ms`. Default 5000.
+    pub drain_peer_hold_ms: u64,
     /// A router started with `listen.takeover` accepts clients only once its links to every
     /// peer router and sibling are up with their statuses, or after this long (clients wait in
     /// the listen queue meanwhile). Default 5000.
@@ -342,6 +349,7 @@ impl Default for Readiness {
             peers: true,
             drain_timeout_ms: 30_000,
             drain_idle_close_ms: 1000,
+            drain_peer_hold_ms: 5000,
             takeover_wait_ms: 5000,
         }
     }
@@ -742,6 +750,12 @@ impl Config {
                 return Err(invalid(f, "must be > 0 ms"));
             }
         }
+        if self.readiness.drain_peer_hold_ms >= self.readiness.drain_timeout_ms {
+            return Err(invalid(
+                "readiness.drain_peer_hold_ms",
+                "must be below readiness.drain_timeout_ms (a peer's drain would end with requests in flight)",
+            ));
+        }
         if self.listen.admin_max_connections == 0 {
             return Err(invalid("listen.admin_max_connections", "must be > 0"));
         }
@@ -1013,6 +1027,16 @@ mod tests {
         assert!(e.to_string().contains("emergency_partition"), "{e}");
         let e = Config::parse("[limits]\nmax_body_byte = 1\n", "t").unwrap_err();
         assert!(e.to_string().contains("max_body_byte"), "{e}");
+        let e = Config::parse(
+            "[readiness]\ndrain_timeout_ms = 3000\ndrain_peer_hold_ms = 3000\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("readiness.drain_peer_hold_ms"),
+            "{e}"
+        );
+        Config::parse("[readiness]\ndrain_peer_hold_ms = 0\n", "t").unwrap();
         let e = Config::parse("[listen]\ninternal = \"0.0.0.0:8900\"\n", "t").unwrap_err();
         assert!(e.to_string().contains("listen.advertise_host"), "{e}");
         Config::parse(

@@ -278,6 +278,7 @@ pub struct FederationBuilder {
     shards: usize,
     delays: [u64; 2],
     request_timeout_ms: u64,
+    drain_peer_hold_ms: Option<u64>,
     grace_secs: Option<u64>,
     /// The `[apps.cors]` table of the app in each cluster.
     cors: [Option<String>; 2],
@@ -301,6 +302,12 @@ impl FederationBuilder {
     /// The echo task of `cluster` waits this long before answering.
     pub fn task_delay_ms(mut self, cluster: &str, ms: u64) -> Self {
         self.delays[cluster_index(cluster)] = ms;
+        self
+    }
+
+    /// `readiness.drain_peer_hold_ms` of every router (default: the router's, 5000).
+    pub fn drain_peer_hold_ms(mut self, ms: u64) -> Self {
+        self.drain_peer_hold_ms = Some(ms);
         self
     }
 
@@ -400,6 +407,9 @@ impl FederationBuilder {
                     "[limits]\nrequest_timeout_ms = {}",
                     self.request_timeout_ms
                 );
+                if let Some(h) = self.drain_peer_hold_ms {
+                    let _ = writeln!(cfg, "[readiness]\ndrain_peer_hold_ms = {h}");
+                }
                 if let Some(g) = self.grace_secs {
                     let _ = writeln!(cfg, "[auth]\ngrace_secs = {g}");
                 }
@@ -580,6 +590,7 @@ impl Federation {
             shards: 1,
             delays: [0, 0],
             request_timeout_ms: 10_000,
+            drain_peer_hold_ms: None,
             grace_secs: None,
             cors: [None, None],
             peer_tls: std::env::var("FEDBUS_TEST_PEER_TLS").is_ok_and(|v| v == "1"),

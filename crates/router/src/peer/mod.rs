@@ -443,11 +443,12 @@ async fn read_dialed<R: futures_lite::AsyncRead + Unpin>(
 
 /// Closes a link to a draining router once no request is pending on it and either it is
 /// replaced (another router of its cluster is ready, so new requests go there; for a sibling,
-/// this router serving its cluster itself also counts) or nothing was sent on the link for
-/// `readiness.drain_idle_close_ms`. While the draining router is the cluster's only way in
-/// (its sibling restarting, say, and not linked again yet), requests keep going to it, and it
-/// serves them until its drain ends, instead of failing here with 503 `no_peer`. Its drain
-/// waits for this close (or its `readiness.drain_timeout_ms`).
+/// this router serving its cluster itself also counts), or nothing was sent on the link for
+/// `readiness.drain_idle_close_ms`, or it was held `readiness.drain_peer_hold_ms`. While the
+/// draining router is the cluster's only way in (its sibling restarting, say, and not linked
+/// again yet), requests keep going to it and it serves them, instead of failing here with 503
+/// `no_peer`; the hold bounds that, since a router taken over on the same address is reached
+/// only once this link closes. The draining router's drain waits for this close.
 async fn close_when_replaced(shard: Rc<Shard>, cluster: String, link: Rc<TaskLink>) {
     let sibling = cluster == shard.federation.own;
     let replaced = || {
@@ -459,13 +460,17 @@ async fn close_when_replaced(shard: Rc<Shard>, cluster: String, link: Rc<TaskLin
                     .is_none())
     };
     let idle_close = Duration::from_millis(shard.cfg.readiness.drain_idle_close_ms);
-    let (mut sent, mut since) = (link.sent(), Instant::now());
+    let hold = Duration::from_millis(shard.cfg.readiness.drain_peer_hold_ms);
+    let start = Instant::now();
+    let (mut sent, mut since) = (link.sent(), start);
     let mut timer = crate::util::Deadline::new();
     while link.is_alive() {
         if link.sent() != sent {
             (sent, since) = (link.sent(), Instant::now());
         }
-        if link.pending_len() == 0 && (since.elapsed() >= idle_close || replaced()) {
+        if link.pending_len() == 0
+            && (since.elapsed() >= idle_close || start.elapsed() >= hold || replaced())
+        {
             break;
         }
         timer.sleep(crate::health::POLL).await;

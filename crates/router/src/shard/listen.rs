@@ -143,7 +143,11 @@ async fn accept_loop(shard: Rc<Shard>, fd: RawFd, serve: ServeFn, kind: Listener
                 Some(a) => a,
                 None => {
                     draining = true;
-                    stop_accepting(fd, shard.index, kind);
+                    if !stop_accepting(fd, shard.index, kind) {
+                        // Still listening: waiting for the accept would keep taking clients
+                        // through the drain. Drop it (and close the listener) instead.
+                        return;
+                    }
                     accept.await
                 }
             }
@@ -184,13 +188,17 @@ async fn accept_loop(shard: Rc<Shard>, fd: RawFd, serve: ServeFn, kind: Listener
 }
 
 /// Takes a listening socket out of the kernel's tables without closing its descriptor (see
-/// [`accept_loop`]). A listener that is already shut down is left as it is.
-fn stop_accepting(fd: RawFd, shard: usize, kind: Listener) {
+/// [`accept_loop`]); false (with a warning) when `shutdown(2)` fails.
+fn stop_accepting(fd: RawFd, shard: usize, kind: Listener) -> bool {
     // SAFETY: borrowed for this call only; the accept loop's listener owns the descriptor and
     // outlives the borrow.
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    if let Err(e) = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both) {
-        tracing::warn!(shard, listener = ?kind, "draining: could not shut the listener down: {e}");
+    match socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(shard, listener = ?kind, "draining: could not shut the listener down: {e}");
+            false
+        }
     }
 }
 

@@ -553,8 +553,17 @@ fn bad_jwt_at_upgrade_is_401() {
     let mut w = open(&r, &short);
     w.send_request(1, Some(&r.path(APP, 1)), b"a");
     assert_echo_frame(&w.read_response(), 1, 1, b"a");
-    while now() < now_exp(&short) {
-        std::thread::sleep(Duration::from_millis(50));
+    // The router reads whole seconds from CLOCK_REALTIME_COARSE (`util::unix_secs_coarse`),
+    // which lags the fine clock by up to one tick (1-10 ms): wait until 50 ms past `exp`, or a
+    // request sent in the first milliseconds of that second may still be served.
+    let exp_ms = u128::from(now_exp(&short)) * 1000 + 50;
+    while std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis()
+        < exp_ms
+    {
+        std::thread::sleep(Duration::from_millis(10));
     }
     w.send_request(2, Some(&r.path(APP, 1)), b"b");
     w.expect_close(1008);

@@ -963,11 +963,10 @@ fn control_flood(name: &str, op: u8, payload: &[u8]) {
                     let mut flood = open_at(addr, &tok);
                     flood.set_read_timeout(Duration::from_secs(10));
                     let burst = flood.frame_bytes(op, &payload, true).repeat(20_000);
-                    let w = flood.s.try_clone().expect("clone");
                     floods.fetch_add(1, Ordering::Relaxed);
                     // Nothing is read (no pong, no close frame) until the whole burst is
                     // written or the router closed the connection under it.
-                    let _ = (&w).write_all(&burst);
+                    flood.send_raw_lossy(&burst);
                     codes.push(close_code(&mut flood));
                     let _ = flood.s.shutdown(std::net::Shutdown::Both);
                 }

@@ -15,7 +15,8 @@
 #   RATE=40000 benches/cpu-per-request.sh          # adds open-loop rows: fedbus HTTP, the nginx
 #                                   # proxy and nginx alone at the SAME offered load (req/s over
 #                                   # CONNS connections, 1 in flight each; `fedbus bench --rate`,
-#                                   # latency from the intended send times), for p99 side by side
+#                                   # latency from the intended send times), for p99 side by side;
+#                                   # with EXTRA_BIN also fedbus HTTP open loop for the other build
 #   TLS=1 benches/cpu-per-request.sh                # adds the HTTPS rows (below); with EXTRA_BIN
 #                                   # also fedbus https for the other build
 #   PROFILE_TLS=1 PROFILE=/tmp/p.txt benches/cpu-per-request.sh   # the same for fedbus https
@@ -439,6 +440,7 @@ if [ -n "$EXTRA_BIN" ]; then
   wrk_case extra-http "$ROUTER" "$ECHO" "$API_PORT" "$FEDBUS_PATH"
   bench_case extra-ws "$ROUTER" "$ECHO" --target "http://127.0.0.1:$API_PORT" --protocol ws --keyring "$FEDBUS_HOME/keys"
   pipe_cases extra
+  rate_case extra-http-rate "$ROUTER" "$ECHO" "http://127.0.0.1:$API_PORT"
   [ "$TLS" = 1 ] && wrk_case extra-https "$ROUTER" "$ECHO" "$TLS_PORT" "$FEDBUS_PATH" https
   kill "$ROUTER" "$ECHO" 2>/dev/null || true
 fi
@@ -520,6 +522,7 @@ labels += [t for t in tls_rows if t[0] in r]
 rate = os.environ.get("RATE", "")
 rate_rows = [
     ("fedbus-http-rate", f"fedbus router, HTTP, open loop at {rate} req/s", "router: shard core 1, control thread core 0", "`fedbus task echo` core 0", "`fedbus bench --rate` core 0"),
+    ("extra-http-rate", f"fedbus router, HTTP, open loop at {rate} req/s ({extra})", "router: shard core 1, control thread core 0", "`fedbus task echo` core 0", "`fedbus bench --rate` core 0"),
     ("nginx-proxy-rate", f"nginx reverse proxy, open loop at {rate} req/s", "proxy nginx (master + 1 worker) core 1", "upstream nginx (`return 200`) core 0", "`fedbus bench --rate` core 0"),
     ("nginx-alone-rate", f"nginx answering alone, open loop at {rate} req/s", "nginx (master + 1 worker, `return 200`) core 1", "none", "`fedbus bench --rate` core 0"),
 ]

@@ -249,6 +249,19 @@ impl Source {
         })
     }
 
+    /// fedbus: whether the reactor still holds this source: its operation is in the kernel
+    /// (or its completion not consumed yet).
+    pub(crate) fn held_by_reactor(&self) -> bool {
+        // SAFETY: a clone of the `Pin<Rc>` is only counted and dropped, never moved out of.
+        let rc = unsafe { Pin::into_inner_unchecked(Pin::clone(&self.inner)) };
+        Rc::strong_count(&rc) > 2
+    }
+
+    /// fedbus: whether the operation has completed, without collecting any statistics.
+    pub(crate) fn has_result(&self) -> bool {
+        self.inner.borrow().wakers.result.is_some()
+    }
+
     pub(crate) fn result(&self) -> Option<io::Result<usize>> {
         let mut inner = self.inner.borrow_mut();
         let ret = inner

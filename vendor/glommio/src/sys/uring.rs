@@ -1086,6 +1086,23 @@ impl SleepableRing {
         }
     }
 
+    /// fedbus: sleeps on a link poll that an earlier [`SleepableRing::sleep`] left in the
+    /// kernel.
+    fn wait_linked(&mut self) -> io::Result<usize> {
+        assert_eq!(
+            self.waiting_kernel_submission(),
+            0,
+            "sleeping with pending SQEs"
+        );
+        self.ring
+            .cq()
+            .wait(1)
+            .map(|_| 1)
+            .or_else(Reactor::busy_ok)
+            .or_else(Reactor::again_ok)
+            .or_else(Reactor::intr_ok)
+    }
+
     fn sleep(&mut self, link: &Source) -> io::Result<usize> {
         assert_eq!(
             self.waiting_kernel_submission(),
@@ -1267,6 +1284,14 @@ pub(crate) struct Reactor {
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
+    // fedbus: when the armed latency-ring timer fires, and whether it is a sleeper's user timer
+    // (not the preemption timer); it is kept armed across passes while that is soon enough
+    // (see `wait`).
+    latency_timer_deadline: Cell<Option<Instant>>,
+    latency_timer_is_user: Cell<bool>,
+    // fedbus: the last poll that linked the latency ring into the main ring for a sleep; the
+    // next sleep reuses it while the reactor still holds it (see `link_rings_and_sleep`).
+    link_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
 
@@ -1398,6 +1423,9 @@ impl Reactor {
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
+            latency_timer_deadline: Cell::new(None),
+            latency_timer_is_user: Cell::new(false),
+            link_src: Cell::new(None),
             blocking_thread,
             link_fd,
             notifier,
@@ -1770,6 +1798,17 @@ impl Reactor {
     /// We may not be able to register an `SQE` at this point, so we return an
     /// Error and will just not sleep.
     fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
+        // fedbus: the poll a previous sleep submitted is one-shot and stays in the kernel until
+        // the latency ring completes something; while it is there, sleep on it instead of
+        // adding one more. Upstream added a poll per sleep, and they piled up (one per sleep)
+        // between two completions of the latency ring now that its timers are not re-armed
+        // on every pass (patch 6).
+        let held = self.link_src.take();
+        if held.as_ref().is_some_and(Source::held_by_reactor) {
+            self.link_src.set(held);
+            return ring.wait_linked().or_else(Self::busy_ok).map(|_| {});
+        }
+        drop(held);
         let link_rings = Source::new(
             IoRequirements::default(),
             self.link_fd,
@@ -1777,7 +1816,9 @@ impl Reactor {
             None,
             None,
         );
-        ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
+        let slept = ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {});
+        self.link_src.set(Some(link_rings));
+        slept
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
@@ -1837,7 +1878,9 @@ impl Reactor {
     ///   a fair shot at running. So it needs to be rearmed as close as possible
     ///   to the point where we *leave* this method. For instance: if we spin
     ///   here for 3ms and the preempt timer is 10ms that would leave the next
-    ///   task queue just 7ms to run.
+    ///   task queue just 7ms to run. (fedbus: a pending preempt timer is now kept
+    ///   instead, see the comment in the body: the next task queue may get less than a
+    ///   full period.)
     pub(crate) fn wait<Preempt, F>(
         &self,
         preempt_timer: Preempt,
@@ -1858,22 +1901,59 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // Cancel the old timer regardless of whether we can sleep:
+        // fedbus: a latency-ring timer that has not fired yet stays armed when it fires no later
+        // than the one this pass would arm (within `KEEP_SLACK`): the preemption timer when we
+        // will not sleep, the user timer when we may. Upstream cancelled and re-armed the
+        // latency timer on every pass, and the throughput timer too (below): a cancel and a
+        // timeout on the latency ring, a cancel, a timeout and an eventfd write on the main
+        // ring, so two `io_uring_enter`s per pass, and two more around each sleep (the user
+        // timer armed, then cancelled on waking). When the shard makes one pass per request
+        // (requests arriving one at a time, not saturated), that was most of its
+        // `io_uring_enter`s. A kept timer fires no later than a fresh one would (but for
+        // `KEEP_SLACK`): an earlier preemption ends a task queue's turn for one pass of the
+        // reactor, an earlier wake-up goes back to sleep. Before sleeping only a user timer is
+        // kept: a kept preemption timer would wake an idle executor every preemption period
+        // while its next user timer is further away. Sleeping with no user timer still cancels
+        // it, as upstream.
+        //
+        // `KEEP_SLACK`: the deadline is stamped when the timer is armed, a little after the
+        // timer wheel measured `user_timer`, so the same wheel deadline reads a few
+        // microseconds later each pass; without slack the user timer was re-armed on every
+        // sleep. A kept timer may fire up to this much after the new one would have.
+        const KEEP_SLACK: Duration = Duration::from_micros(250);
+        let preempting = preempt_timer();
+        let keep_latency = match (preempting, user_timer) {
+            (Some(limit), _) | (None, Some(limit)) => {
+                (preempting.is_some() || self.latency_timer_is_user.get())
+                    && Self::timer_pending(&self.latency_preemption_timeout_src)
+                    && self
+                        .latency_timer_deadline
+                        .get()
+                        .is_some_and(|d| d <= Instant::now() + limit + KEEP_SLACK)
+            }
+            (None, None) => false,
+        };
+        // Cancel the old timer (fedbus: unless kept) regardless of whether we can sleep:
         // if we won't sleep, we will register the new timer with its new
         // value.
         //
         // But if we will sleep, there might be a timer registered that needs
         // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        if !keep_latency {
+            drop(self.latency_preemption_timeout_src.take());
+        }
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
-        // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        // up sleeping. fedbus: unless the armed one has not fired yet (it counts main-ring
+        // completions from when it was armed).
+        if !Self::timer_pending(&self.throughput_preemption_timeout_src) {
+            self.throughput_preemption_timeout_src.replace(Some(
+                main_ring.prepare_throughput_preemption_timer(
+                    self.ring_depth() as u32,
+                    self.eventfd_src.raw(),
+                ),
+            ));
+        }
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1883,6 +1963,13 @@ impl Reactor {
         flush_rings!(lat_ring, poll_ring, main_ring)?;
         // pick up the results of any cancellations
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
+        // fedbus: a kept timer that fired since it was checked has just been consumed (it
+        // wakes no task, so `woke` does not show it): it is no longer armed, and one is armed
+        // below as if it had not been kept. One that fires from here on leaves its completion
+        // in the latency ring, which ends the next turn (`need_preempt`) or the sleep (the
+        // ring's fd is polled while sleeping).
+        let keep_latency =
+            keep_latency && Self::timer_pending(&self.latency_preemption_timeout_src);
 
         // If we generated any event so far, we can't sleep. Need to handle them.
         let should_sleep = preempt_timer().is_none()
@@ -1894,9 +1981,11 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
-            if let Some(dur) = user_timer {
+            if let (Some(dur), false) = (user_timer, keep_latency) {
                 self.latency_preemption_timeout_src
                     .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                self.latency_timer_deadline.set(Some(Instant::now() + dur));
+                self.latency_timer_is_user.set(true);
                 assert!(flush_rings!(lat_ring)? > 0);
             }
             // From this moment on the remote executors are aware that we are sleeping
@@ -1924,9 +2013,13 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-            flush_rings!(lat_ring, main_ring)?;
+            if !keep_latency {
+                self.latency_preemption_timeout_src
+                    .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+                self.latency_timer_deadline.set(Some(Instant::now() + preempt));
+                self.latency_timer_is_user.set(false);
+                flush_rings!(lat_ring, main_ring)?;
+            }
         }
 
         // A Note about `need_preempt`:
@@ -1937,6 +2030,14 @@ impl Reactor {
         // need_preempt() should be false at this point. As soon as the next event
         // in the preempt ring completes, though, then it will be true.
         Ok(should_sleep)
+    }
+
+    /// fedbus: whether the timer in `slot` is armed and has not completed yet.
+    fn timer_pending(slot: &Cell<Option<Source>>) -> bool {
+        let src = slot.take();
+        let pending = src.as_ref().is_some_and(|s| !s.has_result());
+        slot.set(src);
+        pending
     }
 
     pub(crate) fn flush_syscall_thread(&self) -> usize {

@@ -251,10 +251,10 @@ impl Source {
 
     /// fedbus: whether the reactor still holds this source: its operation is in the kernel
     /// (or its completion not consumed yet).
+    /// The reactor's source map holds a source from `add_source` until `consume_source`,
+    /// which is exactly while `enqueued` is set.
     pub(crate) fn held_by_reactor(&self) -> bool {
-        // SAFETY: a clone of the `Pin<Rc>` is only counted and dropped, never moved out of.
-        let rc = unsafe { Pin::into_inner_unchecked(Pin::clone(&self.inner)) };
-        Rc::strong_count(&rc) > 2
+        self.inner.borrow().enqueued.is_some()
     }
 
     /// fedbus: whether the operation has completed, without collecting any statistics.

@@ -1982,10 +1982,7 @@ impl Reactor {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
             if let (Some(dur), false) = (user_timer, keep_latency) {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                self.latency_timer_deadline.set(Some(Instant::now() + dur));
-                self.latency_timer_is_user.set(true);
+                self.arm_latency_timer(&mut lat_ring, dur, true);
                 assert!(flush_rings!(lat_ring)? > 0);
             }
             // From this moment on the remote executors are aware that we are sleeping
@@ -2014,10 +2011,7 @@ impl Reactor {
 
         if let Some(preempt) = preempt_timer() {
             if !keep_latency {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-                self.latency_timer_deadline.set(Some(Instant::now() + preempt));
-                self.latency_timer_is_user.set(false);
+                self.arm_latency_timer(&mut lat_ring, preempt, false);
                 flush_rings!(lat_ring, main_ring)?;
             }
         }
@@ -2030,6 +2024,15 @@ impl Reactor {
         // need_preempt() should be false at this point. As soon as the next event
         // in the preempt ring completes, though, then it will be true.
         Ok(should_sleep)
+    }
+
+    /// fedbus: queues the latency-ring timer (a user timer or the preemption timer) in place of
+    /// the one in the slot, and notes when it fires and which it is (see `wait`).
+    fn arm_latency_timer(&self, lat_ring: &mut SleepableRing, d: Duration, is_user: bool) {
+        self.latency_preemption_timeout_src
+            .set(Some(lat_ring.prepare_latency_preemption_timer(d)));
+        self.latency_timer_deadline.set(Some(Instant::now() + d));
+        self.latency_timer_is_user.set(is_user);
     }
 
     /// fedbus: whether the timer in `slot` is armed and has not completed yet.

@@ -22,6 +22,11 @@
 #   PROFILE_TLS=1 PROFILE=/tmp/p.txt benches/cpu-per-request.sh   # the same for fedbus https
 #   PROFILE_PIPE=1 PROFILE=/tmp/p.txt benches/cpu-per-request.sh  # fedbus http in the PIPE shape
 #                                   # (8x8 pipelined, `fedbus bench`) instead of 1 in flight
+#   REPEAT=5 benches/cpu-per-request.sh            # every case 5 times (rounds in turn, not a case
+#                                   # 5 times in a row): the table shows each row's median and its
+#                                   # range, and the ratios are paired by round (fedbus / nginx proxy,
+#                                   # nats / fedbus 8x8 of the same round), median and range; not
+#                                   # with TLS=1, URING_PROTO=1 or PROFILE
 #   URING_PROTO=1 benches/cpu-per-request.sh       # adds benches/uring-proto (a one-hop answerer
 #                                   # on raw io_uring, core 1) in its three receive modes beside
 #                                   # nginx alone: what multishot receive into provided buffers
@@ -63,6 +68,11 @@ PROFILE_PIPE=${PROFILE_PIPE:-0}
 TLS=${TLS:-0}
 URING_PROTO=${URING_PROTO:-0}
 export URING_PROTO
+export REPEAT=${REPEAT:-1}
+[[ "$REPEAT" =~ ^[1-9][0-9]*$ ]] || { echo "REPEAT must be a whole number >= 1" >&2; exit 1; }
+if [ "$REPEAT" -gt 1 ] && { [ "${TLS:-0}" = 1 ] || [ "$URING_PROTO" = 1 ] || [ -n "${PROFILE:-}" ]; }; then
+  echo "REPEAT > 1 is for the plaintext rows: not with TLS=1, URING_PROTO=1 or PROFILE" >&2; exit 1
+fi
 [ "$PROFILE_TLS" = 1 ] && TLS=1
 export TLS EXTRA_BIN
 export EXTRA_LABEL=${EXTRA_LABEL:-other build}
@@ -353,14 +363,14 @@ measure() {
   fi
   q1=$(ipis1); w1=$(date +%s.%N); s1=$(ticks $spids); b1=$(ticks $bpids)
   local t1; t1=$(thread_ticks $spids | tr '\n' ' ')
-  python3 - "$name" "$kind" "$j" "$WORK/$name.log" "$s0" "$s1" "$b0" "$b1" "$w0" "$w1" "$HZ" "$i0" "$i1" "$IDLE" "$t0" "$t1" "$q0" "$q1" >>"$ROWS" <<'PY'
+  python3 - "$name" "$kind" "$j" "$WORK/$name.log" "$s0" "$s1" "$b0" "$b1" "$w0" "$w1" "$HZ" "$i0" "$i1" "$IDLE" "$t0" "$t1" "$q0" "$q1" "$ROUND" >>"$ROWS" <<'PY'
 import json, re, sys
-name, kind, j, log, s0, s1, b0, b1, w0, w1, hz, i0, i1, idle, t0, t1, q0, q1 = sys.argv[1:]
+name, kind, j, log, s0, s1, b0, b1, w0, w1, hz, i0, i1, idle, t0, t1, q0, q1, rnd = sys.argv[1:]
 hz = float(hz)
 try:
     d = json.load(open(j))
 except Exception:
-    print(json.dumps({"name": name, "failed": open(log).read()[-300:]}))
+    print(json.dumps({"name": name, "round": int(rnd), "failed": open(log).read()[-300:]}))
     sys.exit(0)
 if kind == "wrk":
     reqs, secs, p99, errs = d["requests"], d["duration_us"] / 1e6, d["p99_us"], d["errors"]
@@ -383,7 +393,7 @@ threads = sorted(((k.split("@")[0], (b[k] - a.get(k, 0)) / hz * 1e6 / reqs) for 
 wall = float(w1) - float(w0)
 cpu = (int(s1) - int(s0)) / hz
 print(json.dumps({
-    "name": name, "requests": reqs, "seconds": secs, "rps": reqs / secs if secs else 0,
+    "name": name, "round": int(rnd), "requests": reqs, "seconds": secs, "rps": reqs / secs if secs else 0,
     "p99_us": p99, "errors": errs, "server_cpu_s": cpu, "wall_s": wall,
     "server_busy": cpu / wall, "server_us": cpu * 1e6 / reqs if reqs else None,
     "backend_us": (int(b1) - int(b0)) / hz * 1e6 / reqs if reqs else None,
@@ -413,6 +423,12 @@ bench_case() {
   measure "$name" "$spids" "$bpids" bench taskset -c 0 "$BIN" bench "$@" "${common[@]}" --duration "${DURATION}s" --warmup 0s --json "$WORK/$name.json"
 }
 
+# The cases, REPEAT rounds of them (each round measures every row once, so that a row's
+# rounds are spread over the run like its neighbours').
+for ROUND in $(seq 1 "$REPEAT"); do
+[ "$REPEAT" = 1 ] || echo "== round $ROUND of $REPEAT" >&2
+# The other build's section of the last round stopped this build's router.
+if [ "$ROUND" -gt 1 ] && [ -n "$EXTRA_BIN" ]; then start_fedbus "$BIN" ""; fi
 wrk_case fedbus-http "$ROUTER" "$ECHO" "$API_PORT" "$FEDBUS_PATH"
 bench_case fedbus-ws "$ROUTER" "$ECHO" --target "http://127.0.0.1:$API_PORT" --protocol ws --keyring "$FEDBUS_HOME/keys"
 # pipe_cases TAG: the PIPE shape (connections x in flight) over HTTP and /api/ws.
@@ -469,6 +485,7 @@ rate_case nginx-alone-rate "$(nginx_pids $NGX_ALONE)" "" "http://127.0.0.1:$ALON
 bench_case nats "$NATS_PID" "" --target "nats://127.0.0.1:$NATS_PORT"
 # nats-server in the PIPE shape too: the issue's pipelined target is per core against it.
 [ -z "$PIPE" ] || BC_CONNS=${PIPE%x*} BC_INFLIGHT=${PIPE#*x} bench_case nats-pipe "$NATS_PID" "" --target "nats://127.0.0.1:$NATS_PORT"
+done
 
 LOAD_END=$(uptime | sed 's/.*load average/load average/')
 MODEL=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)
@@ -480,10 +497,32 @@ python3 - "$ROWS" "$OUT" "$CMDS" "$DATE" "$HOST" "$MODEL${HYP:+ (under $HYP)}" "
 import json, os, sys
 (rows, out, cmds, date, host, model, kernel, nproc, l0, l1, dur, warm, conns, size, idle,
  nginxv, natsv, wrkv, rustc, commit) = sys.argv[1:]
-r = {}
+runs = {}
 for line in open(rows):
     d = json.loads(line)
-    r[d["name"]] = d
+    runs.setdefault(d["name"], []).append(d)
+rounds = int(os.environ.get("REPEAT", "1"))
+def med(v):
+    v = sorted(v)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+# One row per case: with REPEAT rounds, the server CPU is the median over the rounds that ran,
+# and the other columns are the median round's (the lower middle one for an even count).
+r, spread = {}, {}
+for name, ds in runs.items():
+    ok = sorted((d for d in ds if "failed" not in d), key=lambda d: d["server_us"])
+    if not ok:
+        r[name] = ds[-1]
+        continue
+    row = dict(ok[(len(ok) - 1) // 2])
+    row["server_us"] = med([d["server_us"] for d in ok])
+    r[name] = row
+    spread[name] = (ok[0]["server_us"], ok[-1]["server_us"], len(ok), len(ds))
+def paired(a, b):
+    """us(a) / us(b) of each round in which both ran."""
+    by = lambda n: {d["round"]: d["server_us"] for d in runs.get(n, []) if "failed" not in d}
+    x, y = by(a), by(b)
+    return [x[k] / y[k] for k in sorted(x) if y.get(k)]
 def us(k):
     d = r.get(k)
     return d.get("server_us") if d and "failed" not in d else None
@@ -543,6 +582,8 @@ if os.environ.get("URING_PROTO") == "1":
     env = "URING_PROTO=1 " + env
 if os.environ.get("EXTRA_BIN"):
     env += f" EXTRA_BIN=<{extra}> EXTRA_LABEL=..."
+if rounds > 1:
+    env = f"REPEAT={rounds} " + env
 o += [f"Made by `{env} benches/cpu-per-request.sh` at commit {commit}.", ""]
 o += ["## Machine", "", f"- CPU (`lscpu`): {model}, {nproc} cores", f"- kernel: {kernel}",
       f"- load (`uptime`) at start: {l0}", f"- load (`uptime`) at end: {l1}",
@@ -552,19 +593,27 @@ o += ["## Results", "",
       + (f"(the pipelined rows: {pipe}, connections x requests in flight, through `fedbus bench`; "
          "their ratios are to the 1-in-flight nginx rows). " if pipe else ". ") +
       "Server CPU = user+sys ticks of the server process(es) from `/proc/PID/stat` over the measured run / requests served. "
-      "Busy = server CPU seconds / wall seconds (1.00 = core 1 saturated).", "",
-      "| system | server CPU us/req | vs nginx proxy | vs floor | req/s | p99 us | busy | backend CPU us/req | IPIs to core 1 /req | errors |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+      "Busy = server CPU seconds / wall seconds (1.00 = core 1 saturated)."
+      + (f" Each case ran in {rounds} rounds (every case once per round, rounds one after the other): "
+         "server CPU is the median of the rounds, with their range beside it; the other columns are "
+         "the median round's." if rounds > 1 else ""), "",
+      "| system | server CPU us/req | " + ("range over the rounds | " if rounds > 1 else "")
+      + "vs nginx proxy | vs floor | req/s | p99 us | busy | backend CPU us/req | IPIs to core 1 /req | errors |",
+      "|---|---:|" + ("---:|" if rounds > 1 else "") + "---:|---:|---:|---:|---:|---:|---:|---:|"]
 for k, label, *_ in labels:
     d = r.get(k)
     if not d or "failed" in d:
-        o.append(f"| {label} | failed | | | | | | | | |")
+        o.append(f"| {label} | failed | " + ("| " if rounds > 1 else "") + "| | | | | | | |")
         continue
     s = d["server_us"]
     rp = f"{s / proxy:.2f}" if proxy else "n/a"
     rf = f"{s / floor:.2f}" if floor else "n/a"
     b = f"{d['backend_us']:.1f}" if d["backend_us"] and k not in ("nginx-alone", "nats", "nats-pipe") else "n/a"
-    o.append(f"| {label} | **{s:.1f}** | {rp} | {rf} | {d['rps']:.0f} | {d['p99_us']:.0f} | {d['server_busy']:.2f} | {b} | {d['ipis_per_req']:.2f} | {d['errors']} |")
+    rng = ""
+    if rounds > 1:
+        lo, hi, n_ok, n = spread[k]
+        rng = f"{lo:.1f}-{hi:.1f}" + (f" ({n - n_ok} of {n} failed)" if n_ok < n else "") + " | "
+    o.append(f"| {label} | **{s:.1f}** | {rng}{rp} | {rf} | {d['rps']:.0f} | {d['p99_us']:.0f} | {d['server_busy']:.2f} | {b} | {d['ipis_per_req']:.2f} | {d['errors']} |")
 if us("nats-pipe"):
     o += ["", f"### Pipelined ({pipe}) vs nats-server in the same shape (server CPU per request; higher = fedbus does more per core)", ""]
     for tag, name in (("fedbus", "fedbus"), ("extra", extra)):
@@ -574,6 +623,25 @@ if us("nats-pipe"):
                 v = us("nats-pipe") / f
                 o.append(f"- {name} {proto}: nats-server us / fedbus us = {us('nats-pipe'):.1f} / {f:.1f} = "
                          f"**{v:.2f}** (target >= 3: {'met' if v >= 3 else 'not met'})")
+if rounds > 1:
+    o += ["", f"### Ratios paired by round (each round's two rows measured minutes apart at most; median and range over {rounds} rounds)", ""]
+    pairs = [("fedbus-http", "nginx-proxy", "fedbus HTTP / nginx reverse proxy, 1 in flight (target <= 0.5)"),
+             ("fedbus-ws", "nginx-proxy", "fedbus /api/ws / nginx reverse proxy, 1 in flight"),
+             ("fedbus-http", "nginx-alone", "fedbus HTTP / nginx answering alone, 1 in flight"),
+             ("nats-pipe", "fedbus-http-pipe", f"nats-server / fedbus HTTP, {pipe} pipelined (target >= 3)"),
+             ("nats-pipe", "fedbus-ws-pipe", f"nats-server / fedbus /api/ws, {pipe} pipelined (target >= 3)"),
+             ("extra-http", "nginx-proxy", f"{extra} HTTP / nginx reverse proxy, 1 in flight"),
+             ("nats-pipe", "extra-http-pipe", f"nats-server / {extra} HTTP, {pipe} pipelined"),
+             ("nats-pipe", "extra-ws-pipe", f"nats-server / {extra} /api/ws, {pipe} pipelined"),
+             ("fedbus-http", "extra-http", f"fedbus HTTP / {extra} HTTP, 1 in flight"),
+             ("fedbus-http-pipe", "extra-http-pipe", f"fedbus HTTP / {extra} HTTP, {pipe} pipelined"),
+             ("fedbus-ws-pipe", "extra-ws-pipe", f"fedbus /api/ws / {extra} /api/ws, {pipe} pipelined"),
+             ("fedbus-http-rate", "nginx-proxy-rate", f"fedbus HTTP / nginx reverse proxy, open loop at {rate} req/s")]
+    for a, b, what in pairs:
+        v = paired(a, b)
+        if v:
+            o.append(f"- {what}: **{med(v):.2f}** (range {min(v):.2f}-{max(v):.2f}, {len(v)} rounds: "
+                     + ", ".join(f"{x:.2f}" for x in v) + ")")
 if us("fedbus-https"):
     o += ["", "### HTTPS ratios (server CPU per request; higher = fedbus does more per core)", ""]
     def ratio_lines(key, name):
@@ -637,7 +705,7 @@ if us("fedbus-https"):
           "# router.toml adds: [listen] api_tls = \"127.0.0.1:$API_TLS\" and [[tls.certs]] cert.pem / cert.key",
           "taskset -c 1 nginx -c nginx-tls/nginx.conf        # worker_processes 1; ssl_protocols TLSv1.3; cert.pem; ssl_session_cache;",
           "    # :$TLS_ROUTER proxy_pass to the router's api (keepalive 256), :$TLS_PROXY to the upstream nginx, :$TLS_ALONE return 200"]
-o += [l.rstrip() for l in open(cmds)] + ["```", ""]
+o += list(dict.fromkeys(l.rstrip() for l in open(cmds))) + ["```", ""]
 open(out, "w").write("\n".join(o))
 print(out)
 PY

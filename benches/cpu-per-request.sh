@@ -141,6 +141,8 @@ thread_ticks() {
 HZ=$(getconf CLK_TCK)
 # ipis1: reschedule + function-call IPIs received by core 1 so far (/proc/interrupts RES, CAL).
 ipis1() { awk '$1=="RES:" || $1=="CAL:" {s += $3} END {print s + 0}' /proc/interrupts; }
+# steal01: "core0,core1" clock ticks stolen by the hypervisor so far (/proc/stat, 8th value).
+steal01() { awk '$1=="cpu0" {a=$9} $1=="cpu1" {b=$9} END {print (a + 0) "," (b + 0)}' /proc/stat; }
 
 # ---- wrk script: POST SIZE bytes, wsids 0..15 in turn, JSON summary to $WRK_JSON.
 cat >"$WORK/post.lua" <<'LUA'
@@ -357,15 +359,15 @@ measure() {
   # Idle CPU of the server over IDLE seconds (timers, control thread): the floor under the load.
   local i0 i1; i0=$(ticks $spids); sleep "$IDLE"; i1=$(ticks $spids)
   local s0 b0 w0 t0 s1 b1 w1
-  s0=$(ticks $spids); b0=$(ticks $bpids); t0=$(thread_ticks $spids | tr '\n' ' '); w0=$(date +%s.%N); q0=$(ipis1)
+  s0=$(ticks $spids); b0=$(ticks $bpids); t0=$(thread_ticks $spids | tr '\n' ' '); w0=$(date +%s.%N); q0=$(ipis1); v0=$(steal01)
   if ! WRK_JSON=$j timeout $((DURATION + 60)) "$@" >"$WORK/$name.log" 2>&1; then
     echo "   failed: $(tail -2 "$WORK/$name.log")" >&2
   fi
-  q1=$(ipis1); w1=$(date +%s.%N); s1=$(ticks $spids); b1=$(ticks $bpids)
+  v1=$(steal01); q1=$(ipis1); w1=$(date +%s.%N); s1=$(ticks $spids); b1=$(ticks $bpids)
   local t1; t1=$(thread_ticks $spids | tr '\n' ' ')
-  python3 - "$name" "$kind" "$j" "$WORK/$name.log" "$s0" "$s1" "$b0" "$b1" "$w0" "$w1" "$HZ" "$i0" "$i1" "$IDLE" "$t0" "$t1" "$q0" "$q1" "$ROUND" >>"$ROWS" <<'PY'
+  python3 - "$name" "$kind" "$j" "$WORK/$name.log" "$s0" "$s1" "$b0" "$b1" "$w0" "$w1" "$HZ" "$i0" "$i1" "$IDLE" "$t0" "$t1" "$q0" "$q1" "$ROUND" "$v0" "$v1" >>"$ROWS" <<'PY'
 import json, re, sys
-name, kind, j, log, s0, s1, b0, b1, w0, w1, hz, i0, i1, idle, t0, t1, q0, q1, rnd = sys.argv[1:]
+name, kind, j, log, s0, s1, b0, b1, w0, w1, hz, i0, i1, idle, t0, t1, q0, q1, rnd, v0, v1 = sys.argv[1:]
 hz = float(hz)
 try:
     d = json.load(open(j))
@@ -400,6 +402,8 @@ print(json.dumps({
     "idle_cpu_per_s": (int(i1) - int(i0)) / hz / float(idle),
     "ipis_per_req": (int(q1) - int(q0)) / reqs if reqs else None,
     "threads": [t for t in threads if t[1] >= 0.05],
+    # Share of the wall time the hypervisor ran something else on each core.
+    "steal": [(int(b) - int(a)) / hz / wall for a, b in zip(v0.split(","), v1.split(","))],
 }))
 PY
 }
@@ -598,12 +602,19 @@ o += ["## Results", "",
          "server CPU is the median of the rounds, with their range beside it; the other columns are "
          "the median round's." if rounds > 1 else ""), "",
       "| system | server CPU us/req | " + ("range over the rounds | " if rounds > 1 else "")
-      + "vs nginx proxy | vs floor | req/s | p99 us | busy | backend CPU us/req | IPIs to core 1 /req | errors |",
-      "|---|---:|" + ("---:|" if rounds > 1 else "") + "---:|---:|---:|---:|---:|---:|---:|---:|"]
+      + "vs nginx proxy | vs floor | req/s | p99 us | busy | backend CPU us/req | IPIs to core 1 /req | stolen core 1 / core 0 | errors |",
+      "|---|---:|" + ("---:|" if rounds > 1 else "") + "---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def stolen(k):
+    """Percent of the run's wall time stolen by the hypervisor from core 1 / core 0 (the
+    largest of the rounds with REPEAT)."""
+    st = [d["steal"] for d in runs.get(k, []) if "steal" in d]
+    if not st:
+        return "n/a"
+    return f"{max(x[1] for x in st) * 100:.0f}% / {max(x[0] for x in st) * 100:.0f}%"
 for k, label, *_ in labels:
     d = r.get(k)
     if not d or "failed" in d:
-        o.append(f"| {label} | failed | " + ("| " if rounds > 1 else "") + "| | | | | | | |")
+        o.append(f"| {label} | failed | " + ("| " if rounds > 1 else "") + "| | | | | | | | |")
         continue
     s = d["server_us"]
     rp = f"{s / proxy:.2f}" if proxy else "n/a"
@@ -613,7 +624,7 @@ for k, label, *_ in labels:
     if rounds > 1:
         lo, hi, n_ok, n = spread[k]
         rng = f"{lo:.1f}-{hi:.1f}" + (f" ({n - n_ok} of {n} failed)" if n_ok < n else "") + " | "
-    o.append(f"| {label} | **{s:.1f}** | {rng}{rp} | {rf} | {d['rps']:.0f} | {d['p99_us']:.0f} | {d['server_busy']:.2f} | {b} | {d['ipis_per_req']:.2f} | {d['errors']} |")
+    o.append(f"| {label} | **{s:.1f}** | {rng}{rp} | {rf} | {d['rps']:.0f} | {d['p99_us']:.0f} | {d['server_busy']:.2f} | {b} | {d['ipis_per_req']:.2f} | {stolen(k)} | {d['errors']} |")
 if us("nats-pipe"):
     o += ["", f"### Pipelined ({pipe}) vs nats-server in the same shape (server CPU per request; higher = fedbus does more per core)", ""]
     for tag, name in (("fedbus", "fedbus"), ("extra", extra)):
@@ -679,7 +690,10 @@ if us("uring-poll"):
 o += ["", "Backend CPU: the echo task (fedbus) and the upstream nginx (proxy), counted apart from the server; "
       "nats-server's responders live in the load generator and are not counted. "
       "IPIs to core 1: reschedule + function-call interrupts received by core 1 (`/proc/interrupts` RES + CAL) "
-      "over the measured run / requests; in a KVM guest each one costs a VM exit.", ""]
+      "over the measured run / requests; in a KVM guest each one costs a VM exit. "
+      "Stolen: share of the run's wall time the hypervisor gave core 1 / core 0 to another guest "
+      "(`/proc/stat` steal; with REPEAT, the largest of the rounds): a run with much of it is slower "
+      "for reasons outside the machine.", ""]
 o += ["## Where the server's CPU went, by thread (us/req)", ""]
 for k, label, *_ in labels:
     d = r.get(k)

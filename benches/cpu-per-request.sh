@@ -68,12 +68,12 @@ PROFILE_PIPE=${PROFILE_PIPE:-0}
 TLS=${TLS:-0}
 URING_PROTO=${URING_PROTO:-0}
 export URING_PROTO
+[ "$PROFILE_TLS" = 1 ] && TLS=1
 export REPEAT=${REPEAT:-1}
 [[ "$REPEAT" =~ ^[1-9][0-9]*$ ]] || { echo "REPEAT must be a whole number >= 1" >&2; exit 1; }
-if [ "$REPEAT" -gt 1 ] && { [ "${TLS:-0}" = 1 ] || [ "$URING_PROTO" = 1 ] || [ -n "${PROFILE:-}" ]; }; then
-  echo "REPEAT > 1 is for the plaintext rows: not with TLS=1, URING_PROTO=1 or PROFILE" >&2; exit 1
+if [ "$REPEAT" -gt 1 ] && { [ "${TLS:-0}" = 1 ] || [ "$URING_PROTO" = 1 ] || [ -n "${PROFILE:-}" ] || [ "$PROFILE_TLS" = 1 ]; }; then
+  echo "REPEAT > 1 is for the plaintext rows: not with TLS=1, URING_PROTO=1 or PROFILE (or PROFILE_TLS)" >&2; exit 1
 fi
-[ "$PROFILE_TLS" = 1 ] && TLS=1
 export TLS EXTRA_BIN
 export EXTRA_LABEL=${EXTRA_LABEL:-other build}
 [ -z "$EXTRA_BIN" ] || [ -x "$EXTRA_BIN" ] || { echo "EXTRA_BIN $EXTRA_BIN is not executable" >&2; exit 1; }
@@ -514,7 +514,8 @@ def med(v):
 # and the other columns are the median round's (the lower middle one for an even count).
 r, spread = {}, {}
 for name, ds in runs.items():
-    ok = sorted((d for d in ds if "failed" not in d), key=lambda d: d["server_us"])
+    # A run that served no request has no server CPU per request: a failed round.
+    ok = sorted((d for d in ds if d.get("server_us") is not None), key=lambda d: d["server_us"])
     if not ok:
         r[name] = ds[-1]
         continue
@@ -524,7 +525,7 @@ for name, ds in runs.items():
     spread[name] = (ok[0]["server_us"], ok[-1]["server_us"], len(ok), len(ds))
 def paired(a, b):
     """us(a) / us(b) of each round in which both ran."""
-    by = lambda n: {d["round"]: d["server_us"] for d in runs.get(n, []) if "failed" not in d}
+    by = lambda n: {d["round"]: d["server_us"] for d in runs.get(n, []) if d.get("server_us") is not None}
     x, y = by(a), by(b)
     return [x[k] / y[k] for k in sorted(x) if y.get(k)]
 def us(k):
@@ -613,7 +614,7 @@ def stolen(k):
     return f"{max(x[1] for x in st) * 100:.0f}% / {max(x[0] for x in st) * 100:.0f}%"
 for k, label, *_ in labels:
     d = r.get(k)
-    if not d or "failed" in d:
+    if not d or "failed" in d or d.get("server_us") is None:
         o.append(f"| {label} | failed | " + ("| " if rounds > 1 else "") + "| | | | | | | | |")
         continue
     s = d["server_us"]
@@ -648,6 +649,17 @@ if rounds > 1:
              ("fedbus-http-pipe", "extra-http-pipe", f"fedbus HTTP / {extra} HTTP, {pipe} pipelined"),
              ("fedbus-ws-pipe", "extra-ws-pipe", f"fedbus /api/ws / {extra} /api/ws, {pipe} pipelined"),
              ("fedbus-http-rate", "nginx-proxy-rate", f"fedbus HTTP / nginx reverse proxy, open loop at {rate} req/s")]
+    # p99 latency at the same offered load (open loop), paired the same way.
+    def paired_p99(a, b):
+        by = lambda n: {d["round"]: d["p99_us"] for d in runs.get(n, []) if d.get("server_us") is not None}
+        x, y = by(a), by(b)
+        return [x[k] / y[k] for k in sorted(x) if y.get(k)]
+    for a, b, what in (("fedbus-http-rate", "nginx-proxy-rate", f"p99 of fedbus HTTP / p99 of the nginx reverse proxy, open loop at {rate} req/s (target < 1)"),
+                       ("extra-http-rate", "nginx-proxy-rate", f"p99 of {extra} HTTP / p99 of the nginx reverse proxy, open loop at {rate} req/s")):
+        v = paired_p99(a, b)
+        if v:
+            o.append(f"- {what}: **{med(v):.2f}** (range {min(v):.2f}-{max(v):.2f}, {len(v)} rounds: "
+                     + ", ".join(f"{x:.2f}" for x in v) + ")")
     for a, b, what in pairs:
         v = paired(a, b)
         if v:

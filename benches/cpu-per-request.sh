@@ -26,7 +26,7 @@
 #                                   # 5 times in a row): the table shows each row's median and its
 #                                   # range, and the ratios are paired by round (fedbus / nginx proxy,
 #                                   # nats / fedbus 8x8 of the same round), median and range; not
-#                                   # with TLS=1, URING_PROTO=1 or PROFILE
+#                                   # with TLS=1, URING_PROTO=1, PROFILE or PROFILE_TLS
 #   URING_PROTO=1 benches/cpu-per-request.sh       # adds benches/uring-proto (a one-hop answerer
 #                                   # on raw io_uring, core 1) in its three receive modes beside
 #                                   # nginx alone: what multishot receive into provided buffers
@@ -523,9 +523,9 @@ for name, ds in runs.items():
     row["server_us"] = med([d["server_us"] for d in ok])
     r[name] = row
     spread[name] = (ok[0]["server_us"], ok[-1]["server_us"], len(ok), len(ds))
-def paired(a, b):
-    """us(a) / us(b) of each round in which both ran."""
-    by = lambda n: {d["round"]: d["server_us"] for d in runs.get(n, []) if d.get("server_us") is not None}
+def paired(a, b, key="server_us"):
+    """key(a) / key(b) of each round in which both ran (server CPU per request, or p99_us)."""
+    by = lambda n: {d["round"]: d[key] for d in runs.get(n, []) if d.get("server_us") is not None}
     x, y = by(a), by(b)
     return [x[k] / y[k] for k in sorted(x) if y.get(k)]
 def us(k):
@@ -637,7 +637,10 @@ if us("nats-pipe"):
                          f"**{v:.2f}** (target >= 3: {'met' if v >= 3 else 'not met'})")
 if rounds > 1:
     o += ["", f"### Ratios paired by round (each round's two rows measured minutes apart at most; median and range over {rounds} rounds)", ""]
-    pairs = [("fedbus-http", "nginx-proxy", "fedbus HTTP / nginx reverse proxy, 1 in flight (target <= 0.5)"),
+    # p99 latency at the same offered load (open loop) first, then server CPU per request.
+    pairs = [("fedbus-http-rate", "nginx-proxy-rate", "p99_us", f"p99 of fedbus HTTP / p99 of the nginx reverse proxy, open loop at {rate} req/s (target < 1)"),
+             ("extra-http-rate", "nginx-proxy-rate", "p99_us", f"p99 of {extra} HTTP / p99 of the nginx reverse proxy, open loop at {rate} req/s")]
+    pairs += [(a, b, "server_us", what) for a, b, what in [("fedbus-http", "nginx-proxy", "fedbus HTTP / nginx reverse proxy, 1 in flight (target <= 0.5)"),
              ("fedbus-ws", "nginx-proxy", "fedbus /api/ws / nginx reverse proxy, 1 in flight"),
              ("fedbus-http", "nginx-alone", "fedbus HTTP / nginx answering alone, 1 in flight"),
              ("nats-pipe", "fedbus-http-pipe", f"nats-server / fedbus HTTP, {pipe} pipelined (target >= 3)"),
@@ -648,20 +651,9 @@ if rounds > 1:
              ("fedbus-http", "extra-http", f"fedbus HTTP / {extra} HTTP, 1 in flight"),
              ("fedbus-http-pipe", "extra-http-pipe", f"fedbus HTTP / {extra} HTTP, {pipe} pipelined"),
              ("fedbus-ws-pipe", "extra-ws-pipe", f"fedbus /api/ws / {extra} /api/ws, {pipe} pipelined"),
-             ("fedbus-http-rate", "nginx-proxy-rate", f"fedbus HTTP / nginx reverse proxy, open loop at {rate} req/s")]
-    # p99 latency at the same offered load (open loop), paired the same way.
-    def paired_p99(a, b):
-        by = lambda n: {d["round"]: d["p99_us"] for d in runs.get(n, []) if d.get("server_us") is not None}
-        x, y = by(a), by(b)
-        return [x[k] / y[k] for k in sorted(x) if y.get(k)]
-    for a, b, what in (("fedbus-http-rate", "nginx-proxy-rate", f"p99 of fedbus HTTP / p99 of the nginx reverse proxy, open loop at {rate} req/s (target < 1)"),
-                       ("extra-http-rate", "nginx-proxy-rate", f"p99 of {extra} HTTP / p99 of the nginx reverse proxy, open loop at {rate} req/s")):
-        v = paired_p99(a, b)
-        if v:
-            o.append(f"- {what}: **{med(v):.2f}** (range {min(v):.2f}-{max(v):.2f}, {len(v)} rounds: "
-                     + ", ".join(f"{x:.2f}" for x in v) + ")")
-    for a, b, what in pairs:
-        v = paired(a, b)
+             ("fedbus-http-rate", "nginx-proxy-rate", f"fedbus HTTP / nginx reverse proxy, open loop at {rate} req/s")]]
+    for a, b, key, what in pairs:
+        v = paired(a, b, key)
         if v:
             o.append(f"- {what}: **{med(v):.2f}** (range {min(v):.2f}-{max(v):.2f}, {len(v)} rounds: "
                      + ", ".join(f"{x:.2f}" for x in v) + ")")

@@ -534,7 +534,8 @@ async fn serve_inner<S: Stream>(
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut space = ReadSpace::default();
     let mut out = BytesMut::with_capacity(4096);
-    // Bytes of answer heads in the largest batch written so far, and in this one.
+    // Bytes of answer heads (and the small bodies copied behind them) in the largest batch
+    // written so far, and in this one.
     let (mut head_room, mut head_bytes) = (4096usize, 0usize);
     let mut parts: Vec<Bytes> = Vec::with_capacity(32);
     let mut inflight = Ordered::new();
@@ -777,24 +778,31 @@ async fn serve_inner<S: Stream>(
             let length = (!bodiless).then_some(full.len());
             let body = if bodiless || head { Bytes::new() } else { full };
             let close = close || (closing || draining) && inflight.is_empty();
+            let before = out.len();
             write_head(&mut out, shard, &a, length, close, cors.as_ref());
-            head_bytes += out.len();
-            parts.push(out.split().freeze());
             shard.metrics.request(
                 a.status(),
                 answered.saturating_duration_since(start).as_micros() as u64,
                 n_in,
                 body.len(),
             );
-            if !body.is_empty() {
+            if body.len() <= COPY_BODY_BYTES {
+                // Copied behind its head: the batch's small answers leave as one slice.
+                out.put_slice(&body);
+            } else {
+                parts.push(out.split().freeze());
                 parts.push(body);
             }
+            head_bytes += out.len() - before;
             if close {
                 closing = true;
                 inflight.clear();
                 break;
             }
             next = futures_util::FutureExt::now_or_never(inflight.next()).flatten();
+        }
+        if !out.is_empty() {
+            parts.push(out.split().freeze());
         }
         // The answers being written count against the shard's memory budget until they are
         // out, and the client must take them at `limits.min_answer_bytes_per_sec` at least.
@@ -884,6 +892,12 @@ fn is_ws_upgrade(req: &Req) -> bool {
 /// Body bytes held by a connection's requests in flight from which it reads on into a new
 /// buffer instead of waiting for their answers (one allocation against a large body's).
 const READ_AHEAD_BODY_BYTES: usize = 64 * 1024;
+
+/// An answer body up to this size is copied into the batch's head buffer, behind its head,
+/// instead of being written as a slice of its own: a batch of small answers leaves as one
+/// slice, with no reference count taken per answer (docs/ARCHITECTURE.md, "Small answers
+/// copied": what it saved per request at 8x8).
+const COPY_BODY_BYTES: usize = 1024;
 
 /// Spare capacity below which the read buffer is grown (or reclaimed) before a read.
 const MIN_READ_ROOM: usize = 4096;

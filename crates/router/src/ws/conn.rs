@@ -391,8 +391,10 @@ pub struct WsOut {
     /// Whole frames not yet handed to the writer: the writer takes frames whole, so the
     /// queue can be cut at any frame boundary ([`WsOut::close_now`]).
     frames: VecDeque<Queued>,
-    /// Header bytes of queued frames are written here and split off, so one allocation serves
-    /// many frames.
+    /// The copied bytes of the queued frames (headers, small heads, small or masked
+    /// payloads), in queue order and nothing else: the writer splits them off when it takes
+    /// the frames, so one allocation serves many frames and consecutive copied frames leave
+    /// as one slice.
     arena: BytesMut,
     /// The arena given up last, reused once the frames cut from it are written.
     spare_arena: BytesMut,
@@ -458,17 +460,23 @@ impl MaskKeys {
     }
 }
 
-/// One frame in the outbox: its header (and small copied head) and its payload, not copied.
+/// One frame in the outbox: how many of its bytes wait in the arena (its header, its small
+/// head, and its payload when that was copied), and its payload when it was not.
 struct Queued {
-    head: Bytes,
+    copied: usize,
     payload: Bytes,
 }
 
 impl Queued {
     fn len(&self) -> usize {
-        self.head.len() + self.payload.len()
+        self.copied + self.payload.len()
     }
 }
+
+/// A server's payload up to this size is copied into the arena behind its header instead of
+/// being queued as a slice of its own: small frames then leave in one slice, and no
+/// reference count is held per frame. Larger payloads are written from where they lie.
+const COPY_PAYLOAD_BYTES: usize = 1024;
 
 /// A refused send: the outbox is over its limit or closed. Holds the payload.
 #[derive(Debug)]
@@ -536,31 +544,31 @@ impl WsOut {
         let len = head.len() + payload.len();
         // A client masks every frame with a fresh key from a strong source (RFC 6455 5.3):
         // its payload is copied into the arena and masked there. A server's payload is sent
-        // as it is, without a copy.
+        // as it is, without a copy, unless it is small.
         let key = self.keys.as_mut().map(|k| k.next());
         let n = frame::encode_head(op, len, key, &mut wh);
-        let copied = n + head.len() + if key.is_some() { payload.len() } else { 0 };
+        let copy = key.is_some() || payload.len() <= COPY_PAYLOAD_BYTES;
+        let copied = n + head.len() + if copy { payload.len() } else { 0 };
         make_room(
             &mut self.arena,
             &mut self.spare_arena,
             copied,
             (16 * 1024).max(copied),
         );
+        let start = self.arena.len();
         self.arena.extend_from_slice(&wh[..n]);
         self.arena.extend_from_slice(head);
-        let q = match key {
-            Some(k) => {
-                self.arena.extend_from_slice(&payload);
-                frame::unmask(&mut self.arena[n..], k, 0);
-                Queued {
-                    head: self.arena.split().freeze(),
-                    payload: Bytes::new(),
-                }
+        let q = if copy {
+            self.arena.extend_from_slice(&payload);
+            if let Some(k) = key {
+                frame::unmask(&mut self.arena[start + n..], k, 0);
             }
-            None => Queued {
-                head: self.arena.split().freeze(),
-                payload,
-            },
+            Queued {
+                copied,
+                payload: Bytes::new(),
+            }
+        } else {
+            Queued { copied, payload }
         };
         self.queued += q.len();
         self.frames.push_back(q);
@@ -650,6 +658,7 @@ impl WsOut {
             return;
         }
         let dropped: usize = self.frames.drain(..).map(|q| q.len()).sum();
+        self.arena.clear();
         self.queued -= dropped;
         if let Some(c) = &mut self.charge {
             c.release(dropped);
@@ -663,6 +672,7 @@ impl WsOut {
     pub fn abort(&mut self) {
         self.closing = true;
         self.frames.clear();
+        self.arena.clear();
         if let Some(c) = &mut self.charge {
             c.release(self.queued);
         }
@@ -843,12 +853,19 @@ pub async fn write_loop<W: PartsWriter>(out: Rc<RefCell<WsOut>>, mut w: W) -> io
         {
             let mut o = out.borrow_mut();
             // Whole frames only: what is left in the queue can be dropped at a frame boundary.
+            // The copied bytes of consecutive frames leave as one slice of the arena.
+            let mut copied = 0;
             while batch.len() + 2 <= MAX_IOV {
                 let Some(q) = o.frames.pop_front() else { break };
-                batch.push(q.head);
+                copied += q.copied;
                 if !q.payload.is_empty() {
+                    batch.push(o.arena.split_to(copied).freeze());
                     batch.push(q.payload);
+                    copied = 0;
                 }
+            }
+            if copied > 0 {
+                batch.push(o.arena.split_to(copied).freeze());
             }
             if o.frames.is_empty() {
                 o.controls = 0;
@@ -1055,9 +1072,89 @@ mod tests {
             panic!("over the limit must be refused");
         };
         assert_eq!(p.len(), 50);
-        // header part and payload part are queued separately: the payload is not copied
+        // a small payload is copied behind its header
         assert_eq!(o.frames.len(), 1);
-        assert_eq!(o.frames[0].payload.len(), 50);
+        assert_eq!(o.frames[0].payload.len(), 0);
+        assert_eq!(o.frames[0].copied, 2 + 4 + 50);
+        drop(o);
+        // a large one is queued apart from its header: it is not copied
+        let out = WsOut::new(Side::Server, 1 << 20);
+        let mut o = out.borrow_mut();
+        let big = Bytes::from(vec![3u8; COPY_PAYLOAD_BYTES + 1]);
+        assert!(o.send_binary(b"head", big).is_ok());
+        assert_eq!(o.frames[0].payload.len(), COPY_PAYLOAD_BYTES + 1);
+        assert_eq!(o.frames[0].copied, 4 + 4);
+    }
+
+    /// Collects what the writer task writes, and how many slices each write had.
+    struct Collect(Rc<RefCell<(Vec<u8>, Vec<usize>)>>);
+
+    impl crate::ws::stream::PartsWriter for Collect {
+        async fn write_parts(&mut self, parts: &[Bytes]) -> io::Result<()> {
+            let mut c = self.0.borrow_mut();
+            c.1.push(parts.len());
+            for p in parts {
+                c.0.extend_from_slice(p);
+            }
+            Ok(())
+        }
+        async fn close(&mut self) {}
+    }
+
+    #[test]
+    fn the_writer_sends_copied_and_large_frames_in_queue_order() {
+        let out = WsOut::new(Side::Server, 1 << 20);
+        let big = vec![7u8; COPY_PAYLOAD_BYTES + 100];
+        {
+            let mut o = out.borrow_mut();
+            o.send_binary(b"h1", Bytes::from_static(b"small one"))
+                .unwrap();
+            o.send_binary(b"h2", Bytes::from(big.clone())).unwrap();
+            o.send_control(opcode::PONG, b"p");
+            o.send_binary(b"", Bytes::from_static(b"small two"))
+                .unwrap();
+            o.close(1000);
+        }
+        let seen = Rc::new(RefCell::new((Vec::new(), Vec::new())));
+        block_on(write_loop(out.clone(), Collect(seen.clone()))).unwrap();
+        let (wire, writes) = seen.borrow().clone();
+        // The first small frame and the large frame's header in one slice, the large payload
+        // as it lies, the rest (pong, small frame, close) in one slice.
+        assert_eq!(writes, vec![3]);
+        assert_eq!(out.borrow().queued(), 0);
+        let mut r = WsReader::new(&wire[..], BytesMut::new(), Side::Client, 1 << 20);
+        block_on(async {
+            let m = |b: &[u8]| Message::Binary(Bytes::copy_from_slice(b));
+            assert_eq!(r.next().await.unwrap(), m(b"h1small one"));
+            let mut b2 = b"h2".to_vec();
+            b2.extend_from_slice(&big);
+            assert_eq!(r.next().await.unwrap(), m(&b2));
+            assert_eq!(
+                r.next().await.unwrap(),
+                Message::Pong(Bytes::from_static(b"p"))
+            );
+            assert_eq!(r.next().await.unwrap(), m(b"small two"));
+            assert_eq!(r.next().await.unwrap(), Message::Close(Some(1000)));
+        });
+    }
+
+    #[test]
+    fn close_now_drops_the_copied_bytes_of_unwritten_frames() {
+        let out = WsOut::new(Side::Server, 1 << 20);
+        {
+            let mut o = out.borrow_mut();
+            o.send_binary(b"h", Bytes::from_static(b"never read"))
+                .unwrap();
+            o.close_now(1008);
+        }
+        let seen = Rc::new(RefCell::new((Vec::new(), Vec::new())));
+        block_on(write_loop(out.clone(), Collect(seen.clone()))).unwrap();
+        let wire = seen.borrow().0.clone();
+        let mut r = WsReader::new(&wire[..], BytesMut::new(), Side::Client, 1 << 20);
+        block_on(async {
+            assert_eq!(r.next().await.unwrap(), Message::Close(Some(1008)));
+            assert!(matches!(r.next().await, Err(WsError::Eof)));
+        });
     }
 
     #[test]

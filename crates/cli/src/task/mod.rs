@@ -205,7 +205,7 @@ fn send_outcome(out: &RefCell<WsOut>, req: &Header, o: Outcome, extra: Option<&[
             payload_len: payload.len() as u32,
         };
         m[..proto::HEADER_LEN].copy_from_slice(&h.encode());
-        if out.borrow_mut().send_binary(&m, payload).is_err() {
+        if out.borrow_mut().send_binary(&m, &payload).is_err() {
             tracing::warn!(
                 id = req.request_id,
                 "answer dropped: link outbox full or closed"

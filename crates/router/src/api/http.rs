@@ -17,6 +17,7 @@ use bytes::{Bytes, BytesMut};
 use futures_lite::AsyncReadExt;
 use futures_util::future::Either;
 use glommio::net::TcpStream;
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::ops::Range;
 use std::rc::Rc;
@@ -776,7 +777,11 @@ async fn serve_inner<S: Stream>(
             let bodiless = matches!(a.status(), 204 | 304);
             let full = a.body();
             let length = (!bodiless).then_some(full.len());
-            let body = if bodiless || head { Bytes::new() } else { full };
+            let body = if bodiless || head {
+                Cow::Owned(Bytes::new())
+            } else {
+                full
+            };
             let close = close || (closing || draining) && inflight.is_empty();
             let before = out.len();
             write_head(&mut out, shard, &a, length, close, cors.as_ref());
@@ -791,7 +796,7 @@ async fn serve_inner<S: Stream>(
                 out.put_slice(&body);
             } else {
                 parts.push(out.split().freeze());
-                parts.push(body);
+                parts.push(body.into_owned());
             }
             head_bytes += out.len() - before;
             if close {

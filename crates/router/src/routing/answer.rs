@@ -157,13 +157,15 @@ impl Answer {
     }
 
     /// The body the client gets: the payload of the answer, or the JSON error.
-    pub(crate) fn body(&self) -> Bytes {
+    pub(crate) fn body(&self) -> Cow<'_, Bytes> {
         match self {
-            Answer::Task { frame, .. } | Answer::Relayed { frame, .. } => frame.payload.clone(),
-            Answer::Error(e) => {
-                Bytes::from(crate::proto::http::error_body(e.status, e.code, &e.message))
+            Answer::Task { frame, .. } | Answer::Relayed { frame, .. } => {
+                Cow::Borrowed(&frame.payload)
             }
-            Answer::Preflight { .. } => Bytes::new(),
+            Answer::Error(e) => Cow::Owned(Bytes::from(crate::proto::http::error_body(
+                e.status, e.code, &e.message,
+            ))),
+            Answer::Preflight { .. } => Cow::Owned(Bytes::new()),
         }
     }
 
@@ -287,7 +289,7 @@ fn send_head(
         }
         return n;
     }
-    if o.send_binary(m, body).is_err() {
+    if o.send_binary(m, &body).is_err() {
         let e = Answer::error(
             503,
             "overloaded",

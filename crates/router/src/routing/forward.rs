@@ -114,7 +114,7 @@ pub(crate) async fn send(
         // A little longer than the serving router's own deadline, so that its 504
         // `task_timeout` reaches the client rather than our `peer_timeout`.
         let deadline = req.received + Duration::from_millis(limits.request_timeout_ms + 1000);
-        match link.send_request(id, &m, req.payload.clone(), deadline) {
+        match link.send_request(id, &m, &req.payload, deadline) {
             Ok(wait) => wait,
             Err(_) => return Answer::error(503, "peer_busy", "peer link over its queue limit"),
         }

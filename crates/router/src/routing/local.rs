@@ -72,7 +72,6 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
     let mut role: std::borrow::Cow<'_, str> = MAIN_ROLE.into();
     let mut want = partition;
     let mut hops: u8 = 0;
-    let mut payload = req.payload.clone();
     loop {
         let table = first
             .take()
@@ -158,9 +157,9 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
                 hops,
                 served,
                 id,
-                payload.len(),
+                req.payload.len(),
             );
-            match link.send_request(id, &scratch, payload, deadline) {
+            match link.send_request(id, &scratch, &req.payload, deadline) {
                 Ok(wait) => wait,
                 Err(_) => {
                     return Answer::error(503, "task_busy", "task link is over its queue limit")
@@ -223,7 +222,6 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
                 if let Some(p) = p {
                     want = p;
                 }
-                payload = req.payload.clone();
             }
             Reply::Lost => {
                 return Answer::error_at(

@@ -245,16 +245,13 @@ impl TaskLink {
         self: &Rc<Self>,
         id: u64,
         head: &[u8],
-        payload: Bytes,
+        payload: &Bytes,
         deadline: Instant,
-    ) -> Result<Wait, Bytes> {
+    ) -> Result<Wait, crate::ws::Refused> {
         if !self.alive.get() {
-            return Err(payload);
+            return Err(crate::ws::Refused);
         }
-        self.out
-            .borrow_mut()
-            .send_binary(head, payload)
-            .map_err(|r| r.0)?;
+        self.out.borrow_mut().send_binary(head, payload)?;
         self.pending.borrow_mut().insert(
             id,
             Slot {
@@ -793,7 +790,7 @@ fn push_secret(link: &TaskLink, app: &str, version: u32, secret: &[u8]) -> bool 
     crate::proto::put_meta(&mut meta, crate::proto::tag::APP, app.as_bytes());
     crate::proto::put_meta_u64(&mut meta, crate::proto::tag::VERSION, version as u64);
     let f = crate::proto::encode_frame(Kind::SecretPush, 0, 0, 0, 0, &meta, secret);
-    let ok = link.out.borrow_mut().send_binary(&f, Bytes::new()).is_ok();
+    let ok = link.out.borrow_mut().send_binary(&f, &Bytes::new()).is_ok();
     if ok {
         tracing::info!(
             task = link.task,

@@ -205,7 +205,7 @@ mod tests {
                 for _ in 0..data {
                     c.out
                         .borrow_mut()
-                        .send_binary(b"head-", bytes::Bytes::from_static(b"same payload"))
+                        .send_binary(b"head-", &bytes::Bytes::from_static(b"same payload"))
                         .expect("queued");
                 }
                 let code = match c.reader.next().await {

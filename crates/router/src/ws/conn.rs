@@ -478,9 +478,10 @@ impl Queued {
 /// reference count is held per frame. Larger payloads are written from where they lie.
 const COPY_PAYLOAD_BYTES: usize = 1024;
 
-/// A refused send: the outbox is over its limit or closed. Holds the payload.
+/// A refused send: the outbox is over its limit or closed. The caller still holds the payload
+/// (sends borrow it).
 #[derive(Debug)]
-pub struct Refused(pub Bytes);
+pub struct Refused;
 
 impl WsOut {
     /// An empty outbox for `side` that refuses data sends past `limit` queued bytes.
@@ -539,7 +540,7 @@ impl WsOut {
         self.overflowed
     }
 
-    fn push_frame(&mut self, op: u8, head: &[u8], payload: Bytes) {
+    fn push_frame(&mut self, op: u8, head: &[u8], payload: &Bytes) {
         let mut wh = [0u8; MAX_HEADER];
         let len = head.len() + payload.len();
         // A client masks every frame with a fresh key from a strong source (RFC 6455 5.3):
@@ -559,7 +560,7 @@ impl WsOut {
         self.arena.extend_from_slice(&wh[..n]);
         self.arena.extend_from_slice(head);
         let q = if copy {
-            self.arena.extend_from_slice(&payload);
+            self.arena.extend_from_slice(payload);
             if let Some(k) = key {
                 frame::unmask(&mut self.arena[start + n..], k, 0);
             }
@@ -568,7 +569,10 @@ impl WsOut {
                 payload: Bytes::new(),
             }
         } else {
-            Queued { copied, payload }
+            Queued {
+                copied,
+                payload: payload.clone(),
+            }
         };
         self.queued += q.len();
         self.frames.push_back(q);
@@ -578,14 +582,14 @@ impl WsOut {
     }
 
     /// Queues one binary message made of `head` (copied; small) and `payload` (not copied).
-    pub fn send_binary(&mut self, head: &[u8], payload: Bytes) -> Result<(), Refused> {
+    pub fn send_binary(&mut self, head: &[u8], payload: &Bytes) -> Result<(), Refused> {
         let n = head.len() + payload.len();
         if self.closing || self.queued + n > self.limit {
-            return Err(Refused(payload));
+            return Err(Refused);
         }
         if let Some(c) = &mut self.charge {
             if !c.try_add(n + MAX_HEADER) {
-                return Err(Refused(payload));
+                return Err(Refused);
             }
             let before = self.queued;
             self.push_frame(opcode::BINARY, head, payload);
@@ -604,7 +608,7 @@ impl WsOut {
     /// replaces a refused one); refused only once closing.
     pub fn send_binary_small(&mut self, head: &[u8]) -> Result<(), Refused> {
         if self.closing {
-            return Err(Refused(Bytes::new()));
+            return Err(Refused);
         }
         self.push_forced(opcode::BINARY, head);
         Ok(())
@@ -613,7 +617,7 @@ impl WsOut {
     /// Queues a frame of copied bytes, charged whatever the budget has left.
     fn push_forced(&mut self, op: u8, head: &[u8]) {
         let before = self.queued;
-        self.push_frame(op, head, Bytes::new());
+        self.push_frame(op, head, &Bytes::new());
         let n = self.queued - before;
         if let Some(c) = &mut self.charge {
             c.force_add(n);
@@ -623,7 +627,7 @@ impl WsOut {
     /// Queues a text message (control-plane JSON).
     pub fn send_text(&mut self, text: &str) -> Result<(), Refused> {
         if self.closing {
-            return Err(Refused(Bytes::new()));
+            return Err(Refused);
         }
         self.push_forced(opcode::TEXT, text.as_bytes());
         Ok(())
@@ -1064,14 +1068,15 @@ mod tests {
     }
 
     #[test]
-    fn outbox_is_bounded_and_hands_back_payload() {
+    fn outbox_is_bounded_and_copies_only_small_payloads() {
         let out = WsOut::new(Side::Server, 100);
         let mut o = out.borrow_mut();
-        assert!(o.send_binary(b"head", Bytes::from_static(&[1; 50])).is_ok());
-        let Err(Refused(p)) = o.send_binary(b"head", Bytes::from_static(&[2; 50])) else {
+        assert!(o
+            .send_binary(b"head", &Bytes::from_static(&[1; 50]))
+            .is_ok());
+        let Err(Refused) = o.send_binary(b"head", &Bytes::from_static(&[2; 50])) else {
             panic!("over the limit must be refused");
         };
-        assert_eq!(p.len(), 50);
         // a small payload is copied behind its header
         assert_eq!(o.frames.len(), 1);
         assert_eq!(o.frames[0].payload.len(), 0);
@@ -1081,7 +1086,7 @@ mod tests {
         let out = WsOut::new(Side::Server, 1 << 20);
         let mut o = out.borrow_mut();
         let big = Bytes::from(vec![3u8; COPY_PAYLOAD_BYTES + 1]);
-        assert!(o.send_binary(b"head", big).is_ok());
+        assert!(o.send_binary(b"head", &big).is_ok());
         assert_eq!(o.frames[0].payload.len(), COPY_PAYLOAD_BYTES + 1);
         assert_eq!(o.frames[0].copied, 4 + 4);
     }
@@ -1107,11 +1112,11 @@ mod tests {
         let big = vec![7u8; COPY_PAYLOAD_BYTES + 100];
         {
             let mut o = out.borrow_mut();
-            o.send_binary(b"h1", Bytes::from_static(b"small one"))
+            o.send_binary(b"h1", &Bytes::from_static(b"small one"))
                 .unwrap();
-            o.send_binary(b"h2", Bytes::from(big.clone())).unwrap();
+            o.send_binary(b"h2", &Bytes::from(big.clone())).unwrap();
             o.send_control(opcode::PONG, b"p");
-            o.send_binary(b"", Bytes::from_static(b"small two"))
+            o.send_binary(b"", &Bytes::from_static(b"small two"))
                 .unwrap();
             o.close(1000);
         }
@@ -1143,7 +1148,7 @@ mod tests {
         let out = WsOut::new(Side::Server, 1 << 20);
         {
             let mut o = out.borrow_mut();
-            o.send_binary(b"h", Bytes::from_static(b"never read"))
+            o.send_binary(b"h", &Bytes::from_static(b"never read"))
                 .unwrap();
             o.close_now(1008);
         }
@@ -1170,7 +1175,7 @@ mod tests {
     fn pongs_are_dropped_while_the_outbox_is_full() {
         let out = WsOut::new(Side::Server, 100);
         let mut o = out.borrow_mut();
-        o.send_binary(b"", Bytes::from_static(&[0; 100]))
+        o.send_binary(b"", &Bytes::from_static(&[0; 100]))
             .expect("fits");
         o.send_control(opcode::PONG, b"x");
         let before = o.queued();

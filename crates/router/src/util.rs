@@ -28,7 +28,13 @@ pub fn unix_secs_coarse() -> u64 {
 /// A connection's one timer, armed again for each wait: `glommio::timer::timeout` creates (and
 /// allocates) a timer per call, which on a keep-alive connection is once or twice per request.
 /// The waits of one connection never overlap, so one timer serves all of them.
-pub struct Deadline(Option<glommio::timer::Timer>);
+pub struct Deadline {
+    timer: Option<glommio::timer::Timer>,
+    /// When the timer, as last registered with the reactor, fires (None: never registered).
+    /// It may be left registered after its wait ended: it then fires early for a later wait,
+    /// whose poll arms it again for what is left.
+    fires: Option<std::time::Instant>,
+}
 
 /// The wait of [`Deadline::within`] ran out.
 #[derive(Debug)]
@@ -37,13 +43,23 @@ pub struct Elapsed;
 impl Deadline {
     /// No timer yet: it is created at the first wait (an executor must be running then).
     pub const fn new() -> Self {
-        Deadline(None)
+        Deadline {
+            timer: None,
+            fires: None,
+        }
     }
 
     /// Runs `f` for at most `d`. The future is polled first, and the timer is armed only when
     /// it is pending: most waits end at once (a write the socket takes, bytes already read),
     /// and those read no clock and touch no timer (arming is a clock read and a timer-tree
     /// insert; at 8x8 pipelined every answer batch and read came here).
+    ///
+    /// A timer still registered from an earlier wait that fires no later than this wait's
+    /// end is left as it is (the reactor's timer tree is not touched): on a keep-alive
+    /// connection each request's idle wait would otherwise move the timer, a remove and an
+    /// insert. When it fires before this wait's end, the wake finds the time not up yet and
+    /// arms the timer for the rest. The connection's task is then woken once more per
+    /// timeout period at most; every wait still ends on time.
     pub async fn within<F: std::future::Future>(
         &mut self,
         d: std::time::Duration,
@@ -52,21 +68,34 @@ impl Deadline {
         use std::future::Future;
         use std::task::Poll;
         let mut f = std::pin::pin!(f);
-        let mut armed = false;
+        let mut due: Option<std::time::Instant> = None;
         std::future::poll_fn(|cx| {
             if let Poll::Ready(out) = f.as_mut().poll(cx) {
                 return Poll::Ready(Ok(out));
             }
-            let timer = match &mut self.0 {
-                Some(t) if armed => t,
+            let now = std::time::Instant::now();
+            let due = *due.get_or_insert(now + d);
+            if now >= due {
+                return Poll::Ready(Err(Elapsed));
+            }
+            if self.fires.is_some_and(|t| now < t && t <= due) {
+                // Registered, and it wakes this task in time.
+                return Poll::Pending;
+            }
+            let left = due - now;
+            let timer = match &mut self.timer {
                 Some(t) => {
-                    t.reset(d);
+                    t.reset(left);
                     t
                 }
-                None => self.0.insert(glommio::timer::Timer::new(d)),
+                None => self.timer.insert(glommio::timer::Timer::new(left)),
             };
-            armed = true;
-            std::pin::Pin::new(timer).poll(cx).map(|_| Err(Elapsed))
+            self.fires = Some(due);
+            // Registers it with this task's waker (`due` is still ahead).
+            match std::pin::Pin::new(timer).poll(cx) {
+                Poll::Ready(_) => Poll::Ready(Err(Elapsed)),
+                Poll::Pending => Poll::Pending,
+            }
         })
         .await
     }
@@ -85,6 +114,41 @@ impl Default for Deadline {
 
 #[cfg(test)]
 mod tests {
+    /// Every wait of one `Deadline` ends on time, never early: a shorter wait after a longer
+    /// one (the timer moves earlier), a longer wait after a shorter one (the registered timer
+    /// fires early and is armed again for the rest), and a wait whose future finishes.
+    #[test]
+    fn each_wait_ends_after_its_own_duration() {
+        use std::time::{Duration, Instant};
+        let ms = Duration::from_millis;
+        let out = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .spawn(move || async move {
+                let mut d = super::Deadline::new();
+                let sleep = |t| glommio::timer::sleep(ms(t));
+                let mut waits = Vec::new();
+                let mut answered = Vec::new();
+                // Each pair: a wait that its future ends first (it leaves the timer
+                // registered), then one that runs out: longer (the timer fires early and is
+                // armed again), then much shorter (the timer moves earlier).
+                for (first, want) in [(60, 150), (5_000, 40), (30, 20)] {
+                    answered.push(d.within(ms(first), sleep(10)).await.is_ok());
+                    let t = Instant::now();
+                    let r = d.within(ms(want), std::future::pending::<()>()).await;
+                    waits.push((ms(want), t.elapsed(), r.is_err()));
+                }
+                (waits, answered)
+            })
+            .expect("executor")
+            .join()
+            .expect("joined");
+        for (want, took, timed_out) in out.0 {
+            assert!(timed_out);
+            assert!(took >= want, "ended after {took:?}, before {want:?}");
+            assert!(took < want + ms(2_000), "ended after {took:?} for {want:?}");
+        }
+        assert_eq!(out.1, [true; 3]);
+    }
+
     #[test]
     fn the_coarse_unix_clock_agrees_with_the_system_clock() {
         let before = crate::auth::now_unix();

@@ -21,7 +21,7 @@ pub async fn echo_session(stream: TcpStream, leftover: BytesMut, side: Side) {
     let end = loop {
         match reader.next().await {
             Ok(Message::Binary(b)) => {
-                if out.borrow_mut().send_binary(&[], b).is_err() {
+                if out.borrow_mut().send_binary(&[], &b).is_err() {
                     break Some(1013);
                 }
             }

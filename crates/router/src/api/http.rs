@@ -794,11 +794,12 @@ async fn serve_inner<S: Stream>(
             if body.len() <= COPY_BODY_BYTES {
                 // Copied behind its head: the batch's small answers leave as one slice.
                 out.put_slice(&body);
+                head_bytes += out.len() - before;
             } else {
+                head_bytes += out.len() - before;
                 parts.push(out.split().freeze());
                 parts.push(body.into_owned());
             }
-            head_bytes += out.len() - before;
             if close {
                 closing = true;
                 inflight.clear();

@@ -550,11 +550,14 @@ impl WsOut {
         let n = frame::encode_head(op, len, key, &mut wh);
         let copy = key.is_some() || payload.len() <= COPY_PAYLOAD_BYTES;
         let copied = n + head.len() + if copy { payload.len() } else { 0 };
+        // The arena keeps what the writer has not taken: a new one is twice what it must
+        // hold, so a queue that grows while the writer waits is copied O(1) times per byte.
+        let pending = self.arena.len() + copied;
         make_room(
             &mut self.arena,
             &mut self.spare_arena,
             copied,
-            (16 * 1024).max(copied),
+            (16 * 1024).max(2 * pending),
         );
         let start = self.arena.len();
         self.arena.extend_from_slice(&wh[..n]);
@@ -797,6 +800,11 @@ impl Future for Ready<'_> {
 /// Most slices in one `sendmsg`.
 const MAX_IOV: usize = 64;
 
+/// The writer stops taking frames for a batch once it holds this many bytes: copied frames
+/// need no slice of their own, and frames left in the queue can still be dropped whole
+/// ([`WsOut::close_now`]).
+const MAX_BATCH_BYTES: usize = 64 * 1024;
+
 /// The write side of a socket together with that socket's own descriptor, for `sendmsg(2)`:
 /// built only from the stream itself ([`SocketWriter::new`], [`split`]), so the descriptor is
 /// never an unrelated one, and it stays open as long as the writer holds the stream.
@@ -858,9 +866,10 @@ pub async fn write_loop<W: PartsWriter>(out: Rc<RefCell<WsOut>>, mut w: W) -> io
             let mut o = out.borrow_mut();
             // Whole frames only: what is left in the queue can be dropped at a frame boundary.
             // The copied bytes of consecutive frames leave as one slice of the arena.
-            let mut copied = 0;
-            while batch.len() + 2 <= MAX_IOV {
+            let (mut copied, mut taken) = (0, 0);
+            while batch.len() + 2 <= MAX_IOV && taken < MAX_BATCH_BYTES {
                 let Some(q) = o.frames.pop_front() else { break };
+                taken += q.len();
                 copied += q.copied;
                 if !q.payload.is_empty() {
                     batch.push(o.arena.split_to(copied).freeze());
@@ -1091,13 +1100,13 @@ mod tests {
         assert_eq!(o.frames[0].copied, 4 + 4);
     }
 
-    /// Collects what the writer task writes, and how many slices each write had.
-    struct Collect(Rc<RefCell<(Vec<u8>, Vec<usize>)>>);
+    /// Collects what the writer task writes, and (slices, bytes) of each write.
+    struct Collect(Rc<RefCell<(Vec<u8>, Vec<(usize, usize)>)>>);
 
     impl crate::ws::stream::PartsWriter for Collect {
         async fn write_parts(&mut self, parts: &[Bytes]) -> io::Result<()> {
             let mut c = self.0.borrow_mut();
-            c.1.push(parts.len());
+            c.1.push((parts.len(), parts.iter().map(Bytes::len).sum()));
             for p in parts {
                 c.0.extend_from_slice(p);
             }
@@ -1125,7 +1134,7 @@ mod tests {
         let (wire, writes) = seen.borrow().clone();
         // The first small frame and the large frame's header in one slice, the large payload
         // as it lies, the rest (pong, small frame, close) in one slice.
-        assert_eq!(writes, vec![3]);
+        assert_eq!(writes.iter().map(|w| w.0).collect::<Vec<_>>(), vec![3]);
         assert_eq!(out.borrow().queued(), 0);
         let mut r = WsReader::new(&wire[..], BytesMut::new(), Side::Client, 1 << 20);
         block_on(async {
@@ -1139,6 +1148,68 @@ mod tests {
                 Message::Pong(Bytes::from_static(b"p"))
             );
             assert_eq!(r.next().await.unwrap(), m(b"small two"));
+            assert_eq!(r.next().await.unwrap(), Message::Close(Some(1000)));
+        });
+    }
+
+    #[test]
+    fn a_batch_stops_at_max_batch_bytes_and_keeps_the_order() {
+        let out = WsOut::new(Side::Server, 1 << 20);
+        let n = 200;
+        {
+            let mut o = out.borrow_mut();
+            for i in 0..n {
+                o.send_binary(&[i as u8], &Bytes::from(vec![i as u8; 1000]))
+                    .unwrap();
+            }
+            o.close(1000);
+        }
+        let seen = Rc::new(RefCell::new((Vec::new(), Vec::new())));
+        block_on(write_loop(out.clone(), Collect(seen.clone()))).unwrap();
+        let (wire, writes) = seen.borrow().clone();
+        // 200 copied frames of about 1 KB: several batches, none past the bound by more than
+        // the one frame that crossed it.
+        assert!(writes.len() > 2, "{writes:?}");
+        assert!(
+            writes
+                .iter()
+                .all(|w| w.0 == 1 && w.1 < MAX_BATCH_BYTES + 1100),
+            "{writes:?}"
+        );
+        let mut r = WsReader::new(&wire[..], BytesMut::new(), Side::Client, 1 << 20);
+        block_on(async {
+            for i in 0..n {
+                let mut want = vec![i as u8];
+                want.extend_from_slice(&[i as u8; 1000]);
+                assert_eq!(r.next().await.unwrap(), Message::Binary(want.into()));
+            }
+            assert_eq!(r.next().await.unwrap(), Message::Close(Some(1000)));
+        });
+    }
+
+    #[test]
+    fn a_client_masks_every_pending_frame_in_the_arena() {
+        let out = WsOut::new(Side::Client, 1 << 20);
+        let big = vec![9u8; COPY_PAYLOAD_BYTES * 3];
+        {
+            let mut o = out.borrow_mut();
+            o.send_binary(b"a", &Bytes::from_static(b"first")).unwrap();
+            o.send_binary(b"b", &Bytes::from(big.clone())).unwrap();
+            o.send_binary(b"c", &Bytes::from_static(b"third")).unwrap();
+            o.close(1000);
+        }
+        let seen = Rc::new(RefCell::new((Vec::new(), Vec::new())));
+        block_on(write_loop(out.clone(), Collect(seen.clone()))).unwrap();
+        let wire = seen.borrow().0.clone();
+        // A server refuses unmasked frames: every frame arrives masked and unmasks right.
+        let mut r = WsReader::new(&wire[..], BytesMut::new(), Side::Server, 1 << 20);
+        block_on(async {
+            let m = |b: &[u8]| Message::Binary(Bytes::copy_from_slice(b));
+            assert_eq!(r.next().await.unwrap(), m(b"afirst"));
+            let mut b2 = b"b".to_vec();
+            b2.extend_from_slice(&big);
+            assert_eq!(r.next().await.unwrap(), m(&b2));
+            assert_eq!(r.next().await.unwrap(), m(b"cthird"));
             assert_eq!(r.next().await.unwrap(), Message::Close(Some(1000)));
         });
     }

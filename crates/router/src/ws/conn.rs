@@ -1100,8 +1100,11 @@ mod tests {
         assert_eq!(o.frames[0].copied, 4 + 4);
     }
 
-    /// Collects what the writer task writes, and (slices, bytes) of each write.
-    struct Collect(Rc<RefCell<(Vec<u8>, Vec<(usize, usize)>)>>);
+    /// What the writer task wrote, and (slices, bytes) of each write.
+    type Written = Rc<RefCell<(Vec<u8>, Vec<(usize, usize)>)>>;
+
+    /// Collects what the writer task writes.
+    struct Collect(Written);
 
     impl crate::ws::stream::PartsWriter for Collect {
         async fn write_parts(&mut self, parts: &[Bytes]) -> io::Result<()> {

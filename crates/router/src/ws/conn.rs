@@ -800,9 +800,10 @@ impl Future for Ready<'_> {
 /// Most slices in one `sendmsg`.
 const MAX_IOV: usize = 64;
 
-/// The writer stops taking frames for a batch once it holds this many bytes: copied frames
-/// need no slice of their own, and frames left in the queue can still be dropped whole
-/// ([`WsOut::close_now`]).
+/// The writer stops taking frames for a batch once it holds this many copied bytes: copied
+/// frames need no slice of their own, so `MAX_IOV` alone would not bound them, and frames
+/// left in the queue can still be dropped whole ([`WsOut::close_now`]). Frames with a payload
+/// of their own are bounded by `MAX_IOV`, as before copying.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 
 /// The write side of a socket together with that socket's own descriptor, for `sendmsg(2)`:
@@ -869,7 +870,7 @@ pub async fn write_loop<W: PartsWriter>(out: Rc<RefCell<WsOut>>, mut w: W) -> io
             let (mut copied, mut taken) = (0, 0);
             while batch.len() + 2 <= MAX_IOV && taken < MAX_BATCH_BYTES {
                 let Some(q) = o.frames.pop_front() else { break };
-                taken += q.len();
+                taken += q.copied;
                 copied += q.copied;
                 if !q.payload.is_empty() {
                     batch.push(o.arena.split_to(copied).freeze());

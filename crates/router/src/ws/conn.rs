@@ -1107,6 +1107,15 @@ mod tests {
     /// Collects what the writer task writes.
     struct Collect(Written);
 
+    /// Runs the writer task over `out` until it closes: the bytes written, and (slices,
+    /// bytes) of each write.
+    fn drain(out: &Rc<RefCell<WsOut>>) -> (Vec<u8>, Vec<(usize, usize)>) {
+        let seen = Rc::new(RefCell::new((Vec::new(), Vec::new())));
+        block_on(write_loop(out.clone(), Collect(seen.clone()))).unwrap();
+        let r = seen.borrow().clone();
+        r
+    }
+
     impl crate::ws::stream::PartsWriter for Collect {
         async fn write_parts(&mut self, parts: &[Bytes]) -> io::Result<()> {
             let mut c = self.0.borrow_mut();
@@ -1133,9 +1142,7 @@ mod tests {
                 .unwrap();
             o.close(1000);
         }
-        let seen = Rc::new(RefCell::new((Vec::new(), Vec::new())));
-        block_on(write_loop(out.clone(), Collect(seen.clone()))).unwrap();
-        let (wire, writes) = seen.borrow().clone();
+        let (wire, writes) = drain(&out);
         // The first small frame and the large frame's header in one slice, the large payload
         // as it lies, the rest (pong, small frame, close) in one slice.
         assert_eq!(writes.iter().map(|w| w.0).collect::<Vec<_>>(), vec![3]);
@@ -1168,9 +1175,7 @@ mod tests {
             }
             o.close(1000);
         }
-        let seen = Rc::new(RefCell::new((Vec::new(), Vec::new())));
-        block_on(write_loop(out.clone(), Collect(seen.clone()))).unwrap();
-        let (wire, writes) = seen.borrow().clone();
+        let (wire, writes) = drain(&out);
         // 200 copied frames of about 1 KB: several batches, none past the bound by more than
         // the one frame that crossed it.
         assert!(writes.len() > 2, "{writes:?}");
@@ -1202,9 +1207,7 @@ mod tests {
             o.send_binary(b"c", &Bytes::from_static(b"third")).unwrap();
             o.close(1000);
         }
-        let seen = Rc::new(RefCell::new((Vec::new(), Vec::new())));
-        block_on(write_loop(out.clone(), Collect(seen.clone()))).unwrap();
-        let wire = seen.borrow().0.clone();
+        let (wire, _) = drain(&out);
         // A server refuses unmasked frames: every frame arrives masked and unmasks right.
         let mut r = WsReader::new(&wire[..], BytesMut::new(), Side::Server, 1 << 20);
         block_on(async {
@@ -1227,9 +1230,7 @@ mod tests {
                 .unwrap();
             o.close_now(1008);
         }
-        let seen = Rc::new(RefCell::new((Vec::new(), Vec::new())));
-        block_on(write_loop(out.clone(), Collect(seen.clone()))).unwrap();
-        let wire = seen.borrow().0.clone();
+        let (wire, _) = drain(&out);
         let mut r = WsReader::new(&wire[..], BytesMut::new(), Side::Client, 1 << 20);
         block_on(async {
             assert_eq!(r.next().await.unwrap(), Message::Close(Some(1008)));

@@ -791,12 +791,13 @@ async fn serve_inner<S: Stream>(
                 n_in,
                 body.len(),
             );
-            if body.len() <= COPY_BODY_BYTES {
+            let small = body.len() <= COPY_BODY_BYTES;
+            if small {
                 // Copied behind its head: the batch's small answers leave as one slice.
                 out.put_slice(&body);
-                head_bytes += out.len() - before;
-            } else {
-                head_bytes += out.len() - before;
+            }
+            head_bytes += out.len() - before;
+            if !small {
                 parts.push(out.split().freeze());
                 parts.push(body.into_owned());
             }

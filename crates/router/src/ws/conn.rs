@@ -584,7 +584,8 @@ impl WsOut {
         }
     }
 
-    /// Queues one binary message made of `head` (copied; small) and `payload` (not copied).
+    /// Queues one binary message made of `head` (copied; small) and `payload` (copied when
+    /// small or masked, else queued as the slice it is).
     pub fn send_binary(&mut self, head: &[u8], payload: &Bytes) -> Result<(), Refused> {
         let n = head.len() + payload.len();
         if self.closing || self.queued + n > self.limit {

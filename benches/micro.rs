@@ -190,7 +190,7 @@ fn http(t: &mut Table, token: &str) {
         time(1_000_000, |_| {
             buf.extend_from_slice(req);
             match parse_one(&mut buf, 16 * 1024, 1 << 20) {
-                Parsed::Request(r) => r.body.len(),
+                Parsed::Request(r) => r.body().len(),
                 _ => unreachable!("the request is complete"),
             }
         }),

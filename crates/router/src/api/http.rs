@@ -26,10 +26,11 @@ use std::time::{Duration, Instant};
 /// A parsed request whose head and body are slices of one frozen buffer.
 #[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
 pub struct Req {
-    pub(crate) head: Bytes,
-    /// The body, a slice of the read buffer.
-    #[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
-    pub body: Bytes,
+    /// The request as read: its head, then its body (one slice of the read buffer, so that a
+    /// request takes one reference count on the buffer, not one per part).
+    pub(crate) bytes: Bytes,
+    /// Length of the head in `bytes`; the body follows it.
+    pub(crate) head_len: usize,
     pub(crate) method: Method,
     pub(crate) path: Range<usize>,
     pub(crate) token: Option<Range<usize>>,
@@ -212,10 +213,9 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
             body_len,
         };
     }
-    let all = buf.split_to(n + body_len).freeze();
     Parsed::Request(Req {
-        head: all.slice(..n),
-        body: all.slice(n..),
+        bytes: buf.split_to(n + body_len).freeze(),
+        head_len: n,
         method,
         path,
         token,
@@ -228,24 +228,37 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
 }
 
 impl Req {
+    /// The request head (fields' ranges index into it).
+    pub(crate) fn head(&self) -> &[u8] {
+        &self.bytes[..self.head_len]
+    }
+
+    /// The body.
+    #[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
+    pub fn body(&self) -> &[u8] {
+        &self.bytes[self.head_len..]
+    }
+
     /// The `Origin` of a cross-origin request (see [`cross_origin`]).
     fn cross_origin(&self) -> Option<&[u8]> {
-        let field = |r: &Option<Range<usize>>| r.clone().map(|r| &self.head[r]);
+        let field = |r: &Option<Range<usize>>| r.clone().map(|r| &self.head()[r]);
         cross_origin(field(&self.origin), field(&self.host))
     }
 }
 
-/// The protocol-neutral request of a parsed HTTP request.
+/// The protocol-neutral request of a parsed HTTP request, whose body is `payload` (the
+/// request's body, a slice of `req.bytes` taken once by the caller).
 #[allow(clippy::result_large_err)]
-fn request(req: &Req, received: Instant) -> Result<Request<'_>, Answer> {
-    let path = std::str::from_utf8(&req.head[req.path.clone()]).unwrap_or("");
+fn request(req: &Req, payload: Bytes, received: Instant) -> Result<Request<'_>, Answer> {
+    let head = req.head();
+    let path = std::str::from_utf8(&head[req.path.clone()]).unwrap_or("");
     let origin = req.cross_origin();
     Ok(Request {
         target: parse_api_path(path).map_err(|e| path_error(e, path))?,
         method: req.method.as_str(),
-        credential: req.token.clone().map(|r| &req.head[r]),
-        content_type: req.content_type.clone().map(|r| &req.head[r]),
-        payload: req.body.clone(),
+        credential: req.token.clone().map(|r| &head[r]),
+        content_type: req.content_type.clone().map(|r| &head[r]),
+        payload,
         ingress: Ingress::Http,
         preflight: req.preflight && origin.is_some(),
         origin,
@@ -482,9 +495,9 @@ fn routed(
     start: Instant,
 ) -> impl std::future::Future<Output = Done> {
     async move {
-        let n_in = req.body.len();
+        let n_in = req.body().len();
         let head = req.method == Method::Head;
-        let r = match request(&req, start) {
+        let r = match request(&req, req.bytes.slice(req.head_len..), start) {
             Ok(r) => r,
             Err(a) => {
                 return Done {
@@ -505,7 +518,7 @@ fn routed(
         // is found by scanning its metadata.
         let refused = || a.error_tag() == Some(&b"origin_not_allowed"[..]);
         let cors = r.origin.filter(|_| !refused()).map(|o| CorsAnswer {
-            origin: req.head.slice_ref(o),
+            origin: req.bytes.slice_ref(o),
             credentials: routing::cors::allow_credentials(&shard, r.target.app_name),
         });
         Done {
@@ -598,7 +611,7 @@ async fn serve_inner<S: Stream>(
                 }
                 Parsed::Request(req) if is_ws_upgrade(&req) => {
                     if inflight.is_empty() {
-                        return Ok(Some((req.head, buf)));
+                        return Ok(Some((req.bytes.slice(..req.head_len), buf)));
                     }
                     closing = true;
                     let a = Answer::error(
@@ -616,7 +629,7 @@ async fn serve_inner<S: Stream>(
                     let start = read_at;
                     let close = req.close;
                     closing |= close;
-                    let n_in = req.body.len();
+                    let n_in = req.body().len();
                     // A body that arrived with its head is charged now; one received after
                     // its head was charged then.
                     let answering = match receiving
@@ -691,8 +704,8 @@ async fn serve_inner<S: Stream>(
             }
         }
         // Wait for the oldest answer, reading more requests meanwhile.
-        let first = if closing || inflight.len() >= limits.max_inflight_per_connection {
-            inflight.next().await
+        if closing || inflight.len() >= limits.max_inflight_per_connection {
+            inflight.front().await;
         } else {
             // The head and body deadlines hold while answers are pending too: a client cannot
             // trickle its next request behind a slow one.
@@ -708,7 +721,7 @@ async fn serve_inner<S: Stream>(
             // READ_AHEAD_BODY_BYTES held) read on into a new buffer: the next heads are
             // checked, charged to the connection's share (503 over it) and pipelined as before.
             let room = has_room(&buf) || held.get() >= READ_AHEAD_BODY_BYTES;
-            let next = std::pin::pin!(inflight.next());
+            let next = std::pin::pin!(inflight.front());
             let read = std::pin::pin!(async {
                 match room {
                     true => fill(stream, &mut buf, &mut space).await,
@@ -727,7 +740,7 @@ async fn serve_inner<S: Stream>(
             });
             use futures_util::future::select;
             match select(next, select(read, late)).await {
-                Either::Left((a, _)) => a,
+                Either::Left(_) => {}
                 Either::Right((Either::Left((r, _)), _)) => {
                     if r? == 0 {
                         closing = true;
@@ -751,7 +764,7 @@ async fn serve_inner<S: Stream>(
                     continue;
                 }
             }
-        };
+        }
         // Answer it and every later one that is already done, in one write. While the router
         // drains, the answer that leaves nothing in flight closes the connection.
         let draining = shard.health.draining();
@@ -760,18 +773,22 @@ async fn serve_inner<S: Stream>(
         if !out.try_reclaim(head_room) {
             out.reserve(head_room);
         }
-        let mut next = first;
         // One clock read for the latencies of the whole batch.
         let answered = Instant::now();
-        while let Some(Done {
-            a,
-            close,
-            head,
-            n_in,
-            start,
-            cors,
-        }) = next
-        {
+        // Each answer is written from its in-flight slot and dropped there (not moved out).
+        loop {
+            let last = inflight.len() == 1;
+            let Some(&mut Done {
+                ref a,
+                close,
+                head,
+                n_in,
+                start,
+                ref cors,
+            }) = inflight.front_mut()
+            else {
+                break;
+            };
             // 204 and 304 carry no body and no length (RFC 9110 6.4.1); a HEAD answer has the
             // length of the body it does not carry.
             let bodiless = matches!(a.status(), 204 | 304);
@@ -782,9 +799,9 @@ async fn serve_inner<S: Stream>(
             } else {
                 full
             };
-            let close = close || (closing || draining) && inflight.is_empty();
+            let close = close || (closing || draining) && last;
             let before = out.len();
-            write_head(&mut out, shard, &a, length, close, cors.as_ref());
+            write_head(&mut out, shard, a, length, close, cors.as_ref());
             shard.metrics.request(
                 a.status(),
                 answered.saturating_duration_since(start).as_micros() as u64,
@@ -801,12 +818,15 @@ async fn serve_inner<S: Stream>(
                 parts.push(out.split().freeze());
                 parts.push(body.into_owned());
             }
+            inflight.pop_front();
             if close {
                 closing = true;
                 inflight.clear();
                 break;
             }
-            next = futures_util::FutureExt::now_or_never(inflight.next()).flatten();
+            if futures_util::FutureExt::now_or_never(inflight.front()) != Some(true) {
+                break;
+            }
         }
         if !out.is_empty() {
             parts.push(out.split().freeze());
@@ -892,7 +912,7 @@ fn missed_deadline(continued: bool) -> &'static str {
 }
 
 fn is_ws_upgrade(req: &Req) -> bool {
-    let path = &req.head[req.path.clone()];
+    let path = &req.head()[req.path.clone()];
     req.method == Method::Get && (path == b"/api/ws" || path.starts_with(b"/api/ws?"))
 }
 
@@ -957,14 +977,14 @@ mod tests {
         let Parsed::Request(r) = parse_one(&mut b, 1024, 100) else {
             panic!("first")
         };
-        assert_eq!(&r.body[..], b"abc");
-        assert_eq!(&r.head[r.path.clone()], b"/api/a");
-        assert_eq!(&r.head[r.token.clone().unwrap()], b"tok");
+        assert_eq!(r.body(), b"abc");
+        assert_eq!(&r.head()[r.path.clone()], b"/api/a");
+        assert_eq!(&r.head()[r.token.clone().unwrap()], b"tok");
         let Parsed::Request(r2) = parse_one(&mut b, 1024, 100) else {
             panic!("second")
         };
         assert_eq!(r2.method, Method::Get);
-        assert!(r2.body.is_empty());
+        assert!(r2.body().is_empty());
         assert!(b.is_empty());
     }
 

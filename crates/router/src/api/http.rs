@@ -824,9 +824,8 @@ async fn serve_inner<S: Stream>(
                 inflight.clear();
                 break;
             }
-            if futures_util::FutureExt::now_or_never(inflight.front()) != Some(true) {
-                break;
-            }
+            // The pass that found the first answer done polled every request in flight, so
+            // the next one is done now or not before the next wake-up: no poll here.
         }
         if !out.is_empty() {
             parts.push(out.split().freeze());

@@ -209,9 +209,11 @@ impl<F: Future<Output = ()>> Unordered<F> {
         }
     }
 
-    /// Runs the requests in flight; never completes (select it against something else).
-    pub(crate) async fn run(&mut self) -> std::convert::Infallible {
+    /// Runs the requests in flight, calling `before_pass` before each pass over them; never
+    /// completes (select it against something else).
+    pub(crate) async fn run(&mut self, mut before_pass: impl FnMut()) -> std::convert::Infallible {
         std::future::poll_fn(|cx| {
+            before_pass();
             let _ = self.poll_all(cx);
             Poll::Pending
         })

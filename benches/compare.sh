@@ -8,6 +8,13 @@
 #                                                          # http and ws, same run, same pinning
 #   SUITE=tls benches/compare.sh        # only the TLS rows (and their plaintext baselines):
 #                                       # benches/results/<date>-tls-<host>.md
+#   SUITE=before-after BEFORE_BIN=/path/to/older/fedbus REPEAT=5 benches/compare.sh
+#                                       # only fedbus http and ws, this build and BEFORE_BIN
+#                                       # (its router and echo task; this build's load generator),
+#                                       # every shape and size REPEAT times (rounds, the two
+#                                       # builds' order swapped each round): paired ratios with
+#                                       # median and range, throughput and router CPU per
+#                                       # request: benches/results/<date>-before-after-<host>.md
 #
 # Run from the repo root. Writes benches/results/<date>-<host>.{md,svg}. Each row is one
 # `fedbus bench --json` run; python3 turns the json files into the tables.
@@ -36,11 +43,13 @@ set -euo pipefail
 DURATION=${DURATION:-5s}
 WARMUP=${WARMUP:-1s}
 SUITE=${SUITE:-all}
-case "$SUITE" in all|tls) ;; *) echo "SUITE must be all or tls" >&2; exit 1;; esac
+REPEAT=${REPEAT:-5}
+case "$SUITE" in all|tls|before-after) ;; *) echo "SUITE must be all, tls or before-after" >&2; exit 1;; esac
 ROOT=$(pwd)
 [ -f Cargo.toml ] && [ -d benches ] || { echo "run from the fedbus repo root" >&2; exit 1; }
 BEFORE_BIN=${BEFORE_BIN:-}
 [ -z "$BEFORE_BIN" ] || [ -x "$BEFORE_BIN" ] || { echo "BEFORE_BIN $BEFORE_BIN is not executable" >&2; exit 1; }
+[ "$SUITE" != before-after ] || [ -n "$BEFORE_BIN" ] || { echo "SUITE=before-after needs BEFORE_BIN" >&2; exit 1; }
 
 echo "== cargo build --release" >&2
 cargo build --release -q
@@ -64,6 +73,7 @@ OUTDIR=$ROOT/benches/results
 mkdir -p "$OUTDIR"
 MD=$OUTDIR/$DATE-$HOST.md
 [ "$SUITE" = tls ] && MD=$OUTDIR/$DATE-tls-$HOST.md
+[ "$SUITE" = before-after ] && MD=$OUTDIR/$DATE-before-after-$HOST.md
 SVG=$OUTDIR/$DATE-$HOST.svg
 WORK=$(mktemp -d /tmp/fedbus-compare.XXXXXX)
 LOAD_START=$(cut -d" " -f1-3 /proc/loadavg)
@@ -98,6 +108,104 @@ run() {
   fi
   grep -m1 'core layout' "$WORK/$name.log" >>"$WORK/layouts.txt" 2>/dev/null || true
 }
+
+# ---- SUITE=before-after: this build vs BEFORE_BIN only, in rounds ----
+if [ "$SUITE" = before-after ]; then
+  for r in $(seq 1 "$REPEAT"); do
+    echo "== round $r of $REPEAT" >&2
+    for size in 64B 4KiB; do
+      for load in 1x1 8x8 16x16; do
+        c=${load%x*}; i=${load#*x}; n=$((c*i)); f="--connections $c --inflight $i --size $size $COMMON"
+        for proto in http ws; do
+          # Odd rounds run the older build first, even rounds this one: drift over a round
+          # (a neighbour's load, the host's clock) falls on each side equally often.
+          order="before now"; [ $((r % 2)) = 0 ] && order="now before"
+          for who in $order; do
+            # One load generator (this build's) for both: the older build runs the router
+            # and the echo task only (`--fedbus-bin`).
+            b=(); [ "$who" = before ] && b=(--fedbus-bin "$BEFORE_BIN")
+            run "ba-$who-$proto-$size-$n-r$r" "$BIN" bench "${b[@]}" --protocol "$proto" $f --label "$who $proto $size $n round $r"
+          done
+        done
+      done
+    done
+  done
+  MODEL=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)
+  python3 - "$WORK" "$MD" "$DATE" "$HOST" "$DURATION" "$WARMUP" "$REPEAT" "$BEFORE_BIN" "$MODEL" \
+    "$(nproc) (load average at start: $LOAD_START, at end: $(cut -d" " -f1-3 /proc/loadavg))" "$(uname -r)" "$(rustc -V)" \
+    "$UPTIME_START" "$(uptime)" "$(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD 2>/dev/null || echo ' with uncommitted changes')" <<'PY'
+import json, os, statistics, sys
+(work, md, date, host, dur, warm, repeat, before, model, nproc, kernel, rustc, up0, up1, rev) = sys.argv[1:]
+rounds = range(1, int(repeat) + 1)
+
+def load(n):
+    try:
+        return json.load(open(os.path.join(work, n + ".json")))
+    except Exception:
+        return None
+
+def rps(d):
+    return d["rps"] if d and d.get("rps") else None
+
+def cpu(d):
+    return ((d or {}).get("server_cpu") or {}).get("us_per_request")
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+def span(xs):
+    xs = [x for x in xs if x is not None]
+    return f"{min(xs):.2f}-{max(xs):.2f}" if xs else "n/a"
+
+def f(x, p=2):
+    return "n/a" if x is None else f"{x:.{p}f}"
+
+out = [f"# fedbus before / after: {date} on {host}", "",
+       f"Made by `SUITE=before-after BEFORE_BIN=<older build> REPEAT={repeat} DURATION={dur} WARMUP={warm} benches/compare.sh` "
+       f"at {rev}. BEFORE_BIN: `{before}`.", "",
+       "Each run is one `fedbus bench` of this build that spawns a router (shard on core 1, control thread core 0) "
+       "and an echo task (core 0), load generator on core 0; for the older build's runs both children come from "
+       "BEFORE_BIN (`--fedbus-bin`), so one load generator drives both builds. "
+       "Every shape, size and protocol runs once per round for each build, the order of the two builds swapped "
+       "each round. A ratio is paired within its round (now / before), then the median and range over the rounds "
+       "are shown. Throughput (rps) depends on the load generator, which shares core 0; router CPU per request "
+       "(user + system from `/proc` of the router, over the measured window) does not.", "",
+       "## Machine", "", f"- CPU (`lscpu` model name): {model}", f"- cores (`nproc`): {nproc}",
+       f"- kernel (`uname -r`): {kernel}", f"- {rustc}", f"- `uptime` at start: `{up0.strip()}`",
+       f"- `uptime` at end: `{up1.strip()}`", "",
+       "## Now / before, paired by round", "",
+       "| protocol | size | in flight | rps now (median) | rps before (median) | rps now / before: median (range) | "
+       "router us/req now | before | CPU now / before: median (range) | rps ratio per round |",
+       "|---|---|---:|---:|---:|---|---:|---:|---|---|"]
+worst = []
+for proto in ("http", "ws"):
+    for size in ("64B", "4KiB"):
+        for n in (1, 64, 256):
+            now = [load(f"ba-now-{proto}-{size}-{n}-r{r}") for r in rounds]
+            bef = [load(f"ba-before-{proto}-{size}-{n}-r{r}") for r in rounds]
+            rr = [rps(a) / rps(b) if rps(a) and rps(b) else None for a, b in zip(now, bef)]
+            cr = [cpu(a) / cpu(b) if cpu(a) and cpu(b) else None for a, b in zip(now, bef)]
+            out.append(f"| {proto} | {size} | {n} | {f(med(map(rps, now)), 0)} | {f(med(map(rps, bef)), 0)} | "
+                       f"**{f(med(rr))}** ({span(rr)}) | {f(med(map(cpu, now)))} | {f(med(map(cpu, bef)))} | "
+                       f"**{f(med(cr))}** ({span(cr)}) | {' '.join(f(x) for x in rr)} |")
+            worst.append((med(rr), med(cr), f"{proto} {size} {n} in flight"))
+out += ["", "## Reading", ""]
+slow = [w for w in worst if (w[0] is not None and w[0] < 0.95) or (w[1] is not None and w[1] > 1.05)]
+if slow:
+    out.append("Rows whose median is more than 5% worse than before (rps ratio below 0.95 or CPU ratio above 1.05): "
+               + "; ".join(f"{w[2]} (rps {f(w[0])}, CPU {f(w[1])})" for w in slow) + ".")
+else:
+    out.append("No row's median is more than 5% worse than before (every rps ratio at least 0.95 and every CPU "
+               "ratio at most 1.05).")
+out += ["", "## Commands (round 1; every round runs the same)", "", "```"]
+out += [l.rstrip() for l in open(os.path.join(work, "commands.txt")) if "round 1 " in l or l.rstrip().endswith("round 1")]
+out += ["```", ""]
+open(md, "w").write("\n".join(out))
+print(md)
+PY
+  exit 0
+fi
 
 # in flight total = connections x inflight per connection
 LOADS="1x1 8x8 16x16"

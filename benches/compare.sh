@@ -62,10 +62,12 @@ need() {
   echo "== installing $2 (Debian package)" >&2
   apt-get install -y -qq "$2" >/dev/null || { apt-get update -qq && apt-get install -y -qq "$2" >/dev/null; }
 }
-need nats-server nats-server
-NATS=$(command -v nats-server)
-need nginx nginx
-NGINX=$(command -v nginx)
+if [ "$SUITE" != before-after ]; then
+  need nats-server nats-server
+  NATS=$(command -v nats-server)
+  need nginx nginx
+  NGINX=$(command -v nginx)
+fi
 
 DATE=$(date +%F)
 HOST=$(hostname -s 2>/dev/null || hostname)
@@ -89,10 +91,13 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-NATS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-GOMAXPROCS=1 taskset -c 1 "$NATS" -a 127.0.0.1 -p "$NATS_PORT" >"$WORK/nats-server.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$NATS_PORT) 2>/dev/null && break; sleep 0.1; done
+NATS_PORT=@none@
+if [ "$SUITE" != before-after ]; then
+  NATS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  GOMAXPROCS=1 taskset -c 1 "$NATS" -a 127.0.0.1 -p "$NATS_PORT" >"$WORK/nats-server.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$NATS_PORT) 2>/dev/null && break; sleep 0.1; done
+fi
 
 COMMON="--duration $DURATION --warmup $WARMUP --cores 0"
 CMDS=$WORK/commands.txt
@@ -124,7 +129,7 @@ if [ "$SUITE" = before-after ]; then
             # One load generator (this build's) for both: the older build runs the router
             # and the echo task only (`--fedbus-bin`).
             b=(); [ "$who" = before ] && b=(--fedbus-bin "$BEFORE_BIN")
-            run "ba-$who-$proto-$size-$n-r$r" "$BIN" bench "${b[@]}" --protocol "$proto" $f --label "$who $proto $size $n round $r"
+            run "ba-$who-$proto-$size-$n-r$r" "$BIN" bench ${b[@]+"${b[@]}"} --protocol "$proto" $f --label "$who $proto $size $n round $r"
           done
         done
       done

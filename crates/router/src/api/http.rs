@@ -824,8 +824,9 @@ async fn serve_inner<S: Stream>(
                 inflight.clear();
                 break;
             }
-            // The pass that found the first answer done polled every request in flight, so
-            // the next one is done now or not before the next wake-up: no poll here.
+            // The pass that found the first answer done polled every request in flight: the
+            // batch takes the ones it found done, with no poll per answer. One that finishes
+            // meanwhile goes in the next batch (the next pass polls every request again).
         }
         if !out.is_empty() {
             parts.push(out.split().freeze());

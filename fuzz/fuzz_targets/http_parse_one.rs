@@ -16,9 +16,9 @@ fuzz_target!(|data: &[u8]| {
         let before = buf.len();
         match parse_one(&mut buf, MAX_HEADER, MAX_BODY) {
             Parsed::Request(r) => {
-                assert!(r.body.len() <= MAX_BODY);
+                assert!(r.body().len() <= MAX_BODY);
                 assert!(buf.len() < before, "a request that consumed nothing");
-                assert!(before - buf.len() >= r.body.len());
+                assert!(before - buf.len() >= r.body().len());
             }
             Parsed::Incomplete { head_len, .. } => {
                 assert_eq!(buf.len(), before);

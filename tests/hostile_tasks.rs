@@ -948,10 +948,12 @@ fn a_dead_shard_makes_readyz_503() {
         )
     });
     // New connections: which shard answers, and how many are answered at all.
-    let (mut by_shard, mut lost) = (std::collections::BTreeMap::new(), 0);
+    let (mut by_shard, mut lost) = (std::collections::BTreeMap::new(), Vec::new());
     for i in 0..20u64 {
         let mut c = r.conn();
-        c.set_read_timeout(Duration::from_secs(2));
+        // A lost connection waits this long, a slow answer on a loaded machine less (2 s
+        // was seen to be too short once, with the other test binaries running beside it).
+        c.set_read_timeout(Duration::from_secs(10));
         c.send(
             &Req::post(&r.path(APP, i))
                 .token(&tok)
@@ -965,18 +967,18 @@ fn a_dead_shard_makes_readyz_503() {
                     .entry(format!("{} {shard}", resp.status))
                     .or_insert(0) += 1;
             }
-            Err(_) => lost += 1,
+            Err(e) => lost.push(format!("request {i}: {e}")),
         }
     }
     println!(
         "shard 1 reported dead {noticed:?} after the trigger; /readyz {status} {body:?}; \
-         20 new connections after: answered by (status shard) {by_shard:?}, {lost} unanswered"
+         20 new connections after: answered by (status shard) {by_shard:?}, unanswered {lost:?}"
     );
     // The dead shard's internal port refuses task links instead of holding them.
     assert!(
         TcpStream::connect(r.internal[1]).is_err(),
         "the dead shard's internal listener still takes connections"
     );
-    assert_eq!(lost, 0, "{by_shard:?}");
+    assert!(lost.is_empty(), "{lost:?}; answered: {by_shard:?}");
     assert_eq!(by_shard.get("200 0"), Some(&20), "{by_shard:?}");
 }

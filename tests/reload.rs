@@ -34,7 +34,8 @@ fn wait_metric(r: &Router, name: &str, want: f64) -> f64 {
 #[test]
 fn an_app_added_by_sighup_serves_without_restart() {
     // The timed mtime poll is pushed out of the way (the control thread still looks at the
-    // files after each event it handles, SIGHUP included, so one write may be seen twice).
+    // files after each event it handles, SIGHUP included; a write the SIGHUP reload read is
+    // not loaded again, so a broken one is refused and counted once).
     let r = seed::start_with(
         Router::new().apps(&[(APP, 16)]),
         "[auth]\nreload_poll_ms = 60000",

@@ -302,6 +302,9 @@ impl Control {
         let Some(path) = self.cfg.source.clone() else {
             return;
         };
+        // The file as read now is the one seen: the mtime poll after a SIGHUP must not load
+        // (and refuse, and count) the same write a second time.
+        self.config_file.changed();
         let new = match Config::load(&path) {
             Ok(c) => c,
             Err(e) => return self.refuse(why, &e),
@@ -477,6 +480,12 @@ mod tests {
         c.reload_config("test");
         assert_eq!(snaps.reload_failed.load(Relaxed), 1);
         assert_eq!(snaps.apps.load().generation, 1);
+        // The write that reload read is not seen again by the mtime poll (one refusal per
+        // write, whether a SIGHUP or the poll found it first).
+        assert!(
+            !c.config_file.changed(),
+            "the same write would be loaded twice"
+        );
         // demo/echo shrinks to 8 partitions, o/new appears.
         let edited = text.replace("16", "8") + "[[apps]]\nname = \"o/new\"\npartitions = 2\n";
         std::fs::write(&path, edited).expect("write");

@@ -367,6 +367,8 @@ fn a_cluster_removed_and_added_back_by_reload_stops_and_starts_its_dialers() {
         "links to spb2 still up: {}",
         r.metrics().get("fedbus_peer_links")
     );
+    // The closed links are no longer counted as ready ones (only the sibling's is).
+    assert_eq!(r.metrics().get("fedbus_peer_links_ready"), shards);
     r.conn()
         .request(&f.req("spb2", 1, b"x"))
         .assert_error(404, "unknown_cluster");

@@ -710,17 +710,26 @@ impl Federation {
         // Linked: every shard has the cluster's task and a peer link to both routers of the
         // other cluster and to its sibling (the routers' own gauges count both kinds: waiting
         // for two would let a sibling link stand in for a missing one to the other cluster).
+        // Ready peers: a dialed link is preferred once its router said ready, so until then
+        // a request may go to the other router of a cluster. Routers of a cluster whose task
+        // serves only some partitions never say ready (`readiness.coverage = "all"`).
+        let covered = |c: &str| self.partitions[cluster_index(c)].is_none();
         for r in &self.routers {
             let (links, peers) = (r.shards as f64, 3.0 * r.shards as f64);
+            let other = if r.cluster == "spb1" { "spb2" } else { "spb1" };
+            let ready_peers = r.shards as f64
+                * (f64::from(u8::from(covered(&r.cluster)))
+                    + 2.0 * f64::from(u8::from(covered(other))));
             loop {
                 let m = r.metrics();
                 let (t, p) = (m.get("fedbus_task_links"), m.get("fedbus_peer_links"));
-                if t >= links && p >= peers {
+                let ready = m.get("fedbus_peer_links_ready");
+                if t >= links && p >= peers && ready >= ready_peers {
                     break;
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "{} not ready within {timeout:?}: task links {t}/{links}, peer links {p}/{peers}",
+                    "{} not ready within {timeout:?}: task links {t}/{links}, peer links {p}/{peers}, ready peer links {ready}/{ready_peers}",
                     r.name
                 );
                 std::thread::sleep(Duration::from_millis(20));

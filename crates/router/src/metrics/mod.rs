@@ -36,6 +36,7 @@ pub(crate) struct ShardMetrics {
     pub(crate) connections_refused: AtomicU64,
     pub(crate) task_links: AtomicU64,
     pub(crate) peer_links: AtomicU64,
+    pub(crate) peer_links_ready: AtomicU64,
     pub(crate) pending: AtomicU64,
     pub(crate) latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     pub(crate) latency_sum_us: AtomicU64,
@@ -120,7 +121,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, Field); 23] = [
+    let simple: [(&str, &str, &str, Field); 24] = [
         (
             "fedbus_bytes_in_total",
             "counter",
@@ -147,6 +148,12 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             "gauge",
             "Peer router links open.",
             |m| &m.peer_links,
+        ),
+        (
+            "fedbus_peer_links_ready",
+            "gauge",
+            "Peer router links whose router last said it is ready and not draining (preferred by routing).",
+            |m| &m.peer_links_ready,
         ),
         (
             "fedbus_body_bytes_held",

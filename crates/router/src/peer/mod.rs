@@ -370,7 +370,7 @@ async fn run_link<S: ws::Stream>(
         out.clone(),
     ));
     let pinger = ws::spawn_pinger(out.clone(), every);
-    *slot.status.borrow_mut() = None;
+    set_status(shard, slot, None);
     *slot.link.borrow_mut() = Some(link.clone());
     if slot.stopped.get() {
         // Removed by a reload while it dialed.
@@ -383,7 +383,7 @@ async fn run_link<S: ws::Stream>(
     drop(pinger.cancel());
     link.fail_all();
     *slot.link.borrow_mut() = None;
-    *slot.status.borrow_mut() = None;
+    set_status(shard, slot, None);
     ShardMetrics::dec(&shard.metrics.peer_links);
     shard.health.peer_link(shard.index, cluster, false);
     tracing::warn!(shard = shard.index, %cluster, addr = %slot.addr, "peer link down");
@@ -396,6 +396,18 @@ async fn run_link<S: ws::Stream>(
     }
     let _ = writer.await;
     end.map_err(anyhow::Error::from)
+}
+
+/// Replaces `slot`'s last status, keeping `fedbus_peer_links_ready` in step.
+fn set_status(shard: &Shard, slot: &Slot, st: Option<PeerStatus>) {
+    let ready = |st: &Option<PeerStatus>| st.as_ref().is_some_and(|s| s.ready && !s.draining);
+    let (was, now) = (ready(&slot.status.borrow()), ready(&st));
+    match (was, now) {
+        (false, true) => ShardMetrics::inc(&shard.metrics.peer_links_ready),
+        (true, false) => ShardMetrics::dec(&shard.metrics.peer_links_ready),
+        _ => {}
+    }
+    *slot.status.borrow_mut() = st;
 }
 
 /// Reads a dialed link: answers complete pending requests, status messages update the slot.
@@ -422,7 +434,7 @@ async fn read_dialed<R: futures_lite::AsyncRead + Unpin>(
                 {
                     tracing::info!(shard = shard.index, %cluster, addr = %slot.addr, ready = st.ready, draining, "peer status");
                 }
-                *slot.status.borrow_mut() = Some(st);
+                set_status(shard, slot, Some(st));
                 if draining && closer.is_none() {
                     closer = Some(glommio::spawn_local(close_when_replaced(
                         shard.clone(),

@@ -15,6 +15,9 @@
 #                                       # builds' order swapped each round): paired ratios with
 #                                       # median and range, throughput and router CPU per
 #                                       # request: benches/results/<date>-before-after-<host>.md
+#   SUITE=before-after BENCH_ARGS="--router-spin-us 100" ...
+#                                       # extra `fedbus bench` arguments for both builds' runs
+#                                       # (before-after suite only)
 #
 # Run from the repo root. Writes benches/results/<date>-<host>.{md,svg}. Each row is one
 # `fedbus bench --json` run; python3 turns the json files into the tables.
@@ -44,6 +47,8 @@ DURATION=${DURATION:-5s}
 WARMUP=${WARMUP:-1s}
 SUITE=${SUITE:-all}
 REPEAT=${REPEAT:-5}
+BENCH_ARGS=${BENCH_ARGS:-}
+export BENCH_ARGS
 case "$SUITE" in all|tls|before-after) ;; *) echo "SUITE must be all, tls or before-after" >&2; exit 1;; esac
 ROOT=$(pwd)
 [ -f Cargo.toml ] && [ -d benches ] || { echo "run from the fedbus repo root" >&2; exit 1; }
@@ -120,7 +125,7 @@ if [ "$SUITE" = before-after ]; then
     echo "== round $r of $REPEAT" >&2
     for size in 64B 4KiB; do
       for load in 1x1 8x8 16x16; do
-        c=${load%x*}; i=${load#*x}; n=$((c*i)); f="--connections $c --inflight $i --size $size $COMMON"
+        c=${load%x*}; i=${load#*x}; n=$((c*i)); f="--connections $c --inflight $i --size $size $COMMON $BENCH_ARGS"
         for proto in http ws; do
           # Odd rounds run the older build first, even rounds this one: drift over a round
           # (a neighbour's load, the host's clock) falls on each side equally often.
@@ -167,7 +172,9 @@ def f(x, p=2):
     return "n/a" if x is None else f"{x:.{p}f}"
 
 out = [f"# fedbus before / after: {date} on {host}", "",
-       f"Made by `SUITE=before-after BEFORE_BIN=<older build> REPEAT={repeat} DURATION={dur} WARMUP={warm} benches/compare.sh` "
+       f"Made by `SUITE=before-after BEFORE_BIN=<older build> REPEAT={repeat} DURATION={dur} WARMUP={warm}"
+       + (f" BENCH_ARGS=\"{os.environ['BENCH_ARGS']}\"" if os.environ.get("BENCH_ARGS") else "")
+       + " benches/compare.sh` "
        f"at {rev}. BEFORE_BIN: `{before}`.", "",
        "Each run is one `fedbus bench` of this build that spawns a router (shard on core 1, control thread core 0) "
        "and an echo task (core 0), load generator on core 0; for the older build's runs both children come from "

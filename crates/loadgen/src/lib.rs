@@ -150,6 +150,10 @@ pub struct BenchArgs {
     /// Busy-poll this many microseconds before a load executor parks.
     #[arg(long)]
     pub spin_us: Option<u64>,
+    /// Without --target: the spawned router's `tuning.spin_before_park_us` (its shard
+    /// busy-polls this many microseconds before it parks). Default: the router's (0).
+    #[arg(long)]
+    pub router_spin_us: Option<u64>,
     /// Without --target: the spawned router also serves HTTPS and the load goes over TLS.
     #[arg(long)]
     pub tls: bool,
@@ -323,19 +327,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 (vec![0], 0)
             };
             let cfg = g.dir().join("router.toml");
-            std::fs::write(
-                &cfg,
-                spawn::router_config(
-                    api,
-                    internal,
-                    &keys,
-                    &args.app,
-                    &shards,
-                    control,
-                    api_tls.as_ref().map(|(a, c)| (*a, c)),
-                ),
-            )
-            .with_context(|| format!("write {}", cfg.display()))?;
+            let mut text = spawn::router_config(
+                api,
+                internal,
+                &keys,
+                &args.app,
+                &shards,
+                control,
+                api_tls.as_ref().map(|(a, c)| (*a, c)),
+            );
+            if let Some(us) = args.router_spin_us {
+                text = spawn::with_spin(&text, us);
+            }
+            std::fs::write(&cfg, text).with_context(|| format!("write {}", cfg.display()))?;
             let bin = fedbus_bin(&args)?;
             g.spawn(
                 "router",
@@ -404,6 +408,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "protocol": match &plan.proto { Proto::Nats{..} => "nats", Proto::Direct{..} => "ws-task-link", p => proto_name(protocol, is_tls(p)) },
         "tls": is_tls(&plan.proto),
         "conn_per_request": args.conn_per_request,
+        "router_spin_us": args.router_spin_us,
         "tls_resume": is_tls(&plan.proto) && tls_resume(&args),
         "cpu_pids": plan.cpu_pids,
         "connections": args.connections,
@@ -511,6 +516,11 @@ fn check(args: &BenchArgs, target: Option<&Target>) -> anyhow::Result<()> {
     }
     let router = matches!(target, Some(Target::Router { .. }));
     let tls_target = matches!(target, Some(Target::Router { tls: true, .. }));
+    if args.router_spin_us.is_some() && (target.is_some() || args.direct) {
+        bail!(
+            "--router-spin-us tunes the router the bench starts; it takes no --target or --direct"
+        );
+    }
     if args.tls && (target.is_some() || args.direct) {
         bail!("--tls starts a router with HTTPS; for a running router use an https:// target");
     }

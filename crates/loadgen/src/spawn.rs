@@ -194,6 +194,15 @@ pub(crate) fn router_config(
     )
 }
 
+/// `config` (from [`router_config`]) with `tuning.spin_before_park_us = us`.
+pub(crate) fn with_spin(config: &str, us: u64) -> String {
+    config.replacen(
+        "[tuning]\n",
+        &format!("[tuning]\nspin_before_park_us = {us}\n"),
+        1,
+    )
+}
+
 /// One blocking request; the status code, or why there is none.
 pub(crate) fn probe(addr: SocketAddr, path: &str, token: &str) -> Result<u16, String> {
     let mut s =
@@ -275,6 +284,10 @@ mod tests {
         assert_eq!(c.keyring_dir(), PathBuf::from("/tmp/x/keys"));
         assert_eq!(c.app_names(), vec!["demo/echo"]);
         assert!(c.listen.api_tls.is_none());
+        assert_eq!(c.tuning.spin_before_park_us, 0);
+        let spun = fedbus_router::config::Config::parse(&with_spin(&text, 100), "bench").unwrap();
+        assert_eq!(spun.tuning.spin_before_park_us, 100);
+        assert_eq!(spun.tuning.shard_cores, vec![0]);
     }
 
     #[test]

@@ -856,6 +856,8 @@ impl Reactor {
     /// This doesn't ever sleep, and does not touch the preemption timer.
     pub(crate) fn spin_poll_io(&self) -> io::Result<bool> {
         let mut woke = 0;
+        // fedbus: completions for a COOP_TASKRUN ring wait as task work until a syscall.
+        self.sys.run_task_work()?;
         self.sys.poll_io(&mut woke)?;
         woke += self.process_timers().1;
         woke += self.process_shared_channels();

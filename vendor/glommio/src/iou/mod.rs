@@ -95,6 +95,9 @@ bitflags::bitflags! {
         /// fedbus: completions posted from another CPU run as task work at this ring's next
         /// syscall instead of interrupting the running task (Linux 5.19+).
         const COOP_TASKRUN = 1 << 8;
+        /// fedbus: with `COOP_TASKRUN`, the kernel sets `IORING_SQ_TASKRUN` in the SQ ring's
+        /// flags while task work waits for this ring's next syscall (Linux 5.19+).
+        const TASKRUN_FLAG = 1 << 9;
     }
 }
 

@@ -926,10 +926,14 @@ struct SleepableRing {
 /// running thread with an inter-processor interrupt; the task work runs at the ring's next
 /// `io_uring_enter`, which glommio makes before it looks at completions anyway. Kernels older
 /// than 5.19 refuse the flag with EINVAL: the ring is then created without it.
+///
+/// fedbus: `IORING_SETUP_TASKRUN_FLAG` (same kernel) comes with it, so that a spinning executor,
+/// which makes no syscall while it finds nothing to submit, can see that completions wait as
+/// task work ([`SleepableRing::run_task_work`]).
 fn new_coop_ring(entries: u32) -> io::Result<iou::IoUring> {
     match iou::IoUring::new_with_flags(
         entries,
-        iou::SetupFlags::COOP_TASKRUN,
+        iou::SetupFlags::COOP_TASKRUN | iou::SetupFlags::TASKRUN_FLAG,
         iou::SetupFeatures::empty(),
     ) {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => iou::IoUring::new(entries),
@@ -938,6 +942,39 @@ fn new_coop_ring(entries: u32) -> io::Result<iou::IoUring> {
 }
 
 impl SleepableRing {
+    /// fedbus: enters the kernel to run this ring's pending task work (posting the completions
+    /// it holds) when the kernel says there is some. Without it, a spinning executor
+    /// (`spin_before_park`) on a `COOP_TASKRUN` ring saw a socket's completion only when
+    /// something else made it enter the kernel: a submission, a timer's completion, parking.
+    fn run_task_work(&mut self) -> io::Result<()> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let raw = self.ring.raw();
+        // SAFETY: `kflags` points into the SQ ring mapped for the ring's whole life (aligned
+        // u32); the kernel writes it concurrently, hence the atomic load (liburing's
+        // READ_ONCE).
+        let flags = unsafe { (*(raw.sq.kflags as *const AtomicU32)).load(Ordering::Relaxed) };
+        if flags & uring_sys::IORING_SQ_TASKRUN == 0 {
+            return Ok(());
+        }
+        // SAFETY: a plain `io_uring_enter` on our own ring fd: no submission, no wait.
+        let r = unsafe {
+            uring_sys::syscalls::io_uring_enter(
+                self.ring.raw_fd(),
+                0,
+                0,
+                uring_sys::IORING_ENTER_GETEVENTS,
+                std::ptr::null(),
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     fn new(
         size: usize,
         name: &'static str,
@@ -1819,6 +1856,13 @@ impl Reactor {
         let slept = ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {});
         self.link_src.set(Some(link_rings));
         slept
+    }
+
+    /// fedbus: runs the sleepable rings' pending task work (see
+    /// [`SleepableRing::run_task_work`]); the spin loop calls it before each [`Self::poll_io`].
+    pub(crate) fn run_task_work(&self) -> io::Result<()> {
+        self.main_ring.borrow_mut().run_task_work()?;
+        self.latency_ring.borrow_mut().run_task_work()
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {

@@ -196,6 +196,10 @@ pub(crate) fn router_config(
 
 /// `config` (from [`router_config`]) with `tuning.spin_before_park_us = us`.
 pub(crate) fn with_spin(config: &str, us: u64) -> String {
+    debug_assert!(
+        config.contains("[tuning]\n"),
+        "router_config writes a [tuning] table"
+    );
     config.replacen(
         "[tuning]\n",
         &format!("[tuning]\nspin_before_park_us = {us}\n"),

@@ -661,7 +661,12 @@ impl Config {
             path: p.clone(),
             err,
         })?;
-        let mut c = Config::parse(&text, &p)?;
+        Config::from_file_text(&text, path)
+    }
+
+    /// [`Config::load`] of `text`, already read from `path`.
+    pub fn from_file_text(text: &str, path: &std::path::Path) -> Result<Config, ConfigError> {
+        let mut c = Config::parse(text, &path.display().to_string())?;
         c.source = Some(path.to_path_buf());
         Ok(c)
     }

@@ -34,7 +34,8 @@
 #
 # Pinning (2+ cores; the load generator's executors are always on core 0, `--cores 0`):
 #   fedbus   `fedbus bench` spawns `fedbus run` (router shard on core 1, control thread on
-#            core 0) and `fedbus task echo` (core 0), load on core 0.
+#            core 0; the shard spins 100 us before it parks, as tuning/2-core.toml) and
+#            `fedbus task echo` (core 0), load on core 0.
 #   nats     `GOMAXPROCS=1 taskset -c 1 nats-server`; requesters and responders (queue group)
 #            in `taskset -c 0 fedbus bench --target nats://...`, core 0.
 #   direct   no router: the bench plays the router side of the task links on core 0; one
@@ -47,6 +48,9 @@ DURATION=${DURATION:-5s}
 WARMUP=${WARMUP:-1s}
 SUITE=${SUITE:-all}
 REPEAT=${REPEAT:-5}
+# The before-after suite runs both builds' routers without spinning unless BENCH_ARGS says
+# otherwise: builds before 56722c9 saw nothing that arrived while they spun (docs/TUNING.md).
+if [ "$SUITE" = before-after ]; then BENCH_ARGS=${BENCH_ARGS:---router-spin-us 0}; fi
 BENCH_ARGS=${BENCH_ARGS:-}
 export BENCH_ARGS
 case "$SUITE" in all|tls|before-after) ;; *) echo "SUITE must be all, tls or before-after" >&2; exit 1;; esac

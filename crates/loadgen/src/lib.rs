@@ -151,7 +151,9 @@ pub struct BenchArgs {
     #[arg(long)]
     pub spin_us: Option<u64>,
     /// Without --target: the spawned router's `tuning.spin_before_park_us` (its shard
-    /// busy-polls this many microseconds before it parks). Default: the router's (0).
+    /// busy-polls this many microseconds before it parks). Default: 100 when the shard has a
+    /// core to itself (2+ cores, no load executor on core 1), as `tuning/2-core.toml` sets for
+    /// that layout; else 0.
     #[arg(long)]
     pub router_spin_us: Option<u64>,
     /// Without --target: the spawned router also serves HTTPS and the load goes over TLS.
@@ -172,6 +174,11 @@ pub struct BenchArgs {
     #[arg(long = "cpu-pid")]
     pub cpu_pids: Vec<u32>,
 }
+
+/// The spawned router's `tuning.spin_before_park_us` when its shard owns a core: what
+/// `tuning/2-core.toml` sets for that layout (docs/TUNING.md: at 8 x 8 1.25x the requests per
+/// second for the same router CPU per request; 2.8x at one request in flight).
+const OWN_CORE_SPIN_US: u64 = 100;
 
 /// Longest accepted values, to turn typos into errors rather than memory exhaustion.
 const MAX_CONNECTIONS: usize = 10_000;
@@ -229,6 +236,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let token_life = (args.warmup + args.duration).as_secs() + 3600;
     // Children (router, tasks) live until this drops: at the end, or on any error below.
     let mut guard = None;
+    // The spawned router's spin before park (None: no router spawned).
+    let mut router_spin = None;
     let mode;
     match (&target, args.direct) {
         (Some(Target::Nats { addr, .. }), _) => {
@@ -336,9 +345,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 control,
                 api_tls.as_ref().map(|(a, c)| (*a, c)),
             );
-            if let Some(us) = args.router_spin_us {
-                text = spawn::with_spin(&text, us);
+            let own_core = online >= 2 && !cores.contains(&shards[0]);
+            let spin = args
+                .router_spin_us
+                .unwrap_or(if own_core { OWN_CORE_SPIN_US } else { 0 });
+            if spin > 0 {
+                text = spawn::with_spin(&text, spin);
             }
+            router_spin = Some(spin);
             std::fs::write(&cfg, text).with_context(|| format!("write {}", cfg.display()))?;
             let bin = fedbus_bin(&args)?;
             g.spawn(
@@ -373,7 +387,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 &stop,
             )?;
             eprintln!(
-                "core layout: router shards on {shards:?}, control thread on core {control}, echo task on core 0, load generator on cores {cores:?}"
+                "core layout: router shards on {shards:?}, control thread on core {control}, echo task on core 0, load generator on cores {cores:?}; the shard spins {spin} us before it parks (--router-spin-us)"
             );
             plan.proto = match &api_tls {
                 None => client_proto(protocol, api.to_string(), api, None),
@@ -408,7 +422,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "protocol": match &plan.proto { Proto::Nats{..} => "nats", Proto::Direct{..} => "ws-task-link", p => proto_name(protocol, is_tls(p)) },
         "tls": is_tls(&plan.proto),
         "conn_per_request": args.conn_per_request,
-        "router_spin_us": args.router_spin_us,
+        "router_spin_us": router_spin,
         "tls_resume": is_tls(&plan.proto) && tls_resume(&args),
         "cpu_pids": plan.cpu_pids,
         "connections": args.connections,

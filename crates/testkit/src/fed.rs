@@ -713,13 +713,15 @@ impl Federation {
         // Ready peers: a dialed link is preferred once its router said ready, so until then
         // a request may go to the other router of a cluster. Routers of a cluster whose task
         // serves only some partitions never say ready (`readiness.coverage = "all"`).
-        let covered = |c: &str| self.partitions[cluster_index(c)].is_none();
+        let ready = |c: &str| match self.partitions[cluster_index(c)] {
+            None => 1.0,
+            Some(_) => 0.0,
+        };
         for r in &self.routers {
             let (links, peers) = (r.shards as f64, 3.0 * r.shards as f64);
             let other = if r.cluster == "spb1" { "spb2" } else { "spb1" };
-            let ready_peers = r.shards as f64
-                * (f64::from(u8::from(covered(&r.cluster)))
-                    + 2.0 * f64::from(u8::from(covered(other))));
+            // The sibling, and both routers of the other cluster.
+            let ready_peers = r.shards as f64 * (ready(&r.cluster) + 2.0 * ready(other));
             loop {
                 let m = r.metrics();
                 let (t, p) = (m.get("fedbus_task_links"), m.get("fedbus_peer_links"));

@@ -319,18 +319,32 @@ impl Control {
     /// whose federation keys cannot be read, is refused as a whole (counted in
     /// `fedbus_config_reload_failed_total`).
     pub(crate) fn reload_config(&mut self, why: &str) {
-        let Some(path) = self.cfg.source.clone() else {
-            return;
-        };
         // The file as read now is the one seen: the mtime poll after a SIGHUP must not load
         // (and refuse, and count) the same write a second time.
         self.config_file.changed();
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
+        if let Some(text) = self.read_config(why) {
+            self.reload_config_text(why, text);
+        }
+    }
+
+    /// The config file's text; None (a refusal, counted) when it cannot be read, or when the
+    /// router was started without a file.
+    fn read_config(&self, why: &str) -> Option<String> {
+        let path = self.cfg.source.as_ref()?;
+        match std::fs::read_to_string(path) {
+            Ok(t) => Some(t),
             Err(err) => {
                 let path = path.display().to_string();
-                return self.refuse(why, &crate::config::ConfigError::Read { path, err });
+                self.refuse(why, &crate::config::ConfigError::Read { path, err });
+                None
             }
+        }
+    }
+
+    /// [`Control::reload_config`] of `text`, just read from the config file.
+    fn reload_config_text(&mut self, why: &str, text: String) {
+        let Some(path) = self.cfg.source.clone() else {
+            return;
         };
         let parsed = Config::from_file_text(&text, &path);
         self.config_read = Some(text);
@@ -361,15 +375,13 @@ impl Control {
     /// The mtime poll saw the config file change (or change recently): reloads it unless its
     /// text is what the last reload read (a SIGHUP's reload may have read this write).
     fn poll_config(&mut self) {
-        let Some(path) = &self.cfg.source else {
+        let why = "config file changed";
+        let Some(text) = self.read_config(why) else {
             return;
         };
-        if let (Ok(now), Some(read)) = (std::fs::read_to_string(path), &self.config_read) {
-            if &now == read {
-                return;
-            }
+        if self.config_read.as_ref() != Some(&text) {
+            self.reload_config_text(why, text);
         }
-        self.reload_config("config file changed");
     }
 
     /// Publishes the applied `[[apps]]` and a routing table built for them (tasks of

@@ -270,9 +270,16 @@ json.dump({"requests": d["requests"], "duration_us": int(d["seconds"] * 1e6), "p
   perf report -i "$WORK/perf.data" --stdio --no-children --sort dso 2>/dev/null | { grep -E '^ +[0-9.]+%' || true; } | sed -n 1,8p >"$WORK/dso.txt"
   perf report -i "$WORK/perf.data" --stdio --no-children --sort sym -g none 2>/dev/null | { grep -E '^ +[0-9.]+%' || true; } | sed -n 1,45p >"$WORK/sym.txt"
   perf script -i "$WORK/perf.data" 2>/dev/null >"$WORK/script.txt"
+  echo "== profile: perf record --call-graph dwarf over a ${DURATION}s run (by path)" >&2
+  profile_load "$WORK/dwarf-wrk.json" "$DURATION" &
+  WP=$!; sleep 1
+  perf record -F 499 --call-graph dwarf,16384 -p "$ROUTER" -o "$WORK/dwarf.data" -- sleep $((DURATION - 2)) 2>>"$WORK/record.log"
+  wait $WP || true
+  perf script -F comm,tid,period,event,ip,sym,dso -i "$WORK/dwarf.data" 2>/dev/null >"$WORK/dwarf.txt"
+  rm -f "$WORK/dwarf.data"
   python3 "$ROOT/benches/perf-groups.py" "$WORK/script.txt" "$WORK/stat.txt" "$WORK/stat-wrk.json" "$WORK/rec-wrk.json" \
     "$WORK/dso.txt" "$WORK/sym.txt" "$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)" "$(uname -r)" \
-    "$(perf --version)" "$(uptime | sed 's/.*load average/load average/')" "$CONNS" "$SIZE" "$DURATION" "$((q1 - q0))" >"$PROFILE"
+    "$(perf --version)" "$(uptime | sed 's/.*load average/load average/')" "$CONNS" "$SIZE" "$DURATION" "$((q1 - q0))" "$WORK/dwarf.txt" >"$PROFILE"
   cat "$PROFILE"
   exit 0
 fi
@@ -362,6 +369,10 @@ measure() {
   s0=$(ticks $spids); b0=$(ticks $bpids); t0=$(thread_ticks $spids | tr '\n' ' '); w0=$(date +%s.%N); q0=$(ipis1); v0=$(steal01)
   if ! WRK_JSON=$j timeout $((DURATION + 60)) "$@" >"$WORK/$name.log" 2>&1; then
     echo "   failed: $(tail -2 "$WORK/$name.log")" >&2
+    # What the servers said about it (the work folder goes when the script ends).
+    for l in "$WORK"/router*.log "$WORK"/echo*.log; do
+      [ -f "$l" ] && { echo "   ${l#"$WORK"/}:"; tail -5 "$l" | sed 's/^/     /'; } >&2
+    done
   fi
   v1=$(steal01); q1=$(ipis1); w1=$(date +%s.%N); s1=$(ticks $spids); b1=$(ticks $bpids)
   local t1; t1=$(thread_ticks $spids | tr '\n' ' ')

@@ -159,6 +159,49 @@ def read_samples(path):
     return samples
 
 
+# What part of a request's journey a sample belongs to, from the user-space frames of its stack
+# (`perf record --call-graph dwarf`: the release build has no frame pointers, so only a dwarf
+# unwind sees them). First match wins, so a sendmsg made by the task link's writer counts there
+# and not as a socket write in general. (label, substrings of a frame's symbol)
+PATHS = [
+    ("task link: send requests (writer task, sendmsg)", ("ws::conn::write_loop",)),
+    ("task link: receive answers (read, decode, complete slots)", ("task::link::read_loop",)),
+    ("client socket: send answers (sendmsg)", ("Stream>::write_parts",)),
+    ("client socket: receive requests (recv)", ("api::http::fill",)),
+    ("request handling (HTTP parse, routing, answer head, in-flight slots)", ("fedbus_router::",)),
+]
+IDLE_PATH = "glommio reactor, timers, sleep and wake-up (no fedbus frame)"
+
+
+def path_of(frames):
+    """The PATHS label of one sample (its frames leaf first)."""
+    for label, keys in PATHS:
+        if any(k in sym for sym, _ in frames for k in keys):
+            return label
+    return IDLE_PATH
+
+
+def by_path(script, us):
+    """Lines of the by-path table from a dwarf `perf script`: share, us/request, the part in the
+    kernel and the part that is waking a peer or the scheduler (`classify`)."""
+    samples = read_samples(script)
+    total = sum(p for p, _ in samples) or 1
+    share, kern, wake = defaultdict(int), defaultdict(int), defaultdict(int)
+    for p, f in samples:
+        label = path_of(f)
+        share[label] += p
+        if f and "kernel" in f[0][1]:
+            kern[label] += p
+            if classify(f) == "wake-ups and scheduler":
+                wake[label] += p
+    o = [f"  {'share':>6s}  {'us/req':>6s}  {'kernel':>6s}  {'wake-ups':>8s}  path"]
+    for label in [l for l, _ in PATHS] + [IDLE_PATH]:
+        p = share[label] or 1
+        o.append(f"  {100 * share[label] / total:5.1f}%  {us * share[label] / total:6.2f}  "
+                 f"{100 * kern[label] / p:5.0f}%  {100 * wake[label] / p:7.0f}%  {label}")
+    return [f"({len(samples)} samples)", ""] + o
+
+
 def read_stat(path):
     """Event name -> count (task-clock in ms) from a `perf stat -o` file."""
     out = {}
@@ -174,7 +217,9 @@ def read_stat(path):
 
 def main():
     (script, stat, stat_wrk, rec_wrk, dso, sym, model, kernel, perfv, load, conns, size,
-     dur, ipis) = sys.argv[1:]
+     dur, ipis) = sys.argv[1:15]
+    # The dwarf record of a third run of the load, for the by-path table (optional).
+    paths_script = sys.argv[15] if len(sys.argv) > 15 else None
     w = json.load(open(stat_wrk))
     rw = json.load(open(rec_wrk))
     st = read_stat(stat)
@@ -225,6 +270,14 @@ def main():
           "from perf stat)", ""]
     for name, p in sorted(groups.items(), key=lambda x: -x[1]):
         o.append(f"  {100 * p / total:5.1f}%  {us * p / total:6.2f} us  {name}")
+    if paths_script:
+        o += ["", "## By path: which step of the request the CPU goes to",
+              f"# perf record -F 499 --call-graph dwarf,16384 -p <router pid> -- sleep {int(dur) - 2}"
+              "  (during a third run)",
+              "# a sample counts for the first step below whose code is on its stack; 'kernel' is",
+              "# the part of that step's samples whose leaf is in the kernel, 'wake-ups' the part",
+              "# grouped as 'wake-ups and scheduler' above (waking the peer that reads, sleeping)", ""]
+        o += by_path(paths_script, us)
     o += ["", "## Top symbols (self time)", ""]
     o += [l.rstrip() for l in open(sym)] + [""]
     print("\n".join(o))

@@ -28,6 +28,26 @@ pub(crate) enum Event {
     Done { id: u64, status: u16 },
     /// Bytes to send back unprompted (PONG to a PING).
     Reply(Bytes),
+    /// The start of the first error answer's body on a connection (after its `Done`), so a
+    /// run that failed says why: the router's JSON error code, not only a status.
+    ErrorBody { status: u16, body: String },
+}
+
+/// Most bytes of an error answer's body kept by [`Event::ErrorBody`].
+pub(crate) const ERROR_BODY_BYTES: usize = 200;
+
+/// The [`Event::ErrorBody`] of an answer, the first time a connection gets a status other than
+/// 200 (`sampled` remembers it): one per connection, so an error storm costs nothing more.
+pub(crate) fn error_body(sampled: &mut bool, status: u16, body: &[u8]) -> Option<Event> {
+    if status == 200 || *sampled {
+        return None;
+    }
+    *sampled = true;
+    let body = &body[..body.len().min(ERROR_BODY_BYTES)];
+    Some(Event::ErrorBody {
+        status,
+        body: String::from_utf8_lossy(body).into_owned(),
+    })
 }
 
 /// Bodies up to this size are copied next to their request head: one contiguous slice is

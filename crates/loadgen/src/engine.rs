@@ -1119,6 +1119,9 @@ async fn read_side<R: AsyncRead + Unpin>(
                     }
                 }
                 Event::Reply(b) => c.replies.push(b),
+                Event::ErrorBody { status, body } => {
+                    ctx.stats.borrow_mut().sample_error(status, body)
+                }
             }
         }
         c.notify();

@@ -16,6 +16,8 @@ pub(crate) struct HttpCodec {
     body: Bytes,
     /// Id of the next answer: ids are given out in send order and answers come back in it.
     next_answer: u64,
+    /// An error answer's body was handed out ([`crate::codec::error_body`]).
+    sampled: bool,
 }
 
 impl HttpCodec {
@@ -36,6 +38,7 @@ impl HttpCodec {
             .into_bytes(),
             body,
             next_answer: 0,
+            sampled: false,
         }
     }
 }
@@ -59,12 +62,15 @@ impl Codec for HttpCodec {
                     }
                     return Ok(());
                 }
-                Parsed::Complete { status, len } => {
+                Parsed::Complete { status, len, body } => {
+                    let sample =
+                        crate::codec::error_body(&mut self.sampled, status, &buf[len - body..len]);
                     buf.advance(len);
                     ev.push(Event::Done {
                         id: self.next_answer,
                         status,
                     });
+                    ev.extend(sample);
                     self.next_answer += 1;
                 }
             }
@@ -77,8 +83,12 @@ impl Codec for HttpCodec {
 pub(crate) enum Parsed {
     /// Not all there yet; `need` is the total size when known (else the current length).
     Partial { need: usize },
-    /// One whole response of `len` bytes (head + body).
-    Complete { status: u16, len: usize },
+    /// One whole response of `len` bytes (head + body), the last `body` of them its body.
+    Complete {
+        status: u16,
+        len: usize,
+        body: usize,
+    },
 }
 
 /// Parses one response (head with httparse, body by Content-Length) from the front of `b`.
@@ -117,7 +127,7 @@ pub(crate) fn parse_response(b: &[u8]) -> Result<Parsed, String> {
     if b.len() < len {
         return Ok(Parsed::Partial { need: len });
     }
-    Ok(Parsed::Complete { status, len })
+    Ok(Parsed::Complete { status, len, body })
 }
 
 #[cfg(test)]
@@ -168,6 +178,10 @@ mod tests {
             vec![
                 Event::Done { id: 0, status: 200 },
                 Event::Done { id: 1, status: 401 },
+                Event::ErrorBody {
+                    status: 401,
+                    body: "{}".into()
+                },
                 Event::Done { id: 2, status: 200 },
             ]
         );
@@ -197,7 +211,8 @@ mod tests {
             parse_response(b"HTTP/1.1 204 No Content\r\n\r\n"),
             Ok(Parsed::Complete {
                 status: 204,
-                len: 27
+                len: 27,
+                body: 0
             })
         );
     }

@@ -454,6 +454,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     for f in out.failures.iter().take(4) {
         eprintln!("warning: {f}");
     }
+    for (status, body) in &out.stats.error_samples {
+        eprintln!(
+            "warning: the first {} answer said: {body}",
+            codec::status_name(*status)
+        );
+    }
     let rep = report::Report {
         label,
         seconds: out.seconds,
@@ -475,7 +481,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         match out.failures.first() {
             Some(f) => bail!("no request succeeded: {f}"),
             None if by_status.is_empty() => bail!("no request was answered"),
-            None => bail!("no request succeeded ({})", by_status.join(", ")),
+            None => bail!(
+                "no request succeeded ({}){}",
+                by_status.join(", "),
+                rep.stats
+                    .error_samples
+                    .values()
+                    .next()
+                    .map(|b| format!("; the first error answer said: {b}"))
+                    .unwrap_or_default()
+            ),
         }
     }
     Ok(())

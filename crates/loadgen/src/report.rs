@@ -33,7 +33,13 @@ pub(crate) struct Stats {
     pub(crate) full_handshakes: u64,
     /// `--conn-per-request` over TLS: handshakes that resumed a session.
     pub(crate) resumed_handshakes: u64,
+    /// The start of the body of the first answer seen with each error status (a few
+    /// statuses at most), so that a failed run says why (`codec::Event::ErrorBody`).
+    pub(crate) error_samples: BTreeMap<u16, String>,
 }
+
+/// Most error statuses whose first answer [`Stats::error_samples`] keeps.
+const MAX_ERROR_SAMPLES: usize = 8;
 
 impl Default for Stats {
     fn default() -> Self {
@@ -44,6 +50,7 @@ impl Default for Stats {
             errors: BTreeMap::new(),
             full_handshakes: 0,
             resumed_handshakes: 0,
+            error_samples: BTreeMap::new(),
         }
     }
 }
@@ -57,6 +64,14 @@ impl Stats {
             self.uncorrected.saturating_record(uncorrected_ns.max(1));
         } else {
             *self.errors.entry(status).or_insert(0) += 1;
+        }
+    }
+
+    /// Keeps `body` as the sample of `status` unless one is kept already.
+    pub(crate) fn sample_error(&mut self, status: u16, body: String) {
+        if self.error_samples.len() < MAX_ERROR_SAMPLES || self.error_samples.contains_key(&status)
+        {
+            self.error_samples.entry(status).or_insert(body);
         }
     }
 
@@ -77,6 +92,9 @@ impl Stats {
         self.resumed_handshakes += other.resumed_handshakes;
         for (k, v) in &other.errors {
             *self.errors.entry(*k).or_insert(0) += v;
+        }
+        for (k, v) in &other.error_samples {
+            self.sample_error(*k, v.clone());
         }
     }
 }

@@ -92,6 +92,8 @@ pub(crate) struct WsCodec {
     /// Partition per wsid (0 for client requests: the router picks).
     partitions: Vec<u32>,
     body: Bytes,
+    /// An error answer's body was handed out ([`crate::codec::error_body`]).
+    sampled: bool,
 }
 
 impl WsCodec {
@@ -107,6 +109,7 @@ impl WsCodec {
             metas,
             partitions,
             body,
+            sampled: false,
         }
     }
 }
@@ -159,6 +162,11 @@ impl Codec for WsCodec {
                         id: f.header.request_id,
                         status,
                     });
+                    ev.extend(crate::codec::error_body(
+                        &mut self.sampled,
+                        status,
+                        &f.payload,
+                    ));
                 }
                 opcode::PING => ev.push(Event::Reply(frame_bytes(self.side, opcode::PONG, &msg))),
                 opcode::CLOSE => {
@@ -215,9 +223,11 @@ mod tests {
     #[test]
     fn answers_out_of_order_and_split() {
         let mut wire = response(5, Some(b"200"), b"a");
-        wire.extend(response(3, Some(b"503"), b""));
+        wire.extend(response(3, Some(b"503"), b"{\"error\":\"no_live_task\"}"));
         wire.extend(frame_bytes(Side::Server, opcode::PING, b"p"));
         wire.extend(response(4, None, &[1; 300]));
+        // Only a connection's first error answer hands out its body.
+        wire.extend(response(6, Some(b"503"), b"again"));
         let mut c = WsCodec::new(Side::Client, vec![vec![]], vec![], Bytes::new());
         let mut buf = BytesMut::new();
         let mut ev = Vec::new();
@@ -226,11 +236,19 @@ mod tests {
             c.decode(&mut buf, &mut ev).unwrap();
         }
         assert!(buf.is_empty());
-        assert_eq!(ev.len(), 4);
+        assert_eq!(ev.len(), 6);
         assert_eq!(ev[0], Event::Done { id: 5, status: 200 });
         assert_eq!(ev[1], Event::Done { id: 3, status: 503 });
-        assert!(matches!(&ev[2], Event::Reply(p) if p[0] == 0x8A && p[1] == 0x80 | 1));
-        assert_eq!(ev[3], Event::Done { id: 4, status: 200 });
+        assert_eq!(
+            ev[2],
+            Event::ErrorBody {
+                status: 503,
+                body: "{\"error\":\"no_live_task\"}".into()
+            }
+        );
+        assert!(matches!(&ev[3], Event::Reply(p) if p[0] == 0x8A && p[1] == 0x80 | 1));
+        assert_eq!(ev[4], Event::Done { id: 4, status: 200 });
+        assert_eq!(ev[5], Event::Done { id: 6, status: 503 });
     }
 
     #[test]

@@ -139,7 +139,9 @@ pub struct Limits {
     pub idle_timeout_ms: u64,
     /// Time a task has to answer before the client gets 504. Default 10000 ms.
     pub request_timeout_ms: u64,
-    /// Most client connections per shard; more are closed at accept (counted). Default 10000.
+    /// Most client connections per shard. At the limit a new connection first evicts the HTTP
+    /// keep-alive connection idle the longest (`fedbus_idle_evicted_total`); with none idle it
+    /// is closed at accept (`fedbus_connections_refused_total`). Default 10000.
     pub max_connections_per_shard: usize,
     /// Most connections per shard on the internal listener (task links, and connections that
     /// have not finished their handshake) and, separately, on the external listener (peer
@@ -170,11 +172,14 @@ pub struct Limits {
     /// and the connection closes. Default 1024 bytes per second.
     pub min_body_bytes_per_sec: usize,
     /// Most bytes of a request body for an anonymous service (no token: anyone can send it);
-    /// more is 413, refused from the head before the body is read. Default 64 KiB.
+    /// more is 413, refused from the head before the body is read. 0: anonymous requests
+    /// carry no body. Default 64 KiB.
     pub max_anonymous_body_bytes: usize,
     /// Router-wide budget for client request bodies being received or in flight (HTTP and
-    /// `/api/ws`), shared evenly by the shards. A request that would go over it gets 503 with
-    /// `Retry-After` (`fedbus_overload_refused_total`). Default 512 MiB.
+    /// `/api/ws`) and for answers queued to client connections, shared evenly by the shards. A
+    /// request body that would go over it gets 503 with `Retry-After`
+    /// (`fedbus_overload_refused_total`); an answer, `503 overloaded` in its place.
+    /// Default 512 MiB.
     pub body_budget_bytes: usize,
     /// One client connection's share of that budget: its request bodies being received or in
     /// flight. Over it, 503 with `Retry-After` as well. Default 16 MiB.
@@ -191,8 +196,8 @@ pub struct Limits {
     /// Most websocket control frames (ping, pong) one connection may send per second; more
     /// closes it with 1008 (`fedbus_abusive_closed_total`). Default 100.
     pub max_control_frames_per_sec: u32,
-    /// Most control frames (pongs) queued on one connection's outbox; more are dropped (RFC
-    /// 6455 lets a pong answer only the latest ping). Default 16.
+    /// Most control frames (pongs, pings) queued on one connection's outbox; more are dropped
+    /// (RFC 6455 lets a pong answer only the latest ping). Default 16.
     pub max_queued_control_frames: usize,
 }
 
@@ -365,7 +370,8 @@ pub struct Tuning {
     /// Core of the control thread. Default 0.
     pub control_core: usize,
     /// Busy-poll this long before an idle shard parks, trading CPU for wake-up latency
-    /// (measured on a 2-core VM: 1 connection, 1 in flight, p50 64 us -> 43 us at 100 us). Default 0 (off).
+    /// (measured on a 2-core VM: 1 connection, 1 in flight, p50 154 us -> 53 us at 100 us;
+    /// docs/TUNING.md). Default 0 (off).
     pub spin_before_park_us: u64,
     /// glommio io_memory per shard in bytes (file I/O buffers; sockets do not use it). Must fit
     /// `ulimit -l` unless running as root. Default 1 MiB.
@@ -689,6 +695,8 @@ impl Config {
         let l = &self.limits;
         for (f, v) in [
             ("limits.max_header_bytes", l.max_header_bytes),
+            // 0 is not nginx's "no limit" here: no request could carry a body. Refused.
+            ("limits.max_body_bytes", l.max_body_bytes),
             (
                 "limits.max_connections_per_shard",
                 l.max_connections_per_shard,
@@ -734,7 +742,10 @@ impl Config {
             return Err(invalid("limits.max_header_bytes", "at most 1 MiB"));
         }
         if l.max_body_bytes > u32::MAX as usize / 2 {
-            return Err(invalid("limits.max_body_bytes", "at most 2 GiB"));
+            return Err(invalid(
+                "limits.max_body_bytes",
+                "below 2 GiB (at most 2147483647)",
+            ));
         }
         for (f, v) in [
             ("limits.handshake_timeout_ms", l.handshake_timeout_ms),
@@ -1058,5 +1069,12 @@ mod tests {
         assert_eq!(Config::default().limits.task_eject_after_timeouts, 5);
         let e = Config::parse("[tuning]\ncontrol_core = 9999\n", "t").unwrap_err();
         assert!(e.to_string().contains("tuning.control_core"), "{e}");
+        // 0 is not "no limit" (nginx's client_max_body_size 0): refused, not silently 413.
+        let e = Config::parse("[limits]\nmax_body_bytes = 0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("limits.max_body_bytes"), "{e}");
+        let e = Config::parse("[limits]\nmax_body_bytes = 2147483648\n", "t").unwrap_err();
+        assert!(e.to_string().contains("limits.max_body_bytes"), "{e}");
+        Config::parse("[limits]\nmax_body_bytes = 2147483647\n", "t").expect("just below 2 GiB");
+        Config::parse("[limits]\nmax_anonymous_body_bytes = 0\n", "t").expect("no anonymous body");
     }
 }

@@ -166,7 +166,8 @@ def read_samples(path):
 PATHS = [
     ("task link: send requests (writer task, sendmsg)", ("ws::conn::write_loop",)),
     ("task link: receive answers (read, decode, complete slots)", ("task::link::read_loop",)),
-    ("client socket: send answers (sendmsg)", ("Stream>::write_parts",)),
+    # Plain TCP's `Stream::write_parts`; over TLS the write runs in `tls_write_parts`.
+    ("client socket: send answers (sendmsg)", ("Stream>::write_parts", "ws::stream::tls_write_parts")),
     ("client socket: receive requests (recv)", ("api::http::fill",)),
     ("request handling (HTTP parse, routing, answer head, in-flight slots)", ("fedbus_router::",)),
 ]
@@ -276,7 +277,8 @@ def main():
               "  (during a third run)",
               "# a sample counts for the first step below whose code is on its stack; 'kernel' is",
               "# the part of that step's samples whose leaf is in the kernel, 'wake-ups' the part",
-              "# grouped as 'wake-ups and scheduler' above (waking the peer that reads, sleeping)", ""]
+              "# grouped as 'wake-ups and scheduler' above (waking the peer that reads, sleeping);",
+              "# a stack the unwinder cut short (16 KiB of it) has no fedbus frame: last row", ""]
         o += by_path(paths_script, us)
     o += ["", "## Top symbols (self time)", ""]
     o += [l.rstrip() for l in open(sym)] + [""]

@@ -16,10 +16,11 @@ use fedbus_auth::{sign_client_jwt, ClientClaims, Keyring};
 use fedbus_proto::{self as proto, put_meta, put_meta_u64, tag, Frame, Kind};
 use fedbus_router::api::http::{parse_one, Parsed};
 use fedbus_router::route::{build, parse_api_path, AppSpec, Lookup, Registration};
+use fedbus_testkit::ReadRetrying;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::hint::black_box;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -240,7 +241,7 @@ fn round_trip(s: &mut TcpStream, req: &[u8], resp: &mut [u8]) -> u16 {
     s.write_all(req).expect("write");
     let mut got = 0;
     loop {
-        let n = s.read(&mut resp[got..]).expect("read");
+        let n = s.read_retrying(&mut resp[got..]).expect("read");
         assert!(n > 0, "router closed the connection");
         got += n;
         let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -268,7 +269,7 @@ fn read_more(s: &mut TcpStream, resp: &mut [u8], got: &mut usize, start: &mut us
         *got -= *start;
         *start = 0;
     }
-    let n = s.read(&mut resp[*got..]).expect("read");
+    let n = s.read_retrying(&mut resp[*got..]).expect("read");
     assert!(n > 0, "router closed the connection");
     *got += n;
 }
@@ -573,7 +574,7 @@ fn whole_routed_ws_request_through_a_real_router() {
     s.write_all(up.as_bytes()).expect("upgrade");
     let mut got = 0;
     while !resp[..got].windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = s.read(&mut resp[got..]).expect("read upgrade");
+        let n = s.read_retrying(&mut resp[got..]).expect("read upgrade");
         assert!(n > 0, "closed during the upgrade");
         got += n;
     }

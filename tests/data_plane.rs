@@ -6,6 +6,7 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use fedbus_auth::{sign_client_jwt, ClientClaims, Keyring};
+use fedbus_testkit::ReadRetrying;
 use fedbus_testkit::*;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -711,7 +712,7 @@ fn a_slow_admin_client_does_not_block_scrapes() {
 /// the connection closes, instead of holding it forever.
 #[test]
 fn a_trickled_request_head_gets_408() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let r = Router::new()
         .shards(1)
         .limit("handshake_timeout_ms", 800)
@@ -730,7 +731,7 @@ fn a_trickled_request_head_gets_408() {
             break;
         }
         let mut chunk = [0u8; 1024];
-        match s.read(&mut chunk) {
+        match s.read_retrying(&mut chunk) {
             Ok(0) => break,
             Ok(n) => got.extend_from_slice(&chunk[..n]),
             Err(_) => {}
@@ -759,7 +760,6 @@ fn a_trickled_request_head_gets_408() {
 /// idle connections are gone.
 #[test]
 fn the_internal_listener_has_a_connection_limit() {
-    use std::io::Read;
     let r = Router::new()
         .shards(1)
         .limit("max_link_connections_per_shard", 2)
@@ -778,7 +778,7 @@ fn the_internal_listener_has_a_connection_limit() {
     over.set_read_timeout(Some(Duration::from_secs(3)))
         .expect("timeout");
     let mut b = [0u8; 16];
-    let n = over.read(&mut b);
+    let n = over.read_retrying(&mut b);
     assert!(
         matches!(n, Ok(0)) || n.is_err(),
         "the connection over the limit was not closed at accept: {n:?}"

@@ -7,8 +7,9 @@
 use fedbus_proto::{encode_frame, flags, put_meta, tag, Frame, Kind};
 use fedbus_router::ws::frame as wsf;
 use fedbus_testkit::fed::*;
+use fedbus_testkit::ReadRetrying;
 use fedbus_testkit::*;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -252,14 +253,15 @@ fn spb1_ready_peer_links(f: &Federation) -> [f64; 2] {
     [0, 1].map(|e| f.router("spb1", e).metrics().get("fedbus_peer_links_ready"))
 }
 
-/// Waits until both spb1 routers have seen their links to a just-killed spb2 router close on
-/// every shard (each shard's dialed link to it was ready: the gauge read before the kill, in
-/// `before`, drops by the shard count) and returns when. From then on no request entering
-/// spb1 is routed to the dead router. How long that takes depends on when the routers get
-/// the CPU to read the reset, so tests wait for it rather than sleeping a fixed time: on a
-/// loaded 2-core machine 300 ms was not always enough.
-fn wait_spb1_saw_the_kill(f: &Federation, before: [f64; 2]) -> Instant {
-    let deadline = Instant::now() + Duration::from_secs(10);
+/// Waits until both spb1 routers have seen their links to a spb2 router killed at `killed`
+/// close on every shard (each shard's dialed link to it was ready: the gauge read before the
+/// kill, in `before`, drops by the shard count) and returns when. From then on no request
+/// entering spb1 is routed to the dead router. How long that takes depends on when the routers
+/// get the CPU to read the reset, so tests wait for it rather than sleeping a fixed time: on a
+/// loaded 2-core machine 300 ms was not always enough. It must still be the reset that ends
+/// the links, not the link's silence timeout (3 ping intervals, 6 s): within 5 s.
+fn wait_spb1_saw_the_kill(f: &Federation, before: [f64; 2], killed: Instant) -> Instant {
+    let deadline = killed + Duration::from_secs(5);
     for (e, before) in before.into_iter().enumerate() {
         let r = f.router("spb1", e);
         let want = before - r.shards as f64;
@@ -270,7 +272,7 @@ fn wait_spb1_saw_the_kill(f: &Federation, before: [f64; 2]) -> Instant {
             }
             assert!(
                 Instant::now() < deadline,
-                "{} still has {ready} ready peer links 10 s after the kill (want {want})",
+                "{} still has {ready} ready peer links 5 s after the kill (had {before}, want {want})",
                 r.name
             );
             std::thread::sleep(Duration::from_millis(5));
@@ -349,7 +351,7 @@ fn kill9_of_a_router_under_load_and_restart() {
     f.router_mut("spb2", 0).kill9();
     // Errors are allowed until spb1 has seen the links to r0 close; then the load goes on
     // for the rest of 2 s.
-    let settle = wait_spb1_saw_the_kill(&f, ready_before);
+    let settle = wait_spb1_saw_the_kill(&f, ready_before, killed_at);
     std::thread::sleep(Duration::from_millis(2000).saturating_sub(killed_at.elapsed()));
     let obs = end_load(&stop, hs, &log);
     let before = obs.iter().filter(|o| o.at < killed_at).count();
@@ -481,7 +483,7 @@ fn peer_link_lost_under_load() {
     let killed = Instant::now();
     f.router_mut("spb2", 0).kill9();
     // New requests go to r1 once spb1 has seen the links to r0 close.
-    wait_spb1_saw_the_kill(&f, before);
+    wait_spb1_saw_the_kill(&f, before, killed);
     let fresh: Vec<Pending> = [6u64, 8]
         .iter()
         .map(|w| send_pending(&f, f.router("spb1", 0), *w))
@@ -580,7 +582,7 @@ fn refusal(status: u16, head: &str, rest: &[u8], s: &mut std::net::TcpStream) ->
     let mut body = rest.to_vec();
     while body.len() < len {
         let mut b = [0u8; 1024];
-        match s.read(&mut b) {
+        match s.read_retrying(&mut b) {
             Ok(0) | Err(_) => break,
             Ok(n) => body.extend_from_slice(&b[..n]),
         }
@@ -687,7 +689,7 @@ fn ws_recv(s: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> Vec<u8> {
             }
         }
         let mut b = [0u8; 65536];
-        let n = s.read(&mut b).expect("read peer link");
+        let n = s.read_retrying(&mut b).expect("read peer link");
         assert!(n > 0, "peer link closed");
         buf.extend_from_slice(&b[..n]);
     }
@@ -1088,8 +1090,9 @@ fn a_draining_router_that_is_its_clusters_last_way_in_serves_until_a_sibling_is_
     let (mut f, stop, log, hs) =
         spb2_ready_under_load(Federation::builder().drain_peer_hold_ms(20_000));
     let before = spb1_ready_peer_links(&f);
+    let killed_at = Instant::now();
     f.router_mut("spb2", 0).kill9();
-    let seen_at = wait_spb1_saw_the_kill(&f, before);
+    let seen_at = wait_spb1_saw_the_kill(&f, before, killed_at);
     let drain_at = Instant::now();
     f.router_mut("spb2", 1).sigterm();
     // Draining, and still the only way to spb2: it does not exit while requests go to it.
@@ -1148,8 +1151,9 @@ fn a_draining_last_way_in_is_held_at_most_drain_peer_hold_ms() {
     let (mut f, stop, log, hs) =
         spb2_ready_under_load(Federation::builder().drain_peer_hold_ms(1000));
     let before = spb1_ready_peer_links(&f);
+    let killed_at = Instant::now();
     f.router_mut("spb2", 0).kill9();
-    wait_spb1_saw_the_kill(&f, before);
+    wait_spb1_saw_the_kill(&f, before, killed_at);
     let drain_at = Instant::now();
     f.router_mut("spb2", 1).sigterm();
     let st = f
@@ -1280,9 +1284,10 @@ fn takeover_of_a_router_under_load_fails_no_request() {
 fn kill9_fails_only_what_was_in_flight_and_nothing_after_the_restart() {
     let (mut f, stop, log, hs) = spb2_ready_under_load(Federation::builder());
     let before = spb1_ready_peer_links(&f);
+    let killed_at = Instant::now();
     f.router_mut("spb2", 1).kill9();
     // spb1 notices the lost links (connection reset) as soon as its shards run.
-    let seen_at = wait_spb1_saw_the_kill(&f, before);
+    let seen_at = wait_spb1_saw_the_kill(&f, before, killed_at);
     let restart_at = Instant::now();
     f.router_mut("spb2", 1).restart();
     let ready = wait_readyz(f.router("spb2", 1), Duration::from_secs(15));

@@ -12,9 +12,10 @@ use fedbus_router::ws::handshake::{
     client_request, new_key, parse_client_response, ClientHandshake,
 };
 use fedbus_testkit::attack::rss_kib;
+use fedbus_testkit::ReadRetrying;
 use fedbus_testkit::*;
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -48,7 +49,7 @@ fn read_to_eof(s: &mut TcpStream, limit: Duration) -> Vec<u8> {
     let mut got = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
     loop {
-        match s.read(&mut chunk) {
+        match s.read_retrying(&mut chunk) {
             Ok(0) => return got,
             Ok(n) => got.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return got,
@@ -107,7 +108,7 @@ impl Ws {
                     panic!("upgrade refused: {status} {body}")
                 }
             }
-            let n = s.read(&mut chunk).expect("read upgrade answer");
+            let n = s.read_retrying(&mut chunk).expect("read upgrade answer");
             assert!(n > 0, "router closed during the handshake");
             buf.extend_from_slice(&chunk[..n]);
         }
@@ -151,7 +152,7 @@ impl Ws {
                 }
             }
             let mut chunk = [0u8; 64 * 1024];
-            let n = self.s.read(&mut chunk).expect("read answer");
+            let n = self.s.read_retrying(&mut chunk).expect("read answer");
             assert!(n > 0, "router closed the session");
             self.buf.extend_from_slice(&chunk[..n]);
         }
@@ -285,7 +286,7 @@ fn trickled_request_heads_get_408_while_others_are_answered() {
                         break;
                     }
                     let mut chunk = [0u8; 1024];
-                    match s.read(&mut chunk) {
+                    match s.read_retrying(&mut chunk) {
                         Ok(0) => break,
                         Ok(n) => got.extend_from_slice(&chunk[..n]),
                         Err(e) if is_timeout(&e) => {}
@@ -421,7 +422,7 @@ fn admin_hold(addr: SocketAddr) -> Option<TcpStream> {
     s.set_read_timeout(Some(Duration::from_millis(300)))
         .expect("timeout");
     let mut b = [0u8; 64];
-    match s.read(&mut b) {
+    match s.read_retrying(&mut b) {
         Err(e) if is_timeout(&e) => Some(s),
         Ok(0) | Err(_) => None,
         Ok(n) => panic!(
@@ -662,7 +663,7 @@ fn read_answer(
 ) -> Option<(u16, HashMap<String, String>, Vec<u8>)> {
     let fill = |s: &mut TcpStream, buf: &mut Vec<u8>| {
         let mut chunk = [0u8; 64 * 1024];
-        match s.read(&mut chunk) {
+        match s.read_retrying(&mut chunk) {
             Ok(0) => false,
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);

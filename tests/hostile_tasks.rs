@@ -17,8 +17,9 @@ use fedbus_router::ws::handshake::{
     accept_response, client_request, new_key, parse_client_response, ClientHandshake,
 };
 use fedbus_testkit::attack::{rss_kib, rss_kib_of, Normal};
+use fedbus_testkit::ReadRetrying;
 use fedbus_testkit::*;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -123,7 +124,7 @@ impl RawLink {
                     panic!("task link upgrade refused: {status} {body}")
                 }
             }
-            let n = s.read(&mut chunk).expect("read upgrade answer");
+            let n = s.read_retrying(&mut chunk).expect("read upgrade answer");
             assert!(n > 0, "router closed during the upgrade");
             buf.extend_from_slice(&chunk[..n]);
         }
@@ -180,7 +181,7 @@ impl RawLink {
 
     fn fill(&mut self) -> std::io::Result<()> {
         let mut chunk = [0u8; 64 * 1024];
-        let n = self.s.read(&mut chunk)?;
+        let n = self.s.read_retrying(&mut chunk)?;
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
@@ -228,7 +229,7 @@ impl RawLink {
     fn tcp_closed(&mut self) -> bool {
         let mut b = [0u8; 4096];
         loop {
-            match self.s.read(&mut b) {
+            match self.s.read_retrying(&mut b) {
                 Ok(0) => return true,
                 Ok(_) => continue,
                 Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
@@ -484,7 +485,7 @@ fn closed_after(mut s: TcpStream, since: Instant) -> Option<Duration> {
         .expect("timeout");
     let mut b = [0u8; 4096];
     loop {
-        match s.read(&mut b) {
+        match s.read_retrying(&mut b) {
             Ok(0) => return Some(since.elapsed()),
             Ok(_) => continue,
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
@@ -645,7 +646,7 @@ fn the_built_in_task_refuses_a_hello_over_256_kib() {
     let mut head = Vec::new();
     let mut b = [0u8; 4096];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = s.read(&mut b).expect("upgrade head");
+        let n = s.read_retrying(&mut b).expect("upgrade head");
         assert!(n > 0, "the task closed during its upgrade");
         head.extend_from_slice(&b[..n]);
     }
@@ -685,7 +686,7 @@ fn the_built_in_task_refuses_a_hello_over_256_kib() {
                 break (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]]));
             }
         }
-        let n = s.read(&mut b).expect("the task's close frame");
+        let n = s.read_retrying(&mut b).expect("the task's close frame");
         assert!(n > 0, "the task closed without a close frame");
         got.extend_from_slice(&b[..n]);
     };
@@ -784,7 +785,7 @@ fn raw_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> (Vec<u8>, Vec<u8>) {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
         }
-        let n = s.read(&mut b).expect("response");
+        let n = s.read_retrying(&mut b).expect("response");
         assert!(n > 0, "closed before the head ended: {buf:?}");
         buf.extend_from_slice(&b[..n]);
     };
@@ -798,7 +799,7 @@ fn raw_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> (Vec<u8>, Vec<u8>) {
         })
         .expect("content-length");
     while buf.len() < end + len {
-        let n = s.read(&mut b).expect("body");
+        let n = s.read_retrying(&mut b).expect("body");
         assert!(n > 0, "closed in the body");
         buf.extend_from_slice(&b[..n]);
     }

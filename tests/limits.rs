@@ -4,6 +4,7 @@
 //! client on the same shard, whose requests are answered throughout.
 
 use fedbus_testkit::attack::{rss_kib, Normal};
+use fedbus_testkit::ReadRetrying;
 use fedbus_testkit::*;
 use std::io::Write;
 use std::time::Duration;
@@ -126,7 +127,6 @@ fn anonymous_uploads_are_small_and_refused_from_the_head() {
 /// Trickles a 1000-byte body one byte about every 100 ms on a new connection until the router
 /// answers or closes; returns what it answered and when, from the head.
 fn trickle_body(r: &Router, p: &str, tok: &str) -> (String, Duration) {
-    use std::io::Read;
     let mut s = std::net::TcpStream::connect(r.api).expect("connect");
     s.set_read_timeout(Some(Duration::from_millis(100)))
         .expect("timeout");
@@ -142,7 +142,7 @@ fn trickle_body(r: &Router, p: &str, tok: &str) -> (String, Duration) {
             break;
         }
         let mut chunk = [0u8; 1024];
-        match s.read(&mut chunk) {
+        match s.read_retrying(&mut chunk) {
             Ok(0) => break,
             Ok(n) => got.extend_from_slice(&chunk[..n]),
             Err(_) => {}
@@ -152,7 +152,7 @@ fn trickle_body(r: &Router, p: &str, tok: &str) -> (String, Duration) {
     s.set_read_timeout(Some(Duration::from_millis(500)))
         .expect("timeout");
     let mut chunk = [0u8; 1024];
-    while let Ok(n) = s.read(&mut chunk) {
+    while let Ok(n) = s.read_retrying(&mut chunk) {
         if n == 0 {
             break;
         }

@@ -8,11 +8,12 @@
 //! before it sends its peer token.
 
 use fedbus_testkit::fed::*;
+use fedbus_testkit::ReadRetrying;
 use fedbus_testkit::*;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, StreamOwned};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -69,7 +70,7 @@ fn tls_peer_upgrade(addr: SocketAddr, cfg: Arc<ClientConfig>, token: &str) -> Re
     let mut buf = Vec::new();
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
         let mut b = [0u8; 2048];
-        match s.read(&mut b) {
+        match s.read_retrying(&mut b) {
             Ok(0) => return Err(format!("closed: {:?}", String::from_utf8_lossy(&buf))),
             Ok(n) => buf.extend_from_slice(&b[..n]),
             Err(e) => return Err(e.to_string()),
@@ -276,7 +277,7 @@ impl Impostor {
                 let conn = rustls::ServerConnection::new(cfg.clone()).expect("server");
                 let mut s = StreamOwned::new(conn, tcp);
                 let mut b = [0u8; 1];
-                if let Ok(n) = s.read(&mut b) {
+                if let Ok(n) = s.read_retrying(&mut b) {
                     if n > 0 {
                         g.store(true, Ordering::Relaxed);
                     }

@@ -4,8 +4,9 @@
 
 use bytes::BytesMut;
 use fedbus_proto::{encode_frame, put_meta, tag, Kind};
+use fedbus_testkit::ReadRetrying;
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -265,7 +266,7 @@ fn read_response(s: &mut TcpStream) -> std::io::Result<HttpResp> {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
         }
-        let n = s.read(&mut chunk)?;
+        let n = s.read_retrying(&mut chunk)?;
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
@@ -289,7 +290,7 @@ fn read_response(s: &mut TcpStream) -> std::io::Result<HttpResp> {
         .unwrap_or(0);
     let mut body = buf[head_end..].to_vec();
     while body.len() < len {
-        let n = s.read(&mut chunk)?;
+        let n = s.read_retrying(&mut chunk)?;
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }

@@ -5,12 +5,13 @@
 //! the TLS port. Certificates come from `fedbus keys cert` (the keyring's dev CA).
 
 use fedbus_proto::{encode_frame, put_meta, tag, Frame, Kind};
+use fedbus_testkit::ReadRetrying;
 use fedbus_testkit::*;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, ClientConnection, HandshakeKind, RootCertStore, StreamOwned};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -135,7 +136,7 @@ fn exchange(s: &mut Tls, req: &Req) -> (u16, Vec<u8>) {
         if let Some((code, n, len)) = done {
             return (code, buf[n..n + len].to_vec());
         }
-        let k = s.read(&mut chunk).expect("read response");
+        let k = s.read_retrying(&mut chunk).expect("read response");
         assert!(k > 0, "connection closed before the answer");
         buf.extend_from_slice(&chunk[..k]);
     }
@@ -323,7 +324,7 @@ fn a_replaced_certificate_serves_new_connections_while_old_ones_keep_working() {
 fn closed_by_router(s: &mut TcpStream) -> bool {
     let mut b = [0u8; 1024];
     loop {
-        match s.read(&mut b) {
+        match s.read_retrying(&mut b) {
             Ok(0) => return true,
             Ok(_) => continue,
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,

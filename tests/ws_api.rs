@@ -10,9 +10,10 @@ use fedbus_router::ws::frame::{encode_head, opcode, parse_head, MAX_HEADER};
 use fedbus_router::ws::handshake::{
     client_request, new_key, parse_client_response, ClientHandshake,
 };
+use fedbus_testkit::ReadRetrying;
 use fedbus_testkit::*;
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -88,7 +89,7 @@ fn upgrade_from(
             ClientHandshake::Refused { status, .. } => {
                 // The router answers with `Connection: close`: read to EOF for the whole body.
                 loop {
-                    match s.read(&mut chunk) {
+                    match s.read_retrying(&mut chunk) {
                         Ok(0) => break,
                         Ok(n) => buf.extend_from_slice(&chunk[..n]),
                         Err(e) => panic!("refusal {status} not followed by a close: {e}"),
@@ -101,7 +102,7 @@ fn upgrade_from(
                 return Upgrade::Refused(status, body);
             }
         }
-        let n = s.read(&mut chunk).expect("read upgrade answer");
+        let n = s.read_retrying(&mut chunk).expect("read upgrade answer");
         assert!(n > 0, "router closed during the handshake: {buf:?}");
         buf.extend_from_slice(&chunk[..n]);
     }
@@ -175,7 +176,7 @@ impl Ws {
 
     fn fill(&mut self) -> std::io::Result<()> {
         let mut chunk = [0u8; 64 * 1024];
-        let n = self.s.read(&mut chunk)?;
+        let n = self.s.read_retrying(&mut chunk)?;
         if n == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
@@ -239,7 +240,7 @@ impl Ws {
             }
         }
         let mut b = [0u8; 64];
-        match self.s.read(&mut b) {
+        match self.s.read_retrying(&mut b) {
             Ok(0) => {}
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
             other => {

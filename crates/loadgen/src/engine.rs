@@ -1186,7 +1186,12 @@ async fn churn(index: usize, plan: &Plan, ctx: &Ctx) {
             Err(_) => Err(format!("no answer within {}s", SETUP_TIMEOUT.as_secs())),
         };
         match r {
-            Ok(status) => ctx.record(status, start, start, ctx.now()),
+            Ok((status, sample)) => {
+                ctx.record(status, start, start, ctx.now());
+                if let Some(body) = sample {
+                    ctx.stats.borrow_mut().sample_error(status, body);
+                }
+            }
             Err(e) => {
                 ctx.record(STATUS_TRANSPORT, start, start, ctx.now());
                 ctx.fail(index, e);
@@ -1198,11 +1203,12 @@ async fn churn(index: usize, plan: &Plan, ctx: &Ctx) {
 }
 
 /// Writes the request in `batch` on a fresh connection, reads its answer, closes our side.
+/// Returns the answer's status and, for the codec's first error answer, its body's start.
 async fn one_request<S: Stream>(
     mut s: S,
     codec: &mut HttpCodec,
     parts: &[Bytes],
-) -> Result<u16, String> {
+) -> Result<(u16, Option<String>), String> {
     s.write_parts(parts)
         .await
         .map_err(|e| format!("write: {e}"))?;
@@ -1213,8 +1219,12 @@ async fn one_request<S: Stream>(
         codec.decode(&mut buf, &mut ev)?;
         if let Some(Event::Done { status, .. }) = ev.first() {
             let status = *status;
+            let sample = ev.drain(..).find_map(|e| match e {
+                Event::ErrorBody { body, .. } => Some(body),
+                _ => None,
+            });
             let _ = s.shutdown_write().await;
-            return Ok(status);
+            return Ok((status, sample));
         }
         match read_more(&mut s, &mut buf, &mut space).await {
             Ok(0) => return Err("peer closed the connection".into()),

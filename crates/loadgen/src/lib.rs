@@ -481,16 +481,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         match out.failures.first() {
             Some(f) => bail!("no request succeeded: {f}"),
             None if by_status.is_empty() => bail!("no request was answered"),
-            None => bail!(
-                "no request succeeded ({}){}",
-                by_status.join(", "),
-                rep.stats
-                    .error_samples
-                    .values()
-                    .next()
-                    .map(|b| format!("; the first error answer said: {b}"))
-                    .unwrap_or_default()
-            ),
+            None => {
+                // The sample of the most frequent error status (samples include the warm-up).
+                let sample = rep
+                    .stats
+                    .errors
+                    .iter()
+                    .max_by_key(|(_, n)| **n)
+                    .and_then(|(s, _)| rep.stats.error_samples.get_key_value(s))
+                    .or_else(|| rep.stats.error_samples.iter().next())
+                    .map(|(s, b)| {
+                        format!("; the first {} answer said: {b}", codec::status_name(*s))
+                    })
+                    .unwrap_or_default();
+                bail!("no request succeeded ({}){sample}", by_status.join(", "))
+            }
         }
     }
     Ok(())

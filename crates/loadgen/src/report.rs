@@ -34,7 +34,9 @@ pub(crate) struct Stats {
     /// `--conn-per-request` over TLS: handshakes that resumed a session.
     pub(crate) resumed_handshakes: u64,
     /// The start of the body of the first answer seen with each error status (a few
-    /// statuses at most), so that a failed run says why (`codec::Event::ErrorBody`).
+    /// statuses at most), so that a failed run says why (`codec::Event::ErrorBody`). Unlike
+    /// the counts above, the warm-up's answers are sampled too: a run that fails from its
+    /// start says why even when its warm-up took the connection's one sample.
     pub(crate) error_samples: BTreeMap<u16, String>,
 }
 

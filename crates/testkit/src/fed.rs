@@ -812,7 +812,7 @@ pub fn ws_upgrade(
     path: &str,
     token: Option<&str>,
 ) -> (std::net::TcpStream, u16, String, Vec<u8>) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(3)))
@@ -831,8 +831,7 @@ pub fn ws_upgrade(
             break i + 4;
         }
         let mut chunk = [0u8; 4096];
-        let n = s
-            .read(&mut chunk)
+        let n = crate::read_retrying(&mut s, &mut chunk)
             .unwrap_or_else(|e| panic!("upgrade answer: {e}"));
         assert!(
             n > 0,

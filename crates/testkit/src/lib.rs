@@ -994,6 +994,29 @@ pub struct Conn {
     buf: Vec<u8>,
 }
 
+/// `read` that tries again when a signal interrupts it. A blocking socket read with a timeout
+/// (`SO_RCVTIMEO`, which the test clients set) is never restarted by the kernel, whatever
+/// `SA_RESTART` says (signal(7)), so on a loaded machine one returned `Interrupted system
+/// call` and failed a test that had nothing wrong with it.
+pub fn read_retrying(r: &mut (impl Read + ?Sized), buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// [`read_retrying`] as a method of every reader, for the tests' raw sockets.
+pub trait ReadRetrying: Read {
+    /// `read`, tried again while a signal interrupts it.
+    fn read_retrying(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        read_retrying(self, buf)
+    }
+}
+
+impl<R: Read + ?Sized> ReadRetrying for R {}
+
 impl Conn {
     /// Connects to `addr` (read timeout `READ_TIMEOUT`).
     pub fn open(addr: SocketAddr) -> Conn {
@@ -1036,12 +1059,12 @@ impl Conn {
     /// True when the router closed the connection (reads EOF within the read timeout).
     pub fn is_closed(&mut self) -> bool {
         let mut b = [0u8; 1];
-        matches!(self.s.read(&mut b), Ok(0) | Err(_)) && self.buf.is_empty()
+        matches!(read_retrying(&mut self.s, &mut b), Ok(0) | Err(_)) && self.buf.is_empty()
     }
 
     fn fill(&mut self) -> std::io::Result<()> {
         let mut chunk = [0u8; 64 * 1024];
-        let n = self.s.read(&mut chunk)?;
+        let n = read_retrying(&mut self.s, &mut chunk)?;
         if n == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,

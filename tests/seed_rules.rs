@@ -259,8 +259,16 @@ fn kill_under_load(live: (u32, u32), live_p: u32, victim: (u32, u32), victim_ps:
         clients.push((wsid, h));
     }
     std::thread::sleep(Duration::from_millis(800));
+    let links = r.metrics().get("fedbus_task_links");
     let killed = Instant::now();
     victim_task.kill();
+    // The router sees the victim's links (one per shard) close when its shards next run and
+    // read the EOF: on a loaded machine that is not at once, so the load goes on for 1.2 s
+    // from that fact, not from the kill. It must be the EOF, not a silence timeout (6 s).
+    let seen = wait_for(Duration::from_secs(5), || {
+        (r.metrics().get("fedbus_task_links") <= links - 2.0).then(Instant::now)
+    })
+    .expect("the router did not see the victim's links close within 5 s of the kill");
     std::thread::sleep(Duration::from_millis(1200));
     stop.store(true, Ordering::Relaxed);
 
@@ -303,17 +311,17 @@ fn kill_under_load(live: (u32, u32), live_p: u32, victim: (u32, u32), victim_ps:
             } else if in_flight && rec.status == 200 && rec.emergency.is_none() {
                 // Answered by the victim just before it died, read just after.
                 assert_eq!(rec.partition, Some(own), "{what}");
-                assert!(rec.done - killed < Duration::from_millis(100), "{what}");
+                assert!(rec.done < seen + Duration::from_secs(1), "{what}");
             } else if rec.status == 502 {
                 // In flight on the victim (or sent before the router saw the link close).
                 assert_eq!(rec.code, "task_lost", "{what}");
                 assert!(
-                    rec.done - killed < Duration::from_secs(2),
+                    rec.done < seen + Duration::from_secs(2),
                     "502 too late: {what}"
                 );
                 assert!(
-                    in_flight || rec.sent - killed < Duration::from_millis(200),
-                    "502 for a request sent well after the kill: {what}"
+                    in_flight || rec.sent < seen,
+                    "502 for a request sent after the router saw the link close: {what}"
                 );
                 if in_flight {
                     in_flight_502 += 1;
@@ -334,7 +342,9 @@ fn kill_under_load(live: (u32, u32), live_p: u32, victim: (u32, u32), victim_ps:
     let first_emergency = first_emergency.expect("no request served by the emergency partition");
     eprintln!(
         "seed_rules: kill -> first request served by emergency partition {elected}: {first_emergency:?} \
-         ({in_flight_502} in-flight requests answered 502, {emergency_served} emergency answers)"
+         ({in_flight_502} in-flight requests answered 502, {emergency_served} emergency answers; \
+         the router saw the links close {:?} after the kill)",
+        seen - killed
     );
     assert!(
         in_flight_502 >= 1,
@@ -345,8 +355,9 @@ fn kill_under_load(live: (u32, u32), live_p: u32, victim: (u32, u32), victim_ps:
         "{emergency_served} emergency answers"
     );
     assert!(
-        first_emergency < Duration::from_secs(1),
-        "emergency only after {first_emergency:?}"
+        killed + first_emergency < seen + Duration::from_secs(1),
+        "emergency only {first_emergency:?} after the kill, {:?} after the router saw it",
+        seen - killed
     );
 
     // The partitions' task comes back: served at home again, no emergency.

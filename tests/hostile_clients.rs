@@ -465,12 +465,19 @@ fn the_admin_listener_refuses_connections_over_its_limit() {
     let m = try_scrape(r.admin).expect("a scrape beside one slow client");
     assert_eq!(m.get("fedbus_admin_connections_refused_total"), 0.0);
     // The second holder (a retry when the scrape's thread had not yet given its slot back).
+    let back_by = Instant::now() + Duration::from_secs(1);
     let second = loop {
         match admin_hold(r.admin) {
             Some(s) => break s,
             None => refusals += 1.0,
         }
-        assert!(refusals < 5.0, "the scrape's slot never came back");
+        // The scrape's thread gives its slot back after its answer: on a loaded machine,
+        // not at once.
+        assert!(
+            Instant::now() < back_by,
+            "the scrape's slot never came back"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     };
     holders.push(second);
     // Full: closed at accept.
@@ -493,12 +500,17 @@ fn the_admin_listener_refuses_connections_over_its_limit() {
         read_to_eof(h, Duration::from_secs(5));
     }
     let freed = started.elapsed();
+    let back_by = Instant::now() + Duration::from_secs(5);
     let m = loop {
         match try_scrape(r.admin) {
             Some(m) => break m,
             None => refusals += 1.0,
         }
-        assert!(refusals < 10.0, "the holders' slots never came back");
+        assert!(
+            Instant::now() < back_by,
+            "the holders' slots never came back"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     };
     assert_eq!(m.get("fedbus_admin_connections_refused_total"), refusals);
     assert!(r.log().contains("admin connection refused: all slots busy"));

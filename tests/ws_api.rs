@@ -1081,12 +1081,22 @@ fn a_request_flood_on_one_session_does_not_starve_another() {
     .expect("the flood is answered");
     let (t, at_start) = (Instant::now(), answers.load(Ordering::Relaxed));
     let mut slowest = Duration::ZERO;
-    for id in 0..50u64 {
+    // At least 50 normal requests, and on until the flood got 1000 answers beside them: on a
+    // loaded machine the flooding thread may be off the CPU through the first 50.
+    let mut id = 0u64;
+    while id < 50 || answers.load(Ordering::Relaxed) - at_start < 1000 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the flood was not going on: {} answers in {:?}",
+            answers.load(Ordering::Relaxed) - at_start,
+            t.elapsed()
+        );
         let asked = Instant::now();
-        normal.send_request(id, Some(&r.path(APP, id)), b"during");
+        normal.send_request(id, Some(&r.path(APP, id % 16)), b"during");
         let f = normal.read_response();
         assert_eq!((status_of(&f), &f.payload[..]), (200, &b"during"[..]));
         slowest = slowest.max(asked.elapsed());
+        id += 1;
     }
     let took = t.elapsed();
     let flood_during = answers.load(Ordering::Relaxed) - at_start;
@@ -1094,12 +1104,8 @@ fn a_request_flood_on_one_session_does_not_starve_another() {
     let statuses = flooder.join().expect("flooder");
     println!(
         "request flood: {} sent, answered by status {statuses:?}; {flood_during} flood answers \
-         during the 50 normal requests ({took:?}, slowest {slowest:?})",
+         during the {id} normal requests ({took:?}, slowest {slowest:?})",
         sent.load(Ordering::Relaxed)
-    );
-    assert!(
-        flood_during >= 1000,
-        "the flood was not going on: {flood_during} answers"
     );
     assert!(
         slowest < Duration::from_secs(2),

@@ -265,18 +265,17 @@ fn wait_spb1_saw_the_kill(f: &Federation, before: [f64; 2], killed: Instant) -> 
     for (e, before) in before.into_iter().enumerate() {
         let r = f.router("spb1", e);
         let want = before - r.shards as f64;
-        loop {
-            let ready = r.metrics().get("fedbus_peer_links_ready");
-            if ready <= want {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} still has {ready} ready peer links 5 s after the kill (had {before}, want {want})",
-                r.name
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        wait_for(left, || {
+            (r.metrics().get("fedbus_peer_links_ready") <= want).then_some(())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{} still has {} ready peer links 5 s after the kill (had {before}, want {want})",
+                r.name,
+                r.metrics().get("fedbus_peer_links_ready")
+            )
+        });
     }
     Instant::now()
 }

@@ -711,7 +711,7 @@ fn retired_and_unknown_key_versions_are_401() {
 /// once its key version's grace ends (the per-connection verify cache ends with the grace).
 #[test]
 fn keep_alive_verify_cache_ends_with_the_grace_period() {
-    let r = seed::start_with(Router::new().shards(1), "[auth]\ngrace_secs = 1");
+    let r = seed::start_with(Router::new().shards(1), &seed::grace_config());
     let _t = r.task().start();
     let p = r.path(APP, 4);
     let t1 = r.token(APP, "alice");
@@ -722,12 +722,17 @@ fn keep_alive_verify_cache_ends_with_the_grace_period() {
     };
     assert_eq!(ask(&mut c).status, 200);
     let before = r.log().matches("reload event").count();
-    seed::rotate_app(&r, APP);
+    let (valid_until, retired_from) = seed::rotate_app_timed(&r, APP);
     seed::sighup(&r);
     wait_sighup_reload(&r, before);
     // Inside the grace period: still served, and cached on this connection.
-    assert_eq!(ask(&mut c).status, 200);
-    std::thread::sleep(Duration::from_millis(2100));
+    let inside = ask(&mut c);
+    assert!(
+        Instant::now() < valid_until,
+        "the reload took the whole grace: nothing was asked inside it"
+    );
+    assert_eq!(inside.status, 200, "{inside:?}");
+    std::thread::sleep(retired_from.saturating_duration_since(Instant::now()));
     let resp = ask(&mut c);
     resp.assert_error(401, "retired_key");
 }

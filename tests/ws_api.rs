@@ -812,14 +812,14 @@ fn client_that_never_reads_is_closed_1013() {
 /// fresh token at its own pace.
 #[test]
 fn retired_key_version_is_401_on_an_open_session() {
-    let r = seed::start_with(Router::new().shards(1), "[auth]\ngrace_secs = 1");
+    let r = seed::start_with(Router::new().shards(1), &seed::grace_config());
     let _t = r.task().start();
     let t1 = r.token(APP, "alice");
     let mut w = open(&r, &t1);
     w.send_request(1, Some(&r.path(APP, 4)), b"a");
     assert_eq!(status_of(&w.read_response()), 200);
     let before = seed::reloads(&r);
-    seed::rotate_app(&r, APP);
+    let (valid_until, retired_from) = seed::rotate_app_timed(&r, APP);
     seed::sighup(&r);
     assert!(
         wait_for(Duration::from_secs(3), || (seed::reloads(&r) > before)
@@ -829,8 +829,13 @@ fn retired_key_version_is_401_on_an_open_session() {
     );
     // Inside the grace period the old version still verifies.
     w.send_request(2, Some(&r.path(APP, 4)), b"b");
-    assert_eq!(status_of(&w.read_response()), 200);
-    std::thread::sleep(Duration::from_millis(2100));
+    let inside = w.read_response();
+    assert!(
+        Instant::now() < valid_until,
+        "the reload took the whole grace: nothing was asked inside it"
+    );
+    assert_eq!(status_of(&inside), 200);
+    std::thread::sleep(retired_from.saturating_duration_since(Instant::now()));
     w.send_request(3, Some(&r.path(APP, 4)), b"c");
     assert_error_frame(&w.read_response(), 3, 401, "retired_key");
 }

@@ -28,6 +28,32 @@ pub fn pid(r: &Router) -> i32 {
     i32::try_from(id).expect("pid fits i32")
 }
 
+/// The `[auth]` grace of the tests that ask inside it and after it: 3 s.
+///
+/// A key version's grace counts in whole unix seconds from its replacement's `created`
+/// (`now < created + grace_secs`, both rounded down), so it lasts between `grace_secs - 1` and
+/// `grace_secs` seconds of real time. With 1 s a request right after the rotation could already
+/// find it retired whenever the rotation came late in a second.
+pub const GRACE_SECS: u64 = 3;
+
+/// `[auth]` with [`GRACE_SECS`], for [`start_with`].
+pub fn grace_config() -> String {
+    format!("[auth]\ngrace_secs = {GRACE_SECS}")
+}
+
+/// [`rotate_app`], and the times that bound the old version's grace: it still verifies before
+/// `.0` (`GRACE_SECS - 1` s after the rotation started), and is retired from `.1` on
+/// (`GRACE_SECS` s after it ended, plus 100 ms for the router's clock read).
+pub fn rotate_app_timed(r: &Router, app: &str) -> (Instant, Instant) {
+    let start = Instant::now();
+    rotate_app(r, app);
+    let end = Instant::now();
+    (
+        start + Duration::from_secs(GRACE_SECS - 1),
+        end + Duration::from_millis(GRACE_SECS * 1000 + 100),
+    )
+}
+
 /// `kill -HUP <router>`: reload the keyring.
 pub fn sighup(r: &Router) {
     // SAFETY: kill(2) on a pid we spawned and still own (not yet reaped).

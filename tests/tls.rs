@@ -333,6 +333,27 @@ fn closed_by_router(s: &mut TcpStream) -> bool {
     }
 }
 
+/// What a plain HTTP client gets on a TLS port: `400 tls_required` naming `scheme`, then the
+/// end of the connection (as nginx's "plain HTTP request was sent to HTTPS port").
+fn assert_tls_required(s: &mut TcpStream, scheme: &str) {
+    let mut got = Vec::new();
+    let mut b = [0u8; 1024];
+    loop {
+        match s.read_retrying(&mut b) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&b[..n]),
+            Err(e) => panic!(
+                "no clean close after {:?}: {e}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+    assert!(text.contains("\"error\":\"tls_required\""), "{text}");
+    assert!(text.contains(scheme), "{text}");
+}
+
 #[test]
 fn plaintext_and_stalled_handshakes_are_counted_and_cut() {
     let certs = Certs::new();
@@ -347,10 +368,7 @@ fn plaintext_and_stalled_handshakes_are_counted_and_cut() {
     plain
         .write_all(b"GET /api/x HTTP/1.1\r\nHost: x\r\n\r\n")
         .expect("write");
-    assert!(
-        closed_by_router(&mut plain),
-        "plaintext on the TLS port is cut"
-    );
+    assert_tls_required(&mut plain, "https://");
     let mut stalled = TcpStream::connect(addr).expect("connect");
     stalled
         .set_read_timeout(Some(READ_TIMEOUT))
@@ -515,7 +533,7 @@ fn embedded_defaults_serve_https_and_wss_through_the_dev_ca() {
 }
 
 /// Task links over TLS (`listen.internal_tls`): the built-in task dials with `--tls-ca` and
-/// serves requests; a plaintext task link upgrade is cut at the handshake and counted; a task
+/// serves requests; a plaintext task link upgrade gets 400 at the handshake and is counted; a task
 /// trusting another CA does not link.
 #[test]
 fn task_links_over_tls_with_a_ca_file() {
@@ -540,14 +558,14 @@ fn task_links_over_tls_with_a_ca_file() {
     let handshakes = r.metrics().get("fedbus_tls_handshakes_total");
     assert!(handshakes >= 1.0, "the task's link was a TLS handshake");
 
-    // A plaintext upgrade on the internal listener: no answer, the connection is closed.
+    // A plaintext upgrade on the internal listener: 400 tls_required, and closed.
     let failures = r.metrics().get("fedbus_tls_handshake_failures_total");
     let mut s = TcpStream::connect(r.internal[0]).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
     s.write_all(b"GET /link HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
         .expect("write");
-    assert!(closed_by_router(&mut s), "plaintext task link cut");
+    assert_tls_required(&mut s, "--tls-ca");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while r.metrics().get("fedbus_tls_handshake_failures_total") < failures + 1.0 {
         assert!(std::time::Instant::now() < deadline, "failure not counted");

@@ -2,7 +2,8 @@
 //! accepted the connection, bounded by `limits.handshake_timeout_ms`; then the same HTTP/1.1
 //! and `/api/ws` code as plaintext runs over the TLS stream (generic over
 //! [`crate::ws::Stream`], so the plaintext path is unchanged). A failed handshake is a log
-//! line and `fedbus_tls_handshake_failures_total`, never a panic.
+//! line and `fedbus_tls_handshake_failures_total`, never a panic; a plain HTTP request gets
+//! `400 tls_required` first ([`crate::tls::accept`]).
 
 use super::http::{serve_stream, OpenConn};
 use crate::metrics::ShardMetrics;
@@ -22,22 +23,17 @@ pub(crate) async fn serve(shard: Rc<Shard>, tcp: TcpStream) {
     let _ = tcp.set_nodelay(true);
     let limit = Duration::from_millis(shard.cfg.limits.handshake_timeout_ms);
     let m = &shard.metrics;
-    match glommio::timer::timeout(limit, async { Ok(acceptor.accept(tcp).await) }).await {
-        Ok(Ok(tls)) => {
+    match crate::tls::accept(&acceptor, tcp, limit, PLAIN_HTTP_HINT).await {
+        Ok(tls) => {
             ShardMetrics::inc(&m.tls_handshakes);
             serve_stream(&shard, tls).await;
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             ShardMetrics::inc(&m.tls_handshake_failures);
             tracing::info!(shard = shard.index, ?peer, "TLS handshake failed: {e}");
         }
-        Err(_) => {
-            ShardMetrics::inc(&m.tls_handshake_failures);
-            tracing::info!(
-                shard = shard.index,
-                ?peer,
-                "TLS handshake not complete within limits.handshake_timeout_ms"
-            );
-        }
     }
 }
+
+/// The message of the `400 tls_required` a plain HTTP request on `listen.api_tls` gets.
+const PLAIN_HTTP_HINT: &str = "this port speaks TLS: use https:// or wss://";

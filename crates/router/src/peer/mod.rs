@@ -510,9 +510,6 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     ShardMetrics::dec(&shard.metrics.connections[Listener::External as usize]);
 }
 
-/// The first byte of a TLS connection: a handshake record.
-const TLS_HANDSHAKE_RECORD: u8 = 0x16;
-
 async fn serve_tls(shard: &Rc<Shard>, tls: &crate::tls::peer::PeerTls, stream: TcpStream) {
     let peer = stream.peer_addr().ok();
     let limit = Duration::from_millis(shard.cfg.limits.handshake_timeout_ms);
@@ -524,7 +521,7 @@ async fn serve_tls(shard: &Rc<Shard>, tls: &crate::tls::peer::PeerTls, stream: T
     let mut first = [0u8; 1];
     let tls_first =
         match glommio::timer::timeout(limit, async { Ok(stream.peek(&mut first).await) }).await {
-            Ok(Ok(1)) => first[0] == TLS_HANDSHAKE_RECORD,
+            Ok(Ok(1)) => first[0] == crate::tls::TLS_HANDSHAKE_RECORD,
             Ok(_) => return,
             Err(_) => return refuse("nothing sent within limits.handshake_timeout_ms"),
         };

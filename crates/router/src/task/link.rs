@@ -386,6 +386,11 @@ fn http_error(status: u16, code: &str, msg: &str) -> String {
     handshake::error_response(status, code, msg)
 }
 
+/// The message of the `400 tls_required` a plaintext task link upgrade gets with
+/// `listen.internal_tls`.
+const PLAIN_LINK_HINT: &str =
+    "task links on this listener speak TLS: dial it with TLS (fedbus task --tls-ca)";
+
 /// Serves one connection on the internal listener until it closes; with
 /// `listen.internal_tls`, after a TLS handshake (the api listener's certificates).
 pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
@@ -395,19 +400,14 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let served = match (&shard.tls, shard.cfg.listen.internal_tls) {
         (Some(acceptor), true) => {
             let limit = Duration::from_millis(shard.cfg.limits.handshake_timeout_ms);
-            match glommio::timer::timeout(limit, async { Ok(acceptor.accept(stream).await) }).await
-            {
-                Ok(Ok(tls)) => {
+            match crate::tls::accept(acceptor, stream, limit, PLAIN_LINK_HINT).await {
+                Ok(tls) => {
                     ShardMetrics::inc(&m.tls_handshakes);
                     serve_inner(&shard, tls).await
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     ShardMetrics::inc(&m.tls_handshake_failures);
                     Err(format!("TLS handshake failed: {e}"))
-                }
-                Err(_) => {
-                    ShardMetrics::inc(&m.tls_handshake_failures);
-                    Err("TLS handshake not complete within limits.handshake_timeout_ms".into())
                 }
             }
         }

@@ -594,6 +594,9 @@ fn token_of_another_app_is_403() {
 #[test]
 fn task_link_closes_when_its_service_token_expires() {
     let r = Router::new().shards(1).start();
+    // Before the token is made: it expires 2 to 3 s after its `iat` (whole unix seconds), so
+    // more than 2 s after this.
+    let minted = Instant::now();
     let out = std::process::Command::new(bin())
         .args([
             "token",
@@ -610,7 +613,6 @@ fn task_link_closes_when_its_service_token_expires() {
         .expect("fedbus token service");
     assert!(out.status.success(), "{out:?}");
     let st = String::from_utf8(out.stdout).expect("utf-8");
-    let minted = Instant::now();
     let _t = r.task().service_token(st.trim()).start();
     let tok = r.token(APP, "alice");
     let p = r.path(APP, 5);

@@ -594,7 +594,7 @@ fn token_of_another_app_is_403() {
 #[test]
 fn task_link_closes_when_its_service_token_expires() {
     let r = Router::new().shards(1).start();
-    // Before the token is made: it expires 2 to 3 s after its `iat` (whole unix seconds), so
+    // Before the token is made: it expires 3 s after its `iat`, which is whole unix seconds, so
     // more than 2 s after this.
     let minted = Instant::now();
     let out = std::process::Command::new(bin())

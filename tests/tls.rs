@@ -566,6 +566,7 @@ fn task_links_over_tls_with_a_ca_file() {
     s.write_all(b"GET /link HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
         .expect("write");
     assert_tls_required(&mut s, "--tls-ca");
+    drop(s);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while r.metrics().get("fedbus_tls_handshake_failures_total") < failures + 1.0 {
         assert!(std::time::Instant::now() < deadline, "failure not counted");

@@ -860,31 +860,35 @@ async fn serve_inner<S: Stream>(
         }
     }
     if closing {
-        // Lingering close: the client may still be sending (a body we refused with 413, a
-        // pipelined request after `Connection: close`); closing with unread input would make
-        // the kernel send RST and could destroy our answer before the client reads it.
-        let _ = stream.shutdown_write().await;
-        let mut sink = [0u8; 16 * 1024];
-        let fd = std::os::unix::io::AsRawFd::as_raw_fd(stream.tcp());
-        let _ = glommio::timer::timeout(Duration::from_secs(1), async {
-            let mut left = 1usize << 20;
-            while left > 0 {
-                match stream.read(&mut sink).await {
-                    Ok(0) | Err(_) => return Ok(()),
-                    Ok(n) => left = left.saturating_sub(n),
-                }
-            }
-            // The client still sends (a flood of pipelined uploads): stop reading, but keep
-            // the socket until the answers have left it. A close with unread input resets
-            // the connection, and the kernel drops what it has not sent yet (the answers).
-            while unsent_bytes(fd) > 0 {
-                glommio::timer::sleep(Duration::from_millis(5)).await;
-            }
-            Ok(())
-        })
-        .await;
+        lingering_close(stream).await;
     }
     Ok(None)
+}
+
+/// Lingering close, at most 1 s: the client may still be sending (a body we refused with
+/// 413, a pipelined request after `Connection: close`); closing with unread input would make
+/// the kernel send RST and could destroy our answer before the client reads it.
+pub(crate) async fn lingering_close<S: Stream>(stream: &mut S) {
+    let _ = stream.shutdown_write().await;
+    let mut sink = [0u8; 16 * 1024];
+    let fd = std::os::unix::io::AsRawFd::as_raw_fd(stream.tcp());
+    let _ = glommio::timer::timeout(Duration::from_secs(1), async {
+        let mut left = 1usize << 20;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+        // The client still sends (a flood of pipelined uploads): stop reading, but keep
+        // the socket until the answers have left it. A close with unread input resets
+        // the connection, and the kernel drops what it has not sent yet (the answers).
+        while unsent_bytes(fd) > 0 {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    })
+    .await;
 }
 
 /// Bytes written to socket `fd` that the peer has not acknowledged yet (`SIOCOUTQ`); 0 when

@@ -148,51 +148,44 @@ impl std::fmt::Display for Refused {
 /// The server handshake of a connection accepted on the api or internal listener with TLS,
 /// within `limit` (`limits.handshake_timeout_ms`). A client whose first byte is an ASCII
 /// capital (an HTTP method) where TLS starts with a handshake record gets
-/// `400 tls_required` saying `hint` (its own `limit` to be written); any other first byte goes
-/// to rustls, which refuses it.
+/// `400 tls_required` saying `hint`, within the same deadline, then a lingering close (at most
+/// 1 s more, as every closing HTTP answer); any other first byte goes to rustls, which refuses
+/// it.
 pub(crate) async fn accept(
     acceptor: &futures_rustls::TlsAcceptor,
-    tcp: glommio::net::TcpStream,
+    mut tcp: glommio::net::TcpStream,
     limit: std::time::Duration,
     hint: &str,
 ) -> Result<crate::ws::stream::TlsStream, Refused> {
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
     use glommio::timer::timeout;
     let until = std::time::Instant::now() + limit;
+    let left = || until.saturating_duration_since(std::time::Instant::now());
     let mut first = [0u8; 1];
     let peeked = timeout(limit, async { Ok(tcp.peek(&mut first).await) }).await;
     match peeked {
         Err(_) => return Err(Refused::TimedOut),
         Ok(Ok(1)) if first[0].is_ascii_uppercase() => {
-            let _ = timeout(limit, async {
-                answer_plain_http(tcp, hint).await;
-                Ok(())
+            // What the client sent is dropped; the lingering close reads the rest.
+            let answer = crate::ws::handshake::error_response(400, "tls_required", hint);
+            let answered = timeout(left(), async {
+                let mut chunk = [0u8; 4096];
+                let _ = tcp.read(&mut chunk).await;
+                Ok(tcp.write_all(answer.as_bytes()).await)
             })
             .await;
+            if matches!(answered, Ok(Ok(()))) {
+                crate::api::http::lingering_close(&mut tcp).await;
+            }
             return Err(Refused::PlainHttp);
         }
         // Closed, an error, or a TLS record: rustls says which.
         Ok(_) => {}
     }
-    let left = until.saturating_duration_since(std::time::Instant::now());
-    timeout(left, async { Ok(acceptor.accept(tcp).await) })
+    timeout(left(), async { Ok(acceptor.accept(tcp).await) })
         .await
         .map_err(|_| Refused::TimedOut)?
         .map_err(Refused::Failed)
-}
-
-/// Answers a plain HTTP request on a TLS port with `400 tls_required` and closes. What the
-/// client sent is read (and dropped) until it closes too, within the caller's deadline:
-/// closing on unread bytes would reset the connection before the client reads why.
-async fn answer_plain_http(mut tcp: glommio::net::TcpStream, hint: &str) {
-    use futures_lite::{AsyncReadExt, AsyncWriteExt};
-    let mut chunk = [0u8; 4096];
-    let _ = tcp.read(&mut chunk).await;
-    let answer = crate::ws::handshake::error_response(400, "tls_required", hint);
-    if tcp.write_all(answer.as_bytes()).await.is_err() {
-        return;
-    }
-    let _ = tcp.shutdown(std::net::Shutdown::Write).await;
-    while matches!(tcp.read(&mut chunk).await, Ok(n) if n > 0) {}
 }
 
 /// The TLS server side of a router: the config every shard's acceptor shares, and what the

@@ -267,7 +267,7 @@ fn task_killed_mid_request_is_502_without_hang() {
     let tok = r.token(APP, "alice");
     let mut c = r.conn();
     c.send(&Req::post(&r.path(APP, 7)).token(&tok).body(b"slow").bytes());
-    std::thread::sleep(Duration::from_millis(300));
+    r.wait_pending(1.0);
     let killed = Instant::now();
     t.kill();
     c.set_read_timeout(Duration::from_secs(3));

@@ -453,6 +453,21 @@ struct Pending {
     sent: Instant,
 }
 
+/// Waits (at most 5 s) until spb2's routers `routers` hold `n` requests for their (slow)
+/// tasks: the requests sent before a kill have crossed to spb2 and are in flight there, not
+/// still on their way. A fixed sleep of 300-400 ms assumed the machine was not loaded.
+fn wait_pending_at_spb2(f: &Federation, routers: &[usize], n: usize) {
+    let pending = || -> f64 {
+        routers
+            .iter()
+            .map(|&r| f.router("spb2", r).metrics().get("fedbus_pending_requests"))
+            .sum()
+    };
+    let want = n as f64;
+    wait_for(Duration::from_secs(5), || (pending() >= want).then_some(()))
+        .unwrap_or_else(|| panic!("{} requests pending at spb2, not {n}, after 5 s", pending()));
+}
+
 fn send_pending(f: &Federation, entry: &FedRouter, wsid: u64) -> Pending {
     let mut conn = entry.conn();
     conn.set_read_timeout(Duration::from_secs(8));
@@ -477,7 +492,7 @@ fn peer_link_lost_under_load() {
             pend.push(send_pending(&f, e, wsid + 16 * k as u64));
         }
     }
-    std::thread::sleep(Duration::from_millis(400));
+    wait_pending_at_spb2(&f, &[0, 1], pend.len());
     let before = spb1_ready_peer_links(&f);
     let killed = Instant::now();
     f.router_mut("spb2", 0).kill9();
@@ -523,7 +538,7 @@ fn peer_link_lost_under_load() {
         .iter()
         .map(|w| send_pending(&f, f.router("spb1", 1), *w))
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_pending_at_spb2(&f, &[1], pend.len());
     let killed = Instant::now();
     f.router_mut("spb2", 1).kill9();
     for mut p in pend {

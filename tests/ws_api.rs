@@ -467,7 +467,7 @@ fn every_error_is_a_frame() {
     let mut t = r.task().delay_ms(5000).start();
     // 502: the task is killed with the request pending.
     w.send_request(300, Some(&p), b"slow");
-    std::thread::sleep(Duration::from_millis(300));
+    r.wait_pending(1.0);
     let killed = Instant::now();
     t.kill();
     w.set_read_timeout(Duration::from_secs(3));

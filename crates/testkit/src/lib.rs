@@ -581,6 +581,16 @@ impl Router {
     fn registrations(&self) -> usize {
         self.log().matches("task link registered").count()
     }
+
+    /// Waits (at most 5 s) until `n` requests wait for a task's answer
+    /// (`fedbus_pending_requests`): requests sent before a kill are in flight at the task, not
+    /// still on their way to the router. On a loaded machine a fixed sleep was not always
+    /// enough for the router to route them.
+    pub fn wait_pending(&self, n: f64) {
+        let pending = || self.metrics().get("fedbus_pending_requests");
+        wait_for(Duration::from_secs(5), || (pending() >= n).then_some(()))
+            .unwrap_or_else(|| panic!("{} requests pending, not {n}, after 5 s", pending()));
+    }
 }
 
 /// Parsed Prometheus text: `name{labels}` -> value.

@@ -9,7 +9,7 @@ use fedbus_router::route::{self, AppSpec, Registration};
 use fedbus_testkit::seed;
 use fedbus_testkit::*;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -588,7 +588,9 @@ fn rotation_under_load_keeps_old_tokens_and_the_connection() {
     assert_eq!(seed::jwt_kid(&t1), "1");
 
     let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicU64::new(0));
     let (api, path, tok, stop2) = (r.api, r.path(APP, 11), t1.clone(), stop.clone());
+    let answered2 = answered.clone();
     let client = std::thread::spawn(move || {
         let mut c = Conn::open(api);
         let port = c.local_port();
@@ -604,19 +606,36 @@ fn rotation_under_load_keeps_old_tokens_and_the_connection() {
                 .unwrap_or_else(|e| panic!("keep-alive connection lost after {n} requests: {e}"));
             assert!(resp.status != 200 || resp.body == body, "{resp:?}");
             statuses.push((Instant::now(), resp.status, resp.body));
+            answered2.fetch_add(1, Ordering::Relaxed);
             std::thread::sleep(Duration::from_millis(1));
         }
         (c, port, statuses)
     });
 
-    std::thread::sleep(Duration::from_millis(300));
+    // The load runs until 20 answers came before the rotation and 20 after the reload (at
+    // least 300 ms and 700 ms; a starved client thread gets longer instead of failing).
+    let at_least = |n: u64, min: Duration| {
+        let since = Instant::now();
+        let got = wait_for(Duration::from_secs(20), || {
+            (answered.load(Ordering::Relaxed) >= n && since.elapsed() >= min).then_some(())
+        });
+        assert!(
+            got.is_some(),
+            "{} answers in 20 s",
+            answered.load(Ordering::Relaxed)
+        );
+    };
+    at_least(20, Duration::from_millis(300));
     let before = r.log().matches("reload event").count();
     let out = seed::rotate_app(&r, APP);
     assert!(out.contains("v2"), "keys rotate: {out}");
     seed::sighup(&r);
     wait_sighup_reload(&r, before);
     let reloaded = Instant::now();
-    std::thread::sleep(Duration::from_millis(700));
+    at_least(
+        answered.load(Ordering::Relaxed) + 21,
+        Duration::from_millis(700),
+    );
     stop.store(true, Ordering::Relaxed);
     let (mut c, port, statuses) = client.join().expect("client thread");
 

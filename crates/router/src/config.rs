@@ -364,10 +364,11 @@ impl Default for Readiness {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Tuning {
-    /// Cores of the shards, one shard each. Empty (default): every online core except the
-    /// control core (at least one shard).
+    /// Cores of the shards, one shard each. Empty (default): every core of
+    /// [`default_cores`] except the control core (at least one shard).
     pub shard_cores: Vec<usize>,
-    /// Core of the control thread. Default 0.
+    /// Core of the control thread. Default: the first of [`default_cores`] (0 unless the
+    /// process's affinity excludes it).
     pub control_core: usize,
     /// Busy-poll this long before an idle shard parks, trading CPU for wake-up latency
     /// (measured on a 2-core VM: 1 connection, 1 in flight, p50 154 us -> 53 us at 100 us;
@@ -548,7 +549,7 @@ impl Default for Tuning {
     fn default() -> Self {
         Tuning {
             shard_cores: Vec::new(),
-            control_core: 0,
+            control_core: default_cores().first().copied().unwrap_or(0),
             spin_before_park_us: 0,
             io_memory: 1 << 20,
             pin: true,
@@ -855,20 +856,24 @@ impl Config {
                 "required when listen.internal binds an unspecified address: tasks cannot dial it",
             ));
         }
-        let online = online_cores();
+        // A core must be one this process may run on: below the CPU count where the affinity
+        // is unknown.
+        let allowed = affinity().unwrap_or_else(|| (0..online_cores()).collect());
+        let outside = |c: usize| {
+            (!allowed.contains(&c)).then(|| {
+                format!(
+                    "core {c} is not one this process may run on (its CPU affinity is {})",
+                    cpu_list(&allowed)
+                )
+            })
+        };
         let t = &self.tuning;
-        if t.control_core >= online {
-            return Err(invalid(
-                "tuning.control_core",
-                format!("core {} of {online}", t.control_core),
-            ));
+        if let Some(why) = outside(t.control_core) {
+            return Err(invalid("tuning.control_core", why));
         }
         for c in &t.shard_cores {
-            if *c >= online {
-                return Err(invalid(
-                    "tuning.shard_cores",
-                    format!("core {c} of {online}"),
-                ));
+            if let Some(why) = outside(*c) {
+                return Err(invalid("tuning.shard_cores", why));
             }
         }
         let mut s = t.shard_cores.clone();
@@ -885,7 +890,8 @@ impl Config {
         if !self.tuning.shard_cores.is_empty() {
             return self.tuning.shard_cores.clone();
         }
-        let v: Vec<usize> = (0..online_cores())
+        let v: Vec<usize> = default_cores()
+            .into_iter()
             .filter(|c| *c != self.tuning.control_core)
             .collect();
         if v.is_empty() {
@@ -935,9 +941,103 @@ pub fn online_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// `0-3,8` for [0, 1, 2, 3, 8] (ascending input), as `taskset -pc` and `/sys` write CPU lists.
+fn cpu_list(cores: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cores.len() {
+        let mut j = i;
+        while j + 1 < cores.len() && cores[j + 1] == cores[j] + 1 {
+            j += 1;
+        }
+        out.push(if j > i {
+            format!("{}-{}", cores[i], cores[j])
+        } else {
+            cores[i].to_string()
+        });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
+/// CPUs this process may run on, ascending, from `sched_getaffinity` (a container's cpuset,
+/// `taskset`, systemd `CPUAffinity=`); `None` where the call fails.
+pub fn affinity() -> Option<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain bits; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the kernel writes at most size_of::<cpu_set_t>() bytes into `set`.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return None;
+    }
+    let bits = 8 * std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: CPU_ISSET only reads `set` for c < CPU_SETSIZE.
+    Some(
+        (0..bits)
+            .filter(|c| unsafe { libc::CPU_ISSET(*c, &set) })
+            .collect(),
+    )
+}
+
+/// The cores the default layout uses: the first [`online_cores`] of [`affinity`]. In a
+/// container whose cpuset is 4-7 they are 4-7, not 0-3; under a CPU quota (cgroup `cpu.max`,
+/// which `available_parallelism` counts) fewer than the affinity lists. `0..online_cores()`
+/// where the affinity is unknown.
+pub fn default_cores() -> Vec<usize> {
+    let n = online_cores();
+    match affinity() {
+        Some(mut v) if !v.is_empty() => {
+            v.truncate(n);
+            v
+        }
+        _ => (0..n).collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pins the calling thread (only it: tests run in parallel threads) to `cores`.
+    fn pin_this_thread(cores: &[usize]) {
+        // SAFETY: cpu_set_t is plain bits; sched_setaffinity(0) reads it for this thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for c in cores {
+                libc::CPU_SET(*c, &mut set);
+            }
+            let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        }
+    }
+
+    /// In a cpuset or under `taskset` that excludes core 0, the default layout uses the cores
+    /// the process may run on, and a configured core outside them is refused by name.
+    #[test]
+    fn default_cores_follow_the_affinity() {
+        let all = affinity().expect("sched_getaffinity");
+        let last = *all.last().expect("a core");
+        pin_this_thread(&[last]);
+        let d = Config::default();
+        let (shards, valid) = (d.shard_cores(), d.validate());
+        let outside = Config::parse("[tuning]\nshard_cores = [0]\n", "t");
+        let inside = Config::parse(&format!("[tuning]\ncontrol_core = {last}\n"), "t");
+        pin_this_thread(&all);
+        assert_eq!(d.tuning.control_core, last);
+        assert_eq!(shards, vec![last]);
+        valid.expect("the defaults fit the affinity");
+        inside.expect("a core inside the affinity");
+        if last != 0 {
+            let e = outside
+                .expect_err("core 0 is outside the affinity")
+                .to_string();
+            assert!(e.contains("tuning.shard_cores"), "{e}");
+            assert!(e.contains(&format!("its CPU affinity is {last})")), "{e}");
+        }
+        assert_eq!(cpu_list(&[0, 1, 2, 3, 8, 10, 11]), "0-3,8,10-11");
+        assert_eq!(cpu_list(&[5]), "5");
+    }
 
     #[test]
     fn embedded_defaults_are_valid() {

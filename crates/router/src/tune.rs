@@ -430,7 +430,7 @@ fn check_cores_online(cores: &[usize]) -> Check {
     let online = fs::read_to_string("/sys/devices/system/cpu/online")
         .ok()
         .and_then(|s| parse_cpu_list(&s));
-    let allowed = allowed_cpus();
+    let allowed = crate::config::affinity();
     let mut missing = Vec::new();
     for c in cores {
         if let Some(on) = &online {
@@ -461,25 +461,6 @@ fn check_cores_online(cores: &[usize]) -> Check {
             format!("configured cores {cores:?} are online and allowed"),
         ),
     }
-}
-
-/// CPUs this process may run on, from `sched_getaffinity`.
-fn allowed_cpus() -> Option<Vec<usize>> {
-    // SAFETY: cpu_set_t is plain bits; zeroed is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: the kernel writes at most size_of::<cpu_set_t>() bytes into `set`.
-    let rc =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    if rc != 0 {
-        return None;
-    }
-    let bits = 8 * std::mem::size_of::<libc::cpu_set_t>();
-    // SAFETY: CPU_ISSET only reads `set` for c < CPU_SETSIZE.
-    Some(
-        (0..bits)
-            .filter(|c| unsafe { libc::CPU_ISSET(*c, &set) })
-            .collect(),
-    )
 }
 
 /// Hyperthread siblings of `core` (itself included), `None` if unknown.

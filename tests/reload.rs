@@ -28,6 +28,36 @@ fn wait_metric(r: &Router, name: &str, want: f64) -> f64 {
     })
 }
 
+/// A pinned router (the default `pin = true`) listing its `shard_cores` reloads its config:
+/// the control thread, pinned to its one core, re-validates the file against the process's
+/// CPU affinity as read at start, not its own (which allows only the control core, and refused
+/// every reload of such a file: "core 1 of 1").
+#[test]
+fn a_pinned_router_with_listed_cores_reloads_its_config() {
+    let r = seed::start_with(
+        Router::new().shards(2).pin(true).apps(&[(APP, 16)]),
+        "[auth]\nreload_poll_ms = 60000",
+    );
+    let cfg_path = r.home().join("router.toml");
+    let good = std::fs::read_to_string(&cfg_path).expect("config");
+    assert!(good.contains("shard_cores = [0, 1]\npin = true"), "{good}");
+    std::fs::write(
+        &cfg_path,
+        format!("{good}[[apps]]\nname = \"demo/added\"\npartitions = 4\n"),
+    )
+    .expect("write config");
+    seed::sighup(&r);
+    wait_metric(&r, "fedbus_apps_generation", 2.0);
+    assert_eq!(
+        r.metrics().get("fedbus_config_reload_failed_total"),
+        0.0,
+        "{}",
+        r.log()
+    );
+    r.request(&Req::post(&r.path(ADDED, 1)))
+        .assert_error(401, "missing_token");
+}
+
 /// Issue "a cluster behaves as one", point 5: an app added to the config file (and another
 /// resized) serves after a SIGHUP, with the same router process and the old task link; a
 /// config that does not parse is refused first, counted, and the old config stays.

@@ -858,21 +858,18 @@ impl Config {
         }
         // A core must be one this process may run on: below the CPU count where the affinity
         // is unknown.
-        let allowed = affinity().unwrap_or_else(|| (0..online_cores()).collect());
-        let outside = |c: usize| {
-            (!allowed.contains(&c)).then(|| {
-                format!(
-                    "core {c} is not one this process may run on (its CPU affinity is {})",
-                    cpu_list(&allowed)
-                )
-            })
-        };
+        // With `pin = false` the cores are only counted (nothing is placed on them): below the
+        // CPU count is enough.
         let t = &self.tuning;
-        if let Some(why) = outside(t.control_core) {
+        let allowed = match affinity() {
+            Some(a) if t.pin => a,
+            _ => (0..online_cores()).collect(),
+        };
+        if let Some(why) = outside(t.control_core, &allowed) {
             return Err(invalid("tuning.control_core", why));
         }
         for c in &t.shard_cores {
-            if let Some(why) = outside(*c) {
+            if let Some(why) = outside(*c, &allowed) {
                 return Err(invalid("tuning.shard_cores", why));
             }
         }
@@ -938,7 +935,7 @@ pub fn default_keyring_dir() -> PathBuf {
 
 /// Online cores as the scheduler lets this process use them.
 pub fn online_cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    process_cores().1
 }
 
 /// `0-3,8` for [0, 1, 2, 3, 8] (ascending input), as `taskset -pc` and `/sys` write CPU lists.
@@ -962,7 +959,26 @@ fn cpu_list(cores: &[usize]) -> String {
 
 /// CPUs this process may run on, ascending, from `sched_getaffinity` (a container's cpuset,
 /// `taskset`, systemd `CPUAffinity=`); `None` where the call fails.
+///
+/// Read once, at the first call (the config's load, on the main thread, before any thread is
+/// pinned): the affinity is per thread, and the control thread, pinned to its one core,
+/// re-validates the config on every reload. Read there, it allowed only the control core, and
+/// every reload of a config listing `shard_cores` was refused.
 pub fn affinity() -> Option<Vec<usize>> {
+    process_cores().0.clone()
+}
+
+/// `(affinity, available_parallelism)` of the process, read once.
+fn process_cores() -> &'static (Option<Vec<usize>>, usize) {
+    static CORES: std::sync::OnceLock<(Option<Vec<usize>>, usize)> = std::sync::OnceLock::new();
+    CORES.get_or_init(|| {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (thread_affinity().filter(|v| !v.is_empty()), n)
+    })
+}
+
+/// The calling thread's CPU affinity, ascending.
+fn thread_affinity() -> Option<Vec<usize>> {
     // SAFETY: cpu_set_t is plain bits; zeroed is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: the kernel writes at most size_of::<cpu_set_t>() bytes into `set`.
@@ -985,58 +1001,57 @@ pub fn affinity() -> Option<Vec<usize>> {
 /// which `available_parallelism` counts) fewer than the affinity lists. `0..online_cores()`
 /// where the affinity is unknown.
 pub fn default_cores() -> Vec<usize> {
-    let n = online_cores();
-    match affinity() {
+    let (aff, n) = process_cores();
+    first_cores(aff.clone(), *n)
+}
+
+/// The first `n` of `affinity`; `0..n` where it is unknown or empty.
+fn first_cores(affinity: Option<Vec<usize>>, n: usize) -> Vec<usize> {
+    match affinity {
         Some(mut v) if !v.is_empty() => {
-            v.truncate(n);
+            v.truncate(n.max(1));
             v
         }
-        _ => (0..n).collect(),
+        _ => (0..n.max(1)).collect(),
     }
+}
+
+/// Why `core` cannot be configured: it is not in `allowed` (the affinity, or `0..n`).
+fn outside(core: usize, allowed: &[usize]) -> Option<String> {
+    (!allowed.contains(&core)).then(|| {
+        format!(
+            "core {core} is not one this process may run on (its CPU affinity is {})",
+            cpu_list(allowed)
+        )
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Pins the calling thread (only it: tests run in parallel threads) to `cores`.
-    fn pin_this_thread(cores: &[usize]) {
-        // SAFETY: cpu_set_t is plain bits; sched_setaffinity(0) reads it for this thread.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            for c in cores {
-                libc::CPU_SET(*c, &mut set);
-            }
-            let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-        }
-    }
-
-    /// In a cpuset or under `taskset` that excludes core 0, the default layout uses the cores
-    /// the process may run on, and a configured core outside them is refused by name.
+    /// In a cpuset or under `taskset` that leaves core 0 out, the default layout uses the
+    /// cores the process may run on, and a configured core outside them is refused by name.
     #[test]
     fn default_cores_follow_the_affinity() {
-        let all = affinity().expect("sched_getaffinity");
-        let last = *all.last().expect("a core");
-        pin_this_thread(&[last]);
-        let d = Config::default();
-        let (shards, valid) = (d.shard_cores(), d.validate());
-        let outside = Config::parse("[tuning]\nshard_cores = [0]\n", "t");
-        let inside = Config::parse(&format!("[tuning]\ncontrol_core = {last}\n"), "t");
-        pin_this_thread(&all);
-        assert_eq!(d.tuning.control_core, last);
-        assert_eq!(shards, vec![last]);
-        valid.expect("the defaults fit the affinity");
-        inside.expect("a core inside the affinity");
-        if last != 0 {
-            let e = outside
-                .expect_err("core 0 is outside the affinity")
-                .to_string();
-            assert!(e.contains("tuning.shard_cores"), "{e}");
-            assert!(e.contains(&format!("its CPU affinity is {last})")), "{e}");
-        }
+        assert_eq!(first_cores(Some(vec![4, 5, 6, 7]), 4), vec![4, 5, 6, 7]);
+        // A CPU quota of 2 on a 64-core affinity: two cores.
+        assert_eq!(first_cores(Some((0..64).collect()), 2), vec![0, 1]);
+        assert_eq!(first_cores(None, 3), vec![0, 1, 2]);
+        assert_eq!(first_cores(Some(vec![]), 2), vec![0, 1]);
+        assert_eq!(
+            outside(0, &[4, 5, 6, 7]).as_deref(),
+            Some("core 0 is not one this process may run on (its CPU affinity is 4-7)")
+        );
+        assert_eq!(outside(5, &[4, 5, 6, 7]), None);
         assert_eq!(cpu_list(&[0, 1, 2, 3, 8, 10, 11]), "0-3,8,10-11");
         assert_eq!(cpu_list(&[5]), "5");
+        // This process: the defaults are inside its affinity and valid.
+        let d = Config::default();
+        let allowed = affinity().expect("sched_getaffinity");
+        assert!(allowed.contains(&d.tuning.control_core));
+        assert!(d.shard_cores().iter().all(|c| allowed.contains(c)));
+        d.validate().expect("the defaults fit the affinity");
     }
 
     #[test]

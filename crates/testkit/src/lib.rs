@@ -192,6 +192,8 @@ pub struct RouterBuilder {
     listen: Vec<(String, String)>,
     /// `dev = true` at the top of the config.
     dev: bool,
+    /// `tuning.pin`.
+    pin: bool,
     /// Whole sections appended at the end of the config (e.g. `[federation]`).
     tail: String,
     /// Extra environment variables of `fedbus run`.
@@ -209,6 +211,7 @@ impl Default for RouterBuilder {
             cors: Vec::new(),
             listen: Vec::new(),
             dev: false,
+            pin: false,
             tail: String::new(),
             envs: Vec::new(),
         }
@@ -216,6 +219,13 @@ impl Default for RouterBuilder {
 }
 
 impl RouterBuilder {
+    /// `tuning.pin`: shards and the control thread pinned to their cores (default false: the
+    /// kernel places them, as tests share the machine).
+    pub fn pin(mut self, on: bool) -> Self {
+        self.pin = on;
+        self
+    }
+
     /// Number of shards (1 or 2 on a 2-core machine).
     pub fn shards(mut self, n: usize) -> Self {
         assert!((1..=2).contains(&n), "tests run 1 or 2 shards");
@@ -316,7 +326,7 @@ impl RouterBuilder {
         for (k, v) in &self.listen {
             let _ = writeln!(cfg, "{k} = {v}");
         }
-        let _ = writeln!(cfg, "[tuning]\nshard_cores = {cores}\npin = false");
+        let _ = writeln!(cfg, "[tuning]\nshard_cores = {cores}\npin = {}", self.pin);
         for (cert, key) in &self.tls {
             let _ = writeln!(cfg, "[[tls.certs]]\ncert = {cert:?}\nkey = {key:?}");
         }

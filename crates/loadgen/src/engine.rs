@@ -148,11 +148,8 @@ pub(crate) struct RunOut {
 
 /// Runs the plan to the end (or until `stop`), printing progress once per second on stderr.
 pub(crate) fn run(plan: Plan, stop: Arc<AtomicBool>) -> anyhow::Result<RunOut> {
-    let online = fedbus_router::config::online_cores();
     for c in &plan.cores {
-        if *c >= online {
-            anyhow::bail!("--cores: core {c} does not exist (this machine has {online})");
-        }
+        fedbus_router::config::check_placeable(*c).map_err(|e| anyhow::anyhow!("--cores: {e}"))?;
     }
     let execs = plan.cores.len();
     let plan = Arc::new(plan);

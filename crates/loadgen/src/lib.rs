@@ -16,9 +16,10 @@
 //!   `fedbus task echo` child per connection (each child opens one link), so `--connections`
 //!   is the number of task links. The one-hop floor is `--direct --connections 1`. All links
 //!   are driven by the first load core.
-//! - no `--target`: starts `fedbus run` (shards on core 1, control on core 0 on a machine with
-//!   two or more cores; else all on core 0) and `fedbus task echo` on core 0, then loads the
-//!   router from core 0. `--tls`: the router also listens for HTTPS (a fresh CA and
+//! - no `--target`: starts `fedbus run` (its shard on the second core this process may run on,
+//!   its control thread on the first; both on the first with one core) and `fedbus task echo`
+//!   on the first, then loads the router from the first (`--cores` to change). The cores are
+//!   the process's CPU affinity, as `taskset` or a cpuset leaves it. `--tls`: the router also listens for HTTPS (a fresh CA and
 //!   certificate in the scratch dir) and the load goes there (`https://`, or `wss://` with
 //!   `--protocol ws`).
 //! - `--conn-per-request` (HTTP, plain or TLS): every request on a new connection, closed
@@ -120,7 +121,8 @@ pub struct BenchArgs {
     /// `./.fedbus/keys`.
     #[arg(long)]
     pub keyring: Option<PathBuf>,
-    /// Cores of the load generator's executors, e.g. `0` or `0,2-3`. Default `0`.
+    /// Cores of the load generator's executors, e.g. `0` or `0,2-3`. Default: the first core
+    /// this process may run on (its CPU affinity), `0` on most machines.
     #[arg(long)]
     pub cores: Option<String>,
     /// nats-server: responder connections. Default: --connections.
@@ -152,8 +154,8 @@ pub struct BenchArgs {
     pub spin_us: Option<u64>,
     /// Without --target: the spawned router's `tuning.spin_before_park_us` (its shard
     /// busy-polls this many microseconds before it parks). Default: 100 when the shard has a
-    /// core to itself (2+ cores, no load executor on core 1), as `tuning/2-core.toml` sets for
-    /// that layout; else 0.
+    /// core to itself (2+ usable cores, no load executor on the shard's), as
+    /// `tuning/2-core.toml` sets for that layout; else 0.
     #[arg(long)]
     pub router_spin_us: Option<u64>,
     /// Without --target: the spawned router also serves HTTPS and the load goes over TLS.
@@ -198,9 +200,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("install signal handler")?;
     }
+    // The cores this process may use (its CPU affinity, cut to the CPU count), ascending: a
+    // cpuset or `taskset` that leaves out core 0 moves the default layout with it.
+    let usable = fedbus_router::config::default_cores();
     let cores = match &args.cores {
         Some(c) => parse::parse_cores(c).map_err(anyhow::Error::msg)?,
-        None => vec![0],
+        None => vec![usable[0]],
     };
     let online = fedbus_router::config::online_cores();
     let inflight = args.inflight.unwrap_or(if args.rate.is_some() {
@@ -293,7 +298,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             Keyring::init(&keys, &[args.app.as_str()], fedbus_auth::now_unix())
                 .context("create keys for the echo tasks")?;
             let (fd, addr) = engine::direct_listener()?;
-            let task_core = (0..online).find(|c| !cores.contains(c)).unwrap_or(cores[0]);
+            let task_core = usable
+                .iter()
+                .copied()
+                .find(|c| !cores.contains(c))
+                .unwrap_or(cores[0]);
             let bin = fedbus_bin(&args)?;
             for i in 0..args.connections {
                 let a = vec![
@@ -330,11 +339,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             } else {
                 None
             };
-            let (shards, control) = if online >= 2 {
-                (vec![1], 0)
-            } else {
-                (vec![0], 0)
-            };
+            let (shards, control) = spawn::router_cores(&usable);
             let cfg = g.dir().join("router.toml");
             let mut text = spawn::router_config(
                 api,
@@ -345,7 +350,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 control,
                 api_tls.as_ref().map(|(a, c)| (*a, c)),
             );
-            let own_core = online >= 2 && !cores.contains(&shards[0]);
+            let own_core = shards[0] != control && !cores.contains(&shards[0]);
             let spin = args
                 .router_spin_us
                 .unwrap_or(if own_core { OWN_CORE_SPIN_US } else { 0 });
@@ -369,7 +374,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 "--app".into(),
                 args.app.clone(),
             ];
-            g.spawn("task", &bin, &task_args, Some(0))?;
+            g.spawn("task", &bin, &task_args, Some(control))?;
             plan.token = match &args.token {
                 Some(t) => t.clone(),
                 None => mint_token(&keys, &args.app, token_life)?,
@@ -387,7 +392,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 &stop,
             )?;
             eprintln!(
-                "core layout: router shards on {shards:?}, control thread on core {control}, echo task on core 0, load generator on cores {cores:?}; the shard spins {spin} us before it parks (--router-spin-us)"
+                "core layout: router shards on {shards:?}, control thread and echo task on core {control}, load generator on cores {cores:?}; the shard spins {spin} us before it parks (--router-spin-us)"
             );
             plan.proto = match &api_tls {
                 None => client_proto(protocol, api.to_string(), api, None),

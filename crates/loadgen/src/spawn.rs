@@ -164,6 +164,17 @@ pub(crate) fn bench_certs(dir: &Path) -> anyhow::Result<BenchCerts> {
     Ok(files)
 }
 
+/// Where the default bench's router runs, from the cores this process may use (ascending, at
+/// least one): `(shard cores, control core)`, the shard on the second core and the control
+/// thread (and the echo task) on the first; both on the only one.
+pub(crate) fn router_cores(usable: &[usize]) -> (Vec<usize>, usize) {
+    match usable {
+        [first, second, ..] => (vec![*second], *first),
+        [only] => (vec![*only], *only),
+        [] => (vec![0], 0),
+    }
+}
+
 /// The router config of the default bench (TOML for `fedbus run --config`); with `api_tls`,
 /// an HTTPS listener on that address with that certificate.
 pub(crate) fn router_config(
@@ -292,6 +303,14 @@ mod tests {
         let spun = fedbus_router::config::Config::parse(&with_spin(&text, 100), "bench").unwrap();
         assert_eq!(spun.tuning.spin_before_park_us, 100);
         assert_eq!(spun.tuning.shard_cores, vec![0]);
+    }
+
+    /// The router follows the cores the bench may use, not core numbers from 0.
+    #[test]
+    fn router_cores_follow_the_usable_cores() {
+        assert_eq!(router_cores(&[0, 1]), (vec![1], 0));
+        assert_eq!(router_cores(&[4, 5, 6, 7]), (vec![5], 4));
+        assert_eq!(router_cores(&[3]), (vec![3], 3));
     }
 
     #[test]

@@ -861,9 +861,10 @@ impl Config {
         // With `pin = false` the cores are only counted (nothing is placed on them): below the
         // CPU count is enough.
         let t = &self.tuning;
-        let allowed = match affinity() {
-            Some(a) if t.pin => a,
-            _ => (0..online_cores()).collect(),
+        let allowed = if t.pin {
+            placeable_cores()
+        } else {
+            (0..online_cores()).collect()
         };
         if let Some(why) = outside(t.control_core, &allowed) {
             return Err(invalid("tuning.control_core", why));
@@ -1014,6 +1015,17 @@ fn first_cores(affinity: Option<Vec<usize>>, n: usize) -> Vec<usize> {
         }
         _ => (0..n.max(1)).collect(),
     }
+}
+
+/// The cores a thread of this process may be pinned to: its CPU affinity, or `0..n` where that
+/// is unknown. Unlike [`default_cores`], not cut to the CPU count.
+pub fn placeable_cores() -> Vec<usize> {
+    affinity().unwrap_or_else(|| (0..online_cores()).collect())
+}
+
+/// Whether a thread of this process may be pinned to `core`; the error names its affinity.
+pub fn check_placeable(core: usize) -> Result<(), String> {
+    outside(core, &placeable_cores()).map_or(Ok(()), Err)
 }
 
 /// Why `core` cannot be configured: it is not in `allowed` (the affinity, or `0..n`).

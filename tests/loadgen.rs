@@ -1,7 +1,9 @@
-//! `fedbus bench` over TLS, end to end: the bench starts a router with an HTTPS listener and an
+//! `fedbus bench`, end to end. Over TLS: the bench starts a router with an HTTPS listener and an
 //! echo task, loads it over `https://`, `wss://` and with a new connection (a full handshake,
-//! or a resumed one) per request, and reports the router's CPU per request. Each run is bounded (a short
-//! window, `timeout`-free: the bench ends by itself and its setup is limited to 15 s).
+//! or a resumed one) per request, and reports the router's CPU per request. Under a CPU
+//! affinity that leaves out core 0: the router, the task and the load go on the cores the
+//! process may use. Each run is bounded (a short window, `timeout`-free: the bench ends by
+//! itself and its setup is limited to 15 s).
 
 use std::path::Path;
 use std::process::Command;
@@ -71,5 +73,64 @@ fn bench_loads_a_router_over_https_wss_and_new_connections() {
     let resumed = v["tls_handshakes"]["resumed"].as_u64().unwrap_or(0);
     let full = v["tls_handshakes"]["full"].as_u64().unwrap_or(u64::MAX);
     assert!(resumed > 0 && full <= 16, "{v}");
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}
+
+/// The cores this process may run on (`Cpus_allowed_list` of /proc/self/status, e.g. `0-1,4`).
+fn allowed_cores() -> Vec<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list");
+    let mut cores = Vec::new();
+    for part in list.trim().split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        cores.extend(a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap());
+    }
+    cores
+}
+
+/// Under `taskset -c N` with N > 0 (as in a cpuset that leaves out core 0) the bench lays out
+/// its router, echo task and load on core N. It used to number cores from 0: its router was
+/// refused ("core 0 is not one this process may run on") and the bench failed.
+#[test]
+fn bench_uses_the_cores_of_its_cpu_affinity() {
+    let cores = allowed_cores();
+    let last = *cores.last().expect("a core");
+    let taskset = Command::new("taskset").arg("-V").output();
+    if last == 0 || !taskset.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: needs `taskset` and a core other than 0 (allowed: {cores:?})");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("fedbus-bench-cores-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let json = dir.join("cores.json");
+    let out = Command::new("taskset")
+        .arg("-c")
+        .arg(last.to_string())
+        .arg(BIN)
+        .args(["bench", "--connections", "2", "--inflight", "2"])
+        .args(["--duration", "500ms", "--warmup", "200ms", "--json"])
+        .arg(&json)
+        .env("FEDBUS_HOME", &dir)
+        .output()
+        .expect("run fedbus bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "fedbus bench failed:\n{stderr}");
+    let layout = format!(
+        "core layout: router shards on [{last}], control thread and echo task on core {last}, load generator on cores [{last}]"
+    );
+    assert!(
+        stderr.contains(&layout),
+        "expected {layout:?} in:\n{stderr}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("bench json")).expect("json");
+    assert!(v["ok"].as_u64().unwrap_or(0) > 0, "{v}");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["settings"]["cores"], serde_json::json!([last]), "{v}");
+    // The shard shares its core with the load: it does not spin.
+    assert_eq!(v["settings"]["router_spin_us"], 0, "{v}");
     std::fs::remove_dir_all(&dir).expect("clean up");
 }

@@ -35,12 +35,17 @@ pub(crate) async fn forward(shard: &Rc<Shard>, req: &Request<'_>) -> Answer {
     }
 }
 
-/// True for a relayed 503 whose error code is one of [`NEVER_DELIVERED`].
+/// True for a relayed 503 whose error code is one of [`NEVER_DELIVERED`], made before any
+/// redirect: after one (the frame's hops above 0) the request reached the `main` task, and a
+/// `no_live_task` names the role it redirected to, so sending it again would run it twice.
 pub(crate) fn never_delivered(a: &Answer) -> bool {
     match a {
-        Answer::Relayed { status: 503, frame } => frame
-            .get_str(tag::ERROR)
-            .is_some_and(|e| NEVER_DELIVERED.contains(&e)),
+        Answer::Relayed { status: 503, frame } => {
+            frame.header.hops == 0
+                && frame
+                    .get_str(tag::ERROR)
+                    .is_some_and(|e| NEVER_DELIVERED.contains(&e))
+        }
         _ => false,
     }
 }
@@ -154,7 +159,30 @@ fn put_cluster(m: &mut BytesMut, region: &str, cluster: &str) {
 
 #[cfg(test)]
 mod tests {
+    use super::{never_delivered, Answer};
+    use crate::proto::{encode_frame, put_meta, tag, Frame, Kind};
     use bytes::BytesMut;
+
+    /// A relayed 503 `error` after `hops` redirects on the serving router.
+    fn relayed(error: &str, hops: u8) -> Answer {
+        let mut m = BytesMut::new();
+        put_meta(&mut m, tag::ERROR, error.as_bytes());
+        let frame = Frame::decode(encode_frame(Kind::Response, 0, hops, 10, 1, &m, b"{}").freeze())
+            .expect("frame");
+        Answer::Relayed { status: 503, frame }
+    }
+
+    /// `no_live_task` before any redirect reached no task: retried on a sibling. After a
+    /// redirect the `main` task had it (the role it redirected to had no task): a retry would
+    /// run it a second time.
+    #[test]
+    fn a_request_redirected_to_a_missing_role_was_delivered() {
+        assert!(never_delivered(&relayed("no_live_task", 0)));
+        assert!(never_delivered(&relayed("draining", 0)));
+        assert!(!never_delivered(&relayed("no_live_task", 1)));
+        assert!(!never_delivered(&relayed("no_live_task", 3)));
+        assert!(!never_delivered(&relayed("task_timeout", 0)));
+    }
 
     #[test]
     fn cluster_entry_is_a_put_meta_entry() {

@@ -106,6 +106,33 @@ fn reaches_the_right_cluster_and_partition(f: Federation) {
         }
     }
     eprintln!("entry shards seen: {seen_shards:?}");
+    // A request that `main` redirected to a role no task serves (service `auth`: the echo
+    // task redirects it to role `auth`, and the cluster has none) reached `main`: 503
+    // `no_live_task` after one hop, not sent again to the other router of the cluster (its
+    // `main` would run it a second time).
+    let entry = f.router("spb1", 0);
+    let redirects = || -> f64 {
+        (0..2)
+            .map(|r| f.router("spb2", r).metrics().get("fedbus_redirects_total"))
+            .sum()
+    };
+    let (redirects_before, retries_before) = (
+        redirects(),
+        entry.metrics().get("fedbus_forward_retries_total"),
+    );
+    let resp = entry.conn().request(
+        &Req::post(&format!("/api/ru/spb2/{APP}/auth/42/sys/login"))
+            .token(f.token("spb2"))
+            .body(b"x"),
+    );
+    resp.assert_error(503, "no_live_task");
+    assert_eq!(resp.header("fedbus-hops"), Some("1"), "{resp:?}");
+    assert_eq!(
+        entry.metrics().get("fedbus_forward_retries_total"),
+        retries_before,
+        "retried after the redirect: {resp:?}"
+    );
+    assert_eq!(redirects() - redirects_before, 1.0, "{resp:?}");
 }
 
 /// One answer observed by a load thread.
@@ -539,6 +566,7 @@ fn peer_link_lost_under_load() {
         .map(|w| send_pending(&f, f.router("spb1", 1), *w))
         .collect();
     wait_pending_at_spb2(&f, &[1], pend.len());
+    let before = spb1_ready_peer_links(&f);
     let killed = Instant::now();
     f.router_mut("spb2", 1).kill9();
     for mut p in pend {
@@ -549,6 +577,9 @@ fn peer_link_lost_under_load() {
         r.assert_error(502, "peer_lost");
         assert!(killed.elapsed() < Duration::from_secs(2), "{r:?}");
     }
+    // Those failed on spb1/r1's links; spb1/r0's links to r1 may not have read their end
+    // yet (a request sent on one would be 502 peer_lost, not 503 no_peer).
+    wait_spb1_saw_the_kill(&f, before, killed);
     // No router of spb2 left: 503 no_peer with retry-after, at once, from both spb1 routers.
     for r in 0..2 {
         for wsid in [0u64, 1] {

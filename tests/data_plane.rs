@@ -114,6 +114,80 @@ fn keep_alive_and_pipelining() {
     assert_echo(&resp, 1, b"after");
 }
 
+/// SIGTERM while a client keeps about three requests in flight on one connection (a new one
+/// every third of the task's delay, whatever the answers do: a busy pipelining client): the
+/// draining router reads no new request on it, answers the ones it started (the last with
+/// `Connection: close`), and exits long before `readiness.drain_timeout_ms`. It used to read
+/// on: no answer was ever the last one in flight, so none said close, and the drain ran to
+/// its timeout.
+#[test]
+fn a_draining_router_closes_a_busy_pipelined_connection() {
+    let mut r = Router::new()
+        .tail("[readiness]\ndrain_timeout_ms = 20000")
+        .start();
+    let _t = r.task().delay_ms(300).start();
+    let tok = r.token(APP, "alice");
+    // 64 KiB bodies: with one in flight the connection holds 64 KiB of them and reads ahead
+    // into a new buffer (small requests wait for their answers once the read buffer is full,
+    // which leaves one answer the last now and then).
+    let body = |i: u64| random_bytes(64 * 1024, i);
+    let wire: Vec<Vec<u8>> = (0..100)
+        .map(|i| {
+            Req::post(&r.path(APP, i))
+                .token(&tok)
+                .body(&body(i))
+                .bytes()
+        })
+        .collect();
+    let mut c = r.conn();
+    c.set_read_timeout(Duration::from_secs(10));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (mut w, stop) = (c.writer(), stop.clone());
+        std::thread::spawn(move || {
+            use std::io::Write as _;
+            for req in &wire {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) || w.write_all(req).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let mut answered = 0u64;
+    let mut termed = None;
+    let mut closed = None;
+    while answered < 90 {
+        let resp = c.read_response().expect("an answer before the close");
+        assert_echo(&resp, answered, &body(answered));
+        answered += 1;
+        if answered == 3 {
+            r.sigterm();
+            termed = Some(Instant::now());
+        }
+        if resp.header("connection") == Some("close") {
+            closed = Some(Instant::now());
+            break;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().expect("writer");
+    let termed = termed.expect("SIGTERM sent");
+    let closed = closed.unwrap_or_else(|| {
+        panic!("no Connection: close in {answered} answers, 3 of them before the drain")
+    });
+    assert!(c.is_closed(), "the connection closes after its last answer");
+    let exit = r.wait_exit(Duration::from_secs(10));
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "exits 0 once nothing is in flight: {exit:?}"
+    );
+    eprintln!(
+        "close {:?} after SIGTERM, {answered} answered",
+        closed - termed
+    );
+}
+
 /// An unauthenticated upload is refused on its head: no `100 Continue`, no body buffered.
 #[test]
 fn expect_continue_without_token_is_refused_before_the_body() {

@@ -314,7 +314,8 @@ pub struct Readiness {
     /// Default 30000.
     pub drain_timeout_ms: u64,
     /// While draining, a client keep-alive connection that has waited this long for its next
-    /// request is closed; a busy one gets `Connection: close` on its next answer, and a
+    /// request is closed; a busy one reads no further request and gets `Connection: close` on
+    /// the answer that leaves nothing in flight, and a
     /// `/api/ws` session is closed with 1001 once its answers are out. Closing an idle
     /// connection races a request the client may be sending on it (RFC 9112 9.3.1 lets
     /// clients retry then), so only connections idle this long are closed. Also the other

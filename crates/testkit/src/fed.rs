@@ -73,16 +73,7 @@ impl FedProc {
 
     /// Waits up to `within` for the exit, sending nothing; None when it did not exit in time.
     pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let c = self.child.as_mut()?;
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = c.try_wait() {
-                self.child = None;
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        None
+        super::wait_child_exit(&mut self.child, within)
     }
 
     /// The log so far.

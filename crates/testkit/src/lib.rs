@@ -160,6 +160,24 @@ impl Proc {
     }
 }
 
+/// Waits up to `within` for `child` to exit, sending nothing; reaps it (`child` becomes None).
+/// None when it did not exit in time (then it is still running) or was already reaped.
+pub(crate) fn wait_child_exit(
+    child: &mut Option<Child>,
+    within: Duration,
+) -> Option<std::process::ExitStatus> {
+    let c = child.as_mut()?;
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(st)) = c.try_wait() {
+            *child = None;
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
@@ -522,6 +540,16 @@ impl Router {
     /// True while the process runs.
     pub fn alive(&mut self) -> bool {
         self.proc.alive()
+    }
+
+    /// SIGTERM (the router starts its drain), without waiting.
+    pub fn sigterm(&mut self) {
+        self.proc.signal(libc::SIGTERM);
+    }
+
+    /// Waits up to `within` for the exit, sending nothing; None when it did not exit in time.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        wait_child_exit(&mut self.proc.child, within)
     }
 
     /// A client token from `fedbus token client` (cached per app and subject).
@@ -1046,6 +1074,11 @@ impl Conn {
         s.set_write_timeout(Some(READ_TIMEOUT)).expect("timeout");
         let _ = s.set_nodelay(true);
         Conn { s, buf: Vec::new() }
+    }
+
+    /// A second handle on the socket, to write from another thread while this one reads.
+    pub fn writer(&self) -> TcpStream {
+        self.s.try_clone().expect("clone the socket")
     }
 
     /// Sets the read timeout.

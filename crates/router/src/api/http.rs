@@ -766,8 +766,12 @@ async fn serve_inner<S: Stream>(
             }
         }
         // Answer it and every later one that is already done, in one write. While the router
-        // drains, the answer that leaves nothing in flight closes the connection.
-        let draining = shard.health.draining();
+        // drains, the connection reads no further request (a client that keeps requests in
+        // flight would otherwise never leave one answer the last), and the answer that leaves
+        // nothing in flight closes it. Requests the client sent behind that answer were never
+        // read: after `Connection: close` it sends them again on a new connection (RFC 9112
+        // 9.3.1), to another router.
+        closing |= shard.health.draining();
         // The heads of one batch are cut from `out`, which is reclaimed in place (the last
         // batch is written) with room for the largest batch so far: no allocation per answer.
         if !out.try_reclaim(head_room) {
@@ -799,7 +803,7 @@ async fn serve_inner<S: Stream>(
             } else {
                 full
             };
-            let close = close || (closing || draining) && last;
+            let close = close || closing && last;
             let before = out.len();
             write_head(&mut out, shard, a, length, close, cors.as_ref());
             shard.metrics.request(

@@ -332,7 +332,13 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             (Side::Client, true) => return Err(WsError::Protocol("server frame masked")),
             _ => {}
         }
-        let sofar = self.frag.as_ref().map_or(0, |(_, b)| b.len() as u64);
+        // A control frame between fragments (RFC 6455 5.4) is not part of the message: it
+        // is bounded alone (at most 125 bytes, `parse_head`).
+        let control = h.opcode & 0x08 != 0;
+        let sofar = match &self.frag {
+            Some((_, b)) if !control => b.len() as u64,
+            _ => 0,
+        };
         if h.payload_len + sofar > self.max_message as u64 {
             return Err(WsError::TooBig(self.max_message));
         }
@@ -1062,6 +1068,44 @@ mod tests {
             assert_eq!(r.next().await.unwrap(), Message::Close(Some(1000)));
             assert!(matches!(r.next().await, Err(WsError::Eof)));
         });
+    }
+
+    /// Control frames between the fragments of a message at its size limit are read, not
+    /// counted in the message (they used to close the connection with 1009).
+    #[test]
+    fn control_frames_between_fragments_do_not_count_toward_the_message() {
+        let mut wire = masked(opcode::TEXT, &[b'a'; 1000], [1, 2, 3, 4], false);
+        wire.extend(masked(opcode::PING, &[b'p'; 100], [5, 6, 7, 8], true));
+        wire.extend(masked(
+            opcode::CONTINUATION,
+            &[b'b'; 24],
+            [4, 3, 2, 1],
+            true,
+        ));
+        wire.extend(masked(opcode::TEXT, &[b'c'; 1000], [1, 2, 3, 4], false));
+        wire.extend(masked(opcode::CLOSE, &1000u16.to_be_bytes(), [0; 4], true));
+        let mut r = WsReader::new(&wire[..], BytesMut::new(), Side::Server, 1024);
+        block_on(async {
+            assert_eq!(
+                r.next().await.unwrap(),
+                Message::Ping(Bytes::from(vec![b'p'; 100]))
+            );
+            let mut text = vec![b'a'; 1000];
+            text.extend([b'b'; 24]);
+            assert_eq!(r.next().await.unwrap(), Message::Text(Bytes::from(text)));
+            // A close in the middle of a message ends the connection cleanly.
+            assert_eq!(r.next().await.unwrap(), Message::Close(Some(1000)));
+        });
+        // The message itself is still bounded: one byte more is 1009.
+        let mut wire = masked(opcode::TEXT, &[b'a'; 1000], [1, 2, 3, 4], false);
+        wire.extend(masked(
+            opcode::CONTINUATION,
+            &[b'b'; 25],
+            [4, 3, 2, 1],
+            true,
+        ));
+        let mut r = WsReader::new(&wire[..], BytesMut::new(), Side::Server, 1024);
+        assert_eq!(block_on(r.next()).unwrap_err().close_code(), Some(1009));
     }
 
     #[test]

@@ -770,8 +770,11 @@ async fn serve_inner<S: Stream>(
         // flight would otherwise never leave one answer the last), and the answer that leaves
         // nothing in flight closes it. Requests the client sent behind that answer were never
         // read: after `Connection: close` it sends them again on a new connection (RFC 9112
-        // 9.3.1), to another router.
-        closing |= shard.health.draining();
+        // 9.3.1), to another router. The same for a connection chosen for idle eviction
+        // while its next request came in (the read won the race): that request is answered,
+        // with `Connection: close`, rather than the connection dropped after a keep-alive
+        // answer.
+        closing |= shard.health.draining() || keepalive.slot.is_evicted();
         // The heads of one batch are cut from `out`, which is reclaimed in place (the last
         // batch is written) with room for the largest batch so far: no allocation per answer.
         if !out.try_reclaim(head_room) {

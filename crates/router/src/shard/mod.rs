@@ -284,6 +284,11 @@ impl IdleSlot {
         self.since.set(idle.then(std::time::Instant::now));
     }
 
+    /// Whether the accept loop has chosen this connection for eviction.
+    pub(crate) fn is_evicted(&self) -> bool {
+        self.evicted.get()
+    }
+
     /// Resolves once the accept loop has chosen this connection for eviction.
     pub(crate) fn evicted(&self) -> impl std::future::Future<Output = ()> + '_ {
         futures_lite::future::poll_fn(move |cx| {

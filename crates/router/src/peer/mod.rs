@@ -494,6 +494,10 @@ async fn close_when_replaced(shard: Rc<Shard>, cluster: String, link: Rc<TaskLin
 async fn close_when_idle(link: Rc<TaskLink>) {
     while link.is_alive() && link.pending_len() > 0 {
         glommio::timer::sleep(crate::health::POLL).await;
+        // Out of `Peers`, the deadline sweeper (`shard::sweep_deadlines`) no longer sees this
+        // link: its requests get their 504 `peer_timeout` here, or a peer that answers pings
+        // but not requests would hold them (and the link) forever.
+        link.expire(std::time::Instant::now());
     }
     link.out.borrow_mut().close(1001);
 }

@@ -380,6 +380,15 @@ fn run_router(path: Option<PathBuf>, takeover: bool) -> Result<()> {
         }];
         dev_ca = Some(files.ca);
     }
+    // Signals are caught from before the listeners bind: a SIGHUP or SIGTERM during the start
+    // (a takeover waits up to readiness.takeover_wait_ms for its peer links, with its
+    // listeners already bound) is handled once the router is up, instead of killing it by
+    // the default action.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])?;
     let r = fedbus_router::shard::listen::start(cfg.clone(), keyring)?;
     println!(
         "fedbus router {}/{}/{} up",
@@ -432,11 +441,6 @@ fn run_router(path: Option<PathBuf>, takeover: bool) -> Result<()> {
     println!("{READY_PREFIX}{ready}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGHUP,
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ])?;
     // SIGTERM/SIGINT: drain (docs/ARCHITECTURE.md, "Drain"), then exit 0; a second one
     // exits at once.
     let r = std::sync::Arc::new(r);

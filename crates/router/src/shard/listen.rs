@@ -378,8 +378,16 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
     }
     drop(ready_tx);
     let mut up = vec![false; n];
+    // A shard reports ready after its takeover wait: give it that long beyond the 10 s, or a
+    // live shard still waiting is taken for a failed one (and joined: forever).
+    let patience = Duration::from_secs(10)
+        + if takeover {
+            Duration::from_millis(cfg.readiness.takeover_wait_ms)
+        } else {
+            Duration::ZERO
+        };
     while up.iter().any(|u| !u) {
-        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+        match ready_rx.recv_timeout(patience) {
             Ok(Ok(i)) => up[i] = true,
             Ok(Err(e)) => bail!(e),
             Err(_) => {

@@ -1410,4 +1410,17 @@ fn two_routers_serve_a_wsid_on_the_same_partition_when_one_lacks_its_task() {
         .conn()
         .request(&f.req("spb2", 3, b"own"));
     assert_served(&resp, 3, b"own", "ru/spb2/r1");
+    // A sibling that is not ready (it lacks partitions) still serves the ones it has (the rule's
+    // step 2: "a sibling that has p live"). With the task of every other partition gone, r0
+    // has only 13 and is not ready, r1 has nothing: r1 hands wsid 13 to r0 still.
+    let ready_before = f.router("spb2", 1).metrics().get("fedbus_peer_links_ready");
+    f.tasks[1].kill();
+    let r1 = f.router("spb2", 1);
+    wait_for(Duration::from_secs(10), || {
+        let now = r1.metrics().get("fedbus_peer_links_ready");
+        (now <= ready_before - r1.shards as f64).then_some(())
+    })
+    .expect("spb2/r1 never saw its sibling turn not ready");
+    let resp = r1.conn().request(&f.req("spb2", 13, b"unready"));
+    assert_served(&resp, 13, b"unready", "ru/spb2/r0");
 }

@@ -204,7 +204,9 @@ impl Peers {
     }
 
     /// A live link to a sibling (a router of our own `cluster` key) that has a live task for
-    /// `app`/`wsid`'s partition, by its last status; the scan starts at `wsid % routers`.
+    /// `app`/`wsid`'s partition, by its last status, and is not draining; ready or not (a
+    /// sibling that lacks other partitions serves this one: docs/EMERGENCY.md, the exact rule,
+    /// step 2). The scan starts at `wsid % routers`.
     pub(crate) fn covering(
         &self,
         own: &str,
@@ -216,9 +218,16 @@ impl Peers {
         let n = slots.len();
         (0..n)
             .map(|i| &slots[((wsid % n as u64) as usize + i) % n])
-            .find_map(|s| match s.rank(app, wsid, max_pending) {
-                Some((3, link)) => Some(link),
-                _ => None,
+            .find_map(|s| {
+                let serves = s
+                    .status
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|st| !st.draining && st.covers(app, wsid) == Some(true));
+                let link = s.link.borrow();
+                link.as_ref()
+                    .filter(|l| serves && l.is_usable(max_pending))
+                    .cloned()
             })
     }
 }

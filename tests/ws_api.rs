@@ -109,6 +109,33 @@ fn upgrade_from(
 }
 
 /// Opens `/api/ws` with a bearer token; panics unless it is a 101.
+/// A request that comes after the session's token expired closes the session with 1008, but
+/// the answers to earlier requests, still in flight then, go out before the close frame (as
+/// on a drain): they were dropped, though their task may have run them.
+#[test]
+fn answers_in_flight_go_out_before_an_expired_tokens_1008() {
+    let r = Router::new().shards(1).start();
+    let _t = r.task().delay_ms(3000).start();
+    let short = expired_token(&r, APP, now() + 2);
+    let mut w = open(&r, &short);
+    w.set_read_timeout(Duration::from_secs(10));
+    w.send_request(1, Some(&r.path(APP, 1)), b"in flight");
+    // 50 ms past `exp` (the router reads the coarse clock, see `bad_jwt_at_upgrade_is_401`):
+    // the task still holds request 1 (3 s), sent at most 2 s before `exp`.
+    let exp_ms = u128::from(now_exp(&short)) * 1000 + 50;
+    while std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis()
+        < exp_ms
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    w.send_request(2, Some(&r.path(APP, 1)), b"after exp");
+    assert_echo_frame(&w.read_response(), 1, 1, b"in flight");
+    w.expect_close(1008);
+}
+
 fn open(r: &Router, tok: &str) -> Ws {
     match upgrade(r.api, "/api/ws", Some(tok)) {
         Upgrade::Open(w) => w,

@@ -197,11 +197,7 @@ pub(crate) async fn serve<S: Stream>(
             Ok(Next::Drain) => {
                 // Going away: the answers in flight go out first, then the close frame;
                 // what the client sends meanwhile is not read (it re-sends on a new session).
-                while session.inflight.get() > 0 && !out.borrow().is_closing() {
-                    let run = std::pin::pin!(inflight.run(|| session.answered_at.set(None)));
-                    let nap = std::pin::pin!(deadline.sleep(crate::health::POLL));
-                    let _ = futures_util::future::select(run, nap).await;
-                }
+                finish_inflight(&mut inflight, &mut deadline, &session, &out).await;
                 break Some(1001);
             }
             // Idle means nothing to read and nothing in flight.
@@ -217,6 +213,9 @@ pub(crate) async fn serve<S: Stream>(
                     .exp
                     .is_some_and(|e| e <= crate::util::unix_secs_coarse())
                 {
+                    // This request is not served; the ones before it, still in flight, were
+                    // sent with a valid token: their answers go out before the close frame.
+                    finish_inflight(&mut inflight, &mut deadline, &session, &out).await;
                     break Some(1008);
                 }
                 let f = match Frame::decode(b) {
@@ -312,6 +311,21 @@ pub(crate) async fn serve<S: Stream>(
 }
 
 /// What ended a session's wait.
+/// Runs the session's requests in flight until each answer is queued (each has its request
+/// deadline) or the outbox closes: their answers go out before a close frame.
+async fn finish_inflight<F: std::future::Future<Output = ()>>(
+    inflight: &mut Unordered<F>,
+    deadline: &mut crate::util::Deadline,
+    session: &Session,
+    out: &RefCell<ws::conn::WsOut>,
+) {
+    while session.inflight.get() > 0 && !out.borrow().is_closing() {
+        let run = std::pin::pin!(inflight.run(|| session.answered_at.set(None)));
+        let nap = std::pin::pin!(deadline.sleep(crate::health::POLL));
+        let _ = futures_util::future::select(run, nap).await;
+    }
+}
+
 enum Next<M> {
     Message(M),
     /// The outbox closed: the client does not read its answers.

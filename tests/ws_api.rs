@@ -120,17 +120,8 @@ fn answers_in_flight_go_out_before_an_expired_tokens_1008() {
     let mut w = open(&r, &short);
     w.set_read_timeout(Duration::from_secs(10));
     w.send_request(1, Some(&r.path(APP, 1)), b"in flight");
-    // 50 ms past `exp` (the router reads the coarse clock, see `bad_jwt_at_upgrade_is_401`):
-    // the task still holds request 1 (3 s), sent at most 2 s before `exp`.
-    let exp_ms = u128::from(now_exp(&short)) * 1000 + 50;
-    while std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis()
-        < exp_ms
-    {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // The task still holds request 1 (3 s), sent at most 2 s before `exp`.
+    wait_past_exp(&short);
     w.send_request(2, Some(&r.path(APP, 1)), b"after exp");
     assert_echo_frame(&w.read_response(), 1, 1, b"in flight");
     w.expect_close(1008);
@@ -581,10 +572,16 @@ fn bad_jwt_at_upgrade_is_401() {
     let mut w = open(&r, &short);
     w.send_request(1, Some(&r.path(APP, 1)), b"a");
     assert_echo_frame(&w.read_response(), 1, 1, b"a");
-    // The router reads whole seconds from CLOCK_REALTIME_COARSE (`util::unix_secs_coarse`),
-    // which lags the fine clock by up to one tick (1-10 ms): wait until 50 ms past `exp`, or a
-    // request sent in the first milliseconds of that second may still be served.
-    let exp_ms = u128::from(now_exp(&short)) * 1000 + 50;
+    wait_past_exp(&short);
+    w.send_request(2, Some(&r.path(APP, 1)), b"b");
+    w.expect_close(1008);
+}
+
+/// Waits until 50 ms past the `exp` of `jwt`. The router reads whole seconds from
+/// CLOCK_REALTIME_COARSE (`util::unix_secs_coarse`), which lags the fine clock by up to one
+/// tick (1-10 ms): a request sent in the first milliseconds of that second may still be served.
+fn wait_past_exp(jwt: &str) {
+    let exp_ms = u128::from(now_exp(jwt)) * 1000 + 50;
     while std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock after 1970")
@@ -593,8 +590,6 @@ fn bad_jwt_at_upgrade_is_401() {
     {
         std::thread::sleep(Duration::from_millis(10));
     }
-    w.send_request(2, Some(&r.path(APP, 1)), b"b");
-    w.expect_close(1008);
 }
 
 /// `exp` of a JWT (no verification).

@@ -380,16 +380,14 @@ fn run_router(path: Option<PathBuf>, takeover: bool) -> Result<()> {
         }];
         dev_ca = Some(files.ca);
     }
-    // Signals are caught from before the listeners bind: a SIGHUP or SIGTERM during the start
-    // (a takeover waits up to readiness.takeover_wait_ms for its peer links, with its
-    // listeners already bound) is handled once the router is up, instead of killing it by
-    // the default action.
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGHUP,
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ])?;
+    // SIGHUP is caught from before the listeners bind: one during the start (a takeover
+    // waits up to readiness.takeover_wait_ms for its peer links, with its listeners already
+    // bound) reloads once the router is up, instead of killing it by the default action.
+    // SIGTERM and SIGINT keep their default until then: they stop a start at once.
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
     let r = fedbus_router::shard::listen::start(cfg.clone(), keyring)?;
+    signals.add_signal(signal_hook::consts::SIGTERM)?;
+    signals.add_signal(signal_hook::consts::SIGINT)?;
     println!(
         "fedbus router {}/{}/{} up",
         cfg.region, cfg.cluster, cfg.router

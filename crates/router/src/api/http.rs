@@ -558,6 +558,8 @@ async fn serve_inner<S: Stream>(
     let cache = Rc::new(RefCell::new(VerifyCache::new(1)));
     let mut closing = false;
     let mut continued = false;
+    // Draining (or evicted) while a request's body was arriving: that request is the last.
+    let mut finish_current = false;
     // Bytes of request bodies this connection holds (its share of the body budget), and the
     // charge of the body being received.
     let held = Rc::new(std::cell::Cell::new(0usize));
@@ -622,6 +624,7 @@ async fn serve_inner<S: Stream>(
                     inflight.push_back(ready(a, true, 0, Instant::now()));
                 }
                 Parsed::Request(req) => {
+                    closing |= std::mem::take(&mut finish_current);
                     continued = false;
                     body_deadline = None;
                     // The next head's clock starts when its bytes are read.
@@ -670,7 +673,14 @@ async fn serve_inner<S: Stream>(
             keepalive.slot.set_idle(idle_wait);
             let read = async {
                 let r = std::pin::pin!(fill(stream, &mut buf, &mut space));
-                let e = std::pin::pin!(keepalive.slot.evicted());
+                // Only an idle connection is evicted: one that has part of a request (a read
+                // that raced the eviction) finishes it, and its answer says close.
+                let e = std::pin::pin!(async {
+                    match idle_wait {
+                        true => keepalive.slot.evicted().await,
+                        false => std::future::pending().await,
+                    }
+                });
                 match futures_util::future::select(r, e).await {
                     futures_util::future::Either::Left((r, _)) => Some(r),
                     futures_util::future::Either::Right(_) => None,
@@ -774,7 +784,15 @@ async fn serve_inner<S: Stream>(
         // while its next request came in (the read won the race): that request is answered,
         // with `Connection: close`, rather than the connection dropped after a keep-alive
         // answer.
-        closing |= shard.health.draining() || keepalive.slot.is_evicted();
+        // A request whose head was taken and whose body is still arriving (perhaps after a
+        // `100 Continue`) is received and answered first: it is the last one read.
+        if shard.health.draining() || keepalive.slot.is_evicted() {
+            if continued {
+                finish_current = true;
+            } else {
+                closing = true;
+            }
+        }
         // The heads of one batch are cut from `out`, which is reclaimed in place (the last
         // batch is written) with room for the largest batch so far: no allocation per answer.
         if !out.try_reclaim(head_room) {

@@ -310,7 +310,6 @@ pub(crate) async fn serve<S: Stream>(
     }
 }
 
-/// What ended a session's wait.
 /// Runs the session's requests in flight until each answer is queued (each has its request
 /// deadline) or the outbox closes: their answers go out before a close frame.
 async fn finish_inflight<F: std::future::Future<Output = ()>>(
@@ -326,6 +325,7 @@ async fn finish_inflight<F: std::future::Future<Output = ()>>(
     }
 }
 
+/// What ended a session's wait.
 enum Next<M> {
     Message(M),
     /// The outbox closed: the client does not read its answers.

@@ -76,27 +76,12 @@ fn bench_loads_a_router_over_https_wss_and_new_connections() {
     std::fs::remove_dir_all(&dir).expect("clean up");
 }
 
-/// The cores this process may run on (`Cpus_allowed_list` of /proc/self/status, e.g. `0-1,4`).
-fn allowed_cores() -> Vec<usize> {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let list = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .expect("Cpus_allowed_list");
-    let mut cores = Vec::new();
-    for part in list.trim().split(',') {
-        let (a, b) = part.split_once('-').unwrap_or((part, part));
-        cores.extend(a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap());
-    }
-    cores
-}
-
 /// Under `taskset -c N` with N > 0 (as in a cpuset that leaves out core 0) the bench lays out
 /// its router, echo task and load on core N. It used to number cores from 0: its router was
 /// refused ("core 0 is not one this process may run on") and the bench failed.
 #[test]
 fn bench_uses_the_cores_of_its_cpu_affinity() {
-    let cores = allowed_cores();
+    let cores = fedbus_router::config::placeable_cores();
     let last = *cores.last().expect("a core");
     let taskset = Command::new("taskset").arg("-V").output();
     if last == 0 || !taskset.is_ok_and(|o| o.status.success()) {

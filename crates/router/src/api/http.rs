@@ -783,9 +783,8 @@ async fn serve_inner<S: Stream>(
         // 9.3.1), to another router. The same for a connection chosen for idle eviction
         // while its next request came in (the read won the race): that request is answered,
         // with `Connection: close`, rather than the connection dropped after a keep-alive
-        // answer.
-        // A request whose head was taken and whose body is still arriving (perhaps after a
-        // `100 Continue`) is received and answered first: it is the last one read.
+        // answer. A request whose head was taken and whose body is still arriving (perhaps
+        // after a `100 Continue`) is received and answered first: it is the last one read.
         if shard.health.draining() || keepalive.slot.is_evicted() {
             if continued {
                 finish_current = true;

@@ -115,16 +115,20 @@ impl Slot {
 }
 
 impl Slot {
+    /// The link, when it is up and below `max_pending` requests pending.
+    fn usable_link(&self, max_pending: usize) -> Option<Rc<TaskLink>> {
+        self.link
+            .borrow()
+            .as_ref()
+            .filter(|l| l.is_usable(max_pending))
+            .cloned()
+    }
+
     /// How much `app`/`wsid` should go to this router: 0 when there is no usable link, else
     /// one more than [`PeerStatus::rank`] (or [`status::RANK_UNKNOWN`]) so that a draining or
     /// unready router stays a last resort.
     fn rank(&self, app: &str, wsid: u64, max_pending: usize) -> Option<(u8, Rc<TaskLink>)> {
-        let link = self
-            .link
-            .borrow()
-            .as_ref()
-            .filter(|l| l.is_usable(max_pending))
-            .cloned()?;
+        let link = self.usable_link(max_pending)?;
         let r = match self.status.borrow().as_ref() {
             Some(s) => s.rank(app, wsid),
             None => status::RANK_UNKNOWN,
@@ -224,10 +228,7 @@ impl Peers {
                     .borrow()
                     .as_ref()
                     .is_some_and(|st| !st.draining && st.covers(app, wsid) == Some(true));
-                let link = s.link.borrow();
-                link.as_ref()
-                    .filter(|l| serves && l.is_usable(max_pending))
-                    .cloned()
+                serves.then(|| s.usable_link(max_pending)).flatten()
             })
     }
 }

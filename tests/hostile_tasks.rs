@@ -604,6 +604,97 @@ fn stalled_task_link_handshakes_are_cut_at_the_deadline() {
     );
 }
 
+/// Before its registration a link's errors get their own close codes and counts: a text
+/// message that is not UTF-8 is closed with 1007 (counted as `no_registration`), a ping is
+/// answered and the registration after it accepted, and a connection that just ends is no
+/// refusal (nothing counted). Before, all three were 1002 / `no_registration`.
+#[test]
+fn errors_before_a_registration_get_their_own_close_codes() {
+    let r = Router::new().shards(1).start();
+    let tok = service_token(&r);
+    let no_reg = || refused(&r, "no_registration");
+    let mut bad = RawLink::open_hello(r.internal[0], &tok);
+    bad.send_frame(opcode::TEXT, &[b'{', 0xff, 0xfe, b'}']);
+    assert_eq!(bad.close_code(), Ok(Some(1007)));
+    wait_for(Duration::from_secs(5), || (no_reg() == 1.0).then_some(()))
+        .unwrap_or_else(|| panic!("no_registration = {}", no_reg()));
+    // A ping first: its pong, then the registration is accepted.
+    let mut pinged = RawLink::open_hello(r.internal[0], &tok);
+    pinged.send_frame(opcode::PING, b"hi");
+    match pinged.read_msg() {
+        Ok(Msg::Pong) => {}
+        other => panic!("expected a pong, got {other:?}"),
+    }
+    let reg = serde_json::json!({
+        "type": "register", "task": 41, "app": APP, "role": "main", "partitions": [0],
+    });
+    pinged.send_frame(opcode::TEXT, reg.to_string().as_bytes());
+    match pinged.read_msg() {
+        Ok(Msg::Text(t)) => assert!(String::from_utf8_lossy(&t).contains("registered")),
+        other => panic!("expected registered, got {other:?}"),
+    }
+    // Upgraded, then gone without a word: a connection that ended, not a refusal.
+    let gone = RawLink::open_hello(r.internal[0], &tok);
+    drop(gone);
+    let internal = || r.metrics().get("fedbus_connections{listener=\"internal\"}");
+    wait_for(Duration::from_secs(5), || (internal() == 1.0).then_some(()))
+        .unwrap_or_else(|| panic!("internal connections: {}", internal()));
+    assert_eq!(
+        no_reg(),
+        1.0,
+        "the ended connection was counted as a refusal"
+    );
+    let total: f64 = ["handshake_timeout", "register_too_big", "register_refused"]
+        .iter()
+        .map(|reason| refused(&r, reason))
+        .sum();
+    assert_eq!(total, 0.0);
+}
+
+/// A task link the router closes (here it is replaced by a newer link of the same task id:
+/// 1008) has `limits.handshake_timeout_ms` to close its end. One that ignores the close frame
+/// and keeps pinging, so that the read timeout never ends it, is dropped then and counted in
+/// `fedbus_close_timeouts_total`; before, it kept its socket for as long as it pinged.
+#[test]
+fn a_task_link_that_ignores_the_routers_close_is_dropped() {
+    let r = Router::new()
+        .shards(1)
+        .limit("handshake_timeout_ms", 1000)
+        .start();
+    let tok = service_token(&r);
+    let mut old = RawLink::registered(r.internal[0], &tok, 77, "main", &[0]);
+    let _new = RawLink::registered(r.internal[0], &tok, 77, "main", &[0]);
+    assert_eq!(old.close_code(), Ok(Some(1008)));
+    let closed = Instant::now();
+    old.s
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let mut b = [0u8; 4096];
+    // Dropped: a write fails or a read is reset (the socket is gone on the router's side).
+    let dropped = loop {
+        if closed.elapsed() > Duration::from_secs(10) {
+            break None;
+        }
+        let ping = old.frame_bytes(opcode::PING, b"");
+        if old.s.write_all(&ping).is_err() {
+            break Some(closed.elapsed());
+        }
+        match std::io::Read::read(&mut old.s, &mut b) {
+            // The router's FIN after its close frame (its write half): the socket is still
+            // open, and our pings still reach it.
+            Ok(0) => std::thread::sleep(Duration::from_millis(100)),
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) || e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break Some(closed.elapsed()),
+        }
+    };
+    let dropped = dropped.expect("the link that ignored the close was kept 10 s");
+    println!("dropped {dropped:?} after the close");
+    assert!(dropped >= Duration::from_millis(900), "{dropped:?}");
+    assert_eq!(r.metrics().get("fedbus_close_timeouts_total"), 1.0);
+    assert!(log_shows(&r, "did not answer our close"));
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. The built-in task against a router whose hello is too large.
 

@@ -363,8 +363,9 @@ fn a_cluster_key_rotation_rolled_through_a_federation_fails_no_request() {
 }
 
 /// Point 5, the cluster list: a cluster removed from a router's `[federation]` by a reload has
-/// its dialers stopped (its peer links close; requests for it are 404 `unknown_cluster`), and
-/// put back it is dialed again and served, with the same router process.
+/// its dialers stopped (its peer links close; requests for it are 404 `unknown_cluster`) and
+/// the links its routers dialed to this one closed, and put back it is dialed again and
+/// served, with the same router process.
 #[test]
 fn a_cluster_removed_and_added_back_by_reload_stops_and_starts_its_dialers() {
     let f = Federation::builder().peer_tls(false).start();
@@ -399,6 +400,24 @@ fn a_cluster_removed_and_added_back_by_reload_stops_and_starts_its_dialers() {
     );
     // The closed links are no longer counted as ready ones (only the sibling's is).
     assert_eq!(r.metrics().get("fedbus_peer_links_ready"), shards);
+    // The links spb2's routers dialed to this one are closed too (1008): their peer tokens
+    // name a cluster no longer in the federation. Their new upgrades are refused (401
+    // unknown_cluster), so only the sibling's links stay.
+    let from_spb2: f64 = (0..2).map(|i| f.router("spb2", i).shards as f64).sum();
+    let from_sibling = f.router("spb1", 1).shards as f64;
+    let external = || r.metrics().get("fedbus_connections{listener=\"external\"}");
+    let revoked = || r.metrics().get("fedbus_peer_links_revoked_total");
+    let closed = wait_for(Duration::from_secs(10), || {
+        (external() == from_sibling && revoked() == from_spb2).then_some(())
+    });
+    assert!(
+        closed.is_some(),
+        "incoming links: {} (want {from_sibling}), revoked {} (want {from_spb2}); log:\n{}",
+        external(),
+        revoked(),
+        r.log()
+    );
+    assert!(r.log().contains("peer link closed after a reload"));
     r.conn()
         .request(&f.req("spb2", 1, b"x"))
         .assert_error(404, "unknown_cluster");

@@ -1139,3 +1139,32 @@ fn a_request_flood_on_one_session_does_not_starve_another() {
         "a normal request took {slowest:?} beside the flood"
     );
 }
+
+/// An `/api/ws` upgrade that reaches a draining router (on a keep-alive connection opened
+/// before the drain; the listeners are closed by then) gets `503 draining` and the connection
+/// closes, counted as a 503: the client opens its session elsewhere. Before, it got a 101 and
+/// a session closed with 1001 at once.
+#[test]
+fn an_upgrade_during_a_drain_gets_503_draining() {
+    let mut r = Router::new()
+        .tail("[readiness]\ndrain_timeout_ms = 20000\ndrain_idle_close_ms = 20000")
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let mut c = r.conn();
+    c.send(&Req::post(&r.path(APP, 1)).token(&tok).body(b"x").bytes());
+    assert_eq!(c.read_response().expect("an answer").status, 200);
+    r.sigterm();
+    let readyz = || admin_get(r.admin, "/readyz").0;
+    wait_for(Duration::from_secs(5), || (readyz() == 503).then_some(()))
+        .unwrap_or_else(|| panic!("/readyz still {} after SIGTERM", readyz()));
+    let metric = "fedbus_requests_total{status=\"503\"}";
+    let before = r.metrics().get(metric);
+    c.send(client_request("127.0.0.1", "/api/ws", &new_key(), Some(&tok)).as_bytes());
+    let resp = c.read_response().expect("an answer to the upgrade");
+    resp.assert_error(503, "draining");
+    assert_eq!(resp.header("connection"), Some("close"));
+    assert!(c.is_closed(), "the connection closes after the refusal");
+    assert_eq!(r.metrics().get(metric), before + 1.0);
+    assert!(r.log().contains("/api/ws upgrade during a drain"));
+}

@@ -40,15 +40,15 @@ pub(crate) async fn serve<S: Stream>(
     let up = match handshake::parse_upgrade(&head) {
         Ok(Some(up)) => up,
         Ok(None) => return,
-        Err(r) => {
-            let _ = stream
-                .write_parts(&[Bytes::from(handshake::error_response(
-                    r.status, r.code, r.message,
-                ))])
-                .await;
-            return;
-        }
+        Err(r) => return refuse(&shard, &mut stream, r.status, r.code, r.message).await,
     };
+    // A session opened now would be closed with 1001 at once: the client opens it again
+    // elsewhere (this router's listeners are closed), as after a 503 on HTTP.
+    if shard.health.draining() {
+        tracing::info!(shard = shard.index, "/api/ws upgrade during a drain: 503");
+        let why = "this router is draining; open the session again";
+        return refuse(&shard, &mut stream, 503, "draining", why).await;
+    }
     // A page of another origin may open a session only if some app of this cluster allows
     // its origin; each request on the session is then checked against its own app's policy.
     if let Some(o) = up
@@ -58,28 +58,16 @@ pub(crate) async fn serve<S: Stream>(
     {
         crate::metrics::ShardMetrics::inc(&shard.metrics.origin_refused);
         tracing::info!(shard = shard.index, origin = %o, "/api/ws origin not allowed: 403");
-        let _ = stream
-            .write_parts(&[Bytes::from(handshake::error_response(
-                403,
-                "origin_not_allowed",
-                "no app of this cluster allows this origin",
-            ))])
-            .await;
-        return;
+        let why = "no app of this cluster allows this origin";
+        return refuse(&shard, &mut stream, 403, "origin_not_allowed", why).await;
     }
     let token = up
         .bearer
         .clone()
         .or_else(|| query_token(&up.path).map(str::to_string));
     let Some(token) = token else {
-        let _ = stream
-            .write_parts(&[Bytes::from(handshake::error_response(
-                401,
-                "missing_token",
-                "Authorization: Bearer <JWT> or ?access_token= required",
-            ))])
-            .await;
-        return;
+        let why = "Authorization: Bearer <JWT> or ?access_token= required";
+        return refuse(&shard, &mut stream, 401, "missing_token", why).await;
     };
     // A router without federation verifies the token at the upgrade (and caches it for the
     // session's requests). A federated one cannot: the token may belong to an app of another
@@ -106,12 +94,7 @@ pub(crate) async fn serve<S: Stream>(
             Ok(Principal::Client { exp: e, .. }) => exp = Some(e),
             Ok(Principal::Anonymous) => {}
             Err(Answer::Error(e)) => {
-                let _ = stream
-                    .write_parts(&[Bytes::from(handshake::error_response(
-                        e.status, e.code, &e.message,
-                    ))])
-                    .await;
-                return;
+                return refuse(&shard, &mut stream, e.status, e.code, &e.message).await
             }
             Err(_) => return,
         }
@@ -308,6 +291,14 @@ pub(crate) async fn serve<S: Stream>(
     } else {
         let _ = writer.await;
     }
+}
+
+/// Refuses an upgrade with an HTTP error answer (the connection then closes), counted in
+/// `fedbus_requests_total` by its status as an HTTP request's answer is.
+async fn refuse<S: Stream>(shard: &Shard, stream: &mut S, status: u16, code: &str, message: &str) {
+    shard.metrics.request(status, 0, 0, 0);
+    let answer = handshake::error_response(status, code, message);
+    let _ = stream.write_parts(&[Bytes::from(answer)]).await;
 }
 
 /// Runs the session's requests in flight until each answer is queued (each has its request

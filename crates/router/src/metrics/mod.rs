@@ -52,6 +52,8 @@ pub(crate) struct ShardMetrics {
     pub(crate) overload_refused: AtomicU64,
     pub(crate) body_held: AtomicU64,
     pub(crate) abusive_closed: AtomicU64,
+    pub(crate) close_timeouts: AtomicU64,
+    pub(crate) peer_links_revoked: AtomicU64,
     pub(crate) outbox_held: AtomicU64,
     pub(crate) slow_reader_closed: AtomicU64,
     pub(crate) idle_evicted: AtomicU64,
@@ -121,7 +123,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, Field); 24] = [
+    let simple: [(&str, &str, &str, Field); 26] = [
         (
             "fedbus_bytes_in_total",
             "counter",
@@ -232,6 +234,18 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             "counter",
             "Websocket connections closed with 1008 for sending control frames faster than limits.max_control_frames_per_sec.",
             |m| &m.abusive_closed,
+        ),
+        (
+            "fedbus_close_timeouts_total",
+            "counter",
+            "Task and peer links dropped because the other side did not answer the router's close frame within limits.handshake_timeout_ms.",
+            |m| &m.close_timeouts,
+        ),
+        (
+            "fedbus_peer_links_revoked_total",
+            "counter",
+            "Accepted peer links closed with 1008 because a reload of [federation] no longer admits them (their cluster removed, the key of their token gone).",
+            |m| &m.peer_links_revoked,
         ),
         (
             "fedbus_outbox_bytes_held",

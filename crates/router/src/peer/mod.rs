@@ -389,7 +389,8 @@ async fn run_link<S: ws::Stream>(
     ShardMetrics::inc(&shard.metrics.peer_links);
     shard.health.peer_link(shard.index, cluster, true);
     tracing::info!(shard = shard.index, %cluster, addr = %slot.addr, "peer link up");
-    let end = read_dialed(shard, cluster, slot, &link, &mut reader).await;
+    let read = read_dialed(shard, cluster, slot, &link, &mut reader);
+    let end = ws::conn::until_closed_or_late(shard, &out, read).await;
     drop(pinger.cancel());
     link.fail_all();
     *slot.link.borrow_mut() = None;
@@ -594,7 +595,14 @@ async fn serve_upgrade<S: ws::Stream>(
                         .await;
                     if accepted.is_ok() && stream.flush().await.is_ok() {
                         tracing::info!(shard = shard.index, %cluster, tls = cert.is_some(), "peer link accepted");
-                        serve_link(shard, stream, leftover, cluster, exp).await;
+                        // The same checks again whenever a reload changes the federation.
+                        let token = up.bearer.unwrap_or_default();
+                        let admitted = move |shard: &Shard| {
+                            check_peer_token(shard, Some(&token)).and_then(|(c, e)| {
+                                check_peer_certificate(shard, cert.as_ref(), c, e)
+                            })
+                        };
+                        serve_link(shard, stream, leftover, cluster, exp, admitted).await;
                     }
                 }
                 Err((status, code, msg)) => {
@@ -673,12 +681,17 @@ fn check_peer_token(
     Ok((c.cluster, c.exp))
 }
 
+/// Serves an accepted peer link from `from` until it ends. `admitted` repeats the checks of
+/// its upgrade (peer token, client certificate): the link is closed with 1008 when a reload
+/// changes the federation so that they fail (its cluster removed from `[federation]`, the key
+/// that signed its token gone).
 async fn serve_link<S: ws::Stream>(
     shard: &Rc<Shard>,
     stream: S,
     leftover: bytes::BytesMut,
     from: String,
     exp: u64,
+    admitted: impl Fn(&Shard) -> Result<(String, u64), (u16, &'static str, String)> + 'static,
 ) {
     let limits = &shard.cfg.limits;
     // The dialing router pings every interval; silence for 3 intervals ends the link.
@@ -703,62 +716,101 @@ async fn serve_link<S: ws::Stream>(
     )));
     let expiry = ws::close_at_expiry(out.clone(), exp);
     let status = glommio::spawn_local(send_status(shard.clone(), out.clone()));
-    let end = loop {
-        match reader.next().await {
-            Ok(Message::Binary(b)) => {
-                let f = match Frame::decode(b) {
-                    Ok(f) if f.header.kind == Kind::Request => f,
-                    _ => break Some(1002),
-                };
-                if inflight.get() >= limits.max_pending_per_link {
-                    let a = Answer::error(
-                        503,
-                        "peer_busy",
-                        "over the in-flight limit of this peer link",
-                    );
-                    send_answer(
-                        &out,
-                        shard.index,
-                        f.header.request_id,
-                        &a,
-                        Some(&shard.router_name),
-                    );
-                    continue;
-                }
-                inflight.set(inflight.get() + 1);
-                let (s, o, n, c) = (shard.clone(), out.clone(), inflight.clone(), cache.clone());
-                glommio::spawn_local(async move {
-                    let start = Instant::now();
-                    let a = match forwarded_request(&f, start) {
-                        Ok(req) => routing::route(&s, &c, &req).await,
-                        Err(a) => a,
+    let revoked = glommio::spawn_local(close_when_revoked(
+        shard.clone(),
+        from.clone(),
+        out.clone(),
+        admitted,
+    ));
+    let read = async {
+        Ok(loop {
+            match reader.next().await {
+                Ok(Message::Binary(b)) => {
+                    let f = match Frame::decode(b) {
+                        Ok(f) if f.header.kind == Kind::Request => f,
+                        _ => break Some(1002),
                     };
-                    let sent =
-                        send_answer(&o, s.index, f.header.request_id, &a, Some(&s.router_name));
-                    s.metrics.request(
-                        a.status(),
-                        start.elapsed().as_micros() as u64,
-                        f.payload.len(),
-                        sent,
-                    );
-                    n.set(n.get() - 1);
-                })
-                .detach();
+                    if inflight.get() >= limits.max_pending_per_link {
+                        let a = Answer::error(
+                            503,
+                            "peer_busy",
+                            "over the in-flight limit of this peer link",
+                        );
+                        send_answer(
+                            &out,
+                            shard.index,
+                            f.header.request_id,
+                            &a,
+                            Some(&shard.router_name),
+                        );
+                        continue;
+                    }
+                    inflight.set(inflight.get() + 1);
+                    let (s, o, n, c) =
+                        (shard.clone(), out.clone(), inflight.clone(), cache.clone());
+                    glommio::spawn_local(async move {
+                        let start = Instant::now();
+                        let a = match forwarded_request(&f, start) {
+                            Ok(req) => routing::route(&s, &c, &req).await,
+                            Err(a) => a,
+                        };
+                        let sent =
+                            send_answer(&o, s.index, f.header.request_id, &a, Some(&s.router_name));
+                        s.metrics.request(
+                            a.status(),
+                            start.elapsed().as_micros() as u64,
+                            f.payload.len(),
+                            sent,
+                        );
+                        n.set(n.get() - 1);
+                    })
+                    .detach();
+                }
+                Ok(Message::Ping(p)) => out.borrow_mut().send_control(ws::frame::opcode::PONG, &p),
+                Ok(Message::Pong(_)) | Ok(Message::Text(_)) => {}
+                Ok(Message::Close(_)) => break Some(1000),
+                Err(e) => break e.close_code(),
             }
-            Ok(Message::Ping(p)) => out.borrow_mut().send_control(ws::frame::opcode::PONG, &p),
-            Ok(Message::Pong(_)) | Ok(Message::Text(_)) => {}
-            Ok(Message::Close(_)) => break Some(1000),
-            Err(e) => break e.close_code(),
-        }
+        })
     };
+    let end = ws::conn::until_closed_or_late(shard, &out, read)
+        .await
+        .unwrap_or_else(|e| e.close_code());
     drop(expiry.cancel());
     drop(status.cancel());
+    drop(revoked.cancel());
     tracing::info!(shard = shard.index, cluster = %from, "peer link from {from} closed");
     match end {
         Some(c) => out.borrow_mut().close(c),
         None => out.borrow_mut().abort(),
     }
     let _ = writer.await;
+}
+
+/// Closes an accepted peer link with 1008 once `admitted` fails after a reload changed the
+/// federation view (looked at every [`crate::health::POLL`]).
+async fn close_when_revoked(
+    shard: Rc<Shard>,
+    from: String,
+    out: Rc<RefCell<ws::WsOut>>,
+    admitted: impl Fn(&Shard) -> Result<(String, u64), (u16, &'static str, String)>,
+) {
+    let mut seen = shard.snapshots.fed.load().generation;
+    let mut timer = crate::util::Deadline::new();
+    while !out.borrow().is_closing() {
+        timer.sleep(crate::health::POLL).await;
+        let now = shard.snapshots.fed.load().generation;
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        if let Err((_, code, why)) = admitted(&shard) {
+            ShardMetrics::inc(&shard.metrics.peer_links_revoked);
+            tracing::warn!(shard = shard.index, cluster = %from, code, "peer link closed after a reload: {why}");
+            out.borrow_mut().close(1008);
+            return;
+        }
+    }
 }
 
 /// Tells the dialing router this router's [`PeerStatus`]: once at once, then on each change.

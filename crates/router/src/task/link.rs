@@ -551,30 +551,76 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
         .borrow_mut()
         .send_text(&serde_json::to_string(&hello).unwrap_or_default());
 
-    let reg = match glommio::timer::timeout(hs_timeout, async { Ok(reader.next().await) }).await {
-        Ok(Ok(Message::Text(t))) => serde_json::from_slice::<Register>(&t).ok(),
+    // The registration is the first data message after the hello. Pings before it are
+    // answered (RFC 6455 allows control frames at any time, and their rate is bounded); the
+    // whole wait is `limits.handshake_timeout_ms`.
+    let first = glommio::timer::timeout(hs_timeout, async {
+        loop {
+            match reader.next().await {
+                Ok(Message::Ping(p)) => out.borrow_mut().send_control(ws::frame::opcode::PONG, &p),
+                Ok(Message::Pong(_)) => {}
+                other => return Ok(other),
+            }
+        }
+    })
+    .await;
+    // What ends the link before a registration: (reason counted, close code or None to drop
+    // the socket, log message).
+    let refusal = match first {
+        Ok(Ok(Message::Text(t))) => match serde_json::from_slice::<Register>(&t) {
+            Ok(r) if r.kind == "register" => Ok(r),
+            _ => Err((
+                Some(LinkRefusal::NoRegistration),
+                Some(1002),
+                "no registration".into(),
+            )),
+        },
+        // The task closed first: answered, not a refusal.
+        Ok(Ok(Message::Close(_))) => Err((None, Some(1000), "closed before registering".into())),
+        Ok(Ok(_)) => Err((
+            Some(LinkRefusal::NoRegistration),
+            Some(1002),
+            "no registration".into(),
+        )),
         // Over the register bound: 1009 before the rest of it is read.
-        Ok(Err(e @ ws::WsError::TooBig(_))) => {
-            LinkRefusal::RegisterTooBig.count(shard);
-            out.borrow_mut().close(1009);
-            let _ = writer.await;
-            return Err(format!("registration refused: {e}"));
-        }
-        Err(_) => {
-            LinkRefusal::HandshakeTimeout.count(shard);
-            out.borrow_mut().close(1002);
-            let _ = writer.await;
-            return Err("no registration within limits.handshake_timeout_ms".into());
-        }
-        _ => None,
+        Ok(Err(e @ ws::WsError::TooBig(_))) => Err((
+            Some(LinkRefusal::RegisterTooBig),
+            Some(1009),
+            format!("registration refused: {e}"),
+        )),
+        Ok(Err(ws::WsError::Io(e))) if e.kind() == std::io::ErrorKind::TimedOut => Err((
+            Some(LinkRefusal::HandshakeTimeout),
+            Some(1002),
+            "no registration within limits.handshake_timeout_ms".into(),
+        )),
+        Err(_) => Err((
+            Some(LinkRefusal::HandshakeTimeout),
+            Some(1002),
+            "no registration within limits.handshake_timeout_ms".into(),
+        )),
+        // A frame that breaks RFC 6455 gets its own close code (1002, 1007 bad UTF-8, 1008 a
+        // control frame flood); a connection that just ends was not refused.
+        Ok(Err(e)) => match e.close_code() {
+            Some(code) => Err((
+                Some(LinkRefusal::NoRegistration),
+                Some(code),
+                format!("no registration: {e}"),
+            )),
+            None => Err((None, None, format!("ended before a registration: {e}"))),
+        },
     };
-    let reg = match reg {
-        Some(r) if r.kind == "register" => r,
-        _ => {
-            LinkRefusal::NoRegistration.count(shard);
-            out.borrow_mut().close(1002);
+    let reg = match refusal {
+        Ok(r) => r,
+        Err((reason, code, why)) => {
+            if let Some(r) = reason {
+                r.count(shard);
+            }
+            match code {
+                Some(c) => out.borrow_mut().close(c),
+                None => out.borrow_mut().abort(),
+            }
             let _ = writer.await;
-            return Err("no registration".into());
+            return Err(why);
         }
     };
     reader.set_max_message(max_msg);
@@ -664,7 +710,10 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
         })
     });
 
-    let end = read_loop(&link, &mut reader, |t| on_text(shard, &link, &t)).await;
+    // A link we close (expiry, replacement, drain) gets `limits.handshake_timeout_ms` to close
+    // its end too.
+    let read = read_loop(&link, &mut reader, |t| on_text(shard, &link, &t));
+    let end = ws::conn::until_closed_or_late(shard, &out, read).await;
     drop(expiry.cancel());
     if let Some(p) = pusher {
         drop(p.cancel());

@@ -63,6 +63,10 @@ pub enum WsError {
     /// The other side broke a policy limit (control frames over their rate).
     #[error("policy violation: {0}")]
     Policy(&'static str),
+    /// We closed the connection and the other side did not close its end in time (see
+    /// [`until_closed_or_late`]).
+    #[error("no close from the other side within {0:?} of ours")]
+    CloseTimeout(std::time::Duration),
 }
 
 impl WsError {
@@ -773,17 +777,54 @@ pub fn close_at_expiry(out: Rc<RefCell<WsOut>>, exp: u64) -> glommio::Task<()> {
 }
 
 /// Resolves once `out` is closing: lets a connection's reader stop waiting for input when
-/// something else closed the connection (an outbox over its limit).
+/// something else closed the connection (an outbox over its limit). One waiter per outbox:
+/// the outbox keeps one waker.
 pub fn closed(out: &RefCell<WsOut>) -> impl Future<Output = ()> + '_ {
     futures_lite::future::poll_fn(move |cx| {
         let mut o = out.borrow_mut();
         if o.closing {
             Poll::Ready(())
         } else {
-            o.close_waker = Some(cx.waker().clone());
+            if !o
+                .close_waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                o.close_waker = Some(cx.waker().clone());
+            }
             Poll::Pending
         }
     })
+}
+
+/// Runs a link's read loop `read` until it ends, or until `limits.handshake_timeout_ms` after
+/// `out` began closing, whichever comes first (then [`WsError::CloseTimeout`], logged and
+/// counted in `fedbus_close_timeouts_total`). Once we send a close frame the other side should
+/// answer with its own and close (RFC 6455 7.1.1); one that does not, and keeps pinging so
+/// that the read timeout never ends the link, would otherwise keep its socket and its reader
+/// for as long as it likes. The read loop is one future for the whole link, so this costs
+/// nothing per message.
+pub(crate) async fn until_closed_or_late<T>(
+    shard: &crate::shard::Shard,
+    out: &RefCell<WsOut>,
+    read: impl Future<Output = Result<T, WsError>>,
+) -> Result<T, WsError> {
+    let limit = std::time::Duration::from_millis(shard.cfg.limits.handshake_timeout_ms);
+    let late = async move {
+        closed(out).await;
+        glommio::timer::sleep(limit).await;
+    };
+    match futures_util::future::select(std::pin::pin!(read), std::pin::pin!(late)).await {
+        futures_util::future::Either::Left((r, _)) => r,
+        futures_util::future::Either::Right(_) => {
+            crate::metrics::ShardMetrics::inc(&shard.metrics.close_timeouts);
+            tracing::info!(
+                shard = shard.index,
+                "link did not answer our close within limits.handshake_timeout_ms: dropped"
+            );
+            Err(WsError::CloseTimeout(limit))
+        }
+    }
 }
 
 /// Waits until the outbox has something to write or is closing.

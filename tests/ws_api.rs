@@ -1155,9 +1155,9 @@ fn an_upgrade_during_a_drain_gets_503_draining() {
     c.send(&Req::post(&r.path(APP, 1)).token(&tok).body(b"x").bytes());
     assert_eq!(c.read_response().expect("an answer").status, 200);
     r.sigterm();
-    let readyz = || admin_get(r.admin, "/readyz").0;
-    wait_for(Duration::from_secs(5), || (readyz() == 503).then_some(()))
-        .unwrap_or_else(|| panic!("/readyz still {} after SIGTERM", readyz()));
+    let draining = || r.metrics().get("fedbus_draining");
+    wait_for(Duration::from_secs(5), || (draining() == 1.0).then_some(()))
+        .unwrap_or_else(|| panic!("fedbus_draining still {} after SIGTERM", draining()));
     let metric = "fedbus_requests_total{status=\"503\"}";
     let before = r.metrics().get(metric);
     c.send(client_request("127.0.0.1", "/api/ws", &new_key(), Some(&tok)).as_bytes());
@@ -1167,4 +1167,44 @@ fn an_upgrade_during_a_drain_gets_503_draining() {
     assert!(c.is_closed(), "the connection closes after the refusal");
     assert_eq!(r.metrics().get(metric), before + 1.0);
     assert!(r.log().contains("/api/ws upgrade during a drain"));
+}
+
+/// An `/api/ws` message is charged to `limits.body_budget_bytes` from its frame head, as an
+/// HTTP body is from its request head: a session that trickles a large message holds it
+/// within the budget (`fedbus_body_bytes_held`), and a message that would go over it closes
+/// its session with 1013 (counted in `fedbus_overload_refused_total`) without being read,
+/// while the other session goes on. Before, a message was charged only once whole.
+#[test]
+fn a_message_is_charged_to_the_budget_while_it_arrives() {
+    let r = Router::new()
+        .shards(1)
+        .limit("body_budget_bytes", 1024 * 1024)
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let held = || r.metrics().get("fedbus_body_bytes_held");
+    let refused = || r.metrics().get("fedbus_overload_refused_total");
+    // Session a: a 500 KiB request, all but its last 1000 bytes sent.
+    let mut a = open(&r, &tok);
+    let body = random_bytes(500 * 1024, 7);
+    let wire = a.request_bytes(11, Some(&r.path(APP, 1)), &body);
+    let (first, rest) = wire.split_at(wire.len() - 1000);
+    a.s.write_all(first).expect("write");
+    wait_for(Duration::from_secs(5), || {
+        (held() >= 500.0 * 1024.0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the arriving message is not charged: {} bytes held", held()));
+    // Session b: a 600 KiB message would go over the 1 MiB budget: 1013 from its head.
+    let mut b = open(&r, &tok);
+    let big = b.request_bytes(12, Some(&r.path(APP, 2)), &random_bytes(600 * 1024, 8));
+    b.s.write_all(&big[..4096]).expect("write");
+    b.expect_close(1013);
+    assert_eq!(refused(), 1.0);
+    // Session a finishes its message: answered, and the budget is whole again.
+    a.s.write_all(rest).expect("write");
+    let f = a.read_response();
+    assert_echo_frame(&f, 11, 1, &body);
+    wait_for(Duration::from_secs(5), || (held() == 0.0).then_some(()))
+        .unwrap_or_else(|| panic!("{} bytes still held after the answer", held()));
+    assert!(r.log().contains("/api/ws message over the body budget"));
 }

@@ -141,6 +141,21 @@ pub(crate) async fn serve<S: Stream>(
     });
     // Bytes of request bodies in flight on this session (its share of the body budget).
     let held = Rc::new(Cell::new(0usize));
+    // A message is charged from its frame head, as an HTTP body is from its request head: a
+    // session that trickles one holds it within the budget.
+    {
+        let (shard, held) = (shard.clone(), held.clone());
+        let mut arriving: Option<crate::shard::BodyCharge> = None;
+        reader.charge_arriving(move |n| {
+            // The charge before goes back first, then the new one is taken.
+            drop(arriving.take());
+            if n == 0 {
+                return true;
+            }
+            arriving = shard.charge_body(&held, n).ok();
+            arriving.is_some()
+        });
+    }
     // The requests in flight run in reused slots of this task, and every wait of the session
     // is on one timer: a request allocates nothing here.
     let mut inflight = Unordered::new();
@@ -243,6 +258,15 @@ pub(crate) async fn serve<S: Stream>(
             Ok(Message::Pong(_)) => {}
             Ok(Message::Text(_)) => break Some(1003),
             Ok(Message::Close(_)) => break Some(1000),
+            Err(ws::WsError::Overloaded) => {
+                // The message that did not fit is not read; the answers before it go out.
+                tracing::info!(
+                    shard = shard.index,
+                    "/api/ws message over the body budget: closing with 1013"
+                );
+                finish_inflight(&mut inflight, &mut deadline, &session, &out).await;
+                break Some(1013);
+            }
             Err(e) => {
                 if matches!(e, ws::WsError::Policy(_)) {
                     crate::metrics::ShardMetrics::inc(&shard.metrics.abusive_closed);

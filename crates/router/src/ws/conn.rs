@@ -63,6 +63,10 @@ pub enum WsError {
     /// The other side broke a policy limit (control frames over their rate).
     #[error("policy violation: {0}")]
     Policy(&'static str),
+    /// A message still arriving would go over the memory budget (see
+    /// [`WsReader::charge_arriving`]).
+    #[error("a message arriving would go over the memory budget")]
+    Overloaded,
     /// We closed the connection and the other side did not close its end in time (see
     /// [`until_closed_or_late`]).
     #[error("no close from the other side within {0:?} of ours")]
@@ -77,6 +81,8 @@ impl WsError {
             WsError::TooBig(_) => Some(1009),
             WsError::BadUtf8 => Some(1007),
             WsError::Policy(_) => Some(1008),
+            // Try again later (RFC 6455 7.4.1).
+            WsError::Overloaded => Some(1013),
             // The read timeout of a link (3 ping intervals without a frame): going away.
             WsError::Io(e) if e.kind() == io::ErrorKind::TimedOut => Some(1001),
             _ => None,
@@ -194,6 +200,10 @@ pub struct WsReader<R> {
     turn: u32,
     /// Reads from the socket so far.
     reads: u64,
+    /// Charges the bytes of a message still arriving (see [`WsReader::charge_arriving`]), and
+    /// what it was last told.
+    arriving: Option<Box<dyn FnMut(usize) -> bool>>,
+    charged: usize,
 }
 
 /// Messages one connection's reader hands out from its buffer before it yields to the other
@@ -216,7 +226,34 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             control_window: None,
             turn: 0,
             reads: 0,
+            arriving: None,
+            charged: 0,
         }
+    }
+
+    /// Has the reader charge a message while it arrives: `charge(n)` is told the bytes the
+    /// message will hold (the fragments so far and the announced length of the frame being
+    /// read) before they are buffered, and `charge(0)` once the message is whole (its reader
+    /// then charges it as a request). False refuses the message: [`WsError::Overloaded`]
+    /// (close 1013). A message read whole in one read is never charged here, so the common
+    /// case costs nothing.
+    pub fn charge_arriving(&mut self, charge: impl FnMut(usize) -> bool + 'static) {
+        self.arriving = Some(Box::new(charge));
+    }
+
+    /// Tells [`WsReader::charge_arriving`]'s hook that the message in progress holds `n` bytes.
+    fn hold(&mut self, n: usize) -> Result<(), WsError> {
+        if n == self.charged {
+            return Ok(());
+        }
+        if let Some(charge) = &mut self.arriving {
+            if !charge(n) {
+                self.charged = 0;
+                return Err(WsError::Overloaded);
+            }
+            self.charged = n;
+        }
+        Ok(())
     }
 
     /// Reads from the socket so far: a caller that stamps each message with the time of the
@@ -315,6 +352,11 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             self.check(&h)?;
             let total = h.header_len + h.payload_len as usize;
             if self.buf.len() < total {
+                // A data frame still arriving is charged before room is made for it.
+                if h.opcode & 0x08 == 0 {
+                    let sofar = self.frag.as_ref().map_or(0, |(_, b)| b.len());
+                    self.hold(sofar + h.payload_len as usize)?;
+                }
                 // Make room for the whole frame once, rather than growing by chunks.
                 self.buf.reserve(total - self.buf.len());
                 return Ok(None);
@@ -373,8 +415,10 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                     return Err(WsError::Protocol("new message inside a fragmented one"));
                 }
                 if h.fin {
+                    self.hold(0)?;
                     whole(h.opcode, f)?
                 } else {
+                    self.hold(f.len())?;
                     self.frag = Some((h.opcode, f));
                     return Ok(None);
                 }
@@ -386,9 +430,11 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                 };
                 acc.extend_from_slice(&f);
                 if !h.fin {
+                    self.hold(acc.len())?;
                     self.frag = Some((op, acc));
                     return Ok(None);
                 }
+                self.hold(0)?;
                 whole(op, acc)?
             }
         }))
@@ -1147,6 +1193,66 @@ mod tests {
         ));
         let mut r = WsReader::new(&wire[..], BytesMut::new(), Side::Server, 1024);
         assert_eq!(block_on(r.next()).unwrap_err().close_code(), Some(1009));
+    }
+
+    /// A reader that hands out at most `.1` bytes per read.
+    struct Chunks<'a>(&'a [u8], usize);
+
+    impl AsyncRead for Chunks<'_> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = self.1.min(buf.len()).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn a_message_is_charged_while_it_arrives() {
+        // A fragmented message read 100 bytes at a time: each fragment and the frame being
+        // read are charged before they are buffered, and the charge ends with the message.
+        let mut wire = masked(opcode::BINARY, &[b'a'; 300], [1, 2, 3, 4], false);
+        wire.extend(masked(opcode::PING, b"p", [5, 6, 7, 8], true));
+        wire.extend(masked(
+            opcode::CONTINUATION,
+            &[b'b'; 500],
+            [4, 3, 2, 1],
+            true,
+        ));
+        wire.extend(masked(opcode::BINARY, &[b'c'; 10], [1, 2, 3, 4], true));
+        let told = Rc::new(RefCell::new(Vec::new()));
+        let mut r = WsReader::new(Chunks(&wire, 100), BytesMut::new(), Side::Server, 1 << 20);
+        let t = told.clone();
+        r.charge_arriving(move |n| {
+            t.borrow_mut().push(n);
+            true
+        });
+        block_on(async {
+            assert_eq!(
+                r.next().await.unwrap(),
+                Message::Ping(Bytes::from_static(b"p"))
+            );
+            let mut whole = vec![b'a'; 300];
+            whole.extend([b'b'; 500]);
+            assert_eq!(r.next().await.unwrap(), Message::Binary(Bytes::from(whole)));
+            // A small message read whole in one read is not charged here.
+            assert_eq!(
+                r.next().await.unwrap(),
+                Message::Binary(Bytes::from(vec![b'c'; 10]))
+            );
+        });
+        assert_eq!(*told.borrow(), vec![300, 800, 0]);
+        // Refused: the reader stops with Overloaded (close 1013) before it buffers the frame.
+        let wire = masked(opcode::BINARY, &[b'a'; 5000], [1, 2, 3, 4], true);
+        let mut r = WsReader::new(Chunks(&wire, 100), BytesMut::new(), Side::Server, 1 << 20);
+        r.charge_arriving(|n| n < 1000);
+        let e = block_on(r.next()).unwrap_err();
+        assert!(matches!(e, WsError::Overloaded), "{e:?}");
+        assert_eq!(e.close_code(), Some(1013));
     }
 
     #[test]

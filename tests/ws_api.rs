@@ -536,8 +536,7 @@ fn bad_jwt_at_upgrade_is_401() {
                 assert_eq!(j["error"], code, "{body}");
             }
         };
-    expect_401("/api/ws", None, "missing_token");
-    expect_401("/api/ws?access_token=", None, "missing_token");
+    // (Without a token the session is anonymous: `anonymous_sessions_reach_anonymous_services`.)
     expect_401("/api/ws", Some("garbage"), "bad_token");
     expect_401("/api/ws?access_token=garbage", None, "bad_token");
     let expired = expired_token(&r, APP, now() - 3600);
@@ -1207,4 +1206,50 @@ fn a_message_is_charged_to_the_budget_while_it_arrives() {
     wait_for(Duration::from_secs(5), || (held() == 0.0).then_some(()))
         .unwrap_or_else(|| panic!("{} bytes still held after the answer", held()));
     assert!(r.log().contains("/api/ws message over the body budget"));
+}
+
+/// A session opened without a token is anonymous, as an HTTP request without `Authorization`
+/// is: the app's anonymous services answer (here `auth`, reached through role `main`'s
+/// Redirect), any other service gets `401 missing_token` and the session goes on. A request's
+/// METHOD reaches the task as an HTTP method does (absent: POST); one a task cannot be asked
+/// is `405 method_not_allowed`. Before, the upgrade needed a token and every request was POST.
+#[test]
+fn anonymous_sessions_reach_anonymous_services() {
+    let r = Router::new().shards(1).start();
+    let _t = r.task().start();
+    let _auth = r.task().role("auth").start();
+    let mut w = match upgrade(r.api, "/api/ws?access_token=", None) {
+        Upgrade::Open(w) => w,
+        Upgrade::Refused(st, body) => panic!("anonymous upgrade refused: {st} {body}"),
+    };
+    let anonymous = r.path(APP, 3).replace("/api/3/", "/auth/3/");
+    assert_ne!(anonymous, r.path(APP, 3));
+    let served = wait_for(Duration::from_secs(10), || {
+        w.send_request(1, Some(&anonymous), b"hello");
+        let f = w.read_response();
+        (status_of(&f) == 200).then_some(f)
+    })
+    .expect("the anonymous service answers");
+    assert_eq!(&served.payload[..], b"hello", "{}", describe(&served));
+    w.send_request(2, Some(&r.path(APP, 3)), b"x");
+    assert_error_frame(&w.read_response(), 2, 401, "missing_token");
+    let with_method = |w: &mut Ws, id: u64, method: &[u8]| {
+        let mut meta = BytesMut::new();
+        put_meta(&mut meta, tag::PATH, anonymous.as_bytes());
+        put_meta(&mut meta, tag::METHOD, method);
+        let f = encode_frame(Kind::Request, 0, 0, 0, id, &meta, b"m");
+        w.send_frame(opcode::BINARY, &f, true);
+        w.read_response()
+    };
+    let put = with_method(&mut w, 3, b"PUT");
+    assert_eq!(status_of(&put), 200, "{}", describe(&put));
+    assert_eq!(header_of(&put, "echo-method").as_deref(), Some("PUT"));
+    let post = with_method(&mut w, 4, b"POST");
+    assert_eq!(header_of(&post, "echo-method"), None, "{}", describe(&post));
+    assert_error_frame(
+        &with_method(&mut w, 5, b"TRACE"),
+        5,
+        405,
+        "method_not_allowed",
+    );
 }

@@ -61,22 +61,23 @@ pub(crate) async fn serve<S: Stream>(
         let why = "no app of this cluster allows this origin";
         return refuse(&shard, &mut stream, 403, "origin_not_allowed", why).await;
     }
+    // Without a token the session is anonymous: each request is admitted as an HTTP request
+    // without `Authorization` is (the app's `anonymous_services` only, else 401).
     let token = up
         .bearer
         .clone()
         .or_else(|| query_token(&up.path).map(str::to_string));
-    let Some(token) = token else {
-        let why = "Authorization: Bearer <JWT> or ?access_token= required";
-        return refuse(&shard, &mut stream, 401, "missing_token", why).await;
-    };
     // A router without federation verifies the token at the upgrade (and caches it for the
     // session's requests). A federated one cannot: the token may belong to an app of another
     // cluster, so each request is authorized where it is served, as an HTTP request would be.
     let mut cache = VerifyCache::new(1);
     let mut exp = None;
-    if shard.federation.routers.is_empty() {
+    if let Some(token) = token
+        .as_ref()
+        .filter(|_| shard.federation.routers.is_empty())
+    {
         let keys = shard.snapshots.keys.load();
-        let app = claimed_app(&token).unwrap_or_default();
+        let app = claimed_app(token).unwrap_or_default();
         let now = auth::now_unix();
         let verdict = verify::authorize(
             &mut cache,
@@ -132,7 +133,7 @@ pub(crate) async fn serve<S: Stream>(
         o.charge_to(crate::shard::OutboxCharge::new(shard.budget.clone()));
     }
     let session = Rc::new(Session {
-        token: token.into_bytes().into_boxed_slice(),
+        token: token.map(|t| t.into_bytes().into_boxed_slice()),
         origin: up.cross_origin.map(|o| o.into_bytes().into_boxed_slice()),
         cache: RefCell::new(cache),
         exp,
@@ -350,8 +351,9 @@ enum Next<M> {
 }
 
 struct Session {
-    /// The bearer token of the upgrade: the credential of every request on the session.
-    token: Box<[u8]>,
+    /// The bearer token of the upgrade: the credential of every request on the session (none:
+    /// an anonymous session).
+    token: Option<Box<[u8]>>,
     /// The page's origin when the upgrade was cross-origin: checked per request.
     origin: Option<Box<[u8]>>,
     cache: RefCell<VerifyCache>,
@@ -386,10 +388,22 @@ async fn answer(shard: &Rc<Shard>, sess: &Session, f: &Frame, received: Instant)
         Ok(p) => p,
         Err(e) => return Answer::error(e.http_status(), e.code(), format!("{e}: {path}")),
     };
+    // The client's METHOD, as an HTTP request's method (absent: POST).
+    let method = match f.get(tag::METHOD) {
+        None | Some(b"POST") => "POST",
+        Some(b"GET") => "GET",
+        Some(b"PUT") => "PUT",
+        Some(b"PATCH") => "PATCH",
+        Some(b"DELETE") => "DELETE",
+        Some(_) => {
+            let allowed = "METHOD must be GET, POST, PUT, PATCH or DELETE";
+            return Answer::error(405, "method_not_allowed", allowed);
+        }
+    };
     let req = Request {
         target,
-        method: "POST",
-        credential: Some(&sess.token),
+        method,
+        credential: sess.token.as_deref(),
         content_type: f.get(tag::CONTENT_TYPE),
         payload: f.payload.clone(),
         ingress: Ingress::Websocket,

@@ -122,7 +122,12 @@ pub(crate) async fn serve<S: Stream>(
         stream,
         leftover,
         Side::Server,
-        limits.max_message_bytes(),
+        // An anonymous session can only reach anonymous services, whose bodies are bounded
+        // by `limits.max_anonymous_body_bytes` (as on HTTP, refused from the head): 1009.
+        match token {
+            Some(_) => limits.max_message_bytes(),
+            None => limits.max_anonymous_body_bytes + 64 * 1024,
+        },
         limits,
     );
     {

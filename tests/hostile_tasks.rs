@@ -695,6 +695,71 @@ fn a_task_link_that_ignores_the_routers_close_is_dropped() {
     assert!(log_shows(&r, "did not answer our close"));
 }
 
+/// A task link runs on the service token it registered (or renewed) with: when a rotation of
+/// the cluster key (`fedbus keys rotate --cluster`, then SIGHUP) replaces that token's key
+/// version, the link is closed with 1008 once the version's grace ends, as a new link with the
+/// token would be refused then; counted in `fedbus_links_revoked_total`. A link on the new
+/// version stays. Before, such a link lived until its token's `exp`.
+#[test]
+fn a_task_link_is_closed_once_its_key_version_retires() {
+    let r = seed::start_with(Router::new().shards(1), &seed::grace_config());
+    let mut old = RawLink::registered(r.internal[0], &service_token(&r), 51, "main", &[0]);
+    let generation = || r.metrics().get("fedbus_keyring_generation");
+    let before = generation();
+    let keys = r.keys.to_str().expect("utf-8 path");
+    let rotated = Instant::now();
+    let out = fedbus(
+        r.home(),
+        &["keys", "rotate", "--cluster", "--keyring", keys],
+    );
+    assert!(out.contains("v2"), "keys rotate: {out}");
+    seed::sighup(&r);
+    wait_for(Duration::from_secs(5), || {
+        (generation() > before).then_some(())
+    })
+    .expect("the keyring reloads after SIGHUP");
+    let mut new = RawLink::registered(r.internal[0], &service_token(&r), 52, "main", &[1]);
+    // The old link pings meanwhile, so that only its credential can end it (a silent link is
+    // closed with 1001 after 3 ping intervals).
+    old.s
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut pinged = Instant::now();
+    let code = loop {
+        assert!(
+            rotated.elapsed() < Duration::from_secs(seed::GRACE_SECS + 10),
+            "the old link is still open"
+        );
+        if pinged.elapsed() >= Duration::from_millis(500) {
+            old.send_frame(opcode::PING, b"");
+            pinged = Instant::now();
+        }
+        match old.read_msg() {
+            Ok(Msg::Close(c)) => break c,
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) || e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("the old link ended without a close frame: {e}"),
+        }
+    };
+    assert_eq!(code, Some(1008));
+    let after = rotated.elapsed();
+    println!("closed {after:?} after the rotation began");
+    assert!(
+        after >= Duration::from_secs(seed::GRACE_SECS - 1),
+        "closed inside the grace: {after:?}"
+    );
+    assert_eq!(r.metrics().get("fedbus_links_revoked_total"), 1.0);
+    assert!(log_shows(&r, "key version of its service token retired"));
+    new.send_frame(opcode::PING, b"still");
+    loop {
+        match new.read_msg() {
+            Ok(Msg::Pong) => break,
+            Ok(Msg::Ping) => continue,
+            other => panic!("the new link should answer, got {other:?}"),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. The built-in task against a router whose hello is too large.
 

@@ -406,7 +406,7 @@ fn a_cluster_removed_and_added_back_by_reload_stops_and_starts_its_dialers() {
     let from_spb2: f64 = (0..2).map(|i| f.router("spb2", i).shards as f64).sum();
     let from_sibling = f.router("spb1", 1).shards as f64;
     let external = || r.metrics().get("fedbus_connections{listener=\"external\"}");
-    let revoked = || r.metrics().get("fedbus_peer_links_revoked_total");
+    let revoked = || r.metrics().get("fedbus_links_revoked_total");
     let closed = wait_for(Duration::from_secs(10), || {
         (external() == from_sibling && revoked() == from_spb2).then_some(())
     });

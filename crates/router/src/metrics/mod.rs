@@ -53,7 +53,7 @@ pub(crate) struct ShardMetrics {
     pub(crate) body_held: AtomicU64,
     pub(crate) abusive_closed: AtomicU64,
     pub(crate) close_timeouts: AtomicU64,
-    pub(crate) peer_links_revoked: AtomicU64,
+    pub(crate) links_revoked: AtomicU64,
     pub(crate) outbox_held: AtomicU64,
     pub(crate) slow_reader_closed: AtomicU64,
     pub(crate) idle_evicted: AtomicU64,
@@ -242,10 +242,10 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             |m| &m.close_timeouts,
         ),
         (
-            "fedbus_peer_links_revoked_total",
+            "fedbus_links_revoked_total",
             "counter",
-            "Accepted peer links closed with 1008 because a reload of [federation] no longer admits them (their cluster removed, the key of their token gone).",
-            |m| &m.peer_links_revoked,
+            "Links closed with 1008 because their credential no longer verifies after a reload: task links whose service token's key version retired, accepted peer links that [federation] no longer admits (their cluster removed, the key of their token gone).",
+            |m| &m.links_revoked,
         ),
         (
             "fedbus_outbox_bytes_held",

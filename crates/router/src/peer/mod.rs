@@ -805,7 +805,7 @@ async fn close_when_revoked(
         }
         seen = now;
         if let Err((_, code, why)) = admitted(&shard) {
-            ShardMetrics::inc(&shard.metrics.peer_links_revoked);
+            ShardMetrics::inc(&shard.metrics.links_revoked);
             tracing::warn!(shard = shard.index, cluster = %from, code, "peer link closed after a reload: {why}");
             out.borrow_mut().close(1008);
             return;

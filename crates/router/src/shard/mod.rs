@@ -495,13 +495,34 @@ pub(crate) async fn sweep_deadlines(shard: Rc<Shard>) {
     let pong_timeout = (limits.task_pong_timeout_ms > 0)
         .then(|| std::time::Duration::from_millis(limits.task_pong_timeout_ms));
     let mut timer = crate::util::Deadline::new();
+    let mut keys_seen = shard.snapshots.keys.load().generation;
     loop {
         timer.sleep(every).await;
         let now = std::time::Instant::now();
+        // A keyring reload may have replaced the key version a task link's service token was
+        // signed with: its grace then ends (or has ended) and the link is closed with 1008,
+        // as a new link with that token would be refused.
+        let keys = shard.snapshots.keys.load().generation;
+        let rekeyed = std::mem::replace(&mut keys_seen, keys) != keys;
+        let secs = crate::util::unix_secs_coarse();
         for l in shard.links.borrow().values() {
             l.expire(now);
             if let Some(change) = l.health_step(now, eject_after, pong_timeout) {
                 report_health(&shard, l, change);
+            }
+            if rekeyed {
+                l.key_until
+                    .set(crate::task::link::key_until(&shard, l.kid.get()));
+            }
+            if secs >= l.key_until.get() && !l.out.borrow().is_closing() {
+                ShardMetrics::inc(&shard.metrics.links_revoked);
+                tracing::warn!(
+                    shard = shard.index,
+                    task = l.task,
+                    kid = l.kid.get(),
+                    "task link closed: the key version of its service token retired"
+                );
+                l.out.borrow_mut().close(1008);
             }
         }
         for slots in shard.peers.borrow().clusters.values() {

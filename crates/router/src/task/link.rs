@@ -115,6 +115,11 @@ pub(crate) struct TaskLink {
     /// When the link's credential expires (unix seconds): the service token it opened with,
     /// moved by each accepted `renew` (task links; 0 on a peer link).
     exp: Cell<u64>,
+    /// The cluster key version of that credential, and until when (unix seconds) it verifies
+    /// under the rotation rule ([`key_until`]; `u64::MAX` while it is the newest, and on a
+    /// peer link). Kept by `shard::sweep_deadlines`, which closes the link once it passes.
+    pub(crate) kid: Cell<u32>,
+    pub(crate) key_until: Cell<u64>,
     /// When the last `renew` was verified (at most one per second is).
     renewed_at: Cell<Option<Instant>>,
     /// Requests sent on this link: a link to a draining peer is closed once it stops
@@ -134,6 +139,8 @@ impl TaskLink {
             alive: Cell::new(true),
             health: Health::default(),
             exp: Cell::new(0),
+            kid: Cell::new(0),
+            key_until: Cell::new(u64::MAX),
             renewed_at: Cell::new(None),
             sent: Cell::new(0),
         }
@@ -655,6 +662,8 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
     let link = Rc::new(TaskLink {
         partitions: reg.partitions.clone(),
         exp: Cell::new(claims.exp),
+        kid: Cell::new(claims.kid),
+        key_until: Cell::new(key_until(shard, claims.kid)),
         ..TaskLink::new(reg.task, reg.app.clone(), reg.role.clone(), out.clone())
     });
     let replaced = shard.links.borrow_mut().insert(reg.task, link.clone());
@@ -875,6 +884,19 @@ fn close_at_expiry(link: Rc<TaskLink>) -> glommio::Task<()> {
     })
 }
 
+/// Until when (unix seconds) a service token signed by cluster key version `kid` verifies on
+/// `shard`'s keyring under the rotation rule: `u64::MAX` for the newest version, the end of
+/// its grace for a replaced one, 0 once retired or unknown.
+pub(crate) fn key_until(shard: &Shard, kid: u32) -> u64 {
+    let keys = shard.snapshots.keys.load();
+    let (now, grace) = (auth::now_unix(), shard.cfg.auth.grace_secs);
+    match auth::check_version(&keys.keyring.cluster, kid, now, grace) {
+        auth::VersionState::Newest => u64::MAX,
+        auth::VersionState::Grace { until } => until,
+        auth::VersionState::Retired | auth::VersionState::Unknown => 0,
+    }
+}
+
 /// Task -> router: a fresh service token for this open link.
 #[derive(serde::Deserialize)]
 struct Renew {
@@ -919,6 +941,8 @@ fn on_text(shard: &Shard, link: &TaskLink, text: &[u8]) {
     let reply = match verdict {
         Ok(c) => {
             link.exp.set(c.exp);
+            link.kid.set(c.kid);
+            link.key_until.set(key_until(shard, c.kid));
             ShardMetrics::inc(&shard.metrics.task_renewals[0]);
             tracing::info!(shard = shard.index, task = link.task, sub = %c.sub, kid = c.kid, exp = c.exp, "task link credential renewed");
             serde_json::json!({"type": "renewed", "exp": c.exp})

@@ -408,15 +408,18 @@ fn a_cluster_removed_and_added_back_by_reload_stops_and_starts_its_dialers() {
     let external = || r.metrics().get("fedbus_connections{listener=\"external\"}");
     let revoked = || r.metrics().get("fedbus_links_revoked_total");
     let closed = wait_for(Duration::from_secs(10), || {
-        (external() == from_sibling && revoked() == from_spb2).then_some(())
+        // At least one revoked: a link of spb2's that was being dialed again when the reload
+        // came is refused at its upgrade instead.
+        (external() == from_sibling && revoked() >= 1.0).then_some(())
     });
     assert!(
         closed.is_some(),
-        "incoming links: {} (want {from_sibling}), revoked {} (want {from_spb2}); log:\n{}",
+        "incoming links: {} (want {from_sibling}), revoked {} (want 1 to {from_spb2}); log:\n{}",
         external(),
         revoked(),
         r.log()
     );
+    assert!(revoked() <= from_spb2);
     assert!(r.log().contains("peer link closed after a reload"));
     r.conn()
         .request(&f.req("spb2", 1, b"x"))

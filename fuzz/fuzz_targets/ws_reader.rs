@@ -2,10 +2,12 @@
 //! link, peer link and `/api/ws` session) driven from a byte buffer instead of a socket: the
 //! first byte picks the side and the size of each read, the rest is the stream. Never panics,
 //! never hands out a message over the limit, a text message that is not UTF-8, or a close code
-//! that may not appear on the wire.
+//! that may not appear on the wire; never charges a message in progress over the limit
+//! (`WsReader::charge_arriving`), and with a small budget drops a message over it and reads on.
 #![no_main]
 
 use fedbus_proto::ws::frame::close_code_allowed;
+use fedbus_router::ws::conn::DROPPED_HEAD;
 use fedbus_router::ws::{Message, Side, WsError, WsReader};
 use futures_lite::AsyncRead;
 use libfuzzer_sys::fuzz_target;
@@ -50,6 +52,16 @@ fuzz_target!(|data: &[u8]| {
         side,
         MAX_MESSAGE,
     );
+    // Half the inputs have a budget of 1024 bytes: a message arriving in pieces over it is
+    // read and dropped (`WsError::Dropped`), and the reader goes on.
+    let budget = if rest.len() % 2 == 1 { 1024 } else { usize::MAX };
+    let charged = std::rc::Rc::new(std::cell::Cell::new(0usize));
+    let c = charged.clone();
+    r.charge_arriving(move |n| {
+        assert!(n <= MAX_MESSAGE, "charged {n} bytes for one message");
+        c.set(if n <= budget { n } else { 0 });
+        n <= budget
+    });
     let mut total = 0usize;
     loop {
         match futures_lite::future::block_on(r.next()) {
@@ -69,10 +81,21 @@ fuzz_target!(|data: &[u8]| {
                 if let Message::Text(t) = &m {
                     assert!(std::str::from_utf8(t).is_ok());
                 }
+                if matches!(m, Message::Binary(_) | Message::Text(_)) {
+                    // The charge goes with the message to its reader: taken over here.
+                    assert!(charged.get() <= len.max(budget), "charged over the message");
+                    charged.set(0);
+                }
                 total += len;
                 assert!(total <= rest.len(), "more payload out than bytes in");
             }
             Err(WsError::Eof) => break,
+            Err(WsError::Dropped(head)) => {
+                assert!(head.len() <= DROPPED_HEAD);
+                assert_eq!(charged.get(), 0, "a dropped message is charged");
+                total += head.len();
+                assert!(total <= rest.len(), "more payload out than bytes in");
+            }
             Err(e) => {
                 assert!(e.close_code().is_some(), "{e}");
                 break;

@@ -37,17 +37,18 @@ pub(crate) async fn serve<S: Stream>(
     head: Bytes,
     leftover: BytesMut,
 ) {
+    let start = Instant::now();
     let up = match handshake::parse_upgrade(&head) {
         Ok(Some(up)) => up,
         Ok(None) => return,
-        Err(r) => return refuse(&shard, &mut stream, r.status, r.code, r.message).await,
+        Err(r) => return refuse(&shard, &mut stream, start, r.status, r.code, r.message).await,
     };
     // A session opened now would be closed with 1001 at once: the client opens it again
     // elsewhere (this router's listeners are closed), as after a 503 on HTTP.
     if shard.health.draining() {
         tracing::info!(shard = shard.index, "/api/ws upgrade during a drain: 503");
         let why = "this router is draining; open the session again";
-        return refuse(&shard, &mut stream, 503, "draining", why).await;
+        return refuse(&shard, &mut stream, start, 503, "draining", why).await;
     }
     // A page of another origin may open a session only if some app of this cluster allows
     // its origin; each request on the session is then checked against its own app's policy.
@@ -59,7 +60,7 @@ pub(crate) async fn serve<S: Stream>(
         crate::metrics::ShardMetrics::inc(&shard.metrics.origin_refused);
         tracing::info!(shard = shard.index, origin = %o, "/api/ws origin not allowed: 403");
         let why = "no app of this cluster allows this origin";
-        return refuse(&shard, &mut stream, 403, "origin_not_allowed", why).await;
+        return refuse(&shard, &mut stream, start, 403, "origin_not_allowed", why).await;
     }
     // Without a token the session is anonymous: each request is admitted as an HTTP request
     // without `Authorization` is (the app's `anonymous_services` only, else 401).
@@ -95,7 +96,7 @@ pub(crate) async fn serve<S: Stream>(
             Ok(Principal::Client { exp: e, .. }) => exp = Some(e),
             Ok(Principal::Anonymous) => {}
             Err(Answer::Error(e)) => {
-                return refuse(&shard, &mut stream, e.status, e.code, &e.message).await
+                return refuse(&shard, &mut stream, start, e.status, e.code, &e.message).await
             }
             Err(_) => return,
         }
@@ -149,17 +150,18 @@ pub(crate) async fn serve<S: Stream>(
     let held = Rc::new(Cell::new(0usize));
     // A message is charged from its frame head, as an HTTP body is from its request head: a
     // session that trickles one holds it within the budget.
+    // The charge goes with the whole message to its request; one refused drops the message
+    // unread, and it is answered `503 overloaded` as one that arrived whole would be.
+    let arriving: Rc<RefCell<Option<crate::shard::BodyCharge>>> = Rc::default();
     {
-        let (shard, held) = (shard.clone(), held.clone());
-        let mut arriving: Option<crate::shard::BodyCharge> = None;
+        let (shard, held, arriving) = (shard.clone(), held.clone(), arriving.clone());
         reader.charge_arriving(move |n| {
             // The charge before goes back first, then the new one is taken.
-            drop(arriving.take());
-            if n == 0 {
-                return true;
-            }
-            arriving = shard.charge_body(&held, n).ok();
-            arriving.is_some()
+            drop(arriving.borrow_mut().take());
+            let charge = shard.charge_body(&held, n).ok();
+            let ok = charge.is_some();
+            *arriving.borrow_mut() = charge;
+            ok
         });
     }
     // The requests in flight run in reused slots of this task, and every wait of the session
@@ -210,6 +212,8 @@ pub(crate) async fn serve<S: Stream>(
         };
         match msg {
             Ok(Message::Binary(b)) => {
+                // Its charge, when it arrived in pieces.
+                let arrived = arriving.borrow_mut().take();
                 if reads != reader.reads() {
                     (read_at, reads) = (Instant::now(), reader.reads());
                 }
@@ -235,13 +239,14 @@ pub(crate) async fn serve<S: Stream>(
                     send_answer(&out, shard.index, f.header.request_id, &a, None);
                     continue;
                 }
-                let charge = match shard.charge_body(&held, f.payload.len()) {
-                    Ok(c) => c,
-                    Err(a) => {
-                        send_answer(&out, shard.index, f.header.request_id, &a, None);
-                        continue;
-                    }
-                };
+                let charge =
+                    match arrived.map_or_else(|| shard.charge_body(&held, f.payload.len()), Ok) {
+                        Ok(c) => c,
+                        Err(a) => {
+                            send_answer(&out, shard.index, f.header.request_id, &a, None);
+                            continue;
+                        }
+                    };
                 session.inflight.set(session.inflight.get() + 1);
                 let (s, o, sess, start) = (shard.clone(), out.clone(), session.clone(), read_at);
                 inflight.push(async move {
@@ -264,14 +269,20 @@ pub(crate) async fn serve<S: Stream>(
             Ok(Message::Pong(_)) => {}
             Ok(Message::Text(_)) => break Some(1003),
             Ok(Message::Close(_)) => break Some(1000),
-            Err(ws::WsError::Overloaded) => {
-                // The message that did not fit is not read; the answers before it go out.
-                tracing::info!(
-                    shard = shard.index,
-                    "/api/ws message over the body budget: closing with 1013"
-                );
-                finish_inflight(&mut inflight, &mut deadline, &session, &out).await;
-                break Some(1013);
+            Err(ws::WsError::Dropped(head)) => {
+                // Over the body budget while it arrived (refused and counted by `charge_body`):
+                // dropped unread, answered from its frame header.
+                match crate::proto::Header::decode(&head) {
+                    Ok(h) if h.kind == Kind::Request => {
+                        let a = Answer::error(
+                            503,
+                            "overloaded",
+                            "this message would go over the router's body budget or this session's share; retry later",
+                        );
+                        send_answer(&out, shard.index, h.request_id, &a, None);
+                    }
+                    _ => break Some(1002),
+                }
             }
             Err(e) => {
                 if matches!(e, ws::WsError::Policy(_)) {
@@ -324,9 +335,18 @@ pub(crate) async fn serve<S: Stream>(
 }
 
 /// Refuses an upgrade with an HTTP error answer (the connection then closes), counted in
-/// `fedbus_requests_total` by its status as an HTTP request's answer is.
-async fn refuse<S: Stream>(shard: &Shard, stream: &mut S, status: u16, code: &str, message: &str) {
-    shard.metrics.request(status, 0, 0, 0);
+/// `fedbus_requests_total` by its status, with its latency from `start`, as an HTTP request's
+/// answer is.
+async fn refuse<S: Stream>(
+    shard: &Shard,
+    stream: &mut S,
+    start: Instant,
+    status: u16,
+    code: &str,
+    message: &str,
+) {
+    let took = start.elapsed().as_micros() as u64;
+    shard.metrics.request(status, took, 0, 0);
     let answer = handshake::error_response(status, code, message);
     let _ = stream.write_parts(&[Bytes::from(answer)]).await;
 }

@@ -715,8 +715,7 @@ async fn serve_link<S: ws::Stream>(
         shard.cfg.auth.verify_cache_per_peer_link,
     )));
     let expiry = ws::close_at_expiry(out.clone(), exp);
-    let status = glommio::spawn_local(send_status(shard.clone(), out.clone()));
-    let revoked = glommio::spawn_local(close_when_revoked(
+    let status = glommio::spawn_local(send_status(
         shard.clone(),
         from.clone(),
         out.clone(),
@@ -778,7 +777,6 @@ async fn serve_link<S: ws::Stream>(
         .unwrap_or_else(|e| e.close_code());
     drop(expiry.cancel());
     drop(status.cancel());
-    drop(revoked.cancel());
     tracing::info!(shard = shard.index, cluster = %from, "peer link from {from} closed");
     match end {
         Some(c) => out.borrow_mut().close(c),
@@ -787,39 +785,32 @@ async fn serve_link<S: ws::Stream>(
     let _ = writer.await;
 }
 
-/// Closes an accepted peer link with 1008 once `admitted` fails after a reload changed the
-/// federation view (looked at every [`crate::health::POLL`]).
-async fn close_when_revoked(
+/// Tells the dialing router this router's [`PeerStatus`]: once at once, then on each change.
+/// On the same tick, closes the link with 1008 once `admitted` (the upgrade's checks) fails
+/// after a reload changed the federation view, and once before the first tick (a reload
+/// between the upgrade and this task's start is not missed).
+async fn send_status(
     shard: Rc<Shard>,
     from: String,
     out: Rc<RefCell<ws::WsOut>>,
     admitted: impl Fn(&Shard) -> Result<(String, u64), (u16, &'static str, String)>,
 ) {
-    let mut seen = shard.snapshots.fed.load().generation;
-    let mut timer = crate::util::Deadline::new();
-    while !out.borrow().is_closing() {
-        timer.sleep(crate::health::POLL).await;
-        let now = shard.snapshots.fed.load().generation;
-        if now == seen {
-            continue;
-        }
-        seen = now;
-        if let Err((_, code, why)) = admitted(&shard) {
-            ShardMetrics::inc(&shard.metrics.links_revoked);
-            tracing::warn!(shard = shard.index, cluster = %from, code, "peer link closed after a reload: {why}");
-            out.borrow_mut().close(1008);
-            return;
-        }
-    }
-}
-
-/// Tells the dialing router this router's [`PeerStatus`]: once at once, then on each change.
-async fn send_status(shard: Rc<Shard>, out: Rc<RefCell<ws::WsOut>>) {
     // What the status is made of; rebuilt only when one of these moves.
     let mut seen: Option<(u64, bool, bool)> = None;
     let mut last: Option<PeerStatus> = None;
+    // The federation view last checked (generations start at 1).
+    let mut fed_seen = 0;
     let mut timer = crate::util::Deadline::new();
     loop {
+        let fed = shard.snapshots.fed.load().generation;
+        if std::mem::replace(&mut fed_seen, fed) != fed {
+            if let Err((_, code, why)) = admitted(&shard) {
+                ShardMetrics::inc(&shard.metrics.links_revoked);
+                tracing::warn!(shard = shard.index, cluster = %from, code, "peer link closed after a reload: {why}");
+                out.borrow_mut().close(1008);
+                return;
+            }
+        }
         let table = shard.snapshots.routes.load();
         let h = &shard.health;
         let key = (table.generation, h.draining(), h.all_shards_running());

@@ -622,6 +622,10 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
             if let Some(r) = reason {
                 r.count(shard);
             }
+            if code == Some(1008) && reason == Some(LinkRefusal::NoRegistration) {
+                // A control frame flood: counted as on a registered link.
+                ShardMetrics::inc(&shard.metrics.abusive_closed);
+            }
             match code {
                 Some(c) => out.borrow_mut().close(c),
                 None => out.borrow_mut().abort(),

@@ -63,10 +63,12 @@ pub enum WsError {
     /// The other side broke a policy limit (control frames over their rate).
     #[error("policy violation: {0}")]
     Policy(&'static str),
-    /// A message still arriving would go over the memory budget (see
-    /// [`WsReader::charge_arriving`]).
-    #[error("a message arriving would go over the memory budget")]
-    Overloaded,
+    /// A message that arrived in pieces would have gone over the memory budget (see
+    /// [`WsReader::charge_arriving`]): it was read and dropped without being buffered; these
+    /// are its first bytes (at most [`DROPPED_HEAD`], unmasked), enough to answer it. Not
+    /// fatal: the next call reads the next message.
+    #[error("a message over the memory budget was dropped")]
+    Dropped(Bytes),
     /// We closed the connection and the other side did not close its end in time (see
     /// [`until_closed_or_late`]).
     #[error("no close from the other side within {0:?} of ours")]
@@ -81,8 +83,8 @@ impl WsError {
             WsError::TooBig(_) => Some(1009),
             WsError::BadUtf8 => Some(1007),
             WsError::Policy(_) => Some(1008),
-            // Try again later (RFC 6455 7.4.1).
-            WsError::Overloaded => Some(1013),
+            // Try again later (RFC 6455 7.4.1), for a reader that cannot answer it.
+            WsError::Dropped(_) => Some(1013),
             // The read timeout of a link (3 ping intervals without a frame): going away.
             WsError::Io(e) if e.kind() == io::ErrorKind::TimedOut => Some(1001),
             _ => None,
@@ -204,6 +206,37 @@ pub struct WsReader<R> {
     /// what it was last told.
     arriving: Option<Box<dyn FnMut(usize) -> bool>>,
     charged: usize,
+    /// A message being dropped because its charge was refused.
+    dropping: Option<Dropping>,
+}
+
+/// How many of a dropped message's first bytes [`WsError::Dropped`] keeps: a fedbus frame
+/// header (24 bytes, with the request id) and some.
+pub const DROPPED_HEAD: usize = 64;
+
+/// Where dropping a message stands after what is buffered.
+enum Dropped {
+    /// Its last byte went by: its first bytes.
+    Whole(Bytes),
+    /// More must be read first.
+    NeedMore,
+    /// A control frame comes next (between fragments), read as any other.
+    Control,
+}
+
+/// The state of a message read and dropped (its charge refused).
+struct Dropping {
+    /// Its first bytes, unmasked.
+    head: BytesMut,
+    /// Payload bytes of the current frame still to drop, that frame's mask and how much of
+    /// its payload went by (the mask's offset).
+    frame_left: u64,
+    mask: Option<[u8; 4]>,
+    pos: usize,
+    /// The current frame is the message's last.
+    fin: bool,
+    /// The message's length so far (still bounded by the reader's limit).
+    total: u64,
 }
 
 /// Messages one connection's reader hands out from its buffer before it yields to the other
@@ -228,32 +261,100 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             reads: 0,
             arriving: None,
             charged: 0,
+            dropping: None,
         }
     }
 
     /// Has the reader charge a message while it arrives: `charge(n)` is told the bytes the
     /// message will hold (the fragments so far and the announced length of the frame being
-    /// read) before they are buffered, and `charge(0)` once the message is whole (its reader
-    /// then charges it as a request). False refuses the message: [`WsError::Overloaded`]
-    /// (close 1013). A message read whole in one read is never charged here, so the common
-    /// case costs nothing.
+    /// read) before they are buffered; the charge it takes stays with the message, which its
+    /// reader then takes over. False refuses the message: it is read and dropped without being
+    /// buffered, then [`WsError::Dropped`] hands out its first bytes so that it can be
+    /// answered. A message read whole in one read is never charged here, so the common case
+    /// costs nothing.
     pub fn charge_arriving(&mut self, charge: impl FnMut(usize) -> bool + 'static) {
         self.arriving = Some(Box::new(charge));
     }
 
-    /// Tells [`WsReader::charge_arriving`]'s hook that the message in progress holds `n` bytes.
-    fn hold(&mut self, n: usize) -> Result<(), WsError> {
+    /// Tells [`WsReader::charge_arriving`]'s hook that the message in progress holds `n`
+    /// bytes; false when it refused them.
+    fn hold(&mut self, n: usize) -> bool {
         if n == self.charged {
-            return Ok(());
+            return true;
         }
         if let Some(charge) = &mut self.arriving {
             if !charge(n) {
                 self.charged = 0;
-                return Err(WsError::Overloaded);
+                return false;
             }
             self.charged = n;
         }
-        Ok(())
+        true
+    }
+
+    /// Starts dropping the message in progress: `head` is what of it was buffered (unmasked),
+    /// then `h`'s payload (its header already consumed) is dropped as it arrives.
+    fn start_dropping(&mut self, mut head: BytesMut, h: Option<&FrameHead>, total: u64) {
+        head.truncate(DROPPED_HEAD);
+        self.dropping = Some(Dropping {
+            head,
+            frame_left: h.map_or(0, |h| h.payload_len),
+            mask: h.and_then(|h| h.mask),
+            pos: 0,
+            fin: h.is_some_and(|h| h.fin),
+            total,
+        });
+    }
+
+    /// Drops what is buffered of a message being dropped.
+    fn drop_buffered(&mut self) -> Result<Dropped, WsError> {
+        let Some(d) = self.dropping.as_mut() else {
+            return Ok(Dropped::Control);
+        };
+        loop {
+            if d.frame_left > 0 {
+                let n = (d.frame_left as usize).min(self.buf.len());
+                let keep = n.min(DROPPED_HEAD - d.head.len());
+                if keep > 0 {
+                    let start = d.head.len();
+                    d.head.extend_from_slice(&self.buf[..keep]);
+                    if let Some(m) = d.mask {
+                        frame::unmask(&mut d.head[start..], m, d.pos);
+                    }
+                }
+                self.buf.advance(n);
+                (d.frame_left, d.pos) = (d.frame_left - n as u64, d.pos + n);
+                if d.frame_left > 0 {
+                    return Ok(Dropped::NeedMore);
+                }
+            }
+            if d.fin {
+                let d = self.dropping.take().expect("dropping");
+                return Ok(Dropped::Whole(d.head.freeze()));
+            }
+            // The next frame: a continuation of the dropped message, or a control frame,
+            // which the caller reads as any other.
+            let Some(h) = frame::parse_head(&self.buf)? else {
+                return Ok(Dropped::NeedMore);
+            };
+            if h.opcode & 0x08 != 0 {
+                return Ok(Dropped::Control);
+            }
+            if h.opcode != opcode::CONTINUATION {
+                return Err(WsError::Protocol("new message inside a fragmented one"));
+            }
+            match (self.side, h.mask.is_some()) {
+                (Side::Server, false) => return Err(WsError::Protocol("client frame not masked")),
+                (Side::Client, true) => return Err(WsError::Protocol("server frame masked")),
+                _ => {}
+            }
+            d.total += h.payload_len;
+            if d.total > self.max_message as u64 {
+                return Err(WsError::TooBig(self.max_message));
+            }
+            self.buf.advance(h.header_len);
+            (d.frame_left, d.mask, d.pos, d.fin) = (h.payload_len, h.mask, 0, h.fin);
+        }
     }
 
     /// Reads from the socket so far: a caller that stamps each message with the time of the
@@ -319,6 +420,8 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     /// frame) the peer has not read yet: call this after the writer has finished.
     pub async fn drain(&mut self, limit: std::time::Duration) {
         self.buf.clear();
+        // What a message in progress held goes back now, not when the reader is dropped.
+        (self.frag, self.dropping, self.arriving) = (None, None, None);
         let mut b = [0u8; 16 * 1024];
         let _ = glommio::timer::timeout(limit, async {
             while let Ok(n) = self.io.read(&mut b).await {
@@ -346,16 +449,29 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     /// Parses one message from what is buffered, without reading.
     pub fn try_buffered(&mut self) -> Result<Option<Message>, WsError> {
         loop {
+            if self.dropping.is_some() {
+                match self.drop_buffered()? {
+                    Dropped::Whole(head) => return Err(WsError::Dropped(head)),
+                    Dropped::NeedMore => return Ok(None),
+                    Dropped::Control => {}
+                }
+            }
             let Some(h) = frame::parse_head(&self.buf)? else {
                 return Ok(None);
             };
             self.check(&h)?;
             let total = h.header_len + h.payload_len as usize;
             if self.buf.len() < total {
-                // A data frame still arriving is charged before room is made for it.
+                // A data frame still arriving is charged before room is made for it; refused,
+                // the message is dropped as it arrives.
                 if h.opcode & 0x08 == 0 {
                     let sofar = self.frag.as_ref().map_or(0, |(_, b)| b.len());
-                    self.hold(sofar + h.payload_len as usize)?;
+                    if !self.hold(sofar + h.payload_len as usize) {
+                        let head = self.frag.take().map(|(_, b)| b).unwrap_or_default();
+                        self.buf.advance(h.header_len);
+                        self.start_dropping(head, Some(&h), (sofar as u64) + h.payload_len);
+                        continue;
+                    }
                 }
                 // Make room for the whole frame once, rather than growing by chunks.
                 self.buf.reserve(total - self.buf.len());
@@ -415,10 +531,15 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                     return Err(WsError::Protocol("new message inside a fragmented one"));
                 }
                 if h.fin {
-                    self.hold(0)?;
+                    // The charge, if any, goes with the message.
+                    self.charged = 0;
                     whole(h.opcode, f)?
                 } else {
-                    self.hold(f.len())?;
+                    if !self.hold(f.len()) {
+                        let n = f.len() as u64;
+                        self.start_dropping(f, None, n);
+                        return Ok(None);
+                    }
                     self.frag = Some((h.opcode, f));
                     return Ok(None);
                 }
@@ -430,11 +551,15 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                 };
                 acc.extend_from_slice(&f);
                 if !h.fin {
-                    self.hold(acc.len())?;
+                    if !self.hold(acc.len()) {
+                        let n = acc.len() as u64;
+                        self.start_dropping(acc, None, n);
+                        return Ok(None);
+                    }
                     self.frag = Some((op, acc));
                     return Ok(None);
                 }
-                self.hold(0)?;
+                self.charged = 0;
                 whole(op, acc)?
             }
         }))
@@ -463,8 +588,13 @@ pub struct WsOut {
     /// Closed because the other side did not read (see [`WsOut::close_now`]).
     overflowed: bool,
     waker: Option<Waker>,
-    /// Woken when the outbox starts closing ([`WsOut::closed`]).
+    /// Woken when the outbox starts closing ([`closed`]) and when the writer ends
+    /// ([`written`]).
     close_waker: Option<Waker>,
+    /// The writer has ended: everything queued (the close frame last) is written, or a write
+    /// failed ([`WsOut::abort`]; then `write_failed`).
+    writer_done: bool,
+    write_failed: bool,
     /// The queued bytes charged to the shard's memory budget (client connections).
     charge: Option<crate::shard::OutboxCharge>,
     /// Masking keys, on the client side only.
@@ -554,6 +684,8 @@ impl WsOut {
             overflowed: false,
             waker: None,
             close_waker: None,
+            writer_done: false,
+            write_failed: false,
             charge: None,
             keys: (side == Side::Client).then(MaskKeys::new),
         }))
@@ -732,6 +864,14 @@ impl WsOut {
         self.close(code);
     }
 
+    /// The writer has ended (see [`written`]).
+    fn writer_ended(&mut self) {
+        self.writer_done = true;
+        if let Some(w) = self.close_waker.take() {
+            w.wake();
+        }
+    }
+
     /// Stops the writer without a close frame (the socket is gone).
     pub fn abort(&mut self) {
         self.closing = true;
@@ -843,8 +983,29 @@ pub fn closed(out: &RefCell<WsOut>) -> impl Future<Output = ()> + '_ {
     })
 }
 
+/// Resolves once the writer of `out` has ended: its close frame (and everything queued before
+/// it) is written, or a write failed. Shares the outbox's one waker with [`closed`]: one
+/// waiter per outbox.
+pub fn written(out: &RefCell<WsOut>) -> impl Future<Output = ()> + '_ {
+    futures_lite::future::poll_fn(move |cx| {
+        let mut o = out.borrow_mut();
+        if o.writer_done {
+            Poll::Ready(())
+        } else {
+            if !o
+                .close_waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                o.close_waker = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        }
+    })
+}
+
 /// Runs a link's read loop `read` until it ends, or until `limits.handshake_timeout_ms` after
-/// `out` began closing, whichever comes first (then [`WsError::CloseTimeout`], logged and
+/// our close frame was written, whichever comes first (then [`WsError::CloseTimeout`], logged and
 /// counted in `fedbus_close_timeouts_total`). Once we send a close frame the other side should
 /// answer with its own and close (RFC 6455 7.1.1); one that does not, and keeps pinging so
 /// that the read timeout never ends the link, would otherwise keep its socket and its reader
@@ -856,12 +1017,20 @@ pub(crate) async fn until_closed_or_late<T>(
     read: impl Future<Output = Result<T, WsError>>,
 ) -> Result<T, WsError> {
     let limit = std::time::Duration::from_millis(shard.cfg.limits.handshake_timeout_ms);
+    // From the write, not from the close: the answers queued before the close frame take
+    // what they take (a slow reader of a full outbox is bounded by the write timeout).
     let late = async move {
-        closed(out).await;
-        glommio::timer::sleep(limit).await;
+        written(out).await;
+        // A link whose write failed is over at once: nothing more can reach the other side.
+        if !out.borrow().write_failed {
+            glommio::timer::sleep(limit).await;
+        }
     };
     match futures_util::future::select(std::pin::pin!(read), std::pin::pin!(late)).await {
         futures_util::future::Either::Left((r, _)) => r,
+        futures_util::future::Either::Right(_) if out.borrow().write_failed => Err(WsError::Io(
+            io::Error::new(io::ErrorKind::BrokenPipe, "a write to the link failed"),
+        )),
         futures_util::future::Either::Right(_) => {
             crate::metrics::ShardMetrics::inc(&shard.metrics.close_timeouts);
             tracing::info!(
@@ -986,10 +1155,13 @@ pub async fn write_loop<W: PartsWriter>(out: Rc<RefCell<WsOut>>, mut w: W) -> io
         o.written(n);
         if let Err(e) = r {
             o.abort();
+            o.write_failed = true;
+            o.writer_ended();
             return Err(e);
         }
     }
     w.close().await;
+    out.borrow_mut().writer_ended();
     Ok(())
 }
 
@@ -1245,14 +1417,51 @@ mod tests {
                 Message::Binary(Bytes::from(vec![b'c'; 10]))
             );
         });
-        assert_eq!(*told.borrow(), vec![300, 800, 0]);
-        // Refused: the reader stops with Overloaded (close 1013) before it buffers the frame.
-        let wire = masked(opcode::BINARY, &[b'a'; 5000], [1, 2, 3, 4], true);
-        let mut r = WsReader::new(Chunks(&wire, 100), BytesMut::new(), Side::Server, 1 << 20);
-        r.charge_arriving(|n| n < 1000);
-        let e = block_on(r.next()).unwrap_err();
-        assert!(matches!(e, WsError::Overloaded), "{e:?}");
-        assert_eq!(e.close_code(), Some(1013));
+        // The charge stays with the whole message (its reader takes it over): no 0.
+        assert_eq!(*told.borrow(), vec![300, 800]);
+        // Refused: the message is dropped as it arrives (its first bytes handed out, unmasked),
+        // a control frame between its fragments is read as usual, and the next message after
+        // it is read as if nothing happened. Whole frames and a frame split across reads alike.
+        let mut head = vec![b'a'; 10];
+        head.extend((0..90u8).collect::<Vec<_>>());
+        let mut wire = masked(opcode::BINARY, &head, [1, 2, 3, 4], false);
+        wire.extend(masked(opcode::PING, b"p", [5, 6, 7, 8], true));
+        wire.extend(masked(
+            opcode::CONTINUATION,
+            &[b'b'; 3000],
+            [9, 9, 9, 9],
+            false,
+        ));
+        wire.extend(masked(
+            opcode::CONTINUATION,
+            &[b'c'; 2000],
+            [4, 3, 2, 1],
+            true,
+        ));
+        wire.extend(masked(opcode::TEXT, b"next", [1, 2, 3, 4], true));
+        for step in [7, 100, 1 << 16] {
+            let mut r = WsReader::new(Chunks(&wire, step), BytesMut::new(), Side::Server, 1 << 20);
+            r.charge_arriving(|n| n < 1000);
+            block_on(async {
+                let mut got = Vec::new();
+                loop {
+                    match r.next().await {
+                        Ok(Message::Text(t)) => {
+                            got.push(format!("text {}", String::from_utf8_lossy(&t)));
+                            break;
+                        }
+                        Ok(m) => got.push(format!("{m:?}")),
+                        Err(WsError::Dropped(h)) => {
+                            assert_eq!(&h[..], &head[..DROPPED_HEAD], "step {step}");
+                            got.push("dropped".into());
+                        }
+                        Err(e) => panic!("step {step}: {e}"),
+                    }
+                }
+                assert_eq!(got, ["Ping(b\"p\")", "dropped", "text next"], "step {step}");
+            });
+        }
+        assert_eq!(WsError::Dropped(Bytes::new()).close_code(), Some(1013));
     }
 
     #[test]

@@ -294,8 +294,9 @@ pub(crate) async fn serve<S: Stream>(
         }
     };
     // Answers still in flight could only follow the close frame: dropped (their pending
-    // slots with them).
+    // slots with them), and so is the charge of a message that was arriving.
     drop(inflight);
+    drop(arriving.borrow_mut().take());
     if out.borrow().overflowed() {
         crate::metrics::ShardMetrics::inc(&shard.metrics.slow_reader_closed);
         tracing::info!(

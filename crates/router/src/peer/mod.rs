@@ -724,6 +724,9 @@ async fn serve_link<S: ws::Stream>(
     let read = async {
         Ok(loop {
             match reader.next().await {
+                // Once we closed the link (expiry, revocation) nothing more is served on it:
+                // what still comes is read only to see the other side's close.
+                Ok(Message::Binary(_)) if out.borrow().is_closing() => {}
                 Ok(Message::Binary(b)) => {
                     let f = match Frame::decode(b) {
                         Ok(f) if f.header.kind == Kind::Request => f,
@@ -802,6 +805,9 @@ async fn send_status(
     let mut fed_seen = 0;
     let mut timer = crate::util::Deadline::new();
     loop {
+        if out.borrow().is_closing() {
+            return;
+        }
         let fed = shard.snapshots.fed.load().generation;
         if std::mem::replace(&mut fed_seen, fed) != fed {
             if let Err((_, code, why)) = admitted(&shard) {

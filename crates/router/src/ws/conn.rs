@@ -294,10 +294,11 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
 
     /// Starts dropping the message in progress: `head` is what of it was buffered (unmasked),
     /// then `h`'s payload (its header already consumed) is dropped as it arrives.
-    fn start_dropping(&mut self, mut head: BytesMut, h: Option<&FrameHead>, total: u64) {
-        head.truncate(DROPPED_HEAD);
+    fn start_dropping(&mut self, head: BytesMut, h: Option<&FrameHead>, total: u64) {
         self.dropping = Some(Dropping {
-            head,
+            // A copy: the buffer the message's first fragments were in is freed now, as its
+            // charge was given back.
+            head: BytesMut::from(&head[..head.len().min(DROPPED_HEAD)]),
             frame_left: h.map_or(0, |h| h.payload_len),
             mask: h.and_then(|h| h.mask),
             pos: 0,
@@ -465,6 +466,16 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                 // A data frame still arriving is charged before room is made for it; refused,
                 // the message is dropped as it arrives.
                 if h.opcode & 0x08 == 0 {
+                    // A frame that breaks the fragmentation rules fails before it is charged.
+                    match (h.opcode == opcode::CONTINUATION, self.frag.is_some()) {
+                        (true, false) => {
+                            return Err(WsError::Protocol("continuation without a message"))
+                        }
+                        (false, true) => {
+                            return Err(WsError::Protocol("new message inside a fragmented one"))
+                        }
+                        _ => {}
+                    }
                     let sofar = self.frag.as_ref().map_or(0, |(_, b)| b.len());
                     if !self.hold(sofar + h.payload_len as usize) {
                         let head = self.frag.take().map(|(_, b)| b).unwrap_or_default();
@@ -558,6 +569,12 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                     }
                     self.frag = Some((op, acc));
                     return Ok(None);
+                }
+                // The last fragment may have come whole: the charge grows to the message.
+                if !self.hold(acc.len()) {
+                    return Err(WsError::Dropped(Bytes::copy_from_slice(
+                        &acc[..acc.len().min(DROPPED_HEAD)],
+                    )));
                 }
                 self.charged = 0;
                 whole(op, acc)?
@@ -983,6 +1000,10 @@ pub fn closed(out: &RefCell<WsOut>) -> impl Future<Output = ()> + '_ {
     })
 }
 
+/// The most a link the router closed may take to end, in `limits.handshake_timeout_ms`, from
+/// the close (see [`until_closed_or_late`]).
+pub const CLOSE_CAP: u32 = 4;
+
 /// Resolves once the writer of `out` has ended: its close frame (and everything queued before
 /// it) is written, or a write failed. Shares the outbox's one waker with [`closed`]: one
 /// waiter per outbox.
@@ -1020,11 +1041,20 @@ pub(crate) async fn until_closed_or_late<T>(
     // From the write, not from the close: the answers queued before the close frame take
     // what they take (a slow reader of a full outbox is bounded by the write timeout).
     let late = async move {
-        written(out).await;
-        // A link whose write failed is over at once: nothing more can reach the other side.
-        if !out.borrow().write_failed {
-            glommio::timer::sleep(limit).await;
-        }
+        let after_write = async {
+            written(out).await;
+            // A link whose write failed is over at once: nothing more can reach the other side.
+            if !out.borrow().write_failed {
+                glommio::timer::sleep(limit).await;
+            }
+        };
+        // However slowly the other side reads what was queued before the close frame, the
+        // link ends at most `CLOSE_CAP` handshake timeouts after the close.
+        let cap = async {
+            closed(out).await;
+            glommio::timer::sleep(limit * CLOSE_CAP).await;
+        };
+        futures_util::future::select(std::pin::pin!(after_write), std::pin::pin!(cap)).await;
     };
     match futures_util::future::select(std::pin::pin!(read), std::pin::pin!(late)).await {
         futures_util::future::Either::Left((r, _)) => r,
@@ -1396,29 +1426,40 @@ mod tests {
             true,
         ));
         wire.extend(masked(opcode::BINARY, &[b'c'; 10], [1, 2, 3, 4], true));
-        let told = Rc::new(RefCell::new(Vec::new()));
+        // Read 100 bytes at a time, or all at once (each fragment arrives whole: the charge
+        // still grows to the whole message).
+        for step in [100, 1 << 16] {
+            let told = Rc::new(RefCell::new(Vec::new()));
+            let mut r = WsReader::new(Chunks(&wire, step), BytesMut::new(), Side::Server, 1 << 20);
+            let t = told.clone();
+            r.charge_arriving(move |n| {
+                t.borrow_mut().push(n);
+                true
+            });
+            block_on(async {
+                assert_eq!(
+                    r.next().await.unwrap(),
+                    Message::Ping(Bytes::from_static(b"p"))
+                );
+                let mut whole = vec![b'a'; 300];
+                whole.extend([b'b'; 500]);
+                assert_eq!(r.next().await.unwrap(), Message::Binary(Bytes::from(whole)));
+                // A small message read whole in one read is not charged here.
+                assert_eq!(
+                    r.next().await.unwrap(),
+                    Message::Binary(Bytes::from(vec![b'c'; 10]))
+                );
+            });
+            // The charge stays with the whole message (its reader takes it over): no 0.
+            assert_eq!(*told.borrow(), vec![300, 800], "step {step}");
+        }
+        // A new message inside a fragmented one fails (1002) before it is charged, not dropped.
+        let mut wire = masked(opcode::BINARY, &[b'a'; 10], [1, 2, 3, 4], false);
+        wire.extend(masked(opcode::TEXT, &[b'b'; 5000], [1, 2, 3, 4], true));
         let mut r = WsReader::new(Chunks(&wire, 100), BytesMut::new(), Side::Server, 1 << 20);
-        let t = told.clone();
-        r.charge_arriving(move |n| {
-            t.borrow_mut().push(n);
-            true
-        });
-        block_on(async {
-            assert_eq!(
-                r.next().await.unwrap(),
-                Message::Ping(Bytes::from_static(b"p"))
-            );
-            let mut whole = vec![b'a'; 300];
-            whole.extend([b'b'; 500]);
-            assert_eq!(r.next().await.unwrap(), Message::Binary(Bytes::from(whole)));
-            // A small message read whole in one read is not charged here.
-            assert_eq!(
-                r.next().await.unwrap(),
-                Message::Binary(Bytes::from(vec![b'c'; 10]))
-            );
-        });
-        // The charge stays with the whole message (its reader takes it over): no 0.
-        assert_eq!(*told.borrow(), vec![300, 800]);
+        r.charge_arriving(|n| n < 1000);
+        let e = block_on(r.next()).unwrap_err();
+        assert!(matches!(e, WsError::Protocol(_)), "{e:?}");
         // Refused: the message is dropped as it arrives (its first bytes handed out, unmasked),
         // a control frame between its fragments is read as usual, and the next message after
         // it is read as if nothing happened. Whole frames and a frame split across reads alike.

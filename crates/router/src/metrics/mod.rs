@@ -314,7 +314,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
     }
     let _ = writeln!(
         o,
-        "# HELP fedbus_task_link_refused_total Connections on the internal listener closed before a task link registered, by reason: upgrade head or registration not in limits.handshake_timeout_ms (handshake_timeout), registration over its size bound (register_too_big, 1009), registration refused (register_refused, 1008), first message not a registration (no_registration, 1002).\n# TYPE fedbus_task_link_refused_total counter"
+        "# HELP fedbus_task_link_refused_total Connections on the internal listener closed before a task link registered, by reason: upgrade head or registration not in limits.handshake_timeout_ms (handshake_timeout), registration over its size bound (register_too_big, 1009), registration refused (register_refused, 1008), first message not a registration (no_registration, 1002; 1007 or 1008 for text that is not UTF-8 or a control frame flood). A connection that ends or closes before registering is not counted.\n# TYPE fedbus_task_link_refused_total counter"
     );
     for (i, why) in crate::task::link::LinkRefusal::LABELS.iter().enumerate() {
         let _ = writeln!(

@@ -121,7 +121,8 @@ export interface ClientOptions {
   random?: () => number;
 }
 
-export type TokenSource = string | (() => string | Promise<string>);
+/** A client JWT, a function returning one, or null for an anonymous session (the app's anonymous services only). */
+export type TokenSource = string | null | (() => string | Promise<string>);
 
 export declare class FedbusClient {
   constructor(url: string, token: TokenSource, options?: ClientOptions);
@@ -138,7 +139,7 @@ export declare class FedbusClient {
    * `/api/<region>/<cluster>/<owner>/<app>/<service>/<wsid>/<module>/<function>`; the task sees
    * METHOD `POST`. A plain object body is sent as JSON (content-type application/json).
    */
-  request(path: string, body?: Body | object, headers?: RequestHeaders, opts?: { timeoutMs?: number }): Promise<FedbusResponse>;
+  request(path: string, body?: Body | object, headers?: RequestHeaders, opts?: { timeoutMs?: number; method?: "GET" | "POST" | "PUT" | "PATCH" | "DELETE" }): Promise<FedbusResponse>;
   /** true once the socket is open; false after timeoutMs (default connectTimeoutMs) or close(). */
   ready(timeoutMs?: number): Promise<boolean>;
   /** Closes the socket (1000) and stops reconnecting; pending requests resolve to `closed`. */
@@ -149,7 +150,7 @@ export declare class FedbusClient {
 export declare function connect(url: string, token: TokenSource, options?: ClientOptions): FedbusClient;
 
 /** Request frame bytes: kind 1, `id`, PATH and optional CONTENT_TYPE, the body. */
-export declare function encodeRequest(id: number, path: string, body: Uint8Array, contentType?: string): Uint8Array;
+export declare function encodeRequest(id: number, path: string, body: Uint8Array, contentType?: string, method?: string): Uint8Array;
 /** Decodes one frame; throws an Error on a malformed one. */
 export declare function decodeFrame(data: ArrayBuffer | Uint8Array): Frame;
 /** A Response frame as a FedbusResponse. */

@@ -73,18 +73,23 @@ export function bodyBytes(body) {
   throw new TypeError("body must be a string, an ArrayBuffer, a typed array or a DataView");
 }
 
+/** The methods a request on `/api/ws` may carry (PROTOCOL.md section 8). */
+const METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"];
+
 /**
  * Encodes a client Request frame: kind 1, flags/hops/partition 0, `id` as request_id,
- * metadata PATH and (when given) CONTENT_TYPE, payload `body`.
+ * metadata PATH, (when given and not POST) METHOD and (when given) CONTENT_TYPE, payload `body`.
  * @param {number} id non-negative integer up to 2^53-1
  * @param {string} path `/api/<region>/<cluster>/<owner>/<app>/<service>/<wsid>/<module>/<function>`
  * @param {Uint8Array} body
  * @param {string} [contentType]
+ * @param {string} [method] GET, POST, PUT, PATCH or DELETE (absent: POST)
  * @returns {Uint8Array}
  */
-export function encodeRequest(id, path, body, contentType) {
+export function encodeRequest(id, path, body, contentType, method) {
   if (!Number.isSafeInteger(id) || id < 0) throw new RangeError("request id must be a safe non-negative integer");
   const entries = [[Tag.PATH, te.encode(path)]];
+  if (method !== undefined && method !== null && method !== "POST") entries.push([Tag.METHOD, te.encode(method)]);
   if (contentType !== undefined && contentType !== null) entries.push([Tag.CONTENT_TYPE, te.encode(contentType)]);
   let metaLen = 0;
   for (const [, v] of entries) {
@@ -335,7 +340,9 @@ export class FedbusClient {
     if (this.state !== "connecting") return; // closed meanwhile
     let ws;
     try {
-      if (!token) throw new Error("no token");
+      // `connect(url, null)` opens an anonymous session (the app's anonymous services only);
+      // a token function that yields nothing is an error, not a silent anonymous session.
+      if (!token && this._token !== null) throw new Error("no token");
       ws = new this._WS(wsUrl(this.url, token));
     } catch (e) {
       this._socketGone(null, 0, String((e && e.message) || e));
@@ -461,7 +468,7 @@ export class FedbusClient {
       if (this._nextId > Number.MAX_SAFE_INTEGER) this._nextId = 1;
       let bytes;
       try {
-        bytes = encodeRequest(entry.id, entry.path, entry.body, entry.contentType);
+        bytes = encodeRequest(entry.id, entry.path, entry.body, entry.contentType, entry.method);
       } catch (e) {
         this._finish(entry, transportError("bad_request", e.message));
         continue;
@@ -481,15 +488,18 @@ export class FedbusClient {
    * @param {string} path `/api/<region>/<cluster>/<owner>/<app>/<service>/<wsid>/<module>/<function>`
    * @param {string|ArrayBuffer|ArrayBufferView|object|null} [body] an object (not a buffer) is sent as JSON
    * @param {Record<string,string>} [headers] only `content-type` can be carried (PROTOCOL.md section 8)
-   * @param {{timeoutMs?: number}} [opts]
+   * @param {{timeoutMs?: number, method?: string}} [opts] `method`: GET, POST, PUT, PATCH or
+   *   DELETE, as the task sees it (default POST)
    * @returns {Promise<FedbusResponse>}
    */
   request(path, body, headers, opts = {}) {
     return new Promise((resolve) => {
-      const entry = { id: null, path, body: null, contentType: undefined, resolve, done: false, timer: null, connectTimer: null };
+      const method = opts.method ?? "POST";
+      const entry = { id: null, path, body: null, contentType: undefined, method, resolve, done: false, timer: null, connectTimer: null };
       const fail = (code, msg) => this._finish(entry, transportError(code, msg));
       if (this.state === "closed") return fail("closed", "client closed");
       if (typeof path !== "string" || !path.startsWith("/api/")) return fail("bad_request", "path must start with /api/");
+      if (!METHODS.includes(method)) return fail("bad_request", "method must be one of " + METHODS.join(", "));
       for (const [k, v] of Object.entries(headers || {})) {
         if (k.toLowerCase() !== "content-type") {
           return fail("bad_request", "header " + k + " cannot be sent over /api/ws (only content-type)");
@@ -580,7 +590,8 @@ export class FedbusClient {
 /**
  * Opens a client. `url` is the router's api listener (`http://127.0.0.1:8800`) or a full
  * `ws(s)://.../api/ws` URL; `token` a client JWT, or a function returning one (or a promise of
- * one), called before every (re)connect so an expired token can be replaced.
+ * one), called before every (re)connect so an expired token can be replaced; or null for an
+ * anonymous session, which reaches only the app's anonymous services.
  * @returns {FedbusClient}
  */
 export function connect(url, token, options) {

@@ -471,6 +471,13 @@ async function main() {
         e.badHeader.status === 0 && e.badHeader.error === "bad_request",
       short({ json: pick(e.json), badHeader: pick(e.badHeader) }),
     );
+    check(
+      g,
+      "client: a request's method reaches the task; a null token opens an anonymous session (401 missing_token per request)",
+      e.put?.status === 200 && e.put.headers["echo-method"] === "PUT" &&
+        e.anonReady === true && e.anon?.status === 401 && e.anon.error === "missing_token",
+      short({ put: pick(e.put), anonReady: e.anonReady, anon: pick(e.anon) }),
+    );
 
     const socketsBefore = A.net.sockets.length;
     const d = await call(A.page, "clientDrop", api, slowToken);

@@ -116,6 +116,7 @@ window.fedbusTest = {
         badPath: () => c.request("/api/local/dev/demo/echo/api/notanumber/sys/echo", "x"),
         json: () => c.request(echoPath("demo/echo", "api", 5), { hello: "json", n: 5 }),
         badHeader: () => c.request(echoPath("demo/echo", "api", 5), "x", { "x-custom": "1" }),
+        put: () => c.request(echoPath("demo/echo", "api", 6), "p", {}, { method: "PUT" }),
       };
       for (const [k, f] of Object.entries(tries)) {
         try {
@@ -124,6 +125,15 @@ window.fedbusTest = {
         } catch (e) {
           out[k] = { threw: true, message: String(e) };
         }
+      }
+      // An anonymous session (no token): the upgrade is accepted, and a service that is not
+      // anonymous answers 401 missing_token per request.
+      const anon = connect(router, null, { whileDisconnected: "fail" });
+      try {
+        out.anonReady = await anon.ready(5000);
+        out.anon = plain(await anon.request(echoPath("demo/echo", "api", 7), "a"));
+      } finally {
+        anon.close();
       }
       return out;
     } finally {

@@ -40,6 +40,15 @@ test("encodeRequest without a content type has PATH only", () => {
   assert.equal(td.decode(f.meta[0].value), "/api/x");
 });
 
+test("encodeRequest carries METHOD unless it is POST", () => {
+  const tags = (m) => decodeFrame(encodeRequest(1, "/api/x", new Uint8Array(0), "text/plain", m)).meta;
+  const put = tags("PUT");
+  assert.deepEqual(put.map((m) => m.tag), [Tag.PATH, Tag.METHOD, Tag.CONTENT_TYPE]);
+  assert.equal(td.decode(put[1].value), "PUT");
+  assert.deepEqual(tags("POST").map((m) => m.tag), [Tag.PATH, Tag.CONTENT_TYPE]);
+  assert.deepEqual(tags(undefined).map((m) => m.tag), [Tag.PATH, Tag.CONTENT_TYPE]);
+});
+
 test("encodeRequest refuses ids that are not safe integers and oversized values", () => {
   assert.throws(() => encodeRequest(-1, "/api/x", new Uint8Array(0)), RangeError);
   assert.throws(() => encodeRequest(2 ** 53, "/api/x", new Uint8Array(0)), RangeError);
@@ -213,6 +222,30 @@ async function until(cond, what, ms = 2000) {
     await sleep(2);
   }
 }
+
+test("a null token opens an anonymous session; a request's method goes as METHOD", async () => {
+  const { FakeWS, sockets } = fakeWebSocket();
+  const c = connect("http://127.0.0.1:1", null, { WebSocket: FakeWS });
+  const p = c.request("/api/l/d/o/a/auth/1/m/f", "x", {}, { method: "DELETE" });
+  await until(() => sockets.length === 1, "the socket");
+  assert.equal(sockets[0].url, "ws://127.0.0.1:1/api/ws");
+  sockets[0].open();
+  await until(() => sockets[0].sent.length === 1, "the request");
+  const m = sockets[0].sent[0].meta.find((e) => e.tag === Tag.METHOD);
+  assert.equal(td.decode(m.value), "DELETE");
+  sockets[0].answer(sockets[0].sent[0].requestId, { status: 200, body: "ok" });
+  assert.equal((await p).status, 200);
+  const bad = await c.request("/api/l/d/o/a/s/1/m/f", "x", {}, { method: "TRACE" });
+  assert.equal(bad.error, "bad_request");
+  assert.equal(sockets[0].sent.length, 1, "a bad method is never sent");
+  c.close();
+  // A token function that yields nothing is an error, not an anonymous session.
+  const f = fakeWebSocket();
+  const d = connect("http://127.0.0.1:1", () => "", { WebSocket: f.FakeWS, whileDisconnected: "fail" });
+  await d.ready(50);
+  assert.equal(f.sockets.length, 0);
+  d.close();
+});
 
 test("many requests on one socket, answered out of order, matched by id", async () => {
   const { FakeWS, sockets } = fakeWebSocket();

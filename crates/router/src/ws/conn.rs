@@ -979,13 +979,12 @@ pub fn close_at_expiry(out: Rc<RefCell<WsOut>>, exp: u64) -> glommio::Task<()> {
     })
 }
 
-/// Resolves once `out` is closing: lets a connection's reader stop waiting for input when
-/// something else closed the connection (an outbox over its limit). One waiter per outbox:
-/// the outbox keeps one waker.
-pub fn closed(out: &RefCell<WsOut>) -> impl Future<Output = ()> + '_ {
+/// Resolves once `done` holds of `out`, woken by the outbox's one close waker (so one waiter
+/// per outbox: a task may wait on several of these at once, as its waker is the same).
+fn close_event(out: &RefCell<WsOut>, done: fn(&WsOut) -> bool) -> impl Future<Output = ()> + '_ {
     futures_lite::future::poll_fn(move |cx| {
         let mut o = out.borrow_mut();
-        if o.closing {
+        if done(&o) {
             Poll::Ready(())
         } else {
             if !o
@@ -1000,29 +999,20 @@ pub fn closed(out: &RefCell<WsOut>) -> impl Future<Output = ()> + '_ {
     })
 }
 
+/// Resolves once `out` is closing: lets a connection's reader stop waiting for input when
+/// something else closed the connection (an outbox over its limit).
+pub fn closed(out: &RefCell<WsOut>) -> impl Future<Output = ()> + '_ {
+    close_event(out, |o| o.closing)
+}
+
 /// The most a link the router closed may take to end, in `limits.handshake_timeout_ms`, from
 /// the close (see [`until_closed_or_late`]).
 pub const CLOSE_CAP: u32 = 4;
 
 /// Resolves once the writer of `out` has ended: its close frame (and everything queued before
-/// it) is written, or a write failed. Shares the outbox's one waker with [`closed`]: one
-/// waiter per outbox.
+/// it) is written, or a write failed.
 pub fn written(out: &RefCell<WsOut>) -> impl Future<Output = ()> + '_ {
-    futures_lite::future::poll_fn(move |cx| {
-        let mut o = out.borrow_mut();
-        if o.writer_done {
-            Poll::Ready(())
-        } else {
-            if !o
-                .close_waker
-                .as_ref()
-                .is_some_and(|w| w.will_wake(cx.waker()))
-            {
-                o.close_waker = Some(cx.waker().clone());
-            }
-            Poll::Pending
-        }
-    })
+    close_event(out, |o| o.writer_done)
 }
 
 /// Runs a link's read loop `read` until it ends, or until `limits.handshake_timeout_ms` after

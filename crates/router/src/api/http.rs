@@ -57,7 +57,7 @@ pub(crate) enum Method {
 impl Method {
     /// The method of a request line; None for methods a task cannot be asked (CONNECT, TRACE,
     /// extensions).
-    fn parse(m: &str) -> Option<Method> {
+    pub(crate) fn parse(m: &str) -> Option<Method> {
         Some(match m {
             "GET" => Method::Get,
             "HEAD" => Method::Head,
@@ -70,7 +70,7 @@ impl Method {
         })
     }
 
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Method::Get => "GET",
             Method::Head => "HEAD",

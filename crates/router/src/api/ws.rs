@@ -414,13 +414,13 @@ async fn answer(shard: &Rc<Shard>, sess: &Session, f: &Frame, received: Instant)
         Ok(p) => p,
         Err(e) => return Answer::error(e.http_status(), e.code(), format!("{e}: {path}")),
     };
-    // The client's METHOD, as an HTTP request's method (absent: POST).
-    let method = match f.get(tag::METHOD) {
-        None | Some(b"POST") => "POST",
-        Some(b"GET") => "GET",
-        Some(b"PUT") => "PUT",
-        Some(b"PATCH") => "PATCH",
-        Some(b"DELETE") => "DELETE",
+    // The client's METHOD, parsed as an HTTP request's method (absent: POST); HEAD and
+    // OPTIONS (no body, a preflight) have no meaning on a session.
+    use super::http::Method;
+    let parsed = |m: &[u8]| std::str::from_utf8(m).ok().and_then(Method::parse);
+    let method = match f.get(tag::METHOD).map(parsed) {
+        None => "POST",
+        Some(Some(m)) if !matches!(m, Method::Head | Method::Options) => m.as_str(),
         Some(_) => {
             let allowed = "METHOD must be GET, POST, PUT, PATCH or DELETE";
             return Answer::error(405, "method_not_allowed", allowed);

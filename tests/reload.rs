@@ -450,3 +450,69 @@ fn a_cluster_removed_and_added_back_by_reload_stops_and_starts_its_dialers() {
     assert_eq!(r.pid(), pid, "reloaded, not restarted");
     assert_eq!(r.metrics().get("fedbus_config_reload_failed_total"), 0.0);
 }
+
+/// The grace of a key version ends without a reload: ru/spb2 rotates its cluster key and the
+/// operator copies the new public key to ru/spb1 (SIGHUP), but spb2's routers are not
+/// restarted, so their peer tokens stay signed with version 1. Once version 1's grace ends,
+/// spb1 closes the links spb2 dialed to it (1008, `fedbus_links_revoked_total`) on its own,
+/// as it refuses a new upgrade with such a token; its sibling's links stay.
+#[test]
+fn an_accepted_peer_link_is_closed_once_its_key_version_retires() {
+    // Long enough for the reload to land inside the grace on a loaded machine.
+    const GRACE_SECS: u64 = 8;
+    let f = Federation::builder()
+        .copied_peer_keys()
+        .peer_tls(false)
+        .grace_secs(GRACE_SECS)
+        .start();
+    let r = f.router("spb1", 0);
+    let from_spb2: f64 = (0..2).map(|i| f.router("spb2", i).shards as f64).sum();
+    let from_sibling = f.router("spb1", 1).shards as f64;
+    let external = || r.metrics().get("fedbus_connections{listener=\"external\"}");
+    let revoked = || r.metrics().get("fedbus_links_revoked_total");
+    wait_fed_metric(
+        r,
+        "fedbus_connections{listener=\"external\"}",
+        from_spb2 + from_sibling,
+        Duration::from_secs(15),
+    );
+
+    let spb2_keys = f.keyring("spb2").to_str().expect("utf-8").to_string();
+    let out = f.fedbus(&["keys", "rotate", "--cluster", "--keyring", &spb2_keys]);
+    assert!(out.contains("v2"), "keys rotate: {out}");
+    let rotated = std::time::Instant::now();
+    f.copy_peer_key("spb2", "spb1");
+    r.sighup();
+    wait_fed_metric(
+        r,
+        "fedbus_federation_generation",
+        2.0,
+        Duration::from_secs(5),
+    );
+    // Not the reload's own check: version 1 is still in its grace then.
+    let closed = wait_for(Duration::from_secs(GRACE_SECS + 10), || {
+        (external() == from_sibling && revoked() >= from_spb2).then_some(())
+    });
+    assert!(
+        closed.is_some(),
+        "incoming links: {} (want {from_sibling}), revoked {} (want {from_spb2}) {:?} after the rotation; log:\n{}",
+        external(),
+        revoked(),
+        rotated.elapsed(),
+        r.log()
+    );
+    let log = r.log();
+    assert!(
+        log.contains("the key version of its peer token retired"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("peer link closed after a reload"),
+        "the reload came after the grace: {log}"
+    );
+    assert!(
+        rotated.elapsed() >= Duration::from_secs(GRACE_SECS - 1),
+        "closed inside the grace: {:?}",
+        rotated.elapsed()
+    );
+}

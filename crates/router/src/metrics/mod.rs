@@ -244,7 +244,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
         (
             "fedbus_links_revoked_total",
             "counter",
-            "Links closed with 1008 because their credential no longer verifies after a reload: task links whose service token's key version retired, accepted peer links that [federation] no longer admits (their cluster removed, the key of their token gone).",
+            "Links closed with 1008 because their credential no longer verifies: task links and accepted peer links whose token's key version retired (its grace after a rotation ended), accepted peer links that a reload of [federation] no longer admits (their cluster removed, the key of their token gone).",
             |m| &m.links_revoked,
         ),
         (

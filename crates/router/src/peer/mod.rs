@@ -584,25 +584,22 @@ async fn serve_upgrade<S: ws::Stream>(
     let timeout = Duration::from_millis(shard.cfg.limits.handshake_timeout_ms);
     match read_upgrade(&mut stream, timeout).await {
         Ok((up, leftover)) => {
-            let verdict =
-                check_peer_token(shard, up.bearer.as_deref()).and_then(|(cluster, exp)| {
-                    check_peer_certificate(shard, cert.as_ref(), cluster, exp)
-                });
+            let verdict = check_peer_token(shard, up.bearer.as_deref())
+                .and_then(|c| check_peer_certificate(shard, cert.as_ref(), c));
             match verdict {
-                Ok((cluster, exp)) => {
+                Ok(cred) => {
                     let accepted = stream
                         .write_all(handshake::accept_response(&up.key).as_bytes())
                         .await;
                     if accepted.is_ok() && stream.flush().await.is_ok() {
-                        tracing::info!(shard = shard.index, %cluster, tls = cert.is_some(), "peer link accepted");
+                        tracing::info!(shard = shard.index, cluster = %cred.cluster, tls = cert.is_some(), "peer link accepted");
                         // The same checks again whenever a reload changes the federation.
                         let token = up.bearer.unwrap_or_default();
                         let admitted = move |shard: &Shard| {
-                            check_peer_token(shard, Some(&token)).and_then(|(c, e)| {
-                                check_peer_certificate(shard, cert.as_ref(), c, e)
-                            })
+                            check_peer_token(shard, Some(&token))
+                                .and_then(|c| check_peer_certificate(shard, cert.as_ref(), c))
                         };
-                        serve_link(shard, stream, leftover, cluster, exp, admitted).await;
+                        serve_link(shard, stream, leftover, cred, admitted).await;
                     }
                 }
                 Err((status, code, msg)) => {
@@ -626,23 +623,23 @@ async fn serve_upgrade<S: ws::Stream>(
 fn check_peer_certificate(
     shard: &Shard,
     cert: Option<&rustls::pki_types::CertificateDer<'static>>,
-    cluster: String,
-    exp: u64,
-) -> Result<(String, u64), (u16, &'static str, String)> {
+    cred: PeerCred,
+) -> Admission {
     let Some(cert) = cert else {
-        return Ok((cluster, exp));
+        return Ok(cred);
     };
+    let cluster = &cred.cluster;
     let view = shard.snapshots.fed.load();
-    let routers = if cluster == shard.federation.own {
+    let routers = if *cluster == shard.federation.own {
         view.siblings.as_slice()
     } else {
         view.routers
-            .get(&cluster)
+            .get(cluster)
             .map(Vec::as_slice)
             .unwrap_or_default()
     };
     if crate::tls::peer::names_one_of(cert, routers) {
-        Ok((cluster, exp))
+        Ok(cred)
     } else {
         Err((
             403,
@@ -652,12 +649,24 @@ fn check_peer_certificate(
     }
 }
 
+/// An accepted peer link's credential, as its upgrade verified it.
+struct PeerCred {
+    /// The cluster its peer token names (and its key signed).
+    cluster: String,
+    /// The token's `exp` (unix seconds).
+    exp: u64,
+    /// Until when (unix seconds) the key version that signed it verifies under the rotation
+    /// rule: `u64::MAX` while it is the newest, the end of its grace once replaced.
+    key_until: u64,
+}
+
+/// The verdict of a peer link's upgrade checks: its credential, or the refusal (HTTP status,
+/// code, message).
+type Admission = Result<PeerCred, (u16, &'static str, String)>;
+
 /// Verifies a peer token: signed by the key of the cluster it names, which must be another
 /// cluster of the federation. Returns that cluster.
-fn check_peer_token(
-    shard: &Shard,
-    token: Option<&str>,
-) -> Result<(String, u64), (u16, &'static str, String)> {
+fn check_peer_token(shard: &Shard, token: Option<&str>) -> Admission {
     let token = token.ok_or((401, "missing_token", "peer token required".to_string()))?;
     // The cluster named in the token picks the key; a token naming another cluster than the
     // one whose key signed it fails the signature check.
@@ -673,26 +682,41 @@ fn check_peer_token(
         "unknown_cluster",
         format!("cluster {claimed} is not in the federation"),
     ))?;
-    let c = verify_service_token(keys, token, auth::now_unix(), shard.cfg.auth.grace_secs)
+    let (now, grace) = (auth::now_unix(), shard.cfg.auth.grace_secs);
+    let c = verify_service_token(keys, token, now, grace)
         .map_err(|e| (e.http_status(), e.code(), e.to_string()))?;
     if c.cluster != claimed || !c.app.is_empty() {
         return Err((401, "bad_token", "not a peer token".into()));
     }
-    Ok((c.cluster, c.exp))
+    let key_until = match auth::check_version(keys, c.kid, now, grace) {
+        auth::VersionState::Grace { until } => until,
+        // Verified just now, so the newest (or retired within this second: closed at once).
+        auth::VersionState::Newest => u64::MAX,
+        auth::VersionState::Retired | auth::VersionState::Unknown => 0,
+    };
+    Ok(PeerCred {
+        cluster: c.cluster,
+        exp: c.exp,
+        key_until,
+    })
 }
 
-/// Serves an accepted peer link from `from` until it ends. `admitted` repeats the checks of
-/// its upgrade (peer token, client certificate): the link is closed with 1008 when a reload
-/// changes the federation so that they fail (its cluster removed from `[federation]`, the key
-/// that signed its token gone).
+/// Serves an accepted peer link with credential `cred` until it ends. `admitted` repeats the
+/// checks of its upgrade (peer token, client certificate): the link is closed with 1008 when a
+/// reload changes the federation so that they fail (its cluster removed from `[federation]`,
+/// the key that signed its token gone), and when the grace of its token's key version ends.
 async fn serve_link<S: ws::Stream>(
     shard: &Rc<Shard>,
     stream: S,
     leftover: bytes::BytesMut,
-    from: String,
-    exp: u64,
-    admitted: impl Fn(&Shard) -> Result<(String, u64), (u16, &'static str, String)> + 'static,
+    cred: PeerCred,
+    admitted: impl Fn(&Shard) -> Admission + 'static,
 ) {
+    let PeerCred {
+        cluster: from,
+        exp,
+        key_until,
+    } = cred;
     let limits = &shard.cfg.limits;
     // The dialing router pings every interval; silence for 3 intervals ends the link.
     let tcp = stream.tcp();
@@ -719,6 +743,7 @@ async fn serve_link<S: ws::Stream>(
         shard.clone(),
         from.clone(),
         out.clone(),
+        key_until,
         admitted,
     ));
     let read = async {
@@ -791,12 +816,14 @@ async fn serve_link<S: ws::Stream>(
 /// Tells the dialing router this router's [`PeerStatus`]: once at once, then on each change.
 /// On the same tick, closes the link with 1008 once `admitted` (the upgrade's checks) fails
 /// after a reload changed the federation view, and once before the first tick (a reload
-/// between the upgrade and this task's start is not missed).
+/// between the upgrade and this task's start is not missed); and once the clock passes
+/// `key_until`, the end of the grace of its token's key version (moved by each check).
 async fn send_status(
     shard: Rc<Shard>,
     from: String,
     out: Rc<RefCell<ws::WsOut>>,
-    admitted: impl Fn(&Shard) -> Result<(String, u64), (u16, &'static str, String)>,
+    mut key_until: u64,
+    admitted: impl Fn(&Shard) -> Admission,
 ) {
     // What the status is made of; rebuilt only when one of these moves.
     let mut seen: Option<(u64, bool, bool)> = None;
@@ -810,12 +837,23 @@ async fn send_status(
         }
         let fed = shard.snapshots.fed.load().generation;
         if std::mem::replace(&mut fed_seen, fed) != fed {
-            if let Err((_, code, why)) = admitted(&shard) {
-                ShardMetrics::inc(&shard.metrics.links_revoked);
-                tracing::warn!(shard = shard.index, cluster = %from, code, "peer link closed after a reload: {why}");
-                out.borrow_mut().close(1008);
-                return;
+            match admitted(&shard) {
+                Ok(cred) => key_until = cred.key_until,
+                Err((_, code, why)) => {
+                    ShardMetrics::inc(&shard.metrics.links_revoked);
+                    tracing::warn!(shard = shard.index, cluster = %from, code, "peer link closed after a reload: {why}");
+                    out.borrow_mut().close(1008);
+                    return;
+                }
             }
+        }
+        // No reload needed: a replaced key version stops verifying when its grace ends, and
+        // a new link with this token would be refused from then on.
+        if crate::util::unix_secs_coarse() >= key_until {
+            ShardMetrics::inc(&shard.metrics.links_revoked);
+            tracing::warn!(shard = shard.index, cluster = %from, "peer link closed: the key version of its peer token retired");
+            out.borrow_mut().close(1008);
+            return;
         }
         let table = shard.snapshots.routes.load();
         let h = &shard.health;

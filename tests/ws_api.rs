@@ -1215,6 +1215,28 @@ fn a_message_is_charged_to_the_budget_while_it_arrives() {
         .unwrap_or_else(|| panic!("{} bytes still held after the answer", held()));
 }
 
+/// A Text message is closed with 1003 (fedbus frames are Binary) when it is refused by the
+/// body budget while it arrives, as when it arrives whole. Before, the dropped message's first
+/// bytes were read as a fedbus frame header: 1002.
+#[test]
+fn a_text_message_dropped_over_the_budget_is_closed_1003() {
+    let r = Router::new()
+        .shards(1)
+        .limit("body_budget_bytes", 256 * 1024)
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let refused = || r.metrics().get("fedbus_overload_refused_total");
+    let mut w = open(&r, &tok);
+    let text = "x".repeat(300 * 1024);
+    let wire = w.frame_bytes(opcode::TEXT, text.as_bytes(), true);
+    w.s.write_all(&wire[..4096]).expect("write");
+    wait_for(Duration::from_secs(5), || (refused() == 1.0).then_some(()))
+        .unwrap_or_else(|| panic!("not refused from its head: {} refused", refused()));
+    w.s.write_all(&wire[4096..]).expect("write");
+    w.expect_close(1003);
+}
+
 /// A session opened without a token is anonymous, as an HTTP request without `Authorization`
 /// is: the app's anonymous services answer (here `auth`, reached through role `main`'s
 /// Redirect), any other service gets `401 missing_token` and the session goes on. A request's

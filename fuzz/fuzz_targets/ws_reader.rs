@@ -90,7 +90,7 @@ fuzz_target!(|data: &[u8]| {
                 assert!(total <= rest.len(), "more payload out than bytes in");
             }
             Err(WsError::Eof) => break,
-            Err(WsError::Dropped(head)) => {
+            Err(WsError::Dropped { head, .. }) => {
                 assert!(head.len() <= DROPPED_HEAD);
                 assert_eq!(charged.get(), 0, "a dropped message is charged");
                 total += head.len();

@@ -269,7 +269,9 @@ pub(crate) async fn serve<S: Stream>(
             Ok(Message::Pong(_)) => {}
             Ok(Message::Text(_)) => break Some(1003),
             Ok(Message::Close(_)) => break Some(1000),
-            Err(ws::WsError::Dropped(head)) => {
+            // As a Text message read whole is: fedbus frames are Binary.
+            Err(ws::WsError::Dropped { text: true, .. }) => break Some(1003),
+            Err(ws::WsError::Dropped { head, .. }) => {
                 // Over the body budget while it arrived (refused and counted by `charge_body`):
                 // dropped unread, answered from its frame header.
                 match crate::proto::Header::decode(&head) {

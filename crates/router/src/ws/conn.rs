@@ -65,10 +65,16 @@ pub enum WsError {
     Policy(&'static str),
     /// A message that arrived in pieces would have gone over the memory budget (see
     /// [`WsReader::charge_arriving`]): it was read and dropped without being buffered; these
-    /// are its first bytes (at most [`DROPPED_HEAD`], unmasked), enough to answer it. Not
-    /// fatal: the next call reads the next message.
+    /// are its first bytes (at most [`DROPPED_HEAD`], unmasked), enough to answer it, and
+    /// whether it was a Text message (its UTF-8 is never checked). Not fatal: the next call
+    /// reads the next message.
     #[error("a message over the memory budget was dropped")]
-    Dropped(Bytes),
+    Dropped {
+        /// Its first bytes.
+        head: Bytes,
+        /// A Text message (else Binary).
+        text: bool,
+    },
     /// We closed the connection and the other side did not close its end in time (see
     /// [`until_closed_or_late`]).
     #[error("no close from the other side within {0:?} of ours")]
@@ -84,7 +90,7 @@ impl WsError {
             WsError::BadUtf8 => Some(1007),
             WsError::Policy(_) => Some(1008),
             // Try again later (RFC 6455 7.4.1), for a reader that cannot answer it.
-            WsError::Dropped(_) => Some(1013),
+            WsError::Dropped { .. } => Some(1013),
             // The read timeout of a link (3 ping intervals without a frame): going away.
             WsError::Io(e) if e.kind() == io::ErrorKind::TimedOut => Some(1001),
             _ => None,
@@ -216,8 +222,8 @@ pub const DROPPED_HEAD: usize = 64;
 
 /// Where dropping a message stands after what is buffered.
 enum Dropped {
-    /// Its last byte went by: its first bytes.
-    Whole(Bytes),
+    /// Its last byte went by: its first bytes, and whether it was Text.
+    Whole(Bytes, bool),
     /// More must be read first.
     NeedMore,
     /// A control frame comes next (between fragments), read as any other.
@@ -237,6 +243,8 @@ struct Dropping {
     fin: bool,
     /// The message's length so far (still bounded by the reader's limit).
     total: u64,
+    /// A Text message (else Binary).
+    text: bool,
 }
 
 /// Messages one connection's reader hands out from its buffer before it yields to the other
@@ -292,9 +300,10 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
         true
     }
 
-    /// Starts dropping the message in progress: `head` is what of it was buffered (unmasked),
-    /// then `h`'s payload (its header already consumed) is dropped as it arrives.
-    fn start_dropping(&mut self, head: BytesMut, h: Option<&FrameHead>, total: u64) {
+    /// Starts dropping the message in progress (of opcode `op`): `head` is what of it was
+    /// buffered (unmasked), then `h`'s payload (its header already consumed) is dropped as it
+    /// arrives.
+    fn start_dropping(&mut self, op: u8, head: BytesMut, h: Option<&FrameHead>, total: u64) {
         self.dropping = Some(Dropping {
             // A copy: the buffer the message's first fragments were in is freed now, as its
             // charge was given back.
@@ -304,6 +313,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             pos: 0,
             fin: h.is_some_and(|h| h.fin),
             total,
+            text: op == opcode::TEXT,
         });
     }
 
@@ -331,7 +341,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             }
             if d.fin {
                 let d = self.dropping.take().expect("dropping");
-                return Ok(Dropped::Whole(d.head.freeze()));
+                return Ok(Dropped::Whole(d.head.freeze(), d.text));
             }
             // The next frame: a continuation of the dropped message, or a control frame,
             // which the caller reads as any other.
@@ -452,7 +462,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
         loop {
             if self.dropping.is_some() {
                 match self.drop_buffered()? {
-                    Dropped::Whole(head) => return Err(WsError::Dropped(head)),
+                    Dropped::Whole(head, text) => return Err(WsError::Dropped { head, text }),
                     Dropped::NeedMore => return Ok(None),
                     Dropped::Control => {}
                 }
@@ -478,9 +488,9 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                     }
                     let sofar = self.frag.as_ref().map_or(0, |(_, b)| b.len());
                     if !self.hold(sofar + h.payload_len as usize) {
-                        let head = self.frag.take().map(|(_, b)| b).unwrap_or_default();
+                        let (op, head) = self.frag.take().unwrap_or((h.opcode, BytesMut::new()));
                         self.buf.advance(h.header_len);
-                        self.start_dropping(head, Some(&h), (sofar as u64) + h.payload_len);
+                        self.start_dropping(op, head, Some(&h), (sofar as u64) + h.payload_len);
                         continue;
                     }
                 }
@@ -548,7 +558,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                 } else {
                     if !self.hold(f.len()) {
                         let n = f.len() as u64;
-                        self.start_dropping(f, None, n);
+                        self.start_dropping(h.opcode, f, None, n);
                         return Ok(None);
                     }
                     self.frag = Some((h.opcode, f));
@@ -564,7 +574,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                 if !h.fin {
                     if !self.hold(acc.len()) {
                         let n = acc.len() as u64;
-                        self.start_dropping(acc, None, n);
+                        self.start_dropping(op, acc, None, n);
                         return Ok(None);
                     }
                     self.frag = Some((op, acc));
@@ -572,9 +582,10 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                 }
                 // The last fragment may have come whole: the charge grows to the message.
                 if !self.hold(acc.len()) {
-                    return Err(WsError::Dropped(Bytes::copy_from_slice(
-                        &acc[..acc.len().min(DROPPED_HEAD)],
-                    )));
+                    return Err(WsError::Dropped {
+                        head: Bytes::copy_from_slice(&acc[..acc.len().min(DROPPED_HEAD)]),
+                        text: op == opcode::TEXT,
+                    });
                 }
                 self.charged = 0;
                 whole(op, acc)?
@@ -1452,47 +1463,56 @@ mod tests {
         assert!(matches!(e, WsError::Protocol(_)), "{e:?}");
         // Refused: the message is dropped as it arrives (its first bytes handed out, unmasked),
         // a control frame between its fragments is read as usual, and the next message after
-        // it is read as if nothing happened. Whole frames and a frame split across reads alike.
+        // it is read as if nothing happened. Whole frames and a frame split across reads alike;
+        // a dropped Text message says so (its UTF-8 is never checked).
         let mut head = vec![b'a'; 10];
         head.extend((0..90u8).collect::<Vec<_>>());
-        let mut wire = masked(opcode::BINARY, &head, [1, 2, 3, 4], false);
-        wire.extend(masked(opcode::PING, b"p", [5, 6, 7, 8], true));
-        wire.extend(masked(
-            opcode::CONTINUATION,
-            &[b'b'; 3000],
-            [9, 9, 9, 9],
-            false,
-        ));
-        wire.extend(masked(
-            opcode::CONTINUATION,
-            &[b'c'; 2000],
-            [4, 3, 2, 1],
-            true,
-        ));
-        wire.extend(masked(opcode::TEXT, b"next", [1, 2, 3, 4], true));
-        for step in [7, 100, 1 << 16] {
-            let mut r = WsReader::new(Chunks(&wire, step), BytesMut::new(), Side::Server, 1 << 20);
-            r.charge_arriving(|n| n < 1000);
-            block_on(async {
-                let mut got = Vec::new();
-                loop {
-                    match r.next().await {
-                        Ok(Message::Text(t)) => {
-                            got.push(format!("text {}", String::from_utf8_lossy(&t)));
-                            break;
+        for first in [opcode::BINARY, opcode::TEXT] {
+            let mut wire = masked(first, &head, [1, 2, 3, 4], false);
+            wire.extend(masked(opcode::PING, b"p", [5, 6, 7, 8], true));
+            wire.extend(masked(
+                opcode::CONTINUATION,
+                &[b'b'; 3000],
+                [9, 9, 9, 9],
+                false,
+            ));
+            wire.extend(masked(
+                opcode::CONTINUATION,
+                &[b'c'; 2000],
+                [4, 3, 2, 1],
+                true,
+            ));
+            wire.extend(masked(opcode::TEXT, b"next", [1, 2, 3, 4], true));
+            for step in [7, 100, 1 << 16] {
+                let mut r =
+                    WsReader::new(Chunks(&wire, step), BytesMut::new(), Side::Server, 1 << 20);
+                r.charge_arriving(|n| n < 1000);
+                block_on(async {
+                    let mut got = Vec::new();
+                    loop {
+                        match r.next().await {
+                            Ok(Message::Text(t)) => {
+                                got.push(format!("text {}", String::from_utf8_lossy(&t)));
+                                break;
+                            }
+                            Ok(m) => got.push(format!("{m:?}")),
+                            Err(WsError::Dropped { head: h, text }) => {
+                                assert_eq!(&h[..], &head[..DROPPED_HEAD], "step {step}");
+                                assert_eq!(text, first == opcode::TEXT, "step {step}");
+                                got.push("dropped".into());
+                            }
+                            Err(e) => panic!("step {step}: {e}"),
                         }
-                        Ok(m) => got.push(format!("{m:?}")),
-                        Err(WsError::Dropped(h)) => {
-                            assert_eq!(&h[..], &head[..DROPPED_HEAD], "step {step}");
-                            got.push("dropped".into());
-                        }
-                        Err(e) => panic!("step {step}: {e}"),
                     }
-                }
-                assert_eq!(got, ["Ping(b\"p\")", "dropped", "text next"], "step {step}");
-            });
+                    assert_eq!(got, ["Ping(b\"p\")", "dropped", "text next"], "step {step}");
+                });
+            }
         }
-        assert_eq!(WsError::Dropped(Bytes::new()).close_code(), Some(1013));
+        let dropped = WsError::Dropped {
+            head: Bytes::new(),
+            text: false,
+        };
+        assert_eq!(dropped.close_code(), Some(1013));
     }
 
     #[test]

@@ -1424,3 +1424,47 @@ fn two_routers_serve_a_wsid_on_the_same_partition_when_one_lacks_its_task() {
     let resp = r1.conn().request(&f.req("spb2", 13, b"unready"));
     assert_served(&resp, 13, b"unready", "ru/spb2/r0");
 }
+
+/// A request forwarded by a peer router is charged to the serving router's body budget
+/// (`limits.body_budget_bytes`) from its arrival to its answer, as a client's body is on the
+/// router it entered: over it, `503 overloaded` goes back through the entry router, and the
+/// charge is given back with each answer. Before, forwarded bodies were bounded only by the
+/// peer link's pending limit.
+#[test]
+fn a_forwarded_body_is_charged_to_the_serving_routers_budget() {
+    let f = Federation::builder()
+        .limit("spb2", "body_budget_bytes", 64 * 1024)
+        .start();
+    let entry = f.router("spb1", 0);
+    let spb2 = |name: &str| -> f64 {
+        (0..2)
+            .map(|r| f.router("spb2", r).metrics().get(name))
+            .sum()
+    };
+    // Over spb2's budget (spb1's is the default): refused where it is served.
+    let big = vec![b'b'; 100 * 1024];
+    let resp = entry.conn().request(&f.req("spb2", 3, &big));
+    resp.assert_error(503, "overloaded");
+    assert!(
+        resp.header("fedbus-served-by")
+            .is_some_and(|s| s.starts_with("ru/spb2/")),
+        "refused by spb2: {resp:?}"
+    );
+    assert!(spb2("fedbus_overload_refused_total") >= 1.0);
+    assert_eq!(entry.metrics().get("fedbus_overload_refused_total"), 0.0);
+    // Within it: served, and given back each time (three in a row fit only so).
+    let fits = vec![b'f'; 40 * 1024];
+    for wsid in [4, 5, 6] {
+        let resp = entry.conn().request(&f.req("spb2", wsid, &fits));
+        assert_eq!(resp.status, 200, "wsid {wsid}: {resp:?}");
+        assert!(resp.body == fits, "wsid {wsid}: another body came back");
+    }
+    let released = wait_for(Duration::from_secs(5), || {
+        (spb2("fedbus_body_bytes_held") == 0.0).then_some(())
+    });
+    assert!(
+        released.is_some(),
+        "{} bytes still held",
+        spb2("fedbus_body_bytes_held")
+    );
+}

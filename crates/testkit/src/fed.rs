@@ -280,6 +280,8 @@ pub struct FederationBuilder {
     /// Each cluster reads the other's public key from its own copy
     /// ([`Federation::peer_keys_dir`]) instead of the other's keyring.
     copied_peer_keys: bool,
+    /// More `[limits]` lines of each cluster's routers.
+    limits: [String; 2],
 }
 
 impl FederationBuilder {
@@ -335,6 +337,12 @@ impl FederationBuilder {
     /// ([`Federation::copy_peer_key`]).
     pub fn copied_peer_keys(mut self) -> Self {
         self.copied_peer_keys = true;
+        self
+    }
+
+    /// `[limits] key = value` of `cluster`'s routers.
+    pub fn limit(mut self, cluster: &str, key: &str, value: impl std::fmt::Display) -> Self {
+        let _ = writeln!(self.limits[cluster_index(cluster)], "{key} = {value}");
         self
     }
 
@@ -395,8 +403,8 @@ impl FederationBuilder {
                 let _ = writeln!(cfg, "[tuning]\nshard_cores = {cores}\npin = false");
                 let _ = writeln!(
                     cfg,
-                    "[limits]\nrequest_timeout_ms = {}",
-                    self.request_timeout_ms
+                    "[limits]\nrequest_timeout_ms = {}\n{}",
+                    self.request_timeout_ms, self.limits[ci]
                 );
                 if let Some(h) = self.drain_peer_hold_ms {
                     let _ = writeln!(cfg, "[readiness]\ndrain_peer_hold_ms = {h}");
@@ -587,6 +595,7 @@ impl Federation {
             peer_tls: std::env::var("FEDBUS_TEST_PEER_TLS").is_ok_and(|v| v == "1"),
             partitions: [None, None],
             copied_peer_keys: false,
+            limits: Default::default(),
         }
     }
 

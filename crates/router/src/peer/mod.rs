@@ -735,6 +735,8 @@ async fn serve_link<S: ws::Stream>(
         limits,
     );
     let inflight = Rc::new(std::cell::Cell::new(0usize));
+    // Bytes of forwarded bodies this link holds (charged to the shard's body budget).
+    let held = Rc::new(std::cell::Cell::new(0usize));
     let cache = Rc::new(RefCell::new(VerifyCache::new(
         shard.cfg.auth.verify_cache_per_peer_link,
     )));
@@ -757,25 +759,35 @@ async fn serve_link<S: ws::Stream>(
                         Ok(f) if f.header.kind == Kind::Request => f,
                         _ => break Some(1002),
                     };
-                    if inflight.get() >= limits.max_pending_per_link {
-                        let a = Answer::error(
+                    // The body is held until answered, charged as a client's is on the router
+                    // it entered.
+                    let admitted = if inflight.get() >= limits.max_pending_per_link {
+                        Err(Answer::error(
                             503,
                             "peer_busy",
                             "over the in-flight limit of this peer link",
-                        );
-                        send_answer(
-                            &out,
-                            shard.index,
-                            f.header.request_id,
-                            &a,
-                            Some(&shard.router_name),
-                        );
-                        continue;
-                    }
+                        ))
+                    } else {
+                        shard.charge_within(&held, usize::MAX, f.payload.len())
+                    };
+                    let charge = match admitted {
+                        Ok(c) => c,
+                        Err(a) => {
+                            send_answer(
+                                &out,
+                                shard.index,
+                                f.header.request_id,
+                                &a,
+                                Some(&shard.router_name),
+                            );
+                            continue;
+                        }
+                    };
                     inflight.set(inflight.get() + 1);
                     let (s, o, n, c) =
                         (shard.clone(), out.clone(), inflight.clone(), cache.clone());
                     glommio::spawn_local(async move {
+                        let _charge = charge;
                         let start = Instant::now();
                         let a = match forwarded_request(&f, start) {
                             Ok(req) => routing::route(&s, &c, &req).await,

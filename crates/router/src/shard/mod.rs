@@ -108,6 +108,19 @@ impl Shard {
         conn: &Rc<Cell<usize>>,
         n: usize,
     ) -> Result<BodyCharge, crate::routing::Answer> {
+        self.charge_within(conn, self.cfg.limits.max_connection_body_bytes, n)
+    }
+
+    /// [`Shard::charge_body`] with the connection's share `share`: an accepted peer link
+    /// carries the requests of many clients of other routers, so its forwarded bodies are held
+    /// to the shard's budget only (`usize::MAX`), as well as to `limits.max_pending_per_link`.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn charge_within(
+        self: &Rc<Self>,
+        conn: &Rc<Cell<usize>>,
+        share: usize,
+        n: usize,
+    ) -> Result<BodyCharge, crate::routing::Answer> {
         if n == 0 {
             return Ok(BodyCharge {
                 shard: self.clone(),
@@ -115,7 +128,7 @@ impl Shard {
                 n: 0,
             });
         }
-        let over_conn = conn.get() + n > self.cfg.limits.max_connection_body_bytes;
+        let over_conn = conn.get().saturating_add(n) > share;
         if over_conn || !self.budget.take(n) {
             ShardMetrics::inc(&self.metrics.overload_refused);
             tracing::info!(

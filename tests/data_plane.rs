@@ -327,6 +327,28 @@ fn every_error_status() {
         .expect("answer")
         .assert_error(431, "headers_too_large");
 
+    // 431 also past 100 header fields (fedbus_proto::http::MAX_HEADERS), however small; 90
+    // small ones beside the request's own are served.
+    let with_headers = |n: usize| {
+        (0..n).fold(Req::post(&p).token(&tok).body(b"h"), |q, i| {
+            q.header(&format!("x-h{i}"), "v")
+        })
+    };
+    assert_echo(&r.request(&with_headers(90)), 42, b"h");
+    let mut c = r.conn();
+    c.send_lossy(&with_headers(101).bytes());
+    c.read_response()
+        .expect("answer")
+        .assert_error(431, "headers_too_large");
+
+    // An absolute-form target (RFC 9112 3.2.2: a server must accept it) is routed by its path.
+    let absolute = format!("http://{}{p}", r.api);
+    assert_echo(
+        &r.request(&Req::post(&absolute).token(&tok).body(b"a")),
+        42,
+        b"a",
+    );
+
     // Errors on a keep-alive connection that stays open: 401 then 200.
     let mut c = r.conn();
     c.request(&Req::post(&p).body(b"x"))

@@ -1237,6 +1237,64 @@ fn a_text_message_dropped_over_the_budget_is_closed_1003() {
     w.expect_close(1003);
 }
 
+/// `/api/ws` takes only upgrades (PROTOCOL.md section 3): another method gets 405 with
+/// `Allow: GET`, and a `Sec-WebSocket-Key` that is not base64 of 16 bytes, or comes twice, gets
+/// 400 `bad_upgrade`; each answer closes the connection. Before, a POST upgrade was routed as an
+/// API call (400 `bad_path`, kept open) and any 24 characters, or two keys, got a 101.
+#[test]
+fn only_a_well_formed_get_opens_a_session() {
+    let r = Router::new().shards(1).start();
+    let tok = r.token(APP, "alice");
+    let head = |method: &str, keys: &[&str]| {
+        let mut h = format!(
+            "{method} /api/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {tok}\r\n"
+        );
+        for k in keys {
+            h.push_str(&format!("Sec-WebSocket-Key: {k}\r\n"));
+        }
+        h + "Content-Length: 0\r\n\r\n"
+    };
+    let answer = |head: String| -> String {
+        let mut s = TcpStream::connect(r.api).expect("connect");
+        s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        s.write_all(head.as_bytes()).expect("write");
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match s.read_retrying(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+                Err(e) => panic!("not closed after {:?}: {e}", String::from_utf8_lossy(&got)),
+            }
+        }
+        String::from_utf8(got).expect("utf-8")
+    };
+    let good = "dGhlIHNhbXBsZSBub25jZQ==";
+    for method in ["POST", "PUT", "DELETE"] {
+        let a = answer(head(method, &[good]));
+        assert!(a.starts_with("HTTP/1.1 405 "), "{method}: {a}");
+        assert!(a.contains("\r\nAllow: GET\r\n"), "{method}: {a}");
+        assert!(a.contains("method_not_allowed"), "{method}: {a}");
+    }
+    for keys in [
+        &["!!!!!!!!!!!!!!!!!!!!!!!!"][..],
+        &["dGhlIHNhbXBsZSBub25jZSE/"],
+        &[good, good],
+    ] {
+        let a = answer(head("GET", keys));
+        assert!(a.starts_with("HTTP/1.1 400 "), "{keys:?}: {a}");
+        assert!(a.contains("bad_upgrade"), "{keys:?}: {a}");
+    }
+    // The same head with one good key opens a session.
+    let mut s = TcpStream::connect(r.api).expect("connect");
+    s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    s.write_all(head("GET", &[good]).as_bytes()).expect("write");
+    let mut chunk = [0u8; 4096];
+    let n = s.read_retrying(&mut chunk).expect("read");
+    let a = String::from_utf8_lossy(&chunk[..n]);
+    assert!(a.starts_with("HTTP/1.1 101 "), "{a}");
+}
+
 /// A session opened without a token is anonymous, as an HTTP request without `Authorization`
 /// is: the app's anonymous services answer (here `auth`, reached through role `main`'s
 /// Redirect), any other service gets `401 missing_token` and the session goes on. A request's

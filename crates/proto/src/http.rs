@@ -2,6 +2,10 @@
 //! error body `{"status":N,"error":"<code>","message":"..."}`, status reason phrases, and the
 //! filter on headers a task or peer router may pass through to a client.
 
+/// The most header fields a request head may have (Envoy's default `max_headers_count`); more
+/// gets `431 headers_too_large`, whatever `limits.max_header_bytes` allows.
+pub const MAX_HEADERS: usize = 100;
+
 /// Whether a `name: value` header line from a task (or, with `from_router`, from a peer
 /// router) may reach the client. A task must not set framing headers (it would split or
 /// smuggle responses) nor the router's own `fedbus-*` headers, and the line must not carry

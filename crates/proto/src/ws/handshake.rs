@@ -68,8 +68,8 @@ pub const WS_VERSION: &str = "13";
 /// RFC 6455 section 4.2.1/4.2.2, in this order: method GET (405), HTTP/1.1 or later (400),
 /// exactly one `Host` header (400), `Upgrade: websocket` and `Connection: upgrade` (400),
 /// `Sec-WebSocket-Version` present (400) and 13 (otherwise **426**; [`error_response`] then
-/// adds `Sec-WebSocket-Version: 13` so the client can retry with a version we speak), and a
-/// 24-character `Sec-WebSocket-Key` (400).
+/// adds `Sec-WebSocket-Version: 13` so the client can retry with a version we speak), and
+/// exactly one `Sec-WebSocket-Key` that is base64 of 16 bytes (400; RFC 6455 4.1 and 11.3.1).
 pub fn check_upgrade(req: &httparse::Request<'_, '_>) -> Result<String, Refusal> {
     if req.method != Some("GET") {
         return Err(refuse(
@@ -116,17 +116,34 @@ pub fn check_upgrade(req: &httparse::Request<'_, '_>) -> Result<String, Refusal>
             ))
         }
     }
-    let key = header(req.headers, "sec-websocket-key")
-        .and_then(|v| std::str::from_utf8(v).ok())
+    let mut keys = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-key"));
+    let (Some(key), None) = (keys.next(), keys.next()) else {
+        return Err(refuse(400, "bad_upgrade", "expected one Sec-WebSocket-Key"));
+    };
+    let mut nonce = [0u8; 18];
+    let key = std::str::from_utf8(key.value)
+        .ok()
         .map(str::trim)
-        .filter(|k| k.len() == 24)
-        .ok_or_else(|| refuse(400, "bad_upgrade", "missing Sec-WebSocket-Key"))?;
+        .filter(|k| {
+            k.len() == 24
+                && base64::engine::general_purpose::STANDARD.decode_slice(k, &mut nonce) == Ok(16)
+        })
+        .ok_or_else(|| {
+            refuse(
+                400,
+                "bad_upgrade",
+                "Sec-WebSocket-Key must be base64 of 16 bytes",
+            )
+        })?;
     Ok(key.to_string())
 }
 
 /// Parses an upgrade request head from `buf`. `Ok(None)`: incomplete.
 pub fn parse_upgrade(buf: &[u8]) -> Result<Option<UpgradeRequest>, Refusal> {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut headers = [httparse::EMPTY_HEADER; crate::http::MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
         // A head that arrived whole in one read is held to the same bound as one that
@@ -175,13 +192,14 @@ pub fn accept_response(key: &str) -> String {
 /// `Sec-WebSocket-Version: 13`, as RFC 6455 section 4.2.2 asks.
 pub fn error_response(status: u16, code: &str, message: &str) -> String {
     let body = crate::http::error_body(status, code, message);
-    let version = if status == 426 {
-        "Sec-WebSocket-Version: 13\r\n"
-    } else {
-        ""
+    // 426 names the version we speak; 405 the method we take (RFC 9110 15.5.6).
+    let extra = match status {
+        426 => "Sec-WebSocket-Version: 13\r\n",
+        405 => "Allow: GET\r\n",
+        _ => "",
     };
     format!(
-        "HTTP/1.1 {status} {}\r\n{version}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {}\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         crate::http::reason(status),
         body.len()
     )
@@ -342,6 +360,29 @@ mod tests {
         // Case-insensitive name.
         let lower = GOOD.replace("Host: h", "hOsT: h");
         assert!(parse_upgrade(lower.as_bytes()).unwrap().is_some());
+    }
+
+    #[test]
+    fn upgrade_needs_one_key_of_16_base64_bytes() {
+        const KEY: &str = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+        for bad in [
+            "",
+            "Sec-WebSocket-Key: abc\r\n",
+            // 24 characters, not base64.
+            "Sec-WebSocket-Key: !!!!!!!!!!!!!!!!!!!!!!!!\r\n",
+            // Base64 of 18 bytes.
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZSE/\r\n",
+            // Twice (RFC 6455 11.3.1), even with the same value.
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+        ] {
+            let r = parse_upgrade(GOOD.replace(KEY, bad).as_bytes()).unwrap_err();
+            assert_eq!((r.status, r.code), (400, "bad_upgrade"), "{bad:?}");
+            assert!(r.message.contains("Sec-WebSocket-Key"), "{r:?}");
+        }
+        for good in [KEY, "sec-websocket-key:  AAAAAAAAAAAAAAAAAAAAAA== \r\n"] {
+            let up = parse_upgrade(GOOD.replace(KEY, good).as_bytes());
+            assert!(up.unwrap().is_some(), "{good:?}");
+        }
     }
 
     #[test]

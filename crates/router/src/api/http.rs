@@ -6,7 +6,7 @@
 use super::inflight::Ordered;
 use crate::api::reason;
 use crate::metrics::{Listener, ShardMetrics};
-use crate::proto::http::{cross_origin, is_retry_after};
+use crate::proto::http::{cross_origin, is_retry_after, MAX_HEADERS};
 use crate::route::{parse_api_path, PathError};
 use crate::routing::{self, Answer, Field, Ingress, Request, VerifyCache};
 use crate::shard::{BodyCharge, OutboxCharge, Shard};
@@ -101,6 +101,25 @@ pub enum Parsed {
     Error(u16, &'static str, &'static str),
 }
 
+/// The path (and query) of a request target: an absolute-form target
+/// (`http://host/api/...`, RFC 9112 3.2.2, which a server must accept) without its scheme
+/// and authority, any other as it is.
+fn origin_form(target: &str) -> &str {
+    let scheme = |s: &str| {
+        target
+            .get(..s.len())
+            .is_some_and(|t| t.eq_ignore_ascii_case(s))
+    };
+    for s in ["http://", "https://"] {
+        if scheme(s) {
+            let rest = &target[s.len()..];
+            // Empty, but a slice of `target` still (its range is taken in the buffer).
+            return rest.find('/').map_or(&rest[rest.len()..], |i| &rest[i..]);
+        }
+    }
+    target
+}
+
 fn range_of(buf: &[u8], part: &[u8]) -> Range<usize> {
     let start = part.as_ptr() as usize - buf.as_ptr() as usize;
     start..start + part.len()
@@ -109,9 +128,10 @@ fn range_of(buf: &[u8], part: &[u8]) -> Range<usize> {
 /// Parses one request from the front of `buf`, splitting it off when complete.
 #[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
 pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Parsed {
-    // Uninitialized slots: httparse writes the ones it fills, and 64 zeroed headers were a
-    // 2 KiB memset per request.
-    let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; 64];
+    // Uninitialized slots: httparse writes the ones it fills, and zeroed headers were a
+    // memset of 32 bytes per slot per request.
+    let mut headers =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut r = httparse::Request::new(&mut []);
     let n = match r.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
@@ -200,7 +220,7 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
             "send a Content-Length; chunked bodies are not accepted",
         );
     }
-    let path = range_of(buf, r.path.unwrap_or("/").as_bytes());
+    let path = range_of(buf, origin_form(r.path.unwrap_or("/")).as_bytes());
     let body_len = cl.unwrap_or(0);
     if body_len > max_body {
         return Parsed::Error(413, "body_too_large", "request body over the limit");
@@ -283,12 +303,12 @@ fn check_head(
     head: &[u8],
     body_len: usize,
 ) -> Result<(), Answer> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut r = httparse::Request::new(&mut headers);
     if r.parse(head).is_err() {
         return Err(Answer::error(400, "bad_request", "malformed request"));
     }
-    let path = r.path.unwrap_or("/");
+    let path = origin_form(r.path.unwrap_or("/"));
     let field = |name| crate::ws::handshake::header(r.headers, name);
     let credential = field("authorization")
         .and_then(crate::ws::handshake::bearer)
@@ -939,9 +959,11 @@ fn missed_deadline(continued: bool) -> &'static str {
     }
 }
 
+/// A request for `/api/ws`, whatever its method: the endpoint only takes upgrades, so the
+/// upgrade's checks answer every one (another method than GET gets 405 with `Allow: GET`).
 fn is_ws_upgrade(req: &Req) -> bool {
     let path = &req.head()[req.path.clone()];
-    req.method == Method::Get && (path == b"/api/ws" || path.starts_with(b"/api/ws?"))
+    path == b"/api/ws" || path.starts_with(b"/api/ws?")
 }
 
 /// Body bytes held by a connection's requests in flight from which it reads on into a new
@@ -997,6 +1019,25 @@ mod tests {
         // The answer the batch loop writes from its in-flight slot.
         println!("Done: {} bytes", std::mem::size_of::<Done>());
         assert!(n <= 1024, "routed() state is {n} bytes");
+    }
+
+    #[test]
+    fn an_absolute_form_target_is_read_as_its_path() {
+        for (target, path) in [
+            ("http://h:80/api/a?x=1", "/api/a?x=1"),
+            ("HTTPS://h/api/b", "/api/b"),
+            ("http://h", ""),
+            ("/api/c", "/api/c"),
+            ("*", "*"),
+            ("httpx://h/api/d", "httpx://h/api/d"),
+        ] {
+            assert_eq!(origin_form(target), path, "{target}");
+            let req = format!("GET {target} HTTP/1.1\r\nHost: h\r\n\r\n");
+            let Parsed::Request(r) = parse(req.as_bytes()) else {
+                panic!("{target}")
+            };
+            assert_eq!(&r.head()[r.path.clone()], path.as_bytes(), "{target}");
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use fedbus_testkit::attack::rss_kib;
 use fedbus_testkit::ReadRetrying;
 use fedbus_testkit::*;
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -901,4 +901,81 @@ fn websocket_payloads_over_the_connection_share_get_503() {
          RSS +{} MiB during; 5 websocket + 1 HTTP normal requests answered during",
         during_kib / 1024
     );
+}
+
+/// One connection pipelining requests the router answers by itself (`GET /`: 404), as fast as
+/// it can write them, while it reads every answer: each read of the router then comes back
+/// full and each write goes out at once, so the connection never waits on its socket. It must
+/// still yield the shard (glommio's time slice): a well-behaved client on the same shard is
+/// answered meanwhile. Before, the connection's task never returned and the shard served
+/// nothing else for as long as the flood lasted.
+#[test]
+fn a_pipelining_flood_does_not_hold_the_shard() {
+    let r = Router::new().shards(1).start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    normal(&r, APP, &tok, 0);
+    let flood = TcpStream::connect(r.api).expect("connect");
+    let _ = flood.set_nodelay(true);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // A token whose signature does not verify (its last character changed).
+    let mut forged = r.token(APP, "mallory");
+    let last = if forged.ends_with('A') { "B" } else { "A" };
+    forged.replace_range(forged.len() - 1.., last);
+    let path = r.path(APP, 1);
+    let writer = {
+        let mut s = flood.try_clone().expect("clone");
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            // Each request costs the router a signature check (401 bad_signature), so it
+            // parses slower than this thread writes: its reads come back full, and its small
+            // answers never fill the socket.
+            let one = format!(
+                "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {forged}\r\nContent-Length: 0\r\n\r\n"
+            );
+            let burst = one.repeat(256).into_bytes();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if s.write_all(&burst).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let reader = {
+        let mut s = flood.try_clone().expect("clone");
+        s.set_read_timeout(Some(Duration::from_secs(1)))
+            .expect("timeout");
+        let (stop, answered) = (stop.clone(), answered.clone());
+        std::thread::spawn(move || {
+            let mut chunk = vec![0u8; 256 * 1024];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match s.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        answered.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                    Err(_) => break,
+                }
+            }
+        })
+    };
+    // The flood is under way: answers are coming back.
+    wait_for(Duration::from_secs(5), || {
+        (answered.load(std::sync::atomic::Ordering::Relaxed) > 1 << 20).then_some(())
+    })
+    .expect("the flood is answered");
+    let mut worst = Duration::ZERO;
+    for i in 1..=10 {
+        // Each `normal` has the client's read timeout: a shard held by the flood fails it.
+        worst = worst.max(normal(&r, APP, &tok, i));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let flooded = answered.load(std::sync::atomic::Ordering::Relaxed);
+    let _ = flood.shutdown(std::net::Shutdown::Both);
+    writer.join().expect("writer");
+    reader.join().expect("reader");
+    eprintln!("pipelining flood: {flooded} answer bytes; slowest normal request {worst:?}");
 }

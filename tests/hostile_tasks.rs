@@ -1139,3 +1139,32 @@ fn a_dead_shard_makes_readyz_503() {
     assert!(lost.is_empty(), "{lost:?}; answered: {by_shard:?}");
     assert_eq!(by_shard.get("200 0"), Some(&20), "{by_shard:?}");
 }
+
+/// A task that keeps sending `renew`: the first within a second of the one before is refused
+/// `too_often` (PROTOCOL.md section 4), the next closes the link with 1008 (counted in
+/// `fedbus_abusive_closed_total`). Before, each one queued a refusal, so a task that renewed
+/// faster than it read grew the link's outbox, and the log, without bound.
+#[test]
+fn a_renew_flood_closes_the_task_link() {
+    let r = Router::new().shards(1).start();
+    let tok = service_token(&r);
+    let mut l = RawLink::registered(r.internal[0], &tok, 78, "main", &[0]);
+    let renew = serde_json::json!({"type": "renew", "token": ""}).to_string();
+    let reply = |l: &mut RawLink| match l.read_msg() {
+        Ok(Msg::Text(t)) => serde_json::from_slice::<serde_json::Value>(&t).expect("JSON"),
+        other => panic!("expected a renew reply, got {other:?}"),
+    };
+    l.send_frame(opcode::TEXT, renew.as_bytes());
+    let first = reply(&mut l);
+    assert_eq!(first["type"], "renew_refused", "{first}");
+    assert_ne!(first["error"], "too_often", "{first}");
+    l.send_frame(opcode::TEXT, renew.as_bytes());
+    let second = reply(&mut l);
+    assert_eq!(second["error"], "too_often", "{second}");
+    for _ in 0..100 {
+        l.send_frame(opcode::TEXT, renew.as_bytes());
+    }
+    assert_eq!(l.close_code(), Ok(Some(1008)));
+    assert_eq!(r.metrics().get("fedbus_abusive_closed_total"), 1.0);
+    assert!(log_shows(&r, "renews faster than one per second"));
+}

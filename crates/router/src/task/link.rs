@@ -122,6 +122,8 @@ pub(crate) struct TaskLink {
     pub(crate) key_until: Cell<u64>,
     /// When the last `renew` was verified (at most one per second is).
     renewed_at: Cell<Option<Instant>>,
+    /// A renew within a second of the one before was refused (`too_often`) since then.
+    refused_too_soon: Cell<bool>,
     /// Requests sent on this link: a link to a draining peer is closed once it stops
     /// carrying any (`peer::close_when_replaced`).
     sent: Cell<u64>,
@@ -142,6 +144,7 @@ impl TaskLink {
             kid: Cell::new(0),
             key_until: Cell::new(u64::MAX),
             renewed_at: Cell::new(None),
+            refused_too_soon: Cell::new(false),
             sent: Cell::new(0),
         }
     }
@@ -916,7 +919,8 @@ fn on_text(shard: &Shard, link: &TaskLink, text: &[u8]) {
     let Ok(r) = serde_json::from_slice::<Renew>(text) else {
         return;
     };
-    if r.kind != "renew" {
+    // Once the link is closing, what still comes is only read to see the task's close.
+    if r.kind != "renew" || link.out.borrow().is_closing() {
         return;
     }
     let now = Instant::now();
@@ -925,9 +929,22 @@ fn on_text(shard: &Shard, link: &TaskLink, text: &[u8]) {
         .get()
         .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1));
     let verdict = if too_soon {
+        // Each refusal queues a reply: a task that keeps renewing would grow the outbox and
+        // the log as fast as it sends. The first in a second is answered, the next one closes.
+        if link.refused_too_soon.replace(true) {
+            ShardMetrics::inc(&shard.metrics.abusive_closed);
+            tracing::warn!(
+                shard = shard.index,
+                task = link.task,
+                "task link closed: renews faster than one per second"
+            );
+            link.out.borrow_mut().close(1008);
+            return;
+        }
         Err(("too_often", "at most one renew per second".to_string()))
     } else {
         link.renewed_at.set(Some(now));
+        link.refused_too_soon.set(false);
         let keys = shard.snapshots.keys.load();
         match verify_service_token(
             &keys.keyring.cluster,

@@ -402,6 +402,10 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                 return Ok(m);
             }
             self.turn = 0;
+            // Messages larger than the buffer's share of a turn never reach
+            // MESSAGES_PER_TURN: a peer that keeps each read full still yields the shard past
+            // the executor's time slice (outside a glommio executor this never yields).
+            glommio::executor().yield_if_needed().await;
             self.fill().await?;
         }
     }
@@ -844,9 +848,15 @@ impl WsOut {
         }
     }
 
-    /// Queues a text message (control-plane JSON).
+    /// Queues a text message (control-plane JSON). Over the outbox's byte limit the other
+    /// side does not read what it is sent: the connection is closed with 1013 at once
+    /// ([`WsOut::close_now`]) and the message refused.
     pub fn send_text(&mut self, text: &str) -> Result<(), Refused> {
         if self.closing {
+            return Err(Refused);
+        }
+        if !self.has_room(text.len()) {
+            self.close_now(1013);
             return Err(Refused);
         }
         self.push_forced(opcode::TEXT, text.as_bytes());
@@ -1527,6 +1537,17 @@ mod tests {
         let bad = masked(opcode::TEXT, &[0xff, 0xfe], [0; 4], true);
         let mut r = WsReader::new(&bad[..], BytesMut::new(), Side::Server, 99);
         assert_eq!(block_on(r.next()).unwrap_err().close_code(), Some(1007));
+    }
+
+    #[test]
+    fn text_over_the_outbox_limit_closes_1013() {
+        let out = WsOut::new(Side::Server, 100);
+        let mut o = out.borrow_mut();
+        assert!(o.send_text(&"t".repeat(45)).is_ok());
+        assert!(o.send_text(&"t".repeat(45)).is_err());
+        assert!(o.is_closing() && o.overflowed());
+        // The queued text was dropped for the close frame, which comes next.
+        assert_eq!(o.frames.len(), 1);
     }
 
     #[test]

@@ -474,6 +474,9 @@ struct Done {
     start: Instant,
     /// CORS fields for a cross-origin request the app allowed.
     cors: Option<CorsAnswer>,
+    /// The answer's body, charged to the body budget while it waits to be written (behind a
+    /// slower answer before it, it could wait for `limits.request_timeout_ms`).
+    _held: Option<BodyCharge>,
 }
 
 /// A request's answer in its in-flight slot: made at once (a refusal), or by the routing step.
@@ -490,11 +493,13 @@ fn ready<R>(a: Answer, close: bool, n_in: usize, start: Instant) -> Answering<R>
         n_in,
         start,
         cors: None,
+        _held: None,
     }))
 }
 
-/// The answer to one routed request. `charge` is the body's charge on the memory budget, given
-/// back once the answer is made (the body's last use).
+/// The answer to one routed request. `charge` is the body's charge on the memory budget; once
+/// the answer is made (the body's last use) it holds the answer's body instead, until the
+/// answer leaves its in-flight slot to be written (over the budget: `503 overloaded`).
 ///
 /// A function returning an `async move` block rather than an `async fn`, and the request
 /// built before the await rather than in a `match` around it: an `async fn` keeps its
@@ -527,11 +532,27 @@ fn routed(
                     n_in,
                     start,
                     cors: None,
+                    _held: None,
                 }
             }
         };
-        let a = routing::route(&shard, &cache, &r).await;
-        drop(charge);
+        let mut a = routing::route(&shard, &cache, &r).await;
+        // The request's charge now holds its answer until it is written: within the shard's
+        // budget only, as an answer larger than a connection's share of bodies is legitimate.
+        let mut held = charge;
+        if !held.resize(a.payload_len(), usize::MAX) {
+            tracing::info!(
+                shard = shard.index,
+                bytes = a.payload_len(),
+                "answer over the memory budget while it waits to be written: 503"
+            );
+            a = Answer::error(
+                503,
+                "overloaded",
+                "the answer would go over the router's body budget; retry later",
+            );
+            held.resize(0, 0);
+        }
         // Every answer but the refusal of the origin carries the CORS fields, so that the page
         // reads its errors too (for another cluster's app, its router made that refusal and
         // relayed it). Looked at only for a cross-origin request: a relayed answer's error tag
@@ -548,6 +569,7 @@ fn routed(
             n_in,
             start,
             cors,
+            _held: Some(held),
         }
     }
 }
@@ -834,6 +856,7 @@ async fn serve_inner<S: Stream>(
                 n_in,
                 start,
                 ref cors,
+                ..
             }) = inflight.front_mut()
             else {
                 break;

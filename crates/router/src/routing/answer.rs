@@ -107,6 +107,15 @@ impl Answer {
         })
     }
 
+    /// Bytes of a task's (or relayed) answer body; 0 for the router's own answers, which
+    /// are small.
+    pub(crate) fn payload_len(&self) -> usize {
+        match self {
+            Answer::Task { frame, .. } | Answer::Relayed { frame, .. } => frame.payload.len(),
+            Answer::Error(_) | Answer::Preflight { .. } => 0,
+        }
+    }
+
     /// The status the client gets.
     pub(crate) fn status(&self) -> u16 {
         match self {

@@ -1276,6 +1276,19 @@ fn only_a_well_formed_get_opens_a_session() {
         assert!(a.contains("\r\nAllow: GET\r\n"), "{method}: {a}");
         assert!(a.contains("method_not_allowed"), "{method}: {a}");
     }
+    // A body still to come, and a request pipelined behind another: 405 all the same.
+    let upload = format!(
+        "POST /api/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {tok}\r\nContent-Length: 5\r\n\r\n"
+    );
+    let pipelined = format!(
+        "GET /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n{}",
+        head("PUT", &[good])
+    );
+    for (what, raw) in [("upload", upload), ("pipelined", pipelined)] {
+        let a = answer(raw);
+        let last = a.rfind("HTTP/1.1 ").expect("an answer");
+        assert!(a[last..].starts_with("HTTP/1.1 405 "), "{what}: {a}");
+    }
     for keys in [
         &["!!!!!!!!!!!!!!!!!!!!!!!!"][..],
         &["dGhlIHNhbXBsZSBub25jZSE/"],

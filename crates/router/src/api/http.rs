@@ -113,8 +113,11 @@ fn origin_form(target: &str) -> &str {
     for s in ["http://", "https://"] {
         if scheme(s) {
             let rest = &target[s.len()..];
-            // Empty, but a slice of `target` still (its range is taken in the buffer).
-            return rest.find('/').map_or(&rest[rest.len()..], |i| &rest[i..]);
+            // The authority ends at `/`, `?` or `#` (RFC 3986 3.2). Empty, a slice of
+            // `target` still (its range is taken in the buffer).
+            return rest
+                .find(['/', '?', '#'])
+                .map_or(&rest[rest.len()..], |i| &rest[i..]);
         }
     }
     target
@@ -309,6 +312,13 @@ fn check_head(
         return Err(Answer::error(400, "bad_request", "malformed request"));
     }
     let path = origin_form(r.path.unwrap_or("/"));
+    if is_ws_path(path.as_bytes()) {
+        let method = r.method.unwrap_or("");
+        return Err(not_an_upgrade(
+            method,
+            "a websocket upgrade carries no body",
+        ));
+    }
     let field = |name| crate::ws::handshake::header(r.headers, name);
     let credential = field("authorization")
         .and_then(crate::ws::handshake::bearer)
@@ -474,9 +484,9 @@ struct Done {
     start: Instant,
     /// CORS fields for a cross-origin request the app allowed.
     cors: Option<CorsAnswer>,
-    /// The answer's body, charged to the body budget while it waits to be written (behind a
-    /// slower answer before it, it could wait for `limits.request_timeout_ms`).
-    _held: Option<BodyCharge>,
+    /// The answer's body, charged to the memory budget as a queued answer while it waits to
+    /// be written (behind a slower answer before it, for up to `limits.request_timeout_ms`).
+    _held: Option<OutboxCharge>,
 }
 
 /// A request's answer in its in-flight slot: made at once (a refusal), or by the routing step.
@@ -497,9 +507,9 @@ fn ready<R>(a: Answer, close: bool, n_in: usize, start: Instant) -> Answering<R>
     }))
 }
 
-/// The answer to one routed request. `charge` is the body's charge on the memory budget; once
-/// the answer is made (the body's last use) it holds the answer's body instead, until the
-/// answer leaves its in-flight slot to be written (over the budget: `503 overloaded`).
+/// The answer to one routed request. `charge` is the body's charge on the memory budget, given
+/// back once the answer is made (the body's last use); the answer's body is charged from then
+/// until it leaves its in-flight slot to be written.
 ///
 /// A function returning an `async move` block rather than an `async fn`, and the request
 /// built before the await rather than in a `match` around it: an `async fn` keeps its
@@ -536,23 +546,16 @@ fn routed(
                 }
             }
         };
-        let mut a = routing::route(&shard, &cache, &r).await;
-        // The request's charge now holds its answer until it is written: within the shard's
-        // budget only, as an answer larger than a connection's share of bodies is legitimate.
-        let mut held = charge;
-        if !held.resize(a.payload_len(), usize::MAX) {
-            tracing::info!(
-                shard = shard.index,
-                bytes = a.payload_len(),
-                "answer over the memory budget while it waits to be written: 503"
-            );
-            a = Answer::error(
-                503,
-                "overloaded",
-                "the answer would go over the router's body budget; retry later",
-            );
-            held.resize(0, 0);
-        }
+        let a = routing::route(&shard, &cache, &r).await;
+        drop(charge);
+        // The answer is in memory until it is written: charged as a queued answer (whatever
+        // the budget has left: the task already ran, so it is not refused), which a full
+        // budget turns into 503s for new uploads.
+        let held = (a.payload_len() > 0).then(|| {
+            let mut c = OutboxCharge::new(shard.budget.clone());
+            c.force_add(a.payload_len());
+            c
+        });
         // Every answer but the refusal of the origin carries the CORS fields, so that the page
         // reads its errors too (for another cluster's app, its router made that refusal and
         // relayed it). Looked at only for a cross-origin request: a relayed answer's error tag
@@ -569,7 +572,7 @@ fn routed(
             n_in,
             start,
             cors,
-            _held: Some(held),
+            _held: held,
         }
     }
 }
@@ -663,11 +666,8 @@ async fn serve_inner<S: Stream>(
                         return Ok(Some((req.bytes.slice(..req.head_len), buf)));
                     }
                     closing = true;
-                    let a = Answer::error(
-                        400,
-                        "bad_upgrade",
-                        "websocket upgrade after pipelined requests",
-                    );
+                    let why = "websocket upgrade after pipelined requests";
+                    let a = not_an_upgrade(req.method.as_str(), why);
                     inflight.push_back(ready(a, true, 0, Instant::now()));
                 }
                 Parsed::Request(req) => {
@@ -990,8 +990,20 @@ fn missed_deadline(continued: bool) -> &'static str {
 /// A request for `/api/ws`, whatever its method: the endpoint only takes upgrades, so the
 /// upgrade's checks answer every one (another method than GET gets 405 with `Allow: GET`).
 fn is_ws_upgrade(req: &Req) -> bool {
-    let path = &req.head()[req.path.clone()];
+    is_ws_path(&req.head()[req.path.clone()])
+}
+
+fn is_ws_path(path: &[u8]) -> bool {
     path == b"/api/ws" || path.starts_with(b"/api/ws?")
+}
+
+/// The answer to a request for `/api/ws` that cannot be an upgrade where it stands.
+fn not_an_upgrade(method: &str, why: &'static str) -> Answer {
+    if method == "GET" {
+        Answer::error(400, "bad_upgrade", why)
+    } else {
+        Answer::error(405, "method_not_allowed", "websocket upgrade needs GET")
+    }
 }
 
 /// Body bytes held by a connection's requests in flight from which it reads on into a new
@@ -1055,6 +1067,7 @@ mod tests {
             ("http://h:80/api/a?x=1", "/api/a?x=1"),
             ("HTTPS://h/api/b", "/api/b"),
             ("http://h", ""),
+            ("http://h?x=/api/a", "?x=/api/a"),
             ("/api/c", "/api/c"),
             ("*", "*"),
             ("httpx://h/api/d", "httpx://h/api/d"),

@@ -266,39 +266,16 @@ pub(crate) struct BodyCharge {
     n: usize,
 }
 
-impl BodyCharge {
-    /// Makes this charge hold `n` bytes (an HTTP answer that waits behind the ones before it
-    /// holds its body's): gives back what it holds over `n`, or takes what it lacks within
-    /// the shard's budget and the connection's share `share`. False, unchanged, when that is
-    /// refused (counted in `fedbus_overload_refused_total`).
-    pub(crate) fn resize(&mut self, n: usize, share: usize) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        if n == self.n {
-            // An echo's answer, or a request and answer without a body: nothing to move.
-            return true;
-        }
-        if n < self.n {
-            let less = self.n - n;
-            self.shard.budget.give(less);
-            self.conn.set(self.conn.get() - less);
-            self.shard.metrics.body_held.fetch_sub(less as u64, Relaxed);
-        } else {
-            let more = n - self.n;
-            if self.conn.get().saturating_add(more) > share || !self.shard.budget.take(more) {
-                ShardMetrics::inc(&self.shard.metrics.overload_refused);
-                return false;
-            }
-            self.conn.set(self.conn.get() + more);
-            self.shard.metrics.body_held.fetch_add(more as u64, Relaxed);
-        }
-        self.n = n;
-        true
-    }
-}
-
 impl Drop for BodyCharge {
     fn drop(&mut self) {
-        self.resize(0, 0);
+        if self.n > 0 {
+            self.shard.budget.give(self.n);
+            self.conn.set(self.conn.get() - self.n);
+            self.shard
+                .metrics
+                .body_held
+                .fetch_sub(self.n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 

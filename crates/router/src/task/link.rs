@@ -909,7 +909,9 @@ pub(crate) fn key_until(shard: &Shard, kid: u32) -> u64 {
 struct Renew {
     #[serde(rename = "type")]
     kind: String,
-    token: String,
+    /// Not a string (or absent): refused as `bad_token`, as an unreadable token is.
+    #[serde(default)]
+    token: serde_json::Value,
 }
 
 /// A text message from a registered task: `renew` is verified like the token of an upgrade
@@ -948,7 +950,7 @@ fn on_text(shard: &Shard, link: &TaskLink, text: &[u8]) {
         let keys = shard.snapshots.keys.load();
         match verify_service_token(
             &keys.keyring.cluster,
-            &r.token,
+            r.token.as_str().unwrap_or_default(),
             auth::now_unix(),
             shard.cfg.auth.grace_secs,
         ) {

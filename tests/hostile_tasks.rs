@@ -1177,3 +1177,59 @@ fn a_renew_flood_closes_the_task_link() {
     assert_eq!(r.metrics().get("fedbus_abusive_closed_total"), 1.0);
     assert!(log_shows(&r, "renews faster than one per second"));
 }
+
+/// A Redirect whose PARTITION the app does not have (here 999 of 16), or that is not a decimal
+/// `u32`, gets the client `502 bad_redirect`, as an empty ROLE does (PROTOCOL.md section 6).
+/// Before, an out-of-range partition was `503 no_live_task` and an unreadable one was taken
+/// as absent (the same partition again).
+#[test]
+fn a_redirect_to_a_partition_the_app_lacks_is_502() {
+    let r = Router::new().shards(1).start();
+    let tok = service_token(&r);
+    let mut l = RawLink::registered(
+        r.internal[0],
+        &tok,
+        79,
+        "main",
+        &(0..16).collect::<Vec<_>>(),
+    );
+    let client = r.token(APP, "alice");
+    for (partition, why) in [
+        (&b"999"[..], "partition 999 of an app with 16"),
+        (b"abc", "not a number"),
+        (b"4294967296", "not a number"),
+    ] {
+        let (api, path, tok) = (r.api, r.path(APP, 1), client.clone());
+        let asked = std::thread::spawn(move || {
+            let mut c = Conn::open(api);
+            c.request(&Req::post(&path).token(&tok).body(b"x"))
+        });
+        // The request, then the redirect.
+        let f = loop {
+            match l.read_msg() {
+                Ok(Msg::Binary(b)) => break Frame::decode(Bytes::from(b)).expect("a fedbus frame"),
+                Ok(Msg::Ping) => l.send_frame(opcode::PONG, b""),
+                other => panic!("expected a request, got {other:?}"),
+            }
+        };
+        let mut meta = BytesMut::new();
+        put_meta(&mut meta, tag::ROLE, b"main");
+        put_meta(&mut meta, tag::PARTITION, partition);
+        let out = encode_frame(
+            Kind::Redirect,
+            0,
+            f.header.hops,
+            f.header.partition,
+            f.header.request_id,
+            &meta,
+            b"",
+        );
+        l.send_frame(opcode::BINARY, &out);
+        let resp = asked.join().expect("client");
+        resp.assert_error(502, "bad_redirect");
+        assert!(
+            String::from_utf8_lossy(&resp.body).contains(why),
+            "{why}: {resp:?}"
+        );
+    }
+}

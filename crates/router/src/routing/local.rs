@@ -208,18 +208,32 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
                         hops + 1,
                     );
                 }
-                if r.is_empty() {
-                    return Answer::error_at(
-                        502,
-                        "bad_redirect",
-                        "task redirected to an empty role",
-                        Some(served),
-                        hops,
-                    );
+                let partitions = shard
+                    .snapshots
+                    .routes
+                    .load()
+                    .apps
+                    .get(t.app_name)
+                    .map_or(0, |a| a.partitions);
+                let bad = if r.is_empty() {
+                    Some("task redirected to an empty role".to_string())
+                } else {
+                    match p {
+                        Err(()) => {
+                            Some("task redirected to a PARTITION that is not a number".into())
+                        }
+                        Ok(Some(p)) if p >= partitions => Some(format!(
+                            "task redirected to partition {p} of an app with {partitions}"
+                        )),
+                        Ok(_) => None,
+                    }
+                };
+                if let Some(why) = bad {
+                    return Answer::error_at(502, "bad_redirect", why, Some(served), hops);
                 }
                 hops += 1;
                 role = r.into();
-                if let Some(p) = p {
+                if let Ok(Some(p)) = p {
                     want = p;
                 }
             }

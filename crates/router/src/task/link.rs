@@ -25,7 +25,8 @@ pub(crate) enum Reply {
     Response(Frame),
     Redirect {
         role: String,
-        partition: Option<u32>,
+        /// Absent: the same partition. `Err`: present but not a decimal `u32`.
+        partition: Result<Option<u32>, ()>,
     },
     /// The link died before the answer came.
     Lost,
@@ -1024,9 +1025,14 @@ fn on_frame(link: &TaskLink, f: Frame) {
         Kind::Response => link.complete(id, Reply::Response(f)),
         Kind::Redirect => {
             let role = f.get_str(crate::proto::tag::ROLE).unwrap_or("").to_string();
-            let partition = f
-                .get_u64(crate::proto::tag::PARTITION)
-                .and_then(|p| u32::try_from(p).ok());
+            let partition = match f.get(crate::proto::tag::PARTITION) {
+                None => Ok(None),
+                Some(_) => f
+                    .get_u64(crate::proto::tag::PARTITION)
+                    .and_then(|p| u32::try_from(p).ok())
+                    .map(Some)
+                    .ok_or(()),
+            };
             link.complete(id, Reply::Redirect { role, partition });
         }
         other => tracing::debug!(task = link.task, ?other, "unexpected frame kind from task"),

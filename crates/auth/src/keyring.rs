@@ -113,6 +113,19 @@ pub enum VersionState {
     Unknown,
 }
 
+impl VersionState {
+    /// Until when (unix seconds, exclusive) a credential signed by this version verifies:
+    /// `u64::MAX` for the newest, the end of its grace once replaced, 0 once retired or
+    /// unknown. An open link holds this and is closed when the clock passes it.
+    pub fn verifies_until(self) -> u64 {
+        match self {
+            VersionState::Newest => u64::MAX,
+            VersionState::Grace { until } => until,
+            VersionState::Retired | VersionState::Unknown => 0,
+        }
+    }
+}
+
 /// The rotation rule, one pure function for JWTs and service tokens alike.
 ///
 /// `versions` must be sorted ascending by version (as [`Keyring::load`] leaves them). The newest

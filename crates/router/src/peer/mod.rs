@@ -688,16 +688,10 @@ fn check_peer_token(shard: &Shard, token: Option<&str>) -> Admission {
     if c.cluster != claimed || !c.app.is_empty() {
         return Err((401, "bad_token", "not a peer token".into()));
     }
-    let key_until = match auth::check_version(keys, c.kid, now, grace) {
-        auth::VersionState::Grace { until } => until,
-        // Verified just now, so the newest (or retired within this second: closed at once).
-        auth::VersionState::Newest => u64::MAX,
-        auth::VersionState::Retired | auth::VersionState::Unknown => 0,
-    };
     Ok(PeerCred {
         cluster: c.cluster,
         exp: c.exp,
-        key_until,
+        key_until: auth::check_version(keys, c.kid, now, grace).verifies_until(),
     })
 }
 
@@ -848,22 +842,21 @@ async fn send_status(
             return;
         }
         let fed = shard.snapshots.fed.load().generation;
+        let mut revoked = None;
         if std::mem::replace(&mut fed_seen, fed) != fed {
             match admitted(&shard) {
                 Ok(cred) => key_until = cred.key_until,
-                Err((_, code, why)) => {
-                    ShardMetrics::inc(&shard.metrics.links_revoked);
-                    tracing::warn!(shard = shard.index, cluster = %from, code, "peer link closed after a reload: {why}");
-                    out.borrow_mut().close(1008);
-                    return;
-                }
+                Err((_, code, why)) => revoked = Some(format!(" after a reload: {code}: {why}")),
             }
         }
         // No reload needed: a replaced key version stops verifying when its grace ends, and
         // a new link with this token would be refused from then on.
-        if crate::util::unix_secs_coarse() >= key_until {
+        if revoked.is_none() && crate::util::unix_secs_coarse() >= key_until {
+            revoked = Some(": the key version of its peer token retired".into());
+        }
+        if let Some(why) = revoked {
             ShardMetrics::inc(&shard.metrics.links_revoked);
-            tracing::warn!(shard = shard.index, cluster = %from, "peer link closed: the key version of its peer token retired");
+            tracing::warn!(shard = shard.index, cluster = %from, "peer link closed{why}");
             out.borrow_mut().close(1008);
             return;
         }

@@ -898,11 +898,7 @@ fn close_at_expiry(link: Rc<TaskLink>) -> glommio::Task<()> {
 pub(crate) fn key_until(shard: &Shard, kid: u32) -> u64 {
     let keys = shard.snapshots.keys.load();
     let (now, grace) = (auth::now_unix(), shard.cfg.auth.grace_secs);
-    match auth::check_version(&keys.keyring.cluster, kid, now, grace) {
-        auth::VersionState::Newest => u64::MAX,
-        auth::VersionState::Grace { until } => until,
-        auth::VersionState::Retired | auth::VersionState::Unknown => 0,
-    }
+    auth::check_version(&keys.keyring.cluster, kid, now, grace).verifies_until()
 }
 
 /// Task -> router: a fresh service token for this open link.
@@ -910,7 +906,7 @@ pub(crate) fn key_until(shard: &Shard, kid: u32) -> u64 {
 struct Renew {
     #[serde(rename = "type")]
     kind: String,
-    /// Not a string (or absent): refused as `bad_token`, as an unreadable token is.
+    /// Not a string (or absent): verified as an empty token, so refused `missing_token`.
     #[serde(default)]
     token: serde_json::Value,
 }
@@ -1027,9 +1023,9 @@ fn on_frame(link: &TaskLink, f: Frame) {
             let role = f.get_str(crate::proto::tag::ROLE).unwrap_or("").to_string();
             let partition = match f.get(crate::proto::tag::PARTITION) {
                 None => Ok(None),
-                Some(_) => f
-                    .get_u64(crate::proto::tag::PARTITION)
-                    .and_then(|p| u32::try_from(p).ok())
+                Some(v) => std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|s| s.parse::<u32>().ok())
                     .map(Some)
                     .ok_or(()),
             };

@@ -1468,3 +1468,17 @@ fn a_forwarded_body_is_charged_to_the_serving_routers_budget() {
         spb2("fedbus_body_bytes_held")
     );
 }
+
+/// A router started again straight after a SIGKILL comes up on its own addresses. The kernel
+/// holds a killed router's listening sockets for a few milliseconds after it has been reaped
+/// (it tears the io_uring down later), and the router's "address in use" probe waits that out
+/// instead of failing (the build before: "api listener ...: Address already in use").
+#[test]
+fn a_router_started_straight_after_a_kill9_comes_up() {
+    let mut f = Federation::builder().start();
+    for _ in 0..3 {
+        // SIGKILL, reap, then `fedbus run` at once; panics unless the ready line comes.
+        f.router_mut("spb2", 1).restart();
+    }
+    wait_readyz(f.router("spb2", 1), Duration::from_secs(10));
+}

@@ -256,7 +256,21 @@ impl Impostor {
                 )
                 .expect("server cert"),
         );
-        let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("impostor bind {addr}: {e}"));
+        // The killed router's sockets stay bound for a few milliseconds after it has been
+        // reaped (the kernel tears its io_uring down later): wait until the address is free.
+        let since = Instant::now();
+        let l = loop {
+            match TcpListener::bind(addr) {
+                Ok(l) => break l,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && since.elapsed() < Duration::from_secs(5) =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("impostor bind {addr}: {e}"),
+            }
+        };
         l.set_nonblocking(true).expect("nonblocking");
         let (connections, got_data, stop) = (
             Arc::new(AtomicUsize::new(0)),

@@ -51,15 +51,36 @@ fn listen_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<Socket> 
     Ok(s)
 }
 
-/// Fails when `addr` is taken. Every listener is bound with SO_REUSEPORT (so that a new router
-/// can take the addresses over, `listen.takeover`); a bind without it first makes a second
-/// router on the same address fail with "address in use" instead of silently sharing it.
-/// Skipped for port 0 and when taking over.
+/// How long [`probe`] keeps trying an address that is in use. A router killed with SIGKILL
+/// holds its listening sockets for a few milliseconds after it has been reaped (the kernel
+/// tears its io_uring down later, in a work queue; 5-10 ms measured here), so a restart
+/// straight after a crash found its own old address taken (`kill -9` then `fedbus run`: 20
+/// failures in 20). nginx retries a bind in the same way (5 tries, 500 ms apart).
+pub(crate) const PROBE_RETRY: Duration = Duration::from_secs(1);
+
+/// Fails when `addr` is taken, after trying for [`PROBE_RETRY`]. Every listener is bound with
+/// SO_REUSEPORT (so that a new router can take the addresses over, `listen.takeover`); a bind
+/// without it first makes a second router on the same address fail with "address in use"
+/// instead of silently sharing it. Skipped for port 0 and when taking over.
 pub(crate) fn probe(addr: SocketAddr, takeover: bool) -> std::io::Result<()> {
-    if addr.port() != 0 && !takeover {
-        drop(listen_socket(addr, false)?);
+    if addr.port() == 0 || takeover {
+        return Ok(());
     }
-    Ok(())
+    let start = Instant::now();
+    loop {
+        match listen_socket(addr, false) {
+            Ok(s) => {
+                drop(s);
+                return Ok(());
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse && start.elapsed() < PROBE_RETRY =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// A listening socket on `addr` shared through SO_REUSEPORT, after [`probe`].

@@ -163,10 +163,12 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
             "GET, HEAD, POST, PUT, PATCH, DELETE or OPTIONS",
         );
     };
-    let mut close = r.version == Some(0);
+    let http10 = r.version == Some(0);
+    let (mut close, mut keep_alive) = (false, false);
     let mut cl: Option<usize> = None;
     let (mut token, mut ctype, mut expect, mut te) = (None, None, false, false);
     let (mut origin, mut host, mut acrm) = (None, None, false);
+    let mut hosts = 0;
     for h in r.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
@@ -191,22 +193,25 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
         } else if name.eq_ignore_ascii_case("content-type") {
             ctype = Some(range_of(buf, h.value));
         } else if name.eq_ignore_ascii_case("connection") {
-            let v = h.value;
-            if v.eq_ignore_ascii_case(b"close") {
-                close = true;
-            } else if v.eq_ignore_ascii_case(b"keep-alive") {
-                close = false;
+            // A list of options (RFC 9110 7.6.1): `TE, close` closes too.
+            for option in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                close |= option.eq_ignore_ascii_case(b"close");
+                keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
             }
         } else if name.eq_ignore_ascii_case("host") {
+            hosts += 1;
             host = Some(range_of(buf, h.value));
         } else if name.eq_ignore_ascii_case("origin") {
             origin = Some(range_of(buf, h.value));
         } else if name.eq_ignore_ascii_case("expect") {
-            expect = h.value.eq_ignore_ascii_case(b"100-continue");
+            // An HTTP/1.0 client does not know 100 Continue (RFC 9110 10.1.1: ignored).
+            expect = !http10 && h.value.eq_ignore_ascii_case(b"100-continue");
         } else if name.eq_ignore_ascii_case("access-control-request-method") {
             acrm = true;
         }
     }
+    // HTTP/1.0 closes after each answer unless it asks to keep the connection.
+    let close = close || http10 && !keep_alive;
     if te {
         // RFC 9112 6.3: both framings at once is how requests are smuggled past a proxy that
         // reads the other one: refuse and close (every Parsed::Error closes the connection).
@@ -223,7 +228,18 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
             "send a Content-Length; chunked bodies are not accepted",
         );
     }
-    let path = range_of(buf, origin_form(r.path.unwrap_or("/")).as_bytes());
+    let target = origin_form(r.path.unwrap_or("/"));
+    // RFC 9112 3.2: an HTTP/1.1 request without a Host, or any with more than one, is a 400
+    // (the one kept would be a guess, and it decides whether a request is cross-origin). An
+    // upgrade's own checks answer these for `/api/ws` (400 bad_upgrade).
+    if (hosts > 1 || hosts == 0 && !http10) && !is_ws_path(target.as_bytes()) {
+        let why = match hosts {
+            0 => "an HTTP/1.1 request needs a Host",
+            _ => "more than one Host",
+        };
+        return Parsed::Error(400, "bad_request", why);
+    }
+    let path = range_of(buf, target.as_bytes());
     let body_len = cl.unwrap_or(0);
     if body_len > max_body {
         return Parsed::Error(413, "body_too_large", "request body over the limit");
@@ -401,6 +417,11 @@ fn write_head(
     if !has_ct && body_len.is_some() {
         out.put_slice(b"content-type: application/octet-stream\r\n");
     }
+    if let Answer::Error(e) = a {
+        if e.status == 405 {
+            out.put_slice(allow_line(&e.message));
+        }
+    }
     if let Some(c) = cors {
         out.put_slice(b"access-control-allow-origin: ");
         out.put_slice(&c.origin);
@@ -495,11 +516,13 @@ struct Done {
 type Answering<R> = Either<std::future::Ready<Done>, R>;
 
 /// An answer the connection made itself (a parse error, a timeout, a refusal of the body).
-fn ready<R>(a: Answer, close: bool, n_in: usize, start: Instant) -> Answering<R> {
+/// A refusal the connection makes itself; `head`: the request was a HEAD (its answer carries
+/// no body).
+fn ready<R>(a: Answer, head: bool, close: bool, n_in: usize, start: Instant) -> Answering<R> {
     Either::Left(std::future::ready(Done {
         a,
         close,
-        head: false,
+        head,
         n_in,
         start,
         cors: None,
@@ -606,6 +629,9 @@ async fn serve_inner<S: Stream>(
     let cache = Rc::new(RefCell::new(VerifyCache::new(1)));
     let mut closing = false;
     let mut continued = false;
+    // A `100 Continue` owed to the request whose body is awaited, written behind the answers
+    // of the requests before it (an interim answer ahead of them would be taken for theirs).
+    let mut continue_owed = false;
     // Draining (or evicted) while a request's body was arriving: that request is the last.
     let mut finish_current = false;
     // Bytes of request bodies this connection holds (its share of the body budget), and the
@@ -646,15 +672,14 @@ async fn serve_inner<S: Stream>(
                                 .and_then(|()| shard.charge_body(&held, body_len));
                         if let Err(a) = checked.map(|c| receiving = Some(c)) {
                             closing = true;
-                            inflight.push_back(ready(a, true, 0, Instant::now()));
+                            let head = is_head(&buf);
+                            inflight.push_back(ready(a, head, true, 0, Instant::now()));
                             break;
                         }
-                        if continue_ {
-                            stream
-                                .write_parts(&[Bytes::from_static(
-                                    b"HTTP/1.1 100 Continue\r\n\r\n",
-                                )])
-                                .await?;
+                        if continue_ && inflight.is_empty() {
+                            stream.write_parts(&[Bytes::from_static(CONTINUE)]).await?;
+                        } else {
+                            continue_owed = continue_;
                         }
                     }
                     break;
@@ -662,7 +687,7 @@ async fn serve_inner<S: Stream>(
                 Parsed::Error(status, code, msg) => {
                     closing = true;
                     let a = Answer::error(status, code, msg);
-                    inflight.push_back(ready(a, true, 0, Instant::now()));
+                    inflight.push_back(ready(a, is_head(&buf), true, 0, Instant::now()));
                 }
                 Parsed::Request(req) if is_ws_upgrade(&req) => {
                     if inflight.is_empty() {
@@ -671,7 +696,8 @@ async fn serve_inner<S: Stream>(
                     closing = true;
                     let why = "websocket upgrade after pipelined requests";
                     let a = not_an_upgrade(req.method.as_str(), why);
-                    inflight.push_back(ready(a, true, 0, Instant::now()));
+                    let head = req.method == Method::Head;
+                    inflight.push_back(ready(a, head, true, 0, Instant::now()));
                 }
                 Parsed::Request(req) => {
                     closing |= std::mem::take(&mut finish_current);
@@ -683,6 +709,7 @@ async fn serve_inner<S: Stream>(
                     let close = req.close;
                     closing |= close;
                     let n_in = req.body().len();
+                    let head = req.method == Method::Head;
                     // A body that arrived with its head is charged now; one received after
                     // its head was charged then.
                     let answering = match receiving
@@ -697,7 +724,7 @@ async fn serve_inner<S: Stream>(
                             close,
                             start,
                         )),
-                        Err(a) => ready(a, close, n_in, start),
+                        Err(a) => ready(a, head, close, n_in, start),
                     };
                     inflight.push_back(answering);
                 }
@@ -750,7 +777,7 @@ async fn serve_inner<S: Stream>(
                     tracing::info!(shard = shard.index, "{what}: 408");
                     closing = true;
                     let a = Answer::error(408, "request_timeout", what);
-                    inflight.push_back(ready(a, true, 0, Instant::now()));
+                    inflight.push_back(ready(a, is_head(&buf), true, 0, Instant::now()));
                 }
                 Ok(Ok(0)) | Err(_) => break,
                 Ok(Ok(_)) => {
@@ -781,6 +808,8 @@ async fn serve_inner<S: Stream>(
             // READ_AHEAD_BODY_BYTES held) read on into a new buffer: the next heads are
             // checked, charged to the connection's share (503 over it) and pipelined as before.
             let room = has_room(&buf) || held.get() >= READ_AHEAD_BODY_BYTES;
+            // Whether the late request (if one is) is a HEAD: its first bytes are read.
+            let late_head = due.is_some() && is_head(&buf);
             let next = std::pin::pin!(inflight.front());
             let read = std::pin::pin!(async {
                 match room {
@@ -820,7 +849,7 @@ async fn serve_inner<S: Stream>(
                     receiving = None;
                     closing = true;
                     let a = Answer::error(408, "request_timeout", what);
-                    inflight.push_back(ready(a, true, 0, Instant::now()));
+                    inflight.push_back(ready(a, late_head, true, 0, Instant::now()));
                     continue;
                 }
             }
@@ -902,6 +931,12 @@ async fn serve_inner<S: Stream>(
             // The pass that found the first answer done polled every request in flight: the
             // batch takes the ones it found done, with no poll per answer. One that finishes
             // meanwhile goes in the next batch (the next pass polls every request again).
+        }
+        if continue_owed && inflight.is_empty() {
+            continue_owed = false;
+            if !closing {
+                out.put_slice(CONTINUE);
+            }
         }
         if !out.is_empty() {
             parts.push(out.split().freeze());
@@ -990,6 +1025,14 @@ fn missed_deadline(continued: bool) -> &'static str {
     }
 }
 
+/// The request at the front of `buf` (complete or not) is a HEAD: its answer, a refusal
+/// included, carries no body (RFC 9110 9.3.2). Empty lines before a request are skipped, as
+/// the parser skips them.
+fn is_head(buf: &[u8]) -> bool {
+    let start = buf.iter().position(|&b| b != b'\r' && b != b'\n');
+    start.is_some_and(|i| buf[i..].starts_with(b"HEAD "))
+}
+
 /// A request for `/api/ws`, whatever its method: the endpoint only takes upgrades, so the
 /// upgrade's checks answer every one (another method than GET gets 405 with `Allow: GET`).
 fn is_ws_upgrade(req: &Req) -> bool {
@@ -1005,7 +1048,23 @@ fn not_an_upgrade(method: &str, why: &'static str) -> Answer {
     if method == "GET" {
         Answer::error(400, "bad_upgrade", why)
     } else {
-        Answer::error(405, "method_not_allowed", "websocket upgrade needs GET")
+        Answer::error(405, "method_not_allowed", WS_NEEDS_GET)
+    }
+}
+
+/// The interim answer to `Expect: 100-continue`.
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// The message of a 405 for `/api/ws`, which takes GET only.
+const WS_NEEDS_GET: &str = "websocket upgrade needs GET";
+
+/// The `Allow` line of a router's own 405 (a 405 must carry one, RFC 9110 15.5.6): GET for
+/// `/api/ws`, else every method [`Method`] knows.
+fn allow_line(message: &str) -> &'static [u8] {
+    if message == WS_NEEDS_GET {
+        b"allow: GET\r\n"
+    } else {
+        b"allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n"
     }
 }
 
@@ -1087,7 +1146,7 @@ mod tests {
     #[test]
     fn parses_pipelined_requests_without_copy() {
         let mut b = BytesMut::from(
-            &b"POST /api/a HTTP/1.1\r\nAuthorization: Bearer tok\r\nContent-Length: 3\r\n\r\nabcGET /x HTTP/1.1\r\n\r\n"[..],
+            &b"POST /api/a HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer tok\r\nContent-Length: 3\r\n\r\nabcGET /x HTTP/1.1\r\nHost: h\r\n\r\n"[..],
         );
         let Parsed::Request(r) = parse_one(&mut b, 1024, 100) else {
             panic!("first")
@@ -1104,22 +1163,72 @@ mod tests {
     }
 
     #[test]
+    fn connection_is_a_list_of_options() {
+        for (fields, close) in [
+            ("HTTP/1.1\r\nHost: h", false),
+            ("HTTP/1.1\r\nHost: h\r\nConnection: close", true),
+            ("HTTP/1.1\r\nHost: h\r\nConnection: TE, close", true),
+            ("HTTP/1.1\r\nHost: h\r\nConnection: Keep-Alive ,CLOSE", true),
+            (
+                "HTTP/1.1\r\nHost: h\r\nConnection: TE\r\nConnection: close,",
+                true,
+            ),
+            ("HTTP/1.1\r\nHost: h\r\nConnection: closed", false),
+            ("HTTP/1.0", true),
+            ("HTTP/1.0\r\nConnection: keep-alive", false),
+            ("HTTP/1.0\r\nConnection: keep-alive, close", true),
+        ] {
+            let req = format!("GET / {fields}\r\n\r\n");
+            let Parsed::Request(r) = parse(req.as_bytes()) else {
+                panic!("{fields}")
+            };
+            assert_eq!(r.close, close, "{fields}");
+        }
+    }
+
+    #[test]
+    fn a_head_request_is_known_before_it_parses() {
+        assert!(is_head(b"HEAD /api/x HTTP/1.1\r\n"));
+        assert!(is_head(b"\r\nHEAD /"));
+        assert!(!is_head(b"HEADER / HTTP/1.1\r\n"));
+        assert!(!is_head(b"GET / HTTP/1.1\r\n"));
+        assert!(!is_head(b""));
+        assert_eq!(allow_line(WS_NEEDS_GET), b"allow: GET\r\n");
+        // Every method the parser knows is allowed, and nothing else.
+        let all = std::str::from_utf8(allow_line("")).unwrap();
+        let listed: Vec<&str> = all
+            .trim_start_matches("allow: ")
+            .trim_end()
+            .split(", ")
+            .collect();
+        assert!(
+            listed.iter().all(|m| Method::parse(m).is_some()),
+            "{listed:?}"
+        );
+        for m in [
+            "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT",
+        ] {
+            assert_eq!(Method::parse(m).is_some(), listed.contains(&m), "{m}");
+        }
+    }
+
+    #[test]
     fn limits_and_errors() {
         assert!(matches!(
-            parse(b"POST / HTTP/1.1\r\nContent-Length: 101\r\n\r\n"),
+            parse(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 101\r\n\r\n"),
             Parsed::Error(413, ..)
         ));
         assert!(matches!(
-            parse(b"TRACE / HTTP/1.1\r\n\r\n"),
+            parse(b"TRACE / HTTP/1.1\r\nHost: h\r\n\r\n"),
             Parsed::Error(405, ..)
         ));
         assert!(matches!(
-            parse(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            parse(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"),
             Parsed::Error(411, ..)
         ));
         for both in [
-            &b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc"[..],
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\nabc",
+            &b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc"[..],
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\nabc",
         ] {
             assert!(
                 matches!(parse(both), Parsed::Error(400, ..)),
@@ -1127,25 +1236,45 @@ mod tests {
             );
         }
         assert!(matches!(
-            parse(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n"),
+            parse(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: x\r\n\r\n"),
             Parsed::Error(400, ..)
         ));
         assert!(matches!(
-            parse(b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\nabcde"),
+            parse(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +5\r\n\r\nabcde"),
             Parsed::Error(400, ..)
         ));
         assert!(matches!(
             parse(b"\x01\x02 nonsense\r\n\r\n"),
             Parsed::Error(400, ..)
         ));
-        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(2000));
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: h\r\nX: {}\r\n\r\n",
+            "a".repeat(2000)
+        );
         assert!(matches!(parse(big.as_bytes()), Parsed::Error(431, ..)));
         assert!(matches!(
-            parse(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\nab"),
+            parse(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\nab"),
             Parsed::Incomplete {
                 continue_: true,
                 ..
             }
+        ));
+        assert!(matches!(
+            parse(b"POST / HTTP/1.0\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\nab"),
+            Parsed::Incomplete {
+                continue_: false,
+                ..
+            }
+        ));
+        for hosts in [
+            &b"GET / HTTP/1.1\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        ] {
+            assert!(matches!(parse(hosts), Parsed::Error(400, ..)), "Host");
+        }
+        assert!(matches!(
+            parse(b"GET / HTTP/1.0\r\n\r\n"),
+            Parsed::Request(_)
         ));
         assert!(matches!(
             parse(b"GET / HT"),

@@ -768,7 +768,10 @@ async fn serve_inner<S: Stream>(
             let got = match got {
                 Ok(Some(r)) => Ok(r),
                 // Evicted: close quietly, as an idle keep-alive connection may be closed.
-                Ok(None) => break,
+                Ok(None) => {
+                    close_idle(stream).await;
+                    break;
+                }
                 Err(e) => Err(e),
             };
             match got {
@@ -779,7 +782,12 @@ async fn serve_inner<S: Stream>(
                     let a = Answer::error(408, "request_timeout", what);
                     inflight.push_back(ready(a, is_head(&buf), true, 0, Instant::now()));
                 }
-                Ok(Ok(0)) | Err(_) => break,
+                Ok(Ok(0)) => break,
+                // Idle for `limits.idle_timeout_ms`: closed.
+                Err(_) => {
+                    close_idle(stream).await;
+                    break;
+                }
                 Ok(Ok(_)) => {
                     read_at = Instant::now();
                     if !continued {
@@ -973,6 +981,17 @@ async fn serve_inner<S: Stream>(
         lingering_close(stream).await;
     }
     Ok(None)
+}
+
+/// Ends an idle keep-alive connection the router closes (idle timeout, eviction): over TLS
+/// with `close_notify` first (RFC 8446 6.1; strict clients report a close without it as an
+/// error), then the FIN. Nothing is in flight, so nothing needs to be read after it; the
+/// write is bounded by 1 s in case the client stopped reading.
+async fn close_idle<S: Stream>(stream: &mut S) {
+    let _ = glommio::timer::timeout(Duration::from_secs(1), async {
+        Ok(stream.shutdown_write().await)
+    })
+    .await;
 }
 
 /// Lingering close, at most 1 s: the client may still be sending (a body we refused with

@@ -159,9 +159,10 @@ fn mtime(path: &std::path::Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-/// How long after its mtime a watched config file is looked at again (see
-/// [`Watched::changed_or_racy`]); a look that finds the bytes last read does nothing.
-const RACY: Duration = Duration::from_millis(100);
+/// How long after its mtime a watched config file (or TLS file, `tls::Reloader::poll`) is
+/// looked at again (see [`Watched::changed_or_racy`]); a look that finds the bytes last read
+/// does nothing.
+pub(crate) const RACY: Duration = Duration::from_millis(100);
 
 /// Files whose mtime is watched, with the mtime last seen.
 #[derive(Default)]

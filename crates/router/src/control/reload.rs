@@ -30,7 +30,13 @@ pub(crate) fn restart_needed(started: &Config, new: &Config) -> Vec<&'static str
     );
     check("dev", started.dev != new.dev);
     check("keyring", started.keyring != new.keyring);
-    check("[listen]", started.listen != new.listen);
+    // `listen.takeover` is how this run started (`fedbus run --takeover` sets it), not a
+    // listener: a file without it after a takeover start is no change.
+    let takeover = crate::config::Listen {
+        takeover: new.listen.takeover,
+        ..started.listen.clone()
+    };
+    check("[listen]", takeover != new.listen);
     check("[limits]", started.limits != new.limits);
     check("[auth]", started.auth != new.auth);
     check(
@@ -69,6 +75,9 @@ mod tests {
         let mut new = started.clone();
         new.apps = vec![app("demo/echo", 32), app("demo/new", 4)];
         assert!(restart_needed(&started, &new).is_empty());
+        let mut took_over = started.clone();
+        took_over.listen.takeover = true;
+        assert!(restart_needed(&took_over, &new).is_empty(), "--takeover");
         new.listen.api = ([127, 0, 0, 1], 1).into();
         new.limits.max_body_bytes += 1;
         assert_eq!(restart_needed(&started, &new), vec!["[listen]", "[limits]"]);

@@ -299,9 +299,19 @@ async fn watch_view(shard: Rc<Shard>, mut seen: u64) {
 
 async fn dial_loop(shard: Rc<Shard>, cluster: String, slot: Rc<Slot>) {
     let mut backoff = Duration::from_millis(50);
+    // The first failure after a link (or the first of all) is a warning, the retries that
+    // fail the same way are debug: one line per outage, not one per backoff step.
+    let mut warned = false;
     while !slot.stopped.get() {
         match dial_once(&shard, &cluster, &slot).await {
-            Ok(()) => backoff = Duration::from_millis(50),
+            Ok(()) => {
+                backoff = Duration::from_millis(50);
+                warned = false;
+            }
+            Err(e) if !warned => {
+                warned = true;
+                tracing::warn!(shard = shard.index, %cluster, addr = %slot.addr, "peer link: {e}; retrying with backoff (up to 5 s)")
+            }
             Err(e) => {
                 tracing::debug!(shard = shard.index, %cluster, addr = %slot.addr, "peer link: {e}")
             }
@@ -920,22 +930,33 @@ fn forwarded_request(f: &Frame, received: Instant) -> Result<Request<'_>, Answer
 }
 
 /// The peer token this router presents: from `peer_token_file`, or minted from the private
-/// cluster key of the keyring in dev mode.
+/// cluster key of the keyring in dev mode. Read at start, also by a router with no other
+/// router in its `[federation]` yet: a cluster added by a reload is dialed with it (before,
+/// such a router dialed with no token and was refused for its whole life). With no other
+/// router, a token that cannot be had is no error (none is needed yet): it is logged.
 pub(crate) fn peer_token(cfg: &crate::config::Config) -> anyhow::Result<Option<String>> {
+    let token = own_peer_token(cfg);
     if cfg.peer_clusters().next().is_none() && siblings(cfg).is_empty() {
-        return Ok(None);
+        return Ok(token.map(Some).unwrap_or_else(|e| {
+            tracing::info!("no peer token ({e:#}): a cluster added to [federation] by a reload needs a restart to be dialed");
+            None
+        }));
     }
+    token.map(Some)
+}
+
+fn own_peer_token(cfg: &crate::config::Config) -> anyhow::Result<String> {
     if let Some(p) = &cfg.federation.peer_token_file {
         let t = std::fs::read_to_string(p)
             .map_err(|e| anyhow::anyhow!("federation.peer_token_file {}: {e}", p.display()))?;
-        return Ok(Some(t.trim().to_string()));
+        return Ok(t.trim().to_string());
     }
     if !cfg.dev {
         anyhow::bail!("federation.peer_token_file is required outside dev mode");
     }
     let (kid, key) = crate::auth::Keyring::cluster_signing_key(&cfg.keyring_dir())?;
     let now = auth::now_unix();
-    Ok(Some(crate::auth::sign_service_token(
+    Ok(crate::auth::sign_service_token(
         &key,
         &crate::auth::ServiceClaims {
             kid,
@@ -946,7 +967,7 @@ pub(crate) fn peer_token(cfg: &crate::config::Config) -> anyhow::Result<Option<S
             exp: now + 365 * 86400,
             role: None,
         },
-    )))
+    ))
 }
 
 /// Shared handle type for shards.

@@ -1161,10 +1161,8 @@ fn sighup_with_bad_configs_is_refused_and_counted_then_a_good_one_applies() {
         r.metrics().get("fedbus_config_reload_failed_total"),
         bad.len() as f64
     );
-    r.request(&Req::post(&format!(
-        "/api/local/dev/demo/added/api/1/sys/echo"
-    )))
-    .assert_error(401, "missing_token");
+    r.request(&Req::post("/api/local/dev/demo/added/api/1/sys/echo"))
+        .assert_error(401, "missing_token");
 }
 
 /// ROTATION.md: the config file is also re-read when its mtime changes (no SIGHUP); a broken

@@ -25,6 +25,26 @@ use std::time::{Duration, Instant};
 
 const APP: &str = "demo/echo";
 
+/// `fedbus keys cert` from the dev CA of `dir/keys` (made on first use) for `names`, written
+/// to `dir/<out>.pem|key`; returns (cert, key).
+fn dev_cert(dir: &Path, out: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+    let keys = dir.join("keys");
+    let o = dir.join(out);
+    let mut args = vec![
+        "keys",
+        "cert",
+        "--keyring",
+        keys.to_str().expect("utf-8"),
+        "--out",
+        o.to_str().expect("utf-8"),
+    ];
+    for n in names {
+        args.extend(["--name", n]);
+    }
+    fedbus(dir, &args);
+    (o.with_extension("pem"), o.with_extension("key"))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Small helpers.
 
@@ -1295,23 +1315,7 @@ fn sighup_with_broken_tls_files_keeps_serving_the_old_certificate() {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, ServerName};
     let certs = TempDir::new("lifecycle-certs");
-    let issue = |out: &str, names: &[&str]| -> (PathBuf, PathBuf) {
-        let keys = certs.path().join("keys");
-        let o = certs.path().join(out);
-        let mut args = vec![
-            "keys",
-            "cert",
-            "--keyring",
-            keys.to_str().unwrap(),
-            "--out",
-            o.to_str().unwrap(),
-        ];
-        for n in names {
-            args.extend(["--name", n]);
-        }
-        fedbus(certs.path(), &args);
-        (o.with_extension("pem"), o.with_extension("key"))
-    };
+    let issue = |out: &str, names: &[&str]| dev_cert(certs.path(), out, names);
     let a = issue("a", &["a.test", "127.0.0.1"]);
     let other = issue("other", &["a.test"]);
     let ca = certs.path().join("keys/tls/dev-ca.pem");
@@ -1840,26 +1844,8 @@ fn certificates_renewed_with_keys_cert_are_always_picked_up_by_the_poll() {
     use rustls::pki_types::{CertificateDer, ServerName};
     let certs = TempDir::new("lifecycle-renew");
     let keys = certs.path().join("keys");
-    let out = certs.path().join("a");
-    let issue = || {
-        fedbus(
-            certs.path(),
-            &[
-                "keys",
-                "cert",
-                "--keyring",
-                keys.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-                "--name",
-                "a.test",
-                "--name",
-                "127.0.0.1",
-            ],
-        );
-    };
-    issue();
-    let a = (out.with_extension("pem"), out.with_extension("key"));
+    let issue = || dev_cert(certs.path(), "a", &["a.test", "127.0.0.1"]);
+    let a = issue();
     let ca = keys.join("tls/dev-ca.pem");
     let r = seed::start_with(
         Router::new().tls(std::slice::from_ref(&a)),
@@ -2175,22 +2161,7 @@ fn drain_with_https_clients() {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, ServerName};
     let certs = TempDir::new("lifecycle-drain-tls");
-    let keys = certs.path().join("keys");
-    let out = certs.path().join("a");
-    fedbus(
-        certs.path(),
-        &[
-            "keys",
-            "cert",
-            "--keyring",
-            keys.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--name",
-            "a.test",
-        ],
-    );
-    let a = (out.with_extension("pem"), out.with_extension("key"));
+    let a = dev_cert(certs.path(), "a", &["a.test"]);
     let mut r = Router::new()
         .shards(1)
         .tls(std::slice::from_ref(&a))
@@ -2200,7 +2171,7 @@ fn drain_with_https_clients() {
     let tok = r.token(APP, "alice");
     let addr = r.api_tls.expect("TLS listener");
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(keys.join("tls/dev-ca.pem")).expect("CA") {
+    for c in CertificateDer::pem_file_iter(certs.path().join("keys/tls/dev-ca.pem")).expect("CA") {
         roots.add(c.expect("pem")).expect("add");
     }
     let cfg = Arc::new(
@@ -2329,22 +2300,7 @@ fn an_idle_https_connection_closed_by_the_router_ends_with_close_notify() {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, ServerName};
     let certs = TempDir::new("lifecycle-idle-tls");
-    let keys = certs.path().join("keys");
-    let out = certs.path().join("a");
-    fedbus(
-        certs.path(),
-        &[
-            "keys",
-            "cert",
-            "--keyring",
-            keys.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--name",
-            "a.test",
-        ],
-    );
-    let a = (out.with_extension("pem"), out.with_extension("key"));
+    let a = dev_cert(certs.path(), "a", &["a.test"]);
     let r = Router::new()
         .shards(1)
         .tls(std::slice::from_ref(&a))
@@ -2354,7 +2310,7 @@ fn an_idle_https_connection_closed_by_the_router_ends_with_close_notify() {
     let tok = r.token(APP, "alice");
     let addr = r.api_tls.expect("TLS listener");
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(keys.join("tls/dev-ca.pem")).expect("CA") {
+    for c in CertificateDer::pem_file_iter(certs.path().join("keys/tls/dev-ca.pem")).expect("CA") {
         roots.add(c.expect("pem")).expect("add");
     }
     let cfg = Arc::new(

@@ -18,6 +18,11 @@ pub struct Hello {
     pub shards: usize,
     /// Internal address of every shard, index = shard.
     pub internal: Vec<String>,
+    /// The largest message the router takes from the task, in bytes (`limits.max_body_bytes +
+    /// 64 KiB`): a larger answer closes the link with 1009, failing every request on it, so a
+    /// task answers such a request with an error instead. Absent from an older router.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_message: Option<u64>,
 }
 
 /// The largest hello a task accepts from a router: a router name, a cluster id and one

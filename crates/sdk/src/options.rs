@@ -26,6 +26,11 @@ pub struct TaskOptions {
     pub token_source: TokenSource,
     /// How often a token file is re-read, and the least time between two fetches. Default 1 s.
     pub token_poll: Duration,
+    /// Time limit of one run of a token command: at start ([`crate::Task::spawn`] waits for it)
+    /// and on each renewal. A command still running then is killed with what it started, and
+    /// counts as a failed fetch (retried after `token_poll`). Keep it well below a third of
+    /// the token's lifetime, when the renewal falls due. Default 5 s.
+    pub token_timeout: Duration,
     /// A router that refuses the token (401 at the upgrade: expired, retired or unknown key,
     /// bad signature...) for this long, with fresh fetches from the source in between, ends
     /// the task: [`crate::serve`] returns [`Error::Refused`] (exit non-zero, so a supervisor
@@ -69,6 +74,7 @@ impl TaskOptions {
             token: token.into(),
             token_source: TokenSource::Fixed,
             token_poll: Duration::from_secs(1),
+            token_timeout: Duration::from_secs(5),
             refused_exit_after: Duration::from_secs(30),
             task_id: crate::random_task_id(),
             connect_timeout: Duration::from_secs(5),
@@ -129,8 +135,11 @@ impl TaskOptions {
         if self.token.trim().is_empty() && self.token_source == TokenSource::Fixed {
             return bad("no service token");
         }
-        if self.token_poll.is_zero() || self.refused_exit_after.is_zero() {
-            return bad("token_poll and refused_exit_after must be > 0");
+        if self.token_poll.is_zero()
+            || self.token_timeout.is_zero()
+            || self.refused_exit_after.is_zero()
+        {
+            return bad("token_poll, token_timeout and refused_exit_after must be > 0");
         }
         if self.max_message < 64 * 1024 {
             return bad("max_message below 64 KiB");
@@ -209,5 +218,6 @@ mod tests {
         assert!(v(|o| o.role = "r".repeat(65)));
         assert!(v(|o| o.partitions.clear()));
         assert!(v(|o| o.token = " ".into()));
+        assert!(v(|o| o.token_timeout = Duration::ZERO));
     }
 }

@@ -9,7 +9,8 @@ use fedbus_proto::link::RequestHead;
 pub enum Outcome {
     /// The answer for the client.
     Response {
-        /// HTTP status (100..599; anything else reaches the client as 200).
+        /// HTTP status, 200..599 (anything else, 1xx included, reaches the client as
+        /// `502 bad_task_status`: a task cannot send an interim or a made-up status).
         status: u16,
         /// Extra header lines `name: value`. The router drops framing headers, `fedbus-*`
         /// and lines with CR or LF.

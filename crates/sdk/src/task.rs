@@ -3,9 +3,11 @@
 
 use crate::{Error, Outcome, Request, TaskOptions, TokenSource};
 use bytes::Bytes;
-use fedbus_proto::link::{next_backoff, shard_key, Event, Input, Link, LinkConfig, ShardAddr};
+use fedbus_proto::link::{
+    next_backoff, shard_key, Event, Input, Link, LinkConfig, RequestHead, ShardAddr,
+};
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +38,12 @@ pub struct Stats {
     pub panics: u64,
     /// Websocket pings received from routers (each answered with a pong).
     pub pings: u64,
+    /// Answers over the router's message bound (its hello's `max_message`), sent as
+    /// `502 answer_too_large` instead: the router would close the link over them.
+    pub too_large: u64,
+    /// Links closed right after the hello because another link of this task already holds
+    /// that router shard (the same shard reached by a second address); they stand by.
+    pub duplicates: u64,
 }
 
 #[derive(Default)]
@@ -47,6 +55,8 @@ struct Counters {
     answers: AtomicU64,
     panics: AtomicU64,
     pings: AtomicU64,
+    too_large: AtomicU64,
+    duplicates: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -76,6 +86,10 @@ struct Ctx<H> {
     handler: H,
     /// `router#shard` -> the address its loop dials (the configured ones: the dialled address).
     shards: Mutex<HashMap<String, Dial>>,
+    /// `router#shard` of every link past its hello now: one link per shard. A second one (the
+    /// same shard reached by another configured or announced address) would replace the first
+    /// at the router, which then replaces it back, forever (two links of one task id).
+    linked: Mutex<HashSet<String>>,
     counters: Counters,
     registered: watch::Sender<usize>,
     loops: watch::Sender<usize>,
@@ -123,34 +137,13 @@ where
 }
 
 /// The first token of a task: `opts.token`, or what its source gives now (read once,
-/// blocking: the task is starting).
+/// blocking for at most `token_timeout`: the task is starting).
 fn first_token(opts: &TaskOptions) -> Result<String, Error> {
-    let read = match &opts.token_source {
-        TokenSource::Fixed => return Ok(opts.token.trim().to_string()),
-        TokenSource::File(p) => {
-            std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))
-        }
-        TokenSource::Command(c) => std::process::Command::new("sh")
-            .arg("-c")
-            .arg(c)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .map_err(|e| e.to_string())
-            .and_then(|o| {
-                if o.status.success() {
-                    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-                } else {
-                    Err(format!("token command exited with {}", o.status))
-                }
-            }),
-    };
-    match read {
-        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
-        // The token given in the options, if any, until the source has one.
+    match crate::token::fetch_blocking(&opts.token_source, opts.token_timeout) {
+        Ok(Some(t)) => Ok(t),
+        // The token given in the options (Fixed, or until the source has one).
         _ if !opts.token.trim().is_empty() => Ok(opts.token.trim().to_string()),
-        Ok(_) => Err(Error::Refused(
-            "the token source gave an empty token".into(),
-        )),
+        Ok(None) => Err(Error::Options("no service token".into())),
         Err(e) => Err(Error::Refused(format!("cannot read the token source: {e}"))),
     }
 }
@@ -187,6 +180,7 @@ impl Task {
             link: Arc::new(link),
             handler,
             shards: Mutex::new(HashMap::new()),
+            linked: Mutex::new(HashSet::new()),
             counters: Counters::default(),
             registered,
             loops,
@@ -201,6 +195,7 @@ impl Task {
             tokio::spawn(crate::token::refresher(
                 ctx.opts.token_source.clone(),
                 ctx.opts.token_poll,
+                ctx.opts.token_timeout,
                 ctx.token.clone(),
                 ctx.refused.clone(),
                 ctx.stop.clone(),
@@ -230,6 +225,8 @@ impl Task {
                 answers: n(&k.answers),
                 panics: n(&k.panics),
                 pings: n(&k.pings),
+                too_large: n(&k.too_large),
+                duplicates: n(&k.duplicates),
             }
         });
         let c = ctx;
@@ -357,6 +354,19 @@ where
             prev = None;
         }
         match &res {
+            Err(End::Duplicate(key)) => {
+                refused_since = None;
+                prev = None;
+                // Not a failure: the shard is served. Dial again later, in case the link that
+                // holds it goes and this address is the one that still works.
+                let delay = STANDBY + Duration::from_millis(crate::random_u64() % 5000);
+                tracing::debug!(%addr, shard = %key, ?delay, "shard already linked by another address; standing by");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                continue;
+            }
             Err(End::Refused(why)) => {
                 let since = *refused_since.get_or_insert_with(Instant::now);
                 // The source may hold a newer token than the one refused: fetch it now.
@@ -379,7 +389,7 @@ where
             _ => refused_since = None,
         }
         let res = res.map_err(|e| match e {
-            End::Refused(m) | End::Failed(m) => m,
+            End::Refused(m) | End::Failed(m) | End::Duplicate(m) => m,
         });
         let b = next_backoff(prev, crate::random_u64());
         prev = Some(b.base);
@@ -397,9 +407,20 @@ where
 enum End {
     /// The router refused the service token at the upgrade (401 or 403).
     Refused(String),
+    /// Another link of this task holds this router shard (`router#shard`).
+    Duplicate(String),
     /// Anything else.
     Failed(String),
 }
+
+/// How long a link that found its shard held by another link waits before dialing again
+/// (plus up to 5 s of jitter).
+const STANDBY: Duration = Duration::from_secs(10);
+
+/// The least time between two `renew` messages on a link: the router refuses a second one
+/// within a second (`too_often`) and closes the link on a third (PROTOCOL.md section 4). The
+/// margin covers a first renew delayed on the way more than the second.
+const RENEW_SPACING: Duration = Duration::from_millis(1100);
 
 /// One link: connect, then serve it until it ends. Returns whether it got registered, and
 /// why it ended.
@@ -456,6 +477,12 @@ where
 
     let mut link = Link::new(ctx.link.clone(), Instant::now());
     let (mut registered, mut claimed) = (false, false);
+    // The shard this link holds in `ctx.linked`, released when it ends.
+    let mut held: Option<String> = None;
+    // The router's bound on one message from the task (from the hello).
+    let mut max_answer = usize::MAX;
+    // When the last renew went out, and when the next one may (a newer token is waiting).
+    let (mut renewed_at, mut renew_at): (Option<Instant>, Option<Instant>) = (None, None);
     let res = loop {
         let deadline = link
             .poll_timeout()
@@ -475,12 +502,20 @@ where
                 })));
                 break Ok(());
             }
-            changed = token_rx.changed(), if registered => {
+            changed = token_rx.changed(), if registered && renew_at.is_none() => {
                 if changed.is_ok() {
-                    let t = token_rx.borrow_and_update().clone();
-                    let renew = serde_json::json!({"type": "renew", "token": t}).to_string();
-                    let _ = tx.send(Message::Text(renew.into()));
+                    let now = Instant::now();
+                    renew_at = Some(renewed_at.map_or(now, |t| (t + RENEW_SPACING).max(now)));
                 }
+                continue;
+            }
+            _ = tokio::time::sleep_until(renew_at.unwrap_or(deadline).into()), if renew_at.is_some() => {
+                // The newest token (several changes within the spacing: only the last is sent).
+                renew_at = None;
+                renewed_at = Some(Instant::now());
+                let t = token_rx.borrow_and_update().clone();
+                let renew = serde_json::json!({"type": "renew", "token": t}).to_string();
+                let _ = tx.send(Message::Text(renew.into()));
                 continue;
             }
         };
@@ -516,9 +551,28 @@ where
         }
         if !claimed {
             if let Some(k) = link.key() {
-                // Before the other shards are opened, so that none of them opens this one.
-                claim(ctx, k, dial);
                 claimed = true;
+                // Before the other shards are opened, so that none of them opens this one.
+                claim(ctx, k.clone(), dial);
+                // Before the registration goes out (it waits in the link's events).
+                if !ctx
+                    .linked
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(k.clone())
+                {
+                    bump(&ctx.counters.duplicates);
+                    let _ = tx.send(Message::Close(Some(CloseFrame {
+                        code: CloseCode::Normal,
+                        reason: "shard already linked by this task".into(),
+                    })));
+                    break Err(End::Duplicate(k));
+                }
+                held = Some(k);
+                max_answer = link
+                    .hello()
+                    .and_then(|h| h.max_message)
+                    .map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX));
             }
         }
         while let Some(ev) = link.poll_event() {
@@ -540,12 +594,18 @@ where
                         tracing::info!(app, version, "app secret received");
                     }
                 }
-                Event::Request(req) => on_request(ctx, req, &tx),
+                Event::Request(req) => on_request(ctx, req, &tx, max_answer),
             }
         }
     };
     if registered {
         ctx.registered.send_modify(|n| *n -= 1);
+    }
+    if let Some(k) = held {
+        ctx.linked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&k);
     }
     // Let the writer send what is queued (the close, on a stop), but not wait for long on a
     // router that does not read.
@@ -668,9 +728,13 @@ where
 
 /// Runs the handler; answers at once when it is ready at once (no task spawned), else from a
 /// task of its own, so that requests on a link are served concurrently. A handler that
-/// panics answers 500.
-fn on_request<H, F>(ctx: &Arc<Ctx<H>>, req: Request, tx: &mpsc::UnboundedSender<Message>)
-where
+/// panics answers 500; an answer over `max_answer` bytes (the router's bound) 502.
+fn on_request<H, F>(
+    ctx: &Arc<Ctx<H>>,
+    req: Request,
+    tx: &mpsc::UnboundedSender<Message>,
+    max_answer: usize,
+) where
     H: Fn(Request) -> F + Send + Sync + 'static,
     F: Future<Output = Outcome> + Send + 'static,
 {
@@ -683,20 +747,11 @@ where
             None => Err(fut),
         }
     }));
-    let answer =
-        move |ctx: &Ctx<H>, tx: &mpsc::UnboundedSender<Message>, o: Result<Outcome, ()>| {
-            let o = o.unwrap_or_else(|()| {
-            bump(&ctx.counters.panics);
-            tracing::error!(id = head.request_id, "handler panicked");
-            Outcome::json(
-                500,
-                &serde_json::json!({"error": "task_panic", "message": "the task's handler failed"}),
-            )
-        });
-            let frame: Bytes = o.encode(&head);
-            bump(&ctx.counters.answers);
-            let _ = tx.send(Message::Binary(frame));
-        };
+    let answer = move |ctx: &Ctx<H>, tx: &UnboundedTx, o: Result<Outcome, ()>| {
+        let frame = encode_answer(&ctx.counters, &head, o, max_answer);
+        bump(&ctx.counters.answers);
+        let _ = tx.send(Message::Binary(frame));
+    };
     match first {
         Ok(Ok(o)) => answer(ctx, tx, Ok(o)),
         Err(_) => answer(ctx, tx, Err(())),
@@ -708,4 +763,43 @@ where
             });
         }
     }
+}
+
+type UnboundedTx = mpsc::UnboundedSender<Message>;
+
+/// The frame answering `head`: the handler's outcome, 500 for a handler that panicked, 502 for
+/// an answer over `max_answer` bytes (the router would close the link over it).
+fn encode_answer(
+    counters: &Counters,
+    head: &RequestHead,
+    o: Result<Outcome, ()>,
+    max_answer: usize,
+) -> Bytes {
+    let error = |status: u16, code: &str, message: String| {
+        let body = serde_json::json!({"error": code, "message": message, "status": status});
+        Outcome::json(status, &body).encode(head)
+    };
+    let frame = match o {
+        Ok(o) => o.encode(head),
+        Err(()) => {
+            bump(&counters.panics);
+            tracing::error!(id = head.request_id, "handler panicked");
+            return error(500, "task_panic", "the task's handler failed".into());
+        }
+    };
+    if frame.len() <= max_answer {
+        return frame;
+    }
+    bump(&counters.too_large);
+    tracing::error!(
+        id = head.request_id,
+        bytes = frame.len(),
+        limit = max_answer,
+        "answer over the router's message bound; answered 502 answer_too_large"
+    );
+    let why = format!(
+        "the task's answer ({} bytes) is over the router's bound ({max_answer} bytes)",
+        frame.len()
+    );
+    error(502, "answer_too_large", why)
 }

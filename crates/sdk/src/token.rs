@@ -4,6 +4,7 @@
 
 use base64::Engine as _;
 use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{watch, Notify};
 
@@ -20,7 +21,7 @@ pub enum TokenSource {
     File(PathBuf),
     /// A command run with `sh -c` that prints a token on stdout: run at start, when a fresh
     /// token is due, and when a router refused the current one (at most once per
-    /// `token_poll`).
+    /// `token_poll`), each run limited to [`crate::TaskOptions::token_timeout`].
     Command(String),
 }
 
@@ -53,37 +54,115 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Reads a token from its source once. Fixed: None.
-pub(crate) async fn fetch(source: &TokenSource) -> Result<Option<String>, String> {
+/// `sh -c command` with its output captured, in a process group of its own: a command that
+/// runs past the time limit is killed with everything it started (a `sleep` holding the pipe
+/// open would otherwise outlive `sh`).
+fn command(c: &str) -> std::process::Command {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(c)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    cmd
+}
+
+/// Kills the process group `pid` leads (see [`command`]).
+fn kill_group(pid: Option<u32>) {
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+        // SAFETY: kill(2) with a negative pid signals that process group; no memory involved.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+    }
+}
+
+fn too_slow(limit: Duration) -> String {
+    format!(
+        "the token command printed no token within {limit:?} (TaskOptions::token_timeout); killed"
+    )
+}
+
+/// The token a finished command printed.
+fn command_output(out: std::io::Result<std::process::Output>) -> Result<String, String> {
+    let out = out.map_err(|e| format!("token command: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "token command exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    String::from_utf8(out.stdout).map_err(|_| "token command printed no UTF-8".to_string())
+}
+
+/// A read token, trimmed; an empty one is an error.
+fn non_empty(t: &str) -> Result<Option<String>, String> {
+    let t = t.trim();
+    if t.is_empty() {
+        return Err("the token source gave an empty token".into());
+    }
+    Ok(Some(t.to_string()))
+}
+
+/// Reads a token from its source once; a command gets at most `limit`. Fixed: None.
+pub(crate) async fn fetch(source: &TokenSource, limit: Duration) -> Result<Option<String>, String> {
     let t = match source {
         TokenSource::Fixed => return Ok(None),
         TokenSource::File(p) => tokio::fs::read_to_string(p)
             .await
             .map_err(|e| format!("token file {}: {e}", p.display()))?,
         TokenSource::Command(c) => {
-            let out = tokio::process::Command::new("sh")
-                .arg("-c")
-                .arg(c)
-                .stdin(std::process::Stdio::null())
+            let child = tokio::process::Command::from(command(c))
                 .kill_on_drop(true)
-                .output()
-                .await
+                .spawn()
                 .map_err(|e| format!("token command: {e}"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "token command exited with {}: {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
+            let pid = child.id();
+            let out = child.wait_with_output();
+            tokio::pin!(out);
+            tokio::select! {
+                o = &mut out => command_output(o)?,
+                _ = tokio::time::sleep(limit) => {
+                    kill_group(pid);
+                    return Err(too_slow(limit));
+                }
             }
-            String::from_utf8(out.stdout).map_err(|_| "token command printed no UTF-8")?
         }
     };
-    let t = t.trim();
-    if t.is_empty() {
-        return Err("the token source gave an empty token".into());
-    }
-    Ok(Some(t.to_string()))
+    non_empty(&t)
+}
+
+/// [`fetch`] for a caller outside async code (a task starting): blocks for at most `limit`.
+pub(crate) fn fetch_blocking(
+    source: &TokenSource,
+    limit: Duration,
+) -> Result<Option<String>, String> {
+    let t = match source {
+        TokenSource::Fixed => return Ok(None),
+        TokenSource::File(p) => {
+            std::fs::read_to_string(p).map_err(|e| format!("token file {}: {e}", p.display()))?
+        }
+        TokenSource::Command(c) => {
+            let child = command(c)
+                .spawn()
+                .map_err(|e| format!("token command: {e}"))?;
+            let pid = child.id();
+            let (tx, rx) = std::sync::mpsc::channel();
+            // The output is read on a thread of its own, so that the wait can time out; after
+            // a kill the thread sees the pipes close and ends.
+            std::thread::spawn(move || {
+                let _ = tx.send(child.wait_with_output());
+            });
+            match rx.recv_timeout(limit) {
+                Ok(o) => command_output(o)?,
+                Err(_) => {
+                    kill_group(Some(pid));
+                    return Err(too_slow(limit));
+                }
+            }
+        }
+    };
+    non_empty(&t)
 }
 
 /// Keeps `current` fresh from `source` until `stop`: every `poll` a File is re-read; a
@@ -92,6 +171,7 @@ pub(crate) async fn fetch(source: &TokenSource) -> Result<Option<String>, String
 pub(crate) async fn refresher(
     source: TokenSource,
     poll: Duration,
+    limit: Duration,
     current: watch::Sender<String>,
     refused: std::sync::Arc<Notify>,
     mut stop: watch::Receiver<bool>,
@@ -108,7 +188,7 @@ pub(crate) async fn refresher(
         if !wanted {
             continue;
         }
-        match fetch(&source).await {
+        match fetch(&source, limit).await {
             Ok(Some(t)) if t != cur => {
                 tracing::info!(exp = ?token_times(&t).map(|(_, e)| e), "new service token");
                 current.send_replace(t);
@@ -155,6 +235,58 @@ mod tests {
         assert!(!due("not a token", 0));
     }
 
+    /// Time limit of the commands that should finish.
+    const L: Duration = Duration::from_secs(5);
+
+    /// Waits until process `pid` is gone (killed and reaped); false after 5 s.
+    fn gone(pid: &str) -> bool {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < L {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Gone, or a zombie whose parent (this test's sh, killed too) init reaps.
+            if state.is_empty() || state.split(' ').nth(2) == Some("Z") {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_token_command_past_its_limit_is_killed_with_what_it_started() {
+        let dir = std::env::temp_dir().join(format!("fedbus-sdk-slow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for blocking in [false, true] {
+            let pidf = dir.join(format!("pid-{blocking}"));
+            // sh starts a sleep that holds stdout open, then waits for it.
+            let c = TokenSource::Command(format!("sleep 30 & echo $! > {pidf:?}; wait"));
+            let limit = Duration::from_millis(300);
+            let t0 = std::time::Instant::now();
+            let r = if blocking {
+                fetch_blocking(&c, limit)
+            } else {
+                fetch(&c, limit).await
+            };
+            let took = t0.elapsed();
+            let e = r.expect_err("timed out");
+            assert!(e.contains("token_timeout"), "{e}");
+            assert!(
+                took < Duration::from_secs(3),
+                "blocking {blocking}: {took:?}"
+            );
+            let pid = std::fs::read_to_string(&pidf).unwrap();
+            assert!(
+                gone(pid.trim()),
+                "blocking {blocking}: the command's sleep lives on"
+            );
+        }
+        assert_eq!(
+            fetch_blocking(&TokenSource::Command("echo fbs1.c.d".into()), L),
+            Ok(Some("fbs1.c.d".into()))
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test]
     async fn file_and_command_sources() {
         let dir = std::env::temp_dir().join(format!("fedbus-sdk-token-{}", std::process::id()));
@@ -162,18 +294,22 @@ mod tests {
         let f = dir.join("token");
         std::fs::write(&f, " fbs1.x.y\n").unwrap();
         assert_eq!(
-            fetch(&TokenSource::File(f.clone())).await,
+            fetch(&TokenSource::File(f.clone()), L).await,
             Ok(Some("fbs1.x.y".into()))
         );
         std::fs::write(&f, "\n").unwrap();
-        assert!(fetch(&TokenSource::File(f)).await.is_err(), "empty");
-        assert!(fetch(&TokenSource::File(dir.join("none"))).await.is_err());
+        assert!(fetch(&TokenSource::File(f), L).await.is_err(), "empty");
+        assert!(fetch(&TokenSource::File(dir.join("none")), L)
+            .await
+            .is_err());
         assert_eq!(
-            fetch(&TokenSource::Command("echo fbs1.a.b".into())).await,
+            fetch(&TokenSource::Command("echo fbs1.a.b".into()), L).await,
             Ok(Some("fbs1.a.b".into()))
         );
-        assert!(fetch(&TokenSource::Command("exit 3".into())).await.is_err());
-        assert_eq!(fetch(&TokenSource::Fixed).await, Ok(None));
+        assert!(fetch(&TokenSource::Command("exit 3".into()), L)
+            .await
+            .is_err());
+        assert_eq!(fetch(&TokenSource::Fixed, L).await, Ok(None));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -557,6 +557,7 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
                 None => a.to_string(),
             })
             .collect(),
+        max_message: Some(max_msg as u64),
     };
     let _ = out
         .borrow_mut()

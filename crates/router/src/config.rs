@@ -491,11 +491,15 @@ impl Default for Listen {
     }
 }
 
+/// Room beside `limits.max_body_bytes` in one websocket message, for the fedbus frame's header
+/// and metadata.
+pub const MESSAGE_SLACK: usize = 64 * 1024;
+
 impl Limits {
     /// Largest websocket message accepted on any link: a body plus room for the frame header
     /// and metadata.
     pub fn max_message_bytes(&self) -> usize {
-        self.max_body_bytes + 64 * 1024
+        self.max_body_bytes + MESSAGE_SLACK
     }
 }
 

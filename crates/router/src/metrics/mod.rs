@@ -184,7 +184,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
         (
             "fedbus_forwarded_total",
             "counter",
-            "Requests forwarded to another cluster.",
+            "Requests sent over peer links (a request retried on a sibling after no_live_task counts twice; see fedbus_forward_retries_total).",
             |m| &m.forwarded,
         ),
         (
@@ -244,7 +244,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
         (
             "fedbus_links_revoked_total",
             "counter",
-            "Links closed with 1008 because their credential no longer verifies: task links and accepted peer links whose token's key version retired (its grace after a rotation ended), accepted peer links that a reload of [federation] no longer admits (their cluster removed, the key of their token gone).",
+            "Links closed with 1008 because their credential no longer verifies: task links and accepted peer links whose token expired or whose token's key version retired (its grace after a rotation ended), accepted peer links that a reload of [federation] no longer admits (their cluster removed, the key of their token gone).",
             |m| &m.links_revoked,
         ),
         (

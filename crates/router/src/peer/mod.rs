@@ -409,7 +409,7 @@ async fn run_link<S: ws::Stream>(
     shard.health.peer_link(shard.index, cluster, false);
     tracing::warn!(shard = shard.index, %cluster, addr = %slot.addr, "peer link down");
     match &end {
-        Err(e) => match e.close_code() {
+        Err(e) => match closed_for(shard, cluster, e) {
             Some(c) => out.borrow_mut().close(c),
             None => out.borrow_mut().abort(),
         },
@@ -417,6 +417,39 @@ async fn run_link<S: ws::Stream>(
     }
     let _ = writer.await;
     end.map_err(anyhow::Error::from)
+}
+
+/// Closes an accepted peer link with 1008 when the peer token it was opened with expires
+/// (`exp`, unix seconds): the link is authenticated once, so it must not outlive its token.
+/// Counted in `fedbus_links_revoked_total`: a dialer whose token file was not renewed loses
+/// its links this way.
+fn close_at_expiry(
+    shard: Rc<Shard>,
+    cluster: String,
+    out: Rc<RefCell<ws::WsOut>>,
+    exp: u64,
+) -> glommio::Task<()> {
+    glommio::spawn_local(async move {
+        // Capped: a far-future `exp` must not overflow the timer's deadline (a shard panic).
+        glommio::timer::sleep(auth::expiry_wait(exp, auth::now_unix())).await;
+        let mut o = out.borrow_mut();
+        if !o.is_closing() {
+            ShardMetrics::inc(&shard.metrics.links_revoked);
+            tracing::warn!(shard = shard.index, %cluster, "peer link closed: its peer token expired");
+            o.close(1008);
+        }
+    })
+}
+
+/// The close code for a peer link that failed with `e`; a policy breach by the other router
+/// (a control frame flood) is logged and counted in `fedbus_abusive_closed_total`, as on task
+/// links and client sessions.
+fn closed_for(shard: &Shard, cluster: &str, e: &ws::WsError) -> Option<u16> {
+    if matches!(e, ws::WsError::Policy(_)) {
+        ShardMetrics::inc(&shard.metrics.abusive_closed);
+        tracing::warn!(shard = shard.index, %cluster, "peer link closed: {e}");
+    }
+    e.close_code()
 }
 
 /// Replaces `slot`'s last status, keeping `fedbus_peer_links_ready` in step.
@@ -455,6 +488,10 @@ async fn read_dialed<R: futures_lite::AsyncRead + Unpin>(
                 {
                     tracing::info!(shard = shard.index, %cluster, addr = %slot.addr, ready = st.ready, draining, "peer status");
                 }
+                let max = st
+                    .max_message
+                    .map_or(usize::MAX, |m| m.try_into().unwrap_or(usize::MAX));
+                link.peer_max_message.set(max);
                 set_status(shard, slot, Some(st));
                 if draining && closer.is_none() {
                     closer = Some(glommio::spawn_local(close_when_replaced(
@@ -744,7 +781,7 @@ async fn serve_link<S: ws::Stream>(
     let cache = Rc::new(RefCell::new(VerifyCache::new(
         shard.cfg.auth.verify_cache_per_peer_link,
     )));
-    let expiry = ws::close_at_expiry(out.clone(), exp);
+    let expiry = close_at_expiry(shard.clone(), from.clone(), out.clone(), exp);
     let status = glommio::spawn_local(send_status(
         shard.clone(),
         from.clone(),
@@ -812,7 +849,7 @@ async fn serve_link<S: ws::Stream>(
                 Ok(Message::Ping(p)) => out.borrow_mut().send_control(ws::frame::opcode::PONG, &p),
                 Ok(Message::Pong(_)) | Ok(Message::Text(_)) => {}
                 Ok(Message::Close(_)) => break Some(1000),
-                Err(e) => break e.close_code(),
+                Err(e) => break closed_for(shard, &from, &e),
             }
         })
     };
@@ -875,7 +912,8 @@ async fn send_status(
         let key = (table.generation, h.draining(), h.all_shards_running());
         if seen != Some(key) {
             seen = Some(key);
-            let now = PeerStatus::now(h, &table, shard.cfg.readiness.coverage);
+            let max = shard.cfg.limits.max_message_bytes();
+            let now = PeerStatus::now(h, &table, shard.cfg.readiness.coverage, max);
             if last.as_ref() != Some(&now) {
                 let text = serde_json::to_string(&now).unwrap_or_default();
                 if out.borrow_mut().send_text(&text).is_err() {

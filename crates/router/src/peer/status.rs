@@ -25,6 +25,11 @@ pub(crate) struct PeerStatus {
     /// App -> its `main` role's partitions with a live task here.
     #[serde(default)]
     pub(crate) apps: BTreeMap<String, AppCoverage>,
+    /// The largest message this router reads on the link (`limits.max_body_bytes + 64 KiB`):
+    /// a larger one closes the link with 1009, failing every request on it, so the dialer
+    /// refuses such a request itself. Absent from routers before it was added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) max_message: Option<u64>,
 }
 
 /// Live partitions of one app, as inclusive ranges.
@@ -36,8 +41,13 @@ pub(crate) struct AppCoverage {
 }
 
 impl PeerStatus {
-    /// This router's status now.
-    pub(crate) fn now(health: &Health, table: &RoutingTable, policy: Coverage) -> PeerStatus {
+    /// This router's status now; it reads messages of up to `max_message` bytes.
+    pub(crate) fn now(
+        health: &Health,
+        table: &RoutingTable,
+        policy: Coverage,
+        max_message: usize,
+    ) -> PeerStatus {
         let apps = table
             .apps
             .iter()
@@ -65,6 +75,7 @@ impl PeerStatus {
             ready: health.serving_refusal(table, policy).is_none(),
             draining: health.draining(),
             apps,
+            max_message: Some(max_message as u64),
         }
     }
 
@@ -130,7 +141,7 @@ mod tests {
     fn coverage_as_ranges_and_back() {
         let h = Arc::new(Health::new(1, vec![]));
         let _alive = h.shard_alive(0);
-        let s = PeerStatus::now(&h, &table(&[0, 1, 2, 5, 7, 8]), Coverage::All);
+        let s = PeerStatus::now(&h, &table(&[0, 1, 2, 5, 7, 8]), Coverage::All, 1 << 20);
         assert!(!s.ready, "10 of 16 partitions live");
         assert_eq!(s.apps["demo/echo"].live, vec![[0, 2], [5, 5], [7, 8]]);
         let back = PeerStatus::parse(serde_json::to_string(&s).unwrap().as_bytes()).unwrap();
@@ -151,12 +162,12 @@ mod tests {
             );
         }
         assert_eq!(s.covers("other/app", 0), None);
-        let any = PeerStatus::now(&h, &table(&[3]), Coverage::Any);
+        let any = PeerStatus::now(&h, &table(&[3]), Coverage::Any, 1 << 20);
         assert!(any.ready);
         assert_eq!(any.rank("demo/echo", 3), 3);
         assert_eq!(any.rank("demo/echo", 4), 2);
         h.start_drain();
-        let d = PeerStatus::now(&h, &table(&[3]), Coverage::Any);
+        let d = PeerStatus::now(&h, &table(&[3]), Coverage::Any, 1 << 20);
         assert!(d.draining && !d.ready);
         assert_eq!(d.rank("demo/echo", 3), 0);
     }

@@ -147,20 +147,25 @@ impl Answer {
         }
     }
 
-    /// The partition that served (or would have served) the request, as this router knows it.
+    /// The partition that served (or would have served) the request: as this router knows it,
+    /// or as the serving router's frame says for a relayed answer.
     pub(crate) fn partition(&self) -> Option<u32> {
         match self {
             Answer::Task { partition, .. } => Some(*partition),
-            Answer::Relayed { .. } | Answer::Preflight { .. } => None,
+            // The serving router's (0 when it had none).
+            Answer::Relayed { frame, .. } => Some(frame.header.partition),
+            Answer::Preflight { .. } => None,
             Answer::Error(e) => e.partition,
         }
     }
 
-    /// Redirects taken on this router.
+    /// Redirects taken on this router (on the serving router, for a relayed answer).
     pub(crate) fn hops(&self) -> u8 {
         match self {
             Answer::Task { hops, .. } => *hops,
-            Answer::Relayed { .. } | Answer::Preflight { .. } => 0,
+            // Taken on the serving router.
+            Answer::Relayed { frame, .. } => frame.header.hops,
+            Answer::Preflight { .. } => 0,
             Answer::Error(e) => e.hops,
         }
     }

@@ -116,6 +116,9 @@ pub(crate) async fn send(
             id,
             req.payload.len(),
         );
+        if let Some(refused) = over_link_bound(limits, link, m.len(), req.payload.len()) {
+            return refused;
+        }
         // A little longer than the serving router's own deadline, so that its 504
         // `task_timeout` reaches the client rather than our `peer_timeout`.
         let deadline = req.received + Duration::from_millis(limits.request_timeout_ms + 1000);
@@ -144,6 +147,39 @@ pub(crate) async fn send(
             "the peer router did not answer in time",
         ),
     }
+}
+
+/// The refusal of a request whose frame (`head` bytes of header and metadata, then `body`)
+/// is over what the peer reads in one message, the smaller of its status's `max_message` and
+/// ours: the peer would close the link with 1009 and fail every request on it. 413 when the
+/// body alone is over the peer's body bound, else 431 (the client's token, content type or
+/// origin made it so).
+fn over_link_bound(
+    limits: &crate::config::Limits,
+    link: &crate::task::link::TaskLink,
+    head: usize,
+    body: usize,
+) -> Option<Answer> {
+    let bound = limits.max_message_bytes().min(link.peer_max_message.get());
+    if head + body <= bound {
+        return None;
+    }
+    let body_bound = bound.saturating_sub(crate::config::MESSAGE_SLACK);
+    Some(if body > body_bound {
+        Answer::error(
+            413,
+            "body_too_large",
+            format!("request body over the limit of the target cluster ({body_bound} bytes)"),
+        )
+    } else {
+        Answer::error(
+            431,
+            "headers_too_large",
+            format!(
+                "request metadata too large to forward ({head} bytes, bound {bound} with the body)"
+            ),
+        )
+    })
 }
 
 /// The CLUSTER entry `region/cluster`, written from its two parts without formatting a string

@@ -128,6 +128,9 @@ pub(crate) struct TaskLink {
     /// Requests sent on this link: a link to a draining peer is closed once it stops
     /// carrying any (`peer::close_when_replaced`).
     sent: Cell<u64>,
+    /// On a dialed peer link, the largest message the peer reads (its status says;
+    /// `usize::MAX` until then and on task links): `routing::forward` sends none larger.
+    pub(crate) peer_max_message: Cell<usize>,
 }
 
 impl TaskLink {
@@ -147,6 +150,7 @@ impl TaskLink {
             renewed_at: Cell::new(None),
             refused_too_soon: Cell::new(false),
             sent: Cell::new(0),
+            peer_max_message: Cell::new(usize::MAX),
         }
     }
 
@@ -701,7 +705,7 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
 
     // Keepalive: a ping every interval; the read timeout (3 intervals) ends a silent link.
     let pinger = spawn_pinger(link.clone(), Duration::from_millis(limits.ping_interval_ms));
-    let expiry = close_at_expiry(link.clone());
+    let expiry = close_at_expiry(shard.clone(), link.clone());
 
     // The app's Auth Service gets the current app secret now and after every rotation.
     let pusher = (reg.role == AUTH_ROLE).then(|| {
@@ -871,7 +875,7 @@ fn push_secret(link: &TaskLink, app: &str, version: u32, secret: &[u8]) -> bool 
 
 /// Closes the link with 1008 when its credential expires: the service token it opened with,
 /// or the newest one a `renew` brought (docs/PROTOCOL.md section 4).
-fn close_at_expiry(link: Rc<TaskLink>) -> glommio::Task<()> {
+fn close_at_expiry(shard: Rc<Shard>, link: Rc<TaskLink>) -> glommio::Task<()> {
     glommio::spawn_local(async move {
         loop {
             let exp = link.exp.get();
@@ -882,7 +886,9 @@ fn close_at_expiry(link: Rc<TaskLink>) -> glommio::Task<()> {
             }
             let mut o = link.out.borrow_mut();
             if !o.is_closing() {
+                ShardMetrics::inc(&shard.metrics.links_revoked);
                 tracing::info!(
+                    shard = shard.index,
                     task = link.task,
                     "link credential expired: closing with 1008"
                 );

@@ -990,21 +990,6 @@ pub fn spawn_pinger(out: Rc<RefCell<WsOut>>, every: std::time::Duration) -> glom
     })
 }
 
-/// Closes the connection with 1008 when the credential it was opened with expires (`exp`,
-/// unix seconds): a link is authenticated once, so it must not outlive its token.
-pub fn close_at_expiry(out: Rc<RefCell<WsOut>>, exp: u64) -> glommio::Task<()> {
-    glommio::spawn_local(async move {
-        let now = crate::auth::now_unix();
-        // Capped: a far-future `exp` must not overflow the timer's deadline (a shard panic).
-        glommio::timer::sleep(crate::auth::expiry_wait(exp, now)).await;
-        let mut o = out.borrow_mut();
-        if !o.is_closing() {
-            tracing::info!("link credential expired: closing with 1008");
-            o.close(1008);
-        }
-    })
-}
-
 /// Resolves once `done` holds of `out`, woken by the outbox's one close waker (so one waiter
 /// per outbox: a task may wait on several of these at once, as its waker is the same).
 fn close_event(out: &RefCell<WsOut>, done: fn(&WsOut) -> bool) -> impl Future<Output = ()> + '_ {

@@ -8,7 +8,6 @@ pub use fedbus_proto::ws::{frame, handshake};
 
 pub use client::{connect, connect_tls, DialError, TlsDial};
 pub use conn::{
-    close_at_expiry, spawn_pinger, start, write_loop, Message, Refused, Side, WsConn, WsError,
-    WsOut, WsReader,
+    spawn_pinger, start, write_loop, Message, Refused, Side, WsConn, WsError, WsOut, WsReader,
 };
 pub use stream::{ClientTlsStream, PartsWriter, Stream, TlsStream};

@@ -1680,3 +1680,114 @@ fn p47_forwarded_request_is_never_handed_to_a_sibling() {
     assert_eq!(hdr(&a, "fedbus-emergency").as_deref(), Some("13"), "{a:?}");
     assert_eq!(m(r0, "fedbus_sibling_handoffs_total"), before);
 }
+
+impl Ws {
+    fn send_text(&mut self, text: &str) {
+        let mut h = [0u8; wsf::MAX_HEADER];
+        let n = wsf::encode_head(wsf::opcode::TEXT, text.len(), Some([0; 4]), &mut h);
+        let _ = self.s.write_all(&h[..n]);
+        let _ = self.s.write_all(text.as_bytes());
+    }
+
+    /// The next text message whose `type` is `renewed` or `renew_refused` (peer statuses and
+    /// answers are skipped); a close frame or the end of the stream panics.
+    fn renew_reply(&mut self) -> serde_json::Value {
+        loop {
+            if let Ok(Some(h)) = wsf::parse_head(&self.buf) {
+                let total = h.header_len + h.payload_len as usize;
+                if self.buf.len() >= total {
+                    let p: Vec<u8> = self.buf[h.header_len..total].to_vec();
+                    self.buf.drain(..total);
+                    match h.opcode {
+                        wsf::opcode::TEXT => {
+                            let v: serde_json::Value =
+                                serde_json::from_slice(&p).expect("JSON text");
+                            if v["type"] == "renewed" || v["type"] == "renew_refused" {
+                                return v;
+                            }
+                        }
+                        wsf::opcode::CLOSE => panic!("closed: {p:?}"),
+                        _ => {}
+                    }
+                    continue;
+                }
+            }
+            let mut b = [0u8; 65536];
+            match read_retrying(&mut self.s, &mut b) {
+                Ok(0) => panic!("end of stream"),
+                Ok(n) => self.buf.extend_from_slice(&b[..n]),
+                Err(e) => panic!("ws read: {e}"),
+            }
+        }
+    }
+}
+
+/// PROTOCOL.md section 10, "Renewing a peer token": a dialer sends a fresh peer token on its
+/// open link; the accepting router checks it as at the upgrade, for the same cluster, and moves
+/// the link's expiry: a link opened with a 3 s token and renewed serves past 3 s. A token of
+/// another cluster is refused `wrong_token`; a renew within a second of the last one
+/// `too_often`, and the next one closes the link with 1008 (`fedbus_abusive_closed_total`).
+#[test]
+fn p50_a_renewed_peer_token_keeps_the_link_past_the_old_expiry() {
+    let f = Federation::builder().peer_tls(false).start();
+    let r = f.router("spb1", 0);
+    let abusive = m(r, "fedbus_abusive_closed_total");
+    let (s, st, head, rest) = peer_upgrade(
+        r.external,
+        Some(&peer_token(&f, "ru/spb2", f.keyring("spb2"), "3s")),
+    );
+    assert_eq!(st, 101, "{head}");
+    s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    let opened = Instant::now();
+    let mut w = Ws { s, buf: rest };
+    let fresh = peer_token(&f, "ru/spb2", f.keyring("spb2"), "1h");
+    w.send_text(&serde_json::json!({"type": "renew", "token": fresh}).to_string());
+    let v = w.renew_reply();
+    assert_eq!(v["type"], "renewed", "{v}");
+    // Past the first token's expiry (3 s, and the expiry timer's second), the link serves.
+    std::thread::sleep(Duration::from_secs(4).saturating_sub(opened.elapsed()));
+    let tok = f.token("spb1").to_string();
+    let meta: Vec<(u8, &[u8])> = vec![
+        (tag::CLUSTER, b"ru/spb1"),
+        (tag::APP, APP.as_bytes()),
+        (tag::SERVICE, b"api"),
+        (tag::MODULE, b"sys"),
+        (tag::FUNCTION, b"echo"),
+        (tag::WSID, b"3"),
+        (tag::TOKEN, tok.as_bytes()),
+    ];
+    let a = peer_req(&mut w, 1, &meta, b"after");
+    assert_eq!(status(&a), 200, "{a:?}");
+    assert_eq!(m(r, "fedbus_links_revoked_total"), 0.0);
+    // A peer token of another cluster (spb1's own, which this router verifies for its
+    // sibling) cannot take over a link of spb2.
+    let other = peer_token(&f, "ru/spb1", f.keyring("spb1"), "1h");
+    w.send_text(&serde_json::json!({"type": "renew", "token": other}).to_string());
+    let v = w.renew_reply();
+    assert_eq!(
+        (&v["type"], &v["error"]),
+        (&"renew_refused".into(), &"wrong_token".into()),
+        "{v}"
+    );
+    // Within the second: refused, then closed.
+    w.send_text(&serde_json::json!({"type": "renew", "token": fresh}).to_string());
+    let v = w.renew_reply();
+    assert_eq!(v["error"], "too_often", "{v}");
+    w.send_text(&serde_json::json!({"type": "renew", "token": fresh}).to_string());
+    let code = loop {
+        match w.recv() {
+            Msg::Bin(_) => continue,
+            Msg::Close(c) => break c,
+            Msg::Eof => break 0,
+        }
+    };
+    assert_eq!(code, 1008);
+    wait_metric(
+        r,
+        "fedbus_abusive_closed_total",
+        Duration::from_secs(3),
+        |v| v > abusive,
+    );
+    assert_eq!(m(r, "fedbus_peer_renewals_total{result=\"accepted\"}"), 1.0);
+    assert_eq!(m(r, "fedbus_peer_renewals_total{result=\"refused\"}"), 2.0);
+}

@@ -452,19 +452,21 @@ fn a_cluster_removed_and_added_back_by_reload_stops_and_starts_its_dialers() {
 }
 
 /// The grace of a key version ends without a reload: ru/spb2 rotates its cluster key and the
-/// operator copies the new public key to ru/spb1 (SIGHUP), but spb2's routers are not
-/// restarted, so their peer tokens stay signed with version 1. Once version 1's grace ends,
+/// operator copies the new public key to ru/spb1 (SIGHUP), but spb2's routers run on a
+/// `federation.peer_token_file` nobody rewrites, so their peer tokens stay signed with version
+/// 1 (in dev mode without the file they would mint and renew one). Once version 1's grace ends,
 /// spb1 closes the links spb2 dialed to it (1008, `fedbus_links_revoked_total`) on its own,
 /// as it refuses a new upgrade with such a token; its sibling's links stay.
 #[test]
 fn an_accepted_peer_link_is_closed_once_its_key_version_retires() {
     // Long enough for the reload to land inside the grace on a loaded machine.
     const GRACE_SECS: u64 = 8;
-    let f = Federation::builder()
+    let mut f = Federation::builder()
         .copied_peer_keys()
         .peer_tls(false)
         .grace_secs(GRACE_SECS)
         .start();
+    use_peer_token_files(&mut f, "1h");
     let r = f.router("spb1", 0);
     let from_spb2: f64 = (0..2).map(|i| f.router("spb2", i).shards as f64).sum();
     let from_sibling = f.router("spb1", 1).shards as f64;
@@ -516,4 +518,137 @@ fn an_accepted_peer_link_is_closed_once_its_key_version_retires() {
         "closed inside the grace: {:?}",
         rotated.elapsed()
     );
+}
+
+/// Restarts spb2's routers on a `federation.peer_token_file` each, holding a fresh `ttl` peer
+/// token; returns the files.
+fn use_peer_token_files(f: &mut Federation, ttl: &str) -> Vec<std::path::PathBuf> {
+    let files: Vec<_> = (0..2)
+        .map(|r| {
+            let cfg = f.router("spb2", r).config_path();
+            cfg.with_file_name(format!("peer-r{r}.token"))
+        })
+        .collect();
+    for (r, file) in files.iter().enumerate() {
+        write_peer_token(f, r, file, ttl);
+        let cfg = f.router("spb2", r).config_path().to_path_buf();
+        let text = std::fs::read_to_string(&cfg).expect("config");
+        let text = text.replacen(
+            "[federation]\n",
+            &format!(
+                "[federation]\npeer_token_file = {:?}\n",
+                file.to_str().expect("utf-8")
+            ),
+            1,
+        );
+        std::fs::write(&cfg, text).expect("config");
+        f.router_mut("spb2", r).restart();
+    }
+    files
+}
+
+/// Writes a fresh `ttl` peer token for spb2's router `r` to `path` (atomically: a temporary
+/// file renamed into place, as an operator's issuer would).
+fn write_peer_token(f: &Federation, r: usize, path: &std::path::Path, ttl: &str) {
+    let keys = f.keyring("spb2").to_str().expect("utf-8").to_string();
+    let router = format!("r{r}");
+    let t = f.fedbus(&[
+        "token",
+        "peer",
+        "--router",
+        &router,
+        "--cluster",
+        "ru/spb2",
+        "--keyring",
+        &keys,
+        "--ttl",
+        ttl,
+    ]);
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, t).expect("token file");
+    std::fs::rename(&tmp, path).expect("rename the token file");
+}
+
+/// Peer tokens renewed on open links (PROTOCOL.md section 10, "Renewing a peer token"): spb2's
+/// routers run on `federation.peer_token_file` with 4 s tokens, rewritten every 1.5 s. Their
+/// dialers send each new one on their open links (to spb1 and to the sibling) as a `renew`, so
+/// no link reaches its token's expiry: under load entering spb1 for both clusters for 10 s (2.5
+/// lifetimes of a token), no request fails, no link is closed at expiry
+/// (`fedbus_links_revoked_total` stays 0) and the accepting routers count the renewals. Before,
+/// the file was read at start only: the links closed after 4 s and were refused after.
+#[test]
+fn a_peer_token_file_rewritten_before_expiry_renews_open_peer_links() {
+    let mut f = Federation::builder().peer_tls(false).start();
+    let shards = f.router("spb2", 0).shards as f64;
+    let files = use_peer_token_files(&mut f, "4s");
+    for r in 0..2 {
+        // Links to both spb1 routers and to the sibling, on the file's tokens.
+        wait_fed_metric(
+            f.router("spb2", r),
+            "fedbus_peer_links",
+            3.0 * shards,
+            Duration::from_secs(15),
+        );
+        for e in 0..2 {
+            wait_served_by(&f, f.router("spb1", e), r as u64, &format!("ru/spb2/r{r}"));
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let hs: Vec<_> = (0..2)
+        .map(|r| load(&f, f.router("spb1", r), &stop, &log))
+        .collect();
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(1500));
+        for (r, file) in files.iter().enumerate() {
+            write_peer_token(&f, r, file, "4s");
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in hs {
+        h.join().expect("load thread");
+    }
+    let obs = std::mem::take(&mut *log.lock().unwrap());
+    let to_spb2 = obs.iter().filter(|o| o.0 == "spb2").count();
+    let accepted = |c: &str, r: usize| {
+        f.router(c, r)
+            .metrics()
+            .get("fedbus_peer_renewals_total{result=\"accepted\"}")
+    };
+    eprintln!(
+        "peer token renewals: {} answers, {to_spb2} for spb2; renewals accepted by spb1 {} / {}, by spb2 {} / {}",
+        obs.len(),
+        accepted("spb1", 0),
+        accepted("spb1", 1),
+        accepted("spb2", 0),
+        accepted("spb2", 1),
+    );
+    assert!(to_spb2 > 50, "load too thin: {to_spb2}");
+    let bad: Vec<_> = obs.iter().filter(|o| o.2 != Some(200)).collect();
+    assert!(
+        bad.is_empty(),
+        "{} failed requests: {:#?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+    for c in CLUSTERS {
+        for r in 0..2 {
+            let m = f.router(c, r).metrics();
+            assert_eq!(m.get("fedbus_links_revoked_total"), 0.0, "{c}/r{r}");
+            assert_eq!(
+                m.get("fedbus_peer_renewals_total{result=\"refused\"}"),
+                0.0,
+                "{c}/r{r}"
+            );
+        }
+    }
+    // Each spb2 shard's link to each spb1 router renewed at least twice (a token a 1.5 s).
+    for r in 0..2 {
+        assert!(accepted("spb1", r) >= 2.0 * 2.0 * shards, "spb1/r{r}");
+        assert!(
+            accepted("spb2", r) >= 2.0 * shards,
+            "spb2/r{r} (its sibling's links)"
+        );
+    }
 }

@@ -121,13 +121,21 @@ pub fn verify_service_token(
 /// The `cluster` claim of a service token, read WITHOUT verifying it: only to pick which
 /// cluster's keys then verify the token (peer links).
 pub fn claimed_cluster(token: &str) -> Option<String> {
+    peek_claims(token)?
+        .get("cluster")?
+        .as_str()
+        .map(str::to_string)
+}
+
+/// The claims of a service token as JSON, read WITHOUT verifying it: only for what a holder
+/// of its own token wants to know (its key version, its expiry), never to trust it.
+pub fn peek_claims(token: &str) -> Option<serde_json::Value> {
     if token.len() > MAX_SERVICE_TOKEN_LEN {
         return None;
     }
     let claims_b64 = token.strip_prefix(PREFIX)?.split('.').next()?;
     let json = URL_SAFE_NO_PAD.decode(claims_b64).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&json).ok()?;
-    v.get("cluster")?.as_str().map(str::to_string)
+    serde_json::from_slice(&json).ok()
 }
 
 #[cfg(test)]

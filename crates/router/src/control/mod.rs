@@ -222,7 +222,12 @@ pub(crate) struct Control {
     /// Certificates in use: the api and internal listeners' (`[[tls.certs]]`), the peer
     /// links' (`[tls.peer]`).
     tls: Vec<crate::tls::Reloader>,
+    /// The peer token the dialers present (`peer::Federation::token`), and its file.
+    peer_token: Option<(PeerToken, Watched)>,
 }
+
+/// The shared slot of this router's peer token.
+pub(crate) type PeerToken = Arc<arc_swap::ArcSwapOption<String>>;
 
 impl Control {
     /// Loads the keyring and publishes the first (empty) routing table.
@@ -270,6 +275,46 @@ impl Control {
             generation: 1,
             key_generation: 1,
             tls,
+            peer_token: None,
+        }
+    }
+
+    /// Keeps `slot` (the dialers' peer token) fresh: `federation.peer_token_file` is looked at
+    /// every `auth.reload_poll_ms` and on SIGHUP; in dev mode the token is minted again when
+    /// the keyring's cluster key is rotated. Open peer links send a new one as a `renew`.
+    pub(crate) fn with_peer_token(mut self, slot: PeerToken) -> Control {
+        let file = self
+            .cfg
+            .federation
+            .peer_token_file
+            .iter()
+            .cloned()
+            .collect();
+        self.peer_token = Some((slot, Watched::new(file)));
+        self
+    }
+
+    /// Replaces the peer token when its source has a new one; a source that fails keeps the
+    /// one in force (logged).
+    fn reload_peer_token(&mut self, why: &str) {
+        let Some((slot, _)) = &self.peer_token else {
+            return;
+        };
+        let current = slot.load_full();
+        match crate::peer::reloaded_peer_token(&self.cfg, current.as_deref().map(String::as_str)) {
+            Ok(Some(t)) => {
+                let claims = crate::auth::service_token::peek_claims(&t);
+                let field = |k: &str| claims.as_ref().and_then(|c| c.get(k)?.as_u64());
+                tracing::info!(why, kid = ?field("kid"), exp = ?field("exp"), "peer token reloaded; open peer links renew with it");
+                slot.store(Some(Arc::new(t)));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(
+                    why,
+                    "peer token not reloaded, the one in force stays: {e:#}"
+                )
+            }
         }
     }
 
@@ -447,6 +492,7 @@ impl Control {
                     ControlEvent::Shutdown => return,
                     ControlEvent::Reload => {
                         self.reload_keys("reload event");
+                        self.reload_peer_token("reload event");
                         self.reload_config("reload event");
                         for t in &mut self.tls {
                             t.reload("reload event");
@@ -460,14 +506,23 @@ impl Control {
             }
             if keyring_mtime(&self.keyring_dir) != self.keyring_mtime {
                 self.reload_keys("keyring files changed");
-                // Our own cluster key verifies siblings' peer tokens.
+                // Our own cluster key verifies siblings' peer tokens (and, in dev mode, signs
+                // ours).
                 self.reload_federation("keyring files changed");
+                self.reload_peer_token("keyring files changed");
             }
             if self.config_file.changed_or_racy() {
                 self.poll_config();
             }
             if self.peer_key_files.changed() {
                 self.reload_federation("federation key files changed");
+            }
+            if self
+                .peer_token
+                .as_mut()
+                .is_some_and(|(_, file)| file.changed_or_racy())
+            {
+                self.reload_peer_token("peer token file changed");
             }
             for t in &mut self.tls {
                 t.poll();

@@ -63,6 +63,8 @@ pub(crate) struct ShardMetrics {
     pub(crate) task_links_ejected: AtomicU64,
     /// `renew` messages on task links: accepted, refused.
     pub(crate) task_renewals: [AtomicU64; 2],
+    /// `renew` messages on accepted peer links: accepted, refused.
+    pub(crate) peer_renewals: [AtomicU64; 2],
     /// Task link handshakes refused after the upgrade began, by
     /// `task::link::LinkRefusal` (the reason label of `fedbus_task_link_refused_total`).
     pub(crate) task_link_refused: [AtomicU64; 4],
@@ -310,6 +312,17 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             o,
             "fedbus_task_renewals_total{{result=\"{result}\"}} {}",
             sum(reg, |m| &m.task_renewals[i])
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_peer_renewals_total Peer tokens renewed on open peer links this router accepted (renew messages), by result.\n# TYPE fedbus_peer_renewals_total counter"
+    );
+    for (i, result) in ["accepted", "refused"].iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "fedbus_peer_renewals_total{{result=\"{result}\"}} {}",
+            sum(reg, |m| &m.peer_renewals[i])
         );
     }
     let _ = writeln!(

@@ -11,7 +11,7 @@ use crate::route::ApiPath;
 use crate::routing::answer::send_answer;
 use crate::routing::{self, Answer, Ingress, Request, VerifyCache};
 use crate::shard::Shard;
-use crate::task::link::{read_upgrade, TaskLink};
+use crate::task::link::{read_upgrade, renew_reply, renew_token, Gate, RenewGate, TaskLink};
 use crate::ws::{self, handshake, Message, Side};
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
@@ -33,8 +33,10 @@ pub(crate) use view::FedView;
 pub(crate) struct Federation {
     /// `region/cluster` -> its routers' external addresses, at start.
     pub(crate) routers: HashMap<String, Vec<String>>,
-    /// The token this router presents to peers.
-    pub(crate) token: Option<String>,
+    /// The token this router presents to peers: read at start, replaced by the control thread
+    /// when `federation.peer_token_file` changes (or, in dev mode, when the cluster key is
+    /// rotated); dialers present the newest one and send it on their open links (`renew`).
+    pub(crate) token: Arc<arc_swap::ArcSwapOption<String>>,
     /// External addresses of the other routers of our own cluster (siblings), at start.
     pub(crate) siblings: Vec<String>,
     /// Our own `region/cluster`.
@@ -54,7 +56,7 @@ impl Federation {
         } = FedView::load(cfg)?;
         Ok(Federation {
             routers,
-            token,
+            token: Arc::new(arc_swap::ArcSwapOption::from(token.map(Arc::new))),
             siblings,
             own: cfg.cluster_id(),
             tls: None,
@@ -92,6 +94,9 @@ pub(crate) struct Slot {
     status: RefCell<Option<PeerStatus>>,
     /// Set when a reload removed this router: its dialer closes the link and stops.
     stopped: std::cell::Cell<bool>,
+    /// The router refused the last `renew` on the current link (it may not know the new key
+    /// version yet): send it again a little later.
+    renew_refused: std::cell::Cell<bool>,
 }
 
 impl Slot {
@@ -101,6 +106,7 @@ impl Slot {
             link: RefCell::new(None),
             status: RefCell::new(None),
             stopped: std::cell::Cell::new(false),
+            renew_refused: std::cell::Cell::new(false),
         })
     }
 
@@ -333,7 +339,8 @@ async fn dial_once(shard: &Rc<Shard>, cluster: &str, slot: &Rc<Slot>) -> anyhow:
         .await?
         .ok_or_else(|| anyhow::anyhow!("{} resolves to nothing", slot.addr))?;
     let addr = resolved.to_string();
-    let token = shard.federation.token.as_deref();
+    let presented = shard.federation.token.load_full();
+    let token = presented.as_deref().map(String::as_str);
     match &shard.federation.tls {
         Some(tls) => {
             let dial = ws::TlsDial {
@@ -341,7 +348,7 @@ async fn dial_once(shard: &Rc<Shard>, cluster: &str, slot: &Rc<Slot>) -> anyhow:
                 name: crate::tls::peer::server_name(&slot.addr)?,
             };
             match ws::connect_tls(&addr, "/peer", token, &dial).await {
-                Ok((s, leftover)) => run_link(shard, cluster, slot, s, leftover).await,
+                Ok((s, leftover)) => run_link(shard, cluster, slot, s, leftover, presented).await,
                 Err(e @ ws::DialError::Tls { .. }) => {
                     ShardMetrics::inc(&shard.metrics.peer_tls_dial_refused);
                     tracing::warn!(shard = shard.index, %cluster, addr = %slot.addr, "peer link refused: {e}");
@@ -352,18 +359,20 @@ async fn dial_once(shard: &Rc<Shard>, cluster: &str, slot: &Rc<Slot>) -> anyhow:
         }
         None => {
             let (s, leftover) = ws::connect(&addr, "/peer", token).await?;
-            run_link(shard, cluster, slot, s, leftover).await
+            run_link(shard, cluster, slot, s, leftover, presented).await
         }
     }
 }
 
-/// Runs a dialed peer link, plain or TLS, until it ends.
+/// Runs a dialed peer link, plain or TLS, until it ends; `presented` is the peer token its
+/// upgrade carried.
 async fn run_link<S: ws::Stream>(
     shard: &Rc<Shard>,
     cluster: &str,
     slot: &Rc<Slot>,
     s: S,
     leftover: bytes::BytesMut,
+    presented: Option<Arc<String>>,
 ) -> anyhow::Result<()> {
     let limits = &shard.cfg.limits;
     // Liveness: we ping, the other side answers; silence for 3 intervals ends the link.
@@ -390,6 +399,13 @@ async fn run_link<S: ws::Stream>(
         out.clone(),
     ));
     let pinger = ws::spawn_pinger(out.clone(), every);
+    slot.renew_refused.set(false);
+    let renewer = glommio::spawn_local(send_renewals(
+        shard.clone(),
+        slot.clone(),
+        out.clone(),
+        presented,
+    ));
     set_status(shard, slot, None);
     *slot.link.borrow_mut() = Some(link.clone());
     if slot.stopped.get() {
@@ -402,6 +418,7 @@ async fn run_link<S: ws::Stream>(
     let read = read_dialed(shard, cluster, slot, &link, &mut reader);
     let end = ws::conn::until_closed_or_late(shard, &out, read).await;
     drop(pinger.cancel());
+    drop(renewer.cancel());
     link.fail_all();
     *slot.link.borrow_mut() = None;
     set_status(shard, slot, None);
@@ -419,19 +436,25 @@ async fn run_link<S: ws::Stream>(
     end.map_err(anyhow::Error::from)
 }
 
-/// Closes an accepted peer link with 1008 when the peer token it was opened with expires
-/// (`exp`, unix seconds): the link is authenticated once, so it must not outlive its token.
+/// Closes an accepted peer link with 1008 when its peer token expires (`live.exp`, unix
+/// seconds; the upgrade's token, or the newest a `renew` brought): it must not outlive it.
 /// Counted in `fedbus_links_revoked_total`: a dialer whose token file was not renewed loses
 /// its links this way.
 fn close_at_expiry(
     shard: Rc<Shard>,
     cluster: String,
     out: Rc<RefCell<ws::WsOut>>,
-    exp: u64,
+    live: Rc<LiveCred>,
 ) -> glommio::Task<()> {
     glommio::spawn_local(async move {
-        // Capped: a far-future `exp` must not overflow the timer's deadline (a shard panic).
-        glommio::timer::sleep(auth::expiry_wait(exp, auth::now_unix())).await;
+        loop {
+            // Capped: wakes early for a far-future `exp`, and checks again.
+            glommio::timer::sleep(auth::expiry_wait(live.exp.get(), auth::now_unix())).await;
+            // A renew moved it.
+            if auth::now_unix() >= live.exp.get() {
+                break;
+            }
+        }
         let mut o = out.borrow_mut();
         if !o.is_closing() {
             ShardMetrics::inc(&shard.metrics.links_revoked);
@@ -439,6 +462,58 @@ fn close_at_expiry(
             o.close(1008);
         }
     })
+}
+
+/// A text message from the dialing router: a `renew` is checked as the upgrade's token was
+/// (signature, expiry, key version, client certificate) and must name the link's cluster; if
+/// good it moves the link's expiry and key version. The answer is `renewed` or
+/// `renew_refused`, as on task links (PROTOCOL.md section 4); at most one per second.
+fn on_renew(
+    shard: &Shard,
+    from: &str,
+    live: &LiveCred,
+    admitted: &dyn Fn(&Shard, &str) -> Admission,
+    out: &RefCell<ws::WsOut>,
+    text: &[u8],
+) {
+    let Some(token) = renew_token(text) else {
+        return;
+    };
+    if out.borrow().is_closing() {
+        return;
+    }
+    let verdict = match live.gate.pass(Instant::now()) {
+        Gate::Close => {
+            ShardMetrics::inc(&shard.metrics.abusive_closed);
+            tracing::warn!(shard = shard.index, cluster = %from, "peer link closed: renews faster than one per second");
+            out.borrow_mut().close(1008);
+            return;
+        }
+        Gate::TooSoon => Err(("too_often", "at most one renew per second".to_string())),
+        Gate::Verify => match admitted(shard, &token) {
+            Ok(c) if c.cluster == from => Ok(c),
+            Ok(c) => Err((
+                "wrong_token",
+                format!("a peer token of {} on a link of {from}", c.cluster),
+            )),
+            Err((_, code, why)) => Err((code, why)),
+        },
+    };
+    let verdict = match verdict {
+        Ok(c) => {
+            live.exp.set(c.exp);
+            live.key_until.set(c.key_until);
+            *live.token.borrow_mut() = token;
+            tracing::info!(shard = shard.index, cluster = %from, exp = c.exp, "peer link credential renewed");
+            Ok(c.exp)
+        }
+        Err((code, why)) => {
+            tracing::warn!(shard = shard.index, cluster = %from, code, "peer link renew refused: {why}");
+            Err((code, why))
+        }
+    };
+    let reply = renew_reply(verdict, &shard.metrics.peer_renewals);
+    let _ = out.borrow_mut().send_text(&reply);
 }
 
 /// The close code for a peer link that failed with `e`; a policy breach by the other router
@@ -450,6 +525,77 @@ fn closed_for(shard: &Shard, cluster: &str, e: &ws::WsError) -> Option<u16> {
         tracing::warn!(shard = shard.index, %cluster, "peer link closed: {e}");
     }
     e.close_code()
+}
+
+/// How often a dialed link looks for a newer peer token to send; also the least time between
+/// two `renew` messages (the accepting router takes one per second).
+const RENEW_POLL: Duration = Duration::from_millis(1100);
+
+/// After a `renew_refused`, the token is sent again this much later (the other router may
+/// learn the new key version from its next key file reload).
+const RENEW_RETRY: Duration = Duration::from_secs(5);
+
+/// Sends each newer peer token on a dialed link as a `renew` (PROTOCOL.md section 10), so a
+/// token rewritten in `federation.peer_token_file` (or minted after a rotation, in dev mode)
+/// before the old one expires or retires keeps the link open. `sent` is the token the link
+/// presented. A refused one is sent again every [`RENEW_RETRY`]. A router that predates
+/// renewals ignores the message and closes the link when the old token expires; the dialer
+/// then presents the new one.
+async fn send_renewals(
+    shard: Rc<Shard>,
+    slot: Rc<Slot>,
+    out: Rc<RefCell<ws::WsOut>>,
+    mut sent: Option<Arc<String>>,
+) {
+    let mut retry_at: Option<Instant> = None;
+    loop {
+        glommio::timer::sleep(RENEW_POLL).await;
+        if out.borrow().is_closing() {
+            return;
+        }
+        if slot.renew_refused.replace(false) {
+            retry_at = Some(Instant::now() + RENEW_RETRY);
+        }
+        let now = shard.federation.token.load_full();
+        let newer = match (&now, &sent) {
+            (Some(n), Some(s)) => !Arc::ptr_eq(n, s) && n != s,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        let retry = retry_at.is_some_and(|t| Instant::now() >= t);
+        if newer || retry {
+            retry_at = None;
+            let token = now.as_deref().map(String::as_str).unwrap_or_default();
+            let text = serde_json::json!({"type": "renew", "token": token}).to_string();
+            if out.borrow_mut().send_text(&text).is_err() {
+                return;
+            }
+            tracing::info!(
+                shard = shard.index,
+                "peer token sent on an open peer link (renew)"
+            );
+            sent = now;
+        }
+    }
+}
+
+/// Logs the accepting router's answer to a `renew` this dialer sent (other text is ignored);
+/// true when it refused it.
+fn renew_refused(shard: &Shard, cluster: &str, addr: &str, text: &[u8]) -> bool {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(text) else {
+        return false;
+    };
+    match v.get("type").and_then(|t| t.as_str()) {
+        Some("renewed") => {
+            tracing::info!(shard = shard.index, %cluster, %addr, exp = ?v.get("exp"), "peer link renewed");
+            false
+        }
+        Some("renew_refused") => {
+            tracing::warn!(shard = shard.index, %cluster, %addr, error = ?v.get("error"), message = ?v.get("message"), "peer link renew refused; sent again in 5 s, the link lives until its current token expires");
+            true
+        }
+        _ => false,
+    }
 }
 
 /// Replaces `slot`'s last status, keeping `fedbus_peer_links_ready` in step.
@@ -480,6 +626,9 @@ async fn read_dialed<R: futures_lite::AsyncRead + Unpin>(
             Message::Binary(b) => link.on_binary(b)?,
             Message::Text(t) => {
                 let Some(st) = PeerStatus::parse(&t) else {
+                    if renew_refused(shard, cluster, &slot.addr, &t) {
+                        slot.renew_refused.set(true);
+                    }
                     continue;
                 };
                 let draining = st.draining;
@@ -640,13 +789,14 @@ async fn serve_upgrade<S: ws::Stream>(
                         .await;
                     if accepted.is_ok() && stream.flush().await.is_ok() {
                         tracing::info!(shard = shard.index, cluster = %cred.cluster, tls = cert.is_some(), "peer link accepted");
-                        // The same checks again whenever a reload changes the federation.
+                        // The same checks again whenever a reload changes the federation, and
+                        // for each token a `renew` brings.
                         let token = up.bearer.unwrap_or_default();
-                        let admitted = move |shard: &Shard| {
-                            check_peer_token(shard, Some(&token))
+                        let admitted = move |shard: &Shard, token: &str| {
+                            check_peer_token(shard, Some(token))
                                 .and_then(|c| check_peer_certificate(shard, cert.as_ref(), c))
                         };
-                        serve_link(shard, stream, leftover, cred, admitted).await;
+                        serve_link(shard, stream, leftover, cred, token, Rc::new(admitted)).await;
                     }
                 }
                 Err((status, code, msg)) => {
@@ -707,6 +857,18 @@ struct PeerCred {
     key_until: u64,
 }
 
+/// An accepted peer link's credential as it stands: the upgrade's, moved by each accepted
+/// `renew`; read by its expiry timer and its status task.
+struct LiveCred {
+    token: RefCell<String>,
+    exp: std::cell::Cell<u64>,
+    key_until: std::cell::Cell<u64>,
+    gate: RenewGate,
+}
+
+/// The upgrade's checks (peer token, client certificate) for a token.
+type Admit = Rc<dyn Fn(&Shard, &str) -> Admission>;
+
 /// The verdict of a peer link's upgrade checks: its credential, or the refusal (HTTP status,
 /// code, message).
 type Admission = Result<PeerCred, (u16, &'static str, String)>;
@@ -742,22 +904,31 @@ fn check_peer_token(shard: &Shard, token: Option<&str>) -> Admission {
     })
 }
 
-/// Serves an accepted peer link with credential `cred` until it ends. `admitted` repeats the
-/// checks of its upgrade (peer token, client certificate): the link is closed with 1008 when a
-/// reload changes the federation so that they fail (its cluster removed from `[federation]`,
-/// the key that signed its token gone), and when the grace of its token's key version ends.
+/// Serves an accepted peer link with credential `cred` (from `token`) until it ends.
+/// `admitted` repeats the checks of its upgrade (peer token, client certificate): the link is
+/// closed with 1008 when a reload changes the federation so that they fail (its cluster
+/// removed from `[federation]`, the key that signed its token gone), when the grace of its
+/// token's key version ends, and when its token expires; a `renew` with a token that passes
+/// them (for the same cluster) moves the expiry and the key version.
 async fn serve_link<S: ws::Stream>(
     shard: &Rc<Shard>,
     stream: S,
     leftover: bytes::BytesMut,
     cred: PeerCred,
-    admitted: impl Fn(&Shard) -> Admission + 'static,
+    token: String,
+    admitted: Admit,
 ) {
     let PeerCred {
         cluster: from,
         exp,
         key_until,
     } = cred;
+    let live = Rc::new(LiveCred {
+        token: RefCell::new(token),
+        exp: std::cell::Cell::new(exp),
+        key_until: std::cell::Cell::new(key_until),
+        gate: RenewGate::default(),
+    });
     let limits = &shard.cfg.limits;
     // The dialing router pings every interval; silence for 3 intervals ends the link.
     let tcp = stream.tcp();
@@ -781,13 +952,13 @@ async fn serve_link<S: ws::Stream>(
     let cache = Rc::new(RefCell::new(VerifyCache::new(
         shard.cfg.auth.verify_cache_per_peer_link,
     )));
-    let expiry = close_at_expiry(shard.clone(), from.clone(), out.clone(), exp);
+    let expiry = close_at_expiry(shard.clone(), from.clone(), out.clone(), live.clone());
     let status = glommio::spawn_local(send_status(
         shard.clone(),
         from.clone(),
         out.clone(),
-        key_until,
-        admitted,
+        live.clone(),
+        admitted.clone(),
     ));
     let read = async {
         Ok(loop {
@@ -847,7 +1018,8 @@ async fn serve_link<S: ws::Stream>(
                     .detach();
                 }
                 Ok(Message::Ping(p)) => out.borrow_mut().send_control(ws::frame::opcode::PONG, &p),
-                Ok(Message::Pong(_)) | Ok(Message::Text(_)) => {}
+                Ok(Message::Text(t)) => on_renew(shard, &from, &live, &*admitted, &out, &t),
+                Ok(Message::Pong(_)) => {}
                 Ok(Message::Close(_)) => break Some(1000),
                 Err(e) => break closed_for(shard, &from, &e),
             }
@@ -875,8 +1047,8 @@ async fn send_status(
     shard: Rc<Shard>,
     from: String,
     out: Rc<RefCell<ws::WsOut>>,
-    mut key_until: u64,
-    admitted: impl Fn(&Shard) -> Admission,
+    live: Rc<LiveCred>,
+    admitted: Admit,
 ) {
     // What the status is made of; rebuilt only when one of these moves.
     let mut seen: Option<(u64, bool, bool)> = None;
@@ -891,14 +1063,15 @@ async fn send_status(
         let fed = shard.snapshots.fed.load().generation;
         let mut revoked = None;
         if std::mem::replace(&mut fed_seen, fed) != fed {
-            match admitted(&shard) {
-                Ok(cred) => key_until = cred.key_until,
+            let verdict = admitted(&shard, &live.token.borrow());
+            match verdict {
+                Ok(cred) => live.key_until.set(cred.key_until),
                 Err((_, code, why)) => revoked = Some(format!(" after a reload: {code}: {why}")),
             }
         }
         // No reload needed: a replaced key version stops verifying when its grace ends, and
         // a new link with this token would be refused from then on.
-        if revoked.is_none() && crate::util::unix_secs_coarse() >= key_until {
+        if revoked.is_none() && crate::util::unix_secs_coarse() >= live.key_until.get() {
             revoked = Some(": the key version of its peer token retired".into());
         }
         if let Some(why) = revoked {
@@ -981,6 +1154,30 @@ pub(crate) fn peer_token(cfg: &crate::config::Config) -> anyhow::Result<Option<S
         }));
     }
     token.map(Some)
+}
+
+/// The peer token to present from now on, when it differs from `current`: the file's content
+/// when it changed, or, in dev mode, a token minted again once the newest cluster key version
+/// is not the one that signed `current` (a rotation). None: `current` stays. Called by the
+/// control thread on each look at the token file, on SIGHUP and when the keyring changes.
+pub(crate) fn reloaded_peer_token(
+    cfg: &crate::config::Config,
+    current: Option<&str>,
+) -> anyhow::Result<Option<String>> {
+    if cfg.federation.peer_token_file.is_none() && cfg.dev {
+        let (newest, _) = crate::auth::Keyring::cluster_signing_key(&cfg.keyring_dir())?;
+        let signed_by = current
+            .and_then(crate::auth::service_token::peek_claims)
+            .and_then(|c| c.get("kid")?.as_u64());
+        if signed_by == Some(u64::from(newest)) {
+            return Ok(None);
+        }
+    }
+    let t = own_peer_token(cfg)?;
+    if t.is_empty() {
+        anyhow::bail!("the peer token file is empty");
+    }
+    Ok((Some(t.as_str()) != current).then_some(t))
 }
 
 fn own_peer_token(cfg: &crate::config::Config) -> anyhow::Result<String> {

@@ -16,6 +16,7 @@ use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::AtomicU64;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -121,10 +122,8 @@ pub(crate) struct TaskLink {
     /// peer link). Kept by `shard::sweep_deadlines`, which closes the link once it passes.
     pub(crate) kid: Cell<u32>,
     pub(crate) key_until: Cell<u64>,
-    /// When the last `renew` was verified (at most one per second is).
-    renewed_at: Cell<Option<Instant>>,
-    /// A renew within a second of the one before was refused (`too_often`) since then.
-    refused_too_soon: Cell<bool>,
+    /// At most one `renew` per second is verified.
+    renew_gate: RenewGate,
     /// Requests sent on this link: a link to a draining peer is closed once it stops
     /// carrying any (`peer::close_when_replaced`).
     sent: Cell<u64>,
@@ -147,8 +146,7 @@ impl TaskLink {
             exp: Cell::new(0),
             kid: Cell::new(0),
             key_until: Cell::new(u64::MAX),
-            renewed_at: Cell::new(None),
-            refused_too_soon: Cell::new(false),
+            renew_gate: RenewGate::default(),
             sent: Cell::new(0),
             peer_max_message: Cell::new(usize::MAX),
         }
@@ -908,7 +906,8 @@ pub(crate) fn key_until(shard: &Shard, kid: u32) -> u64 {
     auth::check_version(&keys.keyring.cluster, kid, now, grace).verifies_until()
 }
 
-/// Task -> router: a fresh service token for this open link.
+/// A fresh token for an open link: task -> router (a service token) and dialing router ->
+/// accepting router (a peer token), `{"type":"renew","token":"..."}`.
 #[derive(serde::Deserialize)]
 struct Renew {
     #[serde(rename = "type")]
@@ -918,26 +917,83 @@ struct Renew {
     token: serde_json::Value,
 }
 
+/// The token of a `renew` text message; None for any other text.
+pub(crate) fn renew_token(text: &[u8]) -> Option<String> {
+    let r = serde_json::from_slice::<Renew>(text).ok()?;
+    (r.kind == "renew").then(|| r.token.as_str().unwrap_or_default().to_string())
+}
+
+/// At most one `renew` per second on a link: each refusal queues a reply, so a link that
+/// kept renewing would grow its outbox and the log as fast as it sends.
+#[derive(Default)]
+pub(crate) struct RenewGate {
+    /// When the last `renew` was let through to be verified.
+    renewed_at: Cell<Option<Instant>>,
+    /// A renew within a second of the one before was refused (`too_often`) since then.
+    refused_too_soon: Cell<bool>,
+}
+
+/// What to do with a `renew` ([`RenewGate::pass`]).
+pub(crate) enum Gate {
+    /// Verify it.
+    Verify,
+    /// Refuse it `too_often`.
+    TooSoon,
+    /// A second one too soon: close the link (1008, counted as abuse).
+    Close,
+}
+
+impl RenewGate {
+    pub(crate) fn pass(&self, now: Instant) -> Gate {
+        let too_soon = self
+            .renewed_at
+            .get()
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1));
+        if !too_soon {
+            self.renewed_at.set(Some(now));
+            self.refused_too_soon.set(false);
+            Gate::Verify
+        } else if self.refused_too_soon.replace(true) {
+            Gate::Close
+        } else {
+            Gate::TooSoon
+        }
+    }
+}
+
+/// The router's answer to a `renew`: `renewed` with the new expiry, or `renew_refused` with
+/// the error code a refused upgrade would get (the link then lives until its current token
+/// expires). Counted in `counter[0]` (accepted) or `counter[1]` (refused).
+pub(crate) fn renew_reply(
+    verdict: Result<u64, (&str, String)>,
+    counter: &[AtomicU64; 2],
+) -> String {
+    match verdict {
+        Ok(exp) => {
+            ShardMetrics::inc(&counter[0]);
+            serde_json::json!({"type": "renewed", "exp": exp})
+        }
+        Err((code, message)) => {
+            ShardMetrics::inc(&counter[1]);
+            serde_json::json!({"type": "renew_refused", "error": code, "message": message})
+        }
+    }
+    .to_string()
+}
+
 /// A text message from a registered task: `renew` is verified like the token of an upgrade
-/// and, if good, moves the link's expiry; the router answers `renewed` or `renew_refused`
-/// (the link then lives until its current token expires). Other text is ignored.
+/// and, if good, moves the link's expiry; the router answers `renewed` or `renew_refused`.
+/// Other text is ignored.
 fn on_text(shard: &Shard, link: &TaskLink, text: &[u8]) {
-    let Ok(r) = serde_json::from_slice::<Renew>(text) else {
+    let Some(token) = renew_token(text) else {
         return;
     };
     // Once the link is closing, what still comes is only read to see the task's close.
-    if r.kind != "renew" || link.out.borrow().is_closing() {
+    if link.out.borrow().is_closing() {
         return;
     }
-    let now = Instant::now();
-    let too_soon = link
-        .renewed_at
-        .get()
-        .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1));
-    let verdict = if too_soon {
-        // Each refusal queues a reply: a task that keeps renewing would grow the outbox and
-        // the log as fast as it sends. The first in a second is answered, the next one closes.
-        if link.refused_too_soon.replace(true) {
+    let verdict = match link.renew_gate.pass(Instant::now()) {
+        Gate::Close => {
             ShardMetrics::inc(&shard.metrics.abusive_closed);
             tracing::warn!(
                 shard = shard.index,
@@ -947,40 +1003,40 @@ fn on_text(shard: &Shard, link: &TaskLink, text: &[u8]) {
             link.out.borrow_mut().close(1008);
             return;
         }
-        Err(("too_often", "at most one renew per second".to_string()))
-    } else {
-        link.renewed_at.set(Some(now));
-        link.refused_too_soon.set(false);
-        let keys = shard.snapshots.keys.load();
-        match verify_service_token(
-            &keys.keyring.cluster,
-            r.token.as_str().unwrap_or_default(),
-            auth::now_unix(),
-            shard.cfg.auth.grace_secs,
-        ) {
-            Ok(c) => match renewal_refusal(&link.app, &link.role, &c, &shard.cfg.cluster_id()) {
-                None => Ok(c),
-                Some(why) => Err(("wrong_token", why.to_string())),
-            },
-            Err(e) => Err((e.code(), e.to_string())),
+        Gate::TooSoon => Err(("too_often", "at most one renew per second".to_string())),
+        Gate::Verify => {
+            let keys = shard.snapshots.keys.load();
+            match verify_service_token(
+                &keys.keyring.cluster,
+                &token,
+                auth::now_unix(),
+                shard.cfg.auth.grace_secs,
+            ) {
+                Ok(c) => {
+                    match renewal_refusal(&link.app, &link.role, &c, &shard.cfg.cluster_id()) {
+                        None => Ok(c),
+                        Some(why) => Err(("wrong_token", why.to_string())),
+                    }
+                }
+                Err(e) => Err((e.code(), e.to_string())),
+            }
         }
     };
-    let reply = match verdict {
+    let verdict = match verdict {
         Ok(c) => {
             link.exp.set(c.exp);
             link.kid.set(c.kid);
             link.key_until.set(key_until(shard, c.kid));
-            ShardMetrics::inc(&shard.metrics.task_renewals[0]);
             tracing::info!(shard = shard.index, task = link.task, sub = %c.sub, kid = c.kid, exp = c.exp, "task link credential renewed");
-            serde_json::json!({"type": "renewed", "exp": c.exp})
+            Ok(c.exp)
         }
         Err((code, message)) => {
-            ShardMetrics::inc(&shard.metrics.task_renewals[1]);
             tracing::warn!(shard = shard.index, task = link.task, code, %message, "task link renew refused");
-            serde_json::json!({"type": "renew_refused", "error": code, "message": message})
+            Err((code, message))
         }
     };
-    let _ = link.out.borrow_mut().send_text(&reply.to_string());
+    let reply = renew_reply(verdict, &shard.metrics.task_renewals);
+    let _ = link.out.borrow_mut().send_text(&reply);
 }
 
 /// Why a verified service token may not renew a link registered for `app` in `role`: the

@@ -8,9 +8,11 @@
 //!
 //! Every flag has an environment variable: `FEDBUS_ROUTER` (comma-separated: shard 0 of each
 //! router), `FEDBUS_APP`, `FEDBUS_PARTITIONS`, `FEDBUS_ROLE`, `FEDBUS_TASK_TOKEN`,
-//! `FEDBUS_TASK_TOKEN_FILE`, `FEDBUS_TASK_TOKEN_COMMAND`. With a token file or command the token
-//! is renewed before it expires; a token refused for good exits with status 1. Logs go to
-//! stderr, filtered by `RUST_LOG` (default `info`).
+//! `FEDBUS_TASK_TOKEN_FILE`, `FEDBUS_TASK_TOKEN_COMMAND`, `FEDBUS_TASK_TLS_CA`. With a token
+//! file or command the token is renewed before it expires; a token refused for good exits with
+//! status 1. With `--tls-ca CA.pem` the links dial `wss://` (routers with
+//! `[listen] internal_tls = true`), trusting only that CA. Logs go to stderr, filtered by
+//! `RUST_LOG` (default `info`).
 
 #[path = "support/echo.rs"]
 mod support;
@@ -20,7 +22,7 @@ use fedbus_sdk::{Partitions, TaskOptions};
 fn usage() -> ! {
     eprintln!(
         "usage: echo [--router HOST:PORT]... [--app OWNER/APP] [--partitions 0-15] [--role main] \
-         (--token TOKEN | --token-file PATH | --token-command CMD)"
+         (--token TOKEN | --token-file PATH | --token-command CMD) [--tls-ca CA.pem]"
     );
     std::process::exit(2)
 }
@@ -34,6 +36,7 @@ fn options() -> Result<TaskOptions, fedbus_sdk::Error> {
     let mut token = env("FEDBUS_TASK_TOKEN");
     let mut token_file = env("FEDBUS_TASK_TOKEN_FILE");
     let mut token_command = env("FEDBUS_TASK_TOKEN_COMMAND");
+    let mut tls_ca = env("FEDBUS_TASK_TLS_CA");
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().unwrap_or_else(|| usage());
@@ -45,6 +48,7 @@ fn options() -> Result<TaskOptions, fedbus_sdk::Error> {
             "--token" => token = Some(value),
             "--token-file" => token_file = Some(value),
             "--token-command" => token_command = Some(value),
+            "--tls-ca" => tls_ca = Some(value),
             _ => usage(),
         }
     }
@@ -62,6 +66,10 @@ fn options() -> Result<TaskOptions, fedbus_sdk::Error> {
         (_, None, Some(c)) => opts.token_command(c),
         (Some(_), None, None) => opts,
         (None, None, None) => usage(),
+    };
+    let opts = match tls_ca {
+        Some(ca) => opts.tls_ca(ca),
+        None => opts,
     };
     Ok(opts.role(role))
 }

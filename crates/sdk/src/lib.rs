@@ -5,7 +5,9 @@
 //! other shard, registers on every link, and hands each request to an async handler; many
 //! requests are in flight on each link at once and answers go back in any order. Links that
 //! fail are reopened with a capped, jittered backoff; pings are answered; an `auth` task keeps
-//! the app secret the routers push ([`Secrets`]) and can sign client JWTs with it.
+//! the app secret the routers push ([`Secrets`]) and can sign client JWTs with it. Links are
+//! plaintext `ws://`, or `wss://` to routers with `internal_tls` given the CA that issued their
+//! certificates ([`TaskOptions::tls_ca`]).
 //!
 //! ```no_run
 //! use fedbus_sdk::{Outcome, Partitions, Request, TaskOptions};
@@ -34,6 +36,7 @@ mod outcome;
 mod rand;
 mod secrets;
 mod task;
+mod tls;
 mod token;
 
 pub use fedbus_proto as proto;

@@ -1,6 +1,7 @@
 //! How a task connects and what it registers.
 
 use crate::{Error, Secrets, TokenSource};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -40,7 +41,8 @@ pub struct TaskOptions {
     /// ([`crate::random_task_id`]). A second link with the same id on a shard replaces the
     /// first, so two processes must not share one.
     pub task_id: u64,
-    /// Limit for TCP connect plus the websocket upgrade.
+    /// Limit for TCP connect, the TLS handshake (with [`TaskOptions::tls_ca`]) and the
+    /// websocket upgrade.
     pub connect_timeout: Duration,
     /// Limit for the hello after the upgrade, and for `registered` after the registration.
     pub handshake_timeout: Duration,
@@ -52,6 +54,12 @@ pub struct TaskOptions {
     /// Where the app secrets pushed to an `auth` task are kept; clone it before [`crate::serve`]
     /// to read them from the handler.
     pub secrets: Secrets,
+    /// A PEM file of CA certificates: every link then dials `wss://` (routers with
+    /// `[listen] internal_tls = true`), trusting only these CAs (not the system's roots), and
+    /// the router's certificate must be valid for the host dialed, an IP address or a DNS
+    /// name (announced shard addresses too). Read once by [`crate::Task::spawn`]: a missing,
+    /// unreadable or empty file is [`Error::Options`]. None (the default): plaintext `ws://`.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl TaskOptions {
@@ -82,6 +90,7 @@ impl TaskOptions {
             idle_timeout: fedbus_proto::link::DEFAULT_IDLE_TIMEOUT,
             max_message: 64 * 1024 * 1024,
             secrets: Secrets::new(),
+            tls_ca: None,
         }
     }
 
@@ -99,7 +108,7 @@ impl TaskOptions {
 
     /// The same options with the token read from `path`, re-read when it changes
     /// ([`TokenSource::File`]).
-    pub fn token_file(mut self, path: impl Into<std::path::PathBuf>) -> TaskOptions {
+    pub fn token_file(mut self, path: impl Into<PathBuf>) -> TaskOptions {
         self.token_source = TokenSource::File(path.into());
         self
     }
@@ -107,6 +116,13 @@ impl TaskOptions {
     /// The same options with the token printed by `command` ([`TokenSource::Command`]).
     pub fn token_command(mut self, command: impl Into<String>) -> TaskOptions {
         self.token_source = TokenSource::Command(command.into());
+        self
+    }
+
+    /// The same options dialing every link over TLS, trusting the CA certificates of the PEM
+    /// file `path` ([`TaskOptions::tls_ca`]).
+    pub fn tls_ca(mut self, path: impl Into<PathBuf>) -> TaskOptions {
+        self.tls_ca = Some(path.into());
         self
     }
 

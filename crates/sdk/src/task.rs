@@ -82,6 +82,8 @@ impl Dial {
 
 struct Ctx<H> {
     opts: TaskOptions,
+    /// The TLS config of every link ([`TaskOptions::tls_ca`]); None: plaintext.
+    tls: Option<Arc<rustls::ClientConfig>>,
     link: Arc<LinkConfig>,
     handler: H,
     /// `router#shard` -> the address its loop dials (the configured ones: the dialled address).
@@ -157,6 +159,12 @@ impl Task {
         F: Future<Output = Outcome> + Send + 'static,
     {
         opts.validate()?;
+        // Before the token: a bad CA file fails at once, without running a token command.
+        let tls = opts
+            .tls_ca
+            .as_deref()
+            .map(crate::tls::client_config)
+            .transpose()?;
         let first = first_token(&opts)?;
         let mut link = LinkConfig::new(
             opts.task_id,
@@ -177,6 +185,7 @@ impl Task {
         let routers = opts.routers.clone();
         let ctx = Arc::new(Ctx {
             opts,
+            tls,
             link: Arc::new(link),
             handler,
             shards: Mutex::new(HashMap::new()),
@@ -207,6 +216,7 @@ impl Task {
             partitions = ctx.link.partitions.len(),
             task = ctx.link.task,
             ?routers,
+            tls = ctx.tls.is_some(),
             "fedbus task starting"
         );
         for r in routers {
@@ -637,16 +647,21 @@ fn on_renew_answer<H>(ctx: &Ctx<H>, addr: &str, t: &str) {
     }
 }
 
-/// TCP connect with TCP_NODELAY, then the upgrade with the service token.
-async fn connect<H>(
-    ctx: &Ctx<H>,
-    addr: &str,
-) -> Result<
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-    End,
-> {
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// TCP connect with TCP_NODELAY, the TLS handshake (with [`TaskOptions::tls_ca`]), then the
+/// upgrade with the service token; all within `connect_timeout`. The TCP connection is made
+/// here rather than by tokio-tungstenite so that its failures and the TLS ones read apart.
+async fn connect<H>(ctx: &Ctx<H>, addr: &str) -> Result<WsStream, End> {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    use tokio_tungstenite::Connector;
     let failed = End::Failed;
-    let mut req = format!("ws://{addr}/link")
+    let (scheme, connector) = match &ctx.tls {
+        Some(c) => ("wss", Connector::Rustls(c.clone())),
+        None => ("ws", Connector::Plain),
+    };
+    let mut req = format!("{scheme}://{addr}/link")
         .into_client_request()
         .map_err(|e| failed(format!("bad router address {addr:?}: {e}")))?;
     let token = ctx.token.borrow().clone();
@@ -657,33 +672,61 @@ async fn connect<H>(
     let cfg = WebSocketConfig::default()
         .max_message_size(Some(ctx.opts.max_message))
         .max_frame_size(Some(ctx.opts.max_message));
-    let r = tokio::time::timeout(
-        ctx.opts.connect_timeout,
-        tokio_tungstenite::connect_async_with_config(req, Some(cfg), true),
-    )
-    .await;
+    let dial = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| failed(format!("connect {addr}: {e}")))?;
+        tcp.set_nodelay(true)
+            .map_err(|e| failed(format!("connect {addr}: TCP_NODELAY: {e}")))?;
+        // The server name checked against the router's certificate is the URI's host.
+        Ok::<_, End>(
+            tokio_tungstenite::client_async_tls_with_config(req, tcp, Some(cfg), Some(connector))
+                .await,
+        )
+    };
+    let r = match tokio::time::timeout(ctx.opts.connect_timeout, dial).await {
+        Err(_) => {
+            let what = if ctx.tls.is_some() {
+                "no TLS handshake and upgrade"
+            } else {
+                "no upgrade"
+            };
+            return Err(failed(format!(
+                "connect {addr}: {what} within {:?}",
+                ctx.opts.connect_timeout
+            )));
+        }
+        Ok(r) => r?,
+    };
     match r {
-        Err(_) => Err(failed(format!(
-            "connect {addr}: no upgrade within {:?}",
-            ctx.opts.connect_timeout
-        ))),
-        Ok(Ok((ws, _))) => Ok(ws),
-        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
+        Ok((ws, _)) => Ok(ws),
+        Err(WsError::Http(resp)) => {
             let body = resp
                 .body()
                 .as_deref()
                 .map(String::from_utf8_lossy)
                 .unwrap_or_default();
-            let m = format!("connect {addr}: refused with {}: {body}", resp.status());
+            let status = resp.status();
+            let mut m = format!("connect {addr}: refused with {status}: {body}");
+            // A TLS-only internal listener answers a plaintext upgrade `400 tls_required`.
+            if body.contains("tls_required") && ctx.tls.is_none() {
+                m.push_str(" (the router's internal listener speaks TLS: set TaskOptions::tls_ca)");
+            }
             // 401/403: the token itself (expired, retired or unknown key, bad signature,
             // another cluster); anything else may pass on a later try.
-            Err(if matches!(resp.status().as_u16(), 401 | 403) {
+            Err(if matches!(status.as_u16(), 401 | 403) {
                 End::Refused(m)
             } else {
                 failed(m)
             })
         }
-        Ok(Err(e)) => Err(failed(format!("connect {addr}: {e}"))),
+        // The handshake's failures: tokio-rustls hands rustls' error over in an io::Error.
+        Err(WsError::Io(e)) if ctx.tls.is_some() => Err(failed(match crate::tls::reason(&e) {
+            Some(why) => format!("connect {addr}: TLS: {why}"),
+            None => format!("connect {addr}: TLS or upgrade: {e}"),
+        })),
+        Err(WsError::Tls(e)) => Err(failed(format!("connect {addr}: TLS: {e}"))),
+        Err(e) => Err(failed(format!("connect {addr}: {e}"))),
     }
 }
 

@@ -953,26 +953,9 @@ struct Certs {
 
 fn certs() -> Certs {
     let dir = TempDir::new("http-edges-tls");
-    let keys = dir.path().join("keys");
-    let out = dir.path().join("a");
-    fedbus(
-        dir.path(),
-        &[
-            "keys",
-            "cert",
-            "--keyring",
-            keys.to_str().expect("utf-8"),
-            "--out",
-            out.to_str().expect("utf-8"),
-            "--name",
-            "a.test",
-            "--name",
-            "127.0.0.1",
-        ],
-    );
     Certs {
-        ca: keys.join("tls/dev-ca.pem"),
-        a: (out.with_extension("pem"), out.with_extension("key")),
+        ca: dev_ca(dir.path()),
+        a: dev_cert(dir.path(), "a", &["a.test", "127.0.0.1"]),
         _dir: dir,
     }
 }

@@ -25,26 +25,6 @@ use std::time::{Duration, Instant};
 
 const APP: &str = "demo/echo";
 
-/// `fedbus keys cert` from the dev CA of `dir/keys` (made on first use) for `names`, written
-/// to `dir/<out>.pem|key`; returns (cert, key).
-fn dev_cert(dir: &Path, out: &str, names: &[&str]) -> (PathBuf, PathBuf) {
-    let keys = dir.join("keys");
-    let o = dir.join(out);
-    let mut args = vec![
-        "keys",
-        "cert",
-        "--keyring",
-        keys.to_str().expect("utf-8"),
-        "--out",
-        o.to_str().expect("utf-8"),
-    ];
-    for n in names {
-        args.extend(["--name", n]);
-    }
-    fedbus(dir, &args);
-    (o.with_extension("pem"), o.with_extension("key"))
-}
-
 // ---------------------------------------------------------------------------------------------
 // Small helpers.
 

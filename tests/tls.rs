@@ -31,8 +31,8 @@ struct Certs {
 impl Certs {
     fn new() -> Certs {
         let dir = TempDir::new("tls-certs");
-        let a = issue(dir.path(), "a", &["a.test", "127.0.0.1"]);
-        let b = issue(dir.path(), "b", &["b.test"]);
+        let a = dev_cert(dir.path(), "a", &["a.test", "127.0.0.1"]);
+        let b = dev_cert(dir.path(), "b", &["b.test"]);
         Certs {
             ca: dir.path().join("keys/tls/dev-ca.pem"),
             dir,
@@ -40,25 +40,6 @@ impl Certs {
             b,
         }
     }
-}
-
-/// `fedbus keys cert` from the dev CA of `<dir>/keys` (made on first use).
-fn issue(dir: &Path, out: &str, names: &[&str]) -> (PathBuf, PathBuf) {
-    let keys = dir.join("keys");
-    let out = dir.join(out);
-    let mut args = vec![
-        "keys",
-        "cert",
-        "--keyring",
-        keys.to_str().expect("utf-8"),
-        "--out",
-        out.to_str().expect("utf-8"),
-    ];
-    for n in names {
-        args.extend(["--name", n]);
-    }
-    fedbus(dir, &args);
-    (out.with_extension("pem"), out.with_extension("key"))
 }
 
 fn der(pem: &Path) -> Vec<u8> {
@@ -271,7 +252,7 @@ fn sighup_reloads_the_certificates() {
     let addr = r.api_tls.expect("TLS listener");
     let probe = probe_config();
     let first = der(&certs.a.0);
-    issue(certs.dir.path(), "a", &["a.test", "127.0.0.1"]);
+    dev_cert(certs.dir.path(), "a", &["a.test", "127.0.0.1"]);
     let second = der(&certs.a.0);
     let s = connect(addr, &probe, "a.test").expect("handshake");
     assert!(peer_cert(&s) == first, "no reload before the signal");
@@ -300,7 +281,7 @@ fn a_replaced_certificate_serves_new_connections_while_old_ones_keep_working() {
     let first = peer_cert(&old);
 
     // Replaced on disk (a new key and certificate for the same names); no signal.
-    issue(certs.dir.path(), "a", &["a.test", "127.0.0.1"]);
+    dev_cert(certs.dir.path(), "a", &["a.test", "127.0.0.1"]);
     let second = der(&certs.a.0);
     assert_ne!(first, second);
     let probe = probe_config();

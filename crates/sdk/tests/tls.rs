@@ -50,20 +50,8 @@ fn make_pki(dir: &Path, names: &[&str]) -> Pki {
 /// The dev CA of a keyring under `dir` (another CA name than `fedbus keys ca`'s), made by
 /// `fedbus keys cert --keyring` on first use.
 fn dev_ca(dir: &Path) -> PathBuf {
-    let keys = dir.join("keys");
-    let out = dir.join("unused");
-    let args = [
-        "keys",
-        "cert",
-        "--keyring",
-        keys.to_str().expect("utf-8"),
-        "--out",
-        out.to_str().expect("utf-8"),
-        "--name",
-        "127.0.0.1",
-    ];
-    kit::fedbus(dir, &args);
-    keys.join("tls/dev-ca.pem")
+    kit::dev_cert(dir, "unused", &["127.0.0.1"]);
+    kit::dev_ca(dir)
 }
 
 /// A router with `shards` shards whose internal listeners speak TLS with `cert`.

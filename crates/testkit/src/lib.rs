@@ -118,6 +118,31 @@ pub fn fedbus(home: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf-8 stdout")
 }
 
+/// `fedbus keys cert` from the dev CA of `<dir>/keys` (made on first use) for `names`, written
+/// to `<dir>/<out>.pem` and `.key`; returns (cert, key). The CA is [`dev_ca`]`(dir)`.
+pub fn dev_cert(dir: &Path, out: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+    let keys = dir.join("keys");
+    let o = dir.join(out);
+    let mut args = vec![
+        "keys",
+        "cert",
+        "--keyring",
+        keys.to_str().expect("utf-8"),
+        "--out",
+        o.to_str().expect("utf-8"),
+    ];
+    for n in names {
+        args.extend(["--name", n]);
+    }
+    fedbus(dir, &args);
+    (o.with_extension("pem"), o.with_extension("key"))
+}
+
+/// The dev CA certificate that [`dev_cert`] issues from, under `dir`.
+pub fn dev_ca(dir: &Path) -> PathBuf {
+    dir.join("keys/tls/dev-ca.pem")
+}
+
 /// Creates a keyring in `dir` with secrets for `apps`.
 pub fn keys_init(home: &Path, dir: &Path, apps: &[&str]) {
     let d = dir.to_str().expect("utf-8 path");

@@ -1167,17 +1167,23 @@ fn p32_forwarded_total_counts_retry_once() {
         v <= 1.0
     });
     let fw = m(e, "fedbus_forwarded_total");
-    let served = || {
-        m(f.router("spb2", 0), "fedbus_requests_total")
-            + m(f.router("spb2", 1), "fedbus_requests_total")
-    };
-    let _ = served;
     let r = e.conn().request(&f.req("spb2", 10, b"x"));
     r.assert_error(503, "no_live_task");
+    assert_eq!(r.header("retry-after"), Some("1"), "{r:?}");
     let d = m(e, "fedbus_forwarded_total") - fw;
     eprintln!("fedbus_forwarded_total grew by {d} for one client request with one retry");
     // FEDERATION.md: it counts sends, the retry included.
     assert_eq!(d, 2.0);
+    // The same relayed router-made 503 on /api/ws carries retry-after too (PROTOCOL.md 8).
+    let mut w = Ws::open(e, Some(f.token("spb2")));
+    w.send(7, &f.path("spb2", 10), b"x");
+    let a = w.frame();
+    assert_eq!(
+        (status(&a), a.get_str(tag::ERROR)),
+        (503, Some("no_live_task")),
+        "{a:?}"
+    );
+    assert_eq!(hdr(&a, "retry-after").as_deref(), Some("1"), "{a:?}");
 }
 
 /// Control for p12: on the serving cluster's own /api/ws, the answer frame's header carries

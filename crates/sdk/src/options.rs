@@ -29,7 +29,7 @@ pub struct TaskOptions {
     pub token_poll: Duration,
     /// Time limit of one run of a token command: at start ([`crate::Task::spawn`] waits for it)
     /// and on each renewal. A command still running then is killed with what it started, and
-    /// counts as a failed fetch (retried after `token_poll`). Keep it well below a third of
+    /// counts as a failed fetch (tried again at the next look, at least twice `token_poll` later). Keep it well below a third of
     /// the token's lifetime, when the renewal falls due. Default 5 s.
     pub token_timeout: Duration,
     /// A router that refuses the token (401 at the upgrade: expired, retired or unknown key,

@@ -444,8 +444,12 @@ where
     H: Fn(Request) -> F + Send + Sync + 'static,
     F: Future<Output = Outcome> + Send + 'static,
 {
+    // The token presented at the upgrade, taken from a subscription made first: one that
+    // arrives while the upgrade is under way is then seen as changed, and sent as a `renew`.
+    let mut token_rx = ctx.token.subscribe();
+    let presented = token_rx.borrow_and_update().clone();
     let ws = tokio::select! {
-        r = connect(ctx, addr) => r,
+        r = connect(ctx, addr, &presented) => r,
         _ = stop.wait_for(|s| *s) => return (false, Ok(())),
     };
     let ws = match ws {
@@ -455,9 +459,6 @@ where
             return (false, Err(e));
         }
     };
-    // The token just presented; a newer one is sent on this link as a `renew`.
-    let mut token_rx = ctx.token.subscribe();
-    token_rx.mark_unchanged();
     bump(&ctx.counters.connects);
     let (mut sink, mut stream) = ws.split();
 
@@ -651,9 +652,9 @@ type WsStream =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// TCP connect with TCP_NODELAY, the TLS handshake (with [`TaskOptions::tls_ca`]), then the
-/// upgrade with the service token; all within `connect_timeout`. The TCP connection is made
+/// upgrade with the service token `token`; all within `connect_timeout`. The TCP connection is made
 /// here rather than by tokio-tungstenite so that its failures and the TLS ones read apart.
-async fn connect<H>(ctx: &Ctx<H>, addr: &str) -> Result<WsStream, End> {
+async fn connect<H>(ctx: &Ctx<H>, addr: &str, token: &str) -> Result<WsStream, End> {
     use tokio_tungstenite::tungstenite::Error as WsError;
     use tokio_tungstenite::Connector;
     let failed = End::Failed;
@@ -664,7 +665,6 @@ async fn connect<H>(ctx: &Ctx<H>, addr: &str) -> Result<WsStream, End> {
     let mut req = format!("{scheme}://{addr}/link")
         .into_client_request()
         .map_err(|e| failed(format!("bad router address {addr:?}: {e}")))?;
-    let token = ctx.token.borrow().clone();
     let auth = format!("Bearer {token}")
         .parse()
         .map_err(|_| failed("the service token is not a valid header value".to_string()))?;

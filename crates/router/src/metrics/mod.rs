@@ -186,7 +186,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
         (
             "fedbus_forwarded_total",
             "counter",
-            "Requests sent over peer links (a request retried on a sibling after no_live_task counts twice; see fedbus_forward_retries_total).",
+            "Requests sent over peer links (a request sent again to another router of the target cluster after no_live_task counts twice; see fedbus_forward_retries_total).",
             |m| &m.forwarded,
         ),
         (

@@ -11,7 +11,9 @@ use crate::route::ApiPath;
 use crate::routing::answer::send_answer;
 use crate::routing::{self, Answer, Ingress, Request, VerifyCache};
 use crate::shard::Shard;
-use crate::task::link::{read_upgrade, renew_reply, renew_token, Gate, RenewGate, TaskLink};
+use crate::task::link::{
+    close_at_expiry, read_upgrade, renew_reply, renew_token, Gate, RenewGate, TaskLink,
+};
 use crate::ws::{self, handshake, Message, Side};
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
@@ -434,34 +436,6 @@ async fn run_link<S: ws::Stream>(
     }
     let _ = writer.await;
     end.map_err(anyhow::Error::from)
-}
-
-/// Closes an accepted peer link with 1008 when its peer token expires (`live.exp`, unix
-/// seconds; the upgrade's token, or the newest a `renew` brought): it must not outlive it.
-/// Counted in `fedbus_links_revoked_total`: a dialer whose token file was not renewed loses
-/// its links this way.
-fn close_at_expiry(
-    shard: Rc<Shard>,
-    cluster: String,
-    out: Rc<RefCell<ws::WsOut>>,
-    live: Rc<LiveCred>,
-) -> glommio::Task<()> {
-    glommio::spawn_local(async move {
-        loop {
-            // Capped: wakes early for a far-future `exp`, and checks again.
-            glommio::timer::sleep(auth::expiry_wait(live.exp.get(), auth::now_unix())).await;
-            // A renew moved it.
-            if auth::now_unix() >= live.exp.get() {
-                break;
-            }
-        }
-        let mut o = out.borrow_mut();
-        if !o.is_closing() {
-            ShardMetrics::inc(&shard.metrics.links_revoked);
-            tracing::warn!(shard = shard.index, %cluster, "peer link closed: its peer token expired");
-            o.close(1008);
-        }
-    })
 }
 
 /// A text message from the dialing router: a `renew` is checked as the upgrade's token was
@@ -952,7 +926,11 @@ async fn serve_link<S: ws::Stream>(
     let cache = Rc::new(RefCell::new(VerifyCache::new(
         shard.cfg.auth.verify_cache_per_peer_link,
     )));
-    let expiry = close_at_expiry(shard.clone(), from.clone(), out.clone(), live.clone());
+    let expiry = {
+        let l = live.clone();
+        let what = format!("peer link from {from}");
+        close_at_expiry(shard.clone(), out.clone(), move || l.exp.get(), what)
+    };
     let status = glommio::spawn_local(send_status(
         shard.clone(),
         from.clone(),
@@ -1149,7 +1127,11 @@ pub(crate) fn peer_token(cfg: &crate::config::Config) -> anyhow::Result<Option<S
     let token = own_peer_token(cfg);
     if cfg.peer_clusters().next().is_none() && siblings(cfg).is_empty() {
         return Ok(token.map(Some).unwrap_or_else(|e| {
-            tracing::info!("no peer token ({e:#}): a cluster added to [federation] by a reload needs a restart to be dialed");
+            if cfg.federation.peer_token_file.is_some() {
+                tracing::info!("no peer token ({e:#}): a cluster added to [federation] by a reload is dialed once the file holds one");
+            } else {
+                tracing::info!("no peer token ({e:#}): a cluster added to [federation] by a reload needs a restart to be dialed");
+            }
             None
         }));
     }
@@ -1164,7 +1146,12 @@ pub(crate) fn reloaded_peer_token(
     cfg: &crate::config::Config,
     current: Option<&str>,
 ) -> anyhow::Result<Option<String>> {
-    if cfg.federation.peer_token_file.is_none() && cfg.dev {
+    if cfg.federation.peer_token_file.is_none() && !cfg.dev {
+        // No source: a router outside dev mode without a token file has none to reload (one
+        // that needs it refused to start).
+        return Ok(None);
+    }
+    if cfg.federation.peer_token_file.is_none() {
         let (newest, _) = crate::auth::Keyring::cluster_signing_key(&cfg.keyring_dir())?;
         let signed_by = current
             .and_then(crate::auth::service_token::peek_claims)

@@ -334,7 +334,7 @@ fn answer_head(m: &mut BytesMut, shard: usize, id: u64, a: &Answer, served_by: O
         put_line(m, "fedbus-shard", shard as u64);
         // As on HTTP: the router's own 503 says when to come back (a task's 503 keeps its
         // own Retry-After or none).
-        if a.status() == 503 && matches!(a, Answer::Error(_)) {
+        if a.status() == 503 && a.error_tag().is_some() {
             put_line(m, "retry-after", 1);
         }
     }

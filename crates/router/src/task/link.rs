@@ -703,7 +703,11 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
 
     // Keepalive: a ping every interval; the read timeout (3 intervals) ends a silent link.
     let pinger = spawn_pinger(link.clone(), Duration::from_millis(limits.ping_interval_ms));
-    let expiry = close_at_expiry(shard.clone(), link.clone());
+    let expiry = {
+        let l = link.clone();
+        let what = format!("task link of task {}", link.task);
+        close_at_expiry(shard.clone(), link.out.clone(), move || l.exp.get(), what)
+    };
 
     // The app's Auth Service gets the current app secret now and after every rotation.
     let pusher = (reg.role == AUTH_ROLE).then(|| {
@@ -871,28 +875,30 @@ fn push_secret(link: &TaskLink, app: &str, version: u32, secret: &[u8]) -> bool 
     ok
 }
 
-/// Closes the link with 1008 when its credential expires: the service token it opened with,
-/// or the newest one a `renew` brought (docs/PROTOCOL.md section 4).
-fn close_at_expiry(shard: Rc<Shard>, link: Rc<TaskLink>) -> glommio::Task<()> {
+/// Closes `out` with 1008 when the link's credential expires: `exp()` (unix seconds), read again
+/// on each wake, as an accepted `renew` moves it (docs/PROTOCOL.md sections 4 and 10). A link is
+/// authenticated at its upgrade, so it must not outlive its token. Counted in
+/// `fedbus_links_revoked_total`; `what` names the link in the log (`task 7`, `peer link from
+/// ru/spb2`).
+pub(crate) fn close_at_expiry(
+    shard: Rc<Shard>,
+    out: Rc<RefCell<WsOut>>,
+    exp: impl Fn() -> u64 + 'static,
+    what: String,
+) -> glommio::Task<()> {
     glommio::spawn_local(async move {
-        loop {
-            let exp = link.exp.get();
-            // Capped: wakes early for a far-future `exp`, and checks again.
-            glommio::timer::sleep(auth::expiry_wait(exp, auth::now_unix())).await;
-            if auth::now_unix() < link.exp.get() {
-                continue;
-            }
-            let mut o = link.out.borrow_mut();
-            if !o.is_closing() {
-                ShardMetrics::inc(&shard.metrics.links_revoked);
-                tracing::info!(
-                    shard = shard.index,
-                    task = link.task,
-                    "link credential expired: closing with 1008"
-                );
-                o.close(1008);
-            }
-            return;
+        // Capped: wakes early for a far-future `exp`, and checks again.
+        while auth::now_unix() < exp() {
+            glommio::timer::sleep(auth::expiry_wait(exp(), auth::now_unix())).await;
+        }
+        let mut o = out.borrow_mut();
+        if !o.is_closing() {
+            ShardMetrics::inc(&shard.metrics.links_revoked);
+            tracing::warn!(
+                shard = shard.index,
+                "{what} closed: its token expired (1008)"
+            );
+            o.close(1008);
         }
     })
 }

@@ -11,9 +11,7 @@ use crate::route::ApiPath;
 use crate::routing::answer::send_answer;
 use crate::routing::{self, Answer, Ingress, Request, VerifyCache};
 use crate::shard::Shard;
-use crate::task::link::{
-    close_at_expiry, read_upgrade, renew_reply, renew_token, Gate, RenewGate, TaskLink,
-};
+use crate::task::link::{close_at_expiry, handle_renew, read_upgrade, RenewGate, TaskLink};
 use crate::ws::{self, handshake, Message, Side};
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
@@ -438,10 +436,9 @@ async fn run_link<S: ws::Stream>(
     end.map_err(anyhow::Error::from)
 }
 
-/// A text message from the dialing router: a `renew` is checked as the upgrade's token was
-/// (signature, expiry, key version, client certificate) and must name the link's cluster; if
-/// good it moves the link's expiry and key version. The answer is `renewed` or
-/// `renew_refused`, as on task links (PROTOCOL.md section 4); at most one per second.
+/// A text message from the dialing router: a `renew` ([`handle_renew`]) is checked as the
+/// upgrade's token was (signature, expiry, key version, client certificate) and must name the
+/// link's cluster; if good it moves the link's expiry and key version.
 fn on_renew(
     shard: &Shard,
     from: &str,
@@ -450,44 +447,26 @@ fn on_renew(
     out: &RefCell<ws::WsOut>,
     text: &[u8],
 ) {
-    let Some(token) = renew_token(text) else {
-        return;
-    };
-    if out.borrow().is_closing() {
-        return;
-    }
-    let verdict = match live.gate.pass(Instant::now()) {
-        Gate::Close => {
-            ShardMetrics::inc(&shard.metrics.abusive_closed);
-            tracing::warn!(shard = shard.index, cluster = %from, "peer link closed: renews faster than one per second");
-            out.borrow_mut().close(1008);
-            return;
-        }
-        Gate::TooSoon => Err(("too_often", "at most one renew per second".to_string())),
-        Gate::Verify => match admitted(shard, &token) {
-            Ok(c) if c.cluster == from => Ok(c),
-            Ok(c) => Err((
-                "wrong_token",
-                format!("a peer token of {} on a link of {from}", c.cluster),
-            )),
-            Err((_, code, why)) => Err((code, why)),
-        },
-    };
-    let verdict = match verdict {
-        Ok(c) => {
+    let what = format_args!("peer link from {from}");
+    handle_renew(
+        shard,
+        out,
+        &live.gate,
+        &shard.metrics.peer_renewals,
+        &what,
+        text,
+        |token| {
+            let c = admitted(shard, token).map_err(|(_, code, why)| (code, why))?;
+            if c.cluster != from {
+                let why = format!("a peer token of {} on a link of {from}", c.cluster);
+                return Err(("wrong_token", why));
+            }
             live.exp.set(c.exp);
             live.key_until.set(c.key_until);
-            *live.token.borrow_mut() = token;
-            tracing::info!(shard = shard.index, cluster = %from, exp = c.exp, "peer link credential renewed");
+            *live.token.borrow_mut() = token.to_string();
             Ok(c.exp)
-        }
-        Err((code, why)) => {
-            tracing::warn!(shard = shard.index, cluster = %from, code, "peer link renew refused: {why}");
-            Err((code, why))
-        }
-    };
-    let reply = renew_reply(verdict, &shard.metrics.peer_renewals);
-    let _ = out.borrow_mut().send_text(&reply);
+        },
+    );
 }
 
 /// The close code for a peer link that failed with `e`; a policy breach by the other router

@@ -967,82 +967,86 @@ impl RenewGate {
     }
 }
 
-/// The router's answer to a `renew`: `renewed` with the new expiry, or `renew_refused` with
-/// the error code a refused upgrade would get (the link then lives until its current token
-/// expires). Counted in `counter[0]` (accepted) or `counter[1]` (refused).
-pub(crate) fn renew_reply(
-    verdict: Result<u64, (&str, String)>,
-    counter: &[AtomicU64; 2],
-) -> String {
-    match verdict {
-        Ok(exp) => {
-            ShardMetrics::inc(&counter[0]);
-            serde_json::json!({"type": "renewed", "exp": exp})
-        }
-        Err((code, message)) => {
-            ShardMetrics::inc(&counter[1]);
-            serde_json::json!({"type": "renew_refused", "error": code, "message": message})
-        }
-    }
-    .to_string()
-}
+/// What a `renew` verified: its `exp` (the link's state already moved), or the refusal's error
+/// code a refused upgrade would get and a message.
+pub(crate) type RenewVerdict = Result<u64, (&'static str, String)>;
 
-/// A text message from a registered task: `renew` is verified like the token of an upgrade
-/// and, if good, moves the link's expiry; the router answers `renewed` or `renew_refused`.
-/// Other text is ignored.
-fn on_text(shard: &Shard, link: &TaskLink, text: &[u8]) {
+/// A text message on a link that takes `renew` (a task link, an accepted peer link): anything
+/// else is ignored, and so is all once the link is closing (what still comes is only read to
+/// see the other side's close). At most one per second goes to `verify`, which checks the
+/// token as the upgrade did and, if good, moves the link's expiry and key version; the answer
+/// is `{"type":"renewed","exp":N}` or `{"type":"renew_refused","error":...,"message":...}`
+/// (the link then lives until its current token expires), counted in `counter[0]` (accepted)
+/// or `counter[1]` (refused). A second renew within a second is refused `too_often`, a third
+/// closes the link with 1008 (`fedbus_abusive_closed_total`). `what` names the link in logs.
+pub(crate) fn handle_renew(
+    shard: &Shard,
+    out: &RefCell<WsOut>,
+    gate: &RenewGate,
+    counter: &[AtomicU64; 2],
+    what: &dyn std::fmt::Display,
+    text: &[u8],
+    verify: impl FnOnce(&str) -> RenewVerdict,
+) {
     let Some(token) = renew_token(text) else {
         return;
     };
-    // Once the link is closing, what still comes is only read to see the task's close.
-    if link.out.borrow().is_closing() {
+    if out.borrow().is_closing() {
         return;
     }
-    let verdict = match link.renew_gate.pass(Instant::now()) {
+    let verdict = match gate.pass(Instant::now()) {
         Gate::Close => {
             ShardMetrics::inc(&shard.metrics.abusive_closed);
             tracing::warn!(
                 shard = shard.index,
-                task = link.task,
-                "task link closed: renews faster than one per second"
+                "{what} closed: renews faster than one per second"
             );
-            link.out.borrow_mut().close(1008);
+            out.borrow_mut().close(1008);
             return;
         }
         Gate::TooSoon => Err(("too_often", "at most one renew per second".to_string())),
-        Gate::Verify => {
-            let keys = shard.snapshots.keys.load();
-            match verify_service_token(
-                &keys.keyring.cluster,
-                &token,
-                auth::now_unix(),
-                shard.cfg.auth.grace_secs,
-            ) {
-                Ok(c) => {
-                    match renewal_refusal(&link.app, &link.role, &c, &shard.cfg.cluster_id()) {
-                        None => Ok(c),
-                        Some(why) => Err(("wrong_token", why.to_string())),
-                    }
-                }
-                Err(e) => Err((e.code(), e.to_string())),
-            }
+        Gate::Verify => verify(&token),
+    };
+    let reply = match verdict {
+        Ok(exp) => {
+            ShardMetrics::inc(&counter[0]);
+            tracing::info!(shard = shard.index, exp, "{what}: credential renewed");
+            serde_json::json!({"type": "renewed", "exp": exp})
+        }
+        Err((code, message)) => {
+            ShardMetrics::inc(&counter[1]);
+            tracing::warn!(shard = shard.index, code, %message, "{what}: renew refused");
+            serde_json::json!({"type": "renew_refused", "error": code, "message": message})
         }
     };
-    let verdict = match verdict {
-        Ok(c) => {
+    let _ = out.borrow_mut().send_text(&reply.to_string());
+}
+
+/// A text message from a registered task: a `renew` ([`handle_renew`]) must carry a service
+/// token of the link's app, role and cluster.
+fn on_text(shard: &Shard, link: &TaskLink, text: &[u8]) {
+    let what = format_args!("task link of task {}", link.task);
+    handle_renew(
+        shard,
+        &link.out,
+        &link.renew_gate,
+        &shard.metrics.task_renewals,
+        &what,
+        text,
+        |token| {
+            let keys = shard.snapshots.keys.load();
+            let grace = shard.cfg.auth.grace_secs;
+            let c = verify_service_token(&keys.keyring.cluster, token, auth::now_unix(), grace)
+                .map_err(|e| (e.code(), e.to_string()))?;
+            if let Some(why) = renewal_refusal(&link.app, &link.role, &c, &shard.cfg.cluster_id()) {
+                return Err(("wrong_token", why.to_string()));
+            }
             link.exp.set(c.exp);
             link.kid.set(c.kid);
             link.key_until.set(key_until(shard, c.kid));
-            tracing::info!(shard = shard.index, task = link.task, sub = %c.sub, kid = c.kid, exp = c.exp, "task link credential renewed");
             Ok(c.exp)
-        }
-        Err((code, message)) => {
-            tracing::warn!(shard = shard.index, task = link.task, code, %message, "task link renew refused");
-            Err((code, message))
-        }
-    };
-    let reply = renew_reply(verdict, &shard.metrics.task_renewals);
-    let _ = link.out.borrow_mut().send_text(&reply);
+        },
+    );
 }
 
 /// Why a verified service token may not renew a link registered for `app` in `role`: the

@@ -875,6 +875,9 @@ fn push_secret(link: &TaskLink, app: &str, version: u32, secret: &[u8]) -> bool 
     ok
 }
 
+/// The longest an expiry timer sleeps before it looks at the link's expiry again.
+const EXPIRY_RECHECK: Duration = Duration::from_secs(60);
+
 /// Closes `out` with 1008 when the link's credential expires: `exp()` (unix seconds), read again
 /// on each wake, as an accepted `renew` moves it (docs/PROTOCOL.md sections 4 and 10). A link is
 /// authenticated at its upgrade, so it must not outlive its token. Counted in
@@ -887,9 +890,10 @@ pub(crate) fn close_at_expiry(
     what: String,
 ) -> glommio::Task<()> {
     glommio::spawn_local(async move {
-        // Capped: wakes early for a far-future `exp`, and checks again.
+        // Wakes at least once a minute: a renew may have brought a token that expires sooner.
         while auth::now_unix() < exp() {
-            glommio::timer::sleep(auth::expiry_wait(exp(), auth::now_unix())).await;
+            let wait = auth::expiry_wait(exp(), auth::now_unix()).min(EXPIRY_RECHECK);
+            glommio::timer::sleep(wait).await;
         }
         let mut o = out.borrow_mut();
         if !o.is_closing() {

@@ -646,10 +646,9 @@ fn p14_emergency_partition_across_clusters() {
     assert_eq!(m(f.router("spb1", 0), "fedbus_emergency_total"), 0.0);
 }
 
-/// No task at all in the serving cluster: 503 no_live_task (retry-after, fedbus-partition),
-/// retried once on the sibling (fedbus_forward_retries_total + 1).
-#[test]
-fn p15_no_live_task_in_peer_cluster_retried_once() {
+/// A federation whose spb2 has no task left, once spb1's router `entry` has seen both spb2
+/// routers not ready (statuses reach it within 20 ms of a change).
+fn spb2_without_tasks(entry: usize) -> Federation {
     let mut f = Federation::builder().peer_tls(false).start();
     f.tasks[1].kill();
     for r in 0..2 {
@@ -660,11 +659,21 @@ fn p15_no_live_task_in_peer_cluster_retried_once() {
             |v| v == 0.0,
         );
     }
+    wait_metric(
+        f.router("spb1", entry),
+        "fedbus_peer_links_ready",
+        Duration::from_secs(5),
+        |v| v <= 1.0,
+    );
+    f
+}
+
+/// No task at all in the serving cluster: 503 no_live_task (retry-after, fedbus-partition),
+/// retried once on the sibling (fedbus_forward_retries_total + 1).
+#[test]
+fn p15_no_live_task_in_peer_cluster_retried_once() {
+    let f = spb2_without_tasks(0);
     let e = f.router("spb1", 0);
-    // Statuses reach spb1 within 20 ms of a change: wait until both spb2 routers are seen not ready.
-    wait_metric(e, "fedbus_peer_links_ready", Duration::from_secs(5), |v| {
-        v <= 1.0
-    });
     let before = m(e, "fedbus_forward_retries_total");
     let r = e.conn().request(&f.req("spb2", 9, b"x"));
     r.assert_error(503, "no_live_task");
@@ -1152,20 +1161,8 @@ fn p31_peer_link_gauges() {
 /// retry; counters agree. Also: the forwarded counter counts the request once.
 #[test]
 fn p32_forwarded_total_counts_retry_once() {
-    let mut f = Federation::builder().peer_tls(false).start();
-    f.tasks[1].kill();
-    for r in 0..2 {
-        wait_metric(
-            f.router("spb2", r),
-            "fedbus_task_links",
-            Duration::from_secs(5),
-            |v| v == 0.0,
-        );
-    }
+    let f = spb2_without_tasks(1);
     let e = f.router("spb1", 1);
-    wait_metric(e, "fedbus_peer_links_ready", Duration::from_secs(5), |v| {
-        v <= 1.0
-    });
     let fw = m(e, "fedbus_forwarded_total");
     let r = e.conn().request(&f.req("spb2", 10, b"x"));
     r.assert_error(503, "no_live_task");

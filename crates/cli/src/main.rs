@@ -242,12 +242,13 @@ fn ensure_keyring(dir: &Path, apps: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// The keyring a token command signs with: made on first use (dev keys, as `fedbus run` does),
-/// but an app an existing keyring does not have is refused unless `create`: a mistyped app name
-/// must not silently mint a new app secret.
+/// The keyring a token command signs with: made on first use with the apps of the embedded
+/// defaults (dev keys, as `fedbus run` without a config makes it), and an app the keyring does
+/// not have is refused unless `create`: a mistyped app name (or keyring path) must not
+/// silently mint a new app secret.
 fn keyring_with_app(dir: &Path, app: &str, create: bool) -> Result<()> {
     if !dir.join("cluster.toml").exists() {
-        return ensure_keyring(dir, &[app]);
+        ensure_keyring(dir, &Config::embedded().app_names())?;
     }
     if create {
         Keyring::ensure_apps(dir, &[app], auth::now_unix())?;

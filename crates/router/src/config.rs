@@ -491,6 +491,10 @@ impl Default for Listen {
     }
 }
 
+/// The largest `tuning.io_memory`: glommio allocates it at once per shard and panics when it
+/// cannot; fedbus does little file I/O.
+pub const MAX_IO_MEMORY: usize = 1 << 30;
+
 /// Room beside `limits.max_body_bytes` in one websocket message, for the fedbus frame's header
 /// and metadata.
 pub const MESSAGE_SLACK: usize = 64 * 1024;
@@ -859,6 +863,23 @@ impl Config {
             return Err(invalid(
                 "listen.advertise_host",
                 "required when listen.internal binds an unspecified address: tasks cannot dial it",
+            ));
+        }
+        if self
+            .listen
+            .advertise_host
+            .as_deref()
+            .is_some_and(|h| h.trim().is_empty() || h.contains(char::is_whitespace))
+        {
+            return Err(invalid(
+                "listen.advertise_host",
+                "a host name or address tasks can dial (empty or with spaces: nothing to dial)",
+            ));
+        }
+        if self.tuning.io_memory > MAX_IO_MEMORY {
+            return Err(invalid(
+                "tuning.io_memory",
+                "at most 1 GiB per shard (a registered buffer area for file I/O; fedbus does little)",
             ));
         }
         // A core must be one this process may run on: below the CPU count where the affinity

@@ -245,9 +245,14 @@ fn cli_fails(home: &Path, args: &[&str], needle: &str) -> String {
 
 /// GET on the admin listener; None when the connection fails or is closed without an answer.
 fn try_get(a: SocketAddr, path: &str) -> Option<(u16, String, String)> {
+    try_method(a, "GET", path)
+}
+
+/// `METHOD path` on a fresh connection: (status, head, body).
+fn try_method(a: SocketAddr, method: &str, path: &str) -> Option<(u16, String, String)> {
     let mut s = TcpStream::connect_timeout(&a, Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(4))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
         .ok()?;
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
@@ -811,6 +816,17 @@ fn admin_endpoints_answer_as_documented() {
     );
     let (st, _, _) = try_get(r.admin, "/nope").expect("unknown path");
     assert_eq!(st, 404);
+    // As an operator's scraper expects: a query is ignored, HEAD has no body (RFC 9110 9.3.2),
+    // another method is 405 with Allow.
+    let (st, _, body) = try_get(r.admin, "/metrics?collect=all").expect("metrics with a query");
+    assert_eq!(st, 200);
+    assert!(body.contains("fedbus_ready"), "{body:?}");
+    let (st, head, body) = try_method(r.admin, "HEAD", "/metrics").expect("HEAD");
+    assert_eq!((st, body.as_str()), (200, ""), "{head}");
+    assert!(head.to_lowercase().contains("content-length: "), "{head}");
+    let (st, head, _) = try_method(r.admin, "POST", "/metrics").expect("POST");
+    assert_eq!(st, 405, "{head}");
+    assert!(head.to_lowercase().contains("allow: get, head"), "{head}");
     let _t = r.task().partitions("0-7").start();
     let (st, _, body) = try_get(r.admin, "/readyz").expect("readyz");
     assert_eq!(st, 503, "half the partitions: {body}");

@@ -89,11 +89,19 @@ fn serve(
     }
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
-    let path = match req.parse(&buf[..n]) {
-        Ok(_) => req.path.unwrap_or("/"),
-        Err(_) => "",
+    // The query is ignored (a Prometheus scrape may add `params`); HEAD gets the head alone.
+    let (method, path) = match req.parse(&buf[..n]) {
+        Ok(_) => (
+            req.method.unwrap_or(""),
+            req.path.unwrap_or("/").split('?').next().unwrap_or("/"),
+        ),
+        Err(_) => ("", ""),
     };
     let (status, ctype, body) = match path {
+        _ if method.is_empty() => (400, "text/plain", "bad request\n".to_string()),
+        _ if method != "GET" && method != "HEAD" => {
+            (405, "text/plain", "only GET and HEAD\n".to_string())
+        }
         "/metrics" => {
             let table = snaps.routes.load();
             let keys = snaps.keys.load();
@@ -120,11 +128,19 @@ fn serve(
         },
         _ => (404, "text/plain", "not found\n".to_string()),
     };
+    let allow = if status == 405 {
+        "allow: GET, HEAD\r\n"
+    } else {
+        ""
+    };
     let head = format!(
-        "HTTP/1.1 {status} {}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n{allow}connection: close\r\n\r\n",
         crate::proto::http::reason(status),
         body.len()
     );
     s.write_all(head.as_bytes())?;
+    if method == "HEAD" {
+        return Ok(());
+    }
     s.write_all(body.as_bytes())
 }

@@ -601,41 +601,6 @@ fn peer_link_lost_under_load() {
     assert_served(&resp, 5, b"local", "ru/spb1/r1");
 }
 
-fn peer_token(f: &Federation, cluster: &str, keyring: &std::path::Path) -> String {
-    f.fedbus(&[
-        "token",
-        "peer",
-        "--router",
-        "r0",
-        "--cluster",
-        cluster,
-        "--keyring",
-        keyring.to_str().unwrap(),
-    ])
-}
-
-/// The JSON error code of a refused upgrade.
-fn refusal(status: u16, head: &str, rest: &[u8], s: &mut std::net::TcpStream) -> (u16, String) {
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    let mut body = rest.to_vec();
-    while body.len() < len {
-        let mut b = [0u8; 1024];
-        match s.read_retrying(&mut b) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => body.extend_from_slice(&b[..n]),
-        }
-    }
-    let j: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    (status, j["error"].as_str().unwrap_or("").to_string())
-}
-
 /// Acceptance 4: Forged peer tokens are refused before the upgrade.
 #[test]
 fn forged_peer_tokens_are_refused_before_the_upgrade() {
@@ -647,13 +612,13 @@ fn forged_peer_tokens_are_refused_before_the_upgrade() {
     let cases: Vec<(&str, Option<String>, u16, &str)> = vec![
         (
             "spb2's name, a third keyring's key",
-            Some(peer_token(&f, "ru/spb2", &evil)),
+            Some(f.peer_token("ru/spb2", &evil, None)),
             401,
             "bad_signature",
         ),
         (
             "spb2's key, naming ru/spb9",
-            Some(peer_token(&f, "ru/spb9", &spb2)),
+            Some(f.peer_token("ru/spb9", &spb2, None)),
             401,
             "unknown_cluster",
         ),
@@ -661,7 +626,7 @@ fn forged_peer_tokens_are_refused_before_the_upgrade() {
             // spb1's own routers link to each other, so spb1 is a known name: the signature
             // (spb2's key, not spb1's) is what fails.
             "spb2's key, naming spb1 itself",
-            Some(peer_token(&f, "ru/spb1", &spb2)),
+            Some(f.peer_token("ru/spb1", &spb2, None)),
             401,
             "bad_signature",
         ),
@@ -693,13 +658,13 @@ fn forged_peer_tokens_are_refused_before_the_upgrade() {
     for r in &f.routers[..2] {
         for (what, tok, want, code) in &cases {
             let (mut s, status, head, rest) = peer_upgrade(r.external, tok.as_deref());
-            let (st, got) = refusal(status, &head, &rest, &mut s);
+            let (st, got) = upgrade_refusal(status, &head, &rest, &mut s);
             assert_eq!(st, *want, "{what} at {}: {head}", r.name);
             assert_eq!(&got, code, "{what} at {}: {head}", r.name);
         }
         // Control: spb2's real peer token is accepted.
         let (_s, status, head, _) =
-            peer_upgrade(r.external, Some(&peer_token(&f, "ru/spb2", &spb2)));
+            peer_upgrade(r.external, Some(&f.peer_token("ru/spb2", &spb2, None)));
         assert_eq!(
             status, 101,
             "a correct spb2 peer token at {}: {head}",
@@ -951,7 +916,7 @@ fn loop_guard_on_a_real_peer_link() {
     let spb2 = f.keyring("spb2").to_path_buf();
     let r = f.router("spb1", 0);
     let (mut s, status, head, rest) =
-        peer_upgrade(r.external, Some(&peer_token(&f, "ru/spb2", &spb2)));
+        peer_upgrade(r.external, Some(&f.peer_token("ru/spb2", &spb2, None)));
     assert_eq!(status, 101, "{head}");
     let mut buf = rest;
     // Control: a request for spb1 itself is served (partition 21 % 16).

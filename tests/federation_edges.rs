@@ -149,6 +149,18 @@ impl Ws {
             }
         }
     }
+    /// The close code the other side ends with (0: the stream ended without a close frame),
+    /// skipping answers.
+    fn close_code(&mut self) -> u16 {
+        loop {
+            match self.recv() {
+                Msg::Bin(_) => continue,
+                Msg::Close(c) => break c,
+                Msg::Eof => break 0,
+            }
+        }
+    }
+
     fn frame(&mut self) -> Frame {
         match self.recv() {
             Msg::Bin(f) => f,
@@ -173,47 +185,12 @@ fn status(f: &Frame) -> u64 {
     f.get_u64(tag::STATUS).unwrap_or(200)
 }
 
-fn peer_token(f: &Federation, cluster: &str, keyring: &std::path::Path, ttl: &str) -> String {
-    f.fedbus(&[
-        "token",
-        "peer",
-        "--router",
-        "r0",
-        "--cluster",
-        cluster,
-        "--keyring",
-        keyring.to_str().unwrap(),
-        "--ttl",
-        ttl,
-    ])
-}
-
-/// The refusal of an upgrade: status and JSON error code.
-fn refusal(status: u16, head: &str, rest: &[u8], s: &mut TcpStream) -> (u16, String) {
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    let mut body = rest.to_vec();
-    while body.len() < len {
-        let mut b = [0u8; 1024];
-        match read_retrying(s, &mut b) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => body.extend_from_slice(&b[..n]),
-        }
-    }
-    let j: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    (status, j["error"].as_str().unwrap_or("").to_string())
-}
-
 /// A raw peer link from the test to `r`, as a router of `cluster` (token signed by `keyring`).
 fn raw_peer(f: &Federation, r: &FedRouter, cluster: &str, keyring: &std::path::Path) -> Ws {
-    let (s, status, head, rest) =
-        peer_upgrade(r.external, Some(&peer_token(f, cluster, keyring, "1h")));
+    let (s, status, head, rest) = peer_upgrade(
+        r.external,
+        Some(&f.peer_token(cluster, keyring, Some("1h"))),
+    );
     assert_eq!(status, 101, "{head}");
     s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
     Ws { s, buf: rest }
@@ -693,9 +670,9 @@ fn p15_no_live_task_in_peer_cluster_retried_once() {
 #[test]
 fn p16_expired_peer_token() {
     let f = Federation::builder().peer_tls(false).start();
-    let tok = peer_token(&f, "ru/spb2", f.keyring("spb2"), "0s");
+    let tok = f.peer_token("ru/spb2", f.keyring("spb2"), Some("0s"));
     let (mut s, st, head, rest) = peer_upgrade(f.router("spb1", 0).external, Some(&tok));
-    let (st, code) = refusal(st, &head, &rest, &mut s);
+    let (st, code) = upgrade_refusal(st, &head, &rest, &mut s);
     assert_eq!((st, code.as_str()), (401, "expired_token"), "{head}");
 }
 
@@ -704,7 +681,7 @@ fn p16_expired_peer_token() {
 fn p17_peer_upgrade_rules() {
     let f = Federation::builder().peer_tls(false).start();
     let ext = f.router("spb1", 0).external;
-    let tok = peer_token(&f, "ru/spb2", f.keyring("spb2"), "1h");
+    let tok = f.peer_token("ru/spb2", f.keyring("spb2"), Some("1h"));
     let send = |req: String| -> String {
         let mut s = TcpStream::connect(ext).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -1333,13 +1310,7 @@ fn p36_peer_link_ping_flood() {
         burst.extend_from_slice(&h[..n]);
     }
     let _ = w.s.write_all(&burst);
-    let code = loop {
-        match w.recv() {
-            Msg::Bin(_) => continue,
-            Msg::Close(c) => break c,
-            Msg::Eof => break 0,
-        }
-    };
+    let code = w.close_code();
     assert_eq!(code, 1008);
     wait_metric(
         r,
@@ -1372,13 +1343,7 @@ fn p37_peer_link_oversized_message_1009() {
     )
     .to_vec();
     w.send_raw(&fr);
-    let code = loop {
-        match w.recv() {
-            Msg::Bin(_) => continue,
-            Msg::Close(c) => break c,
-            Msg::Eof => break 0,
-        }
-    };
+    let code = w.close_code();
     assert_eq!(code, 1009);
 }
 
@@ -1425,19 +1390,13 @@ fn p39_peer_link_closed_when_its_token_expires() {
     let f = Federation::builder().peer_tls(false).start();
     let r = f.router("spb1", 0);
     let before = m(r, "fedbus_links_revoked_total");
-    let tok = peer_token(&f, "ru/spb2", f.keyring("spb2"), "2s");
+    let tok = f.peer_token("ru/spb2", f.keyring("spb2"), Some("2s"));
     let (s, st, head, rest) = peer_upgrade(r.external, Some(&tok));
     assert_eq!(st, 101, "{head}");
     s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
     let mut w = Ws { s, buf: rest };
     let t = Instant::now();
-    let code = loop {
-        match w.recv() {
-            Msg::Bin(_) => continue,
-            Msg::Close(c) => break c,
-            Msg::Eof => break 0,
-        }
-    };
+    let code = w.close_code();
     assert_eq!(code, 1008, "after {:?}", t.elapsed());
     assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     wait_metric(
@@ -1457,13 +1416,7 @@ fn p40_reload_removing_a_cluster_revokes_its_incoming_links() {
     let before = m(r, "fedbus_links_revoked_total");
     let mut w = raw_peer(&f, r, "ru/spb2", f.keyring("spb2"));
     reload(r, |t| without_cluster(&t, "spb2"));
-    let code = loop {
-        match w.recv() {
-            Msg::Bin(_) => continue,
-            Msg::Close(c) => break c,
-            Msg::Eof => break 0,
-        }
-    };
+    let code = w.close_code();
     assert_eq!(code, 1008);
     wait_metric(
         r,
@@ -1737,13 +1690,13 @@ fn p50_a_renewed_peer_token_keeps_the_link_past_the_old_expiry() {
     let abusive = m(r, "fedbus_abusive_closed_total");
     let (s, st, head, rest) = peer_upgrade(
         r.external,
-        Some(&peer_token(&f, "ru/spb2", f.keyring("spb2"), "3s")),
+        Some(&f.peer_token("ru/spb2", f.keyring("spb2"), Some("3s"))),
     );
     assert_eq!(st, 101, "{head}");
     s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
     let opened = Instant::now();
     let mut w = Ws { s, buf: rest };
-    let fresh = peer_token(&f, "ru/spb2", f.keyring("spb2"), "1h");
+    let fresh = f.peer_token("ru/spb2", f.keyring("spb2"), Some("1h"));
     w.send_text(&serde_json::json!({"type": "renew", "token": fresh}).to_string());
     let v = w.renew_reply();
     assert_eq!(v["type"], "renewed", "{v}");
@@ -1764,7 +1717,7 @@ fn p50_a_renewed_peer_token_keeps_the_link_past_the_old_expiry() {
     assert_eq!(m(r, "fedbus_links_revoked_total"), 0.0);
     // A peer token of another cluster (spb1's own, which this router verifies for its
     // sibling) cannot take over a link of spb2.
-    let other = peer_token(&f, "ru/spb1", f.keyring("spb1"), "1h");
+    let other = f.peer_token("ru/spb1", f.keyring("spb1"), Some("1h"));
     w.send_text(&serde_json::json!({"type": "renew", "token": other}).to_string());
     let v = w.renew_reply();
     assert_eq!(
@@ -1777,13 +1730,7 @@ fn p50_a_renewed_peer_token_keeps_the_link_past_the_old_expiry() {
     let v = w.renew_reply();
     assert_eq!(v["error"], "too_often", "{v}");
     w.send_text(&serde_json::json!({"type": "renew", "token": fresh}).to_string());
-    let code = loop {
-        match w.recv() {
-            Msg::Bin(_) => continue,
-            Msg::Close(c) => break c,
-            Msg::Eof => break 0,
-        }
-    };
+    let code = w.close_code();
     assert_eq!(code, 1008);
     wait_metric(
         r,

@@ -1150,15 +1150,29 @@ fn sighup_with_invalid_values_is_refused_and_counted_each_time() {
     assert_eq!(r.metrics().get("fedbus_apps_generation"), 1.0);
 }
 
-/// ARCHITECTURE.md "Threads": the main thread "catches signals (`signal_hook`) from before it
-/// binds the listeners (one that comes during the start, a takeover's wait included, is
-/// handled once the router is up)". A takeover whose peer never answers waits
-/// `readiness.takeover_wait_ms`; SIGHUP during that wait must not kill it.
+/// ARCHITECTURE.md "Threads": the main thread catches SIGHUP from before it binds the
+/// listeners; one during the start, a takeover's wait included, reloads once the router is
+/// up. A takeover whose peer never answers waits `readiness.takeover_wait_ms`; SIGHUP during
+/// that wait must not kill it.
 #[test]
 fn sighup_during_a_takeover_wait_is_handled_once_up() {
-    let (home, keys) = home_with_keys("probe-hup-start");
+    let (_home, mut fb) = in_takeover_wait("probe-hup-start", "hup");
+    fb.signal("HUP");
+    let ready = fb.ready_or_exit(Duration::from_secs(10));
+    assert!(
+        ready.is_ok(),
+        "SIGHUP during the start killed the router: {:?}",
+        ready.err()
+    );
+    fb.term_and_expect_0(Duration::from_secs(10));
+}
+
+/// A router started as a takeover whose peer (127.0.0.189:9) never answers, once it is in its
+/// `readiness.takeover_wait_ms` wait: dialing, not ready yet.
+fn in_takeover_wait(tag: &str, name: &str) -> (TempDir, Fb) {
+    let (home, keys) = home_with_keys(tag);
     let text = takeover_config(&keys);
-    let mut fb = Fb::start(home.path(), "hup", &text, &[]);
+    let fb = Fb::start(home.path(), name, &text, &[]);
     wait_until(
         "dialing its peer (in the takeover wait)",
         Duration::from_secs(5),
@@ -1168,14 +1182,7 @@ fn sighup_during_a_takeover_wait_is_handled_once_up() {
         !fb.output().contains("fedbus-ready"),
         "ready before the wait ended"
     );
-    fb.signal("HUP");
-    let ready = fb.ready_or_exit(Duration::from_secs(10));
-    assert!(
-        ready.is_ok(),
-        "SIGHUP during the start killed the router: {:?}",
-        ready.err()
-    );
-    fb.term_and_expect_0(Duration::from_secs(10));
+    (home, fb)
 }
 
 fn takeover_config(keys: &Path) -> String {
@@ -1194,18 +1201,7 @@ fn takeover_config(keys: &Path) -> String {
 /// with nothing to drain yet (SIGHUP then is kept for later: the test above).
 #[test]
 fn sigterm_during_a_takeover_wait_stops_the_start() {
-    let (home, keys) = home_with_keys("probe-term-start");
-    let text = takeover_config(&keys);
-    let mut fb = Fb::start(home.path(), "term", &text, &[]);
-    wait_until(
-        "dialing its peer (in the takeover wait)",
-        Duration::from_secs(5),
-        || fb.output().contains("127.0.0.189:9").then_some(()),
-    );
-    assert!(
-        !fb.output().contains("fedbus-ready"),
-        "ready before the wait ended"
-    );
+    let (_home, mut fb) = in_takeover_wait("probe-term-start", "term");
     fb.signal("TERM");
     let st = fb
         .wait_exit(Duration::from_secs(15))

@@ -98,19 +98,6 @@ fn plain(text: &str) -> String {
     out
 }
 
-fn peer_token(f: &Federation, cluster: &str, keyring: &Path) -> String {
-    f.fedbus(&[
-        "token",
-        "peer",
-        "--router",
-        "r0",
-        "--cluster",
-        cluster,
-        "--keyring",
-        keyring.to_str().expect("utf-8"),
-    ])
-}
-
 /// A CA of nobody's federation, made the same way.
 fn other_ca(root: &Path) -> PeerCerts {
     let dir = root.join("evil");
@@ -185,7 +172,7 @@ fn peers_without_a_federation_certificate_are_refused() {
     let fed = f.peer_tls.as_ref().expect("peer tls");
     let target = f.router("spb1", 0);
     let spb2 = f.router("spb2", 0);
-    let token = peer_token(&f, "ru/spb2", f.keyring("spb2"));
+    let token = f.peer_token("ru/spb2", f.keyring("spb2"), None);
     let evil = other_ca(&f.root);
     let evil_cert = evil.issue(&f.root, "evil-spb2", &spb2.ip.to_string());
     let good_cert = fed.issue(&f.root, "test-spb2", &spb2.ip.to_string());

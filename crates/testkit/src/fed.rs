@@ -655,6 +655,26 @@ impl Federation {
             .body(body)
     }
 
+    /// A peer token from `fedbus token peer` for router `r0` of `cluster` (`region/cluster`),
+    /// signed by `keyring`'s cluster key, living `ttl` (`None`: the command's default).
+    pub fn peer_token(&self, cluster: &str, keyring: &Path, ttl: Option<&str>) -> String {
+        let k = keyring.to_str().expect("utf-8");
+        let mut args = vec![
+            "token",
+            "peer",
+            "--router",
+            "r0",
+            "--cluster",
+            cluster,
+            "--keyring",
+            k,
+        ];
+        if let Some(t) = ttl {
+            args.extend(["--ttl", t]);
+        }
+        self.fedbus(&args)
+    }
+
     /// Runs `fedbus ARGS` (FEDBUS_HOME = the federation's root); returns stdout trimmed.
     pub fn fedbus(&self, args: &[&str]) -> String {
         fedbus(&self.root, args).trim().to_string()
@@ -804,6 +824,34 @@ pub fn peer_upgrade(
     token: Option<&str>,
 ) -> (std::net::TcpStream, u16, String, Vec<u8>) {
     ws_upgrade(addr, "/peer", token)
+}
+
+/// The status and JSON error code of a refused upgrade whose head [`peer_upgrade`] (or
+/// [`ws_upgrade`]) returned: reads the rest of its body from `s`.
+pub fn upgrade_refusal(
+    status: u16,
+    head: &str,
+    rest: &[u8],
+    s: &mut std::net::TcpStream,
+) -> (u16, String) {
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = rest.to_vec();
+    while body.len() < len {
+        let mut b = [0u8; 1024];
+        match super::read_retrying(s, &mut b) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => body.extend_from_slice(&b[..n]),
+        }
+    }
+    let j: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    (status, j["error"].as_str().unwrap_or("").to_string())
 }
 
 /// Like [`peer_upgrade`], for any websocket endpoint (`/peer`, `/api/ws`).

@@ -223,11 +223,8 @@ pub(crate) struct Control {
     /// links' (`[tls.peer]`).
     tls: Vec<crate::tls::Reloader>,
     /// The peer token the dialers present (`peer::Federation::token`), and its file.
-    peer_token: Option<(PeerToken, Watched)>,
+    peer_token: Option<(crate::peer::PeerToken, Watched)>,
 }
-
-/// The shared slot of this router's peer token.
-pub(crate) type PeerToken = Arc<arc_swap::ArcSwapOption<String>>;
 
 impl Control {
     /// Loads the keyring and publishes the first (empty) routing table.
@@ -282,7 +279,7 @@ impl Control {
     /// Keeps `slot` (the dialers' peer token) fresh: `federation.peer_token_file` is looked at
     /// every `auth.reload_poll_ms` and on SIGHUP; in dev mode the token is minted again when
     /// the keyring's cluster key is rotated. Open peer links send a new one as a `renew`.
-    pub(crate) fn with_peer_token(mut self, slot: PeerToken) -> Control {
+    pub(crate) fn with_peer_token(mut self, slot: crate::peer::PeerToken) -> Control {
         let file = self
             .cfg
             .federation

@@ -36,7 +36,7 @@ pub(crate) struct Federation {
     /// The token this router presents to peers: read at start, replaced by the control thread
     /// when `federation.peer_token_file` changes (or, in dev mode, when the cluster key is
     /// rotated); dialers present the newest one and send it on their open links (`renew`).
-    pub(crate) token: Arc<arc_swap::ArcSwapOption<String>>,
+    pub(crate) token: PeerToken,
     /// External addresses of the other routers of our own cluster (siblings), at start.
     pub(crate) siblings: Vec<String>,
     /// Our own `region/cluster`.
@@ -510,11 +510,7 @@ async fn send_renewals(
             retry_at = Some(Instant::now() + RENEW_RETRY);
         }
         let now = shard.federation.token.load_full();
-        let newer = match (&now, &sent) {
-            (Some(n), Some(s)) => !Arc::ptr_eq(n, s) && n != s,
-            (Some(_), None) => true,
-            (None, _) => false,
-        };
+        let newer = now.is_some() && now != sent;
         let retry = retry_at.is_some_and(|t| Instant::now() >= t);
         if newer || retry {
             retry_at = None;
@@ -1170,6 +1166,10 @@ fn own_peer_token(cfg: &crate::config::Config) -> anyhow::Result<String> {
         },
     ))
 }
+
+/// The shared slot of this router's peer token (`Federation::token`), which the control thread
+/// replaces.
+pub(crate) type PeerToken = Arc<arc_swap::ArcSwapOption<String>>;
 
 /// Shared handle type for shards.
 pub(crate) type FederationRef = Arc<Federation>;

@@ -1545,6 +1545,193 @@ fn cli_keys_bad_inputs_fail_clearly() {
     );
 }
 
+/// `fedbus keys rotate --app` of an app the keyring does not have is refused unless
+/// `--create-app` (as the token commands: a mistyped name must not mint a new app); the names a
+/// token carries are checked as the config checks them (`region/cluster`, a router name), and
+/// free-form ones (`--task-id`, `--role`, `--sub`, `keys cert --name`, `--keyring`) may not be
+/// empty. Before: each of these exited 0 (the rotate made `demo/nope` at v1).
+#[test]
+fn cli_typos_and_empty_names_are_refused() {
+    let (home, keys) = home_with_keys("probe-names");
+    let k = keys.to_str().unwrap();
+    let h = home.path();
+    cli_fails(
+        h,
+        &["keys", "rotate", "--app", "demo/nope", "--keyring", k],
+        "--create-app",
+    );
+    assert!(
+        !keys.join("apps/demo.nope.toml").exists(),
+        "a refused rotate made the app"
+    );
+    let (st, so, se) = cli(
+        Some(h),
+        None,
+        &[
+            "keys",
+            "rotate",
+            "--app",
+            "demo/nope",
+            "--create-app",
+            "--keyring",
+            k,
+        ],
+    );
+    assert!(st.success(), "rotate --create-app: {st} {so} {se}");
+    assert!(keys.join("apps/demo.nope.toml").is_file(), "{so} {se}");
+    let peer = |router: &str, cluster: &str| {
+        vec![
+            "token".to_string(),
+            "peer".into(),
+            "--router".into(),
+            router.into(),
+            "--cluster".into(),
+            cluster.into(),
+            "--keyring".into(),
+            k.into(),
+        ]
+    };
+    for (router, cluster, needle) in [
+        ("r1", "nocluster", "--cluster"),
+        ("r1", "a/b/c", "--cluster"),
+        ("r1", "/dev", "--cluster"),
+        ("r1", "local/", "--cluster"),
+        ("r1", "", "--cluster"),
+        ("", "local/dev", "--router"),
+        ("r 1", "local/dev", "--router"),
+    ] {
+        let args = peer(router, cluster);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli_fails(h, &args, needle);
+    }
+    let service = |task: &str, cluster: &str, role: Option<&str>| {
+        let mut v: Vec<String> = [
+            "token",
+            "service",
+            "--task-id",
+            task,
+            "--app",
+            APP,
+            "--cluster",
+            cluster,
+            "--keyring",
+            k,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(r) = role {
+            v.extend(["--role".to_string(), r.to_string()]);
+        }
+        v
+    };
+    for (task, cluster, role, needle) in [
+        ("", "local/dev", None, "--task-id"),
+        ("a b", "local/dev", None, "--task-id"),
+        ("t1", "bad", None, "--cluster"),
+        ("t1", "local/dev", Some(""), "--role"),
+        ("t1", "local/dev", Some(&"r".repeat(65)), "--role"),
+    ] {
+        let args = service(task, cluster, role);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli_fails(h, &args, needle);
+    }
+    // What the checks let through still works.
+    let args = service("echo-1", "local/dev", Some("auth"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (st, so, se) = cli(Some(h), None, &args);
+    assert!(st.success() && so.starts_with("fbs1."), "{st} {so} {se}");
+    let args = peer("r-1_a", "eu-1/c_2");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (st, so, se) = cli(Some(h), None, &args);
+    assert!(st.success() && so.starts_with("fbs1."), "{st} {so} {se}");
+    cli_fails(
+        h,
+        &["token", "client", "--app", APP, "--sub", "", "--keyring", k],
+        "--sub",
+    );
+    cli_fails(
+        h,
+        &[
+            "keys",
+            "cert",
+            "--name",
+            "",
+            "--out",
+            h.join("c").to_str().unwrap(),
+            "--keyring",
+            k,
+        ],
+        "--name",
+    );
+    assert!(!h.join("c.pem").exists(), "a refused cert was written");
+    cli_fails(h, &["keys", "show", "--keyring", ""], "--keyring");
+    cli_fails(
+        h,
+        &[
+            "token",
+            "client",
+            "--app",
+            APP,
+            "--sub",
+            "a",
+            "--keyring",
+            "",
+        ],
+        "--keyring",
+    );
+}
+
+/// An error names its cause once: `{:#}` printed an I/O error as both the message and its
+/// source ("File exists (os error 17): File exists (os error 17)").
+#[test]
+fn cli_io_errors_are_not_repeated() {
+    let home = TempDir::new("probe-io-once");
+    let h = home.path();
+    let file = h.join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let under = file.join("keys");
+    for args in [
+        vec!["keys", "init", "--keyring", file.to_str().unwrap()],
+        vec!["keys", "init", "--keyring", under.to_str().unwrap()],
+        vec!["keys", "show", "--keyring", under.to_str().unwrap()],
+    ] {
+        let se = cli_fails(h, &args, "fedbus: error:");
+        let os = se.matches("(os error").count();
+        assert!(os <= 1, "{args:?}: the cause is repeated: {se:?}");
+    }
+}
+
+/// A router with `dev = false` and an app of `[[apps]]` the keyring has no secret for starts
+/// (its tasks and anonymous services work) but says so: every client token of the app is
+/// refused 401 `unknown_app`. Before, it logged nothing.
+#[test]
+fn an_app_without_a_secret_is_logged_at_start_and_on_reload() {
+    let (home, keys) = home_with_keys("probe-nosecret");
+    let text = format!(
+        "dev = false\n{}{APP_TOML}[[apps]]\nname = \"demo/nosecret\"\npartitions = 4\n",
+        base_config(&keys)
+    );
+    let mut fb = Fb::start(home.path(), "nosecret", &text, &[]);
+    fb.ready();
+    let warned = |out: &str, app: &str| {
+        out.lines()
+            .filter(|l| l.contains("WARN") && l.contains("no secret") && l.contains(app))
+            .count()
+    };
+    let out = fb.output();
+    assert_eq!(warned(&out, "demo/nosecret"), 1, "{out}");
+    assert_eq!(warned(&out, APP), 0, "{out}");
+    // A reload that adds another app without a secret names it.
+    let more = format!("{text}[[apps]]\nname = \"demo/third\"\npartitions = 4\n");
+    std::fs::write(home.path().join("nosecret.toml"), more).unwrap();
+    fb.signal("HUP");
+    wait_until("a warning for demo/third", Duration::from_secs(10), || {
+        (warned(&fb.output(), "demo/third") >= 1).then_some(())
+    });
+    fb.term_and_expect_0(Duration::from_secs(10));
+}
+
 /// README: the keyring is "`./.fedbus/keys`, or `$FEDBUS_HOME/keys`". Unset: the current
 /// directory; a FEDBUS_HOME that is a file: a clear error; a config without `keyring` uses
 /// `$FEDBUS_HOME/keys` (ROTATION.md "Config": `keyring` default).

@@ -79,13 +79,14 @@ pub enum AuthError {
         msg: String,
     },
     /// Reading or writing a keyring file failed.
-    #[error("keyring {file}: {source}")]
+    // The I/O error is in the message and not also a `source`: `{:#}` (anyhow's chain)
+    // printed it twice ("File exists (os error 17): File exists (os error 17)").
+    #[error("keyring {file}: {err}")]
     Io {
         /// The file or directory involved.
         file: PathBuf,
         /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
 }
 
@@ -131,10 +132,10 @@ impl AuthError {
         }
     }
 
-    pub(crate) fn io(file: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(file: impl Into<PathBuf>, err: std::io::Error) -> Self {
         AuthError::Io {
             file: file.into(),
-            source,
+            err,
         }
     }
 }

@@ -194,6 +194,10 @@ enum KeysCmd {
         cluster: bool,
         #[arg(long)]
         keyring: Option<PathBuf>,
+        /// Create the app's secret (v1) when the keyring does not have the app (without it, an
+        /// app the keyring does not know is refused: a mistyped name must not mint a new app).
+        #[arg(long, requires = "app")]
+        create_app: bool,
     },
     /// Create a certificate authority, e.g. the federation CA whose router certificates
     /// authenticate peer links (`[tls.peer]`): writes `<out>.pem` and `<out>.key` (mode 0600).
@@ -227,8 +231,41 @@ enum KeysCmd {
     },
 }
 
-fn keyring_dir(k: &Option<PathBuf>) -> PathBuf {
-    k.clone().unwrap_or_else(config::default_keyring_dir)
+/// `--keyring`, or the default keyring directory; an empty path is refused (it names no
+/// directory, and a shell variable that expanded to nothing should not fall back silently).
+fn keyring_dir(k: &Option<PathBuf>) -> Result<PathBuf> {
+    match k {
+        Some(p) if p.as_os_str().is_empty() => bail!("--keyring is empty"),
+        Some(p) => Ok(p.clone()),
+        None => Ok(config::default_keyring_dir()),
+    }
+}
+
+/// `--cluster`: `region/cluster`, each part non-empty `[A-Za-z0-9_-]` as in the config.
+fn check_cluster(cluster: &str) -> Result<()> {
+    let ok = cluster
+        .split_once('/')
+        .is_some_and(|(r, c)| is_name(r) && is_name(c));
+    if !ok {
+        bail!("--cluster {cluster:?}: expected region/cluster, each part non-empty [A-Za-z0-9_-]");
+    }
+    Ok(())
+}
+
+/// A router, region or cluster name: non-empty `[A-Za-z0-9_-]` (the config's rule).
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A free-form identifier put in a token (`--task-id`, `--role`): 1 to `max` bytes, no
+/// whitespace or control characters (they end up in logs and metrics).
+fn check_id(flag: &str, v: &str, max: usize) -> Result<()> {
+    if v.is_empty() || v.len() > max || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        bail!("{flag} {v:?}: expected 1 to {max} bytes without spaces or control characters");
+    }
+    Ok(())
 }
 
 /// Dev convenience: the keyring exists once any command needs it.
@@ -485,7 +522,8 @@ fn task_options(common: &TaskCommon, kind: &str) -> Result<task::TaskOptions> {
     let token = match common.token.clone().or(from_file) {
         Some(t) => t,
         None => {
-            let dir = keyring_dir(&common.keyring);
+            check_cluster(&common.cluster)?;
+            let dir = keyring_dir(&common.keyring)?;
             ensure_keyring(&dir, &[common.app.as_str()])?;
             service_token(
                 &dir,
@@ -666,7 +704,12 @@ fn real_main(cli: Cli) -> Result<()> {
             role,
             create_app,
         }) => {
-            let dir = keyring_dir(&keyring);
+            check_id("--task-id", &task_id, 256)?;
+            check_cluster(&cluster)?;
+            if let Some(r) = &role {
+                check_id("--role", r, 64)?;
+            }
+            let dir = keyring_dir(&keyring)?;
             keyring_with_app(&dir, &app, create_app)?;
             println!(
                 "{}",
@@ -687,7 +730,11 @@ fn real_main(cli: Cli) -> Result<()> {
             ttl,
             keyring,
         }) => {
-            let dir = keyring_dir(&keyring);
+            if !is_name(&router) {
+                bail!("--router {router:?}: expected the router's name, non-empty [A-Za-z0-9_-]");
+            }
+            check_cluster(&cluster)?;
+            let dir = keyring_dir(&keyring)?;
             println!(
                 "{}",
                 service_token(&dir, &router, "", &cluster, ttl_secs(&ttl)?, None)?
@@ -701,7 +748,8 @@ fn real_main(cli: Cli) -> Result<()> {
             keyring,
             create_app,
         }) => {
-            let dir = keyring_dir(&keyring);
+            check_id("--sub", &sub, 256)?;
+            let dir = keyring_dir(&keyring)?;
             keyring_with_app(&dir, &app, create_app)?;
             let k = Keyring::load(&dir)?;
             let secret = k
@@ -722,7 +770,7 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Keys(KeysCmd::Init { keyring, apps }) => {
-            let dir = keyring_dir(&keyring);
+            let dir = keyring_dir(&keyring)?;
             let refs: Vec<&str> = apps.iter().map(String::as_str).collect();
             let created = Keyring::init(&dir, &refs, auth::now_unix())?;
             Keyring::ensure_apps(&dir, &refs, auth::now_unix())?;
@@ -762,12 +810,18 @@ fn real_main(cli: Cli) -> Result<()> {
             let (ca_cert, ca_key) = match (ca, ca_key) {
                 (Some(c), Some(k)) => (c, k),
                 _ => {
-                    let dir = keyring_dir(&keyring);
+                    let dir = keyring_dir(&keyring)?;
                     let (files, _) = dev::ensure(&dir)?;
                     let key = files.ca.with_file_name(dev::CA_KEY);
                     (files.ca, key)
                 }
             };
+            if let Some(n) = names
+                .iter()
+                .find(|n| n.is_empty() || n.chars().any(|c| c.is_whitespace() || c.is_control()))
+            {
+                bail!("--name {n:?}: expected a DNS name or an IP address");
+            }
             let ca = dev::Ca::load(&ca_cert, &ca_key)?;
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
             let (cert, key) = ca.issue(refs[0], &refs)?;
@@ -785,7 +839,7 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Keys(KeysCmd::Show { keyring }) => {
-            let dir = keyring_dir(&keyring);
+            let dir = keyring_dir(&keyring)?;
             print!("{}", Keyring::load(&dir)?.describe());
             Ok(())
         }
@@ -793,8 +847,9 @@ fn real_main(cli: Cli) -> Result<()> {
             app,
             cluster,
             keyring,
+            create_app,
         }) => {
-            let dir = keyring_dir(&keyring);
+            let dir = keyring_dir(&keyring)?;
             let now = auth::now_unix();
             if cluster {
                 let v = Keyring::rotate_cluster(&dir, now)?;
@@ -802,6 +857,12 @@ fn real_main(cli: Cli) -> Result<()> {
                     "cluster key v{v} created; it signs from now on (reload routers with SIGHUP)"
                 );
             } else if let Some(app) = app {
+                if !create_app && Keyring::load(&dir)?.app_versions(&app).is_none() {
+                    bail!(
+                        "app {app} is not in the keyring {}: check the name, or pass --create-app to create its secret",
+                        dir.display()
+                    );
+                }
                 let v = Keyring::rotate_app(&dir, &app, now)?;
                 println!("app {app} secret v{v} created; it signs from now on (reload routers with SIGHUP)");
             }

@@ -258,7 +258,7 @@ impl Control {
             })),
             reload_failed: Arc::new(AtomicU64::new(0)),
         };
-        Control {
+        let control = Control {
             keyring_mtime: keyring_mtime(&keyring_dir),
             applied: (*cfg).clone(),
             config_file: Watched::new(cfg.source.iter().cloned().collect()),
@@ -273,6 +273,26 @@ impl Control {
             key_generation: 1,
             tls,
             peer_token: None,
+        };
+        control.warn_apps_without_secret("start");
+        control
+    }
+
+    /// Logs each configured app the keyring has no secret for: its client tokens are refused
+    /// (401 `unknown_app`) and its Auth Service gets no secret to sign with. Dev mode makes
+    /// the secrets itself; otherwise `fedbus keys init --app` (or `keys rotate --app ...
+    /// --create-app`) does. Run at start, after each keyring reload and each `[[apps]]` reload.
+    fn warn_apps_without_secret(&self, why: &str) {
+        let keys = self.snapshots.keys.load();
+        for app in self.applied.app_names() {
+            if keys.keyring.app_versions(app).is_none() {
+                tracing::warn!(
+                    why,
+                    %app,
+                    keyring = %self.keyring_dir.display(),
+                    "app has no secret in the keyring: its client tokens are refused 401 unknown_app; create it with `fedbus keys init --app {app}`"
+                );
+            }
         }
     }
 
@@ -344,6 +364,7 @@ impl Control {
                     generation: self.key_generation,
                     keyring: k,
                 }));
+                self.warn_apps_without_secret(why);
             }
             Err(e) => {
                 tracing::error!(why, error = %e, "keyring reload failed; keeping the previous keyring")
@@ -448,6 +469,10 @@ impl Control {
         self.publish_routes();
         let names = self.applied.app_names().join(", ");
         tracing::info!(why, generation, apps = %names, "apps reloaded");
+        if !self.applied.dev {
+            // (dev mode reloaded the keyring above, which warned)
+            self.warn_apps_without_secret(why);
+        }
     }
 
     /// Publishes `fed` when it differs from the view in force.

@@ -10,6 +10,7 @@
 //!
 //! - [`hello`]: the JSON text messages of the link handshake;
 //! - [`http`]: the JSON error body, reason phrases and the pass-through header filter;
+//! - [`renew`]: a fresh credential on an open link, and its spacing rule;
 //! - [`ws`]: the websocket frame header codec and the opening handshake.
 
 #![deny(missing_docs)]
@@ -18,6 +19,7 @@
 pub mod hello;
 pub mod http;
 pub mod link;
+pub mod renew;
 pub mod ws;
 
 use bytes::{BufMut, Bytes, BytesMut};

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use fedbus_proto::link::{
     next_backoff, shard_key, Event, Input, Link, LinkConfig, RequestHead, ShardAddr,
 };
+use fedbus_proto::renew::{self, RenewAnswer, RenewPacer};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -427,11 +428,6 @@ enum End {
 /// (plus up to 5 s of jitter).
 const STANDBY: Duration = Duration::from_secs(10);
 
-/// The least time between two `renew` messages on a link: the router refuses a second one
-/// within a second (`too_often`) and closes the link on a third (PROTOCOL.md section 4). The
-/// margin covers a first renew delayed on the way more than the second.
-const RENEW_SPACING: Duration = Duration::from_millis(1100);
-
 /// One link: connect, then serve it until it ends. Returns whether it got registered, and
 /// why it ended.
 async fn link_once<H, F>(
@@ -492,8 +488,11 @@ where
     let mut held: Option<String> = None;
     // The router's bound on one message from the task (from the hello).
     let mut max_answer = usize::MAX;
-    // When the last renew went out, and when the next one may (a newer token is waiting).
-    let (mut renewed_at, mut renew_at): (Option<Instant>, Option<Instant>) = (None, None);
+    // One renew outstanding at a time, the next spaced from its answer (the router refuses a
+    // second within a second, `too_often`, and closes the link on a third: PROTOCOL.md
+    // section 4); `renew_at`: when the newer token waiting goes out.
+    let mut pacer = RenewPacer::default();
+    let mut renew_at: Option<Instant> = None;
     let res = loop {
         let deadline = link
             .poll_timeout()
@@ -515,18 +514,21 @@ where
             }
             changed = token_rx.changed(), if registered && renew_at.is_none() => {
                 if changed.is_ok() {
-                    let now = Instant::now();
-                    renew_at = Some(renewed_at.map_or(now, |t| (t + RENEW_SPACING).max(now)));
+                    renew_at = Some(pacer.earliest(Instant::now()));
                 }
                 continue;
             }
             _ = tokio::time::sleep_until(renew_at.unwrap_or(deadline).into()), if renew_at.is_some() => {
+                let now = Instant::now();
+                if !pacer.may_send(now) {
+                    renew_at = Some(pacer.earliest(now));
+                    continue;
+                }
                 // The newest token (several changes within the spacing: only the last is sent).
                 renew_at = None;
-                renewed_at = Some(Instant::now());
+                pacer.sent(now);
                 let t = token_rx.borrow_and_update().clone();
-                let renew = serde_json::json!({"type": "renew", "token": t}).to_string();
-                let _ = tx.send(Message::Text(renew.into()));
+                let _ = tx.send(Message::Text(renew::renew(&t).into()));
                 continue;
             }
         };
@@ -538,7 +540,13 @@ where
         let now = Instant::now();
         let r = match msg {
             Message::Text(t) => {
-                on_renew_answer(ctx, addr, t.as_str());
+                if let Some(answer) = renew::renew_answer(t.as_bytes()) {
+                    pacer.answered(now);
+                    if renew_at.is_some() {
+                        renew_at = Some(pacer.earliest(now));
+                    }
+                    on_renew_answer(ctx, addr, answer);
+                }
                 link.handle(now, Input::Text(t.as_str()))
             }
             Message::Binary(b) => link.handle(now, Input::Binary(b)),
@@ -632,19 +640,15 @@ where
 
 /// The router's answer to a `renew` (docs/PROTOCOL.md section 4), logged; a refusal asks the
 /// refresher for another token. Other text goes to the link state machine.
-fn on_renew_answer<H>(ctx: &Ctx<H>, addr: &str, t: &str) {
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(t) else {
-        return;
-    };
-    match v.get("type").and_then(|k| k.as_str()) {
-        Some("renewed") => {
-            tracing::debug!(%addr, exp = ?v.get("exp"), "service token renewed on the link")
+fn on_renew_answer<H>(ctx: &Ctx<H>, addr: &str, answer: RenewAnswer) {
+    match answer {
+        RenewAnswer::Renewed { exp } => {
+            tracing::debug!(%addr, ?exp, "service token renewed on the link")
         }
-        Some("renew_refused") => {
-            tracing::warn!(%addr, error = ?v.get("error"), message = ?v.get("message"), "router refused the renewed token; the link lives until the current one expires");
+        RenewAnswer::Refused { error, message } => {
+            tracing::warn!(%addr, %error, %message, "router refused the renewed token; the link lives until the current one expires");
             ctx.refused.notify_one();
         }
-        _ => {}
     }
 }
 

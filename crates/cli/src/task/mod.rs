@@ -6,6 +6,7 @@
 
 use bytes::{Bytes, BytesMut};
 use fedbus_proto::hello::{Hello, Register};
+use fedbus_proto::renew::{self, RenewPacer};
 use fedbus_proto::{self as proto, put_meta, put_meta_u64, tag, Frame, Header, Kind};
 use fedbus_router::util::random_u64;
 use fedbus_router::ws::{self, Message, Side, WsOut, WsReader};
@@ -282,18 +283,28 @@ async fn watch_token_file<H>(ctx: Rc<Ctx<H>>, path: std::path::PathBuf) {
     }
 }
 
-/// Sends the current token as a `renew` on `out` each time it changes.
-async fn renew_on_change<H>(ctx: Rc<Ctx<H>>, out: Rc<RefCell<WsOut>>) {
+/// Sends the current token as a `renew` on `out` each time it changes, one outstanding at a
+/// time (`pacer`, which the link's reader moves on each answer).
+async fn renew_on_change<H>(
+    ctx: Rc<Ctx<H>>,
+    out: Rc<RefCell<WsOut>>,
+    pacer: Rc<std::cell::Cell<RenewPacer>>,
+) {
     let mut seen = ctx.token_generation.get();
     loop {
         glommio::timer::sleep(Duration::from_millis(200)).await;
         if out.borrow().is_closing() {
             return;
         }
-        if ctx.token_generation.get() != seen {
+        let now = std::time::Instant::now();
+        if ctx.token_generation.get() != seen && pacer.get().may_send(now) {
             seen = ctx.token_generation.get();
-            let renew = serde_json::json!({"type": "renew", "token": ctx.token.borrow().as_str()});
-            let _ = out.borrow_mut().send_text(&renew.to_string());
+            let _ = out
+                .borrow_mut()
+                .send_text(&renew::renew(ctx.token.borrow().as_str()));
+            let mut p = pacer.get();
+            p.sent(now);
+            pacer.set(p);
         }
     }
 }
@@ -383,8 +394,9 @@ where
             ..Default::default()
         },
     );
-    let renewer = glommio::spawn_local(renew_on_change(ctx.clone(), out.clone()));
-    let res = serve_link(ctx, addr, &mut reader, &out).await;
+    let pacer = Rc::new(std::cell::Cell::new(RenewPacer::default()));
+    let renewer = glommio::spawn_local(renew_on_change(ctx.clone(), out.clone(), pacer.clone()));
+    let res = serve_link(ctx, addr, &mut reader, &out, &pacer).await;
     drop(renewer.cancel());
     // A hello over its bound (or another broken frame) is answered with its close code (1009,
     // 1002...), not a normal close.
@@ -404,6 +416,7 @@ async fn serve_link<H, F, R>(
     addr: &str,
     reader: &mut WsReader<R>,
     out: &Rc<RefCell<WsOut>>,
+    pacer: &std::cell::Cell<RenewPacer>,
 ) -> anyhow::Result<()>
 where
     H: Fn(Request) -> F + 'static,
@@ -473,7 +486,14 @@ where
                 }
             }
             Message::Text(t) => {
-                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&t) {
+                if let Some(answer) = renew::renew_answer(&t) {
+                    let mut p = pacer.get();
+                    p.answered(std::time::Instant::now());
+                    pacer.set(p);
+                    if let renew::RenewAnswer::Refused { error, message } = answer {
+                        tracing::warn!(%addr, %error, %message, "router refused the renewed token; the link lives until the current one expires");
+                    }
+                } else if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&t) {
                     if v.get("type").and_then(|t| t.as_str()) == Some("registered") {
                         tracing::debug!(%addr, "registered");
                     }

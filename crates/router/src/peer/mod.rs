@@ -6,6 +6,7 @@
 
 use crate::auth::{self, verify_service_token};
 use crate::metrics::{Listener, ShardMetrics};
+use crate::proto::renew::{self, RenewPacer};
 use crate::proto::{flags, tag, Frame, Kind};
 use crate::route::ApiPath;
 use crate::routing::answer::send_answer;
@@ -97,6 +98,8 @@ pub(crate) struct Slot {
     /// The router refused the last `renew` on the current link (it may not know the new key
     /// version yet): send it again a little later.
     renew_refused: std::cell::Cell<bool>,
+    /// One `renew` outstanding at a time on the current link, spaced from its answer.
+    renew_pacer: std::cell::Cell<RenewPacer>,
 }
 
 impl Slot {
@@ -107,6 +110,7 @@ impl Slot {
             status: RefCell::new(None),
             stopped: std::cell::Cell::new(false),
             renew_refused: std::cell::Cell::new(false),
+            renew_pacer: Default::default(),
         })
     }
 
@@ -400,6 +404,7 @@ async fn run_link<S: ws::Stream>(
     ));
     let pinger = ws::spawn_pinger(out.clone(), every);
     slot.renew_refused.set(false);
+    slot.renew_pacer.set(RenewPacer::default());
     let renewer = glommio::spawn_local(send_renewals(
         shard.clone(),
         slot.clone(),
@@ -480,9 +485,9 @@ fn closed_for(shard: &Shard, cluster: &str, e: &ws::WsError) -> Option<u16> {
     e.close_code()
 }
 
-/// How often a dialed link looks for a newer peer token to send; also the least time between
-/// two `renew` messages (the accepting router takes one per second).
-const RENEW_POLL: Duration = Duration::from_millis(1100);
+/// How often a dialed link looks for a newer peer token to send (the pacer keeps one `renew`
+/// outstanding, the next [`renew::RENEW_SPACING`] after its answer).
+const RENEW_POLL: Duration = renew::RENEW_SPACING;
 
 /// After a `renew_refused`, the token is sent again this much later (the other router may
 /// learn the new key version from its next key file reload).
@@ -511,14 +516,17 @@ async fn send_renewals(
         }
         let now = shard.federation.token.load_full();
         let newer = now.is_some() && now != sent;
-        let retry = retry_at.is_some_and(|t| Instant::now() >= t);
-        if newer || retry {
+        let at = Instant::now();
+        let retry = retry_at.is_some_and(|t| at >= t);
+        if (newer || retry) && slot.renew_pacer.get().may_send(at) {
             retry_at = None;
             let token = now.as_deref().map(String::as_str).unwrap_or_default();
-            let text = serde_json::json!({"type": "renew", "token": token}).to_string();
-            if out.borrow_mut().send_text(&text).is_err() {
+            if out.borrow_mut().send_text(&renew::renew(token)).is_err() {
                 return;
             }
+            let mut pacer = slot.renew_pacer.get();
+            pacer.sent(at);
+            slot.renew_pacer.set(pacer);
             tracing::info!(
                 shard = shard.index,
                 "peer token sent on an open peer link (renew)"
@@ -528,22 +536,24 @@ async fn send_renewals(
     }
 }
 
-/// Logs the accepting router's answer to a `renew` this dialer sent (other text is ignored);
-/// true when it refused it.
-fn renew_refused(shard: &Shard, cluster: &str, addr: &str, text: &[u8]) -> bool {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(text) else {
-        return false;
+/// The accepting router's answer to a `renew` this dialer sent (other text is ignored):
+/// logged, and the slot's pacer and retry flag moved.
+fn on_renew_answer(shard: &Shard, cluster: &str, slot: &Slot, text: &[u8]) {
+    let Some(answer) = renew::renew_answer(text) else {
+        return;
     };
-    match v.get("type").and_then(|t| t.as_str()) {
-        Some("renewed") => {
-            tracing::info!(shard = shard.index, %cluster, %addr, exp = ?v.get("exp"), "peer link renewed");
-            false
+    let mut pacer = slot.renew_pacer.get();
+    pacer.answered(Instant::now());
+    slot.renew_pacer.set(pacer);
+    let addr = &slot.addr;
+    match answer {
+        renew::RenewAnswer::Renewed { exp } => {
+            tracing::info!(shard = shard.index, %cluster, %addr, ?exp, "peer link renewed");
         }
-        Some("renew_refused") => {
-            tracing::warn!(shard = shard.index, %cluster, %addr, error = ?v.get("error"), message = ?v.get("message"), "peer link renew refused; sent again in 5 s, the link lives until its current token expires");
-            true
+        renew::RenewAnswer::Refused { error, message } => {
+            tracing::warn!(shard = shard.index, %cluster, %addr, %error, %message, "peer link renew refused; sent again in 5 s, the link lives until its current token expires");
+            slot.renew_refused.set(true);
         }
-        _ => false,
     }
 }
 
@@ -575,9 +585,7 @@ async fn read_dialed<R: futures_lite::AsyncRead + Unpin>(
             Message::Binary(b) => link.on_binary(b)?,
             Message::Text(t) => {
                 let Some(st) = PeerStatus::parse(&t) else {
-                    if renew_refused(shard, cluster, &slot.addr, &t) {
-                        slot.renew_refused.set(true);
-                    }
+                    on_renew_answer(shard, cluster, slot, &t);
                     continue;
                 };
                 let draining = st.draining;

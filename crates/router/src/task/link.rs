@@ -5,7 +5,7 @@ use super::hello::{Hello, Register, Registered};
 use crate::auth::{self, verify_service_token};
 use crate::control::ControlEvent;
 use crate::metrics::{Listener, ShardMetrics};
-use crate::proto::{Frame, Kind};
+use crate::proto::{renew, Frame, Kind};
 use crate::route::Registration;
 use crate::shard::Shard;
 use crate::ws::{self, handshake, Message, Side, WsOut, WsReader};
@@ -916,23 +916,6 @@ pub(crate) fn key_until(shard: &Shard, kid: u32) -> u64 {
     auth::check_version(&keys.keyring.cluster, kid, now, grace).verifies_until()
 }
 
-/// A fresh token for an open link: task -> router (a service token) and dialing router ->
-/// accepting router (a peer token), `{"type":"renew","token":"..."}`.
-#[derive(serde::Deserialize)]
-struct Renew {
-    #[serde(rename = "type")]
-    kind: String,
-    /// Not a string (or absent): verified as an empty token, so refused `missing_token`.
-    #[serde(default)]
-    token: serde_json::Value,
-}
-
-/// The token of a `renew` text message; None for any other text.
-pub(crate) fn renew_token(text: &[u8]) -> Option<String> {
-    let r = serde_json::from_slice::<Renew>(text).ok()?;
-    (r.kind == "renew").then(|| r.token.as_str().unwrap_or_default().to_string())
-}
-
 /// At most one `renew` per second on a link: each refusal queues a reply, so a link that
 /// kept renewing would grow its outbox and the log as fast as it sends.
 #[derive(Default)]
@@ -958,7 +941,7 @@ impl RenewGate {
         let too_soon = self
             .renewed_at
             .get()
-            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1));
+            .is_some_and(|t| now.saturating_duration_since(t) < renew::MIN_RENEW_INTERVAL);
         if !too_soon {
             self.renewed_at.set(Some(now));
             self.refused_too_soon.set(false);
@@ -992,7 +975,7 @@ pub(crate) fn handle_renew(
     text: &[u8],
     verify: impl FnOnce(&str) -> RenewVerdict,
 ) {
-    let Some(token) = renew_token(text) else {
+    let Some(token) = renew::renew_token(text) else {
         return;
     };
     if out.borrow().is_closing() {
@@ -1015,15 +998,15 @@ pub(crate) fn handle_renew(
         Ok(exp) => {
             ShardMetrics::inc(&counter[0]);
             tracing::info!(shard = shard.index, exp, "{what}: credential renewed");
-            serde_json::json!({"type": "renewed", "exp": exp})
+            renew::renewed(exp)
         }
         Err((code, message)) => {
             ShardMetrics::inc(&counter[1]);
             tracing::warn!(shard = shard.index, code, %message, "{what}: renew refused");
-            serde_json::json!({"type": "renew_refused", "error": code, "message": message})
+            renew::renew_refused(code, &message)
         }
     };
-    let _ = out.borrow_mut().send_text(&reply.to_string());
+    let _ = out.borrow_mut().send_text(&reply);
 }
 
 /// A text message from a registered task: a `renew` ([`handle_renew`]) must carry a service

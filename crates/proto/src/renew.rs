@@ -1,0 +1,215 @@
+//! `renew`: a fresh credential on an open link (PROTOCOL.md sections 4 and 10). A task sends
+//! its router a new service token, a dialing router its peer a new peer token:
+//! `{"type":"renew","token":"..."}`; the answer is `{"type":"renewed","exp":N}` or
+//! `{"type":"renew_refused","error":"...","message":"..."}`. Shared by the router (both ends)
+//! and the SDK, so the two sides read one set of messages and one spacing rule.
+
+use serde::Deserialize;
+use std::time::{Duration, Instant};
+
+/// The receiver's rule: a second `renew` within this of the last one it verified is refused
+/// `too_often`, a third closes the link (1008).
+pub const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The sender's spacing, from the answer to its last `renew` to the next one. Counted from the
+/// answer, not from the send: a renew that waited in a stalled outbox and a later one would
+/// otherwise arrive together. The margin over [`MIN_RENEW_INTERVAL`] covers timer slack.
+pub const RENEW_SPACING: Duration = Duration::from_millis(1100);
+
+/// A `renew` unanswered this long (a peer that predates renewals ignores it) no longer holds
+/// back the next one.
+pub const RENEW_ANSWER_WAIT: Duration = Duration::from_secs(10);
+
+/// The `renew` message carrying `token`.
+pub fn renew(token: &str) -> String {
+    serde_json::json!({"type": "renew", "token": token}).to_string()
+}
+
+/// The acceptance of a `renew`: the link now lives until `exp` (unix seconds).
+pub fn renewed(exp: u64) -> String {
+    serde_json::json!({"type": "renewed", "exp": exp}).to_string()
+}
+
+/// The refusal of a `renew`, with the error code a refused upgrade would get: the link lives
+/// until its current credential expires.
+pub fn renew_refused(error: &str, message: &str) -> String {
+    serde_json::json!({"type": "renew_refused", "error": error, "message": message}).to_string()
+}
+
+#[derive(Deserialize)]
+struct Renew {
+    #[serde(rename = "type")]
+    kind: String,
+    /// Not a string (or absent): read as an empty token, so refused `missing_token`.
+    #[serde(default)]
+    token: serde_json::Value,
+}
+
+/// The token of a `renew` text message; None for any other text.
+pub fn renew_token(text: &[u8]) -> Option<String> {
+    let r = serde_json::from_slice::<Renew>(text).ok()?;
+    (r.kind == "renew").then(|| r.token.as_str().unwrap_or_default().to_string())
+}
+
+/// The answer to a `renew`, as its sender reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RenewAnswer {
+    /// Accepted; the new expiry when the message carries one.
+    Renewed {
+        /// Unix seconds.
+        exp: Option<u64>,
+    },
+    /// Refused; the link lives until its current credential expires.
+    Refused {
+        /// Error code (`expired_token`, `too_often`, ...).
+        error: String,
+        /// Human-readable reason.
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    exp: Option<u64>,
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// Reads `text` as the answer to a `renew`; None for any other text.
+pub fn renew_answer(text: &[u8]) -> Option<RenewAnswer> {
+    let a = serde_json::from_slice::<Answer>(text).ok()?;
+    match a.kind.as_str() {
+        "renewed" => Some(RenewAnswer::Renewed { exp: a.exp }),
+        "renew_refused" => Some(RenewAnswer::Refused {
+            error: a.error,
+            message: a.message,
+        }),
+        _ => None,
+    }
+}
+
+/// The sender's side of the spacing rule: one `renew` outstanding at a time, the next one
+/// [`RENEW_SPACING`] after the answer to the last (or [`RENEW_ANSWER_WAIT`] after a send that
+/// got none).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RenewPacer {
+    /// When the last renew was sent, and whether its answer is still awaited.
+    sent: Option<(Instant, bool)>,
+    /// When the answer to the last renew arrived.
+    answered: Option<Instant>,
+}
+
+impl RenewPacer {
+    /// The earliest instant the next `renew` may be sent (`now` or later).
+    pub fn earliest(&self, now: Instant) -> Instant {
+        let after = match self.sent {
+            None => return now,
+            Some((at, true)) => at + RENEW_ANSWER_WAIT,
+            Some((at, false)) => at.max(self.answered.unwrap_or(at)) + RENEW_SPACING,
+        };
+        after.max(now)
+    }
+
+    /// True when a `renew` may be sent at `now`.
+    pub fn may_send(&self, now: Instant) -> bool {
+        self.earliest(now) <= now
+    }
+
+    /// A `renew` was sent at `now`.
+    pub fn sent(&mut self, now: Instant) {
+        self.sent = Some((now, true));
+    }
+
+    /// Its answer arrived at `now` (an answer with none outstanding is ignored).
+    pub fn answered(&mut self, now: Instant) {
+        if let Some((at, true)) = self.sent {
+            self.sent = Some((at, false));
+            self.answered = Some(now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        assert_eq!(
+            renew_token(renew("fbs1.x").as_bytes()).as_deref(),
+            Some("fbs1.x")
+        );
+        assert_eq!(
+            renew_token(br#"{"type":"renew","token":7}"#).as_deref(),
+            Some("")
+        );
+        assert_eq!(renew_token(br#"{"type":"renew"}"#).as_deref(), Some(""));
+        assert_eq!(renew_token(br#"{"type":"hello"}"#), None);
+        assert_eq!(renew_token(b"not json"), None);
+        assert_eq!(
+            renew_answer(renewed(42).as_bytes()),
+            Some(RenewAnswer::Renewed { exp: Some(42) })
+        );
+        assert_eq!(
+            renew_answer(renew_refused("too_often", "slow down").as_bytes()),
+            Some(RenewAnswer::Refused {
+                error: "too_often".into(),
+                message: "slow down".into()
+            })
+        );
+        assert_eq!(renew_answer(br#"{"type":"status","ready":true}"#), None);
+        assert_eq!(renew_answer(b"[1]"), None);
+    }
+
+    #[test]
+    fn the_first_renew_goes_at_once() {
+        let now = Instant::now();
+        assert!(RenewPacer::default().may_send(now));
+    }
+
+    #[test]
+    fn one_renew_is_outstanding_until_its_answer() {
+        let t0 = Instant::now();
+        let mut p = RenewPacer::default();
+        p.sent(t0);
+        // A stalled outbox: however long the answer takes (below the wait), no second renew.
+        for s in [0, 1, 2, 5, 9] {
+            assert!(!p.may_send(t0 + Duration::from_secs(s)), "{s} s");
+        }
+        // The answer after 3 s: the next one is spaced from the answer, not from the send.
+        let a = t0 + Duration::from_secs(3);
+        p.answered(a);
+        assert!(!p.may_send(a + Duration::from_millis(1099)));
+        assert!(p.may_send(a + RENEW_SPACING));
+        assert_eq!(p.earliest(a), a + RENEW_SPACING);
+    }
+
+    #[test]
+    fn an_unanswered_renew_stops_holding_back_after_the_wait() {
+        let t0 = Instant::now();
+        let mut p = RenewPacer::default();
+        p.sent(t0);
+        assert!(!p.may_send(t0 + RENEW_ANSWER_WAIT - Duration::from_millis(1)));
+        assert!(p.may_send(t0 + RENEW_ANSWER_WAIT));
+        // A late answer to an older renew does not open the gate early for a newer one.
+        let t1 = t0 + RENEW_ANSWER_WAIT;
+        p.sent(t1);
+        p.answered(t1 + Duration::from_millis(10));
+        p.answered(t1 + Duration::from_millis(20));
+        assert_eq!(
+            p.earliest(t1),
+            t1 + Duration::from_millis(10) + RENEW_SPACING
+        );
+    }
+
+    #[test]
+    fn spacing_always_exceeds_the_receivers_interval() {
+        assert!(RENEW_SPACING > MIN_RENEW_INTERVAL);
+        assert!(RENEW_ANSWER_WAIT > RENEW_SPACING);
+    }
+}

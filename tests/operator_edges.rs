@@ -582,6 +582,22 @@ fn cfg_readiness_cross_checks() {
         "hold_0",
         &format!("{base}[readiness]\ndrain_timeout_ms = 1\ndrain_peer_hold_ms = 0\n{APP_TOML}"),
     );
+    // TUNING.md `limits.client_ping_interval_ms`: "Must be below `limits.idle_timeout_ms`".
+    expect_refused(
+        home.path(),
+        "ping_eq_idle",
+        &format!(
+            "{base}[limits]\nidle_timeout_ms = 1000\nclient_ping_interval_ms = 1000\n{APP_TOML}"
+        ),
+        "limits.client_ping_interval_ms",
+    );
+    expect_starts(
+        home.path(),
+        "ping_below_idle",
+        &format!(
+            "{base}[limits]\nidle_timeout_ms = 1000\nclient_ping_interval_ms = 999\n{APP_TOML}"
+        ),
+    );
     expect_refused(
         home.path(),
         "coverage_case",

@@ -1353,3 +1353,85 @@ fn anonymous_sessions_reach_anonymous_services() {
         "method_not_allowed",
     );
 }
+
+/// `limits.client_ping_interval_ms`: a session quiet that long with nothing in flight gets a
+/// ping. One that answers it (as a browser does by itself) stays open past
+/// `limits.idle_timeout_ms` and still serves; one that answers nothing is closed with 1001 at
+/// `idle_timeout_ms`, counted in `fedbus_client_ping_timeouts_total`. Before, the router never
+/// pinged: every quiet session closed at `idle_timeout_ms`, answered pings or not.
+#[test]
+fn quiet_sessions_are_pinged_and_kept_while_they_answer() {
+    let r = Router::new()
+        .shards(1)
+        .limit("idle_timeout_ms", 1500)
+        .limit("client_ping_interval_ms", 500)
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let timeouts = || r.metrics().get("fedbus_client_ping_timeouts_total");
+    assert_eq!(timeouts(), 0.0);
+
+    // Answers every ping: open for 4 s (over 2x the idle timeout), then serves a request.
+    let mut live = open(&r, &tok);
+    live.set_read_timeout(Duration::from_secs(3));
+    let start = Instant::now();
+    let mut pings = 0;
+    while start.elapsed() < Duration::from_secs(4) {
+        match live.read_msg() {
+            Ok(Msg::Ping(p)) => {
+                pings += 1;
+                live.send_frame(opcode::PONG, &p, true);
+            }
+            other => panic!(
+                "after {:?}: expected a ping, got {other:?}",
+                start.elapsed()
+            ),
+        }
+    }
+    assert!(pings >= 4, "{pings} pings in 4 s at a 500 ms interval");
+    live.send_request(1, Some(&r.path(APP, 1)), b"still here");
+    assert_echo_frame(&live.read_response(), 1, 1, b"still here");
+    // Closed by the client: not a ping timeout (and it would be one, left unread).
+    live.send_frame(opcode::CLOSE, &1000u16.to_be_bytes(), true);
+    live.expect_close(1000);
+    assert_eq!(timeouts(), 0.0);
+
+    // Answers nothing: closed with 1001 once idle_timeout_ms passed, not before.
+    let mut dead = open(&r, &tok);
+    dead.set_read_timeout(Duration::from_secs(5));
+    let start = Instant::now();
+    assert_eq!(
+        dead.read_msg().expect("a ping"),
+        Msg::Ping(b"fedbus".to_vec())
+    );
+    dead.expect_close(1001);
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(4),
+        "closed after {took:?}, idle timeout 1.5 s"
+    );
+    wait_for(Duration::from_secs(5), || (timeouts() == 1.0).then_some(()))
+        .unwrap_or_else(|| panic!("fedbus_client_ping_timeouts_total {}", timeouts()));
+}
+
+/// Without `client_ping_interval_ms` (the default) a quiet session gets no ping and closes
+/// with 1001 at `idle_timeout_ms`, not counted as a ping timeout.
+#[test]
+fn without_client_pings_a_quiet_session_closes_at_the_idle_timeout() {
+    let r = Router::new()
+        .shards(1)
+        .limit("idle_timeout_ms", 1000)
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let mut w = open(&r, &tok);
+    w.set_read_timeout(Duration::from_secs(5));
+    let start = Instant::now();
+    w.expect_close(1001);
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "closed after {took:?}"
+    );
+    assert_eq!(r.metrics().get("fedbus_client_ping_timeouts_total"), 0.0);
+}

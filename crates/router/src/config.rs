@@ -157,6 +157,13 @@ pub struct Limits {
     /// Interval of websocket pings on task links; a link silent for 3 intervals is dropped.
     /// Default 2000 ms.
     pub ping_interval_ms: u64,
+    /// A client `/api/ws` session quiet (nothing read from it) for this long with nothing in
+    /// flight gets a websocket ping; one that stays quiet until `idle_timeout_ms` is closed
+    /// (1001, `fedbus_client_ping_timeouts_total`). A browser answers pings by itself (its
+    /// scripts cannot send one), so an open tab's idle session stays open and a vanished one
+    /// still closes. 0 (the default): no pings, a session quiet for `idle_timeout_ms` is
+    /// closed. Must be below `idle_timeout_ms`.
+    pub client_ping_interval_ms: u64,
     /// Outlier ejection: a task link on which this many requests in a row timed out
     /// (`request_timeout_ms`, no answer in between) leaves routing while it stays open, so its
     /// partitions go to the emergency partition; its next answer (a late one counts) brings it
@@ -521,6 +528,7 @@ impl Default for Limits {
             max_link_outbox_bytes: 64 * 1024 * 1024,
             max_inflight_per_connection: 256,
             ping_interval_ms: 2000,
+            client_ping_interval_ms: 0,
             task_eject_after_timeouts: 5,
             task_pong_timeout_ms: 1000,
             max_anonymous_body_bytes: 64 * 1024,
@@ -775,6 +783,12 @@ impl Config {
             if v == 0 {
                 return Err(invalid(f, "must be > 0 ms"));
             }
+        }
+        if l.client_ping_interval_ms >= l.idle_timeout_ms {
+            return Err(invalid(
+                "limits.client_ping_interval_ms",
+                "must be below limits.idle_timeout_ms (0: no pings)",
+            ));
         }
         if self.readiness.drain_peer_hold_ms >= self.readiness.drain_timeout_ms {
             return Err(invalid(

@@ -169,6 +169,11 @@ pub(crate) async fn serve<S: Stream>(
     let mut inflight = Unordered::new();
     let mut deadline = crate::util::Deadline::new();
     let idle = std::time::Duration::from_millis(limits.idle_timeout_ms);
+    // Quiet this long with nothing in flight: a ping (`limits.client_ping_interval_ms`; the
+    // client has the rest of `idle` to answer anything). Whether one is out since the last
+    // message read.
+    let ping_after = std::time::Duration::from_millis(limits.client_ping_interval_ms);
+    let mut pinged = false;
     // The time of the last read: every request it brought was received then.
     let (mut read_at, mut reads) = (Instant::now(), reader.reads());
     let end = loop {
@@ -190,7 +195,12 @@ pub(crate) async fn serve<S: Stream>(
         };
         let waited = {
             use futures_util::future::{select, Either};
-            let timed = std::pin::pin!(deadline.within(idle, next));
+            let wait = match (ping_after.is_zero(), pinged) {
+                (true, _) => idle,
+                (false, false) => ping_after,
+                (false, true) => idle - ping_after,
+            };
+            let timed = std::pin::pin!(deadline.within(wait, next));
             let run = std::pin::pin!(inflight.run(|| session.answered_at.set(None)));
             match select(timed, run).await {
                 Either::Left((w, _)) => w,
@@ -208,8 +218,24 @@ pub(crate) async fn serve<S: Stream>(
             }
             // Idle means nothing to read and nothing in flight.
             Err(_) if session.inflight.get() > 0 => continue,
-            Err(_) => break Some(1001),
+            Err(_) if !ping_after.is_zero() && !pinged => {
+                pinged = true;
+                out.borrow_mut()
+                    .send_control(ws::frame::opcode::PING, b"fedbus");
+                continue;
+            }
+            Err(_) => {
+                if pinged {
+                    crate::metrics::ShardMetrics::inc(&shard.metrics.client_ping_timeouts);
+                    tracing::debug!(
+                        shard = shard.index,
+                        "client websocket answered no ping: closed"
+                    );
+                }
+                break Some(1001);
+            }
         };
+        pinged = false;
         match msg {
             Ok(Message::Binary(b)) => {
                 // Its charge, when it arrived in pieces.

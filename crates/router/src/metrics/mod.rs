@@ -53,6 +53,7 @@ pub(crate) struct ShardMetrics {
     pub(crate) body_held: AtomicU64,
     pub(crate) abusive_closed: AtomicU64,
     pub(crate) close_timeouts: AtomicU64,
+    pub(crate) client_ping_timeouts: AtomicU64,
     pub(crate) links_revoked: AtomicU64,
     pub(crate) outbox_held: AtomicU64,
     pub(crate) slow_reader_closed: AtomicU64,
@@ -125,7 +126,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, Field); 26] = [
+    let simple: [(&str, &str, &str, Field); 27] = [
         (
             "fedbus_bytes_in_total",
             "counter",
@@ -242,6 +243,12 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             "counter",
             "Task and peer links dropped because the other side did not answer the router's close frame within limits.handshake_timeout_ms.",
             |m| &m.close_timeouts,
+        ),
+        (
+            "fedbus_client_ping_timeouts_total",
+            "counter",
+            "Client /api/ws sessions closed (1001) because they answered nothing, not even a ping, within limits.idle_timeout_ms (with limits.client_ping_interval_ms set).",
+            |m| &m.client_ping_timeouts,
         ),
         (
             "fedbus_links_revoked_total",

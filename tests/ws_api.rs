@@ -115,12 +115,12 @@ fn upgrade_from(
 #[test]
 fn answers_in_flight_go_out_before_an_expired_tokens_1008() {
     let r = Router::new().shards(1).start();
-    let _t = r.task().delay_ms(3000).start();
+    let _t = r.task().delay_ms(9000).start();
     let short = expired_token(&r, APP, now() + 2);
     let mut w = open(&r, &short);
-    w.set_read_timeout(Duration::from_secs(10));
+    w.set_read_timeout(Duration::from_secs(15));
     w.send_request(1, Some(&r.path(APP, 1)), b"in flight");
-    // The task still holds request 1 (3 s), sent at most 2 s before `exp`.
+    // The task still holds request 1 (9 s), sent at most 2 s before `exp` (+ 5 s leeway).
     wait_past_exp(&short);
     w.send_request(2, Some(&r.path(APP, 1)), b"after exp");
     assert_echo_frame(&w.read_response(), 1, 1, b"in flight");
@@ -576,11 +576,13 @@ fn bad_jwt_at_upgrade_is_401() {
     w.expect_close(1008);
 }
 
-/// Waits until 50 ms past the `exp` of `jwt`. The router reads whole seconds from
+/// Waits until the router counts the token `jwt` expired: `now > exp + 5` in whole seconds,
+/// plus 50 ms. The router reads whole seconds from
 /// CLOCK_REALTIME_COARSE (`util::unix_secs_coarse`), which lags the fine clock by up to one
 /// tick (1-10 ms): a request sent in the first milliseconds of that second may still be served.
 fn wait_past_exp(jwt: &str) {
-    let exp_ms = u128::from(now_exp(jwt)) * 1000 + 50;
+    // `exp` is checked with 5 s of leeway, per message as at the upgrade (and on HTTP).
+    let exp_ms = (u128::from(now_exp(jwt)) + 5) * 1000 + 1050;
     while std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock after 1970")
@@ -1434,4 +1436,27 @@ fn without_client_pings_a_quiet_session_closes_at_the_idle_timeout() {
         "closed after {took:?}"
     );
     assert_eq!(r.metrics().get("fedbus_client_ping_timeouts_total"), 0.0);
+}
+
+/// A token inside the 5 s leeway after its `exp` is served on `/api/ws` as on HTTP (ROTATION.md
+/// "Client JWTs"): the upgrade accepted it, and so does each request. Before, the upgrade took it
+/// and its first request closed the session with 1008 (the per-message check had no leeway).
+#[test]
+fn a_token_inside_the_exp_leeway_is_served_like_on_http() {
+    let r = Router::new().shards(1).start();
+    let _t = r.task().start();
+    let tok = expired_token(&r, APP, now() - 1);
+    let mut c = r.conn();
+    c.send(&Req::post(&r.path(APP, 1)).token(&tok).body(b"h").bytes());
+    assert_eq!(c.read_response().expect("an answer").status, 200);
+    let mut w = open(&r, &tok);
+    w.send_request(1, Some(&r.path(APP, 1)), b"w");
+    assert_echo_frame(&w.read_response(), 1, 1, b"w");
+    // Past the leeway: the next request closes the session, as HTTP refuses it (401).
+    wait_past_exp(&tok);
+    w.send_request(2, Some(&r.path(APP, 1)), b"late");
+    w.expect_close(1008);
+    let mut c = r.conn();
+    c.send(&Req::post(&r.path(APP, 1)).token(&tok).body(b"h").bytes());
+    assert_eq!(c.read_response().expect("an answer").status, 401);
 }

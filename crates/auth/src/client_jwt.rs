@@ -97,12 +97,13 @@ fn verify_for_app(
     if header.alg != Algorithm::HS256 {
         return Err(AuthError::BadToken("algorithm not allowed"));
     }
-    let kid: u32 = header
-        .kid
-        .as_deref()
-        .ok_or(AuthError::BadToken("missing kid"))?
-        .parse()
-        .map_err(|_| AuthError::BadToken("kid is not a version number"))?;
+    let kid = kid_version(
+        header
+            .kid
+            .as_deref()
+            .ok_or(AuthError::BadToken("missing kid"))?,
+    )
+    .ok_or(AuthError::BadToken("kid is not a version number"))?;
     let versions = keyring
         .app_versions(expected_app)
         .ok_or(AuthError::UnknownApp)?;
@@ -148,6 +149,21 @@ pub fn claimed_app(token: &str) -> Option<String> {
     v.get("app")?.as_str().map(str::to_string)
 }
 
+/// The header `kid` as an app secret version: decimal digits only (`+1` is not version 1).
+fn kid_version(kid: &str) -> Option<u32> {
+    if kid.is_empty() || !kid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    kid.parse().ok()
+}
+
+/// Whether a client JWT with this `exp` has expired at `now` (unix seconds), with the leeway
+/// [`verify_client_jwt`] allows: a session accepted on a token must keep serving it as long as
+/// an HTTP request carrying it would be.
+pub fn client_token_expired(exp: u64, now: u64) -> bool {
+    now > exp.saturating_add(LEEWAY_SECS)
+}
+
 /// Until when a token that just verified may be trusted without verifying it again: its `exp`,
 /// or earlier the end of its key version's grace period (a per-connection verify cache must
 /// not outlive a retiring key).
@@ -166,7 +182,7 @@ pub fn trusted_until(
     let kid = jsonwebtoken::decode_header(token)
         .ok()
         .and_then(|h| h.kid)
-        .and_then(|k| k.parse::<u32>().ok());
+        .and_then(|k| kid_version(&k));
     let until = match (kid, keyring.app_versions(app)) {
         (Some(kid), Some(v)) => match super::check_version(v, kid, now, grace_secs) {
             super::VersionState::Newest => u64::MAX,

@@ -21,8 +21,8 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use client_jwt::{
-    claimed_app, sign_client_jwt, trusted_until, verify_client_jwt, ClientClaims,
-    MAX_CLIENT_JWT_LEN,
+    claimed_app, client_token_expired, sign_client_jwt, trusted_until, verify_client_jwt,
+    ClientClaims, MAX_CLIENT_JWT_LEN,
 };
 pub use keyring::{
     check_version, usable_version, AppSecretVersion, ClusterKeyVersion, KeyVersion, Keyring,

@@ -24,6 +24,15 @@ pub mod ws;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+/// A decimal number of digits only: `str::parse` also takes a leading `+`, which other
+/// parsers on a request's path may read otherwise (a Redirect's PARTITION, Content-Length).
+pub fn parse_decimal<T: std::str::FromStr>(s: &str) -> Option<T> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 24;
 /// First byte of every frame; doubles as the protocol version (1).

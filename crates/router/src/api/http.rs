@@ -176,8 +176,7 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
             let v = std::str::from_utf8(h.value)
                 .ok()
                 .map(str::trim)
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<usize>().ok());
+                .and_then(crate::proto::parse_decimal::<usize>);
             match (v, cl) {
                 (Some(v), None) => cl = Some(v),
                 (Some(v), Some(old)) if v == old => {}

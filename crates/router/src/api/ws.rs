@@ -243,10 +243,10 @@ pub(crate) async fn serve<S: Stream>(
                 if reads != reader.reads() {
                     (read_at, reads) = (Instant::now(), reader.reads());
                 }
-                if session
-                    .exp
-                    .is_some_and(|e| e <= crate::util::unix_secs_coarse())
-                {
+                // With the leeway of the upgrade's check (and of an HTTP request's).
+                if session.exp.is_some_and(|e| {
+                    crate::auth::client_token_expired(e, crate::util::unix_secs_coarse())
+                }) {
                     // This request is not served; the ones before it, still in flight, were
                     // sent with a valid token: their answers go out before the close frame.
                     finish_inflight(&mut inflight, &mut deadline, &session, &out).await;
@@ -411,7 +411,8 @@ struct Session {
     /// The page's origin when the upgrade was cross-origin: checked per request.
     origin: Option<Box<[u8]>>,
     cache: RefCell<VerifyCache>,
-    /// The token's `exp` when this router verified it at the upgrade: then close 1008.
+    /// The token's `exp` when this router verified it at the upgrade: a request after it (and
+    /// its 5 s leeway) closes the session with 1008.
     exp: Option<u64>,
     inflight: Cell<usize>,
     /// When the requests answered in this pass over the requests in flight were answered:

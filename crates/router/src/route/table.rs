@@ -53,7 +53,8 @@ pub enum Lookup<'a> {
     /// No live task was ever registered in this role, and it is not `main` (404).
     UnknownRole,
     /// The role exists but nothing of it is live, not even an emergency partition (503; a
-    /// retry later may succeed). Also returned for `partition >= partitions`.
+    /// retry later may succeed). Also returned for `partition >= partitions`, which
+    /// `routing::local` never asks (a Redirect there is refused 502 `bad_redirect` first).
     NoLiveTask {
         /// The partition asked for.
         partition: u32,

@@ -1085,7 +1085,7 @@ fn on_frame(link: &TaskLink, f: Frame) {
                 None => Ok(None),
                 Some(v) => std::str::from_utf8(v)
                     .ok()
-                    .and_then(|s| s.parse::<u32>().ok())
+                    .and_then(crate::proto::parse_decimal::<u32>)
                     .map(Some)
                     .ok_or(()),
             };

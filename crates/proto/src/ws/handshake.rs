@@ -4,7 +4,8 @@
 use base64::Engine;
 use bytes::BytesMut;
 
-/// Most bytes of an upgrade request or response head.
+/// Most bytes of an upgrade request or response head on task and peer links (the client
+/// endpoint `/api/ws` holds its head to `limits.max_header_bytes`: [`parse_upgrade_within`]).
 pub const MAX_HEAD: usize = 16 * 1024;
 
 /// What the router needs from an upgrade request.
@@ -141,19 +142,28 @@ pub fn check_upgrade(req: &httparse::Request<'_, '_>) -> Result<String, Refusal>
     Ok(key.to_string())
 }
 
-/// Parses an upgrade request head from `buf`. `Ok(None)`: incomplete.
+/// Parses an upgrade request head from `buf`, of at most [`MAX_HEAD`] bytes. `Ok(None)`:
+/// incomplete.
 pub fn parse_upgrade(buf: &[u8]) -> Result<Option<UpgradeRequest>, Refusal> {
+    parse_upgrade_within(buf, MAX_HEAD)
+}
+
+/// [`parse_upgrade`] with a head of at most `max_head` bytes (more: 431).
+pub fn parse_upgrade_within(
+    buf: &[u8],
+    max_head: usize,
+) -> Result<Option<UpgradeRequest>, Refusal> {
     let mut headers = [httparse::EMPTY_HEADER; crate::http::MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
         // A head that arrived whole in one read is held to the same bound as one that
         // trickled in.
-        Ok(httparse::Status::Complete(n)) if n > MAX_HEAD => {
+        Ok(httparse::Status::Complete(n)) if n > max_head => {
             return Err(refuse(431, "headers_too_large", "request head too large"))
         }
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
-            if buf.len() > MAX_HEAD {
+            if buf.len() > max_head {
                 return Err(refuse(431, "headers_too_large", "request head too large"));
             }
             return Ok(None);

@@ -157,11 +157,16 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
         return Parsed::Error(431, "headers_too_large", "request head over the limit");
     }
     let Some(method) = r.method.and_then(Method::parse) else {
-        return Parsed::Error(
-            405,
-            "method_not_allowed",
-            "GET, HEAD, POST, PUT, PATCH, DELETE or OPTIONS",
-        );
+        // `/api/ws` takes GET only: its 405 says so (`Allow: GET`), whatever the method.
+        let ws = r
+            .path
+            .is_some_and(|p| is_ws_path(origin_form(p).as_bytes()));
+        let allowed = if ws {
+            WS_NEEDS_GET
+        } else {
+            "GET, HEAD, POST, PUT, PATCH, DELETE or OPTIONS"
+        };
+        return Parsed::Error(405, "method_not_allowed", allowed);
     };
     let http10 = r.version == Some(0);
     let (mut close, mut keep_alive) = (false, false);
@@ -689,11 +694,23 @@ async fn serve_inner<S: Stream>(
                     inflight.push_back(ready(a, is_head(&buf), true, 0, Instant::now()));
                 }
                 Parsed::Request(req) if is_ws_upgrade(&req) => {
-                    if inflight.is_empty() {
+                    // Only a GET with no body is an upgrade, wherever it stands; anything
+                    // else is answered here (HEAD with the head alone) and the connection
+                    // closes. A body that came with its head is refused as one still to come
+                    // is (`check_head`), not dropped.
+                    let refusal = if req.method != Method::Get {
+                        Some(WS_NEEDS_GET)
+                    } else if !req.body().is_empty() {
+                        Some("a websocket upgrade carries no body")
+                    } else if !inflight.is_empty() {
+                        Some("websocket upgrade after pipelined requests")
+                    } else {
+                        None
+                    };
+                    let Some(why) = refusal else {
                         return Ok(Some((req.bytes.slice(..req.head_len), buf)));
-                    }
+                    };
                     closing = true;
-                    let why = "websocket upgrade after pipelined requests";
                     let a = not_an_upgrade(req.method.as_str(), why);
                     let head = req.method == Method::Head;
                     inflight.push_back(ready(a, head, true, 0, Instant::now()));

@@ -38,7 +38,9 @@ pub(crate) async fn serve<S: Stream>(
     leftover: BytesMut,
 ) {
     let start = Instant::now();
-    let up = match handshake::parse_upgrade(&head) {
+    // The HTTP layer read this head under `limits.max_header_bytes` (a browser's token rides
+    // in it, `?access_token=`): the same bound here.
+    let up = match handshake::parse_upgrade_within(&head, shard.cfg.limits.max_header_bytes) {
         Ok(Some(up)) => up,
         Ok(None) => return,
         Err(r) => return refuse(&shard, &mut stream, start, r.status, r.code, r.message).await,
@@ -180,6 +182,9 @@ pub(crate) async fn serve<S: Stream>(
         if out.borrow().is_closing() {
             break Some(1013);
         }
+        // Idle is measured from the end of the last activity: a wait that saw a request in
+        // flight or bytes of a message arriving does not count, the next starts over.
+        let (busy, reads_before) = (session.inflight.get() > 0, reader.reads());
         // Wait for the next message, or for the outbox to close (an answer found it over
         // its limit: the client does not read), or for a drain.
         let next = async {
@@ -216,8 +221,10 @@ pub(crate) async fn serve<S: Stream>(
                 finish_inflight(&mut inflight, &mut deadline, &session, &out).await;
                 break Some(1001);
             }
-            // Idle means nothing to read and nothing in flight.
-            Err(_) if session.inflight.get() > 0 => continue,
+            // Idle means nothing read and nothing in flight for the whole wait.
+            Err(_) if busy || session.inflight.get() > 0 || reader.reads() != reads_before => {
+                continue
+            }
             Err(_) if !ping_after.is_zero() && !pinged => {
                 pinged = true;
                 out.borrow_mut()

@@ -70,8 +70,8 @@ fn command(c: &str) -> std::process::Command {
 }
 
 /// Kills the process group `pid` leads (see [`command`]).
-fn kill_group(pid: Option<u32>) {
-    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+fn kill_group(pid: u32) {
+    if let Ok(pid) = i32::try_from(pid) {
         // SAFETY: kill(2) with a negative pid signals that process group; no memory involved.
         unsafe { libc::kill(-pid, libc::SIGKILL) };
     }
@@ -84,8 +84,7 @@ fn too_slow(limit: Duration) -> String {
 }
 
 /// The token a finished command printed.
-fn command_output(out: std::io::Result<std::process::Output>) -> Result<String, String> {
-    let out = out.map_err(|e| format!("token command: {e}"))?;
+fn command_output(out: std::process::Output) -> Result<String, String> {
     if !out.status.success() {
         return Err(format!(
             "token command exited with {}: {}",
@@ -94,6 +93,70 @@ fn command_output(out: std::io::Result<std::process::Output>) -> Result<String, 
         ));
     }
     String::from_utf8(out.stdout).map_err(|_| "token command printed no UTF-8".to_string())
+}
+
+/// After the command exits, how long its output may take to reach the end of its pipes: a
+/// process it left behind outside its group (`setsid`, a daemon) may hold them open for good,
+/// and what the command printed is in them already.
+const OUTPUT_GRACE: Duration = Duration::from_millis(200);
+
+/// Runs the token command `c` for at most `limit` (then kills its process group) and returns
+/// its output once it exited: the end of its pipes is awaited [`OUTPUT_GRACE`] at most, so a
+/// process it started and left holding them does not turn a token it printed into a timeout.
+fn run_command(c: &str, limit: Duration) -> Result<String, String> {
+    use std::io::Read as _;
+    use std::sync::{Arc, Mutex};
+    let deadline = std::time::Instant::now() + limit;
+    let mut child = command(c)
+        .spawn()
+        .map_err(|e| format!("token command: {e}"))?;
+    let pid = child.id();
+    // Each pipe is read on a thread of its own into a buffer shared with this one.
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if let Some(mut pipe) = pipe {
+            let (buf, done) = (buf.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut chunk = [0u8; 4096];
+                while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+                    buf.lock()
+                        .expect("token output")
+                        .extend_from_slice(&chunk[..n]);
+                }
+                done.store(true, std::sync::atomic::Ordering::Release);
+            });
+        } else {
+            done.store(true, std::sync::atomic::Ordering::Release);
+        }
+        (buf, done)
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if std::time::Instant::now() >= deadline => {
+                kill_group(pid);
+                let _ = child.wait();
+                return Err(too_slow(limit));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => return Err(format!("token command: {e}")),
+        }
+    };
+    let grace = std::time::Instant::now() + OUTPUT_GRACE;
+    let ended =
+        |d: &Arc<std::sync::atomic::AtomicBool>| d.load(std::sync::atomic::Ordering::Acquire);
+    while !(ended(&stdout.1) && ended(&stderr.1)) && std::time::Instant::now() < grace {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let take = |b: &Arc<Mutex<Vec<u8>>>| std::mem::take(&mut *b.lock().expect("token output"));
+    command_output(std::process::Output {
+        status,
+        stdout: take(&stdout.0),
+        stderr: take(&stderr.0),
+    })
 }
 
 /// A read token, trimmed; an empty one is an error.
@@ -113,20 +176,10 @@ pub(crate) async fn fetch(source: &TokenSource, limit: Duration) -> Result<Optio
             .await
             .map_err(|e| format!("token file {}: {e}", p.display()))?,
         TokenSource::Command(c) => {
-            let child = tokio::process::Command::from(command(c))
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(|e| format!("token command: {e}"))?;
-            let pid = child.id();
-            let out = child.wait_with_output();
-            tokio::pin!(out);
-            tokio::select! {
-                o = &mut out => command_output(o)?,
-                _ = tokio::time::sleep(limit) => {
-                    kill_group(pid);
-                    return Err(too_slow(limit));
-                }
-            }
+            let c = c.clone();
+            tokio::task::spawn_blocking(move || run_command(&c, limit))
+                .await
+                .map_err(|e| format!("token command: {e}"))??
         }
     };
     non_empty(&t)
@@ -142,25 +195,7 @@ pub(crate) fn fetch_blocking(
         TokenSource::File(p) => {
             std::fs::read_to_string(p).map_err(|e| format!("token file {}: {e}", p.display()))?
         }
-        TokenSource::Command(c) => {
-            let child = command(c)
-                .spawn()
-                .map_err(|e| format!("token command: {e}"))?;
-            let pid = child.id();
-            let (tx, rx) = std::sync::mpsc::channel();
-            // The output is read on a thread of its own, so that the wait can time out; after
-            // a kill the thread sees the pipes close and ends.
-            std::thread::spawn(move || {
-                let _ = tx.send(child.wait_with_output());
-            });
-            match rx.recv_timeout(limit) {
-                Ok(o) => command_output(o)?,
-                Err(_) => {
-                    kill_group(Some(pid));
-                    return Err(too_slow(limit));
-                }
-            }
-        }
+        TokenSource::Command(c) => run_command(c, limit)?,
     };
     non_empty(&t)
 }

@@ -1070,6 +1070,23 @@ fn token_command_that_hangs_does_not_hang_spawn() {
     }
 }
 
+/// A token command that prints its token and exits, leaving a process of its own session
+/// (`setsid`) holding its stdout: the token is taken when the command exits, not when the pipe
+/// closes. Before, spawn waited for the end of the pipe and failed at `token_timeout`.
+#[test]
+fn token_command_leaving_a_process_holding_its_stdout_is_read_when_it_exits() {
+    let rt = rt();
+    let _g = rt.enter();
+    let mut o = TaskOptions::new(["127.0.0.1:9"], "demo/echo", vec![0u32], "")
+        .token_command("setsid sleep 6 & echo fbs1.x.y");
+    o.token_timeout = Duration::from_secs(3);
+    let t0 = Instant::now();
+    let res = Task::spawn(o, probe);
+    let took = t0.elapsed();
+    assert!(res.is_ok(), "{:?}", res.err());
+    assert!(took < Duration::from_secs(2), "spawn took {took:?}");
+}
+
 #[test]
 fn token_source_that_fails_at_start_is_a_clear_error() {
     let rt = rt();

@@ -1528,7 +1528,8 @@ fn run_refuses_bad_configs_with_a_clear_error() {
         ("body_0", format!("{base}[limits]\nmax_body_bytes = 0\n{app}"), "limits.max_body_bytes"),
         ("timeout_0", format!("{base}[limits]\nrequest_timeout_ms = 0\n{app}"), "limits.request_timeout_ms"),
         ("negative", format!("{base}[limits]\nrequest_timeout_ms = -5\n{app}"), "request_timeout_ms"),
-        ("hold_ge_timeout", format!("{base}[readiness]\ndrain_timeout_ms = 1000\n{app}"), "readiness.drain_peer_hold_ms"),
+        // With a federation: the hold applies to peer links only.
+        ("hold_ge_timeout", format!("{base}[readiness]\ndrain_timeout_ms = 1000\n[federation]\n[[federation.clusters]]\nregion = \"ru\"\ncluster = \"spb2\"\nrouters = [\"127.0.0.1:1\"]\nkeys = \"/nonexistent\"\n{app}"), "readiness.drain_peer_hold_ms"),
         ("drain_0", format!("{base}[readiness]\ndrain_timeout_ms = 0\ndrain_peer_hold_ms = 0\n{app}"), "drain_timeout_ms"),
         ("coverage", format!("{base}[readiness]\ncoverage = \"most\"\n{app}"), "coverage"),
         ("bad_region", format!("{}{app}", base.replace("region = \"local\"", "region = \"lo cal\"")), "region"),

@@ -565,13 +565,21 @@ fn cfg_wrong_types_and_ranges_name_the_key() {
 fn cfg_readiness_cross_checks() {
     let (home, keys) = home_with_keys("probe-readiness");
     let base = base_config(&keys);
+    // The hold applies to peer links: checked with a federation, not without (a router
+    // without one may drain in 5 s or less without setting the hold).
+    let fed = "[federation]\n[[federation.clusters]]\nregion = \"ru\"\ncluster = \"spb2\"\nrouters = [\"127.0.0.1:1\"]\nkeys = \"/nonexistent\"\n";
     expect_refused(
         home.path(),
         "hold_eq",
         &format!(
-            "{base}[readiness]\ndrain_timeout_ms = 5000\ndrain_peer_hold_ms = 5000\n{APP_TOML}"
+            "{base}[readiness]\ndrain_timeout_ms = 5000\ndrain_peer_hold_ms = 5000\n{fed}{APP_TOML}"
         ),
         "readiness.drain_peer_hold_ms",
+    );
+    expect_starts(
+        home.path(),
+        "short_drain_alone",
+        &format!("{base}[readiness]\ndrain_timeout_ms = 2000\n{APP_TOML}"),
     );
     expect_starts(
         home.path(),
@@ -1146,7 +1154,7 @@ fn sighup_with_invalid_values_is_refused_and_counted_each_time() {
             "partitions = 16",
             "partitions = 16\n[apps.cors]\nallowed_origins = []",
         ),
-        format!("{good}[readiness]\ndrain_timeout_ms = 10\n"),
+        good.replace("[limits]", "[limits]\nclient_ping_interval_ms = 50"),
     ];
     for (i, text) in bad.iter().enumerate() {
         assert_ne!(text, &good, "case {i} changed nothing");

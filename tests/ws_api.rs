@@ -116,7 +116,7 @@ fn upgrade_from(
 fn answers_in_flight_go_out_before_an_expired_tokens_1008() {
     let r = Router::new().shards(1).start();
     let _t = r.task().delay_ms(9000).start();
-    let short = expired_token(&r, APP, now() + 2);
+    let short = expired_token(&r, APP, now() + 1);
     let mut w = open(&r, &short);
     w.set_read_timeout(Duration::from_secs(15));
     w.send_request(1, Some(&r.path(APP, 1)), b"in flight");
@@ -1463,4 +1463,28 @@ fn a_token_inside_the_exp_leeway_is_served_like_on_http() {
     let mut c = r.conn();
     c.send(&Req::post(&r.path(APP, 1)).token(&tok).body(b"h").bytes());
     assert_eq!(c.read_response().expect("an answer").status, 401);
+}
+
+/// The idle clock of a session runs from its last answer: with `idle_timeout_ms` 1000 and an
+/// answer 300 ms after the request, the session closes 1001 about 1.3 s after the request,
+/// not a whole idle period after the wait that saw the request (2 s).
+#[test]
+fn the_idle_clock_runs_from_the_last_answer() {
+    let r = Router::new()
+        .shards(1)
+        .limit("idle_timeout_ms", 1000)
+        .start();
+    let _t = r.task().delay_ms(300).start();
+    let tok = r.token(APP, "alice");
+    let mut w = open(&r, &tok);
+    w.set_read_timeout(Duration::from_secs(5));
+    let sent = Instant::now();
+    w.send_request(1, Some(&r.path(APP, 1)), b"x");
+    assert_echo_frame(&w.read_response(), 1, 1, b"x");
+    w.expect_close(1001);
+    let took = sent.elapsed();
+    assert!(
+        took >= Duration::from_millis(1250) && took < Duration::from_millis(1800),
+        "closed {took:?} after the request (answer after 300 ms, idle 1 s)"
+    );
 }

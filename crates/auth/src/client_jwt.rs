@@ -149,7 +149,8 @@ pub fn claimed_app(token: &str) -> Option<String> {
     v.get("app")?.as_str().map(str::to_string)
 }
 
-/// The header `kid` as an app secret version: decimal digits only (`+1` is not version 1).
+/// The header `kid` as an app secret version: decimal digits only (`+1` is not version 1). The
+/// rule of `fedbus_proto::parse_decimal`, which this crate does not depend on.
 fn kid_version(kid: &str) -> Option<u32> {
     if kid.is_empty() || !kid.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -191,7 +192,9 @@ pub fn trusted_until(
         },
         _ => now,
     };
-    claims.exp.min(until)
+    // The `exp` with the leeway `verify_client_jwt` allows: a token inside it verifies again
+    // anyway, so a cache that dropped it at `exp` would only pay that verify per request.
+    claims.exp.saturating_add(LEEWAY_SECS).min(until)
 }
 
 #[cfg(test)]
@@ -484,7 +487,11 @@ mod tests {
                             if let Ok(got) = r {
                                 assert_eq!(got, c);
                                 let until = trusted_until(&k, APP, t, &got, now, grace);
-                                assert!(until <= exp && until > now, "{until}");
+                                // `exp` with the verify's leeway, at most.
+                                assert!(
+                                    until <= exp.saturating_add(LEEWAY_SECS) && until > now,
+                                    "{until}"
+                                );
                                 let _ = std::time::Instant::now() + crate::expiry_wait(until, now);
                             }
                         }
@@ -507,7 +514,8 @@ mod tests {
             for grace in extremes {
                 for exp in extremes {
                     let c = ClientClaims { exp, ..claims(0) };
-                    assert!(trusted_until(&k, APP, &t, &c, now, grace) <= exp);
+                    let until = trusted_until(&k, APP, &t, &c, now, grace);
+                    assert!(until <= exp.saturating_add(LEEWAY_SECS));
                 }
             }
         }

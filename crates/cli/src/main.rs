@@ -300,6 +300,15 @@ fn keyring_with_app(dir: &Path, app: &str, create: bool) -> Result<()> {
     Ok(())
 }
 
+/// `path` with `suffix` appended: `--out spb1.ru.heeus.cloud` writes `spb1.ru.heeus.cloud.pem`
+/// (`Path::with_extension` would replace `.cloud`, and `r0.spb1` and `r0.spb2` would both
+/// write `r0.pem`).
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
 /// Writes a file with `mode`, replacing it atomically (a router watching it never reads half
 /// of it).
 fn write_atomic(path: &Path, text: &str, mode: u32) -> Result<()> {
@@ -404,6 +413,11 @@ fn run_router(path: Option<PathBuf>, takeover: bool) -> Result<()> {
     // Dev mode with a TLS listener and no certificate: the keyring's dev CA and certificate.
     let mut dev_ca = None;
     let tls_listener = cfg.listen.api_tls.is_some() || cfg.listen.internal_tls;
+    if !tls_listener && !cfg.tls.certs.is_empty() {
+        tracing::warn!(
+            "[[tls.certs]] is set but no TLS listener is (listen.api_tls, listen.internal_tls): the certificates are not read or served"
+        );
+    }
     if cfg.dev && tls_listener && cfg.tls.certs.is_empty() {
         let (files, created) = fedbus_router::tls::dev::ensure(&dir)?;
         if created {
@@ -707,7 +721,10 @@ fn real_main(cli: Cli) -> Result<()> {
             check_id("--task-id", &task_id, 256)?;
             check_cluster(&cluster)?;
             if let Some(r) = &role {
-                check_id("--role", r, 64)?;
+                // The router's rule (1 to 64 bytes); no control characters either.
+                if r.is_empty() || r.len() > 64 || r.chars().any(char::is_control) {
+                    bail!("--role {r:?}: expected 1 to 64 bytes without control characters");
+                }
             }
             let dir = keyring_dir(&keyring)?;
             keyring_with_app(&dir, &app, create_app)?;
@@ -782,8 +799,7 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Keys(KeysCmd::Ca { out, name }) => {
-            let cert_path = out.with_extension("pem");
-            let key_path = out.with_extension("key");
+            let (cert_path, key_path) = (with_suffix(&out, ".pem"), with_suffix(&out, ".key"));
             if cert_path.exists() && key_path.exists() {
                 fedbus_router::tls::dev::Ca::load(&cert_path, &key_path)?;
                 println!("kept {}", cert_path.display());
@@ -807,6 +823,13 @@ fn real_main(cli: Cli) -> Result<()> {
             keyring,
         }) => {
             use fedbus_router::tls::dev;
+            // Before anything is made (the dev CA below).
+            if let Some(n) = names
+                .iter()
+                .find(|n| n.is_empty() || n.chars().any(|c| c.is_whitespace() || c.is_control()))
+            {
+                bail!("--name {n:?}: expected a DNS name or an IP address");
+            }
             let (ca_cert, ca_key) = match (ca, ca_key) {
                 (Some(c), Some(k)) => (c, k),
                 _ => {
@@ -816,17 +839,10 @@ fn real_main(cli: Cli) -> Result<()> {
                     (files.ca, key)
                 }
             };
-            if let Some(n) = names
-                .iter()
-                .find(|n| n.is_empty() || n.chars().any(|c| c.is_whitespace() || c.is_control()))
-            {
-                bail!("--name {n:?}: expected a DNS name or an IP address");
-            }
             let ca = dev::Ca::load(&ca_cert, &ca_key)?;
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
             let (cert, key) = ca.issue(refs[0], &refs)?;
-            let cert_path = out.with_extension("pem");
-            let key_path = out.with_extension("key");
+            let (cert_path, key_path) = (with_suffix(&out, ".pem"), with_suffix(&out, ".key"));
             write_atomic(&key_path, &key, 0o600)?;
             write_atomic(&cert_path, &cert, 0o644)?;
             println!(

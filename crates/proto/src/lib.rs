@@ -255,9 +255,9 @@ impl Frame {
         self.get(tag).and_then(|v| std::str::from_utf8(v).ok())
     }
 
-    /// First metadata value with `tag` as a decimal number.
+    /// First metadata value with `tag` as a decimal number (digits only: [`parse_decimal`]).
     pub fn get_u64(&self, tag: u8) -> Option<u64> {
-        self.get_str(tag).and_then(|s| s.parse().ok())
+        self.get_str(tag).and_then(parse_decimal)
     }
 
     /// Iterates over all metadata entries.

@@ -98,19 +98,24 @@ pub fn renew_answer(text: &[u8]) -> Option<RenewAnswer> {
 /// got none).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RenewPacer {
-    /// When the last renew was sent, and whether its answer is still awaited.
-    sent: Option<(Instant, bool)>,
-    /// When the answer to the last renew arrived.
+    /// When the last renew was sent.
+    sent: Option<Instant>,
+    /// Renews sent and not answered yet (more than one only after [`RENEW_ANSWER_WAIT`]).
+    outstanding: u32,
+    /// When the last answer arrived.
     answered: Option<Instant>,
 }
 
 impl RenewPacer {
     /// The earliest instant the next `renew` may be sent (`now` or later).
     pub fn earliest(&self, now: Instant) -> Instant {
-        let after = match self.sent {
-            None => return now,
-            Some((at, true)) => at + RENEW_ANSWER_WAIT,
-            Some((at, false)) => at.max(self.answered.unwrap_or(at)) + RENEW_SPACING,
+        let Some(at) = self.sent else {
+            return now;
+        };
+        let after = if self.outstanding > 0 {
+            at + RENEW_ANSWER_WAIT
+        } else {
+            at.max(self.answered.unwrap_or(at)) + RENEW_SPACING
         };
         after.max(now)
     }
@@ -122,13 +127,15 @@ impl RenewPacer {
 
     /// A `renew` was sent at `now`.
     pub fn sent(&mut self, now: Instant) {
-        self.sent = Some((now, true));
+        self.sent = Some(now);
+        self.outstanding += 1;
     }
 
-    /// Its answer arrived at `now` (an answer with none outstanding is ignored).
+    /// An answer arrived at `now` (answers come in the order of the renews; one with none
+    /// outstanding is ignored).
     pub fn answered(&mut self, now: Instant) {
-        if let Some((at, true)) = self.sent {
-            self.sent = Some((at, false));
+        if self.outstanding > 0 {
+            self.outstanding -= 1;
             self.answered = Some(now);
         }
     }
@@ -196,14 +203,22 @@ mod tests {
         p.sent(t0);
         assert!(!p.may_send(t0 + RENEW_ANSWER_WAIT - Duration::from_millis(1)));
         assert!(p.may_send(t0 + RENEW_ANSWER_WAIT));
-        // A late answer to an older renew does not open the gate early for a newer one.
+        // Two outstanding now: the late answer to the first does not open the gate for the
+        // second; the gate opens a spacing after the second's answer.
         let t1 = t0 + RENEW_ANSWER_WAIT;
         p.sent(t1);
         p.answered(t1 + Duration::from_millis(10));
+        assert!(!p.may_send(t1 + Duration::from_secs(5)));
         p.answered(t1 + Duration::from_millis(20));
         assert_eq!(
             p.earliest(t1),
-            t1 + Duration::from_millis(10) + RENEW_SPACING
+            t1 + Duration::from_millis(20) + RENEW_SPACING
+        );
+        // An answer with none outstanding changes nothing.
+        p.answered(t1 + Duration::from_secs(3));
+        assert_eq!(
+            p.earliest(t1),
+            t1 + Duration::from_millis(20) + RENEW_SPACING
         );
     }
 

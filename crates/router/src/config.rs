@@ -790,7 +790,22 @@ impl Config {
                 "must be below limits.idle_timeout_ms (0: no pings)",
             ));
         }
-        if self.readiness.drain_peer_hold_ms >= self.readiness.drain_timeout_ms {
+        // Each ping's pong counts against the client's control frame rate: at most half of it.
+        let pongs_per_sec = 1000u64.div_ceil(l.client_ping_interval_ms.max(1));
+        if l.client_ping_interval_ms != 0
+            && (l.client_ping_interval_ms < 100
+                || pongs_per_sec * 2 > u64::from(l.max_control_frames_per_sec))
+        {
+            return Err(invalid(
+                "limits.client_ping_interval_ms",
+                "at least 100 ms, and pongs may take at most half of limits.max_control_frames_per_sec",
+            ));
+        }
+        // The hold only applies to peer links: a router without a federation may drain in
+        // less than its default (5 s) without setting it.
+        if !self.federation.clusters.is_empty()
+            && self.readiness.drain_peer_hold_ms >= self.readiness.drain_timeout_ms
+        {
             return Err(invalid(
                 "readiness.drain_peer_hold_ms",
                 "must be below readiness.drain_timeout_ms (a peer's drain would end with requests in flight)",
@@ -1211,7 +1226,7 @@ mod tests {
         let e = Config::parse("[limits]\nmax_body_byte = 1\n", "t").unwrap_err();
         assert!(e.to_string().contains("max_body_byte"), "{e}");
         let e = Config::parse(
-            "[readiness]\ndrain_timeout_ms = 3000\ndrain_peer_hold_ms = 3000\n",
+            "[readiness]\ndrain_timeout_ms = 3000\ndrain_peer_hold_ms = 3000\n[federation]\n[[federation.clusters]]\nregion = \"ru\"\ncluster = \"spb2\"\nrouters = [\"127.0.0.1:1\"]\nkeys = \"/k\"\n",
             "t",
         )
         .unwrap_err();

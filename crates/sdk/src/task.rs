@@ -647,7 +647,10 @@ fn on_renew_answer<H>(ctx: &Ctx<H>, addr: &str, answer: RenewAnswer) {
         }
         RenewAnswer::Refused { error, message } => {
             tracing::warn!(%addr, %error, %message, "router refused the renewed token; the link lives until the current one expires");
-            ctx.refused.notify_one();
+            // `too_often` refuses the timing, not the token: no new one is needed.
+            if error != "too_often" {
+                ctx.refused.notify_one();
+            }
         }
     }
 }

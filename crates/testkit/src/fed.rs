@@ -11,7 +11,7 @@
 //! let resp = f.router("spb1", 0).conn().request(&Req::post(&f.path("spb2", 7)).token(&tok));
 //! ```
 
-use super::{bin, fedbus, keys_init, Conn, Req, Response, TempDir, START_TIMEOUT};
+use super::{bin, fedbus, keys_init, out_file, Conn, Req, Response, TempDir, START_TIMEOUT};
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -509,8 +509,8 @@ impl PeerCerts {
         let out = dir.join("federation-ca");
         fedbus(root, &["keys", "ca", "--out", out.to_str().expect("utf-8")]);
         PeerCerts {
-            ca: out.with_extension("pem"),
-            ca_key: out.with_extension("key"),
+            ca: out_file(&out, ".pem"),
+            ca_key: out_file(&out, ".key"),
         }
     }
 
@@ -547,7 +547,7 @@ pub fn issue_cert(
         args.push(n);
     }
     fedbus(root, &args);
-    (out.with_extension("pem"), out.with_extension("key"))
+    (out_file(&out, ".pem"), out_file(&out, ".key"))
 }
 
 /// Where `cluster` keeps its copy of `other`'s public keys (with `copied_peer_keys`).

@@ -118,6 +118,14 @@ pub fn fedbus(home: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf-8 stdout")
 }
 
+/// `out` with `suffix` appended, as `fedbus keys cert|ca --out` names its files
+/// (`out.pem`, `out.key`, whatever dots `out` has).
+pub fn out_file(out: &Path, suffix: &str) -> PathBuf {
+    let mut p = out.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
 /// `fedbus keys cert` from the dev CA of `<dir>/keys` (made on first use) for `names`, written
 /// to `<dir>/<out>.pem` and `.key`; returns (cert, key). The CA is [`dev_ca`]`(dir)`.
 pub fn dev_cert(dir: &Path, out: &str, names: &[&str]) -> (PathBuf, PathBuf) {
@@ -135,7 +143,7 @@ pub fn dev_cert(dir: &Path, out: &str, names: &[&str]) -> (PathBuf, PathBuf) {
         args.extend(["--name", n]);
     }
     fedbus(dir, &args);
-    (o.with_extension("pem"), o.with_extension("key"))
+    (out_file(&o, ".pem"), out_file(&o, ".key"))
 }
 
 /// The dev CA certificate that [`dev_cert`] issues from, under `dir`.

@@ -147,6 +147,7 @@ pub(crate) async fn serve<S: Stream>(
         exp,
         inflight: Cell::new(0),
         answered_at: Cell::new(None),
+        idle_since: Cell::new(Instant::now()),
     });
     // Bytes of request bodies in flight on this session (its share of the body budget).
     let held = Rc::new(Cell::new(0usize));
@@ -176,6 +177,14 @@ pub(crate) async fn serve<S: Stream>(
     // message read.
     let ping_after = std::time::Duration::from_millis(limits.client_ping_interval_ms);
     let mut pinged = false;
+    // How long a quiet session waits before its ping (pings on, none out yet) or its close.
+    let quiet = |pinged: bool| match (ping_after.is_zero(), pinged) {
+        (true, _) => idle,
+        (false, false) => ping_after,
+        (false, true) => idle - ping_after,
+    };
+    // The rest of a wait that began with a request in flight, from its last answer.
+    let mut resume: Option<std::time::Duration> = None;
     // The time of the last read: every request it brought was received then.
     let (mut read_at, mut reads) = (Instant::now(), reader.reads());
     let end = loop {
@@ -200,11 +209,7 @@ pub(crate) async fn serve<S: Stream>(
         };
         let waited = {
             use futures_util::future::{select, Either};
-            let wait = match (ping_after.is_zero(), pinged) {
-                (true, _) => idle,
-                (false, false) => ping_after,
-                (false, true) => idle - ping_after,
-            };
+            let wait = resume.take().unwrap_or(quiet(pinged));
             let timed = std::pin::pin!(deadline.within(wait, next));
             let run = std::pin::pin!(inflight.run(|| session.answered_at.set(None)));
             match select(timed, run).await {
@@ -221,9 +226,17 @@ pub(crate) async fn serve<S: Stream>(
                 finish_inflight(&mut inflight, &mut deadline, &session, &out).await;
                 break Some(1001);
             }
-            // Idle means nothing read and nothing in flight for the whole wait.
-            Err(_) if busy || session.inflight.get() > 0 || reader.reads() != reads_before => {
-                continue
+            // Idle means nothing read and nothing in flight for the whole wait. Bytes of a
+            // message arriving start it over (and answer a ping); after the last answer of a
+            // wait that began busy, only the rest of it from that answer is waited.
+            Err(_) if session.inflight.get() > 0 => continue,
+            Err(_) if reader.reads() != reads_before => {
+                pinged = false;
+                continue;
+            }
+            Err(_) if busy => {
+                resume = Some(quiet(pinged).saturating_sub(session.idle_since.get().elapsed()));
+                continue;
             }
             Err(_) if !ping_after.is_zero() && !pinged => {
                 pinged = true;
@@ -296,6 +309,10 @@ pub(crate) async fn serve<S: Stream>(
                         body_len,
                     );
                     sess.inflight.set(sess.inflight.get() - 1);
+                    if sess.inflight.get() == 0 {
+                        // The clock read the metrics above took.
+                        sess.idle_since.set(sess.answered_at());
+                    }
                 });
             }
             Ok(Message::Ping(p)) => out.borrow_mut().send_control(ws::frame::opcode::PONG, &p),
@@ -426,6 +443,9 @@ struct Session {
     /// one clock read per pass, not per answer (`clock_gettime` was 4% of a shard's user
     /// samples at 8x8 under `perf record --all-user`). Cleared before each pass.
     answered_at: Cell<Option<Instant>>,
+    /// When the last request in flight was answered (the session's start before any): the
+    /// idle clock runs from there.
+    idle_since: Cell<Instant>,
 }
 
 impl Session {

@@ -224,6 +224,8 @@ pub(crate) struct Control {
     tls: Vec<crate::tls::Reloader>,
     /// The peer token the dialers present (`peer::Federation::token`), and its file.
     peer_token: Option<(crate::peer::PeerToken, Watched)>,
+    /// Configured apps the keyring had no secret for, as last logged.
+    without_secret: Vec<String>,
 }
 
 impl Control {
@@ -258,7 +260,7 @@ impl Control {
             })),
             reload_failed: Arc::new(AtomicU64::new(0)),
         };
-        let control = Control {
+        let mut control = Control {
             keyring_mtime: keyring_mtime(&keyring_dir),
             applied: (*cfg).clone(),
             config_file: Watched::new(cfg.source.iter().cloned().collect()),
@@ -273,6 +275,7 @@ impl Control {
             key_generation: 1,
             tls,
             peer_token: None,
+            without_secret: Default::default(),
         };
         control.warn_apps_without_secret("start");
         control
@@ -282,18 +285,26 @@ impl Control {
     /// (401 `unknown_app`) and its Auth Service gets no secret to sign with. Dev mode makes
     /// the secrets itself; otherwise `fedbus keys init --app` (or `keys rotate --app ...
     /// --create-app`) does. Run at start, after each keyring reload and each `[[apps]]` reload.
-    fn warn_apps_without_secret(&self, why: &str) {
+    /// Each app is logged once while it stays without a secret (a SIGHUP reloads the keyring
+    /// and the config: one line, not two).
+    fn warn_apps_without_secret(&mut self, why: &str) {
         let keys = self.snapshots.keys.load();
-        for app in self.applied.app_names() {
-            if keys.keyring.app_versions(app).is_none() {
-                tracing::warn!(
-                    why,
-                    %app,
-                    keyring = %self.keyring_dir.display(),
-                    "app has no secret in the keyring: its client tokens are refused 401 unknown_app; create it with `fedbus keys init --app {app}`"
-                );
-            }
+        let missing: Vec<String> = self
+            .applied
+            .app_names()
+            .into_iter()
+            .filter(|app| keys.keyring.app_versions(app).is_none())
+            .map(str::to_string)
+            .collect();
+        for app in missing.iter().filter(|a| !self.without_secret.contains(a)) {
+            tracing::warn!(
+                why,
+                %app,
+                keyring = %self.keyring_dir.display(),
+                "app has no secret in the keyring: its client tokens are refused 401 unknown_app; create it with `fedbus keys init --app {app}`"
+            );
         }
+        self.without_secret = missing;
     }
 
     /// Keeps `slot` (the dialers' peer token) fresh: `federation.peer_token_file` is looked at

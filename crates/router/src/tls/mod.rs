@@ -62,8 +62,9 @@ impl CertSet {
         Ok(CertSet { certs })
     }
 
-    /// The certificate for the client's SNI name: the first valid for that name (DNS name,
-    /// wildcard or IP address, as a client would check it), else the default.
+    /// The certificate for the client's SNI name: the first valid for that name (DNS name or
+    /// wildcard, as a client would check it), else the default. SNI never names an IP address
+    /// (RFC 6066; rustls drops one a client sends): a client dialing an IP gets the default.
     pub fn pick(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
         if let Some(name) = sni.and_then(|n| ServerName::try_from(n).ok()) {
             for ck in &self.certs {

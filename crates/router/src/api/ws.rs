@@ -187,9 +187,16 @@ pub(crate) async fn serve<S: Stream>(
     let mut resume: Option<std::time::Duration> = None;
     // The time of the last read: every request it brought was received then.
     let (mut read_at, mut reads) = (Instant::now(), reader.reads());
+    // A drain: the session reads on until its answers are out, serves the one message that
+    // was arriving when the drain began, and answers any new request `503 draining` (none is
+    // left unanswered); then 1001.
+    let (mut draining, mut finish_arriving) = (false, false);
     let end = loop {
         if out.borrow().is_closing() {
             break Some(1013);
+        }
+        if draining && session.inflight.get() == 0 && !finish_arriving {
+            break Some(1001);
         }
         // Idle is measured from the end of the last activity: a wait that saw a request in
         // flight or bytes of a message arriving does not count, the next starts over.
@@ -200,7 +207,12 @@ pub(crate) async fn serve<S: Stream>(
             use futures_util::future::{select, Either};
             let m = std::pin::pin!(reader.next());
             let c = std::pin::pin!(ws::conn::closed(&out));
-            let d = std::pin::pin!(shard.drain.acquire(1));
+            let d = std::pin::pin!(async {
+                if draining {
+                    std::future::pending::<()>().await;
+                }
+                let _ = shard.drain.acquire(1).await;
+            });
             match select(m, select(c, d)).await {
                 Either::Left((m, _)) => Next::Message(m),
                 Either::Right((Either::Left(_), _)) => Next::Overflow,
@@ -209,7 +221,12 @@ pub(crate) async fn serve<S: Stream>(
         };
         let waited = {
             use futures_util::future::{select, Either};
-            let wait = resume.take().unwrap_or(quiet(pinged));
+            // Draining: a short wait, so that the last answer ends the session promptly.
+            let wait = if draining {
+                crate::health::POLL
+            } else {
+                resume.take().unwrap_or(quiet(pinged))
+            };
             let timed = std::pin::pin!(deadline.within(wait, next));
             let run = std::pin::pin!(inflight.run(|| session.answered_at.set(None)));
             match select(timed, run).await {
@@ -221,11 +238,11 @@ pub(crate) async fn serve<S: Stream>(
             Ok(Next::Message(m)) => m,
             Ok(Next::Overflow) => break Some(1013),
             Ok(Next::Drain) => {
-                // Going away: the answers in flight go out first, then the close frame;
-                // what the client sends meanwhile is not read (it re-sends on a new session).
-                finish_inflight(&mut inflight, &mut deadline, &session, &out).await;
-                break Some(1001);
+                draining = true;
+                finish_arriving = arriving.borrow().is_some();
+                continue;
             }
+            Err(_) if draining => continue,
             // Idle means nothing read and nothing in flight for the whole wait. Bytes of a
             // message arriving start it over (and answer a ping); after the last answer of a
             // wait that began busy, only the rest of it from that answer is waited.
@@ -276,6 +293,12 @@ pub(crate) async fn serve<S: Stream>(
                     Ok(f) if f.header.kind == Kind::Request => f,
                     _ => break Some(1002),
                 };
+                if draining && !std::mem::take(&mut finish_arriving) {
+                    let why = "this router is draining; send it again on a new session";
+                    let a = Answer::error(503, "draining", why);
+                    send_answer(&out, shard.index, f.header.request_id, &a, None);
+                    continue;
+                }
                 if session.inflight.get() >= limits.max_inflight_per_connection {
                     let a = Answer::error(
                         503,

@@ -29,30 +29,6 @@ const APP: &str = "demo/echo";
 // ---------------------------------------------------------------------------------------------
 // Helpers.
 
-fn wait_until<T>(
-    what: &str,
-    within: Duration,
-    mut f: impl FnMut() -> Option<T>,
-    ctx: impl Fn() -> String,
-) -> T {
-    wait_for(within, &mut f).unwrap_or_else(|| panic!("{what}: not within {within:?}\n{}", ctx()))
-}
-
-fn signal(pid: u32, sig: &str) {
-    let st = Command::new("kill")
-        .args([format!("-{sig}"), pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(st.success(), "kill -{sig} {pid}: {st}");
-}
-
-fn assert_no_panic(text: &str) {
-    assert!(
-        !text.contains("panicked") && !text.contains("RUST_BACKTRACE"),
-        "a panic instead of an error:\n{text}"
-    );
-}
-
 /// A parsed answer.
 #[derive(Debug, Clone)]
 struct Resp {

@@ -28,25 +28,6 @@ const APP: &str = "demo/echo";
 // ---------------------------------------------------------------------------------------------
 // Small helpers.
 
-/// Polls `f` every 10 ms for at most `within`; panics with `what` (and `ctx()`) otherwise.
-fn wait_until<T>(
-    what: &str,
-    within: Duration,
-    mut f: impl FnMut() -> Option<T>,
-    ctx: impl Fn() -> String,
-) -> T {
-    wait_for(within, &mut f).unwrap_or_else(|| panic!("{what}: not within {within:?}\n{}", ctx()))
-}
-
-/// `kill -<sig> <pid>` (the test package has no libc of its own).
-fn signal(pid: u32, sig: &str) {
-    let st = Command::new("kill")
-        .args([format!("-{sig}"), pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(st.success(), "kill -{sig} {pid}: {st}");
-}
-
 /// `GET path` on an admin listener without panicking: None when the connection fails.
 fn try_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
@@ -156,13 +137,6 @@ fn plain(text: &str) -> String {
         }
     }
     out
-}
-
-fn assert_no_panic(text: &str) {
-    assert!(
-        !text.contains("panicked") && !text.contains("RUST_BACKTRACE"),
-        "a panic instead of an error:\n{text}"
-    );
 }
 
 /// Runs `fedbus run --config <text>` in `home`, expecting it to fail; returns

@@ -138,21 +138,6 @@ impl Drop for Fb {
     }
 }
 
-fn signal(pid: u32, sig: &str) {
-    let st = Command::new("kill")
-        .args([format!("-{sig}"), pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(st.success(), "kill -{sig} {pid}: {st}");
-}
-
-fn assert_no_panic(text: &str) {
-    assert!(
-        !text.contains("panicked") && !text.contains("RUST_BACKTRACE"),
-        "a panic instead of an error:\n{text}"
-    );
-}
-
 fn home_with_keys(tag: &str) -> (TempDir, PathBuf) {
     let home = TempDir::new(tag);
     let keys = home.path().join("keys");

@@ -1252,6 +1252,33 @@ pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
     v
 }
 
+/// [`wait_for`] that panics with `what` and `ctx()` (a log, say) when `within` passes.
+pub fn wait_until<T>(
+    what: &str,
+    within: Duration,
+    mut f: impl FnMut() -> Option<T>,
+    ctx: impl Fn() -> String,
+) -> T {
+    wait_for(within, &mut f).unwrap_or_else(|| panic!("{what}: not within {within:?}\n{}", ctx()))
+}
+
+/// `kill -<sig> <pid>` (the tests have no libc of their own); panics when kill fails.
+pub fn signal(pid: u32, sig: &str) {
+    let st = std::process::Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(st.success(), "kill -{sig} {pid}: {st}");
+}
+
+/// Panics when `text` (a process's output) shows a panic instead of an error.
+pub fn assert_no_panic(text: &str) {
+    assert!(
+        !text.contains("panicked") && !text.contains("RUST_BACKTRACE"),
+        "a panic instead of an error:\n{text}"
+    );
+}
+
 /// Polls `f` every 10 ms until it returns Some or `timeout` passes.
 pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;

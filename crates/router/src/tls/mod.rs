@@ -119,6 +119,7 @@ impl Resolver {
             files: files.to_vec(),
             resolver: resolver.clone(),
             generation: 1,
+            unreadable_polls: 0,
         };
         Ok((resolver, reloader))
     }
@@ -240,7 +241,15 @@ pub struct Reloader {
     /// The files' bytes as last read (loaded or refused).
     read: Option<Vec<u8>>,
     generation: u64,
+    /// Polls in a row that found a file unreadable (one being replaced is gone for an
+    /// instant; one gone for [`UNREADABLE_WARN_POLLS`] is logged once).
+    unreadable_polls: u32,
 }
+
+/// A certificate or key file unreadable at this many polls in a row is logged (once, until it
+/// is back): the old certificates still serve, and the operator should know the files are not
+/// what the router serves.
+const UNREADABLE_WARN_POLLS: u32 = 3;
 
 /// Every file's bytes, one after the other (None when one is unreadable).
 fn contents(files: &[CertFiles]) -> Option<Vec<u8>> {
@@ -276,7 +285,24 @@ impl Reloader {
     /// loaded: 1 to 5 of 20 quick renewals in a probe).
     pub fn poll(&mut self) {
         let now = newest_mtime(&self.files);
-        if now.is_none() || now == self.mtime && !self.racy {
+        if now.is_none() {
+            self.unreadable_polls = self.unreadable_polls.saturating_add(1);
+            if self.unreadable_polls == UNREADABLE_WARN_POLLS {
+                let files: Vec<String> = self
+                    .files
+                    .iter()
+                    .flat_map(|f| [&f.cert, &f.key])
+                    .filter(|p| std::fs::metadata(p).is_err())
+                    .map(|p| p.display().to_string())
+                    .collect();
+                tracing::warn!(files = %files.join(", "), "TLS certificate files unreadable; the certificates loaded before still serve");
+            }
+            return;
+        }
+        if std::mem::take(&mut self.unreadable_polls) >= UNREADABLE_WARN_POLLS {
+            tracing::info!("TLS certificate files readable again");
+        }
+        if now == self.mtime && !self.racy {
             return;
         }
         self.mtime = now;

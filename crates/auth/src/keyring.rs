@@ -519,7 +519,7 @@ fn sync_dir(dir: &Path) {
 pub fn validate_app_name(app: &str) -> Result<(), AuthError> {
     let ok = app
         .split_once('/')
-        .is_some_and(|(owner, name)| valid_part(owner) && valid_part(name));
+        .is_some_and(|(owner, name)| is_name_part(owner) && is_name_part(name));
     if ok {
         Ok(())
     } else {
@@ -527,7 +527,9 @@ pub fn validate_app_name(app: &str) -> Result<(), AuthError> {
     }
 }
 
-fn valid_part(s: &str) -> bool {
+/// One part of a name (an app's owner or name, a region, a cluster, a router): non-empty
+/// `[A-Za-z0-9_-]`. The config and the CLI check their names with it too.
+pub fn is_name_part(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
@@ -543,7 +545,7 @@ fn app_path(dir: &Path, app: &str) -> Result<PathBuf, AuthError> {
 fn app_from_file_name(name: &str) -> Option<String> {
     let stem = name.strip_suffix(".toml")?;
     let (owner, app) = stem.split_once('.')?;
-    (valid_part(owner) && valid_part(app)).then(|| format!("{owner}/{app}"))
+    (is_name_part(owner) && is_name_part(app)).then(|| format!("{owner}/{app}"))
 }
 
 fn pk8_name(version: u32) -> String {

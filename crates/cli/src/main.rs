@@ -245,18 +245,11 @@ fn keyring_dir(k: &Option<PathBuf>) -> Result<PathBuf> {
 fn check_cluster(cluster: &str) -> Result<()> {
     let ok = cluster
         .split_once('/')
-        .is_some_and(|(r, c)| is_name(r) && is_name(c));
+        .is_some_and(|(r, c)| auth::is_name_part(r) && auth::is_name_part(c));
     if !ok {
         bail!("--cluster {cluster:?}: expected region/cluster, each part non-empty [A-Za-z0-9_-]");
     }
     Ok(())
-}
-
-/// A router, region or cluster name: non-empty `[A-Za-z0-9_-]` (the config's rule).
-fn is_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// A free-form identifier put in a token (`--task-id`, `--role`): 1 to `max` bytes, no
@@ -747,7 +740,7 @@ fn real_main(cli: Cli) -> Result<()> {
             ttl,
             keyring,
         }) => {
-            if !is_name(&router) {
+            if !auth::is_name_part(&router) {
                 bail!("--router {router:?}: expected the router's name, non-empty [A-Za-z0-9_-]");
             }
             check_cluster(&cluster)?;

@@ -20,6 +20,11 @@ pub const RENEW_SPACING: Duration = Duration::from_millis(1100);
 /// back the next one.
 pub const RENEW_ANSWER_WAIT: Duration = Duration::from_secs(10);
 
+// The sender's spacing must exceed the receiver's interval, and the wait for an answer the
+// spacing: checked when the crate compiles.
+const _: () = assert!(RENEW_SPACING.as_millis() > MIN_RENEW_INTERVAL.as_millis());
+const _: () = assert!(RENEW_ANSWER_WAIT.as_millis() > RENEW_SPACING.as_millis());
+
 /// The `renew` message carrying `token`.
 pub fn renew(token: &str) -> String {
     serde_json::json!({"type": "renew", "token": token}).to_string()
@@ -220,11 +225,5 @@ mod tests {
             p.earliest(t1),
             t1 + Duration::from_millis(20) + RENEW_SPACING
         );
-    }
-
-    #[test]
-    fn spacing_always_exceeds_the_receivers_interval() {
-        assert!(RENEW_SPACING > MIN_RENEW_INTERVAL);
-        assert!(RENEW_ANSWER_WAIT > RENEW_SPACING);
     }
 }

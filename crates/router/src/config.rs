@@ -656,11 +656,7 @@ fn check_cors(i: usize, c: &Cors) -> Result<(), ConfigError> {
 }
 
 fn check_name(field: &str, v: &str) -> Result<(), ConfigError> {
-    if v.is_empty()
-        || !v
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
+    if !crate::auth::is_name_part(v) {
         return Err(invalid(
             field,
             format!("{v:?} must be non-empty [A-Za-z0-9_-]"),

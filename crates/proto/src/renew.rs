@@ -16,6 +16,12 @@ pub const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(1);
 /// otherwise arrive together. The margin over [`MIN_RENEW_INTERVAL`] covers timer slack.
 pub const RENEW_SPACING: Duration = Duration::from_millis(1100);
 
+/// How often a sender looks for a newer credential to send. Well below [`RENEW_SPACING`]: a
+/// sender that looked only every `RENEW_SPACING` would find the pacer still closed by the time
+/// the answer took, and send every second look (every 2.2 s, which let a peer link on 4 s
+/// tokens rewritten every 1.5 s reach its token's expiry).
+pub const SENDER_POLL: Duration = Duration::from_millis(200);
+
 /// A `renew` unanswered this long (a peer that predates renewals ignores it) no longer holds
 /// back the next one.
 pub const RENEW_ANSWER_WAIT: Duration = Duration::from_secs(10);
@@ -24,6 +30,7 @@ pub const RENEW_ANSWER_WAIT: Duration = Duration::from_secs(10);
 // spacing: checked when the crate compiles.
 const _: () = assert!(RENEW_SPACING.as_millis() > MIN_RENEW_INTERVAL.as_millis());
 const _: () = assert!(RENEW_ANSWER_WAIT.as_millis() > RENEW_SPACING.as_millis());
+const _: () = assert!(SENDER_POLL.as_millis() * 4 <= RENEW_SPACING.as_millis());
 
 /// The `renew` message carrying `token`.
 pub fn renew(token: &str) -> String {

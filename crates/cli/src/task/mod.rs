@@ -292,7 +292,7 @@ async fn renew_on_change<H>(
 ) {
     let mut seen = ctx.token_generation.get();
     loop {
-        glommio::timer::sleep(Duration::from_millis(200)).await;
+        glommio::timer::sleep(renew::SENDER_POLL).await;
         if out.borrow().is_closing() {
             return;
         }

@@ -485,10 +485,6 @@ fn closed_for(shard: &Shard, cluster: &str, e: &ws::WsError) -> Option<u16> {
     e.close_code()
 }
 
-/// How often a dialed link looks for a newer peer token to send (the pacer keeps one `renew`
-/// outstanding, the next [`renew::RENEW_SPACING`] after its answer).
-const RENEW_POLL: Duration = renew::RENEW_SPACING;
-
 /// After a `renew_refused`, the token is sent again this much later (the other router may
 /// learn the new key version from its next key file reload).
 const RENEW_RETRY: Duration = Duration::from_secs(5);
@@ -498,7 +494,8 @@ const RENEW_RETRY: Duration = Duration::from_secs(5);
 /// before the old one expires or retires keeps the link open. `sent` is the token the link
 /// presented. A refused one is sent again every [`RENEW_RETRY`]. A router that predates
 /// renewals ignores the message and closes the link when the old token expires; the dialer
-/// then presents the new one.
+/// then presents the new one. It looks every [`renew::SENDER_POLL`]; the pacer keeps one
+/// `renew` outstanding, the next [`renew::RENEW_SPACING`] after its answer.
 async fn send_renewals(
     shard: Rc<Shard>,
     slot: Rc<Slot>,
@@ -507,7 +504,7 @@ async fn send_renewals(
 ) {
     let mut retry_at: Option<Instant> = None;
     loop {
-        glommio::timer::sleep(RENEW_POLL).await;
+        glommio::timer::sleep(renew::SENDER_POLL).await;
         if out.borrow().is_closing() {
             return;
         }

@@ -1030,3 +1030,99 @@ fn answers_waiting_behind_a_slow_one_stay_charged() {
     wait_for(Duration::from_secs(5), || (held() == 0.0).then_some(()))
         .unwrap_or_else(|| panic!("{} bytes still held after the answers", held()));
 }
+
+/// Reads `ws` until the router's close frame; its code, or None when the socket ends (or
+/// stays silent for the read timeout) without one. Answers before it are skipped.
+fn read_close_code(ws: &mut Ws) -> Option<u16> {
+    loop {
+        if let Some(h) = parse_head(&ws.buf).expect("frame head") {
+            let total = h.header_len + h.payload_len as usize;
+            if ws.buf.len() >= total {
+                let p = ws.buf[h.header_len..total].to_vec();
+                ws.buf.drain(..total);
+                if h.opcode == opcode::CLOSE {
+                    return (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]]));
+                }
+                continue;
+            }
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        match ws.s.read_retrying(&mut chunk) {
+            Ok(n) if n > 0 => ws.buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+    }
+}
+
+/// An `/api/ws` message trickled in pieces is held to the slowest pace of an HTTP body
+/// (TUNING.md, `limits.min_body_bytes_per_sec`): whole within `handshake_timeout_ms` + its
+/// length / `min_body_bytes_per_sec`, or the session closes 1008, logged and counted in
+/// `fedbus_slow_messages_closed_total`. A large message sent in pieces at a normal pace, and
+/// another session meanwhile, are served. Before, each byte counted as activity: one byte
+/// every 300 ms kept the session (and its share of the body budget) open for as long as the
+/// client liked.
+#[test]
+fn a_trickled_websocket_message_is_closed_1008() {
+    let r = Router::new()
+        .shards(1)
+        .limit("handshake_timeout_ms", 1000)
+        .limit("idle_timeout_ms", 3000)
+        .start();
+    let _echo = r.task().start();
+    let tok = r.token(APP, "alice");
+    let mut ws = Ws::open(r.api, &tok);
+    // 64 KiB in 8 pieces 100 ms apart: far within 1 s + 64 s.
+    let big = vec![b'b'; 64 * 1024];
+    let bytes = ws.request_bytes(1, &r.path(APP, 1), &big);
+    for piece in bytes.chunks(bytes.len() / 8 + 1) {
+        ws.s.write_all(piece).expect("write a piece");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let f = ws.read_response();
+    assert_eq!((status_of(&f), f.payload.len()), (200, big.len()));
+    // 2 KiB, one byte every 300 ms after the first 64: due within 1 s + 2 s.
+    let slow = ws.request_bytes(2, &r.path(APP, 2), &[b's'; 2048]);
+    ws.s.write_all(&slow[..64]).expect("write the head");
+    let started = Instant::now();
+    let mut sent = 64;
+    ws.s.set_nonblocking(true).expect("nonblocking");
+    let mut other = Ws::open(r.api, &tok);
+    let mut closed = false;
+    while sent < slow.len() && started.elapsed() < Duration::from_secs(12) {
+        std::thread::sleep(Duration::from_millis(300));
+        if ws.s.write_all(&slow[sent..sent + 1]).is_err() {
+            closed = true;
+            break;
+        }
+        sent += 1;
+        // The other session is served meanwhile.
+        other.send_request(sent as u64, &r.path(APP, 3), b"meanwhile");
+        let f = other.read_response();
+        assert_eq!((status_of(&f), &f.payload[..]), (200, &b"meanwhile"[..]));
+        let mut peek = [0u8; 1];
+        if ws.s.peek(&mut peek).is_ok() {
+            closed = true;
+            break;
+        }
+    }
+    let after = started.elapsed();
+    ws.s.set_nonblocking(false).expect("blocking");
+    assert!(
+        closed,
+        "a message trickled for {after:?} ({sent} bytes) kept its session"
+    );
+    assert_eq!(read_close_code(&mut ws), Some(1008), "after {after:?}");
+    // Due at 3 s; seen at the end of the wait it began in (idle_timeout_ms) at the latest.
+    assert!(
+        after < Duration::from_secs(7),
+        "closed only after {after:?}"
+    );
+    assert_eq!(r.metrics().get("fedbus_slow_messages_closed_total"), 1.0);
+    assert!(
+        r.log()
+            .contains("client websocket message slower than limits.min_body_bytes_per_sec"),
+        "{}",
+        r.log()
+    );
+    println!("a 2 KiB message trickled at 1 byte / 300 ms: closed 1008 after {after:?}");
+}

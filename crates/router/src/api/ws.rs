@@ -133,6 +133,12 @@ pub(crate) async fn serve<S: Stream>(
         },
         limits,
     );
+    // A message that arrives in pieces is held to an HTTP body's slowest pace: otherwise one
+    // byte per idle period kept a session (and its share of the body budget) forever.
+    reader.set_min_pace(
+        std::time::Duration::from_millis(limits.handshake_timeout_ms),
+        limits.min_body_bytes_per_sec,
+    );
     {
         // The session's answers waiting to be written count against the shard's memory
         // budget, and its share of it bounds them.
@@ -201,6 +207,11 @@ pub(crate) async fn serve<S: Stream>(
         // Idle is measured from the end of the last activity: a wait that saw a request in
         // flight or bytes of a message arriving does not count, the next starts over.
         let (busy, reads_before) = (session.inflight.get() > 0, reader.reads());
+        // A message in pieces: the wait ends at its deadline at the latest (one that began
+        // during this wait is seen at its end).
+        let pace_left = reader
+            .message_deadline()
+            .map(|d| d.saturating_duration_since(Instant::now()));
         // Wait for the next message, or for the outbox to close (an answer found it over
         // its limit: the client does not read), or for a drain.
         let next = async {
@@ -219,14 +230,17 @@ pub(crate) async fn serve<S: Stream>(
                 Either::Right((Either::Right(_), _)) => Next::Drain,
             }
         };
+        // Draining: a short wait, so that the last answer ends the session promptly.
+        let wait = if draining {
+            crate::health::POLL
+        } else {
+            resume.take().unwrap_or(quiet(pinged))
+        };
+        // Cut short for a message's deadline: such a wait says nothing about idleness.
+        let cut = pace_left.is_some_and(|left| left < wait);
         let waited = {
             use futures_util::future::{select, Either};
-            // Draining: a short wait, so that the last answer ends the session promptly.
-            let wait = if draining {
-                crate::health::POLL
-            } else {
-                resume.take().unwrap_or(quiet(pinged))
-            };
+            let wait = pace_left.map_or(wait, |left| wait.min(left));
             let timed = std::pin::pin!(deadline.within(wait, next));
             let run = std::pin::pin!(inflight.run(|| session.answered_at.set(None)));
             match select(timed, run).await {
@@ -242,7 +256,21 @@ pub(crate) async fn serve<S: Stream>(
                 finish_arriving = arriving.borrow().is_some();
                 continue;
             }
-            Err(_) if draining => continue,
+            Err(_)
+                if reader
+                    .message_deadline()
+                    .is_some_and(|d| Instant::now() >= d) =>
+            {
+                crate::metrics::ShardMetrics::inc(&shard.metrics.slow_messages_closed);
+                tracing::info!(
+                    shard = shard.index,
+                    "client websocket message slower than limits.min_body_bytes_per_sec: closed with 1008"
+                );
+                // The requests before it were received whole: their answers go out first.
+                finish_inflight(&mut inflight, &mut deadline, &session, &out).await;
+                break Some(1008);
+            }
+            Err(_) if draining || cut => continue,
             // Idle means nothing read and nothing in flight for the whole wait. Bytes of a
             // message arriving start it over (and answer a ping); after the last answer of a
             // wait that began busy, only the rest of it from that answer is waited.

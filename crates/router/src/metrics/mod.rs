@@ -54,6 +54,7 @@ pub(crate) struct ShardMetrics {
     pub(crate) abusive_closed: AtomicU64,
     pub(crate) close_timeouts: AtomicU64,
     pub(crate) client_ping_timeouts: AtomicU64,
+    pub(crate) slow_messages_closed: AtomicU64,
     pub(crate) links_revoked: AtomicU64,
     pub(crate) outbox_held: AtomicU64,
     pub(crate) slow_reader_closed: AtomicU64,
@@ -126,7 +127,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, Field); 27] = [
+    let simple: [(&str, &str, &str, Field); 28] = [
         (
             "fedbus_bytes_in_total",
             "counter",
@@ -249,6 +250,12 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             "counter",
             "Client /api/ws sessions closed (1001) because they answered nothing, not even a ping, within limits.idle_timeout_ms (with limits.client_ping_interval_ms set).",
             |m| &m.client_ping_timeouts,
+        ),
+        (
+            "fedbus_slow_messages_closed_total",
+            "counter",
+            "Client /api/ws sessions closed (1008) because a message arriving in pieces was slower than limits.min_body_bytes_per_sec (after limits.handshake_timeout_ms).",
+            |m| &m.slow_messages_closed,
         ),
         (
             "fedbus_links_revoked_total",

@@ -214,6 +214,19 @@ pub struct WsReader<R> {
     charged: usize,
     /// A message being dropped because its charge was refused.
     dropping: Option<Dropping>,
+    /// The slowest pace of a message that arrives in pieces (see [`WsReader::set_min_pace`]).
+    pace: Option<Pace>,
+}
+
+/// A message read in pieces must be whole within `allowance` + its announced length /
+/// `bytes_per_sec`, counted from the read that brought its first bytes.
+struct Pace {
+    allowance: std::time::Duration,
+    bytes_per_sec: usize,
+    /// When the message in progress began arriving (None: none in progress).
+    since: Option<std::time::Instant>,
+    /// Its length so far, as its frame heads announced it.
+    announced: usize,
 }
 
 /// How far control text may go past an outbox's byte limit ([`WsOut::send_text`]).
@@ -273,7 +286,32 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             arriving: None,
             charged: 0,
             dropping: None,
+            pace: None,
         }
+    }
+
+    /// Holds a message that arrives in pieces to a slowest pace, as an HTTP body is held
+    /// (`limits.min_body_bytes_per_sec`): whole within `allowance` + its announced length /
+    /// `bytes_per_sec` of the read that brought its first bytes. The reader only keeps the
+    /// clock ([`WsReader::message_deadline`]); its caller closes the connection. A message read
+    /// whole in one read never reads the clock.
+    pub fn set_min_pace(&mut self, allowance: std::time::Duration, bytes_per_sec: usize) {
+        self.pace = Some(Pace {
+            allowance,
+            bytes_per_sec: bytes_per_sec.max(1),
+            since: None,
+            announced: 0,
+        });
+    }
+
+    /// When the message in progress must be whole ([`WsReader::set_min_pace`]); None when no
+    /// message is in progress or no pace is set.
+    pub fn message_deadline(&self) -> Option<std::time::Instant> {
+        let p = self.pace.as_ref()?;
+        let dropped = self.dropping.as_ref().map_or(0, |d| d.total as usize);
+        let n = p.announced.max(dropped);
+        let secs = n as f64 / p.bytes_per_sec as f64;
+        Some(p.since? + p.allowance + std::time::Duration::from_secs_f64(secs))
     }
 
     /// Has the reader charge a message while it arrives: `charge(n)` is told the bytes the
@@ -393,7 +431,17 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     /// Next message, reading as needed.
     pub async fn next(&mut self) -> Result<Message, WsError> {
         loop {
-            if let Some(m) = self.try_buffered()? {
+            let got = self.try_buffered();
+            if let Some(p) = &mut self.pace {
+                // A message (or an error) ends the pace's clock; a control frame between the
+                // fragments of a message does not.
+                let between = matches!(got, Ok(Some(Message::Ping(_) | Message::Pong(_))))
+                    && (self.frag.is_some() || self.dropping.is_some());
+                if !matches!(got, Ok(None)) && !between {
+                    (p.since, p.announced) = (None, 0);
+                }
+            }
+            if let Some(m) = got? {
                 if matches!(m, Message::Ping(_) | Message::Pong(_)) {
                     self.count_control()?;
                 }
@@ -405,6 +453,13 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                 return Ok(m);
             }
             self.turn = 0;
+            if let Some(p) = &mut self.pace {
+                let partial =
+                    !self.buf.is_empty() || self.frag.is_some() || self.dropping.is_some();
+                if partial && p.since.is_none() {
+                    p.since = Some(std::time::Instant::now());
+                }
+            }
             // Messages larger than the buffer's share of a turn never reach
             // MESSAGES_PER_TURN: a peer that keeps each read full still yields the shard past
             // the executor's time slice (outside a glommio executor this never yields).
@@ -494,6 +549,9 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                         _ => {}
                     }
                     let sofar = self.frag.as_ref().map_or(0, |(_, b)| b.len());
+                    if let Some(p) = &mut self.pace {
+                        p.announced = sofar + h.payload_len as usize;
+                    }
                     if !self.hold(sofar + h.payload_len as usize) {
                         let (op, head) = self.frag.take().unwrap_or((h.opcode, BytesMut::new()));
                         self.buf.advance(h.header_len);

@@ -173,3 +173,107 @@ fn same_origin_and_originless_requests_are_not_cors() {
     assert_eq!(same.status, 200, "{same:?}");
     assert_no_cors(&same);
 }
+
+/// The head of a `POST` to `path` from `origin` announcing `len` body bytes (not sent), with
+/// the extra header lines `extra`.
+fn head_only(path: &str, origin: &str, extra: &str, len: usize) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: {origin}\r\n{extra}Content-Length: {len}\r\n\r\n"
+    )
+}
+
+/// Refusals the router makes from a request head carry the CORS fields to an allowed origin, so
+/// a page reads why its upload was refused (PROTOCOL.md 8.1): a body over
+/// `limits.max_body_bytes`, a malformed `Authorization`, a refused token before the body, an
+/// anonymous upload over its bound. Another origin gets them without the fields (403 first
+/// where the policy runs). Before, every one of these answers lacked the fields and a browser
+/// saw a network error.
+#[test]
+fn refusals_from_the_head_are_readable_by_an_allowed_origin() {
+    let r = Router::new()
+        .shards(1)
+        .limit("max_body_bytes", 200_000)
+        .cors(APP, &format!("allowed_origins = [{PAGE:?}]"))
+        .start();
+    let p = r.path(APP, 1);
+    let anon = p.replace("/api/1/sys/echo", "/auth/1/sys/echo");
+    let cases = [
+        (
+            "body over max_body_bytes",
+            p.as_str(),
+            "",
+            300_000,
+            413,
+            "body_too_large",
+        ),
+        (
+            "malformed Authorization",
+            &p,
+            "Authorization: Basic abc\r\n",
+            10,
+            401,
+            "bad_token",
+        ),
+        (
+            "refused token before the body",
+            &p,
+            "Authorization: Bearer nonsense\r\n",
+            100_000,
+            401,
+            "bad_token",
+        ),
+        (
+            "anonymous upload over its bound",
+            &anon,
+            "",
+            100_000,
+            413,
+            "body_too_large",
+        ),
+    ];
+    for (what, path, extra, len, status, code) in cases {
+        let mut c = r.conn();
+        c.send_lossy(head_only(path, PAGE, extra, len).as_bytes());
+        let resp = c.read_response().unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(resp.status, status, "{what}: {resp:?}");
+        assert_eq!(resp.json()["error"], code, "{what}: {resp:?}");
+        assert_cors(&resp, PAGE);
+        let mut c = r.conn();
+        c.send_lossy(head_only(path, EVIL, extra, len).as_bytes());
+        let resp = c.read_response().unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(
+            resp.status == status || resp.status == 403,
+            "{what} from another origin: {resp:?}"
+        );
+        assert_no_cors(&resp);
+    }
+}
+
+/// A 404 for an app or a cluster this router does not know has no policy of its own: it carries
+/// the CORS fields when some app of the cluster allows the origin (as the `/api/ws` upgrade's
+/// check), and not for an origin no app allows, which so cannot read which apps and clusters
+/// exist. Before, every origin got its own origin back.
+#[test]
+fn unknown_apps_and_clusters_are_readable_only_by_an_origin_some_app_allows() {
+    let r = router();
+    let p = r.path(APP, 1);
+    for (path, code) in [
+        (p.replace("demo/echo", "demo/nope"), "unknown_app"),
+        (
+            p.replace("/local/dev/", "/local/nowhere/"),
+            "unknown_cluster",
+        ),
+    ] {
+        let get = |origin: &str| r.request(&Req::new("GET", &path).header("Origin", origin));
+        let page = get(PAGE);
+        assert_eq!(
+            (page.status, &page.json()["error"]),
+            (404, &code.into()),
+            "{page:?}"
+        );
+        assert_cors(&page, PAGE);
+        let evil = get(EVIL);
+        assert_eq!(evil.status, 404, "{evil:?}");
+        assert_no_cors(&evil);
+    }
+}

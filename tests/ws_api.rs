@@ -641,11 +641,12 @@ fn oversized_message_closes_1009() {
         .start();
     let tok = r.token(APP, "alice");
     let limit = 1024 + 64 * 1024;
-    // A frame without PATH (answered 400 without a task) of exactly `limit` bytes.
+    // A frame of exactly `limit` bytes, its body over max_body_bytes: answered 413 (as on
+    // HTTP) without a task.
     let mut w = open(&r, &tok);
     let payload = vec![b'z'; limit - 24];
     w.send_request(1, None, &payload);
-    assert_error_frame(&w.read_response(), 1, 400, "bad_request");
+    assert_error_frame(&w.read_response(), 1, 413, "body_too_large");
     // One byte more.
     let payload = vec![b'z'; limit - 24 + 1];
     let b = w.request_bytes(2, None, &payload);

@@ -446,11 +446,11 @@ fn a_fragmented_message_exactly_at_the_bound_is_served_and_one_byte_more_is_1009
         }
         w.send_lossy(&wire);
     };
-    // No PATH: answered 400 without a task.
+    // No PATH, and a body over max_body_bytes: answered 413 (as on HTTP) without a task.
     let f = request_frame(1, None, &vec![b'z'; limit - 24]);
     assert_eq!(f.len(), limit);
     send_fragmented(&mut w, &f);
-    assert_error_frame(&w.response(), 1, 400, "bad_request");
+    assert_error_frame(&w.response(), 1, 413, "body_too_large");
     let f = request_frame(2, None, &vec![b'z'; limit - 24 + 1]);
     send_fragmented(&mut w, &f);
     w.expect_close(1009);

@@ -519,19 +519,49 @@ struct Done {
 /// each (one allocation fewer per request).
 type Answering<R> = Either<std::future::Ready<Done>, R>;
 
-/// An answer the connection made itself (a parse error, a timeout, a refusal of the body).
-/// A refusal the connection makes itself; `head`: the request was a HEAD (its answer carries
-/// no body).
+/// An answer the connection made itself (a parse error, a timeout, a refusal of the body);
+/// `head`: the request was a HEAD (its answer carries no body).
 fn ready<R>(a: Answer, head: bool, close: bool, n_in: usize, start: Instant) -> Answering<R> {
+    refused(a, head, close, n_in, start, None)
+}
+
+/// [`ready`] with the CORS fields of a refusal a page may read ([`refusal_cors`]).
+fn refused<R>(
+    a: Answer,
+    head: bool,
+    close: bool,
+    n_in: usize,
+    start: Instant,
+    cors: Option<CorsAnswer>,
+) -> Answering<R> {
     Either::Left(std::future::ready(Done {
         a,
         close,
         head,
         n_in,
         start,
-        cors: None,
+        cors,
         _held: None,
     }))
+}
+
+/// The CORS fields of a refusal made from a complete request head (`head`; what follows it is
+/// ignored): a body over the limit, a malformed or refused credential, an upload over the
+/// budget. A page reads why its upload was refused as it reads a routed answer
+/// ([`routing::cors::readable`]). Parses the head again: refusals only.
+fn refusal_cors(shard: &Shard, head: &[u8], a: &Answer) -> Option<CorsAnswer> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut r = httparse::Request::new(&mut headers);
+    if !matches!(r.parse(head), Ok(httparse::Status::Complete(_))) {
+        return None;
+    }
+    let field = |name| crate::ws::handshake::header(r.headers, name);
+    let origin = cross_origin(field("origin"), field("host"))?;
+    let target = parse_api_path(origin_form(r.path?)).ok()?;
+    routing::cors::readable(shard, &target, origin, a).then(|| CorsAnswer {
+        origin: Bytes::copy_from_slice(origin),
+        credentials: routing::cors::allow_credentials(shard, target.app_name),
+    })
 }
 
 /// The answer to one routed request. `charge` is the body's charge on the memory budget, given
@@ -586,12 +616,13 @@ fn routed(
             c.force_add(a.payload_len());
             c
         });
-        // Every answer but the refusal of the origin carries the CORS fields, so that the page
-        // reads its errors too (for another cluster's app, its router made that refusal and
-        // relayed it). Looked at only for a cross-origin request: a relayed answer's error tag
-        // is found by scanning its metadata.
-        let refused = || a.error_tag() == Some(&b"origin_not_allowed"[..]);
-        let cors = r.origin.filter(|_| !refused()).map(|o| CorsAnswer {
+        // Every answer a page may read carries the CORS fields, its errors too (for another
+        // cluster's app, its router applied the policy and relayed the answer); not the
+        // refusal of the origin, nor a 404 to an origin no app of ours allows. Looked at only
+        // for a cross-origin request: a relayed answer's error tag is found by scanning its
+        // metadata.
+        let readable = |o: &[u8]| routing::cors::readable(&shard, &r.target, o, &a);
+        let cors = r.origin.filter(|o| readable(o)).map(|o| CorsAnswer {
             origin: req.bytes.slice_ref(o),
             credentials: routing::cors::allow_credentials(&shard, r.target.app_name),
         });
@@ -677,7 +708,9 @@ async fn serve_inner<S: Stream>(
                         if let Err(a) = checked.map(|c| receiving = Some(c)) {
                             closing = true;
                             let head = is_head(&buf);
-                            inflight.push_back(ready(a, head, true, 0, Instant::now()));
+                            let cors = refusal_cors(shard, &buf[..n], &a);
+                            let now = Instant::now();
+                            inflight.push_back(refused(a, head, true, 0, now, cors));
                             break;
                         }
                         if continue_ && inflight.is_empty() {
@@ -691,7 +724,11 @@ async fn serve_inner<S: Stream>(
                 Parsed::Error(status, code, msg) => {
                     closing = true;
                     let a = Answer::error(status, code, msg);
-                    inflight.push_back(ready(a, is_head(&buf), true, 0, Instant::now()));
+                    // A head refused whole (a body over the limit, a malformed credential)
+                    // is still readable by the page; a malformed head has no CORS fields.
+                    let cors = refusal_cors(shard, &buf, &a);
+                    let head = is_head(&buf);
+                    inflight.push_back(refused(a, head, true, 0, Instant::now(), cors));
                 }
                 Parsed::Request(req) if is_ws_upgrade(&req) => {
                     // Only a GET with no body is an upgrade, wherever it stands; anything
@@ -740,7 +777,10 @@ async fn serve_inner<S: Stream>(
                             close,
                             start,
                         )),
-                        Err(a) => ready(a, head, close, n_in, start),
+                        Err(a) => {
+                            let cors = refusal_cors(shard, req.head(), &a);
+                            refused(a, head, close, n_in, start, cors)
+                        }
                     };
                     inflight.push_back(answering);
                 }

@@ -327,6 +327,14 @@ pub(crate) async fn serve<S: Stream>(
                     send_answer(&out, shard.index, f.header.request_id, &a, None);
                     continue;
                 }
+                // A body over the limit is refused as on HTTP; the message's own bound (1009)
+                // leaves room for its frame header and metadata.
+                if f.payload.len() > limits.max_body_bytes {
+                    let why = "request body over limits.max_body_bytes";
+                    let a = Answer::error(413, "body_too_large", why);
+                    send_answer(&out, shard.index, f.header.request_id, &a, None);
+                    continue;
+                }
                 if session.inflight.get() >= limits.max_inflight_per_connection {
                     let a = Answer::error(
                         503,

@@ -70,6 +70,40 @@ pub(crate) fn any_app_allows(shard: &Shard, origin: &[u8]) -> bool {
         .any(|a| a.cors.as_ref().is_some_and(|c| c.allows(origin)))
 }
 
+/// Whether the answer `a` to a cross-origin request from `origin` for `target` carries the CORS
+/// fields, so that the page reads it. Never the refusal of the origin itself. For an app of
+/// this cluster, its policy decides (a routed answer already passed it, [`check`]; a refusal
+/// made from the request head before the policy ran, a body over the limit or a malformed
+/// credential, did not). For another cluster's app the answer is relayed from the router that
+/// applied that app's policy. For an app or a cluster this router does not know, whether any of
+/// its apps allows the origin (the `/api/ws` upgrade's check): a page on an origin no app
+/// trusts learns nothing from a 404 about which apps and clusters exist.
+pub(crate) fn readable(
+    shard: &Shard,
+    target: &crate::route::ApiPath<'_>,
+    origin: &[u8],
+    a: &Answer,
+) -> bool {
+    if a.error_tag() == Some(&b"origin_not_allowed"[..]) {
+        return false;
+    }
+    let ours = target.region == shard.cfg.region && target.cluster == shard.cfg.cluster;
+    if !ours
+        && shard
+            .snapshots
+            .fed
+            .load()
+            .knows(target.region, target.cluster)
+    {
+        return true;
+    }
+    let apps = shard.snapshots.apps.load();
+    match apps.apps.iter().find(|a| ours && a.name == target.app_name) {
+        Some(app) => app.cors.as_ref().is_some_and(|c| c.allows(origin)),
+        None => any_app_allows(shard, origin),
+    }
+}
+
 /// Whether answers to a cross-origin request for `app_name` carry
 /// `Access-Control-Allow-Credentials: true` (the policy of this router's app of that name).
 pub(crate) fn allow_credentials(shard: &Shard, app_name: &str) -> bool {

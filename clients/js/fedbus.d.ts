@@ -31,11 +31,20 @@ export declare const MAGIC: 0xfb;
 export declare const HEADER_LEN: 24;
 export declare const MAX_META_VALUE: 65535;
 
-/** Codes of transport errors (a response with status 0). */
+/**
+ * Codes of transport errors (a response with status 0). `timeout`: no answer within the
+ * request's timeout (a late answer is ignored). `bad_request`: the client refused to send the
+ * request: a path that does not start with `/api/`, a method other than GET/POST/PUT/PATCH/DELETE,
+ * a header other than `content-type`, a body of another type, a metadata value over 65535 bytes.
+ */
 export type TransportError = "disconnected" | "not_connected" | "timeout" | "closed" | "bad_request";
 export declare const TRANSPORT_ERRORS: readonly TransportError[];
 
-/** A request body: text (sent as UTF-8), bytes, or (for `request`) a plain object sent as JSON. */
+/**
+ * A request body: text (sent as UTF-8), bytes, or nothing. `request` also takes a plain object
+ * (prototype `Object.prototype` or null) or an array, sent as JSON; any other object (Blob, File,
+ * FormData, URLSearchParams, Map, Date, a class instance, ...) resolves to `bad_request`.
+ */
 export type Body = string | ArrayBuffer | ArrayBufferView | null | undefined;
 
 /** Only `content-type` can travel on `/api/ws`; any other name resolves to `bad_request`. */
@@ -108,7 +117,10 @@ export interface ClientOptions {
   connectTimeoutMs?: number;
   /** Default per-request timeout, ms, from the call to the answer; 0 for none (default 30000). */
   requestTimeoutMs?: number;
-  /** Requests on the wire at once; the rest queue (default 256, the router's default limit). */
+  /**
+   * Requests on the wire at once; the rest queue (default 256, the router's default limit).
+   * A timed-out request holds its slot until the router answers it (see `inFlight`).
+   */
   maxInFlight?: number;
   /** A socket that stayed open this long (or answered anything) resets the backoff (default 1000). */
   stableMs?: number;
@@ -132,12 +144,21 @@ export declare class FedbusClient {
   readonly state: ClientState;
   /** Sockets that opened so far. */
   readonly opens: number;
-  /** Requests sent and not answered yet. */
+  /**
+   * Requests sent on the current socket and not answered yet: the count `maxInFlight` bounds.
+   * A request that resolved to `timeout` stays counted until its (ignored) late answer or the
+   * router's 504 arrives, or the socket closes, since the router counts it until then.
+   */
   readonly inFlight: number;
   /**
    * Sends a request; resolves to its answer and never rejects. `path` is
    * `/api/<region>/<cluster>/<owner>/<app>/<service>/<wsid>/<module>/<function>`; the task sees
-   * METHOD `POST`. A plain object body is sent as JSON (content-type application/json).
+   * METHOD `POST` unless `opts.method` says otherwise. A plain object or array body is sent as
+   * JSON (content-type application/json). Resolves to transport error `bad_request`, unsent, for
+   * a path that does not start with `/api/` (checked by the client, not the router), a method
+   * other than GET/POST/PUT/PATCH/DELETE, a header other than content-type, or a body of another
+   * type (a number, Blob, FormData, Map, ...). On `timeout` the request keeps its `maxInFlight`
+   * slot until the router answers it (see `inFlight`).
    */
   request(path: string, body?: Body | object, headers?: RequestHeaders, opts?: { timeoutMs?: number; method?: "GET" | "POST" | "PUT" | "PATCH" | "DELETE" }): Promise<FedbusResponse>;
   /** true once the socket is open; false after timeoutMs (default connectTimeoutMs) or close(). */

@@ -47,10 +47,13 @@ export const MAX_META_VALUE = 0xffff;
  *   have been served);
  * - `not_connected`: no open socket within `connectTimeoutMs` (or at once with
  *   `whileDisconnected: "fail"`); the request was never sent;
- * - `timeout`: no answer within the request's timeout (a late answer is ignored);
+ * - `timeout`: no answer within the request's timeout (a late answer is ignored; the request
+ *   keeps its `maxInFlight` slot until that answer, or the router's 504, comes);
  * - `closed`: `close()` was called before the answer came;
- * - `bad_request`: the request cannot be encoded (path not `/api/...`, a header other than
- *   `content-type`, a body of another type, a value over 65535 bytes); never sent.
+ * - `bad_request`: the client refused to send it: a path that does not start with `/api/`, a
+ *   method other than GET/POST/PUT/PATCH/DELETE, a header other than `content-type`, a body of
+ *   another type (not a string, buffer, nothing, plain object or array), a value over 65535
+ *   bytes; never sent.
  */
 export const TRANSPORT_ERRORS = Object.freeze([
   "disconnected",
@@ -68,9 +71,23 @@ export function bodyBytes(body) {
   if (body === undefined || body === null) return new Uint8Array(0);
   if (typeof body === "string") return te.encode(body);
   if (body instanceof Uint8Array) return body;
-  if (body instanceof ArrayBuffer) return new Uint8Array(body);
+  if (body instanceof ArrayBuffer || Object.prototype.toString.call(body) === "[object ArrayBuffer]") {
+    return new Uint8Array(body); // also an ArrayBuffer of another realm (an iframe, a worker's)
+  }
   if (ArrayBuffer.isView(body)) return new Uint8Array(body.buffer, body.byteOffset, body.byteLength);
   throw new TypeError("body must be a string, an ArrayBuffer, a typed array or a DataView");
+}
+
+/**
+ * Whether `request()` sends `body` as JSON: a plain object (its prototype is `Object.prototype`,
+ * of any realm, or null) or an array. Any other object (Blob, File, FormData, URLSearchParams,
+ * Map, Date, a class instance, ...) is not JSON-encoded: `bodyBytes` refuses it.
+ */
+function isJsonBody(body) {
+  if (body === null || typeof body !== "object") return false;
+  if (Array.isArray(body)) return true;
+  const proto = Object.getPrototypeOf(body);
+  return proto === null || Object.getPrototypeOf(proto) === null;
 }
 
 /** The methods a request on `/api/ws` may carry (PROTOCOL.md section 8). */
@@ -383,9 +400,9 @@ export class FedbusClient {
     }
     if (f.kind !== Kind.Response) return;
     const entry = this._inflight.get(f.requestId);
-    if (!entry) return; // timed out already
-    this._inflight.delete(f.requestId);
-    this._finish(entry, responseFromFrame(f));
+    if (!entry) return; // not ours
+    this._inflight.delete(f.requestId); // frees the slot, also of a request that timed out
+    if (!entry.done) this._finish(entry, responseFromFrame(f)); // a late answer is ignored
     this._flush();
   }
 
@@ -486,7 +503,8 @@ export class FedbusClient {
   /**
    * Sends one request; resolves to its answer, never rejects.
    * @param {string} path `/api/<region>/<cluster>/<owner>/<app>/<service>/<wsid>/<module>/<function>`
-   * @param {string|ArrayBuffer|ArrayBufferView|object|null} [body] an object (not a buffer) is sent as JSON
+   * @param {string|ArrayBuffer|ArrayBufferView|object|null} [body] a plain object or an array is
+   *   sent as JSON; any other object (Blob, FormData, Map, ...) resolves to `bad_request`
    * @param {Record<string,string>} [headers] only `content-type` can be carried (PROTOCOL.md section 8)
    * @param {{timeoutMs?: number, method?: string}} [opts] `method`: GET, POST, PUT, PATCH or
    *   DELETE, as the task sees it (default POST)
@@ -507,7 +525,7 @@ export class FedbusClient {
         entry.contentType = String(v);
       }
       try {
-        if (body !== null && typeof body === "object" && !(body instanceof ArrayBuffer) && !ArrayBuffer.isView(body)) {
+        if (isJsonBody(body)) {
           entry.body = te.encode(JSON.stringify(body));
           if (entry.contentType === undefined) entry.contentType = "application/json";
         } else {
@@ -518,10 +536,12 @@ export class FedbusClient {
       }
       const timeoutMs = opts.timeoutMs ?? this.options.requestTimeoutMs;
       if (timeoutMs > 0) {
+        // A request already sent stays in `_inflight` (done, its answer to be ignored): the
+        // router counts it against limits.max_inflight_per_connection until it answers (the
+        // task's late answer or its own 504), so its slot is freed only then, or when the
+        // socket closes; a request still queued just leaves the queue.
         entry.timer = setTimeout(() => {
-          if (entry.id !== null) this._inflight.delete(entry.id);
-          fail("timeout", "no answer within " + timeoutMs + " ms");
-          this._flush();
+          this._finish(entry, transportError("timeout", "no answer within " + timeoutMs + " ms", entry.id));
         }, timeoutMs);
       }
       if (this.state !== "open") {
@@ -555,7 +575,11 @@ export class FedbusClient {
     });
   }
 
-  /** Requests sent and not answered yet. */
+  /**
+   * Requests sent on the current socket and not answered yet, the count `maxInFlight` bounds.
+   * It includes requests that already resolved to `timeout` but whose answer (ignored when it
+   * comes) the router still owes: they hold their slot until then.
+   */
   get inFlight() {
     return this._inflight.size;
   }

@@ -2,6 +2,7 @@
 // against a scripted fake WebSocket. Run: `node --test clients/js/test/`.
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import vm from "node:vm";
 import {
   encodeRequest,
   decodeFrame,
@@ -390,10 +391,69 @@ test("request timeout; a late answer is ignored", async () => {
   const c = connect("http://h:1", "t", { WebSocket: FakeWS });
   await tick();
   sockets[0].open();
-  const r = await c.request("/api/a", "x", {}, { timeoutMs: 20 });
+  const p = c.request("/api/a", "x", {}, { timeoutMs: 20 });
+  const r = await p;
   assert.equal(r.error, "timeout");
+  assert.equal(r.requestId, sockets[0].sent[0].requestId, "a sent request's timeout carries its id");
+  assert.equal(c.inFlight, 1, "the router still owes the answer");
+  sockets[0].answer(sockets[0].sent[0].requestId, { body: "late" }); // no throw, not delivered
   assert.equal(c.inFlight, 0);
-  sockets[0].answer(sockets[0].sent[0].requestId, { body: "late" }); // no throw, no effect
+  assert.equal((await p).error, "timeout");
+  c.close();
+});
+
+test("a timed-out request keeps its maxInFlight slot until the router answers it or the socket closes", async () => {
+  const { FakeWS, sockets } = fakeWebSocket();
+  const c = connect("http://h:1", "t", { WebSocket: FakeWS, maxInFlight: 2, backoff: { initialMs: 1, jitter: 0 } });
+  await tick();
+  sockets[0].open();
+  const t = [c.request("/api/a", "t0", {}, { timeoutMs: 15 }), c.request("/api/a", "t1", {}, { timeoutMs: 15 })];
+  const q = [c.request("/api/a", "q0"), c.request("/api/a", "q1"), c.request("/api/a", "q2")];
+  assert.equal(sockets[0].sent.length, 2);
+  assert.deepEqual((await Promise.all(t)).map((r) => r.error), ["timeout", "timeout"]);
+  await sleep(10);
+  assert.equal(sockets[0].sent.length, 2, "no request sent while the router still counts the timed-out two");
+  assert.equal(c.inFlight, 2);
+  // The first late answer (a 504, say) frees one slot: q0 goes; the answer reaches nobody.
+  sockets[0].answer(sockets[0].sent[0].requestId, { status: 504, body: "late" });
+  assert.equal(sockets[0].sent.length, 3);
+  assert.equal(td.decode(sockets[0].sent[2].payload), "q0");
+  sockets[0].answer(sockets[0].sent[2].requestId, { body: "a0" });
+  assert.equal((await q[0]).text(), "a0");
+  assert.equal(sockets[0].sent.length, 4);
+  assert.equal(td.decode(sockets[0].sent[3].payload), "q1");
+  assert.equal(c.inFlight, 2, "t1 (timed out) and q1");
+  // A drop frees every slot: the router forgets a closed session's requests.
+  sockets[0].drop(1006);
+  assert.equal((await q[1]).error, "disconnected");
+  assert.equal(c.inFlight, 0);
+  await until(() => sockets.length === 2, "reconnect");
+  sockets[1].open();
+  assert.equal(sockets[1].sent.length, 1);
+  assert.equal(td.decode(sockets[1].sent[0].payload), "q2");
+  sockets[1].answer(sockets[1].sent[0].requestId, { body: "a2" });
+  assert.equal((await q[2]).text(), "a2");
+  // The old socket's late answer is no one's.
+  sockets[0].answer(sockets[0].sent[1].requestId, { body: "late" });
+  assert.deepEqual((await Promise.all(t)).map((r) => r.error), ["timeout", "timeout"]);
+  c.close();
+});
+
+test("a request that times out while still queued just leaves the queue", async () => {
+  const { FakeWS, sockets } = fakeWebSocket();
+  const c = connect("http://h:1", "t", { WebSocket: FakeWS, maxInFlight: 1 });
+  await tick();
+  sockets[0].open();
+  const a = c.request("/api/a", "a");
+  const b = c.request("/api/a", "b", {}, { timeoutMs: 10 });
+  const rb = await b;
+  assert.equal(rb.error, "timeout");
+  assert.equal(rb.requestId, null, "never sent");
+  assert.equal(c._queue.length, 0);
+  sockets[0].answer(sockets[0].sent[0].requestId, { body: "A" });
+  assert.equal((await a).text(), "A");
+  assert.equal(sockets[0].sent.length, 1, "b was never sent");
+  assert.equal(c.inFlight, 0);
   c.close();
 });
 
@@ -412,6 +472,84 @@ test("bad requests are values, never sent", async () => {
   assert.equal(td.decode(f.meta.find((m) => m.tag === Tag.CONTENT_TYPE).value), "application/json");
   sockets[0].answer(f.requestId, { body: '{"a":1}', contentType: "application/json" });
   assert.deepEqual((await p).json(), { a: 1 });
+  c.close();
+});
+
+test("only plain objects and arrays go as JSON; a Blob, Map, Date, ... body resolves to bad_request, unsent", async () => {
+  const { FakeWS, sockets } = fakeWebSocket();
+  const c = connect("http://h:1", "t", { WebSocket: FakeWS });
+  await tick();
+  sockets[0].open();
+  class Point {
+    constructor() {
+      this.x = 1;
+    }
+  }
+  const refused = {
+    number: 42,
+    boolean: true,
+    bigint: 1n,
+    Blob: new Blob(["blob"]),
+    URLSearchParams: new URLSearchParams("a=1"),
+    Map: new Map([["a", 1]]),
+    Set: new Set([1]),
+    Date: new Date(0),
+    RegExp: /x/,
+    Promise: Promise.resolve(1),
+    "class instance": new Point(),
+    "boxed string": new String("x"),
+  };
+  if (typeof FormData === "function") refused.FormData = new FormData();
+  if (typeof File === "function") refused.File = new File(["f"], "f.txt");
+  for (const [what, body] of Object.entries(refused)) {
+    const p = c.request("/api/a", body);
+    assert.ok(p instanceof Promise);
+    const r = await p;
+    assert.equal(r.status, 0, what);
+    assert.equal(r.transport, true, what);
+    assert.equal(r.error, "bad_request", what);
+    assert.equal(r.requestId, null, what);
+    assert.match(r.message, /body must be/, what);
+  }
+  // A cyclic object cannot be JSON: bad_request too.
+  const cyc = {};
+  cyc.self = cyc;
+  assert.equal((await c.request("/api/a", cyc)).error, "bad_request");
+  assert.equal(sockets[0].sent.length, 0, "none of them was sent");
+  assert.equal(c.inFlight, 0);
+  // JSON: a plain object, one without a prototype, one of another realm, an array.
+  const bare = Object.create(null);
+  bare.b = 2;
+  const jsonBodies = [
+    [{ a: 1 }, '{"a":1}'],
+    [bare, '{"b":2}'],
+    [vm.runInNewContext("({ c: 3 })"), '{"c":3}'],
+    [[1, "x"], '[1,"x"]'],
+    [vm.runInNewContext("[4]"), "[4]"],
+  ];
+  // An ArrayBuffer of another realm is bytes, not JSON.
+  {
+    const p = c.request("/api/a", vm.runInNewContext("new Uint8Array([7, 8]).buffer"));
+    const f = sockets[0].sent.at(-1);
+    assert.deepEqual(Array.from(f.payload), [7, 8]);
+    assert.equal(f.meta.find((m) => m.tag === Tag.CONTENT_TYPE), undefined);
+    sockets[0].answer(f.requestId, { body: "ok" });
+    await p;
+  }
+  for (const [body, want] of jsonBodies) {
+    const p = c.request("/api/a", body);
+    const f = sockets[0].sent.at(-1);
+    assert.equal(td.decode(f.payload), want);
+    assert.equal(td.decode(f.meta.find((m) => m.tag === Tag.CONTENT_TYPE).value), "application/json");
+    sockets[0].answer(f.requestId, { body: "ok" });
+    assert.equal((await p).status, 200);
+  }
+  // A content type given in headers wins over application/json.
+  const p = c.request("/api/a", { a: 1 }, { "content-type": "application/x-thing+json" });
+  const f = sockets[0].sent.at(-1);
+  assert.equal(td.decode(f.meta.find((m) => m.tag === Tag.CONTENT_TYPE).value), "application/x-thing+json");
+  sockets[0].answer(f.requestId, { body: "ok" });
+  await p;
   c.close();
 });
 

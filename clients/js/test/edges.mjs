@@ -1053,6 +1053,8 @@ async function main() {
       r.big = await go(p, { method: "POST", headers: { ...auth, "Content-Type": "application/octet-stream" }, body: new Uint8Array(maxBody + 1) });
       r.down = await go(url + "/api/local/dev/demo/down/api/1/sys/echo", { method: "POST", headers: { Authorization: "Bearer " + downToken }, body: "x" });
       r.unknownCluster = await go(url + "/api/xx/yy/demo/echo/api/1/sys/echo", { method: "POST", headers: auth, body: "x" });
+      // A simple request (no preflight): the 404 itself, not a preflight's.
+      r.unknownClusterSimple = await go(url + "/api/xx/yy/demo/echo/api/1/sys/echo");
       r.other = await go(url + "/api/local/dev/demo/other/api/1/sys/echo", { method: "POST", headers: auth, body: "x" });
       const badSig = { Authorization: "Bearer " + token.replace(/\.[^.]*$/, ".AAAA") };
       r.badSmall = await go(p, { method: "POST", headers: badSig, body: "x" });
@@ -1068,7 +1070,8 @@ async function main() {
     check(g, "fetch with a bad-signature token, 100 kB body (refused from the head): the 401 bad_signature is readable too", f.badLarge.status === 401 && jsonOr(f.badLarge.body).error === "bad_signature", short(f.badLarge));
     check(g, "fetch to the anonymous service with a body over max_anonymous_body_bytes: the 413 body_too_large is readable", f.anonOver.status === 413 && jsonOr(f.anonOver.body).error === "body_too_large", short(f.anonOver));
     check(g, "fetch to an app with no task: 503 no_live_task readable", f.down.status === 503 && jsonOr(f.down.body).error === "no_live_task", short(f.down));
-    check(g, "fetch to an unknown cluster: the router's 404 unknown_cluster readable (router errors included)", f.unknownCluster.status === 404 && jsonOr(f.unknownCluster.body).error === "unknown_cluster", short(f.unknownCluster));
+    check(g, "simple fetch to an unknown cluster: the router's 404 unknown_cluster readable (some app allows the origin)", f.unknownClusterSimple.status === 404 && jsonOr(f.unknownClusterSimple.body).error === "unknown_cluster", short(f.unknownClusterSimple));
+    check(g, "preflighted fetch to an unknown cluster: the preflight is 404 too, so the browser fails it (PROTOCOL.md 8.1)", f.unknownCluster.threw?.startsWith("TypeError"), short(f.unknownCluster));
     check(g, "fetch to an app whose CORS does not list the origin (demo/other): fails in the browser (403 without Allow-Origin)", f.other.threw?.startsWith("TypeError"), short(f.other));
 
     // The /api/ws session is checked per request against each app's policy.

@@ -1911,3 +1911,38 @@ fn cli_run_bad_flags_and_paths() {
     );
     cli_fails(h, &["run", "--config", "/dev/null/x"], "/dev/null/x");
 }
+
+/// `fedbus task` checks its names as the router would at registration, naming the flag, before
+/// it dials anything: `--app` owner/app, `--role` and `--redirect-to` 1 to 64 bytes without
+/// control characters. Before, `--role ""` or `--app demo-echo` dialed and was refused 1008 by
+/// every router, retry after retry.
+#[test]
+fn task_names_are_checked_before_dialing() {
+    let (home, keys) = home_with_keys("probe-task-names");
+    let k = keys.to_str().unwrap();
+    let h = home.path();
+    let long = "r".repeat(65);
+    for (flag, value, needle) in [
+        ("--role", "", "--role"),
+        ("--role", long.as_str(), "--role"),
+        ("--role", "a\u{7}b", "--role"),
+        ("--app", "demo-echo", "--app"),
+        ("--app", "demo/", "--app"),
+        ("--redirect-to", "", "--redirect-to"),
+    ] {
+        cli_fails(
+            h,
+            &[
+                "task",
+                "echo",
+                flag,
+                value,
+                "--router",
+                "127.0.0.1:9",
+                "--keyring",
+                k,
+            ],
+            needle,
+        );
+    }
+}

@@ -25,8 +25,8 @@ pub use client_jwt::{
     ClientClaims, MAX_CLIENT_JWT_LEN,
 };
 pub use keyring::{
-    check_version, is_name_part, usable_version, AppSecretVersion, ClusterKeyVersion, KeyVersion,
-    Keyring, VersionState,
+    check_version, is_name_part, usable_version, validate_app_name, AppSecretVersion,
+    ClusterKeyVersion, KeyVersion, Keyring, VersionState,
 };
 pub use service_token::{
     sign_service_token, verify_service_token, ServiceClaims, MAX_SERVICE_TOKEN_LEN,

@@ -261,6 +261,15 @@ fn check_id(flag: &str, v: &str, max: usize) -> Result<()> {
     Ok(())
 }
 
+/// A role (`--role`, `--redirect-to`): the router's rule for a registration, 1 to 64 bytes, and
+/// no control characters either (it ends up in logs and metrics).
+fn check_role(flag: &str, r: &str) -> Result<()> {
+    if r.is_empty() || r.len() > 64 || r.chars().any(char::is_control) {
+        bail!("{flag} {r:?}: expected 1 to 64 bytes without control characters");
+    }
+    Ok(())
+}
+
 /// Dev convenience: the keyring exists once any command needs it.
 fn ensure_keyring(dir: &Path, apps: &[&str]) -> Result<()> {
     if Keyring::init(dir, apps, auth::now_unix())? {
@@ -515,6 +524,14 @@ fn run_router(path: Option<PathBuf>, takeover: bool) -> Result<()> {
 /// SDK options for a built-in task: its service token is `--token`, or in dev mode one minted
 /// from the keyring for this instance, app, cluster and role.
 fn task_options(common: &TaskCommon, kind: &str) -> Result<task::TaskOptions> {
+    // What the router would refuse at registration (1008), refused here with the flag named.
+    auth::validate_app_name(&common.app).map_err(|_| {
+        anyhow!(
+            "--app {:?}: expected owner/app, each part non-empty [A-Za-z0-9_-]",
+            common.app
+        )
+    })?;
+    check_role("--role", &common.role)?;
     let partitions = parse_partitions(&common.partitions)?;
     let instance = fedbus_router::util::random_u64();
     let from_file = match &common.token_file {
@@ -567,6 +584,9 @@ fn task_options(common: &TaskCommon, kind: &str) -> Result<task::TaskOptions> {
 }
 
 fn run_task(common: TaskCommon, redirect_to: Option<String>, delay_ms: u64) -> Result<()> {
+    if let Some(r) = &redirect_to {
+        check_role("--redirect-to", r)?;
+    }
     let mut opts = task_options(&common, "echo")?;
     // Which router shard's link carried each request: lets tests prove that requests never
     // cross shards. Added by the SDK from a line made once per link.
@@ -714,10 +734,7 @@ fn real_main(cli: Cli) -> Result<()> {
             check_id("--task-id", &task_id, 256)?;
             check_cluster(&cluster)?;
             if let Some(r) = &role {
-                // The router's rule (1 to 64 bytes); no control characters either.
-                if r.is_empty() || r.len() > 64 || r.chars().any(char::is_control) {
-                    bail!("--role {r:?}: expected 1 to 64 bytes without control characters");
-                }
+                check_role("--role", r)?;
             }
             let dir = keyring_dir(&keyring)?;
             keyring_with_app(&dir, &app, create_app)?;

@@ -1055,7 +1055,8 @@ fn control_bytes_in_a_tasks_headers_never_reach_the_client() {
 /// `fault-injection` feature: `FEDBUS_FAULT_PANIC_SHARD=1:<file>`) takes the router to
 /// not-ready at once: `/readyz` 503 naming the shard, `fedbus_shards_alive` 1 of 2,
 /// `fedbus_ready` 0, the panic logged. `/healthz` still answers 200 (the process lives), and
-/// the other shard goes on serving.
+/// the other shard goes on serving (with `readiness.exit_on_dead_shard = false`; by default
+/// the router drains and exits 70, `a_dead_shard_drains_the_others_and_exits_70`).
 #[test]
 fn a_dead_shard_makes_readyz_503() {
     let fault = TempDir::new("fault");
@@ -1065,6 +1066,7 @@ fn a_dead_shard_makes_readyz_503() {
         .shards(2)
         .apps(&[(APP, 16)])
         .env("FEDBUS_FAULT_PANIC_SHARD", &spec)
+        .tail("[readiness]\nexit_on_dead_shard = false\n")
         .start();
     let _t = r.task().start();
     let tok = r.token(APP, "alice");
@@ -1138,6 +1140,72 @@ fn a_dead_shard_makes_readyz_503() {
     );
     assert!(lost.is_empty(), "{lost:?}; answered: {by_shard:?}");
     assert_eq!(by_shard.get("200 0"), Some(&20), "{by_shard:?}");
+}
+
+/// By default (`readiness.exit_on_dead_shard`) a router whose shard died drains the shards
+/// that run, as on SIGTERM, and exits with status 70, so that its supervisor starts a whole
+/// router: a request in flight on the other shard is answered first, the exit is logged, and
+/// the drain does not wait on the dead shard's counters (its connections never close). Before,
+/// the router ran on with the shard dead, `/readyz` 503 and `/healthz` 200, until someone
+/// restarted it.
+#[test]
+fn a_dead_shard_drains_the_others_and_exits_70() {
+    const OTHER: &str = "demo/other";
+    let fault = TempDir::new("fault");
+    let trigger = fault.path().join("panic-now");
+    let spec = format!("1:{}", trigger.display());
+    let mut r = Router::new()
+        .shards(2)
+        .apps(&[(APP, 16), (OTHER, 4)])
+        .env("FEDBUS_FAULT_PANIC_SHARD", &spec)
+        .start();
+    let _fast = r.task().start();
+    let _slow = r.task().app(OTHER).partitions("0-3").delay_ms(2000).start();
+    let tok = r.token(APP, "alice");
+    let other = r.token(OTHER, "bob");
+    wait_for(Duration::from_secs(10), || {
+        (admin_get(r.admin, "/readyz").0 == 200).then_some(())
+    })
+    .expect("ready with both shards");
+    // A keep-alive connection on shard 0, the one that lives.
+    let mut c = (0..40)
+        .find_map(|i| {
+            let mut c = r.conn();
+            let resp = c.request(&Req::post(&r.path(APP, i)).token(&tok).body(b"which"));
+            (resp.header("fedbus-shard") == Some("0")).then_some(c)
+        })
+        .expect("a connection on shard 0");
+    c.send(
+        &Req::post(&r.path(OTHER, 1))
+            .token(&other)
+            .body(b"slow")
+            .bytes(),
+    );
+    r.wait_pending(1.0);
+    std::fs::write(&trigger, b"").expect("trigger");
+    c.set_read_timeout(Duration::from_secs(10));
+    let resp = c
+        .read_response()
+        .expect("the request in flight is answered");
+    assert_eq!(
+        (resp.status, resp.body.as_slice()),
+        (200, &b"slow"[..]),
+        "{resp:?}"
+    );
+    let t = Instant::now();
+    let st = r
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("the router did not exit\n{}", r.log()));
+    assert_eq!(st.code(), Some(70), "{st}\n{}", r.log());
+    assert!(
+        log_shows(&r, "a shard died: draining the others"),
+        "{}",
+        r.log()
+    );
+    println!(
+        "a dead shard: the request in flight answered, then exit {st} {:?} after it",
+        t.elapsed()
+    );
 }
 
 /// A task that keeps sending `renew`: the first within a second of the one before is refused

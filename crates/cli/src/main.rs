@@ -494,32 +494,59 @@ fn run_router(path: Option<PathBuf>, takeover: bool) -> Result<()> {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     // SIGTERM/SIGINT: drain (docs/ARCHITECTURE.md, "Drain"), then exit 0; a second one
-    // exits at once.
+    // exits at once. A dead shard (with `readiness.exit_on_dead_shard`): the same drain, then
+    // exit 70 (EX_SOFTWARE), for the supervisor to start a whole router.
     let r = std::sync::Arc::new(r);
     let drain_timeout = std::time::Duration::from_millis(cfg.readiness.drain_timeout_ms);
-    let mut draining = false;
+    let draining = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drain_then_exit = {
+        let (r, draining) = (r.clone(), draining.clone());
+        move |code: i32| {
+            if draining.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return false;
+            }
+            let r = r.clone();
+            std::thread::spawn(move || {
+                r.drain(drain_timeout);
+                r.stop_control();
+                std::process::exit(code);
+            });
+            true
+        }
+    };
+    if cfg.readiness.exit_on_dead_shard {
+        let (dead, drain_then_exit) = (r.dead_shards.clone(), drain_then_exit.clone());
+        std::thread::Builder::new()
+            .name("fedbus-dead-shard".into())
+            .spawn(move || {
+                let Ok(shard) = dead.recv() else { return };
+                tracing::error!(
+                    shard,
+                    "a shard died: draining the others, then exiting with status 70 for the supervisor to restart the router (readiness.exit_on_dead_shard)"
+                );
+                drain_then_exit(EXIT_DEAD_SHARD);
+            })?;
+    }
     for sig in signals.forever() {
         if sig == signal_hook::consts::SIGHUP {
             tracing::info!(
                 "SIGHUP: reloading the keyring, TLS certificates, [[apps]] and [federation]"
             );
             let _ = r.events.send(fedbus_router::control::ControlEvent::Reload);
-        } else if draining {
+        } else if draining.load(std::sync::atomic::Ordering::SeqCst) {
             tracing::warn!("signal {sig} during the drain: exiting now");
             std::process::exit(1);
         } else {
             tracing::info!("signal {sig}: draining, then exiting");
-            draining = true;
-            let r = r.clone();
-            std::thread::spawn(move || {
-                r.drain(drain_timeout);
-                r.stop_control();
-                std::process::exit(0);
-            });
+            drain_then_exit(0);
         }
     }
     Ok(())
 }
+
+/// The exit status of a router that drained after one of its shards died (`EX_SOFTWARE` of
+/// sysexits.h): not 0, so that `Restart=on-failure` and the like start it again.
+const EXIT_DEAD_SHARD: i32 = 70;
 
 /// SDK options for a built-in task: its service token is `--token`, or in dev mode one minted
 /// from the keyring for this instance, app, cluster and role.

@@ -340,6 +340,11 @@ pub struct Readiness {
     /// peer router and sibling are up with their statuses, or after this long (clients wait in
     /// the listen queue meanwhile). Default 5000.
     pub takeover_wait_ms: u64,
+    /// A shard whose executor ends (a panic) is not restarted in place. True: the router then
+    /// drains the shards that run (as on SIGTERM) and exits with status 70, so that its
+    /// supervisor starts a whole one. False: it runs on without that shard, not ready
+    /// (`/readyz` 503), until an operator restarts it. Default true.
+    pub exit_on_dead_shard: bool,
 }
 
 /// Which live tasks make a router ready.
@@ -364,6 +369,7 @@ impl Default for Readiness {
             drain_idle_close_ms: 1000,
             drain_peer_hold_ms: 5000,
             takeover_wait_ms: 5000,
+            exit_on_dead_shard: true,
         }
     }
 }

@@ -99,6 +99,11 @@ impl Health {
         );
     }
 
+    /// Whether shard `shard`'s executor runs now.
+    pub(crate) fn shard_runs(&self, shard: usize) -> bool {
+        self.shards[shard].load(Relaxed)
+    }
+
     /// Shards whose executor runs now (`fedbus_shards_alive`; `fedbus_shards` says how many
     /// were started).
     pub(crate) fn shards_alive(&self) -> usize {

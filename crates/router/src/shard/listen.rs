@@ -35,6 +35,9 @@ pub struct Running {
     pub shard_cores: Vec<usize>,
     /// Events to the control thread (`Reload` on SIGHUP).
     pub events: crossbeam_channel::Sender<ControlEvent>,
+    /// The index of each shard whose executor ended, once its listeners are shut and it is
+    /// marked dead (`readiness.exit_on_dead_shard` is the caller's to apply).
+    pub dead_shards: crossbeam_channel::Receiver<usize>,
     control: std::thread::JoinHandle<()>,
     health: Arc<Health>,
     metrics: Registry,
@@ -433,8 +436,9 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
     // The `ShardAlive` guard of the shard's main future is not enough: a panicking executor
     // may leak its tasks, and the main future with them, so the guard is never dropped.
     // Its listeners then stop taking connections (`stop_listening`).
+    let (dead_tx, dead_shards) = crossbeam_channel::unbounded();
     for (i, h) in handles.into_iter().enumerate() {
-        let health = health.clone();
+        let (health, dead_tx) = (health.clone(), dead_tx.clone());
         let mut listeners = vec![(api_fds[i], api_addr), (internal_fds[i], internal[i])];
         listeners.extend(tls_fds[i].zip(api_tls));
         listeners.extend(external_fds[i].zip(external));
@@ -448,6 +452,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                     stop_listening(i, fd, addr);
                 }
                 health.shard_ended(i, end.err().map(|e| e.to_string()));
+                let _ = dead_tx.send(i);
             })?;
     }
 
@@ -472,6 +477,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
         admin,
         shard_cores: cores,
         events: tx,
+        dead_shards,
         control,
         health,
         metrics,
@@ -493,10 +499,14 @@ impl Running {
         tracing::info!(timeout_ms = timeout.as_millis() as u64, "draining");
         // Every shard and peer link looks at the flag within one poll.
         std::thread::sleep(crate::health::POLL * 2);
+        // A dead shard's counters stand where it died (its connections were never closed):
+        // only the shards that run are waited for.
         let busy = || {
             self.metrics
                 .iter()
-                .map(|m| {
+                .enumerate()
+                .filter(|(i, _)| self.health.shard_runs(*i))
+                .map(|(_, m)| {
                     m.pending.load(Ordering::Relaxed)
                         + m.connections[Listener::External as usize].load(Ordering::Relaxed)
                         + m.connections[Listener::Api as usize].load(Ordering::Relaxed)

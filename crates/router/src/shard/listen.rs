@@ -335,7 +335,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
         let (afd, ifd, efd, tfd) = (api_fds[i], internal_fds[i], external_fds[i], tls_fds[i]);
         let fed = federation.clone();
         let health = health.clone();
-        let acceptor = tls_config.clone().map(futures_rustls::TlsAcceptor::from);
+        let acceptor = tls_config.clone();
         let h = b
             .spawn(move || async move {
                 let _alive = health.shard_alive(i);

@@ -47,8 +47,8 @@ pub(crate) struct Shard {
     /// Keep-alive HTTP connections of this shard, for eviction at the connection limit.
     pub(crate) keepalive: RefCell<HashMap<u64, Rc<IdleSlot>>>,
     next_conn: Cell<u64>,
-    /// Handshakes of the TLS api listener (`listen.api_tls`), when configured.
-    pub(crate) tls: Option<futures_rustls::TlsAcceptor>,
+    /// The server config of the TLS api listener (`listen.api_tls`), when configured.
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     /// Router-wide readiness and drain state.
     pub(crate) health: Arc<crate::health::Health>,
     /// Closed when this shard sees a drain: wakes the accept loops, which stop.
@@ -66,7 +66,7 @@ impl Shard {
         metrics: Arc<ShardMetrics>,
         internal_addrs: Arc<Vec<SocketAddr>>,
         federation: crate::peer::FederationRef,
-        tls: Option<futures_rustls::TlsAcceptor>,
+        tls: Option<Arc<rustls::ServerConfig>>,
         health: Arc<crate::health::Health>,
     ) -> Shard {
         let router_name = format!("{}/{}/{}", cfg.region, cfg.cluster, cfg.router);

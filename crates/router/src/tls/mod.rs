@@ -156,8 +156,14 @@ impl std::fmt::Display for Refused {
 /// `400 tls_required` saying `hint`, within the same deadline, then a lingering close (at most
 /// 1 s more, as every closing HTTP answer); any other first byte goes to rustls, which refuses
 /// it.
+///
+/// The ClientHello is read first (`LazyConfigAcceptor`), then the handshake goes on with
+/// `config`: a ClientHello that `config` refuses (ALPN `h2` only, no common cipher suite) is
+/// answered with its alert (`no_application_protocol`, ...), written as the socket allows.
+/// `TlsAcceptor::accept` wrote that alert in one try ("last gasp"), which a glommio socket
+/// always defers, so the client read a reset instead.
 pub(crate) async fn accept(
-    acceptor: &futures_rustls::TlsAcceptor,
+    config: &Arc<ServerConfig>,
     mut tcp: glommio::net::TcpStream,
     limit: std::time::Duration,
     hint: &str,
@@ -187,10 +193,17 @@ pub(crate) async fn accept(
         // Closed, an error, or a TLS record: rustls says which.
         Ok(_) => {}
     }
-    timeout(left(), async { Ok(acceptor.accept(tcp).await) })
-        .await
-        .map_err(|_| Refused::TimedOut)?
-        .map_err(Refused::Failed)
+    timeout(left(), async {
+        let start =
+            futures_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+        Ok(match start.await {
+            Ok(start) => start.into_stream(config.clone()).await,
+            Err(e) => Err(e),
+        })
+    })
+    .await
+    .map_err(|_| Refused::TimedOut)?
+    .map_err(Refused::Failed)
 }
 
 /// The TLS server side of a router: the config every shard's acceptor shares, and what the

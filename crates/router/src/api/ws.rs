@@ -207,11 +207,6 @@ pub(crate) async fn serve<S: Stream>(
         // Idle is measured from the end of the last activity: a wait that saw a request in
         // flight or bytes of a message arriving does not count, the next starts over.
         let (busy, reads_before) = (session.inflight.get() > 0, reader.reads());
-        // A message in pieces: the wait ends at its deadline at the latest (one that began
-        // during this wait is seen at its end).
-        let pace_left = reader
-            .message_deadline()
-            .map(|d| d.saturating_duration_since(Instant::now()));
         // Wait for the next message, or for the outbox to close (an answer found it over
         // its limit: the client does not read), or for a drain.
         let next = async {
@@ -236,11 +231,8 @@ pub(crate) async fn serve<S: Stream>(
         } else {
             resume.take().unwrap_or(quiet(pinged))
         };
-        // Cut short for a message's deadline: such a wait says nothing about idleness.
-        let cut = pace_left.is_some_and(|left| left < wait);
         let waited = {
             use futures_util::future::{select, Either};
-            let wait = pace_left.map_or(wait, |left| wait.min(left));
             let timed = std::pin::pin!(deadline.within(wait, next));
             let run = std::pin::pin!(inflight.run(|| session.answered_at.set(None)));
             match select(timed, run).await {
@@ -256,21 +248,7 @@ pub(crate) async fn serve<S: Stream>(
                 finish_arriving = arriving.borrow().is_some();
                 continue;
             }
-            Err(_)
-                if reader
-                    .message_deadline()
-                    .is_some_and(|d| Instant::now() >= d) =>
-            {
-                crate::metrics::ShardMetrics::inc(&shard.metrics.slow_messages_closed);
-                tracing::info!(
-                    shard = shard.index,
-                    "client websocket message slower than limits.min_body_bytes_per_sec: closed with 1008"
-                );
-                // The requests before it were received whole: their answers go out first.
-                finish_inflight(&mut inflight, &mut deadline, &session, &out).await;
-                break Some(1008);
-            }
-            Err(_) if draining || cut => continue,
+            Err(_) if draining => continue,
             // Idle means nothing read and nothing in flight for the whole wait. Bytes of a
             // message arriving start it over (and answer a ping); after the last answer of a
             // wait that began busy, only the rest of it from that answer is waited.
@@ -380,6 +358,16 @@ pub(crate) async fn serve<S: Stream>(
             Ok(Message::Close(_)) => break Some(1000),
             // As a Text message read whole is: fedbus frames are Binary.
             Err(ws::WsError::Dropped { text: true, .. }) => break Some(1003),
+            Err(ws::WsError::Slow) => {
+                crate::metrics::ShardMetrics::inc(&shard.metrics.slow_messages_closed);
+                tracing::info!(
+                    shard = shard.index,
+                    "client websocket message slower than limits.min_body_bytes_per_sec: closed with 1008"
+                );
+                // The requests before it were received whole: their answers go out first.
+                finish_inflight(&mut inflight, &mut deadline, &session, &out).await;
+                break Some(1008);
+            }
             Err(ws::WsError::Dropped { head, .. }) => {
                 // Over the body budget while it arrived (refused and counted by `charge_body`):
                 // dropped unread, answered from its frame header.

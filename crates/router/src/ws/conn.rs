@@ -79,6 +79,9 @@ pub enum WsError {
     /// [`until_closed_or_late`]).
     #[error("no close from the other side within {0:?} of ours")]
     CloseTimeout(std::time::Duration),
+    /// A message arriving in pieces missed its deadline ([`WsReader::set_min_pace`]).
+    #[error("message slower than its minimum pace")]
+    Slow,
 }
 
 impl WsError {
@@ -88,7 +91,7 @@ impl WsError {
             WsError::Protocol(_) => Some(1002),
             WsError::TooBig(_) => Some(1009),
             WsError::BadUtf8 => Some(1007),
-            WsError::Policy(_) => Some(1008),
+            WsError::Policy(_) | WsError::Slow => Some(1008),
             // Try again later (RFC 6455 7.4.1), for a reader that cannot answer it.
             WsError::Dropped { .. } => Some(1013),
             // The read timeout of a link (3 ping intervals without a frame): going away.
@@ -291,10 +294,10 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     }
 
     /// Holds a message that arrives in pieces to a slowest pace, as an HTTP body is held
-    /// (`limits.min_body_bytes_per_sec`): whole within `allowance` + its announced length /
-    /// `bytes_per_sec` of the read that brought its first bytes. The reader only keeps the
-    /// clock ([`WsReader::message_deadline`]); its caller closes the connection. A message read
-    /// whole in one read never reads the clock.
+    /// (`limits.min_body_bytes_per_sec`): whole within `allowance` + its length so far (the
+    /// fragments read and the frame heads announced) / `bytes_per_sec` of the read that
+    /// brought its first bytes, or [`WsReader::next`] fails with [`WsError::Slow`] at that
+    /// deadline. A message read whole in one read never reads the clock nor arms a timer.
     pub fn set_min_pace(&mut self, allowance: std::time::Duration, bytes_per_sec: usize) {
         self.pace = Some(Pace {
             allowance,
@@ -308,10 +311,12 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     /// message is in progress or no pace is set.
     pub fn message_deadline(&self) -> Option<std::time::Instant> {
         let p = self.pace.as_ref()?;
+        let since = p.since?;
         let dropped = self.dropping.as_ref().map_or(0, |d| d.total as usize);
-        let n = p.announced.max(dropped);
+        let assembled = self.frag.as_ref().map_or(0, |(_, b)| b.len());
+        let n = p.announced.max(dropped).max(assembled);
         let secs = n as f64 / p.bytes_per_sec as f64;
-        Some(p.since? + p.allowance + std::time::Duration::from_secs_f64(secs))
+        Some(since + p.allowance + std::time::Duration::from_secs_f64(secs))
     }
 
     /// Has the reader charge a message while it arrives: `charge(n)` is told the bytes the
@@ -464,7 +469,14 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             // MESSAGES_PER_TURN: a peer that keeps each read full still yields the shard past
             // the executor's time slice (outside a glommio executor this never yields).
             glommio::executor().yield_if_needed().await;
-            self.fill().await?;
+            match self.message_deadline() {
+                None => self.fill().await?,
+                Some(due) => {
+                    let left = due.saturating_duration_since(std::time::Instant::now());
+                    let filled = glommio::timer::timeout(left, async { Ok(self.fill().await) });
+                    filled.await.map_err(|_| WsError::Slow)??;
+                }
+            }
         }
     }
 

@@ -33,7 +33,7 @@ export declare const MAX_META_VALUE: 65535;
 
 /**
  * Codes of transport errors (a response with status 0). `timeout`: no answer within the
- * request's timeout (a late answer is ignored). `bad_request`: the client refused to send the
+ * request's timeout (a late answer is ignored; see `ClientOptions.lateAnswerMs`). `bad_request`: the client refused to send the
  * request: a path that does not start with `/api/`, a method other than GET/POST/PUT/PATCH/DELETE,
  * a header other than `content-type`, a body of another type, a metadata value over 65535 bytes.
  */
@@ -41,11 +41,19 @@ export type TransportError = "disconnected" | "not_connected" | "timeout" | "clo
 export declare const TRANSPORT_ERRORS: readonly TransportError[];
 
 /**
- * A request body: text (sent as UTF-8), bytes, or nothing. `request` also takes a plain object
- * (prototype `Object.prototype` or null) or an array, sent as JSON; any other object (Blob, File,
- * FormData, URLSearchParams, Map, Date, a class instance, ...) resolves to `bad_request`.
+ * A request body: text (sent as UTF-8), bytes, or nothing. `request` also takes a `JsonBody`.
  */
 export type Body = string | ArrayBuffer | ArrayBufferView | null | undefined;
+
+/**
+ * A body `request` sends as JSON (content-type application/json): a plain object (prototype
+ * `Object.prototype` or null) or an array. Any other object (Blob, File, FormData,
+ * URLSearchParams, Map, Date, a class instance, ...) resolves to `bad_request` at run time, and
+ * this type refuses it at compile time (a class or interface type has no index signature). A
+ * value typed by an interface of yours is refused too: spread it (`{ ...value }`) or declare
+ * its type with `type` instead of `interface`.
+ */
+export type JsonBody = Record<string, unknown> | unknown[];
 
 /** Only `content-type` can travel on `/api/ws`; any other name resolves to `bad_request`. */
 export type RequestHeaders = { "content-type"?: string; "Content-Type"?: string } & Record<string, string>;
@@ -119,9 +127,23 @@ export interface ClientOptions {
   requestTimeoutMs?: number;
   /**
    * Requests on the wire at once; the rest queue (default 256, the router's default limit).
-   * A timed-out request holds its slot until the router answers it (see `inFlight`).
+   * A timed-out request holds its slot until the router answers it, at most `lateAnswerMs`
+   * after it was sent (see `inFlight`).
    */
   maxInFlight?: number;
+  /**
+   * How long after sending a request the router's answer is due, ms (default 15000: the
+   * router's default `request_timeout_ms`, 10 s, plus a margin for forwarding; raise it with
+   * the router's). A request that resolved to `timeout` keeps its `maxInFlight` slot until its
+   * late answer comes or until this long after it was sent, whichever is first, so slots
+   * always come free. When that bound passes, every request in flight has timed out and
+   * nothing at all arrived on the socket since that request was sent, the socket is taken for
+   * dead (it died silently: no close event, and the router sends no pings by default): the
+   * client closes it (4002 "no answers"), in-flight requests, all already resolved, are
+   * forgotten, and it connects again with backoff; queued requests go on the new socket. A
+   * request without a timeout (`timeoutMs: 0`) or still within it keeps the socket open.
+   */
+  lateAnswerMs?: number;
   /** A socket that stayed open this long (or answered anything) resets the backoff (default 1000). */
   stableMs?: number;
   backoff?: BackoffOptions;
@@ -147,7 +169,8 @@ export declare class FedbusClient {
   /**
    * Requests sent on the current socket and not answered yet: the count `maxInFlight` bounds.
    * A request that resolved to `timeout` stays counted until its (ignored) late answer or the
-   * router's 504 arrives, or the socket closes, since the router counts it until then.
+   * router's 504 arrives, since the router counts it until then, or the socket closes, or
+   * `lateAnswerMs` after it was sent.
    */
   readonly inFlight: number;
   /**
@@ -158,9 +181,9 @@ export declare class FedbusClient {
    * a path that does not start with `/api/` (checked by the client, not the router), a method
    * other than GET/POST/PUT/PATCH/DELETE, a header other than content-type, or a body of another
    * type (a number, Blob, FormData, Map, ...). On `timeout` the request keeps its `maxInFlight`
-   * slot until the router answers it (see `inFlight`).
+   * slot until the router answers it, at most `lateAnswerMs` after it was sent (see `inFlight`).
    */
-  request(path: string, body?: Body | object, headers?: RequestHeaders, opts?: { timeoutMs?: number; method?: "GET" | "POST" | "PUT" | "PATCH" | "DELETE" }): Promise<FedbusResponse>;
+  request(path: string, body?: Body | JsonBody, headers?: RequestHeaders, opts?: { timeoutMs?: number; method?: "GET" | "POST" | "PUT" | "PATCH" | "DELETE" }): Promise<FedbusResponse>;
   /** true once the socket is open; false after timeoutMs (default connectTimeoutMs) or close(). */
   ready(timeoutMs?: number): Promise<boolean>;
   /** Closes the socket (1000) and stops reconnecting; pending requests resolve to `closed`. */

@@ -48,7 +48,8 @@ export const MAX_META_VALUE = 0xffff;
  * - `not_connected`: no open socket within `connectTimeoutMs` (or at once with
  *   `whileDisconnected: "fail"`); the request was never sent;
  * - `timeout`: no answer within the request's timeout (a late answer is ignored; the request
- *   keeps its `maxInFlight` slot until that answer, or the router's 504, comes);
+ *   keeps its `maxInFlight` slot until that answer, or the router's 504, comes, for at most
+ *   `lateAnswerMs` after it was sent);
  * - `closed`: `close()` was called before the answer came;
  * - `bad_request`: the client refused to send it: a path that does not start with `/api/`, a
  *   method other than GET/POST/PUT/PATCH/DELETE, a header other than `content-type`, a body of
@@ -296,6 +297,7 @@ const DEFAULTS = {
   connectTimeoutMs: 10000,
   requestTimeoutMs: 30000,
   maxInFlight: 256,
+  lateAnswerMs: 15000,
   stableMs: 1000,
   backoff: { initialMs: 50, maxMs: 5000, factor: 2, jitter: 0.5 },
 };
@@ -325,6 +327,7 @@ export class FedbusClient {
     this._timer = null;
     this._openedAt = 0;
     this._gotMessage = false;
+    this._received = 0; // messages received, all sockets: a sent entry notes the count at its send
     this._readyWaiters = new Set();
     this._connect();
   }
@@ -378,6 +381,7 @@ export class FedbusClient {
     ws.onmessage = (ev) => {
       if (this._ws !== ws) return;
       this._gotMessage = true;
+      this._received++;
       this._onMessage(ev.data);
     };
     ws.onerror = () => {
@@ -402,7 +406,45 @@ export class FedbusClient {
     const entry = this._inflight.get(f.requestId);
     if (!entry) return; // not ours
     this._inflight.delete(f.requestId); // frees the slot, also of a request that timed out
+    if (entry.lateTimer) clearTimeout(entry.lateTimer);
+    entry.lateTimer = null;
     if (!entry.done) this._finish(entry, responseFromFrame(f)); // a late answer is ignored
+    this._flush();
+  }
+
+  // A sent request timed out: it keeps its slot until the router's late answer (see
+  // `_onMessage`) or, at the latest, until `lateAnswerMs` after it was sent, then `_release`.
+  _holdLate(entry) {
+    const left = entry.sentAt + this.options.lateAnswerMs - Date.now();
+    if (left <= 0) {
+      this._release(entry);
+      return;
+    }
+    entry.lateTimer = setTimeout(() => {
+      entry.lateTimer = null;
+      this._release(entry);
+    }, left);
+  }
+
+  // A timed-out request's answer is overdue (`lateAnswerMs` since it was sent). If every
+  // request in flight has timed out too and nothing at all arrived on the socket since this one
+  // was sent, the socket is taken for dead (a NAT that forgot it, a lost FIN: no close event
+  // comes, and with nothing outstanding TCP never reports an error): it is dropped (4002) and
+  // reopened with backoff. Otherwise the slot is freed and the queue moves on.
+  _release(entry) {
+    if (this._inflight.get(entry.id) !== entry) return; // answered, or its socket is gone
+    let allTimedOut = true;
+    for (const e of this._inflight.values()) {
+      if (!e.done) {
+        allTimedOut = false;
+        break;
+      }
+    }
+    if (allTimedOut && this._received === entry.receivedAtSend) {
+      this._drop(4002, "no answers");
+      return;
+    }
+    this._inflight.delete(entry.id);
     this._flush();
   }
 
@@ -425,10 +467,7 @@ export class FedbusClient {
     this._ws = null;
     const wasOpen = this.state === "open";
     const detail = "socket closed" + (code ? " (" + code + (reason ? " " + reason : "") + ")" : "");
-    for (const entry of this._inflight.values()) {
-      this._finish(entry, transportError("disconnected", detail, entry.id));
-    }
-    this._inflight.clear();
+    this._clearInflight("disconnected", detail);
     if (this.state === "closed") return;
     // A session that stayed up (or answered something) starts the backoff over.
     if (wasOpen && (this._gotMessage || Date.now() - this._openedAt >= this.options.stableMs)) this._attempt = 0;
@@ -460,6 +499,16 @@ export class FedbusClient {
     }, ms);
   }
 
+  // Resolves every request in flight (those not resolved yet) to `code` and empties `_inflight`.
+  _clearInflight(code, detail) {
+    for (const entry of this._inflight.values()) {
+      if (entry.lateTimer) clearTimeout(entry.lateTimer);
+      entry.lateTimer = null;
+      this._finish(entry, transportError(code, detail, entry.id));
+    }
+    this._inflight.clear();
+  }
+
   _finish(entry, res) {
     if (entry.done) return;
     entry.done = true;
@@ -489,7 +538,11 @@ export class FedbusClient {
       } catch (e) {
         this._finish(entry, transportError("bad_request", e.message));
         continue;
+      } finally {
+        entry.body = null; // encoded (or refused): the entry no longer keeps the body alive
       }
+      entry.sentAt = Date.now();
+      entry.receivedAtSend = this._received;
       this._inflight.set(entry.id, entry);
       try {
         ws.send(bytes);
@@ -513,7 +566,20 @@ export class FedbusClient {
   request(path, body, headers, opts = {}) {
     return new Promise((resolve) => {
       const method = opts.method ?? "POST";
-      const entry = { id: null, path, body: null, contentType: undefined, method, resolve, done: false, timer: null, connectTimer: null };
+      const entry = {
+        id: null,
+        path,
+        body: null,
+        contentType: undefined,
+        method,
+        resolve,
+        done: false,
+        timer: null,
+        connectTimer: null,
+        lateTimer: null,
+        sentAt: 0,
+        receivedAtSend: 0,
+      };
       const fail = (code, msg) => this._finish(entry, transportError(code, msg));
       if (this.state === "closed") return fail("closed", "client closed");
       if (typeof path !== "string" || !path.startsWith("/api/")) return fail("bad_request", "path must start with /api/");
@@ -538,10 +604,14 @@ export class FedbusClient {
       if (timeoutMs > 0) {
         // A request already sent stays in `_inflight` (done, its answer to be ignored): the
         // router counts it against limits.max_inflight_per_connection until it answers (the
-        // task's late answer or its own 504), so its slot is freed only then, or when the
-        // socket closes; a request still queued just leaves the queue.
+        // task's late answer or its own 504), so its slot is freed only then, when the socket
+        // closes, or `lateAnswerMs` after the send (`_holdLate`); a request still queued just
+        // leaves the queue.
         entry.timer = setTimeout(() => {
+          entry.timer = null;
+          const sent = entry.id !== null && this._inflight.get(entry.id) === entry;
           this._finish(entry, transportError("timeout", "no answer within " + timeoutMs + " ms", entry.id));
+          if (sent) this._holdLate(entry);
         }, timeoutMs);
       }
       if (this.state !== "open") {
@@ -578,7 +648,8 @@ export class FedbusClient {
   /**
    * Requests sent on the current socket and not answered yet, the count `maxInFlight` bounds.
    * It includes requests that already resolved to `timeout` but whose answer (ignored when it
-   * comes) the router still owes: they hold their slot until then.
+   * comes) the router still owes: they hold their slot until then, at most `lateAnswerMs` after
+   * they were sent.
    */
   get inFlight() {
     return this._inflight.size;
@@ -603,8 +674,7 @@ export class FedbusClient {
       }
     }
     this._ws = null;
-    for (const entry of this._inflight.values()) this._finish(entry, transportError("closed", "client closed", entry.id));
-    this._inflight.clear();
+    this._clearInflight("closed", "client closed");
     const queued = this._queue;
     this._queue = [];
     for (const entry of queued) this._finish(entry, transportError("closed", "client closed"));

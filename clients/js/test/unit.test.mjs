@@ -439,6 +439,99 @@ test("a timed-out request keeps its maxInFlight slot until the router answers it
   c.close();
 });
 
+test("a timed-out request holds its slot at most lateAnswerMs after it was sent", async () => {
+  const { FakeWS, sockets } = fakeWebSocket();
+  const c = connect("http://h:1", "t", { WebSocket: FakeWS, maxInFlight: 1, lateAnswerMs: 80 });
+  await tick();
+  sockets[0].open();
+  const t0 = Date.now();
+  const a = c.request("/api/a", "a", {}, { timeoutMs: 10 });
+  const b = c.request("/api/a", "b");
+  assert.equal(c._inflight.get(sockets[0].sent[0].requestId).body, null, "a sent entry keeps no body");
+  assert.equal((await a).error, "timeout");
+  assert.equal(c.inFlight, 1, "held: the router may still answer");
+  assert.equal(sockets[0].sent.length, 1);
+  // Something arrives on the socket meanwhile (not an answer of ours): the socket is alive, so
+  // when lateAnswerMs passes the slot is freed and b goes on the same socket.
+  sockets[0].answer(999999, { body: "someone else's" });
+  await until(() => sockets[0].sent.length === 2, "b sent once the slot is released", 1000);
+  assert.ok(Date.now() - t0 >= 75, "released no earlier than lateAnswerMs after the send");
+  assert.equal(td.decode(sockets[0].sent[1].payload), "b");
+  assert.equal(c.inFlight, 1, "b only");
+  assert.deepEqual(sockets[0].closedWith, null, "the socket stays");
+  sockets[0].answer(sockets[0].sent[0].requestId, { body: "late" }); // no one's now, ignored
+  assert.equal(c.inFlight, 1);
+  sockets[0].answer(sockets[0].sent[1].requestId, { body: "B" });
+  assert.equal((await b).text(), "B");
+  assert.equal(c.inFlight, 0);
+  // A timeout longer than lateAnswerMs frees the slot at once (the answer is overdue already).
+  const d = c.request("/api/a", "d", {}, { timeoutMs: 100 });
+  sockets[0].answer(999998, {}); // alive
+  assert.equal((await d).error, "timeout");
+  assert.equal(c.inFlight, 0);
+  assert.equal(sockets.length, 1);
+  c.close();
+});
+
+test("a silent socket (every request timed out, nothing received for lateAnswerMs) is dropped and reopened", async () => {
+  const { FakeWS, sockets } = fakeWebSocket();
+  const states = [];
+  const c = connect("http://h:1", "t", {
+    WebSocket: FakeWS,
+    maxInFlight: 2,
+    lateAnswerMs: 60,
+    backoff: { initialMs: 5, jitter: 0 },
+    onState: (s, info) => states.push([s, info.code]),
+  });
+  await tick();
+  sockets[0].open();
+  // Two requests time out on a socket that died without a close event; three wait for a slot.
+  const t = [c.request("/api/a", "t0", {}, { timeoutMs: 10 }), c.request("/api/a", "t1", {}, { timeoutMs: 20 })];
+  const q = [c.request("/api/a", "q0"), c.request("/api/a", "q1"), c.request("/api/a", "q2", {}, { timeoutMs: 0 })];
+  assert.deepEqual((await Promise.all(t)).map((r) => r.error), ["timeout", "timeout"]);
+  assert.equal(c.inFlight, 2);
+  assert.equal(sockets[0].sent.length, 2, "every slot held");
+  // lateAnswerMs after t0's send, nothing at all came: the client drops the socket itself.
+  await until(() => sockets[0].closedWith !== null, "the silent socket dropped", 1000);
+  assert.deepEqual(sockets[0].closedWith, [4002, "no answers"]);
+  assert.equal(sockets[0].sent.length, 2, "nothing more went on the dead socket");
+  await until(() => sockets.length === 2, "a new socket", 1000);
+  sockets[1].open();
+  assert.equal(sockets[1].sent.length, 2, "the queue goes on the new socket");
+  assert.deepEqual(sockets[1].sent.map((f) => td.decode(f.payload)), ["q0", "q1"]);
+  for (const f of sockets[1].sent) sockets[1].answer(f.requestId, { body: td.decode(f.payload).toUpperCase() });
+  assert.deepEqual((await Promise.all(q.slice(0, 2))).map((r) => r.text()), ["Q0", "Q1"]);
+  assert.equal(td.decode(sockets[1].sent[2].payload), "q2");
+  // A request without a timeout keeps the socket, however quiet: no drop.
+  await sleep(100);
+  assert.equal(sockets[1].closedWith, null);
+  assert.equal(sockets.length, 2);
+  sockets[1].answer(sockets[1].sent[2].requestId, { body: "Q2" });
+  assert.equal((await q[2]).text(), "Q2");
+  assert.deepEqual(
+    states.map(([s, code]) => (code ? s + " " + code : s)),
+    ["connecting", "open", "waiting 4002", "connecting", "open"],
+  );
+  assert.deepEqual((await Promise.all(t)).map((r) => r.error), ["timeout", "timeout"], "resolved once, to timeout");
+  c.close();
+});
+
+test("a quiet socket is not dropped while a request in flight is still within its timeout", async () => {
+  const { FakeWS, sockets } = fakeWebSocket();
+  const c = connect("http://h:1", "t", { WebSocket: FakeWS, lateAnswerMs: 30 });
+  await tick();
+  sockets[0].open();
+  const a = c.request("/api/a", "a", {}, { timeoutMs: 5 });
+  const b = c.request("/api/a", "b", {}, { timeoutMs: 200 });
+  assert.equal((await a).error, "timeout");
+  await sleep(60); // a's lateAnswerMs passed with nothing received, but b is still waiting
+  assert.equal(sockets[0].closedWith, null);
+  assert.equal(c.inFlight, 1, "a released, b in flight");
+  sockets[0].answer(sockets[0].sent[1].requestId, { body: "B" });
+  assert.equal((await b).text(), "B");
+  c.close();
+});
+
 test("a request that times out while still queued just leaves the queue", async () => {
   const { FakeWS, sockets } = fakeWebSocket();
   const c = connect("http://h:1", "t", { WebSocket: FakeWS, maxInFlight: 1 });

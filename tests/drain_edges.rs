@@ -1148,12 +1148,18 @@ fn pipelining_client(
     })
 }
 
-/// FEDERATION.md "Takeover: upgrading one router with no failed request", with clients that
-/// pipeline 4 requests at a time on keep-alive connections: over the takeover every request is
-/// answered (200, or 503 `no_live_task` until the task relinks, "Not yet"), except the
-/// pipelined ones the old router never read behind an answer with `Connection: close`.
-#[test]
-fn takeover_with_pipelining_keep_alive_clients_fails_no_request() {
+/// A takeover under load (FEDERATION.md "Takeover"): a router with a task, the clients that
+/// `clients` starts on it (given the site, a token, the stop flag and the tally), then a second
+/// run with `--takeover` and SIGTERM to the first, which exits 0; the clients go on until the
+/// new run served 100 more requests, then stop. Returns their tally.
+fn takeover_under(
+    clients: impl FnOnce(
+        &Site,
+        &String,
+        &Arc<AtomicBool>,
+        &Arc<Tally>,
+    ) -> Vec<std::thread::JoinHandle<()>>,
+) -> Arc<Tally> {
     let mut s = Site::new("", "", "");
     let mut old = s.launch(false);
     let _t = s.task("t", &[]);
@@ -1161,18 +1167,7 @@ fn takeover_with_pipelining_keep_alive_clients_fails_no_request() {
     s.wait_served(&tok, 1, Duration::from_secs(10), &old);
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
-    let clients: Vec<_> = (0..2)
-        .map(|i| {
-            pipelining_client(
-                s.api,
-                s.path(i),
-                tok.clone(),
-                4,
-                stop.clone(),
-                tally.clone(),
-            )
-        })
-        .collect();
+    let clients = clients(&s, &tok, &stop, &tally);
     wait_until(
         "clients running",
         Duration::from_secs(5),
@@ -1194,6 +1189,29 @@ fn takeover_with_pipelining_keep_alive_clients_fails_no_request() {
     for c in clients {
         c.join().unwrap();
     }
+    tally
+}
+
+/// FEDERATION.md "Takeover: upgrading one router with no failed request", with clients that
+/// pipeline 4 requests at a time on keep-alive connections: over the takeover every request is
+/// answered (200, or 503 `no_live_task` until the task relinks, "Not yet"), except the
+/// pipelined ones the old router never read behind an answer with `Connection: close`.
+#[test]
+fn takeover_with_pipelining_keep_alive_clients_fails_no_request() {
+    let tally = takeover_under(|s, tok, stop, tally| {
+        (0..2)
+            .map(|i| {
+                pipelining_client(
+                    s.api,
+                    s.path(i),
+                    tok.clone(),
+                    4,
+                    stop.clone(),
+                    tally.clone(),
+                )
+            })
+            .collect()
+    });
     eprintln!("pipelined takeover: {}", tally.summary());
     assert!(
         tally.failed.lock().unwrap().is_empty(),
@@ -1207,92 +1225,69 @@ fn takeover_with_pipelining_keep_alive_clients_fails_no_request() {
 /// new router) and goes on. No answer is an error, no session ends without a close frame.
 #[test]
 fn takeover_with_ws_sessions_fails_no_request() {
-    let mut s = Site::new("", "", "");
-    let mut old = s.launch(false);
-    let _t = s.task("t", &[]);
-    let tok = s.token("alice");
-    s.wait_served(&tok, 1, Duration::from_secs(10), &old);
-    let stop = Arc::new(AtomicBool::new(false));
-    let tally = Arc::new(Tally::default());
-    let clients: Vec<_> = (0..2u64)
-        .map(|c| {
-            let (api, tok, path, stop, t) =
-                (s.api, tok.clone(), s.path(c), stop.clone(), tally.clone());
-            std::thread::spawn(move || {
-                let mut id = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let mut w = match try_open_ws(api, &tok) {
-                        Ok(w) => w,
-                        Err(e) if e.contains("503") => {
-                            t.ws_draining.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        }
-                        Err(e) => {
-                            t.fail(format!("open: {e}"));
-                            std::thread::sleep(Duration::from_millis(20));
-                            continue;
-                        }
-                    };
-                    'session: while !stop.load(Ordering::Relaxed) {
-                        id += 1;
-                        let body = id.to_le_bytes();
-                        if let Err(e) = w.write_request(id, &path, &body) {
-                            t.fail(format!("send: {e}"));
-                            break 'session;
-                        }
-                        match w.read_answer() {
-                            Ok(Msg::Frame(f)) => {
-                                let st = f.get_u64(tag::STATUS);
-                                if f.header.request_id != id {
-                                    t.fail(format!("answer to {} for {id}", f.header.request_id));
-                                } else if st == Some(200) && f.payload[..] == body {
-                                    t.ok.fetch_add(1, Ordering::Relaxed);
-                                } else if st == Some(503) {
-                                    t.no_live_task.fetch_add(1, Ordering::Relaxed);
-                                } else {
-                                    t.fail(format!("status {st:?}"));
-                                }
-                            }
-                            Ok(Msg::Close(Some(1001))) => {
-                                // The request just sent raced the close frame: sent again.
-                                t.resent.fetch_add(1, Ordering::Relaxed);
-                                break 'session;
-                            }
-                            Ok(m) => {
-                                t.fail(format!("{m:?}"));
-                                break 'session;
+    let tally = takeover_under(|s, tok, stop, tally| {
+        (0..2u64)
+            .map(|c| {
+                let (api, tok, path, stop, t) =
+                    (s.api, tok.clone(), s.path(c), stop.clone(), tally.clone());
+                std::thread::spawn(move || {
+                    let mut id = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut w = match try_open_ws(api, &tok) {
+                            Ok(w) => w,
+                            Err(e) if e.contains("503") => {
+                                t.ws_draining.fetch_add(1, Ordering::Relaxed);
+                                continue;
                             }
                             Err(e) => {
-                                t.fail(format!("read: {e}"));
+                                t.fail(format!("open: {e}"));
+                                std::thread::sleep(Duration::from_millis(20));
+                                continue;
+                            }
+                        };
+                        'session: while !stop.load(Ordering::Relaxed) {
+                            id += 1;
+                            let body = id.to_le_bytes();
+                            if let Err(e) = w.write_request(id, &path, &body) {
+                                t.fail(format!("send: {e}"));
                                 break 'session;
+                            }
+                            match w.read_answer() {
+                                Ok(Msg::Frame(f)) => {
+                                    let st = f.get_u64(tag::STATUS);
+                                    if f.header.request_id != id {
+                                        t.fail(format!(
+                                            "answer to {} for {id}",
+                                            f.header.request_id
+                                        ));
+                                    } else if st == Some(200) && f.payload[..] == body {
+                                        t.ok.fetch_add(1, Ordering::Relaxed);
+                                    } else if st == Some(503) {
+                                        t.no_live_task.fetch_add(1, Ordering::Relaxed);
+                                    } else {
+                                        t.fail(format!("status {st:?}"));
+                                    }
+                                }
+                                Ok(Msg::Close(Some(1001))) => {
+                                    // The request just sent raced the close frame: sent again.
+                                    t.resent.fetch_add(1, Ordering::Relaxed);
+                                    break 'session;
+                                }
+                                Ok(m) => {
+                                    t.fail(format!("{m:?}"));
+                                    break 'session;
+                                }
+                                Err(e) => {
+                                    t.fail(format!("read: {e}"));
+                                    break 'session;
+                                }
                             }
                         }
                     }
-                }
+                })
             })
-        })
-        .collect();
-    wait_until(
-        "clients running",
-        Duration::from_secs(5),
-        || (tally.ok.load(Ordering::Relaxed) > 50).then_some(()),
-        || tally.summary(),
-    );
-    let new = s.launch(true);
-    old.sig("TERM");
-    let exit = old.wait_exit(Duration::from_secs(10));
-    assert!(exit.is_some_and(|x| x.success()), "{exit:?}\n{}", old.log());
-    let at_exit = tally.ok.load(Ordering::Relaxed);
-    wait_until(
-        "served by the new run",
-        Duration::from_secs(10),
-        || (tally.ok.load(Ordering::Relaxed) > at_exit + 100).then_some(()),
-        || format!("{}\n{}", tally.summary(), new.log()),
-    );
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.join().unwrap();
-    }
+            .collect()
+    });
     eprintln!("ws takeover: {}", tally.summary());
     assert!(
         tally.failed.lock().unwrap().is_empty(),

@@ -296,14 +296,25 @@ fn sni_under_a_wildcard_picks_the_wildcard_certificate() {
     );
 }
 
-#[test]
-fn sni_in_capitals_picks_the_same_certificate() {
+/// A router with certificates for `a.test` (the default) and `b.test`, and what
+/// `openssl s_client -servername <sni>` got from it: (the certificates, b's (cert, key), the
+/// router, [`openssl_cert`]'s answer).
+#[allow(clippy::type_complexity)]
+fn openssl_sni_of_a_and_b(
+    sni: &str,
+) -> (Pki, (PathBuf, PathBuf), Router, (Option<Vec<u8>>, String)) {
     let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let b = p.cert("b", &["b.test"]);
     let r = Router::new().tls(&[a, b.clone()]).start();
     let addr = r.api_tls.expect("tls");
-    let (cert, out) = openssl_cert(addr, &["-servername", "B.TEST"]);
+    let got = openssl_cert(addr, &["-servername", sni]);
+    (p, b, r, got)
+}
+
+#[test]
+fn sni_in_capitals_picks_the_same_certificate() {
+    let (_p, b, _r, (cert, out)) = openssl_sni_of_a_and_b("B.TEST");
     assert!(
         cert == Some(der(&b.0)),
         "B.TEST should get b.test's certificate:\n{out}"
@@ -312,12 +323,7 @@ fn sni_in_capitals_picks_the_same_certificate() {
 
 #[test]
 fn sni_with_a_trailing_dot_picks_the_certificate_of_the_name() {
-    let p = Pki::new("probe-tls");
-    let a = p.cert("a", &["a.test"]);
-    let b = p.cert("b", &["b.test"]);
-    let r = Router::new().tls(&[a, b.clone()]).start();
-    let addr = r.api_tls.expect("tls");
-    let (cert, out) = openssl_cert(addr, &["-servername", "b.test."]);
+    let (_p, b, r, (cert, out)) = openssl_sni_of_a_and_b("b.test.");
     assert!(
         cert == Some(der(&b.0)),
         "b.test. should get b.test's certificate:\n{out}\n{}",

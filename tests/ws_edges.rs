@@ -312,27 +312,31 @@ fn a_fragmented_message_exactly_at_the_bound_is_served_and_one_byte_more_is_1009
     w.expect_close(1009);
 }
 
-/// RFC 6455 5.4: a continuation frame with no message begun fails the session with 1002.
-#[test]
-fn a_continuation_without_a_message_closes_1002() {
+/// A session on a fresh one-shard router (no task) sends the bytes `wire` makes and is closed
+/// with `code`, then TCP closed.
+fn sent_closes(code: u16, wire: impl FnOnce(&mut Ws) -> Vec<u8>) {
     let r = Router::new().shards(1).start();
     let tok = r.token(APP, "alice");
     let mut w = open(&r, &tok);
-    let b = w.raw(FIN | opcode::CONTINUATION, b"orphan");
+    let b = wire(&mut w);
     w.send(&b);
-    w.expect_close(1002);
+    w.expect_close(code);
+}
+
+/// RFC 6455 5.4: a continuation frame with no message begun fails the session with 1002.
+#[test]
+fn a_continuation_without_a_message_closes_1002() {
+    sent_closes(1002, |w| w.raw(FIN | opcode::CONTINUATION, b"orphan"));
 }
 
 /// RFC 6455 5.4: a new data frame inside a fragmented message fails the session with 1002.
 #[test]
 fn a_new_message_inside_a_fragmented_one_closes_1002() {
-    let r = Router::new().shards(1).start();
-    let tok = r.token(APP, "alice");
-    let mut w = open(&r, &tok);
-    let mut wire = w.raw(opcode::BINARY, b"first half");
-    wire.extend(w.raw(FIN | opcode::BINARY, b"another message"));
-    w.send(&wire);
-    w.expect_close(1002);
+    sent_closes(1002, |w| {
+        let mut wire = w.raw(opcode::BINARY, b"first half");
+        wire.extend(w.raw(FIN | opcode::BINARY, b"another message"));
+        wire
+    });
 }
 
 /// A ping of 125 bytes (the most a control frame may carry) gets a pong with the same 125
@@ -445,24 +449,17 @@ fn allowed_close_codes_are_answered_1000_and_1015_5000_65535_get_1002() {
 /// Section 8 table: "1007 (from the websocket layer) text that is not UTF-8".
 #[test]
 fn a_text_message_that_is_not_utf8_closes_1007() {
-    let r = Router::new().shards(1).start();
-    let tok = r.token(APP, "alice");
-    let mut w = open(&r, &tok);
-    let b = w.frame(opcode::TEXT, &[0xff, 0xfe, b'x']);
-    w.send(&b);
-    w.expect_close(1007);
+    sent_closes(1007, |w| w.frame(opcode::TEXT, &[0xff, 0xfe, b'x']));
 }
 
 /// Section 8 table: "1003 a text message", also when it came in fragments.
 #[test]
 fn a_fragmented_text_message_closes_1003() {
-    let r = Router::new().shards(1).start();
-    let tok = r.token(APP, "alice");
-    let mut w = open(&r, &tok);
-    let mut wire = w.raw(opcode::TEXT, b"{\"hel");
-    wire.extend(w.raw(FIN | opcode::CONTINUATION, b"lo\":1}"));
-    w.send(&wire);
-    w.expect_close(1003);
+    sent_closes(1003, |w| {
+        let mut wire = w.raw(opcode::TEXT, b"{\"hel");
+        wire.extend(w.raw(FIN | opcode::CONTINUATION, b"lo\":1}"));
+        wire
+    });
 }
 
 // =============================================================================================

@@ -200,13 +200,7 @@ fn describe(f: &Frame) -> String {
 }
 
 fn assert_error_frame(f: &Frame, id: u64, status: u64, code: &str) {
-    let d = describe(f);
-    assert_eq!(f.header.request_id, id, "{d}");
-    assert_eq!(status_of(f), status, "{d}");
-    assert_eq!(f.get_str(tag::ERROR), Some(code), "ERROR meta: {d}");
-    let j: serde_json::Value =
-        serde_json::from_slice(&f.payload).unwrap_or_else(|e| panic!("JSON body ({e}): {d}"));
-    assert_eq!(j["error"], code, "{d}");
+    ws::assert_error_basics(f, id, status, code, &describe(f));
 }
 
 fn assert_echo(f: &Frame, id: u64, body: &[u8]) {

@@ -470,6 +470,25 @@ pub fn status_of(f: &Frame) -> u64 {
     f.get_u64(tag::STATUS).expect("STATUS in every answer")
 }
 
+/// Asserts that `f` is a router-made error answer to request `id`: STATUS `status`, ERROR
+/// meta `code`, a JSON body whose `error` is `code` (`d` describes `f` in the messages);
+/// returns the body.
+pub fn assert_error_basics(
+    f: &Frame,
+    id: u64,
+    status: u64,
+    code: &str,
+    d: &str,
+) -> serde_json::Value {
+    assert_eq!(f.header.request_id, id, "{d}");
+    assert_eq!(status_of(f), status, "{d}");
+    assert_eq!(f.get_str(tag::ERROR), Some(code), "ERROR meta: {d}");
+    let j: serde_json::Value =
+        serde_json::from_slice(&f.payload).unwrap_or_else(|e| panic!("JSON body ({e}): {d}"));
+    assert_eq!(j["error"], code, "{d}");
+    j
+}
+
 /// `f` for an assertion message: id, header, meta entries, and the body (as `<N bytes>` when it
 /// is longer than `max_body`).
 pub fn describe(f: &Frame, max_body: usize) -> String {

@@ -576,21 +576,7 @@ impl Router {
         if let Some(t) = self.tokens.borrow().get(&key) {
             return t.clone();
         }
-        let t = fedbus(
-            self.home(),
-            &[
-                "token",
-                "client",
-                "--app",
-                app,
-                "--sub",
-                sub,
-                "--keyring",
-                self.keys.to_str().expect("utf-8 path"),
-            ],
-        )
-        .trim()
-        .to_string();
+        let t = launch::client_token(self.home(), &self.keys, app, sub);
         assert_eq!(t.split('.').count(), 3, "not a JWT: {t:?}");
         self.tokens.borrow_mut().insert(key, t.clone());
         t

@@ -13,10 +13,9 @@ use bytes::{Bytes, BytesMut};
 use fedbus_proto::hello::MAX_HELLO_BYTES;
 use fedbus_proto::{encode_frame, put_meta, put_meta_u64, tag, Frame, Kind};
 use fedbus_router::ws::frame::{encode_head, opcode, parse_head, MAX_HEADER};
-use fedbus_router::ws::handshake::{
-    accept_response, client_request, new_key, parse_client_response, ClientHandshake,
-};
+use fedbus_router::ws::handshake::accept_response;
 use fedbus_testkit::attack::{rss_kib, rss_kib_of, Normal};
+use fedbus_testkit::ws::{self, Msg};
 use fedbus_testkit::ReadRetrying;
 use fedbus_testkit::*;
 use std::io::Write;
@@ -79,55 +78,25 @@ fn service_token(r: &Router) -> String {
     fedbus(r.home(), &args).trim().to_string()
 }
 
-/// A message from the router.
-#[derive(Debug, PartialEq, Eq)]
-enum Msg {
-    Binary(Vec<u8>),
-    Text(Vec<u8>),
-    Ping,
-    Pong,
-    Close(Option<u16>),
-}
-
 /// A blocking websocket client on the internal listener, as a task.
-struct RawLink {
-    s: TcpStream,
-    buf: Vec<u8>,
-    seed: u64,
+type RawLink = ws::Ws;
+
+/// What a hand-made task link needs beyond the kit's session.
+trait Link: Sized {
+    fn open(addr: SocketAddr, token: &str) -> Self;
+    fn open_hello(addr: SocketAddr, token: &str) -> Self;
+    fn registered(addr: SocketAddr, token: &str, task: u64, role: &str, parts: &[u32]) -> Self;
+    fn tcp_closed(&mut self) -> bool;
 }
 
-impl RawLink {
+impl Link for RawLink {
     /// Upgrades `/link` at `addr` with `token`; panics unless it is a 101.
     fn open(addr: SocketAddr, token: &str) -> RawLink {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-            .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        s.set_read_timeout(Some(READ_TIMEOUT)).expect("timeout");
-        s.set_write_timeout(Some(Duration::from_secs(20)))
-            .expect("timeout");
-        let _ = s.set_nodelay(true);
-        let key = new_key();
-        s.write_all(client_request("127.0.0.1", "/link", &key, Some(token)).as_bytes())
-            .expect("write upgrade");
-        let mut buf = BytesMut::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            match parse_client_response(&buf, &key).expect("upgrade answer parses") {
-                ClientHandshake::Incomplete => {}
-                ClientHandshake::Accepted(n) => {
-                    return RawLink {
-                        s,
-                        buf: buf[n..].to_vec(),
-                        seed: 0x9E37_79B9_7F4A_7C15 ^ n as u64,
-                    }
-                }
-                ClientHandshake::Refused { status, body, .. } => {
-                    panic!("task link upgrade refused: {status} {body}")
-                }
-            }
-            let n = s.read_retrying(&mut chunk).expect("read upgrade answer");
-            assert!(n > 0, "router closed during the upgrade");
-            buf.extend_from_slice(&chunk[..n]);
-        }
+        let dial = ws::Dial::new(READ_TIMEOUT)
+            .write_timeout(Duration::from_secs(20))
+            .nodelay();
+        let s = ws::dial(addr, &dial).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        ws::open(s, "/link", Some(token))
     }
 
     /// Upgrades and reads the hello.
@@ -160,70 +129,6 @@ impl RawLink {
         l
     }
 
-    fn next_mask(&mut self) -> [u8; 4] {
-        let x = &mut self.seed;
-        *x ^= *x << 13;
-        *x ^= *x >> 7;
-        *x ^= *x << 17;
-        (*x as u32).to_le_bytes()
-    }
-
-    /// One masked frame, FIN set.
-    fn frame_bytes(&mut self, op: u8, payload: &[u8]) -> Vec<u8> {
-        let m = self.next_mask();
-        masked_frame(op, payload, m)
-    }
-
-    fn send_frame(&mut self, op: u8, payload: &[u8]) {
-        let b = self.frame_bytes(op, payload);
-        self.s.write_all(&b).expect("write frame");
-    }
-
-    fn fill(&mut self) -> std::io::Result<()> {
-        let mut chunk = [0u8; 64 * 1024];
-        let n = self.s.read_retrying(&mut chunk)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        self.buf.extend_from_slice(&chunk[..n]);
-        Ok(())
-    }
-
-    /// Next message (the router never fragments, never masks).
-    fn read_msg(&mut self) -> std::io::Result<Msg> {
-        loop {
-            if let Some(h) = parse_head(&self.buf).expect("frame head") {
-                let total = h.header_len + h.payload_len as usize;
-                if self.buf.len() >= total {
-                    let p: Vec<u8> = self.buf[h.header_len..total].to_vec();
-                    self.buf.drain(..total);
-                    return Ok(match h.opcode {
-                        opcode::BINARY => Msg::Binary(p),
-                        opcode::TEXT => Msg::Text(p),
-                        opcode::PING => Msg::Ping,
-                        opcode::PONG => Msg::Pong,
-                        opcode::CLOSE => {
-                            Msg::Close((p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]])))
-                        }
-                        op => panic!("unexpected opcode {op}"),
-                    });
-                }
-            }
-            self.fill()?;
-        }
-    }
-
-    /// The close code the router sent (skipping anything before it), or why none came.
-    fn close_code(&mut self) -> Result<Option<u16>, String> {
-        loop {
-            match self.read_msg() {
-                Ok(Msg::Close(c)) => return Ok(c),
-                Ok(_) => continue,
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    }
-
     /// True when the TCP connection is closed by the router (EOF or reset) within the read
     /// timeout.
     fn tcp_closed(&mut self) -> bool {
@@ -236,20 +141,6 @@ impl RawLink {
             }
         }
     }
-}
-
-/// A client (masked) frame with mask `m`.
-fn masked_frame(op: u8, payload: &[u8], m: [u8; 4]) -> Vec<u8> {
-    let mut h = [0u8; MAX_HEADER];
-    let n = encode_head(op, payload.len(), Some(m), &mut h);
-    let mut v = Vec::with_capacity(n + payload.len());
-    v.extend_from_slice(&h[..n]);
-    let start = v.len();
-    v.extend_from_slice(payload);
-    for (i, b) in v[start..].iter_mut().enumerate() {
-        *b ^= m[i % 4];
-    }
-    v
 }
 
 /// A `register` message with `entries` partitions, all 0: 4 M entries are ~8 MiB.
@@ -296,10 +187,10 @@ fn oversized_registrations_are_closed_1009_before_they_are_buffered() {
     let r = Router::new().shards(1).start();
     let _t = r.task().start();
     let tok = service_token(&r);
-    let big = Arc::new(masked_frame(
+    let big = Arc::new(ws::frame(
         opcode::TEXT,
         &register_with(4 << 20),
-        [1, 2, 3, 4],
+        Some([1, 2, 3, 4]),
     ));
     println!("register message: {} bytes", big.len());
 
@@ -622,7 +513,7 @@ fn errors_before_a_registration_get_their_own_close_codes() {
     let mut pinged = RawLink::open_hello(r.internal[0], &tok);
     pinged.send_frame(opcode::PING, b"hi");
     match pinged.read_msg() {
-        Ok(Msg::Pong) => {}
+        Ok(Msg::Pong(_)) => {}
         other => panic!("expected a pong, got {other:?}"),
     }
     let reg = serde_json::json!({
@@ -735,7 +626,7 @@ fn a_task_link_is_closed_once_its_key_version_retires() {
             pinged = Instant::now();
         }
         match old.read_msg() {
-            Ok(Msg::Close(c)) => break c,
+            Ok(Msg::Close(c, _)) => break c,
             Ok(_) => {}
             Err(e) if is_timeout(&e) || e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => panic!("the old link ended without a close frame: {e}"),
@@ -753,8 +644,8 @@ fn a_task_link_is_closed_once_its_key_version_retires() {
     new.send_frame(opcode::PING, b"still");
     loop {
         match new.read_msg() {
-            Ok(Msg::Pong) => break,
-            Ok(Msg::Ping) => continue,
+            Ok(Msg::Pong(_)) => break,
+            Ok(Msg::Ping(_)) => continue,
             other => panic!("the new link should answer, got {other:?}"),
         }
     }
@@ -920,7 +811,7 @@ fn serve_hostile(mut link: RawLink, stop: Arc<AtomicBool>) -> u64 {
                 link.send_frame(opcode::BINARY, &out);
                 served += 1;
             }
-            Ok(Msg::Ping) => link.send_frame(opcode::PONG, b""),
+            Ok(Msg::Ping(_)) => link.send_frame(opcode::PONG, b""),
             Ok(_) => {}
             Err(e)
                 if matches!(
@@ -1223,7 +1114,7 @@ fn a_renew_flood_closes_the_task_link() {
             Ok(Msg::Text(t)) => {
                 break serde_json::from_slice::<serde_json::Value>(&t).expect("JSON");
             }
-            Ok(Msg::Ping) | Ok(Msg::Pong) => continue,
+            Ok(Msg::Ping(_)) | Ok(Msg::Pong(_)) => continue,
             other => panic!("expected a renew reply, got {other:?}"),
         }
     };
@@ -1276,7 +1167,7 @@ fn a_redirect_to_a_partition_the_app_lacks_is_502() {
         let f = loop {
             match l.read_msg() {
                 Ok(Msg::Binary(b)) => break Frame::decode(Bytes::from(b)).expect("a fedbus frame"),
-                Ok(Msg::Ping) => l.send_frame(opcode::PONG, b""),
+                Ok(Msg::Ping(_)) => l.send_frame(opcode::PONG, b""),
                 other => panic!("expected a request, got {other:?}"),
             }
         };

@@ -6,11 +6,11 @@
 //!
 //! `cargo test --release -p fedbus --test http_edges`
 
+use fedbus_testkit::tls::{connect, verifying, Tls, DEFAULT_VERSIONS};
 use fedbus_testkit::ReadRetrying;
 use fedbus_testkit::*;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -961,38 +961,18 @@ fn certs() -> Certs {
 }
 
 fn tls_config(ca: &Path, alpn: &[&[u8]]) -> Arc<ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).expect("CA file") {
-        roots.add(c.expect("CA PEM")).expect("CA certificate");
-    }
-    let mut c =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    c.resumption = rustls::client::Resumption::disabled();
-    Arc::new(c)
+    verifying(ca, DEFAULT_VERSIONS, alpn, false)
 }
-
-type Tls = StreamOwned<ClientConnection, TcpStream>;
 
 fn tls_connect(
     addr: SocketAddr,
     cfg: &Arc<ClientConfig>,
     name: &str,
 ) -> std::io::Result<Wire<Tls>> {
-    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    tcp.set_read_timeout(Some(READ_TIMEOUT))?;
-    tcp.set_write_timeout(Some(READ_TIMEOUT))?;
-    let name = ServerName::try_from(name.to_string()).expect("server name");
-    let conn = ClientConnection::new(cfg.clone(), name).expect("client connection");
-    let mut s = StreamOwned::new(conn, tcp);
-    while s.conn.is_handshaking() {
-        s.conn.complete_io(&mut s.sock)?;
-    }
-    Ok(Wire { s, buf: Vec::new() })
+    Ok(Wire {
+        s: connect(addr, cfg, name)?,
+        buf: Vec::new(),
+    })
 }
 
 fn tls_router() -> (Router, Task, String, Certs) {

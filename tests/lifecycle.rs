@@ -6,21 +6,20 @@
 //! metric, a log line), never on a fixed sleep, except where a test asserts that something
 //! does *not* happen within a stated window.
 
-use bytes::{Bytes, BytesMut};
-use fedbus_proto::ws::frame::{encode_head, opcode, parse_head, MAX_HEADER};
-use fedbus_proto::ws::handshake::{
-    client_request, new_key, parse_client_response, ClientHandshake,
+use fedbus_proto::tag;
+use fedbus_testkit::launch::{
+    self, client_token, plain, spawn_echo_task, spawn_run, wait_ready, Run,
 };
-use fedbus_proto::{encode_frame, put_meta, tag, Frame, Kind};
 use fedbus_testkit::seed;
+use fedbus_testkit::ws::{self, Answer as Msg};
 use fedbus_testkit::ReadRetrying;
 use fedbus_testkit::*;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const APP: &str = "demo/echo";
@@ -121,24 +120,6 @@ fn echo_ok(r: &Router, wsid: u64, tok: &str) -> Response {
     resp
 }
 
-/// `text` without ANSI color sequences (the router colors its log).
-fn plain(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut it = text.chars().peekable();
-    while let Some(c) = it.next() {
-        if c == '\x1b' {
-            for d in it.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Runs `fedbus run --config <text>` in `home`, expecting it to fail; returns
 /// (status, stdout+stderr, time it took). Panics if it is still running after `within`.
 fn run_expect_failure(
@@ -158,41 +139,7 @@ fn run_config_expect_failure(
     cfg: &Path,
     within: Duration,
 ) -> (ExitStatus, String, Duration) {
-    let out = home.join(format!("{name}.out"));
-    let start = Instant::now();
-    let mut child = Command::new(bin())
-        .args(["run", "--config", cfg.to_str().expect("utf-8")])
-        .env("FEDBUS_HOME", home)
-        .env("FEDBUS_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out).expect("out"))
-        .stderr(
-            std::fs::OpenOptions::new()
-                .append(true)
-                .open(&out)
-                .expect("out"),
-        )
-        .spawn()
-        .expect("spawn fedbus run");
-    let st = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            break st;
-        }
-        if start.elapsed() > within {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{name}: `fedbus run` still running after {within:?} (expected a failure):\n{}",
-                std::fs::read_to_string(&out).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    (
-        st,
-        std::fs::read_to_string(&out).unwrap_or_default(),
-        start.elapsed(),
-    )
+    launch::run_expect_failure(home, cfg, &[], &home.join(format!("{name}.out")), within)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -200,50 +147,6 @@ fn run_config_expect_failure(
 // taken over: the testkit's single Router binds port 0, so a restart would move it.
 
 static NEXT_SOLO: AtomicU32 = AtomicU32::new(0);
-
-struct Run {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Run {
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-    fn sig(&self, s: &str) {
-        signal(self.pid(), s);
-    }
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-    fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
-        let c = self.child.as_mut()?;
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = c.try_wait() {
-                self.child = None;
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        None
-    }
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        self.kill9();
-        if std::thread::panicking() {
-            eprintln!("---- {} ----\n{}", self.log.display(), self.log());
-        }
-    }
-}
 
 struct Solo {
     dir: TempDir,
@@ -302,77 +205,20 @@ impl Solo {
     fn launch(&mut self, takeover: bool) -> Run {
         self.runs += 1;
         let log = self.home().join(format!("router-{}.log", self.runs));
-        let mut args = vec!["run", "--config", self.cfg.to_str().expect("utf-8")];
-        if takeover {
-            args.push("--takeover");
-        }
-        let mut child = Command::new(bin())
-            .args(&args)
-            .env("FEDBUS_HOME", self.home())
-            .env("FEDBUS_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("spawn fedbus run");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        let run = Run {
-            child: Some(child),
-            log,
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) if parse_ready_line(&line).is_some() => return run,
-                Ok(_) => {}
-                Err(_) => panic!("no ready line within {START_TIMEOUT:?}:\n{}", run.log()),
-            }
-        }
+        let args: &[&str] = if takeover { &["--takeover"] } else { &[] };
+        let (run, rx) = spawn_run(self.home(), &self.cfg, args, &log);
+        wait_ready(&run, &rx, START_TIMEOUT);
+        run
     }
 
     fn token(&self, sub: &str) -> String {
-        fedbus(
-            self.home(),
-            &[
-                "token",
-                "client",
-                "--app",
-                APP,
-                "--sub",
-                sub,
-                "--keyring",
-                self.keys.to_str().expect("utf-8"),
-            ],
-        )
-        .trim()
-        .to_string()
+        client_token(self.home(), &self.keys, APP, sub)
     }
 
     /// `fedbus task echo` linked to this router (not waited for).
     fn task(&self, label: &str) -> Run {
         let log = self.home().join(format!("task-{label}.log"));
-        let child = Command::new(bin())
-            .args(["task", "echo", "--router", &self.internal.to_string()])
-            .args(["--keyring", self.keys.to_str().expect("utf-8")])
-            .env("FEDBUS_HOME", self.home())
-            .env("FEDBUS_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("task log"))
-            .spawn()
-            .expect("spawn task");
-        Run {
-            child: Some(child),
-            log,
-        }
+        spawn_echo_task(self.home(), self.internal, &self.keys, &[], log)
     }
 
     fn path(&self, wsid: u64) -> String {
@@ -406,83 +252,11 @@ impl Solo {
 // ---------------------------------------------------------------------------------------------
 // A minimal `/api/ws` client.
 
-struct Ws {
-    s: TcpStream,
-    buf: Vec<u8>,
-}
+type Ws = ws::Ws;
 
-#[derive(Debug)]
-enum Msg {
-    Frame(Frame),
-    Close(Option<u16>),
-    Other(u8),
-}
-
-impl Ws {
-    fn open(addr: SocketAddr, tok: &str) -> Ws {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
-        let key = new_key();
-        s.write_all(client_request("127.0.0.1", "/api/ws", &key, Some(tok)).as_bytes())
-            .unwrap();
-        let mut buf = BytesMut::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            match parse_client_response(&buf, &key).expect("upgrade answer") {
-                ClientHandshake::Incomplete => {}
-                ClientHandshake::Accepted(n) => {
-                    return Ws {
-                        s,
-                        buf: buf[n..].to_vec(),
-                    }
-                }
-                ClientHandshake::Refused { status, .. } => panic!("upgrade refused: {status}"),
-            }
-            let n = s.read_retrying(&mut chunk).expect("read upgrade");
-            assert!(n > 0, "closed during the upgrade");
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    fn send_request(&mut self, id: u64, path: &str, body: &[u8]) {
-        let mut meta = BytesMut::new();
-        put_meta(&mut meta, tag::PATH, path.as_bytes());
-        let f = encode_frame(Kind::Request, 0, 0, 0, id, &meta, body);
-        let mask = [1u8, 2, 3, 4];
-        let mut h = [0u8; MAX_HEADER];
-        let n = encode_head(opcode::BINARY, f.len(), Some(mask), &mut h);
-        let mut v = h[..n].to_vec();
-        v.extend(f.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        self.s.write_all(&v).expect("write request");
-    }
-
-    fn read_msg(&mut self) -> std::io::Result<Msg> {
-        loop {
-            if let Some(h) = parse_head(&self.buf).expect("frame head") {
-                let total = h.header_len + h.payload_len as usize;
-                if self.buf.len() >= total {
-                    let p = self.buf[h.header_len..total].to_vec();
-                    self.buf.drain(..total);
-                    return Ok(match h.opcode {
-                        opcode::BINARY => Msg::Frame(Frame::decode(Bytes::from(p)).expect("frame")),
-                        opcode::CLOSE => {
-                            Msg::Close((p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]])))
-                        }
-                        op => Msg::Other(op),
-                    });
-                }
-            }
-            let mut chunk = [0u8; 16 * 1024];
-            let n = self.s.read_retrying(&mut chunk)?;
-            if n == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "closed",
-                ));
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
+/// Opens `/api/ws` at `addr` with `tok`; panics unless it is a 101.
+fn open_ws(addr: SocketAddr, tok: &str) -> Ws {
+    ws::open_api(addr, tok, Duration::from_secs(8)).unwrap_or_else(|e| panic!("{e}"))
 }
 
 // =============================================================================================
@@ -752,13 +526,14 @@ fn drain_closes_a_websocket_session_1001_after_its_answers() {
     let _t = r.task().delay_ms(800).start();
     let tok = r.token(APP, "alice");
     let before = pending(&r);
-    let mut w = Ws::open(r.api, &tok);
-    w.send_request(7, &r.path(APP, 3), b"in flight");
+    let mut w = open_ws(r.api, &tok);
+    w.write_request(7, &r.path(APP, 3), b"in flight")
+        .expect("write request");
     r.wait_pending(before + 1.0);
     r.sigterm();
     let mut answered = false;
     loop {
-        match w.read_msg().expect("a message before the close") {
+        match w.read_answer().expect("a message before the close") {
             Msg::Frame(f) => {
                 assert_eq!(f.header.request_id, 7, "{f:?}");
                 assert_eq!(f.get_u64(tag::STATUS), Some(200), "{f:?}");
@@ -770,7 +545,7 @@ fn drain_closes_a_websocket_session_1001_after_its_answers() {
                 assert_eq!(code, Some(1001), "close code");
                 break;
             }
-            Msg::Other(op) => panic!("unexpected opcode {op}"),
+            Msg::Other(op) => panic!("unexpected opcode {op:?}"),
         }
     }
     let exit = r.wait_exit(Duration::from_secs(10));
@@ -1001,8 +776,9 @@ fn a_task_exiting_with_requests_pending_answers_every_client_502() {
             c
         })
         .collect();
-    let mut w = Ws::open(r.api, &tok);
-    w.send_request(9, &r.path(APP, 9), b"slow");
+    let mut w = open_ws(r.api, &tok);
+    w.write_request(9, &r.path(APP, 9), b"slow")
+        .expect("write request");
     r.wait_pending(before + 5.0);
     let killed = Instant::now();
     t.kill();
@@ -1010,7 +786,7 @@ fn a_task_exiting_with_requests_pending_answers_every_client_502() {
         let resp = c.read_response().expect("an answer after the kill");
         resp.assert_error(502, "task_lost");
     }
-    match w.read_msg().expect("a ws answer after the kill") {
+    match w.read_answer().expect("a ws answer after the kill") {
         Msg::Frame(f) => {
             assert_eq!(f.header.request_id, 9);
             assert_eq!(f.get_u64(tag::STATUS), Some(502), "{f:?}");

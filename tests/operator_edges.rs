@@ -8,6 +8,7 @@
 //!
 //! Addresses: port 0 on 127.0.0.1, or fixed ports on 127.0.0.181-189 (no other test uses them).
 
+use fedbus_testkit::launch::spawn_run_to_file;
 use fedbus_testkit::seed;
 use fedbus_testkit::*;
 use std::io::{Read, Write};
@@ -38,17 +39,7 @@ impl Fb {
 
     fn start_path(home: &Path, name: &str, cfg: &Path, args: &[&str]) -> Fb {
         let out = home.join(format!("{name}.out"));
-        let f = std::fs::File::create(&out).expect("out file");
-        let child = Command::new(bin())
-            .args(["run", "--config", cfg.to_str().expect("utf-8")])
-            .args(args)
-            .env("FEDBUS_HOME", home)
-            .env("FEDBUS_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().expect("clone"))
-            .stderr(f)
-            .spawn()
-            .expect("spawn fedbus run");
+        let child = spawn_run_to_file(home, cfg, args, &out);
         Fb {
             child: Some(child),
             out,

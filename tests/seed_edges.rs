@@ -14,15 +14,12 @@ use bytes::{Bytes, BytesMut};
 use fedbus_auth::{sign_client_jwt, sign_service_token, ClientClaims, Keyring, ServiceClaims};
 use fedbus_proto::{encode_frame, flags, put_meta, tag, Frame, Kind};
 use fedbus_router::route;
-use fedbus_router::ws::frame::{encode_head, opcode, parse_head, MAX_HEADER};
-use fedbus_router::ws::handshake::{
-    client_request, new_key, parse_client_response, ClientHandshake,
-};
+use fedbus_router::ws::frame::opcode;
 use fedbus_testkit::fed::{upgrade_refusal, ws_upgrade};
 use fedbus_testkit::seed;
+use fedbus_testkit::ws::{self, Msg};
 use fedbus_testkit::*;
-use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -206,54 +203,33 @@ fn assert_refused_start(tail: &str, needle: &str) {
 // ---------------------------------------------------------------------------------------------
 // A task link by hand (PROTOCOL.md sections 3 to 7).
 
-#[derive(Debug)]
-enum Msg {
-    Binary(Vec<u8>),
-    Text(Vec<u8>),
-    Ping,
-    Pong,
-    Close(Option<u16>),
+type RawLink = ws::Ws;
+
+/// What a hand-made task link needs beyond the kit's session.
+trait Link: Sized {
+    fn open(addr: SocketAddr, token: &str) -> Self;
+    fn open_path(addr: SocketAddr, path: &str, token: &str) -> Self;
+    fn register(
+        addr: SocketAddr,
+        token: &str,
+        task: u64,
+        app: &str,
+        role: &str,
+        parts: &[u32],
+    ) -> Result<Self, Option<u16>>;
+    fn next_frame(&mut self, within: Duration) -> Option<Frame>;
 }
 
-struct RawLink {
-    s: TcpStream,
-    buf: Vec<u8>,
-    seed: u64,
-}
-
-impl RawLink {
+impl Link for RawLink {
     fn open(addr: SocketAddr, token: &str) -> RawLink {
         RawLink::open_path(addr, "/link", token)
     }
 
     fn open_path(addr: SocketAddr, path: &str, token: &str) -> RawLink {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
-        s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
-        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
-        let _ = s.set_nodelay(true);
-        let key = new_key();
-        s.write_all(client_request("127.0.0.1", path, &key, Some(token)).as_bytes())
-            .expect("write upgrade");
-        let mut buf = BytesMut::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            match parse_client_response(&buf, &key).expect("upgrade answer parses") {
-                ClientHandshake::Incomplete => {}
-                ClientHandshake::Accepted(n) => {
-                    return RawLink {
-                        s,
-                        buf: buf[n..].to_vec(),
-                        seed: 0x1234_5678_9abc_def1 ^ n as u64,
-                    }
-                }
-                ClientHandshake::Refused { status, body } => {
-                    panic!("task link upgrade refused: {status} {body}")
-                }
-            }
-            let n = s.read_retrying(&mut chunk).expect("read upgrade answer");
-            assert!(n > 0, "router closed during the upgrade");
-            buf.extend_from_slice(&chunk[..n]);
-        }
+        let dial = ws::Dial::new(READ_TIMEOUT)
+            .write_timeout(Duration::from_secs(10))
+            .nodelay();
+        ws::open(ws::dial(addr, &dial).expect("connect"), path, Some(token))
     }
 
     /// Upgrade, hello, register; Ok once `registered` came, Err(close code) when refused.
@@ -284,66 +260,11 @@ impl RawLink {
                     assert_eq!(v["type"], "registered", "{v}");
                     return Ok(l);
                 }
-                Ok(Msg::Close(c)) => return Err(c),
-                Ok(Msg::Ping) => l.send_frame(opcode::PONG, b""),
+                Ok(Msg::Close(c, _)) => return Err(c),
+                Ok(Msg::Ping(_)) => l.send_frame(opcode::PONG, b""),
                 Ok(_) => continue,
                 Err(e) => panic!("no answer to the registration: {e}"),
             }
-        }
-    }
-
-    fn next_mask(&mut self) -> [u8; 4] {
-        let x = &mut self.seed;
-        *x ^= *x << 13;
-        *x ^= *x >> 7;
-        *x ^= *x << 17;
-        (*x as u32).to_le_bytes()
-    }
-
-    fn send_frame(&mut self, op: u8, payload: &[u8]) {
-        let m = self.next_mask();
-        let mut h = [0u8; MAX_HEADER];
-        let n = encode_head(op, payload.len(), Some(m), &mut h);
-        let mut v = Vec::with_capacity(n + payload.len());
-        v.extend_from_slice(&h[..n]);
-        let start = v.len();
-        v.extend_from_slice(payload);
-        for (i, b) in v[start..].iter_mut().enumerate() {
-            *b ^= m[i % 4];
-        }
-        self.s.write_all(&v).expect("write frame");
-    }
-
-    fn fill(&mut self) -> std::io::Result<()> {
-        let mut chunk = [0u8; 64 * 1024];
-        let n = self.s.read_retrying(&mut chunk)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        self.buf.extend_from_slice(&chunk[..n]);
-        Ok(())
-    }
-
-    fn read_msg(&mut self) -> std::io::Result<Msg> {
-        loop {
-            if let Some(h) = parse_head(&self.buf).expect("frame head") {
-                let total = h.header_len + h.payload_len as usize;
-                if self.buf.len() >= total {
-                    let p: Vec<u8> = self.buf[h.header_len..total].to_vec();
-                    self.buf.drain(..total);
-                    return Ok(match h.opcode {
-                        opcode::BINARY => Msg::Binary(p),
-                        opcode::TEXT => Msg::Text(p),
-                        opcode::PING => Msg::Ping,
-                        opcode::PONG => Msg::Pong,
-                        opcode::CLOSE => {
-                            Msg::Close((p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]])))
-                        }
-                        op => panic!("unexpected opcode {op}"),
-                    });
-                }
-            }
-            self.fill()?;
         }
     }
 
@@ -359,8 +280,8 @@ impl RawLink {
             }
             match self.read_msg() {
                 Ok(Msg::Binary(b)) => break Some(Frame::decode(Bytes::from(b)).expect("frame")),
-                Ok(Msg::Ping) => self.send_frame(opcode::PONG, b""),
-                Ok(Msg::Close(c)) => panic!("link closed by the router: {c:?}"),
+                Ok(Msg::Ping(_)) => self.send_frame(opcode::PONG, b""),
+                Ok(Msg::Close(c, _)) => panic!("link closed by the router: {c:?}"),
                 Ok(_) => {}
                 Err(e) if is_timeout(&e) => {}
                 Err(e) => panic!("link: {e}"),
@@ -394,11 +315,11 @@ fn serve(
                     seen.push(fr);
                     out
                 }
-                Ok(Msg::Ping) => {
+                Ok(Msg::Ping(_)) => {
                     l.send_frame(opcode::PONG, b"");
                     Vec::new()
                 }
-                Ok(Msg::Close(c)) => panic!("hand-made task closed by the router: {c:?}"),
+                Ok(Msg::Close(c, _)) => panic!("hand-made task closed by the router: {c:?}"),
                 Ok(_) => Vec::new(),
                 Err(e) if is_timeout(&e) => f(None),
                 Err(e) => panic!("hand-made task link: {e}"),

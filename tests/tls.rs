@@ -5,14 +5,12 @@
 //! the TLS port. Certificates come from `fedbus keys cert` (the keyring's dev CA).
 
 use fedbus_proto::{encode_frame, put_meta, tag, Frame, Kind};
+use fedbus_testkit::tls::{connect, der, peer_cert, probe, verifying, Tls};
 use fedbus_testkit::ReadRetrying;
 use fedbus_testkit::*;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, ClientConnection, HandshakeKind, RootCertStore, StreamOwned};
+use rustls::{ClientConfig, HandshakeKind};
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,48 +40,11 @@ impl Certs {
     }
 }
 
-fn der(pem: &Path) -> Vec<u8> {
-    CertificateDer::from_pem_file(pem)
-        .expect("certificate PEM")
-        .to_vec()
-}
-
 fn client_config(
     ca: &Path,
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> Arc<ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).expect("CA file") {
-        roots.add(c.expect("CA PEM")).expect("CA certificate");
-    }
-    let mut c =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(versions)
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    c.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(c)
-}
-
-type Tls = StreamOwned<ClientConnection, TcpStream>;
-
-/// A TLS connection to `addr` with SNI (and verification) `name`; the handshake completes here.
-fn connect(addr: SocketAddr, cfg: &Arc<ClientConfig>, name: &str) -> std::io::Result<Tls> {
-    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    tcp.set_read_timeout(Some(READ_TIMEOUT))?;
-    tcp.set_write_timeout(Some(READ_TIMEOUT))?;
-    let name = ServerName::try_from(name.to_string()).expect("server name");
-    let conn = ClientConnection::new(cfg.clone(), name).expect("client connection");
-    let mut s = StreamOwned::new(conn, tcp);
-    while s.conn.is_handshaking() {
-        s.conn.complete_io(&mut s.sock)?;
-    }
-    Ok(s)
-}
-
-fn peer_cert(s: &Tls) -> Vec<u8> {
-    s.conn.peer_certificates().expect("server certificate")[0].to_vec()
+    verifying(ca, versions, &[b"http/1.1"], true)
 }
 
 /// One HTTP request and its answer (status, body) on a TLS connection.
@@ -190,57 +151,6 @@ fn sni_picks_the_certificate_and_others_get_the_default() {
     assert!(e.to_string().contains("certificate"), "{e}");
 }
 
-/// A certificate verifier that accepts anything and remembers nothing: the reload test reads
-/// which certificate was served, whatever its validity.
-#[derive(Debug)]
-struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// A client config that reads the served certificate whatever it is, with no session to
-/// resume (every handshake is a full one and shows the certificate).
-fn probe_config() -> Arc<ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut probe = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
-        .with_no_client_auth();
-    probe.resumption = rustls::client::Resumption::disabled();
-    Arc::new(probe)
-}
-
 #[test]
 fn sighup_reloads_the_certificates() {
     let certs = Certs::new();
@@ -250,7 +160,7 @@ fn sighup_reloads_the_certificates() {
         "[auth]\nreload_poll_ms = 3600000",
     );
     let addr = r.api_tls.expect("TLS listener");
-    let probe = probe_config();
+    let probe = probe();
     let first = der(&certs.a.0);
     dev_cert(certs.dir.path(), "a", &["a.test", "127.0.0.1"]);
     let second = der(&certs.a.0);
@@ -284,7 +194,7 @@ fn a_replaced_certificate_serves_new_connections_while_old_ones_keep_working() {
     dev_cert(certs.dir.path(), "a", &["a.test", "127.0.0.1"]);
     let second = der(&certs.a.0);
     assert_ne!(first, second);
-    let probe = probe_config();
+    let probe = probe();
     let served = wait_for(Duration::from_secs(10), || {
         let s = connect(addr, &probe, "a.test").ok()?;
         (peer_cert(&s) == second).then_some(())

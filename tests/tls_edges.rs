@@ -6,18 +6,14 @@
 //! `listen.internal_tls`, PROTOCOL.md 8.2): one documented promise or one hostile input per
 //! test, every read bounded by a timeout.
 
-use bytes::BytesMut;
-use fedbus_proto::{encode_frame, put_meta, tag, Frame, Kind};
-use fedbus_router::ws::frame::{encode_head, opcode, parse_head, MAX_HEADER};
-use fedbus_router::ws::handshake::{
-    client_request, new_key, parse_client_response, ClientHandshake,
-};
+use fedbus_proto::Frame;
+use fedbus_testkit::tls::{connect, der, probe, verifying, Pki, Tls};
+use fedbus_testkit::ws;
 use fedbus_testkit::ReadRetrying;
 use fedbus_testkit::*;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, ClientConnection, HandshakeKind, RootCertStore, StreamOwned};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, HandshakeKind};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -30,104 +26,8 @@ const APP: &str = "demo/echo";
 // ---------------------------------------------------------------------------------------------
 // Helpers.
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn der(pem: &Path) -> Vec<u8> {
-    CertificateDer::from_pem_file(pem)
-        .expect("certificate PEM")
-        .to_vec()
-}
-
-/// A verifying client config: `ca`, `versions`, ALPN `alpn`, resumption on or off.
-fn verifying(
-    ca: &Path,
-    versions: &[&'static rustls::SupportedProtocolVersion],
-    alpn: &[&[u8]],
-    resume: bool,
-) -> Arc<ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).expect("CA file") {
-        roots.add(c.expect("CA PEM")).expect("CA certificate");
-    }
-    let mut c = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(versions)
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    if !resume {
-        c.resumption = rustls::client::Resumption::disabled();
-    }
-    Arc::new(c)
-}
-
 fn ca13(ca: &Path) -> Arc<ClientConfig> {
     verifying(ca, &[&rustls::version::TLS13], &[b"http/1.1"], false)
-}
-
-#[derive(Debug)]
-struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// Accepts any certificate (to read which one was served); no resumption.
-fn probe() -> Arc<ClientConfig> {
-    let p = provider();
-    let mut c = ClientConfig::builder_with_provider(p.clone())
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCert(p)))
-        .with_no_client_auth();
-    c.resumption = rustls::client::Resumption::disabled();
-    Arc::new(c)
-}
-
-type Tls = StreamOwned<ClientConnection, TcpStream>;
-
-fn connect(addr: SocketAddr, cfg: &Arc<ClientConfig>, name: &str) -> std::io::Result<Tls> {
-    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    tcp.set_read_timeout(Some(READ_TIMEOUT))?;
-    tcp.set_write_timeout(Some(READ_TIMEOUT))?;
-    let name = ServerName::try_from(name.to_string()).expect("server name");
-    let conn = ClientConnection::new(cfg.clone(), name).expect("client connection");
-    let mut s = StreamOwned::new(conn, tcp);
-    while s.conn.is_handshaking() {
-        s.conn.complete_io(&mut s.sock)?;
-    }
-    Ok(s)
 }
 
 fn served(addr: SocketAddr, name: &str) -> Vec<u8> {
@@ -303,26 +203,6 @@ fn client_hello(cfg: &Arc<ClientConfig>, name: &str) -> Vec<u8> {
     hello
 }
 
-/// Certificates of one fresh dev CA.
-struct Pki {
-    dir: TempDir,
-    ca: PathBuf,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = TempDir::new("probe-tls");
-        let ca = dev_ca(dir.path());
-        Pki { dir, ca }
-    }
-    fn cert(&self, out: &str, names: &[&str]) -> (PathBuf, PathBuf) {
-        dev_cert(self.dir.path(), out, names)
-    }
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
 /// `openssl s_client` to `addr` with `args`: the first certificate the server sent (DER), and
 /// the tool's stdout+stderr.
 fn openssl_cert(addr: SocketAddr, args: &[&str]) -> (Option<Vec<u8>>, String) {
@@ -397,7 +277,7 @@ fn sh(cmd: &str) {
 
 #[test]
 fn sni_under_a_wildcard_picks_the_wildcard_certificate() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let w = p.cert("w", &["*.w.test"]);
     let r = Router::new().tls(&[a.clone(), w.clone()]).start();
@@ -416,14 +296,25 @@ fn sni_under_a_wildcard_picks_the_wildcard_certificate() {
     );
 }
 
-#[test]
-fn sni_in_capitals_picks_the_same_certificate() {
-    let p = Pki::new();
+/// A router with certificates for `a.test` (the default) and `b.test`, and what
+/// `openssl s_client -servername <sni>` got from it: (the certificates, b's (cert, key), the
+/// router, [`openssl_cert`]'s answer).
+#[allow(clippy::type_complexity)]
+fn openssl_sni_of_a_and_b(
+    sni: &str,
+) -> (Pki, (PathBuf, PathBuf), Router, (Option<Vec<u8>>, String)) {
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let b = p.cert("b", &["b.test"]);
     let r = Router::new().tls(&[a, b.clone()]).start();
     let addr = r.api_tls.expect("tls");
-    let (cert, out) = openssl_cert(addr, &["-servername", "B.TEST"]);
+    let got = openssl_cert(addr, &["-servername", sni]);
+    (p, b, r, got)
+}
+
+#[test]
+fn sni_in_capitals_picks_the_same_certificate() {
+    let (_p, b, _r, (cert, out)) = openssl_sni_of_a_and_b("B.TEST");
     assert!(
         cert == Some(der(&b.0)),
         "B.TEST should get b.test's certificate:\n{out}"
@@ -432,12 +323,7 @@ fn sni_in_capitals_picks_the_same_certificate() {
 
 #[test]
 fn sni_with_a_trailing_dot_picks_the_certificate_of_the_name() {
-    let p = Pki::new();
-    let a = p.cert("a", &["a.test"]);
-    let b = p.cert("b", &["b.test"]);
-    let r = Router::new().tls(&[a, b.clone()]).start();
-    let addr = r.api_tls.expect("tls");
-    let (cert, out) = openssl_cert(addr, &["-servername", "b.test."]);
+    let (_p, b, r, (cert, out)) = openssl_sni_of_a_and_b("b.test.");
     assert!(
         cert == Some(der(&b.0)),
         "b.test. should get b.test's certificate:\n{out}\n{}",
@@ -450,7 +336,7 @@ fn sni_with_a_trailing_dot_picks_the_certificate_of_the_name() {
 /// the router still serves the default (the probe that found the docs promising otherwise).
 #[test]
 fn sni_with_an_ip_literal_gets_the_default_certificate() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let ip = p.cert("ip", &["127.0.0.1"]);
     let r = Router::new().tls(&[a.clone(), ip.clone()]).start();
@@ -482,7 +368,7 @@ fn sni_with_an_ip_literal_gets_the_default_certificate() {
 
 #[test]
 fn an_invalid_sni_name_is_refused_counted_and_logged() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let r = Router::new().tls(&[a]).start();
     let addr = r.api_tls.expect("tls");
@@ -497,7 +383,7 @@ fn an_invalid_sni_name_is_refused_counted_and_logged() {
 
 #[test]
 fn a_chain_file_sends_the_whole_chain_leaf_first() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let chain = p.path().join("chain.pem");
     let mut pem = std::fs::read(&a.0).unwrap();
@@ -515,7 +401,7 @@ fn a_chain_file_sends_the_whole_chain_leaf_first() {
 
 #[test]
 fn a_key_of_another_certificate_stops_the_start_naming_the_files() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let b = p.cert("b", &["b.test"]);
     let home = TempDir::new("probe-tls-mismatch");
@@ -533,7 +419,7 @@ fn a_key_of_another_certificate_stops_the_start_naming_the_files() {
 /// the start logs a warning that `[[tls.certs]]` is unused" (before: not a word).
 #[test]
 fn certificates_without_a_tls_listener_are_warned_about() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let b = p.cert("b", &["b.test"]);
     let home = TempDir::new("probe-tls-nolistener");
@@ -568,7 +454,7 @@ fn certificates_without_a_tls_listener_are_warned_about() {
 /// TUNING.md tls.certs: the key is "PKCS#8, PKCS#1 or SEC1".
 #[test]
 fn a_sec1_ec_key_is_accepted() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let sec1 = p.path().join("a-sec1.key");
     sh(&format!(
@@ -585,7 +471,7 @@ fn a_sec1_ec_key_is_accepted() {
 
 #[test]
 fn a_pkcs1_rsa_key_is_accepted() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let _ = p.cert("seed", &["seed.test"]); // makes the dev CA
     let d = p.path();
     let ca_key = d.join("keys/tls/dev-ca.key");
@@ -643,7 +529,7 @@ fn internal_tls_in_dev_mode_serves_the_dev_certificate_to_tasks() {
 /// applies.
 #[test]
 fn garbage_written_over_the_certificate_keeps_the_old_one_by_the_poll() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let r = seed::start_with(
         Router::new().tls(std::slice::from_ref(&a)),
@@ -686,7 +572,7 @@ fn garbage_written_over_the_certificate_keeps_the_old_one_by_the_poll() {
 /// Before, the poll said nothing at all.
 #[test]
 fn a_removed_key_file_keeps_the_old_certificate_and_is_logged() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let r = seed::start_with(
         Router::new().tls(std::slice::from_ref(&a)),
@@ -727,7 +613,7 @@ fn a_removed_key_file_keeps_the_old_certificate_and_is_logged() {
 /// A reload that changes the names of the second certificate: SNI picks on the new set.
 #[test]
 fn a_renewal_with_a_new_name_is_picked_by_sni_after_the_reload() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let b = p.cert("b", &["b.test"]);
     let r = seed::start_with(
@@ -755,7 +641,7 @@ fn a_renewal_with_a_new_name_is_picked_by_sni_after_the_reload() {
 
 #[test]
 fn a_tls11_client_is_refused_counted_and_logged() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let r = Router::new().tls(&[a]).start();
     let addr = r.api_tls.expect("tls");
@@ -778,7 +664,7 @@ fn a_tls11_client_is_refused_counted_and_logged() {
 /// ARCHITECTURE.md "Known gaps": "a client offering only ALPN `h2`: refused, logged and counted".
 #[test]
 fn alpn_h2_only_is_refused_logged_and_counted() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let r = Router::new().tls(&[a]).start();
     let addr = r.api_tls.expect("tls");
@@ -796,7 +682,7 @@ fn alpn_h2_only_is_refused_logged_and_counted() {
 /// the deadline (from accept) cuts the connection.
 #[test]
 fn a_client_silent_after_its_client_hello_is_cut_at_the_deadline() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let r = Router::new()
         .tls(&[a])
@@ -824,7 +710,7 @@ fn a_client_silent_after_its_client_hello_is_cut_at_the_deadline() {
 /// re-armed by each byte.
 #[test]
 fn a_trickled_client_hello_is_cut_at_the_deadline_from_accept() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let r = Router::new()
         .tls(&[a])
@@ -858,7 +744,7 @@ fn a_trickled_client_hello_is_cut_at_the_deadline_from_accept() {
 /// not after the handshake deadline.
 #[test]
 fn an_oversized_record_is_refused_at_once_and_counted() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let r = Router::new().tls(&[a]).start();
     let mut s = TcpStream::connect(r.api_tls.expect("tls")).unwrap();
@@ -881,7 +767,7 @@ fn an_oversized_record_is_refused_at_once_and_counted() {
 /// router does not buffer toward 16 MiB.
 #[test]
 fn a_client_hello_announcing_16_mib_is_refused_early() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let r = Router::new().tls(&[a]).start();
     let _t = r.task().start();
@@ -923,7 +809,7 @@ fn a_client_hello_announcing_16_mib_is_refused_early() {
 #[test]
 fn a_tls_client_on_the_plaintext_port_gets_a_400_and_a_close() {
     let r = Router::new().start();
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let _ = p.cert("a", &["a.test"]);
     let hello = client_hello(&ca13(&p.ca), "a.test");
     let mut s = TcpStream::connect(r.api).unwrap();
@@ -939,7 +825,7 @@ fn a_tls_client_on_the_plaintext_port_gets_a_400_and_a_close() {
 /// The plain-HTTP refusal arrives even when the client sends its request a byte at a time.
 #[test]
 fn plain_http_on_the_tls_port_one_byte_first_still_gets_tls_required() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let r = Router::new().tls(&[a]).start();
     let mut s = TcpStream::connect(r.api_tls.expect("tls")).unwrap();
@@ -962,7 +848,7 @@ fn plain_http_on_the_tls_port_one_byte_first_still_gets_tls_required() {
 
 #[test]
 fn connections_in_their_handshake_count_against_the_shard_limit() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let r = Router::new()
         .tls(&[a])
@@ -993,7 +879,7 @@ fn connections_in_their_handshake_count_against_the_shard_limit() {
 /// (PROTOCOL.md 8.2: "over TLS with `close_notify` first, as when it is closed to make room").
 #[test]
 fn eviction_at_the_limit_closes_an_idle_tls_connection_with_close_notify() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let r = Router::new()
         .tls(&[a])
@@ -1022,7 +908,7 @@ fn eviction_at_the_limit_closes_an_idle_tls_connection_with_close_notify() {
 /// first ...)".
 #[test]
 fn an_idle_tls_connection_closes_with_close_notify() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let r = Router::new()
         .tls(&[a])
@@ -1043,7 +929,7 @@ fn an_idle_tls_connection_closes_with_close_notify() {
 /// ...and by a drain.
 #[test]
 fn a_drain_closes_an_idle_tls_connection_with_close_notify() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let mut r = seed::start_with(
         Router::new().tls(&[a]),
@@ -1065,7 +951,7 @@ fn a_drain_closes_an_idle_tls_connection_with_close_notify() {
 
 #[test]
 fn pipelined_requests_over_tls_are_answered_in_order() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let r = Router::new().tls(&[a]).start();
     let _t = r.task().start();
@@ -1088,7 +974,7 @@ fn pipelined_requests_over_tls_are_answered_in_order() {
 /// A request head left incomplete over TLS gets 408 through the TLS layer, then the close.
 #[test]
 fn an_incomplete_head_over_tls_gets_408_request_timeout() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let r = Router::new()
         .tls(&[a])
@@ -1108,7 +994,7 @@ fn an_incomplete_head_over_tls_gets_408_request_timeout() {
 /// A body over `limits.max_body_bytes` over TLS: 413 arrives intact before the close.
 #[test]
 fn a_body_over_the_limit_over_tls_gets_413_before_the_close() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let r = Router::new()
         .tls(&[a])
@@ -1129,7 +1015,7 @@ fn a_body_over_the_limit_over_tls_gets_413_before_the_close() {
 /// close_notify.
 #[test]
 fn connection_close_over_tls_answers_then_sends_close_notify() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let r = Router::new().tls(&[a]).start();
     let _t = r.task().start();
@@ -1154,7 +1040,7 @@ fn second_handshake_kind(
     extra: &str,
     v: &'static rustls::SupportedProtocolVersion,
 ) -> HandshakeKind {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let r = seed::start_with(Router::new().tls(&[a]), extra);
     let cfg = verifying(&p.ca, &[v], &[b"http/1.1"], true);
@@ -1199,7 +1085,7 @@ fn without_tickets_and_cache_nothing_resumes_on_tls12() {
 /// client resumes on any shard)".
 #[test]
 fn sessions_resume_on_either_shard() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let r = Router::new().shards(2).tls(&[a]).start();
     let _t = r.task().start();
@@ -1228,93 +1114,26 @@ fn sessions_resume_on_either_shard() {
 // ---------------------------------------------------------------------------------------------
 // wss:// (`/api/ws` over TLS: "byte for byte the same protocol inside").
 
-struct Wss {
-    s: Tls,
-    buf: Vec<u8>,
-    seed: u64,
-}
+type Wss = ws::Ws<Tls>;
 
 fn wss_open(addr: SocketAddr, ca: &Path, tok: &str) -> Result<Wss, (u16, String)> {
-    let mut s = connect(addr, &ca13(ca), "a.test").expect("handshake");
-    let key = new_key();
-    let head = client_request("a.test", "/api/ws", &key, Some(tok));
-    s.write_all(head.as_bytes()).unwrap();
-    s.flush().unwrap();
-    let mut buf = BytesMut::new();
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        match parse_client_response(&buf, &key).expect("upgrade answer parses") {
-            ClientHandshake::Incomplete => {}
-            ClientHandshake::Accepted(n) => {
-                return Ok(Wss {
-                    s,
-                    buf: buf[n..].to_vec(),
-                    seed: 0x1234_5678_9abc_def1,
-                })
-            }
-            ClientHandshake::Refused { status, body, .. } => return Err((status, body)),
-        }
-        let n = s.read_retrying(&mut chunk).expect("read upgrade answer");
-        assert!(n > 0, "closed during the upgrade");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-impl Wss {
-    fn frame(&mut self, op: u8, payload: &[u8]) -> Vec<u8> {
-        self.seed ^= self.seed << 13;
-        self.seed ^= self.seed >> 7;
-        self.seed ^= self.seed << 17;
-        let m = (self.seed as u32).to_le_bytes();
-        let mut h = [0u8; MAX_HEADER];
-        let n = encode_head(op, payload.len(), Some(m), &mut h);
-        let mut v = h[..n].to_vec();
-        v.extend(payload.iter().enumerate().map(|(i, b)| b ^ m[i % 4]));
-        v
-    }
-    fn request(&mut self, id: u64, path: Option<&str>, payload: &[u8]) -> Vec<u8> {
-        let mut meta = BytesMut::new();
-        if let Some(p) = path {
-            put_meta(&mut meta, tag::PATH, p.as_bytes());
-        }
-        let f = encode_frame(Kind::Request, 0, 0, 0, id, &meta, payload);
-        self.frame(opcode::BINARY, &f)
-    }
-    /// Next message: (opcode, payload).
-    fn read_msg(&mut self) -> std::io::Result<(u8, Vec<u8>)> {
-        let mut chunk = [0u8; 64 * 1024];
-        loop {
-            if let Some(h) = parse_head(&self.buf).expect("frame head") {
-                let total = h.header_len + h.payload_len as usize;
-                if self.buf.len() >= total {
-                    let p = self.buf[h.header_len..total].to_vec();
-                    self.buf.drain(..total);
-                    return Ok((h.opcode, p));
-                }
-            }
-            let n = self.s.read_retrying(&mut chunk)?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-    fn close_code(&mut self) -> Result<Option<u16>, String> {
-        loop {
-            match self.read_msg() {
-                Ok((opcode::CLOSE, p)) => {
-                    return Ok((p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]])))
-                }
-                Ok(_) => continue,
-                Err(e) => return Err(e.to_string()),
-            }
-        }
+    let s = connect(addr, &ca13(ca), "a.test").expect("handshake");
+    let tcp = s.sock.try_clone().expect("clone");
+    let head = ws::Head {
+        host: "a.test",
+        path: "/api/ws",
+        bearer: Some(tok),
+        origin: None,
+    };
+    match ws::upgrade_on(s, tcp, &head, false).unwrap_or_else(|e| panic!("{e}")) {
+        ws::Upgraded::Open(w) => Ok(w),
+        ws::Upgraded::Refused { status, body } => Err((status, body)),
     }
 }
 
 #[test]
 fn wss_echo_and_an_oversized_message_closes_1009() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let r = Router::new()
         .tls(&[a])
@@ -1323,15 +1142,17 @@ fn wss_echo_and_an_oversized_message_closes_1009() {
     let _t = r.task().start();
     let tok = r.token(APP, "alice");
     let mut w = wss_open(r.api_tls.unwrap(), &p.ca, &tok).expect("101");
-    let f = w.request(1, Some(&r.path(APP, 5)), b"over wss");
+    let f = w.request_bytes(1, Some(&r.path(APP, 5)), b"over wss");
     w.s.write_all(&f).unwrap();
     w.s.flush().unwrap();
-    let (op, payload) = w.read_msg().expect("answer");
-    assert_eq!(op, opcode::BINARY);
+    let payload = match w.read_msg().expect("answer") {
+        ws::Msg::Binary(p) => p,
+        other => panic!("expected a binary message, got {other:?}"),
+    };
     let fr = Frame::decode(bytes::Bytes::from(payload)).expect("frame");
     assert_eq!(&fr.payload[..], b"over wss");
     let limit = 1024 + 64 * 1024;
-    let f = w.request(2, None, &vec![b'z'; limit - 24 + 1]);
+    let f = w.request_bytes(2, None, &vec![b'z'; limit - 24 + 1]);
     let _ = w.s.write_all(&f);
     let _ = w.s.flush();
     assert_eq!(w.close_code(), Ok(Some(1009)));
@@ -1339,7 +1160,7 @@ fn wss_echo_and_an_oversized_message_closes_1009() {
 
 #[test]
 fn wss_idle_session_closes_1001() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let r = Router::new()
         .tls(&[a])
@@ -1357,7 +1178,7 @@ fn wss_idle_session_closes_1001() {
 
 #[test]
 fn internal_tls_stalled_handshake_is_cut_and_counted() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test", "127.0.0.1"]);
     let r = Router::new()
         .tls(&[a])
@@ -1376,7 +1197,7 @@ fn internal_tls_stalled_handshake_is_cut_and_counted() {
 /// a task dialing 127.0.0.1, does not link.
 #[test]
 fn a_task_dialing_a_host_the_certificate_does_not_name_does_not_link() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test"]);
     let r = Router::new().tls(&[a]).internal_tls().start();
     let log = p.path().join("task.log");
@@ -1408,7 +1229,7 @@ fn a_task_dialing_a_host_the_certificate_does_not_name_does_not_link() {
 /// handshake".
 #[test]
 fn internal_tls_handshakes_count_against_the_link_limit() {
-    let p = Pki::new();
+    let p = Pki::new("probe-tls");
     let a = p.cert("a", &["a.test", "127.0.0.1"]);
     let r = Router::new()
         .tls(&[a])

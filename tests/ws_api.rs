@@ -6,10 +6,9 @@
 use bytes::{Bytes, BytesMut};
 use fedbus_auth::{sign_client_jwt, ClientClaims, Keyring};
 use fedbus_proto::{encode_frame, put_meta, tag, Frame, Kind};
-use fedbus_router::ws::frame::{encode_head, opcode, parse_head, MAX_HEADER};
-use fedbus_router::ws::handshake::{
-    client_request, new_key, parse_client_response, ClientHandshake,
-};
+use fedbus_router::ws::frame::opcode;
+use fedbus_router::ws::handshake::{client_request, new_key};
+use fedbus_testkit::ws::{self, header_lines, header_of, status_of, Msg, Upgraded};
 use fedbus_testkit::ReadRetrying;
 use fedbus_testkit::*;
 use std::collections::HashMap;
@@ -26,85 +25,27 @@ fn now() -> u64 {
 // ---------------------------------------------------------------------------------------------
 // A blocking websocket client.
 
-/// A message from the router.
-#[derive(Debug, PartialEq, Eq)]
-enum Msg {
-    Binary(Vec<u8>),
-    Text(Vec<u8>),
-    Ping(Vec<u8>),
-    Pong(Vec<u8>),
-    Close(Option<u16>),
-}
+type Ws = ws::Ws;
 
-/// How the upgrade went.
-enum Upgrade {
-    Open(Ws),
-    /// Status and body of the refusal (the router closed the connection after it).
-    Refused(u16, String),
-}
-
-struct Ws {
-    s: TcpStream,
-    buf: Vec<u8>,
-    /// Masking: `None` random keys (xorshift state in `seed`), `Some(k)` always `k`.
-    fixed_mask: Option<[u8; 4]>,
-    seed: u64,
-}
-
-fn upgrade(addr: SocketAddr, path: &str, bearer: Option<&str>) -> Upgrade {
+fn upgrade(addr: SocketAddr, path: &str, bearer: Option<&str>) -> Upgraded {
     upgrade_from(addr, path, bearer, None)
 }
 
-/// An upgrade with an `Origin` header, as a browser page of that origin sends it.
+/// An upgrade with an `Origin` header, as a browser page of that origin sends it. A refusal is
+/// read to the router's close (for its whole body).
 fn upgrade_from(
     addr: SocketAddr,
     path: &str,
     bearer: Option<&str>,
     origin: Option<&str>,
-) -> Upgrade {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
-    s.set_write_timeout(Some(READ_TIMEOUT)).unwrap();
-    let _ = s.set_nodelay(true);
-    let key = new_key();
-    let mut head = client_request("127.0.0.1", path, &key, bearer);
-    if let Some(o) = origin {
-        head = head.replacen("\r\n", &format!("\r\nOrigin: {o}\r\n"), 1);
-    }
-    s.write_all(head.as_bytes()).expect("write upgrade");
-    let mut buf = BytesMut::new();
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        match parse_client_response(&buf, &key).expect("upgrade answer parses") {
-            ClientHandshake::Incomplete => {}
-            ClientHandshake::Accepted(n) => {
-                return Upgrade::Open(Ws {
-                    s,
-                    buf: buf[n..].to_vec(),
-                    fixed_mask: None,
-                    seed: 0x9E37_79B9_7F4A_7C15 ^ n as u64,
-                })
-            }
-            ClientHandshake::Refused { status, .. } => {
-                // The router answers with `Connection: close`: read to EOF for the whole body.
-                loop {
-                    match s.read_retrying(&mut chunk) {
-                        Ok(0) => break,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        Err(e) => panic!("refusal {status} not followed by a close: {e}"),
-                    }
-                }
-                let Ok(ClientHandshake::Refused { body, .. }) = parse_client_response(&buf, &key)
-                else {
-                    unreachable!()
-                };
-                return Upgrade::Refused(status, body);
-            }
-        }
-        let n = s.read_retrying(&mut chunk).expect("read upgrade answer");
-        assert!(n > 0, "router closed during the handshake: {buf:?}");
-        buf.extend_from_slice(&chunk[..n]);
+) -> Upgraded {
+    let dial = ws::Dial::new(READ_TIMEOUT)
+        .write_timeout(READ_TIMEOUT)
+        .nodelay();
+    let s = ws::dial(addr, &dial).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    match ws::upgrade(s, path, bearer, origin, true).unwrap_or_else(|e| panic!("{e}")) {
+        Upgraded::Open(w) => Upgraded::Open(w.checking_router_frames()),
+        refused => refused,
     }
 }
 
@@ -129,107 +70,28 @@ fn answers_in_flight_go_out_before_an_expired_tokens_1008() {
 
 fn open(r: &Router, tok: &str) -> Ws {
     match upgrade(r.api, "/api/ws", Some(tok)) {
-        Upgrade::Open(w) => w,
-        Upgrade::Refused(st, body) => panic!("upgrade refused: {st} {body}"),
+        Upgraded::Open(w) => w,
+        Upgraded::Refused { status: st, body } => panic!("upgrade refused: {st} {body}"),
     }
 }
 
-impl Ws {
-    fn set_read_timeout(&mut self, t: Duration) {
-        self.s.set_read_timeout(Some(t)).unwrap();
-    }
+/// What these tests add to the kit's session.
+trait WsApi {
+    fn send_raw_lossy(&mut self, b: &[u8]);
+    fn send_request(&mut self, id: u64, path: Option<&str>, payload: &[u8]);
+    fn read_response(&mut self) -> Frame;
+    fn expect_close(&mut self, code: u16);
+}
 
-    fn next_mask(&mut self) -> [u8; 4] {
-        if let Some(m) = self.fixed_mask {
-            return m;
-        }
-        let x = &mut self.seed;
-        *x ^= *x << 13;
-        *x ^= *x >> 7;
-        *x ^= *x << 17;
-        (*x as u32).to_le_bytes()
-    }
-
-    /// One websocket frame, FIN set; `mask` false sends it unmasked (a protocol error).
-    fn frame_bytes(&mut self, op: u8, payload: &[u8], mask: bool) -> Vec<u8> {
-        let m = mask.then(|| self.next_mask());
-        let mut h = [0u8; MAX_HEADER];
-        let n = encode_head(op, payload.len(), m, &mut h);
-        let mut v = Vec::with_capacity(n + payload.len());
-        v.extend_from_slice(&h[..n]);
-        let start = v.len();
-        v.extend_from_slice(payload);
-        if let Some(m) = m {
-            for (i, b) in v[start..].iter_mut().enumerate() {
-                *b ^= m[i % 4];
-            }
-        }
-        v
-    }
-
-    fn send_frame(&mut self, op: u8, payload: &[u8], mask: bool) {
-        let b = self.frame_bytes(op, payload, mask);
-        self.s.write_all(&b).expect("write frame");
-    }
-
+impl WsApi for Ws {
     /// Writes raw bytes, ignoring a router that already closed.
     fn send_raw_lossy(&mut self, b: &[u8]) {
         let _ = self.s.write_all(b);
     }
 
-    /// A fedbus Request frame as one binary message.
-    fn request_bytes(&mut self, id: u64, path: Option<&str>, payload: &[u8]) -> Vec<u8> {
-        let mut meta = BytesMut::new();
-        if let Some(p) = path {
-            put_meta(&mut meta, tag::PATH, p.as_bytes());
-        }
-        let f = encode_frame(Kind::Request, 0, 0, 0, id, &meta, payload);
-        self.frame_bytes(opcode::BINARY, &f, true)
-    }
-
     fn send_request(&mut self, id: u64, path: Option<&str>, payload: &[u8]) {
         let b = self.request_bytes(id, path, payload);
         self.s.write_all(&b).expect("write request");
-    }
-
-    fn fill(&mut self) -> std::io::Result<()> {
-        let mut chunk = [0u8; 64 * 1024];
-        let n = self.s.read_retrying(&mut chunk)?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("router closed ({} bytes buffered)", self.buf.len()),
-            ));
-        }
-        self.buf.extend_from_slice(&chunk[..n]);
-        Ok(())
-    }
-
-    /// Next message (the router never fragments, never masks).
-    fn read_msg(&mut self) -> std::io::Result<Msg> {
-        loop {
-            let h = parse_head(&self.buf).unwrap_or_else(|e| panic!("bad frame head: {e:?}"));
-            if let Some(h) = h {
-                let total = h.header_len + h.payload_len as usize;
-                if self.buf.len() >= total {
-                    assert!(h.mask.is_none(), "router frames must not be masked");
-                    assert!(h.fin, "router does not fragment");
-                    let p: Vec<u8> = self.buf[h.header_len..total].to_vec();
-                    self.buf.drain(..total);
-                    return Ok(match h.opcode {
-                        opcode::BINARY => Msg::Binary(p),
-                        opcode::TEXT => Msg::Text(p),
-                        opcode::PING => Msg::Ping(p),
-                        opcode::PONG => Msg::Pong(p),
-                        opcode::CLOSE => {
-                            Msg::Close((p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]])))
-                        }
-                        op => panic!("unexpected opcode {op}"),
-                    });
-                }
-            }
-            self.fill()?;
-        }
     }
 
     /// Next Response frame; panics on anything else.
@@ -249,7 +111,7 @@ impl Ws {
     fn expect_close(&mut self, code: u16) {
         loop {
             match self.read_msg() {
-                Ok(Msg::Close(c)) => {
+                Ok(Msg::Close(c, _)) => {
                     assert_eq!(c, Some(code), "close code");
                     break;
                 }
@@ -271,54 +133,15 @@ impl Ws {
 // ---------------------------------------------------------------------------------------------
 // Frame helpers.
 
-fn header_lines(f: &Frame) -> Vec<String> {
-    f.meta_entries()
-        .filter(|(t, _)| *t == tag::HEADER)
-        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-        .collect()
-}
-
-fn header_of(f: &Frame, name: &str) -> Option<String> {
-    header_lines(f).into_iter().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case(name)
-            .then(|| v.trim().to_string())
-    })
-}
-
-fn status_of(f: &Frame) -> u64 {
-    f.get_u64(tag::STATUS).expect("STATUS in every answer")
-}
-
 fn describe(f: &Frame) -> String {
-    let meta: Vec<String> = f
-        .meta_entries()
-        .map(|(t, v)| format!("{t}={}", String::from_utf8_lossy(v)))
-        .collect();
-    let body = if f.payload.len() > 300 {
-        format!("<{} bytes>", f.payload.len())
-    } else {
-        String::from_utf8_lossy(&f.payload).into_owned()
-    };
-    format!(
-        "id {} {:?} meta [{}] body {body}",
-        f.header.request_id,
-        f.header,
-        meta.join(", ")
-    )
+    ws::describe(f, 300)
 }
 
 /// A router-made error as a frame: STATUS, ERROR meta, JSON body `{status,error,message}`.
 fn assert_error_frame(f: &Frame, id: u64, status: u64, code: &str) {
     let d = describe(f);
-    assert_eq!(f.header.request_id, id, "{d}");
-    assert_eq!(status_of(f), status, "{d}");
-    assert_eq!(f.get_str(tag::ERROR), Some(code), "ERROR meta: {d}");
-    let j: serde_json::Value =
-        serde_json::from_slice(&f.payload).unwrap_or_else(|e| panic!("JSON body ({e}): {d}"));
+    let j = ws::assert_error_basics(f, id, status, code, &d);
     assert_eq!(j["status"], status, "{d}");
-    assert_eq!(j["error"], code, "{d}");
     assert!(j["message"].as_str().is_some_and(|m| !m.is_empty()), "{d}");
     assert_eq!(j.as_object().map(|o| o.len()), Some(3), "{d}");
     assert!(header_of(f, "fedbus-shard").is_some(), "{d}");
@@ -397,10 +220,10 @@ fn many_requests_in_flight_on_one_connection() {
         }
         assert!(sent.is_empty());
         // A ping is answered with a pong carrying the same payload.
-        w.send_frame(opcode::PING, b"are you there", true);
+        w.send_frame(opcode::PING, b"are you there");
         assert_eq!(w.read_msg().unwrap(), Msg::Pong(b"are you there".to_vec()));
         // A close frame is answered with close 1000.
-        w.send_frame(opcode::CLOSE, &1000u16.to_be_bytes(), true);
+        w.send_frame(opcode::CLOSE, &1000u16.to_be_bytes());
         w.expect_close(1000);
     }
 }
@@ -527,8 +350,8 @@ fn bad_jwt_at_upgrade_is_401() {
 
     let expect_401 =
         |path: &str, bearer: Option<&str>, code: &str| match upgrade(r.api, path, bearer) {
-            Upgrade::Open(_) => panic!("{path} {bearer:?}: upgraded, expected 401 {code}"),
-            Upgrade::Refused(st, body) => {
+            Upgraded::Open(_) => panic!("{path} {bearer:?}: upgraded, expected 401 {code}"),
+            Upgraded::Refused { status: st, body } => {
                 assert_eq!(st, 401, "{path} {bearer:?}: {body}");
                 let j: serde_json::Value = serde_json::from_str(&body)
                     .unwrap_or_else(|e| panic!("JSON body ({e}): {body}"));
@@ -559,8 +382,8 @@ fn bad_jwt_at_upgrade_is_401() {
         format!("/api/ws?x=1&access_token={tok}&y=2"),
     ] {
         let mut w = match upgrade(r.api, &path, None) {
-            Upgrade::Open(w) => w,
-            Upgrade::Refused(st, body) => panic!("{path}: {st} {body}"),
+            Upgraded::Open(w) => w,
+            Upgraded::Refused { status: st, body } => panic!("{path}: {st} {body}"),
         };
         w.send_request(5, Some(&r.path(APP, 5)), b"q");
         assert_echo_frame(&w.read_response(), 5, 5, b"q");
@@ -610,16 +433,16 @@ fn unmasked_frame_closes_1002() {
     let tok = r.token(APP, "alice");
     let mut w = open(&r, &tok);
     let f = encode_frame(Kind::Request, 0, 0, 0, 1, b"", b"x");
-    w.send_frame(opcode::BINARY, &f, false);
+    w.send_unmasked_frame(opcode::BINARY, &f);
     w.expect_close(1002);
 
     // Also 1002: a binary message that is not a fedbus frame, and a frame of another kind.
     let mut w = open(&r, &tok);
-    w.send_frame(opcode::BINARY, b"not a fedbus frame", true);
+    w.send_frame(opcode::BINARY, b"not a fedbus frame");
     w.expect_close(1002);
     let mut w = open(&r, &tok);
     let f = encode_frame(Kind::Response, 0, 0, 0, 1, b"", b"x");
-    w.send_frame(opcode::BINARY, &f, true);
+    w.send_frame(opcode::BINARY, &f);
     w.expect_close(1002);
 }
 
@@ -628,7 +451,7 @@ fn text_message_closes_1003() {
     let r = Router::new().shards(1).start();
     let tok = r.token(APP, "alice");
     let mut w = open(&r, &tok);
-    w.send_frame(opcode::TEXT, b"{\"hello\":1}", true);
+    w.send_frame(opcode::TEXT, b"{\"hello\":1}");
     w.expect_close(1003);
 }
 
@@ -782,7 +605,7 @@ fn metrics_count_websocket_requests() {
     assert_eq!(during.get("fedbus_task_links"), 2.0);
 
     // Closing the websocket takes the gauge back down.
-    w.send_frame(opcode::CLOSE, &1000u16.to_be_bytes(), true);
+    w.send_frame(opcode::CLOSE, &1000u16.to_be_bytes());
     w.expect_close(1000);
     let back = wait_for(Duration::from_secs(3), || {
         let m = r.metrics();
@@ -876,14 +699,14 @@ fn origin_is_checked_at_the_upgrade_and_per_request() {
     let _t = r.task().start();
     let tok = r.token(APP, "alice");
     match upgrade_from(r.api, "/api/ws", Some(&tok), Some("http://evil.example")) {
-        Upgrade::Refused(st, body) => {
+        Upgraded::Refused { status: st, body } => {
             assert_eq!(st, 403, "{body}");
             assert!(body.contains("origin_not_allowed"), "{body}");
         }
-        Upgrade::Open(_) => panic!("upgrade from a disallowed origin was accepted"),
+        Upgraded::Open(_) => panic!("upgrade from a disallowed origin was accepted"),
     }
     let query = format!("/api/ws?access_token={tok}");
-    let Upgrade::Open(mut w) = upgrade_from(r.api, &query, None, Some("http://page.example"))
+    let Upgraded::Open(mut w) = upgrade_from(r.api, &query, None, Some("http://page.example"))
     else {
         panic!("upgrade from the allowed origin was refused")
     };
@@ -924,7 +747,7 @@ fn bad_close_frames_fail_the_session_with_1002_or_1007() {
         let mut w = open(&r, &tok);
         w.send_request(1, Some(&r.path(APP, 1)), b"first");
         assert_eq!(status_of(&w.read_response()), 200);
-        w.send_frame(opcode::CLOSE, &payload, true);
+        w.send_frame(opcode::CLOSE, &payload);
         w.set_read_timeout(Duration::from_secs(5));
         w.expect_close(want);
     }
@@ -942,20 +765,8 @@ fn a_ping_flood_is_closed_1008_and_others_are_served() {
 /// Opens `/api/ws` at `addr` (for a thread that has no `Router`); panics unless it is a 101.
 fn open_at(addr: SocketAddr, tok: &str) -> Ws {
     match upgrade(addr, "/api/ws", Some(tok)) {
-        Upgrade::Open(w) => w,
-        Upgrade::Refused(st, body) => panic!("upgrade refused: {st} {body}"),
-    }
-}
-
-/// Reads until a close frame; its code, or why none came (answers and pongs before it are
-/// skipped).
-fn close_code(w: &mut Ws) -> Result<Option<u16>, String> {
-    loop {
-        match w.read_msg() {
-            Ok(Msg::Close(c)) => return Ok(c),
-            Ok(_) => continue,
-            Err(e) => return Err(e.to_string()),
-        }
+        Upgraded::Open(w) => w,
+        Upgraded::Refused { status: st, body } => panic!("upgrade refused: {st} {body}"),
     }
 }
 
@@ -992,12 +803,12 @@ fn control_flood(name: &str, op: u8, payload: &[u8]) {
                 while !stop.load(Ordering::Relaxed) {
                     let mut flood = open_at(addr, &tok);
                     flood.set_read_timeout(Duration::from_secs(10));
-                    let burst = flood.frame_bytes(op, &payload, true).repeat(20_000);
+                    let burst = flood.frame_bytes(op, &payload).repeat(20_000);
                     floods.fetch_add(1, Ordering::Relaxed);
                     // Nothing is read (no pong, no close frame) until the whole burst is
                     // written or the router closed the connection under it.
                     flood.send_raw_lossy(&burst);
-                    codes.push(close_code(&mut flood));
+                    codes.push(flood.close_code());
                     let _ = flood.s.shutdown(std::net::Shutdown::Both);
                 }
                 codes
@@ -1232,7 +1043,7 @@ fn a_text_message_dropped_over_the_budget_is_closed_1003() {
     let refused = || r.metrics().get("fedbus_overload_refused_total");
     let mut w = open(&r, &tok);
     let text = "x".repeat(300 * 1024);
-    let wire = w.frame_bytes(opcode::TEXT, text.as_bytes(), true);
+    let wire = w.frame_bytes(opcode::TEXT, text.as_bytes());
     w.s.write_all(&wire[..4096]).expect("write");
     wait_for(Duration::from_secs(5), || (refused() == 1.0).then_some(()))
         .unwrap_or_else(|| panic!("not refused from its head: {} refused", refused()));
@@ -1326,8 +1137,8 @@ fn anonymous_sessions_reach_anonymous_services() {
     let _t = r.task().start();
     let _auth = r.task().role("auth").start();
     let mut w = match upgrade(r.api, "/api/ws?access_token=", None) {
-        Upgrade::Open(w) => w,
-        Upgrade::Refused(st, body) => panic!("anonymous upgrade refused: {st} {body}"),
+        Upgraded::Open(w) => w,
+        Upgraded::Refused { status: st, body } => panic!("anonymous upgrade refused: {st} {body}"),
     };
     let anonymous = r.path(APP, 3).replace("/api/3/", "/auth/3/");
     assert_ne!(anonymous, r.path(APP, 3));
@@ -1345,7 +1156,7 @@ fn anonymous_sessions_reach_anonymous_services() {
         put_meta(&mut meta, tag::PATH, anonymous.as_bytes());
         put_meta(&mut meta, tag::METHOD, method);
         let f = encode_frame(Kind::Request, 0, 0, 0, id, &meta, b"m");
-        w.send_frame(opcode::BINARY, &f, true);
+        w.send_frame(opcode::BINARY, &f);
         w.read_response()
     };
     let put = with_method(&mut w, 3, b"PUT");
@@ -1387,7 +1198,7 @@ fn quiet_sessions_are_pinged_and_kept_while_they_answer() {
         match live.read_msg() {
             Ok(Msg::Ping(p)) => {
                 pings += 1;
-                live.send_frame(opcode::PONG, &p, true);
+                live.send_frame(opcode::PONG, &p);
             }
             other => panic!(
                 "after {:?}: expected a ping, got {other:?}",
@@ -1399,7 +1210,7 @@ fn quiet_sessions_are_pinged_and_kept_while_they_answer() {
     live.send_request(1, Some(&r.path(APP, 1)), b"still here");
     assert_echo_frame(&live.read_response(), 1, 1, b"still here");
     // Closed by the client: not a ping timeout (and it would be one, left unread).
-    live.send_frame(opcode::CLOSE, &1000u16.to_be_bytes(), true);
+    live.send_frame(opcode::CLOSE, &1000u16.to_be_bytes());
     live.expect_close(1000);
     assert_eq!(timeouts(), 0.0);
 

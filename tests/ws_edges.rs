@@ -7,10 +7,11 @@
 
 use bytes::{Bytes, BytesMut};
 use fedbus_proto::{encode_frame, put_meta, tag, Frame, Kind};
-use fedbus_router::ws::frame::{opcode, parse_head};
+use fedbus_router::ws::frame::opcode;
 use fedbus_router::ws::handshake::new_key;
+use fedbus_testkit::ws::{self, header_of, raw_frame, request_frame, status_of, Io, Msg, FIN};
 use fedbus_testkit::*;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -19,25 +20,7 @@ const APP: &str = "demo/echo";
 // ---------------------------------------------------------------------------------------------
 // A blocking websocket client over plain TCP or TLS, with raw frame control.
 
-trait Io: Read + Write + Send {}
-impl<T: Read + Write + Send> Io for T {}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Msg {
-    Binary(Vec<u8>),
-    Text(Vec<u8>),
-    Ping(Vec<u8>),
-    Pong(Vec<u8>),
-    Close(Option<u16>, Vec<u8>),
-}
-
-struct Ws {
-    s: Box<dyn Io>,
-    /// The TCP socket under `s` (timeouts, shutdown).
-    tcp: TcpStream,
-    buf: Vec<u8>,
-    seed: u64,
-}
+type Ws = ws::Ws<Box<dyn Io>>;
 
 /// How an upgrade went: the 101's head and the session, or the refusal's status, head, body.
 enum Up {
@@ -64,12 +47,10 @@ fn bearer(tok: &str) -> String {
 }
 
 fn tcp(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
-    s.set_write_timeout(Some(READ_TIMEOUT)).unwrap();
-    let _ = s.set_nodelay(true);
-    s
+    let dial = ws::Dial::new(READ_TIMEOUT)
+        .write_timeout(READ_TIMEOUT)
+        .nodelay();
+    ws::dial(addr, &dial).unwrap_or_else(|e| panic!("connect {addr}: {e}"))
 }
 
 /// Writes `raw` (an upgrade head, maybe followed by more bytes) on `s` and reads the answer.
@@ -99,12 +80,7 @@ fn upgrade_on(mut s: Box<dyn Io>, tcp: TcpStream, raw: &[u8]) -> Up {
     if status == 101 {
         let rest = buf[end..].to_vec();
         return Up::Open(
-            Ws {
-                s,
-                tcp,
-                buf: rest,
-                seed: 0x9E37_79B9_7F4A_7C15,
-            },
+            Ws::on(s, tcp, rest, 0x9E37_79B9_7F4A_7C15).checking_router_frames(),
             head,
         );
     }
@@ -153,56 +129,21 @@ fn open_anonymous(r: &Router) -> Ws {
     open_path(r, "/api/ws", None)
 }
 
-/// A client frame: `b0` is the whole first byte (FIN, RSV, opcode), always masked.
-fn raw_frame(b0: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-    let mut v = vec![b0];
-    let n = payload.len();
-    if n < 126 {
-        v.push(0x80 | n as u8);
-    } else if n <= 65535 {
-        v.push(0x80 | 126);
-        v.extend_from_slice(&(n as u16).to_be_bytes());
-    } else {
-        v.push(0x80 | 127);
-        v.extend_from_slice(&(n as u64).to_be_bytes());
-    }
-    v.extend_from_slice(&mask);
-    v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    v
+/// What these tests add to the kit's session.
+trait WsEdges {
+    fn frame(&mut self, op: u8, payload: &[u8]) -> Vec<u8>;
+    fn send(&mut self, bytes: &[u8]);
+    fn send_lossy(&mut self, bytes: &[u8]);
+    fn binary(&mut self, fedbus_frame: &[u8]);
+    fn request(&mut self, id: u64, path: Option<&str>, payload: &[u8]);
+    fn response(&mut self) -> Frame;
+    fn expect_close(&mut self, code: u16);
 }
 
-const FIN: u8 = 0x80;
-
-fn request_frame(id: u64, path: Option<&str>, payload: &[u8]) -> Vec<u8> {
-    let mut meta = BytesMut::new();
-    if let Some(p) = path {
-        put_meta(&mut meta, tag::PATH, p.as_bytes());
-    }
-    encode_frame(Kind::Request, 0, 0, 0, id, &meta, payload).to_vec()
-}
-
-impl Ws {
-    fn set_read_timeout(&mut self, t: Duration) {
-        self.tcp.set_read_timeout(Some(t)).unwrap();
-    }
-
-    fn mask(&mut self) -> [u8; 4] {
-        let x = &mut self.seed;
-        *x ^= *x << 13;
-        *x ^= *x >> 7;
-        *x ^= *x << 17;
-        (*x as u32).to_le_bytes()
-    }
-
+impl WsEdges for Ws {
     /// One whole (FIN) masked frame of `op`.
     fn frame(&mut self, op: u8, payload: &[u8]) -> Vec<u8> {
-        let m = self.mask();
-        raw_frame(FIN | op, payload, m)
-    }
-
-    fn raw(&mut self, b0: u8, payload: &[u8]) -> Vec<u8> {
-        let m = self.mask();
-        raw_frame(b0, payload, m)
+        self.raw(FIN | op, payload)
     }
 
     fn send(&mut self, bytes: &[u8]) {
@@ -225,45 +166,6 @@ impl Ws {
         self.binary(&f);
     }
 
-    fn fill(&mut self) -> std::io::Result<()> {
-        let mut chunk = [0u8; 64 * 1024];
-        let n = read_retrying(&mut self.s, &mut chunk)?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("router closed ({} bytes buffered)", self.buf.len()),
-            ));
-        }
-        self.buf.extend_from_slice(&chunk[..n]);
-        Ok(())
-    }
-
-    fn read_msg(&mut self) -> std::io::Result<Msg> {
-        loop {
-            let h = parse_head(&self.buf).unwrap_or_else(|e| panic!("bad router frame: {e:?}"));
-            if let Some(h) = h {
-                let total = h.header_len + h.payload_len as usize;
-                if self.buf.len() >= total {
-                    assert!(h.mask.is_none(), "router frames are never masked");
-                    assert!(h.fin, "the router does not fragment");
-                    let p: Vec<u8> = self.buf[h.header_len..total].to_vec();
-                    self.buf.drain(..total);
-                    return Ok(match h.opcode {
-                        opcode::BINARY => Msg::Binary(p),
-                        opcode::TEXT => Msg::Text(p),
-                        opcode::PING => Msg::Ping(p),
-                        opcode::PONG => Msg::Pong(p),
-                        opcode::CLOSE => {
-                            Msg::Close((p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]])), p)
-                        }
-                        op => panic!("unexpected opcode {op}"),
-                    });
-                }
-            }
-            self.fill()?;
-        }
-    }
-
     /// The next Response frame (pongs before it skipped); panics on anything else.
     fn response(&mut self) -> Frame {
         loop {
@@ -275,18 +177,6 @@ impl Ws {
                 }
                 Ok(Msg::Pong(_)) => continue,
                 other => panic!("expected a Response frame, got {other:?}"),
-            }
-        }
-    }
-
-    /// Reads up to the close frame (answers and pongs before it are skipped): its code, or
-    /// why none came.
-    fn close_code(&mut self) -> Result<Option<u16>, String> {
-        loop {
-            match self.read_msg() {
-                Ok(Msg::Close(c, _)) => return Ok(c),
-                Ok(_) => continue,
-                Err(e) => return Err(e.to_string()),
             }
         }
     }
@@ -305,52 +195,12 @@ impl Ws {
 
 // Frame helpers.
 
-fn header_lines(f: &Frame) -> Vec<String> {
-    f.meta_entries()
-        .filter(|(t, _)| *t == tag::HEADER)
-        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-        .collect()
-}
-
-fn header_of(f: &Frame, name: &str) -> Option<String> {
-    header_lines(f).into_iter().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case(name)
-            .then(|| v.trim().to_string())
-    })
-}
-
-fn status_of(f: &Frame) -> u64 {
-    f.get_u64(tag::STATUS).expect("STATUS in every answer")
-}
-
 fn describe(f: &Frame) -> String {
-    let meta: Vec<String> = f
-        .meta_entries()
-        .map(|(t, v)| format!("{t}={}", String::from_utf8_lossy(v)))
-        .collect();
-    let body = if f.payload.len() > 200 {
-        format!("<{} bytes>", f.payload.len())
-    } else {
-        String::from_utf8_lossy(&f.payload).into_owned()
-    };
-    format!(
-        "id {} {:?} meta [{}] body {body}",
-        f.header.request_id,
-        f.header,
-        meta.join(", ")
-    )
+    ws::describe(f, 200)
 }
 
 fn assert_error_frame(f: &Frame, id: u64, status: u64, code: &str) {
-    let d = describe(f);
-    assert_eq!(f.header.request_id, id, "{d}");
-    assert_eq!(status_of(f), status, "{d}");
-    assert_eq!(f.get_str(tag::ERROR), Some(code), "ERROR meta: {d}");
-    let j: serde_json::Value =
-        serde_json::from_slice(&f.payload).unwrap_or_else(|e| panic!("JSON body ({e}): {d}"));
-    assert_eq!(j["error"], code, "{d}");
+    ws::assert_error_basics(f, id, status, code, &describe(f));
 }
 
 fn assert_echo(f: &Frame, id: u64, body: &[u8]) {
@@ -456,27 +306,31 @@ fn a_fragmented_message_exactly_at_the_bound_is_served_and_one_byte_more_is_1009
     w.expect_close(1009);
 }
 
-/// RFC 6455 5.4: a continuation frame with no message begun fails the session with 1002.
-#[test]
-fn a_continuation_without_a_message_closes_1002() {
+/// A session on a fresh one-shard router (no task) sends the bytes `wire` makes and is closed
+/// with `code`, then TCP closed.
+fn sent_closes(code: u16, wire: impl FnOnce(&mut Ws) -> Vec<u8>) {
     let r = Router::new().shards(1).start();
     let tok = r.token(APP, "alice");
     let mut w = open(&r, &tok);
-    let b = w.raw(FIN | opcode::CONTINUATION, b"orphan");
+    let b = wire(&mut w);
     w.send(&b);
-    w.expect_close(1002);
+    w.expect_close(code);
+}
+
+/// RFC 6455 5.4: a continuation frame with no message begun fails the session with 1002.
+#[test]
+fn a_continuation_without_a_message_closes_1002() {
+    sent_closes(1002, |w| w.raw(FIN | opcode::CONTINUATION, b"orphan"));
 }
 
 /// RFC 6455 5.4: a new data frame inside a fragmented message fails the session with 1002.
 #[test]
 fn a_new_message_inside_a_fragmented_one_closes_1002() {
-    let r = Router::new().shards(1).start();
-    let tok = r.token(APP, "alice");
-    let mut w = open(&r, &tok);
-    let mut wire = w.raw(opcode::BINARY, b"first half");
-    wire.extend(w.raw(FIN | opcode::BINARY, b"another message"));
-    w.send(&wire);
-    w.expect_close(1002);
+    sent_closes(1002, |w| {
+        let mut wire = w.raw(opcode::BINARY, b"first half");
+        wire.extend(w.raw(FIN | opcode::BINARY, b"another message"));
+        wire
+    });
 }
 
 /// A ping of 125 bytes (the most a control frame may carry) gets a pong with the same 125
@@ -589,24 +443,17 @@ fn allowed_close_codes_are_answered_1000_and_1015_5000_65535_get_1002() {
 /// Section 8 table: "1007 (from the websocket layer) text that is not UTF-8".
 #[test]
 fn a_text_message_that_is_not_utf8_closes_1007() {
-    let r = Router::new().shards(1).start();
-    let tok = r.token(APP, "alice");
-    let mut w = open(&r, &tok);
-    let b = w.frame(opcode::TEXT, &[0xff, 0xfe, b'x']);
-    w.send(&b);
-    w.expect_close(1007);
+    sent_closes(1007, |w| w.frame(opcode::TEXT, &[0xff, 0xfe, b'x']));
 }
 
 /// Section 8 table: "1003 a text message", also when it came in fragments.
 #[test]
 fn a_fragmented_text_message_closes_1003() {
-    let r = Router::new().shards(1).start();
-    let tok = r.token(APP, "alice");
-    let mut w = open(&r, &tok);
-    let mut wire = w.raw(opcode::TEXT, b"{\"hel");
-    wire.extend(w.raw(FIN | opcode::CONTINUATION, b"lo\":1}"));
-    w.send(&wire);
-    w.expect_close(1003);
+    sent_closes(1003, |w| {
+        let mut wire = w.raw(opcode::TEXT, b"{\"hel");
+        wire.extend(w.raw(FIN | opcode::CONTINUATION, b"lo\":1}"));
+        wire
+    });
 }
 
 // =============================================================================================

@@ -13,12 +13,10 @@
 
 use super::{bin, fedbus, keys_init, out_file, Conn, Req, Response, TempDir, START_TIMEOUT};
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// The app every federation serves.
@@ -231,27 +229,8 @@ fn spawn_router(
     takeover: bool,
 ) -> FedProc {
     let log = home.join(format!("{}-{run}.log", name.replace('/', "-")));
-    let mut args = vec!["run", "--config", cfg.to_str().expect("utf-8 path")];
-    if takeover {
-        args.push("--takeover");
-    }
-    let mut child = Command::new(bin())
-        .args(&args)
-        .env("FEDBUS_HOME", home)
-        .env("FEDBUS_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).expect("router log"))
-        .spawn()
-        .expect("spawn fedbus run");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
+    let args: &[&str] = if takeover { &["--takeover"] } else { &[] };
+    let (child, rx) = crate::launch::spawn_run_child(home, cfg, args, &[], &log);
     let mut proc = FedProc {
         child: Some(child),
         log,

@@ -17,7 +17,7 @@ pub mod fed;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,7 +26,10 @@ use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
 pub mod attack;
+pub mod launch;
 pub mod seed;
+pub mod tls;
+pub mod ws;
 
 /// The `fedbus` binary under test: `$FEDBUS_BIN` when set, else `fedbus` in the profile
 /// directory of the running test executable (`target/<profile>/deps/<test>` ->
@@ -398,25 +401,7 @@ impl RouterBuilder {
         std::fs::write(&cfg_path, &cfg).expect("write config");
 
         let log = home.join("router.log");
-        let mut child = Command::new(bin())
-            .args(["run", "--config", cfg_path.to_str().expect("utf-8 path")])
-            .env("FEDBUS_HOME", &home)
-            .env("FEDBUS_LOG", "info")
-            .envs(self.envs.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("router log"))
-            .spawn()
-            .expect("spawn fedbus run");
-        // Read stdout in a thread (and keep draining it, so the router never blocks on it).
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
+        let (child, rx) = launch::spawn_run_child(&home, &cfg_path, &[], &self.envs, &log);
         let mut proc = Proc {
             child: Some(child),
             log: log.clone(),
@@ -591,21 +576,7 @@ impl Router {
         if let Some(t) = self.tokens.borrow().get(&key) {
             return t.clone();
         }
-        let t = fedbus(
-            self.home(),
-            &[
-                "token",
-                "client",
-                "--app",
-                app,
-                "--sub",
-                sub,
-                "--keyring",
-                self.keys.to_str().expect("utf-8 path"),
-            ],
-        )
-        .trim()
-        .to_string();
+        let t = launch::client_token(self.home(), &self.keys, app, sub);
         assert_eq!(t.split('.').count(), 3, "not a JWT: {t:?}");
         self.tokens.borrow_mut().insert(key, t.clone());
         t

@@ -83,21 +83,7 @@ pub fn rotate_app(r: &Router, app: &str) -> String {
 
 /// A fresh (uncached) client token from `fedbus token client`.
 pub fn fresh_token(r: &Router, app: &str, sub: &str) -> String {
-    let t = fedbus(
-        r.home(),
-        &[
-            "token",
-            "client",
-            "--app",
-            app,
-            "--sub",
-            sub,
-            "--keyring",
-            r.keys.to_str().expect("utf-8 path"),
-        ],
-    )
-    .trim()
-    .to_string();
+    let t = crate::launch::client_token(r.home(), &r.keys, app, sub);
     assert_eq!(t.split('.').count(), 3, "not a JWT: {t:?}");
     t
 }

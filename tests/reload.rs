@@ -598,12 +598,25 @@ fn a_peer_token_file_rewritten_before_expiry_renews_open_peer_links() {
     let hs: Vec<_> = (0..2)
         .map(|r| load(&f, f.router("spb1", r), &stop, &log))
         .collect();
+    // Seven rewrites at fixed times (1.5 s apart from the start, however long minting a token
+    // takes on a loaded machine).
     let t0 = std::time::Instant::now();
-    while t0.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(1500));
+    for k in 1..=7u32 {
+        let at = t0 + Duration::from_millis(1500) * k;
+        std::thread::sleep(at.saturating_duration_since(std::time::Instant::now()));
         for (r, file) in files.iter().enumerate() {
             write_peer_token(&f, r, file, "4s");
         }
+    }
+    // The last rewrite's renewals (the file is looked at every reload poll) are waited for,
+    // under load, before the load stops.
+    for r in 0..2 {
+        wait_fed_metric(
+            f.router("spb1", r),
+            "fedbus_peer_renewals_total{result=\"accepted\"}",
+            5.0 * 2.0 * shards,
+            Duration::from_secs(4),
+        );
     }
     stop.store(true, Ordering::Relaxed);
     for h in hs {

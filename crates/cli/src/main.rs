@@ -498,9 +498,10 @@ fn run_router(path: Option<PathBuf>, takeover: bool) -> Result<()> {
     // exit 70 (EX_SOFTWARE), for the supervisor to start a whole router.
     let r = std::sync::Arc::new(r);
     let drain_timeout = std::time::Duration::from_millis(cfg.readiness.drain_timeout_ms);
-    let draining = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Cloned into the dead-shard thread: one flag says whether a drain is under way.
     let drain_then_exit = {
-        let (r, draining) = (r.clone(), draining.clone());
+        let r = r.clone();
+        let draining = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         move |code: i32| {
             if draining.swap(true, std::sync::atomic::Ordering::SeqCst) {
                 return false;
@@ -527,18 +528,22 @@ fn run_router(path: Option<PathBuf>, takeover: bool) -> Result<()> {
                 drain_then_exit(EXIT_DEAD_SHARD);
             })?;
     }
+    // A second SIGTERM/SIGINT exits at once; the first one during a dead shard's drain (a
+    // supervisor stopping the router) lets that drain finish.
+    let mut signalled = false;
     for sig in signals.forever() {
         if sig == signal_hook::consts::SIGHUP {
             tracing::info!(
                 "SIGHUP: reloading the keyring, TLS certificates, [[apps]] and [federation]"
             );
             let _ = r.events.send(fedbus_router::control::ControlEvent::Reload);
-        } else if draining.load(std::sync::atomic::Ordering::SeqCst) {
+        } else if std::mem::replace(&mut signalled, true) {
             tracing::warn!("signal {sig} during the drain: exiting now");
             std::process::exit(1);
-        } else {
+        } else if drain_then_exit(0) {
             tracing::info!("signal {sig}: draining, then exiting");
-            drain_then_exit(0);
+        } else {
+            tracing::info!("signal {sig}: the drain under way goes on; a second one exits now");
         }
     }
     Ok(())

@@ -558,7 +558,7 @@ fn refusal_cors(shard: &Shard, head: &[u8], a: &Answer) -> Option<CorsAnswer> {
     let field = |name| crate::ws::handshake::header(r.headers, name);
     let origin = cross_origin(field("origin"), field("host"))?;
     let target = parse_api_path(origin_form(r.path?)).ok()?;
-    routing::cors::readable(shard, &target, origin, a).then(|| CorsAnswer {
+    routing::cors::readable(shard, &target, origin, a, false).then(|| CorsAnswer {
         origin: Bytes::copy_from_slice(origin),
         credentials: routing::cors::allow_credentials(shard, target.app_name),
     })
@@ -621,7 +621,7 @@ fn routed(
         // refusal of the origin, nor a 404 to an origin no app of ours allows. Looked at only
         // for a cross-origin request: a relayed answer's error tag is found by scanning its
         // metadata.
-        let readable = |o: &[u8]| routing::cors::readable(&shard, &r.target, o, &a);
+        let readable = |o: &[u8]| routing::cors::readable(&shard, &r.target, o, &a, true);
         let cors = r.origin.filter(|o| readable(o)).map(|o| CorsAnswer {
             origin: req.bytes.slice_ref(o),
             credentials: routing::cors::allow_credentials(&shard, r.target.app_name),

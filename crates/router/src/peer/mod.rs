@@ -511,12 +511,20 @@ async fn send_renewals(
         if slot.renew_refused.replace(false) {
             retry_at = Some(Instant::now() + RENEW_RETRY);
         }
-        let now = shard.federation.token.load_full();
-        let newer = now.is_some() && now != sent;
+        // A look every SENDER_POLL on every link: compare pointers under the guard (no
+        // refcount taken on the shared token), and take it only when it is newer.
+        let newer = {
+            let cur = shard.federation.token.load();
+            match (cur.as_ref(), sent.as_ref()) {
+                (Some(c), Some(s)) => !Arc::ptr_eq(c, s) && c != s,
+                (c, _) => c.is_some(),
+            }
+        };
         let at = Instant::now();
         let retry = retry_at.is_some_and(|t| at >= t);
         if (newer || retry) && slot.renew_pacer.get().may_send(at) {
             retry_at = None;
+            let now = shard.federation.token.load_full();
             let token = now.as_deref().map(String::as_str).unwrap_or_default();
             if out.borrow_mut().send_text(&renew::renew(token)).is_err() {
                 return;

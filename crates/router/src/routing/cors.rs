@@ -75,30 +75,36 @@ pub(crate) fn any_app_allows(shard: &Shard, origin: &[u8]) -> bool {
 /// this cluster, its policy decides (a routed answer already passed it, [`check`]; a refusal
 /// made from the request head before the policy ran, a body over the limit or a malformed
 /// credential, did not). For another cluster's app the answer is relayed from the router that
-/// applied that app's policy. For an app or a cluster this router does not know, whether any of
-/// its apps allows the origin (the `/api/ws` upgrade's check): a page on an origin no app
-/// trusts learns nothing from a 404 about which apps and clusters exist.
+/// applied that app's policy, unless it is a `404 unknown_app` (that router has no policy for
+/// it either). For an app or a cluster nobody knows, whether any of this router's apps allows
+/// the origin (the `/api/ws` upgrade's check): a page on an origin no app trusts learns
+/// nothing from a 404 about which apps and clusters exist. `routed`: the answer comes from
+/// routing, after this cluster's app's policy passed, so only its 404s are looked at further.
 pub(crate) fn readable(
     shard: &Shard,
     target: &crate::route::ApiPath<'_>,
     origin: &[u8],
     a: &Answer,
+    routed: bool,
 ) -> bool {
-    if a.error_tag() == Some(&b"origin_not_allowed"[..]) {
+    let tag = a.error_tag();
+    if tag == Some(&b"origin_not_allowed"[..]) {
         return false;
     }
-    let ours = target.region == shard.cfg.region && target.cluster == shard.cfg.cluster;
-    if !ours
-        && shard
-            .snapshots
-            .fed
-            .load()
-            .knows(target.region, target.cluster)
-    {
+    let unknown = matches!(tag, Some(b"unknown_app" | b"unknown_cluster"));
+    if routed && !unknown {
         return true;
     }
+    let ours = target.region == shard.cfg.region && target.cluster == shard.cfg.cluster;
+    if !ours {
+        let fed = shard.snapshots.fed.load();
+        if !unknown && fed.knows(target.region, target.cluster) {
+            return true;
+        }
+        return any_app_allows(shard, origin);
+    }
     let apps = shard.snapshots.apps.load();
-    match apps.apps.iter().find(|a| ours && a.name == target.app_name) {
+    match apps.apps.iter().find(|a| a.name == target.app_name) {
         Some(app) => app.cors.as_ref().is_some_and(|c| c.allows(origin)),
         None => any_app_allows(shard, origin),
     }

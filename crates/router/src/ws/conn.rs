@@ -1817,4 +1817,79 @@ mod tests {
             "empty pongs cost a slot each: bounded by count"
         );
     }
+
+    /// Hands out its bytes, then never anything more (a client that stopped sending).
+    struct ThenSilent<'a>(&'a [u8]);
+
+    impl AsyncRead for ThenSilent<'_> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.0.is_empty() {
+                return Poll::Pending;
+            }
+            let n = buf.len().min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn a_message_in_pieces_is_held_to_its_pace() {
+        use std::time::{Duration, Instant};
+        glommio::LocalExecutor::default().run(async {
+            let allowance = Duration::from_millis(50);
+            // Read whole, in one read or in many, fragments and a ping between them: no
+            // deadline is left once the message is out.
+            let mut wire = masked(opcode::BINARY, &[b'a'; 300], [1, 2, 3, 4], false);
+            wire.extend(masked(opcode::PING, b"p", [5, 6, 7, 8], true));
+            wire.extend(masked(
+                opcode::CONTINUATION,
+                &[b'b'; 500],
+                [4, 3, 2, 1],
+                true,
+            ));
+            for step in [7, 1 << 16] {
+                let mut r =
+                    WsReader::new(Chunks(&wire, step), BytesMut::new(), Side::Server, 1 << 20);
+                r.set_min_pace(allowance, 1000);
+                assert!(matches!(r.next().await.unwrap(), Message::Ping(_)));
+                assert!(matches!(r.next().await.unwrap(), Message::Binary(_)));
+                assert_eq!(r.message_deadline(), None, "step {step}");
+            }
+            // A whole first fragment of 4000 bytes, then silence: the deadline counts those
+            // bytes (50 ms + 4000 / 1000 s), not only the frame being read.
+            let wire = masked(opcode::BINARY, &[b'a'; 4000], [1, 2, 3, 4], false);
+            let mut r = WsReader::new(ThenSilent(&wire), BytesMut::new(), Side::Server, 1 << 20);
+            r.set_min_pace(allowance, 1000);
+            let start = Instant::now();
+            let quick =
+                glommio::timer::timeout(Duration::from_millis(200), async { Ok(r.next().await) })
+                    .await;
+            assert!(quick.is_err(), "no message, no error yet");
+            let due = r.message_deadline().expect("a message in progress");
+            assert!(
+                due >= start + Duration::from_millis(4000),
+                "{:?}",
+                due - start
+            );
+            // Half a frame, then silence, at 1 MB/s: Slow at the allowance (a 1008 close).
+            let wire = masked(opcode::BINARY, &[b'a'; 4000], [1, 2, 3, 4], true);
+            let mut r = WsReader::new(
+                ThenSilent(&wire[..2000]),
+                BytesMut::new(),
+                Side::Server,
+                1 << 20,
+            );
+            r.set_min_pace(allowance, 1_000_000);
+            let start = Instant::now();
+            let e = r.next().await.unwrap_err();
+            assert!(matches!(e, WsError::Slow), "{e:?}");
+            assert_eq!(e.close_code(), Some(1008));
+            assert!(start.elapsed() >= allowance, "{:?}", start.elapsed());
+        });
+    }
 }

@@ -557,7 +557,12 @@ fn refusal_cors(shard: &Shard, head: &[u8], a: &Answer) -> Option<CorsAnswer> {
     }
     let field = |name| crate::ws::handshake::header(r.headers, name);
     let origin = cross_origin(field("origin"), field("host"))?;
-    let target = parse_api_path(origin_form(r.path?)).ok()?;
+    refused_cors(shard, origin_form(r.path?), origin, a)
+}
+
+/// The CORS fields of a refusal of a request for `path` from the cross-origin `origin`.
+fn refused_cors(shard: &Shard, path: &str, origin: &[u8], a: &Answer) -> Option<CorsAnswer> {
+    let target = parse_api_path(path).ok()?;
     routing::cors::readable(shard, &target, origin, a, false).then(|| CorsAnswer {
         origin: Bytes::copy_from_slice(origin),
         credentials: routing::cors::allow_credentials(shard, target.app_name),
@@ -778,7 +783,12 @@ async fn serve_inner<S: Stream>(
                             start,
                         )),
                         Err(a) => {
-                            let cors = refusal_cors(shard, req.head(), &a);
+                            // The parsed request has its path and origin: no second parse.
+                            let path = std::str::from_utf8(&req.head()[req.path.clone()]);
+                            let cors = req
+                                .cross_origin()
+                                .zip(path.ok())
+                                .and_then(|(o, p)| refused_cors(shard, p, o, &a));
                             refused(a, head, close, n_in, start, cors)
                         }
                     };

@@ -160,8 +160,7 @@ impl std::fmt::Display for Refused {
 /// The ClientHello is read first (`LazyConfigAcceptor`), then the handshake goes on with
 /// `config`: a ClientHello that `config` refuses (ALPN `h2` only, no common cipher suite) is
 /// answered with its alert (`no_application_protocol`, ...), written as the socket allows.
-/// `TlsAcceptor::accept` wrote that alert in one try ("last gasp"), which a glommio socket
-/// always defers, so the client read a reset instead.
+/// With `TlsAcceptor::accept` the client read a reset instead of that alert.
 pub(crate) async fn accept(
     config: &Arc<ServerConfig>,
     mut tcp: glommio::net::TcpStream,

@@ -1065,7 +1065,9 @@ async fn close_idle<S: Stream>(stream: &mut S) {
 /// the kernel send RST and could destroy our answer before the client reads it.
 pub(crate) async fn lingering_close<S: Stream>(stream: &mut S) {
     let _ = stream.shutdown_write().await;
-    let mut sink = [0u8; 16 * 1024];
+    // On the heap: an array here would be part of every connection's future (whose size is
+    // that of its largest await), 16 KiB more resident per idle keep-alive connection.
+    let mut sink = vec![0u8; 16 * 1024];
     let fd = std::os::unix::io::AsRawFd::as_raw_fd(stream.tcp());
     let _ = glommio::timer::timeout(Duration::from_secs(1), async {
         let mut left = 1usize << 20;

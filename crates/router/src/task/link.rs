@@ -464,7 +464,8 @@ pub(crate) async fn read_upgrade<S: futures_lite::AsyncRead + futures_lite::Asyn
                     return Err(format!("bad upgrade: {}", r.message));
                 }
             }
-            let mut chunk = [0u8; 4096];
+            // On the heap, not in every link's future for its life.
+            let mut chunk = vec![0u8; 4096];
             let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
             if n == 0 {
                 return Err("closed during handshake".to_string());

@@ -179,7 +179,8 @@ pub(crate) async fn accept(
             // What the client sent is dropped; the lingering close reads the rest.
             let answer = crate::ws::handshake::error_response(400, "tls_required", hint);
             let answered = timeout(left(), async {
-                let mut chunk = [0u8; 4096];
+                // On the heap, not in every TLS connection's future.
+                let mut chunk = vec![0u8; 4096];
                 let _ = tcp.read(&mut chunk).await;
                 Ok(tcp.write_all(answer.as_bytes()).await)
             })

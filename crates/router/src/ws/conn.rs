@@ -118,12 +118,24 @@ impl From<HeadError> for WsError {
 /// it is; a `reserve` that reallocates or reclaims moves it, and then it is zeroed again. So a
 /// buffer is zero-filled once per allocation, not once per read (zeroing 64 KiB per read would
 /// cost more than the read itself for small frames).
+///
+/// A read is offered [`FIRST_OFFER`] bytes at first, and twice what it was offered after a read
+/// that filled its offer, up to [`READ_CHUNK`]: a connection that only ever receives small
+/// requests touches (and keeps resident) 4 KiB of its read buffer, not all of it. Zeroing the
+/// whole chunk up front made every idle keep-alive connection hold 16 KiB and every `/api/ws`
+/// session 64 KiB (`benches/memory-per-connection.sh`); a bulk upload reaches full-size reads
+/// after four reads.
 #[derive(Debug, Default)]
 pub struct ReadSpace {
     start: usize,
     end: usize,
     init: usize,
+    /// Bytes the next read is offered (0: [`FIRST_OFFER`]).
+    offer: usize,
 }
+
+/// What a connection's first read is offered (see [`ReadSpace`]).
+pub const FIRST_OFFER: usize = 4 * 1024;
 
 impl ReadSpace {
     /// Reads once from `io` into the spare capacity of `buf` (which the caller has reserved)
@@ -139,16 +151,13 @@ impl ReadSpace {
             spare.as_ptr() as usize + spare.len(),
         );
         if (start, end) != (self.start, self.end) {
-            *self = ReadSpace {
-                start,
-                end,
-                init: 0,
-            };
+            (self.start, self.end, self.init) = (start, end, 0);
         }
         // At most one read chunk is zeroed and offered per read: a peer that announces a large
         // frame or body (the caller reserves room for all of it) must not make the router
-        // touch megabytes before the bytes arrive.
-        let take = spare.len().min(READ_CHUNK);
+        // touch megabytes before the bytes arrive. Bytes already zeroed are offered for free.
+        let offer = self.offer.max(FIRST_OFFER).max(self.init);
+        let take = spare.len().min(READ_CHUNK).min(offer);
         if self.init < take {
             for b in &mut spare[self.init..take] {
                 b.write(0);
@@ -162,6 +171,10 @@ impl ReadSpace {
         // and one that reclaims in place moves the region's start; nothing de-initializes bytes.
         let dst = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), take) };
         let n = io.read(dst).await?.min(take);
+        if n == take {
+            // The peer had more to say than it was offered: offer more next time.
+            self.offer = (take * 2).min(READ_CHUNK);
+        }
         // SAFETY: the first n bytes of the spare capacity are initialized (see above).
         unsafe { buf.set_len(buf.len() + n) };
         self.start += n;
@@ -507,7 +520,8 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
         self.buf.clear();
         // What a message in progress held goes back now, not when the reader is dropped.
         (self.frag, self.dropping, self.arriving) = (None, None, None);
-        let mut b = [0u8; 16 * 1024];
+        // On the heap: an array would be part of every session's future, held for its life.
+        let mut b = vec![0u8; 16 * 1024];
         let _ = glommio::timer::timeout(limit, async {
             while let Ok(n) = self.io.read(&mut b).await {
                 if n == 0 {
@@ -1466,6 +1480,70 @@ mod tests {
         ));
         let mut r = WsReader::new(&wire[..], BytesMut::new(), Side::Server, 1024);
         assert_eq!(block_on(r.next()).unwrap_err().close_code(), Some(1009));
+    }
+
+    /// What each read is offered: 4 KiB while the peer sends little (so an idle connection
+    /// touches 4 KiB of its buffer, not the whole chunk), doubling after each read that filled
+    /// its offer, up to `READ_CHUNK`, and never more than the buffer's spare room.
+    #[test]
+    fn read_space_offers_more_only_after_full_reads() {
+        struct Offered(Vec<usize>, Vec<usize>);
+        impl AsyncRead for Offered {
+            fn poll_read(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                buf: &mut [u8],
+            ) -> Poll<io::Result<usize>> {
+                let n = self.0.remove(0).min(buf.len());
+                self.1.push(buf.len());
+                Poll::Ready(Ok(n))
+            }
+        }
+        // Small reads, then a bulk transfer, then small again.
+        let mut r = Offered(
+            vec![
+                300,
+                200,
+                usize::MAX,
+                usize::MAX,
+                usize::MAX,
+                usize::MAX,
+                usize::MAX,
+                usize::MAX,
+                10,
+            ],
+            Vec::new(),
+        );
+        let mut buf = BytesMut::with_capacity(1 << 20);
+        let mut space = ReadSpace::default();
+        futures_lite::future::block_on(async {
+            for _ in 0..9 {
+                space.read(&mut r, &mut buf).await.expect("read");
+                buf.clear();
+            }
+        });
+        let k = 1024;
+        assert_eq!(
+            r.1,
+            [
+                4 * k,
+                4 * k,
+                4 * k,
+                8 * k,
+                16 * k,
+                32 * k,
+                64 * k,
+                64 * k,
+                64 * k
+            ],
+            "offers"
+        );
+        // A buffer with less spare room than the offer gets what it has.
+        let mut r = Offered(vec![usize::MAX], Vec::new());
+        let mut small = BytesMut::with_capacity(1000);
+        futures_lite::future::block_on(ReadSpace::default().read(&mut r, &mut small))
+            .expect("read");
+        assert_eq!(r.1, [small.capacity()]);
     }
 
     /// A reader that hands out at most `.1` bytes per read.

@@ -1,0 +1,99 @@
+# Shared by the benchmark scripts (sourced, not run): installing tools, ports, and starting
+# the servers every benchmark compares in the same way. The caller sets WORK (a scratch
+# folder), PIDS (an array the caller's cleanup kills) and, for start_fedbus, FEDBUS_HOME,
+# TOKEN, TLS and CERT.
+
+# need CMD PACKAGE: installs PACKAGE (Debian) when CMD is missing.
+need() {
+  command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ] && return 0
+  echo "== installing $2 (Debian package)" >&2
+  apt-get install -y -qq "$2" >/dev/null || { apt-get update -qq && apt-get install -y -qq "$2" >/dev/null; }
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done
+  echo "nothing listens on port $1" >&2; return 1
+}
+
+# start_fedbus BIN TAG: a router (shard core 1, control thread core 0) and its echo task
+# (core 0) from BIN; sets ROUTER, ECHO, API_PORT, INT_PORT (and TLS_PORT, the HTTPS listener,
+# with TLS=1); waits until a request answers 200 (on each listener).
+start_fedbus() {
+  local bin=$1 tag=$2 ok=0 code tls_listen="" tls_certs=""
+  API_PORT=$(free_port); INT_PORT=$(free_port); TLS_PORT=""
+  if [ "$TLS" = 1 ]; then
+    TLS_PORT=$(free_port)
+    tls_listen="api_tls = \"127.0.0.1:$TLS_PORT\""
+    tls_certs=$(printf '[[tls.certs]]\ncert = "%s"\nkey = "%s"' "$CERT.pem" "$CERT.key")
+  fi
+  cat >"$WORK/router$tag.toml" <<EOF
+region = "local"
+cluster = "dev"
+keyring = "$FEDBUS_HOME/keys"
+
+[listen]
+api = "127.0.0.1:$API_PORT"
+$tls_listen
+internal = "127.0.0.1:$INT_PORT"
+admin_enabled = false
+
+[tuning]
+shard_cores = [1]
+control_core = 0
+
+[[apps]]
+name = "demo/echo"
+partitions = 16
+
+$tls_certs
+EOF
+  "$bin" run --config "$WORK/router$tag.toml" >"$WORK/router$tag.log" 2>&1 &
+  ROUTER=$!; PIDS+=($ROUTER)
+  for _ in $(seq 1 100); do grep -q '"shard_cores"' "$WORK/router$tag.log" 2>/dev/null && break; sleep 0.1; done
+  taskset -c 0 "$bin" task echo --router "127.0.0.1:$INT_PORT" --app demo/echo >"$WORK/echo$tag.log" 2>&1 &
+  ECHO=$!; PIDS+=($ECHO)
+  for _ in $(seq 1 100); do
+    code=$(python3 - "$API_PORT" "$TOKEN" "$TLS_PORT" <<'PY' 2>/dev/null || true
+import http.client, ssl, sys
+def status(c):
+    c.request("POST", "/api/local/dev/demo/echo/api/0/sys/echo", body=b"ping", headers={"Authorization": "Bearer " + sys.argv[2]})
+    return c.getresponse().status
+s = status(http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=2))
+if sys.argv[3] and s == 200:
+    ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+    s = status(http.client.HTTPSConnection("127.0.0.1", int(sys.argv[3]), timeout=2, context=ctx))
+print(s)
+PY
+)
+    [ "$code" = 200 ] && { ok=1; break; }
+    sleep 0.1
+  done
+  [ $ok = 1 ] || { echo "fedbus router ($bin) never answered 200; log:" >&2; tail -20 "$WORK/router$tag.log" >&2; exit 1; }
+}
+
+# nginx_conf NAME CORE_MASK HTTP_BODY: a config for one nginx worker pinned by CORE_MASK,
+# whose http block holds HTTP_BODY (upstreams and servers); prints its path.
+nginx_conf() {
+  local d=$WORK/nginx-$1
+  mkdir -p "$d/logs" "$d/tmp"
+  cat >"$d/nginx.conf" <<EOF
+user root;
+worker_processes 1;
+worker_cpu_affinity $2;
+daemon off;
+pid $d/nginx.pid;
+error_log $d/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $d/tmp/body; proxy_temp_path $d/tmp/proxy;
+  fastcgi_temp_path $d/tmp/fcgi; uwsgi_temp_path $d/tmp/uwsgi; scgi_temp_path $d/tmp/scgi;
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;
+  $3
+}
+EOF
+  [ "$(id -u)" = 0 ] || sed -i '/^user root;/d' "$d/nginx.conf"
+  echo "$d/nginx.conf"
+}

@@ -1437,6 +1437,14 @@ fn two_takeovers_back_to_back_while_the_first_still_drains() {
     let _slow = s.task("slow", &["--partitions", "8-15", "--delay-ms", "2000"]);
     let tok = s.token("alice");
     s.wait_served(&tok, 1, Duration::from_secs(10), &a);
+    // The held request first, alone: the pending gauge then counts only it (a client request
+    // in flight when `before` was read made the wait miss it under load).
+    let before = s.pending();
+    let mut held = TcpStream::connect(s.api).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    held.write_all(&s.req(&tok, 8, b"held")).unwrap();
+    s.wait_pending(before + 1.0, &a);
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
     let client = {
@@ -1451,12 +1459,6 @@ fn two_takeovers_back_to_back_while_the_first_still_drains() {
             }
         })
     };
-    let before = s.pending();
-    let mut held = TcpStream::connect(s.api).unwrap();
-    held.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    held.write_all(&s.req(&tok, 8, b"held")).unwrap();
-    s.wait_pending(before + 1.0, &a);
     let mut b = s.launch(true);
     a.sig("TERM");
     wait_until(

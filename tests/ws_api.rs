@@ -653,6 +653,26 @@ fn client_that_never_reads_is_closed_1013() {
     );
 }
 
+/// One answer larger than the session's share of the outbox budget reaches a client that
+/// reads promptly (as it does over HTTP); the session is not closed as a slow reader. Before,
+/// a 150 KB echo on a 100 KB share closed the session with 1013.
+#[test]
+fn one_answer_larger_than_the_outbox_share_reaches_a_prompt_reader() {
+    let r = Router::new()
+        .shards(1)
+        .limit("max_connection_outbox_bytes", 100_000)
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let mut w = open(&r, &tok);
+    let big = vec![b'b'; 150_000];
+    for id in 0..3u64 {
+        w.send_request(id, Some(&r.path(APP, 2)), &big);
+        assert_echo_frame(&w.read_response(), id, 2, &big);
+    }
+    assert_eq!(r.metrics().get("fedbus_slow_reader_closed_total"), 0.0);
+}
+
 /// A session's token is authorized per request with the same rule as HTTP: once its key
 /// version is retired (rotation, then the grace period), the next request on the open session
 /// gets 401 `retired_key`, and the session stays open for a client that reconnects with a

@@ -528,7 +528,39 @@ pub fn checks(cfg: &crate::config::Config) -> Vec<Check> {
         check_memlock(shard_cores.len(), cfg.tuning.io_memory),
     ];
     out.extend(advisory_checks(&shard_cores, cfg.tuning.control_core));
+    out.push(check_link_outbox(&cfg.limits));
     out
+}
+
+/// Warns when a link's outbox cannot hold the largest request a link may carry: a request
+/// larger than `limits.max_link_outbox_bytes` gets `503 task_busy` (or `peer_busy`) however
+/// idle the link is, on every retry. A warning, not an error: a small outbox is a way to test
+/// a full one.
+fn check_link_outbox(l: &crate::config::Limits) -> Check {
+    const NAME: &str = "outbox";
+    let largest = l.max_message_bytes();
+    if l.max_link_outbox_bytes < largest {
+        return Check::warn(
+            NAME,
+            format!(
+                "limits.max_link_outbox_bytes ({}) is below the largest request a link carries \
+                 (limits.max_body_bytes + 64 KiB = {largest}): larger requests always get 503 \
+                 task_busy or peer_busy",
+                l.max_link_outbox_bytes
+            ),
+            format!(
+                "raise limits.max_link_outbox_bytes to at least {largest}, or lower \
+                 limits.max_body_bytes"
+            ),
+        );
+    }
+    Check::pass(
+        NAME,
+        format!(
+            "limits.max_link_outbox_bytes ({}) holds the largest request ({largest})",
+            l.max_link_outbox_bytes
+        ),
+    )
 }
 
 /// Runs every check for `fedbus tune`, prints one line per check (and its fix when it fails),
@@ -745,6 +777,21 @@ mod tests {
         let off = migrate_verdict(Some("0\n"));
         assert!(!off.ok && !off.fatal && off.fix.contains("tcp_migrate_req=1"));
         assert!(migrate_verdict(None).ok);
+    }
+
+    #[test]
+    fn a_link_outbox_below_the_largest_request_is_warned() {
+        let mut l = crate::config::Limits::default();
+        assert!(
+            check_link_outbox(&l).ok,
+            "the defaults hold a whole request"
+        );
+        l.max_link_outbox_bytes = 100_000;
+        let c = check_link_outbox(&l);
+        assert!(!c.ok && !c.fatal, "{}", c.detail);
+        assert!(c.detail.contains("503 task_busy"), "{}", c.detail);
+        l.max_body_bytes = 1000;
+        assert!(check_link_outbox(&l).ok);
     }
 
     #[test]

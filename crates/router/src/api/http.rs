@@ -800,6 +800,26 @@ async fn serve_inner<S: Stream>(
             if closing {
                 break;
             }
+            // Chosen to make room at the connection limit while part of a request came in
+            // (the read won the race): that request is refused at once rather than awaited
+            // (a slow or hostile client would hold the room it was to give for up to
+            // `limits.handshake_timeout_ms`, or the length of its upload). A request that
+            // came in whole is answered, with `Connection: close`.
+            if keepalive.slot.is_evicted_for_room() && (!buf.is_empty() || continued) {
+                tracing::info!(
+                    shard = shard.index,
+                    "closed to make room at limits.max_connections_per_shard while a request was arriving: 503"
+                );
+                closing = true;
+                receiving = None;
+                let a = Answer::error(
+                    503,
+                    "too_many_connections",
+                    "the router is at limits.max_connections_per_shard; retry on a new connection",
+                );
+                inflight.push_back(ready(a, is_head(&buf), true, 0, Instant::now()));
+                continue;
+            }
             // A request head must be complete within `limits.handshake_timeout_ms` of its
             // first byte: a client that trickles a head is cut, whatever its pace.
             if buf.is_empty() || continued {

@@ -143,7 +143,7 @@ pub(crate) async fn serve<S: Stream>(
         // The session's answers waiting to be written count against the shard's memory
         // budget, and its share of it bounds them.
         let mut o = out.borrow_mut();
-        o.set_limit(limits.max_connection_outbox_bytes);
+        o.set_soft_limit(limits.max_connection_outbox_bytes);
         o.charge_to(crate::shard::OutboxCharge::new(shard.budget.clone()));
     }
     let session = Rc::new(Session {

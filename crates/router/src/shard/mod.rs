@@ -47,6 +47,9 @@ pub(crate) struct Shard {
     /// Keep-alive HTTP connections of this shard, for eviction at the connection limit.
     pub(crate) keepalive: RefCell<HashMap<u64, Rc<IdleSlot>>>,
     next_conn: Cell<u64>,
+    /// Connections closed to make room at the connection limit that are not closed yet (see
+    /// [`Shard::evict_idle`]).
+    evicting: Cell<usize>,
     /// The server config of the TLS api listener (`listen.api_tls`), when configured.
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     /// Router-wide readiness and drain state.
@@ -84,6 +87,7 @@ impl Shard {
             client_conns: Cell::new(0),
             keepalive: RefCell::new(HashMap::new()),
             next_conn: Cell::new(0),
+            evicting: Cell::new(0),
             router_name,
             federation,
             peers: RefCell::new(Default::default()),
@@ -288,6 +292,9 @@ pub(crate) struct IdleSlot {
     /// Since when the connection waits for a request with nothing in flight; None while busy.
     since: Cell<Option<std::time::Instant>>,
     evicted: Cell<bool>,
+    /// Evicted to make room at the connection limit (not by a drain): counted in
+    /// `Shard::evicting` until the connection closes.
+    for_room: Cell<bool>,
     waker: Cell<Option<std::task::Waker>>,
 }
 
@@ -300,6 +307,11 @@ impl IdleSlot {
     /// Whether the accept loop has chosen this connection for eviction.
     pub(crate) fn is_evicted(&self) -> bool {
         self.evicted.get()
+    }
+
+    /// Whether it was chosen to make room at the connection limit (not by a drain).
+    pub(crate) fn is_evicted_for_room(&self) -> bool {
+        self.for_room.get()
     }
 
     /// Resolves once the accept loop has chosen this connection for eviction.
@@ -326,8 +338,16 @@ pub(crate) struct KeepAlive {
 impl Drop for KeepAlive {
     fn drop(&mut self) {
         self.shard.keepalive.borrow_mut().remove(&self.id);
+        if self.slot.for_room.get() {
+            self.shard.evicting.set(self.shard.evicting.get() - 1);
+        }
     }
 }
+
+/// At most this many connections closed to make room at `limits.max_connections_per_shard`
+/// may still be open at once: a new connection beyond the limit is let in only for one of
+/// them, so the shard holds at most the limit plus this many client connections.
+pub(crate) const MAX_PENDING_EVICTIONS: usize = 16;
 
 impl Shard {
     /// Registers an HTTP connection as a candidate for idle eviction.
@@ -344,8 +364,15 @@ impl Shard {
     }
 
     /// Evicts the connection idle the longest, if any is idle: true when one was told to
-    /// close (it closes at its next turn, and its slot frees then).
+    /// close (it closes at its next turn, and its slot frees then). False while
+    /// [`MAX_PENDING_EVICTIONS`] evicted connections are still open: an eviction lets the new
+    /// connection in before the old one has closed, and a client whose next request raced the
+    /// eviction (its bytes arrived as it was chosen) is answered first, so without a bound a
+    /// burst of connections that each send part of a head got several times the limit in.
     pub(crate) fn evict_idle(&self) -> bool {
+        if self.evicting.get() >= MAX_PENDING_EVICTIONS {
+            return false;
+        }
         let conns = self.keepalive.borrow();
         let oldest = conns
             .values()
@@ -356,6 +383,8 @@ impl Shard {
             return false;
         };
         slot.evicted.set(true);
+        slot.for_room.set(true);
+        self.evicting.set(self.evicting.get() + 1);
         if let Some(w) = slot.waker.take() {
             w.wake();
         }

@@ -700,9 +700,15 @@ pub struct WsOut {
     spare_arena: BytesMut,
     queued: usize,
     limit: usize,
+    /// The limit bounds what waits behind other frames only: one data message larger than it
+    /// is let into an empty outbox ([`WsOut::set_soft_limit`]).
+    soft: bool,
     /// Control frames queued since the writer last emptied the queue, and their bound.
     controls: usize,
     max_controls: usize,
+    /// The newest pong dropped by that bound or the byte limit (payload, length): sent once
+    /// the writer has emptied the queue, so the latest ping is always answered.
+    late_pong: Option<([u8; 125], u8)>,
     closing: bool,
     /// Closed because the other side did not read (see [`WsOut::close_now`]).
     overflowed: bool,
@@ -797,8 +803,10 @@ impl WsOut {
             spare_arena: BytesMut::new(),
             queued: 0,
             limit,
+            soft: false,
             controls: 0,
             max_controls: 16,
+            late_pong: None,
             closing: false,
             overflowed: false,
             waker: None,
@@ -820,6 +828,21 @@ impl WsOut {
         self.limit = n;
     }
 
+    /// Sets the byte limit as a client connection's share: a data message larger than it is
+    /// still let into an empty outbox, so a client that reads promptly gets an answer larger
+    /// than its share (as over HTTP) instead of a close as a slow reader. What waits behind
+    /// another frame stays within the limit; the outbox holds at most the limit plus one
+    /// message (itself bounded by the task link's message size).
+    pub fn set_soft_limit(&mut self, n: usize) {
+        self.limit = n;
+        self.soft = true;
+    }
+
+    /// Whether `n` more bytes of data fit.
+    fn fits(&self, n: usize) -> bool {
+        self.queued + n <= self.limit || (self.soft && self.queued == 0)
+    }
+
     /// Charges what is queued from now on to the shard's memory budget: a data message the
     /// budget cannot take is refused like one over the limit.
     pub(crate) fn charge_to(&mut self, charge: crate::shard::OutboxCharge) {
@@ -834,7 +857,7 @@ impl WsOut {
     /// True when a data message of `n` bytes (payload and head) is within this outbox's
     /// limit now.
     pub fn has_room(&self, n: usize) -> bool {
-        self.queued + n + MAX_HEADER <= self.limit
+        self.fits(n + MAX_HEADER)
     }
 
     /// True once a close frame is queued or the connection is aborted.
@@ -895,7 +918,7 @@ impl WsOut {
     /// small or masked, else queued as the slice it is).
     pub fn send_binary(&mut self, head: &[u8], payload: &Bytes) -> Result<(), Refused> {
         let n = head.len() + payload.len();
-        if self.closing || self.queued + n > self.limit {
+        if self.closing || !self.fits(n) {
             return Err(Refused);
         }
         if let Some(c) = &mut self.charge {
@@ -953,12 +976,22 @@ impl WsOut {
     }
 
     /// Queues a ping or pong. Dropped while the outbox is over its byte limit or holds its
-    /// count of control frames: a peer that floods pings and never reads must not grow it
-    /// (RFC 6455 lets a pong answer only the latest ping).
+    /// count of control frames: a peer that floods pings and never reads must not grow it.
+    /// RFC 6455 (5.5.3) lets a pong answer only the latest ping, so the newest pong dropped is
+    /// kept (one, at most 125 bytes) and sent when the writer has emptied the queue: the
+    /// latest ping is answered, the ones before it may not be.
     pub fn send_control(&mut self, op: u8, data: &[u8]) {
-        if !self.closing && self.queued <= self.limit && self.controls < self.max_controls {
+        let data = &data[..data.len().min(125)];
+        if self.closing {
+            return;
+        }
+        if self.queued <= self.limit && self.controls < self.max_controls {
             self.controls += 1;
-            self.push_forced(op, &data[..data.len().min(125)]);
+            self.push_forced(op, data);
+        } else if op == opcode::PONG {
+            let mut p = [0u8; 125];
+            p[..data.len()].copy_from_slice(data);
+            self.late_pong = Some((p, data.len() as u8));
         }
     }
 
@@ -987,6 +1020,7 @@ impl WsOut {
             c.release(dropped);
         }
         self.controls = 0;
+        self.late_pong = None;
         self.overflowed = true;
         self.close(code);
     }
@@ -1273,6 +1307,11 @@ pub async fn write_loop<W: PartsWriter>(out: Rc<RefCell<WsOut>>, mut w: W) -> io
             o.write_failed = true;
             o.writer_ended();
             return Err(e);
+        }
+        if o.frames.is_empty() {
+            if let Some((p, n)) = o.late_pong.take() {
+                o.send_control(opcode::PONG, &p[..usize::from(n)]);
+            }
         }
     }
     w.close().await;
@@ -1894,6 +1933,65 @@ mod tests {
             4,
             "empty pongs cost a slot each: bounded by count"
         );
+    }
+
+    /// A strict outbox (a link's) refuses a message larger than its limit even when empty; a
+    /// soft one (a client connection's share) lets one such message into an empty outbox and
+    /// refuses the next while it waits. Before, a prompt `/api/ws` client was closed 1013 as a
+    /// slow reader for one answer larger than its share, which HTTP delivered.
+    #[test]
+    fn a_soft_limit_lets_one_large_message_into_an_empty_outbox() {
+        let big = Bytes::from(vec![7u8; 5000]);
+        let strict = WsOut::new(Side::Server, 1000);
+        assert!(strict.borrow_mut().send_binary(b"h", &big).is_err());
+        assert!(!strict.borrow().has_room(5000));
+        let soft = WsOut::new(Side::Server, 1000);
+        let mut o = soft.borrow_mut();
+        o.set_soft_limit(1000);
+        assert!(o.has_room(5000));
+        o.send_binary(b"h", &big)
+            .expect("one large message into an empty outbox");
+        assert!(!o.has_room(10), "nothing more while it waits");
+        assert!(o.send_binary(b"h", &Bytes::from_static(b"x")).is_err());
+    }
+
+    /// A ping flood against a queue that holds 4 control frames: the pongs past the bound are
+    /// dropped, except the newest, which goes out once the writer has emptied the queue (the
+    /// latest ping is answered; before, pongs 0 to 3 went out and the latest never did).
+    #[test]
+    fn the_latest_ping_is_answered_when_pongs_are_dropped() {
+        let out = WsOut::new(Side::Server, 1 << 20);
+        {
+            let mut o = out.borrow_mut();
+            o.limit_controls(4);
+            for i in 0..300 {
+                o.send_control(opcode::PONG, i.to_string().as_bytes());
+            }
+            assert_eq!(o.frames.len(), 4);
+        }
+        let seen = Rc::new(RefCell::new((Vec::new(), Vec::new())));
+        block_on(futures_lite::future::zip(
+            write_loop(out.clone(), Collect(seen.clone())),
+            async {
+                while seen.borrow().1.len() < 2 {
+                    futures_lite::future::yield_now().await;
+                }
+                out.borrow_mut().close(1000);
+            },
+        ))
+        .0
+        .unwrap();
+        // Server frames are unmasked: FIN|opcode, length, payload.
+        let wire = seen.borrow().0.clone();
+        let (mut pongs, mut i) = (Vec::new(), 0);
+        while i < wire.len() {
+            let (op, n) = (wire[i] & 0x0f, usize::from(wire[i + 1]));
+            if op == opcode::PONG {
+                pongs.push(String::from_utf8(wire[i + 2..i + 2 + n].to_vec()).unwrap());
+            }
+            i += 2 + n;
+        }
+        assert_eq!(pongs, ["0", "1", "2", "3", "299"]);
     }
 
     /// Hands out its bytes, then never anything more (a client that stopped sending).

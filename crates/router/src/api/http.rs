@@ -656,7 +656,10 @@ async fn serve_inner<S: Stream>(
     let _ = stream
         .tcp()
         .set_write_timeout(Some(Duration::from_millis(limits.idle_timeout_ms)));
-    let mut buf = BytesMut::with_capacity(16 * 1024);
+    // One read's first offer (`ReadSpace`): a connection that only sends small requests
+    // keeps this much; pipelined or large requests grow it (`fill`) once, and it is reclaimed
+    // in place from then on.
+    let mut buf = BytesMut::with_capacity(crate::ws::conn::FIRST_OFFER);
     let mut space = ReadSpace::default();
     let mut out = BytesMut::with_capacity(4096);
     // Bytes of answer heads (and the small bodies copied behind them) in the largest batch

@@ -206,6 +206,7 @@ impl Task {
                 ctx.opts.token_source.clone(),
                 ctx.opts.token_poll,
                 ctx.opts.token_timeout,
+                ctx.opts.token_refresh,
                 ctx.token.clone(),
                 ctx.refused.clone(),
                 ctx.stop.clone(),

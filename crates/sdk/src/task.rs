@@ -4,7 +4,7 @@
 use crate::{Error, Outcome, Request, TaskOptions, TokenSource};
 use bytes::Bytes;
 use fedbus_proto::link::{
-    next_backoff, shard_key, Event, Input, Link, LinkConfig, RequestHead, ShardAddr,
+    next_backoff, shard_key, Event, Input, Link, LinkConfig, LinkError, RequestHead, ShardAddr,
 };
 use fedbus_proto::renew::{self, RenewAnswer, RenewPacer};
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -417,7 +417,8 @@ where
 
 /// Why a link ended.
 enum End {
-    /// The router refused the service token at the upgrade (401 or 403).
+    /// The router refused the service token at the upgrade (401 or 403), or the registration
+    /// (close 1008 before `registered`).
     Refused(String),
     /// Another link of this task holds this router shard (`router#shard`).
     Duplicate(String),
@@ -567,7 +568,19 @@ where
             Message::Frame(_) => Ok(()),
         };
         if let Err(e) = r {
-            break Err(End::Failed(e.to_string()));
+            break Err(match e {
+                // Before `registered`, a 1008 is the router refusing the registration (its
+                // reason: `wrong_token`, `unknown_app`, ...; none from older routers): it will
+                // refuse it again, so it counts toward `refused_exit_after` like a 401.
+                LinkError::Closed {
+                    code: Some(1008),
+                    reason,
+                } if !registered => End::Refused(format!(
+                    "registration refused (close 1008{}{reason})",
+                    if reason.is_empty() { "" } else { " " }
+                )),
+                e => End::Failed(e.to_string()),
+            });
         }
         if !claimed {
             if let Some(k) = link.key() {

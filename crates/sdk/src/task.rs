@@ -426,6 +426,12 @@ enum End {
     Failed(String),
 }
 
+/// The first delay before a refused `renew` is sent again ([`RENEW_RETRY_MAX`] at most,
+/// doubling at each refusal): the router's keyring may not know the new token's key version yet.
+const RENEW_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest delay between two tries of a refused `renew`.
+const RENEW_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// How long a link that found its shard held by another link waits before dialing again
 /// (plus up to 5 s of jitter).
 const STANDBY: Duration = Duration::from_secs(10);
@@ -495,6 +501,16 @@ where
     // section 4); `renew_at`: when the newer token waiting goes out.
     let mut pacer = RenewPacer::default();
     let mut renew_at: Option<Instant> = None;
+    // The token the router holds for this link (presented at the upgrade, then each renew it
+    // accepted), and those sent in renews not answered yet, oldest first.
+    let mut accepted = presented;
+    let mut sent: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    // A refused renew is sent again (the same token, or a newer one by then) after this, doubled
+    // at each refusal up to [`RENEW_RETRY_MAX`], while the router holds an older token than
+    // the newest: a token of a new key version reached the task before the router's keyring
+    // (ROTATION.md), or the router was busy (`too_often`). Reset by an accepted renew and by a
+    // new token.
+    let mut retry = RENEW_RETRY_FIRST;
     let res = loop {
         let deadline = link
             .poll_timeout()
@@ -514,8 +530,10 @@ where
                 })));
                 break Ok(());
             }
-            changed = token_rx.changed(), if registered && renew_at.is_none() => {
+            // Also while a refused renew waits for its retry: a new token goes out at once.
+            changed = token_rx.changed(), if registered => {
                 if changed.is_ok() {
+                    retry = RENEW_RETRY_FIRST;
                     renew_at = Some(pacer.earliest(Instant::now()));
                 }
                 continue;
@@ -528,9 +546,14 @@ where
                 }
                 // The newest token (several changes within the spacing: only the last is sent).
                 renew_at = None;
-                pacer.sent(now);
                 let t = token_rx.borrow_and_update().clone();
+                if t == accepted && sent.is_empty() {
+                    // Back to the token the router holds (a source that went back): nothing to send.
+                    continue;
+                }
+                pacer.sent(now);
                 let _ = tx.send(Message::Text(renew::renew(&t).into()));
+                sent.push_back(t);
                 continue;
             }
         };
@@ -544,8 +567,21 @@ where
             Message::Text(t) => {
                 if let Some(answer) = renew::renew_answer(t.as_bytes()) {
                     pacer.answered(now);
+                    let token = sent.pop_front();
+                    let refused = matches!(answer, RenewAnswer::Refused { .. });
+                    if !refused {
+                        if let Some(token) = token {
+                            accepted = token;
+                        }
+                        retry = RENEW_RETRY_FIRST;
+                    }
                     if renew_at.is_some() {
                         renew_at = Some(pacer.earliest(now));
+                    } else if refused && *token_rx.borrow() != accepted {
+                        // The router still holds an older token than the newest: try again.
+                        renew_at = Some(pacer.earliest(now).max(now + retry));
+                        tracing::info!(%addr, delay = ?retry, "renew refused; sending the newest token again after the delay");
+                        retry = (retry * 2).min(RENEW_RETRY_MAX);
                     }
                     on_renew_answer(ctx, addr, answer);
                 }
@@ -660,7 +696,7 @@ fn on_renew_answer<H>(ctx: &Ctx<H>, addr: &str, answer: RenewAnswer) {
             tracing::debug!(%addr, ?exp, "service token renewed on the link")
         }
         RenewAnswer::Refused { error, message } => {
-            tracing::warn!(%addr, %error, %message, "router refused the renewed token; the link lives until the current one expires");
+            tracing::warn!(%addr, %error, %message, "router refused the renewed token; the link lives until the current one expires or a renew is accepted");
             // `too_often` refuses the timing, not the token: no new one is needed.
             if error != "too_often" {
                 ctx.refused.notify_one();

@@ -57,7 +57,10 @@ pub struct TaskOptions {
     /// Limit for the hello after the upgrade, and for `registered` after the registration.
     pub handshake_timeout: Duration,
     /// A registered link on which nothing (not even a ping) arrives for this long is reopened.
-    /// The router pings every `limits.ping_interval_ms` (2 s by default).
+    /// The router pings every `limits.ping_interval_ms` (2 s by default): keep this at least
+    /// 2 to 3 of its ping intervals. Below one interval (the default 10 s against a router with
+    /// `ping_interval_ms = 12000`) every quiet link is torn down and reopened each
+    /// `idle_timeout`, failing the requests in flight on it. Default 10 s.
     pub idle_timeout: Duration,
     /// Largest message accepted from a router (a request frame: body plus metadata).
     pub max_message: usize,

@@ -11,7 +11,7 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -105,10 +105,15 @@ struct Ctx<H> {
     refused: Arc<tokio::sync::Notify>,
     /// Why the task gave up (a token refused for good); set once.
     fatal: watch::Sender<Option<String>>,
+    /// Set by [`Task::shutdown_graceful`]: requests are answered `503 task_stopping`.
+    draining: Arc<AtomicBool>,
+    /// Handlers running in a tokio task of their own (not those ready at once).
+    in_flight: Arc<watch::Sender<usize>>,
 }
 
 /// A task running on the current tokio runtime. Dropping it stops every link (close 1000);
-/// requests still in a handler are then not answered (their clients get `502 task_lost`).
+/// requests still in a handler are then not answered (their clients get `502 task_lost`):
+/// [`Task::shutdown_graceful`] lets them finish first.
 pub struct Task {
     stop: Arc<watch::Sender<bool>>,
     fatal: watch::Receiver<Option<String>>,
@@ -117,6 +122,8 @@ pub struct Task {
     stats: Arc<dyn Fn() -> Stats + Send + Sync>,
     last_error: Arc<dyn Fn() -> Option<String> + Send + Sync>,
     secrets: crate::Secrets,
+    draining: Arc<AtomicBool>,
+    in_flight: watch::Receiver<usize>,
 }
 
 impl std::fmt::Debug for Task {
@@ -182,6 +189,8 @@ impl Task {
         let refused = Arc::new(tokio::sync::Notify::new());
         let (registered, registered_rx) = watch::channel(0usize);
         let (loops, loops_rx) = watch::channel(0usize);
+        let (in_flight, in_flight_rx) = watch::channel(0usize);
+        let draining = Arc::new(AtomicBool::new(false));
         let secrets = opts.secrets.clone();
         let routers = opts.routers.clone();
         let ctx = Arc::new(Ctx {
@@ -200,6 +209,8 @@ impl Task {
             token,
             refused,
             fatal,
+            draining: draining.clone(),
+            in_flight: Arc::new(in_flight),
         });
         if ctx.opts.token_source != TokenSource::Fixed {
             tokio::spawn(crate::token::refresher(
@@ -256,6 +267,8 @@ impl Task {
             stats,
             last_error,
             secrets,
+            draining,
+            in_flight: in_flight_rx,
         })
     }
 
@@ -313,11 +326,34 @@ impl Task {
     }
 
     /// Closes every link (close 1000) and waits until every link loop has ended (at most
-    /// about a second per link for the close to be written).
+    /// about a second per link for the close to be written). Handlers still running are not
+    /// waited for: their answers are dropped, and the router answers those requests
+    /// `502 task_lost`. See [`Task::shutdown_graceful`].
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let mut loops = self.loops.clone();
         let _ = loops.wait_for(|n| *n == 0).await;
+    }
+
+    /// Stops taking requests, lets the handlers in flight finish for up to `deadline`, then
+    /// [`Task::shutdown`]. From the call on, every request that arrives is answered at once
+    /// with `503 task_stopping` (the links stay open so that the answers of the handlers in
+    /// flight go out). Returns the number of handlers still running at the deadline (their
+    /// requests get `502 task_lost`); 0 when every one finished.
+    pub async fn shutdown_graceful(self, deadline: Duration) -> usize {
+        self.draining.store(true, Ordering::SeqCst);
+        let mut in_flight = self.in_flight.clone();
+        let _ = tokio::time::timeout(deadline, in_flight.wait_for(|n| *n == 0)).await;
+        let left = *in_flight.borrow();
+        if left > 0 {
+            tracing::warn!(
+                left,
+                ?deadline,
+                "handlers still running at the shutdown deadline"
+            );
+        }
+        self.shutdown().await;
+        left
     }
 }
 
@@ -840,6 +876,17 @@ fn on_request<H, F>(
 {
     bump(&ctx.counters.requests);
     let head = req.head();
+    if ctx.draining.load(Ordering::SeqCst) {
+        let why = "the task is stopping; try again".to_string();
+        bump(&ctx.counters.answers);
+        let _ = tx.send(Message::Binary(error_frame(
+            &head,
+            503,
+            "task_stopping",
+            why,
+        )));
+        return;
+    }
     let first = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let mut fut = Box::pin((ctx.handler)(req));
         match fut.as_mut().now_or_never() {
@@ -857,15 +904,40 @@ fn on_request<H, F>(
         Err(_) => answer(ctx, tx, Err(())),
         Ok(Err(fut)) => {
             let (ctx, tx) = (ctx.clone(), tx.clone());
+            let running = InFlight::new(ctx.in_flight.clone());
             tokio::spawn(async move {
                 let o = AssertUnwindSafe(fut).catch_unwind().await.map_err(|_| ());
                 answer(&ctx, &tx, o);
+                // Counted out once the answer is queued (before the close of a shutdown).
+                drop(running);
             });
         }
     }
 }
 
 type UnboundedTx = mpsc::UnboundedSender<Message>;
+
+/// Counts a handler running in a task of its own while it lives (also when it is aborted).
+struct InFlight(Arc<watch::Sender<usize>>);
+
+impl InFlight {
+    fn new(n: Arc<watch::Sender<usize>>) -> InFlight {
+        n.send_modify(|n| *n += 1);
+        InFlight(n)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+/// An error answer to `head`: JSON `{"error":code,"message":..,"status":..}`.
+fn error_frame(head: &RequestHead, status: u16, code: &str, message: String) -> Bytes {
+    let body = serde_json::json!({"error": code, "message": message, "status": status});
+    Outcome::json(status, &body).encode(head)
+}
 
 /// The frame answering `head`: the handler's outcome, 500 for a handler that panicked, 502 for
 /// an answer over `max_answer` bytes (the router would close the link over it).

@@ -947,11 +947,16 @@ fn encode_answer(
     o: Result<Outcome, ()>,
     max_answer: usize,
 ) -> Bytes {
-    let error = |status: u16, code: &str, message: String| {
-        let body = serde_json::json!({"error": code, "message": message, "status": status});
-        Outcome::json(status, &body).encode(head)
-    };
+    let error = |status: u16, code: &str, message: String| error_frame(head, status, code, message);
     let frame = match o {
+        Ok(Outcome::Response { status, .. }) if !(200..600).contains(&status) => {
+            tracing::error!(
+                id = head.request_id,
+                status,
+                "handler answered a status outside 200..599; answered 502 bad_task_status"
+            );
+            return error(502, "bad_task_status", bad_status(status));
+        }
         Ok(o) => o.encode(head),
         Err(()) => {
             bump(&counters.panics);
@@ -974,4 +979,16 @@ fn encode_answer(
         frame.len()
     );
     error(502, "answer_too_large", why)
+}
+
+/// What is wrong with a handler's `status` outside 200..599, for the client's 502
+/// `bad_task_status` (the router's own message for a task that sends one says only that the
+/// status cannot carry a body).
+fn bad_status(status: u16) -> String {
+    let what = match status {
+        0..=99 => "is no HTTP status",
+        100..=199 => "is an interim (1xx) status, not an answer",
+        _ => "is no HTTP status (over 599)",
+    };
+    format!("the task's handler answered status {status}, which {what}: a task answers 200 to 599")
 }

@@ -58,7 +58,8 @@ pub enum Error {
     Options(String),
     /// A partition list that does not parse (`0-15`, `0-3,8,10-11`).
     Partitions(String),
-    /// A router refused the service token for [`TaskOptions::refused_exit_after`] (the
+    /// A router refused the service token (at the upgrade) or the registration (close 1008
+    /// with a reason such as `wrong_token`) for [`TaskOptions::refused_exit_after`] (the
     /// router's error code and message), or the token source gave none at start.
     Refused(String),
 }

@@ -25,15 +25,25 @@ pub struct TaskOptions {
     /// command the task fetches a new token a third of its lifetime before it expires and
     /// sends it on every open link (`renew`), so no link closes and no request fails.
     pub token_source: TokenSource,
-    /// How often a token file is re-read, and the least time between two fetches. Default 1 s.
+    /// How often a token file is re-read (a `token_poll` from the start of one read to the
+    /// start of the next), and the least time between two fetches. Default 1 s.
     pub token_poll: Duration,
+    /// A token command runs again at least this long after its last run, even when no fresh
+    /// token is due: after a cluster key rotation the command prints tokens of the new key
+    /// version, and the open links must get one before the old version's grace
+    /// (`auth.grace_secs`, one day by default) ends, while a token of 30 days is due only
+    /// after 20. Keep it well below the grace. Default 1 h. Not used for a file, re-read every
+    /// `token_poll`.
+    pub token_refresh: Duration,
     /// Time limit of one run of a token command: at start ([`crate::Task::spawn`] waits for it)
     /// and on each renewal. A command still running then is killed with what it started, and
-    /// counts as a failed fetch (tried again at the next look, at least twice `token_poll` later). Keep it well below a third of
-    /// the token's lifetime, when the renewal falls due. Default 5 s.
+    /// counts as a failed fetch (tried again at the next look, a `token_poll` after the start of
+    /// the failed one). Keep it well below a third of the token's lifetime, when the renewal
+    /// falls due. Default 5 s.
     pub token_timeout: Duration,
     /// A router that refuses the token (401 at the upgrade: expired, retired or unknown key,
-    /// bad signature...) for this long, with fresh fetches from the source in between, ends
+    /// bad signature...) or the registration (close 1008 before `registered`: `wrong_token`
+    /// for a token of another app or role, `unknown_app`, `bad_partitions`...) for this long, with fresh fetches from the source in between, ends
     /// the task: [`crate::serve`] returns [`Error::Refused`] (exit non-zero, so a supervisor
     /// sees it) instead of retrying forever. Default 30 s.
     pub refused_exit_after: Duration,
@@ -47,7 +57,10 @@ pub struct TaskOptions {
     /// Limit for the hello after the upgrade, and for `registered` after the registration.
     pub handshake_timeout: Duration,
     /// A registered link on which nothing (not even a ping) arrives for this long is reopened.
-    /// The router pings every `limits.ping_interval_ms` (2 s by default).
+    /// The router pings every `limits.ping_interval_ms` (2 s by default): keep this at least
+    /// 2 to 3 of its ping intervals. Below one interval (the default 10 s against a router with
+    /// `ping_interval_ms = 12000`) every quiet link is torn down and reopened each
+    /// `idle_timeout`, failing the requests in flight on it. Default 10 s.
     pub idle_timeout: Duration,
     /// Largest message accepted from a router (a request frame: body plus metadata).
     pub max_message: usize,
@@ -82,6 +95,7 @@ impl TaskOptions {
             token: token.into(),
             token_source: TokenSource::Fixed,
             token_poll: Duration::from_secs(1),
+            token_refresh: Duration::from_secs(3600),
             token_timeout: Duration::from_secs(5),
             refused_exit_after: Duration::from_secs(30),
             task_id: crate::random_task_id(),
@@ -152,10 +166,13 @@ impl TaskOptions {
             return bad("no service token");
         }
         if self.token_poll.is_zero()
+            || self.token_refresh.is_zero()
             || self.token_timeout.is_zero()
             || self.refused_exit_after.is_zero()
         {
-            return bad("token_poll, token_timeout and refused_exit_after must be > 0");
+            return bad(
+                "token_poll, token_refresh, token_timeout and refused_exit_after must be > 0",
+            );
         }
         if self.max_message < 64 * 1024 {
             return bad("max_message below 64 KiB");
@@ -235,5 +252,6 @@ mod tests {
         assert!(v(|o| o.partitions.clear()));
         assert!(v(|o| o.token = " ".into()));
         assert!(v(|o| o.token_timeout = Duration::ZERO));
+        assert!(v(|o| o.token_refresh = Duration::ZERO));
     }
 }

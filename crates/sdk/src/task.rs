@@ -4,14 +4,14 @@
 use crate::{Error, Outcome, Request, TaskOptions, TokenSource};
 use bytes::Bytes;
 use fedbus_proto::link::{
-    next_backoff, shard_key, Event, Input, Link, LinkConfig, RequestHead, ShardAddr,
+    next_backoff, shard_key, Event, Input, Link, LinkConfig, LinkError, RequestHead, ShardAddr,
 };
 use fedbus_proto::renew::{self, RenewAnswer, RenewPacer};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -105,10 +105,15 @@ struct Ctx<H> {
     refused: Arc<tokio::sync::Notify>,
     /// Why the task gave up (a token refused for good); set once.
     fatal: watch::Sender<Option<String>>,
+    /// Set by [`Task::shutdown_graceful`]: requests are answered `503 task_stopping`.
+    draining: Arc<AtomicBool>,
+    /// Handlers running in a tokio task of their own (not those ready at once).
+    in_flight: Arc<watch::Sender<usize>>,
 }
 
 /// A task running on the current tokio runtime. Dropping it stops every link (close 1000);
-/// requests still in a handler are then not answered (their clients get `502 task_lost`).
+/// requests still in a handler are then not answered (their clients get `502 task_lost`):
+/// [`Task::shutdown_graceful`] lets them finish first.
 pub struct Task {
     stop: Arc<watch::Sender<bool>>,
     fatal: watch::Receiver<Option<String>>,
@@ -117,6 +122,8 @@ pub struct Task {
     stats: Arc<dyn Fn() -> Stats + Send + Sync>,
     last_error: Arc<dyn Fn() -> Option<String> + Send + Sync>,
     secrets: crate::Secrets,
+    draining: Arc<AtomicBool>,
+    in_flight: watch::Receiver<usize>,
 }
 
 impl std::fmt::Debug for Task {
@@ -182,6 +189,8 @@ impl Task {
         let refused = Arc::new(tokio::sync::Notify::new());
         let (registered, registered_rx) = watch::channel(0usize);
         let (loops, loops_rx) = watch::channel(0usize);
+        let (in_flight, in_flight_rx) = watch::channel(0usize);
+        let draining = Arc::new(AtomicBool::new(false));
         let secrets = opts.secrets.clone();
         let routers = opts.routers.clone();
         let ctx = Arc::new(Ctx {
@@ -200,12 +209,15 @@ impl Task {
             token,
             refused,
             fatal,
+            draining: draining.clone(),
+            in_flight: Arc::new(in_flight),
         });
         if ctx.opts.token_source != TokenSource::Fixed {
             tokio::spawn(crate::token::refresher(
                 ctx.opts.token_source.clone(),
                 ctx.opts.token_poll,
                 ctx.opts.token_timeout,
+                ctx.opts.token_refresh,
                 ctx.token.clone(),
                 ctx.refused.clone(),
                 ctx.stop.clone(),
@@ -255,6 +267,8 @@ impl Task {
             stats,
             last_error,
             secrets,
+            draining,
+            in_flight: in_flight_rx,
         })
     }
 
@@ -312,11 +326,34 @@ impl Task {
     }
 
     /// Closes every link (close 1000) and waits until every link loop has ended (at most
-    /// about a second per link for the close to be written).
+    /// about a second per link for the close to be written). Handlers still running are not
+    /// waited for: their answers are dropped, and the router answers those requests
+    /// `502 task_lost`. See [`Task::shutdown_graceful`].
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let mut loops = self.loops.clone();
         let _ = loops.wait_for(|n| *n == 0).await;
+    }
+
+    /// Stops taking requests, lets the handlers in flight finish for up to `deadline`, then
+    /// [`Task::shutdown`]. From the call on, every request that arrives is answered at once
+    /// with `503 task_stopping` (the links stay open so that the answers of the handlers in
+    /// flight go out). Returns the number of handlers still running at the deadline (their
+    /// requests get `502 task_lost`); 0 when every one finished.
+    pub async fn shutdown_graceful(self, deadline: Duration) -> usize {
+        self.draining.store(true, Ordering::SeqCst);
+        let mut in_flight = self.in_flight.clone();
+        let _ = tokio::time::timeout(deadline, in_flight.wait_for(|n| *n == 0)).await;
+        let left = *in_flight.borrow();
+        if left > 0 {
+            tracing::warn!(
+                left,
+                ?deadline,
+                "handlers still running at the shutdown deadline"
+            );
+        }
+        self.shutdown().await;
+        left
     }
 }
 
@@ -416,13 +453,20 @@ where
 
 /// Why a link ended.
 enum End {
-    /// The router refused the service token at the upgrade (401 or 403).
+    /// The router refused the service token at the upgrade (401 or 403), or the registration
+    /// (close 1008 before `registered`).
     Refused(String),
     /// Another link of this task holds this router shard (`router#shard`).
     Duplicate(String),
     /// Anything else.
     Failed(String),
 }
+
+/// The first delay before a refused `renew` is sent again ([`RENEW_RETRY_MAX`] at most,
+/// doubling at each refusal): the router's keyring may not know the new token's key version yet.
+const RENEW_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest delay between two tries of a refused `renew`.
+const RENEW_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// How long a link that found its shard held by another link waits before dialing again
 /// (plus up to 5 s of jitter).
@@ -493,6 +537,16 @@ where
     // section 4); `renew_at`: when the newer token waiting goes out.
     let mut pacer = RenewPacer::default();
     let mut renew_at: Option<Instant> = None;
+    // The token the router holds for this link (presented at the upgrade, then each renew it
+    // accepted), and those sent in renews not answered yet, oldest first.
+    let mut accepted = presented;
+    let mut sent: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    // A refused renew is sent again (the same token, or a newer one by then) after this, doubled
+    // at each refusal up to [`RENEW_RETRY_MAX`], while the router holds an older token than
+    // the newest: a token of a new key version reached the task before the router's keyring
+    // (ROTATION.md), or the router was busy (`too_often`). Reset by an accepted renew and by a
+    // new token.
+    let mut retry = RENEW_RETRY_FIRST;
     let res = loop {
         let deadline = link
             .poll_timeout()
@@ -512,8 +566,10 @@ where
                 })));
                 break Ok(());
             }
-            changed = token_rx.changed(), if registered && renew_at.is_none() => {
+            // Also while a refused renew waits for its retry: a new token goes out at once.
+            changed = token_rx.changed(), if registered => {
                 if changed.is_ok() {
+                    retry = RENEW_RETRY_FIRST;
                     renew_at = Some(pacer.earliest(Instant::now()));
                 }
                 continue;
@@ -526,9 +582,14 @@ where
                 }
                 // The newest token (several changes within the spacing: only the last is sent).
                 renew_at = None;
-                pacer.sent(now);
                 let t = token_rx.borrow_and_update().clone();
+                if t == accepted && sent.is_empty() {
+                    // Back to the token the router holds (a source that went back): nothing to send.
+                    continue;
+                }
+                pacer.sent(now);
                 let _ = tx.send(Message::Text(renew::renew(&t).into()));
+                sent.push_back(t);
                 continue;
             }
         };
@@ -542,8 +603,21 @@ where
             Message::Text(t) => {
                 if let Some(answer) = renew::renew_answer(t.as_bytes()) {
                     pacer.answered(now);
+                    let token = sent.pop_front();
+                    let refused = matches!(answer, RenewAnswer::Refused { .. });
+                    if !refused {
+                        if let Some(token) = token {
+                            accepted = token;
+                        }
+                        retry = RENEW_RETRY_FIRST;
+                    }
                     if renew_at.is_some() {
                         renew_at = Some(pacer.earliest(now));
+                    } else if refused && *token_rx.borrow() != accepted {
+                        // The router still holds an older token than the newest: try again.
+                        renew_at = Some(pacer.earliest(now).max(now + retry));
+                        tracing::info!(%addr, delay = ?retry, "renew refused; sending the newest token again after the delay");
+                        retry = (retry * 2).min(RENEW_RETRY_MAX);
                     }
                     on_renew_answer(ctx, addr, answer);
                 }
@@ -566,7 +640,19 @@ where
             Message::Frame(_) => Ok(()),
         };
         if let Err(e) = r {
-            break Err(End::Failed(e.to_string()));
+            break Err(match e {
+                // Before `registered`, a 1008 is the router refusing the registration (its
+                // reason: `wrong_token`, `unknown_app`, ...; none from older routers): it will
+                // refuse it again, so it counts toward `refused_exit_after` like a 401.
+                LinkError::Closed {
+                    code: Some(1008),
+                    reason,
+                } if !registered => End::Refused(format!(
+                    "registration refused (close 1008{}{reason})",
+                    if reason.is_empty() { "" } else { " " }
+                )),
+                e => End::Failed(e.to_string()),
+            });
         }
         if !claimed {
             if let Some(k) = link.key() {
@@ -646,7 +732,7 @@ fn on_renew_answer<H>(ctx: &Ctx<H>, addr: &str, answer: RenewAnswer) {
             tracing::debug!(%addr, ?exp, "service token renewed on the link")
         }
         RenewAnswer::Refused { error, message } => {
-            tracing::warn!(%addr, %error, %message, "router refused the renewed token; the link lives until the current one expires");
+            tracing::warn!(%addr, %error, %message, "router refused the renewed token; the link lives until the current one expires or a renew is accepted");
             // `too_often` refuses the timing, not the token: no new one is needed.
             if error != "too_often" {
                 ctx.refused.notify_one();
@@ -790,6 +876,17 @@ fn on_request<H, F>(
 {
     bump(&ctx.counters.requests);
     let head = req.head();
+    if ctx.draining.load(Ordering::SeqCst) {
+        let why = "the task is stopping; try again".to_string();
+        bump(&ctx.counters.answers);
+        let _ = tx.send(Message::Binary(error_frame(
+            &head,
+            503,
+            "task_stopping",
+            why,
+        )));
+        return;
+    }
     let first = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let mut fut = Box::pin((ctx.handler)(req));
         match fut.as_mut().now_or_never() {
@@ -807,15 +904,40 @@ fn on_request<H, F>(
         Err(_) => answer(ctx, tx, Err(())),
         Ok(Err(fut)) => {
             let (ctx, tx) = (ctx.clone(), tx.clone());
+            let running = InFlight::new(ctx.in_flight.clone());
             tokio::spawn(async move {
                 let o = AssertUnwindSafe(fut).catch_unwind().await.map_err(|_| ());
                 answer(&ctx, &tx, o);
+                // Counted out once the answer is queued (before the close of a shutdown).
+                drop(running);
             });
         }
     }
 }
 
 type UnboundedTx = mpsc::UnboundedSender<Message>;
+
+/// Counts a handler running in a task of its own while it lives (also when it is aborted).
+struct InFlight(Arc<watch::Sender<usize>>);
+
+impl InFlight {
+    fn new(n: Arc<watch::Sender<usize>>) -> InFlight {
+        n.send_modify(|n| *n += 1);
+        InFlight(n)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+/// An error answer to `head`: JSON `{"error":code,"message":..,"status":..}`.
+fn error_frame(head: &RequestHead, status: u16, code: &str, message: String) -> Bytes {
+    let body = serde_json::json!({"error": code, "message": message, "status": status});
+    Outcome::json(status, &body).encode(head)
+}
 
 /// The frame answering `head`: the handler's outcome, 500 for a handler that panicked, 502 for
 /// an answer over `max_answer` bytes (the router would close the link over it).
@@ -825,11 +947,16 @@ fn encode_answer(
     o: Result<Outcome, ()>,
     max_answer: usize,
 ) -> Bytes {
-    let error = |status: u16, code: &str, message: String| {
-        let body = serde_json::json!({"error": code, "message": message, "status": status});
-        Outcome::json(status, &body).encode(head)
-    };
+    let error = |status: u16, code: &str, message: String| error_frame(head, status, code, message);
     let frame = match o {
+        Ok(Outcome::Response { status, .. }) if !(200..600).contains(&status) => {
+            tracing::error!(
+                id = head.request_id,
+                status,
+                "handler answered a status outside 200..599; answered 502 bad_task_status"
+            );
+            return error(502, "bad_task_status", bad_status(status));
+        }
         Ok(o) => o.encode(head),
         Err(()) => {
             bump(&counters.panics);
@@ -852,4 +979,16 @@ fn encode_answer(
         frame.len()
     );
     error(502, "answer_too_large", why)
+}
+
+/// What is wrong with a handler's `status` outside 200..599, for the client's 502
+/// `bad_task_status` (the router's own message for a task that sends one says only that the
+/// status cannot carry a body).
+fn bad_status(status: u16) -> String {
+    let what = match status {
+        0..=99 => "is no HTTP status",
+        100..=199 => "is an interim (1xx) status, not an answer",
+        _ => "is no HTTP status (over 599)",
+    };
+    format!("the task's handler answered status {status}, which {what}: a task answers 200 to 599")
 }

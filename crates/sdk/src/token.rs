@@ -201,29 +201,87 @@ pub(crate) fn fetch_blocking(
 }
 
 /// Keeps `current` fresh from `source` until `stop`: every `poll` a File is re-read; a
-/// Command runs when a fresh token is due. `refused` asks for a fetch now (a router refused
-/// the current token); fetches are at most one per `poll`.
+/// Command runs when a fresh token is due, and at least every `refresh`. `refused` asks for a
+/// fetch (a router refused the current token); fetches are at most one per `poll`.
 pub(crate) async fn refresher(
     source: TokenSource,
     poll: Duration,
     limit: Duration,
+    refresh: Duration,
+    current: watch::Sender<String>,
+    refused: std::sync::Arc<Notify>,
+    stop: watch::Receiver<bool>,
+) {
+    let is_file = matches!(source, TokenSource::File(_));
+    let fetcher = move || {
+        let source = source.clone();
+        async move { fetch(&source, limit).await }
+    };
+    let cadence = Cadence {
+        poll,
+        refresh,
+        is_file,
+    };
+    refresh_loop(cadence, fetcher, current, refused, stop).await
+}
+
+/// When [`refresh_loop`] looks at its source.
+#[derive(Clone, Copy, Debug)]
+struct Cadence {
+    /// Looks are `poll` apart, counted from the start of the last one.
+    poll: Duration,
+    /// A command runs at least this long after its last run, due or not.
+    refresh: Duration,
+    /// A file is read at every look (cheap); a command runs only when wanted.
+    is_file: bool,
+}
+
+/// [`refresher`] with the fetch given (tests count them).
+///
+/// Looks are `poll` apart from the start of one to the start of the next: a file is re-read
+/// every `poll`, as documented. (Until this was fixed the loop slept `poll`, fetched, then
+/// slept `poll` again to space fetches, so a file was read every 2 x `poll`: a rewritten token
+/// waited up to 2 s with the default 1 s, and 4 s tokens rewritten every 1.5 s reached their
+/// expiry on open links.) A refusal asks for a look at once, but not within `poll` of the last
+/// one.
+async fn refresh_loop<F, Fut>(
+    cadence: Cadence,
+    mut fetcher: F,
     current: watch::Sender<String>,
     refused: std::sync::Arc<Notify>,
     mut stop: watch::Receiver<bool>,
-) {
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<String>, String>>,
+{
+    use tokio::time::Instant;
+    // The first token was read when the task started.
+    let (mut looked, mut fetched) = (Instant::now(), Instant::now());
     loop {
+        let next = looked + cadence.poll;
         let was_refused = tokio::select! {
-            _ = tokio::time::sleep(poll) => false,
+            _ = tokio::time::sleep_until(next) => false,
             _ = refused.notified() => true,
             _ = stop.wait_for(|s| *s) => return,
         };
+        if was_refused {
+            // At most one look per `poll`, also when refusals keep coming.
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+        looked = Instant::now();
         let cur = current.borrow().clone();
-        // A file is cheap to read; a command runs only when needed.
-        let wanted = was_refused || matches!(source, TokenSource::File(_)) || due(&cur, now_unix());
+        let wanted = was_refused
+            || cadence.is_file
+            || due(&cur, now_unix())
+            || looked >= fetched + cadence.refresh;
         if !wanted {
             continue;
         }
-        match fetch(&source, limit).await {
+        fetched = looked;
+        match fetcher().await {
             Ok(Some(t)) if t != cur => {
                 tracing::info!(exp = ?token_times(&t).map(|(_, e)| e), "new service token");
                 current.send_replace(t);
@@ -236,11 +294,6 @@ pub(crate) async fn refresher(
                 }
             }
             Err(e) => tracing::warn!("cannot read the service token: {e}"),
-        }
-        // At most one fetch per `poll`, also when refusals keep coming.
-        tokio::select! {
-            _ = tokio::time::sleep(poll) => {}
-            _ = stop.wait_for(|s| *s) => return,
         }
     }
 }
@@ -268,6 +321,78 @@ mod tests {
         assert!(!due(&token(1000, 1003), 1000));
         assert_eq!(token_times("a.b.c"), None);
         assert!(!due("not a token", 0));
+    }
+
+    /// Runs [`refresh_loop`] for `run` with a fetch that counts its calls and always gives
+    /// the token `t`; `refusals`: how many refusals to signal, evenly spread. Returns the count.
+    async fn looks(cadence: Cadence, run: Duration, refusals: u32) -> usize {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let n = std::sync::Arc::new(AtomicUsize::new(0));
+        let (current, _) = watch::channel("t".to_string());
+        let (stop_tx, stop) = watch::channel(false);
+        let refused = std::sync::Arc::new(Notify::new());
+        let counter = n.clone();
+        let fetcher = move || {
+            counter.fetch_add(1, Ordering::Relaxed);
+            async { Ok(Some("t".to_string())) }
+        };
+        let h = tokio::spawn(refresh_loop(
+            cadence,
+            fetcher,
+            current,
+            refused.clone(),
+            stop,
+        ));
+        let t0 = tokio::time::Instant::now();
+        for i in 1..=refusals {
+            tokio::time::sleep_until(t0 + run * i / (refusals + 1)).await;
+            refused.notify_one();
+        }
+        tokio::time::sleep_until(t0 + run).await;
+        let _ = stop_tx.send(true);
+        h.await.unwrap();
+        n.load(Ordering::Relaxed)
+    }
+
+    /// SDK.md: a token file is read every `token_poll`. The loop used to sleep `token_poll`
+    /// after each fetch as well as before it: 10 reads in 2 s with a 100 ms poll, not 20
+    /// (checked against that code), and a rewritten token waited up to 2 x `token_poll`.
+    #[tokio::test]
+    async fn a_file_is_read_every_poll_not_every_other_poll() {
+        let cadence = Cadence {
+            poll: Duration::from_millis(100),
+            refresh: Duration::from_secs(3600),
+            is_file: true,
+        };
+        let n = looks(cadence, Duration::from_millis(2050), 0).await;
+        // 20 on time; a loaded machine's late wake-ups may cost a couple.
+        assert!((16..=21).contains(&n), "{n} reads of the file in 2.05 s");
+    }
+
+    /// A command runs every `token_refresh` though no token is due (`t` has no times), after a
+    /// refusal at the next look, and never more than once per `token_poll` however many
+    /// refusals come.
+    #[tokio::test]
+    async fn a_command_runs_every_refresh_and_after_a_refusal_at_most_once_per_poll() {
+        let poll = Duration::from_millis(100);
+        let hour = Duration::from_secs(3600);
+        let idle = Cadence {
+            poll,
+            refresh: hour,
+            is_file: false,
+        };
+        assert_eq!(looks(idle, Duration::from_millis(1000), 0).await, 0);
+        let refreshing = Cadence {
+            poll,
+            refresh: Duration::from_millis(300),
+            is_file: false,
+        };
+        let n = looks(refreshing, Duration::from_millis(1050), 0).await;
+        assert!((2..=3).contains(&n), "{n} runs in 1.05 s, refresh 300 ms");
+        assert_eq!(looks(idle, Duration::from_millis(1000), 3).await, 3);
+        // 50 refusals in 1 s: one run per poll at most.
+        let n = looks(idle, Duration::from_millis(1000), 50).await;
+        assert!((5..=10).contains(&n), "{n} runs for 50 refusals in 1 s");
     }
 
     /// Time limit of the commands that should finish.

@@ -258,18 +258,29 @@ fn status_outside_the_range_reaches_the_client_as_documented_by_the_sdk() {
     let mut seen = Vec::new();
     for s in [0u16, 99, 100, 600, 999] {
         let resp = req(&r, &tok, 1, "status", s.to_string().as_bytes());
-        let err = resp
+        let json = resp
             .header("content-type")
             .filter(|c| *c == "application/json")
-            .map(|_| resp.json()["error"].clone());
-        seen.push((s, resp.status, err));
+            .map(|_| resp.json());
+        let err = json.as_ref().map(|j| j["error"].clone());
+        let message = json
+            .as_ref()
+            .and_then(|j| j["message"].as_str().map(str::to_string));
+        seen.push((s, resp.status, err, message));
     }
     println!("status sent -> client got: {seen:?}");
-    for (s, got, err) in &seen {
+    for (s, got, err, message) in &seen {
         assert_eq!(
             (*got, err.as_ref().and_then(|e| e.as_str())),
             (502, Some("bad_task_status")),
             "Outcome::status({s}); all: {seen:?}"
+        );
+        // The message says what is wrong with that status (it said "a status that cannot
+        // carry a body" for all of them).
+        let m = message.as_deref().unwrap_or("");
+        assert!(
+            m.contains(&format!("status {s},")) && m.contains("200 to 599"),
+            "{s}: {m}"
         );
     }
 }

@@ -664,11 +664,11 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
         app_partitions,
         holder.as_ref().map(|(a, r)| (a.as_str(), r.as_str())),
     );
-    if let Some(why) = refusal {
+    if let Some((code, why)) = refusal {
         LinkRefusal::RegisterRefused.count(shard);
-        out.borrow_mut().close(1008);
+        close_with_reason(&out, 1008, code, hs_timeout).await;
         let _ = writer.await;
-        return Err(format!("registration refused: {why}"));
+        return Err(format!("registration refused ({code}): {why}"));
     }
 
     let link = Rc::new(TaskLink {
@@ -809,37 +809,87 @@ async fn read_loop<R: futures_lite::AsyncRead + Unpin>(
     }
 }
 
-/// Why a registration is refused, if it is: the chain of checks after the service token
-/// verified. `app_partitions` is the configured partition count of the app it names (None:
-/// not an app of this router); `holder` the app and role of a live link that already has the
-/// task id. Pure, so every rule is tested without a socket.
+/// Why a registration is refused, if it is: `(code, message)`, the chain of checks after the
+/// service token verified. `app_partitions` is the configured partition count of the app it
+/// names (None: not an app of this router); `holder` the app and role of a live link that
+/// already has the task id. Pure, so every rule is tested without a socket.
+///
+/// The code is the close reason of the 1008 that refuses it: `wrong_token` when the token does
+/// not allow the registration (another app, another role, role `auth` without a token naming
+/// it: the same code a `renew` of such a token gets), `unknown_app`, `bad_role`,
+/// `bad_partitions`, `task_id_in_use` for what the registration asks.
 pub(crate) fn registration_refusal(
     reg: &Register,
     claims: &auth::ServiceClaims,
     app_partitions: Option<u32>,
     holder: Option<(&str, &str)>,
-) -> Option<&'static str> {
+) -> Option<(&'static str, &'static str)> {
     if reg.app != claims.app {
-        Some("registration for an app the service token does not name")
+        Some((
+            "wrong_token",
+            "registration for an app the service token does not name",
+        ))
     } else if app_partitions.is_none() {
-        Some("unknown app")
+        Some(("unknown_app", "unknown app"))
     } else if reg.role.is_empty() || reg.role.len() > 64 {
-        Some("bad role")
+        Some(("bad_role", "bad role"))
     } else if reg.partitions.iter().any(|p| Some(*p) >= app_partitions) {
-        Some("partition out of range")
+        Some(("bad_partitions", "partition out of range"))
     } else if app_partitions.is_some_and(|n| reg.partitions.len() > n as usize) {
         // Each partition once at most: a longer list only costs the router memory.
-        Some("more partitions than the app has")
+        Some(("bad_partitions", "more partitions than the app has"))
     } else if holder.is_some_and(|(app, role)| app != reg.app || role != reg.role) {
         // A task id names one task of one app and role; another may not take it over.
-        Some("task id in use by another app or role")
+        Some(("task_id_in_use", "task id in use by another app or role"))
     } else if claims.role.as_deref().is_some_and(|r| r != reg.role) {
-        Some("the service token names another role")
+        Some(("wrong_token", "the service token names another role"))
     } else if reg.role == AUTH_ROLE && claims.role.as_deref() != Some(AUTH_ROLE) {
         // Role auth receives the app secret: only a token that names it may register there.
-        Some("role auth needs a service token with role auth")
+        Some((
+            "wrong_token",
+            "role auth needs a service token with role auth",
+        ))
     } else {
         None
+    }
+}
+
+/// Closes `out` with `code` and the short `reason` (a refusal's code: the message is in the
+/// router's log), waiting at most `limit` for the frame to be written. [`WsOut::close`] writes
+/// a code and no reason, so the close frame is queued as a control frame and, once the writer
+/// has written it (nothing left queued), the outbox is stopped without a second close frame.
+/// A frame the outbox does not take (its control frames are full) falls back to
+/// [`WsOut::close`] (the code alone: a refusal is still a refusal); one not written within
+/// `limit` (the task does not read) is dropped with the connection.
+async fn close_with_reason(out: &RefCell<WsOut>, code: u16, reason: &str, limit: Duration) {
+    // RFC 6455 5.5: 125 bytes of payload at most, 2 of them the code. Codes are short ASCII.
+    debug_assert!(reason.len() <= 123 && reason.is_ascii());
+    let mut payload = code.to_be_bytes().to_vec();
+    payload.extend_from_slice(&reason.as_bytes()[..reason.len().min(123)]);
+    let taken = {
+        let mut o = out.borrow_mut();
+        let before = o.queued();
+        o.send_control(ws::frame::opcode::CLOSE, &payload);
+        o.queued() > before
+    };
+    if !taken {
+        out.borrow_mut().close(code);
+        return;
+    }
+    let deadline = Instant::now() + limit;
+    loop {
+        {
+            let o = out.borrow();
+            if o.queued() == 0 || o.is_closing() || Instant::now() >= deadline {
+                break;
+            }
+        }
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    let mut o = out.borrow_mut();
+    if !o.is_closing() {
+        // Written (or never will be): stop the writer with nothing more to send.
+        o.abort();
     }
 }
 
@@ -1237,7 +1287,10 @@ mod tests {
         );
         assert_eq!(
             ok(&reg("demo/other", "main", &[0]), &claims("demo/echo", None)),
-            Some("registration for an app the service token does not name")
+            Some((
+                "wrong_token",
+                "registration for an app the service token does not name"
+            ))
         );
         assert_eq!(
             registration_refusal(
@@ -1246,22 +1299,22 @@ mod tests {
                 None,
                 None
             ),
-            Some("unknown app")
+            Some(("unknown_app", "unknown app"))
         );
         assert_eq!(
             ok(&reg("demo/echo", "", &[0]), &claims("demo/echo", None)),
-            Some("bad role")
+            Some(("bad_role", "bad role"))
         );
         assert_eq!(
             ok(
                 &reg("demo/echo", &"r".repeat(65), &[0]),
                 &claims("demo/echo", None)
             ),
-            Some("bad role")
+            Some(("bad_role", "bad role"))
         );
         assert_eq!(
             ok(&reg("demo/echo", "main", &[16]), &claims("demo/echo", None)),
-            Some("partition out of range")
+            Some(("bad_partitions", "partition out of range"))
         );
         // The task id is live on a link of another role (or app): refused; same role: a
         // reconnect of the same task, allowed.
@@ -1269,11 +1322,11 @@ mod tests {
         let c = claims("demo/echo", None);
         assert_eq!(
             registration_refusal(&r, &c, Some(16), Some(("demo/echo", "b"))),
-            Some("task id in use by another app or role")
+            Some(("task_id_in_use", "task id in use by another app or role"))
         );
         assert_eq!(
             registration_refusal(&r, &c, Some(16), Some(("demo/x", "main"))),
-            Some("task id in use by another app or role")
+            Some(("task_id_in_use", "task id in use by another app or role"))
         );
         assert_eq!(
             registration_refusal(&r, &c, Some(16), Some(("demo/echo", "main"))),
@@ -1284,11 +1337,14 @@ mod tests {
                 &reg("demo/echo", "main", &[0]),
                 &claims("demo/echo", Some("b"))
             ),
-            Some("the service token names another role")
+            Some(("wrong_token", "the service token names another role"))
         );
         assert_eq!(
             ok(&reg("demo/echo", "auth", &[0]), &claims("demo/echo", None)),
-            Some("role auth needs a service token with role auth")
+            Some((
+                "wrong_token",
+                "role auth needs a service token with role auth"
+            ))
         );
         assert_eq!(
             ok(

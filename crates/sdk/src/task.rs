@@ -641,16 +641,20 @@ where
         };
         if let Err(e) = r {
             break Err(match e {
-                // Before `registered`, a 1008 is the router refusing the registration (its
-                // reason: `wrong_token`, `unknown_app`, ...; none from older routers): it will
-                // refuse it again, so it counts toward `refused_exit_after` like a 401.
+                // Before `registered`, a 1008 is the router refusing the registration. When
+                // it refuses the token (`wrong_token`; no reason from older routers) it will
+                // refuse it again, so it counts toward `refused_exit_after` like a 401. The
+                // other reasons (`unknown_app`, `bad_partitions`, ...) are about the router's
+                // config, which may lag behind others' during a rollout: a failed link, retried.
                 LinkError::Closed {
                     code: Some(1008),
                     reason,
-                } if !registered => End::Refused(format!(
-                    "registration refused (close 1008{}{reason})",
-                    if reason.is_empty() { "" } else { " " }
-                )),
+                } if !registered && (reason.is_empty() || reason == "wrong_token") => {
+                    End::Refused(format!(
+                        "registration refused (close 1008{}{reason})",
+                        if reason.is_empty() { "" } else { " " }
+                    ))
+                }
                 e => End::Failed(e.to_string()),
             });
         }
@@ -876,7 +880,12 @@ fn on_request<H, F>(
 {
     bump(&ctx.counters.requests);
     let head = req.head();
+    // Counted in before `draining` is read: `shutdown_graceful` sets `draining`, then waits for
+    // the count to reach 0, so either this request sees it and declines, or the wait sees this
+    // request (read the other way round, a handler could start after the wait saw 0).
+    let running = InFlight::new(ctx.in_flight.clone());
     if ctx.draining.load(Ordering::SeqCst) {
+        drop(running);
         let why = "the task is stopping; try again".to_string();
         bump(&ctx.counters.answers);
         let _ = tx.send(Message::Binary(error_frame(
@@ -904,7 +913,6 @@ fn on_request<H, F>(
         Err(_) => answer(ctx, tx, Err(())),
         Ok(Err(fut)) => {
             let (ctx, tx) = (ctx.clone(), tx.clone());
-            let running = InFlight::new(ctx.in_flight.clone());
             tokio::spawn(async move {
                 let o = AssertUnwindSafe(fut).catch_unwind().await.map_err(|_| ());
                 answer(&ctx, &tx, o);

@@ -357,7 +357,8 @@ mod tests {
     /// SDK.md: a token file is read every `token_poll`. The loop used to sleep `token_poll`
     /// after each fetch as well as before it: 10 reads in 2 s with a 100 ms poll, not 20
     /// (checked against that code), and a rewritten token waited up to 2 x `token_poll`.
-    #[tokio::test]
+    // Paused time: the count does not depend on how late a loaded machine wakes the loop.
+    #[tokio::test(start_paused = true)]
     async fn a_file_is_read_every_poll_not_every_other_poll() {
         let cadence = Cadence {
             poll: Duration::from_millis(100),
@@ -372,7 +373,8 @@ mod tests {
     /// A command runs every `token_refresh` though no token is due (`t` has no times), after a
     /// refusal at the next look, and never more than once per `token_poll` however many
     /// refusals come.
-    #[tokio::test]
+    // Paused time: the count does not depend on how late a loaded machine wakes the loop.
+    #[tokio::test(start_paused = true)]
     async fn a_command_runs_every_refresh_and_after_a_refusal_at_most_once_per_poll() {
         let poll = Duration::from_millis(100);
         let hour = Duration::from_secs(3600);

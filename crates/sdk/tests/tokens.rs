@@ -229,7 +229,8 @@ fn a_token_file_rewritten_every_1_5_s_is_renewed_once_per_rewrite() {
 /// token than the newest: the reload lets it through, and the link outlives the grace.
 #[test]
 fn a_renew_refused_for_an_unknown_key_is_sent_again_until_the_router_knows_it() {
-    const GRACE: u64 = 10;
+    // Retries fall about 1, 3 and 7 s after the rotation (then 15 s): room for a slow reload.
+    const GRACE: u64 = 20;
     let r = Router::start("sdk-unknown-key", GRACE);
     let file = r.home().join("task.token");
     write_token(&file, &r.service_token("v1", &[]));

@@ -656,10 +656,10 @@ async fn serve_inner<S: Stream>(
     let _ = stream
         .tcp()
         .set_write_timeout(Some(Duration::from_millis(limits.idle_timeout_ms)));
-    // One read's first offer (`ReadSpace`): a connection that only sends small requests
-    // keeps this much; pipelined or large requests grow it (`fill`) once, and it is reclaimed
-    // in place from then on.
-    let mut buf = BytesMut::with_capacity(crate::ws::conn::FIRST_OFFER);
+    // 16 KiB: room to read ahead while requests are in flight (a smaller first buffer had to
+    // grow, one allocation, on the first request of every connection). Only what reads touch
+    // is resident (`ReadSpace` offers 4 KiB at first).
+    let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut space = ReadSpace::default();
     let mut out = BytesMut::with_capacity(4096);
     // Bytes of answer heads (and the small bodies copied behind them) in the largest batch
@@ -721,7 +721,9 @@ async fn serve_inner<S: Stream>(
                             inflight.push_back(refused(a, head, true, 0, now, cors));
                             break;
                         }
-                        if continue_ && inflight.is_empty() {
+                        if keepalive.slot.is_evicted_for_room() {
+                            // Refused next (503 too_many_connections): no upload invited.
+                        } else if continue_ && inflight.is_empty() {
                             stream.write_parts(&[Bytes::from_static(CONTINUE)]).await?;
                         } else {
                             continue_owed = continue_;
@@ -752,6 +754,13 @@ async fn serve_inner<S: Stream>(
                     } else {
                         None
                     };
+                    if refusal.is_none() && keepalive.slot.is_evicted_for_room() {
+                        // An upgrade that raced its connection's eviction: a session would
+                        // keep the room the eviction was to give.
+                        closing = true;
+                        inflight.push_back(ready(evicted_for_room(shard), false, true, 0, read_at));
+                        continue;
+                    }
                     let Some(why) = refusal else {
                         return Ok(Some((req.bytes.slice(..req.head_len), buf)));
                     };
@@ -809,17 +818,9 @@ async fn serve_inner<S: Stream>(
             // `limits.handshake_timeout_ms`, or the length of its upload). A request that
             // came in whole is answered, with `Connection: close`.
             if keepalive.slot.is_evicted_for_room() && (!buf.is_empty() || continued) {
-                tracing::info!(
-                    shard = shard.index,
-                    "closed to make room at limits.max_connections_per_shard while a request was arriving: 503"
-                );
                 closing = true;
                 receiving = None;
-                let a = Answer::error(
-                    503,
-                    "too_many_connections",
-                    "the router is at limits.max_connections_per_shard; retry on a new connection",
-                );
+                let a = evicted_for_room(shard);
                 inflight.push_back(ready(a, is_head(&buf), true, 0, Instant::now()));
                 continue;
             }
@@ -1187,6 +1188,21 @@ const READ_AHEAD_BODY_BYTES: usize = 64 * 1024;
 /// slice, with no reference count taken per answer (docs/ARCHITECTURE.md, "Small answers
 /// copied": what it saved per request at 8x8).
 const COPY_BODY_BYTES: usize = 1024;
+
+/// The answer to a request that raced its connection's eviction at
+/// `limits.max_connections_per_shard` (it came in as the connection was chosen to make room):
+/// refused at once, so that the eviction frees its room now; logged.
+fn evicted_for_room(shard: &Shard) -> Answer {
+    tracing::info!(
+        shard = shard.index,
+        "closed to make room at limits.max_connections_per_shard while a request was arriving: 503"
+    );
+    Answer::error(
+        503,
+        "too_many_connections",
+        "the router is at limits.max_connections_per_shard; retry on a new connection",
+    )
+}
 
 /// Spare capacity below which the read buffer is grown (or reclaimed) before a read.
 const MIN_READ_ROOM: usize = 4096;

@@ -134,7 +134,7 @@ pub(crate) async fn send(
             None => Answer::error(
                 502,
                 "bad_peer_answer",
-                "the peer answered a status that cannot carry a body",
+                "the peer answered a status outside 200..599 (a 1xx cannot end a request; HTTP has none above 599)",
             ),
         },
         Reply::Redirect { .. } => {

@@ -181,7 +181,7 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
                     return Answer::error_at(
                         502,
                         "bad_task_status",
-                        "the task answered a status that cannot carry a body",
+                        "the task answered a status outside 200..599 (a 1xx cannot end a request; HTTP has none above 599)",
                         Some(served),
                         hops,
                     );

@@ -666,7 +666,7 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
     );
     if let Some((code, why)) = refusal {
         LinkRefusal::RegisterRefused.count(shard);
-        close_with_reason(&out, 1008, code, hs_timeout).await;
+        out.borrow_mut().close_with_reason(1008, code);
         let _ = writer.await;
         return Err(format!("registration refused ({code}): {why}"));
     }
@@ -851,45 +851,6 @@ pub(crate) fn registration_refusal(
         ))
     } else {
         None
-    }
-}
-
-/// Closes `out` with `code` and the short `reason` (a refusal's code: the message is in the
-/// router's log), waiting at most `limit` for the frame to be written. [`WsOut::close`] writes
-/// a code and no reason, so the close frame is queued as a control frame and, once the writer
-/// has written it (nothing left queued), the outbox is stopped without a second close frame.
-/// A frame the outbox does not take (its control frames are full) falls back to
-/// [`WsOut::close`] (the code alone: a refusal is still a refusal); one not written within
-/// `limit` (the task does not read) is dropped with the connection.
-async fn close_with_reason(out: &RefCell<WsOut>, code: u16, reason: &str, limit: Duration) {
-    // RFC 6455 5.5: 125 bytes of payload at most, 2 of them the code. Codes are short ASCII.
-    debug_assert!(reason.len() <= 123 && reason.is_ascii());
-    let mut payload = code.to_be_bytes().to_vec();
-    payload.extend_from_slice(&reason.as_bytes()[..reason.len().min(123)]);
-    let taken = {
-        let mut o = out.borrow_mut();
-        let before = o.queued();
-        o.send_control(ws::frame::opcode::CLOSE, &payload);
-        o.queued() > before
-    };
-    if !taken {
-        out.borrow_mut().close(code);
-        return;
-    }
-    let deadline = Instant::now() + limit;
-    loop {
-        {
-            let o = out.borrow();
-            if o.queued() == 0 || o.is_closing() || Instant::now() >= deadline {
-                break;
-            }
-        }
-        glommio::timer::sleep(Duration::from_millis(1)).await;
-    }
-    let mut o = out.borrow_mut();
-    if !o.is_closing() {
-        // Written (or never will be): stop the writer with nothing more to send.
-        o.abort();
     }
 }
 

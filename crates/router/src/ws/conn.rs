@@ -138,6 +138,11 @@ pub struct ReadSpace {
 pub const FIRST_OFFER: usize = 4 * 1024;
 
 impl ReadSpace {
+    /// What the next read is offered at most, when the buffer has room for it.
+    pub fn next_offer(&self) -> usize {
+        self.offer.max(FIRST_OFFER).max(self.init).min(READ_CHUNK)
+    }
+
     /// Reads once from `io` into the spare capacity of `buf` (which the caller has reserved)
     /// and appends what was read. Ok(0): end of stream, or no spare capacity.
     pub async fn read<R: AsyncRead + Unpin>(
@@ -156,8 +161,7 @@ impl ReadSpace {
         // At most one read chunk is zeroed and offered per read: a peer that announces a large
         // frame or body (the caller reserves room for all of it) must not make the router
         // touch megabytes before the bytes arrive. Bytes already zeroed are offered for free.
-        let offer = self.offer.max(FIRST_OFFER).max(self.init);
-        let take = spare.len().min(READ_CHUNK).min(offer);
+        let take = spare.len().min(self.next_offer());
         if self.init < take {
             for b in &mut spare[self.init..take] {
                 b.write(0);
@@ -173,7 +177,7 @@ impl ReadSpace {
         let n = io.read(dst).await?.min(take);
         if n == take {
             // The peer had more to say than it was offered: offer more next time.
-            self.offer = (take * 2).min(READ_CHUNK);
+            self.offer = self.offer.max(take * 2).min(READ_CHUNK);
         }
         // SAFETY: the first n bytes of the spare capacity are initialized (see above).
         unsafe { buf.set_len(buf.len() + n) };
@@ -534,8 +538,11 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     }
 
     async fn fill(&mut self) -> Result<(), WsError> {
-        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-            make_room(&mut self.buf, &mut self.spare, READ_CHUNK, READ_CHUNK);
+        // Room for what the next read is offered: 4 KiB for a session that only ever receives
+        // small messages (it keeps that little), up to a whole chunk once reads fill it.
+        let want = self.space.next_offer();
+        if self.buf.capacity() - self.buf.len() < want {
+            make_room(&mut self.buf, &mut self.spare, want, want);
         }
         let n = self.space.read(&mut self.io, &mut self.buf).await?;
         if n == 0 {
@@ -828,11 +835,12 @@ impl WsOut {
         self.limit = n;
     }
 
-    /// Sets the byte limit as a client connection's share: a data message larger than it is
-    /// still let into an empty outbox, so a client that reads promptly gets an answer larger
-    /// than its share (as over HTTP) instead of a close as a slow reader. What waits behind
-    /// another frame stays within the limit; the outbox holds at most the limit plus one
-    /// message (itself bounded by the task link's message size).
+    /// Sets the byte limit as a client connection's share, checked before a message is added:
+    /// a data message is let in while what is queued is within the share, however large the
+    /// message, so a client that reads promptly gets an answer larger than its share (as over
+    /// HTTP), also with other answers queued, instead of a close as a slow reader. The outbox
+    /// holds at most the share plus one message (itself bounded by the task link's message
+    /// size).
     pub fn set_soft_limit(&mut self, n: usize) {
         self.limit = n;
         self.soft = true;
@@ -840,7 +848,7 @@ impl WsOut {
 
     /// Whether `n` more bytes of data fit.
     fn fits(&self, n: usize) -> bool {
-        self.queued + n <= self.limit || (self.soft && self.queued == 0)
+        self.queued + n <= self.limit || (self.soft && self.queued <= self.limit)
     }
 
     /// Charges what is queued from now on to the shard's memory budget: a data message the
@@ -997,8 +1005,21 @@ impl WsOut {
 
     /// Queues a close frame; the writer stops once it is written.
     pub fn close(&mut self, code: u16) {
+        self.close_with_reason(code, "");
+    }
+
+    /// Queues a close frame with a short reason (UTF-8, cut at the 123 bytes a close frame
+    /// has room for, RFC 6455 5.5); the writer stops once it is written.
+    pub fn close_with_reason(&mut self, code: u16, reason: &str) {
         if !self.closing {
-            self.push_forced(opcode::CLOSE, &code.to_be_bytes());
+            let mut cut = reason.len().min(123);
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let mut p = [0u8; 125];
+            p[..2].copy_from_slice(&code.to_be_bytes());
+            p[2..2 + cut].copy_from_slice(&reason.as_bytes()[..cut]);
+            self.push_forced(opcode::CLOSE, &p[..2 + cut]);
             self.closing = true;
             if let Some(w) = self.close_waker.take() {
                 w.wake();
@@ -1936,8 +1957,8 @@ mod tests {
     }
 
     /// A strict outbox (a link's) refuses a message larger than its limit even when empty; a
-    /// soft one (a client connection's share) lets one such message into an empty outbox and
-    /// refuses the next while it waits. Before, a prompt `/api/ws` client was closed 1013 as a
+    /// soft one (a client connection's share) lets a message in while what is queued is within
+    /// the limit, and refuses the next once the queue is over it. Before, a prompt `/api/ws` client was closed 1013 as a
     /// slow reader for one answer larger than its share, which HTTP delivered.
     #[test]
     fn a_soft_limit_lets_one_large_message_into_an_empty_outbox() {
@@ -1949,9 +1970,11 @@ mod tests {
         let mut o = soft.borrow_mut();
         o.set_soft_limit(1000);
         assert!(o.has_room(5000));
+        o.send_binary(b"h", &Bytes::from_static(&[1; 600]))
+            .expect("within the limit");
         o.send_binary(b"h", &big)
-            .expect("one large message into an empty outbox");
-        assert!(!o.has_room(10), "nothing more while it waits");
+            .expect("a large message while the queue is within the limit");
+        assert!(!o.has_room(10), "nothing more while the queue is over it");
         assert!(o.send_binary(b"h", &Bytes::from_static(b"x")).is_err());
     }
 

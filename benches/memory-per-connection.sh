@@ -7,11 +7,12 @@
 #   COUNT=8000 OUT=/tmp/m.md benches/memory-per-connection.sh
 #   BIN=/path/to/fedbus benches/memory-per-connection.sh   # that binary instead of building
 #   EXTRA_BIN=/path/to/other/fedbus benches/memory-per-connection.sh   # adds that build's rows
+#   ONLY=fedbus-http,nats ROUNDS=6 benches/memory-per-connection.sh      # only those rows
 #
 # Run from the repo root (as root: it installs nginx and nats-server with apt when they are
 # missing). Writes benches/results/<date>-memory-per-connection-<host>.md (or $OUT).
 #
-# Method: every server is started once and pinned to core 1 (the fedbus echo task and the
+# Method: every server is started once (each fedbus row its own router) and pinned to core 1 (the fedbus echo task and the
 # upstream nginx on core 0). For each server, ROUNDS times: the resident set (VmRSS, from
 # /proc/PID/status, of the server's processes) is read; benches/hold-connections.py (core 0)
 # opens COUNT connections and makes one exchange on each (an HTTP POST of 64 B and its answer;
@@ -81,11 +82,17 @@ mkdir -p "$FEDBUS_HOME"
 TOKEN=$("$BIN" token client --app demo/echo --sub mem-bench --ttl 2h --keyring "$FEDBUS_HOME/keys" | tail -1)
 TLS=0
 FEDBUS_PATH=/api/local/dev/demo/echo/api/0/sys/echo
-start_fedbus "$BIN" ""
-FED_ROUTER=$ROUTER FED_PORT=$API_PORT
+# One router per fedbus row, so that one row's freed memory (which the allocator keeps) does
+# not serve the next row's connections.
+start_fedbus "$BIN" "-http"
+FED_HTTP_ROUTER=$ROUTER FED_HTTP_PORT=$API_PORT
+start_fedbus "$BIN" "-ws"
+FED_WS_ROUTER=$ROUTER FED_WS_PORT=$API_PORT
 if [ -n "$EXTRA_BIN" ]; then
-  start_fedbus "$EXTRA_BIN" "-extra"
-  EXTRA_ROUTER=$ROUTER EXTRA_PORT=$API_PORT
+  start_fedbus "$EXTRA_BIN" "-extra-http"
+  EXTRA_HTTP_ROUTER=$ROUTER EXTRA_HTTP_PORT=$API_PORT
+  start_fedbus "$EXTRA_BIN" "-extra-ws"
+  EXTRA_WS_ROUTER=$ROUTER EXTRA_WS_PORT=$API_PORT
 fi
 
 BODY=$(head -c 64 /dev/zero | tr '\0' x)
@@ -130,15 +137,18 @@ measure() {
     echo "$name $round $before $held $after" >>"$WORK/rows"
   done
 }
-measure fedbus-http http "$FED_PORT" "$FEDBUS_PATH" "$FED_ROUTER"
-measure fedbus-ws ws "$FED_PORT" "$FEDBUS_PATH" "$FED_ROUTER"
+# ONLY=name,name measures only those rows (fedbus-http, fedbus-ws, extra-http, extra-ws,
+# nginx-proxy, nginx-alone, nats).
+want() { [ -z "${ONLY:-}" ] || [[ ",$ONLY," == *",$1,"* ]]; }
+want fedbus-http && measure fedbus-http http "$FED_HTTP_PORT" "$FEDBUS_PATH" "$FED_HTTP_ROUTER"
+want fedbus-ws && measure fedbus-ws ws "$FED_WS_PORT" "$FEDBUS_PATH" "$FED_WS_ROUTER"
 if [ -n "$EXTRA_BIN" ]; then
-  measure extra-http http "$EXTRA_PORT" "$FEDBUS_PATH" "$EXTRA_ROUTER"
-  measure extra-ws ws "$EXTRA_PORT" "$FEDBUS_PATH" "$EXTRA_ROUTER"
+  want extra-http && measure extra-http http "$EXTRA_HTTP_PORT" "$FEDBUS_PATH" "$EXTRA_HTTP_ROUTER"
+  want extra-ws && measure extra-ws ws "$EXTRA_WS_PORT" "$FEDBUS_PATH" "$EXTRA_WS_ROUTER"
 fi
-measure nginx-proxy http "$PROXY_PORT" / "$NGX_PROXY"
-measure nginx-alone http "$ALONE_PORT" / "$NGX_ALONE"
-measure nats nats "$NATS_PORT" / "$NATS_PID"
+want nginx-proxy && measure nginx-proxy http "$PROXY_PORT" / "$NGX_PROXY"
+want nginx-alone && measure nginx-alone http "$ALONE_PORT" / "$NGX_ALONE"
+want nats && measure nats nats "$NATS_PORT" / "$NATS_PID"
 
 # ---- the report
 python3 - "$WORK/rows" "$COUNT" "$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)" "$(uname -r)" \
@@ -171,6 +181,14 @@ for name, rnd, before, held, after in rows:
     b, h, a = int(before), int(held), int(after)
     o.append(f"| {labels[name]} | {rnd} | {b / 1024:.1f} MiB | {h / 1024:.1f} MiB | "
              f"{(h - b) * 1024 / count / 1024:.2f} KiB | {a / 1024:.1f} MiB |")
+o += ["", "Highest RSS over the rounds, less the RSS before the first, per connection held (what the "
+      "allocator keeps for that many connections at the high-water mark):", ""]
+first, peak = {}, {}
+for name, rnd, before, held, after in rows:
+    first.setdefault(name, int(before))
+    peak[name] = max(peak.get(name, 0), int(held))
+for name in first:
+    o.append(f"- {labels[name]}: {(peak[name] - first[name]) / count:.1f} KiB")
 print("\n".join(o))
 PY
 cat "$OUT"

@@ -83,12 +83,7 @@ ROOT=$(pwd)
 # shellcheck source=benches/lib.sh
 . "$ROOT/benches/lib.sh"
 
-if [ -z "${BIN:-}" ]; then
-  echo "== cargo build --release" >&2
-  cargo build --release -q
-  BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/fedbus
-fi
-[ -x "$BIN" ] || { echo "no $BIN" >&2; exit 1; }
+build_bin
 
 need wrk wrk
 need nginx nginx
@@ -100,18 +95,9 @@ WRK=$(command -v wrk)
 DATE=$(date +%F)
 HOST=$(hostname -s 2>/dev/null || hostname)
 OUT=${OUT:-$ROOT/benches/results/$DATE-cpu-per-request-$HOST.md}
-WORK=$(mktemp -d /tmp/fedbus-cpu.XXXXXX)
+work_dir fedbus-cpu
 LOAD_START=$(uptime | sed 's/.*load average/load average/')
 
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  sleep 0.3
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
-  [ -n "${KEEP:-}" ] && echo "kept $WORK" >&2 || rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 # ticks PID...: user+sys clock ticks of these processes (all their threads).
 ticks() {

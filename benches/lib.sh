@@ -97,3 +97,28 @@ EOF
   [ "$(id -u)" = 0 ] || sed -i '/^user root;/d' "$d/nginx.conf"
   echo "$d/nginx.conf"
 }
+
+# build_bin: BIN as given, or this tree's release build (built now).
+build_bin() {
+  if [ -z "${BIN:-}" ]; then
+    echo "== cargo build --release" >&2
+    cargo build --release -q
+    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/fedbus
+  fi
+  [ -x "$BIN" ] || { echo "no $BIN" >&2; exit 1; }
+}
+
+# work_dir PREFIX: a scratch folder WORK (/tmp/PREFIX.XXXXXX) and an empty PIDS; on exit the
+# processes in PIDS are killed and WORK is removed (KEEP=1 keeps it).
+work_dir() {
+  WORK=$(mktemp -d "/tmp/$1.XXXXXX")
+  PIDS=()
+  trap cleanup EXIT
+  trap 'exit 130' INT TERM
+}
+cleanup() {
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  sleep 0.3
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
+  [ -n "${KEEP:-}" ] && echo "kept $WORK" >&2 || rm -rf "$WORK"
+}

@@ -38,12 +38,7 @@ ROOT=$(pwd)
 ulimit -n $((COUNT * 2 + 1024)) 2>/dev/null || {
   echo "cannot raise the open-file limit to $((COUNT * 2 + 1024)) (ulimit -n); lower COUNT" >&2; exit 1; }
 
-if [ -z "${BIN:-}" ]; then
-  echo "== cargo build --release" >&2
-  cargo build --release -q
-  BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/fedbus
-fi
-[ -x "$BIN" ] || { echo "no $BIN" >&2; exit 1; }
+build_bin
 need nginx nginx
 need nats-server nats-server
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
@@ -52,17 +47,8 @@ NATS=$(command -v nats-server || echo /usr/sbin/nats-server)
 DATE=$(date +%F)
 HOST=$(hostname -s 2>/dev/null || hostname)
 OUT=${OUT:-$ROOT/benches/results/$DATE-memory-per-connection-$HOST.md}
-WORK=$(mktemp -d /tmp/fedbus-mem.XXXXXX)
+work_dir fedbus-mem
 LOAD_START=$(uptime | sed 's/.*load average/load average/')
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  sleep 0.3
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
-  [ -n "${KEEP:-}" ] && echo "kept $WORK" >&2 || rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 # rss_kb PID...: the summed resident set of these processes and their children (nginx's
 # workers), in KiB.

@@ -1,6 +1,7 @@
 //! Service tokens of the built-in tasks (`fedbus task echo`) over time, on a real router: a
 //! short-lived token renewed from a file on the open link with no failed request, and a token
-//! refused for good ending the task with status 1 within `--refused-exit-after`.
+//! refused for good ending the task with status 1 within `--refused-exit-after`, and a renew
+//! refused during a rotation done out of order sent again until the router takes it.
 //!
 //! `cargo test --release -p fedbus --test task_tokens -- --nocapture` prints what it measured.
 
@@ -136,4 +137,77 @@ fn task_with_a_token_refused_for_good_exits_non_zero_within_the_bound() {
         took < Duration::from_secs(9),
         "the bound plus one backoff: {took:?}"
     );
+}
+
+/// ROTATION.md, out of order, with the built-in runner: the cluster key is rotated and a token
+/// of the new version written to the task's `--token-file` before the router reloads its
+/// keyring. The router refuses that `renew` (`unknown_key`); the runner used to never send it
+/// again, and the link was closed (1008) when the old version's grace ended. Now a refused
+/// renew is sent again every 5 s (`fedbus_proto::renew::REFUSED_RETRY`): after the reload it is
+/// accepted, and the link outlives the grace.
+#[test]
+fn a_renew_refused_for_an_unknown_key_is_sent_again_after_the_reload() {
+    // Refusals about 1 and 6 s after the rotation, the reload then, the retry at about 11 s:
+    // the grace leaves room for a slow machine.
+    const GRACE: u64 = 16;
+    let r = seed::start_with(
+        Router::new().shards(1),
+        &format!("[auth]\ngrace_secs = {GRACE}\nreload_poll_ms = 600000"),
+    );
+    let file = r.home().join("task.token");
+    write_token(&file, &service_token(r.home(), &r.keys, "1h"));
+    let args: Vec<String> = ["task", "echo", "--partitions", "0-15", "--token-file"]
+        .iter()
+        .map(|a| a.to_string())
+        .chain([file.to_str().expect("utf-8 path").to_string()])
+        .collect();
+    let mut task = spawn_task(&r, &args, "-rotate");
+    let tok = r.token(APP, "alice");
+    let path = r.path(APP, 5);
+    let ok = || r.request(&Req::post(&path).token(&tok).body(b"r")).status == 200;
+    wait_for(Duration::from_secs(5), || ok().then_some(())).expect("routed");
+    let metric = |name: &str| r.metrics().get(name);
+    let refused = || metric("fedbus_task_renewals_total{result=\"refused\"}");
+    let accepted = || metric("fedbus_task_renewals_total{result=\"accepted\"}");
+
+    let keys = r.keys.to_str().expect("utf-8 path");
+    fedbus(
+        r.home(),
+        &["keys", "rotate", "--cluster", "--keyring", keys],
+    );
+    let rotated = Instant::now();
+    write_token(&file, &service_token(r.home(), &r.keys, "1h"));
+    wait_for(Duration::from_secs(12), || (refused() >= 2.0).then_some(()))
+        .unwrap_or_else(|| panic!("the v2 token refused twice: {}\n{}", refused(), r.log()));
+    assert_eq!(accepted(), 0.0);
+    let before = seed::reloads(&r);
+    seed::sighup(&r);
+    wait_for(Duration::from_secs(5), || {
+        (seed::reloads(&r) > before).then_some(())
+    })
+    .expect("keyring reloaded after SIGHUP");
+    let left = Duration::from_secs(GRACE).saturating_sub(rotated.elapsed());
+    wait_for(left, || (accepted() >= 1.0).then_some(())).unwrap_or_else(|| {
+        panic!(
+            "the v2 token accepted before v1's grace ends: refused {}\n{}",
+            refused(),
+            r.log()
+        )
+    });
+    println!(
+        "refused {} then accepted at {:?} after the rotation",
+        refused(),
+        rotated.elapsed()
+    );
+    // Past v1's grace (the router checks a link's key each second): the link lives on.
+    let past = rotated + Duration::from_secs(GRACE) + Duration::from_millis(2500);
+    std::thread::sleep(past.saturating_duration_since(Instant::now()));
+    assert_eq!(metric("fedbus_links_revoked_total"), 0.0, "{}", r.log());
+    assert!(ok(), "served after the grace");
+    assert_eq!(
+        r.log().matches("task link registered").count(),
+        1,
+        "one link, never reopened"
+    );
+    assert!(task.alive());
 }

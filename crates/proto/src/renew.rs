@@ -22,6 +22,12 @@ pub const RENEW_SPACING: Duration = Duration::from_millis(1100);
 /// tokens rewritten every 1.5 s reach its token's expiry).
 pub const SENDER_POLL: Duration = Duration::from_millis(200);
 
+/// A refused `renew` (a token of a key version the receiver does not know yet, during a
+/// rotation done out of order) is sent again this long after the refusal, until one is
+/// accepted or the link ends: the receiver's reload lets it through before the old version's
+/// grace ends.
+pub const REFUSED_RETRY: Duration = Duration::from_secs(5);
+
 /// A `renew` unanswered this long (a peer that predates renewals ignores it) no longer holds
 /// back the next one.
 pub const RENEW_ANSWER_WAIT: Duration = Duration::from_secs(10);

@@ -284,20 +284,30 @@ async fn watch_token_file<H>(ctx: Rc<Ctx<H>>, path: std::path::PathBuf) {
 }
 
 /// Sends the current token as a `renew` on `out` each time it changes, one outstanding at a
-/// time (`pacer`, which the link's reader moves on each answer).
+/// time (`pacer`, which the link's reader moves on each answer). A refused one (`refused`, set
+/// by the reader) is sent again [`renew::REFUSED_RETRY`] later, until one is accepted: a token
+/// of a key version the router has not loaded yet (a rotation done out of order) gets through
+/// once it reloads, before the old version's grace ends.
 async fn renew_on_change<H>(
     ctx: Rc<Ctx<H>>,
     out: Rc<RefCell<WsOut>>,
     pacer: Rc<std::cell::Cell<RenewPacer>>,
+    refused: Rc<std::cell::Cell<bool>>,
 ) {
     let mut seen = ctx.token_generation.get();
+    let mut retry_at: Option<std::time::Instant> = None;
     loop {
         glommio::timer::sleep(renew::SENDER_POLL).await;
         if out.borrow().is_closing() {
             return;
         }
         let now = std::time::Instant::now();
-        if ctx.token_generation.get() != seen && pacer.get().may_send(now) {
+        if refused.replace(false) {
+            retry_at = Some(now + renew::REFUSED_RETRY);
+        }
+        let retry = retry_at.is_some_and(|t| now >= t);
+        if (ctx.token_generation.get() != seen || retry) && pacer.get().may_send(now) {
+            retry_at = None;
             seen = ctx.token_generation.get();
             let _ = out
                 .borrow_mut()
@@ -395,8 +405,14 @@ where
         },
     );
     let pacer = Rc::new(std::cell::Cell::new(RenewPacer::default()));
-    let renewer = glommio::spawn_local(renew_on_change(ctx.clone(), out.clone(), pacer.clone()));
-    let res = serve_link(ctx, addr, &mut reader, &out, &pacer).await;
+    let refused = Rc::new(std::cell::Cell::new(false));
+    let renewer = glommio::spawn_local(renew_on_change(
+        ctx.clone(),
+        out.clone(),
+        pacer.clone(),
+        refused.clone(),
+    ));
+    let res = serve_link(ctx, addr, &mut reader, &out, &pacer, &refused).await;
     drop(renewer.cancel());
     // A hello over its bound (or another broken frame) is answered with its close code (1009,
     // 1002...), not a normal close.
@@ -417,6 +433,7 @@ async fn serve_link<H, F, R>(
     reader: &mut WsReader<R>,
     out: &Rc<RefCell<WsOut>>,
     pacer: &std::cell::Cell<RenewPacer>,
+    refused: &std::cell::Cell<bool>,
 ) -> anyhow::Result<()>
 where
     H: Fn(Request) -> F + 'static,
@@ -491,7 +508,8 @@ where
                     p.answered(std::time::Instant::now());
                     pacer.set(p);
                     if let renew::RenewAnswer::Refused { error, message } = answer {
-                        tracing::warn!(%addr, %error, %message, "router refused the renewed token; the link lives until the current one expires");
+                        tracing::warn!(%addr, %error, %message, "router refused the renewed token; sent again in 5 s, the link lives until the current one expires");
+                        refused.set(true);
                     }
                 } else if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&t) {
                     if v.get("type").and_then(|t| t.as_str()) == Some("registered") {

@@ -485,14 +485,10 @@ fn closed_for(shard: &Shard, cluster: &str, e: &ws::WsError) -> Option<u16> {
     e.close_code()
 }
 
-/// After a `renew_refused`, the token is sent again this much later (the other router may
-/// learn the new key version from its next key file reload).
-const RENEW_RETRY: Duration = Duration::from_secs(5);
-
 /// Sends each newer peer token on a dialed link as a `renew` (PROTOCOL.md section 10), so a
 /// token rewritten in `federation.peer_token_file` (or minted after a rotation, in dev mode)
 /// before the old one expires or retires keeps the link open. `sent` is the token the link
-/// presented. A refused one is sent again every [`RENEW_RETRY`]. A router that predates
+/// presented. A refused one is sent again every [`renew::REFUSED_RETRY`]. A router that predates
 /// renewals ignores the message and closes the link when the old token expires; the dialer
 /// then presents the new one. It looks every [`renew::SENDER_POLL`]; the pacer keeps one
 /// `renew` outstanding, the next [`renew::RENEW_SPACING`] after its answer.
@@ -509,7 +505,7 @@ async fn send_renewals(
             return;
         }
         if slot.renew_refused.replace(false) {
-            retry_at = Some(Instant::now() + RENEW_RETRY);
+            retry_at = Some(Instant::now() + renew::REFUSED_RETRY);
         }
         // A look every SENDER_POLL on every link: compare pointers under the guard (no
         // refcount taken on the shared token), and take it only when it is newer.

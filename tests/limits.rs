@@ -472,3 +472,38 @@ fn a_body_trickled_behind_a_pending_answer_gets_408() {
     assert!(c.is_closed());
     assert!(r.log().contains("(answers pending): 408"));
 }
+
+/// `limits.max_pending_per_link`: with the only task link of a partition holding as many
+/// requests as it may (a slow task), the next request gets `503 task_busy` with `Retry-After`
+/// at once, counted in `fedbus_busy_refused_total`; the requests held are answered.
+#[test]
+fn a_task_link_at_its_pending_limit_refuses_with_503_task_busy() {
+    let r = Router::new()
+        .shards(1)
+        .limit("max_pending_per_link", 2)
+        .start();
+    let _t = r.task().delay_ms(1500).start();
+    let tok = r.token(APP, "alice");
+    let p = r.path(APP, 6);
+    let pending = || r.metrics().get("fedbus_pending_requests");
+    // The task's start is checked with a request of its own: answered first.
+    wait_for(Duration::from_secs(5), || (pending() == 0.0).then_some(()))
+        .unwrap_or_else(|| panic!("pending: {}", pending()));
+    let mut held: Vec<Conn> = (0..2)
+        .map(|_| {
+            let mut c = r.conn();
+            c.send(&Req::post(&p).token(&tok).body(b"held").bytes());
+            c
+        })
+        .collect();
+    wait_for(Duration::from_secs(5), || (pending() >= 2.0).then_some(()))
+        .unwrap_or_else(|| panic!("pending: {}", pending()));
+    let busy = r.request(&Req::post(&p).token(&tok).body(b"over"));
+    busy.assert_error(503, "task_busy");
+    assert_eq!(busy.header("retry-after"), Some("1"), "{busy:?}");
+    assert_eq!(r.metrics().get("fedbus_busy_refused_total"), 1.0);
+    for c in &mut held {
+        let a = c.read_response().expect("the held request is answered");
+        assert_eq!((a.status, a.body.as_slice()), (200, &b"held"[..]));
+    }
+}

@@ -50,6 +50,7 @@ pub(crate) struct ShardMetrics {
     pub(crate) peer_tls_dial_refused: AtomicU64,
     pub(crate) origin_refused: AtomicU64,
     pub(crate) overload_refused: AtomicU64,
+    pub(crate) busy_refused: AtomicU64,
     pub(crate) body_held: AtomicU64,
     pub(crate) abusive_closed: AtomicU64,
     pub(crate) close_timeouts: AtomicU64,
@@ -127,7 +128,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, Field); 28] = [
+    let simple: [(&str, &str, &str, Field); 29] = [
         (
             "fedbus_bytes_in_total",
             "counter",
@@ -232,6 +233,12 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             "counter",
             "Requests refused with 503 because their body would go over the router's body budget or its connection's share.",
             |m| &m.overload_refused,
+        ),
+        (
+            "fedbus_busy_refused_total",
+            "counter",
+            "Requests refused with 503 task_busy or peer_busy: every task link of the partition at limits.max_pending_per_link, or a link's outbox over limits.max_link_outbox_bytes.",
+            |m| &m.busy_refused,
         ),
         (
             "fedbus_abusive_closed_total",

@@ -936,6 +936,7 @@ async fn serve_link<S: ws::Stream>(
                     // The body is held until answered, charged as a client's is on the router
                     // it entered.
                     let admitted = if inflight.get() >= limits.max_pending_per_link {
+                        ShardMetrics::inc(&shard.metrics.busy_refused);
                         Err(Answer::error(
                             503,
                             "peer_busy",

@@ -124,7 +124,10 @@ pub(crate) async fn send(
         let deadline = req.received + Duration::from_millis(limits.request_timeout_ms + 1000);
         match link.send_request(id, &m, &req.payload, deadline) {
             Ok(wait) => wait,
-            Err(_) => return Answer::error(503, "peer_busy", "peer link over its queue limit"),
+            Err(_) => {
+                ShardMetrics::inc(&shard.metrics.busy_refused);
+                return Answer::error(503, "peer_busy", "peer link over its queue limit");
+            }
         }
     };
     ShardMetrics::inc(&shard.metrics.forwarded);

@@ -94,11 +94,12 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
         let (link, served, emergency_for) = match shard.pick_link(t.app_name, &role, tasks) {
             Ok(l) => (l, served, emergency_for),
             Err(true) => {
+                ShardMetrics::inc(&shard.metrics.busy_refused);
                 return Answer::error(
                     503,
                     "task_busy",
                     "every task of the partition is at its pending limit",
-                )
+                );
             }
             Err(false) => {
                 // No live link here for this partition, and the published snapshot may not
@@ -162,7 +163,8 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
             match link.send_request(id, &scratch, &req.payload, deadline) {
                 Ok(wait) => wait,
                 Err(_) => {
-                    return Answer::error(503, "task_busy", "task link is over its queue limit")
+                    ShardMetrics::inc(&shard.metrics.busy_refused);
+                    return Answer::error(503, "task_busy", "task link is over its queue limit");
                 }
             }
         };

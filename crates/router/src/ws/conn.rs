@@ -1958,10 +1958,11 @@ mod tests {
 
     /// A strict outbox (a link's) refuses a message larger than its limit even when empty; a
     /// soft one (a client connection's share) lets a message in while what is queued is within
-    /// the limit, and refuses the next once the queue is over it. Before, a prompt `/api/ws` client was closed 1013 as a
-    /// slow reader for one answer larger than its share, which HTTP delivered.
+    /// the limit, and refuses the next once the queue is over it. Before, a prompt `/api/ws`
+    /// client was closed 1013 as a slow reader for one answer larger than its share, which
+    /// HTTP delivered.
     #[test]
-    fn a_soft_limit_lets_one_large_message_into_an_empty_outbox() {
+    fn a_soft_limit_lets_a_large_message_in_while_the_queue_is_within_it() {
         let big = Bytes::from(vec![7u8; 5000]);
         let strict = WsOut::new(Side::Server, 1000);
         assert!(strict.borrow_mut().send_binary(b"h", &big).is_err());

@@ -3,8 +3,8 @@
 # sessions) vs an nginx reverse proxy vs nginx answering alone vs nats-server, in one run, same
 # pinning.
 #
-#   benches/memory-per-connection.sh             # COUNT=5000 ROUNDS=2
-#   COUNT=8000 OUT=/tmp/m.md benches/memory-per-connection.sh
+#   benches/memory-per-connection.sh             # COUNT=4000 ROUNDS=2 SETTLE=3
+#   COUNT=4500 OUT=/tmp/m.md benches/memory-per-connection.sh
 #   BIN=/path/to/fedbus benches/memory-per-connection.sh   # that binary instead of building
 #   EXTRA_BIN=/path/to/other/fedbus benches/memory-per-connection.sh   # adds that build's rows
 #   ONLY=fedbus-http,nats ROUNDS=6 benches/memory-per-connection.sh      # only those rows
@@ -17,26 +17,32 @@
 # /proc/PID/status, of the server's processes) is read; benches/hold-connections.py (core 0)
 # opens COUNT connections and makes one exchange on each (an HTTP POST of 64 B and its answer;
 # an /api/ws upgrade, one request and its answer; a NATS CONNECT + PING and its PONG) and
-# holds them all; once every one has answered, the resident set is read again ("held"); then
-# the client closes them all, the script waits until the server's port has no established
-# connection left, and reads it a third time ("after"). Per connection = (held - before) /
-# COUNT. The second round shows whether what the first one grew is reused (no growth) or kept
-# growing. RSS counts pages touched, so a buffer reserved but never written is not counted; an
+# holds them all; once every one has answered, the resident set is read again ("held"). SETTLE
+# seconds later (the first connections idle and still held) a second client opens COUNT more
+# the same way, and the resident set is read once they are all held ("held2"); then both
+# clients close theirs, the script waits until the server's port has no established connection
+# left, and reads it a last time ("after"). Per connection = (held - before) / COUNT for the
+# first wave, (held2 - held) / COUNT for the second: what one more idle connection costs once
+# the server has had time to give back what idle connections need not hold (fedbus does after
+# `tuning.idle_buffer_release_ms`, 1 s by default, and the allocator hands that memory to the
+# second wave). The second round shows whether what the first one grew is reused (no growth)
+# or kept growing. RSS counts pages touched, so a buffer reserved but never written is not counted; an
 # allocator that keeps freed memory (glibc's) shows it in "after".
 set -euo pipefail
-COUNT=${COUNT:-5000}
+COUNT=${COUNT:-4000}
 ROUNDS=${ROUNDS:-2}
+SETTLE=${SETTLE:-3}
 EXTRA_BIN=${EXTRA_BIN:-}
-[[ "$COUNT" =~ ^[1-9][0-9]*$ ]] && [ "$COUNT" -le 9000 ] || {
-  echo "COUNT must be a whole number from 1 to 9000 (the router's default limits.max_connections_per_shard is 10000)" >&2; exit 1; }
+[[ "$COUNT" =~ ^[1-9][0-9]*$ ]] && [ "$COUNT" -le 4500 ] || {
+  echo "COUNT must be a whole number from 1 to 4500 (2 x COUNT are held; the router's default limits.max_connections_per_shard is 10000)" >&2; exit 1; }
 [ -z "$EXTRA_BIN" ] || [ -x "$EXTRA_BIN" ] || { echo "EXTRA_BIN $EXTRA_BIN is not executable" >&2; exit 1; }
 ROOT=$(pwd)
 [ -f Cargo.toml ] && [ -d benches ] || { echo "run from the fedbus repo root" >&2; exit 1; }
 [ "$(nproc)" -ge 2 ] || { echo "needs 2 cores (servers on core 1, clients on core 0)" >&2; exit 1; }
 # shellcheck source=benches/lib.sh
 . "$ROOT/benches/lib.sh"
-ulimit -n $((COUNT * 2 + 1024)) 2>/dev/null || {
-  echo "cannot raise the open-file limit to $((COUNT * 2 + 1024)) (ulimit -n); lower COUNT" >&2; exit 1; }
+ulimit -n $((COUNT * 4 + 1024)) 2>/dev/null || {
+  echo "cannot raise the open-file limit to $((COUNT * 4 + 1024)) (ulimit -n); lower COUNT" >&2; exit 1; }
 
 build_bin
 need nginx nginx
@@ -88,8 +94,8 @@ UP_PORT=$(free_port); PROXY_PORT=$(free_port); ALONE_PORT=$(free_port)
 C_UP=$(nginx_conf upstream 01 "server { listen 127.0.0.1:$UP_PORT backlog=4096; location / { $ANSWER } }")
 C_PROXY=$(nginx_conf proxy 10 "upstream up { server 127.0.0.1:$UP_PORT; keepalive 256; } server { listen 127.0.0.1:$PROXY_PORT backlog=4096; location / { proxy_pass http://up; $PROXY_OPTS } }")
 C_ALONE=$(nginx_conf alone 10 "server { listen 127.0.0.1:$ALONE_PORT backlog=4096; location / { $ANSWER } }")
-# nginx_conf's worker_connections (4096) is below COUNT here.
-sed -i "s/worker_connections 4096;/worker_connections $((COUNT * 2 + 512));/" \
+# nginx_conf's worker_connections (4096) is below the 2 x COUNT connections held here.
+sed -i "s/worker_connections 4096;/worker_connections $((COUNT * 4 + 512));/" \
   "$C_UP" "$C_PROXY" "$C_ALONE"
 taskset -c 0 "$NGINX" -c "$C_UP" -e stderr >"$WORK/nginx-up.log" 2>&1 &
 PIDS+=($!)
@@ -102,25 +108,46 @@ GOMAXPROCS=1 taskset -c 1 "$NATS" -a 127.0.0.1 -p "$NATS_PORT" >"$WORK/nats-serv
 NATS_PID=$!; PIDS+=($NATS_PID)
 wait_port "$UP_PORT"; wait_port "$PROXY_PORT"; wait_port "$ALONE_PORT"; wait_port "$NATS_PORT"
 
-# ---- measure NAME KIND PORT PATH PID...: ROUNDS rounds of COUNT connections held; appends
-# "NAME round before held after" (KiB) to $WORK/rows.
+# hold_open TAG KIND PORT PATH: starts benches/hold-connections.py (core 0) holding COUNT
+# connections, talking to it through two FIFOs; sets HOLD_IN, HOLD_OUT (fds) and HOLD_PID and
+# returns once it has held them all.
+hold_open() {
+  local tag=$1 line
+  rm -f "$WORK/$tag.in" "$WORK/$tag.out"; mkfifo "$WORK/$tag.in" "$WORK/$tag.out"
+  taskset -c 0 python3 "$ROOT/benches/hold-connections.py" "$2" 127.0.0.1 "$3" "$COUNT" "$4" "$TOKEN" \
+    <"$WORK/$tag.in" >"$WORK/$tag.out" &
+  HOLD_PID=$!
+  exec {HOLD_IN}>"$WORK/$tag.in" {HOLD_OUT}<"$WORK/$tag.out"
+  read -r line <&"$HOLD_OUT" || line=""
+  [ "$line" = "held $COUNT" ] || { echo "$tag: the client did not hold $COUNT connections (said: $line)" >&2; exit 1; }
+}
+# hold_close IN OUT PID: has that client close its connections, and waits for it.
+hold_close() {
+  local line
+  echo >&"$1"; read -r line <&"$2" || true; wait "$3" || true
+  eval "exec $1>&- $2<&-"
+}
+
+# ---- measure NAME KIND PORT PATH PID...: ROUNDS rounds; in each, COUNT connections held, then
+# (SETTLE seconds later, the first still held) COUNT more; appends "NAME round before held
+# held2 after" (KiB) to $WORK/rows.
 measure() {
-  local name=$1 kind=$2 port=$3 path=$4 round before held after line
+  local name=$1 kind=$2 port=$3 path=$4 round before held held2 after a1 a2 a3 b1 b2 b3
   shift 4
   for round in $(seq 1 "$ROUNDS"); do
-    echo "== $name, round $round: $COUNT connections" >&2
+    echo "== $name, round $round: $COUNT connections, then $COUNT more" >&2
     before=$(rss_kb "$@")
-    coproc HOLD { taskset -c 0 python3 "$ROOT/benches/hold-connections.py" "$kind" 127.0.0.1 "$port" "$COUNT" "$path" "$TOKEN"; }
-    read -r line <&"${HOLD[0]}" || line=""
-    [ "$line" = "held $COUNT" ] || { echo "$name: the client did not hold $COUNT connections (said: $line)" >&2; exit 1; }
+    hold_open "$name-a" "$kind" "$port" "$path"; a1=$HOLD_IN a2=$HOLD_OUT a3=$HOLD_PID
     held=$(rss_kb "$@")
-    echo >&"${HOLD[1]}"
-    read -r line <&"${HOLD[0]}" || line=""
-    wait "$HOLD_PID" || true
+    sleep "$SETTLE"
+    hold_open "$name-b" "$kind" "$port" "$path"; b1=$HOLD_IN b2=$HOLD_OUT b3=$HOLD_PID
+    held2=$(rss_kb "$@")
+    hold_close "$b1" "$b2" "$b3"
+    hold_close "$a1" "$a2" "$a3"
     for _ in $(seq 1 300); do [ "$(established "$port")" = 0 ] && break; sleep 0.1; done
     [ "$(established "$port")" = 0 ] || { echo "$name: connections still established 30 s after the client closed them" >&2; exit 1; }
     after=$(rss_kb "$@")
-    echo "$name $round $before $held $after" >>"$WORK/rows"
+    echo "$name $round $before $held $held2 $after" >>"$WORK/rows"
   done
 }
 # ONLY=name,name measures only those rows (fedbus-http, fedbus-ws, extra-http, extra-ws,
@@ -140,9 +167,9 @@ want nats && measure nats nats "$NATS_PORT" / "$NATS_PID"
 python3 - "$WORK/rows" "$COUNT" "$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)" "$(uname -r)" \
   "$LOAD_START" "$("$NGINX" -v 2>&1 | head -1)" "$("$NATS" --version 2>&1 | head -1)" \
   "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" "$(python3 --version)" \
-  "$( [ -n "$EXTRA_BIN" ] && echo "$EXTRA_BIN" || echo "")" >"$OUT" <<'PY'
+  "$( [ -n "$EXTRA_BIN" ] && echo "$EXTRA_BIN" || echo "")" "$SETTLE" >"$OUT" <<'PY'
 import sys
-rows_file, count, cpu, kernel, load, nginxv, natsv, commit, pyv, extra = sys.argv[1:]
+rows_file, count, cpu, kernel, load, nginxv, natsv, commit, pyv, extra, settle = sys.argv[1:]
 count = int(count)
 labels = {
     "fedbus-http": "fedbus router, HTTP/1.1 keep-alive (one POST answered)",
@@ -154,27 +181,29 @@ labels = {
     "nats": "nats-server, client after CONNECT + PING/PONG",
 }
 rows = [l.split() for l in open(rows_file)]
-o = [f"# Server memory per idle client connection ({count} connections held)", "",
+o = [f"# Server memory per idle client connection ({count} connections held, then {count} more)", "",
      f"- machine: {cpu}, kernel {kernel}, {load} at the start",
-     f"- command: `COUNT={count} benches/memory-per-connection.sh` (commit {commit})",
+     f"- command: `COUNT={count} SETTLE={settle} benches/memory-per-connection.sh` (commit {commit})",
      "- pinning: every server on core 1 (`taskset -c 1`; nats-server with `GOMAXPROCS=1`, nginx one worker); "
      "the fedbus echo task, the upstream nginx and the client (`benches/hold-connections.py`, asyncio) on core 0",
      f"- {nginxv}; {natsv}; {pyv}",
-     "- RSS = VmRSS of the server's processes (nginx: master + worker); per connection = (held - before) / connections",
-     "", "| server | round | RSS before | RSS with the connections held | per connection | RSS after they closed |",
-     "|---|---:|---:|---:|---:|---:|"]
-for name, rnd, before, held, after in rows:
-    b, h, a = int(before), int(held), int(after)
+     "- RSS = VmRSS of the server's processes (nginx: master + worker); first wave per connection = "
+     f"(held - before) / {count}; second wave per connection = (held with both - held) / {count}, the second "
+     f"wave opened {settle} s after the first, whose connections idle meanwhile",
+     "", "| server | round | RSS before | first wave held | per connection | second wave held too | per connection | RSS after they closed |",
+     "|---|---:|---:|---:|---:|---:|---:|---:|"]
+for name, rnd, before, held, held2, after in rows:
+    b, h, h2, a = int(before), int(held), int(held2), int(after)
     o.append(f"| {labels[name]} | {rnd} | {b / 1024:.1f} MiB | {h / 1024:.1f} MiB | "
-             f"{(h - b) * 1024 / count / 1024:.2f} KiB | {a / 1024:.1f} MiB |")
-o += ["", "Highest RSS over the rounds, less the RSS before the first, per connection held (what the "
+             f"{(h - b) / count:.2f} KiB | {h2 / 1024:.1f} MiB | {(h2 - h) / count:.2f} KiB | {a / 1024:.1f} MiB |")
+o += ["", f"Highest RSS over the rounds, less the RSS before the first, per connection held ({2 * count}; what the "
       "allocator keeps for that many connections at the high-water mark):", ""]
 first, peak = {}, {}
-for name, rnd, before, held, after in rows:
+for name, rnd, before, held, held2, after in rows:
     first.setdefault(name, int(before))
-    peak[name] = max(peak.get(name, 0), int(held))
+    peak[name] = max(peak.get(name, 0), int(held), int(held2))
 for name in first:
-    o.append(f"- {labels[name]}: {(peak[name] - first[name]) / count:.1f} KiB")
+    o.append(f"- {labels[name]}: {(peak[name] - first[name]) / (2 * count):.1f} KiB")
 print("\n".join(o))
 PY
 cat "$OUT"

@@ -22,7 +22,7 @@ use std::cell::Cell;
 use std::hint::black_box;
 use std::io::Write;
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,10 @@ static ALL_ALLOCS: AtomicU64 = AtomicU64::new(0);
 /// Allocations made on the router's shard threads (`fedbus-shard-<i>`).
 static SHARD_ALLOCS: AtomicU64 = AtomicU64::new(0);
 static ALL_BYTES: AtomicU64 = AtomicU64::new(0);
+/// Bytes allocated and not yet freed on the shard threads (freed there too: a connection's
+/// memory lives and dies on its shard), and the same by size class.
+static SHARD_LIVE: AtomicI64 = AtomicI64::new(0);
+static SHARD_LIVE_BY_SIZE: [AtomicI64; 24] = [const { AtomicI64::new(0) }; 24];
 /// Allocations by size class: bucket k holds sizes in (2^(k-1), 2^k].
 static BY_SIZE: [AtomicU64; 24] = [const { AtomicU64::new(0) }; 24];
 
@@ -58,14 +62,30 @@ fn on_shard() -> bool {
     .unwrap_or(false)
 }
 
+fn size_class(size: usize) -> usize {
+    ((usize::BITS - size.saturating_sub(1).leading_zeros()) as usize).min(23)
+}
+
 fn count(size: usize) {
     ALL_ALLOCS.fetch_add(1, Ordering::Relaxed);
     ALL_BYTES.fetch_add(size as u64, Ordering::Relaxed);
-    let k = (usize::BITS - size.saturating_sub(1).leading_zeros()) as usize;
-    BY_SIZE[k.min(23)].fetch_add(1, Ordering::Relaxed);
+    BY_SIZE[size_class(size)].fetch_add(1, Ordering::Relaxed);
     let _ = MINE.try_with(|c| c.set(c.get() + 1));
     if on_shard() {
         SHARD_ALLOCS.fetch_add(1, Ordering::Relaxed);
+        live(size, 1);
+    }
+}
+
+/// Counts `size` bytes in (`sign` 1) or out (-1) of the shard's live heap.
+fn live(size: usize, sign: i64) {
+    SHARD_LIVE.fetch_add(sign * size as i64, Ordering::Relaxed);
+    SHARD_LIVE_BY_SIZE[size_class(size)].fetch_add(sign, Ordering::Relaxed);
+}
+
+fn freed(size: usize) {
+    if on_shard() {
+        live(size, -1);
     }
 }
 
@@ -80,10 +100,12 @@ unsafe impl GlobalAlloc for Counting {
         System.alloc_zeroed(l)
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        freed(l.size());
         count(new);
         System.realloc(p, l, new)
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        freed(l.size());
         System.dealloc(p, l)
     }
 }
@@ -312,7 +334,14 @@ struct Routed {
 }
 
 impl Routed {
+    /// Connections keep their buffers for 10 s of idleness: far longer than any pause of the
+    /// measured loops, however loaded the machine.
     fn start(tag: &str) -> Routed {
+        Routed::start_with(tag, 10_000)
+    }
+
+    /// With `tuning.idle_buffer_release_ms = release_ms` and the admin listener.
+    fn start_with(tag: &str, release_ms: u64) -> Routed {
         let dir = std::env::temp_dir().join(format!("fedbus-alloc-{tag}-{}", std::process::id()));
         let keys = dir.join("keys");
         let now = fedbus_auth::now_unix();
@@ -331,7 +360,7 @@ impl Routed {
         .expect("sign");
         let shard_core = usize::from(fedbus_router::config::online_cores() >= 2);
         let cfg = format!(
-            "region = \"local\"\ncluster = \"dev\"\nkeyring = {:?}\n\n[listen]\napi = \"127.0.0.1:0\"\ninternal = \"127.0.0.1:0\"\nadmin_enabled = false\n\n[tuning]\nshard_cores = [{shard_core}]\ncontrol_core = 0\n\n[[apps]]\nname = \"demo/echo\"\npartitions = 16\n",
+            "region = \"local\"\ncluster = \"dev\"\nkeyring = {:?}\n\n[listen]\napi = \"127.0.0.1:0\"\ninternal = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n[tuning]\nshard_cores = [{shard_core}]\ncontrol_core = 0\nidle_buffer_release_ms = {release_ms}\n\n[[apps]]\nname = \"demo/echo\"\npartitions = 16\n",
             keys.display().to_string()
         );
         let cfg = fedbus_router::config::Config::parse(&cfg, "alloc_count").expect("config");
@@ -357,6 +386,42 @@ impl Routed {
 
     fn api(&self) -> std::net::SocketAddr {
         self.router.as_ref().expect("running").api
+    }
+
+    /// An `/api/ws` session, upgraded (nothing read beyond the 101).
+    fn ws_session(&self, resp: &mut [u8]) -> TcpStream {
+        let mut s = TcpStream::connect(self.api()).expect("connect");
+        s.set_nodelay(true).expect("nodelay");
+        let up = format!(
+            "GET /api/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {}\r\n\r\n",
+            self.token
+        );
+        s.write_all(up.as_bytes()).expect("upgrade");
+        let mut got = 0;
+        while !resp[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read_retrying(&mut resp[got..]).expect("read upgrade");
+            assert!(n > 0, "closed during the upgrade");
+            got += n;
+        }
+        assert!(resp.starts_with(b"HTTP/1.1 101"), "upgrade refused");
+        assert!(resp[..got].ends_with(b"\r\n\r\n"), "nothing after the 101");
+        s
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let admin = self.router.as_ref().expect("running").admin.expect("admin");
+        let m = fedbus_testkit::Metrics::parse(&fedbus_testkit::metrics_text_at(admin));
+        m.0.get(name).copied().unwrap_or(0.0)
+    }
+
+    /// Waits until `name` is at least `n`.
+    fn wait_metric(&self, name: &str, n: f64) {
+        fedbus_testkit::wait_until(
+            &format!("{name} >= {n}"),
+            Duration::from_secs(30),
+            || (self.metric(name) >= n).then_some(()),
+            || format!("{name} = {}", self.metric(name)),
+        );
     }
 
     /// A keep-alive connection that has had one request answered 200 (the echo task is up).
@@ -565,21 +630,7 @@ fn whole_routed_ws_request_through_a_real_router() {
     let mut resp = vec![0u8; 64 * 1024];
     // The echo task is up once an HTTP request is answered 200.
     drop(r.http_connection(&http_request(&r.token), &mut resp));
-    let mut s = TcpStream::connect(r.api()).expect("connect");
-    s.set_nodelay(true).expect("nodelay");
-    let up = format!(
-        "GET /api/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {}\r\n\r\n",
-        r.token
-    );
-    s.write_all(up.as_bytes()).expect("upgrade");
-    let mut got = 0;
-    while !resp[..got].windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = s.read_retrying(&mut resp[got..]).expect("read upgrade");
-        assert!(n > 0, "closed during the upgrade");
-        got += n;
-    }
-    assert!(resp.starts_with(b"HTTP/1.1 101"), "upgrade refused");
-    assert!(resp[..got].ends_with(b"\r\n\r\n"), "nothing after the 101");
+    let mut s = r.ws_session(&mut resp);
     let one = ws_requests(1);
     let (at, len) = ws_round(&mut s, &one, 1, &mut resp, None);
     let f =
@@ -623,4 +674,132 @@ fn whole_routed_ws_request_through_a_real_router() {
         "/api/ws, 32 in flight: the shard allocated per request"
     );
     assert_eq!(idle.1, 0, "an idle shard allocated");
+}
+
+/// Bytes live on the shard now, and by size class.
+fn shard_live() -> (i64, Vec<i64>) {
+    (
+        SHARD_LIVE.load(Ordering::SeqCst),
+        SHARD_LIVE_BY_SIZE
+            .iter()
+            .map(|a| a.load(Ordering::SeqCst))
+            .collect(),
+    )
+}
+
+/// Bytes per connection between two [`shard_live`] readings, printed with the allocations
+/// still live per connection by size class.
+fn live_per_connection(label: &str, from: &(i64, Vec<i64>), to: &(i64, Vec<i64>), n: usize) -> i64 {
+    let sizes: Vec<String> = from
+        .1
+        .iter()
+        .zip(&to.1)
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(k, (a, b))| format!("<={} B: {:.2}", 1u64 << k, (b - a) as f64 / n as f64))
+        .collect();
+    let per = (to.0 - from.0) / n as i64;
+    println!("{label}: {per} bytes live on the shard per connection; allocations per connection by size: [{}]", sizes.join(", "));
+    per
+}
+
+const RELEASED: &str = "fedbus_idle_buffers_released_total";
+
+/// A connection idle for `tuning.idle_buffer_release_ms` with nothing in flight gives its read
+/// and write buffers back (`docs/TUNING.md`), as nginx frees a keep-alive connection's buffers,
+/// and takes new ones with its next bytes: counted as the bytes still allocated on the shard
+/// per idle connection, over many, before and after. Then every connection is used again: a
+/// request whose head comes in two writes, and two pipelined in one, are answered.
+#[test]
+fn idle_connections_give_their_buffers_back() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const N: usize = 100;
+    let r = Routed::start_with("idle", 200);
+    let req = http_request(&r.token);
+    let mut resp = vec![0u8; 64 * 1024];
+    drop(r.http_connection(&req, &mut resp));
+    r.wait_metric("fedbus_connections{listener=\"api\"}", 0.0);
+    let no_conn = || r.metric("fedbus_connections{listener=\"api\"}") == 0.0;
+    fedbus_testkit::wait_until(
+        "the first connection closed",
+        Duration::from_secs(30),
+        || no_conn().then_some(()),
+        String::new,
+    );
+
+    // HTTP keep-alive.
+    let base = shard_live();
+    let released = r.metric(RELEASED);
+    let mut conns: Vec<TcpStream> = (0..N).map(|_| r.http_connection(&req, &mut resp)).collect();
+    let busy = shard_live();
+    r.wait_metric(RELEASED, released + N as f64);
+    let idle = shard_live();
+    let with = live_per_connection("HTTP keep-alive, one request answered", &base, &busy, N);
+    let without = live_per_connection(
+        "HTTP keep-alive, idle (buffers given back)",
+        &base,
+        &idle,
+        N,
+    );
+    assert!(
+        without <= 8 * 1024,
+        "an idle HTTP connection holds {without} bytes"
+    );
+    assert!(
+        with - without >= 16 * 1024,
+        "HTTP: {with} bytes before, {without} after"
+    );
+    let (head, tail) = req.split_at(20);
+    for s in &mut conns {
+        s.write_all(head).expect("write");
+        assert_eq!(round_trip(s, tail, &mut resp), 200, "a head in two writes");
+        pipelined(s, &req.repeat(2), 2, &mut resp);
+    }
+    drop(conns);
+    fedbus_testkit::wait_until(
+        "the HTTP connections closed",
+        Duration::from_secs(30),
+        || no_conn().then_some(()),
+        String::new,
+    );
+
+    // /api/ws sessions.
+    let base = shard_live();
+    let released = r.metric(RELEASED);
+    let one = ws_requests(1);
+    let two = ws_requests(2);
+    let mut sessions: Vec<TcpStream> = (0..N)
+        .map(|_| {
+            let mut s = r.ws_session(&mut resp);
+            ws_round(&mut s, &one, 1, &mut resp, None);
+            s
+        })
+        .collect();
+    let busy = shard_live();
+    r.wait_metric(RELEASED, released + N as f64);
+    let idle = shard_live();
+    let with = live_per_connection("/api/ws session, one request answered", &base, &busy, N);
+    let without = live_per_connection(
+        "/api/ws session, idle (buffers given back)",
+        &base,
+        &idle,
+        N,
+    );
+    assert!(
+        without <= 10 * 1024,
+        "an idle /api/ws session holds {without} bytes"
+    );
+    assert!(
+        with - without >= 16 * 1024,
+        "/api/ws: {with} bytes before, {without} after"
+    );
+    for s in &mut sessions {
+        let (at, len) = ws_round(s, &two, 2, &mut resp, None);
+        let f = Frame::decode(bytes::Bytes::copy_from_slice(&resp[at..at + len])).expect("frame");
+        assert_eq!(
+            f.get_u64(tag::STATUS),
+            Some(200),
+            "echo answered after the release"
+        );
+    }
 }

@@ -393,6 +393,11 @@ pub struct Tuning {
     pub io_memory: usize,
     /// Pin shards to their cores. Default true; false lets the kernel place them (tests).
     pub pin: bool,
+    /// A client connection with nothing in flight and nothing buffered gives its read and
+    /// write buffers back after this long idle, and takes new ones when its next bytes come
+    /// (as nginx frees a keep-alive connection's buffers). 0: never (a connection keeps them
+    /// for its life). Default 1000 ms. See docs/TUNING.md.
+    pub idle_buffer_release_ms: u64,
 }
 
 /// One app.
@@ -575,6 +580,7 @@ impl Default for Tuning {
             control_core: default_cores().first().copied().unwrap_or(0),
             spin_before_park_us: 0,
             io_memory: 1 << 20,
+            idle_buffer_release_ms: 1000,
             pin: true,
         }
     }

@@ -656,16 +656,18 @@ async fn serve_inner<S: Stream>(
     let _ = stream
         .tcp()
         .set_write_timeout(Some(Duration::from_millis(limits.idle_timeout_ms)));
-    // 16 KiB: room to read ahead while requests are in flight (a smaller first buffer had to
-    // grow, one allocation, on the first request of every connection). Only what reads touch
-    // is resident (`ReadSpace` offers 4 KiB at first).
-    let mut buf = BytesMut::with_capacity(16 * 1024);
-    let mut space = ReadSpace::default();
-    let mut out = BytesMut::with_capacity(4096);
+    // No buffer until the first bytes come (`ReadSpace::read_unbuffered`), then 16 KiB: room
+    // to read ahead while requests are in flight (a smaller one had to grow, one allocation,
+    // on the first request of every connection). Only what reads touch is resident
+    // (`ReadSpace` offers 4 KiB at first). Given back after `tuning.idle_buffer_release_ms`
+    // idle, with `out`, `parts` and the in-flight slots.
+    let mut buf = BytesMut::new();
+    let mut space = ReadSpace::unbuffered();
+    let mut out = BytesMut::new();
     // Bytes of answer heads (and the small bodies copied behind them) in the largest batch
     // written so far, and in this one.
     let (mut head_room, mut head_bytes) = (4096usize, 0usize);
-    let mut parts: Vec<Bytes> = Vec::with_capacity(32);
+    let mut parts: Vec<Bytes> = Vec::new();
     let mut inflight = Ordered::new();
     // Every deadline of this connection (head, body, idle, answer write) on one timer.
     let mut deadline = Deadline::new();
@@ -684,6 +686,9 @@ async fn serve_inner<S: Stream>(
     let mut outbox = OutboxCharge::new(shard.budget.clone());
     let keepalive = shard.keepalive();
     let idle = Duration::from_millis(limits.idle_timeout_ms);
+    let release_after = Duration::from_millis(shard.cfg.tuning.idle_buffer_release_ms);
+    // What is left of the idle timeout after the buffers were given back.
+    let mut idle_rest: Option<Duration> = None;
     let head_limit = Duration::from_millis(limits.handshake_timeout_ms);
     let mut head_since: Option<Instant> = None;
     // A body announced by a complete head must arrive at `limits.min_body_bytes_per_sec` at
@@ -832,11 +837,21 @@ async fn serve_inner<S: Stream>(
             let wait = match (head_since, body_deadline.filter(|_| continued)) {
                 (_, Some(d)) => d.saturating_duration_since(Instant::now()),
                 (Some(t), None) => head_limit.saturating_sub(t.elapsed()),
-                (None, None) => idle,
+                (None, None) => idle_rest.take().unwrap_or(idle),
             };
             // Waiting for a new request with nothing in flight: this connection may be
             // evicted to make room for a new one at the shard's connection limit.
             let idle_wait = buf.is_empty() && !continued;
+            // Idle with its buffers: they go back after `tuning.idle_buffer_release_ms`, then
+            // the rest of the idle timeout is waited without them.
+            let releasing = idle_wait
+                && !space.is_unbuffered()
+                && !release_after.is_zero()
+                && release_after < wait;
+            let wait = match releasing {
+                true => release_after,
+                false => wait,
+            };
             keepalive.slot.set_idle(idle_wait);
             let read = async {
                 let r = std::pin::pin!(fill(stream, &mut buf, &mut space));
@@ -854,7 +869,9 @@ async fn serve_inner<S: Stream>(
                 }
             };
             let got = deadline.within(wait, read).await;
-            keepalive.slot.set_idle(false);
+            if !(releasing && got.is_err()) {
+                keepalive.slot.set_idle(false);
+            }
             let got = match got {
                 Ok(Some(r)) => Ok(r),
                 // Evicted: close quietly, as an idle keep-alive connection may be closed.
@@ -873,6 +890,14 @@ async fn serve_inner<S: Stream>(
                     inflight.push_back(ready(a, is_head(&buf), true, 0, Instant::now()));
                 }
                 Ok(Ok(0)) => break,
+                Err(_) if releasing => {
+                    space.give_back(&mut buf);
+                    (out, parts) = (BytesMut::new(), Vec::new());
+                    inflight.give_back();
+                    ShardMetrics::inc(&shard.metrics.idle_buffers_released);
+                    idle_rest = Some(idle - release_after);
+                    continue;
+                }
                 // Idle for `limits.idle_timeout_ms`: closed.
                 Err(_) => {
                     close_idle(stream).await;
@@ -1218,6 +1243,9 @@ async fn fill<S: Stream>(
     buf: &mut BytesMut,
     space: &mut ReadSpace,
 ) -> std::io::Result<usize> {
+    if space.is_unbuffered() {
+        return space.read_unbuffered(stream, buf, 16 * 1024).await;
+    }
     // Reclaimed in place when no request holds a slice of it: with room for a whole read
     // chunk, or failing that (a partial request at the end) for the minimum. Grown otherwise.
     if !has_room(buf) && !buf.try_reclaim(16 * 1024) && !buf.try_reclaim(MIN_READ_ROOM) {

@@ -111,6 +111,14 @@ impl<F: Future> Ordered<F> {
         self.order.push_back(i);
     }
 
+    /// Frees the slots when nothing is in flight (an idle connection gives its memory back);
+    /// the next request allocates one again.
+    pub(crate) fn give_back(&mut self) {
+        if self.is_empty() {
+            *self = Ordered::new();
+        }
+    }
+
     /// Drops every request in flight.
     pub(crate) fn clear(&mut self) {
         while !self.order.is_empty() {
@@ -182,6 +190,14 @@ impl<F: Future<Output = ()>> Unordered<F> {
         Unordered {
             slots: Slots::new(),
             busy: Vec::new(),
+        }
+    }
+
+    /// Frees the slots when nothing is in flight (an idle session gives its memory back);
+    /// the next request allocates one again.
+    pub(crate) fn give_back(&mut self) {
+        if self.busy.is_empty() {
+            *self = Unordered::new();
         }
     }
 

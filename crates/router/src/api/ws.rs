@@ -45,6 +45,9 @@ pub(crate) async fn serve<S: Stream>(
         Ok(None) => return,
         Err(r) => return refuse(&shard, &mut stream, start, r.status, r.code, r.message).await,
     };
+    // A slice of the HTTP read buffer: held, it would keep that whole buffer for the session's
+    // life (`up` owns what it took from it).
+    drop(head);
     // A session opened now would be closed with 1001 at once: the client opens it again
     // elsewhere (this router's listeners are closed), as after a 503 on HTTP.
     if shard.health.draining() {
@@ -189,8 +192,11 @@ pub(crate) async fn serve<S: Stream>(
         (false, false) => ping_after,
         (false, true) => idle - ping_after,
     };
-    // The rest of a wait that began with a request in flight, from its last answer.
+    // The rest of a wait that began with a request in flight, from its last answer (or that
+    // went on after the session gave its buffers back).
     let mut resume: Option<std::time::Duration> = None;
+    // Idle this long with nothing in flight, the session gives its buffers back.
+    let release_after = std::time::Duration::from_millis(shard.cfg.tuning.idle_buffer_release_ms);
     // The time of the last read: every request it brought was received then.
     let (mut read_at, mut reads) = (Instant::now(), reader.reads());
     // A drain: the session reads on until its answers are out, serves the one message that
@@ -207,6 +213,7 @@ pub(crate) async fn serve<S: Stream>(
         // Idle is measured from the end of the last activity: a wait that saw a request in
         // flight or bytes of a message arriving does not count, the next starts over.
         let (busy, reads_before) = (session.inflight.get() > 0, reader.reads());
+        let unbuffered = reader.is_unbuffered();
         // Wait for the next message, or for the outbox to close (an answer found it over
         // its limit: the client does not read), or for a drain.
         let next = async {
@@ -230,6 +237,14 @@ pub(crate) async fn serve<S: Stream>(
             crate::health::POLL
         } else {
             resume.take().unwrap_or(quiet(pinged))
+        };
+        // Quiet with its buffers: they go back after `tuning.idle_buffer_release_ms`, then
+        // the rest of the wait goes on without them.
+        let releasing =
+            !draining && !unbuffered && !release_after.is_zero() && release_after < wait;
+        let (wait, rest) = match releasing {
+            true => (release_after, wait - release_after),
+            false => (wait, std::time::Duration::ZERO),
         };
         let waited = {
             use futures_util::future::{select, Either};
@@ -255,6 +270,23 @@ pub(crate) async fn serve<S: Stream>(
             Err(_) if session.inflight.get() > 0 => continue,
             Err(_) if reader.reads() != reads_before => {
                 pinged = false;
+                continue;
+            }
+            Err(_) if releasing => {
+                // Quiet since the last answer (a wait that began busy), or for this whole wait.
+                let quiet_for = match busy {
+                    true => session.idle_since.get().elapsed(),
+                    false => release_after,
+                };
+                if quiet_for >= release_after && reader.give_back() {
+                    out.borrow_mut().give_back();
+                    inflight.give_back();
+                    crate::metrics::ShardMetrics::inc(&shard.metrics.idle_buffers_released);
+                }
+                resume = Some(match busy {
+                    true => quiet(pinged).saturating_sub(quiet_for),
+                    false => rest,
+                });
                 continue;
             }
             Err(_) if busy => {

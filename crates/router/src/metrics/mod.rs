@@ -60,6 +60,8 @@ pub(crate) struct ShardMetrics {
     pub(crate) outbox_held: AtomicU64,
     pub(crate) slow_reader_closed: AtomicU64,
     pub(crate) idle_evicted: AtomicU64,
+    /// Client connections that gave their buffers back after `tuning.idle_buffer_release_ms`.
+    pub(crate) idle_buffers_released: AtomicU64,
     /// Task links taken out of routing by outlier detection, by `task::link::Ejection`.
     pub(crate) task_ejected: [AtomicU64; 2],
     pub(crate) task_readmitted: AtomicU64,
@@ -128,7 +130,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, Field); 29] = [
+    let simple: [(&str, &str, &str, Field); 30] = [
         (
             "fedbus_bytes_in_total",
             "counter",
@@ -287,6 +289,12 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             "counter",
             "Idle keep-alive client connections closed to make room for a new one at limits.max_connections_per_shard.",
             |m| &m.idle_evicted,
+        ),
+        (
+            "fedbus_idle_buffers_released_total",
+            "counter",
+            "Times a client connection (HTTP keep-alive or /api/ws session) idle for tuning.idle_buffer_release_ms gave its read and write buffers back; it takes new ones with its next bytes.",
+            |m| &m.idle_buffers_released,
         ),
         (
             "fedbus_forward_retries_total",

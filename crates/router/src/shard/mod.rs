@@ -299,9 +299,12 @@ pub(crate) struct IdleSlot {
 }
 
 impl IdleSlot {
-    /// Marks the connection idle (waiting for a new request) or busy.
+    /// Marks the connection idle (waiting for a new request) or busy. Idle again while idle
+    /// (its wait went on after its buffers were given back) keeps when it became idle.
     pub(crate) fn set_idle(&self, idle: bool) {
-        self.since.set(idle.then(std::time::Instant::now));
+        let since = self.since.get();
+        self.since
+            .set(idle.then(|| since.unwrap_or_else(std::time::Instant::now)));
     }
 
     /// Whether the accept loop has chosen this connection for eviction.

@@ -132,6 +132,8 @@ pub struct ReadSpace {
     init: usize,
     /// Bytes the next read is offered (0: [`FIRST_OFFER`]).
     offer: usize,
+    /// The connection holds no read buffer: the next read is [`ReadSpace::read_unbuffered`].
+    unbuffered: bool,
 }
 
 /// What a connection's first read is offered (see [`ReadSpace`]).
@@ -184,6 +186,72 @@ impl ReadSpace {
         self.start += n;
         self.init -= n;
         Ok(n)
+    }
+}
+
+thread_local! {
+    /// The read scratch of a connection that holds no read buffer (see
+    /// [`ReadSpace::read_unbuffered`]): borrowed only inside one poll, so every connection of
+    /// the shard shares it.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; FIRST_OFFER].into_boxed_slice());
+}
+
+impl ReadSpace {
+    /// For a connection that holds no read buffer yet: its first read is
+    /// [`ReadSpace::read_unbuffered`].
+    pub fn unbuffered() -> Self {
+        ReadSpace {
+            unbuffered: true,
+            ..ReadSpace::default()
+        }
+    }
+
+    /// Gives `buf` (empty) back, for a connection idle with nothing buffered: its next read
+    /// is [`ReadSpace::read_unbuffered`].
+    pub fn give_back(&mut self, buf: &mut BytesMut) {
+        debug_assert!(buf.is_empty());
+        *buf = BytesMut::new();
+        *self = ReadSpace::unbuffered();
+    }
+
+    /// The connection holds no read buffer (see [`ReadSpace::give_back`]).
+    pub fn is_unbuffered(&self) -> bool {
+        self.unbuffered
+    }
+
+    /// Reads once for a connection that holds no read buffer ([`ReadSpace::give_back`],
+    /// [`ReadSpace::unbuffered`]; `buf` has no capacity): the bytes land in the shard's shared scratch, and only when some came
+    /// does `buf` get a buffer of `cap` bytes (at least what was read) to copy them into. An
+    /// idle connection so holds no buffer while it waits, as nginx's keep-alive connections
+    /// do, at the cost of one copy of its first read after the wait. This works with any
+    /// reader, because a reader uses the buffer it is given only during the poll that gives it
+    /// (glommio's socket reads `recv` into it then, or arm a poll and return pending; rustls
+    /// copies decrypted bytes into it then). Ok(0): end of stream.
+    pub async fn read_unbuffered<R: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut R,
+        buf: &mut BytesMut,
+        cap: usize,
+    ) -> io::Result<usize> {
+        debug_assert_eq!(buf.capacity(), 0);
+        std::future::poll_fn(|cx| {
+            SCRATCH.with_borrow_mut(|scratch| {
+                let n = match Pin::new(&mut *io).poll_read(cx, scratch) {
+                    Poll::Ready(Ok(n)) => n.min(scratch.len()),
+                    other => return other,
+                };
+                if n > 0 {
+                    buf.reserve(cap.max(n));
+                    buf.extend_from_slice(&scratch[..n]);
+                    *self = ReadSpace::default();
+                    if n == scratch.len() {
+                        self.offer = 2 * n;
+                    }
+                }
+                Poll::Ready(Ok(n))
+            })
+        })
+        .await
     }
 }
 
@@ -537,14 +605,39 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
         .await;
     }
 
-    async fn fill(&mut self) -> Result<(), WsError> {
-        // Room for what the next read is offered: 4 KiB for a session that only ever receives
-        // small messages (it keeps that little), up to a whole chunk once reads fill it.
-        let want = self.space.next_offer();
-        if self.buf.capacity() - self.buf.len() < want {
-            make_room(&mut self.buf, &mut self.spare, want, want);
+    /// Gives the read buffers back when nothing is buffered (no message in progress), for a
+    /// session that has been idle a while; the next read takes a new one
+    /// ([`ReadSpace::read_unbuffered`]). False when something is buffered.
+    pub fn give_back(&mut self) -> bool {
+        if !self.buf.is_empty() || self.frag.is_some() || self.dropping.is_some() {
+            return false;
         }
-        let n = self.space.read(&mut self.io, &mut self.buf).await?;
+        self.space.give_back(&mut self.buf);
+        self.spare = BytesMut::new();
+        true
+    }
+
+    /// The reader holds no read buffer ([`WsReader::give_back`]).
+    pub fn is_unbuffered(&self) -> bool {
+        self.space.is_unbuffered()
+    }
+
+    async fn fill(&mut self) -> Result<(), WsError> {
+        let n = if self.space.is_unbuffered() {
+            let io = &mut self.io;
+            self.space
+                .read_unbuffered(io, &mut self.buf, FIRST_OFFER)
+                .await?
+        } else {
+            // Room for what the next read is offered: 4 KiB for a session that only ever
+            // receives small messages (it keeps that little), up to a whole chunk once reads
+            // fill it.
+            let want = self.space.next_offer();
+            if self.buf.capacity() - self.buf.len() < want {
+                make_room(&mut self.buf, &mut self.spare, want, want);
+            }
+            self.space.read(&mut self.io, &mut self.buf).await?
+        };
         if n == 0 {
             return Err(WsError::Eof);
         }
@@ -705,6 +798,9 @@ pub struct WsOut {
     arena: BytesMut,
     /// The arena given up last, reused once the frames cut from it are written.
     spare_arena: BytesMut,
+    /// The writer's list of slices, kept here between writes (taken for each one) so that an
+    /// idle connection gives it back with the arenas ([`WsOut::give_back`]).
+    batch: Vec<Bytes>,
     queued: usize,
     limit: usize,
     /// The limit bounds what waits behind other frames only: one data message larger than it
@@ -808,6 +904,7 @@ impl WsOut {
             frames: VecDeque::with_capacity(32),
             arena: BytesMut::with_capacity(16 * 1024),
             spare_arena: BytesMut::new(),
+            batch: Vec::new(),
             queued: 0,
             limit,
             soft: false,
@@ -855,6 +952,15 @@ impl WsOut {
     /// budget cannot take is refused like one over the limit.
     pub(crate) fn charge_to(&mut self, charge: crate::shard::OutboxCharge) {
         self.charge = Some(charge);
+    }
+
+    /// Gives the arenas back when nothing is queued, for a session that has been idle a
+    /// while; the next frame takes a new one.
+    pub fn give_back(&mut self) {
+        if self.frames.is_empty() && self.queued == 0 {
+            (self.arena, self.spare_arena) = (BytesMut::new(), BytesMut::new());
+            (self.frames, self.batch) = (VecDeque::new(), Vec::new());
+        }
     }
 
     /// Bytes waiting.
@@ -1294,10 +1400,11 @@ impl<W: AsyncWrite + Unpin> SocketWriter<W> {
 
 /// The writer task of a connection: drains the outbox in batches until it closes.
 pub async fn write_loop<W: PartsWriter>(out: Rc<RefCell<WsOut>>, mut w: W) -> io::Result<()> {
-    let mut batch: Vec<Bytes> = Vec::with_capacity(MAX_IOV);
     while Ready(&out).await {
-        {
+        let mut batch = {
             let mut o = out.borrow_mut();
+            let mut batch = std::mem::take(&mut o.batch);
+            batch.reserve(MAX_IOV);
             // Whole frames only: what is left in the queue can be dropped at a frame boundary.
             // The copied bytes of consecutive frames leave as one slice of the arena.
             let (mut copied, mut taken) = (0, 0);
@@ -1317,11 +1424,13 @@ pub async fn write_loop<W: PartsWriter>(out: Rc<RefCell<WsOut>>, mut w: W) -> io
             if o.frames.is_empty() {
                 o.controls = 0;
             }
-        }
+            batch
+        };
         let n: usize = batch.iter().map(Bytes::len).sum();
         let r = w.write_parts(&batch).await;
         batch.clear();
         let mut o = out.borrow_mut();
+        o.batch = batch;
         o.written(n);
         if let Err(e) = r {
             o.abort();

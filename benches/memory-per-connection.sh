@@ -3,7 +3,7 @@
 # sessions) vs an nginx reverse proxy vs nginx answering alone vs nats-server, in one run, same
 # pinning.
 #
-#   benches/memory-per-connection.sh             # COUNT=4000 ROUNDS=2 SETTLE=3
+#   benches/memory-per-connection.sh             # COUNT=4000 ROUNDS=2 SETTLE=5
 #   COUNT=4500 OUT=/tmp/m.md benches/memory-per-connection.sh
 #   BIN=/path/to/fedbus benches/memory-per-connection.sh   # that binary instead of building
 #   EXTRA_BIN=/path/to/other/fedbus benches/memory-per-connection.sh   # adds that build's rows
@@ -31,7 +31,7 @@
 set -euo pipefail
 COUNT=${COUNT:-4000}
 ROUNDS=${ROUNDS:-2}
-SETTLE=${SETTLE:-3}
+SETTLE=${SETTLE:-5}
 EXTRA_BIN=${EXTRA_BIN:-}
 [[ "$COUNT" =~ ^[1-9][0-9]*$ ]] && [ "$COUNT" -le 4500 ] || {
   echo "COUNT must be a whole number from 1 to 4500 (2 x COUNT are held; the router's default limits.max_connections_per_shard is 10000)" >&2; exit 1; }

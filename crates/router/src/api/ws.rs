@@ -197,6 +197,8 @@ pub(crate) async fn serve<S: Stream>(
     let mut resume: Option<std::time::Duration> = None;
     // Idle this long with nothing in flight, the session gives its buffers back.
     let release_after = std::time::Duration::from_millis(shard.cfg.tuning.idle_buffer_release_ms);
+    // What is left of it when a wait that began busy ended before it.
+    let mut release_left: Option<std::time::Duration> = None;
     // The time of the last read: every request it brought was received then.
     let (mut read_at, mut reads) = (Instant::now(), reader.reads());
     // A drain: the session reads on until its answers are out, serves the one message that
@@ -240,10 +242,10 @@ pub(crate) async fn serve<S: Stream>(
         };
         // Quiet with its buffers: they go back after `tuning.idle_buffer_release_ms`, then
         // the rest of the wait goes on without them.
-        let releasing =
-            !draining && !unbuffered && !release_after.is_zero() && release_after < wait;
+        let first = release_left.take().unwrap_or(release_after);
+        let releasing = !draining && !unbuffered && !release_after.is_zero() && first < wait;
         let (wait, rest) = match releasing {
-            true => (release_after, wait - release_after),
+            true => (first, wait - first),
             false => (wait, std::time::Duration::ZERO),
         };
         let waited = {
@@ -278,7 +280,9 @@ pub(crate) async fn serve<S: Stream>(
                     true => session.idle_since.get().elapsed(),
                     false => release_after,
                 };
-                if quiet_for >= release_after && reader.give_back() {
+                if quiet_for < release_after {
+                    release_left = Some(release_after - quiet_for);
+                } else if reader.give_back() {
                     out.borrow_mut().give_back();
                     inflight.give_back();
                     crate::metrics::ShardMetrics::inc(&shard.metrics.idle_buffers_released);

@@ -1199,3 +1199,190 @@ fn a_redirect_to_a_partition_the_app_lacks_is_502() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// 8. The task link's upgrade, registration and frames, as docs/PROTOCOL.md sections 3 to 6 say.
+
+/// Sends `raw` to `addr` and reads until the router closes: the whole answer as text.
+fn answer_to_close(addr: SocketAddr, raw: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(READ_TIMEOUT)).expect("timeout");
+    s.write_all(raw).expect("write");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match s.read_retrying(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("not closed after {:?}: {e}", String::from_utf8_lossy(&got)),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// The field `name` of the answer head `a` (case-insensitive).
+fn field<'a>(a: &'a str, name: &str) -> Option<&'a str> {
+    let head = &a[..a.find("\r\n\r\n").unwrap_or(a.len())];
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Section 3 on the internal listener ("these rules hold on every websocket endpoint"): a
+/// method other than GET is `405` with `Allow: GET`; HTTP/1.0, no `Host`, two `Host`s, two
+/// keys or a key that is not base64 of 16 bytes `400 bad_upgrade`; version 8 `426
+/// unsupported_version` with `Sec-WebSocket-Version: 13` and, as RFC 9110 15.5.22 and 7.8
+/// require of any 426, `Upgrade: websocket` with the `upgrade` connection option (before, the
+/// 426 named no protocol); a head of 16 KiB + 1 byte or 101 fields `431` while exactly 16 KiB
+/// and 100 fields open a link; no token `401` with exactly the documented answer and, as RFC
+/// 9110 11.6.1 requires, a `WWW-Authenticate: Bearer` challenge (before: none). Every refusal
+/// is JSON and closes.
+#[test]
+fn task_link_upgrade_refusals_are_as_documented() {
+    let r = Router::new().shards(1).start();
+    let tok = service_token(&r);
+    let addr = r.internal[0];
+    let head = |method: &str, version: &str, extra: &str| {
+        format!(
+            "{method} /link {version}\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {tok}\r\n{extra}\r\n"
+        )
+    };
+    let good = head("GET", "HTTP/1.1", "");
+    let fields = |n: usize| (0..n).map(|i| format!("X-{i}: a\r\n")).collect::<String>();
+    // The good head has 6 fields; pad to a total length or field count.
+    let sized = |total: usize| {
+        let pad = total - good.len() - "X-P: \r\n".len();
+        head("GET", "HTTP/1.1", &format!("X-P: {}\r\n", "a".repeat(pad)))
+    };
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "POST",
+            head("POST", "HTTP/1.1", ""),
+            405,
+            "method_not_allowed",
+        ),
+        ("HTTP/1.0", head("GET", "HTTP/1.0", ""), 400, "bad_upgrade"),
+        (
+            "no Host",
+            good.replace("Host: x\r\n", ""),
+            400,
+            "bad_upgrade",
+        ),
+        (
+            "two Hosts",
+            head("GET", "HTTP/1.1", "Host: y\r\n"),
+            400,
+            "bad_upgrade",
+        ),
+        (
+            "two keys",
+            head(
+                "GET",
+                "HTTP/1.1",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+            ),
+            400,
+            "bad_upgrade",
+        ),
+        (
+            "short key",
+            good.replace("dGhlIHNhbXBsZSBub25jZQ==", "YWJj"),
+            400,
+            "bad_upgrade",
+        ),
+        (
+            "version 8",
+            good.replace("Version: 13", "Version: 8"),
+            426,
+            "unsupported_version",
+        ),
+        ("16 KiB + 1", sized(16 * 1024 + 1), 431, "headers_too_large"),
+        (
+            "101 fields",
+            head("GET", "HTTP/1.1", &fields(95)),
+            431,
+            "headers_too_large",
+        ),
+        (
+            "no token",
+            good.replace(&format!("Authorization: Bearer {tok}\r\n"), ""),
+            401,
+            "missing_token",
+        ),
+    ];
+    for (what, raw, status, code) in cases {
+        let a = answer_to_close(addr, raw.as_bytes());
+        assert!(a.starts_with(&format!("HTTP/1.1 {status} ")), "{what}: {a}");
+        assert_eq!(
+            field(&a, "content-type"),
+            Some("application/json"),
+            "{what}: {a}"
+        );
+        let body = &a[a.find("\r\n\r\n").expect("a head") + 4..];
+        let j: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: {e}: {a}"));
+        assert_eq!(
+            (j["error"].as_str(), j["status"].as_u64()),
+            (Some(code), Some(status as u64)),
+            "{what}: {a}"
+        );
+        let connection = field(&a, "connection")
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        assert!(
+            connection.split(',').any(|o| o.trim() == "close"),
+            "{what}: {a}"
+        );
+        match status {
+            405 => assert_eq!(field(&a, "allow"), Some("GET"), "{what}: {a}"),
+            426 => {
+                assert_eq!(
+                    field(&a, "sec-websocket-version"),
+                    Some("13"),
+                    "{what}: {a}"
+                );
+                assert_eq!(
+                    field(&a, "upgrade"),
+                    Some("websocket"),
+                    "{what}: a 426 names no protocol: {a}"
+                );
+                assert!(
+                    connection.split(',').any(|o| o.trim() == "upgrade"),
+                    "{what}: {a}"
+                );
+            }
+            401 => {
+                // The documented answer, byte for byte, and its challenge.
+                assert_eq!(
+                    body,
+                    r#"{"error":"missing_token","message":"service token required","status":401}"#
+                );
+                assert_eq!(field(&a, "content-length"), Some("73"), "{a}");
+                assert_eq!(
+                    field(&a, "www-authenticate"),
+                    Some("Bearer"),
+                    "{what}: a 401 without its challenge: {a}"
+                );
+            }
+            _ => {}
+        }
+    }
+    // At the bounds: exactly 16 KiB, exactly 100 fields.
+    for (what, raw) in [
+        ("16 KiB", sized(16 * 1024)),
+        ("100 fields", head("GET", "HTTP/1.1", &fields(94))),
+    ] {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(READ_TIMEOUT)).expect("timeout");
+        s.write_all(raw.as_bytes()).expect("write");
+        let mut b = [0u8; 64];
+        let n = s.read_retrying(&mut b).expect("read");
+        assert!(
+            b[..n].starts_with(b"HTTP/1.1 101 "),
+            "{what}: {}",
+            String::from_utf8_lossy(&b[..n])
+        );
+    }
+}

@@ -941,6 +941,69 @@ fn duplicate_host_is_400() {
     assert_eq!(resp.status, 400, "two Host fields: {resp:?}");
 }
 
+/// RFC 9110 11.6.1: "A server generating a 401 (Unauthorized) response MUST send a
+/// WWW-Authenticate header field containing at least one challenge"; the scheme is `Bearer`
+/// (RFC 6750 section 3: no error attribute when no token came, `error="invalid_token"` for a
+/// token that does not verify), as Envoy's jwt_authn sends. Every router-made 401 carries it:
+/// HTTP without a token, with a forged token, with `Authorization: Basic`, and the `/api/ws`
+/// upgrade refused for its token. Before, none did.
+#[test]
+fn router_made_401s_carry_a_bearer_challenge() {
+    let (r, _t, tok) = setup();
+    let p = r.path(APP, 3);
+    let forged = format!("{}x", &tok[..tok.len() - 1]);
+    let cases = [
+        ("no token", String::new(), Some("missing_token"), "Bearer"),
+        (
+            "forged token",
+            format!("Authorization: Bearer {forged}\r\n"),
+            None,
+            "Bearer error=\"invalid_token\"",
+        ),
+        (
+            "Basic",
+            "Authorization: Basic YWxpY2U6eA==\r\n".to_string(),
+            Some("bad_token"),
+            "Bearer error=\"invalid_token\"",
+        ),
+    ];
+    let mut w = Wire::open(r.api);
+    for (what, auth, code, challenge) in cases {
+        let raw = format!("POST {p} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 1\r\n\r\nx");
+        w.send(raw.as_bytes());
+        let resp = w.final_response("POST");
+        assert_eq!(resp.status, 401, "{what}: {resp:?}");
+        if let Some(code) = code {
+            assert_eq!(resp.json()["error"], code, "{what}: {resp:?}");
+        }
+        assert_eq!(
+            resp.h("www-authenticate"),
+            Some(challenge),
+            "{what}: a 401 without its challenge: {resp:?}"
+        );
+        if resp.closes() {
+            w = Wire::open(r.api);
+        }
+    }
+    // The /api/ws upgrade refused for its token (a router without [federation] verifies it
+    // at the upgrade): the same challenge, then the close.
+    let raw = format!(
+        "GET /api/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {forged}\r\n\r\n"
+    );
+    let resp = one_answer_then_close(&r, raw.as_bytes(), "GET");
+    assert_eq!(resp.status, 401, "{resp:?}");
+    assert_eq!(
+        resp.h("www-authenticate"),
+        Some("Bearer error=\"invalid_token\""),
+        "{resp:?}"
+    );
+    // A good token still passes, and a 200 carries no challenge.
+    w.send(&echo_req(&r, &tok, 3, b"ok"));
+    let ok = w.final_response("POST");
+    assert_echo(&ok, b"ok");
+    assert_eq!(ok.h("www-authenticate"), None, "{ok:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // TLS
 

@@ -393,7 +393,7 @@ fn write_head(
     out.put_u8(b' ');
     out.put_slice(reason(status).as_bytes());
     out.put_slice(b"\r\n");
-    let (mut has_ct, mut served_by, mut has_retry) = (false, false, false);
+    let (mut has_ct, mut served_by, mut has_retry, mut has_auth) = (false, false, false, false);
     a.fields(|f| {
         match f {
             Field::ContentType(v) => {
@@ -408,6 +408,7 @@ fn write_head(
             }
             Field::Line(v) => {
                 has_retry |= is_retry_after(v);
+                has_auth |= crate::proto::http::is_www_authenticate(v);
                 out.put_slice(v);
             }
             Field::Number(name, n) => {
@@ -453,6 +454,13 @@ fn write_head(
     // carries its own Retry-After or none, and never gets a second one.
     if status == 503 && !has_retry && a.error_tag().is_some() {
         out.put_slice(b"retry-after: 1\r\n");
+    }
+    // A router's own 401 (here or relayed from the serving cluster) carries the challenge
+    // RFC 9110 11.6.1 requires; a task's 401 keeps its own.
+    if status == 401 && !has_auth {
+        if let Some(code) = a.error_tag() {
+            out.put_slice(crate::proto::http::www_authenticate(code).as_bytes());
+        }
     }
     if close {
         out.put_slice(b"connection: close\r\n");

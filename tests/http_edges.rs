@@ -482,7 +482,11 @@ fn http10_request_is_answered_then_closed() {
     assert_echo(&resp, b"abc");
 }
 
-/// HTTP/1.0 with `Connection: keep-alive` (ab -k, old proxies): the connection persists.
+/// HTTP/1.0 with `Connection: keep-alive` (ab -k, old proxies): the connection persists, and
+/// each answer says so with `Connection: keep-alive` (RFC 9112 9.3: an HTTP/1.0 client keeps
+/// the connection only when the answer carries that option; nginx sends it). Before, the
+/// router kept the connection open but did not say so, so `ab -k` and other HTTP/1.0
+/// clients closed after every answer.
 #[test]
 fn http10_keep_alive_persists() {
     let (r, _t, tok) = setup();
@@ -498,7 +502,25 @@ fn http10_keep_alive_persists() {
         let resp = w.final_response("POST");
         assert_echo(&resp, body.as_bytes());
         assert!(!resp.closes(), "{resp:?}");
+        assert_eq!(
+            resp.h("connection").map(str::to_ascii_lowercase).as_deref(),
+            Some("keep-alive"),
+            "an HTTP/1.0 keep-alive answer must say `Connection: keep-alive`: {resp:?}"
+        );
     }
+    // A refusal that keeps the connection (401 here) says it too, and an HTTP/1.1 answer
+    // never needs it.
+    w.send(
+        format!("POST {p} HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\nx")
+            .as_bytes(),
+    );
+    let refused = w.final_response("POST");
+    refused.assert_error(401, "missing_token");
+    assert_eq!(refused.h("connection"), Some("keep-alive"), "{refused:?}");
+    w.send(&echo_req(&r, &tok, 7, b"v11"));
+    let v11 = w.final_response("POST");
+    assert_echo(&v11, b"v11");
+    assert_eq!(v11.h("connection"), None, "{v11:?}");
 }
 
 /// `Connection: close` is honoured: that answer says close, the router closes, and a request

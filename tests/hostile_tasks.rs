@@ -1199,3 +1199,449 @@ fn a_redirect_to_a_partition_the_app_lacks_is_502() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// 8. The task link's upgrade, registration and frames, as docs/PROTOCOL.md sections 3 to 6 say.
+
+/// Sends `raw` to `addr` and reads until the router closes: the whole answer as text.
+fn answer_to_close(addr: SocketAddr, raw: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(READ_TIMEOUT)).expect("timeout");
+    s.write_all(raw).expect("write");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match s.read_retrying(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("not closed after {:?}: {e}", String::from_utf8_lossy(&got)),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// The field `name` of the answer head `a` (case-insensitive).
+fn field<'a>(a: &'a str, name: &str) -> Option<&'a str> {
+    let head = &a[..a.find("\r\n\r\n").unwrap_or(a.len())];
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Section 3 on the internal listener ("these rules hold on every websocket endpoint"): a
+/// method other than GET is `405` with `Allow: GET`; HTTP/1.0, no `Host`, two `Host`s, two
+/// keys or a key that is not base64 of 16 bytes `400 bad_upgrade`; version 8 `426
+/// unsupported_version` with `Sec-WebSocket-Version: 13` and, as RFC 9110 15.5.22 and 7.8
+/// require of any 426, `Upgrade: websocket` with the `upgrade` connection option (before, the
+/// 426 named no protocol); a head of 16 KiB + 1 byte or 101 fields `431` while exactly 16 KiB
+/// and 100 fields open a link; no token `401` with exactly the documented answer and, as RFC
+/// 9110 11.6.1 requires, a `WWW-Authenticate: Bearer` challenge (before: none). Every refusal
+/// is JSON and closes.
+#[test]
+fn task_link_upgrade_refusals_are_as_documented() {
+    let r = Router::new().shards(1).start();
+    let tok = service_token(&r);
+    let addr = r.internal[0];
+    let head = |method: &str, version: &str, extra: &str| {
+        format!(
+            "{method} /link {version}\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {tok}\r\n{extra}\r\n"
+        )
+    };
+    let good = head("GET", "HTTP/1.1", "");
+    let fields = |n: usize| (0..n).map(|i| format!("X-{i}: a\r\n")).collect::<String>();
+    // The good head has 6 fields; pad to a total length or field count.
+    let sized = |total: usize| {
+        let pad = total - good.len() - "X-P: \r\n".len();
+        head("GET", "HTTP/1.1", &format!("X-P: {}\r\n", "a".repeat(pad)))
+    };
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "POST",
+            head("POST", "HTTP/1.1", ""),
+            405,
+            "method_not_allowed",
+        ),
+        ("HTTP/1.0", head("GET", "HTTP/1.0", ""), 400, "bad_upgrade"),
+        (
+            "no Host",
+            good.replace("Host: x\r\n", ""),
+            400,
+            "bad_upgrade",
+        ),
+        (
+            "two Hosts",
+            head("GET", "HTTP/1.1", "Host: y\r\n"),
+            400,
+            "bad_upgrade",
+        ),
+        (
+            "two keys",
+            head(
+                "GET",
+                "HTTP/1.1",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+            ),
+            400,
+            "bad_upgrade",
+        ),
+        (
+            "short key",
+            good.replace("dGhlIHNhbXBsZSBub25jZQ==", "YWJj"),
+            400,
+            "bad_upgrade",
+        ),
+        (
+            "version 8",
+            good.replace("Version: 13", "Version: 8"),
+            426,
+            "unsupported_version",
+        ),
+        ("16 KiB + 1", sized(16 * 1024 + 1), 431, "headers_too_large"),
+        (
+            "101 fields",
+            head("GET", "HTTP/1.1", &fields(95)),
+            431,
+            "headers_too_large",
+        ),
+        (
+            "no token",
+            good.replace(&format!("Authorization: Bearer {tok}\r\n"), ""),
+            401,
+            "missing_token",
+        ),
+    ];
+    for (what, raw, status, code) in cases {
+        let a = answer_to_close(addr, raw.as_bytes());
+        assert!(a.starts_with(&format!("HTTP/1.1 {status} ")), "{what}: {a}");
+        assert_eq!(
+            field(&a, "content-type"),
+            Some("application/json"),
+            "{what}: {a}"
+        );
+        let body = &a[a.find("\r\n\r\n").expect("a head") + 4..];
+        let j: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: {e}: {a}"));
+        assert_eq!(
+            (j["error"].as_str(), j["status"].as_u64()),
+            (Some(code), Some(status as u64)),
+            "{what}: {a}"
+        );
+        let connection = field(&a, "connection")
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        assert!(
+            connection.split(',').any(|o| o.trim() == "close"),
+            "{what}: {a}"
+        );
+        match status {
+            405 => assert_eq!(field(&a, "allow"), Some("GET"), "{what}: {a}"),
+            426 => {
+                assert_eq!(
+                    field(&a, "sec-websocket-version"),
+                    Some("13"),
+                    "{what}: {a}"
+                );
+                assert_eq!(
+                    field(&a, "upgrade"),
+                    Some("websocket"),
+                    "{what}: a 426 names no protocol: {a}"
+                );
+                assert!(
+                    connection.split(',').any(|o| o.trim() == "upgrade"),
+                    "{what}: {a}"
+                );
+            }
+            401 => {
+                // The documented answer, byte for byte, and its challenge.
+                assert_eq!(
+                    body,
+                    r#"{"error":"missing_token","message":"service token required","status":401}"#
+                );
+                assert_eq!(field(&a, "content-length"), Some("73"), "{a}");
+                assert_eq!(
+                    field(&a, "www-authenticate"),
+                    Some("Bearer"),
+                    "{what}: a 401 without its challenge: {a}"
+                );
+            }
+            _ => {}
+        }
+    }
+    // At the bounds: exactly 16 KiB, exactly 100 fields.
+    for (what, raw) in [
+        ("16 KiB", sized(16 * 1024)),
+        ("100 fields", head("GET", "HTTP/1.1", &fields(94))),
+    ] {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(READ_TIMEOUT)).expect("timeout");
+        s.write_all(raw.as_bytes()).expect("write");
+        let mut b = [0u8; 64];
+        let n = s.read_retrying(&mut b).expect("read");
+        assert!(
+            b[..n].starts_with(b"HTTP/1.1 101 "),
+            "{what}: {}",
+            String::from_utf8_lossy(&b[..n])
+        );
+    }
+}
+
+/// Section 4: the hello names this router, its cluster, the shard, the shard count, every
+/// internal address and `max_message` (`limits.max_body_bytes` + 64 KiB); each refused
+/// registration is closed 1008 with the documented reason (`wrong_token`, `bad_role` for an
+/// empty or 65-byte role, `bad_partitions` for one out of range or more than the app has,
+/// `task_id_in_use` for a task id held by another role) and counted `register_refused`; a
+/// first message that is no `register` (wrong type, a missing field, a negative task id, a
+/// binary message) is 1002 and counted `no_registration`; a 64-byte role registers; a second
+/// link with the same task id and role replaces the first, which gets 1008 without a reason.
+#[test]
+fn registrations_are_refused_with_the_documented_close_codes_and_reasons() {
+    let r = Router::new()
+        .shards(1)
+        .limit("max_body_bytes", 1_000_000)
+        .start();
+    let tok = service_token(&r);
+    let addr = r.internal[0];
+    let mut l = RawLink::open(addr, &tok);
+    let hello = match l.read_msg() {
+        Ok(Msg::Text(t)) => serde_json::from_slice::<serde_json::Value>(&t).expect("JSON"),
+        other => panic!("expected the hello, got {other:?}"),
+    };
+    assert_eq!(
+        hello,
+        serde_json::json!({
+            "type": "hello", "router": "local/dev/r0", "cluster": "local/dev", "shard": 0,
+            "shards": 1, "internal": [addr.to_string()], "max_message": 1_000_000 + 65_536,
+        })
+    );
+    drop(l);
+    let close = |reg: &[u8], op: u8| -> (Option<u16>, String) {
+        let mut l = RawLink::open_hello(addr, &tok);
+        l.send_frame(op, reg);
+        loop {
+            match l.read_msg() {
+                Ok(Msg::Close(c, p)) => {
+                    return (
+                        c,
+                        String::from_utf8_lossy(p.get(2..).unwrap_or_default()).into(),
+                    )
+                }
+                Ok(Msg::Ping(_)) => continue,
+                other => panic!(
+                    "{}: expected a close, got {other:?}",
+                    String::from_utf8_lossy(reg)
+                ),
+            }
+        }
+    };
+    let reg = |task: i64, app: &str, role: &str, parts: Vec<i64>| {
+        serde_json::json!({"type": "register", "task": task, "app": app, "role": role, "partitions": parts})
+            .to_string()
+            .into_bytes()
+    };
+    let _holder = RawLink::registered(addr, &tok, 90, "main", &[0]);
+    let refusals = [
+        (
+            "other app",
+            reg(91, "demo/other", "main", vec![0]),
+            "wrong_token",
+        ),
+        ("empty role", reg(92, APP, "", vec![0]), "bad_role"),
+        (
+            "65-byte role",
+            reg(93, APP, &"r".repeat(65), vec![0]),
+            "bad_role",
+        ),
+        (
+            "partition 16 of 16",
+            reg(94, APP, "main", vec![16]),
+            "bad_partitions",
+        ),
+        (
+            "17 partitions",
+            reg(95, APP, "main", vec![0; 17]),
+            "bad_partitions",
+        ),
+        (
+            "task id of another role",
+            reg(90, APP, "cmd", vec![0]),
+            "task_id_in_use",
+        ),
+    ];
+    for (what, msg, reason) in &refusals {
+        assert_eq!(
+            close(msg, opcode::TEXT),
+            (Some(1008), reason.to_string()),
+            "{what}"
+        );
+    }
+    let malformed: [(&str, Vec<u8>, u8); 4] = [
+        (
+            "type hello",
+            br#"{"type":"hello","task":96,"app":"demo/echo","role":"main","partitions":[0]}"#
+                .to_vec(),
+            opcode::TEXT,
+        ),
+        (
+            "no partitions",
+            br#"{"type":"register","task":96,"app":"demo/echo","role":"main"}"#.to_vec(),
+            opcode::TEXT,
+        ),
+        ("negative task", reg(-1, APP, "main", vec![0]), opcode::TEXT),
+        ("binary", reg(96, APP, "main", vec![0]), opcode::BINARY),
+    ];
+    for (what, msg, op) in &malformed {
+        assert_eq!(close(msg, *op).0, Some(1002), "{what}");
+    }
+    wait_for(Duration::from_secs(5), || {
+        (refused(&r, "register_refused") == refusals.len() as f64
+            && refused(&r, "no_registration") == malformed.len() as f64)
+            .then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "register_refused {} no_registration {}",
+            refused(&r, "register_refused"),
+            refused(&r, "no_registration")
+        )
+    });
+    let _long = RawLink::registered(addr, &tok, 97, &"r".repeat(64), &[0]);
+    let mut old = RawLink::registered(addr, &tok, 98, "main", &[1]);
+    let _new = RawLink::registered(addr, &tok, 98, "main", &[1]);
+    match old.read_msg() {
+        Ok(Msg::Close(c, p)) => assert_eq!((c, p.len()), (Some(1008), 2), "no reason"),
+        other => panic!("expected the replaced link's close, got {other:?}"),
+    }
+}
+
+/// Sections 5 and 6 on a registered link: a Response without STATUS is a 200; a STATUS that
+/// is not a decimal in 200..599 (`abc`, empty, `199`, `600`) is `502 bad_task_status`; an
+/// answer to an id that is not pending is dropped, frames of kind Request and SecretPush and
+/// text messages other than `renew` are ignored (the link serves on); a frame that breaks
+/// section 5 (bad magic, kind 5, lengths that do not add up, a metadata entry past its end,
+/// shorter than a header) closes the link with 1002 and the request pending on it gets `502
+/// task_lost`.
+#[test]
+fn task_answers_and_bad_frames_are_handled_as_documented() {
+    let r = Router::new().shards(1).start();
+    let tok = service_token(&r);
+    let client = r.token(APP, "alice");
+    let ask = |l: &mut RawLink| {
+        let (api, path, tok) = (r.api, r.path(APP, 1), client.clone());
+        let asked = std::thread::spawn(move || {
+            let mut c = Conn::open(api);
+            c.request(&Req::post(&path).token(&tok).body(b"x"))
+        });
+        let since = Instant::now();
+        let f = loop {
+            if asked.is_finished() || since.elapsed() > Duration::from_secs(10) {
+                panic!(
+                    "no request reached the link; the client got {:?}",
+                    asked.join()
+                );
+            }
+            match l.read_msg() {
+                Ok(Msg::Binary(b)) => break Frame::decode(Bytes::from(b)).expect("a fedbus frame"),
+                Ok(Msg::Ping(_)) => l.send_frame(opcode::PONG, b""),
+                other => panic!("expected a request, got {other:?}"),
+            }
+        };
+        (asked, f)
+    };
+    let answer = |f: &Frame, kind: Kind, id: u64, status: Option<&[u8]>, body: &[u8]| {
+        let mut meta = BytesMut::new();
+        if let Some(s) = status {
+            put_meta(&mut meta, tag::STATUS, s);
+        }
+        encode_frame(kind, 0, f.header.hops, f.header.partition, id, &meta, body).to_vec()
+    };
+    // `registered` comes before the control thread has published a routing table with the
+    // link (section 4): wait for that table, as a request before it gets 503 no_live_task.
+    let routed = |task: u64| {
+        let generation = || r.metrics().get("fedbus_routing_generation");
+        let before = generation();
+        let l = RawLink::registered(r.internal[0], &tok, task, "main", &[0, 1]);
+        wait_for(Duration::from_secs(5), || {
+            (generation() > before).then_some(())
+        })
+        .expect("a routing table with the link");
+        l
+    };
+    let mut l = routed(11);
+    let (asked, f) = ask(&mut l);
+    let id = f.header.request_id;
+    l.send_frame(
+        opcode::BINARY,
+        &answer(&f, Kind::Response, id + 1000, Some(b"201"), b"stray"),
+    );
+    l.send_frame(
+        opcode::BINARY,
+        &answer(&f, Kind::Request, id, Some(b"202"), b"request"),
+    );
+    l.send_frame(
+        opcode::BINARY,
+        &answer(&f, Kind::SecretPush, id, Some(b"203"), b"push"),
+    );
+    l.send_frame(opcode::TEXT, br#"{"type":"future"}"#);
+    l.send_frame(opcode::TEXT, b"not json");
+    l.send_frame(
+        opcode::BINARY,
+        &answer(&f, Kind::Response, id, None, b"right"),
+    );
+    let resp = asked.join().expect("client");
+    assert_eq!(
+        (resp.status, resp.body.as_slice()),
+        (200, &b"right"[..]),
+        "{resp:?}"
+    );
+    for status in [&b"abc"[..], b"", b"199", b"600", b"+200"] {
+        let (asked, f) = ask(&mut l);
+        l.send_frame(
+            opcode::BINARY,
+            &answer(&f, Kind::Response, f.header.request_id, Some(status), b"x"),
+        );
+        asked
+            .join()
+            .expect("client")
+            .assert_error(502, "bad_task_status");
+    }
+    let (asked, f) = ask(&mut l);
+    l.send_frame(
+        opcode::BINARY,
+        &answer(&f, Kind::Response, f.header.request_id, Some(b"599"), b"y"),
+    );
+    assert_eq!(asked.join().expect("client").status, 599);
+    drop(l);
+    // Gone from routing before the next link registers, so the next request reaches that one.
+    let internal = || r.metrics().get("fedbus_connections{listener=\"internal\"}");
+    wait_for(Duration::from_secs(5), || (internal() == 0.0).then_some(()))
+        .unwrap_or_else(|| panic!("internal connections: {}", internal()));
+    let good = encode_frame(Kind::Response, 0, 0, 0, 1, b"", b"").to_vec();
+    let mut bad_magic = good.clone();
+    bad_magic[0] = 0xFA;
+    let mut kind5 = good.clone();
+    kind5[1] = 5;
+    let mut longer = good.clone();
+    longer.push(0);
+    let mut meta = BytesMut::new();
+    put_meta(&mut meta, tag::STATUS, b"200");
+    let mut past_end = encode_frame(Kind::Response, 0, 0, 0, 1, &meta, b"").to_vec();
+    past_end[25..27].copy_from_slice(&9u16.to_be_bytes());
+    for (i, (what, bad)) in [
+        ("bad magic", bad_magic),
+        ("kind 5", kind5),
+        ("a byte more than its lengths", longer),
+        ("metadata entry past its end", past_end),
+        ("shorter than a header", good[..10].to_vec()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut l = routed(20 + i as u64);
+        let (asked, _f) = ask(&mut l);
+        l.send_frame(opcode::BINARY, &bad);
+        assert_eq!(l.close_code(), Ok(Some(1002)), "{what}");
+        asked.join().expect("client").assert_error(502, "task_lost");
+    }
+}

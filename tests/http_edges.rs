@@ -482,7 +482,11 @@ fn http10_request_is_answered_then_closed() {
     assert_echo(&resp, b"abc");
 }
 
-/// HTTP/1.0 with `Connection: keep-alive` (ab -k, old proxies): the connection persists.
+/// HTTP/1.0 with `Connection: keep-alive` (ab -k, old proxies): the connection persists, and
+/// each answer says so with `Connection: keep-alive` (RFC 9112 9.3: an HTTP/1.0 client keeps
+/// the connection only when the answer carries that option; nginx sends it). Before, the
+/// router kept the connection open but did not say so, so `ab -k` and other HTTP/1.0
+/// clients closed after every answer.
 #[test]
 fn http10_keep_alive_persists() {
     let (r, _t, tok) = setup();
@@ -498,7 +502,25 @@ fn http10_keep_alive_persists() {
         let resp = w.final_response("POST");
         assert_echo(&resp, body.as_bytes());
         assert!(!resp.closes(), "{resp:?}");
+        assert_eq!(
+            resp.h("connection").map(str::to_ascii_lowercase).as_deref(),
+            Some("keep-alive"),
+            "an HTTP/1.0 keep-alive answer must say `Connection: keep-alive`: {resp:?}"
+        );
     }
+    // A refusal that keeps the connection (401 here) says it too, and an HTTP/1.1 answer
+    // never needs it.
+    w.send(
+        format!("POST {p} HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\nx")
+            .as_bytes(),
+    );
+    let refused = w.final_response("POST");
+    refused.assert_error(401, "missing_token");
+    assert_eq!(refused.h("connection"), Some("keep-alive"), "{refused:?}");
+    w.send(&echo_req(&r, &tok, 7, b"v11"));
+    let v11 = w.final_response("POST");
+    assert_echo(&v11, b"v11");
+    assert_eq!(v11.h("connection"), None, "{v11:?}");
 }
 
 /// `Connection: close` is honoured: that answer says close, the router closes, and a request
@@ -939,6 +961,69 @@ fn duplicate_host_is_400() {
     w.send(raw.as_bytes());
     let resp = w.final_response("POST");
     assert_eq!(resp.status, 400, "two Host fields: {resp:?}");
+}
+
+/// RFC 9110 11.6.1: "A server generating a 401 (Unauthorized) response MUST send a
+/// WWW-Authenticate header field containing at least one challenge"; the scheme is `Bearer`
+/// (RFC 6750 section 3: no error attribute when no token came, `error="invalid_token"` for a
+/// token that does not verify), as Envoy's jwt_authn sends. Every router-made 401 carries it:
+/// HTTP without a token, with a forged token, with `Authorization: Basic`, and the `/api/ws`
+/// upgrade refused for its token. Before, none did.
+#[test]
+fn router_made_401s_carry_a_bearer_challenge() {
+    let (r, _t, tok) = setup();
+    let p = r.path(APP, 3);
+    let forged = format!("{}x", &tok[..tok.len() - 1]);
+    let cases = [
+        ("no token", String::new(), Some("missing_token"), "Bearer"),
+        (
+            "forged token",
+            format!("Authorization: Bearer {forged}\r\n"),
+            None,
+            "Bearer error=\"invalid_token\"",
+        ),
+        (
+            "Basic",
+            "Authorization: Basic YWxpY2U6eA==\r\n".to_string(),
+            Some("bad_token"),
+            "Bearer error=\"invalid_token\"",
+        ),
+    ];
+    let mut w = Wire::open(r.api);
+    for (what, auth, code, challenge) in cases {
+        let raw = format!("POST {p} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 1\r\n\r\nx");
+        w.send(raw.as_bytes());
+        let resp = w.final_response("POST");
+        assert_eq!(resp.status, 401, "{what}: {resp:?}");
+        if let Some(code) = code {
+            assert_eq!(resp.json()["error"], code, "{what}: {resp:?}");
+        }
+        assert_eq!(
+            resp.h("www-authenticate"),
+            Some(challenge),
+            "{what}: a 401 without its challenge: {resp:?}"
+        );
+        if resp.closes() {
+            w = Wire::open(r.api);
+        }
+    }
+    // The /api/ws upgrade refused for its token (a router without [federation] verifies it
+    // at the upgrade): the same challenge, then the close.
+    let raw = format!(
+        "GET /api/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {forged}\r\n\r\n"
+    );
+    let resp = one_answer_then_close(&r, raw.as_bytes(), "GET");
+    assert_eq!(resp.status, 401, "{resp:?}");
+    assert_eq!(
+        resp.h("www-authenticate"),
+        Some("Bearer error=\"invalid_token\""),
+        "{resp:?}"
+    );
+    // A good token still passes, and a 200 carries no challenge.
+    w.send(&echo_req(&r, &tok, 3, b"ok"));
+    let ok = w.final_response("POST");
+    assert_echo(&ok, b"ok");
+    assert_eq!(ok.h("www-authenticate"), None, "{ok:?}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -51,6 +51,24 @@ pub fn allowed_header(line: &[u8], from_router: bool) -> bool {
     from_router || !(name.len() >= 7 && name[..7].eq_ignore_ascii_case(b"fedbus-"))
 }
 
+/// The `WWW-Authenticate` field (with its CRLF) of a router-made 401 whose error code is
+/// `code`: RFC 9110 11.6.1 requires a challenge on every 401, and the scheme is `Bearer` (RFC
+/// 6750 section 3): without an error attribute when no token came (`missing_token`), else
+/// `error="invalid_token"` (expired, malformed, badly signed, of an unknown key...).
+pub fn www_authenticate(code: &[u8]) -> &'static str {
+    if code == b"missing_token" {
+        "WWW-Authenticate: Bearer\r\n"
+    } else {
+        "WWW-Authenticate: Bearer error=\"invalid_token\"\r\n"
+    }
+}
+
+/// Whether a header line (`name: value`) is a `WWW-Authenticate` (any case).
+pub fn is_www_authenticate(line: &[u8]) -> bool {
+    const NAME: &[u8] = b"www-authenticate:";
+    line.len() >= NAME.len() && line[..NAME.len()].eq_ignore_ascii_case(NAME)
+}
+
 /// Whether a header line (`name: value`) is a `Retry-After` (any case).
 pub fn is_retry_after(line: &[u8]) -> bool {
     const NAME: &[u8] = b"retry-after:";

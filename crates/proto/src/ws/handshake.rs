@@ -199,17 +199,24 @@ pub fn accept_response(key: &str) -> String {
 
 /// An HTTP error answer with a JSON body `{"status","error","message"}`, connection closed.
 /// A 426 (the [`Refusal`] for an unsupported `Sec-WebSocket-Version`) also carries
-/// `Sec-WebSocket-Version: 13`, as RFC 6455 section 4.2.2 asks.
+/// `Sec-WebSocket-Version: 13`, as RFC 6455 section 4.2.2 asks, and `Upgrade: websocket` with
+/// the `upgrade` connection option, as RFC 9110 sections 15.5.22 and 7.8 require of a 426. A 401
+/// carries a `WWW-Authenticate: Bearer` challenge (RFC 9110 11.6.1).
 pub fn error_response(status: u16, code: &str, message: &str) -> String {
     let body = crate::http::error_body(status, code, message);
-    // 426 names the version we speak; 405 the method we take (RFC 9110 15.5.6).
-    let extra = match status {
-        426 => "Sec-WebSocket-Version: 13\r\n",
-        405 => "Allow: GET\r\n",
-        _ => "",
+    // 426 names the protocol and version we speak; 405 the method we take (RFC 9110 15.5.6).
+    let (extra, connection) = match status {
+        426 => (
+            "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
+            "Upgrade, close",
+        ),
+        405 => ("Allow: GET\r\n", "close"),
+        // RFC 9110 11.6.1: every 401 carries a challenge.
+        401 => (crate::http::www_authenticate(code.as_bytes()), "close"),
+        _ => ("", "close"),
     };
     format!(
-        "HTTP/1.1 {status} {}\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {}\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
         crate::http::reason(status),
         body.len()
     )
@@ -419,6 +426,13 @@ mod tests {
             };
             assert_eq!(p.code, Some(426));
             assert_eq!(header(p.headers, "sec-websocket-version"), Some(&b"13"[..]));
+            // RFC 9110 15.5.22 and 7.8: a 426 names the protocol to upgrade to, with the
+            // `upgrade` connection option; the connection still closes.
+            assert_eq!(header(p.headers, "upgrade"), Some(&b"websocket"[..]));
+            assert_eq!(
+                header(p.headers, "connection"),
+                Some(&b"Upgrade, close"[..])
+            );
             let len: usize = std::str::from_utf8(header(p.headers, "content-length").unwrap())
                 .unwrap()
                 .parse()
@@ -430,6 +444,7 @@ mod tests {
         assert_eq!(parse_upgrade(req.as_bytes()).unwrap_err().status, 400);
         // Other refusals carry no version header.
         assert!(!error_response(400, "bad_upgrade", "x").contains("Sec-WebSocket-Version"));
+        assert!(!error_response(400, "bad_upgrade", "x").contains("Upgrade:"));
     }
 
     #[test]

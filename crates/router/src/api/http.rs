@@ -41,6 +41,9 @@ pub struct Req {
     /// `Access-Control-Request-Method` present: an `OPTIONS` with it is a preflight.
     pub(crate) preflight: bool,
     pub(crate) close: bool,
+    /// An HTTP/1.0 request: an answer that keeps the connection says `Connection:
+    /// keep-alive` (RFC 9112 9.3), or the client closes after it.
+    pub(crate) http10: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -267,6 +270,7 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
         host,
         preflight: acrm && method == Method::Options,
         close,
+        http10,
     })
 }
 
@@ -383,6 +387,7 @@ fn write_head(
     a: &Answer,
     body_len: Option<usize>,
     close: bool,
+    http10: bool,
     cors: Option<&CorsAnswer>,
 ) {
     // Plain byte appends and `fmt_u64` instead of `write!`: this runs once per response, and
@@ -393,7 +398,7 @@ fn write_head(
     out.put_u8(b' ');
     out.put_slice(reason(status).as_bytes());
     out.put_slice(b"\r\n");
-    let (mut has_ct, mut served_by, mut has_retry) = (false, false, false);
+    let (mut has_ct, mut served_by, mut has_retry, mut has_auth) = (false, false, false, false);
     a.fields(|f| {
         match f {
             Field::ContentType(v) => {
@@ -408,6 +413,7 @@ fn write_head(
             }
             Field::Line(v) => {
                 has_retry |= is_retry_after(v);
+                has_auth |= crate::proto::http::is_www_authenticate(v);
                 out.put_slice(v);
             }
             Field::Number(name, n) => {
@@ -454,8 +460,19 @@ fn write_head(
     if status == 503 && !has_retry && a.error_tag().is_some() {
         out.put_slice(b"retry-after: 1\r\n");
     }
+    // A router's own 401 (here or relayed from the serving cluster) carries the challenge
+    // RFC 9110 11.6.1 requires; a task's 401 keeps its own.
+    if status == 401 && !has_auth {
+        if let Some(code) = a.error_tag() {
+            out.put_slice(crate::proto::http::www_authenticate(code).as_bytes());
+        }
+    }
     if close {
         out.put_slice(b"connection: close\r\n");
+    } else if http10 {
+        // An HTTP/1.0 client keeps the connection only when the answer says so (RFC 9112
+        // 9.3); without it `ab -k` and the like close after every answer.
+        out.put_slice(b"connection: keep-alive\r\n");
     }
     out.put_slice(b"\r\n");
 }
@@ -502,6 +519,8 @@ struct Done {
     a: Answer,
     /// Close the connection after it.
     close: bool,
+    /// The request was HTTP/1.0 (kept alive: the answer says `Connection: keep-alive`).
+    http10: bool,
     /// The request was HEAD: no body.
     head: bool,
     /// Request body bytes, for the metrics.
@@ -522,7 +541,7 @@ type Answering<R> = Either<std::future::Ready<Done>, R>;
 /// An answer the connection made itself (a parse error, a timeout, a refusal of the body);
 /// `head`: the request was a HEAD (its answer carries no body).
 fn ready<R>(a: Answer, head: bool, close: bool, n_in: usize, start: Instant) -> Answering<R> {
-    refused(a, head, close, n_in, start, None)
+    refused(a, head, close, false, n_in, start, None)
 }
 
 /// [`ready`] with the CORS fields of a refusal a page may read ([`refusal_cors`]).
@@ -530,6 +549,7 @@ fn refused<R>(
     a: Answer,
     head: bool,
     close: bool,
+    http10: bool,
     n_in: usize,
     start: Instant,
     cors: Option<CorsAnswer>,
@@ -537,6 +557,7 @@ fn refused<R>(
     Either::Left(std::future::ready(Done {
         a,
         close,
+        http10,
         head,
         n_in,
         start,
@@ -594,12 +615,14 @@ fn routed(
     async move {
         let n_in = req.body().len();
         let head = req.method == Method::Head;
+        let http10 = req.http10;
         let r = match request(&req, req.bytes.slice(req.head_len..), start) {
             Ok(r) => r,
             Err(a) => {
                 return Done {
                     a,
                     close,
+                    http10,
                     head,
                     n_in,
                     start,
@@ -634,6 +657,7 @@ fn routed(
         Done {
             a,
             close,
+            http10,
             head,
             n_in,
             start,
@@ -723,7 +747,7 @@ async fn serve_inner<S: Stream>(
                             let head = is_head(&buf);
                             let cors = refusal_cors(shard, &buf[..n], &a);
                             let now = Instant::now();
-                            inflight.push_back(refused(a, head, true, 0, now, cors));
+                            inflight.push_back(refused(a, head, true, false, 0, now, cors));
                             break;
                         }
                         if keepalive.slot.is_evicted_for_room() {
@@ -743,7 +767,7 @@ async fn serve_inner<S: Stream>(
                     // is still readable by the page; a malformed head has no CORS fields.
                     let cors = refusal_cors(shard, &buf, &a);
                     let head = is_head(&buf);
-                    inflight.push_back(refused(a, head, true, 0, Instant::now(), cors));
+                    inflight.push_back(refused(a, head, true, false, 0, Instant::now(), cors));
                 }
                 Parsed::Request(req) if is_ws_upgrade(&req) => {
                     // Only a GET with no body is an upgrade, wherever it stands; anything
@@ -806,7 +830,7 @@ async fn serve_inner<S: Stream>(
                                 .cross_origin()
                                 .zip(path.ok())
                                 .and_then(|(o, p)| refused_cors(shard, p, o, &a));
-                            refused(a, head, close, n_in, start, cors)
+                            refused(a, head, close, req.http10, n_in, start, cors)
                         }
                     };
                     inflight.push_back(answering);
@@ -1007,6 +1031,7 @@ async fn serve_inner<S: Stream>(
             let Some(&mut Done {
                 ref a,
                 close,
+                http10,
                 head,
                 n_in,
                 start,
@@ -1028,7 +1053,7 @@ async fn serve_inner<S: Stream>(
             };
             let close = close || closing && last;
             let before = out.len();
-            write_head(&mut out, shard, a, length, close, cors.as_ref());
+            write_head(&mut out, shard, a, length, close, http10, cors.as_ref());
             shard.metrics.request(
                 a.status(),
                 answered.saturating_duration_since(start).as_micros() as u64,

@@ -413,7 +413,7 @@ fn write_head(
             }
             Field::Line(v) => {
                 has_retry |= is_retry_after(v);
-                has_auth |= crate::proto::http::is_www_authenticate(v);
+                has_auth |= status == 401 && crate::proto::http::is_www_authenticate(v);
                 out.put_slice(v);
             }
             Field::Number(name, n) => {

@@ -1741,3 +1741,95 @@ fn p50_a_renewed_peer_token_keeps_the_link_past_the_old_expiry() {
     assert_eq!(m(r, "fedbus_peer_renewals_total{result=\"accepted\"}"), 1.0);
     assert_eq!(m(r, "fedbus_peer_renewals_total{result=\"refused\"}"), 2.0);
 }
+
+/// The metadata of a peer Response as a list of `TAG value` strings, in frame order.
+fn meta_list(a: &Frame) -> Vec<String> {
+    a.meta_entries()
+        .map(|(t, v)| {
+            let name = match t {
+                tag::STATUS => "STATUS",
+                tag::SERVED_BY => "SERVED_BY",
+                tag::ERROR => "ERROR",
+                tag::HEADER => "HEADER",
+                tag::CONTENT_TYPE => "CONTENT_TYPE",
+                _ => "OTHER",
+            };
+            format!("{name} {}", String::from_utf8_lossy(v))
+        })
+        .collect()
+}
+
+/// PROTOCOL.md section 10, Response: STATUS, SERVED_BY, ERROR (router errors), the task's
+/// HEADER and CONTENT_TYPE entries (for a router error, CONTENT_TYPE `application/json`), then
+/// the serving router's `fedbus-partition` / `fedbus-hops` lines last, as on a local answer.
+/// The entry router relays the error's content type, so an HTTP and an /api/ws client of spb1
+/// see `application/json` on spb2's error exactly as on spb1's own.
+#[test]
+fn p51_peer_response_order_and_error_content_type() {
+    let f = Federation::builder().peer_tls(false).start();
+    let r = f.router("spb1", 0);
+    let mut w = raw_peer(&f, r, "ru/spb2", f.keyring("spb2"));
+    let tok = f.token("spb1").to_string();
+    let mut meta: Vec<(u8, &[u8])> = vec![
+        (tag::CLUSTER, b"ru/spb1"),
+        (tag::APP, APP.as_bytes()),
+        (tag::SERVICE, b"api"),
+        (tag::MODULE, b"sys"),
+        (tag::FUNCTION, b"echo"),
+        (tag::WSID, b"21"),
+        (tag::CONTENT_TYPE, b"text/plain"),
+        (tag::TOKEN, tok.as_bytes()),
+    ];
+    let a = peer_req(&mut w, 1, &meta, b"hello");
+    let got = meta_list(&a);
+    assert_eq!(status(&a), 200, "{got:?}");
+    assert_eq!(got[..2], ["STATUS 200", "SERVED_BY ru/spb1/r0"], "{got:?}");
+    assert_eq!(
+        got[got.len() - 2..],
+        ["HEADER fedbus-partition: 5", "HEADER fedbus-hops: 0"],
+        "the serving router's lines come last: {got:?}"
+    );
+    assert!(
+        got[2..got.len() - 2].contains(&"CONTENT_TYPE text/plain".to_string()),
+        "the task's CONTENT_TYPE, before the fedbus lines: {got:?}"
+    );
+    // A router error (no token): CONTENT_TYPE application/json, then the fedbus lines.
+    meta.pop();
+    let a = peer_req(&mut w, 2, &meta, b"x");
+    let got = meta_list(&a);
+    assert_eq!(
+        got,
+        [
+            "STATUS 401",
+            "SERVED_BY ru/spb1/r0",
+            "ERROR missing_token",
+            "CONTENT_TYPE application/json",
+            // No fedbus-partition: the token is checked before a partition is chosen.
+            "HEADER fedbus-hops: 0",
+        ],
+        "{a:?}"
+    );
+    // Relayed to spb1's clients: the same content type as spb1's own errors.
+    let e = f.router("spb1", 0);
+    let local = e.conn().request(&Req::post(&f.path("spb1", 3)).body(b"x"));
+    local.assert_error(401, "missing_token");
+    let relayed = e.conn().request(&Req::post(&f.path("spb2", 3)).body(b"x"));
+    relayed.assert_error(401, "missing_token");
+    assert!(served_by(&relayed).starts_with("ru/spb2/"), "{relayed:?}");
+    let mut c = Ws::open(e, Some("not.a.jwt"));
+    let mut cts = Vec::new();
+    for (id, cluster) in [(1, "spb1"), (2, "spb2")] {
+        c.send(id, &f.path(cluster, 3), b"x");
+        let a = c.frame();
+        assert_eq!(status(&a), 401, "{a:?}");
+        cts.push(a.get_str(tag::CONTENT_TYPE).map(str::to_string));
+    }
+    assert_eq!(
+        cts,
+        [
+            Some("application/json".into()),
+            Some("application/json".into())
+        ],
+        "/api/ws: spb1's own 401, then spb2's relayed"
+    );
+}

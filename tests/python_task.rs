@@ -54,6 +54,29 @@ fn doc_hex(name: &str) -> Vec<u8> {
     out
 }
 
+/// The lines of the fenced block between `<!-- NAME -->` and `<!-- /NAME -->`.
+fn doc_block(name: &str) -> Vec<String> {
+    let doc = std::fs::read_to_string(DOC).expect("read docs/PROTOCOL.md");
+    let open = format!("<!-- {name} -->");
+    let close = format!("<!-- /{name} -->");
+    let start = doc
+        .find(&open)
+        .unwrap_or_else(|| panic!("no {open} in the doc"))
+        + open.len();
+    let end = start
+        + doc[start..]
+            .find(&close)
+            .unwrap_or_else(|| panic!("no {close} in the doc"));
+    let lines: Vec<String> = doc[start..end]
+        .trim()
+        .lines()
+        .filter(|l| !l.starts_with("```"))
+        .map(str::to_string)
+        .collect();
+    assert!(!lines.is_empty(), "{name}: empty block");
+    lines
+}
+
 #[test]
 fn worked_example_in_doc_matches_encoder() {
     // What dispatch writes for POST /api/local/dev/demo/echo/shop/42/cart/add, sub alice.
@@ -245,6 +268,8 @@ partitions = 16
 // A small blocking HTTP/1.1 client.
 
 struct HttpResp {
+    /// The head as received, status line to the blank line.
+    head: String,
     status: u16,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
@@ -298,6 +323,7 @@ fn read_response(s: &mut TcpStream) -> std::io::Result<HttpResp> {
     }
     body.truncate(len);
     Ok(HttpResp {
+        head,
         status,
         headers,
         body,
@@ -457,4 +483,22 @@ fn python_task_written_from_the_doc_serves_requests() {
     }
     let want: BTreeSet<String> = ["0", "1"].iter().map(|s| s.to_string()).collect();
     assert_eq!(shards, want, "requests were served by both shards");
+
+    // Section 9: the worked example's HTTP answer, header for header and in order (only the
+    // value of fedbus-shard depends on the shard that took the connection).
+    let mut s = connect(&router.api);
+    let head = format!(
+        "POST /api/local/dev/demo/echo/shop/42/cart/add HTTP/1.1\r\nHost: fedbus\r\n\
+         Authorization: Bearer {jwt}\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let r = read_response(&mut s).expect("worked example answer");
+    let shard = r.header("fedbus-shard").unwrap_or("?").to_string();
+    let got = format!("{}{}", r.head, String::from_utf8_lossy(&r.body))
+        .replace(&format!("fedbus-shard: {shard}\r\n"), "fedbus-shard: 0\r\n");
+    let want = doc_block("example-http").join("\r\n");
+    assert_eq!(
+        got, want,
+        "docs/PROTOCOL.md section 9: the client's answer (got it from shard {shard})"
+    );
 }

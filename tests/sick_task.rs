@@ -185,3 +185,75 @@ fn hung_handler_is_ejected_after_consecutive_timeouts_then_readmitted_on_an_answ
     .expect("partition 3 routed to its own (slow) task again");
     back.assert_error(504, "task_timeout");
 }
+
+/// EMERGENCY.md, "Sick tasks": an ejected link is not live, so when the task frozen is the one
+/// whose partition is the emergency partition, the partitions nobody serves move to the
+/// emergency partition of the tasks still live (the shard elects it at once, as for a closed
+/// link, and the next snapshot agrees); "requests already pending on the link stay there (they
+/// get their answer or 504)": a request sent to the frozen task before it was ejected is
+/// answered by it, from its own partition, once it runs again.
+#[test]
+fn ejecting_the_emergency_partitions_task_moves_the_emergency_and_keeps_its_pending_request() {
+    let r = Router::new().shards(1).start();
+    // The first task elects among its own partitions and the second keeps that choice
+    // (EMERGENCY.md rule 2): e is the victim's; once it is out, e2 is elected among 4-7.
+    let mut victim = r.task().partitions("0-3").start();
+    let _other = r.task().partitions("4-7").start();
+    let e = route::elect_emergency(APP, "main", 0, 0..4).expect("elected");
+    let e2 = route::elect_emergency(APP, "main", 0, 4..8).expect("elected");
+    let tok = r.token(APP, "alice");
+    assert_emergency(&post(&r, &tok, 12), e, 12);
+    // A partition of the victim other than e.
+    let p = (0..4).find(|p| *p != e).expect("a partition");
+
+    victim.stop();
+    let pending = {
+        let (api, path, tok) = (r.api, r.path(APP, u64::from(p)), tok.clone());
+        std::thread::spawn(move || {
+            Conn::open(api).request(&Req::post(&path).token(&tok).body(b"hi"))
+        })
+    };
+    // The request is on the frozen link (anywhere else it would be answered at once).
+    r.wait_pending(1.0);
+    wait_metric(
+        &r,
+        "fedbus_task_ejected_total{reason=\"pongs\"}",
+        1.0,
+        Duration::from_secs(5),
+    );
+    assert_emergency(&post(&r, &tok, 12), e2, 12);
+    assert_emergency(&post(&r, &tok, u64::from(e)), e2, e);
+    assert_emergency(&post(&r, &tok, u64::from(p) + 16), e2, p);
+    assert_eq!(
+        metric(&r, "fedbus_pending_requests"),
+        1.0,
+        "still on the frozen link"
+    );
+    let log = fedbus_testkit::launch::plain(&r.log());
+    let line = log
+        .lines()
+        .find(|l| l.contains("task link ejected from routing"))
+        .unwrap_or_else(|| panic!("no ejection line in\n{log}"));
+    for field in ["task=", "app=demo/echo", "role=main", "reason=\"pongs\""] {
+        assert!(line.contains(field), "{field} missing from {line}");
+    }
+
+    victim.resume();
+    let answered = pending.join().expect("client");
+    assert_home(&answered, p);
+    assert_eq!(answered.body, b"hi");
+    wait_metric(
+        &r,
+        "fedbus_task_readmitted_total",
+        1.0,
+        Duration::from_secs(5),
+    );
+    let back = wait_for(Duration::from_secs(2), || {
+        let resp = post(&r, &tok, u64::from(e));
+        (resp.header("fedbus-emergency").is_none()).then_some(resp)
+    })
+    .expect("partition e served by its own task again");
+    assert_home(&back, e);
+    // "A partition coming back never moves it": e2 stays the emergency partition.
+    assert_emergency(&post(&r, &tok, 12), e2, 12);
+}

@@ -1320,3 +1320,85 @@ fn the_idle_clock_runs_from_the_last_answer() {
         "closed {took:?} after the request (answer after 300 ms, idle 1 s)"
     );
 }
+
+/// REDIRECT.md: "the websocket endpoint puts the same lines in HEADER entries" as HTTP. A
+/// request redirected main -> cmd answers with HEADER `fedbus-hops: 1` and the frame's `hops`
+/// 1; a loop (cmd back to main) is 508 `redirect_limit` with `fedbus-hops: 5`; a role nobody
+/// serves is 503 `no_live_task` with `retry-after: 1` and the partition asked for; an
+/// emergency hop carries `fedbus-emergency`. Locally served answers carry no
+/// `fedbus-served-by` (PROTOCOL.md section 8: SERVED_BY only on answers relayed from another
+/// cluster).
+#[test]
+fn redirects_on_api_ws_carry_the_hop_headers() {
+    let r = Router::new().shards(1).start();
+    let _main = r.task().redirect_to("cmd").start();
+    let mut cmd = r.task().role("cmd").partitions("0-7").start();
+    let tok = r.token(APP, "alice");
+    let mut w = open(&r, &tok);
+
+    // 42 % 16 = 10: main redirects, cmd serves 10 on its emergency partition.
+    let e = fedbus_router::route::elect_emergency(APP, "cmd", 0, 0..8).expect("elected");
+    w.send_request(1, Some(&r.path(APP, 42)), b"hello");
+    let f = w.read_response();
+    let d = describe(&f);
+    assert_eq!(status_of(&f), 200, "{d}");
+    assert_eq!(&f.payload[..], b"hello", "{d}");
+    assert_eq!(f.header.hops, 1, "{d}");
+    assert_eq!(header_of(&f, "fedbus-hops").as_deref(), Some("1"), "{d}");
+    assert_eq!(
+        header_of(&f, "fedbus-partition"),
+        Some(e.to_string()),
+        "{d}"
+    );
+    assert_eq!(
+        header_of(&f, "fedbus-emergency").as_deref(),
+        Some("10"),
+        "{d}"
+    );
+    assert_eq!(header_of(&f, "fedbus-served-by"), None, "{d}");
+    // 3: cmd serves it itself, no emergency line.
+    w.send_request(2, Some(&r.path(APP, 3)), b"three");
+    let f = w.read_response();
+    let d = describe(&f);
+    assert_eq!(status_of(&f), 200, "{d}");
+    assert_eq!(
+        header_of(&f, "fedbus-partition").as_deref(),
+        Some("3"),
+        "{d}"
+    );
+    assert_eq!(header_of(&f, "fedbus-emergency"), None, "{d}");
+
+    // A loop: cmd sends everything back to main.
+    cmd.kill();
+    let looping = r.task().role("cmd").redirect_to("main").start();
+    w.send_request(3, Some(&r.path(APP, 42)), b"loop");
+    let f = w.read_response();
+    let d = describe(&f);
+    assert_error_frame(&f, 3, 508, "redirect_limit");
+    assert_eq!(header_of(&f, "fedbus-hops").as_deref(), Some("5"), "{d}");
+    assert_eq!(f.header.hops, 5, "{d}");
+    let j: serde_json::Value = serde_json::from_slice(&f.payload).expect("json");
+    assert_eq!(j["message"], "more than 4 redirects", "{d}");
+    drop(looping);
+    // cmd served by nobody: 503 after one hop, for the partition asked.
+    let gone = wait_for(Duration::from_secs(5), || {
+        w.send_request(4, Some(&r.path(APP, 42)), b"gone");
+        let f = w.read_response();
+        (status_of(&f) == 503).then_some(f)
+    })
+    .expect("503 once the cmd task is gone");
+    let d = describe(&gone);
+    assert_error_frame(&gone, 4, 503, "no_live_task");
+    assert_eq!(header_of(&gone, "retry-after").as_deref(), Some("1"), "{d}");
+    assert_eq!(
+        header_of(&gone, "fedbus-partition").as_deref(),
+        Some("10"),
+        "{d}"
+    );
+    assert_eq!(header_of(&gone, "fedbus-hops").as_deref(), Some("1"), "{d}");
+    let j: serde_json::Value = serde_json::from_slice(&gone.payload).expect("json");
+    assert_eq!(
+        j["message"], "no live task serves demo/echo role cmd partition 10",
+        "{d}"
+    );
+}

@@ -54,6 +54,22 @@ pub fn renew_refused(error: &str, message: &str) -> String {
     serde_json::json!({"type": "renew_refused", "error": error, "message": message}).to_string()
 }
 
+/// `{"type":"draining"}`: the task is stopping (PROTOCOL.md section 4). It answers the requests
+/// it holds; the router sends it no new one on that link. Here with `renew`, the other text
+/// message a task sends on a registered link.
+pub const DRAINING: &str = r#"{"type":"draining"}"#;
+
+#[derive(Deserialize)]
+struct Kind {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+/// True for a [`DRAINING`] message (any JSON object whose `type` is `draining`).
+pub fn is_draining(text: &[u8]) -> bool {
+    serde_json::from_slice::<Kind>(text).is_ok_and(|k| k.kind == "draining")
+}
+
 #[derive(Deserialize)]
 struct Renew {
     #[serde(rename = "type")]
@@ -162,6 +178,15 @@ impl RenewPacer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn draining_is_read_and_nothing_else_is() {
+        assert!(is_draining(DRAINING.as_bytes()));
+        assert!(is_draining(br#"{"type":"draining","why":"rollout"}"#));
+        assert!(!is_draining(br#"{"type":"renew","token":"x"}"#));
+        assert!(!is_draining(b"draining"));
+        assert!(renew_token(DRAINING.as_bytes()).is_none());
+    }
 
     #[test]
     fn messages_round_trip() {

@@ -107,6 +107,9 @@ struct Ctx<H> {
     fatal: watch::Sender<Option<String>>,
     /// Set by [`Task::shutdown_graceful`]: requests are answered `503 task_stopping`.
     draining: Arc<AtomicBool>,
+    /// Set with `draining`: every registered link tells its router (`{"type":"draining"}`),
+    /// which sends it no new request.
+    draining_tx: Arc<watch::Sender<bool>>,
     /// Handlers running in a tokio task of their own (not those ready at once).
     in_flight: Arc<watch::Sender<usize>>,
 }
@@ -123,6 +126,7 @@ pub struct Task {
     last_error: Arc<dyn Fn() -> Option<String> + Send + Sync>,
     secrets: crate::Secrets,
     draining: Arc<AtomicBool>,
+    draining_tx: Arc<watch::Sender<bool>>,
     in_flight: watch::Receiver<usize>,
 }
 
@@ -191,6 +195,7 @@ impl Task {
         let (loops, loops_rx) = watch::channel(0usize);
         let (in_flight, in_flight_rx) = watch::channel(0usize);
         let draining = Arc::new(AtomicBool::new(false));
+        let draining_tx = Arc::new(watch::channel(false).0);
         let secrets = opts.secrets.clone();
         let routers = opts.routers.clone();
         let ctx = Arc::new(Ctx {
@@ -210,6 +215,7 @@ impl Task {
             refused,
             fatal,
             draining: draining.clone(),
+            draining_tx: draining_tx.clone(),
             in_flight: Arc::new(in_flight),
         });
         if ctx.opts.token_source != TokenSource::Fixed {
@@ -268,6 +274,7 @@ impl Task {
             last_error,
             secrets,
             draining,
+            draining_tx,
             in_flight: in_flight_rx,
         })
     }
@@ -342,6 +349,7 @@ impl Task {
     /// requests get `502 task_lost`); 0 when every one finished.
     pub async fn shutdown_graceful(self, deadline: Duration) -> usize {
         self.draining.store(true, Ordering::SeqCst);
+        self.draining_tx.send_replace(true);
         let mut in_flight = self.in_flight.clone();
         let _ = tokio::time::timeout(deadline, in_flight.wait_for(|n| *n == 0)).await;
         let left = *in_flight.borrow();
@@ -547,6 +555,11 @@ where
     // (ROTATION.md), or the router was busy (`too_often`). Reset by an accepted renew and by a
     // new token.
     let mut retry = RENEW_RETRY_FIRST;
+    // `Task::shutdown_graceful`: tell the router once the link is registered, so that it routes
+    // new requests to the other tasks (an older router ignores the message; the handler then
+    // answers `503 task_stopping`).
+    let mut drain_rx = ctx.draining_tx.subscribe();
+    let mut drain_sent = false;
     let res = loop {
         let deadline = link
             .poll_timeout()
@@ -565,6 +578,11 @@ where
                     reason: "task stopping".into(),
                 })));
                 break Ok(());
+            }
+            _ = drain_rx.wait_for(|d| *d), if registered && !drain_sent => {
+                drain_sent = true;
+                let _ = tx.send(Message::Text(renew::DRAINING.into()));
+                continue;
             }
             // Also while a refused renew waits for its retry: a new token goes out at once.
             changed = token_rx.changed(), if registered => {

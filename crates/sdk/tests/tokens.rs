@@ -397,8 +397,10 @@ fn a_registration_refused_for_the_token_ends_the_task_like_a_refused_upgrade() {
 }
 
 /// `Task::shutdown` drops the answers of handlers still running (their clients get 502
-/// `task_lost`); `Task::shutdown_graceful` answers new requests `503 task_stopping` at once and
-/// lets the three requests in a 1.5 s handler answer 200 before the links close.
+/// `task_lost`); `Task::shutdown_graceful` takes its links out of routing (the only task of the
+/// app: a new request is the router's `503 no_live_task`, answered at once; one that reached
+/// the task first would be its `503 task_stopping`) and lets the three requests in a 1.5 s
+/// handler answer 200 before the links close.
 #[test]
 fn a_graceful_shutdown_lets_the_handlers_in_flight_answer() {
     let r = std::sync::Arc::new(Router::start("sdk-graceful", 86400));
@@ -436,7 +438,7 @@ fn a_graceful_shutdown_lets_the_handlers_in_flight_answer() {
     });
     // A request that arrives during the drain is answered at once.
     let refused = kit::wait_until(
-        "a request answered 503 task_stopping during the drain",
+        "a request answered 503 during the drain",
         WAIT,
         || {
             let resp = r.request_body(&client, b"x");
@@ -444,7 +446,11 @@ fn a_graceful_shutdown_lets_the_handlers_in_flight_answer() {
         },
         || r.run.log(),
     );
-    assert_eq!(refused.json()["error"], "task_stopping", "{refused:?}");
+    let why = refused.json()["error"].clone();
+    assert!(
+        why == "no_live_task" || why == "task_stopping",
+        "{refused:?}"
+    );
     let answers: Vec<u16> = slow
         .into_iter()
         .map(|h| h.join().expect("client").status)
@@ -454,4 +460,103 @@ fn a_graceful_shutdown_lets_the_handlers_in_flight_answer() {
     assert_eq!(answers, [200, 200, 200], "the handlers in flight answered");
     assert_eq!(left, 0);
     assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+/// SDK.md: a rolling restart of tasks. Two tasks serve the same partitions and one stops with
+/// `shutdown_graceful` while a slow request holds it open: its links tell the router it is
+/// stopping (`{"type":"draining"}`), so every request sent meanwhile is answered 200 by the
+/// other task, none `503 task_stopping`, and the slow one still gets its answer. Before, the
+/// router kept sending the stopping task its share of new requests (round robin) until its
+/// links closed, and each got 503.
+#[test]
+fn a_graceful_shutdown_moves_new_requests_to_the_other_task() {
+    let r = std::sync::Arc::new(Router::start("sdk-rolling", 86400));
+    let client = r.client_token();
+    // Shared: the thread that stops one task must not drop the runtime the other runs on.
+    let rt = std::sync::Arc::new(rt());
+    let all: Vec<u32> = (0..16).collect();
+    let opts = |id: &str| {
+        TaskOptions::new(
+            [r.internal.to_string()],
+            APP,
+            all.clone(),
+            r.service_token(id, &[]),
+        )
+    };
+    let stopping = spawn(&rt, opts("rolling-a"));
+    registered(&rt, &stopping);
+    let staying = spawn(&rt, opts("rolling-b"));
+    registered(&rt, &staying);
+    // Both in the routing snapshot (the control thread publishes a registration a moment
+    // after the link has it): requests reach each.
+    let (a0, b0) = (stopping.stats().requests, staying.stats().requests);
+    kit::wait_until(
+        "requests reaching both tasks",
+        WAIT,
+        || {
+            assert_eq!(r.request(&client), 200);
+            (stopping.stats().requests > a0 && staying.stats().requests > b0).then_some(())
+        },
+        || format!("{:?} {:?}", stopping.stats(), staying.stats()),
+    );
+    // Two slow requests at once: the round robin gives one to each task.
+    let (a0, b0) = (stopping.stats().requests, staying.stats().requests);
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let (r, client) = (r.clone(), client.clone());
+            std::thread::spawn(move || r.request_body(&client, b"sleep 1500"))
+        })
+        .collect();
+    kit::wait_until(
+        "a slow request in each task",
+        WAIT,
+        || (stopping.stats().requests > a0 && staying.stats().requests > b0).then_some(()),
+        || format!("{:?} {:?}", stopping.stats(), staying.stats()),
+    );
+    let t0 = Instant::now();
+    let rt2 = rt.clone();
+    let stopped = std::thread::spawn(move || {
+        let left = rt2.block_on(stopping.shutdown_graceful(Duration::from_secs(10)));
+        (left, t0.elapsed())
+    });
+    // The router has the message (the link is out of routing before the sweeper counts it).
+    kit::wait_until(
+        "the stopping task's link out of routing",
+        WAIT,
+        || (r.metric("fedbus_task_ejected_total{reason=\"stopping\"}") >= 1.0).then_some(()),
+        || r.run.log(),
+    );
+    // While its slow request runs (1.5 s) and after its links close, new requests: none may
+    // reach it.
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        let resp = r.request_body(&client, b"x");
+        if resp.status != 200 {
+            println!("{resp:?}");
+        }
+        statuses.push(resp.status);
+    }
+    let slow: Vec<u16> = slow
+        .into_iter()
+        .map(|h| h.join().expect("client").status)
+        .collect();
+    let (left, took) = stopped.join().expect("shutdown");
+    let failed = statuses.iter().filter(|s| **s != 200).count();
+    println!(
+        "{} requests during the graceful shutdown, {failed} not 200; slow {slow:?}; left {left}; took {took:?}",
+        statuses.len()
+    );
+    assert_eq!(failed, 0, "statuses {statuses:?}\n{}", r.run.log());
+    assert_eq!(slow, [200, 200]);
+    assert_eq!(left, 0);
+    assert!(
+        r.run
+            .log()
+            .contains("task stopping: its link leaves routing"),
+        "{}",
+        r.run.log()
+    );
+    // The other task serves on.
+    let after = r.request_body(&client, b"after");
+    assert_eq!(after.status, 200, "{after:?}\n{}", r.run.log());
 }

@@ -63,7 +63,7 @@ pub(crate) struct ShardMetrics {
     /// Client connections that gave their buffers back after `tuning.idle_buffer_release_ms`.
     pub(crate) idle_buffers_released: AtomicU64,
     /// Task links taken out of routing by outlier detection, by `task::link::Ejection`.
-    pub(crate) task_ejected: [AtomicU64; 2],
+    pub(crate) task_ejected: [AtomicU64; 3],
     pub(crate) task_readmitted: AtomicU64,
     pub(crate) task_links_ejected: AtomicU64,
     /// `renew` messages on task links: accepted, refused.
@@ -318,9 +318,9 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
     }
     let _ = writeln!(
         o,
-        "# HELP fedbus_task_ejected_total Task links taken out of routing while open: consecutive request timeouts or an unanswered ping.\n# TYPE fedbus_task_ejected_total counter"
+        "# HELP fedbus_task_ejected_total Task links taken out of routing while open: consecutive request timeouts, an unanswered ping, or the task stopping.\n# TYPE fedbus_task_ejected_total counter"
     );
-    for (i, why) in ["timeouts", "pongs"].iter().enumerate() {
+    for (i, why) in ["timeouts", "pongs", "stopping"].iter().enumerate() {
         let _ = writeln!(
             o,
             "fedbus_task_ejected_total{{reason=\"{why}\"}} {}",

@@ -51,6 +51,9 @@ pub(crate) enum Ejection {
     Timeouts,
     /// A ping went unanswered for `limits.task_pong_timeout_ms`; anything heard brings it back.
     Pongs,
+    /// The task said it is stopping (`{"type":"draining"}`, PROTOCOL.md section 4): it still
+    /// answers what it holds, and nothing brings it back (its next link registers afresh).
+    Stopping,
 }
 
 impl Ejection {
@@ -59,6 +62,7 @@ impl Ejection {
         match self {
             Ejection::Timeouts => "timeouts",
             Ejection::Pongs => "pongs",
+            Ejection::Stopping => "stopping",
         }
     }
 }
@@ -160,6 +164,13 @@ impl TaskLink {
             role: self.role.clone(),
             partitions: self.partitions.clone(),
         }
+    }
+
+    /// The task said it is stopping (`{"type":"draining"}`): out of routing for good, whatever
+    /// it was out for before (the sweeper reports it, once, if it was in routing). What the
+    /// link holds is still answered.
+    pub(crate) fn stopping(&self) {
+        self.health.ejected.set(Some(Ejection::Stopping));
     }
 
     /// The pinger sent a ping at `now`.
@@ -1024,6 +1035,17 @@ pub(crate) fn handle_renew(
 /// A text message from a registered task: a `renew` ([`handle_renew`]) must carry a service
 /// token of the link's app, role and cluster.
 fn on_text(shard: &Shard, link: &TaskLink, text: &[u8]) {
+    if renew::is_draining(text) {
+        if link.health.ejected.get() != Some(Ejection::Stopping) {
+            tracing::info!(
+                shard = shard.index,
+                task = link.task,
+                "task stopping: its link leaves routing and answers what it holds"
+            );
+            link.stopping();
+        }
+        return;
+    }
     let what = format_args!("task link of task {}", link.task);
     handle_renew(
         shard,
@@ -1212,6 +1234,38 @@ mod tests {
         l.pinged(t0);
         l.fail_all();
         assert_eq!(l.health_step(t0 + Duration::from_secs(9), 5, timeout), None);
+    }
+
+    #[test]
+    fn a_stopping_task_stays_out_whatever_it_says() {
+        let l = link();
+        let t0 = Instant::now();
+        l.stopping();
+        assert!(!l.is_alive() && !l.is_usable(10));
+        assert_eq!(
+            l.health_step(t0, 5, None),
+            Some(HealthChange::Ejected(Ejection::Stopping))
+        );
+        // Its answers to what it holds, and its pongs, do not bring it back.
+        l.health.heard(true);
+        l.health.heard(false);
+        assert!(!l.is_alive());
+        assert_eq!(l.health_step(t0, 5, None), None, "reported once");
+        // Already out (an unanswered ping): no second report, and no way back.
+        let l = link();
+        l.pinged(t0);
+        let timeout = Some(Duration::from_millis(1));
+        assert_eq!(
+            l.health_step(t0 + Duration::from_millis(5), 5, timeout),
+            Some(HealthChange::Ejected(Ejection::Pongs))
+        );
+        l.stopping();
+        l.health.heard(false);
+        assert!(!l.is_alive());
+        assert_eq!(
+            l.health_step(t0 + Duration::from_millis(9), 5, timeout),
+            None
+        );
     }
 
     fn reg(app: &str, role: &str, partitions: &[u32]) -> Register {

@@ -23,9 +23,8 @@ const TASK: &str = concat!(
 // ---------------------------------------------------------------------------------------------
 // The worked example of docs/PROTOCOL.md section 9.
 
-/// Bytes of the hex block between `<!-- NAME -->` and `<!-- /NAME -->`: per line, the hex
-/// pairs before the `|` annotation; fence lines are skipped.
-fn doc_hex(name: &str) -> Vec<u8> {
+/// The text of the doc between `<!-- NAME -->` and `<!-- /NAME -->`.
+fn doc_between(name: &str) -> String {
     let doc = std::fs::read_to_string(DOC).expect("read docs/PROTOCOL.md");
     let open = format!("<!-- {name} -->");
     let close = format!("<!-- /{name} -->");
@@ -37,8 +36,14 @@ fn doc_hex(name: &str) -> Vec<u8> {
         + doc[start..]
             .find(&close)
             .unwrap_or_else(|| panic!("no {close} in the doc"));
+    doc[start..end].to_string()
+}
+
+/// Bytes of the hex block between `<!-- NAME -->` and `<!-- /NAME -->`: per line, the hex
+/// pairs before the `|` annotation; fence lines are skipped.
+fn doc_hex(name: &str) -> Vec<u8> {
     let mut out = Vec::new();
-    for line in doc[start..end].lines() {
+    for line in doc_between(name).lines() {
         let line = line.trim();
         if line.is_empty() || line.starts_with("```") {
             continue;
@@ -56,18 +61,7 @@ fn doc_hex(name: &str) -> Vec<u8> {
 
 /// The lines of the fenced block between `<!-- NAME -->` and `<!-- /NAME -->`.
 fn doc_block(name: &str) -> Vec<String> {
-    let doc = std::fs::read_to_string(DOC).expect("read docs/PROTOCOL.md");
-    let open = format!("<!-- {name} -->");
-    let close = format!("<!-- /{name} -->");
-    let start = doc
-        .find(&open)
-        .unwrap_or_else(|| panic!("no {open} in the doc"))
-        + open.len();
-    let end = start
-        + doc[start..]
-            .find(&close)
-            .unwrap_or_else(|| panic!("no {close} in the doc"));
-    let lines: Vec<String> = doc[start..end]
+    let lines: Vec<String> = doc_between(name)
         .trim()
         .lines()
         .filter(|l| !l.starts_with("```"))

@@ -424,6 +424,42 @@ impl Routed {
         );
     }
 
+    /// Waits until the router holds no client connection.
+    fn wait_no_connections(&self, what: &str) {
+        const OPEN: &str = "fedbus_connections{listener=\"api\"}";
+        fedbus_testkit::wait_until(
+            what,
+            Duration::from_secs(30),
+            || (self.metric(OPEN) == 0.0).then_some(()),
+            || format!("{OPEN} = {}", self.metric(OPEN)),
+        );
+    }
+
+    /// Opens `n` connections with `open` (each answered once), then waits until each has given
+    /// its buffers back: the bytes live on the shard per connection before and after
+    /// (printed), and the connections.
+    fn idle_release(
+        &self,
+        label: &str,
+        n: usize,
+        open: impl FnOnce() -> Vec<TcpStream>,
+    ) -> (i64, i64, Vec<TcpStream>) {
+        let base = shard_live();
+        let released = self.metric(RELEASED);
+        let conns = open();
+        let busy = shard_live();
+        self.wait_metric(RELEASED, released + n as f64);
+        let idle = shard_live();
+        let with = live_per_connection(&format!("{label}, one request answered"), &base, &busy, n);
+        let without = live_per_connection(
+            &format!("{label}, idle (buffers given back)"),
+            &base,
+            &idle,
+            n,
+        );
+        (with, without, conns)
+    }
+
     /// A keep-alive connection that has had one request answered 200 (the echo task is up).
     fn http_connection(&self, req: &[u8], resp: &mut [u8]) -> TcpStream {
         let until = Instant::now() + Duration::from_secs(15);
@@ -718,29 +754,12 @@ fn idle_connections_give_their_buffers_back() {
     let req = http_request(&r.token);
     let mut resp = vec![0u8; 64 * 1024];
     drop(r.http_connection(&req, &mut resp));
-    r.wait_metric("fedbus_connections{listener=\"api\"}", 0.0);
-    let no_conn = || r.metric("fedbus_connections{listener=\"api\"}") == 0.0;
-    fedbus_testkit::wait_until(
-        "the first connection closed",
-        Duration::from_secs(30),
-        || no_conn().then_some(()),
-        String::new,
-    );
+    r.wait_no_connections("the first connection closed");
 
     // HTTP keep-alive.
-    let base = shard_live();
-    let released = r.metric(RELEASED);
-    let mut conns: Vec<TcpStream> = (0..N).map(|_| r.http_connection(&req, &mut resp)).collect();
-    let busy = shard_live();
-    r.wait_metric(RELEASED, released + N as f64);
-    let idle = shard_live();
-    let with = live_per_connection("HTTP keep-alive, one request answered", &base, &busy, N);
-    let without = live_per_connection(
-        "HTTP keep-alive, idle (buffers given back)",
-        &base,
-        &idle,
-        N,
-    );
+    let (with, without, mut conns) = r.idle_release("HTTP keep-alive", N, || {
+        (0..N).map(|_| r.http_connection(&req, &mut resp)).collect()
+    });
     assert!(
         without <= 8 * 1024,
         "an idle HTTP connection holds {without} bytes"
@@ -756,35 +775,20 @@ fn idle_connections_give_their_buffers_back() {
         pipelined(s, &req.repeat(2), 2, &mut resp);
     }
     drop(conns);
-    fedbus_testkit::wait_until(
-        "the HTTP connections closed",
-        Duration::from_secs(30),
-        || no_conn().then_some(()),
-        String::new,
-    );
+    r.wait_no_connections("the HTTP connections closed");
 
     // /api/ws sessions.
-    let base = shard_live();
-    let released = r.metric(RELEASED);
     let one = ws_requests(1);
     let two = ws_requests(2);
-    let mut sessions: Vec<TcpStream> = (0..N)
-        .map(|_| {
-            let mut s = r.ws_session(&mut resp);
-            ws_round(&mut s, &one, 1, &mut resp, None);
-            s
-        })
-        .collect();
-    let busy = shard_live();
-    r.wait_metric(RELEASED, released + N as f64);
-    let idle = shard_live();
-    let with = live_per_connection("/api/ws session, one request answered", &base, &busy, N);
-    let without = live_per_connection(
-        "/api/ws session, idle (buffers given back)",
-        &base,
-        &idle,
-        N,
-    );
+    let (with, without, mut sessions) = r.idle_release("/api/ws session", N, || {
+        (0..N)
+            .map(|_| {
+                let mut s = r.ws_session(&mut resp);
+                ws_round(&mut s, &one, 1, &mut resp, None);
+                s
+            })
+            .collect()
+    });
     assert!(
         without <= 10 * 1024,
         "an idle /api/ws session holds {without} bytes"

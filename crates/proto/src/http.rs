@@ -65,14 +65,17 @@ pub fn www_authenticate(code: &[u8]) -> &'static str {
 
 /// Whether a header line (`name: value`) is a `WWW-Authenticate` (any case).
 pub fn is_www_authenticate(line: &[u8]) -> bool {
-    const NAME: &[u8] = b"www-authenticate:";
-    line.len() >= NAME.len() && line[..NAME.len()].eq_ignore_ascii_case(NAME)
+    is_named(line, b"www-authenticate:")
 }
 
 /// Whether a header line (`name: value`) is a `Retry-After` (any case).
 pub fn is_retry_after(line: &[u8]) -> bool {
-    const NAME: &[u8] = b"retry-after:";
-    line.len() >= NAME.len() && line[..NAME.len()].eq_ignore_ascii_case(NAME)
+    is_named(line, b"retry-after:")
+}
+
+/// Whether `line` starts with `name_colon` (a lowercase field name and its colon), in any case.
+fn is_named(line: &[u8], name_colon: &[u8]) -> bool {
+    line.len() >= name_colon.len() && line[..name_colon.len()].eq_ignore_ascii_case(name_colon)
 }
 
 /// The request's `Origin` when the request is cross-origin: `None` without an `Origin`, or

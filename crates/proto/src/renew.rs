@@ -59,19 +59,14 @@ pub fn renew_refused(error: &str, message: &str) -> String {
 /// message a task sends on a registered link.
 pub const DRAINING: &str = r#"{"type":"draining"}"#;
 
-#[derive(Deserialize)]
-struct Kind {
-    #[serde(rename = "type")]
-    kind: String,
-}
-
 /// True for a [`DRAINING`] message (any JSON object whose `type` is `draining`).
 pub fn is_draining(text: &[u8]) -> bool {
-    serde_json::from_slice::<Kind>(text).is_ok_and(|k| k.kind == "draining")
+    serde_json::from_slice::<TaskText>(text).is_ok_and(|m| m.kind == "draining")
 }
 
+/// A task's text message on a registered link: its type, and a `renew`'s token.
 #[derive(Deserialize)]
-struct Renew {
+struct TaskText {
     #[serde(rename = "type")]
     kind: String,
     /// Not a string (or absent): read as an empty token, so refused `missing_token`.
@@ -81,7 +76,7 @@ struct Renew {
 
 /// The token of a `renew` text message; None for any other text.
 pub fn renew_token(text: &[u8]) -> Option<String> {
-    let r = serde_json::from_slice::<Renew>(text).ok()?;
+    let r = serde_json::from_slice::<TaskText>(text).ok()?;
     (r.kind == "renew").then(|| r.token.as_str().unwrap_or_default().to_string())
 }
 

@@ -220,8 +220,9 @@ impl ReadSpace {
     }
 
     /// Reads once for a connection that holds no read buffer ([`ReadSpace::give_back`],
-    /// [`ReadSpace::unbuffered`]; `buf` has no capacity): the bytes land in the shard's shared scratch, and only when some came
-    /// does `buf` get a buffer of `cap` bytes (at least what was read) to copy them into. An
+    /// [`ReadSpace::unbuffered`]; `buf` has no capacity): the bytes land in the shard's shared
+    /// scratch, and only when some came does `buf` get a buffer of `cap` bytes (at least what
+    /// was read) to copy them into. An
     /// idle connection so holds no buffer while it waits, as nginx's keep-alive connections
     /// do, at the cost of one copy of its first read after the wait. This works with any
     /// reader, because a reader uses the buffer it is given only during the poll that gives it

@@ -7,6 +7,10 @@
 #   DURATION=20 OUT=/tmp/x.md benches/cpu-per-request.sh
 #   EXTRA_BIN=/path/to/other/fedbus EXTRA_LABEL="patched glommio" benches/cpu-per-request.sh
 #                                   # adds fedbus http and ws rows for another build, same run
+#   TASK_LINK=unix benches/cpu-per-request.sh      # the echo task links over the router's unix
+#                                   # socket (`listen.internal_unix`) instead of TCP; EXTRA_TASK_LINK
+#                                   # the same for the EXTRA_BIN rows: EXTRA_BIN=<this build>
+#                                   # EXTRA_TASK_LINK=unix compares the two links side by side
 #   BIN=/path/to/fedbus benches/cpu-per-request.sh  # that binary instead of building this tree
 #   PIPE=8x8 (default; PIPE= turns it off): also fedbus HTTP and /api/ws with 8 connections x 8
 #                                   # requests in flight (pipelined), through `fedbus bench`, and
@@ -76,6 +80,8 @@ if [ "$REPEAT" -gt 1 ] && { [ "${TLS:-0}" = 1 ] || [ "$URING_PROTO" = 1 ] || [ -
 fi
 export TLS EXTRA_BIN
 export EXTRA_LABEL=${EXTRA_LABEL:-other build}
+export TASK_LINK=${TASK_LINK:-tcp} EXTRA_TASK_LINK=${EXTRA_TASK_LINK:-${TASK_LINK:-tcp}}
+case "$TASK_LINK/$EXTRA_TASK_LINK" in tcp/tcp|tcp/unix|unix/tcp|unix/unix) ;; *) echo "TASK_LINK and EXTRA_TASK_LINK are tcp or unix" >&2; exit 1;; esac
 [ -z "$EXTRA_BIN" ] || [ -x "$EXTRA_BIN" ] || { echo "EXTRA_BIN $EXTRA_BIN is not executable" >&2; exit 1; }
 ROOT=$(pwd)
 [ -f Cargo.toml ] && [ -d benches ] || { echo "run from the fedbus repo root" >&2; exit 1; }
@@ -155,7 +161,7 @@ TOKEN=$("$BIN" token client --app demo/echo --sub cpu-bench --ttl 2h --keyring "
 CERT=$WORK/cert
 [ "$TLS" = 1 ] && "$BIN" keys cert --keyring "$FEDBUS_HOME/keys" --name 127.0.0.1 --name localhost --out "$CERT" >/dev/null
 FEDBUS_PATH="/api/local/dev/demo/echo/api/%d/sys/echo"
-start_fedbus "$BIN" ""
+start_fedbus "$BIN" "" "$TASK_LINK"
 
 # ---- PROFILE=<file>: only fedbus HTTP, under perf (counts, then a sampled profile); then exit.
 if [ -n "${PROFILE:-}" ]; then
@@ -340,7 +346,7 @@ bench_case() {
 for ROUND in $(seq 1 "$REPEAT"); do
 [ "$REPEAT" = 1 ] || echo "== round $ROUND of $REPEAT" >&2
 # The other build's section of the last round stopped this build's router.
-if [ "$ROUND" -gt 1 ] && [ -n "$EXTRA_BIN" ]; then start_fedbus "$BIN" ""; fi
+if [ "$ROUND" -gt 1 ] && [ -n "$EXTRA_BIN" ]; then start_fedbus "$BIN" "" "$TASK_LINK"; fi
 wrk_case fedbus-http "$ROUTER" "$ECHO" "$API_PORT" "$FEDBUS_PATH"
 bench_case fedbus-ws "$ROUTER" "$ECHO" --target "http://127.0.0.1:$API_PORT" --protocol ws --keyring "$FEDBUS_HOME/keys"
 # pipe_cases TAG: the PIPE shape (connections x in flight) over HTTP and /api/ws.
@@ -364,7 +370,7 @@ fi
 if [ -n "$EXTRA_BIN" ]; then
   # The same cases against a router and echo task built otherwise (EXTRA_BIN), same pinning.
   kill "$ROUTER" "$ECHO" 2>/dev/null || true
-  start_fedbus "$EXTRA_BIN" -extra
+  start_fedbus "$EXTRA_BIN" -extra "$EXTRA_TASK_LINK"
   wrk_case extra-http "$ROUTER" "$ECHO" "$API_PORT" "$FEDBUS_PATH"
   bench_case extra-ws "$ROUTER" "$ECHO" --target "http://127.0.0.1:$API_PORT" --protocol ws --keyring "$FEDBUS_HOME/keys"
   pipe_cases extra
@@ -493,8 +499,12 @@ if os.environ.get("RATE"):
     env = f"RATE={os.environ['RATE']} " + env
 if os.environ.get("URING_PROTO") == "1":
     env = "URING_PROTO=1 " + env
+if os.environ.get("TASK_LINK", "tcp") != "tcp":
+    env = f"TASK_LINK={os.environ['TASK_LINK']} " + env
 if os.environ.get("EXTRA_BIN"):
     env += f" EXTRA_BIN=<{extra}> EXTRA_LABEL=..."
+    if os.environ.get("EXTRA_TASK_LINK", "tcp") != os.environ.get("TASK_LINK", "tcp"):
+        env += f" EXTRA_TASK_LINK={os.environ['EXTRA_TASK_LINK']}"
 if rounds > 1:
     env = f"REPEAT={rounds} " + env
 o += [f"Made by `{env} benches/cpu-per-request.sh` at commit {commit}.", ""]

@@ -16,12 +16,18 @@ wait_port() {
   echo "nothing listens on port $1" >&2; return 1
 }
 
-# start_fedbus BIN TAG: a router (shard core 1, control thread core 0) and its echo task
+# start_fedbus BIN TAG [LINK]: a router (shard core 1, control thread core 0) and its echo task
 # (core 0) from BIN; sets ROUTER, ECHO, API_PORT, INT_PORT (and TLS_PORT, the HTTPS listener,
-# with TLS=1); waits until a request answers 200 (on each listener).
+# with TLS=1); waits until a request answers 200 (on each listener). LINK `unix` links the echo
+# task over the router's unix socket (`listen.internal_unix`) instead of TCP (`tcp`, default).
 start_fedbus() {
-  local bin=$1 tag=$2 ok=0 code tls_listen="" tls_certs=""
+  local bin=$1 tag=$2 link=${3:-tcp} ok=0 code tls_listen="" tls_certs="" unix_listen="" dial
   API_PORT=$(free_port); INT_PORT=$(free_port); TLS_PORT=""
+  dial=127.0.0.1:$INT_PORT
+  if [ "$link" = unix ]; then
+    unix_listen="internal_unix = \"$WORK/link$tag.sock\""
+    dial=unix:$WORK/link$tag.sock
+  fi
   if [ "$TLS" = 1 ]; then
     TLS_PORT=$(free_port)
     tls_listen="api_tls = \"127.0.0.1:$TLS_PORT\""
@@ -36,6 +42,7 @@ keyring = "$FEDBUS_HOME/keys"
 api = "127.0.0.1:$API_PORT"
 $tls_listen
 internal = "127.0.0.1:$INT_PORT"
+$unix_listen
 admin_enabled = false
 
 [tuning]
@@ -51,7 +58,7 @@ EOF
   "$bin" run --config "$WORK/router$tag.toml" >"$WORK/router$tag.log" 2>&1 &
   ROUTER=$!; PIDS+=($ROUTER)
   for _ in $(seq 1 100); do grep -q '"shard_cores"' "$WORK/router$tag.log" 2>/dev/null && break; sleep 0.1; done
-  taskset -c 0 "$bin" task echo --router "127.0.0.1:$INT_PORT" --app demo/echo >"$WORK/echo$tag.log" 2>&1 &
+  taskset -c 0 "$bin" task echo --router "$dial" --app demo/echo >"$WORK/echo$tag.log" 2>&1 &
   ECHO=$!; PIDS+=($ECHO)
   for _ in $(seq 1 100); do
     code=$(python3 - "$API_PORT" "$TOKEN" "$TLS_PORT" <<'PY' 2>/dev/null || true

@@ -8,7 +8,8 @@ use fedbus_router::config::{self, Config};
 use std::path::{Path, PathBuf};
 
 /// Start of the one machine-readable line `fedbus run` prints when it is up: this prefix, then
-/// a JSON object with `router`, `api`, `api_tls`, `internal` (per shard), `external`, `admin`,
+/// a JSON object with `router`, `api`, `api_tls`, `internal` (per shard), `internal_unix` (per
+/// shard, `unix:<path>`; empty without `listen.internal_unix`), `external`, `admin`,
 /// `shards`, `shard_cores`.
 const READY_PREFIX: &str = "fedbus-ready ";
 
@@ -67,7 +68,8 @@ struct TaskCommon {
     /// Role of this task (`main` receives every request first).
     #[arg(long, default_value = "main")]
     role: String,
-    /// Internal address of shard 0 of a router; repeat for every router of the cluster.
+    /// Internal address of shard 0 of a router (`host:port`, or `unix:<path>` for a router's
+    /// `listen.internal_unix` on this host); repeat for every router of the cluster.
     #[arg(long = "router", default_value = "127.0.0.1:8900")]
     routers: Vec<String>,
     /// Service token; without it (dev mode) one is minted from the keyring.
@@ -459,6 +461,9 @@ fn run_router(path: Option<PathBuf>, takeover: bool) -> Result<()> {
     for (k, a) in r.internal.iter().enumerate() {
         println!("  internal  {a}  shard {k} on core {}", r.shard_cores[k]);
     }
+    for (k, p) in r.internal_unix.iter().enumerate() {
+        println!("  unix      {}  shard {k} (task links)", p.display());
+    }
     if let Some(a) = r.external {
         println!("  external  {a}  (peer links; every shard)");
         for c in cfg.peer_clusters() {
@@ -485,6 +490,7 @@ fn run_router(path: Option<PathBuf>, takeover: bool) -> Result<()> {
         "api": r.api.to_string(),
         "api_tls": r.api_tls.map(|a| a.to_string()),
         "internal": r.internal.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "internal_unix": r.internal_unix.iter().map(|p| format!("unix:{}", p.display())).collect::<Vec<_>>(),
         "external": r.external.map(|a| a.to_string()),
         "admin": r.admin.map(|a| a.to_string()),
         "shards": r.internal.len(),

@@ -14,6 +14,7 @@ use super::websocket::{self, take_frame, WsCodec};
 use bytes::{Bytes, BytesMut};
 use fedbus_router::ws::conn::{ReadSpace, SocketWriter};
 use fedbus_router::ws::frame::opcode;
+use fedbus_router::ws::Socket as _;
 use fedbus_router::ws::{handshake, ClientTlsStream, PartsWriter, Side, Stream};
 use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
@@ -23,7 +24,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::os::unix::io::{FromRawFd, IntoRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -950,7 +951,7 @@ async fn drive_on<S: Stream>(
     index: usize,
     ctx: Rc<Ctx>,
 ) {
-    let fd = stream.tcp().as_raw_fd();
+    let fd = stream.socket().fd();
     let (r, mut w) = stream.into_split();
     let conn = Rc::new(RefCell::new(Conn::default()));
     let codec = Rc::new(RefCell::new(codec));

@@ -18,11 +18,36 @@ pub struct Hello {
     pub shards: usize,
     /// Internal address of every shard, index = shard.
     pub internal: Vec<String>,
+    /// Unix socket path of every shard's task-link listener, index = shard, when the router
+    /// has one (`listen.internal_unix`): a task that reached the router over a unix socket
+    /// links to the other shards the same way. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub internal_unix: Vec<String>,
     /// The largest message the router takes from the task, in bytes (`limits.max_body_bytes +
     /// 64 KiB`): a larger answer closes the link with 1009, failing every request on it, so a
     /// task answers such a request with an error instead. Absent from an older router.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_message: Option<u64>,
+}
+
+/// The prefix of a router address that names a unix socket (`unix:/run/fedbus/link.sock`, a
+/// router's `listen.internal_unix`) instead of `host:port`.
+pub const UNIX_PREFIX: &str = "unix:";
+
+impl Hello {
+    /// The address of every shard to dial, index = shard: the unix socket paths (as
+    /// `unix:<path>`) when this link was dialed over one and the router lists them, else the
+    /// TCP addresses.
+    pub fn shard_addrs(&self, over_unix: bool) -> Vec<String> {
+        if over_unix && !self.internal_unix.is_empty() {
+            self.internal_unix
+                .iter()
+                .map(|p| format!("{UNIX_PREFIX}{p}"))
+                .collect()
+        } else {
+            self.internal.clone()
+        }
+    }
 }
 
 /// The largest hello a task accepts from a router: a router name, a cluster id and one

@@ -209,6 +209,8 @@ pub struct Link {
     events: VecDeque<Event>,
     requests: u64,
     was_registered: bool,
+    /// Dialed over a unix socket: the other shards are linked over theirs.
+    over_unix: bool,
 }
 
 impl Link {
@@ -224,7 +226,15 @@ impl Link {
             events: VecDeque::new(),
             requests: 0,
             was_registered: false,
+            over_unix: false,
         }
+    }
+
+    /// Marks a link dialed over a unix socket (`unix:<path>`): the [`Event::LinkShards`] of
+    /// its hello name the other shards' unix sockets when the router lists them.
+    pub fn over_unix(mut self, yes: bool) -> Link {
+        self.over_unix = yes;
+        self
     }
 
     /// The link's configuration.
@@ -325,7 +335,9 @@ impl Link {
                 }
                 let hello: Hello =
                     serde_json::from_value(v).map_err(|e| LinkError::BadHello(e.to_string()))?;
-                if hello.shard >= hello.internal.len() || hello.router.is_empty() {
+                let unix_mismatch = !hello.internal_unix.is_empty()
+                    && hello.internal_unix.len() != hello.internal.len();
+                if hello.shard >= hello.internal.len() || hello.router.is_empty() || unix_mismatch {
                     return Err(LinkError::BadHello(format!(
                         "shard {} of {} addresses, router {:?}",
                         hello.shard,
@@ -334,14 +346,14 @@ impl Link {
                     )));
                 }
                 let others: Vec<ShardAddr> = hello
-                    .internal
-                    .iter()
+                    .shard_addrs(self.over_unix)
+                    .into_iter()
                     .enumerate()
                     .filter(|(k, _)| *k != hello.shard)
-                    .map(|(k, a)| ShardAddr {
+                    .map(|(k, addr)| ShardAddr {
                         router: hello.router.clone(),
                         shard: k,
-                        addr: a.clone(),
+                        addr,
                     })
                     .collect();
                 self.router = Arc::from(hello.router.as_str());
@@ -795,6 +807,37 @@ mod tests {
         l.handle(t0, Input::Text("not json")).unwrap();
         assert!(events(&mut l).is_empty());
         assert_eq!(l.state(), State::Registered);
+    }
+
+    /// A link dialed over a unix socket links the other shards over theirs when the hello
+    /// lists them, over TCP when it does not; any other link ignores them. A hello whose unix
+    /// list does not match its TCP list is refused.
+    #[test]
+    fn a_unix_link_names_the_other_shards_unix_sockets() {
+        const UNIX: &str = r#"{"type":"hello","router":"r","cluster":"c","shard":0,"shards":2,"internal":["a:1","a:2"],"internal_unix":["/s","/s.1"]}"#;
+        const TCP_ONLY: &str = r#"{"type":"hello","router":"r","cluster":"c","shard":0,"shards":2,"internal":["a:1","a:2"]}"#;
+        let other = |over_unix: bool, hello: &str| {
+            let t0 = Instant::now();
+            let mut l = Link::new(cfg(), t0).over_unix(over_unix);
+            l.handle(t0, Input::Text(hello)).unwrap();
+            events(&mut l)
+                .into_iter()
+                .find_map(|e| match e {
+                    Event::LinkShards(o) => Some(o[0].addr.clone()),
+                    _ => None,
+                })
+                .expect("LinkShards")
+        };
+        assert_eq!(other(true, UNIX), "unix:/s.1");
+        assert_eq!(other(false, UNIX), "a:2");
+        assert_eq!(other(true, TCP_ONLY), "a:2");
+        let t0 = Instant::now();
+        let mut l = Link::new(cfg(), t0).over_unix(true);
+        let bad = r#"{"type":"hello","router":"r","cluster":"c","shard":0,"shards":2,"internal":["a:1","a:2"],"internal_unix":["/s"]}"#;
+        assert!(matches!(
+            l.handle(t0, Input::Text(bad)),
+            Err(LinkError::BadHello(_))
+        ));
     }
 
     #[test]

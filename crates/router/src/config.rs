@@ -111,6 +111,13 @@ pub struct Listen {
     /// certificate with `dev = true`. Tasks dial with a CA file (`fedbus task --tls-ca`, the
     /// SDK's `TaskOptions::tls_ca`). Internal networks are often trusted: off by default.
     pub internal_tls: bool,
+    /// Task links over a unix socket as well, for tasks on the router's own host: shard 0
+    /// listens on this path, shard k on `<path>.<k>`, and the hello lists them beside the TCP
+    /// addresses (`internal_unix`). The same protocol and service tokens as the TCP listener,
+    /// never TLS. A socket file left by a router that is gone is replaced; one a running
+    /// router listens on fails the start (or, with `takeover`, is replaced atomically).
+    /// Default: none.
+    pub internal_unix: Option<std::path::PathBuf>,
     /// Host (name or address) that tasks should dial for the internal listeners, as told in
     /// the hello. Default: the bound address; set it when `internal` binds `0.0.0.0`.
     pub advertise_host: Option<String>,
@@ -503,6 +510,7 @@ impl Default for Listen {
             admin_max_connections: 16,
             api_tls: None,
             internal_tls: false,
+            internal_unix: None,
             advertise_host: None,
             takeover: false,
         }

@@ -8,8 +8,10 @@ use std::time::Duration;
 /// How a task connects and what it registers.
 #[derive(Clone, Debug)]
 pub struct TaskOptions {
-    /// Internal address (`host:port`) of shard 0 of each router of the cluster; each router's
-    /// hello names its other shards, and the task links to those too.
+    /// Internal address (`host:port`, or `unix:<path>` for a router's `listen.internal_unix`
+    /// on this host) of shard 0 of each router of the cluster; each router's hello names its
+    /// other shards, and the task links to those too (over their unix sockets when this one
+    /// was).
     pub routers: Vec<String>,
     /// `owner/app` served; must be the service token's app.
     pub app: String,

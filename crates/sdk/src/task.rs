@@ -534,7 +534,8 @@ where
         Ok::<(), tokio_tungstenite::tungstenite::Error>(())
     });
 
-    let mut link = Link::new(ctx.link.clone(), Instant::now());
+    let mut link = Link::new(ctx.link.clone(), Instant::now())
+        .over_unix(addr.starts_with(fedbus_proto::hello::UNIX_PREFIX));
     let (mut registered, mut claimed) = (false, false);
     // The shard this link holds in `ctx.linked`, released when it ends.
     let mut held: Option<String> = None;
@@ -763,8 +764,60 @@ fn on_renew_answer<H>(ctx: &Ctx<H>, addr: &str, answer: RenewAnswer) {
     }
 }
 
-type WsStream =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<LinkIo>>;
+
+/// The socket under a link: TCP (maybe with TLS above it), or a router's unix socket
+/// (`unix:<path>`, its `listen.internal_unix`; never TLS).
+enum LinkIo {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl tokio::io::AsyncRead for LinkIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            LinkIo::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            LinkIo::Unix(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for LinkIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            LinkIo::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            LinkIo::Unix(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            LinkIo::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            LinkIo::Unix(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            LinkIo::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            LinkIo::Unix(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
 
 /// TCP connect with TCP_NODELAY, the TLS handshake (with [`TaskOptions::tls_ca`]), then the
 /// upgrade with the service token `token`; all within `connect_timeout`. The TCP connection is made
@@ -773,11 +826,15 @@ async fn connect<H>(ctx: &Ctx<H>, addr: &str, token: &str) -> Result<WsStream, E
     use tokio_tungstenite::tungstenite::Error as WsError;
     use tokio_tungstenite::Connector;
     let failed = End::Failed;
+    let unix = addr.strip_prefix(fedbus_proto::hello::UNIX_PREFIX);
     let (scheme, connector) = match &ctx.tls {
-        Some(c) => ("wss", Connector::Rustls(c.clone())),
-        None => ("ws", Connector::Plain),
+        // A unix socket is local: never TLS.
+        Some(c) if unix.is_none() => ("wss", Connector::Rustls(c.clone())),
+        _ => ("ws", Connector::Plain),
     };
-    let mut req = format!("{scheme}://{addr}/link")
+    let host = if unix.is_some() { "localhost" } else { addr };
+    let tls = matches!(connector, Connector::Rustls(_));
+    let mut req = format!("{scheme}://{host}/link")
         .into_client_request()
         .map_err(|e| failed(format!("bad router address {addr:?}: {e}")))?;
     let auth = format!("Bearer {token}")
@@ -788,20 +845,30 @@ async fn connect<H>(ctx: &Ctx<H>, addr: &str, token: &str) -> Result<WsStream, E
         .max_message_size(Some(ctx.opts.max_message))
         .max_frame_size(Some(ctx.opts.max_message));
     let dial = async {
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| failed(format!("connect {addr}: {e}")))?;
-        tcp.set_nodelay(true)
-            .map_err(|e| failed(format!("connect {addr}: TCP_NODELAY: {e}")))?;
+        let io = match unix {
+            Some(path) => LinkIo::Unix(
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(|e| failed(format!("connect {addr}: {e}")))?,
+            ),
+            None => {
+                let tcp = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| failed(format!("connect {addr}: {e}")))?;
+                tcp.set_nodelay(true)
+                    .map_err(|e| failed(format!("connect {addr}: TCP_NODELAY: {e}")))?;
+                LinkIo::Tcp(tcp)
+            }
+        };
         // The server name checked against the router's certificate is the URI's host.
         Ok::<_, End>(
-            tokio_tungstenite::client_async_tls_with_config(req, tcp, Some(cfg), Some(connector))
+            tokio_tungstenite::client_async_tls_with_config(req, io, Some(cfg), Some(connector))
                 .await,
         )
     };
     let r = match tokio::time::timeout(ctx.opts.connect_timeout, dial).await {
         Err(_) => {
-            let what = if ctx.tls.is_some() {
+            let what = if tls {
                 "no TLS handshake and upgrade"
             } else {
                 "no upgrade"
@@ -824,7 +891,7 @@ async fn connect<H>(ctx: &Ctx<H>, addr: &str, token: &str) -> Result<WsStream, E
             let status = resp.status();
             let mut m = format!("connect {addr}: refused with {status}: {body}");
             // A TLS-only internal listener answers a plaintext upgrade `400 tls_required`.
-            if body.contains("tls_required") && ctx.tls.is_none() {
+            if body.contains("tls_required") && !tls {
                 m.push_str(" (the router's internal listener speaks TLS: set TaskOptions::tls_ca)");
             }
             // 401/403: the token itself (expired, retired or unknown key, bad signature,
@@ -836,7 +903,7 @@ async fn connect<H>(ctx: &Ctx<H>, addr: &str, token: &str) -> Result<WsStream, E
             })
         }
         // The handshake's failures: tokio-rustls hands rustls' error over in an io::Error.
-        Err(WsError::Io(e)) if ctx.tls.is_some() => Err(failed(match crate::tls::reason(&e) {
+        Err(WsError::Io(e)) if tls => Err(failed(match crate::tls::reason(&e) {
             Some(why) => format!("connect {addr}: TLS: {why}"),
             None => format!("connect {addr}: TLS or upgrade: {e}"),
         })),

@@ -108,9 +108,14 @@ struct Router {
 
 impl Router {
     fn start(home: &Path, keys: &Path, internal_port: u16) -> Router {
+        Router::start_with(home, keys, internal_port, "")
+    }
+
+    /// [`Router::start`] with more `[listen]` lines.
+    fn start_with(home: &Path, keys: &Path, internal_port: u16, listen: &str) -> Router {
         let cfg = format!(
             "region = \"local\"\ncluster = \"dev\"\nkeyring = {keys:?}\n\
-             [listen]\napi = \"{IP}:0\"\ninternal = \"{IP}:{internal_port}\"\nadmin = \"{IP}:0\"\n\
+             [listen]\napi = \"{IP}:0\"\ninternal = \"{IP}:{internal_port}\"\nadmin = \"{IP}:0\"\n{listen}\n\
              [tuning]\nshard_cores = [0, 1]\npin = false\n\
              [limits]\nping_interval_ms = 200\nrequest_timeout_ms = 5000\n\
              [[apps]]\nname = \"demo/echo\"\npartitions = 16\n"
@@ -526,6 +531,94 @@ fn sdk_task_serves_through_a_two_shard_router() {
 }
 
 /// A runtime and a router with a fresh keyring; the keyring path.
+/// `TaskOptions::routers` takes `unix:<path>` (a router's `listen.internal_unix`): the task
+/// links both shards over their unix sockets (the hello's `internal_unix`), makes no TCP
+/// connection to the internal listeners, and requests through both shards are answered.
+#[test]
+fn sdk_task_links_every_shard_over_the_unix_socket() {
+    let dir = TempDir::new();
+    let home = dir.0.as_path();
+    let keys = home.join("keys");
+    let k = keys.to_str().expect("utf-8");
+    fedbus(
+        home,
+        &["keys", "init", "--keyring", k, "--app", "demo/echo"],
+    );
+    let svc = fedbus(
+        home,
+        &[
+            "token",
+            "service",
+            "--task-id",
+            "sdk-unix",
+            "--app",
+            "demo/echo",
+            "--keyring",
+            k,
+        ],
+    );
+    let client = client_token(home, &keys);
+    let port = free_port_pair();
+    let sock = home.join("link.sock");
+    let router = Router::start_with(home, &keys, port, &format!("internal_unix = {sock:?}"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let opts = TaskOptions::new(
+        [format!("unix:{}", sock.display())],
+        "demo/echo",
+        (0..16).collect::<Vec<u32>>(),
+        svc,
+    );
+    let task = {
+        let _rt = rt.enter();
+        Task::spawn(opts, support::echo).expect("spawn the task")
+    };
+    assert!(
+        rt.block_on(task.wait_registered(2, WAIT)),
+        "registered on 2 shards: {:?}, last error {:?}",
+        task.stats(),
+        task.last_error()
+    );
+    wait("fedbus_task_links 2", || {
+        router.metric("fedbus_task_links") == 2.0
+    });
+    let mut by_shard: BTreeMap<String, u32> = BTreeMap::new();
+    let mut wsid = 0u64;
+    while wsid < 16 || by_shard.len() < 2 {
+        assert!(wsid < 2000, "answers from both shards: {by_shard:?}");
+        let r = http(
+            router.api,
+            "POST",
+            &path(wsid, "echo"),
+            Some(&client),
+            None,
+            b"u",
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.body, b"u", "{r:?}");
+        let shard = r.header("fedbus-shard").expect("fedbus-shard").to_string();
+        *by_shard.entry(shard).or_default() += 1;
+        wsid += 1;
+    }
+    // No TCP connection on either internal port (/proc/net/tcp: the local address's port in
+    // hex; state 01 is ESTABLISHED, which the router's side of a TCP link would be).
+    let tcp = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let ports = [format!(":{port:04X}"), format!(":{:04X}", port + 1)];
+    let over_tcp: Vec<&str> = tcp
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[3] == "01" && ports.iter().any(|p| f[1].ends_with(p.as_str()))
+        })
+        .collect();
+    assert!(over_tcp.is_empty(), "TCP task links: {over_tcp:?}");
+    assert_eq!(task.stats().connects, 2, "{:?}", task.stats());
+}
+
 fn setup(home: &Path) -> (tokio::runtime::Runtime, Router, PathBuf, u16) {
     let keys = home.join("keys");
     let k = keys.to_str().expect("utf-8");

@@ -11,7 +11,6 @@
 
 use crate::{bin, fedbus, parse_ready_line, signal, Ready};
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -187,10 +186,11 @@ pub fn wait_ready(run: &Run, rx: &mpsc::Receiver<String>, within: Duration) -> R
 }
 
 /// Starts `fedbus task echo --router <internal> --keyring <keys> [args]` with
-/// `FEDBUS_HOME=home`, stderr to `log` (not waited for: it links when it can).
+/// `FEDBUS_HOME=home`, stderr to `log` (not waited for: it links when it can). `internal` is
+/// `host:port` or `unix:<path>`.
 pub fn spawn_echo_task(
     home: &Path,
-    internal: SocketAddr,
+    internal: impl std::fmt::Display,
     keys: &Path,
     args: &[&str],
     log: PathBuf,

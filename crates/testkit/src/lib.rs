@@ -464,6 +464,8 @@ pub struct Ready {
     pub api_tls: Option<SocketAddr>,
     /// Each shard's internal listener.
     pub internal: Vec<SocketAddr>,
+    /// Each shard's unix task-link listener (`unix:<path>`), with `listen.internal_unix`.
+    pub internal_unix: Vec<String>,
     /// The admin listener, when enabled.
     pub admin: Option<SocketAddr>,
     /// The external listener (peer links), when the federation has other clusters.
@@ -478,6 +480,14 @@ pub fn parse_ready_line(line: &str) -> Option<Ready> {
         api: addr(&j["api"])?,
         api_tls: addr(&j["api_tls"]),
         internal: j["internal"].as_array()?.iter().filter_map(addr).collect(),
+        internal_unix: j["internal_unix"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default(),
         admin: addr(&j["admin"]),
         external: addr(&j["external"]),
     })

@@ -363,6 +363,11 @@ where
     F: Future<Output = Outcome> + 'static,
 {
     let token = ctx.token.borrow().clone();
+    if let Some(path) = addr.strip_prefix(fedbus_proto::hello::UNIX_PREFIX) {
+        // A unix socket is local: never TLS.
+        let (s, leftover) = ws::client::connect_unix(path, "/link", Some(&token)).await?;
+        return run_link(ctx, addr, s, leftover).await;
+    }
     match &ctx.opts.tls {
         Some(config) => {
             let dial = ws::TlsDial {
@@ -451,7 +456,9 @@ where
     ctx.started
         .borrow_mut()
         .insert(format!("{}#{}", hello.router, hello.shard));
-    for (k, a) in hello.internal.iter().enumerate() {
+    // Reached over a unix socket: the other shards are linked the same way.
+    let others = hello.shard_addrs(addr.starts_with(fedbus_proto::hello::UNIX_PREFIX));
+    for (k, a) in others.iter().enumerate() {
         if k != hello.shard
             && ctx
                 .started

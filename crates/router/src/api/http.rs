@@ -12,6 +12,7 @@ use crate::routing::{self, Answer, Field, Ingress, Request, VerifyCache};
 use crate::shard::{BodyCharge, OutboxCharge, Shard};
 use crate::util::Deadline;
 use crate::ws::conn::ReadSpace;
+use crate::ws::Socket as _;
 use crate::ws::Stream;
 use bytes::{Bytes, BytesMut};
 use futures_lite::AsyncReadExt;
@@ -675,10 +676,10 @@ async fn serve_inner<S: Stream>(
     stream: &mut S,
 ) -> std::io::Result<Option<Upgrade>> {
     let limits = shard.cfg.limits.clone();
-    let _ = stream.tcp().set_nodelay(true);
+    let _ = stream.socket().set_nodelay();
     // A client that stops reading its answers is dropped instead of holding them forever.
     let _ = stream
-        .tcp()
+        .socket()
         .set_write_timeout(Some(Duration::from_millis(limits.idle_timeout_ms)));
     // No buffer until the first bytes come (`ReadSpace::read_unbuffered`), then 16 KiB: room
     // to read ahead while requests are in flight (a smaller one had to grow, one allocation,
@@ -1142,7 +1143,7 @@ pub(crate) async fn lingering_close<S: Stream>(stream: &mut S) {
     // On the heap: an array here would be part of every connection's future (whose size is
     // that of its largest await), 16 KiB more resident per idle keep-alive connection.
     let mut sink = vec![0u8; 16 * 1024];
-    let fd = std::os::unix::io::AsRawFd::as_raw_fd(stream.tcp());
+    let fd = stream.socket().fd();
     let _ = glommio::timer::timeout(Duration::from_secs(1), async {
         let mut left = 1usize << 20;
         while left > 0 {

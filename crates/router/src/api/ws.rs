@@ -14,6 +14,7 @@ use crate::route::parse_api_path;
 use crate::routing::answer::send_answer;
 use crate::routing::{self, verify, Answer, Ingress, Principal, Request, VerifyCache};
 use crate::shard::Shard;
+use crate::ws::Socket as _;
 use crate::ws::Stream;
 use crate::ws::{self, handshake, Message, Side};
 use bytes::{Bytes, BytesMut};
@@ -113,9 +114,9 @@ pub(crate) async fn serve<S: Stream>(
     {
         return;
     }
-    let _ = stream.tcp().set_nodelay(true);
+    let _ = stream.socket().set_nodelay();
     let _ = stream
-        .tcp()
+        .socket()
         .set_write_timeout(Some(std::time::Duration::from_millis(
             shard.cfg.limits.idle_timeout_ms,
         )));

@@ -13,6 +13,7 @@ use crate::routing::answer::send_answer;
 use crate::routing::{self, Answer, Ingress, Request, VerifyCache};
 use crate::shard::Shard;
 use crate::task::link::{close_at_expiry, handle_renew, read_upgrade, RenewGate, TaskLink};
+use crate::ws::Socket as _;
 use crate::ws::{self, handshake, Message, Side};
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
@@ -381,8 +382,8 @@ async fn run_link<S: ws::Stream>(
     let limits = &shard.cfg.limits;
     // Liveness: we ping, the other side answers; silence for 3 intervals ends the link.
     let every = Duration::from_millis(limits.ping_interval_ms);
-    let _ = s.tcp().set_write_timeout(Some(every * 3));
-    s.tcp()
+    let _ = s.socket().set_write_timeout(Some(every * 3));
+    s.socket()
         .set_read_timeout(Some(every * 3))
         .map_err(|e| anyhow::anyhow!("read timeout: {e}"))?;
     let ws::WsConn {
@@ -889,10 +890,10 @@ async fn serve_link<S: ws::Stream>(
     });
     let limits = &shard.cfg.limits;
     // The dialing router pings every interval; silence for 3 intervals ends the link.
-    let tcp = stream.tcp();
+    let tcp = stream.socket();
     let _ = tcp.set_read_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
     let _ = tcp.set_write_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
-    let _ = tcp.set_nodelay(true);
+    let _ = tcp.set_nodelay();
     let ws::WsConn {
         mut reader,
         out,

@@ -29,6 +29,9 @@ pub struct Running {
     pub external: Option<SocketAddr>,
     /// Internal listener of each shard (task links), by shard index.
     pub internal: Vec<SocketAddr>,
+    /// Unix task-link listener of each shard (`listen.internal_unix`), by shard index; empty
+    /// without one.
+    pub internal_unix: Vec<std::path::PathBuf>,
     /// Admin listener (`/metrics`, `/healthz`, `/readyz`), when enabled.
     pub admin: Option<SocketAddr>,
     /// Core of each shard, by shard index.
@@ -135,11 +138,119 @@ fn bind_internal(
     Ok((addrs, fds))
 }
 
+/// Binds shard k's unix internal listener (`listen.internal_unix`): shard 0 on `path`, shard k
+/// on `<path>.<k>`. A socket file nobody listens on (left by a router that is gone) is
+/// replaced. One a running router listens on fails the start, or with `takeover` is replaced
+/// atomically: the new socket is bound beside it and renamed over it, so a task that dials
+/// the path from then on reaches the new router while the old one keeps its links.
+fn bind_internal_unix(
+    path: &std::path::Path,
+    n: usize,
+    takeover: bool,
+) -> anyhow::Result<(Vec<std::path::PathBuf>, Vec<RawFd>)> {
+    let mut paths = Vec::new();
+    let mut fds = Vec::new();
+    for k in 0..n {
+        let p = unix_path(path, k);
+        let live = unix_listened(&p, takeover);
+        if live && !takeover {
+            bail!(
+                "internal unix listener of shard {k}: {} is in use by a running router (use takeover to replace it)",
+                p.display()
+            );
+        }
+        let bind_at = if live {
+            let mut t = p.clone().into_os_string();
+            t.push(format!(".{}.new", std::process::id()));
+            std::path::PathBuf::from(t)
+        } else {
+            p.clone()
+        };
+        // A stale socket file (or the leftover of a takeover that failed) is ours to replace.
+        if let Ok(m) = std::fs::symlink_metadata(&bind_at) {
+            use std::os::unix::fs::FileTypeExt;
+            if !m.file_type().is_socket() {
+                bail!(
+                    "internal unix listener of shard {k}: {} exists and is not a socket",
+                    bind_at.display()
+                );
+            }
+            std::fs::remove_file(&bind_at)
+                .with_context(|| format!("removing the stale socket {}", bind_at.display()))?;
+        }
+        let l = std::os::unix::net::UnixListener::bind(&bind_at).with_context(|| {
+            format!(
+                "internal unix listener of shard {k} on {}",
+                bind_at.display()
+            )
+        })?;
+        if live {
+            std::fs::rename(&bind_at, &p)
+                .with_context(|| format!("takeover of {}", p.display()))?;
+        }
+        paths.push(p);
+        fds.push(l.into_raw_fd());
+    }
+    Ok((paths, fds))
+}
+
+/// Whether a router listens on the unix socket `p`. A router killed with SIGKILL keeps its
+/// listening sockets for a few milliseconds after it is reaped (see [`PROBE_RETRY`]), and a
+/// connect to one still succeeds: so, as [`probe`] does for TCP, a connect that succeeds is
+/// tried again for up to [`PROBE_RETRY`] (not when taking over: a live router is expected)
+/// before the socket counts as listened on.
+fn unix_listened(p: &std::path::Path, takeover: bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if std::os::unix::net::UnixStream::connect(p).is_err() {
+            return false;
+        }
+        if takeover || start.elapsed() >= PROBE_RETRY {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The unix socket path of shard `k` for `listen.internal_unix = path`.
+pub(crate) fn unix_path(path: &std::path::Path, k: usize) -> std::path::PathBuf {
+    if k == 0 {
+        return path.to_path_buf();
+    }
+    let mut p = path.as_os_str().to_owned();
+    p.push(format!(".{k}"));
+    p.into()
+}
+
 /// Serves one accepted connection.
-type ServeFn = fn(
-    Rc<Shard>,
-    glommio::net::TcpStream,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+type ServeFn<C> = fn(Rc<Shard>, C) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
+/// A listening socket a shard accepts on: TCP (every listener) or unix (task links).
+trait Acceptor: FromRawFd {
+    /// An accepted connection.
+    type Conn;
+    /// A TCP listener in an SO_REUSEPORT group hands its backlog to the rest of the group
+    /// when shut down (see [`accept_loop`]); a unix listener has no group, so a draining
+    /// shard just closes it (a task that had connected but was not accepted yet dials again).
+    const SHUT_DOWN_ON_DRAIN: bool;
+    fn accept(&self) -> impl std::future::Future<Output = glommio::Result<Self::Conn, ()>>;
+}
+
+impl Acceptor for TcpListener {
+    type Conn = glommio::net::TcpStream;
+    const SHUT_DOWN_ON_DRAIN: bool = true;
+    fn accept(&self) -> impl std::future::Future<Output = glommio::Result<Self::Conn, ()>> {
+        TcpListener::accept(self)
+    }
+}
+
+impl Acceptor for glommio::net::UnixListener {
+    type Conn = glommio::net::UnixStream;
+    const SHUT_DOWN_ON_DRAIN: bool = false;
+    fn accept(&self) -> impl std::future::Future<Output = glommio::Result<Self::Conn, ()>> {
+        glommio::net::UnixListener::accept(self)
+    }
+}
 
 /// Accepts on `l` until the shard drains. A drain does not drop the accept in flight: glommio
 /// cancels a dropped io_uring accept, and one that the kernel completed meanwhile leaves an
@@ -147,10 +258,15 @@ type ServeFn = fn(
 /// that way). Instead the listening socket is shut down, which moves its backlog to the rest
 /// of its SO_REUSEPORT group (`net.ipv4.tcp_migrate_req`, see `tune`) and makes the accept
 /// in flight end: with a connection it got before, served like any other, or with an error.
-async fn accept_loop(shard: Rc<Shard>, fd: RawFd, serve: ServeFn, kind: Listener) {
+async fn accept_loop<L: Acceptor>(
+    shard: Rc<Shard>,
+    fd: RawFd,
+    serve: ServeFn<L::Conn>,
+    kind: Listener,
+) {
     // SAFETY: `start` hands each listening socket it bound to exactly one accept loop, which
     // owns it from here on.
-    let l = unsafe { TcpListener::from_raw_fd(fd) };
+    let l = unsafe { L::from_raw_fd(fd) };
     let mut draining = false;
     loop {
         let accepted = if draining {
@@ -167,7 +283,7 @@ async fn accept_loop(shard: Rc<Shard>, fd: RawFd, serve: ServeFn, kind: Listener
                 Some(a) => a,
                 None => {
                     draining = true;
-                    if !stop_accepting(fd, shard.index, kind) {
+                    if !L::SHUT_DOWN_ON_DRAIN || !stop_accepting(fd, shard.index, kind) {
                         // Still listening: waiting for the accept would keep taking clients
                         // through the drain. Drop it (and close the listener) instead.
                         return;
@@ -258,6 +374,13 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
     let takeover = cfg.listen.takeover;
     let (api_addr, api_fds) = bind_api(cfg.listen.api, n, takeover)?;
     let (internal, internal_fds) = bind_internal(cfg.listen.internal, n, takeover)?;
+    let (internal_unix, unix_fds) = match &cfg.listen.internal_unix {
+        Some(p) => {
+            let (paths, fds) = bind_internal_unix(p, n, takeover)?;
+            (paths, fds.into_iter().map(Some).collect())
+        }
+        None => (Vec::new(), vec![None; n]),
+    };
     // Certificates are read before anything starts: a bad file is an error at start. The
     // api TLS listener and TLS task links share one server config.
     let mut reloaders = Vec::new();
@@ -333,6 +456,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
             ready_tx.clone(),
         );
         let (afd, ifd, efd, tfd) = (api_fds[i], internal_fds[i], external_fds[i], tls_fds[i]);
+        let ufd = unix_fds[i];
         let fed = federation.clone();
         let health = health.clone();
         let acceptor = tls_config.clone();
@@ -348,7 +472,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                 // does the watcher thread borrow them (never closing them) to stop them
                 // listening.
                 let ext = efd.map(|fd| {
-                    glommio::spawn_local(accept_loop(
+                    glommio::spawn_local(accept_loop::<TcpListener>(
                         shard.clone(),
                         fd,
                         |s, c| Box::pin(crate::peer::serve(s, c)),
@@ -363,7 +487,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                     takeover_wait(&shard).await;
                 }
                 let tls_l = tfd.map(|fd| {
-                    glommio::spawn_local(accept_loop(
+                    glommio::spawn_local(accept_loop::<TcpListener>(
                         shard.clone(),
                         fd,
                         |s, c| Box::pin(api::tls::serve(s, c)),
@@ -374,20 +498,31 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                 // Test builds only (the `fault-injection` feature): see `crate::fault`.
                 #[cfg(feature = "fault-injection")]
                 crate::fault::arm(i);
-                let a = glommio::spawn_local(accept_loop(
+                let a = glommio::spawn_local(accept_loop::<TcpListener>(
                     shard.clone(),
                     afd,
                     |s, c| Box::pin(api::http::serve(s, c)),
                     Listener::Api,
                 ));
-                let t = glommio::spawn_local(accept_loop(
+                let t = glommio::spawn_local(accept_loop::<TcpListener>(
                     shard.clone(),
                     ifd,
                     |s, c| Box::pin(task::link::serve(s, c)),
                     Listener::Internal,
                 ));
+                let u = ufd.map(|fd| {
+                    glommio::spawn_local(accept_loop::<glommio::net::UnixListener>(
+                        shard.clone(),
+                        fd,
+                        |s, c| Box::pin(task::link::serve_unix(s, c)),
+                        Listener::Internal,
+                    ))
+                });
                 a.await;
                 t.await;
+                if let Some(u) = u {
+                    u.await;
+                }
                 if let Some(e) = ext {
                     e.await;
                 }
@@ -442,6 +577,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
         let mut listeners = vec![(api_fds[i], api_addr), (internal_fds[i], internal[i])];
         listeners.extend(tls_fds[i].zip(api_tls));
         listeners.extend(external_fds[i].zip(external));
+        let unix_fd = unix_fds[i];
         std::thread::Builder::new()
             .name(format!("fedbus-watch-{i}"))
             .spawn(move || {
@@ -450,6 +586,9 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                 // may still land in its backlog.
                 for (fd, addr) in listeners {
                     stop_listening(i, fd, addr);
+                }
+                if let Some(fd) = unix_fd {
+                    stop_listening_unix(i, fd);
                 }
                 health.shard_ended(i, end.err().map(|e| e.to_string()));
                 let _ = dead_tx.send(i);
@@ -474,6 +613,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
         api_tls,
         external,
         internal: internal.to_vec(),
+        internal_unix,
         admin,
         shard_cores: cores,
         events: tx,
@@ -564,6 +704,21 @@ fn stop_listening(shard: usize, fd: RawFd, addr: SocketAddr) {
         match sock.shutdown(std::net::Shutdown::Both) {
             Ok(()) => tracing::error!(shard, %addr, "dead shard's listener closed"),
             Err(e) => tracing::error!(shard, %addr, "could not close a dead shard's listener: {e}"),
+        }
+    }
+}
+
+/// [`stop_listening`] for a dead shard's unix task-link listener: once shut down, a connect to
+/// its path is refused at once (instead of waiting in a backlog nobody accepts from).
+fn stop_listening_unix(shard: usize, fd: RawFd) {
+    // SAFETY: as in `stop_listening`.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let sock = socket2::SockRef::from(&fd);
+    let unix = sock.local_addr().is_ok_and(|a| a.is_unix());
+    if unix && sock.is_listener().unwrap_or(false) {
+        match sock.shutdown(std::net::Shutdown::Both) {
+            Ok(()) => tracing::error!(shard, "dead shard's unix task-link listener closed"),
+            Err(e) => tracing::error!(shard, "could not close a dead shard's unix listener: {e}"),
         }
     }
 }

@@ -8,6 +8,7 @@ use crate::metrics::{Listener, ShardMetrics};
 use crate::proto::{renew, Frame, Kind};
 use crate::route::Registration;
 use crate::shard::Shard;
+use crate::ws::Socket as _;
 use crate::ws::{self, handshake, Message, Side, WsOut, WsReader};
 use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -443,6 +444,17 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     ShardMetrics::dec(&m.connections[Listener::Internal as usize]);
 }
 
+/// Serves one connection on the unix task-link listener (`listen.internal_unix`) until it
+/// closes: the same protocol as [`serve`], never TLS.
+pub(crate) async fn serve_unix(shard: Rc<Shard>, stream: glommio::net::UnixStream) {
+    let m = shard.metrics.clone();
+    ShardMetrics::inc(&m.connections[Listener::Internal as usize]);
+    if let Err(e) = serve_inner(&shard, stream).await {
+        tracing::info!(shard = shard.index, "task link (unix socket) closed: {e}");
+    }
+    ShardMetrics::dec(&m.connections[Listener::Internal as usize]);
+}
+
 /// Writes a refusal of the upgrade (HTTP error head) and flushes it.
 async fn refuse<S: futures_lite::AsyncWrite + Unpin>(
     stream: &mut S,
@@ -538,10 +550,10 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
         .map_err(|e| e.to_string())?;
     stream.flush().await.map_err(|e| e.to_string())?;
     let max_msg = limits.max_message_bytes();
-    let tcp = stream.tcp();
+    let tcp = stream.socket();
     let _ = tcp.set_write_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)));
     // Frames are batched by the writer already; Nagle would only delay the last one.
-    let _ = tcp.set_nodelay(true);
+    let _ = tcp.set_nodelay();
     tcp.set_read_timeout(Some(Duration::from_millis(limits.ping_interval_ms * 3)))
         .map_err(|e| e.to_string())?;
 
@@ -571,6 +583,12 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
                 None => a.to_string(),
             })
             .collect(),
+        internal_unix: match &shard.cfg.listen.internal_unix {
+            Some(p) => (0..shard.count)
+                .map(|k| crate::shard::listen::unix_path(p, k).display().to_string())
+                .collect(),
+            None => Vec::new(),
+        },
         max_message: Some(max_msg as u64),
     };
     let _ = out

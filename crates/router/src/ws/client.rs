@@ -61,6 +61,22 @@ pub async fn connect(
     Ok((s, rest))
 }
 
+/// Like [`connect`] over the unix socket at `path` (a router's `listen.internal_unix`).
+pub async fn connect_unix(
+    path: &str,
+    http_path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(glommio::net::UnixStream, BytesMut)> {
+    let mut s = glommio::timer::timeout(STEP_TIMEOUT, async {
+        Ok(glommio::net::UnixStream::connect(path).await)
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("connect unix:{path}: timeout"))?
+    .map_err(|e| anyhow::anyhow!("connect unix:{path}: {e}"))?;
+    let rest = upgrade(&mut s, "localhost", http_path, token).await?;
+    Ok((s, rest))
+}
+
 /// Like [`connect`] over TLS: the handshake (server certificate checked against `tls`)
 /// completes before the upgrade request, and so the token, is sent.
 pub async fn connect_tls(

@@ -1354,10 +1354,9 @@ pub struct SocketWriter<W> {
     io: W,
 }
 
-impl<'a> SocketWriter<&'a mut glommio::net::TcpStream> {
-    /// A writer over a borrowed stream.
-    pub fn new(stream: &'a mut glommio::net::TcpStream) -> Self {
-        use std::os::unix::io::AsRawFd;
+impl<'a, S: std::os::unix::io::AsRawFd> SocketWriter<&'a mut S> {
+    /// A writer over a borrowed socket stream (TCP or unix).
+    pub fn new(stream: &'a mut S) -> Self {
         SocketWriter {
             fd: stream.as_raw_fd(),
             io: stream,
@@ -1366,13 +1365,15 @@ impl<'a> SocketWriter<&'a mut glommio::net::TcpStream> {
 }
 
 /// The read half of a split stream.
-pub type ReadHalf = futures_lite::io::ReadHalf<glommio::net::TcpStream>;
+pub type ReadHalf<S = glommio::net::TcpStream> = futures_lite::io::ReadHalf<S>;
 /// The writer of a split stream.
-pub type WriteHalf = SocketWriter<futures_lite::io::WriteHalf<glommio::net::TcpStream>>;
+pub type WriteHalf<S = glommio::net::TcpStream> = SocketWriter<futures_lite::io::WriteHalf<S>>;
 
-/// Splits `stream` into its read half and a [`SocketWriter`] over its write half.
-pub fn split(stream: glommio::net::TcpStream) -> (ReadHalf, WriteHalf) {
-    use std::os::unix::io::AsRawFd;
+/// Splits `stream` (TCP or unix) into its read half and a [`SocketWriter`] over its write half.
+pub fn split<S>(stream: S) -> (ReadHalf<S>, WriteHalf<S>)
+where
+    S: std::os::unix::io::AsRawFd + AsyncRead + AsyncWrite + Unpin,
+{
     let fd = stream.as_raw_fd();
     let (r, w) = futures_lite::io::split(stream);
     (r, SocketWriter { fd, io: w })

@@ -4,30 +4,82 @@
 //! plaintext path is the same machine code as before TLS existed: no dynamic dispatch, no
 //! extra allocation.
 
-use super::conn::{split, ReadHalf as TcpReadHalf, SocketWriter};
+use super::conn::{split, ReadHalf, SocketWriter, WriteHalf};
 use bytes::Bytes;
 use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use glommio::net::TcpStream;
+use glommio::net::{TcpStream, UnixStream};
 use std::cell::RefCell;
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 /// A server-side TLS stream over a glommio TCP stream.
 pub type TlsStream = futures_rustls::server::TlsStream<TcpStream>;
 /// A client-side TLS stream over a glommio TCP stream (peer dialers, built-in tasks).
 pub type ClientTlsStream = futures_rustls::client::TlsStream<TcpStream>;
 
-/// A client connection's transport.
+/// The socket under a [`Stream`]: the options the connection code sets on it.
+pub trait Socket {
+    /// Sends small writes at once (`TCP_NODELAY`); a unix socket has no Nagle to turn off.
+    fn set_nodelay(&self) -> io::Result<()>;
+    /// Bounds each read; `None` waits for ever.
+    fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()>;
+    /// Bounds each write; `None` waits for ever.
+    fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()>;
+    /// The descriptor (`sendmsg(2)`, the lingering close's `FIONREAD`).
+    fn fd(&self) -> RawFd;
+}
+
+impl Socket for TcpStream {
+    fn set_nodelay(&self) -> io::Result<()> {
+        TcpStream::set_nodelay(self, true).map_err(io::Error::from)
+    }
+
+    fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_read_timeout(self, d).map_err(io::Error::from)
+    }
+
+    fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_write_timeout(self, d).map_err(io::Error::from)
+    }
+
+    fn fd(&self) -> RawFd {
+        self.as_raw_fd()
+    }
+}
+
+impl Socket for UnixStream {
+    fn set_nodelay(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_read_timeout(self, d).map_err(io::Error::from)
+    }
+
+    fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_write_timeout(self, d).map_err(io::Error::from)
+    }
+
+    fn fd(&self) -> RawFd {
+        self.as_raw_fd()
+    }
+}
+
+/// A connection's transport.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Sized + 'static {
     /// The read half once split for a websocket.
     type Reader: AsyncRead + Unpin + 'static;
     /// The write half once split for a websocket.
     type Writer: PartsWriter + 'static;
-    /// The TCP socket underneath (socket options).
-    fn tcp(&self) -> &TcpStream;
+    /// The socket underneath.
+    type Socket: Socket;
+    /// The socket underneath (socket options).
+    fn socket(&self) -> &Self::Socket;
     /// Writes all of `parts`, in order.
     fn write_parts(&mut self, parts: &[Bytes]) -> impl Future<Output = io::Result<()>>;
     /// Ends our sending side (TLS: `close_notify` first); reading goes on.
@@ -45,28 +97,37 @@ pub trait PartsWriter {
     fn close(&mut self) -> impl Future<Output = ()>;
 }
 
-impl Stream for TcpStream {
-    type Reader = TcpReadHalf;
-    type Writer = super::conn::WriteHalf;
+/// Plain TCP and unix sockets run the same way: vectored writes straight from the slices.
+macro_rules! plain_stream {
+    ($t:ty) => {
+        impl Stream for $t {
+            type Reader = ReadHalf<$t>;
+            type Writer = WriteHalf<$t>;
+            type Socket = $t;
 
-    fn tcp(&self) -> &TcpStream {
-        self
-    }
+            fn socket(&self) -> &$t {
+                self
+            }
 
-    async fn write_parts(&mut self, parts: &[Bytes]) -> io::Result<()> {
-        SocketWriter::new(self).write_all_vectored(parts).await
-    }
+            async fn write_parts(&mut self, parts: &[Bytes]) -> io::Result<()> {
+                SocketWriter::new(self).write_all_vectored(parts).await
+            }
 
-    async fn shutdown_write(&mut self) -> io::Result<()> {
-        TcpStream::shutdown(self, std::net::Shutdown::Write)
-            .await
-            .map_err(io::Error::from)
-    }
+            async fn shutdown_write(&mut self) -> io::Result<()> {
+                <$t>::shutdown(self, std::net::Shutdown::Write)
+                    .await
+                    .map_err(io::Error::from)
+            }
 
-    fn into_split(self) -> (Self::Reader, Self::Writer) {
-        split(self)
-    }
+            fn into_split(self) -> (Self::Reader, Self::Writer) {
+                split(self)
+            }
+        }
+    };
 }
+
+plain_stream!(TcpStream);
+plain_stream!(UnixStream);
 
 impl<W: AsyncWrite + Unpin> PartsWriter for SocketWriter<W> {
     fn write_parts(&mut self, parts: &[Bytes]) -> impl Future<Output = io::Result<()>> {
@@ -123,7 +184,9 @@ macro_rules! tls_stream {
             type Reader = TlsHalf<$t>;
             type Writer = TlsWriter<$t>;
 
-            fn tcp(&self) -> &TcpStream {
+            type Socket = TcpStream;
+
+            fn socket(&self) -> &TcpStream {
                 self.get_ref().0
             }
 

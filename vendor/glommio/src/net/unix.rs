@@ -208,6 +208,17 @@ impl UnixListener {
     }
 }
 
+// fedbus: the router binds its listeners on the main thread and hands each shard its own.
+impl FromRawFd for UnixListener {
+    /// Converts an already bound and listening unix socket into a `UnixListener`.
+    unsafe fn from_raw_fd(fd: RawFd) -> Self {
+        UnixListener {
+            reactor: Rc::downgrade(&crate::executor().reactor()),
+            listener: net::UnixListener::from_raw_fd(fd),
+        }
+    }
+}
+
 #[derive(Copy, Clone, Debug)]
 /// An Accepted Unix connection that can be moved to a different executor
 ///
@@ -403,6 +414,17 @@ impl<B: RxBuf> UnixStream<B> {
     pub fn local_addr(&self) -> Result<SocketAddr> {
         self.stream.stream().local_addr().map_err(Into::into)
     }
+
+    /// Sets the read timeout (as [`crate::net::TcpStream::set_read_timeout`]).
+    // fedbus: task links over a unix socket bound their reads and writes as TCP ones do.
+    pub fn set_read_timeout(&self, dur: Option<std::time::Duration>) -> Result<()> {
+        self.stream.set_read_timeout(dur)
+    }
+
+    /// Sets the write timeout (as [`crate::net::TcpStream::set_write_timeout`]).
+    pub fn set_write_timeout(&self, dur: Option<std::time::Duration>) -> Result<()> {
+        self.stream.set_write_timeout(dur)
+    }
 }
 
 impl<B: Buffered + Unpin> AsyncBufRead for UnixStream<B> {
@@ -416,6 +438,13 @@ impl<B: Buffered + Unpin> AsyncBufRead for UnixStream<B> {
 
     fn consume(mut self: Pin<&mut Self>, amt: usize) {
         self.stream.consume(amt);
+    }
+}
+
+// fedbus: the router writes a task link's batches with its own `sendmsg(2)` on the socket.
+impl<B: RxBuf> AsRawFd for UnixStream<B> {
+    fn as_raw_fd(&self) -> RawFd {
+        self.stream.stream().as_raw_fd()
     }
 }
 

@@ -628,8 +628,15 @@ for k, label, srv, back, load in labels:
 o += ["", "## Commands", "", "Each measured command below ran after a warm-up run of the same command "
       f"for {warm} s; `$TOKEN` is a client JWT from `fedbus token client`, post.lua POSTs {size} B to "
       "`/api/local/dev/demo/echo/api/<0..15>/sys/echo` (the same path for nginx, which ignores it).", "", "```",
-      "fedbus run --config router.toml       # shard_cores = [1], control_core = 0",
-      "taskset -c 0 fedbus task echo --router 127.0.0.1:$INTERNAL --app demo/echo",
+      "fedbus run --config router.toml       # shard_cores = [1], control_core = 0"]
+links = {os.environ.get("TASK_LINK", "tcp")}
+if os.environ.get("EXTRA_BIN"):
+    links.add(os.environ.get("EXTRA_TASK_LINK", "tcp"))
+if "tcp" in links:
+    o += ["taskset -c 0 fedbus task echo --router 127.0.0.1:$INTERNAL --app demo/echo"]
+if "unix" in links:
+    o += ["taskset -c 0 fedbus task echo --router unix:link.sock --app demo/echo   # router.toml: internal_unix = \"link.sock\""]
+o += [
       "taskset -c 0 nginx -c nginx-upstream/nginx.conf   # worker_processes 1; return 200 \"<64 x>\"",
       "taskset -c 1 nginx -c nginx-proxy/nginx.conf      # worker_processes 1; proxy_pass to upstream, keepalive 256",
       "taskset -c 1 nginx -c nginx-alone/nginx.conf      # worker_processes 1; return 200 \"<64 x>\"",

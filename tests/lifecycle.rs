@@ -760,6 +760,88 @@ fn a_task_killed_and_started_again_is_served_again() {
     );
 }
 
+/// `fedbus task` on SIGTERM (TUNING.md and PROTOCOL.md "Stopping", `--stop-timeout`): it tells
+/// the router it is stopping, so new requests go to the other task at once; the request it
+/// holds is answered 200; it exits 0 well before the timeout. None fails: a rolling restart of
+/// tasks loses no request.
+#[test]
+fn a_task_stopped_with_sigterm_answers_what_it_holds_and_fails_nothing() {
+    let r = Router::new().apps(&[(APP, 16)]).start();
+    let mut stopping = r.task().delay_ms(1500).start();
+    let _staying = r.task().start();
+    let tok = r.token(APP, "alice");
+    // Two requests at once: the round robin gives one to each task; the stopping task's takes
+    // 1.5 s.
+    let slow: Vec<_> = (0..2u64)
+        .map(|w| {
+            let (c, req) = (
+                r.conn(),
+                Req::post(&r.path(APP, w)).token(&tok).body(b"held"),
+            );
+            std::thread::spawn(move || {
+                let mut c = c;
+                c.set_read_timeout(Duration::from_secs(10));
+                c.send(&req.bytes());
+                c.read_response().map(|x| x.status)
+            })
+        })
+        .collect();
+    wait_until(
+        "a request held by the slow task",
+        Duration::from_secs(5),
+        || (pending(&r) >= 1.0).then_some(()),
+        || r.log(),
+    );
+    let t0 = Instant::now();
+    stopping.sigterm();
+    wait_until(
+        "the stopping task's link out of routing",
+        Duration::from_secs(5),
+        || {
+            (r.metrics()
+                .get("fedbus_task_ejected_total{reason=\"stopping\"}")
+                >= 1.0)
+                .then_some(())
+        },
+        || format!("{}\n{}", r.log(), stopping.log()),
+    );
+    let mut statuses = Vec::new();
+    for w in 0..20 {
+        statuses.push(
+            r.request(&Req::post(&r.path(APP, w)).token(&tok).body(b"x"))
+                .status,
+        );
+    }
+    let slow: Vec<u16> = slow
+        .into_iter()
+        .map(|h| h.join().expect("client").expect("answer"))
+        .collect();
+    let exit = stopping.wait_exit(Duration::from_secs(8));
+    let took = t0.elapsed();
+    println!("statuses {statuses:?}; slow {slow:?}; exit {exit:?} after {took:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "{statuses:?}\n{}",
+        r.log()
+    );
+    assert_eq!(slow, [200, 200]);
+    assert!(
+        exit.is_some_and(|x| x.success()),
+        "{exit:?}\n{}",
+        stopping.log()
+    );
+    let log = stopping.log();
+    assert!(log.contains("stopping: told the routers"), "{log}");
+    assert!(log.contains("stopped"), "{log}");
+    assert!(
+        r.log().contains("task stopping: its link leaves routing"),
+        "{}",
+        r.log()
+    );
+    // The other task serves on.
+    echo_ok(&r, 3, &tok);
+}
+
 /// A task that exits with requests pending on both shards and on an `/api/ws` session: every
 /// client gets 502 `task_lost` promptly, none hangs.
 #[test]

@@ -84,6 +84,11 @@ struct TaskCommon {
     /// retired or unknown key, bad signature) for this long.
     #[arg(long, default_value = "30s")]
     refused_exit_after: String,
+    /// On SIGTERM or SIGINT: tell every router the task is stopping (they route new requests
+    /// to other tasks), answer the requests in flight for up to this long, close the links and
+    /// exit 0; a second signal exits at once with status 1.
+    #[arg(long, default_value = "10s")]
+    stop_timeout: String,
     /// Cluster the dev token is minted for (`region/cluster`).
     #[arg(long, default_value = "local/dev")]
     cluster: String,
@@ -615,6 +620,8 @@ fn task_options(common: &TaskCommon, kind: &str) -> Result<task::TaskOptions> {
                 common.refused_exit_after
             )
         })?;
+    opts.stop_timeout = auth::parse_duration(&common.stop_timeout)
+        .map_err(|_| anyhow!("--stop-timeout {}: expected e.g. 10s", common.stop_timeout))?;
     if let Some(ca) = &common.tls_ca {
         opts.tls = Some(fedbus_router::tls::peer::client_config(ca)?);
     }

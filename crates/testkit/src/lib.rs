@@ -918,6 +918,21 @@ impl Task {
     pub fn resume(&mut self) {
         self.proc.signal(libc::SIGCONT);
     }
+
+    /// SIGTERM: the task stops gracefully (`TaskOptions::stop_timeout`).
+    pub fn sigterm(&mut self) {
+        self.proc.signal(libc::SIGTERM);
+    }
+
+    /// Waits up to `within` for the task to exit on its own; reaps it.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        wait_child_exit(&mut self.proc.child, within)
+    }
+
+    /// The task's log so far, without color codes.
+    pub fn log(&self) -> String {
+        launch::plain(&std::fs::read_to_string(&self.proc.log).unwrap_or_default())
+    }
 }
 
 /// A request, built fluently: `Req::post(path).token(t).header("x", "y").body(b"..")`.

@@ -42,6 +42,11 @@ pub struct TaskOptions {
     /// Dial the routers' internal listeners over TLS, trusting this client config
     /// (`fedbus task --tls-ca`; the routers run with `listen.internal_tls`). Default none.
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// On SIGTERM or SIGINT the task stops gracefully: it tells every router it is stopping
+    /// (`{"type":"draining"}`, docs/PROTOCOL.md section 4), answers new requests `503
+    /// task_stopping`, gives the handlers in flight up to this long, closes its links (1000)
+    /// and exits 0. A second signal exits at once (status 1). Default 10 s.
+    pub stop_timeout: Duration,
 }
 
 impl TaskOptions {
@@ -63,6 +68,7 @@ impl TaskOptions {
             report_link_shard: false,
             token_file: None,
             refused_exit_after: Duration::from_secs(30),
+            stop_timeout: Duration::from_secs(10),
             tls: None,
         }
     }
@@ -241,7 +247,11 @@ where
         opts,
         handler,
         started: RefCell::new(HashSet::new()),
+        stopping: std::cell::Cell::new(false),
+        in_flight: Rc::new(std::cell::Cell::new(0)),
+        links: RefCell::new(Vec::new()),
     });
+    glommio::spawn_local(stop_on_signal(ctx.clone())).detach();
     if let Some(path) = ctx.opts.token_file.clone() {
         glommio::spawn_local(watch_token_file(ctx.clone(), path)).detach();
     }
@@ -264,6 +274,89 @@ struct Ctx<H> {
     /// The service token links present, and how many times it changed.
     token: RefCell<String>,
     token_generation: std::cell::Cell<u64>,
+    /// Set on SIGTERM or SIGINT ([`stop_on_signal`]).
+    stopping: std::cell::Cell<bool>,
+    /// Handlers running in a task of their own (not those that answered at once).
+    in_flight: Rc<std::cell::Cell<usize>>,
+    /// The outboxes of the registered links, to tell them the task is stopping.
+    links: RefCell<Vec<std::rc::Weak<RefCell<WsOut>>>>,
+}
+
+/// The answer to a request that reaches a stopping task (the router sent it before it read
+/// the task's `draining`), as the SDK's.
+fn stopping_answer() -> Outcome {
+    Outcome::Response {
+        status: 503,
+        headers: Vec::new(),
+        content_type: Some("application/json".into()),
+        body: Bytes::from_static(
+            br#"{"error":"task_stopping","message":"the task is stopping; try again","status":503}"#,
+        ),
+    }
+}
+
+/// Waits for SIGTERM or SIGINT, then stops the task gracefully (see
+/// [`TaskOptions::stop_timeout`]): every registered link is told `draining`, the handlers in
+/// flight get up to `stop_timeout`, every link closes with 1000 once its answers are written
+/// (at most 1 s more), and the process exits 0. A second signal exits at once with status 1.
+async fn stop_on_signal<H>(ctx: Rc<Ctx<H>>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let got = std::sync::Arc::new(AtomicUsize::new(0));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        if let Err(e) = signal_hook::flag::register_usize(sig, got.clone(), sig as usize) {
+            tracing::warn!("cannot catch signal {sig}: it ends the task at once: {e}");
+            return;
+        }
+    }
+    // A flag polled by a timer: the executor needs no signal file descriptor, and 20 ms is
+    // nothing against a stop that lasts seconds.
+    while got.load(Ordering::SeqCst) == 0 {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    got.store(0, Ordering::SeqCst);
+    ctx.stopping.set(true);
+    let links: Vec<_> = ctx
+        .links
+        .borrow()
+        .iter()
+        .filter_map(|w| w.upgrade())
+        .collect();
+    tracing::info!(
+        links = links.len(),
+        in_flight = ctx.in_flight.get(),
+        timeout = ?ctx.opts.stop_timeout,
+        "stopping: told the routers; answering what is in flight"
+    );
+    for out in &links {
+        let _ = out.borrow_mut().send_text(r#"{"type":"draining"}"#);
+    }
+    let start = std::time::Instant::now();
+    while ctx.in_flight.get() > 0 && start.elapsed() < ctx.opts.stop_timeout {
+        if got.load(Ordering::SeqCst) != 0 {
+            tracing::warn!("second signal while stopping: exiting now");
+            std::process::exit(1);
+        }
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    let left = ctx.in_flight.get();
+    if left > 0 {
+        tracing::warn!(
+            left,
+            "handlers still running at the stop timeout: their requests fail"
+        );
+    }
+    for out in &links {
+        out.borrow_mut().close(1000);
+    }
+    let _ = glommio::timer::timeout(Duration::from_secs(1), async {
+        for out in &links {
+            ws::conn::written(out).await;
+        }
+        Ok(())
+    })
+    .await;
+    tracing::info!("stopped");
+    std::process::exit(0);
 }
 
 /// Re-reads the token file every second; a changed, non-empty token becomes the current one
@@ -327,7 +420,8 @@ where
     let mut backoff = Duration::from_millis(50);
     // Since when this router refuses the token at the upgrade, try after try.
     let mut refused_since: Option<std::time::Instant> = None;
-    loop {
+    // A stopping task opens no new link.
+    while !ctx.stopping.get() {
         match link_once(&ctx, &addr).await {
             Ok(()) => {
                 tracing::info!(%addr, "link closed; reconnecting");
@@ -477,6 +571,11 @@ where
     };
     let _ = out.borrow_mut().send_text(&serde_json::to_string(&reg)?);
     tracing::info!(%addr, router = %hello.router, shard = hello.shard, shards = hello.shards, "link up");
+    {
+        let mut links = ctx.links.borrow_mut();
+        links.retain(|w| w.strong_count() > 0);
+        links.push(Rc::downgrade(out));
+    }
     let shard_line: Option<Rc<[u8]>> = ctx.opts.report_link_shard.then(|| {
         format!("echo-link-shard: {}", hello.shard)
             .into_bytes()
@@ -494,6 +593,10 @@ where
                     continue;
                 }
                 let h = f.header;
+                if ctx.stopping.get() {
+                    send_outcome(out, &h, stopping_answer(), shard_line.as_deref());
+                    continue;
+                }
                 let fut = (ctx.handler)(Request { frame: f });
                 let mut fut = Box::pin(fut);
                 // Most handlers answer at once: skip a task spawn for those.
@@ -501,9 +604,12 @@ where
                     Some(o) => send_outcome(out, &h, o, shard_line.as_deref()),
                     None => {
                         let (out, line) = (out.clone(), shard_line.clone());
+                        let in_flight = ctx.in_flight.clone();
+                        in_flight.set(in_flight.get() + 1);
                         glommio::spawn_local(async move {
                             let o = fut.await;
                             send_outcome(&out, &h, o, line.as_deref());
+                            in_flight.set(in_flight.get() - 1);
                         })
                         .detach();
                     }

@@ -60,6 +60,18 @@ impl Unix {
         (run, ready)
     }
 
+    /// `fedbus run` that must fail: it exits non-zero within 10 s, with `error` in its output
+    /// and no panic.
+    fn start_fails(&self, label: &str, error: &str) {
+        let log = self.dir.path().join(format!("{label}.log"));
+        let (mut run, _rx) = spawn_run(self.dir.path(), &self.cfg, &[], &log);
+        let exit = run.wait_exit(Duration::from_secs(10));
+        assert!(exit.is_some_and(|x| !x.success()), "{exit:?}");
+        let out = run.log();
+        assert_no_panic(&out);
+        assert!(out.contains(error), "no clear error:\n{out}");
+    }
+
     /// `fedbus task echo --router unix:<path>`.
     fn task(&self) -> Run {
         let log = self.dir.path().join("task.log");
@@ -183,16 +195,7 @@ fn restarts_replace_a_stale_socket_and_takeover_moves_the_task() {
     wait_served_by_both(ready.api, &tok, &[&second, &task]);
 
     // A second router of the same config: refused, and the running one is untouched.
-    let log = u.dir.path().join("refused.log");
-    let (mut refused, _rx) = spawn_run(u.dir.path(), &u.cfg, &[], &log);
-    let exit = refused.wait_exit(Duration::from_secs(10));
-    assert!(exit.is_some_and(|x| !x.success()), "{exit:?}");
-    let out = refused.log();
-    assert_no_panic(&out);
-    assert!(
-        out.contains("is in use by a running router"),
-        "no clear error:\n{out}"
-    );
+    u.start_fails("refused", "is in use by a running router");
     assert_eq!(echo(ready.api, &tok, 1).map(|r| r.0), Some(200));
 
     // Takeover: the new router owns the path; the old one drains and exits 0.
@@ -213,13 +216,7 @@ fn restarts_replace_a_stale_socket_and_takeover_moves_the_task() {
 fn a_path_that_is_not_a_socket_fails_the_start() {
     let u = Unix::new();
     std::fs::write(&u.sock, b"not a socket").unwrap();
-    let log = u.dir.path().join("router.log");
-    let (mut run, _rx) = spawn_run(u.dir.path(), &u.cfg, &[], &log);
-    let exit = run.wait_exit(Duration::from_secs(10));
-    assert!(exit.is_some_and(|x| !x.success()), "{exit:?}");
-    let out = run.log();
-    assert_no_panic(&out);
-    assert!(out.contains("exists and is not a socket"), "{out}");
+    u.start_fails("router", "exists and is not a socket");
     assert_eq!(std::fs::read(&u.sock).unwrap(), b"not a socket");
 }
 

@@ -530,7 +530,6 @@ fn sdk_task_serves_through_a_two_shard_router() {
     drop(rt);
 }
 
-/// A runtime and a router with a fresh keyring; the keyring path.
 /// `TaskOptions::routers` takes `unix:<path>` (a router's `listen.internal_unix`): the task
 /// links both shards over their unix sockets (the hello's `internal_unix`), makes no TCP
 /// connection to the internal listeners, and requests through both shards are answered.
@@ -538,12 +537,9 @@ fn sdk_task_serves_through_a_two_shard_router() {
 fn sdk_task_links_every_shard_over_the_unix_socket() {
     let dir = TempDir::new();
     let home = dir.0.as_path();
-    let keys = home.join("keys");
+    let sock = home.join("link.sock");
+    let (rt, router, keys, port) = setup_with(home, &format!("internal_unix = {sock:?}"));
     let k = keys.to_str().expect("utf-8");
-    fedbus(
-        home,
-        &["keys", "init", "--keyring", k, "--app", "demo/echo"],
-    );
     let svc = fedbus(
         home,
         &[
@@ -558,30 +554,13 @@ fn sdk_task_links_every_shard_over_the_unix_socket() {
         ],
     );
     let client = client_token(home, &keys);
-    let port = free_port_pair();
-    let sock = home.join("link.sock");
-    let router = Router::start_with(home, &keys, port, &format!("internal_unix = {sock:?}"));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
     let opts = TaskOptions::new(
         [format!("unix:{}", sock.display())],
         "demo/echo",
         (0..16).collect::<Vec<u32>>(),
         svc,
     );
-    let task = {
-        let _rt = rt.enter();
-        Task::spawn(opts, support::echo).expect("spawn the task")
-    };
-    assert!(
-        rt.block_on(task.wait_registered(2, WAIT)),
-        "registered on 2 shards: {:?}, last error {:?}",
-        task.stats(),
-        task.last_error()
-    );
+    let task = spawn_registered(&rt, opts);
     wait("fedbus_task_links 2", || {
         router.metric("fedbus_task_links") == 2.0
     });
@@ -619,7 +598,28 @@ fn sdk_task_links_every_shard_over_the_unix_socket() {
     assert_eq!(task.stats().connects, 2, "{:?}", task.stats());
 }
 
+/// The example's echo task with `opts` on `rt`, once registered on both shards.
+fn spawn_registered(rt: &tokio::runtime::Runtime, opts: TaskOptions) -> Task {
+    let task = {
+        let _rt = rt.enter();
+        Task::spawn(opts, support::echo).expect("spawn the task")
+    };
+    assert!(
+        rt.block_on(task.wait_registered(2, WAIT)),
+        "registered on 2 shards: {:?}, last error {:?}",
+        task.stats(),
+        task.last_error()
+    );
+    task
+}
+
+/// A runtime and a router with a fresh keyring; the keyring path.
 fn setup(home: &Path) -> (tokio::runtime::Runtime, Router, PathBuf, u16) {
+    setup_with(home, "")
+}
+
+/// [`setup`] with more `[listen]` lines for the router.
+fn setup_with(home: &Path, listen: &str) -> (tokio::runtime::Runtime, Router, PathBuf, u16) {
     let keys = home.join("keys");
     let k = keys.to_str().expect("utf-8");
     fedbus(
@@ -632,7 +632,7 @@ fn setup(home: &Path) -> (tokio::runtime::Runtime, Router, PathBuf, u16) {
         .enable_all()
         .build()
         .expect("runtime");
-    let router = Router::start(home, &keys, port);
+    let router = Router::start_with(home, &keys, port, listen);
     (rt, router, keys, port)
 }
 
@@ -671,16 +671,7 @@ fn short_lived_token_renewed_without_a_failed_request() {
     )
     .token_command(command);
     opts.token_poll = Duration::from_millis(200);
-    let task = {
-        let _rt = rt.enter();
-        Task::spawn(opts, support::echo).expect("spawn the task")
-    };
-    assert!(
-        rt.block_on(task.wait_registered(2, WAIT)),
-        "registered: {:?} {:?}",
-        task.stats(),
-        task.last_error()
-    );
+    let task = spawn_registered(&rt, opts);
     let client = client_token(home, &keys);
     let (start, mut sent, mut failed) = (Instant::now(), 0u32, Vec::new());
     while start.elapsed() < Duration::from_secs(12) {

@@ -212,12 +212,15 @@ fn unix_listened(p: &std::path::Path, takeover: bool) -> bool {
     }
 }
 
-/// The unix socket path of shard `k` for `listen.internal_unix = path`.
+/// The unix socket path of shard `k` for `listen.internal_unix = path`, absolute: a relative
+/// `path` is resolved against the router's working directory, so the ready line and the hello
+/// name paths a task started elsewhere can dial.
 pub(crate) fn unix_path(path: &std::path::Path, k: usize) -> std::path::PathBuf {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     if k == 0 {
-        return path.to_path_buf();
+        return path;
     }
-    let mut p = path.as_os_str().to_owned();
+    let mut p = path.into_os_string();
     p.push(format!(".{k}"));
     p.into()
 }

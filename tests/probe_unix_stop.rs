@@ -496,12 +496,12 @@ fn a_task_whose_handlers_outlast_the_stop_timeout_exits_0_at_the_timeout() {
         task.log()
     );
     assert!(
-        took >= Duration::from_millis(800) && took < Duration::from_secs(3),
+        took >= Duration::from_millis(800) && took < Duration::from_secs(5),
         "exit after {took:?}\n{}",
         task.log()
     );
     assert_ne!(st, Some(200));
-    assert!(answered < Duration::from_secs(4), "{answered:?}");
+    assert!(answered < Duration::from_secs(5), "{answered:?}");
     assert_no_panic(&task.log());
 }
 
@@ -531,7 +531,8 @@ fn a_second_sigterm_during_the_stop_exits_1_at_once() {
     let exit = task.wait_exit(Duration::from_secs(3));
     println!("second signal: exit {exit:?} after {:?}", t0.elapsed());
     assert_eq!(exit.and_then(|x| x.code()), Some(1), "{}", task.log());
-    assert!(t0.elapsed() < Duration::from_secs(1));
+    // Far below the 10 s stop timeout (the bound is loose for a loaded machine).
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
 }
 
 /// SIGINT stops like SIGTERM: the router takes the link out (reason stopping), the request in
@@ -583,7 +584,7 @@ fn a_task_stopped_while_its_router_is_down_exits_promptly() {
         "{exit:?}\n{}",
         task.log()
     );
-    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
 }
 
 /// `--stop-timeout garbage` is refused clearly, before anything starts.

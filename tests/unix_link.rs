@@ -63,8 +63,13 @@ impl Unix {
     /// `fedbus run` that must fail: it exits non-zero within 10 s, with `error` in its output
     /// and no panic.
     fn start_fails(&self, label: &str, error: &str) {
+        self.start_fails_with(&self.cfg, &[], label, error);
+    }
+
+    /// [`Unix::start_fails`] with another config file and arguments.
+    fn start_fails_with(&self, cfg: &std::path::Path, args: &[&str], label: &str, error: &str) {
         let log = self.dir.path().join(format!("{label}.log"));
-        let (mut run, _rx) = spawn_run(self.dir.path(), &self.cfg, &[], &log);
+        let (mut run, _rx) = spawn_run(self.dir.path(), cfg, args, &log);
         let exit = run.wait_exit(Duration::from_secs(10));
         assert!(exit.is_some_and(|x| !x.success()), "{exit:?}");
         let out = run.log();
@@ -158,7 +163,52 @@ fn a_task_on_the_unix_socket_links_every_shard_and_is_served() {
 fn the_unix_listener_refuses_an_upgrade_without_a_service_token() {
     let mut u = Unix::new();
     let (_router, _ready) = u.launch(false);
-    let mut s = std::os::unix::net::UnixStream::connect(&u.sock).expect("connect");
+    let text = upgrade_without_token(&u.sock);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    assert!(text.contains("missing_token"), "{text}");
+}
+
+/// A takeover that fails after binding (here: its TLS certificate is missing, read after the
+/// listeners are bound) leaves the running router's socket paths alone and removes the
+/// sockets it bound beside them: the path still reaches the running router.
+#[test]
+fn a_failed_takeover_leaves_the_running_routers_socket_alone() {
+    let mut u = Unix::new();
+    let (_router, _ready) = u.launch(false);
+    let text = std::fs::read_to_string(&u.cfg).unwrap();
+    let missing = u.dir.path().join("missing");
+    let broken = text.replace(
+        "admin_enabled = false\n",
+        "admin_enabled = false\napi_tls = \"127.0.0.1:0\"\n",
+    ) + &format!(
+        "[[tls.certs]]\ncert = {:?}\nkey = {:?}\n",
+        missing.join("c.pem"),
+        missing.join("k.pem")
+    );
+    let cfg2 = u.dir.path().join("broken.toml");
+    std::fs::write(&cfg2, broken).unwrap();
+    u.start_fails_with(&cfg2, &["--takeover"], "takeover", "fedbus: error:");
+    let text = upgrade_without_token(&u.sock);
+    assert!(
+        text.starts_with("HTTP/1.1 401"),
+        "the running router no longer answers on its path: {text}"
+    );
+    let left: Vec<_> = std::fs::read_dir(u.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".new"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "sockets of the failed takeover left: {left:?}"
+    );
+}
+
+/// Sends a link upgrade without a service token on the unix socket at `sock`; what came back
+/// (the refusal, or nothing).
+fn upgrade_without_token(sock: &std::path::Path) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(
         b"GET /link HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
@@ -172,9 +222,7 @@ fn the_unix_listener_refuses_an_upgrade_without_a_service_token() {
             Ok(n) => got.extend_from_slice(&buf[..n]),
         }
     }
-    let text = String::from_utf8_lossy(&got);
-    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
-    assert!(text.contains("missing_token"), "{text}");
+    String::from_utf8_lossy(&got).into_owned()
 }
 
 /// Restarts: a socket file left by a router killed with -9 is replaced by the next start and

@@ -138,18 +138,45 @@ fn bind_internal(
     Ok((addrs, fds))
 }
 
+/// Unix sockets a takeover bound beside a running router's (`<path>.<pid>.new`), to be renamed
+/// over its paths. [`PendingRenames::commit`] does that once every shard of this router is
+/// ready; a start that fails before drops them instead, which removes the new sockets and
+/// leaves the running router's paths as they were.
+struct PendingRenames(Vec<(std::path::PathBuf, std::path::PathBuf)>);
+
+impl PendingRenames {
+    /// Renames each new socket over its path (`rename(2)` is atomic: a task dialing the path
+    /// reaches one router or the other, never nothing).
+    fn commit(mut self) -> anyhow::Result<()> {
+        for (from, to) in std::mem::take(&mut self.0) {
+            std::fs::rename(&from, &to).with_context(|| format!("takeover of {}", to.display()))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PendingRenames {
+    fn drop(&mut self) {
+        for (from, _) in &self.0 {
+            let _ = std::fs::remove_file(from);
+        }
+    }
+}
+
 /// Binds shard k's unix internal listener (`listen.internal_unix`): shard 0 on `path`, shard k
 /// on `<path>.<k>`. A socket file nobody listens on (left by a router that is gone) is
 /// replaced. One a running router listens on fails the start, or with `takeover` is replaced
-/// atomically: the new socket is bound beside it and renamed over it, so a task that dials
-/// the path from then on reaches the new router while the old one keeps its links.
+/// atomically once this router is ready ([`PendingRenames`]): the new socket is bound beside it
+/// and renamed over it, so a task that dials the path from then on reaches the new router while
+/// the old one keeps its links.
 fn bind_internal_unix(
     path: &std::path::Path,
     n: usize,
     takeover: bool,
-) -> anyhow::Result<(Vec<std::path::PathBuf>, Vec<RawFd>)> {
+) -> anyhow::Result<(Vec<std::path::PathBuf>, Vec<RawFd>, PendingRenames)> {
     let mut paths = Vec::new();
     let mut fds = Vec::new();
+    let mut renames = PendingRenames(Vec::new());
     for k in 0..n {
         let p = unix_path(path, k);
         let live = unix_listened(&p, takeover);
@@ -185,13 +212,12 @@ fn bind_internal_unix(
             )
         })?;
         if live {
-            std::fs::rename(&bind_at, &p)
-                .with_context(|| format!("takeover of {}", p.display()))?;
+            renames.0.push((bind_at, p.clone()));
         }
         paths.push(p);
         fds.push(l.into_raw_fd());
     }
-    Ok((paths, fds))
+    Ok((paths, fds, renames))
 }
 
 /// Whether a router listens on the unix socket `p`. A router killed with SIGKILL keeps its
@@ -377,12 +403,12 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
     let takeover = cfg.listen.takeover;
     let (api_addr, api_fds) = bind_api(cfg.listen.api, n, takeover)?;
     let (internal, internal_fds) = bind_internal(cfg.listen.internal, n, takeover)?;
-    let (internal_unix, unix_fds) = match &cfg.listen.internal_unix {
+    let (internal_unix, unix_fds, unix_renames) = match &cfg.listen.internal_unix {
         Some(p) => {
-            let (paths, fds) = bind_internal_unix(p, n, takeover)?;
-            (paths, fds.into_iter().map(Some).collect())
+            let (paths, fds, renames) = bind_internal_unix(p, n, takeover)?;
+            (paths, fds.into_iter().map(Some).collect(), renames)
         }
-        None => (Vec::new(), vec![None; n]),
+        None => (Vec::new(), vec![None; n], PendingRenames(Vec::new())),
     };
     // Certificates are read before anything starts: a bad file is an error at start. The
     // api TLS listener and TLS task links share one server config.
@@ -569,6 +595,8 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
             }
         }
     }
+    // Every shard is up: a takeover's unix sockets replace the running router's now.
+    unix_renames.commit()?;
     // Shard executors run until the process exits. A watcher thread joins each one: a shard
     // whose executor ends (a panic in any of its tasks ends the thread) is marked dead there.
     // The `ShardAlive` guard of the shard's main future is not enough: a panicking executor

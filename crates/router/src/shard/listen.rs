@@ -147,9 +147,11 @@ struct PendingRenames(Vec<(std::path::PathBuf, std::path::PathBuf)>);
 impl PendingRenames {
     /// Renames each new socket over its path (`rename(2)` is atomic: a task dialing the path
     /// reaches one router or the other, never nothing).
+    /// A rename that fails leaves it and the ones after it to `Drop`, which removes them.
     fn commit(mut self) -> anyhow::Result<()> {
-        for (from, to) in std::mem::take(&mut self.0) {
-            std::fs::rename(&from, &to).with_context(|| format!("takeover of {}", to.display()))?;
+        while let Some((from, to)) = self.0.first() {
+            std::fs::rename(from, to).with_context(|| format!("takeover of {}", to.display()))?;
+            self.0.remove(0);
         }
         Ok(())
     }

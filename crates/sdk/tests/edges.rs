@@ -366,6 +366,37 @@ fn request_for_a_partition_without_task_is_flagged_emergency() {
     assert_eq!(resp.header("fedbus-emergency"), Some("9"), "{resp:?}");
 }
 
+/// The emergency partition's failures say they were the emergency partition's, as its
+/// answers do: a 504 (the task did not answer in time) and a 502 (its answer's status is not
+/// HTTP) both carry `fedbus-emergency` with the partition asked for, besides the partition
+/// that failed.
+#[test]
+fn an_error_of_the_emergency_partition_is_flagged_emergency() {
+    let r = Router::new().request_timeout_ms(500).start();
+    let rt = rt();
+    let tok = r.token("demo/echo", "alice");
+    let mut o = opts_for(&r.internal, &svc(&r, "emerg-err"));
+    o.partitions = "0-7".parse::<Partitions>().expect("partitions").into();
+    let task = spawn(&rt, o, probe);
+    ready(&rt, &r, &task, &tok);
+    let resp = req(&r, &tok, 9, "hang", b"");
+    resp.assert_error(504, "task_timeout");
+    assert_eq!(resp.header("fedbus-emergency"), Some("9"), "{resp:?}");
+    assert!(
+        resp.header("fedbus-partition")
+            .and_then(|p| p.parse::<u32>().ok())
+            .is_some_and(|p| p < 8),
+        "{resp:?}"
+    );
+    let resp = req(&r, &tok, 10, "status", b"99");
+    resp.assert_error(502, "bad_task_status");
+    assert_eq!(resp.header("fedbus-emergency"), Some("10"), "{resp:?}");
+    // A partition the task serves is no emergency, answer or error.
+    let resp = req(&r, &tok, 3, "status", b"99");
+    resp.assert_error(502, "bad_task_status");
+    assert_eq!(resp.header("fedbus-emergency"), None, "{resp:?}");
+}
+
 #[test]
 fn request_body_at_max_body_bytes_is_delivered_whole() {
     let r = Router::new().limit("max_body_bytes", 1 << 20).start();

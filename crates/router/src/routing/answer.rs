@@ -59,6 +59,10 @@ pub(crate) struct RouterError {
     pub(crate) partition: Option<u32>,
     /// Redirects taken before the error.
     pub(crate) hops: u8,
+    /// The partition asked for, when the error came from the emergency partition serving it
+    /// (its task timed out, went away or answered garbage): the client sees
+    /// `fedbus-emergency` on the error as on an answer.
+    pub(crate) emergency_for: Option<u32>,
 }
 
 /// One field of the answer as the client should see it, already filtered.
@@ -87,6 +91,7 @@ impl Answer {
             message: message.into(),
             partition: None,
             hops: 0,
+            emergency_for: None,
         })
     }
 
@@ -104,7 +109,26 @@ impl Answer {
             message: message.into(),
             partition,
             hops,
+            emergency_for: None,
         })
+    }
+
+    /// This answer, marked as served by the emergency partition for `asked` (when `Some`).
+    /// Only a router error takes the mark here; a task's answer carries it from the start.
+    pub(crate) fn in_emergency(mut self, asked: Option<u32>) -> Answer {
+        if let Answer::Error(e) = &mut self {
+            e.emergency_for = asked;
+        }
+        self
+    }
+
+    /// The partition asked for, when the emergency partition served (or failed) it.
+    fn emergency_for(&self) -> Option<u32> {
+        match self {
+            Answer::Task { emergency_for, .. } => *emergency_for,
+            Answer::Error(e) => e.emergency_for,
+            Answer::Relayed { .. } | Answer::Preflight { .. } => None,
+        }
     }
 
     /// Bytes of a task's (or relayed) answer body; 0 for the router's own answers, which
@@ -225,12 +249,8 @@ impl Answer {
             f(Field::Number("fedbus-partition", u64::from(p)));
         }
         f(Field::Number("fedbus-hops", u64::from(self.hops())));
-        if let Answer::Task {
-            emergency_for: Some(e),
-            ..
-        } = self
-        {
-            f(Field::Number("fedbus-emergency", u64::from(*e)));
+        if let Some(e) = self.emergency_for() {
+            f(Field::Number("fedbus-emergency", u64::from(e)));
         }
     }
 }
@@ -464,6 +484,22 @@ mod tests {
             frame: f,
         };
         assert_eq!(fields(&a), ["line fedbus-partition: 9", "by ru/spb2/r1"]);
+    }
+
+    #[test]
+    fn an_error_of_the_emergency_partition_says_so() {
+        let a = Answer::error_at(504, "task_timeout", "late", Some(2), 0).in_emergency(Some(9));
+        assert_eq!(
+            fields(&a),
+            [
+                "ct application/json",
+                "fedbus-partition 2",
+                "fedbus-hops 0",
+                "fedbus-emergency 9"
+            ]
+        );
+        let a = Answer::error_at(504, "task_timeout", "late", Some(2), 0).in_emergency(None);
+        assert!(!fields(&a).iter().any(|f| f.starts_with("fedbus-emergency")));
     }
 
     #[test]

@@ -177,24 +177,24 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
         if emergency_for.is_some() {
             ShardMetrics::inc(&shard.metrics.emergency);
         }
-        match reply {
+        let answer = match reply {
             Reply::Response(f) => {
-                let Some(status) = answer_status(&f, 200) else {
-                    return Answer::error_at(
+                match answer_status(&f, 200) {
+                    Some(status) => Answer::Task {
+                        status,
+                        frame: f,
+                        partition: served,
+                        emergency_for,
+                        hops,
+                    },
+                    None => Answer::error_at(
                         502,
                         "bad_task_status",
                         "the task answered a status outside 200..599 (a 1xx cannot end a request; HTTP has none above 599)",
                         Some(served),
                         hops,
-                    );
-                };
-                return Answer::Task {
-                    status,
-                    frame: f,
-                    partition: served,
-                    emergency_for,
-                    hops,
-                };
+                    ),
+                }
             }
             Reply::Redirect {
                 role: r,
@@ -208,7 +208,8 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
                         format!("more than {max_hops} redirects"),
                         Some(served),
                         hops + 1,
-                    );
+                    )
+                    .in_emergency(emergency_for);
                 }
                 let partitions = shard
                     .snapshots
@@ -231,33 +232,33 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
                     }
                 };
                 if let Some(why) = bad {
-                    return Answer::error_at(502, "bad_redirect", why, Some(served), hops);
+                    return Answer::error_at(502, "bad_redirect", why, Some(served), hops)
+                        .in_emergency(emergency_for);
                 }
                 hops += 1;
                 role = r.into();
                 if let Ok(Some(p)) = p {
                     want = p;
                 }
+                continue;
             }
-            Reply::Lost => {
-                return Answer::error_at(
-                    502,
-                    "task_lost",
-                    "the task's link closed before it answered",
-                    Some(served),
-                    hops,
-                )
-            }
-            Reply::Timeout => {
-                return Answer::error_at(
-                    504,
-                    "task_timeout",
-                    "the task did not answer in time",
-                    Some(served),
-                    hops,
-                );
-            }
-        }
+            Reply::Lost => Answer::error_at(
+                502,
+                "task_lost",
+                "the task's link closed before it answered",
+                Some(served),
+                hops,
+            ),
+            Reply::Timeout => Answer::error_at(
+                504,
+                "task_timeout",
+                "the task did not answer in time",
+                Some(served),
+                hops,
+            ),
+        };
+        // An error of the emergency partition says so, as its answers do.
+        return answer.in_emergency(emergency_for);
     }
 }
 

@@ -89,6 +89,29 @@ impl Unix {
         )
     }
 
+    /// Shard 1's socket path.
+    fn shard1(&self) -> PathBuf {
+        PathBuf::from(format!("{}.1", self.sock.display()))
+    }
+
+    /// A copy of the config with an HTTPS listener whose certificate is missing: a start
+    /// fails after binding its listeners (certificates are read after).
+    fn missing_certificate(&self) -> PathBuf {
+        let text = std::fs::read_to_string(&self.cfg).unwrap();
+        let missing = self.dir.path().join("missing");
+        let broken = text.replace(
+            "admin_enabled = false\n",
+            "admin_enabled = false\napi_tls = \"127.0.0.1:0\"\n",
+        ) + &format!(
+            "[[tls.certs]]\ncert = {:?}\nkey = {:?}\n",
+            missing.join("c.pem"),
+            missing.join("k.pem")
+        );
+        let cfg2 = self.dir.path().join("broken.toml");
+        std::fs::write(&cfg2, broken).unwrap();
+        cfg2
+    }
+
     fn token(&self) -> String {
         client_token(self.dir.path(), &self.keys, APP, "alice")
     }
@@ -175,18 +198,7 @@ fn the_unix_listener_refuses_an_upgrade_without_a_service_token() {
 fn a_failed_takeover_leaves_the_running_routers_socket_alone() {
     let mut u = Unix::new();
     let (_router, _ready) = u.launch(false);
-    let text = std::fs::read_to_string(&u.cfg).unwrap();
-    let missing = u.dir.path().join("missing");
-    let broken = text.replace(
-        "admin_enabled = false\n",
-        "admin_enabled = false\napi_tls = \"127.0.0.1:0\"\n",
-    ) + &format!(
-        "[[tls.certs]]\ncert = {:?}\nkey = {:?}\n",
-        missing.join("c.pem"),
-        missing.join("k.pem")
-    );
-    let cfg2 = u.dir.path().join("broken.toml");
-    std::fs::write(&cfg2, broken).unwrap();
+    let cfg2 = u.missing_certificate();
     u.start_fails_with(&cfg2, &["--takeover"], "takeover", "fedbus: error:");
     let text = upgrade_without_token(&u.sock);
     assert!(
@@ -246,8 +258,9 @@ fn restarts_replace_a_stale_socket_and_takeover_moves_the_task() {
     u.start_fails("refused", "is in use by a running router");
     assert_eq!(echo(ready.api, &tok, 1).map(|r| r.0), Some(200));
 
-    // Takeover: the new router owns the path; the old one drains and exits 0.
-    let (third, ready3) = u.launch(true);
+    // Takeover: the new router owns the path; the old one drains and exits 0, leaving the
+    // path (now the new router's socket) alone.
+    let (mut third, ready3) = u.launch(true);
     second.sig("TERM");
     let exit = second.wait_exit(Duration::from_secs(15));
     assert!(
@@ -255,8 +268,35 @@ fn restarts_replace_a_stale_socket_and_takeover_moves_the_task() {
         "{exit:?}\n{}",
         second.log()
     );
+    assert!(
+        u.sock.exists() && u.shard1().exists(),
+        "the old router removed the new one's sockets"
+    );
     wait_served_by_both(ready3.api, &tok, &[&third, &task]);
     assert_no_panic(&third.log());
+    // A router that stops removes its socket files, as nginx does.
+    third.sig("TERM");
+    let exit = third.wait_exit(Duration::from_secs(15));
+    assert!(
+        exit.is_some_and(|x| x.success()),
+        "{exit:?}\n{}",
+        third.log()
+    );
+    assert!(!u.sock.exists() && !u.shard1().exists(), "{}", third.log());
+}
+
+/// A start that fails after binding its unix sockets (here: its TLS certificate is missing,
+/// read after the listeners are bound) removes them: no file is left for the next start to
+/// find.
+#[test]
+fn a_failed_start_removes_the_sockets_it_bound() {
+    let u = Unix::new();
+    let cfg2 = u.missing_certificate();
+    u.start_fails_with(&cfg2, &[], "failed", "fedbus: error:");
+    assert!(
+        !u.sock.exists() && !u.shard1().exists(),
+        "socket files left"
+    );
 }
 
 /// A path that exists and is not a socket is never removed: the start fails clearly.

@@ -32,6 +32,8 @@ pub struct Running {
     /// Unix task-link listener of each shard (`listen.internal_unix`), by shard index; empty
     /// without one.
     pub internal_unix: Vec<std::path::PathBuf>,
+    /// Those paths with the file each named once bound: removed by [`Running::drain`].
+    unix_files: Vec<(std::path::PathBuf, (u64, u64))>,
     /// Admin listener (`/metrics`, `/healthz`, `/readyz`), when enabled.
     pub admin: Option<SocketAddr>,
     /// Core of each shard, by shard index.
@@ -138,29 +140,65 @@ fn bind_internal(
     Ok((addrs, fds))
 }
 
-/// Unix sockets a takeover bound beside a running router's (`<path>.<pid>.new`), to be renamed
-/// over its paths. [`PendingRenames::commit`] does that once every shard of this router is
-/// ready; a start that fails before drops them instead, which removes the new sockets and
-/// leaves the running router's paths as they were.
-struct PendingRenames(Vec<(std::path::PathBuf, std::path::PathBuf)>);
+/// The unix socket files a start bound, until every shard of this router is ready: the ones
+/// bound on their paths (`fresh`) and the ones a takeover bound beside a running router's
+/// (`<path>.<pid>.new`), to be renamed over its paths (`renames`). [`UnixBinds::commit`]
+/// renames once every shard is ready; a start that fails before drops them instead, which
+/// removes every file it bound and leaves the running router's paths as they were.
+#[derive(Default)]
+struct UnixBinds {
+    fresh: Vec<std::path::PathBuf>,
+    renames: Vec<(std::path::PathBuf, std::path::PathBuf)>,
+}
 
-impl PendingRenames {
+impl UnixBinds {
     /// Renames each new socket over its path (`rename(2)` is atomic: a task dialing the path
     /// reaches one router or the other, never nothing).
-    /// A rename that fails leaves it and the ones after it to `Drop`, which removes them.
+    /// A rename that fails leaves it and the ones after it to `Drop`, which removes them
+    /// (and the fresh ones).
     fn commit(mut self) -> anyhow::Result<()> {
-        while let Some((from, to)) = self.0.first() {
+        while let Some((from, to)) = self.renames.first() {
             std::fs::rename(from, to).with_context(|| format!("takeover of {}", to.display()))?;
-            self.0.remove(0);
+            self.renames.remove(0);
         }
+        self.fresh.clear();
         Ok(())
     }
 }
 
-impl Drop for PendingRenames {
+impl Drop for UnixBinds {
     fn drop(&mut self) {
-        for (from, _) in &self.0 {
-            let _ = std::fs::remove_file(from);
+        for f in self
+            .fresh
+            .iter()
+            .chain(self.renames.iter().map(|(from, _)| from))
+        {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+/// Which file a unix socket path names (device and inode), to tell this router's socket file
+/// from one a router that took over renamed onto the same path.
+fn file_id(p: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Removes this router's unix socket files as it stops, as nginx removes its unix listeners':
+/// a path that names another file now (a router that took over renamed its own onto it) is
+/// left alone.
+fn remove_unix_files(files: &[(std::path::PathBuf, (u64, u64))]) {
+    for (p, id) in files {
+        if file_id(p) == Some(*id) {
+            match std::fs::remove_file(p) {
+                Ok(()) => tracing::info!(path = %p.display(), "unix task-link socket removed"),
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), "could not remove the unix task-link socket: {e}")
+                }
+            }
         }
     }
 }
@@ -168,17 +206,17 @@ impl Drop for PendingRenames {
 /// Binds shard k's unix internal listener (`listen.internal_unix`): shard 0 on `path`, shard k
 /// on `<path>.<k>`. A socket file nobody listens on (left by a router that is gone) is
 /// replaced. One a running router listens on fails the start, or with `takeover` is replaced
-/// atomically once this router is ready ([`PendingRenames`]): the new socket is bound beside it
+/// atomically once this router is ready ([`UnixBinds`]): the new socket is bound beside it
 /// and renamed over it, so a task that dials the path from then on reaches the new router while
 /// the old one keeps its links.
 fn bind_internal_unix(
     path: &std::path::Path,
     n: usize,
     takeover: bool,
-) -> anyhow::Result<(Vec<std::path::PathBuf>, Vec<RawFd>, PendingRenames)> {
+) -> anyhow::Result<(Vec<std::path::PathBuf>, Vec<RawFd>, UnixBinds)> {
     let mut paths = Vec::new();
     let mut fds = Vec::new();
-    let mut renames = PendingRenames(Vec::new());
+    let mut binds = UnixBinds::default();
     for k in 0..n {
         let p = unix_path(path, k);
         let live = unix_listened(&p, takeover);
@@ -214,12 +252,14 @@ fn bind_internal_unix(
             )
         })?;
         if live {
-            renames.0.push((bind_at, p.clone()));
+            binds.renames.push((bind_at, p.clone()));
+        } else {
+            binds.fresh.push(p.clone());
         }
         paths.push(p);
         fds.push(l.into_raw_fd());
     }
-    Ok((paths, fds, renames))
+    Ok((paths, fds, binds))
 }
 
 /// Whether a router listens on the unix socket `p`. A router killed with SIGKILL keeps its
@@ -405,12 +445,12 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
     let takeover = cfg.listen.takeover;
     let (api_addr, api_fds) = bind_api(cfg.listen.api, n, takeover)?;
     let (internal, internal_fds) = bind_internal(cfg.listen.internal, n, takeover)?;
-    let (internal_unix, unix_fds, unix_renames) = match &cfg.listen.internal_unix {
+    let (internal_unix, unix_fds, unix_binds) = match &cfg.listen.internal_unix {
         Some(p) => {
-            let (paths, fds, renames) = bind_internal_unix(p, n, takeover)?;
-            (paths, fds.into_iter().map(Some).collect(), renames)
+            let (paths, fds, binds) = bind_internal_unix(p, n, takeover)?;
+            (paths, fds.into_iter().map(Some).collect(), binds)
         }
-        None => (Vec::new(), vec![None; n], PendingRenames(Vec::new())),
+        None => (Vec::new(), vec![None; n], UnixBinds::default()),
     };
     // Certificates are read before anything starts: a bad file is an error at start. The
     // api TLS listener and TLS task links share one server config.
@@ -598,7 +638,11 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
         }
     }
     // Every shard is up: a takeover's unix sockets replace the running router's now.
-    unix_renames.commit()?;
+    unix_binds.commit()?;
+    let unix_files = internal_unix
+        .iter()
+        .filter_map(|p| Some((p.clone(), file_id(p)?)))
+        .collect();
     // Shard executors run until the process exits. A watcher thread joins each one: a shard
     // whose executor ends (a panic in any of its tasks ends the thread) is marked dead there.
     // The `ShardAlive` guard of the shard's main future is not enough: a panicking executor
@@ -647,6 +691,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
         external,
         internal: internal.to_vec(),
         internal_unix,
+        unix_files,
         admin,
         shard_cores: cores,
         events: tx,
@@ -672,6 +717,8 @@ impl Running {
         tracing::info!(timeout_ms = timeout.as_millis() as u64, "draining");
         // Every shard and peer link looks at the flag within one poll.
         std::thread::sleep(crate::health::POLL * 2);
+        // The listeners are closed: a socket file left would only refuse connections.
+        remove_unix_files(&self.unix_files);
         // A dead shard's counters stand where it died (its connections were never closed):
         // only the shards that run are waited for.
         let busy = || {

@@ -6,6 +6,7 @@
 KIND is one of
   http  POST PATH with a 64-byte body (and `Authorization: Bearer TOKEN` when given), one answer
         read whole (status 200 expected), then the connection idles (HTTP/1.1 keep-alive);
+  https the same over TLS (the server's certificate is not verified: a benchmark's own);
   ws    GET /api/ws (the fedbus client websocket, TOKEN as its credential), then one fedbus
         Request frame for PATH and its Response read back, then the session idles;
   nats  CONNECT + PING, PONG read back, then the client idles.
@@ -18,6 +19,7 @@ benches/memory-per-connection.sh; the caller raises the open-file limit.
 import asyncio
 import base64
 import os
+import ssl
 import struct
 import sys
 
@@ -67,7 +69,7 @@ async def read_ws_message(r):
 
 
 async def exchange(kind, r, w, host, path, token):
-    if kind == "http":
+    if kind in ("http", "https"):
         auth = f"Authorization: Bearer {token}\r\n" if token else ""
         w.write(
             f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{auth}"
@@ -116,12 +118,17 @@ async def main():
     kind, host, port, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     path = sys.argv[5] if len(sys.argv) > 5 else "/"
     token = sys.argv[6] if len(sys.argv) > 6 else ""
+    tls = None
+    if kind == "https":
+        tls = ssl.create_default_context()
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
     gate = asyncio.Semaphore(OPEN_AT_ONCE)
     held = []
 
     async def one():
         async with gate:
-            r, w = await asyncio.wait_for(asyncio.open_connection(host, port), STEP_TIMEOUT_S)
+            r, w = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=tls), STEP_TIMEOUT_S)
             held.append(w)
             await asyncio.wait_for(exchange(kind, r, w, host, path, token), STEP_TIMEOUT_S)
 

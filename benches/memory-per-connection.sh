@@ -1,7 +1,7 @@
 #!/bin/bash
-# Server memory per idle client connection: the fedbus router (HTTP keep-alive and /api/ws
-# sessions) vs an nginx reverse proxy vs nginx answering alone vs nats-server, in one run, same
-# pinning.
+# Server memory per idle client connection: the fedbus router (HTTP keep-alive, HTTPS
+# keep-alive and /api/ws sessions) vs an nginx reverse proxy vs nginx answering alone (over
+# plain HTTP and terminating TLS 1.3) vs nats-server, in one run, same pinning.
 #
 #   benches/memory-per-connection.sh             # COUNT=4000 ROUNDS=2 SETTLE=5
 #   COUNT=4500 OUT=/tmp/m.md benches/memory-per-connection.sh
@@ -80,6 +80,12 @@ start_fedbus "$BIN" "-http"
 FED_HTTP_ROUTER=$ROUTER FED_HTTP_PORT=$API_PORT
 start_fedbus "$BIN" "-ws"
 FED_WS_ROUTER=$ROUTER FED_WS_PORT=$API_PORT
+# HTTPS: one ECDSA P-256 certificate from the keyring's dev CA, served by a router of its own
+# (`listen.api_tls`) and by nginx terminating TLS (below).
+CERT=$WORK/cert
+"$BIN" keys cert --keyring "$FEDBUS_HOME/keys" --name 127.0.0.1 --name localhost --out "$CERT" >/dev/null
+TLS=1 start_fedbus "$BIN" "-https"
+FED_HTTPS_ROUTER=$ROUTER FED_HTTPS_PORT=$TLS_PORT
 if [ -n "$EXTRA_BIN" ]; then
   start_fedbus "$EXTRA_BIN" "-extra-http"
   EXTRA_HTTP_ROUTER=$ROUTER EXTRA_HTTP_PORT=$API_PORT
@@ -94,19 +100,31 @@ UP_PORT=$(free_port); PROXY_PORT=$(free_port); ALONE_PORT=$(free_port)
 C_UP=$(nginx_conf upstream 01 "server { listen 127.0.0.1:$UP_PORT backlog=4096; location / { $ANSWER } }")
 C_PROXY=$(nginx_conf proxy 10 "upstream up { server 127.0.0.1:$UP_PORT; keepalive 256; } server { listen 127.0.0.1:$PROXY_PORT backlog=4096; location / { proxy_pass http://up; $PROXY_OPTS } }")
 C_ALONE=$(nginx_conf alone 10 "server { listen 127.0.0.1:$ALONE_PORT backlog=4096; location / { $ANSWER } }")
+# nginx terminating TLS 1.3 (one worker, core 1), as a proxy to the upstream and answering
+# alone: two nginx, so that one row's freed memory does not serve the other's connections.
+TLS_ALONE_PORT=$(free_port); TLS_PROXY_PORT=$(free_port)
+TLS_SRV="ssl_protocols TLSv1.3; ssl_certificate $CERT.pem; ssl_certificate_key $CERT.key;"
+C_TLS_PROXY=$(nginx_conf tls-proxy 10 "upstream up { server 127.0.0.1:$UP_PORT; keepalive 256; }
+  server { listen 127.0.0.1:$TLS_PROXY_PORT ssl backlog=4096; $TLS_SRV location / { proxy_pass http://up; $PROXY_OPTS } }")
+C_TLS_ALONE=$(nginx_conf tls-alone 10 "server { listen 127.0.0.1:$TLS_ALONE_PORT ssl backlog=4096; $TLS_SRV location / { $ANSWER } }")
 # nginx_conf's worker_connections (4096) is below the 2 x COUNT connections held here.
 sed -i "s/worker_connections 4096;/worker_connections $((COUNT * 4 + 512));/" \
-  "$C_UP" "$C_PROXY" "$C_ALONE"
+  "$C_UP" "$C_PROXY" "$C_ALONE" "$C_TLS_PROXY" "$C_TLS_ALONE"
 taskset -c 0 "$NGINX" -c "$C_UP" -e stderr >"$WORK/nginx-up.log" 2>&1 &
 PIDS+=($!)
 taskset -c 1 "$NGINX" -c "$C_PROXY" -e stderr >"$WORK/nginx-proxy.log" 2>&1 &
 NGX_PROXY=$!; PIDS+=($NGX_PROXY)
 taskset -c 1 "$NGINX" -c "$C_ALONE" -e stderr >"$WORK/nginx-alone.log" 2>&1 &
 NGX_ALONE=$!; PIDS+=($NGX_ALONE)
+taskset -c 1 "$NGINX" -c "$C_TLS_PROXY" -e stderr >"$WORK/nginx-tls-proxy.log" 2>&1 &
+NGX_TLS_PROXY=$!; PIDS+=($NGX_TLS_PROXY)
+taskset -c 1 "$NGINX" -c "$C_TLS_ALONE" -e stderr >"$WORK/nginx-tls-alone.log" 2>&1 &
+NGX_TLS_ALONE=$!; PIDS+=($NGX_TLS_ALONE)
 NATS_PORT=$(free_port)
 GOMAXPROCS=1 taskset -c 1 "$NATS" -a 127.0.0.1 -p "$NATS_PORT" >"$WORK/nats-server.log" 2>&1 &
 NATS_PID=$!; PIDS+=($NATS_PID)
 wait_port "$UP_PORT"; wait_port "$PROXY_PORT"; wait_port "$ALONE_PORT"; wait_port "$NATS_PORT"
+wait_port "$TLS_ALONE_PORT"; wait_port "$TLS_PROXY_PORT"
 
 # hold_open TAG KIND PORT PATH: starts benches/hold-connections.py (core 0) holding COUNT
 # connections, talking to it through two FIFOs; sets HOLD_IN, HOLD_OUT (fds) and HOLD_PID and
@@ -150,17 +168,20 @@ measure() {
     echo "$name $round $before $held $held2 $after" >>"$WORK/rows"
   done
 }
-# ONLY=name,name measures only those rows (fedbus-http, fedbus-ws, extra-http, extra-ws,
-# nginx-proxy, nginx-alone, nats).
+# ONLY=name,name measures only those rows (fedbus-http, fedbus-ws, fedbus-https, extra-http,
+# extra-ws, nginx-proxy, nginx-alone, nginx-tls-proxy, nginx-tls-alone, nats).
 want() { [ -z "${ONLY:-}" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 want fedbus-http && measure fedbus-http http "$FED_HTTP_PORT" "$FEDBUS_PATH" "$FED_HTTP_ROUTER"
 want fedbus-ws && measure fedbus-ws ws "$FED_WS_PORT" "$FEDBUS_PATH" "$FED_WS_ROUTER"
+want fedbus-https && measure fedbus-https https "$FED_HTTPS_PORT" "$FEDBUS_PATH" "$FED_HTTPS_ROUTER"
 if [ -n "$EXTRA_BIN" ]; then
   want extra-http && measure extra-http http "$EXTRA_HTTP_PORT" "$FEDBUS_PATH" "$EXTRA_HTTP_ROUTER"
   want extra-ws && measure extra-ws ws "$EXTRA_WS_PORT" "$FEDBUS_PATH" "$EXTRA_WS_ROUTER"
 fi
 want nginx-proxy && measure nginx-proxy http "$PROXY_PORT" / "$NGX_PROXY"
 want nginx-alone && measure nginx-alone http "$ALONE_PORT" / "$NGX_ALONE"
+want nginx-tls-proxy && measure nginx-tls-proxy https "$TLS_PROXY_PORT" / "$NGX_TLS_PROXY"
+want nginx-tls-alone && measure nginx-tls-alone https "$TLS_ALONE_PORT" / "$NGX_TLS_ALONE"
 want nats && measure nats nats "$NATS_PORT" / "$NATS_PID"
 
 # ---- the report
@@ -174,6 +195,9 @@ count = int(count)
 labels = {
     "fedbus-http": "fedbus router, HTTP/1.1 keep-alive (one POST answered)",
     "fedbus-ws": "fedbus router, `/api/ws` session (one request answered)",
+    "fedbus-https": "fedbus router, HTTPS keep-alive (TLS 1.3, one POST answered)",
+    "nginx-tls-proxy": "nginx terminating TLS 1.3 as a reverse proxy (one POST proxied)",
+    "nginx-tls-alone": "nginx terminating TLS 1.3, answering alone (one POST answered)",
     "extra-http": f"other build ({extra}), HTTP keep-alive",
     "extra-ws": f"other build ({extra}), `/api/ws` session",
     "nginx-proxy": "nginx reverse proxy, HTTP keep-alive (one POST proxied)",

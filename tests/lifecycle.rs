@@ -842,6 +842,63 @@ fn a_task_stopped_with_sigterm_answers_what_it_holds_and_fails_nothing() {
     echo_ok(&r, 3, &tok);
 }
 
+/// A rolling restart of tasks under load fails no request: four clients send back to back on
+/// keep-alive connections while, five times over, a new task starts and the oldest is stopped
+/// with SIGTERM. A request the router routed to the stopping task before it read the task's
+/// `draining` is answered by that task (PROTOCOL.md section 4, "Stopping": the router's
+/// `drained` tells the task nothing more comes), not refused `503 task_stopping` or lost.
+#[test]
+fn a_rolling_restart_of_tasks_under_load_fails_no_request() {
+    let r = Router::new().shards(2).apps(&[(APP, 16)]).start();
+    let mut tasks = std::collections::VecDeque::from([r.task().start()]);
+    let tok = r.token(APP, "alice");
+    echo_ok(&r, 1, &tok);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4u64)
+        .map(|w| {
+            let (mut c, path, tok, stop) = (r.conn(), r.path(APP, w), tok.clone(), stop.clone());
+            std::thread::spawn(move || {
+                c.set_read_timeout(Duration::from_secs(10));
+                let mut statuses = std::collections::BTreeMap::<String, u64>::new();
+                while !stop.load(Ordering::Relaxed) {
+                    c.send(&Req::post(&path).token(&tok).body(b"roll").bytes());
+                    let got = match c.read_response() {
+                        Ok(resp) if resp.status == 200 => "200".to_string(),
+                        Ok(resp) => {
+                            format!("{} {}", resp.status, String::from_utf8_lossy(&resp.body))
+                        }
+                        Err(e) => format!("no answer: {e}"),
+                    };
+                    *statuses.entry(got).or_default() += 1;
+                }
+                statuses
+            })
+        })
+        .collect();
+    for _ in 0..5 {
+        tasks.push_back(r.task().start());
+        let mut old = tasks.pop_front().expect("a task");
+        old.sigterm();
+        let exit = old.wait_exit(Duration::from_secs(15));
+        assert!(exit.is_some_and(|x| x.success()), "{exit:?}\n{}", old.log());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut all = std::collections::BTreeMap::<String, u64>::new();
+    for c in clients {
+        for (k, n) in c.join().expect("client") {
+            *all.entry(k).or_default() += n;
+        }
+    }
+    println!("answers over five restarts: {all:?}");
+    assert!(all.get("200").is_some_and(|n| *n > 100), "{all:?}");
+    assert_eq!(
+        all.len(),
+        1,
+        "a request failed during the restarts: {all:?}\n{}",
+        r.log()
+    );
+}
+
 /// A task that exits with requests pending on both shards and on an `/api/ws` session: every
 /// client gets 502 `task_lost` promptly, none hangs.
 #[test]

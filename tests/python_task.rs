@@ -181,6 +181,7 @@ fn fedbus_out(home: &Path, args: &[&str]) -> String {
 struct Router {
     api: String,
     internal: Vec<String>,
+    admin: String,
 }
 
 /// Starts `fedbus run` with two shards on ephemeral ports and reads its listener lines.
@@ -232,7 +233,7 @@ partitions = 16
             }
         }
     });
-    let (mut api, mut internal) = (None, Vec::new());
+    let (mut api, mut internal, mut admin) = (None, Vec::new(), None);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -247,6 +248,14 @@ partitions = 16
                     .next()
                     .map(|a| a.trim_start_matches("http://").to_string())
             }
+            // `  admin     http://127.0.0.1:PORT/metrics`
+            Some("admin") => {
+                admin = w.next().map(|a| {
+                    a.trim_start_matches("http://")
+                        .trim_end_matches("/metrics")
+                        .to_string()
+                })
+            }
             // `  internal  127.0.0.1:PORT  shard K on core C`
             Some("internal") => internal.push(w.next().expect("internal addr").to_string()),
             Some("keyring") => break,
@@ -255,7 +264,12 @@ partitions = 16
     }
     let api = api.expect("api line");
     assert_eq!(internal.len(), 2, "two shards: {internal:?}");
-    Router { api, internal }
+    let admin = admin.expect("admin line");
+    Router {
+        api,
+        internal,
+        admin,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -495,4 +509,103 @@ fn python_task_written_from_the_doc_serves_requests() {
         got, want,
         "docs/PROTOCOL.md section 9: the client's answer (got it from shard {shard})"
     );
+
+    // Section 4, "Stopping": a second task joins, then the first stops on SIGTERM while four
+    // clients send back to back; it sends `draining`, answers what arrives until the router's
+    // `drained`, closes and exits 0, and no client sees a failure.
+    let second = Command::new(&py)
+        .arg(TASK)
+        .args(["--router", &router.internal[0], "--token", &token])
+        .args(["--app", "demo/echo", "--partitions", "0-15"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the second python3 echo_task.py");
+    procs.0.push(second);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while task_links(&router.admin) < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the second python task did not link both shards within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let clients: Vec<_> = (0..4u64)
+        .map(|c| {
+            let (api, jwt, stop) = (router.api.clone(), jwt.clone(), stop.clone());
+            let answered = answered.clone();
+            std::thread::spawn(move || {
+                let mut s = connect(&api);
+                let mut seen = std::collections::BTreeMap::<String, u64>::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let got = match post(&mut s, &path(c), &jwt, b"stop") {
+                        Ok(r) if r.status == 200 => "200".to_string(),
+                        Ok(r) => format!("{} {}", r.status, String::from_utf8_lossy(&r.body)),
+                        Err(e) => format!("no answer: {e}"),
+                    };
+                    *seen.entry(got).or_default() += 1;
+                    answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                seen
+            })
+        })
+        .collect();
+    // Both tasks under load a while before the stop.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while answered.load(std::sync::atomic::Ordering::Relaxed) < 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the clients got fewer than 200 answers in 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let first = &mut procs.0[1];
+    let killed = Command::new("kill")
+        .args(["-TERM", &first.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success(), "SIGTERM to the python task");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(st) = first.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the python task did not exit 15 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut seen = std::collections::BTreeMap::<String, u64>::new();
+    for c in clients {
+        for (k, n) in c.join().expect("client") {
+            *seen.entry(k).or_default() += n;
+        }
+    }
+    println!("answers while the first python task stopped: {seen:?}; it exited {exit:?}");
+    assert!(exit.success(), "{exit:?}");
+    assert!(seen.get("200").is_some_and(|n| *n > 20), "{seen:?}");
+    assert_eq!(
+        seen.len(),
+        1,
+        "a request failed while the task stopped: {seen:?}"
+    );
+    assert_eq!(task_links(&router.admin), 2, "the second task's links stay");
+}
+
+/// `fedbus_task_links` summed over the shards, from the router's admin listener.
+fn task_links(admin: &str) -> u64 {
+    let mut s = connect(admin);
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("GET /metrics");
+    let r = read_response(&mut s).expect("metrics");
+    String::from_utf8_lossy(&r.body)
+        .lines()
+        .filter(|l| l.starts_with("fedbus_task_links"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }

@@ -7,6 +7,10 @@ Opens a link to shard 0 of the router, reads the hello, registers, then opens a 
 other shard the hello lists, and answers every Request frame with a Response frame:
 STATUS 200, HEADER `python-task: yes`, the request's CONTENT_TYPE if it had one, and the
 request's payload as the body. Each link reconnects on its own with a capped backoff.
+On SIGTERM or SIGINT it stops gracefully (docs/PROTOCOL.md section 4, "Stopping"): it sends
+`{"type":"draining"}` on every registered link, keeps answering what arrives until the router
+answers `{"type":"drained"}`, then closes that link (1000); it exits 0 once every link is
+closed, or after STOP_TIMEOUT_S without a router's `drained` (status 1).
 Needs the `websockets` package (Debian: python3-websockets).
 """
 
@@ -14,6 +18,7 @@ import argparse
 import asyncio
 import json
 import random
+import signal
 import struct
 import sys
 
@@ -37,6 +42,8 @@ TAG_STATUS = 16
 TAG_HEADER = 17
 
 MAX_MESSAGE = 64 * 1024 * 1024
+STOP_TIMEOUT_S = 10
+DRAINING = json.dumps({"type": "draining"})
 
 
 def decode_frame(msg):
@@ -99,6 +106,26 @@ class Task:
         # keeps it exact.
         self.instance = random.getrandbits(53)
         self.started = set()
+        # Registered links (addr -> websocket), and the stop: set on SIGTERM/SIGINT.
+        self.registered = {}
+        self.stopping = False
+        self.all_closed = asyncio.Event()
+        self.stop_requested = asyncio.Event()
+
+    def stop(self):
+        """Section 4, "Stopping": tell every router, then wait for each one's `drained`."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stop_requested.set()
+        log("stopping: draining %d links" % len(self.registered))
+        for ws in list(self.registered.values()):
+            asyncio.get_running_loop().create_task(ws.send(DRAINING))
+        self.check_closed()
+
+    def check_closed(self):
+        if self.stopping and not self.registered:
+            self.all_closed.set()
 
     def start_link(self, addr):
         if addr not in self.started:
@@ -107,12 +134,17 @@ class Task:
 
     async def link_loop(self, addr):
         backoff = 0.05
-        while True:
+        while not self.stopping:
             try:
                 await self.link_once(addr)
                 backoff = 0.05
             except Exception as e:  # noqa: BLE001 - a link retries whatever happened
                 log("link %s: %s: %s" % (addr, type(e).__name__, e))
+            finally:
+                self.registered.pop(addr, None)
+                self.check_closed()
+            if self.stopping:
+                return
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 5.0)
 
@@ -139,6 +171,9 @@ class Task:
                     }
                 )
             )
+            self.registered[addr] = ws
+            if self.stopping:  # registered while stopping: tell this router too
+                await ws.send(DRAINING)
             # Links to the other shards; skip this link's own index, since shard 0 may have
             # been reached under another name than the one the hello lists.
             for k, other in enumerate(hello.get("internal", [])):
@@ -149,6 +184,10 @@ class Task:
                     m = json.loads(msg)
                     if m.get("type") == "registered":
                         log("registered on %s shard %s" % (hello["router"], m.get("shard")))
+                    elif m.get("type") == "drained":
+                        # Every request the router routed here came before this: all answered.
+                        await ws.close(code=1000)
+                        return
                     continue
                 reply = answer(msg)
                 if reply is not None:
@@ -181,13 +220,20 @@ async def main():
     p.add_argument("--partitions", default="0-15")
     args = p.parse_args()
     task = Task(args)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.stop)
     task.start_link(args.router)
     log("instance %d, app %s, first link %s" % (task.instance, task.app, args.router))
-    await asyncio.Event().wait()
+    await task.stop_requested.wait()
+    try:
+        await asyncio.wait_for(task.all_closed.wait(), STOP_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        log("stop: a router did not answer drained within %d s" % STOP_TIMEOUT_S)
+        return 1
+    log("stopped")
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        asyncio.run(main())
-    except KeyboardInterrupt:
-        pass
+    sys.exit(asyncio.run(main()))

@@ -64,6 +64,17 @@ pub fn is_draining(text: &[u8]) -> bool {
     serde_json::from_slice::<TaskText>(text).is_ok_and(|m| m.kind == "draining")
 }
 
+/// `{"type":"drained"}`: the router's answer to [`DRAINING`], sent on the link once it took the
+/// link out of routing. A link delivers in order, so every request the router routed to the
+/// link came before it: a task that read it and answered what it holds may close the link
+/// without losing a request.
+pub const DRAINED: &str = r#"{"type":"drained"}"#;
+
+/// True for a [`DRAINED`] message (any JSON object whose `type` is `drained`).
+pub fn is_drained(text: &[u8]) -> bool {
+    serde_json::from_slice::<TaskText>(text).is_ok_and(|m| m.kind == "drained")
+}
+
 /// A task's text message on a registered link: its type, and a `renew`'s token.
 #[derive(Deserialize)]
 struct TaskText {
@@ -181,6 +192,9 @@ mod tests {
         assert!(!is_draining(br#"{"type":"renew","token":"x"}"#));
         assert!(!is_draining(b"draining"));
         assert!(renew_token(DRAINING.as_bytes()).is_none());
+        assert!(is_drained(DRAINED.as_bytes()));
+        assert!(!is_drained(DRAINING.as_bytes()));
+        assert!(!is_draining(DRAINED.as_bytes()));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -105,11 +105,12 @@ struct Ctx<H> {
     refused: Arc<tokio::sync::Notify>,
     /// Why the task gave up (a token refused for good); set once.
     fatal: watch::Sender<Option<String>>,
-    /// Set by [`Task::shutdown_graceful`]: requests are answered `503 task_stopping`.
-    draining: Arc<AtomicBool>,
-    /// Set with `draining`: every registered link tells its router (`{"type":"draining"}`),
-    /// which sends it no new request.
+    /// Set by [`Task::shutdown_graceful`]: every registered link tells its router
+    /// (`{"type":"draining"}`), which sends it no new request and answers `drained`.
     draining_tx: Arc<watch::Sender<bool>>,
+    /// Registered links whose router has not answered `drained` yet (a link that ends stops
+    /// counting): [`Task::shutdown_graceful`] waits for 0, after which no request can come.
+    undrained: Arc<watch::Sender<usize>>,
     /// Handlers running in a tokio task of their own (not those ready at once).
     in_flight: Arc<watch::Sender<usize>>,
 }
@@ -125,8 +126,8 @@ pub struct Task {
     stats: Arc<dyn Fn() -> Stats + Send + Sync>,
     last_error: Arc<dyn Fn() -> Option<String> + Send + Sync>,
     secrets: crate::Secrets,
-    draining: Arc<AtomicBool>,
     draining_tx: Arc<watch::Sender<bool>>,
+    undrained: watch::Receiver<usize>,
     in_flight: watch::Receiver<usize>,
 }
 
@@ -194,8 +195,8 @@ impl Task {
         let (registered, registered_rx) = watch::channel(0usize);
         let (loops, loops_rx) = watch::channel(0usize);
         let (in_flight, in_flight_rx) = watch::channel(0usize);
-        let draining = Arc::new(AtomicBool::new(false));
         let draining_tx = Arc::new(watch::channel(false).0);
+        let (undrained, undrained_rx) = watch::channel(0usize);
         let secrets = opts.secrets.clone();
         let routers = opts.routers.clone();
         let ctx = Arc::new(Ctx {
@@ -214,8 +215,8 @@ impl Task {
             token,
             refused,
             fatal,
-            draining: draining.clone(),
             draining_tx: draining_tx.clone(),
+            undrained: Arc::new(undrained),
             in_flight: Arc::new(in_flight),
         });
         if ctx.opts.token_source != TokenSource::Fixed {
@@ -273,8 +274,8 @@ impl Task {
             stats,
             last_error,
             secrets,
-            draining,
             draining_tx,
+            undrained: undrained_rx,
             in_flight: in_flight_rx,
         })
     }
@@ -343,15 +344,28 @@ impl Task {
     }
 
     /// Stops taking requests, lets the handlers in flight finish for up to `deadline`, then
-    /// [`Task::shutdown`]. From the call on, every request that arrives is answered at once
-    /// with `503 task_stopping` (the links stay open so that the answers of the handlers in
-    /// flight go out). Returns the number of handlers still running at the deadline (their
+    /// [`Task::shutdown`]. Every registered link tells its router the task is stopping
+    /// (`{"type":"draining"}`); the router routes nothing new to it and answers `drained`
+    /// after the last request it sent on that link. Requests that arrive before that
+    /// answer are served as any (the router sent them before it read `draining`); one that
+    /// arrives after it (from a router that misbehaves) is answered `503 task_stopping`. The
+    /// task waits, within `deadline`, for every link's `drained` and then for the handlers
+    /// in flight. Returns the number of handlers still running at the deadline (their
     /// requests get `502 task_lost`); 0 when every one finished.
     pub async fn shutdown_graceful(self, deadline: Duration) -> usize {
-        self.draining.store(true, Ordering::SeqCst);
         self.draining_tx.send_replace(true);
-        let mut in_flight = self.in_flight.clone();
-        let _ = tokio::time::timeout(deadline, in_flight.wait_for(|n| *n == 0)).await;
+        let (mut undrained, mut in_flight) = (self.undrained.clone(), self.in_flight.clone());
+        let waited = tokio::time::timeout(deadline, async {
+            let _ = undrained.wait_for(|n| *n == 0).await;
+            let _ = in_flight.wait_for(|n| *n == 0).await;
+        })
+        .await;
+        if waited.is_err() && *undrained.borrow() > 0 {
+            tracing::warn!(
+                links = *undrained.borrow(),
+                "a router did not answer drained before the shutdown deadline"
+            );
+        }
         let left = *in_flight.borrow();
         if left > 0 {
             tracing::warn!(
@@ -561,6 +575,8 @@ where
     // answers `503 task_stopping`).
     let mut drain_rx = ctx.draining_tx.subscribe();
     let mut drain_sent = false;
+    // The router answered `drained`: nothing more comes on this link.
+    let mut drained = false;
     let res = loop {
         let deadline = link
             .poll_timeout()
@@ -620,6 +636,10 @@ where
         let now = Instant::now();
         let r = match msg {
             Message::Text(t) => {
+                if renew::is_drained(t.as_bytes()) && registered && !drained {
+                    drained = true;
+                    ctx.undrained.send_modify(|n| *n -= 1);
+                }
                 if let Some(answer) = renew::renew_answer(t.as_bytes()) {
                     pacer.answered(now);
                     let token = sent.pop_front();
@@ -713,6 +733,7 @@ where
                     registered = true;
                     bump(&ctx.counters.registrations);
                     ctx.registered.send_modify(|n| *n += 1);
+                    ctx.undrained.send_modify(|n| *n += 1);
                     let router = link.hello().map_or("", |h| h.router.as_str());
                     tracing::info!(%addr, router, shard, "link registered");
                 }
@@ -722,12 +743,15 @@ where
                         tracing::info!(app, version, "app secret received");
                     }
                 }
-                Event::Request(req) => on_request(ctx, req, &tx, max_answer),
+                Event::Request(req) => on_request(ctx, req, &tx, max_answer, drained),
             }
         }
     };
     if registered {
         ctx.registered.send_modify(|n| *n -= 1);
+        if !drained {
+            ctx.undrained.send_modify(|n| *n -= 1);
+        }
     }
     if let Some(k) = held {
         ctx.linked
@@ -959,17 +983,18 @@ fn on_request<H, F>(
     req: Request,
     tx: &mpsc::UnboundedSender<Message>,
     max_answer: usize,
+    drained: bool,
 ) where
     H: Fn(Request) -> F + Send + Sync + 'static,
     F: Future<Output = Outcome> + Send + 'static,
 {
     bump(&ctx.counters.requests);
     let head = req.head();
-    // Counted in before `draining` is read: `shutdown_graceful` sets `draining`, then waits for
-    // the count to reach 0, so either this request sees it and declines, or the wait sees this
-    // request (read the other way round, a handler could start after the wait saw 0).
+    // Counted in before the link's `drained` is read (this link's loop reads it after this
+    // request), and `shutdown_graceful` waits for every link's `drained` before it waits for
+    // this count: a request served here is always waited for.
     let running = InFlight::new(ctx.in_flight.clone());
-    if ctx.draining.load(Ordering::SeqCst) {
+    if drained {
         drop(running);
         let why = "the task is stopping; try again".to_string();
         bump(&ctx.counters.answers);

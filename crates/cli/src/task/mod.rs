@@ -43,9 +43,11 @@ pub struct TaskOptions {
     /// (`fedbus task --tls-ca`; the routers run with `listen.internal_tls`). Default none.
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// On SIGTERM or SIGINT the task stops gracefully: it tells every router it is stopping
-    /// (`{"type":"draining"}`, docs/PROTOCOL.md section 4), answers new requests `503
-    /// task_stopping`, gives the handlers in flight up to this long, closes its links (1000)
-    /// and exits 0. A second signal exits at once (status 1). Default 10 s.
+    /// (`{"type":"draining"}`, docs/PROTOCOL.md section 4), answers what the routers sent
+    /// before they answered `drained`, gives the handlers in flight up to this long in all,
+    /// closes its links (1000) and exits 0. A router that never answers `drained` within it
+    /// gets `503 task_stopping` for what it sends after. A second signal exits at once
+    /// (status 1). Default 10 s.
     pub stop_timeout: Duration,
 }
 
@@ -248,6 +250,7 @@ where
         handler,
         started: RefCell::new(HashSet::new()),
         stopping: std::cell::Cell::new(false),
+        refusing: std::cell::Cell::new(false),
         in_flight: Rc::new(std::cell::Cell::new(0)),
         links: RefCell::new(Vec::new()),
     });
@@ -276,14 +279,33 @@ struct Ctx<H> {
     token_generation: std::cell::Cell<u64>,
     /// Set on SIGTERM or SIGINT ([`stop_on_signal`]).
     stopping: std::cell::Cell<bool>,
+    /// Set when a router did not answer `drained` within the stop timeout: requests that still
+    /// come are answered `503 task_stopping`.
+    refusing: std::cell::Cell<bool>,
     /// Handlers running in a task of their own (not those that answered at once).
     in_flight: Rc<std::cell::Cell<usize>>,
-    /// The outboxes of the registered links, to tell them the task is stopping.
-    links: RefCell<Vec<std::rc::Weak<RefCell<WsOut>>>>,
+    /// The registered links, to tell them the task is stopping and to know when each router
+    /// answered `drained`.
+    links: RefCell<Vec<Registered>>,
 }
 
-/// The answer to a request that reaches a stopping task (the router sent it before it read
-/// the task's `draining`), as the SDK's.
+/// A registered link: its outbox, and whether the router answered `drained` on it (nothing
+/// more comes on it).
+struct Registered {
+    out: std::rc::Weak<RefCell<WsOut>>,
+    drained: Rc<std::cell::Cell<bool>>,
+}
+
+impl Registered {
+    /// Nothing more comes on this link: the router said so, or the link is gone.
+    fn done(&self) -> bool {
+        self.drained.get() || self.out.strong_count() == 0
+    }
+}
+
+/// The answer to a request that reaches a stopping task after its router answered `drained`
+/// (it should send none) or after the stop timeout passed without that answer (a router that
+/// predates `drained`), as the SDK's.
 fn stopping_answer() -> Outcome {
     Outcome::Response {
         status: 503,
@@ -296,9 +318,11 @@ fn stopping_answer() -> Outcome {
 }
 
 /// Waits for SIGTERM or SIGINT, then stops the task gracefully (see
-/// [`TaskOptions::stop_timeout`]): every registered link is told `draining`, the handlers in
-/// flight get up to `stop_timeout`, every link closes with 1000 once its answers are written
-/// (at most 1 s more), and the process exits 0. A second signal exits at once with status 1.
+/// [`TaskOptions::stop_timeout`]): every registered link is told `draining`; within
+/// `stop_timeout` the task waits until each router answered `drained` (every request it routed
+/// here came before that) and the handlers in flight are done; then every link closes with
+/// 1000 once its answers are written (at most 1 s more), and the process exits 0. A second
+/// signal exits at once with status 1.
 async fn stop_on_signal<H>(ctx: Rc<Ctx<H>>) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let got = std::sync::Arc::new(AtomicUsize::new(0));
@@ -315,29 +339,37 @@ async fn stop_on_signal<H>(ctx: Rc<Ctx<H>>) {
     }
     got.store(0, Ordering::SeqCst);
     ctx.stopping.set(true);
-    let links: Vec<_> = ctx
-        .links
-        .borrow()
-        .iter()
-        .filter_map(|w| w.upgrade())
-        .collect();
+    let told = ctx.links.borrow().len();
     tracing::info!(
-        links = links.len(),
+        links = told,
         in_flight = ctx.in_flight.get(),
         timeout = ?ctx.opts.stop_timeout,
         "stopping: told the routers; answering what is in flight"
     );
-    for out in &links {
-        let _ = out.borrow_mut().send_text(r#"{"type":"draining"}"#);
+    for l in ctx.links.borrow().iter() {
+        if let Some(out) = l.out.upgrade() {
+            let _ = out.borrow_mut().send_text(renew::DRAINING);
+        }
     }
     let start = std::time::Instant::now();
-    while ctx.in_flight.get() > 0 && start.elapsed() < ctx.opts.stop_timeout {
+    let all_drained = || ctx.links.borrow().iter().all(Registered::done);
+    while (ctx.in_flight.get() > 0 || !all_drained()) && start.elapsed() < ctx.opts.stop_timeout {
         if got.load(Ordering::SeqCst) != 0 {
             tracing::warn!("second signal while stopping: exiting now");
             std::process::exit(1);
         }
-        glommio::timer::sleep(Duration::from_millis(10)).await;
+        glommio::timer::sleep(Duration::from_millis(5)).await;
     }
+    if !all_drained() {
+        ctx.refusing.set(true);
+        tracing::warn!("a router did not answer drained within the stop timeout: what it sends now is refused 503");
+    }
+    let links: Vec<_> = ctx
+        .links
+        .borrow()
+        .iter()
+        .filter_map(|l| l.out.upgrade())
+        .collect();
     let left = ctx.in_flight.get();
     if left > 0 {
         tracing::warn!(
@@ -571,10 +603,18 @@ where
     };
     let _ = out.borrow_mut().send_text(&serde_json::to_string(&reg)?);
     tracing::info!(%addr, router = %hello.router, shard = hello.shard, shards = hello.shards, "link up");
+    let drained = Rc::new(std::cell::Cell::new(false));
     {
         let mut links = ctx.links.borrow_mut();
-        links.retain(|w| w.strong_count() > 0);
-        links.push(Rc::downgrade(out));
+        links.retain(|l| l.out.strong_count() > 0);
+        links.push(Registered {
+            out: Rc::downgrade(out),
+            drained: drained.clone(),
+        });
+    }
+    if ctx.stopping.get() {
+        // Registered while the task stops (the link was opening when the signal came).
+        let _ = out.borrow_mut().send_text(renew::DRAINING);
     }
     let shard_line: Option<Rc<[u8]>> = ctx.opts.report_link_shard.then(|| {
         format!("echo-link-shard: {}", hello.shard)
@@ -593,7 +633,8 @@ where
                     continue;
                 }
                 let h = f.header;
-                if ctx.stopping.get() {
+                // A request the router sent before it read our `draining` is served as any.
+                if drained.get() || ctx.refusing.get() {
                     send_outcome(out, &h, stopping_answer(), shard_line.as_deref());
                     continue;
                 }
@@ -616,7 +657,9 @@ where
                 }
             }
             Message::Text(t) => {
-                if let Some(answer) = renew::renew_answer(&t) {
+                if renew::is_drained(&t) {
+                    drained.set(true);
+                } else if let Some(answer) = renew::renew_answer(&t) {
                     let mut p = pacer.get();
                     p.answered(std::time::Instant::now());
                     pacer.set(p);

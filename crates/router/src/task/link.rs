@@ -1062,6 +1062,9 @@ fn on_text(shard: &Shard, link: &TaskLink, text: &[u8]) {
             );
             link.stopping();
         }
+        // After every request routed to the link (routing appends to this same outbox, and
+        // no request is routed to it from now on): the task may close once it answered them.
+        let _ = link.out.borrow_mut().send_text(renew::DRAINED);
         return;
     }
     let what = format_args!("task link of task {}", link.task);

@@ -48,6 +48,7 @@ admin_enabled = false
 [tuning]
 shard_cores = [1]
 control_core = 0
+${FEDBUS_TUNING:-}
 
 [[apps]]
 name = "demo/echo"

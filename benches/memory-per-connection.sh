@@ -8,6 +8,8 @@
 #   BIN=/path/to/fedbus benches/memory-per-connection.sh   # that binary instead of building
 #   EXTRA_BIN=/path/to/other/fedbus benches/memory-per-connection.sh   # adds that build's rows
 #   ONLY=fedbus-http,nats ROUNDS=6 benches/memory-per-connection.sh      # only those rows
+#   TRIM_MS=0 LATER=12 benches/memory-per-connection.sh   # the fedbus routers' memory_trim_ms
+#                                 # (0: off); the last column reads RSS LATER s after the close
 #
 # Run from the repo root (as root: it installs nginx and nats-server with apt when they are
 # missing). Writes benches/results/<date>-memory-per-connection-<host>.md (or $OUT).
@@ -21,7 +23,9 @@
 # seconds later (the first connections idle and still held) a second client opens COUNT more
 # the same way, and the resident set is read once they are all held ("held2"); then both
 # clients close theirs, the script waits until the server's port has no established connection
-# left, and reads it a last time ("after"). Per connection = (held - before) / COUNT for the
+# left, and reads it ("after"), and again LATER seconds after that ("later": what the server
+# gave back to the kernel once the connections were gone; fedbus does with
+# `tuning.memory_trim_ms`, TRIM_MS here). Per connection = (held - before) / COUNT for the
 # first wave, (held2 - held) / COUNT for the second: what one more idle connection costs once
 # the server has had time to give back what idle connections need not hold (fedbus does after
 # `tuning.idle_buffer_release_ms`, 1 s by default, and the allocator hands that memory to the
@@ -32,6 +36,13 @@ set -euo pipefail
 COUNT=${COUNT:-4000}
 ROUNDS=${ROUNDS:-2}
 SETTLE=${SETTLE:-5}
+LATER=${LATER:-12}
+# TRIM_MS=N: the fedbus routers' tuning.memory_trim_ms (unset: the router's default, 10000;
+# 0: no trim, the resident set stays at its high-water mark as before that setting).
+TRIM_MS=${TRIM_MS:-}
+[ -z "$TRIM_MS" ] || [[ "$TRIM_MS" =~ ^[0-9]+$ ]] || { echo "TRIM_MS must be a whole number of ms" >&2; exit 1; }
+[[ "$LATER" =~ ^[0-9]+$ ]] || { echo "LATER must be a whole number of seconds" >&2; exit 1; }
+export FEDBUS_TUNING=${TRIM_MS:+memory_trim_ms = $TRIM_MS}
 EXTRA_BIN=${EXTRA_BIN:-}
 [[ "$COUNT" =~ ^[1-9][0-9]*$ ]] && [ "$COUNT" -le 4500 ] || {
   echo "COUNT must be a whole number from 1 to 4500 (2 x COUNT are held; the router's default limits.max_connections_per_shard is 10000)" >&2; exit 1; }
@@ -150,7 +161,7 @@ hold_close() {
 # (SETTLE seconds later, the first still held) COUNT more; appends "NAME round before held
 # held2 after" (KiB) to $WORK/rows.
 measure() {
-  local name=$1 kind=$2 port=$3 path=$4 round before held held2 after a1 a2 a3 b1 b2 b3
+  local name=$1 kind=$2 port=$3 path=$4 round before held held2 after later a1 a2 a3 b1 b2 b3
   shift 4
   for round in $(seq 1 "$ROUNDS"); do
     echo "== $name, round $round: $COUNT connections, then $COUNT more" >&2
@@ -165,7 +176,9 @@ measure() {
     for _ in $(seq 1 300); do [ "$(established "$port")" = 0 ] && break; sleep 0.1; done
     [ "$(established "$port")" = 0 ] || { echo "$name: connections still established 30 s after the client closed them" >&2; exit 1; }
     after=$(rss_kb "$@")
-    echo "$name $round $before $held $held2 $after" >>"$WORK/rows"
+    sleep "$LATER"
+    later=$(rss_kb "$@")
+    echo "$name $round $before $held $held2 $after $later" >>"$WORK/rows"
   done
 }
 # ONLY=name,name measures only those rows (fedbus-http, fedbus-ws, fedbus-https, extra-http,
@@ -188,9 +201,9 @@ want nats && measure nats nats "$NATS_PORT" / "$NATS_PID"
 python3 - "$WORK/rows" "$COUNT" "$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)" "$(uname -r)" \
   "$LOAD_START" "$("$NGINX" -v 2>&1 | head -1)" "$("$NATS" --version 2>&1 | head -1)" \
   "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" "$(python3 --version)" \
-  "$( [ -n "$EXTRA_BIN" ] && echo "$EXTRA_BIN" || echo "")" "$SETTLE" >"$OUT" <<'PY'
+  "$( [ -n "$EXTRA_BIN" ] && echo "$EXTRA_BIN" || echo "")" "$SETTLE" "$LATER" "${TRIM_MS:-}" >"$OUT" <<'PY'
 import sys
-rows_file, count, cpu, kernel, load, nginxv, natsv, commit, pyv, extra, settle = sys.argv[1:]
+rows_file, count, cpu, kernel, load, nginxv, natsv, commit, pyv, extra, settle, later, trim = sys.argv[1:]
 count = int(count)
 labels = {
     "fedbus-http": "fedbus router, HTTP/1.1 keep-alive (one POST answered)",
@@ -207,23 +220,25 @@ labels = {
 rows = [l.split() for l in open(rows_file)]
 o = [f"# Server memory per idle client connection ({count} connections held, then {count} more)", "",
      f"- machine: {cpu}, kernel {kernel}, {load} at the start",
-     f"- command: `COUNT={count} SETTLE={settle} benches/memory-per-connection.sh` (commit {commit})",
+     f"- command: `COUNT={count} SETTLE={settle} LATER={later}{' TRIM_MS=' + trim if trim else ''} benches/memory-per-connection.sh` (commit {commit})",
+     f"- fedbus routers: tuning.memory_trim_ms = {trim if trim else 'the default (10000)'}",
      "- pinning: every server on core 1 (`taskset -c 1`; nats-server with `GOMAXPROCS=1`, nginx one worker); "
      "the fedbus echo task, the upstream nginx and the client (`benches/hold-connections.py`, asyncio) on core 0",
      f"- {nginxv}; {natsv}; {pyv}",
      "- RSS = VmRSS of the server's processes (nginx: master + worker); first wave per connection = "
      f"(held - before) / {count}; second wave per connection = (held with both - held) / {count}, the second "
-     f"wave opened {settle} s after the first, whose connections idle meanwhile",
-     "", "| server | round | RSS before | first wave held | per connection | second wave held too | per connection | RSS after they closed |",
-     "|---|---:|---:|---:|---:|---:|---:|---:|"]
-for name, rnd, before, held, held2, after in rows:
-    b, h, h2, a = int(before), int(held), int(held2), int(after)
+     f"wave opened {settle} s after the first, whose connections idle meanwhile (a fedbus router that trims "
+     "may give memory back during that wait, which lowers this figure)",
+     "", f"| server | round | RSS before | first wave held | per connection | second wave held too | per connection | RSS after they closed | {later} s later |",
+     "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+for name, rnd, before, held, held2, after, later_kb in rows:
+    b, h, h2, a, l = int(before), int(held), int(held2), int(after), int(later_kb)
     o.append(f"| {labels[name]} | {rnd} | {b / 1024:.1f} MiB | {h / 1024:.1f} MiB | "
-             f"{(h - b) / count:.2f} KiB | {h2 / 1024:.1f} MiB | {(h2 - h) / count:.2f} KiB | {a / 1024:.1f} MiB |")
+             f"{(h - b) / count:.2f} KiB | {h2 / 1024:.1f} MiB | {(h2 - h) / count:.2f} KiB | {a / 1024:.1f} MiB | {l / 1024:.1f} MiB |")
 o += ["", f"Highest RSS over the rounds, less the RSS before the first, per connection held ({2 * count}; what the "
       "allocator keeps for that many connections at the high-water mark):", ""]
 first, peak = {}, {}
-for name, rnd, before, held, held2, after in rows:
+for name, rnd, before, held, held2, after, _ in rows:
     first.setdefault(name, int(before))
     peak[name] = max(peak.get(name, 0), int(held), int(held2))
 for name in first:

@@ -899,6 +899,51 @@ fn a_rolling_restart_of_tasks_under_load_fails_no_request() {
     );
 }
 
+/// docs/TUNING.md `tuning.memory_trim_ms`: after a wave of 1,200 keep-alive connections (one
+/// request each) closes, the router gives the freed memory back to the kernel within the
+/// interval and logs it, the resident set after below the one before.
+#[test]
+fn after_a_wave_of_connections_closes_the_router_gives_memory_back() {
+    let r = Router::new().tuning("memory_trim_ms", 1000).start();
+    let _task = r.task().start();
+    let tok = r.token(APP, "alice");
+    echo_ok(&r, 1, &tok);
+    let req = Req::post(&r.path(APP, 2)).token(&tok).body(b"wave").bytes();
+    let wave: Vec<Conn> = (0..1200)
+        .map(|_| {
+            let mut c = r.conn();
+            c.set_read_timeout(Duration::from_secs(5));
+            c.send(&req);
+            let resp = c.read_response().expect("answer");
+            assert_eq!(resp.status, 200, "{resp:?}");
+            c
+        })
+        .collect();
+    drop(wave);
+    let line = wait_until(
+        "a memory trim after the wave closed",
+        Duration::from_secs(15),
+        || {
+            plain(&r.log())
+                .lines()
+                .find(|l| l.contains("memory trimmed"))
+                .map(str::to_string)
+        },
+        || r.log(),
+    );
+    let field = |name: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+    };
+    println!("{line}");
+    assert!(
+        field("rss_after_kib") < field("rss_before_kib"),
+        "nothing given back: {line}"
+    );
+}
+
 /// A task that exits with requests pending on both shards and on an `/api/ws` session: every
 /// client gets 502 `task_lost` promptly, none hangs.
 #[test]

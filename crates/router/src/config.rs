@@ -405,6 +405,11 @@ pub struct Tuning {
     /// (as nginx frees a keep-alive connection's buffers). 0: never (a connection keeps them
     /// for its life). Default 1000 ms. See docs/TUNING.md.
     pub idle_buffer_release_ms: u64,
+    /// Once at least 1000 client connections closed or gave their buffers back, a thread
+    /// returns the memory the allocator keeps to the kernel (`malloc_trim`), at most once
+    /// per this interval. 0: never (the resident set stays at its high-water mark). Default
+    /// 10000 ms. See docs/TUNING.md.
+    pub memory_trim_ms: u64,
 }
 
 /// One app.
@@ -589,6 +594,7 @@ impl Default for Tuning {
             spin_before_park_us: 0,
             io_memory: 1 << 20,
             idle_buffer_release_ms: 1000,
+            memory_trim_ms: 10_000,
             pin: true,
         }
     }

@@ -237,6 +237,7 @@ pub struct RouterBuilder {
     shards: usize,
     apps: Vec<(String, u32)>,
     limits: Vec<(String, String)>,
+    tuning: Vec<(String, String)>,
     tls: Vec<(PathBuf, PathBuf)>,
     /// `listen.internal_tls`: task links over TLS with the `tls` certificates.
     internal_tls: bool,
@@ -260,6 +261,7 @@ impl Default for RouterBuilder {
             shards: 1,
             apps: vec![("demo/echo".into(), 16), ("demo/other".into(), 4)],
             limits: Vec::new(),
+            tuning: Vec::new(),
             tls: Vec::new(),
             internal_tls: false,
             cors: Vec::new(),
@@ -296,6 +298,12 @@ impl RouterBuilder {
     /// A `[limits]` override, e.g. `limit("max_body_bytes", 1024)`.
     pub fn limit(mut self, key: &str, value: impl std::fmt::Display) -> Self {
         self.limits.push((key.into(), value.to_string()));
+        self
+    }
+
+    /// A `[tuning]` override, e.g. `tuning("memory_trim_ms", 1000)`.
+    pub fn tuning(mut self, key: &str, value: impl std::fmt::Display) -> Self {
+        self.tuning.push((key.into(), value.to_string()));
         self
     }
 
@@ -381,6 +389,9 @@ impl RouterBuilder {
             let _ = writeln!(cfg, "{k} = {v}");
         }
         let _ = writeln!(cfg, "[tuning]\nshard_cores = {cores}\npin = {}", self.pin);
+        for (k, v) in &self.tuning {
+            let _ = writeln!(cfg, "{k} = {v}");
+        }
         for (cert, key) in &self.tls {
             let _ = writeln!(cfg, "[[tls.certs]]\ncert = {cert:?}\nkey = {key:?}");
         }

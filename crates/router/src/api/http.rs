@@ -503,6 +503,7 @@ impl Drop for OpenConn {
         let shard = &self.0;
         shard.client_conns.set(shard.client_conns.get() - 1);
         ShardMetrics::dec(&shard.metrics.connections[Listener::Api as usize]);
+        ShardMetrics::inc(&shard.metrics.api_closed);
     }
 }
 

@@ -62,6 +62,8 @@ pub(crate) struct ShardMetrics {
     pub(crate) idle_evicted: AtomicU64,
     /// Client connections that gave their buffers back after `tuning.idle_buffer_release_ms`.
     pub(crate) idle_buffers_released: AtomicU64,
+    /// Client connections closed (api and TLS api listeners), so far.
+    pub(crate) api_closed: AtomicU64,
     /// Task links taken out of routing by outlier detection, by `task::link::Ejection`.
     pub(crate) task_ejected: [AtomicU64; 3],
     pub(crate) task_readmitted: AtomicU64,
@@ -130,7 +132,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, Field); 30] = [
+    let simple: [(&str, &str, &str, Field); 31] = [
         (
             "fedbus_bytes_in_total",
             "counter",
@@ -295,6 +297,12 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             "counter",
             "Times a client connection (HTTP keep-alive or /api/ws session) idle for tuning.idle_buffer_release_ms gave its read and write buffers back; it takes new ones with its next bytes.",
             |m| &m.idle_buffers_released,
+        ),
+        (
+            "fedbus_client_connections_closed_total",
+            "counter",
+            "Client connections (api and TLS api listeners) closed, for any reason; with fedbus_idle_buffers_released_total it is what tuning.memory_trim_ms counts.",
+            |m| &m.api_closed,
         ),
         (
             "fedbus_forward_retries_total",

@@ -504,6 +504,10 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
         })?;
 
     let metrics: Registry = Arc::new((0..n).map(|_| Arc::new(ShardMetrics::default())).collect());
+    super::trim::spawn(
+        metrics.clone(),
+        Duration::from_millis(cfg.tuning.memory_trim_ms),
+    )?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<usize, String>>();
     let mut handles = Vec::new();
     for (i, core) in cores.iter().copied().enumerate() {

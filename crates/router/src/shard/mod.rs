@@ -3,6 +3,7 @@
 //! and keyring snapshots without locks and reports task links to the control thread.
 
 pub mod listen;
+mod trim;
 
 use crate::config::Config;
 use crate::control::{ControlEvent, Snapshots};

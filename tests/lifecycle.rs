@@ -853,28 +853,12 @@ fn a_rolling_restart_of_tasks_under_load_fails_no_request() {
     let mut tasks = std::collections::VecDeque::from([r.task().start()]);
     let tok = r.token(APP, "alice");
     echo_ok(&r, 1, &tok);
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..4u64)
-        .map(|w| {
-            let (mut c, path, tok, stop) = (r.conn(), r.path(APP, w), tok.clone(), stop.clone());
-            std::thread::spawn(move || {
-                c.set_read_timeout(Duration::from_secs(10));
-                let mut statuses = std::collections::BTreeMap::<String, u64>::new();
-                while !stop.load(Ordering::Relaxed) {
-                    c.send(&Req::post(&path).token(&tok).body(b"roll").bytes());
-                    let got = match c.read_response() {
-                        Ok(resp) if resp.status == 200 => "200".to_string(),
-                        Ok(resp) => {
-                            format!("{} {}", resp.status, String::from_utf8_lossy(&resp.body))
-                        }
-                        Err(e) => format!("no answer: {e}"),
-                    };
-                    *statuses.entry(got).or_default() += 1;
-                }
-                statuses
-            })
-        })
-        .collect();
+    let load = fedbus_testkit::attack::BackToBack::start(r.api, 4, |w| {
+        Req::post(&r.path(APP, w as u64))
+            .token(&tok)
+            .body(b"roll")
+            .bytes()
+    });
     for _ in 0..5 {
         tasks.push_back(r.task().start());
         let mut old = tasks.pop_front().expect("a task");
@@ -882,13 +866,7 @@ fn a_rolling_restart_of_tasks_under_load_fails_no_request() {
         let exit = old.wait_exit(Duration::from_secs(15));
         assert!(exit.is_some_and(|x| x.success()), "{exit:?}\n{}", old.log());
     }
-    stop.store(true, Ordering::Relaxed);
-    let mut all = std::collections::BTreeMap::<String, u64>::new();
-    for c in clients {
-        for (k, n) in c.join().expect("client") {
-            *all.entry(k).or_default() += n;
-        }
-    }
+    let all = load.stop();
     println!("answers over five restarts: {all:?}");
     assert!(all.get("200").is_some_and(|n| *n > 100), "{all:?}");
     assert_eq!(

@@ -4,7 +4,8 @@
 
 use bytes::BytesMut;
 use fedbus_proto::{encode_frame, put_meta, tag, Kind};
-use fedbus_testkit::ReadRetrying;
+use fedbus_testkit::attack::BackToBack;
+use fedbus_testkit::{ReadRetrying, Req};
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -418,16 +419,7 @@ fn python_task_written_from_the_doc_serves_requests() {
         );
     }
 
-    let child = Command::new(&py)
-        .arg(TASK)
-        .args(["--router", &router.internal[0], "--token", &token])
-        .args(["--app", "demo/echo", "--partitions", "0-15"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start python3 echo_task.py");
-    procs.0.push(child);
+    procs.0.push(spawn_task(&py, &router, &token));
 
     // Wait until both shards answer 200 (the task links to shard 0, then to shard 1).
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -513,16 +505,7 @@ fn python_task_written_from_the_doc_serves_requests() {
     // Section 4, "Stopping": a second task joins, then the first stops on SIGTERM while four
     // clients send back to back; it sends `draining`, answers what arrives until the router's
     // `drained`, closes and exits 0, and no client sees a failure.
-    let second = Command::new(&py)
-        .arg(TASK)
-        .args(["--router", &router.internal[0], "--token", &token])
-        .args(["--app", "demo/echo", "--partitions", "0-15"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the second python3 echo_task.py");
-    procs.0.push(second);
+    procs.0.push(spawn_task(&py, &router, &token));
     let deadline = Instant::now() + Duration::from_secs(10);
     while task_links(&router.admin) < 4 {
         assert!(
@@ -531,31 +514,13 @@ fn python_task_written_from_the_doc_serves_requests() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let clients: Vec<_> = (0..4u64)
-        .map(|c| {
-            let (api, jwt, stop) = (router.api.clone(), jwt.clone(), stop.clone());
-            let answered = answered.clone();
-            std::thread::spawn(move || {
-                let mut s = connect(&api);
-                let mut seen = std::collections::BTreeMap::<String, u64>::new();
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let got = match post(&mut s, &path(c), &jwt, b"stop") {
-                        Ok(r) if r.status == 200 => "200".to_string(),
-                        Ok(r) => format!("{} {}", r.status, String::from_utf8_lossy(&r.body)),
-                        Err(e) => format!("no answer: {e}"),
-                    };
-                    *seen.entry(got).or_default() += 1;
-                    answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                seen
-            })
-        })
-        .collect();
+    let api: std::net::SocketAddr = router.api.parse().expect("api address");
+    let load = BackToBack::start(api, 4, |c| {
+        Req::post(&path(c as u64)).token(&jwt).body(b"stop").bytes()
+    });
     // Both tasks under load a while before the stop.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while answered.load(std::sync::atomic::Ordering::Relaxed) < 200 {
+    while load.answered() < 200 {
         assert!(
             Instant::now() < deadline,
             "the clients got fewer than 200 answers in 10 s"
@@ -579,13 +544,7 @@ fn python_task_written_from_the_doc_serves_requests() {
         );
         std::thread::sleep(Duration::from_millis(20));
     };
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut seen = std::collections::BTreeMap::<String, u64>::new();
-    for c in clients {
-        for (k, n) in c.join().expect("client") {
-            *seen.entry(k).or_default() += n;
-        }
-    }
+    let seen = load.stop();
     println!("answers while the first python task stopped: {seen:?}; it exited {exit:?}");
     assert!(exit.success(), "{exit:?}");
     assert!(seen.get("200").is_some_and(|n| *n > 20), "{seen:?}");
@@ -595,6 +554,19 @@ fn python_task_written_from_the_doc_serves_requests() {
         "a request failed while the task stopped: {seen:?}"
     );
     assert_eq!(task_links(&router.admin), 2, "the second task's links stay");
+}
+
+/// `echo_task.py` for all partitions of demo/echo, linked to `router`'s shard 0.
+fn spawn_task(py: &str, router: &Router, token: &str) -> Child {
+    Command::new(py)
+        .arg(TASK)
+        .args(["--router", &router.internal[0], "--token", token])
+        .args(["--app", "demo/echo", "--partitions", "0-15"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start python3 echo_task.py")
 }
 
 /// `fedbus_task_links` summed over the shards, from the router's admin listener.

@@ -569,7 +569,6 @@ fn a_graceful_shutdown_moves_new_requests_to_the_other_task() {
 /// `502 task_lost` when it reached a task that had already closed its links.
 #[test]
 fn a_rolling_restart_of_sdk_tasks_under_load_fails_no_request() {
-    use std::sync::atomic::{AtomicBool, Ordering};
     let r = std::sync::Arc::new(Router::start("sdk-rolling-load", 86400));
     let client = r.client_token();
     let rt = std::sync::Arc::new(rt());
@@ -591,30 +590,10 @@ fn a_rolling_restart_of_sdk_tasks_under_load_fails_no_request() {
         || (r.request(&client) == 200).then_some(()),
         || r.run.log(),
     );
-    let stop = std::sync::Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let (api, client, stop) = (r.api, client.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let path = format!("/api/local/dev/{APP}/api/3/sys/echo");
-                let mut c = Conn::open(api);
-                c.set_read_timeout(Duration::from_secs(10));
-                let mut seen = std::collections::BTreeMap::<String, u64>::new();
-                while !stop.load(Ordering::Relaxed) {
-                    c.send(&Req::post(&path).token(&client).body(b"roll").bytes());
-                    let got = match c.read_response() {
-                        Ok(resp) if resp.status == 200 => "200".to_string(),
-                        Ok(resp) => {
-                            format!("{} {}", resp.status, String::from_utf8_lossy(&resp.body))
-                        }
-                        Err(e) => format!("no answer: {e}"),
-                    };
-                    *seen.entry(got).or_default() += 1;
-                }
-                seen
-            })
-        })
-        .collect();
+    let path = format!("/api/local/dev/{APP}/api/3/sys/echo");
+    let load = kit::attack::BackToBack::start(r.api, 4, |_| {
+        Req::post(&path).token(&client).body(b"roll").bytes()
+    });
     for i in 1..=3 {
         let next = spawn(&rt, opts(&format!("roll-{i}")));
         registered(&rt, &next);
@@ -630,13 +609,7 @@ fn a_rolling_restart_of_sdk_tasks_under_load_fails_no_request() {
         let left = rt.block_on(old.shutdown_graceful(Duration::from_secs(10)));
         assert_eq!(left, 0);
     }
-    stop.store(true, Ordering::Relaxed);
-    let mut seen = std::collections::BTreeMap::<String, u64>::new();
-    for c in clients {
-        for (k, n) in c.join().expect("client") {
-            *seen.entry(k).or_default() += n;
-        }
-    }
+    let seen = load.stop();
     println!("answers over three restarts: {seen:?}");
     assert!(seen.get("200").is_some_and(|n| *n > 100), "{seen:?}");
     assert_eq!(seen.len(), 1, "a request failed: {seen:?}\n{}", r.run.log());

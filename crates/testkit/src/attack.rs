@@ -89,3 +89,70 @@ impl Normal {
         )
     }
 }
+
+/// Clients on threads of their own, each sending one request after another on a keep-alive
+/// connection until stopped (a rolling restart's load): every answer is tallied, `"200"` or
+/// `"<status> <body>"`, and `"no answer: <error>"` when none came.
+pub struct BackToBack {
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicU64>,
+    handles: Vec<std::thread::JoinHandle<std::collections::BTreeMap<String, u64>>>,
+}
+
+impl BackToBack {
+    /// `clients` connections to `api`; client `i` sends `request(i)` (a whole HTTP request).
+    pub fn start(
+        api: std::net::SocketAddr,
+        clients: usize,
+        request: impl Fn(usize) -> Vec<u8>,
+    ) -> BackToBack {
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicU64::new(0));
+        let handles = (0..clients)
+            .map(|i| {
+                let (req, stop, answered) = (request(i), stop.clone(), answered.clone());
+                std::thread::spawn(move || {
+                    let mut c = Conn::open(api);
+                    c.set_read_timeout(Duration::from_secs(10));
+                    let mut seen = std::collections::BTreeMap::<String, u64>::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        c.send(&req);
+                        let got = match c.read_response() {
+                            Ok(r) if r.status == 200 => "200".to_string(),
+                            Ok(r) => format!("{} {}", r.status, String::from_utf8_lossy(&r.body)),
+                            Err(e) => {
+                                c = Conn::open(api);
+                                format!("no answer: {e}")
+                            }
+                        };
+                        *seen.entry(got).or_default() += 1;
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    seen
+                })
+            })
+            .collect();
+        BackToBack {
+            stop,
+            answered,
+            handles,
+        }
+    }
+
+    /// Answers so far, of any kind.
+    pub fn answered(&self) -> u64 {
+        self.answered.load(Ordering::Relaxed)
+    }
+
+    /// Stops the clients; the tally of all of them.
+    pub fn stop(self) -> std::collections::BTreeMap<String, u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = std::collections::BTreeMap::new();
+        for h in self.handles {
+            for (k, n) in h.join().expect("client") {
+                *all.entry(k).or_default() += n;
+            }
+        }
+        all
+    }
+}

@@ -42,7 +42,8 @@ LATER=${LATER:-12}
 TRIM_MS=${TRIM_MS:-}
 [ -z "$TRIM_MS" ] || [[ "$TRIM_MS" =~ ^[0-9]+$ ]] || { echo "TRIM_MS must be a whole number of ms" >&2; exit 1; }
 [[ "$LATER" =~ ^[0-9]+$ ]] || { echo "LATER must be a whole number of seconds" >&2; exit 1; }
-export FEDBUS_TUNING=${TRIM_MS:+memory_trim_ms = $TRIM_MS}
+# Only for this build's routers (an EXTRA_BIN from before the setting would refuse the key).
+TRIM_TUNING=${TRIM_MS:+memory_trim_ms = $TRIM_MS}
 EXTRA_BIN=${EXTRA_BIN:-}
 [[ "$COUNT" =~ ^[1-9][0-9]*$ ]] && [ "$COUNT" -le 4500 ] || {
   echo "COUNT must be a whole number from 1 to 4500 (2 x COUNT are held; the router's default limits.max_connections_per_shard is 10000)" >&2; exit 1; }
@@ -87,15 +88,15 @@ TLS=0
 FEDBUS_PATH=/api/local/dev/demo/echo/api/0/sys/echo
 # One router per fedbus row, so that one row's freed memory (which the allocator keeps) does
 # not serve the next row's connections.
-start_fedbus "$BIN" "-http"
+FEDBUS_TUNING=$TRIM_TUNING start_fedbus "$BIN" "-http"
 FED_HTTP_ROUTER=$ROUTER FED_HTTP_PORT=$API_PORT
-start_fedbus "$BIN" "-ws"
+FEDBUS_TUNING=$TRIM_TUNING start_fedbus "$BIN" "-ws"
 FED_WS_ROUTER=$ROUTER FED_WS_PORT=$API_PORT
 # HTTPS: one ECDSA P-256 certificate from the keyring's dev CA, served by a router of its own
 # (`listen.api_tls`) and by nginx terminating TLS (below).
 CERT=$WORK/cert
 "$BIN" keys cert --keyring "$FEDBUS_HOME/keys" --name 127.0.0.1 --name localhost --out "$CERT" >/dev/null
-TLS=1 start_fedbus "$BIN" "-https"
+TLS=1 FEDBUS_TUNING=$TRIM_TUNING start_fedbus "$BIN" "-https"
 FED_HTTPS_ROUTER=$ROUTER FED_HTTPS_PORT=$TLS_PORT
 if [ -n "$EXTRA_BIN" ]; then
   start_fedbus "$EXTRA_BIN" "-extra-http"

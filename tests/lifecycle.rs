@@ -860,7 +860,16 @@ fn a_rolling_restart_of_tasks_under_load_fails_no_request() {
             .bytes()
     });
     for _ in 0..5 {
+        // The new task in a published routing table before the old one stops (its start
+        // waits for its links; a probe answered 200 may have come from the old task).
+        let generation = r.metrics().get("fedbus_routing_generation");
         tasks.push_back(r.task().start());
+        wait_until(
+            "a routing table with the new task",
+            Duration::from_secs(5),
+            || (r.metrics().get("fedbus_routing_generation") > generation).then_some(()),
+            || r.log(),
+        );
         let mut old = tasks.pop_front().expect("a task");
         old.sigterm();
         let exit = old.wait_exit(Duration::from_secs(15));

@@ -160,6 +160,9 @@ class Task:
             hello = json.loads(await ws.recv())
             if hello.get("type") != "hello":
                 raise RuntimeError("expected hello, got %r" % hello)
+            if self.stopping:  # the signal came while this link was opening: no registration
+                await ws.close(code=1000)
+                return
             await ws.send(
                 json.dumps(
                     {

@@ -85,8 +85,9 @@ struct TaskCommon {
     #[arg(long, default_value = "30s")]
     refused_exit_after: String,
     /// On SIGTERM or SIGINT: tell every router the task is stopping (they route new requests
-    /// to other tasks), answer the requests in flight for up to this long, close the links and
-    /// exit 0; a second signal exits at once with status 1.
+    /// to other tasks and answer `drained` after the last one they sent here), serve what
+    /// arrives until then and the requests in flight, for up to this long in all, close the
+    /// links and exit 0; a second signal exits at once with status 1.
     #[arg(long, default_value = "10s")]
     stop_timeout: String,
     /// Cluster the dev token is minted for (`region/cluster`).

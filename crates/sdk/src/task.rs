@@ -415,6 +415,11 @@ where
     // Since when this router refuses the token, upgrade after upgrade.
     let mut refused_since: Option<Instant> = None;
     loop {
+        // A stopping task links nothing new: a link registered after `shutdown_graceful`
+        // looked at its links would be closed with what the router routed to it.
+        if *ctx.draining_tx.borrow() {
+            return;
+        }
         let addr = dial.addr();
         let (was_registered, res) = link_once(&ctx, &addr, &dial, &mut stop).await;
         if *stop.borrow() {
@@ -596,10 +601,18 @@ where
                 })));
                 break Ok(());
             }
-            _ = drain_rx.wait_for(|d| *d), if registered && !drain_sent => {
+            _ = drain_rx.wait_for(|d| *d), if !drain_sent => {
                 drain_sent = true;
-                let _ = tx.send(Message::Text(renew::DRAINING.into()));
-                continue;
+                if registered {
+                    let _ = tx.send(Message::Text(renew::DRAINING.into()));
+                    continue;
+                }
+                // Stopping before this link registered: it closes instead of registering.
+                let _ = tx.send(Message::Close(Some(CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "task stopping".into(),
+                })));
+                break Ok(());
             }
             // Also while a refused renew waits for its retry: a new token goes out at once.
             changed = token_rx.changed(), if registered => {

@@ -601,6 +601,12 @@ where
         role: ctx.opts.role.clone(),
         partitions: ctx.opts.partitions.clone(),
     };
+    if ctx.stopping.get() {
+        // The signal came while this link was opening: it registers nothing (a registration
+        // after the stop's wait would be closed with what the router routed to it).
+        out.borrow_mut().close(1000);
+        return Ok(());
+    }
     let _ = out.borrow_mut().send_text(&serde_json::to_string(&reg)?);
     tracing::info!(%addr, router = %hello.router, shard = hello.shard, shards = hello.shards, "link up");
     let drained = Rc::new(std::cell::Cell::new(false));
@@ -613,7 +619,7 @@ where
         });
     }
     if ctx.stopping.get() {
-        // Registered while the task stops (the link was opening when the signal came).
+        // The signal came between the registration and here: tell this router too.
         let _ = out.borrow_mut().send_text(renew::DRAINING);
     }
     let shard_line: Option<Rc<[u8]>> = ctx.opts.report_link_shard.then(|| {

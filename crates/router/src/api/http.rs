@@ -492,7 +492,12 @@ pub(crate) struct OpenConn(Rc<Shard>);
 
 impl OpenConn {
     pub(crate) fn new(shard: &Rc<Shard>) -> OpenConn {
-        ShardMetrics::inc(&shard.metrics.connections[Listener::Api as usize]);
+        let m = &shard.metrics;
+        let open = m.connections[Listener::Api as usize]
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        m.api_open_peak
+            .fetch_max(open, std::sync::atomic::Ordering::Relaxed);
         shard.client_conns.set(shard.client_conns.get() + 1);
         OpenConn(shard.clone())
     }

@@ -64,6 +64,9 @@ pub(crate) struct ShardMetrics {
     pub(crate) idle_buffers_released: AtomicU64,
     /// Client connections closed (api and TLS api listeners), so far.
     pub(crate) api_closed: AtomicU64,
+    /// The most client connections open at once on this shard since `shard::trim` last
+    /// looked (it resets it); not exported.
+    pub(crate) api_open_peak: AtomicU64,
     /// Task links taken out of routing by outlier detection, by `task::link::Ejection`.
     pub(crate) task_ejected: [AtomicU64; 3],
     pub(crate) task_readmitted: AtomicU64,
@@ -301,7 +304,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
         (
             "fedbus_client_connections_closed_total",
             "counter",
-            "Client connections (api and TLS api listeners) closed, for any reason; with fedbus_idle_buffers_released_total it is what tuning.memory_trim_ms counts.",
+            "Client connections (api and TLS api listeners) closed, for any reason.",
             |m| &m.api_closed,
         ),
         (

@@ -164,7 +164,8 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
                 Ok(wait) => wait,
                 Err(_) => {
                     ShardMetrics::inc(&shard.metrics.busy_refused);
-                    return Answer::error(503, "task_busy", "task link is over its queue limit");
+                    return Answer::error(503, "task_busy", "task link is over its queue limit")
+                        .in_emergency(emergency_for);
                 }
             }
         };

@@ -149,6 +149,9 @@ fn bind_internal(
 struct UnixBinds {
     fresh: Vec<std::path::PathBuf>,
     renames: Vec<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Each shard's path and the file bound for it, read right after the bind (a rename keeps
+    /// the file), for [`remove_unix_files`].
+    files: Vec<(std::path::PathBuf, (u64, u64))>,
 }
 
 impl UnixBinds {
@@ -156,13 +159,13 @@ impl UnixBinds {
     /// reaches one router or the other, never nothing).
     /// A rename that fails leaves it and the ones after it to `Drop`, which removes them
     /// (and the fresh ones).
-    fn commit(mut self) -> anyhow::Result<()> {
+    fn commit(mut self) -> anyhow::Result<Vec<(std::path::PathBuf, (u64, u64))>> {
         while let Some((from, to)) = self.renames.first() {
             std::fs::rename(from, to).with_context(|| format!("takeover of {}", to.display()))?;
             self.renames.remove(0);
         }
         self.fresh.clear();
-        Ok(())
+        Ok(std::mem::take(&mut self.files))
     }
 }
 
@@ -189,7 +192,8 @@ fn file_id(p: &std::path::Path) -> Option<(u64, u64)> {
 
 /// Removes this router's unix socket files as it stops, as nginx removes its unix listeners':
 /// a path that names another file now (a router that took over renamed its own onto it) is
-/// left alone.
+/// left alone. A takeover that renames onto the path between the check and the removal would
+/// lose its file: a window of one system call, at the start of this router's drain.
 fn remove_unix_files(files: &[(std::path::PathBuf, (u64, u64))]) {
     for (p, id) in files {
         if file_id(p) == Some(*id) {
@@ -251,6 +255,9 @@ fn bind_internal_unix(
                 bind_at.display()
             )
         })?;
+        if let Some(id) = file_id(&bind_at) {
+            binds.files.push((p.clone(), id));
+        }
         if live {
             binds.renames.push((bind_at, p.clone()));
         } else {
@@ -642,11 +649,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
         }
     }
     // Every shard is up: a takeover's unix sockets replace the running router's now.
-    unix_binds.commit()?;
-    let unix_files = internal_unix
-        .iter()
-        .filter_map(|p| Some((p.clone(), file_id(p)?)))
-        .collect();
+    let unix_files = unix_binds.commit()?;
     // Shard executors run until the process exits. A watcher thread joins each one: a shard
     // whose executor ends (a panic in any of its tasks ends the thread) is marked dead there.
     // The `ShardAlive` guard of the shard's main future is not enough: a panicking executor

@@ -61,7 +61,7 @@ pub const DRAINING: &str = r#"{"type":"draining"}"#;
 
 /// True for a [`DRAINING`] message (any JSON object whose `type` is `draining`).
 pub fn is_draining(text: &[u8]) -> bool {
-    serde_json::from_slice::<TaskText>(text).is_ok_and(|m| m.kind == "draining")
+    has_type(text, "draining")
 }
 
 /// `{"type":"drained"}`: the router's answer to [`DRAINING`], sent on the link once it took the
@@ -72,7 +72,12 @@ pub const DRAINED: &str = r#"{"type":"drained"}"#;
 
 /// True for a [`DRAINED`] message (any JSON object whose `type` is `drained`).
 pub fn is_drained(text: &[u8]) -> bool {
-    serde_json::from_slice::<TaskText>(text).is_ok_and(|m| m.kind == "drained")
+    has_type(text, "drained")
+}
+
+/// True for a JSON object whose `type` is `kind`.
+fn has_type(text: &[u8], kind: &str) -> bool {
+    serde_json::from_slice::<TaskText>(text).is_ok_and(|m| m.kind == kind)
 }
 
 /// A task's text message on a registered link: its type, and a `renew`'s token.

@@ -618,10 +618,6 @@ where
             drained: drained.clone(),
         });
     }
-    if ctx.stopping.get() {
-        // The signal came between the registration and here: tell this router too.
-        let _ = out.borrow_mut().send_text(renew::DRAINING);
-    }
     let shard_line: Option<Rc<[u8]>> = ctx.opts.report_link_shard.then(|| {
         format!("echo-link-shard: {}", hello.shard)
             .into_bytes()

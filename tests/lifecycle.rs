@@ -643,43 +643,53 @@ fn a_second_router_on_the_same_addresses_fails_and_the_first_keeps_serving() {
 /// and prints its ready line; the old one, SIGTERMed, drains and exits 0; new connections meanwhile
 /// get an answer (200, or 503 `no_live_task` until the task relinks: "Not yet"), never a reset,
 /// and the new router serves once the task relinked.
+/// docs/FEDERATION.md, "Takeover": a router with no sibling is taken over under load (clients
+/// with a new connection per request and clients on keep-alive connections) and not one
+/// request fails, `503 no_live_task` included. The old router tells its task
+/// `router_draining` once its task listener is closed, the task links the address again (the
+/// new router) at once, and the new router holds the requests it took before that link came
+/// (`readiness.takeover_task_wait_ms`) instead of answering 503. Before both, the new router
+/// answered `no_live_task` until the task relinked after the old one's drain.
 #[test]
-fn takeover_of_a_single_router_fails_no_connection() {
+fn takeover_of_a_single_router_fails_no_request() {
     let mut s = Solo::new("");
     let mut old = s.launch(false);
     let _task = s.task("t");
     let tok = s.token("alice");
     s.wait_served(&tok, Duration::from_secs(10), &old);
     let stop = Arc::new(AtomicBool::new(false));
-    let (ok, busy, failed) = (
-        Arc::new(AtomicU64::new(0)),
+    let (ok, failed) = (
         Arc::new(AtomicU64::new(0)),
         Arc::new(std::sync::Mutex::new(Vec::new())),
     );
-    let client = {
-        let (stop, ok, busy, failed) = (stop.clone(), ok.clone(), busy.clone(), failed.clone());
-        let (api, tok, path) = (s.api, tok.clone(), s.path(3));
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let res = raw_request(api, &Req::post(&path).token(&tok).body(b"x").bytes());
-                match res {
-                    Ok((200, _)) => {
-                        ok.fetch_add(1, Ordering::Relaxed);
+    let per_request = (0..2)
+        .map(|k| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            let (api, tok, path) = (s.api, tok.clone(), s.path(3 + k));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let res = raw_request(api, &Req::post(&path).token(&tok).body(b"x").bytes());
+                    match res {
+                        Ok((200, _)) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok((st, b)) => failed.lock().unwrap().push(format!("{st} {b}")),
+                        Err(e) => failed.lock().unwrap().push(e),
                     }
-                    Ok((503, b)) if b.contains("no_live_task") => {
-                        busy.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok((st, b)) => failed.lock().unwrap().push(format!("{st} {b}")),
-                    Err(e) => failed.lock().unwrap().push(e),
                 }
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            })
         })
-    };
+        .collect::<Vec<_>>();
+    let keep_alive = fedbus_testkit::attack::BackToBack::start(s.api, 2, |w| {
+        Req::post(&s.path(w as u64 + 7))
+            .token(&tok)
+            .body(b"over")
+            .bytes()
+    });
     wait_until(
-        "client running",
+        "clients running",
         Duration::from_secs(5),
-        || (ok.load(Ordering::Relaxed) > 5).then_some(()),
+        || (ok.load(Ordering::Relaxed) > 5 && keep_alive.answered() > 5).then_some(()),
         String::new,
     );
     let new = s.launch(true);
@@ -692,28 +702,130 @@ fn takeover_of_a_single_router_fails_no_connection() {
         "old run: {exit:?}\n{}",
         old.log()
     );
-    let ok_at_exit = ok.load(Ordering::Relaxed);
+    let (ok_at_exit, answered_at_exit) = (ok.load(Ordering::Relaxed), keep_alive.answered());
     wait_until(
         "new router serves",
         Duration::from_secs(12),
-        || (ok.load(Ordering::Relaxed) > ok_at_exit + 5).then_some(()),
+        || {
+            (ok.load(Ordering::Relaxed) > ok_at_exit + 5
+                && keep_alive.answered() > answered_at_exit + 5)
+                .then_some(())
+        },
         || new.log(),
     );
     stop.store(true, Ordering::Relaxed);
-    client.join().unwrap();
+    for c in per_request {
+        c.join().unwrap();
+    }
+    let kept = keep_alive.stop();
     let failed = failed.lock().unwrap().clone();
+    let waits = metric(s.admin, "fedbus_takeover_task_waits_total");
     eprintln!(
-        "takeover: old drained in {drained:?}; ok {} no_live_task {} failed {}: {:?}",
+        "takeover: old drained in {drained:?}; per-request ok {} failed {}: {:?}; keep-alive {kept:?}; requests that waited for the task on the new router: {waits}",
         ok.load(Ordering::Relaxed),
-        busy.load(Ordering::Relaxed),
         failed.len(),
         failed.iter().take(5).collect::<Vec<_>>()
     );
     assert!(
         failed.is_empty(),
-        "requests failed over the takeover: {failed:?}"
+        "requests failed over the takeover: {failed:?}\nold: {}\nnew: {}",
+        old.log(),
+        new.log()
     );
+    assert_eq!(kept.len(), 1, "keep-alive answers: {kept:?}\n{}", new.log());
+    assert!(kept.contains_key("200"), "{kept:?}");
     assert_eq!(try_get(s.admin, "/readyz").map(|x| x.0), Some(200));
+}
+
+/// PROTOCOL.md section 4, "A router that drains": the old router tells its tasks
+/// `router_draining` when its drain begins, and they link to the router that took the address
+/// over while the old one still drains (here it waits 6 s for a slow request): the new router
+/// registers the task and serves its partitions before the old one has exited.
+#[test]
+fn a_taken_over_router_hands_its_tasks_over_before_it_has_drained() {
+    let mut s = Solo::new("");
+    let mut old = s.launch(false);
+    let log = s.home().join("task-fast.log");
+    let fast = spawn_echo_task(
+        s.home(),
+        s.internal,
+        &s.keys,
+        &["--partitions", "0-14"],
+        log,
+    );
+    let log = s.home().join("task-slow.log");
+    let _slow = spawn_echo_task(
+        s.home(),
+        s.internal,
+        &s.keys,
+        &["--partitions", "15", "--delay-ms", "6000"],
+        log,
+    );
+    let tok = s.token("alice");
+    s.wait_served(&tok, Duration::from_secs(10), &old);
+    wait_until(
+        "both tasks routed",
+        Duration::from_secs(10),
+        || (try_get(s.admin, "/readyz").map(|x| x.0) == Some(200)).then_some(()),
+        || old.log(),
+    );
+    // A request the old router holds for 6 s: its drain waits for it.
+    let slow = {
+        let (api, req) = (
+            s.api,
+            Req::post(&s.path(15)).token(&tok).body(b"slow").bytes(),
+        );
+        std::thread::spawn(move || {
+            let mut c = Conn::open(api);
+            c.set_read_timeout(Duration::from_secs(15));
+            c.send(&req);
+            c.read_response().map(|r| r.status)
+        })
+    };
+    wait_until(
+        "the slow request pending",
+        Duration::from_secs(5),
+        || (metric(s.admin, "fedbus_pending_requests") == 1.0).then_some(()),
+        || old.log(),
+    );
+    let new = s.launch(true);
+    old.sig("TERM");
+    wait_until(
+        "the new router registers the fast task while the old one drains",
+        Duration::from_secs(3),
+        || new.log().contains("task link registered").then_some(()),
+        || {
+            format!(
+                "old:\n{}\nnew:\n{}\ntask:\n{}",
+                old.log(),
+                new.log(),
+                fast.log()
+            )
+        },
+    );
+    assert!(
+        old.alive(),
+        "the old router exited before its slow request was answered"
+    );
+    assert!(
+        old.log().contains("told the task links to link again"),
+        "{}",
+        old.log()
+    );
+    // The old router's api listener is closed: this goes to the new one, and is served.
+    assert_eq!(
+        s.try_request(&tok, 1).map(|r| r.0),
+        Ok(200),
+        "{}",
+        new.log()
+    );
+    assert!(
+        old.alive(),
+        "the old router exited before its slow request was answered"
+    );
+    assert_eq!(slow.join().unwrap().ok(), Some(200));
+    let exit = old.wait_exit(Duration::from_secs(10));
+    assert!(exit.is_some_and(|x| x.success()), "{exit:?}\n{}", old.log());
 }
 
 // =============================================================================================

@@ -75,6 +75,20 @@ pub fn is_drained(text: &[u8]) -> bool {
     has_type(text, "drained")
 }
 
+/// `{"type":"router_draining"}`: the router itself is draining (SIGTERM; PROTOCOL.md section 4,
+/// "A router that drains"). Sent on every registered task link once the shard's internal
+/// listeners are closed, so that a dial to the same address reaches the router that took the
+/// address over (`fedbus run --takeover`), or fails while none has. The link still carries
+/// what the router routes to it until the router closes it (1001) at the end of its drain: the
+/// task serves it as before and opens a new link to the same address now, instead of after the
+/// close.
+pub const ROUTER_DRAINING: &str = r#"{"type":"router_draining"}"#;
+
+/// True for a [`ROUTER_DRAINING`] message (any JSON object whose `type` is `router_draining`).
+pub fn is_router_draining(text: &[u8]) -> bool {
+    has_type(text, "router_draining")
+}
+
 /// True for a JSON object whose `type` is `kind`.
 fn has_type(text: &[u8], kind: &str) -> bool {
     serde_json::from_slice::<TaskText>(text).is_ok_and(|m| m.kind == kind)
@@ -200,6 +214,10 @@ mod tests {
         assert!(is_drained(DRAINED.as_bytes()));
         assert!(!is_drained(DRAINING.as_bytes()));
         assert!(!is_draining(DRAINED.as_bytes()));
+        assert!(is_router_draining(ROUTER_DRAINING.as_bytes()));
+        assert!(!is_router_draining(DRAINING.as_bytes()));
+        assert!(!is_draining(ROUTER_DRAINING.as_bytes()));
+        assert!(!is_drained(ROUTER_DRAINING.as_bytes()));
     }
 
     #[test]

@@ -347,6 +347,13 @@ pub struct Readiness {
     /// peer router and sibling are up with their statuses, or after this long (clients wait in
     /// the listen queue meanwhile). Default 5000.
     pub takeover_wait_ms: u64,
+    /// A router started with `listen.takeover`: for this long after it starts accepting
+    /// clients, a request for a partition of its own cluster that has no live task waits for
+    /// one to link (within the request's own deadline) instead of getting 503 `no_live_task`
+    /// at once. The tasks of the router it replaces link to it once that router drains (it
+    /// tells them `router_draining`), so the requests it takes before then are served, not
+    /// refused. 0: off. Default 5000.
+    pub takeover_task_wait_ms: u64,
     /// A shard whose executor ends (a panic) is not restarted in place. True: the router then
     /// drains the shards that run (as on SIGTERM) and exits with status 70, so that its
     /// supervisor starts a whole one. False: it runs on without that shard, not ready
@@ -376,6 +383,7 @@ impl Default for Readiness {
             drain_idle_close_ms: 1000,
             drain_peer_hold_ms: 5000,
             takeover_wait_ms: 5000,
+            takeover_task_wait_ms: 5000,
             exit_on_dead_shard: true,
         }
     }

@@ -425,6 +425,11 @@ where
         if *stop.borrow() {
             return;
         }
+        if let Err(End::HandedOver(why)) = &res {
+            // Its router drained; the loop it started holds the shard now.
+            tracing::info!(%addr, "link of a draining router ended: {why}");
+            return;
+        }
         if was_registered {
             prev = None;
         }
@@ -464,7 +469,7 @@ where
             _ => refused_since = None,
         }
         let res = res.map_err(|e| match e {
-            End::Refused(m) | End::Failed(m) | End::Duplicate(m) => m,
+            End::Refused(m) | End::Failed(m) | End::Duplicate(m) | End::HandedOver(m) => m,
         });
         let b = next_backoff(prev, crate::random_u64());
         prev = Some(b.base);
@@ -485,6 +490,9 @@ enum End {
     Refused(String),
     /// Another link of this task holds this router shard (`router#shard`).
     Duplicate(String),
+    /// The link ended (for the reason given) after its router said it drains
+    /// (`router_draining`): a new loop already links the same address.
+    HandedOver(String),
     /// Anything else.
     Failed(String),
 }
@@ -582,6 +590,9 @@ where
     let mut drain_sent = false;
     // The router answered `drained`: nothing more comes on this link.
     let mut drained = false;
+    // The router said it drains (`router_draining`): a new loop links its address again, and
+    // this one ends with this link.
+    let mut handed_over = false;
     let res = loop {
         let deadline = link
             .poll_timeout()
@@ -652,6 +663,23 @@ where
                 if renew::is_drained(t.as_bytes()) && registered && !drained {
                     drained = true;
                     ctx.undrained.send_modify(|n| *n -= 1);
+                }
+                if renew::is_router_draining(t.as_bytes()) && !handed_over {
+                    // The router's task listener is closed: a dial to this address reaches
+                    // the router that took it over, or none yet (retried with backoff). This
+                    // link serves on until the router closes it; it gives its shard to the
+                    // new loop now, so that the new link is not taken for a duplicate.
+                    handed_over = true;
+                    if let Some(k) = held.take() {
+                        ctx.linked
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&k);
+                    }
+                    if !*ctx.draining_tx.borrow() {
+                        tracing::info!(%addr, "router draining: linking its address again");
+                        spawn_loop(ctx, dial.clone());
+                    }
                 }
                 if let Some(answer) = renew::renew_answer(t.as_bytes()) {
                     pacer.answered(now);
@@ -781,6 +809,11 @@ where
     {
         writer.abort();
     }
+    let res = match res {
+        Err(End::Failed(why)) if handed_over => Err(End::HandedOver(why)),
+        Ok(()) if handed_over => Err(End::HandedOver("closed".into())),
+        res => res,
+    };
     (link.was_registered(), res)
 }
 

@@ -614,3 +614,136 @@ fn a_rolling_restart_of_sdk_tasks_under_load_fails_no_request() {
     assert!(seen.get("200").is_some_and(|n| *n > 100), "{seen:?}");
     assert_eq!(seen.len(), 1, "a request failed: {seen:?}\n{}", r.run.log());
 }
+
+/// docs/FEDERATION.md "Takeover", with an SDK task: a new router takes the addresses of the
+/// running one over (`--takeover`, its ports written into its config), the old one gets
+/// SIGTERM, and four clients sending back to back through it all see 200. The old router tells
+/// the task `router_draining` (PROTOCOL.md section 4): the SDK links the same address again
+/// (the new router) at once and keeps the old link until the old router closes it.
+#[test]
+fn a_takeover_of_the_router_under_load_fails_no_request_of_an_sdk_task() {
+    let mut r = Router::start("sdk-takeover", 86400);
+    let client = r.client_token();
+    let rt = rt();
+    let task = spawn(
+        &rt,
+        TaskOptions::new(
+            [r.internal.to_string()],
+            APP,
+            (0..16).collect::<Vec<u32>>(),
+            r.service_token("over", &[]),
+        ),
+    );
+    registered(&rt, &task);
+    kit::wait_until(
+        "the task serving",
+        WAIT,
+        || (r.request(&client) == 200).then_some(()),
+        || r.run.log(),
+    );
+    // A request the old router holds for 4 s (its request timeout is 5 s; sent before the load, so that it is the only
+    // one pending): its drain lasts that long.
+    let slow = {
+        let (api, req) = (
+            r.api,
+            Req::post(&format!("/api/local/dev/{APP}/api/5/sys/echo"))
+                .token(&client)
+                .body(b"sleep 4000")
+                .bytes(),
+        );
+        std::thread::spawn(move || {
+            let mut c = Conn::open(api);
+            c.set_read_timeout(Duration::from_secs(15));
+            c.send(&req);
+            c.read_response().map(|r| r.status)
+        })
+    };
+    kit::wait_until(
+        "the slow request pending",
+        WAIT,
+        || (r.metric("fedbus_pending_requests") == 1.0).then_some(()),
+        || r.run.log(),
+    );
+    let path = format!("/api/local/dev/{APP}/api/3/sys/echo");
+    let load = kit::attack::BackToBack::start(r.api, 4, |_| {
+        Req::post(&path).token(&client).body(b"over").bytes()
+    });
+    kit::wait_until(
+        "load running",
+        WAIT,
+        || (load.answered() > 100).then_some(()),
+        || r.run.log(),
+    );
+    // The same config on the ports the old router got.
+    let home = r.home().to_path_buf();
+    let cfg = std::fs::read_to_string(home.join("router.toml"))
+        .expect("config")
+        .replace(
+            &format!("api = \"{IP}:0\""),
+            &format!("api = \"{}\"", r.api),
+        )
+        .replace(
+            &format!("internal = \"{IP}:0\""),
+            &format!("internal = \"{}\"", r.internal),
+        )
+        .replace(
+            &format!("admin = \"{IP}:0\""),
+            &format!("admin = \"{}\"", r.admin),
+        );
+    let cfg_path = home.join("router-new.toml");
+    std::fs::write(&cfg_path, cfg).expect("config");
+    let (new, rx) = launch::spawn_run(&home, &cfg_path, &["--takeover"], &home.join("new.log"));
+    let new = new.plain_log();
+    launch::wait_ready(&new, &rx, kit::START_TIMEOUT);
+    r.run.sig("TERM");
+    // Told `router_draining`, the task links the new router while the old one drains.
+    kit::wait_until(
+        "a second link registered",
+        Duration::from_secs(2),
+        || (task.stats().registrations == 2).then_some(()),
+        || format!("{:?}\n{}", task.stats(), r.run.log()),
+    );
+    assert!(
+        r.run.alive(),
+        "the old router exited before its slow request was answered"
+    );
+    assert_eq!(slow.join().expect("slow client").ok(), Some(200));
+    let exit = r.run.wait_exit(WAIT);
+    assert!(
+        exit.is_some_and(|x| x.success()),
+        "{exit:?}\n{}",
+        r.run.log()
+    );
+    assert!(
+        r.run.log().contains("told the task links to link again"),
+        "{}",
+        r.run.log()
+    );
+    kit::wait_until(
+        "the task on the new router only",
+        WAIT,
+        || (task.stats().registrations == 2 && task.registered_links() == 1).then_some(()),
+        || format!("{:?}\n{}", task.stats(), new.log()),
+    );
+    let at_exit = load.answered();
+    kit::wait_until(
+        "the new router serving",
+        WAIT,
+        || (load.answered() > at_exit + 100).then_some(()),
+        || new.log(),
+    );
+    let seen = load.stop();
+    println!(
+        "answers over the takeover: {seen:?}; task {:?}",
+        task.stats()
+    );
+    assert_eq!(
+        seen.len(),
+        1,
+        "a request failed: {seen:?}\nold:\n{}\nnew:\n{}",
+        r.run.log(),
+        new.log()
+    );
+    assert!(seen.contains_key("200"), "{seen:?}");
+    drop(new);
+}

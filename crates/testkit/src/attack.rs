@@ -118,8 +118,22 @@ impl BackToBack {
                     while !stop.load(Ordering::Relaxed) {
                         c.send(&req);
                         let got = match c.read_response() {
-                            Ok(r) if r.status == 200 => "200".to_string(),
-                            Ok(r) => format!("{} {}", r.status, String::from_utf8_lossy(&r.body)),
+                            Ok(r) => {
+                                // As any HTTP/1.1 client: the server closes after this
+                                // answer (a draining router does), so the next request goes
+                                // on a new connection.
+                                if r.header("connection")
+                                    .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+                                {
+                                    c = Conn::open(api);
+                                    c.set_read_timeout(Duration::from_secs(10));
+                                }
+                                if r.status == 200 {
+                                    "200".to_string()
+                                } else {
+                                    format!("{} {}", r.status, String::from_utf8_lossy(&r.body))
+                                }
+                            }
                             Err(e) => {
                                 c = Conn::open(api);
                                 format!("no answer: {e}")

@@ -452,9 +452,17 @@ where
     let mut backoff = Duration::from_millis(50);
     // Since when this router refuses the token at the upgrade, try after try.
     let mut refused_since: Option<std::time::Instant> = None;
+    // Set when the router says it drains (`router_draining`): a new loop links the address
+    // again at once, and this one ends with its link.
+    let handed_over = std::cell::Cell::new(false);
     // A stopping task opens no new link.
     while !ctx.stopping.get() {
-        match link_once(&ctx, &addr).await {
+        let res = link_once(&ctx, &addr, &handed_over).await;
+        if handed_over.get() {
+            tracing::info!(%addr, "link of a draining router ended: {res:?}");
+            return;
+        }
+        match res {
             Ok(()) => {
                 tracing::info!(%addr, "link closed; reconnecting");
                 backoff = Duration::from_millis(50);
@@ -483,7 +491,11 @@ where
     }
 }
 
-async fn link_once<H, F>(ctx: &Rc<Ctx<H>>, addr: &str) -> anyhow::Result<()>
+async fn link_once<H, F>(
+    ctx: &Rc<Ctx<H>>,
+    addr: &str,
+    handed_over: &std::cell::Cell<bool>,
+) -> anyhow::Result<()>
 where
     H: Fn(Request) -> F + 'static,
     F: Future<Output = Outcome> + 'static,
@@ -492,7 +504,7 @@ where
     if let Some(path) = addr.strip_prefix(fedbus_proto::hello::UNIX_PREFIX) {
         // A unix socket is local: never TLS.
         let (s, leftover) = ws::client::connect_unix(path, "/link", Some(&token)).await?;
-        return run_link(ctx, addr, s, leftover).await;
+        return run_link(ctx, addr, s, leftover, handed_over).await;
     }
     match &ctx.opts.tls {
         Some(config) => {
@@ -501,11 +513,11 @@ where
                 name: fedbus_router::tls::peer::server_name(addr)?,
             };
             let (s, leftover) = ws::connect_tls(addr, "/link", Some(&token), &dial).await?;
-            run_link(ctx, addr, s, leftover).await
+            run_link(ctx, addr, s, leftover, handed_over).await
         }
         None => {
             let (s, leftover) = ws::connect(addr, "/link", Some(&token)).await?;
-            run_link(ctx, addr, s, leftover).await
+            run_link(ctx, addr, s, leftover, handed_over).await
         }
     }
 }
@@ -516,6 +528,7 @@ async fn run_link<H, F, S: ws::Stream>(
     addr: &str,
     s: S,
     leftover: bytes::BytesMut,
+    handed_over: &std::cell::Cell<bool>,
 ) -> anyhow::Result<()>
 where
     H: Fn(Request) -> F + 'static,
@@ -543,7 +556,7 @@ where
         pacer.clone(),
         refused.clone(),
     ));
-    let res = serve_link(ctx, addr, &mut reader, &out, &pacer, &refused).await;
+    let res = serve_link(ctx, addr, &mut reader, &out, &pacer, &refused, handed_over).await;
     drop(renewer.cancel());
     // A hello over its bound (or another broken frame) is answered with its close code (1009,
     // 1002...), not a normal close.
@@ -565,6 +578,7 @@ async fn serve_link<H, F, R>(
     out: &Rc<RefCell<WsOut>>,
     pacer: &std::cell::Cell<RenewPacer>,
     refused: &std::cell::Cell<bool>,
+    handed_over: &std::cell::Cell<bool>,
 ) -> anyhow::Result<()>
 where
     H: Fn(Request) -> F + 'static,
@@ -661,6 +675,15 @@ where
             Message::Text(t) => {
                 if renew::is_drained(&t) {
                     drained.set(true);
+                } else if renew::is_router_draining(&t) {
+                    // The router's task listener is closed: a dial to this address reaches
+                    // the router that took it over, or none yet (retried with backoff). This
+                    // link serves on until the router closes it; the new loop holds the
+                    // shard from now on.
+                    if !handed_over.replace(true) && !ctx.stopping.get() {
+                        tracing::info!(%addr, router = %hello.router, shard = hello.shard, "router draining: linking its address again");
+                        glommio::spawn_local(link_loop(ctx.clone(), addr.to_string())).detach();
+                    }
                 } else if let Some(answer) = renew::renew_answer(&t) {
                     let mut p = pacer.get();
                     p.answered(std::time::Instant::now());

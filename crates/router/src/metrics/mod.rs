@@ -80,6 +80,7 @@ pub(crate) struct ShardMetrics {
     pub(crate) task_link_refused: [AtomicU64; 4],
     pub(crate) forward_retries: AtomicU64,
     pub(crate) sibling_handoffs: AtomicU64,
+    pub(crate) takeover_held: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -135,7 +136,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, Field); 31] = [
+    let simple: [(&str, &str, &str, Field); 32] = [
         (
             "fedbus_bytes_in_total",
             "counter",
@@ -318,6 +319,12 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
             "counter",
             "Requests handed to another router of this cluster that has a live task for their partition when this router has none.",
             |m| &m.sibling_handoffs,
+        ),
+        (
+            "fedbus_takeover_task_waits_total",
+            "counter",
+            "Requests that found no live task for their partition on a router that took its addresses over and waited for one to link (readiness.takeover_task_wait_ms), served or not.",
+            |m| &m.takeover_held,
         ),
     ];
     for (name, kind, help, f) in simple {

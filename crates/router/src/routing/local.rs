@@ -72,22 +72,29 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
     let mut role: std::borrow::Cow<'_, str> = MAIN_ROLE.into();
     let mut want = partition;
     let mut hops: u8 = 0;
+    // Whether this request waited for a task to link (counted once).
+    let mut waited = false;
     loop {
         let table = first
             .take()
             .unwrap_or_else(|| shard.snapshots.routes.load());
-        let (served, tasks, emergency_for) = match table.lookup(t.app_name, &role, want) {
+        let found = match table.lookup(t.app_name, &role, want) {
             Lookup::Served {
                 partition,
                 tasks,
                 emergency_for,
-            } => (partition, tasks, emergency_for),
+            } => Some((partition, tasks, emergency_for)),
             Lookup::UnknownApp => {
                 return Answer::error(404, "unknown_app", format!("no app {}", t.app_name))
             }
-            Lookup::UnknownRole | Lookup::NoLiveTask { .. } => {
-                return no_live_task(t.app_name, &role, want, hops)
+            Lookup::UnknownRole | Lookup::NoLiveTask { .. } => None,
+        };
+        let Some((served, tasks, emergency_for)) = found else {
+            drop(table);
+            if wait_for_task(shard, deadline, &mut waited).await {
+                continue;
             }
+            return no_live_task(t.app_name, &role, want, hops);
         };
         // The snapshot may lag behind this shard's own view of its links by a moment; fall
         // back to the role's emergency partition when no local link serves the partition.
@@ -125,7 +132,13 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
                 });
                 match local {
                     Some((l, e)) => (l, e, Some(want)),
-                    None => return no_live_task(t.app_name, &role, want, hops),
+                    None => {
+                        drop(table);
+                        if wait_for_task(shard, deadline, &mut waited).await {
+                            continue;
+                        }
+                        return no_live_task(t.app_name, &role, want, hops);
+                    }
                 }
             }
         };
@@ -261,6 +274,37 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
         // An error of the emergency partition says so, as its answers do.
         return answer.in_emergency(emergency_for);
     }
+}
+
+/// How often a request waiting for a task to link ([`wait_for_task`]) looks again.
+const TASK_WAIT_POLL: Duration = Duration::from_millis(2);
+
+/// A router that took its addresses over waits, for `readiness.takeover_task_wait_ms` after
+/// it starts accepting and within the request's `deadline`, for a task to link to a partition
+/// that has none (the tasks of the router it replaces link here once that one drains): true
+/// after one wait, to look up the route again; false once the wait is over (or there is
+/// none), to answer 503 `no_live_task`. Counted once per request in
+/// `fedbus_takeover_task_waits_total`. A short poll, not a wake-up from the registration: the
+/// routing table that holds a new link is published by the control thread, and this runs at
+/// most once per router start.
+async fn wait_for_task(shard: &Shard, deadline: std::time::Instant, waited: &mut bool) -> bool {
+    let Some(until) = shard.task_wait_until.get() else {
+        return false;
+    };
+    let now = std::time::Instant::now();
+    if now >= until {
+        shard.task_wait_until.set(None);
+        return false;
+    }
+    let end = until.min(deadline);
+    if now >= end {
+        return false;
+    }
+    if !std::mem::replace(waited, true) {
+        ShardMetrics::inc(&shard.metrics.takeover_held);
+    }
+    glommio::timer::sleep(TASK_WAIT_POLL.min(end - now)).await;
+    true
 }
 
 /// `fedbus_pending_requests` up while alive.

@@ -567,6 +567,12 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                     // Clients queue on the new listeners meanwhile (the old router still
                     // serves its own): accept them once they can be routed everywhere.
                     takeover_wait(&shard).await;
+                    let wait = shard.cfg.readiness.takeover_task_wait_ms;
+                    if wait > 0 {
+                        shard.task_wait_until.set(Some(
+                            std::time::Instant::now() + Duration::from_millis(wait),
+                        ));
+                    }
                 }
                 let tls_l = tfd.map(|fd| {
                     glommio::spawn_local(accept_loop::<TcpListener>(
@@ -600,11 +606,14 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                         Listener::Internal,
                     ))
                 });
-                a.await;
+                // The task listeners first: once they are closed, a task told to link again
+                // reaches the router that took the address over, or none.
                 t.await;
                 if let Some(u) = u {
                     u.await;
                 }
+                task::link::tell_router_draining(&shard);
+                a.await;
                 if let Some(e) = ext {
                     e.await;
                 }

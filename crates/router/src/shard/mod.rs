@@ -57,6 +57,15 @@ pub(crate) struct Shard {
     pub(crate) health: Arc<crate::health::Health>,
     /// Closed when this shard sees a drain: wakes the accept loops, which stop.
     pub(crate) drain: glommio::sync::Semaphore,
+    /// Set once this draining shard's internal listeners are closed and its task links were
+    /// told `router_draining` ([`crate::task::link::tell_router_draining`]); a link that
+    /// registers later is told at its registration.
+    pub(crate) router_draining: Cell<bool>,
+    /// A router that took its addresses over (`listen.takeover`): until then, a request for a
+    /// partition with no live task waits for one to link instead of getting 503
+    /// `no_live_task` (`readiness.takeover_task_wait_ms`; the tasks of the router it replaces
+    /// link here once that one drains). None otherwise, and after it passed.
+    pub(crate) task_wait_until: Cell<Option<std::time::Instant>>,
 }
 
 impl Shard {
@@ -100,6 +109,8 @@ impl Shard {
             tls,
             health,
             drain: glommio::sync::Semaphore::new(0),
+            router_draining: Cell::new(false),
+            task_wait_until: Cell::new(None),
         }
     }
 

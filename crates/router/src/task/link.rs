@@ -719,6 +719,10 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
         })
         .unwrap_or_default(),
     );
+    if shard.router_draining.get() {
+        // Accepted just before the listener closed: told as the links told before it.
+        let _ = out.borrow_mut().send_text(renew::ROUTER_DRAINING);
+    }
     let _ = shard.events.send(ControlEvent::Register {
         shard: shard.index,
         reg: Registration {
@@ -1048,6 +1052,24 @@ pub(crate) fn handle_renew(
         }
     };
     let _ = out.borrow_mut().send_text(&reply);
+}
+
+/// Tells every task linked to this draining shard `{"type":"router_draining"}` (PROTOCOL.md
+/// section 4), once the shard's internal listeners are closed: a dial to the same address
+/// then reaches the router that took it over, never this one, so a task may open its new
+/// link at once while this one still carries what this router routes to it. A link that
+/// registers later is told at its registration.
+pub(crate) fn tell_router_draining(shard: &Shard) {
+    shard.router_draining.set(true);
+    let links = shard.links.borrow();
+    for l in links.values() {
+        let _ = l.out.borrow_mut().send_text(renew::ROUTER_DRAINING);
+    }
+    tracing::info!(
+        shard = shard.index,
+        links = links.len(),
+        "draining: told the task links to link again"
+    );
 }
 
 /// A text message from a registered task: a `renew` ([`handle_renew`]) must carry a service

@@ -1192,29 +1192,12 @@ fn a_draining_last_way_in_is_held_at_most_drain_peer_hold_ms() {
     }
 }
 
-/// `net.ipv4.tcp_migrate_req` is 1 (set here when it can be: the tests run as root in CI), so
-/// that connections queued on a listener that closes move to the rest of its SO_REUSEPORT
-/// group instead of being reset (docs/FEDERATION.md, "Takeover").
-fn migrate_req_on() {
-    const P: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
-    if std::fs::read_to_string(P).is_ok_and(|v| v.trim() == "1") {
-        return;
-    }
-    let _ = std::fs::write(P, "1");
-    let now = std::fs::read_to_string(P).unwrap_or_default();
-    assert_eq!(
-        now.trim(),
-        "1",
-        "a takeover without {P} = 1 resets queued connections; run as root or sysctl -w net.ipv4.tcp_migrate_req=1"
-    );
-}
-
 /// Issue "a cluster behaves as one", point 2: a new `fedbus run --takeover` binds every listener
 /// of ru/spb2/r0 beside the running one; the old one gets SIGTERM, closes its listeners (new
 /// connections go to the new router), answers its busy client connections with
 /// `Connection: close`, drains and exits 0. Clients straight on spb2/r0 and clients entering
 /// spb1 for spb2 keep running throughout: not one request fails. Until the echo task relinks
-/// to the new router (when the old one closes its task links), the new router hands spb2
+/// to the new router (when the old one tells it `router_draining`), the new router hands spb2
 /// requests to its sibling r1 (one hop).
 ///
 /// Two of the clients open a new connection for every request, so that connections keep
@@ -1224,7 +1207,7 @@ fn migrate_req_on() {
 #[test]
 fn takeover_of_a_router_under_load_fails_no_request() {
     const TAKEOVERS: usize = 3;
-    migrate_req_on();
+    launch::migrate_req_on();
     let mut f = Federation::start();
     for r in 0..2 {
         wait_readyz(f.router("spb2", r), Duration::from_secs(10));

@@ -639,10 +639,6 @@ fn a_second_router_on_the_same_addresses_fails_and_the_first_keeps_serving() {
     }
 }
 
-/// FEDERATION.md "Takeover" on a router with no sibling: the new run binds beside the old one
-/// and prints its ready line; the old one, SIGTERMed, drains and exits 0; new connections meanwhile
-/// get an answer (200, or 503 `no_live_task` until the task relinks: "Not yet"), never a reset,
-/// and the new router serves once the task relinked.
 /// docs/FEDERATION.md, "Takeover": a router with no sibling is taken over under load (clients
 /// with a new connection per request and clients on keep-alive connections) and not one
 /// request fails, `503 no_live_task` included. The old router tells its task
@@ -652,6 +648,7 @@ fn a_second_router_on_the_same_addresses_fails_and_the_first_keeps_serving() {
 /// answered `no_live_task` until the task relinked after the old one's drain.
 #[test]
 fn takeover_of_a_single_router_fails_no_request() {
+    launch::migrate_req_on();
     let mut s = Solo::new("");
     let mut old = s.launch(false);
     let _task = s.task("t");
@@ -737,12 +734,54 @@ fn takeover_of_a_single_router_fails_no_request() {
     assert_eq!(try_get(s.admin, "/readyz").map(|x| x.0), Some(200));
 }
 
+/// docs/TUNING.md `readiness.takeover_task_wait_ms`: a router started with `--takeover` holds
+/// a request that finds no task until the window ends, then answers 503 `no_live_task`
+/// (counted once in `fedbus_takeover_task_waits_total`, and in `fedbus_pending_requests`
+/// while held); after the window a request with no task is answered at once, not held.
+#[test]
+fn a_takeover_router_holds_a_request_with_no_task_until_its_window_ends() {
+    let mut s = Solo::new("[readiness]\ntakeover_task_wait_ms = 3000\n");
+    let r = s.launch(true);
+    let started = Instant::now();
+    let tok = s.token("alice");
+    let held = {
+        let (api, req) = (s.api, Req::post(&s.path(2)).token(&tok).body(b"x").bytes());
+        std::thread::spawn(move || {
+            let sent = Instant::now();
+            (raw_request(api, &req), sent.elapsed())
+        })
+    };
+    wait_until(
+        "the request held",
+        Duration::from_secs(5),
+        || (metric(s.admin, "fedbus_pending_requests") == 1.0).then_some(()),
+        || r.log(),
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(3000),
+        "the window ended before the request was seen held: {:?}",
+        started.elapsed()
+    );
+    let (answer, took) = held.join().unwrap();
+    let (status, body) = answer.expect("an answer");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no_live_task"), "{body}");
+    eprintln!("held {took:?} within a window of 3 s");
+    assert_eq!(metric(s.admin, "fedbus_takeover_task_waits_total"), 1.0);
+    assert_eq!(metric(s.admin, "fedbus_pending_requests"), 0.0);
+    // After the window: answered at once, not counted.
+    let (status, body) = s.try_request(&tok, 2).expect("an answer");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(metric(s.admin, "fedbus_takeover_task_waits_total"), 1.0);
+}
+
 /// PROTOCOL.md section 4, "A router that drains": the old router tells its tasks
 /// `router_draining` when its drain begins, and they link to the router that took the address
 /// over while the old one still drains (here it waits 6 s for a slow request): the new router
 /// registers the task and serves its partitions before the old one has exited.
 #[test]
 fn a_taken_over_router_hands_its_tasks_over_before_it_has_drained() {
+    launch::migrate_req_on();
     let mut s = Solo::new("");
     let mut old = s.launch(false);
     let log = s.home().join("task-fast.log");

@@ -693,9 +693,21 @@ pub struct Backoff {
 /// and doubles up to [`BACKOFF_MAX`]. `random` is any random number: the jitter factor is
 /// `0.5 + (random % 1000) / 1000`, so routers that restart are not hit by every task at once.
 pub fn next_backoff(prev: Option<Duration>, random: u64) -> Backoff {
+    next_backoff_within(prev, random, BACKOFF_MAX)
+}
+
+/// The longest base delay between two dials of a draining router's address while the task's
+/// link to that router is still open (`router_draining`, PROTOCOL.md section 4): its
+/// replacement may come up at any moment of a drain that can last `readiness.drain_timeout_ms`,
+/// and the task should link it soon after, as it would have after the old link's close.
+pub const BACKOFF_WHILE_DRAINING: Duration = Duration::from_millis(250);
+
+/// [`next_backoff`] with its base capped at `max` (at least [`BACKOFF_MIN`]).
+pub fn next_backoff_within(prev: Option<Duration>, random: u64, max: Duration) -> Backoff {
+    let max = max.max(BACKOFF_MIN);
     let base = match prev {
         None => BACKOFF_MIN,
-        Some(p) => p.saturating_mul(2).clamp(BACKOFF_MIN, BACKOFF_MAX),
+        Some(p) => p.saturating_mul(2).clamp(BACKOFF_MIN, max),
     };
     let permille = 500 + u128::from(random % 1000);
     let nanos = base.as_nanos() * permille / 1000;
@@ -1120,6 +1132,12 @@ mod tests {
         // A wild previous value is brought back into range.
         assert_eq!(next_backoff(Some(Duration::ZERO), 500).base, BACKOFF_MIN);
         assert_eq!(next_backoff(Some(Duration::MAX), 500).base, BACKOFF_MAX);
+        let b = next_backoff_within(Some(Duration::from_secs(2)), 500, BACKOFF_WHILE_DRAINING);
+        assert_eq!(b.base, BACKOFF_WHILE_DRAINING);
+        assert_eq!(
+            next_backoff_within(None, 500, BACKOFF_WHILE_DRAINING).base,
+            BACKOFF_MIN
+        );
     }
 
     #[test]

@@ -4,14 +4,15 @@
 use crate::{Error, Outcome, Request, TaskOptions, TokenSource};
 use bytes::Bytes;
 use fedbus_proto::link::{
-    next_backoff, shard_key, Event, Input, Link, LinkConfig, LinkError, RequestHead, ShardAddr,
+    next_backoff_within, shard_key, Event, Input, Link, LinkConfig, LinkError, RequestHead,
+    ShardAddr, BACKOFF_MAX, BACKOFF_WHILE_DRAINING,
 };
 use fedbus_proto::renew::{self, RenewAnswer, RenewPacer};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -240,7 +241,7 @@ impl Task {
             "fedbus task starting"
         );
         for r in routers {
-            spawn_loop(&ctx, Dial::Fixed(r));
+            spawn_loop(&ctx, Dial::Fixed(r), None);
         }
         let c = ctx.clone();
         let stats = Arc::new(move || {
@@ -394,19 +395,35 @@ impl Drop for LoopGuard {
     }
 }
 
-fn spawn_loop<H, F>(ctx: &Arc<Ctx<H>>, dial: Dial)
+fn spawn_loop<H, F>(ctx: &Arc<Ctx<H>>, dial: Dial, old_link_open: Option<Arc<AtomicBool>>)
 where
     H: Fn(Request) -> F + Send + Sync + 'static,
     F: Future<Output = Outcome> + Send + 'static,
 {
     ctx.loops.send_modify(|n| *n += 1);
     let guard = LoopGuard(ctx.loops.clone());
-    tokio::spawn(link_loop(ctx.clone(), dial, guard));
+    tokio::spawn(link_loop(ctx.clone(), dial, guard, old_link_open));
 }
 
-/// Links to one router shard, again and again, until the task stops.
-async fn link_loop<H, F>(ctx: Arc<Ctx<H>>, dial: Dial, _guard: LoopGuard)
-where
+/// Cleared when dropped: a handed-over link tells the loop that replaced it that it ended.
+struct ClearOnDrop(Arc<AtomicBool>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Links to one router shard, again and again, until the task stops. `old_link_open`: this
+/// loop replaces the link of a draining router (`router_draining`), which is open while the
+/// flag is set; meanwhile its dials are spaced at most [`BACKOFF_WHILE_DRAINING`] apart, and
+/// once that link closed the backoff starts again from its least.
+async fn link_loop<H, F>(
+    ctx: Arc<Ctx<H>>,
+    dial: Dial,
+    _guard: LoopGuard,
+    mut old_link_open: Option<Arc<AtomicBool>>,
+) where
     H: Fn(Request) -> F + Send + Sync + 'static,
     F: Future<Output = Outcome> + Send + 'static,
 {
@@ -471,10 +488,25 @@ where
         let res = res.map_err(|e| match e {
             End::Refused(m) | End::Failed(m) | End::Duplicate(m) | End::HandedOver(m) => m,
         });
-        let b = next_backoff(prev, crate::random_u64());
+        let max = match &old_link_open {
+            Some(open) if open.load(Ordering::Relaxed) => BACKOFF_WHILE_DRAINING,
+            Some(_) => {
+                // The draining router closed the old link: from the least delay again.
+                old_link_open = None;
+                prev = None;
+                BACKOFF_MAX
+            }
+            None => BACKOFF_MAX,
+        };
+        let b = next_backoff_within(prev, crate::random_u64(), max);
         prev = Some(b.base);
         let why = res.err().unwrap_or_else(|| "closed".into());
-        tracing::warn!(%addr, delay = ?b.delay, "link down: {why}; reconnecting");
+        if max == BACKOFF_WHILE_DRAINING {
+            // Expected until the draining router's replacement listens.
+            tracing::debug!(%addr, delay = ?b.delay, "replacement of a draining router's link not up: {why}; dialing again");
+        } else {
+            tracing::warn!(%addr, delay = ?b.delay, "link down: {why}; reconnecting");
+        }
         *ctx.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
         tokio::select! {
             _ = tokio::time::sleep(b.delay) => {}
@@ -591,8 +623,9 @@ where
     // The router answered `drained`: nothing more comes on this link.
     let mut drained = false;
     // The router said it drains (`router_draining`): a new loop links its address again, and
-    // this one ends with this link.
+    // this one ends with this link (and clears the new loop's flag then).
     let mut handed_over = false;
+    let mut _tell_successor: Option<ClearOnDrop> = None;
     let res = loop {
         let deadline = link
             .poll_timeout()
@@ -678,7 +711,9 @@ where
                     }
                     if !*ctx.draining_tx.borrow() {
                         tracing::info!(%addr, "router draining: linking its address again");
-                        spawn_loop(ctx, dial.clone());
+                        let open = Arc::new(AtomicBool::new(true));
+                        spawn_loop(ctx, dial.clone(), Some(open.clone()));
+                        _tell_successor = Some(ClearOnDrop(open));
                     }
                 }
                 if let Some(answer) = renew::renew_answer(t.as_bytes()) {
@@ -1017,7 +1052,7 @@ where
         }
     }
     for d in new {
-        spawn_loop(ctx, d);
+        spawn_loop(ctx, d, None);
     }
 }
 

@@ -50,6 +50,11 @@ struct Router {
 
 impl Router {
     fn start(tag: &str, grace: u64) -> Router {
+        Router::start_with(tag, grace, 5000)
+    }
+
+    /// [`Router::start`] with this `limits.request_timeout_ms`.
+    fn start_with(tag: &str, grace: u64, request_timeout_ms: u64) -> Router {
         let dir = TempDir::new(tag);
         let home = dir.path().to_path_buf();
         let keys = home.join("keys");
@@ -58,7 +63,7 @@ impl Router {
             "region = \"local\"\ncluster = \"dev\"\nkeyring = {keys:?}\n\
              [listen]\napi = \"{IP}:0\"\ninternal = \"{IP}:0\"\nadmin = \"{IP}:0\"\n\
              [tuning]\nshard_cores = [0]\npin = false\n\
-             [limits]\nping_interval_ms = 500\nrequest_timeout_ms = 5000\n\
+             [limits]\nping_interval_ms = 500\nrequest_timeout_ms = {request_timeout_ms}\n\
              [auth]\ngrace_secs = {grace}\nreload_poll_ms = 600000\n\
              [[apps]]\nname = \"{APP}\"\npartitions = 16\n\
              [[apps]]\nname = \"demo/other\"\npartitions = 4\n"
@@ -622,7 +627,8 @@ fn a_rolling_restart_of_sdk_tasks_under_load_fails_no_request() {
 /// (the new router) at once and keeps the old link until the old router closes it.
 #[test]
 fn a_takeover_of_the_router_under_load_fails_no_request_of_an_sdk_task() {
-    let mut r = Router::start("sdk-takeover", 86400);
+    launch::migrate_req_on();
+    let mut r = Router::start_with("sdk-takeover", 86400, 15_000);
     let client = r.client_token();
     let rt = rt();
     let task = spawn(
@@ -641,14 +647,14 @@ fn a_takeover_of_the_router_under_load_fails_no_request_of_an_sdk_task() {
         || (r.request(&client) == 200).then_some(()),
         || r.run.log(),
     );
-    // A request the old router holds for 4 s (its request timeout is 5 s; sent before the load, so that it is the only
+    // A request the old router holds for 8 s (its request timeout is 15 s; sent before the load, so that it is the only
     // one pending): its drain lasts that long.
     let slow = {
         let (api, req) = (
             r.api,
             Req::post(&format!("/api/local/dev/{APP}/api/5/sys/echo"))
                 .token(&client)
-                .body(b"sleep 4000")
+                .body(b"sleep 8000")
                 .bytes(),
         );
         std::thread::spawn(move || {

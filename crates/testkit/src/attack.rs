@@ -136,6 +136,7 @@ impl BackToBack {
                             }
                             Err(e) => {
                                 c = Conn::open(api);
+                                c.set_read_timeout(Duration::from_secs(10));
                                 format!("no answer: {e}")
                             }
                         };

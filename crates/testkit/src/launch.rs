@@ -278,3 +278,20 @@ pub fn run_expect_failure(
         start.elapsed(),
     )
 }
+
+/// `net.ipv4.tcp_migrate_req` is 1 (set here when it can be: the tests run as root in CI), so
+/// that connections queued on a listener that closes move to the rest of its SO_REUSEPORT
+/// group instead of being reset (docs/FEDERATION.md, "Takeover").
+pub fn migrate_req_on() {
+    const P: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+    if std::fs::read_to_string(P).is_ok_and(|v| v.trim() == "1") {
+        return;
+    }
+    let _ = std::fs::write(P, "1");
+    let now = std::fs::read_to_string(P).unwrap_or_default();
+    assert_eq!(
+        now.trim(),
+        "1",
+        "a takeover without {P} = 1 resets queued connections; run as root or sysctl -w net.ipv4.tcp_migrate_req=1"
+    );
+}

@@ -260,7 +260,7 @@ where
     }
     let mut all = Vec::new();
     for r in ctx.opts.routers.clone() {
-        all.push(glommio::spawn_local(link_loop(ctx.clone(), r)));
+        all.push(glommio::spawn_local(link_loop(ctx.clone(), r, None)));
     }
     for t in all {
         t.await;
@@ -444,12 +444,29 @@ async fn renew_on_change<H>(
     }
 }
 
-async fn link_loop<H, F>(ctx: Rc<Ctx<H>>, addr: String)
-where
+/// Cleared when dropped: a handed-over link tells the loop that replaced it that it ended.
+struct ClearOnDrop(Rc<std::cell::Cell<bool>>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.set(false);
+    }
+}
+
+/// Links to `addr` again and again until the task stops. `old_link_open`: this loop replaces
+/// the link of a draining router (`router_draining`), which is open while the flag is set;
+/// meanwhile its dials are spaced at most `BACKOFF_WHILE_DRAINING` apart, and once that link
+/// closed the backoff starts again from its least.
+async fn link_loop<H, F>(
+    ctx: Rc<Ctx<H>>,
+    addr: String,
+    mut old_link_open: Option<Rc<std::cell::Cell<bool>>>,
+) where
     H: Fn(Request) -> F + 'static,
     F: Future<Output = Outcome> + 'static,
 {
-    let mut backoff = Duration::from_millis(50);
+    use fedbus_proto::link::{BACKOFF_MAX, BACKOFF_MIN, BACKOFF_WHILE_DRAINING};
+    let mut backoff = BACKOFF_MIN;
     // Since when this router refuses the token at the upgrade, try after try.
     let mut refused_since: Option<std::time::Instant> = None;
     // Set when the router says it drains (`router_draining`): a new loop links the address
@@ -465,7 +482,7 @@ where
         match res {
             Ok(()) => {
                 tracing::info!(%addr, "link closed; reconnecting");
-                backoff = Duration::from_millis(50);
+                backoff = BACKOFF_MIN;
                 refused_since = None;
             }
             Err(e) => {
@@ -481,13 +498,29 @@ where
                         std::process::exit(1);
                     }
                 }
-                tracing::warn!(%addr, "link failed: {m}; retrying in {backoff:?}")
+                if old_link_open.as_ref().is_some_and(|o| o.get()) {
+                    // Expected until the draining router's replacement listens.
+                    tracing::debug!(%addr, "replacement of a draining router's link not up: {m}; dialing again in {backoff:?}")
+                } else {
+                    tracing::warn!(%addr, "link failed: {m}; retrying in {backoff:?}")
+                }
             }
         }
+        let max = match &old_link_open {
+            Some(open) if open.get() => BACKOFF_WHILE_DRAINING,
+            Some(_) => {
+                // The draining router closed the old link: from the least delay again.
+                old_link_open = None;
+                backoff = BACKOFF_MIN;
+                BACKOFF_MAX
+            }
+            None => BACKOFF_MAX,
+        };
+        backoff = backoff.min(max);
         // Jitter in [0.5, 1.5) x backoff, so a restarted router is not hit by every task at once.
         let j = 0.5 + (random_u64() % 1000) as f64 / 1000.0;
         glommio::timer::sleep(backoff.mul_f64(j)).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(max);
     }
 }
 
@@ -605,7 +638,7 @@ where
                 .borrow_mut()
                 .insert(format!("{}#{k}", hello.router))
         {
-            glommio::spawn_local(link_loop(ctx.clone(), a.clone())).detach();
+            glommio::spawn_local(link_loop(ctx.clone(), a.clone(), None)).detach();
         }
     }
     let reg = Register {
@@ -624,6 +657,8 @@ where
     let _ = out.borrow_mut().send_text(&serde_json::to_string(&reg)?);
     tracing::info!(%addr, router = %hello.router, shard = hello.shard, shards = hello.shards, "link up");
     let drained = Rc::new(std::cell::Cell::new(false));
+    // The loop that replaced this link of a draining router learns of its end from this.
+    let mut _tell_successor: Option<ClearOnDrop> = None;
     {
         let mut links = ctx.links.borrow_mut();
         links.retain(|l| l.out.strong_count() > 0);
@@ -682,7 +717,14 @@ where
                     // shard from now on.
                     if !handed_over.replace(true) && !ctx.stopping.get() {
                         tracing::info!(%addr, router = %hello.router, shard = hello.shard, "router draining: linking its address again");
-                        glommio::spawn_local(link_loop(ctx.clone(), addr.to_string())).detach();
+                        let open = Rc::new(std::cell::Cell::new(true));
+                        glommio::spawn_local(link_loop(
+                            ctx.clone(),
+                            addr.to_string(),
+                            Some(open.clone()),
+                        ))
+                        .detach();
+                        _tell_successor = Some(ClearOnDrop(open));
                     }
                 } else if let Some(answer) = renew::renew_answer(&t) {
                     let mut p = pacer.get();

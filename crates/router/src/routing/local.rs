@@ -276,17 +276,22 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
     }
 }
 
-/// How often a request waiting for a task to link ([`wait_for_task`]) looks again.
+/// How often the shard looks whether the routing table moved while requests wait for a task
+/// ([`wake_task_waiters`]).
 const TASK_WAIT_POLL: Duration = Duration::from_millis(2);
+
+/// The waiters are woken at least this often, to look at their deadlines.
+const TASK_WAIT_WAKE_ALL: Duration = Duration::from_millis(100);
 
 /// A router that took its addresses over waits, for `readiness.takeover_task_wait_ms` after
 /// it starts accepting and within the request's `deadline`, for a task to link to a partition
 /// that has none (the tasks of the router it replaces link here once that one drains): true
 /// after one wait, to look up the route again; false once the wait is over (or there is
 /// none), to answer 503 `no_live_task`. Counted once per request in
-/// `fedbus_takeover_task_waits_total`. A short poll, not a wake-up from the registration: the
-/// routing table that holds a new link is published by the control thread, and this runs at
-/// most once per router start.
+/// `fedbus_takeover_task_waits_total`, and in `fedbus_pending_requests` while it waits (a
+/// drain waits for it). One shard-wide ticker wakes the waiters ([`wake_task_waiters`]), not a
+/// timer per request: the routing table that holds a new link is published by the control
+/// thread, and nothing on the shard hears of it.
 async fn wait_for_task(shard: &Shard, deadline: std::time::Instant, waited: &mut bool) -> bool {
     let Some(until) = shard.task_wait_until.get() else {
         return false;
@@ -296,15 +301,54 @@ async fn wait_for_task(shard: &Shard, deadline: std::time::Instant, waited: &mut
         shard.task_wait_until.set(None);
         return false;
     }
-    let end = until.min(deadline);
-    if now >= end {
+    if now >= deadline {
         return false;
     }
     if !std::mem::replace(waited, true) {
         ShardMetrics::inc(&shard.metrics.takeover_held);
     }
-    glommio::timer::sleep(TASK_WAIT_POLL.min(end - now)).await;
+    let _pending = PendingGauge::new(&shard.metrics);
+    /// One fewer waiter when the wait ends, woken or dropped (the client went away).
+    struct Waiting<'a>(&'a Shard);
+    impl Drop for Waiting<'_> {
+        fn drop(&mut self) {
+            self.0.task_waiters.set(self.0.task_waiters.get() - 1);
+        }
+    }
+    shard.task_waiters.set(shard.task_waiters.get() + 1);
+    let _waiting = Waiting(shard);
+    // A permit left over by a waiter that went away wakes one early: it looks again and waits.
+    let _ = shard.task_wake.acquire(1).await;
     true
+}
+
+/// The ticker of [`wait_for_task`], started with the window: every [`TASK_WAIT_POLL`] it looks
+/// at the routing table's generation, and wakes every waiter when it moved, every
+/// [`TASK_WAIT_WAKE_ALL`], and once the window is over (then it ends).
+pub(crate) async fn wake_task_waiters(shard: Rc<Shard>) {
+    let mut timer = crate::util::Deadline::new();
+    let mut seen = shard.snapshots.routes.load().generation;
+    let mut woke = std::time::Instant::now();
+    loop {
+        timer.sleep(TASK_WAIT_POLL).await;
+        let now = std::time::Instant::now();
+        let over = shard.task_wait_until.get().is_none_or(|u| now >= u);
+        if over {
+            shard.task_wait_until.set(None);
+        }
+        let generation = shard.snapshots.routes.load().generation;
+        let moved = std::mem::replace(&mut seen, generation) != generation;
+        if moved || over || now >= woke + TASK_WAIT_WAKE_ALL {
+            woke = now;
+            let n = shard.task_waiters.get();
+            if n > 0 {
+                shard.task_wake.signal(n as u64);
+            }
+        }
+        if over {
+            return;
+        }
+    }
 }
 
 /// `fedbus_pending_requests` up while alive.

@@ -572,6 +572,10 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                         shard.task_wait_until.set(Some(
                             std::time::Instant::now() + Duration::from_millis(wait),
                         ));
+                        glommio::spawn_local(crate::routing::local::wake_task_waiters(
+                            shard.clone(),
+                        ))
+                        .detach();
                     }
                 }
                 let tls_l = tfd.map(|fd| {
@@ -729,12 +733,15 @@ impl Running {
     /// drain finished before the timeout.
     pub fn drain(&self, timeout: Duration) -> bool {
         let start = Instant::now();
+        // Before the drain: a task told `router_draining` dials its unix path again at once,
+        // and must not find this router's socket there (a dropped unix listener may take a
+        // moment to stop listening). A taken-over path names the new router's socket and is
+        // left alone.
+        remove_unix_files(&self.unix_files);
         self.health.start_drain();
         tracing::info!(timeout_ms = timeout.as_millis() as u64, "draining");
         // Every shard and peer link looks at the flag within one poll.
         std::thread::sleep(crate::health::POLL * 2);
-        // The listeners are closed: a socket file left would only refuse connections.
-        remove_unix_files(&self.unix_files);
         // A dead shard's counters stand where it died (its connections were never closed):
         // only the shards that run are waited for.
         let busy = || {

@@ -66,6 +66,11 @@ pub(crate) struct Shard {
     /// `no_live_task` (`readiness.takeover_task_wait_ms`; the tasks of the router it replaces
     /// link here once that one drains). None otherwise, and after it passed.
     pub(crate) task_wait_until: Cell<Option<std::time::Instant>>,
+    /// Requests waiting for a task meanwhile, and what wakes them: permits given by
+    /// `routing::local::wake_task_waiters` when the routing table moved, every 100 ms (their
+    /// deadlines) and when the wait is over.
+    pub(crate) task_waiters: Cell<usize>,
+    pub(crate) task_wake: glommio::sync::Semaphore,
 }
 
 impl Shard {
@@ -111,6 +116,8 @@ impl Shard {
             drain: glommio::sync::Semaphore::new(0),
             router_draining: Cell::new(false),
             task_wait_until: Cell::new(None),
+            task_waiters: Cell::new(0),
+            task_wake: glommio::sync::Semaphore::new(0),
         }
     }
 

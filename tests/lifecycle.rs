@@ -734,6 +734,77 @@ fn takeover_of_a_single_router_fails_no_request() {
     assert_eq!(try_get(s.admin, "/readyz").map(|x| x.0), Some(200));
 }
 
+/// A rolling upgrade of everything at once: three rounds in which a new task starts, a new
+/// router takes the addresses over, and then the old router and the old task both get SIGTERM
+/// together, under four clients sending back to back. The new task, linked to the old router,
+/// is told `router_draining` and links the new one; the old task stops on the old router
+/// (`draining`, `drained`) and links nothing new; the new router holds what it takes until the
+/// new task has linked. Not one request fails, and both old processes exit 0.
+#[test]
+fn a_router_takeover_and_a_task_restart_at_once_fail_no_request() {
+    launch::migrate_req_on();
+    let mut s = Solo::new("");
+    let mut router = s.launch(false);
+    let mut task = s.task("t0");
+    let tok = s.token("alice");
+    s.wait_served(&tok, Duration::from_secs(10), &router);
+    let load = fedbus_testkit::attack::BackToBack::start(s.api, 4, |w| {
+        Req::post(&s.path(w as u64 * 5))
+            .token(&tok)
+            .body(b"both")
+            .bytes()
+    });
+    for round in 1..=3 {
+        // One router listens now: its routing table shows the new task before the roll.
+        let generation = metric(s.admin, "fedbus_routing_generation");
+        let next_task = s.task(&format!("t{round}"));
+        wait_until(
+            "a routing table with the new task",
+            Duration::from_secs(10),
+            || (metric(s.admin, "fedbus_routing_generation") > generation).then_some(()),
+            || router.log(),
+        );
+        let next_router = s.launch(true);
+        router.sig("TERM");
+        task.sig("TERM");
+        let (r_exit, t_exit) = (
+            router.wait_exit(Duration::from_secs(15)),
+            task.wait_exit(Duration::from_secs(15)),
+        );
+        assert!(
+            r_exit.is_some_and(|x| x.success()),
+            "round {round}, old router: {r_exit:?}\n{}",
+            router.log()
+        );
+        assert!(
+            t_exit.is_some_and(|x| x.success()),
+            "round {round}, old task: {t_exit:?}\n{}",
+            task.log()
+        );
+        let answered = load.answered();
+        wait_until(
+            "the new router and task serving",
+            Duration::from_secs(10),
+            || (load.answered() > answered + 50).then_some(()),
+            || format!("{}\n{}", next_router.log(), next_task.log()),
+        );
+        (router, task) = (next_router, next_task);
+    }
+    let all = load.stop();
+    println!(
+        "answers over three rolls of router and task: {all:?}; waits for a task on the new routers (last): {}",
+        metric(s.admin, "fedbus_takeover_task_waits_total")
+    );
+    assert!(all.get("200").is_some_and(|n| *n > 100), "{all:?}");
+    assert_eq!(
+        all.len(),
+        1,
+        "a request failed: {all:?}\n{}\n{}",
+        router.log(),
+        task.log()
+    );
+}
+
 /// docs/TUNING.md `readiness.takeover_task_wait_ms`: a router started with `--takeover` holds
 /// a request that finds no task until the window ends, then answers 503 `no_live_task`
 /// (counted once in `fedbus_takeover_task_waits_total`, and in `fedbus_pending_requests`

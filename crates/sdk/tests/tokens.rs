@@ -154,6 +154,16 @@ impl Router {
         Conn::open(self.api).request(&Req::post(&path).token(client).body(body))
     }
 
+    /// Options of a task on this router's shard 0 serving every partition of [`APP`].
+    fn options(&self, token: impl Into<String>) -> TaskOptions {
+        TaskOptions::new(
+            [self.internal.to_string()],
+            APP,
+            (0..16).collect::<Vec<u32>>(),
+            token.into(),
+        )
+    }
+
     fn client_token(&self) -> String {
         launch::client_token(self.home(), &self.keys, APP, "alice")
     }
@@ -241,16 +251,7 @@ fn a_renew_refused_for_an_unknown_key_is_sent_again_until_the_router_knows_it() 
     write_token(&file, &r.service_token("v1", &[]));
     let client = r.client_token();
     let rt = rt();
-    let task = spawn(
-        &rt,
-        TaskOptions::new(
-            [r.internal.to_string()],
-            APP,
-            (0..16).collect::<Vec<u32>>(),
-            "",
-        )
-        .token_file(&file),
-    );
+    let task = spawn(&rt, r.options("").token_file(&file));
     registered(&rt, &task);
     assert_eq!(r.request(&client), 200);
 
@@ -304,13 +305,7 @@ fn a_token_command_runs_again_every_token_refresh_so_a_rotation_reaches_open_lin
     );
     let client = r.client_token();
     let rt = rt();
-    let mut opts = TaskOptions::new(
-        [r.internal.to_string()],
-        APP,
-        (0..16).collect::<Vec<u32>>(),
-        "",
-    )
-    .token_command(cmd);
+    let mut opts = r.options("").token_command(cmd);
     opts.token_refresh = Duration::from_secs(2);
     let task = spawn(&rt, opts);
     registered(&rt, &task);
@@ -412,15 +407,7 @@ fn a_graceful_shutdown_lets_the_handlers_in_flight_answer() {
     let client = r.client_token();
     let rt = rt();
     let token = r.service_token("graceful", &[]);
-    let task = spawn(
-        &rt,
-        TaskOptions::new(
-            [r.internal.to_string()],
-            APP,
-            (0..16).collect::<Vec<u32>>(),
-            token,
-        ),
-    );
+    let task = spawn(&rt, r.options(token));
     registered(&rt, &task);
     assert_eq!(r.request(&client), 200);
     let before = task.stats().requests;
@@ -631,15 +618,7 @@ fn a_takeover_of_the_router_under_load_fails_no_request_of_an_sdk_task() {
     let mut r = Router::start_with("sdk-takeover", 86400, 15_000);
     let client = r.client_token();
     let rt = rt();
-    let task = spawn(
-        &rt,
-        TaskOptions::new(
-            [r.internal.to_string()],
-            APP,
-            (0..16).collect::<Vec<u32>>(),
-            r.service_token("over", &[]),
-        ),
-    );
+    let task = spawn(&rt, r.options(r.service_token("over", &[])));
     registered(&rt, &task);
     kit::wait_until(
         "the task serving",

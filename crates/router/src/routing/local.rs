@@ -91,7 +91,10 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
         };
         let Some((served, tasks, emergency_for)) = found else {
             drop(table);
-            if wait_for_task(shard, deadline, &mut waited).await {
+            if may_wait_for_task(shard, deadline, &mut waited) {
+                // Boxed: this rare wait stays out of every request's future (its size is
+                // copied into the in-flight slot; `api::http::tests::answer_state_stays_small`).
+                Box::pin(wait_for_task(shard)).await;
                 continue;
             }
             return no_live_task(t.app_name, &role, want, hops);
@@ -134,7 +137,8 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
                     Some((l, e)) => (l, e, Some(want)),
                     None => {
                         drop(table);
-                        if wait_for_task(shard, deadline, &mut waited).await {
+                        if may_wait_for_task(shard, deadline, &mut waited) {
+                            Box::pin(wait_for_task(shard)).await;
                             continue;
                         }
                         return no_live_task(t.app_name, &role, want, hops);
@@ -286,13 +290,10 @@ const TASK_WAIT_WAKE_ALL: Duration = Duration::from_millis(100);
 /// A router that took its addresses over waits, for `readiness.takeover_task_wait_ms` after
 /// it starts accepting and within the request's `deadline`, for a task to link to a partition
 /// that has none (the tasks of the router it replaces link here once that one drains): true
-/// after one wait, to look up the route again; false once the wait is over (or there is
-/// none), to answer 503 `no_live_task`. Counted once per request in
-/// `fedbus_takeover_task_waits_total`, and in `fedbus_pending_requests` while it waits (a
-/// drain waits for it). One shard-wide ticker wakes the waiters ([`wake_task_waiters`]), not a
-/// timer per request: the routing table that holds a new link is published by the control
-/// thread, and nothing on the shard hears of it.
-async fn wait_for_task(shard: &Shard, deadline: std::time::Instant, waited: &mut bool) -> bool {
+/// while the window is open, to [`wait_for_task`] once and look up the route again; false
+/// once it is over (or there is none), to answer 503 `no_live_task`. Counted once per request
+/// in `fedbus_takeover_task_waits_total`.
+fn may_wait_for_task(shard: &Shard, deadline: std::time::Instant, waited: &mut bool) -> bool {
     let Some(until) = shard.task_wait_until.get() else {
         return false;
     };
@@ -307,6 +308,14 @@ async fn wait_for_task(shard: &Shard, deadline: std::time::Instant, waited: &mut
     if !std::mem::replace(waited, true) {
         ShardMetrics::inc(&shard.metrics.takeover_held);
     }
+    true
+}
+
+/// One wait of [`may_wait_for_task`], counted in `fedbus_pending_requests` (a drain waits for
+/// it). One shard-wide ticker wakes the waiters ([`wake_task_waiters`]), not a timer per
+/// request: the routing table that holds a new link is published by the control thread, and
+/// nothing on the shard hears of it.
+async fn wait_for_task(shard: &Shard) {
     let _pending = PendingGauge::new(&shard.metrics);
     /// One fewer waiter when the wait ends, woken or dropped (the client went away).
     struct Waiting<'a>(&'a Shard);
@@ -319,7 +328,6 @@ async fn wait_for_task(shard: &Shard, deadline: std::time::Instant, waited: &mut
     let _waiting = Waiting(shard);
     // A permit left over by a waiter that went away wakes one early: it looks again and waits.
     let _ = shard.task_wake.acquire(1).await;
-    true
 }
 
 /// The ticker of [`wait_for_task`], started with the window: every [`TASK_WAIT_POLL`] it looks

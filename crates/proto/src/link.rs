@@ -22,6 +22,7 @@ use crate::hello::{Hello, Register};
 use crate::{flags, put_meta, put_meta_u64, tag, Frame, Header, Kind, ProtoError, HEADER_LEN};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -702,6 +703,57 @@ pub fn next_backoff(prev: Option<Duration>, random: u64) -> Backoff {
 /// and the task should link it soon after, as it would have after the old link's close.
 pub const BACKOFF_WHILE_DRAINING: Duration = Duration::from_millis(250);
 
+/// A link of a router that said it drains (`router_draining`), as the loop that replaces it
+/// sees it: open until the [`Handover`] that link holds is dropped (when it ends).
+#[derive(Debug)]
+pub struct OldLink(Arc<AtomicBool>);
+
+/// Held by a link handed over to a new loop after `router_draining`: dropped when the link
+/// ends, which tells the new loop ([`OldLink`]).
+#[derive(Debug)]
+pub struct Handover(Arc<AtomicBool>);
+
+impl Drop for Handover {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
+/// A handover: the old link keeps the first, the loop that replaces it gets the second.
+pub fn handover() -> (Handover, OldLink) {
+    let open = Arc::new(AtomicBool::new(true));
+    (Handover(open.clone()), OldLink(open))
+}
+
+/// The next reconnect delay of a link loop, from the last base (`prev`, moved on; None after
+/// a link that registered). A loop that replaces a draining router's link (`old`) dials at
+/// most [`BACKOFF_WHILE_DRAINING`] apart while that link is open, and from [`BACKOFF_MIN`]
+/// again once it closed (`old` is then cleared). Also says whether the old link is still open
+/// (dials that fail meanwhile are expected).
+pub fn next_redial(
+    prev: &mut Option<Duration>,
+    old: &mut Option<OldLink>,
+    random: u64,
+) -> (Backoff, bool) {
+    let old_open = match old {
+        Some(o) if o.0.load(Ordering::Relaxed) => true,
+        Some(_) => {
+            *old = None;
+            *prev = None;
+            false
+        }
+        None => false,
+    };
+    let max = if old_open {
+        BACKOFF_WHILE_DRAINING
+    } else {
+        BACKOFF_MAX
+    };
+    let b = next_backoff_within(*prev, random, max);
+    *prev = Some(b.base);
+    (b, old_open)
+}
+
 /// [`next_backoff`] with its base capped at `max` (at least [`BACKOFF_MIN`]).
 pub fn next_backoff_within(prev: Option<Duration>, random: u64, max: Duration) -> Backoff {
     let max = max.max(BACKOFF_MIN);
@@ -1132,6 +1184,16 @@ mod tests {
         // A wild previous value is brought back into range.
         assert_eq!(next_backoff(Some(Duration::ZERO), 500).base, BACKOFF_MIN);
         assert_eq!(next_backoff(Some(Duration::MAX), 500).base, BACKOFF_MAX);
+        // A loop replacing a draining router's link: capped while it is open, from the
+        // least delay once it closed.
+        let (guard, old) = handover();
+        let (mut prev, mut old) = (Some(Duration::from_secs(2)), Some(old));
+        let (b, open) = next_redial(&mut prev, &mut old, 500);
+        assert_eq!((b.base, open), (BACKOFF_WHILE_DRAINING, true));
+        drop(guard);
+        let (b, open) = next_redial(&mut prev, &mut old, 500);
+        assert_eq!((b.base, open), (BACKOFF_MIN, false));
+        assert!(old.is_none());
         let b = next_backoff_within(Some(Duration::from_secs(2)), 500, BACKOFF_WHILE_DRAINING);
         assert_eq!(b.base, BACKOFF_WHILE_DRAINING);
         assert_eq!(

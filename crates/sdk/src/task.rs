@@ -4,15 +4,15 @@
 use crate::{Error, Outcome, Request, TaskOptions, TokenSource};
 use bytes::Bytes;
 use fedbus_proto::link::{
-    next_backoff_within, shard_key, Event, Input, Link, LinkConfig, LinkError, RequestHead,
-    ShardAddr, BACKOFF_MAX, BACKOFF_WHILE_DRAINING,
+    handover, next_redial, shard_key, Event, Handover, Input, Link, LinkConfig, LinkError, OldLink,
+    RequestHead, ShardAddr,
 };
 use fedbus_proto::renew::{self, RenewAnswer, RenewPacer};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -395,35 +395,21 @@ impl Drop for LoopGuard {
     }
 }
 
-fn spawn_loop<H, F>(ctx: &Arc<Ctx<H>>, dial: Dial, old_link_open: Option<Arc<AtomicBool>>)
+fn spawn_loop<H, F>(ctx: &Arc<Ctx<H>>, dial: Dial, old: Option<OldLink>)
 where
     H: Fn(Request) -> F + Send + Sync + 'static,
     F: Future<Output = Outcome> + Send + 'static,
 {
     ctx.loops.send_modify(|n| *n += 1);
     let guard = LoopGuard(ctx.loops.clone());
-    tokio::spawn(link_loop(ctx.clone(), dial, guard, old_link_open));
+    tokio::spawn(link_loop(ctx.clone(), dial, guard, old));
 }
 
-/// Cleared when dropped: a handed-over link tells the loop that replaced it that it ended.
-struct ClearOnDrop(Arc<AtomicBool>);
-
-impl Drop for ClearOnDrop {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Relaxed);
-    }
-}
-
-/// Links to one router shard, again and again, until the task stops. `old_link_open`: this
-/// loop replaces the link of a draining router (`router_draining`), which is open while the
-/// flag is set; meanwhile its dials are spaced at most [`BACKOFF_WHILE_DRAINING`] apart, and
-/// once that link closed the backoff starts again from its least.
-async fn link_loop<H, F>(
-    ctx: Arc<Ctx<H>>,
-    dial: Dial,
-    _guard: LoopGuard,
-    mut old_link_open: Option<Arc<AtomicBool>>,
-) where
+/// Links to one router shard, again and again, until the task stops. `old`: this loop
+/// replaces the link of a draining router (`router_draining`); its dials follow
+/// [`next_redial`].
+async fn link_loop<H, F>(ctx: Arc<Ctx<H>>, dial: Dial, _guard: LoopGuard, mut old: Option<OldLink>)
+where
     H: Fn(Request) -> F + Send + Sync + 'static,
     F: Future<Output = Outcome> + Send + 'static,
 {
@@ -488,20 +474,9 @@ async fn link_loop<H, F>(
         let res = res.map_err(|e| match e {
             End::Refused(m) | End::Failed(m) | End::Duplicate(m) | End::HandedOver(m) => m,
         });
-        let max = match &old_link_open {
-            Some(open) if open.load(Ordering::Relaxed) => BACKOFF_WHILE_DRAINING,
-            Some(_) => {
-                // The draining router closed the old link: from the least delay again.
-                old_link_open = None;
-                prev = None;
-                BACKOFF_MAX
-            }
-            None => BACKOFF_MAX,
-        };
-        let b = next_backoff_within(prev, crate::random_u64(), max);
-        prev = Some(b.base);
+        let (b, old_open) = next_redial(&mut prev, &mut old, crate::random_u64());
         let why = res.err().unwrap_or_else(|| "closed".into());
-        if max == BACKOFF_WHILE_DRAINING {
+        if old_open {
             // Expected until the draining router's replacement listens.
             tracing::debug!(%addr, delay = ?b.delay, "replacement of a draining router's link not up: {why}; dialing again");
         } else {
@@ -625,7 +600,7 @@ where
     // The router said it drains (`router_draining`): a new loop links its address again, and
     // this one ends with this link (and clears the new loop's flag then).
     let mut handed_over = false;
-    let mut _tell_successor: Option<ClearOnDrop> = None;
+    let mut _handover: Option<Handover> = None;
     let res = loop {
         let deadline = link
             .poll_timeout()
@@ -711,9 +686,9 @@ where
                     }
                     if !*ctx.draining_tx.borrow() {
                         tracing::info!(%addr, "router draining: linking its address again");
-                        let open = Arc::new(AtomicBool::new(true));
-                        spawn_loop(ctx, dial.clone(), Some(open.clone()));
-                        _tell_successor = Some(ClearOnDrop(open));
+                        let (h, old) = handover();
+                        spawn_loop(ctx, dial.clone(), Some(old));
+                        _handover = Some(h);
                     }
                 }
                 if let Some(answer) = renew::renew_answer(t.as_bytes()) {

@@ -6,6 +6,7 @@
 
 use bytes::{Bytes, BytesMut};
 use fedbus_proto::hello::{Hello, Register};
+use fedbus_proto::link;
 use fedbus_proto::renew::{self, RenewPacer};
 use fedbus_proto::{self as proto, put_meta, put_meta_u64, tag, Frame, Header, Kind};
 use fedbus_router::util::random_u64;
@@ -444,29 +445,15 @@ async fn renew_on_change<H>(
     }
 }
 
-/// Cleared when dropped: a handed-over link tells the loop that replaced it that it ended.
-struct ClearOnDrop(Rc<std::cell::Cell<bool>>);
-
-impl Drop for ClearOnDrop {
-    fn drop(&mut self) {
-        self.0.set(false);
-    }
-}
-
-/// Links to `addr` again and again until the task stops. `old_link_open`: this loop replaces
-/// the link of a draining router (`router_draining`), which is open while the flag is set;
-/// meanwhile its dials are spaced at most `BACKOFF_WHILE_DRAINING` apart, and once that link
-/// closed the backoff starts again from its least.
-async fn link_loop<H, F>(
-    ctx: Rc<Ctx<H>>,
-    addr: String,
-    mut old_link_open: Option<Rc<std::cell::Cell<bool>>>,
-) where
+/// Links to `addr` again and again until the task stops. `old`: this loop replaces the link of
+/// a draining router (`router_draining`); its dials follow [`link::next_redial`].
+async fn link_loop<H, F>(ctx: Rc<Ctx<H>>, addr: String, mut old: Option<link::OldLink>)
+where
     H: Fn(Request) -> F + 'static,
     F: Future<Output = Outcome> + 'static,
 {
-    use fedbus_proto::link::{BACKOFF_MAX, BACKOFF_MIN, BACKOFF_WHILE_DRAINING};
-    let mut backoff = BACKOFF_MIN;
+    // The last backoff's base; None after a link that closed normally.
+    let mut prev = None;
     // Since when this router refuses the token at the upgrade, try after try.
     let mut refused_since: Option<std::time::Instant> = None;
     // Set when the router says it drains (`router_draining`): a new loop links the address
@@ -479,11 +466,12 @@ async fn link_loop<H, F>(
             tracing::info!(%addr, "link of a draining router ended: {res:?}");
             return;
         }
-        match res {
+        let failure = match res {
             Ok(()) => {
                 tracing::info!(%addr, "link closed; reconnecting");
-                backoff = BACKOFF_MIN;
+                prev = None;
                 refused_since = None;
+                None
             }
             Err(e) => {
                 let m = e.to_string();
@@ -498,29 +486,20 @@ async fn link_loop<H, F>(
                         std::process::exit(1);
                     }
                 }
-                if old_link_open.as_ref().is_some_and(|o| o.get()) {
-                    // Expected until the draining router's replacement listens.
-                    tracing::debug!(%addr, "replacement of a draining router's link not up: {m}; dialing again in {backoff:?}")
-                } else {
-                    tracing::warn!(%addr, "link failed: {m}; retrying in {backoff:?}")
-                }
+                Some(m)
             }
-        }
-        let max = match &old_link_open {
-            Some(open) if open.get() => BACKOFF_WHILE_DRAINING,
-            Some(_) => {
-                // The draining router closed the old link: from the least delay again.
-                old_link_open = None;
-                backoff = BACKOFF_MIN;
-                BACKOFF_MAX
-            }
-            None => BACKOFF_MAX,
         };
-        backoff = backoff.min(max);
-        // Jitter in [0.5, 1.5) x backoff, so a restarted router is not hit by every task at once.
-        let j = 0.5 + (random_u64() % 1000) as f64 / 1000.0;
-        glommio::timer::sleep(backoff.mul_f64(j)).await;
-        backoff = (backoff * 2).min(max);
+        // Jittered, so a restarted router is not hit by every task at once.
+        let (b, old_open) = link::next_redial(&mut prev, &mut old, random_u64());
+        match failure {
+            // Expected until the draining router's replacement listens.
+            Some(m) if old_open => {
+                tracing::debug!(%addr, "replacement of a draining router's link not up: {m}; dialing again in {:?}", b.delay)
+            }
+            Some(m) => tracing::warn!(%addr, "link failed: {m}; retrying in {:?}", b.delay),
+            None => {}
+        }
+        glommio::timer::sleep(b.delay).await;
     }
 }
 
@@ -658,7 +637,7 @@ where
     tracing::info!(%addr, router = %hello.router, shard = hello.shard, shards = hello.shards, "link up");
     let drained = Rc::new(std::cell::Cell::new(false));
     // The loop that replaced this link of a draining router learns of its end from this.
-    let mut _tell_successor: Option<ClearOnDrop> = None;
+    let mut _handover: Option<link::Handover> = None;
     {
         let mut links = ctx.links.borrow_mut();
         links.retain(|l| l.out.strong_count() > 0);
@@ -717,14 +696,10 @@ where
                     // shard from now on.
                     if !handed_over.replace(true) && !ctx.stopping.get() {
                         tracing::info!(%addr, router = %hello.router, shard = hello.shard, "router draining: linking its address again");
-                        let open = Rc::new(std::cell::Cell::new(true));
-                        glommio::spawn_local(link_loop(
-                            ctx.clone(),
-                            addr.to_string(),
-                            Some(open.clone()),
-                        ))
-                        .detach();
-                        _tell_successor = Some(ClearOnDrop(open));
+                        let (handover, old) = link::handover();
+                        glommio::spawn_local(link_loop(ctx.clone(), addr.to_string(), Some(old)))
+                            .detach();
+                        _handover = Some(handover);
                     }
                 } else if let Some(answer) = renew::renew_answer(&t) {
                     let mut p = pacer.get();

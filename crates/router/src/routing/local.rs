@@ -78,32 +78,23 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
         let table = first
             .take()
             .unwrap_or_else(|| shard.snapshots.routes.load());
-        let found = match table.lookup(t.app_name, &role, want) {
+        let (served, tasks, emergency_for) = match table.lookup(t.app_name, &role, want) {
             Lookup::Served {
                 partition,
                 tasks,
                 emergency_for,
-            } => Some((partition, tasks, emergency_for)),
+            } => (partition, Some(tasks), emergency_for),
             Lookup::UnknownApp => {
                 return Answer::error(404, "unknown_app", format!("no app {}", t.app_name))
             }
-            Lookup::UnknownRole | Lookup::NoLiveTask { .. } => None,
-        };
-        let Some((served, tasks, emergency_for)) = found else {
-            drop(table);
-            if may_wait_for_task(shard, deadline, &mut waited) {
-                // Boxed: this rare wait stays out of every request's future (its size is
-                // copied into the in-flight slot; `api::http::tests::answer_state_stays_small`).
-                Box::pin(wait_for_task(shard)).await;
-                continue;
-            }
-            return no_live_task(t.app_name, &role, want, hops);
+            Lookup::UnknownRole | Lookup::NoLiveTask { .. } => (want, None, None),
         };
         // The snapshot may lag behind this shard's own view of its links by a moment; fall
         // back to the role's emergency partition when no local link serves the partition.
-        let (link, served, emergency_for) = match shard.pick_link(t.app_name, &role, tasks) {
-            Ok(l) => (l, served, emergency_for),
-            Err(true) => {
+        let picked = match tasks.map(|tasks| shard.pick_link(t.app_name, &role, tasks)) {
+            None => None,
+            Some(Ok(l)) => Some((l, served, emergency_for)),
+            Some(Err(true)) => {
                 ShardMetrics::inc(&shard.metrics.busy_refused);
                 return Answer::error(
                     503,
@@ -111,7 +102,7 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
                     "every task of the partition is at its pending limit",
                 );
             }
-            Err(false) => {
+            Some(Err(false)) => {
                 // No live link here for this partition, and the published snapshot may not
                 // know yet (the control thread publishes a moment later): elect on the shard
                 // among the partitions that have a live link here. The same pure election the
@@ -133,18 +124,18 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
                         .ok()
                         .map(|l| (l, e))
                 });
-                match local {
-                    Some((l, e)) => (l, e, Some(want)),
-                    None => {
-                        drop(table);
-                        if may_wait_for_task(shard, deadline, &mut waited) {
-                            Box::pin(wait_for_task(shard)).await;
-                            continue;
-                        }
-                        return no_live_task(t.app_name, &role, want, hops);
-                    }
-                }
+                local.map(|(l, e)| (l, e, Some(want)))
             }
+        };
+        let Some((link, served, emergency_for)) = picked else {
+            drop(table);
+            if may_wait_for_task(shard, deadline, &mut waited) {
+                // Boxed: this rare wait stays out of every request's future (its size is
+                // copied into the in-flight slot; `api::http::tests::answer_state_stays_small`).
+                Box::pin(wait_for_task(shard)).await;
+                continue;
+            }
+            return no_live_task(t.app_name, &role, want, hops);
         };
         let id = shard.request_id();
         let rx = {

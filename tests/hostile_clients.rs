@@ -3,7 +3,7 @@
 //! malformed framing and websocket upgrades, and one connection pipelining more bodies than
 //! its share of the memory budget. Every router has one shard, so the well-behaved client
 //! whose requests are answered during each attack is on the attacked shard. Each test prints
-//! its numbers (`cargo test --release -p fedbus --test hostile_clients -- --nocapture`).
+//! its numbers (`cargo test --release -p fedbus --test integration -- hostile_clients:: --nocapture`).
 
 use bytes::{Bytes, BytesMut};
 use fedbus_proto::{encode_frame, put_meta, tag, Frame, Kind};

@@ -4,7 +4,7 @@
 //! the bounded outcome (the close code or status, the counter that says so, the router's RSS)
 //! and the normal requests answered during the attack.
 //!
-//! `cargo test --release -p fedbus --test hostile_tasks -- --nocapture` prints the numbers.
+//! `cargo test --release -p fedbus --test integration -- hostile_tasks:: --nocapture` prints the numbers.
 //!
 //! A task link is spoken here by hand (`RawLink`: upgrade with a service token, hello,
 //! register), so a test can send what no SDK would.

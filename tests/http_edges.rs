@@ -4,7 +4,7 @@
 //! docs/ARCHITECTURE.md ("TLS"); where they are silent, from what RFC 9110/9112 require and
 //! nginx does. Every wait is bounded.
 //!
-//! `cargo test --release -p fedbus --test http_edges`
+//! `cargo test --release -p fedbus --test integration http_edges::`
 
 use fedbus_testkit::tls::{connect, verifying, Tls, DEFAULT_VERSIONS};
 use fedbus_testkit::ReadRetrying;

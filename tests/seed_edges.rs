@@ -6,7 +6,7 @@
 //! and the docs/TUNING.md entries they point to. Each test checks one documented promise or one
 //! hostile / edge input, on a real router, bounded in time (every read has a timeout).
 //!
-//! `cargo test --release -p fedbus --test seed_edges`
+//! `cargo test --release -p fedbus --test integration seed_edges::`
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;

@@ -3,7 +3,7 @@
 //! pings, requests time out) leave routing, their partitions go to the emergency partition, and
 //! they come back when they answer again.
 //!
-//! `cargo test --release --test sick_task -- --nocapture` prints the times measured.
+//! `cargo test --release --test integration -- sick_task:: --nocapture` prints the times measured.
 
 use fedbus_router::route;
 use fedbus_testkit::*;

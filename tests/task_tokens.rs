@@ -3,7 +3,7 @@
 //! refused for good ending the task with status 1 within `--refused-exit-after`, and a renew
 //! refused during a rotation done out of order sent again until the router takes it.
 //!
-//! `cargo test --release -p fedbus --test task_tokens -- --nocapture` prints what it measured.
+//! `cargo test --release -p fedbus --test integration -- task_tokens:: --nocapture` prints what it measured.
 
 use fedbus_testkit::*;
 use std::process::{Command, Stdio};

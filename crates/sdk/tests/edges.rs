@@ -5,7 +5,7 @@
 //! test kit (or, for restarts, one on fixed ports), and blocking HTTP clients. Every wait is on a fact and
 //! bounded; the few fixed sleeps prove an absence and are bounded too.
 //!
-//! `cargo build --release -p fedbus && cargo test --release -p fedbus-sdk --test edges`
+//! `cargo build --release -p fedbus && cargo test --release -p fedbus-sdk --test integration edges::`
 
 use fedbus_sdk::{Error, Outcome, Partitions, Request, Task, TaskOptions};
 use fedbus_testkit::{self as kit, Conn, Req, Response, Router};
@@ -695,7 +695,10 @@ fn every_shard_address_configured_links_once_per_shard() {
         "{s:?} {:?}",
         task.last_error()
     );
-    assert_eq!(s.duplicates, 1, "{s:?}");
+    // 0 or 1: the loop of shard 0 opens one for shard 1 from its hello when the configured
+    // loop of shard 1 has not claimed it yet, and that one is refused as a duplicate once
+    // (usually 1; 0 when shard 1's own hello came first, as under a loaded machine).
+    assert!(s.duplicates <= 1, "{s:?}");
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert_eq!(metric(&r, "fedbus_task_links"), 2.0);
 }

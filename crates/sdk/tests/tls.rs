@@ -4,7 +4,7 @@
 //! task in this process (tokio) and blocking HTTP clients. Every wait is on a fact (registered
 //! links, a counter, an answer) and bounded.
 //!
-//! `cargo build --release -p fedbus && cargo test --release -p fedbus-sdk --test tls`
+//! `cargo build --release -p fedbus && cargo test --release -p fedbus-sdk --test integration tls::`
 
 use fedbus_sdk::{Error, Outcome, Request, Task, TaskOptions};
 use fedbus_testkit::fed::{issue_cert, PeerCerts};

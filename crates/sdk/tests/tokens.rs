@@ -6,7 +6,7 @@
 //! handlers in flight answer. Every wait is on a fact (the router's metrics
 //! and log, the task's counters) and bounded; the sleeps past a key's grace prove an absence.
 //!
-//! `cargo build --release -p fedbus && cargo test --release -p fedbus-sdk --test tokens -- --nocapture`
+//! `cargo build --release -p fedbus && cargo test --release -p fedbus-sdk --test integration -- tokens:: --nocapture`
 
 use fedbus_sdk::{Outcome, Request, Task, TaskOptions};
 use fedbus_testkit::{self as kit, launch, Conn, Metrics, Req, TempDir};

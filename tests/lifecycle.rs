@@ -648,10 +648,55 @@ fn a_second_router_on_the_same_addresses_fails_and_the_first_keeps_serving() {
 /// answered `no_live_task` until the task relinked after the old one's drain.
 #[test]
 fn takeover_of_a_single_router_fails_no_request() {
+    takeover_of_a_single_router("fedbus task", |s| s.task("t"));
+}
+
+/// The same takeover with a task that does not know `router_draining`: a task runner written
+/// against the protocol before it, here `tests/python/echo_task.py` (written from PROTOCOL.md
+/// alone), which skips a text message it does not know. It keeps its link to the old router
+/// until that one closes it (1001, at the end of its drain) and links again one backoff later
+/// (25-75 ms) through the address the new router now holds; the new router holds the requests
+/// it took meanwhile (`readiness.takeover_task_wait_ms`), so no request fails either.
+#[test]
+fn takeover_with_a_task_that_ignores_router_draining_fails_no_request() {
+    let py = crate::python_task::python();
+    takeover_of_a_single_router("python task", |s| {
+        let keys = s.keys.to_str().expect("utf-8");
+        let token = fedbus(
+            s.home(),
+            &[
+                "token",
+                "service",
+                "--task-id",
+                "py",
+                "--app",
+                APP,
+                "--keyring",
+                keys,
+            ],
+        );
+        let log = s.home().join("task-py.log");
+        let child = std::process::Command::new(py)
+            .arg(crate::python_task::TASK)
+            .args(["--router", &s.internal.to_string(), "--token", token.trim()])
+            .args(["--app", APP, "--partitions", "0-15"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("task log"))
+            .spawn()
+            .expect("start python3 echo_task.py");
+        Run::new(child, log)
+    });
+}
+
+/// One router, one task (`task` starts it), two clients with a new connection per request and
+/// two on keep-alive connections; a takeover by a new run, then SIGTERM to the old one: no
+/// request fails, the old run exits 0 and the new one serves.
+fn takeover_of_a_single_router(which: &str, task: impl FnOnce(&Solo) -> Run) {
     launch::migrate_req_on();
     let mut s = Solo::new("");
     let mut old = s.launch(false);
-    let _task = s.task("t");
+    let _task = task(&s);
     let tok = s.token("alice");
     s.wait_served(&tok, Duration::from_secs(10), &old);
     let stop = Arc::new(AtomicBool::new(false));
@@ -718,7 +763,7 @@ fn takeover_of_a_single_router_fails_no_request() {
     let failed = failed.lock().unwrap().clone();
     let waits = metric(s.admin, "fedbus_takeover_task_waits_total");
     eprintln!(
-        "takeover: old drained in {drained:?}; per-request ok {} failed {}: {:?}; keep-alive {kept:?}; requests that waited for the task on the new router: {waits}",
+        "takeover ({which}): old drained in {drained:?}; per-request ok {} failed {}: {:?}; keep-alive {kept:?}; requests that waited for the task on the new router: {waits}",
         ok.load(Ordering::Relaxed),
         failed.len(),
         failed.iter().take(5).collect::<Vec<_>>()

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fedbus");
 const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/PROTOCOL.md");
-const TASK: &str = concat!(
+pub(crate) const TASK: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../tests/python/echo_task.py"
 );
@@ -143,7 +143,7 @@ impl Drop for TempDir {
 }
 
 /// A Python 3 that has `websockets`; the test fails (does not skip) without one.
-fn python() -> String {
+pub(crate) fn python() -> String {
     for py in ["python3", "/usr/bin/python3"] {
         let ok = Command::new(py)
             .args(["-c", "import websockets"])

@@ -1635,9 +1635,9 @@ fn sigkill_of_the_new_run_during_its_takeover_wait_loses_nothing() {
 #[test]
 fn a_takeover_run_sigtermed_before_the_old_one_hands_everything_back() {
     // The new run has no task (the old one is not draining, so the task stays linked to it):
-    // its 503 `no_live_task` is how the test sees that it takes clients. Without the hold
-    // (`readiness.takeover_task_wait_ms`), which would keep that answer back for its whole
-    // window and race the 5 s wait below.
+    // its 503 `no_live_task` is how the test sees that it takes clients. The hold
+    // (`readiness.takeover_task_wait_ms`) is off: it would keep that answer back for its whole
+    // window (5 s) and race the 5 s wait below.
     let mut s = Site::new("", "", "[readiness]\ntakeover_task_wait_ms = 0");
     let old = s.launch(false);
     let _t = s.task("t", &[]);

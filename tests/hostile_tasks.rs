@@ -1002,7 +1002,7 @@ fn a_dead_shard_makes_readyz_503() {
     for i in 0..20u64 {
         let mut c = r.conn();
         // A lost connection waits this long, a slow answer on a loaded machine less (2 s
-        // was seen to be too short once, with the other test binaries running beside it).
+        // was seen to be too short once, with other tests running beside it).
         c.set_read_timeout(Duration::from_secs(10));
         c.send(
             &Req::post(&r.path(APP, i))

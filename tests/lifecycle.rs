@@ -648,7 +648,7 @@ fn a_second_router_on_the_same_addresses_fails_and_the_first_keeps_serving() {
 /// answered `no_live_task` until the task relinked after the old one's drain.
 #[test]
 fn takeover_of_a_single_router_fails_no_request() {
-    takeover_of_a_single_router("fedbus task", |s| s.task("t"));
+    takeover_of_a_single_router("fedbus task", false, |s| s.task("t"));
 }
 
 /// The same takeover with a task that does not know `router_draining`: a task runner written
@@ -660,7 +660,7 @@ fn takeover_of_a_single_router_fails_no_request() {
 #[test]
 fn takeover_with_a_task_that_ignores_router_draining_fails_no_request() {
     let py = crate::python_task::python();
-    takeover_of_a_single_router("python task", |s| {
+    takeover_of_a_single_router("python task", true, |s| {
         let keys = s.keys.to_str().expect("utf-8");
         let token = fedbus(
             s.home(),
@@ -691,8 +691,11 @@ fn takeover_with_a_task_that_ignores_router_draining_fails_no_request() {
 
 /// One router, one task (`task` starts it), two clients with a new connection per request and
 /// two on keep-alive connections; a takeover by a new run, then SIGTERM to the old one: no
-/// request fails, the old run exits 0 and the new one serves.
-fn takeover_of_a_single_router(which: &str, task: impl FnOnce(&Solo) -> Run) {
+/// request fails, the old run exits 0 and the new one serves. `held`: at least one request
+/// must have waited on the new router for the task (a task that relinks only after the old
+/// router's drain leaves a gap of tens of milliseconds that the clients always hit; with
+/// `router_draining` the gap is a few milliseconds and not asserted).
+fn takeover_of_a_single_router(which: &str, held: bool, task: impl FnOnce(&Solo) -> Run) {
     launch::migrate_req_on();
     let mut s = Solo::new("");
     let mut old = s.launch(false);
@@ -772,6 +775,12 @@ fn takeover_of_a_single_router(which: &str, task: impl FnOnce(&Solo) -> Run) {
         failed.is_empty(),
         "requests failed over the takeover: {failed:?}\nold: {}\nnew: {}",
         old.log(),
+        new.log()
+    );
+    assert!(
+        !held || waits >= 1.0,
+        "no request waited on the new router for the task ({which}): the gap this test is \
+         about was not hit\nnew: {}",
         new.log()
     );
     assert_eq!(kept.len(), 1, "keep-alive answers: {kept:?}\n{}", new.log());

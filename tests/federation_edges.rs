@@ -1565,6 +1565,65 @@ fn p46_peer_busy_when_the_outbox_is_over_its_limit() {
     assert_eq!(r.header("retry-after"), Some("1"));
 }
 
+/// TUNING.md `limits.max_pending_per_link`: "an accepting router answers requests over it on
+/// one peer link `503 peer_busy`", counted in `fedbus_busy_refused_total`. Five requests at
+/// once on one raw peer link to a router with a limit of 3 and a task that answers after
+/// 300 ms: the two over the limit are answered 503 `peer_busy` at once, the three others 200;
+/// once those are answered the link takes requests again.
+#[test]
+fn p52_accepted_peer_link_holds_at_most_max_pending_per_link() {
+    let f = Federation::builder()
+        .peer_tls(false)
+        .task_delay_ms("spb1", 300)
+        .limit("spb1", "max_pending_per_link", 3)
+        .start();
+    let r = f.router("spb1", 0);
+    let refused_before = m(r, "fedbus_busy_refused_total");
+    let mut w = raw_peer(&f, r, "ru/spb2", f.keyring("spb2"));
+    let tok = f.token("spb1").to_string();
+    let meta: Vec<(u8, &[u8])> = vec![
+        (tag::CLUSTER, b"ru/spb1"),
+        (tag::APP, APP.as_bytes()),
+        (tag::SERVICE, b"api"),
+        (tag::MODULE, b"sys"),
+        (tag::FUNCTION, b"echo"),
+        (tag::WSID, b"21"),
+        (tag::TOKEN, tok.as_bytes()),
+    ];
+    let mut mm = bytes::BytesMut::new();
+    for (t, v) in &meta {
+        put_meta(&mut mm, *t, v);
+    }
+    let sent = Instant::now();
+    for id in 1..=5u64 {
+        let fr = encode_frame(Kind::Request, flags::FORWARDED, 0, 0, id, &mm, b"x").to_vec();
+        w.send_raw(&fr);
+    }
+    let mut answers = std::collections::BTreeMap::new();
+    while answers.len() < 5 {
+        let a = w.frame();
+        let error = a.get_str(tag::ERROR).map(str::to_string);
+        answers.insert(a.header.request_id, (status(&a), error, sent.elapsed()));
+    }
+    eprintln!("five requests at once, limit 3: {answers:?}");
+    let busy: Vec<_> = answers
+        .iter()
+        .filter(|(_, (st, e, _))| *st == 503 && e.as_deref() == Some("peer_busy"))
+        .collect();
+    let ok = answers.values().filter(|(st, _, _)| *st == 200).count();
+    assert_eq!((busy.len(), ok), (2, 3), "{answers:?}");
+    // Refused at once, not after the task's 300 ms.
+    assert!(
+        busy.iter()
+            .all(|(_, (_, _, t))| *t < Duration::from_millis(250)),
+        "{answers:?}"
+    );
+    assert_eq!(m(r, "fedbus_busy_refused_total") - refused_before, 2.0);
+    // The three answered, the link is below its limit again.
+    let a = peer_req(&mut w, 6, &meta, b"again");
+    assert_eq!(status(&a), 200, "{a:?}");
+}
+
 /// p33 with the default max_body_bytes (8 MiB): only max_header_bytes raised (TUNING.md:
 /// "when clients send large tokens"), in both clusters. An 8 MiB body with 80 KB of headers
 /// (within both client bounds) crossing the link.

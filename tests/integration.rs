@@ -17,6 +17,7 @@ mod limits;
 mod loadgen;
 mod operator_edges;
 mod peer_tls;
+mod probe_takeover;
 mod probe_unix_stop;
 mod python_task;
 mod reload;

@@ -352,7 +352,8 @@ pub struct Readiness {
     /// one to link (within the request's own deadline) instead of getting 503 `no_live_task`
     /// at once. The tasks of the router it replaces link to it once that router drains (it
     /// tells them `router_draining`), so the requests it takes before then are served, not
-    /// refused. 0: off. Default 5000.
+    /// refused. A drain of this router ends the hold (its task listeners are closed). 0: off.
+    /// Default 5000.
     pub takeover_task_wait_ms: u64,
     /// A shard whose executor ends (a panic) is not restarted in place. True: the router then
     /// drains the shards that run (as on SIGTERM) and exits with status 70, so that its

@@ -350,6 +350,20 @@ pub(crate) async fn wake_task_waiters(shard: Rc<Shard>) {
     }
 }
 
+/// Ends the hold of [`may_wait_for_task`] early, once this draining shard's task listeners
+/// are closed: no task can link here any more, so a held request waiting out the rest of the
+/// window would only make the drain last as long (a takeover router stopped during its
+/// window, as in a rollback). Each waiter looks once more and, with no task, is answered 503
+/// `no_live_task` now; its client retries on the router that still has the address.
+pub(crate) fn end_task_wait(shard: &Shard) {
+    if shard.task_wait_until.take().is_some() {
+        let n = shard.task_waiters.get();
+        if n > 0 {
+            shard.task_wake.signal(n as u64);
+        }
+    }
+}
+
 /// `fedbus_pending_requests` up while alive.
 struct PendingGauge<'a>(&'a ShardMetrics);
 

@@ -617,6 +617,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
                     u.await;
                 }
                 task::link::tell_router_draining(&shard);
+                crate::routing::local::end_task_wait(&shard);
                 a.await;
                 if let Some(e) = ext {
                     e.await;

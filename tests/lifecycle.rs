@@ -144,18 +144,19 @@ fn run_config_expect_failure(
 
 // ---------------------------------------------------------------------------------------------
 // A router on fixed addresses (127.a.b.33:8800/8900/8700) that can be restarted, killed and
-// taken over: the testkit's single Router binds port 0, so a restart would move it.
+// taken over: the testkit's single Router binds port 0, so a restart would move it. Also used
+// by probe_takeover (on 127.a.b.51).
 
 static NEXT_SOLO: AtomicU32 = AtomicU32::new(0);
 
-struct Solo {
+pub(crate) struct Solo {
     dir: TempDir,
     cfg: PathBuf,
-    keys: PathBuf,
-    api: SocketAddr,
+    pub(crate) keys: PathBuf,
+    pub(crate) api: SocketAddr,
     external: SocketAddr,
-    internal: SocketAddr,
-    admin: SocketAddr,
+    pub(crate) internal: SocketAddr,
+    pub(crate) admin: SocketAddr,
     runs: u32,
 }
 
@@ -165,7 +166,7 @@ impl Solo {
     }
 
     /// A router of `region/cluster` on 127.a.b.`host` (b from a counter).
-    fn new_in(region: &str, cluster: &str, host: u8, extra: &str) -> Solo {
+    pub(crate) fn new_in(region: &str, cluster: &str, host: u8, extra: &str) -> Solo {
         let n = NEXT_SOLO.fetch_add(1, Ordering::Relaxed);
         let ip = Ipv4Addr::new(
             127,
@@ -197,12 +198,12 @@ impl Solo {
         }
     }
 
-    fn home(&self) -> &Path {
+    pub(crate) fn home(&self) -> &Path {
         self.dir.path()
     }
 
     /// Starts `fedbus run` and waits for its ready line (10 s).
-    fn launch(&mut self, takeover: bool) -> Run {
+    pub(crate) fn launch(&mut self, takeover: bool) -> Run {
         self.runs += 1;
         let log = self.home().join(format!("router-{}.log", self.runs));
         let args: &[&str] = if takeover { &["--takeover"] } else { &[] };
@@ -211,17 +212,22 @@ impl Solo {
         run
     }
 
-    fn token(&self, sub: &str) -> String {
+    pub(crate) fn token(&self, sub: &str) -> String {
         client_token(self.home(), &self.keys, APP, sub)
     }
 
     /// `fedbus task echo` linked to this router (not waited for).
-    fn task(&self, label: &str) -> Run {
-        let log = self.home().join(format!("task-{label}.log"));
-        spawn_echo_task(self.home(), self.internal, &self.keys, &[], log)
+    pub(crate) fn task(&self, label: &str) -> Run {
+        self.task_with(label, &[])
     }
 
-    fn path(&self, wsid: u64) -> String {
+    /// `fedbus task echo <args>` linked to this router (not waited for).
+    pub(crate) fn task_with(&self, label: &str, args: &[&str]) -> Run {
+        let log = self.home().join(format!("task-{label}.log"));
+        spawn_echo_task(self.home(), self.internal, &self.keys, args, log)
+    }
+
+    pub(crate) fn path(&self, wsid: u64) -> String {
         format!("/api/local/dev/{APP}/api/{wsid}/sys/echo")
     }
 

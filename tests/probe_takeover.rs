@@ -7,90 +7,44 @@
 //! for by a drain, and off when it should be; and `router_draining` told to a link that
 //! registers on a router already draining.
 //!
-//! Every router binds fixed ports on 127.(100 + pid % 150).(counter).51, an address no other
-//! test uses. Every wait is bounded and waits on a fact (a ready line, a metric, an answer),
+//! Every router is lifecycle's `Solo`, on fixed ports of 127.(100 + pid % 150).(counter).51,
+//! an address no other test uses. Every wait is bounded and waits on a fact (a ready line, a metric, an answer),
 //! except the one sleep that shows a request is still unanswered at a stated moment.
 //!
 //! `cargo test --release -p fedbus --test integration -- probe_takeover:: --nocapture` prints
 //! the numbers.
 
+use crate::lifecycle::Solo;
 use fedbus_proto::ws::frame::opcode;
-use fedbus_testkit::launch::{client_token, spawn_echo_task, spawn_run, wait_ready, Run};
+use fedbus_testkit::launch::Run;
 use fedbus_testkit::ws::{self, Msg};
 use fedbus_testkit::*;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::net::{SocketAddr, TcpStream};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const APP: &str = "demo/echo";
 
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-/// A one-shard router on fixed addresses 127.a.b.51 (b from a counter), as `lifecycle.rs`'s
-/// `Solo`, cut to what this file needs.
-struct Solo {
-    dir: TempDir,
-    cfg: PathBuf,
-    keys: PathBuf,
-    api: SocketAddr,
-    internal: SocketAddr,
-    admin: SocketAddr,
-    runs: u32,
+/// A one-shard router on fixed addresses 127.a.b.51 (lifecycle's `Solo`; b from its counter).
+fn solo(extra: &str) -> Solo {
+    Solo::new_in("local", "dev", 51, extra)
 }
 
-impl Solo {
-    fn new(extra: &str) -> Solo {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let ip = Ipv4Addr::new(
-            127,
-            100 + (std::process::id() % 150) as u8,
-            (n % 250 + 1) as u8,
-            51,
-        );
-        let dir = TempDir::new("probe-takeover");
-        let keys = dir.path().join("keys");
-        keys_init(dir.path(), &keys, &[APP]);
-        let cfg = dir.path().join("router.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "region = \"local\"\ncluster = \"dev\"\nkeyring = {:?}\n[listen]\napi = \"{ip}:8800\"\ninternal = \"{ip}:8900\"\nexternal = \"{ip}:8950\"\nadmin = \"{ip}:8700\"\n[tuning]\nshard_cores = [0]\npin = false\n[[apps]]\nname = \"{APP}\"\npartitions = 16\n{extra}\n",
-                keys.to_str().expect("utf-8")
-            ),
-        )
-        .expect("write config");
-        Solo {
-            cfg,
-            keys,
-            api: SocketAddr::new(ip.into(), 8800),
-            internal: SocketAddr::new(ip.into(), 8900),
-            admin: SocketAddr::new(ip.into(), 8700),
-            runs: 0,
-            dir,
-        }
-    }
+/// What this file asks of a [`Solo`] beyond what lifecycle needs.
+trait Probe {
+    fn service_token(&self) -> String;
+    fn send(
+        &self,
+        tok: &str,
+        wsid: u64,
+        body: &[u8],
+    ) -> JoinHandle<(Result<Response, String>, Duration)>;
+    fn metric(&self, name: &str) -> f64;
+    fn wait_metric(&self, name: &str, want: f64, within: Duration, r: &Run);
+}
 
-    fn home(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Starts `fedbus run [--takeover]`; returns it and the moment its ready line came.
-    fn launch(&mut self, takeover: bool) -> (Run, Instant) {
-        self.runs += 1;
-        let log = self.home().join(format!("router-{}.log", self.runs));
-        let args: &[&str] = if takeover { &["--takeover"] } else { &[] };
-        let (run, rx) = spawn_run(self.home(), &self.cfg, args, &log);
-        wait_ready(&run, &rx, START_TIMEOUT);
-        (run, Instant::now())
-    }
-
-    fn token(&self) -> String {
-        client_token(self.home(), &self.keys, APP, "alice")
-    }
-
+impl Probe for Solo {
     fn service_token(&self) -> String {
         let k = self.keys.to_str().expect("utf-8");
         let args = [
@@ -106,16 +60,6 @@ impl Solo {
             "1h",
         ];
         fedbus(self.home(), &args).trim().to_string()
-    }
-
-    /// `fedbus task echo [args]` linked to this router (not waited for).
-    fn task(&self, label: &str, args: &[&str]) -> Run {
-        let log = self.home().join(format!("task-{label}.log"));
-        spawn_echo_task(self.home(), self.internal, &self.keys, args, log)
-    }
-
-    fn path(&self, wsid: u64) -> String {
-        format!("/api/local/dev/{APP}/api/{wsid}/sys/echo")
     }
 
     /// POSTs `body` to wsid on a new connection from a thread: the answer (or why none came)
@@ -187,11 +131,11 @@ fn error_code(r: &Response) -> String {
 /// window's end; the window stays open after it (a second request is held too).
 #[test]
 fn a_held_request_is_answered_at_its_own_deadline_not_at_the_window_end() {
-    let mut s = Solo::new(
-        "[limits]\nrequest_timeout_ms = 800\n[readiness]\ntakeover_task_wait_ms = 6000\n",
-    );
-    let (r, ready) = s.launch(true);
-    let tok = s.token();
+    let mut s =
+        solo("[limits]\nrequest_timeout_ms = 800\n[readiness]\ntakeover_task_wait_ms = 6000\n");
+    let r = s.launch(true);
+    let ready = Instant::now();
+    let tok = s.token("alice");
     let held = s.send(&tok, 2, b"x");
     s.wait_metric(PENDING, 1.0, Duration::from_secs(3), &r);
     let (answer, took) = held.join().unwrap();
@@ -245,9 +189,10 @@ fn a_held_request_is_answered_at_its_own_deadline_not_at_the_window_end() {
 /// `no_live_task` together with the one held since the start; both are counted.
 #[test]
 fn the_hold_window_runs_from_the_first_accept_not_from_each_request() {
-    let mut s = Solo::new("[readiness]\ntakeover_task_wait_ms = 2500\n");
-    let (r, ready) = s.launch(true);
-    let tok = s.token();
+    let mut s = solo("[readiness]\ntakeover_task_wait_ms = 2500\n");
+    let r = s.launch(true);
+    let ready = Instant::now();
+    let tok = s.token("alice");
     let first = s.send(&tok, 4, b"a");
     s.wait_metric(PENDING, 1.0, Duration::from_secs(2), &r);
     // The only fixed sleep: the first request is still unanswered 1.8 s into the window.
@@ -295,15 +240,16 @@ fn the_hold_window_runs_from_the_first_accept_not_from_each_request() {
 /// the window (8 s) ends; each is counted once, and a request after the link is not held.
 #[test]
 fn held_requests_are_served_once_a_task_links_and_each_is_counted_once() {
-    let mut s = Solo::new("[readiness]\ntakeover_task_wait_ms = 8000\n");
-    let (r, ready) = s.launch(true);
-    let tok = s.token();
+    let mut s = solo("[readiness]\ntakeover_task_wait_ms = 8000\n");
+    let r = s.launch(true);
+    let ready = Instant::now();
+    let tok = s.token("alice");
     let held: Vec<_> = (1..=4u64)
         .map(|w| s.send(&tok, w, format!("body-{w}").as_bytes()))
         .collect();
     s.wait_metric(PENDING, 4.0, Duration::from_secs(3), &r);
     let spawned = Instant::now();
-    let task = s.task("t", &[]);
+    let task = s.task("t");
     let mut since_task = Vec::new();
     for (w, h) in (1..=4u64).zip(held) {
         let (res, took) = h.join().unwrap();
@@ -344,9 +290,10 @@ fn held_requests_are_served_once_a_task_links_and_each_is_counted_once() {
 /// of the window, and the router exits 0; a drain is no task link: nothing serves it 200.
 #[test]
 fn a_sigterm_to_the_new_router_during_a_hold_answers_the_held_request_and_exits_0() {
-    let mut s = Solo::new("[readiness]\ntakeover_task_wait_ms = 3000\n");
-    let (mut r, ready) = s.launch(true);
-    let tok = s.token();
+    let mut s = solo("[readiness]\ntakeover_task_wait_ms = 3000\n");
+    let mut r = s.launch(true);
+    let ready = Instant::now();
+    let tok = s.token("alice");
     let held = s.send(&tok, 6, b"x");
     s.wait_metric(PENDING, 1.0, Duration::from_secs(2), &r);
     let termed = Instant::now();
@@ -404,9 +351,9 @@ fn no_hold_with_the_window_off_or_without_takeover() {
         (true, "[readiness]\ntakeover_task_wait_ms = 0\n"),
         (false, "[readiness]\ntakeover_task_wait_ms = 5000\n"),
     ] {
-        let mut s = Solo::new(extra);
-        let (r, _) = s.launch(takeover);
-        let tok = s.token();
+        let mut s = solo(extra);
+        let r = s.launch(takeover);
+        let tok = s.token("alice");
         let mut c = Conn::open(s.api);
         let t = Instant::now();
         let resp = c.request(&Req::post(&s.path(7)).token(&tok).body(b"x"));
@@ -484,14 +431,14 @@ fn close_code(l: &mut ws::Ws) -> Result<Option<u16>, String> {
 /// link B (upgraded and greeted before it) registers during the drain.
 #[test]
 fn a_link_that_registers_on_a_draining_router_is_told_router_draining() {
-    let mut s = Solo::new("[limits]\nping_interval_ms = 10000\n");
-    let (mut r, _) = s.launch(false);
+    let mut s = solo("[limits]\nping_interval_ms = 10000\n");
+    let mut r = s.launch(false);
     let svc = s.service_token();
     let mut a = link_hello(s.internal, &svc);
     register(&mut a, 9001, &(0..15).collect::<Vec<_>>());
     let reg = next_text(&mut a).expect("registered");
     assert_eq!(reg["type"], "registered", "{reg}");
-    let _slow = s.task("slow", &["--partitions", "15", "--delay-ms", "3000"]);
+    let _slow = s.task_with("slow", &["--partitions", "15", "--delay-ms", "3000"]);
     wait_until(
         "/readyz 200 (link A and the slow task routed)",
         Duration::from_secs(10),
@@ -499,7 +446,7 @@ fn a_link_that_registers_on_a_draining_router_is_told_router_draining() {
         || r.log(),
     );
     let mut b = link_hello(s.internal, &svc);
-    let tok = s.token();
+    let tok = s.token("alice");
     let slow = s.send(&tok, 15, b"slow");
     s.wait_metric(PENDING, 1.0, Duration::from_secs(3), &r);
     let termed = Instant::now();

@@ -212,6 +212,19 @@ fn peer_req(w: &mut Ws, id: u64, meta: &[(u8, &[u8])], body: &[u8]) -> Frame {
     }
 }
 
+/// The metadata of a forwarded request for spb1's `sys/echo` of `wsid`, with a client token.
+fn echo_meta<'a>(wsid: &'a [u8], tok: &'a str) -> Vec<(u8, &'a [u8])> {
+    vec![
+        (tag::CLUSTER, b"ru/spb1"),
+        (tag::APP, APP.as_bytes()),
+        (tag::SERVICE, b"api"),
+        (tag::MODULE, b"sys"),
+        (tag::FUNCTION, b"echo"),
+        (tag::WSID, wsid),
+        (tag::TOKEN, tok.as_bytes()),
+    ]
+}
+
 /// Waits until spb1's routers each hold exactly `n` peer links per shard.
 fn wait_peer_links(f: &Federation, cluster: &str, r: usize, n: f64) {
     wait_metric(
@@ -1581,15 +1594,7 @@ fn p52_accepted_peer_link_holds_at_most_max_pending_per_link() {
     let refused_before = m(r, "fedbus_busy_refused_total");
     let mut w = raw_peer(&f, r, "ru/spb2", f.keyring("spb2"));
     let tok = f.token("spb1").to_string();
-    let meta: Vec<(u8, &[u8])> = vec![
-        (tag::CLUSTER, b"ru/spb1"),
-        (tag::APP, APP.as_bytes()),
-        (tag::SERVICE, b"api"),
-        (tag::MODULE, b"sys"),
-        (tag::FUNCTION, b"echo"),
-        (tag::WSID, b"21"),
-        (tag::TOKEN, tok.as_bytes()),
-    ];
+    let meta = echo_meta(b"21", &tok);
     let mut mm = bytes::BytesMut::new();
     for (t, v) in &meta {
         put_meta(&mut mm, *t, v);
@@ -1680,15 +1685,7 @@ fn p47_forwarded_request_is_never_handed_to_a_sibling() {
     let before = m(r0, "fedbus_sibling_handoffs_total");
     let mut w = raw_peer(&f, r0, "ru/spb2", f.keyring("spb2"));
     let tok = f.token("spb1").to_string();
-    let meta: Vec<(u8, &[u8])> = vec![
-        (tag::CLUSTER, b"ru/spb1"),
-        (tag::APP, APP.as_bytes()),
-        (tag::SERVICE, b"api"),
-        (tag::MODULE, b"sys"),
-        (tag::FUNCTION, b"echo"),
-        (tag::WSID, b"13"),
-        (tag::TOKEN, tok.as_bytes()),
-    ];
+    let meta = echo_meta(b"13", &tok);
     let a = peer_req(&mut w, 1, &meta, b"fw");
     assert_eq!(status(&a), 200, "{a:?}");
     assert_eq!(a.get_str(tag::SERVED_BY), Some("ru/spb1/r0"), "{a:?}");

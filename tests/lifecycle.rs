@@ -28,7 +28,7 @@ const APP: &str = "demo/echo";
 // Small helpers.
 
 /// `GET path` on an admin listener without panicking: None when the connection fails.
-fn try_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+pub(crate) fn try_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())

@@ -14,12 +14,11 @@
 //! `cargo test --release -p fedbus --test integration -- probe_takeover:: --nocapture` prints
 //! the numbers.
 
-use crate::lifecycle::Solo;
+use crate::lifecycle::{try_get as admin, Solo};
 use fedbus_proto::ws::frame::opcode;
 use fedbus_testkit::launch::Run;
 use fedbus_testkit::ws::{self, Msg};
 use fedbus_testkit::*;
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -95,20 +94,6 @@ impl Probe for Solo {
             || format!("now {}\n{}", self.metric(name), r.log()),
         );
     }
-}
-
-/// `GET path` on an admin listener without panicking: None when the connection fails.
-fn admin(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split(' ').nth(1)?.parse().ok()?;
-    Some((status, body.to_string()))
 }
 
 const WAITS: &str = "fedbus_takeover_task_waits_total";

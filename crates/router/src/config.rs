@@ -341,7 +341,8 @@ pub struct Readiness {
     /// going to it, and it serves them, for at most this long; then the link closes once
     /// nothing is pending on it (`peer::close_when_replaced`). Bounds how long such a peer's
     /// drain waits for this router, as for a takeover of a router with no ready sibling. 0:
-    /// close as soon as nothing is pending. Must be below `drain_timeout_ms`. Default 5000.
+    /// close as soon as nothing is pending. Must be below `drain_timeout_ms` when
+    /// `[federation]` lists clusters. Default 5000.
     pub drain_peer_hold_ms: u64,
     /// A router started with `listen.takeover` accepts clients only once its links to every
     /// peer router and sibling are up with their statuses, or after this long (clients wait in

@@ -62,20 +62,7 @@ impl PeakRss {
 
 /// `fedbus token service` for `APP` (role unset), valid one hour.
 fn service_token(r: &Router) -> String {
-    let k = r.keys.to_str().expect("utf-8 path");
-    let args = [
-        "token",
-        "service",
-        "--task-id",
-        "raw",
-        "--app",
-        APP,
-        "--keyring",
-        k,
-        "--ttl",
-        "1h",
-    ];
-    fedbus(r.home(), &args).trim().to_string()
+    fedbus_testkit::launch::service_token(r.home(), &r.keys, APP, "raw")
 }
 
 /// A blocking websocket client on the internal listener, as a task.

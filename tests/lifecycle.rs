@@ -667,30 +667,10 @@ fn takeover_of_a_single_router_fails_no_request() {
 fn takeover_with_a_task_that_ignores_router_draining_fails_no_request() {
     let py = crate::python_task::python();
     takeover_of_a_single_router("python task", true, |s| {
-        let keys = s.keys.to_str().expect("utf-8");
-        let token = fedbus(
-            s.home(),
-            &[
-                "token",
-                "service",
-                "--task-id",
-                "py",
-                "--app",
-                APP,
-                "--keyring",
-                keys,
-            ],
-        );
+        let token = launch::service_token(s.home(), &s.keys, APP, "py");
         let log = s.home().join("task-py.log");
-        let child = std::process::Command::new(py)
-            .arg(crate::python_task::TASK)
-            .args(["--router", &s.internal.to_string(), "--token", token.trim()])
-            .args(["--app", APP, "--partitions", "0-15"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("task log"))
-            .spawn()
-            .expect("start python3 echo_task.py");
+        let stderr = std::fs::File::create(&log).expect("task log");
+        let child = crate::python_task::spawn_echo(&py, &s.internal.to_string(), &token, stderr);
         Run::new(child, log)
     });
 }

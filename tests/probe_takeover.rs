@@ -45,20 +45,7 @@ trait Probe {
 
 impl Probe for Solo {
     fn service_token(&self) -> String {
-        let k = self.keys.to_str().expect("utf-8");
-        let args = [
-            "token",
-            "service",
-            "--task-id",
-            "raw",
-            "--app",
-            APP,
-            "--keyring",
-            k,
-            "--ttl",
-            "1h",
-        ];
-        fedbus(self.home(), &args).trim().to_string()
+        fedbus_testkit::launch::service_token(self.home(), &self.keys, APP, "raw")
     }
 
     /// POSTs `body` to wsid on a new connection from a thread: the answer (or why none came)

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fedbus");
 const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/PROTOCOL.md");
-pub(crate) const TASK: &str = concat!(
+const TASK: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../tests/python/echo_task.py"
 );
@@ -566,13 +566,19 @@ fn python_task_written_from_the_doc_serves_requests() {
 
 /// `echo_task.py` for all partitions of demo/echo, linked to `router`'s shard 0.
 fn spawn_task(py: &str, router: &Router, token: &str) -> Child {
+    spawn_echo(py, &router.internal[0], token, Stdio::inherit())
+}
+
+/// `echo_task.py` for all partitions of demo/echo, linked to `internal`, its log (stderr; it
+/// writes nothing to stdout) to `stderr`.
+pub(crate) fn spawn_echo(py: &str, internal: &str, token: &str, stderr: impl Into<Stdio>) -> Child {
     Command::new(py)
         .arg(TASK)
-        .args(["--router", &router.internal[0], "--token", token])
+        .args(["--router", internal, "--token", token])
         .args(["--app", "demo/echo", "--partitions", "0-15"])
         .stdin(Stdio::null())
         .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .expect("start python3 echo_task.py")
 }

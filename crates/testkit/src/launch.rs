@@ -228,6 +228,25 @@ pub fn client_token(home: &Path, keys: &Path, app: &str, sub: &str) -> String {
     .to_string()
 }
 
+/// A service token for `app` valid one hour, from `fedbus token service --task-id <task_id>
+/// --app <app> --keyring <keys> --ttl 1h` (role unset).
+pub fn service_token(home: &Path, keys: &Path, app: &str, task_id: &str) -> String {
+    let keys = keys.to_str().expect("utf-8");
+    let args = [
+        "token",
+        "service",
+        "--task-id",
+        task_id,
+        "--app",
+        app,
+        "--keyring",
+        keys,
+        "--ttl",
+        "1h",
+    ];
+    fedbus(home, &args).trim().to_string()
+}
+
 /// Starts `fedbus run --config <cfg> [args]` with `FEDBUS_HOME=home` and `FEDBUS_LOG=info`,
 /// stdout and stderr both into the file `out` (one file description: Rust's stdout is
 /// line-buffered, so the ready line is there as soon as it is printed).

@@ -339,10 +339,7 @@ pub(crate) async fn wake_task_waiters(shard: Rc<Shard>) {
         let moved = std::mem::replace(&mut seen, generation) != generation;
         if moved || over || now >= woke + TASK_WAIT_WAKE_ALL {
             woke = now;
-            let n = shard.task_waiters.get();
-            if n > 0 {
-                shard.task_wake.signal(n as u64);
-            }
+            wake_all_waiters(&shard);
         }
         if over {
             return;
@@ -357,10 +354,15 @@ pub(crate) async fn wake_task_waiters(shard: Rc<Shard>) {
 /// `no_live_task` now; its client retries on the router that still has the address.
 pub(crate) fn end_task_wait(shard: &Shard) {
     if shard.task_wait_until.take().is_some() {
-        let n = shard.task_waiters.get();
-        if n > 0 {
-            shard.task_wake.signal(n as u64);
-        }
+        wake_all_waiters(shard);
+    }
+}
+
+/// Wakes every request in [`wait_for_task`]: each looks up its route again.
+fn wake_all_waiters(shard: &Shard) {
+    let n = shard.task_waiters.get();
+    if n > 0 {
+        shard.task_wake.signal(n as u64);
     }
 }
 

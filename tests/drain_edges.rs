@@ -296,6 +296,19 @@ impl Site {
         metric_at(self.admin, "fedbus_pending_requests").unwrap_or(-1.0)
     }
 
+    /// Waits until `/readyz` answers 200: with the default `readiness.coverage = "all"`, every
+    /// partition has a task in the published routing table. A request served on one partition
+    /// says nothing of another task's partitions, whose link may have registered but not been
+    /// published yet (a request there would get 503 `no_live_task` at once).
+    fn wait_covered(&self, ctx: &Run) {
+        wait_until(
+            "every partition covered (/readyz 200)",
+            Duration::from_secs(5),
+            || (admin_get(self.admin, "/readyz").0 == 200).then_some(()),
+            || ctx.log(),
+        );
+    }
+
     fn wait_pending(&self, n: f64, ctx: &Run) {
         wait_until(
             &format!("{n} requests pending"),
@@ -1392,6 +1405,7 @@ fn takeover_while_the_old_router_is_already_draining() {
     let _slow = s.task("slow", &["--partitions", "8-15", "--delay-ms", "2500"]);
     let tok = s.token("alice");
     s.wait_served(&tok, 1, Duration::from_secs(10), &old);
+    s.wait_covered(&old);
     let before = s.pending();
     let mut held = TcpStream::connect(s.api).unwrap();
     held.set_read_timeout(Some(Duration::from_secs(10)))
@@ -1437,6 +1451,7 @@ fn two_takeovers_back_to_back_while_the_first_still_drains() {
     let _slow = s.task("slow", &["--partitions", "8-15", "--delay-ms", "2000"]);
     let tok = s.token("alice");
     s.wait_served(&tok, 1, Duration::from_secs(10), &a);
+    s.wait_covered(&a);
     // The held request first, alone: the pending gauge then counts only it (a client request
     // in flight when `before` was read made the wait miss it under load).
     let before = s.pending();

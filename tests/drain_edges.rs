@@ -304,7 +304,7 @@ impl Site {
         wait_until(
             "every partition covered (/readyz 200)",
             Duration::from_secs(5),
-            || (admin_get(self.admin, "/readyz").0 == 200).then_some(()),
+            || (try_get(self.admin, "/readyz").map(|x| x.0) == Some(200)).then_some(()),
             || ctx.log(),
         );
     }
@@ -1733,7 +1733,8 @@ fn takeover_by_a_run_with_more_shards() {
         || (metric_at(s.admin, "fedbus_task_links") == Some(2.0)).then_some(()),
         || new.log(),
     );
-    assert_eq!(try_get(s.admin, "/readyz").map(|x| x.0), Some(200));
+    // Linked is not yet published: ready once the control thread has published the links.
+    s.wait_covered(&new);
     let mut shards = std::collections::BTreeSet::new();
     for i in 0..40u64 {
         let r = one_shot(s.api, &s.req(&tok, i, b"y")).expect("answer");

@@ -1139,13 +1139,7 @@ fn a_renew_flood_closes_the_task_link() {
 fn a_redirect_to_a_partition_the_app_lacks_is_502() {
     let r = Router::new().shards(1).start();
     let tok = service_token(&r);
-    let mut l = RawLink::registered(
-        r.internal[0],
-        &tok,
-        79,
-        "main",
-        &(0..16).collect::<Vec<_>>(),
-    );
+    let mut l = registered_and_routed(&r, &tok, 79, &(0..16).collect::<Vec<_>>());
     let client = r.token(APP, "alice");
     for (partition, why) in [
         (&b"999"[..], "partition 999 of an app with 16"),
@@ -1509,6 +1503,20 @@ fn registrations_are_refused_with_the_documented_close_codes_and_reasons() {
 /// section 5 (bad magic, kind 5, lengths that do not add up, a metadata entry past its end,
 /// shorter than a header) closes the link with 1002 and the request pending on it gets `502
 /// task_lost`.
+/// A raw `main` link registered on shard 0 and in a published routing table: `registered`
+/// comes before the control thread has published a table with the link (section 4), and a
+/// request before that gets 503 `no_live_task`.
+fn registered_and_routed(r: &Router, tok: &str, task: u64, partitions: &[u32]) -> RawLink {
+    let generation = || r.metrics().get("fedbus_routing_generation");
+    let before = generation();
+    let l = RawLink::registered(r.internal[0], tok, task, "main", partitions);
+    wait_for(Duration::from_secs(5), || {
+        (generation() > before).then_some(())
+    })
+    .expect("a routing table with the link");
+    l
+}
+
 #[test]
 fn task_answers_and_bad_frames_are_handled_as_documented() {
     let r = Router::new().shards(1).start();
@@ -1543,18 +1551,7 @@ fn task_answers_and_bad_frames_are_handled_as_documented() {
         }
         encode_frame(kind, 0, f.header.hops, f.header.partition, id, &meta, body).to_vec()
     };
-    // `registered` comes before the control thread has published a routing table with the
-    // link (section 4): wait for that table, as a request before it gets 503 no_live_task.
-    let routed = |task: u64| {
-        let generation = || r.metrics().get("fedbus_routing_generation");
-        let before = generation();
-        let l = RawLink::registered(r.internal[0], &tok, task, "main", &[0, 1]);
-        wait_for(Duration::from_secs(5), || {
-            (generation() > before).then_some(())
-        })
-        .expect("a routing table with the link");
-        l
-    };
+    let routed = |task: u64| registered_and_routed(&r, &tok, task, &[0, 1]);
     let mut l = routed(11);
     let (asked, f) = ask(&mut l);
     let id = f.header.request_id;

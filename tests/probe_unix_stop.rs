@@ -446,10 +446,12 @@ fn router_and_task(delay_ms: u64, args: &[&str]) -> (Router, Run) {
         r.home().join("probe-task.log"),
     )
     .plain_log();
+    // Registered is not yet routed: the control thread publishes the table after it, and
+    // `/readyz` (coverage `all`) answers 200 once every partition has a task in it.
     wait_until(
-        "task registered",
+        "task registered and routed (/readyz 200)",
         Duration::from_secs(10),
-        || r.log().contains("task link registered").then_some(()),
+        || (admin_get(r.admin, "/readyz").0 == 200).then_some(()),
         || format!("{}\n{}", r.log(), task.log()),
     );
     (r, task)

@@ -171,6 +171,12 @@ impl Router {
     }
 
     /// A series of `/metrics` (0 when absent).
+    /// Waits until `fedbus_ready` is 1: every partition of `demo/echo` has a task in the
+    /// published routing table (a link is registered a moment before it is published).
+    fn wait_ready(&self) {
+        wait("fedbus_ready 1", || self.metric("fedbus_ready") == 1.0);
+    }
+
     fn metric(&self, series: &str) -> f64 {
         let r = http(self.admin, "GET", "/metrics", None, None, b"");
         assert_eq!(r.status, 200, "metrics");
@@ -564,6 +570,8 @@ fn sdk_task_links_every_shard_over_the_unix_socket() {
     wait("fedbus_task_links 2", || {
         router.metric("fedbus_task_links") == 2.0
     });
+    // Registered is not yet routed: the control thread publishes the table after it.
+    router.wait_ready();
     let mut by_shard: BTreeMap<String, u32> = BTreeMap::new();
     let mut wsid = 0u64;
     while wsid < 16 || by_shard.len() < 2 {
@@ -672,6 +680,7 @@ fn short_lived_token_renewed_without_a_failed_request() {
     .token_command(command);
     opts.token_poll = Duration::from_millis(200);
     let task = spawn_registered(&rt, opts);
+    router.wait_ready();
     let client = client_token(home, &keys);
     let (start, mut sent, mut failed) = (Instant::now(), 0u32, Vec::new());
     while start.elapsed() < Duration::from_secs(12) {

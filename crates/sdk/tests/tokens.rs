@@ -143,6 +143,17 @@ impl Router {
         );
     }
 
+    /// Waits until a request is answered 200: a link is registered before the control thread
+    /// publishes the routing table that holds it, and a request in between gets 503.
+    fn wait_routed(&self, client: &str) {
+        kit::wait_until(
+            "a request routed to the task",
+            WAIT,
+            || (self.request(client) == 200).then_some(()),
+            || self.run.log(),
+        );
+    }
+
     /// One request on a fresh connection; its status.
     fn request(&self, client: &str) -> u16 {
         self.request_body(client, b"x").status
@@ -253,7 +264,7 @@ fn a_renew_refused_for_an_unknown_key_is_sent_again_until_the_router_knows_it() 
     let rt = rt();
     let task = spawn(&rt, r.options("").token_file(&file));
     registered(&rt, &task);
-    assert_eq!(r.request(&client), 200);
+    r.wait_routed(&client);
 
     r.rotate_cluster_key();
     let rotated = Instant::now();
@@ -309,7 +320,7 @@ fn a_token_command_runs_again_every_token_refresh_so_a_rotation_reaches_open_lin
     opts.token_refresh = Duration::from_secs(2);
     let task = spawn(&rt, opts);
     registered(&rt, &task);
-    assert_eq!(r.request(&client), 200);
+    r.wait_routed(&client);
 
     r.rotate_cluster_key();
     let rotated = Instant::now();
@@ -409,7 +420,7 @@ fn a_graceful_shutdown_lets_the_handlers_in_flight_answer() {
     let token = r.service_token("graceful", &[]);
     let task = spawn(&rt, r.options(token));
     registered(&rt, &task);
-    assert_eq!(r.request(&client), 200);
+    r.wait_routed(&client);
     let before = task.stats().requests;
     let slow: Vec<_> = (0..3)
         .map(|_| {
@@ -486,8 +497,9 @@ fn a_graceful_shutdown_moves_new_requests_to_the_other_task() {
         "requests reaching both tasks",
         WAIT,
         || {
-            assert_eq!(r.request(&client), 200);
-            (stopping.stats().requests > a0 && staying.stats().requests > b0).then_some(())
+            let routed = r.request(&client) == 200;
+            (routed && stopping.stats().requests > a0 && staying.stats().requests > b0)
+                .then_some(())
         },
         || format!("{:?} {:?}", stopping.stats(), staying.stats()),
     );

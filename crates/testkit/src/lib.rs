@@ -738,11 +738,14 @@ pub struct TaskBuilder<'a> {
 }
 
 /// Starts `fedbus <args> --router <shard 0> --keyring <keys>` linked to `r` and waits until every
-/// shard registered a link of it. `label` tells tasks apart in logs.
+/// shard registered a link of it and the control thread published a routing table after that
+/// (a link is registered before the table the shards route by holds it: a request sent in
+/// between gets 503 `no_live_task`). `label` tells tasks apart in logs.
 pub fn spawn_task(r: &Router, args: &[String], label: &str) -> Task {
     let n = r.tasks_started.get();
     r.tasks_started.set(n + 1);
     let before = r.registrations();
+    let generation = r.metrics().get("fedbus_routing_generation");
     let log = r.home().join(format!("task-{n}{label}.log"));
     let child = Command::new(bin())
         .args(args)
@@ -770,6 +773,13 @@ pub fn spawn_task(r: &Router, args: &[String], label: &str) -> Task {
             Instant::now() < deadline,
             "task {n}{label} not registered on {} shards within {START_TIMEOUT:?}",
             r.shards()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    while r.metrics().get("fedbus_routing_generation") <= generation {
+        assert!(
+            Instant::now() < deadline,
+            "task {n}{label}: no routing table published within {START_TIMEOUT:?}"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -840,12 +850,13 @@ impl TaskBuilder<'_> {
         if let Some(t) = &self.service_token {
             args.extend(["--token".into(), t.clone()]);
         }
-        let generation = r.metrics().get("fedbus_routing_generation");
-        // 1. Every shard of the router registered a link of this task.
+        // 1. Every shard of the router registered a link of this task, and a routing table was
+        // published after that (a task reached only by a Redirect needs nothing more).
         let task = spawn_task(r, &args, "");
         let (n, deadline) = (&task.proc.name, Instant::now() + START_TIMEOUT);
-        // 2. The control thread published a routing table with it: a request is routed
-        // (anything but 503; with a delay, no answer within the probe time also counts).
+        // 2. A request is routed (anything but 503; with a delay, no answer
+        // within the probe time also counts). A 200 counts only from the task's own
+        // partition: another task of the app may answer the probe as an emergency partition.
         if self.role == "main" && self.redirect_to.is_none() {
             let first: u64 = self
                 .partitions
@@ -865,11 +876,16 @@ impl TaskBuilder<'_> {
                     2000
                 }));
                 c.send(&probe.bytes());
+                let home = first.to_string();
                 match c.read_response() {
                     Ok(resp) if resp.status == 503 => {}
                     Ok(resp) => {
                         assert_eq!(resp.status, 200, "probe of {n}: {resp:?}");
-                        break;
+                        let own = resp.header("fedbus-partition") == Some(home.as_str())
+                            && resp.header("fedbus-emergency").is_none();
+                        if own {
+                            break;
+                        }
                     }
                     Err(e) if self.delay_ms > 0 && is_timeout(&e) => break,
                     Err(e) => panic!("probe of {n}: {e}"),
@@ -879,17 +895,6 @@ impl TaskBuilder<'_> {
                     "{n} not routed within {START_TIMEOUT:?}"
                 );
                 std::thread::sleep(Duration::from_millis(20));
-            }
-        } else {
-            // Not reachable by a probe (only a Redirect leads there): wait for the control
-            // thread to publish a routing snapshot after the registrations (its task id is in
-            // the table; every shard already has its link).
-            while r.metrics().get("fedbus_routing_generation") <= generation {
-                assert!(
-                    Instant::now() < deadline,
-                    "{n}: no routing snapshot published within {START_TIMEOUT:?}"
-                );
-                std::thread::sleep(Duration::from_millis(10));
             }
         }
         task

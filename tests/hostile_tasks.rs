@@ -1496,13 +1496,6 @@ fn registrations_are_refused_with_the_documented_close_codes_and_reasons() {
     }
 }
 
-/// Sections 5 and 6 on a registered link: a Response without STATUS is a 200; a STATUS that
-/// is not a decimal in 200..599 (`abc`, empty, `199`, `600`) is `502 bad_task_status`; an
-/// answer to an id that is not pending is dropped, frames of kind Request and SecretPush and
-/// text messages other than `renew` are ignored (the link serves on); a frame that breaks
-/// section 5 (bad magic, kind 5, lengths that do not add up, a metadata entry past its end,
-/// shorter than a header) closes the link with 1002 and the request pending on it gets `502
-/// task_lost`.
 /// A raw `main` link registered on shard 0 and in a published routing table: `registered`
 /// comes before the control thread has published a table with the link (section 4), and a
 /// request before that gets 503 `no_live_task`.
@@ -1517,6 +1510,13 @@ fn registered_and_routed(r: &Router, tok: &str, task: u64, partitions: &[u32]) -
     l
 }
 
+/// Sections 5 and 6 on a registered link: a Response without STATUS is a 200; a STATUS that
+/// is not a decimal in 200..599 (`abc`, empty, `199`, `600`) is `502 bad_task_status`; an
+/// answer to an id that is not pending is dropped, frames of kind Request and SecretPush and
+/// text messages other than `renew` are ignored (the link serves on); a frame that breaks
+/// section 5 (bad magic, kind 5, lengths that do not add up, a metadata entry past its end,
+/// shorter than a header) closes the link with 1002 and the request pending on it gets `502
+/// task_lost`.
 #[test]
 fn task_answers_and_bad_frames_are_handled_as_documented() {
     let r = Router::new().shards(1).start();

@@ -170,13 +170,13 @@ impl Router {
         r
     }
 
-    /// A series of `/metrics` (0 when absent).
     /// Waits until `fedbus_ready` is 1: every partition of `demo/echo` has a task in the
     /// published routing table (a link is registered a moment before it is published).
     fn wait_ready(&self) {
         wait("fedbus_ready 1", || self.metric("fedbus_ready") == 1.0);
     }
 
+    /// A series of `/metrics` (0 when absent).
     fn metric(&self, series: &str) -> f64 {
         let r = http(self.admin, "GET", "/metrics", None, None, b"");
         assert_eq!(r.status, 200, "metrics");

@@ -1500,13 +1500,9 @@ fn registrations_are_refused_with_the_documented_close_codes_and_reasons() {
 /// comes before the control thread has published a table with the link (section 4), and a
 /// request before that gets 503 `no_live_task`.
 fn registered_and_routed(r: &Router, tok: &str, task: u64, partitions: &[u32]) -> RawLink {
-    let generation = || r.metrics().get("fedbus_routing_generation");
-    let before = generation();
+    let before = r.metrics().get("fedbus_routing_generation");
     let l = RawLink::registered(r.internal[0], tok, task, "main", partitions);
-    wait_for(Duration::from_secs(5), || {
-        (generation() > before).then_some(())
-    })
-    .expect("a routing table with the link");
+    r.wait_published_since(before, &format!("raw link {task}"));
     l
 }
 

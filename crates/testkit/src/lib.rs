@@ -641,6 +641,21 @@ impl Router {
         Metrics::parse(&self.metrics_text())
     }
 
+    /// Waits (at most `START_TIMEOUT`) until the control thread published a routing table
+    /// newer than `generation` (`fedbus_routing_generation`, read before a link registered:
+    /// the link is registered before the table the shards route by holds it, and a request
+    /// sent in between gets 503 `no_live_task`).
+    pub fn wait_published_since(&self, generation: f64, what: &str) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while self.metrics().get("fedbus_routing_generation") <= generation {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: no routing table published within {START_TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn registrations(&self) -> usize {
         self.log().matches("task link registered").count()
     }
@@ -776,13 +791,7 @@ pub fn spawn_task(r: &Router, args: &[String], label: &str) -> Task {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    while r.metrics().get("fedbus_routing_generation") <= generation {
-        assert!(
-            Instant::now() < deadline,
-            "task {n}{label}: no routing table published within {START_TIMEOUT:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    r.wait_published_since(generation, &format!("task {n}{label}"));
     task
 }
 
@@ -865,6 +874,7 @@ impl TaskBuilder<'_> {
                 .and_then(|p| p.trim().parse().ok())
                 .expect("first partition");
             let tok = r.token(&self.app, "probe");
+            let home = first.to_string();
             let probe = Req::post(&r.path(&self.app, first))
                 .token(&tok)
                 .body(b"probe");
@@ -876,7 +886,6 @@ impl TaskBuilder<'_> {
                     2000
                 }));
                 c.send(&probe.bytes());
-                let home = first.to_string();
                 match c.read_response() {
                     Ok(resp) if resp.status == 503 => {}
                     Ok(resp) => {

@@ -12,6 +12,8 @@
 #                                   # the same for the EXTRA_BIN rows: EXTRA_BIN=<this build>
 #                                   # EXTRA_TASK_LINK=unix compares the two links side by side
 #   BIN=/path/to/fedbus benches/cpu-per-request.sh  # that binary instead of building this tree
+#   PGO=1 benches/cpu-per-request.sh               # this tree built by scripts/build-pgo (the
+#                                   # build to ship) instead of `cargo build --release`
 #   PIPE=8x8 (default; PIPE= turns it off): also fedbus HTTP and /api/ws with 8 connections x 8
 #                                   # requests in flight (pipelined), through `fedbus bench`, and
 #                                   # nats-server request/reply in the same shape
@@ -26,6 +28,7 @@
 #   PROFILE_TLS=1 PROFILE=/tmp/p.txt benches/cpu-per-request.sh   # the same for fedbus https
 #   PROFILE_PIPE=1 PROFILE=/tmp/p.txt benches/cpu-per-request.sh  # fedbus http in the PIPE shape
 #                                   # (8x8 pipelined, `fedbus bench`) instead of 1 in flight
+#   PROFILE_WS=1 PROFILE=/tmp/p.txt benches/cpu-per-request.sh    # fedbus /api/ws in the PIPE shape
 #   REPEAT=5 benches/cpu-per-request.sh            # every case 5 times (rounds in turn, not a case
 #                                   # 5 times in a row): the table shows each row's median and its
 #                                   # range, and the ratios are paired by round (fedbus / nginx proxy,
@@ -69,6 +72,8 @@ export RATE=${RATE:-}
 EXTRA_BIN=${EXTRA_BIN:-}
 PROFILE_TLS=${PROFILE_TLS:-0}
 PROFILE_PIPE=${PROFILE_PIPE:-0}
+PROFILE_WS=${PROFILE_WS:-0}
+[ "$PROFILE_WS" = 1 ] && PROFILE_PIPE=1
 TLS=${TLS:-0}
 URING_PROTO=${URING_PROTO:-0}
 export URING_PROTO
@@ -168,12 +173,14 @@ if [ -n "${PROFILE:-}" ]; then
   need perf linux-perf
   url=http://127.0.0.1:$API_PORT
   [ "$PROFILE_TLS" = 1 ] && url=https://127.0.0.1:$TLS_PORT
-  export PROFILE_TLS PROFILE_PIPE
+  export PROFILE_TLS PROFILE_PIPE PROFILE_WS
+  proto=()
+  [ "$PROFILE_WS" = 1 ] && proto=(--protocol ws)
   # profile_load JSON SECONDS: the load of the profile. wrk, 1 in flight per connection; with
   # PROFILE_PIPE=1, `fedbus bench` in the PIPE shape, its JSON cut to wrk's fields.
   profile_load() {
     if [ "$PROFILE_PIPE" = 1 ]; then
-      taskset -c 0 "$BIN" bench --target "$url" --keyring "$FEDBUS_HOME/keys" --connections "${PIPE%x*}" \
+      taskset -c 0 "$BIN" bench --target "$url" "${proto[@]}" --keyring "$FEDBUS_HOME/keys" --connections "${PIPE%x*}" \
         --inflight "${PIPE#*x}" --size "${SIZE}B" --cores 0 --duration "$2s" --warmup 0s --json "$WORK/pipe.json" >/dev/null 2>&1
       python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); l=d["latency_us"]
 json.dump({"requests": d["requests"], "duration_us": int(d["seconds"] * 1e6), "p50_us": int(l["p50"]), "p99_us": int(l["p99"]), "errors": d["errors"]}, open(sys.argv[2], "w"))' "$WORK/pipe.json" "$1"

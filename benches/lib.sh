@@ -107,9 +107,13 @@ EOF
   echo "$d/nginx.conf"
 }
 
-# build_bin: BIN as given, or this tree's release build (built now).
+# build_bin: BIN as given, or this tree's release build (built now); with PGO=1 (and no BIN)
+# the profile-guided build of scripts/build-pgo (built now, several minutes), the build to ship.
 build_bin() {
-  if [ -z "${BIN:-}" ]; then
+  if [ -z "${BIN:-}" ] && [ "${PGO:-0}" = 1 ]; then
+    echo "== scripts/build-pgo" >&2
+    BIN=$("$ROOT/scripts/build-pgo" | tail -n 1)
+  elif [ -z "${BIN:-}" ]; then
     echo "== cargo build --release" >&2
     cargo build --release -q
     BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/fedbus

@@ -228,14 +228,17 @@ def main():
     # PROFILE_TLS=1 benches/cpu-per-request.sh profiles the HTTPS listener instead.
     tls = os.environ.get("PROFILE_TLS") == "1"
     scheme, port, what = ("https", "$API_TLS", "HTTPS") if tls else ("http", "$API", "HTTP")
+    # PROFILE_WS=1: /api/ws in the PIPE shape (it sets PROFILE_PIPE=1 too).
+    ws = os.environ.get("PROFILE_WS") == "1"
+    what += " /api/ws" if ws else ""
     # PROFILE_PIPE=1: `fedbus bench` in the PIPE shape (pipelined) instead of wrk.
     pipe = os.environ.get("PIPE", "8x8") if os.environ.get("PROFILE_PIPE") == "1" else ""
     shape = f"{pipe} (connections x requests in flight, pipelined)" if pipe else "1 request in flight per connection"
-    env = ("PROFILE_TLS=1 " if tls else "") + ("PROFILE_PIPE=1 " if pipe else "")
+    env = ("PROFILE_TLS=1 " if tls else "") + ("PROFILE_WS=1 " if ws else "PROFILE_PIPE=1 " if pipe else "")
     if pipe:
         c, i = pipe.split("x")
-        load_cmd = (f"#   taskset -c 0 fedbus bench --target {scheme}://127.0.0.1:{port} --connections {c} --inflight {i} "
-                    f"--size {size}B --cores 0 --duration {dur}s")
+        load_cmd = (f"#   taskset -c 0 fedbus bench --target {scheme}://127.0.0.1:{port}{' --protocol ws' if ws else ''} "
+                    f"--connections {c} --inflight {i} --size {size}B --cores 0 --duration {dur}s")
     else:
         load_cmd = f"#   taskset -c 0 wrk -t1 -c{conns} -d{dur}s -s post.lua {scheme}://127.0.0.1:{port}  (1 in flight per connection)"
     o = [f"# perf profile of the fedbus router at {shape}, {what}, "

@@ -22,7 +22,7 @@ pub mod link;
 pub mod renew;
 pub mod ws;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// A decimal number of digits only: `str::parse` also takes a leading `+`, which other
 /// parsers on a request's path may read otherwise (a Redirect's PARTITION, Content-Length).
@@ -222,8 +222,10 @@ pub struct Frame {
 }
 
 impl Frame {
-    /// Decodes one whole message. No copy: `meta` and `payload` share `msg`'s buffer.
-    pub fn decode(msg: Bytes) -> Result<Frame, ProtoError> {
+    /// Decodes one whole message. No copy: `meta` and `payload` share `msg`'s buffer (`msg`
+    /// becomes the payload and `meta` is split off it: one reference count taken, where two
+    /// slices and a drop of `msg` took three atomic operations).
+    pub fn decode(mut msg: Bytes) -> Result<Frame, ProtoError> {
         let header = Header::decode(&msg)?;
         let body = msg.len() - HEADER_LEN;
         let (m, p) = (header.meta_len as usize, header.payload_len as usize);
@@ -236,12 +238,12 @@ impl Frame {
         }
         // Validate the metadata once here so that readers can iterate without error paths.
         MetaIter::new(&msg[HEADER_LEN..HEADER_LEN + m]).try_for_each(|e| e.map(|_| ()))?;
-        let meta = msg.slice(HEADER_LEN..HEADER_LEN + m);
-        let payload = msg.slice(HEADER_LEN + m..);
+        msg.advance(HEADER_LEN);
+        let meta = msg.split_to(m);
         Ok(Frame {
             header,
             meta,
-            payload,
+            payload: msg,
         })
     }
 
@@ -312,9 +314,12 @@ pub fn meta_get(meta: &[u8], tag: u8) -> Option<&[u8]> {
 /// value the router writes (names, decimals, header lines) is far shorter.
 pub fn put_meta(buf: &mut BytesMut, tag: u8, value: &[u8]) {
     let v = &value[..value.len().min(u16::MAX as usize)];
-    buf.put_u8(tag);
-    buf.put_u16(v.len() as u16);
-    buf.put_slice(v);
+    let [hi, lo] = (v.len() as u16).to_be_bytes();
+    // One capacity check for the entry, and its 3-byte head copied inline (`put_u8` and
+    // `put_u16` checked capacity each; a request's head has eight or nine entries).
+    buf.reserve(3 + v.len());
+    buf.extend_from_slice(&[tag, hi, lo]);
+    buf.extend_from_slice(v);
 }
 
 /// Appends a decimal number as a metadata entry without allocating.

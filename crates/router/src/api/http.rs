@@ -493,9 +493,9 @@ pub(crate) struct OpenConn(Rc<Shard>);
 impl OpenConn {
     pub(crate) fn new(shard: &Rc<Shard>) -> OpenConn {
         let m = &shard.metrics;
-        let open = m.connections[Listener::Api as usize]
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            + 1;
+        let open = &m.connections[Listener::Api as usize];
+        ShardMetrics::inc(open);
+        let open = open.load(std::sync::atomic::Ordering::Relaxed);
         m.api_open_peak
             .fetch_max(open, std::sync::atomic::Ordering::Relaxed);
         shard.client_conns.set(shard.client_conns.get() + 1);

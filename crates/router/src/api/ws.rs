@@ -371,9 +371,9 @@ pub(crate) async fn serve<S: Stream>(
                 let (s, o, sess, start) = (shard.clone(), out.clone(), session.clone(), read_at);
                 inflight.push(async move {
                     let _charge = charge;
-                    let n_in = f.payload.len();
-                    let a = answer(&s, &sess, &f, start).await;
-                    let body_len = send_answer(&o, s.index, f.header.request_id, &a, None);
+                    let (n_in, id) = (f.payload.len(), f.header.request_id);
+                    let a = answer(&s, &sess, f, start).await;
+                    let body_len = send_answer(&o, s.index, id, &a, None);
                     s.metrics.request(
                         a.status(),
                         sess.answered_at()
@@ -546,7 +546,9 @@ impl Session {
     }
 }
 
-async fn answer(shard: &Rc<Shard>, sess: &Session, f: &Frame, received: Instant) -> Answer {
+async fn answer(shard: &Rc<Shard>, sess: &Session, mut f: Frame, received: Instant) -> Answer {
+    // Moved to the request, not cloned: no reference count taken and given back.
+    let payload = std::mem::take(&mut f.payload);
     let Some(path) = f.get_str(tag::PATH) else {
         return Answer::error(400, "bad_request", "request frame without PATH");
     };
@@ -571,7 +573,7 @@ async fn answer(shard: &Rc<Shard>, sess: &Session, f: &Frame, received: Instant)
         method,
         credential: sess.token.as_deref(),
         content_type: f.get(tag::CONTENT_TYPE),
-        payload: f.payload.clone(),
+        payload,
         ingress: Ingress::Websocket,
         origin: sess.origin.as_deref(),
         preflight: false,

@@ -46,8 +46,8 @@ fn sibling_with_partition(
 /// Delivers an admitted request for this cluster from `subject` and waits for its answer.
 pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str) -> Answer {
     let t = &req.target;
-    // A snapshot guard (no refcount traffic) held only while routing, never across an await;
-    // the first one also serves the first hop.
+    // The shard's copy of the table (no atomic refcount traffic), let go before any await so
+    // that a wait sees the tables published meanwhile; the first one also serves the first hop.
     let mut first = Some(shard.snapshots.routes.load());
     let Some(partition) = first
         .as_ref()
@@ -59,7 +59,7 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
         .as_ref()
         .and_then(|table| sibling_with_partition(shard, req, table, partition))
     {
-        // The snapshot guard is not held across the await.
+        // The table is not held across the await.
         first = None;
         ShardMetrics::inc(&shard.metrics.sibling_handoffs);
         let a = super::forward::send(shard, req, &link).await;

@@ -140,7 +140,7 @@ pub(crate) fn admit(
     cache: &mut VerifyCache,
     req: &Request<'_>,
 ) -> Result<Admitted, Answer> {
-    // The apps in force now (`[[apps]]` reloads); the guard holds no refcount.
+    // The apps in force now (`[[apps]]` reloads); the shard's copy (no atomic refcount).
     let apps = shard.snapshots.apps.load();
     match decide(shard, &apps.apps, req)? {
         Decision::Remote => Ok(Admitted::Remote),

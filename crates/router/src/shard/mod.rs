@@ -3,6 +3,7 @@
 //! and keyring snapshots without locks and reports task links to the control thread.
 
 pub mod listen;
+mod snapshot;
 mod trim;
 
 use crate::config::Config;
@@ -21,7 +22,8 @@ pub(crate) struct Shard {
     pub(crate) index: usize,
     pub(crate) count: usize,
     pub(crate) cfg: Arc<Config>,
-    pub(crate) snapshots: Snapshots,
+    /// The control thread's snapshots as this shard last saw them.
+    pub(crate) snapshots: snapshot::ShardSnapshots,
     pub(crate) events: crossbeam_channel::Sender<ControlEvent>,
     pub(crate) metrics: Arc<ShardMetrics>,
     /// Internal (task link) address of every shard, for the hello.
@@ -91,7 +93,7 @@ impl Shard {
         Shard {
             index,
             count,
-            snapshots,
+            snapshots: snapshot::ShardSnapshots::new(&snapshots),
             events,
             metrics: metrics.clone(),
             internal_addrs,
@@ -171,9 +173,7 @@ impl Shard {
             ));
         }
         conn.set(conn.get() + n);
-        self.metrics
-            .body_held
-            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        ShardMetrics::add(&self.metrics.body_held, n as u64);
         Ok(BodyCharge {
             shard: self.clone(),
             conn: conn.clone(),
@@ -256,10 +256,7 @@ impl OutboxCharge {
 
     fn add_held(&mut self, n: usize) {
         self.n += n;
-        self.budget
-            .metrics
-            .outbox_held
-            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        ShardMetrics::add(&self.budget.metrics.outbox_held, n as u64);
     }
 
     /// Gives back `n` bytes (written or dropped).
@@ -269,10 +266,7 @@ impl OutboxCharge {
         let paid = n.min(self.debt);
         self.debt -= paid;
         self.budget.give(n - paid);
-        self.budget
-            .metrics
-            .outbox_held
-            .fetch_sub(n as u64, std::sync::atomic::Ordering::Relaxed);
+        ShardMetrics::sub(&self.budget.metrics.outbox_held, n as u64);
     }
 }
 
@@ -294,10 +288,7 @@ impl Drop for BodyCharge {
         if self.n > 0 {
             self.shard.budget.give(self.n);
             self.conn.set(self.conn.get() - self.n);
-            self.shard
-                .metrics
-                .body_held
-                .fetch_sub(self.n as u64, std::sync::atomic::Ordering::Relaxed);
+            ShardMetrics::sub(&self.shard.metrics.body_held, self.n as u64);
         }
     }
 }

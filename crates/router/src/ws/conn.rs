@@ -1365,9 +1365,9 @@ impl<'a, S: std::os::unix::io::AsRawFd> SocketWriter<&'a mut S> {
 }
 
 /// The read half of a split stream.
-pub type ReadHalf<S = glommio::net::TcpStream> = futures_lite::io::ReadHalf<S>;
+pub type ReadHalf<S = glommio::net::TcpStream> = super::stream::Half<S>;
 /// The writer of a split stream.
-pub type WriteHalf<S = glommio::net::TcpStream> = SocketWriter<futures_lite::io::WriteHalf<S>>;
+pub type WriteHalf<S = glommio::net::TcpStream> = SocketWriter<super::stream::Half<S>>;
 
 /// Splits `stream` (TCP or unix) into its read half and a [`SocketWriter`] over its write half.
 pub fn split<S>(stream: S) -> (ReadHalf<S>, WriteHalf<S>)
@@ -1375,7 +1375,7 @@ where
     S: std::os::unix::io::AsRawFd + AsyncRead + AsyncWrite + Unpin,
 {
     let fd = stream.as_raw_fd();
-    let (r, w) = futures_lite::io::split(stream);
+    let (r, w) = super::stream::Half::pair(stream);
     (r, SocketWriter { fd, io: w })
 }
 

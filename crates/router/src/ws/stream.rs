@@ -181,7 +181,7 @@ async fn tls_write_parts<W: AsyncWrite + Unpin>(w: &mut W, parts: &[Bytes]) -> i
 macro_rules! tls_stream {
     ($t:ty) => {
         impl Stream for $t {
-            type Reader = TlsHalf<$t>;
+            type Reader = Half<$t>;
             type Writer = TlsWriter<$t>;
 
             type Socket = TcpStream;
@@ -202,8 +202,8 @@ macro_rules! tls_stream {
             fn into_split(self) -> (Self::Reader, Self::Writer) {
                 // Both halves reach the one rustls session (its records leave in order from
                 // one queue, whichever half wrote them).
-                let s = Rc::new(RefCell::new(self));
-                (TlsHalf(s.clone()), TlsWriter(TlsHalf(s)))
+                let (r, w) = Half::pair(self);
+                (r, TlsWriter(w))
             }
         }
     };
@@ -212,19 +212,28 @@ macro_rules! tls_stream {
 tls_stream!(TlsStream);
 tls_stream!(ClientTlsStream);
 
-/// One TLS stream shared by the two halves of a websocket (its reader task and its writer
-/// task, on one shard thread). `futures_lite::io::split` did this, but its write half has no
-/// `poll_write_vectored`: each slice of a batch became its own TLS record and its own `send(2)`
-/// (1.9 sends per /api/ws answer over wss at 8x8, `fedbus bench --tls --protocol ws
-/// --connections 8 --inflight 8` under `perf stat -e syscalls:sys_enter_sendto`), where a batch
-/// is now one record and one send.
+/// One stream (TCP, unix or TLS) shared by the two halves of a websocket (its reader task and
+/// its writer task, on one shard thread). `futures_lite::io::split` did this, but its write
+/// half has no `poll_write_vectored`: over TLS each slice of a batch became its own TLS record
+/// and its own `send(2)` (1.9 sends per /api/ws answer over wss at 8x8, `fedbus bench --tls
+/// --protocol ws --connections 8 --inflight 8` under `perf stat -e syscalls:sys_enter_sendto`),
+/// where a batch is now one record and one send; and each poll of either half locked a
+/// `Mutex` (two atomic operations; 0.65% of the router's samples at 8x8 over /api/ws).
 ///
 /// The halves are polled by different tasks of one thread, one poll at a time, and a poll
 /// never reaches the other half (a waker only schedules its task), so the `RefCell` is never
 /// borrowed twice.
-pub struct TlsHalf<T>(Rc<RefCell<T>>);
+pub struct Half<T>(Rc<RefCell<T>>);
 
-impl<T: AsyncRead + Unpin> AsyncRead for TlsHalf<T> {
+impl<T> Half<T> {
+    /// The two halves of `stream`.
+    pub fn pair(stream: T) -> (Half<T>, Half<T>) {
+        let s = Rc::new(RefCell::new(stream));
+        (Half(s.clone()), Half(s))
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Half<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -234,7 +243,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for TlsHalf<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for TlsHalf<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Half<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -261,7 +270,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TlsHalf<T> {
 }
 
 /// The write half of a split TLS stream.
-pub struct TlsWriter<T>(TlsHalf<T>);
+pub struct TlsWriter<T>(Half<T>);
 
 impl<T: AsyncWrite + Unpin> PartsWriter for TlsWriter<T> {
     fn write_parts(&mut self, parts: &[Bytes]) -> impl Future<Output = io::Result<()>> {
@@ -365,7 +374,7 @@ mod tests {
     fn the_tls_write_half_writes_a_batch_in_one_vectored_call() {
         let parts: Vec<Bytes> = (0..20u8).map(|i| Bytes::from(vec![i; 10])).collect();
         let shared = Rc::new(RefCell::new(Calls::default()));
-        let mut w = TlsWriter(TlsHalf(shared.clone()));
+        let mut w = TlsWriter(Half(shared.clone()));
         futures_lite::future::block_on(w.write_parts(&parts)).expect("write");
         let c = shared.borrow();
         assert_eq!(c.calls, 1, "one vectored write for the batch");

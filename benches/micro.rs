@@ -56,7 +56,7 @@ fn machine() -> String {
             .unwrap_or_default()
     };
     format!(
-        "- cores (`nproc`): {}\n- CPU: {}\n- memory: {}\n- kernel: {}\n- {}\n- built with `cargo bench` (release profile: thin LTO, codegen-units 4)\n",
+        "- cores (`nproc`): {}\n- CPU: {}\n- memory: {}\n- kernel: {}\n- {}\n- built with `cargo bench` (the release profile: fat LTO, one codegen unit)\n",
         sh("nproc"),
         sh("lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1"),
         sh("free -h | awk '/^Mem:/{print $2}'"),
@@ -308,6 +308,16 @@ fn routing(t: &mut Table) {
         g,
         "ArcSwap load_full() + lookup, no publisher",
         reader(&swap, true),
+    );
+    // What a shard does: its own handle, a pointer compare per load.
+    let local = fedbus_router::shard::snapshot::Local::new(&swap);
+    t.add(
+        g,
+        "shard::snapshot::Local load() + lookup, no publisher",
+        time(5_000_000, |i| {
+            let s = local.load();
+            served(s.lookup("demo/echo", "main", (i % 16) as u32))
+        }),
     );
 
     let stop = Arc::new(AtomicBool::new(false));

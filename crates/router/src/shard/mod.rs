@@ -3,6 +3,10 @@
 //! and keyring snapshots without locks and reports task links to the control thread.
 
 pub mod listen;
+/// Public only with the `bench` feature (benches/micro.rs times [`snapshot::Local::load`]).
+#[cfg(feature = "bench")]
+pub mod snapshot;
+#[cfg(not(feature = "bench"))]
 mod snapshot;
 mod trim;
 

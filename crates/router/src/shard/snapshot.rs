@@ -5,10 +5,10 @@
 //! store, paid back with a compare-exchange when the guard drops); a request loads three or
 //! four snapshots. A shard is one thread, so it keeps the `Arc` it last saw and only compares
 //! pointers: `arc_swap::Cache` (one relaxed load) and an `Rc` around the cached `Arc` (a
-//! non-atomic count), taken again only when the control thread published a new one. Measured
-//! with arc-swap 1.9.5 on the 2-core Xeon KVM guest of `benches/results`: 14.4 ns per
-//! `load()` and drop, 2.1 ns per [`Local::load`] (a loop of 20 million, the same value each
-//! time).
+//! non-atomic count), taken again only when the control thread published a new one.
+//! `cargo bench -p fedbus-router --features bench --bench micro` times both beside a routing
+//! table lookup ("routing" rows; `benches/results/micro-2026-12-05-s30-vm.md`: 27.0 ns with
+//! `ArcSwap::load`, 12.8 ns with [`Local::load`], 12.3 ns for the lookup alone).
 //!
 //! A snapshot stays alive until this shard's next load of it after a new one was published,
 //! or until the last holder on the shard drops it; never longer.
@@ -20,7 +20,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 /// One published snapshot as this shard sees it.
-pub(crate) struct Local<T> {
+#[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
+pub struct Local<T> {
     seen: RefCell<Seen<T>>,
 }
 
@@ -34,7 +35,8 @@ struct Seen<T> {
 // The lint's premise (one allocation would do) does not hold: the `Arc` is shared with the
 // control thread and the other shards, the `Rc` is this shard's own count on it.
 #[allow(clippy::redundant_allocation)]
-pub(crate) struct Held<T>(Rc<Arc<T>>);
+#[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
+pub struct Held<T>(Rc<Arc<T>>);
 
 impl<T> Clone for Held<T> {
     fn clone(&self) -> Self {
@@ -50,7 +52,9 @@ impl<T> std::ops::Deref for Held<T> {
 }
 
 impl<T> Local<T> {
-    fn new(shared: &Arc<ArcSwap<T>>) -> Local<T> {
+    /// A handle on `shared`, which the control thread publishes to.
+    #[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
+    pub fn new(shared: &Arc<ArcSwap<T>>) -> Local<T> {
         let mut cache = Cache::new(shared.clone());
         let now = Held(Rc::new(cache.load().clone()));
         Local {
@@ -60,7 +64,8 @@ impl<T> Local<T> {
 
     /// The snapshot in force now. Holding it across an await is fine: it only keeps that
     /// version alive.
-    pub(crate) fn load(&self) -> Held<T> {
+    #[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
+    pub fn load(&self) -> Held<T> {
         let mut seen = self.seen.borrow_mut();
         let Seen { cache, now } = &mut *seen;
         let current = cache.load();

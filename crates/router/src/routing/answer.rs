@@ -231,11 +231,13 @@ impl Answer {
         match frame {
             Some(frame) => {
                 for (t, v) in MetaIter::new(&frame.meta).filter_map(Result::ok) {
-                    let clean = !v.iter().copied().any(proto::http::is_ctl);
+                    // Looked at only for the entries it decides (`allowed_header` checks a
+                    // header line itself; STATUS and the rest are not written).
+                    let clean = || !v.iter().copied().any(proto::http::is_ctl);
                     match t {
                         tag::HEADER if allowed_header(v, from_router) => f(Field::Line(v)),
-                        tag::CONTENT_TYPE if clean => f(Field::ContentType(v)),
-                        tag::SERVED_BY if from_router && clean => f(Field::ServedBy(v)),
+                        tag::CONTENT_TYPE if clean() => f(Field::ContentType(v)),
+                        tag::SERVED_BY if from_router && clean() => f(Field::ServedBy(v)),
                         _ => {}
                     }
                 }

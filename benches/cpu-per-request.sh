@@ -74,6 +74,7 @@ PROFILE_TLS=${PROFILE_TLS:-0}
 PROFILE_PIPE=${PROFILE_PIPE:-0}
 PROFILE_WS=${PROFILE_WS:-0}
 [ "$PROFILE_WS" = 1 ] && PROFILE_PIPE=1
+[ "$PROFILE_PIPE" = 1 ] && [ -z "$PIPE" ] && { echo "PROFILE_PIPE=1 and PROFILE_WS=1 need a PIPE shape (PIPE=8x8)" >&2; exit 1; }
 TLS=${TLS:-0}
 URING_PROTO=${URING_PROTO:-0}
 export URING_PROTO
@@ -500,6 +501,8 @@ uring_rows = [
 labels += [t for t in uring_rows if t[0] in r]
 o = [f"# Server CPU per request, 1 in flight per connection: {date} on {host}", ""]
 env = f"DURATION={dur} WARMUP={warm} CONNS={conns} SIZE={size}"
+if os.environ.get("PGO") == "1" and not os.environ.get("BIN"):
+    env = "PGO=1 " + env
 if os.environ.get("TLS") == "1":
     env = "TLS=1 " + env
 if os.environ.get("RATE"):

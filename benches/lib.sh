@@ -109,6 +109,8 @@ EOF
 
 # build_bin: BIN as given, or this tree's release build (built now); with PGO=1 (and no BIN)
 # the profile-guided build of scripts/build-pgo (built now, several minutes), the build to ship.
+# Used by cpu-per-request.sh and memory-per-connection.sh; compare.sh, federation.sh and
+# shard-scaling.sh build the release profile (or take BIN / BEFORE_BIN) and ignore PGO.
 build_bin() {
   if [ -z "${BIN:-}" ] && [ "${PGO:-0}" = 1 ]; then
     echo "== scripts/build-pgo" >&2

@@ -6,6 +6,7 @@
 #   benches/memory-per-connection.sh             # COUNT=4000 ROUNDS=2 SETTLE=5
 #   COUNT=4500 OUT=/tmp/m.md benches/memory-per-connection.sh
 #   BIN=/path/to/fedbus benches/memory-per-connection.sh   # that binary instead of building
+#   PGO=1 benches/memory-per-connection.sh       # this tree built by scripts/build-pgo
 #   EXTRA_BIN=/path/to/other/fedbus benches/memory-per-connection.sh   # adds that build's rows
 #   ONLY=fedbus-http,nats ROUNDS=6 benches/memory-per-connection.sh      # only those rows
 #   TRIM_MS=0 LATER=12 benches/memory-per-connection.sh   # the fedbus routers' memory_trim_ms
@@ -203,6 +204,7 @@ python3 - "$WORK/rows" "$COUNT" "$(lscpu | sed -n 's/^Model name:[[:space:]]*//p
   "$LOAD_START" "$("$NGINX" -v 2>&1 | head -1)" "$("$NATS" --version 2>&1 | head -1)" \
   "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" "$(python3 --version)" \
   "$( [ -n "$EXTRA_BIN" ] && echo "$EXTRA_BIN" || echo "")" "$SETTLE" "$LATER" "${TRIM_MS:-}" >"$OUT" <<'PY'
+import os
 import sys
 rows_file, count, cpu, kernel, load, nginxv, natsv, commit, pyv, extra, settle, later, trim = sys.argv[1:]
 count = int(count)
@@ -221,7 +223,7 @@ labels = {
 rows = [l.split() for l in open(rows_file)]
 o = [f"# Server memory per idle client connection ({count} connections held, then {count} more)", "",
      f"- machine: {cpu}, kernel {kernel}, {load} at the start",
-     f"- command: `COUNT={count} SETTLE={settle} LATER={later}{' TRIM_MS=' + trim if trim else ''} benches/memory-per-connection.sh` (commit {commit})",
+     f"- command: `{'PGO=1 ' if os.environ.get('PGO') == '1' and not os.environ.get('BIN') else ''}COUNT={count} SETTLE={settle} LATER={later}{' TRIM_MS=' + trim if trim else ''} benches/memory-per-connection.sh` (commit {commit})",
      f"- fedbus routers: tuning.memory_trim_ms = {trim if trim else 'the default (10000)'}",
      "- pinning: every server on core 1 (`taskset -c 1`; nats-server with `GOMAXPROCS=1`, nginx one worker); "
      "the fedbus echo task, the upstream nginx and the client (`benches/hold-connections.py`, asyncio) on core 0",

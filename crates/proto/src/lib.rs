@@ -315,8 +315,8 @@ pub fn meta_get(meta: &[u8], tag: u8) -> Option<&[u8]> {
 pub fn put_meta(buf: &mut BytesMut, tag: u8, value: &[u8]) {
     let v = &value[..value.len().min(u16::MAX as usize)];
     let [hi, lo] = (v.len() as u16).to_be_bytes();
-    // One capacity check for the entry, and its 3-byte head copied inline (`put_u8` and
-    // `put_u16` checked capacity each; a request's head has eight or nine entries).
+    // The entry's 3-byte head is copied inline, not through `put_u8` and `put_u16` (a request's
+    // head has eight or nine entries); the room for the whole entry is made once, up front.
     buf.reserve(3 + v.len());
     buf.extend_from_slice(&[tag, hi, lo]);
     buf.extend_from_slice(v);

@@ -6,7 +6,9 @@
 //! ([`ShardMetrics::add`]), not a locked read-modify-write: a request updates about ten of
 //! them (status, bytes, latency bucket and sum, the body and outbox gauges up and down), and
 //! on x86 each `fetch_add` is a `lock xadd` of about 20 cycles. A reader (the admin listener)
-//! sees every value a shard stored, as before.
+//! sees every value a shard stored, as before. The one exception is `api_open_peak`, which
+//! `shard::trim`'s thread resets with `swap` while the shard raises it with `fetch_max`: it
+//! stays a read-modify-write on both sides.
 
 pub(crate) mod admin;
 

@@ -69,10 +69,15 @@ impl<T> Local<T> {
         let mut seen = self.seen.borrow_mut();
         let Seen { cache, now } = &mut *seen;
         let current = cache.load();
-        if !Arc::ptr_eq(current, &now.0) {
-            *now = Held(Rc::new(current.clone()));
+        if Arc::ptr_eq(current, &now.0) {
+            return now.clone();
         }
-        now.clone()
+        let fresh = Held(Rc::new(current.clone()));
+        let old = std::mem::replace(now, fresh.clone());
+        // The replaced version is dropped (perhaps freed) after the borrow ends.
+        drop(seen);
+        drop(old);
+        fresh
     }
 
     /// The snapshot in force now, to keep beyond this shard's thread of work.

@@ -218,7 +218,8 @@ tls_stream!(ClientTlsStream);
 /// and its own `send(2)` (1.9 sends per /api/ws answer over wss at 8x8, `fedbus bench --tls
 /// --protocol ws --connections 8 --inflight 8` under `perf stat -e syscalls:sys_enter_sendto`),
 /// where a batch is now one record and one send; and each poll of either half locked a
-/// `Mutex` (two atomic operations; 0.65% of the router's samples at 8x8 over /api/ws).
+/// `Mutex` (two atomic operations; the read half's `poll_read` was 0.5% of the router's samples
+/// at 8x8 over /api/ws, `benches/results/2026-12-05-profile-ws-8x8-s30-before-vm.txt`).
 ///
 /// The halves are polled by different tasks of one thread, one poll at a time, and a poll
 /// never reaches the other half (a waker only schedules its task), so the `RefCell` is never

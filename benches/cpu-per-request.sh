@@ -377,14 +377,14 @@ if [ "$TLS" = 1 ]; then
 fi
 if [ -n "$EXTRA_BIN" ]; then
   # The same cases against a router and echo task built otherwise (EXTRA_BIN), same pinning.
-  kill "$ROUTER" "$ECHO" 2>/dev/null || true
+  stop_fedbus
   start_fedbus "$EXTRA_BIN" -extra "$EXTRA_TASK_LINK"
   wrk_case extra-http "$ROUTER" "$ECHO" "$API_PORT" "$FEDBUS_PATH"
   bench_case extra-ws "$ROUTER" "$ECHO" --target "http://127.0.0.1:$API_PORT" --protocol ws --keyring "$FEDBUS_HOME/keys"
   pipe_cases extra
   rate_case extra-http-rate "$ROUTER" "$ECHO" "http://127.0.0.1:$API_PORT"
   [ "$TLS" = 1 ] && wrk_case extra-https "$ROUTER" "$ECHO" "$TLS_PORT" "$FEDBUS_PATH" https
-  kill "$ROUTER" "$ECHO" 2>/dev/null || true
+  stop_fedbus
 fi
 if [ "$TLS" = 1 ]; then
   wrk_case nginx-tls-proxy "$(nginx_pids $NGX_TLS)" "$(nginx_pids $NGX_UP)" "$TLS_PROXY_PORT" "$FEDBUS_PATH" https

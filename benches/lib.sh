@@ -81,6 +81,22 @@ PY
   [ $ok = 1 ] || { echo "fedbus router ($bin) never answered 200; log:" >&2; tail -20 "$WORK/router$tag.log" >&2; exit 1; }
 }
 
+# stop_fedbus: stops the router and echo task of start_fedbus and waits until both are gone
+# (10 s, then SIGKILL), so that a router started next does not share core 1 with one still
+# draining.
+stop_fedbus() {
+  # running PID: alive and not a zombie (an exited child not reaped yet still answers kill -0).
+  running() { local st; st=$(ps -o stat= -p "$1" 2>/dev/null) && [ "${st#Z}" = "$st" ]; }
+  kill "$ROUTER" "$ECHO" 2>/dev/null || true
+  local i
+  for i in $(seq 100); do
+    running "$ROUTER" || running "$ECHO" || break
+    sleep 0.1
+  done
+  kill -9 "$ROUTER" "$ECHO" 2>/dev/null || true
+  wait "$ROUTER" "$ECHO" 2>/dev/null || true
+}
+
 # nginx_conf NAME CORE_MASK HTTP_BODY: a config for one nginx worker pinned by CORE_MASK,
 # whose http block holds HTTP_BODY (upstreams and servers); prints its path.
 nginx_conf() {

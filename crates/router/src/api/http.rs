@@ -394,15 +394,11 @@ fn write_head(
     // Plain byte appends and `fmt_u64` instead of `write!`: this runs once per response, and
     // the formatting machinery cost more than the rest of the head.
     let status = a.status();
-    if status == 200 {
-        out.put_slice(b"HTTP/1.1 200 OK\r\n");
-    } else {
-        out.put_slice(b"HTTP/1.1 ");
-        put_num(out, u64::from(status));
-        out.put_u8(b' ');
-        out.put_slice(reason(status).as_bytes());
-        out.put_slice(b"\r\n");
-    }
+    out.put_slice(b"HTTP/1.1 ");
+    put_num(out, u64::from(status));
+    out.put_u8(b' ');
+    out.put_slice(reason(status).as_bytes());
+    out.put_slice(b"\r\n");
     let (mut has_ct, mut served_by, mut has_retry, mut has_auth) = (false, false, false, false);
     a.fields(|f| {
         match f {
@@ -452,9 +448,13 @@ fn write_head(
         put_num(out, n as u64);
         out.put_slice(b"\r\n");
     }
-    out.put_slice(&shard.head_lines.0);
+    out.put_slice(b"fedbus-shard: ");
+    put_num(out, shard.index as u64);
+    out.put_slice(b"\r\n");
     if !served_by {
-        out.put_slice(&shard.head_lines.1);
+        out.put_slice(b"fedbus-served-by: ");
+        out.put_slice(shard.router_name.as_bytes());
+        out.put_slice(b"\r\n");
     }
     // A router's own 503 (overloaded, no live task) says when to come back; a task's 503
     // carries its own Retry-After or none, and never gets a second one.

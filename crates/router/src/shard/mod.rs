@@ -44,9 +44,6 @@ pub(crate) struct Shard {
     pub(crate) client_conns: Cell<usize>,
     /// `region/cluster/router` and this shard's index, as put in responses.
     pub(crate) router_name: String,
-    /// The HTTP answer lines that only depend on the shard, made once: `fedbus-shard: <index>`
-    /// and `fedbus-served-by: <router_name>`, each with its CRLF.
-    pub(crate) head_lines: (Box<[u8]>, Box<[u8]>),
     /// Other clusters: keys, routers, our peer token.
     pub(crate) federation: crate::peer::FederationRef,
     /// This shard's own peer links.
@@ -97,12 +94,6 @@ impl Shard {
         health: Arc<crate::health::Health>,
     ) -> Shard {
         let router_name = format!("{}/{}/{}", cfg.region, cfg.cluster, cfg.router);
-        let head_lines = (
-            format!("fedbus-shard: {index}\r\n").into_bytes().into(),
-            format!("fedbus-served-by: {router_name}\r\n")
-                .into_bytes()
-                .into(),
-        );
         Shard {
             index,
             count,
@@ -119,7 +110,6 @@ impl Shard {
             next_conn: Cell::new(0),
             evicting: Cell::new(0),
             router_name,
-            head_lines,
             federation,
             peers: RefCell::new(Default::default()),
             budget: Rc::new(Budget::new(

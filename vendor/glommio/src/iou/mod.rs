@@ -98,6 +98,12 @@ bitflags::bitflags! {
         /// fedbus: with `COOP_TASKRUN`, the kernel sets `IORING_SQ_TASKRUN` in the SQ ring's
         /// flags while task work waits for this ring's next syscall (Linux 5.19+).
         const TASKRUN_FLAG = 1 << 9;
+        /// fedbus: only the task that created the ring submits to it (Linux 6.0+).
+        const SINGLE_ISSUER = 1 << 12;
+        /// fedbus: task work waits until this ring's task asks for completions
+        /// (`io_uring_enter` with `GETEVENTS`), and a waiter is woken only once as many are
+        /// pending as it waits for (Linux 6.1+; needs `SINGLE_ISSUER`).
+        const DEFER_TASKRUN = 1 << 13;
     }
 }
 

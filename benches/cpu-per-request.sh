@@ -151,8 +151,8 @@ end
 function done(summary, latency, requests)
   local e = summary.errors
   local f = io.open(os.getenv("WRK_JSON"), "w")
-  f:write(string.format('{"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, "errors": %d}\n',
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+  f:write(string.format('{"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, "max_us": %d, "errors": %d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency.max,
     e.connect + e.read + e.write + e.status + e.timeout))
   f:close()
 end
@@ -298,11 +298,13 @@ except Exception:
     sys.exit(0)
 if kind == "wrk":
     reqs, secs, p99, errs = d["requests"], d["duration_us"] / 1e6, d["p99_us"], d["errors"]
+    p50, pmax = d.get("p50_us"), d.get("max_us")
 else:
     st = d.get("stats", d)
     reqs = d.get("ok") or st.get("ok")
     secs = d.get("seconds") or d.get("duration_s")
     p99 = d["latency_us"]["p99"]
+    p50, pmax = d["latency_us"].get("p50"), d["latency_us"].get("max")
     errs = d.get("errors", 0)
     if isinstance(errs, dict):
         errs = sum(errs.values())
@@ -318,7 +320,7 @@ wall = float(w1) - float(w0)
 cpu = (int(s1) - int(s0)) / hz
 print(json.dumps({
     "name": name, "round": int(rnd), "requests": reqs, "seconds": secs, "rps": reqs / secs if secs else 0,
-    "p99_us": p99, "errors": errs, "server_cpu_s": cpu, "wall_s": wall,
+    "p99_us": p99, "p50_us": p50, "max_us": pmax, "errors": errs, "server_cpu_s": cpu, "wall_s": wall,
     "server_busy": cpu / wall, "server_us": cpu * 1e6 / reqs if reqs else None,
     "backend_us": (int(b1) - int(b0)) / hz * 1e6 / reqs if reqs else None,
     "idle_cpu_per_s": (int(i1) - int(i0)) / hz / float(idle),
@@ -619,6 +621,17 @@ if us("uring-poll"):
             o.append(f"- {name}: {v:.2f} us, **{base - v:+.2f} us** per request saved against poll + recv(2) ({(base - v) / base * 100:+.0f}%)")
     if us("fedbus-http"):
         o.append(f"- for scale: fedbus HTTP (router + task hop) {us('fedbus-http'):.2f} us per request in this run")
+# Rounds whose p99 is far above their p50: with everything else of the run beside it, for the
+# next person who looks into why (p99 is what the table shows, max and the count tell whether
+# it could be one stall or must be many).
+odd = [d for ds in runs.values() for d in ds
+       if d.get("p50_us") and d.get("p99_us") and d["p99_us"] > 20 * d["p50_us"]]
+if odd:
+    o += ["", "### Rounds with a p99 over 20x their p50", ""]
+    for d in sorted(odd, key=lambda d: (d["round"], d["name"])):
+        o.append(f"- {d['name']}, round {d['round']}: {d['requests']} requests, p50 {d['p50_us']:.0f} us, "
+                 f"p99 {d['p99_us']:.0f} us, max {d.get('max_us') or 0:.0f} us, server CPU {d['server_us']:.1f} us/req, "
+                 f"busy {d['server_busy']:.2f}, errors {d['errors']}")
 o += ["", "Backend CPU: the echo task (fedbus) and the upstream nginx (proxy), counted apart from the server; "
       "nats-server's responders live in the load generator and are not counted. "
       "IPIs to core 1: reschedule + function-call interrupts received by core 1 (`/proc/interrupts` RES + CAL) "

@@ -241,15 +241,12 @@ fn answers_come_out_of_order() {
     w.send_request(1, Some(&r.path(APP, 1)), b"slow");
     w.send_request(2, Some(&r.path(APP, 9)), b"fast");
     let first = w.read_response();
-    let t_first = start.elapsed();
     let second = w.read_response();
     let t_second = start.elapsed();
+    // The order is the proof that the fast answer did not wait behind the slow one; an upper
+    // bound on its time would only measure how loaded the machine is.
     assert_echo_frame(&first, 2, 9, b"fast");
     assert_echo_frame(&second, 1, 1, b"slow");
-    assert!(
-        t_first < Duration::from_millis(400),
-        "fast answer after {t_first:?}"
-    );
     assert!(
         t_second >= Duration::from_millis(450),
         "slow answer after {t_second:?}"

@@ -92,8 +92,22 @@ const MAX_CPUS: usize = 1 << 16;
 /// `io_uring_setup(2)` with 4 entries and zeroed `io_uring_params`; the fd is closed at once.
 /// Returns the errno on failure.
 fn probe_io_uring() -> Result<(), i32> {
+    probe_io_uring_with(0)
+}
+
+/// `IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG` (Linux 5.19+).
+const SETUP_COOP: u32 = (1 << 8) | (1 << 9);
+/// `IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_TASKRUN_FLAG`
+/// (Linux 6.1+): the shard's main ring (vendored glommio, `FEDBUS-PATCH.md` 10).
+const SETUP_DEFER: u32 = (1 << 13) | (1 << 12) | (1 << 9);
+
+/// [`probe_io_uring`] with `flags` in `io_uring_params.flags`.
+fn probe_io_uring_with(flags: u32) -> Result<(), i32> {
     // struct io_uring_params is 120 bytes; u64 words keep it aligned for the kernel.
     let mut params = [0u64; 15];
+    // `flags` is the third u32 of the struct (after sq_entries and cq_entries).
+    // SAFETY: a u32 write at byte offset 8 inside the 120 bytes we own, 4-byte aligned.
+    unsafe { (params.as_mut_ptr() as *mut u32).add(2).write(flags) };
     // SAFETY: the kernel reads and writes at most 120 bytes at `params`, which we own.
     let fd = unsafe {
         libc::syscall(
@@ -260,6 +274,38 @@ fn memlock_verdict(limit: Option<u64>, privileged: bool, shards: usize, io_memor
     }
 }
 
+/// Which rings the shards get: glommio's setup flags that decide how a completion posted from
+/// another CPU reaches the shard (docs/ARCHITECTURE.md, "Deferred task work").
+fn check_ring_setup() -> Check {
+    ring_verdict(
+        probe_io_uring_with(SETUP_DEFER),
+        probe_io_uring_with(SETUP_COOP),
+    )
+}
+
+fn ring_verdict(defer: Result<(), i32>, coop: Result<(), i32>) -> Check {
+    const NAME: &str = "rings";
+    let fix = "run on Linux 6.1 or newer";
+    match (defer, coop) {
+        (Ok(()), _) => Check::pass(
+            NAME,
+            "DEFER_TASKRUN: a shard collects completions from other CPUs in batches",
+        ),
+        (Err(_), Ok(())) => Check::warn(
+            NAME,
+            "kernel before 6.1 (no DEFER_TASKRUN): completions from other CPUs run one or two at a \
+             time, on the way out of the shard's system calls (COOP_TASKRUN)",
+            fix,
+        ),
+        (Err(_), Err(_)) => Check::warn(
+            NAME,
+            "kernel before 5.19 (no COOP_TASKRUN): each completion from another CPU interrupts \
+             the running shard (an inter-processor interrupt; in a VM, an exit on both sides)",
+            fix,
+        ),
+    }
+}
+
 /// Non-fatal advice on the host: backlog, open files, CPU governor, cores, SMT siblings.
 pub(crate) fn advisory_checks(shard_cores: &[usize], control_core: usize) -> Vec<Check> {
     let mut out = vec![check_somaxconn(), check_nofile(), check_file_max()];
@@ -271,6 +317,7 @@ pub(crate) fn advisory_checks(shard_cores: &[usize], control_core: usize) -> Vec
     out.push(check_cores_online(&cores));
     out.push(check_siblings(shard_cores, control_core, read_siblings));
     out.push(check_ktls());
+    out.push(check_ring_setup());
     out.push(migrate_verdict(
         std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
             .ok()
@@ -769,6 +816,7 @@ mod tests {
         assert!(without.ok && without.detail.contains("no kernel TLS (ULPs: mptcp)"));
         assert!(ktls_verdict(None).ok);
         assert!(checks(&Config::default()).iter().any(|c| c.name == "ktls"));
+        assert!(checks(&Config::default()).iter().any(|c| c.name == "rings"));
     }
 
     #[test]
@@ -777,6 +825,31 @@ mod tests {
         let off = migrate_verdict(Some("0\n"));
         assert!(!off.ok && !off.fatal && off.fix.contains("tcp_migrate_req=1"));
         assert!(migrate_verdict(None).ok);
+    }
+
+    #[test]
+    fn rings_say_which_setup_the_kernel_gives() {
+        let c = ring_verdict(Ok(()), Ok(()));
+        assert!(c.ok && c.detail.contains("DEFER_TASKRUN"), "{c:?}");
+        let c = ring_verdict(Err(libc::EINVAL), Ok(()));
+        assert!(
+            !c.ok && !c.fatal && c.detail.contains("before 6.1"),
+            "{c:?}"
+        );
+        let c = ring_verdict(Err(libc::EINVAL), Err(libc::EINVAL));
+        assert!(
+            !c.ok && !c.fatal && c.detail.contains("before 5.19"),
+            "{c:?}"
+        );
+        assert!(c.fix.contains("6.1"), "{c:?}");
+    }
+
+    /// The probe's flags reach the kernel: flags no kernel knows are refused with EINVAL.
+    #[test]
+    fn the_ring_probe_passes_its_flags() {
+        if probe_io_uring().is_ok() {
+            assert_eq!(probe_io_uring_with(1 << 31), Err(libc::EINVAL));
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //!
 
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     collections::BTreeMap,
     ffi::CString,
     fmt,
@@ -178,7 +178,19 @@ pub(crate) struct Reactor {
     /// refcell) every time. Acquire during initialization
     preempt_ptr_head: *const u32,
     preempt_ptr_tail: *const AtomicU32,
+
+    /// fedbus: the main ring's SQ flags when it defers its task work (`FEDBUS-PATCH.md` 10),
+    /// and the preemption checks since the reactor last ran (`need_preempt`).
+    deferred_flags: Option<*const libc::c_uint>,
+    preempt_checks: Cell<u32>,
 }
+
+/// fedbus: with the main ring's completions deferred, glommio's throughput preemption (a count
+/// of main-ring completions) no longer counts those that arrive while a task queue runs: they are
+/// posted only when the reactor asks. Instead, a turn ends once this many preemption checks
+/// (one after each task, one per `yield_if_needed`) found completions waiting, as upstream
+/// ended it after `ring_depth` (128) completions.
+const DEFERRED_PREEMPT_CHECKS: u32 = 128;
 
 impl Reactor {
     pub(crate) fn new(
@@ -190,6 +202,7 @@ impl Reactor {
     ) -> io::Result<Reactor> {
         let sys = sys::Reactor::new(notifier, io_memory, ring_depth, blocking_thread)?;
         let (preempt_ptr_head, preempt_ptr_tail) = sys.preempt_pointers();
+        let deferred_flags = sys.deferred_flags();
         Ok(Reactor {
             sys,
             timers: RefCell::new(Timers::new()),
@@ -198,6 +211,8 @@ impl Reactor {
             record_io_latencies,
             preempt_ptr_head,
             preempt_ptr_tail: preempt_ptr_tail as _,
+            deferred_flags,
+            preempt_checks: Cell::new(0),
         })
     }
 
@@ -211,7 +226,20 @@ impl Reactor {
 
     #[inline(always)]
     pub(crate) fn need_preempt(&self) -> bool {
-        unsafe { *self.preempt_ptr_head != (*self.preempt_ptr_tail).load(Ordering::Acquire) }
+        (unsafe { *self.preempt_ptr_head != (*self.preempt_ptr_tail).load(Ordering::Acquire) })
+            || self.deferred_completions_wait()
+    }
+
+    /// fedbus: see [`DEFERRED_PREEMPT_CHECKS`]. A counter bump per check, and a load of the
+    /// ring's flags once past the bound.
+    #[inline(always)]
+    fn deferred_completions_wait(&self) -> bool {
+        let Some(flags) = self.deferred_flags else {
+            return false;
+        };
+        let n = self.preempt_checks.get().saturating_add(1);
+        self.preempt_checks.set(n);
+        n >= DEFERRED_PREEMPT_CHECKS && sys::Reactor::deferred_work_pending(flags)
     }
 
     pub(crate) fn id(&self) -> usize {
@@ -855,6 +883,7 @@ impl Reactor {
     ///
     /// This doesn't ever sleep, and does not touch the preemption timer.
     pub(crate) fn spin_poll_io(&self) -> io::Result<bool> {
+        self.preempt_checks.set(0);
         let mut woke = 0;
         // fedbus: completions for a COOP_TASKRUN ring wait as task work until a syscall.
         self.sys.run_task_work()?;
@@ -873,6 +902,7 @@ impl Reactor {
 
     /// Processes new events, blocking until the first event or the timeout.
     pub(crate) fn react(&self, timeout: impl Fn() -> Option<Duration>) -> io::Result<bool> {
+        self.preempt_checks.set(0);
         // Process ready timers.
         let (next_timer, woke) = self.process_external_events();
 

@@ -943,14 +943,23 @@ fn new_coop_ring(entries: u32) -> io::Result<iou::IoUring> {
     }
 }
 
+/// fedbus: whether the SQ ring flags at `kflags` (a ring's `sq.kflags`, mapped for the ring's
+/// life) say task work waits (`IORING_SQ_TASKRUN`).
+fn taskrun_flag_set(kflags: *const libc::c_uint) -> bool {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // SAFETY: the caller passes a ring's `kflags`, an aligned u32 the kernel writes
+    // concurrently (hence atomic), mapped for as long as the ring lives.
+    let flags = unsafe { (*(kflags as *const AtomicU32)).load(Ordering::Relaxed) };
+    flags & uring_sys::IORING_SQ_TASKRUN != 0
+}
+
 /// fedbus: the main ring is created with `IORING_SETUP_DEFER_TASKRUN` (and the
 /// `SINGLE_ISSUER` it needs: only the executor's thread submits to its rings). A completion
 /// another CPU posts for a socket this ring polls is then queued on the ring itself and runs when
 /// the executor asks for completions (`io_uring_enter` with `GETEVENTS`: [`Reactor::wait`] does
 /// when the kernel flags pending work, and every sleep does), not as task work on the thread
 /// at its next system call, as `COOP_TASKRUN` runs it (each `sendmsg` and `recv` of the
-/// connections, so one at a time). The waker on the other CPU adds to a lock-free list and wakes a
-/// sleeping shard once per batch instead of once per completion. Measured: fedbus's
+/// connections, so one or two at a time). Measured: fedbus's
 /// docs/ARCHITECTURE.md, "Deferred task work". Kernels before 6.1 refuse the flags with
 /// EINVAL: the ring is then made as [`new_coop_ring`] makes it.
 fn new_deferred_ring(entries: u32) -> io::Result<(iou::IoUring, bool)> {
@@ -973,33 +982,46 @@ impl SleepableRing {
     /// it holds) when the kernel says there is some. Without it, a spinning executor
     /// (`spin_before_park`) on a `COOP_TASKRUN` ring saw a socket's completion only when
     /// something else made it enter the kernel: a submission, a timer's completion, parking.
+    ///
+    /// A deferred ring ([`new_deferred_ring`]) runs a bounded batch of its work per enter (20
+    /// items on recent kernels) and flags the rest, so this enters again while the flag stays
+    /// set, at most `MAX_ENTERS` times: a burst of completions comes out in one pass.
     fn run_task_work(&mut self) -> io::Result<()> {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        let raw = self.ring.raw();
-        // SAFETY: `kflags` points into the SQ ring mapped for the ring's whole life (aligned
-        // u32); the kernel writes it concurrently, hence the atomic load (liburing's
-        // READ_ONCE).
-        let flags = unsafe { (*(raw.sq.kflags as *const AtomicU32)).load(Ordering::Relaxed) };
-        if flags & uring_sys::IORING_SQ_TASKRUN == 0 {
-            return Ok(());
-        }
-        // SAFETY: a plain `io_uring_enter` on our own ring fd: no submission, no wait.
-        let r = unsafe {
-            uring_sys::syscalls::io_uring_enter(
-                self.ring.raw_fd(),
-                0,
-                0,
-                uring_sys::IORING_ENTER_GETEVENTS,
-                std::ptr::null(),
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) {
-                return Err(e);
+        const MAX_ENTERS: usize = 8;
+        for _ in 0..MAX_ENTERS {
+            if !self.task_work_pending() {
+                return Ok(());
+            }
+            // SAFETY: a plain `io_uring_enter` on our own ring fd: no submission, no wait.
+            let r = unsafe {
+                uring_sys::syscalls::io_uring_enter(
+                    self.ring.raw_fd(),
+                    0,
+                    0,
+                    uring_sys::IORING_ENTER_GETEVENTS,
+                    std::ptr::null(),
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) {
+                    return Err(e);
+                }
+            }
+            if !self.deferred {
+                return Ok(());
             }
         }
         Ok(())
+    }
+
+    /// fedbus: the kernel's `IORING_SQ_TASKRUN` flag: task work (completions not yet posted)
+    /// waits for this ring's next `io_uring_enter` with `GETEVENTS`.
+    fn task_work_pending(&self) -> bool {
+        // SAFETY: `kflags` points into the SQ ring mapped for the ring's whole life (aligned
+        // u32); the kernel writes it concurrently, hence the atomic load (liburing's
+        // READ_ONCE).
+        taskrun_flag_set(self.ring.raw().sq.kflags)
     }
 
     fn new(
@@ -1275,7 +1297,9 @@ impl UringCommon for SleepableRing {
 
     fn needs_kernel_enter(&self) -> bool {
         // We only need to enter the kernel to submit SQEs, not to collect CQEs (the
-        // kernel posts the CQEs asynchronously for us)
+        // kernel posts the CQEs asynchronously for us). fedbus: not on a deferred ring, whose
+        // completions wait for an enter with `GETEVENTS`: `Reactor::wait` and the spin loop make
+        // it (`run_task_work`).
         self.waiting_kernel_submission() > 0
     }
 
@@ -1283,6 +1307,9 @@ impl UringCommon for SleepableRing {
         self.submission_queue.borrow().is_empty()
             && self.waiting_kernel_submission() == 0
             && self.waiting_kernel_collection() == 0
+            // fedbus: completions a deferred ring holds are not in its queue yet; the next pass
+            // asks for them instead of preparing a sleep that would end at once.
+            && !(self.deferred && self.task_work_pending())
     }
 
     fn waiting_kernel_submission(&self) -> usize {
@@ -2143,6 +2170,18 @@ impl Reactor {
 
     pub(crate) fn flush_syscall_thread(&self) -> usize {
         self.blocking_thread.flush()
+    }
+
+    /// fedbus: the SQ ring flags of the main ring when it defers its task work, for
+    /// [`crate::reactor::Reactor::need_preempt`].
+    pub(crate) fn deferred_flags(&self) -> Option<*const libc::c_uint> {
+        let main_ring = self.main_ring.borrow();
+        main_ring.deferred.then(|| main_ring.ring.raw().sq.kflags as *const _)
+    }
+
+    /// fedbus: [`taskrun_flag_set`] for [`Self::deferred_flags`].
+    pub(crate) fn deferred_work_pending(flags: *const libc::c_uint) -> bool {
+        taskrun_flag_set(flags)
     }
 
     pub(crate) fn preempt_pointers(&self) -> (*const u32, *const u32) {

@@ -291,18 +291,33 @@ fn ring_verdict(defer: Result<(), i32>, coop: Result<(), i32>) -> Check {
             NAME,
             "DEFER_TASKRUN: a shard collects completions from other CPUs in batches",
         ),
-        (Err(_), Ok(())) => Check::warn(
+        // Only EINVAL says the kernel lacks a flag.
+        (Err(libc::EINVAL), Ok(())) => Check::warn(
             NAME,
             "kernel before 6.1 (no DEFER_TASKRUN): completions from other CPUs run one or two at a \
              time, on the way out of the shard's system calls (COOP_TASKRUN)",
             fix,
         ),
-        (Err(_), Err(_)) => Check::warn(
+        (Err(libc::EINVAL), Err(libc::EINVAL)) => Check::warn(
             NAME,
             "kernel before 5.19 (no COOP_TASKRUN): each completion from another CPU interrupts \
              the running shard (an inter-processor interrupt; in a VM, an exit on both sides)",
             fix,
         ),
+        // Any other error is io_uring itself being unusable: the `io_uring` check says why.
+        (Err(d), c) => {
+            let e = match c {
+                Err(x) if d == libc::EINVAL => x,
+                _ => d,
+            };
+            Check::pass(
+                NAME,
+                format!(
+                    "unknown: io_uring_setup failed ({}); see the io_uring check",
+                    std::io::Error::from_raw_os_error(e)
+                ),
+            )
+        }
     }
 }
 
@@ -842,6 +857,11 @@ mod tests {
             "{c:?}"
         );
         assert!(c.fix.contains("6.1"), "{c:?}");
+        // io_uring blocked (seccomp, sysctl): not a kernel too old; the io_uring check says why.
+        let c = ring_verdict(Err(libc::EPERM), Err(libc::EPERM));
+        assert!(c.ok && c.detail.contains("unknown"), "{c:?}");
+        let c = ring_verdict(Err(libc::EINVAL), Err(libc::ENOSYS));
+        assert!(c.ok && c.detail.contains("unknown"), "{c:?}");
     }
 
     /// The probe's flags reach the kernel: flags no kernel knows are refused with EINVAL.

@@ -187,9 +187,10 @@ pub(crate) struct Reactor {
 
 /// fedbus: with the main ring's completions deferred, glommio's throughput preemption (a count
 /// of main-ring completions) no longer counts those that arrive while a task queue runs: they are
-/// posted only when the reactor asks. Instead, a turn ends once this many preemption checks
-/// (one after each task, one per `yield_if_needed`) found completions waiting, as upstream
-/// ended it after `ring_depth` (128) completions.
+/// posted only when the reactor asks. Instead, once this many preemption checks (one before
+/// each task of a queue's turn, one per `yield_if_needed`, counted over all queues) ran since
+/// the reactor last ran, each further check ends the turn if the main ring holds completions,
+/// as upstream ended it after `ring_depth` (128) completions.
 const DEFERRED_PREEMPT_CHECKS: u32 = 128;
 
 impl Reactor {

@@ -134,20 +134,8 @@ ipis1() { awk '$1=="RES:" || $1=="CAL:" {s += $3} END {print s + 0}' /proc/inter
 steal01() { awk '$1=="cpu0" {a=$9} $1=="cpu1" {b=$9} END {print (a + 0) "," (b + 0)}' /proc/stat; }
 
 # ---- wrk script: POST SIZE bytes, wsids 0..15 in turn, JSON summary to $WRK_JSON.
-cat >"$WORK/post.lua" <<'LUA'
-local reqs = {}
-local i = 0
-function init(args)
-  local body = string.rep("x", tonumber(args[2]))
-  for w = 0, 15 do
-    reqs[w + 1] = wrk.format("POST", string.format(args[3], w),
-      { ["Authorization"] = "Bearer " .. args[1], ["Content-Type"] = "application/octet-stream" }, body)
-  end
-end
-function request()
-  i = i % #reqs + 1
-  return reqs[i]
-end
+post_lua "$WORK/post.lua"
+cat >>"$WORK/post.lua" <<'LUA'
 function done(summary, latency, requests)
   local e = summary.errors
   local f = io.open(os.getenv("WRK_JSON"), "w")

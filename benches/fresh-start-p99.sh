@@ -40,20 +40,8 @@ export FEDBUS_HOME=$WORK/fedbus
 mkdir -p "$FEDBUS_HOME"
 "$BIN" keys init --keyring "$FEDBUS_HOME/keys" --app demo/echo >/dev/null
 TOKEN=$("$BIN" token client --app demo/echo --sub fresh-start --ttl 2h --keyring "$FEDBUS_HOME/keys" | tail -1)
-cat >"$WORK/post.lua" <<'LUA'
-local reqs = {}
-local i = 0
-function init(args)
-  local body = string.rep("x", tonumber(args[2]))
-  for w = 0, 15 do
-    reqs[w + 1] = wrk.format("POST", string.format(args[3], w),
-      { ["Authorization"] = "Bearer " .. args[1], ["Content-Type"] = "application/octet-stream" }, body)
-  end
-end
-function request()
-  i = i % #reqs + 1
-  return reqs[i]
-end
+post_lua "$WORK/post.lua"
+cat >>"$WORK/post.lua" <<'LUA'
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format("ROW %d %d %.0f %d %d %d %d\n", summary.requests, summary.duration, latency.mean,

@@ -81,6 +81,26 @@ PY
   [ $ok = 1 ] || { echo "fedbus router ($bin) never answered 200; log:" >&2; tail -20 "$WORK/router$tag.log" >&2; exit 1; }
 }
 
+# post_lua FILE: the start of a wrk script that POSTs args[2]-byte bodies with the bearer token
+# args[1] to the path format args[3], wsids 0..15 in turn; the caller appends its done().
+post_lua() {
+  cat >"$1" <<'LUA'
+local reqs = {}
+local i = 0
+function init(args)
+  local body = string.rep("x", tonumber(args[2]))
+  for w = 0, 15 do
+    reqs[w + 1] = wrk.format("POST", string.format(args[3], w),
+      { ["Authorization"] = "Bearer " .. args[1], ["Content-Type"] = "application/octet-stream" }, body)
+  end
+end
+function request()
+  i = i % #reqs + 1
+  return reqs[i]
+end
+LUA
+}
+
 # stop_fedbus: stops the router and echo task of start_fedbus and waits until both are gone
 # (10 s, then SIGKILL), so that a router started next does not share core 1 with one still
 # draining.

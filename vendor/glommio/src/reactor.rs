@@ -240,7 +240,7 @@ impl Reactor {
         };
         let n = self.preempt_checks.get().saturating_add(1);
         self.preempt_checks.set(n);
-        n >= DEFERRED_PREEMPT_CHECKS && sys::Reactor::deferred_work_pending(flags)
+        n >= DEFERRED_PREEMPT_CHECKS && sys::taskrun_flag_set(flags)
     }
 
     pub(crate) fn id(&self) -> usize {

@@ -945,7 +945,7 @@ fn new_coop_ring(entries: u32) -> io::Result<iou::IoUring> {
 
 /// fedbus: whether the SQ ring flags at `kflags` (a ring's `sq.kflags`, mapped for the ring's
 /// life) say task work waits (`IORING_SQ_TASKRUN`).
-fn taskrun_flag_set(kflags: *const libc::c_uint) -> bool {
+pub(crate) fn taskrun_flag_set(kflags: *const libc::c_uint) -> bool {
     use std::sync::atomic::{AtomicU32, Ordering};
     // SAFETY: the caller passes a ring's `kflags`, an aligned u32 the kernel writes
     // concurrently (hence atomic), mapped for as long as the ring lives.
@@ -1022,40 +1022,24 @@ impl SleepableRing {
     /// fedbus: the kernel's `IORING_SQ_TASKRUN` flag: task work (completions not yet posted)
     /// waits for this ring's next `io_uring_enter` with `GETEVENTS`.
     fn task_work_pending(&self) -> bool {
-        // SAFETY: `kflags` points into the SQ ring mapped for the ring's whole life (aligned
-        // u32); the kernel writes it concurrently, hence the atomic load (liburing's
-        // READ_ONCE).
         taskrun_flag_set(self.ring.raw().sq.kflags)
     }
 
+    /// fedbus: `defer` asks for the main ring's deferred task work ([`new_deferred_ring`]);
+    /// otherwise, and on a kernel that refuses it, the ring of [`new_coop_ring`].
     fn new(
         size: usize,
         name: &'static str,
         allocator: Rc<UringBufferAllocator>,
         source_map: Rc<RefCell<SourceMap>>,
+        defer: bool,
     ) -> io::Result<Self> {
         assert!(*IO_URING_RECENT_ENOUGH);
-        Self::with_ring(size, name, allocator, source_map, (new_coop_ring(size as _)?, false))
-    }
-
-    /// fedbus: the main ring, with its task work deferred ([`new_deferred_ring`]).
-    fn new_deferred(
-        size: usize,
-        name: &'static str,
-        allocator: Rc<UringBufferAllocator>,
-        source_map: Rc<RefCell<SourceMap>>,
-    ) -> io::Result<Self> {
-        assert!(*IO_URING_RECENT_ENOUGH);
-        Self::with_ring(size, name, allocator, source_map, new_deferred_ring(size as _)?)
-    }
-
-    fn with_ring(
-        size: usize,
-        name: &'static str,
-        allocator: Rc<UringBufferAllocator>,
-        source_map: Rc<RefCell<SourceMap>>,
-        (ring, deferred): (iou::IoUring, bool),
-    ) -> io::Result<Self> {
+        let (ring, deferred) = if defer {
+            new_deferred_ring(size as _)?
+        } else {
+            (new_coop_ring(size as _)?, false)
+        };
         Ok(SleepableRing {
             ring,
             deferred,
@@ -1492,10 +1476,10 @@ impl Reactor {
         let registry = vec![allocator.as_bytes()];
 
         let main_ring =
-            SleepableRing::new_deferred(ring_depth, "main", allocator.clone(), source_map.clone())?;
+            SleepableRing::new(ring_depth, "main", allocator.clone(), source_map.clone(), true)?;
         let poll_ring = PollRing::new(ring_depth, allocator.clone(), source_map.clone())?;
         let mut latency_ring =
-            SleepableRing::new(ring_depth, "latency", allocator.clone(), source_map.clone())?;
+            SleepableRing::new(ring_depth, "latency", allocator.clone(), source_map.clone(), false)?;
 
         match main_ring.registrar().register_buffers_by_ref(&registry) {
             Err(x) => warn!("Error: registering buffers in the main ring. Skipping{x:#?}"),
@@ -2182,11 +2166,6 @@ impl Reactor {
         main_ring.deferred.then(|| main_ring.ring.raw().sq.kflags as *const _)
     }
 
-    /// fedbus: [`taskrun_flag_set`] for [`Self::deferred_flags`].
-    pub(crate) fn deferred_work_pending(flags: *const libc::c_uint) -> bool {
-        taskrun_flag_set(flags)
-    }
-
     pub(crate) fn preempt_pointers(&self) -> (*const u32, *const u32) {
         let mut lat_ring = self.latency_ring.borrow_mut();
         let cq = unsafe { &lat_ring.ring.raw_mut().cq };
@@ -2449,7 +2428,7 @@ mod tests {
     fn sqe_link_chain() {
         let allocator = Rc::new(UringBufferAllocator::new(65536));
         let source_map = Rc::new(RefCell::new(SourceMap::default()));
-        let mut ring = SleepableRing::new(4, "main", allocator, source_map).unwrap();
+        let mut ring = SleepableRing::new(4, "main", allocator, source_map, false).unwrap();
         let q = ring.submission_queue();
         let mut queue = q.borrow_mut();
 
@@ -2483,7 +2462,7 @@ mod tests {
     fn unterminated_sqe_link_chain() {
         let allocator = Rc::new(UringBufferAllocator::new(65536));
         let source_map = Rc::new(RefCell::new(SourceMap::default()));
-        let mut ring = SleepableRing::new(2, "main", allocator, source_map).unwrap();
+        let mut ring = SleepableRing::new(2, "main", allocator, source_map, false).unwrap();
         let q = ring.submission_queue();
         let mut queue = q.borrow_mut();
 
@@ -2503,7 +2482,7 @@ mod tests {
     fn sqe_link_chain_overflow() {
         let allocator = Rc::new(UringBufferAllocator::new(65536));
         let source_map = Rc::new(RefCell::new(SourceMap::default()));
-        let mut ring = SleepableRing::new(2, "main", allocator, source_map).unwrap();
+        let mut ring = SleepableRing::new(2, "main", allocator, source_map, false).unwrap();
         let q = ring.submission_queue();
         let mut queue = q.borrow_mut();
 

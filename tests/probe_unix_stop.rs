@@ -611,3 +611,40 @@ fn a_garbage_stop_timeout_is_a_clear_error() {
     assert_no_panic(&err);
     assert!(err.contains("--stop-timeout"), "{err}");
 }
+
+/// A router whose stdout pipe is closed (the supervisor or script that started it stopped
+/// reading) still starts and drains to exit 0: its banner lines meet EPIPE and it goes on
+/// (`println!` panicked there, exit 101: the CI failure of python_task's router).
+#[test]
+fn a_router_whose_stdout_is_closed_starts_and_drains_to_exit_0() {
+    let s = Setup::new("probe-stdout-closed", 1, "");
+    let log = s.dir.path().join("router.log");
+    let mut child = Command::new(bin())
+        .args(["run", "--config", s.cfg.to_str().unwrap()])
+        .env("FEDBUS_HOME", s.dir.path())
+        .env("FEDBUS_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn");
+    // Closed before the router can write a line: every banner line gets EPIPE.
+    drop(child.stdout.take());
+    let mut router = Run::new(child, log).plain_log();
+    // The unix listener is bound before the banner is written, and SIGTERM is caught from
+    // then on: the signal is handled after the banner, whatever the order.
+    wait_until(
+        "the unix task-link listener accepts",
+        Duration::from_secs(10),
+        || UnixStream::connect(&s.sock).ok().map(|_| ()),
+        || router.log(),
+    );
+    router.sig("TERM");
+    let exit = router.wait_exit(Duration::from_secs(15));
+    assert!(
+        exit.is_some_and(|x| x.success()),
+        "{exit:?}\n{}",
+        router.log()
+    );
+    assert_no_panic(&router.log());
+}

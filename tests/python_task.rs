@@ -227,11 +227,11 @@ partitions = 16
     procs.0.push(child);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
+        // Reads to the end even once nobody waits on the lines: a pipe closed early would
+        // hand the router EPIPE on its next banner line.
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
+            let _ = tx.send(line);
         }
     });
     let (mut api, mut internal, mut admin) = (None, Vec::new(), None);

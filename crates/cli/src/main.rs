@@ -450,30 +450,43 @@ fn run_router(path: Option<PathBuf>, takeover: bool) -> Result<()> {
     let r = fedbus_router::shard::listen::start(cfg.clone(), keyring)?;
     signals.add_signal(signal_hook::consts::SIGTERM)?;
     signals.add_signal(signal_hook::consts::SIGINT)?;
-    println!(
+    // The banner goes to stdout, and a stdout nobody reads any more (a closed pipe: the
+    // supervisor or test that started us stopped reading after the ready line) must not stop
+    // the router: `println!` panics on EPIPE, so each line is written and its error ignored.
+    macro_rules! outln {
+        ($($arg:tt)*) => {{
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, $($arg)*);
+            let _ = out.flush();
+        }};
+    }
+    outln!(
         "fedbus router {}/{}/{} up",
-        cfg.region, cfg.cluster, cfg.router
+        cfg.region,
+        cfg.cluster,
+        cfg.router
     );
-    println!(
+    outln!(
         "  api       http://{}  (HTTP/1.1, websocket /api/ws)",
         r.api
     );
     if let Some(a) = r.api_tls {
-        println!("  api tls   https://{a}  (HTTPS, wss:// /api/ws)");
+        outln!("  api tls   https://{a}  (HTTPS, wss:// /api/ws)");
         if let Some(ca) = &dev_ca {
-            println!("  dev CA    {}  (curl --cacert)", ca.display());
+            outln!("  dev CA    {}  (curl --cacert)", ca.display());
         }
     }
     for (k, a) in r.internal.iter().enumerate() {
-        println!("  internal  {a}  shard {k} on core {}", r.shard_cores[k]);
+        outln!("  internal  {a}  shard {k} on core {}", r.shard_cores[k]);
     }
     for (k, p) in r.internal_unix.iter().enumerate() {
-        println!("  unix      {}  shard {k} (task links)", p.display());
+        outln!("  unix      {}  shard {k} (task links)", p.display());
     }
     if let Some(a) = r.external {
-        println!("  external  {a}  (peer links; every shard)");
+        outln!("  external  {a}  (peer links; every shard)");
         for c in cfg.peer_clusters() {
-            println!(
+            outln!(
                 "  peer      {}/{} via {}",
                 c.region,
                 c.cluster,
@@ -482,12 +495,12 @@ fn run_router(path: Option<PathBuf>, takeover: bool) -> Result<()> {
         }
     }
     if let Some(a) = r.admin {
-        println!("  admin     http://{a}/metrics");
+        outln!("  admin     http://{a}/metrics");
     }
-    println!("  control   core {}", cfg.tuning.control_core);
-    println!("  keyring   {}", dir.display());
+    outln!("  control   core {}", cfg.tuning.control_core);
+    outln!("  keyring   {}", dir.display());
     if cfg.dev {
-        println!("  WARNING: dev mode: running on dev keys made on first run; set `dev = false` and provision the keyring for production");
+        outln!("  WARNING: dev mode: running on dev keys made on first run; set `dev = false` and provision the keyring for production");
     }
     // The machine-readable twin of the lines above, printed once every shard is up (scripts
     // and tests wait on it instead of parsing the human lines).
@@ -502,9 +515,7 @@ fn run_router(path: Option<PathBuf>, takeover: bool) -> Result<()> {
         "shards": r.internal.len(),
         "shard_cores": r.shard_cores,
     });
-    println!("{READY_PREFIX}{ready}");
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
+    outln!("{READY_PREFIX}{ready}");
     // SIGTERM/SIGINT: drain (docs/ARCHITECTURE.md, "Drain"), then exit 0; a second one
     // exits at once. A dead shard (with `readiness.exit_on_dead_shard`): the same drain, then
     // exit 70 (EX_SOFTWARE), for the supervisor to start a whole router.

@@ -619,10 +619,11 @@ async fn read_dialed<R: futures_lite::AsyncRead + Unpin>(
     }
 }
 
-/// Closes a link to a draining router once no request is pending on it and either it is
-/// replaced (another router of its cluster is ready, so new requests go there; for a sibling,
-/// this router serving its cluster itself also counts), or nothing was sent on the link for
-/// `readiness.drain_idle_close_ms`, or it was held `readiness.drain_peer_hold_ms`. While the
+/// Closes a link to a draining router: first it is retired (it takes no new request) once it
+/// is replaced (another router of its cluster is ready, so new requests go there; for a
+/// sibling, this router serving its cluster itself also counts), or nothing was sent on it for
+/// `readiness.drain_idle_close_ms`, or it was held `readiness.drain_peer_hold_ms`; then it
+/// closes once no request is pending on it (answered, or expired by the sweeper). While the
 /// draining router is the cluster's only way in (its sibling restarting, say, and not linked
 /// again yet), requests keep going to it and it serves them, instead of failing here with 503
 /// `no_peer`; the hold bounds that, since a router taken over on the same address is reached
@@ -642,13 +643,19 @@ async fn close_when_replaced(shard: Rc<Shard>, cluster: String, link: Rc<TaskLin
     let start = Instant::now();
     let (mut sent, mut since) = (link.sent(), start);
     let mut timer = crate::util::Deadline::new();
+    let mut retired = false;
     while link.is_alive() {
         if link.sent() != sent {
             (sent, since) = (link.sent(), Instant::now());
         }
-        if link.pending_len() == 0
-            && (since.elapsed() >= idle_close || start.elapsed() >= hold || replaced())
-        {
+        // Retired first, closed once what it carries is answered: waiting for a moment with
+        // nothing pending while new requests still went on it could outlast the hold by
+        // seconds under steady load (it did in CI: 5.7 s for a 1 s hold).
+        if !retired && (since.elapsed() >= idle_close || start.elapsed() >= hold || replaced()) {
+            link.retire();
+            retired = true;
+        }
+        if retired && link.pending_len() == 0 {
             break;
         }
         timer.sleep(crate::health::POLL).await;

@@ -135,6 +135,9 @@ pub(crate) struct TaskLink {
     /// On a dialed peer link, the largest message the peer reads (its status says;
     /// `usize::MAX` until then and on task links): `routing::forward` sends none larger.
     pub(crate) peer_max_message: Cell<usize>,
+    /// A link to a draining peer that is to close (`peer::close_when_replaced`): it takes no
+    /// new request, and closes once those pending are answered or expired.
+    retired: Cell<bool>,
 }
 
 impl TaskLink {
@@ -154,6 +157,7 @@ impl TaskLink {
             renew_gate: RenewGate::default(),
             sent: Cell::new(0),
             peer_max_message: Cell::new(usize::MAX),
+            retired: Cell::new(false),
         }
     }
 
@@ -256,12 +260,18 @@ impl TaskLink {
         self.alive.get() && self.health.ejected.get().is_none() && !self.out.borrow().is_closing()
     }
 
-    /// Alive, not ejected and below the pending limit.
+    /// Alive, not ejected, not retired and below the pending limit.
     pub(crate) fn is_usable(&self, max_pending: usize) -> bool {
         self.alive.get()
             && self.health.ejected.get().is_none()
+            && !self.retired.get()
             && self.pending.borrow().len() < max_pending
             && !self.out.borrow().is_closing()
+    }
+
+    /// From now on the link takes no new request (see [`TaskLink::retired`]).
+    pub(crate) fn retire(&self) {
+        self.retired.set(true);
     }
 
     /// Queues a request frame (`head` = fedbus header + metadata) and registers it as pending

@@ -139,8 +139,8 @@ cat >>"$WORK/post.lua" <<'LUA'
 function done(summary, latency, requests)
   local e = summary.errors
   local f = io.open(os.getenv("WRK_JSON"), "w")
-  f:write(string.format('{"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, "max_us": %d, "errors": %d}\n',
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency.max,
+  f:write(string.format('{"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, "max_us": %d, "mean_us": %d, "errors": %d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency.max, latency.mean,
     e.connect + e.read + e.write + e.status + e.timeout))
   f:close()
 end
@@ -262,6 +262,10 @@ measure() {
     s|:${TLS_PROXY_PORT:-@none@}/|:\$TLS_PROXY/|g; s|:${TLS_ALONE_PORT:-@none@}/|:\$TLS_ALONE/|g;
     s|:${URING_PORT:-@none@}/|:\$URING/|g" >>"$CMDS"
   echo "== $name" >&2
+  # A fedbus router's own latency histogram around the run (scraped outside the CPU brackets:
+  # the control thread answers it): did the router see the tail the load generator reports?
+  local m0="" rl="{}"
+  if [ "$spids" = "$ROUTER" ]; then m0=$WORK/$name.m0; router_metrics >"$m0" 2>/dev/null || m0=""; fi
   # Idle CPU of the server over IDLE seconds (timers, control thread): the floor under the load.
   local i0 i1; i0=$(ticks $spids); sleep "$IDLE"; i1=$(ticks $spids)
   local s0 b0 w0 t0 s1 b1 w1
@@ -275,9 +279,12 @@ measure() {
   fi
   v1=$(steal01); q1=$(ipis1); w1=$(date +%s.%N); s1=$(ticks $spids); b1=$(ticks $bpids)
   local t1; t1=$(thread_ticks $spids | tr '\n' ' ')
-  python3 - "$name" "$kind" "$j" "$WORK/$name.log" "$s0" "$s1" "$b0" "$b1" "$w0" "$w1" "$HZ" "$i0" "$i1" "$IDLE" "$t0" "$t1" "$q0" "$q1" "$ROUND" "$v0" "$v1" >>"$ROWS" <<'PY'
+  if [ -n "$m0" ] && router_metrics >"$WORK/$name.m1" 2>/dev/null; then
+    rl=$(router_latency "$m0" "$WORK/$name.m1" 2>/dev/null || echo "{}")
+  fi
+  python3 - "$name" "$kind" "$j" "$WORK/$name.log" "$s0" "$s1" "$b0" "$b1" "$w0" "$w1" "$HZ" "$i0" "$i1" "$IDLE" "$t0" "$t1" "$q0" "$q1" "$ROUND" "$v0" "$v1" "$rl" >>"$ROWS" <<'PY'
 import json, re, sys
-name, kind, j, log, s0, s1, b0, b1, w0, w1, hz, i0, i1, idle, t0, t1, q0, q1, rnd, v0, v1 = sys.argv[1:]
+name, kind, j, log, s0, s1, b0, b1, w0, w1, hz, i0, i1, idle, t0, t1, q0, q1, rnd, v0, v1, rl = sys.argv[1:]
 hz = float(hz)
 try:
     d = json.load(open(j))
@@ -286,13 +293,13 @@ except Exception:
     sys.exit(0)
 if kind == "wrk":
     reqs, secs, p99, errs = d["requests"], d["duration_us"] / 1e6, d["p99_us"], d["errors"]
-    p50, pmax = d.get("p50_us"), d.get("max_us")
+    p50, pmax, mean = d.get("p50_us"), d.get("max_us"), d.get("mean_us")
 else:
     st = d.get("stats", d)
     reqs = d.get("ok") or st.get("ok")
     secs = d.get("seconds") or d.get("duration_s")
     p99 = d["latency_us"]["p99"]
-    p50, pmax = d["latency_us"].get("p50"), d["latency_us"].get("max")
+    p50, pmax, mean = d["latency_us"].get("p50"), d["latency_us"].get("max"), d["latency_us"].get("mean")
     errs = d.get("errors", 0)
     if isinstance(errs, dict):
         errs = sum(errs.values())
@@ -308,7 +315,7 @@ wall = float(w1) - float(w0)
 cpu = (int(s1) - int(s0)) / hz
 print(json.dumps({
     "name": name, "round": int(rnd), "requests": reqs, "seconds": secs, "rps": reqs / secs if secs else 0,
-    "p99_us": p99, "p50_us": p50, "max_us": pmax, "errors": errs, "server_cpu_s": cpu, "wall_s": wall,
+    "p99_us": p99, "p50_us": p50, "max_us": pmax, "mean_us": mean, "errors": errs, "server_cpu_s": cpu, "wall_s": wall,
     "server_busy": cpu / wall, "server_us": cpu * 1e6 / reqs if reqs else None,
     "backend_us": (int(b1) - int(b0)) / hz * 1e6 / reqs if reqs else None,
     "idle_cpu_per_s": (int(i1) - int(i0)) / hz / float(idle),
@@ -316,6 +323,8 @@ print(json.dumps({
     "threads": [t for t in threads if t[1] >= 0.05],
     # Share of the wall time the hypervisor ran something else on each core.
     "steal": [(int(b) - int(a)) / hz / wall for a, b in zip(v0.split(","), v1.split(","))],
+    # The router's own account of the run (fedbus rows): requests, mean, how many over 12.8 ms.
+    "router": json.loads(rl),
 }))
 PY
 }
@@ -619,7 +628,15 @@ if odd:
     for d in sorted(odd, key=lambda d: (d["round"], d["name"])):
         o.append(f"- {d['name']}, round {d['round']}: {d['requests']} requests, p50 {d['p50_us']:.0f} us, "
                  f"p99 {d['p99_us']:.0f} us, max {d.get('max_us') or 0:.0f} us, server CPU {d['server_us']:.1f} us/req, "
-                 f"busy {d['server_busy']:.2f}, errors {d['errors']}")
+                 f"busy {d['server_busy']:.2f}, errors {d['errors']}"
+                 # The Little's-law bound: with one request in flight per connection, the mean
+                 # latency of the requests counted cannot exceed connections x seconds / requests.
+                 + (f"; mean {d['mean_us']:.0f} us" if d.get("mean_us") is not None else "")
+                 + (f"; Little's-law bound on the mean {int(conns) * d['seconds'] / d['requests'] * 1e6:.0f} us"
+                    if "pipe" not in d["name"] and "rate" not in d["name"] else "")
+                 + (f"; the router's own histogram: {r['requests']} requests, mean {r['mean_us']:.0f} us, "
+                    f"{r['over_12ms']} over 12.8 ms, slowest bucket <= {r['worst_bucket_us']} us"
+                    if (r := d.get("router") or {}).get("requests") else ""))
 o += ["", "Backend CPU: the echo task (fedbus) and the upstream nginx (proxy), counted apart from the server; "
       "nats-server's responders live in the load generator and are not counted. "
       "IPIs to core 1: reschedule + function-call interrupts received by core 1 (`/proc/interrupts` RES + CAL) "

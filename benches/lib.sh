@@ -17,13 +17,13 @@ wait_port() {
 }
 
 # start_fedbus BIN TAG [LINK]: a router (shard core 1, control thread core 0) and its echo task
-# (core 0) from BIN; sets ROUTER, ECHO, API_PORT, INT_PORT (and TLS_PORT, the HTTPS listener,
-# with TLS=1); waits until a request answers 200 (on each listener). LINK `unix` links the echo
+# (core 0) from BIN; sets ROUTER, ECHO, API_PORT, INT_PORT, ADMIN_PORT (its /metrics, served by
+# the control thread) (and TLS_PORT, the HTTPS listener, with TLS=1); waits until a request answers 200 (on each listener). LINK `unix` links the echo
 # task over the router's unix socket (`listen.internal_unix`) instead of TCP (`tcp`, default).
 # FEDBUS_TUNING, when set, is one more line of the router's [tuning] table (e.g. `memory_trim_ms = 0`).
 start_fedbus() {
   local bin=$1 tag=$2 link=${3:-tcp} ok=0 code tls_listen="" tls_certs="" unix_listen="" dial
-  API_PORT=$(free_port); INT_PORT=$(free_port); TLS_PORT=""
+  API_PORT=$(free_port); INT_PORT=$(free_port); ADMIN_PORT=$(free_port); TLS_PORT=""
   dial=127.0.0.1:$INT_PORT
   if [ "$link" = unix ]; then
     unix_listen="internal_unix = \"$WORK/link$tag.sock\""
@@ -44,7 +44,7 @@ api = "127.0.0.1:$API_PORT"
 $tls_listen
 internal = "127.0.0.1:$INT_PORT"
 $unix_listen
-admin_enabled = false
+admin = "127.0.0.1:$ADMIN_PORT"
 
 [tuning]
 shard_cores = [1]
@@ -99,6 +99,45 @@ function request()
   return reqs[i]
 end
 LUA
+}
+
+# router_metrics: the /metrics text of start_fedbus's router (ADMIN_PORT).
+router_metrics() {
+  python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' \
+    "http://127.0.0.1:$ADMIN_PORT/metrics"
+}
+
+# router_latency BEFORE AFTER: what the router's own latency histogram
+# (fedbus_request_duration_seconds: request parsed to answer ready, task hop included) says of
+# the requests between two router_metrics scrapes, as JSON: requests, mean_us, over_12ms
+# (requests slower than its 12.8 ms bucket), worst_bucket_us (upper bound of the slowest
+# bucket that gained a request).
+router_latency() {
+  python3 - "$1" "$2" <<'PY'
+import json, re, sys
+def read(p):
+    d = {}
+    for line in open(p):
+        m = re.match(r'fedbus_request_duration_seconds_(bucket\{le="([^"]+)"\}|sum|count) (\S+)', line)
+        if m:
+            d[m.group(2) or m.group(1)] = float(m.group(3))
+    return d
+a, b = read(sys.argv[1]), read(sys.argv[2])
+n = b.get("count", 0) - a.get("count", 0)
+les = sorted((k for k in b if k not in ("sum", "count")), key=lambda k: float("inf") if k == "+Inf" else float(k))
+worst, prev = None, 0
+for k in les:  # cumulative: a bucket gained requests where its count grew past the one below
+    c = b[k] - a.get(k, 0)
+    if c > prev:
+        worst = k
+    prev = c
+print(json.dumps({
+    "requests": int(n),
+    "mean_us": (b.get("sum", 0) - a.get("sum", 0)) / n * 1e6 if n else None,
+    "over_12ms": int(n - (b.get("0.0128", 0) - a.get("0.0128", 0))),
+    "worst_bucket_us": None if worst is None else (worst if worst == "+Inf" else round(float(worst) * 1e6)),
+}))
+PY
 }
 
 # stop_fedbus: stops the router and echo task of start_fedbus and waits until both are gone

@@ -268,8 +268,8 @@ measure() {
   if [ "$spids" = "$ROUTER" ]; then m0=$WORK/$name.m0; router_metrics >"$m0" 2>/dev/null || m0=""; fi
   # Idle CPU of the server over IDLE seconds (timers, control thread): the floor under the load.
   local i0 i1; i0=$(ticks $spids); sleep "$IDLE"; i1=$(ticks $spids)
-  local s0 b0 w0 t0 s1 b1 w1
-  s0=$(ticks $spids); b0=$(ticks $bpids); t0=$(thread_ticks $spids | tr '\n' ' '); w0=$(date +%s.%N); q0=$(ipis1); v0=$(steal01)
+  local s0 b0 w0 t0 s1 b1 w1 c0 c1
+  s0=$(ticks $spids); b0=$(ticks $bpids); t0=$(thread_ticks $spids | tr '\n' ' '); w0=$(date +%s.%N); q0=$(ipis1); v0=$(steal01); c0=$(tcp_counters)
   if ! WRK_JSON=$j timeout $((DURATION + 60)) "$@" >"$WORK/$name.log" 2>&1; then
     echo "   failed: $(tail -2 "$WORK/$name.log")" >&2
     # What the servers said about it (the work folder goes when the script ends).
@@ -277,14 +277,14 @@ measure() {
       [ -f "$l" ] && { echo "   ${l#"$WORK"/}:"; tail -5 "$l" | sed 's/^/     /'; } >&2
     done
   fi
-  v1=$(steal01); q1=$(ipis1); w1=$(date +%s.%N); s1=$(ticks $spids); b1=$(ticks $bpids)
+  c1=$(tcp_counters); v1=$(steal01); q1=$(ipis1); w1=$(date +%s.%N); s1=$(ticks $spids); b1=$(ticks $bpids)
   local t1; t1=$(thread_ticks $spids | tr '\n' ' ')
   if [ -n "$m0" ] && router_metrics >"$WORK/$name.m1" 2>/dev/null; then
     rl=$(router_latency "$m0" "$WORK/$name.m1" 2>/dev/null || echo "{}")
   fi
-  python3 - "$name" "$kind" "$j" "$WORK/$name.log" "$s0" "$s1" "$b0" "$b1" "$w0" "$w1" "$HZ" "$i0" "$i1" "$IDLE" "$t0" "$t1" "$q0" "$q1" "$ROUND" "$v0" "$v1" "$rl" >>"$ROWS" <<'PY'
+  python3 - "$name" "$kind" "$j" "$WORK/$name.log" "$s0" "$s1" "$b0" "$b1" "$w0" "$w1" "$HZ" "$i0" "$i1" "$IDLE" "$t0" "$t1" "$q0" "$q1" "$ROUND" "$v0" "$v1" "$rl" "$c0" "$c1" >>"$ROWS" <<'PY'
 import json, re, sys
-name, kind, j, log, s0, s1, b0, b1, w0, w1, hz, i0, i1, idle, t0, t1, q0, q1, rnd, v0, v1, rl = sys.argv[1:]
+name, kind, j, log, s0, s1, b0, b1, w0, w1, hz, i0, i1, idle, t0, t1, q0, q1, rnd, v0, v1, rl, c0, c1 = sys.argv[1:]
 hz = float(hz)
 try:
     d = json.load(open(j))
@@ -325,6 +325,8 @@ print(json.dumps({
     "steal": [(int(b) - int(a)) / hz / wall for a, b in zip(v0.split(","), v1.split(","))],
     # The router's own account of the run (fedbus rows): requests, mean, how many over 12.8 ms.
     "router": json.loads(rl),
+    # The host's TCP retransmissions during the run: segments, loss probes, timeouts.
+    "tcp": [int(b) - int(a) for a, b in zip(c0.split(","), c1.split(","))],
 }))
 PY
 }
@@ -631,12 +633,18 @@ if odd:
                  f"busy {d['server_busy']:.2f}, errors {d['errors']}"
                  # The Little's-law bound: with one request in flight per connection, the mean
                  # latency of the requests counted cannot exceed connections x seconds / requests.
+                 # wrk's histogram can break it: before its report wrk adds coordinated-omission
+                 # samples (`stats_correct`: for each latency L above twice the expected interval
+                 # I = duration / (requests / connections), samples at L - I, L - 2I, ...), so
+                 # one stall of all connections becomes a share of its percentiles.
                  + (f"; mean {d['mean_us']:.0f} us" if d.get("mean_us") is not None else "")
                  + (f"; Little's-law bound on the mean {int(conns) * d['seconds'] / d['requests'] * 1e6:.0f} us"
                     if "pipe" not in d["name"] and "rate" not in d["name"] else "")
                  + (f"; the router's own histogram: {r['requests']} requests, mean {r['mean_us']:.0f} us, "
                     f"{r['over_12ms']} over 12.8 ms, slowest bucket <= {r['worst_bucket_us']} us"
-                    if (r := d.get("router") or {}).get("requests") else ""))
+                    if (r := d.get("router") or {}).get("requests") else "")
+                 + (f"; TCP during the run (whole host): {d['tcp'][0]} segments retransmitted, "
+                    f"{d['tcp'][1]} loss probes, {d['tcp'][2]} timeouts" if d.get("tcp") else ""))
 o += ["", "Backend CPU: the echo task (fedbus) and the upstream nginx (proxy), counted apart from the server; "
       "nats-server's responders live in the load generator and are not counted. "
       "IPIs to core 1: reschedule + function-call interrupts received by core 1 (`/proc/interrupts` RES + CAL) "

@@ -140,6 +140,19 @@ print(json.dumps({
 PY
 }
 
+# tcp_counters: the host's TCP retransmission counters since boot, as "retrans,probes,timeouts"
+# (/proc/net/snmp Tcp RetransSegs; /proc/net/netstat TcpExt TCPLossProbes, TCPTimeouts): a
+# segment lost, or an ACK late past the probe timeout, on loopback shows here.
+tcp_counters() {
+  python3 - <<'PY'
+def table(path, prefix):
+    rows = [l.split() for l in open(path) if l.startswith(prefix)]
+    return dict(zip(rows[0][1:], map(int, rows[1][1:])))
+t, x = table("/proc/net/snmp", "Tcp:"), table("/proc/net/netstat", "TcpExt:")
+print(f'{t["RetransSegs"]},{x["TCPLossProbes"]},{x["TCPTimeouts"]}')
+PY
+}
+
 # stop_fedbus: stops the router and echo task of start_fedbus and waits until both are gone
 # (10 s, then SIGKILL), so that a router started next does not share core 1 with one still
 # draining.

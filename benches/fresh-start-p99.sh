@@ -14,7 +14,14 @@
 # Besides wrk's numbers each row shows the bound Little's law puts on the mean latency of a
 # closed loop: CONNS x DURATION / requests (each connection has one request in flight, so the
 # latencies of its requests add up to at most DURATION). A wrk mean above that bound does not
-# describe the requests wrk counted.
+# describe the requests wrk counted: before it reports, wrk adds coordinated-omission samples
+# to its histogram (`stats_correct`: for a latency L above twice the expected interval I =
+# DURATION / (requests / CONNS), samples at L - I, L - 2I, ...), so one stall of every
+# connection at once becomes a share of its percentiles and its mean. The odd rows are not
+# tied to a fresh start after all (one showed in round 5 of a cpu-per-request.sh run that
+# started its router once); cpu-per-request.sh now reads the router's own latency histogram
+# and the host's TCP retransmissions around each run (docs/ARCHITECTURE.md, "Deferred task
+# work").
 #
 # Writes benches/results/<date>-fresh-start-p99-<host>.md (or $OUT). Run from the repo root.
 set -euo pipefail

@@ -275,40 +275,47 @@ fn memlock_verdict(limit: Option<u64>, privileged: bool, shards: usize, io_memor
 }
 
 /// Which rings the shards get: glommio's setup flags that decide how a completion posted from
-/// another CPU reaches the shard (docs/ARCHITECTURE.md, "Deferred task work").
+/// another CPU reaches the shard (docs/ARCHITECTURE.md, "Deferred task work"). Deferred task
+/// work is on unless `FEDBUS_IO_URING_DEFER=0` ([`glommio::DEFER_TASKRUN_ENV`]).
 fn check_ring_setup() -> Check {
     ring_verdict(
+        glommio::defer_taskrun_requested(),
         probe_io_uring_with(SETUP_DEFER),
         probe_io_uring_with(SETUP_COOP),
     )
 }
 
-fn ring_verdict(defer: Result<(), i32>, coop: Result<(), i32>) -> Check {
+fn ring_verdict(defer_wanted: bool, defer: Result<(), i32>, coop: Result<(), i32>) -> Check {
     const NAME: &str = "rings";
-    let fix = "run on Linux 6.1 or newer";
-    match (defer, coop) {
-        (Ok(()), _) => Check::pass(
+    match (defer_wanted, defer, coop) {
+        (true, Ok(()), _) => Check::pass(
             NAME,
             "DEFER_TASKRUN: a shard collects completions from other CPUs in batches",
         ),
-        // Only EINVAL says the kernel lacks a flag.
-        (Err(libc::EINVAL), Ok(())) => Check::warn(
+        (false, _, Ok(())) => Check::pass(
             NAME,
-            "kernel before 6.1 (no DEFER_TASKRUN): completions from other CPUs run one or two at a \
-             time, on the way out of the shard's system calls (COOP_TASKRUN)",
-            fix,
+            "COOP_TASKRUN (FEDBUS_IO_URING_DEFER=0): completions from other CPUs run on the way \
+             out of the shard's system calls",
         ),
-        (Err(libc::EINVAL), Err(libc::EINVAL)) => Check::warn(
+        // Only EINVAL says the kernel lacks a flag.
+        (true, Err(libc::EINVAL), Ok(())) => Check::warn(
+            NAME,
+            "kernel before 6.1 (no DEFER_TASKRUN): completions from other CPUs run one or two at \
+             a time, on the way out of the shard's system calls (COOP_TASKRUN)",
+            "run on Linux 6.1 or newer",
+        ),
+        (_, Err(libc::EINVAL), Err(libc::EINVAL)) | (false, _, Err(libc::EINVAL)) => Check::warn(
             NAME,
             "kernel before 5.19 (no COOP_TASKRUN): each completion from another CPU interrupts \
              the running shard (an inter-processor interrupt; in a VM, an exit on both sides)",
-            fix,
+            "run on Linux 5.19 or newer",
         ),
         // Any other error is io_uring itself being unusable: the `io_uring` check says why.
-        (Err(d), c) => {
-            let e = match c {
-                Err(x) if d == libc::EINVAL => x,
-                _ => d,
+        (w, d, c) => {
+            let e = match (w, d, c) {
+                (false, _, Err(x)) | (true, Err(libc::EINVAL), Err(x)) => x,
+                (_, Err(x), _) => x,
+                _ => libc::EIO,
             };
             Check::pass(
                 NAME,
@@ -844,24 +851,33 @@ mod tests {
 
     #[test]
     fn rings_say_which_setup_the_kernel_gives() {
-        let c = ring_verdict(Ok(()), Ok(()));
-        assert!(c.ok && c.detail.contains("DEFER_TASKRUN"), "{c:?}");
-        let c = ring_verdict(Err(libc::EINVAL), Ok(()));
+        // The default: deferred task work.
+        let c = ring_verdict(true, Ok(()), Ok(()));
+        assert!(c.ok && c.detail.starts_with("DEFER_TASKRUN"), "{c:?}");
+        let c = ring_verdict(true, Err(libc::EINVAL), Ok(()));
         assert!(
-            !c.ok && !c.fatal && c.detail.contains("before 6.1"),
+            !c.ok && !c.fatal && c.detail.contains("before 6.1") && c.fix.contains("6.1"),
             "{c:?}"
         );
-        let c = ring_verdict(Err(libc::EINVAL), Err(libc::EINVAL));
-        assert!(
-            !c.ok && !c.fatal && c.detail.contains("before 5.19"),
-            "{c:?}"
-        );
-        assert!(c.fix.contains("6.1"), "{c:?}");
+        // FEDBUS_IO_URING_DEFER=0: COOP_TASKRUN, whatever the kernel says of DEFER_TASKRUN.
+        for d in [Ok(()), Err(libc::EINVAL)] {
+            let c = ring_verdict(false, d, Ok(()));
+            assert!(c.ok && c.detail.starts_with("COOP_TASKRUN"), "{c:?}");
+        }
+        for w in [true, false] {
+            let c = ring_verdict(w, Err(libc::EINVAL), Err(libc::EINVAL));
+            assert!(
+                !c.ok && !c.fatal && c.detail.contains("before 5.19") && c.fix.contains("5.19"),
+                "{c:?}"
+            );
+        }
         // io_uring blocked (seccomp, sysctl): not a kernel too old; the io_uring check says why.
-        let c = ring_verdict(Err(libc::EPERM), Err(libc::EPERM));
-        assert!(c.ok && c.detail.contains("unknown"), "{c:?}");
-        let c = ring_verdict(Err(libc::EINVAL), Err(libc::ENOSYS));
-        assert!(c.ok && c.detail.contains("unknown"), "{c:?}");
+        for w in [true, false] {
+            let c = ring_verdict(w, Err(libc::EPERM), Err(libc::EPERM));
+            assert!(c.ok && c.detail.contains("unknown"), "{c:?}");
+            let c = ring_verdict(w, Err(libc::EINVAL), Err(libc::ENOSYS));
+            assert!(c.ok && c.detail.contains("unknown"), "{c:?}");
+        }
     }
 
     /// The probe's flags reach the kernel: flags no kernel knows are refused with EINVAL.

@@ -456,6 +456,9 @@ pub use crate::{
     shares::{Shares, SharesManager},
     sys::hardware_topology::CpuLocation,
 };
+/// fedbus: whether new executors' main rings defer their task work (see
+/// `sys::uring::new_deferred_ring`).
+pub use crate::sys::{defer_taskrun_requested, DEFER_TASKRUN_ENV};
 pub use enclose::enclose;
 pub use scopeguard::defer;
 use sketches_ddsketch::DDSketch;

@@ -178,6 +178,7 @@ pub(crate) mod sysfs;
 mod uring;
 
 pub use self::dma_buffer::DmaBuffer;
+pub use self::uring::{defer_taskrun_requested, DEFER_TASKRUN_ENV};
 pub(crate) use self::{source::*, uring::*};
 use crate::error::{ExecutorErrorKind, GlommioError};
 use smallvec::SmallVec;

@@ -953,6 +953,15 @@ pub(crate) fn taskrun_flag_set(kflags: *const libc::c_uint) -> bool {
     flags & uring_sys::IORING_SQ_TASKRUN != 0
 }
 
+/// fedbus: the environment variable that turns deferred task work off (`0`) for the main rings
+/// of executors made from then on (on by default).
+pub const DEFER_TASKRUN_ENV: &str = "FEDBUS_IO_URING_DEFER";
+
+/// fedbus: whether the main rings defer their task work: unless [`DEFER_TASKRUN_ENV`] is `0`.
+pub fn defer_taskrun_requested() -> bool {
+    std::env::var_os(DEFER_TASKRUN_ENV).is_none_or(|v| v != "0")
+}
+
 /// fedbus: the main ring is created with `IORING_SETUP_DEFER_TASKRUN` (and the
 /// `SINGLE_ISSUER` it needs: only the executor's thread submits to its rings). A completion
 /// another CPU posts for a socket this ring polls is then queued on the ring itself and runs when
@@ -962,7 +971,13 @@ pub(crate) fn taskrun_flag_set(kflags: *const libc::c_uint) -> bool {
 /// connections, so one or two at a time). Measured: fedbus's
 /// docs/ARCHITECTURE.md, "Deferred task work". Kernels before 6.1 refuse the flags with
 /// EINVAL: the ring is then made as [`new_coop_ring`] makes it.
+///
+/// [`DEFER_TASKRUN_ENV`] set to `0` makes the ring as [`new_coop_ring`] does: a switch for
+/// measuring one against the other (`benches/link-stall.sh`).
 fn new_deferred_ring(entries: u32) -> io::Result<(iou::IoUring, bool)> {
+    if !defer_taskrun_requested() {
+        return new_coop_ring(entries).map(|r| (r, false));
+    }
     match iou::IoUring::new_with_flags(
         entries,
         iou::SetupFlags::DEFER_TASKRUN

@@ -1,0 +1,98 @@
+#!/bin/bash
+# Stalls of a task link: how often every request in flight is held at once (the odd p99 rows of
+# cpu-per-request.sh; docs/ARCHITECTURE.md, "Deferred task work"), with the main rings deferring
+# their task work (the default) and without (FEDBUS_IO_URING_DEFER=0: COOP_TASKRUN), side by side.
+#
+#   benches/link-stall.sh                 # RUNS=20 RATE=20000 CONNS=64 DURATION=5
+#   BIN=/path/to/fedbus OUT=/tmp/x.md benches/link-stall.sh
+#
+# For each setting: one router (shard core 1, control thread core 0) and one echo task (core 0)
+# started with start_fedbus (benches/lib.sh), then RUNS open-loop runs of `fedbus bench --rate`
+# (core 0, CONNS connections, one request in flight on each, 64 B). Around each run it reads
+# the router's own latency histogram (`fedbus_request_duration_seconds`, request parsed to
+# answer ready, the task hop included) and the host's TCP retransmission counters. A run is a
+# stall when the router saw requests over 12.8 ms: in every stall so far that was exactly one
+# request per connection, all held at once. The setting is in the environment of all three
+# processes (router, echo task, load generator: all run glommio executors).
+#
+# Writes benches/results/<date>-link-stall-<host>.md (or $OUT). Run from the repo root.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+RUNS=${RUNS:-20}
+RATE=${RATE:-20000}
+CONNS=${CONNS:-64}
+DURATION=${DURATION:-5}
+TLS=0
+CERT=
+WORK=$(mktemp -d)
+PIDS=()
+trap 'kill "${PIDS[@]}" 2>/dev/null || true; rm -rf "$WORK"' EXIT
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
+if [ -z "${BIN:-}" ]; then
+  cargo build --release -p fedbus >&2
+  BIN=$ROOT/target/release/fedbus
+fi
+DATE=$(date +%F)
+HOST=$(hostname -s 2>/dev/null || echo host)
+OUT=${OUT:-$ROOT/benches/results/$DATE-link-stall-$HOST.md}
+export FEDBUS_HOME=$WORK/fedbus
+mkdir -p "$FEDBUS_HOME"
+"$BIN" keys init --keyring "$FEDBUS_HOME/keys" --app demo/echo >/dev/null
+TOKEN=$("$BIN" token client --app demo/echo --sub link-stall --ttl 2h --keyring "$FEDBUS_HOME/keys" | tail -1)
+FEDBUS_PATH="/api/local/dev/demo/echo/api/%d/sys/echo"
+LINES=$WORK/lines.txt; : >"$LINES"
+
+# runs LABEL: RUNS runs against a router and echo task started for them.
+runs() {
+  start_fedbus "$BIN" "" tcp
+  local i c0 c1 rl p
+  for i in $(seq 1 "$RUNS"); do
+    router_metrics >"$WORK/m0"; c0=$(tcp_counters)
+    taskset -c 0 "$BIN" bench --target "http://127.0.0.1:$API_PORT" --rate "$RATE" --keyring "$FEDBUS_HOME/keys" \
+      --connections "$CONNS" --inflight 1 --size 64B --cores 0 --duration "${DURATION}s" --warmup 0s \
+      --json "$WORK/b.json" >/dev/null 2>&1 || true
+    c1=$(tcp_counters); router_metrics >"$WORK/m1"
+    rl=$(router_latency "$WORK/m0" "$WORK/m1")
+    p=$(python3 -c 'import json, sys; l = json.load(open(sys.argv[1]))["latency_us"]; print(l["p99"], l["max"])' "$WORK/b.json" 2>/dev/null || echo "- -")
+    echo "$1 $i $p $c0 $c1 $rl" | tee -a "$LINES" >&2
+  done
+  stop_fedbus
+}
+unset FEDBUS_IO_URING_DEFER
+runs default
+FEDBUS_IO_URING_DEFER=0 runs coop
+
+python3 - "$LINES" "$OUT" "$DATE" "$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)" "$(uname -r)" \
+  "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" "$RUNS" "$RATE" "$CONNS" "$DURATION" <<'PY'
+import json, sys
+lines, out, date, model, kernel, commit, runs, rate, conns, dur = sys.argv[1:]
+rows = {}
+for l in open(lines):
+    label, i, p99, pmax, c0, c1, rl = l.split(" ", 6)
+    r = json.loads(rl)
+    tcp = [int(b) - int(a) for a, b in zip(c0.split(","), c1.split(","))]
+    rows.setdefault(label, []).append((int(i), p99, pmax, tcp, r))
+o = [f"# Task-link stalls, deferred task work (the default) vs COOP_TASKRUN: {date}", "",
+     f"Made by `RUNS={runs} RATE={rate} CONNS={conns} DURATION={dur} benches/link-stall.sh` at commit {commit}.",
+     "", f"- CPU (`lscpu`): {model}; kernel {kernel}",
+     "- layout: router shard core 1, control thread core 0; echo task and load generator core 0", "",
+     "A stall: a run in which the router's own histogram has requests over 12.8 ms.", "",
+     "| setting | runs | stalls | requests over 12.8 ms in the stalls | load generator p99 in the stalls (us) |",
+     "|---|---:|---:|---|---|"]
+for label, rs in rows.items():
+    st = [x for x in rs if x[4].get("over_12ms")]
+    o.append(f"| {'default (DEFER_TASKRUN)' if label == 'default' else 'FEDBUS_IO_URING_DEFER=0 (COOP_TASKRUN)'} | {len(rs)} | "
+             f"**{len(st)}** | {', '.join(str(x[4]['over_12ms']) for x in st) or '-'} | "
+             f"{', '.join(x[1] for x in st) or '-'} |")
+o += ["", "## Every run", "",
+      "| setting | run | p99 us | max us | router: requests, mean us, over 12.8 ms, slowest bucket us | TCP: retransmitted, loss probes, timeouts |",
+      "|---|---:|---:|---:|---|---|"]
+for label, rs in rows.items():
+    for i, p99, pmax, tcp, r in rs:
+        o.append(f"| {label} | {i} | {p99} | {pmax} | {r.get('requests')}, {r.get('mean_us') or 0:.0f}, "
+                 f"{r.get('over_12ms')}, {r.get('worst_bucket_us')} | {tcp[0]}, {tcp[1]}, {tcp[2]} |")
+open(out, "w").write("\n".join(o) + "\n")
+print(out)
+PY

@@ -62,6 +62,20 @@ impl Setup {
         (run.plain_log(), ready)
     }
 
+    /// `fedbus run` on this config in the test's directory, stdout piped, stderr to `log`.
+    fn spawn_in_dir(&self, log: &Path) -> std::process::Child {
+        Command::new(bin())
+            .args(["run", "--config", self.cfg.to_str().unwrap()])
+            .current_dir(self.dir.path())
+            .env("FEDBUS_HOME", self.dir.path())
+            .env("FEDBUS_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("spawn")
+    }
+
     fn task(&self, args: &[&str]) -> Run {
         let log = self.dir.path().join("task.log");
         spawn_echo_task(
@@ -305,16 +319,7 @@ fn a_relative_unix_path_links_a_task_started_elsewhere() {
     let s = Setup::new("probe-unix-rel", 2, "");
     s.write_cfg("link.sock", 2, "");
     let log = s.dir.path().join("router.log");
-    let mut child = Command::new(bin())
-        .args(["run", "--config", s.cfg.to_str().unwrap()])
-        .current_dir(s.dir.path())
-        .env("FEDBUS_HOME", s.dir.path())
-        .env("FEDBUS_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("spawn");
+    let mut child = s.spawn_in_dir(&log);
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -619,15 +624,7 @@ fn a_garbage_stop_timeout_is_a_clear_error() {
 fn a_router_whose_stdout_is_closed_starts_and_drains_to_exit_0() {
     let s = Setup::new("probe-stdout-closed", 1, "");
     let log = s.dir.path().join("router.log");
-    let mut child = Command::new(bin())
-        .args(["run", "--config", s.cfg.to_str().unwrap()])
-        .env("FEDBUS_HOME", s.dir.path())
-        .env("FEDBUS_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("spawn");
+    let mut child = s.spawn_in_dir(&log);
     // Closed before the router can write a line: every banner line gets EPIPE.
     drop(child.stdout.take());
     let mut router = Run::new(child, log).plain_log();

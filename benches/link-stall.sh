@@ -1,25 +1,32 @@
 #!/bin/bash
 # Stalls of a task link: how often every request in flight is held at once (the odd p99 rows of
-# cpu-per-request.sh; docs/ARCHITECTURE.md, "Deferred task work"), with the main rings deferring
-# their task work (the default) and without (FEDBUS_IO_URING_DEFER=0: COOP_TASKRUN), side by side.
+# cpu-per-request.sh; docs/ARCHITECTURE.md, "Deferred task work" and "Lost wake-ups"), for up to
+# three settings side by side: this build with its main rings deferring their task work (the
+# default), the same build without (FEDBUS_IO_URING_DEFER=0: COOP_TASKRUN), and another build
+# (EXTRA_BIN, e.g. the build before a change, default rings).
 #
-#   benches/link-stall.sh                 # RUNS=20 RATE=20000 CONNS=64 DURATION=5
+#   benches/link-stall.sh                 # RUNS=20 BLOCK=5 RATE=20000 CONNS=64 DURATION=5
+#   EXTRA_BIN=/tmp/fedbus-old EXTRA_DESC="the build of abc1234" COOP=0 benches/link-stall.sh
 #   BIN=/path/to/fedbus OUT=/tmp/x.md benches/link-stall.sh
 #
-# For each setting: one router (shard core 1, control thread core 0) and one echo task (core 0)
-# started with start_fedbus (benches/lib.sh), then RUNS open-loop runs of `fedbus bench --rate`
-# (core 0, CONNS connections, one request in flight on each, 64 B). Around each run it reads
+# The settings take turns in blocks of BLOCK runs (the stall rate changes from minute to
+# minute, so no setting gets all the quiet minutes). For each block: one router (shard core 1,
+# control thread core 0) and one echo task (core 0) started with start_fedbus (benches/lib.sh),
+# then BLOCK open-loop runs of `fedbus bench --rate` (core 0, CONNS connections, one request in
+# flight on each, 64 B; the load generator is always this build's). Around each run it reads
 # the router's own latency histogram (`fedbus_request_duration_seconds`, request parsed to
 # answer ready, the task hop included) and the host's TCP retransmission counters. A run is a
 # stall when the router saw requests over 12.8 ms: in every stall so far that was exactly one
-# request per connection, all held at once. The setting is in the environment of all three
-# processes (router, echo task, load generator: all run glommio executors).
+# request per connection, all held at once. FEDBUS_IO_URING_DEFER is in the environment of all
+# three processes of its block (router, echo task, load generator: all run glommio executors).
 #
 # Writes benches/results/<date>-link-stall-<host>.md (or $OUT). Run from the repo root.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 RUNS=${RUNS:-20}
+BLOCK=${BLOCK:-5}
+COOP=${COOP:-1}
 RATE=${RATE:-20000}
 CONNS=${CONNS:-64}
 DURATION=${DURATION:-5}
@@ -44,11 +51,11 @@ TOKEN=$("$BIN" token client --app demo/echo --sub link-stall --ttl 2h --keyring 
 FEDBUS_PATH="/api/local/dev/demo/echo/api/%d/sys/echo"
 LINES=$WORK/lines.txt; : >"$LINES"
 
-# runs LABEL: RUNS runs against a router and echo task started for them.
-runs() {
-  start_fedbus "$BIN" "" tcp
+# block LABEL BINARY: BLOCK runs (numbered from BASE + 1) against a router and echo task of BINARY started for them.
+block() {
+  start_fedbus "$2" "" tcp
   local i c0 c1 rl p
-  for i in $(seq 1 "$RUNS"); do
+  for i in $(seq 1 "$BLOCK"); do
     router_metrics >"$WORK/m0"; c0=$(tcp_counters)
     taskset -c 0 "$BIN" bench --target "http://127.0.0.1:$API_PORT" --rate "$RATE" --keyring "$FEDBUS_HOME/keys" \
       --connections "$CONNS" --inflight 1 --size 64B --cores 0 --duration "${DURATION}s" --warmup 0s \
@@ -56,26 +63,43 @@ runs() {
     c1=$(tcp_counters); router_metrics >"$WORK/m1"
     rl=$(router_latency "$WORK/m0" "$WORK/m1")
     p=$(python3 -c 'import json, sys; l = json.load(open(sys.argv[1]))["latency_us"]; print(l["p99"], l["max"])' "$WORK/b.json" 2>/dev/null || echo "- -")
-    echo "$1 $i $p $c0 $c1 $rl" | tee -a "$LINES" >&2
+    echo "$1 $((BASE + i)) $p $c0 $c1 $rl" | tee -a "$LINES" >&2
   done
   stop_fedbus
 }
-unset FEDBUS_IO_URING_DEFER
-runs default
-FEDBUS_IO_URING_DEFER=0 runs coop
+BASE=0
+while [ "$BASE" -lt "$RUNS" ]; do
+  unset FEDBUS_IO_URING_DEFER
+  block default "$BIN"
+  if [ "$COOP" != 0 ]; then
+    export FEDBUS_IO_URING_DEFER=0
+    block coop "$BIN"
+    unset FEDBUS_IO_URING_DEFER
+  fi
+  [ -z "${EXTRA_BIN:-}" ] || block extra "$EXTRA_BIN"
+  BASE=$((BASE + BLOCK))
+done
 
 python3 - "$LINES" "$OUT" "$DATE" "$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)" "$(uname -r)" \
-  "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" "$RUNS" "$RATE" "$CONNS" "$DURATION" <<'PY'
+  "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" "$RUNS" "$RATE" "$CONNS" "$DURATION" \
+  "$BLOCK" "$COOP" "${EXTRA_BIN:-}" "${EXTRA_DESC:-}" <<'PY'
 import json, sys
-lines, out, date, model, kernel, commit, runs, rate, conns, dur = sys.argv[1:]
+lines, out, date, model, kernel, commit, runs, rate, conns, dur, block, coop, extra, extra_desc = sys.argv[1:]
+names = {"default": "this build, default rings (DEFER_TASKRUN)",
+         "coop": "this build, FEDBUS_IO_URING_DEFER=0 (COOP_TASKRUN)",
+         "extra": f"EXTRA_BIN{' (' + extra_desc + ')' if extra_desc else ''}, default rings"}
 rows = {}
 for l in open(lines):
     label, i, p99, pmax, c0, c1, rl = l.split(" ", 6)
     r = json.loads(rl)
     tcp = [int(b) - int(a) for a, b in zip(c0.split(","), c1.split(","))]
     rows.setdefault(label, []).append((int(i), p99, pmax, tcp, r))
-o = [f"# Task-link stalls, deferred task work (the default) vs COOP_TASKRUN: {date}", "",
-     f"Made by `RUNS={runs} RATE={rate} CONNS={conns} DURATION={dur} benches/link-stall.sh` at commit {commit}.",
+env = f"RUNS={runs} BLOCK={block} RATE={rate} CONNS={conns} DURATION={dur}" + ("" if coop != "0" else " COOP=0") + \
+    (f" EXTRA_BIN={extra}" if extra else "")
+o = [f"# Task-link stalls: {date}", "",
+     f"Made by `{env} benches/link-stall.sh` at commit {commit}"
+     + (f"; EXTRA_BIN is {extra_desc}." if extra_desc else "."),
+     "The settings took turns in blocks of BLOCK runs, each block with its own router and echo task.",
      "", f"- CPU (`lscpu`): {model}; kernel {kernel}",
      "- layout: router shard core 1, control thread core 0; echo task and load generator core 0", "",
      "A stall: a run in which the router's own histogram has requests over 12.8 ms.", "",
@@ -83,7 +107,7 @@ o = [f"# Task-link stalls, deferred task work (the default) vs COOP_TASKRUN: {da
      "|---|---:|---:|---|---|"]
 for label, rs in rows.items():
     st = [x for x in rs if x[4].get("over_12ms")]
-    o.append(f"| {'default (DEFER_TASKRUN)' if label == 'default' else 'FEDBUS_IO_URING_DEFER=0 (COOP_TASKRUN)'} | {len(rs)} | "
+    o.append(f"| {names[label]} | {len(rs)} | "
              f"**{len(st)}** | {', '.join(str(x[4]['over_12ms']) for x in st) or '-'} | "
              f"{', '.join(x[1] for x in st) or '-'} |")
 o += ["", "## Every run", "",

@@ -1325,7 +1325,17 @@ impl LocalExecutor {
         loop {
             self.reactor.sys.install_eventfd();
             if self.need_preempt() {
-                break;
+                // fedbus: a preemption that is already due when no queue has run yet (a
+                // latency-ring completion posted after `poll_io` consumed that ring: the kept
+                // preemption timer of patch 6, or the throughput timer's eventfd) used to return
+                // `false` here, as if no queue were active, and the caller parked: its sleep
+                // consumed that completion, saw no task woken *in the sleep's own pass*, and
+                // slept until the next timer or I/O while tasks that `poll_io` had just woken
+                // waited in their queues (stalls of 50-400 ms, one request per connection held
+                // at once, in `benches/link-stall.sh`). Say that there is work while a queue is
+                // active: the caller goes back to `poll_io`, which consumes the preemption and
+                // re-arms the timer, and then runs the queues.
+                return ran || self.has_active_queues();
             }
             if !self.run_one_task_queue() {
                 return false;
@@ -1334,6 +1344,11 @@ impl LocalExecutor {
             }
         }
         ran
+    }
+
+    /// fedbus: whether some task queue has a task ready to run.
+    fn has_active_queues(&self) -> bool {
+        !self.queues.borrow().active_executors.is_empty()
     }
 
     fn run_one_task_queue(&self) -> bool {
@@ -1496,9 +1511,15 @@ impl LocalExecutor {
                     } else {
                         while !this.reactor.spin_poll_io().unwrap() {
                             if pre_time.elapsed() > spin_before_park {
-                                this.parker
-                                    .park()
-                                    .expect("Failed to park! This is actually pretty bad!");
+                                // fedbus: never park while a task is ready (one woken by the
+                                // main future's poll above, or left by a preempted turn): the
+                                // sleep counts only what its own pass wakes, so it would sleep
+                                // until the next timer or I/O with that task waiting.
+                                if !this.has_active_queues() {
+                                    this.parker
+                                        .park()
+                                        .expect("Failed to park! This is actually pretty bad!");
+                                }
                                 break;
                             }
                         }

@@ -170,7 +170,9 @@ mod tests {
             .spin_before_park(Duration::from_micros(500))
             .spawn(move || async move {
                 let listener = glommio::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-                addr_tx.send(listener.local_addr().expect("addr")).expect("send");
+                addr_tx
+                    .send(listener.local_addr().expect("addr"))
+                    .expect("send");
                 let mut s = listener.accept().await.expect("accept");
                 let mut buf = [0u8; 64];
                 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -195,7 +197,9 @@ mod tests {
             let req = [(i % 251) as u8; 64];
             c.write_all(&req).expect("send");
             if let Err(e) = c.read_exact(&mut back) {
-                panic!("round trip {i} of {ROUND_TRIPS}: no answer within 20 s ({e}): a lost wake-up");
+                panic!(
+                    "round trip {i} of {ROUND_TRIPS}: no answer within 20 s ({e}): a lost wake-up"
+                );
             }
             assert_eq!(back, req);
         }

@@ -1331,7 +1331,7 @@ impl LocalExecutor {
                 // `false` here, as if no queue were active, and the caller parked: its sleep
                 // consumed that completion, saw no task woken *in the sleep's own pass*, and
                 // slept until the next timer or I/O while tasks that `poll_io` had just woken
-                // waited in their queues (stalls of 50-400 ms, one request per connection held
+                // waited in their queues (stalls of up to 400 ms, one request per connection held
                 // at once, in `benches/link-stall.sh`). Say that there is work while a queue is
                 // active: the caller goes back to `poll_io`, which consumes the preemption and
                 // re-arms the timer, and then runs the queues.

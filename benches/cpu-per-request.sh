@@ -209,21 +209,12 @@ json.dump({"requests": d["requests"], "duration_us": int(d["seconds"] * 1e6), "p
 fi
 
 # ---- nginx: proxy (core 1) -> upstream (core 0); alone (core 1)
-BODY=$(head -c "$SIZE" /dev/zero | tr '\0' x)
-UP_PORT=$(free_port); PROXY_PORT=$(free_port); ALONE_PORT=$(free_port)
-ANSWER="client_body_buffer_size 64k; default_type application/octet-stream; return 200 \"$BODY\";"
-PROXY_OPTS="proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; client_body_buffer_size 64k;"
-UPSTREAM_UP="upstream up { server 127.0.0.1:$UP_PORT; keepalive 256; keepalive_requests 100000000; }"
-C_UP=$(nginx_conf upstream 01 "server { listen 127.0.0.1:$UP_PORT backlog=4096; location / { $ANSWER } }")
-C_PROXY=$(nginx_conf proxy 10 "$UPSTREAM_UP server { listen 127.0.0.1:$PROXY_PORT backlog=4096; location / { proxy_pass http://up; $PROXY_OPTS } }")
+start_nginx_proxy "$SIZE"
+ALONE_PORT=$(free_port)
 C_ALONE=$(nginx_conf alone 10 "server { listen 127.0.0.1:$ALONE_PORT backlog=4096; location / { $ANSWER } }")
-taskset -c 0 "$NGINX" -c "$C_UP" -e stderr >"$WORK/nginx-up.log" 2>&1 &
-NGX_UP=$!; PIDS+=($NGX_UP)
-taskset -c 1 "$NGINX" -c "$C_PROXY" -e stderr >"$WORK/nginx-proxy.log" 2>&1 &
-NGX_PROXY=$!; PIDS+=($NGX_PROXY)
 taskset -c 1 "$NGINX" -c "$C_ALONE" -e stderr >"$WORK/nginx-alone.log" 2>&1 &
 NGX_ALONE=$!; PIDS+=($NGX_ALONE)
-wait_port "$UP_PORT"; wait_port "$PROXY_PORT"; wait_port "$ALONE_PORT"
+wait_port "$ALONE_PORT"
 # TLS=1: one nginx (master + 1 worker, core 1) terminating TLS 1.3 on three ports: in front of
 # the fedbus router's plaintext api listener, in front of the upstream nginx, answering alone.
 if [ "$TLS" = 1 ]; then

@@ -195,6 +195,28 @@ EOF
   echo "$d/nginx.conf"
 }
 
+# start_nginx_proxy SIZE: the nginx every fedbus benchmark compares with: a reverse proxy
+# (master + 1 worker, core 1; keep-alive to its upstream, no buffering) in front of an upstream
+# nginx (core 0) that answers every request with SIZE bytes. Needs NGINX (its path). Sets
+# UP_PORT, PROXY_PORT, NGX_UP, NGX_PROXY (their master PIDs, added to PIDS), and for further
+# servers configured alike ANSWER (the upstream's location body), PROXY_OPTS (the proxy's) and
+# UPSTREAM_UP (the upstream block `up`); waits until both listen.
+start_nginx_proxy() {
+  local body c_up c_proxy
+  body=$(head -c "$1" /dev/zero | tr '\0' x)
+  UP_PORT=$(free_port); PROXY_PORT=$(free_port)
+  ANSWER="client_body_buffer_size 64k; default_type application/octet-stream; return 200 \"$body\";"
+  PROXY_OPTS="proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; client_body_buffer_size 64k;"
+  UPSTREAM_UP="upstream up { server 127.0.0.1:$UP_PORT; keepalive 256; keepalive_requests 100000000; }"
+  c_up=$(nginx_conf upstream 01 "server { listen 127.0.0.1:$UP_PORT backlog=4096; location / { $ANSWER } }")
+  c_proxy=$(nginx_conf proxy 10 "$UPSTREAM_UP server { listen 127.0.0.1:$PROXY_PORT backlog=4096; location / { proxy_pass http://up; $PROXY_OPTS } }")
+  taskset -c 0 "$NGINX" -c "$c_up" -e stderr >"$WORK/nginx-up.log" 2>&1 &
+  NGX_UP=$!; PIDS+=("$NGX_UP")
+  taskset -c 1 "$NGINX" -c "$c_proxy" -e stderr >"$WORK/nginx-proxy.log" 2>&1 &
+  NGX_PROXY=$!; PIDS+=("$NGX_PROXY")
+  wait_port "$UP_PORT"; wait_port "$PROXY_PORT"
+}
+
 # build_bin: BIN as given, or this tree's release build (built now); with PGO=1 (and no BIN)
 # the profile-guided build of scripts/build-pgo (built now, several minutes), the build to ship.
 # Used by cpu-per-request.sh and memory-per-connection.sh; compare.sh, federation.sh and

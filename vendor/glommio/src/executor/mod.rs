@@ -1326,9 +1326,9 @@ impl LocalExecutor {
             self.reactor.sys.install_eventfd();
             if self.need_preempt() {
                 // fedbus: a preemption that is already due when no queue has run yet (a
-                // latency-ring completion posted after `poll_io` consumed that ring: the kept
-                // preemption timer of patch 6, or the throughput timer's eventfd) used to return
-                // `false` here, as if no queue were active, and the caller parked: its sleep
+                // latency-ring completion posted after `poll_io` consumed that ring: a timer kept
+                // armed by patch 6, preemption or user, or the throughput timer's eventfd) used to
+                // return `false` here, as if no queue were active, and the caller parked: its sleep
                 // consumed that completion, saw no task woken *in the sleep's own pass*, and
                 // slept until the next timer or I/O while tasks that `poll_io` had just woken
                 // waited in their queues (stalls of up to 400 ms, one request per connection held

@@ -33,10 +33,8 @@ DURATION=${DURATION:-4}
 WARMUP=${WARMUP:-1}
 TLS=0
 CERT=
-WORK=$(mktemp -d)
-PIDS=()
-trap 'kill "${PIDS[@]}" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 source benches/lib.sh
+work_dir fedbus-fresh-start
 need wrk wrk
 build_bin
 DATE=$(date +%F)

@@ -35,15 +35,10 @@ CONNS=${CONNS:-64}
 DURATION=${DURATION:-5}
 TLS=0
 CERT=
-WORK=$(mktemp -d)
-PIDS=()
-trap 'kill "${PIDS[@]}" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
-if [ -z "${BIN:-}" ]; then
-  cargo build --release -p fedbus >&2
-  BIN=$ROOT/target/release/fedbus
-fi
+work_dir fedbus-link-stall
+build_bin
 DATE=$(date +%F)
 HOST=$(hostname -s 2>/dev/null || echo host)
 OUT=${OUT:-$ROOT/benches/results/$DATE-link-stall-$HOST.md}

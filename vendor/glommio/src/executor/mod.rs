@@ -1511,10 +1511,11 @@ impl LocalExecutor {
                     } else {
                         while !this.reactor.spin_poll_io().unwrap() {
                             if pre_time.elapsed() > spin_before_park {
-                                // fedbus: never park while a task is ready (one woken by the
-                                // main future's poll above, or left by a preempted turn): the
-                                // sleep counts only what its own pass wakes, so it would sleep
-                                // until the next timer or I/O with that task waiting.
+                                // fedbus: never park while a task is ready: the sleep counts
+                                // only what its own pass wakes, so it would sleep until the next
+                                // timer or I/O with that task waiting. `run_task_queues` returns
+                                // `false` only with no queue active, so this holds already; it
+                                // is checked here because the sleep depends on it.
                                 if !this.has_active_queues() {
                                     this.parker
                                         .park()

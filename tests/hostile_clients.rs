@@ -1031,6 +1031,120 @@ fn answers_waiting_behind_a_slow_one_stay_charged() {
         .unwrap_or_else(|| panic!("{} bytes still held after the answers", held()));
 }
 
+/// An HTTP connection's answers waiting to be written are held to its share
+/// (`limits.max_connection_outbox_bytes`, here 512 KiB), as an `/api/ws` session's outbox is:
+/// 8 answers of 200 KiB pile up behind a slow request; once the connection holds more than its
+/// share and another answer comes, it is closed as a slow reader (counted, logged), before the
+/// slow answer, and the held bytes go back to the budget. Before, a connection held every
+/// answer behind the slow one: up to `limits.max_inflight_per_connection` answers of up to the
+/// task link's message bound each (2 GiB with the defaults).
+#[test]
+fn answers_piling_up_behind_a_slow_one_past_the_share_close_the_connection() {
+    const BODY: usize = 200 * 1024;
+    let r = Router::new()
+        .shards(1)
+        .limit("max_connection_outbox_bytes", 512 * 1024)
+        .start();
+    let _slow = r.task().delay_ms(6_000).start();
+    let _fast = r.task().app(OTHER).partitions("0-3").start();
+    let (tok, other) = (r.token(APP, "alice"), r.token(OTHER, "bob"));
+    normal(&r, OTHER, &other, 0);
+    let metric = |m: &str| r.metrics().get(m);
+    let mut wire = Req::post(&r.path(APP, 4)).token(&tok).body(b"slow").bytes();
+    for i in 0..8 {
+        let body = vec![b'0' + i as u8; BODY];
+        wire.extend(
+            Req::post(&r.path(OTHER, i % 4))
+                .token(&other)
+                .body(&body)
+                .bytes(),
+        );
+    }
+    let mut s = TcpStream::connect(r.api).expect("connect");
+    s.write_all(&wire).expect("write");
+    // Closed before the slow answer (6 s away) could be written: not one byte comes.
+    let got = read_to_eof(&mut s, Duration::from_secs(5));
+    assert!(got.is_empty(), "{} bytes came before the close", got.len());
+    assert_eq!(metric("fedbus_slow_reader_closed_total"), 1.0);
+    assert!(
+        r.log().contains("over limits.max_connection_outbox_bytes"),
+        "no log line for the close"
+    );
+    wait_for(Duration::from_secs(5), || {
+        (metric("fedbus_outbox_bytes_held") == 0.0).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{} answer bytes still held",
+            metric("fedbus_outbox_bytes_held")
+        )
+    });
+    normal(&r, OTHER, &other, 1);
+}
+
+/// The same share while a batch is being written to a client that does not read: a 7 MB
+/// answer (more than loopback's socket buffers take) is being written when 8 answers of 200
+/// KiB come behind it; the connection holds more than its share, so it is closed as a slow
+/// reader, well before `limits.min_answer_bytes_per_sec` (1 KiB/s: 2 hours for the batch)
+/// would close it.
+#[test]
+fn answers_coming_while_a_client_does_not_read_past_the_share_close_the_connection() {
+    const BODY: usize = 200 * 1024;
+    let r = Router::new()
+        .shards(1)
+        .limit("max_connection_outbox_bytes", 512 * 1024)
+        .start();
+    // The large answer comes after 1 s, the others after 3 s: every request is read before
+    // the large answer's write stops reading.
+    let _first = r.task().delay_ms(1_000).start();
+    let _behind = r
+        .task()
+        .app(OTHER)
+        .partitions("0-3")
+        .delay_ms(3_000)
+        .start();
+    let (tok, other) = (r.token(APP, "alice"), r.token(OTHER, "bob"));
+    normal(&r, APP, &tok, 0);
+    let metric = |m: &str| r.metrics().get(m);
+    let large = vec![b'L'; 7 * 1024 * 1024];
+    let mut wire = Req::post(&r.path(APP, 4)).token(&tok).body(&large).bytes();
+    for i in 0..8 {
+        let body = vec![b'0' + i as u8; BODY];
+        wire.extend(
+            Req::post(&r.path(OTHER, i % 4))
+                .token(&other)
+                .body(&body)
+                .bytes(),
+        );
+    }
+    let mut s = TcpStream::connect(r.api).expect("connect");
+    s.write_all(&wire).expect("write");
+    wait_for(Duration::from_secs(20), || {
+        (metric("fedbus_slow_reader_closed_total") == 1.0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the connection was not closed as a slow reader"));
+    let got = read_to_eof(&mut s, Duration::from_secs(5));
+    assert!(
+        got.len() < large.len(),
+        "the whole large answer came ({} bytes)",
+        got.len()
+    );
+    assert!(
+        r.log().contains("over limits.max_connection_outbox_bytes"),
+        "no log line for the close"
+    );
+    wait_for(Duration::from_secs(5), || {
+        (metric("fedbus_outbox_bytes_held") == 0.0).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{} answer bytes still held",
+            metric("fedbus_outbox_bytes_held")
+        )
+    });
+    normal(&r, APP, &tok, 1);
+}
+
 /// Reads `ws` until the router's close frame; its code, or None when the socket ends (or
 /// stays silent for the read timeout) without one. Answers before it are skipped.
 fn read_close_code(ws: &mut Ws) -> Option<u16> {

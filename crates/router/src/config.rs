@@ -199,9 +199,9 @@ pub struct Limits {
     /// flight. Over it, 503 with `Retry-After` as well. Default 16 MiB.
     pub max_connection_body_bytes: usize,
     /// One client connection's share of the same budget for its answers queued to be written
-    /// (an `/api/ws` session's outbox, an HTTP connection's answers being written). A
-    /// websocket client whose unread answers go over it is closed with 1013
-    /// (`fedbus_slow_reader_closed_total`). Default 16 MiB.
+    /// (an `/api/ws` session's outbox; an HTTP connection's answers that are ready, in its
+    /// in-flight slots or being written). A client whose unread answers go over it is closed
+    /// (websocket: 1013; `fedbus_slow_reader_closed_total`). Default 16 MiB.
     pub max_connection_outbox_bytes: usize,
     /// Slowest pace at which a client must take its HTTP answers: a write of N bytes must be
     /// done within `handshake_timeout_ms` + N / this many seconds, or the connection closes

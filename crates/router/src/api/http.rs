@@ -535,9 +535,126 @@ struct Done {
     start: Instant,
     /// CORS fields for a cross-origin request the app allowed.
     cors: Option<CorsAnswer>,
-    /// The answer's body, charged to the memory budget as a queued answer while it waits to
-    /// be written (behind a slower answer before it, for up to `limits.request_timeout_ms`).
-    _held: Option<OutboxCharge>,
+    /// The answer's body, charged to the memory budget and to the connection's share of it
+    /// as a queued answer while it waits to be written (behind a slower answer before it, for
+    /// up to `limits.request_timeout_ms`).
+    _held: Option<HeldAnswer>,
+}
+
+/// One HTTP connection's answers that are ready but not written yet: the bodies over
+/// [`COPY_BODY_BYTES`] waiting in their in-flight slots, and the batch being written. Its
+/// share of the memory budget is `limits.max_connection_outbox_bytes`, checked as an `/api/ws`
+/// session's outbox checks it: an answer is let in while what is held is within the share,
+/// however large the answer; one that comes while it is over marks the connection, which is
+/// then closed as a slow reader (`fedbus_slow_reader_closed_total`). Without it a client that
+/// pipelines `limits.max_inflight_per_connection` requests for large answers and reads them
+/// slowly (or behind a slow first one) could hold that many answers of up to the task link's
+/// message bound each: 2 GiB with the defaults.
+struct AnswerShare {
+    held: std::cell::Cell<usize>,
+    limit: usize,
+    over: std::cell::Cell<bool>,
+}
+
+impl AnswerShare {
+    fn new(limit: usize) -> Rc<AnswerShare> {
+        Rc::new(AnswerShare {
+            held: std::cell::Cell::new(0),
+            limit,
+            over: std::cell::Cell::new(false),
+        })
+    }
+
+    /// Counts `n` more bytes; marks the connection when it held more than its share already.
+    fn add(&self, n: usize) {
+        if self.held.get() > self.limit {
+            self.over.set(true);
+        }
+        self.held.set(self.held.get() + n);
+    }
+
+    fn sub(&self, n: usize) {
+        self.held.set(self.held.get().saturating_sub(n));
+    }
+
+    /// The oldest answer is done, or the connection went over its share: polls every request
+    /// in flight either way (see [`Ordered::poll_front`]), so answers that come behind a slow
+    /// one are counted as they come.
+    fn front_or_over<'a, F: std::future::Future>(
+        &'a self,
+        inflight: &'a mut Ordered<F>,
+    ) -> OverShare<'a, F> {
+        OverShare {
+            share: self,
+            inflight,
+            front: true,
+        }
+    }
+
+    /// Ready once the connection goes over its share, polling the requests in flight (while a
+    /// batch is being written).
+    fn over<'a, F: std::future::Future>(
+        &'a self,
+        inflight: &'a mut Ordered<F>,
+    ) -> OverShare<'a, F> {
+        OverShare {
+            share: self,
+            inflight,
+            front: false,
+        }
+    }
+}
+
+/// The future of [`AnswerShare::front_or_over`] and [`AnswerShare::over`]; a struct (no drop
+/// glue), so the borrow of the in-flight queue ends where the future is last used.
+struct OverShare<'a, F: std::future::Future> {
+    share: &'a AnswerShare,
+    inflight: &'a mut Ordered<F>,
+    /// Also ready when the oldest answer is done.
+    front: bool,
+}
+
+impl<F: std::future::Future> std::future::Future for OverShare<'_, F> {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let done = self.inflight.poll_front(cx).is_ready();
+        match self.share.over.get() || self.front && done {
+            true => std::task::Poll::Ready(()),
+            false => std::task::Poll::Pending,
+        }
+    }
+}
+
+/// An answer's body held in its in-flight slot: charged to the shard's memory budget (whatever
+/// it has left: the task already ran, so it is not refused) and to its connection's
+/// [`AnswerShare`] until it leaves the slot to be written.
+struct HeldAnswer {
+    _charge: OutboxCharge,
+    share: Rc<AnswerShare>,
+    n: usize,
+}
+
+impl HeldAnswer {
+    fn new(shard: &Shard, share: Rc<AnswerShare>, n: usize) -> HeldAnswer {
+        let mut charge = OutboxCharge::new(shard.budget.clone());
+        charge.force_add(n);
+        share.add(n);
+        HeldAnswer {
+            _charge: charge,
+            share,
+            n,
+        }
+    }
+}
+
+impl Drop for HeldAnswer {
+    fn drop(&mut self) {
+        self.share.sub(self.n);
+    }
 }
 
 /// A request's answer in its in-flight slot: made at once (a refusal), or by the routing step.
@@ -616,6 +733,7 @@ fn routed(
     req: Req,
     cache: Rc<RefCell<VerifyCache>>,
     charge: BodyCharge,
+    share: Rc<AnswerShare>,
     close: bool,
     start: Instant,
 ) -> impl std::future::Future<Output = Done> {
@@ -640,17 +758,14 @@ fn routed(
         };
         let a = routing::route(&shard, &cache, &r).await;
         drop(charge);
-        // The answer is in memory until it is written: charged as a queued answer (whatever
-        // the budget has left: the task already ran, so it is not refused), which a full
-        // budget turns into 503s for new uploads. Not a small one (copied behind its head
-        // when written): at most `limits.max_inflight_per_connection` x 1 KiB per connection
-        // wait uncharged, and charging every answer showed in the router's CPU per request at
-        // 64 x 1 with 64 B bodies.
-        let held = (a.payload_len() > COPY_BODY_BYTES).then(|| {
-            let mut c = OutboxCharge::new(shard.budget.clone());
-            c.force_add(a.payload_len());
-            c
-        });
+        // The answer is in memory until it is written: charged as a queued answer, which a
+        // full budget turns into 503s for new uploads, and to the connection's share. Not a
+        // small one (copied behind its head when written): at most
+        // `limits.max_inflight_per_connection` x 1 KiB per connection wait uncharged, and
+        // charging every answer showed in the router's CPU per request at 64 x 1 with 64 B
+        // bodies.
+        let held = (a.payload_len() > COPY_BODY_BYTES)
+            .then(|| HeldAnswer::new(&shard, share, a.payload_len()));
         // Every answer a page may read carries the CORS fields, its errors too (for another
         // cluster's app, its router applied the policy and relayed the answer); not the
         // refusal of the origin, nor a 404 to an origin no app of ours allows. Looked at only
@@ -715,6 +830,7 @@ async fn serve_inner<S: Stream>(
     let held = Rc::new(std::cell::Cell::new(0usize));
     let mut receiving: Option<BodyCharge> = None;
     let mut outbox = OutboxCharge::new(shard.budget.clone());
+    let share = AnswerShare::new(limits.max_connection_outbox_bytes);
     let keepalive = shard.keepalive();
     let idle = Duration::from_millis(limits.idle_timeout_ms);
     let release_after = Duration::from_millis(shard.cfg.tuning.idle_buffer_release_ms);
@@ -827,6 +943,7 @@ async fn serve_inner<S: Stream>(
                             req,
                             cache.clone(),
                             charge,
+                            share.clone(),
                             close,
                             start,
                         )),
@@ -946,7 +1063,7 @@ async fn serve_inner<S: Stream>(
         }
         // Wait for the oldest answer, reading more requests meanwhile.
         if closing || inflight.len() >= limits.max_inflight_per_connection {
-            inflight.front().await;
+            share.front_or_over(&mut inflight).await;
         } else {
             // The head and body deadlines hold while answers are pending too: a client cannot
             // trickle its next request behind a slow one.
@@ -964,7 +1081,7 @@ async fn serve_inner<S: Stream>(
             let room = has_room(&buf) || held.get() >= READ_AHEAD_BODY_BYTES;
             // Whether the late request (if one is) is a HEAD: its first bytes are read.
             let late_head = due.is_some() && is_head(&buf);
-            let next = std::pin::pin!(inflight.front());
+            let next = std::pin::pin!(share.front_or_over(&mut inflight));
             let read = std::pin::pin!(async {
                 match room {
                     true => fill(stream, &mut buf, &mut space).await,
@@ -1007,6 +1124,9 @@ async fn serve_inner<S: Stream>(
                     continue;
                 }
             }
+        }
+        if share.over.get() {
+            return Ok(slow_reader(shard, share.held.get(), OVER_SHARE));
         }
         // Answer it and every later one that is already done, in one write. While the router
         // drains, the connection reads no further request (a client that keeps requests in
@@ -1096,29 +1216,39 @@ async fn serve_inner<S: Stream>(
         if !out.is_empty() {
             parts.push(out.split().freeze());
         }
-        // The answers being written count against the shard's memory budget until they are
-        // out, and the client must take them at `limits.min_answer_bytes_per_sec` at least.
+        // The answers being written count against the shard's memory budget and the
+        // connection's share until they are out, and the client must take them at
+        // `limits.min_answer_bytes_per_sec` at least. Meanwhile the requests in flight are
+        // polled, so that answers piling up behind a write the client does not take count
+        // against the share as they come (the write comes first: a write that is done at once
+        // polls nothing else).
         let n: usize = parts.iter().map(Bytes::len).sum();
         head_room = head_room.max(head_bytes);
         head_bytes = 0;
         outbox.force_add(n);
+        share.add(n);
         let pace = Duration::from_secs_f64(n as f64 / limits.min_answer_bytes_per_sec as f64);
-        let written = deadline
-            .within(head_limit + pace, stream.write_parts(&parts))
-            .await;
+        // Ok(Some(_)): written (or failed); Ok(None): over the share; Err: too slow.
+        let written = {
+            let write = std::pin::pin!(stream.write_parts(&parts));
+            let over = share.over(&mut inflight);
+            let both = futures_util::future::select(write, over);
+            deadline
+                .within(head_limit + pace, both)
+                .await
+                .map(|e| match e {
+                    Either::Left((r, _)) => Some(r),
+                    Either::Right(_) => None,
+                })
+        };
+        let held = share.held.get();
         outbox.release(n);
+        share.sub(n);
         parts.clear();
         match written {
-            Ok(r) => r?,
-            Err(_) => {
-                ShardMetrics::inc(&shard.metrics.slow_reader_closed);
-                tracing::info!(
-                    shard = shard.index,
-                    bytes = n,
-                    "client does not read its answers (slower than limits.min_answer_bytes_per_sec): closed"
-                );
-                return Ok(None);
-            }
+            Ok(Some(r)) => r?,
+            Ok(None) => return Ok(slow_reader(shard, held, OVER_SHARE)),
+            Err(_) => return Ok(slow_reader(shard, n, TOO_SLOW)),
         }
         if closing && inflight.is_empty() {
             break;
@@ -1128,6 +1258,22 @@ async fn serve_inner<S: Stream>(
         lingering_close(stream).await;
     }
     Ok(None)
+}
+
+/// Why a connection is closed as a slow reader: it took a batch of answers slower than the
+/// pace the limit asks.
+const TOO_SLOW: &str =
+    "client does not read its answers (slower than limits.min_answer_bytes_per_sec): closed";
+/// Why a connection is closed as a slow reader: its answers waiting to be written went over its
+/// share ([`AnswerShare`]).
+const OVER_SHARE: &str = "client does not read its answers (answers waiting to be written over limits.max_connection_outbox_bytes): closed";
+
+/// Counts and logs a connection closed for not taking its answers; the connection ends without
+/// them (the return value of `serve_inner`), and their bytes go back to the budget.
+fn slow_reader(shard: &Shard, bytes: usize, why: &str) -> Option<Upgrade> {
+    ShardMetrics::inc(&shard.metrics.slow_reader_closed);
+    tracing::info!(shard = shard.index, bytes, "{why}");
+    None
 }
 
 /// Ends an idle keep-alive connection the router closes (idle timeout, eviction): over TLS
@@ -1299,7 +1445,7 @@ mod tests {
     /// per request (see [`routed`]): it must not grow back toward the 1,656 bytes it had.
     #[test]
     fn answer_state_stays_small() {
-        fn output_size<A, B, C, D, E, G, R>(_: fn(A, B, C, D, E, G) -> R) -> usize {
+        fn output_size<A, B, C, D, E, G, H, R>(_: fn(A, B, C, D, E, G, H) -> R) -> usize {
             std::mem::size_of::<R>()
         }
         let n = output_size(routed);

@@ -1145,6 +1145,50 @@ fn answers_coming_while_a_client_does_not_read_past_the_share_close_the_connecti
     normal(&r, APP, &tok, 1);
 }
 
+/// A drain serves the `/api/ws` message that was arriving when it began, then ends the session
+/// with 1001: also when that message ends by being dropped over the session's share of the body
+/// budget (answered `503 overloaded`). Before, the drain went on waiting for the dropped
+/// message, and the session stayed open until the drain closed it as idle
+/// (`readiness.drain_idle_close_ms`, 20 s here).
+#[test]
+fn a_drain_does_not_wait_for_a_websocket_message_dropped_over_the_share() {
+    let mut r = Router::new()
+        .shards(1)
+        .limit("max_body_bytes", 256 * 1024)
+        .limit("max_connection_body_bytes", 100 * 1024)
+        .tail("[readiness]\ndrain_timeout_ms = 30000\ndrain_idle_close_ms = 20000")
+        .start();
+    let _echo = r.task().start();
+    let tok = r.token(APP, "alice");
+    let mut ws = Ws::open(r.api, &tok);
+    let held = || r.metrics().get("fedbus_body_bytes_held");
+    // A 120 KiB message in two fragments: the first (64 KiB) is charged as it arrives, the
+    // second would take the message over the 100 KiB share.
+    let parts = fragments(5, &r.path(APP, 5), &vec![b'd'; 120 * 1024], 64 * 1024);
+    assert_eq!(parts.len(), 2);
+    ws.s.write_all(&parts[0]).expect("first fragment");
+    wait_for(Duration::from_secs(5), || {
+        (held() >= 64.0 * 1024.0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the first fragment is not charged ({} held)", held()));
+    r.sigterm();
+    // The shard has begun its drain (its listeners close when the sessions are told).
+    wait_for(Duration::from_secs(5), || {
+        r.log().contains("draining: listener closed").then_some(())
+    })
+    .expect("the shard drains");
+    ws.s.write_all(&parts[1]).expect("second fragment");
+    let f = ws.read_response();
+    assert_eq!(
+        (f.header.request_id, status_of(&f)),
+        (5, 503),
+        "the dropped message is answered"
+    );
+    assert_eq!(read_close_code(&mut ws), Some(1001));
+    let exit = r.wait_exit(Duration::from_secs(10));
+    assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
+}
+
 /// Reads `ws` until the router's close frame; its code, or None when the socket ends (or
 /// stays silent for the read timeout) without one. Answers before it are skipped.
 fn read_close_code(ws: &mut Ws) -> Option<u16> {

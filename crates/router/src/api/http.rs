@@ -3,7 +3,7 @@
 //! body is a slice of the read buffer and goes to the task without a copy; the task's payload
 //! goes back to the client the same way (one vectored write of head + body).
 
-use super::inflight::Ordered;
+use super::inflight::{Front, Ordered};
 use crate::api::reason;
 use crate::metrics::{Listener, ShardMetrics};
 use crate::proto::http::{cross_origin, is_retry_after, MAX_HEADERS};
@@ -583,49 +583,14 @@ impl AnswerShare {
     fn front_or_over<'a, F: std::future::Future>(
         &'a self,
         inflight: &'a mut Ordered<F>,
-    ) -> OverShare<'a, F> {
-        OverShare {
-            share: self,
-            inflight,
-            front: true,
-        }
+    ) -> Front<'a, F> {
+        inflight.front_or(&self.over, true)
     }
 
     /// Ready once the connection goes over its share, polling the requests in flight (while a
     /// batch is being written).
-    fn over<'a, F: std::future::Future>(
-        &'a self,
-        inflight: &'a mut Ordered<F>,
-    ) -> OverShare<'a, F> {
-        OverShare {
-            share: self,
-            inflight,
-            front: false,
-        }
-    }
-}
-
-/// The future of [`AnswerShare::front_or_over`] and [`AnswerShare::over`]; a struct (no drop
-/// glue), so the borrow of the in-flight queue ends where the future is last used.
-struct OverShare<'a, F: std::future::Future> {
-    share: &'a AnswerShare,
-    inflight: &'a mut Ordered<F>,
-    /// Also ready when the oldest answer is done.
-    front: bool,
-}
-
-impl<F: std::future::Future> std::future::Future for OverShare<'_, F> {
-    type Output = ();
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
-        let done = self.inflight.poll_front(cx).is_ready();
-        match self.share.over.get() || self.front && done {
-            true => std::task::Poll::Ready(()),
-            false => std::task::Poll::Pending,
-        }
+    fn over<'a, F: std::future::Future>(&'a self, inflight: &'a mut Ordered<F>) -> Front<'a, F> {
+        inflight.front_or(&self.over, false)
     }
 }
 
@@ -1291,12 +1256,15 @@ async fn close_idle<S: Stream>(stream: &mut S) {
 /// 413, a pipelined request after `Connection: close`); closing with unread input would make
 /// the kernel send RST and could destroy our answer before the client reads it.
 pub(crate) async fn lingering_close<S: Stream>(stream: &mut S) {
-    let _ = stream.shutdown_write().await;
     // On the heap: an array here would be part of every connection's future (whose size is
     // that of its largest await), 16 KiB more resident per idle keep-alive connection.
     let mut sink = vec![0u8; 16 * 1024];
     let fd = stream.socket().fd();
     let _ = glommio::timer::timeout(Duration::from_secs(1), async {
+        // Inside the second: over TLS the shutdown writes `close_notify`, which waits for
+        // room in the socket when the client stopped reading (up to the socket's write
+        // timeout, `limits.idle_timeout_ms`, outside it).
+        let _ = stream.shutdown_write().await;
         let mut left = 1usize << 20;
         while left > 0 {
             match stream.read(&mut sink).await {

@@ -7,6 +7,7 @@
 //! a poll of a request that waits for its task is a look at its pending slot, and a connection
 //! holds at most `limits.max_inflight_per_connection` of them.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -147,9 +148,15 @@ impl<F: Future> Ordered<F> {
         }
     }
 
-    /// [`Ordered::poll_front`] as a future.
-    pub(crate) fn front(&mut self) -> Front<'_, F> {
-        Front(self)
+    /// [`Ordered::poll_front`] as a future: ready once the oldest request is done (or none is
+    /// left), or once `stop` is set after a pass over the requests (the caller looks at it).
+    /// With `front` false, ready only on `stop`: the requests are polled meanwhile.
+    pub(crate) fn front_or<'a>(&'a mut self, stop: &'a Cell<bool>, front: bool) -> Front<'a, F> {
+        Front {
+            q: self,
+            stop,
+            front,
+        }
     }
 
     /// The oldest request's output, once [`Ordered::poll_front`] found it done.
@@ -166,15 +173,23 @@ impl<F: Future> Ordered<F> {
     }
 }
 
-/// The future of [`Ordered::front`] (a named type without drop glue, so that the queue can be
-/// used again as soon as the future is no longer polled).
-pub(crate) struct Front<'a, F: Future>(&'a mut Ordered<F>);
+/// The future of [`Ordered::front_or`] (a named type without drop glue, so that the queue can
+/// be used again as soon as the future is no longer polled).
+pub(crate) struct Front<'a, F: Future> {
+    q: &'a mut Ordered<F>,
+    stop: &'a Cell<bool>,
+    front: bool,
+}
 
 impl<F: Future> Future for Front<'_, F> {
-    type Output = bool;
+    type Output = ();
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
-        self.0.poll_front(cx)
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let done = self.q.poll_front(cx).is_ready();
+        match self.stop.get() || self.front && done {
+            true => Poll::Ready(()),
+            false => Poll::Pending,
+        }
     }
 }
 
@@ -248,7 +263,6 @@ impl<F: Future<Output = ()>> Unordered<F> {
 mod tests {
     use super::*;
     use futures_util::FutureExt;
-    use std::cell::Cell;
     use std::rc::Rc;
 
     /// A future that is ready once its flag is set.
@@ -271,8 +285,8 @@ mod tests {
         }
         // The oldest output once it is done (taken and freed), None when nothing is in flight.
         fn next<F: Future<Output = u32>>(q: &mut Ordered<F>) -> Option<Option<u32>> {
-            let done = q.front().now_or_never()?;
-            let out = done.then(|| *q.front_mut().expect("the front is done"));
+            q.front_or(&Cell::new(false), true).now_or_never()?;
+            let out = q.front_mut().copied();
             q.pop_front();
             Some(out)
         }

@@ -407,7 +407,9 @@ pub(crate) async fn serve<S: Stream>(
             }
             Err(ws::WsError::Dropped { head, .. }) => {
                 // Over the body budget while it arrived (refused and counted by `charge_body`):
-                // dropped unread, answered from its frame header.
+                // dropped unread, answered from its frame header. It may be the message a drain
+                // waits for: it is over now.
+                finish_arriving = false;
                 match crate::proto::Header::decode(&head) {
                     Ok(h) if h.kind == Kind::Request => {
                         let a = Answer::error(

@@ -100,8 +100,32 @@ pub async fn connect_tls(
     Ok((s, rest))
 }
 
-/// Sends the upgrade request on `s` and reads the answer.
+/// Sends the upgrade request on `s` and reads the answer, within [`STEP_TIMEOUT`] for the
+/// whole exchange.
 async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    addr: &str,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<BytesMut> {
+    upgrade_within(STEP_TIMEOUT, s, addr, path, token).await
+}
+
+/// [`upgrade`] within `limit`: one deadline for the request and the whole answer, not one per
+/// read (a server that sent a byte every few seconds kept a dial slot for hours).
+async fn upgrade_within<S: AsyncRead + AsyncWrite + Unpin>(
+    limit: Duration,
+    s: &mut S,
+    addr: &str,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<BytesMut> {
+    glommio::timer::timeout(limit, async { Ok(exchange(s, addr, path, token).await) })
+        .await
+        .map_err(|_| anyhow::anyhow!("handshake timeout"))?
+}
+
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     addr: &str,
     path: &str,
@@ -114,9 +138,7 @@ async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     let mut buf = BytesMut::with_capacity(4096);
     loop {
         let mut chunk = [0u8; 4096];
-        let n = glommio::timer::timeout(STEP_TIMEOUT, async { Ok(s.read(&mut chunk).await) })
-            .await
-            .map_err(|_| anyhow::anyhow!("handshake timeout"))??;
+        let n = s.read(&mut chunk).await?;
         if n == 0 {
             anyhow::bail!("closed during handshake");
         }
@@ -236,6 +258,45 @@ mod tests {
             .expect("executor")
             .join()
             .expect("client")
+    }
+
+    /// A server that trickles its upgrade answer (a byte every 50 ms, never done) runs into
+    /// the upgrade's one deadline; before, each read had its own, so it never did.
+    #[test]
+    fn an_upgrade_answer_trickled_byte_by_byte_times_out_as_a_whole() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().expect("accept");
+            let mut c = [0u8; 4096];
+            let _ = s.read(&mut c);
+            let answer = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nX-Pad: {}",
+                "a".repeat(400)
+            );
+            for b in answer.bytes() {
+                if s.write_all(&[b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+        let err = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .spawn(move || async move {
+                let mut s = glommio::net::TcpStream::connect(&addr)
+                    .await
+                    .expect("connect");
+                let limit = std::time::Duration::from_millis(500);
+                super::upgrade_within(limit, &mut s, &addr, "/x", None)
+                    .await
+                    .expect_err("a trickled answer is not an upgrade")
+                    .to_string()
+            })
+            .expect("executor")
+            .join()
+            .expect("client");
+        assert_eq!(err, "handshake timeout");
+        server.join().expect("server");
     }
 
     #[test]

@@ -29,6 +29,8 @@
 #   PROFILE_PIPE=1 PROFILE=/tmp/p.txt benches/cpu-per-request.sh  # fedbus http in the PIPE shape
 #                                   # (8x8 pipelined, `fedbus bench`) instead of 1 in flight
 #   PROFILE_WS=1 PROFILE=/tmp/p.txt benches/cpu-per-request.sh    # fedbus /api/ws in the PIPE shape
+#   PROFILE_NGINX=1 PROFILE=/tmp/p.txt benches/cpu-per-request.sh # nginx answering alone (the floor),
+#                                   # the same load and perf runs: what the floor's kernel work costs
 #   REPEAT=5 benches/cpu-per-request.sh            # every case 5 times (rounds in turn, not a case
 #                                   # 5 times in a row): the table shows each row's median and its
 #                                   # range, and the ratios are paired by round (fedbus / nginx proxy,
@@ -73,8 +75,10 @@ EXTRA_BIN=${EXTRA_BIN:-}
 PROFILE_TLS=${PROFILE_TLS:-0}
 PROFILE_PIPE=${PROFILE_PIPE:-0}
 PROFILE_WS=${PROFILE_WS:-0}
+PROFILE_NGINX=${PROFILE_NGINX:-0}
 [ "$PROFILE_WS" = 1 ] && PROFILE_PIPE=1
 [ "$PROFILE_PIPE" = 1 ] && [ -z "$PIPE" ] && { echo "PROFILE_PIPE=1 and PROFILE_WS=1 need a PIPE shape (PIPE=8x8)" >&2; exit 1; }
+[ "$PROFILE_NGINX" = 1 ] && [ "$PROFILE_PIPE$PROFILE_TLS" != 00 ] && { echo "PROFILE_NGINX=1 profiles wrk's 1-in-flight HTTP load only" >&2; exit 1; }
 TLS=${TLS:-0}
 URING_PROTO=${URING_PROTO:-0}
 export URING_PROTO
@@ -157,12 +161,33 @@ CERT=$WORK/cert
 FEDBUS_PATH="/api/local/dev/demo/echo/api/%d/sys/echo"
 start_fedbus "$BIN" "" "$TASK_LINK"
 
-# ---- PROFILE=<file>: only fedbus HTTP, under perf (counts, then a sampled profile); then exit.
+# ---- nginx: proxy (core 1) -> upstream (core 0); alone (core 1) (idle during a PROFILE run
+# of fedbus)
+start_nginx_proxy "$SIZE"
+ALONE_PORT=$(free_port)
+C_ALONE=$(nginx_conf alone 10 "server { listen 127.0.0.1:$ALONE_PORT backlog=4096; location / { $ANSWER } }")
+taskset -c 1 "$NGINX" -c "$C_ALONE" -e stderr >"$WORK/nginx-alone.log" 2>&1 &
+NGX_ALONE=$!; PIDS+=($NGX_ALONE)
+wait_port "$ALONE_PORT"
+
+# ---- PROFILE=<file>: only fedbus HTTP (or nginx alone, PROFILE_NGINX=1), under perf (counts, then a sampled profile); then exit.
 if [ -n "${PROFILE:-}" ]; then
   need perf linux-perf
   url=http://127.0.0.1:$API_PORT
   [ "$PROFILE_TLS" = 1 ] && url=https://127.0.0.1:$TLS_PORT
-  export PROFILE_TLS PROFILE_PIPE PROFILE_WS
+  export PROFILE_TLS PROFILE_PIPE PROFILE_WS PROFILE_NGINX
+  # The process profiled: the router, or nginx's worker (PROFILE_NGINX=1).
+  TARGET=$ROUTER
+  if [ "$PROFILE_NGINX" = 1 ]; then
+    TARGET=""
+    for _ in $(seq 50); do
+      TARGET=$(pgrep -P "$NGX_ALONE" | head -1 || true)
+      [ -n "$TARGET" ] && break
+      sleep 0.1
+    done
+    [ -n "$TARGET" ] || { echo "nginx alone (master $NGX_ALONE) has no worker" >&2; exit 1; }
+    url=http://127.0.0.1:$ALONE_PORT
+  fi
   proto=()
   [ "$PROFILE_WS" = 1 ] && proto=(--protocol ws)
   # profile_load JSON SECONDS: the load of the profile. wrk, 1 in flight per connection; with
@@ -182,14 +207,14 @@ json.dump({"requests": d["requests"], "duration_us": int(d["seconds"] * 1e6), "p
   echo "== profile: perf stat over a ${DURATION}s run" >&2
   EV=task-clock,context-switches,cpu-migrations,raw_syscalls:sys_enter,syscalls:sys_enter_io_uring_enter
   EV=$EV,io_uring:io_uring_submit_req,io_uring:io_uring_poll_arm,io_uring:io_uring_task_work_run,io_uring:io_uring_queue_async_work
-  perf stat -e "$EV" -p "$ROUTER" -o "$WORK/stat.txt" &
+  perf stat -e "$EV" -p "$TARGET" -o "$WORK/stat.txt" &
   PS=$!; sleep 0.5; q0=$(ipis1)
   profile_load "$WORK/stat-wrk.json" "$DURATION"
   q1=$(ipis1); kill -INT $PS; wait $PS || true
   echo "== profile: perf record -g over a ${DURATION}s run" >&2
   profile_load "$WORK/rec-wrk.json" "$DURATION" &
   WP=$!; sleep 1
-  perf record -F 999 -g -p "$ROUTER" -o "$WORK/perf.data" -- sleep $((DURATION - 2)) 2>"$WORK/record.log"
+  perf record -F 999 -g -p "$TARGET" -o "$WORK/perf.data" -- sleep $((DURATION - 2)) 2>"$WORK/record.log"
   wait $WP || true
   perf report -i "$WORK/perf.data" --stdio --no-children --sort dso 2>/dev/null | { grep -E '^ +[0-9.]+%' || true; } | sed -n 1,8p >"$WORK/dso.txt"
   perf report -i "$WORK/perf.data" --stdio --no-children --sort sym -g none 2>/dev/null | { grep -E '^ +[0-9.]+%' || true; } | sed -n 1,45p >"$WORK/sym.txt"
@@ -197,7 +222,7 @@ json.dump({"requests": d["requests"], "duration_us": int(d["seconds"] * 1e6), "p
   echo "== profile: perf record --call-graph dwarf over a ${DURATION}s run (by path)" >&2
   profile_load "$WORK/dwarf-wrk.json" "$DURATION" &
   WP=$!; sleep 1
-  perf record -F 499 --call-graph dwarf,16384 -p "$ROUTER" -o "$WORK/dwarf.data" -- sleep $((DURATION - 2)) 2>>"$WORK/record.log"
+  perf record -F 499 --call-graph dwarf,16384 -p "$TARGET" -o "$WORK/dwarf.data" -- sleep $((DURATION - 2)) 2>>"$WORK/record.log"
   wait $WP || true
   perf script -F comm,tid,period,event,ip,sym,dso -i "$WORK/dwarf.data" 2>/dev/null >"$WORK/dwarf.txt"
   rm -f "$WORK/dwarf.data"
@@ -208,13 +233,6 @@ json.dump({"requests": d["requests"], "duration_us": int(d["seconds"] * 1e6), "p
   exit 0
 fi
 
-# ---- nginx: proxy (core 1) -> upstream (core 0); alone (core 1)
-start_nginx_proxy "$SIZE"
-ALONE_PORT=$(free_port)
-C_ALONE=$(nginx_conf alone 10 "server { listen 127.0.0.1:$ALONE_PORT backlog=4096; location / { $ANSWER } }")
-taskset -c 1 "$NGINX" -c "$C_ALONE" -e stderr >"$WORK/nginx-alone.log" 2>&1 &
-NGX_ALONE=$!; PIDS+=($NGX_ALONE)
-wait_port "$ALONE_PORT"
 # TLS=1: one nginx (master + 1 worker, core 1) terminating TLS 1.3 on three ports: in front of
 # the fedbus router's plaintext api listener, in front of the upstream nginx, answering alone.
 if [ "$TLS" = 1 ]; then

@@ -241,15 +241,25 @@ def main():
                     f"--connections {c} --inflight {i} --size {size}B --cores 0 --duration {dur}s")
     else:
         load_cmd = f"#   taskset -c 0 wrk -t1 -c{conns} -d{dur}s -s post.lua {scheme}://127.0.0.1:{port}  (1 in flight per connection)"
-    o = [f"# perf profile of the fedbus router at {shape}, {what}, "
+    # PROFILE_NGINX=1: nginx answering alone (the one-hop floor) under the same load and perf runs.
+    nginx = os.environ.get("PROFILE_NGINX") == "1"
+    server, pid = ("nginx answering alone (the floor)", "<nginx worker pid>") if nginx else ("the fedbus router", "<router pid>")
+    if nginx:
+        env, load_cmd = "PROFILE_NGINX=1 ", load_cmd.replace("$API", "$NGINX_ALONE")
+        layout = ["# layout: nginx (master + 1 worker, `return 200` with SIZE bytes) core 1; load generator on core 0",
+                  "#   taskset -c 1 nginx -c alone.conf"]
+    else:
+        layout = ["# layout: router shard core 1, control thread core 0; echo task and load generator on core 0",
+                  "#   fedbus run --config router.toml   (shard_cores = [1], control_core = 0)",
+                  "#   taskset -c 0 fedbus task echo --router 127.0.0.1:$INTERNAL --app demo/echo"]
+    o = [f"# perf profile of {server} at {shape}, {what}, "
          f"{size} B", f"# machine: {model}, kernel {kernel}, {perfv}", f"# load (uptime) at the end: {load}",
-         "# layout: router shard core 1, control thread core 0; echo task and load generator on core 0",
+         layout[0],
          f"# command: {env}PROFILE=<this file> benches/cpu-per-request.sh, which runs:",
-         "#   fedbus run --config router.toml   (shard_cores = [1], control_core = 0)",
-         "#   taskset -c 0 fedbus task echo --router 127.0.0.1:$INTERNAL --app demo/echo",
+         *layout[1:],
          load_cmd,
-         "#   perf stat -e <events below> -p <router pid>             (over one run of the load)",
-         f"#   perf record -F 999 -g -p <router pid> -- sleep {int(dur) - 2}  (during a second run)",
+         f"#   perf stat -e <events below> -p {pid}             (over one run of the load)",
+         f"#   perf record -F 999 -g -p {pid} -- sleep {int(dur) - 2}  (during a second run)",
          "# no hardware PMU in this guest: perf samples on cpu-clock (a timer), so time spent with",
          "# interrupts off is charged to where they come back on (_raw_spin_unlock_irqrestore,",
          "# irqentry_exit_to_user_mode); the grouping below walks past such glue to its caller.", ""]
@@ -257,7 +267,7 @@ def main():
           f"p99 {w['p99_us']} us, errors {w['errors']})", ""]
     for k, v in st.items():
         if k == "task-clock":
-            o.append(f"  {'router CPU (task-clock)':36s} {v * 1000 / reqs:8.2f} us/request")
+            o.append(f"  {'server CPU (task-clock)':36s} {v * 1000 / reqs:8.2f} us/request")
         else:
             o.append(f"  {k:36s} {v / reqs:8.2f} /request")
     o.append(f"  {'IPIs received by core 1 (RES + CAL)':36s} {int(ipis) / reqs:8.2f} /request  (/proc/interrupts)")
@@ -270,11 +280,11 @@ def main():
     for p, f in samples:
         groups[classify(f)] += p
     us = st.get("task-clock", 0) * 1000 / reqs if reqs else 0
-    o += [f"## Grouped ({len(samples)} samples; us/request = share x router CPU {us:.2f} us/request "
+    o += [f"## Grouped ({len(samples)} samples; us/request = share x server CPU {us:.2f} us/request "
           "from perf stat)", ""]
     for name, p in sorted(groups.items(), key=lambda x: -x[1]):
         o.append(f"  {100 * p / total:5.1f}%  {us * p / total:6.2f} us  {name}")
-    if paths_script:
+    if paths_script and not nginx:
         o += ["", "## By path: which step of the request the CPU goes to",
               f"# perf record -F 499 --call-graph dwarf,16384 -p <router pid> -- sleep {int(dur) - 2}"
               "  (during a third run)",

@@ -1094,14 +1094,14 @@ fn answers_coming_while_a_client_does_not_read_past_the_share_close_the_connecti
         .shards(1)
         .limit("max_connection_outbox_bytes", 512 * 1024)
         .start();
-    // The large answer comes after 1 s, the others after 3 s: every request is read before
-    // the large answer's write stops reading.
-    let _first = r.task().delay_ms(1_000).start();
+    // The large answer comes after 2 s, the others after 4 s: every request is read (8.6 MB
+    // over loopback) before the large answer's write stops reading.
+    let _first = r.task().delay_ms(2_000).start();
     let _behind = r
         .task()
         .app(OTHER)
         .partitions("0-3")
-        .delay_ms(3_000)
+        .delay_ms(4_000)
         .start();
     let (tok, other) = (r.token(APP, "alice"), r.token(OTHER, "bob"));
     normal(&r, APP, &tok, 0);

@@ -565,11 +565,18 @@ impl AnswerShare {
         })
     }
 
-    /// Counts `n` more bytes; marks the connection when it held more than its share already.
+    /// Counts an answer of `n` bytes that came; marks the connection when it held more than
+    /// its share already.
     fn add(&self, n: usize) {
         if self.held.get() > self.limit {
             self.over.set(true);
         }
+        self.count(n);
+    }
+
+    /// Counts `n` bytes without the check: a batch about to be written holds the answers that
+    /// were already counted as they came (and small ones, counted only while written).
+    fn count(&self, n: usize) {
         self.held.set(self.held.get() + n);
     }
 
@@ -1191,7 +1198,7 @@ async fn serve_inner<S: Stream>(
         head_room = head_room.max(head_bytes);
         head_bytes = 0;
         outbox.force_add(n);
-        share.add(n);
+        share.count(n);
         let pace = Duration::from_secs_f64(n as f64 / limits.min_answer_bytes_per_sec as f64);
         // Ok(Some(_)): written (or failed); Ok(None): over the share; Err: too slow.
         let written = {
@@ -1211,7 +1218,14 @@ async fn serve_inner<S: Stream>(
         share.sub(n);
         parts.clear();
         match written {
-            Ok(Some(r)) => r?,
+            Ok(Some(r)) => {
+                r?;
+                // Answers that came during the write went over the share: no further request
+                // is read for a connection that is closed anyway.
+                if share.over.get() {
+                    return Ok(slow_reader(shard, share.held.get(), OVER_SHARE));
+                }
+            }
             Ok(None) => return Ok(slow_reader(shard, held, OVER_SHARE)),
             Err(_) => return Ok(slow_reader(shard, n, TOO_SLOW)),
         }

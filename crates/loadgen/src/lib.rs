@@ -331,10 +331,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let keys = g.dir().join("keys");
             Keyring::init(&keys, &[args.app.as_str()], fedbus_auth::now_unix())
                 .context("create keys for the bench router")?;
-            let api: std::net::SocketAddr = ([127, 0, 0, 1], spawn::free_port()?).into();
-            let internal: std::net::SocketAddr = ([127, 0, 0, 1], spawn::free_port()?).into();
+            let [api, internal, tls] = spawn::free_ports::<3>()?;
+            let api: std::net::SocketAddr = ([127, 0, 0, 1], api).into();
+            let internal: std::net::SocketAddr = ([127, 0, 0, 1], internal).into();
             let api_tls = if args.tls {
-                let addr: std::net::SocketAddr = ([127, 0, 0, 1], spawn::free_port()?).into();
+                let addr: std::net::SocketAddr = ([127, 0, 0, 1], tls).into();
                 Some((addr, spawn::bench_certs(g.dir())?))
             } else {
                 None

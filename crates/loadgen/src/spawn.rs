@@ -123,10 +123,18 @@ fn have_taskset() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
-pub(crate) fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("find a free port")?;
-    Ok(l.local_addr()?.port())
+/// `N` ports that were free a moment ago on 127.0.0.1, all different: each is held until
+/// every one is found (one at a time, the kernel may hand out a port just released again, and
+/// a router with its api and api_tls on one port refuses to start).
+pub(crate) fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+    let mut held = Vec::with_capacity(N);
+    let mut ports = [0u16; N];
+    for p in &mut ports {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").context("find a free port")?;
+        *p = l.local_addr()?.port();
+        held.push(l);
+    }
+    Ok(ports)
 }
 
 /// The certificates of `fedbus bench --tls`: a fresh CA and a router certificate for

@@ -284,7 +284,7 @@ def main():
           "from perf stat)", ""]
     for name, p in sorted(groups.items(), key=lambda x: -x[1]):
         o.append(f"  {100 * p / total:5.1f}%  {us * p / total:6.2f} us  {name}")
-    if paths_script and not nginx:
+    if paths_script:
         o += ["", "## By path: which step of the request the CPU goes to",
               f"# perf record -F 499 --call-graph dwarf,16384 -p <router pid> -- sleep {int(dur) - 2}"
               "  (during a third run)",

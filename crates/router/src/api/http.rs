@@ -1213,7 +1213,8 @@ async fn serve_inner<S: Stream>(
                     Either::Right(_) => None,
                 })
         };
-        let held = share.held.get();
+        // What the connection held with the batch (not `held`, its request bodies).
+        let answers_held = share.held.get();
         outbox.release(n);
         share.sub(n);
         parts.clear();
@@ -1223,10 +1224,10 @@ async fn serve_inner<S: Stream>(
                 // Answers that came during the write went over the share: no further request
                 // is read for a connection that is closed anyway.
                 if share.over.get() {
-                    return Ok(slow_reader(shard, share.held.get(), OVER_SHARE));
+                    return Ok(slow_reader(shard, answers_held, OVER_SHARE));
                 }
             }
-            Ok(None) => return Ok(slow_reader(shard, held, OVER_SHARE)),
+            Ok(None) => return Ok(slow_reader(shard, answers_held, OVER_SHARE)),
             Err(_) => return Ok(slow_reader(shard, n, TOO_SLOW)),
         }
         if closing && inflight.is_empty() {

@@ -356,6 +356,56 @@ fn every_error_status() {
     assert_echo(&c.request(&Req::post(&p).token(&tok).body(b"y")), 42, b"y");
 }
 
+/// With `limits.max_header_bytes` raised past 64 KiB, a request target, bearer token, content
+/// type or origin longer than a frame's metadata value holds (65535 bytes) is refused (414,
+/// 431) instead of reaching a task or another cluster cut; a field the router does not carry on
+/// may be that long, and the longest carried ones are served.
+#[test]
+fn fields_longer_than_a_metadata_value_are_refused_not_cut() {
+    let r = Router::new()
+        .shards(1)
+        .limit("max_header_bytes", 1 << 20)
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let p = r.path(APP, 42);
+    let refused = |q: Req, status: u16, code: &str| {
+        let mut c = r.conn();
+        c.send_lossy(&q.bytes());
+        c.read_response()
+            .expect("answer")
+            .assert_error(status, code);
+    };
+    // The target: a query string (which routing ignores) makes it 65536 bytes; 65535 is
+    // served.
+    let target = |len: usize| format!("{p}?{}", "q".repeat(len - p.len() - 1));
+    refused(Req::post(&target(65_536)).token(&tok), 414, "uri_too_long");
+    let long = target(65_535);
+    let served = r.request(&Req::post(&long).token(&tok).body(b"t"));
+    assert_eq!(served.status, 200, "{served:?}");
+    // Carried fields.
+    let bearer = "a".repeat(65_536);
+    refused(Req::post(&p).token(&bearer), 431, "headers_too_large");
+    let ctype = "x".repeat(65_536);
+    refused(
+        Req::post(&p).token(&tok).header("Content-Type", &ctype),
+        431,
+        "headers_too_large",
+    );
+    refused(
+        Req::post(&p).token(&tok).header("Origin", &ctype),
+        431,
+        "headers_too_large",
+    );
+    // A field the router does not carry on: 200 KiB of it is served.
+    let big = "b".repeat(200 * 1024);
+    assert_echo(
+        &r.request(&Req::post(&p).token(&tok).header("X-Big", &big).body(b"ok")),
+        42,
+        b"ok",
+    );
+}
+
 #[test]
 fn task_killed_mid_request_is_502_without_hang() {
     let r = Router::new().shards(1).start();
@@ -850,6 +900,42 @@ fn a_trickled_request_head_gets_408() {
         "cut only after {:?}",
         started.elapsed()
     );
+}
+
+/// `limits.max_link_connections_per_shard` holds for a burst too: connections that arrive
+/// together, before any of them is served, are counted as they are accepted, so no more than
+/// the limit are held open and the rest are closed at accept (each counted).
+#[test]
+fn a_burst_of_connections_does_not_pass_the_internal_limit() {
+    let r = Router::new()
+        .shards(1)
+        .limit("max_link_connections_per_shard", 2)
+        .limit("handshake_timeout_ms", 20000)
+        .start();
+    let gauge = |r: &Router| r.metrics().get("fedbus_connections{listener=\"internal\"}");
+    let refused = |r: &Router| r.metrics().get("fedbus_connections_refused_total");
+    let refused_before = refused(&r);
+    const BURST: usize = 40;
+    // All connected (in the kernel's backlog) before the router accepts the first.
+    let held: Vec<std::net::TcpStream> = (0..BURST)
+        .map(|_| std::net::TcpStream::connect(r.internal[0]).expect("connect internal"))
+        .collect();
+    let settled = wait_for(Duration::from_secs(10), || {
+        (refused(&r) - refused_before + gauge(&r) >= BURST as f64).then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "burst not settled: {} refused, {} open",
+        refused(&r) - refused_before,
+        gauge(&r)
+    );
+    assert_eq!(
+        gauge(&r),
+        2.0,
+        "internal connections held open after a burst of {BURST}"
+    );
+    assert_eq!(refused(&r) - refused_before, (BURST - 2) as f64);
+    drop(held);
 }
 
 /// The internal listener has its own per-shard connection limit: connections that never

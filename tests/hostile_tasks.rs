@@ -1499,6 +1499,58 @@ fn registrations_are_refused_with_the_documented_close_codes_and_reasons() {
 /// A raw `main` link registered on shard 0 and in a published routing table: `registered`
 /// comes before the control thread has published a table with the link (section 4), and a
 /// request before that gets 503 `no_live_task`.
+/// `limits.max_roles_per_app` (`main` counts always): a link registering a new role while the
+/// app serves that many is closed 1008 `too_many_roles`, counted `register_refused` and logged;
+/// more tasks of a role already served register, and once no task serves a role its room is
+/// free again.
+#[test]
+fn roles_over_max_roles_per_app_are_refused() {
+    let r = Router::new()
+        .shards(1)
+        .limit("max_roles_per_app", 3)
+        .start();
+    let tok = service_token(&r);
+    let addr = r.internal[0];
+    let routed = |task: u64, role: &str| {
+        let before = r.metrics().get("fedbus_routing_generation");
+        let l = RawLink::registered(addr, &tok, task, role, &[0]);
+        r.wait_published_since(before, &format!("role {role}"));
+        l
+    };
+    let _cmd = routed(1, "cmd");
+    let view = routed(2, "view");
+    let refused_before = refused(&r, "register_refused");
+    let mut l = RawLink::open_hello(addr, &tok);
+    let reg = serde_json::json!({
+        "type": "register", "task": 3, "app": APP, "role": "audit", "partitions": [0],
+    });
+    l.send_frame(opcode::TEXT, reg.to_string().as_bytes());
+    let close = loop {
+        match l.read_msg() {
+            Ok(Msg::Close(c, p)) => {
+                break (
+                    c,
+                    String::from_utf8_lossy(p.get(2..).unwrap_or_default()).to_string(),
+                )
+            }
+            Ok(Msg::Ping(_)) => continue,
+            other => {
+                panic!("a fourth role (main, cmd, view, audit): expected a close, got {other:?}")
+            }
+        }
+    };
+    assert_eq!(close, (Some(1008), "too_many_roles".to_string()));
+    assert_eq!(refused(&r, "register_refused"), refused_before + 1.0);
+    assert!(r.log().contains("registration refused (too_many_roles)"));
+    // Another task of a role already served registers.
+    let _cmd2 = RawLink::registered(addr, &tok, 4, "cmd", &[1]);
+    // view's only task leaves: its room is free for audit.
+    let before = r.metrics().get("fedbus_routing_generation");
+    drop(view);
+    r.wait_published_since(before, "view's task gone");
+    let _audit = RawLink::registered(addr, &tok, 3, "audit", &[0]);
+}
+
 fn registered_and_routed(r: &Router, tok: &str, task: u64, partitions: &[u32]) -> RawLink {
     let before = r.metrics().get("fedbus_routing_generation");
     let l = RawLink::registered(r.internal[0], tok, task, "main", partitions);

@@ -154,6 +154,10 @@ pub struct Limits {
     /// have not finished their handshake) and, separately, on the external listener (peer
     /// links); more are closed at accept (`fedbus_connections_refused_total`). Default 1024.
     pub max_link_connections_per_shard: usize,
+    /// Most roles one app's tasks may serve at once on this router, `main` included: a task
+    /// link that registers another role while the app has this many is closed 1008
+    /// `too_many_roles`. Each role costs every routing table a slot per partition. Default 64.
+    pub max_roles_per_app: usize,
     /// Most requests pending on one task link; more get 503. Default 4096.
     pub max_pending_per_link: usize,
     /// Most bytes queued for writing on one link before new requests get 503. Default 64 MiB.
@@ -558,6 +562,7 @@ impl Default for Limits {
             request_timeout_ms: 10_000,
             max_connections_per_shard: 10_000,
             max_link_connections_per_shard: 1024,
+            max_roles_per_app: 64,
             max_pending_per_link: 4096,
             max_link_outbox_bytes: 64 * 1024 * 1024,
             max_inflight_per_connection: 256,
@@ -755,6 +760,7 @@ impl Config {
                 "limits.max_link_connections_per_shard",
                 l.max_link_connections_per_shard,
             ),
+            ("limits.max_roles_per_app", l.max_roles_per_app),
             ("limits.max_pending_per_link", l.max_pending_per_link),
             ("limits.max_link_outbox_bytes", l.max_link_outbox_bytes),
             (

@@ -132,6 +132,10 @@ fn range_of(buf: &[u8], part: &[u8]) -> Range<usize> {
     start..start + part.len()
 }
 
+/// The longest request target or header field value [`parse_one`] takes: the most a frame's
+/// metadata entry holds.
+const META_VALUE_MAX: usize = u16::MAX as usize;
+
 /// Parses one request from the front of `buf`, splitting it off when complete.
 #[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
 pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Parsed {
@@ -248,6 +252,23 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
         return Parsed::Error(400, "bad_request", why);
     }
     let path = range_of(buf, target.as_bytes());
+    // A frame's metadata value holds at most 64 KiB - 1 (`fedbus_proto::put_meta`): a longer
+    // target, token, content type or origin would reach a task or another cluster cut. Only a
+    // head over that size can hold one, so the default `limits.max_header_bytes` (16 KiB)
+    // never looks. Fields the router does not carry on may be longer.
+    if n > META_VALUE_MAX {
+        if target.len() > META_VALUE_MAX {
+            return Parsed::Error(414, "uri_too_long", "request target over 65535 bytes");
+        }
+        let carried = [&token, &ctype, &origin];
+        if carried
+            .iter()
+            .any(|f| f.as_ref().is_some_and(|f| f.len() > META_VALUE_MAX))
+        {
+            let why = "Authorization token, Content-Type or Origin over 65535 bytes";
+            return Parsed::Error(431, "headers_too_large", why);
+        }
+    }
     let body_len = cl.unwrap_or(0);
     if body_len > max_body {
         return Parsed::Error(413, "body_too_large", "request body over the limit");

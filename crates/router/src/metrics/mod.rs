@@ -16,8 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 /// HTTP statuses counted individually; anything else lands in "other".
-pub(crate) const STATUSES: [u16; 19] = [
-    200, 204, 304, 400, 401, 403, 404, 405, 408, 411, 413, 431, 500, 502, 503, 504, 508, 101, 0,
+pub(crate) const STATUSES: [u16; 20] = [
+    200, 204, 304, 400, 401, 403, 404, 405, 408, 411, 413, 414, 431, 500, 502, 503, 504, 508, 101,
+    0,
 ];
 /// Upper bounds of latency buckets, microseconds (Prometheus `le`).
 pub(crate) const LATENCY_BUCKETS_US: [u64; 16] = [

@@ -702,7 +702,12 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
         &claims,
         app_partitions,
         holder.as_ref().map(|(a, r)| (a.as_str(), r.as_str())),
-    );
+    )
+    .or_else(|| {
+        let table = shard.snapshots.routes.load();
+        let roles = table.apps.get(reg.app.as_str()).map(|a| &a.roles);
+        roles_refusal(roles, &reg.role, limits.max_roles_per_app)
+    });
     if let Some((code, why)) = refusal {
         LinkRefusal::RegisterRefused.count(shard);
         out.borrow_mut().close_with_reason(1008, code);
@@ -895,6 +900,22 @@ pub(crate) fn registration_refusal(
     } else {
         None
     }
+}
+
+/// `too_many_roles` when `role` is not among the roles the app's tasks serve in the routing
+/// table this shard holds (`roles`; `main` is always there) and the app already serves `max`:
+/// each role costs every routing table built a slot per partition (`limits.max_roles_per_app`).
+/// The control thread holds the same limit for registrations two shards let in at once.
+pub(crate) fn roles_refusal<V>(
+    roles: Option<&crate::route::FastMap<String, V>>,
+    role: &str,
+    max: usize,
+) -> Option<(&'static str, &'static str)> {
+    let roles = roles?;
+    (!roles.contains_key(role) && roles.len() >= max).then_some((
+        "too_many_roles",
+        "the app serves limits.max_roles_per_app roles already",
+    ))
 }
 
 /// The largest `register` message a task can legitimately send to this router: its fields and
@@ -1341,6 +1362,27 @@ mod tests {
             exp: u64::MAX,
             role: role.map(str::to_string),
         }
+    }
+
+    #[test]
+    fn a_new_role_is_refused_once_the_app_serves_the_most_roles() {
+        use super::roles_refusal;
+        let mut roles = crate::route::FastMap::<String, ()>::default();
+        roles.insert("main".into(), ());
+        roles.insert("cmd".into(), ());
+        let too_many = Some((
+            "too_many_roles",
+            "the app serves limits.max_roles_per_app roles already",
+        ));
+        assert_eq!(roles_refusal(Some(&roles), "view", 3), None);
+        assert_eq!(roles_refusal(Some(&roles), "view", 2), too_many);
+        // A role already served takes no more room: more of its tasks are welcome.
+        assert_eq!(roles_refusal(Some(&roles), "cmd", 2), None);
+        assert_eq!(roles_refusal(Some(&roles), "main", 1), None);
+        assert_eq!(roles_refusal(Some(&roles), "cmd", 1), None);
+        assert_eq!(roles_refusal(Some(&roles), "view", 1), too_many);
+        // Not an app of the routing table: the refusal chain already said unknown_app.
+        assert_eq!(roles_refusal::<()>(None, "view", 1), None);
     }
 
     #[test]

@@ -1368,6 +1368,28 @@ fn task_link_upgrade_refusals_are_as_documented() {
     }
 }
 
+/// Opens a link, reads the hello, sends `reg` as one message of opcode `op` and returns the
+/// close that refuses it: its code and reason.
+fn registration_closed(addr: SocketAddr, tok: &str, reg: &[u8], op: u8) -> (Option<u16>, String) {
+    let mut l = RawLink::open_hello(addr, tok);
+    l.send_frame(op, reg);
+    loop {
+        match l.read_msg() {
+            Ok(Msg::Close(c, p)) => {
+                return (
+                    c,
+                    String::from_utf8_lossy(p.get(2..).unwrap_or_default()).into(),
+                )
+            }
+            Ok(Msg::Ping(_)) => continue,
+            other => panic!(
+                "{}: expected a close, got {other:?}",
+                String::from_utf8_lossy(reg)
+            ),
+        }
+    }
+}
+
 /// Section 4: the hello names this router, its cluster, the shard, the shard count, every
 /// internal address and `max_message` (`limits.max_body_bytes` + 64 KiB); each refused
 /// registration is closed 1008 with the documented reason (`wrong_token`, `bad_role` for an
@@ -1397,25 +1419,7 @@ fn registrations_are_refused_with_the_documented_close_codes_and_reasons() {
         })
     );
     drop(l);
-    let close = |reg: &[u8], op: u8| -> (Option<u16>, String) {
-        let mut l = RawLink::open_hello(addr, &tok);
-        l.send_frame(op, reg);
-        loop {
-            match l.read_msg() {
-                Ok(Msg::Close(c, p)) => {
-                    return (
-                        c,
-                        String::from_utf8_lossy(p.get(2..).unwrap_or_default()).into(),
-                    )
-                }
-                Ok(Msg::Ping(_)) => continue,
-                other => panic!(
-                    "{}: expected a close, got {other:?}",
-                    String::from_utf8_lossy(reg)
-                ),
-            }
-        }
-    };
+    let close = |reg: &[u8], op: u8| registration_closed(addr, &tok, reg, op);
     let reg = |task: i64, app: &str, role: &str, parts: Vec<i64>| {
         serde_json::json!({"type": "register", "task": task, "app": app, "role": role, "partitions": parts})
             .to_string()
@@ -1496,9 +1500,6 @@ fn registrations_are_refused_with_the_documented_close_codes_and_reasons() {
     }
 }
 
-/// A raw `main` link registered on shard 0 and in a published routing table: `registered`
-/// comes before the control thread has published a table with the link (section 4), and a
-/// request before that gets 503 `no_live_task`.
 /// `limits.max_roles_per_app` (`main` counts always): a link registering a new role while the
 /// app serves that many is closed 1008 `too_many_roles`, counted `register_refused` and logged;
 /// more tasks of a role already served register, and once no task serves a role its room is
@@ -1520,25 +1521,10 @@ fn roles_over_max_roles_per_app_are_refused() {
     let _cmd = routed(1, "cmd");
     let view = routed(2, "view");
     let refused_before = refused(&r, "register_refused");
-    let mut l = RawLink::open_hello(addr, &tok);
     let reg = serde_json::json!({
         "type": "register", "task": 3, "app": APP, "role": "audit", "partitions": [0],
     });
-    l.send_frame(opcode::TEXT, reg.to_string().as_bytes());
-    let close = loop {
-        match l.read_msg() {
-            Ok(Msg::Close(c, p)) => {
-                break (
-                    c,
-                    String::from_utf8_lossy(p.get(2..).unwrap_or_default()).to_string(),
-                )
-            }
-            Ok(Msg::Ping(_)) => continue,
-            other => {
-                panic!("a fourth role (main, cmd, view, audit): expected a close, got {other:?}")
-            }
-        }
-    };
+    let close = registration_closed(addr, &tok, reg.to_string().as_bytes(), opcode::TEXT);
     assert_eq!(close, (Some(1008), "too_many_roles".to_string()));
     assert_eq!(refused(&r, "register_refused"), refused_before + 1.0);
     assert!(r.log().contains("registration refused (too_many_roles)"));
@@ -1551,6 +1537,9 @@ fn roles_over_max_roles_per_app_are_refused() {
     let _audit = RawLink::registered(addr, &tok, 3, "audit", &[0]);
 }
 
+/// A raw `main` link registered on shard 0 and in a published routing table: `registered`
+/// comes before the control thread has published a table with the link (section 4), and a
+/// request before that gets 503 `no_live_task`.
 fn registered_and_routed(r: &Router, tok: &str, task: u64, partitions: &[u32]) -> RawLink {
     let before = r.metrics().get("fedbus_routing_generation");
     let l = RawLink::registered(r.internal[0], tok, task, "main", partitions);

@@ -1889,3 +1889,275 @@ fn p51_peer_response_order_and_error_content_type() {
         "/api/ws: spb1's own 401, then spb2's relayed"
     );
 }
+
+// ---------------------------------------------------------------- peers that stall
+
+/// A router of another cluster, played by the test: it takes any peer upgrade, answers pings,
+/// and answers a request (200, body `name`) only while `answering` is set; requests it held
+/// meanwhile are answered (late) once it is set. Each connection runs on its own thread.
+struct FakePeer {
+    addr: std::net::SocketAddr,
+    answering: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakePeer {
+    fn start(name: &'static str, answering: bool) -> FakePeer {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind fake peer");
+        let addr = l.local_addr().expect("addr");
+        let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(answering));
+        let answering = flag.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let flag = flag.clone();
+                std::thread::spawn(move || FakePeer::serve(s, name, &flag));
+            }
+        });
+        FakePeer { addr, answering }
+    }
+
+    fn serve(mut s: TcpStream, name: &str, answering: &std::sync::atomic::AtomicBool) {
+        use fedbus_testkit::ReadRetrying;
+        let mut got = Vec::new();
+        let mut b = [0u8; 16 * 1024];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read_retrying(&mut b) {
+                Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
+                _ => return,
+            }
+        }
+        let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let head = String::from_utf8_lossy(&got[..end]).into_owned();
+        got.drain(..end);
+        let Some(key) = head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("sec-websocket-key")
+                .then(|| v.trim().to_string())
+        }) else {
+            return;
+        };
+        let accept = fedbus_router::ws::handshake::accept_response(&key);
+        if s.write_all(accept.as_bytes()).is_err() {
+            return;
+        }
+        let send = |s: &mut TcpStream, op: u8, payload: &[u8]| {
+            let mut h = [0u8; wsf::MAX_HEADER];
+            let n = wsf::encode_head(op, payload.len(), None, &mut h);
+            let mut m = h[..n].to_vec();
+            m.extend_from_slice(payload);
+            s.write_all(&m).is_ok()
+        };
+        let mut held: Vec<u64> = Vec::new();
+        s.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        loop {
+            if answering.load(std::sync::atomic::Ordering::SeqCst) {
+                for id in held.drain(..) {
+                    let mut meta = bytes::BytesMut::new();
+                    put_meta(&mut meta, tag::STATUS, b"200");
+                    let f = encode_frame(Kind::Response, 0, 0, 0, id, &meta, name.as_bytes());
+                    if !send(&mut s, wsf::opcode::BINARY, &f) {
+                        return;
+                    }
+                }
+            }
+            while let Ok(Some(h)) = wsf::parse_head(&got) {
+                let total = h.header_len + h.payload_len as usize;
+                if got.len() < total {
+                    break;
+                }
+                let mut p = got[h.header_len..total].to_vec();
+                if let Some(m) = h.mask {
+                    for (i, b) in p.iter_mut().enumerate() {
+                        *b ^= m[i % 4];
+                    }
+                }
+                got.drain(..total);
+                match h.opcode {
+                    wsf::opcode::PING => {
+                        if !send(&mut s, wsf::opcode::PONG, &p) {
+                            return;
+                        }
+                    }
+                    wsf::opcode::CLOSE => return,
+                    wsf::opcode::BINARY => {
+                        if let Ok(f) = Frame::decode(bytes::Bytes::from(p)) {
+                            held.push(f.header.request_id);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            match s.read_retrying(&mut b) {
+                Ok(0) => return,
+                Ok(n) => got.extend_from_slice(&b[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// docs/TUNING.md `limits.peer_eject_after_timeouts`: a router of another cluster that keeps
+/// its link up (it answers pings) but answers no request is ranked last for its cluster after
+/// that many timeouts in a row, so the requests it would get go to the cluster's other router
+/// instead of each waiting for its 504; counted and logged. Its late answers bring it back.
+#[test]
+fn a_peer_router_that_answers_no_request_is_ejected_and_back_once_it_answers() {
+    const APP: &str = "demo/echo";
+    let far = TempDir::new("far-cluster");
+    let far_keys = far.path().join("keys");
+    keys_init(far.path(), &far_keys, &[APP]);
+    // Both ready by rank (no status: the same rank); wsid % 2 picks the first tried, so
+    // an even wsid starts at `stalled`.
+    let stalled = FakePeer::start("stalled", false);
+    let good = FakePeer::start("good", true);
+    let fed = format!(
+        "[federation]\nentry_point = \"test.local\"\n[[federation.clusters]]\nregion = \"local\"\ncluster = \"far\"\nrouters = [\"{}\", \"{}\"]\nkeys = {:?}",
+        stalled.addr,
+        good.addr,
+        far_keys.to_str().expect("utf-8")
+    );
+    let r = Router::new()
+        .shards(1)
+        .dev()
+        .listen("external", "\"127.0.0.1:0\"")
+        .limit("request_timeout_ms", 300)
+        .limit("peer_eject_after_timeouts", 2)
+        .tail(&fed)
+        .start();
+    let tok = r.token(APP, "alice");
+    let far_path = |wsid: u64| format!("/api/local/far/{APP}/api/{wsid}/sys/echo");
+    wait_for(Duration::from_secs(10), || {
+        (r.metrics().get("fedbus_peer_links") >= 2.0).then_some(())
+    })
+    .expect("peer links to both fake routers");
+    let ask = |wsid: u64| {
+        let (api, path, tok) = (r.api, far_path(wsid), tok.clone());
+        std::thread::spawn(move || {
+            let mut c = Conn::open(api);
+            c.request(&Req::post(&path).token(&tok).body(b"x"))
+        })
+    };
+    // Two requests the stalled router holds: both 504 at the peer deadline (300 ms + 1 s).
+    let held: Vec<_> = [0, 2].map(ask).into_iter().collect();
+    for h in held {
+        let a = h.join().expect("client");
+        a.assert_error(504, "peer_timeout");
+    }
+    wait_for(Duration::from_secs(5), || {
+        (r.metrics().get("fedbus_peer_ejected_total") >= 1.0).then_some(())
+    })
+    .expect("the stalled router's link ejected");
+    assert!(r.log().contains("peer link ejected"), "{}", r.log());
+    // The same wsids now go to the other router of the cluster, at once.
+    for wsid in [0, 2, 4] {
+        let t = Instant::now();
+        let a = ask(wsid).join().expect("client");
+        assert_eq!(a.status, 200, "{a:?}");
+        assert_eq!(a.body, b"good", "wsid {wsid}");
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    }
+    // The stalled router answers what it held (late): back in its rank.
+    stalled
+        .answering
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_for(Duration::from_secs(5), || {
+        (r.metrics().get("fedbus_peer_readmitted_total") >= 1.0).then_some(())
+    })
+    .expect("the stalled router back after its late answers");
+    let a = ask(0).join().expect("client");
+    assert_eq!((a.status, a.body.as_slice()), (200, &b"stalled"[..]));
+}
+
+/// docs/TUNING.md `limits.min_body_bytes_per_sec`: a peer link's message that arrives in
+/// pieces is held to the pace an HTTP body is (as on `/api/ws`): a router of another cluster
+/// trickling one byte at a time, which the link's read timeout never ends, is closed with
+/// 1008 once the message is slower than `handshake_timeout_ms` + its length / the pace;
+/// counted in `fedbus_slow_messages_closed_total` and logged.
+#[test]
+fn a_peer_message_trickled_below_the_minimum_pace_closes_the_link_1008() {
+    let f = Federation::builder()
+        .peer_tls(false)
+        .limit("spb1", "handshake_timeout_ms", 1000)
+        .start();
+    let r = f.router("spb1", 0);
+    let mut w = raw_peer(&f, r, "ru/spb2", f.keyring("spb2"));
+    // A binary message of 2,000 bytes: whole within 1 s + 2000 / 1024 s at the default pace.
+    let mut h = [0u8; wsf::MAX_HEADER];
+    let n = wsf::encode_head(wsf::opcode::BINARY, 2000, Some([0; 4]), &mut h);
+    w.s.write_all(&h[..n]).expect("frame head");
+    let mut trickle = w.s.try_clone().expect("clone");
+    let started = Instant::now();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let t = std::thread::spawn(move || {
+        while !stopped.load(std::sync::atomic::Ordering::SeqCst) && trickle.write_all(b"x").is_ok()
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let code = w.close_code();
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = t.join();
+    assert_eq!(code, 1008, "after {took:?}");
+    assert!(took < Duration::from_secs(6), "closed only after {took:?}");
+    assert_eq!(r.metrics().get("fedbus_slow_messages_closed_total"), 1.0);
+    assert!(
+        r.log().contains("peer link message slower than"),
+        "{}",
+        r.log()
+    );
+}
+
+/// docs/ARCHITECTURE.md, the memory budget: a forwarded request is held whole until answered
+/// (its payload is a slice of the frame), so its metadata draws on `limits.body_budget_bytes`
+/// with its body: frames of a peer router carrying 1 MiB of metadata each and 2 bytes of body
+/// fill a 2.5 MB budget at the second, and the third is answered `503 overloaded` at once.
+#[test]
+fn a_forwarded_requests_metadata_is_charged_to_the_body_budget() {
+    let f = Federation::builder()
+        .peer_tls(false)
+        .task_delay_ms("spb1", 1500)
+        .limit("spb1", "body_budget_bytes", 2_500_000)
+        .start();
+    let r = f.router("spb1", 0);
+    let mut w = raw_peer(&f, r, "ru/spb2", f.keyring("spb2"));
+    let tok = f.token("spb1").to_string();
+    let junk = vec![b'j'; 60_000];
+    let mut mm = bytes::BytesMut::new();
+    for (t, v) in [
+        (tag::CLUSTER, &b"ru/spb1"[..]),
+        (tag::APP, b"demo/echo"),
+        (tag::SERVICE, b"api"),
+        (tag::MODULE, b"sys"),
+        (tag::FUNCTION, b"echo"),
+        (tag::WSID, b"37"),
+        (tag::TOKEN, tok.as_bytes()),
+    ] {
+        put_meta(&mut mm, t, v);
+    }
+    // An unknown tag, which a receiver skips: 18 entries of 60,000 bytes.
+    for _ in 0..18 {
+        put_meta(&mut mm, 250, &junk);
+    }
+    for id in 1..=3u64 {
+        let fr = encode_frame(Kind::Request, flags::FORWARDED, 0, 0, id, &mm, b"pp").to_vec();
+        w.send_raw(&fr);
+    }
+    let mut answers = std::collections::BTreeMap::new();
+    let started = Instant::now();
+    while answers.len() < 3 {
+        let a = w.frame();
+        answers.insert(a.header.request_id, (status(&a), started.elapsed()));
+    }
+    let (third, at) = answers[&3];
+    assert_eq!(third, 503, "{answers:?}");
+    assert!(at < Duration::from_millis(1000), "{answers:?}");
+    assert_eq!((answers[&1].0, answers[&2].0), (200, 200), "{answers:?}");
+    assert!(r.metrics().get("fedbus_overload_refused_total") >= 1.0);
+}

@@ -180,6 +180,11 @@ pub struct Limits {
     /// partitions go to the emergency partition; its next answer (a late one counts) brings it
     /// back. 0: never. Default 5.
     pub task_eject_after_timeouts: u32,
+    /// Outlier ejection of peer routers: a peer link on which this many requests in a row
+    /// timed out (no answer in between) is ranked below every other router of its cluster,
+    /// tried only when none of them takes the request; its next answer (a late one counts)
+    /// brings it back. 0: never. Default 5.
+    pub peer_eject_after_timeouts: u32,
     /// Outlier ejection: a task link that has sent nothing (no pong, no frame) this long after
     /// a ping leaves routing until it is heard again. Detection takes at most
     /// `ping_interval_ms` + this; the link itself closes after 3 silent ping intervals, so a
@@ -569,6 +574,7 @@ impl Default for Limits {
             ping_interval_ms: 2000,
             client_ping_interval_ms: 0,
             task_eject_after_timeouts: 5,
+            peer_eject_after_timeouts: 5,
             task_pong_timeout_ms: 1000,
             max_anonymous_body_bytes: 64 * 1024,
             min_body_bytes_per_sec: 1024,

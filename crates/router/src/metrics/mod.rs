@@ -79,6 +79,8 @@ pub(crate) struct ShardMetrics {
     /// Task links taken out of routing by outlier detection, by `task::link::Ejection`.
     pub(crate) task_ejected: [AtomicU64; 3],
     pub(crate) task_readmitted: AtomicU64,
+    pub(crate) peer_ejected: AtomicU64,
+    pub(crate) peer_readmitted: AtomicU64,
     pub(crate) task_links_ejected: AtomicU64,
     /// `renew` messages on task links: accepted, refused.
     pub(crate) task_renewals: [AtomicU64; 2],
@@ -289,7 +291,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
         (
             "fedbus_slow_messages_closed_total",
             "counter",
-            "Client /api/ws sessions closed (1008) because a message arriving in pieces was slower than limits.min_body_bytes_per_sec (after limits.handshake_timeout_ms).",
+            "Client /api/ws sessions and peer links closed (1008) because a message arriving in pieces was slower than limits.min_body_bytes_per_sec (after limits.handshake_timeout_ms).",
             |m| &m.slow_messages_closed,
         ),
         (
@@ -369,6 +371,12 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
         o,
         "# HELP fedbus_task_readmitted_total Ejected task links back in routing after answering again.\n# TYPE fedbus_task_readmitted_total counter\nfedbus_task_readmitted_total {}",
         sum(reg, |m| &m.task_readmitted)
+    );
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_peer_ejected_total Peer links ranked last for their cluster after limits.peer_eject_after_timeouts request timeouts in a row.\n# TYPE fedbus_peer_ejected_total counter\nfedbus_peer_ejected_total {}\n# HELP fedbus_peer_readmitted_total Ejected peer links back in their rank after answering again.\n# TYPE fedbus_peer_readmitted_total counter\nfedbus_peer_readmitted_total {}",
+        sum(reg, |m| &m.peer_ejected),
+        sum(reg, |m| &m.peer_readmitted)
     );
     let _ = writeln!(
         o,

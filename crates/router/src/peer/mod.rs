@@ -135,18 +135,33 @@ impl Slot {
             .cloned()
     }
 
-    /// How much `app`/`wsid` should go to this router: 0 when there is no usable link, else
-    /// one more than [`PeerStatus::rank`] (or [`status::RANK_UNKNOWN`]) so that a draining or
-    /// unready router stays a last resort.
+    /// How much `app`/`wsid` should go to this router, when its link takes requests: one
+    /// more than [`PeerStatus::rank`] (or [`status::RANK_UNKNOWN`]) so that a draining or
+    /// unready router stays a last resort, and [`RANK_EJECTED`] below those for a link out of
+    /// routing for its timeouts (`limits.peer_eject_after_timeouts`): tried only when no other
+    /// router of the cluster takes the request.
     fn rank(&self, app: &str, wsid: u64, max_pending: usize) -> Option<(u8, Rc<TaskLink>)> {
-        let link = self.usable_link(max_pending)?;
+        let link = self
+            .link
+            .borrow()
+            .as_ref()
+            .filter(|l| l.takes_requests(max_pending))
+            .cloned()?;
+        if link.is_ejected() {
+            return Some((RANK_EJECTED, link));
+        }
         let r = match self.status.borrow().as_ref() {
             Some(s) => s.rank(app, wsid),
             None => status::RANK_UNKNOWN,
         };
-        Some((r, link))
+        Some((r + 1, link))
     }
 }
+
+/// [`Slot::rank`] of a link out of routing: below every other.
+const RANK_EJECTED: u8 = 0;
+/// [`Slot::rank`] of a ready router serving the partition: none is better.
+const RANK_BEST: u8 = 4;
 
 /// A shard's peer links: cluster -> one slot per remote router.
 #[derive(Default)]
@@ -183,7 +198,7 @@ impl Peers {
             if except.is_some_and(|e| Rc::ptr_eq(e, &link)) {
                 continue;
             }
-            if r == 3 {
+            if r == RANK_BEST {
                 return Some(link);
             }
             if best.as_ref().is_none_or(|(b, _)| r > *b) {
@@ -397,6 +412,13 @@ async fn run_link<S: ws::Stream>(
         limits.max_message_bytes(),
         limits,
     );
+    // A message that arrives in pieces is held to an HTTP body's slowest pace, as on
+    // `/api/ws`: otherwise a byte per ping interval held a message buffer (and, on a dialed
+    // link, every request waiting behind it) for ever.
+    reader.set_min_pace(
+        Duration::from_millis(limits.handshake_timeout_ms),
+        limits.min_body_bytes_per_sec,
+    );
     let link = Rc::new(TaskLink::new(
         0,
         cluster.to_string(),
@@ -477,11 +499,23 @@ fn on_renew(
 
 /// The close code for a peer link that failed with `e`; a policy breach by the other router
 /// (a control frame flood) is logged and counted in `fedbus_abusive_closed_total`, as on task
-/// links and client sessions.
+/// links and client sessions; a message slower than `limits.min_body_bytes_per_sec` in
+/// `fedbus_slow_messages_closed_total`, as on `/api/ws`.
 fn closed_for(shard: &Shard, cluster: &str, e: &ws::WsError) -> Option<u16> {
-    if matches!(e, ws::WsError::Policy(_)) {
-        ShardMetrics::inc(&shard.metrics.abusive_closed);
-        tracing::warn!(shard = shard.index, %cluster, "peer link closed: {e}");
+    match e {
+        ws::WsError::Policy(_) => {
+            ShardMetrics::inc(&shard.metrics.abusive_closed);
+            tracing::warn!(shard = shard.index, %cluster, "peer link closed: {e}");
+        }
+        ws::WsError::Slow => {
+            ShardMetrics::inc(&shard.metrics.slow_messages_closed);
+            tracing::warn!(
+                shard = shard.index,
+                %cluster,
+                "peer link message slower than limits.min_body_bytes_per_sec: closed with 1008"
+            );
+        }
+        _ => {}
     }
     e.close_code()
 }
@@ -644,7 +678,7 @@ async fn close_when_replaced(shard: Rc<Shard>, cluster: String, link: Rc<TaskLin
     let (mut sent, mut since) = (link.sent(), start);
     let mut timer = crate::util::Deadline::new();
     let mut retired = false;
-    while link.is_alive() {
+    while link.is_open() {
         if link.sent() != sent {
             (sent, since) = (link.sent(), Instant::now());
         }
@@ -665,7 +699,7 @@ async fn close_when_replaced(shard: Rc<Shard>, cluster: String, link: Rc<TaskLin
 
 /// Closes a link to a router a reload removed once no request is pending on it.
 async fn close_when_idle(link: Rc<TaskLink>) {
-    while link.is_alive() && link.pending_len() > 0 {
+    while link.is_open() && link.pending_len() > 0 {
         glommio::timer::sleep(crate::health::POLL).await;
         // Out of `Peers`, the deadline sweeper (`shard::sweep_deadlines`) no longer sees this
         // link: its requests get their 504 `peer_timeout` here, or a peer that answers pings
@@ -912,6 +946,13 @@ async fn serve_link<S: ws::Stream>(
         limits.max_message_bytes(),
         limits,
     );
+    // A message that arrives in pieces is held to an HTTP body's slowest pace, as on
+    // `/api/ws`: otherwise a byte per ping interval held a message buffer (and, on a dialed
+    // link, every request waiting behind it) for ever.
+    reader.set_min_pace(
+        Duration::from_millis(limits.handshake_timeout_ms),
+        limits.min_body_bytes_per_sec,
+    );
     let inflight = Rc::new(std::cell::Cell::new(0usize));
     // Bytes of forwarded bodies this link holds (charged to the shard's body budget).
     let held = Rc::new(std::cell::Cell::new(0usize));
@@ -951,7 +992,9 @@ async fn serve_link<S: ws::Stream>(
                             "over the in-flight limit of this peer link",
                         ))
                     } else {
-                        shard.charge_within(&held, usize::MAX, f.payload.len())
+                        // The whole frame stays in memory until answered (the payload is a
+                        // slice of it): its metadata counts too.
+                        shard.charge_within(&held, usize::MAX, f.meta.len() + f.payload.len())
                     };
                     let charge = match admitted {
                         Ok(c) => c,

@@ -485,6 +485,30 @@ impl Shard {
 
 /// Tells the control thread that a task link left routing (as if it had closed) or came back
 /// (as if it had registered again), counts it and logs it.
+/// Counts and logs a peer link leaving or coming back to its rank (`peer::Peers::pick`).
+fn report_peer_health(shard: &Shard, addr: &str, change: HealthChange) {
+    let m = &shard.metrics;
+    match change {
+        HealthChange::Ejected(_) => {
+            ShardMetrics::inc(&m.peer_ejected);
+            tracing::warn!(
+                shard = shard.index,
+                router = addr,
+                after = shard.cfg.limits.peer_eject_after_timeouts,
+                "peer link ejected: requests timed out in a row; ranked last for its cluster"
+            );
+        }
+        HealthChange::Readmitted => {
+            ShardMetrics::inc(&m.peer_readmitted);
+            tracing::info!(
+                shard = shard.index,
+                router = addr,
+                "peer link answers again: back in its rank"
+            );
+        }
+    }
+}
+
 fn report_health(shard: &Shard, l: &TaskLink, change: HealthChange) {
     let m = &shard.metrics;
     match change {
@@ -593,6 +617,10 @@ pub(crate) async fn sweep_deadlines(shard: Rc<Shard>) {
             for s in slots {
                 if let Some(l) = s.link.borrow().as_ref() {
                     l.expire(now);
+                    if let Some(change) = l.health_step(now, limits.peer_eject_after_timeouts, None)
+                    {
+                        report_peer_health(&shard, &s.addr, change);
+                    }
                 }
             }
         }

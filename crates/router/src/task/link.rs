@@ -262,11 +262,21 @@ impl TaskLink {
 
     /// Alive, not ejected, not retired and below the pending limit.
     pub(crate) fn is_usable(&self, max_pending: usize) -> bool {
+        self.health.ejected.get().is_none() && self.takes_requests(max_pending)
+    }
+
+    /// Alive, not retired, not closing and below the pending limit, ejected or not: a peer
+    /// link out of routing for its timeouts is still a last resort (`peer::Peers::pick`).
+    pub(crate) fn takes_requests(&self, max_pending: usize) -> bool {
         self.alive.get()
-            && self.health.ejected.get().is_none()
             && !self.retired.get()
             && self.pending.borrow().len() < max_pending
             && !self.out.borrow().is_closing()
+    }
+
+    /// Out of routing ([`TaskLink::health_step`]).
+    pub(crate) fn is_ejected(&self) -> bool {
+        self.health.ejected.get().is_some()
     }
 
     /// From now on the link takes no new request (see [`TaskLink::retired`]).

@@ -1337,3 +1337,48 @@ fn websocket_bodies_over_max_body_bytes_get_413() {
     let f = ws.read_response();
     assert_eq!((status_of(&f), f.payload.len()), (200, 4096));
 }
+
+/// An `/api/ws` session's small requests in flight hold slices of its read buffer. After one
+/// large message its reads are offered 64 KiB; small messages that then arrive one per read
+/// must share read buffers, not take a fresh 64 KiB one each (they did: 200 empty requests
+/// held 12.5 MiB per session, none of it charged to the body budget).
+#[test]
+fn small_websocket_messages_in_flight_share_their_read_buffers() {
+    const SESSIONS: usize = 4;
+    const SMALL: u64 = 200;
+    let r = Router::new().shards(1).start();
+    let _t = r.task().delay_ms(4000).start();
+    let tok = r.token(APP, "alice");
+    let before = rss_kib(&r);
+    let sessions: Vec<_> = (0..SESSIONS)
+        .map(|i| {
+            let (api, path, tok) = (r.api, r.path(APP, i as u64), tok.clone());
+            std::thread::spawn(move || {
+                let mut ws = Ws::open(api, &tok);
+                ws.send_request(1, &path, &vec![b'b'; 64 * 1024]);
+                for id in 2..2 + SMALL {
+                    ws.send_request(id, &path, b"");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                ws
+            })
+        })
+        .collect();
+    let mut held: Vec<Ws> = sessions
+        .into_iter()
+        .map(|t| t.join().expect("session"))
+        .collect();
+    r.wait_pending((SESSIONS as u64 * (SMALL + 1)) as f64);
+    let grown_kib = rss_kib(&r).saturating_sub(before);
+    println!(
+        "{SESSIONS} sessions, each one 64 KiB request then {SMALL} empty ones, all in flight: \
+         router RSS +{grown_kib} KiB"
+    );
+    assert!(grown_kib < 8 * 1024, "RSS grew by {grown_kib} KiB");
+    // Every request is answered.
+    for ws in held.iter_mut() {
+        for _ in 0..=SMALL {
+            assert_eq!(status_of(&ws.read_response()), 200);
+        }
+    }
+}

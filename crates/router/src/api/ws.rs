@@ -359,14 +359,16 @@ pub(crate) async fn serve<S: Stream>(
                     send_answer(&out, shard.index, f.header.request_id, &a, None);
                     continue;
                 }
-                let charge =
-                    match arrived.map_or_else(|| shard.charge_body(&held, f.payload.len()), Ok) {
-                        Ok(c) => c,
-                        Err(a) => {
-                            send_answer(&out, shard.index, f.header.request_id, &a, None);
-                            continue;
-                        }
-                    };
+                // The whole message is held until answered (the body is a slice of it): its
+                // metadata counts with its body, as for one charged while it arrived.
+                let whole = f.meta.len() + f.payload.len();
+                let charge = match arrived.map_or_else(|| shard.charge_body(&held, whole), Ok) {
+                    Ok(c) => c,
+                    Err(a) => {
+                        send_answer(&out, shard.index, f.header.request_id, &a, None);
+                        continue;
+                    }
+                };
                 session.inflight.set(session.inflight.get() + 1);
                 let (s, o, sess, start) = (shard.clone(), out.clone(), session.clone(), read_at);
                 inflight.push(async move {

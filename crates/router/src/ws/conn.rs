@@ -633,8 +633,11 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             // Room for what the next read is offered: 4 KiB for a session that only ever
             // receives small messages (it keeps that little), up to a whole chunk once reads
             // fill it.
+            // A buffer with room for a first offer left is read into as it is: messages in
+            // flight hold slices of it, so a fresh buffer for each small message that comes
+            // in a read of its own would keep a whole chunk alive per message, uncharged.
             let want = self.space.next_offer();
-            if self.buf.capacity() - self.buf.len() < want {
+            if self.buf.capacity() - self.buf.len() < FIRST_OFFER {
                 make_room(&mut self.buf, &mut self.spare, want, want);
             }
             self.space.read(&mut self.io, &mut self.buf).await?

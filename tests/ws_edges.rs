@@ -1211,3 +1211,36 @@ fn a_close_with_a_request_in_flight_is_answered_1000_at_once() {
         t0.elapsed()
     );
 }
+
+/// PROTOCOL.md section 8: a refused upgrade "closes" as every refusal does, with a lingering
+/// close: bytes the client sent after its head (256 KiB here) are read and dropped, so the
+/// refusal (401 for a bad token) arrives whole and the connection ends with a clean EOF, not
+/// a reset that can destroy the answer before the client reads it.
+#[test]
+fn a_refused_upgrade_with_bytes_behind_it_ends_in_a_clean_close() {
+    let r = Router::new().shards(1).start();
+    let mut s = tcp(r.api);
+    let mut raw = ws_head("/api/ws", "127.0.0.1", &[bearer("not.a.token")]).into_bytes();
+    raw.extend(std::iter::repeat_n(b'j', 256 * 1024));
+    let mut w = s.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(&raw);
+    });
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let end = loop {
+        match read_retrying(&mut s, &mut chunk) {
+            Ok(0) => break Ok(()),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) => break Err(e),
+        }
+    };
+    let _ = writer.join();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    assert!(text.contains("bad_token"), "{text}");
+    assert!(
+        end.is_ok(),
+        "the refusal ended in {end:?}, not a clean close"
+    );
+}

@@ -475,9 +475,9 @@ pub(crate) async fn serve<S: Stream>(
     }
 }
 
-/// Refuses an upgrade with an HTTP error answer (the connection then closes), counted in
-/// `fedbus_requests_total` by its status, with its latency from `start`, as an HTTP request's
-/// answer is.
+/// Refuses an upgrade with an HTTP error answer, then closes as every refusal does (a
+/// lingering close); counted in `fedbus_requests_total` by its status, with its latency from
+/// `start`, as an HTTP request's answer is.
 async fn refuse<S: Stream>(
     shard: &Shard,
     stream: &mut S,
@@ -489,7 +489,11 @@ async fn refuse<S: Stream>(
     let took = start.elapsed().as_micros() as u64;
     shard.metrics.request(status, took, 0, 0);
     let answer = handshake::error_response(status, code, message);
-    let _ = stream.write_parts(&[Bytes::from(answer)]).await;
+    if stream.write_parts(&[Bytes::from(answer)]).await.is_ok() {
+        // As every refusal closes: what the client sent behind its head is read and
+        // dropped, so that the answer is not reset away (and `close_notify` ends a TLS one).
+        crate::api::http::lingering_close(stream).await;
+    }
 }
 
 /// Runs the session's requests in flight until each answer is queued (each has its request

@@ -1244,3 +1244,38 @@ fn a_refused_upgrade_with_bytes_behind_it_ends_in_a_clean_close() {
         "the refusal ended in {end:?}, not a clean close"
     );
 }
+
+/// A client that shuts its sending side after its requests (a TCP half-close) still gets their
+/// answers, as an HTTP client does, and then the session's close frame; before, the answers
+/// in flight were dropped and the connection cut.
+#[test]
+fn a_half_closed_session_still_gets_the_answers_in_flight() {
+    let r = Router::new().shards(1).start();
+    let _t = r.task().delay_ms(300).start();
+    let tok = r.token(APP, "alice");
+    let mut w = open(&r, &tok);
+    let path = r.path(APP, 5);
+    w.request(1, Some(&path), b"one");
+    w.request(2, Some(&path), b"two");
+    w.tcp
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    let mut answers = Vec::new();
+    let close = loop {
+        match w.read_msg() {
+            Ok(Msg::Binary(b)) => {
+                let f = Frame::decode(Bytes::from(b)).expect("frame");
+                answers.push((f.header.request_id, status_of(&f), f.payload.to_vec()));
+            }
+            Ok(Msg::Close(c, _)) => break c,
+            Ok(_) => continue,
+            Err(e) => panic!("after {answers:?}: {e}"),
+        }
+    };
+    answers.sort();
+    assert_eq!(
+        answers,
+        vec![(1, 200, b"one".to_vec()), (2, 200, b"two".to_vec())]
+    );
+    assert_eq!(close, Some(1000));
+}

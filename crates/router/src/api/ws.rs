@@ -424,6 +424,12 @@ pub(crate) async fn serve<S: Stream>(
                     _ => break Some(1002),
                 }
             }
+            Err(ws::WsError::Eof) => {
+                // The client shut its sending side (a TCP half-close): the requests it sent
+                // are answered, as on HTTP, then the close frame (1000) follows them.
+                finish_inflight(&mut inflight, &mut deadline, &session, &out).await;
+                break Some(1000);
+            }
             Err(e) => {
                 if matches!(e, ws::WsError::Policy(_)) {
                     crate::metrics::ShardMetrics::inc(&shard.metrics.abusive_closed);

@@ -363,7 +363,8 @@ fn a_frame_with_rsv1_set_closes_1002() {
     w.expect_close(1002);
 }
 
-/// Reserved opcodes (3 for data, 0xB for control) are protocol errors: 1002.
+/// Reserved opcodes (3 for data, 0xB for control) are protocol errors: 1002; such closes are
+/// counted by code (`fedbus_ws_bad_input_closed_total`) and logged.
 #[test]
 fn reserved_opcodes_close_1002() {
     let r = Router::new().shards(1).start();
@@ -374,6 +375,32 @@ fn reserved_opcodes_close_1002() {
         w.send(&b);
         assert_eq!(w.close_code(), Ok(Some(1002)), "opcode {op:#x}");
     }
+    // Each close for what the client sent is counted by its code and logged, as a refused
+    // HTTP request is: a text message (1003), a binary message that is no fedbus frame (1002).
+    let mut w = open(&r, &tok);
+    let b = w.raw(FIN | opcode::TEXT, b"hello");
+    w.send(&b);
+    assert_eq!(w.close_code(), Ok(Some(1003)));
+    let mut w = open(&r, &tok);
+    let b = w.raw(FIN | opcode::BINARY, b"not a frame");
+    w.send(&b);
+    assert_eq!(w.close_code(), Ok(Some(1002)));
+    let closed = |code: u16| {
+        r.metrics().get(&format!(
+            "fedbus_ws_bad_input_closed_total{{code=\"{code}\"}}"
+        ))
+    };
+    wait_for(Duration::from_secs(5), || {
+        (closed(1002) >= 3.0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("1002 closes counted: {}", closed(1002)));
+    assert_eq!((closed(1002), closed(1003)), (3.0, 1.0));
+    let log = r.log();
+    assert!(
+        log.contains("client websocket closed: a text message"),
+        "{log}"
+    );
+    assert!(log.contains("client websocket closed: a binary message that is no fedbus frame"));
 }
 
 /// RFC 6455 5.2: a 64-bit length with its most significant bit set is invalid: 1002, at once

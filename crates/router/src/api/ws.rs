@@ -9,6 +9,7 @@
 
 use super::inflight::Unordered;
 use crate::auth::{self, claimed_app};
+use crate::metrics::WS_BAD_INPUT_CODES;
 use crate::proto::{tag, Frame, Kind};
 use crate::route::parse_api_path;
 use crate::routing::answer::send_answer;
@@ -334,7 +335,10 @@ pub(crate) async fn serve<S: Stream>(
                 }
                 let f = match Frame::decode(b) {
                     Ok(f) if f.header.kind == Kind::Request => f,
-                    _ => break Some(1002),
+                    Ok(_) => break bad_input(&shard, 1002, "a fedbus frame other than a Request"),
+                    Err(_) => {
+                        break bad_input(&shard, 1002, "a binary message that is no fedbus frame")
+                    }
                 };
                 if draining && !std::mem::take(&mut finish_arriving) {
                     let why = "this router is draining; send it again on a new session";
@@ -393,10 +397,12 @@ pub(crate) async fn serve<S: Stream>(
             }
             Ok(Message::Ping(p)) => out.borrow_mut().send_control(ws::frame::opcode::PONG, &p),
             Ok(Message::Pong(_)) => {}
-            Ok(Message::Text(_)) => break Some(1003),
+            Ok(Message::Text(_)) => break bad_input(&shard, 1003, "a text message"),
             Ok(Message::Close(_)) => break Some(1000),
             // As a Text message read whole is: fedbus frames are Binary.
-            Err(ws::WsError::Dropped { text: true, .. }) => break Some(1003),
+            Err(ws::WsError::Dropped { text: true, .. }) => {
+                break bad_input(&shard, 1003, "a text message")
+            }
             Err(ws::WsError::Slow) => {
                 crate::metrics::ShardMetrics::inc(&shard.metrics.slow_messages_closed);
                 tracing::info!(
@@ -421,7 +427,7 @@ pub(crate) async fn serve<S: Stream>(
                         );
                         send_answer(&out, shard.index, h.request_id, &a, None);
                     }
-                    _ => break Some(1002),
+                    _ => break bad_input(&shard, 1002, "a fedbus frame other than a Request"),
                 }
             }
             Err(ws::WsError::Eof) => {
@@ -431,9 +437,15 @@ pub(crate) async fn serve<S: Stream>(
                 break Some(1000);
             }
             Err(e) => {
-                if matches!(e, ws::WsError::Policy(_)) {
-                    crate::metrics::ShardMetrics::inc(&shard.metrics.abusive_closed);
-                    tracing::info!(shard = shard.index, "client websocket closed: {e}");
+                match (&e, e.close_code()) {
+                    (ws::WsError::Policy(_), _) => {
+                        crate::metrics::ShardMetrics::inc(&shard.metrics.abusive_closed);
+                        tracing::info!(shard = shard.index, "client websocket closed: {e}");
+                    }
+                    (_, Some(code)) if WS_BAD_INPUT_CODES.contains(&code) => {
+                        break bad_input(&shard, code, &e.to_string());
+                    }
+                    _ => {}
                 }
                 break e.close_code();
             }
@@ -479,6 +491,16 @@ pub(crate) async fn serve<S: Stream>(
     } else {
         let _ = writer.await;
     }
+}
+
+/// Logs and counts (`fedbus_ws_bad_input_closed_total`) a session closed with `code` for what
+/// the client sent; the code, for the close frame.
+fn bad_input(shard: &Shard, code: u16, why: &str) -> Option<u16> {
+    if let Some(i) = WS_BAD_INPUT_CODES.iter().position(|&c| c == code) {
+        crate::metrics::ShardMetrics::inc(&shard.metrics.ws_bad_input_closed[i]);
+    }
+    tracing::info!(shard = shard.index, code, "client websocket closed: {why}");
+    Some(code)
 }
 
 /// Refuses an upgrade with an HTTP error answer, then closes as every refusal does (a

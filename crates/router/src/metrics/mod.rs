@@ -26,6 +26,11 @@ pub(crate) const LATENCY_BUCKETS_US: [u64; 16] = [
     1_638_400, 10_000_000,
 ];
 
+/// Close codes of client `/api/ws` sessions ended for bad input, counted one by one in
+/// `fedbus_ws_bad_input_closed_total`: a protocol error, a text message, text that is not
+/// UTF-8, a message over the bound.
+pub(crate) const WS_BAD_INPUT_CODES: [u16; 4] = [1002, 1003, 1007, 1009];
+
 /// Listener kinds for connection gauges.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Listener {
@@ -62,6 +67,8 @@ pub(crate) struct ShardMetrics {
     pub(crate) busy_refused: AtomicU64,
     pub(crate) body_held: AtomicU64,
     pub(crate) abusive_closed: AtomicU64,
+    /// Client `/api/ws` sessions closed for what the client sent, by [`WS_BAD_INPUT_CODES`].
+    pub(crate) ws_bad_input_closed: [AtomicU64; WS_BAD_INPUT_CODES.len()],
     pub(crate) close_timeouts: AtomicU64,
     pub(crate) client_ping_timeouts: AtomicU64,
     pub(crate) slow_messages_closed: AtomicU64,
@@ -378,6 +385,17 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
         sum(reg, |m| &m.peer_ejected),
         sum(reg, |m| &m.peer_readmitted)
     );
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_ws_bad_input_closed_total Client /api/ws sessions closed for what the client sent, by close code: 1002 a frame or message that breaks RFC 6455 or is no fedbus Request frame, 1003 a text message, 1007 text that is not UTF-8, 1009 a message over its bound.\n# TYPE fedbus_ws_bad_input_closed_total counter"
+    );
+    for (i, code) in WS_BAD_INPUT_CODES.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "fedbus_ws_bad_input_closed_total{{code=\"{code}\"}} {}",
+            sum(reg, |m| &m.ws_bad_input_closed[i])
+        );
+    }
     let _ = writeln!(
         o,
         "# HELP fedbus_task_renewals_total Service tokens renewed on open task links (renew messages), by result.\n# TYPE fedbus_task_renewals_total counter"

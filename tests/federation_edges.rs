@@ -1915,30 +1915,36 @@ impl FakePeer {
         FakePeer { addr, answering }
     }
 
-    fn serve(mut s: TcpStream, name: &str, answering: &std::sync::atomic::AtomicBool) {
+    /// Reads a websocket upgrade head on `s` and answers 101; what followed the head.
+    fn upgrade(s: &mut TcpStream) -> Option<Vec<u8>> {
         use fedbus_testkit::ReadRetrying;
         let mut got = Vec::new();
         let mut b = [0u8; 16 * 1024];
         while !got.windows(4).any(|w| w == b"\r\n\r\n") {
             match s.read_retrying(&mut b) {
                 Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
-                _ => return,
+                _ => return None,
             }
         }
-        let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let end = got.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
         let head = String::from_utf8_lossy(&got[..end]).into_owned();
         got.drain(..end);
-        let Some(key) = head.lines().find_map(|l| {
+        let key = head.lines().find_map(|l| {
             let (k, v) = l.split_once(':')?;
             k.eq_ignore_ascii_case("sec-websocket-key")
                 .then(|| v.trim().to_string())
-        }) else {
+        })?;
+        let accept = fedbus_router::ws::handshake::accept_response(&key);
+        s.write_all(accept.as_bytes()).ok()?;
+        Some(got)
+    }
+
+    fn serve(mut s: TcpStream, name: &str, answering: &std::sync::atomic::AtomicBool) {
+        use fedbus_testkit::ReadRetrying;
+        let Some(mut got) = FakePeer::upgrade(&mut s) else {
             return;
         };
-        let accept = fedbus_router::ws::handshake::accept_response(&key);
-        if s.write_all(accept.as_bytes()).is_err() {
-            return;
-        }
+        let mut b = [0u8; 16 * 1024];
         let send = |s: &mut TcpStream, op: u8, payload: &[u8]| {
             let mut h = [0u8; wsf::MAX_HEADER];
             let n = wsf::encode_head(op, payload.len(), None, &mut h);
@@ -2160,4 +2166,53 @@ fn a_forwarded_requests_metadata_is_charged_to_the_body_budget() {
     assert!(at < Duration::from_millis(1000), "{answers:?}");
     assert_eq!((answers[&1].0, answers[&2].0), (200, 200), "{answers:?}");
     assert!(r.metrics().get("fedbus_overload_refused_total") >= 1.0);
+}
+
+/// A router of another cluster that takes the peer upgrade and closes the link at once (close
+/// 1000) is dialed again with the backoff, as one that refuses the dial is: a link that lived
+/// less than `limits.ping_interval_ms` does not reset it (it did: about 20 dials a second).
+#[test]
+fn a_peer_router_that_closes_each_link_at_once_is_dialed_with_backoff() {
+    const APP: &str = "demo/echo";
+    let far = TempDir::new("far-cluster");
+    let far_keys = far.path().join("keys");
+    keys_init(far.path(), &far_keys, &[APP]);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let dials = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = dials.clone();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if FakePeer::upgrade(&mut s).is_some() {
+                let mut h = [0u8; wsf::MAX_HEADER];
+                let n = wsf::encode_head(wsf::opcode::CLOSE, 2, None, &mut h);
+                let mut m = h[..n].to_vec();
+                m.extend_from_slice(&1000u16.to_be_bytes());
+                let _ = s.write_all(&m);
+            }
+        }
+    });
+    let fed = format!(
+        "[federation]\nentry_point = \"test.local\"\n[[federation.clusters]]\nregion = \"local\"\ncluster = \"far\"\nrouters = [\"{addr}\"]\nkeys = {:?}",
+        far_keys.to_str().expect("utf-8")
+    );
+    let r = Router::new()
+        .shards(1)
+        .dev()
+        .listen("external", "\"127.0.0.1:0\"")
+        .tail(&fed)
+        .start();
+    let first = wait_for(Duration::from_secs(5), || {
+        (dials.load(std::sync::atomic::Ordering::SeqCst) > 0).then(Instant::now)
+    })
+    .expect("the router dials the far router");
+    while first.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let n = dials.load(std::sync::atomic::Ordering::SeqCst);
+    println!("a peer that closes each link at once: {n} dials in 3 s");
+    // With the backoff (50 ms doubling, jittered 0.5-1.5x): at most 8 in 3 s.
+    assert!(n <= 10, "{n} dials in 3 s");
+    assert!(r.log().contains("peer link up"));
 }

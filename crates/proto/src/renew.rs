@@ -190,13 +190,15 @@ impl RenewPacer {
         self.outstanding += 1;
     }
 
-    /// An answer arrived at `now` (answers come in the order of the renews; one with none
-    /// outstanding is ignored).
-    pub fn answered(&mut self, now: Instant) {
-        if self.outstanding > 0 {
-            self.outstanding -= 1;
-            self.answered = Some(now);
+    /// An answer arrived at `now` (answers come in the order of the renews). False for one
+    /// with none outstanding, which is ignored.
+    pub fn answered(&mut self, now: Instant) -> bool {
+        if self.outstanding == 0 {
+            return false;
         }
+        self.outstanding -= 1;
+        self.answered = Some(now);
+        true
     }
 }
 
@@ -282,15 +284,15 @@ mod tests {
         // second; the gate opens a spacing after the second's answer.
         let t1 = t0 + RENEW_ANSWER_WAIT;
         p.sent(t1);
-        p.answered(t1 + Duration::from_millis(10));
+        assert!(p.answered(t1 + Duration::from_millis(10)));
         assert!(!p.may_send(t1 + Duration::from_secs(5)));
-        p.answered(t1 + Duration::from_millis(20));
+        assert!(p.answered(t1 + Duration::from_millis(20)));
         assert_eq!(
             p.earliest(t1),
             t1 + Duration::from_millis(20) + RENEW_SPACING
         );
-        // An answer with none outstanding changes nothing.
-        p.answered(t1 + Duration::from_secs(3));
+        // An answer with none outstanding changes nothing (and says so).
+        assert!(!p.answered(t1 + Duration::from_secs(3)));
         assert_eq!(
             p.earliest(t1),
             t1 + Duration::from_millis(20) + RENEW_SPACING

@@ -328,11 +328,19 @@ async fn dial_loop(shard: Rc<Shard>, cluster: String, slot: Rc<Slot>) {
     // The first failure after a link (or the first of all) is a warning, the retries that
     // fail the same way are debug: one line per outage, not one per backoff step.
     let mut warned = false;
+    // A link closed by the other side sooner than this after it came up is dialed again with
+    // the backoff, as a failed dial is: a router that takes the upgrade and closes at once
+    // would otherwise be dialed 20 times a second by each shard.
+    let steady = Duration::from_millis(shard.cfg.limits.ping_interval_ms);
     while !slot.stopped.get() {
+        let dialed = Instant::now();
         match dial_once(&shard, &cluster, &slot).await {
-            Ok(()) => {
+            Ok(()) if dialed.elapsed() >= steady => {
                 backoff = Duration::from_millis(50);
                 warned = false;
+            }
+            Ok(()) => {
+                tracing::debug!(shard = shard.index, %cluster, addr = %slot.addr, "peer link closed by the other side within {steady:?}; dialing again with backoff")
             }
             Err(e) if !warned => {
                 warned = true;
@@ -579,18 +587,34 @@ fn on_renew_answer(shard: &Shard, cluster: &str, slot: &Slot, text: &[u8]) {
         return;
     };
     let mut pacer = slot.renew_pacer.get();
-    pacer.answered(Instant::now());
+    let expected = pacer.answered(Instant::now());
     slot.renew_pacer.set(pacer);
     let addr = &slot.addr;
+    if !expected {
+        // None outstanding: not an answer to us (a peer repeating one would fill the log).
+        tracing::debug!(shard = shard.index, %cluster, %addr, "renew answer with no renew outstanding ignored");
+        return;
+    }
     match answer {
         renew::RenewAnswer::Renewed { exp } => {
             tracing::info!(shard = shard.index, %cluster, %addr, ?exp, "peer link renewed");
         }
         renew::RenewAnswer::Refused { error, message } => {
+            // The other router's words, at most a line of them each.
+            let (error, message) = (clipped(&error), clipped(&message));
             tracing::warn!(shard = shard.index, %cluster, %addr, %error, %message, "peer link renew refused; sent again in 5 s, the link lives until its current token expires");
             slot.renew_refused.set(true);
         }
     }
+}
+
+/// At most the first 200 bytes of `s` (cut at a character boundary), for a log line.
+fn clipped(s: &str) -> &str {
+    let mut end = s.len().min(200);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Replaces `slot`'s last status, keeping `fedbus_peer_links_ready` in step.
@@ -1234,3 +1258,17 @@ pub(crate) type PeerToken = Arc<arc_swap::ArcSwapOption<String>>;
 
 /// Shared handle type for shards.
 pub(crate) type FederationRef = Arc<Federation>;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_peers_words_are_clipped_for_the_log_at_a_character_boundary() {
+        assert_eq!(super::clipped("short"), "short");
+        let long = "é".repeat(150); // 300 bytes
+        let c = super::clipped(&long);
+        assert_eq!(c.len(), 200);
+        assert!(long.starts_with(c));
+        let odd = format!("a{long}"); // byte 200 falls inside a character
+        assert_eq!(super::clipped(&odd).len(), 199);
+    }
+}

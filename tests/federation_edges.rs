@@ -812,6 +812,11 @@ fn p18_peer_request_frame_validation() {
             Msg::Eof => panic!("closed without a close frame"),
         }
     }
+    // Counted and logged.
+    assert_eq!(m(r, "fedbus_peer_protocol_errors_total"), 1.0);
+    assert!(r
+        .log()
+        .contains("peer link closed (1002): a frame of kind Response, not a Request"));
 }
 
 /// An anonymous request crossing a peer link to service `auth`: allowed (anonymous_services),

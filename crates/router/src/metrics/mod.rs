@@ -87,6 +87,7 @@ pub(crate) struct ShardMetrics {
     pub(crate) task_ejected: [AtomicU64; 3],
     pub(crate) task_readmitted: AtomicU64,
     pub(crate) peer_ejected: AtomicU64,
+    pub(crate) peer_protocol_errors: AtomicU64,
     pub(crate) peer_readmitted: AtomicU64,
     pub(crate) task_links_ejected: AtomicU64,
     /// `renew` messages on task links: accepted, refused.
@@ -384,6 +385,11 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
         "# HELP fedbus_peer_ejected_total Peer links ranked last for their cluster after limits.peer_eject_after_timeouts request timeouts in a row.\n# TYPE fedbus_peer_ejected_total counter\nfedbus_peer_ejected_total {}\n# HELP fedbus_peer_readmitted_total Ejected peer links back in their rank after answering again.\n# TYPE fedbus_peer_readmitted_total counter\nfedbus_peer_readmitted_total {}",
         sum(reg, |m| &m.peer_ejected),
         sum(reg, |m| &m.peer_readmitted)
+    );
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_peer_protocol_errors_total What a peer router sent that breaks PROTOCOL.md section 10: a frame other than a Request on an accepted link (closed 1002), a Redirect or a status outside 200..599 as an answer (502 bad_peer_answer).\n# TYPE fedbus_peer_protocol_errors_total counter\nfedbus_peer_protocol_errors_total {}",
+        sum(reg, |m| &m.peer_protocol_errors)
     );
     let _ = writeln!(
         o,

@@ -608,6 +608,14 @@ fn on_renew_answer(shard: &Shard, cluster: &str, slot: &Slot, text: &[u8]) {
     }
 }
 
+/// Counts and logs a peer router breaking the link protocol on a link it dialed to us: closed
+/// with 1002.
+fn peer_protocol_error(shard: &Shard, cluster: &str, why: &str) -> Option<u16> {
+    ShardMetrics::inc(&shard.metrics.peer_protocol_errors);
+    tracing::warn!(shard = shard.index, %cluster, "peer link closed (1002): {why}");
+    Some(1002)
+}
+
 /// At most the first 200 bytes of `s` (cut at a character boundary), for a log line.
 fn clipped(s: &str) -> &str {
     let mut end = s.len().min(200);
@@ -1004,7 +1012,20 @@ async fn serve_link<S: ws::Stream>(
                 Ok(Message::Binary(b)) => {
                     let f = match Frame::decode(b) {
                         Ok(f) if f.header.kind == Kind::Request => f,
-                        _ => break Some(1002),
+                        Ok(f) => {
+                            break peer_protocol_error(
+                                shard,
+                                &from,
+                                &format!("a frame of kind {:?}, not a Request", f.header.kind),
+                            )
+                        }
+                        Err(e) => {
+                            break peer_protocol_error(
+                                shard,
+                                &from,
+                                &format!("a message that is no fedbus frame ({e})"),
+                            )
+                        }
                     };
                     // The body is held until answered, charged as a client's is on the router
                     // it entered.

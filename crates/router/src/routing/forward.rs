@@ -131,18 +131,19 @@ pub(crate) async fn send(
         }
     };
     ShardMetrics::inc(&shard.metrics.forwarded);
+    let bad_answer = |why: &'static str| {
+        ShardMetrics::inc(&shard.metrics.peer_protocol_errors);
+        tracing::warn!(shard = shard.index, cluster = %format_args!("{}/{}", t.region, t.cluster), "bad answer from a peer router: {why}: 502");
+        Answer::error(502, "bad_peer_answer", why)
+    };
     match rx.await {
         Reply::Response(frame) => match answer_status(&frame, 502) {
             Some(status) => Answer::Relayed { status, frame },
-            None => Answer::error(
-                502,
-                "bad_peer_answer",
+            None => bad_answer(
                 "the peer answered a status outside 200..599 (a 1xx cannot end a request; HTTP has none above 599)",
             ),
         },
-        Reply::Redirect { .. } => {
-            Answer::error(502, "bad_peer_answer", "peer answered with a redirect")
-        }
+        Reply::Redirect { .. } => bad_answer("peer answered with a redirect"),
         Reply::Lost => Answer::error(502, "peer_lost", "the peer link closed before the answer"),
         Reply::Timeout => Answer::error(
             504,

@@ -1984,11 +1984,7 @@ impl FakePeer {
                 }
                 got.drain(..total);
                 match h.opcode {
-                    wsf::opcode::PING => {
-                        if !send(&mut s, wsf::opcode::PONG, &p) {
-                            return;
-                        }
-                    }
+                    wsf::opcode::PING if !send(&mut s, wsf::opcode::PONG, &p) => return,
                     wsf::opcode::CLOSE => return,
                     wsf::opcode::BINARY => {
                         if let Ok(f) = Frame::decode(bytes::Bytes::from(p)) {

@@ -2008,6 +2008,29 @@ impl FakePeer {
     }
 }
 
+/// A one-shard router of cluster `local/dev` (dev mode) whose `[federation]` has one more
+/// cluster, `local/far`, with `routers` (played by the test) and a keyring of its own; `limits`
+/// are `[limits]` lines. The keyring's folder lives as long as the second value.
+fn with_far_cluster(routers: &[std::net::SocketAddr], limits: &[(&str, u64)]) -> (Router, TempDir) {
+    let far = TempDir::new("far-cluster");
+    let far_keys = far.path().join("keys");
+    keys_init(far.path(), &far_keys, &["demo/echo"]);
+    let list: Vec<String> = routers.iter().map(|a| format!("\"{a}\"")).collect();
+    let fed = format!(
+        "[federation]\nentry_point = \"test.local\"\n[[federation.clusters]]\nregion = \"local\"\ncluster = \"far\"\nrouters = [{}]\nkeys = {:?}",
+        list.join(", "),
+        far_keys.to_str().expect("utf-8")
+    );
+    let mut b = Router::new()
+        .shards(1)
+        .dev()
+        .listen("external", "\"127.0.0.1:0\"");
+    for (k, v) in limits {
+        b = b.limit(k, v);
+    }
+    (b.tail(&fed).start(), far)
+}
+
 /// docs/TUNING.md `limits.peer_eject_after_timeouts`: a router of another cluster that keeps
 /// its link up (it answers pings) but answers no request is ranked last for its cluster after
 /// that many timeouts in a row, so the requests it would get go to the cluster's other router
@@ -2015,27 +2038,17 @@ impl FakePeer {
 #[test]
 fn a_peer_router_that_answers_no_request_is_ejected_and_back_once_it_answers() {
     const APP: &str = "demo/echo";
-    let far = TempDir::new("far-cluster");
-    let far_keys = far.path().join("keys");
-    keys_init(far.path(), &far_keys, &[APP]);
     // Both ready by rank (no status: the same rank); wsid % 2 picks the first tried, so
     // an even wsid starts at `stalled`.
     let stalled = FakePeer::start("stalled", false);
     let good = FakePeer::start("good", true);
-    let fed = format!(
-        "[federation]\nentry_point = \"test.local\"\n[[federation.clusters]]\nregion = \"local\"\ncluster = \"far\"\nrouters = [\"{}\", \"{}\"]\nkeys = {:?}",
-        stalled.addr,
-        good.addr,
-        far_keys.to_str().expect("utf-8")
+    let (r, _far) = with_far_cluster(
+        &[stalled.addr, good.addr],
+        &[
+            ("request_timeout_ms", 300),
+            ("peer_eject_after_timeouts", 2),
+        ],
     );
-    let r = Router::new()
-        .shards(1)
-        .dev()
-        .listen("external", "\"127.0.0.1:0\"")
-        .limit("request_timeout_ms", 300)
-        .limit("peer_eject_after_timeouts", 2)
-        .tail(&fed)
-        .start();
     let tok = r.token(APP, "alice");
     let far_path = |wsid: u64| format!("/api/local/far/{APP}/api/{wsid}/sys/echo");
     wait_for(Duration::from_secs(10), || {
@@ -2174,10 +2187,6 @@ fn a_forwarded_requests_metadata_is_charged_to_the_body_budget() {
 /// less than `limits.ping_interval_ms` does not reset it (it did: about 20 dials a second).
 #[test]
 fn a_peer_router_that_closes_each_link_at_once_is_dialed_with_backoff() {
-    const APP: &str = "demo/echo";
-    let far = TempDir::new("far-cluster");
-    let far_keys = far.path().join("keys");
-    keys_init(far.path(), &far_keys, &[APP]);
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
     let dials = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -2194,16 +2203,7 @@ fn a_peer_router_that_closes_each_link_at_once_is_dialed_with_backoff() {
             }
         }
     });
-    let fed = format!(
-        "[federation]\nentry_point = \"test.local\"\n[[federation.clusters]]\nregion = \"local\"\ncluster = \"far\"\nrouters = [\"{addr}\"]\nkeys = {:?}",
-        far_keys.to_str().expect("utf-8")
-    );
-    let r = Router::new()
-        .shards(1)
-        .dev()
-        .listen("external", "\"127.0.0.1:0\"")
-        .tail(&fed)
-        .start();
+    let (r, _far) = with_far_cluster(&[addr], &[]);
     let first = wait_for(Duration::from_secs(5), || {
         (dials.load(std::sync::atomic::Ordering::SeqCst) > 0).then(Instant::now)
     })

@@ -2217,3 +2217,38 @@ fn a_peer_router_that_closes_each_link_at_once_is_dialed_with_backoff() {
     assert!(n <= 10, "{n} dials in 3 s");
     assert!(r.log().contains("peer link up"));
 }
+
+/// The dialer's backoff starts over after a link that lived at least `limits.ping_interval_ms`,
+/// however it ended: a router that drops each link (no close frame: a crash, a network cut)
+/// after 600 ms is dialed again at once each time, not after a backoff that doubled with every
+/// drop (it did: after a few drops each redial waited seconds).
+#[test]
+fn a_peer_link_that_lived_is_dialed_again_at_once_when_it_drops() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let dials = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = dials.clone();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if FakePeer::upgrade(&mut s).is_some() {
+                std::thread::sleep(Duration::from_millis(600));
+            }
+            drop(s);
+        }
+    });
+    let (r, _far) = with_far_cluster(&[addr], &[("ping_interval_ms", 500)]);
+    let first = wait_for(Duration::from_secs(5), || {
+        (dials.load(std::sync::atomic::Ordering::SeqCst) > 0).then(Instant::now)
+    })
+    .expect("the router dials the far router");
+    while first.elapsed() < Duration::from_secs(8) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let n = dials.load(std::sync::atomic::Ordering::SeqCst);
+    println!("a peer that drops each link after 600 ms: {n} dials in 8 s");
+    // Each link lives 600 ms and is dialed again within 75 ms: about 12 in 8 s. With the
+    // backoff doubling on each drop instead (50 ms to 5 s): at most 8.
+    assert!(n >= 10, "{n} dials in 8 s");
+    assert!(r.log().contains("peer link up"));
+}

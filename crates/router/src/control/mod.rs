@@ -11,7 +11,7 @@
 use crate::auth::Keyring;
 use crate::config::{App, Config};
 use crate::peer::FedView;
-use crate::route::{self, AppSpec, Registration, RoutingTable, TaskId, MAIN_ROLE};
+use crate::route::{self, AppSpec, Registration, RoutingTable, TaskId};
 use arc_swap::ArcSwap;
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -73,54 +73,16 @@ pub enum ControlEvent {
 }
 
 /// Registrations of live task instances: the shards each has a link on.
+#[derive(Default)]
 pub(crate) struct Registry {
     tasks: HashMap<TaskId, (Registration, BTreeSet<usize>)>,
-    /// `limits.max_roles_per_app`.
-    max_roles: usize,
 }
 
 impl Registry {
-    pub(crate) fn new(max_roles: usize) -> Registry {
-        Registry {
-            tasks: HashMap::new(),
-            max_roles,
-        }
-    }
-
-    /// Whether `reg` would make its app serve more than `max_roles` roles (`main` counts
-    /// always). Shards refuse such a registration by the routing table they hold
-    /// (`too_many_roles`); two shards may each let one in before the table that holds the
-    /// other reaches them, and this is where the limit holds then.
-    fn over_roles(&self, reg: &Registration) -> bool {
-        if reg.role == MAIN_ROLE {
-            return false;
-        }
-        let mut roles: BTreeSet<&str> = BTreeSet::from([MAIN_ROLE]);
-        for (r, shards) in self.tasks.values() {
-            if r.app == reg.app && !shards.is_empty() && r.task != reg.task {
-                if r.role == reg.role {
-                    return false;
-                }
-                roles.insert(r.role.as_str());
-            }
-        }
-        roles.len() >= self.max_roles
-    }
-
     /// Applies one event; true when the set of live tasks changed.
     pub(crate) fn apply(&mut self, ev: &ControlEvent) -> bool {
         match ev {
             ControlEvent::Register { shard, reg } => {
-                let live = self.tasks.get(&reg.task).is_some_and(|e| !e.1.is_empty());
-                if !live && self.over_roles(reg) {
-                    tracing::warn!(
-                        task = reg.task,
-                        app = %reg.app,
-                        role = %reg.role,
-                        "registration of a role over limits.max_roles_per_app ignored"
-                    );
-                    return false;
-                }
                 let e = self
                     .tasks
                     .entry(reg.task)
@@ -298,7 +260,6 @@ impl Control {
             })),
             reload_failed: Arc::new(AtomicU64::new(0)),
         };
-        let registry = Registry::new(cfg.limits.max_roles_per_app);
         let mut control = Control {
             keyring_mtime: keyring_mtime(&keyring_dir),
             applied: (*cfg).clone(),
@@ -307,7 +268,7 @@ impl Control {
             peer_key_files: Watched::new(crate::peer::view::key_files(&cfg)),
             cfg,
             specs,
-            registry,
+            registry: Registry::default(),
             snapshots,
             keyring_dir,
             generation: 1,
@@ -714,40 +675,8 @@ mod tests {
     }
 
     #[test]
-    fn registrations_of_a_role_over_the_limit_are_ignored() {
-        let role = |task, role: &str| ControlEvent::Register {
-            shard: 0,
-            reg: Registration {
-                role: role.into(),
-                ..reg(task, &[0])
-            },
-        };
-        // main counts always: with a limit of 2, one more role.
-        let mut r = Registry::new(2);
-        assert!(r.apply(&role(1, "cmd")));
-        assert!(!r.apply(&role(2, "view")), "a third role");
-        assert!(r.apply(&role(3, "cmd")), "another task of a role served");
-        assert!(r.apply(&role(4, "main")));
-        assert_eq!(r.live().len(), 3);
-        // Once no task serves cmd, its room is free.
-        assert!(r.apply(&ControlEvent::Unregister { shard: 0, task: 1 }));
-        assert!(!r.apply(&role(2, "view")), "task 3 still serves cmd");
-        assert!(r.apply(&ControlEvent::Unregister { shard: 0, task: 3 }));
-        assert!(r.apply(&role(2, "view")));
-        // A live task re-registering (on another shard) is not a new role.
-        assert!(!r.apply(&ControlEvent::Register {
-            shard: 1,
-            reg: Registration {
-                role: "view".into(),
-                ..reg(2, &[0])
-            },
-        }));
-        assert_eq!(r.live().len(), 2);
-    }
-
-    #[test]
     fn task_is_live_while_any_shard_has_its_link() {
-        let mut r = Registry::new(64);
+        let mut r = Registry::default();
         assert!(r.apply(&ControlEvent::Register {
             shard: 0,
             reg: reg(7, &[1])

@@ -101,6 +101,8 @@ pub(crate) struct Slot {
     renew_refused: std::cell::Cell<bool>,
     /// One `renew` outstanding at a time on the current link, spaced from its answer.
     renew_pacer: std::cell::Cell<RenewPacer>,
+    /// When the current (or last) link came up; taken by the dialer when it ends.
+    up_at: std::cell::Cell<Option<Instant>>,
 }
 
 impl Slot {
@@ -112,6 +114,7 @@ impl Slot {
             stopped: std::cell::Cell::new(false),
             renew_refused: std::cell::Cell::new(false),
             renew_pacer: Default::default(),
+            up_at: std::cell::Cell::new(None),
         })
     }
 
@@ -172,8 +175,9 @@ pub(crate) struct Peers {
 impl Peers {
     /// A live link to a router of `cluster` for `app`/`wsid`, other than `except`: the best
     /// ranked by the routers' statuses (ready and serving the partition, then ready, then no
-    /// status yet, then unready or draining), and among equals the first from `wsid % routers`
-    /// on, so that a wsid keeps its router while all is well. Dead and full links are skipped.
+    /// status yet, then unready or draining, then a link ejected for its timeouts: see
+    /// [`Slot::rank`]), and among equals the first from `wsid % routers` on, so that a wsid
+    /// keeps its router while all is well. Dead and full links are skipped.
     pub(crate) fn pick(
         &self,
         region: &str,
@@ -333,15 +337,15 @@ async fn dial_loop(shard: Rc<Shard>, cluster: String, slot: Rc<Slot>) {
     // would otherwise be dialed 20 times a second by each shard.
     let steady = Duration::from_millis(shard.cfg.limits.ping_interval_ms);
     while !slot.stopped.get() {
-        let dialed = Instant::now();
-        match dial_once(&shard, &cluster, &slot).await {
-            Ok(()) if dialed.elapsed() >= steady => {
-                backoff = Duration::from_millis(50);
-                warned = false;
-            }
-            Ok(()) => {
-                tracing::debug!(shard = shard.index, %cluster, addr = %slot.addr, "peer link closed by the other side within {steady:?}; dialing again with backoff")
-            }
+        let ended = dial_once(&shard, &cluster, &slot).await;
+        // A link that lived (however it ended: a close, a crash, a network drop) starts the
+        // backoff over; a dial that failed, or a link that did not last, keeps it.
+        if slot.up_at.take().is_some_and(|t| t.elapsed() >= steady) {
+            backoff = Duration::from_millis(50);
+            warned = false;
+        }
+        match ended {
+            Ok(()) => {}
             Err(e) if !warned => {
                 warned = true;
                 tracing::warn!(shard = shard.index, %cluster, addr = %slot.addr, "peer link: {e}; retrying with backoff (up to 5 s)")
@@ -444,6 +448,7 @@ async fn run_link<S: ws::Stream>(
     ));
     set_status(shard, slot, None);
     *slot.link.borrow_mut() = Some(link.clone());
+    slot.up_at.set(Some(Instant::now()));
     if slot.stopped.get() {
         // Removed by a reload while it dialed.
         glommio::spawn_local(close_when_idle(link.clone())).detach();

@@ -483,8 +483,6 @@ impl Shard {
     }
 }
 
-/// Tells the control thread that a task link left routing (as if it had closed) or came back
-/// (as if it had registered again), counts it and logs it.
 /// Counts and logs a peer link leaving or coming back to its rank (`peer::Peers::pick`).
 fn report_peer_health(shard: &Shard, addr: &str, change: HealthChange) {
     let m = &shard.metrics;
@@ -509,6 +507,8 @@ fn report_peer_health(shard: &Shard, addr: &str, change: HealthChange) {
     }
 }
 
+/// Tells the control thread that a task link left routing (as if it had closed) or came back
+/// (as if it had registered again), counts it and logs it.
 fn report_health(shard: &Shard, l: &TaskLink, change: HealthChange) {
     let m = &shard.metrics;
     match change {

@@ -714,9 +714,18 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
         holder.as_ref().map(|(a, r)| (a.as_str(), r.as_str())),
     )
     .or_else(|| {
+        // The roles of the routing table, and those of this shard's own open links of the
+        // app (registered here since that table, or ejected from it and still open).
         let table = shard.snapshots.routes.load();
-        let roles = table.apps.get(reg.app.as_str()).map(|a| &a.roles);
-        roles_refusal(roles, &reg.role, limits.max_roles_per_app)
+        let links = shard.links.borrow();
+        let served = table.apps.get(reg.app.as_str()).map(|a| {
+            let own = links.values().filter(|l| l.app == reg.app && l.is_open());
+            a.roles
+                .keys()
+                .map(String::as_str)
+                .chain(own.map(|l| l.role.as_str()))
+        });
+        roles_refusal(served, &reg.role, limits.max_roles_per_app)
     });
     if let Some((code, why)) = refusal {
         LinkRefusal::RegisterRefused.count(shard);
@@ -912,17 +921,21 @@ pub(crate) fn registration_refusal(
     }
 }
 
-/// `too_many_roles` when `role` is not among the roles the app's tasks serve in the routing
-/// table this shard holds (`roles`; `main` is always there) and the app already serves `max`:
-/// each role costs every routing table built a slot per partition (`limits.max_roles_per_app`).
-/// The control thread holds the same limit for registrations two shards let in at once.
-pub(crate) fn roles_refusal<V>(
-    roles: Option<&crate::route::FastMap<String, V>>,
+/// `too_many_roles` when `role` is not among the roles `served` (those of the app in the
+/// routing table this shard holds, where `main` always is, and of this shard's own open links
+/// of the app) and they number `max` already: each role costs every routing table built a slot
+/// per partition (`limits.max_roles_per_app`). None when the app is not in the table (`served`
+/// None; the refusal chain said `unknown_app`). Each shard counts its own registrations at
+/// once and the others' once the control thread has published them, so shards registering new
+/// roles at the same instant can pass the limit by what each let in meanwhile: at most
+/// `max` per shard, never without bound.
+pub(crate) fn roles_refusal<'a>(
+    served: Option<impl Iterator<Item = &'a str>>,
     role: &str,
     max: usize,
 ) -> Option<(&'static str, &'static str)> {
-    let roles = roles?;
-    (!roles.contains_key(role) && roles.len() >= max).then_some((
+    let served: std::collections::BTreeSet<&str> = served?.collect();
+    (!served.contains(role) && served.len() >= max).then_some((
         "too_many_roles",
         "the app serves limits.max_roles_per_app roles already",
     ))
@@ -1377,22 +1390,30 @@ mod tests {
     #[test]
     fn a_new_role_is_refused_once_the_app_serves_the_most_roles() {
         use super::roles_refusal;
-        let mut roles = crate::route::FastMap::<String, ()>::default();
-        roles.insert("main".into(), ());
-        roles.insert("cmd".into(), ());
         let too_many = Some((
             "too_many_roles",
             "the app serves limits.max_roles_per_app roles already",
         ));
-        assert_eq!(roles_refusal(Some(&roles), "view", 3), None);
-        assert_eq!(roles_refusal(Some(&roles), "view", 2), too_many);
+        let table = ["main", "cmd"];
+        let r = |own: &[&'static str], role: &str, max: usize| {
+            roles_refusal(Some(table.iter().chain(own).copied()), role, max)
+        };
+        assert_eq!(r(&[], "view", 3), None);
+        assert_eq!(r(&[], "view", 2), too_many);
         // A role already served takes no more room: more of its tasks are welcome.
-        assert_eq!(roles_refusal(Some(&roles), "cmd", 2), None);
-        assert_eq!(roles_refusal(Some(&roles), "main", 1), None);
-        assert_eq!(roles_refusal(Some(&roles), "cmd", 1), None);
-        assert_eq!(roles_refusal(Some(&roles), "view", 1), too_many);
+        assert_eq!(r(&[], "cmd", 2), None);
+        assert_eq!(r(&[], "main", 1), None);
+        assert_eq!(r(&[], "cmd", 1), None);
+        assert_eq!(r(&[], "view", 1), too_many);
+        // This shard's own links count before the routing table has them, once each.
+        assert_eq!(r(&["audit"], "view", 3), too_many);
+        assert_eq!(r(&["cmd", "main"], "view", 3), None);
+        assert_eq!(r(&["audit"], "audit", 3), None);
         // Not an app of the routing table: the refusal chain already said unknown_app.
-        assert_eq!(roles_refusal::<()>(None, "view", 1), None);
+        assert_eq!(
+            roles_refusal(None::<std::iter::Empty<&str>>, "view", 1),
+            None
+        );
     }
 
     #[test]

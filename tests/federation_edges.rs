@@ -2187,31 +2187,13 @@ fn a_forwarded_requests_metadata_is_charged_to_the_body_budget() {
 /// less than `limits.ping_interval_ms` does not reset it (it did: about 20 dials a second).
 #[test]
 fn a_peer_router_that_closes_each_link_at_once_is_dialed_with_backoff() {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let dials = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = dials.clone();
-    std::thread::spawn(move || {
-        for mut s in l.incoming().flatten() {
-            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            if FakePeer::upgrade(&mut s).is_some() {
-                let mut h = [0u8; wsf::MAX_HEADER];
-                let n = wsf::encode_head(wsf::opcode::CLOSE, 2, None, &mut h);
-                let mut m = h[..n].to_vec();
-                m.extend_from_slice(&1000u16.to_be_bytes());
-                let _ = s.write_all(&m);
-            }
-        }
+    let (n, r, _far) = dials_in(Duration::from_secs(3), &[], |s| {
+        let mut h = [0u8; wsf::MAX_HEADER];
+        let n = wsf::encode_head(wsf::opcode::CLOSE, 2, None, &mut h);
+        let mut m = h[..n].to_vec();
+        m.extend_from_slice(&1000u16.to_be_bytes());
+        let _ = s.write_all(&m);
     });
-    let (r, _far) = with_far_cluster(&[addr], &[]);
-    let first = wait_for(Duration::from_secs(5), || {
-        (dials.load(std::sync::atomic::Ordering::SeqCst) > 0).then(Instant::now)
-    })
-    .expect("the router dials the far router");
-    while first.elapsed() < Duration::from_secs(3) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let n = dials.load(std::sync::atomic::Ordering::SeqCst);
     println!("a peer that closes each link at once: {n} dials in 3 s");
     // With the backoff (50 ms doubling, jittered 0.5-1.5x): at most 8 in 3 s.
     assert!(n <= 10, "{n} dials in 3 s");
@@ -2224,31 +2206,45 @@ fn a_peer_router_that_closes_each_link_at_once_is_dialed_with_backoff() {
 /// drop (it did: after a few drops each redial waited seconds).
 #[test]
 fn a_peer_link_that_lived_is_dialed_again_at_once_when_it_drops() {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let dials = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = dials.clone();
-    std::thread::spawn(move || {
-        for mut s in l.incoming().flatten() {
-            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            if FakePeer::upgrade(&mut s).is_some() {
-                std::thread::sleep(Duration::from_millis(600));
-            }
-            drop(s);
-        }
+    let limits = [("ping_interval_ms", 500)];
+    let (n, r, _far) = dials_in(Duration::from_secs(8), &limits, |_| {
+        std::thread::sleep(Duration::from_millis(600));
     });
-    let (r, _far) = with_far_cluster(&[addr], &[("ping_interval_ms", 500)]);
-    let first = wait_for(Duration::from_secs(5), || {
-        (dials.load(std::sync::atomic::Ordering::SeqCst) > 0).then(Instant::now)
-    })
-    .expect("the router dials the far router");
-    while first.elapsed() < Duration::from_secs(8) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let n = dials.load(std::sync::atomic::Ordering::SeqCst);
     println!("a peer that drops each link after 600 ms: {n} dials in 8 s");
     // Each link lives 600 ms and is dialed again within 75 ms: about 12 in 8 s. With the
     // backoff doubling on each drop instead (50 ms to 5 s): at most 8.
     assert!(n >= 10, "{n} dials in 8 s");
     assert!(r.log().contains("peer link up"));
+}
+
+/// How many times a router (`with_far_cluster`, with `limits`) dials a far router played by
+/// the test over `over` from its first dial; each link the far router upgrades is handed to
+/// `then` and dropped after it. The far cluster's keyring lives as long as the third value.
+fn dials_in(
+    over: Duration,
+    limits: &[(&str, u64)],
+    then: fn(&mut TcpStream),
+) -> (usize, Router, TempDir) {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let dials = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = dials.clone();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            counted.fetch_add(1, SeqCst);
+            if FakePeer::upgrade(&mut s).is_some() {
+                then(&mut s);
+            }
+        }
+    });
+    let (r, far) = with_far_cluster(&[addr], limits);
+    let first = wait_for(Duration::from_secs(5), || {
+        (dials.load(SeqCst) > 0).then(Instant::now)
+    })
+    .expect("the router dials the far router");
+    while first.elapsed() < over {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (dials.load(SeqCst), r, far)
 }

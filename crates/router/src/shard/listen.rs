@@ -377,15 +377,13 @@ async fn accept_loop<L: Acceptor>(
         match accepted {
             Ok(s) => {
                 let limits = &shard.cfg.limits;
-                let starting = shard.starting[kind as usize].get();
+                // Every serve function counts its connection before its first await, so a
+                // connection spawned here is counted before the next accept completes.
                 let full = match kind {
-                    Listener::Api => {
-                        shard.client_conns.get() + starting >= limits.max_connections_per_shard
-                    }
+                    Listener::Api => shard.client_conns.get() >= limits.max_connections_per_shard,
                     // The gauge counts this shard's connections on that listener.
                     other => {
                         shard.metrics.connections[other as usize].load(Ordering::Relaxed) as usize
-                            + starting
                             >= limits.max_link_connections_per_shard
                     }
                 };
@@ -398,17 +396,7 @@ async fn accept_loop<L: Acceptor>(
                     drop(s);
                     continue;
                 }
-                // Each serve function counts its connection before its first await; until
-                // its task first runs, `starting` counts it.
-                shard.starting[kind as usize].set(starting + 1);
-                let serving = serve(shard.clone(), s);
-                let sh = shard.clone();
-                glommio::spawn_local(async move {
-                    let s = &sh.starting[kind as usize];
-                    s.set(s.get() - 1);
-                    serving.await
-                })
-                .detach();
+                glommio::spawn_local(serve(shard.clone(), s)).detach();
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.

@@ -42,10 +42,6 @@ pub(crate) struct Shard {
     pub(crate) scratch: RefCell<bytes::BytesMut>,
     /// Open client connections (for the per-shard limit).
     pub(crate) client_conns: Cell<usize>,
-    /// Connections accepted on each listener (`metrics::Listener` order) whose task has not
-    /// run yet: counted with the open ones against the per-shard limits, so that a burst the
-    /// accept loop takes before any of them starts cannot pass a limit.
-    pub(crate) starting: [Cell<usize>; 3],
     /// `region/cluster/router` and this shard's index, as put in responses.
     pub(crate) router_name: String,
     /// Other clusters: keys, routers, our peer token.
@@ -110,7 +106,6 @@ impl Shard {
             rr: Cell::new(0),
             scratch: RefCell::new(bytes::BytesMut::with_capacity(1024)),
             client_conns: Cell::new(0),
-            starting: Default::default(),
             keepalive: RefCell::new(HashMap::new()),
             next_conn: Cell::new(0),
             evicting: Cell::new(0),

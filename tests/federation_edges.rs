@@ -2248,3 +2248,116 @@ fn dials_in(
     }
     (dials.load(SeqCst), r, far)
 }
+
+/// docs/PROTOCOL.md section 10: the dialing router takes only answers (Response, Redirect) on
+/// its link; a router of another cluster that sends a Request (or a SecretPush) on it breaks
+/// the protocol: the link is closed with 1002, counted in `fedbus_peer_protocol_errors_total`
+/// and logged, as the accepting side does for a frame other than a Request. Before, such a
+/// frame was ignored at debug level and counted nowhere.
+#[test]
+fn a_request_from_the_router_we_dialed_closes_the_link_1002() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (tx, rx) = std::sync::mpsc::channel::<Option<u16>>();
+    std::thread::spawn(move || {
+        let Some(mut s) = l.incoming().flatten().next() else {
+            return;
+        };
+        if FakePeer::upgrade(&mut s).is_none() {
+            return;
+        }
+        let f = encode_frame(Kind::Request, 0, 0, 0, 1, b"", b"not yours to send");
+        let mut h = [0u8; wsf::MAX_HEADER];
+        let n = wsf::encode_head(wsf::opcode::BINARY, f.len(), None, &mut h);
+        let mut m = h[..n].to_vec();
+        m.extend_from_slice(&f);
+        s.write_all(&m).expect("send the request");
+        let _ = tx.send(close_code_of(&mut s));
+    });
+    let (r, _far) = with_far_cluster(&[addr], &[]);
+    let code = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the router dials and closes");
+    assert_eq!(code, Some(1002));
+    assert_eq!(r.metrics().get("fedbus_peer_protocol_errors_total"), 1.0);
+    assert!(
+        r.log()
+            .contains("a frame other than a Response or Redirect"),
+        "{}",
+        r.log()
+    );
+}
+
+/// docs/TUNING.md `limits.max_peer_status_per_sec`: a router we dialed that sends status
+/// messages faster than that (here 300 at once, flipping ready each time, against the default
+/// 100) gets its link closed with 1008, counted in `fedbus_abusive_closed_total` and logged.
+/// Before, each was parsed and each flip logged, at whatever rate the link carried.
+#[test]
+fn a_status_flood_from_the_router_we_dialed_closes_the_link_1008() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (tx, rx) = std::sync::mpsc::channel::<Option<u16>>();
+    std::thread::spawn(move || {
+        let Some(mut s) = l.incoming().flatten().next() else {
+            return;
+        };
+        if FakePeer::upgrade(&mut s).is_none() {
+            return;
+        }
+        let mut m = Vec::new();
+        for i in 0..300 {
+            let st = format!(
+                r#"{{"kind":"status","ready":{},"draining":false}}"#,
+                i % 2 == 0
+            );
+            let mut h = [0u8; wsf::MAX_HEADER];
+            let n = wsf::encode_head(wsf::opcode::TEXT, st.len(), None, &mut h);
+            m.extend_from_slice(&h[..n]);
+            m.extend_from_slice(st.as_bytes());
+        }
+        // The router may close before it reads them all.
+        let _ = s.write_all(&m);
+        let _ = tx.send(close_code_of(&mut s));
+    });
+    let (r, _far) = with_far_cluster(&[addr], &[]);
+    let code = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the router dials and closes");
+    assert_eq!(code, Some(1008));
+    assert_eq!(r.metrics().get("fedbus_abusive_closed_total"), 1.0);
+    assert!(
+        r.log()
+            .contains("status messages over limits.max_peer_status_per_sec"),
+        "{}",
+        r.log()
+    );
+}
+
+/// Reads websocket frames from the router (a client, so masked) on `s` until a close; its
+/// code (None: a close without one, or the connection ended first).
+fn close_code_of(s: &mut TcpStream) -> Option<u16> {
+    use fedbus_testkit::ReadRetrying;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let (mut got, mut b) = (Vec::new(), [0u8; 16 * 1024]);
+    loop {
+        while let Ok(Some(h)) = wsf::parse_head(&got) {
+            let total = h.header_len + h.payload_len as usize;
+            if got.len() < total {
+                break;
+            }
+            let mut p = got[h.header_len..total].to_vec();
+            if let Some(k) = h.mask {
+                p.iter_mut().enumerate().for_each(|(i, b)| *b ^= k[i % 4]);
+            }
+            got.drain(..total);
+            if h.opcode == wsf::opcode::CLOSE {
+                return p.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+            }
+        }
+        match s.read_retrying(&mut b) {
+            Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
+            _ => return None,
+        }
+    }
+}

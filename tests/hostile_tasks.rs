@@ -1538,6 +1538,82 @@ fn roles_over_max_roles_per_app_are_refused() {
     let _audit = RawLink::registered(addr, &tok, 3, "audit", &[0]);
 }
 
+/// An answer is charged to the memory budget by what it keeps in memory while it waits in its
+/// in-flight slot, its metadata with its body: here a task answers the second of two pipelined
+/// requests first with 4 metadata entries of 60,000 bytes (a tag the router does not read) and
+/// no body, and while the first waits, `fedbus_outbox_bytes_held` counts the 240,000 bytes.
+/// Before, only the body was counted (0 here), so a task or peer router could park answers of
+/// up to its message bound each, uncharged, behind a slow one.
+#[test]
+fn an_answers_metadata_is_charged_while_it_waits_to_be_written() {
+    const ENTRY: usize = 60_000;
+    let r = Router::new().shards(1).start();
+    let tok = service_token(&r);
+    let client = r.token(APP, "alice");
+    let mut l = registered_and_routed(&r, &tok, 1, &[0, 1]);
+    let mut c = Conn::open(r.api);
+    let mut wire = Req::post(&r.path(APP, 0))
+        .token(&client)
+        .body(b"first")
+        .bytes();
+    wire.extend(
+        Req::post(&r.path(APP, 1))
+            .token(&client)
+            .body(b"second")
+            .bytes(),
+    );
+    c.send(&wire);
+    let mut asked = Vec::new();
+    while asked.len() < 2 {
+        match l.read_msg() {
+            Ok(Msg::Binary(b)) => asked.push(Frame::decode(Bytes::from(b)).expect("a frame")),
+            Ok(Msg::Ping(_)) => l.send_frame(opcode::PONG, b""),
+            other => panic!("expected a request, got {other:?}"),
+        }
+    }
+    let by_wsid = |w: u64| {
+        asked
+            .iter()
+            .find(|f| f.get_u64(tag::WSID) == Some(w))
+            .unwrap_or_else(|| panic!("no request for wsid {w}"))
+    };
+    let (first, second) = (by_wsid(0), by_wsid(1));
+    let mut meta = BytesMut::new();
+    for _ in 0..4 {
+        put_meta(&mut meta, 200, &[b'm'; ENTRY]);
+    }
+    let answer = |f: &Frame, meta: &[u8], body: &[u8]| {
+        let h = &f.header;
+        encode_frame(
+            Kind::Response,
+            0,
+            h.hops,
+            h.partition,
+            h.request_id,
+            meta,
+            body,
+        )
+        .to_vec()
+    };
+    l.send_frame(opcode::BINARY, &answer(second, &meta, b""));
+    let held = || r.metrics().get("fedbus_outbox_bytes_held");
+    wait_for(Duration::from_secs(5), || {
+        (held() >= (4 * ENTRY) as f64).then_some(())
+    })
+    .unwrap_or_else(|| panic!("answer bytes held {} (want at least {})", held(), 4 * ENTRY));
+    l.send_frame(opcode::BINARY, &answer(first, b"", b"one"));
+    let one = c.read_response().expect("the first answer");
+    assert_eq!(
+        (one.status, one.body.as_slice()),
+        (200, &b"one"[..]),
+        "{one:?}"
+    );
+    let two = c.read_response().expect("the second answer");
+    assert_eq!((two.status, two.body.len()), (200, 0), "{two:?}");
+    wait_for(Duration::from_secs(5), || (held() == 0.0).then_some(()))
+        .unwrap_or_else(|| panic!("{} bytes still held after the answers", held()));
+}
+
 /// A raw `main` link registered on shard 0 and in a published routing table: `registered`
 /// comes before the control thread has published a table with the link (section 4), and a
 /// request before that gets 503 `no_live_task`.
@@ -1550,8 +1626,9 @@ fn registered_and_routed(r: &Router, tok: &str, task: u64, partitions: &[u32]) -
 
 /// Sections 5 and 6 on a registered link: a Response without STATUS is a 200; a STATUS that
 /// is not a decimal in 200..599 (`abc`, empty, `199`, `600`) is `502 bad_task_status`; an
-/// answer to an id that is not pending is dropped, frames of kind Request and SecretPush and
-/// text messages other than `renew` are ignored (the link serves on); a frame that breaks
+/// answer to an id that is not pending is dropped, frames of kind Request and SecretPush
+/// (counted in `fedbus_task_protocol_errors_total`, logged once per link) and text messages
+/// other than `renew` are ignored (the link serves on); a frame that breaks
 /// section 5 (bad magic, kind 5, lengths that do not add up, a metadata entry past its end,
 /// shorter than a header) closes the link with 1002 and the request pending on it gets `502
 /// task_lost`.
@@ -1616,6 +1693,14 @@ fn task_answers_and_bad_frames_are_handled_as_documented() {
         (resp.status, resp.body.as_slice()),
         (200, &b"right"[..]),
         "{resp:?}"
+    );
+    // The Request and the SecretPush: counted each, logged once for the link.
+    assert_eq!(r.metrics().get("fedbus_task_protocol_errors_total"), 2.0);
+    assert_eq!(
+        r.log()
+            .matches("task sent a frame of a kind tasks do not send")
+            .count(),
+        1
     );
     for status in [&b"abc"[..], b"", b"199", b"600", b"+200"] {
         let (asked, f) = ask(&mut l);

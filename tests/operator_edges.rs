@@ -270,6 +270,7 @@ fn cfg_every_zero_limit_is_refused_naming_it() {
         "max_connection_outbox_bytes",
         "min_answer_bytes_per_sec",
         "max_control_frames_per_sec",
+        "max_peer_status_per_sec",
         "max_queued_control_frames",
     ];
     for k in refused {
@@ -400,6 +401,7 @@ fn cfg_huge_values_start_serve_and_drain() {
     }
     b = b
         .limit("max_control_frames_per_sec", u32::MAX)
+        .limit("max_peer_status_per_sec", u32::MAX)
         .limit("task_eject_after_timeouts", u32::MAX)
         .tail(&format!(
             "[readiness]\ndrain_timeout_ms = {I64_MAX}\ndrain_peer_hold_ms = {}\ntakeover_wait_ms = {I64_MAX}\n[auth]\ngrace_secs = {I64_MAX}\nreload_poll_ms = {I64_MAX}\nverify_cache_per_peer_link = {I64_MAX}\n[tls]\nsession_cache = {I64_MAX}\n[routing]\nelection_seed = {I64_MAX}",

@@ -219,6 +219,10 @@ pub struct Limits {
     /// Most websocket control frames (ping, pong) one connection may send per second; more
     /// closes it with 1008 (`fedbus_abusive_closed_total`). Default 100.
     pub max_control_frames_per_sec: u32,
+    /// Most text messages (statuses, renew answers) a router we dialed may send on its link
+    /// per second; more close the link with 1008 (`fedbus_abusive_closed_total`). A router
+    /// sends its status at most once per 20 ms, so at least 60. Default 100.
+    pub max_peer_status_per_sec: u32,
     /// Most control frames (pongs, pings) queued on one connection's outbox; more are dropped
     /// (RFC 6455 lets a pong answer only the latest ping). Default 16.
     pub max_queued_control_frames: usize,
@@ -583,6 +587,7 @@ impl Default for Limits {
             max_connection_outbox_bytes: 16 * 1024 * 1024,
             min_answer_bytes_per_sec: 1024,
             max_control_frames_per_sec: 100,
+            max_peer_status_per_sec: 100,
             max_queued_control_frames: 16,
         }
     }
@@ -827,6 +832,15 @@ impl Config {
             if v == 0 {
                 return Err(invalid(f, "must be > 0 ms"));
             }
+        }
+        // A router sends its status at most once per tick (`health::POLL`), and a renew
+        // answer at most once a second: a bound below that could close a healthy link.
+        let statuses_per_sec = 1000 / crate::health::POLL.as_millis() as u32 + 10;
+        if l.max_peer_status_per_sec < statuses_per_sec {
+            return Err(invalid(
+                "limits.max_peer_status_per_sec",
+                format!("at least {statuses_per_sec}: a router may send its status every 20 ms"),
+            ));
         }
         if l.client_ping_interval_ms >= l.idle_timeout_ms {
             return Err(invalid(

@@ -112,8 +112,54 @@ impl Default for Deadline {
     }
 }
 
+/// Counts events in one-second windows (the first event opens a window, the first after it
+/// ends opens the next): [`PerSecond::over`] says when one window holds more than `max`. The
+/// bound of pings and pongs on a websocket and of status messages on a peer link.
+#[derive(Debug)]
+pub struct PerSecond {
+    max: u32,
+    window: Option<(std::time::Instant, u32)>,
+}
+
+impl PerSecond {
+    /// At most `max` events a second (`u32::MAX`: no bound, and no clock read).
+    pub fn new(max: u32) -> PerSecond {
+        PerSecond { max, window: None }
+    }
+
+    /// Counts one event; true when its window now holds more than `max`.
+    pub fn over(&mut self) -> bool {
+        if self.max == u32::MAX {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        let (start, n) = match self.window {
+            Some((start, n)) if now.duration_since(start) < std::time::Duration::from_secs(1) => {
+                (start, n + 1)
+            }
+            _ => (now, 1),
+        };
+        self.window = Some((start, n));
+        n > self.max
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    /// The `max + 1`th event in a second is over; a window that ended starts the count over.
+    #[test]
+    fn per_second_counts_in_windows() {
+        let mut p = super::PerSecond::new(3);
+        assert_eq!(
+            [p.over(), p.over(), p.over(), p.over()],
+            [false, false, false, true]
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1_050));
+        assert!(!p.over(), "a new window");
+        let mut none = super::PerSecond::new(u32::MAX);
+        assert!((0..10_000).all(|_| !none.over()));
+    }
+
     /// Every wait of one `Deadline` ends on time, never early: a shorter wait after a longer
     /// one (the timer moves earlier), a longer wait after a shorter one (the registered timer
     /// fires early and is armed again for the rest), and a wait whose future finishes.

@@ -757,8 +757,8 @@ fn routed(
         // `limits.max_inflight_per_connection` x 1 KiB per connection wait uncharged, and
         // charging every answer showed in the router's CPU per request at 64 x 1 with 64 B
         // bodies.
-        let held = (a.payload_len() > COPY_BODY_BYTES)
-            .then(|| HeldAnswer::new(&shard, share, a.payload_len()));
+        let held =
+            (a.held_len() > COPY_BODY_BYTES).then(|| HeldAnswer::new(&shard, share, a.held_len()));
         // Every answer a page may read carries the CORS fields, its errors too (for another
         // cluster's app, its router applied the policy and relayed the answer); not the
         // refusal of the origin, nor a 404 to an origin no app of ours allows. Looked at only

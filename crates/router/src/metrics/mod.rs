@@ -88,6 +88,7 @@ pub(crate) struct ShardMetrics {
     pub(crate) task_readmitted: AtomicU64,
     pub(crate) peer_ejected: AtomicU64,
     pub(crate) peer_protocol_errors: AtomicU64,
+    pub(crate) task_protocol_errors: AtomicU64,
     pub(crate) peer_readmitted: AtomicU64,
     pub(crate) task_links_ejected: AtomicU64,
     /// `renew` messages on task links: accepted, refused.
@@ -388,8 +389,13 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
     );
     let _ = writeln!(
         o,
-        "# HELP fedbus_peer_protocol_errors_total What a peer router sent that breaks PROTOCOL.md section 10: a frame other than a Request on an accepted link (closed 1002), a Redirect or a status outside 200..599 as an answer (502 bad_peer_answer).\n# TYPE fedbus_peer_protocol_errors_total counter\nfedbus_peer_protocol_errors_total {}",
+        "# HELP fedbus_peer_protocol_errors_total What a peer router sent that breaks PROTOCOL.md section 10: a frame other than a Request on an accepted link or other than a Response or Redirect on a dialed one (closed 1002), a Redirect or a status outside 200..599 as an answer (502 bad_peer_answer).\n# TYPE fedbus_peer_protocol_errors_total counter\nfedbus_peer_protocol_errors_total {}",
         sum(reg, |m| &m.peer_protocol_errors)
+    );
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_task_protocol_errors_total Frames a registered task sent of a kind tasks do not send (a Request, a SecretPush): ignored, the link serves on (PROTOCOL.md section 6).\n# TYPE fedbus_task_protocol_errors_total counter\nfedbus_task_protocol_errors_total {}",
+        sum(reg, |m| &m.task_protocol_errors)
     );
     let _ = writeln!(
         o,

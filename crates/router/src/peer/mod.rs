@@ -653,10 +653,26 @@ async fn read_dialed<R: futures_lite::AsyncRead + Unpin>(
     reader: &mut ws::WsReader<R>,
 ) -> Result<(), ws::WsError> {
     let mut closer: Option<glommio::Task<()>> = None;
+    let mut texts = crate::util::PerSecond::new(shard.cfg.limits.max_peer_status_per_sec);
     loop {
         match reader.next().await? {
-            Message::Binary(b) => link.on_binary(b)?,
+            Message::Binary(b) => {
+                if !link.on_binary(b)? {
+                    // As a Response on a link we accepted is (`serve_upgrade`).
+                    ShardMetrics::inc(&shard.metrics.peer_protocol_errors);
+                    tracing::warn!(shard = shard.index, %cluster, addr = %slot.addr, "peer link closed (1002): a frame other than a Response or Redirect on a link we dialed");
+                    return Err(ws::WsError::Protocol(
+                        "a frame kind the dialer does not take",
+                    ));
+                }
+            }
             Message::Text(t) => {
+                // Each is a JSON parse of up to the message bound and maybe a log line.
+                if texts.over() {
+                    return Err(ws::WsError::Policy(
+                        "status messages over limits.max_peer_status_per_sec",
+                    ));
+                }
                 let Some(st) = PeerStatus::parse(&t) else {
                     on_renew_answer(shard, cluster, slot, &t);
                     continue;

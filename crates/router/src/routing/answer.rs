@@ -131,11 +131,15 @@ impl Answer {
         }
     }
 
-    /// Bytes of a task's (or relayed) answer body; 0 for the router's own answers, which
-    /// are small.
-    pub(crate) fn payload_len(&self) -> usize {
+    /// Bytes the answer keeps in memory until it is written: its frame's metadata and
+    /// payload (one buffer: the payload is a slice of the message the link read), 0 for an
+    /// answer the router made. A task or peer router may put most of a message's bound in
+    /// the metadata, so the payload alone would undercount what a held answer costs.
+    pub(crate) fn held_len(&self) -> usize {
         match self {
-            Answer::Task { frame, .. } | Answer::Relayed { frame, .. } => frame.payload.len(),
+            Answer::Task { frame, .. } | Answer::Relayed { frame, .. } => {
+                frame.meta.len() + frame.payload.len()
+            }
             Answer::Error(_) | Answer::Preflight { .. } => 0,
         }
     }

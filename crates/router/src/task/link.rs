@@ -224,14 +224,18 @@ impl TaskLink {
         }
     }
 
-    /// Handles one binary message from the other side: an answer or a Redirect.
-    pub(crate) fn on_binary(&self, b: Bytes) -> Result<(), ws::WsError> {
+    /// Handles one binary message from the other side: an answer or a Redirect. `Ok(false)`
+    /// for a frame of another kind (a Request, a SecretPush), which nothing sends on this
+    /// link: not acted on, for the caller to count.
+    pub(crate) fn on_binary(&self, b: Bytes) -> Result<bool, ws::WsError> {
         match Frame::decode(b) {
             Ok(f) => {
-                self.health
-                    .heard(matches!(f.header.kind, Kind::Response | Kind::Redirect));
-                on_frame(self, f);
-                Ok(())
+                let answer = matches!(f.header.kind, Kind::Response | Kind::Redirect);
+                self.health.heard(answer);
+                if answer {
+                    on_frame(self, f);
+                }
+                Ok(answer)
             }
             Err(e) => {
                 tracing::warn!(task = self.task, "bad frame from task: {e}");
@@ -804,7 +808,7 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
 
     // A link we close (expiry, replacement, drain) gets `limits.handshake_timeout_ms` to close
     // its end too.
-    let read = read_loop(&link, &mut reader, |t| on_text(shard, &link, &t));
+    let read = read_loop(shard, &link, &mut reader, |t| on_text(shard, &link, &t));
     let end = ws::conn::until_closed_or_late(shard, &out, read).await;
     drop(expiry.cancel());
     if let Some(p) = pusher {
@@ -853,13 +857,28 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
 }
 
 async fn read_loop<R: futures_lite::AsyncRead + Unpin>(
+    shard: &Shard,
     link: &TaskLink,
     reader: &mut WsReader<R>,
     mut on_text: impl FnMut(Bytes),
 ) -> Result<(), ws::WsError> {
+    // The first frame of a kind a task does not send is logged, every one counted: the link
+    // serves on (PROTOCOL.md section 6), and a line per frame would let a task flood the log.
+    let mut logged = false;
     loop {
         match reader.next().await? {
-            Message::Binary(b) => link.on_binary(b)?,
+            Message::Binary(b) => {
+                if !link.on_binary(b)? {
+                    ShardMetrics::inc(&shard.metrics.task_protocol_errors);
+                    if !std::mem::replace(&mut logged, true) {
+                        tracing::warn!(
+                            shard = shard.index,
+                            task = link.task,
+                            "task sent a frame of a kind tasks do not send (a Request or a SecretPush): ignored, and counted in fedbus_task_protocol_errors_total (logged once per link)"
+                        );
+                    }
+                }
+            }
             Message::Ping(p) => {
                 link.health.heard(false);
                 link.out
@@ -1206,6 +1225,7 @@ fn spawn_pinger(link: Rc<TaskLink>, every: Duration) -> glommio::Task<()> {
     })
 }
 
+/// An answer or a Redirect ([`TaskLink::on_binary`] sends no other kind here).
 fn on_frame(link: &TaskLink, f: Frame) {
     let id = f.header.request_id;
     match f.header.kind {
@@ -1222,7 +1242,7 @@ fn on_frame(link: &TaskLink, f: Frame) {
             };
             link.complete(id, Reply::Redirect { role, partition });
         }
-        other => tracing::debug!(task = link.task, ?other, "unexpected frame kind from task"),
+        Kind::Request | Kind::SecretPush => {}
     }
 }
 

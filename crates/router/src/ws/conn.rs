@@ -290,9 +290,8 @@ pub struct WsReader<R> {
     space: ReadSpace,
     /// The read buffer given up last, reused once the messages cut from it are dropped.
     spare: BytesMut,
-    /// Most pings and pongs per second (`u32::MAX`: no limit), and the current window.
-    max_control_per_sec: u32,
-    control_window: Option<(std::time::Instant, u32)>,
+    /// Most pings and pongs per second (`u32::MAX`: no limit).
+    control_rate: crate::util::PerSecond,
     /// Messages returned since the reader last waited for the socket.
     turn: u32,
     /// Reads from the socket so far.
@@ -368,8 +367,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             frag: None,
             space: ReadSpace::default(),
             spare: BytesMut::new(),
-            max_control_per_sec: u32::MAX,
-            control_window: None,
+            control_rate: crate::util::PerSecond::new(u32::MAX),
             turn: 0,
             reads: 0,
             arriving: None,
@@ -516,7 +514,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     /// second from the other side: each ping costs a pong, and a flood of them would take the
     /// shard's time and the outbox's slots.
     pub fn limit_control_rate(&mut self, per_sec: u32) {
-        self.max_control_per_sec = per_sec;
+        self.control_rate = crate::util::PerSecond::new(per_sec);
     }
 
     /// Next message, reading as needed.
@@ -567,18 +565,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     }
 
     fn count_control(&mut self) -> Result<(), WsError> {
-        if self.max_control_per_sec == u32::MAX {
-            return Ok(());
-        }
-        let now = std::time::Instant::now();
-        let (start, n) = match self.control_window {
-            Some((start, n)) if now.duration_since(start) < std::time::Duration::from_secs(1) => {
-                (start, n + 1)
-            }
-            _ => (now, 1),
-        };
-        self.control_window = Some((start, n));
-        if n > self.max_control_per_sec {
+        if self.control_rate.over() {
             return Err(WsError::Policy(
                 "control frames over limits.max_control_frames_per_sec",
             ));

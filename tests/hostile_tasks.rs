@@ -1515,7 +1515,7 @@ fn roles_over_max_roles_per_app_are_refused() {
     let routed = |task: u64, role: &str| {
         let before = r.metrics().get("fedbus_routing_generation");
         let l = RawLink::registered(addr, &tok, task, role, &[0]);
-        r.wait_published_since(before, &format!("role {role}"));
+        r.wait_routed_since(before, &format!("role {role}"));
         l
     };
     let _cmd = routed(1, "cmd");
@@ -1534,7 +1534,7 @@ fn roles_over_max_roles_per_app_are_refused() {
     // view's only task leaves: its room is free for audit.
     let before = r.metrics().get("fedbus_routing_generation");
     drop(view);
-    r.wait_published_since(before, "view's task gone");
+    r.wait_routed_since(before, "view's task gone");
     let _audit = RawLink::registered(addr, &tok, 3, "audit", &[0]);
 }
 
@@ -1620,7 +1620,7 @@ fn an_answers_metadata_is_charged_while_it_waits_to_be_written() {
 fn registered_and_routed(r: &Router, tok: &str, task: u64, partitions: &[u32]) -> RawLink {
     let before = r.metrics().get("fedbus_routing_generation");
     let l = RawLink::registered(r.internal[0], tok, task, "main", partitions);
-    r.wait_published_since(before, &format!("raw link {task}"));
+    r.wait_routed_since(before, &format!("raw link {task}"));
     l
 }
 

@@ -220,8 +220,9 @@ pub struct Limits {
     /// closes it with 1008 (`fedbus_abusive_closed_total`). Default 100.
     pub max_control_frames_per_sec: u32,
     /// Most text messages (statuses, renew answers) a router we dialed may send on its link
-    /// per second; more close the link with 1008 (`fedbus_abusive_closed_total`). A router
-    /// sends its status at most once per 20 ms, so at least 60. Default 100.
+    /// per second, counted over 10 s; more close the link with 1008
+    /// (`fedbus_abusive_closed_total`). A router sends its status at most once per 20 ms, so
+    /// at least 100 (twice that). Default 200.
     pub max_peer_status_per_sec: u32,
     /// Most control frames (pongs, pings) queued on one connection's outbox; more are dropped
     /// (RFC 6455 lets a pong answer only the latest ping). Default 16.
@@ -587,7 +588,7 @@ impl Default for Limits {
             max_connection_outbox_bytes: 16 * 1024 * 1024,
             min_answer_bytes_per_sec: 1024,
             max_control_frames_per_sec: 100,
-            max_peer_status_per_sec: 100,
+            max_peer_status_per_sec: 200,
             max_queued_control_frames: 16,
         }
     }
@@ -834,12 +835,14 @@ impl Config {
             }
         }
         // A router sends its status at most once per tick (`health::POLL`), and a renew
-        // answer at most once a second: a bound below that could close a healthy link.
-        let statuses_per_sec = 1000 / crate::health::POLL.as_millis() as u32 + 10;
+        // answer about once a second: a bound near that could close a healthy link.
+        let statuses_per_sec = 2 * 1000 / crate::health::POLL.as_millis() as u32;
         if l.max_peer_status_per_sec < statuses_per_sec {
             return Err(invalid(
                 "limits.max_peer_status_per_sec",
-                format!("at least {statuses_per_sec}: a router may send its status every 20 ms"),
+                format!(
+                    "at least {statuses_per_sec}: twice what a router sends (a status every 20 ms)"
+                ),
             ));
         }
         if l.client_ping_interval_ms >= l.idle_timeout_ms {

@@ -112,19 +112,30 @@ impl Default for Deadline {
     }
 }
 
-/// Counts events in one-second windows (the first event opens a window, the first after it
-/// ends opens the next): [`PerSecond::over`] says when one window holds more than `max`. The
-/// bound of pings and pongs on a websocket and of status messages on a peer link.
+/// Counts events in windows of a fixed length (the first event opens a window, the first
+/// after it ends opens the next): [`Rate::over`] says when one window holds more than `max`.
+/// The bound of pings and pongs on a websocket (1 s windows) and of status messages on a peer
+/// link (10 s windows, so that a backlog after a stalled read passes).
 #[derive(Debug)]
-pub struct PerSecond {
+pub struct Rate {
     max: u32,
-    window: Option<(std::time::Instant, u32)>,
+    window: std::time::Duration,
+    current: Option<(std::time::Instant, u32)>,
 }
 
-impl PerSecond {
+impl Rate {
     /// At most `max` events a second (`u32::MAX`: no bound, and no clock read).
-    pub fn new(max: u32) -> PerSecond {
-        PerSecond { max, window: None }
+    pub fn per_second(max: u32) -> Rate {
+        Rate::per(max, std::time::Duration::from_secs(1))
+    }
+
+    /// At most `max` events in each `window`.
+    pub fn per(max: u32, window: std::time::Duration) -> Rate {
+        Rate {
+            max,
+            window,
+            current: None,
+        }
     }
 
     /// Counts one event; true when its window now holds more than `max`.
@@ -133,30 +144,28 @@ impl PerSecond {
             return false;
         }
         let now = std::time::Instant::now();
-        let (start, n) = match self.window {
-            Some((start, n)) if now.duration_since(start) < std::time::Duration::from_secs(1) => {
-                (start, n + 1)
-            }
+        let (start, n) = match self.current {
+            Some((start, n)) if now.duration_since(start) < self.window => (start, n + 1),
             _ => (now, 1),
         };
-        self.window = Some((start, n));
+        self.current = Some((start, n));
         n > self.max
     }
 }
 
 #[cfg(test)]
 mod tests {
-    /// The `max + 1`th event in a second is over; a window that ended starts the count over.
+    /// The `max + 1`th event in a window is over; a window that ended starts the count over.
     #[test]
-    fn per_second_counts_in_windows() {
-        let mut p = super::PerSecond::new(3);
+    fn rate_counts_in_windows() {
+        let mut p = super::Rate::per_second(3);
         assert_eq!(
             [p.over(), p.over(), p.over(), p.over()],
             [false, false, false, true]
         );
         std::thread::sleep(std::time::Duration::from_millis(1_050));
         assert!(!p.over(), "a new window");
-        let mut none = super::PerSecond::new(u32::MAX);
+        let mut none = super::Rate::per_second(u32::MAX);
         assert!((0..10_000).all(|_| !none.over()));
     }
 

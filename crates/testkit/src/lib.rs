@@ -656,6 +656,30 @@ impl Router {
         }
     }
 
+    /// Waits for a routing table published after `generation` that routes to every task link
+    /// open on the router and not ejected (`fedbus_routing_tasks` = `fedbus_task_links` -
+    /// `fedbus_task_links_ejected`; a one-shard router, whose links are each a task): a
+    /// generation alone may be the publication of an earlier change (a link that just closed)
+    /// and not yet hold the link registered since.
+    pub fn wait_routed_since(&self, generation: f64, what: &str) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let m = self.metrics();
+            let open = m.get("fedbus_task_links") - m.get("fedbus_task_links_ejected");
+            if m.get("fedbus_routing_generation") > generation
+                && m.get("fedbus_routing_tasks") == open
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: no routing table with the {open} open task links published within {START_TIMEOUT:?} (it routes to {})",
+                m.get("fedbus_routing_tasks")
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn registrations(&self) -> usize {
         self.log().matches("task link registered").count()
     }

@@ -806,6 +806,8 @@ async fn serve_inner<S: Stream>(
     // Bytes of answer heads (and the small bodies copied behind them) in the largest batch
     // written so far, and in this one.
     let (mut head_room, mut head_bytes) = (4096usize, 0usize);
+    // Bytes of answers' metadata kept in memory by the batch being written (see below).
+    let mut kept = 0usize;
     let mut parts: Vec<Bytes> = Vec::new();
     let mut inflight = Ordered::new();
     // Every deadline of this connection (head, body, idle, answer write) on one timer.
@@ -1187,6 +1189,9 @@ async fn serve_inner<S: Stream>(
             }
             head_bytes += out.len() - before;
             if !small {
+                // The body is a slice of the answer's frame: its metadata stays in memory
+                // until the body is written, and is charged with it.
+                kept += a.held_len().saturating_sub(body.len());
                 parts.push(out.split().freeze());
                 parts.push(body.into_owned());
             }
@@ -1216,10 +1221,11 @@ async fn serve_inner<S: Stream>(
         // against the share as they come (the write comes first: a write that is done at once
         // polls nothing else).
         let n: usize = parts.iter().map(Bytes::len).sum();
+        let charged = n + std::mem::take(&mut kept);
         head_room = head_room.max(head_bytes);
         head_bytes = 0;
-        outbox.force_add(n);
-        share.count(n);
+        outbox.force_add(charged);
+        share.count(charged);
         let pace = Duration::from_secs_f64(n as f64 / limits.min_answer_bytes_per_sec as f64);
         // Ok(Some(_)): written (or failed); Ok(None): over the share; Err: too slow.
         let written = {
@@ -1236,8 +1242,8 @@ async fn serve_inner<S: Stream>(
         };
         // What the connection held with the batch (not `held`, its request bodies).
         let answers_held = share.held.get();
-        outbox.release(n);
-        share.sub(n);
+        outbox.release(charged);
+        share.sub(charged);
         parts.clear();
         match written {
             Ok(Some(r)) => {

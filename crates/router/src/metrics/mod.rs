@@ -282,7 +282,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
         (
             "fedbus_abusive_closed_total",
             "counter",
-            "Websocket connections closed with 1008 for sending control frames faster than limits.max_control_frames_per_sec.",
+            "Websocket connections closed with 1008 for a flood: control frames faster than limits.max_control_frames_per_sec, renews faster than one a second (task and peer links), status messages faster than limits.max_peer_status_per_sec (peer links this router dialed).",
             |m| &m.abusive_closed,
         ),
         (

@@ -653,18 +653,22 @@ async fn read_dialed<R: futures_lite::AsyncRead + Unpin>(
     reader: &mut ws::WsReader<R>,
 ) -> Result<(), ws::WsError> {
     let mut closer: Option<glommio::Task<()>> = None;
-    let mut texts = crate::util::PerSecond::new(shard.cfg.limits.max_peer_status_per_sec);
+    // Counted over 10 s: statuses the other router queued while this side's reads stalled
+    // arrive together, and are no flood.
+    let per_sec = shard.cfg.limits.max_peer_status_per_sec;
+    let mut texts = crate::util::Rate::per(per_sec.saturating_mul(10), Duration::from_secs(10));
     loop {
         match reader.next().await? {
             Message::Binary(b) => {
-                if !link.on_binary(b)? {
-                    // As a Response on a link we accepted is (`serve_upgrade`).
-                    ShardMetrics::inc(&shard.metrics.peer_protocol_errors);
-                    tracing::warn!(shard = shard.index, %cluster, addr = %slot.addr, "peer link closed (1002): a frame other than a Response or Redirect on a link we dialed");
-                    return Err(ws::WsError::Protocol(
-                        "a frame kind the dialer does not take",
-                    ));
-                }
+                // As a Response on a link we accepted is (`serve_upgrade`).
+                let why = match link.on_binary(b) {
+                    Ok(true) => continue,
+                    Ok(false) => "a frame other than a Response or Redirect on a link we dialed",
+                    Err(_) => "a message that is no fedbus frame on a link we dialed",
+                };
+                ShardMetrics::inc(&shard.metrics.peer_protocol_errors);
+                tracing::warn!(shard = shard.index, %cluster, addr = %slot.addr, "peer link closed (1002): {why}");
+                return Err(ws::WsError::Protocol("a frame the dialer does not take"));
             }
             Message::Text(t) => {
                 // Each is a JSON parse of up to the message bound and maybe a log line.

@@ -147,6 +147,21 @@ impl RoutingTable {
         Lookup::NoLiveTask { partition }
     }
 
+    /// Task instances this table routes to (each counted once, whatever its apps, roles and
+    /// partitions): the registrations with a live, not ejected link when it was built. Read by
+    /// the admin endpoint (`fedbus_routing_tasks`), not on the request path.
+    pub fn task_count(&self) -> usize {
+        let mut ids: Vec<TaskId> = self
+            .apps
+            .values()
+            .flat_map(|a| a.roles.values())
+            .flat_map(|r| r.tasks.iter().flatten().copied())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len()
+    }
+
     /// `wsid % partitions`; `None` for an unknown app or one with zero partitions.
     pub fn partition_of(&self, app: &str, wsid: u64) -> Option<u32> {
         let app = self.apps.get(app)?;
@@ -175,6 +190,13 @@ mod tests {
             7,
             1,
         )
+    }
+
+    /// Each task once, over its partitions and roles; apps with no task add none.
+    #[test]
+    fn task_count_counts_each_task_once() {
+        assert_eq!(table().task_count(), 3);
+        assert_eq!(build(&[spec("o/a", 4, None)], &[], 1, 1).task_count(), 0);
     }
 
     #[test]

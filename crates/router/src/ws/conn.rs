@@ -291,7 +291,7 @@ pub struct WsReader<R> {
     /// The read buffer given up last, reused once the messages cut from it are dropped.
     spare: BytesMut,
     /// Most pings and pongs per second (`u32::MAX`: no limit).
-    control_rate: crate::util::PerSecond,
+    control_rate: crate::util::Rate,
     /// Messages returned since the reader last waited for the socket.
     turn: u32,
     /// Reads from the socket so far.
@@ -367,7 +367,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             frag: None,
             space: ReadSpace::default(),
             spare: BytesMut::new(),
-            control_rate: crate::util::PerSecond::new(u32::MAX),
+            control_rate: crate::util::Rate::per_second(u32::MAX),
             turn: 0,
             reads: 0,
             arriving: None,
@@ -514,7 +514,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     /// second from the other side: each ping costs a pong, and a flood of them would take the
     /// shard's time and the outbox's slots.
     pub fn limit_control_rate(&mut self, per_sec: u32) {
-        self.control_rate = crate::util::PerSecond::new(per_sec);
+        self.control_rate = crate::util::Rate::per_second(per_sec);
     }
 
     /// Next message, reading as needed.

@@ -2362,3 +2362,67 @@ fn close_code_of(s: &mut TcpStream) -> Option<u16> {
         }
     }
 }
+
+/// docs/TUNING.md `limits.peer_eject_after_timeouts`, siblings: a router with no task of the
+/// app at all hands a request for a partition only its sibling serves to that sibling even
+/// while the sibling's link is ejected (its last resort, as an ejected router of another
+/// cluster is), instead of answering 503 `no_live_task` at once. Here r1 of spb2 has no task;
+/// r0's task serves partition 13; r0 is stopped (SIGSTOP) until two requests time out on its
+/// link and r1 ejects it; a third request goes to r0 anyway and, once r0 runs again, is
+/// answered by it. Before, the third got 503 `no_live_task` while r0 was out.
+#[test]
+fn an_ejected_sibling_is_the_last_resort_of_a_router_without_tasks() {
+    let mut f = Federation::builder()
+        .peer_tls(false)
+        .request_timeout_ms(300)
+        .limit("spb2", "peer_eject_after_timeouts", 2)
+        .start();
+    // spb2's own task leaves both routers; one serving partition 13 links to r0 only.
+    f.tasks[1].kill();
+    f.start_task_on("spb2", &[0], "13");
+    let r1 = f.router("spb2", 1);
+    let ask = |wsid: u64| {
+        let (api, req) = (r1.api, f.req("spb2", wsid, b"x"));
+        std::thread::spawn(move || Conn::open(api).request(&req))
+    };
+    wait_for(Duration::from_secs(10), || {
+        let r = ask(13).join().expect("client");
+        (r.status == 200 && served_by(&r) == "ru/spb2/r0").then_some(())
+    })
+    .expect("r1 hands partition 13 to r0");
+    wait_metric(r1, "fedbus_routing_tasks", Duration::from_secs(5), |v| {
+        v == 0.0
+    });
+    let pid = f.router("spb2", 0).pid().expect("r0 runs").to_string();
+    let signal = |s: &str| {
+        let ok = Command::new("kill").args([s, &pid]).status().expect("kill");
+        assert!(ok.success(), "kill {s} {pid}");
+    };
+    signal("-STOP");
+    struct Cont(String);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").args(["-CONT", &self.0]).status();
+        }
+    }
+    let cont = Cont(pid.clone());
+    // Two requests r0 does not answer: 504 at the peer deadline (300 ms + 1 s), then ejected.
+    for a in [ask(13), ask(29)].map(|h| h.join().expect("client")) {
+        a.assert_error(504, "peer_timeout");
+    }
+    wait_metric(
+        r1,
+        "fedbus_peer_ejected_total",
+        Duration::from_secs(5),
+        |v| v >= 1.0,
+    );
+    let handoffs = m(r1, "fedbus_sibling_handoffs_total");
+    let third = ask(45);
+    wait_for(Duration::from_secs(5), || {
+        (third.is_finished() || m(r1, "fedbus_sibling_handoffs_total") > handoffs).then_some(())
+    })
+    .expect("the third request handed on or answered");
+    drop(cont);
+    let a = third.join().expect("client");
+    assert_eq!((a.status, served_by(&a)), (200, "ru/spb2/r0"), "{a:?}");
+}

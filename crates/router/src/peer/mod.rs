@@ -240,13 +240,17 @@ impl Peers {
     /// A live link to a sibling (a router of our own `cluster` key) that has a live task for
     /// `app`/`wsid`'s partition, by its last status, and is not draining; ready or not (a
     /// sibling that lacks other partitions serves this one: docs/EMERGENCY.md, the exact rule,
-    /// step 2). The scan starts at `wsid % routers`.
+    /// step 2). The scan starts at `wsid % routers`. With `ejected`, only a link out of
+    /// routing for its timeouts (`limits.peer_eject_after_timeouts`) qualifies: the last
+    /// resort once this router has no task to serve the request at all, as an ejected router
+    /// of another cluster is in [`Peers::pick`].
     pub(crate) fn covering(
         &self,
         own: &str,
         app: &str,
         wsid: u64,
         max_pending: usize,
+        ejected: bool,
     ) -> Option<Rc<TaskLink>> {
         let slots = self.clusters.get(own)?;
         let n = slots.len();
@@ -258,7 +262,18 @@ impl Peers {
                     .borrow()
                     .as_ref()
                     .is_some_and(|st| !st.draining && st.covers(app, wsid) == Some(true));
-                serves.then(|| s.usable_link(max_pending)).flatten()
+                if !serves {
+                    return None;
+                }
+                match ejected {
+                    false => s.usable_link(max_pending),
+                    true => s
+                        .link
+                        .borrow()
+                        .as_ref()
+                        .filter(|l| l.is_ejected() && l.takes_requests(max_pending))
+                        .cloned(),
+                }
             })
     }
 }

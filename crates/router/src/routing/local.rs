@@ -21,9 +21,9 @@ fn sibling_with_partition(
     table: &crate::route::RoutingTable,
     partition: u32,
 ) -> Option<Rc<crate::task::link::TaskLink>> {
-    // This shard dials siblings only when the federation view lists some.
-    let own = &shard.federation.own;
-    if req.ingress == Ingress::Peer || !shard.peers.borrow().clusters.contains_key(own) {
+    // This shard dials siblings only when the federation view lists some: checked first,
+    // as it is all a router without siblings does here per request.
+    if !may_hand_to_sibling(shard, req) {
         return None;
     }
     let tasks = table
@@ -35,11 +35,32 @@ fn sibling_with_partition(
     if shard.has_live_link(tasks) {
         return None;
     }
+    covering_sibling(shard, req, false)
+}
+
+/// Whether `req` may go to a sibling: it did not come over a peer link (at most one hop), and
+/// this shard dials siblings (the federation view lists some).
+fn may_hand_to_sibling(shard: &Shard, req: &Request<'_>) -> bool {
+    req.ingress != Ingress::Peer
+        && shard
+            .peers
+            .borrow()
+            .clusters
+            .contains_key(&shard.federation.own)
+}
+
+/// [`Peers::covering`](crate::peer::Peers::covering) for `req`.
+fn covering_sibling(
+    shard: &Shard,
+    req: &Request<'_>,
+    ejected: bool,
+) -> Option<Rc<crate::task::link::TaskLink>> {
     shard.peers.borrow().covering(
-        own,
+        &shard.federation.own,
         req.target.app_name,
         req.target.wsid,
         shard.cfg.limits.max_pending_per_link,
+        ejected,
     )
 }
 
@@ -134,6 +155,20 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
                 // copied into the in-flight slot; `api::http::tests::answer_state_stays_small`).
                 Box::pin(wait_for_task(shard)).await;
                 continue;
+            }
+            // No task here serves the app's `main` role at all (not even an emergency
+            // partition): a sibling whose link is ejected for its timeouts but whose status
+            // covers the partition is the last resort, as Envoy routes to ejected hosts once
+            // none is left. Boxed, as the wait above.
+            if let Some(link) = (hops == 0 && may_hand_to_sibling(shard, req))
+                .then(|| covering_sibling(shard, req, true))
+                .flatten()
+            {
+                ShardMetrics::inc(&shard.metrics.sibling_handoffs);
+                let a = Box::pin(super::forward::send(shard, req, &link)).await;
+                if !super::forward::never_delivered(&a) {
+                    return a;
+                }
             }
             return no_live_task(t.app_name, &role, want, hops);
         };

@@ -1951,11 +1951,7 @@ impl FakePeer {
         };
         let mut b = [0u8; 16 * 1024];
         let send = |s: &mut TcpStream, op: u8, payload: &[u8]| {
-            let mut h = [0u8; wsf::MAX_HEADER];
-            let n = wsf::encode_head(op, payload.len(), None, &mut h);
-            let mut m = h[..n].to_vec();
-            m.extend_from_slice(payload);
-            s.write_all(&m).is_ok()
+            s.write_all(&ws_message(op, payload)).is_ok()
         };
         let mut held: Vec<u64> = Vec::new();
         s.set_read_timeout(Some(Duration::from_millis(50)))
@@ -2256,28 +2252,8 @@ fn dials_in(
 /// frame was ignored at debug level and counted nowhere.
 #[test]
 fn a_request_from_the_router_we_dialed_closes_the_link_1002() {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let (tx, rx) = std::sync::mpsc::channel::<Option<u16>>();
-    std::thread::spawn(move || {
-        let Some(mut s) = l.incoming().flatten().next() else {
-            return;
-        };
-        if FakePeer::upgrade(&mut s).is_none() {
-            return;
-        }
-        let f = encode_frame(Kind::Request, 0, 0, 0, 1, b"", b"not yours to send");
-        let mut h = [0u8; wsf::MAX_HEADER];
-        let n = wsf::encode_head(wsf::opcode::BINARY, f.len(), None, &mut h);
-        let mut m = h[..n].to_vec();
-        m.extend_from_slice(&f);
-        s.write_all(&m).expect("send the request");
-        let _ = tx.send(close_code_of(&mut s));
-    });
-    let (r, _far) = with_far_cluster(&[addr], &[]);
-    let code = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the router dials and closes");
+    let f = encode_frame(Kind::Request, 0, 0, 0, 1, b"", b"not yours to send");
+    let (code, r, _far) = far_router_sends(ws_message(wsf::opcode::BINARY, &f));
     assert_eq!(code, Some(1002));
     assert_eq!(r.metrics().get("fedbus_peer_protocol_errors_total"), 1.0);
     assert!(
@@ -2295,6 +2271,40 @@ fn a_request_from_the_router_we_dialed_closes_the_link_1002() {
 /// whatever rate the link carried.
 #[test]
 fn a_status_flood_from_the_router_we_dialed_closes_the_link_1008() {
+    let flood: Vec<u8> = (0..3_000)
+        .flat_map(|i| {
+            let st = format!(
+                r#"{{"kind":"status","ready":{},"draining":false}}"#,
+                i % 2 == 0
+            );
+            ws_message(wsf::opcode::TEXT, st.as_bytes())
+        })
+        .collect();
+    let (code, r, _far) = far_router_sends(flood);
+    assert_eq!(code, Some(1008));
+    assert_eq!(r.metrics().get("fedbus_abusive_closed_total"), 1.0);
+    assert!(
+        r.log()
+            .contains("status messages over limits.max_peer_status_per_sec"),
+        "{}",
+        r.log()
+    );
+}
+
+/// One unmasked websocket message (a server's).
+fn ws_message(op: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = [0u8; wsf::MAX_HEADER];
+    let n = wsf::encode_head(op, payload.len(), None, &mut h);
+    let mut m = h[..n].to_vec();
+    m.extend_from_slice(payload);
+    m
+}
+
+/// A router (`with_far_cluster`) dials a far router played by the test, which takes the
+/// upgrade, sends `bytes` and reads until the router closes the link: the close code (see
+/// [`close_code_of`]), the router, and the far cluster's keyring folder. Only the first dial
+/// is taken: later ones are refused and count nothing.
+fn far_router_sends(bytes: Vec<u8>) -> (Option<u16>, Router, TempDir) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
     let (tx, rx) = std::sync::mpsc::channel::<Option<u16>>();
@@ -2305,33 +2315,15 @@ fn a_status_flood_from_the_router_we_dialed_closes_the_link_1008() {
         if FakePeer::upgrade(&mut s).is_none() {
             return;
         }
-        let mut m = Vec::new();
-        for i in 0..3_000 {
-            let st = format!(
-                r#"{{"kind":"status","ready":{},"draining":false}}"#,
-                i % 2 == 0
-            );
-            let mut h = [0u8; wsf::MAX_HEADER];
-            let n = wsf::encode_head(wsf::opcode::TEXT, st.len(), None, &mut h);
-            m.extend_from_slice(&h[..n]);
-            m.extend_from_slice(st.as_bytes());
-        }
         // The router may close before it reads them all.
-        let _ = s.write_all(&m);
+        let _ = s.write_all(&bytes);
         let _ = tx.send(close_code_of(&mut s));
     });
-    let (r, _far) = with_far_cluster(&[addr], &[]);
+    let (r, far) = with_far_cluster(&[addr], &[]);
     let code = rx
         .recv_timeout(Duration::from_secs(20))
         .expect("the router dials and closes");
-    assert_eq!(code, Some(1008));
-    assert_eq!(r.metrics().get("fedbus_abusive_closed_total"), 1.0);
-    assert!(
-        r.log()
-            .contains("status messages over limits.max_peer_status_per_sec"),
-        "{}",
-        r.log()
-    );
+    (code, r, far)
 }
 
 /// Reads websocket frames from the router (a client, so masked) on `s` until a close; its

@@ -2364,10 +2364,14 @@ fn close_code_of(s: &mut TcpStream) -> Option<u16> {
 /// answered by it. Before, the third got 503 `no_live_task` while r0 was out.
 #[test]
 fn an_ejected_sibling_is_the_last_resort_of_a_router_without_tasks() {
+    // The third request's peer deadline (request_timeout_ms + 1 s) leaves a loaded machine
+    // time to resume r0 and have it answer; pings every 10 s keep the link up while r0 is
+    // stopped (3 silent intervals close it).
     let mut f = Federation::builder()
         .peer_tls(false)
-        .request_timeout_ms(300)
+        .request_timeout_ms(1500)
         .limit("spb2", "peer_eject_after_timeouts", 2)
+        .limit("spb2", "ping_interval_ms", 10_000)
         .start();
     // spb2's own task leaves both routers; one serving partition 13 links to r0 only.
     f.tasks[1].kill();
@@ -2398,7 +2402,7 @@ fn an_ejected_sibling_is_the_last_resort_of_a_router_without_tasks() {
         }
     }
     let cont = Cont(pid.clone());
-    // Two requests r0 does not answer: 504 at the peer deadline (300 ms + 1 s), then ejected.
+    // Two requests r0 does not answer: 504 at the peer deadline (1.5 s + 1 s), then ejected.
     for a in [ask(13), ask(29)].map(|h| h.join().expect("client")) {
         a.assert_error(504, "peer_timeout");
     }
@@ -2416,5 +2420,9 @@ fn an_ejected_sibling_is_the_last_resort_of_a_router_without_tasks() {
     .expect("the third request handed on or answered");
     drop(cont);
     let a = third.join().expect("client");
-    assert_eq!((a.status, served_by(&a)), (200, "ru/spb2/r0"), "{a:?}");
+    assert_eq!(
+        (a.status, served_by(&a)),
+        (200, "ru/spb2/r0"),
+        "(a 504: r0 answered past the peer deadline) {a:?}"
+    );
 }

@@ -348,7 +348,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
         (
             "fedbus_sibling_handoffs_total",
             "counter",
-            "Requests handed to another router of this cluster that has a live task for their partition when this router has none.",
+            "Handoffs of requests to another router of this cluster that has a live task for their partition when this router has none (a request whose first sibling had none after all may be handed to a second one, ejected, as the last resort).",
             |m| &m.sibling_handoffs,
         ),
         (

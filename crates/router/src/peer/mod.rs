@@ -1322,6 +1322,68 @@ pub(crate) type FederationRef = Arc<Federation>;
 
 #[cfg(test)]
 mod tests {
+    use super::status::AppCoverage;
+    use super::{PeerStatus, Peers, Slot};
+    use crate::task::link::TaskLink;
+    use crate::ws::{Side, WsOut};
+    use std::rc::Rc;
+
+    /// A sibling slot whose status covers partitions `live` of 16 of `demo/echo`, with a link
+    /// (out of routing when `ejected`).
+    fn sibling(addr: &str, live: &[[u32; 2]], draining: bool, ejected: bool) -> Rc<Slot> {
+        let s = Slot::new(addr);
+        let link = Rc::new(TaskLink::new(
+            0,
+            String::new(),
+            String::new(),
+            WsOut::new(Side::Client, 1 << 20),
+        ));
+        if ejected {
+            link.stopping();
+        }
+        *s.link.borrow_mut() = Some(link);
+        let apps = [(
+            "demo/echo".to_string(),
+            AppCoverage {
+                partitions: 16,
+                live: live.to_vec(),
+            },
+        )];
+        *s.status.borrow_mut() = Some(PeerStatus {
+            kind: "status".into(),
+            ready: true,
+            draining,
+            apps: apps.into_iter().collect(),
+            max_message: None,
+        });
+        s
+    }
+
+    /// `covering` hands a partition to a sibling whose status has it live and that is not
+    /// draining: one in routing by default, only one out of routing (ejected) when asked for
+    /// the last resort; never a draining one, nor one without the partition.
+    #[test]
+    fn covering_takes_an_ejected_sibling_only_as_the_last_resort() {
+        let covering = |slots: Vec<Rc<Slot>>, ejected: bool| {
+            let mut p = Peers::default();
+            p.clusters.insert("ru/spb".into(), slots);
+            p.covering("ru/spb", "demo/echo", 13, 16, ejected)
+                .map(|l| Rc::as_ptr(&l))
+        };
+        let link = |s: &Rc<Slot>| s.link.borrow().as_ref().map(Rc::as_ptr);
+        let (good, out) = (
+            sibling("a", &[[13, 13]], false, false),
+            sibling("b", &[[0, 15]], false, true),
+        );
+        let both = vec![good.clone(), out.clone()];
+        assert_eq!(covering(both.clone(), false), link(&good));
+        assert_eq!(covering(both, true), link(&out));
+        assert_eq!(covering(vec![out.clone()], false), None);
+        let draining = sibling("c", &[[13, 13]], true, true);
+        let lacks = sibling("d", &[[0, 12]], false, true);
+        assert_eq!(covering(vec![draining, lacks], true), None);
+    }
+
     #[test]
     fn a_peers_words_are_clipped_for_the_log_at_a_character_boundary() {
         assert_eq!(super::clipped("short"), "short");

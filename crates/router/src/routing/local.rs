@@ -140,12 +140,22 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
                         r,
                         |p| shard.has_live_link(r.tasks(p)),
                     )?;
-                    shard
-                        .pick_link(t.app_name, &role, r.tasks(e))
-                        .ok()
-                        .map(|l| (l, e))
+                    Some((shard.pick_link(t.app_name, &role, r.tasks(e)), e))
                 });
-                local.map(|(l, e)| (l, e, Some(want)))
+                match local {
+                    Some((Ok(l), e)) => Some((l, e, Some(want))),
+                    // Every task of the emergency partition is at its pending limit: busy, as
+                    // for a published one, not "no live task".
+                    Some((Err(true), _)) => {
+                        ShardMetrics::inc(&shard.metrics.busy_refused);
+                        return Answer::error(
+                            503,
+                            "task_busy",
+                            "every task of the partition is at its pending limit",
+                        );
+                    }
+                    _ => None,
+                }
             }
         };
         let Some((link, served, emergency_for)) = picked else {
@@ -159,8 +169,14 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
             // No task here serves the app's `main` role at all (not even an emergency
             // partition): a sibling whose link is ejected for its timeouts but whose status
             // covers the partition is the last resort, as Envoy routes to ejected hosts once
-            // none is left. Boxed, as the wait above.
-            if let Some(link) = (hops == 0 && may_hand_to_sibling(shard, req))
+            // none is left. Not past the request's deadline (a takeover wait may have used
+            // it up) nor in a drain (which answers waiters 503 at once). Boxed, as the wait
+            // above.
+            let last_resort = hops == 0
+                && std::time::Instant::now() < deadline
+                && !shard.health.draining()
+                && may_hand_to_sibling(shard, req);
+            if let Some(link) = last_resort
                 .then(|| covering_sibling(shard, req, true))
                 .flatten()
             {

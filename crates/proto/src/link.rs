@@ -140,6 +140,16 @@ pub fn shard_key(router: &str, shard: usize) -> String {
     format!("{router}#{shard}")
 }
 
+/// Most shards a hello may name (the most cores a Linux CPU set holds): a hello naming more is
+/// refused, as each address costs the task a link loop.
+pub const MAX_SHARDS: usize = 1024;
+
+/// The role that receives SecretPush frames.
+const AUTH_ROLE: &str = "auth";
+
+/// Length in bytes of an app secret (a keyring refuses any other).
+pub const APP_SECRET_LEN: usize = 32;
+
 /// An app secret pushed to an `auth` task.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SecretPush {
@@ -338,11 +348,20 @@ impl Link {
                     serde_json::from_value(v).map_err(|e| LinkError::BadHello(e.to_string()))?;
                 let unix_mismatch = !hello.internal_unix.is_empty()
                     && hello.internal_unix.len() != hello.internal.len();
-                if hello.shard >= hello.internal.len() || hello.router.is_empty() || unix_mismatch {
+                // Each address costs the task a link loop: a router has one per shard, at most
+                // one per core.
+                let shards_off =
+                    hello.internal.len() > MAX_SHARDS || hello.shards != hello.internal.len();
+                if hello.shard >= hello.internal.len()
+                    || hello.router.is_empty()
+                    || unix_mismatch
+                    || shards_off
+                {
                     return Err(LinkError::BadHello(format!(
-                        "shard {} of {} addresses, router {:?}",
+                        "shard {} of {} addresses ({} shards, at most {MAX_SHARDS}), router {:?}",
                         hello.shard,
                         hello.internal.len(),
+                        hello.shards,
                         hello.router
                     )));
                 }
@@ -414,10 +433,15 @@ impl Link {
                     shard,
                 }));
             }
-            Kind::SecretPush => {
-                let app = f.get_str(tag::APP).map(str::to_string);
+            // Only on a link of role `auth`, for this task's app, and a secret of the length
+            // a keyring holds: anything else is no push a router makes (PROTOCOL.md section
+            // 7), and a kept one would sign the app's client tokens.
+            Kind::SecretPush if self.cfg.role == AUTH_ROLE => {
+                let app = f.get_str(tag::APP).filter(|a| *a == self.cfg.app);
                 let version = f.get_u64(tag::VERSION).and_then(|v| u32::try_from(v).ok());
-                if let (Some(app), Some(version)) = (app, version) {
+                let sized = f.payload.len() == APP_SECRET_LEN;
+                if let (Some(app), Some(version), true) = (app.map(str::to_string), version, sized)
+                {
                     self.events.push_back(Event::Secret(SecretPush {
                         app,
                         version,
@@ -426,7 +450,7 @@ impl Link {
                 }
             }
             // Answers are the task's to send; a router never sends them on a task link.
-            Kind::Response | Kind::Redirect => {}
+            Kind::Response | Kind::Redirect | Kind::SecretPush => {}
         }
         Ok(())
     }
@@ -800,7 +824,12 @@ mod tests {
 
     /// A link through hello and registered on shard 0.
     fn registered(t0: Instant) -> Link {
-        let mut l = Link::new(cfg(), t0);
+        registered_as(cfg(), t0)
+    }
+
+    /// [`registered`] with `cfg`.
+    fn registered_as(cfg: Arc<LinkConfig>, t0: Instant) -> Link {
+        let mut l = Link::new(cfg, t0);
         l.handle(t0, Input::Text(HELLO0)).unwrap();
         l.handle(t0, Input::Text(&registered_text(0))).unwrap();
         events(&mut l);
@@ -1043,16 +1072,27 @@ mod tests {
     #[test]
     fn secret_pushes_keep_the_newest_version() {
         let t0 = Instant::now();
-        let mut l = registered(t0);
-        let push = |v: &str, secret: &[u8]| {
+        let auth = Arc::new(LinkConfig::new(1, "demo/echo", "auth", vec![0]));
+        let mut l = registered_as(auth, t0);
+        let secret = |c: u8| [c; APP_SECRET_LEN];
+        let push = |app: &str, v: &str, secret: &[u8]| {
             let mut m = BytesMut::new();
-            put_meta(&mut m, tag::APP, b"demo/echo");
+            put_meta(&mut m, tag::APP, app.as_bytes());
             put_meta(&mut m, tag::VERSION, v.as_bytes());
             encode_frame(Kind::SecretPush, 0, 0, 0, 0, &m, secret).freeze()
         };
         let mut store = SecretStore::new();
-        for (v, s) in [("2", b"two"), ("3", b"thr"), ("2", b"old"), ("x", b"bad")] {
-            l.handle(t0, Input::Binary(push(v, s))).unwrap();
+        for (app, v, s) in [
+            ("demo/echo", "2", &secret(2)[..]),
+            ("demo/echo", "3", &secret(3)[..]),
+            ("demo/echo", "2", &secret(9)[..]),
+            // A VERSION that is not a number, another app, a secret of another length: no
+            // push at all.
+            ("demo/echo", "x", &secret(8)[..]),
+            ("demo/other", "7", &secret(7)[..]),
+            ("demo/echo", "4294967295", b"short"),
+        ] {
+            l.handle(t0, Input::Binary(push(app, v, s))).unwrap();
         }
         let got: Vec<bool> = events(&mut l)
             .into_iter()
@@ -1061,11 +1101,39 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect();
-        // A VERSION that is not a number is no push at all.
         assert_eq!(got, [true, true, false]);
         let (v, s) = store.get("demo/echo").unwrap();
-        assert_eq!((v, &s[..]), (3, b"thr".as_slice()));
+        assert_eq!((v, &s[..]), (3, &secret(3)[..]));
         assert!(store.get("demo/other").is_none());
+        // A link of another role takes no push.
+        let mut main = registered(t0);
+        main.handle(t0, Input::Binary(push("demo/echo", "5", &secret(5))))
+            .unwrap();
+        assert!(events(&mut main).is_empty());
+    }
+
+    /// A hello naming more shards than a CPU set holds, or a `shards` count other than its
+    /// addresses, is refused: each address would cost the task a link loop.
+    #[test]
+    fn a_hello_with_too_many_or_miscounted_shards_is_refused() {
+        let t0 = Instant::now();
+        let hello = |shards: usize, n: usize| {
+            let internal: Vec<String> = (0..n).map(|i| format!("10.0.0.1:{}", 1000 + i)).collect();
+            serde_json::json!({"type": "hello", "router": "r", "cluster": "c", "shard": 0,
+                "shards": shards, "internal": internal})
+            .to_string()
+        };
+        for (shards, n) in [(MAX_SHARDS + 1, MAX_SHARDS + 1), (3, 2), (1, 2)] {
+            let mut l = Link::new(cfg(), t0);
+            let e = l.handle(t0, Input::Text(&hello(shards, n)));
+            assert!(
+                matches!(e, Err(LinkError::BadHello(_))),
+                "{shards} / {n}: {e:?}"
+            );
+        }
+        let mut l = Link::new(cfg(), t0);
+        l.handle(t0, Input::Text(&hello(MAX_SHARDS, MAX_SHARDS)))
+            .expect("MAX_SHARDS shards");
     }
 
     #[test]

@@ -176,12 +176,35 @@ impl TaskOptions {
                 "token_poll, token_refresh, token_timeout and refused_exit_after must be > 0",
             );
         }
+        if self.connect_timeout.is_zero()
+            || self.handshake_timeout.is_zero()
+            || self.idle_timeout.is_zero()
+        {
+            return bad("connect_timeout, handshake_timeout and idle_timeout must be > 0");
+        }
+        // Deadlines are `now + option`: a longer one would overflow the clock (a panic in the
+        // link's loop, which then serves nothing).
+        let durations = [
+            self.token_poll,
+            self.token_refresh,
+            self.token_timeout,
+            self.refused_exit_after,
+            self.connect_timeout,
+            self.handshake_timeout,
+            self.idle_timeout,
+        ];
+        if durations.iter().any(|d| *d > MAX_DURATION) {
+            return bad("durations must be at most 365 days");
+        }
         if self.max_message < 64 * 1024 {
             return bad("max_message below 64 KiB");
         }
         Ok(())
     }
 }
+
+/// The longest duration an option may take.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// A partition list as people write it, `0-15` or `0-3,8,10-11`; parse it with
 /// `"0-15".parse::<Partitions>()` and pass it where a `Vec<u32>` goes.
@@ -255,5 +278,12 @@ mod tests {
         assert!(v(|o| o.token = " ".into()));
         assert!(v(|o| o.token_timeout = Duration::ZERO));
         assert!(v(|o| o.token_refresh = Duration::ZERO));
+        assert!(v(|o| o.idle_timeout = Duration::ZERO));
+        // `now + MAX` overflows the clock: refused, not a panic in a link's loop.
+        assert!(v(|o| o.idle_timeout = Duration::MAX));
+        assert!(v(|o| o.handshake_timeout = Duration::MAX));
+        assert!(v(|o| o.connect_timeout = Duration::MAX));
+        assert!(v(|o| o.token_poll = Duration::MAX));
+        assert!(!v(|o| o.idle_timeout = MAX_DURATION));
     }
 }

@@ -424,7 +424,8 @@ where
             return;
         }
         let addr = dial.addr();
-        let (was_registered, res) = link_once(&ctx, &addr, &dial, &mut stop).await;
+        let (registered_at, res) = link_once(&ctx, &addr, &dial, &mut stop).await;
+        let was_registered = registered_at.is_some();
         if *stop.borrow() {
             return;
         }
@@ -433,7 +434,7 @@ where
             tracing::info!(%addr, "link of a draining router ended: {why}");
             return;
         }
-        if was_registered {
+        if registered_at.is_some_and(|t| t.elapsed() >= LIVED) {
             prev = None;
         }
         match &res {
@@ -514,14 +515,20 @@ const RENEW_RETRY_MAX: Duration = Duration::from_secs(30);
 /// (plus up to 5 s of jitter).
 const STANDBY: Duration = Duration::from_secs(10);
 
-/// One link: connect, then serve it until it ends. Returns whether it got registered, and
-/// why it ended.
+/// A link that stayed registered at least this long starts the backoff over when it ends;
+/// a shorter one (a router that closes each link after `registered`, another process with
+/// the same task id replacing it) lets the backoff grow, or the task would redial at once,
+/// again and again.
+const LIVED: Duration = Duration::from_secs(1);
+
+/// One link: connect, then serve it until it ends. Returns when it got registered (None: it
+/// did not), and why it ended.
 async fn link_once<H, F>(
     ctx: &Arc<Ctx<H>>,
     addr: &str,
     dial: &Dial,
     stop: &mut watch::Receiver<bool>,
-) -> (bool, Result<(), End>)
+) -> (Option<Instant>, Result<(), End>)
 where
     H: Fn(Request) -> F + Send + Sync + 'static,
     F: Future<Output = Outcome> + Send + 'static,
@@ -532,13 +539,13 @@ where
     let presented = token_rx.borrow_and_update().clone();
     let ws = tokio::select! {
         r = connect(ctx, addr, &presented) => r,
-        _ = stop.wait_for(|s| *s) => return (false, Ok(())),
+        _ = stop.wait_for(|s| *s) => return (None, Ok(())),
     };
     let ws = match ws {
         Ok(ws) => ws,
         Err(e) => {
             bump(&ctx.counters.connect_failures);
-            return (false, Err(e));
+            return (None, Err(e));
         }
     };
     bump(&ctx.counters.connects);
@@ -571,6 +578,7 @@ where
     let mut link = Link::new(ctx.link.clone(), Instant::now())
         .over_unix(addr.starts_with(fedbus_proto::hello::UNIX_PREFIX));
     let (mut registered, mut claimed) = (false, false);
+    let mut registered_at: Option<Instant> = None;
     // The shard this link holds in `ctx.linked`, released when it ends.
     let mut held: Option<String> = None;
     // The router's bound on one message from the task (from the hello).
@@ -782,6 +790,7 @@ where
                 Event::LinkShards(others) => link_shards(ctx, others),
                 Event::Registered { shard } => {
                     registered = true;
+                    registered_at.get_or_insert_with(Instant::now);
                     bump(&ctx.counters.registrations);
                     ctx.registered.send_modify(|n| *n += 1);
                     ctx.undrained.send_modify(|n| *n += 1);
@@ -824,7 +833,7 @@ where
         Ok(()) if handed_over => Err(End::HandedOver("closed".into())),
         res => res,
     };
-    (link.was_registered(), res)
+    (registered_at, res)
 }
 
 /// The router's answer to a `renew` (docs/PROTOCOL.md section 4), logged; a refusal asks the

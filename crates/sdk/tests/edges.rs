@@ -1348,3 +1348,45 @@ fn registration_refused_by_the_router_is_reported_and_backed_off() {
         drop(task);
     }
 }
+
+/// A router (played here) that takes each link, says hello, accepts the registration and
+/// closes the link at once: the task dials again with a growing backoff, as after a failure,
+/// since a link that stayed registered less than a second is no sign the router is well.
+/// Before, every registration reset the backoff, and the task redialed about 20 times a
+/// second per shard (two processes with the same task id replace each other that way).
+#[test]
+fn a_router_that_closes_each_link_after_registered_is_dialed_with_backoff() {
+    use tokio_tungstenite::tungstenite::{accept, Message};
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let Ok(mut ws) = accept(s) else { continue };
+            let hello = format!(
+                r#"{{"type":"hello","router":"ru/x/r0","cluster":"ru/x","shard":0,"shards":1,"internal":["{addr}"]}}"#
+            );
+            if ws.send(Message::text(hello)).is_err() || ws.read().is_err() {
+                continue;
+            }
+            let _ = ws.send(Message::text(r#"{"type":"registered","shard":0}"#));
+            let _ = ws.close(None);
+            let _ = ws.flush();
+        }
+    });
+    let rt = rt();
+    let task = spawn(
+        &rt,
+        TaskOptions::new([addr.to_string()], "demo/echo", vec![0u32], "fbs1.x.y"),
+        probe,
+    );
+    wait("a first registration", WAIT, || {
+        task.stats().registrations >= 1
+    });
+    let first = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let s = task.stats();
+    println!("{:?}: {s:?}", first.elapsed());
+    // Doubling from 50 ms (jittered 0.5x-1.5x): at most about 8 in 3 s; before, about 60.
+    assert!(s.registrations <= 10, "tight redial loop: {s:?}");
+    assert!(s.registrations >= 2, "dialed again: {s:?}");
+}

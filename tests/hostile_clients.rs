@@ -491,6 +491,18 @@ fn the_admin_listener_refuses_connections_over_its_limit() {
         refused_at < Duration::from_millis(1900),
         "the refusal came after {refused_at:?}: the holders' deadline had passed"
     );
+    // A burst of refusals while the slots are held: each counted, logged at most once a
+    // second (before: a line each).
+    for _ in 0..30 {
+        if started.elapsed() > Duration::from_millis(1000) {
+            break;
+        }
+        assert!(
+            admin_hold(r.admin).is_none(),
+            "served while both slots are held"
+        );
+        refusals += 1.0;
+    }
     // The api listener is apart.
     for i in 0..5 {
         normal(&r, APP, &tok, i);
@@ -513,7 +525,15 @@ fn the_admin_listener_refuses_connections_over_its_limit() {
         std::thread::sleep(Duration::from_millis(10));
     };
     assert_eq!(m.get("fedbus_admin_connections_refused_total"), refusals);
-    assert!(r.log().contains("admin connection refused: all slots busy"));
+    let lines = r
+        .log()
+        .matches("admin connection refused: all slots busy")
+        .count();
+    let secs = started.elapsed().as_secs() as usize;
+    assert!(
+        (1..=secs + 2).contains(&lines),
+        "{lines} refusal log lines in {secs} s for {refusals} refusals"
+    );
     println!(
         "admin listener at admin_max_connections 2: over-limit connection closed at accept after {refused_at:?}; \
          holders cut after {freed:?}; fedbus_admin_connections_refused_total {refusals}"

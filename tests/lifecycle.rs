@@ -1392,6 +1392,36 @@ fn a_config_write_without_sighup_is_picked_up_by_the_poll_once() {
     assert!(r.log().contains("config file changed"), "{}", r.log());
 }
 
+/// ROTATION.md: a file that names another `cluster` is refused as a whole (counted and logged),
+/// and the app it adds is not applied: its `[federation]` would be read under the running
+/// router's identity. Before, the identity change was only logged and the rest applied.
+#[test]
+fn a_reload_that_changes_the_routers_identity_is_refused_as_a_whole() {
+    let r = seed::start_with(
+        Router::new().apps(&[(APP, 16)]),
+        "[auth]\nreload_poll_ms = 60000",
+    );
+    let cfg = r.home().join("router.toml");
+    let good = std::fs::read_to_string(&cfg).expect("config");
+    assert!(good.contains("cluster = \"dev\""), "{good}");
+    let edited = good.replace("cluster = \"dev\"", "cluster = \"other\"")
+        + "[[apps]]\nname = \"demo/added\"\npartitions = 4\n";
+    std::fs::write(&cfg, edited).expect("write");
+    seed::sighup(&r);
+    wait_metric_eq(
+        &r,
+        "fedbus_config_reload_failed_total",
+        1.0,
+        Duration::from_secs(5),
+    );
+    assert_eq!(r.metrics().get("fedbus_apps_generation"), 1.0);
+    let log = r.log();
+    assert!(
+        log.contains("config reload refused") && log.contains("region, cluster, router"),
+        "{log}"
+    );
+}
+
 /// "What cannot change live is left alone and logged": a SIGHUP of a file that changes
 /// `[limits]` and `[listen]` and adds an app applies the app, logs each fixed section as
 /// needing a restart, counts no failure, and the old limits and listeners stay in force.

@@ -427,6 +427,17 @@ impl Control {
             Ok(c) => c,
             Err(e) => return self.refuse(why, &e),
         };
+        // `[federation]` lists this router's cluster and its siblings by this identity: merged
+        // under the old one, the new lists would make its own cluster's routers peers and
+        // drop its siblings. The whole file waits for the restart that applies it.
+        let c = &self.cfg;
+        if (&c.region, &c.cluster, &c.router) != (&new.region, &new.cluster, &new.router) {
+            let e = crate::config::ConfigError::Invalid {
+                field: "region, cluster, router".into(),
+                why: "differ from the running router's; they change only with a restart, and the rest of the file with them".into(),
+            };
+            return self.refuse(why, &e);
+        }
         for section in restart_needed(&self.cfg, &new) {
             tracing::warn!(why, section, "config change needs a restart; left as it is");
         }

@@ -36,10 +36,35 @@ pub(crate) fn start(
     std::thread::Builder::new()
         .name("fedbus-admin".into())
         .spawn(move || {
-            for s in l.incoming().flatten() {
+            // At most one log line a second for refusals and accept errors: a flood of
+            // either is what they report.
+            let mut logged: Option<Instant> = None;
+            let mut may_log = move || {
+                let now = Instant::now();
+                let ok = logged.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+                if ok {
+                    logged = Some(now);
+                }
+                ok
+            };
+            loop {
+                let s = match l.accept() {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        // Out of descriptors or memory: the error repeats until some are
+                        // free, and retrying at once would spin this thread at a full core.
+                        if may_log() {
+                            tracing::warn!(error = %e, "admin accept failed; retrying in 50 ms");
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
+                };
                 if active.load(Ordering::Relaxed) >= max_connections {
-                    refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(max_connections, "admin connection refused: all slots busy");
+                    let n = refused.fetch_add(1, Ordering::Relaxed) + 1;
+                    if may_log() {
+                        tracing::warn!(max_connections, refused = n, "admin connection refused: all slots busy (logged at most once a second)");
+                    }
                     continue;
                 }
                 active.fetch_add(1, Ordering::Relaxed);

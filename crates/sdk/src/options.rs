@@ -66,6 +66,11 @@ pub struct TaskOptions {
     pub idle_timeout: Duration,
     /// Largest message accepted from a router (a request frame: body plus metadata).
     pub max_message: usize,
+    /// Most handlers running at once over all links (each holds its request): one more request
+    /// is answered `503 task_busy` at once (counted in [`crate::Stats::busy`]). Routers free a
+    /// request's slot at their `request_timeout_ms` without cancelling its handler, so handlers
+    /// slower than that would otherwise pile up without bound. Default 16384.
+    pub max_in_flight: usize,
     /// Where the app secrets pushed to an `auth` task are kept; clone it before [`crate::serve`]
     /// to read them from the handler.
     pub secrets: Secrets,
@@ -105,6 +110,7 @@ impl TaskOptions {
             handshake_timeout: fedbus_proto::link::DEFAULT_HANDSHAKE_TIMEOUT,
             idle_timeout: fedbus_proto::link::DEFAULT_IDLE_TIMEOUT,
             max_message: 64 * 1024 * 1024,
+            max_in_flight: 16 * 1024,
             secrets: Secrets::new(),
             tls_ca: None,
         }
@@ -199,6 +205,9 @@ impl TaskOptions {
         if self.max_message < 64 * 1024 {
             return bad("max_message below 64 KiB");
         }
+        if self.max_in_flight == 0 {
+            return bad("max_in_flight must be > 0");
+        }
         Ok(())
     }
 }
@@ -285,5 +294,6 @@ mod tests {
         assert!(v(|o| o.connect_timeout = Duration::MAX));
         assert!(v(|o| o.token_poll = Duration::MAX));
         assert!(!v(|o| o.idle_timeout = MAX_DURATION));
+        assert!(v(|o| o.max_in_flight = 0));
     }
 }

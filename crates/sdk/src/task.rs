@@ -46,6 +46,9 @@ pub struct Stats {
     /// Links closed right after the hello because another link of this task already holds
     /// that router shard (the same shard reached by a second address); they stand by.
     pub duplicates: u64,
+    /// Requests answered `503 task_busy` at once because [`TaskOptions::max_in_flight`]
+    /// handlers were running.
+    pub busy: u64,
 }
 
 #[derive(Default)]
@@ -59,6 +62,7 @@ struct Counters {
     pings: AtomicU64,
     too_large: AtomicU64,
     duplicates: AtomicU64,
+    busy: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -258,6 +262,7 @@ impl Task {
                 pings: n(&k.pings),
                 too_large: n(&k.too_large),
                 duplicates: n(&k.duplicates),
+                busy: n(&k.busy),
             }
         });
         let c = ctx;
@@ -1058,6 +1063,19 @@ fn on_request<H, F>(
     // Counted in before the link's `drained` is read (this link's loop reads it after this
     // request), and `shutdown_graceful` waits for every link's `drained` before it waits for
     // this count: a request served here is always waited for.
+    // Handlers still running hold their requests (up to `max_message` each): past the
+    // bound a request is refused at once, as the router refuses one over its pending limit,
+    // instead of memory growing with a handler that slows down.
+    if *ctx.in_flight.borrow() >= ctx.opts.max_in_flight {
+        bump(&ctx.counters.busy);
+        bump(&ctx.counters.answers);
+        let why = format!(
+            "{} handlers running (TaskOptions::max_in_flight)",
+            ctx.opts.max_in_flight
+        );
+        let _ = tx.send(Message::Binary(error_frame(&head, 503, "task_busy", why)));
+        return;
+    }
     let running = InFlight::new(ctx.in_flight.clone());
     if drained {
         drop(running);

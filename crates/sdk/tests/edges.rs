@@ -210,6 +210,31 @@ fn handler_that_never_returns_gives_504_and_the_next_request_is_served() {
     assert_eq!(task.stats().connects, 1, "{:?}", task.stats());
 }
 
+/// `TaskOptions::max_in_flight`: handlers that never return hold their requests after the
+/// router gave up on them (504 at its `request_timeout_ms`); once `max_in_flight` of them run,
+/// a new request is answered `503 task_busy` at once (counted in `Stats::busy`) instead of
+/// starting one more, and a request answered at once (`echo`) is refused the same way.
+/// Before, handlers piled up without a bound.
+#[test]
+fn handlers_over_max_in_flight_are_refused_503_task_busy() {
+    let r = Router::new().request_timeout_ms(300).start();
+    let rt = rt();
+    let tok = r.token("demo/echo", "alice");
+    let opts = TaskOptions {
+        max_in_flight: 2,
+        ..opts_for(&r.internal, &svc(&r, "busy"))
+    };
+    let task = spawn(&rt, opts, probe);
+    ready(&rt, &r, &task, &tok);
+    for wsid in [1, 2] {
+        req(&r, &tok, wsid, "hang", b"").assert_error(504, "task_timeout");
+    }
+    // A 503 from the task, not the router's 504 at its timeout: refused at once.
+    req(&r, &tok, 3, "hang", b"").assert_error(503, "task_busy");
+    req(&r, &tok, 4, "echo", b"x").assert_error(503, "task_busy");
+    assert_eq!(task.stats().busy, 2, "{:?}", task.stats());
+}
+
 // ---------------------------------------------------------------------------------------
 // Answers: status, headers, content type, sizes
 

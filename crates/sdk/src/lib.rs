@@ -46,7 +46,7 @@ pub use options::{Partitions, TaskOptions};
 pub use outcome::Outcome;
 pub use rand::{random_task_id, random_u64};
 pub use secrets::Secrets;
-pub use task::{serve, Stats, Task};
+pub use task::{serve, Stats, Task, SERVE_DRAIN};
 pub use token::TokenSource;
 
 /// What can go wrong before a task runs, or ends it. Once running, a task gives up only when a

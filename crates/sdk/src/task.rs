@@ -144,16 +144,43 @@ impl std::fmt::Debug for Task {
     }
 }
 
-/// Serves `handler` until the process ends: [`Task::spawn`] on the current tokio runtime,
-/// then waits. Returns an error in the options, or [`Error::Refused`] when a router refused
-/// the service token for [`TaskOptions::refused_exit_after`] (exit non-zero on it).
+/// How long [`serve`] lets the handlers in flight finish after SIGTERM or SIGINT.
+pub const SERVE_DRAIN: Duration = Duration::from_secs(10);
+
+/// Serves `handler` until SIGTERM or SIGINT: [`Task::spawn`] on the current tokio runtime,
+/// then waits; on either signal, [`Task::shutdown_graceful`] within [`SERVE_DRAIN`] (the
+/// routers route nothing new to the task, the handlers in flight finish) and `Ok(())`, so a
+/// rolling restart fails no request. Returns an error in the options, or [`Error::Refused`]
+/// when a router refused the service token for [`TaskOptions::refused_exit_after`] (exit
+/// non-zero on it).
 pub async fn serve<H, F>(opts: TaskOptions, handler: H) -> Result<(), Error>
 where
     H: Fn(Request) -> F + Send + Sync + 'static,
     F: Future<Output = Outcome> + Send + 'static,
 {
+    use tokio::signal::unix::{signal, SignalKind};
     let task = Task::spawn(opts, handler)?;
-    Err(Error::Refused(task.failed().await))
+    let listen = |k: SignalKind| {
+        signal(k).map_err(|e| Error::Options(format!("cannot listen for SIGTERM/SIGINT: {e}")))
+    };
+    let (mut term, mut int) = (
+        listen(SignalKind::terminate())?,
+        listen(SignalKind::interrupt())?,
+    );
+    let refused = tokio::select! {
+        why = task.failed() => Some(why),
+        _ = term.recv() => None,
+        _ = int.recv() => None,
+    };
+    if let Some(why) = refused {
+        return Err(Error::Refused(why));
+    }
+    tracing::info!(deadline = ?SERVE_DRAIN, "signal: the task stops taking requests and finishes those in flight");
+    let left = task.shutdown_graceful(SERVE_DRAIN).await;
+    if left > 0 {
+        tracing::warn!(left, "handlers still running at the drain deadline");
+    }
+    Ok(())
 }
 
 /// The first token of a task: `opts.token`, or what its source gives now (read once,

@@ -1415,3 +1415,63 @@ fn a_router_that_closes_each_link_after_registered_is_dialed_with_backoff() {
     assert!(s.registrations <= 10, "tight redial loop: {s:?}");
     assert!(s.registrations >= 2, "dialed again: {s:?}");
 }
+
+/// SDK.md `serve`: SIGTERM makes a task that runs `serve` (here `examples/echo`, which
+/// `cargo test` builds) tell its routers it is stopping, finish what it holds and exit 0, as
+/// a rolling restart needs; the router logs the stop. Before, `serve` had no signal handler
+/// and SIGTERM killed the process (requests in flight got `502 task_lost`).
+#[test]
+fn serve_drains_on_sigterm_and_exits_0() {
+    let exe = std::env::current_exe()
+        .expect("test binary")
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("examples/echo");
+    assert!(
+        exe.exists(),
+        "{} missing: `cargo test` builds the examples",
+        exe.display()
+    );
+    let r = Router::new().shards(1).start();
+    let log = r.home().join("sdk-echo.log");
+    let mut child = Command::new(&exe)
+        .args(["--router", &r.internal[0].to_string(), "--app", "demo/echo"])
+        .args(["--partitions", "0-15", "--token", &svc(&r, "sigterm")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn examples/echo");
+    wait("the example's link", WAIT, || {
+        metric(&r, "fedbus_task_links") >= 1.0
+    });
+    let tok = r.token("demo/echo", "alice");
+    let ok = req(&r, &tok, 3, "echo", b"before");
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "examples/echo still running after SIGTERM: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        status.success(),
+        "{status:?}: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(r.log().contains("task stopping"), "{}", r.log());
+}

@@ -38,6 +38,16 @@ fn sibling_with_partition(
     covering_sibling(shard, req, false)
 }
 
+/// `503 task_busy`, counted: every task of the partition is at its pending limit.
+fn task_busy(shard: &Shard) -> Answer {
+    ShardMetrics::inc(&shard.metrics.busy_refused);
+    Answer::error(
+        503,
+        "task_busy",
+        "every task of the partition is at its pending limit",
+    )
+}
+
 /// Whether `req` may go to a sibling: it did not come over a peer link (at most one hop), and
 /// this shard dials siblings (the federation view lists some).
 fn may_hand_to_sibling(shard: &Shard, req: &Request<'_>) -> bool {
@@ -116,12 +126,7 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
             None => None,
             Some(Ok(l)) => Some((l, served, emergency_for)),
             Some(Err(true)) => {
-                ShardMetrics::inc(&shard.metrics.busy_refused);
-                return Answer::error(
-                    503,
-                    "task_busy",
-                    "every task of the partition is at its pending limit",
-                );
+                return task_busy(shard);
             }
             Some(Err(false)) => {
                 // No live link here for this partition, and the published snapshot may not
@@ -147,12 +152,7 @@ pub(crate) async fn deliver(shard: &Rc<Shard>, req: &Request<'_>, subject: &str)
                     // Every task of the emergency partition is at its pending limit: busy, as
                     // for a published one, not "no live task".
                     Some((Err(true), _)) => {
-                        ShardMetrics::inc(&shard.metrics.busy_refused);
-                        return Answer::error(
-                            503,
-                            "task_busy",
-                            "every task of the partition is at its pending limit",
-                        );
+                        return task_busy(shard);
                     }
                     _ => None,
                 }

@@ -66,11 +66,17 @@ pub struct TaskOptions {
     pub idle_timeout: Duration,
     /// Largest message accepted from a router (a request frame: body plus metadata).
     pub max_message: usize,
-    /// Most handlers running at once over all links (each holds its request): one more request
-    /// is answered `503 task_busy` at once (counted in [`crate::Stats::busy`]). Routers free a
+    /// Most requests held at once over all links, from the handler's start until the answer
+    /// is written to the router (each holds its request or its answer): one more request is
+    /// answered `503 task_busy` at once (counted in [`crate::Stats::busy`]). Routers free a
     /// request's slot at their `request_timeout_ms` without cancelling its handler, so handlers
     /// slower than that would otherwise pile up without bound. Default 16384.
     pub max_in_flight: usize,
+    /// Bytes queued on one link and not yet written to its router: past this, the link reads
+    /// no more requests until some are written, so that a router which sends requests but
+    /// reads no answers meets TCP's flow control instead of this task's memory growing.
+    /// Default 1 MiB.
+    pub max_write_backlog: usize,
     /// Where the app secrets pushed to an `auth` task are kept; clone it before [`crate::serve`]
     /// to read them from the handler.
     pub secrets: Secrets,
@@ -111,6 +117,7 @@ impl TaskOptions {
             idle_timeout: fedbus_proto::link::DEFAULT_IDLE_TIMEOUT,
             max_message: 64 * 1024 * 1024,
             max_in_flight: 16 * 1024,
+            max_write_backlog: 1024 * 1024,
             secrets: Secrets::new(),
             tls_ca: None,
         }
@@ -208,6 +215,9 @@ impl TaskOptions {
         if self.max_in_flight == 0 {
             return bad("max_in_flight must be > 0");
         }
+        if self.max_write_backlog == 0 {
+            return bad("max_write_backlog must be > 0");
+        }
         Ok(())
     }
 }
@@ -295,5 +305,6 @@ mod tests {
         assert!(v(|o| o.token_poll = Duration::MAX));
         assert!(!v(|o| o.idle_timeout = MAX_DURATION));
         assert!(v(|o| o.max_in_flight = 0));
+        assert!(v(|o| o.max_write_backlog = 0));
     }
 }

@@ -116,7 +116,7 @@ struct Ctx<H> {
     /// Registered links whose router has not answered `drained` yet (a link that ends stops
     /// counting): [`Task::shutdown_graceful`] waits for 0, after which no request can come.
     undrained: Arc<watch::Sender<usize>>,
-    /// Handlers running in a tokio task of their own (not those ready at once).
+    /// Requests whose handler runs or whose answer is not written yet.
     in_flight: Arc<watch::Sender<usize>>,
 }
 
@@ -383,8 +383,10 @@ impl Task {
     /// answer are served as any (the router sent them before it read `draining`); one that
     /// arrives after it (from a router that misbehaves) is answered `503 task_stopping`. The
     /// task waits, within `deadline`, for every link's `drained` and then for the handlers
-    /// in flight. Returns the number of handlers still running at the deadline (their
-    /// requests get `502 task_lost`); 0 when every one finished.
+    /// in flight and for their answers to be written. Returns the number of requests still
+    /// held at the deadline, their handler running or their answer not yet written to a
+    /// router that reads slowly (those requests get `502 task_lost`); 0 when every one was
+    /// answered.
     pub async fn shutdown_graceful(self, deadline: Duration) -> usize {
         self.draining_tx.send_replace(true);
         let (mut undrained, mut in_flight) = (self.undrained.clone(), self.in_flight.clone());
@@ -584,22 +586,38 @@ where
     let (mut sink, mut stream) = ws.split();
 
     // The writer: everything queued is fed before one flush, so answers that are ready
-    // together leave in one write.
-    let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+    // together leave in one write. An answer's handler stays counted in `in_flight` until the
+    // flush that wrote it (`shutdown_graceful` waits for written answers, not queued ones);
+    // the bytes queued and not yet written are the link's backlog, bounded below.
+    let (tx, mut rx) = mpsc::unbounded_channel::<Out>();
+    let backlog = Arc::new(Backlog::default());
+    let out = Outbox {
+        tx,
+        backlog: backlog.clone(),
+    };
     let mut writer = tokio::spawn(async move {
-        while let Some(m) = rx.recv().await {
+        // Reused: no allocation per batch at steady state.
+        let mut held: Vec<InFlight> = Vec::new();
+        while let Some((m, g)) = rx.recv().await {
             let mut closing = matches!(m, Message::Close(_));
+            let mut bytes = m.len();
+            held.extend(g);
             sink.feed(m).await?;
             while !closing {
                 match rx.try_recv() {
-                    Ok(m) => {
+                    Ok((m, g)) => {
                         closing = matches!(m, Message::Close(_));
+                        bytes += m.len();
+                        held.extend(g);
                         sink.feed(m).await?;
                     }
                     Err(_) => break,
                 }
             }
             sink.flush().await?;
+            held.clear();
+            backlog.bytes.fetch_sub(bytes, Ordering::Relaxed);
+            backlog.written.notify_one();
             if closing {
                 break;
             }
@@ -645,8 +663,13 @@ where
         let deadline = link
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        // A router that sends requests but does not read the answers: past the backlog bound
+        // this link reads nothing more until the writer has written some, so that the router's
+        // writes block (TCP) instead of this task's memory growing.
+        let reading = out.backlog.bytes.load(Ordering::Relaxed) < ctx.opts.max_write_backlog;
         let msg = tokio::select! {
-            m = stream.next() => m,
+            m = stream.next(), if reading => m,
+            _ = out.backlog.written.notified(), if !reading => continue,
             _ = tokio::time::sleep_until(deadline.into()) => {
                 match link.handle_timeout(Instant::now()) {
                     Ok(()) => continue,
@@ -654,7 +677,7 @@ where
                 }
             }
             _ = stop.wait_for(|s| *s) => {
-                let _ = tx.send(Message::Close(Some(CloseFrame {
+                out.send(Message::Close(Some(CloseFrame {
                     code: CloseCode::Normal,
                     reason: "task stopping".into(),
                 })));
@@ -663,11 +686,11 @@ where
             _ = drain_rx.wait_for(|d| *d), if !drain_sent => {
                 drain_sent = true;
                 if registered {
-                    let _ = tx.send(Message::Text(renew::DRAINING.into()));
+                    out.send(Message::Text(renew::DRAINING.into()));
                     continue;
                 }
                 // Stopping before this link registered: it closes instead of registering.
-                let _ = tx.send(Message::Close(Some(CloseFrame {
+                out.send(Message::Close(Some(CloseFrame {
                     code: CloseCode::Normal,
                     reason: "task stopping".into(),
                 })));
@@ -695,7 +718,7 @@ where
                     continue;
                 }
                 pacer.sent(now);
-                let _ = tx.send(Message::Text(renew::renew(&t).into()));
+                out.send(Message::Text(renew::renew(&t).into()));
                 sent.push_back(t);
                 continue;
             }
@@ -801,7 +824,7 @@ where
                     .insert(k.clone())
                 {
                     bump(&ctx.counters.duplicates);
-                    let _ = tx.send(Message::Close(Some(CloseFrame {
+                    out.send(Message::Close(Some(CloseFrame {
                         code: CloseCode::Normal,
                         reason: "shard already linked by this task".into(),
                     })));
@@ -817,7 +840,7 @@ where
         while let Some(ev) = link.poll_event() {
             match ev {
                 Event::SendText(t) => {
-                    let _ = tx.send(Message::Text(t.into()));
+                    out.send(Message::Text(t.into()));
                 }
                 Event::LinkShards(others) => link_shards(ctx, others),
                 Event::Registered { shard } => {
@@ -835,7 +858,7 @@ where
                         tracing::info!(app, version, "app secret received");
                     }
                 }
-                Event::Request(req) => on_request(ctx, req, &tx, max_answer, drained),
+                Event::Request(req) => on_request(ctx, req, &out, max_answer, drained),
             }
         }
     };
@@ -853,7 +876,7 @@ where
     }
     // Let the writer send what is queued (the close, on a stop), but not wait for long on a
     // router that does not read.
-    drop(tx);
+    drop(out);
     if tokio::time::timeout(Duration::from_secs(1), &mut writer)
         .await
         .is_err()
@@ -1074,14 +1097,10 @@ where
 
 /// Runs the handler; answers at once when it is ready at once (no task spawned), else from a
 /// task of its own, so that requests on a link are served concurrently. A handler that
-/// panics answers 500; an answer over `max_answer` bytes (the router's bound) 502.
-fn on_request<H, F>(
-    ctx: &Arc<Ctx<H>>,
-    req: Request,
-    tx: &mpsc::UnboundedSender<Message>,
-    max_answer: usize,
-    drained: bool,
-) where
+/// panics answers 500; an answer over `max_answer` bytes (the router's bound) 502. The
+/// request counts in `in_flight` from here until its answer is written.
+fn on_request<H, F>(ctx: &Arc<Ctx<H>>, req: Request, out: &Outbox, max_answer: usize, drained: bool)
+where
     H: Fn(Request) -> F + Send + Sync + 'static,
     F: Future<Output = Outcome> + Send + 'static,
 {
@@ -1090,17 +1109,18 @@ fn on_request<H, F>(
     // Counted in before the link's `drained` is read (this link's loop reads it after this
     // request), and `shutdown_graceful` waits for every link's `drained` before it waits for
     // this count: a request served here is always waited for.
-    // Handlers still running hold their requests (up to `max_message` each): past the
-    // bound a request is refused at once, as the router refuses one over its pending limit,
-    // instead of memory growing with a handler that slows down.
+    // Handlers running and answers not yet written hold memory (a request, an answer, up to
+    // `max_message` each): past the bound a request is refused at once, as the router
+    // refuses one over its pending limit, instead of memory growing with a handler that slows
+    // down or a router that reads slowly.
     if *ctx.in_flight.borrow() >= ctx.opts.max_in_flight {
         bump(&ctx.counters.busy);
         bump(&ctx.counters.answers);
         let why = format!(
-            "{} handlers running (TaskOptions::max_in_flight)",
+            "{} handlers running or answers unwritten (TaskOptions::max_in_flight)",
             ctx.opts.max_in_flight
         );
-        let _ = tx.send(Message::Binary(error_frame(&head, 503, "task_busy", why)));
+        out.send(Message::Binary(error_frame(&head, 503, "task_busy", why)));
         return;
     }
     let running = InFlight::new(ctx.in_flight.clone());
@@ -1108,7 +1128,7 @@ fn on_request<H, F>(
         drop(running);
         let why = "the task is stopping; try again".to_string();
         bump(&ctx.counters.answers);
-        let _ = tx.send(Message::Binary(error_frame(
+        out.send(Message::Binary(error_frame(
             &head,
             503,
             "task_stopping",
@@ -1123,29 +1143,64 @@ fn on_request<H, F>(
             None => Err(fut),
         }
     }));
-    let answer = move |ctx: &Ctx<H>, tx: &UnboundedTx, o: Result<Outcome, ()>| {
+    let answer = move |ctx: &Ctx<H>, out: &Outbox, o: Result<Outcome, ()>, running| {
         let frame = encode_answer(&ctx.counters, &head, o, max_answer);
         bump(&ctx.counters.answers);
-        let _ = tx.send(Message::Binary(frame));
+        out.answer(frame, running);
     };
     match first {
-        Ok(Ok(o)) => answer(ctx, tx, Ok(o)),
-        Err(_) => answer(ctx, tx, Err(())),
+        Ok(Ok(o)) => answer(ctx, out, Ok(o), running),
+        Err(_) => answer(ctx, out, Err(()), running),
         Ok(Err(fut)) => {
-            let (ctx, tx) = (ctx.clone(), tx.clone());
+            let (ctx, out) = (ctx.clone(), out.clone());
             tokio::spawn(async move {
                 let o = AssertUnwindSafe(fut).catch_unwind().await.map_err(|_| ());
-                answer(&ctx, &tx, o);
-                // Counted out once the answer is queued (before the close of a shutdown).
-                drop(running);
+                answer(&ctx, &out, o, running);
             });
         }
     }
 }
 
-type UnboundedTx = mpsc::UnboundedSender<Message>;
+/// What a link's writer sends: a message, and for an answer the count of its request, held
+/// until the answer is written.
+type Out = (Message, Option<InFlight>);
 
-/// Counts a handler running in a task of its own while it lives (also when it is aborted).
+/// Bytes queued on a link and not yet written; `written` is notified after each write.
+#[derive(Default)]
+struct Backlog {
+    bytes: std::sync::atomic::AtomicUsize,
+    written: tokio::sync::Notify,
+}
+
+/// The sending half of a link: its writer's queue and the backlog it counts.
+#[derive(Clone)]
+struct Outbox {
+    tx: mpsc::UnboundedSender<Out>,
+    backlog: Arc<Backlog>,
+}
+
+impl Outbox {
+    fn send(&self, m: Message) {
+        self.push(m, None);
+    }
+
+    /// An answer, its request counted in `in_flight` until the writer has written it.
+    fn answer(&self, frame: Bytes, running: InFlight) {
+        self.push(Message::Binary(frame), Some(running));
+    }
+
+    fn push(&self, m: Message, running: Option<InFlight>) {
+        let n = m.len();
+        self.backlog.bytes.fetch_add(n, Ordering::Relaxed);
+        if self.tx.send((m, running)).is_err() {
+            // The writer ended (the link failed): nothing more is written on it.
+            self.backlog.bytes.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Counts a request from its handler's start until its answer is written (also when the
+/// handler or the link is aborted).
 struct InFlight(Arc<watch::Sender<usize>>);
 
 impl InFlight {

@@ -1475,3 +1475,145 @@ fn serve_drains_on_sigterm_and_exits_0() {
     );
     assert!(r.log().contains("task stopping"), "{}", r.log());
 }
+
+// ---------------------------------------------------------------------------------------
+// A router that reads no answers
+
+/// A fake router of one shard that registers a task, then writes `count` requests for `echo`
+/// with `body` bytes each from a thread of its own, reading nothing back until told to.
+struct DeafRouter {
+    addr: SocketAddr,
+    /// Requests written whole so far.
+    sent: Arc<AtomicU64>,
+    /// Set with the registered link's socket: the test reads the answers through it.
+    link: Arc<std::sync::Mutex<Option<std::net::TcpStream>>>,
+}
+
+impl DeafRouter {
+    fn start(count: u64, body: usize) -> DeafRouter {
+        use fedbus_proto::{encode_frame, put_meta, tag, Kind};
+        use std::io::Write;
+        use tokio_tungstenite::tungstenite::{accept, Message};
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let sent = Arc::new(AtomicU64::new(0));
+        let link = Arc::new(std::sync::Mutex::new(None));
+        let (sent2, link2) = (sent.clone(), link.clone());
+        std::thread::spawn(move || {
+            let Some(Ok(s)) = l.incoming().next() else {
+                return;
+            };
+            let mut ws = accept(s).expect("upgrade");
+            let hello = format!(
+                r#"{{"type":"hello","router":"ru/x/r0","cluster":"ru/x","shard":0,"shards":1,"internal":["{addr}"]}}"#
+            );
+            ws.send(Message::text(hello)).expect("hello");
+            ws.read().expect("register");
+            ws.send(Message::text(r#"{"type":"registered","shard":0}"#))
+                .expect("registered");
+            let mut raw = ws.get_ref().try_clone().expect("clone");
+            *link2.lock().expect("lock") = Some(ws.get_ref().try_clone().expect("clone"));
+            let mut meta = bytes::BytesMut::new();
+            put_meta(&mut meta, tag::APP, b"demo/echo");
+            put_meta(&mut meta, tag::ROLE, b"main");
+            put_meta(&mut meta, tag::FUNCTION, b"echo");
+            let payload = vec![b'q'; body];
+            for id in 1..=count {
+                let frame = encode_frame(Kind::Request, 0, 0, 0, id, &meta, &payload);
+                // An unmasked binary websocket frame (server to client), 64 KiB at most.
+                let len = u16::try_from(frame.len()).expect("under 64 KiB");
+                let mut m = vec![0x82, 126];
+                m.extend_from_slice(&len.to_be_bytes());
+                m.extend_from_slice(&frame);
+                if raw.write_all(&m).is_err() {
+                    return;
+                }
+                sent2.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        DeafRouter { addr, sent, link }
+    }
+
+    /// Waits until the requests written stop growing for a second (at most `WAIT`).
+    fn stalled(&self) -> u64 {
+        let t0 = Instant::now();
+        let mut last = (self.sent.load(Ordering::Relaxed), Instant::now());
+        while t0.elapsed() < WAIT {
+            std::thread::sleep(Duration::from_millis(100));
+            let n = self.sent.load(Ordering::Relaxed);
+            if n != last.0 {
+                last = (n, Instant::now());
+            } else if last.1.elapsed() >= Duration::from_secs(1) {
+                break;
+            }
+        }
+        last.0
+    }
+}
+
+/// SDK.md `max_write_backlog`: a router that sends requests and reads no answers meets TCP's
+/// flow control: the task stops reading the link once 1 MiB of answers waits, instead of
+/// reading every request and queueing every answer (before, all 64 MB of them were read at
+/// once and their answers held in memory). Once the router reads, every answer arrives.
+#[test]
+fn a_router_that_reads_no_answers_is_met_by_flow_control_not_task_memory() {
+    use std::io::Read;
+    const COUNT: u64 = 4000;
+    const BODY: usize = 16 * 1024;
+    let r = DeafRouter::start(COUNT, BODY);
+    let rt = rt();
+    let task = spawn(
+        &rt,
+        TaskOptions::new([r.addr.to_string()], "demo/echo", vec![0u32], "fbs1.x.y"),
+        probe,
+    );
+    let stalled = r.stalled();
+    println!("requests written before the router's writes blocked: {stalled} of {COUNT}");
+    assert!(
+        stalled < COUNT / 2,
+        "the task read {stalled} of {COUNT} requests from a router that reads nothing: {:?}",
+        task.stats()
+    );
+    // The router reads: the task writes, reads on, and answers every request.
+    let mut link = r
+        .link
+        .lock()
+        .expect("lock")
+        .take()
+        .expect("registered link");
+    link.set_read_timeout(Some(WAIT)).expect("timeout");
+    let (mut got, mut buf) = (0usize, vec![0u8; 1 << 16]);
+    let want = COUNT as usize * BODY;
+    while got < want {
+        match link.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    assert!(got >= want, "answers read: {got} bytes of at least {want}");
+    assert_eq!(r.sent.load(Ordering::Relaxed), COUNT);
+    assert_eq!(task.stats().busy, 0, "{:?}", task.stats());
+}
+
+/// SDK.md `shutdown_graceful`: a request counts as held until its answer is written, so the
+/// shutdown waits for answers that wait on a slow router and reports those left at its
+/// deadline (their clients get `502 task_lost`). Before, an answer counted out once queued
+/// (and the task read every request of a router that read nothing: the first assert failed).
+#[test]
+fn shutdown_graceful_counts_answers_not_yet_written() {
+    let r = DeafRouter::start(4000, 16 * 1024);
+    let rt = rt();
+    let task = spawn(
+        &rt,
+        TaskOptions::new([r.addr.to_string()], "demo/echo", vec![0u32], "fbs1.x.y"),
+        probe,
+    );
+    let stalled = r.stalled();
+    assert!(stalled < 4000, "{stalled}");
+    let left = rt.block_on(task.shutdown_graceful(Duration::from_millis(300)));
+    println!("requests written: {stalled}; held at the deadline: {left}");
+    assert!(
+        left > 0,
+        "answers waiting on the router were reported as done"
+    );
+}

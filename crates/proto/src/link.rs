@@ -166,9 +166,10 @@ pub struct SecretPush {
 pub enum Event {
     /// Send this text message to the router (the registration).
     SendText(String),
-    /// The router's shards other than this link's, from the hello: open a link to each one
-    /// not linked yet (by [`ShardAddr::key`]); a known key with a new address means the
-    /// router moved that shard.
+    /// The router's shards other than this link's, from the hello (empty for a router of one
+    /// shard): open a link to each one not linked yet (by [`ShardAddr::key`]); a known key
+    /// with a new address means the router moved that shard, and a shard of this router that
+    /// the list no longer names is gone (the router restarted with fewer shards).
     LinkShards(Vec<ShardAddr>),
     /// The router accepted the registration.
     Registered {
@@ -380,9 +381,8 @@ impl Link {
                 self.hello = Some(hello);
                 self.events
                     .push_back(Event::SendText(self.cfg.register_message()));
-                if !others.is_empty() {
-                    self.events.push_back(Event::LinkShards(others));
-                }
+                // Also when empty: a router restarted with one shard no longer has the others.
+                self.events.push_back(Event::LinkShards(others));
                 self.state = State::Registering;
                 self.phase_since = now;
                 Ok(())
@@ -949,7 +949,8 @@ mod tests {
             (0, "127.0.0.1:40111")
         );
 
-        // A one-shard router: nothing else to link.
+        // A one-shard router: nothing else to link, and an empty list says so (a driver
+        // retires the links of shards the router had before a restart).
         let mut l = Link::new(cfg(), t0);
         l.handle(
             t0,
@@ -957,7 +958,10 @@ mod tests {
         )
         .unwrap();
         let ev = events(&mut l);
-        assert!(matches!(ev.as_slice(), [Event::SendText(_)]), "{ev:?}");
+        assert!(
+            matches!(ev.as_slice(), [Event::SendText(_), Event::LinkShards(o)] if o.is_empty()),
+            "{ev:?}"
+        );
     }
 
     #[test]

@@ -45,9 +45,12 @@ pub struct TaskOptions {
     pub token_timeout: Duration,
     /// A router that refuses the token (401 at the upgrade: expired, retired or unknown key,
     /// bad signature...) or the registration (close 1008 before `registered`: `wrong_token`
-    /// for a token of another app or role, `unknown_app`, `bad_partitions`...) for this long, with fresh fetches from the source in between, ends
-    /// the task: [`crate::serve`] returns [`Error::Refused`] (exit non-zero, so a supervisor
-    /// sees it) instead of retrying forever. Default 30 s.
+    /// for a token of another app or role, `unknown_app`, `bad_partitions`...) for this long
+    /// while no link of the task is registered, with fresh fetches from the source in between,
+    /// ends the task: [`crate::serve`] returns [`Error::Refused`] (exit non-zero, so a
+    /// supervisor sees it) instead of retrying forever. While another router's link is
+    /// registered the task serves on and dials the refusing router on with backoff (logged
+    /// once). Default 30 s.
     pub refused_exit_after: Duration,
     /// Instance id, the same on every link of the task: random by default
     /// ([`crate::random_task_id`]). A second link with the same id on a shard replaces the

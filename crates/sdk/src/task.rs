@@ -26,6 +26,10 @@ use tokio_tungstenite::tungstenite::Message;
 pub struct Stats {
     /// Links registered now (one per shard of every router when all is well).
     pub registered_links: usize,
+    /// Link loops running: one per router shard the task knows (configured, or announced by a
+    /// router's hello), linked or dialing. A shard that a router's latest hello no longer
+    /// lists (it restarted with fewer shards) has its loop retired.
+    pub loops: usize,
     /// Websocket connections opened (upgrades that succeeded), in all.
     pub connects: u64,
     /// Connection attempts that failed before the upgrade (refused, unreachable, 401...).
@@ -74,13 +78,15 @@ fn bump(c: &AtomicU64) {
 #[derive(Clone)]
 enum Dial {
     Fixed(String),
-    Announced(Arc<Mutex<String>>),
+    /// None: retired (the router's latest hello no longer lists the shard); its loop ends.
+    Announced(Arc<Mutex<Option<String>>>),
 }
 
 impl Dial {
-    fn addr(&self) -> String {
+    /// Where to dial; None once retired.
+    fn addr(&self) -> Option<String> {
         match self {
-            Dial::Fixed(a) => a.clone(),
+            Dial::Fixed(a) => Some(a.clone()),
             Dial::Announced(a) => a.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }
     }
@@ -280,6 +286,7 @@ impl Task {
             let k = &c.counters;
             Stats {
                 registered_links: *c.registered.borrow(),
+                loops: *c.loops.borrow(),
                 connects: n(&k.connects),
                 connect_failures: n(&k.connect_failures),
                 registrations: n(&k.registrations),
@@ -451,13 +458,19 @@ where
     let mut prev = None;
     // Since when this router refuses the token, upgrade after upgrade.
     let mut refused_since: Option<Instant> = None;
+    // The refusal past `refused_exit_after` while other links serve was logged (once per run
+    // of refusals).
+    let mut refused_logged = false;
     loop {
         // A stopping task links nothing new: a link registered after `shutdown_graceful`
         // looked at its links would be closed with what the router routed to it.
         if *ctx.draining_tx.borrow() {
             return;
         }
-        let addr = dial.addr();
+        let Some(addr) = dial.addr() else {
+            tracing::info!("a router shard no longer announced: its link loop ends");
+            return;
+        };
         let (registered_at, res) = link_once(&ctx, &addr, &dial, &mut stop).await;
         let was_registered = registered_at.is_some();
         if *stop.borrow() {
@@ -473,7 +486,7 @@ where
         }
         match &res {
             Err(End::Duplicate(key)) => {
-                refused_since = None;
+                (refused_since, refused_logged) = (None, false);
                 prev = None;
                 // Not a failure: the shard is served. Dial again later, in case the link that
                 // holds it goes and this address is the one that still works.
@@ -486,10 +499,21 @@ where
                 continue;
             }
             Err(End::Refused(why)) => {
-                let since = *refused_since.get_or_insert_with(Instant::now);
                 // The source may hold a newer token than the one refused: fetch it now.
                 ctx.refused.notify_one();
-                if since.elapsed() >= ctx.opts.refused_exit_after {
+                // While a link to another router is registered the task serves: a router
+                // that refuses (another cluster's keyring, a rollout that lags) is dialed on
+                // with backoff, as a NATS client tries its other servers, and the clock of
+                // `refused_exit_after` runs only while no link of the task is registered.
+                if *ctx.registered.borrow() > 0 {
+                    refused_since = None;
+                    if !refused_logged {
+                        refused_logged = true;
+                        tracing::error!(%addr, "this router refuses the service token ({why}); the task serves through its other links and dials this one on");
+                    }
+                } else if refused_since.get_or_insert_with(Instant::now).elapsed()
+                    >= ctx.opts.refused_exit_after
+                {
                     let why = format!("{addr}: {why}");
                     tracing::error!(after = ?ctx.opts.refused_exit_after, "service token refused for good ({why}); the task stops");
                     ctx.fatal.send_if_modified(|f| {
@@ -504,7 +528,7 @@ where
                 }
             }
             Err(End::Failed(_)) if !was_registered => {}
-            _ => refused_since = None,
+            _ => (refused_since, refused_logged) = (None, false),
         }
         let res = res.map_err(|e| match e {
             End::Refused(m) | End::Failed(m) | End::Duplicate(m) | End::HandedOver(m) => m,
@@ -842,7 +866,10 @@ where
                 Event::SendText(t) => {
                     out.send(Message::Text(t.into()));
                 }
-                Event::LinkShards(others) => link_shards(ctx, others),
+                Event::LinkShards(others) => {
+                    let hello = link.hello().map(|h| (h.router.clone(), h.shard));
+                    link_shards(ctx, hello, others)
+                }
                 Event::Registered { shard } => {
                     registered = true;
                     registered_at.get_or_insert_with(Instant::now);
@@ -1063,7 +1090,10 @@ fn claim<H>(ctx: &Ctx<H>, key: String, dial: &Dial) {
 }
 
 /// Opens a loop for each announced shard not linked yet; moves the address of a known one.
-fn link_shards<H, F>(ctx: &Arc<Ctx<H>>, others: Vec<ShardAddr>)
+/// `hello`: the router and shard of the link whose hello announced `others` (that router's
+/// other shards): an announced shard of that router it no longer lists is retired, so that
+/// a router restarted with fewer shards is not dialed on its old ports forever.
+fn link_shards<H, F>(ctx: &Arc<Ctx<H>>, hello: Option<(String, usize)>, others: Vec<ShardAddr>)
 where
     H: Fn(Request) -> F + Send + Sync + 'static,
     F: Future<Output = Outcome> + Send + 'static,
@@ -1071,19 +1101,37 @@ where
     let mut new = Vec::new();
     {
         let mut shards = ctx.shards.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((router, shard)) = hello {
+            let listed: HashSet<String> = others
+                .iter()
+                .map(|s| shard_key(&s.router, s.shard))
+                .chain([shard_key(&router, shard)])
+                .collect();
+            let prefix = format!("{router}#");
+            shards.retain(|key, d| {
+                let gone = key.starts_with(&prefix)
+                    && !listed.contains(key)
+                    && matches!(d, Dial::Announced(_));
+                if let (true, Dial::Announced(cell)) = (gone, &*d) {
+                    tracing::info!(shard = %key, "router shard no longer announced: retired");
+                    *cell.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                }
+                !gone
+            });
+        }
         for s in others {
             let key = shard_key(&s.router, s.shard);
             match shards.get(&key) {
                 Some(Dial::Announced(cell)) => {
                     let mut a = cell.lock().unwrap_or_else(|p| p.into_inner());
-                    if *a != s.addr {
-                        tracing::info!(shard = %key, from = %a, to = %s.addr, "router shard moved");
-                        *a = s.addr;
+                    if a.as_deref() != Some(s.addr.as_str()) {
+                        tracing::info!(shard = %key, from = ?a, to = %s.addr, "router shard moved");
+                        *a = Some(s.addr);
                     }
                 }
                 Some(Dial::Fixed(_)) => {}
                 None => {
-                    let d = Dial::Announced(Arc::new(Mutex::new(s.addr)));
+                    let d = Dial::Announced(Arc::new(Mutex::new(Some(s.addr))));
                     shards.insert(key, d.clone());
                     new.push(d);
                 }

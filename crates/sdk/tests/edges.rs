@@ -772,6 +772,15 @@ impl FixedRouter {
         self.home.path().join("keys")
     }
 
+    /// The next start runs one shard (on `port`) instead of two.
+    fn one_shard(&self) {
+        let p = self.home.path().join("router.toml");
+        let cfg = std::fs::read_to_string(&p).expect("config");
+        let one = cfg.replace("shard_cores = [0, 1]", "shard_cores = [0]");
+        assert_ne!(one, cfg);
+        std::fs::write(p, one).expect("config");
+    }
+
     fn start(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -907,6 +916,42 @@ fn router_killed_and_restarted_the_task_relinks_every_shard_and_serves() {
             })
         });
     }
+}
+
+/// SDK.md: a router restarted with fewer shards (two, then one) has the link loop of the
+/// shard its hello no longer lists retired (`Stats::loops` 2, then 1); the task serves through
+/// the shard left. Before, the loop of shard 1 dialed the dead port forever.
+#[test]
+fn a_router_restarted_with_fewer_shards_retires_the_loop_of_the_shard_gone() {
+    let mut r = FixedRouter::new();
+    let rt = rt();
+    let tok = r.client_token();
+    let svc = svc_token(r.home.path(), &r.keys(), "fewer", &[]);
+    let addr: SocketAddr = format!("127.0.0.1:{}", r.port).parse().expect("addr");
+    let task = spawn(&rt, opts_for(&[addr], &svc), probe);
+    assert!(rt.block_on(task.wait_registered(2, WAIT)));
+    assert_eq!(task.stats().loops, 2);
+    r.kill9();
+    r.one_shard();
+    r.start();
+    wait("the loop of shard 1 retired", WAIT, || {
+        task.stats().loops == 1
+    });
+    assert!(rt.block_on(task.wait_registered(1, WAIT)));
+    wait("served after the restart", WAIT, || {
+        Conn::open(r.api)
+            .request(&Req::post(&p(1, "echo")).token(&tok).body(b"x"))
+            .status
+            == 200
+    });
+    let failures = task.stats().connect_failures;
+    std::thread::sleep(Duration::from_secs(2));
+    let s = task.stats();
+    assert_eq!((s.loops, s.registered_links), (1, 1), "{s:?}");
+    assert_eq!(
+        s.connect_failures, failures,
+        "a retired shard dialed on: {s:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1616,4 +1661,57 @@ fn shutdown_graceful_counts_answers_not_yet_written() {
         left > 0,
         "answers waiting on the router were reported as done"
     );
+}
+
+/// SDK.md: a router that refuses the token (here one that answers every upgrade 401, as a
+/// router of another cluster does) does not stop a task whose link to another router is
+/// registered: it is dialed on with backoff, long past `refused_exit_after`, and the task
+/// serves. Before, the task stopped every link after `refused_exit_after` (1 s here).
+#[test]
+fn a_router_that_refuses_the_token_does_not_stop_a_task_that_serves_through_another() {
+    use std::io::{Read, Write};
+    let refusing = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let bad = refusing.local_addr().expect("addr");
+    // When the refusing router saw its first and its latest upgrade.
+    let seen: Arc<std::sync::Mutex<Option<(Instant, Instant)>>> = Arc::default();
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        for mut s in refusing.incoming().flatten() {
+            let mut head = Vec::new();
+            let mut b = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut b) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&b[..n]),
+                }
+            }
+            let now = Instant::now();
+            let mut g = seen2.lock().expect("lock");
+            *g = Some((g.map_or(now, |(first, _)| first), now));
+            let body = r#"{"error":"bad_signature"}"#;
+            let _ = write!(
+                s,
+                "HTTP/1.1 401 Unauthorized\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let r = Router::new().start();
+    let rt = rt();
+    let mut addrs = r.internal.clone();
+    addrs.push(bad);
+    let o = TaskOptions {
+        refused_exit_after: Duration::from_secs(1),
+        ..opts_for(&addrs, &svc(&r, "two-routers"))
+    };
+    let task = spawn(&rt, o, probe);
+    let tok = r.token("demo/echo", "alice");
+    ready(&rt, &r, &task, &tok);
+    wait("refusals over 3 s", WAIT, || {
+        seen.lock()
+            .expect("lock")
+            .is_some_and(|(first, last)| last.duration_since(first) >= Duration::from_secs(3))
+    });
+    assert_eq!(task.failure(), None, "{:?}", task.stats());
+    assert_eq!(req(&r, &tok, 1, "echo", b"still").status, 200);
 }

@@ -125,6 +125,17 @@ fn log_shows(r: &Router, needle: &str) -> bool {
     .is_some()
 }
 
+/// Sends SIGHUP and waits until it was handled (`fedbus_reloads_total`).
+fn sighup_handled(r: &Router) {
+    let before = metric(r, "fedbus_reloads_total");
+    seed::sighup(r);
+    assert!(
+        wait_metric_above(r, "fedbus_reloads_total", before, Duration::from_secs(5)),
+        "SIGHUP not handled within 5 s\n{}",
+        r.log()
+    );
+}
+
 /// Sends SIGHUP and waits until the keyring generation moved past `before`.
 fn sighup_keys(r: &Router) {
     let before = metric(r, "fedbus_keyring_generation");
@@ -1156,8 +1167,11 @@ fn a_broken_keyring_file_keeps_the_old_keyring() {
     let mut c = r.conn();
     let resp = c.request(&Req::post(&r.path(APP, 3)).token(&tok).body(b"y"));
     assert_home(&resp, 3);
+    assert_eq!(metric(&r, "fedbus_config_reload_failed_total"), 1.0);
+    // The file as it was: the keys in force, nothing new published.
     std::fs::write(&file, &good).unwrap();
-    sighup_keys(&r);
+    sighup_handled(&r);
+    assert_eq!(metric(&r, "fedbus_keyring_generation"), gen);
     assert_home(&post(&r, &tok, 4, b"z"), 4);
 }
 
@@ -1228,7 +1242,8 @@ fn secret_push(l: &mut RawLink, within: Duration) -> Frame {
 
 /// PROTOCOL.md section 7: right after `registered` a SecretPush: kind 4, flags 0, hops 0,
 /// partition 0, request_id 0, APP, VERSION, payload = the 32 raw secret bytes of the newest
-/// version. A reload without change pushes the same version again; a rotation pushes v2.
+/// version. A reload without change publishes no keyring and pushes nothing (before, every
+/// SIGHUP bumped the generation and pushed the same version again); a rotation pushes v2.
 #[test]
 fn secret_push_bytes_then_again_on_reload_then_the_rotated_version() {
     let r = Router::new().start();
@@ -1250,10 +1265,14 @@ fn secret_push_bytes_then_again_on_reload_then_the_rotated_version() {
     assert_eq!(f.get_str(tag::VERSION), Some("1"));
     assert_eq!(f.payload.len(), 32);
     assert_eq!(&f.payload[..], &v1.secret[..]);
-    // SIGHUP with nothing changed: "the same version may be pushed again".
-    sighup_keys(&r);
-    let again = secret_push(&mut l, Duration::from_secs(3));
-    assert_eq!(again.get_str(tag::VERSION), Some("1"));
+    // SIGHUP with nothing changed: the same keyring, no new generation, no push (the pusher
+    // looks every 100 ms: 500 ms shows none came).
+    let gen = metric(&r, "fedbus_keyring_generation");
+    sighup_handled(&r);
+    assert_eq!(metric(&r, "fedbus_keyring_generation"), gen);
+    if let Some(f) = l.next_frame(Duration::from_millis(500)) {
+        panic!("pushed again with no change: {:?}", f.header);
+    }
     // Rotation + SIGHUP: v2 within about 100 ms of the reload.
     assert_eq!(Keyring::rotate_app(&r.keys, APP, now()).unwrap(), 2);
     sighup_keys(&r);

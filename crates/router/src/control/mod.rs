@@ -46,6 +46,8 @@ pub(crate) struct Snapshots {
     pub(crate) fed: Arc<ArcSwap<FedView>>,
     /// Config reloads refused (`fedbus_config_reload_failed_total`).
     pub(crate) reload_failed: Arc<AtomicU64>,
+    /// Reload events (SIGHUP) handled, applied or refused (`fedbus_reloads_total`).
+    pub(crate) reloads: Arc<AtomicU64>,
 }
 
 /// What shards tell the control thread.
@@ -164,6 +166,12 @@ fn mtime(path: &std::path::Path) -> Option<SystemTime> {
 /// does nothing.
 pub(crate) const RACY: Duration = Duration::from_millis(100);
 
+/// An mtime under [`RACY`] old at `now` (one in the future too; no arithmetic that overflows
+/// on a file's odd time).
+fn recent(t: SystemTime, now: SystemTime) -> bool {
+    now.checked_sub(RACY).is_none_or(|r| t > r)
+}
+
 /// Files whose mtime is watched, with the mtime last seen.
 #[derive(Default)]
 struct Watched(Vec<(PathBuf, Option<SystemTime>)>);
@@ -177,13 +185,15 @@ impl Watched {
     /// less than `RACY` old: file times are only as fine as the kernel's clock tick, so a
     /// second write in the same tick as one already read leaves the mtime as it was.
     fn changed_or_racy(&mut self) -> bool {
-        let racy = SystemTime::now() - RACY;
         let moved = self.changed();
-        moved
-            || self
-                .0
-                .iter()
-                .any(|(_, seen)| seen.is_some_and(|t| t > racy))
+        moved || self.racy(SystemTime::now())
+    }
+
+    /// True when a file's mtime last seen is less than `RACY` old at `now`.
+    fn racy(&self, now: SystemTime) -> bool {
+        self.0
+            .iter()
+            .any(|(_, seen)| seen.is_some_and(|t| recent(t, now)))
     }
 
     /// True when any file's mtime moved since the last call (remembers the new ones).
@@ -259,6 +269,7 @@ impl Control {
                 ..fed
             })),
             reload_failed: Arc::new(AtomicU64::new(0)),
+            reloads: Arc::new(AtomicU64::new(0)),
         };
         let mut control = Control {
             keyring_mtime: keyring_mtime(&keyring_dir),
@@ -364,10 +375,16 @@ impl Control {
         self.snapshots.routes.store(Arc::new(t));
     }
 
-    /// Re-reads the keyring; a broken one keeps the old in force and logs why.
-    pub(crate) fn reload_keys(&mut self, why: &str) {
+    /// Re-reads the keyring and publishes it, with a new generation, when it differs from the
+    /// one in force; returns whether it did. A broken one keeps the old in force, logged and,
+    /// when `count`, counted in `fedbus_config_reload_failed_total` (not for a second look at
+    /// the same write, [`Control::keyring_due`]).
+    pub(crate) fn reload_keys(&mut self, why: &str, count: bool) -> bool {
         self.keyring_mtime = keyring_mtime(&self.keyring_dir);
         match Keyring::load(&self.keyring_dir) {
+            // The same keys (a SIGHUP for the config alone, a second look): nothing new, and
+            // caches keyed by the generation stay valid.
+            Ok(k) if k == self.snapshots.keys.load().keyring => false,
             Ok(k) => {
                 self.key_generation += 1;
                 tracing::info!(why, generation = self.key_generation, "keyring reloaded");
@@ -376,11 +393,30 @@ impl Control {
                     keyring: k,
                 }));
                 self.warn_apps_without_secret(why);
+                true
             }
             Err(e) => {
-                tracing::error!(why, error = %e, "keyring reload failed; keeping the previous keyring")
+                if count {
+                    self.snapshots.reload_failed.fetch_add(1, Relaxed);
+                    tracing::error!(why, error = %e, "keyring reload failed; keeping the previous keyring");
+                }
+                false
             }
         }
+    }
+
+    /// Whether the keyring's files are due for a look, and whether their newest mtime moved
+    /// since the last: moved, or less than [`RACY`] old at `now` (file times are as fine as
+    /// the kernel's clock tick, so a second write in the tick of one already read leaves
+    /// the mtime as it was; before, such a write was not loaded until the next change).
+    fn keyring_due(
+        seen: Option<SystemTime>,
+        current: Option<SystemTime>,
+        now: SystemTime,
+    ) -> (bool, bool) {
+        let moved = current != seen;
+        let racy = current.is_some_and(|t| recent(t, now));
+        (moved || racy, moved)
     }
 
     /// Counts and logs a refused config reload; the config in force stays.
@@ -480,7 +516,7 @@ impl Control {
             {
                 tracing::error!(why, error = %e, "dev keyring: app secrets for new apps");
             }
-            self.reload_keys(why);
+            self.reload_keys(why, true);
         }
         let generation = self.snapshots.apps.load().generation + 1;
         self.specs = app_specs(&self.applied);
@@ -523,8 +559,13 @@ impl Control {
     /// Runs until `Shutdown` or every sender is gone.
     pub(crate) fn run(mut self, rx: crossbeam_channel::Receiver<ControlEvent>) {
         let poll = Duration::from_millis(self.cfg.auth.reload_poll_ms);
+        // A watched file's mtime under `RACY` old: looked at again within `RACY`, or the
+        // second look that catches a write in the same clock tick would come a poll later,
+        // when the mtime is no longer recent, and never.
+        let mut racy = false;
         loop {
-            let first = match rx.recv_timeout(poll) {
+            let wait = if racy { poll.min(RACY / 2) } else { poll };
+            let first = match rx.recv_timeout(wait) {
                 Ok(ev) => Some(ev),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
@@ -535,12 +576,15 @@ impl Control {
                 match ev {
                     ControlEvent::Shutdown => return,
                     ControlEvent::Reload => {
-                        self.reload_keys("reload event");
+                        self.reload_keys("reload event", true);
                         self.reload_peer_token("reload event");
                         self.reload_config("reload event");
                         for t in &mut self.tls {
                             t.reload("reload event");
                         }
+                        // Once all of it is done: a fact to wait for after a SIGHUP that
+                        // changed nothing (no generation moves then).
+                        self.snapshots.reloads.fetch_add(1, Relaxed);
                     }
                     ev => changed |= self.registry.apply(&ev),
                 }
@@ -548,8 +592,10 @@ impl Control {
             if changed {
                 self.publish_routes();
             }
-            if keyring_mtime(&self.keyring_dir) != self.keyring_mtime {
-                self.reload_keys("keyring files changed");
+            let current = keyring_mtime(&self.keyring_dir);
+            let now = SystemTime::now();
+            let (due, moved) = Control::keyring_due(self.keyring_mtime, current, now);
+            if due && (self.reload_keys("keyring files changed", moved) || moved) {
                 // Our own cluster key verifies siblings' peer tokens (and, in dev mode, signs
                 // ours).
                 self.reload_federation("keyring files changed");
@@ -571,6 +617,12 @@ impl Control {
             for t in &mut self.tls {
                 t.poll();
             }
+            racy = current.is_some_and(|t| recent(t, now))
+                || self.config_file.racy(now)
+                || self
+                    .peer_token
+                    .as_ref()
+                    .is_some_and(|(_, file)| file.racy(now));
         }
     }
 }
@@ -597,7 +649,7 @@ mod tests {
         assert_eq!(snaps.keys.load().generation, 1);
         // A rotation on disk is picked up with a new generation.
         Keyring::rotate_app(dir.path(), "demo/echo", 2_000).expect("rotate");
-        c.reload_keys("test");
+        c.reload_keys("test", true);
         let k = snaps.keys.load();
         assert_eq!(k.generation, 2);
         assert_eq!(
@@ -607,13 +659,59 @@ mod tests {
         drop(k);
         // A corrupted file: the reload fails and version 2 stays in force.
         std::fs::write(dir.path().join("cluster.toml"), "versions = 7").expect("corrupt");
-        c.reload_keys("test");
+        c.reload_keys("test", true);
         let k = snaps.keys.load();
         assert_eq!(k.generation, 2, "a broken keyring must not be published");
         assert_eq!(
             k.keyring.signing_app_secret("demo/echo").map(|s| s.version),
             Some(2)
         );
+        drop(k);
+        // ... and counted (before, a keyring refused at reload was only logged).
+        assert_eq!(snaps.reload_failed.load(Relaxed), 1);
+        // A second look at the same write counts nothing more.
+        assert!(!c.reload_keys("test", false));
+        assert_eq!(snaps.reload_failed.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn a_keyring_reloaded_unchanged_keeps_its_generation() {
+        let dir = TempDir::new("control-same-keys");
+        Keyring::init(dir.path(), &["demo/echo"], 1_000).expect("init");
+        let cfg = Config {
+            keyring: Some(dir.path().to_path_buf()),
+            ..Config::default()
+        };
+        let mut c = Control::new(
+            Arc::new(cfg),
+            Keyring::load(dir.path()).expect("load"),
+            Vec::new(),
+        );
+        let snaps = c.snapshots();
+        // Every SIGHUP reloads the keyring: one that did not change publishes nothing (before,
+        // each bumped the generation).
+        assert!(!c.reload_keys("test", true));
+        assert!(!c.reload_keys("test", true));
+        assert_eq!(snaps.keys.load().generation, 1);
+        assert_eq!(snaps.reload_failed.load(Relaxed), 0);
+        Keyring::rotate_app(dir.path(), "demo/echo", 2_000).expect("rotate");
+        assert!(c.reload_keys("test", true));
+        assert_eq!(snaps.keys.load().generation, 2);
+    }
+
+    #[test]
+    fn the_keyring_is_looked_at_again_while_its_mtime_is_racy() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let due = Control::keyring_due;
+        // Moved.
+        assert_eq!(due(Some(t), Some(t + RACY), t + RACY * 10), (true, true));
+        assert_eq!(due(None, Some(t), t + RACY * 10), (true, true));
+        assert_eq!(due(Some(t), None, t), (true, true));
+        // The same mtime, still recent: a write in the same clock tick may have followed.
+        assert_eq!(due(Some(t), Some(t), t + RACY / 2), (true, false));
+        // The same mtime, old: nothing to look at.
+        assert_eq!(due(Some(t), Some(t), t + RACY * 2), (false, false));
+        assert_eq!(due(None, None, t), (false, false));
     }
 
     #[test]

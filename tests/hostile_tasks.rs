@@ -929,6 +929,49 @@ fn control_bytes_in_a_tasks_headers_never_reach_the_client() {
 // ---------------------------------------------------------------------------------------------
 // 6. A dead shard.
 
+/// TUNING.md `readiness.control_stall_ms`: a control thread that stops (injected through the
+/// test-only `fault-injection` feature: `FEDBUS_FAULT_STALL_CONTROL=<file>`, as a keyring read
+/// that hangs would) takes the router to not-ready: `/readyz` 503 `control thread stalled`,
+/// `fedbus_ready` 0, while the shards serve on; ready again once it passes. Before, `/readyz`
+/// answered 200 while task registrations and reloads waited on it.
+#[test]
+fn a_stalled_control_thread_makes_readyz_503_until_it_passes_again() {
+    let fault = TempDir::new("fault-control");
+    let trigger = fault.path().join("stall-now");
+    let r = Router::new()
+        .apps(&[(APP, 16)])
+        .env(
+            "FEDBUS_FAULT_STALL_CONTROL",
+            trigger.to_str().expect("utf-8"),
+        )
+        .tail("[readiness]\ncontrol_stall_ms = 1500\n")
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let ready = |status: u16| {
+        move || {
+            let (s, body) = admin_get(r.admin, "/readyz");
+            (s == status).then_some(body)
+        }
+    };
+    wait_for(Duration::from_secs(10), ready(200)).expect("ready");
+    std::fs::write(&trigger, b"").expect("trigger");
+    let body = wait_for(Duration::from_secs(10), ready(503)).unwrap_or_else(|| {
+        panic!(
+            "/readyz still 200 with the control thread stalled\n{}",
+            r.log()
+        )
+    });
+    assert!(body.contains("control thread stalled"), "{body}");
+    assert_eq!(r.metrics().get("fedbus_ready"), 0.0);
+    // The shards serve on from the routing table in force.
+    let resp = r.request(&Req::post(&r.path(APP, 3)).token(&tok).body(b"x"));
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert!(log_shows(&r, "fault injection: the control thread stalls"));
+    std::fs::remove_file(&trigger).expect("untrigger");
+    wait_for(Duration::from_secs(10), ready(200)).expect("ready again once it passes");
+}
+
 /// A shard whose executor dies (a panic in one of its tasks, injected through the test-only
 /// `fault-injection` feature: `FEDBUS_FAULT_PANIC_SHARD=1:<file>`) takes the router to
 /// not-ready at once: `/readyz` 503 naming the shard, `fedbus_shards_alive` 1 of 2,

@@ -375,6 +375,11 @@ pub struct Readiness {
     /// supervisor starts a whole one. False: it runs on without that shard, not ready
     /// (`/readyz` 503), until an operator restarts it. Default true.
     pub exit_on_dead_shard: bool,
+    /// The control thread (reloads, task registrations into the routing table) is seen
+    /// stalled when one pass of its loop has not finished for this long (it passes at least
+    /// every second): `/readyz` answers 503 `control thread stalled` until it passes again.
+    /// Default 10000.
+    pub control_stall_ms: u64,
 }
 
 /// Which live tasks make a router ready.
@@ -401,6 +406,7 @@ impl Default for Readiness {
             takeover_wait_ms: 5000,
             takeover_task_wait_ms: 5000,
             exit_on_dead_shard: true,
+            control_stall_ms: 10_000,
         }
     }
 }
@@ -828,6 +834,10 @@ impl Config {
             (
                 "readiness.drain_idle_close_ms",
                 self.readiness.drain_idle_close_ms,
+            ),
+            (
+                "readiness.control_stall_ms",
+                self.readiness.control_stall_ms,
             ),
         ] {
             if v == 0 {

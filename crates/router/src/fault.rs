@@ -11,12 +11,33 @@
 //!
 //! `FEDBUS_FAULT_PANIC_SHARD=N:PATH`: shard `N` panics (in a task of its executor, as a bug in
 //! a connection's task would) once the file `PATH` exists. Polled every 20 ms.
+//!
+//! `FEDBUS_FAULT_STALL_CONTROL=PATH`: the control thread stops in its loop while the file
+//! `PATH` exists (as a read of a keyring file that hangs would stop it), to show that
+//! `/readyz` sees the stall.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 /// The environment variable read at shard start.
 const PANIC_SHARD: &str = "FEDBUS_FAULT_PANIC_SHARD";
+
+/// The environment variable read by the control thread at each pass of its loop.
+const STALL_CONTROL: &str = "FEDBUS_FAULT_STALL_CONTROL";
+
+/// Run by the control thread at each pass: waits while the file `FEDBUS_FAULT_STALL_CONTROL`
+/// names exists.
+pub(crate) fn stall_control() {
+    let Some(trigger) = std::env::var_os(STALL_CONTROL).map(PathBuf::from) else {
+        return;
+    };
+    if trigger.exists() {
+        tracing::warn!(trigger = %trigger.display(), "fault injection: the control thread stalls while the trigger file exists");
+        while trigger.exists() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
 
 /// `(shard, trigger file)` of `N:PATH`; None when it does not parse.
 fn parse(spec: &str) -> Option<(usize, PathBuf)> {

@@ -5,9 +5,10 @@
 
 use crate::config::{Coverage, Readiness};
 use crate::route::{RoutingTable, MAIN_ROLE};
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often a waiting shard task looks at the drain flag. A drain takes at least this long
 /// to reach every listener and peer link, which is short next to a peer's reaction time.
@@ -26,6 +27,10 @@ pub struct Health {
     peer_links: Vec<AtomicUsize>,
     /// Per cluster: removed from the federation by a reload (`/readyz` no longer waits for it).
     removed: Vec<AtomicBool>,
+    /// Since when the times below count.
+    epoch: Instant,
+    /// When the control thread last began a pass of its loop (ms since `epoch`).
+    control_beat: AtomicU64,
 }
 
 /// Marks a shard alive while it lives; dropping it (the shard's executor ended or unwound from
@@ -61,6 +66,8 @@ impl Health {
                 .collect(),
             removed: clusters.iter().map(|_| AtomicBool::new(false)).collect(),
             clusters,
+            epoch: Instant::now(),
+            control_beat: AtomicU64::new(0),
         }
     }
 
@@ -106,6 +113,18 @@ impl Health {
 
     /// Shards whose executor runs now (`fedbus_shards_alive`; `fedbus_shards` says how many
     /// were started).
+    /// The control thread begins a pass of its loop.
+    pub(crate) fn control_beat(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.control_beat.store(ms, Relaxed);
+    }
+
+    /// How long since the control thread last began a pass of its loop.
+    pub(crate) fn control_age(&self) -> Duration {
+        let beat = Duration::from_millis(self.control_beat.load(Relaxed));
+        self.epoch.elapsed().saturating_sub(beat)
+    }
+
     pub(crate) fn shards_alive(&self) -> usize {
         self.shards.iter().filter(|a| a.load(Relaxed)).count()
     }
@@ -161,6 +180,15 @@ impl Health {
     pub(crate) fn readiness(&self, table: &RoutingTable, cfg: &Readiness) -> Result<(), String> {
         if let Some(why) = self.serving_refusal(table, cfg.coverage) {
             return Err(why);
+        }
+        // Task registrations and reloads wait on that thread: the routing table this router
+        // serves from no longer follows its tasks.
+        let age = self.control_age();
+        if age >= Duration::from_millis(cfg.control_stall_ms) {
+            return Err(format!(
+                "control thread stalled: no pass of its loop for {} ms (task registrations and reloads wait)",
+                age.as_millis()
+            ));
         }
         if cfg.peers {
             let n = self.clusters.len();

@@ -17,7 +17,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 mod reload;
 pub(crate) use reload::{merge, restart_needed};
@@ -172,6 +172,12 @@ fn recent(t: SystemTime, now: SystemTime) -> bool {
     now.checked_sub(RACY).is_none_or(|r| t > r)
 }
 
+/// The control loop passes at least this often (`Health::control_beat`), events or not.
+const BEAT: Duration = Duration::from_secs(1);
+
+/// A pass of the control loop slower than this is logged.
+const SLOW_PASS: Duration = Duration::from_secs(2);
+
 /// Files whose mtime is watched, with the mtime last seen.
 #[derive(Default)]
 struct Watched(Vec<(PathBuf, Option<SystemTime>)>);
@@ -236,6 +242,8 @@ pub(crate) struct Control {
     peer_token: Option<(crate::peer::PeerToken, Watched)>,
     /// Configured apps the keyring had no secret for, as last logged.
     without_secret: Vec<String>,
+    /// Told at each pass of the loop (`/readyz` sees a stalled control thread).
+    health: Option<Arc<crate::health::Health>>,
 }
 
 impl Control {
@@ -287,6 +295,7 @@ impl Control {
             tls,
             peer_token: None,
             without_secret: Default::default(),
+            health: None,
         };
         control.warn_apps_without_secret("start");
         control
@@ -330,6 +339,13 @@ impl Control {
             .cloned()
             .collect();
         self.peer_token = Some((slot, Watched::new(file)));
+        self
+    }
+
+    /// Tells `health` at each pass of the loop, at least every [`BEAT`].
+    pub(crate) fn with_health(mut self, health: Arc<crate::health::Health>) -> Control {
+        health.control_beat();
+        self.health = Some(health);
         self
     }
 
@@ -563,13 +579,26 @@ impl Control {
         // second look that catches a write in the same clock tick would come a poll later,
         // when the mtime is no longer recent, and never.
         let mut racy = false;
+        // When the files were last looked at: a wake for the beat alone looks at nothing.
+        let mut looked = Instant::now();
         loop {
             let wait = if racy { poll.min(RACY / 2) } else { poll };
-            let first = match rx.recv_timeout(wait) {
+            let first = match rx.recv_timeout(wait.saturating_sub(looked.elapsed()).min(BEAT)) {
                 Ok(ev) => Some(ev),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
             };
+            let pass = Instant::now();
+            if let Some(h) = &self.health {
+                h.control_beat();
+            }
+            // Test builds only (the `fault-injection` feature): see `crate::fault`.
+            #[cfg(feature = "fault-injection")]
+            crate::fault::stall_control();
+            if first.is_none() && looked.elapsed() < wait {
+                continue;
+            }
+            looked = pass;
             let mut changed = false;
             // Drain what is queued so a burst of registrations publishes one table.
             for ev in first.into_iter().chain(rx.try_iter()) {
@@ -623,6 +652,10 @@ impl Control {
                     .peer_token
                     .as_ref()
                     .is_some_and(|(_, file)| file.racy(now));
+            let took = pass.elapsed();
+            if took >= SLOW_PASS {
+                tracing::warn!(ms = took.as_millis() as u64, "a pass of the control loop was slow (a file read that hangs?); /readyz answers 503 past readiness.control_stall_ms");
+            }
         }
     }
 }

@@ -497,8 +497,9 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
     };
 
     let health = Arc::new(Health::new(n, federation.routers.keys().cloned().collect()));
-    let control =
-        Control::new(cfg.clone(), keyring, reloaders).with_peer_token(federation.token.clone());
+    let control = Control::new(cfg.clone(), keyring, reloaders)
+        .with_peer_token(federation.token.clone())
+        .with_health(health.clone());
     let snapshots = control.snapshots();
     let (tx, rx) = crossbeam_channel::unbounded();
     let control_core = cfg.tuning.control_core;

@@ -446,12 +446,14 @@ fn try_scrape(addr: SocketAddr) -> Option<Metrics> {
     Some(Metrics::parse(body))
 }
 
-/// `listen.admin_max_connections`: slow clients (half a request head) hold admin slots; one
-/// more connection is closed at accept, counted in `fedbus_admin_connections_refused_total`
-/// and logged. A scrape is served while a slot is left, and again once the holders are cut
-/// at the admin head deadline (2 s); the api is served throughout.
+/// `listen.admin_max_connections`: slow clients (half a request head) hold admin slots; a
+/// connection over the limit takes the slot of the oldest one still waiting for its head,
+/// which is closed at once (counted in `fedbus_admin_connections_evicted_total`, logged at most
+/// once a second). So a health probe is answered however fast idle connections are opened;
+/// before, it was closed at accept while they held every slot, and again each time they were
+/// reopened within the 2 s head deadline. The api is served throughout.
 #[test]
-fn the_admin_listener_refuses_connections_over_its_limit() {
+fn idle_admin_connections_give_their_slots_to_newer_ones() {
     let r = Router::new()
         .shards(1)
         .listen("admin_max_connections", 2)
@@ -459,84 +461,46 @@ fn the_admin_listener_refuses_connections_over_its_limit() {
     let _t = r.task().start();
     let tok = r.token(APP, "alice");
     let started = Instant::now();
-    let mut refusals = 0.0;
-    let mut holders = vec![admin_hold(r.admin).expect("first slot")];
-    // One slot left: a scrape is served while the slow client holds the other.
-    let m = try_scrape(r.admin).expect("a scrape beside one slow client");
-    assert_eq!(m.get("fedbus_admin_connections_refused_total"), 0.0);
-    // The second holder (a retry when the scrape's thread had not yet given its slot back).
-    let back_by = Instant::now() + Duration::from_secs(1);
-    let second = loop {
-        match admin_hold(r.admin) {
-            Some(s) => break s,
-            None => refusals += 1.0,
+    // Idle clients kept open (the router closes them: evicted, or at their 2 s deadline).
+    let mut holders = Vec::new();
+    for round in 0..12 {
+        // Two idle clients take both slots, each the oldest idle one's when none is free
+        // (before: closed at accept while the earlier ones held the slots).
+        for _ in 0..2 {
+            holders.push(admin_hold(r.admin).unwrap_or_else(|| {
+                panic!(
+                    "round {round}: an idle client closed at accept\n{}",
+                    r.log()
+                )
+            }));
         }
-        // The scrape's thread gives its slot back after its answer: on a loaded machine,
-        // not at once.
-        assert!(
-            Instant::now() < back_by,
-            "the scrape's slot never came back"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    holders.push(second);
-    // Full: closed at accept.
-    assert!(
-        admin_hold(r.admin).is_none(),
-        "a third admin connection was served with admin_max_connections = 2"
-    );
-    refusals += 1.0;
-    let refused_at = started.elapsed();
-    assert!(
-        refused_at < Duration::from_millis(1900),
-        "the refusal came after {refused_at:?}: the holders' deadline had passed"
-    );
-    // A burst of refusals while the slots are held: each counted, logged at most once a
-    // second (before: a line each).
-    for _ in 0..30 {
-        if started.elapsed() > Duration::from_millis(1000) {
-            break;
-        }
-        assert!(
-            admin_hold(r.admin).is_none(),
-            "served while both slots are held"
-        );
-        refusals += 1.0;
+        // Both slots held by idle clients: a probe is answered all the same.
+        let probe = try_scrape(r.admin)
+            .unwrap_or_else(|| panic!("round {round}: a probe closed at accept\n{}", r.log()));
+        assert_eq!(probe.get("fedbus_admin_connections_refused_total"), 0.0);
     }
+    // The first idle client was closed by the router (evicted, or at its deadline).
+    read_to_eof(&mut holders[0], Duration::from_secs(5));
     // The api listener is apart.
     for i in 0..5 {
         normal(&r, APP, &tok, i);
     }
-    // The holders are cut at the head deadline; then scrapes are served again.
-    for h in holders.iter_mut() {
-        read_to_eof(h, Duration::from_secs(5));
-    }
-    let freed = started.elapsed();
-    let back_by = Instant::now() + Duration::from_secs(5);
-    let m = loop {
-        match try_scrape(r.admin) {
-            Some(m) => break m,
-            None => refusals += 1.0,
-        }
-        assert!(
-            Instant::now() < back_by,
-            "the holders' slots never came back"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    assert_eq!(m.get("fedbus_admin_connections_refused_total"), refusals);
+    let m = r.metrics();
+    assert_eq!(m.get("fedbus_admin_connections_refused_total"), 0.0);
+    let evicted = m.get("fedbus_admin_connections_evicted_total");
+    assert!(evicted >= 12.0, "{evicted}");
     let lines = r
         .log()
-        .matches("admin connection refused: all slots busy")
+        .matches("admin connection closed while waiting for its request head")
         .count();
     let secs = started.elapsed().as_secs() as usize;
     assert!(
         (1..=secs + 2).contains(&lines),
-        "{lines} refusal log lines in {secs} s for {refusals} refusals"
+        "{lines} eviction log lines in {secs} s for {evicted} evictions"
     );
     println!(
-        "admin listener at admin_max_connections 2: over-limit connection closed at accept after {refused_at:?}; \
-         holders cut after {freed:?}; fedbus_admin_connections_refused_total {refusals}"
+        "admin listener at admin_max_connections 2 held by idle clients: 12 probes answered in {:?}, {evicted} evictions, {lines} log lines",
+        started.elapsed()
     );
 }
 

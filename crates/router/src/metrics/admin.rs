@@ -1,16 +1,19 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz`, `/readyz`. Blocking sockets,
 //! one short-lived thread per connection (at most `listen.admin_max_connections`), never on the
 //! request path. A request head must arrive within [`HEAD_DEADLINE`] of the accept, so a client
-//! that trickles bytes holds its thread only that long and never blocks other scrapes.
+//! that trickles bytes holds its thread only that long; and when every slot is busy, a new
+//! connection takes the slot of the oldest one still waiting for its head (closed), so idle
+//! connections opened faster than the deadline frees them cannot keep a health probe out.
 
 use super::Registry;
 use crate::config::Readiness;
 use crate::control::Snapshots;
 use crate::health::Health;
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Time from accept to a complete request head.
@@ -31,8 +34,11 @@ pub(crate) fn start(
         .into();
     let bound = l.local_addr()?;
     let active = Arc::new(AtomicUsize::new(0));
-    // Connections closed at accept because every slot was busy.
+    // Connections closed at accept because every slot was busy, and connections closed while
+    // waiting for their head to make room for a newer one.
     let refused = Arc::new(AtomicU64::new(0));
+    let evicted = Arc::new(AtomicU64::new(0));
+    let waiting = Arc::new(Waiting::default());
     std::thread::Builder::new()
         .name("fedbus-admin".into())
         .spawn(move || {
@@ -61,23 +67,43 @@ pub(crate) fn start(
                     }
                 };
                 if active.load(Ordering::Relaxed) >= max_connections {
-                    let n = refused.fetch_add(1, Ordering::Relaxed) + 1;
-                    if may_log() {
-                        tracing::warn!(max_connections, refused = n, "admin connection refused: all slots busy (logged at most once a second)");
+                    // The oldest connection still waiting for its head gives its slot up
+                    // (its thread sees its socket shut down and ends).
+                    if waiting.evict_oldest() {
+                        let n = evicted.fetch_add(1, Ordering::Relaxed) + 1;
+                        if may_log() {
+                            tracing::warn!(max_connections, evicted = n, "admin connection closed while waiting for its request head: all slots busy, a new connection took its slot (logged at most once a second)");
+                        }
+                    } else {
+                        let n = refused.fetch_add(1, Ordering::Relaxed) + 1;
+                        if may_log() {
+                            tracing::warn!(max_connections, refused = n, "admin connection refused: all slots busy (logged at most once a second)");
+                        }
+                        continue;
                     }
-                    continue;
                 }
                 active.fetch_add(1, Ordering::Relaxed);
                 let (reg, snaps, done) = (reg.clone(), snaps.clone(), active.clone());
-                let refused = refused.clone();
+                let counts = Counts {
+                    refused: refused.clone(),
+                    evicted: evicted.clone(),
+                };
                 let (health, readiness) = (health.clone(), readiness.clone());
+                let id = waiting.push(&s);
+                let w = waiting.clone();
                 let spawned = std::thread::Builder::new()
                     .name("fedbus-admin-conn".into())
                     .spawn(move || {
-                        let _ = serve(s, &reg, &snaps, &health, &readiness, &refused);
+                        let mut s = s;
+                        let _ = serve(&mut s, id, &w, &reg, &snaps, &health, &readiness, &counts);
+                        // The slot is free before the client sees the close: one that
+                        // connects again at once finds it.
+                        w.remove(id);
                         done.fetch_sub(1, Ordering::Relaxed);
+                        drop(s);
                     });
                 if spawned.is_err() {
+                    waiting.remove(id);
                     active.fetch_sub(1, Ordering::Relaxed);
                 }
             }
@@ -85,13 +111,58 @@ pub(crate) fn start(
     Ok(bound)
 }
 
+/// Admin connections refused at accept and closed for a newer one.
+struct Counts {
+    refused: Arc<AtomicU64>,
+    evicted: Arc<AtomicU64>,
+}
+
+/// Connections waiting for their request head, oldest first: (id, a handle on the socket).
+#[derive(Default)]
+struct Waiting {
+    conns: Mutex<VecDeque<(u64, Option<TcpStream>)>>,
+    next: AtomicU64,
+}
+
+impl Waiting {
+    /// Registers a connection just accepted; returns its id.
+    fn push(&self, s: &TcpStream) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        // Without a handle (out of descriptors) it cannot be evicted, only time out.
+        let mut q = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        q.push_back((id, s.try_clone().ok()));
+        id
+    }
+
+    /// The connection has its head (or is done): it can no longer be evicted.
+    fn remove(&self, id: u64) {
+        let mut q = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        q.retain(|(i, _)| *i != id);
+    }
+
+    /// Shuts down the oldest connection still waiting for its head; false if none.
+    fn evict_oldest(&self) -> bool {
+        let mut q = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some((_, handle)) = q.pop_front() {
+            if let Some(h) = handle {
+                let _ = h.shutdown(std::net::Shutdown::Both);
+                return true;
+            }
+        }
+        false
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn serve(
-    mut s: TcpStream,
+    s: &mut TcpStream,
+    id: u64,
+    waiting: &Waiting,
     reg: &Registry,
     snaps: &Snapshots,
     health: &Health,
     readiness: &Readiness,
-    refused: &AtomicU64,
+    counts: &Counts,
 ) -> std::io::Result<()> {
     s.set_write_timeout(Some(Duration::from_secs(2)))?;
     let deadline = Instant::now() + HEAD_DEADLINE;
@@ -112,6 +183,7 @@ fn serve(
             break;
         }
     }
+    waiting.remove(id);
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
     // The query is ignored (a Prometheus scrape may add `params`); HEAD gets the head alone.
@@ -131,9 +203,10 @@ fn serve(
             let table = snaps.routes.load();
             let keys = snaps.keys.load();
             let ready = u8::from(health.readiness(&table, readiness).is_ok());
-            let refused = refused.load(Ordering::Relaxed);
+            let refused = counts.refused.load(Ordering::Relaxed);
+            let evicted = counts.evicted.load(Ordering::Relaxed);
             let extra = format!(
-                "# HELP fedbus_ready 1 when /readyz answers ready.\n# TYPE fedbus_ready gauge\nfedbus_ready {ready}\n# HELP fedbus_draining 1 once a drain (SIGTERM or SIGINT) started.\n# TYPE fedbus_draining gauge\nfedbus_draining {}\n# HELP fedbus_routing_generation Generation of the published routing snapshot.\n# TYPE fedbus_routing_generation gauge\nfedbus_routing_generation {}\n# HELP fedbus_routing_tasks Task instances in the published routing table: registered, with a live link, not ejected.\n# TYPE fedbus_routing_tasks gauge\nfedbus_routing_tasks {}\n# HELP fedbus_keyring_generation Generation of the published keyring.\n# TYPE fedbus_keyring_generation gauge\nfedbus_keyring_generation {}\n# HELP fedbus_apps_generation Generation of the published [[apps]] (+1 per reload that changed them).\n# TYPE fedbus_apps_generation gauge\nfedbus_apps_generation {}\n# HELP fedbus_federation_generation Generation of the published federation view: peer keys, routers, siblings (+1 per reload that changed it).\n# TYPE fedbus_federation_generation gauge\nfedbus_federation_generation {}\n# HELP fedbus_reloads_total Reload events (SIGHUP) handled: keyring, peer token, config and certificates re-read, each applied or refused.\n# TYPE fedbus_reloads_total counter\nfedbus_reloads_total {}\n# HELP fedbus_config_reload_failed_total Config, keyring or federation key reloads refused (what is in force stays).\n# TYPE fedbus_config_reload_failed_total counter\nfedbus_config_reload_failed_total {}\n# HELP fedbus_shards_alive Shards whose executor runs (a shard that panicked stays dead, and /readyz answers 503).\n# TYPE fedbus_shards_alive gauge\nfedbus_shards_alive {}\n# HELP fedbus_admin_connections_refused_total Admin connections closed at accept: listen.admin_max_connections busy.\n# TYPE fedbus_admin_connections_refused_total counter\nfedbus_admin_connections_refused_total {refused}\n",
+                "# HELP fedbus_ready 1 when /readyz answers ready.\n# TYPE fedbus_ready gauge\nfedbus_ready {ready}\n# HELP fedbus_draining 1 once a drain (SIGTERM or SIGINT) started.\n# TYPE fedbus_draining gauge\nfedbus_draining {}\n# HELP fedbus_routing_generation Generation of the published routing snapshot.\n# TYPE fedbus_routing_generation gauge\nfedbus_routing_generation {}\n# HELP fedbus_routing_tasks Task instances in the published routing table: registered, with a live link, not ejected.\n# TYPE fedbus_routing_tasks gauge\nfedbus_routing_tasks {}\n# HELP fedbus_keyring_generation Generation of the published keyring.\n# TYPE fedbus_keyring_generation gauge\nfedbus_keyring_generation {}\n# HELP fedbus_apps_generation Generation of the published [[apps]] (+1 per reload that changed them).\n# TYPE fedbus_apps_generation gauge\nfedbus_apps_generation {}\n# HELP fedbus_federation_generation Generation of the published federation view: peer keys, routers, siblings (+1 per reload that changed it).\n# TYPE fedbus_federation_generation gauge\nfedbus_federation_generation {}\n# HELP fedbus_reloads_total Reload events (SIGHUP) handled: keyring, peer token, config and certificates re-read, each applied or refused.\n# TYPE fedbus_reloads_total counter\nfedbus_reloads_total {}\n# HELP fedbus_config_reload_failed_total Config, keyring or federation key reloads refused (what is in force stays).\n# TYPE fedbus_config_reload_failed_total counter\nfedbus_config_reload_failed_total {}\n# HELP fedbus_shards_alive Shards whose executor runs (a shard that panicked stays dead, and /readyz answers 503).\n# TYPE fedbus_shards_alive gauge\nfedbus_shards_alive {}\n# HELP fedbus_admin_connections_refused_total Admin connections closed at accept: listen.admin_max_connections busy.\n# TYPE fedbus_admin_connections_refused_total counter\nfedbus_admin_connections_refused_total {refused}\n# HELP fedbus_admin_connections_evicted_total Admin connections closed while waiting for their request head: every slot busy, a newer connection took the slot.\n# TYPE fedbus_admin_connections_evicted_total counter\nfedbus_admin_connections_evicted_total {evicted}\n",
                 u8::from(health.draining()),
                 table.generation,
                 table.task_count(),

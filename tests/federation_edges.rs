@@ -1084,7 +1084,10 @@ fn p29_reload_with_unreadable_keys_refused_whole() {
         let t = without_cluster(&t, "spb2");
         format!("{t}[[federation.clusters]]\nregion = \"ru\"\ncluster = \"spb3\"\nrouters = [\"127.0.0.1:9\"]\nkeys = \"/nonexistent/keys\"\n")
     });
-    assert_eq!(m(e, "fedbus_config_reload_failed_total"), failed + 1.0);
+    // Once by the SIGHUP, and once more when the mtime poll read the write first (the SIGHUP
+    // then tries again: a retry is what it asks for, after a keys directory was fixed, say).
+    let refusals = m(e, "fedbus_config_reload_failed_total") - failed;
+    assert!((1.0..=2.0).contains(&refusals), "{refusals} refusals");
     assert_eq!(m(e, "fedbus_federation_generation"), gen);
     let r = e.conn().request(&f.req("spb2", 1, b"still"));
     assert_eq!(r.status, 200, "the old list is still in force: {r:?}");

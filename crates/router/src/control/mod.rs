@@ -172,6 +172,28 @@ fn recent(t: SystemTime, now: SystemTime) -> bool {
     now.checked_sub(RACY).is_none_or(|r| t > r)
 }
 
+/// Which watched files have an mtime under [`RACY`] old (see [`Control::run`]).
+#[derive(Clone, Copy, Default)]
+struct Racy {
+    keys: bool,
+    config: bool,
+    token: bool,
+}
+
+impl Racy {
+    fn all() -> Racy {
+        Racy {
+            keys: true,
+            config: true,
+            token: true,
+        }
+    }
+
+    fn any(self) -> bool {
+        self.keys || self.config || self.token
+    }
+}
+
 /// The control loop passes at least this often (`Health::control_beat`), events or not.
 const BEAT: Duration = Duration::from_secs(1);
 
@@ -575,15 +597,20 @@ impl Control {
     /// Runs until `Shutdown` or every sender is gone.
     pub(crate) fn run(mut self, rx: crossbeam_channel::Receiver<ControlEvent>) {
         let poll = Duration::from_millis(self.cfg.auth.reload_poll_ms);
-        // A watched file's mtime under `RACY` old: looked at again within `RACY`, or the
-        // second look that catches a write in the same clock tick would come a poll later,
-        // when the mtime is no longer recent, and never.
-        let mut racy = false;
-        // When the files were last looked at: a wake for the beat alone looks at nothing.
-        let mut looked = Instant::now();
+        // Watched files whose mtime is under `RACY` old: each is looked at again within
+        // `RACY` (alone, not the others), or the second look that catches a write in the same
+        // clock tick would come a poll later, when the mtime is no longer recent: never.
+        let mut racy = Racy::default();
+        // When every file was last looked at (a pass for events looks at all of them, as does
+        // one each `poll`), and when the racy ones were; a wake for the beat alone looks at
+        // nothing.
+        let (mut polled, mut looked) = (Instant::now(), Instant::now());
         loop {
-            let wait = if racy { poll.min(RACY / 2) } else { poll };
-            let first = match rx.recv_timeout(wait.saturating_sub(looked.elapsed()).min(BEAT)) {
+            let mut sleep = poll.saturating_sub(polled.elapsed()).min(BEAT);
+            if racy.any() {
+                sleep = sleep.min((RACY / 2).saturating_sub(looked.elapsed()));
+            }
+            let first = match rx.recv_timeout(sleep) {
                 Ok(ev) => Some(ev),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
@@ -595,9 +622,18 @@ impl Control {
             // Test builds only (the `fault-injection` feature): see `crate::fault`.
             #[cfg(feature = "fault-injection")]
             crate::fault::stall_control();
-            if first.is_none() && looked.elapsed() < wait {
+            let all = first.is_some() || polled.elapsed() >= poll;
+            let racy_due = racy.any() && looked.elapsed() >= RACY / 2;
+            if !all && !racy_due {
                 continue;
             }
+            // What this pass looks at: everything, or the racy files alone.
+            let look = if all {
+                polled = pass;
+                Racy::all()
+            } else {
+                racy
+            };
             looked = pass;
             let mut changed = false;
             // Drain what is queued so a burst of registrations publishes one table.
@@ -621,37 +657,45 @@ impl Control {
             if changed {
                 self.publish_routes();
             }
-            let current = keyring_mtime(&self.keyring_dir);
             let now = SystemTime::now();
-            let (due, moved) = Control::keyring_due(self.keyring_mtime, current, now);
-            if due && (self.reload_keys("keyring files changed", moved) || moved) {
-                // Our own cluster key verifies siblings' peer tokens (and, in dev mode, signs
-                // ours).
-                self.reload_federation("keyring files changed");
-                self.reload_peer_token("keyring files changed");
+            if look.keys {
+                let current = keyring_mtime(&self.keyring_dir);
+                let (due, moved) = Control::keyring_due(self.keyring_mtime, current, now);
+                if due && (self.reload_keys("keyring files changed", moved) || moved) {
+                    // Our own cluster key verifies siblings' peer tokens (and, in dev mode,
+                    // signs ours).
+                    self.reload_federation("keyring files changed");
+                    self.reload_peer_token("keyring files changed");
+                }
+                racy.keys = current.is_some_and(|t| recent(t, now));
             }
-            if self.config_file.changed_or_racy() {
-                self.poll_config();
+            if look.config {
+                if self.config_file.changed_or_racy() {
+                    self.poll_config();
+                }
+                racy.config = self.config_file.racy(now);
             }
-            if self.peer_key_files.changed() {
-                self.reload_federation("federation key files changed");
-            }
-            if self
-                .peer_token
-                .as_mut()
-                .is_some_and(|(_, file)| file.changed_or_racy())
-            {
-                self.reload_peer_token("peer token file changed");
-            }
-            for t in &mut self.tls {
-                t.poll();
-            }
-            racy = current.is_some_and(|t| recent(t, now))
-                || self.config_file.racy(now)
-                || self
+            if look.token {
+                if self
+                    .peer_token
+                    .as_mut()
+                    .is_some_and(|(_, file)| file.changed_or_racy())
+                {
+                    self.reload_peer_token("peer token file changed");
+                }
+                racy.token = self
                     .peer_token
                     .as_ref()
                     .is_some_and(|(_, file)| file.racy(now));
+            }
+            if all {
+                if self.peer_key_files.changed() {
+                    self.reload_federation("federation key files changed");
+                }
+                for t in &mut self.tls {
+                    t.poll();
+                }
+            }
             let took = pass.elapsed();
             if took >= SLOW_PASS {
                 tracing::warn!(ms = took.as_millis() as u64, "a pass of the control loop was slow (a file read that hangs?); /readyz answers 503 past readiness.control_stall_ms");

@@ -672,3 +672,61 @@ fn a_peer_token_file_rewritten_before_expiry_renews_open_peer_links() {
         );
     }
 }
+
+/// A `federation.peer_token_file` rewritten with a token that does not verify against the
+/// router's own cluster keys (here one signed with another cluster's key, as a misdirected
+/// issuer would write) is refused: the token in force stays, the refusal is logged and
+/// counted once (`fedbus_config_reload_failed_total`), and no open peer link is sent a renew
+/// its peer would refuse. Before, the router switched to it at once: every renew and every
+/// new peer link of its then failed.
+#[test]
+fn a_peer_token_file_rewritten_with_a_token_of_other_keys_is_refused() {
+    let mut f = Federation::builder().peer_tls(false).start();
+    let shards = f.router("spb2", 0).shards as f64;
+    let files = use_peer_token_files(&mut f, "1h");
+    let r = f.router("spb2", 0);
+    wait_fed_metric(
+        r,
+        "fedbus_peer_links",
+        3.0 * shards,
+        Duration::from_secs(15),
+    );
+    let failed = r.metrics().get("fedbus_config_reload_failed_total");
+    let wrong_keys = f.keyring("spb1").to_str().expect("utf-8").to_string();
+    let bad = f.fedbus(&[
+        "token",
+        "peer",
+        "--router",
+        "r0",
+        "--cluster",
+        "ru/spb2",
+        "--keyring",
+        &wrong_keys,
+        "--ttl",
+        "1h",
+    ]);
+    let tmp = files[0].with_extension("tmp");
+    std::fs::write(&tmp, bad).expect("token file");
+    std::fs::rename(&tmp, &files[0]).expect("rename the token file");
+    wait_fed_metric(
+        r,
+        "fedbus_config_reload_failed_total",
+        failed + 1.0,
+        Duration::from_secs(10),
+    );
+    assert!(r.log().contains("peer token refused"), "{}", r.log());
+    // The token in force stays: nothing sent to the peers to refuse, the links up.
+    for c in CLUSTERS {
+        for k in 0..2 {
+            let m = f.router(c, k).metrics();
+            assert_eq!(
+                m.get("fedbus_peer_renewals_total{result=\"refused\"}"),
+                0.0,
+                "{c}/r{k}"
+            );
+        }
+    }
+    let m = r.metrics();
+    assert_eq!(m.get("fedbus_peer_links"), 3.0 * shards);
+    assert_eq!(m.get("fedbus_config_reload_failed_total"), failed + 1.0);
+}

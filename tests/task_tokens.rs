@@ -173,24 +173,7 @@ fn a_renew_refused_for_an_unknown_key_is_sent_again_after_the_reload() {
     // The router looks at a keyring written in the last 100 ms again (a second write in the
     // same clock tick keeps the mtime): rotate once the files it read are older, so that only
     // the SIGHUP below makes it read them.
-    let newest = |dir: &std::path::Path| {
-        std::fs::read_dir(dir.join("apps"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .chain([dir.join("cluster.toml"), dir.join("apps")])
-            .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-            .max()
-            .expect("keyring files")
-    };
-    wait_for(Duration::from_secs(5), || {
-        let age = std::time::SystemTime::now()
-            .duration_since(newest(&r.keys))
-            .unwrap_or_default();
-        (age > Duration::from_millis(300)).then_some(())
-    })
-    .expect("keyring files older than 300 ms");
+    wait_keyring_settled(&r.keys);
     let keys = r.keys.to_str().expect("utf-8 path");
     fedbus(
         r.home(),

@@ -122,8 +122,10 @@ impl Router {
         kit::fedbus(self.home(), &a).trim().to_string()
     }
 
-    /// `fedbus keys rotate --cluster`: version 2 signs from now; the router learns it on SIGHUP.
+    /// `fedbus keys rotate --cluster`: version 2 signs from now; the router learns it on SIGHUP
+    /// (the rotation waits until the router no longer looks at a recently written keyring).
     fn rotate_cluster_key(&self) {
+        kit::wait_keyring_settled(&self.keys);
         let k = self.keys.to_str().expect("utf-8");
         kit::fedbus(
             self.home(),

@@ -154,6 +154,29 @@ pub fn dev_ca(dir: &Path) -> PathBuf {
     dir.join("keys/tls/dev-ca.pem")
 }
 
+/// Waits (at most 5 s) until every file of the keyring at `dir` is over 300 ms old. A router
+/// looks again at a keyring written in the last 100 ms (a second write in the same clock tick
+/// keeps the mtime): a test that changes the keyring and wants the router to see it only on
+/// SIGHUP makes its change once this returns.
+pub fn wait_keyring_settled(dir: &Path) {
+    let newest = || {
+        std::fs::read_dir(dir.join("apps"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .chain([dir.join("cluster.toml"), dir.join("apps")])
+            .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .max()
+    };
+    wait_for(Duration::from_secs(5), || {
+        let t = newest()?;
+        let age = std::time::SystemTime::now().duration_since(t).ok()?;
+        (age > Duration::from_millis(300)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("keyring {} still written to after 5 s", dir.display()));
+}
+
 /// Creates a keyring in `dir` with secrets for `apps`.
 pub fn keys_init(home: &Path, dir: &Path, apps: &[&str]) {
     let d = dir.to_str().expect("utf-8 path");

@@ -266,6 +266,8 @@ pub(crate) struct Control {
     without_secret: Vec<String>,
     /// Told at each pass of the loop (`/readyz` sees a stalled control thread).
     health: Option<Arc<crate::health::Health>>,
+    /// The last peer token refused from `federation.peer_token_file` (counted once).
+    peer_token_refused: Option<String>,
 }
 
 impl Control {
@@ -318,6 +320,7 @@ impl Control {
             peer_token: None,
             without_secret: Default::default(),
             health: None,
+            peer_token_refused: None,
         };
         control.warn_apps_without_secret("start");
         control
@@ -374,12 +377,16 @@ impl Control {
     /// Replaces the peer token when its source has a new one; a source that fails keeps the
     /// one in force (logged).
     fn reload_peer_token(&mut self, why: &str) {
-        let Some((slot, _)) = &self.peer_token else {
+        let Some(slot) = self.peer_token.as_ref().map(|(slot, _)| slot.clone()) else {
             return;
         };
         let current = slot.load_full();
         match crate::peer::reloaded_peer_token(&self.cfg, current.as_deref().map(String::as_str)) {
+            Ok(Some(t))
+                if self.cfg.federation.peer_token_file.is_some()
+                    && !self.own_token_verifies(&t, why) => {}
             Ok(Some(t)) => {
+                self.peer_token_refused = None;
                 let claims = crate::auth::service_token::peek_claims(&t);
                 let field = |k: &str| claims.as_ref().and_then(|c| c.get(k)?.as_u64());
                 tracing::info!(why, kid = ?field("kid"), exp = ?field("exp"), "peer token reloaded; open peer links renew with it");
@@ -393,6 +400,43 @@ impl Control {
                 )
             }
         }
+    }
+
+    /// Whether a peer token read from `federation.peer_token_file` verifies as ours, as a
+    /// sibling (and a peer holding our keys) will check it: signed by a version of our keyring's
+    /// cluster key within its grace, for our cluster, no app, not expired. One that does not
+    /// is refused (logged and counted once per token): presented, it would fail every new
+    /// peer link and every renew. A token of a key version our keyring does not hold yet is
+    /// looked at again when the keyring changes.
+    fn own_token_verifies(&mut self, token: &str, why: &str) -> bool {
+        let keys = self.snapshots.keys.load();
+        let (now, grace) = (crate::auth::now_unix(), self.cfg.auth.grace_secs);
+        let checked = crate::auth::service_token::verify_service_token(
+            &keys.keyring.cluster,
+            token,
+            now,
+            grace,
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|c| {
+            if c.cluster != self.cfg.cluster_id() || !c.app.is_empty() {
+                Err(format!(
+                    "a token for cluster {:?}, app {:?}: no peer token of this cluster",
+                    c.cluster, c.app
+                ))
+            } else {
+                Ok(())
+            }
+        });
+        let Err(e) = checked else {
+            return true;
+        };
+        if self.peer_token_refused.as_deref() != Some(token) {
+            self.peer_token_refused = Some(token.to_string());
+            self.snapshots.reload_failed.fetch_add(1, Relaxed);
+            tracing::error!(why, error = %e, "peer token refused: it does not verify against this cluster's keys; the one in force stays");
+        }
+        false
     }
 
     pub(crate) fn snapshots(&self) -> Snapshots {

@@ -550,9 +550,15 @@ fn use_peer_token_files(f: &mut Federation, ttl: &str) -> Vec<std::path::PathBuf
 /// Writes a fresh `ttl` peer token for spb2's router `r` to `path` (atomically: a temporary
 /// file renamed into place, as an operator's issuer would).
 fn write_peer_token(f: &Federation, r: usize, path: &std::path::Path, ttl: &str) {
-    let keys = f.keyring("spb2").to_str().expect("utf-8").to_string();
+    write_token_file(path, &spb2_peer_token(f, "spb2", r, ttl));
+}
+
+/// A peer token for spb2's router `r`, signed with cluster `signer`'s keyring (spb2's own, or
+/// another's for a token spb2 must refuse).
+fn spb2_peer_token(f: &Federation, signer: &str, r: usize, ttl: &str) -> String {
+    let keys = f.keyring(signer).to_str().expect("utf-8").to_string();
     let router = format!("r{r}");
-    let t = f.fedbus(&[
+    f.fedbus(&[
         "token",
         "peer",
         "--router",
@@ -563,9 +569,13 @@ fn write_peer_token(f: &Federation, r: usize, path: &std::path::Path, ttl: &str)
         &keys,
         "--ttl",
         ttl,
-    ]);
+    ])
+}
+
+/// Replaces `path` with `token` atomically (a temporary file renamed into place).
+fn write_token_file(path: &std::path::Path, token: &str) {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, t).expect("token file");
+    std::fs::write(&tmp, token).expect("token file");
     std::fs::rename(&tmp, path).expect("rename the token file");
 }
 
@@ -692,22 +702,7 @@ fn a_peer_token_file_rewritten_with_a_token_of_other_keys_is_refused() {
         Duration::from_secs(15),
     );
     let failed = r.metrics().get("fedbus_config_reload_failed_total");
-    let wrong_keys = f.keyring("spb1").to_str().expect("utf-8").to_string();
-    let bad = f.fedbus(&[
-        "token",
-        "peer",
-        "--router",
-        "r0",
-        "--cluster",
-        "ru/spb2",
-        "--keyring",
-        &wrong_keys,
-        "--ttl",
-        "1h",
-    ]);
-    let tmp = files[0].with_extension("tmp");
-    std::fs::write(&tmp, bad).expect("token file");
-    std::fs::rename(&tmp, &files[0]).expect("rename the token file");
+    write_token_file(&files[0], &spb2_peer_token(&f, "spb1", 0, "1h"));
     wait_fed_metric(
         r,
         "fedbus_config_reload_failed_total",

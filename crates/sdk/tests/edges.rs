@@ -772,6 +772,16 @@ impl FixedRouter {
         self.home.path().join("keys")
     }
 
+    /// A client token, and a probe task (task id `id`) dialing shard 0.
+    fn task(&self, rt: &tokio::runtime::Runtime, id: &str) -> (String, Task) {
+        let svc = svc_token(self.home.path(), &self.keys(), id, &[]);
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().expect("addr");
+        (
+            self.client_token(),
+            spawn(rt, opts_for(&[addr], &svc), probe),
+        )
+    }
+
     /// The next start runs one shard (on `port`) instead of two.
     fn one_shard(&self) {
         let p = self.home.path().join("router.toml");
@@ -867,10 +877,7 @@ impl Drop for FixedRouter {
 fn router_killed_and_restarted_the_task_relinks_every_shard_and_serves() {
     let mut r = FixedRouter::new();
     let rt = rt();
-    let tok = r.client_token();
-    let svc = svc_token(r.home.path(), &r.keys(), "restart", &[]);
-    let addr: SocketAddr = format!("127.0.0.1:{}", r.port).parse().expect("addr");
-    let task = spawn(&rt, opts_for(&[addr], &svc), probe);
+    let (tok, task) = r.task(&rt, "restart");
     assert!(
         rt.block_on(task.wait_registered(2, WAIT)),
         "{:?}",
@@ -925,10 +932,7 @@ fn router_killed_and_restarted_the_task_relinks_every_shard_and_serves() {
 fn a_router_restarted_with_fewer_shards_retires_the_loop_of_the_shard_gone() {
     let mut r = FixedRouter::new();
     let rt = rt();
-    let tok = r.client_token();
-    let svc = svc_token(r.home.path(), &r.keys(), "fewer", &[]);
-    let addr: SocketAddr = format!("127.0.0.1:{}", r.port).parse().expect("addr");
-    let task = spawn(&rt, opts_for(&[addr], &svc), probe);
+    let (tok, task) = r.task(&rt, "fewer");
     assert!(rt.block_on(task.wait_registered(2, WAIT)));
     assert_eq!(task.stats().loops, 2);
     r.kill9();
@@ -1579,6 +1583,12 @@ impl DeafRouter {
         DeafRouter { addr, sent, link }
     }
 
+    /// A probe task linked to this router (partition 0).
+    fn task(&self, rt: &tokio::runtime::Runtime) -> Task {
+        let o = TaskOptions::new([self.addr.to_string()], "demo/echo", vec![0u32], "fbs1.x.y");
+        spawn(rt, o, probe)
+    }
+
     /// Waits until the requests written stop growing for a second (at most `WAIT`).
     fn stalled(&self) -> u64 {
         let t0 = Instant::now();
@@ -1607,11 +1617,7 @@ fn a_router_that_reads_no_answers_is_met_by_flow_control_not_task_memory() {
     const BODY: usize = 16 * 1024;
     let r = DeafRouter::start(COUNT, BODY);
     let rt = rt();
-    let task = spawn(
-        &rt,
-        TaskOptions::new([r.addr.to_string()], "demo/echo", vec![0u32], "fbs1.x.y"),
-        probe,
-    );
+    let task = r.task(&rt);
     let stalled = r.stalled();
     println!("requests written before the router's writes blocked: {stalled} of {COUNT}");
     assert!(
@@ -1648,11 +1654,7 @@ fn a_router_that_reads_no_answers_is_met_by_flow_control_not_task_memory() {
 fn shutdown_graceful_counts_answers_not_yet_written() {
     let r = DeafRouter::start(4000, 16 * 1024);
     let rt = rt();
-    let task = spawn(
-        &rt,
-        TaskOptions::new([r.addr.to_string()], "demo/echo", vec![0u32], "fbs1.x.y"),
-        probe,
-    );
+    let task = r.task(&rt);
     let stalled = r.stalled();
     assert!(stalled < 4000, "{stalled}");
     let left = rt.block_on(task.shutdown_graceful(Duration::from_millis(300)));

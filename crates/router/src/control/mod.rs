@@ -753,19 +753,22 @@ mod tests {
     use super::*;
     use crate::auth::test_util::TempDir;
 
-    #[test]
-    fn a_broken_keyring_keeps_the_old_one_in_force() {
-        let dir = TempDir::new("control-reload");
+    /// A control thread's state on a new keyring (app `demo/echo`) in a temporary directory.
+    fn on_new_keyring(name: &str) -> (TempDir, Control) {
+        let dir = TempDir::new(name);
         Keyring::init(dir.path(), &["demo/echo"], 1_000).expect("init");
         let cfg = Config {
             keyring: Some(dir.path().to_path_buf()),
             ..Config::default()
         };
-        let mut c = Control::new(
-            Arc::new(cfg),
-            Keyring::load(dir.path()).expect("load"),
-            Vec::new(),
-        );
+        let keyring = Keyring::load(dir.path()).expect("load");
+        let c = Control::new(Arc::new(cfg), keyring, Vec::new());
+        (dir, c)
+    }
+
+    #[test]
+    fn a_broken_keyring_keeps_the_old_one_in_force() {
+        let (dir, mut c) = on_new_keyring("control-reload");
         let snaps = c.snapshots();
         assert_eq!(snaps.keys.load().generation, 1);
         // A rotation on disk is picked up with a new generation.
@@ -797,17 +800,7 @@ mod tests {
 
     #[test]
     fn a_keyring_reloaded_unchanged_keeps_its_generation() {
-        let dir = TempDir::new("control-same-keys");
-        Keyring::init(dir.path(), &["demo/echo"], 1_000).expect("init");
-        let cfg = Config {
-            keyring: Some(dir.path().to_path_buf()),
-            ..Config::default()
-        };
-        let mut c = Control::new(
-            Arc::new(cfg),
-            Keyring::load(dir.path()).expect("load"),
-            Vec::new(),
-        );
+        let (dir, mut c) = on_new_keyring("control-same-keys");
         let snaps = c.snapshots();
         // Every SIGHUP reloads the keyring: one that did not change publishes nothing (before,
         // each bumped the generation).

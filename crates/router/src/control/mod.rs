@@ -419,7 +419,7 @@ impl Control {
         )
         .map_err(|e| e.to_string())
         .and_then(|c| {
-            if c.cluster != self.cfg.cluster_id() || !c.app.is_empty() {
+            if !crate::peer::is_peer_token_of(&c, &self.cfg.cluster_id()) {
                 Err(format!(
                     "a token for cluster {:?}, app {:?}: no peer token of this cluster",
                     c.cluster, c.app

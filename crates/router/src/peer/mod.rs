@@ -945,6 +945,13 @@ type Admit = Rc<dyn Fn(&Shard, &str) -> Admission>;
 /// code, message).
 type Admission = Result<PeerCred, (u16, &'static str, String)>;
 
+/// Whether verified claims `c` are a peer token of `cluster`: issued for that cluster, for no
+/// app (a task's service token names its app). The accepting side checks a peer's token with
+/// it, the control thread our own token from `federation.peer_token_file`.
+pub(crate) fn is_peer_token_of(c: &crate::auth::ServiceClaims, cluster: &str) -> bool {
+    c.cluster == cluster && c.app.is_empty()
+}
+
 /// Verifies a peer token: signed by the key of the cluster it names, which must be another
 /// cluster of the federation. Returns that cluster.
 fn check_peer_token(shard: &Shard, token: Option<&str>) -> Admission {
@@ -966,7 +973,7 @@ fn check_peer_token(shard: &Shard, token: Option<&str>) -> Admission {
     let (now, grace) = (auth::now_unix(), shard.cfg.auth.grace_secs);
     let c = verify_service_token(keys, token, now, grace)
         .map_err(|e| (e.http_status(), e.code(), e.to_string()))?;
-    if c.cluster != claimed || !c.app.is_empty() {
+    if !is_peer_token_of(&c, &claimed) {
         return Err((401, "bad_token", "not a peer token".into()));
     }
     Ok(PeerCred {

@@ -975,7 +975,7 @@ fn a_stalled_control_thread_makes_readyz_503_until_it_passes_again() {
 /// A shard whose executor dies (a panic in one of its tasks, injected through the test-only
 /// `fault-injection` feature: `FEDBUS_FAULT_PANIC_SHARD=1:<file>`) takes the router to
 /// not-ready at once: `/readyz` 503 naming the shard, `fedbus_shards_alive` 1 of 2,
-/// `fedbus_ready` 0, the panic logged. `/healthz` still answers 200 (the process lives), and
+/// `fedbus_ready` 0, the dead shard's gauges 0, the panic logged. `/healthz` still answers 200 (the process lives), and
 /// the other shard goes on serving (with `readiness.exit_on_dead_shard = false`; by default
 /// the router drains and exits 70, `a_dead_shard_drains_the_others_and_exits_70`).
 #[test]
@@ -997,6 +997,11 @@ fn a_dead_shard_makes_readyz_503() {
     .expect("ready with both shards");
     assert_eq!(r.metrics().get("fedbus_shards_alive"), 2.0);
     assert_eq!(r.metrics().get("fedbus_shards"), 2.0);
+    // The task links to both shards.
+    wait_for(Duration::from_secs(10), || {
+        (r.metrics().get("fedbus_task_links") == 2.0).then_some(())
+    })
+    .expect("a task link on each shard");
     assert!(log_shows(&r, "fault injection armed"));
     std::fs::write(&trigger, b"").expect("trigger");
     let t = Instant::now();
@@ -1010,6 +1015,14 @@ fn a_dead_shard_makes_readyz_503() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("shard 1 is not running"), "{body}");
     assert_eq!(r.metrics().get("fedbus_ready"), 0.0);
+    // The dead shard's gauges read 0: its task link serves nobody (its thread, gone, would
+    // never have taken the gauge down).
+    let m = r.metrics();
+    assert_eq!(
+        m.get("fedbus_task_links"),
+        1.0,
+        "the dead shard's link counted"
+    );
     assert_eq!(admin_get(r.admin, "/healthz").0, 200);
     assert!(log_shows(
         &r,

@@ -774,6 +774,72 @@ fn takeover_of_a_single_router(which: &str, held: bool, task: impl FnOnce(&Solo)
     assert_eq!(try_get(s.admin, "/readyz").map(|x| x.0), Some(200));
 }
 
+/// docs/FEDERATION.md "Takeover": once the old router drains, the admin address answers from
+/// the new one alone. Before, both processes answered on it (SO_REUSEPORT) for the whole drain,
+/// so a probe saw the old router's 503 and the new one's 200 by turns. The old router's drain
+/// is held open by a request whose body is still arriving; meanwhile 20 probes on new
+/// connections all get 200, and the held request is still answered by the old router.
+#[test]
+fn after_a_takeover_the_draining_router_leaves_the_admin_address_to_the_new_one() {
+    launch::migrate_req_on();
+    let mut s = Solo::new("[readiness]\ncoverage = \"none\"\n");
+    let mut old = s.launch(false);
+    let tok = s.token("alice");
+    let mut held = TcpStream::connect(s.api).expect("connect");
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Length: 10\r\n\r\nhalf ",
+        s.path(1)
+    );
+    held.write_all(head.as_bytes()).expect("head");
+    let new = s.launch(true);
+    assert_eq!(try_get(s.admin, "/readyz").map(|x| x.0), Some(200));
+    old.sig("TERM");
+    wait_until(
+        "old router draining",
+        Duration::from_secs(5),
+        || {
+            // The drain's own line (not main's "signal 15: draining"): it comes after the
+            // admin listener's fate is decided.
+            let log = old.log();
+            let drain = |l: &&str| l.contains("shard::listen") && l.contains("draining");
+            log.lines().any(|l| drain(&l)).then_some(())
+        },
+        || old.log(),
+    );
+    let answers: Vec<Option<u16>> = (0..20)
+        .map(|_| try_get(s.admin, "/readyz").map(|x| x.0))
+        .collect();
+    assert!(
+        answers.iter().all(|a| *a == Some(200)),
+        "probes during the old router's drain: {answers:?}"
+    );
+    assert!(old.log().contains("admin listener closed"), "{}", old.log());
+    // The old router is still draining, and answers the request it holds.
+    assert!(old.wait_exit(Duration::from_millis(1)).is_none());
+    held.write_all(b"half!").expect("rest of the body");
+    held.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = Vec::new();
+    let _ = held.read_to_end(&mut buf);
+    let answer = String::from_utf8_lossy(&buf);
+    assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    let exit = old.wait_exit(Duration::from_secs(10));
+    assert!(
+        exit.is_some_and(|x| x.success()),
+        "old: {exit:?}\n{}",
+        old.log()
+    );
+    assert_eq!(
+        try_get(s.admin, "/readyz").map(|x| x.0),
+        Some(200),
+        "{}",
+        new.log()
+    );
+}
+
 /// A rolling upgrade of everything at once: three rounds in which a new task starts, a new
 /// router takes the addresses over, and then the old router and the old task both get SIGTERM
 /// together, under four clients sending back to back. The new task, linked to the old router,

@@ -268,6 +268,11 @@ pub(crate) struct Control {
     health: Option<Arc<crate::health::Health>>,
     /// The last peer token refused from `federation.peer_token_file` (counted once).
     peer_token_refused: Option<String>,
+    /// Why the config file as last read was refused, when only a `[federation]` keys
+    /// directory it names could not be read: a file outside the text, which the mtime poll
+    /// does not see fixed. Tried again at each poll, counted and logged once while the error
+    /// stays the same.
+    config_waits_for_keys: Option<String>,
 }
 
 impl Control {
@@ -321,6 +326,7 @@ impl Control {
             without_secret: Default::default(),
             health: None,
             peer_token_refused: None,
+            config_waits_for_keys: None,
         };
         control.warn_apps_without_secret("start");
         control
@@ -516,7 +522,7 @@ impl Control {
         // (and refuse, and count) the same write a second time.
         self.config_file.changed();
         if let Some(text) = self.read_config(why) {
-            self.reload_config_text(why, text);
+            self.reload_config_text(why, text, false);
         }
     }
 
@@ -534,11 +540,14 @@ impl Control {
         }
     }
 
-    /// [`Control::reload_config`] of `text`, just read from the config file.
-    fn reload_config_text(&mut self, why: &str, text: String) {
+    /// [`Control::reload_config`] of `text`, just read from the config file. A `retry` of a
+    /// text refused for its federation keys alone (`config_waits_for_keys`) that fails the
+    /// same way again is neither counted nor logged.
+    fn reload_config_text(&mut self, why: &str, text: String, retry: bool) {
         let Some(path) = self.cfg.source.clone() else {
             return;
         };
+        let waited = self.config_waits_for_keys.take();
         let parsed = Config::from_file_text(&text, &path);
         self.config_read = Some(text);
         let new = match parsed {
@@ -565,8 +574,19 @@ impl Control {
         }
         let fed = match FedView::load(&merged) {
             Ok(f) => f,
-            Err(e) => return self.refuse(why, &e),
+            Err(e) => {
+                let error = e.to_string();
+                let again = retry && waited.as_ref() == Some(&error);
+                self.config_waits_for_keys = Some(error);
+                if !again {
+                    self.refuse(why, &e);
+                }
+                return;
+            }
         };
+        if waited.is_some() {
+            tracing::info!(why, "the federation keys of the config file refused before are readable now: applying it");
+        }
         let apps_changed = merged.apps != self.applied.apps;
         self.peer_key_files = Watched::new(crate::peer::view::key_files(&merged));
         self.applied = merged;
@@ -584,7 +604,18 @@ impl Control {
             return;
         };
         if self.config_read.as_ref() != Some(&text) {
-            self.reload_config_text(why, text);
+            self.reload_config_text(why, text, false);
+        }
+    }
+
+    /// Tries again the config text refused because a `[federation]` keys directory could not
+    /// be read (`config_waits_for_keys`): the directory may be readable now.
+    fn retry_config_for_keys(&mut self) {
+        if self.config_waits_for_keys.is_none() {
+            return;
+        }
+        if let Some(text) = self.config_read.clone() {
+            self.reload_config_text("federation keys of a refused config file", text, true);
         }
     }
 
@@ -733,6 +764,7 @@ impl Control {
                     .is_some_and(|(_, file)| file.racy(now));
             }
             if all {
+                self.retry_config_for_keys();
                 if self.peer_key_files.changed() {
                     self.reload_federation("federation key files changed");
                 }
@@ -826,6 +858,45 @@ mod tests {
         // The same mtime, old: nothing to look at.
         assert_eq!(due(Some(t), Some(t), t + RACY * 2), (false, false));
         assert_eq!(due(None, None, t), (false, false));
+    }
+
+    #[test]
+    fn a_config_refused_for_unreadable_federation_keys_is_applied_once_they_are_readable() {
+        let dir = TempDir::new("control-fed-keys");
+        Keyring::init(dir.path(), &["demo/echo"], 1_000).expect("init");
+        let path = dir.path().join("router.toml");
+        let base = format!("keyring = {:?}\n", dir.path());
+        std::fs::write(&path, &base).expect("write");
+        let cfg = Config::load(&path).expect("load");
+        let keyring = Keyring::load(dir.path()).expect("keyring");
+        let mut c = Control::new(Arc::new(cfg), keyring, Vec::new());
+        let snaps = c.snapshots();
+        // A cluster whose keys directory does not exist yet (a mount not there, a copy still
+        // to come): refused whole, counted once.
+        let keys = dir.path().join("spb2-keys");
+        let text = format!("{base}[[federation.clusters]]\nregion = \"ru\"\ncluster = \"spb2\"\nrouters = [\"127.0.0.1:9\"]\nkeys = {keys:?}\n");
+        std::fs::write(&path, text).expect("write");
+        c.reload_config("test");
+        assert_eq!(snaps.reload_failed.load(Relaxed), 1);
+        assert_eq!(snaps.fed.load().generation, 1);
+        // Each poll tries again, silently while the error stays the same.
+        c.retry_config_for_keys();
+        c.retry_config_for_keys();
+        assert_eq!(
+            snaps.reload_failed.load(Relaxed),
+            1,
+            "counted at each retry"
+        );
+        assert!(!snaps.fed.load().knows("ru", "spb2"));
+        // The directory appears: the next poll applies the file, with no SIGHUP and no new
+        // write to the file itself.
+        Keyring::init(&keys, &[], 1_000).expect("peer keys");
+        c.retry_config_for_keys();
+        let fed = snaps.fed.load();
+        assert_eq!(fed.generation, 2);
+        assert!(fed.knows("ru", "spb2"));
+        assert_eq!(snaps.reload_failed.load(Relaxed), 1);
+        assert!(c.config_waits_for_keys.is_none());
     }
 
     #[test]

@@ -12,14 +12,96 @@ use crate::health::Health;
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Time from accept to a complete request head.
 const HEAD_DEADLINE: Duration = Duration::from_secs(2);
 
-/// Binds and serves in a background thread; returns the bound address.
+/// The admin listener of a running router: its address, and a way to stop it
+/// ([`AdminListener::close_if_shared`]).
+pub(crate) struct AdminListener {
+    /// The bound address.
+    pub(crate) addr: SocketAddr,
+    /// The listening socket (a second descriptor of the one the thread accepts on).
+    socket: TcpListener,
+    /// Set before the socket is shut down: the accept loop ends on its error.
+    closed: Arc<AtomicBool>,
+}
+
+impl AdminListener {
+    /// Stops taking admin connections when another socket listens on the same address: a
+    /// router that took this one's addresses over (`listen.takeover`) answers the probes
+    /// from then on, so that they do not see this draining router's 503 and the new one's 200
+    /// by turns. A router alone on its address keeps answering while it drains (`/readyz`
+    /// 503, `/metrics` to watch the drain). Called at the start of a drain. Connections
+    /// already accepted are answered; those waiting in the backlog move to the other
+    /// listener with `net.ipv4.tcp_migrate_req = 1` (reset otherwise, as for the other
+    /// listeners).
+    pub(crate) fn close_if_shared(&self) {
+        let own = std::os::fd::AsRawFd::as_raw_fd(&self.socket);
+        if !others_listen_on(self.addr, socket_inode(own)) {
+            return;
+        }
+        self.closed.store(true, Ordering::Relaxed);
+        // Ends the blocking accept (EINVAL) and takes the socket out of the port's group.
+        match socket2::SockRef::from(&self.socket).shutdown(std::net::Shutdown::Both) {
+            Ok(()) => {
+                tracing::info!(addr = %self.addr, "admin listener closed: another router listens on its address (a takeover) and answers the probes")
+            }
+            Err(e) => tracing::warn!(addr = %self.addr, "could not close the admin listener: {e}"),
+        }
+    }
+}
+
+/// The inode of socket `fd` (what `/proc/net/tcp` lists), 0 when unknown.
+fn socket_inode(fd: std::os::fd::RawFd) -> u64 {
+    // SAFETY: fstat fills the zeroed struct it is given; fd is a descriptor we hold.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut st) == 0 {
+            st.st_ino
+        } else {
+            0
+        }
+    }
+}
+
+/// Whether a listening TCP socket other than inode `own` is bound to `addr` in this network
+/// namespace (`/proc/net/tcp`, `/proc/net/tcp6`).
+fn others_listen_on(addr: SocketAddr, own: u64) -> bool {
+    let file = match addr {
+        SocketAddr::V4(_) => "/proc/net/tcp",
+        SocketAddr::V6(_) => "/proc/net/tcp6",
+    };
+    std::fs::read_to_string(file).is_ok_and(|t| listeners_on(&t, addr).any(|ino| ino != own))
+}
+
+/// The inodes of the listening sockets bound to `addr` in the text of `/proc/net/tcp` (or
+/// `tcp6`): `sl local_address rem_address st ... inode`, the address as the kernel's 32-bit
+/// words in hex, in host order, then `:` and the port in hex; state `0A` is LISTEN.
+fn listeners_on(table: &str, addr: SocketAddr) -> impl Iterator<Item = u64> + '_ {
+    let want_ip: Vec<u8> = match addr.ip() {
+        std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+        std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+    };
+    table.lines().skip(1).filter_map(move |line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (local, state, inode) = (f.get(1)?, f.get(3)?, f.get(9)?);
+        let (ip, port) = local.split_once(':')?;
+        let mut bytes = Vec::with_capacity(16);
+        for word in ip.as_bytes().chunks(8) {
+            let w = u32::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
+            bytes.extend_from_slice(&w.to_ne_bytes());
+        }
+        let port = u16::from_str_radix(port, 16).ok()?;
+        let listening = *state == "0A" && port == addr.port() && bytes == want_ip;
+        listening.then(|| inode.parse().ok()).flatten()
+    })
+}
+
+/// Binds and serves in a background thread.
 pub(crate) fn start(
     addr: SocketAddr,
     max_connections: usize,
@@ -28,11 +110,17 @@ pub(crate) fn start(
     snaps: Snapshots,
     health: Arc<Health>,
     readiness: Readiness,
-) -> anyhow::Result<SocketAddr> {
+) -> anyhow::Result<AdminListener> {
     let l: TcpListener = crate::shard::listen::shared_listener(addr, takeover)
         .map_err(|e| anyhow::anyhow!("admin listener {addr}: {e}"))?
         .into();
     let bound = l.local_addr()?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let handle = AdminListener {
+        addr: bound,
+        socket: l.try_clone()?,
+        closed: closed.clone(),
+    };
     let active = Arc::new(AtomicUsize::new(0));
     // Connections closed at accept because every slot was busy, and connections closed while
     // waiting for their head to make room for a newer one.
@@ -56,6 +144,7 @@ pub(crate) fn start(
             loop {
                 let s = match l.accept() {
                     Ok((s, _)) => s,
+                    Err(_) if closed.load(Ordering::Relaxed) => return,
                     Err(e) => {
                         // Out of descriptors or memory: the error repeats until some are
                         // free, and retrying at once would spin this thread at a full core.
@@ -108,7 +197,7 @@ pub(crate) fn start(
                 }
             }
         })?;
-    Ok(bound)
+    Ok(handle)
 }
 
 /// Admin connections refused at accept and closed for a newer one.
@@ -217,7 +306,9 @@ fn serve(
                 snaps.reload_failed.load(Ordering::Relaxed),
                 health.shards_alive(),
             );
-            (200, "text/plain; version=0.0.4", super::render(reg, &extra))
+            let live: Vec<bool> = (0..reg.len()).map(|i| health.shard_runs(i)).collect();
+            let text = super::render(reg, &live, &extra);
+            (200, "text/plain; version=0.0.4", text)
         }
         "/healthz" => (200, "text/plain", "ok\n".to_string()),
         "/readyz" => match health.readiness(&snaps.routes.load(), readiness) {
@@ -241,4 +332,46 @@ fn serve(
         return Ok(());
     }
     s.write_all(body.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn reuse_port_listener(addr: SocketAddr) -> TcpListener {
+        crate::shard::listen::shared_listener(addr, true)
+            .expect("bind")
+            .into()
+    }
+
+    #[test]
+    fn another_listener_on_the_address_is_seen_in_proc_net_tcp() {
+        for any in ["127.0.0.1:0", "[::1]:0"] {
+            let Ok(first) = std::panic::catch_unwind(|| reuse_port_listener(any.parse().unwrap()))
+            else {
+                continue; // no IPv6 loopback here
+            };
+            let addr = first.local_addr().unwrap();
+            let own = socket_inode(first.as_raw_fd());
+            assert_ne!(own, 0);
+            assert!(
+                !others_listen_on(addr, own),
+                "{addr}: alone, yet another seen"
+            );
+            let second = reuse_port_listener(addr);
+            assert!(
+                others_listen_on(addr, own),
+                "{addr}: the second listener unseen"
+            );
+            // The second sees the first, and a listener on another port is not counted.
+            assert!(others_listen_on(addr, socket_inode(second.as_raw_fd())));
+            drop(second);
+            let elsewhere = reuse_port_listener(SocketAddr::new(addr.ip(), 0));
+            assert!(
+                !others_listen_on(addr, own),
+                "{addr}: {elsewhere:?} counted"
+            );
+        }
+    }
 }

@@ -151,8 +151,20 @@ fn sum(reg: &Registry, f: impl Fn(&ShardMetrics) -> &AtomicU64) -> u64 {
     reg.iter().map(|m| f(m).load(Relaxed)).sum()
 }
 
-/// Renders Prometheus text format (version 0.0.4).
-pub(crate) fn render(reg: &Registry, extra: &str) -> String {
+/// A gauge's sum over the shards that run (`live[i]`): a dead shard's gauges stay where its
+/// thread left them (no task of it runs to take them down), and what it held serves nobody.
+/// Its counters still count (a counter never goes back).
+fn gauge(reg: &Registry, live: &[bool], f: impl Fn(&ShardMetrics) -> &AtomicU64) -> u64 {
+    reg.iter()
+        .zip(live)
+        .filter(|(_, live)| **live)
+        .map(|(m, _)| f(m).load(Relaxed))
+        .sum()
+}
+
+/// Renders Prometheus text format (version 0.0.4). `live[i]`: whether shard `i` runs (see
+/// [`gauge`]).
+pub(crate) fn render(reg: &Registry, live: &[bool], extra: &str) -> String {
     use std::fmt::Write;
     let mut o = String::with_capacity(4096);
     let _ = writeln!(
@@ -359,11 +371,11 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
         ),
     ];
     for (name, kind, help, f) in simple {
-        let _ = writeln!(
-            o,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
-            sum(reg, f)
-        );
+        let v = match kind {
+            "gauge" => gauge(reg, live, f),
+            _ => sum(reg, f),
+        };
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
     }
     let _ = writeln!(
         o,
@@ -444,7 +456,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
     let _ = writeln!(
         o,
         "# HELP fedbus_task_links_ejected Task links open but out of routing.\n# TYPE fedbus_task_links_ejected gauge\nfedbus_task_links_ejected {}",
-        sum(reg, |m| &m.task_links_ejected)
+        gauge(reg, live, |m| &m.task_links_ejected)
     );
     let _ = writeln!(
         o,
@@ -454,7 +466,7 @@ pub(crate) fn render(reg: &Registry, extra: &str) -> String {
         let _ = writeln!(
             o,
             "fedbus_connections{{listener=\"{l}\"}} {}",
-            sum(reg, |m| &m.connections[i])
+            gauge(reg, live, |m| &m.connections[i])
         );
     }
     let _ = writeln!(o, "# HELP fedbus_request_duration_seconds Time from request parsed to answer ready.\n# TYPE fedbus_request_duration_seconds histogram");
@@ -499,11 +511,29 @@ mod tests {
         b.request(200, 3000, 1, 2);
         b.request(503, 1, 0, 0);
         let reg: Registry = Arc::new(vec![a, b]);
-        let t = render(&reg, "");
+        let t = render(&reg, &[true, true], "");
         assert!(t.contains("fedbus_requests_total{status=\"200\"} 2"), "{t}");
         assert!(t.contains("fedbus_requests_total{status=\"503\"} 1"));
         assert!(t.contains("fedbus_bytes_in_total 11"));
         assert!(t.contains("fedbus_request_duration_seconds_count 3"));
         assert!(t.contains("fedbus_request_duration_seconds_bucket{le=\"0.000025\"} 1"));
+    }
+
+    #[test]
+    fn a_dead_shards_gauges_read_zero_and_its_counters_stay() {
+        let a = Arc::new(ShardMetrics::default());
+        let b = Arc::new(ShardMetrics::default());
+        for m in [&a, &b] {
+            ShardMetrics::inc(&m.task_links);
+            ShardMetrics::inc(&m.connections[0]);
+            m.request(200, 30, 10, 20);
+        }
+        let reg: Registry = Arc::new(vec![a, b]);
+        let both = render(&reg, &[true, true], "");
+        assert!(both.contains("\nfedbus_task_links 2\n"), "{both}");
+        let one = render(&reg, &[true, false], "");
+        assert!(one.contains("\nfedbus_task_links 1\n"), "{one}");
+        assert!(one.contains("fedbus_connections{listener=\"api\"} 1\n"));
+        assert!(one.contains("fedbus_requests_total{status=\"200\"} 2\n"));
     }
 }

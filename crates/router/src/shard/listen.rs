@@ -36,6 +36,9 @@ pub struct Running {
     unix_files: Vec<(std::path::PathBuf, (u64, u64))>,
     /// Admin listener (`/metrics`, `/healthz`, `/readyz`), when enabled.
     pub admin: Option<SocketAddr>,
+    /// That listener, closed by [`Running::drain`] when a router that took over listens
+    /// beside it.
+    admin_listener: Option<crate::metrics::admin::AdminListener>,
     /// Core of each shard, by shard index.
     pub shard_cores: Vec<usize>,
     /// Events to the control thread (`Reload` on SIGHUP).
@@ -710,13 +713,14 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
         None
     };
     Ok(Running {
+        admin: admin.as_ref().map(|a| a.addr),
+        admin_listener: admin,
         api: api_addr,
         api_tls,
         external,
         internal: internal.to_vec(),
         internal_unix,
         unix_files,
-        admin,
         shard_cores: cores,
         events: tx,
         dead_shards,
@@ -742,6 +746,11 @@ impl Running {
         // moment to stop listening). A taken-over path names the new router's socket and is
         // left alone.
         remove_unix_files(&self.unix_files);
+        // Probes go to the router that took over, if one did, before they could see this
+        // one's 503.
+        if let Some(a) = &self.admin_listener {
+            a.close_if_shared();
+        }
         self.health.start_drain();
         tracing::info!(timeout_ms = timeout.as_millis() as u64, "draining");
         // Every shard and peer link looks at the flag within one poll.

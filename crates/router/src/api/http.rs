@@ -834,8 +834,10 @@ async fn serve_inner<S: Stream>(
     let head_limit = Duration::from_millis(limits.handshake_timeout_ms);
     let mut head_since: Option<Instant> = None;
     // A body announced by a complete head must arrive at `limits.min_body_bytes_per_sec` at
-    // least (after the head's own allowance): a client that trickles an upload is cut.
+    // least (after the head's own allowance), counted from when its head was read
+    // (`body_since`) over the bytes received so far: a client that trickles an upload is cut.
     let mut body_deadline: Option<Instant> = None;
+    let mut body_since = Instant::now();
     // When the last read completed: the time every request parsed from it was received. One
     // clock read per read, not per request (the clock was 4% of a shard's CPU at 8x8).
     let mut read_at = Instant::now();
@@ -855,8 +857,7 @@ async fn serve_inner<S: Stream>(
                 } => {
                     if let (Some(n), false) = (head_len, continued) {
                         continued = true;
-                        let secs = body_len as f64 / limits.min_body_bytes_per_sec as f64;
-                        body_deadline = Some(read_at + head_limit + Duration::from_secs_f64(secs));
+                        body_since = read_at;
                         let checked =
                             check_head(shard, &mut cache.borrow_mut(), &buf[..n], body_len)
                                 .and_then(|()| shard.charge_body(&held, body_len));
@@ -875,6 +876,15 @@ async fn serve_inner<S: Stream>(
                         } else {
                             continue_owed = continue_;
                         }
+                    }
+                    if let (Some(n), true) = (head_len, continued) {
+                        // The next body bytes are due by the head's allowance + what came
+                        // so far at the slowest pace: a body announced large and trickled is
+                        // cut at once, not after the length it announced would take.
+                        let got = buf.len().saturating_sub(n) as f64;
+                        let secs = got / limits.min_body_bytes_per_sec as f64;
+                        body_deadline =
+                            Some(body_since + head_limit + Duration::from_secs_f64(secs));
                     }
                     break;
                 }

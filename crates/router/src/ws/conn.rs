@@ -306,15 +306,19 @@ pub struct WsReader<R> {
     pace: Option<Pace>,
 }
 
-/// A message read in pieces must be whole within `allowance` + its announced length /
-/// `bytes_per_sec`, counted from the read that brought its first bytes.
+/// A message read in pieces must keep arriving at `bytes_per_sec` after `allowance`, counted
+/// from the read that brought its first bytes: at any moment, `allowance` + the bytes received
+/// since / `bytes_per_sec` must not have passed. The bytes received, not the length its frame
+/// heads announce: a peer that announces a large message and trickles it would otherwise hold
+/// the message's whole charge (its budget share) for as long as the announced length allows
+/// (8 MiB at 1 KiB/s: 2 h 17 min).
 struct Pace {
     allowance: std::time::Duration,
     bytes_per_sec: usize,
     /// When the message in progress began arriving (None: none in progress).
     since: Option<std::time::Instant>,
-    /// Its length so far, as its frame heads announced it.
-    announced: usize,
+    /// Bytes read since then (those of the message buffered at `since` included).
+    received: usize,
 }
 
 /// How far control text may go past an outbox's byte limit ([`WsOut::send_text`]).
@@ -378,16 +382,17 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     }
 
     /// Holds a message that arrives in pieces to a slowest pace, as an HTTP body is held
-    /// (`limits.min_body_bytes_per_sec`): whole within `allowance` + its length so far (the
-    /// fragments read and the frame heads announced) / `bytes_per_sec` of the read that
-    /// brought its first bytes, or [`WsReader::next`] fails with [`WsError::Slow`] at that
-    /// deadline. A message read whole in one read never reads the clock nor arms a timer.
+    /// (`limits.min_body_bytes_per_sec`): from the read that brought its first bytes, its
+    /// bytes must keep coming at `bytes_per_sec` after `allowance` (the next bytes are due
+    /// `allowance` + the bytes received so far / `bytes_per_sec` after that read), or
+    /// [`WsReader::next`] fails with [`WsError::Slow`] at that deadline. A message read whole
+    /// in one read never reads the clock nor arms a timer.
     pub fn set_min_pace(&mut self, allowance: std::time::Duration, bytes_per_sec: usize) {
         self.pace = Some(Pace {
             allowance,
             bytes_per_sec: bytes_per_sec.max(1),
             since: None,
-            announced: 0,
+            received: 0,
         });
     }
 
@@ -396,10 +401,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     pub fn message_deadline(&self) -> Option<std::time::Instant> {
         let p = self.pace.as_ref()?;
         let since = p.since?;
-        let dropped = self.dropping.as_ref().map_or(0, |d| d.total as usize);
-        let assembled = self.frag.as_ref().map_or(0, |(_, b)| b.len());
-        let n = p.announced.max(dropped).max(assembled);
-        let secs = n as f64 / p.bytes_per_sec as f64;
+        let secs = p.received as f64 / p.bytes_per_sec as f64;
         Some(since + p.allowance + std::time::Duration::from_secs_f64(secs))
     }
 
@@ -527,7 +529,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                 let between = matches!(got, Ok(Some(Message::Ping(_) | Message::Pong(_))))
                     && (self.frag.is_some() || self.dropping.is_some());
                 if !matches!(got, Ok(None)) && !between {
-                    (p.since, p.announced) = (None, 0);
+                    (p.since, p.received) = (None, 0);
                 }
             }
             if let Some(m) = got? {
@@ -547,6 +549,13 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                     !self.buf.is_empty() || self.frag.is_some() || self.dropping.is_some();
                 if partial && p.since.is_none() {
                     p.since = Some(std::time::Instant::now());
+                    // What of the message is here already: buffered, assembled, dropped.
+                    let assembled = self.frag.as_ref().map_or(0, |(_, b)| b.len());
+                    let dropped = self
+                        .dropping
+                        .as_ref()
+                        .map_or(0, |d| d.total.saturating_sub(d.frame_left) as usize);
+                    p.received = self.buf.len() + assembled + dropped;
                 }
             }
             // Messages larger than the buffer's share of a turn never reach
@@ -632,6 +641,9 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
         if n == 0 {
             return Err(WsError::Eof);
         }
+        if let Some(p) = self.pace.as_mut().filter(|p| p.since.is_some()) {
+            p.received += n;
+        }
         self.reads += 1;
         Ok(())
     }
@@ -666,9 +678,6 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                         _ => {}
                     }
                     let sofar = self.frag.as_ref().map_or(0, |(_, b)| b.len());
-                    if let Some(p) = &mut self.pace {
-                        p.announced = sofar + h.payload_len as usize;
-                    }
                     if !self.hold(sofar + h.payload_len as usize) {
                         let (op, head) = self.frag.take().unwrap_or((h.opcode, BytesMut::new()));
                         self.buf.advance(h.header_len);
@@ -2190,6 +2199,24 @@ mod tests {
             let e = r.next().await.unwrap_err();
             assert!(matches!(e, WsError::Slow), "{e:?}");
             assert_eq!(e.close_code(), Some(1008));
+            assert!(start.elapsed() >= allowance, "{:?}", start.elapsed());
+            // A frame announcing 1 MB, 10 bytes of it, then silence, at 1000 B/s: Slow at the
+            // allowance + 10 ms, not after the 1,000 s its announced length would allow (the
+            // message's whole charge was held that long).
+            let wire = masked(opcode::BINARY, &vec![b'a'; 1_000_000], [1, 2, 3, 4], true);
+            let mut r = WsReader::new(
+                ThenSilent(&wire[..14 + 10]),
+                BytesMut::new(),
+                Side::Server,
+                1 << 21,
+            );
+            r.set_min_pace(allowance, 1000);
+            let start = Instant::now();
+            let slow =
+                glommio::timer::timeout(Duration::from_secs(5), async { Ok(r.next().await) })
+                    .await
+                    .expect("not cut within 5 s");
+            assert!(matches!(slow, Err(WsError::Slow)), "{slow:?}");
             assert!(start.elapsed() >= allowance, "{:?}", start.elapsed());
         });
     }

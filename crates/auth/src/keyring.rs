@@ -248,7 +248,10 @@ impl Keyring {
         for app in apps {
             validate_app_name(app)?;
         }
-        if dir_absent_or_empty(dir) && create_fresh(dir, apps, now)? {
+        // A directory that is absent is built beside and renamed into place (readers never see
+        // half of it). One that exists, even empty, is the operator's (its owner, mode, ACLs,
+        // a mount point; its parent perhaps not writable): filled in place, under the lock.
+        if dir_absent(dir) && create_fresh(dir, apps, now)? {
             return Ok(true);
         }
         // Complete already: no lock, no write (the directory may be read-only to a router).
@@ -423,18 +426,21 @@ fn rotate_cluster_in_place(dir: &Path, now: u64) -> Result<u32, AuthError> {
 
 /// Whether `dir` does not exist or is an empty directory: then a whole new keyring may be
 /// renamed into its place.
-fn dir_absent_or_empty(dir: &Path) -> bool {
-    match fs::read_dir(dir) {
-        Ok(mut entries) => entries.next().is_none(),
-        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
-    }
+fn dir_absent(dir: &Path) -> bool {
+    fs::symlink_metadata(dir).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
 }
 
-/// A hidden name, unique on this host, for a temporary file or directory beside `name`.
+/// A hidden name for a temporary file or directory beside `name`: the process id and a
+/// counter, and 64 random bits, since two containers sharing a keyring volume may both run as
+/// pid 1 (a name taken is an error: files are made with `create_new`).
 fn temp_name(name: &str) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!(".{name}.tmp{}-{n}", std::process::id())
+    let mut r = [0u8; 8];
+    // Without randomness (never on Linux) the pid and counter are the name, as before.
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r);
+    let r = u64::from_le_bytes(r);
+    format!(".{name}.tmp{}-{n}-{r:016x}", std::process::id())
 }
 
 /// Builds a complete keyring (cluster key v1 and a v1 secret per app) in a temporary sibling
@@ -455,10 +461,13 @@ fn create_fresh(dir: &Path, apps: &[&str], now: u64) -> Result<bool, AuthError> 
         .create(parent)
         .map_err(|e| AuthError::io(parent, e))?;
     let tmp = parent.join(temp_name(name));
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&tmp)
-        .map_err(|e| AuthError::io(&tmp, e))?;
+    if let Err(e) = fs::DirBuilder::new().mode(0o700).create(&tmp) {
+        // Another writer made `dir` meanwhile: the locked in-place path.
+        return match dir.is_dir() {
+            true => Ok(false),
+            false => Err(AuthError::io(&tmp, e)),
+        };
+    }
     if let Err(e) = init_in_place(&tmp, apps, now) {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
@@ -496,14 +505,20 @@ fn lock_dir(dir: &Path) -> Result<fs::File, AuthError> {
         .create(dir)
         .map_err(|e| AuthError::io(dir, e))?;
     let path = dir.join(LOCK_FILE);
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| AuthError::io(&path, e))?;
+    // flock needs no write access: a lock file made by another user (a `keys rotate` run
+    // under sudo) is opened read-only, and made readable to all (it holds nothing).
+    let f = match fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(&path)
+            .map_err(|e| AuthError::io(&path, e))?,
+        Err(e) => return Err(AuthError::io(&path, e)),
+    };
     f.lock().map_err(|e| AuthError::io(&path, e))?;
     Ok(f)
 }
@@ -709,8 +724,7 @@ fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), AuthError> {
     let result = (|| -> std::io::Result<()> {
         let mut f = fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(mode)
             .open(&tmp)?;
         f.write_all(data)?;
@@ -1080,7 +1094,10 @@ mod tests {
                 .filter(|n| n != "keys")
                 .collect();
             assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
-            assert_eq!(mode(&dir), 0o700);
+            // A directory the keyring made is 0700; one that was there keeps its mode.
+            if round % 2 == 0 {
+                assert_eq!(mode(&dir), 0o700);
+            }
             assert_eq!(mode(&dir.join("cluster-v1.pk8")), 0o600);
             assert_eq!(mode(&dir.join("apps/acme.shop.toml")), 0o600);
         }
@@ -1191,6 +1208,25 @@ mod tests {
             }
             assert_eq!(seen(&dir), mine);
         }
+    }
+
+    /// An empty keyring directory made beforehand (by an operator, a volume mount) is filled
+    /// where it is: before, a keyring built beside it was renamed over it, so the directory
+    /// lost its owner, mode and ACLs, and a parent the user may not write failed the init.
+    #[test]
+    fn keyring_init_fills_an_existing_empty_directory_in_place() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let tmp = TempDir::new("in-place");
+        let dir = tmp.path().join("keys");
+        fs::create_dir_all(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o750)).unwrap();
+        let before = fs::metadata(&dir).unwrap();
+        assert!(Keyring::init(&dir, &["acme/shop"], 1).unwrap());
+        let after = fs::metadata(&dir).unwrap();
+        assert_eq!(after.ino(), before.ino(), "the directory was replaced");
+        assert_eq!(after.mode() & 0o777, 0o750);
+        let k = Keyring::load(&dir).unwrap();
+        assert!(k.signing_app_secret("acme/shop").is_some());
     }
 
     #[test]

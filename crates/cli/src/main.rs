@@ -278,7 +278,7 @@ fn check_role(flag: &str, r: &str) -> Result<()> {
     Ok(())
 }
 
-/// Dev convenience: the keyring exists once any command needs it.
+/// `fedbus run` in dev mode: the keyring (and its apps' secrets) exist once the router starts.
 fn ensure_keyring(dir: &Path, apps: &[&str]) -> Result<()> {
     if Keyring::init(dir, apps, auth::now_unix())? {
         eprintln!(
@@ -289,14 +289,26 @@ fn ensure_keyring(dir: &Path, apps: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// The keyring a token command signs with: made on first use with the apps of the embedded
-/// defaults (dev keys, as `fedbus run` without a config makes it), and an app the keyring does
-/// not have is refused unless `create`: a mistyped app name (or keyring path) must not
-/// silently mint a new app secret.
-fn keyring_with_app(dir: &Path, app: &str, create: bool) -> Result<()> {
+/// The keyring a token or task command signs with must exist: a mistyped `--keyring` (or a
+/// command run from another directory than the router's) would otherwise make a new keyring
+/// there and print a token signed by a key no router knows (401 `bad_signature` at the
+/// router, exit 0 here). `fedbus run` makes the dev keyring on its first start.
+fn existing_keyring(dir: &Path) -> Result<()> {
     if !dir.join("cluster.toml").exists() {
-        ensure_keyring(dir, &Config::embedded().app_names())?;
+        bail!(
+            "no keyring at {} (no cluster.toml): `fedbus run` makes the dev keyring on its first start, `fedbus keys init --keyring {}` makes one; check the path (--keyring, FEDBUS_HOME)",
+            dir.display(),
+            dir.display()
+        );
     }
+    Ok(())
+}
+
+/// The keyring a token command signs with ([`existing_keyring`]), and an app the keyring does
+/// not have is refused unless `create`: a mistyped app name must not silently mint a new app
+/// secret.
+fn keyring_with_app(dir: &Path, app: &str, create: bool) -> Result<()> {
+    existing_keyring(dir)?;
     if create {
         Keyring::ensure_apps(dir, &[app], auth::now_unix())?;
         return Ok(());
@@ -324,24 +336,42 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 fn write_atomic(path: &Path, text: &str, mode: u32) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("{}", tmp.display()))?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}", path.display()))?;
-    Ok(())
+    // A name no one can guess or have made first (a private key is written this way, perhaps
+    // in a shared directory): `create_new` never follows a link planted there.
+    let tmp = with_suffix(
+        path,
+        &format!(
+            ".tmp{}-{:016x}",
+            std::process::id(),
+            fedbus_router::util::random_u64()
+        ),
+    );
+    let written = (|| -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .with_context(|| format!("{}", tmp.display()))?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path).with_context(|| format!("{}", path.display()))?;
+        Ok(())
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 fn ttl_secs(s: &str) -> Result<u64> {
-    auth::parse_duration(s)
+    let secs = auth::parse_duration(s)
         .map(|d| d.as_secs())
-        .map_err(|e| anyhow!("--ttl {s}: {e}"))
+        .map_err(|e| anyhow!("--ttl {s}: {e}"))?;
+    if secs == 0 {
+        bail!("--ttl {s}: a token must live at least a second (it would be expired when printed)");
+    }
+    Ok(secs)
 }
 
 fn parse_partitions(s: &str) -> Result<Vec<u32>> {
@@ -385,7 +415,7 @@ fn service_token(
             app: app.into(),
             cluster: cluster.into(),
             iat: now,
-            exp: now + ttl,
+            exp: now.saturating_add(ttl),
             role: role.map(str::to_string),
         },
     ))
@@ -603,7 +633,8 @@ fn task_options(common: &TaskCommon, kind: &str) -> Result<task::TaskOptions> {
         None => {
             check_cluster(&common.cluster)?;
             let dir = keyring_dir(&common.keyring)?;
-            ensure_keyring(&dir, &[common.app.as_str()])?;
+            // A service token needs the cluster key only; the app's secret is not made here.
+            existing_keyring(&dir)?;
             service_token(
                 &dir,
                 &format!("{kind}-{instance:016x}"),
@@ -846,7 +877,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     sub,
                     app,
                     iat: now,
-                    exp: now + ttl_secs(&ttl)?,
+                    exp: now.saturating_add(ttl_secs(&ttl)?),
                     nbf: None,
                 },
             )?;

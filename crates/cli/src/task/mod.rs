@@ -117,7 +117,7 @@ pub fn sign_client_jwt(app: &str, sub: &str, ttl_secs: u64) -> Option<String> {
             sub: sub.into(),
             app: app.into(),
             iat: now,
-            exp: now + ttl_secs,
+            exp: now.saturating_add(ttl_secs),
             nbf: None,
         },
     )

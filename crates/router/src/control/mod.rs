@@ -309,7 +309,11 @@ impl Control {
             reloads: Arc::new(AtomicU64::new(0)),
         };
         let mut control = Control {
-            keyring_mtime: keyring_mtime(&keyring_dir),
+            // Not the mtime now: the keyring was loaded before this (the listeners, TLS and
+            // the federation were set up in between), and a rotation written meanwhile would
+            // pass for the keys loaded. None: the first look reloads it (publishing nothing
+            // when it is the keyring loaded).
+            keyring_mtime: None,
             applied: (*cfg).clone(),
             config_file: Watched::new(cfg.source.iter().cloned().collect()),
             config_read: None,
@@ -858,6 +862,50 @@ mod tests {
         // The same mtime, old: nothing to look at.
         assert_eq!(due(Some(t), Some(t), t + RACY * 2), (false, false));
         assert_eq!(due(None, None, t), (false, false));
+    }
+
+    /// A rotation written between the keyring's load at start and the control thread's
+    /// start (binds, TLS, the federation in between) is seen at the first look: before, the
+    /// mtime remembered was read after that write, so the new keys waited for a SIGHUP.
+    #[test]
+    fn a_rotation_during_the_start_is_loaded_at_the_first_look() {
+        let dir = TempDir::new("control-start-rotation");
+        Keyring::init(dir.path(), &["demo/echo"], 1_000).expect("init");
+        let loaded = Keyring::load(dir.path()).expect("load");
+        Keyring::rotate_app(dir.path(), "demo/echo", 2_000).expect("rotate");
+        // Old enough not to be racy.
+        let old = SystemTime::now() - Duration::from_secs(10);
+        for e in walk(dir.path()) {
+            let _ = std::fs::File::open(&e).and_then(|f| f.set_modified(old));
+        }
+        let cfg = Config {
+            keyring: Some(dir.path().to_path_buf()),
+            ..Config::default()
+        };
+        let mut c = Control::new(Arc::new(cfg), loaded, Vec::new());
+        let now = SystemTime::now();
+        let (due, moved) =
+            Control::keyring_due(c.keyring_mtime, keyring_mtime(&c.keyring_dir), now);
+        assert!(due && moved, "the rotation would wait for a SIGHUP");
+        assert!(c.reload_keys("test", moved));
+        let keys = c.snapshots().keys.load();
+        assert_eq!(
+            keys.keyring.app_versions("demo/echo").map(<[_]>::len),
+            Some(2)
+        );
+    }
+
+    /// Every file under `dir`.
+    fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            }
+            out.push(p);
+        }
+        out
     }
 
     #[test]

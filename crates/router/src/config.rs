@@ -684,6 +684,16 @@ fn check_cors(i: usize, c: &Cors) -> Result<(), ConfigError> {
             }
             continue;
         }
+        if o == "null" && c.allow_credentials {
+            // Every sandboxed iframe, `data:` page and local file sends `Origin: null`: with
+            // credentials, any such page reads credentialed answers (the classic CORS
+            // misconfiguration). Some deployments need it (an app loaded from file://), so
+            // it is allowed, with a warning at each load.
+            tracing::warn!(
+                field = %f,
+                "\"null\" with allow_credentials: any sandboxed iframe or data: page (they all send Origin: null) reads this app's credentialed answers"
+            );
+        }
         // An origin is scheme://host[:port]: no path, no trailing slash (browsers never send
         // one, so such an entry would never match).
         let rest = o

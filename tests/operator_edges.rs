@@ -622,7 +622,8 @@ fn cfg_cors_validation() {
     );
     // "null" with credentials starts (an app loaded from file:// needs it), with a warning:
     // every sandboxed iframe and data: page sends `Origin: null`.
-    let text = cors("allowed_origins = [\"null\", \"https://a.example:8443\"]\nallow_credentials = true");
+    let text =
+        cors("allowed_origins = [\"null\", \"https://a.example:8443\"]\nallow_credentials = true");
     let mut fb = Fb::start(home.path(), "null_ok", &text, &[]);
     if let Err((st, out)) = fb.ready_or_exit(Duration::from_secs(10)) {
         panic!("null_ok: refused ({st}), but the docs accept it:\n{text}\n{out}");

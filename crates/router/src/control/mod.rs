@@ -137,23 +137,36 @@ pub(crate) fn app_specs(cfg: &Config) -> Vec<AppSpec> {
         .collect()
 }
 
-/// Newest modification time among the keyring's files (None if unreadable).
+/// Newest change among the keyring's files (None if unreadable): of their contents (mtime) or
+/// of their owner and mode (ctime). A key file a `keys rotate` run as another user left
+/// unreadable to the router is refused at its reload; the `chown` or `chmod` that fixes it
+/// moves its ctime alone, and is a change to look at.
 fn keyring_mtime(dir: &std::path::Path) -> Option<SystemTime> {
     let mut newest = std::fs::metadata(dir.join("cluster.toml"))
-        .ok()?
-        .modified()
-        .ok()?;
-    if let Ok(rd) = std::fs::read_dir(dir.join("apps")) {
+        .ok()
+        .and_then(|m| changed_at(&m))?;
+    let apps = dir.join("apps");
+    if let Ok(rd) = std::fs::read_dir(&apps) {
         for e in rd.flatten() {
-            if let Ok(m) = e.metadata().and_then(|m| m.modified()) {
-                newest = newest.max(m);
+            if let Some(t) = e.metadata().ok().and_then(|m| changed_at(&m)) {
+                newest = newest.max(t);
             }
         }
     }
-    if let Ok(m) = std::fs::metadata(dir.join("apps")).and_then(|m| m.modified()) {
-        newest = newest.max(m);
+    if let Some(t) = std::fs::metadata(&apps).ok().and_then(|m| changed_at(&m)) {
+        newest = newest.max(t);
     }
     Some(newest)
+}
+
+/// The later of a file's mtime and ctime.
+fn changed_at(m: &std::fs::Metadata) -> Option<SystemTime> {
+    use std::os::unix::fs::MetadataExt;
+    let modified = m.modified().ok()?;
+    let ctime = u64::try_from(m.ctime()).ok().map(|s| {
+        SystemTime::UNIX_EPOCH + Duration::new(s, u32::try_from(m.ctime_nsec()).unwrap_or(0))
+    });
+    Some(ctime.map_or(modified, |c| c.max(modified)))
 }
 
 /// Modification time of `path` (None if unreadable).
@@ -893,6 +906,27 @@ mod tests {
             keys.keyring.app_versions("demo/echo").map(<[_]>::len),
             Some(2)
         );
+    }
+
+    /// A key file's mode or owner fixed (`chmod`, `chown`: its ctime moves, its mtime does
+    /// not) is a change of the keyring to look at: a file left unreadable by a rotation run
+    /// as another user was refused, and the fix went unnoticed until a SIGHUP.
+    #[test]
+    fn a_key_files_mode_changed_moves_the_keyrings_time() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new("control-ctime");
+        Keyring::init(dir.path(), &["demo/echo"], 1_000).expect("init");
+        let app = dir.path().join("apps").join("demo.echo.toml");
+        let old = SystemTime::now() - Duration::from_secs(10);
+        for e in walk(dir.path()) {
+            let _ = std::fs::File::open(&e).and_then(|f| f.set_modified(old));
+        }
+        let before = keyring_mtime(dir.path()).expect("time");
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        assert_eq!(mtime(&app), Some(old), "chmod moved the mtime");
+        let after = keyring_mtime(dir.path()).expect("time");
+        assert!(after > before, "{after:?} <= {before:?}");
     }
 
     /// Every file under `dir`.

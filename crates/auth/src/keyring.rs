@@ -240,10 +240,10 @@ impl Keyring {
     /// Creates `dir`, a cluster key v1 and a v1 secret for each app, where absent.
     /// Existing files are left untouched. Returns true if it created anything.
     ///
-    /// Safe to race (threads or processes): a missing or empty `dir` is built whole in a
-    /// temporary sibling and renamed into place; a loser of that race discards its own keys and
-    /// uses the winner's (and returns false unless it then added an app). Additions to an
-    /// existing keyring happen under its lock file.
+    /// Safe to race (threads or processes): a missing `dir` is built whole in a temporary
+    /// sibling and renamed into place; a loser of that race discards its own keys and uses the
+    /// winner's (and returns false unless it then added an app). An existing directory, empty
+    /// or not, is filled in place under its lock file (it keeps its owner and mode).
     pub fn init(dir: &Path, apps: &[&str], now: u64) -> Result<bool, AuthError> {
         for app in apps {
             validate_app_name(app)?;
@@ -424,8 +424,7 @@ fn rotate_cluster_in_place(dir: &Path, now: u64) -> Result<u32, AuthError> {
     Ok(next)
 }
 
-/// Whether `dir` does not exist or is an empty directory: then a whole new keyring may be
-/// renamed into its place.
+/// Whether `dir` does not exist: then a whole new keyring may be renamed into its place.
 fn dir_absent(dir: &Path) -> bool {
     fs::symlink_metadata(dir).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
 }
@@ -505,18 +504,22 @@ fn lock_dir(dir: &Path) -> Result<fs::File, AuthError> {
         .create(dir)
         .map_err(|e| AuthError::io(dir, e))?;
     let path = dir.join(LOCK_FILE);
-    // flock needs no write access: a lock file made by another user (a `keys rotate` run
-    // under sudo) is opened read-only, and made readable to all (it holds nothing).
-    let f = match fs::File::open(&path) {
+    // Read-write (made if absent, readable to all: it holds nothing); a lock file another
+    // user made (a `keys rotate` run under sudo) is opened read-only instead, which flock
+    // allows on a local filesystem (NFS's emulation of flock needs write access: there the
+    // owner's runs keep working).
+    let rw = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(&path);
+    let f = match rw {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .open(&path)
-            .map_err(|e| AuthError::io(&path, e))?,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            fs::File::open(&path).map_err(|_| AuthError::io(&path, e))?
+        }
         Err(e) => return Err(AuthError::io(&path, e)),
     };
     f.lock().map_err(|e| AuthError::io(&path, e))?;

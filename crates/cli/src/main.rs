@@ -278,7 +278,7 @@ fn check_role(flag: &str, r: &str) -> Result<()> {
     Ok(())
 }
 
-/// `fedbus run` in dev mode: the keyring (and its apps' secrets) exist once the router starts.
+/// Dev convenience: the keyring exists once any command needs it.
 fn ensure_keyring(dir: &Path, apps: &[&str]) -> Result<()> {
     if Keyring::init(dir, apps, auth::now_unix())? {
         eprintln!(
@@ -289,26 +289,14 @@ fn ensure_keyring(dir: &Path, apps: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// The keyring a token or task command signs with must exist: a mistyped `--keyring` (or a
-/// command run from another directory than the router's) would otherwise make a new keyring
-/// there and print a token signed by a key no router knows (401 `bad_signature` at the
-/// router, exit 0 here). `fedbus run` makes the dev keyring on its first start.
-fn existing_keyring(dir: &Path) -> Result<()> {
-    if !dir.join("cluster.toml").exists() {
-        bail!(
-            "no keyring at {} (no cluster.toml): `fedbus run` makes the dev keyring on its first start, `fedbus keys init --keyring {}` makes one; check the path (--keyring, FEDBUS_HOME)",
-            dir.display(),
-            dir.display()
-        );
-    }
-    Ok(())
-}
-
-/// The keyring a token command signs with ([`existing_keyring`]), and an app the keyring does
-/// not have is refused unless `create`: a mistyped app name must not silently mint a new app
-/// secret.
+/// The keyring a token command signs with: made on first use with the apps of the embedded
+/// defaults (dev keys, as `fedbus run` without a config makes it), and an app the keyring does
+/// not have is refused unless `create`: a mistyped app name (or keyring path) must not
+/// silently mint a new app secret.
 fn keyring_with_app(dir: &Path, app: &str, create: bool) -> Result<()> {
-    existing_keyring(dir)?;
+    if !dir.join("cluster.toml").exists() {
+        ensure_keyring(dir, &Config::embedded().app_names())?;
+    }
     if create {
         Keyring::ensure_apps(dir, &[app], auth::now_unix())?;
         return Ok(());
@@ -365,13 +353,10 @@ fn write_atomic(path: &Path, text: &str, mode: u32) -> Result<()> {
 }
 
 fn ttl_secs(s: &str) -> Result<u64> {
-    let secs = auth::parse_duration(s)
+    // 0 is allowed: a token expired when printed is how a refusal of expired tokens is tried.
+    auth::parse_duration(s)
         .map(|d| d.as_secs())
-        .map_err(|e| anyhow!("--ttl {s}: {e}"))?;
-    if secs == 0 {
-        bail!("--ttl {s}: a token must live at least a second (it would be expired when printed)");
-    }
-    Ok(secs)
+        .map_err(|e| anyhow!("--ttl {s}: {e}"))
 }
 
 fn parse_partitions(s: &str) -> Result<Vec<u32>> {
@@ -633,8 +618,7 @@ fn task_options(common: &TaskCommon, kind: &str) -> Result<task::TaskOptions> {
         None => {
             check_cluster(&common.cluster)?;
             let dir = keyring_dir(&common.keyring)?;
-            // A service token needs the cluster key only; the app's secret is not made here.
-            existing_keyring(&dir)?;
+            ensure_keyring(&dir, &[common.app.as_str()])?;
             service_token(
                 &dir,
                 &format!("{kind}-{instance:016x}"),

@@ -190,9 +190,11 @@ pub struct Limits {
     /// `ping_interval_ms` + this; the link itself closes after 3 silent ping intervals, so a
     /// value of 2 intervals or more never fires before that. 0: never. Default 1000 ms.
     pub task_pong_timeout_ms: u64,
-    /// Slowest pace of a request body: once its head is complete, a body of N bytes must have
-    /// arrived within `handshake_timeout_ms` + N / this many seconds, or the request gets 408
-    /// and the connection closes. Default 1024 bytes per second.
+    /// Slowest pace of a request body: once its head is complete, with R bytes of it received
+    /// the next bytes are due `handshake_timeout_ms` + R / this many seconds after the head (or
+    /// after the `100 Continue` it waited for), or the request gets 408 and the connection
+    /// closes; the same for an `/api/ws` or peer message arriving in pieces (1008). Default
+    /// 1024 bytes per second.
     pub min_body_bytes_per_sec: usize,
     /// Most bytes of a request body for an anonymous service (no token: anyone can send it);
     /// more is 413, refused from the head before the body is read. 0: anonymous requests

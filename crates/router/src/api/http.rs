@@ -834,13 +834,14 @@ async fn serve_inner<S: Stream>(
     let head_limit = Duration::from_millis(limits.handshake_timeout_ms);
     let mut head_since: Option<Instant> = None;
     // A body announced by a complete head must arrive at `limits.min_body_bytes_per_sec` at
-    // least (after the head's own allowance), counted from when its head was read
-    // (`body_since`) over the bytes received so far: a client that trickles an upload is cut.
+    // least (after the head's own allowance), counted from when its head was parsed, or its
+    // owed `100 Continue` written (`body_since`), over the bytes received so far: a client that
+    // trickles an upload is cut.
     let mut body_deadline: Option<Instant> = None;
-    let mut body_since = Instant::now();
     // When the last read completed: the time every request parsed from it was received. One
     // clock read per read, not per request (the clock was 4% of a shard's CPU at 8x8).
     let mut read_at = Instant::now();
+    let mut body_since = read_at;
     loop {
         // A client that always has a full read's worth queued and reads its answers at once
         // never makes this loop wait on its socket (glommio's reads and writes return at once
@@ -857,7 +858,9 @@ async fn serve_inner<S: Stream>(
                 } => {
                     if let (Some(n), false) = (head_len, continued) {
                         continued = true;
-                        body_since = read_at;
+                        // From now, not from the read that brought the head: a head parsed
+                        // late (behind `max_inflight_per_connection`) had no time to send.
+                        body_since = Instant::now();
                         let checked =
                             check_head(shard, &mut cache.borrow_mut(), &buf[..n], body_len)
                                 .and_then(|()| shard.charge_body(&held, body_len));
@@ -1073,7 +1076,9 @@ async fn serve_inner<S: Stream>(
             // The head and body deadlines hold while answers are pending too: a client cannot
             // trickle its next request behind a slow one.
             let due = if continued {
-                body_deadline
+                // A client told to wait for a `100 Continue` owed behind these answers is
+                // not late: its body's clock starts when the interim answer is written.
+                body_deadline.filter(|_| !continue_owed)
             } else {
                 head_since.map(|t| t + head_limit)
             };
@@ -1219,6 +1224,9 @@ async fn serve_inner<S: Stream>(
             continue_owed = false;
             if !closing {
                 out.put_slice(CONTINUE);
+                // The client was waiting for it (behind the answers before it): the body's
+                // clock starts now.
+                body_since = answered;
             }
         }
         if !out.is_empty() {

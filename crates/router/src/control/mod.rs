@@ -281,11 +281,11 @@ pub(crate) struct Control {
     health: Option<Arc<crate::health::Health>>,
     /// The last peer token refused from `federation.peer_token_file` (counted once).
     peer_token_refused: Option<String>,
-    /// Why the config file as last read was refused, when only a `[federation]` keys
-    /// directory it names could not be read: a file outside the text, which the mtime poll
-    /// does not see fixed. Tried again at each poll, counted and logged once while the error
-    /// stays the same.
-    config_waits_for_keys: Option<String>,
+    /// The config file as last read, parsed, validated and merged, when it was refused only
+    /// because a `[federation]` keys directory it names could not be read (a file outside the
+    /// text, which the mtime poll does not see fixed), with that error. Tried again each
+    /// `auth.reload_poll_ms`, counted and logged once while the error stays the same.
+    config_waits_for_keys: Option<(String, Config)>,
 }
 
 impl Control {
@@ -539,7 +539,7 @@ impl Control {
         // (and refuse, and count) the same write a second time.
         self.config_file.changed();
         if let Some(text) = self.read_config(why) {
-            self.reload_config_text(why, text, false);
+            self.reload_config_text(why, text);
         }
     }
 
@@ -560,11 +560,12 @@ impl Control {
     /// [`Control::reload_config`] of `text`, just read from the config file. A `retry` of a
     /// text refused for its federation keys alone (`config_waits_for_keys`) that fails the
     /// same way again is neither counted nor logged.
-    fn reload_config_text(&mut self, why: &str, text: String, retry: bool) {
+    fn reload_config_text(&mut self, why: &str, text: String) {
         let Some(path) = self.cfg.source.clone() else {
             return;
         };
-        let waited = self.config_waits_for_keys.take();
+        // A new text replaces a refused one that waited for its keys.
+        self.config_waits_for_keys = None;
         let parsed = Config::from_file_text(&text, &path);
         self.config_read = Some(text);
         let new = match parsed {
@@ -592,18 +593,17 @@ impl Control {
         let fed = match FedView::load(&merged) {
             Ok(f) => f,
             Err(e) => {
-                let error = e.to_string();
-                let again = retry && waited.as_ref() == Some(&error);
-                self.config_waits_for_keys = Some(error);
-                if !again {
-                    self.refuse(why, &e);
-                }
+                self.refuse(why, &e);
+                self.config_waits_for_keys = Some((e.to_string(), merged));
                 return;
             }
         };
-        if waited.is_some() {
-            tracing::info!(why, "the federation keys of the config file refused before are readable now: applying it");
-        }
+        self.apply_config(why, merged, fed);
+    }
+
+    /// Puts `merged` (a config file's text, parsed, validated and merged) in force, with its
+    /// federation view `fed`.
+    fn apply_config(&mut self, why: &str, merged: Config, fed: FedView) {
         let apps_changed = merged.apps != self.applied.apps;
         self.peer_key_files = Watched::new(crate::peer::view::key_files(&merged));
         self.applied = merged;
@@ -621,18 +621,31 @@ impl Control {
             return;
         };
         if self.config_read.as_ref() != Some(&text) {
-            self.reload_config_text(why, text, false);
+            self.reload_config_text(why, text);
         }
     }
 
-    /// Tries again the config text refused because a `[federation]` keys directory could not
-    /// be read (`config_waits_for_keys`): the directory may be readable now.
+    /// Tries again the config refused because a `[federation]` keys directory could not be
+    /// read (`config_waits_for_keys`, kept parsed and merged: nothing else is checked or
+    /// logged again): the directory may be readable now. A failure with the same error is
+    /// neither counted nor logged again.
     fn retry_config_for_keys(&mut self) {
-        if self.config_waits_for_keys.is_none() {
+        let Some((error, merged)) = self.config_waits_for_keys.take() else {
             return;
-        }
-        if let Some(text) = self.config_read.clone() {
-            self.reload_config_text("federation keys of a refused config file", text, true);
+        };
+        let why = "federation keys of a refused config file";
+        match FedView::load(&merged) {
+            Ok(fed) => {
+                tracing::info!(why, "the federation keys of the config file refused before are readable now: applying it");
+                self.apply_config(why, merged, fed);
+            }
+            Err(e) => {
+                let now = e.to_string();
+                if now != error {
+                    self.refuse(why, &e);
+                }
+                self.config_waits_for_keys = Some((now, merged));
+            }
         }
     }
 
@@ -697,6 +710,9 @@ impl Control {
         // one each `poll`), and when the racy ones were; a wake for the beat alone looks at
         // nothing.
         let (mut polled, mut looked) = (Instant::now(), Instant::now());
+        // When a refused config was last tried again (`retry_config_for_keys`): once a poll,
+        // not at each pass that events bring.
+        let mut retried = Instant::now();
         loop {
             let mut sleep = poll.saturating_sub(polled.elapsed()).min(BEAT);
             if racy.any() {
@@ -781,7 +797,10 @@ impl Control {
                     .is_some_and(|(_, file)| file.racy(now));
             }
             if all {
-                self.retry_config_for_keys();
+                if retried.elapsed() >= poll {
+                    retried = pass;
+                    self.retry_config_for_keys();
+                }
                 if self.peer_key_files.changed() {
                     self.reload_federation("federation key files changed");
                 }
@@ -886,7 +905,8 @@ mod tests {
         Keyring::init(dir.path(), &["demo/echo"], 1_000).expect("init");
         let loaded = Keyring::load(dir.path()).expect("load");
         Keyring::rotate_app(dir.path(), "demo/echo", 2_000).expect("rotate");
-        // Old enough not to be racy.
+        // Mtimes old enough not to be racy (their ctimes are now: only the start's `None`
+        // makes this look due).
         let old = SystemTime::now() - Duration::from_secs(10);
         for e in walk(dir.path()) {
             let _ = std::fs::File::open(&e).and_then(|f| f.set_modified(old));

@@ -50,7 +50,11 @@ impl AdminListener {
             Ok(()) => {
                 tracing::info!(addr = %self.addr, "admin listener closed: another router listens on its address (a takeover) and answers the probes")
             }
-            Err(e) => tracing::warn!(addr = %self.addr, "could not close the admin listener: {e}"),
+            Err(e) => {
+                // Still listening: its accept errors (EMFILE...) are retried as before.
+                self.closed.store(false, Ordering::Relaxed);
+                tracing::warn!(addr = %self.addr, "could not close the admin listener: {e}");
+            }
         }
     }
 }
@@ -75,7 +79,23 @@ fn others_listen_on(addr: SocketAddr, own: u64) -> bool {
         SocketAddr::V4(_) => "/proc/net/tcp",
         SocketAddr::V6(_) => "/proc/net/tcp6",
     };
-    std::fs::read_to_string(file).is_ok_and(|t| listeners_on(&t, addr).any(|ino| ino != own))
+    // Listening sockets come first in the table (the kernel walks its listening hash before
+    // the established one): the read stops at the first line in another state, so a router
+    // with many connections does not read them all.
+    let Ok(f) = std::fs::File::open(file) else {
+        return false;
+    };
+    let mut table = String::from("header\n");
+    for line in std::io::BufRead::lines(std::io::BufReader::new(f)).skip(1) {
+        let Ok(line) = line else { break };
+        if line.split_whitespace().nth(3) != Some("0A") {
+            break;
+        }
+        table.push_str(&line);
+        table.push('\n');
+    }
+    let other = listeners_on(&table, addr).any(|ino| ino != own);
+    other
 }
 
 /// The inodes of the listening sockets bound to `addr` in the text of `/proc/net/tcp` (or

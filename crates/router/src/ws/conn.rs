@@ -307,8 +307,8 @@ pub struct WsReader<R> {
 }
 
 /// A message read in pieces must keep arriving at `bytes_per_sec` after `allowance`, counted
-/// from the read that brought its first bytes: at any moment, `allowance` + the bytes received
-/// since / `bytes_per_sec` must not have passed. The bytes received, not the length its frame
+/// from the read that brought its first bytes: at any moment, `allowance` + the message's bytes
+/// received / `bytes_per_sec` must not have passed. The bytes received, not the length its frame
 /// heads announce: a peer that announces a large message and trickles it would otherwise hold
 /// the message's whole charge (its budget share) for as long as the announced length allows
 /// (8 MiB at 1 KiB/s: 2 h 17 min).
@@ -317,8 +317,6 @@ struct Pace {
     bytes_per_sec: usize,
     /// When the message in progress began arriving (None: none in progress).
     since: Option<std::time::Instant>,
-    /// Bytes read since then (those of the message buffered at `since` included).
-    received: usize,
 }
 
 /// How far control text may go past an outbox's byte limit ([`WsOut::send_text`]).
@@ -392,7 +390,6 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             allowance,
             bytes_per_sec: bytes_per_sec.max(1),
             since: None,
-            received: 0,
         });
     }
 
@@ -401,7 +398,16 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     pub fn message_deadline(&self) -> Option<std::time::Instant> {
         let p = self.pace.as_ref()?;
         let since = p.since?;
-        let secs = p.received as f64 / p.bytes_per_sec as f64;
+        // The message's own bytes: fragments assembled (or dropped) and the frame being read,
+        // which is what is buffered while a message is in progress (control frames between
+        // its fragments are taken out whole, and do not count).
+        let assembled = self.frag.as_ref().map_or(0, |(_, b)| b.len());
+        let dropped = self
+            .dropping
+            .as_ref()
+            .map_or(0, |d| d.total.saturating_sub(d.frame_left) as usize);
+        let received = assembled + dropped + self.buf.len();
+        let secs = received as f64 / p.bytes_per_sec as f64;
         Some(since + p.allowance + std::time::Duration::from_secs_f64(secs))
     }
 
@@ -529,7 +535,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                 let between = matches!(got, Ok(Some(Message::Ping(_) | Message::Pong(_))))
                     && (self.frag.is_some() || self.dropping.is_some());
                 if !matches!(got, Ok(None)) && !between {
-                    (p.since, p.received) = (None, 0);
+                    p.since = None;
                 }
             }
             if let Some(m) = got? {
@@ -549,13 +555,6 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                     !self.buf.is_empty() || self.frag.is_some() || self.dropping.is_some();
                 if partial && p.since.is_none() {
                     p.since = Some(std::time::Instant::now());
-                    // What of the message is here already: buffered, assembled, dropped.
-                    let assembled = self.frag.as_ref().map_or(0, |(_, b)| b.len());
-                    let dropped = self
-                        .dropping
-                        .as_ref()
-                        .map_or(0, |d| d.total.saturating_sub(d.frame_left) as usize);
-                    p.received = self.buf.len() + assembled + dropped;
                 }
             }
             // Messages larger than the buffer's share of a turn never reach
@@ -640,9 +639,6 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
         };
         if n == 0 {
             return Err(WsError::Eof);
-        }
-        if let Some(p) = self.pace.as_mut().filter(|p| p.since.is_some()) {
-            p.received += n;
         }
         self.reads += 1;
         Ok(())
@@ -2200,6 +2196,25 @@ mod tests {
             assert!(matches!(e, WsError::Slow), "{e:?}");
             assert_eq!(e.close_code(), Some(1008));
             assert!(start.elapsed() >= allowance, "{:?}", start.elapsed());
+            // A fragment of 10 bytes, then 100 pings of 125 bytes: the pings are not the
+            // message's bytes, and buy it no time (before, a ping flood under the control
+            // rate held a message, and its charge, for good).
+            let mut wire = masked(opcode::BINARY, &[b'a'; 10], [1, 2, 3, 4], false);
+            for _ in 0..100 {
+                wire.extend(masked(opcode::PING, &[b'p'; 125], [5, 6, 7, 8], true));
+            }
+            let mut r = WsReader::new(ThenSilent(&wire), BytesMut::new(), Side::Server, 1 << 20);
+            r.set_min_pace(allowance, 1000);
+            let start = Instant::now();
+            for _ in 0..100 {
+                assert!(matches!(r.next().await.unwrap(), Message::Ping(_)));
+            }
+            let due = r.message_deadline().expect("a message in progress");
+            assert!(
+                due < start + Duration::from_secs(1),
+                "pings bought {:?}",
+                due - start
+            );
             // A frame announcing 1 MB, 10 bytes of it, then silence, at 1000 B/s: Slow at the
             // allowance + 10 ms, not after the 1,000 s its announced length would allow (the
             // message's whole charge was held that long).

@@ -908,6 +908,67 @@ fn the_home_clusters_cors_policy_applies_across_clusters() {
         .assert_error(403, "origin_not_allowed");
 }
 
+/// `Access-Control-Allow-Credentials` on an answer relayed across clusters follows the policy of
+/// the app's home cluster (its router says so in the Response, CORS_CREDENTIALS), not that of
+/// the entry cluster's app of the same name. An answer the entry router makes itself for the
+/// other cluster's app (a body over its own limit, refused from the head) carries the CORS
+/// fields only for an origin one of its own apps allows, and never credentials.
+#[test]
+fn cors_credentials_across_clusters_follow_the_home_clusters_policy() {
+    const PAGE: &str = "https://shop.example";
+    let f = Federation::builder()
+        .cors(
+            "spb2",
+            &format!("allowed_origins = [{PAGE:?}]\nallow_credentials = true"),
+        )
+        .cors("spb1", &format!("allowed_origins = [{PAGE:?}]"))
+        .limit("spb1", "max_body_bytes", 1024)
+        .start();
+    // Entering at spb1 (its app: no credentials) for spb2's app (credentials).
+    let mut c1 = f.router("spb1", 0).conn();
+    let ok = c1.request(&f.req("spb2", 5, b"cross").header("Origin", PAGE));
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(
+        ok.header("access-control-allow-origin"),
+        Some(PAGE),
+        "{ok:?}"
+    );
+    assert_eq!(
+        ok.header("access-control-allow-credentials"),
+        Some("true"),
+        "spb2's policy decides: {ok:?}"
+    );
+    // Entering at spb2 (its app: credentials) for spb1's app (none).
+    let mut c2 = f.router("spb2", 0).conn();
+    let ok = c2.request(&f.req("spb1", 5, b"cross").header("Origin", PAGE));
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(
+        ok.header("access-control-allow-origin"),
+        Some(PAGE),
+        "{ok:?}"
+    );
+    assert_eq!(
+        ok.header("access-control-allow-credentials"),
+        None,
+        "spb1's policy decides: {ok:?}"
+    );
+    // Refused by the entry router from the head, for the other cluster's app: readable by
+    // an origin spb1's app allows (without credentials), not by one no app of spb1 allows.
+    let big = vec![b'x'; 2048];
+    let mut c = f.router("spb1", 0).conn();
+    let r = c.request(&f.req("spb2", 5, &big).header("Origin", PAGE));
+    r.assert_error(413, "body_too_large");
+    assert_eq!(r.header("access-control-allow-origin"), Some(PAGE), "{r:?}");
+    assert_eq!(r.header("access-control-allow-credentials"), None, "{r:?}");
+    let mut c = f.router("spb1", 0).conn();
+    let r = c.request(
+        &f.req("spb2", 5, &big)
+            .header("Origin", "https://evil.example"),
+    );
+    r.assert_error(413, "body_too_large");
+    assert_eq!(r.header("access-control-allow-origin"), None, "{r:?}");
+}
+
 /// Acceptance 5: Loop guard: a request for spb2 arriving at spb1 over a peer link is 508 forward_loop.
 #[test]
 fn loop_guard_on_a_real_peer_link() {

@@ -1366,3 +1366,51 @@ fn small_websocket_messages_in_flight_share_their_read_buffers() {
         }
     }
 }
+
+/// An `/api/ws` session that puts one small slow request in each read and fills the rest of the
+/// read buffer with a message refused at once (for an app nobody serves) would keep a whole
+/// read buffer (~60 KiB here) alive per request, charged for ~100 bytes. The reader holds the
+/// buffers that requests in flight keep alive to twice their charged bytes plus two read
+/// chunks; past that the session reads nothing until answers come back
+/// (`fedbus_ws_reads_paused_total`). Every request is still answered.
+#[test]
+fn small_slow_requests_cannot_keep_a_read_buffer_each() {
+    const ROUNDS: u64 = 24;
+    let r = Router::new().shards(1).start();
+    let _slow = r.task().delay_ms(400).start();
+    let tok = r.token(APP, "alice");
+    let paused_before = r.metrics().get("fedbus_ws_reads_paused_total");
+    let mut ws = Ws::open(r.api, &tok);
+    let (slow, nobody) = (r.path(APP, 6), r.path("nobody/none", 1));
+    let big = vec![b'b'; 60 * 1024];
+    let mut status: HashMap<u64, u64> = HashMap::new();
+    for k in 0..ROUNDS {
+        let mut wire = ws.request_bytes(2 * k, &slow, b"small");
+        wire.extend(ws.request_bytes(2 * k + 1, &nobody, &big));
+        ws.s.write_all(&wire).expect("write round");
+        // The refusal of this round's large message: the router has read all of it.
+        while !status.contains_key(&(2 * k + 1)) {
+            let f = ws.read_response();
+            status.insert(f.header.request_id, status_of(&f));
+        }
+    }
+    while status.len() < 2 * ROUNDS as usize {
+        let f = ws.read_response();
+        status.insert(f.header.request_id, status_of(&f));
+    }
+    for k in 0..ROUNDS {
+        assert_eq!(status[&(2 * k)], 200, "slow request {}", 2 * k);
+        assert_eq!(status[&(2 * k + 1)], 404, "refused request {}", 2 * k + 1);
+    }
+    let paused = r.metrics().get("fedbus_ws_reads_paused_total") - paused_before;
+    assert!(
+        paused >= 1.0,
+        "{ROUNDS} read buffers kept alive by one small request each, and the session never paused"
+    );
+    let logged = wait_for(Duration::from_secs(5), || {
+        r.log()
+            .contains("reading paused until answers come back")
+            .then_some(())
+    });
+    assert!(logged.is_some(), "the pause is logged");
+}

@@ -123,6 +123,11 @@ pub mod tag {
     /// Forwarded requests: the client's `Origin` when it differs from the request's own
     /// origin, checked against the app's CORS policy by the serving cluster.
     pub const ORIGIN: u8 = 26;
+    /// Responses on a peer link: present (empty) when the serving cluster's app allows
+    /// credentials for the forwarded request's ORIGIN (`allow_credentials`), so the forwarding
+    /// router adds `Access-Control-Allow-Credentials` from the app's own policy, not from an app
+    /// of the same name in its own cluster.
+    pub const CORS_CREDENTIALS: u8 = 27;
 }
 
 /// The fixed header.

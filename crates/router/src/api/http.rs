@@ -703,7 +703,7 @@ fn refused_cors(shard: &Shard, path: &str, origin: &[u8], a: &Answer) -> Option<
     let target = parse_api_path(path).ok()?;
     routing::cors::readable(shard, &target, origin, a, false).then(|| CorsAnswer {
         origin: Bytes::copy_from_slice(origin),
-        credentials: routing::cors::allow_credentials(shard, target.app_name),
+        credentials: routing::cors::credentials(shard, &target, origin, a),
     })
 }
 
@@ -767,7 +767,7 @@ fn routed(
         let readable = |o: &[u8]| routing::cors::readable(&shard, &r.target, o, &a, true);
         let cors = r.origin.filter(|o| readable(o)).map(|o| CorsAnswer {
             origin: req.bytes.slice_ref(o),
-            credentials: routing::cors::allow_credentials(&shard, r.target.app_name),
+            credentials: routing::cors::credentials(&shard, &r.target, o, &a),
         });
         Done {
             a,
@@ -893,6 +893,14 @@ async fn serve_inner<S: Stream>(
                 }
                 Parsed::Error(status, code, msg) => {
                     closing = true;
+                    // Counted by status when answered; at debug: a flood of bad heads must not
+                    // become a flood of log lines at the default level.
+                    tracing::debug!(
+                        shard = shard.index,
+                        status,
+                        code,
+                        "request refused from its head: {msg}"
+                    );
                     let a = Answer::error(status, code, msg);
                     // A head refused whole (a body over the limit, a malformed credential)
                     // is still readable by the page; a malformed head has no CORS fields.

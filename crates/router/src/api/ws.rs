@@ -178,6 +178,30 @@ pub(crate) async fn serve<S: Stream>(
             ok
         });
     }
+    // The read buffers that requests in flight keep alive (each holds a slice of one) are held
+    // to twice the bytes charged for them plus two read chunks: a client that puts one small
+    // slow request in each read buffer, and fills the rest with a message refused at once,
+    // would otherwise keep 64 KiB alive per request, charged for ~100 bytes. Over it, the
+    // session reads nothing until answers come back (as an HTTP connection at its in-flight
+    // limit); counted and logged once per session.
+    {
+        let (shard, held, logged) = (shard.clone(), held.clone(), Cell::new(false));
+        reader.limit_pinned(move |bytes, again| {
+            let ok = bytes <= 2 * ws::conn::READ_CHUNK + 2 * held.get();
+            if !ok && !again {
+                crate::metrics::ShardMetrics::inc(&shard.metrics.ws_reads_paused);
+                if !logged.replace(true) {
+                    tracing::info!(
+                        shard = shard.index,
+                        bytes,
+                        charged = held.get(),
+                        "client websocket: read buffers held by small requests in flight; reading paused until answers come back"
+                    );
+                }
+            }
+            ok
+        });
+    }
     // The requests in flight run in reused slots of this task, and every wait of the session
     // is on one timer: a request allocates nothing here.
     let mut inflight = Unordered::new();
@@ -516,6 +540,13 @@ async fn refuse<S: Stream>(
 ) {
     let took = start.elapsed().as_micros() as u64;
     shard.metrics.request(status, took, 0, 0);
+    // Counted by status above; at debug, as an HTTP request refused from its head.
+    tracing::debug!(
+        shard = shard.index,
+        status,
+        code,
+        "/api/ws upgrade refused: {message}"
+    );
     let answer = handshake::error_response(status, code, message);
     if stream.write_parts(&[Bytes::from(answer)]).await.is_ok() {
         // As every refusal closes: what the client sent behind its head is read and

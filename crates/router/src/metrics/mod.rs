@@ -72,6 +72,7 @@ pub(crate) struct ShardMetrics {
     pub(crate) close_timeouts: AtomicU64,
     pub(crate) client_ping_timeouts: AtomicU64,
     pub(crate) slow_messages_closed: AtomicU64,
+    pub(crate) ws_reads_paused: AtomicU64,
     pub(crate) links_revoked: AtomicU64,
     pub(crate) outbox_held: AtomicU64,
     pub(crate) slow_reader_closed: AtomicU64,
@@ -179,7 +180,7 @@ pub(crate) fn render(reg: &Registry, live: &[bool], extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, Field); 32] = [
+    let simple: [(&str, &str, &str, Field); 33] = [
         (
             "fedbus_bytes_in_total",
             "counter",
@@ -314,6 +315,12 @@ pub(crate) fn render(reg: &Registry, live: &[bool], extra: &str) -> String {
             "counter",
             "Client /api/ws sessions and peer links closed (1008) because a message arriving in pieces was slower than limits.min_body_bytes_per_sec (after limits.handshake_timeout_ms).",
             |m| &m.slow_messages_closed,
+        ),
+        (
+            "fedbus_ws_reads_paused_total",
+            "counter",
+            "Times a client /api/ws session stopped reading until answers came back: the read buffers its requests in flight keep alive held more than twice their bytes plus two 64 KiB read chunks.",
+            |m| &m.ws_reads_paused,
         ),
         (
             "fedbus_links_revoked_total",

@@ -9,7 +9,7 @@ use crate::metrics::{Listener, ShardMetrics};
 use crate::proto::renew::{self, RenewPacer};
 use crate::proto::{flags, tag, Frame, Kind};
 use crate::route::ApiPath;
-use crate::routing::answer::send_answer;
+use crate::routing::answer::{send_answer, Served};
 use crate::routing::{self, Answer, Ingress, Request, VerifyCache};
 use crate::shard::Shard;
 use crate::task::link::{close_at_expiry, handle_renew, read_upgrade, RenewGate, TaskLink};
@@ -1096,7 +1096,10 @@ async fn serve_link<S: ws::Stream>(
                                 shard.index,
                                 f.header.request_id,
                                 &a,
-                                Some(&shard.router_name),
+                                Some(Served {
+                                    by: &shard.router_name,
+                                    cors_credentials: false,
+                                }),
                             );
                             continue;
                         }
@@ -1107,12 +1110,23 @@ async fn serve_link<S: ws::Stream>(
                     glommio::spawn_local(async move {
                         let _charge = charge;
                         let start = Instant::now();
-                        let a = match forwarded_request(&f, start) {
-                            Ok(req) => routing::route(&s, &c, &req).await,
-                            Err(a) => a,
+                        let (a, cors_credentials) = match forwarded_request(&f, start) {
+                            Ok(req) => {
+                                let a = routing::route(&s, &c, &req).await;
+                                // The app's own policy says whether the page may send
+                                // credentials; the forwarding router adds the field.
+                                let creds = req.origin.is_some_and(|o| {
+                                    routing::cors::credentials_for(&s, req.target.app_name, o)
+                                });
+                                (a, creds)
+                            }
+                            Err(a) => (a, false),
                         };
-                        let sent =
-                            send_answer(&o, s.index, f.header.request_id, &a, Some(&s.router_name));
+                        let served = Served {
+                            by: &s.router_name,
+                            cors_credentials,
+                        };
+                        let sent = send_answer(&o, s.index, f.header.request_id, &a, Some(served));
                         s.metrics.request(
                             a.status(),
                             start.elapsed().as_micros() as u64,

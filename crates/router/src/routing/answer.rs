@@ -287,13 +287,22 @@ pub(crate) fn send_answer(
     shard: usize,
     id: u64,
     a: &Answer,
-    served_by: Option<&str>,
+    served_by: Option<Served<'_>>,
 ) -> usize {
     let mut m = HEAD.with(|h| h.take());
     answer_head(&mut m, shard, id, a, served_by);
     let n = send_head(out, &m, shard, id, a, served_by);
     HEAD.with(|h| h.set(m));
     n
+}
+
+/// What a Response on a peer link says of the router that served it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Served<'a> {
+    /// Its `region/cluster/router` (SERVED_BY).
+    pub(crate) by: &'a str,
+    /// The app's policy allows credentials for the request's origin (CORS_CREDENTIALS).
+    pub(crate) cors_credentials: bool,
 }
 
 thread_local! {
@@ -309,7 +318,7 @@ fn send_head(
     shard: usize,
     id: u64,
     a: &Answer,
-    served_by: Option<&str>,
+    served_by: Option<Served<'_>>,
 ) -> usize {
     let body = a.body();
     let n = body.len();
@@ -346,11 +355,14 @@ fn send_head(
 }
 
 /// The Response frame of `a` without its body (the body goes out as its own slice).
-fn answer_head(m: &mut BytesMut, shard: usize, id: u64, a: &Answer, served_by: Option<&str>) {
+fn answer_head(m: &mut BytesMut, shard: usize, id: u64, a: &Answer, served_by: Option<Served<'_>>) {
     proto::begin_head(m);
     put_meta_u64(m, tag::STATUS, u64::from(a.status()));
     if let Some(r) = served_by {
-        put_meta(m, tag::SERVED_BY, r.as_bytes());
+        put_meta(m, tag::SERVED_BY, r.by.as_bytes());
+        if r.cors_credentials {
+            put_meta(m, tag::CORS_CREDENTIALS, b"");
+        }
     }
     if let Some(code) = a.error_tag() {
         put_meta(m, tag::ERROR, code);

@@ -74,12 +74,14 @@ pub(crate) fn any_app_allows(shard: &Shard, origin: &[u8]) -> bool {
 /// fields, so that the page reads it. Never the refusal of the origin itself. For an app of
 /// this cluster, its policy decides (a routed answer already passed it, [`check`]; a refusal
 /// made from the request head before the policy ran, a body over the limit or a malformed
-/// credential, did not). For another cluster's app the answer is relayed from the router that
+/// credential, did not). For another cluster's app, an answer relayed from the router that
 /// applied that app's policy, unless it is a `404 unknown_app` (that router has no policy for
-/// it either). For an app or a cluster nobody knows, whether any of this router's apps allows
-/// the origin (the `/api/ws` upgrade's check): a page on an origin no app trusts learns
-/// nothing from a 404 about which apps and clusters exist. `routed`: the answer comes from
-/// routing, after this cluster's app's policy passed, so only its 404s are looked at further.
+/// it either). Any other answer, and an answer this router made itself for another cluster's
+/// app (a refusal from the head, a peer link down or late), is readable when any of this
+/// router's apps allows the origin (the `/api/ws` upgrade's check): this router does not know
+/// that app's policy, and a page on an origin no app trusts learns nothing from a 404 about
+/// which apps and clusters exist. `routed`: the answer comes from routing, after this
+/// cluster's app's policy passed, so only its 404s are looked at further.
 pub(crate) fn readable(
     shard: &Shard,
     target: &crate::route::ApiPath<'_>,
@@ -92,13 +94,11 @@ pub(crate) fn readable(
         return false;
     }
     let unknown = matches!(tag, Some(b"unknown_app" | b"unknown_cluster"));
-    if routed && !unknown {
+    if routed && !unknown && ours(shard, target) {
         return true;
     }
-    let ours = target.region == shard.cfg.region && target.cluster == shard.cfg.cluster;
-    if !ours {
-        let fed = shard.snapshots.fed.load();
-        if !unknown && fed.knows(target.region, target.cluster) {
+    if !ours(shard, target) {
+        if !unknown && matches!(a, Answer::Relayed { .. }) {
             return true;
         }
         return any_app_allows(shard, origin);
@@ -110,9 +110,34 @@ pub(crate) fn readable(
     }
 }
 
-/// Whether answers to a cross-origin request for `app_name` carry
-/// `Access-Control-Allow-Credentials: true` (the policy of this router's app of that name).
-pub(crate) fn allow_credentials(shard: &Shard, app_name: &str) -> bool {
+/// Whether `target` names this router's own cluster.
+fn ours(shard: &Shard, target: &crate::route::ApiPath<'_>) -> bool {
+    target.region == shard.cfg.region && target.cluster == shard.cfg.cluster
+}
+
+/// Whether the answer `a` to a cross-origin request from `origin` for `target` carries
+/// `Access-Control-Allow-Credentials: true`: when the policy of the app that served it allows
+/// `origin` and credentials. For an app of this cluster, its policy here. For another
+/// cluster's app, the serving router says so in its relayed answer (CORS_CREDENTIALS, set by
+/// [`credentials_for`] there); an answer this router made itself for another cluster's app
+/// never carries it, since an app of the same name in this cluster is another app.
+pub(crate) fn credentials(
+    shard: &Shard,
+    target: &crate::route::ApiPath<'_>,
+    origin: &[u8],
+    a: &Answer,
+) -> bool {
+    if ours(shard, target) {
+        return credentials_for(shard, target.app_name, origin);
+    }
+    match a {
+        Answer::Relayed { frame, .. } => frame.get(crate::proto::tag::CORS_CREDENTIALS).is_some(),
+        _ => false,
+    }
+}
+
+/// Whether this router's app `app_name` allows `origin` with credentials (`allow_credentials`).
+pub(crate) fn credentials_for(shard: &Shard, app_name: &str, origin: &[u8]) -> bool {
     shard
         .snapshots
         .apps
@@ -121,5 +146,5 @@ pub(crate) fn allow_credentials(shard: &Shard, app_name: &str) -> bool {
         .iter()
         .find(|a| a.name == app_name)
         .and_then(|a| a.cors.as_ref())
-        .is_some_and(|c| c.allow_credentials)
+        .is_some_and(|c| c.allow_credentials && c.allows(origin))
 }

@@ -277,7 +277,7 @@ pub fn make_room(buf: &mut BytesMut, spare: &mut BytesMut, additional: usize, mi
 }
 
 /// Size of each read; the buffer grows only for a frame that is larger.
-const READ_CHUNK: usize = 64 * 1024;
+pub(crate) const READ_CHUNK: usize = 64 * 1024;
 
 /// Parses frames out of one growing read buffer.
 pub struct WsReader<R> {
@@ -288,8 +288,17 @@ pub struct WsReader<R> {
     /// A fragmented message being assembled: (opcode, bytes so far).
     frag: Option<(u8, BytesMut)>,
     space: ReadSpace,
-    /// The read buffer given up last, reused once the messages cut from it are dropped.
-    spare: BytesMut,
+    /// Read buffers given up while messages cut from them may still be alive (requests in
+    /// flight hold slices of them), with the size of each one's allocation; one whose messages
+    /// are all gone becomes the read buffer again ([`WsReader::room`]).
+    retired: Vec<(Bytes, usize)>,
+    /// The size of the read buffer's allocation.
+    alloc: usize,
+    /// Whether a new read buffer may be made while the retired ones still held hold that many
+    /// bytes (see [`WsReader::limit_pinned`]; None: always).
+    may_pin: Option<Box<dyn Fn(usize, bool) -> bool>>,
+    /// The frame being read needs the buffer to hold this many bytes (0: none).
+    frame_total: usize,
     /// Most pings and pongs per second (`u32::MAX`: no limit).
     control_rate: crate::util::Rate,
     /// Messages returned since the reader last waited for the socket.
@@ -361,6 +370,7 @@ const MESSAGES_PER_TURN: u32 = 64;
 impl<R: AsyncRead + Unpin> WsReader<R> {
     /// `leftover`: bytes already read after the handshake head.
     pub fn new(io: R, leftover: BytesMut, side: Side, max_message: usize) -> Self {
+        let leftover_cap = leftover.capacity();
         WsReader {
             io,
             buf: leftover,
@@ -368,7 +378,10 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             max_message,
             frag: None,
             space: ReadSpace::default(),
-            spare: BytesMut::new(),
+            alloc: leftover_cap,
+            retired: Vec::new(),
+            may_pin: None,
+            frame_total: 0,
             control_rate: crate::util::Rate::per_second(u32::MAX),
             turn: 0,
             reads: 0,
@@ -420,6 +433,90 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     /// costs nothing.
     pub fn charge_arriving(&mut self, charge: impl FnMut(usize) -> bool + 'static) {
         self.arriving = Some(Box::new(charge));
+    }
+
+    /// Bounds the read buffers that messages in flight keep alive: a new buffer is made while
+    /// earlier ones are still held only when `may(bytes, again)` allows the retired buffers to
+    /// hold `bytes` (their allocations, the one given up now included; `again`: asked before in
+    /// the same wait); otherwise the reader waits (reads nothing) until messages cut from them
+    /// are gone. Without it a client could make
+    /// each read buffer hold one small slow request and fill the rest with a message refused
+    /// at once: every request would keep a whole buffer (64 KiB) alive while charged for its own
+    /// bytes.
+    pub fn limit_pinned(&mut self, may: impl Fn(usize, bool) -> bool + 'static) {
+        self.may_pin = Some(Box::new(may));
+    }
+
+    /// Read buffers given up and still held by messages cut from them: how many, and their
+    /// bytes.
+    pub fn pinned(&self) -> (usize, usize) {
+        let held = self.retired.iter().filter(|(b, _)| !b.is_unique());
+        held.fold((0, 0), |(n, bytes), (_, size)| (n + 1, bytes + size))
+    }
+
+    /// Makes room for `additional` more bytes in the read buffer, a new buffer holding at
+    /// least `min_cap` (as [`make_room`], with every buffer given up kept): the buffer is
+    /// reclaimed in place when nothing cut from it is alive; else a retired buffer whose
+    /// messages are all gone takes over (the others that are free are let go); else a new one
+    /// is made, when [`WsReader::limit_pinned`] allows the retired buffers that are still held
+    /// plus this one; else it waits, looking again every millisecond. The buffer given up is
+    /// retired while anything cut from it is alive, let go otherwise.
+    async fn room(&mut self, additional: usize, min_cap: usize) {
+        let mut again = false;
+        loop {
+            if self.buf.capacity() - self.buf.len() >= additional
+                || self.buf.try_reclaim(additional)
+            {
+                return;
+            }
+            let need = self.buf.len() + additional;
+            let (mut reuse, mut held) = (None, 0);
+            self.retired.retain_mut(|(b, size)| {
+                if !b.is_unique() {
+                    held += *size;
+                    return true;
+                }
+                if reuse.is_none() && *size >= need {
+                    reuse = std::mem::take(b).try_into_mut().ok().map(|b| (b, *size));
+                }
+                false
+            });
+            let (mut next, size) = match reuse {
+                Some(r) => r,
+                None if held == 0
+                    || self
+                        .may_pin
+                        .as_ref()
+                        .is_none_or(|may| may(held + self.alloc, again)) =>
+                {
+                    let n = need.max(min_cap);
+                    (BytesMut::with_capacity(n), n)
+                }
+                None => {
+                    again = true;
+                    glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+                    continue;
+                }
+            };
+            // Unique: reclaims the whole allocation.
+            let _ = next.try_reclaim(need);
+            next.extend_from_slice(&self.buf);
+            let mut old = std::mem::replace(&mut self.buf, next);
+            old.clear();
+            let old = old.freeze();
+            // (An empty `BytesMut::new()`, never allocated, freezes to a static `Bytes`, which
+            // never says it is unique.)
+            if self.alloc > 0 && !old.is_unique() {
+                if self.may_pin.is_none() {
+                    // Unbounded (a link): only the last one is kept, to be reused, as
+                    // [`make_room`] keeps its spare; the others live as long as their slices.
+                    self.retired.clear();
+                }
+                self.retired.push((old, self.alloc));
+            }
+            self.alloc = size;
+            return;
+        }
     }
 
     /// Tells [`WsReader::charge_arriving`]'s hook that the message in progress holds `n`
@@ -609,7 +706,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             return false;
         }
         self.space.give_back(&mut self.buf);
-        self.spare = BytesMut::new();
+        (self.retired, self.alloc) = (Vec::new(), 0);
         true
     }
 
@@ -619,21 +716,35 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     }
 
     async fn fill(&mut self) -> Result<(), WsError> {
+        let frame_left = std::mem::take(&mut self.frame_total).saturating_sub(self.buf.len());
+        if self.retired.len() > 1 {
+            // Retired buffers free again are let go but one (to be reused), each read rather
+            // than at the next new buffer only: a session that goes quiet after large messages
+            // does not keep their buffers.
+            let mut one_free = false;
+            self.retired
+                .retain(|(b, _)| !b.is_unique() || !std::mem::replace(&mut one_free, true));
+        }
         let n = if self.space.is_unbuffered() {
             let io = &mut self.io;
-            self.space
+            let n = self
+                .space
                 .read_unbuffered(io, &mut self.buf, FIRST_OFFER)
-                .await?
+                .await?;
+            self.alloc = self.buf.capacity();
+            n
         } else {
             // Room for what the next read is offered: 4 KiB for a session that only ever
             // receives small messages (it keeps that little), up to a whole chunk once reads
-            // fill it.
+            // fill it; and for the whole of a frame that is larger.
             // A buffer with room for a first offer left is read into as it is: messages in
             // flight hold slices of it, so a fresh buffer for each small message that comes
             // in a read of its own would keep a whole chunk alive per message, uncharged.
             let want = self.space.next_offer();
-            if self.buf.capacity() - self.buf.len() < FIRST_OFFER {
-                make_room(&mut self.buf, &mut self.spare, want, want);
+            if frame_left > self.buf.capacity() - self.buf.len() {
+                self.room(frame_left, want).await;
+            } else if self.buf.capacity() - self.buf.len() < FIRST_OFFER {
+                self.room(want, want).await;
             }
             self.space.read(&mut self.io, &mut self.buf).await?
         };
@@ -681,8 +792,9 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                         continue;
                     }
                 }
-                // Make room for the whole frame once, rather than growing by chunks.
-                self.buf.reserve(total - self.buf.len());
+                // Room for the whole frame is made once by the next read, rather than
+                // growing by chunks.
+                self.frame_total = total;
                 return Ok(None);
             }
             let mut f = self.buf.split_to(total);
@@ -1827,6 +1939,68 @@ mod tests {
             text: false,
         };
         assert_eq!(dropped.close_code(), Some(1013));
+    }
+
+    /// A request in flight keeps the read buffer it was cut from: the buffer is retired, not
+    /// dropped, and is free again once the request is gone. With [`WsReader::limit_pinned`]
+    /// refusing, a new buffer is not made while retired ones are held (the first is: nothing
+    /// was held before it): the reader waits until a message is gone, then reads on.
+    #[test]
+    fn read_buffers_held_by_messages_are_retired_and_bounded() {
+        use std::cell::Cell;
+        use std::time::Duration;
+        glommio::LocalExecutor::default().run(async {
+            let mut wire = masked(opcode::BINARY, b"small", [1, 2, 3, 4], true);
+            wire.extend(masked(opcode::BINARY, &[b'b'; 60_000], [5, 6, 7, 8], true));
+            wire.extend(masked(opcode::BINARY, b"after", [1, 2, 3, 4], true));
+            let binary = |m: Result<Message, WsError>| match m {
+                Ok(Message::Binary(b)) => b,
+                m => panic!("{m:?}"),
+            };
+            for limit in [false, true] {
+                let mut r = WsReader::new(
+                    Chunks(&wire, 1 << 16),
+                    BytesMut::new(),
+                    Side::Server,
+                    1 << 20,
+                );
+                let asked = Rc::new(Cell::new(0));
+                if limit {
+                    let asked = asked.clone();
+                    r.limit_pinned(move |_, _| {
+                        asked.set(asked.get() + 1);
+                        false
+                    });
+                }
+                let small = binary(r.next().await);
+                assert_eq!(&small[..], b"small");
+                // Needs a new buffer while `small` holds the first: nothing was held before.
+                let big = binary(r.next().await);
+                assert_eq!(big.len(), 60_000);
+                assert_eq!(r.pinned().0, 1, "the buffer `small` holds is retired");
+                if !limit {
+                    drop(small);
+                    assert_eq!(r.pinned(), (0, 0), "free once its message is gone");
+                    assert_eq!(&binary(r.next().await)[..], b"after");
+                    continue;
+                }
+                // Both buffers held: the next read waits for one to be free.
+                let mut next = std::pin::pin!(r.next());
+                let early = futures_lite::future::or(async { Some((&mut next).await) }, async {
+                    glommio::timer::sleep(Duration::from_millis(30)).await;
+                    None
+                })
+                .await;
+                assert!(
+                    early.is_none(),
+                    "read on while both buffers are held: {early:?}"
+                );
+                assert!(asked.get() >= 1);
+                drop(small);
+                assert_eq!(&binary(next.await)[..], b"after");
+                drop(big);
+            }
+        });
     }
 
     #[test]

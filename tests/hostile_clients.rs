@@ -1414,3 +1414,46 @@ fn small_slow_requests_cannot_keep_a_read_buffer_each() {
     });
     assert!(logged.is_some(), "the pause is logged");
 }
+
+/// The bound on read buffers held by requests in flight does not stop a well-behaved session:
+/// 200 small requests for a slow task, each written once the one before was read (so each is
+/// read, and kept alive, in a 4 KiB buffer of its own), are all taken in: a request sent after them
+/// (for an app nobody serves: answered at once) is answered before any of them, and no pause is
+/// counted.
+#[test]
+fn small_requests_each_in_a_write_of_its_own_are_not_paused() {
+    const SLOW: u64 = 200;
+    let r = Router::new().shards(1).start();
+    // Long enough for the 200 sends with a scrape after each, on a loaded machine.
+    let _slow = r.task().delay_ms(8000).start();
+    let tok = r.token(APP, "alice");
+    let paused_before = r.metrics().get("fedbus_ws_reads_paused_total");
+    let mut ws = Ws::open(r.api, &tok);
+    let path = r.path(APP, 6);
+    for id in 0..SLOW {
+        ws.send_request(id, &path, b"small");
+        // Read by the router (sent to the task) before the next one is written: a read each.
+        let pending = wait_for(Duration::from_secs(10), || {
+            (r.metrics().get("fedbus_pending_requests") >= (id + 1) as f64).then_some(())
+        });
+        assert!(pending.is_some(), "request {id} was not taken in");
+    }
+    ws.send_request(SLOW, &r.path("nobody/none", 1), b"last");
+    let first = ws.read_response();
+    assert_eq!(
+        (first.header.request_id, status_of(&first)),
+        (SLOW, 404),
+        "the request after the slow ones waited for them: {first:?}"
+    );
+    assert_eq!(
+        r.metrics().get("fedbus_ws_reads_paused_total"),
+        paused_before,
+        "a well-behaved session was paused"
+    );
+    // The slow answers come 8 s after their requests.
+    ws.s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    for _ in 0..SLOW {
+        assert_eq!(status_of(&ws.read_response()), 200);
+    }
+}

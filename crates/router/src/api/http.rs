@@ -866,6 +866,11 @@ async fn serve_inner<S: Stream>(
                                 .and_then(|()| shard.charge_body(&held, body_len));
                         if let Err(a) = checked.map(|c| receiving = Some(c)) {
                             closing = true;
+                            tracing::debug!(
+                                shard = shard.index,
+                                status = a.status(),
+                                "request refused from its head before its body"
+                            );
                             let head = is_head(&buf);
                             let cors = refusal_cors(shard, &buf[..n], &a);
                             let now = Instant::now();

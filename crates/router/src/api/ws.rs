@@ -45,7 +45,17 @@ pub(crate) async fn serve<S: Stream>(
     let up = match handshake::parse_upgrade_within(&head, shard.cfg.limits.max_header_bytes) {
         Ok(Some(up)) => up,
         Ok(None) => return,
-        Err(r) => return refuse(&shard, &mut stream, start, r.status, r.code, r.message).await,
+        Err(r) => {
+            // Counted by status; at debug, as an HTTP request refused from its head.
+            tracing::debug!(
+                shard = shard.index,
+                status = r.status,
+                code = r.code,
+                "/api/ws upgrade refused: {}",
+                r.message
+            );
+            return refuse(&shard, &mut stream, start, r.status, r.code, r.message).await;
+        }
     };
     // A slice of the HTTP read buffer: held, it would keep that whole buffer for the session's
     // life (`up` owns what it took from it).
@@ -103,7 +113,14 @@ pub(crate) async fn serve<S: Stream>(
             Ok(Principal::Client { exp: e, .. }) => exp = Some(e),
             Ok(Principal::Anonymous) => {}
             Err(Answer::Error(e)) => {
-                return refuse(&shard, &mut stream, start, e.status, e.code, &e.message).await
+                tracing::debug!(
+                    shard = shard.index,
+                    status = e.status,
+                    code = e.code,
+                    "/api/ws upgrade refused: {}",
+                    e.message
+                );
+                return refuse(&shard, &mut stream, start, e.status, e.code, &e.message).await;
             }
             Err(_) => return,
         }
@@ -179,22 +196,32 @@ pub(crate) async fn serve<S: Stream>(
         });
     }
     // The read buffers that requests in flight keep alive (each holds a slice of one) are held
-    // to twice the bytes charged for them plus two read chunks: a client that puts one small
-    // slow request in each read buffer, and fills the rest with a message refused at once,
-    // would otherwise keep 64 KiB alive per request, charged for ~100 bytes. Over it, the
-    // session reads nothing until answers come back (as an HTTP connection at its in-flight
-    // limit); counted and logged once per session.
+    // to twice the bytes charged for them, plus two first offers (8 KiB) per request in flight
+    // (a client that sends each small request in a write of its own has each read into a
+    // small buffer of its own), plus two read chunks. A client that put one small slow request
+    // in each read and filled the rest of the buffer with a message refused at once kept 64 KiB
+    // alive per request, charged for ~100 bytes (16 MiB per session at 256 in flight); now 8
+    // KiB. Past it the session reads nothing until answers come back (as an HTTP connection
+    // at its in-flight limit); counted once per wait, logged once per session.
     {
-        let (shard, held, logged) = (shard.clone(), held.clone(), Cell::new(false));
-        reader.limit_pinned(move |bytes, again| {
-            let ok = bytes <= 2 * ws::conn::READ_CHUNK + 2 * held.get();
-            if !ok && !again {
+        let (shard, held, session, logged) = (
+            shard.clone(),
+            held.clone(),
+            session.clone(),
+            Cell::new(false),
+        );
+        reader.limit_pinned(move |ask| {
+            let charged = held.get().saturating_sub(ask.arriving);
+            let per_request = 2 * ws::conn::FIRST_OFFER * session.inflight.get();
+            let ok = ask.bytes <= 2 * ws::conn::READ_CHUNK + 2 * charged + per_request;
+            if !ok && !ask.again {
                 crate::metrics::ShardMetrics::inc(&shard.metrics.ws_reads_paused);
                 if !logged.replace(true) {
                     tracing::info!(
                         shard = shard.index,
-                        bytes,
-                        charged = held.get(),
+                        bytes = ask.bytes,
+                        charged,
+                        inflight = session.inflight.get(),
                         "client websocket: read buffers held by small requests in flight; reading paused until answers come back"
                     );
                 }
@@ -540,13 +567,6 @@ async fn refuse<S: Stream>(
 ) {
     let took = start.elapsed().as_micros() as u64;
     shard.metrics.request(status, took, 0, 0);
-    // Counted by status above; at debug, as an HTTP request refused from its head.
-    tracing::debug!(
-        shard = shard.index,
-        status,
-        code,
-        "/api/ws upgrade refused: {message}"
-    );
     let answer = handshake::error_response(status, code, message);
     if stream.write_parts(&[Bytes::from(answer)]).await.is_ok() {
         // As every refusal closes: what the client sent behind its head is read and

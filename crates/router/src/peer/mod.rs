@@ -1098,7 +1098,7 @@ async fn serve_link<S: ws::Stream>(
                                 &a,
                                 Some(Served {
                                     by: &shard.router_name,
-                                    cors_credentials: false,
+                                    cors_credentials: cors_credentials(shard, &f),
                                 }),
                             );
                             continue;
@@ -1110,21 +1110,13 @@ async fn serve_link<S: ws::Stream>(
                     glommio::spawn_local(async move {
                         let _charge = charge;
                         let start = Instant::now();
-                        let (a, cors_credentials) = match forwarded_request(&f, start) {
-                            Ok(req) => {
-                                let a = routing::route(&s, &c, &req).await;
-                                // The app's own policy says whether the page may send
-                                // credentials; the forwarding router adds the field.
-                                let creds = req.origin.is_some_and(|o| {
-                                    routing::cors::credentials_for(&s, req.target.app_name, o)
-                                });
-                                (a, creds)
-                            }
-                            Err(a) => (a, false),
+                        let a = match forwarded_request(&f, start) {
+                            Ok(req) => routing::route(&s, &c, &req).await,
+                            Err(a) => a,
                         };
                         let served = Served {
                             by: &s.router_name,
-                            cors_credentials,
+                            cors_credentials: cors_credentials(&s, &f),
                         };
                         let sent = send_answer(&o, s.index, f.header.request_id, &a, Some(served));
                         s.metrics.request(
@@ -1217,6 +1209,22 @@ async fn send_status(
         }
         drop(table);
         timer.sleep(crate::health::POLL).await;
+    }
+}
+
+/// Whether the answer to the forwarded request `f` carries CORS_CREDENTIALS: it is for an app
+/// of this cluster whose policy allows its ORIGIN with credentials (the forwarding router adds
+/// `Access-Control-Allow-Credentials` from it). Refusals too (`peer_busy`, the budget), so that
+/// a credentialed page reads them; never for a request that is not for this cluster (`508
+/// forward_loop`): an app of the same name here is another app.
+fn cors_credentials(shard: &Shard, f: &Frame) -> bool {
+    let ours = f
+        .get_str(tag::CLUSTER)
+        .and_then(|c| c.split_once('/'))
+        .is_some_and(|(r, c)| r == shard.cfg.region && c == shard.cfg.cluster);
+    match (ours, f.get(tag::ORIGIN), f.get_str(tag::APP)) {
+        (true, Some(origin), Some(app)) => routing::cors::credentials_for(shard, app, origin),
+        _ => false,
     }
 }
 

@@ -294,9 +294,11 @@ pub struct WsReader<R> {
     retired: Vec<(Bytes, usize)>,
     /// The size of the read buffer's allocation.
     alloc: usize,
-    /// Whether a new read buffer may be made while the retired ones still held hold that many
-    /// bytes (see [`WsReader::limit_pinned`]; None: always).
-    may_pin: Option<Box<dyn Fn(usize, bool) -> bool>>,
+    /// Whether a new read buffer may be made while retired ones are held (see
+    /// [`WsReader::limit_pinned`]; None: always).
+    may_pin: Option<Box<dyn Fn(PinAsk) -> bool>>,
+    /// The reader is waiting for room ([`WsReader::limit_pinned`]).
+    paused: bool,
     /// The frame being read needs the buffer to hold this many bytes (0: none).
     frame_total: usize,
     /// Most pings and pongs per second (`u32::MAX`: no limit).
@@ -313,6 +315,19 @@ pub struct WsReader<R> {
     dropping: Option<Dropping>,
     /// The slowest pace of a message that arrives in pieces (see [`WsReader::set_min_pace`]).
     pace: Option<Pace>,
+}
+
+/// What [`WsReader::limit_pinned`]'s hook is asked before a new read buffer is made.
+#[derive(Debug, Clone, Copy)]
+pub struct PinAsk {
+    /// The allocations of the retired buffers still held (not the one given up now, which may
+    /// be free: it counts from the next time, if it is still held then).
+    pub bytes: usize,
+    /// The charge of the message arriving (told to [`WsReader::charge_arriving`]'s hook): it
+    /// is not in flight yet, and its own buffer is what the new one is made for.
+    pub arriving: usize,
+    /// The reader is already waiting for room (asked before): count a wait once.
+    pub again: bool,
 }
 
 /// A message read in pieces must keep arriving at `bytes_per_sec` after `allowance`, counted
@@ -381,6 +396,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             alloc: leftover_cap,
             retired: Vec::new(),
             may_pin: None,
+            paused: false,
             frame_total: 0,
             control_rate: crate::util::Rate::per_second(u32::MAX),
             turn: 0,
@@ -436,14 +452,17 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     }
 
     /// Bounds the read buffers that messages in flight keep alive: a new buffer is made while
-    /// earlier ones are still held only when `may(bytes, again)` allows the retired buffers to
-    /// hold `bytes` (their allocations, the one given up now included; `again`: asked before in
-    /// the same wait); otherwise the reader waits (reads nothing) until messages cut from them
-    /// are gone. Without it a client could make
-    /// each read buffer hold one small slow request and fill the rest with a message refused
-    /// at once: every request would keep a whole buffer (64 KiB) alive while charged for its own
-    /// bytes.
-    pub fn limit_pinned(&mut self, may: impl Fn(usize, bool) -> bool + 'static) {
+    /// earlier ones are still held only when `may` allows it ([`PinAsk`]: what the retired
+    /// buffers still held hold, and the charge of the message arriving, which is not in flight
+    /// yet); otherwise the reader reads nothing until
+    /// messages cut from them are gone, looking again after 1 ms, then twice as long each time
+    /// up to 32 ms. The time waited does not count against the pace of a message arriving
+    /// ([`WsReader::set_min_pace`]). Without it a client could make each read buffer hold one
+    /// small slow request and fill the rest with a message refused at once: every request would
+    /// keep a whole buffer (64 KiB) alive while charged for its own bytes. Checked when a
+    /// buffer is made: a buffer made for a large message is never read into for small ones
+    /// afterwards (it is let go), so the bound holds for what small requests keep.
+    pub fn limit_pinned(&mut self, may: impl Fn(PinAsk) -> bool + 'static) {
         self.may_pin = Some(Box::new(may));
     }
 
@@ -454,50 +473,98 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
         held.fold((0, 0), |(n, bytes), (_, size)| (n + 1, bytes + size))
     }
 
+    /// Room for the next read (none for a reader without a buffer): what the next read is
+    /// offered, 4 KiB for a session that only ever receives small messages (it keeps that
+    /// little), up to a whole chunk once reads fill it; and the whole of a frame that is larger.
+    /// A buffer with room for a first offer left is read into as it is: messages in flight
+    /// hold slices of it, so a fresh buffer for each small message that comes in a read of its
+    /// own would keep a whole chunk alive per message. Free retired buffers are let go but one
+    /// (up to a read chunk), to be reused. A wait for room ([`WsReader::limit_pinned`]) moves
+    /// the pace's clock on by the time waited.
+    async fn make_read_room(&mut self) {
+        let frame_left = std::mem::take(&mut self.frame_total).saturating_sub(self.buf.len());
+        if self.retired.len() > 1 {
+            let mut one_free = false;
+            self.retired.retain(|(b, size)| {
+                !b.is_unique() || (*size <= READ_CHUNK && !std::mem::replace(&mut one_free, true))
+            });
+        }
+        if self.space.is_unbuffered() {
+            return;
+        }
+        let want = self.space.next_offer();
+        let room = self.buf.capacity() - self.buf.len();
+        // A frame in progress needs room for its rest only (a buffer made for it is exactly
+        // that large): never a new buffer for its last bytes.
+        let waited = if frame_left > 0 {
+            match frame_left > room {
+                true => self.room(frame_left, want).await,
+                false => None,
+            }
+        } else if room < FIRST_OFFER {
+            self.room(want, want).await
+        } else {
+            None
+        };
+        if let Some(since) = waited
+            .and(self.pace.as_mut())
+            .and_then(|p| p.since.as_mut())
+        {
+            *since += waited.unwrap_or_default();
+        }
+    }
+
     /// Makes room for `additional` more bytes in the read buffer, a new buffer holding at
     /// least `min_cap` (as [`make_room`], with every buffer given up kept): the buffer is
-    /// reclaimed in place when nothing cut from it is alive; else a retired buffer whose
-    /// messages are all gone takes over (the others that are free are let go); else a new one
-    /// is made, when [`WsReader::limit_pinned`] allows the retired buffers that are still held
-    /// plus this one; else it waits, looking again every millisecond. The buffer given up is
-    /// retired while anything cut from it is alive, let go otherwise.
-    async fn room(&mut self, additional: usize, min_cap: usize) {
-        let mut again = false;
+    /// reclaimed in place when nothing cut from it is alive (unless it is larger than a read
+    /// chunk and than what is needed: one made for a large message is let go); else a retired
+    /// buffer whose messages are all gone takes over (the others that are free are let go);
+    /// else a new one is made, when [`WsReader::limit_pinned`] allows it; else it waits. The
+    /// buffer given up is retired while anything cut from it is alive, let go otherwise.
+    /// Returns how long it waited, if it did.
+    async fn room(&mut self, additional: usize, min_cap: usize) -> Option<std::time::Duration> {
+        let mut nap = std::time::Duration::from_millis(1);
+        let mut waited = None;
         loop {
-            if self.buf.capacity() - self.buf.len() >= additional
-                || self.buf.try_reclaim(additional)
-            {
-                return;
-            }
             let need = self.buf.len() + additional;
+            let fits = |size: usize| size >= need && size <= READ_CHUNK.max(need);
+            if self.buf.capacity() - self.buf.len() >= additional
+                || fits(self.alloc) && self.buf.try_reclaim(additional)
+            {
+                return waited;
+            }
             let (mut reuse, mut held) = (None, 0);
             self.retired.retain_mut(|(b, size)| {
                 if !b.is_unique() {
                     held += *size;
                     return true;
                 }
-                if reuse.is_none() && *size >= need {
+                if reuse.is_none() && fits(*size) {
                     reuse = std::mem::take(b).try_into_mut().ok().map(|b| (b, *size));
                 }
                 false
             });
+            let ask = PinAsk {
+                bytes: held,
+                arriving: self.charged,
+                again: self.paused,
+            };
             let (mut next, size) = match reuse {
                 Some(r) => r,
-                None if held == 0
-                    || self
-                        .may_pin
-                        .as_ref()
-                        .is_none_or(|may| may(held + self.alloc, again)) =>
-                {
+                None if ask.bytes == 0 || self.may_pin.as_ref().is_none_or(|may| may(ask)) => {
                     let n = need.max(min_cap);
                     (BytesMut::with_capacity(n), n)
                 }
                 None => {
-                    again = true;
-                    glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+                    self.paused = true;
+                    let t = std::time::Instant::now();
+                    glommio::timer::sleep(nap).await;
+                    *waited.get_or_insert_default() += t.elapsed();
+                    nap = (nap * 2).min(std::time::Duration::from_millis(32));
                     continue;
                 }
             };
+            self.paused = false;
             // Unique: reclaims the whole allocation.
             let _ = next.try_reclaim(need);
             next.extend_from_slice(&self.buf);
@@ -515,7 +582,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                 self.retired.push((old, self.alloc));
             }
             self.alloc = size;
-            return;
+            return waited;
         }
     }
 
@@ -658,6 +725,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             // MESSAGES_PER_TURN: a peer that keeps each read full still yields the shard past
             // the executor's time slice (outside a glommio executor this never yields).
             glommio::executor().yield_if_needed().await;
+            self.make_read_room().await;
             match self.message_deadline() {
                 None => self.fill().await?,
                 Some(due) => {
@@ -716,15 +784,6 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     }
 
     async fn fill(&mut self) -> Result<(), WsError> {
-        let frame_left = std::mem::take(&mut self.frame_total).saturating_sub(self.buf.len());
-        if self.retired.len() > 1 {
-            // Retired buffers free again are let go but one (to be reused), each read rather
-            // than at the next new buffer only: a session that goes quiet after large messages
-            // does not keep their buffers.
-            let mut one_free = false;
-            self.retired
-                .retain(|(b, _)| !b.is_unique() || !std::mem::replace(&mut one_free, true));
-        }
         let n = if self.space.is_unbuffered() {
             let io = &mut self.io;
             let n = self
@@ -734,18 +793,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             self.alloc = self.buf.capacity();
             n
         } else {
-            // Room for what the next read is offered: 4 KiB for a session that only ever
-            // receives small messages (it keeps that little), up to a whole chunk once reads
-            // fill it; and for the whole of a frame that is larger.
-            // A buffer with room for a first offer left is read into as it is: messages in
-            // flight hold slices of it, so a fresh buffer for each small message that comes
-            // in a read of its own would keep a whole chunk alive per message, uncharged.
-            let want = self.space.next_offer();
-            if frame_left > self.buf.capacity() - self.buf.len() {
-                self.room(frame_left, want).await;
-            } else if self.buf.capacity() - self.buf.len() < FIRST_OFFER {
-                self.room(want, want).await;
-            }
+            // Room was made before ([`WsReader::make_read_room`]), outside the pace's deadline.
             self.space.read(&mut self.io, &mut self.buf).await?
         };
         if n == 0 {
@@ -1964,11 +2012,12 @@ mod tests {
                     Side::Server,
                     1 << 20,
                 );
-                let asked = Rc::new(Cell::new(0));
+                let asked: Rc<Cell<Option<PinAsk>>> = Rc::default();
                 if limit {
                     let asked = asked.clone();
-                    r.limit_pinned(move |_, _| {
-                        asked.set(asked.get() + 1);
+                    r.limit_pinned(move |ask| {
+                        asked.set(Some(ask));
+                        // Asked only while a retired buffer is held: never.
                         false
                     });
                 }
@@ -1995,9 +2044,17 @@ mod tests {
                     early.is_none(),
                     "read on while both buffers are held: {early:?}"
                 );
-                assert!(asked.get() >= 1);
+                // Asked with the retired first buffer (4 KiB) held by `small`.
+                let ask = asked.get().expect("asked");
+                assert_eq!(ask.bytes, FIRST_OFFER, "{ask:?}");
+                assert!(ask.again, "asked again while it waits: {ask:?}");
                 drop(small);
-                assert_eq!(&binary(next.await)[..], b"after");
+                let after =
+                    glommio::timer::timeout(Duration::from_secs(5), async { Ok(next.await) });
+                assert_eq!(
+                    &binary(after.await.expect("read on once a buffer is free"))[..],
+                    b"after"
+                );
                 drop(big);
             }
         });

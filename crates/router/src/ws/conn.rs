@@ -496,21 +496,12 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
         let room = self.buf.capacity() - self.buf.len();
         // A frame in progress needs room for its rest only (a buffer made for it is exactly
         // that large): never a new buffer for its last bytes.
-        let waited = if frame_left > 0 {
-            match frame_left > room {
-                true => self.room(frame_left, want).await,
-                false => None,
+        if frame_left > 0 {
+            if frame_left > room {
+                self.room(frame_left, want).await;
             }
         } else if room < FIRST_OFFER {
-            self.room(want, want).await
-        } else {
-            None
-        };
-        if let Some(since) = waited
-            .and(self.pace.as_mut())
-            .and_then(|p| p.since.as_mut())
-        {
-            *since += waited.unwrap_or_default();
+            self.room(want, want).await;
         }
     }
 
@@ -521,17 +512,19 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     /// buffer whose messages are all gone takes over (the others that are free are let go);
     /// else a new one is made, when [`WsReader::limit_pinned`] allows it; else it waits. The
     /// buffer given up is retired while anything cut from it is alive, let go otherwise.
-    /// Returns how long it waited, if it did.
-    async fn room(&mut self, additional: usize, min_cap: usize) -> Option<std::time::Duration> {
+    /// The time it waits moves the pace's clock of a message arriving on.
+    async fn room(&mut self, additional: usize, min_cap: usize) {
         let mut nap = std::time::Duration::from_millis(1);
-        let mut waited = None;
         loop {
             let need = self.buf.len() + additional;
-            let fits = |size: usize| size >= need && size <= READ_CHUNK.max(need);
+            // Not a buffer more than twice what is needed (at least a read chunk): one made
+            // for a large message is let go rather than read into for small ones.
+            let fits = |size: usize| size >= need && size <= 2 * READ_CHUNK.max(need);
             if self.buf.capacity() - self.buf.len() >= additional
                 || fits(self.alloc) && self.buf.try_reclaim(additional)
             {
-                return waited;
+                self.paused = false;
+                return;
             }
             let (mut reuse, mut held) = (None, 0);
             self.retired.retain_mut(|(b, size)| {
@@ -559,7 +552,13 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                     self.paused = true;
                     let t = std::time::Instant::now();
                     glommio::timer::sleep(nap).await;
-                    *waited.get_or_insert_default() += t.elapsed();
+                    // The message arriving is not held to its pace for the time the router
+                    // kept it waiting: moved on nap by nap (the session may drop this wait
+                    // and call again).
+                    let slept = t.elapsed();
+                    if let Some(since) = self.pace.as_mut().and_then(|p| p.since.as_mut()) {
+                        *since += slept;
+                    }
                     nap = (nap * 2).min(std::time::Duration::from_millis(32));
                     continue;
                 }
@@ -582,7 +581,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                 self.retired.push((old, self.alloc));
             }
             self.alloc = size;
-            return waited;
+            return;
         }
     }
 
@@ -908,7 +907,12 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                         self.start_dropping(h.opcode, f, None, n);
                         return Ok(None);
                     }
-                    self.frag = Some((h.opcode, f));
+                    // A copy of its own: a slice would keep the read buffer alive, and a
+                    // retired buffer held by nothing but the message being assembled would
+                    // count against [`WsReader::limit_pinned`] while the reader waits for it
+                    // to be freed by that very message (which needs the reader to finish).
+                    // Its continuations are appended anyway.
+                    self.frag = Some((h.opcode, BytesMut::from(&f[..])));
                     return Ok(None);
                 }
             }
@@ -2057,6 +2061,35 @@ mod tests {
                 );
                 drop(big);
             }
+        });
+    }
+
+    /// A fragmented message keeps no read buffer alive while it is assembled: a reader whose
+    /// [`WsReader::limit_pinned`] refuses every wait still reads a large one whole (it waited
+    /// for ever when the first fragment was a slice of its read buffer).
+    #[test]
+    fn a_fragmented_message_does_not_wait_on_itself() {
+        glommio::LocalExecutor::default().run(async {
+            let mut wire = masked(opcode::BINARY, &[b'a'; 200_000], [1, 2, 3, 4], false);
+            wire.extend(masked(
+                opcode::CONTINUATION,
+                &[b'b'; 100_000],
+                [5, 6, 7, 8],
+                true,
+            ));
+            let mut r = WsReader::new(
+                Chunks(&wire, 1 << 16),
+                BytesMut::new(),
+                Side::Server,
+                1 << 20,
+            );
+            r.limit_pinned(|_| false);
+            let got = glommio::timer::timeout(std::time::Duration::from_secs(5), async {
+                Ok(r.next().await)
+            })
+            .await
+            .expect("read whole without waiting");
+            assert!(matches!(got, Ok(Message::Binary(b)) if b.len() == 300_000));
         });
     }
 

@@ -46,14 +46,7 @@ pub(crate) async fn serve<S: Stream>(
         Ok(Some(up)) => up,
         Ok(None) => return,
         Err(r) => {
-            // Counted by status; at debug, as an HTTP request refused from its head.
-            tracing::debug!(
-                shard = shard.index,
-                status = r.status,
-                code = r.code,
-                "/api/ws upgrade refused: {}",
-                r.message
-            );
+            log_refusal(&shard, r.status, r.code, r.message);
             return refuse(&shard, &mut stream, start, r.status, r.code, r.message).await;
         }
     };
@@ -113,13 +106,7 @@ pub(crate) async fn serve<S: Stream>(
             Ok(Principal::Client { exp: e, .. }) => exp = Some(e),
             Ok(Principal::Anonymous) => {}
             Err(Answer::Error(e)) => {
-                tracing::debug!(
-                    shard = shard.index,
-                    status = e.status,
-                    code = e.code,
-                    "/api/ws upgrade refused: {}",
-                    e.message
-                );
+                log_refusal(&shard, e.status, e.code, &e.message);
                 return refuse(&shard, &mut stream, start, e.status, e.code, &e.message).await;
             }
             Err(_) => return,
@@ -557,6 +544,17 @@ fn bad_input(shard: &Shard, code: u16, why: &str) -> Option<u16> {
 /// Refuses an upgrade with an HTTP error answer, then closes as every refusal does (a
 /// lingering close); counted in `fedbus_requests_total` by its status, with its latency from
 /// `start`, as an HTTP request's answer is.
+/// Logs an upgrade refused for what the client sent (counted by status in [`refuse`]): at
+/// debug, as an HTTP request refused from its head.
+fn log_refusal(shard: &Shard, status: u16, code: &str, message: &str) {
+    tracing::debug!(
+        shard = shard.index,
+        status,
+        code,
+        "/api/ws upgrade refused: {message}"
+    );
+}
+
 async fn refuse<S: Stream>(
     shard: &Shard,
     stream: &mut S,

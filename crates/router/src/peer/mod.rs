@@ -1218,12 +1218,16 @@ async fn send_status(
 /// a credentialed page reads them; never for a request that is not for this cluster (`508
 /// forward_loop`): an app of the same name here is another app.
 fn cors_credentials(shard: &Shard, f: &Frame) -> bool {
+    // ORIGIN first: most forwarded requests have none, and this runs for every answer.
+    let Some(origin) = f.get(tag::ORIGIN) else {
+        return false;
+    };
     let ours = f
         .get_str(tag::CLUSTER)
         .and_then(|c| c.split_once('/'))
         .is_some_and(|(r, c)| r == shard.cfg.region && c == shard.cfg.cluster);
-    match (ours, f.get(tag::ORIGIN), f.get_str(tag::APP)) {
-        (true, Some(origin), Some(app)) => routing::cors::credentials_for(shard, app, origin),
+    match (ours, f.get_str(tag::APP)) {
+        (true, Some(app)) => routing::cors::credentials_for(shard, app, origin),
         _ => false,
     }
 }

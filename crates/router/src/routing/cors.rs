@@ -94,10 +94,11 @@ pub(crate) fn readable(
         return false;
     }
     let unknown = matches!(tag, Some(b"unknown_app" | b"unknown_cluster"));
-    if routed && !unknown && ours(shard, target) {
+    let ours = ours(shard, target);
+    if routed && !unknown && ours {
         return true;
     }
-    if !ours(shard, target) {
+    if !ours {
         if !unknown && matches!(a, Answer::Relayed { .. }) {
             return true;
         }

@@ -1300,6 +1300,11 @@ fn takeover_of_a_router_under_load_fails_no_request() {
         assert!(st.success(), "old spb2/r0 after SIGTERM: {st:?}");
         let old_log = old.log_text();
         assert!(old_log.contains("drained"), "{old_log}");
+        // New clients went to the new router from the drain's start (`shard::steer`).
+        assert!(
+            old_log.contains("new connections steered to the listeners beside"),
+            "{old_log}"
+        );
         // The echo task relinks to the new router, which serves its wsids itself again.
         let back = wait_served_by(
             &f,

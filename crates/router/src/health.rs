@@ -17,6 +17,9 @@ pub(crate) const POLL: Duration = Duration::from_millis(20);
 /// Router-wide liveness and drain state.
 pub struct Health {
     draining: AtomicBool,
+    /// Set by a drain that steered new clients to a router that took over: the api accept
+    /// loops leave their listeners to the drain to shut down (`shard::steer`).
+    clients_steered: AtomicBool,
     /// Set once the drain is over: shards close what is left (task links with 1001).
     closing: AtomicBool,
     /// Per shard: its executor is running (false once it ended or panicked).
@@ -59,6 +62,7 @@ impl Health {
         clusters.dedup();
         Health {
             draining: AtomicBool::new(false),
+            clients_steered: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             shards: (0..shards).map(|_| AtomicBool::new(false)).collect(),
             peer_links: (0..shards * clusters.len())
@@ -82,12 +86,24 @@ impl Health {
 
     /// Starts a drain: `/readyz` answers 503, listeners stop accepting, peer routers are told.
     pub fn start_drain(&self) {
-        self.draining.store(true, Relaxed);
+        // Release: a shard that sees the drain sees `clients_steered` set before it.
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// New clients go to a router that took over (before [`Health::start_drain`]).
+    pub(crate) fn steer_clients(&self) {
+        self.clients_steered.store(true, Relaxed);
+    }
+
+    /// True when [`Health::steer_clients`] was called.
+    pub(crate) fn clients_steered(&self) -> bool {
+        self.clients_steered.load(Relaxed)
     }
 
     /// True once a drain started.
     pub fn draining(&self) -> bool {
-        self.draining.load(Relaxed)
+        self.draining.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// True while every shard runs.

@@ -41,7 +41,7 @@ impl AdminListener {
     /// listeners).
     pub(crate) fn close_if_shared(&self) {
         let own = std::os::fd::AsRawFd::as_raw_fd(&self.socket);
-        if !others_listen_on(self.addr, socket_inode(own)) {
+        if !others_listen_on(self.addr, crate::shard::steer::socket_inode(own)) {
             return;
         }
         self.closed.store(true, Ordering::Relaxed);
@@ -59,66 +59,10 @@ impl AdminListener {
     }
 }
 
-/// The inode of socket `fd` (what `/proc/net/tcp` lists), 0 when unknown.
-fn socket_inode(fd: std::os::fd::RawFd) -> u64 {
-    // SAFETY: fstat fills the zeroed struct it is given; fd is a descriptor we hold.
-    unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        if libc::fstat(fd, &mut st) == 0 {
-            st.st_ino
-        } else {
-            0
-        }
-    }
-}
-
 /// Whether a listening TCP socket other than inode `own` is bound to `addr` in this network
-/// namespace (`/proc/net/tcp`, `/proc/net/tcp6`).
+/// namespace.
 fn others_listen_on(addr: SocketAddr, own: u64) -> bool {
-    let file = match addr {
-        SocketAddr::V4(_) => "/proc/net/tcp",
-        SocketAddr::V6(_) => "/proc/net/tcp6",
-    };
-    // Listening sockets come first in the table (the kernel walks its listening hash before
-    // the established one): the read stops at the first line in another state, so a router
-    // with many connections does not read them all.
-    let Ok(f) = std::fs::File::open(file) else {
-        return false;
-    };
-    let mut table = String::from("header\n");
-    for line in std::io::BufRead::lines(std::io::BufReader::new(f)).skip(1) {
-        let Ok(line) = line else { break };
-        if line.split_whitespace().nth(3) != Some("0A") {
-            break;
-        }
-        table.push_str(&line);
-        table.push('\n');
-    }
-    let other = listeners_on(&table, addr).any(|ino| ino != own);
-    other
-}
-
-/// The inodes of the listening sockets bound to `addr` in the text of `/proc/net/tcp` (or
-/// `tcp6`): `sl local_address rem_address st ... inode`, the address as the kernel's 32-bit
-/// words in hex, in host order, then `:` and the port in hex; state `0A` is LISTEN.
-fn listeners_on(table: &str, addr: SocketAddr) -> impl Iterator<Item = u64> + '_ {
-    let want_ip: Vec<u8> = match addr.ip() {
-        std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
-        std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
-    };
-    table.lines().skip(1).filter_map(move |line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let (local, state, inode) = (f.get(1)?, f.get(3)?, f.get(9)?);
-        let (ip, port) = local.split_once(':')?;
-        let mut bytes = Vec::with_capacity(16);
-        for word in ip.as_bytes().chunks(8) {
-            let w = u32::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
-            bytes.extend_from_slice(&w.to_ne_bytes());
-        }
-        let port = u16::from_str_radix(port, 16).ok()?;
-        let listening = *state == "0A" && port == addr.port() && bytes == want_ip;
-        listening.then(|| inode.parse().ok()).flatten()
-    })
+    crate::shard::steer::listening_inodes(addr).is_ok_and(|l| l.iter().any(|&ino| ino != own))
 }
 
 /// Binds and serves in a background thread.
@@ -373,7 +317,7 @@ mod tests {
                 continue; // no IPv6 loopback here
             };
             let addr = first.local_addr().unwrap();
-            let own = socket_inode(first.as_raw_fd());
+            let own = crate::shard::steer::socket_inode(first.as_raw_fd());
             assert_ne!(own, 0);
             assert!(
                 !others_listen_on(addr, own),
@@ -385,7 +329,10 @@ mod tests {
                 "{addr}: the second listener unseen"
             );
             // The second sees the first, and a listener on another port is not counted.
-            assert!(others_listen_on(addr, socket_inode(second.as_raw_fd())));
+            assert!(others_listen_on(
+                addr,
+                crate::shard::steer::socket_inode(second.as_raw_fd())
+            ));
             drop(second);
             let elsewhere = reuse_port_listener(SocketAddr::new(addr.ip(), 0));
             assert!(

@@ -39,6 +39,10 @@ pub struct Running {
     /// That listener, closed by [`Running::drain`] when a router that took over listens
     /// beside it.
     admin_listener: Option<crate::metrics::admin::AdminListener>,
+    /// Every shard's api and TLS api listening socket, with its address: [`Running::drain`]
+    /// steers new clients away from them when a router that took over listens beside them,
+    /// then shuts them down (`steer`).
+    client_listeners: Vec<(RawFd, SocketAddr)>,
     /// Core of each shard, by shard index.
     pub shard_cores: Vec<usize>,
     /// Events to the control thread (`Reload` on SIGHUP).
@@ -364,7 +368,13 @@ async fn accept_loop<L: Acceptor>(
                 Some(a) => a,
                 None => {
                     draining = true;
-                    if !L::SHUT_DOWN_ON_DRAIN || !stop_accepting(fd, shard.index, kind) {
+                    // New clients are steered to a router that took the address over: the
+                    // drain shuts this listener down once those already on their way are in
+                    // (`steer`); until then they are accepted and served.
+                    let steered = kind == Listener::Api && shard.health.clients_steered();
+                    if !steered
+                        && (!L::SHUT_DOWN_ON_DRAIN || !stop_accepting(fd, shard.index, kind))
+                    {
                         // Still listening: waiting for the accept would keep taking clients
                         // through the drain. Drop it (and close the listener) instead.
                         return;
@@ -712,7 +722,18 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
     } else {
         None
     };
+    let client_listeners = api_fds
+        .iter()
+        .map(|&fd| (fd, api_addr))
+        .chain(
+            tls_fds
+                .iter()
+                .flatten()
+                .map(|&fd| (fd, api_tls.unwrap_or(api_addr))),
+        )
+        .collect();
     Ok(Running {
+        client_listeners,
         admin: admin.as_ref().map(|a| a.addr),
         admin_listener: admin,
         api: api_addr,
@@ -751,10 +772,22 @@ impl Running {
         if let Some(a) = &self.admin_listener {
             a.close_if_shared();
         }
+        let steered = self.steer_clients();
+        if steered {
+            self.health.steer_clients();
+        }
         self.health.start_drain();
         tracing::info!(timeout_ms = timeout.as_millis() as u64, "draining");
         // Every shard and peer link looks at the flag within one poll.
         std::thread::sleep(crate::health::POLL * 2);
+        if steered {
+            std::thread::sleep(super::steer::SETTLE.saturating_sub(crate::health::POLL * 2));
+            for &(fd, addr) in &self.client_listeners {
+                if let Err(e) = super::steer::shut_down(fd, addr) {
+                    tracing::warn!(%addr, "draining: could not shut the listener down: {e}");
+                }
+            }
+        }
         // A dead shard's counters stand where it died (its connections were never closed):
         // only the shards that run are waited for.
         let busy = || {
@@ -791,6 +824,33 @@ impl Running {
         done
     }
 
+    /// Steers the new connections on every client address to the listeners a router that
+    /// took the addresses over has beside this router's (`steer`); true when it did on any.
+    fn steer_clients(&self) -> bool {
+        let mut addrs: Vec<SocketAddr> = self.client_listeners.iter().map(|l| l.1).collect();
+        addrs.dedup();
+        let mut steered = false;
+        for addr in addrs {
+            let ours: Vec<RawFd> = self
+                .client_listeners
+                .iter()
+                .filter(|l| l.1 == addr)
+                .map(|l| l.0)
+                .collect();
+            match super::steer::steer_away(&ours, addr) {
+                Ok(Some(others)) => {
+                    tracing::info!(%addr, others, "draining: new connections steered to the listeners beside this router's");
+                    steered = true;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(%addr, "draining: could not steer new connections away (each listener is shut down as it is): {e}")
+                }
+            }
+        }
+        steered
+    }
+
     /// Stops the control thread (shards end with the process).
     pub fn shutdown(self) {
         let _ = self.events.send(ControlEvent::Shutdown);
@@ -811,16 +871,11 @@ impl Running {
 /// listening socket on `addr` is touched: a dying executor may have closed its own, and the
 /// number been reused since by another shard's connection.
 fn stop_listening(shard: usize, fd: RawFd, addr: SocketAddr) {
-    // SAFETY: borrowed only for the calls below, never closed here; the dead shard's thread
-    // has ended, so nothing else uses the descriptor.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    let sock = socket2::SockRef::from(&fd);
-    let bound = sock.local_addr().ok().and_then(|a| a.as_socket());
-    if sock.is_listener().unwrap_or(false) && bound == Some(addr) {
-        match sock.shutdown(std::net::Shutdown::Both) {
-            Ok(()) => tracing::error!(shard, %addr, "dead shard's listener closed"),
-            Err(e) => tracing::error!(shard, %addr, "could not close a dead shard's listener: {e}"),
-        }
+    // The dead shard's thread has ended, so nothing else uses the descriptor.
+    match super::steer::shut_down(fd, addr) {
+        Ok(true) => tracing::error!(shard, %addr, "dead shard's listener closed"),
+        Ok(false) => {}
+        Err(e) => tracing::error!(shard, %addr, "could not close a dead shard's listener: {e}"),
     }
 }
 

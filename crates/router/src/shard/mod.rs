@@ -8,6 +8,7 @@ pub mod listen;
 pub mod snapshot;
 #[cfg(not(feature = "bench"))]
 mod snapshot;
+pub(crate) mod steer;
 mod trim;
 
 use crate::config::Config;

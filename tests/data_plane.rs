@@ -1082,6 +1082,84 @@ fn token_commands_refuse_an_unknown_app() {
     assert!(known.status.success(), "{known:?}");
 }
 
+/// A `--keyring` that names no keyring (a typo, a path not provisioned yet) is an error that
+/// says how to make one, and nothing is created there: only the default keyring is made on
+/// first use. `fedbus keys init` makes it on purpose, then the same token command works.
+#[test]
+fn token_commands_refuse_a_keyring_path_with_no_keyring() {
+    let tmp = TempDir::new("token-no-keyring");
+    let typo = tmp.path().join("kyes");
+    let k = typo.to_str().expect("utf-8 path");
+    let run = |args: &[&str]| {
+        std::process::Command::new(bin())
+            .args(args)
+            .output()
+            .expect("run fedbus")
+    };
+    for args in [
+        &[
+            "token",
+            "client",
+            "--app",
+            APP,
+            "--sub",
+            "a",
+            "--keyring",
+            k,
+        ][..],
+        &[
+            "token",
+            "service",
+            "--task-id",
+            "t",
+            "--app",
+            APP,
+            "--keyring",
+            k,
+        ],
+        &[
+            "token",
+            "client",
+            "--app",
+            APP,
+            "--sub",
+            "a",
+            "--create-app",
+            "--keyring",
+            k,
+        ],
+    ] {
+        let out = run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {out:?}");
+        assert!(out.stdout.is_empty(), "{args:?}: {out:?}");
+        assert!(
+            err.contains("no keyring in") && err.contains("fedbus keys init --keyring"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!typo.exists(), "{args:?} created {}", typo.display());
+    }
+    let init = run(&["keys", "init", "--keyring", k, "--app", APP]);
+    assert!(init.status.success(), "{init:?}");
+    let ok = run(&[
+        "token",
+        "client",
+        "--app",
+        APP,
+        "--sub",
+        "a",
+        "--keyring",
+        k,
+    ]);
+    assert!(ok.status.success(), "{ok:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&ok.stdout).matches('.').count(),
+        2,
+        "{ok:?}"
+    );
+}
+
 /// A client that announces a large body and sends one byte makes the router reserve room for
 /// the body, but not touch it: each read zeroes and offers at most 64 KiB. 40 such uploads to
 /// an anonymous service (no token needed) keep the router's RSS far below 40 x 8 MiB.

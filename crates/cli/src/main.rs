@@ -289,25 +289,34 @@ fn ensure_keyring(dir: &Path, apps: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// The keyring a token command signs with: made on first use with the apps of the embedded
-/// defaults (dev keys, as `fedbus run` without a config makes it), and an app the keyring does
-/// not have is refused unless `create`: a mistyped app name (or keyring path) must not
-/// silently mint a new app secret.
-fn keyring_with_app(dir: &Path, app: &str, create: bool) -> Result<()> {
+/// The keyring a token command signs with (`keyring`: its `--keyring`). The default keyring
+/// is made on first use with the apps of the embedded defaults (dev keys, as `fedbus run`
+/// without a config makes it); one named with `--keyring` must exist (`fedbus keys init`
+/// makes it), as `nsc` and `vault` want their stores made on purpose. An app the keyring does
+/// not have is refused unless `create`: a mistyped app name or keyring path must not
+/// silently mint new keys.
+fn keyring_with_app(keyring: &Option<PathBuf>, app: &str, create: bool) -> Result<PathBuf> {
+    let dir = keyring_dir(keyring)?;
     if !dir.join("cluster.toml").exists() {
-        ensure_keyring(dir, &Config::embedded().app_names())?;
+        if keyring.is_some() {
+            bail!(
+                "no keyring in {}: check the path, or create one with `fedbus keys init --keyring {}`",
+                dir.display(),
+                dir.display()
+            );
+        }
+        ensure_keyring(&dir, &Config::embedded().app_names())?;
     }
+    let dir = dir.as_path();
     if create {
         Keyring::ensure_apps(dir, &[app], auth::now_unix())?;
-        return Ok(());
-    }
-    if Keyring::load(dir)?.app_versions(app).is_none() {
+    } else if Keyring::load(dir)?.app_versions(app).is_none() {
         bail!(
             "app {app} is not in the keyring {}: check the name, or pass --create-app to create its secret",
             dir.display()
         );
     }
-    Ok(())
+    Ok(dir.to_path_buf())
 }
 
 /// `path` with `suffix` appended: `--out spb1.ru.heeus.cloud` writes `spb1.ru.heeus.cloud.pem`
@@ -808,8 +817,7 @@ fn real_main(cli: Cli) -> Result<()> {
             if let Some(r) = &role {
                 check_role("--role", r)?;
             }
-            let dir = keyring_dir(&keyring)?;
-            keyring_with_app(&dir, &app, create_app)?;
+            let dir = keyring_with_app(&keyring, &app, create_app)?;
             println!(
                 "{}",
                 service_token(
@@ -848,8 +856,7 @@ fn real_main(cli: Cli) -> Result<()> {
             create_app,
         }) => {
             check_id("--sub", &sub, 256)?;
-            let dir = keyring_dir(&keyring)?;
-            keyring_with_app(&dir, &app, create_app)?;
+            let dir = keyring_with_app(&keyring, &app, create_app)?;
             let k = Keyring::load(&dir)?;
             let secret = k
                 .signing_app_secret(&app)

@@ -84,7 +84,8 @@ impl Health {
         }
     }
 
-    /// Starts a drain: `/readyz` answers 503, listeners stop accepting, peer routers are told.
+    /// Starts a drain: `/readyz` answers 503, listeners stop accepting (the api ones once the
+    /// drain has steered new clients away, `shard::steer`), peer routers are told.
     pub fn start_drain(&self) {
         // Release: a shard that sees the drain sees `clients_steered` set before it.
         self.draining

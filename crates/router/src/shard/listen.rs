@@ -39,10 +39,10 @@ pub struct Running {
     /// That listener, closed by [`Running::drain`] when a router that took over listens
     /// beside it.
     admin_listener: Option<crate::metrics::admin::AdminListener>,
-    /// Every shard's api and TLS api listening socket, with its address: [`Running::drain`]
+    /// The api and TLS api listening sockets of every shard, by address: [`Running::drain`]
     /// steers new clients away from them when a router that took over listens beside them,
     /// then shuts them down (`steer`).
-    client_listeners: Vec<(RawFd, SocketAddr)>,
+    client_listeners: Vec<super::steer::Group>,
     /// Core of each shard, by shard index.
     pub shard_cores: Vec<usize>,
     /// Events to the control thread (`Reload` on SIGHUP).
@@ -353,6 +353,7 @@ async fn accept_loop<L: Acceptor>(
     // owns it from here on.
     let l = unsafe { L::from_raw_fd(fd) };
     let mut draining = false;
+    let mut steered = false;
     loop {
         let accepted = if draining {
             l.accept().await
@@ -371,7 +372,7 @@ async fn accept_loop<L: Acceptor>(
                     // New clients are steered to a router that took the address over: the
                     // drain shuts this listener down once those already on their way are in
                     // (`steer`); until then they are accepted and served.
-                    let steered = kind == Listener::Api && shard.health.clients_steered();
+                    steered = kind == Listener::Api && shard.health.clients_steered();
                     if !steered
                         && (!L::SHUT_DOWN_ON_DRAIN || !stop_accepting(fd, shard.index, kind))
                     {
@@ -383,7 +384,9 @@ async fn accept_loop<L: Acceptor>(
                 }
             }
         };
-        if draining && accepted.is_err() {
+        // A steered listener ends when the drain shuts it down; an accept error before that
+        // (a client gone before it was accepted, EMFILE) is handled as ever.
+        if draining && accepted.is_err() && !(steered && super::steer::is_listening(fd)) {
             tracing::info!(shard = shard.index, listener = ?kind, "draining: listener closed");
             return;
         }
@@ -466,6 +469,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
     let n = cores.len();
     let takeover = cfg.listen.takeover;
     let (api_addr, api_fds) = bind_api(cfg.listen.api, n, takeover)?;
+    let mut client_listeners = vec![super::steer::Group::bound(api_addr, api_fds.clone())];
     let (internal, internal_fds) = bind_internal(cfg.listen.internal, n, takeover)?;
     let (internal_unix, unix_fds, unix_binds) = match &cfg.listen.internal_unix {
         Some(p) => {
@@ -487,6 +491,7 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
     let (api_tls, tls_fds) = match cfg.listen.api_tls {
         Some(addr) => {
             let (a, fds) = bind_api(addr, n, takeover).context("TLS api listener")?;
+            client_listeners.push(super::steer::Group::bound(a, fds.clone()));
             (Some(a), fds.into_iter().map(Some).collect())
         }
         None => (None, vec![None; n]),
@@ -722,16 +727,6 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
     } else {
         None
     };
-    let client_listeners = api_fds
-        .iter()
-        .map(|&fd| (fd, api_addr))
-        .chain(
-            tls_fds
-                .iter()
-                .flatten()
-                .map(|&fd| (fd, api_tls.unwrap_or(api_addr))),
-        )
-        .collect();
     Ok(Running {
         client_listeners,
         admin: admin.as_ref().map(|a| a.addr),
@@ -753,7 +748,8 @@ pub fn start(cfg: Config, keyring: crate::auth::Keyring) -> anyhow::Result<Runni
 
 impl Running {
     /// Drains the router (SIGTERM): `/readyz` turns 503, the listeners close (a router that
-    /// took them over gets every new connection), peer routers are told (they send nothing new
+    /// took them over gets every new connection; new clients are steered to it first and the
+    /// api listeners closed [`super::steer::SETTLE`] later), peer routers are told (they send nothing new
     /// and close their links once nothing is pending on them), client connections are closed
     /// as they finish (`Connection: close` on the next answer, idle ones after
     /// `readiness.drain_idle_close_ms`, `/api/ws` sessions with 1001 once their answers are
@@ -782,9 +778,11 @@ impl Running {
         std::thread::sleep(crate::health::POLL * 2);
         if steered {
             std::thread::sleep(super::steer::SETTLE.saturating_sub(crate::health::POLL * 2));
-            for &(fd, addr) in &self.client_listeners {
-                if let Err(e) = super::steer::shut_down(fd, addr) {
-                    tracing::warn!(%addr, "draining: could not shut the listener down: {e}");
+            for g in &self.client_listeners {
+                for &fd in &g.ours {
+                    if let Err(e) = super::steer::shut_down(fd, g.addr) {
+                        tracing::warn!(addr = %g.addr, "draining: could not shut the listener down (it closes when the process exits): {e}");
+                    }
                 }
             }
         }
@@ -827,24 +825,16 @@ impl Running {
     /// Steers the new connections on every client address to the listeners a router that
     /// took the addresses over has beside this router's (`steer`); true when it did on any.
     fn steer_clients(&self) -> bool {
-        let mut addrs: Vec<SocketAddr> = self.client_listeners.iter().map(|l| l.1).collect();
-        addrs.dedup();
         let mut steered = false;
-        for addr in addrs {
-            let ours: Vec<RawFd> = self
-                .client_listeners
-                .iter()
-                .filter(|l| l.1 == addr)
-                .map(|l| l.0)
-                .collect();
-            match super::steer::steer_away(&ours, addr) {
+        for g in &self.client_listeners {
+            match g.steer_away() {
                 Ok(Some(others)) => {
-                    tracing::info!(%addr, others, "draining: new connections steered to the listeners beside this router's");
+                    tracing::info!(addr = %g.addr, others, "draining: new connections steered to the listeners beside this router's");
                     steered = true;
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(%addr, "draining: could not steer new connections away (each listener is shut down as it is): {e}")
+                    tracing::warn!(addr = %g.addr, "draining: could not steer new connections away: {e}")
                 }
             }
         }

@@ -15,15 +15,19 @@
 //! them), and only then shuts them down: nothing is arriving on them any more.
 //!
 //! The program returns an index into the group's array of listening sockets. The kernel
-//! keeps that array packed in the order the sockets started listening: this router bound its
-//! own first (indexes `0..ours`), the router that took over appended its own after them
-//! (`ours..total`). The program returns `max(ours, total - ours)`: a listener of the new
-//! router while both listen, and past the end of the array once this router's have left it
-//! (the array shrinks to the new router's `total - ours`), where the kernel goes back to its
-//! usual hash over the group. So the program, which stays attached to the group after this
-//! router is gone, steers nothing afterwards: the new router's shards share connections as
-//! before. An index past the end during the drain (an array not laid out as assumed) only
-//! means the kernel's hash picks, as it did without steering.
+//! appends a socket that starts listening at the end of the array and fills the slot of one
+//! that leaves with the last one. So when this router bound its listeners on an address
+//! nobody else listened on (or every listener that was there before has left since) and none
+//! of its own has left, its own hold indexes `0..ours` and every other listener comes after
+//! them (`ours..total`). Only then does it steer ([`Group::steer_away`]; otherwise, as when a
+//! router that took over is itself stopped while the one it took over from still runs, it
+//! shuts its listeners down at once, as before). The program returns `max(ours, total -
+//! ours)`: another router's listener while this router's listen, and past the end of the
+//! array once they have left it (the array shrinks to `total - ours`), where the kernel goes
+//! back to its usual hash over the group. The program belongs to the group and outlives this
+//! router: a router that takes the address over later would have its first listener land on
+//! that index and take every new connection, so a router started with `listen.takeover`
+//! detaches whatever program is on the group as soon as it has bound ([`Group::bound`]).
 
 use std::net::SocketAddr;
 use std::os::unix::io::RawFd;
@@ -36,9 +40,11 @@ use std::time::Duration;
 /// router by the kernel, `net.ipv4.tcp_migrate_req`).
 pub(crate) const SETTLE: Duration = Duration::from_millis(200);
 
-/// `SO_ATTACH_REUSEPORT_CBPF` from `asm-generic/socket.h` (x86-64, arm64, riscv; the libc
-/// crate exports it for Android only).
+/// `SO_ATTACH_REUSEPORT_CBPF` and `SO_DETACH_REUSEPORT_BPF` from `asm-generic/socket.h`
+/// (x86-64, arm64, riscv; not mips, sparc, parisc, alpha). The libc crate keeps its copies
+/// private on glibc targets.
 const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+const SO_DETACH_REUSEPORT_BPF: libc::c_int = 68;
 
 /// The inode of socket `fd` (what `/proc/net/tcp` lists), 0 when unknown.
 pub(crate) fn socket_inode(fd: RawFd) -> u64 {
@@ -103,62 +109,115 @@ fn listener_line(line: &str, addr: SocketAddr) -> Option<Option<u64>> {
     Some(ours.then(|| inode.parse().ok()).flatten())
 }
 
+/// Whether `fd` is a listening socket (not yet shut down).
+pub(crate) fn is_listening(fd: RawFd) -> bool {
+    // SAFETY: borrowed for this call only; never closed here.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    socket2::SockRef::from(&fd).is_listener().unwrap_or(false)
+}
+
 /// Whether `fd` is a listening socket bound to `addr` (a descriptor number may have been
 /// closed and reused by another socket since it was bound).
 pub(crate) fn listens_on(fd: RawFd, addr: SocketAddr) -> bool {
-    // SAFETY: borrowed for these calls only; never closed here.
+    if !is_listening(fd) {
+        return false;
+    }
+    // SAFETY: borrowed for this call only; never closed here.
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    let sock = socket2::SockRef::from(&fd);
-    sock.is_listener().unwrap_or(false)
-        && sock.local_addr().ok().and_then(|a| a.as_socket()) == Some(addr)
+    socket2::SockRef::from(&fd)
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        == Some(addr)
 }
 
-/// Attaches to the SO_REUSEPORT group of `addr` a program that gives every new connection to
-/// a listener that is not one of `ours` (this router's listening sockets on `addr`; see the
-/// module documentation). `Ok(None)` when no other socket listens on `addr` (no router took
-/// it over): nothing to steer to. Otherwise the number of other listeners.
-pub(crate) fn steer_away(ours: &[RawFd], addr: SocketAddr) -> std::io::Result<Option<usize>> {
-    let live: Vec<RawFd> = ours
-        .iter()
-        .copied()
-        .filter(|&fd| listens_on(fd, addr))
-        .collect();
-    let Some(&first) = live.first() else {
-        return Ok(None);
-    };
-    let own: Vec<u64> = live.iter().map(|&fd| socket_inode(fd)).collect();
-    let others = listening_inodes(addr)?
-        .into_iter()
-        .filter(|ino| !own.contains(ino))
-        .count();
-    if others == 0 {
-        return Ok(None);
+/// This router's listening sockets on one client address, and what listened there before
+/// them.
+pub(crate) struct Group {
+    pub(crate) addr: SocketAddr,
+    /// This router's listening sockets on `addr`, one per shard, in the order they were bound.
+    pub(crate) ours: Vec<RawFd>,
+    /// The inodes of the other sockets that listened on `addr` when this router had bound its
+    /// own (a router it took over from).
+    before: Vec<u64>,
+}
+
+impl Group {
+    /// Right after this router bound `ours` on `addr`: notes who listened there before, and,
+    /// when a router did (a takeover), detaches the program its drain may leave on the group
+    /// (see the module documentation). Best effort: a failure is logged.
+    pub(crate) fn bound(addr: SocketAddr, ours: Vec<RawFd>) -> Group {
+        let own: Vec<u64> = ours.iter().map(|&fd| socket_inode(fd)).collect();
+        let before: Vec<u64> = listening_inodes(addr)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|ino| !own.contains(ino))
+            .collect();
+        if let (Some(&fd), false) = (ours.first(), before.is_empty()) {
+            // The kernel wants an int it does not look at (any shorter option is EINVAL).
+            let unused: libc::c_int = 0;
+            // SAFETY: setsockopt reads `unused`, alive for the call, on a descriptor we hold.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    SO_DETACH_REUSEPORT_BPF,
+                    std::ptr::addr_of!(unused).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            let e = std::io::Error::last_os_error();
+            if rc != 0 && e.raw_os_error() != Some(libc::ENOENT) {
+                tracing::warn!(%addr, "could not detach the steering program a drain left on the address: {e}");
+            }
+        }
+        Group { addr, ours, before }
     }
-    let index = live.len().max(others) as u32;
-    let mut prog = [libc::sock_filter {
-        code: (libc::BPF_RET | libc::BPF_K) as u16,
-        jt: 0,
-        jf: 0,
-        k: index,
-    }];
-    let fprog = libc::sock_fprog {
-        len: prog.len() as u16,
-        filter: prog.as_mut_ptr(),
-    };
-    // SAFETY: `fprog` points at `prog`, both alive for the call; the kernel copies the program.
-    let rc = unsafe {
-        libc::setsockopt(
-            first,
-            libc::SOL_SOCKET,
-            SO_ATTACH_REUSEPORT_CBPF,
-            std::ptr::addr_of!(fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
+
+    /// Attaches to the group a program that gives every new connection to a listener that is
+    /// not this router's (see the module documentation). `Ok(None)` when no other socket
+    /// listens on the address (nothing to steer to) or when the group's array may not hold
+    /// this router's listeners first (one of them left it, or a listener that was there before
+    /// them still listens). Otherwise the number of other listeners.
+    pub(crate) fn steer_away(&self) -> std::io::Result<Option<usize>> {
+        let n = self.ours.len();
+        if n == 0 || !self.ours.iter().all(|&fd| listens_on(fd, self.addr)) {
+            return Ok(None);
+        }
+        let own: Vec<u64> = self.ours.iter().map(|&fd| socket_inode(fd)).collect();
+        let others: Vec<u64> = listening_inodes(self.addr)?
+            .into_iter()
+            .filter(|ino| !own.contains(ino))
+            .collect();
+        if others.is_empty() || others.iter().any(|ino| self.before.contains(ino)) {
+            return Ok(None);
+        }
+        let mut prog = [libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: n.max(others.len()) as u32,
+        }];
+        let fprog = libc::sock_fprog {
+            len: prog.len() as u16,
+            filter: prog.as_mut_ptr(),
+        };
+        // SAFETY: `fprog` points at `prog`, both alive for the call; the kernel copies the
+        // program.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.ours[0],
+                libc::SOL_SOCKET,
+                SO_ATTACH_REUSEPORT_CBPF,
+                std::ptr::addr_of!(fprog).cast(),
+                std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Some(others.len()))
     }
-    Ok(Some(others))
 }
 
 /// Shuts the listening socket `fd` down (if it still is one, on `addr`): the kernel takes it
@@ -238,33 +297,46 @@ mod tests {
             Vec::<u64>::new(),
             "{other}"
         );
-        let l6 = listener("[::1]:0".parse().unwrap());
-        let six = port_of(&l6);
-        assert_eq!(listening_inodes(six).unwrap(), vec![ino(&l6)], "{six}");
+        if ipv6_loopback() {
+            let l6 = listener("[::1]:0".parse().unwrap());
+            let six = port_of(&l6);
+            assert_eq!(listening_inodes(six).unwrap(), vec![ino(&l6)], "{six}");
+        }
+    }
+
+    fn ipv6_loopback() -> bool {
+        std::net::TcpListener::bind("[::1]:0").is_ok()
     }
 
     /// Two old listeners and one new: with the steering every new connection goes to the new
     /// one (by the kernel's hash alone, each would take a third of 60: all 60 on the new one
     /// has a chance of 3^-60). Once the old ones are shut down the program steers nothing
-    /// (its index is past the end of the group).
+    /// (its index is past the end of the group). A third router that takes over later (its
+    /// first listener lands on the program's index) detaches it: both routers share again.
     #[test]
     fn new_connections_go_to_the_other_router_and_are_shared_again_after() {
         let o1 = listener("127.0.0.1:0".parse().unwrap());
         let addr = port_of(&o1);
         let o2 = listener(addr);
+        let old = Group::bound(addr, vec![o1.as_raw_fd(), o2.as_raw_fd()]);
         let n1 = listener(addr);
-        let ours = [o1.as_raw_fd(), o2.as_raw_fd()];
-        assert_eq!(steer_away(&ours, addr).unwrap(), Some(1));
-        assert_eq!(spread(addr, &[&o1, &o2, &n1], 60), vec![0, 0, 60]);
-        // A second listener of the new router joins; the old ones leave.
         let n2 = listener(addr);
-        for fd in ours {
+        let new = Group::bound(addr, vec![n1.as_raw_fd(), n2.as_raw_fd()]);
+        assert_eq!(old.steer_away().unwrap(), Some(2));
+        assert_eq!(spread(addr, &[&o1, &o2, &n1, &n2], 60)[..2], [0, 0]);
+        for &fd in &old.ours {
             assert!(shut_down(fd, addr).unwrap());
         }
         assert!(!shut_down(o1.as_raw_fd(), addr).unwrap(), "already shut");
         let got = spread(addr, &[&n1, &n2], 64);
         assert_eq!(got.iter().sum::<usize>(), 64, "{got:?}");
         assert!(got.iter().all(|&g| g > 0), "one listener took all: {got:?}");
+        // The next takeover: its first listener is at index 2, the program's.
+        let t1 = listener(addr);
+        let _third = Group::bound(addr, vec![t1.as_raw_fd()]);
+        let got = spread(addr, &[&n1, &n2, &t1], 60);
+        assert!(got.iter().all(|&g| g > 0), "pinned: {got:?}");
+        drop(new);
     }
 
     /// More new listeners than old: the program's index is one the group loses when the old
@@ -273,20 +345,57 @@ mod tests {
     fn a_new_router_with_more_shards_is_not_pinned_to_one_of_them() {
         let o1 = listener("127.0.0.1:0".parse().unwrap());
         let addr = port_of(&o1);
+        let old = Group::bound(addr, vec![o1.as_raw_fd()]);
         let (n1, n2) = (listener(addr), listener(addr));
-        assert_eq!(steer_away(&[o1.as_raw_fd()], addr).unwrap(), Some(2));
-        assert_eq!(spread(addr, &[&o1, &n1, &n2], 30)[0], 0);
+        assert_eq!(old.steer_away().unwrap(), Some(2));
+        assert_eq!(spread(addr, &[&o1, &n1, &n2], 30), vec![0, 0, 30]);
         assert!(shut_down(o1.as_raw_fd(), addr).unwrap());
         let got = spread(addr, &[&n1, &n2], 64);
         assert!(got.iter().all(|&g| g > 0), "one listener took all: {got:?}");
+    }
+
+    /// A router that took over and is stopped while the one before it still listens (a
+    /// rollback) does not steer: its listeners are not first in the group's array, and the
+    /// program's index would name one of its own.
+    #[test]
+    fn no_steering_by_a_router_whose_predecessor_still_listens() {
+        let o1 = listener("127.0.0.1:0".parse().unwrap());
+        let addr = port_of(&o1);
+        let n1 = listener(addr);
+        let new = Group::bound(addr, vec![n1.as_raw_fd()]);
+        assert_eq!(new.steer_away().unwrap(), None);
+        drop(o1);
+        // Once the one before has gone and a third took over, it may.
+        let t1 = listener(addr);
+        assert_eq!(new.steer_away().unwrap(), Some(1));
+        assert_eq!(spread(addr, &[&n1, &t1], 20), vec![0, 20]);
+    }
+
+    /// One of the router's own listeners has left (a dead shard): the array may hold another
+    /// router's listener in its place, so it does not steer.
+    #[test]
+    fn no_steering_once_one_of_ours_has_left() {
+        let o1 = listener("127.0.0.1:0".parse().unwrap());
+        let addr = port_of(&o1);
+        let o2 = listener(addr);
+        let old = Group::bound(addr, vec![o1.as_raw_fd(), o2.as_raw_fd()]);
+        let _n1 = listener(addr);
+        assert!(shut_down(o1.as_raw_fd(), addr).unwrap());
+        assert_eq!(old.steer_away().unwrap(), None);
     }
 
     #[test]
     fn nothing_to_steer_to_without_another_listener() {
         let o1 = listener("127.0.0.1:0".parse().unwrap());
         let addr = port_of(&o1);
-        assert_eq!(steer_away(&[o1.as_raw_fd()], addr).unwrap(), None);
-        assert!(shut_down(o1.as_raw_fd(), addr).unwrap());
-        assert_eq!(steer_away(&[o1.as_raw_fd()], addr).unwrap(), None);
+        let old = Group::bound(addr, vec![o1.as_raw_fd()]);
+        assert_eq!(old.steer_away().unwrap(), None);
+        if ipv6_loopback() {
+            let l6 = listener("[::1]:0".parse().unwrap());
+            let six = port_of(&l6);
+            let g = Group::bound(six, vec![l6.as_raw_fd()]);
+            let _n6 = listener(six);
+            assert_eq!(g.steer_away().unwrap(), Some(1));
+        }
     }
 }

@@ -1305,6 +1305,16 @@ fn takeover_of_a_router_under_load_fails_no_request() {
             old_log.contains("new connections steered to the listeners beside"),
             "{old_log}"
         );
+        // The new router saw the old one's listeners leave before the next takeover binds
+        // beside it (else it would not know where the kernel keeps its listeners, and would
+        // not steer at its own drain).
+        let alone = wait_for(Duration::from_secs(5), || {
+            f.router("spb2", 0)
+                .log()
+                .contains("listening alone on the address")
+                .then_some(())
+        });
+        assert!(alone.is_some(), "{}", f.router("spb2", 0).log());
         // The echo task relinks to the new router, which serves its wsids itself again.
         let back = wait_served_by(
             &f,

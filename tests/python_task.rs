@@ -372,7 +372,12 @@ fn python_task_written_from_the_doc_serves_requests() {
     let ks = keyring.to_str().expect("utf-8 path");
     let mut procs = Procs::default();
 
-    // Minting first creates the dev keyring the router then loads.
+    // The keyring the router then loads (a token command does not make one at a path it is
+    // given: a typo would mint tokens no router knows).
+    fedbus_out(
+        &tmp.0,
+        &["keys", "init", "--keyring", ks, "--app", "demo/echo"],
+    );
     let token = fedbus_out(
         &tmp.0,
         &[

@@ -784,6 +784,63 @@ fn token_of(resp: &Response) -> String {
         .to_string()
 }
 
+/// `auth.secret_publish_delay_secs`: a new app secret reaches the Auth Service only once it
+/// is that old (the time every router of a cluster needs to load it), so no router sees a
+/// token signed by a version it does not know yet. Logins keep signing with v1 (which still
+/// verifies) after the router has loaded v2, then switch to v2 once the delay has passed.
+#[test]
+fn a_new_app_secret_is_pushed_to_the_auth_service_after_the_publish_delay() {
+    const DELAY: u64 = 3;
+    let r = Router::new()
+        .shards(1)
+        .tail(&format!("[auth]\nsecret_publish_delay_secs = {DELAY}"))
+        .start();
+    let _echo = r.task().start();
+    let _auth = seed::auth_task(&r);
+    let first = wait_for(Duration::from_secs(5), || {
+        let resp = login(&r);
+        (resp.status != 503).then_some(resp)
+    })
+    .expect("no login within 5 s");
+    assert_eq!(seed::jwt_kid(&token_of(&first)), "1", "{first:?}");
+    let before = r.log().matches("reload event").count();
+    let rotated = Instant::now();
+    seed::rotate_app(&r, APP);
+    seed::sighup(&r);
+    wait_sighup_reload(&r, before);
+    // `created` is in whole seconds: v2 may be published DELAY - 1 s after the rotation.
+    let early = login(&r);
+    if rotated.elapsed() < Duration::from_secs(DELAY - 1) {
+        assert_eq!(
+            seed::jwt_kid(&token_of(&early)),
+            "1",
+            "v2 signed {:?} after the rotation, before the delay",
+            rotated.elapsed()
+        );
+    }
+    let second = wait_for(Duration::from_secs(DELAY + 5), || {
+        let resp = login(&r);
+        (seed::jwt_kid(&token_of(&resp)) == "2").then_some(resp)
+    })
+    .expect("login still signs with v1 5 s after the publish delay");
+    let took = rotated.elapsed();
+    eprintln!("seed_rules: login signed with v2 {took:?} after the rotation");
+    assert!(
+        took >= Duration::from_secs(DELAY - 1),
+        "v2 published {took:?} after the rotation"
+    );
+    assert_served(
+        &r.request(
+            &Req::post(&r.path(APP, 3))
+                .token(&token_of(&second))
+                .body(b"v2"),
+        ),
+        3,
+        0,
+        b"v2",
+    );
+}
+
 #[test]
 fn auth_service_issues_tokens_of_the_newest_secret() {
     let r = Router::new().shards(2).start();

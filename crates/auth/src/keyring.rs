@@ -296,6 +296,25 @@ impl Keyring {
         self.apps.get(app).and_then(|v| v.last())
     }
 
+    /// The secret of `app` an Auth Service should sign with at `now` when a new version may be
+    /// used only `delay` seconds after its creation (`auth.secret_publish_delay_secs`: the
+    /// time every router of the cluster needs to load it): the newest version at least that
+    /// old, or the oldest one when none is (a keyring whose only version is new). With `delay`
+    /// 0, [`Keyring::signing_app_secret`].
+    pub fn published_app_secret(
+        &self,
+        app: &str,
+        now: u64,
+        delay: u64,
+    ) -> Option<&AppSecretVersion> {
+        let versions = self.apps.get(app)?;
+        versions
+            .iter()
+            .rev()
+            .find(|v| v.created.saturating_add(delay) <= now)
+            .or(versions.first())
+    }
+
     /// All secret versions of `app`, ascending.
     pub fn app_versions(&self, app: &str) -> Option<&[AppSecretVersion]> {
         self.apps.get(app).map(Vec::as_slice)
@@ -783,6 +802,30 @@ mod tests {
             secret: vec![version as u8; 32],
             created,
         }
+    }
+
+    /// A new version is published for signing only once it is `delay` seconds old; until then
+    /// the newest older one signs, and a keyring with only a new version signs with it.
+    #[test]
+    fn a_new_app_secret_is_published_after_the_delay() {
+        let k = Keyring {
+            cluster: Vec::new(),
+            apps: [
+                ("a/b".to_string(), vec![v(1, 100), v(2, 1000), v(3, 2000)]),
+                ("c/d".to_string(), vec![v(1, 5000)]),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let at = |app, now, delay| k.published_app_secret(app, now, delay).map(|s| s.version);
+        assert_eq!(at("a/b", 2000, 0), Some(3));
+        assert_eq!(at("a/b", 2059, 60), Some(2));
+        assert_eq!(at("a/b", 2060, 60), Some(3));
+        assert_eq!(at("a/b", 1059, 60), Some(1));
+        assert_eq!(at("a/b", 0, 60), Some(1), "none old enough: the oldest");
+        assert_eq!(at("c/d", 5001, 60), Some(1), "the only version");
+        assert_eq!(at("c/d", 5001, u64::MAX), Some(1));
+        assert_eq!(at("x/y", 5001, 0), None);
     }
 
     #[test]

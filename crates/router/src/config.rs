@@ -241,6 +241,12 @@ pub struct Auth {
     /// How often the control thread looks at the keyring files for changes (SIGHUP also
     /// reloads). Default 1000 ms.
     pub reload_poll_ms: u64,
+    /// How old a new app secret version must be before the router pushes it to the app's
+    /// Auth Service to sign with: the time every router of the cluster needs to load a new
+    /// keyring, so that no router sees a token signed by a version it does not know yet.
+    /// Must be below `grace_secs`. Default 0 (pushed at once: one router, or a keyring
+    /// loaded by every router at the same moment).
+    pub secret_publish_delay_secs: u64,
     /// Client tokens whose verification a peer link remembers (the requests of many clients
     /// of the other cluster cross one link); each entry holds one token, ~300 bytes. An HTTP
     /// connection or websocket session remembers its one token. Default 64.
@@ -607,6 +613,7 @@ impl Default for Auth {
         Auth {
             grace_secs: 86_400,
             reload_poll_ms: 1000,
+            secret_publish_delay_secs: 0,
             verify_cache_per_peer_link: 64,
         }
     }
@@ -896,6 +903,16 @@ impl Config {
         }
         if self.listen.admin_max_connections == 0 {
             return Err(invalid("listen.admin_max_connections", "must be > 0"));
+        }
+        if self.auth.secret_publish_delay_secs > 0
+            && self.auth.secret_publish_delay_secs >= self.auth.grace_secs
+        {
+            // The version before would retire before its successor is published: the Auth
+            // Service would sign with a retired version meanwhile.
+            return Err(invalid(
+                "auth.secret_publish_delay_secs",
+                "must be below auth.grace_secs",
+            ));
         }
         if self.auth.verify_cache_per_peer_link == 0 {
             return Err(invalid("auth.verify_cache_per_peer_link", "must be > 0"));
@@ -1202,6 +1219,19 @@ mod tests {
         assert!(allowed.contains(&d.tuning.control_core));
         assert!(d.shard_cores().iter().all(|c| allowed.contains(c)));
         d.validate().expect("the defaults fit the affinity");
+    }
+
+    /// A publish delay at or past the grace would leave the Auth Service signing with a
+    /// version routers already retired.
+    #[test]
+    fn secret_publish_delay_must_be_below_the_grace() {
+        let mut c = Config::default();
+        c.auth.grace_secs = 600;
+        c.auth.secret_publish_delay_secs = 599;
+        c.validate().expect("below the grace");
+        c.auth.secret_publish_delay_secs = 600;
+        let e = c.validate().expect_err("at the grace").to_string();
+        assert!(e.contains("auth.secret_publish_delay_secs"), "{e}");
     }
 
     #[test]

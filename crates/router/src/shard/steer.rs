@@ -16,21 +16,24 @@
 //!
 //! The program returns an index into the group's array of listening sockets. The kernel
 //! appends a socket that starts listening at the end of the array and fills the slot of one
-//! that leaves with the last one. So when this router bound its listeners on an address
-//! nobody else listened on (or every listener that was there before has left since) and none
-//! of its own has left, its own hold indexes `0..ours` and every other listener comes after
-//! them (`ours..total`). Only then does it steer ([`Group::steer_away`]; otherwise, as when a
-//! router that took over is itself stopped while the one it took over from still runs, it
-//! shuts its listeners down at once, as before). The program returns `max(ours, total -
-//! ours)`: another router's listener while this router's listen, and past the end of the
-//! array once they have left it (the array shrinks to `total - ours`), where the kernel goes
-//! back to its usual hash over the group. The program belongs to the group and outlives this
-//! router: a router that takes the address over later would have its first listener land on
-//! that index and take every new connection, so a router started with `listen.takeover`
-//! detaches whatever program is on the group as soon as it has bound ([`Group::bound`]).
+//! that leaves with the last one. So once this router's listeners have been alone on the
+//! address (at once when it bound on a free address; after a takeover, when every listener of
+//! the router it took over from had left and no other had joined yet), and as long as none of
+//! them has left, they hold indexes `0..ours` and every other listener comes after them
+//! (`ours..total`). [`Group::bound`] watches for that moment (a thread reading `/proc/net/tcp`
+//! every [`ALONE_POLL`] until the listeners there before have all left). Only a router that
+//! knows it steers ([`Group::steer_away`]); otherwise (a router that took over and is stopped
+//! while the one before it still runs; a third router that bound before the first had left)
+//! it shuts its listeners down at once, as before. The program picks one of `ours..total` at
+//! random, so the other router's shards share the new connections. It belongs to the group and
+//! outlives this router: the router that took over detaches it when it finds itself alone on
+//! the address. While the draining router's listeners leave one by one (microseconds apart),
+//! an index past the end of the shrinking array makes the kernel fall back to its hash.
 
 use std::net::SocketAddr;
 use std::os::unix::io::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long a draining router that steered its new connections away goes on accepting on its
@@ -65,13 +68,22 @@ pub(crate) fn socket_inode(fd: RawFd) -> u64 {
 /// listening hash before the established one): the read stops at the first line in another
 /// state, so a router with many connections does not read them all.
 pub(crate) fn listening_inodes(addr: SocketAddr) -> std::io::Result<Vec<u64>> {
+    // The table is not a snapshot: a socket that comes or goes while it is read can shift
+    // the kernel's walk by a line, so a listener may be missed. Two reads, united.
+    let mut found = listening_inodes_once(addr)?;
+    found.extend(listening_inodes_once(addr)?);
+    found.sort_unstable();
+    found.dedup();
+    Ok(found)
+}
+
+fn listening_inodes_once(addr: SocketAddr) -> std::io::Result<Vec<u64>> {
     use std::io::BufRead;
     let path = match addr {
         SocketAddr::V4(_) => "/proc/net/tcp",
         SocketAddr::V6(_) => "/proc/net/tcp6",
     };
-    // Large reads: the kernel walks its tables anew for each read(2), and a socket that
-    // comes or goes between two reads can shift the listing by a line.
+    // Large reads: the kernel walks its tables anew for each read(2).
     let f = std::io::BufReader::with_capacity(64 << 10, std::fs::File::open(path)?);
     let mut found = Vec::new();
     for line in f.lines().skip(1) {
@@ -131,93 +143,174 @@ pub(crate) fn listens_on(fd: RawFd, addr: SocketAddr) -> bool {
         == Some(addr)
 }
 
-/// This router's listening sockets on one client address, and what listened there before
-/// them.
+/// This router's listening sockets on one client address, and whether they are known to come
+/// first in the group's array.
 pub(crate) struct Group {
     pub(crate) addr: SocketAddr,
-    /// This router's listening sockets on `addr`, one per shard, in the order they were bound.
+    /// This router's listening sockets on `addr`, one per shard.
     pub(crate) ours: Vec<RawFd>,
-    /// The inodes of the other sockets that listened on `addr` when this router had bound its
-    /// own (a router it took over from).
-    before: Vec<u64>,
+    /// Set once a look at `/proc/net/tcp` found this router's listeners alone on `addr` (at
+    /// once when it bound on a free address; after a takeover, once every listener of the
+    /// router it took over from has left, before any other joined): from then on they hold
+    /// the first indexes of the group's array, whatever joins later.
+    first: Arc<AtomicBool>,
 }
 
+/// How often a router that took an address over looks whether it listens alone on it yet
+/// (one read of the listening part of `/proc/net/tcp`). A router that takes over in the same
+/// interval as the one before leaves is not told apart from one that took over earlier: the
+/// router in the middle then does not steer at its drain.
+const ALONE_POLL: Duration = Duration::from_millis(10);
+
 impl Group {
-    /// Right after this router bound `ours` on `addr`: notes who listened there before, and,
-    /// when a router did (a takeover), detaches the program its drain may leave on the group
-    /// (see the module documentation). Best effort: a failure is logged.
+    /// Right after this router bound `ours` on `addr`. With other listeners there (a
+    /// takeover), a thread looks every [`ALONE_POLL`] until this router's are alone (or one of
+    /// them stops listening: a drain, a dead shard), then detaches the program the drain of the
+    /// router before may have left on the group, which would otherwise keep steering (see the
+    /// module documentation), and marks the group `first`.
     pub(crate) fn bound(addr: SocketAddr, ours: Vec<RawFd>) -> Group {
+        let first = Arc::new(AtomicBool::new(false));
+        let g = Group {
+            addr,
+            ours: ours.clone(),
+            first: first.clone(),
+        };
+        if g.alone() == Some(true) {
+            first.store(true, Ordering::Release);
+            return g;
+        }
         let own: Vec<u64> = ours.iter().map(|&fd| socket_inode(fd)).collect();
         let before: Vec<u64> = listening_inodes(addr)
             .unwrap_or_default()
             .into_iter()
             .filter(|ino| !own.contains(ino))
             .collect();
-        if let (Some(&fd), false) = (ours.first(), before.is_empty()) {
-            // The kernel wants an int it does not look at (any shorter option is EINVAL).
-            let unused: libc::c_int = 0;
-            // SAFETY: setsockopt reads `unused`, alive for the call, on a descriptor we hold.
-            let rc = unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    SO_DETACH_REUSEPORT_BPF,
-                    std::ptr::addr_of!(unused).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            let e = std::io::Error::last_os_error();
-            if rc != 0 && e.raw_os_error() != Some(libc::ENOENT) {
-                tracing::warn!(%addr, "could not detach the steering program a drain left on the address: {e}");
-            }
+        let spawned = std::thread::Builder::new()
+            .name("fedbus-steer".into())
+            .spawn(move || {
+                let g = Group { addr, ours, first };
+                // Until the listeners there before ours have all left (or one of ours stops
+                // listening: a drain, a dead shard).
+                while g.ours.iter().all(|&fd| listens_on(fd, addr)) {
+                    let Ok(listening) = listening_inodes(addr) else {
+                        return;
+                    };
+                    if listening.iter().any(|i| before.contains(i)) {
+                        std::thread::sleep(ALONE_POLL);
+                        continue;
+                    }
+                    if listening.iter().all(|i| own.contains(i)) {
+                        g.detach();
+                        g.first.store(true, Ordering::Release);
+                        tracing::info!(%addr, "listening alone on the address: the router taken over has left it");
+                    } else {
+                        tracing::info!(%addr, "another router listened on the address before the one taken over had left: this router will not steer new connections at its drain");
+                    }
+                    return;
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(%addr, "no thread to watch the address (new connections will not be steered at the drain): {e}");
         }
-        Group { addr, ours, before }
+        g
     }
 
-    /// Attaches to the group a program that gives every new connection to a listener that is
-    /// not this router's (see the module documentation). `Ok(None)` when no other socket
-    /// listens on the address (nothing to steer to) or when the group's array may not hold
-    /// this router's listeners first (one of them left it, or a listener that was there before
-    /// them still listens). Otherwise the number of other listeners.
+    /// Whether this router's listeners are the only ones on the address (None: unreadable).
+    fn alone(&self) -> Option<bool> {
+        let own: Vec<u64> = self.ours.iter().map(|&fd| socket_inode(fd)).collect();
+        let mut listening = listening_inodes(self.addr).ok()?;
+        listening.sort_unstable();
+        let mut own = own;
+        own.sort_unstable();
+        Some(listening == own)
+    }
+
+    /// Detaches the group's program, if any (best effort: logged).
+    fn detach(&self) {
+        let Some(&fd) = self.ours.first() else { return };
+        // The kernel wants an int it does not look at (any shorter option is EINVAL).
+        let unused: libc::c_int = 0;
+        // SAFETY: setsockopt reads `unused`, alive for the call, on a descriptor we hold.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                SO_DETACH_REUSEPORT_BPF,
+                std::ptr::addr_of!(unused).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        let e = std::io::Error::last_os_error();
+        if rc != 0 && e.raw_os_error() != Some(libc::ENOENT) {
+            tracing::warn!(addr = %self.addr, "could not detach the steering program a drain left on the address: {e}");
+        }
+    }
+
+    /// Attaches to the group a program that gives every new connection to one of the other
+    /// listeners, picked at random (see the module documentation). `Ok(None)` when no other
+    /// socket listens on the address (nothing to steer to) or when the group's array may not
+    /// hold this router's listeners first (not yet seen alone on the address, or one of them
+    /// left it). Otherwise the number of other listeners.
     pub(crate) fn steer_away(&self) -> std::io::Result<Option<usize>> {
         let n = self.ours.len();
-        if n == 0 || !self.ours.iter().all(|&fd| listens_on(fd, self.addr)) {
+        if n == 0
+            || !self.first.load(Ordering::Acquire)
+            || !self.ours.iter().all(|&fd| listens_on(fd, self.addr))
+        {
             return Ok(None);
         }
         let own: Vec<u64> = self.ours.iter().map(|&fd| socket_inode(fd)).collect();
-        let others: Vec<u64> = listening_inodes(self.addr)?
+        let others = listening_inodes(self.addr)?
             .into_iter()
             .filter(|ino| !own.contains(ino))
-            .collect();
-        if others.is_empty() || others.iter().any(|ino| self.before.contains(ino)) {
+            .count();
+        if others == 0 {
             return Ok(None);
         }
-        let mut prog = [libc::sock_filter {
-            code: (libc::BPF_RET | libc::BPF_K) as u16,
-            jt: 0,
-            jf: 0,
-            k: n.max(others.len()) as u32,
-        }];
-        let fprog = libc::sock_fprog {
-            len: prog.len() as u16,
-            filter: prog.as_mut_ptr(),
-        };
-        // SAFETY: `fprog` points at `prog`, both alive for the call; the kernel copies the
-        // program.
-        let rc = unsafe {
-            libc::setsockopt(
-                self.ours[0],
-                libc::SOL_SOCKET,
-                SO_ATTACH_REUSEPORT_CBPF,
-                std::ptr::addr_of!(fprog).cast(),
-                std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Some(others.len()))
+        attach(self.ours[0], n as u32, others as u32)?;
+        Ok(Some(others))
     }
+}
+
+/// Attaches `A = random % count + base; return A` to `fd`'s SO_REUSEPORT group: every new
+/// connection goes to one of the listeners at indexes `base..base + count`, at random.
+fn attach(fd: RawFd, base: u32, count: u32) -> std::io::Result<()> {
+    // Classic BPF opcodes (linux/bpf_common.h, linux/filter.h).
+    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const ALU_MOD_K: u16 = 0x94; // BPF_ALU | BPF_MOD | BPF_K
+    const ALU_ADD_K: u16 = 0x04; // BPF_ALU | BPF_ADD | BPF_K
+    const RET_A: u16 = 0x16; // BPF_RET | BPF_A
+    const SKF_AD_RANDOM: u32 = 0xffff_f000 + 56; // SKF_AD_OFF (-0x1000) + SKF_AD_RANDOM
+    let op = |code, k| libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let mut prog = [
+        op(LD_W_ABS, SKF_AD_RANDOM),
+        op(ALU_MOD_K, count.max(1)),
+        op(ALU_ADD_K, base),
+        op(RET_A, 0),
+    ];
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_mut_ptr(),
+    };
+    // SAFETY: `fprog` points at `prog`, both alive for the call; the kernel copies the program.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            std::ptr::addr_of!(fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Shuts the listening socket `fd` down (if it still is one, on `addr`): the kernel takes it
@@ -308,11 +401,20 @@ mod tests {
         std::net::TcpListener::bind("[::1]:0").is_ok()
     }
 
-    /// Two old listeners and one new: with the steering every new connection goes to the new
-    /// one (by the kernel's hash alone, each would take a third of 60: all 60 on the new one
-    /// has a chance of 3^-60). Once the old ones are shut down the program steers nothing
-    /// (its index is past the end of the group). A third router that takes over later (its
-    /// first listener lands on the program's index) detaches it: both routers share again.
+    /// Waits until `g` knows its listeners come first (its watcher saw them alone).
+    fn wait_first(g: &Group) {
+        let start = Instant::now();
+        while !g.first.load(Ordering::Acquire) {
+            assert!(start.elapsed() < Duration::from_secs(5), "never alone");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Two old listeners and two new: with the steering every new connection goes to one of
+    /// the new ones, picked at random (by the kernel's hash alone, the old ones would take half
+    /// of 60: none at all has a chance of 2^-60). Once the old ones are shut down, the new
+    /// router detaches the program (its watcher saw it alone): both share again, and so do they
+    /// with a third router that takes over later.
     #[test]
     fn new_connections_go_to_the_other_router_and_are_shared_again_after() {
         let o1 = listener("127.0.0.1:0".parse().unwrap());
@@ -322,41 +424,51 @@ mod tests {
         let n1 = listener(addr);
         let n2 = listener(addr);
         let new = Group::bound(addr, vec![n1.as_raw_fd(), n2.as_raw_fd()]);
+        assert_eq!(
+            new.steer_away().unwrap(),
+            None,
+            "the old router still listens"
+        );
         assert_eq!(old.steer_away().unwrap(), Some(2));
-        assert_eq!(spread(addr, &[&o1, &o2, &n1, &n2], 60)[..2], [0, 0]);
+        let got = spread(addr, &[&o1, &o2, &n1, &n2], 60);
+        assert_eq!(got[..2], [0, 0], "{got:?}");
+        assert!(got[2] > 0 && got[3] > 0, "not spread: {got:?}");
         for &fd in &old.ours {
             assert!(shut_down(fd, addr).unwrap());
         }
         assert!(!shut_down(o1.as_raw_fd(), addr).unwrap(), "already shut");
+        wait_first(&new);
         let got = spread(addr, &[&n1, &n2], 64);
         assert_eq!(got.iter().sum::<usize>(), 64, "{got:?}");
         assert!(got.iter().all(|&g| g > 0), "one listener took all: {got:?}");
-        // The next takeover: its first listener is at index 2, the program's.
         let t1 = listener(addr);
         let _third = Group::bound(addr, vec![t1.as_raw_fd()]);
         let got = spread(addr, &[&n1, &n2, &t1], 60);
         assert!(got.iter().all(|&g| g > 0), "pinned: {got:?}");
-        drop(new);
     }
 
-    /// More new listeners than old: the program's index is one the group loses when the old
-    /// router's listener leaves, so the new router's listeners share connections after it.
+    /// More new listeners than old: all of them get connections during the drain, and share
+    /// them after it.
     #[test]
     fn a_new_router_with_more_shards_is_not_pinned_to_one_of_them() {
         let o1 = listener("127.0.0.1:0".parse().unwrap());
         let addr = port_of(&o1);
         let old = Group::bound(addr, vec![o1.as_raw_fd()]);
-        let (n1, n2) = (listener(addr), listener(addr));
-        assert_eq!(old.steer_away().unwrap(), Some(2));
-        assert_eq!(spread(addr, &[&o1, &n1, &n2], 30), vec![0, 0, 30]);
+        let (n1, n2, n3) = (listener(addr), listener(addr), listener(addr));
+        let new = Group::bound(addr, vec![n1.as_raw_fd(), n2.as_raw_fd(), n3.as_raw_fd()]);
+        assert_eq!(old.steer_away().unwrap(), Some(3));
+        let got = spread(addr, &[&o1, &n1, &n2, &n3], 60);
+        assert_eq!(got[0], 0, "{got:?}");
+        assert!(got[1..].iter().all(|&g| g > 0), "not spread: {got:?}");
         assert!(shut_down(o1.as_raw_fd(), addr).unwrap());
-        let got = spread(addr, &[&n1, &n2], 64);
+        wait_first(&new);
+        let got = spread(addr, &[&n1, &n2, &n3], 60);
         assert!(got.iter().all(|&g| g > 0), "one listener took all: {got:?}");
     }
 
     /// A router that took over and is stopped while the one before it still listens (a
     /// rollback) does not steer: its listeners are not first in the group's array, and the
-    /// program's index would name one of its own.
+    /// program would name its own. Once it has been alone on the address it may.
     #[test]
     fn no_steering_by_a_router_whose_predecessor_still_listens() {
         let o1 = listener("127.0.0.1:0".parse().unwrap());
@@ -365,10 +477,27 @@ mod tests {
         let new = Group::bound(addr, vec![n1.as_raw_fd()]);
         assert_eq!(new.steer_away().unwrap(), None);
         drop(o1);
-        // Once the one before has gone and a third took over, it may.
+        wait_first(&new);
         let t1 = listener(addr);
         assert_eq!(new.steer_away().unwrap(), Some(1));
         assert_eq!(spread(addr, &[&n1, &t1], 20), vec![0, 20]);
+    }
+
+    /// A third router took over before the first one left: when the first leaves, the kernel
+    /// moves the third's listener ahead of the second's in the array, so the second, never
+    /// seen alone, does not steer.
+    #[test]
+    fn no_steering_when_another_joined_before_the_one_before_left() {
+        let a1 = listener("127.0.0.1:0".parse().unwrap());
+        let addr = port_of(&a1);
+        let b1 = listener(addr);
+        let b = Group::bound(addr, vec![b1.as_raw_fd()]);
+        let c1 = listener(addr);
+        drop(a1);
+        assert_eq!(b.steer_away().unwrap(), None);
+        assert_eq!(listening_inodes(addr).unwrap().len(), 2);
+        assert!(!b.first.load(Ordering::Acquire));
+        drop(c1);
     }
 
     /// One of the router's own listeners has left (a dead shard): the array may hold another

@@ -781,23 +781,30 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
         close_at_expiry(shard.clone(), link.out.clone(), move || l.exp.get(), what)
     };
 
-    // The app's Auth Service gets the current app secret now and after every rotation.
+    // The app's Auth Service gets the current app secret now and after every rotation (a new
+    // version once it is `auth.secret_publish_delay_secs` old).
     let pusher = (reg.role == AUTH_ROLE).then(|| {
         let (shard, link) = (shard.clone(), link.clone());
         glommio::spawn_local(async move {
-            let mut pushed = 0u64;
+            // The keyring generation and the version last pushed.
+            let mut pushed = (0u64, 0u32);
             let mut timer = crate::util::Deadline::new();
+            let delay = shard.cfg.auth.secret_publish_delay_secs;
             while link.alive.get() {
                 let keys = shard.snapshots.keys.load();
-                if keys.generation != pushed {
+                let sec = keys
+                    .keyring
+                    .published_app_secret(&link.app, auth::now_unix(), delay);
+                let version = sec.map_or(0, |s| s.version);
+                if (keys.generation, version) != pushed {
                     // Advance only once the push is queued: a full outbox retries next tick.
-                    match keys.keyring.signing_app_secret(&link.app) {
+                    match sec {
                         Some(sec) => {
                             if push_secret(&link, &link.app, sec.version, &sec.secret) {
-                                pushed = keys.generation;
+                                pushed = (keys.generation, version);
                             }
                         }
-                        None => pushed = keys.generation,
+                        None => pushed = (keys.generation, version),
                     }
                 }
                 drop(keys);

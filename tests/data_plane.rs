@@ -1090,74 +1090,36 @@ fn token_commands_refuse_a_keyring_path_with_no_keyring() {
     let tmp = TempDir::new("token-no-keyring");
     let typo = tmp.path().join("kyes");
     let k = typo.to_str().expect("utf-8 path");
-    let run = |args: &[&str]| {
+    // `fedbus <words> --keyring <typo>`.
+    let run = |words: &str| {
         std::process::Command::new(bin())
-            .args(args)
+            .args(words.split_whitespace())
+            .args(["--keyring", k])
             .output()
             .expect("run fedbus")
     };
     for args in [
-        &[
-            "token",
-            "client",
-            "--app",
-            APP,
-            "--sub",
-            "a",
-            "--keyring",
-            k,
-        ][..],
-        &[
-            "token",
-            "service",
-            "--task-id",
-            "t",
-            "--app",
-            APP,
-            "--keyring",
-            k,
-        ],
-        &[
-            "token",
-            "client",
-            "--app",
-            APP,
-            "--sub",
-            "a",
-            "--create-app",
-            "--keyring",
-            k,
-        ],
+        format!("token client --app {APP} --sub a"),
+        format!("token service --task-id t --app {APP}"),
+        format!("token client --app {APP} --sub a --create-app"),
     ] {
-        let out = run(args);
+        let out = run(&args);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?}: {out:?}");
-        assert!(out.stdout.is_empty(), "{args:?}: {out:?}");
+        assert!(!out.status.success(), "{args}: {out:?}");
+        assert!(out.stdout.is_empty(), "{args}: {out:?}");
         assert!(
             err.contains("no keyring in") && err.contains("fedbus keys init --keyring"),
-            "{args:?}: {err}"
+            "{args}: {err}"
         );
         assert!(!err.contains("panicked"), "{err}");
-        assert!(!typo.exists(), "{args:?} created {}", typo.display());
+        assert!(!typo.exists(), "{args} created {}", typo.display());
     }
-    let init = run(&["keys", "init", "--keyring", k, "--app", APP]);
+    let init = run(&format!("keys init --app {APP}"));
     assert!(init.status.success(), "{init:?}");
-    let ok = run(&[
-        "token",
-        "client",
-        "--app",
-        APP,
-        "--sub",
-        "a",
-        "--keyring",
-        k,
-    ]);
+    let ok = run(&format!("token client --app {APP} --sub a"));
     assert!(ok.status.success(), "{ok:?}");
-    assert_eq!(
-        String::from_utf8_lossy(&ok.stdout).matches('.').count(),
-        2,
-        "{ok:?}"
-    );
+    let jwt = String::from_utf8_lossy(&ok.stdout);
+    assert_eq!(jwt.trim().split('.').count(), 3, "not a JWT: {ok:?}");
 }
 
 /// A client that announces a large body and sends one byte makes the router reserve room for

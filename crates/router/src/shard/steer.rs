@@ -21,14 +21,18 @@
 //! the router it took over from had left and no other had joined yet), and as long as none of
 //! them has left, they hold indexes `0..ours` and every other listener comes after them
 //! (`ours..total`). [`Group::bound`] watches for that moment (a thread reading `/proc/net/tcp`
-//! every [`ALONE_POLL`] until the listeners there before have all left). Only a router that
-//! knows it steers ([`Group::steer_away`]); otherwise (a router that took over and is stopped
-//! while the one before it still runs; a third router that bound before the first had left)
-//! it shuts its listeners down at once, as before. The program picks one of `ours..total` at
-//! random, so the other router's shards share the new connections. It belongs to the group and
-//! outlives this router: the router that took over detaches it when it finds itself alone on
-//! the address. While the draining router's listeners leave one by one (microseconds apart),
-//! an index past the end of the shrinking array makes the kernel fall back to its hash.
+//! every [`ALONE_POLL`] until the listeners there before have all left). A router steers
+//! ([`Group::steer_away`]) only when it knows that; otherwise (a router that took over and is
+//! stopped while the one before it still runs; a third router that bound before the first had
+//! left) it shuts its listeners down at once, as before. The program picks one of
+//! `ours..total` at random, so the other listeners share the new connections. It belongs to
+//! the group and outlives this router: the router that took over detaches it once the router
+//! before it has left, whether or not it then listens alone. While the draining router's
+//! listeners leave one by one (microseconds apart), an index past the end of the shrinking
+//! array makes the kernel fall back to its hash, which may still pick one of the listeners
+//! not yet shut down. `/proc/net/tcp` is not a snapshot (a listener that comes or goes while it
+//! is read can make the walk skip a line): it is read twice and the results united, which
+//! makes a wrong "alone" unlikely, not impossible.
 
 use std::net::SocketAddr;
 use std::os::unix::io::RawFd;
@@ -154,6 +158,9 @@ pub(crate) struct Group {
     /// router it took over from has left, before any other joined): from then on they hold
     /// the first indexes of the group's array, whatever joins later.
     first: Arc<AtomicBool>,
+    /// Set when the watcher of a takeover's group ended (tests wait on it).
+    #[cfg_attr(not(test), allow(dead_code))]
+    watched: Arc<AtomicBool>,
 }
 
 /// How often a router that took an address over looks whether it listens alone on it yet
@@ -170,13 +177,19 @@ impl Group {
     /// module documentation), and marks the group `first`.
     pub(crate) fn bound(addr: SocketAddr, ours: Vec<RawFd>) -> Group {
         let first = Arc::new(AtomicBool::new(false));
+        let watched = Arc::new(AtomicBool::new(false));
         let g = Group {
             addr,
             ours: ours.clone(),
             first: first.clone(),
+            watched: watched.clone(),
         };
         if g.alone() == Some(true) {
+            // A program left by a router that drained before this one bound (its group may
+            // live on in a listener that was closing) would steer this one's connections.
+            g.detach();
             first.store(true, Ordering::Release);
+            watched.store(true, Ordering::Release);
             return g;
         }
         let own: Vec<u64> = ours.iter().map(|&fd| socket_inode(fd)).collect();
@@ -188,31 +201,48 @@ impl Group {
         let spawned = std::thread::Builder::new()
             .name("fedbus-steer".into())
             .spawn(move || {
-                let g = Group { addr, ours, first };
-                // Until the listeners there before ours have all left (or one of ours stops
-                // listening: a drain, a dead shard).
-                while g.ours.iter().all(|&fd| listens_on(fd, addr)) {
-                    let Ok(listening) = listening_inodes(addr) else {
-                        return;
-                    };
-                    if listening.iter().any(|i| before.contains(i)) {
-                        std::thread::sleep(ALONE_POLL);
-                        continue;
-                    }
-                    if listening.iter().all(|i| own.contains(i)) {
-                        g.detach();
-                        g.first.store(true, Ordering::Release);
-                        tracing::info!(%addr, "listening alone on the address: the router taken over has left it");
-                    } else {
-                        tracing::info!(%addr, "another router listened on the address before the one taken over had left: this router will not steer new connections at its drain");
-                    }
-                    return;
-                }
+                let g = Group {
+                    addr,
+                    ours,
+                    first,
+                    watched,
+                };
+                g.watch(&own, &before);
+                g.watched.store(true, Ordering::Release);
             });
         if let Err(e) = spawned {
             tracing::warn!(%addr, "no thread to watch the address (new connections will not be steered at the drain): {e}");
         }
         g
+    }
+
+    /// The watcher of a takeover's group: looks until the listeners there before ours
+    /// (`before`) have all left, or one of ours stops listening (a drain, a dead shard). Every
+    /// [`ALONE_POLL`] for the first minute (a drain lasts that long at most by default), then
+    /// once a second (a router taken over that is kept running, a rollback).
+    fn watch(&self, own: &[u64], before: &[u64]) {
+        let start = std::time::Instant::now();
+        while self.ours.iter().all(|&fd| listens_on(fd, self.addr)) {
+            let listening = listening_inodes(self.addr);
+            let wait = match &listening {
+                Ok(l) if !l.iter().any(|i| before.contains(i)) => {
+                    // The router taken over has left: its drain's program goes with it,
+                    // steering or not.
+                    self.detach();
+                    if l.iter().all(|i| own.contains(i)) {
+                        self.first.store(true, Ordering::Release);
+                        tracing::info!(addr = %self.addr, "listening alone on the address: the router taken over has left it");
+                    } else {
+                        tracing::info!(addr = %self.addr, "another router listened on the address before the one taken over had left: this router will not steer new connections at its drain");
+                    }
+                    return;
+                }
+                // Still there, or /proc unreadable for a moment (EMFILE under load): again.
+                _ if start.elapsed() < Duration::from_secs(60) => ALONE_POLL,
+                _ => Duration::from_secs(1),
+            };
+            std::thread::sleep(wait);
+        }
     }
 
     /// Whether this router's listeners are the only ones on the address (None: unreadable).
@@ -447,6 +477,25 @@ mod tests {
         assert!(got.iter().all(|&g| g > 0), "pinned: {got:?}");
     }
 
+    /// One old listener, one new: the program (index 1) would send every connection to a
+    /// third router's first listener (index 1 once the old one has left) had the new router
+    /// not detached it when it found itself alone.
+    #[test]
+    fn the_program_is_detached_before_the_next_takeover() {
+        let o1 = listener("127.0.0.1:0".parse().unwrap());
+        let addr = port_of(&o1);
+        let old = Group::bound(addr, vec![o1.as_raw_fd()]);
+        let n1 = listener(addr);
+        let new = Group::bound(addr, vec![n1.as_raw_fd()]);
+        assert_eq!(old.steer_away().unwrap(), Some(1));
+        assert_eq!(spread(addr, &[&o1, &n1], 20), vec![0, 20]);
+        assert!(shut_down(o1.as_raw_fd(), addr).unwrap());
+        wait_first(&new);
+        let t1 = listener(addr);
+        let got = spread(addr, &[&n1, &t1], 60);
+        assert!(got.iter().all(|&g| g > 0), "pinned: {got:?}");
+    }
+
     /// More new listeners than old: all of them get connections during the drain, and share
     /// them after it.
     #[test]
@@ -494,9 +543,17 @@ mod tests {
         let b = Group::bound(addr, vec![b1.as_raw_fd()]);
         let c1 = listener(addr);
         drop(a1);
+        let start = Instant::now();
+        while !b.watched.load(Ordering::Acquire) {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "the watcher never ended"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!b.first.load(Ordering::Acquire));
         assert_eq!(b.steer_away().unwrap(), None);
         assert_eq!(listening_inodes(addr).unwrap().len(), 2);
-        assert!(!b.first.load(Ordering::Acquire));
         drop(c1);
     }
 

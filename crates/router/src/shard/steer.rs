@@ -149,10 +149,13 @@ pub(crate) fn listens_on(fd: RawFd, addr: SocketAddr) -> bool {
 
 /// This router's listening sockets on one client address, and whether they are known to come
 /// first in the group's array.
+#[derive(Clone)]
 pub(crate) struct Group {
     pub(crate) addr: SocketAddr,
     /// This router's listening sockets on `addr`, one per shard.
     pub(crate) ours: Vec<RawFd>,
+    /// Their inodes (what `/proc/net/tcp` lists), sorted.
+    own: Vec<u64>,
     /// Set once a look at `/proc/net/tcp` found this router's listeners alone on `addr` (at
     /// once when it bound on a free address; after a takeover, once every listener of the
     /// router it took over from has left, before any other joined): from then on they hold
@@ -176,39 +179,34 @@ impl Group {
     /// router before may have left on the group, which would otherwise keep steering (see the
     /// module documentation), and marks the group `first`.
     pub(crate) fn bound(addr: SocketAddr, ours: Vec<RawFd>) -> Group {
-        let first = Arc::new(AtomicBool::new(false));
-        let watched = Arc::new(AtomicBool::new(false));
+        let mut own: Vec<u64> = ours.iter().map(|&fd| socket_inode(fd)).collect();
+        own.sort_unstable();
         let g = Group {
             addr,
-            ours: ours.clone(),
-            first: first.clone(),
-            watched: watched.clone(),
+            ours,
+            own,
+            first: Arc::new(AtomicBool::new(false)),
+            watched: Arc::new(AtomicBool::new(false)),
         };
         if g.alone() == Some(true) {
             // A program left by a router that drained before this one bound (its group may
             // live on in a listener that was closing) would steer this one's connections.
             g.detach();
-            first.store(true, Ordering::Release);
-            watched.store(true, Ordering::Release);
+            g.first.store(true, Ordering::Release);
+            g.watched.store(true, Ordering::Release);
             return g;
         }
-        let own: Vec<u64> = ours.iter().map(|&fd| socket_inode(fd)).collect();
         let before: Vec<u64> = listening_inodes(addr)
             .unwrap_or_default()
             .into_iter()
-            .filter(|ino| !own.contains(ino))
+            .filter(|ino| !g.own.contains(ino))
             .collect();
+        let w = g.clone();
         let spawned = std::thread::Builder::new()
             .name("fedbus-steer".into())
             .spawn(move || {
-                let g = Group {
-                    addr,
-                    ours,
-                    first,
-                    watched,
-                };
-                g.watch(&own, &before);
-                g.watched.store(true, Ordering::Release);
+                w.watch(&before);
+                w.watched.store(true, Ordering::Release);
             });
         if let Err(e) = spawned {
             tracing::warn!(%addr, "no thread to watch the address (new connections will not be steered at the drain): {e}");
@@ -220,7 +218,7 @@ impl Group {
     /// (`before`) have all left, or one of ours stops listening (a drain, a dead shard). Every
     /// [`ALONE_POLL`] for the first minute (a drain lasts that long at most by default), then
     /// once a second (a router taken over that is kept running, a rollback).
-    fn watch(&self, own: &[u64], before: &[u64]) {
+    fn watch(&self, before: &[u64]) {
         let start = std::time::Instant::now();
         while self.ours.iter().all(|&fd| listens_on(fd, self.addr)) {
             let listening = listening_inodes(self.addr);
@@ -229,7 +227,7 @@ impl Group {
                     // The router taken over has left: its drain's program goes with it,
                     // steering or not.
                     self.detach();
-                    if l.iter().all(|i| own.contains(i)) {
+                    if l.iter().all(|i| self.own.contains(i)) {
                         self.first.store(true, Ordering::Release);
                         tracing::info!(addr = %self.addr, "listening alone on the address: the router taken over has left it");
                     } else {
@@ -247,12 +245,8 @@ impl Group {
 
     /// Whether this router's listeners are the only ones on the address (None: unreadable).
     fn alone(&self) -> Option<bool> {
-        let own: Vec<u64> = self.ours.iter().map(|&fd| socket_inode(fd)).collect();
-        let mut listening = listening_inodes(self.addr).ok()?;
-        listening.sort_unstable();
-        let mut own = own;
-        own.sort_unstable();
-        Some(listening == own)
+        // Sorted and without repeats, as `own`.
+        Some(listening_inodes(self.addr).ok()? == self.own)
     }
 
     /// Detaches the group's program, if any (best effort: logged).
@@ -289,10 +283,9 @@ impl Group {
         {
             return Ok(None);
         }
-        let own: Vec<u64> = self.ours.iter().map(|&fd| socket_inode(fd)).collect();
         let others = listening_inodes(self.addr)?
             .into_iter()
-            .filter(|ino| !own.contains(ino))
+            .filter(|ino| !self.own.contains(ino))
             .count();
         if others == 0 {
             return Ok(None);

@@ -1415,6 +1415,60 @@ fn small_slow_requests_cannot_keep_a_read_buffer_each() {
     assert!(logged.is_some(), "the pause is logged");
 }
 
+/// A task link that stops reading keeps the requests routed to it waiting in its outbox; one
+/// over 1 KiB waits as a slice of the read buffer of the client that sent it. At the request's
+/// 504 the router copies such payloads out of the client's buffers (bounded by the link's
+/// `limits.max_link_outbox_bytes`, as the frames were): the session that sent 200 requests of
+/// 4 KiB (~13 read buffers) is not left holding those buffers, and is not paused when it next
+/// needs a new one. Before, its reads stayed paused for as long as the link did not read (the
+/// link's write timeout: 3 ping intervals), with those buffers charged to nothing.
+#[test]
+fn a_stuck_task_link_does_not_keep_a_clients_read_buffers_past_the_504() {
+    use crate::hostile_tasks::{service_token, Link, RawLink};
+    const SMALL: u64 = 200;
+    let r = Router::new()
+        .shards(1)
+        .request_timeout_ms(1500)
+        // No pings: the link stays in routing (never ejected for an unanswered pong) and is
+        // not cut by its write timeout during the test.
+        .limit("ping_interval_ms", 60_000)
+        .start();
+    let all: Vec<u32> = (0..16).collect();
+    let _stuck = RawLink::registered(r.internal[0], &service_token(&r), 4242, "main", &all);
+    let tok = r.token(APP, "alice");
+    // Another session fills the link's socket (a link that does not read takes a few MiB at
+    // most) and the batch the router's writer is blocked on, so the small requests after it
+    // wait in the outbox.
+    let mut filler = Ws::open(r.api, &tok);
+    for id in 0..12 {
+        filler.send_request(id, &r.path(APP, id), &vec![b'f'; 1 << 20]);
+    }
+    r.wait_pending(12.0);
+    let mut ws = Ws::open(r.api, &tok);
+    let mut wire = Vec::new();
+    for id in 0..SMALL {
+        wire.extend(ws.request_bytes(id, &r.path(APP, id), &[b's'; 4096]));
+    }
+    ws.s.write_all(&wire).expect("write the small requests");
+    r.wait_pending(12.0 + SMALL as f64);
+    for _ in 0..SMALL {
+        let f = ws.read_response();
+        assert_eq!(status_of(&f), 504, "{f:?}");
+    }
+    let paused_before = r.metrics().get("fedbus_ws_reads_paused_total");
+    // A message that needs a new read buffer (refused at once: nobody serves that app).
+    let asked = Instant::now();
+    ws.send_request(SMALL, &r.path("nobody/none", 1), &vec![b'n'; 100 * 1024]);
+    let f = ws.read_response();
+    assert_eq!((f.header.request_id, status_of(&f)), (SMALL, 404), "{f:?}");
+    println!("answered {:?} after it was sent", asked.elapsed());
+    assert_eq!(
+        r.metrics().get("fedbus_ws_reads_paused_total"),
+        paused_before,
+        "the session was paused by buffers its timed-out requests no longer need"
+    );
+}
+
 /// The bound on read buffers held by requests in flight does not stop a well-behaved session:
 /// 200 small requests for a slow task, each written once the one before was read (so each is
 /// read, and kept alive, in a 4 KiB buffer of its own), are all taken in: a request sent after them

@@ -61,15 +61,15 @@ impl PeakRss {
 // A task link by hand.
 
 /// `fedbus token service` for `APP` (role unset), valid one hour.
-fn service_token(r: &Router) -> String {
+pub(crate) fn service_token(r: &Router) -> String {
     fedbus_testkit::launch::service_token(r.home(), &r.keys, APP, "raw")
 }
 
 /// A blocking websocket client on the internal listener, as a task.
-type RawLink = ws::Ws;
+pub(crate) type RawLink = ws::Ws;
 
 /// What a hand-made task link needs beyond the kit's session.
-trait Link: Sized {
+pub(crate) trait Link: Sized {
     fn open(addr: SocketAddr, token: &str) -> Self;
     fn open_hello(addr: SocketAddr, token: &str) -> Self;
     fn registered(addr: SocketAddr, token: &str, task: u64, role: &str, parts: &[u32]) -> Self;

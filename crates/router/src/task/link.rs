@@ -342,6 +342,11 @@ impl TaskLink {
         }
         let t = &self.health.timeouts;
         t.set(t.get().saturating_add(timed_out));
+        if timed_out > 0 {
+            // Their frames may still wait to be written: they must not keep their clients'
+            // read buffers alive past the 504 (see [`crate::ws::WsOut::own_payloads`]).
+            self.out.borrow_mut().own_payloads();
+        }
     }
 
     /// Marks the link dead and answers everything pending on it with `Lost`.
@@ -393,6 +398,13 @@ impl Drop for Wait {
     fn drop(&mut self) {
         if !self.done {
             self.link.pending.borrow_mut().remove(&self.id);
+            // Forgotten before its answer (the client is gone): its frame may still wait to
+            // be written, as a slice of the client's read buffer (see
+            // [`crate::ws::WsOut::own_payloads`]). Never borrowed across an await, so the
+            // borrow only fails inside an outbox method that drops a request (none does).
+            if let Ok(mut out) = self.link.out.try_borrow_mut() {
+                out.own_payloads();
+            }
         }
     }
 }
@@ -1283,6 +1295,32 @@ mod tests {
         let mut other = claims("demo/echo", None);
         other.cluster = "eu/x".into();
         assert!(r(&other, "main").is_some());
+    }
+
+    /// A request whose frame still waits in the outbox when its answer is given up (its 504 at
+    /// the deadline, or the client gone) stops holding the client's read buffer: the frame's
+    /// payload is copied.
+    #[test]
+    fn a_request_given_up_lets_go_of_the_clients_read_buffer() {
+        let l = std::rc::Rc::new(link());
+        let t0 = Instant::now();
+        let buf = bytes::Bytes::from(vec![1u8; 64 * 1024]);
+        let timed_out = l.send_request(1, b"head", &buf.slice(..4096), t0).unwrap();
+        assert!(!buf.is_unique(), "queued as a slice");
+        l.expire(t0);
+        assert!(buf.is_unique(), "its 504 keeps no slice of the buffer");
+        drop(timed_out);
+        let later = t0 + Duration::from_secs(60);
+        let forgotten = l
+            .send_request(2, b"head", &buf.slice(4096..8192), later)
+            .unwrap();
+        l.expire(t0);
+        assert!(!buf.is_unique(), "not due: still a slice");
+        drop(forgotten);
+        assert!(
+            buf.is_unique(),
+            "a request forgotten keeps no slice of the buffer"
+        );
     }
 
     #[test]

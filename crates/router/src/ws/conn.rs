@@ -962,6 +962,9 @@ pub struct WsOut {
     /// idle connection gives it back with the arenas ([`WsOut::give_back`]).
     batch: Vec<Bytes>,
     queued: usize,
+    /// How many frames at the front of the queue hold no slice of another buffer: their
+    /// payloads were copied by [`WsOut::own_payloads`] (the writer takes from the front).
+    owned: usize,
     limit: usize,
     /// The limit bounds what waits behind other frames only: one data message larger than it
     /// is let into an empty outbox ([`WsOut::set_soft_limit`]).
@@ -1066,6 +1069,7 @@ impl WsOut {
             spare_arena: BytesMut::new(),
             batch: Vec::new(),
             queued: 0,
+            owned: 0,
             limit,
             soft: false,
             controls: 0,
@@ -1121,6 +1125,26 @@ impl WsOut {
             (self.arena, self.spare_arena) = (BytesMut::new(), BytesMut::new());
             (self.frames, self.batch) = (VecDeque::new(), Vec::new());
         }
+    }
+
+    /// Copies the payloads of the frames the writer has not taken yet out of the buffers they
+    /// are slices of (a server's payloads over [`COPY_PAYLOAD_BYTES`]: a request forwarded from
+    /// the read buffer of the client that sent it), once per frame. For a task or peer link
+    /// once one of its requests is answered without it (a 504 at its deadline, or the client
+    /// gone): the frame still waits to be written, and as a slice it would keep the client's
+    /// whole read buffer alive, charged to nothing, for as long as the link is slow (an
+    /// `/api/ws` session holding such buffers pauses its reads). A copy is bounded by the
+    /// link's byte limit like the frame itself. Returns the bytes copied.
+    pub fn own_payloads(&mut self) -> usize {
+        let mut copied = 0;
+        for q in self.frames.iter_mut().skip(self.owned) {
+            if !q.payload.is_empty() {
+                q.payload = Bytes::copy_from_slice(&q.payload);
+                copied += q.payload.len();
+            }
+        }
+        self.owned = self.frames.len();
+        copied
     }
 
     /// Bytes waiting.
@@ -1301,6 +1325,7 @@ impl WsOut {
             return;
         }
         let dropped: usize = self.frames.drain(..).map(|q| q.len()).sum();
+        self.owned = 0;
         self.arena.clear();
         self.queued -= dropped;
         if let Some(c) = &mut self.charge {
@@ -1324,6 +1349,7 @@ impl WsOut {
     pub fn abort(&mut self) {
         self.closing = true;
         self.frames.clear();
+        self.owned = 0;
         self.arena.clear();
         if let Some(c) = &mut self.charge {
             c.release(self.queued);
@@ -1568,7 +1594,7 @@ pub async fn write_loop<W: PartsWriter>(out: Rc<RefCell<WsOut>>, mut w: W) -> io
             batch.reserve(MAX_IOV);
             // Whole frames only: what is left in the queue can be dropped at a frame boundary.
             // The copied bytes of consecutive frames leave as one slice of the arena.
-            let (mut copied, mut taken) = (0, 0);
+            let (mut copied, mut taken, frames) = (0, 0, o.frames.len());
             while batch.len() + 2 <= MAX_IOV && taken < MAX_BATCH_BYTES {
                 let Some(q) = o.frames.pop_front() else { break };
                 taken += q.copied;
@@ -1582,7 +1608,9 @@ pub async fn write_loop<W: PartsWriter>(out: Rc<RefCell<WsOut>>, mut w: W) -> io
             if copied > 0 {
                 batch.push(o.arena.split_to(copied).freeze());
             }
-            if o.frames.is_empty() {
+            let left = o.frames.len();
+            o.owned = o.owned.saturating_sub(frames - left);
+            if left == 0 {
                 o.controls = 0;
             }
             batch
@@ -2263,6 +2291,88 @@ mod tests {
             b2.extend_from_slice(&big);
             assert_eq!(r.next().await.unwrap(), m(&b2));
             assert_eq!(r.next().await.unwrap(), m(b"cthird"));
+            assert_eq!(r.next().await.unwrap(), Message::Close(Some(1000)));
+        });
+    }
+
+    /// A writer that, during each write, queues one more large frame and copies the payloads
+    /// not taken ([`WsOut::own_payloads`], as a request's 504 does while the writer waits on a
+    /// slow link): what each call copied, in bytes.
+    struct Midway {
+        out: Rc<RefCell<WsOut>>,
+        buf: Bytes,
+        next: usize,
+        copies: Rc<RefCell<Vec<usize>>>,
+        seen: Written,
+    }
+
+    impl crate::ws::stream::PartsWriter for Midway {
+        async fn write_parts(&mut self, parts: &[Bytes]) -> io::Result<()> {
+            {
+                let mut o = self.out.borrow_mut();
+                if !o.is_closing() {
+                    let i = self.next;
+                    self.next += 1;
+                    o.send_binary(&[i as u8], &self.buf.slice(i * 2000..(i + 1) * 2000))
+                        .unwrap();
+                    let copied = o.own_payloads();
+                    self.copies.borrow_mut().push(copied);
+                    if self.next == 43 {
+                        o.close(1000);
+                    }
+                }
+            }
+            Collect(self.seen.clone()).write_parts(parts).await
+        }
+        async fn close(&mut self) {}
+    }
+
+    /// Payloads over [`COPY_PAYLOAD_BYTES`] wait as slices of the buffer they came from:
+    /// [`WsOut::own_payloads`] copies those the writer has not taken, each once (also after
+    /// the writer took some), and lets that buffer go; what is written is unchanged.
+    #[test]
+    fn own_payloads_copies_the_frames_not_taken_once_each() {
+        let out = WsOut::new(Side::Server, 1 << 24);
+        let buf = Bytes::from(vec![5u8; 100_000]);
+        {
+            let mut o = out.borrow_mut();
+            for i in 0..3 {
+                o.send_binary(&[i as u8], &buf.slice(i * 2000..(i + 1) * 2000))
+                    .unwrap();
+            }
+            assert!(!buf.is_unique(), "queued as slices");
+            assert_eq!(o.own_payloads(), 3 * 2000);
+            assert!(buf.is_unique(), "the buffer is let go");
+            assert_eq!(o.own_payloads(), 0, "once per frame");
+            for i in 3..40 {
+                o.send_binary(&[i as u8], &buf.slice(i * 2000..(i + 1) * 2000))
+                    .unwrap();
+            }
+        }
+        let copies = Rc::new(RefCell::new(Vec::new()));
+        let seen = Rc::new(RefCell::new((Vec::new(), Vec::new())));
+        let w = Midway {
+            out: out.clone(),
+            buf: buf.clone(),
+            next: 40,
+            copies: copies.clone(),
+            seen: seen.clone(),
+        };
+        block_on(write_loop(out.clone(), w)).unwrap();
+        // First batch: the 3 copied frames and 29 slices (64 parts); the other 8 wait and are
+        // copied with the one queued during the write. Second batch: those 9; the one queued
+        // during it is copied alone (the frames taken no longer count as copied). Third: that
+        // one, and the last one queued.
+        assert_eq!(*copies.borrow(), vec![9 * 2000, 2000, 2000]);
+        assert!(buf.is_unique(), "nothing written holds the buffer");
+        let wire = seen.borrow().0.clone();
+        let mut r = WsReader::new(&wire[..], BytesMut::new(), Side::Client, 1 << 20);
+        block_on(async {
+            for i in 0..43u8 {
+                let mut want = vec![i];
+                want.extend_from_slice(&[5u8; 2000]);
+                assert_eq!(r.next().await.unwrap(), Message::Binary(want.into()));
+            }
             assert_eq!(r.next().await.unwrap(), Message::Close(Some(1000)));
         });
     }

@@ -1102,6 +1102,7 @@ fn token_commands_refuse_a_keyring_path_with_no_keyring() {
         format!("token client --app {APP} --sub a"),
         format!("token service --task-id t --app {APP}"),
         format!("token client --app {APP} --sub a --create-app"),
+        "token peer --router r1 --cluster eu/one".to_string(),
     ] {
         let out = run(&args);
         let err = String::from_utf8_lossy(&out.stderr);

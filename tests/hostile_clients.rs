@@ -1417,21 +1417,24 @@ fn small_slow_requests_cannot_keep_a_read_buffer_each() {
 
 /// A task link that stops reading keeps the requests routed to it waiting in its outbox; one
 /// over 1 KiB waits as a slice of the read buffer of the client that sent it. At the request's
-/// 504 the router copies such payloads out of the client's buffers (bounded by the link's
-/// `limits.max_link_outbox_bytes`, as the frames were): the session that sent 200 requests of
+/// 504 the router copies its payload out of the client's buffer (bounded by the link's
+/// `limits.max_link_outbox_bytes`, as the frame was): the session that sent 200 requests of
 /// 4 KiB (~13 read buffers) is not left holding those buffers, and is not paused when it next
 /// needs a new one. Before, its reads stayed paused for as long as the link did not read (the
-/// link's write timeout: 3 ping intervals), with those buffers charged to nothing.
+/// link's write timeout: 3 ping intervals), with those buffers charged to nothing. (Another
+/// session's 12 MiB go first: they fill the link's socket and the batch the router's writer is
+/// blocked on, which keeps its frames as they are until written.)
 #[test]
 fn a_stuck_task_link_does_not_keep_a_clients_read_buffers_past_the_504() {
     use crate::hostile_tasks::{service_token, Link, RawLink};
     const SMALL: u64 = 200;
     let r = Router::new()
         .shards(1)
-        .request_timeout_ms(1500)
+        .request_timeout_ms(3000)
         // No pings: the link stays in routing (never ejected for an unanswered pong) and is
-        // not cut by its write timeout during the test.
+        // not cut by its write timeout during the test; nor ejected for its timeouts.
         .limit("ping_interval_ms", 60_000)
+        .limit("task_eject_after_timeouts", 0)
         .start();
     let all: Vec<u32> = (0..16).collect();
     let _stuck = RawLink::registered(r.internal[0], &service_token(&r), 4242, "main", &all);
@@ -1450,7 +1453,7 @@ fn a_stuck_task_link_does_not_keep_a_clients_read_buffers_past_the_504() {
         wire.extend(ws.request_bytes(id, &r.path(APP, id), &[b's'; 4096]));
     }
     ws.s.write_all(&wire).expect("write the small requests");
-    r.wait_pending(12.0 + SMALL as f64);
+    r.wait_pending(SMALL as f64);
     for _ in 0..SMALL {
         let f = ws.read_response();
         assert_eq!(status_of(&f), 504, "{f:?}");

@@ -292,10 +292,9 @@ fn ensure_keyring(dir: &Path, apps: &[&str]) -> Result<()> {
 /// The keyring a token command signs with (`keyring`: its `--keyring`). The default keyring
 /// is made on first use with the apps of the embedded defaults (dev keys, as `fedbus run`
 /// without a config makes it); one named with `--keyring` must exist (`fedbus keys init`
-/// makes it), as `nsc` and `vault` want their stores made on purpose. An app the keyring does
-/// not have is refused unless `create`: a mistyped app name or keyring path must not
-/// silently mint new keys.
-fn keyring_with_app(keyring: &Option<PathBuf>, app: &str, create: bool) -> Result<PathBuf> {
+/// makes it), as `nsc` and `vault` want their stores made on purpose: a mistyped path must
+/// not silently mint new keys.
+fn token_keyring(keyring: &Option<PathBuf>) -> Result<PathBuf> {
     let dir = keyring_dir(keyring)?;
     if !dir.join("cluster.toml").exists() {
         if keyring.is_some() {
@@ -307,6 +306,13 @@ fn keyring_with_app(keyring: &Option<PathBuf>, app: &str, create: bool) -> Resul
         }
         ensure_keyring(&dir, &Config::embedded().app_names())?;
     }
+    Ok(dir)
+}
+
+/// [`token_keyring`], holding `app`: an app the keyring does not have is refused unless
+/// `create` (a mistyped app name must not silently mint new keys either).
+fn keyring_with_app(keyring: &Option<PathBuf>, app: &str, create: bool) -> Result<PathBuf> {
+    let dir = token_keyring(keyring)?;
     let dir = dir.as_path();
     if create {
         Keyring::ensure_apps(dir, &[app], auth::now_unix())?;
@@ -841,7 +847,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 bail!("--router {router:?}: expected the router's name, non-empty [A-Za-z0-9_-]");
             }
             check_cluster(&cluster)?;
-            let dir = keyring_dir(&keyring)?;
+            let dir = token_keyring(&keyring)?;
             println!(
                 "{}",
                 service_token(&dir, &router, "", &cluster, ttl_secs(&ttl)?, None)?

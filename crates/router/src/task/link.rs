@@ -43,6 +43,20 @@ struct Slot {
     waker: Option<Waker>,
     reply: Option<Reply>,
     deadline: Instant,
+    /// The request's frame in the link's outbox ([`WsOut::last_frame`]).
+    frame: u64,
+}
+
+impl Slot {
+    /// Answers the request without its task. Its frame may still wait in `out`: copied, so
+    /// that it keeps no slice of the client's read buffer ([`WsOut::own_payload`]).
+    fn give_up(&mut self, reply: Reply, out: &mut WsOut) {
+        self.reply = Some(reply);
+        out.own_payload(self.frame);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
 }
 
 /// Why a task link is out of routing while it stays open (outlier ejection, docs/EMERGENCY.md).
@@ -300,13 +314,18 @@ impl TaskLink {
         if !self.alive.get() {
             return Err(crate::ws::Refused);
         }
-        self.out.borrow_mut().send_binary(head, payload)?;
+        let frame = {
+            let mut out = self.out.borrow_mut();
+            out.send_binary(head, payload)?;
+            out.last_frame()
+        };
         self.pending.borrow_mut().insert(
             id,
             Slot {
                 waker: None,
                 reply: None,
                 deadline,
+                frame,
             },
         );
         self.sent.set(self.sent.get() + 1);
@@ -333,20 +352,12 @@ impl TaskLink {
         let mut timed_out = 0u32;
         for slot in self.pending.borrow_mut().values_mut() {
             if slot.reply.is_none() && slot.deadline <= now {
-                slot.reply = Some(Reply::Timeout);
+                slot.give_up(Reply::Timeout, &mut self.out.borrow_mut());
                 timed_out += 1;
-                if let Some(w) = slot.waker.take() {
-                    w.wake();
-                }
             }
         }
         let t = &self.health.timeouts;
         t.set(t.get().saturating_add(timed_out));
-        if timed_out > 0 {
-            // Their frames may still wait to be written: they must not keep their clients'
-            // read buffers alive past the 504 (see [`crate::ws::WsOut::own_payloads`]).
-            self.out.borrow_mut().own_payloads();
-        }
     }
 
     /// Marks the link dead and answers everything pending on it with `Lost`.
@@ -354,10 +365,9 @@ impl TaskLink {
         self.alive.set(false);
         for slot in self.pending.borrow_mut().values_mut() {
             if slot.reply.is_none() {
-                slot.reply = Some(Reply::Lost);
-                if let Some(w) = slot.waker.take() {
-                    w.wake();
-                }
+                // The close frame is queued behind what waits: a slow reader could take
+                // a while to get there.
+                slot.give_up(Reply::Lost, &mut self.out.borrow_mut());
             }
         }
     }
@@ -397,13 +407,15 @@ impl Future for Wait {
 impl Drop for Wait {
     fn drop(&mut self) {
         if !self.done {
-            self.link.pending.borrow_mut().remove(&self.id);
-            // Forgotten before its answer (the client is gone): its frame may still wait to
-            // be written, as a slice of the client's read buffer (see
-            // [`crate::ws::WsOut::own_payloads`]). Never borrowed across an await, so the
-            // borrow only fails inside an outbox method that drops a request (none does).
-            if let Ok(mut out) = self.link.out.try_borrow_mut() {
-                out.own_payloads();
+            let slot = self.link.pending.borrow_mut().remove(&self.id);
+            // Forgotten before its answer (its client is gone): its frame may still wait, as a
+            // slice of the client's read buffer ([`WsOut::own_payload`]; one given up already
+            // was copied then). The outbox is never borrowed across an await, and no outbox
+            // method drops a request, so the borrow does not fail.
+            if let (Some(slot), Ok(mut out)) = (slot, self.link.out.try_borrow_mut()) {
+                if slot.reply.is_none() {
+                    out.own_payload(slot.frame);
+                }
             }
         }
     }
@@ -1321,6 +1333,23 @@ mod tests {
             buf.is_unique(),
             "a request forgotten keeps no slice of the buffer"
         );
+        let waited = l
+            .send_request(3, b"head", &buf.slice(..4096), later)
+            .unwrap();
+        let lost = l
+            .send_request(4, b"head", &buf.slice(4096..8192), later)
+            .unwrap();
+        drop(waited);
+        assert!(
+            !buf.is_unique(),
+            "the other request's frame is still a slice"
+        );
+        l.fail_all();
+        assert!(
+            buf.is_unique(),
+            "a request lost with its link keeps no slice"
+        );
+        drop(lost);
     }
 
     #[test]
@@ -1334,6 +1363,7 @@ mod tests {
                     waker: None,
                     reply: None,
                     deadline: t0,
+                    frame: 0,
                 };
                 l.pending.borrow_mut().insert(id, slot);
             }

@@ -962,9 +962,10 @@ pub struct WsOut {
     /// idle connection gives it back with the arenas ([`WsOut::give_back`]).
     batch: Vec<Bytes>,
     queued: usize,
-    /// How many frames at the front of the queue hold no slice of another buffer: their
-    /// payloads were copied by [`WsOut::own_payloads`] (the writer takes from the front).
-    owned: usize,
+    /// Frames that have left the front of the queue (taken by the writer or dropped) since the
+    /// outbox was made: frame number `n` ([`WsOut::last_frame`]) is `frames[n - left]` while
+    /// it waits.
+    left: u64,
     limit: usize,
     /// The limit bounds what waits behind other frames only: one data message larger than it
     /// is let into an empty outbox ([`WsOut::set_soft_limit`]).
@@ -1069,7 +1070,7 @@ impl WsOut {
             spare_arena: BytesMut::new(),
             batch: Vec::new(),
             queued: 0,
-            owned: 0,
+            left: 0,
             limit,
             soft: false,
             controls: 0,
@@ -1127,24 +1128,33 @@ impl WsOut {
         }
     }
 
-    /// Copies the payloads of the frames the writer has not taken yet out of the buffers they
-    /// are slices of (a server's payloads over [`COPY_PAYLOAD_BYTES`]: a request forwarded from
-    /// the read buffer of the client that sent it), once per frame. For a task or peer link
-    /// once one of its requests is answered without it (a 504 at its deadline, or the client
-    /// gone): the frame still waits to be written, and as a slice it would keep the client's
-    /// whole read buffer alive, charged to nothing, for as long as the link is slow (an
-    /// `/api/ws` session holding such buffers pauses its reads). A copy is bounded by the
-    /// link's byte limit like the frame itself. Returns the bytes copied.
-    pub fn own_payloads(&mut self) -> usize {
-        let mut copied = 0;
-        for q in self.frames.iter_mut().skip(self.owned) {
-            if !q.payload.is_empty() {
+    /// The number of the frame queued last (numbers count up from 0 per outbox), for
+    /// [`WsOut::own_payload`].
+    pub fn last_frame(&self) -> u64 {
+        (self.left + self.frames.len() as u64).wrapping_sub(1)
+    }
+
+    /// Copies the payload of frame `n` out of the buffer it is a slice of, if the frame still
+    /// waits (the writer has not taken it) and its payload was not copied when queued (a
+    /// server's payload over [`COPY_PAYLOAD_BYTES`]: a request forwarded from the read buffer
+    /// of the client that sent it). For a task or peer link's request answered without it (a
+    /// 504 at its deadline, a 502 when the link is lost, or its client gone): as a slice the
+    /// waiting frame would keep the client's whole read buffer alive, charged to nothing, for
+    /// as long as the link is slow (and an `/api/ws` session holding such buffers pauses its
+    /// reads). The copy is bounded by the link's byte limit like the frame itself; a request
+    /// still waited for keeps its frame a slice (its client's charge covers it). Call it once
+    /// per frame. Returns the bytes copied.
+    pub fn own_payload(&mut self, n: u64) -> usize {
+        let Some(i) = n.checked_sub(self.left) else {
+            return 0;
+        };
+        match usize::try_from(i).ok().and_then(|i| self.frames.get_mut(i)) {
+            Some(q) if !q.payload.is_empty() => {
                 q.payload = Bytes::copy_from_slice(&q.payload);
-                copied += q.payload.len();
+                q.payload.len()
             }
+            _ => 0,
         }
-        self.owned = self.frames.len();
-        copied
     }
 
     /// Bytes waiting.
@@ -1324,8 +1334,8 @@ impl WsOut {
         if self.closing {
             return;
         }
+        self.left += self.frames.len() as u64;
         let dropped: usize = self.frames.drain(..).map(|q| q.len()).sum();
-        self.owned = 0;
         self.arena.clear();
         self.queued -= dropped;
         if let Some(c) = &mut self.charge {
@@ -1348,8 +1358,8 @@ impl WsOut {
     /// Stops the writer without a close frame (the socket is gone).
     pub fn abort(&mut self) {
         self.closing = true;
+        self.left += self.frames.len() as u64;
         self.frames.clear();
-        self.owned = 0;
         self.arena.clear();
         if let Some(c) = &mut self.charge {
             c.release(self.queued);
@@ -1608,9 +1618,9 @@ pub async fn write_loop<W: PartsWriter>(out: Rc<RefCell<WsOut>>, mut w: W) -> io
             if copied > 0 {
                 batch.push(o.arena.split_to(copied).freeze());
             }
-            let left = o.frames.len();
-            o.owned = o.owned.saturating_sub(frames - left);
-            if left == 0 {
+            let waiting = o.frames.len();
+            o.left += (frames - waiting) as u64;
+            if waiting == 0 {
                 o.controls = 0;
             }
             batch
@@ -2295,31 +2305,29 @@ mod tests {
         });
     }
 
-    /// A writer that, during each write, queues one more large frame and copies the payloads
-    /// not taken ([`WsOut::own_payloads`], as a request's 504 does while the writer waits on a
-    /// slow link): what each call copied, in bytes.
+    /// A writer that, during each write, queues one more large frame and then copies the
+    /// payloads of the frames its script names for that write ([`WsOut::own_payload`], as a
+    /// request's 504 does while the writer waits on a slow link): the bytes each copy took.
     struct Midway {
         out: Rc<RefCell<WsOut>>,
         buf: Bytes,
-        next: usize,
-        copies: Rc<RefCell<Vec<usize>>>,
+        script: std::collections::VecDeque<Vec<u64>>,
+        copies: Rc<RefCell<Vec<Vec<usize>>>>,
         seen: Written,
     }
 
     impl crate::ws::stream::PartsWriter for Midway {
         async fn write_parts(&mut self, parts: &[Bytes]) -> io::Result<()> {
-            {
+            if let Some(frames) = self.script.pop_front() {
                 let mut o = self.out.borrow_mut();
-                if !o.is_closing() {
-                    let i = self.next;
-                    self.next += 1;
-                    o.send_binary(&[i as u8], &self.buf.slice(i * 2000..(i + 1) * 2000))
-                        .unwrap();
-                    let copied = o.own_payloads();
-                    self.copies.borrow_mut().push(copied);
-                    if self.next == 43 {
-                        o.close(1000);
-                    }
+                let i = (o.last_frame() + 1) as usize;
+                o.send_binary(&[i as u8], &self.buf.slice(i * 2000..(i + 1) * 2000))
+                    .unwrap();
+                assert_eq!(o.last_frame(), i as u64);
+                let copied = frames.iter().map(|&n| o.own_payload(n)).collect();
+                self.copies.borrow_mut().push(copied);
+                if self.script.is_empty() {
+                    o.close(1000);
                 }
             }
             Collect(self.seen.clone()).write_parts(parts).await
@@ -2328,10 +2336,10 @@ mod tests {
     }
 
     /// Payloads over [`COPY_PAYLOAD_BYTES`] wait as slices of the buffer they came from:
-    /// [`WsOut::own_payloads`] copies those the writer has not taken, each once (also after
-    /// the writer took some), and lets that buffer go; what is written is unchanged.
+    /// [`WsOut::own_payload`] copies the one frame named if the writer has not taken it (also
+    /// after the writer took others), and what is written is unchanged.
     #[test]
-    fn own_payloads_copies_the_frames_not_taken_once_each() {
+    fn own_payload_copies_the_frame_named_while_it_waits() {
         let out = WsOut::new(Side::Server, 1 << 24);
         let buf = Bytes::from(vec![5u8; 100_000]);
         {
@@ -2339,11 +2347,13 @@ mod tests {
             for i in 0..3 {
                 o.send_binary(&[i as u8], &buf.slice(i * 2000..(i + 1) * 2000))
                     .unwrap();
+                assert_eq!(o.last_frame(), i as u64);
             }
-            assert!(!buf.is_unique(), "queued as slices");
-            assert_eq!(o.own_payloads(), 3 * 2000);
+            assert_eq!(o.own_payload(1), 2000);
+            assert!(!buf.is_unique(), "frames 0 and 2 are still slices");
+            assert_eq!(o.own_payload(0) + o.own_payload(2), 4000);
             assert!(buf.is_unique(), "the buffer is let go");
-            assert_eq!(o.own_payloads(), 0, "once per frame");
+            assert_eq!(o.own_payload(3), 0, "no such frame");
             for i in 3..40 {
                 o.send_binary(&[i as u8], &buf.slice(i * 2000..(i + 1) * 2000))
                     .unwrap();
@@ -2351,19 +2361,22 @@ mod tests {
         }
         let copies = Rc::new(RefCell::new(Vec::new()));
         let seen = Rc::new(RefCell::new((Vec::new(), Vec::new())));
+        // First batch: frames 0-31 (64 parts); 32-39 wait, 40 is queued during the write.
+        // Second batch: 32-40, 41 queued during it. Third: 41, and 42.
+        let script = vec![vec![31, 35, 40], vec![40, 41], vec![42]];
         let w = Midway {
             out: out.clone(),
             buf: buf.clone(),
-            next: 40,
+            script: script.into(),
             copies: copies.clone(),
             seen: seen.clone(),
         };
         block_on(write_loop(out.clone(), w)).unwrap();
-        // First batch: the 3 copied frames and 29 slices (64 parts); the other 8 wait and are
-        // copied with the one queued during the write. Second batch: those 9; the one queued
-        // during it is copied alone (the frames taken no longer count as copied). Third: that
-        // one, and the last one queued.
-        assert_eq!(*copies.borrow(), vec![9 * 2000, 2000, 2000]);
+        let taken = 0;
+        assert_eq!(
+            *copies.borrow(),
+            vec![vec![taken, 2000, 2000], vec![taken, 2000], vec![2000]]
+        );
         assert!(buf.is_unique(), "nothing written holds the buffer");
         let wire = seen.borrow().0.clone();
         let mut r = WsReader::new(&wire[..], BytesMut::new(), Side::Client, 1 << 20);
@@ -2375,6 +2388,21 @@ mod tests {
             }
             assert_eq!(r.next().await.unwrap(), Message::Close(Some(1000)));
         });
+    }
+
+    /// Frames dropped by [`WsOut::close_now`] count as gone: the numbers of those queued after
+    /// stay right.
+    #[test]
+    fn frame_numbers_stay_right_after_frames_are_dropped() {
+        let out = WsOut::new(Side::Server, 1 << 24);
+        let mut o = out.borrow_mut();
+        let buf = Bytes::from(vec![6u8; 10_000]);
+        for _ in 0..3 {
+            o.send_binary(b"h", &buf.slice(..2000)).unwrap();
+        }
+        o.close_now(1008);
+        assert_eq!(o.last_frame(), 3, "the close frame is number 3");
+        assert_eq!(o.own_payload(2), 0, "dropped");
     }
 
     #[test]

@@ -1422,7 +1422,7 @@ fn small_slow_requests_cannot_keep_a_read_buffer_each() {
 /// 4 KiB (~13 read buffers) is not left holding those buffers, and is not paused when it next
 /// needs a new one. Before, its reads stayed paused for as long as the link did not read (the
 /// link's write timeout: 3 ping intervals), with those buffers charged to nothing. (Another
-/// session's 12 MiB go first: they fill the link's socket and the batch the router's writer is
+/// session's 15 MiB go first: they fill the link's socket and the batch the router's writer is
 /// blocked on, which keeps its frames as they are until written.)
 #[test]
 fn a_stuck_task_link_does_not_keep_a_clients_read_buffers_past_the_504() {
@@ -1437,23 +1437,26 @@ fn a_stuck_task_link_does_not_keep_a_clients_read_buffers_past_the_504() {
         .limit("task_eject_after_timeouts", 0)
         .start();
     let all: Vec<u32> = (0..16).collect();
-    let _stuck = RawLink::registered(r.internal[0], &service_token(&r), 4242, "main", &all);
+    let stuck = RawLink::registered(r.internal[0], &service_token(&r), 4242, "main", &all);
+    limit_receive_buffer(&stuck.s, 64 * 1024);
     let tok = r.token(APP, "alice");
-    // Another session fills the link's socket (a link that does not read takes a few MiB at
-    // most) and the batch the router's writer is blocked on, so the small requests after it
-    // wait in the outbox.
+    // Another session fills the link's socket (one that does not read takes the router's
+    // send buffer, `net.ipv4.tcp_wmem`'s most: 4 MiB by default, and the 128 KiB it receives)
+    // and the batch the router's writer is blocked on, so the small requests after it wait in
+    // the outbox.
+    const FILLER: u64 = 15;
     let mut filler = Ws::open(r.api, &tok);
-    for id in 0..12 {
+    for id in 0..FILLER {
         filler.send_request(id, &r.path(APP, id), &vec![b'f'; 1 << 20]);
     }
-    r.wait_pending(12.0);
+    r.wait_pending(FILLER as f64);
     let mut ws = Ws::open(r.api, &tok);
     let mut wire = Vec::new();
     for id in 0..SMALL {
         wire.extend(ws.request_bytes(id, &r.path(APP, id), &[b's'; 4096]));
     }
     ws.s.write_all(&wire).expect("write the small requests");
-    r.wait_pending(SMALL as f64);
+    r.wait_pending((FILLER + SMALL) as f64);
     for _ in 0..SMALL {
         let f = ws.read_response();
         assert_eq!(status_of(&f), 504, "{f:?}");

@@ -7,6 +7,17 @@ pub fn random_u64() -> u64 {
     u64::from_le_bytes(b)
 }
 
+/// At most the first 200 bytes of `s` (cut at a character boundary), for a log line that
+/// quotes what another side sent (an origin, a claim, a peer's words): log it with `?` so that
+/// its control characters and line breaks are escaped.
+pub fn clipped(s: &str) -> &str {
+    let mut end = s.len().min(200);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Seconds since the Unix epoch from `CLOCK_REALTIME_COARSE`: the kernel's last tick (at most
 /// a few milliseconds old), read from the vDSO page without the TSC. For whole-second checks
 /// on the request path (a token's `exp`), where `SystemTime::now()` was 0.6-0.7% of a shard's
@@ -155,6 +166,17 @@ impl Rate {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn words_from_the_wire_are_clipped_for_the_log_at_a_character_boundary() {
+        assert_eq!(super::clipped("short"), "short");
+        let long = "é".repeat(150); // 300 bytes
+        let c = super::clipped(&long);
+        assert_eq!(c.len(), 200);
+        assert!(long.starts_with(c));
+        let odd = format!("a{long}"); // byte 200 falls inside a character
+        assert_eq!(super::clipped(&odd).len(), 199);
+    }
+
     /// The `max + 1`th event in a window is over; a window that ended starts the count over.
     #[test]
     fn rate_counts_in_windows() {

@@ -965,6 +965,23 @@ pub fn is_timeout(e: &std::io::Error) -> bool {
     )
 }
 
+/// Holds `s`'s receive buffer to `bytes` (the kernel doubles it), so that a peer that stops
+/// reading fills it after that much, whatever `net.ipv4.tcp_rmem` lets autotuning reach.
+pub fn limit_receive_buffer(s: &TcpStream, bytes: i32) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt on an open socket with a pointer to an int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&bytes as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+}
+
 /// A running echo task (killed on drop).
 pub struct Task {
     proc: Proc,

@@ -13,6 +13,7 @@ use crate::routing::answer::{send_answer, Served};
 use crate::routing::{self, Answer, Ingress, Request, VerifyCache};
 use crate::shard::Shard;
 use crate::task::link::{close_at_expiry, handle_renew, read_upgrade, RenewGate, TaskLink};
+use crate::util::clipped;
 use crate::ws::Socket as _;
 use crate::ws::{self, handshake, Message, Side};
 use futures_lite::AsyncWriteExt;
@@ -622,7 +623,7 @@ fn on_renew_answer(shard: &Shard, cluster: &str, slot: &Slot, text: &[u8]) {
         renew::RenewAnswer::Refused { error, message } => {
             // The other router's words, at most a line of them each.
             let (error, message) = (clipped(&error), clipped(&message));
-            tracing::warn!(shard = shard.index, %cluster, %addr, %error, %message, "peer link renew refused; sent again in 5 s, the link lives until its current token expires");
+            tracing::warn!(shard = shard.index, %cluster, %addr, ?error, ?message, "peer link renew refused; sent again in 5 s, the link lives until its current token expires");
             slot.renew_refused.set(true);
         }
     }
@@ -634,15 +635,6 @@ fn peer_protocol_error(shard: &Shard, cluster: &str, why: &str) -> Option<u16> {
     ShardMetrics::inc(&shard.metrics.peer_protocol_errors);
     tracing::warn!(shard = shard.index, %cluster, "peer link closed (1002): {why}");
     Some(1002)
-}
-
-/// At most the first 200 bytes of `s` (cut at a character boundary), for a log line.
-fn clipped(s: &str) -> &str {
-    let mut end = s.len().min(200);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// Replaces `slot`'s last status, keeping `fedbus_peer_links_ready` in step.
@@ -968,7 +960,8 @@ fn check_peer_token(shard: &Shard, token: Option<&str>) -> Admission {
     let keys = view.keys.get(&claimed).ok_or((
         401,
         "unknown_cluster",
-        format!("cluster {claimed} is not in the federation"),
+        // The claim is unverified: clipped and quoted (escaped) for the log line it ends in.
+        format!("cluster {:?} is not in the federation", clipped(&claimed)),
     ))?;
     let (now, grace) = (auth::now_unix(), shard.cfg.auth.grace_secs);
     let c = verify_service_token(keys, token, now, grace)
@@ -1415,16 +1408,5 @@ mod tests {
         let draining = sibling("c", &[[13, 13]], true, true);
         let lacks = sibling("d", &[[0, 12]], false, true);
         assert_eq!(covering(vec![draining, lacks], true), None);
-    }
-
-    #[test]
-    fn a_peers_words_are_clipped_for_the_log_at_a_character_boundary() {
-        assert_eq!(super::clipped("short"), "short");
-        let long = "é".repeat(150); // 300 bytes
-        let c = super::clipped(&long);
-        assert_eq!(c.len(), 200);
-        assert!(long.starts_with(c));
-        let odd = format!("a{long}"); // byte 200 falls inside a character
-        assert_eq!(super::clipped(&odd).len(), 199);
     }
 }

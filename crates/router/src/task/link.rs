@@ -48,8 +48,9 @@ struct Slot {
 }
 
 impl Slot {
-    /// Answers the request without its task. Its frame may still wait in `out`: copied, so
-    /// that it keeps no slice of the client's read buffer ([`WsOut::own_payload`]).
+    /// Answers the request (without its task, or before the task read it). Its frame may still
+    /// wait in `out`: copied, so that it keeps no slice of the client's read buffer
+    /// ([`WsOut::own_payload`]).
     fn give_up(&mut self, reply: Reply, out: &mut WsOut) {
         self.reply = Some(reply);
         out.own_payload(self.frame);
@@ -339,10 +340,10 @@ impl TaskLink {
     fn complete(&self, id: u64, reply: Reply) {
         if let Some(slot) = self.pending.borrow_mut().get_mut(&id) {
             if slot.reply.is_none() {
-                slot.reply = Some(reply);
-                if let Some(w) = slot.waker.take() {
-                    w.wake();
-                }
+                // Its frame is written by now, unless a task answers what it has not read
+                // (request ids are easy to guess): then the frame must not keep the client's
+                // buffer either. A number past the writer costs a subtraction.
+                slot.give_up(reply, &mut self.out.borrow_mut());
             }
         }
     }
@@ -846,6 +847,15 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
         drop(p.cancel());
     }
 
+    // Closed first: an aborted outbox holds no frame for `fail_all` to copy out of a client's
+    // buffer (one closed with a code still writes what waits, the close frame last).
+    match &end {
+        Err(e) => match e.close_code() {
+            Some(code) => out.borrow_mut().close(code),
+            None => out.borrow_mut().abort(),
+        },
+        Ok(()) => out.borrow_mut().close(1000),
+    }
     // Leave the routing table at once, then answer everything pending with 502.
     link.fail_all();
     let current = {
@@ -874,13 +884,6 @@ async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<
             task = reg.task,
             "task link closed: {e}"
         );
-    }
-    match &end {
-        Err(e) => match e.close_code() {
-            Some(code) => out.borrow_mut().close(code),
-            None => out.borrow_mut().abort(),
-        },
-        Ok(()) => out.borrow_mut().close(1000),
     }
     drop(pinger.cancel());
     let _ = writer.await;

@@ -148,13 +148,8 @@ fn other_origins_are_refused_before_any_task() {
         .assert_error(403, "origin_not_allowed");
     // Any client can send any origin: the log line quotes 200 bytes of it at most.
     let long = format!("https://{}.example", "a".repeat(8000));
-    r.request(
-        &Req::post(&p)
-            .token(&tok)
-            .header("Origin", &long)
-            .body(b"x"),
-    )
-    .assert_error(403, "origin_not_allowed");
+    r.request(&Req::post(&p).token(&tok).header("Origin", &long).body(b"x"))
+        .assert_error(403, "origin_not_allowed");
     assert_eq!(refused(&r), 6.0);
     let log = r.log();
     assert!(log.contains("origin not allowed"), "a log line per refusal");

@@ -650,6 +650,61 @@ fn client_that_never_reads_is_closed_1013() {
     );
 }
 
+/// A client that sends and never reads, with its answers within its share: each write of the
+/// session's answers must be done at `limits.min_answer_bytes_per_sec` (as over HTTP), or the
+/// session ends (no close frame: the client reads nothing), counted in
+/// `fedbus_slow_reader_closed_total` and logged, and the answers' bytes go back to the budget.
+/// Before, such a session kept its answers for as long as each write moved within the
+/// socket's write timeout (`limits.idle_timeout_ms`, 60 s), however slowly.
+#[test]
+fn a_session_slower_than_the_answer_pace_is_closed() {
+    let r = Router::new()
+        .shards(1)
+        .limit("handshake_timeout_ms", 500)
+        .limit("min_answer_bytes_per_sec", 1 << 20)
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let mut w = open(&r, &tok);
+    limit_receive_buffer(&w.s, 64 * 1024);
+    let payload = vec![b'q'; 60 * 1024];
+    // 12 MiB of answers, within the session's 16 MiB share: more than the socket buffers hold.
+    for id in 0..200u64 {
+        let b = w.request_bytes(id, Some(&r.path(APP, 3)), &payload);
+        w.send_raw_lossy(&b);
+    }
+    let closed = wait_for(Duration::from_secs(20), || {
+        (r.metrics().get("fedbus_slow_reader_closed_total") >= 1.0).then_some(())
+    });
+    assert!(closed.is_some(), "the session that does not read was kept");
+    w.set_read_timeout(Duration::from_secs(5));
+    let mut b = vec![0u8; 1 << 20];
+    let end = loop {
+        match w.s.read_retrying(&mut b) {
+            Ok(0) => break Ok(()),
+            Ok(_) => continue,
+            Err(e) => break Err(e),
+        }
+    };
+    assert!(
+        end.is_ok()
+            || end
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the connection is closed: {end:?}"
+    );
+    let held = || r.metrics().get("fedbus_outbox_bytes_held");
+    assert!(
+        wait_for(Duration::from_secs(5), || (held() == 0.0).then_some(())).is_some(),
+        "outbox bytes still held: {}",
+        held()
+    );
+    assert_eq!(r.metrics().get("fedbus_slow_reader_closed_total"), 1.0);
+    assert!(r
+        .log()
+        .contains("client websocket does not read its answers (slower than"));
+}
+
 /// One answer larger than the session's share of the outbox budget reaches a client that
 /// reads promptly (as it does over HTTP); the session is not closed as a slow reader. Before,
 /// a 150 KB echo on a 100 KB share closed the session with 1013.

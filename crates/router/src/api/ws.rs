@@ -135,7 +135,7 @@ pub(crate) async fn serve<S: Stream>(
         mut reader,
         out,
         writer,
-    } = ws::start(
+    } = ws::start_with(
         stream,
         leftover,
         Side::Server,
@@ -146,6 +146,7 @@ pub(crate) async fn serve<S: Stream>(
             None => limits.max_anonymous_body_bytes + 64 * 1024,
         },
         limits,
+        |w| Paced::new(w, &shard),
     );
     // A message that arrives in pieces is held to an HTTP body's slowest pace: otherwise one
     // byte per idle period kept a session (and its share of the body budget) forever.
@@ -533,6 +534,63 @@ pub(crate) async fn serve<S: Stream>(
         }
     } else {
         let _ = writer.await;
+    }
+}
+
+/// A session's writer held to the pace an HTTP client must take its answers at: each write of
+/// N bytes (a batch of frames) done within `limits.handshake_timeout_ms` + N /
+/// `limits.min_answer_bytes_per_sec`. Slower: the write fails, so the session ends without a
+/// close frame (the client does not read one), counted in `fedbus_slow_reader_closed_total`
+/// and logged, and its answers' bytes go back to the budget. Without it a client that read a
+/// byte now and then kept its outbox (its share of the budget, and one answer more) for as long
+/// as each write moved within the socket's write timeout. A write the socket takes at once
+/// touches no timer ([`crate::util::Deadline::within`]).
+struct Paced<W> {
+    inner: W,
+    deadline: crate::util::Deadline,
+    allowance: std::time::Duration,
+    bytes_per_sec: f64,
+    shard: Rc<Shard>,
+}
+
+impl<W> Paced<W> {
+    fn new(inner: W, shard: &Rc<Shard>) -> Self {
+        let l = &shard.cfg.limits;
+        Paced {
+            inner,
+            deadline: crate::util::Deadline::new(),
+            allowance: std::time::Duration::from_millis(l.handshake_timeout_ms),
+            bytes_per_sec: l.min_answer_bytes_per_sec as f64,
+            shard: shard.clone(),
+        }
+    }
+}
+
+/// The log line of a session closed by [`Paced`].
+const TOO_SLOW: &str =
+    "client websocket does not read its answers (slower than limits.min_answer_bytes_per_sec): closed";
+
+impl<W: ws::PartsWriter> ws::PartsWriter for Paced<W> {
+    async fn write_parts(&mut self, parts: &[Bytes]) -> std::io::Result<()> {
+        let n: usize = parts.iter().map(Bytes::len).sum();
+        let limit =
+            self.allowance + std::time::Duration::from_secs_f64(n as f64 / self.bytes_per_sec);
+        match self
+            .deadline
+            .within(limit, self.inner.write_parts(parts))
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                crate::metrics::ShardMetrics::inc(&self.shard.metrics.slow_reader_closed);
+                tracing::info!(shard = self.shard.index, bytes = n, "{TOO_SLOW}");
+                Err(std::io::Error::new(std::io::ErrorKind::TimedOut, TOO_SLOW))
+            }
+        }
+    }
+
+    async fn close(&mut self) {
+        self.inner.close().await
     }
 }
 

@@ -337,7 +337,7 @@ pub(crate) fn render(reg: &Registry, live: &[bool], extra: &str) -> String {
         (
             "fedbus_slow_reader_closed_total",
             "counter",
-            "Client connections closed for not reading their answers (answers waiting over limits.max_connection_outbox_bytes: websocket 1013, HTTP closed; HTTP slower than limits.min_answer_bytes_per_sec).",
+            "Client connections closed for not reading their answers (answers waiting over limits.max_connection_outbox_bytes: websocket 1013, HTTP closed; slower than limits.min_answer_bytes_per_sec: closed).",
             |m| &m.slow_reader_closed,
         ),
         (

@@ -1402,11 +1402,24 @@ pub fn start<S: Stream>(
     max_message: usize,
     limits: &crate::config::Limits,
 ) -> WsConn<S> {
+    start_with(stream, leftover, side, max_message, limits, |w| w)
+}
+
+/// [`start`], the writer task writing through `wrap` of the stream's writer (a client
+/// session's is held to a pace).
+pub fn start_with<S: Stream, W: PartsWriter + 'static>(
+    stream: S,
+    leftover: BytesMut,
+    side: Side,
+    max_message: usize,
+    limits: &crate::config::Limits,
+    wrap: impl FnOnce(S::Writer) -> W,
+) -> WsConn<S> {
     let (rd, wr) = stream.into_split();
     let out = WsOut::new(side, limits.max_link_outbox_bytes);
     out.borrow_mut()
         .limit_controls(limits.max_queued_control_frames);
-    let writer = glommio::spawn_local(write_loop(out.clone(), wr));
+    let writer = glommio::spawn_local(write_loop(out.clone(), wrap(wr)));
     let mut reader = WsReader::new(rd, leftover, side, max_message);
     reader.limit_control_rate(limits.max_control_frames_per_sec);
     WsConn {

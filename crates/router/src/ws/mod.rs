@@ -8,6 +8,7 @@ pub use fedbus_proto::ws::{frame, handshake};
 
 pub use client::{connect, connect_tls, DialError, TlsDial};
 pub use conn::{
-    spawn_pinger, start, write_loop, Message, Refused, Side, WsConn, WsError, WsOut, WsReader,
+    spawn_pinger, start, start_with, write_loop, Message, Refused, Side, WsConn, WsError, WsOut,
+    WsReader,
 };
 pub use stream::{ClientTlsStream, PartsWriter, Socket, Stream, TlsStream};

@@ -18,6 +18,19 @@ pub fn clipped(s: &str) -> &str {
     &s[..end]
 }
 
+/// Bytes a socket still holds to send (written, not yet acknowledged by the other side:
+/// `SIOCOUTQ`); 0 when it cannot say.
+pub fn unsent_bytes(fd: std::os::fd::RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one int; `fd` is open while its owner holds it.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+    if rc == 0 {
+        usize::try_from(n).unwrap_or(0)
+    } else {
+        0
+    }
+}
+
 /// Seconds since the Unix epoch from `CLOCK_REALTIME_COARSE`: the kernel's last tick (at most
 /// a few milliseconds old), read from the vDSO page without the TSC. For whole-second checks
 /// on the request path (a token's `exp`), where `SystemTime::now()` was 0.6-0.7% of a shard's
@@ -76,16 +89,28 @@ impl Deadline {
         d: std::time::Duration,
         f: F,
     ) -> Result<F::Output, Elapsed> {
+        self.within_lazy(|| d, f).await
+    }
+
+    /// [`Deadline::within`], the time allowed worked out by `d` only if `f` does not end at
+    /// its first poll (a write blocked on a full socket asks the socket what it still holds).
+    pub async fn within_lazy<F: std::future::Future>(
+        &mut self,
+        d: impl FnOnce() -> std::time::Duration,
+        f: F,
+    ) -> Result<F::Output, Elapsed> {
         use std::future::Future;
         use std::task::Poll;
         let mut f = std::pin::pin!(f);
         let mut due: Option<std::time::Instant> = None;
+        let mut d = Some(d);
         std::future::poll_fn(|cx| {
             if let Poll::Ready(out) = f.as_mut().poll(cx) {
                 return Poll::Ready(Ok(out));
             }
             let now = std::time::Instant::now();
-            let due = *due.get_or_insert(now + d);
+            let due =
+                *due.get_or_insert_with(|| now + d.take().map_or(Default::default(), |d| d()));
             if now >= due {
                 return Poll::Ready(Err(Elapsed));
             }
@@ -166,6 +191,35 @@ impl Rate {
 
 #[cfg(test)]
 mod tests {
+    /// What a socket still holds to send is what the other side has not read (and acked): a
+    /// blocked write's pace counts it.
+    #[test]
+    fn unsent_bytes_are_what_the_peer_has_not_taken() {
+        use std::io::{Read, Write};
+        use std::os::fd::AsRawFd;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut b, _) = l.accept().unwrap();
+        assert_eq!(super::unsent_bytes(a.as_raw_fd()), 0);
+        a.write_all(&[7; 1000]).unwrap();
+        // Loopback acks at once: the bytes wait in the reader's buffer, not the writer's.
+        let mut got = [0u8; 1000];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(super::unsent_bytes(a.as_raw_fd()), 0);
+        // A reader that stops reading: its window fills, then the writer's queue does.
+        a.set_nonblocking(true).unwrap();
+        let chunk = [1u8; 65536];
+        let mut sent = 0usize;
+        while sent < 64 << 20 {
+            match a.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(_) => break,
+            }
+        }
+        assert!(super::unsent_bytes(a.as_raw_fd()) > 0, "sent {sent}");
+        assert_eq!(super::unsent_bytes(-1), 0, "no socket: 0");
+    }
+
     #[test]
     fn words_from_the_wire_are_clipped_for_the_log_at_a_character_boundary() {
         assert_eq!(super::clipped("short"), "short");

@@ -1257,19 +1257,22 @@ async fn serve_inner<S: Stream>(
         head_bytes = 0;
         outbox.force_add(charged);
         share.count(charged);
-        let pace = Duration::from_secs_f64(n as f64 / limits.min_answer_bytes_per_sec as f64);
+        // A write the socket does not take at once waits for what it still holds to send
+        // too: that counts against the pace as well.
+        let fd = stream.socket().fd();
+        let pace = || {
+            let n = n + crate::util::unsent_bytes(fd);
+            head_limit + Duration::from_secs_f64(n as f64 / limits.min_answer_bytes_per_sec as f64)
+        };
         // Ok(Some(_)): written (or failed); Ok(None): over the share; Err: too slow.
         let written = {
             let write = std::pin::pin!(stream.write_parts(&parts));
             let over = share.over(&mut inflight);
             let both = futures_util::future::select(write, over);
-            deadline
-                .within(head_limit + pace, both)
-                .await
-                .map(|e| match e {
-                    Either::Left((r, _)) => Some(r),
-                    Either::Right(_) => None,
-                })
+            deadline.within_lazy(pace, both).await.map(|e| match e {
+                Either::Left((r, _)) => Some(r),
+                Either::Right(_) => None,
+            })
         };
         // What the connection held with the batch (not `held`, its request bodies).
         let answers_held = share.held.get();

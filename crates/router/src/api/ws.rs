@@ -131,6 +131,17 @@ pub(crate) async fn serve<S: Stream>(
             shard.cfg.limits.idle_timeout_ms,
         )));
     let limits = &shard.cfg.limits;
+    let too_slow = Rc::new(Cell::new(false));
+    // The socket's own descriptor, open as long as the writer holds its half of the stream.
+    let fd = stream.socket().fd();
+    let paced = |inner| Paced {
+        inner,
+        fd,
+        deadline: crate::util::Deadline::new(),
+        allowance: std::time::Duration::from_millis(limits.handshake_timeout_ms),
+        bytes_per_sec: limits.min_answer_bytes_per_sec as f64,
+        too_slow: too_slow.clone(),
+    };
     let ws::WsConn {
         mut reader,
         out,
@@ -146,7 +157,7 @@ pub(crate) async fn serve<S: Stream>(
             None => limits.max_anonymous_body_bytes + 64 * 1024,
         },
         limits,
-        |w| Paced::new(w, &shard),
+        paced,
     );
     // A message that arrives in pieces is held to an HTTP body's slowest pace: otherwise one
     // byte per idle period kept a session (and its share of the body budget) forever.
@@ -499,13 +510,19 @@ pub(crate) async fn serve<S: Stream>(
     // slots with them), and so is the charge of a message that was arriving.
     drop(inflight);
     drop(arriving.borrow_mut().take());
-    if out.borrow().overflowed() {
+    if too_slow.get() {
+        crate::metrics::ShardMetrics::inc(&shard.metrics.slow_reader_closed);
+        tracing::info!(shard = shard.index, "{TOO_SLOW}");
+    } else if out.borrow().overflowed() {
         crate::metrics::ShardMetrics::inc(&shard.metrics.slow_reader_closed);
         tracing::info!(
             shard = shard.index,
             "client websocket does not read its answers: closed with 1013"
         );
     }
+    // A write that failed (too slow, or the socket gone) ended the writer: no close frame can
+    // follow, so no lingering for one.
+    let end = end.filter(|_| !out.borrow().write_failed());
     let lingering = end.is_some();
     match end {
         Some(code) => out.borrow_mut().close(code),
@@ -537,33 +554,23 @@ pub(crate) async fn serve<S: Stream>(
     }
 }
 
-/// A session's writer held to the pace an HTTP client must take its answers at: each write of
-/// N bytes (a batch of frames) done within `limits.handshake_timeout_ms` + N /
-/// `limits.min_answer_bytes_per_sec`. Slower: the write fails, so the session ends without a
-/// close frame (the client does not read one), counted in `fedbus_slow_reader_closed_total`
-/// and logged, and its answers' bytes go back to the budget. Without it a client that read a
-/// byte now and then kept its outbox (its share of the budget, and one answer more) for as long
-/// as each write moved within the socket's write timeout. A write the socket takes at once
-/// touches no timer ([`crate::util::Deadline::within`]).
+/// A session's writer held to the pace an HTTP client must take its answers at: a write of N
+/// bytes (a batch of frames) that the socket does not take at once must be done within
+/// `limits.handshake_timeout_ms` + (N + what the socket still holds to send) /
+/// `limits.min_answer_bytes_per_sec` (a blocked write waits for the bytes before it too).
+/// Slower: the write fails and `too_slow` is set, so the session ends without a close frame
+/// (the client is not reading), counted once in `fedbus_slow_reader_closed_total` and logged,
+/// and its answers' bytes go back to the budget. Without it a client that read a byte now and
+/// then kept its outbox (its share of the budget, and one answer more) for as long as each
+/// write moved within the socket's write timeout. A write the socket takes at once reads no
+/// clock and touches no timer ([`crate::util::Deadline::within_lazy`]).
 struct Paced<W> {
     inner: W,
+    fd: std::os::fd::RawFd,
     deadline: crate::util::Deadline,
     allowance: std::time::Duration,
     bytes_per_sec: f64,
-    shard: Rc<Shard>,
-}
-
-impl<W> Paced<W> {
-    fn new(inner: W, shard: &Rc<Shard>) -> Self {
-        let l = &shard.cfg.limits;
-        Paced {
-            inner,
-            deadline: crate::util::Deadline::new(),
-            allowance: std::time::Duration::from_millis(l.handshake_timeout_ms),
-            bytes_per_sec: l.min_answer_bytes_per_sec as f64,
-            shard: shard.clone(),
-        }
-    }
+    too_slow: Rc<Cell<bool>>,
 }
 
 /// The log line of a session closed by [`Paced`].
@@ -572,18 +579,20 @@ const TOO_SLOW: &str =
 
 impl<W: ws::PartsWriter> ws::PartsWriter for Paced<W> {
     async fn write_parts(&mut self, parts: &[Bytes]) -> std::io::Result<()> {
-        let n: usize = parts.iter().map(Bytes::len).sum();
-        let limit =
-            self.allowance + std::time::Duration::from_secs_f64(n as f64 / self.bytes_per_sec);
+        let (fd, allowance, rate) = (self.fd, self.allowance, self.bytes_per_sec);
+        let limit = || {
+            let n: usize =
+                parts.iter().map(Bytes::len).sum::<usize>() + crate::util::unsent_bytes(fd);
+            allowance + std::time::Duration::from_secs_f64(n as f64 / rate)
+        };
         match self
             .deadline
-            .within(limit, self.inner.write_parts(parts))
+            .within_lazy(limit, self.inner.write_parts(parts))
             .await
         {
             Ok(r) => r,
             Err(_) => {
-                crate::metrics::ShardMetrics::inc(&self.shard.metrics.slow_reader_closed);
-                tracing::info!(shard = self.shard.index, bytes = n, "{TOO_SLOW}");
+                self.too_slow.set(true);
                 Err(std::io::Error::new(std::io::ErrorKind::TimedOut, TOO_SLOW))
             }
         }

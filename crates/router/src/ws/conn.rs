@@ -1178,6 +1178,11 @@ impl WsOut {
         self.overflowed
     }
 
+    /// True once a write of the writer task failed: nothing more reaches the other side.
+    pub fn write_failed(&self) -> bool {
+        self.write_failed
+    }
+
     fn push_frame(&mut self, op: u8, head: &[u8], payload: &Bytes) {
         let mut wh = [0u8; MAX_HEADER];
         let len = head.len() + payload.len();

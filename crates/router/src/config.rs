@@ -216,7 +216,7 @@ pub struct Limits {
     pub max_connection_outbox_bytes: usize,
     /// Slowest pace at which a client must take its answers (HTTP and `/api/ws`): a write of
     /// N bytes the socket does not take at once must be done within `handshake_timeout_ms` +
-    /// (N + what the socket still holds to send) / this many seconds, or the connection closes
+    /// max(N, what the socket still holds to send) / this many seconds, or the connection closes
     /// (`fedbus_slow_reader_closed_total`). Default 1024 bytes per second.
     pub min_answer_bytes_per_sec: usize,
     /// Most websocket control frames (ping, pong) one connection may send per second; more

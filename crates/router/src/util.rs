@@ -202,10 +202,8 @@ mod tests {
         let (mut b, _) = l.accept().unwrap();
         assert_eq!(super::unsent_bytes(a.as_raw_fd()), 0);
         a.write_all(&[7; 1000]).unwrap();
-        // Loopback acks at once: the bytes wait in the reader's buffer, not the writer's.
         let mut got = [0u8; 1000];
         b.read_exact(&mut got).unwrap();
-        assert_eq!(super::unsent_bytes(a.as_raw_fd()), 0);
         // A reader that stops reading: its window fills, then the writer's queue does.
         a.set_nonblocking(true).unwrap();
         let chunk = [1u8; 65536];

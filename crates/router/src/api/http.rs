@@ -1257,11 +1257,12 @@ async fn serve_inner<S: Stream>(
         head_bytes = 0;
         outbox.force_add(charged);
         share.count(charged);
-        // A write the socket does not take at once waits for what it still holds to send
-        // too: that counts against the pace as well.
+        // A write the socket does not take at once may wait behind what the socket still
+        // holds to send (a large batch before it): the pace counts the larger of the two (what
+        // it holds includes what it took of this batch).
         let fd = stream.socket().fd();
         let pace = || {
-            let n = n + crate::util::unsent_bytes(fd);
+            let n = n.max(crate::util::unsent_bytes(fd));
             head_limit + Duration::from_secs_f64(n as f64 / limits.min_answer_bytes_per_sec as f64)
         };
         // Ok(Some(_)): written (or failed); Ok(None): over the share; Err: too slow.
@@ -1351,26 +1352,12 @@ pub(crate) async fn lingering_close<S: Stream>(stream: &mut S) {
         // The client still sends (a flood of pipelined uploads): stop reading, but keep
         // the socket until the answers have left it. A close with unread input resets
         // the connection, and the kernel drops what it has not sent yet (the answers).
-        while unsent_bytes(fd) > 0 {
+        while crate::util::unsent_bytes(fd) > 0 {
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
         Ok(())
     })
     .await;
-}
-
-/// Bytes written to socket `fd` that the peer has not acknowledged yet (`SIOCOUTQ`); 0 when
-/// the kernel cannot say.
-fn unsent_bytes(fd: std::os::unix::io::RawFd) -> libc::c_int {
-    let mut n: libc::c_int = 0;
-    // SAFETY: ioctl(2) SIOCOUTQ (TIOCOUTQ on a socket) writes one int into `n`, which outlives
-    // the call; `fd` is the connection's socket, open while the stream is borrowed.
-    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
-    if rc == 0 {
-        n
-    } else {
-        0
-    }
 }
 
 /// The 408 reason of a missed deadline: the body's minimum rate once its head is in

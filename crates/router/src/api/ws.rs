@@ -510,16 +510,19 @@ pub(crate) async fn serve<S: Stream>(
     // slots with them), and so is the charge of a message that was arriving.
     drop(inflight);
     drop(arriving.borrow_mut().take());
-    if too_slow.get() {
-        crate::metrics::ShardMetrics::inc(&shard.metrics.slow_reader_closed);
-        tracing::info!(shard = shard.index, "{TOO_SLOW}");
+    // Counted before the lingering close, which a test (and a client) sees end.
+    let counted = if too_slow.get() {
+        slow_reader(&shard, TOO_SLOW);
+        true
     } else if out.borrow().overflowed() {
-        crate::metrics::ShardMetrics::inc(&shard.metrics.slow_reader_closed);
-        tracing::info!(
-            shard = shard.index,
-            "client websocket does not read its answers: closed with 1013"
+        slow_reader(
+            &shard,
+            "client websocket does not read its answers: closed with 1013",
         );
-    }
+        true
+    } else {
+        false
+    };
     // A write that failed (too slow, or the socket gone) ended the writer: no close frame can
     // follow, so no lingering for one.
     let end = end.filter(|_| !out.borrow().write_failed());
@@ -552,12 +555,23 @@ pub(crate) async fn serve<S: Stream>(
     } else {
         let _ = writer.await;
     }
+    // A write paced out during the lingering close (the session ended for another reason
+    // first) counts too, once.
+    if !counted && too_slow.get() {
+        slow_reader(&shard, TOO_SLOW);
+    }
+}
+
+/// Counts and logs a session closed for not reading its answers.
+fn slow_reader(shard: &Shard, why: &str) {
+    crate::metrics::ShardMetrics::inc(&shard.metrics.slow_reader_closed);
+    tracing::info!(shard = shard.index, "{why}");
 }
 
 /// A session's writer held to the pace an HTTP client must take its answers at: a write of N
 /// bytes (a batch of frames) that the socket does not take at once must be done within
-/// `limits.handshake_timeout_ms` + (N + what the socket still holds to send) /
-/// `limits.min_answer_bytes_per_sec` (a blocked write waits for the bytes before it too).
+/// `limits.handshake_timeout_ms` + the larger of N and what the socket still holds to send /
+/// `limits.min_answer_bytes_per_sec` (a blocked write may wait for bytes before it too).
 /// Slower: the write fails and `too_slow` is set, so the session ends without a close frame
 /// (the client is not reading), counted once in `fedbus_slow_reader_closed_total` and logged,
 /// and its answers' bytes go back to the budget. Without it a client that read a byte now and
@@ -581,8 +595,9 @@ impl<W: ws::PartsWriter> ws::PartsWriter for Paced<W> {
     async fn write_parts(&mut self, parts: &[Bytes]) -> std::io::Result<()> {
         let (fd, allowance, rate) = (self.fd, self.allowance, self.bytes_per_sec);
         let limit = || {
-            let n: usize =
-                parts.iter().map(Bytes::len).sum::<usize>() + crate::util::unsent_bytes(fd);
+            // What the socket holds includes what it took of this batch: the larger of the two.
+            let n = parts.iter().map(Bytes::len).sum::<usize>();
+            let n = n.max(crate::util::unsent_bytes(fd));
             allowance + std::time::Duration::from_secs_f64(n as f64 / rate)
         };
         match self

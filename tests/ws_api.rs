@@ -705,6 +705,36 @@ fn a_session_slower_than_the_answer_pace_is_closed() {
         .contains("client websocket does not read its answers (slower than"));
 }
 
+/// With the default pace (1 KiB/s) a blocked write behind the megabytes the socket holds is
+/// allowed more than the socket's write timeout (`limits.idle_timeout_ms`): that timeout
+/// ends the session first, and it is counted and logged as a slow reader all the same.
+#[test]
+fn a_session_cut_by_the_write_timeout_is_counted_as_a_slow_reader() {
+    let r = Router::new()
+        .shards(1)
+        .limit("idle_timeout_ms", 2000)
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let mut w = open(&r, &tok);
+    limit_receive_buffer(&w.s, 64 * 1024);
+    let payload = vec![b'q'; 60 * 1024];
+    for id in 0..200u64 {
+        let b = w.request_bytes(id, Some(&r.path(APP, 3)), &payload);
+        w.send_raw_lossy(&b);
+    }
+    let closed = wait_for(Duration::from_secs(20), || {
+        (r.metrics().get("fedbus_slow_reader_closed_total") >= 1.0).then_some(())
+    });
+    assert!(
+        closed.is_some(),
+        "a session cut by its write timeout was not counted"
+    );
+    assert!(r
+        .log()
+        .contains("client websocket does not read its answers (slower than"));
+}
+
 /// One answer larger than the session's share of the outbox budget reaches a client that
 /// reads promptly (as it does over HTTP); the session is not closed as a slow reader. Before,
 /// a 150 KB echo on a 100 KB share closed the session with 1013.

@@ -1282,7 +1282,14 @@ async fn serve_inner<S: Stream>(
         parts.clear();
         match written {
             Ok(Some(r)) => {
-                r?;
+                match r {
+                    // The socket's write timeout (`limits.idle_timeout_ms`) ran out before
+                    // the pace did (a batch behind megabytes the socket holds): as slow.
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        return Ok(slow_reader(shard, n, TOO_SLOW));
+                    }
+                    r => r?,
+                }
                 // Answers that came during the write went over the share: no further request
                 // is read for a connection that is closed anyway.
                 if share.over.get() {

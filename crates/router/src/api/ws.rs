@@ -605,6 +605,12 @@ impl<W: ws::PartsWriter> ws::PartsWriter for Paced<W> {
             .within_lazy(limit, self.inner.write_parts(parts))
             .await
         {
+            // The socket's write timeout (`limits.idle_timeout_ms`) ran out before the pace
+            // did (a batch behind megabytes the socket holds): as slow.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                self.too_slow.set(true);
+                Err(e)
+            }
             Ok(r) => r,
             Err(_) => {
                 self.too_slow.set(true);

@@ -650,6 +650,17 @@ fn client_that_never_reads_is_closed_1013() {
     );
 }
 
+/// Holds `w`'s receive buffer to 64 KiB and sends 200 echo requests of 60 KiB without reading:
+/// 12 MiB of answers, within the session's 16 MiB share, more than the socket buffers hold.
+fn send_answers_it_will_not_read(r: &Router, w: &mut Ws) {
+    limit_receive_buffer(&w.s, 64 * 1024);
+    let payload = vec![b'q'; 60 * 1024];
+    for id in 0..200u64 {
+        let b = w.request_bytes(id, Some(&r.path(APP, 3)), &payload);
+        w.send_raw_lossy(&b);
+    }
+}
+
 /// A client that sends and never reads, with its answers within its share: each write of the
 /// session's answers must be done at `limits.min_answer_bytes_per_sec` (as over HTTP), or the
 /// session ends (no close frame: the client reads nothing), counted in
@@ -666,13 +677,7 @@ fn a_session_slower_than_the_answer_pace_is_closed() {
     let _t = r.task().start();
     let tok = r.token(APP, "alice");
     let mut w = open(&r, &tok);
-    limit_receive_buffer(&w.s, 64 * 1024);
-    let payload = vec![b'q'; 60 * 1024];
-    // 12 MiB of answers, within the session's 16 MiB share: more than the socket buffers hold.
-    for id in 0..200u64 {
-        let b = w.request_bytes(id, Some(&r.path(APP, 3)), &payload);
-        w.send_raw_lossy(&b);
-    }
+    send_answers_it_will_not_read(&r, &mut w);
     let closed = wait_for(Duration::from_secs(20), || {
         (r.metrics().get("fedbus_slow_reader_closed_total") >= 1.0).then_some(())
     });
@@ -717,12 +722,7 @@ fn a_session_cut_by_the_write_timeout_is_counted_as_a_slow_reader() {
     let _t = r.task().start();
     let tok = r.token(APP, "alice");
     let mut w = open(&r, &tok);
-    limit_receive_buffer(&w.s, 64 * 1024);
-    let payload = vec![b'q'; 60 * 1024];
-    for id in 0..200u64 {
-        let b = w.request_bytes(id, Some(&r.path(APP, 3)), &payload);
-        w.send_raw_lossy(&b);
-    }
+    send_answers_it_will_not_read(&r, &mut w);
     let closed = wait_for(Duration::from_secs(20), || {
         (r.metrics().get("fedbus_slow_reader_closed_total") >= 1.0).then_some(())
     });

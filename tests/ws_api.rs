@@ -1131,6 +1131,61 @@ fn a_message_is_charged_to_the_budget_while_it_arrives() {
         .unwrap_or_else(|| panic!("{} bytes still held after the answer", held()));
 }
 
+/// A message still arriving is charged what came and 128 KiB ahead, not the length its frame
+/// announces (which must fit when its head comes), and the charge grows as it arrives: a
+/// session trickling a large message held all of it for as long as that took. One that grows
+/// past what the others left is refused as it arrives: dropped, then answered `503
+/// overloaded`, and the session goes on.
+#[test]
+fn a_trickled_message_holds_what_it_sent_and_grows_within_the_budget() {
+    const KIB: usize = 1024;
+    let r = Router::new()
+        .shards(1)
+        .limit("body_budget_bytes", 1024 * KIB)
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let held = || r.metrics().get("fedbus_body_bytes_held") as usize;
+    let refused = || r.metrics().get("fedbus_overload_refused_total");
+    // a: the first 4 KiB of a 900 KiB message: charged what came and 128 KiB, not 900 KiB.
+    let mut a = open(&r, &tok);
+    let big = a.request_bytes(21, Some(&r.path(APP, 1)), &random_bytes(900 * KIB, 9));
+    a.s.write_all(&big[..4 * KIB]).expect("write");
+    wait_for(Duration::from_secs(5), || {
+        (held() > 128 * KIB).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the arriving message is not charged: {} bytes held", held()));
+    assert!(held() <= 132 * KIB, "{} bytes held", held());
+    // b: a 450 KiB message fits beside it (had a been charged the 900 KiB its frame announces,
+    // 124 KiB would be left), all but its last 1000 bytes sent: charged whole. (Its answer is
+    // charged too, once made.)
+    let mut b = open(&r, &tok);
+    let body = random_bytes(450 * KIB, 10);
+    let wire = b.request_bytes(22, Some(&r.path(APP, 2)), &body);
+    let (first, rest) = wire.split_at(wire.len() - 1000);
+    b.s.write_all(first).expect("write");
+    wait_for(Duration::from_secs(5), || {
+        (held() > 578 * KIB).then_some(())
+    })
+    .unwrap_or_else(|| panic!("b is not charged: {} bytes held", held()));
+    assert_eq!(refused(), 0.0);
+    // a sends 600 KiB more: it would hold about 732 KiB, and about 442 are left. Dropped as it
+    // arrives, answered 503 once it is in; what it held goes back.
+    a.s.write_all(&big[4 * KIB..604 * KIB]).expect("write");
+    wait_for(Duration::from_secs(5), || (refused() == 1.0).then_some(()))
+        .unwrap_or_else(|| panic!("not refused as it grew: {} refused", refused()));
+    a.s.write_all(&big[604 * KIB..]).expect("write");
+    assert_error_frame(&a.read_response(), 21, 503, "overloaded");
+    assert!(held() < 600 * KIB, "{} bytes held", held());
+    a.send_request(23, Some(&r.path(APP, 1)), b"small");
+    assert_echo_frame(&a.read_response(), 23, 1, b"small");
+    // b finishes: answered whole, and the budget is whole again.
+    b.s.write_all(rest).expect("write");
+    assert_echo_frame(&b.read_response(), 22, 2, &body);
+    wait_for(Duration::from_secs(5), || (held() == 0).then_some(()))
+        .unwrap_or_else(|| panic!("{} bytes still held after the answers", held()));
+}
+
 /// A Text message is closed with 1003 (fedbus frames are Binary) when it is refused by the
 /// body budget while it arrives, as when it arrives whole. Before, the dropped message's first
 /// bytes were read as a fedbus frame header: 1002.

@@ -9,7 +9,7 @@ use crate::metrics::{Listener, ShardMetrics};
 use crate::proto::http::{cross_origin, is_retry_after, MAX_HEADERS};
 use crate::route::{parse_api_path, PathError};
 use crate::routing::{self, Answer, Field, Ingress, Request, VerifyCache};
-use crate::shard::{BodyCharge, OutboxCharge, Shard};
+use crate::shard::{charge_ahead, BodyCharge, OutboxCharge, Shard, CHARGE_AHEAD};
 use crate::util::Deadline;
 use crate::ws::conn::ReadSpace;
 use crate::ws::Socket as _;
@@ -281,8 +281,15 @@ pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Pars
             body_len,
         };
     }
+    let bytes = buf.split_to(n + body_len).freeze();
+    if bytes.len() > CHARGE_AHEAD {
+        // The buffer was made for this body: let go of it with the request (what follows is
+        // copied), rather than read the next body into it. It is all resident, and a body
+        // arriving is charged only what came and `CHARGE_AHEAD` (`charge_ahead`).
+        *buf = BytesMut::from(&buf[..]);
+    }
     Parsed::Request(Req {
-        bytes: buf.split_to(n + body_len).freeze(),
+        bytes,
         head_len: n,
         method,
         path,
@@ -856,44 +863,54 @@ async fn serve_inner<S: Stream>(
                     head_len,
                     body_len,
                 } => {
-                    if let (Some(n), false) = (head_len, continued) {
-                        continued = true;
+                    let Some(n) = head_len else { break };
+                    // Charged as it arrives: what came and a window ahead, up to the length
+                    // announced (which must fit from the head on).
+                    let got = buf.len() - n;
+                    let first = !std::mem::replace(&mut continued, true);
+                    let checked = if first {
                         // From now, not from the read that brought the head: a head parsed
                         // late (behind `max_inflight_per_connection`) had no time to send.
                         body_since = Instant::now();
-                        let checked =
-                            check_head(shard, &mut cache.borrow_mut(), &buf[..n], body_len)
-                                .and_then(|()| shard.charge_body(&held, body_len));
-                        if let Err(a) = checked.map(|c| receiving = Some(c)) {
-                            closing = true;
-                            tracing::debug!(
-                                shard = shard.index,
-                                status = a.status(),
-                                "request refused from its head before its body"
-                            );
-                            let head = is_head(&buf);
-                            let cors = refusal_cors(shard, &buf[..n], &a);
-                            let now = Instant::now();
-                            inflight.push_back(refused(a, head, true, false, 0, now, cors));
-                            break;
-                        }
-                        if keepalive.slot.is_evicted_for_room() {
-                            // Refused next (503 too_many_connections): no upload invited.
-                        } else if continue_ && inflight.is_empty() {
+                        let ahead = charge_ahead(got, body_len);
+                        check_head(shard, &mut cache.borrow_mut(), &buf[..n], body_len)
+                            .and_then(|()| shard.charge_arriving(&held, ahead, body_len))
+                            .map(|c| receiving = Some(c))
+                    } else {
+                        let ahead = charge_ahead(got, body_len);
+                        receiving
+                            .as_mut()
+                            .map_or(Ok(()), |c| c.grow_to(ahead, body_len))
+                    };
+                    if let Err(a) = checked {
+                        closing = true;
+                        receiving = None;
+                        tracing::debug!(
+                            shard = shard.index,
+                            status = a.status(),
+                            first,
+                            "request refused before its whole body came"
+                        );
+                        let head = is_head(&buf);
+                        let cors = refusal_cors(shard, &buf[..n], &a);
+                        let now = Instant::now();
+                        inflight.push_back(refused(a, head, true, false, 0, now, cors));
+                        break;
+                    }
+                    // A connection evicted for room is refused next (503
+                    // too_many_connections): no upload invited.
+                    if first && !keepalive.slot.is_evicted_for_room() {
+                        if continue_ && inflight.is_empty() {
                             stream.write_parts(&[Bytes::from_static(CONTINUE)]).await?;
                         } else {
                             continue_owed = continue_;
                         }
                     }
-                    if let (Some(n), true) = (head_len, continued) {
-                        // The next body bytes are due by the head's allowance + what came
-                        // so far at the slowest pace: a body announced large and trickled is
-                        // cut at once, not after the length it announced would take.
-                        let got = buf.len().saturating_sub(n) as f64;
-                        let secs = got / limits.min_body_bytes_per_sec as f64;
-                        body_deadline =
-                            Some(body_since + head_limit + Duration::from_secs_f64(secs));
-                    }
+                    // The next body bytes are due by the head's allowance + what came so far
+                    // at the slowest pace: a body announced large and trickled is cut at once,
+                    // not after the length it announced would take.
+                    let secs = got as f64 / limits.min_body_bytes_per_sec as f64;
+                    body_deadline = Some(body_since + head_limit + Duration::from_secs_f64(secs));
                     break;
                 }
                 Parsed::Error(status, code, msg) => {
@@ -954,11 +971,12 @@ async fn serve_inner<S: Stream>(
                     let n_in = req.body().len();
                     let head = req.method == Method::Head;
                     // A body that arrived with its head is charged now; one received after
-                    // its head was charged then.
-                    let answering = match receiving
-                        .take()
-                        .map_or_else(|| shard.charge_body(&held, n_in), Ok)
-                    {
+                    // its head was charged as it came, and the charge grows to the whole.
+                    let charged = match receiving.take() {
+                        Some(mut c) => c.grow_to(n_in, n_in).map(|()| c),
+                        None => shard.charge_body(&held, n_in),
+                    };
+                    let answering = match charged {
                         Ok(charge) => Either::Right(routed(
                             shard.clone(),
                             req,

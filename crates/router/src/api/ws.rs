@@ -183,19 +183,29 @@ pub(crate) async fn serve<S: Stream>(
     });
     // Bytes of request bodies in flight on this session (its share of the body budget).
     let held = Rc::new(Cell::new(0usize));
-    // A message is charged from its frame head, as an HTTP body is from its request head: a
-    // session that trickles one holds it within the budget.
+    // A message is charged from its frame head, as an HTTP body is from its request head: the
+    // length its frame announces must fit, and what came and a window ahead are charged as it
+    // arrives, so a session that trickles one holds what it sent within the budget.
     // The charge goes with the whole message to its request; one refused drops the message
     // unread, and it is answered `503 overloaded` as one that arrived whole would be.
     let arriving: Rc<RefCell<Option<crate::shard::BodyCharge>>> = Rc::default();
     {
         let (shard, held, arriving) = (shard.clone(), held.clone(), arriving.clone());
-        reader.charge_arriving(move |n| {
-            // The charge before goes back first, then the new one is taken.
-            drop(arriving.borrow_mut().take());
-            let charge = shard.charge_body(&held, n).ok();
-            let ok = charge.is_some();
-            *arriving.borrow_mut() = charge;
+        reader.charge_arriving(move |h| {
+            let mut arriving = arriving.borrow_mut();
+            let ok = match arriving.as_mut() {
+                Some(c) if !h.fresh => c.grow_to(h.now, h.whole).is_ok(),
+                _ => {
+                    // A charge left from before goes back first, then the new one is taken.
+                    drop(arriving.take());
+                    let charge = shard.charge_arriving(&held, h.now, h.whole);
+                    charge.map(|c| *arriving = Some(c)).is_ok()
+                }
+            };
+            if !ok {
+                // Refused: the message is dropped, and what it held goes back.
+                *arriving = None;
+            }
             ok
         });
     }

@@ -1079,7 +1079,8 @@ async fn serve_link<S: ws::Stream>(
                     } else {
                         // The whole frame stays in memory until answered (the payload is a
                         // slice of it): its metadata counts too.
-                        shard.charge_within(&held, usize::MAX, f.meta.len() + f.payload.len())
+                        let n = f.meta.len() + f.payload.len();
+                        shard.charge_within(&held, usize::MAX, n, n)
                     };
                     let charge = match admitted {
                         Ok(c) => c,

@@ -138,10 +138,27 @@ impl Shard {
         conn: &Rc<Cell<usize>>,
         n: usize,
     ) -> Result<BodyCharge, crate::routing::Answer> {
-        self.charge_within(conn, self.cfg.limits.max_connection_body_bytes, n)
+        self.charge_arriving(conn, n, n)
     }
 
-    /// [`Shard::charge_body`] with the connection's share `share`: an accepted peer link
+    /// Charges a body of `whole` bytes still arriving, of which `now` bytes are held now
+    /// ([`charge_ahead`]: what came so far and a window ahead of it); the charge grows with
+    /// what comes ([`BodyCharge::grow_to`]). The whole must fit in what is left of both
+    /// budgets now, as [`Shard::charge_body`] would take it, or it is refused from its head;
+    /// only `now` is taken. A client that announces a large body and trickles it so holds
+    /// what it sent, not what it announced: 64 connections announcing 8 MiB at 1 KiB/s held a
+    /// 512 MiB budget for two hours.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn charge_arriving(
+        self: &Rc<Self>,
+        conn: &Rc<Cell<usize>>,
+        now: usize,
+        whole: usize,
+    ) -> Result<BodyCharge, crate::routing::Answer> {
+        self.charge_within(conn, self.cfg.limits.max_connection_body_bytes, now, whole)
+    }
+
+    /// [`Shard::charge_arriving`] with the connection's share `share`: an accepted peer link
     /// carries the requests of many clients of other routers, so its forwarded bodies are held
     /// to the shard's budget only (`usize::MAX`), as well as to `limits.max_pending_per_link`.
     #[allow(clippy::result_large_err)]
@@ -149,43 +166,53 @@ impl Shard {
         self: &Rc<Self>,
         conn: &Rc<Cell<usize>>,
         share: usize,
-        n: usize,
+        now: usize,
+        whole: usize,
     ) -> Result<BodyCharge, crate::routing::Answer> {
-        if n == 0 {
-            return Ok(BodyCharge {
-                shard: self.clone(),
-                conn: conn.clone(),
-                n: 0,
-            });
-        }
-        let over_conn = conn.get().saturating_add(n) > share;
-        if over_conn || !self.budget.take(n) {
-            ShardMetrics::inc(&self.metrics.overload_refused);
-            tracing::info!(
-                shard = self.index,
-                bytes = n,
-                connection = over_conn,
-                "request body over the memory budget: 503"
-            );
-            return Err(crate::routing::Answer::error(
-                503,
-                "overloaded",
-                if over_conn {
-                    "this connection holds its share of the router's body budget; retry later"
-                } else {
-                    "the router's body budget is spent; retry later"
-                },
-            ));
-        }
-        conn.set(conn.get() + n);
-        ShardMetrics::add(&self.metrics.body_held, n as u64);
-        Ok(BodyCharge {
+        let mut charge = BodyCharge {
             shard: self.clone(),
             conn: conn.clone(),
-            n,
-        })
+            share,
+            n: 0,
+            announced: 0,
+        };
+        charge.grow_to(now, whole)?;
+        Ok(charge)
+    }
+
+    /// Counts, logs and answers a body the budget or its connection's share has no room for.
+    fn refuse_body(&self, bytes: usize, over_conn: bool) -> crate::routing::Answer {
+        ShardMetrics::inc(&self.metrics.overload_refused);
+        tracing::info!(
+            shard = self.index,
+            bytes,
+            connection = over_conn,
+            "request body over the memory budget: 503"
+        );
+        crate::routing::Answer::error(
+            503,
+            "overloaded",
+            if over_conn {
+                "this connection holds its share of the router's body budget; retry later"
+            } else {
+                "the router's body budget is spent; retry later"
+            },
+        )
     }
 }
+
+/// What is charged for a body of `whole` bytes of which `got` have arrived: what came and
+/// [`CHARGE_AHEAD`] more, up to the whole. Room for the whole body is reserved when its head
+/// comes, in a buffer made for it (never one a body filled before: an HTTP connection lets go
+/// of a buffer over [`CHARGE_AHEAD`] once a request is cut from it, and `/api/ws` makes a new
+/// one for a frame over it), and only what reads fill is resident: each read zeroes at most
+/// one read chunk (64 KiB) past what came. So this covers the memory an upload holds.
+pub(crate) fn charge_ahead(got: usize, whole: usize) -> usize {
+    got.saturating_add(CHARGE_AHEAD).min(whole)
+}
+
+/// How far ahead of what has arrived a body being received is charged ([`charge_ahead`]).
+pub(crate) const CHARGE_AHEAD: usize = 2 * crate::ws::conn::READ_CHUNK;
 
 /// A shard's share of the router-wide memory budget (`limits.body_budget_bytes`): request
 /// bodies ([`Shard::charge_body`], gauge `fedbus_body_bytes_held`) and answers queued for
@@ -281,11 +308,52 @@ impl Drop for OutboxCharge {
     }
 }
 
-/// Bytes of one request body charged by [`Shard::charge_body`]; given back on drop.
+/// Bytes of one request body charged by [`Shard::charge_body`] (or growing with it as it
+/// arrives, [`Shard::charge_arriving`]); given back on drop.
 pub(crate) struct BodyCharge {
     shard: Rc<Shard>,
     conn: Rc<Cell<usize>>,
+    /// The connection's share of the budget ([`Shard::charge_within`]).
+    share: usize,
     n: usize,
+    /// The most bytes the body announced so far (an `/api/ws` message's frames announce its
+    /// length a frame at a time).
+    announced: usize,
+}
+
+impl BodyCharge {
+    /// Grows the charge to `now` bytes (at most `whole`) of a body that announced `whole`: when
+    /// `whole` is more than it announced before (its head; an `/api/ws` message's next frame),
+    /// what it adds must fit in what is left, or nothing is taken. Over the shard's budget or
+    /// the connection's share: refused as [`Shard::charge_body`] refuses (counted, logged, 503
+    /// `overloaded`), and the charge stays what it was. Never shrinks.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn grow_to(
+        &mut self,
+        now: usize,
+        whole: usize,
+    ) -> Result<(), crate::routing::Answer> {
+        let budget = &self.shard.budget;
+        if whole > self.announced {
+            let rest = whole - self.n;
+            let over_conn = self.conn.get().saturating_add(rest) > self.share;
+            if over_conn || rest > budget.left.get() {
+                return Err(self.shard.refuse_body(whole, over_conn));
+            }
+            self.announced = whole;
+        }
+        let Some(more) = now.min(whole).checked_sub(self.n).filter(|&m| m > 0) else {
+            return Ok(());
+        };
+        let over_conn = self.conn.get().saturating_add(more) > self.share;
+        if over_conn || !budget.take(more) {
+            return Err(self.shard.refuse_body(whole, over_conn));
+        }
+        self.conn.set(self.conn.get() + more);
+        ShardMetrics::add(&self.shard.metrics.body_held, more as u64);
+        self.n += more;
+        Ok(())
+    }
 }
 
 impl Drop for BodyCharge {

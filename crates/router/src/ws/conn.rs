@@ -309,12 +309,26 @@ pub struct WsReader<R> {
     reads: u64,
     /// Charges the bytes of a message still arriving (see [`WsReader::charge_arriving`]), and
     /// what it was last told.
-    arriving: Option<Box<dyn FnMut(usize) -> bool>>,
+    arriving: Option<Box<dyn FnMut(Hold) -> bool>>,
     charged: usize,
     /// A message being dropped because its charge was refused.
     dropping: Option<Dropping>,
     /// The slowest pace of a message that arrives in pieces (see [`WsReader::set_min_pace`]).
     pace: Option<Pace>,
+}
+
+/// What [`WsReader::charge_arriving`]'s hook is told about the message arriving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hold {
+    /// The bytes to charge now: what came of the message and a window ahead of it
+    /// ([`crate::shard::charge_ahead`]), the whole message once it is in.
+    pub now: usize,
+    /// The message's bytes as far as its frames announce them (the fragments so far and the
+    /// frame being read).
+    pub whole: usize,
+    /// A message not charged before: the charge it had before, if any, went with the message
+    /// before it, or was given back when that one was dropped.
+    pub fresh: bool,
 }
 
 /// What [`WsReader::limit_pinned`]'s hook is asked before a new read buffer is made.
@@ -440,14 +454,14 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
         Some(since + p.allowance + std::time::Duration::from_secs_f64(secs))
     }
 
-    /// Has the reader charge a message while it arrives: `charge(n)` is told the bytes the
-    /// message will hold (the fragments so far and the announced length of the frame being
-    /// read) before they are buffered; the charge it takes stays with the message, which its
-    /// reader then takes over. False refuses the message: it is read and dropped without being
-    /// buffered, then [`WsError::Dropped`] hands out its first bytes so that it can be
-    /// answered. A message read whole in one read is never charged here, so the common case
-    /// costs nothing.
-    pub fn charge_arriving(&mut self, charge: impl FnMut(usize) -> bool + 'static) {
+    /// Has the reader charge a message while it arrives: `charge` is told ([`Hold`]) the
+    /// length the message's frames announce and what to charge now, what came and a window
+    /// ahead, before the bytes are buffered, again after each read that brings more, and the
+    /// whole once it is in; the charge it takes stays with the message, which its reader then
+    /// takes over. False refuses the message: it is read and dropped without being buffered,
+    /// then [`WsError::Dropped`] hands out its first bytes so that it can be answered. A
+    /// message read whole in one read is never charged here, so the common case costs nothing.
+    pub fn charge_arriving(&mut self, charge: impl FnMut(Hold) -> bool + 'static) {
         self.arriving = Some(Box::new(charge));
     }
 
@@ -517,9 +531,11 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
         let mut nap = std::time::Duration::from_millis(1);
         loop {
             let need = self.buf.len() + additional;
-            // Not a buffer more than twice what is needed (at least a read chunk): one made
-            // for a large message is let go rather than read into for small ones.
-            let fits = |size: usize| size >= need && size <= 2 * READ_CHUNK.max(need);
+            // Not a buffer over two read chunks: one made for a large message is let go
+            // rather than read into for small ones, or for the next large one (it is all
+            // resident, and a message arriving is charged only what came and two read chunks
+            // ahead, `crate::shard::charge_ahead`).
+            let fits = |size: usize| size >= need && size <= 2 * READ_CHUNK;
             if self.buf.capacity() - self.buf.len() >= additional
                 || fits(self.alloc) && self.buf.try_reclaim(additional)
             {
@@ -585,14 +601,19 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
         }
     }
 
-    /// Tells [`WsReader::charge_arriving`]'s hook that the message in progress holds `n`
-    /// bytes; false when it refused them.
-    fn hold(&mut self, n: usize) -> bool {
+    /// Tells [`WsReader::charge_arriving`]'s hook that the message in progress is to be
+    /// charged `n` bytes of the `whole` its frames announce; false when it refused them.
+    fn hold(&mut self, n: usize, whole: usize) -> bool {
         if n == self.charged {
             return true;
         }
         if let Some(charge) = &mut self.arriving {
-            if !charge(n) {
+            let fresh = self.charged == 0;
+            if !charge(Hold {
+                now: n,
+                whole,
+                fresh,
+            }) {
                 self.charged = 0;
                 return false;
             }
@@ -832,7 +853,9 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                         _ => {}
                     }
                     let sofar = self.frag.as_ref().map_or(0, |(_, b)| b.len());
-                    if !self.hold(sofar + h.payload_len as usize) {
+                    let whole = sofar + h.payload_len as usize;
+                    let got = sofar + self.buf.len() - h.header_len;
+                    if !self.hold(crate::shard::charge_ahead(got, whole), whole) {
                         let (op, head) = self.frag.take().unwrap_or((h.opcode, BytesMut::new()));
                         self.buf.advance(h.header_len);
                         self.start_dropping(op, head, Some(&h), (sofar as u64) + h.payload_len);
@@ -898,11 +921,18 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                     return Err(WsError::Protocol("new message inside a fragmented one"));
                 }
                 if h.fin {
-                    // The charge, if any, goes with the message.
+                    // A message charged as it arrived: the charge grows to the whole, then
+                    // goes with the message.
+                    if self.charged > 0 && !self.hold(f.len(), f.len()) {
+                        return Err(WsError::Dropped {
+                            head: Bytes::copy_from_slice(&f[..f.len().min(DROPPED_HEAD)]),
+                            text: h.opcode == opcode::TEXT,
+                        });
+                    }
                     self.charged = 0;
                     whole(h.opcode, f)?
                 } else {
-                    if !self.hold(f.len()) {
+                    if !self.hold(f.len(), f.len()) {
                         let n = f.len() as u64;
                         self.start_dropping(h.opcode, f, None, n);
                         return Ok(None);
@@ -923,7 +953,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                 };
                 acc.extend_from_slice(&f);
                 if !h.fin {
-                    if !self.hold(acc.len()) {
+                    if !self.hold(acc.len(), acc.len()) {
                         let n = acc.len() as u64;
                         self.start_dropping(op, acc, None, n);
                         return Ok(None);
@@ -932,7 +962,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                     return Ok(None);
                 }
                 // The last fragment may have come whole: the charge grows to the message.
-                if !self.hold(acc.len()) {
+                if !self.hold(acc.len(), acc.len()) {
                     return Err(WsError::Dropped {
                         head: Bytes::copy_from_slice(&acc[..acc.len().min(DROPPED_HEAD)]),
                         text: op == opcode::TEXT,
@@ -1948,6 +1978,44 @@ mod tests {
         }
     }
 
+    /// A large message arriving in pieces is charged what came and a window ahead
+    /// ([`crate::shard::charge_ahead`]), growing after each read, then the whole once it is in:
+    /// not the length its frame announces from its head on.
+    #[test]
+    fn a_large_message_is_charged_as_it_arrives_not_as_announced() {
+        let len = 600 * 1024;
+        let wire = masked(opcode::BINARY, &vec![b'x'; len], [1, 2, 3, 4], true);
+        let told = Rc::new(RefCell::new(Vec::new()));
+        let mut r = WsReader::new(
+            Chunks(&wire, 32 * 1024),
+            BytesMut::new(),
+            Side::Server,
+            1 << 20,
+        );
+        let t = told.clone();
+        r.charge_arriving(move |h| {
+            t.borrow_mut().push(h);
+            true
+        });
+        let m = block_on(r.next()).unwrap();
+        assert_eq!(m, Message::Binary(Bytes::from(vec![b'x'; len])));
+        let told = told.borrow();
+        assert!(told.len() > 3, "{told:?}");
+        // The first read (4 KiB, the first offer) brought the head and 4 KiB less the header.
+        let header = wire.len() - len;
+        let first = Hold {
+            now: FIRST_OFFER - header + crate::shard::CHARGE_AHEAD,
+            whole: len,
+            fresh: true,
+        };
+        assert_eq!(told[0], first);
+        for w in told.windows(2) {
+            assert!(w[0].now < w[1].now && !w[1].fresh, "{told:?}");
+            assert_eq!(w[1].whole, len);
+        }
+        assert_eq!(told.last().map(|h| h.now), Some(len));
+    }
+
     #[test]
     fn a_message_is_charged_while_it_arrives() {
         // A fragmented message read 100 bytes at a time: each fragment and the frame being
@@ -1967,8 +2035,8 @@ mod tests {
             let told = Rc::new(RefCell::new(Vec::new()));
             let mut r = WsReader::new(Chunks(&wire, step), BytesMut::new(), Side::Server, 1 << 20);
             let t = told.clone();
-            r.charge_arriving(move |n| {
-                t.borrow_mut().push(n);
+            r.charge_arriving(move |h| {
+                t.borrow_mut().push(h.now);
                 true
             });
             block_on(async {
@@ -1992,7 +2060,7 @@ mod tests {
         let mut wire = masked(opcode::BINARY, &[b'a'; 10], [1, 2, 3, 4], false);
         wire.extend(masked(opcode::TEXT, &[b'b'; 5000], [1, 2, 3, 4], true));
         let mut r = WsReader::new(Chunks(&wire, 100), BytesMut::new(), Side::Server, 1 << 20);
-        r.charge_arriving(|n| n < 1000);
+        r.charge_arriving(|h| h.now < 1000);
         let e = block_on(r.next()).unwrap_err();
         assert!(matches!(e, WsError::Protocol(_)), "{e:?}");
         // Refused: the message is dropped as it arrives (its first bytes handed out, unmasked),
@@ -2020,7 +2088,7 @@ mod tests {
             for step in [7, 100, 1 << 16] {
                 let mut r =
                     WsReader::new(Chunks(&wire, step), BytesMut::new(), Side::Server, 1 << 20);
-                r.charge_arriving(|n| n < 1000);
+                r.charge_arriving(|h| h.now < 1000);
                 block_on(async {
                     let mut got = Vec::new();
                     loop {

@@ -1084,7 +1084,9 @@ fn token_commands_refuse_an_unknown_app() {
 
 /// A `--keyring` that names no keyring (a typo, a path not provisioned yet) is an error that
 /// says how to make one, and nothing is created there: only the default keyring is made on
-/// first use. `fedbus keys init` makes it on purpose, then the same token command works.
+/// first use. `fedbus keys init` makes it on purpose, then the same token command works. The
+/// same for a dev task (`fedbus task` without a token), which made a keyring of its own there,
+/// and then every router refused its token.
 #[test]
 fn token_commands_refuse_a_keyring_path_with_no_keyring() {
     let tmp = TempDir::new("token-no-keyring");
@@ -1103,6 +1105,9 @@ fn token_commands_refuse_a_keyring_path_with_no_keyring() {
         format!("token service --task-id t --app {APP}"),
         format!("token client --app {APP} --sub a --create-app"),
         "token peer --router r1 --cluster eu/one".to_string(),
+        // A dev task mints its token from the keyring before it dials (a bad --stop-timeout
+        // makes it exit, not dial, should it get past the keyring).
+        format!("task echo --app {APP} --router 127.0.0.1:9 --stop-timeout never"),
     ] {
         let out = run(&args);
         let err = String::from_utf8_lossy(&out.stderr);

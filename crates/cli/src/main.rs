@@ -632,8 +632,17 @@ fn task_options(common: &TaskCommon, kind: &str) -> Result<task::TaskOptions> {
         Some(t) => t,
         None => {
             check_cluster(&common.cluster)?;
-            let dir = keyring_dir(&common.keyring)?;
-            ensure_keyring(&dir, &[common.app.as_str()])?;
+            // A keyring named with `--keyring` must exist, as for the token commands (a typo
+            // made a new keyring, whose token every router refused); the default one is made
+            // on first use.
+            let dir = match &common.keyring {
+                Some(_) => token_keyring(&common.keyring)?,
+                None => {
+                    let dir = config::default_keyring_dir();
+                    ensure_keyring(&dir, &[common.app.as_str()])?;
+                    dir
+                }
+            };
             service_token(
                 &dir,
                 &format!("{kind}-{instance:016x}"),

@@ -503,6 +503,13 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                 !b.is_unique() || (*size <= READ_CHUNK && !std::mem::replace(&mut one_free, true))
             });
         }
+        // A message refused as it arrived, made room for before (it fit from its head on), is
+        // read and dropped: not into the buffer made for it, which that would make resident
+        // while charged nothing. Let go; the next read takes a small one.
+        if self.dropping.is_some() && self.buf.is_empty() && self.alloc > 2 * READ_CHUNK {
+            self.space.give_back(&mut self.buf);
+            self.alloc = 0;
+        }
         if self.space.is_unbuffered() {
             return;
         }
@@ -531,11 +538,18 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
         let mut nap = std::time::Duration::from_millis(1);
         loop {
             let need = self.buf.len() + additional;
-            // Not a buffer over two read chunks: one made for a large message is let go
-            // rather than read into for small ones, or for the next large one (it is all
-            // resident, and a message arriving is charged only what came and two read chunks
-            // ahead, `crate::shard::charge_ahead`).
-            let fits = |size: usize| size >= need && size <= 2 * READ_CHUNK;
+            // Not a buffer more than twice what is needed (at least a read chunk): one made
+            // for a large message is let go rather than read into for small ones. Nor, on a
+            // reader that charges messages as they arrive (`charge_arriving`: a client's), one
+            // over two read chunks for the next large one: it is all resident, and a message
+            // arriving is charged only what came and two read chunks ahead
+            // (`crate::shard::charge_ahead`). A link's reader charges nothing as it arrives
+            // and reuses it.
+            let most = match self.arriving {
+                Some(_) => 2 * READ_CHUNK,
+                None => 2 * READ_CHUNK.max(need),
+            };
+            let fits = |size: usize| size >= need && size <= most;
             if self.buf.capacity() - self.buf.len() >= additional
                 || fits(self.alloc) && self.buf.try_reclaim(additional)
             {
@@ -2014,6 +2028,45 @@ mod tests {
             assert_eq!(w[1].whole, len);
         }
         assert_eq!(told.last().map(|h| h.now), Some(len));
+    }
+
+    /// A large message refused as it grows (its head fit, so room was made for all of it) is
+    /// read and dropped in small buffers: the one made for it is let go, not filled while
+    /// charged nothing. The next message is read as usual.
+    #[test]
+    fn a_message_refused_as_it_grows_is_not_read_into_the_room_made_for_it() {
+        let len = 600 * 1024;
+        let mut wire = masked(opcode::BINARY, &vec![b'x'; len], [1, 2, 3, 4], true);
+        wire.extend(masked(opcode::BINARY, b"next", [1, 2, 3, 4], true));
+        let mut r = WsReader::new(
+            Chunks(&wire, 32 * 1024),
+            BytesMut::new(),
+            Side::Server,
+            1 << 20,
+        );
+        r.charge_arriving(|h| h.now < 300 * 1024);
+        let mut most = 0;
+        block_on(async {
+            let e = loop {
+                match r.try_buffered() {
+                    Ok(Some(m)) => panic!("{m:?}"),
+                    Err(e) => break e,
+                    Ok(None) => {}
+                }
+                r.make_read_room().await;
+                // The buffer the next read goes into.
+                if r.dropping.is_some() {
+                    most = most.max(r.buf.capacity());
+                }
+                r.fill().await.unwrap();
+            };
+            assert!(matches!(e, WsError::Dropped { text: false, .. }), "{e:?}");
+            assert_eq!(
+                r.next().await.unwrap(),
+                Message::Binary(Bytes::from_static(b"next"))
+            );
+        });
+        assert!(most <= 2 * READ_CHUNK, "dropped into a buffer of {most}");
     }
 
     #[test]

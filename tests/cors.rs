@@ -286,3 +286,49 @@ fn unknown_apps_and_clusters_are_readable_only_by_an_origin_some_app_allows() {
         assert_no_cors(&evil);
     }
 }
+
+/// A flood of requests from a refused origin is counted whole, but logged at most 10 lines a
+/// second per shard (log lines go to a stderr every shard shares, which blocks when its reader
+/// falls behind); the next line let through says how many were held back.
+#[test]
+fn refused_origins_are_logged_at_most_ten_lines_a_second() {
+    let r = router();
+    let tok = r.token(APP, "alice");
+    let p = r.path(APP, 7);
+    let lines = |r: &Router| {
+        launch::plain(&r.log())
+            .matches("origin not allowed")
+            .count()
+    };
+    let refuse = |r: &Router| {
+        r.request(&Req::post(&p).token(&tok).header("Origin", EVIL).body(b"x"))
+            .assert_error(403, "origin_not_allowed")
+    };
+    let start = std::time::Instant::now();
+    for _ in 0..50 {
+        refuse(&r);
+    }
+    let secs = start.elapsed().as_secs() as usize;
+    assert_eq!(refused(&r), 50.0);
+    let logged = lines(&r);
+    assert!(
+        (1..=10 * (secs + 1)).contains(&logged) && logged < 50,
+        "{logged} lines for 50 refusals in {secs} s"
+    );
+    // Once the second is over, the next line says how many were held back: all of them, over
+    // the lines that say so.
+    let held_back = |r: &Router| -> u64 {
+        launch::plain(&r.log())
+            .lines()
+            .filter(|l| l.contains("origin not allowed"))
+            .filter_map(|l| l.split("suppressed=").nth(1))
+            .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let want = (50 - logged) as u64;
+    wait_for(std::time::Duration::from_secs(5), || {
+        refuse(&r);
+        (held_back(&r) >= want).then_some(())
+    })
+    .unwrap_or_else(|| panic!("not {want} held back:\n{}", r.log()));
+}

@@ -1198,6 +1198,37 @@ fn internal_tls_stalled_handshake_is_cut_and_counted() {
     wait_metric(&r, "fedbus_tls_handshake_failures_total", 1.0);
 }
 
+/// TUNING.md limits.handshake_timeout_ms: the upgrade head of a task link must be in "within it
+/// from accept, a TLS handshake included". Before, the TLS handshake and the head each had
+/// their own, so a connection that finished its TLS handshake just in time and sent no head
+/// held its slot (`limits.max_link_connections_per_shard`) twice as long.
+#[test]
+fn internal_tls_handshake_and_upgrade_head_share_one_deadline() {
+    let p = Pki::new("probe-tls");
+    let a = p.cert("a", &["a.test", "127.0.0.1"]);
+    let r = Router::new()
+        .tls(&[a])
+        .internal_tls()
+        .limit("handshake_timeout_ms", 2000)
+        .start();
+    let tcp = TcpStream::connect(r.internal[0]).unwrap();
+    let t = Instant::now();
+    // A slow client: its ClientHello comes 1.5 s in, then it sends no upgrade head.
+    std::thread::sleep(Duration::from_millis(1500));
+    let name = ServerName::try_from("a.test").unwrap();
+    let conn = ClientConnection::new(probe(), name).unwrap();
+    let mut s: Tls = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).expect("handshake in time");
+    }
+    let end = tls_end(&mut s, Duration::from_secs(5));
+    let took = t.elapsed();
+    assert!(end.is_ok(), "not cut: {end:?}");
+    // 2 s from accept; before, 2 s from the end of the handshake (3.5 s).
+    assert!(took < Duration::from_millis(3000), "cut after {took:?}");
+    assert!(wait_log(&r, "upgrade head not complete", 1), "{}", r.log());
+}
+
 /// "the certificate must be valid for the host the task dials": a certificate for a.test only,
 /// a task dialing 127.0.0.1, does not link.
 #[test]

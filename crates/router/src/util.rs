@@ -189,8 +189,72 @@ impl Rate {
     }
 }
 
+/// At most [`LogGate::LINES_PER_SEC`] log lines a second (per shard) for one kind of event
+/// that a client or a peer can repeat at will: a refusal, a failed handshake. Log lines go to
+/// a stderr all shards share, one write each, which blocks when whatever reads it falls
+/// behind: a flood of such events must not become a flood of lines that stalls the shard.
+/// The lines held back are counted and the next line written says how many (`suppressed`);
+/// the event's own counter counts every one.
+#[derive(Debug)]
+pub struct LogGate {
+    rate: std::cell::RefCell<Rate>,
+    suppressed: std::cell::Cell<u64>,
+}
+
+impl Default for LogGate {
+    fn default() -> Self {
+        LogGate {
+            rate: std::cell::RefCell::new(Rate::per_second(LogGate::LINES_PER_SEC)),
+            suppressed: std::cell::Cell::new(0),
+        }
+    }
+}
+
+impl LogGate {
+    /// Lines a second a gate lets through.
+    pub const LINES_PER_SEC: u32 = 10;
+
+    /// Some(the lines held back since the last one let through) when this line may be
+    /// written; None when it is held back (and counted).
+    pub fn pass(&self) -> Option<u64> {
+        if self.rate.borrow_mut().over() {
+            self.suppressed.set(self.suppressed.get() + 1);
+            return None;
+        }
+        Some(self.suppressed.replace(0))
+    }
+}
+
+/// The [`LogGate`]s of one shard, one per kind of line.
+#[derive(Debug, Default)]
+pub struct LogGates {
+    /// A request or an `/api/ws` session refused for its `Origin`.
+    pub origin_refused: LogGate,
+    /// A connection refused at its listener's per-shard limit.
+    pub connection_refused: LogGate,
+    /// A client's TLS handshake failed (`listen.api_tls`).
+    pub tls_failed: LogGate,
+    /// A peer link refused (its TLS, its token, its certificate).
+    pub peer_refused: LogGate,
+}
+
 #[cfg(test)]
 mod tests {
+    /// A gate lets [`super::LogGate::LINES_PER_SEC`] lines through in a second, holds the
+    /// rest back, and the next line let through says how many were.
+    #[test]
+    fn a_log_gate_holds_lines_back_past_its_rate_and_counts_them() {
+        let g = super::LogGate::default();
+        let n = super::LogGate::LINES_PER_SEC as usize;
+        let passed: Vec<Option<u64>> = (0..n + 5).map(|_| g.pass()).collect();
+        assert!(passed[..n].iter().all(|p| *p == Some(0)), "{passed:?}");
+        assert!(passed[n..].iter().all(Option::is_none), "{passed:?}");
+        // A new window: the first line says how many were held back.
+        *g.rate.borrow_mut() = super::Rate::per_second(super::LogGate::LINES_PER_SEC);
+        assert_eq!(g.pass(), Some(5));
+        assert_eq!(g.pass(), Some(0));
+    }
+
     /// What a socket still holds to send is what the other side has not read (and acked): a
     /// blocked write's pace counts it.
     #[test]

@@ -30,7 +30,14 @@ pub(crate) async fn serve(shard: Rc<Shard>, tcp: TcpStream) {
         }
         Err(e) => {
             ShardMetrics::inc(&m.tls_handshake_failures);
-            tracing::info!(shard = shard.index, ?peer, "TLS handshake failed: {e}");
+            if let Some(suppressed) = shard.log_gates.tls_failed.pass() {
+                tracing::info!(
+                    shard = shard.index,
+                    ?peer,
+                    suppressed,
+                    "TLS handshake failed: {e}"
+                );
+            }
         }
     }
 }

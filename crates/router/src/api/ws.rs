@@ -68,12 +68,15 @@ pub(crate) async fn serve<S: Stream>(
         .filter(|o| !routing::cors::any_app_allows(&shard, o.as_bytes()))
     {
         crate::metrics::ShardMetrics::inc(&shard.metrics.origin_refused);
-        let origin = crate::util::clipped(o);
-        tracing::info!(
-            shard = shard.index,
-            ?origin,
-            "/api/ws origin not allowed: 403"
-        );
+        if let Some(suppressed) = shard.log_gates.origin_refused.pass() {
+            let origin = crate::util::clipped(o);
+            tracing::info!(
+                shard = shard.index,
+                ?origin,
+                suppressed,
+                "/api/ws origin not allowed: 403"
+            );
+        }
         let why = "no app of this cluster allows this origin";
         return refuse(&shard, &mut stream, start, 403, "origin_not_allowed", why).await;
     }

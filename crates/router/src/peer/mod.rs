@@ -778,24 +778,40 @@ async fn close_when_idle(link: Rc<TaskLink>) {
 /// plaintext dialer is refused unless `required = false`.
 pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     ShardMetrics::inc(&shard.metrics.connections[Listener::External as usize]);
+    // Every step before the link (a TLS handshake, the upgrade head) within one
+    // `limits.handshake_timeout_ms` from accept.
+    let limit = Duration::from_millis(shard.cfg.limits.handshake_timeout_ms);
+    let deadline = Instant::now() + limit;
     match &shard.federation.tls {
-        Some(tls) => serve_tls(&shard, tls, stream).await,
-        None => serve_upgrade(&shard, stream, None).await,
+        Some(tls) => serve_tls(&shard, tls, stream, deadline).await,
+        None => serve_upgrade(&shard, stream, None, deadline).await,
     }
     ShardMetrics::dec(&shard.metrics.connections[Listener::External as usize]);
 }
 
-async fn serve_tls(shard: &Rc<Shard>, tls: &crate::tls::peer::PeerTls, stream: TcpStream) {
+async fn serve_tls(
+    shard: &Rc<Shard>,
+    tls: &crate::tls::peer::PeerTls,
+    stream: TcpStream,
+    deadline: Instant,
+) {
     let peer = stream.peer_addr().ok();
-    let limit = Duration::from_millis(shard.cfg.limits.handshake_timeout_ms);
+    let left = || deadline.saturating_duration_since(Instant::now());
     let refuse = |why: &str| {
         ShardMetrics::inc(&shard.metrics.peer_tls_refused);
-        tracing::warn!(shard = shard.index, ?peer, "peer link refused: {why}");
+        if let Some(suppressed) = shard.log_gates.peer_refused.pass() {
+            tracing::warn!(
+                shard = shard.index,
+                ?peer,
+                suppressed,
+                "peer link refused: {why}"
+            );
+        }
     };
     // Peek (the bytes stay for the TLS handshake or the plaintext upgrade).
     let mut first = [0u8; 1];
     let tls_first =
-        match glommio::timer::timeout(limit, async { Ok(stream.peek(&mut first).await) }).await {
+        match glommio::timer::timeout(left(), async { Ok(stream.peek(&mut first).await) }).await {
             Ok(Ok(1)) => first[0] == crate::tls::TLS_HANDSHAKE_RECORD,
             Ok(_) => return,
             Err(_) => return refuse("nothing sent within limits.handshake_timeout_ms"),
@@ -806,7 +822,7 @@ async fn serve_tls(shard: &Rc<Shard>, tls: &crate::tls::peer::PeerTls, stream: T
             // The head is read only to answer it cleanly (closing on unread bytes would reset
             // the connection before the dialer reads why); nothing in it is looked at.
             let mut stream = stream;
-            if read_upgrade(&mut stream, limit).await.is_ok() {
+            if read_upgrade(&mut stream, left()).await.is_ok() {
                 let _ = stream
                     .write_all(
                         handshake::error_response(403, "tls_required", "peer links require TLS")
@@ -816,10 +832,10 @@ async fn serve_tls(shard: &Rc<Shard>, tls: &crate::tls::peer::PeerTls, stream: T
             }
             return;
         }
-        return serve_upgrade(shard, stream, None).await;
+        return serve_upgrade(shard, stream, None, deadline).await;
     }
     let acceptor = futures_rustls::TlsAcceptor::from(tls.server.clone());
-    match glommio::timer::timeout(limit, async { Ok(acceptor.accept(stream).await) }).await {
+    match glommio::timer::timeout(left(), async { Ok(acceptor.accept(stream).await) }).await {
         Ok(Ok(s)) => {
             let cert = s
                 .get_ref()
@@ -827,22 +843,23 @@ async fn serve_tls(shard: &Rc<Shard>, tls: &crate::tls::peer::PeerTls, stream: T
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .map(|c| c.clone().into_owned());
-            serve_upgrade(shard, s, cert).await
+            serve_upgrade(shard, s, cert, deadline).await
         }
         Ok(Err(e)) => refuse(&format!("TLS handshake: {e}")),
         Err(_) => refuse("TLS handshake not complete within limits.handshake_timeout_ms"),
     }
 }
 
-/// Reads the upgrade, checks the peer token (and, over TLS, that the client certificate
-/// names a router of the token's cluster), then serves the link.
+/// Reads the upgrade (by `deadline`), checks the peer token (and, over TLS, that the client
+/// certificate names a router of the token's cluster), then serves the link.
 async fn serve_upgrade<S: ws::Stream>(
     shard: &Rc<Shard>,
     mut stream: S,
     cert: Option<rustls::pki_types::CertificateDer<'static>>,
+    deadline: Instant,
 ) {
-    let timeout = Duration::from_millis(shard.cfg.limits.handshake_timeout_ms);
-    match read_upgrade(&mut stream, timeout).await {
+    let left = deadline.saturating_duration_since(Instant::now());
+    match read_upgrade(&mut stream, left).await {
         Ok((up, leftover)) => {
             let verdict = check_peer_token(shard, up.bearer.as_deref())
                 .and_then(|c| check_peer_certificate(shard, cert.as_ref(), c));
@@ -867,7 +884,14 @@ async fn serve_upgrade<S: ws::Stream>(
                     if code == "peer_identity" {
                         ShardMetrics::inc(&shard.metrics.peer_tls_refused);
                     }
-                    tracing::warn!(shard = shard.index, code, "peer link refused: {msg}");
+                    if let Some(suppressed) = shard.log_gates.peer_refused.pass() {
+                        tracing::warn!(
+                            shard = shard.index,
+                            code,
+                            suppressed,
+                            "peer link refused: {msg}"
+                        );
+                    }
                     let _ = stream
                         .write_all(handshake::error_response(status, code, &msg).as_bytes())
                         .await;

@@ -34,13 +34,16 @@ pub(crate) fn check(
     };
     let Some(policy) = app.cors.as_ref().filter(|c| c.allows(origin)) else {
         ShardMetrics::inc(&shard.metrics.origin_refused);
-        tracing::info!(
-            shard = shard.index,
-            app = %app.name,
-            // Clipped and escaped: any client can send any origin, up to a whole head.
-            origin = ?crate::util::clipped(&String::from_utf8_lossy(origin)),
-            "origin not allowed: 403"
-        );
+        if let Some(suppressed) = shard.log_gates.origin_refused.pass() {
+            tracing::info!(
+                shard = shard.index,
+                app = %app.name,
+                // Clipped and escaped: any client can send any origin, up to a whole head.
+                origin = ?crate::util::clipped(&String::from_utf8_lossy(origin)),
+                suppressed,
+                "origin not allowed: 403"
+            );
+        }
         return Err(Answer::error(
             403,
             "origin_not_allowed",

@@ -407,7 +407,9 @@ async fn accept_loop<L: Acceptor>(
                 // one: otherwise idle connections could lock every new client out.
                 let full = full && !(kind == Listener::Api && shard.evict_idle());
                 if full {
-                    tracing::warn!(shard = shard.index, listener = ?kind, "connection refused: listener at its per-shard limit");
+                    if let Some(suppressed) = shard.log_gates.connection_refused.pass() {
+                        tracing::warn!(shard = shard.index, listener = ?kind, suppressed, "connection refused: listener at its per-shard limit");
+                    }
                     ShardMetrics::inc(&shard.metrics.connections_refused);
                     drop(s);
                     continue;

@@ -62,6 +62,8 @@ pub(crate) struct Shard {
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     /// Router-wide readiness and drain state.
     pub(crate) health: Arc<crate::health::Health>,
+    /// Bounds on the log lines of events a client or peer can repeat at will.
+    pub(crate) log_gates: crate::util::LogGates,
     /// Closed when this shard sees a drain: wakes the accept loops, which stop.
     pub(crate) drain: glommio::sync::Semaphore,
     /// Set once this draining shard's internal listeners are closed and its task links were
@@ -120,6 +122,7 @@ impl Shard {
             cfg,
             tls,
             health,
+            log_gates: Default::default(),
             drain: glommio::sync::Semaphore::new(0),
             router_draining: Cell::new(false),
             task_wait_until: Cell::new(None),
@@ -203,10 +206,12 @@ impl Shard {
 
 /// What is charged for a body of `whole` bytes of which `got` have arrived: what came and
 /// [`CHARGE_AHEAD`] more, up to the whole. Room for the whole body is reserved when its head
-/// comes, in a buffer made for it (never one a body filled before: an HTTP connection lets go
-/// of a buffer over [`CHARGE_AHEAD`] once a request is cut from it, and `/api/ws` makes a new
-/// one for a frame over it), and only what reads fill is resident: each read zeroes at most
-/// one read chunk (64 KiB) past what came. So this covers the memory an upload holds.
+/// comes, in a buffer made for it when it is larger than [`CHARGE_AHEAD`] (never one a body
+/// filled before: an HTTP connection lets go of such a buffer once a request is cut from it,
+/// `/api/ws` makes a new one for each such frame and lets it go when the message is refused
+/// as it arrives), and only what reads fill is resident: each read zeroes at most one read
+/// chunk (64 KiB) past what came. A smaller buffer reused whole is within the charge. So this
+/// covers the memory an upload holds.
 pub(crate) fn charge_ahead(got: usize, whole: usize) -> usize {
     got.saturating_add(CHARGE_AHEAD).min(whole)
 }

@@ -471,13 +471,15 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let m = shard.metrics.clone();
     ShardMetrics::inc(&m.connections[Listener::Internal as usize]);
     let peer = stream.peer_addr().ok();
+    // The TLS handshake and the upgrade head share one deadline from accept.
+    let accepted = Instant::now();
     let served = match (&shard.tls, shard.cfg.listen.internal_tls) {
         (Some(acceptor), true) => {
             let limit = Duration::from_millis(shard.cfg.limits.handshake_timeout_ms);
             match crate::tls::accept(acceptor, stream, limit, PLAIN_LINK_HINT).await {
                 Ok(tls) => {
                     ShardMetrics::inc(&m.tls_handshakes);
-                    serve_inner(&shard, tls).await
+                    serve_inner(&shard, tls, accepted).await
                 }
                 Err(e) => {
                     ShardMetrics::inc(&m.tls_handshake_failures);
@@ -485,7 +487,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
                 }
             }
         }
-        _ => serve_inner(&shard, stream).await,
+        _ => serve_inner(&shard, stream, accepted).await,
     };
     if let Err(e) = served {
         tracing::info!(shard = shard.index, ?peer, "task link closed: {e}");
@@ -498,7 +500,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
 pub(crate) async fn serve_unix(shard: Rc<Shard>, stream: glommio::net::UnixStream) {
     let m = shard.metrics.clone();
     ShardMetrics::inc(&m.connections[Listener::Internal as usize]);
-    if let Err(e) = serve_inner(&shard, stream).await {
+    if let Err(e) = serve_inner(&shard, stream, Instant::now()).await {
         tracing::info!(shard = shard.index, "task link (unix socket) closed: {e}");
     }
     ShardMetrics::dec(&m.connections[Listener::Internal as usize]);
@@ -552,10 +554,16 @@ pub(crate) async fn read_upgrade<S: futures_lite::AsyncRead + futures_lite::Asyn
     Ok((up, buf))
 }
 
-async fn serve_inner<S: ws::Stream>(shard: &Rc<Shard>, mut stream: S) -> Result<(), String> {
+/// Serves a task link accepted at `accepted`: its upgrade head must be in within
+/// `limits.handshake_timeout_ms` of that, a TLS handshake before it included.
+async fn serve_inner<S: ws::Stream>(
+    shard: &Rc<Shard>,
+    mut stream: S,
+    accepted: Instant,
+) -> Result<(), String> {
     let limits = &shard.cfg.limits;
     let hs_timeout = Duration::from_millis(limits.handshake_timeout_ms);
-    let (up, leftover) = read_upgrade(&mut stream, hs_timeout)
+    let (up, leftover) = read_upgrade(&mut stream, hs_timeout.saturating_sub(accepted.elapsed()))
         .await
         .inspect_err(|e| {
             if e == HANDSHAKE_TIMEOUT {

@@ -152,7 +152,10 @@ fn other_origins_are_refused_before_any_task() {
         .assert_error(403, "origin_not_allowed");
     assert_eq!(refused(&r), 6.0);
     let log = r.log();
-    assert!(log.contains("origin not allowed"), "a log line per refusal");
+    assert!(
+        log.contains("origin not allowed"),
+        "a log line for the refusals"
+    );
     assert!(
         log.contains(&long[..190]) && !log.contains(&long[..201]),
         "the long origin is clipped to 200 bytes in the log"

@@ -959,12 +959,23 @@ fn admin_max_connections_evicts_idle_slots_and_frees_slow_ones() {
         "the idle connection was closed only after {:?}",
         t.elapsed()
     );
-    // A slow client alone is closed by the router within 2 s of its accept (plus slack).
-    let mut slow = TcpStream::connect(r.admin).expect("connect");
-    let opened = Instant::now();
-    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let n = slow.read(&mut b);
-    let held = opened.elapsed();
+    // A slow client alone is closed by the router within 2 s of its accept (plus slack). The
+    // scrape's thread gives its slot back just after its answer is read: a connection that
+    // comes before that is refused at once (counted), and the next one is tried.
+    let mut refused_first = 0.0;
+    let (n, held) = loop {
+        let mut slow = TcpStream::connect(r.admin).expect("connect");
+        let opened = Instant::now();
+        slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let n = slow.read(&mut b);
+        let held = opened.elapsed();
+        if held < Duration::from_millis(500) && refused_first < 20.0 {
+            refused_first += 1.0;
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        break (n, held);
+    };
     assert!(
         matches!(n, Ok(0) | Err(_))
             || n.as_ref()
@@ -976,7 +987,10 @@ fn admin_max_connections_evicts_idle_slots_and_frees_slow_ones() {
         "slow admin connection held its slot {held:?}"
     );
     let m = r.metrics();
-    assert_eq!(m.get("fedbus_admin_connections_refused_total"), 0.0);
+    assert_eq!(
+        m.get("fedbus_admin_connections_refused_total"),
+        refused_first
+    );
 }
 
 // =============================================================================================

@@ -166,6 +166,39 @@ fn federation_routes_over_tls_peer_links() {
 /// dialer without a client certificate, one with a certificate of another CA, and one whose
 /// federation certificate names no router of the cluster of its peer token. A dialer with
 /// spb2's certificate and spb2's token is let in (the control).
+/// A peer link's first byte and its upgrade head share one `limits.handshake_timeout_ms` from
+/// accept (as its TLS handshake does). Before, the head had a new one after the first byte
+/// came: a dialer that sent one byte just in time held its slot
+/// (`limits.max_link_connections_per_shard`) twice as long.
+#[test]
+fn a_peer_links_first_byte_and_head_share_one_deadline() {
+    let f = Federation::builder()
+        .peer_tls(true)
+        .limit("spb1", "handshake_timeout_ms", 3000)
+        .start();
+    let target = f.router("spb1", 0);
+    let mut s = TcpStream::connect(target.external).expect("connect");
+    let t = Instant::now();
+    // A slow dialer: one byte 1.5 s in (plaintext: refused, its head read only to answer),
+    // then nothing.
+    std::thread::sleep(Duration::from_millis(1500));
+    s.write_all(b"G").expect("first byte");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut b = [0u8; 1024];
+    let end = loop {
+        match s.read_retrying(&mut b) {
+            Ok(0) => break Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    let took = t.elapsed();
+    assert!(end.is_ok(), "not cut: {end:?}");
+    // 3 s from accept; before, 3 s from the first byte (4.5 s).
+    assert!(took < Duration::from_millis(4200), "cut after {took:?}");
+}
+
 #[test]
 fn peers_without_a_federation_certificate_are_refused() {
     let f = Federation::builder().peer_tls(true).start();

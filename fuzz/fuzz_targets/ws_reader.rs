@@ -54,11 +54,21 @@ fuzz_target!(|data: &[u8]| {
     );
     // Half the inputs have a budget of 1024 bytes: a message arriving in pieces over it is
     // read and dropped (`WsError::Dropped`), and the reader goes on.
-    let budget = if rest.len() % 2 == 1 { 1024 } else { usize::MAX };
+    let budget = if rest.len() % 2 == 1 {
+        1024
+    } else {
+        usize::MAX
+    };
     let charged = std::rc::Rc::new(std::cell::Cell::new(0usize));
     let c = charged.clone();
-    r.charge_arriving(move |n| {
-        assert!(n <= MAX_MESSAGE, "charged {n} bytes for one message");
+    r.charge_arriving(move |h| {
+        let n = h.now;
+        assert!(n <= h.whole, "charged {n} bytes of {}", h.whole);
+        assert!(
+            h.whole <= MAX_MESSAGE,
+            "charged {} bytes for one message",
+            h.whole
+        );
         c.set(if n <= budget { n } else { 0 });
         n <= budget
     });

@@ -904,7 +904,8 @@ fn a_trickled_request_head_gets_408() {
 
 /// `limits.max_link_connections_per_shard` holds for a burst too: connections that arrive
 /// together, before any of them is served, are counted as they are accepted, so no more than
-/// the limit are held open and the rest are closed at accept (each counted).
+/// the limit are held open once the burst is in; each of the rest was closed at accept or,
+/// for a newer one, in its handshake (each counted).
 #[test]
 fn a_burst_of_connections_does_not_pass_the_internal_limit() {
     let r = Router::new()
@@ -913,20 +914,25 @@ fn a_burst_of_connections_does_not_pass_the_internal_limit() {
         .limit("handshake_timeout_ms", 20000)
         .start();
     let gauge = |r: &Router| r.metrics().get("fedbus_connections{listener=\"internal\"}");
-    let refused = |r: &Router| r.metrics().get("fedbus_connections_refused_total");
-    let refused_before = refused(&r);
+    let closed = |r: &Router| {
+        let m = r.metrics();
+        m.get("fedbus_connections_refused_total")
+            + m.get("fedbus_link_handshakes_evicted_total{listener=\"internal\"}")
+    };
+    let closed_before = closed(&r);
     const BURST: usize = 40;
     // All connected (in the kernel's backlog) before the router accepts the first.
     let held: Vec<std::net::TcpStream> = (0..BURST)
         .map(|_| std::net::TcpStream::connect(r.internal[0]).expect("connect internal"))
         .collect();
     let settled = wait_for(Duration::from_secs(10), || {
-        (refused(&r) - refused_before + gauge(&r) >= BURST as f64).then_some(())
+        let (c, g) = (closed(&r) - closed_before, gauge(&r));
+        (c + g == BURST as f64 && g <= 2.0).then_some(())
     });
     assert!(
         settled.is_some(),
-        "burst not settled: {} refused, {} open",
-        refused(&r) - refused_before,
+        "burst not settled: {} closed, {} open",
+        closed(&r) - closed_before,
         gauge(&r)
     );
     assert_eq!(
@@ -934,57 +940,73 @@ fn a_burst_of_connections_does_not_pass_the_internal_limit() {
         2.0,
         "internal connections held open after a burst of {BURST}"
     );
-    assert_eq!(refused(&r) - refused_before, (BURST - 2) as f64);
+    assert_eq!(closed(&r) - closed_before, (BURST - 2) as f64);
     drop(held);
 }
 
 /// The internal listener has its own per-shard connection limit: connections that never
-/// finish a handshake cannot use up the router's descriptors. Over the limit a connection is
-/// closed at accept (counted), clients are still served, and task links come back once the
-/// idle connections are gone.
+/// finish a handshake cannot use up the router's descriptors, nor lock task links out. At the
+/// limit a new connection takes the slot of the oldest one that has not shown a service token
+/// yet (closed, `fedbus_link_handshakes_evicted_total`), never a registered link's; with every
+/// slot held by links, it is closed at accept (`fedbus_connections_refused_total`). Clients
+/// are served throughout.
 #[test]
 fn the_internal_listener_has_a_connection_limit() {
     let r = Router::new()
         .shards(1)
         .limit("max_link_connections_per_shard", 2)
+        .limit("handshake_timeout_ms", 30000)
         .start();
     let _t = r.task().start();
-    // The task holds one; one more idle connection fills the listener.
-    let idle = std::net::TcpStream::connect(r.internal[0]).expect("connect internal");
-    let gauge = |r: &Router| r.metrics().get("fedbus_connections{listener=\"internal\"}");
+    let m = |r: &Router, s: &str| r.metrics().get(s);
+    let gauge = |r: &Router| m(r, "fedbus_connections{listener=\"internal\"}");
+    let evicted = |r: &Router| {
+        m(
+            r,
+            "fedbus_link_handshakes_evicted_total{listener=\"internal\"}",
+        )
+    };
+    let refused = |r: &Router| m(r, "fedbus_connections_refused_total");
+    // The task holds one; one more silent connection fills the listener.
+    let mut idle = std::net::TcpStream::connect(r.internal[0]).expect("connect internal");
     assert!(
         wait_for(Duration::from_secs(5), || (gauge(&r) >= 2.0).then_some(())).is_some(),
         "internal connections: {}",
         gauge(&r)
     );
-    let refused_before = r.metrics().get("fedbus_connections_refused_total");
+    let refused_before = refused(&r);
+    // A third: the silent one is closed for it (long before its 30 s handshake deadline), the
+    // task's link is not.
     let mut over = std::net::TcpStream::connect(r.internal[0]).expect("connect internal");
-    over.set_read_timeout(Some(Duration::from_secs(3)))
-        .expect("timeout");
-    let mut b = [0u8; 16];
-    let n = over.read_retrying(&mut b);
     assert!(
-        matches!(n, Ok(0)) || n.is_err(),
-        "the connection over the limit was not closed at accept: {n:?}"
+        closed_within(&mut idle, Duration::from_secs(5)),
+        "the oldest connection in its handshake was not closed for a new one"
     );
-    assert_eq!(
-        r.metrics().get("fedbus_connections_refused_total"),
-        refused_before + 1.0
+    assert!(
+        !closed_within(&mut over, Duration::from_millis(300)),
+        "the new connection was closed instead"
     );
-    // Clients are still served (the api listener has its own limit).
+    assert_eq!(evicted(&r), 1.0);
+    assert_eq!(refused(&r), refused_before);
+    assert!(
+        r.log()
+            .contains("closed the oldest connection still in its handshake"),
+        "{}",
+        r.log()
+    );
+    // Clients are still served (the api listener has its own limit), through the task's link.
     let tok = r.token(APP, "alice");
     assert_echo(
         &r.request(&Req::post(&r.path(APP, 2)).token(&tok).body(b"ok")),
         2,
         b"ok",
     );
-    drop(idle);
-    assert!(
-        wait_for(Duration::from_secs(5), || (gauge(&r) <= 1.0).then_some(())).is_some(),
-        "the idle connection was not released"
-    );
-    // Task links come back: a new task registers on the freed slot and serves.
+    // A new task links at once: its connection takes the silent one's slot.
     let _other = r.task().app("demo/other").partitions("0-3").start();
+    assert!(
+        closed_within(&mut over, Duration::from_secs(5)),
+        "the silent connection kept its slot from a task"
+    );
     let otok = r.token("demo/other", "bob");
     let resp = r.request(
         &Req::post(&r.path("demo/other", 1))
@@ -996,7 +1018,22 @@ fn the_internal_listener_has_a_connection_limit() {
         (200, &b"back"[..]),
         "{resp:?}"
     );
+    assert_eq!(evicted(&r), 2.0);
+    // Every slot is a registered link now: a new connection is closed at accept and both
+    // links keep serving.
+    let mut late = std::net::TcpStream::connect(r.internal[0]).expect("connect internal");
+    assert!(
+        closed_within(&mut late, Duration::from_secs(5)),
+        "a connection over a limit full of links was not closed"
+    );
+    assert_eq!(refused(&r), refused_before + 1.0);
+    assert_eq!(evicted(&r), 2.0);
     assert_eq!(gauge(&r), 2.0);
+    assert_echo(
+        &r.request(&Req::post(&r.path(APP, 3)).token(&tok).body(b"ok")),
+        3,
+        b"ok",
+    );
 }
 
 /// Every method a REST client uses reaches the task as METHOD (the echo task names it back);

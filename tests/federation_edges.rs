@@ -1525,8 +1525,9 @@ fn p43_router_removed_and_added_by_reload() {
     assert!(r.is_some(), "wsid 1 back on r1");
 }
 
-/// TUNING.md: external listener connections over max_link_connections_per_shard are closed at
-/// accept, counted in fedbus_connections_refused_total.
+/// TUNING.md: external listener connections over max_link_connections_per_shard, with every
+/// slot held by a peer link whose token was verified, are closed at accept, counted in
+/// fedbus_connections_refused_total.
 #[test]
 fn p44_external_listener_connection_limit() {
     let f = Federation::builder()

@@ -346,9 +346,10 @@ fn trickled_request_heads_get_408_while_others_are_answered() {
 
 /// The external (peer) listener has its own per-shard connection limit
 /// (`limits.max_link_connections_per_shard`): connections that never finish a handshake fill
-/// it, the next one is closed at accept (counted, logged), clients are served meanwhile, and
-/// once the holders are cut at `limits.handshake_timeout_ms` a new connection is served again
-/// (a peer upgrade without a token gets its 401).
+/// it, and the next one takes the slot of the oldest of them, which is closed long before its
+/// handshake deadline (counted, logged); clients are served meanwhile, and a peer upgrade
+/// that comes while silent connections fill the listener is answered at once (without a
+/// token: its 401).
 #[test]
 fn the_external_listener_has_a_connection_limit() {
     // Another cluster for the federation: a keyring of its own, routers that are never up.
@@ -364,7 +365,7 @@ fn the_external_listener_has_a_connection_limit() {
         .dev()
         .listen("external", "\"127.0.0.1:0\"")
         .limit("max_link_connections_per_shard", 2)
-        .limit("handshake_timeout_ms", 2000)
+        .limit("handshake_timeout_ms", 20000)
         .tail(&fed)
         .start();
     let external = r
@@ -373,6 +374,10 @@ fn the_external_listener_has_a_connection_limit() {
     let _t = r.task().start();
     let tok = r.token(APP, "alice");
     let gauge = |r: &Router| r.metrics().get("fedbus_connections{listener=\"external\"}");
+    let evicted = |r: &Router| {
+        r.metrics()
+            .get("fedbus_link_handshakes_evicted_total{listener=\"external\"}")
+    };
     let started = Instant::now();
     let mut holders: Vec<TcpStream> = (0..2)
         .map(|_| TcpStream::connect(external).expect("connect external"))
@@ -381,36 +386,44 @@ fn the_external_listener_has_a_connection_limit() {
         .unwrap_or_else(|| panic!("external connections: {}", gauge(&r)));
     let refused_before = r.metrics().get("fedbus_connections_refused_total");
     let mut over = TcpStream::connect(external).expect("connect external");
-    let got = read_to_eof(&mut over, Duration::from_secs(1));
-    assert!(got.is_empty(), "an answer instead of a close at accept");
-    let refused_at = started.elapsed();
+    let got = read_to_eof(&mut holders[0], Duration::from_secs(5));
+    assert!(got.is_empty(), "an answer instead of a close");
+    let cut_at = started.elapsed();
     assert!(
-        refused_at < Duration::from_millis(1900),
-        "refused only after {refused_at:?}: the holders' deadline had passed"
+        !closed_within(&mut over, Duration::from_millis(300)),
+        "the new connection was closed instead of the oldest"
     );
+    assert_eq!(evicted(&r), 1.0);
     assert_eq!(
         r.metrics().get("fedbus_connections_refused_total"),
-        refused_before + 1.0
+        refused_before
     );
-    assert!(r
-        .log()
-        .contains("connection refused: listener at its per-shard limit"));
+    assert!(
+        r.log()
+            .contains("closed the oldest connection still in its handshake"),
+        "{}",
+        r.log()
+    );
     // Clients on the same shard are served meanwhile.
     for i in 0..5 {
         normal(&r, APP, &tok, i);
     }
-    // The holders never send an upgrade: cut at the handshake deadline, slots free again.
-    for h in holders.iter_mut() {
-        read_to_eof(h, Duration::from_secs(5));
-    }
-    let freed = started.elapsed();
-    wait_for(Duration::from_secs(5), || (gauge(&r) == 0.0).then_some(()))
-        .unwrap_or_else(|| panic!("external connections left: {}", gauge(&r)));
+    // A peer upgrade is answered now, not after the silent ones' 20 s deadline.
+    let t = Instant::now();
     let (_s, status, head, _) = fed::peer_upgrade(external, None);
     assert_eq!(status, 401, "{head}");
+    assert_eq!(r.metrics().get("fedbus_peer_token_refused_total"), 1.0);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "answered after {:?}",
+        t.elapsed()
+    );
+    assert!(closed_within(&mut holders[1], Duration::from_secs(5)));
+    assert_eq!(evicted(&r), 2.0);
     println!(
-        "external listener at max_link_connections_per_shard 2: third connection closed at accept after {refused_at:?}; \
-         holders cut after {freed:?} (handshake_timeout_ms 2000); then a peer upgrade was answered {status}"
+        "external listener at max_link_connections_per_shard 2: the oldest silent connection closed for a third after {cut_at:?} \
+         (handshake_timeout_ms 20000); a peer upgrade then was answered {status} in {:?}",
+        t.elapsed()
     );
 }
 

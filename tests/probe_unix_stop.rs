@@ -171,50 +171,57 @@ fn upgrade_head(token: Option<&str>) -> Vec<u8> {
 
 /// TUNING.md: "`limits.max_link_connections_per_shard` counts both listeners". With a limit of
 /// 2, one TCP and one unix connection in their handshake fill the shard: a third on either
-/// listener is closed at accept (`fedbus_connections_refused_total`).
+/// listener takes the slot of the oldest of them, whichever listener it came on (closed at
+/// once, well before the handshake timeout; `fedbus_link_handshakes_evicted_total`).
 #[test]
 fn the_link_connection_limit_counts_both_listeners() {
     let mut s = Setup::new(
         "probe-unix-limit",
         1,
-        "max_link_connections_per_shard = 2\nhandshake_timeout_ms = 5000",
+        "max_link_connections_per_shard = 2\nhandshake_timeout_ms = 30000",
     );
     let (router, ready) = s.launch();
     let admin = ready.admin.expect("admin");
-    let _tcp = TcpStream::connect(ready.internal[0]).expect("tcp");
-    let _unix = unix_connect(&s.sock);
+    let mut tcp = TcpStream::connect(ready.internal[0]).expect("tcp");
+    tcp.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let gauge =
+        || Metrics::parse(&metrics_text_at(admin)).get("fedbus_connections{listener=\"internal\"}");
+    wait_until(
+        "the tcp connection open",
+        Duration::from_secs(5),
+        || (gauge() >= 1.0).then_some(()),
+        || metrics_text_at(admin),
+    );
+    let mut unix = unix_connect(&s.sock);
     wait_until(
         "two link connections open",
         Duration::from_secs(5),
-        || {
-            (Metrics::parse(&metrics_text_at(admin))
-                .get("fedbus_connections{listener=\"internal\"}")
-                >= 2.0)
-                .then_some(())
-        },
+        || (gauge() >= 2.0).then_some(()),
         || metrics_text_at(admin),
     );
-    // A third over unix: closed at once, well before the handshake timeout.
-    let mut third = unix_connect(&s.sock);
-    let (took, got) = read_until_closed(&mut third, Duration::from_secs(4));
+    // A third over unix: the TCP one, the oldest, is closed for it.
+    let _third = unix_connect(&s.sock);
+    let (took, got) = read_until_closed(&mut tcp, Duration::from_secs(4));
     assert!(
         took < Duration::from_secs(3) && got.is_empty(),
-        "third unix connection not refused at accept: {took:?} {got:?}\n{}",
+        "the tcp connection was not closed for a unix one: {took:?} {got:?}\n{}",
         router.log()
     );
-    // And one over TCP too.
-    let mut t3 = TcpStream::connect(ready.internal[0]).expect("tcp");
-    t3.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let (took, _) = read_until_closed(&mut t3, Duration::from_secs(4));
+    // And one over TCP takes the first unix connection's slot.
+    let _t3 = TcpStream::connect(ready.internal[0]).expect("tcp");
+    let (took, _) = read_until_closed(&mut unix, Duration::from_secs(4));
     assert!(
         took < Duration::from_secs(3),
-        "third tcp not refused: {took:?}"
+        "the unix connection was not closed for a tcp one: {took:?}"
     );
     wait_until(
-        "two refusals counted",
+        "two evictions counted",
         Duration::from_secs(5),
-        || (metric_sum(admin, "fedbus_connections_refused_total") >= 2.0).then_some(()),
+        || {
+            (metric_sum(admin, "fedbus_link_handshakes_evicted_total") >= 2.0 && gauge() == 2.0)
+                .then_some(())
+        },
         || metrics_text_at(admin),
     );
     assert_no_panic(&router.log());

@@ -1262,7 +1262,8 @@ fn a_task_dialing_a_host_the_certificate_does_not_name_does_not_link() {
 }
 
 /// TUNING.md max_link_connections_per_shard: "task links, and connections still in their
-/// handshake".
+/// handshake"; at the limit a new connection takes the slot of the oldest one still in its
+/// handshake, a TLS handshake included.
 #[test]
 fn internal_tls_handshakes_count_against_the_link_limit() {
     let p = Pki::new("probe-tls");
@@ -1271,20 +1272,25 @@ fn internal_tls_handshakes_count_against_the_link_limit() {
         .tls(&[a])
         .internal_tls()
         .limit("max_link_connections_per_shard", 2)
-        .limit("handshake_timeout_ms", 3000)
+        .limit("handshake_timeout_ms", 30000)
         .start();
-    let _s1 = TcpStream::connect(r.internal[0]).unwrap();
+    let mut s1 = TcpStream::connect(r.internal[0]).unwrap();
+    wait_metric(&r, "fedbus_connections{listener=\"internal\"}", 1.0);
     let _s2 = TcpStream::connect(r.internal[0]).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    let mut s3 = TcpStream::connect(r.internal[0]).unwrap();
+    wait_metric(&r, "fedbus_connections{listener=\"internal\"}", 2.0);
+    let _s3 = TcpStream::connect(r.internal[0]).unwrap();
     let t = Instant::now();
-    let got = raw_until_end(&mut s3, Duration::from_secs(5));
+    let got = raw_until_end(&mut s1, Duration::from_secs(5));
     assert!(
-        got.is_ok() && t.elapsed() < Duration::from_secs(1),
+        got.is_ok() && t.elapsed() < Duration::from_secs(3),
         "{got:?} after {:?}",
         t.elapsed()
     );
-    wait_metric(&r, "fedbus_connections_refused_total", 1.0);
+    wait_metric(
+        &r,
+        "fedbus_link_handshakes_evicted_total{listener=\"internal\"}",
+        1.0,
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

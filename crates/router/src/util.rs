@@ -232,6 +232,8 @@ pub struct LogGates {
     pub origin_refused: LogGate,
     /// A connection refused at its listener's per-shard limit.
     pub connection_refused: LogGate,
+    /// A link listener's connection closed in its handshake for a newer one.
+    pub handshake_evicted: LogGate,
     /// A client's TLS handshake failed (`listen.api_tls`).
     pub tls_failed: LogGate,
     /// A peer link refused (its TLS, its token, its certificate).

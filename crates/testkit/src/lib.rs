@@ -965,6 +965,25 @@ pub fn is_timeout(e: &std::io::Error) -> bool {
     )
 }
 
+/// Whether the other side closes `s` (end of stream or a reset) within `limit`, reading and
+/// dropping whatever it sends first; false when it is still open after `limit`.
+pub fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+    let until = Instant::now() + limit;
+    let mut chunk = [0u8; 4096];
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+            return false;
+        }
+        match read_retrying(s, &mut chunk) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
 /// Holds `s`'s receive buffer to `bytes` (the kernel doubles it), so that a peer that stops
 /// reading fills it after that much, whatever `net.ipv4.tcp_rmem` lets autotuning reach.
 pub fn limit_receive_buffer(s: &TcpStream, bytes: i32) {

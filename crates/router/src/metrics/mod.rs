@@ -39,6 +39,13 @@ pub(crate) enum Listener {
     External = 2,
 }
 
+impl Listener {
+    /// The `listener` label of its metrics.
+    pub(crate) fn label(self) -> &'static str {
+        ["api", "internal", "external"][self as usize]
+    }
+}
+
 /// Counters of one shard. Aligned so two shards never share a cache line.
 #[repr(align(128))]
 #[derive(Default)]
@@ -48,6 +55,8 @@ pub(crate) struct ShardMetrics {
     pub(crate) bytes_out: AtomicU64,
     pub(crate) connections: [AtomicU64; 3],
     pub(crate) connections_refused: AtomicU64,
+    /// Connections on a link listener closed in their handshake for a newer one, by listener.
+    pub(crate) handshakes_evicted: [AtomicU64; 3],
     pub(crate) task_links: AtomicU64,
     pub(crate) peer_links: AtomicU64,
     pub(crate) peer_links_ready: AtomicU64,
@@ -61,6 +70,7 @@ pub(crate) struct ShardMetrics {
     pub(crate) tls_handshakes: AtomicU64,
     pub(crate) tls_handshake_failures: AtomicU64,
     pub(crate) peer_tls_refused: AtomicU64,
+    pub(crate) peer_token_refused: AtomicU64,
     pub(crate) peer_tls_dial_refused: AtomicU64,
     pub(crate) origin_refused: AtomicU64,
     pub(crate) overload_refused: AtomicU64,
@@ -180,7 +190,7 @@ pub(crate) fn render(reg: &Registry, live: &[bool], extra: &str) -> String {
             sum(reg, |m| &m.requests[i])
         );
     }
-    let simple: [(&str, &str, &str, Field); 33] = [
+    let simple: [(&str, &str, &str, Field); 34] = [
         (
             "fedbus_bytes_in_total",
             "counter",
@@ -267,6 +277,12 @@ pub(crate) fn render(reg: &Registry, live: &[bool], extra: &str) -> String {
             "counter",
             "Peer links refused on the external listener by [tls.peer]: plaintext, no client certificate or one not from the federation CA, a failed or slow handshake, or a certificate that names no router of the peer token's cluster.",
             |m| &m.peer_tls_refused,
+        ),
+        (
+            "fedbus_peer_token_refused_total",
+            "counter",
+            "Peer link upgrades refused on the external listener for their peer token: none, unreadable, of a cluster not in [federation], a bad signature, expired, a retired key version, or not a peer token (answered 401 or 403 and closed).",
+            |m| &m.peer_token_refused,
         ),
         (
             "fedbus_peer_tls_dial_refused_total",
@@ -467,13 +483,26 @@ pub(crate) fn render(reg: &Registry, live: &[bool], extra: &str) -> String {
     );
     let _ = writeln!(
         o,
-        "# HELP fedbus_connections Open connections by listener.\n# TYPE fedbus_connections gauge"
+        "# HELP fedbus_link_handshakes_evicted_total Connections on a link listener closed before showing a token: at limits.max_link_connections_per_shard, a newer connection took the slot of the oldest one still in its handshake.\n# TYPE fedbus_link_handshakes_evicted_total counter"
     );
-    for (i, l) in ["api", "internal", "external"].iter().enumerate() {
+    for l in [Listener::Internal, Listener::External] {
         let _ = writeln!(
             o,
-            "fedbus_connections{{listener=\"{l}\"}} {}",
-            gauge(reg, live, |m| &m.connections[i])
+            "fedbus_link_handshakes_evicted_total{{listener=\"{}\"}} {}",
+            l.label(),
+            sum(reg, |m| &m.handshakes_evicted[l as usize])
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_connections Open connections by listener.\n# TYPE fedbus_connections gauge"
+    );
+    for l in [Listener::Api, Listener::Internal, Listener::External] {
+        let _ = writeln!(
+            o,
+            "fedbus_connections{{listener=\"{}\"}} {}",
+            l.label(),
+            gauge(reg, live, |m| &m.connections[l as usize])
         );
     }
     let _ = writeln!(o, "# HELP fedbus_request_duration_seconds Time from request parsed to answer ready.\n# TYPE fedbus_request_duration_seconds histogram");

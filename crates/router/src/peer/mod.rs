@@ -11,6 +11,7 @@ use crate::proto::{flags, tag, Frame, Kind};
 use crate::route::ApiPath;
 use crate::routing::answer::{send_answer, Served};
 use crate::routing::{self, Answer, Ingress, Request, VerifyCache};
+use crate::shard::unproven::Handshake;
 use crate::shard::Shard;
 use crate::task::link::{close_at_expiry, handle_renew, read_upgrade, RenewGate, TaskLink};
 use crate::util::clipped;
@@ -782,9 +783,11 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     // `limits.handshake_timeout_ms` from accept.
     let limit = Duration::from_millis(shard.cfg.limits.handshake_timeout_ms);
     let deadline = Instant::now() + limit;
+    // Until its peer token is verified, a newer connection may close it for room.
+    let hs = shard.handshake(Listener::External);
     match &shard.federation.tls {
-        Some(tls) => serve_tls(&shard, tls, stream, deadline).await,
-        None => serve_upgrade(&shard, stream, None, deadline).await,
+        Some(tls) => serve_tls(&shard, tls, stream, deadline, hs).await,
+        None => serve_upgrade(&shard, stream, None, deadline, hs).await,
     }
     ShardMetrics::dec(&shard.metrics.connections[Listener::External as usize]);
 }
@@ -794,6 +797,7 @@ async fn serve_tls(
     tls: &crate::tls::peer::PeerTls,
     stream: TcpStream,
     deadline: Instant,
+    hs: Handshake,
 ) {
     let peer = stream.peer_addr().ok();
     let left = || deadline.saturating_duration_since(Instant::now());
@@ -810,32 +814,36 @@ async fn serve_tls(
     };
     // Peek (the bytes stay for the TLS handshake or the plaintext upgrade).
     let mut first = [0u8; 1];
-    let tls_first =
-        match glommio::timer::timeout(left(), async { Ok(stream.peek(&mut first).await) }).await {
-            Ok(Ok(1)) => first[0] == crate::tls::TLS_HANDSHAKE_RECORD,
-            Ok(_) => return,
-            Err(_) => return refuse("nothing sent within limits.handshake_timeout_ms"),
-        };
+    let peeked = glommio::timer::timeout(left(), async { Ok(stream.peek(&mut first).await) });
+    // Closed for room (logged where it was closed): nothing more to do.
+    let Ok(peeked) = hs.step(peeked).await else {
+        return;
+    };
+    let tls_first = match peeked {
+        Ok(Ok(1)) => first[0] == crate::tls::TLS_HANDSHAKE_RECORD,
+        Ok(_) => return,
+        Err(_) => return refuse("nothing sent within limits.handshake_timeout_ms"),
+    };
     if !tls_first {
         if tls.required {
             refuse("plaintext, and [tls.peer] requires TLS");
             // The head is read only to answer it cleanly (closing on unread bytes would reset
             // the connection before the dialer reads why); nothing in it is looked at.
             let mut stream = stream;
-            if read_upgrade(&mut stream, left()).await.is_ok() {
-                let _ = stream
-                    .write_all(
-                        handshake::error_response(403, "tls_required", "peer links require TLS")
-                            .as_bytes(),
-                    )
-                    .await;
+            if let Ok(Ok(_)) = hs.step(read_upgrade(&mut stream, left())).await {
+                let why = handshake::error_response(403, "tls_required", "peer links require TLS");
+                let _ = hs.step(stream.write_all(why.as_bytes())).await;
             }
             return;
         }
-        return serve_upgrade(shard, stream, None, deadline).await;
+        return serve_upgrade(shard, stream, None, deadline, hs).await;
     }
     let acceptor = futures_rustls::TlsAcceptor::from(tls.server.clone());
-    match glommio::timer::timeout(left(), async { Ok(acceptor.accept(stream).await) }).await {
+    let handshake = glommio::timer::timeout(left(), async { Ok(acceptor.accept(stream).await) });
+    let Ok(handshake) = hs.step(handshake).await else {
+        return;
+    };
+    match handshake {
         Ok(Ok(s)) => {
             let cert = s
                 .get_ref()
@@ -843,7 +851,7 @@ async fn serve_tls(
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .map(|c| c.clone().into_owned());
-            serve_upgrade(shard, s, cert, deadline).await
+            serve_upgrade(shard, s, cert, deadline, hs).await
         }
         Ok(Err(e)) => refuse(&format!("TLS handshake: {e}")),
         Err(_) => refuse("TLS handshake not complete within limits.handshake_timeout_ms"),
@@ -857,14 +865,23 @@ async fn serve_upgrade<S: ws::Stream>(
     mut stream: S,
     cert: Option<rustls::pki_types::CertificateDer<'static>>,
     deadline: Instant,
+    hs: Handshake,
 ) {
     let left = deadline.saturating_duration_since(Instant::now());
-    match read_upgrade(&mut stream, left).await {
+    let Ok(head) = hs.step(read_upgrade(&mut stream, left)).await else {
+        return;
+    };
+    match head {
         Ok((up, leftover)) => {
             let verdict = check_peer_token(shard, up.bearer.as_deref())
                 .and_then(|c| check_peer_certificate(shard, cert.as_ref(), c));
             match verdict {
                 Ok(cred) => {
+                    // Closed for room in the meantime (logged where it was): its slot is a
+                    // newer connection's.
+                    if hs.proven().is_err() {
+                        return;
+                    }
                     let accepted = stream
                         .write_all(handshake::accept_response(&up.key).as_bytes())
                         .await;
@@ -881,9 +898,11 @@ async fn serve_upgrade<S: ws::Stream>(
                     }
                 }
                 Err((status, code, msg)) => {
-                    if code == "peer_identity" {
-                        ShardMetrics::inc(&shard.metrics.peer_tls_refused);
-                    }
+                    ShardMetrics::inc(if code == "peer_identity" {
+                        &shard.metrics.peer_tls_refused
+                    } else {
+                        &shard.metrics.peer_token_refused
+                    });
                     if let Some(suppressed) = shard.log_gates.peer_refused.pass() {
                         tracing::warn!(
                             shard = shard.index,
@@ -892,10 +911,13 @@ async fn serve_upgrade<S: ws::Stream>(
                             "peer link refused: {msg}"
                         );
                     }
-                    let _ = stream
-                        .write_all(handshake::error_response(status, code, &msg).as_bytes())
+                    let answer = handshake::error_response(status, code, &msg);
+                    let _ = hs
+                        .step(async {
+                            let _ = stream.write_all(answer.as_bytes()).await;
+                            let _ = stream.flush().await;
+                        })
                         .await;
-                    let _ = stream.flush().await;
                 }
             }
         }

@@ -404,8 +404,14 @@ async fn accept_loop<L: Acceptor>(
                     }
                 };
                 // At the client limit, an idle keep-alive connection makes room for the new
-                // one: otherwise idle connections could lock every new client out.
-                let full = full && !(kind == Listener::Api && shard.evict_idle());
+                // one: otherwise idle connections could lock every new client out. At a link
+                // listener's, a connection that has not shown a token yet does
+                // (`unproven`): otherwise anyone who can connect could lock new links out.
+                let full = full
+                    && !match kind {
+                        Listener::Api => shard.evict_idle(),
+                        link => shard.evict_handshake(link),
+                    };
                 if full {
                     if let Some(suppressed) = shard.log_gates.connection_refused.pass() {
                         tracing::warn!(shard = shard.index, listener = ?kind, suppressed, "connection refused: listener at its per-shard limit");

@@ -10,6 +10,7 @@ pub mod snapshot;
 mod snapshot;
 pub(crate) mod steer;
 mod trim;
+pub(crate) mod unproven;
 
 use crate::config::Config;
 use crate::control::{ControlEvent, Snapshots};
@@ -64,6 +65,9 @@ pub(crate) struct Shard {
     pub(crate) health: Arc<crate::health::Health>,
     /// Bounds on the log lines of events a client or peer can repeat at will.
     pub(crate) log_gates: crate::util::LogGates,
+    /// Connections on the internal (0) and external (1) listeners still without a
+    /// credential, closed oldest first for room ([`unproven`]).
+    unproven: [Rc<unproven::Unproven>; 2],
     /// Closed when this shard sees a drain: wakes the accept loops, which stop.
     pub(crate) drain: glommio::sync::Semaphore,
     /// Set once this draining shard's internal listeners are closed and its task links were
@@ -123,6 +127,7 @@ impl Shard {
             tls,
             health,
             log_gates: Default::default(),
+            unproven: Default::default(),
             drain: glommio::sync::Semaphore::new(0),
             router_draining: Cell::new(false),
             task_wait_until: Cell::new(None),

@@ -7,6 +7,7 @@ use crate::control::ControlEvent;
 use crate::metrics::{Listener, ShardMetrics};
 use crate::proto::{renew, Frame, Kind};
 use crate::route::Registration;
+use crate::shard::unproven::{self, Handshake};
 use crate::shard::Shard;
 use crate::ws::Socket as _;
 use crate::ws::{self, handshake, Message, Side, WsOut, WsReader};
@@ -473,26 +474,40 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let peer = stream.peer_addr().ok();
     // The TLS handshake and the upgrade head share one deadline from accept.
     let accepted = Instant::now();
+    let hs = shard.handshake(Listener::Internal);
     let served = match (&shard.tls, shard.cfg.listen.internal_tls) {
         (Some(acceptor), true) => {
             let limit = Duration::from_millis(shard.cfg.limits.handshake_timeout_ms);
-            match crate::tls::accept(acceptor, stream, limit, PLAIN_LINK_HINT).await {
-                Ok(tls) => {
+            match hs
+                .step(crate::tls::accept(acceptor, stream, limit, PLAIN_LINK_HINT))
+                .await
+            {
+                Ok(Ok(tls)) => {
                     ShardMetrics::inc(&m.tls_handshakes);
-                    serve_inner(&shard, tls, accepted).await
+                    serve_inner(&shard, tls, accepted, hs).await
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     ShardMetrics::inc(&m.tls_handshake_failures);
                     Err(format!("TLS handshake failed: {e}"))
                 }
+                Err(evicted) => Err(evicted.to_string()),
             }
         }
-        _ => serve_inner(&shard, stream, accepted).await,
+        _ => serve_inner(&shard, stream, accepted, hs).await,
     };
-    if let Err(e) = served {
-        tracing::info!(shard = shard.index, ?peer, "task link closed: {e}");
-    }
+    log_closed(&shard, served, peer);
     ShardMetrics::dec(&m.connections[Listener::Internal as usize]);
+}
+
+/// Logs why a connection on the internal listener ended; one closed in its handshake for room
+/// was logged by the gate of its eviction (a flood of them would be a line each).
+fn log_closed(shard: &Shard, served: Result<(), String>, peer: Option<std::net::SocketAddr>) {
+    match served {
+        Err(e) if e != unproven::EVICTED => {
+            tracing::info!(shard = shard.index, ?peer, "task link closed: {e}")
+        }
+        _ => {}
+    }
 }
 
 /// Serves one connection on the unix task-link listener (`listen.internal_unix`) until it
@@ -500,9 +515,12 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
 pub(crate) async fn serve_unix(shard: Rc<Shard>, stream: glommio::net::UnixStream) {
     let m = shard.metrics.clone();
     ShardMetrics::inc(&m.connections[Listener::Internal as usize]);
-    if let Err(e) = serve_inner(&shard, stream, Instant::now()).await {
-        tracing::info!(shard = shard.index, "task link (unix socket) closed: {e}");
-    }
+    let hs = shard.handshake(Listener::Internal);
+    log_closed(
+        &shard,
+        serve_inner(&shard, stream, Instant::now(), hs).await,
+        None,
+    );
     ShardMetrics::dec(&m.connections[Listener::Internal as usize]);
 }
 
@@ -555,16 +573,21 @@ pub(crate) async fn read_upgrade<S: futures_lite::AsyncRead + futures_lite::Asyn
 }
 
 /// Serves a task link accepted at `accepted`: its upgrade head must be in within
-/// `limits.handshake_timeout_ms` of that, a TLS handshake before it included.
+/// `limits.handshake_timeout_ms` of that, a TLS handshake before it included. Until its
+/// service token is verified, `hs` lets a newer connection close it for room.
 async fn serve_inner<S: ws::Stream>(
     shard: &Rc<Shard>,
     mut stream: S,
     accepted: Instant,
+    hs: Handshake,
 ) -> Result<(), String> {
     let limits = &shard.cfg.limits;
     let hs_timeout = Duration::from_millis(limits.handshake_timeout_ms);
-    let (up, leftover) = read_upgrade(&mut stream, hs_timeout.saturating_sub(accepted.elapsed()))
+    let head = read_upgrade(&mut stream, hs_timeout.saturating_sub(accepted.elapsed()));
+    let (up, leftover) = hs
+        .step(head)
         .await
+        .map_err(str::to_string)?
         .inspect_err(|e| {
             if e == HANDSHAKE_TIMEOUT {
                 LinkRefusal::HandshakeTimeout.count(shard);
@@ -575,7 +598,14 @@ async fn serve_inner<S: ws::Stream>(
     let claims = {
         let keys = shard.snapshots.keys.load();
         let Some(tok) = up.bearer.as_deref() else {
-            refuse(&mut stream, 401, "missing_token", "service token required").await;
+            let _ = hs
+                .step(refuse(
+                    &mut stream,
+                    401,
+                    "missing_token",
+                    "service token required",
+                ))
+                .await;
             return Err("no service token".into());
         };
         match verify_service_token(
@@ -586,21 +616,27 @@ async fn serve_inner<S: ws::Stream>(
         ) {
             Ok(c) if c.cluster == shard.cfg.cluster_id() => c,
             Ok(c) => {
-                refuse(
-                    &mut stream,
-                    401,
-                    "wrong_cluster",
-                    "service token of another cluster",
-                )
-                .await;
+                let _ = hs
+                    .step(refuse(
+                        &mut stream,
+                        401,
+                        "wrong_cluster",
+                        "service token of another cluster",
+                    ))
+                    .await;
                 return Err(format!("service token for cluster {}", c.cluster));
             }
             Err(e) => {
-                refuse(&mut stream, e.http_status(), e.code(), &e.to_string()).await;
+                let why = e.to_string();
+                let _ = hs
+                    .step(refuse(&mut stream, e.http_status(), e.code(), &why))
+                    .await;
                 return Err(format!("service token refused: {e}"));
             }
         }
     };
+    // Closed for room in the meantime: its slot is a newer connection's.
+    hs.proven().map_err(str::to_string)?;
     stream
         .write_all(handshake::accept_response(&up.key).as_bytes())
         .await

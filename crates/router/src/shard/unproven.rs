@@ -1,0 +1,200 @@
+//! Connections on a link listener (internal: task links; external: peer links) that have not
+//! shown a credential yet: in their TLS handshake or waiting for their upgrade head.
+//!
+//! `limits.max_link_connections_per_shard` bounds what such connections can hold, but a bound
+//! alone let anyone who can connect keep every slot busy: about `limit / handshake_timeout`
+//! connections a second (205 at the defaults) locked every new task link and peer link out
+//! until the flood stopped. As `sshd` holds unauthenticated connections apart from sessions
+//! (`MaxStartups`), and as the admin listener here treats connections still waiting for their
+//! head, a new connection at the limit takes the slot of the **oldest** connection still
+//! without a credential, which is closed
+//! (`fedbus_link_handshakes_evicted_total`). A link that proved itself (a valid service or
+//! peer token) is never closed for room; with every slot held by such links, a new connection
+//! is closed at accept as before. A legitimate handshake takes milliseconds, so a flood would
+//! have to bring the whole limit's worth of connections within one handshake's time to cut
+//! it.
+
+use super::Shard;
+use crate::metrics::{Listener, ShardMetrics};
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+
+/// At most this many connections closed for room may still be open at once, per listener:
+/// a new connection at the limit is let in only for one of them, so a shard holds at most the
+/// limit plus this many connections on a link listener.
+pub(crate) const MAX_PENDING: usize = 16;
+
+/// The connections of one link listener of one shard still without a credential, oldest
+/// first.
+#[derive(Default)]
+pub(crate) struct Unproven {
+    conns: RefCell<VecDeque<(u64, Rc<Mark>)>>,
+    next: Cell<u64>,
+    /// Connections closed for room whose handshake has not ended yet.
+    closing: Cell<usize>,
+}
+
+/// Set when the connection is to close for room; wakes its handshake.
+#[derive(Default)]
+struct Mark {
+    evicted: Cell<bool>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Unproven {
+    /// Registers a connection just accepted as one without a credential.
+    fn enter(self: &Rc<Self>) -> Handshake {
+        let id = self.next.get();
+        self.next.set(id + 1);
+        let mark = Rc::new(Mark::default());
+        self.conns.borrow_mut().push_back((id, mark.clone()));
+        Handshake {
+            list: self.clone(),
+            id,
+            mark,
+        }
+    }
+
+    /// Closes the oldest connection still without a credential: true when one was told to
+    /// close (its handshake ends at its next turn and its slot frees then). False when none
+    /// is in its handshake, or [`MAX_PENDING`] closed ones have not ended yet.
+    fn evict_oldest(&self) -> bool {
+        if self.closing.get() >= MAX_PENDING {
+            return false;
+        }
+        let Some((_, mark)) = self.conns.borrow_mut().pop_front() else {
+            return false;
+        };
+        mark.evicted.set(true);
+        self.closing.set(self.closing.get() + 1);
+        if let Some(w) = mark.waker.take() {
+            w.wake();
+        }
+        true
+    }
+}
+
+/// A connection's place among the unproven ones of its listener, from accept until it shows
+/// a credential ([`Handshake::proven`]) or ends (dropped).
+pub(crate) struct Handshake {
+    list: Rc<Unproven>,
+    id: u64,
+    mark: Rc<Mark>,
+}
+
+/// What a handshake that was closed for room ends with.
+pub(crate) const EVICTED: &str = "closed in its handshake: a newer connection took its slot at limits.max_link_connections_per_shard";
+
+impl Shard {
+    fn unproven(&self, kind: Listener) -> &Rc<Unproven> {
+        match kind {
+            Listener::External => &self.unproven[1],
+            Listener::Api | Listener::Internal => &self.unproven[0],
+        }
+    }
+
+    /// Registers a connection just accepted on a link listener as one without a credential.
+    pub(crate) fn handshake(&self, kind: Listener) -> Handshake {
+        self.unproven(kind).enter()
+    }
+
+    /// At `limits.max_link_connections_per_shard` on `kind`: closes the oldest connection of
+    /// that listener still in its handshake to make room for a new one (counted and logged).
+    /// False when there is none to close: the new connection is refused.
+    pub(crate) fn evict_handshake(&self, kind: Listener) -> bool {
+        if !self.unproven(kind).evict_oldest() {
+            return false;
+        }
+        ShardMetrics::inc(&self.metrics.handshakes_evicted[kind as usize]);
+        if let Some(suppressed) = self.log_gates.handshake_evicted.pass() {
+            tracing::warn!(shard = self.index, listener = ?kind, suppressed, "at limits.max_link_connections_per_shard: closed the oldest connection still in its handshake (no token shown yet) for a new one");
+        }
+        true
+    }
+}
+
+impl Handshake {
+    /// Runs `step` (a part of the handshake) unless the connection is closed for room first:
+    /// then `Err(EVICTED)`, and `step` is dropped (with it the socket's pending I/O). The mark
+    /// is looked at before each poll of `step`: a step whose input is ready when the mark is
+    /// set does not get past it.
+    pub(crate) async fn step<T>(&self, step: impl Future<Output = T>) -> Result<T, &'static str> {
+        let evicted = std::future::poll_fn(|cx| {
+            if self.mark.evicted.get() {
+                return Poll::Ready(Err(EVICTED));
+            }
+            self.mark.waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        });
+        // `or` polls its first future first.
+        futures_lite::future::or(evicted, async { Ok(step.await) }).await
+    }
+
+    /// The connection showed a valid credential: from now on it is never closed for room.
+    /// `Err(EVICTED)` when it was told to close before that (it must close: its slot was given
+    /// to a newer connection).
+    pub(crate) fn proven(self) -> Result<(), &'static str> {
+        if self.mark.evicted.get() {
+            return Err(EVICTED);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        let list = &self.list;
+        if self.mark.evicted.get() {
+            list.closing.set(list.closing.get() - 1);
+        } else {
+            // Ids are handed out in order, so the queue is sorted by them.
+            let mut q = list.conns.borrow_mut();
+            if let Ok(at) = q.binary_search_by_key(&self.id, |(i, _)| *i) {
+                q.remove(at);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now<T>(f: impl Future<Output = T>) -> T {
+        futures_lite::future::block_on(f)
+    }
+
+    /// Oldest first; a connection that proved itself, or ended, is never closed for room; a
+    /// step whose input is ready when its connection is marked still ends `EVICTED`; at most
+    /// [`MAX_PENDING`] closed ones may be ending at once.
+    #[test]
+    fn the_oldest_unproven_connection_is_closed_for_room() {
+        let list = Rc::new(Unproven::default());
+        let (a, b, c) = (list.enter(), list.enter(), list.enter());
+        assert_eq!(b.proven(), Ok(()));
+        drop(c);
+        assert!(list.evict_oldest(), "a is in its handshake");
+        assert_eq!(now(a.step(async { 1 })), Err(EVICTED), "ready, but marked");
+        assert!(!list.evict_oldest(), "b proved itself, c ended");
+        assert_eq!(a.proven(), Err(EVICTED));
+        assert_eq!(list.closing.get(), 0, "a has ended");
+        let d = list.enter();
+        assert_eq!(now(d.step(async { 2 })), Ok(2), "not marked");
+        drop(d);
+        let held: Vec<Handshake> = (0..=MAX_PENDING).map(|_| list.enter()).collect();
+        for _ in 0..MAX_PENDING {
+            assert!(list.evict_oldest());
+        }
+        assert!(
+            !list.evict_oldest(),
+            "{MAX_PENDING} closed ones still ending"
+        );
+        drop(held);
+        assert_eq!(list.closing.get(), 0);
+        let _e = list.enter();
+        assert!(list.evict_oldest(), "room again once they ended");
+    }
+}

@@ -397,14 +397,17 @@ fn an_http_client_that_never_reads_is_closed() {
 }
 
 /// At `limits.max_connections_per_shard`, idle keep-alive connections no longer lock new
-/// clients out: the one idle the longest is closed to make room (counted, logged). Busy
-/// connections (a request head on its way) are not evicted: with all of them busy, a new
-/// connection is refused at accept as before.
+/// clients out: the one idle the longest is closed to make room (counted, logged). With none
+/// idle, the connection whose request head has been arriving the longest is (`503
+/// too_many_connections`, `fedbus_unfinished_evicted_total{stage="request_head"}`): a client
+/// that trickles heads locked every new client out before. Connections with a body on its way
+/// are never evicted: with all of them uploading, a new connection is refused at accept.
 #[test]
 fn idle_connections_make_room_at_the_connection_limit() {
     let r = Router::new()
         .shards(1)
         .limit("max_connections_per_shard", 8)
+        .limit("handshake_timeout_ms", 20_000)
         .start();
     let _t = r.task().start();
     let tok = r.token(APP, "alice");
@@ -444,26 +447,73 @@ fn idle_connections_make_room_at_the_connection_limit() {
         idle[0].is_closed(),
         "the longest-idle connection was evicted"
     );
-    // Fill the shard with busy connections (a head on its way): nothing to evict.
+    // Fill the shard with connections whose heads are arriving (half of each sent, read by
+    // the router): the oldest makes room.
     drop(idle);
     drop(new);
+    wait_for(Duration::from_secs(5), || (gauge() == 0.0).then_some(()))
+        .unwrap_or_else(|| panic!("connections left: {}", gauge()));
+    let half = |c: &mut Conn| {
+        c.send(format!("POST {p} HTTP/1.1\r\nHost: x\r\n").as_bytes());
+        let port = c.local_port();
+        wait_for(Duration::from_secs(5), || {
+            server_read_all(r.api, port).then_some(())
+        })
+        .expect("the router reads the half head");
+    };
+    let mut heads: Vec<Conn> = (0..8)
+        .map(|_| {
+            let mut c = r.conn();
+            half(&mut c);
+            c
+        })
+        .collect();
+    wait_for(Duration::from_secs(5), || (gauge() == 8.0).then_some(()))
+        .unwrap_or_else(|| panic!("connections with a head arriving: {}", gauge()));
+    let evicted = r.metrics().get("fedbus_idle_evicted_total");
+    let head_evicted = || {
+        r.metrics()
+            .get("fedbus_unfinished_evicted_total{stage=\"request_head\"}")
+    };
+    let ok = r.conn().request(&Req::post(&p).token(&tok).body(b"in"));
+    assert_eq!((ok.status, ok.body.as_slice()), (200, &b"in"[..]));
+    heads[0].set_read_timeout(Duration::from_secs(3));
+    heads[0]
+        .read_response()
+        .expect("an answer to the head that was arriving")
+        .assert_error(503, "too_many_connections");
+    assert_eq!(head_evicted(), 1.0);
+    assert_eq!(r.metrics().get("fedbus_idle_evicted_total"), evicted);
+    assert_eq!(r.metrics().get("fedbus_connections_refused_total"), 0.0);
+    // Fill the shard with uploads under way (a head in, part of its body): nothing to evict.
+    drop(heads);
     wait_for(Duration::from_secs(5), || (gauge() == 0.0).then_some(()))
         .unwrap_or_else(|| panic!("connections left: {}", gauge()));
     let busy: Vec<Conn> = (0..8)
         .map(|_| {
             let mut c = r.conn();
-            c.send(format!("POST {p} HTTP/1.1\r\nHost: x\r\n").as_bytes());
+            c.send(
+                format!(
+                    "POST {p} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Length: 1000\r\n\r\n0123456789"
+                )
+                .as_bytes(),
+            );
+            let port = c.local_port();
+            wait_for(Duration::from_secs(5), || {
+                server_read_all(r.api, port).then_some(())
+            })
+            .expect("the router reads the head and the first bytes");
             c
         })
         .collect();
     wait_for(Duration::from_secs(5), || (gauge() == 8.0).then_some(()))
         .unwrap_or_else(|| panic!("busy connections: {}", gauge()));
-    let evicted = r.metrics().get("fedbus_idle_evicted_total");
     let mut over = r.conn();
     over.set_read_timeout(Duration::from_secs(3));
     assert!(over.is_closed(), "refused at accept: nothing idle to evict");
     assert_eq!(r.metrics().get("fedbus_connections_refused_total"), 1.0);
     assert_eq!(r.metrics().get("fedbus_idle_evicted_total"), evicted);
+    assert_eq!(head_evicted(), 1.0);
     drop(busy);
 }
 

@@ -147,8 +147,10 @@ pub struct Limits {
     /// Time a task has to answer before the client gets 504. Default 10000 ms.
     pub request_timeout_ms: u64,
     /// Most client connections per shard. At the limit a new connection first evicts the HTTP
-    /// keep-alive connection idle the longest (`fedbus_idle_evicted_total`); with none idle it
-    /// is closed at accept (`fedbus_connections_refused_total`). Default 10000.
+    /// keep-alive connection idle the longest (`fedbus_idle_evicted_total`), then the one
+    /// whose TLS handshake or request head has been under way the longest
+    /// (`fedbus_unfinished_evicted_total`); with none of those it is closed at accept
+    /// (`fedbus_connections_refused_total`). Default 10000.
     pub max_connections_per_shard: usize,
     /// Most connections per shard on the internal listener (task links, and connections that
     /// have not finished their handshake) and, separately, on the external listener (peer

@@ -234,6 +234,10 @@ pub struct LogGates {
     pub connection_refused: LogGate,
     /// A link listener's connection closed in its handshake for a newer one.
     pub handshake_evicted: LogGate,
+    /// A client connection closed in its TLS handshake or request head for a newer one.
+    pub unfinished_evicted: LogGate,
+    /// A client connection closed for room answered `503 too_many_connections`.
+    pub evicted_answered: LogGate,
     /// A client's TLS handshake failed (`listen.api_tls`).
     pub tls_failed: LogGate,
     /// A peer link refused (its TLS, its token, its certificate).

@@ -984,6 +984,35 @@ pub fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
     }
 }
 
+/// Whether the server at `server` (IPv4) has read everything the client at local port
+/// `client_port` sent it: its established socket's receive queue in `/proc/net/tcp` is empty.
+/// A fact a test can wait on before it relies on the server having taken some bytes in (the
+/// kernel's queue is drained; the server's code runs on them at its next turn).
+pub fn server_read_all(server: SocketAddr, client_port: u16) -> bool {
+    let std::net::IpAddr::V4(ip) = server.ip() else {
+        return false;
+    };
+    // /proc/net/tcp writes an address as the 32-bit word in host order, then the port.
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(ip.octets()),
+        server.port()
+    );
+    let tail = format!(":{client_port:04X}");
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 4
+            && f[3] == "01"
+            && f[1] == local
+            && f[2].ends_with(&tail)
+            && f[4]
+                .split(':')
+                .nth(1)
+                .is_some_and(|rx| rx.trim_start_matches('0').is_empty())
+    })
+}
+
 /// Holds `s`'s receive buffer to `bytes` (the kernel doubles it), so that a peer that stops
 /// reading fills it after that much, whatever `net.ipv4.tcp_rmem` lets autotuning reach.
 pub fn limit_receive_buffer(s: &TcpStream, bytes: i32) {

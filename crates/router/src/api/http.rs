@@ -1020,6 +1020,10 @@ async fn serve_inner<S: Stream>(
             // first byte: a client that trickles a head is cut, whatever its pace.
             if buf.is_empty() || continued {
                 head_since = None;
+            } else {
+                // Bytes left after the last request are the start of the next head: they came
+                // with the read at `read_at`, and its deadline runs from there.
+                head_since.get_or_insert(read_at);
             }
             let wait = match (head_since, body_deadline.filter(|_| continued)) {
                 (_, Some(d)) => d.saturating_duration_since(Instant::now()),
@@ -1027,8 +1031,12 @@ async fn serve_inner<S: Stream>(
                 (None, None) => idle_rest.take().unwrap_or(idle),
             };
             // Waiting for a new request with nothing in flight: this connection may be
-            // evicted to make room for a new one at the shard's connection limit.
+            // evicted to make room for a new one at the shard's connection limit. So may one
+            // waiting for the rest of a request head, when none is idle
+            // (`Shard::evict_unfinished`): it is answered 503 at the top of the loop.
             let idle_wait = buf.is_empty() && !continued;
+            // (A connection a drain chose while a head raced in is not: it finishes it.)
+            let head_wait = !buf.is_empty() && !continued && !keepalive.slot.is_evicted();
             // Idle with its buffers: they go back after `tuning.idle_buffer_release_ms`, then
             // the rest of the idle timeout is waited without them.
             let releasing = idle_wait
@@ -1040,12 +1048,14 @@ async fn serve_inner<S: Stream>(
                 false => wait,
             };
             keepalive.slot.set_idle(idle_wait);
+            keepalive.slot.set_head(head_since.filter(|_| head_wait));
             let read = async {
                 let r = std::pin::pin!(fill(stream, &mut buf, &mut space));
-                // Only an idle connection is evicted: one that has part of a request (a read
-                // that raced the eviction) finishes it, and its answer says close.
+                // Only an idle connection or one waiting for a head is evicted: one that has
+                // part of a request's body (or whose read raced the eviction) finishes it, and
+                // its answer says close.
                 let e = std::pin::pin!(async {
-                    match idle_wait {
+                    match idle_wait || head_wait {
                         true => keepalive.slot.evicted().await,
                         false => std::future::pending().await,
                     }
@@ -1059,8 +1069,11 @@ async fn serve_inner<S: Stream>(
             if !(releasing && got.is_err()) {
                 keepalive.slot.set_idle(false);
             }
+            keepalive.slot.set_head(None);
             let got = match got {
                 Ok(Some(r)) => Ok(r),
+                // Evicted while a head was arriving: answered 503 at the top of the loop.
+                Ok(None) if head_wait => continue,
                 // Evicted: close quietly, as an idle keep-alive connection may be closed.
                 Ok(None) => {
                     close_idle(stream).await;
@@ -1452,10 +1465,14 @@ const COPY_BODY_BYTES: usize = 1024;
 /// `limits.max_connections_per_shard` (it came in as the connection was chosen to make room):
 /// refused at once, so that the eviction frees its room now; logged.
 fn evicted_for_room(shard: &Shard) -> Answer {
-    tracing::info!(
-        shard = shard.index,
-        "closed to make room at limits.max_connections_per_shard while a request was arriving: 503"
-    );
+    // A flood of partial heads is answered this way, one per new connection.
+    if let Some(suppressed) = shard.log_gates.evicted_answered.pass() {
+        tracing::info!(
+            shard = shard.index,
+            suppressed,
+            "closed to make room at limits.max_connections_per_shard while a request was arriving: 503"
+        );
+    }
     Answer::error(
         503,
         "too_many_connections",

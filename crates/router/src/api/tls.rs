@@ -6,7 +6,7 @@
 //! `400 tls_required` first ([`crate::tls::accept`]).
 
 use super::http::{serve_stream, OpenConn};
-use crate::metrics::ShardMetrics;
+use crate::metrics::{Listener, ShardMetrics};
 use crate::shard::Shard;
 use glommio::net::TcpStream;
 use std::rc::Rc;
@@ -23,12 +23,22 @@ pub(crate) async fn serve(shard: Rc<Shard>, tcp: TcpStream) {
     let _ = tcp.set_nodelay(true);
     let limit = Duration::from_millis(shard.cfg.limits.handshake_timeout_ms);
     let m = &shard.metrics;
-    match crate::tls::accept(&acceptor, tcp, limit, PLAIN_HTTP_HINT).await {
-        Ok(tls) => {
+    // At the connection limit with none idle, the handshake under way the longest is closed
+    // for a new connection (`Shard::evict_unfinished`).
+    let hs = shard.handshake(Listener::Api);
+    let handshake = hs
+        .step(crate::tls::accept(&acceptor, tcp, limit, PLAIN_HTTP_HINT))
+        .await;
+    match handshake {
+        // Closed for room (counted and logged where it was chosen).
+        Err(_) => {}
+        Ok(Ok(tls)) => {
             ShardMetrics::inc(&m.tls_handshakes);
-            serve_stream(&shard, tls).await;
+            if hs.proven().is_ok() {
+                serve_stream(&shard, tls).await;
+            }
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             ShardMetrics::inc(&m.tls_handshake_failures);
             if let Some(suppressed) = shard.log_gates.tls_failed.pass() {
                 tracing::info!(

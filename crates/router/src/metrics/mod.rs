@@ -57,6 +57,9 @@ pub(crate) struct ShardMetrics {
     pub(crate) connections_refused: AtomicU64,
     /// Connections on a link listener closed in their handshake for a newer one, by listener.
     pub(crate) handshakes_evicted: [AtomicU64; 3],
+    /// Client connections closed for room with none idle: in their TLS handshake (0), while
+    /// their request head was arriving (1).
+    pub(crate) unfinished_evicted: [AtomicU64; 2],
     pub(crate) task_links: AtomicU64,
     pub(crate) peer_links: AtomicU64,
     pub(crate) peer_links_ready: AtomicU64,
@@ -491,6 +494,17 @@ pub(crate) fn render(reg: &Registry, live: &[bool], extra: &str) -> String {
             "fedbus_link_handshakes_evicted_total{{listener=\"{}\"}} {}",
             l.label(),
             sum(reg, |m| &m.handshakes_evicted[l as usize])
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP fedbus_unfinished_evicted_total Client connections closed at limits.max_connections_per_shard with none idle, for a new one: the one whose TLS handshake (stage tls_handshake) or request head (stage request_head, answered 503 too_many_connections) had been under way the longest.\n# TYPE fedbus_unfinished_evicted_total counter"
+    );
+    for (i, stage) in ["tls_handshake", "request_head"].iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "fedbus_unfinished_evicted_total{{stage=\"{stage}\"}} {}",
+            sum(reg, |m| &m.unfinished_evicted[i])
         );
     }
     let _ = writeln!(

@@ -65,9 +65,10 @@ pub(crate) struct Shard {
     pub(crate) health: Arc<crate::health::Health>,
     /// Bounds on the log lines of events a client or peer can repeat at will.
     pub(crate) log_gates: crate::util::LogGates,
-    /// Connections on the internal (0) and external (1) listeners still without a
-    /// credential, closed oldest first for room ([`unproven`]).
-    unproven: [Rc<unproven::Unproven>; 2],
+    /// Connections in their handshake, by listener (`metrics::Listener`): on the api
+    /// listeners their TLS handshake, on the link listeners everything before a verified
+    /// token; closed oldest first for room ([`unproven`]).
+    unproven: [Rc<unproven::Unproven>; 3],
     /// Closed when this shard sees a drain: wakes the accept loops, which stop.
     pub(crate) drain: glommio::sync::Semaphore,
     /// Set once this draining shard's internal listeners are closed and its task links were
@@ -384,6 +385,9 @@ impl Drop for BodyCharge {
 pub(crate) struct IdleSlot {
     /// Since when the connection waits for a request with nothing in flight; None while busy.
     since: Cell<Option<std::time::Instant>>,
+    /// Since when the request head it waits for has been arriving (part of it is in, nothing
+    /// in flight); None otherwise.
+    head_since: Cell<Option<std::time::Instant>>,
     evicted: Cell<bool>,
     /// Evicted to make room at the connection limit (not by a drain): counted in
     /// `Shard::evicting` until the connection closes.
@@ -398,6 +402,12 @@ impl IdleSlot {
         let since = self.since.get();
         self.since
             .set(idle.then(|| since.unwrap_or_else(std::time::Instant::now)));
+    }
+
+    /// Marks the connection as waiting for the rest of a request head that began to arrive at
+    /// `since` (None: not waiting for a head).
+    pub(crate) fn set_head(&self, since: Option<std::time::Instant>) {
+        self.head_since.set(since);
     }
 
     /// Whether the accept loop has chosen this connection for eviction.
@@ -440,6 +450,19 @@ impl Drop for KeepAlive {
     }
 }
 
+/// The connection not yet chosen whose `since` (a time it has been waiting since, if it is)
+/// is the earliest.
+fn oldest(
+    conns: &HashMap<u64, Rc<IdleSlot>>,
+    since: impl Fn(&IdleSlot) -> &Cell<Option<std::time::Instant>>,
+) -> Option<(std::time::Instant, &IdleSlot)> {
+    conns
+        .values()
+        .filter(|s| !s.evicted.get())
+        .filter_map(|s| since(s).get().map(|t| (t, &**s)))
+        .min_by_key(|(t, _)| *t)
+}
+
 /// At most this many connections closed to make room at `limits.max_connections_per_shard`
 /// may still be open at once: a new connection beyond the limit is let in only for one of
 /// them, so the shard holds at most the limit plus this many client connections.
@@ -460,30 +483,24 @@ impl Shard {
     }
 
     /// Evicts the connection idle the longest, if any is idle: true when one was told to
-    /// close (it closes at its next turn, and its slot frees then). False while
+    /// close (it closes at its next turn, and its slot frees then). With none idle, the
+    /// connection that has been in its TLS handshake or waiting for the rest of a request head
+    /// the longest, whichever began first ([`Shard::evict_unfinished`]). False while
     /// [`MAX_PENDING_EVICTIONS`] evicted connections are still open: an eviction lets the new
     /// connection in before the old one has closed, and a client whose next request raced the
     /// eviction (its bytes arrived as it was chosen) is answered first, so without a bound a
     /// burst of connections that each send part of a head got several times the limit in.
     pub(crate) fn evict_idle(&self) -> bool {
+        // TLS handshakes closed for room are bounded apart (`unproven::MAX_PENDING`).
         if self.evicting.get() >= MAX_PENDING_EVICTIONS {
-            return false;
+            return self.evict_handshake(crate::metrics::Listener::Api);
         }
         let conns = self.keepalive.borrow();
-        let oldest = conns
-            .values()
-            .filter(|s| !s.evicted.get())
-            .filter_map(|s| s.since.get().map(|t| (t, s)))
-            .min_by_key(|(t, _)| *t);
-        let Some((since, slot)) = oldest else {
-            return false;
+        let Some((since, slot)) = oldest(&conns, |s| &s.since) else {
+            drop(conns);
+            return self.evict_unfinished();
         };
-        slot.evicted.set(true);
-        slot.for_room.set(true);
-        self.evicting.set(self.evicting.get() + 1);
-        if let Some(w) = slot.waker.take() {
-            w.wake();
-        }
+        self.close_for_room(slot);
         ShardMetrics::inc(&self.metrics.idle_evicted);
         tracing::info!(
             shard = self.index,
@@ -491,6 +508,53 @@ impl Shard {
             "at limits.max_connections_per_shard: closed the longest-idle keep-alive connection"
         );
         true
+    }
+
+    /// Tells `slot`'s connection to close for room; it counts against
+    /// [`MAX_PENDING_EVICTIONS`] until it has.
+    fn close_for_room(&self, slot: &IdleSlot) {
+        slot.evicted.set(true);
+        slot.for_room.set(true);
+        self.evicting.set(self.evicting.get() + 1);
+        if let Some(w) = slot.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// At the client limit with no connection idle: closes the connection whose TLS handshake
+    /// or request head has been under way the longest. Without it connections held in a
+    /// handshake or a head (a few bytes at a time, within `limits.handshake_timeout_ms`)
+    /// locked every new client out until they timed out. A request head that was arriving is
+    /// answered `503 too_many_connections`; an upload under way, an `/api/ws` session and a
+    /// request in flight are never chosen. A flood that keeps opening such connections still
+    /// competes with clients for the [`MAX_PENDING_EVICTIONS`] closes under way at once (a
+    /// head closed so lingers up to a second after its 503 when its client does not close).
+    fn evict_unfinished(&self) -> bool {
+        let conns = self.keepalive.borrow();
+        let head = oldest(&conns, |s| &s.head_since);
+        let tls = self.unproven(crate::metrics::Listener::Api).oldest();
+        let head_first = head.is_some_and(|(since, _)| tls.is_none_or(|t| since <= t));
+        // The TLS handshake when it began first, or the head when the handshakes closed for
+        // room have not ended yet.
+        if !head_first && self.evict_handshake(crate::metrics::Listener::Api) {
+            return true;
+        }
+        match head {
+            Some((since, slot)) => {
+                self.close_for_room(slot);
+                ShardMetrics::inc(&self.metrics.unfinished_evicted[1]);
+                if let Some(suppressed) = self.log_gates.unfinished_evicted.pass() {
+                    tracing::warn!(
+                        shard = self.index,
+                        head_ms = since.elapsed().as_millis() as u64,
+                        suppressed,
+                        "at limits.max_connections_per_shard, none idle: closed the connection whose request head was arriving the longest (503)"
+                    );
+                }
+                true
+            }
+            None => false,
+        }
     }
 
     /// Closes every keep-alive connection that has waited at least `min_idle` for its next

@@ -1,5 +1,7 @@
-//! Connections on a link listener (internal: task links; external: peer links) that have not
-//! shown a credential yet: in their TLS handshake or waiting for their upgrade head.
+//! Connections in their handshake, per listener: on a link listener (internal: task links;
+//! external: peer links) everything before a valid token (a TLS handshake, the upgrade head);
+//! on the api listeners a client's TLS handshake (`Shard::evict_unfinished` weighs those
+//! against request heads under way).
 //!
 //! `limits.max_link_connections_per_shard` bounds what such connections can hold, but a bound
 //! alone let anyone who can connect keep every slot busy: about `limit / handshake_timeout`
@@ -21,6 +23,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
+use std::time::Instant;
 
 /// At most this many connections closed for room may still be open at once, per listener:
 /// a new connection at the limit is let in only for one of them, so a shard holds at most the
@@ -31,7 +34,8 @@ pub(crate) const MAX_PENDING: usize = 16;
 /// first.
 #[derive(Default)]
 pub(crate) struct Unproven {
-    conns: RefCell<VecDeque<(u64, Rc<Mark>)>>,
+    /// (id, when it was accepted, its mark), oldest first.
+    conns: RefCell<VecDeque<(u64, Instant, Rc<Mark>)>>,
     next: Cell<u64>,
     /// Connections closed for room whose handshake has not ended yet.
     closing: Cell<usize>,
@@ -50,12 +54,18 @@ impl Unproven {
         let id = self.next.get();
         self.next.set(id + 1);
         let mark = Rc::new(Mark::default());
-        self.conns.borrow_mut().push_back((id, mark.clone()));
+        let now = Instant::now();
+        self.conns.borrow_mut().push_back((id, now, mark.clone()));
         Handshake {
             list: self.clone(),
             id,
             mark,
         }
+    }
+
+    /// When the oldest connection still in its handshake was accepted.
+    pub(crate) fn oldest(&self) -> Option<Instant> {
+        self.conns.borrow().front().map(|(_, t, _)| *t)
     }
 
     /// Closes the oldest connection still without a credential: true when one was told to
@@ -65,7 +75,7 @@ impl Unproven {
         if self.closing.get() >= MAX_PENDING {
             return false;
         }
-        let Some((_, mark)) = self.conns.borrow_mut().pop_front() else {
+        let Some((_, _, mark)) = self.conns.borrow_mut().pop_front() else {
             return false;
         };
         mark.evicted.set(true);
@@ -86,14 +96,12 @@ pub(crate) struct Handshake {
 }
 
 /// What a handshake that was closed for room ends with.
-pub(crate) const EVICTED: &str = "closed in its handshake: a newer connection took its slot at limits.max_link_connections_per_shard";
+pub(crate) const EVICTED: &str =
+    "closed in its handshake: a newer connection took its slot at the listener's connection limit";
 
 impl Shard {
-    fn unproven(&self, kind: Listener) -> &Rc<Unproven> {
-        match kind {
-            Listener::External => &self.unproven[1],
-            Listener::Api | Listener::Internal => &self.unproven[0],
-        }
+    pub(crate) fn unproven(&self, kind: Listener) -> &Rc<Unproven> {
+        &self.unproven[kind as usize]
     }
 
     /// Registers a connection just accepted on a link listener as one without a credential.
@@ -101,12 +109,19 @@ impl Shard {
         self.unproven(kind).enter()
     }
 
-    /// At `limits.max_link_connections_per_shard` on `kind`: closes the oldest connection of
-    /// that listener still in its handshake to make room for a new one (counted and logged).
-    /// False when there is none to close: the new connection is refused.
+    /// At `kind`'s connection limit: closes the oldest connection of that listener still in
+    /// its handshake to make room for a new one (counted and logged). False when there is none
+    /// to close: the new connection is refused.
     pub(crate) fn evict_handshake(&self, kind: Listener) -> bool {
         if !self.unproven(kind).evict_oldest() {
             return false;
+        }
+        if kind == Listener::Api {
+            ShardMetrics::inc(&self.metrics.unfinished_evicted[0]);
+            if let Some(suppressed) = self.log_gates.unfinished_evicted.pass() {
+                tracing::warn!(shard = self.index, suppressed, "at limits.max_connections_per_shard, none idle: closed the connection whose TLS handshake was under way the longest");
+            }
+            return true;
         }
         ShardMetrics::inc(&self.metrics.handshakes_evicted[kind as usize]);
         if let Some(suppressed) = self.log_gates.handshake_evicted.pass() {
@@ -152,7 +167,7 @@ impl Drop for Handshake {
         } else {
             // Ids are handed out in order, so the queue is sorted by them.
             let mut q = list.conns.borrow_mut();
-            if let Ok(at) = q.binary_search_by_key(&self.id, |(i, _)| *i) {
+            if let Ok(at) = q.binary_search_by_key(&self.id, |(i, _, _)| *i) {
                 q.remove(at);
             }
         }

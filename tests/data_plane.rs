@@ -855,6 +855,37 @@ fn a_slow_admin_client_does_not_block_scrapes() {
     );
 }
 
+/// The head deadline holds for the start of a head that came with the request before it: a
+/// client that sends a request and the first bytes of the next in one write, then nothing,
+/// gets its answer, then 408 at `limits.handshake_timeout_ms`. Before, those bytes waited
+/// `limits.idle_timeout_ms` (60 s) and the connection could not be closed for room.
+#[test]
+fn the_start_of_a_head_behind_a_request_has_the_head_deadline() {
+    let r = Router::new()
+        .shards(1)
+        .limit("handshake_timeout_ms", 800)
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let mut c = r.conn();
+    let mut bytes = Req::post(&r.path(APP, 1)).token(&tok).body(b"one").bytes();
+    bytes.extend_from_slice(b"POST /api/");
+    let started = Instant::now();
+    c.send(&bytes);
+    c.set_read_timeout(Duration::from_secs(10));
+    let first = c.read_response().expect("the first request's answer");
+    assert_eq!((first.status, first.body.as_slice()), (200, &b"one"[..]));
+    let second = c
+        .read_response()
+        .expect("an answer to the head that never came whole");
+    second.assert_error(408, "request_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "cut after {:?}",
+        started.elapsed()
+    );
+}
+
 /// A request head must be complete within `limits.handshake_timeout_ms` of its first byte: a
 /// client that trickles one byte at a time (each read resetting any idle timer) gets 408 and
 /// the connection closes, instead of holding it forever.

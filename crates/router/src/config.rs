@@ -146,15 +146,17 @@ pub struct Limits {
     pub idle_timeout_ms: u64,
     /// Time a task has to answer before the client gets 504. Default 10000 ms.
     pub request_timeout_ms: u64,
-    /// Most client connections per shard. At the limit a new connection first evicts the HTTP
-    /// keep-alive connection idle the longest (`fedbus_idle_evicted_total`), then the one
-    /// whose TLS handshake or request head has been under way the longest
-    /// (`fedbus_unfinished_evicted_total`); with none of those it is closed at accept
-    /// (`fedbus_connections_refused_total`). Default 10000.
+    /// Most client connections per shard. At the limit a new connection evicts the one that
+    /// has waited the longest for a request to come whole: an HTTP keep-alive connection idle
+    /// (`fedbus_idle_evicted_total`), a new connection still sending its first head, a served
+    /// one's next head or a TLS handshake (`fedbus_unfinished_evicted_total`); with none
+    /// waiting it is closed at accept (`fedbus_connections_refused_total`). Default 10000.
     pub max_connections_per_shard: usize,
     /// Most connections per shard on the internal listener (task links, and connections that
     /// have not finished their handshake) and, separately, on the external listener (peer
-    /// links); more are closed at accept (`fedbus_connections_refused_total`). Default 1024.
+    /// links). At the limit a new connection evicts the oldest one that has not shown a token
+    /// yet; with none it is closed at accept (`fedbus_connections_refused_total`). Default
+    /// 1024.
     pub max_link_connections_per_shard: usize,
     /// Most roles one app's tasks may serve at once on this router, `main` included: a task
     /// link that registers another role while the app has this many is closed 1008

@@ -511,7 +511,7 @@ use bytes::BufMut;
 /// Serves one plaintext client connection until it closes.
 pub(crate) async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let _open = OpenConn::new(&shard);
-    serve_stream(&shard, stream).await;
+    serve_stream(&shard, stream, Instant::now()).await;
 }
 
 /// One open client connection, counted in the api gauge and the per-shard limit from accept
@@ -541,8 +541,9 @@ impl Drop for OpenConn {
 }
 
 /// Serves HTTP/1.1 (and a `/api/ws` upgrade) on an accepted stream, plain or TLS.
-pub(crate) async fn serve_stream<S: Stream>(shard: &Rc<Shard>, mut stream: S) {
-    match serve_inner(shard, &mut stream).await {
+/// `accepted`: when its connection was accepted (a TLS one before its handshake).
+pub(crate) async fn serve_stream<S: Stream>(shard: &Rc<Shard>, mut stream: S, accepted: Instant) {
+    match serve_inner(shard, &mut stream, accepted).await {
         Err(e) => tracing::debug!(shard = shard.index, "client connection ended: {e}"),
         Ok(Some((head, leftover))) => super::ws::serve(shard.clone(), stream, head, leftover).await,
         Ok(None) => {}
@@ -795,6 +796,7 @@ type Upgrade = (Bytes, BytesMut);
 async fn serve_inner<S: Stream>(
     shard: &Rc<Shard>,
     stream: &mut S,
+    accepted: Instant,
 ) -> std::io::Result<Option<Upgrade>> {
     let limits = shard.cfg.limits.clone();
     let _ = stream.socket().set_nodelay();
@@ -833,7 +835,7 @@ async fn serve_inner<S: Stream>(
     let mut receiving: Option<BodyCharge> = None;
     let mut outbox = OutboxCharge::new(shard.budget.clone());
     let share = AnswerShare::new(limits.max_connection_outbox_bytes);
-    let keepalive = shard.keepalive();
+    let keepalive = shard.keepalive(accepted);
     let idle = Duration::from_millis(limits.idle_timeout_ms);
     let release_after = Duration::from_millis(shard.cfg.tuning.idle_buffer_release_ms);
     // What is left of the idle timeout after the buffers were given back.
@@ -960,6 +962,7 @@ async fn serve_inner<S: Stream>(
                     inflight.push_back(ready(a, head, true, 0, Instant::now()));
                 }
                 Parsed::Request(req) => {
+                    keepalive.slot.set_served();
                     closing |= std::mem::take(&mut finish_current);
                     continued = false;
                     body_deadline = None;
@@ -1032,8 +1035,8 @@ async fn serve_inner<S: Stream>(
             };
             // Waiting for a new request with nothing in flight: this connection may be
             // evicted to make room for a new one at the shard's connection limit. So may one
-            // waiting for the rest of a request head, when none is idle
-            // (`Shard::evict_unfinished`): it is answered 503 at the top of the loop.
+            // waiting for the rest of a request head (`Shard::evict_for_room`): it is answered
+            // 503 at the top of the loop.
             let idle_wait = buf.is_empty() && !continued;
             // (A connection a drain chose while a head raced in is not: it finishes it.)
             let head_wait = !buf.is_empty() && !continued && !keepalive.slot.is_evicted();
@@ -1335,7 +1338,17 @@ async fn serve_inner<S: Stream>(
         }
     }
     if closing {
-        lingering_close(stream).await;
+        // Closed for room: a new connection that was sending its first head closes at once,
+        // not after its client's own close (up to a second), so that a flood of connections
+        // that never close gets its closes at the pace it opens them, not at 16 a second
+        // (`shard::MAX_PENDING_EVICTIONS`). Its input was read up to the eviction; a client
+        // that sends more after the answer may see a reset. A client that was served here
+        // (whose next request raced the eviction) gets a short lingering close.
+        match keepalive.slot.is_evicted_for_room() {
+            true if !keepalive.slot.was_served() => close_idle(stream).await,
+            true => lingering_close(stream, ROOM_LINGER).await,
+            false => lingering_close(stream, LINGER).await,
+        }
     }
     Ok(None)
 }
@@ -1367,16 +1380,23 @@ async fn close_idle<S: Stream>(stream: &mut S) {
     .await;
 }
 
-/// Lingering close, at most 1 s: the client may still be sending (a body we refused with
+/// The longest a lingering close waits for the client's own close.
+pub(crate) const LINGER: Duration = Duration::from_secs(1);
+/// The same for a served connection closed for room: the closes for room under way at once
+/// are bounded (`shard::MAX_PENDING_EVICTIONS`), so this bounds how fast they can follow
+/// each other.
+const ROOM_LINGER: Duration = Duration::from_millis(100);
+
+/// Lingering close, at most `limit`: the client may still be sending (a body we refused with
 /// 413, a pipelined request after `Connection: close`); closing with unread input would make
 /// the kernel send RST and could destroy our answer before the client reads it.
-pub(crate) async fn lingering_close<S: Stream>(stream: &mut S) {
+pub(crate) async fn lingering_close<S: Stream>(stream: &mut S, limit: Duration) {
     // On the heap: an array here would be part of every connection's future (whose size is
     // that of its largest await), 16 KiB more resident per idle keep-alive connection.
     let mut sink = vec![0u8; 16 * 1024];
     let fd = stream.socket().fd();
-    let _ = glommio::timer::timeout(Duration::from_secs(1), async {
-        // Inside the second: over TLS the shutdown writes `close_notify`, which waits for
+    let _ = glommio::timer::timeout(limit, async {
+        // Inside the limit: over TLS the shutdown writes `close_notify`, which waits for
         // room in the socket when the client stopped reading (up to the socket's write
         // timeout, `limits.idle_timeout_ms`, outside it).
         let _ = stream.shutdown_write().await;

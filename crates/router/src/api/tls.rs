@@ -16,6 +16,7 @@ use std::time::Duration;
 pub(crate) async fn serve(shard: Rc<Shard>, tcp: TcpStream) {
     // Counted from accept: a connection mid-handshake holds memory like any other.
     let _open = OpenConn::new(&shard);
+    let accepted = std::time::Instant::now();
     let Some(acceptor) = shard.tls.clone() else {
         return;
     };
@@ -23,8 +24,8 @@ pub(crate) async fn serve(shard: Rc<Shard>, tcp: TcpStream) {
     let _ = tcp.set_nodelay(true);
     let limit = Duration::from_millis(shard.cfg.limits.handshake_timeout_ms);
     let m = &shard.metrics;
-    // At the connection limit with none idle, the handshake under way the longest is closed
-    // for a new connection (`Shard::evict_unfinished`).
+    // At the connection limit, a handshake under way may be closed for a new connection
+    // (`Shard::evict_for_room`).
     let hs = shard.handshake(Listener::Api);
     let handshake = hs
         .step(crate::tls::accept(&acceptor, tcp, limit, PLAIN_HTTP_HINT))
@@ -35,7 +36,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, tcp: TcpStream) {
         Ok(Ok(tls)) => {
             ShardMetrics::inc(&m.tls_handshakes);
             if hs.proven().is_ok() {
-                serve_stream(&shard, tls).await;
+                serve_stream(&shard, tls, accepted).await;
             }
         }
         Ok(Err(e)) => {

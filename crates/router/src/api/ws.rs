@@ -675,7 +675,7 @@ async fn refuse<S: Stream>(
     if stream.write_parts(&[Bytes::from(answer)]).await.is_ok() {
         // As every refusal closes: what the client sent behind its head is read and
         // dropped, so that the answer is not reset away (and `close_notify` ends a TLS one).
-        crate::api::http::lingering_close(stream).await;
+        crate::api::http::lingering_close(stream, crate::api::http::LINGER).await;
     }
 }
 

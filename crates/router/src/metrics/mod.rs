@@ -57,8 +57,8 @@ pub(crate) struct ShardMetrics {
     pub(crate) connections_refused: AtomicU64,
     /// Connections on a link listener closed in their handshake for a newer one, by listener.
     pub(crate) handshakes_evicted: [AtomicU64; 3],
-    /// Client connections closed for room with none idle: in their TLS handshake (0), while
-    /// their request head was arriving (1).
+    /// Client connections closed for room other than idle keep-alive ones: in their TLS
+    /// handshake (0), waiting for a request head (1).
     pub(crate) unfinished_evicted: [AtomicU64; 2],
     pub(crate) task_links: AtomicU64,
     pub(crate) peer_links: AtomicU64,
@@ -498,7 +498,7 @@ pub(crate) fn render(reg: &Registry, live: &[bool], extra: &str) -> String {
     }
     let _ = writeln!(
         o,
-        "# HELP fedbus_unfinished_evicted_total Client connections closed at limits.max_connections_per_shard with none idle, for a new one: the one whose TLS handshake (stage tls_handshake) or request head (stage request_head, answered 503 too_many_connections) had been under way the longest.\n# TYPE fedbus_unfinished_evicted_total counter"
+        "# HELP fedbus_unfinished_evicted_total Client connections closed at limits.max_connections_per_shard for a new one, as the one that had waited the longest: in its TLS handshake (stage tls_handshake), or waiting for a request head (stage request_head: a new connection that had sent nothing, closed quietly, or a head that was arriving, answered 503 too_many_connections).\n# TYPE fedbus_unfinished_evicted_total counter"
     );
     for (i, stage) in ["tls_handshake", "request_head"].iter().enumerate() {
         let _ = writeln!(

@@ -2,7 +2,7 @@
 //! shard starts and every shard shares the api port through SO_REUSEPORT), start one pinned
 //! executor per shard with a readiness report, the control thread and the admin listener.
 
-use super::Shard;
+use super::{Room, Shard};
 use crate::config::Config;
 use crate::control::{Control, ControlEvent};
 use crate::health::Health;
@@ -392,27 +392,7 @@ async fn accept_loop<L: Acceptor>(
         }
         match accepted {
             Ok(s) => {
-                let limits = &shard.cfg.limits;
-                // Every serve function counts its connection before its first await, so a
-                // connection spawned here is counted before the next accept completes.
-                let full = match kind {
-                    Listener::Api => shard.client_conns.get() >= limits.max_connections_per_shard,
-                    // The gauge counts this shard's connections on that listener.
-                    other => {
-                        shard.metrics.connections[other as usize].load(Ordering::Relaxed) as usize
-                            >= limits.max_link_connections_per_shard
-                    }
-                };
-                // At the client limit, an idle keep-alive connection makes room for the new
-                // one: otherwise idle connections could lock every new client out. At a link
-                // listener's, a connection that has not shown a token yet does
-                // (`unproven`): otherwise anyone who can connect could lock new links out.
-                let full = full
-                    && !match kind {
-                        Listener::Api => shard.evict_idle(),
-                        link => shard.evict_handshake(link),
-                    };
-                if full {
+                if !room_for(&shard, kind).await {
                     if let Some(suppressed) = shard.log_gates.connection_refused.pass() {
                         tracing::warn!(shard = shard.index, listener = ?kind, suppressed, "connection refused: listener at its per-shard limit");
                     }
@@ -428,6 +408,65 @@ async fn accept_loop<L: Acceptor>(
                 glommio::timer::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// The longest an accept loop waits for connections closed for room to end ([`room_for`]):
+/// most close at their next turn; one whose request raced the eviction in whole is answered
+/// first, which may take up to `limits.request_timeout_ms`, so the wait is short, and looks
+/// again every [`ROOM_LOOK`] (a connection that ended meanwhile makes room too).
+const ROOM_WAIT: Duration = Duration::from_millis(100);
+const ROOM_LOOK: Duration = Duration::from_millis(10);
+
+/// Whether a connection just accepted on `kind` may be served: its listener is under its
+/// per-shard limit, or another connection was closed to make room for it. At the client limit
+/// the connection that has waited the longest for a request makes room (`Shard::evict_for_room`);
+/// otherwise idle connections, or connections that trickle a head, could lock every new client
+/// out. At a link listener's, a connection that has not shown a token yet does (`unproven`);
+/// otherwise anyone who can connect could lock new links out.
+///
+/// While the connection to close is held back by the bound on closes under way
+/// ([`Room::Blocked`]: `MAX_PENDING_EVICTIONS`, `unproven::MAX_PENDING`), this waits for one of
+/// them to end, up to [`ROOM_WAIT`], instead of refusing: a burst of connections at the limit
+/// is then taken at the pace the closes end (the rest wait in the listen backlog), not refused
+/// while the closes are under way.
+async fn room_for(shard: &Shard, kind: Listener) -> bool {
+    let limits = &shard.cfg.limits;
+    let mut until = None;
+    loop {
+        // Every serve function counts its connection before its first await, so a connection
+        // spawned earlier is counted before this one's turn.
+        let full = match kind {
+            Listener::Api => shard.client_conns.get() >= limits.max_connections_per_shard,
+            // The gauge counts this shard's connections on that listener.
+            other => {
+                shard.metrics.connections[other as usize].load(Ordering::Relaxed) as usize
+                    >= limits.max_link_connections_per_shard
+            }
+        };
+        if !full {
+            return true;
+        }
+        let room = match kind {
+            Listener::Api => shard.evict_for_room(),
+            link => shard.evict_handshake(link),
+        };
+        match room {
+            Room::Made => return true,
+            Room::None => return false,
+            Room::Blocked => {}
+        }
+        let now = std::time::Instant::now();
+        let until = *until.get_or_insert(now + ROOM_WAIT);
+        if now >= until {
+            return false;
+        }
+        let look = (until - now).min(ROOM_LOOK);
+        let _ = glommio::timer::timeout(look, async {
+            shard.room_freed().await;
+            Ok(())
+        })
+        .await;
     }
 }
 

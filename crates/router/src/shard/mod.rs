@@ -57,8 +57,11 @@ pub(crate) struct Shard {
     pub(crate) keepalive: RefCell<HashMap<u64, Rc<IdleSlot>>>,
     next_conn: Cell<u64>,
     /// Connections closed to make room at the connection limit that are not closed yet (see
-    /// [`Shard::evict_idle`]).
+    /// [`Shard::evict_for_room`]).
     evicting: Cell<usize>,
+    /// Wakes accept loops waiting for a connection closed for room to end (`room_for` in
+    /// `shard::listen`).
+    room_freed: Rc<RoomFreed>,
     /// The server config of the TLS api listener (`listen.api_tls`), when configured.
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     /// Router-wide readiness and drain state.
@@ -102,6 +105,7 @@ impl Shard {
         health: Arc<crate::health::Health>,
     ) -> Shard {
         let router_name = format!("{}/{}/{}", cfg.region, cfg.cluster, cfg.router);
+        let room_freed = Rc::new(RoomFreed::default());
         Shard {
             index,
             count,
@@ -128,7 +132,8 @@ impl Shard {
             tls,
             health,
             log_gates: Default::default(),
-            unproven: Default::default(),
+            unproven: [(); 3].map(|()| Rc::new(unproven::Unproven::new(room_freed.clone()))),
+            room_freed,
             drain: glommio::sync::Semaphore::new(0),
             router_draining: Cell::new(false),
             task_wait_until: Cell::new(None),
@@ -377,10 +382,10 @@ impl Drop for BodyCharge {
     }
 }
 
-/// One HTTP connection's idle state, seen by the accept loop: when the shard is at
-/// `limits.max_connections_per_shard`, the connection idle the longest (waiting for its next
-/// request, nothing in flight) is closed to make room, as nginx and Envoy do, instead of
-/// refusing the new one.
+/// One HTTP connection's waiting state, seen by the accept loop: when the shard is at
+/// `limits.max_connections_per_shard`, the connection that has waited the longest for a request
+/// to come whole (idle, or in a head) is closed to make room instead of refusing the new one
+/// ([`Shard::evict_for_room`]).
 #[derive(Default)]
 pub(crate) struct IdleSlot {
     /// Since when the connection waits for a request with nothing in flight; None while busy.
@@ -388,6 +393,12 @@ pub(crate) struct IdleSlot {
     /// Since when the request head it waits for has been arriving (part of it is in, nothing
     /// in flight); None otherwise.
     head_since: Cell<Option<std::time::Instant>>,
+    /// Whether a request came on it: until then, waiting is waiting for the first request
+    /// head, not keep-alive idleness (see [`Shard::evict_for_room`]).
+    served: Cell<bool>,
+    /// When the connection was accepted (a TLS one before its handshake): the age of its wait
+    /// for its first request, however its bytes came.
+    opened: Cell<Option<std::time::Instant>>,
     evicted: Cell<bool>,
     /// Evicted to make room at the connection limit (not by a drain): counted in
     /// `Shard::evicting` until the connection closes.
@@ -408,6 +419,37 @@ impl IdleSlot {
     /// `since` (None: not waiting for a head).
     pub(crate) fn set_head(&self, since: Option<std::time::Instant>) {
         self.head_since.set(since);
+    }
+
+    /// A request came on the connection: from now on, waiting for the next one is keep-alive
+    /// idleness.
+    pub(crate) fn set_served(&self) {
+        self.served.set(true);
+    }
+
+    /// Whether a request came on it.
+    pub(crate) fn was_served(&self) -> bool {
+        self.served.get()
+    }
+
+    /// Since when it has been waiting as a keep-alive connection: a request was served on it
+    /// and it waits for the next one.
+    fn idle_since(&self) -> Option<std::time::Instant> {
+        self.since.get().filter(|_| self.served.get())
+    }
+
+    /// Since when it has been waiting for a request to come whole (see
+    /// [`Shard::evict_for_room`]): a keep-alive connection since it went idle, its next head
+    /// since its first bytes; a new connection since it was accepted, whether or not its first bytes
+    /// came, so that new connections are chosen in the order they came, not in the order
+    /// their first bytes were read. None while it is busy (a request in flight, a body
+    /// arriving, answers being written).
+    fn waiting_since(&self) -> Option<std::time::Instant> {
+        let waiting = self.since.get().or(self.head_since.get());
+        match self.served.get() {
+            true => waiting,
+            false => self.opened.get().filter(|_| waiting.is_some()),
+        }
     }
 
     /// Whether the accept loop has chosen this connection for eviction.
@@ -446,6 +488,7 @@ impl Drop for KeepAlive {
         self.shard.keepalive.borrow_mut().remove(&self.id);
         if self.slot.for_room.get() {
             self.shard.evicting.set(self.shard.evicting.get() - 1);
+            self.shard.room_freed.notify();
         }
     }
 }
@@ -454,13 +497,60 @@ impl Drop for KeepAlive {
 /// is the earliest.
 fn oldest(
     conns: &HashMap<u64, Rc<IdleSlot>>,
-    since: impl Fn(&IdleSlot) -> &Cell<Option<std::time::Instant>>,
+    since: impl Fn(&IdleSlot) -> Option<std::time::Instant>,
 ) -> Option<(std::time::Instant, &IdleSlot)> {
     conns
         .values()
         .filter(|s| !s.evicted.get())
-        .filter_map(|s| since(s).get().map(|t| (t, &**s)))
+        .filter_map(|s| since(s).map(|t| (t, &**s)))
         .min_by_key(|(t, _)| *t)
+}
+
+/// What an attempt to make room at a listener's connection limit did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Room {
+    /// A connection was told to close: the new one may be served.
+    Made,
+    /// The connection to close next is held back by the bound on closes under way
+    /// ([`MAX_PENDING_EVICTIONS`], `unproven::MAX_PENDING`): room comes when one of those ends.
+    Blocked,
+    /// No connection may be closed for room: the new one is refused.
+    None,
+}
+
+/// Wakes the accept loops of a shard that wait for a connection closed for room to end
+/// ([`crate::shard::listen`]'s `room_for`).
+#[derive(Default)]
+pub(crate) struct RoomFreed {
+    /// How many have ended.
+    ended: Cell<u64>,
+    /// At most one per accept loop waiting (a waker already listed is not listed again).
+    waiters: RefCell<Vec<std::task::Waker>>,
+}
+
+impl RoomFreed {
+    /// A connection closed for room has ended.
+    pub(crate) fn notify(&self) {
+        self.ended.set(self.ended.get() + 1);
+        for w in self.waiters.take() {
+            w.wake();
+        }
+    }
+
+    /// Resolves at the next [`RoomFreed::notify`].
+    pub(crate) fn next(&self) -> impl std::future::Future<Output = ()> + '_ {
+        let seen = self.ended.get();
+        std::future::poll_fn(move |cx| {
+            if self.ended.get() != seen {
+                return std::task::Poll::Ready(());
+            }
+            let mut w = self.waiters.borrow_mut();
+            if !w.iter().any(|w| w.will_wake(cx.waker())) {
+                w.push(cx.waker().clone());
+            }
+            std::task::Poll::Pending
+        })
+    }
 }
 
 /// At most this many connections closed to make room at `limits.max_connections_per_shard`
@@ -469,11 +559,12 @@ fn oldest(
 pub(crate) const MAX_PENDING_EVICTIONS: usize = 16;
 
 impl Shard {
-    /// Registers an HTTP connection as a candidate for idle eviction.
-    pub(crate) fn keepalive(self: &Rc<Self>) -> KeepAlive {
+    /// Registers an HTTP connection accepted at `opened` as a candidate for eviction.
+    pub(crate) fn keepalive(self: &Rc<Self>, opened: std::time::Instant) -> KeepAlive {
         let id = self.next_conn.get();
         self.next_conn.set(id + 1);
         let slot = Rc::new(IdleSlot::default());
+        slot.opened.set(Some(opened));
         self.keepalive.borrow_mut().insert(id, slot.clone());
         KeepAlive {
             shard: self.clone(),
@@ -482,32 +573,59 @@ impl Shard {
         }
     }
 
-    /// Evicts the connection idle the longest, if any is idle: true when one was told to
-    /// close (it closes at its next turn, and its slot frees then). With none idle, the
-    /// connection that has been in its TLS handshake or waiting for the rest of a request head
-    /// the longest, whichever began first ([`Shard::evict_unfinished`]). False while
-    /// [`MAX_PENDING_EVICTIONS`] evicted connections are still open: an eviction lets the new
-    /// connection in before the old one has closed, and a client whose next request raced the
+    /// At the client limit: closes the connection that has waited the longest for a
+    /// request to come whole, whatever it waits in, to make room for a new one. [`Room::Made`]
+    /// when one was told to close (it closes at its next turn, and its slot frees then). It
+    /// may be:
+    /// - a keep-alive connection waiting for its next request (since it went idle): closed
+    ///   quietly, as nginx and Envoy close idle connections for room;
+    /// - a new connection that has not sent its whole first request head (since it was
+    ///   accepted, so new connections go in the order they came): closed at once, answered
+    ///   `503 too_many_connections` when part of the head came;
+    /// - a served one whose next head has been arriving (since its first bytes): `503`;
+    /// - a TLS handshake under way (since it was accepted; `unproven`).
+    ///
+    /// Without the last three, connections held in a handshake or a head (a few bytes at a
+    /// time, within `limits.handshake_timeout_ms`) locked every new client out until they
+    /// timed out. An upload under way, an `/api/ws` session and a request in flight are never
+    /// chosen ([`Room::None`] when nothing else is open). [`Room::Blocked`] while
+    /// [`MAX_PENDING_EVICTIONS`] connections closed for room are still open (or
+    /// `unproven::MAX_PENDING` TLS handshakes, when the oldest is one): an eviction lets the
+    /// new connection in before the old one has closed, and a client whose request raced the
     /// eviction (its bytes arrived as it was chosen) is answered first, so without a bound a
     /// burst of connections that each send part of a head got several times the limit in.
-    pub(crate) fn evict_idle(&self) -> bool {
-        // TLS handshakes closed for room are bounded apart (`unproven::MAX_PENDING`).
-        if self.evicting.get() >= MAX_PENDING_EVICTIONS {
-            return self.evict_handshake(crate::metrics::Listener::Api);
-        }
+    pub(crate) fn evict_for_room(&self) -> Room {
         let conns = self.keepalive.borrow();
-        let Some((since, slot)) = oldest(&conns, |s| &s.since) else {
-            drop(conns);
-            return self.evict_unfinished();
+        let conn = oldest(&conns, IdleSlot::waiting_since);
+        let tls = self.unproven(crate::metrics::Listener::Api).oldest();
+        let Some((since, slot)) = conn.filter(|(since, _)| tls.is_none_or(|t| *since <= t)) else {
+            return self.evict_handshake(crate::metrics::Listener::Api);
         };
+        if self.evicting.get() >= MAX_PENDING_EVICTIONS {
+            return Room::Blocked;
+        }
+        let idle = slot.idle_since().is_some();
         self.close_for_room(slot);
-        ShardMetrics::inc(&self.metrics.idle_evicted);
-        tracing::info!(
-            shard = self.index,
-            idle_ms = since.elapsed().as_millis() as u64,
-            "at limits.max_connections_per_shard: closed the longest-idle keep-alive connection"
-        );
-        true
+        let waited_ms = since.elapsed().as_millis() as u64;
+        if idle {
+            ShardMetrics::inc(&self.metrics.idle_evicted);
+            tracing::info!(
+                shard = self.index,
+                idle_ms = waited_ms,
+                "at limits.max_connections_per_shard: closed the longest-idle keep-alive connection"
+            );
+        } else {
+            ShardMetrics::inc(&self.metrics.unfinished_evicted[1]);
+            if let Some(suppressed) = self.log_gates.unfinished_evicted.pass() {
+                tracing::warn!(
+                    shard = self.index,
+                    head_ms = waited_ms,
+                    suppressed,
+                    "at limits.max_connections_per_shard: closed the connection whose request head was on its way the longest (503 when part of it came)"
+                );
+            }
+        }
+        Room::Made
     }
 
     /// Tells `slot`'s connection to close for room; it counts against
@@ -521,40 +639,9 @@ impl Shard {
         }
     }
 
-    /// At the client limit with no connection idle: closes the connection whose TLS handshake
-    /// or request head has been under way the longest. Without it connections held in a
-    /// handshake or a head (a few bytes at a time, within `limits.handshake_timeout_ms`)
-    /// locked every new client out until they timed out. A request head that was arriving is
-    /// answered `503 too_many_connections`; an upload under way, an `/api/ws` session and a
-    /// request in flight are never chosen. A flood that keeps opening such connections still
-    /// competes with clients for the [`MAX_PENDING_EVICTIONS`] closes under way at once (a
-    /// head closed so lingers up to a second after its 503 when its client does not close).
-    fn evict_unfinished(&self) -> bool {
-        let conns = self.keepalive.borrow();
-        let head = oldest(&conns, |s| &s.head_since);
-        let tls = self.unproven(crate::metrics::Listener::Api).oldest();
-        let head_first = head.is_some_and(|(since, _)| tls.is_none_or(|t| since <= t));
-        // The TLS handshake when it began first, or the head when the handshakes closed for
-        // room have not ended yet.
-        if !head_first && self.evict_handshake(crate::metrics::Listener::Api) {
-            return true;
-        }
-        match head {
-            Some((since, slot)) => {
-                self.close_for_room(slot);
-                ShardMetrics::inc(&self.metrics.unfinished_evicted[1]);
-                if let Some(suppressed) = self.log_gates.unfinished_evicted.pass() {
-                    tracing::warn!(
-                        shard = self.index,
-                        head_ms = since.elapsed().as_millis() as u64,
-                        suppressed,
-                        "at limits.max_connections_per_shard, none idle: closed the connection whose request head was arriving the longest (503)"
-                    );
-                }
-                true
-            }
-            None => false,
-        }
+    /// Resolves when a connection closed for room ends (or spuriously).
+    pub(crate) fn room_freed(&self) -> impl std::future::Future<Output = ()> + '_ {
+        self.room_freed.next()
     }
 
     /// Closes every keep-alive connection that has waited at least `min_idle` for its next
@@ -768,6 +855,45 @@ pub(crate) async fn sweep_deadlines(shard: Rc<Shard>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Which connections the accept loop weighs for room, and by what age: a keep-alive
+    /// connection (served, waiting for its next request) is idle; a new one waits for its
+    /// first head from when it opened, whether or not its first bytes came since, so new
+    /// connections are chosen in the order they came. A served connection's next head counts
+    /// from its first bytes.
+    #[test]
+    fn new_connections_are_weighed_by_when_they_opened() {
+        let t0 = std::time::Instant::now();
+        let at = |ms| t0 + std::time::Duration::from_millis(ms);
+        let slot = |opened| {
+            let s = IdleSlot::default();
+            s.opened.set(Some(at(opened)));
+            s
+        };
+        // Opened first; its first bytes were read after `b` opened.
+        let a = slot(0);
+        a.set_head(Some(at(5)));
+        // Opened second, nothing sent yet.
+        let b = slot(2);
+        b.since.set(Some(at(2)));
+        assert_eq!(b.idle_since(), None, "a new connection is not idle");
+        let conns: HashMap<u64, Rc<IdleSlot>> = [(1, Rc::new(a)), (2, Rc::new(b))].into();
+        let (since, _) = oldest(&conns, IdleSlot::waiting_since).expect("two waiting");
+        assert_eq!(since, at(0), "the first opened goes first");
+        // Busy (a request in flight, a body arriving): never chosen.
+        assert_eq!(slot(0).waiting_since(), None);
+        // Served: waiting again is keep-alive idleness; its next head counts from its bytes.
+        let c = slot(0);
+        c.set_served();
+        c.since.set(Some(at(7)));
+        assert_eq!(c.idle_since(), Some(at(7)));
+        assert_eq!(c.waiting_since(), Some(at(7)));
+        c.set_idle(false);
+        assert_eq!(c.waiting_since(), None, "busy");
+        c.set_head(Some(at(9)));
+        assert_eq!(c.waiting_since(), Some(at(9)));
+        assert_eq!(c.idle_since(), None);
+    }
 
     /// A panic in any task of a shard's executor (here a detached one, as a connection's)
     /// ends its thread, and the liveness guard held by the shard's main future, as

@@ -1,7 +1,7 @@
 //! Connections in their handshake, per listener: on a link listener (internal: task links;
 //! external: peer links) everything before a valid token (a TLS handshake, the upgrade head);
-//! on the api listeners a client's TLS handshake (`Shard::evict_unfinished` weighs those
-//! against request heads under way).
+//! on the api listeners a client's TLS handshake (`Shard::evict_for_room` weighs those
+//! against the connections waiting for a request).
 //!
 //! `limits.max_link_connections_per_shard` bounds what such connections can hold, but a bound
 //! alone let anyone who can connect keep every slot busy: about `limit / handshake_timeout`
@@ -16,7 +16,7 @@
 //! have to bring the whole limit's worth of connections within one handshake's time to cut
 //! it.
 
-use super::Shard;
+use super::{Room, RoomFreed, Shard};
 use crate::metrics::{Listener, ShardMetrics};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -32,13 +32,14 @@ pub(crate) const MAX_PENDING: usize = 16;
 
 /// The connections of one link listener of one shard still without a credential, oldest
 /// first.
-#[derive(Default)]
 pub(crate) struct Unproven {
     /// (id, when it was accepted, its mark), oldest first.
     conns: RefCell<VecDeque<(u64, Instant, Rc<Mark>)>>,
     next: Cell<u64>,
     /// Connections closed for room whose handshake has not ended yet.
     closing: Cell<usize>,
+    /// Told when one of them ends.
+    freed: Rc<RoomFreed>,
 }
 
 /// Set when the connection is to close for room; wakes its handshake.
@@ -49,6 +50,15 @@ struct Mark {
 }
 
 impl Unproven {
+    pub(crate) fn new(freed: Rc<RoomFreed>) -> Unproven {
+        Unproven {
+            conns: Default::default(),
+            next: Cell::new(0),
+            closing: Cell::new(0),
+            freed,
+        }
+    }
+
     /// Registers a connection just accepted as one without a credential.
     fn enter(self: &Rc<Self>) -> Handshake {
         let id = self.next.get();
@@ -68,22 +78,26 @@ impl Unproven {
         self.conns.borrow().front().map(|(_, t, _)| *t)
     }
 
-    /// Closes the oldest connection still without a credential: true when one was told to
-    /// close (its handshake ends at its next turn and its slot frees then). False when none
-    /// is in its handshake, or [`MAX_PENDING`] closed ones have not ended yet.
-    fn evict_oldest(&self) -> bool {
+    /// Closes the oldest connection still without a credential: [`Room::Made`] when one was
+    /// told to close (its handshake ends at its next turn and its slot frees then),
+    /// [`Room::Blocked`] while [`MAX_PENDING`] closed ones have not ended yet, [`Room::None`]
+    /// when none is in its handshake.
+    fn evict_oldest(&self) -> Room {
+        if self.conns.borrow().is_empty() {
+            return Room::None;
+        }
         if self.closing.get() >= MAX_PENDING {
-            return false;
+            return Room::Blocked;
         }
         let Some((_, _, mark)) = self.conns.borrow_mut().pop_front() else {
-            return false;
+            return Room::None;
         };
         mark.evicted.set(true);
         self.closing.set(self.closing.get() + 1);
         if let Some(w) = mark.waker.take() {
             w.wake();
         }
-        true
+        Room::Made
     }
 }
 
@@ -110,24 +124,25 @@ impl Shard {
     }
 
     /// At `kind`'s connection limit: closes the oldest connection of that listener still in
-    /// its handshake to make room for a new one (counted and logged). False when there is none
-    /// to close: the new connection is refused.
-    pub(crate) fn evict_handshake(&self, kind: Listener) -> bool {
-        if !self.unproven(kind).evict_oldest() {
-            return false;
+    /// its handshake to make room for a new one (counted and logged). See
+    /// [`Unproven::evict_oldest`] for what it returns.
+    pub(crate) fn evict_handshake(&self, kind: Listener) -> Room {
+        let room = self.unproven(kind).evict_oldest();
+        if room != Room::Made {
+            return room;
         }
         if kind == Listener::Api {
             ShardMetrics::inc(&self.metrics.unfinished_evicted[0]);
             if let Some(suppressed) = self.log_gates.unfinished_evicted.pass() {
-                tracing::warn!(shard = self.index, suppressed, "at limits.max_connections_per_shard, none idle: closed the connection whose TLS handshake was under way the longest");
+                tracing::warn!(shard = self.index, suppressed, "at limits.max_connections_per_shard: closed the connection whose TLS handshake was under way the longest");
             }
-            return true;
+            return room;
         }
         ShardMetrics::inc(&self.metrics.handshakes_evicted[kind as usize]);
         if let Some(suppressed) = self.log_gates.handshake_evicted.pass() {
             tracing::warn!(shard = self.index, listener = ?kind, suppressed, "at limits.max_link_connections_per_shard: closed the oldest connection still in its handshake (no token shown yet) for a new one");
         }
-        true
+        room
     }
 }
 
@@ -164,6 +179,7 @@ impl Drop for Handshake {
         let list = &self.list;
         if self.mark.evicted.get() {
             list.closing.set(list.closing.get() - 1);
+            list.freed.notify();
         } else {
             // Ids are handed out in order, so the queue is sorted by them.
             let mut q = list.conns.borrow_mut();
@@ -187,13 +203,13 @@ mod tests {
     /// [`MAX_PENDING`] closed ones may be ending at once.
     #[test]
     fn the_oldest_unproven_connection_is_closed_for_room() {
-        let list = Rc::new(Unproven::default());
+        let list = Rc::new(Unproven::new(Default::default()));
         let (a, b, c) = (list.enter(), list.enter(), list.enter());
         assert_eq!(b.proven(), Ok(()));
         drop(c);
-        assert!(list.evict_oldest(), "a is in its handshake");
+        assert_eq!(list.evict_oldest(), Room::Made, "a is in its handshake");
         assert_eq!(now(a.step(async { 1 })), Err(EVICTED), "ready, but marked");
-        assert!(!list.evict_oldest(), "b proved itself, c ended");
+        assert_eq!(list.evict_oldest(), Room::None, "b proved itself, c ended");
         assert_eq!(a.proven(), Err(EVICTED));
         assert_eq!(list.closing.get(), 0, "a has ended");
         let d = list.enter();
@@ -201,15 +217,34 @@ mod tests {
         drop(d);
         let held: Vec<Handshake> = (0..=MAX_PENDING).map(|_| list.enter()).collect();
         for _ in 0..MAX_PENDING {
-            assert!(list.evict_oldest());
+            assert_eq!(list.evict_oldest(), Room::Made);
         }
-        assert!(
-            !list.evict_oldest(),
+        assert_eq!(
+            list.evict_oldest(),
+            Room::Blocked,
             "{MAX_PENDING} closed ones still ending"
         );
+        // An accept loop waiting for room is woken when they end.
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: std::sync::Arc<Self>) {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let woken = std::sync::Arc::new(Count(Default::default()));
+        let waker = std::task::Waker::from(woken.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut freed = std::pin::pin!(list.freed.next());
+        assert!(freed.as_mut().poll(&mut cx).is_pending());
         drop(held);
+        assert!(woken.0.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        assert!(freed.as_mut().poll(&mut cx).is_ready());
         assert_eq!(list.closing.get(), 0);
         let _e = list.enter();
-        assert!(list.evict_oldest(), "room again once they ended");
+        assert_eq!(
+            list.evict_oldest(),
+            Room::Made,
+            "room again once they ended"
+        );
     }
 }

@@ -186,7 +186,7 @@ pub(crate) async fn accept(
             })
             .await;
             if matches!(answered, Ok(Ok(()))) {
-                crate::api::http::lingering_close(&mut tcp).await;
+                crate::api::http::lingering_close(&mut tcp, crate::api::http::LINGER).await;
             }
             return Err(Refused::PlainHttp);
         }

@@ -518,6 +518,19 @@ fn idle_connections_make_room_at_the_connection_limit() {
     drop(busy);
 }
 
+/// One shard at `limit` client connections whose heads may take 20 s (only an eviction ends
+/// one), an echo task, and a client token.
+fn router_at_limit(limit: impl std::fmt::Display) -> (Router, Task, String) {
+    let r = Router::new()
+        .shards(1)
+        .limit("max_connections_per_shard", limit)
+        .limit("handshake_timeout_ms", 20_000)
+        .start();
+    let t = r.task().start();
+    let tok = r.token(APP, "alice");
+    (r, t, tok)
+}
+
 /// A burst of connections that each send part of a request head at once stays within the
 /// connection limit, plus the few evictions still closing (`shard::MAX_PENDING_EVICTIONS`,
 /// 16): a connection evicted while its next request was arriving gets `503
@@ -529,13 +542,7 @@ fn idle_connections_make_room_at_the_connection_limit() {
 fn a_burst_of_partial_heads_stays_within_the_connection_limit() {
     const LIMIT: f64 = 20.0;
     const PENDING: f64 = 16.0;
-    let r = Router::new()
-        .shards(1)
-        .limit("max_connections_per_shard", LIMIT)
-        .limit("handshake_timeout_ms", 20_000)
-        .start();
-    let _t = r.task().start();
-    let tok = r.token(APP, "alice");
+    let (r, _t, tok) = router_at_limit(LIMIT);
     let p = r.path(APP, 3);
     let gauge = || r.metrics().get("fedbus_connections{listener=\"api\"}");
     let mut conns = Vec::new();
@@ -602,13 +609,7 @@ fn a_flood_of_partial_heads_does_not_lock_clients_out() {
             self.0.store(true, Ordering::Relaxed);
         }
     }
-    let r = Router::new()
-        .shards(1)
-        .limit("max_connections_per_shard", LIMIT)
-        .limit("handshake_timeout_ms", 20_000)
-        .start();
-    let _t = r.task().start();
-    let tok = r.token(APP, "alice");
+    let (r, _t, tok) = router_at_limit(LIMIT);
     let p = r.path(APP, 4);
     let stop = Stop(Arc::new(AtomicBool::new(false)));
     let opened = Arc::new(AtomicUsize::new(0));

@@ -386,7 +386,6 @@ impl Drop for BodyCharge {
 /// `limits.max_connections_per_shard`, the connection that has waited the longest for a request
 /// to come whole (idle, or in a head) is closed to make room instead of refusing the new one
 /// ([`Shard::evict_for_room`]).
-#[derive(Default)]
 pub(crate) struct IdleSlot {
     /// Since when the connection waits for a request with nothing in flight; None while busy.
     since: Cell<Option<std::time::Instant>>,
@@ -398,7 +397,7 @@ pub(crate) struct IdleSlot {
     served: Cell<bool>,
     /// When the connection was accepted (a TLS one before its handshake): the age of its wait
     /// for its first request, however its bytes came.
-    opened: Cell<Option<std::time::Instant>>,
+    opened: std::time::Instant,
     evicted: Cell<bool>,
     /// Evicted to make room at the connection limit (not by a drain): counted in
     /// `Shard::evicting` until the connection closes.
@@ -407,6 +406,19 @@ pub(crate) struct IdleSlot {
 }
 
 impl IdleSlot {
+    /// The state of a connection accepted at `opened`, busy.
+    fn new(opened: std::time::Instant) -> IdleSlot {
+        IdleSlot {
+            since: Cell::new(None),
+            head_since: Cell::new(None),
+            served: Cell::new(false),
+            opened,
+            evicted: Cell::new(false),
+            for_room: Cell::new(false),
+            waker: Cell::new(None),
+        }
+    }
+
     /// Marks the connection idle (waiting for a new request) or busy. Idle again while idle
     /// (its wait went on after its buffers were given back) keeps when it became idle.
     pub(crate) fn set_idle(&self, idle: bool) {
@@ -448,7 +460,7 @@ impl IdleSlot {
         let waiting = self.since.get().or(self.head_since.get());
         match self.served.get() {
             true => waiting,
-            false => self.opened.get().filter(|_| waiting.is_some()),
+            false => waiting.map(|_| self.opened),
         }
     }
 
@@ -563,8 +575,7 @@ impl Shard {
     pub(crate) fn keepalive(self: &Rc<Self>, opened: std::time::Instant) -> KeepAlive {
         let id = self.next_conn.get();
         self.next_conn.set(id + 1);
-        let slot = Rc::new(IdleSlot::default());
-        slot.opened.set(Some(opened));
+        let slot = Rc::new(IdleSlot::new(opened));
         self.keepalive.borrow_mut().insert(id, slot.clone());
         KeepAlive {
             shard: self.clone(),
@@ -865,11 +876,7 @@ mod tests {
     fn new_connections_are_weighed_by_when_they_opened() {
         let t0 = std::time::Instant::now();
         let at = |ms| t0 + std::time::Duration::from_millis(ms);
-        let slot = |opened| {
-            let s = IdleSlot::default();
-            s.opened.set(Some(at(opened)));
-            s
-        };
+        let slot = |opened| IdleSlot::new(at(opened));
         // Opened first; its first bytes were read after `b` opened.
         let a = slot(0);
         a.set_head(Some(at(5)));

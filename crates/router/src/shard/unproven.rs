@@ -83,15 +83,14 @@ impl Unproven {
     /// [`Room::Blocked`] while [`MAX_PENDING`] closed ones have not ended yet, [`Room::None`]
     /// when none is in its handshake.
     fn evict_oldest(&self) -> Room {
-        if self.conns.borrow().is_empty() {
-            return Room::None;
-        }
-        if self.closing.get() >= MAX_PENDING {
+        let mut conns = self.conns.borrow_mut();
+        if self.closing.get() >= MAX_PENDING && !conns.is_empty() {
             return Room::Blocked;
         }
-        let Some((_, _, mark)) = self.conns.borrow_mut().pop_front() else {
+        let Some((_, _, mark)) = conns.pop_front() else {
             return Room::None;
         };
+        drop(conns);
         mark.evicted.set(true);
         self.closing.set(self.closing.get() + 1);
         if let Some(w) = mark.waker.take() {

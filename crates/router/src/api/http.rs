@@ -1050,8 +1050,7 @@ async fn serve_inner<S: Stream>(
                 true => release_after,
                 false => wait,
             };
-            keepalive.slot.set_idle(idle_wait);
-            keepalive.slot.set_head(head_since.filter(|_| head_wait));
+            keepalive.set_waiting(idle_wait, head_since.filter(|_| head_wait));
             let read = async {
                 let r = std::pin::pin!(fill(stream, &mut buf, &mut space));
                 // Only an idle connection or one waiting for a head is evicted: one that has

@@ -11,6 +11,7 @@ mod snapshot;
 pub(crate) mod steer;
 mod trim;
 pub(crate) mod unproven;
+mod waiting;
 
 use crate::config::Config;
 use crate::control::{ControlEvent, Snapshots};
@@ -55,6 +56,8 @@ pub(crate) struct Shard {
     pub(crate) budget: Rc<Budget>,
     /// Keep-alive HTTP connections of this shard, for eviction at the connection limit.
     pub(crate) keepalive: RefCell<HashMap<u64, Rc<IdleSlot>>>,
+    /// Those of them that wait for a request, longest wait first.
+    waiting: waiting::Waiting,
     next_conn: Cell<u64>,
     /// Connections closed to make room at the connection limit that are not closed yet (see
     /// [`Shard::evict_for_room`]).
@@ -119,6 +122,7 @@ impl Shard {
             scratch: RefCell::new(bytes::BytesMut::with_capacity(1024)),
             client_conns: Cell::new(0),
             keepalive: RefCell::new(HashMap::new()),
+            waiting: Default::default(),
             next_conn: Cell::new(0),
             evicting: Cell::new(0),
             router_name,
@@ -399,6 +403,9 @@ pub(crate) struct IdleSlot {
     /// for its first request, however its bytes came.
     opened: std::time::Instant,
     evicted: Cell<bool>,
+    /// The wait its current entry in [`Shard::waiting`] was queued with; None when it has
+    /// none.
+    queued: Cell<Option<std::time::Instant>>,
     /// Evicted to make room at the connection limit (not by a drain): counted in
     /// `Shard::evicting` until the connection closes.
     for_room: Cell<bool>,
@@ -414,6 +421,7 @@ impl IdleSlot {
             served: Cell::new(false),
             opened,
             evicted: Cell::new(false),
+            queued: Cell::new(None),
             for_room: Cell::new(false),
             waker: Cell::new(None),
         }
@@ -495,27 +503,29 @@ pub(crate) struct KeepAlive {
     pub(crate) slot: Rc<IdleSlot>,
 }
 
+impl KeepAlive {
+    /// Marks the connection as waiting for a new request (`idle`), for the rest of a request
+    /// head that began to arrive at `head`, or neither (busy), and queues it among the
+    /// connections that may be closed for room when it waits.
+    pub(crate) fn set_waiting(&self, idle: bool, head: Option<std::time::Instant>) {
+        self.slot.set_idle(idle);
+        self.slot.set_head(head);
+        let registered = self.shard.keepalive.borrow().len();
+        self.shard.waiting.note(&self.slot, registered);
+    }
+}
+
 impl Drop for KeepAlive {
     fn drop(&mut self) {
         self.shard.keepalive.borrow_mut().remove(&self.id);
+        // Its entries in the waiting queue go stale, and keep no task alive.
+        self.slot.queued.set(None);
+        self.slot.waker.take();
         if self.slot.for_room.get() {
             self.shard.evicting.set(self.shard.evicting.get() - 1);
             self.shard.room_freed.notify();
         }
     }
-}
-
-/// The connection not yet chosen whose `since` (a time it has been waiting since, if it is)
-/// is the earliest.
-fn oldest(
-    conns: &HashMap<u64, Rc<IdleSlot>>,
-    since: impl Fn(&IdleSlot) -> Option<std::time::Instant>,
-) -> Option<(std::time::Instant, &IdleSlot)> {
-    conns
-        .values()
-        .filter(|s| !s.evicted.get())
-        .filter_map(|s| since(s).map(|t| (t, &**s)))
-        .min_by_key(|(t, _)| *t)
 }
 
 /// What an attempt to make room at a listener's connection limit did.
@@ -606,8 +616,7 @@ impl Shard {
     /// eviction (its bytes arrived as it was chosen) is answered first, so without a bound a
     /// burst of connections that each send part of a head got several times the limit in.
     pub(crate) fn evict_for_room(&self) -> Room {
-        let conns = self.keepalive.borrow();
-        let conn = oldest(&conns, IdleSlot::waiting_since);
+        let conn = self.waiting.oldest();
         let tls = self.unproven(crate::metrics::Listener::Api).oldest();
         let Some((since, slot)) = conn.filter(|(since, _)| tls.is_none_or(|t| *since <= t)) else {
             return self.evict_handshake(crate::metrics::Listener::Api);
@@ -616,7 +625,7 @@ impl Shard {
             return Room::Blocked;
         }
         let idle = slot.idle_since().is_some();
-        self.close_for_room(slot);
+        self.close_for_room(&slot);
         let waited_ms = since.elapsed().as_millis() as u64;
         if idle {
             ShardMetrics::inc(&self.metrics.idle_evicted);
@@ -878,14 +887,17 @@ mod tests {
         let at = |ms| t0 + std::time::Duration::from_millis(ms);
         let slot = |opened| IdleSlot::new(at(opened));
         // Opened first; its first bytes were read after `b` opened.
-        let a = slot(0);
+        let a = Rc::new(slot(0));
         a.set_head(Some(at(5)));
         // Opened second, nothing sent yet.
-        let b = slot(2);
+        let b = Rc::new(slot(2));
         b.since.set(Some(at(2)));
         assert_eq!(b.idle_since(), None, "a new connection is not idle");
-        let conns: HashMap<u64, Rc<IdleSlot>> = [(1, Rc::new(a)), (2, Rc::new(b))].into();
-        let (since, _) = oldest(&conns, IdleSlot::waiting_since).expect("two waiting");
+        // Queued in the order they started to wait (`b` first), taken by age.
+        let waiting = waiting::Waiting::default();
+        waiting.note(&b, 2);
+        waiting.note(&a, 2);
+        let (since, _) = waiting.oldest().expect("two waiting");
         assert_eq!(since, at(0), "the first opened goes first");
         // Busy (a request in flight, a body arriving): never chosen.
         assert_eq!(slot(0).waiting_since(), None);

@@ -20,7 +20,8 @@ wait_port() {
 # (core 0) from BIN; sets ROUTER, ECHO, API_PORT, INT_PORT, ADMIN_PORT (its /metrics, served by
 # the control thread) (and TLS_PORT, the HTTPS listener, with TLS=1); waits until a request answers 200 (on each listener). LINK `unix` links the echo
 # task over the router's unix socket (`listen.internal_unix`) instead of TCP (`tcp`, default).
-# FEDBUS_TUNING, when set, is one more line of the router's [tuning] table (e.g. `memory_trim_ms = 0`).
+# FEDBUS_TUNING, when set, is one more line of the router's [tuning] table (e.g. `memory_trim_ms = 0`);
+# it comes last in that table, so it may also open a table of its own (`[limits]` and its keys).
 start_fedbus() {
   local bin=$1 tag=$2 link=${3:-tcp} ok=0 code tls_listen="" tls_certs="" unix_listen="" dial
   API_PORT=$(free_port); INT_PORT=$(free_port); ADMIN_PORT=$(free_port); TLS_PORT=""

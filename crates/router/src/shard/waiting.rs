@@ -5,8 +5,8 @@
 //! A connection is queued each time it starts to wait with a new age
 //! ([`super::IdleSlot::waiting_since`]), and its older entries go stale; stale entries are
 //! dropped when they reach the front, and all at once when they would outnumber the
-//! connections (a compaction, whose cost is shared by the pushes that made them). So the
-//! oldest waiting connection is found in constant time on average, where a scan of every
+//! connections twice over (a compaction, whose cost is shared by the pushes that made them). So
+//! the oldest waiting connection is found in amortized constant time, where a scan of every
 //! connection of the shard cost up to `limits.max_connections_per_shard` steps for each new
 //! connection at the limit. nginx keeps its reusable connections in a queue in the same way.
 
@@ -35,7 +35,8 @@ impl Waiting {
         let Some(since) = slot.waiting_since() else {
             return;
         };
-        if slot.queued.get() == Some(since) {
+        // Chosen to close already (a drain's choice: it finishes a head that raced in).
+        if slot.queued.get() == Some(since) || slot.evicted.get() {
             return;
         }
         slot.queued.set(Some(since));
@@ -50,8 +51,14 @@ impl Waiting {
             }
             _ => q.push_back((since, slot.clone())),
         }
-        if q.len() > 2 * registered + SLACK {
+        let bound = 2 * registered + SLACK;
+        if q.len() > bound {
             q.retain(|(t, s)| current(*t, s));
+            // After a wave of connections has gone, give its room back (never at a steady
+            // number of connections, where the room stays below twice the bound).
+            if q.capacity() > 4 * bound {
+                q.shrink_to(2 * bound);
+            }
         }
     }
 

@@ -1342,10 +1342,16 @@ async fn serve_inner<S: Stream>(
         // that never close gets its closes at the pace it opens them, not at 16 a second
         // (`shard::MAX_PENDING_EVICTIONS`). Its input was read up to the eviction; a client
         // that sends more after the answer may see a reset. A client that was served here
-        // (whose next request raced the eviction) gets a short lingering close.
+        // (whose next request raced the eviction) gets a short lingering close, which no
+        // longer holds up the accept loop: its room was made when its answer was written
+        // (`KeepAlive::room_made`), and with `shard::MAX_ROOM_LINGERING` lingering already it
+        // closes at once.
         match keepalive.slot.is_evicted_for_room() {
             true if !keepalive.slot.was_served() => close_idle(stream).await,
-            true => lingering_close(stream, ROOM_LINGER).await,
+            true => match keepalive.room_made() {
+                Some(_lingering) => lingering_close(stream, ROOM_LINGER).await,
+                None => close_idle(stream).await,
+            },
             false => lingering_close(stream, LINGER).await,
         }
     }
@@ -1381,9 +1387,8 @@ async fn close_idle<S: Stream>(stream: &mut S) {
 
 /// The longest a lingering close waits for the client's own close.
 pub(crate) const LINGER: Duration = Duration::from_secs(1);
-/// The same for a served connection closed for room: the closes for room under way at once
-/// are bounded (`shard::MAX_PENDING_EVICTIONS`), so this bounds how fast they can follow
-/// each other.
+/// The same for a served connection closed for room, whose room is made already: at most
+/// `shard::MAX_ROOM_LINGERING` linger at once, so this bounds how long each holds its socket.
 const ROOM_LINGER: Duration = Duration::from_millis(100);
 
 /// Lingering close, at most `limit`: the client may still be sending (a body we refused with

@@ -62,6 +62,9 @@ pub(crate) struct Shard {
     /// Connections closed to make room at the connection limit that are not closed yet (see
     /// [`Shard::evict_for_room`]).
     evicting: Cell<usize>,
+    /// Connections closed for room that linger for their client's close (at most
+    /// [`MAX_ROOM_LINGERING`]).
+    room_lingering: Cell<usize>,
     /// Wakes accept loops waiting for a connection closed for room to end (`room_for` in
     /// `shard::listen`).
     room_freed: Rc<RoomFreed>,
@@ -125,6 +128,7 @@ impl Shard {
             waiting: Default::default(),
             next_conn: Cell::new(0),
             evicting: Cell::new(0),
+            room_lingering: Cell::new(0),
             router_name,
             federation,
             peers: RefCell::new(Default::default()),
@@ -501,6 +505,9 @@ pub(crate) struct KeepAlive {
     id: u64,
     /// The connection's idle state.
     pub(crate) slot: Rc<IdleSlot>,
+    /// Closed for room and its room made ([`KeepAlive::room_made`]): no longer counted in
+    /// `Shard::evicting`.
+    released: Cell<bool>,
 }
 
 impl KeepAlive {
@@ -513,6 +520,33 @@ impl KeepAlive {
         let registered = self.shard.keepalive.borrow().len();
         self.shard.waiting.note(&self.slot, registered);
     }
+
+    /// A connection closed for room has written its last answer: its room is made, and the
+    /// accept loop need not wait for its close ([`MAX_PENDING_EVICTIONS`] no longer counts it).
+    /// Some while it may linger for its client's close: fewer than [`MAX_ROOM_LINGERING`] do at
+    /// once, and one beyond them closes at once.
+    pub(crate) fn room_made(&self) -> Option<RoomLinger> {
+        if self.slot.for_room.get() && !self.released.replace(true) {
+            self.shard.evicting.set(self.shard.evicting.get() - 1);
+            self.shard.room_freed.notify();
+        }
+        let n = self.shard.room_lingering.get();
+        (n < MAX_ROOM_LINGERING).then(|| {
+            self.shard.room_lingering.set(n + 1);
+            RoomLinger(self.shard.clone())
+        })
+    }
+}
+
+/// A connection closed for room that lingers for its client's close; counted in
+/// `Shard::room_lingering` until dropped.
+pub(crate) struct RoomLinger(Rc<Shard>);
+
+impl Drop for RoomLinger {
+    fn drop(&mut self) {
+        let n = &self.0.room_lingering;
+        n.set(n.get() - 1);
+    }
 }
 
 impl Drop for KeepAlive {
@@ -521,7 +555,7 @@ impl Drop for KeepAlive {
         // Its entries in the waiting queue go stale, and keep no task alive.
         self.slot.queued.set(None);
         self.slot.waker.take();
-        if self.slot.for_room.get() {
+        if self.slot.for_room.get() && !self.released.get() {
             self.shard.evicting.set(self.shard.evicting.get() - 1);
             self.shard.room_freed.notify();
         }
@@ -580,6 +614,13 @@ impl RoomFreed {
 /// them, so the shard holds at most the limit plus this many client connections.
 pub(crate) const MAX_PENDING_EVICTIONS: usize = 16;
 
+/// At most this many connections closed for room, whose answers are written, may linger for
+/// their clients' close at once (`api::http::ROOM_LINGER`): a served connection whose next
+/// request raced its eviction reads its 503 before the socket goes. Beyond them, one closes at
+/// once. So a shard holds at most the limit, plus [`MAX_PENDING_EVICTIONS`] closes under way,
+/// 16 TLS handshakes closed for room, and these.
+pub(crate) const MAX_ROOM_LINGERING: usize = 64;
+
 impl Shard {
     /// Registers an HTTP connection accepted at `opened` as a candidate for eviction.
     pub(crate) fn keepalive(self: &Rc<Self>, opened: std::time::Instant) -> KeepAlive {
@@ -591,6 +632,7 @@ impl Shard {
             shard: self.clone(),
             id,
             slot,
+            released: Cell::new(false),
         }
     }
 

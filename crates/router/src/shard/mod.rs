@@ -59,14 +59,15 @@ pub(crate) struct Shard {
     /// Those of them that wait for a request, longest wait first.
     waiting: waiting::Waiting,
     next_conn: Cell<u64>,
-    /// Connections closed to make room at the connection limit that are not closed yet (see
+    /// Connections closed to make room at the connection limit that are not closed yet, less
+    /// the lingering ones whose room is made ([`KeepAlive::room_made`]; see
     /// [`Shard::evict_for_room`]).
     evicting: Cell<usize>,
     /// Connections closed for room that linger for their client's close (at most
     /// [`MAX_ROOM_LINGERING`]).
     room_lingering: Cell<usize>,
-    /// Wakes accept loops waiting for a connection closed for room to end (`room_for` in
-    /// `shard::listen`).
+    /// Wakes accept loops waiting for a connection closed for room to end or make its room
+    /// (`room_for` in `shard::listen`).
     room_freed: Rc<RoomFreed>,
     /// The server config of the TLS api listener (`listen.api_tls`), when configured.
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
@@ -411,7 +412,8 @@ pub(crate) struct IdleSlot {
     /// none.
     queued: Cell<Option<std::time::Instant>>,
     /// Evicted to make room at the connection limit (not by a drain): counted in
-    /// `Shard::evicting` until the connection closes.
+    /// `Shard::evicting` until the connection closes or its room is made
+    /// ([`KeepAlive::room_made`]).
     for_room: Cell<bool>,
     waker: Cell<Option<std::task::Waker>>,
 }
@@ -521,20 +523,22 @@ impl KeepAlive {
         self.shard.waiting.note(&self.slot, registered);
     }
 
-    /// A connection closed for room has written its last answer: its room is made, and the
-    /// accept loop need not wait for its close ([`MAX_PENDING_EVICTIONS`] no longer counts it).
-    /// Some while it may linger for its client's close: fewer than [`MAX_ROOM_LINGERING`] do at
-    /// once, and one beyond them closes at once.
+    /// A connection closed for room has written its last answer and may linger for its
+    /// client's close (Some) while at most [`MAX_ROOM_LINGERING`] do: then its room is made,
+    /// and the accept loop need not wait for its close ([`MAX_PENDING_EVICTIONS`] no longer
+    /// counts it). None beyond them: it closes at once, counted until it has (over TLS its
+    /// `close_notify` may wait for room in the socket).
     pub(crate) fn room_made(&self) -> Option<RoomLinger> {
+        let n = self.shard.room_lingering.get();
+        if n >= MAX_ROOM_LINGERING {
+            return None;
+        }
+        self.shard.room_lingering.set(n + 1);
         if self.slot.for_room.get() && !self.released.replace(true) {
             self.shard.evicting.set(self.shard.evicting.get() - 1);
             self.shard.room_freed.notify();
         }
-        let n = self.shard.room_lingering.get();
-        (n < MAX_ROOM_LINGERING).then(|| {
-            self.shard.room_lingering.set(n + 1);
-            RoomLinger(self.shard.clone())
-        })
+        Some(RoomLinger(self.shard.clone()))
     }
 }
 
@@ -585,7 +589,7 @@ pub(crate) struct RoomFreed {
 }
 
 impl RoomFreed {
-    /// A connection closed for room has ended.
+    /// A connection closed for room has ended, or made its room.
     pub(crate) fn notify(&self) {
         self.ended.set(self.ended.get() + 1);
         for w in self.waiters.take() {
@@ -610,15 +614,16 @@ impl RoomFreed {
 }
 
 /// At most this many connections closed to make room at `limits.max_connections_per_shard`
-/// may still be open at once: a new connection beyond the limit is let in only for one of
-/// them, so the shard holds at most the limit plus this many client connections.
+/// may still be open at once, besides those lingering after their room was made
+/// ([`MAX_ROOM_LINGERING`]): a new connection beyond the limit is let in only for one of them.
 pub(crate) const MAX_PENDING_EVICTIONS: usize = 16;
 
 /// At most this many connections closed for room, whose answers are written, may linger for
-/// their clients' close at once (`api::http::ROOM_LINGER`): a served connection whose next
-/// request raced its eviction reads its 503 before the socket goes. Beyond them, one closes at
-/// once. So a shard holds at most the limit, plus [`MAX_PENDING_EVICTIONS`] closes under way,
-/// 16 TLS handshakes closed for room, and these.
+/// their clients' close at once (`api::http::ROOM_LINGER`), no longer counted against
+/// [`MAX_PENDING_EVICTIONS`]: a served connection whose next request raced its eviction reads
+/// its 503 before the socket goes. Beyond them, one closes at once, still counted. So a shard
+/// holds at most the limit, plus [`MAX_PENDING_EVICTIONS`] closes under way, 16 TLS handshakes
+/// closed for room (`unproven::MAX_PENDING`), and these.
 pub(crate) const MAX_ROOM_LINGERING: usize = 64;
 
 impl Shard {
@@ -691,7 +696,7 @@ impl Shard {
     }
 
     /// Tells `slot`'s connection to close for room; it counts against
-    /// [`MAX_PENDING_EVICTIONS`] until it has.
+    /// [`MAX_PENDING_EVICTIONS`] until it has, or until it lingers with its room made.
     fn close_for_room(&self, slot: &IdleSlot) {
         slot.evicted.set(true);
         slot.for_room.set(true);

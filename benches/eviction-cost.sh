@@ -45,12 +45,7 @@ HOST=$(hostname -s 2>/dev/null || hostname)
 OUT=${OUT:-$ROOT/benches/results/$DATE-eviction-cost-$HOST.md}
 work_dir fedbus-evict
 LOAD_START=$(uptime | sed 's/.*load average/load average/')
-export FEDBUS_HOME=$WORK/fedbus
-mkdir -p "$FEDBUS_HOME"
-"$BIN" keys init --keyring "$FEDBUS_HOME/keys" --app demo/echo >/dev/null
-TOKEN=$("$BIN" token client --app demo/echo --sub evict-bench --ttl 2h --keyring "$FEDBUS_HOME/keys" | tail -1)
-TLS=0
-FEDBUS_PATH=/api/local/dev/demo/echo/api/0/sys/echo
+dev_keyring evict-bench
 
 # cpu_ns PID: nanoseconds on CPU of all of PID's threads so far.
 cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {printf "%d\n", s}'; }

@@ -82,6 +82,18 @@ PY
   [ $ok = 1 ] || { echo "fedbus router ($bin) never answered 200; log:" >&2; tail -20 "$WORK/router$tag.log" >&2; exit 1; }
 }
 
+# dev_keyring SUB: a keyring for demo/echo in FEDBUS_HOME ($WORK/fedbus, exported) made by BIN,
+# and TOKEN, a client token for subject SUB (2 h); TLS=0 and FEDBUS_PATH, the echo's path, for
+# start_fedbus and the clients.
+dev_keyring() {
+  export FEDBUS_HOME=$WORK/fedbus
+  mkdir -p "$FEDBUS_HOME"
+  "$BIN" keys init --keyring "$FEDBUS_HOME/keys" --app demo/echo >/dev/null
+  TOKEN=$("$BIN" token client --app demo/echo --sub "$1" --ttl 2h --keyring "$FEDBUS_HOME/keys" | tail -1)
+  TLS=0
+  FEDBUS_PATH=/api/local/dev/demo/echo/api/0/sys/echo
+}
+
 # post_lua FILE: the start of a wrk script that POSTs args[2]-byte bodies with the bearer token
 # args[1] to the path format args[3], wsids 0..15 in turn; the caller appends its done().
 post_lua() {

@@ -81,12 +81,7 @@ rss_kb() {
 established() { ss -Htn state established "( sport = :$1 )" | wc -l; }
 
 # ---- the servers
-export FEDBUS_HOME=$WORK/fedbus
-mkdir -p "$FEDBUS_HOME"
-"$BIN" keys init --keyring "$FEDBUS_HOME/keys" --app demo/echo >/dev/null
-TOKEN=$("$BIN" token client --app demo/echo --sub mem-bench --ttl 2h --keyring "$FEDBUS_HOME/keys" | tail -1)
-TLS=0
-FEDBUS_PATH=/api/local/dev/demo/echo/api/0/sys/echo
+dev_keyring mem-bench
 # One router per fedbus row, so that one row's freed memory (which the allocator keeps) does
 # not serve the next row's connections.
 FEDBUS_TUNING=$TRIM_TUNING start_fedbus "$BIN" "-http"

@@ -1,0 +1,138 @@
+#!/bin/bash
+# What a request head trickled one byte per write costs the router, as its length grows. The
+# router parses an incomplete head again from its start after each read (httparse keeps no
+# state between calls), so the cost could grow with the square of the length; this shows how
+# it grows in fact (session 45: linearly, about 3 us per read, 2026-12-07-trickled-head-s45-vm.md).
+#
+#   benches/trickled-head.sh                     # CONNS=20 SIZES="2000 8000" REPEAT=3
+#   BIN=/path/to/fedbus EXTRA_BIN=/path/to/other/fedbus benches/trickled-head.sh
+#
+# Run from the repo root. Writes benches/results/<date>-trickled-head-<host>.md (or $OUT).
+#
+# Method: for each build, size S and round, a fresh router and echo task (benches/lib.sh's
+# start_fedbus: shard on core 1, the rest on core 0). A client (core 0, TCP_NODELAY) opens CONNS
+# connections and writes, over all of them in turn, a POST head whose one `x-pad` header holds S
+# bytes, one byte per write, then the end of the head and a 2-byte body, and reads every answer
+# (200 expected). Router CPU = on-CPU time of all its threads (`/proc/PID/task/*/schedstat`)
+# from the first byte to the last answer, divided by CONNS: per head. The client's own pace
+# (its writes over the wall time) is printed beside it.
+set -euo pipefail
+CONNS=${CONNS:-20}
+SIZES=${SIZES:-2000 8000}
+REPEAT=${REPEAT:-3}
+EXTRA_BIN=${EXTRA_BIN:-}
+ROOT=$(pwd)
+[ -f Cargo.toml ] && [ -d benches ] || { echo "run from the fedbus repo root" >&2; exit 1; }
+[ "$(nproc)" -ge 2 ] || { echo "needs 2 cores (router on core 1, client on core 0)" >&2; exit 1; }
+for s in $SIZES; do
+  [[ "$s" =~ ^[1-9][0-9]*$ ]] && [ "$s" -le 15000 ] || { echo "each size must be at most 15000 (limits.max_header_bytes is 16 KiB)" >&2; exit 1; }
+done
+[ -z "$EXTRA_BIN" ] || [ -x "$EXTRA_BIN" ] || { echo "EXTRA_BIN $EXTRA_BIN is not executable" >&2; exit 1; }
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
+build_bin
+DATE=$(date +%F)
+HOST=$(hostname -s 2>/dev/null || hostname)
+OUT=${OUT:-$ROOT/benches/results/$DATE-trickled-head-$HOST.md}
+work_dir fedbus-trickle
+LOAD_START=$(uptime | sed 's/.*load average/load average/')
+dev_keyring trickle-bench
+
+# cpu_ns PID: nanoseconds on CPU of all of PID's threads so far.
+cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {printf "%d\n", s}'; }
+
+# The client: prints "ready" once connected, waits for a line, trickles, prints "done SECONDS".
+cat >"$WORK/trickle.py" <<'PY'
+import socket, sys, time
+port, token, path, conns, size = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+socks = []
+for _ in range(conns):
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    socks.append(s)
+start = (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+         f"Content-Length: 2\r\nx-pad: ").encode()
+print("ready", flush=True)
+sys.stdin.readline()
+t0 = time.monotonic()
+for s in socks:
+    s.sendall(start)
+for _ in range(size):
+    for s in socks:
+        s.send(b"a")
+for s in socks:
+    s.sendall(b"\r\n\r\nok")
+for i, s in enumerate(socks):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            sys.exit(f"connection {i}: closed before an answer")
+        data += chunk
+    status = int(data.split(b" ", 2)[1])
+    if status != 200:
+        sys.exit(f"connection {i}: status {status}")
+print(f"done {time.monotonic() - t0:.3f}", flush=True)
+PY
+
+# run_case BIN NAME SIZE: one round; appends "NAME size ns seconds" to rows.
+run_case() {
+  local bin=$1 name=$2 size=$3 line a b c0 c1 pid
+  start_fedbus "$bin" "-$name-$size"
+  rm -f "$WORK/t.in" "$WORK/t.out"; mkfifo "$WORK/t.in" "$WORK/t.out"
+  taskset -c 0 python3 "$WORK/trickle.py" "$API_PORT" "$TOKEN" "$FEDBUS_PATH" "$CONNS" "$size" <"$WORK/t.in" >"$WORK/t.out" &
+  pid=$!
+  exec {a}>"$WORK/t.in" {b}<"$WORK/t.out"
+  read -r line <&"$b" || line=""
+  [ "$line" = ready ] || { echo "$name: the client did not connect" >&2; exit 1; }
+  c0=$(cpu_ns "$ROUTER")
+  echo >&"$a"
+  read -r line <&"$b" || line=""
+  c1=$(cpu_ns "$ROUTER")
+  [ "${line%% *}" = done ] || { echo "$name: the client failed" >&2; exit 1; }
+  echo "$name $size $((c1 - c0)) ${line#done }" >>"$WORK/rows"
+  wait "$pid" || true
+  eval "exec $a>&- $b<&-"
+  stop_fedbus
+}
+
+for round in $(seq 1 "$REPEAT"); do
+  for size in $SIZES; do
+    for build in fedbus ${EXTRA_BIN:+extra}; do
+      bin=$BIN; [ "$build" = extra ] && bin=$EXTRA_BIN
+      echo "== round $round: $build, heads of $size bytes" >&2
+      run_case "$bin" "$build" "$size"
+    done
+  done
+done
+
+python3 - "$WORK/rows" "$CONNS" "$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)" "$(uname -r)" \
+  "$LOAD_START" "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" "$BIN" "$EXTRA_BIN" \
+  "$SIZES" "$REPEAT" >"$OUT" <<'PY'
+import statistics, sys
+rows_file, conns, cpu, kernel, load, commit, bin_, extra, sizes, repeat = sys.argv[1:]
+conns = int(conns)
+rows = [l.split() for l in open(rows_file)]
+o = [f"# Router CPU per request head trickled one byte per write ({conns} connections at once)", "",
+     f"- machine: {cpu}, kernel {kernel}, {load} at the start",
+     f"- command: `CONNS={conns} SIZES=\"{sizes}\" REPEAT={repeat} BIN={bin_}"
+     f"{' EXTRA_BIN=' + extra if extra else ''} benches/trickled-head.sh` (commit {commit})",
+     "- pinning: router shard core 1; its control thread, the echo task and the client core 0",
+     "- CPU = on-CPU time of every router thread (`/proc/PID/task/*/schedstat`) from the first byte to the last "
+     "answer / connections; each head has one `x-pad` header of the size given, written a byte at a time "
+     "over the connections in turn (TCP_NODELAY)",
+     "", "| build | x-pad bytes | router CPU per head, ms | client's writes per second |",
+     "|---|---:|---:|---:|"]
+by = {}
+for name, size, ns, secs in rows:
+    by.setdefault((name, int(size)), []).append((int(ns) / conns / 1e6, int(size) * conns / float(secs)))
+for (name, size), v in sorted(by.items()):
+    ms = [m for m, _ in v]
+    pace = statistics.median([p for _, p in v])
+    label = "this build" if name == "fedbus" else f"other build ({extra})"
+    o.append(f"| {label} | {size} | {statistics.median(ms):.2f} ({min(ms):.2f}-{max(ms):.2f}) | {pace:,.0f} |")
+o += ["", "Medians over the rounds, their range in brackets."]
+print("\n".join(o))
+PY
+cat "$OUT"
+echo "wrote $OUT" >&2

@@ -47,8 +47,6 @@ work_dir fedbus-evict
 LOAD_START=$(uptime | sed 's/.*load average/load average/')
 dev_keyring evict-bench
 
-# cpu_ns PID: nanoseconds on CPU of all of PID's threads so far.
-cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {printf "%d\n", s}'; }
 # metric NAME: that counter of the router (summed over its labels), from its /metrics.
 metric() { router_metrics | awk -v m="$1" '$1 == m || index($1, m "{") == 1 {s += $2} END {printf "%d\n", s}'; }
 
@@ -121,29 +119,25 @@ run_case() {
   stop_fedbus
 }
 
+# both_cases HELD BIN BUILD: one round of BIN at the limit and below it.
+both_cases() {
+  echo "== round $round: $3, $1 held, at the limit and below it" >&2
+  run_case "$2" "$3-at" "$1" "$1"
+  run_case "$2" "$3-below" "$1" $(($1 + FLOOD + 1000))
+}
 for round in $(seq 1 "$REPEAT"); do
-  for h in $HELD; do
-    for build in fedbus ${EXTRA_BIN:+extra}; do
-      bin=$BIN; [ "$build" = extra ] && bin=$EXTRA_BIN
-      echo "== round $round: $build, $h held, at the limit and below it" >&2
-      run_case "$bin" "$build-at" "$h" "$h"
-      run_case "$bin" "$build-below" "$h" $((h + FLOOD + 1000))
-    done
-  done
+  for h in $HELD; do each_build both_cases "$h"; done
 done
 
-python3 - "$WORK/rows" "$FLOOD" "$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)" "$(uname -r)" \
-  "$LOAD_START" "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" "$BIN" "$EXTRA_BIN" \
-  "$HELD" "$REPEAT" >"$OUT" <<'PY'
+{
+  report_head "Router CPU per new connection at the connection limit ($FLOOD new connections)" \
+    "HELD=\"$HELD\" FLOOD=$FLOOD REPEAT=$REPEAT BIN=$BIN${EXTRA_BIN:+ EXTRA_BIN=$EXTRA_BIN} benches/eviction-cost.sh"
+  python3 - "$WORK/rows" "$FLOOD" "$EXTRA_BIN" <<'PY'
 import statistics, sys
-rows_file, flood, cpu, kernel, load, commit, bin_, extra, held, repeat = sys.argv[1:]
+rows_file, flood, extra = sys.argv[1:]
 flood = int(flood)
 rows = [l.split() for l in open(rows_file)]
-o = [f"# Router CPU per new connection at the connection limit ({flood} new connections)", "",
-     f"- machine: {cpu}, kernel {kernel}, {load} at the start",
-     f"- command: `HELD=\"{held}\" FLOOD={flood} REPEAT={repeat} BIN={bin_}"
-     f"{' EXTRA_BIN=' + extra if extra else ''} benches/eviction-cost.sh` (commit {commit})",
-     "- pinning: router shard core 1, its control thread, the echo task and both clients core 0",
+o = ["- pinning: router shard core 1, its control thread, the echo task and both clients core 0",
      "- CPU = on-CPU time of every router thread (`/proc/PID/task/*/schedstat`) over the flood / new connections; "
      "each new connection connects, POSTs 64 B, gets its 200 and stays open",
      "- at the limit: `limits.max_connections_per_shard` = held, so each new connection closes one held "
@@ -165,5 +159,6 @@ for (build, h), cases in sorted(by.items()):
 o += ["", "Medians over the rounds, their range in brackets."]
 print("\n".join(o))
 PY
+} >"$OUT"
 cat "$OUT"
 echo "wrote $OUT" >&2

@@ -94,6 +94,23 @@ dev_keyring() {
   FEDBUS_PATH=/api/local/dev/demo/echo/api/0/sys/echo
 }
 
+# cpu_ns PID: nanoseconds on CPU of all of PID's threads so far (`/proc/PID/task/*/schedstat`).
+cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {printf "%d\n", s}'; }
+
+# each_build CMD...: runs `CMD... BIN fedbus`, then with EXTRA_BIN set `CMD... EXTRA_BIN extra`.
+each_build() {
+  "$@" "$BIN" fedbus
+  [ -z "${EXTRA_BIN:-}" ] || "$@" "$EXTRA_BIN" extra
+}
+
+# report_head TITLE COMMAND: the top of a results file: its title, the machine, the load at the
+# start (LOAD_START) and the command, with the commit it ran at.
+report_head() {
+  printf '# %s\n\n- machine: %s, kernel %s, %s at the start\n- command: `%s` (commit %s)\n' "$1" \
+    "$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)" "$(uname -r)" "$LOAD_START" "$2" \
+    "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+}
+
 # post_lua FILE: the start of a wrk script that POSTs args[2]-byte bodies with the bearer token
 # args[1] to the path format args[3], wsids 0..15 in turn; the caller appends its done().
 post_lua() {

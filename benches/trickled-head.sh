@@ -38,9 +38,6 @@ work_dir fedbus-trickle
 LOAD_START=$(uptime | sed 's/.*load average/load average/')
 dev_keyring trickle-bench
 
-# cpu_ns PID: nanoseconds on CPU of all of PID's threads so far.
-cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {printf "%d\n", s}'; }
-
 # The client: prints "ready" once connected, waits for a line, trickles, prints "done SECONDS".
 cat >"$WORK/trickle.py" <<'PY'
 import socket, sys, time
@@ -96,28 +93,24 @@ run_case() {
   stop_fedbus
 }
 
+# one_case SIZE BIN BUILD: one round of BIN.
+one_case() {
+  echo "== round $round: $3, heads of $1 bytes" >&2
+  run_case "$2" "$3" "$1"
+}
 for round in $(seq 1 "$REPEAT"); do
-  for size in $SIZES; do
-    for build in fedbus ${EXTRA_BIN:+extra}; do
-      bin=$BIN; [ "$build" = extra ] && bin=$EXTRA_BIN
-      echo "== round $round: $build, heads of $size bytes" >&2
-      run_case "$bin" "$build" "$size"
-    done
-  done
+  for size in $SIZES; do each_build one_case "$size"; done
 done
 
-python3 - "$WORK/rows" "$CONNS" "$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)" "$(uname -r)" \
-  "$LOAD_START" "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" "$BIN" "$EXTRA_BIN" \
-  "$SIZES" "$REPEAT" >"$OUT" <<'PY'
+{
+  report_head "Router CPU per request head trickled one byte per write ($CONNS connections at once)" \
+    "CONNS=$CONNS SIZES=\"$SIZES\" REPEAT=$REPEAT BIN=$BIN${EXTRA_BIN:+ EXTRA_BIN=$EXTRA_BIN} benches/trickled-head.sh"
+  python3 - "$WORK/rows" "$CONNS" "$EXTRA_BIN" <<'PY'
 import statistics, sys
-rows_file, conns, cpu, kernel, load, commit, bin_, extra, sizes, repeat = sys.argv[1:]
+rows_file, conns, extra = sys.argv[1:]
 conns = int(conns)
 rows = [l.split() for l in open(rows_file)]
-o = [f"# Router CPU per request head trickled one byte per write ({conns} connections at once)", "",
-     f"- machine: {cpu}, kernel {kernel}, {load} at the start",
-     f"- command: `CONNS={conns} SIZES=\"{sizes}\" REPEAT={repeat} BIN={bin_}"
-     f"{' EXTRA_BIN=' + extra if extra else ''} benches/trickled-head.sh` (commit {commit})",
-     "- pinning: router shard core 1; its control thread, the echo task and the client core 0",
+o = ["- pinning: router shard core 1; its control thread, the echo task and the client core 0",
      "- CPU = on-CPU time of every router thread (`/proc/PID/task/*/schedstat`) from the first byte to the last "
      "answer / connections; each head has one `x-pad` header of the size given, written a byte at a time "
      "over the connections in turn (TCP_NODELAY)",
@@ -134,5 +127,6 @@ for (name, size), v in sorted(by.items()):
 o += ["", "Medians over the rounds, their range in brackets."]
 print("\n".join(o))
 PY
+} >"$OUT"
 cat "$OUT"
 echo "wrote $OUT" >&2

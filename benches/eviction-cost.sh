@@ -73,7 +73,10 @@ for i in range(n):
         sys.exit(f"connection {i}: status {status}")
     length = next(int(l.split(b":", 1)[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:"))
     while len(body) < length:
-        body += s.recv(4096)
+        chunk = s.recv(4096)
+        if not chunk:
+            sys.exit(f"connection {i}: closed in its answer")
+        body += chunk
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     held.append(s)
 print("ok", flush=True)
@@ -95,12 +98,12 @@ run_case() {
   [ "$line" = "held $held" ] || { echo "$name: the client did not hold $held connections (said: $line)" >&2; exit 1; }
   # The held connections give their buffers back after tuning.idle_buffer_release_ms (1 s):
   # wait for all of that before measuring, so it falls in neither case's flood.
-  local i
-  for i in $(seq 1 100); do
-    [ "$(metric fedbus_idle_buffers_released_total)" -ge "$held" ] && break
+  local released=0
+  for _ in $(seq 1 100); do
+    [ "$(metric fedbus_idle_buffers_released_total)" -ge "$held" ] && { released=1; break; }
     sleep 0.1
   done
-  [ "$i" -lt 100 ] || { echo "$name: the held connections did not give their buffers back" >&2; exit 1; }
+  [ "$released" = 1 ] || { echo "$name: the held connections did not give their buffers back" >&2; exit 1; }
   rm -f "$WORK/flood.in" "$WORK/flood.out"; mkfifo "$WORK/flood.in" "$WORK/flood.out"
   e0=$(metric fedbus_idle_evicted_total)
   c0=$(cpu_ns "$ROUTER")

@@ -94,8 +94,12 @@ dev_keyring() {
   FEDBUS_PATH=/api/local/dev/demo/echo/api/0/sys/echo
 }
 
-# cpu_ns PID: nanoseconds on CPU of all of PID's threads so far (`/proc/PID/task/*/schedstat`).
-cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {printf "%d\n", s}'; }
+# cpu_ns PID: nanoseconds on CPU of all of PID's threads so far (`/proc/PID/task/*/schedstat`;
+# a thread that ended is no longer counted: for a router, whose threads live as long as it).
+cpu_ns() {
+  [ -d "/proc/$1" ] || { echo "process $1 is gone" >&2; exit 1; }
+  cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {printf "%d\n", s}'
+}
 
 # each_build CMD...: runs `CMD... BIN fedbus`, then with EXTRA_BIN set `CMD... EXTRA_BIN extra`.
 each_build() {
@@ -108,7 +112,7 @@ each_build() {
 report_head() {
   printf '# %s\n\n- machine: %s, kernel %s, %s at the start\n- command: `%s` (commit %s)\n' "$1" \
     "$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)" "$(uname -r)" "$LOAD_START" "$2" \
-    "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    "$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)"
 }
 
 # post_lua FILE: the start of a wrk script that POSTs args[2]-byte bodies with the bearer token

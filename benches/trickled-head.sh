@@ -4,7 +4,7 @@
 # state between calls), so the cost could grow with the square of the length; this shows how
 # it grows in fact (session 45: linearly, about 3 us per read, 2026-12-07-trickled-head-s45-vm.md).
 #
-#   benches/trickled-head.sh                     # CONNS=20 SIZES="2000 8000" REPEAT=3
+#   benches/trickled-head.sh                     # CONNS=20 SIZES="1000 4000 8000" PACE=40000 REPEAT=3
 #   BIN=/path/to/fedbus EXTRA_BIN=/path/to/other/fedbus benches/trickled-head.sh
 #
 # Run from the repo root. Writes benches/results/<date>-trickled-head-<host>.md (or $OUT).
@@ -12,13 +12,16 @@
 # Method: for each build, size S and round, a fresh router and echo task (benches/lib.sh's
 # start_fedbus: shard on core 1, the rest on core 0). A client (core 0, TCP_NODELAY) opens CONNS
 # connections and writes, over all of them in turn, a POST head whose one `x-pad` header holds S
-# bytes, one byte per write, then the end of the head and a 2-byte body, and reads every answer
-# (200 expected). Router CPU = on-CPU time of all its threads (`/proc/PID/task/*/schedstat`)
-# from the first byte to the last answer, divided by CONNS: per head. The client's own pace
-# (its writes over the wall time) is printed beside it.
+# bytes, one byte per write, at most PACE writes a second in all, then the end of the head and
+# a 2-byte body, and reads every answer (200 expected). Router CPU = on-CPU time of all its
+# threads (`/proc/PID/task/*/schedstat`) from the first byte to the last answer, divided by
+# CONNS: per head. Busy = that CPU over the wall time: a router near 1.00 falls behind and reads
+# several bytes at once, so its CPU then says how long the client ran, not what a byte costs;
+# the client's pace keeps it well below (each read then brings about one byte).
 set -euo pipefail
 CONNS=${CONNS:-20}
-SIZES=${SIZES:-2000 8000}
+SIZES=${SIZES:-1000 4000 8000}
+PACE=${PACE:-40000}
 REPEAT=${REPEAT:-3}
 EXTRA_BIN=${EXTRA_BIN:-}
 ROOT=$(pwd)
@@ -41,7 +44,8 @@ dev_keyring trickle-bench
 # The client: prints "ready" once connected, waits for a line, trickles, prints "done SECONDS".
 cat >"$WORK/trickle.py" <<'PY'
 import socket, sys, time
-port, token, path, conns, size = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+port, token, path, conns, size, pace = (int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]),
+                                        int(sys.argv[5]), int(sys.argv[6]))
 socks = []
 for _ in range(conns):
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
@@ -54,9 +58,13 @@ sys.stdin.readline()
 t0 = time.monotonic()
 for s in socks:
     s.sendall(start)
-for _ in range(size):
+for i in range(size):
     for s in socks:
         s.send(b"a")
+    # At most `pace` writes a second.
+    ahead = t0 + (i + 1) * conns / pace - time.monotonic()
+    if ahead > 0:
+        time.sleep(ahead)
 for s in socks:
     s.sendall(b"\r\n\r\nok")
 for i, s in enumerate(socks):
@@ -77,7 +85,8 @@ run_case() {
   local bin=$1 name=$2 size=$3 line a b c0 c1 pid
   start_fedbus "$bin" "-$name-$size"
   rm -f "$WORK/t.in" "$WORK/t.out"; mkfifo "$WORK/t.in" "$WORK/t.out"
-  taskset -c 0 python3 "$WORK/trickle.py" "$API_PORT" "$TOKEN" "$FEDBUS_PATH" "$CONNS" "$size" <"$WORK/t.in" >"$WORK/t.out" &
+  taskset -c 0 python3 "$WORK/trickle.py" "$API_PORT" "$TOKEN" "$FEDBUS_PATH" "$CONNS" "$size" "$PACE" \
+    <"$WORK/t.in" >"$WORK/t.out" &
   pid=$!
   exec {a}>"$WORK/t.in" {b}<"$WORK/t.out"
   read -r line <&"$b" || line=""
@@ -104,7 +113,7 @@ done
 
 {
   report_head "Router CPU per request head trickled one byte per write ($CONNS connections at once)" \
-    "CONNS=$CONNS SIZES=\"$SIZES\" REPEAT=$REPEAT BIN=$BIN${EXTRA_BIN:+ EXTRA_BIN=$EXTRA_BIN} benches/trickled-head.sh"
+    "CONNS=$CONNS SIZES=\"$SIZES\" PACE=$PACE REPEAT=$REPEAT BIN=$BIN${EXTRA_BIN:+ EXTRA_BIN=$EXTRA_BIN} benches/trickled-head.sh"
   python3 - "$WORK/rows" "$CONNS" "$EXTRA_BIN" <<'PY'
 import statistics, sys
 rows_file, conns, extra = sys.argv[1:]
@@ -114,16 +123,20 @@ o = ["- pinning: router shard core 1; its control thread, the echo task and the 
      "- CPU = on-CPU time of every router thread (`/proc/PID/task/*/schedstat`) from the first byte to the last "
      "answer / connections; each head has one `x-pad` header of the size given, written a byte at a time "
      "over the connections in turn (TCP_NODELAY)",
-     "", "| build | x-pad bytes | router CPU per head, ms | client's writes per second |",
-     "|---|---:|---:|---:|"]
+     "", "| build | x-pad bytes | router CPU per head, ms | per byte, us | busy | client's writes per second |",
+     "|---|---:|---:|---:|---:|---:|"]
 by = {}
 for name, size, ns, secs in rows:
-    by.setdefault((name, int(size)), []).append((int(ns) / conns / 1e6, int(size) * conns / float(secs)))
+    by.setdefault((name, int(size)), []).append(
+        (int(ns) / conns / 1e6, int(size) * conns / float(secs), int(ns) / 1e9 / float(secs)))
 for (name, size), v in sorted(by.items()):
-    ms = [m for m, _ in v]
-    pace = statistics.median([p for _, p in v])
+    ms = [m for m, _, _ in v]
+    pace = statistics.median([p for _, p, _ in v])
+    busy = statistics.median([b for _, _, b in v])
     label = "this build" if name == "fedbus" else f"other build ({extra})"
-    o.append(f"| {label} | {size} | {statistics.median(ms):.2f} ({min(ms):.2f}-{max(ms):.2f}) | {pace:,.0f} |")
+    med = statistics.median(ms)
+    o.append(f"| {label} | {size} | {med:.2f} ({min(ms):.2f}-{max(ms):.2f}) | {med * 1000 / size:.2f} | "
+             f"{busy:.2f} | {pace:,.0f} |")
 o += ["", "Medians over the rounds, their range in brackets."]
 print("\n".join(o))
 PY

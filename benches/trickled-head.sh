@@ -2,7 +2,8 @@
 # What a request head trickled one byte per write costs the router, as its length grows. The
 # router parses an incomplete head again from its start after each read (httparse keeps no
 # state between calls), so the cost could grow with the square of the length; this shows how
-# it grows in fact (session 45: linearly, about 3 us per read, 2026-12-07-trickled-head-s45-vm.md).
+# it grows in fact (session 45: 4.97 us per byte at 1,000 bytes, 5.65 at 8,000; about 0.2 ns
+# per byte held on top of the read; benches/results/2026-12-07-trickled-head-s45-vm.md).
 #
 #   benches/trickled-head.sh                     # CONNS=20 SIZES="1000 4000 8000" PACE=40000 REPEAT=3
 #   BIN=/path/to/fedbus EXTRA_BIN=/path/to/other/fedbus benches/trickled-head.sh

@@ -87,15 +87,11 @@ PY
 
 # run_case BIN NAME HELD LIMIT: one round; appends "NAME held limit ns evicted" to rows.
 run_case() {
-  local bin=$1 name=$2 held=$3 limit=$4 line a b e0 e1 c0 c1
+  local bin=$1 name=$2 held=$3 limit=$4 line e0 e1 c0 c1
   FEDBUS_TUNING=$(printf '\n[limits]\nmax_connections_per_shard = %s\n' "$limit") start_fedbus "$bin" "-$name-$held-$limit"
-  rm -f "$WORK/hold.in" "$WORK/hold.out"; mkfifo "$WORK/hold.in" "$WORK/hold.out"
-  taskset -c 0 python3 "$ROOT/benches/hold-connections.py" http 127.0.0.1 "$API_PORT" "$held" "$FEDBUS_PATH" "$TOKEN" \
-    <"$WORK/hold.in" >"$WORK/hold.out" &
-  local hold_pid=$!
-  exec {a}>"$WORK/hold.in" {b}<"$WORK/hold.out"
-  read -r line <&"$b" || line=""
-  [ "$line" = "held $held" ] || { echo "$name: the client did not hold $held connections (said: $line)" >&2; exit 1; }
+  fifo_client hold python3 "$ROOT/benches/hold-connections.py" http 127.0.0.1 "$API_PORT" "$held" "$FEDBUS_PATH" "$TOKEN"
+  local a=$CLIENT_IN b=$CLIENT_OUT hold_pid=$CLIENT_PID
+  [ "$CLIENT_LINE" = "held $held" ] || { echo "$name: the client did not hold $held connections (said: $CLIENT_LINE)" >&2; exit 1; }
   # The held connections give their buffers back after tuning.idle_buffer_release_ms (1 s):
   # wait for all of that before measuring, so it falls in neither case's flood.
   local released=0
@@ -104,16 +100,12 @@ run_case() {
     sleep 0.1
   done
   [ "$released" = 1 ] || { echo "$name: the held connections did not give their buffers back" >&2; exit 1; }
-  rm -f "$WORK/flood.in" "$WORK/flood.out"; mkfifo "$WORK/flood.in" "$WORK/flood.out"
   e0=$(metric fedbus_idle_evicted_total)
   c0=$(cpu_ns "$ROUTER")
-  taskset -c 0 python3 "$WORK/flood.py" "$API_PORT" "$TOKEN" "$FEDBUS_PATH" "$FLOOD" <"$WORK/flood.in" >"$WORK/flood.out" &
-  local flood_pid=$!
-  local fa fb
-  exec {fa}>"$WORK/flood.in" {fb}<"$WORK/flood.out"
-  read -r line <&"$fb" || line=""
+  fifo_client flood python3 "$WORK/flood.py" "$API_PORT" "$TOKEN" "$FEDBUS_PATH" "$FLOOD"
   c1=$(cpu_ns "$ROUTER")
-  [ "$line" = ok ] || { echo "$name: the flood failed" >&2; exit 1; }
+  local fa=$CLIENT_IN fb=$CLIENT_OUT flood_pid=$CLIENT_PID
+  [ "$CLIENT_LINE" = ok ] || { echo "$name: the flood failed" >&2; exit 1; }
   e1=$(metric fedbus_idle_evicted_total)
   echo "$name $held $limit $((c1 - c0)) $((e1 - e0))" >>"$WORK/rows"
   echo >&"$fa"; wait "$flood_pid" || true

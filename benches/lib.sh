@@ -101,6 +101,19 @@ cpu_ns() {
   cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {printf "%d\n", s}'
 }
 
+# fifo_client TAG CMD...: starts CMD on core 0 reading the FIFO $WORK/TAG.in and writing
+# $WORK/TAG.out; sets CLIENT_IN and CLIENT_OUT (fds: a line to it, a line from it), CLIENT_PID,
+# and CLIENT_LINE, the first line it wrote (empty when it wrote none).
+fifo_client() {
+  local tag=$1
+  shift
+  rm -f "$WORK/$tag.in" "$WORK/$tag.out"; mkfifo "$WORK/$tag.in" "$WORK/$tag.out"
+  taskset -c 0 "$@" <"$WORK/$tag.in" >"$WORK/$tag.out" &
+  CLIENT_PID=$!
+  exec {CLIENT_IN}>"$WORK/$tag.in" {CLIENT_OUT}<"$WORK/$tag.out"
+  read -r CLIENT_LINE <&"$CLIENT_OUT" || CLIENT_LINE=""
+}
+
 # each_build CMD...: runs `CMD... BIN fedbus`, then with EXTRA_BIN set `CMD... EXTRA_BIN extra`.
 each_build() {
   "$@" "$BIN" fedbus

@@ -83,15 +83,11 @@ PY
 
 # run_case BIN NAME SIZE: one round; appends "NAME size ns seconds" to rows.
 run_case() {
-  local bin=$1 name=$2 size=$3 line a b c0 c1 pid
+  local bin=$1 name=$2 size=$3 line c0 c1
   start_fedbus "$bin" "-$name-$size"
-  rm -f "$WORK/t.in" "$WORK/t.out"; mkfifo "$WORK/t.in" "$WORK/t.out"
-  taskset -c 0 python3 "$WORK/trickle.py" "$API_PORT" "$TOKEN" "$FEDBUS_PATH" "$CONNS" "$size" "$PACE" \
-    <"$WORK/t.in" >"$WORK/t.out" &
-  pid=$!
-  exec {a}>"$WORK/t.in" {b}<"$WORK/t.out"
-  read -r line <&"$b" || line=""
-  [ "$line" = ready ] || { echo "$name: the client did not connect" >&2; exit 1; }
+  fifo_client trickle python3 "$WORK/trickle.py" "$API_PORT" "$TOKEN" "$FEDBUS_PATH" "$CONNS" "$size" "$PACE"
+  local a=$CLIENT_IN b=$CLIENT_OUT pid=$CLIENT_PID
+  [ "$CLIENT_LINE" = ready ] || { echo "$name: the client did not connect" >&2; exit 1; }
   c0=$(cpu_ns "$ROUTER")
   echo >&"$a"
   read -r line <&"$b" || line=""

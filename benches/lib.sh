@@ -121,11 +121,14 @@ each_build() {
 }
 
 # report_head TITLE COMMAND: the top of a results file: its title, the machine, the load at the
-# start (LOAD_START) and the command, with the commit it ran at.
+# start (LOAD_START) and the command, with the commit it ran at (and FEDBUS_TUNING when set).
 report_head() {
   printf '# %s\n\n- machine: %s, kernel %s, %s at the start\n- command: `%s` (commit %s)\n' "$1" \
     "$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)" "$(uname -r)" "$LOAD_START" "$2" \
     "$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)"
+  if [ -n "${FEDBUS_TUNING:-}" ]; then
+    printf -- '- with FEDBUS_TUNING (added to the router config): `%s`\n' "$(echo "$FEDBUS_TUNING" | sed '/^$/d' | paste -sd ' ')"
+  fi
 }
 
 # post_lua FILE: the start of a wrk script that POSTs args[2]-byte bodies with the bearer token

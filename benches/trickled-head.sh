@@ -1,12 +1,16 @@
 #!/bin/bash
-# What a request head trickled one byte per write costs the router, as its length grows. The
-# router parses an incomplete head again from its start after each read (httparse keeps no
-# state between calls), so the cost could grow with the square of the length; this shows how
-# it grows in fact (session 45: 4.97 us per byte at 1,000 bytes, 5.65 at 8,000; about 0.2 ns
-# per byte held on top of the read; benches/results/2026-12-07-trickled-head-s45-vm.md).
+# What a request head trickled one byte per write costs the router, as its length grows.
+# httparse keeps no state between calls, so a router that parsed an incomplete head again from
+# its start after each read paid a cost that grew with the head (session 45: 4.97 us per byte at
+# 1,000 bytes, 5.65 at 8,000; benches/results/2026-12-07-trickled-head-s45-vm.md). Since
+# `api::http::HeadScan` parses again only once a line has ended, the cost per byte stays flat
+# (session 46: 5.76 / 5.54 / 5.90 / 5.02 us per byte at 1,000 / 4,000 / 8,000 / 15,000 bytes, the
+# build before 6.22 / 6.78 / 6.64 / 7.13 beside it; benches/results/2026-12-08-trickled-head-s46-gated-vm.md).
 #
 #   benches/trickled-head.sh                     # CONNS=20 SIZES="1000 4000 8000" PACE=40000 REPEAT=3
 #   BIN=/path/to/fedbus EXTRA_BIN=/path/to/other/fedbus benches/trickled-head.sh
+#   FEDBUS_TUNING=$(printf '\n[limits]\nhandshake_timeout_ms = 30000\n') SIZES=15000 benches/trickled-head.sh
+#                                   # heads that take longer than the default 5 s deadline
 #
 # Run from the repo root. Writes benches/results/<date>-trickled-head-<host>.md (or $OUT).
 #

@@ -588,6 +588,36 @@ fn a_half_closed_client_still_gets_its_answer() {
     assert!(w.rest_until_eof().is_empty());
 }
 
+/// A head parsed after its first read is parsed again only when later reads can change it
+/// (`api::http::HeadScan`): a control byte is refused when it comes, not at the head's
+/// deadline (408), and a printable byte that makes the head malformed without a line end
+/// after it is still answered 400 when the client half-closes, not dropped.
+#[test]
+fn a_head_made_malformed_by_a_later_read_is_answered_400() {
+    let (r, _t, _tok) = setup();
+    for (rest, half_close) in [(&b"X-A\x01"[..], false), (&b"Bad Name"[..], true)] {
+        let mut w = Wire::open(r.api);
+        let port = w.s.local_addr().expect("local").port();
+        // Each write its own read: the next is sent once the router took the last in.
+        let read = || {
+            wait_for(Duration::from_secs(5), || {
+                server_read_all(r.api, port).then_some(())
+            })
+        };
+        w.send(b"GET /api/x HTTP/1.1\r\nHost: x\r\n");
+        for b in rest {
+            read().expect("the router reads");
+            w.send(&[*b]);
+        }
+        if half_close {
+            w.s.shutdown(Shutdown::Write).expect("shutdown");
+        }
+        let resp = w.final_response("GET");
+        assert_eq!(resp.status, 400, "{rest:?}: {resp:?}");
+        assert!(w.rest_until_eof().is_empty(), "{rest:?}");
+    }
+}
+
 /// RFC 9112 2.2: "a server that is expecting to receive and parse a request-line SHOULD
 /// ignore at least one empty line (CRLF) received prior to the request-line" (old browsers
 /// sent a CRLF after a POST body).

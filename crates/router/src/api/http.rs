@@ -136,6 +136,124 @@ fn range_of(buf: &[u8], part: &[u8]) -> Range<usize> {
 /// metadata entry holds.
 const META_VALUE_MAX: usize = u16::MAX as usize;
 
+/// [`parse_one`] for a connection's read loop, which parses again after each read: what the
+/// last parse found decides whether the bytes that came since can change its answer. httparse
+/// keeps no state between calls, so a head trickled a byte per read was parsed from its start
+/// per byte (`benches/trickled-head.sh`).
+/// - A head that was incomplete stays so until a line ends (a head ends with an empty line).
+///   New bytes without a [`line_end_or_control`] byte, in a buffer still within `max_header`,
+///   give the same [`Parsed::Incomplete`] without a parse. A printable byte that makes the head
+///   malformed (a space in a field name) is then refused at its line's end, within the same
+///   bounds (`max_header`, the head's deadline), or at the client's end of input
+///   ([`HeadScan::flush`]); control bytes, as a binary protocol sends, are refused at once.
+/// - A complete head whose body is still arriving is not parsed again until the body is whole.
+#[derive(Default)]
+#[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
+pub struct HeadScan {
+    /// The buffer's length at the last parse.
+    len: usize,
+    last: Scanned,
+    /// A parse of an incomplete head was skipped since the last parse.
+    skipped: bool,
+    /// Parses made (the tests count them).
+    parses: usize,
+}
+
+#[derive(Default, Clone, Copy)]
+enum Scanned {
+    /// Nothing to go on: parse.
+    #[default]
+    Nothing,
+    /// The head was incomplete.
+    PartialHead,
+    /// The head was complete, the body not.
+    Body {
+        continue_: bool,
+        head_len: usize,
+        body_len: usize,
+    },
+}
+
+/// Whether `new` bytes of an incomplete head may change what httparse makes of it: a line's
+/// end (LF), or a control byte other than HTAB and CR, which no head holds (RFC 9110 5.5). A
+/// CR waits for its LF: a line is parsed again once, at its end. One pass without an early
+/// exit, which the compiler vectorizes.
+#[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
+pub fn line_end_or_control(new: &[u8]) -> bool {
+    new.iter().fold(false, |any, &b| {
+        any | ((b < 0x20 && b != b'\t' && b != b'\r') || b == 0x7f)
+    })
+}
+
+impl HeadScan {
+    /// [`parse_one`] of `buf`, or its answer without a parse when the bytes read since the
+    /// last cannot change it.
+    #[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
+    pub fn parse(&mut self, buf: &mut BytesMut, max_header: usize, max_body: usize) -> Parsed {
+        // A buffer shorter than at the last parse was cut or replaced: parse it.
+        let same = buf.len() >= self.len;
+        match self.last {
+            Scanned::PartialHead
+                if same && buf.len() <= max_header && !line_end_or_control(&buf[self.len..]) =>
+            {
+                self.len = buf.len();
+                self.skipped = true;
+                return Parsed::Incomplete {
+                    continue_: false,
+                    head_len: None,
+                    body_len: 0,
+                };
+            }
+            Scanned::Body {
+                continue_,
+                head_len,
+                body_len,
+            } if same && buf.len() < head_len + body_len => {
+                // As `parse_one` would: room for the whole body (a buffer reclaimed or grown
+                // by a read since may have less).
+                buf.reserve(head_len + body_len - buf.len());
+                self.len = buf.len();
+                return Parsed::Incomplete {
+                    continue_,
+                    head_len: Some(head_len),
+                    body_len,
+                };
+            }
+            _ => {}
+        }
+        let parsed = parse_one(buf, max_header, max_body);
+        self.parses += 1;
+        self.len = buf.len();
+        self.skipped = false;
+        self.last = match parsed {
+            Parsed::Incomplete { head_len: None, .. } => Scanned::PartialHead,
+            Parsed::Incomplete {
+                continue_,
+                head_len: Some(head_len),
+                body_len,
+            } => Scanned::Body {
+                continue_,
+                head_len,
+                body_len,
+            },
+            _ => Scanned::Nothing,
+        };
+        parsed
+    }
+
+    /// At the client's end of input: whether a parse of the head was skipped since the last,
+    /// in which case the next [`HeadScan::parse`] parses (a head made malformed by its last
+    /// bytes is answered 400 before the connection closes, as it was when they came).
+    #[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
+    pub fn flush(&mut self) -> bool {
+        if std::mem::take(&mut self.skipped) {
+            self.last = Scanned::Nothing;
+            return true;
+        }
+        false
+    }
+}
+
 /// Parses one request from the front of `buf`, splitting it off when complete.
 #[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
 pub fn parse_one(buf: &mut BytesMut, max_header: usize, max_body: usize) -> Parsed {
@@ -819,6 +937,7 @@ async fn serve_inner<S: Stream>(
     let mut kept = 0usize;
     let mut parts: Vec<Bytes> = Vec::new();
     let mut inflight = Ordered::new();
+    let mut scan = HeadScan::default();
     // Every deadline of this connection (head, body, idle, answer write) on one timer.
     let mut deadline = Deadline::new();
     let cache = Rc::new(RefCell::new(VerifyCache::new(1)));
@@ -859,7 +978,7 @@ async fn serve_inner<S: Stream>(
         glommio::executor().yield_if_needed().await;
         // Parse and start every complete request that is buffered.
         while !closing && inflight.len() < limits.max_inflight_per_connection {
-            match parse_one(&mut buf, limits.max_header_bytes, limits.max_body_bytes) {
+            match scan.parse(&mut buf, limits.max_header_bytes, limits.max_body_bytes) {
                 Parsed::Incomplete {
                     continue_,
                     head_len,
@@ -1091,6 +1210,9 @@ async fn serve_inner<S: Stream>(
                     let a = Answer::error(408, "request_timeout", what);
                     inflight.push_back(ready(a, is_head(&buf), true, 0, Instant::now()));
                 }
+                // The client's end of input: a head whose last bytes were not parsed yet
+                // (`HeadScan`) is parsed first (a malformed one is answered).
+                Ok(Ok(0)) if scan.flush() => continue,
                 Ok(Ok(0)) => break,
                 Err(_) if releasing => {
                     space.give_back(&mut buf);
@@ -1159,7 +1281,8 @@ async fn serve_inner<S: Stream>(
                 Either::Left(_) => {}
                 Either::Right((Either::Left((r, _)), _)) => {
                     if r? == 0 {
-                        closing = true;
+                        // As above: a head not parsed yet is, then the next end closes.
+                        closing = !scan.flush();
                     } else {
                         read_at = Instant::now();
                         if !continued {
@@ -1536,6 +1659,107 @@ mod tests {
     fn parse(s: &[u8]) -> Parsed {
         let mut b = BytesMut::from(s);
         parse_one(&mut b, 1024, 100)
+    }
+
+    /// What a read loop makes of `input` arriving in `chunks`-byte reads, parsing after each
+    /// read until a parse is incomplete: each request (head and body) and the status of an
+    /// error, and how many parses [`HeadScan`] made.
+    fn read_loop(input: &[u8], chunk: usize, gated: bool) -> (Vec<String>, usize) {
+        let (mut buf, mut scan, mut seen) = (BytesMut::new(), HeadScan::default(), Vec::new());
+        let mut parses = 0;
+        for piece in input.chunks(chunk) {
+            buf.extend_from_slice(piece);
+            loop {
+                let p = if gated {
+                    scan.parse(&mut buf, 1024, 100)
+                } else {
+                    parses += 1;
+                    parse_one(&mut buf, 1024, 100)
+                };
+                match p {
+                    Parsed::Incomplete { .. } => break,
+                    Parsed::Request(r) => {
+                        seen.push(format!("{:?}", String::from_utf8_lossy(&r.bytes)));
+                    }
+                    Parsed::Error(status, ..) => {
+                        seen.push(format!("error {status}"));
+                        return (seen, scan.parses.max(parses));
+                    }
+                }
+            }
+        }
+        (seen, scan.parses.max(parses))
+    }
+
+    #[test]
+    fn a_trickled_request_is_parsed_again_only_when_a_line_ends() {
+        let long = "x".repeat(600);
+        let cases = [
+            "GET /a HTTP/1.1\r\nHost: h\r\n\r\n".to_string(),
+            format!("GET /a HTTP/1.1\r\nHost: h\r\nX-Long: {long}\r\n\r\n"),
+            // Pipelined, bodies among them, one owed a 100 Continue.
+            "POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\nHost: h\r\n\r\n".into(),
+            "POST /c HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc".into(),
+            // Bare LF line ends.
+            "GET /d HTTP/1.1\nHost: h\n\n".into(),
+            // Malformed in the middle of a line, then more lines.
+            "GET /e HTTP/1.1\r\nHost: h\r\nBad Name: v\r\nX: y\r\n\r\n".into(),
+            // A body over the limit; a head over the limit without a line end.
+            "POST /f HTTP/1.1\r\nHost: h\r\nContent-Length: 101\r\n\r\n".into(),
+            format!("GET /g HTTP/1.1\r\nX: {}", "y".repeat(2000)),
+            // A request, then a malformed one.
+            "GET /h HTTP/1.1\r\nHost: h\r\n\r\nGE\x01T / HTTP/1.1\r\n\r\n".into(),
+        ];
+        for case in &cases {
+            let whole = read_loop(case.as_bytes(), case.len(), false).0;
+            for chunk in [1, 2, 7, 64] {
+                let (plain, _) = read_loop(case.as_bytes(), chunk, false);
+                let (gated, _) = read_loop(case.as_bytes(), chunk, true);
+                assert_eq!(plain, whole, "{case:?} in {chunk}-byte reads");
+                assert_eq!(gated, whole, "{case:?} in {chunk}-byte reads, gated");
+            }
+        }
+        // A byte per read: a parse per line ended, one for the first byte, one for the body's
+        // last byte and one of the empty buffer after each request; not one per byte.
+        let (seen, parses) = read_loop(cases[1].as_bytes(), 1, true);
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert!(parses <= 6, "{parses} parses of a 4-line head");
+        let (_, parses) = read_loop(cases[2].as_bytes(), 1, true);
+        assert!(
+            parses <= 13,
+            "{parses} parses of two requests, 7 lines and a 5-byte body"
+        );
+        let (_, plain) = read_loop(cases[1].as_bytes(), 1, false);
+        assert!(plain > 600, "{plain}");
+
+        // A byte per read: a control byte is refused when it comes; a printable one that
+        // makes the head malformed at its line's end, or at the end of input (`flush`).
+        let (mut buf, mut scan) = (BytesMut::new(), HeadScan::default());
+        for (i, &b) in b"GET / HTTP/1.1\r\nHost: h\r\nBad Name\x01"
+            .iter()
+            .enumerate()
+        {
+            buf.extend_from_slice(&[b]);
+            let p = scan.parse(&mut buf, 1024, 100);
+            match b {
+                0x01 => assert!(matches!(p, Parsed::Error(400, ..)), "at byte {i}"),
+                _ => assert!(matches!(p, Parsed::Incomplete { .. }), "at byte {i}"),
+            }
+        }
+        let (mut buf, mut scan) = (BytesMut::new(), HeadScan::default());
+        for &b in b"GET / HTTP/1.1\r\nHost: h\r\nBad Name" {
+            buf.extend_from_slice(&[b]);
+            assert!(matches!(
+                scan.parse(&mut buf, 1024, 100),
+                Parsed::Incomplete { .. }
+            ));
+        }
+        assert!(scan.flush(), "a parse was skipped");
+        assert!(matches!(
+            scan.parse(&mut buf, 1024, 100),
+            Parsed::Error(400, ..)
+        ));
+        assert!(!scan.flush(), "nothing skipped since");
     }
 
     /// The state of a routed request's future is copied whole into its in-flight slot, once

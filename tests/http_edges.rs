@@ -618,6 +618,39 @@ fn a_head_made_malformed_by_a_later_read_is_answered_400() {
     }
 }
 
+/// A router error quotes at most 512 bytes of the client's input (the path, an app or cluster
+/// name from it): the answer is held until written outside the memory budget, so it must not
+/// grow with a target as long as `limits.max_header_bytes`.
+#[test]
+fn an_error_quoting_a_long_target_is_cut() {
+    let (r, _t, tok) = setup();
+    let long = "a".repeat(12_000);
+    for (path, code) in [
+        (format!("/api/{long}"), "bad_path"),
+        (
+            format!("/api/local/dev/demo/{long}/api/1/sys/echo"),
+            "unknown_app",
+        ),
+        (
+            format!("/api/x/{long}/demo/echo/api/1/sys/echo"),
+            "unknown_cluster",
+        ),
+    ] {
+        let raw = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\n\r\n");
+        let mut w = Wire::open(r.api);
+        w.send(raw.as_bytes());
+        let resp = w.final_response("GET");
+        let j = resp.json();
+        assert_eq!(j["error"], code, "{j}");
+        let m = j["message"].as_str().expect("message");
+        assert!(
+            m.len() <= 512 && m.ends_with("..."),
+            "{} bytes: {m}",
+            m.len()
+        );
+    }
+}
+
 /// RFC 9112 2.2: "a server that is expecting to receive and parse a request-line SHOULD
 /// ignore at least one empty line (CRLF) received prior to the request-line" (old browsers
 /// sent a CRLF after a POST body).

@@ -396,6 +396,40 @@ fn an_http_client_that_never_reads_is_closed() {
     assert!(r.log().contains("does not read its answers"));
 }
 
+/// Each idle connection closed for room is counted, and logged at most 10 times a second
+/// (`util::LogGate`, the suppressed ones counted in the next line): a client opening
+/// connections as fast as it can must not turn each into a line on the stderr every shard
+/// shares, which blocks a shard when its reader falls behind.
+#[test]
+fn idle_evictions_are_counted_each_and_logged_at_a_bounded_rate() {
+    let r = Router::new()
+        .shards(1)
+        .limit("max_connections_per_shard", 4)
+        .start();
+    let _t = r.task().start();
+    let tok = r.token(APP, "alice");
+    let p = r.path(APP, 5);
+    let started = std::time::Instant::now();
+    let mut kept = Vec::new();
+    for i in 0..64 {
+        let mut c = r.conn();
+        let ok = c.request(&Req::post(&p).token(&tok).body(b"x"));
+        assert_eq!(ok.status, 200, "client {i}");
+        kept.push(c);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(r.metrics().get("fedbus_idle_evicted_total"), 60.0);
+    let lines = r
+        .log()
+        .matches("closed the longest-idle keep-alive connection")
+        .count();
+    let bound = 10.0 * (secs.ceil() + 1.0);
+    assert!(
+        (1..=bound as usize).contains(&lines),
+        "{lines} lines for 60 evictions in {secs:.2} s"
+    );
+}
+
 /// At `limits.max_connections_per_shard`, idle keep-alive connections no longer lock new
 /// clients out: the one idle the longest is closed to make room (counted, logged). So is the
 /// connection whose request head has been arriving the longest, when it waited longer than

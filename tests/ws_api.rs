@@ -1084,6 +1084,53 @@ fn an_upgrade_during_a_drain_gets_503_draining() {
     assert!(r.log().contains("/api/ws upgrade during a drain"));
 }
 
+/// An answer the task made while the shard's memory budget is spent still reaches its
+/// session, charged whatever the budget has left, as an HTTP answer is: the request ran, and a
+/// `503 overloaded` in its place (as before) would have lost its reply.
+#[test]
+fn an_answer_made_while_the_budget_is_spent_reaches_its_session() {
+    const BUDGET: usize = 1024 * 1024;
+    let r = Router::new()
+        .shards(1)
+        .limit("body_budget_bytes", BUDGET as u64)
+        .start();
+    let _t = r.task().delay_ms(3000).start();
+    let tok = r.token(APP, "alice");
+    let held = || r.metrics().get("fedbus_body_bytes_held") as usize;
+    // Session a: one request, answered after the task's 3 s.
+    let mut a = open(&r, &tok);
+    let body = random_bytes(2048, 5);
+    let sent = Instant::now();
+    a.send_request(1, Some(&r.path(APP, 1)), &body);
+    let held_a = wait_for(Duration::from_secs(5), || {
+        let h = held();
+        (h >= 2048).then_some(h)
+    })
+    .expect("a's request is charged");
+    // Session b: a message that leaves a few hundred bytes of the budget (its metadata takes
+    // about 100 bytes beside its payload), all but its last 100 bytes sent: charged whole.
+    let mut b = open(&r, &tok);
+    let size = BUDGET - held_a - 400;
+    let wire = b.request_bytes(2, Some(&r.path(APP, 2)), &random_bytes(size, 6));
+    b.s.write_all(&wire[..wire.len() - 100]).expect("write");
+    let full = wait_for(Duration::from_secs(5), || {
+        let h = held();
+        (h > held_a + size).then_some(h)
+    })
+    .unwrap_or_else(|| panic!("b is not charged whole: {} bytes held", held()));
+    let left = BUDGET.saturating_sub(full);
+    assert!(
+        left < 1024,
+        "{left} bytes of the budget left: the answer would fit"
+    );
+    assert!(
+        sent.elapsed() < Duration::from_millis(2500),
+        "the budget was spent only {:?} after the request: its answer may have come first",
+        sent.elapsed()
+    );
+    assert_echo_frame(&a.read_response(), 1, 1, &body);
+}
+
 /// An `/api/ws` message is charged to `limits.body_budget_bytes` from its frame head, as an
 /// HTTP body is from its request head: a session that trickles a large message holds it
 /// within the budget (`fedbus_body_bytes_held`), and a message that would go over it is

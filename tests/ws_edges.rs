@@ -610,8 +610,9 @@ fn head_options_and_lowercase_methods_are_405() {
 // Limits a session meets (section 8.2, TUNING.md limits.*).
 
 /// `limits.max_inflight_per_connection`: exactly the limit is served, the request over it
-/// is answered at once with `503 too_many_inflight` and HEADER `retry-after: 1`, and once
-/// answers are out the slots are free again.
+/// is answered at once with `503 too_many_inflight` and HEADER `retry-after: 1`, counted in
+/// `fedbus_requests_total` as every answer is, and once answers are out the slots are free
+/// again.
 #[test]
 fn inflight_limit_exactly_at_it_is_served_one_over_is_503_too_many_inflight() {
     let r = Router::new()
@@ -620,6 +621,8 @@ fn inflight_limit_exactly_at_it_is_served_one_over_is_503_too_many_inflight() {
         .start();
     let _t = r.task().delay_ms(1000).start();
     let tok = r.token(APP, "alice");
+    let answered_503 = || r.metrics().get("fedbus_requests_total{status=\"503\"}");
+    let before = answered_503();
     let mut w = open(&r, &tok);
     let t0 = Instant::now();
     for id in 1..=3u64 {
@@ -632,6 +635,7 @@ fn inflight_limit_exactly_at_it_is_served_one_over_is_503_too_many_inflight() {
         t0.elapsed()
     );
     assert_error_frame(&first, 3, 503, "too_many_inflight");
+    assert_eq!(answered_503() - before, 1.0, "the refusal is counted");
     assert_eq!(
         header_of(&first, "retry-after").as_deref(),
         Some("1"),

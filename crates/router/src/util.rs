@@ -242,6 +242,12 @@ pub struct LogGates {
     pub tls_failed: LogGate,
     /// A peer link refused (its TLS, its token, its certificate).
     pub peer_refused: LogGate,
+    /// An idle keep-alive connection closed for room.
+    pub idle_evicted: LogGate,
+    /// A client websocket session closed for what it sent (1002, 1003, 1007, 1008, 1009).
+    pub ws_closed: LogGate,
+    /// A request head or body that did not come in time (408).
+    pub request_timeout: LogGate,
 }
 
 #[cfg(test)]

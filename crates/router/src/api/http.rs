@@ -1205,7 +1205,9 @@ async fn serve_inner<S: Stream>(
             match got {
                 Err(_) if head_since.is_some() || continued => {
                     let what = missed_deadline(continued);
-                    tracing::info!(shard = shard.index, "{what}: 408");
+                    if let Some(suppressed) = shard.log_gates.request_timeout.pass() {
+                        tracing::info!(shard = shard.index, suppressed, "{what}: 408");
+                    }
                     closing = true;
                     let a = Answer::error(408, "request_timeout", what);
                     inflight.push_back(ready(a, is_head(&buf), true, 0, Instant::now()));
@@ -1293,7 +1295,10 @@ async fn serve_inner<S: Stream>(
                 }
                 Either::Right((Either::Right(_), _)) => {
                     let what = missed_deadline(continued);
-                    tracing::info!(shard = shard.index, "{what} (answers pending): 408");
+                    if let Some(suppressed) = shard.log_gates.request_timeout.pass() {
+                        let what = format_args!("{what} (answers pending): 408");
+                        tracing::info!(shard = shard.index, suppressed, "{what}");
+                    }
                     // The slow body's bytes go back to the budget now; the answers before it
                     // are still written, then the 408, then the connection closes.
                     receiving = None;

@@ -411,7 +411,7 @@ pub(crate) async fn serve<S: Stream>(
                 if draining && !std::mem::take(&mut finish_arriving) {
                     let why = "this router is draining; send it again on a new session";
                     let a = Answer::error(503, "draining", why);
-                    send_answer(&out, shard.index, f.header.request_id, &a, None);
+                    refuse_request(&shard, &out, &f, &a, read_at);
                     continue;
                 }
                 // A body over the limit is refused as on HTTP; the message's own bound (1009)
@@ -419,7 +419,7 @@ pub(crate) async fn serve<S: Stream>(
                 if f.payload.len() > limits.max_body_bytes {
                     let why = "request body over limits.max_body_bytes";
                     let a = Answer::error(413, "body_too_large", why);
-                    send_answer(&out, shard.index, f.header.request_id, &a, None);
+                    refuse_request(&shard, &out, &f, &a, read_at);
                     continue;
                 }
                 if session.inflight.get() >= limits.max_inflight_per_connection {
@@ -428,7 +428,7 @@ pub(crate) async fn serve<S: Stream>(
                         "too_many_inflight",
                         "over the per-connection in-flight limit",
                     );
-                    send_answer(&out, shard.index, f.header.request_id, &a, None);
+                    refuse_request(&shard, &out, &f, &a, read_at);
                     continue;
                 }
                 // The whole message is held until answered (the body is a slice of it): its
@@ -437,7 +437,7 @@ pub(crate) async fn serve<S: Stream>(
                 let charge = match arrived.map_or_else(|| shard.charge_body(&held, whole), Ok) {
                     Ok(c) => c,
                     Err(a) => {
-                        send_answer(&out, shard.index, f.header.request_id, &a, None);
+                        refuse_request(&shard, &out, &f, &a, read_at);
                         continue;
                     }
                 };
@@ -508,7 +508,13 @@ pub(crate) async fn serve<S: Stream>(
                 match (&e, e.close_code()) {
                     (ws::WsError::Policy(_), _) => {
                         crate::metrics::ShardMetrics::inc(&shard.metrics.abusive_closed);
-                        tracing::info!(shard = shard.index, "client websocket closed: {e}");
+                        if let Some(suppressed) = shard.log_gates.ws_closed.pass() {
+                            tracing::info!(
+                                shard = shard.index,
+                                suppressed,
+                                "client websocket closed: {e}"
+                            );
+                        }
                     }
                     (_, Some(code)) if WS_BAD_INPUT_CODES.contains(&code) => {
                         break bad_input(&shard, code, &e.to_string());
@@ -643,7 +649,14 @@ fn bad_input(shard: &Shard, code: u16, why: &str) -> Option<u16> {
     if let Some(i) = WS_BAD_INPUT_CODES.iter().position(|&c| c == code) {
         crate::metrics::ShardMetrics::inc(&shard.metrics.ws_bad_input_closed[i]);
     }
-    tracing::info!(shard = shard.index, code, "client websocket closed: {why}");
+    if let Some(suppressed) = shard.log_gates.ws_closed.pass() {
+        tracing::info!(
+            shard = shard.index,
+            code,
+            suppressed,
+            "client websocket closed: {why}"
+        );
+    }
     Some(code)
 }
 
@@ -735,6 +748,22 @@ impl Session {
             }
         }
     }
+}
+
+/// Answers request `f`, refused before it was routed (draining, a body over the limit, too
+/// many in flight, the memory budget), counted by its status as every answer is
+/// (`fedbus_requests_total`), and logged at debug level as HTTP's refusals are (a flood of
+/// refusals must not become a flood of lines at the default level).
+fn refuse_request(shard: &Shard, out: &RefCell<ws::WsOut>, f: &Frame, a: &Answer, since: Instant) {
+    let (status, n_in) = (a.status(), f.payload.len());
+    tracing::debug!(
+        shard = shard.index,
+        status,
+        "/api/ws request refused before routing"
+    );
+    let body_len = send_answer(out, shard.index, f.header.request_id, a, None);
+    let latency_us = since.elapsed().as_micros() as u64;
+    shard.metrics.request(status, latency_us, n_in, body_len);
 }
 
 async fn answer(shard: &Rc<Shard>, sess: &Session, mut f: Frame, received: Instant) -> Answer {

@@ -78,6 +78,27 @@ pub(crate) enum Field<'a> {
     Number(&'static str, u64),
 }
 
+/// The longest message a router error carries: many quote the client's input (a path, an app
+/// or cluster name from it), which may be as long as `limits.max_header_bytes`, and a router
+/// error is held until written without being charged to the memory budget (`held_len` is 0).
+/// A longer one is cut, at a character boundary, and ends with `...`.
+pub(crate) const MAX_ERROR_MESSAGE_BYTES: usize = 512;
+
+/// `message`, cut to [`MAX_ERROR_MESSAGE_BYTES`].
+fn bounded(message: Cow<'static, str>) -> Cow<'static, str> {
+    if message.len() <= MAX_ERROR_MESSAGE_BYTES {
+        return message;
+    }
+    let mut end = MAX_ERROR_MESSAGE_BYTES - 3;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut m = message.into_owned();
+    m.truncate(end);
+    m.push_str("...");
+    Cow::Owned(m)
+}
+
 impl Answer {
     /// A router error.
     pub(crate) fn error(
@@ -88,7 +109,7 @@ impl Answer {
         Answer::Error(RouterError {
             status,
             code,
-            message: message.into(),
+            message: bounded(message.into()),
             partition: None,
             hops: 0,
             emergency_for: None,
@@ -106,7 +127,7 @@ impl Answer {
         Answer::Error(RouterError {
             status,
             code,
-            message: message.into(),
+            message: bounded(message.into()),
             partition,
             hops,
             emergency_for: None,
@@ -291,7 +312,7 @@ pub(crate) fn send_answer(
 ) -> usize {
     let mut m = HEAD.with(|h| h.take());
     answer_head(&mut m, shard, id, a, served_by);
-    let n = send_head(out, &m, shard, id, a, served_by);
+    let n = send_head(out, &m, id, a, served_by);
     HEAD.with(|h| h.set(m));
     n
 }
@@ -315,7 +336,6 @@ thread_local! {
 fn send_head(
     out: &RefCell<WsOut>,
     m: &[u8],
-    shard: usize,
     id: u64,
     a: &Answer,
     served_by: Option<Served<'_>>,
@@ -338,19 +358,10 @@ fn send_head(
         }
         return n;
     }
-    if o.send_binary(m, &body).is_err() {
-        let e = Answer::error(
-            503,
-            "overloaded",
-            "the router's memory budget is spent; retry later",
-        );
-        let mut m = BytesMut::new();
-        answer_head(&mut m, shard, id, &e, served_by);
-        let mut whole = BytesMut::with_capacity(m.len() + e.body().len());
-        whole.extend_from_slice(&m);
-        whole.extend_from_slice(&e.body());
-        let _ = o.send_binary_small(&whole);
-    }
+    // Queued whatever the shard's budget has left, as an HTTP answer is (`HeldAnswer`): its
+    // request ran, so a `503 overloaded` in its place would lose the reply. The connection's
+    // own limit (above) still bounds what a session that does not read holds.
+    let _ = o.send_binary_forced(m, &body);
     n
 }
 
@@ -411,6 +422,29 @@ mod tests {
     use super::*;
     use crate::proto::{encode_frame, put_meta, Kind};
     use bytes::BytesMut;
+
+    /// A router error quoting a long input is cut to `MAX_ERROR_MESSAGE_BYTES`, at a
+    /// character boundary; a short one is kept as it is.
+    #[test]
+    fn error_messages_are_bounded() {
+        let message = |a: Answer| match a {
+            Answer::Error(e) => e.message.into_owned(),
+            _ => unreachable!(),
+        };
+        assert_eq!(message(Answer::error(404, "x", "no app a/b")), "no app a/b");
+        for filler in ["a", "\u{e9}", "\u{1f600}"] {
+            let long = format!("no app {}", filler.repeat(10_000));
+            for a in [
+                Answer::error(404, "unknown_app", long.clone()),
+                Answer::error_at(404, "unknown_app", long.clone(), Some(1), 0),
+            ] {
+                let m = message(a);
+                assert!(m.len() <= MAX_ERROR_MESSAGE_BYTES, "{} bytes", m.len());
+                assert!(m.len() > MAX_ERROR_MESSAGE_BYTES - 8, "{} bytes", m.len());
+                assert!(m.ends_with("...") && long.starts_with(&m[..m.len() - 3]));
+            }
+        }
+    }
 
     fn frame(meta: &[(u8, &[u8])]) -> Frame {
         let mut m = BytesMut::new();

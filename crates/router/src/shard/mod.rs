@@ -676,11 +676,14 @@ impl Shard {
         let waited_ms = since.elapsed().as_millis() as u64;
         if idle {
             ShardMetrics::inc(&self.metrics.idle_evicted);
-            tracing::info!(
-                shard = self.index,
-                idle_ms = waited_ms,
-                "at limits.max_connections_per_shard: closed the longest-idle keep-alive connection"
-            );
+            if let Some(suppressed) = self.log_gates.idle_evicted.pass() {
+                tracing::info!(
+                    shard = self.index,
+                    idle_ms = waited_ms,
+                    suppressed,
+                    "at limits.max_connections_per_shard: closed the longest-idle keep-alive connection"
+                );
+            }
         } else {
             ShardMetrics::inc(&self.metrics.unfinished_evicted[1]);
             if let Some(suppressed) = self.log_gates.unfinished_evicted.pass() {

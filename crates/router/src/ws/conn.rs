@@ -1158,7 +1158,8 @@ impl WsOut {
     }
 
     /// Charges what is queued from now on to the shard's memory budget: a data message the
-    /// budget cannot take is refused like one over the limit.
+    /// budget cannot take is refused like one over the limit ([`WsOut::send_binary`]; an
+    /// answer already made is charged whatever is left: [`WsOut::send_binary_forced`]).
     pub(crate) fn charge_to(&mut self, charge: crate::shard::OutboxCharge) {
         self.charge = Some(charge);
     }
@@ -1295,13 +1296,20 @@ impl WsOut {
         Ok(())
     }
 
-    /// Queues a small message whatever the limit and the budget (an error answer that
-    /// replaces a refused one); refused only once closing.
-    pub fn send_binary_small(&mut self, head: &[u8]) -> Result<(), Refused> {
-        if self.closing {
+    /// [`WsOut::send_binary`] for an answer already made: charged to the shard's budget
+    /// whatever it has left (its memory is held already, the payload a slice of the task's
+    /// frame; refused, the answer of a request that ran would be lost), still refused over
+    /// the connection's limit or once closing.
+    pub fn send_binary_forced(&mut self, head: &[u8], payload: &Bytes) -> Result<(), Refused> {
+        if self.closing || !self.fits(head.len() + payload.len()) {
             return Err(Refused);
         }
-        self.push_forced(opcode::BINARY, head);
+        let before = self.queued;
+        self.push_frame(opcode::BINARY, head, payload);
+        let used = self.queued - before;
+        if let Some(c) = &mut self.charge {
+            c.force_add(used);
+        }
         Ok(())
     }
 

@@ -1090,15 +1090,19 @@ fn an_upgrade_during_a_drain_gets_503_draining() {
 #[test]
 fn an_answer_made_while_the_budget_is_spent_reaches_its_session() {
     const BUDGET: usize = 1024 * 1024;
+    // Within the read timeout (5 s) of the wait for its answer.
+    const DELAY: Duration = Duration::from_secs(4);
     let r = Router::new()
         .shards(1)
         .limit("body_budget_bytes", BUDGET as u64)
         .start();
-    let _t = r.task().delay_ms(3000).start();
+    let _t = r.task().delay_ms(DELAY.as_millis() as u64).start();
     let tok = r.token(APP, "alice");
     let held = || r.metrics().get("fedbus_body_bytes_held") as usize;
-    // Session a: one request, answered after the task's 3 s.
-    let mut a = open(&r, &tok);
+    // Both sessions open, and b's message made, before a's request starts the task's clock.
+    let (mut a, mut b) = (open(&r, &tok), open(&r, &tok));
+    let filler = random_bytes(BUDGET, 6);
+    // Session a: one request, answered after the task's delay.
     let body = random_bytes(2048, 5);
     let sent = Instant::now();
     a.send_request(1, Some(&r.path(APP, 1)), &body);
@@ -1109,9 +1113,8 @@ fn an_answer_made_while_the_budget_is_spent_reaches_its_session() {
     .expect("a's request is charged");
     // Session b: a message that leaves a few hundred bytes of the budget (its metadata takes
     // about 100 bytes beside its payload), all but its last 100 bytes sent: charged whole.
-    let mut b = open(&r, &tok);
     let size = BUDGET - held_a - 400;
-    let wire = b.request_bytes(2, Some(&r.path(APP, 2)), &random_bytes(size, 6));
+    let wire = b.request_bytes(2, Some(&r.path(APP, 2)), &filler[..size]);
     b.s.write_all(&wire[..wire.len() - 100]).expect("write");
     let full = wait_for(Duration::from_secs(5), || {
         let h = held();
@@ -1124,7 +1127,7 @@ fn an_answer_made_while_the_budget_is_spent_reaches_its_session() {
         "{left} bytes of the budget left: the answer would fit"
     );
     assert!(
-        sent.elapsed() < Duration::from_millis(2500),
+        sent.elapsed() < DELAY - Duration::from_millis(500),
         "the budget was spent only {:?} after the request: its answer may have come first",
         sent.elapsed()
     );
@@ -1168,6 +1171,9 @@ fn a_message_is_charged_to_the_budget_while_it_arrives() {
     assert!(held() < 600.0 * 1024.0, "{} bytes held", held());
     b.s.write_all(&big[4096..]).expect("write");
     assert_error_frame(&b.read_response(), 12, 503, "overloaded");
+    // Counted by its status as every answer is.
+    let answered_503 = r.metrics().get("fedbus_requests_total{status=\"503\"}");
+    assert_eq!(answered_503, 1.0);
     b.send_request(13, Some(&r.path(APP, 2)), b"small");
     assert_echo_frame(&b.read_response(), 13, 2, b"small");
     // Session a finishes its message: answered, and the budget is whole again.

@@ -207,7 +207,8 @@ pub struct Limits {
     /// Router-wide budget for client request bodies being received or in flight (HTTP and
     /// `/api/ws`) and for answers queued to client connections, shared evenly by the shards. A
     /// request body that would go over it gets 503 with `Retry-After`
-    /// (`fedbus_overload_refused_total`); an answer, `503 overloaded` in its place.
+    /// (`fedbus_overload_refused_total`); an answer already made is queued whatever is left
+    /// (its request ran), within its connection's share (`max_connection_outbox_bytes`).
     /// Default 512 MiB.
     pub body_budget_bytes: usize,
     /// One client connection's share of that budget: its request bodies being received or in

@@ -248,6 +248,9 @@ pub struct LogGates {
     pub ws_closed: LogGate,
     /// A request head or body that did not come in time (408).
     pub request_timeout: LogGate,
+    /// A request body (HTTP or `/api/ws`) refused over the memory budget or its
+    /// connection's share.
+    pub overload_refused: LogGate,
 }
 
 #[cfg(test)]

@@ -411,7 +411,14 @@ pub(crate) async fn serve<S: Stream>(
                 if draining && !std::mem::take(&mut finish_arriving) {
                     let why = "this router is draining; send it again on a new session";
                     let a = Answer::error(503, "draining", why);
-                    refuse_request(&shard, &out, &f, &a, read_at);
+                    refuse_request(
+                        &shard,
+                        &out,
+                        f.header.request_id,
+                        f.payload.len(),
+                        &a,
+                        read_at,
+                    );
                     continue;
                 }
                 // A body over the limit is refused as on HTTP; the message's own bound (1009)
@@ -419,7 +426,14 @@ pub(crate) async fn serve<S: Stream>(
                 if f.payload.len() > limits.max_body_bytes {
                     let why = "request body over limits.max_body_bytes";
                     let a = Answer::error(413, "body_too_large", why);
-                    refuse_request(&shard, &out, &f, &a, read_at);
+                    refuse_request(
+                        &shard,
+                        &out,
+                        f.header.request_id,
+                        f.payload.len(),
+                        &a,
+                        read_at,
+                    );
                     continue;
                 }
                 if session.inflight.get() >= limits.max_inflight_per_connection {
@@ -428,7 +442,14 @@ pub(crate) async fn serve<S: Stream>(
                         "too_many_inflight",
                         "over the per-connection in-flight limit",
                     );
-                    refuse_request(&shard, &out, &f, &a, read_at);
+                    refuse_request(
+                        &shard,
+                        &out,
+                        f.header.request_id,
+                        f.payload.len(),
+                        &a,
+                        read_at,
+                    );
                     continue;
                 }
                 // The whole message is held until answered (the body is a slice of it): its
@@ -437,7 +458,14 @@ pub(crate) async fn serve<S: Stream>(
                 let charge = match arrived.map_or_else(|| shard.charge_body(&held, whole), Ok) {
                     Ok(c) => c,
                     Err(a) => {
-                        refuse_request(&shard, &out, &f, &a, read_at);
+                        refuse_request(
+                            &shard,
+                            &out,
+                            f.header.request_id,
+                            f.payload.len(),
+                            &a,
+                            read_at,
+                        );
                         continue;
                     }
                 };
@@ -493,7 +521,7 @@ pub(crate) async fn serve<S: Stream>(
                             "overloaded",
                             "this message would go over the router's body budget or this session's share; retry later",
                         );
-                        send_answer(&out, shard.index, h.request_id, &a, None);
+                        refuse_request(&shard, &out, h.request_id, 0, &a, read_at);
                     }
                     _ => break bad_input(&shard, 1002, "a fedbus frame other than a Request"),
                 }
@@ -750,18 +778,26 @@ impl Session {
     }
 }
 
-/// Answers request `f`, refused before it was routed (draining, a body over the limit, too
-/// many in flight, the memory budget), counted by its status as every answer is
-/// (`fedbus_requests_total`), and logged at debug level as HTTP's refusals are (a flood of
-/// refusals must not become a flood of lines at the default level).
-fn refuse_request(shard: &Shard, out: &RefCell<ws::WsOut>, f: &Frame, a: &Answer, since: Instant) {
-    let (status, n_in) = (a.status(), f.payload.len());
+/// Answers request `id` (`n_in` payload bytes), refused before it was routed (draining, a body
+/// over the limit, too many in flight, the memory budget), counted by its status as every
+/// answer is (`fedbus_requests_total`), and logged at debug level as HTTP's refusals are (a
+/// flood of refusals must not become a flood of lines at the default level; a budget refusal
+/// is logged by `Shard::refuse_body` through its gate).
+fn refuse_request(
+    shard: &Shard,
+    out: &RefCell<ws::WsOut>,
+    id: u64,
+    n_in: usize,
+    a: &Answer,
+    since: Instant,
+) {
+    let status = a.status();
     tracing::debug!(
         shard = shard.index,
         status,
         "/api/ws request refused before routing"
     );
-    let body_len = send_answer(out, shard.index, f.header.request_id, a, None);
+    let body_len = send_answer(out, shard.index, id, a, None);
     let latency_us = since.elapsed().as_micros() as u64;
     shard.metrics.request(status, latency_us, n_in, body_len);
 }

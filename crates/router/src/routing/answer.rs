@@ -301,8 +301,8 @@ pub(crate) fn answer_status(f: &Frame, default: u16) -> Option<u16> {
 /// When the answer does not fit: over the connection's outbox limit, the other side does not
 /// read its answers, and the connection is closed with 1013 (try again later); a client
 /// session at once, ahead of the answers it has not read ([`WsOut::close_now`]), a peer link
-/// after what is queued. Within the limit but over the
-/// shard's memory budget, the request gets a small `503 overloaded` answer instead.
+/// after what is queued. Within the limit but over the shard's memory budget, the answer is
+/// still queued, charged whatever the budget has left ([`WsOut::send_binary_forced`]).
 pub(crate) fn send_answer(
     out: &RefCell<WsOut>,
     shard: usize,

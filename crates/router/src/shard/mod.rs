@@ -206,12 +206,15 @@ impl Shard {
     /// Counts, logs and answers a body the budget or its connection's share has no room for.
     fn refuse_body(&self, bytes: usize, over_conn: bool) -> crate::routing::Answer {
         ShardMetrics::inc(&self.metrics.overload_refused);
-        tracing::info!(
-            shard = self.index,
-            bytes,
-            connection = over_conn,
-            "request body over the memory budget: 503"
-        );
+        if let Some(suppressed) = self.log_gates.overload_refused.pass() {
+            tracing::info!(
+                shard = self.index,
+                bytes,
+                connection = over_conn,
+                suppressed,
+                "request body over the memory budget: 503"
+            );
+        }
         crate::routing::Answer::error(
             503,
             "overloaded",
@@ -300,9 +303,9 @@ impl OutboxCharge {
         true
     }
 
-    /// Charges `n` more bytes whatever is left (bytes already in memory: an error answer,
-    /// a control frame); the budget may go below zero only by these small amounts, shown as
-    /// 0 left.
+    /// Charges `n` more bytes whatever is left (bytes already in memory: an answer already
+    /// made, within its connection's share; an error answer, a control frame); the budget may
+    /// go below zero by these, shown as 0 left, and the debt is paid back first on release.
     pub(crate) fn force_add(&mut self, n: usize) {
         let left = self.budget.left.get();
         self.budget.left.set(left.saturating_sub(n));

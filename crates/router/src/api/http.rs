@@ -176,13 +176,12 @@ enum Scanned {
 
 /// Whether `new` bytes of an incomplete head may change what httparse makes of it: a line's
 /// end (LF), or a control byte other than HTAB and CR, which no head holds (RFC 9110 5.5). A
-/// CR waits for its LF: a line is parsed again once, at its end. One pass without an early
-/// exit, which the compiler vectorizes.
+/// CR waits for its LF: a line is parsed again once, at its end. It stops at the first such
+/// byte: a read that brings more than a trickle has a line end near its start.
 #[cfg_attr(not(feature = "bench"), allow(unreachable_pub))]
 pub fn line_end_or_control(new: &[u8]) -> bool {
-    new.iter().fold(false, |any, &b| {
-        any | ((b < 0x20 && b != b'\t' && b != b'\r') || b == 0x7f)
-    })
+    new.iter()
+        .any(|&b| (b < 0x20 && b != b'\t' && b != b'\r') || b == 0x7f)
 }
 
 impl HeadScan {
@@ -226,7 +225,9 @@ impl HeadScan {
         self.len = buf.len();
         self.skipped = false;
         self.last = match parsed {
-            Parsed::Incomplete { head_len: None, .. } => Scanned::PartialHead,
+            // An empty buffer (after a request was cut) has nothing to skip a parse for: the
+            // next read, most often a whole request, is parsed without a scan first.
+            Parsed::Incomplete { head_len: None, .. } if !buf.is_empty() => Scanned::PartialHead,
             Parsed::Incomplete {
                 continue_,
                 head_len: Some(head_len),
@@ -1724,8 +1725,9 @@ mod tests {
                 assert_eq!(gated, whole, "{case:?} in {chunk}-byte reads, gated");
             }
         }
-        // A byte per read: a parse per line ended, one for the first byte, one for the body's
-        // last byte and one of the empty buffer after each request; not one per byte.
+        // A byte per read: a parse per line ended, one for each request's first byte, one for
+        // the body's last byte and one of the empty buffer after each request; not one per
+        // byte.
         let (seen, parses) = read_loop(cases[1].as_bytes(), 1, true);
         assert_eq!(seen.len(), 1, "{seen:?}");
         assert!(parses <= 6, "{parses} parses of a 4-line head");

@@ -408,64 +408,29 @@ pub(crate) async fn serve<S: Stream>(
                         break bad_input(&shard, 1002, "a binary message that is no fedbus frame")
                     }
                 };
-                if draining && !std::mem::take(&mut finish_arriving) {
+                // Refused before routing: draining, a body over the limit (as on HTTP; the
+                // message's own bound, 1009, leaves room for its frame header and metadata),
+                // too many in flight, or no room in the memory budget. The whole message is
+                // held until answered (the body is a slice of it): its metadata counts with its
+                // body, as for one charged while it arrived.
+                let refused = if draining && !std::mem::take(&mut finish_arriving) {
                     let why = "this router is draining; send it again on a new session";
-                    let a = Answer::error(503, "draining", why);
-                    refuse_request(
-                        &shard,
-                        &out,
-                        f.header.request_id,
-                        f.payload.len(),
-                        &a,
-                        read_at,
-                    );
-                    continue;
-                }
-                // A body over the limit is refused as on HTTP; the message's own bound (1009)
-                // leaves room for its frame header and metadata.
-                if f.payload.len() > limits.max_body_bytes {
+                    Err(Answer::error(503, "draining", why))
+                } else if f.payload.len() > limits.max_body_bytes {
                     let why = "request body over limits.max_body_bytes";
-                    let a = Answer::error(413, "body_too_large", why);
-                    refuse_request(
-                        &shard,
-                        &out,
-                        f.header.request_id,
-                        f.payload.len(),
-                        &a,
-                        read_at,
-                    );
-                    continue;
-                }
-                if session.inflight.get() >= limits.max_inflight_per_connection {
-                    let a = Answer::error(
-                        503,
-                        "too_many_inflight",
-                        "over the per-connection in-flight limit",
-                    );
-                    refuse_request(
-                        &shard,
-                        &out,
-                        f.header.request_id,
-                        f.payload.len(),
-                        &a,
-                        read_at,
-                    );
-                    continue;
-                }
-                // The whole message is held until answered (the body is a slice of it): its
-                // metadata counts with its body, as for one charged while it arrived.
-                let whole = f.meta.len() + f.payload.len();
-                let charge = match arrived.map_or_else(|| shard.charge_body(&held, whole), Ok) {
+                    Err(Answer::error(413, "body_too_large", why))
+                } else if session.inflight.get() >= limits.max_inflight_per_connection {
+                    let why = "over the per-connection in-flight limit";
+                    Err(Answer::error(503, "too_many_inflight", why))
+                } else {
+                    let whole = f.meta.len() + f.payload.len();
+                    arrived.map_or_else(|| shard.charge_body(&held, whole), Ok)
+                };
+                let charge = match refused {
                     Ok(c) => c,
                     Err(a) => {
-                        refuse_request(
-                            &shard,
-                            &out,
-                            f.header.request_id,
-                            f.payload.len(),
-                            &a,
-                            read_at,
-                        );
+                        let (id, n_in) = (f.header.request_id, f.payload.len());
+                        refuse_request(&shard, &out, id, n_in, &a, read_at);
                         continue;
                     }
                 };

@@ -1304,19 +1304,15 @@ impl WsOut {
         if self.closing || !self.fits(head.len() + payload.len()) {
             return Err(Refused);
         }
-        let before = self.queued;
-        self.push_frame(opcode::BINARY, head, payload);
-        let used = self.queued - before;
-        if let Some(c) = &mut self.charge {
-            c.force_add(used);
-        }
+        self.push_forced(opcode::BINARY, head, payload);
         Ok(())
     }
 
-    /// Queues a frame of copied bytes, charged whatever the budget has left.
-    fn push_forced(&mut self, op: u8, head: &[u8]) {
+    /// Queues a frame (`head`, then `payload` as [`WsOut::push_frame`] takes it), charged
+    /// whatever the budget has left.
+    fn push_forced(&mut self, op: u8, head: &[u8], payload: &Bytes) {
         let before = self.queued;
-        self.push_frame(op, head, &Bytes::new());
+        self.push_frame(op, head, payload);
         let n = self.queued - before;
         if let Some(c) = &mut self.charge {
             c.force_add(n);
@@ -1336,7 +1332,7 @@ impl WsOut {
             self.close(1013);
             return Err(Refused);
         }
-        self.push_forced(opcode::TEXT, text.as_bytes());
+        self.push_forced(opcode::TEXT, text.as_bytes(), &Bytes::new());
         Ok(())
     }
 
@@ -1352,7 +1348,7 @@ impl WsOut {
         }
         if self.queued <= self.limit && self.controls < self.max_controls {
             self.controls += 1;
-            self.push_forced(op, data);
+            self.push_forced(op, data, &Bytes::new());
         } else if op == opcode::PONG {
             let mut p = [0u8; 125];
             p[..data.len()].copy_from_slice(data);
@@ -1376,7 +1372,7 @@ impl WsOut {
             let mut p = [0u8; 125];
             p[..2].copy_from_slice(&code.to_be_bytes());
             p[2..2 + cut].copy_from_slice(&reason.as_bytes()[..cut]);
-            self.push_forced(opcode::CLOSE, &p[..2 + cut]);
+            self.push_forced(opcode::CLOSE, &p[..2 + cut], &Bytes::new());
             self.closing = true;
             if let Some(w) = self.close_waker.take() {
                 w.wake();
